@@ -1,0 +1,228 @@
+//! Plans: validation of what an agent is asked to run, and the placement of a solution's
+//! workers onto nodes.
+
+use std::collections::HashSet;
+
+use thiserror::Error;
+use tidal_proto::v1::{Assignment, Plan};
+
+/// Largest batch a worker accepts.
+pub const MAX_BATCH: u32 = 256;
+/// Longest batcher timeout a plan may set.
+pub const MAX_DELAY_MS: u32 = 10_000;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum PlanError {
+    #[error("assignment {index}: {reason}")]
+    BadAssignment { index: usize, reason: String },
+    #[error("task {0:?} is assigned workers but is not defined in the plan")]
+    UnknownTask(String),
+    #[error("variant {variant:?} of task {task:?} is assigned twice to node {node:?}")]
+    Duplicate {
+        task: String,
+        variant: String,
+        node: String,
+    },
+    #[error("node {node:?} is asked for {asked} millicores but has {has}")]
+    OverCommitted { node: String, asked: u32, has: u32 },
+}
+
+/// Checks the assignments of `plan` for `node` (which has `node_millicores`), before an agent
+/// acts on any of them: a plan is applied whole or not at all.
+pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Result<(), PlanError> {
+    let tasks: HashSet<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    let mut total = 0u32;
+    for (index, a) in plan
+        .assignments
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.node == node)
+    {
+        validate_assignment(a).map_err(|reason| PlanError::BadAssignment { index, reason })?;
+        if !tasks.contains(a.task.as_str()) {
+            return Err(PlanError::UnknownTask(a.task.clone()));
+        }
+        let variant = a
+            .variant
+            .as_ref()
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        if !seen.insert((a.task.clone(), variant.clone())) {
+            return Err(PlanError::Duplicate {
+                task: a.task.clone(),
+                variant,
+                node: node.into(),
+            });
+        }
+        total = total.saturating_add(a.millicores);
+    }
+    if total > node_millicores {
+        return Err(PlanError::OverCommitted {
+            node: node.into(),
+            asked: total,
+            has: node_millicores,
+        });
+    }
+    Ok(())
+}
+
+fn validate_assignment(a: &Assignment) -> Result<(), String> {
+    let v = a.variant.as_ref().ok_or("no variant")?;
+    if v.name.is_empty() {
+        return Err("the variant has no name".into());
+    }
+    if v.model_file.is_empty()
+        || v.model_file.starts_with('/')
+        || v.model_file.split(['/', '\\']).any(|part| part == "..")
+    {
+        return Err(format!(
+            "model file {:?} must be a relative path inside the model directory",
+            v.model_file
+        ));
+    }
+    if v.input_shape.is_empty() || v.input_shape.iter().any(|&d| d <= 0) {
+        return Err(format!(
+            "input shape {:?} must be positive dimensions",
+            v.input_shape
+        ));
+    }
+    if a.millicores == 0 {
+        return Err("0 millicores".into());
+    }
+    if a.max_batch == 0 || a.max_batch > MAX_BATCH {
+        return Err(format!("max batch {} outside 1..={MAX_BATCH}", a.max_batch));
+    }
+    if a.max_delay_ms > MAX_DELAY_MS {
+        return Err(format!(
+            "max delay {} ms over {MAX_DELAY_MS}",
+            a.max_delay_ms
+        ));
+    }
+    if !a.weight.is_finite() || a.weight < 0.0 {
+        return Err(format!("weight {} is not a finite share", a.weight));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error, PartialEq)]
+#[error("the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)")]
+pub struct PlacementError {
+    pub cores: u32,
+    pub free: Vec<u32>,
+}
+
+/// Places workers (their core counts, in order) onto nodes (their free cores), largest worker
+/// first, each on the node with the most free cores, preferring the node it already runs on
+/// (`current[i]`): a move costs a model load. Returns a node index per worker.
+pub fn place(
+    workers: &[u32],
+    current: &[Option<usize>],
+    free: &[u32],
+) -> Result<Vec<usize>, PlacementError> {
+    let mut free = free.to_vec();
+    let mut order: Vec<usize> = (0..workers.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(workers[i]));
+    let mut placed = vec![0; workers.len()];
+    for i in order {
+        let cores = workers[i];
+        let stay = current
+            .get(i)
+            .copied()
+            .flatten()
+            .filter(|&n| free.get(n).is_some_and(|&f| f >= cores));
+        let node = stay.or_else(|| {
+            (0..free.len())
+                .filter(|&n| free[n] >= cores)
+                .max_by_key(|&n| (free[n], std::cmp::Reverse(n)))
+        });
+        let Some(node) = node else {
+            return Err(PlacementError { cores, free });
+        };
+        free[node] -= cores;
+        placed[i] = node;
+    }
+    Ok(placed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidal_proto::v1::{TaskSpec, VariantSpec};
+
+    fn assignment(variant: &str, millicores: u32) -> Assignment {
+        Assignment {
+            task: "t".into(),
+            variant: Some(VariantSpec {
+                name: variant.into(),
+                model_file: format!("{variant}.onnx"),
+                accuracy: 70.0,
+                input_shape: vec![3, 32, 32],
+            }),
+            node: "n1".into(),
+            millicores,
+            max_batch: 4,
+            max_delay_ms: 5,
+            weight: 0.5,
+        }
+    }
+
+    fn plan(assignments: Vec<Assignment>) -> Plan {
+        Plan {
+            epoch: 1,
+            term: 1,
+            tasks: vec![TaskSpec {
+                name: "t".into(),
+                slo_ms: 100,
+                variants: vec![],
+            }],
+            assignments,
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_well_formed_plan_passes() {
+        let p = plan(vec![assignment("a", 1000), assignment("b", 1000)]);
+        assert_eq!(validate_for_node(&p, "n1", 2000), Ok(()));
+    }
+
+    #[test]
+    fn malformed_plans_are_refused_with_the_reason() {
+        let mut bad = assignment("a", 1000);
+        bad.variant.as_mut().unwrap().model_file = "../../etc/passwd".into();
+        assert!(matches!(
+            validate_for_node(&plan(vec![bad]), "n1", 2000),
+            Err(PlanError::BadAssignment { .. })
+        ));
+        let mut bad = assignment("a", 1000);
+        bad.max_batch = 0;
+        assert!(matches!(
+            validate_for_node(&plan(vec![bad]), "n1", 2000),
+            Err(PlanError::BadAssignment { .. })
+        ));
+        let p = plan(vec![assignment("a", 1000), assignment("a", 500)]);
+        assert!(matches!(
+            validate_for_node(&p, "n1", 2000),
+            Err(PlanError::Duplicate { .. })
+        ));
+        let p = plan(vec![assignment("a", 1500), assignment("b", 1000)]);
+        assert!(matches!(
+            validate_for_node(&p, "n1", 2000),
+            Err(PlanError::OverCommitted { .. })
+        ));
+        let mut p = plan(vec![assignment("a", 1000)]);
+        p.tasks.clear();
+        assert_eq!(
+            validate_for_node(&p, "n1", 2000),
+            Err(PlanError::UnknownTask("t".into()))
+        );
+    }
+
+    #[test]
+    fn placement_keeps_workers_where_they_run_and_reports_what_does_not_fit() {
+        assert_eq!(place(&[2, 1], &[None, Some(1)], &[2, 2]), Ok(vec![0, 1]));
+        assert_eq!(place(&[1, 1], &[None, None], &[2, 1]), Ok(vec![0, 0]));
+        assert!(place(&[3], &[None], &[2, 2]).is_err());
+    }
+}
