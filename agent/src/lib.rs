@@ -1,1 +1,22 @@
+//! Tidal's node agent.
+//!
+//! Request path: [`service`] (gRPC) → [`router`] (weights of the plan) → a [`worker`]'s
+//! [`queue`] (earliest deadline first) → its batcher → the worker process
+//! ([`worker_process`], over [`worker_protocol`]) in its own [`cgroup`].
+//! Control path: a plan arrives → [`node`] validates it, [`reconcile`] diffs it against the
+//! running workers, the node starts, resizes (in place) and retires workers; [`link`] reports
+//! [`telemetry`] to the controller; [`profiler`] measures variants on demand.
 
+pub mod cgroup;
+pub mod error;
+pub mod link;
+pub mod node;
+pub mod profiler;
+pub mod queue;
+pub mod reconcile;
+pub mod router;
+pub mod service;
+pub mod telemetry;
+pub mod worker;
+pub mod worker_process;
+pub mod worker_protocol;

@@ -1,1 +1,177 @@
-fn main() {}
+//! `tidal-agent`: the node daemon (`serve`), and the worker process it starts (`worker`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tidal_agent::cgroup::{CgroupDriverChoice, CpuCgroups};
+use tidal_agent::link::Link;
+use tidal_agent::node::{AgentConfig, Node};
+use tidal_agent::service::AgentService;
+use tidal_agent::worker::ProcessConfig;
+use tidal_proto::v1::agent_server::AgentServer;
+use tidal_proto::v1::inference_server::InferenceServer;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "tidal-agent",
+    version,
+    about = "Tidal node agent: serves ONNX models in cgroup-limited worker processes and applies the controller's plans"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Serve(ServeArgs),
+    /// Run one worker process (started by the agent itself; not for direct use).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, env = "TIDAL_ORT_LIB")]
+        ort_lib: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// This node's name, unique in the cluster.
+    #[arg(long, default_value = "node-1")]
+    node: String,
+    /// Address to serve the Inference and Agent gRPC services on.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Address the controller should use to reach this agent (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Controller address (host:port). Without one the agent only serves plans pushed to it.
+    #[arg(long)]
+    controller: Option<String>,
+    /// Directory holding the variants' ONNX files.
+    #[arg(long, default_value = "models")]
+    model_dir: PathBuf,
+    /// The ONNX Runtime shared library (libonnxruntime.so) that workers load.
+    #[arg(long, env = "TIDAL_ORT_LIB")]
+    ort_lib: PathBuf,
+    /// Cores this node offers to workers (default: all online cores).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// ONNX Runtime threads per worker (default: --cores, so a worker can grow to the whole node in place).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// cgroup hierarchy for workers' CPU limits.
+    #[arg(long, value_enum, default_value = "auto")]
+    cgroup_driver: CgroupDriverChoice,
+    /// The agent's cgroup subtree (v1: under the cpu hierarchy's root; v2: under the agent's own cgroup).
+    #[arg(long)]
+    cgroup_subtree: Option<String>,
+    /// Most requests waiting in one worker's queue before new ones are refused.
+    #[arg(long, default_value_t = 1024)]
+    queue_capacity: usize,
+    /// Largest inference request accepted, in bytes (larger: RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_request_bytes: usize,
+    /// Seconds between telemetry reports to the controller.
+    #[arg(long, default_value_t = 1.0)]
+    report_interval_s: f64,
+    /// Seconds a worker may take to load its model.
+    #[arg(long, default_value_t = 120)]
+    load_timeout_s: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Worker {
+            model,
+            ort_lib,
+            threads,
+        } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
+        Command::Serve(args) => {
+            tidal_common::logging::init("info");
+            tokio::runtime::Runtime::new()?.block_on(serve(args))
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if !args.ort_lib.is_file() {
+        anyhow::bail!("ONNX Runtime library {} does not exist (set --ort-lib or TIDAL_ORT_LIB; `make setup` installs one)", args.ort_lib.display());
+    }
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let cores = args.cores.unwrap_or(online).max(1);
+    let subtree = args
+        .cgroup_subtree
+        .clone()
+        .unwrap_or_else(|| format!("tidal/{}", args.node));
+    let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree)
+        .context("setting up the workers' cgroups")?;
+    info!(driver = cgroups.driver_name(), subtree = %subtree, cores, "cgroups ready");
+    let cfg = AgentConfig {
+        node: args.node.clone(),
+        model_dir: args.model_dir.clone(),
+        millicores: cores * 1000,
+        queue_capacity: args.queue_capacity,
+        process: ProcessConfig {
+            exe: std::env::current_exe().context("locating the agent binary")?,
+            ort_lib: args.ort_lib.canonicalize()?,
+            threads: args.worker_threads.unwrap_or(cores as usize),
+            load_timeout: Duration::from_secs(args.load_timeout_s),
+        },
+        drain: Duration::from_secs(5),
+    };
+    let node = Node::new(cfg, cgroups);
+    let stop = CancellationToken::new();
+    if let Some(controller) = args.controller.clone() {
+        let link = Link {
+            controller,
+            advertise: args
+                .advertise
+                .clone()
+                .unwrap_or_else(|| args.listen.to_string()),
+            interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
+        };
+        tokio::spawn(link.run(node.clone(), stop.clone()));
+    }
+    let service = AgentService { node: node.clone() };
+    info!(listen = %args.listen, node = %args.node, "agent serving");
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            wait_for_signal().await;
+            stop.cancel();
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(
+            InferenceServer::new(service.clone()).max_decoding_message_size(args.max_request_bytes),
+        )
+        .add_service(AgentServer::new(service).max_decoding_message_size(args.max_request_bytes))
+        .serve_with_shutdown(args.listen, shutdown)
+        .await
+        .with_context(|| format!("serving on {}", args.listen))?;
+    info!("stopping workers");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

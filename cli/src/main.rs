@@ -1,1 +1,334 @@
-fn main() {}
+//! `tidalctl`: Tidal's admin CLI.
+
+mod load;
+mod models;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tidal_common::variant::VariantConfig;
+use tidal_proto::v1::agent_client::AgentClient;
+use tidal_proto::v1::controller_client::ControllerClient;
+use tidal_proto::v1::{
+    ClusterStatusRequest, ProfileRequest, RegisterTaskRequest, SetSloRequest, StoreProfileRequest,
+    TaskSpec, VariantProfile,
+};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "tidalctl",
+    version,
+    about = "Administer a Tidal cluster: models, tasks, profiles, load and status"
+)]
+struct Cli {
+    /// Controller address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "TIDAL_CONTROLLER",
+        default_value = "127.0.0.1:7000"
+    )]
+    controller: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Model variants on disk.
+    #[command(subcommand)]
+    Models(ModelsCmd),
+    /// Tasks served by the cluster.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Measure each variant of a task on an agent (latency and throughput over a grid of cores
+    /// and batch sizes, under the real cgroup quota) and store the profiles in the controller.
+    Profile {
+        /// The agent to measure on (host:port).
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        agent: String,
+        #[arg(long)]
+        task: String,
+        /// Core counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        cores: Vec<u32>,
+        /// Batch sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        batches: Vec<u32>,
+        /// Milliseconds of measurement per point.
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u32,
+    },
+    /// Show the cluster: nodes, workers, plan, live rates and latencies.
+    Status {
+        /// Refresh every this many seconds until interrupted.
+        #[arg(long)]
+        watch: Option<f64>,
+    },
+    /// Show the plans committed so far, newest last.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
+    Load {
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        agent: String,
+        #[arg(long)]
+        task: String,
+        /// Rate trace: one integer per line, the requests in that second.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Multiply every rate by this factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Replay this many trace seconds per wall second.
+        #[arg(long, default_value_t = 1.0)]
+        speedup: f64,
+        /// First trace line to replay (0-based).
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+        /// Trace seconds to replay (default: to the end).
+        #[arg(long)]
+        duration: Option<usize>,
+        /// Write one CSV line per request here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Requests outstanding at most; beyond it a request is counted as dropped by the client.
+        #[arg(long, default_value_t = 4096)]
+        max_in_flight: usize,
+        /// HTTP/2 connections to spread requests over.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Generate ONNX ResNets (the real architectures, weights from a seed) and their variant configs.
+    Generate {
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+        /// Input resolution in pixels (224 is ImageNet's; smaller runs faster on small machines).
+        #[arg(long, default_value_t = 64)]
+        resolution: u32,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "resnet18,resnet34,resnet50,resnet101,resnet152"
+        )]
+        variants: Vec<String>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Regenerate even if an identical variant is already there.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Register (or replace) a task from variant configs in a model directory.
+    Register {
+        #[arg(long)]
+        name: String,
+        /// The p99 latency SLO in ms.
+        #[arg(long)]
+        slo_ms: u32,
+        #[arg(long, default_value = "models")]
+        model_dir: PathBuf,
+        /// Variants (names of <model-dir>/<name>.toml), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        variants: Vec<String>,
+    },
+    /// Change a task's SLO at run time.
+    SetSlo {
+        #[arg(long)]
+        task: String,
+        #[arg(long)]
+        slo_ms: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tidal_common::logging::init("warn");
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Models(ModelsCmd::Generate {
+            out,
+            resolution,
+            variants,
+            seed,
+            force,
+        }) => models::generate_models(&out, &variants, resolution, seed, force),
+        Command::Task(TaskCmd::Register {
+            name,
+            slo_ms,
+            model_dir,
+            variants,
+        }) => {
+            if slo_ms == 0 {
+                anyhow::bail!("--slo-ms must be positive");
+            }
+            let variants = variants
+                .iter()
+                .map(|v| VariantConfig::load(&model_dir, v).map(|c| c.spec()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let task = TaskSpec {
+                name: name.clone(),
+                slo_ms,
+                variants,
+            };
+            controller(&cli.controller)
+                .await?
+                .register_task(RegisterTaskRequest { task: Some(task) })
+                .await?;
+            println!("registered task {name} (SLO {slo_ms} ms)");
+            Ok(())
+        }
+        Command::Task(TaskCmd::SetSlo { task, slo_ms }) => {
+            controller(&cli.controller)
+                .await?
+                .set_slo(SetSloRequest {
+                    task: task.clone(),
+                    slo_ms,
+                })
+                .await?;
+            println!("task {task}: SLO set to {slo_ms} ms");
+            Ok(())
+        }
+        Command::Profile {
+            agent,
+            task,
+            cores,
+            batches,
+            duration_ms,
+        } => profile(&cli.controller, &agent, &task, cores, batches, duration_ms).await,
+        Command::Status { watch } => status::run(&cli.controller, watch).await,
+        Command::History { limit } => status::history(&cli.controller, limit).await,
+        Command::Load {
+            agent,
+            task,
+            trace,
+            scale,
+            speedup,
+            start,
+            duration,
+            out,
+            seed,
+            max_in_flight,
+            connections,
+        } => {
+            if !(scale > 0.0 && scale.is_finite() && speedup > 0.0 && speedup.is_finite()) {
+                anyhow::bail!("--scale and --speedup must be positive numbers");
+            }
+            let spec = task_spec(&cli.controller, &task).await?;
+            let input_shape = spec
+                .variants
+                .first()
+                .map(|v| v.input_shape.clone())
+                .context("the task has no variants")?;
+            let args = load::LoadArgs {
+                agent,
+                task,
+                trace,
+                scale,
+                speedup,
+                start,
+                duration,
+                slo_ms: spec.slo_ms,
+                input_shape,
+                out,
+                seed,
+                max_in_flight,
+                connections,
+            };
+            let summary = load::run(args).await?;
+            load::print_summary(&summary, spec.slo_ms);
+            Ok(())
+        }
+    }
+}
+
+async fn controller(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    ControllerClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("connecting to the controller at {addr}"))
+}
+
+async fn task_spec(controller_addr: &str, task: &str) -> anyhow::Result<TaskSpec> {
+    let status = controller(controller_addr)
+        .await?
+        .status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    status
+        .tasks
+        .into_iter()
+        .filter_map(|t| t.spec)
+        .find(|t| t.name == task)
+        .with_context(|| format!("the controller has no task {task:?}; register it first"))
+}
+
+async fn profile(
+    controller_addr: &str,
+    agent: &str,
+    task: &str,
+    cores: Vec<u32>,
+    batches: Vec<u32>,
+    duration_ms: u32,
+) -> anyhow::Result<()> {
+    let spec = task_spec(controller_addr, task).await?;
+    let mut agent_client = AgentClient::connect(format!("http://{agent}"))
+        .await
+        .with_context(|| format!("connecting to the agent at {agent}"))?;
+    let mut ctl = controller(controller_addr).await?;
+    let points = cores.len() * batches.len();
+    for (i, variant) in spec.variants.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] profiling {} on {agent}: {points} points × {:.1} s",
+            i + 1,
+            spec.variants.len(),
+            variant.name,
+            duration_ms as f64 / 1000.0
+        );
+        let resp = agent_client
+            .profile(ProfileRequest {
+                variant: Some(variant.clone()),
+                cores: cores.clone(),
+                batches: batches.clone(),
+                duration_ms,
+            })
+            .await
+            .with_context(|| format!("profiling {}", variant.name))?
+            .into_inner();
+        for p in &resp.points {
+            println!(
+                "{:<10} cores {:>2} batch {:>3}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s",
+                variant.name,
+                p.cores,
+                p.batch,
+                p.latency_p50_ms,
+                p.latency_p99_ms,
+                p.throughput_rps
+            );
+        }
+        let profile = VariantProfile {
+            task: task.to_string(),
+            variant: variant.name.clone(),
+            node: resp.node,
+            points: resp.points,
+        };
+        ctl.store_profile(StoreProfileRequest {
+            profile: Some(profile),
+        })
+        .await?;
+    }
+    Ok(())
+}

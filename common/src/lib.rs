@@ -5,6 +5,7 @@
 
 pub mod forecast;
 pub mod latency;
+pub mod logging;
 pub mod plan;
 pub mod resnet;
 pub mod solver;

@@ -1,1 +1,15 @@
+//! Tidal's controller.
+//!
+//! [`consensus`] drives raft-rs over [`storage`] (sled) and applies committed commands to the
+//! [`state`] machine; [`controller`] runs the adaptation loop on the leader — forecast from
+//! what is [`observed`], solve with the [`planner`], commit, push to agents; [`service`] is the
+//! gRPC API.
 
+pub mod consensus;
+pub mod controller;
+pub mod logging;
+pub mod observed;
+pub mod planner;
+pub mod service;
+pub mod state;
+pub mod storage;

@@ -1,1 +1,123 @@
-fn main() {}
+//! `tidal-controller`: one replica of Tidal's controller.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tidal_common::forecast::PeakWindow;
+use tidal_common::latency::LatencyModel;
+use tidal_common::solver::Weights;
+use tidal_controller::consensus::{start, RaftConfig};
+use tidal_controller::controller::{Controller, ControllerConfig};
+use tidal_controller::planner::PlannerConfig;
+use tidal_controller::service::ControllerService;
+use tidal_proto::v1::controller_server::ControllerServer;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "tidal-controller",
+    version,
+    about = "Tidal controller replica: forecasts load, solves for a plan every interval, replicates it with Raft and pushes it to the agents"
+)]
+struct Args {
+    /// This replica's Raft id (a positive integer, unique in the cluster).
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Address of the gRPC API for agents and tidalctl.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: SocketAddr,
+    /// Directory of the sled store (Raft log, hard state); created if missing.
+    #[arg(long, default_value = "tidal-controller-data")]
+    data_dir: PathBuf,
+    /// Seconds between adaptation rounds.
+    #[arg(long, default_value_t = 30.0)]
+    interval_s: f64,
+    /// Seconds of arrival history the forecaster looks at.
+    #[arg(long, default_value_t = 60)]
+    forecast_window_s: u64,
+    /// Factor the forecast peak is raised by before solving.
+    #[arg(long, default_value_t = 1.1)]
+    headroom: f64,
+    /// Weight of the cores term (per core budget) in the objective.
+    #[arg(long, default_value_t = 0.05)]
+    alpha: f64,
+    /// Weight of the model-loading term in the objective.
+    #[arg(long, default_value_t = 0.001)]
+    gamma: f64,
+    /// Share of a profiled throughput a worker is planned to carry.
+    #[arg(long, default_value_t = 0.8)]
+    utilisation: f64,
+    /// Cores per node kept free of workers.
+    #[arg(long, default_value_t = 0)]
+    reserve_cores: u32,
+    /// Milliseconds per Raft tick.
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tidal_common::logging::init("info,raft=warn");
+    let args = Args::parse();
+    if args.id == 0 {
+        anyhow::bail!("--id must be positive");
+    }
+    if !(args.interval_s > 0.0
+        && args.headroom >= 1.0
+        && args.utilisation > 0.0
+        && args.utilisation <= 1.0)
+    {
+        anyhow::bail!(
+            "--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]"
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let raft_cfg = RaftConfig {
+        id: args.id,
+        voters: vec![args.id],
+        tick: Duration::from_millis(args.tick_ms.max(10)),
+        election_ticks: 10,
+        heartbeat_ticks: 3,
+    };
+    let raft = start(raft_cfg, &args.data_dir)
+        .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;
+    let cfg = ControllerConfig {
+        interval: Duration::from_secs_f64(args.interval_s),
+        planner: PlannerConfig {
+            model: LatencyModel {
+                utilisation: args.utilisation,
+                ..LatencyModel::default()
+            },
+            weights: Weights {
+                alpha: args.alpha,
+                gamma: args.gamma,
+            },
+            reserve_cores: args.reserve_cores,
+        },
+        forecast_window_s: args.forecast_window_s,
+        advertise: args.listen.to_string(),
+    };
+    let forecaster = PeakWindow {
+        window_s: args.forecast_window_s as usize,
+        headroom: args.headroom,
+    };
+    let ctl = Controller::new(raft, cfg, Box::new(forecaster));
+    let stop = CancellationToken::new();
+    tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
+    info!(listen = %args.listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
+    let shutdown = async move {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(ControllerServer::new(ControllerService { ctl }))
+        .serve_with_shutdown(args.listen, shutdown)
+        .await
+        .with_context(|| format!("serving on {}", args.listen))?;
+    stop.cancel();
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! Why a request was not served, and the gRPC status each reason maps to.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::Status;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    #[error("task {0:?} has no worker on this node yet")]
+    NoWorker(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("the worker's queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the deadline passed after {0:?} in the queue")]
+    DeadlineExceeded(Duration),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("the model failed: {0}")]
+    Model(String),
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServeError::UnknownTask(_) => Status::not_found(msg),
+            ServeError::NoWorker(_) | ServeError::Unavailable(_) => Status::unavailable(msg),
+            ServeError::InvalidInput(_) => Status::invalid_argument(msg),
+            ServeError::QueueFull(_) => Status::resource_exhausted(msg),
+            ServeError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            ServeError::Model(_) => Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The profiler: measures a variant on this node, under the real cgroup quota, for a grid of
+//! core counts and batch sizes — batch latency (p50, p99) and saturated throughput.
+//!
+//! Each core count gets a fresh worker process in its own cgroup; batches run back to back
+//! (the worker is never idle, as under saturating load) after two warm-up runs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tidal_proto::v1::{ProfilePoint, ProfileRequest};
+use tonic::Status;
+use tracing::info;
+
+use crate::node::Node;
+use crate::worker::WorkerProcess;
+
+static PROFILES: AtomicU64 = AtomicU64::new(1);
+const MAX_PROFILE_BATCH: u32 = 64;
+
+pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoint>, Status> {
+    let variant = req
+        .variant
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("no variant to profile"))?;
+    let max_cores = node.cfg.millicores / 1000;
+    if req.cores.is_empty() || req.cores.iter().any(|&c| c == 0 || c > max_cores) {
+        return Err(Status::invalid_argument(format!(
+            "cores {:?} must be within 1..={max_cores}",
+            req.cores
+        )));
+    }
+    if req.batches.is_empty() || req.batches.iter().any(|&b| b == 0 || b > MAX_PROFILE_BATCH) {
+        return Err(Status::invalid_argument(format!(
+            "batches {:?} must be within 1..={MAX_PROFILE_BATCH}",
+            req.batches
+        )));
+    }
+    if variant.input_shape.is_empty() || variant.input_shape.iter().any(|&d| d <= 0) {
+        return Err(Status::invalid_argument(
+            "the variant has no valid input shape",
+        ));
+    }
+    let model = node.cfg.model_dir.join(&variant.model_file);
+    if variant.model_file.contains("..") || !model.is_file() {
+        return Err(Status::not_found(format!(
+            "model file {:?} is not in {}",
+            variant.model_file,
+            node.cfg.model_dir.display()
+        )));
+    }
+    let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
+    let sample: usize = variant.input_shape.iter().product::<i64>() as usize;
+    let mut points = Vec::new();
+    for &cores in &req.cores {
+        let id = format!("profile-{}", PROFILES.fetch_add(1, Ordering::Relaxed));
+        let cgroup = node
+            .cgroups
+            .create(&id)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut proc = WorkerProcess::spawn(&node.cfg.process, &model, &cgroup, cores * 1000)
+            .await
+            .map_err(|e| {
+                Status::internal(format!("starting a worker for {}: {e}", variant.name))
+            })?;
+        for &batch in &req.batches {
+            let mut shape = vec![batch as i64];
+            shape.extend_from_slice(&variant.input_shape);
+            let data: Vec<f32> = {
+                let mut rng = rand::thread_rng();
+                (0..sample * batch as usize)
+                    .map(|_| rng.gen::<f32>())
+                    .collect()
+            };
+            let mut latencies = Vec::new();
+            for _ in 0..2 {
+                time_batch(&mut proc, &shape, &data).await?;
+            }
+            let started = Instant::now();
+            while started.elapsed() < duration || latencies.len() < 3 {
+                latencies.push(time_batch(&mut proc, &shape, &data).await?);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let point = summarise(cores, batch, &mut latencies, elapsed);
+            info!(variant = %variant.name, cores, batch, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
+            points.push(point);
+        }
+        proc.stop(Duration::from_secs(5)).await;
+        cgroup.remove();
+    }
+    Ok(points)
+}
+
+async fn time_batch(
+    p: &mut WorkerProcess,
+    shape: &[i64],
+    data: &[f32],
+) -> Result<Duration, Status> {
+    let t = Instant::now();
+    let r = p
+        .run(shape.to_vec(), data.to_vec())
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    if !r.error.is_empty() {
+        return Err(Status::internal(r.error));
+    }
+    Ok(t.elapsed())
+}
+
+/// p50/p99 of the batch latencies and throughput in samples per second.
+fn summarise(cores: u32, batch: u32, latencies: &mut [Duration], elapsed_s: f64) -> ProfilePoint {
+    latencies.sort();
+    let pick = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    ProfilePoint {
+        cores,
+        batch,
+        latency_p50_ms: pick(0.5),
+        latency_p99_ms: pick(0.99),
+        throughput_rps: batch as f64 * latencies.len() as f64 / elapsed_s.max(1e-9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_takes_nearest_rank_percentiles_and_samples_per_second() {
+        let mut l: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let p = summarise(2, 4, &mut l, 10.0);
+        assert_eq!(p.latency_p50_ms, 50.0);
+        assert_eq!(p.latency_p99_ms, 99.0);
+        assert_eq!(p.throughput_rps, 40.0);
+    }
+}

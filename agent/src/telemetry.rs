@@ -1,0 +1,145 @@
+//! The agent's telemetry: per task, arrivals per second, outcomes and a latency histogram,
+//! drained into a report for the controller every reporting interval.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tidal_proto::v1::TaskTelemetry;
+
+/// How a request ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    Served(Duration),
+    DeadlineMissed,
+    Failed,
+}
+
+struct TaskStats {
+    /// Arrivals per whole second since the agent started.
+    arrivals: BTreeMap<u64, u32>,
+    served: u64,
+    errors: u64,
+    deadline_misses: u64,
+    latency_us: Histogram<u64>,
+}
+
+impl TaskStats {
+    fn new() -> Self {
+        Self {
+            arrivals: BTreeMap::new(),
+            served: 0,
+            errors: 0,
+            deadline_misses: 0,
+            // 1 µs .. 10 min, 3 significant digits.
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+}
+
+pub struct Telemetry {
+    started: Instant,
+    tasks: Mutex<HashMap<String, TaskStats>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new(Instant::now())
+    }
+}
+
+impl Telemetry {
+    pub fn new(started: Instant) -> Self {
+        Self {
+            started,
+            tasks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with<R>(&self, task: &str, f: impl FnOnce(&mut TaskStats) -> R) -> R {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        f(tasks.entry(task.to_string()).or_insert_with(TaskStats::new))
+    }
+
+    pub fn arrival(&self, task: &str, at: Instant) {
+        let second = at.saturating_duration_since(self.started).as_secs();
+        self.with(task, |s| *s.arrivals.entry(second).or_default() += 1);
+    }
+
+    pub fn outcome(&self, task: &str, outcome: Outcome) {
+        self.with(task, |s| match outcome {
+            Outcome::Served(latency) => {
+                s.served += 1;
+                let _ = s
+                    .latency_us
+                    .record((latency.as_micros() as u64).clamp(1, 600_000_000));
+            }
+            Outcome::DeadlineMissed => s.deadline_misses += 1,
+            Outcome::Failed => s.errors += 1,
+        });
+    }
+
+    /// The report since the last one: arrivals of every whole second before `now` (seconds
+    /// with no arrival included as 0), outcome counts and latency percentiles; resets them.
+    pub fn drain(&self, now: Instant) -> Vec<TaskTelemetry> {
+        let current_second = now.saturating_duration_since(self.started).as_secs();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (name, s) in tasks.iter_mut() {
+            let complete: Vec<u64> = s
+                .arrivals
+                .range(..current_second)
+                .map(|(&k, _)| k)
+                .collect();
+            let mut per_second = Vec::new();
+            if let (Some(&first), Some(&last)) = (complete.first(), complete.last()) {
+                for sec in first..=last {
+                    per_second.push(s.arrivals.remove(&sec).unwrap_or(0));
+                }
+            }
+            let q = |p: f64| s.latency_us.value_at_quantile(p) as f64 / 1000.0;
+            out.push(TaskTelemetry {
+                task: name.clone(),
+                arrivals_per_second: per_second,
+                served: s.served,
+                errors: s.errors,
+                deadline_misses: s.deadline_misses,
+                latency_p50_ms: q(0.50),
+                latency_p95_ms: q(0.95),
+                latency_p99_ms: q(0.99),
+            });
+            s.served = 0;
+            s.errors = 0;
+            s.deadline_misses = 0;
+            s.latency_us.reset();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_counts_whole_seconds_including_idle_ones_and_resets() {
+        let t0 = Instant::now();
+        let t = Telemetry::new(t0);
+        t.arrival("r", t0);
+        t.arrival("r", t0 + Duration::from_millis(500));
+        t.arrival("r", t0 + Duration::from_millis(2100));
+        t.arrival("r", t0 + Duration::from_millis(3100)); // the current second: not yet complete
+        t.outcome("r", Outcome::Served(Duration::from_millis(10)));
+        t.outcome("r", Outcome::DeadlineMissed);
+        let report = t.drain(t0 + Duration::from_millis(3500));
+        assert_eq!(report[0].arrivals_per_second, vec![2, 0, 1]);
+        assert_eq!(report[0].served, 1);
+        assert_eq!(report[0].deadline_misses, 1);
+        assert!((report[0].latency_p99_ms - 10.0).abs() < 0.1);
+        let next = t.drain(t0 + Duration::from_millis(4500));
+        assert_eq!(next[0].arrivals_per_second, vec![1]);
+        assert_eq!(next[0].served, 0);
+    }
+}

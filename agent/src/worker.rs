@@ -1,0 +1,444 @@
+//! A worker as the agent sees it: the child process that runs the model, its cgroup, its
+//! deadline-ordered queue and the batcher that feeds one from the other.
+//!
+//! The queue and the batcher live in the agent, so that the batch size and the batcher timeout
+//! change without touching the process, and the queue survives a worker's crash: the batcher
+//! restarts the process (with back-off) and carries on with the requests still waiting.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::cgroup::{CgroupError, WorkerCgroup};
+use crate::error::ServeError;
+use crate::queue::{DeadlineQueue, Served};
+use crate::worker_protocol::{Batch, BatchResult, Ready, MAX_FRAME};
+
+/// How the agent starts worker processes.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// The agent's own binary, which runs a worker when started as `<exe> worker`.
+    pub exe: PathBuf,
+    pub ort_lib: PathBuf,
+    /// ONNX Runtime intra-op threads per worker: the most cores a worker may ever be given, so
+    /// that growing the quota lets it use them without a restart.
+    pub threads: usize,
+    /// How long a worker may take to load its model.
+    pub load_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("starting the worker process: {0}")]
+    Spawn(std::io::Error),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("the worker did not load its model within {0:?}")]
+    LoadTimeout(Duration),
+    #[error("the worker could not load its model: {0}")]
+    Load(String),
+    #[error("the worker process went away: {0}")]
+    Gone(String),
+}
+
+/// A running worker process and the pipes to it.
+pub struct WorkerProcess {
+    child: Child,
+    tx: FramedWrite<ChildStdin, LengthDelimitedCodec>,
+    rx: FramedRead<ChildStdout, LengthDelimitedCodec>,
+    next_id: u64,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+impl WorkerProcess {
+    /// Starts a worker for `model`, moves it into `cgroup` at `millicores`, and waits until its
+    /// session is ready.
+    pub async fn spawn(
+        cfg: &ProcessConfig,
+        model: &Path,
+        cgroup: &WorkerCgroup,
+        millicores: u32,
+    ) -> Result<Self, WorkerError> {
+        let mut child = Command::new(&cfg.exe)
+            .arg("worker")
+            .arg("--model")
+            .arg(model)
+            .arg("--ort-lib")
+            .arg(&cfg.ort_lib)
+            .arg("--threads")
+            .arg(cfg.threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(WorkerError::Spawn)?;
+        let pid = child
+            .id()
+            .ok_or_else(|| WorkerError::Gone("exited at once".into()))?;
+        cgroup.set_millicores(millicores)?;
+        cgroup.add_process(pid)?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| WorkerError::Gone("no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| WorkerError::Gone("no stdout".into()))?;
+        let mut p = Self {
+            child,
+            tx: FramedWrite::new(stdin, codec()),
+            rx: FramedRead::new(stdout, codec()),
+            next_id: 0,
+        };
+        let ready: Ready = match tokio::time::timeout(cfg.load_timeout, p.recv()).await {
+            Err(_) => return Err(WorkerError::LoadTimeout(cfg.load_timeout)),
+            Ok(r) => r?,
+        };
+        if !ready.error.is_empty() {
+            return Err(WorkerError::Load(ready.error));
+        }
+        Ok(p)
+    }
+
+    async fn recv<M: Message + Default>(&mut self) -> Result<M, WorkerError> {
+        match self.rx.next().await {
+            Some(Ok(bytes)) => {
+                M::decode(bytes).map_err(|e| WorkerError::Gone(format!("bad frame: {e}")))
+            }
+            Some(Err(e)) => Err(WorkerError::Gone(e.to_string())),
+            None => Err(WorkerError::Gone("closed its output".into())),
+        }
+    }
+
+    /// Runs one batch of `shape[0]` samples.
+    pub async fn run(
+        &mut self,
+        shape: Vec<i64>,
+        data: Vec<f32>,
+    ) -> Result<BatchResult, WorkerError> {
+        self.next_id += 1;
+        let batch = Batch {
+            id: self.next_id,
+            shape,
+            data,
+        };
+        let frame = bytes::Bytes::from(batch.encode_to_vec());
+        SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
+            .await
+            .map_err(|e: std::io::Error| WorkerError::Gone(e.to_string()))?;
+        let result: BatchResult = self.recv().await?;
+        if result.id != batch.id {
+            return Err(WorkerError::Gone(format!(
+                "answered batch {} for {}",
+                result.id, batch.id
+            )));
+        }
+        Ok(result)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Closes the worker's input so it exits, and kills it if it has not within `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        let _ = SinkExt::<bytes::Bytes>::close(&mut self.tx).await;
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// What the batcher may change at any time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSettings {
+    pub max_batch: u32,
+    pub max_delay: Duration,
+}
+
+/// What identifies a worker's model.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub id: String,
+    pub task: String,
+    pub variant: tidal_proto::v1::VariantSpec,
+    pub model_path: PathBuf,
+}
+
+/// The agent's handle on one worker.
+pub struct Worker {
+    pub spec: WorkerSpec,
+    pub queue: Arc<DeadlineQueue>,
+    pub cgroup: Arc<WorkerCgroup>,
+    settings: watch::Sender<BatchSettings>,
+    millicores: AtomicU32,
+    ready: Arc<AtomicBool>,
+    restarts: Arc<AtomicU32>,
+    stop: CancellationToken,
+    batcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Worker {
+    /// Creates the worker and starts its batcher, which starts the process.
+    pub fn start(
+        spec: WorkerSpec,
+        cgroup: WorkerCgroup,
+        millicores: u32,
+        settings: BatchSettings,
+        queue_capacity: usize,
+        process: ProcessConfig,
+    ) -> Arc<Self> {
+        let (settings_tx, settings_rx) = watch::channel(settings);
+        let worker = Arc::new(Self {
+            spec,
+            queue: Arc::new(DeadlineQueue::new(queue_capacity)),
+            cgroup: Arc::new(cgroup),
+            settings: settings_tx,
+            millicores: AtomicU32::new(millicores),
+            ready: Arc::new(AtomicBool::new(false)),
+            restarts: Arc::new(AtomicU32::new(0)),
+            stop: CancellationToken::new(),
+            batcher: tokio::sync::Mutex::new(None),
+        });
+        let ctx = BatcherCtx {
+            spec: worker.spec.clone(),
+            queue: worker.queue.clone(),
+            cgroup: worker.cgroup.clone(),
+            settings: settings_rx,
+            millicores: millicores_reader(&worker),
+            ready: worker.ready.clone(),
+            restarts: worker.restarts.clone(),
+            stop: worker.stop.clone(),
+            process,
+        };
+        let span = info_span!("worker", id = %worker.spec.id, variant = %worker.spec.variant.name);
+        let handle = tokio::spawn(ctx.run().instrument(span));
+        if let Ok(mut slot) = worker.batcher.try_lock() {
+            *slot = Some(handle);
+        }
+        worker
+    }
+
+    pub fn millicores(&self) -> u32 {
+        self.millicores.load(Ordering::Relaxed)
+    }
+
+    pub fn settings(&self) -> BatchSettings {
+        *self.settings.borrow()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Resizes the worker in place: one write to its cgroup, no restart.
+    pub fn resize(&self, millicores: u32) -> Result<(), CgroupError> {
+        self.cgroup.set_millicores(millicores)?;
+        self.millicores.store(millicores, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn set_batching(&self, settings: BatchSettings) {
+        self.settings.send_replace(settings);
+    }
+
+    /// Stops taking requests, serves those already queued (for at most `drain`), then stops
+    /// the process and removes the cgroup.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.queue.seal();
+        let started = Instant::now();
+        while !self.queue.is_empty() && started.elapsed() < drain && self.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.queue.close("the worker was stopped");
+        self.stop.cancel();
+        if let Some(handle) = self.batcher.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.cgroup.remove();
+    }
+}
+
+/// The batcher reads the current quota to restore it after a restart.
+fn millicores_reader(worker: &Arc<Worker>) -> Arc<dyn Fn() -> u32 + Send + Sync> {
+    let weak = Arc::downgrade(worker);
+    Arc::new(move || weak.upgrade().map_or(1000, |w| w.millicores()))
+}
+
+struct BatcherCtx {
+    spec: WorkerSpec,
+    queue: Arc<DeadlineQueue>,
+    cgroup: Arc<WorkerCgroup>,
+    settings: watch::Receiver<BatchSettings>,
+    millicores: Arc<dyn Fn() -> u32 + Send + Sync>,
+    ready: Arc<AtomicBool>,
+    restarts: Arc<AtomicU32>,
+    stop: CancellationToken,
+    process: ProcessConfig,
+}
+
+enum Exit {
+    Stopped,
+    Died(WorkerError),
+}
+
+impl BatcherCtx {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        while !self.stop.is_cancelled() {
+            let spawned = WorkerProcess::spawn(
+                &self.process,
+                &self.spec.model_path,
+                &self.cgroup,
+                (self.millicores)(),
+            )
+            .await;
+            let mut proc = match spawned {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "worker failed to start");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            info!(pid = ?proc.pid(), millicores = (self.millicores)(), "worker ready");
+            self.ready.store(true, Ordering::Relaxed);
+            backoff = Duration::from_millis(200);
+            let exit = self.serve(&mut proc).await;
+            self.ready.store(false, Ordering::Relaxed);
+            match exit {
+                Exit::Stopped => {
+                    proc.stop(Duration::from_secs(5)).await;
+                    break;
+                }
+                Exit::Died(e) => {
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "worker died; restarting it");
+                    proc.stop(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits for requests, forms batches, runs them, until stopped or the process dies.
+    async fn serve(&self, proc: &mut WorkerProcess) -> Exit {
+        loop {
+            while self.queue.is_empty() {
+                tokio::select! {
+                    _ = self.queue.notify.notified() => {}
+                    _ = self.stop.cancelled() => return Exit::Stopped,
+                    status = proc.child.wait() => {
+                        return Exit::Died(WorkerError::Gone(format!("exited: {status:?}")));
+                    }
+                }
+            }
+            let settings = *self.settings.borrow();
+            self.wait_for_batch(settings).await;
+            let batch = self
+                .queue
+                .pop_batch(settings.max_batch as usize, Instant::now());
+            if batch.is_empty() {
+                continue;
+            }
+            let size = batch.len();
+            let mut shape = Vec::with_capacity(self.spec.variant.input_shape.len() + 1);
+            shape.push(size as i64);
+            shape.extend_from_slice(&self.spec.variant.input_shape);
+            let mut data = Vec::with_capacity(batch.iter().map(|p| p.input.len()).sum());
+            for p in &batch {
+                data.extend_from_slice(&p.input);
+            }
+            let started = Instant::now();
+            match proc.run(shape, data).await {
+                Ok(result) if result.error.is_empty() => reply_batch(batch, result, started),
+                Ok(result) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(ServeError::Model(result.error.clone())));
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(ServeError::Unavailable(
+                            "the worker died while running the batch".into(),
+                        )));
+                    }
+                    return Exit::Died(e);
+                }
+            }
+        }
+    }
+
+    /// Lets a batch fill: until it is full or the oldest request has waited `max_delay`.
+    async fn wait_for_batch(&self, settings: BatchSettings) {
+        if settings.max_batch <= 1 || settings.max_delay.is_zero() {
+            return;
+        }
+        let Some(oldest) = self.queue.oldest_arrival() else {
+            return;
+        };
+        let until = tokio::time::Instant::from_std(oldest + settings.max_delay);
+        while self.queue.len() < settings.max_batch as usize && tokio::time::Instant::now() < until
+        {
+            tokio::select! {
+                _ = self.queue.notify.notified() => {}
+                _ = tokio::time::sleep_until(until) => break,
+                _ = self.stop.cancelled() => break,
+            }
+        }
+    }
+}
+
+/// Splits a batch's output rows among its requests.
+fn reply_batch(batch: Vec<crate::queue::Pending>, result: BatchResult, started: Instant) {
+    let n = batch.len();
+    let row: usize = result.shape.iter().skip(1).product::<i64>().max(0) as usize;
+    let row_shape: Vec<i64> = std::iter::once(1)
+        .chain(result.shape.iter().skip(1).copied())
+        .collect();
+    if result.shape.first() != Some(&(n as i64)) || result.data.len() != row * n {
+        for p in batch {
+            let _ = p.reply.send(Err(ServeError::Model(format!(
+                "output shape {:?} for a batch of {n}",
+                result.shape
+            ))));
+        }
+        return;
+    }
+    for (i, p) in batch.into_iter().enumerate() {
+        let served = Served {
+            output: result.data[i * row..(i + 1) * row].to_vec(),
+            output_shape: row_shape.clone(),
+            batch_size: n as u32,
+            queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
+        };
+        let _ = p.reply.send(Ok(served));
+    }
+}

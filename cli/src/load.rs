@@ -1,0 +1,346 @@
+//! `tidalctl load`: replays a rate trace open-loop against an agent and records every request.
+//!
+//! Open loop: each trace line (requests in one second) becomes Poisson arrivals at that rate,
+//! times `scale`; with `speedup` K a trace second lasts 1/K of a wall second. Requests are sent
+//! at their arrival times whatever the answers do, as real users would; a request still
+//! waiting when `max_in_flight` are outstanding is counted as a client-side drop, not delayed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tidal_common::tensor::f32_tensor;
+use tidal_proto::v1::inference_client::InferenceClient;
+use tidal_proto::v1::InferRequest;
+use tokio::sync::{mpsc, Semaphore};
+use tonic::transport::Channel;
+
+pub struct LoadArgs {
+    pub agent: String,
+    pub task: String,
+    pub trace: PathBuf,
+    pub scale: f64,
+    pub speedup: f64,
+    pub start: usize,
+    pub duration: Option<usize>,
+    pub slo_ms: u32,
+    pub input_shape: Vec<i64>,
+    pub out: Option<PathBuf>,
+    pub seed: u64,
+    pub max_in_flight: usize,
+    pub connections: usize,
+}
+
+/// One request's record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub sent_s: f64,
+    pub latency_ms: f64,
+    pub status: tonic::Code,
+    pub variant: String,
+    pub accuracy: f64,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub requests: usize,
+    pub ok: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub slo_violation_pct: f64,
+    pub mean_accuracy: f64,
+    pub errors: Vec<(String, usize)>,
+    pub by_variant: Vec<(String, usize)>,
+}
+
+/// Reads a trace: one non-negative integer (requests in that second) per line.
+pub fn read_trace(path: &Path, start: usize, duration: Option<usize>) -> anyhow::Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the trace {}", path.display()))?;
+    let mut rates = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(start) {
+        if duration.is_some_and(|d| rates.len() >= d) {
+            break;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let r: f64 = line.parse().with_context(|| {
+            format!(
+                "{}:{}: {line:?} is not a request count",
+                path.display(),
+                i + 1
+            )
+        })?;
+        if !r.is_finite() || r < 0.0 {
+            anyhow::bail!(
+                "{}:{}: {line:?} is not a request count",
+                path.display(),
+                i + 1
+            );
+        }
+        rates.push(r);
+    }
+    if rates.is_empty() {
+        anyhow::bail!(
+            "the trace {} has no lines from line {}",
+            path.display(),
+            start + 1
+        );
+    }
+    Ok(rates)
+}
+
+/// Poisson arrival times (seconds from the start, wall clock) for the rates.
+pub fn arrivals(rates: &[f64], scale: f64, speedup: f64, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let second = 1.0 / speedup;
+    let mut out = Vec::new();
+    for (i, &r) in rates.iter().enumerate() {
+        let rate = r * scale; // requests per wall second
+        if rate <= 0.0 {
+            continue;
+        }
+        let (begin, end) = (i as f64 * second, (i + 1) as f64 * second);
+        let mut t = begin;
+        loop {
+            let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+            t += -u.ln() / rate;
+            if t >= end {
+                break;
+            }
+            out.push(t);
+        }
+    }
+    out
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
+    let rates = read_trace(&args.trace, args.start, args.duration)?;
+    let times = arrivals(&rates, args.scale, args.speedup, args.seed);
+    let wall = rates.len() as f64 / args.speedup;
+    eprintln!(
+        "replaying {} trace seconds ({} requests, mean {:.1} req/s, peak {:.1} req/s) in {wall:.0} s against {}",
+        rates.len(),
+        times.len(),
+        times.len() as f64 / wall,
+        rates.iter().copied().fold(0.0, f64::max) * args.scale,
+        args.agent
+    );
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let channel = Channel::from_shared(format!("http://{}", args.agent))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the agent at {}", args.agent))?;
+        clients.push(InferenceClient::new(channel).max_decoding_message_size(64 << 20));
+    }
+    let input = {
+        let n: i64 = args.input_shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
+        let values: Vec<f32> = (0..n).map(|_| rng.gen::<f32>()).collect();
+        let mut shape = vec![1];
+        shape.extend_from_slice(&args.input_shape);
+        f32_tensor(shape, &values)
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
+    let limit = Arc::new(Semaphore::new(args.max_in_flight));
+    let started = Instant::now();
+    let progress = tokio::spawn(report_progress(started, wall));
+    for (i, &t) in times.iter().enumerate() {
+        tokio::time::sleep_until((started + Duration::from_secs_f64(t)).into()).await;
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let _ = tx.send(Record {
+                sent_s: t,
+                latency_ms: 0.0,
+                status: tonic::Code::Cancelled,
+                variant: String::new(),
+                accuracy: 0.0,
+            });
+            continue;
+        };
+        let mut client = clients[i % clients.len()].clone();
+        let req = InferRequest {
+            task: args.task.clone(),
+            input: Some(input.clone()),
+            budget_ms: 0,
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let result = client.infer(req).await;
+            let latency_ms = sent.elapsed().as_secs_f64() * 1000.0;
+            let record = match result {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Record {
+                        sent_s: t,
+                        latency_ms,
+                        status: tonic::Code::Ok,
+                        variant: r.variant,
+                        accuracy: r.accuracy,
+                    }
+                }
+                Err(s) => Record {
+                    sent_s: t,
+                    latency_ms,
+                    status: s.code(),
+                    variant: String::new(),
+                    accuracy: 0.0,
+                },
+            };
+            let _ = tx.send(record);
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let mut records = Vec::with_capacity(times.len());
+    while let Some(r) = rx.recv().await {
+        records.push(r);
+    }
+    progress.abort();
+    eprintln!();
+    records.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
+    if let Some(out) = &args.out {
+        write_records(out, &records)?;
+        eprintln!(
+            "wrote {} request records to {}",
+            records.len(),
+            out.display()
+        );
+    }
+    Ok(summarise(&records, args.slo_ms))
+}
+
+async fn report_progress(started: Instant, wall: f64) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let done = started.elapsed().as_secs_f64();
+        eprint!(
+            "\r  load: {:>5.0} / {wall:.0} s ({:>3.0} %)",
+            done,
+            (done / wall * 100.0).min(100.0)
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    writeln!(f, "sent_s,latency_ms,status,variant,accuracy")?;
+    for r in records {
+        writeln!(
+            f,
+            "{:.6},{:.3},{:?},{},{}",
+            r.sent_s, r.latency_ms, r.status, r.variant, r.accuracy
+        )?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// p50/p99 over answered requests (failures count at their latency), SLO violations (late or
+/// failed), mean accuracy over served requests.
+pub fn summarise(records: &[Record], slo_ms: u32) -> Summary {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut ok = 0;
+    let mut violations = 0;
+    let mut acc_sum = 0.0;
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut by_variant: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in records {
+        let _ = hist.record(((r.latency_ms * 1000.0) as u64).max(1));
+        if r.status == tonic::Code::Ok {
+            ok += 1;
+            acc_sum += r.accuracy;
+            *by_variant.entry(r.variant.clone()).or_default() += 1;
+            if r.latency_ms > slo_ms as f64 {
+                violations += 1;
+            }
+        } else {
+            violations += 1;
+            *errors.entry(format!("{:?}", r.status)).or_default() += 1;
+        }
+    }
+    let n = records.len().max(1);
+    Summary {
+        requests: records.len(),
+        ok,
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        slo_violation_pct: violations as f64 * 100.0 / n as f64,
+        mean_accuracy: if ok > 0 { acc_sum / ok as f64 } else { 0.0 },
+        errors: errors.into_iter().collect(),
+        by_variant: by_variant.into_iter().collect(),
+    }
+}
+
+pub fn print_summary(s: &Summary, slo_ms: u32) {
+    println!("┌──────────────────────────────┬──────────────┐");
+    println!("│ requests                     │ {:>12} │", s.requests);
+    println!("│ served OK                    │ {:>12} │", s.ok);
+    println!("│ latency p50 (ms)             │ {:>12.1} │", s.p50_ms);
+    println!("│ latency p99 (ms)             │ {:>12.1} │", s.p99_ms);
+    println!(
+        "│ SLO {:>5} ms violations (%)  │ {:>12.2} │",
+        slo_ms, s.slo_violation_pct
+    );
+    println!(
+        "│ served accuracy (top-1 %)    │ {:>12.2} │",
+        s.mean_accuracy
+    );
+    for (code, n) in &s.errors {
+        println!("│ error {:<22} │ {:>12} │", code, n);
+    }
+    for (variant, n) in &s.by_variant {
+        println!("│ served by {:<18} │ {:>12} │", variant, n);
+    }
+    println!("└──────────────────────────────┴──────────────┘");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_follow_the_scaled_rate_and_are_deterministic() {
+        let rates = vec![100.0; 20];
+        let a = arrivals(&rates, 0.5, 2.0, 1);
+        // 20 trace seconds at 50 req/s, each lasting 0.5 s: about 500 requests in 10 s.
+        assert!((a.len() as f64 - 500.0).abs() < 100.0, "{}", a.len());
+        assert!(a.windows(2).all(|w| w[0] <= w[1]));
+        assert!(a.last().unwrap() < &10.0);
+        assert_eq!(a, arrivals(&rates, 0.5, 2.0, 1));
+    }
+
+    #[test]
+    fn failures_and_late_answers_are_violations() {
+        let rec = |latency_ms, status| Record {
+            sent_s: 0.0,
+            latency_ms,
+            status,
+            variant: "v".into(),
+            accuracy: 70.0,
+        };
+        let s = summarise(
+            &[
+                rec(10.0, tonic::Code::Ok),
+                rec(300.0, tonic::Code::Ok),
+                rec(5.0, tonic::Code::DeadlineExceeded),
+                rec(10.0, tonic::Code::Ok),
+            ],
+            100,
+        );
+        assert_eq!(s.ok, 3);
+        assert_eq!(s.slo_violation_pct, 50.0);
+        assert_eq!(s.mean_accuracy, 70.0);
+    }
+}

@@ -1,0 +1,218 @@
+//! The controller's core: the replicated state (through Raft), what it observes from agents,
+//! the adaptation loop and the pushing of plans to agents.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidal_common::forecast::Forecaster;
+use tidal_proto::v1::agent_client::AgentClient;
+use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::consensus::{ProposeError, RaftHandle};
+use crate::observed::Observed;
+use crate::planner::{next_plan, same_assignments, PlannerConfig};
+
+pub struct ControllerConfig {
+    pub interval: Duration,
+    pub planner: PlannerConfig,
+    /// Seconds of arrival history the forecaster sees.
+    pub forecast_window_s: u64,
+    /// Address of this replica's API, shown to clients.
+    pub advertise: String,
+}
+
+pub struct Controller {
+    pub raft: RaftHandle,
+    pub cfg: ControllerConfig,
+    pub observed: Mutex<Observed>,
+    forecaster: Box<dyn Forecaster>,
+    /// Wakes the adaptation loop early (a task, profile, SLO or node changed).
+    pub replan: Notify,
+    clients: Mutex<HashMap<String, AgentClient<Channel>>>,
+    last_push: Mutex<HashMap<String, Instant>>,
+}
+
+impl Controller {
+    pub fn new(
+        raft: RaftHandle,
+        cfg: ControllerConfig,
+        forecaster: Box<dyn Forecaster>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            raft,
+            cfg,
+            observed: Mutex::new(Observed::new(Instant::now())),
+            forecaster,
+            replan: Notify::new(),
+            clients: Mutex::new(HashMap::new()),
+            last_push: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn observed<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
+        f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The adaptation loop: every interval (or sooner when something changed), on the leader
+    /// only, forecast, solve, commit and push.
+    pub async fn run_adaptation(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.interval) => {}
+                _ = self.replan.notified() => {
+                    // Let a burst of changes (e.g. five profiles) settle into one plan.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                _ = stop.cancelled() => return,
+            }
+            if !self.raft.status().is_leader {
+                continue;
+            }
+            if let Err(e) = self.adapt_once().instrument(info_span!("adapt")).await {
+                warn!(error = %e, "adaptation round failed");
+            }
+        }
+    }
+
+    /// One adaptation round; returns the plan in force afterwards.
+    pub async fn adapt_once(&self) -> Result<Option<Plan>, ProposeError> {
+        let now = Instant::now();
+        let state = self.raft.read(|s| s.clone());
+        let forecasts: BTreeMap<String, f64> = self.observed(|o| {
+            let f: BTreeMap<String, f64> = state
+                .tasks
+                .keys()
+                .map(|t| {
+                    let history = o.history(t, now, self.cfg.forecast_window_s);
+                    (
+                        t.clone(),
+                        self.forecaster
+                            .forecast(&history, self.cfg.interval.as_secs() as usize),
+                    )
+                })
+                .collect();
+            o.forecasts = f.clone();
+            f
+        });
+        let term = self.raft.status().term;
+        let plan = next_plan(
+            &state,
+            &forecasts,
+            &self.cfg.planner,
+            state.plan_epoch() + 1,
+            term,
+        );
+        if let Some(current) = &state.plan {
+            if same_assignments(current, &plan) {
+                self.push_to_lagging(current);
+                return Ok(state.plan.clone());
+            }
+        }
+        for note in &plan.notes {
+            info!(epoch = plan.epoch, "{note}");
+        }
+        self.raft
+            .propose(Command {
+                change: Some(Change::CommitPlan(plan.clone())),
+            })
+            .await?;
+        info!(
+            epoch = plan.epoch,
+            workers = plan.assignments.len(),
+            "committed a new plan"
+        );
+        self.push_all(&plan);
+        Ok(Some(plan))
+    }
+
+    fn push_all(&self, plan: &Plan) {
+        let nodes = self.raft.read(|s| s.nodes.clone());
+        for (name, info) in nodes {
+            self.push(&name, &info.address, plan.clone());
+        }
+    }
+
+    /// Pushes the current plan to nodes whose last report shows an older epoch.
+    fn push_to_lagging(&self, plan: &Plan) {
+        let nodes = self.raft.read(|s| s.nodes.clone());
+        let lagging: Vec<String> = self.observed(|o| {
+            nodes
+                .keys()
+                .filter(|n| {
+                    o.reports
+                        .get(*n)
+                        .is_none_or(|(_, r)| r.applied_epoch < plan.epoch)
+                })
+                .cloned()
+                .collect()
+        });
+        for name in lagging {
+            if let Some(info) = nodes.get(&name) {
+                self.push(&name, &info.address, plan.clone());
+            }
+        }
+    }
+
+    /// Pushes the current plan to one node if it is behind (at most every 2 s per node).
+    pub fn push_if_behind(&self, node: &str, applied_epoch: u64) {
+        let Some(plan) = self.raft.read(|s| s.plan.clone()) else {
+            return;
+        };
+        if applied_epoch >= plan.epoch || !self.raft.status().is_leader {
+            return;
+        }
+        {
+            let mut last = self.last_push.lock().unwrap_or_else(|p| p.into_inner());
+            if last
+                .get(node)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+            {
+                return;
+            }
+            last.insert(node.to_string(), Instant::now());
+        }
+        if let Some(info) = self.raft.read(|s| s.nodes.get(node).cloned()) {
+            self.push(node, &info.address, plan);
+        }
+    }
+
+    fn push(&self, node: &str, address: &str, plan: Plan) {
+        let client = {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            match clients.get(address) {
+                Some(c) => c.clone(),
+                None => match Channel::from_shared(format!("http://{address}")) {
+                    Ok(endpoint) => {
+                        let c = AgentClient::new(
+                            endpoint
+                                .connect_timeout(Duration::from_secs(2))
+                                .connect_lazy(),
+                        );
+                        clients.insert(address.to_string(), c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        warn!(node, address, error = %e, "bad agent address");
+                        return;
+                    }
+                },
+            }
+        };
+        let node = node.to_string();
+        let epoch = plan.epoch;
+        tokio::spawn(async move {
+            let mut client = client;
+            let req = tonic::Request::new(ApplyPlanRequest { plan: Some(plan) });
+            match tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await {
+                Ok(Ok(_)) => info!(node, epoch, "agent applied the plan"),
+                Ok(Err(status)) => warn!(node, epoch, %status, "agent refused the plan"),
+                Err(_) => warn!(node, epoch, "agent did not answer the plan within 10 s"),
+            }
+        });
+    }
+}

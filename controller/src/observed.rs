@@ -1,0 +1,121 @@
+//! What the leader has observed from the agents' telemetry: arrivals per second per task
+//! (summed over nodes), the latest report of each node, and cumulative outcome counts. Not
+//! replicated: a new leader rebuilds it from the next reports.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use tidal_proto::v1::TelemetryReport;
+
+/// Seconds of arrival history kept per task.
+pub const HISTORY_S: u64 = 3600;
+
+pub struct Observed {
+    started: Instant,
+    arrivals: HashMap<String, BTreeMap<u64, f64>>,
+    pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
+    pub totals: HashMap<String, (u64, u64)>,
+    pub forecasts: BTreeMap<String, f64>,
+}
+
+impl Observed {
+    pub fn new(started: Instant) -> Self {
+        Self {
+            started,
+            arrivals: HashMap::new(),
+            reports: BTreeMap::new(),
+            totals: HashMap::new(),
+            forecasts: BTreeMap::new(),
+        }
+    }
+
+    fn second(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// Records a report received at `now`: its k per-second arrival counts are the k whole
+    /// seconds before `now`.
+    pub fn record(&mut self, report: TelemetryReport, now: Instant) {
+        let current = self.second(now);
+        for t in &report.tasks {
+            let series = self.arrivals.entry(t.task.clone()).or_default();
+            let k = t.arrivals_per_second.len() as u64;
+            for (i, &n) in t.arrivals_per_second.iter().enumerate() {
+                let sec = (current + i as u64).saturating_sub(k);
+                *series.entry(sec).or_default() += n as f64;
+            }
+            while series
+                .first_key_value()
+                .is_some_and(|(&s, _)| s + HISTORY_S < current)
+            {
+                series.pop_first();
+            }
+            let totals = self.totals.entry(t.task.clone()).or_default();
+            totals.0 += t.served;
+            totals.1 += t.errors + t.deadline_misses;
+        }
+        self.reports.insert(report.node.clone(), (now, report));
+    }
+
+    /// Per-second arrivals of `task` over the last `window_s` complete seconds, oldest first,
+    /// zero where nothing arrived.
+    pub fn history(&self, task: &str, now: Instant, window_s: u64) -> Vec<f64> {
+        let end = self.second(now);
+        let begin = end.saturating_sub(window_s);
+        let series = self.arrivals.get(task);
+        (begin..end)
+            .map(|s| series.and_then(|m| m.get(&s)).copied().unwrap_or(0.0))
+            .collect()
+    }
+
+    /// Mean arrival rate of `task` over the last `last_s` seconds.
+    pub fn rate(&self, task: &str, now: Instant, last_s: u64) -> f64 {
+        let h = self.history(task, now, last_s);
+        if h.is_empty() {
+            0.0
+        } else {
+            h.iter().sum::<f64>() / h.len() as f64
+        }
+    }
+
+    /// The worst p99 latency any node reported for `task` in its latest report.
+    pub fn p99(&self, task: &str) -> f64 {
+        self.reports
+            .values()
+            .flat_map(|(_, r)| r.tasks.iter())
+            .filter(|t| t.task == task && t.served > 0)
+            .map(|t| t.latency_p99_ms)
+            .fold(0.0, f64::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tidal_proto::v1::TaskTelemetry;
+
+    fn report(node: &str, arrivals: Vec<u32>) -> TelemetryReport {
+        TelemetryReport {
+            node: node.into(),
+            tasks: vec![TaskTelemetry {
+                task: "t".into(),
+                arrivals_per_second: arrivals,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn arrivals_from_several_nodes_add_up_per_second() {
+        let t0 = Instant::now();
+        let mut o = Observed::new(t0);
+        let now = t0 + Duration::from_secs(10);
+        o.record(report("a", vec![5, 7]), now);
+        o.record(report("b", vec![1, 1]), now);
+        assert_eq!(o.history("t", now, 4), vec![0.0, 0.0, 6.0, 8.0]);
+        assert_eq!(o.rate("t", now, 2), 7.0);
+        assert_eq!(o.history("unknown", now, 2), vec![0.0, 0.0]);
+    }
+}

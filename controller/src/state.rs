@@ -1,0 +1,155 @@
+//! The controller's replicated state machine: what every replica agrees on, changed only by
+//! applying committed Raft log entries (`Command`s), in log order, deterministically.
+
+use std::collections::BTreeMap;
+
+use tidal_proto::v1::{command::Change, Command, Plan, TaskSpec, VariantProfile};
+
+/// Plans kept in the history (older ones are forgotten).
+pub const HISTORY_LEN: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub address: String,
+    pub cores: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub tasks: BTreeMap<String, TaskSpec>,
+    /// (task, variant) → the latest measured profile.
+    pub profiles: BTreeMap<(String, String), VariantProfile>,
+    pub plan: Option<Plan>,
+    pub history: Vec<Plan>,
+    pub applied_index: u64,
+}
+
+impl ClusterState {
+    pub fn plan_epoch(&self) -> u64 {
+        self.plan.as_ref().map_or(0, |p| p.epoch)
+    }
+
+    /// Applies one committed command. A command that is not valid against the current state
+    /// (e.g. a plan from a stale leader) changes nothing and says why; every replica reaches
+    /// the same verdict.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Result<(), String> {
+        self.applied_index = index;
+        match cmd.change.as_ref().ok_or("empty command")? {
+            Change::RegisterNode(n) => {
+                self.nodes.insert(
+                    n.node.clone(),
+                    NodeInfo {
+                        address: n.address.clone(),
+                        cores: n.cores,
+                    },
+                );
+            }
+            Change::RegisterTask(t) => {
+                self.tasks.insert(t.name.clone(), t.clone());
+                let names: Vec<&str> = t.variants.iter().map(|v| v.name.as_str()).collect();
+                self.profiles.retain(|(task, variant), _| {
+                    task != &t.name || names.contains(&variant.as_str())
+                });
+            }
+            Change::SetSlo(s) => {
+                let task = self
+                    .tasks
+                    .get_mut(&s.task)
+                    .ok_or_else(|| format!("unknown task {:?}", s.task))?;
+                task.slo_ms = s.slo_ms;
+            }
+            Change::StoreProfile(p) => {
+                if !self
+                    .tasks
+                    .get(&p.task)
+                    .is_some_and(|t| t.variants.iter().any(|v| v.name == p.variant))
+                {
+                    return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
+                }
+                self.profiles
+                    .insert((p.task.clone(), p.variant.clone()), p.clone());
+            }
+            Change::CommitPlan(plan) => {
+                let expected = self.plan_epoch() + 1;
+                if plan.epoch != expected {
+                    return Err(format!(
+                        "plan epoch {} is not the next epoch {expected}",
+                        plan.epoch
+                    ));
+                }
+                self.plan = Some(plan.clone());
+                self.history.push(plan.clone());
+                if self.history.len() > HISTORY_LEN {
+                    self.history.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidal_proto::v1::{SetSloRequest, VariantSpec};
+
+    fn plan(epoch: u64) -> Command {
+        Command {
+            change: Some(Change::CommitPlan(Plan {
+                epoch,
+                term: 1,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn plans_must_come_in_epoch_order() {
+        let mut s = ClusterState::default();
+        assert!(s.apply(1, &plan(1)).is_ok());
+        assert!(s.apply(2, &plan(1)).is_err(), "a stale epoch is refused");
+        assert!(s.apply(3, &plan(3)).is_err(), "a gap is refused");
+        assert!(s.apply(4, &plan(2)).is_ok());
+        assert_eq!(s.plan_epoch(), 2);
+        assert_eq!(s.history.len(), 2);
+    }
+
+    #[test]
+    fn slo_changes_and_profiles_need_a_known_task() {
+        let mut s = ClusterState::default();
+        let set = Command {
+            change: Some(Change::SetSlo(SetSloRequest {
+                task: "t".into(),
+                slo_ms: 50,
+            })),
+        };
+        assert!(s.apply(1, &set).is_err());
+        let task = TaskSpec {
+            name: "t".into(),
+            slo_ms: 100,
+            variants: vec![VariantSpec {
+                name: "v".into(),
+                ..Default::default()
+            }],
+        };
+        s.apply(
+            2,
+            &Command {
+                change: Some(Change::RegisterTask(task)),
+            },
+        )
+        .unwrap();
+        s.apply(3, &set).unwrap();
+        assert_eq!(s.tasks["t"].slo_ms, 50);
+        let profile = |variant: &str| Command {
+            change: Some(Change::StoreProfile(VariantProfile {
+                task: "t".into(),
+                variant: variant.into(),
+                ..Default::default()
+            })),
+        };
+        assert!(s.apply(4, &profile("v")).is_ok());
+        assert!(s.apply(5, &profile("w")).is_err());
+    }
+}
