@@ -25,28 +25,18 @@ pub const PERIOD_US: u64 = 10_000;
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
-    #[error(
-        "no cgroup cpu controller is mounted (looked for cgroup2 with `cpu` and cgroup v1 `cpu`)"
-    )]
+    #[error("no cgroup cpu controller is mounted (looked for cgroup2 with `cpu` and cgroup v1 `cpu`)")]
     NoCpuController,
     #[error("cgroup driver {0:?} was requested but its cpu controller is not mounted")]
     DriverUnavailable(CgroupDriverChoice),
     #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot parse {path}: {content:?}")]
     Parse { path: PathBuf, content: String },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
 }
 
 /// Which hierarchy to use, from configuration.
@@ -62,13 +52,8 @@ pub enum CgroupDriverChoice {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Driver {
-    V1 {
-        cpu: PathBuf,
-        cpuacct: Option<PathBuf>,
-    },
-    V2 {
-        dir: PathBuf,
-    },
+    V1 { cpu: PathBuf, cpuacct: Option<PathBuf> },
+    V2 { dir: PathBuf },
     None,
 }
 
@@ -124,30 +109,20 @@ fn parse_mountinfo(text: &str) -> Mounts {
 /// The calling process's cgroup v2 path ("0::/system.slice/tidal-agent.service").
 fn own_v2_cgroup() -> Option<String> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_start_matches('/').to_string())
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(|p| p.trim_start_matches('/').to_string())
 }
 
 impl CpuCgroups {
     /// Detects the driver and creates the agent's subtree `subtree` (v1: under the cpu
     /// hierarchy's root; v2: under the agent's own cgroup unless `subtree` is absolute).
     pub fn setup(choice: CgroupDriverChoice, subtree: &str) -> Result<Self, CgroupError> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(io("read", Path::new("/proc/self/mountinfo")))?;
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
         let mounts = parse_mountinfo(&mountinfo);
         let use_v2 = match choice {
-            CgroupDriverChoice::None => {
-                return Ok(Self {
-                    driver: Driver::None,
-                })
-            }
-            CgroupDriverChoice::V2 if mounts.v2.is_none() => {
-                return Err(CgroupError::DriverUnavailable(choice))
-            }
-            CgroupDriverChoice::V1 if mounts.v1_cpu.is_none() => {
-                return Err(CgroupError::DriverUnavailable(choice))
-            }
+            CgroupDriverChoice::None => return Ok(Self { driver: Driver::None }),
+            CgroupDriverChoice::V2 if mounts.v2.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
+            CgroupDriverChoice::V1 if mounts.v1_cpu.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
             CgroupDriverChoice::V2 => true,
             CgroupDriverChoice::V1 => false,
             CgroupDriverChoice::Auto => mounts.v2.is_some(),
@@ -156,10 +131,7 @@ impl CpuCgroups {
             let root = mounts.v2.ok_or(CgroupError::NoCpuController)?;
             Self::setup_v2(&root, subtree)?
         } else {
-            let cpu = mounts
-                .v1_cpu
-                .ok_or(CgroupError::NoCpuController)?
-                .join(subtree.trim_start_matches('/'));
+            let cpu = mounts.v1_cpu.ok_or(CgroupError::NoCpuController)?.join(subtree.trim_start_matches('/'));
             fs::create_dir_all(&cpu).map_err(io("create", &cpu))?;
             let cpuacct = match mounts.v1_cpuacct {
                 Some(root) => {
@@ -184,8 +156,7 @@ impl CpuCgroups {
             let agent_leaf = own.join("agent");
             fs::create_dir_all(&agent_leaf).map_err(io("create", &agent_leaf))?;
             let procs = agent_leaf.join("cgroup.procs");
-            fs::write(&procs, std::process::id().to_string())
-                .map_err(io("move the agent into", &procs))?;
+            fs::write(&procs, std::process::id().to_string()).map_err(io("move the agent into", &procs))?;
             enable_cpu(&own)?;
             own.join(subtree)
         };
@@ -205,13 +176,10 @@ impl CpuCgroups {
     /// Creates (or reuses) the cgroup of worker `name`.
     pub fn create(&self, name: &str) -> Result<WorkerCgroup, CgroupError> {
         let driver = match &self.driver {
-            Driver::V1 { cpu, cpuacct } => Driver::V1 {
-                cpu: cpu.join(name),
-                cpuacct: cpuacct.as_ref().map(|d| d.join(name)),
-            },
-            Driver::V2 { dir } => Driver::V2 {
-                dir: dir.join(name),
-            },
+            Driver::V1 { cpu, cpuacct } => {
+                Driver::V1 { cpu: cpu.join(name), cpuacct: cpuacct.as_ref().map(|d| d.join(name)) }
+            }
+            Driver::V2 { dir } => Driver::V2 { dir: dir.join(name) },
             Driver::None => Driver::None,
         };
         let cg = WorkerCgroup { driver };
@@ -329,12 +297,7 @@ impl WorkerCgroup {
                 let parse = |s: Option<&str>| s.and_then(|s| s.parse::<u64>().ok());
                 match (parse(Some(q)), parse(parts.next())) {
                     (Some(q), Some(p)) => (q, p),
-                    _ => {
-                        return Err(CgroupError::Parse {
-                            path,
-                            content: text,
-                        })
-                    }
+                    _ => return Err(CgroupError::Parse { path, content: text }),
                 }
             }
             Driver::None => return Ok(None),
@@ -380,18 +343,12 @@ impl WorkerCgroup {
 
 fn read_u64(path: &Path) -> Result<u64, CgroupError> {
     let text = fs::read_to_string(path).map_err(io("read", path))?;
-    text.trim().parse().map_err(|_| CgroupError::Parse {
-        path: path.into(),
-        content: text,
-    })
+    text.trim().parse().map_err(|_| CgroupError::Parse { path: path.into(), content: text })
 }
 
 fn read_i64(path: &Path) -> Result<i64, CgroupError> {
     let text = fs::read_to_string(path).map_err(io("read", path))?;
-    text.trim().parse().map_err(|_| CgroupError::Parse {
-        path: path.into(),
-        content: text,
-    })
+    text.trim().parse().map_err(|_| CgroupError::Parse { path: path.into(), content: text })
 }
 
 fn read_keyed(path: &Path) -> Result<Vec<(String, u64)>, CgroupError> {
@@ -429,9 +386,7 @@ mod tests {
 
     #[test]
     fn a_combined_cpu_cpuacct_mount_serves_both() {
-        let m = parse_mountinfo(
-            "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct",
-        );
+        let m = parse_mountinfo("30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct");
         assert_eq!(m.v1_cpu, m.v1_cpuacct);
         assert!(m.v1_cpu.is_some());
     }

@@ -13,6 +13,8 @@ pub enum ServeError {
     NoWorker(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("the request is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
     #[error("the worker's queue is full ({0} requests waiting)")]
     QueueFull(usize),
     #[error("the deadline passed after {0:?} in the queue")]
@@ -30,7 +32,7 @@ impl From<ServeError> for Status {
             ServeError::UnknownTask(_) => Status::not_found(msg),
             ServeError::NoWorker(_) | ServeError::Unavailable(_) => Status::unavailable(msg),
             ServeError::InvalidInput(_) => Status::invalid_argument(msg),
-            ServeError::QueueFull(_) => Status::resource_exhausted(msg),
+            ServeError::QueueFull(_) | ServeError::TooLarge { .. } => Status::resource_exhausted(msg),
             ServeError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             ServeError::Model(_) => Status::internal(msg),
         }

@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod error;
 pub mod link;
+pub mod metrics;
 pub mod node;
 pub mod profiler;
 pub mod queue;

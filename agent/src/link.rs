@@ -43,14 +43,10 @@ impl Link {
         }
     }
 
-    async fn connect_and_register(
-        &self,
-        node: &Node,
-    ) -> Result<ControllerClient<Channel>, tonic::Status> {
+    async fn connect_and_register(&self, node: &Node) -> Result<ControllerClient<Channel>, tonic::Status> {
         let endpoint = format!("http://{}", self.controller);
-        let mut client = ControllerClient::connect(endpoint)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client =
+            ControllerClient::connect(endpoint).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let resp = client
             .register_node(RegisterNodeRequest {
                 node: node.cfg.node.clone(),

@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Seconds between telemetry reports to the controller.
     #[arg(long, default_value_t = 1.0)]
     report_interval_s: f64,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Seconds a worker may take to load its model.
     #[arg(long, default_value_t = 120)]
     load_timeout_s: u64,
@@ -92,11 +95,7 @@ struct ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Worker {
-            model,
-            ort_lib,
-            threads,
-        } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
+        Command::Worker { model, ort_lib, threads } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
         Command::Serve(args) => {
             tidal_common::logging::init("info");
             tokio::runtime::Runtime::new()?.block_on(serve(args))
@@ -106,22 +105,22 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !args.ort_lib.is_file() {
-        anyhow::bail!("ONNX Runtime library {} does not exist (set --ort-lib or TIDAL_ORT_LIB; `make setup` installs one)", args.ort_lib.display());
+        anyhow::bail!(
+            "ONNX Runtime library {} does not exist (set --ort-lib or TIDAL_ORT_LIB; `make setup` installs one)",
+            args.ort_lib.display()
+        );
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let cores = args.cores.unwrap_or(online).max(1);
-    let subtree = args
-        .cgroup_subtree
-        .clone()
-        .unwrap_or_else(|| format!("tidal/{}", args.node));
-    let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree)
-        .context("setting up the workers' cgroups")?;
+    let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
+    let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree).context("setting up the workers' cgroups")?;
     info!(driver = cgroups.driver_name(), subtree = %subtree, cores, "cgroups ready");
     let cfg = AgentConfig {
         node: args.node.clone(),
         model_dir: args.model_dir.clone(),
         millicores: cores * 1000,
         queue_capacity: args.queue_capacity,
+        max_request_bytes: args.max_request_bytes,
         process: ProcessConfig {
             exe: std::env::current_exe().context("locating the agent binary")?,
             ort_lib: args.ort_lib.canonicalize()?,
@@ -130,15 +129,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         drain: Duration::from_secs(5),
     };
-    let node = Node::new(cfg, cgroups);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
+    let node = Node::new(cfg, cgroups, metrics);
+    if let Some(addr) = args.metrics_listen {
+        let registry = std::sync::Arc::new(registry);
+        tokio::spawn(async move {
+            if let Err(e) = tidal_common::metrics_http::serve(addr, registry).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+        // Keep the per-worker gauges fresh between scrapes.
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                node.worker_telemetry().await;
+            }
+        });
+    }
     let stop = CancellationToken::new();
     if let Some(controller) = args.controller.clone() {
         let link = Link {
             controller,
-            advertise: args
-                .advertise
-                .clone()
-                .unwrap_or_else(|| args.listen.to_string()),
+            advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
             interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
         };
         tokio::spawn(link.run(node.clone(), stop.clone()));
@@ -152,11 +166,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop.cancel();
         }
     };
+    // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED; tonic's own
+    // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
+    let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
     tonic::transport::Server::builder()
-        .add_service(
-            InferenceServer::new(service.clone()).max_decoding_message_size(args.max_request_bytes),
-        )
-        .add_service(AgentServer::new(service).max_decoding_message_size(args.max_request_bytes))
+        .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
+        .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
         .serve_with_shutdown(args.listen, shutdown)
         .await
         .with_context(|| format!("serving on {}", args.listen))?;

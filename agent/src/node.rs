@@ -13,6 +13,7 @@ use tidal_proto::v1::{Plan, TaskSpec, WorkerTelemetry};
 use tracing::{info, warn};
 
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats};
+use crate::metrics::AgentMetrics;
 use crate::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
 use crate::router::Router;
 use crate::telemetry::Telemetry;
@@ -25,6 +26,8 @@ pub struct AgentConfig {
     /// CPU this node offers to workers, in millicores.
     pub millicores: u32,
     pub queue_capacity: usize,
+    /// Largest inference request served; larger ones get RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
     pub process: ProcessConfig,
     /// How long a stopped worker may take to serve what it has queued.
     pub drain: Duration,
@@ -37,11 +40,7 @@ pub enum ApplyError {
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
     #[error("malformed plan: model file {file:?} of variant {variant:?} is not in {dir}")]
-    MissingModel {
-        variant: String,
-        file: String,
-        dir: String,
-    },
+    MissingModel { variant: String, file: String, dir: String },
     #[error("creating a worker's cgroup: {0}")]
     Cgroup(#[from] CgroupError),
 }
@@ -51,6 +50,7 @@ pub struct Node {
     pub cgroups: CpuCgroups,
     pub router: Router,
     pub telemetry: Telemetry,
+    pub metrics: AgentMetrics,
     workers: tokio::sync::Mutex<HashMap<WorkerKey, Arc<Worker>>>,
     /// Workers being retired: they serve with weight 0 until a successor is ready.
     retiring: Mutex<Vec<Arc<Worker>>>,
@@ -62,12 +62,13 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(cfg: AgentConfig, cgroups: CpuCgroups) -> Arc<Self> {
+    pub fn new(cfg: AgentConfig, cgroups: CpuCgroups, metrics: AgentMetrics) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             cgroups,
             router: Router::default(),
             telemetry: Telemetry::default(),
+            metrics,
             workers: tokio::sync::Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
             tasks: RwLock::new(HashMap::new()),
@@ -82,11 +83,7 @@ impl Node {
     }
 
     pub fn task(&self, name: &str) -> Option<TaskSpec> {
-        self.tasks
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     /// Applies `plan` to this node: all of it or, if it is malformed or stale, none of it.
@@ -94,10 +91,7 @@ impl Node {
         let mut workers = self.workers.lock().await;
         let applied = self.applied_epoch();
         if plan.epoch < applied {
-            return Err(ApplyError::Stale {
-                got: plan.epoch,
-                applied,
-            });
+            return Err(ApplyError::Stale { got: plan.epoch, applied });
         }
         validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
         let desired = self.desired_workers(&plan)?;
@@ -117,13 +111,11 @@ impl Node {
         for action in actions {
             self.act(&mut workers, action)?;
         }
-        *self.tasks.write().unwrap_or_else(|p| p.into_inner()) = plan
-            .tasks
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect();
+        *self.tasks.write().unwrap_or_else(|p| p.into_inner()) =
+            plan.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect();
         self.update_routes(&plan, &workers);
         self.applied_epoch.store(plan.epoch, Ordering::Relaxed);
+        self.metrics.plan_epoch.set(plan.epoch as i64);
         Ok(plan.epoch)
     }
 
@@ -151,11 +143,7 @@ impl Node {
         Ok(out)
     }
 
-    fn act(
-        self: &Arc<Self>,
-        workers: &mut HashMap<WorkerKey, Arc<Worker>>,
-        action: Action,
-    ) -> Result<(), ApplyError> {
+    fn act(self: &Arc<Self>, workers: &mut HashMap<WorkerKey, Arc<Worker>>, action: Action) -> Result<(), ApplyError> {
         match action {
             Action::Stop(key) => {
                 if let Some(w) = workers.remove(&key) {
@@ -167,6 +155,7 @@ impl Node {
                 if let Some(w) = workers.get(&key) {
                     let from = w.millicores();
                     w.resize(millicores)?;
+                    self.metrics.resizes.inc();
                     info!(worker = %w.spec.id, from, to = millicores, "resized worker in place");
                 }
             }
@@ -176,10 +165,7 @@ impl Node {
                 }
             }
             Action::Start(d) => {
-                let id = format!(
-                    "worker-{}",
-                    self.next_worker.fetch_add(1, Ordering::Relaxed)
-                );
+                let id = format!("worker-{}", self.next_worker.fetch_add(1, Ordering::Relaxed));
                 let cgroup = self.cgroups.create(&id)?;
                 let spec = WorkerSpec {
                     id: id.clone(),
@@ -205,22 +191,14 @@ impl Node {
     /// Keeps `w` serving with weight 0 until a worker of its task with a weight is ready (or
     /// the load timeout passes), then drains and stops it.
     fn retire(self: &Arc<Self>, w: Arc<Worker>) {
-        self.retiring
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(w.clone());
+        self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(w.clone());
         let node = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            while started.elapsed() < node.cfg.process.load_timeout
-                && !node.successor_ready(&w).await
-            {
+            while started.elapsed() < node.cfg.process.load_timeout && !node.successor_ready(&w).await {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            node.retiring
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|r| !Arc::ptr_eq(r, &w));
+            node.retiring.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| !Arc::ptr_eq(r, &w));
             node.refresh_routes(&w.spec.task).await;
             w.shutdown(node.cfg.drain).await;
             info!(worker = %w.spec.id, "worker stopped");
@@ -229,9 +207,7 @@ impl Node {
 
     async fn successor_ready(&self, retiring: &Worker) -> bool {
         let workers = self.workers.lock().await;
-        let ready = workers
-            .values()
-            .any(|w| w.spec.task == retiring.spec.task && w.is_ready());
+        let ready = workers.values().any(|w| w.spec.task == retiring.spec.task && w.is_ready());
         let task_gone = !workers.values().any(|w| w.spec.task == retiring.spec.task);
         ready || task_gone
     }
@@ -239,9 +215,7 @@ impl Node {
     async fn refresh_routes(&self, task: &str) {
         let workers = self.workers.lock().await;
         let weights: HashMap<String, f64> = self.router.weights(task).into_iter().collect();
-        let routes = self.routes_for(task, &workers, |w| {
-            weights.get(&w.spec.id).copied().unwrap_or(0.0)
-        });
+        let routes = self.routes_for(task, &workers, |w| weights.get(&w.spec.id).copied().unwrap_or(0.0));
         self.router.set_routes(task, routes);
     }
 
@@ -253,9 +227,7 @@ impl Node {
                     .find(|a| {
                         a.node == self.cfg.node
                             && a.task == task.name
-                            && a.variant
-                                .as_ref()
-                                .is_some_and(|v| v.name == w.spec.variant.name)
+                            && a.variant.as_ref().is_some_and(|v| v.name == w.spec.variant.name)
                     })
                     .map_or(0.0, |a| a.weight)
             };
@@ -276,18 +248,10 @@ impl Node {
         workers: &HashMap<WorkerKey, Arc<Worker>>,
         weight_of: impl Fn(&Worker) -> f64,
     ) -> Vec<(Arc<Worker>, f64)> {
-        let mut routes: Vec<(Arc<Worker>, f64)> = workers
-            .values()
-            .filter(|w| w.spec.task == task)
-            .map(|w| (w.clone(), weight_of(w)))
-            .collect();
+        let mut routes: Vec<(Arc<Worker>, f64)> =
+            workers.values().filter(|w| w.spec.task == task).map(|w| (w.clone(), weight_of(w))).collect();
         let retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
-        routes.extend(
-            retiring
-                .iter()
-                .filter(|w| w.spec.task == task)
-                .map(|w| (w.clone(), 0.0)),
-        );
+        routes.extend(retiring.iter().filter(|w| w.spec.task == task).map(|w| (w.clone(), 0.0)));
         routes
     }
 
@@ -321,35 +285,25 @@ impl Node {
                 throttled_us: stats.throttled_us,
                 restarts: w.restarts(),
                 ready: w.is_ready(),
+                cgroup: w.cgroup.cpu_dir().map(|d| d.display().to_string()).unwrap_or_default(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        self.metrics.set_workers(&out);
         out
     }
 
     /// The worker serving (task, variant), for tests and the profiler's reports.
     pub async fn worker(&self, task: &str, variant: &str) -> Option<Arc<Worker>> {
-        self.workers
-            .lock()
-            .await
-            .get(&(task.to_string(), variant.to_string()))
-            .cloned()
+        self.workers.lock().await.get(&(task.to_string(), variant.to_string())).cloned()
     }
 
     /// Stops every worker (draining briefly) and removes the cgroups.
     pub async fn shutdown(&self) {
         let workers: Vec<Arc<Worker>> = self.workers.lock().await.drain().map(|(_, w)| w).collect();
-        let retiring: Vec<Arc<Worker>> = self
-            .retiring
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
+        let retiring: Vec<Arc<Worker>> = self.retiring.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
         let all = workers.into_iter().chain(retiring);
-        futures::future::join_all(
-            all.map(|w| async move { w.shutdown(Duration::from_secs(2)).await }),
-        )
-        .await;
+        futures::future::join_all(all.map(|w| async move { w.shutdown(Duration::from_secs(2)).await })).await;
         self.cgroups.remove();
     }
 }

@@ -19,16 +19,10 @@ static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
 
 pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoint>, Status> {
-    let variant = req
-        .variant
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("no variant to profile"))?;
+    let variant = req.variant.as_ref().ok_or_else(|| Status::invalid_argument("no variant to profile"))?;
     let max_cores = node.cfg.millicores / 1000;
     if req.cores.is_empty() || req.cores.iter().any(|&c| c == 0 || c > max_cores) {
-        return Err(Status::invalid_argument(format!(
-            "cores {:?} must be within 1..={max_cores}",
-            req.cores
-        )));
+        return Err(Status::invalid_argument(format!("cores {:?} must be within 1..={max_cores}", req.cores)));
     }
     if req.batches.is_empty() || req.batches.iter().any(|&b| b == 0 || b > MAX_PROFILE_BATCH) {
         return Err(Status::invalid_argument(format!(
@@ -37,9 +31,7 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
         )));
     }
     if variant.input_shape.is_empty() || variant.input_shape.iter().any(|&d| d <= 0) {
-        return Err(Status::invalid_argument(
-            "the variant has no valid input shape",
-        ));
+        return Err(Status::invalid_argument("the variant has no valid input shape"));
     }
     let model = node.cfg.model_dir.join(&variant.model_file);
     if variant.model_file.contains("..") || !model.is_file() {
@@ -54,23 +46,16 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     let mut points = Vec::new();
     for &cores in &req.cores {
         let id = format!("profile-{}", PROFILES.fetch_add(1, Ordering::Relaxed));
-        let cgroup = node
-            .cgroups
-            .create(&id)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let cgroup = node.cgroups.create(&id).map_err(|e| Status::internal(e.to_string()))?;
         let mut proc = WorkerProcess::spawn(&node.cfg.process, &model, &cgroup, cores * 1000)
             .await
-            .map_err(|e| {
-                Status::internal(format!("starting a worker for {}: {e}", variant.name))
-            })?;
+            .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
         for &batch in &req.batches {
             let mut shape = vec![batch as i64];
             shape.extend_from_slice(&variant.input_shape);
             let data: Vec<f32> = {
                 let mut rng = rand::thread_rng();
-                (0..sample * batch as usize)
-                    .map(|_| rng.gen::<f32>())
-                    .collect()
+                (0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect()
             };
             let mut latencies = Vec::new();
             for _ in 0..2 {
@@ -91,16 +76,9 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     Ok(points)
 }
 
-async fn time_batch(
-    p: &mut WorkerProcess,
-    shape: &[i64],
-    data: &[f32],
-) -> Result<Duration, Status> {
+async fn time_batch(p: &mut WorkerProcess, shape: &[i64], data: &[f32]) -> Result<Duration, Status> {
     let t = Instant::now();
-    let r = p
-        .run(shape.to_vec(), data.to_vec())
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let r = p.run(shape.to_vec(), data.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
     if !r.error.is_empty() {
         return Err(Status::internal(r.error));
     }

@@ -49,10 +49,7 @@ impl PartialOrd for Pending {
 impl Ord for Pending {
     /// Reversed, so that the max-heap pops the earliest deadline (then the earliest arrival).
     fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .deadline
-            .cmp(&self.deadline)
-            .then(other.seq.cmp(&self.seq))
+        other.deadline.cmp(&self.deadline).then(other.seq.cmp(&self.seq))
     }
 }
 
@@ -74,11 +71,7 @@ pub struct DeadlineQueue {
 
 impl DeadlineQueue {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            inner: Mutex::new(Inner::default()),
-            capacity,
-            notify: Notify::new(),
-        }
+        Self { inner: Mutex::new(Inner::default()), capacity, notify: Notify::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -87,31 +80,17 @@ impl DeadlineQueue {
     }
 
     /// Enqueues a request; a full or closed queue gives it back with the reason.
-    pub fn push(
-        &self,
-        deadline: Instant,
-        input: Vec<f32>,
-        reply: Reply,
-    ) -> Result<(), (ServeError, Reply)> {
+    pub fn push(&self, deadline: Instant, input: Vec<f32>, reply: Reply) -> Result<(), (ServeError, Reply)> {
         let mut inner = self.lock();
         if inner.closed || inner.sealed {
-            return Err((
-                ServeError::Unavailable("the worker is stopping".into()),
-                reply,
-            ));
+            return Err((ServeError::Unavailable("the worker is stopping".into()), reply));
         }
         if inner.heap.len() >= self.capacity {
             return Err((ServeError::QueueFull(self.capacity), reply));
         }
         inner.seq += 1;
         let seq = inner.seq;
-        inner.heap.push(Pending {
-            deadline,
-            enqueued: Instant::now(),
-            input,
-            reply,
-            seq,
-        });
+        inner.heap.push(Pending { deadline, enqueued: Instant::now(), input, reply, seq });
         drop(inner);
         self.notify.notify_one();
         Ok(())
@@ -172,11 +151,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn push(
-        q: &DeadlineQueue,
-        deadline: Instant,
-        tag: f32,
-    ) -> oneshot::Receiver<Result<Served, ServeError>> {
+    fn push(q: &DeadlineQueue, deadline: Instant, tag: f32) -> oneshot::Receiver<Result<Served, ServeError>> {
         let (tx, rx) = oneshot::channel();
         q.push(deadline, vec![tag], tx).map_err(|(e, _)| e).unwrap();
         rx
@@ -190,10 +165,7 @@ mod tests {
         let _b = push(&q, now + Duration::from_secs(1), 1.0);
         let _c = push(&q, now + Duration::from_secs(2), 2.0);
         let batch = q.pop_batch(2, now);
-        assert_eq!(
-            batch.iter().map(|p| p.input[0]).collect::<Vec<_>>(),
-            vec![1.0, 2.0]
-        );
+        assert_eq!(batch.iter().map(|p| p.input[0]).collect::<Vec<_>>(), vec![1.0, 2.0]);
         assert_eq!(q.len(), 1);
     }
 
@@ -205,10 +177,7 @@ mod tests {
         let _ok = push(&q, now + Duration::from_secs(5), 2.0);
         let batch = q.pop_batch(8, now + Duration::from_millis(10));
         assert_eq!(batch.len(), 1);
-        assert!(matches!(
-            late.try_recv(),
-            Ok(Err(ServeError::DeadlineExceeded(_)))
-        ));
+        assert!(matches!(late.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
     }
 
     #[test]
@@ -217,15 +186,9 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(5);
         let mut first = push(&q, far, 1.0);
         let (tx, _rx) = oneshot::channel();
-        assert!(matches!(
-            q.push(far, vec![], tx),
-            Err((ServeError::QueueFull(1), _))
-        ));
+        assert!(matches!(q.push(far, vec![], tx), Err((ServeError::QueueFull(1), _))));
         q.close("test");
-        assert!(matches!(
-            first.try_recv(),
-            Ok(Err(ServeError::Unavailable(_)))
-        ));
+        assert!(matches!(first.try_recv(), Ok(Err(ServeError::Unavailable(_)))));
         let (tx, _rx) = oneshot::channel();
         assert!(q.push(far, vec![], tx).is_err());
     }

@@ -36,14 +36,8 @@ pub struct RunningWorker {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Stop(WorkerKey),
-    Resize {
-        key: WorkerKey,
-        millicores: u32,
-    },
-    Rebatch {
-        key: WorkerKey,
-        settings: BatchSettings,
-    },
+    Resize { key: WorkerKey, millicores: u32 },
+    Rebatch { key: WorkerKey, settings: BatchSettings },
     Start(DesiredWorker),
 }
 
@@ -64,16 +58,10 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker]) -> Vec<Action>
             }
             Some(d) => {
                 if d.millicores != r.millicores {
-                    changes.push(Action::Resize {
-                        key: (*key).clone(),
-                        millicores: d.millicores,
-                    });
+                    changes.push(Action::Resize { key: (*key).clone(), millicores: d.millicores });
                 }
                 if d.settings != r.settings {
-                    changes.push(Action::Rebatch {
-                        key: (*key).clone(),
-                        settings: d.settings,
-                    });
+                    changes.push(Action::Rebatch { key: (*key).clone(), settings: d.settings });
                 }
             }
         }
@@ -92,10 +80,7 @@ mod tests {
     use std::time::Duration;
 
     fn settings(b: u32) -> BatchSettings {
-        BatchSettings {
-            max_batch: b,
-            max_delay: Duration::from_millis(5),
-        }
+        BatchSettings { max_batch: b, max_delay: Duration::from_millis(5) }
     }
 
     fn desired(variant: &str, millicores: u32, batch: u32) -> DesiredWorker {
@@ -130,21 +115,12 @@ mod tests {
 
     #[test]
     fn resizes_and_rebatches_in_place_and_stops_before_starting() {
-        let have = vec![
-            running(&desired("a", 1000, 4)),
-            running(&desired("old", 1000, 1)),
-        ];
+        let have = vec![running(&desired("a", 1000, 4)), running(&desired("old", 1000, 1))];
         let want = vec![desired("a", 2000, 8), desired("new", 500, 1)];
         let actions = diff(&want, &have);
         assert_eq!(actions[0], Action::Stop(("t".into(), "old".into())));
-        assert!(actions.contains(&Action::Resize {
-            key: ("t".into(), "a".into()),
-            millicores: 2000
-        }));
-        assert!(actions.contains(&Action::Rebatch {
-            key: ("t".into(), "a".into()),
-            settings: settings(8)
-        }));
+        assert!(actions.contains(&Action::Resize { key: ("t".into(), "a".into()), millicores: 2000 }));
+        assert!(actions.contains(&Action::Rebatch { key: ("t".into(), "a".into()), settings: settings(8) }));
         assert_eq!(actions.last(), Some(&Action::Start(desired("new", 500, 1))));
     }
 

@@ -26,43 +26,25 @@ impl Router {
     pub fn set_routes(&self, task: &str, routes: Vec<(Arc<Worker>, f64)>) {
         let entries = routes
             .into_iter()
-            .map(|(worker, weight)| Entry {
-                worker,
-                weight: weight.max(0.0),
-                current: 0.0,
-            })
+            .map(|(worker, weight)| Entry { worker, weight: weight.max(0.0), current: 0.0 })
             .collect();
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(task.to_string(), entries);
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_string(), entries);
     }
 
     pub fn remove_task(&self, task: &str) {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(task);
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(task);
     }
 
     pub fn tasks(&self) -> Vec<String> {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     /// The current weight of each of a task's workers, by worker id.
     pub fn weights(&self, task: &str) -> Vec<(String, f64)> {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.get(task).map_or_else(Vec::new, |entries| {
-            entries
-                .iter()
-                .map(|e| (e.worker.spec.id.clone(), e.weight))
-                .collect()
-        })
+        tasks
+            .get(task)
+            .map_or_else(Vec::new, |entries| entries.iter().map(|e| (e.worker.spec.id.clone(), e.weight)).collect())
     }
 
     /// The worker for the next request of `task`: by weight among ready workers, else any
@@ -76,19 +58,12 @@ impl Router {
         if let Some(e) = entries.iter().find(|e| e.worker.is_ready()) {
             return Some(e.worker.clone());
         }
-        smooth_weighted(entries, |e| e.weight > 0.0)
-            .or_else(|| entries.first().map(|e| e.worker.clone()))
+        smooth_weighted(entries, |e| e.weight > 0.0).or_else(|| entries.first().map(|e| e.worker.clone()))
     }
 }
 
-fn smooth_weighted(
-    entries: &mut [Entry],
-    eligible: impl Fn(&Entry) -> bool,
-) -> Option<Arc<Worker>> {
-    let weights: Vec<f64> = entries
-        .iter()
-        .map(|e| if eligible(e) { e.weight } else { 0.0 })
-        .collect();
+fn smooth_weighted(entries: &mut [Entry], eligible: impl Fn(&Entry) -> bool) -> Option<Arc<Worker>> {
+    let weights: Vec<f64> = entries.iter().map(|e| if eligible(e) { e.weight } else { 0.0 }).collect();
     let mut current: Vec<f64> = entries.iter().map(|e| e.current).collect();
     let i = swrr_pick(&weights, &mut current)?;
     for (e, c) in entries.iter_mut().zip(current) {
@@ -127,9 +102,7 @@ mod tests {
     fn picks_follow_the_weights_and_interleave() {
         let weights = [0.75, 0.25, 0.0];
         let mut current = [0.0; 3];
-        let picks: Vec<usize> = (0..8)
-            .map(|_| swrr_pick(&weights, &mut current).unwrap())
-            .collect();
+        let picks: Vec<usize> = (0..8).map(|_| swrr_pick(&weights, &mut current).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 6);
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 2);
         assert!(!picks.contains(&2));

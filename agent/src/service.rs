@@ -4,18 +4,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use tidal_common::tensor::{f32_tensor, sample_values};
 use tidal_proto::v1::agent_server::Agent;
 use tidal_proto::v1::inference_server::Inference;
 use tidal_proto::v1::{
-    AgentStatus, AgentStatusRequest, ApplyPlanRequest, ApplyPlanResponse, InferRequest,
-    InferResponse, ProfileRequest, ProfileResponse,
+    AgentStatus, AgentStatusRequest, ApplyPlanRequest, ApplyPlanResponse, InferRequest, InferResponse, ProfileRequest,
+    ProfileResponse,
 };
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
 
 use crate::error::ServeError;
+use crate::metrics::{RequestLabels, TaskLabels};
 use crate::node::{ApplyError, Node};
 use crate::profiler;
 use crate::telemetry::Outcome;
@@ -26,43 +28,23 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    async fn serve(
-        &self,
-        req: InferRequest,
-        arrived: Instant,
-    ) -> Result<InferResponse, ServeError> {
-        let task = self
-            .node
-            .task(&req.task)
-            .ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
+    async fn serve(&self, req: InferRequest, arrived: Instant) -> Result<InferResponse, ServeError> {
+        let size = req.encoded_len();
+        if size > self.node.cfg.max_request_bytes {
+            return Err(ServeError::TooLarge { size, limit: self.node.cfg.max_request_bytes });
+        }
+        let task = self.node.task(&req.task).ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
         self.node.telemetry.arrival(&task.name, arrived);
-        let shape = task
-            .variants
-            .first()
-            .map(|v| v.input_shape.clone())
-            .unwrap_or_default();
-        let input = sample_values(req.input.as_ref(), &shape)
-            .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
-        let budget_ms = if req.budget_ms > 0 {
-            req.budget_ms
-        } else {
-            task.slo_ms
-        };
+        let shape = task.variants.first().map(|v| v.input_shape.clone()).unwrap_or_default();
+        let input = sample_values(req.input.as_ref(), &shape).map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+        let budget_ms = if req.budget_ms > 0 { req.budget_ms } else { task.slo_ms };
         let deadline = arrived + Duration::from_millis(budget_ms as u64);
-        let worker = self
-            .node
-            .router
-            .pick(&task.name)
-            .ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
+        let worker = self.node.router.pick(&task.name).ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
         let (tx, rx) = oneshot::channel();
         worker.queue.push(deadline, input, tx).map_err(|(e, _)| e)?;
         let served = match tokio::time::timeout_at(deadline.into(), rx).await {
             Err(_) => return Err(ServeError::DeadlineExceeded(arrived.elapsed())),
-            Ok(Err(_)) => {
-                return Err(ServeError::Unavailable(
-                    "the worker dropped the request".into(),
-                ))
-            }
+            Ok(Err(_)) => return Err(ServeError::Unavailable("the worker dropped the request".into())),
             Ok(Ok(r)) => r?,
         };
         Ok(InferResponse {
@@ -78,22 +60,25 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl Inference for AgentService {
-    async fn infer(
-        &self,
-        request: Request<InferRequest>,
-    ) -> Result<Response<InferResponse>, Status> {
+    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let arrived = Instant::now();
         let req = request.into_inner();
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();
         let result = self.serve(req, arrived).instrument(span).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Served(arrived.elapsed()),
-            Err(ServeError::DeadlineExceeded(_)) => Outcome::DeadlineMissed,
-            Err(ServeError::UnknownTask(_)) => return Err(result.unwrap_err().into()),
-            Err(_) => Outcome::Failed,
+        let (outcome, label) = match &result {
+            Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
+            Err(ServeError::DeadlineExceeded(_)) => (Outcome::DeadlineMissed, "deadline_exceeded"),
+            Err(ServeError::UnknownTask(_)) => return result.map(Response::new).map_err(Status::from),
+            Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
+            Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
+            Err(_) => (Outcome::Failed, "failed"),
         };
         self.node.telemetry.outcome(&task, outcome);
+        self.node.metrics.requests.get_or_create(&RequestLabels { task: task.clone(), outcome: label }).inc();
+        if let Outcome::Served(latency) = outcome {
+            self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
+        }
         result.map(Response::new).map_err(Status::from)
     }
 }
@@ -102,9 +87,7 @@ impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Stale { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_) | ApplyError::MissingModel { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
+            ApplyError::Invalid(_) | ApplyError::MissingModel { .. } => Status::invalid_argument(e.to_string()),
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
         }
     }
@@ -112,21 +95,13 @@ impl From<ApplyError> for Status {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn apply_plan(
-        &self,
-        request: Request<ApplyPlanRequest>,
-    ) -> Result<Response<ApplyPlanResponse>, Status> {
+    async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
         let plan = request
             .into_inner()
             .plan
             .ok_or_else(|| Status::invalid_argument("malformed plan: the request has no plan"))?;
         let epoch = plan.epoch;
-        match self
-            .node
-            .apply_plan(plan)
-            .instrument(info_span!("apply_plan", epoch))
-            .await
-        {
+        match self.node.apply_plan(plan).instrument(info_span!("apply_plan", epoch)).await {
             Ok(applied_epoch) => Ok(Response::new(ApplyPlanResponse { applied_epoch })),
             Err(e) => {
                 warn!(epoch, error = %e, "refused a plan");
@@ -135,24 +110,13 @@ impl Agent for AgentService {
         }
     }
 
-    async fn profile(
-        &self,
-        request: Request<ProfileRequest>,
-    ) -> Result<Response<ProfileResponse>, Status> {
+    async fn profile(&self, request: Request<ProfileRequest>) -> Result<Response<ProfileResponse>, Status> {
         let req = request.into_inner();
-        let points = profiler::profile(&self.node, &req)
-            .instrument(info_span!("profile"))
-            .await?;
-        Ok(Response::new(ProfileResponse {
-            points,
-            node: self.node.cfg.node.clone(),
-        }))
+        let points = profiler::profile(&self.node, &req).instrument(info_span!("profile")).await?;
+        Ok(Response::new(ProfileResponse { points, node: self.node.cfg.node.clone() }))
     }
 
-    async fn status(
-        &self,
-        _request: Request<AgentStatusRequest>,
-    ) -> Result<Response<AgentStatus>, Status> {
+    async fn status(&self, _request: Request<AgentStatusRequest>) -> Result<Response<AgentStatus>, Status> {
         Ok(Response::new(AgentStatus {
             node: self.node.cfg.node.clone(),
             applied_epoch: self.node.applied_epoch(),

@@ -33,8 +33,7 @@ impl TaskStats {
             errors: 0,
             deadline_misses: 0,
             // 1 µs .. 10 min, 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("valid histogram bounds"),
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
         }
     }
 }
@@ -52,10 +51,7 @@ impl Default for Telemetry {
 
 impl Telemetry {
     pub fn new(started: Instant) -> Self {
-        Self {
-            started,
-            tasks: Mutex::new(HashMap::new()),
-        }
+        Self { started, tasks: Mutex::new(HashMap::new()) }
     }
 
     fn with<R>(&self, task: &str, f: impl FnOnce(&mut TaskStats) -> R) -> R {
@@ -72,9 +68,7 @@ impl Telemetry {
         self.with(task, |s| match outcome {
             Outcome::Served(latency) => {
                 s.served += 1;
-                let _ = s
-                    .latency_us
-                    .record((latency.as_micros() as u64).clamp(1, 600_000_000));
+                let _ = s.latency_us.record((latency.as_micros() as u64).clamp(1, 600_000_000));
             }
             Outcome::DeadlineMissed => s.deadline_misses += 1,
             Outcome::Failed => s.errors += 1,
@@ -88,11 +82,7 @@ impl Telemetry {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for (name, s) in tasks.iter_mut() {
-            let complete: Vec<u64> = s
-                .arrivals
-                .range(..current_second)
-                .map(|(&k, _)| k)
-                .collect();
+            let complete: Vec<u64> = s.arrivals.range(..current_second).map(|(&k, _)| k).collect();
             let mut per_second = Vec::new();
             if let (Some(&first), Some(&last)) = (complete.first(), complete.last()) {
                 for sec in first..=last {

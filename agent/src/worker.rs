@@ -60,9 +60,7 @@ pub struct WorkerProcess {
 }
 
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
+    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
 }
 
 impl WorkerProcess {
@@ -88,25 +86,13 @@ impl WorkerProcess {
             .kill_on_drop(true)
             .spawn()
             .map_err(WorkerError::Spawn)?;
-        let pid = child
-            .id()
-            .ok_or_else(|| WorkerError::Gone("exited at once".into()))?;
+        let pid = child.id().ok_or_else(|| WorkerError::Gone("exited at once".into()))?;
         cgroup.set_millicores(millicores)?;
         cgroup.add_process(pid)?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| WorkerError::Gone("no stdin".into()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| WorkerError::Gone("no stdout".into()))?;
-        let mut p = Self {
-            child,
-            tx: FramedWrite::new(stdin, codec()),
-            rx: FramedRead::new(stdout, codec()),
-            next_id: 0,
-        };
+        let stdin = child.stdin.take().ok_or_else(|| WorkerError::Gone("no stdin".into()))?;
+        let stdout = child.stdout.take().ok_or_else(|| WorkerError::Gone("no stdout".into()))?;
+        let mut p =
+            Self { child, tx: FramedWrite::new(stdin, codec()), rx: FramedRead::new(stdout, codec()), next_id: 0 };
         let ready: Ready = match tokio::time::timeout(cfg.load_timeout, p.recv()).await {
             Err(_) => return Err(WorkerError::LoadTimeout(cfg.load_timeout)),
             Ok(r) => r?,
@@ -119,36 +105,23 @@ impl WorkerProcess {
 
     async fn recv<M: Message + Default>(&mut self) -> Result<M, WorkerError> {
         match self.rx.next().await {
-            Some(Ok(bytes)) => {
-                M::decode(bytes).map_err(|e| WorkerError::Gone(format!("bad frame: {e}")))
-            }
+            Some(Ok(bytes)) => M::decode(bytes).map_err(|e| WorkerError::Gone(format!("bad frame: {e}"))),
             Some(Err(e)) => Err(WorkerError::Gone(e.to_string())),
             None => Err(WorkerError::Gone("closed its output".into())),
         }
     }
 
     /// Runs one batch of `shape[0]` samples.
-    pub async fn run(
-        &mut self,
-        shape: Vec<i64>,
-        data: Vec<f32>,
-    ) -> Result<BatchResult, WorkerError> {
+    pub async fn run(&mut self, shape: Vec<i64>, data: Vec<f32>) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
-        let batch = Batch {
-            id: self.next_id,
-            shape,
-            data,
-        };
+        let batch = Batch { id: self.next_id, shape, data };
         let frame = bytes::Bytes::from(batch.encode_to_vec());
         SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
             .await
             .map_err(|e: std::io::Error| WorkerError::Gone(e.to_string()))?;
         let result: BatchResult = self.recv().await?;
         if result.id != batch.id {
-            return Err(WorkerError::Gone(format!(
-                "answered batch {} for {}",
-                result.id, batch.id
-            )));
+            return Err(WorkerError::Gone(format!("answered batch {} for {}", result.id, batch.id)));
         }
         Ok(result)
     }
@@ -160,10 +133,7 @@ impl WorkerProcess {
     /// Closes the worker's input so it exits, and kills it if it has not within `grace`.
     pub async fn stop(mut self, grace: Duration) {
         let _ = SinkExt::<bytes::Bytes>::close(&mut self.tx).await;
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
     }
@@ -310,13 +280,8 @@ impl BatcherCtx {
     async fn run(self) {
         let mut backoff = Duration::from_millis(200);
         while !self.stop.is_cancelled() {
-            let spawned = WorkerProcess::spawn(
-                &self.process,
-                &self.spec.model_path,
-                &self.cgroup,
-                (self.millicores)(),
-            )
-            .await;
+            let spawned =
+                WorkerProcess::spawn(&self.process, &self.spec.model_path, &self.cgroup, (self.millicores)()).await;
             let mut proc = match spawned {
                 Ok(p) => p,
                 Err(e) => {
@@ -362,9 +327,7 @@ impl BatcherCtx {
             }
             let settings = *self.settings.borrow();
             self.wait_for_batch(settings).await;
-            let batch = self
-                .queue
-                .pop_batch(settings.max_batch as usize, Instant::now());
+            let batch = self.queue.pop_batch(settings.max_batch as usize, Instant::now());
             if batch.is_empty() {
                 continue;
             }
@@ -386,9 +349,9 @@ impl BatcherCtx {
                 }
                 Err(e) => {
                     for p in batch {
-                        let _ = p.reply.send(Err(ServeError::Unavailable(
-                            "the worker died while running the batch".into(),
-                        )));
+                        let _ = p
+                            .reply
+                            .send(Err(ServeError::Unavailable("the worker died while running the batch".into())));
                     }
                     return Exit::Died(e);
                 }
@@ -405,8 +368,7 @@ impl BatcherCtx {
             return;
         };
         let until = tokio::time::Instant::from_std(oldest + settings.max_delay);
-        while self.queue.len() < settings.max_batch as usize && tokio::time::Instant::now() < until
-        {
+        while self.queue.len() < settings.max_batch as usize && tokio::time::Instant::now() < until {
             tokio::select! {
                 _ = self.queue.notify.notified() => {}
                 _ = tokio::time::sleep_until(until) => break,
@@ -420,15 +382,10 @@ impl BatcherCtx {
 fn reply_batch(batch: Vec<crate::queue::Pending>, result: BatchResult, started: Instant) {
     let n = batch.len();
     let row: usize = result.shape.iter().skip(1).product::<i64>().max(0) as usize;
-    let row_shape: Vec<i64> = std::iter::once(1)
-        .chain(result.shape.iter().skip(1).copied())
-        .collect();
+    let row_shape: Vec<i64> = std::iter::once(1).chain(result.shape.iter().skip(1).copied()).collect();
     if result.shape.first() != Some(&(n as i64)) || result.data.len() != row * n {
         for p in batch {
-            let _ = p.reply.send(Err(ServeError::Model(format!(
-                "output shape {:?} for a batch of {n}",
-                result.shape
-            ))));
+            let _ = p.reply.send(Err(ServeError::Model(format!("output shape {:?} for a batch of {n}", result.shape))));
         }
         return;
     }

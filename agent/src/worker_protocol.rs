@@ -55,16 +55,11 @@ pub fn read_frame<M: prost::Message + Default>(r: &mut impl Read) -> std::io::Re
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;
-    M::decode(buf.as_slice())
-        .map(Some)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    M::decode(buf.as_slice()).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one frame (blocking) and flushes it.

@@ -60,8 +60,7 @@ pub struct Summary {
 
 /// Reads a trace: one non-negative integer (requests in that second) per line.
 pub fn read_trace(path: &Path, start: usize, duration: Option<usize>) -> anyhow::Result<Vec<f64>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the trace {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the trace {}", path.display()))?;
     let mut rates = Vec::new();
     for (i, line) in text.lines().enumerate().skip(start) {
         if duration.is_some_and(|d| rates.len() >= d) {
@@ -71,28 +70,15 @@ pub fn read_trace(path: &Path, start: usize, duration: Option<usize>) -> anyhow:
         if line.is_empty() {
             continue;
         }
-        let r: f64 = line.parse().with_context(|| {
-            format!(
-                "{}:{}: {line:?} is not a request count",
-                path.display(),
-                i + 1
-            )
-        })?;
+        let r: f64 =
+            line.parse().with_context(|| format!("{}:{}: {line:?} is not a request count", path.display(), i + 1))?;
         if !r.is_finite() || r < 0.0 {
-            anyhow::bail!(
-                "{}:{}: {line:?} is not a request count",
-                path.display(),
-                i + 1
-            );
+            anyhow::bail!("{}:{}: {line:?} is not a request count", path.display(), i + 1);
         }
         rates.push(r);
     }
     if rates.is_empty() {
-        anyhow::bail!(
-            "the trace {} has no lines from line {}",
-            path.display(),
-            start + 1
-        );
+        anyhow::bail!("the trace {} has no lines from line {}", path.display(), start + 1);
     }
     Ok(rates)
 }
@@ -166,11 +152,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
             continue;
         };
         let mut client = clients[i % clients.len()].clone();
-        let req = InferRequest {
-            task: args.task.clone(),
-            input: Some(input.clone()),
-            budget_ms: 0,
-        };
+        let req = InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 };
         let tx = tx.clone();
         tokio::spawn(async move {
             let sent = Instant::now();
@@ -179,21 +161,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
             let record = match result {
                 Ok(r) => {
                     let r = r.into_inner();
-                    Record {
-                        sent_s: t,
-                        latency_ms,
-                        status: tonic::Code::Ok,
-                        variant: r.variant,
-                        accuracy: r.accuracy,
-                    }
+                    Record { sent_s: t, latency_ms, status: tonic::Code::Ok, variant: r.variant, accuracy: r.accuracy }
                 }
-                Err(s) => Record {
-                    sent_s: t,
-                    latency_ms,
-                    status: s.code(),
-                    variant: String::new(),
-                    accuracy: 0.0,
-                },
+                Err(s) => Record { sent_s: t, latency_ms, status: s.code(), variant: String::new(), accuracy: 0.0 },
             };
             let _ = tx.send(record);
             drop(permit);
@@ -209,11 +179,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     records.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
     if let Some(out) = &args.out {
         write_records(out, &records)?;
-        eprintln!(
-            "wrote {} request records to {}",
-            records.len(),
-            out.display()
-        );
+        eprintln!("wrote {} request records to {}", records.len(), out.display());
     }
     Ok(summarise(&records, args.slo_ms))
 }
@@ -222,26 +188,17 @@ async fn report_progress(started: Instant, wall: f64) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let done = started.elapsed().as_secs_f64();
-        eprint!(
-            "\r  load: {:>5.0} / {wall:.0} s ({:>3.0} %)",
-            done,
-            (done / wall * 100.0).min(100.0)
-        );
+        eprint!("\r  load: {:>5.0} / {wall:.0} s ({:>3.0} %)", done, (done / wall * 100.0).min(100.0));
         let _ = std::io::stderr().flush();
     }
 }
 
 fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
     writeln!(f, "sent_s,latency_ms,status,variant,accuracy")?;
     for r in records {
-        writeln!(
-            f,
-            "{:.6},{:.3},{:?},{},{}",
-            r.sent_s, r.latency_ms, r.status, r.variant, r.accuracy
-        )?;
+        writeln!(f, "{:.6},{:.3},{:?},{},{}", r.sent_s, r.latency_ms, r.status, r.variant, r.accuracy)?;
     }
     f.flush()?;
     Ok(())
@@ -289,14 +246,8 @@ pub fn print_summary(s: &Summary, slo_ms: u32) {
     println!("│ served OK                    │ {:>12} │", s.ok);
     println!("│ latency p50 (ms)             │ {:>12.1} │", s.p50_ms);
     println!("│ latency p99 (ms)             │ {:>12.1} │", s.p99_ms);
-    println!(
-        "│ SLO {:>5} ms violations (%)  │ {:>12.2} │",
-        slo_ms, s.slo_violation_pct
-    );
-    println!(
-        "│ served accuracy (top-1 %)    │ {:>12.2} │",
-        s.mean_accuracy
-    );
+    println!("│ SLO {:>5} ms violations (%)  │ {:>12.2} │", slo_ms, s.slo_violation_pct);
+    println!("│ served accuracy (top-1 %)    │ {:>12.2} │", s.mean_accuracy);
     for (code, n) in &s.errors {
         println!("│ error {:<22} │ {:>12} │", code, n);
     }
@@ -323,13 +274,7 @@ mod tests {
 
     #[test]
     fn failures_and_late_answers_are_violations() {
-        let rec = |latency_ms, status| Record {
-            sent_s: 0.0,
-            latency_ms,
-            status,
-            variant: "v".into(),
-            accuracy: 70.0,
-        };
+        let rec = |latency_ms, status| Record { sent_s: 0.0, latency_ms, status, variant: "v".into(), accuracy: 70.0 };
         let s = summarise(
             &[
                 rec(10.0, tonic::Code::Ok),

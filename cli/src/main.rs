@@ -12,25 +12,16 @@ use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{
-    ClusterStatusRequest, ProfileRequest, RegisterTaskRequest, SetSloRequest, StoreProfileRequest,
-    TaskSpec, VariantProfile,
+    ClusterStatusRequest, ProfileRequest, RegisterTaskRequest, SetSloRequest, StoreProfileRequest, TaskSpec,
+    VariantProfile,
 };
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(
-    name = "tidalctl",
-    version,
-    about = "Administer a Tidal cluster: models, tasks, profiles, load and status"
-)]
+#[command(name = "tidalctl", version, about = "Administer a Tidal cluster: models, tasks, profiles, load and status")]
 struct Cli {
     /// Controller address (host:port).
-    #[arg(
-        long,
-        global = true,
-        env = "TIDAL_CONTROLLER",
-        default_value = "127.0.0.1:7000"
-    )]
+    #[arg(long, global = true, env = "TIDAL_CONTROLLER", default_value = "127.0.0.1:7000")]
     controller: String,
     #[command(subcommand)]
     command: Command,
@@ -117,11 +108,7 @@ enum ModelsCmd {
         /// Input resolution in pixels (224 is ImageNet's; smaller runs faster on small machines).
         #[arg(long, default_value_t = 64)]
         resolution: u32,
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "resnet18,resnet34,resnet50,resnet101,resnet152"
-        )]
+        #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50,resnet101,resnet152")]
         variants: Vec<String>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -160,19 +147,10 @@ async fn main() -> anyhow::Result<()> {
     tidal_common::logging::init("warn");
     let cli = Cli::parse();
     match cli.command {
-        Command::Models(ModelsCmd::Generate {
-            out,
-            resolution,
-            variants,
-            seed,
-            force,
-        }) => models::generate_models(&out, &variants, resolution, seed, force),
-        Command::Task(TaskCmd::Register {
-            name,
-            slo_ms,
-            model_dir,
-            variants,
-        }) => {
+        Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
+            models::generate_models(&out, &variants, resolution, seed, force)
+        }
+        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants }) => {
             if slo_ms == 0 {
                 anyhow::bail!("--slo-ms must be positive");
             }
@@ -180,36 +158,19 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|v| VariantConfig::load(&model_dir, v).map(|c| c.spec()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let task = TaskSpec {
-                name: name.clone(),
-                slo_ms,
-                variants,
-            };
-            controller(&cli.controller)
-                .await?
-                .register_task(RegisterTaskRequest { task: Some(task) })
-                .await?;
+            let task = TaskSpec { name: name.clone(), slo_ms, variants };
+            controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
             println!("registered task {name} (SLO {slo_ms} ms)");
             Ok(())
         }
         Command::Task(TaskCmd::SetSlo { task, slo_ms }) => {
-            controller(&cli.controller)
-                .await?
-                .set_slo(SetSloRequest {
-                    task: task.clone(),
-                    slo_ms,
-                })
-                .await?;
+            controller(&cli.controller).await?.set_slo(SetSloRequest { task: task.clone(), slo_ms }).await?;
             println!("task {task}: SLO set to {slo_ms} ms");
             Ok(())
         }
-        Command::Profile {
-            agent,
-            task,
-            cores,
-            batches,
-            duration_ms,
-        } => profile(&cli.controller, &agent, &task, cores, batches, duration_ms).await,
+        Command::Profile { agent, task, cores, batches, duration_ms } => {
+            profile(&cli.controller, &agent, &task, cores, batches, duration_ms).await
+        }
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
         Command::Load {
@@ -229,11 +190,8 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("--scale and --speedup must be positive numbers");
             }
             let spec = task_spec(&cli.controller, &task).await?;
-            let input_shape = spec
-                .variants
-                .first()
-                .map(|v| v.input_shape.clone())
-                .context("the task has no variants")?;
+            let input_shape =
+                spec.variants.first().map(|v| v.input_shape.clone()).context("the task has no variants")?;
             let args = load::LoadArgs {
                 agent,
                 task,
@@ -263,11 +221,7 @@ async fn controller(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
 }
 
 async fn task_spec(controller_addr: &str, task: &str) -> anyhow::Result<TaskSpec> {
-    let status = controller(controller_addr)
-        .await?
-        .status(ClusterStatusRequest {})
-        .await?
-        .into_inner();
+    let status = controller(controller_addr).await?.status(ClusterStatusRequest {}).await?.into_inner();
     status
         .tasks
         .into_iter()
@@ -311,12 +265,7 @@ async fn profile(
         for p in &resp.points {
             println!(
                 "{:<10} cores {:>2} batch {:>3}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s",
-                variant.name,
-                p.cores,
-                p.batch,
-                p.latency_p50_ms,
-                p.latency_p99_ms,
-                p.throughput_rps
+                variant.name, p.cores, p.batch, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps
             );
         }
         let profile = VariantProfile {
@@ -325,10 +274,7 @@ async fn profile(
             node: resp.node,
             points: resp.points,
         };
-        ctl.store_profile(StoreProfileRequest {
-            profile: Some(profile),
-        })
-        .await?;
+        ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
     }
     Ok(())
 }

@@ -6,11 +6,7 @@ use tidal_proto::v1::{ClusterStatus, ClusterStatusRequest, Plan, PlanHistoryRequ
 
 pub async fn run(controller: &str, watch: Option<f64>) -> anyhow::Result<()> {
     loop {
-        let status = super::controller(controller)
-            .await?
-            .status(ClusterStatusRequest {})
-            .await?
-            .into_inner();
+        let status = super::controller(controller).await?.status(ClusterStatusRequest {}).await?.into_inner();
         print!("{}", render(&status));
         match watch {
             Some(s) if s > 0.0 => {
@@ -23,11 +19,7 @@ pub async fn run(controller: &str, watch: Option<f64>) -> anyhow::Result<()> {
 }
 
 pub async fn history(controller: &str, limit: u32) -> anyhow::Result<()> {
-    let history = super::controller(controller)
-        .await?
-        .history(PlanHistoryRequest { limit })
-        .await?
-        .into_inner();
+    let history = super::controller(controller).await?.history(PlanHistoryRequest { limit }).await?.into_inner();
     for plan in &history.plans {
         print!("{}", render_plan(plan));
     }

@@ -49,10 +49,7 @@ pub struct PeakWindow {
 
 impl Default for PeakWindow {
     fn default() -> Self {
-        Self {
-            window_s: 60,
-            headroom: 1.1,
-        }
+        Self { window_s: 60, headroom: 1.1 }
     }
 }
 
@@ -102,17 +99,9 @@ mod tests {
 
     #[test]
     fn peak_window_covers_the_peak_and_a_rising_trend() {
-        let flat = PeakWindow {
-            window_s: 4,
-            headroom: 1.0,
-        }
-        .forecast(&[0.0, 50.0, 10.0, 12.0, 8.0, 10.0], 30);
+        let flat = PeakWindow { window_s: 4, headroom: 1.0 }.forecast(&[0.0, 50.0, 10.0, 12.0, 8.0, 10.0], 30);
         assert_eq!(flat, 12.0);
-        let ramp = PeakWindow {
-            window_s: 4,
-            headroom: 1.0,
-        }
-        .forecast(&[10.0, 20.0, 30.0, 40.0], 30);
+        let ramp = PeakWindow { window_s: 4, headroom: 1.0 }.forecast(&[10.0, 20.0, 30.0, 40.0], 30);
         assert_eq!(ramp, 40.0 + 20.0);
     }
 }

@@ -23,10 +23,7 @@ pub struct LatencyModel {
 
 impl Default for LatencyModel {
     fn default() -> Self {
-        Self {
-            utilisation: 0.8,
-            max_delay_share: 0.1,
-        }
+        Self { utilisation: 0.8, max_delay_share: 0.1 }
     }
 }
 
@@ -75,8 +72,8 @@ impl LatencyModel {
         for op in profile.iter().filter_map(|p| self.evaluate(p, slo_ms)) {
             match best.iter_mut().find(|b| b.cores == op.cores) {
                 Some(b) => {
-                    let better = op.capacity_rps > b.capacity_rps
-                        || (op.capacity_rps == b.capacity_rps && op.batch < b.batch);
+                    let better =
+                        op.capacity_rps > b.capacity_rps || (op.capacity_rps == b.capacity_rps && op.batch < b.batch);
                     if better {
                         *b = op;
                     }
@@ -101,13 +98,7 @@ mod tests {
     use super::*;
 
     fn point(cores: u32, batch: u32, p99: f64, tput: f64) -> ProfilePoint {
-        ProfilePoint {
-            cores,
-            batch,
-            latency_p50_ms: p99 * 0.9,
-            latency_p99_ms: p99,
-            throughput_rps: tput,
-        }
+        ProfilePoint { cores, batch, latency_p50_ms: p99 * 0.9, latency_p99_ms: p99, throughput_rps: tput }
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Code shared by Tidal's agent, controller and CLI.
 //!
-//! Everything here is pure and deterministic — no clocks, threads or I/O — so that the live
-//! system, the simulator and the tests call the very same functions.
+//! The models (latency, solver, forecasters, placement, the ResNet generator) are pure and
+//! deterministic — no clocks, threads or I/O — so that the live system, the simulator and the
+//! tests call the very same functions. `logging` and `metrics_http` are the daemons' shared
+//! edges.
 
 pub mod forecast;
 pub mod latency;
 pub mod logging;
+pub mod metrics_http;
 pub mod plan;
 pub mod resnet;
 pub mod solver;

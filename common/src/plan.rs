@@ -18,11 +18,7 @@ pub enum PlanError {
     #[error("task {0:?} is assigned workers but is not defined in the plan")]
     UnknownTask(String),
     #[error("variant {variant:?} of task {task:?} is assigned twice to node {node:?}")]
-    Duplicate {
-        task: String,
-        variant: String,
-        node: String,
-    },
+    Duplicate { task: String, variant: String, node: String },
     #[error("node {node:?} is asked for {asked} millicores but has {has}")]
     OverCommitted { node: String, asked: u32, has: u32 },
 }
@@ -33,36 +29,19 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
     let tasks: HashSet<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
     let mut seen = HashSet::new();
     let mut total = 0u32;
-    for (index, a) in plan
-        .assignments
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a.node == node)
-    {
+    for (index, a) in plan.assignments.iter().enumerate().filter(|(_, a)| a.node == node) {
         validate_assignment(a).map_err(|reason| PlanError::BadAssignment { index, reason })?;
         if !tasks.contains(a.task.as_str()) {
             return Err(PlanError::UnknownTask(a.task.clone()));
         }
-        let variant = a
-            .variant
-            .as_ref()
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
+        let variant = a.variant.as_ref().map(|v| v.name.clone()).unwrap_or_default();
         if !seen.insert((a.task.clone(), variant.clone())) {
-            return Err(PlanError::Duplicate {
-                task: a.task.clone(),
-                variant,
-                node: node.into(),
-            });
+            return Err(PlanError::Duplicate { task: a.task.clone(), variant, node: node.into() });
         }
         total = total.saturating_add(a.millicores);
     }
     if total > node_millicores {
-        return Err(PlanError::OverCommitted {
-            node: node.into(),
-            asked: total,
-            has: node_millicores,
-        });
+        return Err(PlanError::OverCommitted { node: node.into(), asked: total, has: node_millicores });
     }
     Ok(())
 }
@@ -76,16 +55,10 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
         || v.model_file.starts_with('/')
         || v.model_file.split(['/', '\\']).any(|part| part == "..")
     {
-        return Err(format!(
-            "model file {:?} must be a relative path inside the model directory",
-            v.model_file
-        ));
+        return Err(format!("model file {:?} must be a relative path inside the model directory", v.model_file));
     }
     if v.input_shape.is_empty() || v.input_shape.iter().any(|&d| d <= 0) {
-        return Err(format!(
-            "input shape {:?} must be positive dimensions",
-            v.input_shape
-        ));
+        return Err(format!("input shape {:?} must be positive dimensions", v.input_shape));
     }
     if a.millicores == 0 {
         return Err("0 millicores".into());
@@ -94,10 +67,7 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
         return Err(format!("max batch {} outside 1..={MAX_BATCH}", a.max_batch));
     }
     if a.max_delay_ms > MAX_DELAY_MS {
-        return Err(format!(
-            "max delay {} ms over {MAX_DELAY_MS}",
-            a.max_delay_ms
-        ));
+        return Err(format!("max delay {} ms over {MAX_DELAY_MS}", a.max_delay_ms));
     }
     if !a.weight.is_finite() || a.weight < 0.0 {
         return Err(format!("weight {} is not a finite share", a.weight));
@@ -106,7 +76,9 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
 }
 
 #[derive(Debug, Error, PartialEq)]
-#[error("the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)")]
+#[error(
+    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)"
+)]
 pub struct PlacementError {
     pub cores: u32,
     pub free: Vec<u32>,
@@ -115,27 +87,16 @@ pub struct PlacementError {
 /// Places workers (their core counts, in order) onto nodes (their free cores), largest worker
 /// first, each on the node with the most free cores, preferring the node it already runs on
 /// (`current[i]`): a move costs a model load. Returns a node index per worker.
-pub fn place(
-    workers: &[u32],
-    current: &[Option<usize>],
-    free: &[u32],
-) -> Result<Vec<usize>, PlacementError> {
+pub fn place(workers: &[u32], current: &[Option<usize>], free: &[u32]) -> Result<Vec<usize>, PlacementError> {
     let mut free = free.to_vec();
     let mut order: Vec<usize> = (0..workers.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(workers[i]));
     let mut placed = vec![0; workers.len()];
     for i in order {
         let cores = workers[i];
-        let stay = current
-            .get(i)
-            .copied()
-            .flatten()
-            .filter(|&n| free.get(n).is_some_and(|&f| f >= cores));
-        let node = stay.or_else(|| {
-            (0..free.len())
-                .filter(|&n| free[n] >= cores)
-                .max_by_key(|&n| (free[n], std::cmp::Reverse(n)))
-        });
+        let stay = current.get(i).copied().flatten().filter(|&n| free.get(n).is_some_and(|&f| f >= cores));
+        let node = stay
+            .or_else(|| (0..free.len()).filter(|&n| free[n] >= cores).max_by_key(|&n| (free[n], std::cmp::Reverse(n))));
         let Some(node) = node else {
             return Err(PlacementError { cores, free });
         };
@@ -171,11 +132,7 @@ mod tests {
         Plan {
             epoch: 1,
             term: 1,
-            tasks: vec![TaskSpec {
-                name: "t".into(),
-                slo_ms: 100,
-                variants: vec![],
-            }],
+            tasks: vec![TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![] }],
             assignments,
             notes: vec![],
         }
@@ -191,32 +148,17 @@ mod tests {
     fn malformed_plans_are_refused_with_the_reason() {
         let mut bad = assignment("a", 1000);
         bad.variant.as_mut().unwrap().model_file = "../../etc/passwd".into();
-        assert!(matches!(
-            validate_for_node(&plan(vec![bad]), "n1", 2000),
-            Err(PlanError::BadAssignment { .. })
-        ));
+        assert!(matches!(validate_for_node(&plan(vec![bad]), "n1", 2000), Err(PlanError::BadAssignment { .. })));
         let mut bad = assignment("a", 1000);
         bad.max_batch = 0;
-        assert!(matches!(
-            validate_for_node(&plan(vec![bad]), "n1", 2000),
-            Err(PlanError::BadAssignment { .. })
-        ));
+        assert!(matches!(validate_for_node(&plan(vec![bad]), "n1", 2000), Err(PlanError::BadAssignment { .. })));
         let p = plan(vec![assignment("a", 1000), assignment("a", 500)]);
-        assert!(matches!(
-            validate_for_node(&p, "n1", 2000),
-            Err(PlanError::Duplicate { .. })
-        ));
+        assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::Duplicate { .. })));
         let p = plan(vec![assignment("a", 1500), assignment("b", 1000)]);
-        assert!(matches!(
-            validate_for_node(&p, "n1", 2000),
-            Err(PlanError::OverCommitted { .. })
-        ));
+        assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::OverCommitted { .. })));
         let mut p = plan(vec![assignment("a", 1000)]);
         p.tasks.clear();
-        assert_eq!(
-            validate_for_node(&p, "n1", 2000),
-            Err(PlanError::UnknownTask("t".into()))
-        );
+        assert_eq!(validate_for_node(&p, "n1", 2000), Err(PlanError::UnknownTask("t".into())));
     }
 
     #[test]

@@ -13,8 +13,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tidal_proto::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension,
-    tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
 /// Name of the model's input tensor: `[batch, 3, resolution, resolution]` float32.
@@ -109,27 +109,14 @@ pub fn generate(depth: ResNetDepth, resolution: u32, seed: u64) -> GeneratedMode
     x = g.node("Flatten", &[&x], vec![int_attr("axis", 1)]);
     let fc_w = g.weight(&[NUM_CLASSES, in_ch as i64], in_ch as f32, 1.0);
     let fc_b = g.zeros(&[NUM_CLASSES]);
-    g.node_named(
-        "Gemm",
-        &[&x, &fc_w, &fc_b],
-        OUTPUT_NAME,
-        vec![int_attr("transB", 1)],
-    );
+    g.node_named("Gemm", &[&x, &fc_w, &fc_b], OUTPUT_NAME, vec![int_attr("transB", 1)]);
 
     let parameters = g.parameters;
     let graph = GraphProto {
         node: g.nodes,
         name: depth.name().to_string(),
         initializer: g.initializers,
-        input: vec![tensor_info(
-            INPUT_NAME,
-            &[
-                None,
-                Some(3),
-                Some(resolution as i64),
-                Some(resolution as i64),
-            ],
-        )],
+        input: vec![tensor_info(INPUT_NAME, &[None, Some(3), Some(resolution as i64), Some(resolution as i64)])],
         output: vec![tensor_info(OUTPUT_NAME, &[None, Some(NUM_CLASSES)])],
     };
     let model = ModelProto {
@@ -141,15 +128,9 @@ pub fn generate(depth: ResNetDepth, resolution: u32, seed: u64) -> GeneratedMode
             depth.name()
         ),
         graph: Some(graph),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
     };
-    GeneratedModel {
-        onnx: model.encode_to_vec(),
-        parameters,
-    }
+    GeneratedModel { onnx: model.encode_to_vec(), parameters }
 }
 
 /// Accumulates nodes and initialisers with unique names.
@@ -224,16 +205,7 @@ impl GraphBuilder {
 
     /// Convolution with folded batch norm (weight + bias); `gain` scales the weights.
     #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &mut self,
-        x: &str,
-        cin: usize,
-        cout: usize,
-        k: i64,
-        stride: i64,
-        pad: i64,
-        gain: f32,
-    ) -> String {
+    fn conv(&mut self, x: &str, cin: usize, cout: usize, k: i64, stride: i64, pad: i64, gain: f32) -> String {
         let fan_in = (cin as i64 * k * k) as f32;
         let w = self.weight(&[cout as i64, cin as i64, k, k], fan_in, gain);
         let b = self.zeros(&[cout as i64]);
@@ -256,11 +228,7 @@ impl GraphBuilder {
         self.node(
             "MaxPool",
             &[x],
-            vec![
-                ints_attr("kernel_shape", &[3, 3]),
-                ints_attr("strides", &[2, 2]),
-                ints_attr("pads", &[1, 1, 1, 1]),
-            ],
+            vec![ints_attr("kernel_shape", &[3, 3]), ints_attr("strides", &[2, 2]), ints_attr("pads", &[1, 1, 1, 1])],
         )
     }
 
@@ -301,21 +269,11 @@ impl GraphBuilder {
 }
 
 fn int_attr(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        i,
-        r#type: AttributeType::Int as i32,
-        ..Default::default()
-    }
+    AttributeProto { name: name.into(), i, r#type: AttributeType::Int as i32, ..Default::default() }
 }
 
 fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        ints: ints.to_vec(),
-        r#type: AttributeType::Ints as i32,
-        ..Default::default()
-    }
+    AttributeProto { name: name.into(), ints: ints.to_vec(), r#type: AttributeType::Ints as i32, ..Default::default() }
 }
 
 /// A float32 tensor value info; `None` marks the dynamic batch dimension.
@@ -362,12 +320,7 @@ mod tests {
             let m = generate(depth, 32, 7);
             let want = torchvision_params(depth);
             let rel = (m.parameters as f64 - want).abs() / want;
-            assert!(
-                rel < 0.01,
-                "{}: {} parameters, torchvision {want}",
-                depth.name(),
-                m.parameters
-            );
+            assert!(rel < 0.01, "{}: {} parameters, torchvision {want}", depth.name(), m.parameters);
         }
     }
 
@@ -384,17 +337,10 @@ mod tests {
     fn the_graph_declares_a_dynamic_batch_and_the_requested_resolution() {
         let m = ModelProto::decode(generate(ResNetDepth::R18, 48, 1).onnx.as_slice()).unwrap();
         let graph = m.graph.unwrap();
-        let Some(type_proto::Value::TensorType(t)) = graph.input[0].r#type.clone().unwrap().value
-        else {
+        let Some(type_proto::Value::TensorType(t)) = graph.input[0].r#type.clone().unwrap().value else {
             panic!("input is not a tensor")
         };
-        let dims: Vec<_> = t
-            .shape
-            .unwrap()
-            .dim
-            .into_iter()
-            .map(|d| d.value.unwrap())
-            .collect();
+        let dims: Vec<_> = t.shape.unwrap().dim.into_iter().map(|d| d.value.unwrap()).collect();
         assert_eq!(dims[0], dimension::Value::DimParam("batch".into()));
         assert_eq!(dims[2], dimension::Value::DimValue(48));
         assert_eq!(graph.output[0].name, OUTPUT_NAME);

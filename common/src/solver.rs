@@ -34,10 +34,7 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Self {
-            alpha: 0.05,
-            gamma: 0.001,
-        }
+        Self { alpha: 0.05, gamma: 0.001 }
     }
 }
 
@@ -107,19 +104,8 @@ pub fn solve_infadapter(problem: &Problem) -> Result<Solution, SolveError> {
     validate(problem)?;
     let load = problem.load_rps.max(MIN_PLANNED_RPS);
     let mut order: Vec<usize> = (0..problem.candidates.len()).collect();
-    order.sort_by(|&a, &b| {
-        problem.candidates[b]
-            .accuracy
-            .total_cmp(&problem.candidates[a].accuracy)
-    });
-    let mut search = Search {
-        problem,
-        order: &order,
-        load,
-        best: None,
-        most_carried: None,
-        stack: Vec::new(),
-    };
+    order.sort_by(|&a, &b| problem.candidates[b].accuracy.total_cmp(&problem.candidates[a].accuracy));
+    let mut search = Search { problem, order: &order, load, best: None, most_carried: None, stack: Vec::new() };
     search.visit(0, load, problem.core_budget, 0.0, 0.0, 0);
     if let Some(best) = search.best {
         return Ok(best);
@@ -146,23 +132,13 @@ fn validate(problem: &Problem) -> Result<(), SolveError> {
         .min()
         .ok_or(SolveError::NoOperatingPoint)?;
     if cheapest > problem.core_budget {
-        return Err(SolveError::BudgetTooSmall {
-            budget: problem.core_budget,
-            cheapest,
-        });
+        return Err(SolveError::BudgetTooSmall { budget: problem.core_budget, cheapest });
     }
     Ok(())
 }
 
 /// Objective of a complete choice, from its parts.
-pub fn objective(
-    weights: &Weights,
-    budget: u32,
-    acc_load: f64,
-    load: f64,
-    cores: u32,
-    lc: f64,
-) -> f64 {
+pub fn objective(weights: &Weights, budget: u32, acc_load: f64, load: f64, cores: u32, lc: f64) -> f64 {
     acc_load / load / 100.0 - weights.alpha * cores as f64 / budget as f64 - weights.gamma * lc
 }
 
@@ -177,15 +153,7 @@ struct Search<'a> {
 
 impl Search<'_> {
     /// `acc_load` = Σ share·accuracy so far; `lc` = largest load cost so far.
-    fn visit(
-        &mut self,
-        depth: usize,
-        remaining: f64,
-        cores_left: u32,
-        acc_load: f64,
-        lc: f64,
-        cores: u32,
-    ) {
+    fn visit(&mut self, depth: usize, remaining: f64, cores_left: u32, acc_load: f64, lc: f64, cores: u32) {
         if remaining <= EPS || depth == self.order.len() {
             self.record(remaining, acc_load, lc, cores);
             return;
@@ -200,11 +168,7 @@ impl Search<'_> {
                 break;
             }
             let share = point.capacity_rps.min(remaining);
-            self.stack.push(Allocation {
-                candidate: idx,
-                point: *point,
-                share_rps: share,
-            });
+            self.stack.push(Allocation { candidate: idx, point: *point, share_rps: share });
             self.visit(
                 depth + 1,
                 remaining - share,
@@ -226,14 +190,7 @@ impl Search<'_> {
     fn cannot_beat_best(&self, remaining: f64, accuracy: f64, acc_load: f64, cores: u32) -> bool {
         let Some(best) = &self.best else { return false };
         let w = &self.problem.weights;
-        let bound = objective(
-            w,
-            self.problem.core_budget,
-            acc_load + remaining * accuracy,
-            self.load,
-            cores,
-            0.0,
-        );
+        let bound = objective(w, self.problem.core_budget, acc_load + remaining * accuracy, self.load, cores, 0.0);
         bound < best.objective - EPS
     }
 
@@ -244,25 +201,14 @@ impl Search<'_> {
         let carried = self.load - remaining.max(0.0);
         let solution = Solution {
             allocations: self.stack.clone(),
-            objective: objective(
-                &self.problem.weights,
-                self.problem.core_budget,
-                acc_load,
-                self.load,
-                cores,
-                lc,
-            ),
+            objective: objective(&self.problem.weights, self.problem.core_budget, acc_load, self.load, cores, lc),
             accuracy: acc_load / carried.max(EPS),
             cores,
             carried_rps: carried,
             overloaded: false,
         };
         if remaining <= EPS {
-            if self
-                .best
-                .as_ref()
-                .is_none_or(|b| solution.objective > b.objective + EPS)
-            {
+            if self.best.as_ref().is_none_or(|b| solution.objective > b.objective + EPS) {
                 self.best = Some(solution);
             }
         } else if self.best.is_none() {
@@ -288,11 +234,7 @@ pub fn brute_force_infadapter(problem: &Problem) -> Result<Solution, SolveError>
     let mut most: Option<Solution> = None;
     loop {
         if let Some(s) = evaluate_choice(problem, load, &choice) {
-            let target = if s.carried_rps >= load - EPS {
-                &mut best
-            } else {
-                &mut most
-            };
+            let target = if s.carried_rps >= load - EPS { &mut best } else { &mut most };
             let better = target.as_ref().is_none_or(|b| {
                 if s.overloaded {
                     s.carried_rps > b.carried_rps + EPS
@@ -335,11 +277,7 @@ fn evaluate_choice(problem: &Problem, load: f64, choice: &[usize]) -> Option<Sol
     if chosen.is_empty() || cores > problem.core_budget {
         return None;
     }
-    chosen.sort_by(|a, b| {
-        problem.candidates[b.0]
-            .accuracy
-            .total_cmp(&problem.candidates[a.0].accuracy)
-    });
+    chosen.sort_by(|a, b| problem.candidates[b.0].accuracy.total_cmp(&problem.candidates[a.0].accuracy));
     let mut remaining = load;
     let (mut acc_load, mut lc) = (0.0, 0.0f64);
     let mut allocations = Vec::new();
@@ -348,23 +286,12 @@ fn evaluate_choice(problem: &Problem, load: f64, choice: &[usize]) -> Option<Sol
         remaining -= share;
         acc_load += share * problem.candidates[i].accuracy;
         lc = lc.max(problem.candidates[i].load_cost);
-        allocations.push(Allocation {
-            candidate: i,
-            point: p,
-            share_rps: share,
-        });
+        allocations.push(Allocation { candidate: i, point: p, share_rps: share });
     }
     let carried = load - remaining;
     Some(Solution {
         allocations,
-        objective: objective(
-            &problem.weights,
-            problem.core_budget,
-            acc_load,
-            load,
-            cores,
-            lc,
-        ),
+        objective: objective(&problem.weights, problem.core_budget, acc_load, load, cores, lc),
         accuracy: acc_load / carried.max(EPS),
         cores,
         carried_rps: carried,
@@ -378,13 +305,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn op(cores: u32, capacity: f64) -> OperatingPoint {
-        OperatingPoint {
-            cores,
-            batch: 1,
-            max_delay_ms: 0,
-            capacity_rps: capacity,
-            latency_bound_ms: 10.0,
-        }
+        OperatingPoint { cores, batch: 1, max_delay_ms: 0, capacity_rps: capacity, latency_bound_ms: 10.0 }
     }
 
     fn cand(name: &str, accuracy: f64, caps: &[(u32, f64)]) -> Candidate {
@@ -399,11 +320,7 @@ mod tests {
     fn problem(load: f64, budget: u32) -> Problem {
         Problem {
             candidates: vec![
-                cand(
-                    "r18",
-                    69.76,
-                    &[(1, 40.0), (2, 75.0), (3, 105.0), (4, 130.0)],
-                ),
+                cand("r18", 69.76, &[(1, 40.0), (2, 75.0), (3, 105.0), (4, 130.0)]),
                 cand("r50", 76.13, &[(1, 15.0), (2, 28.0), (3, 40.0), (4, 50.0)]),
                 cand("r152", 78.31, &[(2, 8.0), (4, 15.0)]),
             ],
@@ -443,22 +360,13 @@ mod tests {
         assert_eq!(solve_infadapter(&p), Err(SolveError::NoBudget));
         p.core_budget = 4;
         p.load_rps = f64::NAN;
-        assert!(matches!(
-            solve_infadapter(&p),
-            Err(SolveError::InvalidLoad(_))
-        ));
+        assert!(matches!(solve_infadapter(&p), Err(SolveError::InvalidLoad(_))));
         p.load_rps = 10.0;
         p.candidates.clear();
         assert_eq!(solve_infadapter(&p), Err(SolveError::NoCandidates));
         let mut p = problem(10.0, 1);
         p.candidates.retain(|c| c.name == "r152");
-        assert_eq!(
-            solve_infadapter(&p),
-            Err(SolveError::BudgetTooSmall {
-                budget: 1,
-                cheapest: 2
-            })
-        );
+        assert_eq!(solve_infadapter(&p), Err(SolveError::BudgetTooSmall { budget: 1, cheapest: 2 }));
         p.candidates[0].points.clear();
         assert_eq!(solve_infadapter(&p), Err(SolveError::NoOperatingPoint));
     }
@@ -483,28 +391,16 @@ mod tests {
                 cap += dcap;
                 points.push(op(cores, cap));
             }
-            Candidate {
-                name: "v".into(),
-                accuracy: acc,
-                load_cost: lc,
-                points,
-            }
+            Candidate { name: "v".into(), accuracy: acc, load_cost: lc, points }
         });
-        (
-            prop::collection::vec(candidate, 1..5),
-            0.0f64..200.0,
-            1u32..12,
-            0.0f64..0.5,
-            0.0f64..0.2,
+        (prop::collection::vec(candidate, 1..5), 0.0f64..200.0, 1u32..12, 0.0f64..0.5, 0.0f64..0.2).prop_map(
+            |(candidates, load_rps, core_budget, alpha, gamma)| Problem {
+                candidates,
+                load_rps,
+                core_budget,
+                weights: Weights { alpha, gamma },
+            },
         )
-            .prop_map(
-                |(candidates, load_rps, core_budget, alpha, gamma)| Problem {
-                    candidates,
-                    load_rps,
-                    core_budget,
-                    weights: Weights { alpha, gamma },
-                },
-            )
     }
 
     proptest! {

@@ -14,11 +14,7 @@ pub enum TensorError {
     #[error("shape {got:?} does not match the task's input {want:?} (with or without a leading batch of 1)")]
     Shape { got: Vec<i64>, want: Vec<i64> },
     #[error("{got} bytes of data do not make a float32 tensor of shape {shape:?} ({want} bytes)")]
-    Length {
-        got: usize,
-        want: usize,
-        shape: Vec<i64>,
-    },
+    Length { got: usize, want: usize, shape: Vec<i64> },
 }
 
 /// Checks that `t` is one float32 sample of `sample_shape` (optionally with a leading batch
@@ -33,26 +29,15 @@ pub fn sample_values(t: Option<&Tensor>, sample_shape: &[i64]) -> Result<Vec<f32
         Ok(other) => return Err(TensorError::Dtype(other.as_str_name().to_string())),
         Err(_) => return Err(TensorError::Dtype(format!("code {}", t.dtype))),
     }
-    let shape_ok =
-        t.shape == sample_shape || (t.shape.first() == Some(&1) && t.shape[1..] == *sample_shape);
+    let shape_ok = t.shape == sample_shape || (t.shape.first() == Some(&1) && t.shape[1..] == *sample_shape);
     if !shape_ok {
-        return Err(TensorError::Shape {
-            got: t.shape.clone(),
-            want: sample_shape.to_vec(),
-        });
+        return Err(TensorError::Shape { got: t.shape.clone(), want: sample_shape.to_vec() });
     }
     let want = sample_shape.iter().product::<i64>() as usize * 4;
     if t.data.len() != want {
-        return Err(TensorError::Length {
-            got: t.data.len(),
-            want,
-            shape: t.shape.clone(),
-        });
+        return Err(TensorError::Length { got: t.data.len(), want, shape: t.shape.clone() });
     }
-    Ok(t.data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// A float32 tensor of `shape` holding `values`.
@@ -61,11 +46,7 @@ pub fn f32_tensor(shape: Vec<i64>, values: &[f32]) -> Tensor {
     for v in values {
         data.extend_from_slice(&v.to_le_bytes());
     }
-    Tensor {
-        dtype: DataType::Float32 as i32,
-        shape,
-        data,
-    }
+    Tensor { dtype: DataType::Float32 as i32, shape, data }
 }
 
 #[cfg(test)]
@@ -75,10 +56,7 @@ mod tests {
     #[test]
     fn one_sample_is_accepted_with_or_without_its_batch_dimension() {
         let t = f32_tensor(vec![1, 2, 2], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(
-            sample_values(Some(&t), &[2, 2]).unwrap(),
-            vec![1.0, 2.0, 3.0, 4.0]
-        );
+        assert_eq!(sample_values(Some(&t), &[2, 2]).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
         let t = f32_tensor(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
         assert!(sample_values(Some(&t), &[2, 2]).is_ok());
     }
@@ -86,26 +64,14 @@ mod tests {
     #[test]
     fn bad_tensors_are_explained() {
         assert_eq!(sample_values(None, &[2]), Err(TensorError::Missing));
-        assert_eq!(
-            sample_values(Some(&Tensor::default()), &[2]),
-            Err(TensorError::Empty)
-        );
+        assert_eq!(sample_values(Some(&Tensor::default()), &[2]), Err(TensorError::Empty));
         let mut t = f32_tensor(vec![2], &[1.0, 2.0]);
         t.dtype = DataType::Int64 as i32;
-        assert!(matches!(
-            sample_values(Some(&t), &[2]),
-            Err(TensorError::Dtype(_))
-        ));
+        assert!(matches!(sample_values(Some(&t), &[2]), Err(TensorError::Dtype(_))));
         let t = f32_tensor(vec![3], &[1.0, 2.0, 3.0]);
-        assert!(matches!(
-            sample_values(Some(&t), &[2]),
-            Err(TensorError::Shape { .. })
-        ));
+        assert!(matches!(sample_values(Some(&t), &[2]), Err(TensorError::Shape { .. })));
         let mut t = f32_tensor(vec![2], &[1.0, 2.0]);
         t.data.pop();
-        assert!(matches!(
-            sample_values(Some(&t), &[2]),
-            Err(TensorError::Length { .. })
-        ));
+        assert!(matches!(sample_values(Some(&t), &[2]), Err(TensorError::Length { .. })));
     }
 }

@@ -28,15 +28,9 @@ pub struct VariantConfig {
 #[derive(Debug, Error)]
 pub enum VariantError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid variant config: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -45,42 +39,22 @@ impl VariantConfig {
     /// Reads `<dir>/<name>.toml` and checks that it names an existing ONNX file in `dir`.
     pub fn load(dir: &Path, name: &str) -> Result<Self, VariantError> {
         let path = dir.join(format!("{name}.toml"));
-        let text = std::fs::read_to_string(&path).map_err(|source| VariantError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: VariantConfig = toml::from_str(&text).map_err(|source| VariantError::Parse {
-            path: path.clone(),
-            source,
-        })?;
-        let invalid = |reason: String| VariantError::Invalid {
-            path: path.clone(),
-            reason,
-        };
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| VariantError::Read { path: path.clone(), source })?;
+        let cfg: VariantConfig =
+            toml::from_str(&text).map_err(|source| VariantError::Parse { path: path.clone(), source })?;
+        let invalid = |reason: String| VariantError::Invalid { path: path.clone(), reason };
         if cfg.name != name {
-            return Err(invalid(format!(
-                "names variant {:?}, expected {name:?}",
-                cfg.name
-            )));
+            return Err(invalid(format!("names variant {:?}, expected {name:?}", cfg.name)));
         }
         if !(0.0..=100.0).contains(&cfg.accuracy) {
-            return Err(invalid(format!(
-                "accuracy {} is not a percentage",
-                cfg.accuracy
-            )));
+            return Err(invalid(format!("accuracy {} is not a percentage", cfg.accuracy)));
         }
         if cfg.input_shape.is_empty() || cfg.input_shape.iter().any(|&d| d <= 0) {
-            return Err(invalid(format!(
-                "input shape {:?} must be positive dimensions",
-                cfg.input_shape
-            )));
+            return Err(invalid(format!("input shape {:?} must be positive dimensions", cfg.input_shape)));
         }
         if !dir.join(&cfg.model_file).is_file() {
-            return Err(invalid(format!(
-                "model file {:?} does not exist in {}",
-                cfg.model_file,
-                dir.display()
-            )));
+            return Err(invalid(format!("model file {:?} does not exist in {}", cfg.model_file, dir.display())));
         }
         Ok(cfg)
     }

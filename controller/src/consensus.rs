@@ -69,9 +69,7 @@ impl RaftHandle {
     /// Proposes a command and waits until it is applied.
     pub async fn propose(&self, cmd: Command) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Proposal { cmd, reply })
-            .map_err(|_| ProposeError::Stopped)?;
+        self.tx.send(Proposal { cmd, reply }).map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 }
@@ -102,18 +100,9 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     }
     let (tx, rx) = mpsc::channel();
     let state = Arc::new(RwLock::new(ClusterState::default()));
-    let status = Arc::new(RwLock::new(RaftStatus {
-        id: cfg.id,
-        ..Default::default()
-    }));
-    let mut driver = Driver {
-        node,
-        log,
-        state: state.clone(),
-        status: status.clone(),
-        pending: HashMap::new(),
-        next_id: seed_id(),
-    };
+    let status = Arc::new(RwLock::new(RaftStatus { id: cfg.id, ..Default::default() }));
+    let mut driver =
+        Driver { node, log, state: state.clone(), status: status.clone(), pending: HashMap::new(), next_id: seed_id() };
     std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || driver.run(rx, cfg.tick))
@@ -124,9 +113,7 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
 /// Proposal ids start from the clock so that entries replayed from an earlier run never
 /// match a new proposal.
 fn seed_id() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
 struct Driver {
@@ -172,10 +159,7 @@ impl Driver {
         }
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
-        match self
-            .node
-            .propose(id.to_be_bytes().to_vec(), p.cmd.encode_to_vec())
-        {
+        match self.node.propose(id.to_be_bytes().to_vec(), p.cmd.encode_to_vec()) {
             Ok(()) => {
                 self.pending.insert(id, p.reply);
             }
@@ -216,10 +200,7 @@ impl Driver {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_command(&entry),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    warn!(
-                        index = entry.index,
-                        "membership changes are not supported yet; entry ignored"
-                    );
+                    warn!(index = entry.index, "membership changes are not supported yet; entry ignored");
                 }
             }
         }
@@ -228,11 +209,7 @@ impl Driver {
 
     fn apply_command(&mut self, entry: &Entry) {
         let result = match Command::decode(entry.data.as_ref()) {
-            Ok(cmd) => self
-                .state
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply(entry.index, &cmd),
+            Ok(cmd) => self.state.write().unwrap_or_else(|p| p.into_inner()).apply(entry.index, &cmd),
             Err(e) => Err(format!("undecodable command at index {}: {e}", entry.index)),
         };
         if let Err(reason) = &result {
@@ -258,18 +235,11 @@ impl Driver {
         if current.is_leader && !status.is_leader {
             // Lost leadership: what was proposed may never commit here.
             for (_, reply) in self.pending.drain() {
-                let _ = reply.send(Err(ProposeError::NotLeader(
-                    Some(status.leader).filter(|&l| l != 0),
-                )));
+                let _ = reply.send(Err(ProposeError::NotLeader(Some(status.leader).filter(|&l| l != 0))));
             }
         }
         if *current != status {
-            info!(
-                term = status.term,
-                leader = status.leader,
-                is_leader = status.is_leader,
-                "raft status"
-            );
+            info!(term = status.term, leader = status.leader, is_leader = status.is_leader, "raft status");
         }
         *current = status;
     }

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::consensus::{ProposeError, RaftHandle};
+use crate::metrics::{ControllerMetrics, TaskLabels};
 use crate::observed::Observed;
 use crate::planner::{next_plan, same_assignments, PlannerConfig};
 
@@ -30,6 +31,7 @@ pub struct Controller {
     pub raft: RaftHandle,
     pub cfg: ControllerConfig,
     pub observed: Mutex<Observed>,
+    pub metrics: ControllerMetrics,
     forecaster: Box<dyn Forecaster>,
     /// Wakes the adaptation loop early (a task, profile, SLO or node changed).
     pub replan: Notify,
@@ -42,11 +44,13 @@ impl Controller {
         raft: RaftHandle,
         cfg: ControllerConfig,
         forecaster: Box<dyn Forecaster>,
+        metrics: ControllerMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             raft,
             cfg,
             observed: Mutex::new(Observed::new(Instant::now())),
+            metrics,
             forecaster,
             replan: Notify::new(),
             clients: Mutex::new(HashMap::new()),
@@ -89,24 +93,18 @@ impl Controller {
                 .keys()
                 .map(|t| {
                     let history = o.history(t, now, self.cfg.forecast_window_s);
-                    (
-                        t.clone(),
-                        self.forecaster
-                            .forecast(&history, self.cfg.interval.as_secs() as usize),
-                    )
+                    (t.clone(), self.forecaster.forecast(&history, self.cfg.interval.as_secs() as usize))
                 })
                 .collect();
             o.forecasts = f.clone();
             f
         });
+        for (task, f) in &forecasts {
+            self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(*f);
+        }
         let term = self.raft.status().term;
-        let plan = next_plan(
-            &state,
-            &forecasts,
-            &self.cfg.planner,
-            state.plan_epoch() + 1,
-            term,
-        );
+        let plan = next_plan(&state, &forecasts, &self.cfg.planner, state.plan_epoch() + 1, term);
+        self.metrics.adaptation_seconds.observe(now.elapsed().as_secs_f64());
         if let Some(current) = &state.plan {
             if same_assignments(current, &plan) {
                 self.push_to_lagging(current);
@@ -116,18 +114,27 @@ impl Controller {
         for note in &plan.notes {
             info!(epoch = plan.epoch, "{note}");
         }
-        self.raft
-            .propose(Command {
-                change: Some(Change::CommitPlan(plan.clone())),
-            })
-            .await?;
-        info!(
-            epoch = plan.epoch,
-            workers = plan.assignments.len(),
-            "committed a new plan"
-        );
+        self.raft.propose(Command { change: Some(Change::CommitPlan(plan.clone())) }).await?;
+        info!(epoch = plan.epoch, workers = plan.assignments.len(), "committed a new plan");
+        self.metrics.plans_committed.inc();
         self.push_all(&plan);
         Ok(Some(plan))
+    }
+
+    /// Refreshes the gauges that follow state rather than events.
+    pub fn refresh_gauges(&self) {
+        let raft = self.raft.status();
+        self.metrics.raft_term.set(raft.term as i64);
+        self.metrics.is_leader.set(raft.is_leader as i64);
+        self.metrics.plan_epoch.set(self.raft.read(|s| s.plan_epoch()) as i64);
+        let tasks: Vec<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
+        let now = Instant::now();
+        self.observed(|o| {
+            for task in tasks {
+                let rate = o.rate(&task, now, 5);
+                self.metrics.observed_rps.get_or_create(&TaskLabels { task }).set(rate);
+            }
+        });
     }
 
     fn push_all(&self, plan: &Plan) {
@@ -143,11 +150,7 @@ impl Controller {
         let lagging: Vec<String> = self.observed(|o| {
             nodes
                 .keys()
-                .filter(|n| {
-                    o.reports
-                        .get(*n)
-                        .is_none_or(|(_, r)| r.applied_epoch < plan.epoch)
-                })
+                .filter(|n| o.reports.get(*n).is_none_or(|(_, r)| r.applied_epoch < plan.epoch))
                 .cloned()
                 .collect()
         });
@@ -168,10 +171,7 @@ impl Controller {
         }
         {
             let mut last = self.last_push.lock().unwrap_or_else(|p| p.into_inner());
-            if last
-                .get(node)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
-            {
+            if last.get(node).is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
                 return;
             }
             last.insert(node.to_string(), Instant::now());
@@ -188,11 +188,7 @@ impl Controller {
                 Some(c) => c.clone(),
                 None => match Channel::from_shared(format!("http://{address}")) {
                     Ok(endpoint) => {
-                        let c = AgentClient::new(
-                            endpoint
-                                .connect_timeout(Duration::from_secs(2))
-                                .connect_lazy(),
-                        );
+                        let c = AgentClient::new(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy());
                         clients.insert(address.to_string(), c.clone());
                         c
                     }

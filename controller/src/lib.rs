@@ -8,6 +8,7 @@
 pub mod consensus;
 pub mod controller;
 pub mod logging;
+pub mod metrics;
 pub mod observed;
 pub mod planner;
 pub mod service;

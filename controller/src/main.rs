@@ -54,6 +54,9 @@ struct Args {
     /// Cores per node kept free of workers.
     #[arg(long, default_value_t = 0)]
     reserve_cores: u32,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Milliseconds per Raft tick.
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
@@ -66,17 +69,10 @@ async fn main() -> anyhow::Result<()> {
     if args.id == 0 {
         anyhow::bail!("--id must be positive");
     }
-    if !(args.interval_s > 0.0
-        && args.headroom >= 1.0
-        && args.utilisation > 0.0
-        && args.utilisation <= 1.0)
-    {
-        anyhow::bail!(
-            "--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]"
-        );
+    if !(args.interval_s > 0.0 && args.headroom >= 1.0 && args.utilisation > 0.0 && args.utilisation <= 1.0) {
+        anyhow::bail!("--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]");
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let raft_cfg = RaftConfig {
         id: args.id,
         voters: vec![args.id],
@@ -89,24 +85,32 @@ async fn main() -> anyhow::Result<()> {
     let cfg = ControllerConfig {
         interval: Duration::from_secs_f64(args.interval_s),
         planner: PlannerConfig {
-            model: LatencyModel {
-                utilisation: args.utilisation,
-                ..LatencyModel::default()
-            },
-            weights: Weights {
-                alpha: args.alpha,
-                gamma: args.gamma,
-            },
+            model: LatencyModel { utilisation: args.utilisation, ..LatencyModel::default() },
+            weights: Weights { alpha: args.alpha, gamma: args.gamma },
             reserve_cores: args.reserve_cores,
         },
         forecast_window_s: args.forecast_window_s,
         advertise: args.listen.to_string(),
     };
-    let forecaster = PeakWindow {
-        window_s: args.forecast_window_s as usize,
-        headroom: args.headroom,
-    };
-    let ctl = Controller::new(raft, cfg, Box::new(forecaster));
+    let forecaster = PeakWindow { window_s: args.forecast_window_s as usize, headroom: args.headroom };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
+    let ctl = Controller::new(raft, cfg, Box::new(forecaster), metrics);
+    if let Some(addr) = args.metrics_listen {
+        let registry = std::sync::Arc::new(registry);
+        tokio::spawn(async move {
+            if let Err(e) = tidal_common::metrics_http::serve(addr, registry).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            loop {
+                ctl.refresh_gauges();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
     info!(listen = %args.listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");

@@ -44,10 +44,7 @@ impl Observed {
                 let sec = (current + i as u64).saturating_sub(k);
                 *series.entry(sec).or_default() += n as f64;
             }
-            while series
-                .first_key_value()
-                .is_some_and(|(&s, _)| s + HISTORY_S < current)
-            {
+            while series.first_key_value().is_some_and(|(&s, _)| s + HISTORY_S < current) {
                 series.pop_first();
             }
             let totals = self.totals.entry(t.task.clone()).or_default();
@@ -63,9 +60,7 @@ impl Observed {
         let end = self.second(now);
         let begin = end.saturating_sub(window_s);
         let series = self.arrivals.get(task);
-        (begin..end)
-            .map(|s| series.and_then(|m| m.get(&s)).copied().unwrap_or(0.0))
-            .collect()
+        (begin..end).map(|s| series.and_then(|m| m.get(&s)).copied().unwrap_or(0.0)).collect()
     }
 
     /// Mean arrival rate of `task` over the last `last_s` seconds.
@@ -98,11 +93,7 @@ mod tests {
     fn report(node: &str, arrivals: Vec<u32>) -> TelemetryReport {
         TelemetryReport {
             node: node.into(),
-            tasks: vec![TaskTelemetry {
-                task: "t".into(),
-                arrivals_per_second: arrivals,
-                ..Default::default()
-            }],
+            tasks: vec![TaskTelemetry { task: "t".into(), arrivals_per_second: arrivals, ..Default::default() }],
             ..Default::default()
         }
     }

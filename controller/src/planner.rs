@@ -21,11 +21,7 @@ pub struct PlannerConfig {
 
 impl Default for PlannerConfig {
     fn default() -> Self {
-        Self {
-            model: LatencyModel::default(),
-            weights: Weights::default(),
-            reserve_cores: 0,
-        }
+        Self { model: LatencyModel::default(), weights: Weights::default(), reserve_cores: 0 }
     }
 }
 
@@ -37,21 +33,12 @@ pub fn next_plan(
     epoch: u64,
     term: u64,
 ) -> Plan {
-    let nodes: Vec<(&String, u32)> = state
-        .nodes
-        .iter()
-        .map(|(name, n)| (name, n.cores.saturating_sub(cfg.reserve_cores)))
-        .collect();
+    let nodes: Vec<(&String, u32)> =
+        state.nodes.iter().map(|(name, n)| (name, n.cores.saturating_sub(cfg.reserve_cores))).collect();
     let mut free: Vec<u32> = nodes.iter().map(|(_, c)| *c).collect();
-    let mut plan = Plan {
-        epoch,
-        term,
-        tasks: state.tasks.values().cloned().collect(),
-        ..Default::default()
-    };
+    let mut plan = Plan { epoch, term, tasks: state.tasks.values().cloned().collect(), ..Default::default() };
     if nodes.is_empty() {
-        plan.notes
-            .push("no agent has registered: nothing to place".into());
+        plan.notes.push("no agent has registered: nothing to place".into());
         return plan;
     }
     for task in state.tasks.values() {
@@ -68,10 +55,7 @@ pub fn next_plan(
             }
         };
         let current = current_nodes(state, task, &workers, &nodes);
-        let cores: Vec<u32> = workers
-            .iter()
-            .map(|w| w.millicores.div_ceil(1000))
-            .collect();
+        let cores: Vec<u32> = workers.iter().map(|w| w.millicores.div_ceil(1000)).collect();
         match place(&cores, &current, &free) {
             Ok(placed) => {
                 for (mut w, node) in workers.into_iter().zip(placed) {
@@ -102,9 +86,7 @@ fn current_nodes(
                 .as_ref()?
                 .assignments
                 .iter()
-                .find(|a| {
-                    a.task == task.name && a.variant.as_ref().map(|v| v.name.as_str()) == variant
-                })?
+                .find(|a| a.task == task.name && a.variant.as_ref().map(|v| v.name.as_str()) == variant)?
                 .node
                 .clone();
             nodes.iter().position(|(n, _)| **n == node)
@@ -138,11 +120,7 @@ fn choose_workers(
             Some(Candidate {
                 name: v.name.clone(),
                 accuracy: v.accuracy,
-                load_cost: if running.contains(v.name.as_str()) {
-                    0.0
-                } else {
-                    1.0
-                },
+                load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
                 points: cfg.model.operating_points(&profile.points, task.slo_ms),
             })
         })
@@ -150,12 +128,7 @@ fn choose_workers(
     if candidates.is_empty() {
         return unprofiled_default(task, budget);
     }
-    let problem = Problem {
-        candidates,
-        load_rps: forecast,
-        core_budget: budget,
-        weights: cfg.weights,
-    };
+    let problem = Problem { candidates, load_rps: forecast, core_budget: budget, weights: cfg.weights };
     let solution = solve_infadapter(&problem).map_err(|e| e.to_string())?;
     let mut workers = Vec::new();
     let mut mix = Vec::new();
@@ -171,10 +144,7 @@ fn choose_workers(
             max_delay_ms: a.point.max_delay_ms,
             weight: a.share_rps / solution.carried_rps.max(f64::MIN_POSITIVE),
         });
-        mix.push(format!(
-            "{}×{}c/b{} {:.0} req/s",
-            cand.name, a.point.cores, a.point.batch, a.share_rps
-        ));
+        mix.push(format!("{}×{}c/b{} {:.0} req/s", cand.name, a.point.cores, a.point.batch, a.share_rps));
     }
     let mut note = format!(
         "{}: forecast {:.1} req/s → {} ({} cores, accuracy {:.2} %)",
@@ -185,7 +155,10 @@ fn choose_workers(
         solution.accuracy
     );
     if solution.overloaded {
-        note += &format!("; OVERLOADED: the budget of {budget} cores carries {:.1} req/s, the excess is shed by deadline", solution.carried_rps);
+        note += &format!(
+            "; OVERLOADED: the budget of {budget} cores carries {:.1} req/s, the excess is shed by deadline",
+            solution.carried_rps
+        );
     }
     Ok((workers, note))
 }
@@ -196,16 +169,10 @@ fn unprofiled_default(task: &TaskSpec, budget: u32) -> Result<(Vec<Assignment>, 
     if budget == 0 {
         return Err("no free cores".into());
     }
-    let cheapest = task
-        .variants
-        .iter()
-        .min_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
-        .cloned()
-        .ok_or("no variants")?;
-    let note = format!(
-        "{}: no profiles yet, serving {} on 1 core until `tidalctl profile` runs",
-        task.name, cheapest.name
-    );
+    let cheapest =
+        task.variants.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy)).cloned().ok_or("no variants")?;
+    let note =
+        format!("{}: no profiles yet, serving {} on 1 core until `tidalctl profile` runs", task.name, cheapest.name);
     let worker = Assignment {
         task: task.name.clone(),
         variant: Some(cheapest),
@@ -230,12 +197,7 @@ mod tests {
     use tidal_proto::v1::{ProfilePoint, VariantProfile, VariantSpec};
 
     fn variant(name: &str, accuracy: f64) -> VariantSpec {
-        VariantSpec {
-            name: name.into(),
-            model_file: format!("{name}.onnx"),
-            accuracy,
-            input_shape: vec![3, 8, 8],
-        }
+        VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy, input_shape: vec![3, 8, 8] }
     }
 
     fn profile(task: &str, variant: &str, rps_per_core: f64) -> VariantProfile {
@@ -248,36 +210,19 @@ mod tests {
                 throughput_rps: rps_per_core * c as f64,
             })
             .collect();
-        VariantProfile {
-            task: task.into(),
-            variant: variant.into(),
-            node: "n1".into(),
-            points,
-        }
+        VariantProfile { task: task.into(), variant: variant.into(), node: "n1".into(), points }
     }
 
     fn state(profiled: bool) -> ClusterState {
         let mut s = ClusterState::default();
-        s.nodes.insert(
-            "n1".into(),
-            NodeInfo {
-                address: "127.0.0.1:1".into(),
-                cores: 2,
-            },
-        );
+        s.nodes.insert("n1".into(), NodeInfo { address: "127.0.0.1:1".into(), cores: 2 });
         s.tasks.insert(
             "t".into(),
-            TaskSpec {
-                name: "t".into(),
-                slo_ms: 500,
-                variants: vec![variant("small", 70.0), variant("big", 78.0)],
-            },
+            TaskSpec { name: "t".into(), slo_ms: 500, variants: vec![variant("small", 70.0), variant("big", 78.0)] },
         );
         if profiled {
-            s.profiles
-                .insert(("t".into(), "small".into()), profile("t", "small", 100.0));
-            s.profiles
-                .insert(("t".into(), "big".into()), profile("t", "big", 20.0));
+            s.profiles.insert(("t".into(), "small".into()), profile("t", "small", 100.0));
+            s.profiles.insert(("t".into(), "big".into()), profile("t", "big", 20.0));
         }
         s
     }
@@ -288,13 +233,7 @@ mod tests {
 
     #[test]
     fn without_profiles_the_cheapest_variant_serves_on_one_core() {
-        let plan = next_plan(
-            &state(false),
-            &forecast(10.0),
-            &PlannerConfig::default(),
-            1,
-            1,
-        );
+        let plan = next_plan(&state(false), &forecast(10.0), &PlannerConfig::default(), 1, 1);
         assert_eq!(plan.assignments.len(), 1);
         assert_eq!(plan.assignments[0].variant.as_ref().unwrap().name, "small");
         assert_eq!(plan.assignments[0].node, "n1");
@@ -308,12 +247,7 @@ mod tests {
         let capacity = |p: &Plan| -> f64 {
             p.assignments.iter().map(|a| if a.variant.as_ref().unwrap().name == "small" { 80.0 } else { 16.0 } * a.millicores as f64 / 1000.0).sum()
         };
-        assert_eq!(
-            low.assignments[0].variant.as_ref().unwrap().name,
-            "big",
-            "{:?}",
-            low.notes
-        );
+        assert_eq!(low.assignments[0].variant.as_ref().unwrap().name, "big", "{:?}", low.notes);
         assert!(capacity(&high) >= 120.0, "{:?}", high.notes);
         let weights: f64 = high.assignments.iter().map(|a| a.weight).sum();
         assert!((weights - 1.0).abs() < 1e-9);
@@ -322,18 +256,8 @@ mod tests {
 
     #[test]
     fn overload_is_said_in_the_notes() {
-        let plan = next_plan(
-            &state(true),
-            &forecast(10_000.0),
-            &PlannerConfig::default(),
-            1,
-            1,
-        );
-        assert!(
-            plan.notes.iter().any(|n| n.contains("OVERLOADED")),
-            "{:?}",
-            plan.notes
-        );
+        let plan = next_plan(&state(true), &forecast(10_000.0), &PlannerConfig::default(), 1, 1);
+        assert!(plan.notes.iter().any(|n| n.contains("OVERLOADED")), "{:?}", plan.notes);
         assert!(!plan.assignments.is_empty());
     }
 }

@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
-    command::Change, ClusterStatus, ClusterStatusRequest, Command, NodeStatus, PlanHistory,
-    PlanHistoryRequest, RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest,
-    RegisterTaskResponse, SetSloRequest, SetSloResponse, StoreProfileRequest, StoreProfileResponse,
-    TaskSpec, TaskStatus, TelemetryAck, TelemetryReport,
+    command::Change, ClusterStatus, ClusterStatusRequest, Command, NodeStatus, PlanHistory, PlanHistoryRequest,
+    RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, SetSloRequest,
+    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskSpec, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,9 +23,7 @@ pub struct ControllerService {
 impl From<ProposeError> for Status {
     fn from(e: ProposeError) -> Self {
         match e {
-            ProposeError::NotLeader(_) | ProposeError::Stopped => {
-                Status::unavailable(e.to_string())
-            }
+            ProposeError::NotLeader(_) | ProposeError::Stopped => Status::unavailable(e.to_string()),
             ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
             ProposeError::Raft(_) => Status::internal(e.to_string()),
         }
@@ -35,12 +32,7 @@ impl From<ProposeError> for Status {
 
 impl ControllerService {
     async fn commit(&self, change: Change) -> Result<(), Status> {
-        self.ctl
-            .raft
-            .propose(Command {
-                change: Some(change),
-            })
-            .await?;
+        self.ctl.raft.propose(Command { change: Some(change) }).await?;
         self.ctl.replan.notify_one();
         Ok(())
     }
@@ -48,17 +40,9 @@ impl ControllerService {
 
 /// Checks a task before it is replicated: a bad one is refused with the reason.
 pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
-    if t.name.is_empty()
-        || t.name.len() > 64
-        || !t
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        return Err(format!(
-            "task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]",
-            t.name
-        ));
+        return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
     }
     if t.slo_ms == 0 {
         return Err("the SLO must be positive".into());
@@ -69,31 +53,22 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
     let mut names = HashSet::new();
     for v in &t.variants {
         if v.name.is_empty() || !names.insert(v.name.as_str()) {
-            return Err(format!(
-                "variant names must be non-empty and unique ({:?})",
-                v.name
-            ));
+            return Err(format!("variant names must be non-empty and unique ({:?})", v.name));
         }
         if !(0.0..=100.0).contains(&v.accuracy) {
-            return Err(format!(
-                "variant {}: accuracy {} is not a percentage",
-                v.name, v.accuracy
-            ));
+            return Err(format!("variant {}: accuracy {} is not a percentage", v.name, v.accuracy));
         }
         if v.input_shape.is_empty() || v.input_shape.iter().any(|&d| d <= 0) {
-            return Err(format!(
-                "variant {}: input shape {:?} must be positive dimensions",
-                v.name, v.input_shape
-            ));
+            return Err(format!("variant {}: input shape {:?} must be positive dimensions", v.name, v.input_shape));
         }
         if v.input_shape != t.variants[0].input_shape {
-            return Err(format!("variant {} takes {:?} but {} takes {:?}: the variants of a task must take the same input", v.name, v.input_shape, t.variants[0].name, t.variants[0].input_shape));
+            return Err(format!(
+                "variant {} takes {:?} but {} takes {:?}: the variants of a task must take the same input",
+                v.name, v.input_shape, t.variants[0].name, t.variants[0].input_shape
+            ));
         }
         if v.model_file.is_empty() || v.model_file.starts_with('/') || v.model_file.contains("..") {
-            return Err(format!(
-                "variant {}: model file {:?} must be a relative path",
-                v.name, v.model_file
-            ));
+            return Err(format!("variant {}: model file {:?} must be a relative path", v.name, v.model_file));
         }
     }
     Ok(())
@@ -107,59 +82,41 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let req = request.into_inner();
         if req.node.is_empty() || req.address.is_empty() || req.cores == 0 {
-            return Err(Status::invalid_argument(
-                "a node needs a name, an address and at least one core",
-            ));
+            return Err(Status::invalid_argument("a node needs a name, an address and at least one core"));
         }
-        let known = self.ctl.raft.read(|s| {
-            s.nodes
-                .get(&req.node)
-                .is_some_and(|n| n.address == req.address && n.cores == req.cores)
-        });
+        let known = self
+            .ctl
+            .raft
+            .read(|s| s.nodes.get(&req.node).is_some_and(|n| n.address == req.address && n.cores == req.cores));
         if !known {
             self.commit(Change::RegisterNode(req.clone())).await?;
         }
         self.ctl.push_if_behind(&req.node, 0);
-        Ok(Response::new(RegisterNodeResponse {
-            plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()),
-        }))
+        Ok(Response::new(RegisterNodeResponse { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
     }
 
-    async fn report_telemetry(
-        &self,
-        request: Request<TelemetryReport>,
-    ) -> Result<Response<TelemetryAck>, Status> {
+    async fn report_telemetry(&self, request: Request<TelemetryReport>) -> Result<Response<TelemetryAck>, Status> {
         let report = request.into_inner();
         let (node, applied) = (report.node.clone(), report.applied_epoch);
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&node)) {
-            return Err(Status::failed_precondition(format!(
-                "node {node:?} is not registered"
-            )));
+            return Err(Status::failed_precondition(format!("node {node:?} is not registered")));
         }
         self.ctl.observed(|o| o.record(report, Instant::now()));
         self.ctl.push_if_behind(&node, applied);
-        Ok(Response::new(TelemetryAck {
-            plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()),
-        }))
+        Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
     }
 
     async fn register_task(
         &self,
         request: Request<RegisterTaskRequest>,
     ) -> Result<Response<RegisterTaskResponse>, Status> {
-        let task = request
-            .into_inner()
-            .task
-            .ok_or_else(|| Status::invalid_argument("no task"))?;
+        let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         validate_task(&task).map_err(Status::invalid_argument)?;
         self.commit(Change::RegisterTask(task)).await?;
         Ok(Response::new(RegisterTaskResponse {}))
     }
 
-    async fn set_slo(
-        &self,
-        request: Request<SetSloRequest>,
-    ) -> Result<Response<SetSloResponse>, Status> {
+    async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
         let req = request.into_inner();
         if req.slo_ms == 0 {
             return Err(Status::invalid_argument("the SLO must be positive"));
@@ -175,10 +132,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<StoreProfileRequest>,
     ) -> Result<Response<StoreProfileResponse>, Status> {
-        let profile = request
-            .into_inner()
-            .profile
-            .ok_or_else(|| Status::invalid_argument("no profile"))?;
+        let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
         let bad = profile.points.iter().any(|p| {
             p.cores == 0
                 || p.batch == 0
@@ -190,25 +144,18 @@ impl ControllerApi for ControllerService {
                 "a profile needs points with positive cores, batch, latency and throughput",
             ));
         }
-        let known = self.ctl.raft.read(|s| {
-            s.tasks
-                .get(&profile.task)
-                .is_some_and(|t| t.variants.iter().any(|v| v.name == profile.variant))
-        });
+        let known = self
+            .ctl
+            .raft
+            .read(|s| s.tasks.get(&profile.task).is_some_and(|t| t.variants.iter().any(|v| v.name == profile.variant)));
         if !known {
-            return Err(Status::not_found(format!(
-                "task {:?} has no variant {:?}",
-                profile.task, profile.variant
-            )));
+            return Err(Status::not_found(format!("task {:?} has no variant {:?}", profile.task, profile.variant)));
         }
         self.commit(Change::StoreProfile(profile)).await?;
         Ok(Response::new(StoreProfileResponse {}))
     }
 
-    async fn status(
-        &self,
-        _request: Request<ClusterStatusRequest>,
-    ) -> Result<Response<ClusterStatus>, Status> {
+    async fn status(&self, _request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
         let raft = self.ctl.raft.status();
         let state = self.ctl.raft.read(|s| s.clone());
         let now = Instant::now();
@@ -265,15 +212,9 @@ impl ControllerApi for ControllerService {
         Ok(Response::new(status))
     }
 
-    async fn history(
-        &self,
-        request: Request<PlanHistoryRequest>,
-    ) -> Result<Response<PlanHistory>, Status> {
+    async fn history(&self, request: Request<PlanHistoryRequest>) -> Result<Response<PlanHistory>, Status> {
         let limit = request.into_inner().limit.max(1) as usize;
-        let plans = self
-            .ctl
-            .raft
-            .read(|s| s.history[s.history.len().saturating_sub(limit)..].to_vec());
+        let plans = self.ctl.raft.read(|s| s.history[s.history.len().saturating_sub(limit)..].to_vec());
         Ok(Response::new(PlanHistory { plans }))
     }
 }

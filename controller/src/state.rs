@@ -37,46 +37,27 @@ impl ClusterState {
         self.applied_index = index;
         match cmd.change.as_ref().ok_or("empty command")? {
             Change::RegisterNode(n) => {
-                self.nodes.insert(
-                    n.node.clone(),
-                    NodeInfo {
-                        address: n.address.clone(),
-                        cores: n.cores,
-                    },
-                );
+                self.nodes.insert(n.node.clone(), NodeInfo { address: n.address.clone(), cores: n.cores });
             }
             Change::RegisterTask(t) => {
                 self.tasks.insert(t.name.clone(), t.clone());
                 let names: Vec<&str> = t.variants.iter().map(|v| v.name.as_str()).collect();
-                self.profiles.retain(|(task, variant), _| {
-                    task != &t.name || names.contains(&variant.as_str())
-                });
+                self.profiles.retain(|(task, variant), _| task != &t.name || names.contains(&variant.as_str()));
             }
             Change::SetSlo(s) => {
-                let task = self
-                    .tasks
-                    .get_mut(&s.task)
-                    .ok_or_else(|| format!("unknown task {:?}", s.task))?;
+                let task = self.tasks.get_mut(&s.task).ok_or_else(|| format!("unknown task {:?}", s.task))?;
                 task.slo_ms = s.slo_ms;
             }
             Change::StoreProfile(p) => {
-                if !self
-                    .tasks
-                    .get(&p.task)
-                    .is_some_and(|t| t.variants.iter().any(|v| v.name == p.variant))
-                {
+                if !self.tasks.get(&p.task).is_some_and(|t| t.variants.iter().any(|v| v.name == p.variant)) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
-                self.profiles
-                    .insert((p.task.clone(), p.variant.clone()), p.clone());
+                self.profiles.insert((p.task.clone(), p.variant.clone()), p.clone());
             }
             Change::CommitPlan(plan) => {
                 let expected = self.plan_epoch() + 1;
                 if plan.epoch != expected {
-                    return Err(format!(
-                        "plan epoch {} is not the next epoch {expected}",
-                        plan.epoch
-                    ));
+                    return Err(format!("plan epoch {} is not the next epoch {expected}", plan.epoch));
                 }
                 self.plan = Some(plan.clone());
                 self.history.push(plan.clone());
@@ -95,13 +76,7 @@ mod tests {
     use tidal_proto::v1::{SetSloRequest, VariantSpec};
 
     fn plan(epoch: u64) -> Command {
-        Command {
-            change: Some(Change::CommitPlan(Plan {
-                epoch,
-                term: 1,
-                ..Default::default()
-            })),
-        }
+        Command { change: Some(Change::CommitPlan(Plan { epoch, term: 1, ..Default::default() })) }
     }
 
     #[test]
@@ -118,28 +93,14 @@ mod tests {
     #[test]
     fn slo_changes_and_profiles_need_a_known_task() {
         let mut s = ClusterState::default();
-        let set = Command {
-            change: Some(Change::SetSlo(SetSloRequest {
-                task: "t".into(),
-                slo_ms: 50,
-            })),
-        };
+        let set = Command { change: Some(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 50 })) };
         assert!(s.apply(1, &set).is_err());
         let task = TaskSpec {
             name: "t".into(),
             slo_ms: 100,
-            variants: vec![VariantSpec {
-                name: "v".into(),
-                ..Default::default()
-            }],
+            variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
         };
-        s.apply(
-            2,
-            &Command {
-                change: Some(Change::RegisterTask(task)),
-            },
-        )
-        .unwrap();
+        s.apply(2, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
         s.apply(3, &set).unwrap();
         assert_eq!(s.tasks["t"].slo_ms, 50);
         let profile = |variant: &str| Command {

@@ -17,10 +17,7 @@ pub enum StorageError {
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("corrupt raft record {what}: {source}")]
-    Decode {
-        what: String,
-        source: protobuf::ProtobufError,
-    },
+    Decode { what: String, source: protobuf::ProtobufError },
     #[error("raft storage: {0}")]
     Raft(#[from] raft::Error),
 }
@@ -47,10 +44,7 @@ impl DurableLog {
             Some(bytes) => this.restore(&bytes)?,
             None => {
                 let cs = ConfState::from((voters.to_vec(), vec![]));
-                this.meta.insert(
-                    CONF_STATE,
-                    cs.write_to_bytes().map_err(|e| decode("conf state", e))?,
-                )?;
+                this.meta.insert(CONF_STATE, cs.write_to_bytes().map_err(|e| decode("conf state", e))?)?;
                 this.db.flush()?;
                 this.mem.wl().set_conf_state(cs);
             }
@@ -63,17 +57,12 @@ impl DurableLog {
         let mut core = self.mem.wl();
         core.set_conf_state(cs);
         if let Some(bytes) = self.meta.get(HARD_STATE)? {
-            core.set_hardstate(
-                HardState::parse_from_bytes(&bytes).map_err(|e| decode("hard state", e))?,
-            );
+            core.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(|e| decode("hard state", e))?);
         }
         let mut entries = Vec::new();
         for kv in self.log.iter() {
             let (key, bytes) = kv?;
-            entries.push(
-                Entry::parse_from_bytes(&bytes)
-                    .map_err(|e| decode(&format!("entry {key:?}"), e))?,
-            );
+            entries.push(Entry::parse_from_bytes(&bytes).map_err(|e| decode(&format!("entry {key:?}"), e))?);
         }
         core.append(&entries)?;
         Ok(())
@@ -89,10 +78,7 @@ impl DurableLog {
             batch.remove(kv?.0);
         }
         for e in entries {
-            batch.insert(
-                &e.index.to_be_bytes(),
-                e.write_to_bytes().map_err(|err| decode("entry", err))?,
-            );
+            batch.insert(&e.index.to_be_bytes(), e.write_to_bytes().map_err(|err| decode("entry", err))?);
         }
         self.log.apply_batch(batch)?;
         self.db.flush()?;
@@ -101,10 +87,7 @@ impl DurableLog {
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError> {
-        self.meta.insert(
-            HARD_STATE,
-            hs.write_to_bytes().map_err(|e| decode("hard state", e))?,
-        )?;
+        self.meta.insert(HARD_STATE, hs.write_to_bytes().map_err(|e| decode("hard state", e))?)?;
         self.db.flush()?;
         self.mem.wl().set_hardstate(hs.clone());
         Ok(())
@@ -117,10 +100,7 @@ impl DurableLog {
     }
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
-        self.meta.insert(
-            CONF_STATE,
-            cs.write_to_bytes().map_err(|e| decode("conf state", e))?,
-        )?;
+        self.meta.insert(CONF_STATE, cs.write_to_bytes().map_err(|e| decode("conf state", e))?)?;
         self.db.flush()?;
         self.mem.wl().set_conf_state(cs.clone());
         Ok(())
@@ -128,10 +108,7 @@ impl DurableLog {
 }
 
 fn decode(what: &str, source: protobuf::ProtobufError) -> StorageError {
-    StorageError::Decode {
-        what: what.to_string(),
-        source,
-    }
+    StorageError::Decode { what: what.to_string(), source }
 }
 
 #[cfg(test)]
@@ -152,8 +129,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = DurableLog::open(dir.path(), &[1]).unwrap();
-            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
-                .unwrap();
+            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
             log.append(&[entry(3, 2)]).unwrap(); // conflicting suffix from a new term
             let mut hs = HardState::default();
             hs.term = 2;
@@ -165,11 +141,7 @@ mod tests {
         let state = log.mem.initial_state().unwrap();
         assert_eq!(state.hard_state.commit, 3);
         assert_eq!(state.hard_state.term, 2);
-        assert_eq!(
-            state.conf_state.voters,
-            vec![1],
-            "the bootstrap voters are not reapplied"
-        );
+        assert_eq!(state.conf_state.voters, vec![1], "the bootstrap voters are not reapplied");
         assert_eq!(log.mem.last_index().unwrap(), 3);
         assert_eq!(log.mem.term(3).unwrap(), 2);
     }

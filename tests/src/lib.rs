@@ -1,1 +1,253 @@
+//! Helpers for Tidal's cross-process tests: start controllers and agents as real processes on
+//! loopback ports, generate small models, send inference requests. Every process is killed
+//! when its handle drops, so a failing test leaves nothing running.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tidal_proto::v1::agent_client::AgentClient;
+use tidal_proto::v1::controller_client::ControllerClient;
+use tidal_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+/// target/<profile>/, where cargo put the binaries next to the test executable's deps/.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} is missing: build the binaries first (`make test` does)", path.display());
+    path
+}
+
+/// The ONNX Runtime library, from TIDAL_ORT_LIB (set by the Makefile) or the setup's default.
+pub fn ort_lib() -> PathBuf {
+    let path = std::env::var_os("TIDAL_ORT_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/lib/libonnxruntime.so"));
+    assert!(path.is_file(), "ONNX Runtime library {} is missing: run `make setup`", path.display());
+    path
+}
+
+/// A free loopback port (bound then released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent removes its cgroups, then make sure.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).expect("log file");
+    let err = file.try_clone().expect("log file");
+    cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    Proc { child, name: name.to_string() }
+}
+
+/// Generates ResNet variants at a resolution into `dir` with tidalctl.
+pub fn generate_models(dir: &Path, variants: &str, resolution: u32) {
+    let status = Command::new(bin("tidalctl"))
+        .args(["models", "generate", "--out"])
+        .arg(dir)
+        .args(["--resolution", &resolution.to_string(), "--variants", variants])
+        .status()
+        .expect("running tidalctl");
+    assert!(status.success(), "tidalctl models generate failed");
+}
+
+static AGENTS: AtomicU32 = AtomicU32::new(0);
+
+pub struct AgentOpts<'a> {
+    pub model_dir: &'a Path,
+    pub controller: Option<&'a str>,
+    pub extra: &'a [&'a str],
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub addr: String,
+    pub node: String,
+}
+
+/// Starts an agent with 2 cores, reporting every 0.5 s.
+pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let n = AGENTS.fetch_add(1, Ordering::Relaxed);
+    let node = format!("test-{}-{n}", std::process::id());
+    let mut cmd = Command::new(bin("tidal-agent"));
+    cmd.arg("serve")
+        .args(["--node", &node, "--listen", &addr, "--cores", "2", "--report-interval-s", "0.5"])
+        .arg("--model-dir")
+        .arg(opts.model_dir)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .args(["--cgroup-subtree", &format!("tidal-test/{node}")])
+        .args(opts.extra);
+    if let Some(c) = opts.controller {
+        cmd.args(["--controller", c]);
+    }
+    let proc = spawn("agent", cmd, &work.join(format!("{node}.log")));
+    Agent { proc, addr, node }
+}
+
+/// Starts a controller with a short adaptation interval; returns the process and its address.
+pub fn start_controller(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(bin("tidal-controller"));
+    cmd.args(["--listen", &addr, "--interval-s", &interval_s.to_string()])
+        .arg("--data-dir")
+        .arg(work.join("controller-data"))
+        .args(extra);
+    let proc = spawn("controller", cmd, &work.join("controller.log"));
+    (proc, addr)
+}
+
+/// Connects to a gRPC server, retrying until it listens (up to 20 s).
+pub async fn channel(addr: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("{addr} did not start listening: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+pub async fn agent_client(addr: &str) -> AgentClient<Channel> {
+    AgentClient::new(channel(addr).await)
+}
+
+pub async fn inference_client(addr: &str) -> InferenceClient<Channel> {
+    InferenceClient::new(channel(addr).await).max_decoding_message_size(64 << 20)
+}
+
+pub async fn controller_client(addr: &str) -> ControllerClient<Channel> {
+    ControllerClient::new(channel(addr).await)
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The CPU limit in force for a cgroup directory, in millicores, read from the kernel's
+/// files (v2 `cpu.max` or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited.
+pub fn cgroup_millicores(dir: &Path) -> Option<u32> {
+    let (quota, period): (i64, i64) = match std::fs::read_to_string(dir.join("cpu.max")) {
+        Ok(text) => {
+            let mut parts = text.split_whitespace();
+            (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?)
+        }
+        Err(_) => (
+            std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).ok()?.trim().parse().ok()?,
+            std::fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?.trim().parse().ok()?,
+        ),
+    };
+    (quota > 0).then(|| (quota * 1000 / period) as u32)
+}
+
+/// A one-task plan for `node`: each (variant config, millicores, batch) becomes a worker with
+/// an equal share of the traffic.
+pub fn plan_for(
+    epoch: u64,
+    node: &str,
+    task: &str,
+    slo_ms: u32,
+    workers: &[(&tidal_common::variant::VariantConfig, u32, u32)],
+) -> tidal_proto::v1::Plan {
+    use tidal_proto::v1::{Assignment, Plan, TaskSpec};
+    let variants = workers.iter().map(|(v, _, _)| v.spec()).collect();
+    let assignments = workers
+        .iter()
+        .map(|(v, millicores, batch)| Assignment {
+            task: task.into(),
+            variant: Some(v.spec()),
+            node: node.into(),
+            millicores: *millicores,
+            max_batch: *batch,
+            max_delay_ms: if *batch > 1 { 5 } else { 0 },
+            weight: 1.0 / workers.len() as f64,
+        })
+        .collect();
+    Plan { epoch, term: 1, tasks: vec![TaskSpec { name: task.into(), slo_ms, variants }], assignments, notes: vec![] }
+}
+
+/// One float32 sample of `shape` (no batch dimension), batch dimension of 1 added.
+pub fn sample(shape: &[i64]) -> tidal_proto::v1::Tensor {
+    let n: i64 = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|i| (i % 255) as f32 / 255.0).collect();
+    let mut full = vec![1];
+    full.extend_from_slice(shape);
+    tidal_common::tensor::f32_tensor(full, &values)
+}
+
+/// An agent (no controller) serving from freshly generated resnet18 and resnet50 models.
+pub struct Setup {
+    /// Dropped first: the agent stops before its directory goes.
+    pub agent: Agent,
+    pub r18: tidal_common::variant::VariantConfig,
+    pub r50: tidal_common::variant::VariantConfig,
+    pub work: tempfile::TempDir,
+}
+
+pub fn setup(extra: &[&str]) -> Setup {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18,resnet50", 64);
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra });
+    let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
+    let r50 = tidal_common::variant::VariantConfig::load(&models, "resnet50").unwrap();
+    Setup { agent, r18, r50, work }
+}
+
+/// Waits until the agent runs `workers` ready workers; their telemetry.
+pub async fn wait_ready(addr: &str, workers: usize) -> Vec<tidal_proto::v1::WorkerTelemetry> {
+    let mut client = agent_client(addr).await;
+    eventually(Duration::from_secs(60), "workers to be ready", || {
+        let mut client = client.clone();
+        async move {
+            let status = client.status(tidal_proto::v1::AgentStatusRequest {}).await.ok()?.into_inner();
+            (status.workers.len() == workers && status.workers.iter().all(|w| w.ready)).then_some(status.workers)
+        }
+    })
+    .await;
+    client.status(tidal_proto::v1::AgentStatusRequest {}).await.unwrap().into_inner().workers
+}

@@ -1,0 +1,38 @@
+# Tidal: one command runs the demo, one runs the tests. Both set up what a fresh machine lacks.
+
+ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
+export TIDAL_ORT_LIB := $(ORT_LIB)
+CARGO ?= cargo
+
+.PHONY: all setup build models demo test bench clean
+
+all: build
+
+setup: $(ORT_LIB)
+
+$(ORT_LIB): scripts/setup.sh
+	scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+models: build
+	./target/release/tidalctl models generate --out models --resolution 64
+
+demo: build
+	scripts/demo.sh
+
+# Unit tests, property tests and the cross-process integration tests (which start real
+# controllers and agents, so the binaries are built first).
+test: build
+	$(CARGO) test --release --workspace
+
+bench: build
+	$(CARGO) run --release -p tidal-agent --example resize_latency
+	test -f models/resnet18.onnx || ./target/release/tidalctl models generate --out models --resolution 64
+	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet18 1000
+	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 300
+
+clean:
+	$(CARGO) clean
+	rm -rf .tidal models

@@ -1,0 +1,51 @@
+//! The controller's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: String,
+}
+
+pub struct ControllerMetrics {
+    pub plan_epoch: Gauge,
+    pub plans_committed: Counter,
+    pub adaptation_seconds: Histogram,
+    pub forecast_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
+    pub observed_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
+    pub raft_term: Gauge,
+    pub is_leader: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            plan_epoch: Gauge::default(),
+            plans_committed: Counter::default(),
+            adaptation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            forecast_rps: Family::default(),
+            observed_rps: Family::default(),
+            raft_term: Gauge::default(),
+            is_leader: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("tidal_controller");
+        r.register("plan_epoch", "Epoch of the committed plan", m.plan_epoch.clone());
+        r.register("plans_committed", "Plans this replica committed as leader", m.plans_committed.clone());
+        r.register(
+            "adaptation_seconds",
+            "Time to forecast and solve one adaptation round",
+            m.adaptation_seconds.clone(),
+        );
+        r.register("forecast_rps", "Forecast peak arrival rate per task", m.forecast_rps.clone());
+        r.register("observed_rps", "Arrival rate per task over the last 5 s", m.observed_rps.clone());
+        r.register("raft_term", "Current Raft term", m.raft_term.clone());
+        r.register("is_leader", "1 on the leader", m.is_leader.clone());
+        m
+    }
+}

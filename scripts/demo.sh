@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The main job: a local Tidal cluster (one controller, one agent) serving real ONNX ResNets,
+# adapting to a replayed slice of the Twitter trace. Run through `make demo`, which builds first.
+#
+# Knobs (environment): DEMO_SCALE (rate factor, default 1.5), DEMO_SPEEDUP (trace seconds per
+# wall second, default 120), DEMO_START / DEMO_DURATION (trace slice, in trace seconds; default
+# 05:00–11:00 of day 1), DEMO_SLO_MS (default 250), DEMO_INTERVAL_S (adaptation interval,
+# default 10), DEMO_RESOLUTION (model input pixels, default 64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=./target/release
+TRACE=${DEMO_TRACE:-../shared/data/twitter-trace-rps.txt}
+SCALE=${DEMO_SCALE:-1.5}
+SPEEDUP=${DEMO_SPEEDUP:-120}
+START=${DEMO_START:-18000}
+DURATION=${DEMO_DURATION:-21600}
+SLO_MS=${DEMO_SLO_MS:-250}
+INTERVAL_S=${DEMO_INTERVAL_S:-10}
+RESOLUTION=${DEMO_RESOLUTION:-64}
+CTL=127.0.0.1:7000
+AGENT=127.0.0.1:7100
+OUT=.tidal/demo
+VARIANTS=resnet18,resnet34,resnet50,resnet101,resnet152
+
+if [ ! -f "$TRACE" ]; then
+  echo "demo: the trace $TRACE is missing (set DEMO_TRACE to a file of one integer per line)" >&2
+  exit 1
+fi
+for port in 7000 7100; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "demo: port $port is in use; stop what listens there (another demo?) and retry" >&2
+    exit 1
+  fi
+done
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "1/6 models: ResNet18…152 at ${RESOLUTION}x${RESOLUTION} (real architectures, seeded weights)"
+$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$VARIANTS"
+
+step "2/6 starting a controller ($CTL, adaptation every ${INTERVAL_S} s) and an agent ($AGENT)"
+$BIN/tidal-controller --listen "$CTL" --data-dir "$OUT/controller-data" --interval-s "$INTERVAL_S" \
+  --forecast-window-s 20 > "$OUT/controller.log" 2>&1 &
+pids+=($!)
+$BIN/tidal-agent serve --node node-1 --listen "$AGENT" --controller "$CTL" --model-dir models \
+  > "$OUT/agent.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do $BIN/tidalctl --controller "$CTL" status >/dev/null 2>&1 && break; sleep 0.2; done
+echo "logs: $OUT/controller.log, $OUT/agent.log"
+
+step "3/6 registering task 'resnet' (SLO ${SLO_MS} ms p99) with five variants"
+$BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models --variants "$VARIANTS"
+
+step "4/6 profiling every variant on the agent under real cgroup quotas (1–2 cores, batch 1/4/8)"
+$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task resnet --cores 1,2 --batches 1,4,8 --duration-ms 1000
+sleep 2
+$BIN/tidalctl --controller "$CTL" status
+
+wall=$(awk -v d="$DURATION" -v s="$SPEEDUP" 'BEGIN { printf "%d", d / s }')
+step "5/6 replaying trace seconds $START–$((START + DURATION)) × $SCALE, ${SPEEDUP}× faster (~${wall} s); status every 20 s"
+(
+  while sleep 20; do
+    echo
+    echo "---- $(date +%T) ----"
+    $BIN/tidalctl --controller "$CTL" status 2>/dev/null || true
+  done
+) &
+watcher=$!
+$BIN/tidalctl --controller "$CTL" load --agent "$AGENT" --task resnet --trace "$TRACE" --scale "$SCALE" \
+  --speedup "$SPEEDUP" --start "$START" --duration "$DURATION" --out "$OUT/requests.csv" > "$OUT/summary.txt"
+kill "$watcher" 2>/dev/null || true
+
+step "6/6 plans the controller committed"
+$BIN/tidalctl --controller "$CTL" history --limit 100 | grep -E "^plan|note" || true
+echo
+echo "Summary (requests in $OUT/requests.csv; trace scaled ×$SCALE, replayed ${SPEEDUP}× faster):"
+cat "$OUT/summary.txt"

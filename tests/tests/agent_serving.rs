@@ -1,0 +1,99 @@
+//! The agent on its own, driven with plans pushed over gRPC: real ONNX inference, in-place
+//! resizing seen in the kernel's cgroup files, and clear statuses for bad input.
+
+use tidal_proto::v1::{AgentStatusRequest, ApplyPlanRequest, DataType, InferRequest, Tensor};
+use tidal_tests::*;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_answers_with_the_model_output_shape_from_the_planned_variants() {
+    let s = setup(&[]);
+    let mut agent = agent_client(&s.agent.addr).await;
+    let plan = plan_for(1, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1), (&s.r50, 1000, 4)]);
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    wait_ready(&s.agent.addr, 2).await;
+    let mut infer = inference_client(&s.agent.addr).await;
+    let mut variants = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let r = infer
+            .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let out = r.output.unwrap();
+        assert_eq!(out.shape, vec![1, 1000]);
+        assert_eq!(out.data.len(), 4000);
+        let values: Vec<f32> = out.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert!(values.iter().all(|v| v.is_finite()), "the model's logits are finite");
+        variants.insert(r.variant);
+    }
+    assert_eq!(variants.len(), 2, "equal weights route to both variants: {variants:?}");
+}
+
+/// The status code of a failed call (None when it succeeded).
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
+    r.err().map(|s| s.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving() {
+    let s = setup(&["--max-request-bytes", "1000000"]);
+    let mut agent = agent_client(&s.agent.addr).await;
+    let mut plan = plan_for(5, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.unwrap();
+    wait_ready(&s.agent.addr, 1).await;
+    let mut infer = inference_client(&s.agent.addr).await;
+    let shape = s.r18.input_shape.clone();
+    let call = |task: &str, input: Option<Tensor>| InferRequest { task: task.into(), input, budget_ms: 0 };
+
+    assert_eq!(code(infer.infer(call("nope", Some(sample(&shape)))).await), Some(Code::NotFound));
+    assert_eq!(code(infer.infer(call("classify", Some(sample(&[3, 32, 32])))).await), Some(Code::InvalidArgument));
+    let mut wrong_dtype = sample(&shape);
+    wrong_dtype.dtype = DataType::Int64 as i32;
+    assert_eq!(code(infer.infer(call("classify", Some(wrong_dtype))).await), Some(Code::InvalidArgument));
+    assert_eq!(code(infer.infer(call("classify", None)).await), Some(Code::InvalidArgument));
+    assert_eq!(code(infer.infer(call("classify", Some(Tensor::default()))).await), Some(Code::InvalidArgument));
+    let mut truncated = sample(&shape);
+    truncated.data.truncate(100);
+    assert_eq!(code(infer.infer(call("classify", Some(truncated))).await), Some(Code::InvalidArgument));
+    let oversized = sample(&[3, 400, 400]); // ~1.9 MB, over the 1 MB limit
+    let r = infer.infer(call("classify", Some(oversized))).await;
+    assert_eq!(r.as_ref().err().map(|s| s.code()), Some(Code::ResourceExhausted), "{r:?}");
+
+    // Malformed plans are refused whole; a stale one too.
+    plan.epoch = 6;
+    let mut bad = plan.clone();
+    bad.assignments[0].max_batch = 0;
+    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
+    let mut bad = plan.clone();
+    bad.assignments[0].millicores = 64_000;
+    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
+    let mut bad = plan.clone();
+    bad.assignments[0].variant.as_mut().unwrap().model_file = "missing.onnx".into();
+    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
+    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: None }).await), Some(Code::InvalidArgument));
+    let mut stale = plan.clone();
+    stale.epoch = 4;
+    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(stale) }).await), Some(Code::FailedPrecondition));
+
+    // Still serving, with the last good plan.
+    let r = infer.infer(call("classify", Some(sample(&shape)))).await.unwrap().into_inner();
+    assert_eq!(r.variant, "resnet18");
+    let status = agent.status(AgentStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.applied_epoch, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
+    let s = setup(&[]);
+    let mut agent = agent_client(&s.agent.addr).await;
+    let plan = plan_for(1, &s.agent.node, "classify", 2000, &[(&s.r50, 1000, 8)]);
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    wait_ready(&s.agent.addr, 1).await;
+    let mut infer = inference_client(&s.agent.addr).await;
+    // 1 ms cannot cover a resnet50 batch on one core.
+    let r = infer
+        .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r50.input_shape)), budget_ms: 1 })
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::DeadlineExceeded));
+}
