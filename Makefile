@@ -23,8 +23,10 @@ demo: build
 	scripts/demo.sh
 
 # Unit tests, property tests and the cross-process integration tests (which start real
-# controllers and agents, so the binaries are built first).
-test: build
+# controllers and agents, so the binaries are built first, with the same features as the
+# tests so that nothing is compiled twice).
+test: setup
+	$(CARGO) build --release --workspace --all-targets
 	$(CARGO) test --release --workspace
 
 bench: build

@@ -133,12 +133,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
     let node = Node::new(cfg, cgroups, metrics);
     if let Some(addr) = args.metrics_listen {
-        let registry = std::sync::Arc::new(registry);
-        tokio::spawn(async move {
-            if let Err(e) = tidal_common::metrics_http::serve(addr, registry).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
+        tidal_common::metrics_http::spawn(addr, registry);
         // Keep the per-worker gauges fresh between scrapes.
         let node = node.clone();
         tokio::spawn(async move {

@@ -20,19 +20,37 @@ use tidal_proto::v1::InferRequest;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 
-pub struct LoadArgs {
+#[derive(clap::Args)]
+pub struct LoadOpts {
+    #[arg(long, default_value = "127.0.0.1:7100")]
     pub agent: String,
+    #[arg(long)]
     pub task: String,
+    /// Rate trace: one integer per line, the requests in that second.
+    #[arg(long)]
     pub trace: PathBuf,
+    /// Multiply every rate by this factor.
+    #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// Replay this many trace seconds per wall second.
+    #[arg(long, default_value_t = 1.0)]
     pub speedup: f64,
+    /// First trace line to replay (0-based).
+    #[arg(long, default_value_t = 0)]
     pub start: usize,
+    /// Trace seconds to replay (default: to the end).
+    #[arg(long)]
     pub duration: Option<usize>,
-    pub slo_ms: u32,
-    pub input_shape: Vec<i64>,
+    /// Write one CSV line per request here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Requests outstanding at most; beyond it a request is counted as dropped by the client.
+    #[arg(long, default_value_t = 4096)]
     pub max_in_flight: usize,
+    /// HTTP/2 connections to spread requests over.
+    #[arg(long, default_value_t = 4)]
     pub connections: usize,
 }
 
@@ -107,7 +125,10 @@ pub fn arrivals(rates: &[f64], scale: f64, speedup: f64, seed: u64) -> Vec<f64> 
     out
 }
 
-pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
+pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::Result<Summary> {
+    if !(args.scale > 0.0 && args.scale.is_finite() && args.speedup > 0.0 && args.speedup.is_finite()) {
+        anyhow::bail!("--scale and --speedup must be positive numbers");
+    }
     let rates = read_trace(&args.trace, args.start, args.duration)?;
     let times = arrivals(&rates, args.scale, args.speedup, args.seed);
     let wall = rates.len() as f64 / args.speedup;
@@ -128,11 +149,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         clients.push(InferenceClient::new(channel).max_decoding_message_size(64 << 20));
     }
     let input = {
-        let n: i64 = args.input_shape.iter().product();
+        let n: i64 = input_shape.iter().product();
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
         let values: Vec<f32> = (0..n).map(|_| rng.gen::<f32>()).collect();
         let mut shape = vec![1];
-        shape.extend_from_slice(&args.input_shape);
+        shape.extend_from_slice(&input_shape);
         f32_tensor(shape, &values)
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
@@ -181,7 +202,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         write_records(out, &records)?;
         eprintln!("wrote {} request records to {}", records.len(), out.display());
     }
-    Ok(summarise(&records, args.slo_ms))
+    Ok(summarise(&records, slo_ms))
 }
 
 async fn report_progress(started: Instant, wall: f64) {

@@ -65,38 +65,7 @@ enum Command {
         limit: u32,
     },
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
-    Load {
-        #[arg(long, default_value = "127.0.0.1:7100")]
-        agent: String,
-        #[arg(long)]
-        task: String,
-        /// Rate trace: one integer per line, the requests in that second.
-        #[arg(long)]
-        trace: PathBuf,
-        /// Multiply every rate by this factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
-        /// Replay this many trace seconds per wall second.
-        #[arg(long, default_value_t = 1.0)]
-        speedup: f64,
-        /// First trace line to replay (0-based).
-        #[arg(long, default_value_t = 0)]
-        start: usize,
-        /// Trace seconds to replay (default: to the end).
-        #[arg(long)]
-        duration: Option<usize>,
-        /// Write one CSV line per request here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Requests outstanding at most; beyond it a request is counted as dropped by the client.
-        #[arg(long, default_value_t = 4096)]
-        max_in_flight: usize,
-        /// HTTP/2 connections to spread requests over.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-    },
+    Load(load::LoadOpts),
 }
 
 #[derive(Subcommand)]
@@ -173,41 +142,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
-        Command::Load {
-            agent,
-            task,
-            trace,
-            scale,
-            speedup,
-            start,
-            duration,
-            out,
-            seed,
-            max_in_flight,
-            connections,
-        } => {
-            if !(scale > 0.0 && scale.is_finite() && speedup > 0.0 && speedup.is_finite()) {
-                anyhow::bail!("--scale and --speedup must be positive numbers");
-            }
-            let spec = task_spec(&cli.controller, &task).await?;
+        Command::Load(opts) => {
+            let spec = task_spec(&cli.controller, &opts.task).await?;
             let input_shape =
                 spec.variants.first().map(|v| v.input_shape.clone()).context("the task has no variants")?;
-            let args = load::LoadArgs {
-                agent,
-                task,
-                trace,
-                scale,
-                speedup,
-                start,
-                duration,
-                slo_ms: spec.slo_ms,
-                input_shape,
-                out,
-                seed,
-                max_in_flight,
-                connections,
-            };
-            let summary = load::run(args).await?;
+            let summary = load::run(opts, spec.slo_ms, input_shape).await?;
             load::print_summary(&summary, spec.slo_ms);
             Ok(())
         }

@@ -28,3 +28,13 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }
+
+/// Serves `registry` on `addr` in the background; a failure to bind is logged, not fatal.
+pub fn spawn(addr: SocketAddr, registry: Registry) {
+    let registry = Arc::new(registry);
+    tokio::spawn(async move {
+        if let Err(e) = serve(addr, registry).await {
+            tracing::error!(%addr, error = %e, "metrics endpoint failed");
+        }
+    });
+}

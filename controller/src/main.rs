@@ -97,12 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
     let ctl = Controller::new(raft, cfg, Box::new(forecaster), metrics);
     if let Some(addr) = args.metrics_listen {
-        let registry = std::sync::Arc::new(registry);
-        tokio::spawn(async move {
-            if let Err(e) = tidal_common::metrics_http::serve(addr, registry).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
+        tidal_common::metrics_http::spawn(addr, registry);
         let ctl = ctl.clone();
         tokio::spawn(async move {
             loop {

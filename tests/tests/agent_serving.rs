@@ -1,5 +1,8 @@
-//! The agent on its own, driven with plans pushed over gRPC: real ONNX inference, in-place
-//! resizing seen in the kernel's cgroup files, and clear statuses for bad input.
+//! The agent on its own, driven with plans pushed over gRPC: real ONNX inference, clear
+//! statuses for bad input and bad plans, deadlines, restarts of dead workers, and cgroup
+//! clean-up on exit.
+
+use std::time::Duration;
 
 use tidal_proto::v1::{AgentStatusRequest, ApplyPlanRequest, DataType, InferRequest, Tensor};
 use tidal_tests::*;
@@ -96,4 +99,41 @@ async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
         .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r50.input_shape)), budget_ms: 1 })
         .await;
     assert_eq!(r.err().map(|s| s.code()), Some(Code::DeadlineExceeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit() {
+    let s = setup(&[]);
+    let mut agent = agent_client(&s.agent.addr).await;
+    let plan = plan_for(1, &s.agent.node, "classify", 5000, &[(&s.r18, 1000, 1)]);
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    let workers = wait_ready(&s.agent.addr, 1).await;
+    let cgroup = std::path::PathBuf::from(&workers[0].cgroup);
+    let pid = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    let pid = pid.lines().next().expect("the worker process is in its cgroup").trim().to_string();
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+
+    let restarted = eventually(Duration::from_secs(30), "the worker to be restarted", || {
+        let mut agent = agent.clone();
+        async move {
+            let w = agent.status(AgentStatusRequest {}).await.ok()?.into_inner().workers;
+            (w.len() == 1 && w[0].restarts >= 1 && w[0].ready).then(|| w[0].clone())
+        }
+    })
+    .await;
+    assert_eq!(restarted.id, workers[0].id);
+    let new_pid = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert!(!new_pid.contains(&pid), "a new process in the same cgroup");
+    let mut infer = inference_client(&s.agent.addr).await;
+    let r = infer
+        .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 })
+        .await;
+    assert!(r.is_ok(), "serving again after the restart: {r:?}");
+
+    let agent_cgroup = cgroup.parent().unwrap().to_path_buf();
+    assert!(agent_cgroup.is_dir());
+    let Setup { agent, work, .. } = s;
+    drop(agent); // SIGTERM: the agent stops its workers and removes its cgroups
+    assert!(!agent_cgroup.exists(), "{} is left behind", agent_cgroup.display());
+    drop(work);
 }
