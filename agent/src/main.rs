@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run one worker process (started by the agent itself; not for direct use).
     #[command(hide = true)]
     Worker {
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker { model, ort_lib, threads } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
         Command::Serve(args) => {
             tidal_common::logging::init("info");
-            tokio::runtime::Runtime::new()?.block_on(serve(args))
+            tokio::runtime::Runtime::new()?.block_on(serve(*args))
         }
     }
 }

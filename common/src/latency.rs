@@ -56,7 +56,7 @@ impl LatencyModel {
         }
         let max_delay_ms = self.max_delay_ms(p.batch, slo_ms);
         let latency_bound_ms = max_delay_ms as f64 + 2.0 * p.latency_p99_ms;
-        (latency_bound_ms <= slo_ms as f64).then(|| OperatingPoint {
+        (latency_bound_ms <= slo_ms as f64).then_some(OperatingPoint {
             cores: p.cores,
             batch: p.batch,
             max_delay_ms,

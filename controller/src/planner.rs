@@ -11,18 +11,12 @@ use tidal_proto::v1::{Assignment, Plan, TaskSpec};
 
 use crate::state::ClusterState;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PlannerConfig {
     pub model: LatencyModel,
     pub weights: Weights,
     /// Cores per node kept free of workers (for the agent itself and the OS).
     pub reserve_cores: u32,
-}
-
-impl Default for PlannerConfig {
-    fn default() -> Self {
-        Self { model: LatencyModel::default(), weights: Weights::default(), reserve_cores: 0 }
-    }
 }
 
 /// The next plan (with `epoch` and `term` filled in), given the forecast peak rate per task.

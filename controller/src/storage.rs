@@ -117,11 +117,7 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8].into();
-        e
+        Entry { index, term, data: vec![index as u8].into(), ..Default::default() }
     }
 
     #[test]
@@ -131,11 +127,7 @@ mod tests {
             let log = DurableLog::open(dir.path(), &[1]).unwrap();
             log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
             log.append(&[entry(3, 2)]).unwrap(); // conflicting suffix from a new term
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.vote = 1;
-            hs.commit = 3;
-            log.set_hard_state(&hs).unwrap();
+            log.set_hard_state(&HardState { term: 2, vote: 1, commit: 3, ..Default::default() }).unwrap();
         }
         let log = DurableLog::open(dir.path(), &[9]).unwrap();
         let state = log.mem.initial_state().unwrap();
