@@ -2,7 +2,7 @@
 # The main job: a local Tidal cluster (one controller, one agent) serving real ONNX ResNets,
 # adapting to a replayed slice of the Twitter trace. Run through `make demo`, which builds first.
 #
-# Knobs (environment): DEMO_SCALE (rate factor, default 1.5), DEMO_SPEEDUP (trace seconds per
+# Knobs (environment): DEMO_SCALE (rate factor, default 0.75), DEMO_SPEEDUP (trace seconds per
 # wall second, default 120), DEMO_START / DEMO_DURATION (trace slice, in trace seconds; default
 # 05:00–11:00 of day 1), DEMO_SLO_MS (default 250), DEMO_INTERVAL_S (adaptation interval,
 # default 10), DEMO_RESOLUTION (model input pixels, default 64).
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 BIN=./target/release
 TRACE=${DEMO_TRACE:-../shared/data/twitter-trace-rps.txt}
-SCALE=${DEMO_SCALE:-1.5}
+SCALE=${DEMO_SCALE:-0.75}
 SPEEDUP=${DEMO_SPEEDUP:-120}
 START=${DEMO_START:-18000}
 DURATION=${DEMO_DURATION:-21600}

@@ -5,7 +5,7 @@
 //! at their arrival times whatever the answers do, as real users would; a request still
 //! waiting when `max_in_flight` are outstanding is counted as a client-side drop, not delayed.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,7 +196,6 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         records.push(r);
     }
     progress.abort();
-    eprintln!();
     records.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
     if let Some(out) = &args.out {
         write_records(out, &records)?;
@@ -207,10 +206,9 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
 
 async fn report_progress(started: Instant, wall: f64) {
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let done = started.elapsed().as_secs_f64();
-        eprint!("\r  load: {:>5.0} / {wall:.0} s ({:>3.0} %)", done, (done / wall * 100.0).min(100.0));
-        let _ = std::io::stderr().flush();
+        eprintln!("load: {:>5.0} / {wall:.0} s ({:>3.0} %)", done, (done / wall * 100.0).min(100.0));
     }
 }
 

@@ -37,7 +37,12 @@ pub struct Controller {
     pub replan: Notify,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
+    last_surge: Mutex<Option<Instant>>,
 }
+
+/// Seconds of arrivals a surge is judged on, and the least time between two surge re-plans.
+const SURGE_WINDOW_S: u64 = 2;
+const SURGE_COOLDOWN: Duration = Duration::from_secs(3);
 
 impl Controller {
     pub fn new(
@@ -55,6 +60,7 @@ impl Controller {
             replan: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
+            last_surge: Mutex::new(None),
         })
     }
 
@@ -119,6 +125,24 @@ impl Controller {
         self.metrics.plans_committed.inc();
         self.push_all(&plan);
         Ok(Some(plan))
+    }
+
+    /// Re-plans at once, without waiting for the interval, when a task's arrivals over the
+    /// last seconds exceed the rate its plan was sized for: a burst that the forecast missed
+    /// should cost seconds of overload, not a whole interval.
+    pub fn check_surge(&self, now: Instant) {
+        if !self.raft.status().is_leader {
+            return;
+        }
+        let surging = self.observed(|o| o.surge(now, SURGE_WINDOW_S));
+        let Some((task, rate, planned)) = surging else { return };
+        let mut last = self.last_surge.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < SURGE_COOLDOWN) {
+            return;
+        }
+        *last = Some(now);
+        info!(task, rate, planned, "arrivals exceed the planned rate; re-planning now");
+        self.replan.notify_one();
     }
 
     /// Refreshes the gauges that follow state rather than events.

@@ -73,6 +73,15 @@ impl Observed {
         }
     }
 
+    /// The first task whose mean arrival rate over the last `window_s` seconds exceeds the
+    /// rate its plan was sized for (the last forecast): (task, rate, planned).
+    pub fn surge(&self, now: Instant, window_s: u64) -> Option<(String, f64, f64)> {
+        self.forecasts.iter().find_map(|(task, &planned)| {
+            let rate = self.rate(task, now, window_s);
+            (rate > planned.max(tidal_common::solver::MIN_PLANNED_RPS)).then(|| (task.clone(), rate, planned))
+        })
+    }
+
     /// The worst p99 latency any node reported for `task` in its latest report.
     pub fn p99(&self, task: &str) -> f64 {
         self.reports
@@ -108,5 +117,18 @@ mod tests {
         assert_eq!(o.history("t", now, 4), vec![0.0, 0.0, 6.0, 8.0]);
         assert_eq!(o.rate("t", now, 2), 7.0);
         assert_eq!(o.history("unknown", now, 2), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_surge_is_arrivals_above_the_planned_rate() {
+        let t0 = Instant::now();
+        let mut o = Observed::new(t0);
+        let now = t0 + Duration::from_secs(10);
+        o.record(report("a", vec![40, 60]), now);
+        assert_eq!(o.surge(now, 2), None, "no plan sized yet");
+        o.forecasts.insert("t".into(), 55.0);
+        assert_eq!(o.surge(now, 2), None, "a mean of 50 is within 55");
+        o.forecasts.insert("t".into(), 45.0);
+        assert_eq!(o.surge(now, 2), Some(("t".into(), 50.0, 45.0)));
     }
 }

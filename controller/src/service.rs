@@ -101,7 +101,9 @@ impl ControllerApi for ControllerService {
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&node)) {
             return Err(Status::failed_precondition(format!("node {node:?} is not registered")));
         }
-        self.ctl.observed(|o| o.record(report, Instant::now()));
+        let now = Instant::now();
+        self.ctl.observed(|o| o.record(report, now));
+        self.ctl.check_surge(now);
         self.ctl.push_if_behind(&node, applied);
         Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
     }
