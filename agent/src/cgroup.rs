@@ -189,6 +189,30 @@ impl CpuCgroups {
         Ok(cg)
     }
 
+    /// Kills whatever still runs in the subtree's worker cgroups and removes them: on start,
+    /// what a crashed agent left behind; on exit, what an interrupted operation (a profile)
+    /// left running. Returns how many cgroups were removed.
+    pub fn sweep(&self) -> usize {
+        let roots: Vec<&PathBuf> = match &self.driver {
+            Driver::V1 { cpu, cpuacct } => std::iter::once(cpu).chain(cpuacct.iter()).collect(),
+            Driver::V2 { dir } => vec![dir],
+            Driver::None => vec![],
+        };
+        let mut removed = 0;
+        for root in roots {
+            let Ok(entries) = fs::read_dir(root) else { continue };
+            for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+                kill_all(&dir);
+                if remove_when_empty(&dir) {
+                    removed += 1;
+                } else {
+                    tracing::warn!(path = %dir.display(), "could not remove a leftover cgroup");
+                }
+            }
+        }
+        removed
+    }
+
     /// Removes the (empty) subtree; called on exit after every worker is gone.
     pub fn remove(&self) {
         let dirs: Vec<&PathBuf> = match &self.driver {
@@ -202,6 +226,25 @@ impl CpuCgroups {
             }
         }
     }
+}
+
+/// SIGKILLs every process in a cgroup.
+fn kill_all(dir: &Path) {
+    let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) else { return };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Removes a cgroup once its killed processes are gone (up to a second).
+fn remove_when_empty(dir: &Path) -> bool {
+    for _ in 0..100 {
+        if fs::remove_dir(dir).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
 }
 
 fn enable_cpu(dir: &Path) -> Result<(), CgroupError> {

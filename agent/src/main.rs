@@ -114,7 +114,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cores = args.cores.unwrap_or(online).max(1);
     let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
     let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree).context("setting up the workers' cgroups")?;
-    info!(driver = cgroups.driver_name(), subtree = %subtree, cores, "cgroups ready");
+    let swept = cgroups.sweep();
+    info!(driver = cgroups.driver_name(), subtree = %subtree, cores, swept, "cgroups ready");
     let cfg = AgentConfig {
         node: args.node.clone(),
         model_dir: args.model_dir.clone(),

@@ -304,6 +304,11 @@ impl Node {
         let retiring: Vec<Arc<Worker>> = self.retiring.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
         let all = workers.into_iter().chain(retiring);
         futures::future::join_all(all.map(|w| async move { w.shutdown(Duration::from_secs(2)).await })).await;
+        let cgroups = self.cgroups.clone();
+        let swept = tokio::task::spawn_blocking(move || cgroups.sweep()).await.unwrap_or(0);
+        if swept > 0 {
+            info!(swept, "removed cgroups left by interrupted operations");
+        }
         self.cgroups.remove();
     }
 }

@@ -1,5 +1,6 @@
 //! `tidalctl`: Tidal's admin CLI.
 
+mod forecast;
 mod load;
 mod models;
 mod status;
@@ -64,6 +65,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Score the forecasters on a rate trace (MAPE of the next interval's peak, share under-predicted).
+    Forecast(forecast::ForecastOpts),
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
     Load(load::LoadOpts),
 }
@@ -142,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
+        Command::Forecast(opts) => forecast::run(opts),
         Command::Load(opts) => {
             let spec = task_spec(&cli.controller, &opts.task).await?;
             let input_shape =

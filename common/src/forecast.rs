@@ -1,7 +1,9 @@
 //! Forecasters: from the per-second arrival rates seen so far to the *peak* rate expected in
 //! the next interval, which is what a plan must carry.
 //!
-//! Pure functions of the history, so that the controller and the simulator call the same code.
+//! Pure functions of the history, so that the controller, the simulator and the evaluation
+//! call the same code. All but `peak-window` work on the series of per-interval peaks (the
+//! history cut into `horizon_s`-second chunks, aligned to its end).
 
 /// Predicts the peak arrival rate (req/s) of the next `horizon_s` seconds from per-second
 /// arrival counts, oldest first.
@@ -10,19 +12,31 @@ pub trait Forecaster: Send + Sync {
     fn forecast(&self, history: &[f64], horizon_s: usize) -> f64;
 }
 
-/// The last second's rate.
+/// Peaks of consecutive `horizon_s`-second chunks of `history`, aligned to its end (the
+/// oldest, partial chunk is dropped unless it is the only one).
+pub fn interval_peaks(history: &[f64], horizon_s: usize) -> Vec<f64> {
+    let h = horizon_s.max(1);
+    let full = history.len() / h;
+    if full == 0 {
+        return if history.is_empty() { vec![] } else { vec![history.iter().copied().fold(0.0, f64::max)] };
+    }
+    let start = history.len() - full * h;
+    history[start..].chunks(h).map(|c| c.iter().copied().fold(0.0, f64::max)).collect()
+}
+
+/// The last interval's peak.
 pub struct LastValue;
 
 impl Forecaster for LastValue {
     fn name(&self) -> &'static str {
         "last"
     }
-    fn forecast(&self, history: &[f64], _horizon_s: usize) -> f64 {
-        history.last().copied().unwrap_or(0.0)
+    fn forecast(&self, history: &[f64], horizon_s: usize) -> f64 {
+        interval_peaks(history, horizon_s).last().copied().unwrap_or(0.0)
     }
 }
 
-/// Exponentially weighted moving average of the per-second rates.
+/// Exponentially weighted moving average of the interval peaks.
 pub struct Ewma {
     pub alpha: f64,
 }
@@ -31,10 +45,37 @@ impl Forecaster for Ewma {
     fn name(&self) -> &'static str {
         "ewma"
     }
-    fn forecast(&self, history: &[f64], _horizon_s: usize) -> f64 {
-        let mut it = history.iter();
+    fn forecast(&self, history: &[f64], horizon_s: usize) -> f64 {
+        let peaks = interval_peaks(history, horizon_s);
+        let mut it = peaks.iter();
         let Some(&first) = it.next() else { return 0.0 };
         it.fold(first, |s, &x| self.alpha * x + (1.0 - self.alpha) * s)
+    }
+}
+
+/// Holt's linear trend (double exponential smoothing) on the interval peaks, one step ahead.
+pub struct Holt {
+    pub alpha: f64,
+    pub beta: f64,
+}
+
+impl Forecaster for Holt {
+    fn name(&self) -> &'static str {
+        "holt"
+    }
+    fn forecast(&self, history: &[f64], horizon_s: usize) -> f64 {
+        let peaks = interval_peaks(history, horizon_s);
+        let (mut level, mut trend) = match peaks.as_slice() {
+            [] => return 0.0,
+            [only] => return *only,
+            [a, b, ..] => (*b, b - a),
+        };
+        for &x in &peaks[2..] {
+            let previous = level;
+            level = self.alpha * x + (1.0 - self.alpha) * (level + trend);
+            trend = self.beta * (level - previous) + (1.0 - self.beta) * trend;
+        }
+        (level + trend).max(0.0)
     }
 }
 
@@ -61,13 +102,7 @@ impl Forecaster for PeakWindow {
         let window = &history[history.len().saturating_sub(self.window_s.max(1))..];
         let peak = window.iter().copied().fold(0.0, f64::max);
         let half = window.len() / 2;
-        let rising = if half > 0 {
-            let older = mean(&window[..half]);
-            let newer = mean(&window[half..]);
-            (newer - older).max(0.0)
-        } else {
-            0.0
-        };
+        let rising = if half > 0 { (mean(&window[half..]) - mean(&window[..half])).max(0.0) } else { 0.0 };
         (peak + rising) * self.headroom
     }
 }
@@ -80,6 +115,49 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
+/// How a forecaster did on a trace: one forecast per interval, scored against the interval's
+/// real peak.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accuracy {
+    pub intervals: usize,
+    /// Mean absolute percentage error over intervals with a non-zero peak.
+    pub mape_pct: f64,
+    /// Share of intervals whose peak was above the forecast.
+    pub under_pct: f64,
+    /// Mean forecast over mean real peak: the capacity an over-predicting forecaster buys.
+    pub over_provision: f64,
+}
+
+/// Replays `rates` (per second) in intervals of `interval_s`: before each interval the
+/// forecaster sees the last `lookback_s` seconds.
+pub fn evaluate(f: &dyn Forecaster, rates: &[f64], interval_s: usize, lookback_s: usize) -> Accuracy {
+    let interval_s = interval_s.max(1);
+    let (mut n, mut n_ape, mut ape, mut under, mut sum_f, mut sum_peak) = (0, 0, 0.0, 0, 0.0, 0.0);
+    let mut t = interval_s;
+    while t + interval_s <= rates.len() {
+        let history = &rates[t.saturating_sub(lookback_s)..t];
+        let predicted = f.forecast(history, interval_s);
+        let peak = rates[t..t + interval_s].iter().copied().fold(0.0, f64::max);
+        n += 1;
+        if peak > 0.0 {
+            n_ape += 1;
+            ape += (predicted - peak).abs() / peak;
+        }
+        if predicted < peak {
+            under += 1;
+        }
+        sum_f += predicted;
+        sum_peak += peak;
+        t += interval_s;
+    }
+    Accuracy {
+        intervals: n,
+        mape_pct: if n_ape > 0 { 100.0 * ape / n_ape as f64 } else { 0.0 },
+        under_pct: if n > 0 { 100.0 * under as f64 / n as f64 } else { 0.0 },
+        over_provision: if sum_peak > 0.0 { sum_f / sum_peak } else { 0.0 },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,13 +166,28 @@ mod tests {
     fn an_empty_history_forecasts_no_load() {
         assert_eq!(LastValue.forecast(&[], 30), 0.0);
         assert_eq!(Ewma { alpha: 0.5 }.forecast(&[], 30), 0.0);
+        assert_eq!(Holt { alpha: 0.5, beta: 0.5 }.forecast(&[], 30), 0.0);
         assert_eq!(PeakWindow::default().forecast(&[], 30), 0.0);
     }
 
     #[test]
-    fn ewma_moves_towards_the_new_level() {
-        let f = Ewma { alpha: 0.5 }.forecast(&[10.0, 10.0, 20.0], 30);
-        assert_eq!(f, 15.0);
+    fn interval_peaks_align_to_the_end() {
+        assert_eq!(interval_peaks(&[9.0, 1.0, 2.0, 3.0, 4.0], 2), vec![2.0, 4.0]);
+        assert_eq!(interval_peaks(&[1.0, 5.0], 4), vec![5.0]);
+    }
+
+    #[test]
+    fn last_and_ewma_follow_the_interval_peaks() {
+        let h = [10.0, 10.0, 20.0, 20.0];
+        assert_eq!(LastValue.forecast(&h, 2), 20.0);
+        assert_eq!(Ewma { alpha: 0.5 }.forecast(&h, 2), 15.0);
+    }
+
+    #[test]
+    fn holt_extrapolates_a_linear_ramp() {
+        let ramp: Vec<f64> = (0..10).map(|i| 10.0 * i as f64).collect();
+        let f = Holt { alpha: 0.8, beta: 0.8 }.forecast(&ramp, 1);
+        assert!((f - 100.0).abs() < 1e-6, "{f}");
     }
 
     #[test]
@@ -103,5 +196,15 @@ mod tests {
         assert_eq!(flat, 12.0);
         let ramp = PeakWindow { window_s: 4, headroom: 1.0 }.forecast(&[10.0, 20.0, 30.0, 40.0], 30);
         assert_eq!(ramp, 40.0 + 20.0);
+    }
+
+    #[test]
+    fn evaluation_scores_under_prediction_and_error() {
+        // Peaks alternate 10, 20: "last" is wrong by 100 % or 50 % and under half the time.
+        let rates: Vec<f64> = (0..8).flat_map(|i| if i % 2 == 0 { [10.0, 10.0] } else { [20.0, 20.0] }).collect();
+        let a = evaluate(&LastValue, &rates, 2, 10);
+        assert_eq!(a.intervals, 7);
+        assert!((a.under_pct - 100.0 * 4.0 / 7.0).abs() < 1e-9, "{a:?}");
+        assert!(a.mape_pct > 50.0);
     }
 }

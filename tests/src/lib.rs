@@ -94,12 +94,21 @@ pub struct Agent {
     pub node: String,
 }
 
+/// A node name unique to this test process.
+pub fn unique_node() -> String {
+    format!("test-{}-{}", std::process::id(), AGENTS.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Starts an agent with 2 cores, reporting every 0.5 s.
 pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
+    start_agent_named(work, &unique_node(), opts)
+}
+
+/// Starts an agent as `node` (its cgroups live under `tidal-test/<node>`).
+pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let n = AGENTS.fetch_add(1, Ordering::Relaxed);
-    let node = format!("test-{}-{n}", std::process::id());
+    let node = node.to_string();
     let mut cmd = Command::new(bin("tidal-agent"));
     cmd.arg("serve")
         .args(["--node", &node, "--listen", &addr, "--cores", "2", "--report-interval-s", "0.5"])
@@ -112,7 +121,7 @@ pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
     if let Some(c) = opts.controller {
         cmd.args(["--controller", c]);
     }
-    let proc = spawn("agent", cmd, &work.join(format!("{node}.log")));
+    let proc = spawn("agent", cmd, &work.join(format!("{node}-{port}.log")));
     Agent { proc, addr, node }
 }
 

@@ -137,3 +137,25 @@ async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit(
     assert!(!agent_cgroup.exists(), "{} is left behind", agent_cgroup.display());
     drop(work);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_after_a_crash_removes_the_cgroups_it_left_behind() {
+    let s = setup(&[]);
+    let mut agent = agent_client(&s.agent.addr).await;
+    let plan = plan_for(1, &s.agent.node, "classify", 5000, &[(&s.r18, 1000, 1)]);
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    let workers = wait_ready(&s.agent.addr, 1).await;
+    let leftover = std::path::PathBuf::from(&workers[0].cgroup);
+    let Setup { agent: crashed, work, .. } = s;
+    let node = crashed.node.clone();
+    let mut proc = crashed.proc;
+    proc.child.kill().unwrap(); // SIGKILL: no clean-up
+    proc.child.wait().unwrap();
+    assert!(leftover.is_dir(), "a crashed agent leaves its worker's cgroup");
+
+    let models = work.path().join("models");
+    let again = start_agent_named(work.path(), &node, AgentOpts { model_dir: &models, controller: None, extra: &[] });
+    agent_client(&again.addr).await; // listening: start-up is over
+    assert!(!leftover.exists(), "{} survived the restart", leftover.display());
+    drop(again);
+}
