@@ -115,6 +115,51 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
+/// Hysteresis on the rate a plan is sized for: a rise takes effect at once, a fall only once
+/// the forecast has stayed below the planned rate for `rounds` adaptation rounds in a row, and
+/// then only down to the highest of those lower forecasts. Scaling down on one low forecast
+/// would swap variants (a model load each time) on every dip and be caught short by the next
+/// rise; InfAdapter waits for four lower forecasts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleDownStabiliser {
+    pub rounds: u32,
+    planned: Option<f64>,
+    below: u32,
+    below_max: f64,
+}
+
+impl ScaleDownStabiliser {
+    pub fn new(rounds: u32) -> Self {
+        Self { rounds, planned: None, below: 0, below_max: 0.0 }
+    }
+
+    /// The rate to plan for this round, given the round's forecast.
+    pub fn next(&mut self, forecast: f64) -> f64 {
+        match self.planned {
+            Some(planned) if forecast < planned => {
+                self.below += 1;
+                self.below_max = self.below_max.max(forecast);
+                if self.below < self.rounds {
+                    return planned;
+                }
+                let lowered = self.below_max;
+                self.reset(lowered);
+                lowered
+            }
+            _ => {
+                self.reset(forecast);
+                forecast
+            }
+        }
+    }
+
+    fn reset(&mut self, planned: f64) {
+        self.planned = Some(planned);
+        self.below = 0;
+        self.below_max = 0.0;
+    }
+}
+
 /// How a forecaster did on a trace: one forecast per interval, scored against the interval's
 /// real peak.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +241,22 @@ mod tests {
         assert_eq!(flat, 12.0);
         let ramp = PeakWindow { window_s: 4, headroom: 1.0 }.forecast(&[10.0, 20.0, 30.0, 40.0], 30);
         assert_eq!(ramp, 40.0 + 20.0);
+    }
+
+    #[test]
+    fn the_stabiliser_rises_at_once_and_falls_after_enough_lower_rounds() {
+        let mut s = ScaleDownStabiliser::new(3);
+        assert_eq!(s.next(100.0), 100.0);
+        assert_eq!(s.next(150.0), 150.0, "a rise is immediate");
+        assert_eq!(s.next(80.0), 150.0);
+        assert_eq!(s.next(90.0), 150.0);
+        assert_eq!(s.next(70.0), 90.0, "after 3 lower rounds, down to the highest of them");
+        assert_eq!(s.next(60.0), 90.0);
+        assert_eq!(s.next(95.0), 95.0, "a rise resets the count");
+        assert_eq!(ScaleDownStabiliser::new(1).next(5.0), 5.0);
+        let mut now = ScaleDownStabiliser::new(1);
+        now.next(10.0);
+        assert_eq!(now.next(5.0), 5.0, "one round: no hysteresis");
     }
 
     #[test]

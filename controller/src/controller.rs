@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tidal_common::forecast::Forecaster;
+use tidal_common::forecast::{Forecaster, ScaleDownStabiliser};
 use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan};
 use tokio::sync::Notify;
@@ -23,6 +23,8 @@ pub struct ControllerConfig {
     pub planner: PlannerConfig,
     /// Seconds of arrival history the forecaster sees.
     pub forecast_window_s: u64,
+    /// Adaptation rounds the forecast must stay lower before a plan is sized down.
+    pub scale_down_after: u32,
     /// Address of this replica's API, shown to clients.
     pub advertise: String,
 }
@@ -38,6 +40,8 @@ pub struct Controller {
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
     last_surge: Mutex<Option<Instant>>,
+    /// Per task: the hysteresis between forecasts and the rate planned for.
+    stabilisers: Mutex<BTreeMap<String, ScaleDownStabiliser>>,
 }
 
 /// Seconds of arrivals a surge is judged on, and the least time between two surge re-plans.
@@ -61,6 +65,7 @@ impl Controller {
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
             last_surge: Mutex::new(None),
+            stabilisers: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -94,12 +99,18 @@ impl Controller {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
         let forecasts: BTreeMap<String, f64> = self.observed(|o| {
+            let mut stabilisers = self.stabilisers.lock().unwrap_or_else(|p| p.into_inner());
+            stabilisers.retain(|t, _| state.tasks.contains_key(t));
             let f: BTreeMap<String, f64> = state
                 .tasks
                 .keys()
                 .map(|t| {
                     let history = o.history(t, now, self.cfg.forecast_window_s);
-                    (t.clone(), self.forecaster.forecast(&history, self.cfg.interval.as_secs() as usize))
+                    let forecast = self.forecaster.forecast(&history, self.cfg.interval.as_secs() as usize);
+                    let stabiliser = stabilisers
+                        .entry(t.clone())
+                        .or_insert_with(|| ScaleDownStabiliser::new(self.cfg.scale_down_after));
+                    (t.clone(), stabiliser.next(forecast))
                 })
                 .collect();
             o.forecasts = f.clone();

@@ -39,6 +39,9 @@ struct Args {
     /// Seconds of arrival history the forecaster looks at.
     #[arg(long, default_value_t = 60)]
     forecast_window_s: u64,
+    /// Adaptation rounds the forecast must stay lower before a plan is sized down (1: at once).
+    #[arg(long, default_value_t = 3)]
+    scale_down_after: u32,
     /// Factor the forecast peak is raised by before solving.
     #[arg(long, default_value_t = 1.1)]
     headroom: f64,
@@ -90,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             reserve_cores: args.reserve_cores,
         },
         forecast_window_s: args.forecast_window_s,
+        scale_down_after: args.scale_down_after.max(1),
         advertise: args.listen.to_string(),
     };
     let forecaster = PeakWindow { window_s: args.forecast_window_s as usize, headroom: args.headroom };
