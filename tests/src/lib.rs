@@ -260,3 +260,18 @@ pub async fn wait_ready(addr: &str, workers: usize) -> Vec<tidal_proto::v1::Work
     .await;
     client.status(tidal_proto::v1::AgentStatusRequest {}).await.unwrap().into_inner().workers
 }
+
+impl Setup {
+    /// Applies a one-task ("classify") plan of `workers` and waits until they are ready.
+    pub async fn serve(
+        &self,
+        epoch: u64,
+        slo_ms: u32,
+        workers: &[(&tidal_common::variant::VariantConfig, u32, u32)],
+    ) -> Vec<tidal_proto::v1::WorkerTelemetry> {
+        let mut agent = agent_client(&self.agent.addr).await;
+        let plan = plan_for(epoch, &self.agent.node, "classify", slo_ms, workers);
+        agent.apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan) }).await.expect("the plan is applied");
+        wait_ready(&self.agent.addr, workers.len()).await
+    }
+}

@@ -11,10 +11,7 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inference_answers_with_the_model_output_shape_from_the_planned_variants() {
     let s = setup(&[]);
-    let mut agent = agent_client(&s.agent.addr).await;
-    let plan = plan_for(1, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1), (&s.r50, 1000, 4)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
-    wait_ready(&s.agent.addr, 2).await;
+    s.serve(1, 2000, &[(&s.r18, 1000, 1), (&s.r50, 1000, 4)]).await;
     let mut infer = inference_client(&s.agent.addr).await;
     let mut variants = std::collections::BTreeSet::new();
     for _ in 0..8 {
@@ -89,10 +86,7 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
     let s = setup(&[]);
-    let mut agent = agent_client(&s.agent.addr).await;
-    let plan = plan_for(1, &s.agent.node, "classify", 2000, &[(&s.r50, 1000, 8)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
-    wait_ready(&s.agent.addr, 1).await;
+    s.serve(1, 2000, &[(&s.r50, 1000, 8)]).await;
     let mut infer = inference_client(&s.agent.addr).await;
     // 1 ms cannot cover a resnet50 batch on one core.
     let r = infer
@@ -104,10 +98,8 @@ async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit() {
     let s = setup(&[]);
-    let mut agent = agent_client(&s.agent.addr).await;
-    let plan = plan_for(1, &s.agent.node, "classify", 5000, &[(&s.r18, 1000, 1)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
-    let workers = wait_ready(&s.agent.addr, 1).await;
+    let workers = s.serve(1, 5000, &[(&s.r18, 1000, 1)]).await;
+    let agent = agent_client(&s.agent.addr).await;
     let cgroup = std::path::PathBuf::from(&workers[0].cgroup);
     let pid = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
     let pid = pid.lines().next().expect("the worker process is in its cgroup").trim().to_string();
@@ -141,10 +133,7 @@ async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restarted_after_a_crash_removes_the_cgroups_it_left_behind() {
     let s = setup(&[]);
-    let mut agent = agent_client(&s.agent.addr).await;
-    let plan = plan_for(1, &s.agent.node, "classify", 5000, &[(&s.r18, 1000, 1)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
-    let workers = wait_ready(&s.agent.addr, 1).await;
+    let workers = s.serve(1, 5000, &[(&s.r18, 1000, 1)]).await;
     let leftover = std::path::PathBuf::from(&workers[0].cgroup);
     let Setup { agent: crashed, work, .. } = s;
     let node = crashed.node.clone();
