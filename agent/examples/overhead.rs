@@ -38,11 +38,11 @@ fn main() -> anyhow::Result<()> {
     shape.extend_from_slice(&cfg.input_shape);
     let batch = Batch { id: 1, shape: shape.clone(), data: values.clone() };
     for _ in 0..20 {
-        run_batch(&mut session, &input_name, &batch)?;
+        run_batch(&mut session, &input_name, batch.clone())?;
     }
     let t = Instant::now();
     for _ in 0..requests {
-        run_batch(&mut session, &input_name, &batch)?;
+        run_batch(&mut session, &input_name, batch.clone())?;
     }
     let direct = t.elapsed().as_secs_f64() / requests as f64;
     drop(session);

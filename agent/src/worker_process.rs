@@ -38,8 +38,8 @@ pub fn open_session(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Res
 }
 
 /// Runs one batch through the session: returns the first output's shape and values.
-pub fn run_batch(session: &mut Session, input: &str, batch: &Batch) -> anyhow::Result<(Vec<i64>, Vec<f32>)> {
-    let tensor = Tensor::from_array((batch.shape.clone(), batch.data.clone())).context("building the input tensor")?;
+pub fn run_batch(session: &mut Session, input: &str, batch: Batch) -> anyhow::Result<(Vec<i64>, Vec<f32>)> {
+    let tensor = Tensor::from_array((batch.shape, batch.data)).context("building the input tensor")?;
     let outputs = session.run(ort::inputs![input => tensor]).context("running the model")?;
     let (shape, data) = outputs[0].try_extract_tensor::<f32>().context("reading the output tensor")?;
     Ok((shape.iter().copied().collect(), data.to_vec()))
@@ -61,9 +61,10 @@ pub fn serve(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<()>
     write_frame(&mut out, &Ready { input_name: input_name.clone(), output_name, error: String::new() })?;
     while let Some(batch) = read_frame::<Batch>(&mut input)? {
         let started = Instant::now();
-        let result = match run_batch(&mut session, &input_name, &batch) {
-            Ok((shape, data)) => BatchResult { id: batch.id, shape, data, ..Default::default() },
-            Err(e) => BatchResult { id: batch.id, error: format!("{e:#}"), ..Default::default() },
+        let id = batch.id;
+        let result = match run_batch(&mut session, &input_name, batch) {
+            Ok((shape, data)) => BatchResult { id, shape, data, ..Default::default() },
+            Err(e) => BatchResult { id, error: format!("{e:#}"), ..Default::default() },
         };
         let result = BatchResult { run_us: started.elapsed().as_micros() as u64, ..result };
         write_frame(&mut out, &result)?;
