@@ -10,6 +10,7 @@ pub mod latency;
 pub mod logging;
 pub mod metrics_http;
 pub mod plan;
+pub mod profile;
 pub mod resnet;
 pub mod solver;
 pub mod tensor;

@@ -77,7 +77,7 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
 
 #[derive(Debug, Error, PartialEq)]
 #[error(
-    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)"
+    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free that does not already run its variant ({free:?} free)"
 )]
 pub struct PlacementError {
     pub cores: u32,
@@ -85,25 +85,35 @@ pub struct PlacementError {
 }
 
 /// Places workers (their core counts, in order) onto nodes (their free cores), largest worker
-/// first, each on the node with the most free cores, preferring the node it already runs on
-/// (`current[i]`): a move costs a model load. Returns a node index per worker.
-pub fn place(workers: &[u32], current: &[Option<usize>], free: &[u32]) -> Result<Vec<usize>, PlacementError> {
+/// first. Workers of one group (replicas of a variant) go to different nodes: an agent runs
+/// one worker per variant, and spreading them survives the loss of a node. A worker stays on a
+/// node where its group already runs (`current[i]`) if it can — a move costs a model load —
+/// and otherwise goes to the node with the most free cores. Returns a node index per worker.
+pub fn place<G: PartialEq>(
+    workers: &[u32],
+    groups: &[G],
+    current: &[Vec<usize>],
+    free: &[u32],
+) -> Result<Vec<usize>, PlacementError> {
     let mut free = free.to_vec();
     let mut order: Vec<usize> = (0..workers.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(workers[i]));
-    let mut placed = vec![0; workers.len()];
+    let mut placed: Vec<Option<usize>> = vec![None; workers.len()];
     for i in order {
         let cores = workers[i];
-        let stay = current.get(i).copied().flatten().filter(|&n| free.get(n).is_some_and(|&f| f >= cores));
-        let node = stay
-            .or_else(|| (0..free.len()).filter(|&n| free[n] >= cores).max_by_key(|&n| (free[n], std::cmp::Reverse(n))));
+        let taken = |n: usize| (0..workers.len()).any(|j| placed[j] == Some(n) && groups.get(j) == groups.get(i));
+        let fits = |n: usize| free.get(n).is_some_and(|&f| f >= cores) && !taken(n);
+        let stay = current.get(i).and_then(|nodes| nodes.iter().copied().find(|&n| fits(n)));
+        let node = stay.or_else(|| {
+            (0..free.len()).filter(|&n| fits(n)).max_by_key(|&n| (free[n], std::cmp::Reverse(n)))
+        });
         let Some(node) = node else {
             return Err(PlacementError { cores, free });
         };
         free[node] -= cores;
-        placed[i] = node;
+        placed[i] = Some(node);
     }
-    Ok(placed)
+    Ok(placed.into_iter().map(|n| n.unwrap_or_default()).collect())
 }
 
 #[cfg(test)]
@@ -163,8 +173,18 @@ mod tests {
 
     #[test]
     fn placement_keeps_workers_where_they_run_and_reports_what_does_not_fit() {
-        assert_eq!(place(&[2, 1], &[None, Some(1)], &[2, 2]), Ok(vec![0, 1]));
-        assert_eq!(place(&[1, 1], &[None, None], &[2, 1]), Ok(vec![0, 0]));
-        assert!(place(&[3], &[None], &[2, 2]).is_err());
+        assert_eq!(place(&[2, 1], &["a", "b"], &[vec![], vec![1]], &[2, 2]), Ok(vec![0, 1]));
+        assert_eq!(place(&[1, 1], &["a", "b"], &[vec![], vec![]], &[2, 1]), Ok(vec![0, 0]));
+        assert!(place(&[3], &["a"], &[vec![]], &[2, 2]).is_err());
+    }
+
+    #[test]
+    fn replicas_of_one_variant_are_spread_over_nodes() {
+        // Node 0 has room for both, but the second replica of "a" goes to node 1.
+        assert_eq!(place(&[1, 1], &["a", "a"], &[vec![], vec![]], &[4, 2]), Ok(vec![0, 1]));
+        // Both replicas stay where they run.
+        assert_eq!(place(&[1, 1], &["a", "a"], &[vec![1, 2], vec![1, 2]], &[4, 2, 2]), Ok(vec![1, 2]));
+        // Two replicas, one node: it does not fit.
+        assert!(place(&[1, 1], &["a", "a"], &[vec![], vec![]], &[4]).is_err());
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tidal_common::forecast::PeakWindow;
 use tidal_common::latency::LatencyModel;
-use tidal_common::solver::Weights;
+use tidal_common::solver::{Limits, PolicyKind, Weights};
 use tidal_controller::consensus::{start, RaftConfig};
 use tidal_controller::controller::{Controller, ControllerConfig};
 use tidal_controller::planner::PlannerConfig;
@@ -45,12 +45,25 @@ struct Args {
     /// Factor the forecast peak is raised by before solving.
     #[arg(long, default_value_t = 1.1)]
     headroom: f64,
-    /// Weight of the cores term (per core budget) in the objective.
-    #[arg(long, default_value_t = 0.05)]
+    /// Planning policy: tidal (variant mix, vertical and horizontal scaling, batching) or one
+    /// of the research systems and baselines it is compared with.
+    #[arg(long, default_value = "tidal", value_parser = parse_policy)]
+    policy: PolicyKind,
+    /// Objective weight of the traffic-weighted accuracy (per 100 %).
+    #[arg(long, default_value_t = 1.0)]
     alpha: f64,
-    /// Weight of the model-loading term in the objective.
+    /// Objective weight of the cores used, per core budget.
+    #[arg(long, default_value_t = 0.05)]
+    beta: f64,
+    /// Objective weight of starting variants that are not running (model loads).
     #[arg(long, default_value_t = 0.001)]
     gamma: f64,
+    /// Objective weight per unit of batch size.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Largest batch size a plan may use.
+    #[arg(long, default_value_t = 64)]
+    max_batch: u32,
     /// Share of a profiled throughput a worker is planned to carry.
     #[arg(long, default_value_t = 0.8)]
     utilisation: f64,
@@ -63,6 +76,10 @@ struct Args {
     /// Milliseconds per Raft tick.
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
+}
+
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse()
 }
 
 #[tokio::main]
@@ -88,8 +105,10 @@ async fn main() -> anyhow::Result<()> {
     let cfg = ControllerConfig {
         interval: Duration::from_secs_f64(args.interval_s),
         planner: PlannerConfig {
-            model: LatencyModel { utilisation: args.utilisation, ..LatencyModel::default() },
-            weights: Weights { alpha: args.alpha, gamma: args.gamma },
+            policy: args.policy,
+            model: LatencyModel { utilisation: args.utilisation },
+            weights: Weights { alpha: args.alpha, beta: args.beta, gamma: args.gamma, delta: args.delta },
+            limits: Limits { max_batch: args.max_batch.clamp(1, tidal_common::plan::MAX_BATCH), ..Limits::default() },
             reserve_cores: args.reserve_cores,
         },
         forecast_window_s: args.forecast_window_s,

@@ -1,22 +1,38 @@
-//! From the replicated state and a load forecast to the next plan: per task, the InfAdapter
-//! problem over the task's profiled variants, then placement of the chosen workers on nodes.
-//! Pure: the adaptation loop and tests call it the same way.
+//! From the replicated state and a load forecast to the next plan: per task, the planning
+//! problem over the task's profiled variants under the configured policy (Tidal's by
+//! default), then placement of the chosen workers on nodes. Pure: the adaptation loop and
+//! tests call it the same way.
 
 use std::collections::{BTreeMap, HashSet};
 
 use tidal_common::latency::LatencyModel;
 use tidal_common::plan::place;
-use tidal_common::solver::{solve_infadapter, Candidate, Problem, Weights};
+use tidal_common::profile::ProfileGrid;
+use tidal_common::solver::{solve, Limits, PolicyKind, Problem, Solution, Stage, Variant, Weights};
 use tidal_proto::v1::{Assignment, Plan, TaskSpec};
 
 use crate::state::ClusterState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlannerConfig {
+    pub policy: PolicyKind,
     pub model: LatencyModel,
     pub weights: Weights,
+    pub limits: Limits,
     /// Cores per node kept free of workers (for the agent itself and the OS).
     pub reserve_cores: u32,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Tidal,
+            model: LatencyModel::default(),
+            weights: Weights::default(),
+            limits: Limits::default(),
+            reserve_cores: 0,
+        }
+    }
 }
 
 /// The next plan (with `epoch` and `term` filled in), given the forecast peak rate per task.
@@ -38,9 +54,9 @@ pub fn next_plan(
     for task in state.tasks.values() {
         let forecast = forecasts.get(&task.name).copied().unwrap_or(0.0);
         let budget: u32 = free.iter().sum();
-        let workers = match choose_workers(state, task, forecast, budget, cfg) {
-            Ok((workers, note)) => {
-                plan.notes.push(note);
+        let workers = match choose_workers(state, task, forecast, budget, nodes.len(), cfg) {
+            Ok((workers, notes)) => {
+                plan.notes.extend(notes);
                 workers
             }
             Err(reason) => {
@@ -50,7 +66,8 @@ pub fn next_plan(
         };
         let current = current_nodes(state, task, &workers, &nodes);
         let cores: Vec<u32> = workers.iter().map(|w| w.millicores.div_ceil(1000)).collect();
-        match place(&cores, &current, &free) {
+        let groups: Vec<&str> = workers.iter().map(|w| w.variant.as_ref().map_or("", |v| v.name.as_str())).collect();
+        match place(&cores, &groups, &current, &free) {
             Ok(placed) => {
                 for (mut w, node) in workers.into_iter().zip(placed) {
                     free[node] -= w.millicores.div_ceil(1000);
@@ -70,32 +87,30 @@ fn current_nodes(
     task: &TaskSpec,
     workers: &[Assignment],
     nodes: &[(&String, u32)],
-) -> Vec<Option<usize>> {
+) -> Vec<Vec<usize>> {
     workers
         .iter()
         .map(|w| {
             let variant = w.variant.as_ref().map(|v| v.name.as_str());
-            let node = state
-                .plan
-                .as_ref()?
-                .assignments
+            let Some(plan) = state.plan.as_ref() else { return vec![] };
+            plan.assignments
                 .iter()
-                .find(|a| a.task == task.name && a.variant.as_ref().map(|v| v.name.as_str()) == variant)?
-                .node
-                .clone();
-            nodes.iter().position(|(n, _)| **n == node)
+                .filter(|a| a.task == task.name && a.variant.as_ref().map(|v| v.name.as_str()) == variant)
+                .filter_map(|a| nodes.iter().position(|(n, _)| **n == a.node))
+                .collect()
         })
         .collect()
 }
 
-/// The workers (node not yet set) for one task and a note that explains the choice.
+/// The workers (node not yet set) for one task and notes that explain the choice.
 fn choose_workers(
     state: &ClusterState,
     task: &TaskSpec,
     forecast: f64,
     budget: u32,
+    node_count: usize,
     cfg: &PlannerConfig,
-) -> Result<(Vec<Assignment>, String), String> {
+) -> Result<(Vec<Assignment>, Vec<String>), String> {
     if task.variants.is_empty() {
         return Err("the task has no variants".into());
     }
@@ -106,55 +121,91 @@ fn choose_workers(
         .filter(|a| a.task == task.name)
         .filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str()))
         .collect();
-    let candidates: Vec<Candidate> = task
+    let variants: Vec<Variant> = task
         .variants
         .iter()
         .filter_map(|v| {
             let profile = state.profiles.get(&(task.name.clone(), v.name.clone()))?;
-            Some(Candidate {
+            Some(Variant {
                 name: v.name.clone(),
                 accuracy: v.accuracy,
                 load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
-                points: cfg.model.operating_points(&profile.points, task.slo_ms),
+                grid: ProfileGrid::new(&profile.points),
             })
         })
         .collect();
-    if candidates.is_empty() {
-        return unprofiled_default(task, budget);
+    if variants.is_empty() {
+        let (workers, note) = unprofiled_default(task, budget)?;
+        return Ok((workers, vec![note]));
     }
-    let problem = Problem { candidates, load_rps: forecast, core_budget: budget, weights: cfg.weights };
-    let solution = solve_infadapter(&problem).map_err(|e| e.to_string())?;
+    let problem = Problem {
+        stages: vec![Stage { name: task.name.clone(), variants }],
+        load_rps: forecast,
+        slo_ms: task.slo_ms as f64,
+        comm_latency_ms: 0.0,
+        core_budget: budget,
+        weights: cfg.weights,
+        model: cfg.model,
+    };
+    // An agent runs one worker per variant: replicas of a variant go to different nodes.
+    let limits = Limits { max_replicas: cfg.limits.max_replicas.min(node_count as u32).max(1), ..cfg.limits };
+    let solution = solve(&problem, &cfg.policy.space(&limits)).map_err(|e| e.to_string())?;
+    Ok((workers_of(task, &problem, &solution), notes_of(task, &problem, &solution, forecast, budget)))
+}
+
+/// One assignment per replica; each carries its replica's share of the traffic.
+fn workers_of(task: &TaskSpec, problem: &Problem, solution: &Solution) -> Vec<Assignment> {
     let mut workers = Vec::new();
-    let mut mix = Vec::new();
-    for a in &solution.allocations {
-        let cand = &problem.candidates[a.candidate];
-        let variant = task.variants.iter().find(|v| v.name == cand.name).cloned();
-        workers.push(Assignment {
-            task: task.name.clone(),
-            variant,
-            node: String::new(),
-            millicores: a.point.cores * 1000,
-            max_batch: a.point.batch,
-            max_delay_ms: a.point.max_delay_ms,
-            weight: a.share_rps / solution.carried_rps.max(f64::MIN_POSITIVE),
-        });
-        mix.push(format!("{}×{}c/b{} {:.0} req/s", cand.name, a.point.cores, a.point.batch, a.share_rps));
+    for c in &solution.choices {
+        let name = &problem.stages[c.stage].variants[c.variant].name;
+        let variant = task.variants.iter().find(|v| &v.name == name).cloned();
+        for _ in 0..c.replicas {
+            workers.push(Assignment {
+                task: task.name.clone(),
+                variant: variant.clone(),
+                node: String::new(),
+                millicores: c.point.cores * 1000,
+                max_batch: c.point.batch,
+                max_delay_ms: c.point.max_delay_ms,
+                weight: c.share_rps / c.replicas as f64 / solution.carried_rps.max(f64::MIN_POSITIVE),
+            });
+        }
     }
-    let mut note = format!(
-        "{}: forecast {:.1} req/s → {} ({} cores, accuracy {:.2} %)",
+    workers
+}
+
+fn notes_of(task: &TaskSpec, problem: &Problem, s: &Solution, forecast: f64, budget: u32) -> Vec<String> {
+    let mix: Vec<String> = s
+        .choices
+        .iter()
+        .map(|c| {
+            let name = &problem.stages[c.stage].variants[c.variant].name;
+            format!("{}×{name} {}c/b{} {:.0} req/s", c.replicas, c.point.cores, c.point.batch, c.share_rps)
+        })
+        .collect();
+    let mut notes = vec![format!(
+        "{}: forecast {:.1} req/s → {} ({} cores, accuracy {:.2} %, latency bound {:.0} ms)",
         task.name,
         forecast,
         mix.join(" + "),
-        solution.cores,
-        solution.accuracy
-    );
-    if solution.overloaded {
-        note += &format!(
-            "; OVERLOADED: the budget of {budget} cores carries {:.1} req/s, the excess is shed by deadline",
-            solution.carried_rps
-        );
+        s.cores,
+        s.accuracy,
+        s.latency_bound_ms
+    )];
+    if s.overloaded {
+        notes.push(format!(
+            "{}: OVERLOADED: the budget of {budget} cores carries {:.1} req/s within the SLO, the excess is shed by deadline",
+            task.name, s.carried_rps
+        ));
     }
-    Ok((workers, note))
+    for c in s.interpolated() {
+        let name = &problem.stages[c.stage].variants[c.variant].name;
+        notes.push(format!(
+            "{}: {name} at {} cores, batch {} was not profiled; its latency and throughput are interpolated",
+            task.name, c.point.cores, c.point.batch
+        ));
+    }
+    notes
 }
 
 /// Before any profile exists: the least accurate (cheapest) variant on one core, batch 1, so

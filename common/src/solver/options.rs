@@ -1,0 +1,170 @@
+//! The worker shapes a policy may give each variant: replicas × (cores, batch), each a point of
+//! the latency model within the latency budget and the core budget.
+
+use super::policy::{names, CoreSet, VariantSet};
+use super::{Problem, SearchSpace, SolveError};
+use crate::latency::OperatingPoint;
+
+/// `replicas` workers of `point` for one variant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Shape {
+    pub variant: usize,
+    pub replicas: u32,
+    pub point: OperatingPoint,
+    pub cores: u32,
+    pub capacity: f64,
+    /// β·cores/B + δ·batch: what the shape takes from the objective.
+    pub cost: f64,
+}
+
+/// Per stage, per variant (indexed as in the problem; a variant outside the policy has none):
+/// every shape the policy allows.
+pub(crate) type Shapes = Vec<Vec<Vec<Shape>>>;
+
+/// Every shape of every stage (not yet filtered to the Pareto-optimal ones).
+pub(crate) fn build(problem: &Problem, space: &SearchSpace, slo_ms: f64) -> Result<Shapes, SolveError> {
+    let mut all = Vec::with_capacity(problem.stages.len());
+    for stage in &problem.stages {
+        let allowed = allowed_variants(stage, &space.variants)?;
+        let per_variant: Vec<Vec<Shape>> = (0..stage.variants.len())
+            .map(|v| if allowed.contains(&v) { variant_shapes(problem, space, slo_ms, stage, v) } else { vec![] })
+            .collect();
+        if per_variant.iter().all(Vec::is_empty) {
+            return Err(SolveError::NoOperatingPoint(stage.name.clone()));
+        }
+        all.push(per_variant);
+    }
+    Ok(all)
+}
+
+fn allowed_variants(stage: &super::Stage, set: &VariantSet) -> Result<Vec<usize>, SolveError> {
+    let by_accuracy = |most: bool| {
+        let it = (0..stage.variants.len()).map(|i| (i, stage.variants[i].accuracy));
+        let pick = if most {
+            it.max_by(|a, b| a.1.total_cmp(&b.1))
+        } else {
+            it.min_by(|a, b| a.1.total_cmp(&b.1))
+        };
+        pick.map(|(i, _)| i).into_iter().collect()
+    };
+    Ok(match set {
+        VariantSet::All => (0..stage.variants.len()).collect(),
+        VariantSet::MostAccurate => by_accuracy(true),
+        VariantSet::LeastAccurate => by_accuracy(false),
+        VariantSet::Named(wanted) => {
+            let found: Vec<usize> = (0..stage.variants.len())
+                .filter(|&i| wanted.iter().any(|w| names(w, &stage.variants[i].name)))
+                .collect();
+            if found.is_empty() {
+                return Err(SolveError::UnknownVariant(wanted.join(",")));
+            }
+            found
+        }
+    })
+}
+
+fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &super::Stage, v: usize) -> Vec<Shape> {
+    let grid = &stage.variants[v].grid;
+    let measured = grid.cores();
+    let (Some(&lo), Some(&hi)) = (measured.first(), measured.last()) else { return vec![] };
+    let within = |op: &OperatingPoint| op.latency_bound_ms <= slo_ms;
+    let cores: Vec<u32> = match space.cores {
+        CoreSet::Range { min } => (lo.max(min)..=hi).collect(),
+        CoreSet::Fixed(c) => vec![c],
+        CoreSet::Base => (lo..=hi)
+            .find(|&c| problem.model.point(grid, c, 1).is_some_and(|op| within(&op)))
+            .into_iter()
+            .collect(),
+    };
+    let batches = space.batches.sizes();
+    let (budget, w) = (problem.core_budget, &problem.weights);
+    let mut shapes = Vec::new();
+    for &c in &cores {
+        for &b in &batches {
+            let Some(point) = problem.model.point(grid, c, b).filter(within) else { continue };
+            for replicas in 1..=space.max_replicas.max(1) {
+                let total = c.saturating_mul(replicas);
+                if total > budget {
+                    break;
+                }
+                shapes.push(Shape {
+                    variant: v,
+                    replicas,
+                    point,
+                    cores: total,
+                    capacity: point.capacity_rps * replicas as f64,
+                    cost: w.beta * total as f64 / budget as f64 + w.delta * b as f64,
+                });
+            }
+        }
+    }
+    shapes
+}
+
+/// Keeps the shapes no other shape beats: one that costs no more, carries no less and needs no
+/// more cores (and, when `by_latency`, is no slower) makes it useless. Sorted by cost.
+pub(crate) fn pareto(mut shapes: Vec<Shape>, by_latency: bool) -> Vec<Shape> {
+    shapes.sort_by(|a, b| {
+        a.cost.total_cmp(&b.cost).then(b.capacity.total_cmp(&a.capacity)).then(a.cores.cmp(&b.cores))
+    });
+    let mut kept: Vec<Shape> = Vec::new();
+    for s in shapes {
+        let dominated = kept.iter().any(|k| {
+            k.capacity >= s.capacity
+                && k.cores <= s.cores
+                && (!by_latency || k.point.latency_bound_ms <= s.point.latency_bound_ms)
+        });
+        if !dominated {
+            kept.push(s);
+        }
+    }
+    kept
+}
+
+/// The fewest cores, and the least latency, that any plan needs (each stage's cheapest shape),
+/// to say why nothing fits.
+pub(crate) fn cheapest(shapes: &Shapes) -> (u32, f64) {
+    shapes.iter().fold((0u32, 0.0f64), |(cores, lat), stage| {
+        let all = stage.iter().flatten();
+        let c = all.clone().map(|s| s.cores).min().unwrap_or(0);
+        let l = all.map(|s| s.point.latency_bound_ms).fold(f64::INFINITY, f64::min);
+        (cores + c, lat + if l.is_finite() { l } else { 0.0 })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(cost: f64, capacity: f64, cores: u32, latency: f64) -> Shape {
+        Shape {
+            variant: 0,
+            replicas: 1,
+            point: OperatingPoint {
+                cores,
+                batch: 1,
+                max_delay_ms: 0,
+                capacity_rps: capacity,
+                latency_bound_ms: latency,
+                interpolated: false,
+            },
+            cores,
+            capacity,
+            cost,
+        }
+    }
+
+    #[test]
+    fn the_pareto_filter_drops_shapes_that_are_worse_in_every_way() {
+        let shapes = vec![
+            shape(1.0, 10.0, 1, 50.0),
+            shape(2.0, 10.0, 2, 40.0), // dominated unless latency counts
+            shape(2.0, 20.0, 2, 50.0),
+            shape(3.0, 15.0, 3, 60.0), // dominated
+        ];
+        let kept = pareto(shapes.clone(), false);
+        assert_eq!(kept.iter().map(|s| s.capacity).collect::<Vec<_>>(), vec![10.0, 20.0]);
+        let kept = pareto(shapes, true);
+        assert_eq!(kept.len(), 3);
+    }
+}
