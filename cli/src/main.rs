@@ -3,6 +3,8 @@
 mod forecast;
 mod load;
 mod models;
+mod plot;
+mod simulate;
 mod status;
 
 use std::path::PathBuf;
@@ -69,6 +71,9 @@ enum Command {
     Forecast(forecast::ForecastOpts),
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
     Load(load::LoadOpts),
+    /// Replay a rate trace in the discrete-event simulator against one or more policies (the
+    /// real forecaster and solver decide each interval) and compare them: table, CSV, SVG plot.
+    Simulate(simulate::SimulateOpts),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
         Command::Forecast(opts) => forecast::run(opts),
+        Command::Simulate(opts) => simulate::run(opts, &cli.controller).await,
         Command::Load(opts) => {
             let spec = task_spec(&cli.controller, &opts.task).await?;
             let input_shape =
@@ -157,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn controller(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
+pub(crate) async fn controller(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
     ControllerClient::connect(format!("http://{addr}"))
         .await
         .with_context(|| format!("connecting to the controller at {addr}"))

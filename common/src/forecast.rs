@@ -115,6 +115,17 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
+/// Seconds of arrivals a surge is judged on.
+pub const SURGE_WINDOW_S: usize = 2;
+
+/// Whether the mean arrival rate of the last `window_s` seconds of `history` exceeds the rate
+/// the plan was sized for: a burst the forecast missed, which should be re-planned at once
+/// rather than a whole interval later.
+pub fn is_surge(history: &[f64], planned_rps: f64, window_s: usize) -> bool {
+    let window = &history[history.len().saturating_sub(window_s.max(1))..];
+    !window.is_empty() && mean(window) > planned_rps.max(crate::solver::MIN_PLANNED_RPS)
+}
+
 /// Hysteresis on the rate a plan is sized for: a rise takes effect at once, a fall only once
 /// the forecast has stayed below the planned rate for `rounds` adaptation rounds in a row, and
 /// then only down to the highest of those lower forecasts. Scaling down on one low forecast
@@ -206,6 +217,14 @@ pub fn evaluate(f: &dyn Forecaster, rates: &[f64], interval_s: usize, lookback_s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_surge_is_a_mean_above_the_planned_rate() {
+        assert!(!is_surge(&[], 10.0, 2));
+        assert!(!is_surge(&[100.0, 40.0, 60.0], 55.0, 2), "a mean of 50 is within 55");
+        assert!(is_surge(&[0.0, 40.0, 60.0], 45.0, 2));
+        assert!(!is_surge(&[0.5], 0.0, 2), "below the least planned rate");
+    }
 
     #[test]
     fn an_empty_history_forecasts_no_load() {

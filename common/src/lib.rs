@@ -12,6 +12,7 @@ pub mod metrics_http;
 pub mod plan;
 pub mod profile;
 pub mod resnet;
+pub mod sim;
 pub mod solver;
 pub mod tensor;
 pub mod variant;

@@ -104,9 +104,8 @@ pub fn place<G: PartialEq>(
         let taken = |n: usize| (0..workers.len()).any(|j| placed[j] == Some(n) && groups.get(j) == groups.get(i));
         let fits = |n: usize| free.get(n).is_some_and(|&f| f >= cores) && !taken(n);
         let stay = current.get(i).and_then(|nodes| nodes.iter().copied().find(|&n| fits(n)));
-        let node = stay.or_else(|| {
-            (0..free.len()).filter(|&n| fits(n)).max_by_key(|&n| (free[n], std::cmp::Reverse(n)))
-        });
+        let node =
+            stay.or_else(|| (0..free.len()).filter(|&n| fits(n)).max_by_key(|&n| (free[n], std::cmp::Reverse(n))));
         let Some(node) = node else {
             return Err(PlacementError { cores, free });
         };

@@ -40,7 +40,11 @@ impl ProfileGrid {
         let cells = points
             .iter()
             .filter(|p| {
-                p.cores > 0 && p.batch > 0 && p.latency_p99_ms > 0.0 && p.throughput_rps > 0.0 && p.latency_p99_ms.is_finite()
+                p.cores > 0
+                    && p.batch > 0
+                    && p.latency_p99_ms > 0.0
+                    && p.throughput_rps > 0.0
+                    && p.latency_p99_ms.is_finite()
             })
             .map(|p| {
                 let p50 = if p.latency_p50_ms > 0.0 { p.latency_p50_ms } else { p.latency_p99_ms };
@@ -73,7 +77,12 @@ impl ProfileGrid {
     /// around it, or `None` when it lies outside what was measured.
     pub fn estimate(&self, cores: u32, batch: u32) -> Option<Estimate> {
         if let Some(c) = self.cells.get(&(cores, batch)) {
-            return Some(Estimate { latency_p50_ms: c.p50, latency_p99_ms: c.p99, throughput_rps: c.tput, interpolated: false });
+            return Some(Estimate {
+                latency_p50_ms: c.p50,
+                latency_p99_ms: c.p99,
+                throughput_rps: c.tput,
+                interpolated: false,
+            });
         }
         let (c_lo, c_hi) = bracket(&self.cores(), cores)?;
         let (b_lo, b_hi) = bracket(&self.batches(), batch)?;
@@ -89,7 +98,12 @@ impl ProfileGrid {
         let t_latency = fraction(1.0 / c_lo as f64, 1.0 / c_hi as f64, 1.0 / cores as f64);
         let t_tput = fraction(c_lo as f64, c_hi as f64, cores as f64);
         let cell = lerp_cell(&lo, &hi, t_latency, t_tput);
-        Some(Estimate { latency_p50_ms: cell.p50, latency_p99_ms: cell.p99, throughput_rps: cell.tput, interpolated: true })
+        Some(Estimate {
+            latency_p50_ms: cell.p50,
+            latency_p99_ms: cell.p99,
+            throughput_rps: cell.tput,
+            interpolated: true,
+        })
     }
 }
 
@@ -139,7 +153,10 @@ struct TfServingRow {
 /// request at a time per worker at batch 1, so a worker is modelled as a server of rate
 /// `saturation_tp`: its service time is 1/`saturation_tp` (the CSV's p99 includes queueing at
 /// the tested rate, which the simulator adds itself).
-pub fn load_tfserving_csv(reader: impl std::io::Read, slo_ms: u32) -> Result<BTreeMap<String, Vec<ProfilePoint>>, ProfileCsvError> {
+pub fn load_tfserving_csv(
+    reader: impl std::io::Read,
+    slo_ms: u32,
+) -> Result<BTreeMap<String, Vec<ProfilePoint>>, ProfileCsvError> {
     let mut out: BTreeMap<String, Vec<ProfilePoint>> = BTreeMap::new();
     for row in csv::Reader::from_reader(reader).deserialize::<TfServingRow>() {
         let row = row?;

@@ -45,7 +45,7 @@ pub struct Controller {
 }
 
 /// Seconds of arrivals a surge is judged on, and the least time between two surge re-plans.
-const SURGE_WINDOW_S: u64 = 2;
+const SURGE_WINDOW_S: u64 = tidal_common::forecast::SURGE_WINDOW_S as u64;
 const SURGE_COOLDOWN: Duration = Duration::from_secs(3);
 
 impl Controller {

@@ -77,8 +77,9 @@ impl Observed {
     /// rate its plan was sized for (the last forecast): (task, rate, planned).
     pub fn surge(&self, now: Instant, window_s: u64) -> Option<(String, f64, f64)> {
         self.forecasts.iter().find_map(|(task, &planned)| {
-            let rate = self.rate(task, now, window_s);
-            (rate > planned.max(tidal_common::solver::MIN_PLANNED_RPS)).then(|| (task.clone(), rate, planned))
+            let history = self.history(task, now, window_s);
+            tidal_common::forecast::is_surge(&history, planned, window_s as usize)
+                .then(|| (task.clone(), self.rate(task, now, window_s), planned))
         })
     }
 

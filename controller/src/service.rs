@@ -196,6 +196,12 @@ impl ControllerApi for ControllerService {
                             .filter(|(task, _)| *task == t.name)
                             .map(|(_, v)| v.clone())
                             .collect(),
+                        profiles: state
+                            .profiles
+                            .iter()
+                            .filter(|((task, _), _)| *task == t.name)
+                            .map(|(_, p)| p.clone())
+                            .collect(),
                     }
                 })
                 .collect();

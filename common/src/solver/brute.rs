@@ -107,7 +107,13 @@ fn evaluate(problem: &Problem, combo: &[&Vec<Shape>], load: f64) -> Solution {
             lc = lc.max(variants[s.variant].load_cost);
             batch += s.point.batch;
             cores += s.cores;
-            choices.push(Choice { stage: i, variant: s.variant, replicas: s.replicas, point: s.point, share_rps: share });
+            choices.push(Choice {
+                stage: i,
+                variant: s.variant,
+                replicas: s.replicas,
+                point: s.point,
+                share_rps: share,
+            });
         }
         lc_sum += lc;
         latency += stage_latency(config);

@@ -225,7 +225,9 @@ fn validate(problem: &Problem, space: &SearchSpace) -> Result<f64, SolveError> {
 pub fn objective(problem: &Problem, acc_load: f64, load: f64, cores: u32, lc_sum: f64, batch_sum: u32) -> f64 {
     let w = &problem.weights;
     let s = problem.stages.len() as f64;
-    w.alpha * acc_load / (load * s * 100.0) - w.beta * cores as f64 / problem.core_budget as f64 - w.gamma * lc_sum / s
+    w.alpha * acc_load / (load * s * 100.0)
+        - w.beta * cores as f64 / problem.core_budget as f64
+        - w.gamma * lc_sum / s
         - w.delta * batch_sum as f64
 }
 

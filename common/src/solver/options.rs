@@ -40,11 +40,7 @@ pub(crate) fn build(problem: &Problem, space: &SearchSpace, slo_ms: f64) -> Resu
 fn allowed_variants(stage: &super::Stage, set: &VariantSet) -> Result<Vec<usize>, SolveError> {
     let by_accuracy = |most: bool| {
         let it = (0..stage.variants.len()).map(|i| (i, stage.variants[i].accuracy));
-        let pick = if most {
-            it.max_by(|a, b| a.1.total_cmp(&b.1))
-        } else {
-            it.min_by(|a, b| a.1.total_cmp(&b.1))
-        };
+        let pick = if most { it.max_by(|a, b| a.1.total_cmp(&b.1)) } else { it.min_by(|a, b| a.1.total_cmp(&b.1)) };
         pick.map(|(i, _)| i).into_iter().collect()
     };
     Ok(match set {
@@ -67,34 +63,36 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
     let grid = &stage.variants[v].grid;
     let measured = grid.cores();
     let (Some(&lo), Some(&hi)) = (measured.first(), measured.last()) else { return vec![] };
-    let within = |op: &OperatingPoint| op.latency_bound_ms <= slo_ms;
+    // A pipeline stage may trade capacity for latency (every utilisation on the ladder); a
+    // single stage only needs the highest utilisation within the SLO.
+    let ladder = problem.stages.len() > 1;
     let cores: Vec<u32> = match space.cores {
         CoreSet::Range { min } => (lo.max(min)..=hi).collect(),
         CoreSet::Fixed(c) => vec![c],
-        CoreSet::Base => (lo..=hi)
-            .find(|&c| problem.model.point(grid, c, 1).is_some_and(|op| within(&op)))
-            .into_iter()
-            .collect(),
+        CoreSet::Base => {
+            (lo..=hi).find(|&c| !problem.model.points(grid, c, 1, slo_ms, false).is_empty()).into_iter().collect()
+        }
     };
     let batches = space.batches.sizes();
     let (budget, w) = (problem.core_budget, &problem.weights);
     let mut shapes = Vec::new();
     for &c in &cores {
         for &b in &batches {
-            let Some(point) = problem.model.point(grid, c, b).filter(within) else { continue };
-            for replicas in 1..=space.max_replicas.max(1) {
-                let total = c.saturating_mul(replicas);
-                if total > budget {
-                    break;
+            for point in problem.model.points(grid, c, b, slo_ms, ladder) {
+                for replicas in 1..=space.max_replicas.max(1) {
+                    let total = c.saturating_mul(replicas);
+                    if total > budget {
+                        break;
+                    }
+                    shapes.push(Shape {
+                        variant: v,
+                        replicas,
+                        point,
+                        cores: total,
+                        capacity: point.capacity_rps * replicas as f64,
+                        cost: w.beta * total as f64 / budget as f64 + w.delta * b as f64,
+                    });
                 }
-                shapes.push(Shape {
-                    variant: v,
-                    replicas,
-                    point,
-                    cores: total,
-                    capacity: point.capacity_rps * replicas as f64,
-                    cost: w.beta * total as f64 / budget as f64 + w.delta * b as f64,
-                });
             }
         }
     }
@@ -104,9 +102,8 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
 /// Keeps the shapes no other shape beats: one that costs no more, carries no less and needs no
 /// more cores (and, when `by_latency`, is no slower) makes it useless. Sorted by cost.
 pub(crate) fn pareto(mut shapes: Vec<Shape>, by_latency: bool) -> Vec<Shape> {
-    shapes.sort_by(|a, b| {
-        a.cost.total_cmp(&b.cost).then(b.capacity.total_cmp(&a.capacity)).then(a.cores.cmp(&b.cores))
-    });
+    shapes
+        .sort_by(|a, b| a.cost.total_cmp(&b.cost).then(b.capacity.total_cmp(&a.capacity)).then(a.cores.cmp(&b.cores)));
     let mut kept: Vec<Shape> = Vec::new();
     for s in shapes {
         let dominated = kept.iter().any(|k| {
@@ -146,6 +143,7 @@ mod tests {
                 max_delay_ms: 0,
                 capacity_rps: capacity,
                 latency_bound_ms: latency,
+                utilisation: 0.8,
                 interpolated: false,
             },
             cores,

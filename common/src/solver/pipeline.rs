@@ -13,14 +13,17 @@ use super::{objective, Choice, Problem, Solution, EPS};
 pub(crate) type Filtered = Shapes;
 
 pub(crate) fn filter(shapes: Shapes, stages: usize) -> Filtered {
-    shapes
-        .into_iter()
-        .map(|stage| stage.into_iter().map(|v| super::options::pareto(v, stages > 1)).collect())
-        .collect()
+    shapes.into_iter().map(|stage| stage.into_iter().map(|v| super::options::pareto(v, stages > 1)).collect()).collect()
 }
 
 /// The best plan carrying `load`, or `None` when none does.
-pub(crate) fn solve_at(problem: &Problem, shapes: &Filtered, max_variants: usize, slo: f64, load: f64) -> Option<Solution> {
+pub(crate) fn solve_at(
+    problem: &Problem,
+    shapes: &Filtered,
+    max_variants: usize,
+    slo: f64,
+    load: f64,
+) -> Option<Solution> {
     let s = problem.stages.len();
     let inputs: Vec<StageInput> = (0..s)
         .map(|i| StageInput {
@@ -90,9 +93,7 @@ fn merge(fronts: &[Vec<Entry>], slo: f64, budget: u32) -> Option<Vec<Entry>> {
 
 /// Drops every partial plan another one beats on latency, cores and value together.
 fn non_dominated(mut all: Vec<Partial>) -> Vec<Partial> {
-    all.sort_by(|a, b| {
-        a.latency.total_cmp(&b.latency).then(a.cores.cmp(&b.cores)).then(b.value.total_cmp(&a.value))
-    });
+    all.sort_by(|a, b| a.latency.total_cmp(&b.latency).then(a.cores.cmp(&b.cores)).then(b.value.total_cmp(&a.value)));
     let mut kept: Vec<Partial> = Vec::new();
     for p in all {
         if !kept.iter().any(|k| k.cores <= p.cores && k.value >= p.value - EPS) {
@@ -113,10 +114,7 @@ fn solution(problem: &Problem, stage_plans: &[Entry], load: f64) -> Solution {
     let lc_sum: f64 = stage_plans.iter().map(|e| e.lc).sum();
     let batch: u32 = stage_plans.iter().map(|e| e.batch).sum();
     let cores: u32 = stage_plans.iter().map(|e| e.cores).sum();
-    let carried = stage_plans
-        .iter()
-        .map(|e| e.picks.iter().map(|p| p.1).sum::<f64>())
-        .fold(f64::INFINITY, f64::min);
+    let carried = stage_plans.iter().map(|e| e.picks.iter().map(|p| p.1).sum::<f64>()).fold(f64::INFINITY, f64::min);
     Solution {
         choices,
         objective: objective(problem, acc_load, load, cores, lc_sum, batch),

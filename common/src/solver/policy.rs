@@ -21,7 +21,9 @@ pub enum VariantSet {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum CoreSet {
     /// Any core count from `min` up to the most the profile measured.
-    Range { min: u32 },
+    Range {
+        min: u32,
+    },
     /// The variant's base allocation: the fewest cores at which batch 1 meets the latency
     /// budget (IPA's R_s).
     Base,
@@ -60,6 +62,9 @@ pub struct SearchSpace {
     /// Resizes and swaps workers in place (Tidal, Sponge) rather than blue-green: a new
     /// deployment, warm-up, switch and delete (InfAdapter, Kubernetes).
     pub in_place: bool,
+    /// Re-plans at once when arrivals exceed the planned rate, between intervals (Tidal's
+    /// controller; Sponge adapts every second).
+    pub reacts_to_surges: bool,
 }
 
 /// The search limits shared by policies that scale horizontally or batch.
@@ -108,6 +113,7 @@ impl PolicyKind {
             max_replicas: 1,
             deadline_aware,
             in_place,
+            reacts_to_surges: in_place,
         };
         let powers = BatchSet::PowersOfTwo { max: limits.max_batch };
         match self {
@@ -119,6 +125,7 @@ impl PolicyKind {
                 max_replicas: limits.max_replicas,
                 deadline_aware: true,
                 in_place: true,
+                reacts_to_surges: true,
             },
             PolicyKind::InfAdapter => SearchSpace {
                 max_variants_per_stage: usize::MAX,
@@ -225,7 +232,9 @@ mod tests {
 
     #[test]
     fn policies_parse_and_print_back() {
-        for name in ["tidal", "infadapter", "ipa", "sponge", "vpa-18", "ms+", "fa2-low", "fa2-high", "static-resnet50-4-2"] {
+        for name in
+            ["tidal", "infadapter", "ipa", "sponge", "vpa-18", "ms+", "fa2-low", "fa2-high", "static-resnet50-4-2"]
+        {
             let p: PolicyKind = name.parse().unwrap();
             assert_eq!(p.to_string(), name);
         }

@@ -245,7 +245,11 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
         .prop_map(|(alpha, beta, gamma, delta)| Weights { alpha, beta, gamma, delta });
     (stages, 0.0f64..150.0, 1u32..10, 60.0f64..900.0, weights).prop_map(|(stages, load, budget, slo, weights)| {
         Problem {
-            stages: stages.into_iter().enumerate().map(|(i, variants)| Stage { name: format!("s{i}"), variants }).collect(),
+            stages: stages
+                .into_iter()
+                .enumerate()
+                .map(|(i, variants)| Stage { name: format!("s{i}"), variants })
+                .collect(),
             load_rps: load,
             slo_ms: slo,
             comm_latency_ms: 0.0,
@@ -268,7 +272,12 @@ fn check_constraints(p: &Problem, sp: &SearchSpace, s: &Solution) -> Result<(), 
         let worst = chosen.iter().map(|c| c.point.latency_bound_ms).fold(0.0, f64::max);
         prop_assert!(worst <= p.slo_ms);
         let carried: f64 = chosen.iter().map(|c| c.share_rps).sum();
-        prop_assert!((carried - s.carried_rps).abs() <= 1e-6 * s.carried_rps.max(1.0), "stage {} carries {}", i, carried);
+        prop_assert!(
+            (carried - s.carried_rps).abs() <= 1e-6 * s.carried_rps.max(1.0),
+            "stage {} carries {}",
+            i,
+            carried
+        );
         for c in chosen {
             prop_assert!(c.share_rps <= c.point.capacity_rps * c.replicas as f64 + 1e-9);
             prop_assert!(c.replicas >= 1 && c.replicas <= sp.max_replicas);

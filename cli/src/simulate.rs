@@ -1,0 +1,403 @@
+//! `tidalctl simulate`: replays a rate trace against policies in the discrete-event simulator
+//! (the real forecaster and solver decide every interval) and compares them: a table, a CSV
+//! and an SVG plot of load, cores and accuracy over time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use tidal_common::forecast::{Ewma, Forecaster, Holt, LastValue, PeakWindow};
+use tidal_common::latency::LatencyModel;
+use tidal_common::profile::load_tfserving_csv;
+use tidal_common::sim::{simulate, SimConfig, SimReport, SimVariant};
+use tidal_common::solver::{Limits, PolicyKind, Weights};
+use tidal_proto::v1::ProfilePoint;
+
+#[derive(clap::Args, Clone)]
+pub struct SimulateOpts {
+    /// Rate trace: one integer per line, the requests in that second.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Policies to compare (repeat or comma-separate): tidal, infadapter, ipa, sponge,
+    /// vpa-VARIANT (e.g. vpa-18), ms+, fa2-low, fa2-high, static-VARIANT-CORES-BATCH.
+    #[arg(long = "policy", value_delimiter = ',', default_value = "tidal,infadapter,vpa-18,vpa-50,vpa-152,ms+")]
+    pub policies: Vec<String>,
+    /// First trace second (0-based) and how many seconds to replay (default one day).
+    #[arg(long, default_value_t = 0)]
+    pub start: usize,
+    #[arg(long, default_value_t = 86_400)]
+    pub duration: usize,
+    /// Factor applied to the trace's rates.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Core budget of the task.
+    #[arg(long, default_value_t = 48)]
+    pub cores: u32,
+    /// Seconds between adaptation rounds.
+    #[arg(long, default_value_t = 30)]
+    pub interval: usize,
+    /// Latency SLO (p99), ms.
+    #[arg(long, default_value_t = 750)]
+    pub slo_ms: u32,
+    /// Profiles from InfAdapter's published TF-Serving runs (infadapter-capacity-tfserving.csv),
+    /// the rows measured at --slo-ms.
+    #[arg(long, conflicts_with = "task")]
+    pub tfserving_csv: Option<PathBuf>,
+    /// Profiles measured by `tidalctl profile` for this task, read from the controller.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Seconds a new worker takes to load its model (default: InfAdapter's 6.4–8.5 s by
+    /// ResNet depth, 5 s for other models).
+    #[arg(long)]
+    pub load_time_s: Option<f64>,
+    /// Forecaster: peak-window (default), last, ewma, holt.
+    #[arg(long, default_value = "peak-window")]
+    pub forecaster: String,
+    /// Seconds of history the forecaster sees.
+    #[arg(long, default_value_t = 600)]
+    pub lookback_s: usize,
+    /// Rounds a lower forecast must hold before a plan is sized down (InfAdapter: 4).
+    #[arg(long, default_value_t = 4)]
+    pub scale_down_after: u32,
+    /// Share of a profiled throughput a worker is planned to carry.
+    #[arg(long, default_value_t = 0.8)]
+    pub utilisation: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 0.001)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: u32,
+    #[arg(long, default_value_t = 32)]
+    pub max_replicas: u32,
+    /// Dynamic SLOs: Sponge's remaining-SLO fractions per second (sponge-dynamic-slo-fractions.csv).
+    #[arg(long)]
+    pub dynamic_slo: Option<PathBuf>,
+    /// The payload size row of --dynamic-slo to use, KB.
+    #[arg(long, default_value_t = 200)]
+    pub payload_kb: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write one row per policy here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write one row per policy and interval here.
+    #[arg(long)]
+    pub intervals_csv: Option<PathBuf>,
+    /// Write an SVG plot of load, cores and accuracy over time here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Published top-1 accuracies of the torchvision ResNets.
+const RESNET_ACCURACY: [(&str, f64); 5] =
+    [("resnet18", 69.76), ("resnet34", 73.31), ("resnet50", 76.13), ("resnet101", 77.37), ("resnet152", 78.31)];
+/// InfAdapter's measured model load times, 6.4 s (ResNet18) to 8.5 s (ResNet152).
+const RESNET_LOAD_S: [(&str, f64); 5] =
+    [("resnet18", 6.4), ("resnet34", 6.9), ("resnet50", 7.4), ("resnet101", 8.0), ("resnet152", 8.5)];
+
+pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
+    let policies: Vec<PolicyKind> = opts
+        .policies
+        .iter()
+        .map(|p| p.parse::<PolicyKind>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    if policies.is_empty() {
+        bail!("no policy given");
+    }
+    validate(&opts)?;
+    let variants = match (&opts.tfserving_csv, &opts.task) {
+        (Some(path), _) => tfserving_variants(path, opts.slo_ms, opts.load_time_s)?,
+        (None, Some(task)) => controller_variants(controller, task, opts.load_time_s).await?,
+        (None, None) => bail!("give profiles: --tfserving-csv FILE or --task NAME (profiled with `tidalctl profile`)"),
+    };
+    let all = crate::load::read_trace(&opts.trace, 0, Some(opts.start + opts.duration))?;
+    if all.len() <= opts.start {
+        bail!("the trace has {} seconds; --start {} is past its end", all.len(), opts.start);
+    }
+    let rates: Vec<f64> = all[opts.start..].iter().map(|r| r * opts.scale).collect();
+    let warmup: Vec<f64> =
+        all[opts.start.saturating_sub(opts.lookback_s)..opts.start].iter().map(|r| r * opts.scale).collect();
+    let cfg = sim_config(&opts)?;
+    println!(
+        "{} s of {} from second {} ×{}, {} cores, SLO {} ms, every {} s; {} variants: {}",
+        rates.len(),
+        opts.trace.display(),
+        opts.start,
+        opts.scale,
+        opts.cores,
+        opts.slo_ms,
+        opts.interval,
+        variants.len(),
+        variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let reports = run_all(&policies, &rates, &warmup, &variants, &opts, &cfg)?;
+    print_table(&reports);
+    if let Some(path) = &opts.csv {
+        write_summary_csv(path, &reports)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &opts.intervals_csv {
+        write_intervals_csv(path, &reports, opts.interval)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &opts.plot {
+        crate::plot::timeline(path, &reports, opts.interval, opts.scale)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
+    if opts.cores == 0 || opts.interval == 0 || opts.duration == 0 || opts.slo_ms == 0 {
+        bail!("--cores, --interval, --duration and --slo-ms must be positive");
+    }
+    if !(opts.scale.is_finite() && opts.scale > 0.0) {
+        bail!("--scale must be a positive factor");
+    }
+    if !(opts.utilisation > 0.0 && opts.utilisation <= 1.0) {
+        bail!("--utilisation must be in (0, 1]");
+    }
+    Ok(())
+}
+
+fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
+    let slo_fractions = match &opts.dynamic_slo {
+        Some(path) => Some(read_slo_fractions(path, opts.payload_kb)?),
+        None => None,
+    };
+    Ok(SimConfig {
+        slo_ms: opts.slo_ms as f64,
+        interval_s: opts.interval,
+        core_budget: opts.cores,
+        weights: Weights { alpha: opts.alpha, beta: opts.beta, gamma: opts.gamma, delta: opts.delta },
+        model: LatencyModel { utilisation: opts.utilisation },
+        limits: Limits { max_batch: opts.max_batch.max(1), max_replicas: opts.max_replicas.max(1) },
+        scale_down_after: opts.scale_down_after.max(1),
+        lookback_s: opts.lookback_s.max(1),
+        seed: opts.seed,
+        slo_fractions,
+    })
+}
+
+fn forecaster(name: &str, interval: usize) -> anyhow::Result<Box<dyn Forecaster>> {
+    Ok(match name {
+        "peak-window" => Box::new(PeakWindow { window_s: 2 * interval, headroom: 1.1 }),
+        "last" => Box::new(LastValue),
+        "ewma" => Box::new(Ewma { alpha: 0.5 }),
+        "holt" => Box::new(Holt { alpha: 0.5, beta: 0.3 }),
+        other => bail!("unknown forecaster {other:?}: peak-window, last, ewma or holt"),
+    })
+}
+
+/// Runs the policies on all cores, one thread each, printing each as it finishes.
+fn run_all(
+    policies: &[PolicyKind],
+    rates: &[f64],
+    warmup: &[f64],
+    variants: &[SimVariant],
+    opts: &SimulateOpts,
+    cfg: &SimConfig,
+) -> anyhow::Result<Vec<SimReport>> {
+    forecaster(&opts.forecaster, opts.interval)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut reports: Vec<Option<SimReport>> = vec![None; policies.len()];
+    let started = Instant::now();
+    for chunk in (0..policies.len()).collect::<Vec<_>>().chunks(threads) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&i| {
+                    let policy = &policies[i];
+                    s.spawn(move || {
+                        let f = forecaster(&opts.forecaster, opts.interval).expect("checked above");
+                        (i, simulate(rates, warmup, variants, policy, f.as_ref(), cfg))
+                    })
+                })
+                .collect();
+            for h in handles {
+                if let Ok((i, r)) = h.join() {
+                    eprintln!("  {:<20} done after {:.1} s", r.policy, started.elapsed().as_secs_f64());
+                    reports[i] = Some(r);
+                }
+            }
+        });
+    }
+    reports.into_iter().map(|r| r.context("a simulation thread panicked")).collect()
+}
+
+fn print_table(reports: &[SimReport]) {
+    println!(
+        "{:<20} {:>10} {:>9} {:>9} {:>8} {:>9} {:>12} {:>10} {:>8} {:>7} {:>10}",
+        "policy",
+        "requests",
+        "p99 ms",
+        "SLO viol",
+        "dropped",
+        "accuracy",
+        "core-hours",
+        "mean cores",
+        "reconf",
+        "surges",
+        "overloaded"
+    );
+    for r in reports {
+        let p99 = if r.p99_ms.is_finite() { format!("{:.0}", r.p99_ms) } else { "dropped".into() };
+        println!(
+            "{:<20} {:>10} {:>9} {:>8.2}% {:>8} {:>8.2}% {:>12.1} {:>10.2} {:>8} {:>7} {:>10}",
+            r.policy,
+            r.requests,
+            p99,
+            r.violation_pct,
+            r.dropped,
+            r.accuracy,
+            r.core_seconds / 3600.0,
+            r.mean_cores,
+            r.reconfigurations,
+            r.surge_replans,
+            r.overloaded_intervals,
+        );
+    }
+}
+
+fn write_summary_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+    w.write_record([
+        "policy",
+        "requests",
+        "served",
+        "dropped",
+        "violations",
+        "violation_pct",
+        "p50_ms",
+        "p99_ms",
+        "accuracy",
+        "core_seconds",
+        "mean_cores",
+        "reconfigurations",
+        "surge_replans",
+        "overloaded_intervals",
+        "failed_plans",
+    ])?;
+    for r in reports {
+        w.write_record([
+            r.policy.clone(),
+            r.requests.to_string(),
+            r.served.to_string(),
+            r.dropped.to_string(),
+            r.violations.to_string(),
+            format!("{:.4}", r.violation_pct),
+            format!("{:.2}", r.p50_ms),
+            format!("{:.2}", r.p99_ms),
+            format!("{:.4}", r.accuracy),
+            format!("{:.1}", r.core_seconds),
+            format!("{:.4}", r.mean_cores),
+            r.reconfigurations.to_string(),
+            r.surge_replans.to_string(),
+            r.overloaded_intervals.to_string(),
+            r.failed_plans.to_string(),
+        ])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn write_intervals_csv(path: &Path, reports: &[SimReport], interval: usize) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+    w.write_record([
+        "policy",
+        "start_s",
+        "load_rps",
+        "forecast_rps",
+        "planned_rps",
+        "mean_cores",
+        "served",
+        "violations",
+        "accuracy",
+    ])?;
+    for r in reports {
+        for i in &r.intervals {
+            w.write_record([
+                r.policy.clone(),
+                i.start_s.to_string(),
+                format!("{:.2}", i.arrivals as f64 / interval as f64),
+                format!("{:.2}", i.forecast_rps),
+                format!("{:.2}", i.planned_rps),
+                format!("{:.3}", i.mean_cores),
+                i.served.to_string(),
+                i.violations.to_string(),
+                format!("{:.3}", i.accuracy),
+            ])?;
+        }
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn tfserving_variants(path: &Path, slo_ms: u32, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let profiles = load_tfserving_csv(file, slo_ms).with_context(|| format!("reading {}", path.display()))?;
+    profiles
+        .into_iter()
+        .map(|(name, points)| {
+            let accuracy = RESNET_ACCURACY
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| *a)
+                .with_context(|| format!("no published accuracy for {name}"))?;
+            Ok(sim_variant(name, accuracy, points, load_time))
+        })
+        .collect()
+}
+
+fn sim_variant(name: String, accuracy: f64, points: Vec<ProfilePoint>, load_time: Option<f64>) -> SimVariant {
+    let default_load = RESNET_LOAD_S.iter().find(|(n, _)| *n == name).map_or(5.0, |(_, s)| *s);
+    SimVariant { name, accuracy, points, load_time_s: load_time.unwrap_or(default_load) }
+}
+
+async fn controller_variants(controller: &str, task: &str, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+    let mut client = crate::controller(controller).await?;
+    let status = client.status(tidal_proto::v1::ClusterStatusRequest {}).await?.into_inner();
+    let t = status
+        .tasks
+        .into_iter()
+        .find(|t| t.spec.as_ref().is_some_and(|s| s.name == task))
+        .with_context(|| format!("the controller has no task {task:?}"))?;
+    let spec = t.spec.unwrap_or_default();
+    let by_variant: BTreeMap<String, Vec<ProfilePoint>> =
+        t.profiles.into_iter().map(|p| (p.variant, p.points)).collect();
+    let variants: Vec<SimVariant> = spec
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let points = by_variant.get(&v.name)?.clone();
+            Some(sim_variant(v.name.clone(), v.accuracy, points, load_time))
+        })
+        .collect();
+    if variants.is_empty() {
+        bail!("task {task:?} has no profiled variants: run `tidalctl profile --task {task}` first");
+    }
+    Ok(variants)
+}
+
+/// Sponge's remaining-SLO fractions: rows of `payload_kb, f1, f2, …`, one value per second.
+fn read_slo_fractions(path: &Path, payload_kb: u32) -> anyhow::Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for line in text.lines() {
+        let mut fields = line.split(',').map(str::trim);
+        if fields.next().and_then(|f| f.parse::<f64>().ok()) != Some(payload_kb as f64) {
+            continue;
+        }
+        let values: Vec<f64> = fields.filter_map(|f| f.parse().ok()).filter(|v: &f64| v.is_finite()).collect();
+        if values.is_empty() {
+            bail!("{}: the {payload_kb} KB row has no values", path.display());
+        }
+        return Ok(values);
+    }
+    bail!("{}: no row for a {payload_kb} KB payload", path.display())
+}

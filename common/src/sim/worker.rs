@@ -1,0 +1,158 @@
+//! One simulated worker: a deadline-ordered queue, the dynamic batcher of the agent (start a
+//! batch when it is full or its oldest request has waited the batcher timeout), and batch
+//! latencies drawn from the profile.
+
+use std::collections::VecDeque;
+
+/// A request waiting in or served by a worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Request {
+    pub arrival: f64,
+    pub deadline: f64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SimWorker {
+    pub variant: usize,
+    pub cores: u32,
+    pub batch: u32,
+    /// Batcher timeout, seconds.
+    pub max_delay: f64,
+    /// Requests per second the plan sends this worker.
+    pub share: f64,
+    /// When its model is loaded and it can serve.
+    pub ready_at: f64,
+    /// When it stops taking requests (infinite while it is part of the plan).
+    pub retire_at: f64,
+    /// The worker this one replaces, retired once this one is ready (blue-green, or a
+    /// variant swap).
+    pub replaces: Option<usize>,
+    queue: VecDeque<Request>,
+    pub in_flight: Vec<Request>,
+    pub busy_until: f64,
+    /// The batcher timeout currently armed, if any.
+    pub wake_at: Option<f64>,
+    /// An in-place resize down that waits until the workers that take over are ready.
+    pub pending: Option<Resize>,
+}
+
+/// A new shape for a worker, taking effect at `at`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Resize {
+    pub at: f64,
+    pub cores: u32,
+    pub batch: u32,
+    pub max_delay: f64,
+    pub share: f64,
+}
+
+/// What a worker does next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Next {
+    Idle,
+    /// A batch of this many requests started; it completes after its service time.
+    Started(usize),
+    /// Wait for the batch to fill until this time.
+    WakeAt(f64),
+}
+
+impl SimWorker {
+    pub fn new(variant: usize, cores: u32, batch: u32, max_delay: f64, share: f64, ready_at: f64) -> Self {
+        Self {
+            variant,
+            cores,
+            batch: batch.max(1),
+            max_delay,
+            share,
+            ready_at,
+            retire_at: f64::INFINITY,
+            replaces: None,
+            queue: VecDeque::new(),
+            in_flight: Vec::new(),
+            busy_until: 0.0,
+            wake_at: None,
+            pending: None,
+        }
+    }
+
+    pub fn resize(&mut self, r: &Resize) {
+        (self.cores, self.batch, self.max_delay, self.share) = (r.cores, r.batch.max(1), r.max_delay, r.share);
+    }
+
+    pub fn serving(&self, t: f64) -> bool {
+        self.ready_at <= t && t < self.retire_at
+    }
+
+    /// Retired and nothing left to do: its cores are free.
+    pub fn gone(&self, t: f64) -> bool {
+        t >= self.retire_at && self.queue.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Earliest deadline first (arrivals usually come in deadline order: a push at the back).
+    pub fn enqueue(&mut self, r: Request) {
+        let at = self.queue.iter().rposition(|q| q.deadline <= r.deadline).map_or(0, |i| i + 1);
+        self.queue.insert(at, r);
+    }
+
+    /// Drops requests whose deadline has passed (returned), then starts a batch if the worker
+    /// is free and the batch is full or has waited long enough.
+    pub fn try_start(&mut self, t: f64, expired: &mut Vec<Request>) -> Next {
+        if !self.in_flight.is_empty() {
+            return Next::Idle;
+        }
+        while let Some(&r) = self.queue.front() {
+            if r.deadline < t {
+                expired.push(r);
+                self.queue.pop_front();
+            } else {
+                break;
+            }
+        }
+        let Some(oldest) = self.queue.iter().map(|r| r.arrival).reduce(f64::min) else { return Next::Idle };
+        let due = oldest + self.max_delay;
+        if self.queue.len() >= self.batch as usize || t + 1e-12 >= due || self.batch == 1 {
+            let k = self.queue.len().min(self.batch as usize);
+            self.in_flight.extend(self.queue.drain(..k));
+            self.wake_at = None;
+            Next::Started(k)
+        } else {
+            self.wake_at = Some(due);
+            Next::WakeAt(due)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(arrival: f64, deadline: f64) -> Request {
+        Request { arrival, deadline }
+    }
+
+    #[test]
+    fn a_batch_starts_when_full_or_when_the_oldest_has_waited_long_enough() {
+        let mut w = SimWorker::new(0, 1, 3, 0.05, 1.0, 0.0);
+        let mut expired = Vec::new();
+        w.enqueue(req(0.0, 1.0));
+        assert_eq!(w.try_start(0.0, &mut expired), Next::WakeAt(0.05));
+        w.enqueue(req(0.01, 1.0));
+        w.enqueue(req(0.02, 1.0));
+        assert_eq!(w.try_start(0.02, &mut expired), Next::Started(3));
+        w.in_flight.clear();
+        w.enqueue(req(0.1, 1.0));
+        assert_eq!(w.try_start(0.15, &mut expired), Next::Started(1), "timeout: a partial batch goes");
+    }
+
+    #[test]
+    fn expired_requests_are_dropped_and_the_most_urgent_goes_first() {
+        let mut w = SimWorker::new(0, 1, 1, 0.0, 1.0, 0.0);
+        let mut expired = Vec::new();
+        w.enqueue(req(0.0, 0.1));
+        w.enqueue(req(0.0, 0.5));
+        w.enqueue(req(0.0, 0.3));
+        assert_eq!(w.try_start(0.2, &mut expired), Next::Started(1));
+        assert_eq!(expired, vec![req(0.0, 0.1)]);
+        assert_eq!(w.in_flight, vec![req(0.0, 0.3)]);
+    }
+}
