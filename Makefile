@@ -34,6 +34,7 @@ bench: build
 	test -f models/resnet18.onnx || ./target/release/tidalctl models generate --out models --resolution 64
 	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet18 1000
 	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 300
+	$(CARGO) bench -p tidal-common --bench solver
 
 clean:
 	$(CARGO) clean

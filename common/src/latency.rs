@@ -56,7 +56,7 @@ pub struct OperatingPoint {
 }
 
 /// Steps of the utilisation ladder.
-const UTILISATION_STEP: f64 = 0.05;
+const UTILISATION_STEP: f64 = 0.1;
 
 impl LatencyModel {
     /// The point at (cores, batch) planned at utilisation `rho`; `None` outside the grid.
@@ -158,7 +158,7 @@ mod tests {
         assert!(tight[0].utilisation < 0.8 && tight[0].latency_bound_ms <= 150.0, "{tight:?}");
         assert!(m.points(&grid(), 1, 1, 30.0, false).is_empty(), "its own batch takes 40 ms");
         let ladder = m.points(&grid(), 1, 1, 10_000.0, true);
-        assert_eq!(ladder.len(), 16);
+        assert_eq!(ladder.len(), 8);
         assert!(ladder.windows(2).all(|w| w[0].capacity_rps > w[1].capacity_rps));
     }
 

@@ -305,4 +305,38 @@ mod tests {
         assert!(plan.notes.iter().any(|n| n.contains("OVERLOADED")), "{:?}", plan.notes);
         assert!(!plan.assignments.is_empty());
     }
+
+    #[test]
+    fn a_plan_on_an_unprofiled_core_count_says_so() {
+        let mut s = state(true);
+        s.nodes.insert("n1".into(), NodeInfo { address: "127.0.0.1:1".into(), cores: 4 });
+        // "big" measured on 1 and 4 cores only: 30 req/s needs 2 or 3 of them.
+        let mut p = profile("t", "big", 20.0);
+        p.points[1].cores = 4;
+        p.points[1].throughput_rps = 80.0;
+        s.profiles.insert(("t".into(), "big".into()), p);
+        s.profiles.remove(&("t".to_string(), "small".to_string()));
+        let plan = next_plan(&s, &forecast(30.0), &PlannerConfig::default(), 1, 1);
+        let cores = plan.assignments[0].millicores / 1000;
+        assert!(cores == 2 || cores == 3, "{:?}", plan.assignments);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("not profiled") && n.contains("interpolated")),
+            "{:?}",
+            plan.notes
+        );
+    }
+
+    #[test]
+    fn replicas_of_a_variant_land_on_different_nodes() {
+        let mut s = state(true);
+        s.nodes.insert("n2".into(), NodeInfo { address: "127.0.0.2:1".into(), cores: 2 });
+        s.profiles.remove(&("t".to_string(), "small".to_string()));
+        // Only "big": 2 cores carry 0.8 × 40 = 32 req/s at most, so 50 req/s needs two workers.
+        let plan = next_plan(&s, &forecast(50.0), &PlannerConfig::default(), 1, 1);
+        let nodes: Vec<&str> = plan.assignments.iter().map(|a| a.node.as_str()).collect();
+        assert_eq!(plan.assignments.len(), 2, "{:?} {:?}", plan.assignments, plan.notes);
+        assert_ne!(nodes[0], nodes[1]);
+        let weights: f64 = plan.assignments.iter().map(|a| a.weight).sum();
+        assert!((weights - 1.0).abs() < 1e-9);
+    }
 }

@@ -45,6 +45,7 @@ use crate::latency::{LatencyModel, OperatingPoint};
 use crate::profile::ProfileGrid;
 
 pub use brute::brute_force;
+pub use options::{Shape, Shapes};
 pub use policy::{Limits, PolicyKind, SearchSpace};
 
 /// Weights of the objective. Defaults follow InfAdapter's published setting (accuracy weight
@@ -196,6 +197,13 @@ pub fn solve(problem: &Problem, space: &SearchSpace) -> Result<Solution, SolveEr
     })?;
     s.overloaded = true;
     Ok(s)
+}
+
+/// Every worker shape `space` allows, per stage and variant, with the latency budget they
+/// meet: the decision space, for reference formulations (the MILP cross-check).
+pub fn worker_shapes(problem: &Problem, space: &SearchSpace) -> Result<(Shapes, f64), SolveError> {
+    let slo = validate(problem, space)?;
+    Ok((options::build(problem, space, slo)?, slo))
 }
 
 /// Checks the inputs; returns the latency budget the plan must meet.

@@ -7,7 +7,7 @@ use crate::latency::OperatingPoint;
 
 /// `replicas` workers of `point` for one variant.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Shape {
+pub struct Shape {
     pub variant: usize,
     pub replicas: u32,
     pub point: OperatingPoint,
@@ -19,7 +19,7 @@ pub(crate) struct Shape {
 
 /// Per stage, per variant (indexed as in the problem; a variant outside the policy has none):
 /// every shape the policy allows.
-pub(crate) type Shapes = Vec<Vec<Vec<Shape>>>;
+pub type Shapes = Vec<Vec<Vec<Shape>>>;
 
 /// Every shape of every stage (not yet filtered to the Pareto-optimal ones).
 pub(crate) fn build(problem: &Problem, space: &SearchSpace, slo_ms: f64) -> Result<Shapes, SolveError> {
@@ -75,11 +75,14 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
     };
     let batches = space.batches.sizes();
     let (budget, w) = (problem.core_budget, &problem.weights);
+    let load = problem.load_rps.max(super::MIN_PLANNED_RPS);
     let mut shapes = Vec::new();
     for &c in &cores {
         for &b in &batches {
             for point in problem.model.points(grid, c, b, slo_ms, ladder) {
-                for replicas in 1..=space.max_replicas.max(1) {
+                // More replicas than the load needs carry no more of it (any lower load either).
+                let needed = (load / point.capacity_rps).ceil().max(1.0) as u32;
+                for replicas in 1..=space.max_replicas.max(1).min(needed) {
                     let total = c.saturating_mul(replicas);
                     if total > budget {
                         break;
@@ -102,20 +105,47 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
 /// Keeps the shapes no other shape beats: one that costs no more, carries no less and needs no
 /// more cores (and, when `by_latency`, is no slower) makes it useless. Sorted by cost.
 pub(crate) fn pareto(mut shapes: Vec<Shape>, by_latency: bool) -> Vec<Shape> {
-    shapes
-        .sort_by(|a, b| a.cost.total_cmp(&b.cost).then(b.capacity.total_cmp(&a.capacity)).then(a.cores.cmp(&b.cores)));
+    shapes.sort_by(|a, b| {
+        a.cost
+            .total_cmp(&b.cost)
+            .then(b.capacity.total_cmp(&a.capacity))
+            .then(a.cores.cmp(&b.cores))
+            .then(a.point.latency_bound_ms.total_cmp(&b.point.latency_bound_ms))
+    });
+    let latency = |s: &Shape| if by_latency { s.point.latency_bound_ms } else { 0.0 };
+    // Per core count, the kept shapes as a staircase: latency up, capacity strictly up.
+    let max_cores = shapes.iter().map(|s| s.cores as usize).max().unwrap_or(0);
+    let mut stairs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); max_cores + 1];
     let mut kept: Vec<Shape> = Vec::new();
     for s in shapes {
-        let dominated = kept.iter().any(|k| {
-            k.capacity >= s.capacity
-                && k.cores <= s.cores
-                && (!by_latency || k.point.latency_bound_ms <= s.point.latency_bound_ms)
-        });
-        if !dominated {
+        let l = latency(&s);
+        let beaten = stairs[..=s.cores as usize].iter().any(|st| best_within(st, l) >= s.capacity);
+        if !beaten {
+            raise(&mut stairs[s.cores as usize], l, s.capacity);
             kept.push(s);
         }
     }
     kept
+}
+
+/// The most capacity among the steps no slower than `latency`.
+fn best_within(stair: &[(f64, f64)], latency: f64) -> f64 {
+    let n = stair.partition_point(|&(l, _)| l <= latency);
+    if n == 0 {
+        f64::NEG_INFINITY
+    } else {
+        stair[n - 1].1
+    }
+}
+
+/// Adds a step, dropping the slower steps it beats.
+fn raise(stair: &mut Vec<(f64, f64)>, latency: f64, capacity: f64) {
+    let at = stair.partition_point(|&(l, _)| l < latency);
+    let mut end = at;
+    while end < stair.len() && stair[end].1 <= capacity {
+        end += 1;
+    }
+    stair.splice(at..end, [(latency, capacity)]);
 }
 
 /// The fewest cores, and the least latency, that any plan needs (each stage's cheapest shape),

@@ -25,9 +25,10 @@ pub(crate) fn solve_at(
     load: f64,
 ) -> Option<Solution> {
     let s = problem.stages.len();
+    let needed = trim_replicas(shapes, load);
     let inputs: Vec<StageInput> = (0..s)
         .map(|i| StageInput {
-            shapes: &shapes[i],
+            shapes: &needed[i],
             accuracy: problem.stages[i].variants.iter().map(|v| v.accuracy).collect(),
             load_cost: problem.stages[i].variants.iter().map(|v| v.load_cost).collect(),
             load,
@@ -41,13 +42,62 @@ pub(crate) fn solve_at(
     let stage_plans: Vec<Entry> = if s == 1 {
         StageSearch::run(&inputs[0], Mode::Best)
     } else {
-        let fronts: Vec<Vec<Entry>> = inputs.iter().map(|i| StageSearch::run(i, Mode::Frontier)).collect();
-        merge(&fronts, slo, problem.core_budget)?
+        // First without the shared budget (each stage still within it): per stage only the
+        // plans no faster one beats on value. If the best pipeline fits the budget, it is the
+        // optimum; otherwise merge the full (latency, cores, value) frontiers.
+        let fronts: Vec<Vec<Entry>> = inputs.iter().map(latency_frontier).collect();
+        let relaxed = merge(&fronts, slo, None)?;
+        if relaxed.iter().map(|e| e.cores).sum::<u32>() <= problem.core_budget {
+            relaxed
+        } else {
+            let fronts: Vec<Vec<Entry>> = inputs.iter().map(|i| StageSearch::run(i, Mode::Frontier)).collect();
+            merge(&fronts, slo, Some(problem.core_budget))?
+        }
     };
     if stage_plans.len() != s {
         return None;
     }
     Some(solution(problem, &stage_plans, load))
+}
+
+/// Drops shapes with more replicas than `load` needs: if n − 1 replicas of a point already
+/// carry it all, n replicas carry no more at a higher cost, with the same latency.
+fn trim_replicas(shapes: &Filtered, load: f64) -> Filtered {
+    shapes
+        .iter()
+        .map(|stage| {
+            stage
+                .iter()
+                .map(|v| {
+                    v.iter().filter(|s| (s.replicas - 1) as f64 * s.point.capacity_rps < load - EPS).copied().collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A stage's best plan for every latency cap: the best plan within the SLO, then the best
+/// strictly faster than it, and so on. Values fall along the list; for any cap, the first
+/// entry within it is the best plan within it.
+fn latency_frontier(input: &StageInput) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut cap = input.latency_limit;
+    loop {
+        // Within the cap latency no longer counts: keep only the shapes that are cheapest
+        // for their capacity and cores, which the search walks much faster.
+        let shapes: Vec<Vec<Shape>> = input
+            .shapes
+            .iter()
+            .map(|v| {
+                let within = v.iter().filter(|s| s.point.latency_bound_ms <= cap).copied().collect();
+                super::options::pareto(within, false)
+            })
+            .collect();
+        let capped = StageInput { shapes: &shapes, latency_limit: cap, ..input.clone() };
+        let Some(e) = StageSearch::run(&capped, Mode::Best).pop() else { return out };
+        cap = e.latency - 1e-6;
+        out.push(e);
+    }
 }
 
 struct Partial {
@@ -57,8 +107,9 @@ struct Partial {
     picks: Vec<u32>,
 }
 
-/// The best combination of one entry per stage within the SLO and budget.
-fn merge(fronts: &[Vec<Entry>], slo: f64, budget: u32) -> Option<Vec<Entry>> {
+/// The best combination of one entry per stage within the SLO and, when given, the budget
+/// (without it, core counts play no part in dominance).
+fn merge(fronts: &[Vec<Entry>], slo: f64, budget: Option<u32>) -> Option<Vec<Entry>> {
     // The least latency and cores the stages after each one still need.
     let n = fronts.len();
     let mut rest_latency = vec![0.0; n + 1];
@@ -74,7 +125,8 @@ fn merge(fronts: &[Vec<Entry>], slo: f64, budget: u32) -> Option<Vec<Entry>> {
             for (k, e) in front.iter().enumerate() {
                 let latency = p.latency + e.latency;
                 let cores = p.cores + e.cores;
-                if latency + rest_latency[i + 1] > slo + EPS || cores + rest_cores[i + 1] > budget {
+                let over_budget = budget.is_some_and(|b| cores + rest_cores[i + 1] > b);
+                if latency + rest_latency[i + 1] > slo + EPS || over_budget {
                     continue;
                 }
                 let mut picks = p.picks.clone();
@@ -82,7 +134,7 @@ fn merge(fronts: &[Vec<Entry>], slo: f64, budget: u32) -> Option<Vec<Entry>> {
                 next.push(Partial { latency, cores, value: p.value + e.value, picks });
             }
         }
-        partials = non_dominated(next);
+        partials = non_dominated(next, budget);
         if partials.is_empty() {
             return None;
         }
@@ -91,16 +143,51 @@ fn merge(fronts: &[Vec<Entry>], slo: f64, budget: u32) -> Option<Vec<Entry>> {
     Some(best.picks.iter().enumerate().map(|(i, &k)| fronts[i][k as usize].clone()).collect())
 }
 
-/// Drops every partial plan another one beats on latency, cores and value together.
-fn non_dominated(mut all: Vec<Partial>) -> Vec<Partial> {
+/// Drops every partial plan another one beats on latency, cores and value together: in order
+/// of latency, a plan survives only if every faster one with no more cores is worth less (a
+/// prefix maximum over core counts answers that in log time).
+fn non_dominated(mut all: Vec<Partial>, budget: Option<u32>) -> Vec<Partial> {
     all.sort_by(|a, b| a.latency.total_cmp(&b.latency).then(a.cores.cmp(&b.cores)).then(b.value.total_cmp(&a.value)));
+    let slot = |p: &Partial| if budget.is_some() { p.cores as usize } else { 0 };
+    let mut best = PrefixMax::new(budget.map_or(1, |b| b as usize + 1));
     let mut kept: Vec<Partial> = Vec::new();
     for p in all {
-        if !kept.iter().any(|k| k.cores <= p.cores && k.value >= p.value - EPS) {
-            kept.push(p);
+        if best.max_upto(slot(&p)) >= p.value - EPS {
+            continue;
         }
+        best.raise(slot(&p), p.value);
+        kept.push(p);
     }
     kept
+}
+
+/// A Fenwick tree of maxima: raise a slot, ask for the maximum of slots 0..=i.
+struct PrefixMax {
+    tree: Vec<f64>,
+}
+
+impl PrefixMax {
+    fn new(n: usize) -> Self {
+        Self { tree: vec![f64::NEG_INFINITY; n + 1] }
+    }
+
+    fn raise(&mut self, i: usize, value: f64) {
+        let mut k = i + 1;
+        while k < self.tree.len() {
+            self.tree[k] = self.tree[k].max(value);
+            k += k & k.wrapping_neg();
+        }
+    }
+
+    fn max_upto(&self, i: usize) -> f64 {
+        let mut k = (i + 1).min(self.tree.len() - 1);
+        let mut m = f64::NEG_INFINITY;
+        while k > 0 {
+            m = m.max(self.tree[k]);
+            k -= k & k.wrapping_neg();
+        }
+        m
+    }
 }
 
 fn solution(problem: &Problem, stage_plans: &[Entry], load: f64) -> Solution {
@@ -123,6 +210,34 @@ fn solution(problem: &Problem, stage_plans: &[Entry], load: f64) -> Solution {
         latency_bound_ms: stage_plans.iter().map(|e| e.latency).sum(),
         carried_rps: carried,
         overloaded: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_maximum_answers_for_every_prefix() {
+        let mut m = PrefixMax::new(10);
+        assert_eq!(m.max_upto(10), f64::NEG_INFINITY);
+        m.raise(3, 1.0);
+        m.raise(7, 5.0);
+        m.raise(5, 2.0);
+        assert_eq!(m.max_upto(2), f64::NEG_INFINITY);
+        assert_eq!(m.max_upto(3), 1.0);
+        assert_eq!(m.max_upto(6), 2.0);
+        assert_eq!(m.max_upto(10), 5.0);
+    }
+
+    #[test]
+    fn a_partial_plan_beaten_on_every_count_is_dropped() {
+        let p = |latency, cores, value| Partial { latency, cores, value, picks: vec![] };
+        let kept = non_dominated(vec![p(10.0, 2, 1.0), p(12.0, 3, 0.5), p(12.0, 1, 0.5), p(20.0, 2, 2.0)], Some(4));
+        let left: Vec<(f64, u32)> = kept.iter().map(|k| (k.latency, k.cores)).collect();
+        assert_eq!(left, vec![(10.0, 2), (12.0, 1), (20.0, 2)]);
+        let kept = non_dominated(vec![p(10.0, 2, 1.0), p(12.0, 1, 0.5), p(20.0, 2, 2.0)], None);
+        assert_eq!(kept.len(), 2, "without a budget, fewer cores do not count");
     }
 }
 

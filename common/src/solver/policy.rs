@@ -34,8 +34,17 @@ pub enum CoreSet {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum BatchSet {
     Fixed(u32),
-    PowersOfTwo { max: u32 },
-    Range { max: u32 },
+    PowersOfTwo {
+        max: u32,
+    },
+    Range {
+        max: u32,
+    },
+    /// Every size up to `dense`, then powers of two up to `max`.
+    Dense {
+        dense: u32,
+        max: u32,
+    },
 }
 
 impl BatchSet {
@@ -44,6 +53,11 @@ impl BatchSet {
             BatchSet::Fixed(b) => vec![b.max(1)],
             BatchSet::PowersOfTwo { max } => (0..16).map(|i| 1u32 << i).take_while(|&b| b <= max.max(1)).collect(),
             BatchSet::Range { max } => (1..=max.max(1)).collect(),
+            BatchSet::Dense { dense, max } => {
+                let mut sizes: Vec<u32> = (1..=dense.min(max).max(1)).collect();
+                sizes.extend(BatchSet::PowersOfTwo { max }.sizes().into_iter().filter(|&b| b > dense));
+                sizes
+            }
         }
     }
 }
@@ -121,7 +135,9 @@ impl PolicyKind {
                 variants: VariantSet::All,
                 max_variants_per_stage: usize::MAX,
                 cores: CoreSet::Range { min: 1 },
-                batches: BatchSet::Range { max: limits.max_batch },
+                // Sponge's sizes (all up to 16) and IPA's (powers of two) and nothing between
+                // larger powers of two, which would only multiply the shapes.
+                batches: BatchSet::Dense { dense: 16, max: limits.max_batch },
                 max_replicas: limits.max_replicas,
                 deadline_aware: true,
                 in_place: true,
@@ -258,6 +274,8 @@ mod tests {
     fn batch_sets_list_their_sizes() {
         assert_eq!(BatchSet::PowersOfTwo { max: 10 }.sizes(), vec![1, 2, 4, 8]);
         assert_eq!(BatchSet::Range { max: 3 }.sizes(), vec![1, 2, 3]);
+        assert_eq!(BatchSet::Dense { dense: 3, max: 16 }.sizes(), vec![1, 2, 3, 4, 8, 16]);
+        assert_eq!(BatchSet::Dense { dense: 16, max: 2 }.sizes(), vec![1, 2]);
         assert_eq!(BatchSet::Fixed(0).sizes(), vec![1]);
     }
 }

@@ -32,6 +32,7 @@ pub(crate) struct Entry {
 }
 
 /// What the search needs to know about one stage.
+#[derive(Clone)]
 pub(crate) struct StageInput<'a> {
     /// Per variant, Pareto-optimal shapes sorted by cost.
     pub shapes: &'a [Vec<Shape>],

@@ -319,7 +319,7 @@ fn the_random_instances_exercise_plans_not_just_errors() {
         }
     }
     eprintln!("of 1000: {ok} planned, {overloaded} overloaded, {mixed} mixed, {pipelines} pipelines");
-    assert!(ok > 500 && overloaded > 50 && ok - overloaded > 100 && mixed > 20 && pipelines > 100);
+    assert!(ok > 400 && overloaded > 50 && ok - overloaded > 100 && mixed > 20 && pipelines > 100);
 }
 
 proptest! {
