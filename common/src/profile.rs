@@ -127,6 +127,27 @@ fn lerp_cell(a: &Cell, b: &Cell, t_latency: f64, t_tput: f64) -> Cell {
     Cell { p50: lerp(a.p50, b.p50, t_latency), p99: lerp(a.p99, b.p99, t_latency), tput: lerp(a.tput, b.tput, t_tput) }
 }
 
+/// A synthetic profile for tests and examples: on each of `cores`, batch-1 throughput
+/// `per_core` per core, a batch `b` (with its efficiency per request relative to batch 1)
+/// taking `b / throughput`, and p99 at `tail` × p50.
+pub fn synthetic(per_core: f64, cores: &[u32], batches: &[(u32, f64)], tail: f64) -> Vec<ProfilePoint> {
+    let mut points = Vec::new();
+    for &c in cores {
+        for &(b, efficiency) in batches {
+            let tput = per_core * c as f64 * efficiency;
+            let p50 = 1000.0 * b as f64 / tput;
+            points.push(ProfilePoint {
+                cores: c,
+                batch: b,
+                latency_p50_ms: p50,
+                latency_p99_ms: p50 * tail,
+                throughput_rps: tput,
+            });
+        }
+    }
+    points
+}
+
 #[derive(Debug, Error)]
 pub enum ProfileCsvError {
     #[error("reading the profile CSV: {0}")]

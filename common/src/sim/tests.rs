@@ -3,20 +3,7 @@ use crate::forecast::PeakWindow;
 
 fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
     // Batch 1 and 4 on 1..=8 cores: a batch of 4 is 1.5× as efficient per request.
-    let mut points = Vec::new();
-    for c in 1..=8u32 {
-        for (b, eff) in [(1u32, 1.0), (4, 1.5)] {
-            let tput = per_core * c as f64 * eff;
-            let latency = 1000.0 * b as f64 / tput;
-            points.push(ProfilePoint {
-                cores: c,
-                batch: b,
-                latency_p50_ms: latency,
-                latency_p99_ms: latency * 1.3,
-                throughput_rps: tput,
-            });
-        }
-    }
+    let points = crate::profile::synthetic(per_core, &[1, 2, 3, 4, 5, 6, 7, 8], &[(1, 1.0), (4, 1.5)], 1.3);
     SimVariant { name: name.into(), accuracy, points, load_time_s: 5.0 }
 }
 

@@ -4,24 +4,11 @@ use tidal_proto::v1::ProfilePoint;
 use super::*;
 use crate::profile::ProfileGrid;
 
-/// A variant whose batch-1 throughput is `per_core · c` with latency 1000/(per_core·c) ms, on
-/// the measured cores `cores`; batches `b` > 1 are `boost` times more efficient per request.
+/// A variant with batch-1 throughput `per_core` per core on `cores`; a batch > 1 is 1.3× as
+/// efficient per request.
 fn variant(name: &str, accuracy: f64, per_core: f64, cores: &[u32], batches: &[u32]) -> Variant {
-    let mut points = Vec::new();
-    for &c in cores {
-        for &b in batches {
-            let eff = if b == 1 { 1.0 } else { 1.3 };
-            let tput = per_core * c as f64 * eff;
-            let latency = 1000.0 * b as f64 / tput;
-            points.push(ProfilePoint {
-                cores: c,
-                batch: b,
-                latency_p50_ms: latency,
-                latency_p99_ms: latency,
-                throughput_rps: tput,
-            });
-        }
-    }
+    let batches: Vec<(u32, f64)> = batches.iter().map(|&b| (b, if b == 1 { 1.0 } else { 1.3 })).collect();
+    let points = crate::profile::synthetic(per_core, cores, &batches, 1.0);
     Variant { name: name.into(), accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
 }
 
