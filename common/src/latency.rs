@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::profile::ProfileGrid;
+use crate::profile::{Estimate, ProfileGrid};
 
 /// How the planner turns a profile into capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -61,7 +61,10 @@ const UTILISATION_STEP: f64 = 0.1;
 impl LatencyModel {
     /// The point at (cores, batch) planned at utilisation `rho`; `None` outside the grid.
     pub fn point_at(&self, grid: &ProfileGrid, cores: u32, batch: u32, rho: f64) -> Option<OperatingPoint> {
-        let e = grid.estimate(cores, batch)?;
+        Self::at(&grid.estimate(cores, batch)?, cores, batch, rho)
+    }
+
+    fn at(e: &Estimate, cores: u32, batch: u32, rho: f64) -> Option<OperatingPoint> {
         let capacity_rps = rho * e.throughput_rps;
         if !(capacity_rps > 0.0 && capacity_rps.is_finite() && rho < 1.0) {
             return None;
@@ -85,13 +88,14 @@ impl LatencyModel {
     /// counts once the budget is met).
     pub fn points(&self, grid: &ProfileGrid, cores: u32, batch: u32, budget_ms: f64, all: bool) -> Vec<OperatingPoint> {
         let mut out = Vec::new();
+        let Some(e) = grid.estimate(cores, batch) else { return out };
         let steps = (self.utilisation / UTILISATION_STEP).floor() as u32;
         for k in 0..steps.max(1) {
             let rho = self.utilisation - k as f64 * UTILISATION_STEP;
             if rho <= 1e-9 {
                 break;
             }
-            match self.point_at(grid, cores, batch, rho) {
+            match Self::at(&e, cores, batch, rho) {
                 Some(op) if op.latency_bound_ms <= budget_ms => {
                     out.push(op);
                     if !all {

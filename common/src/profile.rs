@@ -27,10 +27,12 @@ struct Cell {
     tput: f64,
 }
 
-/// Measured cells keyed by (cores, batch).
+/// Measured cells keyed by (cores, batch), with the measured core counts and batch sizes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileGrid {
     cells: BTreeMap<(u32, u32), Cell>,
+    cores: Vec<u32>,
+    batches: Vec<u32>,
 }
 
 impl ProfileGrid {
@@ -50,8 +52,13 @@ impl ProfileGrid {
                 let p50 = if p.latency_p50_ms > 0.0 { p.latency_p50_ms } else { p.latency_p99_ms };
                 ((p.cores, p.batch), Cell { p50, p99: p.latency_p99_ms, tput: p.throughput_rps })
             })
-            .collect();
-        Self { cells }
+            .collect::<BTreeMap<_, _>>();
+        let mut cores: Vec<u32> = cells.keys().map(|k| k.0).collect();
+        cores.dedup();
+        let mut batches: Vec<u32> = cells.keys().map(|k| k.1).collect();
+        batches.sort_unstable();
+        batches.dedup();
+        Self { cells, cores, batches }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,18 +66,13 @@ impl ProfileGrid {
     }
 
     /// Measured core counts, ascending.
-    pub fn cores(&self) -> Vec<u32> {
-        let mut c: Vec<u32> = self.cells.keys().map(|k| k.0).collect();
-        c.dedup();
-        c
+    pub fn cores(&self) -> &[u32] {
+        &self.cores
     }
 
     /// Measured batch sizes, ascending.
-    pub fn batches(&self) -> Vec<u32> {
-        let mut b: Vec<u32> = self.cells.keys().map(|k| k.1).collect();
-        b.sort_unstable();
-        b.dedup();
-        b
+    pub fn batches(&self) -> &[u32] {
+        &self.batches
     }
 
     /// The estimate at (cores, batch): measured, interpolated from the measured neighbours
@@ -84,8 +86,8 @@ impl ProfileGrid {
                 interpolated: false,
             });
         }
-        let (c_lo, c_hi) = bracket(&self.cores(), cores)?;
-        let (b_lo, b_hi) = bracket(&self.batches(), batch)?;
+        let (c_lo, c_hi) = bracket(&self.cores, cores)?;
+        let (b_lo, b_hi) = bracket(&self.batches, batch)?;
         let at_batch = |c: u32| -> Option<Cell> {
             let lo = self.cells.get(&(c, b_lo))?;
             let hi = self.cells.get(&(c, b_hi))?;

@@ -543,7 +543,7 @@ fn empty_interval(start_s: usize) -> IntervalStats {
 /// below the smallest measured batch, that batch's latency.
 fn batch_latency(grid: &ProfileGrid, cores: u32, k: u32) -> (f64, f64) {
     let estimate = grid.estimate(cores, k).or_else(|| {
-        let b = grid.batches().into_iter().find(|&b| b >= k)?;
+        let b = *grid.batches().iter().find(|&&b| b >= k)?;
         grid.estimate(cores, b)
     });
     estimate.map_or((1e6, 1e6), |e| (e.latency_p50_ms, e.latency_p99_ms))
