@@ -23,9 +23,10 @@ pub struct SimulateOpts {
     /// vpa-VARIANT (e.g. vpa-18), ms+, fa2-low, fa2-high, static-VARIANT-CORES-BATCH.
     #[arg(long = "policy", value_delimiter = ',', default_value = "tidal,infadapter,vpa-18,vpa-50,vpa-152,ms+")]
     pub policies: Vec<String>,
-    /// First trace second (0-based) and how many seconds to replay (default one day).
+    /// First trace second (0-based); the seconds before it are the forecaster's history.
     #[arg(long, default_value_t = 0)]
     pub start: usize,
+    /// Seconds to replay (default one day).
     #[arg(long, default_value_t = 86_400)]
     pub duration: usize,
     /// Factor applied to the trace's rates.
@@ -63,16 +64,22 @@ pub struct SimulateOpts {
     /// Share of a profiled throughput a worker is planned to carry.
     #[arg(long, default_value_t = 0.8)]
     pub utilisation: f64,
+    /// Objective weight of the traffic-weighted accuracy (per 100 %).
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f64,
+    /// Objective weight of the cores used, per core budget (higher: cheaper plans).
     #[arg(long, default_value_t = 0.05)]
     pub beta: f64,
+    /// Objective weight of starting variants that are not running (model loads).
     #[arg(long, default_value_t = 0.001)]
     pub gamma: f64,
+    /// Objective weight per unit of batch size.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// Largest batch size a policy that batches may use.
     #[arg(long, default_value_t = 64)]
     pub max_batch: u32,
+    /// Most replicas of one variant a policy that scales out may use.
     #[arg(long, default_value_t = 32)]
     pub max_replicas: u32,
     /// Dynamic SLOs: Sponge's remaining-SLO fractions per second (sponge-dynamic-slo-fractions.csv).
