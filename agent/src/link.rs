@@ -1,6 +1,7 @@
 //! The agent's link to the controller: registers the node, then reports telemetry every
-//! interval. While no controller answers, the agent keeps serving with its last plan and keeps
-//! trying (with back-off).
+//! interval. It knows every controller replica's address and moves to the next one when the
+//! one it talks to fails. While no controller answers, the agent keeps serving with its last
+//! plan and keeps trying, backing off after each round of the whole list.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +14,12 @@ use tracing::{debug, info, warn};
 
 use crate::node::Node;
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Link {
-    pub controller: String,
+    /// The controller replicas' addresses (host:port), tried in turn.
+    pub controllers: Vec<String>,
     /// The address the controller should use to reach this agent.
     pub advertise: String,
     pub interval: Duration,
@@ -22,17 +27,30 @@ pub struct Link {
 
 impl Link {
     pub async fn run(self, node: Arc<Node>, stop: CancellationToken) {
+        if self.controllers.is_empty() {
+            return;
+        }
         let mut backoff = Duration::from_millis(200);
-        while !stop.is_cancelled() {
-            match self.connect_and_register(&node).await {
+        let mut failures_in_round = 0;
+        for controller in self.controllers.iter().cycle() {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.connect_and_register(controller, &node).await {
                 Ok(client) => {
                     backoff = Duration::from_millis(200);
+                    failures_in_round = 0;
                     if let Err(e) = self.report_loop(client, &node, &stop).await {
-                        warn!(controller = %self.controller, error = %e, "telemetry to the controller failed; reconnecting");
+                        warn!(%controller, error = %e, "telemetry to the controller failed; trying the next replica");
                     }
                 }
                 Err(e) => {
-                    debug!(controller = %self.controller, error = %e, "controller not reachable");
+                    debug!(%controller, error = %e, "controller not reachable");
+                    failures_in_round += 1;
+                    if failures_in_round < self.controllers.len() {
+                        continue;
+                    }
+                    failures_in_round = 0;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,
@@ -43,10 +61,21 @@ impl Link {
         }
     }
 
-    async fn connect_and_register(&self, node: &Node) -> Result<ControllerClient<Channel>, tonic::Status> {
-        let endpoint = format!("http://{}", self.controller);
-        let mut client =
-            ControllerClient::connect(endpoint).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    async fn connect_and_register(
+        &self,
+        controller: &str,
+        node: &Node,
+    ) -> Result<ControllerClient<Channel>, tonic::Status> {
+        let unavailable = |e: tonic::transport::Error| tonic::Status::unavailable(e.to_string());
+        // A replica that is cut off must not hold the agent up: give up on it after a while.
+        let channel = Channel::from_shared(format!("http://{controller}"))
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .connect()
+            .await
+            .map_err(unavailable)?;
+        let mut client = ControllerClient::new(channel);
         let resp = client
             .register_node(RegisterNodeRequest {
                 node: node.cfg.node.clone(),
@@ -54,7 +83,7 @@ impl Link {
                 cores: node.cfg.millicores / 1000,
             })
             .await?;
-        info!(controller = %self.controller, plan_epoch = resp.get_ref().plan_epoch, "registered with the controller");
+        info!(%controller, plan_epoch = resp.get_ref().plan_epoch, "registered with the controller");
         Ok(client)
     }
 

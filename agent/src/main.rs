@@ -54,9 +54,10 @@ struct ServeArgs {
     /// Address the controller should use to reach this agent (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// Controller address (host:port). Without one the agent only serves plans pushed to it.
-    #[arg(long)]
-    controller: Option<String>,
+    /// Controller replicas' addresses (host:port), comma-separated; the agent moves to the next
+    /// when one fails. Without any, the agent only serves plans pushed to it.
+    #[arg(long, value_delimiter = ',')]
+    controller: Vec<String>,
     /// Directory holding the variants' ONNX files.
     #[arg(long, default_value = "models")]
     model_dir: PathBuf,
@@ -145,9 +146,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let stop = CancellationToken::new();
-    if let Some(controller) = args.controller.clone() {
+    if !args.controller.is_empty() {
         let link = Link {
-            controller,
+            controllers: args.controller.clone(),
             advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
             interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
         };
