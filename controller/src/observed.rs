@@ -78,8 +78,9 @@ impl Observed {
     pub fn surge(&self, now: Instant, window_s: u64) -> Option<(String, f64, f64)> {
         self.forecasts.iter().find_map(|(task, &planned)| {
             let history = self.history(task, now, window_s);
+            let rate = history.iter().sum::<f64>() / history.len().max(1) as f64;
             tidal_common::forecast::is_surge(&history, planned, window_s as usize)
-                .then(|| (task.clone(), self.rate(task, now, window_s), planned))
+                .then(|| (task.clone(), rate, planned))
         })
     }
 

@@ -337,10 +337,9 @@ impl<'a> Sim<'a> {
                         changed = true;
                     }
                     reuse => {
-                        let mut w = SimWorker::new(c.variant, c.point.cores, c.point.batch, max_delay, share, ready_at);
+                        let w = SimWorker::new(c.variant, c.point.cores, c.point.batch, max_delay, share, ready_at);
                         if let Some(old) = reuse {
                             self.workers[old].retire_at = ready_at;
-                            w.replaces = Some(old);
                         }
                         latest_ready = latest_ready.max(ready_at);
                         self.workers.push(w);
@@ -395,12 +394,7 @@ impl<'a> Sim<'a> {
         self.routes.clear();
         let mut sum = 0.0;
         let mut next_change = f64::INFINITY;
-        for w in &mut self.workers {
-            if let Some(r) = w.pending.filter(|r| r.at <= t) {
-                w.resize(&r);
-                w.pending = None;
-            }
-        }
+        self.apply_due_resizes(t);
         for (i, w) in self.workers.iter().enumerate() {
             if w.serving(t) {
                 sum += w.share.max(1e-9);
@@ -413,6 +407,16 @@ impl<'a> Sim<'a> {
             }
         }
         self.routes_valid_until = next_change;
+    }
+
+    /// In-place resizes that waited for their successors to be ready.
+    fn apply_due_resizes(&mut self, t: f64) {
+        for w in &mut self.workers {
+            if let Some(r) = w.pending.filter(|r| r.at <= t) {
+                w.resize(&r);
+                w.pending = None;
+            }
+        }
     }
 
     fn start(&mut self, w: usize, t: f64) {
@@ -428,7 +432,6 @@ impl<'a> Sim<'a> {
             Next::Idle => {}
             Next::Started(k) => {
                 let service = self.service_time(w, k as u32);
-                self.workers[w].busy_until = t + service;
                 self.events.push(Reverse(Event { at: t + service, worker: w, done: true }));
             }
             Next::WakeAt(at) => self.events.push(Reverse(Event { at, worker: w, done: false })),

@@ -24,12 +24,8 @@ pub(crate) struct SimWorker {
     pub ready_at: f64,
     /// When it stops taking requests (infinite while it is part of the plan).
     pub retire_at: f64,
-    /// The worker this one replaces, retired once this one is ready (blue-green, or a
-    /// variant swap).
-    pub replaces: Option<usize>,
     queue: VecDeque<Request>,
     pub in_flight: Vec<Request>,
-    pub busy_until: f64,
     /// The batcher timeout currently armed, if any.
     pub wake_at: Option<f64>,
     /// An in-place resize down that waits until the workers that take over are ready.
@@ -66,10 +62,8 @@ impl SimWorker {
             share,
             ready_at,
             retire_at: f64::INFINITY,
-            replaces: None,
             queue: VecDeque::new(),
             in_flight: Vec::new(),
-            busy_until: 0.0,
             wake_at: None,
             pending: None,
         }
