@@ -103,7 +103,7 @@ async fn agent_path(
                 max_delay_ms: 0,
                 weight: 1.0,
             }],
-            notes: vec![],
+            ..Default::default()
         };
         control.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await?;
         while !control.status(AgentStatusRequest {}).await?.into_inner().workers.iter().all(|w| w.ready) {

@@ -1,11 +1,12 @@
 //! The agent's link to the controller: registers the node, then reports telemetry every
-//! interval. It knows every controller replica's address and moves to the next one when the
-//! one it talks to fails. While no controller answers, the agent keeps serving with its last
+//! interval. It knows every controller replica's address, goes straight to the leader when a
+//! follower names it, and moves to the next replica when the one it talks to fails. While no controller answers, the agent keeps serving with its last
 //! plan and keeps trying, backing off after each round of the whole list.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidal_proto::leader_hint;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{RegisterNodeRequest, TelemetryReport};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,8 @@ use crate::node::Node;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct Link {
     /// The controller replicas' addresses (host:port), tried in turn.
@@ -30,34 +33,54 @@ impl Link {
         if self.controllers.is_empty() {
             return;
         }
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = MIN_BACKOFF;
         let mut failures_in_round = 0;
-        for controller in self.controllers.iter().cycle() {
+        let mut next = 0;
+        // The leader's address, when a follower named it; followed before the list.
+        let mut hint: Option<String> = None;
+        let mut hops = 0;
+        loop {
             if stop.is_cancelled() {
                 return;
             }
-            match self.connect_and_register(controller, &node).await {
-                Ok(client) => {
-                    backoff = Duration::from_millis(200);
-                    failures_in_round = 0;
-                    if let Err(e) = self.report_loop(client, &node, &stop).await {
-                        warn!(%controller, error = %e, "telemetry to the controller failed; trying the next replica");
-                    }
-                }
-                Err(e) => {
-                    debug!(%controller, error = %e, "controller not reachable");
-                    failures_in_round += 1;
-                    if failures_in_round < self.controllers.len() {
-                        continue;
-                    }
-                    failures_in_round = 0;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+            let controller = hint.take().unwrap_or_else(|| {
+                next += 1;
+                self.controllers[(next - 1) % self.controllers.len()].clone()
+            });
+            let mut registered = false;
+            let outcome = async {
+                let client = self.connect_and_register(&controller, &node).await?;
+                registered = true;
+                self.report_loop(client, &node, &stop).await
             }
+            .await;
+            let Err(status) = outcome else { return };
+            if registered {
+                (backoff, failures_in_round, hops) = (MIN_BACKOFF, 0, 0);
+            }
+            // A follower names the leader: go there at once (but do not bounce forever
+            // between replicas that disagree during an election).
+            if let Some(leader) = leader_hint(&status).filter(|l| *l != controller && hops <= self.controllers.len()) {
+                info!(%controller, %leader, "following the controller leader");
+                hint = Some(leader);
+                hops += 1;
+                continue;
+            }
+            if registered {
+                warn!(%controller, error = %status, "telemetry to the controller failed; trying the next replica");
+                continue;
+            }
+            debug!(%controller, error = %status, "controller not reachable or not leading");
+            failures_in_round += 1;
+            if failures_in_round < self.controllers.len() {
+                continue;
+            }
+            (failures_in_round, hops) = (0, 0);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

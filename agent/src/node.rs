@@ -35,8 +35,8 @@ pub struct AgentConfig {
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
-    #[error("plan epoch {got} is older than the applied epoch {applied}")]
-    Stale { got: u64, applied: u64 },
+    #[error("plan {got:?} (epoch, term) is older than the applied plan {applied:?}: it comes from a deposed controller leader")]
+    Stale { got: (u64, u64), applied: (u64, u64) },
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
     #[error("malformed plan: model file {file:?} of variant {variant:?} is not in {dir}")]
@@ -56,6 +56,8 @@ pub struct Node {
     retiring: Mutex<Vec<Arc<Worker>>>,
     tasks: RwLock<HashMap<String, TaskSpec>>,
     applied_epoch: AtomicU64,
+    /// Raft term of the controller leader that committed the applied plan.
+    applied_term: AtomicU64,
     next_worker: AtomicU64,
     /// Last CPU reading per worker, to turn cumulative usage into a rate.
     cpu_seen: Mutex<HashMap<String, (Instant, CpuStats)>>,
@@ -73,6 +75,7 @@ impl Node {
             retiring: Mutex::new(Vec::new()),
             tasks: RwLock::new(HashMap::new()),
             applied_epoch: AtomicU64::new(0),
+            applied_term: AtomicU64::new(0),
             next_worker: AtomicU64::new(1),
             cpu_seen: Mutex::new(HashMap::new()),
         })
@@ -82,16 +85,22 @@ impl Node {
         self.applied_epoch.load(Ordering::Relaxed)
     }
 
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term.load(Ordering::Relaxed)
+    }
+
     pub fn task(&self, name: &str) -> Option<TaskSpec> {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     /// Applies `plan` to this node: all of it or, if it is malformed or stale, none of it.
+    /// Plans are ordered by (epoch, term): one older than the applied plan comes from a
+    /// deposed leader (or a delayed push) and is refused.
     pub async fn apply_plan(self: &Arc<Self>, plan: Plan) -> Result<u64, ApplyError> {
         let mut workers = self.workers.lock().await;
-        let applied = self.applied_epoch();
-        if plan.epoch < applied {
-            return Err(ApplyError::Stale { got: plan.epoch, applied });
+        let applied = (self.applied_epoch(), self.applied_term());
+        if (plan.epoch, plan.term) < applied {
+            return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
         }
         validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
         let desired = self.desired_workers(&plan)?;
@@ -115,6 +124,7 @@ impl Node {
             plan.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect();
         self.update_routes(&plan, &workers);
         self.applied_epoch.store(plan.epoch, Ordering::Relaxed);
+        self.applied_term.store(plan.term, Ordering::Relaxed);
         self.metrics.plan_epoch.set(plan.epoch as i64);
         Ok(plan.epoch)
     }

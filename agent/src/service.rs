@@ -120,6 +120,7 @@ impl Agent for AgentService {
         Ok(Response::new(AgentStatus {
             node: self.node.cfg.node.clone(),
             applied_epoch: self.node.applied_epoch(),
+            applied_term: self.node.applied_term(),
             workers: self.node.worker_telemetry().await,
             cgroup_driver: self.node.cgroups.driver_name().to_string(),
         }))

@@ -4,6 +4,7 @@ mod forecast;
 mod load;
 mod models;
 mod plot;
+mod replicas;
 mod simulate;
 mod status;
 
@@ -23,7 +24,8 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "tidalctl", version, about = "Administer a Tidal cluster: models, tasks, profiles, load and status")]
 struct Cli {
-    /// Controller address (host:port).
+    /// Controller replica addresses (host:port, comma-separated): any of them leads tidalctl
+    /// to the current leader.
     #[arg(long, global = true, env = "TIDAL_CONTROLLER", default_value = "127.0.0.1:7000")]
     controller: String,
     #[command(subcommand)]
@@ -67,6 +69,9 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// The controller's replicas: list, add, remove, transfer leadership.
+    #[command(subcommand)]
+    Controller(replicas::ControllerCmd),
     /// Score the forecasters on a rate trace (MAPE of the next interval's peak, share under-predicted).
     Forecast(forecast::ForecastOpts),
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
@@ -148,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Profile { agent, task, cores, batches, duration_ms } => {
             profile(&cli.controller, &agent, &task, cores, batches, duration_ms).await
         }
+        Command::Controller(cmd) => replicas::run(&cli.controller, cmd).await,
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
         Command::Forecast(opts) => forecast::run(opts),
@@ -163,10 +169,9 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-pub(crate) async fn controller(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
-    ControllerClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("connecting to the controller at {addr}"))
+/// A client of the controller leader, found through any of the comma-separated `addrs`.
+pub(crate) async fn controller(addrs: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    replicas::leader(addrs).await
 }
 
 async fn task_spec(controller_addr: &str, task: &str) -> anyhow::Result<TaskSpec> {

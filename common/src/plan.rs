@@ -143,7 +143,7 @@ mod tests {
             term: 1,
             tasks: vec![TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![] }],
             assignments,
-            notes: vec![],
+            ..Default::default()
         }
     }
 

@@ -1,10 +1,11 @@
-//! The Raft driver: one OS thread per replica owns the raft-rs `RawNode`, ticks it, feeds it
-//! proposals, persists each Ready in sled before acting on it, and applies committed commands
-//! to the state machine. Async callers talk to it through a channel and get their answer when
-//! their command is applied (or refused).
+//! The Raft driver: one OS thread per replica owns the raft-rs `RawNode`. It ticks it, steps
+//! in messages from peers, feeds it proposals, membership changes and read requests, persists
+//! each Ready in sled before sending the messages that depend on it, applies committed
+//! entries to the state machine, and compacts the log into snapshots. Async callers talk to
+//! it through a channel and get their answer when their command is applied (or refused).
 //!
 //! A thread rather than a tokio task, because sled's flush is a blocking fsync and the runtime
-//! must not block.
+//! must not block; the transport's tasks and the callers stay on the runtime.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,16 +14,18 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message as _;
-use raft::prelude::{Entry, EntryType};
-use raft::{Config, RawNode, StateRole};
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{Config, RawNode, SnapshotStatus, StateRole, Storage};
 use thiserror::Error;
-use tidal_proto::v1::Command;
-use tokio::sync::oneshot;
+use tidal_proto::v1::{Command, StateSnapshot};
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::logging::slog_to_tracing;
 use crate::state::ClusterState;
-use crate::storage::{DurableLog, StorageError};
+use crate::storage::{DurableLog, LogView, StorageError};
+use crate::transport::{AddressBook, Feedback, Outbound};
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ProposeError {
@@ -32,82 +35,212 @@ pub enum ProposeError {
     Rejected(String),
     #[error("the replica is shutting down")]
     Stopped,
+    #[error("no answer within {0:?} (no leader, or the leader lost its majority)")]
+    Timeout(Duration),
     #[error("raft: {0}")]
     Raft(String),
 }
 
 /// What the rest of the controller may read about consensus.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RaftStatus {
     pub id: u64,
     pub term: u64,
+    /// 0 while no leader is known.
     pub leader: u64,
     pub is_leader: bool,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Per replica, the highest index known replicated there (on the leader only).
+    pub matched: Vec<(u64, u64)>,
+    /// This replica was removed from the group and no longer takes part.
+    pub removed: bool,
 }
 
-struct Proposal {
-    cmd: Command,
-    reply: oneshot::Sender<Result<(), ProposeError>>,
+/// A membership change, proposed on the leader.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MembershipChange {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
 }
+
+type Reply = oneshot::Sender<Result<(), ProposeError>>;
+
+/// What the driver thread is asked to do.
+pub enum Input {
+    Propose {
+        cmd: Command,
+        reply: Reply,
+    },
+    Membership {
+        change: MembershipChange,
+        reply: Reply,
+    },
+    TransferLeader {
+        to: u64,
+        reply: Reply,
+    },
+    /// Answered once this replica has applied everything committed when it asked.
+    ReadIndex {
+        reply: Reply,
+    },
+    Step(Box<Message>),
+    Transport(Feedback),
+}
+
+/// How long a caller waits for a command to be applied or a read to be confirmed.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
+const READ_ATTEMPT: Duration = Duration::from_millis(300);
 
 #[derive(Clone)]
 pub struct RaftHandle {
-    tx: mpsc::Sender<Proposal>,
+    tx: mpsc::Sender<Input>,
     pub state: Arc<RwLock<ClusterState>>,
-    status: Arc<RwLock<RaftStatus>>,
+    status: watch::Receiver<RaftStatus>,
+    pub peers: AddressBook,
 }
 
 impl RaftHandle {
     pub fn status(&self) -> RaftStatus {
-        *self.status.read().unwrap_or_else(|p| p.into_inner())
+        self.status.borrow().clone()
+    }
+
+    /// Changes of the status, for whoever must react to gaining or losing leadership.
+    pub fn watch(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
     }
 
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
         f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The API address of the current leader, when one is known.
+    pub fn leader_address(&self) -> Option<String> {
+        let leader = self.status.borrow().leader;
+        (leader != 0).then(|| self.peers.get(leader)).flatten()
+    }
+
+    async fn ask(&self, input: impl FnOnce(Reply) -> Input, timeout: Duration) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(input(reply)).map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| ProposeError::Stopped)?,
+            Err(_) => Err(ProposeError::Timeout(timeout)),
+        }
+    }
+
     /// Proposes a command and waits until it is applied.
     pub async fn propose(&self, cmd: Command) -> Result<(), ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Proposal { cmd, reply }).map_err(|_| ProposeError::Stopped)?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
+        self.ask(|reply| Input::Propose { cmd, reply }, PROPOSE_TIMEOUT).await
+    }
+
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
+        self.ask(|reply| Input::Membership { change, reply }, PROPOSE_TIMEOUT).await
+    }
+
+    /// Asks the leader to hand leadership to `to` (answers once the transfer has started).
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
+        self.ask(|reply| Input::TransferLeader { to, reply }, PROPOSE_TIMEOUT).await
+    }
+
+    /// Waits until this replica's state reflects every command committed before the call
+    /// (Raft's read index), so that a read that follows is linearizable on any replica.
+    /// raft-rs drops a read request while no leader is known or the leader has not yet
+    /// committed in its term, so a request unanswered for a while is sent again.
+    pub async fn read_index(&self) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            match self.ask(|reply| Input::ReadIndex { reply }, READ_ATTEMPT).await {
+                Err(ProposeError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                Err(ProposeError::Timeout(_)) => return Err(ProposeError::Timeout(READ_TIMEOUT)),
+                other => return other,
+            }
+        }
+    }
+
+    /// Hands a message from a peer to the driver.
+    pub fn step(&self, m: Message) -> Result<(), ProposeError> {
+        self.tx.send(Input::Step(Box::new(m))).map_err(|_| ProposeError::Stopped)
     }
 }
 
 pub struct RaftConfig {
     pub id: u64,
+    /// The voters a fresh store is bootstrapped with; empty to join an existing group.
     pub voters: Vec<u64>,
+    /// Addresses of the replicas known from the configuration (this one's included).
+    pub peers: AddressBook,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// Applied entries beyond the last snapshot that trigger a new one (log compaction).
+    pub snapshot_entries: u64,
 }
 
-/// Opens the durable log in `dir` and starts the driver thread.
+/// Opens the durable log in `dir` and starts the driver thread. Must be called within a
+/// tokio runtime (the transport's tasks run on it).
 pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     let log = DurableLog::open(dir, &cfg.voters)?;
+    let snapshot = log.snapshot();
+    let mut state = ClusterState::default();
+    if !snapshot.data.is_empty() {
+        let data =
+            StateSnapshot::decode(snapshot.data.as_ref()).map_err(|e| StorageError::CorruptSnapshot(e.to_string()))?;
+        state = ClusterState::from_snapshot(data);
+    }
+    for (id, address) in &state.replicas {
+        cfg.peers.set(*id, address);
+    }
     let raft_cfg = Config {
         id: cfg.id,
         election_tick: cfg.election_ticks,
         heartbeat_tick: cfg.heartbeat_ticks,
+        applied: snapshot.get_metadata().index,
+        check_quorum: true,
+        pre_vote: true,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
         ..Default::default()
     };
     raft_cfg.validate()?;
     let logger = slog_to_tracing();
-    let mut node = RawNode::new(&raft_cfg, log.mem.clone(), &logger)?;
-    if cfg.voters == [cfg.id] {
+    let conf_state = log.conf_state();
+    let mut node = RawNode::new(&raft_cfg, log.view.clone(), &logger)?;
+    if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
         // A single voter need not wait an election timeout to lead.
         node.campaign()?;
     }
     let (tx, rx) = mpsc::channel();
-    let state = Arc::new(RwLock::new(ClusterState::default()));
-    let status = Arc::new(RwLock::new(RaftStatus { id: cfg.id, ..Default::default() }));
-    let mut driver =
-        Driver { node, log, state: state.clone(), status: status.clone(), pending: HashMap::new(), next_id: seed_id() };
+    let state = Arc::new(RwLock::new(state));
+    let (status_tx, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
+    let my_address = cfg.peers.get(cfg.id).unwrap_or_default();
+    let outbound = Outbound::new(cfg.id, my_address, cfg.peers.clone(), tokio::runtime::Handle::current(), tx.clone());
+    let mut driver = Driver {
+        node,
+        log,
+        state: state.clone(),
+        status: status_tx,
+        peers: cfg.peers.clone(),
+        outbound,
+        conf_state,
+        pending: HashMap::new(),
+        reads: HashMap::new(),
+        waiting_reads: Vec::new(),
+        deferred_reads: Vec::new(),
+        next_id: seed_id(),
+        snapshot_entries: cfg.snapshot_entries.max(1),
+        removed: false,
+    };
     std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || driver.run(rx, cfg.tick))
         .map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
-    Ok(RaftHandle { tx, state, status })
+    Ok(RaftHandle { tx, state, status: status_rx, peers: cfg.peers })
 }
 
 /// Proposal ids start from the clock so that entries replayed from an earlier run never
@@ -116,95 +249,241 @@ fn seed_id() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
+/// Inputs handled before each Ready: proposals that arrive together share one fsync.
+const MAX_INPUTS_PER_READY: usize = 256;
+
 struct Driver {
-    node: RawNode<raft::storage::MemStorage>,
+    node: RawNode<LogView>,
     log: DurableLog,
     state: Arc<RwLock<ClusterState>>,
-    status: Arc<RwLock<RaftStatus>>,
-    pending: HashMap<u64, oneshot::Sender<Result<(), ProposeError>>>,
+    status: watch::Sender<RaftStatus>,
+    peers: AddressBook,
+    outbound: Outbound,
+    conf_state: ConfState,
+    /// Proposal id → whoever waits for it to be applied.
+    pending: HashMap<u64, Reply>,
+    /// Read-index context → whoever waits for the read index.
+    reads: HashMap<Vec<u8>, Reply>,
+    /// (read index, reply) waiting for this replica to apply up to the index.
+    waiting_reads: Vec<(u64, Reply)>,
+    /// Contexts of reads held back until this new leader commits in its term.
+    deferred_reads: Vec<Vec<u8>>,
     next_id: u64,
+    snapshot_entries: u64,
+    removed: bool,
 }
 
 impl Driver {
-    fn run(&mut self, rx: mpsc::Receiver<Proposal>, tick: Duration) {
+    fn run(&mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
         let mut last_tick = Instant::now();
         loop {
             let wait = tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
-                Ok(p) => self.propose(p),
+                Ok(input) => {
+                    self.handle(input);
+                    for input in rx.try_iter().take(MAX_INPUTS_PER_READY) {
+                        self.handle(input);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if last_tick.elapsed() >= tick {
-                self.node.tick();
+                if !self.removed {
+                    self.node.tick();
+                }
                 last_tick = Instant::now();
             }
-            if let Err(e) = self.on_ready() {
+            self.release_deferred_reads();
+            if let Err(e) = self.on_ready().and_then(|()| self.maybe_compact()) {
                 // Storage failed: nothing can be made durable, so stop rather than diverge.
                 error!(error = %e, "raft storage failed; the replica stops");
-                for (_, reply) in self.pending.drain() {
-                    let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
-                }
+                self.fail_all(ProposeError::Raft(e.to_string()));
                 return;
             }
             self.publish_status();
         }
     }
 
-    fn propose(&mut self, p: Proposal) {
-        if self.node.raft.state != StateRole::Leader {
-            let leader = Some(self.node.raft.leader_id).filter(|&l| l != 0);
-            let _ = p.reply.send(Err(ProposeError::NotLeader(leader)));
-            return;
-        }
-        self.next_id = self.next_id.wrapping_add(1);
-        let id = self.next_id;
-        match self.node.propose(id.to_be_bytes().to_vec(), p.cmd.encode_to_vec()) {
-            Ok(()) => {
-                self.pending.insert(id, p.reply);
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Propose { cmd, reply } => self.propose(cmd, reply),
+            Input::Membership { change, reply } => self.change_membership(change, reply),
+            Input::TransferLeader { to, reply } => {
+                if let Some(reply) = self.leader_only(reply) {
+                    self.node.transfer_leader(to);
+                    let _ = reply.send(Ok(()));
+                }
             }
-            Err(e) => {
-                let _ = p.reply.send(Err(ProposeError::Raft(e.to_string())));
+            Input::ReadIndex { reply } => {
+                // Requests given up by their callers are forgotten.
+                self.reads.retain(|_, r| !r.is_closed());
+                let ctx = self.next_proposal_id().to_be_bytes().to_vec();
+                self.reads.insert(ctx.clone(), reply);
+                if self.leads_without_commit_in_term() {
+                    self.deferred_reads.push(ctx);
+                } else {
+                    self.node.read_index(ctx);
+                }
+            }
+            Input::Step(m) if !self.removed => {
+                if let Err(e) = self.node.step(*m) {
+                    warn!(error = %e, "raft message refused");
+                }
+            }
+            Input::Step(_) => {}
+            Input::Transport(Feedback::Unreachable(id)) => self.node.report_unreachable(id),
+            Input::Transport(Feedback::SnapshotSent { to, ok }) => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.node.report_snapshot(to, status);
             }
         }
     }
 
+    /// A new leader that has not yet committed an entry of its own term cannot serve a read
+    /// index (raft-rs drops the request): such reads wait for that commit.
+    fn leads_without_commit_in_term(&self) -> bool {
+        let raft = &self.node.raft;
+        raft.state == StateRole::Leader && raft.raft_log.term(raft.raft_log.committed).ok() != Some(raft.term)
+    }
+
+    fn release_deferred_reads(&mut self) {
+        if self.deferred_reads.is_empty() || self.leads_without_commit_in_term() {
+            return;
+        }
+        for ctx in std::mem::take(&mut self.deferred_reads) {
+            self.node.read_index(ctx);
+        }
+    }
+
+    fn next_proposal_id(&mut self) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    /// Returns the reply back if this replica leads; otherwise answers it with NotLeader.
+    fn leader_only(&self, reply: Reply) -> Option<Reply> {
+        if self.node.raft.state == StateRole::Leader && !self.removed {
+            return Some(reply);
+        }
+        let leader = Some(self.node.raft.leader_id).filter(|&l| l != 0);
+        let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+        None
+    }
+
+    fn propose(&mut self, cmd: Command, reply: Reply) {
+        let Some(reply) = self.leader_only(reply) else { return };
+        let id = self.next_proposal_id();
+        match self.node.propose(id.to_be_bytes().to_vec(), cmd.encode_to_vec()) {
+            Ok(()) => {
+                self.pending.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+            }
+        }
+    }
+
+    fn change_membership(&mut self, change: MembershipChange, reply: Reply) {
+        let Some(reply) = self.leader_only(reply) else { return };
+        if self.node.raft.has_pending_conf() {
+            let _ = reply.send(Err(ProposeError::Rejected("another membership change is in progress".into())));
+            return;
+        }
+        let mut cc = ConfChange::default();
+        match &change {
+            MembershipChange::Add { id, address } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+                cc.context = address.clone().into_bytes().into();
+            }
+            MembershipChange::Remove { id } => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = *id;
+            }
+        }
+        let id = self.next_proposal_id();
+        match self.node.propose_conf_change(id.to_be_bytes().to_vec(), cc) {
+            Ok(()) => {
+                self.pending.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+            }
+        }
+    }
+
+    /// Handles one Ready in the order raft-rs requires: messages a leader may send at once;
+    /// then the snapshot, the entries and the hard state made durable; only then the messages
+    /// that promise them (votes, append acknowledgements); then what became committed.
     fn on_ready(&mut self) -> Result<(), StorageError> {
         if !self.node.has_ready() {
             return Ok(());
         }
         let mut ready = self.node.ready();
-        // Single-replica transport: no peers to send messages to yet.
+        self.outbound.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            self.log.mem.wl().apply_snapshot(ready.snapshot().clone())?;
+            self.install_snapshot(ready.snapshot().clone())?;
         }
         self.apply_committed(ready.take_committed_entries())?;
-        self.log.append(ready.entries())?;
-        if let Some(hs) = ready.hs() {
-            self.log.set_hard_state(hs)?;
+        self.log.persist(ready.entries(), ready.hs())?;
+        self.outbound.send(ready.take_persisted_messages());
+        for rs in ready.take_read_states() {
+            if let Some(reply) = self.reads.remove(rs.request_ctx.as_slice()) {
+                self.waiting_reads.push((rs.index, reply));
+            }
         }
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.log.set_commit(commit)?;
         }
+        self.outbound.send(light.take_messages());
         self.apply_committed(light.take_committed_entries())?;
         self.node.advance_apply();
+        self.release_reads();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let meta = snapshot.get_metadata();
+        let data = StateSnapshot::decode(snapshot.data.as_ref()).unwrap_or_else(|e| {
+            error!(index = meta.index, error = %e, "undecodable snapshot state; starting from an empty state");
+            StateSnapshot::default()
+        });
+        self.log.install_snapshot(&snapshot)?;
+        self.conf_state = meta.get_conf_state().clone();
+        let restored = ClusterState::from_snapshot(StateSnapshot { applied_index: meta.index, ..data });
+        for (id, address) in &restored.replicas {
+            self.peers.set(*id, address);
+        }
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = restored;
+        info!(index = meta.index, term = meta.term, "installed a snapshot from the leader");
         Ok(())
     }
 
     fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
         for entry in entries {
-            if entry.data.is_empty() {
-                continue; // a new leader's empty entry
-            }
             match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    // A new leader's empty entry.
+                    self.state.write().unwrap_or_else(|p| p.into_inner()).applied_index = entry.index;
+                }
                 EntryType::EntryNormal => self.apply_command(&entry),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    warn!(index = entry.index, "membership changes are not supported yet; entry ignored");
+                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
+                EntryType::EntryConfChangeV2 => {
+                    warn!(index = entry.index, "joint-consensus membership changes are not used; entry ignored");
                 }
             }
         }
         Ok(())
+    }
+
+    fn answer(&mut self, entry: &Entry, result: Result<(), String>) {
+        if let Ok(bytes) = <[u8; 8]>::try_from(entry.context.as_ref()) {
+            if let Some(reply) = self.pending.remove(&u64::from_be_bytes(bytes)) {
+                let _ = reply.send(result.map_err(ProposeError::Rejected));
+            }
+        }
     }
 
     fn apply_command(&mut self, entry: &Entry) {
@@ -215,32 +494,127 @@ impl Driver {
         if let Err(reason) = &result {
             info!(index = entry.index, %reason, "command refused by the state machine");
         }
-        if entry.context.len() == 8 {
-            let id = u64::from_be_bytes(entry.context[..8].try_into().unwrap_or_default());
-            if let Some(reply) = self.pending.remove(&id) {
-                let _ = reply.send(result.map_err(ProposeError::Rejected));
+        self.answer(entry, result);
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), StorageError> {
+        let cc = match ConfChange::parse_from_bytes(entry.data.as_ref()) {
+            Ok(cc) => cc,
+            Err(e) => {
+                error!(index = entry.index, error = %e, "undecodable membership change; ignored");
+                self.answer(entry, Err(e.to_string()));
+                return Ok(());
             }
+        };
+        let cs = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                warn!(index = entry.index, error = %e, "membership change refused");
+                self.answer(entry, Err(e.to_string()));
+                return Ok(());
+            }
+        };
+        self.log.set_conf_state(&cs)?;
+        self.conf_state = cs;
+        let address = match cc.get_change_type() {
+            ConfChangeType::RemoveNode => None,
+            _ => Some(String::from_utf8_lossy(cc.context.as_ref()).into_owned()),
+        };
+        if let Some(a) = address.as_deref().filter(|a| !a.is_empty()) {
+            self.peers.set(cc.node_id, a);
+        }
+        self.state.write().unwrap_or_else(|p| p.into_inner()).apply_membership(entry.index, cc.node_id, address);
+        info!(index = entry.index, change = ?cc.get_change_type(), replica = cc.node_id, voters = ?self.conf_state.voters, "membership changed");
+        if cc.get_change_type() == ConfChangeType::RemoveNode && cc.node_id == self.node.raft.id {
+            warn!("this replica was removed from the group; it no longer takes part (stop it)");
+            self.removed = true;
+        }
+        self.answer(entry, Ok(()));
+        Ok(())
+    }
+
+    fn applied(&self) -> u64 {
+        self.node.raft.raft_log.applied
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.applied();
+        let (ready, waiting): (Vec<_>, Vec<_>) = self.waiting_reads.drain(..).partition(|(index, _)| *index <= applied);
+        self.waiting_reads = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// Takes a snapshot of the applied state once enough entries have piled up since the last.
+    fn maybe_compact(&mut self) -> Result<(), StorageError> {
+        let applied = self.applied();
+        let last = self.log.snapshot().get_metadata().index;
+        if applied < last + self.snapshot_entries {
+            return Ok(());
+        }
+        let term = self.log.view.term(applied)?;
+        let data = self.state.read().unwrap_or_else(|p| p.into_inner()).to_snapshot().encode_to_vec();
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
+        let meta = snapshot.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state.clone());
+        self.log.compact(&snapshot)?;
+        info!(index = applied, term, bytes = snapshot.data.len(), "compacted the log into a snapshot");
+        Ok(())
+    }
+
+    fn fail_all(&mut self, e: ProposeError) {
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(e.clone()));
+        }
+        for (_, reply) in self.reads.drain() {
+            let _ = reply.send(Err(e.clone()));
+        }
+        for (_, reply) in self.waiting_reads.drain(..) {
+            let _ = reply.send(Err(e.clone()));
         }
     }
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
+        let is_leader = raft.state == StateRole::Leader && !self.removed;
         let status = RaftStatus {
             id: raft.id,
             term: raft.term,
             leader: raft.leader_id,
-            is_leader: raft.state == StateRole::Leader,
+            is_leader,
+            commit: raft.raft_log.committed,
+            last_index: raft.raft_log.last_index(),
+            applied: raft.raft_log.applied,
+            snapshot_index: self.log.snapshot().get_metadata().index,
+            voters: self.conf_state.voters.clone(),
+            learners: self.conf_state.learners.clone(),
+            matched: if is_leader {
+                let mut m: Vec<(u64, u64)> = raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect();
+                m.sort_unstable();
+                m
+            } else {
+                Vec::new()
+            },
+            removed: self.removed,
         };
-        let mut current = self.status.write().unwrap_or_else(|p| p.into_inner());
-        if current.is_leader && !status.is_leader {
-            // Lost leadership: what was proposed may never commit here.
+        let was_leader = self.status.borrow().is_leader;
+        if was_leader && !status.is_leader {
+            // Lost leadership: what was proposed here may never commit.
+            let leader = Some(status.leader).filter(|&l| l != 0);
             for (_, reply) in self.pending.drain() {
-                let _ = reply.send(Err(ProposeError::NotLeader(Some(status.leader).filter(|&l| l != 0))));
+                let _ = reply.send(Err(ProposeError::NotLeader(leader)));
             }
         }
-        if *current != status {
-            info!(term = status.term, leader = status.leader, is_leader = status.is_leader, "raft status");
-        }
-        *current = status;
+        self.status.send_if_modified(|current| {
+            if (current.term, current.leader, current.is_leader) != (status.term, status.leader, status.is_leader) {
+                info!(term = status.term, leader = status.leader, is_leader = status.is_leader, "raft status");
+            }
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
     }
 }

@@ -73,9 +73,39 @@ impl Controller {
         f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The adaptation loop: every interval (or sooner when something changed), on the leader
-    /// only, forecast, solve, commit and push.
+    /// The adaptation loop. A follower waits to lead; a leader takes over and then, every
+    /// interval (or sooner when something changed), forecasts, solves, commits and pushes. It
+    /// stops at once, mid-round if need be, when this replica loses leadership: a deposed
+    /// leader's proposals cannot commit anyway, and agents refuse its older plans.
     pub async fn run_adaptation(self: Arc<Self>, stop: CancellationToken) {
+        let mut status = self.raft.watch();
+        loop {
+            let term = tokio::select! {
+                s = status.wait_for(|s| s.is_leader) => match s {
+                    Ok(s) => s.term,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            let mut watch = self.raft.watch();
+            let lost = async move {
+                let _ = watch.wait_for(|s| !(s.is_leader && s.term == term)).await;
+            };
+            tokio::select! {
+                _ = self.lead(term) => {}
+                _ = lost => info!(term, "lost leadership; adaptation stopped"),
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// What the leader of `term` does until it is deposed.
+    async fn lead(&self, term: u64) {
+        let span = info_span!("lead", term);
+        while let Err(e) = self.take_over(term).instrument(span.clone()).await {
+            warn!(term, error = %e, "taking over as leader failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.cfg.interval) => {}
@@ -83,19 +113,58 @@ impl Controller {
                     // Let a burst of changes (e.g. five profiles) settle into one plan.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                _ = stop.cancelled() => return,
             }
-            if !self.raft.status().is_leader {
-                continue;
-            }
-            if let Err(e) = self.adapt_once().instrument(info_span!("adapt")).await {
+            if let Err(e) = self.adapt_once(term).instrument(info_span!("adapt", term)).await {
                 warn!(error = %e, "adaptation round failed");
             }
         }
     }
 
+    /// A new leader's first steps: catch up with everything committed before its term (read
+    /// index), start observing afresh from the last plan's rates, and commit and push that
+    /// plan again under its own term, which fences off plans of the deposed leader.
+    async fn take_over(&self, term: u64) -> Result<(), ProposeError> {
+        self.raft.read_index().await?;
+        let current = self.raft.read(|s| s.plan.clone());
+        let planned: BTreeMap<String, f64> =
+            current.as_ref().map(|p| p.planned_rps.clone().into_iter().collect()).unwrap_or_default();
+        self.observed(|o| {
+            *o = Observed::new(Instant::now());
+            o.forecasts = planned.clone();
+        });
+        {
+            let mut stabilisers = self.stabilisers.lock().unwrap_or_else(|p| p.into_inner());
+            stabilisers.clear();
+            for (task, rate) in &planned {
+                let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after);
+                s.next(*rate);
+                stabilisers.insert(task.clone(), s);
+            }
+        }
+        let Some(current) = current else {
+            info!(term, "leading; no plan committed yet");
+            self.adapt_once(term).await?;
+            return Ok(());
+        };
+        let id = self.raft.status().id;
+        let plan = Plan {
+            epoch: current.epoch + 1,
+            term,
+            notes: vec![format!(
+                "replica {id} took over as leader in term {term}; plan {} carried over",
+                current.epoch
+            )],
+            ..current
+        };
+        self.raft.propose(Command { change: Some(Change::CommitPlan(plan.clone())) }).await?;
+        info!(term, epoch = plan.epoch, "leading; the current plan is re-committed under this term");
+        self.metrics.plans_committed.inc();
+        self.push_all(&plan);
+        Ok(())
+    }
+
     /// One adaptation round; returns the plan in force afterwards.
-    pub async fn adapt_once(&self) -> Result<Option<Plan>, ProposeError> {
+    pub async fn adapt_once(&self, term: u64) -> Result<Option<Plan>, ProposeError> {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
         let forecasts: BTreeMap<String, f64> = self.observed(|o| {
@@ -119,8 +188,8 @@ impl Controller {
         for (task, f) in &forecasts {
             self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(*f);
         }
-        let term = self.raft.status().term;
-        let plan = next_plan(&state, &forecasts, &self.cfg.planner, state.plan_epoch() + 1, term);
+        let mut plan = next_plan(&state, &forecasts, &self.cfg.planner, state.plan_epoch() + 1, term);
+        plan.planned_rps = forecasts.clone().into_iter().collect();
         self.metrics.adaptation_seconds.observe(now.elapsed().as_secs_f64());
         if let Some(current) = &state.plan {
             if same_assignments(current, &plan) {

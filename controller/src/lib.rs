@@ -1,7 +1,7 @@
 //! Tidal's controller.
 //!
 //! [`consensus`] drives raft-rs over [`storage`] (sled) and applies committed commands to the
-//! [`state`] machine; [`controller`] runs the adaptation loop on the leader — forecast from
+//! [`state`] machine, talking to its peers through the [`transport`]; [`controller`] runs the adaptation loop on the leader — forecast from
 //! what is [`observed`], solve with the [`planner`], commit, push to agents; [`service`] is the
 //! gRPC API.
 
@@ -14,3 +14,4 @@ pub mod planner;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod transport;

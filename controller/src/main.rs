@@ -13,6 +13,7 @@ use tidal_controller::consensus::{start, RaftConfig};
 use tidal_controller::controller::{Controller, ControllerConfig};
 use tidal_controller::planner::PlannerConfig;
 use tidal_controller::service::ControllerService;
+use tidal_controller::transport::{AddressBook, RaftService};
 use tidal_proto::v1::controller_server::ControllerServer;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -73,9 +74,41 @@ struct Args {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// The replicas of the group as ID=HOST:PORT,… (their API addresses, which also carry
+    /// Raft traffic). A fresh store is bootstrapped with these as voters unless --join is
+    /// given; without --peers the replica forms a group of one.
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+    peers: Vec<(u64, String)>,
+    /// Start empty and wait to be added to an existing group (`tidalctl controller add`);
+    /// --peers then names replicas already in it.
+    #[arg(long)]
+    join: bool,
+    /// Address other replicas, agents and tidalctl reach this replica at (default: --listen).
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
     /// Milliseconds per Raft tick.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     tick_ms: u64,
+    /// Ticks without hearing from a leader before a follower stands for election (raft-rs
+    /// randomises the timeout between this and twice this).
+    #[arg(long, default_value_t = 8)]
+    election_ticks: usize,
+    /// Ticks between the leader's heartbeats (less than --election-ticks).
+    #[arg(long, default_value_t = 2)]
+    heartbeat_ticks: usize,
+    /// Applied log entries after which the state is snapshotted and the log compacted.
+    #[arg(long, default_value_t = 1000)]
+    snapshot_entries: u64,
+}
+
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a replica id"))?;
+    if id == 0 {
+        return Err("replica ids must be positive".into());
+    }
+    let addr: SocketAddr = addr.trim().parse().map_err(|_| format!("{addr:?} is not an ip:port address"))?;
+    Ok((id, addr.to_string()))
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
@@ -92,13 +125,20 @@ async fn main() -> anyhow::Result<()> {
     if !(args.interval_s > 0.0 && args.headroom >= 1.0 && args.utilisation > 0.0 && args.utilisation <= 1.0) {
         anyhow::bail!("--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]");
     }
+    if args.heartbeat_ticks == 0 || args.election_ticks <= args.heartbeat_ticks {
+        anyhow::bail!("--heartbeat-ticks must be positive and less than --election-ticks");
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let advertise = args.advertise.unwrap_or(args.listen).to_string();
+    let (voters, peers) = membership(&args, &advertise)?;
     let raft_cfg = RaftConfig {
         id: args.id,
-        voters: vec![args.id],
-        tick: Duration::from_millis(args.tick_ms.max(10)),
-        election_ticks: 10,
-        heartbeat_ticks: 3,
+        voters,
+        peers,
+        tick: Duration::from_millis(args.tick_ms.max(5)),
+        election_ticks: args.election_ticks,
+        heartbeat_ticks: args.heartbeat_ticks,
+        snapshot_entries: args.snapshot_entries.max(1),
     };
     let raft = start(raft_cfg, &args.data_dir)
         .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;
@@ -113,11 +153,12 @@ async fn main() -> anyhow::Result<()> {
         },
         forecast_window_s: args.forecast_window_s,
         scale_down_after: args.scale_down_after.max(1),
-        advertise: args.listen.to_string(),
+        advertise,
     };
     let forecaster = PeakWindow { window_s: args.forecast_window_s as usize, headroom: args.headroom };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
+    let raft_service = RaftService::server(raft.clone());
     let ctl = Controller::new(raft, cfg, Box::new(forecaster), metrics);
     if let Some(addr) = args.metrics_listen {
         tidal_common::metrics_http::spawn(addr, registry);
@@ -137,9 +178,30 @@ async fn main() -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .add_service(ControllerServer::new(ControllerService { ctl }))
+        .add_service(raft_service)
         .serve_with_shutdown(args.listen, shutdown)
         .await
         .with_context(|| format!("serving on {}", args.listen))?;
     stop.cancel();
     Ok(())
+}
+
+/// The voters a fresh store starts with, and the addresses known from the command line.
+fn membership(args: &Args, advertise: &str) -> anyhow::Result<(Vec<u64>, AddressBook)> {
+    let mut peers = args.peers.clone();
+    match peers.iter().find(|(id, _)| *id == args.id) {
+        Some((_, addr)) if addr != advertise => {
+            anyhow::bail!("--peers names {addr} for replica {} but it is reached at {advertise}", args.id)
+        }
+        Some(_) => {}
+        None if args.join || peers.is_empty() => peers.push((args.id, advertise.to_string())),
+        None => anyhow::bail!("--peers must include this replica ({}) unless it --join's a group", args.id),
+    }
+    let mut ids: Vec<u64> = peers.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        anyhow::bail!("--peers names a replica id twice");
+    }
+    let voters = if args.join { Vec::new() } else { ids };
+    Ok((voters, AddressBook::new(peers)))
 }

@@ -4,15 +4,21 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
     command::Change, ClusterStatus, ClusterStatusRequest, Command, NodeStatus, PlanHistory, PlanHistoryRequest,
     RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, SetSloRequest,
     SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskSpec, TaskStatus, TelemetryAck, TelemetryReport,
 };
+use tidal_proto::v1::{
+    AddReplicaRequest, ListReplicasRequest, MembershipResponse, RemoveReplicaRequest, Replica, ReplicaList,
+    TransferLeaderRequest,
+};
 use tonic::{Request, Response, Status};
+use tracing::info;
 
-use crate::consensus::ProposeError;
+use crate::consensus::{MembershipChange, ProposeError};
 use crate::controller::Controller;
 
 #[derive(Clone)]
@@ -20,21 +26,38 @@ pub struct ControllerService {
     pub ctl: Arc<Controller>,
 }
 
-impl From<ProposeError> for Status {
-    fn from(e: ProposeError) -> Self {
+impl ControllerService {
+    /// The status a consensus error maps to; a refusal for not leading names the leader.
+    fn refusal(&self, e: ProposeError) -> Status {
         match e {
-            ProposeError::NotLeader(_) | ProposeError::Stopped => Status::unavailable(e.to_string()),
+            ProposeError::NotLeader(leader) => not_leader(leader.and_then(|id| self.ctl.raft.peers.get(id)).as_deref()),
+            ProposeError::Stopped | ProposeError::Timeout(_) => Status::unavailable(e.to_string()),
             ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
             ProposeError::Raft(_) => Status::internal(e.to_string()),
         }
     }
-}
 
-impl ControllerService {
+    /// Calls that act on the cluster (writes, telemetry, live status) are served by the
+    /// leader; a follower answers with the leader's address.
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.ctl.raft.status().is_leader {
+            Ok(())
+        } else {
+            Err(not_leader(self.ctl.raft.leader_address().as_deref()))
+        }
+    }
+
     async fn commit(&self, change: Change) -> Result<(), Status> {
-        self.ctl.raft.propose(Command { change: Some(change) }).await?;
+        self.ctl.raft.propose(Command { change: Some(change) }).await.map_err(|e| self.refusal(e))?;
         self.ctl.replan.notify_one();
         Ok(())
+    }
+
+    async fn change_membership(&self, change: MembershipChange) -> Result<Response<MembershipResponse>, Status> {
+        self.require_leader()?;
+        info!(?change, "membership change requested");
+        self.ctl.raft.change_membership(change).await.map_err(|e| self.refusal(e))?;
+        Ok(Response::new(MembershipResponse {}))
     }
 }
 
@@ -80,6 +103,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        self.require_leader()?;
         let req = request.into_inner();
         if req.node.is_empty() || req.address.is_empty() || req.cores == 0 {
             return Err(Status::invalid_argument("a node needs a name, an address and at least one core"));
@@ -96,6 +120,7 @@ impl ControllerApi for ControllerService {
     }
 
     async fn report_telemetry(&self, request: Request<TelemetryReport>) -> Result<Response<TelemetryAck>, Status> {
+        self.require_leader()?;
         let report = request.into_inner();
         let (node, applied) = (report.node.clone(), report.applied_epoch);
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&node)) {
@@ -112,6 +137,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RegisterTaskRequest>,
     ) -> Result<Response<RegisterTaskResponse>, Status> {
+        self.require_leader()?;
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         validate_task(&task).map_err(Status::invalid_argument)?;
         self.commit(Change::RegisterTask(task)).await?;
@@ -119,6 +145,7 @@ impl ControllerApi for ControllerService {
     }
 
     async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
+        self.require_leader()?;
         let req = request.into_inner();
         if req.slo_ms == 0 {
             return Err(Status::invalid_argument("the SLO must be positive"));
@@ -134,6 +161,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<StoreProfileRequest>,
     ) -> Result<Response<StoreProfileResponse>, Status> {
+        self.require_leader()?;
         let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
         let bad = profile.points.iter().any(|p| {
             p.cores == 0
@@ -158,6 +186,7 @@ impl ControllerApi for ControllerService {
     }
 
     async fn status(&self, _request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
+        self.require_leader()?;
         let raft = self.ctl.raft.status();
         let state = self.ctl.raft.read(|s| s.clone());
         let now = Instant::now();
@@ -206,11 +235,7 @@ impl ControllerApi for ControllerService {
                 })
                 .collect();
             ClusterStatus {
-                leader: if raft.is_leader {
-                    self.ctl.cfg.advertise.clone()
-                } else {
-                    format!("replica {}", raft.leader)
-                },
+                leader: self.ctl.cfg.advertise.clone(),
                 term: raft.term,
                 plan: state.plan.clone(),
                 nodes,
@@ -220,9 +245,95 @@ impl ControllerApi for ControllerService {
         Ok(Response::new(status))
     }
 
+    /// Served by any replica, after a read index: never a stale follower's view.
     async fn history(&self, request: Request<PlanHistoryRequest>) -> Result<Response<PlanHistory>, Status> {
         let limit = request.into_inner().limit.max(1) as usize;
+        self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
         let plans = self.ctl.raft.read(|s| s.history[s.history.len().saturating_sub(limit)..].to_vec());
         Ok(Response::new(PlanHistory { plans }))
+    }
+
+    /// This replica's own view of the group (no read index: it is for diagnosing, and must
+    /// answer while there is no leader).
+    async fn list_replicas(&self, _request: Request<ListReplicasRequest>) -> Result<Response<ReplicaList>, Status> {
+        let raft = self.ctl.raft.status();
+        let book = self.ctl.raft.peers.all();
+        let matched = |id: u64| raft.matched.iter().find(|(r, _)| *r == id).map_or(0, |(_, m)| *m);
+        let replicas = raft
+            .voters
+            .iter()
+            .map(|&id| (id, true))
+            .chain(raft.learners.iter().map(|&id| (id, false)))
+            .map(|(id, voter)| Replica {
+                id,
+                address: book.get(&id).cloned().unwrap_or_default(),
+                voter,
+                matched: matched(id),
+            })
+            .collect();
+        Ok(Response::new(ReplicaList {
+            replicas,
+            leader: raft.leader,
+            leader_address: self.ctl.raft.leader_address().unwrap_or_default(),
+            term: raft.term,
+            commit: raft.commit,
+            applied: raft.applied,
+            snapshot_index: raft.snapshot_index,
+            answered_by: raft.id,
+            last_index: raft.last_index,
+        }))
+    }
+
+    async fn add_replica(&self, request: Request<AddReplicaRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("a replica id must be positive"));
+        }
+        if req.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!("{:?} is not an ip:port address", req.address)));
+        }
+        if self.ctl.raft.status().voters.contains(&req.id) {
+            return Err(Status::already_exists(format!("replica {} is already a member", req.id)));
+        }
+        self.change_membership(MembershipChange::Add { id: req.id, address: req.address }).await
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<RemoveReplicaRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let id = request.into_inner().id;
+        self.require_leader()?;
+        let raft = self.ctl.raft.status();
+        if !raft.voters.contains(&id) {
+            return Err(Status::not_found(format!("replica {id} is not a member")));
+        }
+        if raft.voters.len() == 1 {
+            return Err(Status::failed_precondition("the last replica cannot be removed"));
+        }
+        if id == raft.id {
+            return Err(Status::failed_precondition(format!(
+                "replica {id} is the leader: transfer leadership first (tidalctl controller remove does this)"
+            )));
+        }
+        self.change_membership(MembershipChange::Remove { id }).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let to = request.into_inner().id;
+        self.require_leader()?;
+        let raft = self.ctl.raft.status();
+        if !raft.voters.contains(&to) {
+            return Err(Status::not_found(format!("replica {to} is not a voting member")));
+        }
+        if to == raft.id {
+            return Ok(Response::new(MembershipResponse {}));
+        }
+        info!(to, "leadership transfer requested");
+        self.ctl.raft.transfer_leader(to).await.map_err(|e| self.refusal(e))?;
+        Ok(Response::new(MembershipResponse {}))
     }
 }

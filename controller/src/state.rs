@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use tidal_proto::v1::{command::Change, Command, Plan, TaskSpec, VariantProfile};
+use tidal_proto::v1::{command::Change, Command, Plan, RegisterNodeRequest, StateSnapshot, TaskSpec, VariantProfile};
 
 /// Plans kept in the history (older ones are forgotten).
 pub const HISTORY_LEN: usize = 1000;
@@ -22,12 +22,54 @@ pub struct ClusterState {
     pub profiles: BTreeMap<(String, String), VariantProfile>,
     pub plan: Option<Plan>,
     pub history: Vec<Plan>,
+    /// Raft id → address of the replicas that joined through a membership change (the
+    /// bootstrap replicas' addresses come from each replica's configuration).
+    pub replicas: BTreeMap<u64, String>,
     pub applied_index: u64,
 }
 
 impl ClusterState {
     pub fn plan_epoch(&self) -> u64 {
         self.plan.as_ref().map_or(0, |p| p.epoch)
+    }
+
+    /// Records an applied membership change: `address` is the joining replica's, `None` for
+    /// a removal.
+    pub fn apply_membership(&mut self, index: u64, id: u64, address: Option<String>) {
+        self.applied_index = index;
+        match address {
+            Some(a) => self.replicas.insert(id, a),
+            None => self.replicas.remove(&id),
+        };
+    }
+
+    /// The whole state, as the data of a Raft snapshot.
+    pub fn to_snapshot(&self) -> StateSnapshot {
+        StateSnapshot {
+            applied_index: self.applied_index,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(name, n)| RegisterNodeRequest { node: name.clone(), address: n.address.clone(), cores: n.cores })
+                .collect(),
+            tasks: self.tasks.values().cloned().collect(),
+            profiles: self.profiles.values().cloned().collect(),
+            plan: self.plan.clone(),
+            history: self.history.clone(),
+            replicas: self.replicas.clone().into_iter().collect(),
+        }
+    }
+
+    pub fn from_snapshot(s: StateSnapshot) -> Self {
+        Self {
+            nodes: s.nodes.into_iter().map(|n| (n.node, NodeInfo { address: n.address, cores: n.cores })).collect(),
+            tasks: s.tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
+            plan: s.plan,
+            history: s.history,
+            replicas: s.replicas.into_iter().collect(),
+            applied_index: s.applied_index,
+        }
     }
 
     /// Applies one committed command. A command that is not valid against the current state
@@ -88,6 +130,27 @@ mod tests {
         assert!(s.apply(4, &plan(2)).is_ok());
         assert_eq!(s.plan_epoch(), 2);
         assert_eq!(s.history.len(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_state() {
+        let mut s = ClusterState::default();
+        let task = TaskSpec {
+            name: "t".into(),
+            slo_ms: 100,
+            variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
+        };
+        s.apply(1, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
+        let node = RegisterNodeRequest { node: "n".into(), address: "a:1".into(), cores: 4 };
+        s.apply(2, &Command { change: Some(Change::RegisterNode(node)) }).unwrap();
+        s.apply(3, &plan(1)).unwrap();
+        s.apply_membership(4, 7, Some("127.0.0.7:7000".into()));
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.to_snapshot(), s.to_snapshot());
+        assert_eq!(restored.applied_index, 4);
+        assert_eq!(restored.plan_epoch(), 1);
+        assert_eq!(restored.replicas[&7], "127.0.0.7:7000");
+        assert_eq!(restored.nodes["n"].cores, 4);
     }
 
     #[test]

@@ -14,3 +14,25 @@ pub mod onnx {
 }
 
 pub use tidal::v1;
+
+/// Metadata key in which a controller replica that is not the leader names the leader's
+/// address, so that a client can go there directly.
+pub const LEADER_METADATA: &str = "tidal-leader";
+
+/// The leader's address that a follower named in a refusal, if any.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    let hint = status.metadata().get(LEADER_METADATA)?.to_str().ok()?;
+    (!hint.is_empty()).then(|| hint.to_string())
+}
+
+/// A refusal from a replica that is not the leader, naming the leader when it is known.
+pub fn not_leader(leader_address: Option<&str>) -> tonic::Status {
+    let mut status = match leader_address {
+        Some(a) => tonic::Status::unavailable(format!("this controller replica is not the leader; the leader is {a}")),
+        None => tonic::Status::unavailable("no controller leader is elected at the moment; retry shortly"),
+    };
+    if let Some(value) = leader_address.and_then(|a| a.parse().ok()) {
+        status.metadata_mut().insert(LEADER_METADATA, value);
+    }
+    status
+}

@@ -13,6 +13,9 @@ use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
+pub mod group;
+pub mod netns;
+
 /// target/<profile>/, where cargo put the binaries next to the test executable's deps/.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -62,7 +65,7 @@ impl Drop for Proc {
 }
 
 fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
-    let file = std::fs::File::create(log).expect("log file");
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let err = file.try_clone().expect("log file");
     cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
     let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
@@ -216,7 +219,14 @@ pub fn plan_for(
             weight: 1.0 / workers.len() as f64,
         })
         .collect();
-    Plan { epoch, term: 1, tasks: vec![TaskSpec { name: task.into(), slo_ms, variants }], assignments, notes: vec![] }
+    Plan {
+        epoch,
+        term: 1,
+        tasks: vec![TaskSpec { name: task.into(), slo_ms, variants }],
+        assignments,
+        notes: vec![],
+        ..Default::default()
+    }
 }
 
 /// One float32 sample of `shape` (no batch dimension), batch dimension of 1 added.

@@ -213,6 +213,10 @@ fn solution(problem: &Problem, stage_plans: &[Entry], load: f64) -> Solution {
     }
 }
 
+fn choice(stage: usize, shape: &Shape, share: f64) -> Choice {
+    Choice { stage, variant: shape.variant, replicas: shape.replicas, point: shape.point, share_rps: share }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,8 +243,4 @@ mod tests {
         let kept = non_dominated(vec![p(10.0, 2, 1.0), p(12.0, 1, 0.5), p(20.0, 2, 2.0)], None);
         assert_eq!(kept.len(), 2, "without a budget, fewer cores do not count");
     }
-}
-
-fn choice(stage: usize, shape: &Shape, share: f64) -> Choice {
-    Choice { stage, variant: shape.variant, replicas: shape.replicas, point: shape.point, share_rps: share }
 }

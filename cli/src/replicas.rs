@@ -1,0 +1,160 @@
+//! Finding the controller leader, and `tidalctl controller …`: the membership of the
+//! controller's Raft group.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Subcommand;
+use tidal_proto::v1::controller_client::ControllerClient;
+use tidal_proto::v1::{
+    AddReplicaRequest, ListReplicasRequest, RemoveReplicaRequest, ReplicaList, TransferLeaderRequest,
+};
+use tonic::transport::Channel;
+
+/// How long to wait for a leader to be elected before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Subcommand)]
+pub enum ControllerCmd {
+    /// Show the replicas of the controller group as one replica sees them: ids, addresses,
+    /// roles, the leader, and (from the leader) how far each has replicated the log.
+    List,
+    /// Add a replica (started beforehand with `tidal-controller --join`) as a voter.
+    Add {
+        #[arg(long)]
+        id: u64,
+        /// The new replica's address (host:port).
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a replica from the group. Removing the leader first hands leadership to another.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Hand leadership to another voter (e.g. before maintenance on the leader's machine).
+    TransferLeader {
+        /// The replica to lead.
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+async fn connect(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    let endpoint = Channel::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("{addr:?} is not a host:port address"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15));
+    let channel = endpoint.connect().await.with_context(|| format!("connecting to the controller at {addr}"))?;
+    Ok(ControllerClient::new(channel))
+}
+
+/// The group as seen by the first of `addrs` (comma-separated) that answers.
+async fn any_replica(addrs: &str) -> anyhow::Result<(String, ReplicaList)> {
+    let mut last_error = None;
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match connect(addr).await {
+            Ok(mut c) => match c.list_replicas(ListReplicasRequest {}).await {
+                Ok(list) => return Ok((addr.to_string(), list.into_inner())),
+                Err(e) => last_error = Some(anyhow::Error::new(e).context(format!("asking {addr}"))),
+            },
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no controller address given")))
+}
+
+/// A client of the controller leader, found through any of `addrs` (comma-separated),
+/// waiting out an election.
+pub async fn leader(addrs: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        let (addr, list) = any_replica(addrs).await?;
+        if list.leader != 0 && !list.leader_address.is_empty() {
+            return connect(&list.leader_address).await;
+        }
+        if list.leader != 0 && list.leader == list.answered_by {
+            return connect(&addr).await;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("no controller leader was elected within {LEADER_WAIT:?} (asked {addr}, term {})", list.term);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(addrs: &str, cmd: ControllerCmd) -> anyhow::Result<()> {
+    match cmd {
+        ControllerCmd::List => {
+            let (addr, list) = any_replica(addrs).await?;
+            print_list(&addr, &list);
+        }
+        ControllerCmd::Add { id, address } => {
+            leader(addrs).await?.add_replica(AddReplicaRequest { id, address: address.clone() }).await?;
+            println!("replica {id} ({address}) added; it catches up from the leader");
+        }
+        ControllerCmd::Remove { id } => remove(addrs, id).await?,
+        ControllerCmd::TransferLeader { to } => {
+            transfer(addrs, to).await?;
+            println!("replica {to} leads");
+        }
+    }
+    Ok(())
+}
+
+async fn remove(addrs: &str, id: u64) -> anyhow::Result<()> {
+    let (_, list) = any_replica(addrs).await?;
+    if list.leader == id {
+        let successor = list
+            .replicas
+            .iter()
+            .filter(|r| r.voter && r.id != id)
+            .max_by_key(|r| r.matched)
+            .with_context(|| format!("replica {id} is the only voter"))?
+            .id;
+        println!("replica {id} leads: handing leadership to replica {successor} first");
+        transfer(addrs, successor).await?;
+    }
+    leader(addrs).await?.remove_replica(RemoveReplicaRequest { id }).await?;
+    println!("replica {id} removed; stop its process");
+    Ok(())
+}
+
+/// Asks the leader to hand over to `to` and waits until `to` leads.
+async fn transfer(addrs: &str, to: u64) -> anyhow::Result<()> {
+    leader(addrs).await?.transfer_leader(TransferLeaderRequest { id: to }).await?;
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        let (_, list) = any_replica(addrs).await?;
+        if list.leader == to {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("replica {to} did not take over within {LEADER_WAIT:?} (leader now: {})", list.leader);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_list(addr: &str, list: &ReplicaList) {
+    println!(
+        "as seen by replica {} ({addr}): term {}, leader {}, log to {}, commit {}, applied {}, snapshot at {}",
+        list.answered_by,
+        list.term,
+        if list.leader == 0 { "none".to_string() } else { format!("{} ({})", list.leader, list.leader_address) },
+        list.last_index,
+        list.commit,
+        list.applied,
+        list.snapshot_index
+    );
+    println!("{:>4}  {:<22} {:<8} {:>8}", "id", "address", "role", "matched");
+    for r in &list.replicas {
+        let role = match (r.id == list.leader, r.voter) {
+            (true, _) => "leader",
+            (false, true) => "voter",
+            (false, false) => "learner",
+        };
+        let matched = if list.leader == list.answered_by { r.matched.to_string() } else { "-".into() };
+        println!("{:>4}  {:<22} {:<8} {:>8}", r.id, r.address, role, matched);
+    }
+}

@@ -1,0 +1,207 @@
+//! Raft messages between controller replicas over gRPC.
+//!
+//! Outbound: one tokio task per peer drains that peer's queue into batches and sends them; a
+//! failed send is dropped (Raft retransmits), reported to raft-rs as unreachable, and the
+//! task backs off before the next attempt. Inbound: the `RaftTransport` service decodes a
+//! batch and steps each message into the local replica.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{mpsc, Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use tidal_proto::v1::raft_transport_client::RaftTransportClient;
+use tidal_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+use tidal_proto::v1::{RaftAck, RaftBatch};
+use tokio::sync::mpsc as tmpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::consensus::{Input, RaftHandle};
+
+/// Largest Raft batch or snapshot accepted over the wire.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+const MAX_BATCH: usize = 256;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A peer that does not answer within this is treated as unreachable (a cut link would
+/// otherwise hold its queue for a TCP timeout).
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Raft id → gRPC address of every replica this one knows of.
+#[derive(Clone, Default)]
+pub struct AddressBook(Arc<RwLock<BTreeMap<u64, String>>>);
+
+impl AddressBook {
+    pub fn new(entries: impl IntoIterator<Item = (u64, String)>) -> Self {
+        Self(Arc::new(RwLock::new(entries.into_iter().collect())))
+    }
+
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    pub fn set(&self, id: u64, address: &str) {
+        let mut book = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if book.get(&id).is_none_or(|a| a != address) {
+            book.insert(id, address.to_string());
+        }
+    }
+
+    pub fn all(&self) -> BTreeMap<u64, String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a peer task tells the Raft driver about its sends.
+pub enum Feedback {
+    Unreachable(u64),
+    SnapshotSent { to: u64, ok: bool },
+}
+
+/// The outbound side, owned by the Raft driver.
+pub struct Outbound {
+    me: u64,
+    my_address: String,
+    book: AddressBook,
+    runtime: tokio::runtime::Handle,
+    feedback: mpsc::Sender<Input>,
+    peers: HashMap<u64, tmpsc::UnboundedSender<Message>>,
+}
+
+impl Outbound {
+    pub fn new(
+        me: u64,
+        my_address: String,
+        book: AddressBook,
+        runtime: tokio::runtime::Handle,
+        feedback: mpsc::Sender<Input>,
+    ) -> Self {
+        Self { me, my_address, book, runtime, feedback, peers: HashMap::new() }
+    }
+
+    pub fn send(&mut self, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            let queue = self.peers.entry(to).or_insert_with(|| {
+                let (tx, rx) = tmpsc::unbounded_channel();
+                let peer = Peer {
+                    to,
+                    me: self.me,
+                    my_address: self.my_address.clone(),
+                    book: self.book.clone(),
+                    feedback: self.feedback.clone(),
+                };
+                self.runtime.spawn(peer.run(rx));
+                tx
+            });
+            if queue.send(m).is_err() {
+                self.peers.remove(&to);
+            }
+        }
+    }
+}
+
+struct Peer {
+    to: u64,
+    me: u64,
+    my_address: String,
+    book: AddressBook,
+    feedback: mpsc::Sender<Input>,
+}
+
+impl Peer {
+    async fn run(self, mut rx: tmpsc::UnboundedReceiver<Message>) {
+        let mut client: Option<(String, RaftTransportClient<Channel>)> = None;
+        let mut backoff = MIN_BACKOFF;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let snapshots = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            match self.send(&mut client, &batch).await {
+                Ok(()) => {
+                    backoff = MIN_BACKOFF;
+                    if snapshots {
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: true });
+                    }
+                }
+                Err(reason) => {
+                    debug!(to = self.to, %reason, "raft send failed");
+                    self.report(Feedback::Unreachable(self.to));
+                    if snapshots {
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: false });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // What queued meanwhile is stale; Raft sends what is still needed again.
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        client: &mut Option<(String, RaftTransportClient<Channel>)>,
+        batch: &[Message],
+    ) -> Result<(), String> {
+        let address = self.book.get(self.to).ok_or_else(|| format!("no address known for replica {}", self.to))?;
+        if client.as_ref().is_none_or(|(a, _)| *a != address) {
+            let endpoint = Channel::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
+            let channel = endpoint.connect_timeout(SEND_TIMEOUT / 4).timeout(SEND_TIMEOUT).connect_lazy();
+            let c = RaftTransportClient::new(channel)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            *client = Some((address, c));
+        }
+        let Some((_, c)) = client.as_mut() else { return Err("no client".into()) };
+        let messages =
+            batch.iter().map(|m| m.write_to_bytes().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+        let req = RaftBatch { from: self.me, from_address: self.my_address.clone(), messages };
+        c.send(req).await.map(|_| ()).map_err(|s| s.to_string())
+    }
+
+    fn report(&self, f: Feedback) {
+        let _ = self.feedback.send(Input::Transport(f));
+    }
+}
+
+/// The inbound side: steps every received message into the local replica.
+pub struct RaftService {
+    pub raft: RaftHandle,
+}
+
+impl RaftService {
+    pub fn server(raft: RaftHandle) -> RaftTransportServer<Self> {
+        RaftTransportServer::new(Self { raft })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = request.into_inner();
+        if batch.from != 0 && !batch.from_address.is_empty() {
+            self.raft.peers.set(batch.from, &batch.from_address);
+        }
+        for bytes in &batch.messages {
+            let m = Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            if m.from != batch.from {
+                warn!(from = batch.from, claimed = m.from, "raft message from another sender in a batch; dropped");
+                continue;
+            }
+            self.raft.step(m).map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+}

@@ -1,0 +1,220 @@
+//! A group of controller replicas as separate processes, for the high-availability tests
+//! and the failover measurements: start, `kill -9`, restart, join, and ask who leads.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tidal_proto::v1::controller_client::ControllerClient;
+use tidal_proto::v1::{ListReplicasRequest, ReplicaList};
+use tonic::transport::Channel;
+
+use crate::{bin, free_port, spawn, Proc};
+
+pub struct Replica {
+    pub id: u64,
+    pub addr: String,
+    pub data: PathBuf,
+    /// None while killed.
+    pub proc: Option<Proc>,
+    /// Started with --join (not a bootstrap member).
+    joined: bool,
+    /// Prefix to run it with, e.g. `ip netns exec <ns>`.
+    wrapper: Vec<String>,
+}
+
+pub struct Group {
+    work: PathBuf,
+    pub replicas: Vec<Replica>,
+    peers: String,
+    args: Vec<String>,
+}
+
+/// How each replica is reached: loopback ports, or given addresses (e.g. in namespaces).
+pub struct Placement {
+    pub addr: String,
+    pub wrapper: Vec<String>,
+}
+
+impl Group {
+    /// Starts `n` bootstrap replicas on loopback ports with `args` (adaptation interval,
+    /// Raft timing…).
+    pub fn start(work: &Path, n: u64, args: &[&str]) -> Self {
+        let placements =
+            (0..n).map(|_| Placement { addr: format!("127.0.0.1:{}", free_port()), wrapper: vec![] }).collect();
+        Self::start_placed(work, placements, args)
+    }
+
+    pub fn start_placed(work: &Path, placements: Vec<Placement>, args: &[&str]) -> Self {
+        let peers: Vec<String> = placements.iter().enumerate().map(|(i, p)| format!("{}={}", i + 1, p.addr)).collect();
+        let mut group = Self {
+            work: work.to_path_buf(),
+            replicas: Vec::new(),
+            peers: peers.join(","),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        for (i, p) in placements.into_iter().enumerate() {
+            let id = i as u64 + 1;
+            group.replicas.push(Replica {
+                id,
+                addr: p.addr,
+                data: work.join(format!("controller-{id}")),
+                proc: None,
+                joined: false,
+                wrapper: p.wrapper,
+            });
+            group.launch(id);
+        }
+        group
+    }
+
+    fn replica(&self, id: u64) -> &Replica {
+        self.replicas.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    fn replica_mut(&mut self, id: u64) -> &mut Replica {
+        self.replicas.iter_mut().find(|r| r.id == id).unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    fn launch(&mut self, id: u64) {
+        let (work, peers, args) = (self.work.clone(), self.peers.clone(), self.args.clone());
+        let r = self.replica_mut(id);
+        let mut cmd = match r.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin("tidal-controller"));
+                c
+            }
+            None => Command::new(bin("tidal-controller")),
+        };
+        cmd.args(["--id", &id.to_string(), "--listen", &r.addr, "--peers", &peers]).arg("--data-dir").arg(&r.data);
+        if r.joined {
+            cmd.arg("--join");
+        }
+        cmd.args(&args);
+        let log = work.join(format!("controller-{id}.log"));
+        // Append, so that a restart keeps the earlier run's log.
+        r.proc = Some(spawn(&format!("controller-{id}"), cmd, &log));
+    }
+
+    /// Comma-separated addresses of every replica (live or not).
+    pub fn addrs(&self) -> String {
+        self.replicas.iter().map(|r| r.addr.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.replica(id).addr.clone()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.replicas.iter().map(|r| r.id).collect()
+    }
+
+    pub fn is_alive(&self, id: u64) -> bool {
+        self.replica(id).proc.is_some()
+    }
+
+    /// `kill -9`: no shutdown, no flush beyond what was already made durable.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.replica_mut(id).proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            std::mem::forget(p);
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        assert!(!self.is_alive(id), "replica {id} is running");
+        self.launch(id);
+    }
+
+    /// Starts a new, empty replica that waits to be added (`tidal-controller --join`).
+    pub fn start_joining(&mut self, id: u64) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.replicas.push(Replica {
+            id,
+            addr: addr.clone(),
+            data: self.work.join(format!("controller-{id}")),
+            proc: None,
+            joined: true,
+            wrapper: vec![],
+        });
+        self.launch(id);
+        addr
+    }
+
+    /// Stops a replica for good and forgets it.
+    pub fn stop(&mut self, id: u64) {
+        self.replicas.retain(|r| r.id != id);
+    }
+
+    /// The group as replica `id` sees it (None if it does not answer within a second).
+    pub async fn view(&self, id: u64) -> Option<ReplicaList> {
+        list(&self.replica(id).addr).await
+    }
+
+    /// Waits until a live replica claims leadership and every other live replica that
+    /// answers agrees; returns its id.
+    pub async fn leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(id) = self.agreed_leader().await {
+                return id;
+            }
+            assert!(Instant::now() < deadline, "no leader agreed on within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The leader, if a live replica leads and the live replicas that answer agree.
+    pub async fn agreed_leader(&self) -> Option<u64> {
+        let mut views = Vec::new();
+        for r in self.replicas.iter().filter(|r| r.proc.is_some()) {
+            if let Some(v) = list(&r.addr).await {
+                views.push(v);
+            }
+        }
+        let leader = views.iter().find(|v| v.leader == v.answered_by && v.leader != 0)?.leader;
+        views.iter().all(|v| v.leader == leader).then_some(leader)
+    }
+
+    /// A client of replica `id`.
+    pub async fn client(&self, id: u64) -> ControllerClient<Channel> {
+        crate::controller_client(&self.replica(id).addr).await
+    }
+}
+
+/// ListReplicas on one address, with a short deadline.
+pub async fn list(addr: &str) -> Option<ReplicaList> {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).ok()?;
+    let channel = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(1));
+    let channel = tokio::time::timeout(Duration::from_secs(1), channel.connect()).await.ok()?.ok()?;
+    Some(ControllerClient::new(channel).list_replicas(ListReplicasRequest {}).await.ok()?.into_inner())
+}
+
+/// A client of the leader, found through any of the comma-separated `addrs`.
+pub async fn leader_client(addrs: &str) -> Option<ControllerClient<Channel>> {
+    for addr in addrs.split(',') {
+        if let Some(v) = list(addr).await.filter(|v| !v.leader_address.is_empty()) {
+            let endpoint = Channel::from_shared(format!("http://{}", v.leader_address)).ok()?;
+            let channel = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(6));
+            return Some(ControllerClient::new(channel.connect().await.ok()?));
+        }
+    }
+    None
+}
+
+/// Runs `tidalctl` with `args` against `controllers`; its stdout, or its stderr as the error.
+pub fn tidalctl(controllers: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bin("tidalctl"))
+        .args(["--controller", controllers])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}

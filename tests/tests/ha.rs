@@ -1,0 +1,285 @@
+//! The controller as a replicated service: three `tidal-controller` processes form a Raft
+//! group. A killed leader is replaced and agents follow; a leader cut off by the network steps
+//! down and what it accepted alone never commits; a full `kill -9` restart loses nothing
+//! committed; replicas join and leave while writes go on; an agent refuses a deposed
+//! leader's plan.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidal_proto::v1::{
+    AgentStatus, AgentStatusRequest, ApplyPlanRequest, ClusterStatusRequest, Plan, PlanHistoryRequest,
+    RegisterTaskRequest, SetSloRequest, TaskSpec, VariantSpec,
+};
+use tidal_tests::group::{list, tidalctl, Group, Placement};
+use tidal_tests::netns::{self, Net};
+use tidal_tests::*;
+use tonic::Code;
+
+fn task(slo_ms: u32) -> TaskSpec {
+    TaskSpec {
+        name: "t".into(),
+        slo_ms,
+        variants: vec![VariantSpec {
+            name: "v".into(),
+            model_file: "v.onnx".into(),
+            accuracy: 70.0,
+            input_shape: vec![3, 8, 8],
+        }],
+    }
+}
+
+async fn history(group: &Group, id: u64) -> Vec<Plan> {
+    let mut c = group.client(id).await;
+    c.history(PlanHistoryRequest { limit: 1000 }).await.expect("history").into_inner().plans
+}
+
+/// Epochs run 1, 2, 3… without a gap and terms never go back.
+fn assert_no_gap(plans: &[Plan]) {
+    for (i, p) in plans.iter().enumerate() {
+        assert_eq!(p.epoch, i as u64 + 1, "plan epochs have a gap: {:?}", epochs(plans));
+    }
+    assert!(plans.windows(2).all(|w| w[0].term <= w[1].term), "a plan from an older term came later");
+}
+
+fn epochs(plans: &[Plan]) -> Vec<(u64, u64)> {
+    plans.iter().map(|p| (p.epoch, p.term)).collect()
+}
+
+async fn agent_status(addr: &str) -> Option<AgentStatus> {
+    agent_client(addr).await.status(AgentStatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let mut group = Group::start(work.path(), 3, &["--interval-s", "2"]);
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
+    let controllers = group.addrs();
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controllers), extra: &[] });
+
+    let first = group.leader(Duration::from_secs(20)).await;
+    let served = TaskSpec { name: "t".into(), slo_ms: 500, variants: vec![r18.spec()] };
+    group.client(first).await.register_task(RegisterTaskRequest { task: Some(served) }).await.unwrap();
+    let before = eventually(Duration::from_secs(20), "the agent applies the first leader's plan", || async {
+        agent_status(&agent.addr).await.filter(|s| s.applied_epoch >= 1)
+    })
+    .await;
+    let term1 = group.view(first).await.unwrap().term;
+
+    group.kill(first);
+    let second = group.leader(Duration::from_secs(10)).await;
+    assert_ne!(second, first);
+    let term2 = group.view(second).await.unwrap().term;
+    assert!(term2 > term1);
+    // The new leader re-commits the plan under its term and pushes it; the agent takes it.
+    eventually(Duration::from_secs(10), "the agent applies the new leader's plan", || async {
+        agent_status(&agent.addr).await.filter(|s| s.applied_term == term2 && s.applied_epoch > before.applied_epoch)
+    })
+    .await;
+    // The agent re-registers with the new leader and its telemetry resumes there.
+    let mut leader = group.client(second).await;
+    eventually(Duration::from_secs(20), "the agent reports to the new leader", || {
+        let mut leader = leader.clone();
+        let node = agent.node.clone();
+        async move {
+            let s = leader.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+            s.nodes.iter().find(|n| n.node == node && n.seconds_since_report < 2.0).map(|_| ())
+        }
+    })
+    .await;
+    // The next adaptation runs on the new leader: an SLO change reaches the agent in a plan.
+    leader.set_slo(SetSloRequest { task: "t".into(), slo_ms: 400 }).await.unwrap();
+    eventually(Duration::from_secs(10), "a plan with the new SLO from the new leader", || async {
+        let plans = history(&group, second).await;
+        let last = plans.last()?;
+        (last.term == term2 && last.tasks.iter().any(|t| t.slo_ms == 400)).then_some(())
+    })
+    .await;
+    let committed = history(&group, second).await;
+    assert_no_gap(&committed);
+    assert!(committed.iter().any(|p| p.term == term1) && committed.iter().any(|p| p.term == term2));
+
+    // kill -9 every replica, then start them all again: every committed plan is back.
+    for id in group.ids() {
+        group.kill(id);
+    }
+    for id in group.ids() {
+        group.restart(id);
+    }
+    let third = group.leader(Duration::from_secs(20)).await;
+    let after = history(&group, third).await;
+    assert_no_gap(&after);
+    assert!(after.len() > committed.len(), "the new leader commits a plan of its own");
+    assert_eq!(after[..committed.len()], committed[..], "committed plans survive a full restart unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
+    let mut client = agent_client(&agent.addr).await;
+    let plan = |epoch, term| {
+        let mut p = plan_for(epoch, &agent.node, "t", 100, &[]);
+        p.term = term;
+        ApplyPlanRequest { plan: Some(p) }
+    };
+    client.apply_plan(plan(5, 3)).await.expect("a first plan is applied");
+    for (epoch, term) in [(4, 9), (5, 2)] {
+        let err = client.apply_plan(plan(epoch, term)).await.expect_err("an older plan is refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "epoch {epoch} term {term}: {err}");
+    }
+    client.apply_plan(plan(5, 3)).await.expect("the same plan again is harmless");
+    client.apply_plan(plan(6, 3)).await.expect("the next plan is applied");
+    let s = agent_status(&agent.addr).await.unwrap();
+    assert_eq!((s.applied_epoch, s.applied_term), (6, 3));
+}
+
+/// `tidalctl controller list` run inside a namespace, parsed: (term, leader, last index, commit).
+fn view_from_inside(net: &Net, k: usize, addr: &str) -> Option<(u64, u64, u64, u64)> {
+    let mut cmd = Command::new(&net.wrapper(k)[0]);
+    cmd.args(&net.wrapper(k)[1..]).arg(bin("tidalctl")).args(["--controller", addr, "controller", "list"]);
+    let out = String::from_utf8(cmd.output().ok()?.stdout).ok()?;
+    let line = out.lines().next()?;
+    let number_after = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty())?.parse().ok()
+    };
+    let leader = if line.contains("leader none") { 0 } else { number_after("leader ")? };
+    Some((number_after("term ")?, leader, number_after("log to ")?, number_after("commit ")?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_up() {
+    if !netns::available() {
+        eprintln!("skipped: cutting a link needs root (network namespaces)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let net = Net::create(3).expect("network namespaces");
+    let placements =
+        (1..=3).map(|k| Placement { addr: format!("{}:7000", net.host(k)), wrapper: net.wrapper(k) }).collect();
+    // A 2–4 s election timeout leaves the cut-off leader time to accept a write alone.
+    let group = Group::start_placed(work.path(), placements, &["--interval-s", "2", "--election-ticks", "40"]);
+    let old = group.leader(Duration::from_secs(30)).await;
+    let old_addr = group.addr(old);
+    group.client(old).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+    let old_term = group.view(old).await.unwrap().term;
+
+    net.cut(old as usize).unwrap();
+    // A write reaches the cut-off leader from its own side of the cut: it cannot commit.
+    let mut write = Command::new(&net.wrapper(old as usize)[0]);
+    write.args(&net.wrapper(old as usize)[1..]).arg(bin("tidalctl"));
+    write.args(["--controller", &old_addr, "task", "set-slo", "--task", "t", "--slo-ms", "999"]);
+    let refused = write.output().unwrap();
+    assert!(!refused.status.success(), "a write on a cut-off leader must not succeed");
+
+    let majority: Vec<u64> = group.ids().into_iter().filter(|&id| id != old).collect();
+    let new = eventually(Duration::from_secs(20), "the majority elects a new leader", || async {
+        let v = list(&group.addr(majority[0])).await?;
+        (v.leader != 0 && v.leader != old && v.term > old_term).then_some(v.leader)
+    })
+    .await;
+    let (term, leader, last, commit) = eventually(Duration::from_secs(10), "the cut-off leader steps down", || async {
+        view_from_inside(&net, old as usize, &old_addr).filter(|v| v.1 != old)
+    })
+    .await;
+    assert_eq!(leader, 0, "alone, it knows no leader");
+    assert_eq!(term, old_term, "pre-vote keeps a cut-off replica from inflating the term");
+    assert!(last > commit, "the write it accepted alone stays uncommitted (log to {last}, commit {commit})");
+
+    net.heal(old as usize).unwrap();
+    let leader_commit = group.view(new).await.unwrap().commit;
+    eventually(Duration::from_secs(20), "the old leader catches up and follows", || async {
+        let v = group.view(old).await?;
+        (v.leader == new && v.commit >= leader_commit && v.last_index == v.commit).then_some(())
+    })
+    .await;
+    let status = group.client(new).await.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let slo = status.tasks.iter().find_map(|t| t.spec.as_ref().filter(|s| s.name == "t").map(|s| s.slo_ms));
+    assert_eq!(slo, Some(500), "the cut-off leader's write never committed");
+    // A follower's reads go through the leader's read index: the old leader now answers the
+    // same history as the new one.
+    same_history(&group, old, new).await;
+}
+
+/// Waits until replicas `a` and `b` answer the same plan history (a plan may commit between
+/// two reads).
+async fn same_history(group: &Group, a: u64, b: u64) {
+    eventually(Duration::from_secs(10), "both replicas answer the same history", || async {
+        let (x, y) = (history(group, a).await, history(group, b).await);
+        (x == y && !x.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_join_and_leave_while_writes_go_on() {
+    let work = tempfile::tempdir().unwrap();
+    // Snapshot every 20 entries, so the joining replica must be sent a snapshot.
+    let mut group = Group::start(work.path(), 3, &["--interval-s", "2", "--snapshot-entries", "20"]);
+    let first = group.leader(Duration::from_secs(20)).await;
+    group.client(first).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+
+    // Writes all along, to whoever leads.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let addrs = group.addrs();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let result = async {
+                    let mut c = tidal_tests::group::leader_client(&addrs).await?;
+                    c.set_slo(SetSloRequest { task: "t".into(), slo_ms: 300 + i % 100 }).await.ok()
+                }
+                .await;
+                let counter = if result.is_some() { &ok } else { &failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    eventually(Duration::from_secs(20), "the log is compacted", || async {
+        group.view(first).await.filter(|v| v.snapshot_index > 0).map(|_| ())
+    })
+    .await;
+
+    let fourth = group.start_joining(4);
+    tidalctl(&group.addrs(), &["controller", "add", "--id", "4", "--address", &fourth]).expect("adding replica 4");
+    let commit = group.view(first).await.unwrap().commit;
+    eventually(Duration::from_secs(20), "replica 4 catches up from a snapshot", || async {
+        let v = group.view(4).await?;
+        (v.replicas.iter().any(|r| r.id == 4 && r.voter) && v.snapshot_index > 0 && v.applied >= commit).then_some(())
+    })
+    .await;
+
+    let leader = group.leader(Duration::from_secs(10)).await;
+    tidalctl(&group.addrs(), &["controller", "remove", "--id", &leader.to_string()]).expect("removing the leader");
+    let remaining: Vec<u64> = group.ids().into_iter().filter(|&id| id != leader).collect();
+    eventually(Duration::from_secs(20), "the others agree on the new membership", || async {
+        let v = group.view(remaining[0]).await?;
+        let mut voters: Vec<u64> = v.replicas.iter().filter(|r| r.voter).map(|r| r.id).collect();
+        voters.sort_unstable();
+        (voters == remaining && v.leader != 0 && v.leader != leader).then_some(())
+    })
+    .await;
+    group.stop(leader);
+    let written = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > written, "writes go on after the leader left");
+    assert!(failed * 5 < ok, "{failed} of {} writes failed", ok + failed);
+    let new = group.leader(Duration::from_secs(10)).await;
+    same_history(&group, 4, new).await;
+}
