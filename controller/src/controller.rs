@@ -230,6 +230,10 @@ impl Controller {
         let raft = self.raft.status();
         self.metrics.raft_term.set(raft.term as i64);
         self.metrics.is_leader.set(raft.is_leader as i64);
+        self.metrics.raft_commit_index.set(raft.commit as i64);
+        self.metrics.raft_applied_index.set(raft.applied as i64);
+        self.metrics.raft_snapshot_index.set(raft.snapshot_index as i64);
+        self.metrics.raft_voters.set(raft.voters.len() as i64);
         self.metrics.plan_epoch.set(self.raft.read(|s| s.plan_epoch()) as i64);
         let tasks: Vec<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
         let now = Instant::now();

@@ -21,6 +21,10 @@ pub struct ControllerMetrics {
     pub observed_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
     pub raft_term: Gauge,
     pub is_leader: Gauge,
+    pub raft_commit_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_snapshot_index: Gauge,
+    pub raft_voters: Gauge,
 }
 
 impl ControllerMetrics {
@@ -33,6 +37,10 @@ impl ControllerMetrics {
             observed_rps: Family::default(),
             raft_term: Gauge::default(),
             is_leader: Gauge::default(),
+            raft_commit_index: Gauge::default(),
+            raft_applied_index: Gauge::default(),
+            raft_snapshot_index: Gauge::default(),
+            raft_voters: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tidal_controller");
         r.register("plan_epoch", "Epoch of the committed plan", m.plan_epoch.clone());
@@ -46,6 +54,10 @@ impl ControllerMetrics {
         r.register("observed_rps", "Arrival rate per task over the last 5 s", m.observed_rps.clone());
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register("is_leader", "1 on the leader", m.is_leader.clone());
+        r.register("raft_commit_index", "Highest log index known committed", m.raft_commit_index.clone());
+        r.register("raft_applied_index", "Highest log index applied to the state", m.raft_applied_index.clone());
+        r.register("raft_snapshot_index", "Log index of the latest snapshot", m.raft_snapshot_index.clone());
+        r.register("raft_voters", "Voting replicas in the group, as this replica sees it", m.raft_voters.clone());
         m
     }
 }

@@ -187,6 +187,8 @@ impl ControllerApi for ControllerService {
 
     async fn status(&self, _request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
         self.require_leader()?;
+        // Even the leader confirms it still leads before answering (it may be cut off).
+        self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
         let raft = self.ctl.raft.status();
         let state = self.ctl.raft.read(|s| s.clone());
         let now = Instant::now();
