@@ -55,7 +55,9 @@ async fn agent_status(addr: &str) -> Option<AgentStatus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let mut group = Group::start(work.path(), 3, &["--interval-s", "2"]);
+    // Snapshots every 5 entries: the restart below rebuilds the state from a snapshot and
+    // the log after it.
+    let mut group = Group::start(work.path(), 3, &["--interval-s", "2", "--snapshot-entries", "5"]);
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
     let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
@@ -78,11 +80,12 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     assert!(term2 > term1);
     // The new leader re-commits the plan under its term and pushes it; the agent takes it.
     eventually(Duration::from_secs(10), "the agent applies the new leader's plan", || async {
-        agent_status(&agent.addr).await.filter(|s| s.applied_term == term2 && s.applied_epoch > before.applied_epoch)
+        agent_status(&agent.addr).await.filter(|s| s.applied_term >= term2 && s.applied_epoch > before.applied_epoch)
     })
     .await;
-    // The agent re-registers with the new leader and its telemetry resumes there.
-    let mut leader = group.client(second).await;
+    // The agent re-registers with the new leader and its telemetry resumes there. (On a
+    // loaded machine a spurious election may move leadership again: follow it.)
+    let mut leader = tidal_tests::group::leader_client(&group.addrs()).await.expect("a leader");
     eventually(Duration::from_secs(20), "the agent reports to the new leader", || {
         let mut leader = leader.clone();
         let node = agent.node.clone();
@@ -97,13 +100,14 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     eventually(Duration::from_secs(10), "a plan with the new SLO from the new leader", || async {
         let plans = history(&group, second).await;
         let last = plans.last()?;
-        (last.term == term2 && last.tasks.iter().any(|t| t.slo_ms == 400)).then_some(())
+        (last.term >= term2 && last.tasks.iter().any(|t| t.slo_ms == 400)).then_some(())
     })
     .await;
     let committed = history(&group, second).await;
     assert_no_gap(&committed);
-    assert!(committed.iter().any(|p| p.term == term1) && committed.iter().any(|p| p.term == term2));
+    assert!(committed.iter().any(|p| p.term == term1) && committed.iter().any(|p| p.term >= term2));
 
+    assert!(group.view(second).await.unwrap().snapshot_index > 0, "the log was compacted");
     // kill -9 every replica, then start them all again: every committed plan is back.
     for id in group.ids() {
         group.kill(id);
@@ -198,10 +202,11 @@ async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_
     let leader_commit = group.view(new).await.unwrap().commit;
     eventually(Duration::from_secs(20), "the old leader catches up and follows", || async {
         let v = group.view(old).await?;
-        (v.leader == new && v.commit >= leader_commit && v.last_index == v.commit).then_some(())
+        (v.leader != 0 && v.term > old_term && v.commit >= leader_commit && v.last_index == v.commit).then_some(())
     })
     .await;
-    let status = group.client(new).await.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let mut leader = tidal_tests::group::leader_client(&group.addrs()).await.expect("a leader");
+    let status = leader.status(ClusterStatusRequest {}).await.unwrap().into_inner();
     let slo = status.tasks.iter().find_map(|t| t.spec.as_ref().filter(|s| s.name == "t").map(|s| s.slo_ms));
     assert_eq!(slo, Some(500), "the cut-off leader's write never committed");
     // A follower's reads go through the leader's read index: the old leader now answers the
