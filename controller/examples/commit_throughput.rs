@@ -5,21 +5,14 @@
 //!
 //! `cargo run --release -p tidal-controller --example commit_throughput`
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use hdrhistogram::Histogram;
-use tidal_controller::consensus::{start, RaftConfig, RaftHandle};
-use tidal_controller::transport::{AddressBook, RaftService};
+use tidal_controller::local::{start_local_group, wait_leader};
 use tidal_proto::v1::{
     command::Change, Assignment, Command, Plan, ProfilePoint, TaskSpec, VariantProfile, VariantSpec,
 };
-
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().expect("its address").to_string()
-}
 
 fn plan(epoch: u64, term: u64) -> Command {
     let variant = VariantSpec {
@@ -72,39 +65,11 @@ fn profile_write(points: u32) -> Command {
     }
 }
 
-async fn start_group(dir: &std::path::Path) -> Vec<RaftHandle> {
-    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let peers: Vec<(u64, String)> = addrs.iter().enumerate().map(|(i, a)| (i as u64 + 1, a.clone())).collect();
-    let mut handles = Vec::new();
-    for (id, addr) in &peers {
-        let cfg = RaftConfig {
-            id: *id,
-            voters: vec![1, 2, 3],
-            peers: AddressBook::new(peers.clone()),
-            tick: Duration::from_millis(50),
-            election_ticks: 8,
-            heartbeat_ticks: 2,
-            snapshot_entries: 1000,
-        };
-        let raft = start(cfg, &dir.join(format!("replica-{id}"))).expect("a replica starts");
-        let server = tonic::transport::Server::builder().add_service(RaftService::server(raft.clone()));
-        let addr = addr.parse().expect("an address");
-        tokio::spawn(server.serve(addr));
-        handles.push(raft);
-    }
-    handles
-}
-
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("a work directory");
-    let group = start_group(dir.path()).await;
-    let leader = loop {
-        if let Some(l) = group.iter().find(|h| h.status().is_leader) {
-            break l.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let group = start_local_group(dir.path(), 3).expect("three replicas start");
+    let leader = wait_leader(&group, Duration::from_secs(10)).await.expect("a leader is elected");
     let term = leader.status().term;
     // Something for the profile writes to refer to.
     let spec = match plan(1, term).change {

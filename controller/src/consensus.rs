@@ -372,6 +372,11 @@ impl Driver {
     }
 
     fn propose(&mut self, cmd: Command, reply: Reply) {
+        if cmd.change.is_none() {
+            // It would encode to nothing, which the log reserves for a new leader's entry.
+            let _ = reply.send(Err(ProposeError::Rejected("empty command".into())));
+            return;
+        }
         let Some(reply) = self.leader_only(reply) else { return };
         let id = self.next_proposal_id();
         match self.node.propose(id.to_be_bytes().to_vec(), cmd.encode_to_vec()) {

@@ -7,6 +7,7 @@
 
 pub mod consensus;
 pub mod controller;
+pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod observed;

@@ -275,9 +275,18 @@ impl DurableLog {
         Ok(())
     }
 
-    /// Writes `snapshot` and deletes the log up to `upto` (the whole log when `None`).
+    /// Writes `snapshot` and then deletes the log up to `upto` (the whole log when `None`).
+    /// The snapshot is flushed before any entry goes, so a crash in between leaves a
+    /// snapshot and a log that overlaps it, never a gap.
     fn write_snapshot(&self, snapshot: &Snapshot, upto: Option<u64>, hs: &HardState) -> Result<(), StorageError> {
         let meta = snapshot.get_metadata();
+        self.meta.insert(SNAPSHOT, snapshot.write_to_bytes().map_err(|e| decode("snapshot", e))?)?;
+        self.meta.insert(HARD_STATE, hs.write_to_bytes().map_err(|e| decode("hard state", e))?)?;
+        if upto.is_none() {
+            let cs = meta.get_conf_state();
+            self.meta.insert(CONF_STATE, cs.write_to_bytes().map_err(|e| decode("conf state", e))?)?;
+        }
+        self.db.flush()?;
         let mut batch = sled::Batch::default();
         let keys = match upto {
             Some(index) => self.log.range(..=index.to_be_bytes()),
@@ -287,12 +296,6 @@ impl DurableLog {
             batch.remove(kv?.0);
         }
         self.log.apply_batch(batch)?;
-        self.meta.insert(SNAPSHOT, snapshot.write_to_bytes().map_err(|e| decode("snapshot", e))?)?;
-        self.meta.insert(HARD_STATE, hs.write_to_bytes().map_err(|e| decode("hard state", e))?)?;
-        if upto.is_none() {
-            let cs = meta.get_conf_state();
-            self.meta.insert(CONF_STATE, cs.write_to_bytes().map_err(|e| decode("conf state", e))?)?;
-        }
         self.db.flush()?;
         Ok(())
     }
