@@ -35,6 +35,8 @@ bench: build
 	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet18 1000
 	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 300
 	$(CARGO) bench -p tidal-common --bench solver
+	$(CARGO) run --release -p tidal-controller --example commit_throughput
+	$(CARGO) run --release -p tidal-tests --example failover -- --trials 20
 
 clean:
 	$(CARGO) clean
