@@ -19,7 +19,8 @@ pub enum ControllerCmd {
     /// Show the replicas of the controller group as one replica sees them: ids, addresses,
     /// roles, the leader, and (from the leader) how far each has replicated the log.
     List,
-    /// Add a replica (started beforehand with `tidal-controller --join`) as a voter.
+    /// Add a replica (started beforehand with `tidal-controller --join`): it joins as a
+    /// learner, copies the log, and becomes a voter once it has caught up.
     Add {
         #[arg(long)]
         id: u64,
@@ -91,7 +92,7 @@ pub async fn run(addrs: &str, cmd: ControllerCmd) -> anyhow::Result<()> {
         }
         ControllerCmd::Add { id, address } => {
             leader(addrs).await?.add_replica(AddReplicaRequest { id, address: address.clone() }).await?;
-            println!("replica {id} ({address}) added; it catches up from the leader");
+            println!("replica {id} ({address}) joined as a learner, caught up and became a voter");
         }
         ControllerCmd::Remove { id } => remove(addrs, id).await?,
         ControllerCmd::TransferLeader { to } => {

@@ -64,6 +64,9 @@ pub struct RaftStatus {
 /// A membership change, proposed on the leader.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MembershipChange {
+    /// A replica that receives the log but does not vote (yet).
+    AddLearner { id: u64, address: String },
+    /// A new voter, or a learner promoted.
     Add { id: u64, address: String },
     Remove { id: u64 },
 }
@@ -397,8 +400,9 @@ impl Driver {
         }
         let mut cc = ConfChange::default();
         match &change {
-            MembershipChange::Add { id, address } => {
-                cc.set_change_type(ConfChangeType::AddNode);
+            MembershipChange::AddLearner { id, address } | MembershipChange::Add { id, address } => {
+                let learner = matches!(change, MembershipChange::AddLearner { .. });
+                cc.set_change_type(if learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode });
                 cc.node_id = *id;
                 cc.context = address.clone().into_bytes().into();
             }

@@ -21,6 +21,9 @@ use tracing::info;
 use crate::consensus::{MembershipChange, ProposeError};
 use crate::controller::Controller;
 
+/// How long `add_replica` waits for a learner to catch up before promoting it.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct ControllerService {
     pub ctl: Arc<Controller>,
@@ -51,6 +54,28 @@ impl ControllerService {
         self.ctl.raft.propose(Command { change: Some(change) }).await.map_err(|e| self.refusal(e))?;
         self.ctl.replan.notify_one();
         Ok(())
+    }
+
+    /// Waits until replica `id` has replicated the log up to the leader's commit index of now.
+    async fn wait_caught_up(&self, id: u64) -> Result<(), Status> {
+        let target = self.ctl.raft.status().commit;
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            let raft = self.ctl.raft.status();
+            if !raft.is_leader {
+                return Err(not_leader(self.ctl.raft.leader_address().as_deref()));
+            }
+            if raft.matched.iter().any(|&(r, m)| r == id && m >= target) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "replica {id} joined as a learner but has not caught up within {CATCH_UP:?} (is it running with \
+                     --join at the address given?); add it again to promote it once it has"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     async fn change_membership(&self, change: MembershipChange) -> Result<Response<MembershipResponse>, Status> {
@@ -294,9 +319,18 @@ impl ControllerApi for ControllerService {
         if req.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!("{:?} is not an ip:port address", req.address)));
         }
-        if self.ctl.raft.status().voters.contains(&req.id) {
-            return Err(Status::already_exists(format!("replica {} is already a member", req.id)));
+        self.require_leader()?;
+        let raft = self.ctl.raft.status();
+        if raft.voters.contains(&req.id) {
+            return Err(Status::already_exists(format!("replica {} is already a voter", req.id)));
         }
+        // First as a learner, so that a replica still copying the log does not count towards
+        // (and slow down) the quorum; then promoted once it has caught up.
+        if !raft.learners.contains(&req.id) {
+            let (id, address) = (req.id, req.address.clone());
+            self.change_membership(MembershipChange::AddLearner { id, address }).await?;
+        }
+        self.wait_caught_up(req.id).await?;
         self.change_membership(MembershipChange::Add { id: req.id, address: req.address }).await
     }
 
@@ -307,10 +341,10 @@ impl ControllerApi for ControllerService {
         let id = request.into_inner().id;
         self.require_leader()?;
         let raft = self.ctl.raft.status();
-        if !raft.voters.contains(&id) {
+        if !raft.voters.contains(&id) && !raft.learners.contains(&id) {
             return Err(Status::not_found(format!("replica {id} is not a member")));
         }
-        if raft.voters.len() == 1 {
+        if raft.voters == [id] {
             return Err(Status::failed_precondition("the last replica cannot be removed"));
         }
         if id == raft.id {

@@ -267,6 +267,16 @@ async fn replicas_join_and_leave_while_writes_go_on() {
     })
     .await;
 
+    // A replica that never comes up stays a learner (it cannot stall the quorum), with a
+    // clear error, and can be removed again.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let err = tidalctl(&group.addrs(), &["controller", "add", "--id", "5", "--address", &nobody])
+        .expect_err("a replica that is not running cannot be promoted");
+    assert!(err.contains("has not caught up"), "{err}");
+    let v = group.view(first).await.unwrap();
+    assert!(v.replicas.iter().any(|r| r.id == 5 && !r.voter), "replica 5 is a learner");
+    tidalctl(&group.addrs(), &["controller", "remove", "--id", "5"]).expect("removing the learner");
+
     let leader = group.leader(Duration::from_secs(10)).await;
     tidalctl(&group.addrs(), &["controller", "remove", "--id", &leader.to_string()]).expect("removing the leader");
     let remaining: Vec<u64> = group.ids().into_iter().filter(|&id| id != leader).collect();
