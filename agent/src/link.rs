@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use tidal_proto::leader_hint;
 use tidal_proto::v1::controller_client::ControllerClient;
-use tidal_proto::v1::{RegisterNodeRequest, TelemetryReport};
+use tidal_proto::v1::{RegisterNodeRequest, TaskTelemetry, TelemetryReport};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::node::Node;
+use crate::telemetry::carry_over;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +40,8 @@ impl Link {
         // The leader's address, when a follower named it; followed before the list.
         let mut hint: Option<String> = None;
         let mut hops = 0;
+        // A report whose send failed, carried into the next one.
+        let mut unsent = Vec::new();
         loop {
             if stop.is_cancelled() {
                 return;
@@ -51,7 +54,7 @@ impl Link {
             let outcome = async {
                 let client = self.connect_and_register(&controller, &node).await?;
                 registered = true;
-                self.report_loop(client, &node, &stop).await
+                self.report_loop(client, &node, &stop, &mut unsent).await
             }
             .await;
             let Err(status) = outcome else { return };
@@ -115,6 +118,7 @@ impl Link {
         mut client: ControllerClient<Channel>,
         node: &Node,
         stop: &CancellationToken,
+        unsent: &mut Vec<TaskTelemetry>,
     ) -> Result<(), tonic::Status> {
         let mut ticker = tokio::time::interval(self.interval);
         loop {
@@ -122,13 +126,17 @@ impl Link {
                 _ = ticker.tick() => {}
                 _ = stop.cancelled() => return Ok(()),
             }
+            let tasks = carry_over(std::mem::take(unsent), node.telemetry.drain(Instant::now()));
             let report = TelemetryReport {
                 node: node.cfg.node.clone(),
                 applied_epoch: node.applied_epoch(),
-                tasks: node.telemetry.drain(Instant::now()),
+                tasks: tasks.clone(),
                 workers: node.worker_telemetry().await,
             };
-            client.report_telemetry(report).await?;
+            if let Err(e) = client.report_telemetry(report).await {
+                *unsent = tasks;
+                return Err(e);
+            }
         }
     }
 }

@@ -109,6 +109,35 @@ impl Telemetry {
     }
 }
 
+/// Seconds of arrivals an unsent report may carry forward (older ones are dropped).
+pub const MAX_UNSENT_SECONDS: usize = 3600;
+
+/// Folds a report that could not be sent into the next one, so that a controller failover
+/// does not lose the seconds it covered: arrivals are concatenated (older first), counts
+/// added, and the worse of the two latency percentiles kept.
+pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<TaskTelemetry> {
+    let mut by_task: BTreeMap<String, TaskTelemetry> = unsent.into_iter().map(|t| (t.task.clone(), t)).collect();
+    for t in fresh {
+        match by_task.get_mut(&t.task) {
+            Some(old) => {
+                old.arrivals_per_second.extend_from_slice(&t.arrivals_per_second);
+                let excess = old.arrivals_per_second.len().saturating_sub(MAX_UNSENT_SECONDS);
+                old.arrivals_per_second.drain(..excess);
+                old.served += t.served;
+                old.errors += t.errors;
+                old.deadline_misses += t.deadline_misses;
+                old.latency_p50_ms = old.latency_p50_ms.max(t.latency_p50_ms);
+                old.latency_p95_ms = old.latency_p95_ms.max(t.latency_p95_ms);
+                old.latency_p99_ms = old.latency_p99_ms.max(t.latency_p99_ms);
+            }
+            None => {
+                by_task.insert(t.task.clone(), t);
+            }
+        }
+    }
+    by_task.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +160,26 @@ mod tests {
         let next = t.drain(t0 + Duration::from_millis(4500));
         assert_eq!(next[0].arrivals_per_second, vec![1]);
         assert_eq!(next[0].served, 0);
+    }
+
+    #[test]
+    fn an_unsent_report_is_carried_into_the_next() {
+        let t = |task: &str, arrivals: Vec<u32>, served: u64, p99: f64| TaskTelemetry {
+            task: task.into(),
+            arrivals_per_second: arrivals,
+            served,
+            latency_p99_ms: p99,
+            ..Default::default()
+        };
+        let merged =
+            carry_over(vec![t("a", vec![1, 2], 3, 40.0)], vec![t("a", vec![5], 5, 10.0), t("b", vec![7], 7, 1.0)]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].arrivals_per_second, vec![1, 2, 5], "older seconds first");
+        assert_eq!(merged[0].served, 8);
+        assert_eq!(merged[0].latency_p99_ms, 40.0);
+        assert_eq!(merged[1].arrivals_per_second, vec![7]);
+        let long = carry_over(vec![t("a", vec![1; MAX_UNSENT_SECONDS], 0, 0.0)], vec![t("a", vec![9], 0, 0.0)]);
+        assert_eq!(long[0].arrivals_per_second.len(), MAX_UNSENT_SECONDS);
+        assert_eq!(long[0].arrivals_per_second.last(), Some(&9));
     }
 }

@@ -65,10 +65,18 @@ pub struct RaftStatus {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MembershipChange {
     /// A replica that receives the log but does not vote (yet).
-    AddLearner { id: u64, address: String },
+    AddLearner {
+        id: u64,
+        address: String,
+    },
     /// A new voter, or a learner promoted.
-    Add { id: u64, address: String },
-    Remove { id: u64 },
+    Add {
+        id: u64,
+        address: String,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 type Reply = oneshot::Sender<Result<(), ProposeError>>;
