@@ -36,8 +36,21 @@ pub enum ControllerCmd {
     /// Hand leadership to another voter (e.g. before maintenance on the leader's machine).
     TransferLeader {
         /// The replica to lead.
+        #[arg(long, required_unless_present = "away_from", conflicts_with = "away_from")]
+        to: Option<u64>,
+        /// Only if this replica leads, hand over to the most caught-up other voter (nothing
+        /// to do otherwise): for restarting machines one by one.
         #[arg(long)]
-        to: u64,
+        away_from: Option<u64>,
+    },
+    /// Wait until the group has a leader and a replica has caught up with it (e.g. after a
+    /// restart, before touching the next machine).
+    Wait {
+        /// The replica to wait for.
+        #[arg(long)]
+        replica: u64,
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
     },
 }
 
@@ -95,9 +108,24 @@ pub async fn run(addrs: &str, cmd: ControllerCmd) -> anyhow::Result<()> {
             println!("replica {id} ({address}) joined as a learner, caught up and became a voter");
         }
         ControllerCmd::Remove { id } => remove(addrs, id).await?,
-        ControllerCmd::TransferLeader { to } => {
+        ControllerCmd::TransferLeader { to: Some(to), .. } => {
             transfer(addrs, to).await?;
             println!("replica {to} leads");
+        }
+        ControllerCmd::TransferLeader { away_from, .. } => {
+            let from = away_from.context("give --to or --away-from")?;
+            let (_, list) = any_replica(addrs).await?;
+            if list.leader != from {
+                println!("replica {from} does not lead (leader: {}); nothing to do", list.leader);
+                return Ok(());
+            }
+            let to = successor(&list, from)?;
+            transfer(addrs, to).await?;
+            println!("replica {to} leads");
+        }
+        ControllerCmd::Wait { replica, timeout_s } => {
+            wait_caught_up(addrs, replica, Duration::from_secs_f64(timeout_s.max(0.0))).await?;
+            println!("replica {replica} has caught up with the leader");
         }
     }
     Ok(())
@@ -106,19 +134,50 @@ pub async fn run(addrs: &str, cmd: ControllerCmd) -> anyhow::Result<()> {
 async fn remove(addrs: &str, id: u64) -> anyhow::Result<()> {
     let (_, list) = any_replica(addrs).await?;
     if list.leader == id {
-        let successor = list
-            .replicas
-            .iter()
-            .filter(|r| r.voter && r.id != id)
-            .max_by_key(|r| r.matched)
-            .with_context(|| format!("replica {id} is the only voter"))?
-            .id;
+        let successor = successor(&list, id)?;
         println!("replica {id} leads: handing leadership to replica {successor} first");
         transfer(addrs, successor).await?;
     }
     leader(addrs).await?.remove_replica(RemoveReplicaRequest { id }).await?;
     println!("replica {id} removed; stop its process");
     Ok(())
+}
+
+/// The most caught-up voter other than `id` (as the answering replica knows it).
+fn successor(list: &ReplicaList, id: u64) -> anyhow::Result<u64> {
+    Ok(list
+        .replicas
+        .iter()
+        .filter(|r| r.voter && r.id != id)
+        .max_by_key(|r| r.matched)
+        .with_context(|| format!("replica {id} is the only voter"))?
+        .id)
+}
+
+/// Waits until a leader is known and has replicated to `replica` everything it had
+/// committed when the wait began.
+async fn wait_caught_up(addrs: &str, replica: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut target = None;
+    loop {
+        if let Ok((_, list)) = any_replica(addrs).await {
+            if let Some(leader) = (list.leader != 0 && !list.leader_address.is_empty()).then_some(list.leader_address) {
+                if let Ok(mut c) = connect(&leader).await {
+                    if let Ok(view) = c.list_replicas(ListReplicasRequest {}).await.map(|r| r.into_inner()) {
+                        let target = *target.get_or_insert(view.commit);
+                        let matched = view.replicas.iter().find(|r| r.id == replica).map_or(0, |r| r.matched);
+                        if view.leader == view.answered_by && (matched >= target || view.answered_by == replica) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("replica {replica} did not catch up with a leader within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Asks the leader to hand over to `to` and waits until `to` leads.

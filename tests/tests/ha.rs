@@ -277,7 +277,16 @@ async fn replicas_join_and_leave_while_writes_go_on() {
     assert!(v.replicas.iter().any(|r| r.id == 5 && !r.voter), "replica 5 is a learner");
     tidalctl(&group.addrs(), &["controller", "remove", "--id", "5"]).expect("removing the learner");
 
+    tidalctl(&group.addrs(), &["controller", "wait", "--replica", "4", "--timeout-s", "20"]).expect("replica 4 waits");
+    // What a rolling restart does before touching a machine: hand leadership away from it.
+    let before = group.leader(Duration::from_secs(10)).await;
+    let other = group.ids().into_iter().find(|&id| id != before).unwrap();
+    let idle = tidalctl(&group.addrs(), &["controller", "transfer-leader", "--away-from", &other.to_string()]).unwrap();
+    assert!(idle.contains("nothing to do"), "{idle}");
+    tidalctl(&group.addrs(), &["controller", "transfer-leader", "--away-from", &before.to_string()])
+        .expect("handing leadership away");
     let leader = group.leader(Duration::from_secs(10)).await;
+    assert_ne!(leader, before);
     tidalctl(&group.addrs(), &["controller", "remove", "--id", &leader.to_string()]).expect("removing the leader");
     let remaining: Vec<u64> = group.ids().into_iter().filter(|&id| id != leader).collect();
     eventually(Duration::from_secs(20), "the others agree on the new membership", || async {
