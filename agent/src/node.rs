@@ -1,7 +1,7 @@
 //! The node: the agent's state — its workers, routes, tasks and the plan it applied — and the
 //! application of a new plan (validate, diff, act).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tidal_common::plan::{validate_for_node, PlanError};
+use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{Plan, TaskSpec, WorkerTelemetry};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats};
 use crate::metrics::AgentMetrics;
 use crate::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
-use crate::router::Router;
+use crate::router::{Remote, Router};
 use crate::telemetry::Telemetry;
 use crate::worker::{BatchSettings, ProcessConfig, Worker, WorkerSpec};
 
@@ -55,6 +57,8 @@ pub struct Node {
     /// Workers being retired: they serve with weight 0 until a successor is ready.
     retiring: Mutex<Vec<Arc<Worker>>>,
     tasks: RwLock<HashMap<String, TaskSpec>>,
+    /// Clients of the other agents this one routes to, by (node, address).
+    remotes: Mutex<HashMap<(String, String), Arc<Remote>>>,
     applied_epoch: AtomicU64,
     /// Raft term of the controller leader that committed the applied plan.
     applied_term: AtomicU64,
@@ -74,6 +78,7 @@ impl Node {
             workers: tokio::sync::Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
             tasks: RwLock::new(HashMap::new()),
+            remotes: Mutex::new(HashMap::new()),
             applied_epoch: AtomicU64::new(0),
             applied_term: AtomicU64::new(0),
             next_worker: AtomicU64::new(1),
@@ -243,6 +248,7 @@ impl Node {
             };
             let routes = self.routes_for(&task.name, workers, weight_of);
             self.router.set_routes(&task.name, routes);
+            self.router.set_remote_routes(&task.name, self.remote_routes(plan, &task.name));
         }
         let planned: Vec<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
         for task in self.router.tasks() {
@@ -250,6 +256,44 @@ impl Node {
                 self.router.remove_task(&task);
             }
         }
+    }
+
+    /// The task's shares on other agents, one route per node (weights summed over its
+    /// workers); nodes whose address the plan does not give are left out.
+    fn remote_routes(&self, plan: &Plan, task: &str) -> Vec<(Arc<Remote>, f64)> {
+        let mut weights: BTreeMap<&str, f64> = BTreeMap::new();
+        for a in plan.assignments.iter().filter(|a| a.task == task && a.node != self.cfg.node) {
+            *weights.entry(a.node.as_str()).or_default() += a.weight;
+        }
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = Vec::new();
+        for (node, weight) in weights {
+            let Some(address) = plan.node_addresses.get(node) else {
+                warn!(node, task, "the plan gives no address for a node serving this task; not routed there");
+                continue;
+            };
+            let key = (node.to_string(), address.clone());
+            let remote = match remotes.get(&key) {
+                Some(r) => r.clone(),
+                None => match Channel::from_shared(format!("http://{address}")) {
+                    Ok(endpoint) => {
+                        let channel = endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy();
+                        let client = InferenceClient::new(channel)
+                            .max_decoding_message_size(4 * self.cfg.max_request_bytes.max(1 << 20))
+                            .max_encoding_message_size(4 * self.cfg.max_request_bytes.max(1 << 20));
+                        let r = Arc::new(Remote::new(node.to_string(), address.clone(), client));
+                        remotes.insert(key, r.clone());
+                        r
+                    }
+                    Err(e) => {
+                        warn!(node, address, error = %e, "bad agent address in the plan");
+                        continue;
+                    }
+                },
+            };
+            routes.push((remote, weight));
+        }
+        routes
     }
 
     fn routes_for(

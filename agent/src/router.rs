@@ -1,4 +1,5 @@
-//! The router: splits a task's requests across its workers by the plan's weights.
+//! The router: splits a task's requests across its workers, here and on other agents, by
+//! the plan's weights.
 //!
 //! Smooth weighted round-robin (as nginx does it) spreads each worker's share evenly in time
 //! rather than in random bursts, which keeps the queues short. A worker that is not ready yet
@@ -7,13 +8,64 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidal_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
 
 use crate::worker::Worker;
 
+/// A task's workers on another agent, reached over gRPC. A request forwarded there is served
+/// by that agent's own workers and never forwarded again.
+pub struct Remote {
+    pub node: String,
+    pub address: String,
+    pub client: InferenceClient<Channel>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Remote {
+    pub fn new(node: String, address: String, client: InferenceClient<Channel>) -> Self {
+        Self { node, address, client, down_until: Mutex::new(None) }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.down_until.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Takes the node out of the rotation for a while (it failed a forwarded request).
+    pub fn mark_down(&self, pause: Duration) {
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + pause);
+    }
+}
+
+/// Where a request goes.
+#[derive(Clone)]
+pub enum Target {
+    Local(Arc<Worker>),
+    Remote(Arc<Remote>),
+}
+
 struct Entry {
-    worker: Arc<Worker>,
+    target: Target,
     weight: f64,
     current: f64,
+}
+
+impl Entry {
+    fn local(&self) -> Option<&Arc<Worker>> {
+        match &self.target {
+            Target::Local(w) => Some(w),
+            Target::Remote(_) => None,
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match &self.target {
+            Target::Local(w) => w.is_ready(),
+            Target::Remote(r) => r.is_up(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -22,13 +74,28 @@ pub struct Router {
 }
 
 impl Router {
-    /// Replaces a task's routes: `(worker, weight)`; weight 0 marks a worker being retired.
+    /// Replaces a task's local routes `(worker, weight)`, keeping its remote ones; weight 0
+    /// marks a worker being retired.
     pub fn set_routes(&self, task: &str, routes: Vec<(Arc<Worker>, f64)>) {
-        let entries = routes
-            .into_iter()
-            .map(|(worker, weight)| Entry { worker, weight: weight.max(0.0), current: 0.0 })
-            .collect();
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_string(), entries);
+        let local = routes.into_iter().map(|(w, weight)| (Target::Local(w), weight)).collect();
+        self.replace(task, local, |e| e.local().is_some());
+    }
+
+    /// Replaces a task's routes to other agents `(node, weight)`, keeping its local ones.
+    pub fn set_remote_routes(&self, task: &str, routes: Vec<(Arc<Remote>, f64)>) {
+        let remote = routes.into_iter().map(|(r, weight)| (Target::Remote(r), weight)).collect();
+        self.replace(task, remote, |e| e.local().is_none());
+    }
+
+    fn replace(&self, task: &str, targets: Vec<(Target, f64)>, replaced: impl Fn(&Entry) -> bool) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = tasks.entry(task.to_string()).or_default();
+        entries.retain(|e| !replaced(e));
+        entries.extend(targets.into_iter().map(|(target, weight)| Entry {
+            target,
+            weight: weight.max(0.0),
+            current: 0.0,
+        }));
     }
 
     pub fn remove_task(&self, task: &str) {
@@ -39,37 +106,58 @@ impl Router {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
-    /// The current weight of each of a task's workers, by worker id.
+    /// The current weight of each of a task's local workers, by worker id.
     pub fn weights(&self, task: &str) -> Vec<(String, f64)> {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks
-            .get(task)
-            .map_or_else(Vec::new, |entries| entries.iter().map(|e| (e.worker.spec.id.clone(), e.weight)).collect())
+        tasks.get(task).map_or_else(Vec::new, |entries| {
+            entries.iter().filter_map(|e| Some((e.local()?.spec.id.clone(), e.weight))).collect()
+        })
     }
 
-    /// The worker for the next request of `task`: by weight among ready workers, else any
-    /// ready worker, else any weighted worker (the request waits for its model to load).
-    pub fn pick(&self, task: &str) -> Option<Arc<Worker>> {
+    /// Where the next request of `task` goes: by weight among ready workers here and
+    /// reachable agents elsewhere; else any ready local worker; else a weighted local worker
+    /// (the request waits for its model to load); else a reachable agent.
+    pub fn pick(&self, task: &str) -> Option<Target> {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let entries = tasks.get_mut(task)?;
-        if let Some(w) = smooth_weighted(entries, |e| e.worker.is_ready() && e.weight > 0.0) {
-            return Some(w);
+        if let Some(t) = smooth_weighted(entries, |e| e.ready() && e.weight > 0.0) {
+            return Some(t);
         }
-        if let Some(e) = entries.iter().find(|e| e.worker.is_ready()) {
-            return Some(e.worker.clone());
+        pick_local(entries)
+            .map(Target::Local)
+            .or_else(|| entries.iter().find(|e| e.local().is_none() && e.ready()).map(|e| e.target.clone()))
+    }
+
+    /// Like `pick`, among this agent's own workers only (for forwarded requests).
+    pub fn pick_local(&self, task: &str) -> Option<Arc<Worker>> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = tasks.get_mut(task)?;
+        match smooth_weighted(entries, |e| e.local().is_some_and(|w| w.is_ready()) && e.weight > 0.0) {
+            Some(Target::Local(w)) => Some(w),
+            _ => pick_local(entries),
         }
-        smooth_weighted(entries, |e| e.weight > 0.0).or_else(|| entries.first().map(|e| e.worker.clone()))
     }
 }
 
-fn smooth_weighted(entries: &mut [Entry], eligible: impl Fn(&Entry) -> bool) -> Option<Arc<Worker>> {
+/// A local worker when none is picked by weight: any ready one, else a weighted one.
+fn pick_local(entries: &mut [Entry]) -> Option<Arc<Worker>> {
+    if let Some(w) = entries.iter().filter_map(Entry::local).find(|w| w.is_ready()) {
+        return Some(w.clone());
+    }
+    match smooth_weighted(entries, |e| e.local().is_some() && e.weight > 0.0) {
+        Some(Target::Local(w)) => Some(w),
+        _ => entries.iter().find_map(Entry::local).cloned(),
+    }
+}
+
+fn smooth_weighted(entries: &mut [Entry], eligible: impl Fn(&Entry) -> bool) -> Option<Target> {
     let weights: Vec<f64> = entries.iter().map(|e| if eligible(e) { e.weight } else { 0.0 }).collect();
     let mut current: Vec<f64> = entries.iter().map(|e| e.current).collect();
     let i = swrr_pick(&weights, &mut current)?;
     for (e, c) in entries.iter_mut().zip(current) {
         e.current = c;
     }
-    Some(entries[i].worker.clone())
+    Some(entries[i].target.clone())
 }
 
 /// One step of smooth weighted round-robin over `weights` (0 = not eligible), updating the

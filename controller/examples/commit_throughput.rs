@@ -40,6 +40,7 @@ fn plan(epoch: u64, term: u64) -> Command {
         assignments,
         notes: vec!["classify: forecast 412.0 req/s, resnet50 ×16 on 4 cores, batch 8".into()],
         planned_rps: [("classify".to_string(), 412.0)].into_iter().collect(),
+        ..Default::default()
     };
     Command { change: Some(Change::CommitPlan(plan)) }
 }

@@ -192,7 +192,9 @@ impl Controller {
         plan.planned_rps = forecasts.clone().into_iter().collect();
         self.metrics.adaptation_seconds.observe(now.elapsed().as_secs_f64());
         if let Some(current) = &state.plan {
-            if same_assignments(current, &plan) {
+            // A plan with the same workers is not committed again, unless an agent moved (the
+            // agents route to each other by these addresses).
+            if same_assignments(current, &plan) && current.node_addresses == plan.node_addresses {
                 self.push_to_lagging(current);
                 return Ok(state.plan.clone());
             }

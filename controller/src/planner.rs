@@ -46,7 +46,13 @@ pub fn next_plan(
     let nodes: Vec<(&String, u32)> =
         state.nodes.iter().map(|(name, n)| (name, n.cores.saturating_sub(cfg.reserve_cores))).collect();
     let mut free: Vec<u32> = nodes.iter().map(|(_, c)| *c).collect();
-    let mut plan = Plan { epoch, term, tasks: state.tasks.values().cloned().collect(), ..Default::default() };
+    let mut plan = Plan {
+        epoch,
+        term,
+        tasks: state.tasks.values().cloned().collect(),
+        node_addresses: state.nodes.iter().map(|(name, n)| (name.clone(), n.address.clone())).collect(),
+        ..Default::default()
+    };
     if nodes.is_empty() {
         plan.notes.push("no agent has registered: nothing to place".into());
         return plan;

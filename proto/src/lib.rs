@@ -36,3 +36,7 @@ pub fn not_leader(leader_address: Option<&str>) -> tonic::Status {
     }
     status
 }
+
+/// Metadata key an agent sets on a request it forwards to another agent's workers: the
+/// receiver serves it itself and does not count it again.
+pub const FORWARDED_METADATA: &str = "tidal-forwarded";
