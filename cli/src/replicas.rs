@@ -160,17 +160,11 @@ async fn wait_caught_up(addrs: &str, replica: u64, timeout: Duration) -> anyhow:
     let deadline = Instant::now() + timeout;
     let mut target = None;
     loop {
-        if let Ok((_, list)) = any_replica(addrs).await {
-            if let Some(leader) = (list.leader != 0 && !list.leader_address.is_empty()).then_some(list.leader_address) {
-                if let Ok(mut c) = connect(&leader).await {
-                    if let Ok(view) = c.list_replicas(ListReplicasRequest {}).await.map(|r| r.into_inner()) {
-                        let target = *target.get_or_insert(view.commit);
-                        let matched = view.replicas.iter().find(|r| r.id == replica).map_or(0, |r| r.matched);
-                        if view.leader == view.answered_by && (matched >= target || view.answered_by == replica) {
-                            return Ok(());
-                        }
-                    }
-                }
+        if let Some(view) = leader_view(addrs).await {
+            let target = *target.get_or_insert(view.commit);
+            let matched = view.replicas.iter().find(|r| r.id == replica).map_or(0, |r| r.matched);
+            if matched >= target || view.answered_by == replica {
+                return Ok(());
             }
         }
         if Instant::now() > deadline {
@@ -178,6 +172,18 @@ async fn wait_caught_up(addrs: &str, replica: u64, timeout: Duration) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The group as the leader sees it (with how far each replica has replicated), when a
+/// leader is known and answers.
+async fn leader_view(addrs: &str) -> Option<ReplicaList> {
+    let (_, list) = any_replica(addrs).await.ok()?;
+    if list.leader == 0 || list.leader_address.is_empty() {
+        return None;
+    }
+    let mut leader = connect(&list.leader_address).await.ok()?;
+    let view = leader.list_replicas(ListReplicasRequest {}).await.ok()?.into_inner();
+    (view.leader == view.answered_by).then_some(view)
 }
 
 /// Asks the leader to hand over to `to` and waits until `to` leads.

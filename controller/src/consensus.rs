@@ -566,7 +566,7 @@ impl Driver {
     /// Takes a snapshot of the applied state once enough entries have piled up since the last.
     fn maybe_compact(&mut self) -> Result<(), StorageError> {
         let applied = self.applied();
-        let last = self.log.snapshot().get_metadata().index;
+        let last = self.log.snapshot_index();
         if applied < last + self.snapshot_entries {
             return Ok(());
         }
@@ -605,7 +605,7 @@ impl Driver {
             commit: raft.raft_log.committed,
             last_index: raft.raft_log.last_index(),
             applied: raft.raft_log.applied,
-            snapshot_index: self.log.snapshot().get_metadata().index,
+            snapshot_index: self.log.snapshot_index(),
             voters: self.conf_state.voters.clone(),
             learners: self.conf_state.learners.clone(),
             matched: if is_leader {

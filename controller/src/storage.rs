@@ -195,6 +195,11 @@ impl DurableLog {
         self.view.rl().snapshot.clone()
     }
 
+    /// The latest snapshot's index (0 when none), without copying its data.
+    pub fn snapshot_index(&self) -> u64 {
+        self.view.rl().snapshot_index()
+    }
+
     pub fn conf_state(&self) -> ConfState {
         self.view.rl().conf_state.clone()
     }

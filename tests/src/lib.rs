@@ -164,6 +164,18 @@ pub async fn controller_client(addr: &str) -> ControllerClient<Channel> {
     ControllerClient::new(channel(addr).await)
 }
 
+/// Waits until the controller `ctl` has a report from `node` less than 2 s old.
+pub async fn wait_reporting(ctl: &ControllerClient<Channel>, node: &str, what: &str) {
+    eventually(Duration::from_secs(20), what, || {
+        let mut ctl = ctl.clone();
+        async move {
+            let s = ctl.status(tidal_proto::v1::ClusterStatusRequest {}).await.ok()?.into_inner();
+            s.nodes.iter().find(|n| n.node == node && n.seconds_since_report < 2.0).map(|_| ())
+        }
+    })
+    .await;
+}
+
 /// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

@@ -1,8 +1,6 @@
 //! An agent given several controller addresses registers with the one that answers, whatever
 //! its place in the list, and keeps reporting to it.
 
-use std::time::Duration;
-
 use tidal_proto::v1::ClusterStatusRequest;
 use tidal_tests::*;
 
@@ -16,15 +14,7 @@ async fn an_agent_skips_controller_addresses_that_do_not_answer() {
     std::fs::create_dir_all(&models).unwrap();
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&list), extra: &[] });
     let ctl = controller_client(&live).await;
-    eventually(Duration::from_secs(20), "the agent registers and reports through the live controller", || {
-        let mut ctl = ctl.clone();
-        let node = agent.node.clone();
-        async move {
-            let s = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner();
-            s.nodes.iter().find(|n| n.node == node && n.seconds_since_report < 2.0).map(|_| ())
-        }
-    })
-    .await;
+    wait_reporting(&ctl, &agent.node, "the agent registers and reports through the live controller").await;
     let s = ctl.clone().status(ClusterStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(s.nodes.len(), 1);
 }

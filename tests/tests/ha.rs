@@ -86,15 +86,7 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     // The agent re-registers with the new leader and its telemetry resumes there. (On a
     // loaded machine a spurious election may move leadership again: follow it.)
     let mut leader = tidal_tests::group::leader_client(&group.addrs()).await.expect("a leader");
-    eventually(Duration::from_secs(20), "the agent reports to the new leader", || {
-        let mut leader = leader.clone();
-        let node = agent.node.clone();
-        async move {
-            let s = leader.status(ClusterStatusRequest {}).await.ok()?.into_inner();
-            s.nodes.iter().find(|n| n.node == node && n.seconds_since_report < 2.0).map(|_| ())
-        }
-    })
-    .await;
+    wait_reporting(&leader, &agent.node, "the agent reports to the new leader").await;
     // The next adaptation runs on the new leader: an SLO change reaches the agent in a plan.
     leader.set_slo(SetSloRequest { task: "t".into(), slo_ms: 400 }).await.unwrap();
     eventually(Duration::from_secs(10), "a plan with the new SLO from the new leader", || async {
