@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=./target/release
-TRACE=${DEMO_TRACE:-../shared/data/twitter-trace-rps.txt}
+TRACE=${DEMO_TRACE:-data/twitter-trace-rps.txt.gz}
 SCALE=${DEMO_SCALE:-0.75}
 SPEEDUP=${DEMO_SPEEDUP:-120}
 START=${DEMO_START:-18000}

@@ -76,9 +76,10 @@ pub struct Summary {
     pub by_variant: Vec<(String, usize)>,
 }
 
-/// Reads a trace: one non-negative integer (requests in that second) per line.
+/// Reads a trace: one non-negative integer (requests in that second) per line; a file whose
+/// name ends in `.gz` is decompressed first.
 pub fn read_trace(path: &Path, start: usize, duration: Option<usize>) -> anyhow::Result<Vec<f64>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the trace {}", path.display()))?;
+    let text = read_text(path).with_context(|| format!("reading the trace {}", path.display()))?;
     let mut rates = Vec::new();
     for (i, line) in text.lines().enumerate().skip(start) {
         if duration.is_some_and(|d| rates.len() >= d) {
@@ -99,6 +100,18 @@ pub fn read_trace(path: &Path, start: usize, duration: Option<usize>) -> anyhow:
         anyhow::bail!("the trace {} has no lines from line {}", path.display(), start + 1);
     }
     Ok(rates)
+}
+
+fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(std::io::BufReader::new(file)).read_to_string(&mut text)?;
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut text)?;
+    }
+    Ok(text)
 }
 
 /// Poisson arrival times (seconds from the start, wall clock) for the rates.
@@ -306,5 +319,15 @@ mod tests {
         assert_eq!(s.ok, 3);
         assert_eq!(s.slo_violation_pct, 50.0);
         assert_eq!(s.mean_accuracy, 70.0);
+    }
+
+    #[test]
+    fn the_committed_trace_reads_compressed() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/twitter-trace-rps.txt.gz");
+        let day = read_trace(&path, 0, None).unwrap();
+        assert_eq!(day.len(), 1_209_600, "14 days of seconds");
+        let mean = day.iter().sum::<f64>() / day.len() as f64;
+        assert!((mean - 63.6).abs() < 0.1, "mean {mean}");
+        assert_eq!(read_trace(&path, 86_400, Some(10)).unwrap(), day[86_400..86_410]);
     }
 }
