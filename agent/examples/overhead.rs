@@ -102,6 +102,7 @@ async fn agent_path(
                 max_batch: 1,
                 max_delay_ms: 0,
                 weight: 1.0,
+                replica: 0,
             }],
             ..Default::default()
         };

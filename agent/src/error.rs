@@ -19,6 +19,8 @@ pub enum ServeError {
     QueueFull(usize),
     #[error("the deadline passed after {0:?} in the queue")]
     DeadlineExceeded(Duration),
+    #[error("overloaded: {ahead} requests are queued ahead; serving this one would take about {needs:?}, its budget is {budget:?}")]
+    WouldMiss { ahead: usize, needs: Duration, budget: Duration },
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("the model failed: {0}")]
@@ -32,7 +34,9 @@ impl From<ServeError> for Status {
             ServeError::UnknownTask(_) => Status::not_found(msg),
             ServeError::NoWorker(_) | ServeError::Unavailable(_) => Status::unavailable(msg),
             ServeError::InvalidInput(_) => Status::invalid_argument(msg),
-            ServeError::QueueFull(_) | ServeError::TooLarge { .. } => Status::resource_exhausted(msg),
+            ServeError::QueueFull(_) | ServeError::TooLarge { .. } | ServeError::WouldMiss { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ServeError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             ServeError::Model(_) => Status::internal(msg),
         }

@@ -3,10 +3,12 @@
 //! Request path: [`service`] (gRPC) → [`router`] (weights of the plan) → a [`worker`]'s
 //! [`queue`] (earliest deadline first) → its batcher → the worker process
 //! ([`worker_process`], over [`worker_protocol`]) in its own [`cgroup`].
-//! Control path: a plan arrives → [`node`] validates it, [`reconcile`] diffs it against the
-//! running workers, the node starts, resizes (in place) and retires workers; [`link`] reports
+//! Control path: a plan arrives → [`node`] validates it, [`apply`] stages the reconcile diff
+//! (shared with the simulator) and executes it all or nothing: the node starts, resizes (in
+//! place, or blue-green as the plan says) and retires workers, make before break; [`link`] reports
 //! [`telemetry`] to the controller; [`profiler`] measures variants on demand.
 
+pub mod apply;
 pub mod cgroup;
 pub mod error;
 pub mod link;
@@ -14,7 +16,6 @@ pub mod metrics;
 pub mod node;
 pub mod profiler;
 pub mod queue;
-pub mod reconcile;
 pub mod router;
 pub mod service;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! The node: the agent's state — its workers, routes, tasks and the plan it applied — and the
-//! application of a new plan (validate, diff, act).
+//! application of a new plan (validate, stage, execute; see [`crate::apply`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tidal_common::plan::{validate_for_node, PlanError};
+use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{Plan, TaskSpec, WorkerTelemetry};
+use tidal_proto::v1::{Plan, TaskSpec, Transition, WorkerTelemetry};
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::cgroup::{CgroupError, CpuCgroups, CpuStats};
+use crate::apply::{execute, stage, Executor};
+use crate::cgroup::{CgroupError, CpuCgroups, CpuStats, WorkerCgroup};
 use crate::metrics::AgentMetrics;
-use crate::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
 use crate::router::{Remote, Router};
 use crate::telemetry::Telemetry;
 use crate::worker::{BatchSettings, ProcessConfig, Worker, WorkerSpec};
@@ -41,10 +42,15 @@ pub enum ApplyError {
     Stale { got: (u64, u64), applied: (u64, u64) },
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
-    #[error("malformed plan: model file {file:?} of variant {variant:?} is not in {dir}")]
-    MissingModel { variant: String, file: String, dir: String },
-    #[error("creating a worker's cgroup: {0}")]
+    #[error("creating a worker's cgroup (nothing of the plan was applied): {0}")]
     Cgroup(#[from] CgroupError),
+}
+
+/// A plan applied: its epoch, and the tasks held at what ran before (with why).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub epoch: u64,
+    pub held: Vec<String>,
 }
 
 pub struct Node {
@@ -98,121 +104,55 @@ impl Node {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
-    /// Applies `plan` to this node: all of it or, if it is malformed or stale, none of it.
-    /// Plans are ordered by (epoch, term): one older than the applied plan comes from a
-    /// deposed leader (or a delayed push) and is refused.
-    pub async fn apply_plan(self: &Arc<Self>, plan: Plan) -> Result<u64, ApplyError> {
+    /// Applies `plan` to this node: all of it or, if it is malformed, stale or a new worker's
+    /// cgroup cannot be made, none of it. A task whose model file is missing here is held at
+    /// what runs for it and named in the result; the other tasks move. Plans are ordered by
+    /// (epoch, term): one older than the applied plan comes from a deposed leader (or a
+    /// delayed push) and is refused.
+    pub async fn apply_plan(self: &Arc<Self>, plan: Plan) -> Result<Applied, ApplyError> {
         let mut workers = self.workers.lock().await;
         let applied = (self.applied_epoch(), self.applied_term());
         if (plan.epoch, plan.term) < applied {
             return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
         }
         validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
-        let desired = self.desired_workers(&plan)?;
+        let desired = desired_on(&plan, &self.cfg.node);
         let running: Vec<RunningWorker> = workers
             .iter()
             .map(|(key, w)| RunningWorker {
                 key: key.clone(),
                 model_file: w.spec.variant.model_file.clone(),
-                millicores: w.millicores(),
-                settings: w.settings(),
+                shape: shape_of(w),
             })
             .collect();
-        let actions = diff(&desired, &running);
-        if !actions.is_empty() {
-            info!(epoch = plan.epoch, actions = actions.len(), "applying plan");
+        let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
+        let staged = stage(&desired, &running, transition, |file| self.cfg.model_dir.join(file).is_file());
+        if !staged.actions.is_empty() {
+            info!(epoch = plan.epoch, actions = staged.actions.len(), ?transition, "applying plan");
         }
-        for action in actions {
-            self.act(&mut workers, action)?;
+        let held: Vec<String> = staged.held.iter().map(|(task, why)| format!("{task}: {why}")).collect();
+        for why in &held {
+            warn!(epoch = plan.epoch, "task held at what runs: {why}");
         }
+        let mut exec = NodeExecutor { node: self, workers: &mut workers, started: HashMap::new(), epoch: plan.epoch };
+        execute(&mut exec, staged.actions)?;
         *self.tasks.write().unwrap_or_else(|p| p.into_inner()) =
             plan.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect();
-        self.update_routes(&plan, &workers);
+        self.update_routes(&plan, &workers, &staged.held);
         self.applied_epoch.store(plan.epoch, Ordering::Relaxed);
         self.applied_term.store(plan.term, Ordering::Relaxed);
         self.metrics.plan_epoch.set(plan.epoch as i64);
-        Ok(plan.epoch)
+        Ok(Applied { epoch: plan.epoch, held })
     }
 
-    fn desired_workers(&self, plan: &Plan) -> Result<Vec<DesiredWorker>, ApplyError> {
-        let mut out = Vec::new();
-        for a in plan.assignments.iter().filter(|a| a.node == self.cfg.node) {
-            let variant = a.variant.clone().unwrap_or_default();
-            if !self.cfg.model_dir.join(&variant.model_file).is_file() {
-                return Err(ApplyError::MissingModel {
-                    variant: variant.name,
-                    file: variant.model_file,
-                    dir: self.cfg.model_dir.display().to_string(),
-                });
-            }
-            out.push(DesiredWorker {
-                task: a.task.clone(),
-                variant,
-                millicores: a.millicores,
-                settings: BatchSettings {
-                    max_batch: a.max_batch,
-                    max_delay: Duration::from_millis(a.max_delay_ms as u64),
-                },
-            });
-        }
-        Ok(out)
-    }
-
-    fn act(self: &Arc<Self>, workers: &mut HashMap<WorkerKey, Arc<Worker>>, action: Action) -> Result<(), ApplyError> {
-        match action {
-            Action::Stop(key) => {
-                if let Some(w) = workers.remove(&key) {
-                    info!(worker = %w.spec.id, variant = %w.spec.variant.name, "retiring worker");
-                    self.retire(w);
-                }
-            }
-            Action::Resize { key, millicores } => {
-                if let Some(w) = workers.get(&key) {
-                    let from = w.millicores();
-                    w.resize(millicores)?;
-                    self.metrics.resizes.inc();
-                    info!(worker = %w.spec.id, from, to = millicores, "resized worker in place");
-                }
-            }
-            Action::Rebatch { key, settings } => {
-                if let Some(w) = workers.get(&key) {
-                    w.set_batching(settings);
-                }
-            }
-            Action::Start(d) => {
-                let id = format!("worker-{}", self.next_worker.fetch_add(1, Ordering::Relaxed));
-                let cgroup = self.cgroups.create(&id)?;
-                let spec = WorkerSpec {
-                    id: id.clone(),
-                    task: d.task.clone(),
-                    model_path: self.cfg.model_dir.join(&d.variant.model_file),
-                    variant: d.variant.clone(),
-                };
-                info!(worker = %id, variant = %d.variant.name, millicores = d.millicores, "starting worker");
-                let w = Worker::start(
-                    spec,
-                    cgroup,
-                    d.millicores,
-                    d.settings,
-                    self.cfg.queue_capacity,
-                    self.cfg.process.clone(),
-                );
-                workers.insert(d.key(), w);
-            }
-        }
-        Ok(())
-    }
-
-    /// Keeps `w` serving with weight 0 until a worker of its task with a weight is ready (or
-    /// the load timeout passes), then drains and stops it.
-    fn retire(self: &Arc<Self>, w: Arc<Worker>) {
+    /// Keeps `w` serving with weight 0 until its `successors` serve (or the load timeout
+    /// passes), then drains and stops it.
+    fn retire(self: &Arc<Self>, w: Arc<Worker>, successors: Vec<Arc<Worker>>) {
+        info!(worker = %w.spec.id, variant = %w.spec.variant.name, successors = successors.len(), "retiring worker");
         self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(w.clone());
         let node = self.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
-            while started.elapsed() < node.cfg.process.load_timeout && !node.successor_ready(&w).await {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            node.wait_ready(&successors).await;
             node.retiring.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| !Arc::ptr_eq(r, &w));
             node.refresh_routes(&w.spec.task).await;
             w.shutdown(node.cfg.drain).await;
@@ -220,11 +160,36 @@ impl Node {
         });
     }
 
-    async fn successor_ready(&self, retiring: &Worker) -> bool {
-        let workers = self.workers.lock().await;
-        let ready = workers.values().any(|w| w.spec.task == retiring.spec.task && w.is_ready());
-        let task_gone = !workers.values().any(|w| w.spec.task == retiring.spec.task);
-        ready || task_gone
+    /// Waits until every worker of `workers` serves, or the load timeout passes.
+    async fn wait_ready(&self, workers: &[Arc<Worker>]) {
+        let started = Instant::now();
+        while started.elapsed() < self.cfg.process.load_timeout && !workers.iter().all(|w| w.is_ready()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Shrinks a worker once the task's new workers serve, unless a newer plan came meanwhile
+    /// (it decides the worker's size itself).
+    fn resize_after(self: &Arc<Self>, w: Arc<Worker>, millicores: u32, successors: Vec<Arc<Worker>>, epoch: u64) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.wait_ready(&successors).await;
+            let _guard = node.workers.lock().await;
+            if node.applied_epoch() == epoch {
+                node.resize_now(&w, millicores);
+            }
+        });
+    }
+
+    fn resize_now(&self, w: &Worker, millicores: u32) {
+        let from = w.millicores();
+        match w.resize(millicores) {
+            Ok(()) => {
+                self.metrics.resizes.inc();
+                info!(worker = %w.spec.id, from, to = millicores, "resized worker in place");
+            }
+            Err(e) => warn!(worker = %w.spec.id, error = %e, "resizing the worker failed; the next plan retries"),
+        }
     }
 
     async fn refresh_routes(&self, task: &str) {
@@ -234,14 +199,16 @@ impl Node {
         self.router.set_routes(task, routes);
     }
 
-    fn update_routes(&self, plan: &Plan, workers: &HashMap<WorkerKey, Arc<Worker>>) {
-        for task in &plan.tasks {
+    /// Routes each task by the plan's weights; a held task keeps the routes it had.
+    fn update_routes(&self, plan: &Plan, workers: &HashMap<WorkerKey, Arc<Worker>>, held: &BTreeMap<String, String>) {
+        for task in plan.tasks.iter().filter(|t| !held.contains_key(&t.name)) {
             let weight_of = |w: &Worker| {
                 plan.assignments
                     .iter()
                     .find(|a| {
                         a.node == self.cfg.node
                             && a.task == task.name
+                            && a.replica == w.spec.replica
                             && a.variant.as_ref().is_some_and(|v| v.name == w.spec.variant.name)
                     })
                     .map_or(0.0, |a| a.weight)
@@ -347,9 +314,10 @@ impl Node {
         out
     }
 
-    /// The worker serving (task, variant), for tests and the profiler's reports.
+    /// The first replica of (task, variant), for tests and the profiler's reports.
     pub async fn worker(&self, task: &str, variant: &str) -> Option<Arc<Worker>> {
-        self.workers.lock().await.get(&(task.to_string(), variant.to_string())).cloned()
+        let key = WorkerKey { task: task.into(), variant: variant.into(), replica: 0 };
+        self.workers.lock().await.get(&key).cloned()
     }
 
     /// Stops every worker (draining briefly) and removes the cgroups.
@@ -364,5 +332,86 @@ impl Node {
             info!(swept, "removed cgroups left by interrupted operations");
         }
         self.cgroups.remove();
+    }
+}
+
+fn shape_of(w: &Worker) -> WorkerShape {
+    let settings = w.settings();
+    WorkerShape {
+        millicores: w.millicores(),
+        max_batch: settings.max_batch,
+        max_delay_ms: settings.max_delay.as_millis().min(u32::MAX as u128) as u32,
+    }
+}
+
+/// The node's executor of a plan: processes in cgroups, make before break.
+struct NodeExecutor<'a> {
+    node: &'a Arc<Node>,
+    workers: &'a mut HashMap<WorkerKey, Arc<Worker>>,
+    /// Workers this plan started, per task: what its retirements and shrinks wait for.
+    started: HashMap<String, Vec<Arc<Worker>>>,
+    epoch: u64,
+}
+
+impl Executor for NodeExecutor<'_> {
+    type Prepared = (String, WorkerCgroup);
+    type Error = ApplyError;
+
+    fn prepare(&mut self, _: &DesiredWorker) -> Result<Self::Prepared, ApplyError> {
+        let id = format!("worker-{}", self.node.next_worker.fetch_add(1, Ordering::Relaxed));
+        let cgroup = self.node.cgroups.create(&id)?;
+        Ok((id, cgroup))
+    }
+
+    fn abandon(&mut self, (_, cgroup): Self::Prepared) {
+        cgroup.remove();
+    }
+
+    fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared) {
+        let spec = WorkerSpec {
+            id: id.clone(),
+            task: d.key.task.clone(),
+            replica: d.key.replica,
+            model_path: self.node.cfg.model_dir.join(&d.variant.model_file),
+            variant: d.variant.clone(),
+        };
+        info!(worker = %id, key = %d.key, millicores = d.shape.millicores, "starting worker");
+        let settings = BatchSettings {
+            max_batch: d.shape.max_batch,
+            max_delay: Duration::from_millis(d.shape.max_delay_ms as u64),
+        };
+        let cfg = &self.node.cfg;
+        let w = Worker::start(spec, cgroup, d.shape.millicores, settings, cfg.queue_capacity, cfg.process.clone());
+        if let Some(old) = self.workers.insert(d.key.clone(), w.clone()) {
+            self.node.retire(old, vec![w.clone()]);
+        }
+        self.started.entry(d.key.task).or_default().push(w);
+    }
+
+    fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32) {
+        if let Some(w) = self.workers.get(key) {
+            w.set_batching(BatchSettings { max_batch, max_delay: Duration::from_millis(max_delay_ms as u64) });
+        }
+    }
+
+    fn resize(&mut self, key: &WorkerKey, millicores: u32, after_successors: bool) {
+        let Some(w) = self.workers.get(key) else { return };
+        if after_successors {
+            let successors = self.started.get(&key.task).cloned().unwrap_or_default();
+            self.node.resize_after(w.clone(), millicores, successors, self.epoch);
+        } else {
+            self.node.resize_now(w, millicores);
+        }
+    }
+
+    fn stop(&mut self, key: &WorkerKey) {
+        if let Some(w) = self.workers.remove(key) {
+            let successors = self.started.get(&key.task).cloned().unwrap_or_default();
+            self.node.retire(w, successors);
+        }
+    }
+
+    fn millicores(&self, key: &WorkerKey) -> Option<u32> {
+        self.workers.get(key).map(|w| w.millicores())
     }
 }

@@ -4,11 +4,22 @@
 //! the network took its share), so the most urgent request is served first whatever its
 //! arrival order. The bound is the worker's back-pressure: a full queue refuses new requests
 //! at once (RESOURCE_EXHAUSTED) instead of letting every queued request miss its deadline.
+//!
+//! Under overload the queue sheds early, so that the worker's cores go to requests that can
+//! still make their deadline: from the batches just run it estimates how long a batch takes
+//! and what a request costs, and
+//! - refuses a new request (RESOURCE_EXHAUSTED) whose deadline falls before the work queued
+//!   ahead of it (earlier deadlines) and its own batch can be done;
+//! - answers a queued request DEADLINE_EXCEEDED, without running it, once its deadline falls
+//!   before the batch it would join could finish.
+//!
+//! The estimate is only trusted while it is fresh (a batch ran within the last second); after
+//! an idle spell or a resize the queue sheds only what has expired until batches run again.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -53,9 +64,37 @@ impl Ord for Pending {
     }
 }
 
+/// What the last batches took: an exponentially weighted mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServiceEstimate {
+    /// When a batch last finished.
+    pub at: Instant,
+    /// Time of one batch, µs.
+    pub batch_us: f64,
+    /// Time per request (a batch's time over its size), µs.
+    pub per_request_us: f64,
+}
+
+/// How long an estimate is trusted without a new batch.
+const FRESH_FOR: Duration = Duration::from_secs(1);
+/// Weight of the newest batch in the estimate.
+const EWMA_WEIGHT: f64 = 0.3;
+
+impl ServiceEstimate {
+    fn fresh(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < FRESH_FOR
+    }
+
+    /// When a request with `ahead` requests before it would be done.
+    fn finish(&self, now: Instant, ahead: usize) -> Instant {
+        now + Duration::from_micros((ahead as f64 * self.per_request_us + self.batch_us) as u64)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     heap: BinaryHeap<Pending>,
+    estimate: Option<ServiceEstimate>,
     seq: u64,
     /// No new requests; those queued are still served.
     sealed: bool,
@@ -88,9 +127,19 @@ impl DeadlineQueue {
         if inner.heap.len() >= self.capacity {
             return Err((ServeError::QueueFull(self.capacity), reply));
         }
+        let now = Instant::now();
+        if let Some(e) = inner.estimate.filter(|e| e.fresh(now)) {
+            let ahead = inner.heap.iter().filter(|p| p.deadline <= deadline).count();
+            let finish = e.finish(now, ahead);
+            if finish > deadline {
+                let needs = finish.saturating_duration_since(now);
+                let budget = deadline.saturating_duration_since(now);
+                return Err((ServeError::WouldMiss { ahead, needs, budget }, reply));
+            }
+        }
         inner.seq += 1;
         let seq = inner.seq;
-        inner.heap.push(Pending { deadline, enqueued: Instant::now(), input, reply, seq });
+        inner.heap.push(Pending { deadline, enqueued: now, input, reply, seq });
         drop(inner);
         self.notify.notify_one();
         Ok(())
@@ -109,17 +158,43 @@ impl DeadlineQueue {
         self.lock().heap.iter().map(|p| p.enqueued).min()
     }
 
-    /// Takes up to `max` requests, earliest deadline first. Requests whose deadline passed
-    /// (or whose caller is gone) are answered and skipped, never run.
+    /// A batch of `size` requests took `took`, finishing at `now`.
+    pub fn record_batch(&self, size: usize, took: Duration, now: Instant) {
+        let batch_us = took.as_secs_f64() * 1e6;
+        let per_request_us = batch_us / size.max(1) as f64;
+        let mut inner = self.lock();
+        inner.estimate = Some(match inner.estimate.filter(|e| e.fresh(now)) {
+            Some(e) => ServiceEstimate {
+                at: now,
+                batch_us: e.batch_us + EWMA_WEIGHT * (batch_us - e.batch_us),
+                per_request_us: e.per_request_us + EWMA_WEIGHT * (per_request_us - e.per_request_us),
+            },
+            None => ServiceEstimate { at: now, batch_us, per_request_us },
+        });
+    }
+
+    /// Drops the estimate (the worker was resized: its batches take another time now).
+    pub fn forget_estimate(&self) {
+        self.lock().estimate = None;
+    }
+
+    pub fn estimate(&self) -> Option<ServiceEstimate> {
+        self.lock().estimate
+    }
+
+    /// Takes up to `max` requests, earliest deadline first. Requests whose deadline passed,
+    /// or would pass before a batch could finish (by a fresh estimate), or whose caller is
+    /// gone, are answered and skipped, never run.
     pub fn pop_batch(&self, max: usize, now: Instant) -> Vec<Pending> {
         let mut inner = self.lock();
+        let cutoff = inner.estimate.filter(|e| e.fresh(now)).map_or(now, |e| e.finish(now, 0));
         let mut batch = Vec::with_capacity(max);
         while batch.len() < max {
             let Some(p) = inner.heap.pop() else { break };
             if p.reply.is_closed() {
                 continue;
             }
-            if p.deadline <= now {
+            if p.deadline <= cutoff {
                 let waited = now.saturating_duration_since(p.enqueued);
                 let _ = p.reply.send(Err(ServeError::DeadlineExceeded(waited)));
                 continue;
@@ -178,6 +253,42 @@ mod tests {
         let batch = q.pop_batch(8, now + Duration::from_millis(10));
         assert_eq!(batch.len(), 1);
         assert!(matches!(late.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
+    }
+
+    #[test]
+    fn with_a_fresh_estimate_a_request_that_cannot_make_it_is_refused_at_once() {
+        let q = DeadlineQueue::new(100);
+        let now = Instant::now();
+        // Batches of 4 take 45 ms: 11.25 ms a request.
+        q.record_batch(4, Duration::from_millis(45), now);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        // With 13 ahead: 146 ms of queue and 45 ms of its own batch fit in 200 ms.
+        let _queued: Vec<_> = (0..14).map(|i| push(&q, deadline, i as f32)).collect();
+        // With 14 ahead: 157.5 + 45 ms do not.
+        let (tx, _rx) = oneshot::channel();
+        match q.push(deadline, vec![], tx) {
+            Err((ServeError::WouldMiss { ahead: 14, .. }, _)) => {}
+            other => panic!("expected a refusal, got {:?}", other.map_err(|(e, _)| e)),
+        }
+        // An urgent request jumps the queue: nothing is ahead of it.
+        let (tx, _rx) = oneshot::channel();
+        assert!(q.push(Instant::now() + Duration::from_millis(60), vec![], tx).is_ok());
+        // Without a fresh estimate nothing is refused for its deadline.
+        q.forget_estimate();
+        let (tx, _rx) = oneshot::channel();
+        assert!(q.push(Instant::now() + Duration::from_millis(1), vec![], tx).is_ok());
+    }
+
+    #[test]
+    fn a_request_that_would_finish_late_is_not_run() {
+        let q = DeadlineQueue::new(10);
+        let now = Instant::now();
+        let mut doomed = push(&q, now + Duration::from_millis(30), 1.0);
+        let _ok = push(&q, now + Duration::from_secs(5), 2.0);
+        q.record_batch(1, Duration::from_millis(50), now);
+        let batch = q.pop_batch(8, now);
+        assert_eq!(batch.iter().map(|p| p.input[0]).collect::<Vec<_>>(), vec![2.0]);
+        assert!(matches!(doomed.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
     }
 
     #[test]

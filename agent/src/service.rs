@@ -39,7 +39,7 @@ impl AgentService {
         }
         let task = self.node.task(&req.task).ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
         if !forwarded {
-            self.node.telemetry.arrival(&task.name, arrived);
+            self.node.telemetry.arrival(&task.name, arrived, (req.budget_ms > 0).then_some(req.budget_ms));
         }
         let shape = task.variants.first().map(|v| v.input_shape.clone()).unwrap_or_default();
         let input = sample_values(req.input.as_ref(), &shape).map_err(|e| ServeError::InvalidInput(e.to_string()))?;
@@ -136,6 +136,7 @@ impl Inference for AgentService {
             Err(ServeError::UnknownTask(_)) => return result.map(Response::new).map_err(Status::from),
             Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
             Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
+            Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
             Err(_) => (Outcome::Failed, "failed"),
         };
         if !forwarded {
@@ -154,7 +155,7 @@ impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Stale { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_) | ApplyError::MissingModel { .. } => Status::invalid_argument(e.to_string()),
+            ApplyError::Invalid(_) => Status::invalid_argument(e.to_string()),
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
         }
     }
@@ -169,7 +170,7 @@ impl Agent for AgentService {
             .ok_or_else(|| Status::invalid_argument("malformed plan: the request has no plan"))?;
         let epoch = plan.epoch;
         match self.node.apply_plan(plan).instrument(info_span!("apply_plan", epoch)).await {
-            Ok(applied_epoch) => Ok(Response::new(ApplyPlanResponse { applied_epoch })),
+            Ok(applied) => Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held })),
             Err(e) => {
                 warn!(epoch, error = %e, "refused a plan");
                 Err(e.into())

@@ -22,6 +22,8 @@ struct TaskStats {
     served: u64,
     errors: u64,
     deadline_misses: u64,
+    /// The smallest budget a request of this report arrived with, ms.
+    min_budget_ms: Option<u32>,
     latency_us: Histogram<u64>,
 }
 
@@ -32,6 +34,7 @@ impl TaskStats {
             served: 0,
             errors: 0,
             deadline_misses: 0,
+            min_budget_ms: None,
             // 1 µs .. 10 min, 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
         }
@@ -59,9 +62,15 @@ impl Telemetry {
         f(tasks.entry(task.to_string()).or_insert_with(TaskStats::new))
     }
 
-    pub fn arrival(&self, task: &str, at: Instant) {
+    /// A request of `task` arrived, with the latency budget it carried (if any).
+    pub fn arrival(&self, task: &str, at: Instant, budget_ms: Option<u32>) {
         let second = at.saturating_duration_since(self.started).as_secs();
-        self.with(task, |s| *s.arrivals.entry(second).or_default() += 1);
+        self.with(task, |s| {
+            *s.arrivals.entry(second).or_default() += 1;
+            if let Some(b) = budget_ms {
+                s.min_budget_ms = Some(s.min_budget_ms.map_or(b, |m| m.min(b)));
+            }
+        });
     }
 
     pub fn outcome(&self, task: &str, outcome: Outcome) {
@@ -99,6 +108,7 @@ impl Telemetry {
                 latency_p50_ms: q(0.50),
                 latency_p95_ms: q(0.95),
                 latency_p99_ms: q(0.99),
+                min_budget_ms: s.min_budget_ms.take().map_or(0.0, f64::from),
             });
             s.served = 0;
             s.errors = 0;
@@ -129,6 +139,9 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
                 old.latency_p50_ms = old.latency_p50_ms.max(t.latency_p50_ms);
                 old.latency_p95_ms = old.latency_p95_ms.max(t.latency_p95_ms);
                 old.latency_p99_ms = old.latency_p99_ms.max(t.latency_p99_ms);
+                if t.min_budget_ms > 0.0 && (old.min_budget_ms <= 0.0 || t.min_budget_ms < old.min_budget_ms) {
+                    old.min_budget_ms = t.min_budget_ms;
+                }
             }
             None => {
                 by_task.insert(t.task.clone(), t);
@@ -146,10 +159,10 @@ mod tests {
     fn a_report_counts_whole_seconds_including_idle_ones_and_resets() {
         let t0 = Instant::now();
         let t = Telemetry::new(t0);
-        t.arrival("r", t0);
-        t.arrival("r", t0 + Duration::from_millis(500));
-        t.arrival("r", t0 + Duration::from_millis(2100));
-        t.arrival("r", t0 + Duration::from_millis(3100)); // the current second: not yet complete
+        t.arrival("r", t0, None);
+        t.arrival("r", t0 + Duration::from_millis(500), Some(120));
+        t.arrival("r", t0 + Duration::from_millis(2100), Some(80));
+        t.arrival("r", t0 + Duration::from_millis(3100), None); // the current second: not yet complete
         t.outcome("r", Outcome::Served(Duration::from_millis(10)));
         t.outcome("r", Outcome::DeadlineMissed);
         let report = t.drain(t0 + Duration::from_millis(3500));
@@ -157,8 +170,10 @@ mod tests {
         assert_eq!(report[0].served, 1);
         assert_eq!(report[0].deadline_misses, 1);
         assert!((report[0].latency_p99_ms - 10.0).abs() < 0.1);
+        assert_eq!(report[0].min_budget_ms, 80.0, "the least budget of the report");
         let next = t.drain(t0 + Duration::from_millis(4500));
         assert_eq!(next[0].arrivals_per_second, vec![1]);
+        assert_eq!(next[0].min_budget_ms, 0.0, "no request carried a budget");
         assert_eq!(next[0].served, 0);
     }
 

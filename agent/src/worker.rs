@@ -151,6 +151,8 @@ pub struct BatchSettings {
 pub struct WorkerSpec {
     pub id: String,
     pub task: String,
+    /// Which replica of (task, variant) on this node.
+    pub replica: u32,
     pub variant: tidal_proto::v1::VariantSpec,
     pub model_path: PathBuf,
 }
@@ -229,6 +231,7 @@ impl Worker {
     pub fn resize(&self, millicores: u32) -> Result<(), CgroupError> {
         self.cgroup.set_millicores(millicores)?;
         self.millicores.store(millicores, Ordering::Relaxed);
+        self.queue.forget_estimate();
         Ok(())
     }
 
@@ -341,7 +344,11 @@ impl BatcherCtx {
             }
             let started = Instant::now();
             match proc.run(shape, data).await {
-                Ok(result) if result.error.is_empty() => reply_batch(batch, result, started),
+                Ok(result) if result.error.is_empty() => {
+                    let done = Instant::now();
+                    self.queue.record_batch(size, done.saturating_duration_since(started), done);
+                    reply_batch(batch, result, started)
+                }
                 Ok(result) => {
                     for p in batch {
                         let _ = p.reply.send(Err(ServeError::Model(result.error.clone())));

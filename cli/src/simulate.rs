@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use tidal_common::forecast::{Ewma, Forecaster, Holt, LastValue, PeakWindow};
+use tidal_common::adapt::AdaptConfig;
+use tidal_common::forecast::{Ewma, Forecaster, Holt, LastValue};
 use tidal_common::latency::LatencyModel;
 use tidal_common::profile::load_tfserving_csv;
 use tidal_common::sim::{simulate, SimConfig, SimReport, SimVariant};
@@ -36,7 +37,7 @@ pub struct SimulateOpts {
     #[arg(long, default_value_t = 48)]
     pub cores: u32,
     /// Seconds between adaptation rounds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = AdaptConfig::default().interval_s as usize)]
     pub interval: usize,
     /// Latency SLO (p99), ms.
     #[arg(long, default_value_t = 750)]
@@ -55,14 +56,17 @@ pub struct SimulateOpts {
     /// Forecaster: peak-window (default), last, ewma, holt.
     #[arg(long, default_value = "peak-window")]
     pub forecaster: String,
-    /// Seconds of history the forecaster sees.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds of history the forecaster sees (the controller's --forecast-window-s).
+    #[arg(long, default_value_t = AdaptConfig::default().lookback_s)]
     pub lookback_s: usize,
+    /// Headroom of the peak-window forecaster (the controller's --headroom).
+    #[arg(long, default_value_t = AdaptConfig::default().headroom)]
+    pub headroom: f64,
     /// Rounds a lower forecast must hold before a plan is sized down (InfAdapter: 4).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = AdaptConfig::default().scale_down_after)]
     pub scale_down_after: u32,
     /// Share of a profiled throughput a worker is planned to carry.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = AdaptConfig::default().model.utilisation)]
     pub utilisation: f64,
     /// Objective weight of the traffic-weighted accuracy (per 100 %).
     #[arg(long, default_value_t = 1.0)]
@@ -170,6 +174,9 @@ fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
     if !(opts.utilisation > 0.0 && opts.utilisation <= 1.0) {
         bail!("--utilisation must be in (0, 1]");
     }
+    if !(opts.headroom.is_finite() && opts.headroom >= 1.0) {
+        bail!("--headroom must be a number ≥ 1");
+    }
     Ok(())
 }
 
@@ -179,22 +186,27 @@ fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
         None => None,
     };
     Ok(SimConfig {
+        adapt: AdaptConfig {
+            policy: PolicyKind::Tidal,
+            model: LatencyModel { utilisation: opts.utilisation },
+            weights: Weights { alpha: opts.alpha, beta: opts.beta, gamma: opts.gamma, delta: opts.delta },
+            limits: Limits { max_batch: opts.max_batch.max(1), max_replicas: opts.max_replicas.max(1) },
+            interval_s: opts.interval.max(1) as f64,
+            lookback_s: opts.lookback_s.max(1),
+            headroom: opts.headroom,
+            scale_down_after: opts.scale_down_after.max(1),
+            reserve_cores: 0,
+        },
         slo_ms: opts.slo_ms as f64,
-        interval_s: opts.interval,
         core_budget: opts.cores,
-        weights: Weights { alpha: opts.alpha, beta: opts.beta, gamma: opts.gamma, delta: opts.delta },
-        model: LatencyModel { utilisation: opts.utilisation },
-        limits: Limits { max_batch: opts.max_batch.max(1), max_replicas: opts.max_replicas.max(1) },
-        scale_down_after: opts.scale_down_after.max(1),
-        lookback_s: opts.lookback_s.max(1),
         seed: opts.seed,
         slo_fractions,
     })
 }
 
-fn forecaster(name: &str, interval: usize) -> anyhow::Result<Box<dyn Forecaster>> {
+fn forecaster(name: &str, cfg: &AdaptConfig) -> anyhow::Result<Box<dyn Forecaster>> {
     Ok(match name {
-        "peak-window" => Box::new(PeakWindow { window_s: 2 * interval, headroom: 1.1 }),
+        "peak-window" => Box::new(cfg.forecaster()),
         "last" => Box::new(LastValue),
         "ewma" => Box::new(Ewma { alpha: 0.5 }),
         "holt" => Box::new(Holt { alpha: 0.5, beta: 0.3 }),
@@ -211,7 +223,7 @@ fn run_all(
     opts: &SimulateOpts,
     cfg: &SimConfig,
 ) -> anyhow::Result<Vec<SimReport>> {
-    forecaster(&opts.forecaster, opts.interval)?;
+    forecaster(&opts.forecaster, &cfg.adapt)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut reports: Vec<Option<SimReport>> = vec![None; policies.len()];
     let started = Instant::now();
@@ -220,10 +232,13 @@ fn run_all(
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|&i| {
-                    let policy = &policies[i];
+                    let cfg = SimConfig {
+                        adapt: AdaptConfig { policy: policies[i].clone(), ..cfg.adapt.clone() },
+                        ..cfg.clone()
+                    };
                     s.spawn(move || {
-                        let f = forecaster(&opts.forecaster, opts.interval).expect("checked above");
-                        (i, simulate(rates, warmup, variants, policy, f.as_ref(), cfg))
+                        let f = forecaster(&opts.forecaster, &cfg.adapt).expect("checked above");
+                        (i, simulate(rates, warmup, variants, f, &cfg))
                     })
                 })
                 .collect();

@@ -5,12 +5,14 @@
 //! tests call the very same functions. `logging` and `metrics_http` are the daemons' shared
 //! edges.
 
+pub mod adapt;
 pub mod forecast;
 pub mod latency;
 pub mod logging;
 pub mod metrics_http;
 pub mod plan;
 pub mod profile;
+pub mod reconcile;
 pub mod resnet;
 pub mod sim;
 pub mod solver;

@@ -17,8 +17,8 @@ pub enum PlanError {
     BadAssignment { index: usize, reason: String },
     #[error("task {0:?} is assigned workers but is not defined in the plan")]
     UnknownTask(String),
-    #[error("variant {variant:?} of task {task:?} is assigned twice to node {node:?}")]
-    Duplicate { task: String, variant: String, node: String },
+    #[error("replica {replica} of variant {variant:?} of task {task:?} is assigned twice to node {node:?}")]
+    Duplicate { task: String, variant: String, replica: u32, node: String },
     #[error("node {node:?} is asked for {asked} millicores but has {has}")]
     OverCommitted { node: String, asked: u32, has: u32 },
 }
@@ -35,8 +35,8 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
             return Err(PlanError::UnknownTask(a.task.clone()));
         }
         let variant = a.variant.as_ref().map(|v| v.name.clone()).unwrap_or_default();
-        if !seen.insert((a.task.clone(), variant.clone())) {
-            return Err(PlanError::Duplicate { task: a.task.clone(), variant, node: node.into() });
+        if !seen.insert((a.task.clone(), variant.clone(), a.replica)) {
+            return Err(PlanError::Duplicate { task: a.task.clone(), variant, replica: a.replica, node: node.into() });
         }
         total = total.saturating_add(a.millicores);
     }
@@ -77,7 +77,7 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
 
 #[derive(Debug, Error, PartialEq)]
 #[error(
-    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free that does not already run its variant ({free:?} free)"
+    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)"
 )]
 pub struct PlacementError {
     pub cores: u32,
@@ -85,8 +85,8 @@ pub struct PlacementError {
 }
 
 /// Places workers (their core counts, in order) onto nodes (their free cores), largest worker
-/// first. Workers of one group (replicas of a variant) go to different nodes: an agent runs
-/// one worker per variant, and spreading them survives the loss of a node. A worker stays on a
+/// first. Replicas of a variant (one group) are spread over nodes where they can be, which
+/// survives the loss of a node, but share one when nothing else has room. A worker stays on a
 /// node where its group already runs (`current[i]`) if it can — a move costs a model load —
 /// and otherwise goes to the node with the most free cores. Returns a node index per worker.
 pub fn place<G: PartialEq>(
@@ -102,10 +102,10 @@ pub fn place<G: PartialEq>(
     for i in order {
         let cores = workers[i];
         let taken = |n: usize| (0..workers.len()).any(|j| placed[j] == Some(n) && groups.get(j) == groups.get(i));
-        let fits = |n: usize| free.get(n).is_some_and(|&f| f >= cores) && !taken(n);
-        let stay = current.get(i).and_then(|nodes| nodes.iter().copied().find(|&n| fits(n)));
-        let node =
-            stay.or_else(|| (0..free.len()).filter(|&n| fits(n)).max_by_key(|&n| (free[n], std::cmp::Reverse(n))));
+        let runs_there = |n: usize| current.get(i).is_some_and(|nodes| nodes.contains(&n));
+        let node = (0..free.len())
+            .filter(|&n| free[n] >= cores)
+            .max_by_key(|&n| (!taken(n), runs_there(n), free[n], std::cmp::Reverse(n)));
         let Some(node) = node else {
             return Err(PlacementError { cores, free });
         };
@@ -134,6 +134,7 @@ mod tests {
             max_batch: 4,
             max_delay_ms: 5,
             weight: 0.5,
+            replica: 0,
         }
     }
 
@@ -163,6 +164,9 @@ mod tests {
         assert!(matches!(validate_for_node(&plan(vec![bad]), "n1", 2000), Err(PlanError::BadAssignment { .. })));
         let p = plan(vec![assignment("a", 1000), assignment("a", 500)]);
         assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::Duplicate { .. })));
+        let mut second = assignment("a", 500);
+        second.replica = 1;
+        assert_eq!(validate_for_node(&plan(vec![assignment("a", 1000), second]), "n1", 2000), Ok(()));
         let p = plan(vec![assignment("a", 1500), assignment("b", 1000)]);
         assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::OverCommitted { .. })));
         let mut p = plan(vec![assignment("a", 1000)]);
@@ -183,7 +187,8 @@ mod tests {
         assert_eq!(place(&[1, 1], &["a", "a"], &[vec![], vec![]], &[4, 2]), Ok(vec![0, 1]));
         // Both replicas stay where they run.
         assert_eq!(place(&[1, 1], &["a", "a"], &[vec![1, 2], vec![1, 2]], &[4, 2, 2]), Ok(vec![1, 2]));
-        // Two replicas, one node: it does not fit.
-        assert!(place(&[1, 1], &["a", "a"], &[vec![], vec![]], &[4]).is_err());
+        // Two replicas, one node: they share it.
+        assert_eq!(place(&[1, 1], &["a", "a"], &[vec![], vec![]], &[4]), Ok(vec![0, 0]));
+        assert!(place(&[3, 2], &["a", "a"], &[vec![], vec![]], &[4]).is_err());
     }
 }

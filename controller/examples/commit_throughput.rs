@@ -30,6 +30,7 @@ fn plan(epoch: u64, term: u64) -> Command {
             max_batch: 8,
             max_delay_ms: 12,
             weight: 1.0 / 16.0,
+            replica: 0,
         })
         .collect();
     let task = TaskSpec { name: "classify".into(), slo_ms: 750, variants: vec![variant] };

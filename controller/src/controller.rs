@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tidal_common::forecast::{Forecaster, ScaleDownStabiliser};
+use tidal_common::adapt::{AdaptConfig, Adapter};
 use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan};
 use tokio::sync::Notify;
@@ -16,17 +16,19 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::consensus::{ProposeError, RaftHandle};
 use crate::metrics::{ControllerMetrics, TaskLabels};
 use crate::observed::Observed;
-use crate::planner::{next_plan, same_assignments, PlannerConfig};
+use crate::planner;
 
 pub struct ControllerConfig {
-    pub interval: Duration,
-    pub planner: PlannerConfig,
-    /// Seconds of arrival history the forecaster sees.
-    pub forecast_window_s: u64,
-    /// Adaptation rounds the forecast must stay lower before a plan is sized down.
-    pub scale_down_after: u32,
+    /// The adaptation round's settings (policy, interval, forecaster, stabiliser, weights).
+    pub adapt: AdaptConfig,
     /// Address of this replica's API, shown to clients.
     pub advertise: String,
+}
+
+impl ControllerConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.adapt.interval_s.max(0.001))
+    }
 }
 
 pub struct Controller {
@@ -34,39 +36,31 @@ pub struct Controller {
     pub cfg: ControllerConfig,
     pub observed: Mutex<Observed>,
     pub metrics: ControllerMetrics,
-    forecaster: Box<dyn Forecaster>,
+    /// The adaptation core this leader drives; reset when it takes over.
+    adapter: Mutex<Adapter>,
     /// Wakes the adaptation loop early (a task, profile, SLO or node changed).
     pub replan: Notify,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
-    last_surge: Mutex<Option<Instant>>,
-    /// Per task: the hysteresis between forecasts and the rate planned for.
-    stabilisers: Mutex<BTreeMap<String, ScaleDownStabiliser>>,
 }
 
-/// Seconds of arrivals a surge is judged on, and the least time between two surge re-plans.
-const SURGE_WINDOW_S: u64 = tidal_common::forecast::SURGE_WINDOW_S as u64;
-const SURGE_COOLDOWN: Duration = Duration::from_secs(3);
-
 impl Controller {
-    pub fn new(
-        raft: RaftHandle,
-        cfg: ControllerConfig,
-        forecaster: Box<dyn Forecaster>,
-        metrics: ControllerMetrics,
-    ) -> Arc<Self> {
+    pub fn new(raft: RaftHandle, cfg: ControllerConfig, metrics: ControllerMetrics) -> Arc<Self> {
+        let adapter = Adapter::with_defaults(cfg.adapt.clone());
         Arc::new(Self {
             raft,
             cfg,
             observed: Mutex::new(Observed::new(Instant::now())),
             metrics,
-            forecaster,
+            adapter: Mutex::new(adapter),
             replan: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
-            last_surge: Mutex::new(None),
-            stabilisers: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    fn adapter<R>(&self, f: impl FnOnce(&mut Adapter) -> R) -> R {
+        f(&mut self.adapter.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn observed<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
@@ -108,7 +102,7 @@ impl Controller {
         }
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.interval) => {}
+                _ = tokio::time::sleep(self.cfg.interval()) => {}
                 _ = self.replan.notified() => {
                     // Let a burst of changes (e.g. five profiles) settle into one plan.
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -132,15 +126,7 @@ impl Controller {
             *o = Observed::new(Instant::now());
             o.forecasts = planned.clone();
         });
-        {
-            let mut stabilisers = self.stabilisers.lock().unwrap_or_else(|p| p.into_inner());
-            stabilisers.clear();
-            for (task, rate) in &planned {
-                let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after);
-                s.next(*rate);
-                stabilisers.insert(task.clone(), s);
-            }
-        }
+        self.adapter(|a| a.resume(&planned));
         let Some(current) = current else {
             info!(term, "leading; no plan committed yet");
             self.adapt_once(term).await?;
@@ -167,38 +153,22 @@ impl Controller {
     pub async fn adapt_once(&self, term: u64) -> Result<Option<Plan>, ProposeError> {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
-        let forecasts: BTreeMap<String, f64> = self.observed(|o| {
-            let mut stabilisers = self.stabilisers.lock().unwrap_or_else(|p| p.into_inner());
-            stabilisers.retain(|t, _| state.tasks.contains_key(t));
-            let f: BTreeMap<String, f64> = state
-                .tasks
-                .keys()
-                .map(|t| {
-                    let history = o.history(t, now, self.cfg.forecast_window_s);
-                    let forecast = self.forecaster.forecast(&history, self.cfg.interval.as_secs() as usize);
-                    let stabiliser = stabilisers
-                        .entry(t.clone())
-                        .or_insert_with(|| ScaleDownStabiliser::new(self.cfg.scale_down_after));
-                    (t.clone(), stabiliser.next(forecast))
-                })
-                .collect();
-            o.forecasts = f.clone();
-            f
+        let round = self.observed(|o| {
+            let round = self.adapter(|a| planner::plan_round(a, &state, o, now));
+            o.forecasts = round.tasks.iter().map(|(t, r)| (t.clone(), r.planned_rps)).collect();
+            round
         });
-        for (task, f) in &forecasts {
-            self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(*f);
+        for (task, r) in &round.tasks {
+            self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(r.forecast_rps);
         }
-        let mut plan = next_plan(&state, &forecasts, &self.cfg.planner, state.plan_epoch() + 1, term);
-        plan.planned_rps = forecasts.clone().into_iter().collect();
         self.metrics.adaptation_seconds.observe(now.elapsed().as_secs_f64());
-        if let Some(current) = &state.plan {
-            // A plan with the same workers is not committed again, unless an agent moved (the
-            // agents route to each other by these addresses).
-            if same_assignments(current, &plan) && current.node_addresses == plan.node_addresses {
+        if !round.changed {
+            if let Some(current) = &state.plan {
                 self.push_to_lagging(current);
-                return Ok(state.plan.clone());
             }
+            return Ok(state.plan.clone());
         }
+        let plan = Plan { epoch: state.plan_epoch() + 1, term, ..round.plan };
         for note in &plan.notes {
             info!(epoch = plan.epoch, "{note}");
         }
@@ -209,22 +179,24 @@ impl Controller {
         Ok(Some(plan))
     }
 
-    /// Re-plans at once, without waiting for the interval, when a task's arrivals over the
-    /// last seconds exceed the rate its plan was sized for: a burst that the forecast missed
-    /// should cost seconds of overload, not a whole interval.
+    /// Re-plans at once, without waiting for the interval, when the policy reacts to surges
+    /// and a task's arrivals over the last seconds exceed the rate its plan was sized for: a
+    /// burst that the forecast missed should cost seconds of overload, not a whole interval.
     pub fn check_surge(&self, now: Instant) {
         if !self.raft.status().is_leader {
             return;
         }
-        let surging = self.observed(|o| o.surge(now, SURGE_WINDOW_S));
-        let Some((task, rate, planned)) = surging else { return };
-        let mut last = self.last_surge.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < SURGE_COOLDOWN) {
-            return;
+        let tasks: Vec<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
+        let surge = self.observed(|o| self.adapter(|a| planner::surge(a, &tasks, o, now)));
+        if let Some(s) = surge {
+            info!(
+                task = s.task,
+                rate = s.rate_rps,
+                planned = s.planned_rps,
+                "arrivals exceed the planned rate; re-planning now"
+            );
+            self.replan.notify_one();
         }
-        *last = Some(now);
-        info!(task, rate, planned, "arrivals exceed the planned rate; re-planning now");
-        self.replan.notify_one();
     }
 
     /// Refreshes the gauges that follow state rather than events.
@@ -315,7 +287,8 @@ impl Controller {
             let mut client = client;
             let req = tonic::Request::new(ApplyPlanRequest { plan: Some(plan) });
             match tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await {
-                Ok(Ok(_)) => info!(node, epoch, "agent applied the plan"),
+                Ok(Ok(r)) if r.get_ref().held.is_empty() => info!(node, epoch, "agent applied the plan"),
+                Ok(Ok(r)) => warn!(node, epoch, held = ?r.get_ref().held, "agent applied the plan but held tasks"),
                 Ok(Err(status)) => warn!(node, epoch, %status, "agent refused the plan"),
                 Err(_) => warn!(node, epoch, "agent did not answer the plan within 10 s"),
             }

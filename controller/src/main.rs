@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tidal_common::forecast::PeakWindow;
+use tidal_common::adapt::AdaptConfig;
 use tidal_common::latency::LatencyModel;
 use tidal_common::solver::{Limits, PolicyKind, Weights};
 use tidal_controller::consensus::{start, RaftConfig};
 use tidal_controller::controller::{Controller, ControllerConfig};
-use tidal_controller::planner::PlannerConfig;
 use tidal_controller::service::ControllerService;
 use tidal_controller::transport::{AddressBook, RaftService};
 use tidal_proto::v1::controller_server::ControllerServer;
@@ -35,16 +34,16 @@ struct Args {
     #[arg(long, default_value = "tidal-controller-data")]
     data_dir: PathBuf,
     /// Seconds between adaptation rounds.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = AdaptConfig::default().interval_s)]
     interval_s: f64,
     /// Seconds of arrival history the forecaster looks at.
-    #[arg(long, default_value_t = 60)]
-    forecast_window_s: u64,
+    #[arg(long, default_value_t = AdaptConfig::default().lookback_s)]
+    forecast_window_s: usize,
     /// Adaptation rounds the forecast must stay lower before a plan is sized down (1: at once).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = AdaptConfig::default().scale_down_after)]
     scale_down_after: u32,
     /// Factor the forecast peak is raised by before solving.
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = AdaptConfig::default().headroom)]
     headroom: f64,
     /// Planning policy: tidal (variant mix, vertical and horizontal scaling, batching) or one
     /// of the research systems and baselines it is compared with.
@@ -66,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_batch: u32,
     /// Share of a profiled throughput a worker is planned to carry.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = AdaptConfig::default().model.utilisation)]
     utilisation: f64,
     /// Cores per node kept free of workers.
     #[arg(long, default_value_t = 0)]
@@ -143,23 +142,23 @@ async fn main() -> anyhow::Result<()> {
     let raft = start(raft_cfg, &args.data_dir)
         .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;
     let cfg = ControllerConfig {
-        interval: Duration::from_secs_f64(args.interval_s),
-        planner: PlannerConfig {
+        adapt: AdaptConfig {
             policy: args.policy,
             model: LatencyModel { utilisation: args.utilisation },
             weights: Weights { alpha: args.alpha, beta: args.beta, gamma: args.gamma, delta: args.delta },
             limits: Limits { max_batch: args.max_batch.clamp(1, tidal_common::plan::MAX_BATCH), ..Limits::default() },
+            interval_s: args.interval_s,
+            lookback_s: args.forecast_window_s.max(1),
+            headroom: args.headroom,
+            scale_down_after: args.scale_down_after.max(1),
             reserve_cores: args.reserve_cores,
         },
-        forecast_window_s: args.forecast_window_s,
-        scale_down_after: args.scale_down_after.max(1),
         advertise,
     };
-    let forecaster = PeakWindow { window_s: args.forecast_window_s as usize, headroom: args.headroom };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
     let raft_service = RaftService::server(raft.clone());
-    let ctl = Controller::new(raft, cfg, Box::new(forecaster), metrics);
+    let ctl = Controller::new(raft, cfg, metrics);
     if let Some(addr) = args.metrics_listen {
         tidal_common::metrics_http::spawn(addr, registry);
         let ctl = ctl.clone();

@@ -1,6 +1,7 @@
 //! What the leader has observed from the agents' telemetry: arrivals per second per task
-//! (summed over nodes), the latest report of each node, and cumulative outcome counts. Not
-//! replicated: a new leader rebuilds it from the next reports.
+//! (summed over nodes), the smallest latency budget requests arrived with, the latest report
+//! of each node, and cumulative outcome counts. Not replicated: a new leader rebuilds it from
+//! the next reports.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -13,6 +14,8 @@ pub const HISTORY_S: u64 = 3600;
 pub struct Observed {
     started: Instant,
     arrivals: HashMap<String, BTreeMap<u64, f64>>,
+    /// Per task and second of a report, the smallest budget a request carried, ms.
+    budgets: HashMap<String, BTreeMap<u64, f64>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
     pub forecasts: BTreeMap<String, f64>,
@@ -23,6 +26,7 @@ impl Observed {
         Self {
             started,
             arrivals: HashMap::new(),
+            budgets: HashMap::new(),
             reports: BTreeMap::new(),
             totals: HashMap::new(),
             forecasts: BTreeMap::new(),
@@ -31,6 +35,11 @@ impl Observed {
 
     fn second(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// Seconds since observation started: the adaptation core's clock.
+    pub fn seconds(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.started).as_secs_f64()
     }
 
     /// Records a report received at `now`: its k per-second arrival counts are the k whole
@@ -46,6 +55,14 @@ impl Observed {
             }
             while series.first_key_value().is_some_and(|(&s, _)| s + HISTORY_S < current) {
                 series.pop_first();
+            }
+            if t.min_budget_ms > 0.0 && t.min_budget_ms.is_finite() {
+                let budgets = self.budgets.entry(t.task.clone()).or_default();
+                let least = budgets.entry(current).or_insert(f64::INFINITY);
+                *least = least.min(t.min_budget_ms);
+                while budgets.first_key_value().is_some_and(|(&s, _)| s + HISTORY_S < current) {
+                    budgets.pop_first();
+                }
             }
             let totals = self.totals.entry(t.task.clone()).or_default();
             totals.0 += t.served;
@@ -73,15 +90,13 @@ impl Observed {
         }
     }
 
-    /// The first task whose mean arrival rate over the last `window_s` seconds exceeds the
-    /// rate its plan was sized for (the last forecast): (task, rate, planned).
-    pub fn surge(&self, now: Instant, window_s: u64) -> Option<(String, f64, f64)> {
-        self.forecasts.iter().find_map(|(task, &planned)| {
-            let history = self.history(task, now, window_s);
-            let rate = history.iter().sum::<f64>() / history.len().max(1) as f64;
-            tidal_common::forecast::is_surge(&history, planned, window_s as usize)
-                .then(|| (task.clone(), rate, planned))
-        })
+    /// The smallest latency budget a request of `task` arrived with in the last `window_s`
+    /// seconds, ms; `None` when none carried one.
+    pub fn min_budget(&self, task: &str, now: Instant, window_s: u64) -> Option<f64> {
+        // A report received in second k carries the seconds before k.
+        let from = self.second(now).saturating_sub(window_s.saturating_sub(1));
+        let least = self.budgets.get(task)?.range(from..).map(|(_, &b)| b).fold(f64::INFINITY, f64::min);
+        least.is_finite().then_some(least)
     }
 
     /// The worst p99 latency any node reported for `task` in its latest report.
@@ -122,15 +137,19 @@ mod tests {
     }
 
     #[test]
-    fn a_surge_is_arrivals_above_the_planned_rate() {
+    fn the_least_budget_of_the_window_is_kept() {
         let t0 = Instant::now();
         let mut o = Observed::new(t0);
-        let now = t0 + Duration::from_secs(10);
-        o.record(report("a", vec![40, 60]), now);
-        assert_eq!(o.surge(now, 2), None, "no plan sized yet");
-        o.forecasts.insert("t".into(), 55.0);
-        assert_eq!(o.surge(now, 2), None, "a mean of 50 is within 55");
-        o.forecasts.insert("t".into(), 45.0);
-        assert_eq!(o.surge(now, 2), Some(("t".into(), 50.0, 45.0)));
+        let mut r = report("a", vec![1]);
+        r.tasks[0].min_budget_ms = 80.0;
+        o.record(r.clone(), t0 + Duration::from_secs(5));
+        r.tasks[0].min_budget_ms = 120.0;
+        o.record(r.clone(), t0 + Duration::from_secs(20));
+        r.tasks[0].min_budget_ms = 0.0; // none carried a budget
+        o.record(r, t0 + Duration::from_secs(21));
+        assert_eq!(o.min_budget("t", t0 + Duration::from_secs(21), 30), Some(80.0));
+        assert_eq!(o.min_budget("t", t0 + Duration::from_secs(21), 10), Some(120.0));
+        assert_eq!(o.min_budget("t", t0 + Duration::from_secs(60), 10), None);
+        assert_eq!(o.min_budget("other", t0, 10), None);
     }
 }

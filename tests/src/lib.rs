@@ -229,6 +229,7 @@ pub fn plan_for(
             max_batch: *batch,
             max_delay_ms: if *batch > 1 { 5 } else { 0 },
             weight: 1.0 / workers.len() as f64,
+            replica: 0,
         })
         .collect();
     Plan {

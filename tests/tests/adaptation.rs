@@ -86,7 +86,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
         async move {
             let s = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner();
             let plan = s.plan?;
-            (variants(&plan) == ["resnet50"] && plan.notes.iter().any(|n| n.contains("forecast"))).then_some(plan)
+            (variants(&plan) == ["resnet50"] && plan.notes.iter().any(|n| n.contains("planned"))).then_some(plan)
         }
     })
     .await;

@@ -68,19 +68,26 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     let mut bad = plan.clone();
     bad.assignments[0].millicores = 64_000;
     assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
-    let mut bad = plan.clone();
-    bad.assignments[0].variant.as_mut().unwrap().model_file = "missing.onnx".into();
-    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
     assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: None }).await), Some(Code::InvalidArgument));
     let mut stale = plan.clone();
     stale.epoch = 4;
     assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(stale) }).await), Some(Code::FailedPrecondition));
+    let status = agent.status(AgentStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.applied_epoch, 5);
 
-    // Still serving, with the last good plan.
+    // A model file missing here holds the task at what runs, and says so.
+    let mut missing = plan.clone();
+    missing.assignments[0].variant.as_mut().unwrap().model_file = "missing.onnx".into();
+    let applied = agent.apply_plan(ApplyPlanRequest { plan: Some(missing) }).await.unwrap().into_inner();
+    assert_eq!(applied.applied_epoch, 6);
+    assert!(applied.held.iter().any(|h| h.starts_with("classify:") && h.contains("missing.onnx")), "{applied:?}");
+
+    // Still serving, with the last good workers.
     let r = infer.infer(call("classify", Some(sample(&shape)))).await.unwrap().into_inner();
     assert_eq!(r.variant, "resnet18");
     let status = agent.status(AgentStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.applied_epoch, 5);
+    assert_eq!(status.workers.len(), 1);
+    assert!(status.workers[0].ready);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

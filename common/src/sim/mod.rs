@@ -1,12 +1,14 @@
 //! A discrete-event simulator that replays a request-rate trace against a policy.
 //!
-//! Arrivals are a Poisson process within each second of the trace. Every interval the real
-//! forecaster, scale-down stabiliser and solver decide a plan, exactly as the controller does;
-//! the plan's workers have deadline-ordered queues, the agent's dynamic batcher, and batch
-//! latencies drawn from the profile (between its p50 and a tail that reaches its p99 once in a
-//! hundred batches). Plan changes cost what they cost on the real system: a new variant or
-//! replica serves only after its model load; a policy that resizes in place changes a worker's
-//! cores at once, one that does not (blue-green) starts a new worker and retires the old one
+//! Arrivals are a Poisson process within each second of the trace. The plans come from the
+//! adaptation core ([`crate::adapt`]) that the controller drives too: the simulator is one of
+//! its two drivers ([`SimPlanner`]), on a single node of `core_budget` cores. The plan's
+//! workers follow the agent's own reconcile ([`crate::reconcile::diff`]) and have
+//! deadline-ordered queues, the agent's dynamic batcher, and batch latencies drawn from the
+//! profile (between its p50 and a tail that reaches its p99 once in a hundred batches). Plan
+//! changes cost what they cost on the real system: a new worker serves only after its model
+//! load; an in-place policy grows a worker's cores at once and shrinks them once the task's new
+//! workers serve; a blue-green one starts a worker of the new shape and retires the old one
 //! when it is ready, paying for both meanwhile; a worker leaving the plan keeps serving until
 //! its successors are ready, then drains its queue. Deterministic for a seed.
 
@@ -21,10 +23,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tidal_proto::v1::ProfilePoint;
 
-use crate::forecast::{is_surge, Forecaster, ScaleDownStabiliser, SURGE_WINDOW_S};
-use crate::latency::LatencyModel;
+use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
+
+use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Surge, TaskInput};
+use crate::forecast::Forecaster;
 use crate::profile::ProfileGrid;
-use crate::solver::{solve, Limits, PolicyKind, Problem, Solution, Stage, Variant, Weights};
+use crate::reconcile::{desired_on, diff, Action, RunningWorker, WorkerKey, WorkerShape};
 use worker::{Next, Request, Resize, SimWorker};
 
 /// A variant as the simulator knows it.
@@ -39,16 +43,10 @@ pub struct SimVariant {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
+    /// The adaptation round's settings, policy included, as the controller takes them.
+    pub adapt: AdaptConfig,
     pub slo_ms: f64,
-    pub interval_s: usize,
     pub core_budget: u32,
-    pub weights: Weights,
-    pub model: LatencyModel,
-    pub limits: Limits,
-    /// Rounds a lower forecast must hold before a plan is sized down.
-    pub scale_down_after: u32,
-    /// Seconds of history the forecaster sees.
-    pub lookback_s: usize,
     pub seed: u64,
     /// Per second of the trace (cycled), the share of the SLO left for inference once the
     /// request has crossed the network (dynamic SLOs); `None`: all of it.
@@ -104,18 +102,16 @@ pub fn simulate(
     rates: &[f64],
     warmup: &[f64],
     variants: &[SimVariant],
-    policy: &PolicyKind,
-    forecaster: &dyn Forecaster,
+    forecaster: Box<dyn Forecaster>,
     cfg: &SimConfig,
 ) -> SimReport {
-    let mut sim = Sim::new(variants, policy, cfg, warmup);
-    let interval = cfg.interval_s.max(1);
-    let surges = policy.space(&cfg.limits).reacts_to_surges;
+    let mut sim = Sim::new(variants, cfg, warmup, forecaster);
+    let interval = (cfg.adapt.interval_s.round() as usize).max(1);
     for (second, &rate) in rates.iter().enumerate() {
         let t0 = second as f64;
         if second % interval == 0 {
             sim.close_interval(second);
-            sim.replan(t0, forecaster);
+            sim.replan(t0);
         }
         let arrivals = poisson_arrivals(&mut sim.rng, t0, rate.max(0.0));
         for &a in &arrivals {
@@ -126,19 +122,78 @@ pub fn simulate(
         sim.history.push(arrivals.len() as f64);
         sim.current.arrivals += arrivals.len() as u64;
         sim.account_cores(t0 + 1.0);
-        if surges
-            && t0 + 1.0 >= sim.last_surge + SURGE_COOLDOWN_S
-            && is_surge(&sim.history, sim.planned, SURGE_WINDOW_S)
-        {
-            sim.last_surge = t0 + 1.0;
+        if sim.planner.surge(t0 + 1.0, &sim.history).is_some() {
             sim.surges += 1;
-            sim.replan(t0 + 1.0, forecaster);
+            sim.replan(t0 + 1.0);
         }
     }
     // Let queued work finish (it is still counted), with no new arrivals.
     sim.run_events_until(f64::INFINITY);
     sim.close_interval(rates.len());
+    let policy = cfg.adapt.policy.to_string();
     sim.report(policy, rates.len())
+}
+
+/// The simulator's driver of the adaptation core: one task, named [`SimPlanner::TASK`], on one
+/// node, [`SimPlanner::NODE`], of `core_budget` cores. The controller drives the same core
+/// from its replicated state and the agents' telemetry.
+pub struct SimPlanner {
+    adapter: Adapter,
+    spec: TaskSpec,
+    profiles: Vec<(String, Vec<tidal_proto::v1::ProfilePoint>)>,
+    cores: u32,
+    /// The plan in force (epochs count from 1).
+    pub plan: Option<Plan>,
+}
+
+impl SimPlanner {
+    pub const TASK: &'static str = "task";
+    pub const NODE: &'static str = "sim";
+
+    pub fn new(variants: &[SimVariant], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
+        let spec = TaskSpec {
+            name: Self::TASK.into(),
+            slo_ms: slo_ms.round().clamp(1.0, u32::MAX as f64) as u32,
+            variants: variants
+                .iter()
+                .map(|v| VariantSpec {
+                    name: v.name.clone(),
+                    model_file: format!("{}.onnx", v.name),
+                    accuracy: v.accuracy,
+                    input_shape: vec![1],
+                })
+                .collect(),
+        };
+        let profiles = variants.iter().map(|v| (v.name.clone(), v.points.clone())).collect();
+        Self { adapter, spec, profiles, cores: core_budget, plan: None }
+    }
+
+    /// The task as the simulator registers it.
+    pub fn spec(&self) -> &TaskSpec {
+        &self.spec
+    }
+
+    /// One round on the arrivals so far and the smallest budget requests carried; a changed
+    /// plan becomes the plan in force with the next epoch.
+    pub fn round(&mut self, arrivals: &[f64], min_budget_ms: Option<f64>) -> Round {
+        let profiles = self.profiles.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
+        let input = RoundInput {
+            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms, profiles }],
+            nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores }],
+            current: self.plan.as_ref(),
+        };
+        let mut round = self.adapter.round(&input);
+        if round.changed {
+            round.plan.epoch = self.plan.as_ref().map_or(0, |p| p.epoch) + 1;
+            self.plan = Some(round.plan.clone());
+        }
+        round
+    }
+
+    /// Whether arrivals call for a round now (see [`Adapter::surge`]).
+    pub fn surge(&mut self, now_s: f64, arrivals: &[f64]) -> Option<Surge> {
+        self.adapter.surge(now_s, [(Self::TASK, arrivals)])
+    }
 }
 
 /// Arrival times of a Poisson process of `rate` per second within [t0, t0 + 1).
@@ -157,9 +212,6 @@ fn poisson_arrivals(rng: &mut ChaCha8Rng, t0: f64, rate: f64) -> Vec<f64> {
         out.push(t);
     }
 }
-
-/// The least time between two surge re-plans, as in the controller.
-const SURGE_COOLDOWN_S: f64 = 3.0;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Event {
@@ -183,8 +235,8 @@ impl Ord for Event {
 struct Sim<'a> {
     variants: &'a [SimVariant],
     grids: Vec<ProfileGrid>,
-    policy: &'a PolicyKind,
     cfg: &'a SimConfig,
+    planner: SimPlanner,
     rng: ChaCha8Rng,
     workers: Vec<SimWorker>,
     events: BinaryHeap<Reverse<Event>>,
@@ -192,7 +244,6 @@ struct Sim<'a> {
     routes: Vec<(usize, f64)>,
     routes_valid_until: f64,
     history: Vec<f64>,
-    stabiliser: ScaleDownStabiliser,
     expired: Vec<Request>,
     latencies_us: Histogram<u64>,
     requests: u64,
@@ -203,9 +254,6 @@ struct Sim<'a> {
     reconfigurations: u32,
     overloaded: u32,
     failed: u32,
-    /// The rate the current plan was sized for, and surge re-plans so far.
-    planned: f64,
-    last_surge: f64,
     surges: u32,
     current: IntervalStats,
     interval_acc: f64,
@@ -215,12 +263,13 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(variants: &'a [SimVariant], policy: &'a PolicyKind, cfg: &'a SimConfig, warmup: &[f64]) -> Self {
+    fn new(variants: &'a [SimVariant], cfg: &'a SimConfig, warmup: &[f64], forecaster: Box<dyn Forecaster>) -> Self {
+        let adapter = Adapter::new(cfg.adapt.clone(), forecaster);
         Self {
             variants,
             grids: variants.iter().map(|v| ProfileGrid::new(&v.points)).collect(),
-            policy,
             cfg,
+            planner: SimPlanner::new(variants, cfg.slo_ms, cfg.core_budget, adapter),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             workers: Vec::new(),
             events: BinaryHeap::new(),
@@ -228,7 +277,6 @@ impl<'a> Sim<'a> {
             routes: Vec::new(),
             routes_valid_until: f64::NEG_INFINITY,
             history: warmup.to_vec(),
-            stabiliser: ScaleDownStabiliser::new(cfg.scale_down_after.max(1)),
             expired: Vec::new(),
             latencies_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
             requests: 0,
@@ -239,8 +287,6 @@ impl<'a> Sim<'a> {
             reconfigurations: 0,
             overloaded: 0,
             failed: 0,
-            planned: 0.0,
-            last_surge: f64::NEG_INFINITY,
             surges: 0,
             current: empty_interval(0),
             interval_acc: 0.0,
@@ -250,117 +296,123 @@ impl<'a> Sim<'a> {
         }
     }
 
+    fn slo_fraction(&self, second: usize) -> f64 {
+        let f = self.cfg.slo_fractions.as_ref().filter(|f| !f.is_empty());
+        f.map_or(1.0, |f| f[second % f.len()].clamp(0.0, 1.0))
+    }
+
     fn deadline(&self, arrival: f64, second: usize) -> f64 {
-        let fraction = self.cfg.slo_fractions.as_ref().filter(|f| !f.is_empty()).map_or(1.0, |f| f[second % f.len()]);
-        arrival + self.cfg.slo_ms * fraction.clamp(0.0, 1.0) / 1000.0
+        arrival + self.cfg.slo_ms * self.slo_fraction(second) / 1000.0
     }
 
-    /// The largest communication latency of the last interval's requests, in ms.
-    fn comm_latency_ms(&self, second: usize) -> f64 {
-        let Some(f) = self.cfg.slo_fractions.as_ref().filter(|f| !f.is_empty()) else { return 0.0 };
-        let from = second.saturating_sub(self.cfg.interval_s.max(1));
-        let least = (from..second.max(from + 1)).map(|s| f[s % f.len()]).fold(1.0, f64::min);
-        self.cfg.slo_ms * (1.0 - least.clamp(0.0, 1.0))
+    /// The smallest budget requests arrived with over the last interval, ms, as an agent
+    /// reports it (none without dynamic SLOs).
+    fn min_budget_ms(&self, second: usize) -> Option<f64> {
+        self.cfg.slo_fractions.as_ref().filter(|f| !f.is_empty())?;
+        let from = second.saturating_sub((self.cfg.adapt.interval_s.round() as usize).max(1));
+        let least = (from..second.max(from + 1)).map(|s| self.slo_fraction(s)).fold(1.0, f64::min);
+        Some(self.cfg.slo_ms * least)
     }
 
-    fn replan(&mut self, t: f64, forecaster: &dyn Forecaster) {
-        let lookback = &self.history[self.history.len().saturating_sub(self.cfg.lookback_s.max(1))..];
-        let forecast = forecaster.forecast(lookback, self.cfg.interval_s.max(1));
-        let planned = self.stabiliser.next(forecast);
-        self.current.forecast_rps = forecast;
-        self.current.planned_rps = planned;
-        self.planned = planned;
-        let running: Vec<usize> =
-            self.workers.iter().filter(|w| w.retire_at.is_infinite()).map(|w| w.variant).collect();
-        let problem = Problem {
-            stages: vec![Stage {
-                name: "task".into(),
-                variants: self
-                    .variants
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| Variant {
-                        name: v.name.clone(),
-                        accuracy: v.accuracy,
-                        load_cost: if running.contains(&i) { 0.0 } else { 1.0 },
-                        grid: self.grids[i].clone(),
-                    })
-                    .collect(),
-            }],
-            load_rps: planned,
-            slo_ms: self.cfg.slo_ms,
-            comm_latency_ms: self.comm_latency_ms(t as usize),
-            core_budget: self.cfg.core_budget,
-            weights: self.cfg.weights,
-            model: self.cfg.model,
-        };
-        let space = self.policy.space(&self.cfg.limits);
-        match solve(&problem, &space) {
-            Ok(s) => {
-                self.overloaded += s.overloaded as u32;
-                let changed = self.apply(&s, t, space.in_place);
-                self.reconfigurations += (changed && t > 0.0) as u32;
-            }
-            Err(_) => self.failed += 1,
+    fn replan(&mut self, t: f64) {
+        let round = self.planner.round(&self.history, self.min_budget_ms(t as usize));
+        let outcome = round.tasks.get(SimPlanner::TASK).copied().unwrap_or_default();
+        self.current.forecast_rps = outcome.forecast_rps;
+        self.current.planned_rps = outcome.planned_rps;
+        self.overloaded += outcome.overloaded as u32;
+        self.failed += outcome.failed as u32;
+        if round.changed {
+            self.apply(&round.plan, t);
+            self.reconfigurations += (t > 0.0) as u32;
         }
         self.routes_valid_until = f64::NEG_INFINITY;
     }
 
-    /// Turns the solution into workers; true when any worker changed. Make before break: a
-    /// worker that shrinks in place or leaves the plan keeps its shape and traffic until the
-    /// workers that take over are ready.
-    fn apply(&mut self, s: &Solution, t: f64, in_place: bool) -> bool {
-        let mut current: Vec<usize> =
-            (0..self.workers.len()).filter(|&i| self.workers[i].retire_at.is_infinite()).collect();
+    /// What runs, as the agent's reconcile sees it: workers in the plan, with the shape they
+    /// are being moved to.
+    fn running(&self) -> Vec<RunningWorker> {
+        self.workers
+            .iter()
+            .filter(|w| w.retire_at.is_infinite())
+            .map(|w| {
+                let (cores, batch, delay) =
+                    w.pending.map_or((w.cores, w.batch, w.max_delay), |r| (r.cores, r.batch, r.max_delay));
+                RunningWorker {
+                    key: w.key.clone(),
+                    model_file: format!("{}.onnx", self.variants[w.variant].name),
+                    shape: WorkerShape {
+                        millicores: cores * 1000,
+                        max_batch: batch,
+                        max_delay_ms: (delay * 1000.0).round() as u32,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Applies a plan through the agent's reconcile, make before break: a worker that shrinks
+    /// or leaves the plan keeps its shape and traffic until the workers that start serve, and
+    /// a replaced worker serves until its successor does.
+    fn apply(&mut self, plan: &Plan, t: f64) {
+        let desired = desired_on(plan, SimPlanner::NODE);
+        let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
+        let actions = diff(&desired, &self.running(), transition);
         let first = self.workers.is_empty();
-        let mut changed = false;
+        let live = |workers: &[SimWorker], key: &WorkerKey| {
+            workers.iter().position(|w| &w.key == key && w.retire_at.is_infinite())
+        };
         let mut latest_ready = t;
-        let mut shrinking = Vec::new();
-        for c in &s.choices {
-            let max_delay = c.point.max_delay_ms as f64 / 1000.0;
-            let share = c.share_rps / c.replicas as f64;
-            for _ in 0..c.replicas {
-                let reuse =
-                    current.iter().position(|&i| self.workers[i].variant == c.variant).map(|k| current.remove(k));
-                let ready_at = if first { t } else { t + self.variants[c.variant].load_time_s };
-                let resize = Resize { at: t, cores: c.point.cores, batch: c.point.batch, max_delay, share };
-                match reuse {
-                    Some(i) if self.workers[i].cores == c.point.cores && self.workers[i].batch == c.point.batch => {
-                        self.workers[i].resize(&resize);
+        let mut deferred = Vec::new();
+        for action in &actions {
+            match action {
+                Action::Start(d) | Action::Replace(d) => {
+                    let Some(variant) = self.variants.iter().position(|v| v.name == d.key.variant) else { continue };
+                    let ready_at = if first { t } else { t + self.variants[variant].load_time_s };
+                    if let Some(old) = live(&self.workers, &d.key) {
+                        self.workers[old].retire_at = ready_at;
                     }
-                    Some(i) if in_place => {
-                        if c.point.cores >= self.workers[i].cores {
-                            self.workers[i].resize(&resize);
-                        } else {
-                            shrinking.push((i, resize));
-                        }
-                        changed = true;
+                    let shape = &d.shape;
+                    let cores = shape.millicores.div_ceil(1000);
+                    let delay = shape.max_delay_ms as f64 / 1000.0;
+                    let mut w = SimWorker::new(variant, cores, shape.max_batch, delay, d.weight, ready_at);
+                    w.key = d.key.clone();
+                    self.workers.push(w);
+                    latest_ready = latest_ready.max(ready_at);
+                }
+                Action::Resize { key, millicores } => {
+                    let Some(i) = live(&self.workers, key) else { continue };
+                    let cores = millicores.div_ceil(1000);
+                    if cores < self.workers[i].cores {
+                        deferred.push(i);
                     }
-                    reuse => {
-                        let w = SimWorker::new(c.variant, c.point.cores, c.point.batch, max_delay, share, ready_at);
-                        if let Some(old) = reuse {
-                            self.workers[old].retire_at = ready_at;
-                        }
-                        latest_ready = latest_ready.max(ready_at);
-                        self.workers.push(w);
-                        changed = true;
-                    }
+                }
+                Action::Stop(_) | Action::Rebatch { .. } => {}
+            }
+        }
+        for d in &desired {
+            let Some(i) = live(&self.workers, &d.key) else { continue };
+            let w = &mut self.workers[i];
+            let resize = Resize {
+                at: t,
+                cores: d.shape.millicores.div_ceil(1000),
+                batch: d.shape.max_batch,
+                max_delay: d.shape.max_delay_ms as f64 / 1000.0,
+                share: d.weight,
+            };
+            if deferred.contains(&i) && latest_ready > t {
+                w.pending = Some(Resize { at: latest_ready, ..resize });
+            } else {
+                w.pending = None;
+                w.resize(&resize);
+            }
+        }
+        for action in &actions {
+            if let Action::Stop(key) = action {
+                if let Some(i) = live(&self.workers, key) {
+                    self.workers[i].retire_at = latest_ready;
                 }
             }
         }
-        for (i, mut resize) in shrinking {
-            resize.at = latest_ready;
-            if latest_ready <= t {
-                self.workers[i].resize(&resize);
-            } else {
-                self.workers[i].pending = Some(resize);
-            }
-        }
-        for i in current {
-            self.workers[i].retire_at = latest_ready;
-            changed = true;
-        }
-        changed
     }
 
     fn arrive(&mut self, a: f64, second: usize) {
@@ -498,7 +550,7 @@ impl<'a> Sim<'a> {
         (self.interval_acc, self.interval_cores, self.interval_seconds) = (0.0, 0.0, 0);
     }
 
-    fn report(self, policy: &PolicyKind, seconds: usize) -> SimReport {
+    fn report(self, policy: String, seconds: usize) -> SimReport {
         let served = self.latencies_us.len();
         let quantile = |q: f64| -> f64 {
             let rank = (q * self.requests as f64).ceil() as u64;
@@ -509,7 +561,7 @@ impl<'a> Sim<'a> {
             }
         };
         SimReport {
-            policy: policy.to_string(),
+            policy,
             requests: self.requests,
             served,
             dropped: self.dropped,

@@ -13,14 +13,9 @@ fn variants() -> Vec<SimVariant> {
 
 fn cfg() -> SimConfig {
     SimConfig {
+        adapt: AdaptConfig { interval_s: 10.0, scale_down_after: 2, lookback_s: 30, ..AdaptConfig::default() },
         slo_ms: 500.0,
-        interval_s: 10,
         core_budget: 16,
-        weights: Weights::default(),
-        model: LatencyModel::default(),
-        limits: Limits::default(),
-        scale_down_after: 2,
-        lookback_s: 30,
         seed: 7,
         slo_fractions: None,
     }
@@ -28,7 +23,8 @@ fn cfg() -> SimConfig {
 
 fn run(rates: &[f64], policy: &str, cfg: &SimConfig) -> SimReport {
     let warmup = vec![rates[0]; 30];
-    simulate(rates, &warmup, &variants(), &policy.parse().unwrap(), &PeakWindow::default(), cfg)
+    let cfg = SimConfig { adapt: AdaptConfig { policy: policy.parse().unwrap(), ..cfg.adapt.clone() }, ..cfg.clone() };
+    simulate(rates, &warmup, &variants(), Box::new(PeakWindow::default()), &cfg)
 }
 
 #[test]
@@ -89,7 +85,7 @@ fn blue_green_pays_for_both_workers_while_the_new_one_loads() {
     // deployment pays the old worker's cores for the load time.
     let rates: Vec<f64> = (0..60).map(|s| if s < 30 { 20.0 } else { 60.0 }).collect();
     let mut c = cfg();
-    c.limits.max_batch = 1;
+    c.adapt.limits.max_batch = 1;
     let vpa = run(&rates, "vpa-small", &c);
     let extra = vpa.intervals.iter().map(|i| i.mean_cores).fold(0.0, f64::max);
     let last = vpa.intervals.last().unwrap().mean_cores;

@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use crate::reconcile::WorkerKey;
+
 /// A request waiting in or served by a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Request {
@@ -13,6 +15,8 @@ pub(crate) struct Request {
 
 #[derive(Debug, Clone)]
 pub(crate) struct SimWorker {
+    /// Its identity in the plan, as on an agent.
+    pub key: WorkerKey,
     pub variant: usize,
     pub cores: u32,
     pub batch: u32,
@@ -55,6 +59,7 @@ pub(crate) enum Next {
 impl SimWorker {
     pub fn new(variant: usize, cores: u32, batch: u32, max_delay: f64, share: f64, ready_at: f64) -> Self {
         Self {
+            key: WorkerKey { task: String::new(), variant: String::new(), replica: 0 },
             variant,
             cores,
             batch: batch.max(1),

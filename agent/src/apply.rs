@@ -1,0 +1,217 @@
+//! Applying a plan on this node, all or nothing: first everything is checked that can be
+//! checked without touching a worker ([`stage`]: model files, per task), then everything that
+//! can fail is prepared (cgroups for new workers), and only then is any worker started,
+//! resized or retired ([`execute`]). A plan whose preparation fails leaves the running set as
+//! it was. A task whose model file is missing here is held at what runs, with the reason,
+//! and does not block the other tasks' changes.
+//!
+//! The effects sit behind [`Executor`], so this logic is tested with a fake; the node's
+//! executor works on processes and cgroups.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tidal_common::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
+use tidal_proto::v1::Transition;
+
+/// The actions to take, and the tasks held at what runs (with why).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Staged {
+    pub actions: Vec<Action>,
+    pub held: BTreeMap<String, String>,
+}
+
+/// The actions that move `running` to `desired`, without those of tasks that cannot move here
+/// (a model file of theirs is not present): those keep running as they are.
+pub fn stage(
+    desired: &[DesiredWorker],
+    running: &[RunningWorker],
+    transition: Transition,
+    model_present: impl Fn(&str) -> bool,
+) -> Staged {
+    let mut held = BTreeMap::new();
+    for d in desired {
+        if !held.contains_key(&d.key.task) && !model_present(&d.variant.model_file) {
+            held.insert(
+                d.key.task.clone(),
+                format!(
+                    "model file {:?} of variant {:?} is not in the model directory",
+                    d.variant.model_file, d.variant.name
+                ),
+            );
+        }
+    }
+    let actions =
+        diff(desired, running, transition).into_iter().filter(|a| !held.contains_key(&a.key().task)).collect();
+    Staged { actions, held }
+}
+
+/// What applying a plan does to workers. `prepare` is the only step that may fail; it must
+/// have no effect that `abandon` does not undo.
+pub trait Executor {
+    type Prepared;
+    type Error;
+    fn prepare(&mut self, worker: &DesiredWorker) -> Result<Self::Prepared, Self::Error>;
+    fn abandon(&mut self, prepared: Self::Prepared);
+    /// Starts a worker; if one runs under its key, it is replaced: it serves until this one
+    /// does, then retires.
+    fn start(&mut self, worker: DesiredWorker, prepared: Self::Prepared);
+    fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32);
+    /// A new quota; `after_successors`: only once the workers this plan started for the task
+    /// serve (a shrink, make before break).
+    fn resize(&mut self, key: &WorkerKey, millicores: u32, after_successors: bool);
+    /// Retires a worker once the workers this plan started for its task serve.
+    fn stop(&mut self, key: &WorkerKey);
+    /// The quota a running worker has now.
+    fn millicores(&self, key: &WorkerKey) -> Option<u32>;
+}
+
+/// Carries out `actions`: prepares every new worker first and, if one preparation fails,
+/// abandons the others and changes nothing. Then starts, rebatches, resizes and stops.
+pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E::Error> {
+    let mut prepared = Vec::new();
+    for action in &actions {
+        if let Action::Start(d) | Action::Replace(d) = action {
+            match exec.prepare(d) {
+                Ok(p) => prepared.push((d.clone(), p)),
+                Err(e) => {
+                    for (_, p) in prepared {
+                        exec.abandon(p);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let starting: BTreeSet<String> = prepared.iter().map(|(d, _)| d.key.task.clone()).collect();
+    for (d, p) in prepared {
+        exec.start(d, p);
+    }
+    for action in actions {
+        match action {
+            Action::Rebatch { key, max_batch, max_delay_ms } => exec.rebatch(&key, max_batch, max_delay_ms),
+            Action::Resize { key, millicores } => {
+                let shrink = exec.millicores(&key).is_some_and(|m| millicores < m);
+                exec.resize(&key, millicores, shrink && starting.contains(&key.task));
+            }
+            Action::Stop(key) => exec.stop(&key),
+            Action::Start(_) | Action::Replace(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tidal_common::reconcile::WorkerShape;
+    use tidal_proto::v1::VariantSpec;
+
+    fn key(task: &str, variant: &str) -> WorkerKey {
+        WorkerKey { task: task.into(), variant: variant.into(), replica: 0 }
+    }
+
+    fn desired(task: &str, variant: &str, millicores: u32) -> DesiredWorker {
+        DesiredWorker {
+            key: key(task, variant),
+            variant: VariantSpec {
+                name: variant.into(),
+                model_file: format!("{variant}.onnx"),
+                accuracy: 70.0,
+                input_shape: vec![3],
+            },
+            shape: WorkerShape { millicores, max_batch: 1, max_delay_ms: 0 },
+            weight: 1.0,
+        }
+    }
+
+    fn running(d: &DesiredWorker) -> RunningWorker {
+        RunningWorker { key: d.key.clone(), model_file: d.variant.model_file.clone(), shape: d.shape }
+    }
+
+    /// Records what it is asked to do; refuses to prepare the variants in `fail`.
+    #[derive(Default)]
+    struct Fake {
+        fail: Vec<String>,
+        quotas: HashMap<WorkerKey, u32>,
+        log: Vec<String>,
+    }
+
+    impl Executor for Fake {
+        type Prepared = String;
+        type Error = String;
+        fn prepare(&mut self, w: &DesiredWorker) -> Result<String, String> {
+            if self.fail.contains(&w.key.variant) {
+                return Err(format!("no cgroup for {}", w.key));
+            }
+            self.log.push(format!("prepare {}", w.key));
+            Ok(w.key.to_string())
+        }
+        fn abandon(&mut self, p: String) {
+            self.log.push(format!("abandon {p}"));
+        }
+        fn start(&mut self, w: DesiredWorker, _: String) {
+            self.log.push(format!("start {} {}", w.key, w.shape.millicores));
+        }
+        fn rebatch(&mut self, key: &WorkerKey, b: u32, _: u32) {
+            self.log.push(format!("rebatch {key} {b}"));
+        }
+        fn resize(&mut self, key: &WorkerKey, m: u32, after: bool) {
+            self.log.push(format!("resize {key} {m}{}", if after { " after successors" } else { "" }));
+        }
+        fn stop(&mut self, key: &WorkerKey) {
+            self.log.push(format!("stop {key}"));
+        }
+        fn millicores(&self, key: &WorkerKey) -> Option<u32> {
+            self.quotas.get(key).copied()
+        }
+    }
+
+    #[test]
+    fn a_plan_whose_preparation_fails_changes_nothing() {
+        let have = vec![running(&desired("t", "old", 1000))];
+        let want = vec![desired("t", "a", 1000), desired("t", "b", 1000)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| true);
+        let mut fake = Fake { fail: vec!["b".into()], ..Fake::default() };
+        assert_eq!(execute(&mut fake, staged.actions), Err("no cgroup for t/b#0".into()));
+        assert_eq!(fake.log, vec!["prepare t/a#0", "abandon t/a#0"], "nothing stopped, started or resized");
+    }
+
+    #[test]
+    fn a_task_with_a_missing_model_is_held_and_the_others_move() {
+        let have = vec![running(&desired("t", "a", 1000)), running(&desired("u", "c", 1000))];
+        let want = vec![desired("t", "missing", 1000), desired("u", "c", 2000)];
+        let staged = stage(&want, &have, Transition::InPlace, |f| f != "missing.onnx");
+        assert_eq!(staged.held.keys().collect::<Vec<_>>(), vec!["t"]);
+        assert!(staged.held["t"].contains("missing.onnx"));
+        let mut fake = Fake::default();
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(fake.log, vec!["resize u/c#0 2000"], "t/a keeps running");
+    }
+
+    #[test]
+    fn starts_come_first_and_shrinks_and_stops_wait_for_them() {
+        let have = vec![running(&desired("t", "a", 2000)), running(&desired("t", "old", 1000))];
+        let want = vec![desired("t", "a", 1000), desired("t", "new", 1000)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| true);
+        let mut fake = Fake { quotas: [(key("t", "a"), 2000)].into(), ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(
+            fake.log,
+            vec!["prepare t/new#0", "start t/new#0 1000", "stop t/old#0", "resize t/a#0 1000 after successors"]
+        );
+    }
+
+    #[test]
+    fn a_shrink_with_nothing_starting_happens_at_once_and_blue_green_replaces() {
+        let have = vec![running(&desired("t", "a", 2000))];
+        let mut fake = Fake { quotas: [(key("t", "a"), 2000)].into(), ..Fake::default() };
+        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::InPlace, |_| true);
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(fake.log, vec!["resize t/a#0 1000"]);
+        let mut fake = Fake::default();
+        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::BlueGreen, |_| true);
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(fake.log, vec!["prepare t/a#0", "start t/a#0 1000"]);
+    }
+}

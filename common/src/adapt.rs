@@ -1,0 +1,474 @@
+//! The adaptation round: forecast, stabilise, solve, place, transition. One pure core, free of
+//! clocks, threads and I/O, that the live controller and the simulator both drive, so that a
+//! policy means the same thing live and simulated.
+//!
+//! A driver owns an [`Adapter`] and calls it with what it observed:
+//! - every interval, [`Adapter::round`] with each task's per-second arrivals, the smallest
+//!   latency budget its requests carried, the nodes, the profiles and the plan in force; it
+//!   returns the next plan (epoch and term left for the driver to set) and its notes;
+//! - every second, [`Adapter::surge`]: whether arrivals already exceed what the plan was sized
+//!   for, so that a policy that reacts to surges re-plans at once (at most every
+//!   [`SURGE_COOLDOWN_S`]).
+//!
+//! The adapter remembers, per task, the scale-down stabiliser (a lower forecast shrinks the
+//! plan only after it held for `scale_down_after` rounds) and the rate the plan was sized for.
+//! A new controller leader [`Adapter::resume`]s from the last plan's rates.
+//!
+//! Transitions are the policy's: in place (resize a running worker's quota and batcher) or
+//! blue-green (start a worker of the new shape, retire the old one when it serves), carried in
+//! the plan for the agents and the simulator, which both apply it through
+//! [`crate::reconcile::diff`].
+
+use std::collections::{BTreeMap, HashSet};
+
+use tidal_proto::v1::{Assignment, Plan, ProfilePoint, TaskSpec, Transition};
+
+use crate::forecast::{is_surge, Forecaster, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S};
+use crate::latency::LatencyModel;
+use crate::plan::place;
+use crate::profile::ProfileGrid;
+use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, Stage, Variant, Weights};
+
+/// The least time between two surge re-plans, seconds.
+pub const SURGE_COOLDOWN_S: f64 = 3.0;
+
+/// Everything that decides a round. One set of defaults for the controller and the simulator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptConfig {
+    pub policy: PolicyKind,
+    pub model: LatencyModel,
+    pub weights: Weights,
+    pub limits: Limits,
+    /// Seconds between rounds; the forecast looks this far ahead.
+    pub interval_s: f64,
+    /// Seconds of arrival history the forecaster sees.
+    pub lookback_s: usize,
+    /// Headroom of the default peak-window forecaster.
+    pub headroom: f64,
+    /// Rounds a lower forecast must hold before a plan is sized down.
+    pub scale_down_after: u32,
+    /// Cores per node kept free of workers (for the agent itself and the OS).
+    pub reserve_cores: u32,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Tidal,
+            model: LatencyModel::default(),
+            weights: Weights::default(),
+            limits: Limits::default(),
+            interval_s: 30.0,
+            lookback_s: 60,
+            headroom: 1.1,
+            scale_down_after: 3,
+            reserve_cores: 0,
+        }
+    }
+}
+
+impl AdaptConfig {
+    /// The default forecaster for this configuration: the peak of the lookback window.
+    pub fn forecaster(&self) -> PeakWindow {
+        PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom }
+    }
+
+    pub fn space(&self) -> SearchSpace {
+        self.policy.space(&self.limits)
+    }
+
+    pub fn transition(&self) -> Transition {
+        if self.space().in_place {
+            Transition::InPlace
+        } else {
+            Transition::BlueGreen
+        }
+    }
+}
+
+/// What a driver observed of one task.
+#[derive(Debug, Clone)]
+pub struct TaskInput<'a> {
+    pub spec: &'a TaskSpec,
+    /// Arrivals per second, oldest first, up to the last complete second.
+    pub arrivals: &'a [f64],
+    /// The smallest latency budget its requests arrived with over the last interval, ms.
+    pub min_budget_ms: Option<f64>,
+    /// Measured profile per variant name.
+    pub profiles: BTreeMap<&'a str, &'a [ProfilePoint]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeInput<'a> {
+    pub name: &'a str,
+    pub address: &'a str,
+    pub cores: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundInput<'a> {
+    pub tasks: Vec<TaskInput<'a>>,
+    pub nodes: Vec<NodeInput<'a>>,
+    /// The plan in force.
+    pub current: Option<&'a Plan>,
+}
+
+/// What the round decided for one task.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TaskOutcome {
+    pub forecast_rps: f64,
+    /// After the scale-down stabiliser: the rate the plan is sized for.
+    pub planned_rps: f64,
+    /// No plan within the cores carries the planned rate; the plan carries what it can.
+    pub overloaded: bool,
+    /// No plan was found; the task keeps the workers it had.
+    pub failed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Round {
+    /// The next plan, epoch and term 0.
+    pub plan: Plan,
+    pub tasks: BTreeMap<String, TaskOutcome>,
+    /// Whether it asks for other workers than the plan in force (or routes differently).
+    pub changed: bool,
+}
+
+/// Arrivals above a task's planned rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Surge {
+    pub task: String,
+    pub rate_rps: f64,
+    pub planned_rps: f64,
+}
+
+pub struct Adapter {
+    cfg: AdaptConfig,
+    forecaster: Box<dyn Forecaster>,
+    stabilisers: BTreeMap<String, ScaleDownStabiliser>,
+    planned: BTreeMap<String, f64>,
+    last_surge_s: Option<f64>,
+}
+
+impl Adapter {
+    pub fn new(cfg: AdaptConfig, forecaster: Box<dyn Forecaster>) -> Self {
+        Self { cfg, forecaster, stabilisers: BTreeMap::new(), planned: BTreeMap::new(), last_surge_s: None }
+    }
+
+    /// With the configuration's default forecaster.
+    pub fn with_defaults(cfg: AdaptConfig) -> Self {
+        let forecaster = Box::new(cfg.forecaster());
+        Self::new(cfg, forecaster)
+    }
+
+    pub fn config(&self) -> &AdaptConfig {
+        &self.cfg
+    }
+
+    /// The rate each task's plan is sized for.
+    pub fn planned_rps(&self) -> &BTreeMap<String, f64> {
+        &self.planned
+    }
+
+    /// Forgets everything and starts from these planned rates (a new leader takes over).
+    pub fn resume(&mut self, planned: &BTreeMap<String, f64>) {
+        self.stabilisers.clear();
+        self.last_surge_s = None;
+        self.planned = planned.clone();
+        for (task, &rate) in planned {
+            let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after.max(1));
+            s.next(rate);
+            self.stabilisers.insert(task.clone(), s);
+        }
+    }
+
+    /// The first task whose arrivals over the last seconds exceed its planned rate, if the
+    /// policy re-plans on surges and the last surge re-plan is old enough. A returned surge
+    /// starts the cooldown: the driver is expected to run a round now.
+    pub fn surge<'a>(&mut self, now_s: f64, tasks: impl IntoIterator<Item = (&'a str, &'a [f64])>) -> Option<Surge> {
+        if !self.cfg.space().reacts_to_surges || self.last_surge_s.is_some_and(|t| now_s < t + SURGE_COOLDOWN_S) {
+            return None;
+        }
+        let surge = tasks.into_iter().find_map(|(task, arrivals)| {
+            let planned = *self.planned.get(task)?;
+            is_surge(arrivals, planned, SURGE_WINDOW_S).then(|| {
+                let window = &arrivals[arrivals.len().saturating_sub(SURGE_WINDOW_S)..];
+                let rate_rps = window.iter().sum::<f64>() / window.len().max(1) as f64;
+                Surge { task: task.to_string(), rate_rps, planned_rps: planned }
+            })
+        })?;
+        self.last_surge_s = Some(now_s);
+        Some(surge)
+    }
+
+    /// One round: per task the forecast, the stabilised rate and the solve; then placement
+    /// over the nodes and the policy's transition.
+    pub fn round(&mut self, input: &RoundInput) -> Round {
+        let names: HashSet<&str> = input.tasks.iter().map(|t| t.spec.name.as_str()).collect();
+        self.stabilisers.retain(|t, _| names.contains(t.as_str()));
+        self.planned.retain(|t, _| names.contains(t.as_str()));
+        let mut outcomes = BTreeMap::new();
+        let mut chosen = Vec::new();
+        for task in &input.tasks {
+            let outcome = self.forecast(task);
+            chosen.push(choose(&self.cfg, task, input.current, outcome.planned_rps, &input.nodes));
+            outcomes.insert(task.spec.name.clone(), outcome);
+        }
+        let mut plan = Plan {
+            tasks: input.tasks.iter().map(|t| t.spec.clone()).collect(),
+            node_addresses: input.nodes.iter().map(|n| (n.name.to_string(), n.address.to_string())).collect(),
+            planned_rps: self.planned.clone().into_iter().collect(),
+            transition: self.cfg.transition() as i32,
+            ..Default::default()
+        };
+        if input.nodes.is_empty() {
+            plan.notes.push("no agent has registered: nothing to place".into());
+        }
+        let mut free: Vec<u32> = input.nodes.iter().map(|n| n.cores.saturating_sub(self.cfg.reserve_cores)).collect();
+        for (task, choice) in input.tasks.iter().zip(chosen) {
+            let outcome = outcomes.get_mut(&task.spec.name).expect("an outcome per task");
+            outcome.overloaded = choice.overloaded;
+            outcome.failed = choice.failed;
+            plan.notes.extend(choice.notes);
+            if !input.nodes.is_empty() {
+                self.place_task(&mut plan, &mut free, task.spec, choice.workers, input);
+            }
+        }
+        let changed = input.current.is_none_or(|c| {
+            c.assignments != plan.assignments
+                || c.tasks != plan.tasks
+                || c.node_addresses != plan.node_addresses
+                || c.transition != plan.transition
+        });
+        Round { plan, tasks: outcomes, changed }
+    }
+
+    fn forecast(&mut self, task: &TaskInput) -> TaskOutcome {
+        let window = &task.arrivals[task.arrivals.len().saturating_sub(self.cfg.lookback_s.max(1))..];
+        let forecast_rps = self.forecaster.forecast(window, self.cfg.interval_s.round().max(1.0) as usize);
+        let rounds = self.cfg.scale_down_after.max(1);
+        let stabiliser =
+            self.stabilisers.entry(task.spec.name.clone()).or_insert_with(|| ScaleDownStabiliser::new(rounds));
+        let planned_rps = stabiliser.next(forecast_rps);
+        self.planned.insert(task.spec.name.clone(), planned_rps);
+        TaskOutcome { forecast_rps, planned_rps, ..Default::default() }
+    }
+
+    /// Places one task's workers, keeping each variant on the nodes where it runs, and numbers
+    /// the replicas of a variant on a node.
+    fn place_task(
+        &self,
+        plan: &mut Plan,
+        free: &mut [u32],
+        task: &TaskSpec,
+        workers: Vec<Assignment>,
+        input: &RoundInput,
+    ) {
+        let current = current_nodes(input, &task.name, &workers);
+        let cores: Vec<u32> = workers.iter().map(|w| w.millicores.div_ceil(1000)).collect();
+        let groups: Vec<&str> = workers.iter().map(|w| w.variant.as_ref().map_or("", |v| v.name.as_str())).collect();
+        match place(&cores, &groups, &current, free) {
+            Ok(placed) => {
+                for (mut w, node) in workers.into_iter().zip(placed) {
+                    free[node] -= w.millicores.div_ceil(1000);
+                    w.node = input.nodes[node].name.to_string();
+                    w.replica = plan
+                        .assignments
+                        .iter()
+                        .filter(|a| a.task == w.task && a.node == w.node && a.variant == w.variant)
+                        .count() as u32;
+                    plan.assignments.push(w);
+                }
+            }
+            Err(e) => plan.notes.push(format!("{}: {e}", task.name)),
+        }
+    }
+}
+
+/// The nodes where each worker's variant runs in the plan in force, to keep it there.
+fn current_nodes(input: &RoundInput, task: &str, workers: &[Assignment]) -> Vec<Vec<usize>> {
+    workers
+        .iter()
+        .map(|w| {
+            let Some(plan) = input.current else { return vec![] };
+            plan.assignments
+                .iter()
+                .filter(|a| {
+                    a.task == task && a.variant.as_ref().map(|v| &v.name) == w.variant.as_ref().map(|v| &v.name)
+                })
+                .filter_map(|a| input.nodes.iter().position(|n| n.name == a.node))
+                .collect()
+        })
+        .collect()
+}
+
+/// One task's workers (nodes not yet set) and the notes that explain them.
+struct Choice {
+    workers: Vec<Assignment>,
+    notes: Vec<String>,
+    overloaded: bool,
+    failed: bool,
+}
+
+fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64, nodes: &[NodeInput]) -> Choice {
+    let spec = task.spec;
+    let budget: u32 = nodes.iter().map(|n| n.cores.saturating_sub(cfg.reserve_cores)).sum();
+    let mut choice = Choice { workers: vec![], notes: vec![], overloaded: false, failed: false };
+    if spec.variants.is_empty() {
+        choice.notes.push(format!("{}: the task has no variants", spec.name));
+        return choice;
+    }
+    let problem = problem(cfg, task, current, rate, budget);
+    if problem.stages[0].variants.is_empty() {
+        match unprofiled_default(spec, budget) {
+            Some((worker, note)) => {
+                choice.workers.push(worker);
+                choice.notes.push(note);
+            }
+            None => choice.notes.push(format!("{}: no free cores", spec.name)),
+        }
+        return choice;
+    }
+    match solve(&problem, &cfg.space()) {
+        Ok(s) => {
+            choice.workers = workers_of(spec, &problem, &s);
+            choice.notes = notes_of(spec, &problem, &s, rate, budget);
+            choice.overloaded = s.overloaded;
+        }
+        Err(e) => {
+            // Keep what serves: a task without a plan would lose every worker.
+            choice.workers = current
+                .iter()
+                .flat_map(|p| p.assignments.iter())
+                .filter(|a| a.task == spec.name)
+                .cloned()
+                .map(|a| Assignment { node: String::new(), replica: 0, ..a })
+                .collect();
+            choice.notes.push(format!("{}: no plan ({e}); its workers are kept as they are", spec.name));
+            choice.failed = true;
+        }
+    }
+    choice
+}
+
+/// The planning problem of one task: its profiled variants, the planned rate, the SLO less the
+/// communication latency its requests' budgets show, and load costs as the policy defines
+/// them (a variant that runs costs nothing to keep).
+fn problem(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64, budget: u32) -> Problem {
+    let spec = task.spec;
+    let running: HashSet<&str> = current
+        .iter()
+        .flat_map(|p| p.assignments.iter())
+        .filter(|a| a.task == spec.name)
+        .filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str()))
+        .collect();
+    let variants = spec
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
+            Some(Variant {
+                name: v.name.clone(),
+                accuracy: v.accuracy,
+                load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
+                grid: ProfileGrid::new(points),
+            })
+        })
+        .collect();
+    let slo_ms = spec.slo_ms as f64;
+    Problem {
+        stages: vec![Stage { name: spec.name.clone(), variants }],
+        load_rps: rate,
+        slo_ms,
+        comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
+        core_budget: budget,
+        weights: cfg.weights,
+        model: cfg.model,
+    }
+}
+
+/// One assignment per replica; each carries its replica's share of the traffic.
+fn workers_of(task: &TaskSpec, problem: &Problem, solution: &Solution) -> Vec<Assignment> {
+    let mut workers = Vec::new();
+    for c in &solution.choices {
+        let name = &problem.stages[c.stage].variants[c.variant].name;
+        let variant = task.variants.iter().find(|v| &v.name == name).cloned();
+        for _ in 0..c.replicas {
+            workers.push(Assignment {
+                task: task.name.clone(),
+                variant: variant.clone(),
+                node: String::new(),
+                millicores: c.point.cores * 1000,
+                max_batch: c.point.batch,
+                max_delay_ms: c.point.max_delay_ms,
+                weight: c.share_rps / c.replicas as f64 / solution.carried_rps.max(f64::MIN_POSITIVE),
+                replica: 0,
+            });
+        }
+    }
+    workers
+}
+
+fn notes_of(task: &TaskSpec, problem: &Problem, s: &Solution, rate: f64, budget: u32) -> Vec<String> {
+    let mix: Vec<String> = s
+        .choices
+        .iter()
+        .map(|c| {
+            let name = &problem.stages[c.stage].variants[c.variant].name;
+            format!("{}×{name} {}c/b{} {:.0} req/s", c.replicas, c.point.cores, c.point.batch, c.share_rps)
+        })
+        .collect();
+    let mut notes = vec![format!(
+        "{}: planned {:.1} req/s → {} ({} cores, accuracy {:.2} %, latency bound {:.0} ms{})",
+        task.name,
+        rate,
+        mix.join(" + "),
+        s.cores,
+        s.accuracy,
+        s.latency_bound_ms,
+        if problem.comm_latency_ms > 0.0 {
+            format!(", {:.0} ms of the SLO left to the network", problem.comm_latency_ms)
+        } else {
+            String::new()
+        }
+    )];
+    if s.overloaded {
+        notes.push(format!(
+            "{}: OVERLOADED: the budget of {budget} cores carries {:.1} req/s within the SLO, the excess is shed by deadline",
+            task.name, s.carried_rps
+        ));
+    }
+    for c in s.interpolated() {
+        let name = &problem.stages[c.stage].variants[c.variant].name;
+        notes.push(format!(
+            "{}: {name} at {} cores, batch {} was not profiled; its latency and throughput are interpolated",
+            task.name, c.point.cores, c.point.batch
+        ));
+    }
+    notes
+}
+
+/// Before any profile exists: the least accurate (cheapest) variant on one core, batch 1, so
+/// the task is served while it is profiled.
+fn unprofiled_default(task: &TaskSpec, budget: u32) -> Option<(Assignment, String)> {
+    if budget == 0 {
+        return None;
+    }
+    let cheapest = task.variants.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy)).cloned()?;
+    let note =
+        format!("{}: no profiles yet, serving {} on 1 core until `tidalctl profile` runs", task.name, cheapest.name);
+    let worker = Assignment {
+        task: task.name.clone(),
+        variant: Some(cheapest),
+        node: String::new(),
+        millicores: 1000,
+        max_batch: 1,
+        max_delay_ms: 0,
+        weight: 1.0,
+        replica: 0,
+    };
+    Some((worker, note))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+use super::*;
+use tidal_proto::v1::VariantSpec;
+
+fn variant(name: &str, accuracy: f64) -> VariantSpec {
+    VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy, input_shape: vec![3, 8, 8] }
+}
+
+/// Batch 1 on 1..=2 cores, `rps_per_core` per core.
+fn points(rps_per_core: f64) -> Vec<ProfilePoint> {
+    (1..=2)
+        .map(|c| ProfilePoint {
+            cores: c,
+            batch: 1,
+            latency_p50_ms: 1000.0 / (rps_per_core * c as f64),
+            latency_p99_ms: 1000.0 / (rps_per_core * c as f64),
+            throughput_rps: rps_per_core * c as f64,
+        })
+        .collect()
+}
+
+struct World {
+    spec: TaskSpec,
+    small: Vec<ProfilePoint>,
+    big: Vec<ProfilePoint>,
+    profiled: bool,
+    nodes: Vec<(String, u32)>,
+    budget_ms: Option<f64>,
+}
+
+impl World {
+    fn new(profiled: bool) -> Self {
+        Self {
+            spec: TaskSpec {
+                name: "t".into(),
+                slo_ms: 500,
+                variants: vec![variant("small", 70.0), variant("big", 78.0)],
+            },
+            small: points(100.0),
+            big: points(20.0),
+            profiled,
+            nodes: vec![("n1".into(), 2)],
+            budget_ms: None,
+        }
+    }
+
+    fn input<'a>(&'a self, arrivals: &'a [f64], current: Option<&'a Plan>) -> RoundInput<'a> {
+        let mut profiles = BTreeMap::new();
+        if self.profiled {
+            if !self.small.is_empty() {
+                profiles.insert("small", self.small.as_slice());
+            }
+            profiles.insert("big", self.big.as_slice());
+        }
+        RoundInput {
+            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms: self.budget_ms, profiles }],
+            nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
+            current,
+        }
+    }
+}
+
+/// An adapter whose forecast is the last second's rate (no headroom), so tests can set it.
+fn adapter(policy: &str) -> Adapter {
+    let cfg = AdaptConfig { policy: policy.parse().unwrap(), lookback_s: 1, headroom: 1.0, ..AdaptConfig::default() };
+    Adapter::with_defaults(cfg)
+}
+
+fn capacity(p: &Plan) -> f64 {
+    p.assignments
+        .iter()
+        .map(|a| if a.variant.as_ref().unwrap().name == "small" { 80.0 } else { 16.0 } * a.millicores as f64 / 1000.0)
+        .sum()
+}
+
+#[test]
+fn without_profiles_the_cheapest_variant_serves_on_one_core() {
+    let w = World::new(false);
+    let round = adapter("tidal").round(&w.input(&[10.0], None));
+    assert_eq!(round.plan.assignments.len(), 1);
+    assert_eq!(round.plan.assignments[0].variant.as_ref().unwrap().name, "small");
+    assert_eq!(round.plan.assignments[0].node, "n1");
+    assert!(round.changed);
+}
+
+#[test]
+fn a_load_step_moves_the_plan_to_more_capacity() {
+    let w = World::new(true);
+    let mut a = adapter("tidal");
+    let low = a.round(&w.input(&[5.0], None)).plan;
+    let high = a.round(&w.input(&[120.0], Some(&low))).plan;
+    assert_eq!(low.assignments[0].variant.as_ref().unwrap().name, "big", "{:?}", low.notes);
+    assert!(capacity(&high) >= 120.0, "{:?}", high.notes);
+    let weights: f64 = high.assignments.iter().map(|a| a.weight).sum();
+    assert!((weights - 1.0).abs() < 1e-9);
+    assert!(high.assignments.iter().map(|a| a.millicores).sum::<u32>() <= 2000);
+    assert_eq!(high.planned_rps.get("t"), Some(&120.0));
+}
+
+#[test]
+fn the_same_inputs_give_an_unchanged_plan() {
+    let w = World::new(true);
+    let mut a = adapter("tidal");
+    let first = a.round(&w.input(&[50.0], None)).plan;
+    let again = a.round(&w.input(&[50.0], Some(&first)));
+    assert!(!again.changed, "{:?} vs {:?}", again.plan.assignments, first.assignments);
+}
+
+#[test]
+fn overload_is_said_in_the_notes() {
+    let w = World::new(true);
+    let round = adapter("tidal").round(&w.input(&[10_000.0], None));
+    assert!(round.plan.notes.iter().any(|n| n.contains("OVERLOADED")), "{:?}", round.plan.notes);
+    assert!(round.tasks["t"].overloaded);
+    assert!(!round.plan.assignments.is_empty());
+}
+
+#[test]
+fn a_plan_on_an_unprofiled_core_count_says_so() {
+    let mut w = World::new(true);
+    w.nodes = vec![("n1".into(), 4)];
+    // "big" measured on 1 and 4 cores only: 30 req/s needs 2 or 3 of them.
+    w.big[1].cores = 4;
+    w.big[1].throughput_rps = 80.0;
+    w.small.clear();
+    let plan = adapter("tidal").round(&w.input(&[30.0], None)).plan;
+    let cores = plan.assignments[0].millicores / 1000;
+    assert!(cores == 2 || cores == 3, "{:?}", plan.assignments);
+    assert!(plan.notes.iter().any(|n| n.contains("not profiled") && n.contains("interpolated")), "{:?}", plan.notes);
+}
+
+#[test]
+fn replicas_spread_over_nodes_and_share_one_when_they_must() {
+    let mut w = World::new(true);
+    w.small.clear();
+    w.nodes = vec![("n1".into(), 2), ("n2".into(), 2)];
+    // Only "big": 2 cores carry 0.8 × 40 = 32 req/s at most, so 50 req/s needs two workers.
+    let plan = adapter("tidal").round(&w.input(&[50.0], None)).plan;
+    let nodes: Vec<&str> = plan.assignments.iter().map(|a| a.node.as_str()).collect();
+    assert_eq!(plan.assignments.len(), 2, "{:?} {:?}", plan.assignments, plan.notes);
+    assert_ne!(nodes[0], nodes[1]);
+    // One node of four cores: both replicas on it, numbered apart.
+    w.nodes = vec![("n1".into(), 4)];
+    let plan = adapter("tidal").round(&w.input(&[50.0], None)).plan;
+    let mut replicas: Vec<u32> = plan.assignments.iter().map(|a| a.replica).collect();
+    replicas.sort();
+    assert_eq!(replicas, vec![0, 1], "{:?}", plan.assignments);
+    assert_eq!(tidal_common_validate(&plan, "n1", 4000), Ok(()));
+}
+
+fn tidal_common_validate(plan: &Plan, node: &str, millicores: u32) -> Result<(), crate::plan::PlanError> {
+    crate::plan::validate_for_node(plan, node, millicores)
+}
+
+#[test]
+fn a_policy_that_is_not_in_place_plans_blue_green_transitions() {
+    let w = World::new(true);
+    for (policy, transition) in [
+        ("tidal", Transition::InPlace),
+        ("sponge", Transition::InPlace),
+        ("infadapter", Transition::BlueGreen),
+        ("vpa-big", Transition::BlueGreen),
+    ] {
+        let plan = adapter(policy).round(&w.input(&[20.0], None)).plan;
+        assert_eq!(plan.transition, transition as i32, "{policy}");
+    }
+}
+
+#[test]
+fn only_policies_that_react_to_surges_re_plan_between_rounds_and_not_too_often() {
+    let w = World::new(true);
+    let arrivals = [10.0, 10.0];
+    let burst = [10.0, 90.0, 90.0];
+    for (policy, reacts) in
+        [("tidal", true), ("sponge", true), ("infadapter", false), ("ipa", false), ("vpa-big", false)]
+    {
+        let mut a = adapter(policy);
+        a.round(&w.input(&arrivals, None));
+        assert_eq!(a.surge(10.0, [("t", &arrivals[..])]), None, "{policy}: within the plan");
+        let surge = a.surge(11.0, [("t", &burst[..])]);
+        assert_eq!(surge.is_some(), reacts, "{policy}");
+        if reacts {
+            assert_eq!(surge.unwrap(), Surge { task: "t".into(), rate_rps: 90.0, planned_rps: 10.0 });
+            assert_eq!(a.surge(12.0, [("t", &burst[..])]), None, "{policy}: cooldown");
+            assert!(a.surge(11.0 + SURGE_COOLDOWN_S, [("t", &burst[..])]).is_some(), "{policy}: after the cooldown");
+        }
+    }
+}
+
+#[test]
+fn deadline_aware_policies_plan_with_the_budgets_requests_arrive_with() {
+    let mut w = World::new(true);
+    w.spec.slo_ms = 1000;
+    let plain = adapter("sponge").round(&w.input(&[10.0], None)).plan;
+    w.budget_ms = Some(150.0);
+    let tight = adapter("sponge").round(&w.input(&[10.0], None)).plan;
+    assert!(tight.notes[0].contains("850 ms of the SLO left to the network"), "{:?}", tight.notes);
+    // 150 ms are too few for "big" (50 ms a request) on one core at half load.
+    assert_eq!(plain.assignments[0].millicores, 1000, "{:?}", plain.notes);
+    assert_eq!(tight.assignments[0].millicores, 2000, "{:?}", tight.notes);
+    // A policy that does not plan for deadlines ignores them.
+    let ipa = adapter("vpa-big").round(&w.input(&[10.0], None)).plan;
+    assert_eq!(ipa.assignments[0].millicores, 1000, "{:?}", ipa.notes);
+}
+
+#[test]
+fn a_lower_forecast_shrinks_the_plan_only_after_three_rounds() {
+    let w = World::new(true);
+    let mut a = adapter("tidal");
+    assert_eq!(AdaptConfig::default().scale_down_after, 3);
+    let mut plan = a.round(&w.input(&[100.0], None)).plan;
+    let mut planned = vec![];
+    for _ in 0..3 {
+        plan = a.round(&w.input(&[20.0], Some(&plan))).plan;
+        planned.push(plan.planned_rps["t"]);
+    }
+    assert_eq!(planned, vec![100.0, 100.0, 20.0]);
+}
+
+#[test]
+fn a_new_leader_resumes_from_the_planned_rates() {
+    let w = World::new(true);
+    let mut a = adapter("tidal");
+    a.resume(&[("t".to_string(), 100.0)].into());
+    // Empty observations do not shrink the plan on the first round.
+    let plan = a.round(&w.input(&[0.0], None)).plan;
+    assert_eq!(plan.planned_rps["t"], 100.0);
+}
+
+#[test]
+fn a_task_whose_solve_fails_keeps_its_workers() {
+    let mut w = World::new(true);
+    let mut a = adapter("tidal");
+    let plan = a.round(&w.input(&[20.0], None)).plan;
+    w.spec.slo_ms = 1; // nothing meets 1 ms
+    let round = a.round(&w.input(&[20.0], Some(&plan)));
+    assert!(round.tasks["t"].failed);
+    assert_eq!(round.plan.assignments, plan.assignments);
+}
