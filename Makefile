@@ -37,6 +37,7 @@ bench: build
 	$(CARGO) bench -p tidal-common --bench solver
 	$(CARGO) run --release -p tidal-controller --example commit_throughput
 	$(CARGO) run --release -p tidal-tests --example failover -- --trials 20
+	$(CARGO) run --release -p tidal-tests --example overload -- --seconds 10
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,176 @@
+//! Goodput under overload, measured: one agent serving resnet18 (64×64) on one core, offered
+//! 1×, 2×, 5× and 10× what that worker carries, open loop. For each factor it reports the
+//! requests answered within their deadline per second against the worker's capacity
+//! (goodput), the p99 of those answers, how the rest were refused (early, RESOURCE_EXHAUSTED,
+//! or DEADLINE_EXCEEDED) and how long a refusal took, and the agent's status latency while
+//! overloaded (does the control plane stay responsive?).
+//!
+//! Capacity is measured first, closed loop (enough requests in flight to keep full batches).
+//! The load generator runs on the same machine as the agent: the worker's quota is one core,
+//! the agent and the generator share the other.
+//!
+//! `cargo run --release -p tidal-tests --example overload -- --seconds 10`
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tidal_proto::v1::{AgentStatusRequest, InferRequest};
+use tidal_tests::*;
+use tonic::Code;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds of load per factor.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Overload factors to offer, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,5,10")]
+    factors: Vec<f64>,
+    /// Latency budget of every request, ms.
+    #[arg(long, default_value_t = 250)]
+    budget_ms: u32,
+    /// Largest batch of the worker.
+    #[arg(long, default_value_t = 4)]
+    batch: u32,
+}
+
+#[derive(Clone, Copy)]
+struct Outcome {
+    latency: Duration,
+    code: Code,
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn call(
+    client: &mut tidal_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+    req: InferRequest,
+) -> Outcome {
+    let sent = Instant::now();
+    let code = match client.infer(req).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    Outcome { latency: sent.elapsed(), code }
+}
+
+/// Requests answered per second with `in_flight` requests outstanding at all times.
+async fn capacity(addr: &str, req: &InferRequest, in_flight: usize, seconds: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let ok = Arc::new(Mutex::new(0u64));
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (addr, req, ok) = (addr.to_string(), req.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut client = inference_client(&addr).await;
+                while Instant::now() < until {
+                    if call(&mut client, req.clone()).await.code == Code::Ok {
+                        *ok.lock().unwrap() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = *ok.lock().unwrap();
+    n as f64 / seconds
+}
+
+/// Offers `rate` requests per second, evenly spaced, for `seconds`; also times the agent's
+/// status call every 200 ms.
+async fn offer(addr: &str, req: &InferRequest, rate: f64, seconds: f64) -> (Vec<Outcome>, Vec<f64>) {
+    let client = inference_client(addr).await;
+    let start = Instant::now();
+    let n = (rate * seconds) as usize;
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let mut tasks = Vec::with_capacity(n);
+    let status_ms = {
+        let addr = addr.to_string();
+        tokio::spawn(async move {
+            let mut agent = agent_client(&addr).await;
+            let mut times = Vec::new();
+            while start.elapsed().as_secs_f64() < seconds {
+                let t = Instant::now();
+                let _ = agent.status(AgentStatusRequest {}).await;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            times
+        })
+    };
+    for i in 0..n {
+        tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let (mut client, req, outcomes) = (client.clone(), req.clone(), outcomes.clone());
+        tasks.push(tokio::spawn(async move {
+            let o = call(&mut client, req).await;
+            outcomes.lock().unwrap().push(o);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    (outcomes, status_ms.await.unwrap_or_default())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    let s = setup(&[]);
+    s.serve(1, args.budget_ms, &[(&s.r18, 1000, args.batch)]).await;
+    let req =
+        InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: args.budget_ms };
+    let budget = Duration::from_millis(args.budget_ms as u64);
+
+    // Warm up, then measure what the worker carries.
+    capacity(&s.agent.addr, &req, 2 * args.batch as usize, 2.0).await;
+    let carried = capacity(&s.agent.addr, &req, 2 * args.batch as usize, args.seconds.min(8.0)).await;
+    println!(
+        "resnet18 64×64, 1 core, batch ≤ {}, budget {} ms: capacity {:.1} req/s (closed loop, {} in flight)",
+        args.batch,
+        args.budget_ms,
+        carried,
+        2 * args.batch
+    );
+    println!();
+    println!("| offered | req/s | goodput (OK in time / capacity) | p99 of OK | refused early | refusal p99 | deadline exceeded | other | status p99 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &factor in &args.factors {
+        let rate = factor * carried;
+        let (outcomes, mut status_ms) = offer(&s.agent.addr, &req, rate, args.seconds).await;
+        let in_time = |o: &Outcome| o.code == Code::Ok && o.latency <= budget;
+        let mut ok_ms: Vec<f64> =
+            outcomes.iter().filter(|o| in_time(o)).map(|o| o.latency.as_secs_f64() * 1e3).collect();
+        let mut refused_ms: Vec<f64> = outcomes
+            .iter()
+            .filter(|o| o.code == Code::ResourceExhausted)
+            .map(|o| o.latency.as_secs_f64() * 1e3)
+            .collect();
+        let late = outcomes
+            .iter()
+            .filter(|o| o.code == Code::DeadlineExceeded || (o.code == Code::Ok && o.latency > budget))
+            .count();
+        let other = outcomes.len() - ok_ms.len() - refused_ms.len() - late;
+        let goodput = ok_ms.len() as f64 / args.seconds;
+        println!(
+            "| {factor}× | {rate:.0} | {goodput:.1} req/s = {:.0} % | {:.1} ms | {} ({:.0} %) | {:.2} ms | {late} | {other} | {:.1} ms |",
+            100.0 * goodput / carried,
+            percentile(&mut ok_ms, 0.99),
+            refused_ms.len(),
+            100.0 * refused_ms.len() as f64 / outcomes.len().max(1) as f64,
+            percentile(&mut refused_ms, 0.99),
+            percentile(&mut status_ms, 0.99),
+        );
+        // Let the queue drain before the next factor.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
