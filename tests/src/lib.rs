@@ -102,7 +102,7 @@ pub fn unique_node() -> String {
     format!("test-{}-{}", std::process::id(), AGENTS.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Starts an agent with 2 cores, reporting every 0.5 s.
+/// Starts an agent with 2 cores (unless `extra` says `--cores`), reporting every 0.5 s.
 pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
     start_agent_named(work, &unique_node(), opts)
 }
@@ -114,13 +114,16 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     let node = node.to_string();
     let mut cmd = Command::new(bin("tidal-agent"));
     cmd.arg("serve")
-        .args(["--node", &node, "--listen", &addr, "--cores", "2", "--report-interval-s", "0.5"])
+        .args(["--node", &node, "--listen", &addr, "--report-interval-s", "0.5"])
         .arg("--model-dir")
         .arg(opts.model_dir)
         .arg("--ort-lib")
         .arg(ort_lib())
         .args(["--cgroup-subtree", &format!("tidal-test/{node}")])
         .args(opts.extra);
+    if !opts.extra.contains(&"--cores") {
+        cmd.args(["--cores", "2"]);
+    }
     if let Some(c) = opts.controller {
         cmd.args(["--controller", c]);
     }
