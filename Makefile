@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build models demo test bench clean
+.PHONY: all setup build models demo live-vs-sim test bench clean
 
 all: build
 
@@ -21,6 +21,11 @@ models: build
 
 demo: build
 	scripts/demo.sh
+
+# Each policy replayed live on a local cluster and in the simulator with the same profiles,
+# side by side (about 20 minutes).
+live-vs-sim: build
+	scripts/live-vs-sim.sh
 
 # Unit tests, property tests and the cross-process integration tests (which start real
 # controllers and agents, so the binaries are built first, with the same features as the

@@ -263,16 +263,25 @@ impl Node {
         routes
     }
 
+    /// A task's local routes: its workers by `weight_of`, and the workers being retired with
+    /// the weight they had, so that they keep serving their share until their successors
+    /// serve (make before break; the simulator does the same).
     fn routes_for(
         &self,
         task: &str,
         workers: &HashMap<WorkerKey, Arc<Worker>>,
         weight_of: impl Fn(&Worker) -> f64,
     ) -> Vec<(Arc<Worker>, f64)> {
+        let previous: HashMap<String, f64> = self.router.weights(task).into_iter().collect();
         let mut routes: Vec<(Arc<Worker>, f64)> =
             workers.values().filter(|w| w.spec.task == task).map(|w| (w.clone(), weight_of(w))).collect();
         let retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
-        routes.extend(retiring.iter().filter(|w| w.spec.task == task).map(|w| (w.clone(), 0.0)));
+        routes.extend(
+            retiring
+                .iter()
+                .filter(|w| w.spec.task == task)
+                .map(|w| (w.clone(), previous.get(&w.spec.id).copied().unwrap_or(0.0))),
+        );
         routes
     }
 
@@ -306,6 +315,7 @@ impl Node {
                 throttled_us: stats.throttled_us,
                 restarts: w.restarts(),
                 ready: w.is_ready(),
+                load_ms: w.load_ms(),
                 cgroup: w.cgroup.cpu_dir().map(|d| d.display().to_string()).unwrap_or_default(),
             });
         }

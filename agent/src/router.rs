@@ -3,8 +3,8 @@
 //!
 //! Smooth weighted round-robin (as nginx does it) spreads each worker's share evenly in time
 //! rather than in random bursts, which keeps the queues short. A worker that is not ready yet
-//! (its model is loading) gives its turn to the ready ones; workers being retired keep serving
-//! with weight 0 until the new ones are ready, so a plan change loses no request.
+//! (its model is loading) gives its turn to the ready ones; workers being retired keep the
+//! share they had until their successors are ready, so a plan change loses no capacity.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

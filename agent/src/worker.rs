@@ -165,6 +165,8 @@ pub struct Worker {
     settings: watch::Sender<BatchSettings>,
     millicores: AtomicU32,
     ready: Arc<AtomicBool>,
+    /// Milliseconds its process took from spawn to serving, the last time it started.
+    load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
     stop: CancellationToken,
     batcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -188,6 +190,7 @@ impl Worker {
             settings: settings_tx,
             millicores: AtomicU32::new(millicores),
             ready: Arc::new(AtomicBool::new(false)),
+            load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
             stop: CancellationToken::new(),
             batcher: tokio::sync::Mutex::new(None),
@@ -199,6 +202,7 @@ impl Worker {
             settings: settings_rx,
             millicores: millicores_reader(&worker),
             ready: worker.ready.clone(),
+            load_ms: worker.load_ms.clone(),
             restarts: worker.restarts.clone(),
             stop: worker.stop.clone(),
             process,
@@ -225,6 +229,10 @@ impl Worker {
 
     pub fn restarts(&self) -> u32 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub fn load_ms(&self) -> u32 {
+        self.load_ms.load(Ordering::Relaxed)
     }
 
     /// Resizes the worker in place: one write to its cgroup, no restart.
@@ -269,6 +277,7 @@ struct BatcherCtx {
     settings: watch::Receiver<BatchSettings>,
     millicores: Arc<dyn Fn() -> u32 + Send + Sync>,
     ready: Arc<AtomicBool>,
+    load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
     stop: CancellationToken,
     process: ProcessConfig,
@@ -283,6 +292,7 @@ impl BatcherCtx {
     async fn run(self) {
         let mut backoff = Duration::from_millis(200);
         while !self.stop.is_cancelled() {
+            let spawning = Instant::now();
             let spawned =
                 WorkerProcess::spawn(&self.process, &self.spec.model_path, &self.cgroup, (self.millicores)()).await;
             let mut proc = match spawned {
@@ -297,7 +307,9 @@ impl BatcherCtx {
                     continue;
                 }
             };
-            info!(pid = ?proc.pid(), millicores = (self.millicores)(), "worker ready");
+            let load_ms = spawning.elapsed().as_millis().min(u32::MAX as u128) as u32;
+            self.load_ms.store(load_ms, Ordering::Relaxed);
+            info!(pid = ?proc.pid(), millicores = (self.millicores)(), load_ms, "worker ready");
             self.ready.store(true, Ordering::Relaxed);
             backoff = Duration::from_millis(200);
             let exit = self.serve(&mut proc).await;

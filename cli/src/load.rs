@@ -52,6 +52,9 @@ pub struct LoadOpts {
     /// HTTP/2 connections to spread requests over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// Also write the summary (with the cluster's mean cores and plans) as JSON here.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
 }
 
 /// One request's record.
@@ -64,7 +67,7 @@ pub struct Record {
     pub accuracy: f64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize)]
 pub struct Summary {
     pub requests: usize,
     pub ok: usize,
@@ -74,6 +77,36 @@ pub struct Summary {
     pub mean_accuracy: f64,
     pub errors: Vec<(String, usize)>,
     pub by_variant: Vec<(String, usize)>,
+    /// Cores allocated to workers, sampled every second from the controller; the mean.
+    pub mean_cores: Option<f64>,
+    /// Plans the controller committed during the replay.
+    pub plans: Option<u64>,
+}
+
+/// What the cluster ran while the load was replayed: (millicores of all workers, plan epoch),
+/// sampled every second from the controller's status.
+pub async fn watch_cluster(controller: String, samples: Arc<std::sync::Mutex<Vec<(u32, u64)>>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(mut client) = crate::controller(&controller).await else { continue };
+        let Ok(status) = client.status(tidal_proto::v1::ClusterStatusRequest {}).await else { continue };
+        let status = status.into_inner();
+        let millicores = status.nodes.iter().flat_map(|n| &n.workers).map(|w| w.millicores).sum();
+        let epoch = status.plan.map_or(0, |p| p.epoch);
+        samples.lock().unwrap_or_else(|p| p.into_inner()).push((millicores, epoch));
+    }
+}
+
+/// Mean cores and plans committed from the samples of [`watch_cluster`].
+pub fn cluster_figures(samples: &[(u32, u64)]) -> (Option<f64>, Option<u64>) {
+    if samples.is_empty() {
+        return (None, None);
+    }
+    let mean = samples.iter().map(|(m, _)| *m as f64 / 1000.0).sum::<f64>() / samples.len() as f64;
+    let first = samples.iter().map(|(_, e)| *e).min().unwrap_or(0);
+    let last = samples.iter().map(|(_, e)| *e).max().unwrap_or(0);
+    (Some(mean), Some(last - first))
 }
 
 /// Reads a trace: one non-negative integer (requests in that second) per line; a file whose
@@ -269,6 +302,8 @@ pub fn summarise(records: &[Record], slo_ms: u32) -> Summary {
         mean_accuracy: if ok > 0 { acc_sum / ok as f64 } else { 0.0 },
         errors: errors.into_iter().collect(),
         by_variant: by_variant.into_iter().collect(),
+        mean_cores: None,
+        plans: None,
     }
 }
 
@@ -285,6 +320,12 @@ pub fn print_summary(s: &Summary, slo_ms: u32) {
     }
     for (variant, n) in &s.by_variant {
         println!("│ served by {:<18} │ {:>12} │", variant, n);
+    }
+    if let Some(cores) = s.mean_cores {
+        println!("│ mean cores (workers)         │ {:>12.2} │", cores);
+    }
+    if let Some(plans) = s.plans {
+        println!("│ plans committed              │ {:>12} │", plans);
     }
     println!("└──────────────────────────────┴──────────────┘");
 }

@@ -4,6 +4,7 @@ mod forecast;
 mod load;
 mod models;
 mod plot;
+mod profile;
 mod replicas;
 mod simulate;
 mod status;
@@ -13,12 +14,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tidal_common::variant::VariantConfig;
-use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::controller_client::ControllerClient;
-use tidal_proto::v1::{
-    ClusterStatusRequest, ProfileRequest, RegisterTaskRequest, SetSloRequest, StoreProfileRequest, TaskSpec,
-    VariantProfile,
-};
+use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, SetSloRequest, TaskSpec};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -41,11 +38,14 @@ enum Command {
     #[command(subcommand)]
     Task(TaskCmd),
     /// Measure each variant of a task on an agent (latency and throughput over a grid of cores
-    /// and batch sizes, under the real cgroup quota) and store the profiles in the controller.
+    /// and batch sizes, under the real cgroup quota, repeated) and store the profiles in the
+    /// controller. Run it while the node serves nothing: serving or load generation on the same
+    /// cores would be measured too.
     Profile {
         /// The agent to measure on (host:port).
         #[arg(long, default_value = "127.0.0.1:7100")]
         agent: String,
+        /// The task whose variants to measure.
         #[arg(long)]
         task: String,
         /// Core counts to measure, comma-separated.
@@ -54,9 +54,18 @@ enum Command {
         /// Batch sizes to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
         batches: Vec<u32>,
-        /// Milliseconds of measurement per point.
+        /// Milliseconds of measurement per point and run.
         #[arg(long, default_value_t = 2000)]
         duration_ms: u32,
+        /// Runs per variant: p50 and throughput are their medians, p99 the worst run's.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// Also write the profiles to this JSON file (for `--from` and `tidalctl simulate --profiles`).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Store the profiles saved in this file instead of measuring.
+        #[arg(long, conflicts_with_all = ["save"])]
+        from: Option<PathBuf>,
     },
     /// Show the cluster: nodes, workers, plan, live rates and latencies.
     Status {
@@ -150,8 +159,15 @@ async fn main() -> anyhow::Result<()> {
             println!("task {task}: SLO set to {slo_ms} ms");
             Ok(())
         }
-        Command::Profile { agent, task, cores, batches, duration_ms } => {
-            profile(&cli.controller, &agent, &task, cores, batches, duration_ms).await
+        Command::Profile { agent, task, cores, batches, duration_ms, repeat, save, from } => {
+            let spec = task_spec(&cli.controller, &task).await?;
+            match from {
+                Some(path) => profile::store_saved(&cli.controller, &spec, &path).await,
+                None => {
+                    let m = profile::Measure { agent: &agent, cores, batches, duration_ms, repeat };
+                    profile::measure(&cli.controller, &spec, m, save.as_deref()).await
+                }
+            }
         }
         Command::Controller(cmd) => replicas::run(&cli.controller, cmd).await,
         Command::Status { watch } => status::run(&cli.controller, watch).await,
@@ -162,8 +178,18 @@ async fn main() -> anyhow::Result<()> {
             let spec = task_spec(&cli.controller, &opts.task).await?;
             let input_shape =
                 spec.variants.first().map(|v| v.input_shape.clone()).context("the task has no variants")?;
-            let summary = load::run(opts, spec.slo_ms, input_shape).await?;
+            let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let watcher = tokio::spawn(load::watch_cluster(cli.controller.clone(), samples.clone()));
+            let json = opts.summary_json.clone();
+            let mut summary = load::run(opts, spec.slo_ms, input_shape).await?;
+            watcher.abort();
+            (summary.mean_cores, summary.plans) =
+                load::cluster_figures(&samples.lock().unwrap_or_else(|p| p.into_inner()));
             load::print_summary(&summary, spec.slo_ms);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
     }
@@ -182,53 +208,4 @@ async fn task_spec(controller_addr: &str, task: &str) -> anyhow::Result<TaskSpec
         .filter_map(|t| t.spec)
         .find(|t| t.name == task)
         .with_context(|| format!("the controller has no task {task:?}; register it first"))
-}
-
-async fn profile(
-    controller_addr: &str,
-    agent: &str,
-    task: &str,
-    cores: Vec<u32>,
-    batches: Vec<u32>,
-    duration_ms: u32,
-) -> anyhow::Result<()> {
-    let spec = task_spec(controller_addr, task).await?;
-    let mut agent_client = AgentClient::connect(format!("http://{agent}"))
-        .await
-        .with_context(|| format!("connecting to the agent at {agent}"))?;
-    let mut ctl = controller(controller_addr).await?;
-    let points = cores.len() * batches.len();
-    for (i, variant) in spec.variants.iter().enumerate() {
-        eprintln!(
-            "[{}/{}] profiling {} on {agent}: {points} points × {:.1} s",
-            i + 1,
-            spec.variants.len(),
-            variant.name,
-            duration_ms as f64 / 1000.0
-        );
-        let resp = agent_client
-            .profile(ProfileRequest {
-                variant: Some(variant.clone()),
-                cores: cores.clone(),
-                batches: batches.clone(),
-                duration_ms,
-            })
-            .await
-            .with_context(|| format!("profiling {}", variant.name))?
-            .into_inner();
-        for p in &resp.points {
-            println!(
-                "{:<10} cores {:>2} batch {:>3}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s",
-                variant.name, p.cores, p.batch, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps
-            );
-        }
-        let profile = VariantProfile {
-            task: task.to_string(),
-            variant: variant.name.clone(),
-            node: resp.node,
-            points: resp.points,
-        };
-        ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
-    }
-    Ok(())
 }

@@ -33,6 +33,16 @@ pub struct SimulateOpts {
     /// Factor applied to the trace's rates.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// Trace seconds per simulated second, as `tidalctl load --speedup` replays it: each run
+    /// of this many trace seconds becomes one second at their mean rate. --start and
+    /// --duration stay in trace seconds; --interval, --lookback-s and load times are simulated
+    /// (wall-clock) seconds.
+    #[arg(long, default_value_t = 1)]
+    pub speedup: usize,
+    /// Start as a fresh cluster does: no arrival history before --start (by default the
+    /// forecaster sees the --lookback-s before it).
+    #[arg(long)]
+    pub cold_start: bool,
     /// Core budget of the task.
     #[arg(long, default_value_t = 48)]
     pub cores: u32,
@@ -44,8 +54,11 @@ pub struct SimulateOpts {
     pub slo_ms: u32,
     /// Profiles from InfAdapter's published TF-Serving runs (infadapter-capacity-tfserving.csv),
     /// the rows measured at --slo-ms.
-    #[arg(long, conflicts_with = "task")]
+    #[arg(long, conflicts_with_all = ["task", "profiles"])]
     pub tfserving_csv: Option<PathBuf>,
+    /// Profiles saved by `tidalctl profile --save`.
+    #[arg(long, conflicts_with = "task")]
+    pub profiles: Option<PathBuf>,
     /// Profiles measured by `tidalctl profile` for this task, read from the controller.
     #[arg(long)]
     pub task: Option<String>,
@@ -122,25 +135,34 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
         bail!("no policy given");
     }
     validate(&opts)?;
-    let variants = match (&opts.tfserving_csv, &opts.task) {
-        (Some(path), _) => tfserving_variants(path, opts.slo_ms, opts.load_time_s)?,
-        (None, Some(task)) => controller_variants(controller, task, opts.load_time_s).await?,
-        (None, None) => bail!("give profiles: --tfserving-csv FILE or --task NAME (profiled with `tidalctl profile`)"),
+    let variants = match (&opts.tfserving_csv, &opts.profiles, &opts.task) {
+        (Some(path), _, _) => tfserving_variants(path, opts.slo_ms, opts.load_time_s)?,
+        (None, Some(path), _) => saved_variants(path, opts.load_time_s)?,
+        (None, None, Some(task)) => controller_variants(controller, task, opts.load_time_s).await?,
+        (None, None, None) => bail!(
+            "give profiles: --tfserving-csv FILE, --profiles FILE (`tidalctl profile --save`) or --task NAME (profiled with `tidalctl profile`)"
+        ),
     };
     let all = crate::load::read_trace(&opts.trace, 0, Some(opts.start + opts.duration))?;
     if all.len() <= opts.start {
         bail!("the trace has {} seconds; --start {} is past its end", all.len(), opts.start);
     }
-    let rates: Vec<f64> = all[opts.start..].iter().map(|r| r * opts.scale).collect();
-    let warmup: Vec<f64> =
-        all[opts.start.saturating_sub(opts.lookback_s)..opts.start].iter().map(|r| r * opts.scale).collect();
+    let rates = compress(&all[opts.start..], opts.speedup, opts.scale);
+    // A fresh controller sees zeros before its first report.
+    let warmup = if opts.cold_start {
+        vec![0.0; opts.lookback_s]
+    } else {
+        let from = opts.start.saturating_sub(opts.lookback_s * opts.speedup);
+        compress(&all[from..opts.start], opts.speedup, opts.scale)
+    };
     let cfg = sim_config(&opts)?;
     println!(
-        "{} s of {} from second {} ×{}, {} cores, SLO {} ms, every {} s; {} variants: {}",
+        "{} s of {} from second {} ×{}{}, {} cores, SLO {} ms, every {} s; {} variants: {}",
         rates.len(),
         opts.trace.display(),
         opts.start,
         opts.scale,
+        if opts.speedup > 1 { format!(", {}× faster", opts.speedup) } else { String::new() },
         opts.cores,
         opts.slo_ms,
         opts.interval,
@@ -164,9 +186,29 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Trace seconds to simulated seconds: each `speedup` of them averaged into one, × `scale`.
+fn compress(trace: &[f64], speedup: usize, scale: f64) -> Vec<f64> {
+    trace.chunks(speedup.max(1)).map(|c| scale * c.iter().sum::<f64>() / c.len() as f64).collect()
+}
+
+fn saved_variants(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+    let saved = crate::profile::read(path)?;
+    if saved.variants.is_empty() {
+        bail!("{} holds no variant", path.display());
+    }
+    Ok(saved
+        .variants
+        .into_iter()
+        .map(|v| {
+            let points = v.points.iter().map(ProfilePoint::from).collect();
+            sim_variant(v.name, v.accuracy, points, load_time)
+        })
+        .collect())
+}
+
 fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
-    if opts.cores == 0 || opts.interval == 0 || opts.duration == 0 || opts.slo_ms == 0 {
-        bail!("--cores, --interval, --duration and --slo-ms must be positive");
+    if opts.cores == 0 || opts.interval == 0 || opts.duration == 0 || opts.slo_ms == 0 || opts.speedup == 0 {
+        bail!("--cores, --interval, --duration, --slo-ms and --speedup must be positive");
     }
     if !(opts.scale.is_finite() && opts.scale > 0.0) {
         bail!("--scale must be a positive factor");
@@ -196,6 +238,7 @@ fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
             headroom: opts.headroom,
             scale_down_after: opts.scale_down_after.max(1),
             reserve_cores: 0,
+            load_time_s: opts.load_time_s.unwrap_or(AdaptConfig::default().load_time_s),
         },
         slo_ms: opts.slo_ms as f64,
         core_budget: opts.cores,

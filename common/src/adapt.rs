@@ -49,6 +49,8 @@ pub struct AdaptConfig {
     pub scale_down_after: u32,
     /// Cores per node kept free of workers (for the agent itself and the OS).
     pub reserve_cores: u32,
+    /// Seconds a new worker takes to serve, where a variant's own is not known.
+    pub load_time_s: f64,
 }
 
 impl Default for AdaptConfig {
@@ -63,6 +65,7 @@ impl Default for AdaptConfig {
             headroom: 1.1,
             scale_down_after: 3,
             reserve_cores: 0,
+            load_time_s: 2.0,
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct TaskInput<'a> {
     pub min_budget_ms: Option<f64>,
     /// Measured profile per variant name.
     pub profiles: BTreeMap<&'a str, &'a [ProfilePoint]>,
+    /// Seconds a new worker of a variant takes to serve, where known.
+    pub load_s: BTreeMap<&'a str, f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -331,8 +336,10 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
     }
     match solve(&problem, &cfg.space()) {
         Ok(s) => {
+            let (problem, s, kept) = price_transition(cfg, task, current, rate, problem, s);
             choice.workers = workers_of(spec, &problem, &s);
             choice.notes = notes_of(spec, &problem, &s, rate, budget);
+            choice.notes.extend(kept);
             choice.overloaded = s.overloaded;
         }
         Err(e) => {
@@ -349,6 +356,107 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
         }
     }
     choice
+}
+
+/// For a policy that prices transitions: the best plan also restricted to the variants that
+/// run, and whichever of the two is worth more once each pays for its transition (see
+/// [`transition_cost`]). A note says when the running variants are kept for that reason.
+fn price_transition(
+    cfg: &AdaptConfig,
+    task: &TaskInput,
+    current: Option<&Plan>,
+    rate: f64,
+    problem: Problem,
+    best: Solution,
+) -> (Problem, Solution, Option<String>) {
+    let old: Vec<&Assignment> =
+        current.iter().flat_map(|p| p.assignments.iter()).filter(|a| a.task == task.spec.name).collect();
+    let running: HashSet<&str> = old.iter().filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str())).collect();
+    let uses_new = best.choices.iter().any(|c| !running.contains(problem.stages[0].variants[c.variant].name.as_str()));
+    if !cfg.space().prices_transitions || running.is_empty() || !uses_new {
+        return (problem, best, None);
+    }
+    let mut kept = problem.clone();
+    kept.stages[0].variants.retain(|v| running.contains(v.name.as_str()));
+    let Ok(keep) = solve(&kept, &cfg.space()) else { return (problem, best, None) };
+    let cost_best = transition_cost(cfg, task, &old, &problem, &best, rate);
+    let cost_keep = transition_cost(cfg, task, &old, &kept, &keep, rate);
+    if keep.objective - cost_keep.value > best.objective - cost_best.value {
+        let note = format!(
+            "{}: kept the running variants: the better mix would leave {:.1} req/s uncarried for {:.1} s while its workers load",
+            task.spec.name, cost_best.shortfall_rps, cost_best.load_s
+        );
+        return (kept, keep, Some(note));
+    }
+    (problem, best, None)
+}
+
+/// What moving from the workers `old` to `new` costs while new workers load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TransitionCost {
+    /// The planned rate less what serves meanwhile: old workers keep serving until their
+    /// successors do (make before break), and an in-place policy grows running workers at once.
+    shortfall_rps: f64,
+    /// The longest load among the new workers.
+    load_s: f64,
+    /// In the objective's units: the accuracy term lost on the requests left uncarried — while
+    /// new workers load, and afterwards if the plan is overloaded — over the requests of the
+    /// horizon a plan holds at least (`scale_down_after` rounds): the transition is paid once,
+    /// an overload every second of it.
+    value: f64,
+}
+
+fn transition_cost(
+    cfg: &AdaptConfig,
+    task: &TaskInput,
+    old: &[&Assignment],
+    problem: &Problem,
+    new: &Solution,
+    rate: f64,
+) -> TransitionCost {
+    let in_place = cfg.space().in_place;
+    let grid_of = |name: &str| problem.stages[0].variants.iter().find(|v| v.name == name).map(|v| &v.grid);
+    let capacity = |name: &str, cores: u32, batch: u32| {
+        grid_of(name).and_then(|g| g.estimate(cores, batch)).map_or(0.0, |e| cfg.model.utilisation * e.throughput_rps)
+    };
+    let mut interim = 0.0;
+    let mut load_s: f64 = 0.0;
+    let load_of = |name: &str| task.load_s.get(name).copied().unwrap_or(cfg.load_time_s);
+    let mut names: Vec<&str> = old.iter().filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str())).collect();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        let olds: Vec<&&Assignment> =
+            old.iter().filter(|a| a.variant.as_ref().is_some_and(|v| v.name == *name)).collect();
+        let old_cap: f64 = olds.iter().map(|a| capacity(name, a.millicores.div_ceil(1000), a.max_batch)).sum();
+        let mut immediate = 0.0;
+        for c in new.choices.iter().filter(|c| problem.stages[0].variants[c.variant].name == *name) {
+            let same_shape = olds.iter().all(|a| a.millicores == c.point.cores * 1000 && a.max_batch == c.point.batch);
+            let kept = (c.replicas as usize).min(olds.len()) as f64;
+            if in_place || same_shape {
+                immediate += kept * capacity(name, c.point.cores, c.point.batch);
+            } else {
+                load_s = load_s.max(load_of(name));
+            }
+            if c.replicas as usize > olds.len() {
+                load_s = load_s.max(load_of(name));
+            }
+        }
+        interim += f64::max(old_cap, immediate);
+    }
+    for c in &new.choices {
+        let name = problem.stages[0].variants[c.variant].name.as_str();
+        if !names.contains(&name) {
+            load_s = load_s.max(load_of(name));
+        }
+    }
+    let horizon = cfg.interval_s.max(1.0) * cfg.scale_down_after.max(1) as f64;
+    let load_s = load_s.min(horizon);
+    let shortfall_rps = if load_s > 0.0 { (rate - interim).max(0.0) } else { 0.0 };
+    let steady_rps = (rate - new.carried_rps).max(0.0);
+    let lost = (shortfall_rps * load_s + steady_rps * (horizon - load_s)) / (rate.max(f64::MIN_POSITIVE) * horizon);
+    let value = cfg.weights.alpha * new.accuracy / 100.0 * lost.min(1.0);
+    TransitionCost { shortfall_rps, load_s, value }
 }
 
 /// The planning problem of one task: its profiled variants, the planned rate, the SLO less the

@@ -67,6 +67,10 @@ struct Args {
     /// Share of a profiled throughput a worker is planned to carry.
     #[arg(long, default_value_t = AdaptConfig::default().model.utilisation)]
     utilisation: f64,
+    /// Seconds a new worker takes to serve, assumed where the agents have not measured a
+    /// variant's load yet (Tidal weighs a plan change by the requests lost meanwhile).
+    #[arg(long, default_value_t = AdaptConfig::default().load_time_s)]
+    load_time_s: f64,
     /// Cores per node kept free of workers.
     #[arg(long, default_value_t = 0)]
     reserve_cores: u32,
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             headroom: args.headroom,
             scale_down_after: args.scale_down_after.max(1),
             reserve_cores: args.reserve_cores,
+            load_time_s: args.load_time_s.clamp(0.0, 600.0),
         },
         advertise,
     };

@@ -99,6 +99,18 @@ impl Observed {
         least.is_finite().then_some(least)
     }
 
+    /// Seconds the latest worker of each variant of `task` took from its start to serving,
+    /// as the agents measured it.
+    pub fn load_times(&self, task: &str) -> BTreeMap<&str, f64> {
+        let mut out = BTreeMap::new();
+        for (_, report) in self.reports.values() {
+            for w in report.workers.iter().filter(|w| w.task == task && w.load_ms > 0) {
+                out.insert(w.variant.as_str(), w.load_ms as f64 / 1000.0);
+            }
+        }
+        out
+    }
+
     /// The worst p99 latency any node reported for `task` in its latest report.
     pub fn p99(&self, task: &str) -> f64 {
         self.reports

@@ -27,6 +27,7 @@ pub fn plan_round(adapter: &mut Adapter, state: &ClusterState, observed: &Observ
             arrivals,
             min_budget_ms: observed.min_budget(&spec.name, now, interval),
             profiles: profiles_of(state, &spec.name),
+            load_s: observed.load_times(&spec.name),
         })
         .collect();
     let nodes = state.nodes.iter().map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores }).collect();

@@ -7,7 +7,11 @@ fn variant(name: &str, accuracy: f64) -> VariantSpec {
 
 /// Batch 1 on 1..=2 cores, `rps_per_core` per core.
 fn points(rps_per_core: f64) -> Vec<ProfilePoint> {
-    (1..=2)
+    points_up_to(rps_per_core, 2)
+}
+
+fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
+    (1..=cores)
         .map(|c| ProfilePoint {
             cores: c,
             batch: 1,
@@ -25,6 +29,8 @@ struct World {
     profiled: bool,
     nodes: Vec<(String, u32)>,
     budget_ms: Option<f64>,
+    /// Seconds every variant takes to load.
+    load_s: Option<f64>,
 }
 
 impl World {
@@ -40,6 +46,7 @@ impl World {
             profiled,
             nodes: vec![("n1".into(), 2)],
             budget_ms: None,
+            load_s: None,
         }
     }
 
@@ -52,7 +59,13 @@ impl World {
             profiles.insert("big", self.big.as_slice());
         }
         RoundInput {
-            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms: self.budget_ms, profiles }],
+            tasks: vec![TaskInput {
+                spec: &self.spec,
+                arrivals,
+                min_budget_ms: self.budget_ms,
+                profiles,
+                load_s: self.load_s.map(|s| [("small", s), ("big", s)].into()).unwrap_or_default(),
+            }],
             nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
             current,
         }
@@ -235,4 +248,61 @@ fn a_task_whose_solve_fails_keeps_its_workers() {
     let round = a.round(&w.input(&[20.0], Some(&plan)));
     assert!(round.tasks["t"].failed);
     assert_eq!(round.plan.assignments, plan.assignments);
+}
+
+fn variants_of(plan: &Plan) -> Vec<&str> {
+    let mut v: Vec<&str> = plan.assignments.iter().map(|a| a.variant.as_ref().unwrap().name.as_str()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// From "small" on one core at 50 req/s to 100 req/s on four cores: the better mix adds "big"
+/// (more accurate), which serves only once loaded, while "small" grown in place carries it all
+/// at once. A short load makes the mix worth it, a long one does not.
+#[test]
+fn tidal_keeps_the_running_variants_when_a_switch_would_cost_more_than_it_gains() {
+    let mut w = World::new(true);
+    w.nodes = vec![("n1".into(), 4)];
+    (w.small, w.big) = (points_up_to(100.0, 4), points_up_to(20.0, 4));
+    let current = Plan {
+        tasks: vec![w.spec.clone()],
+        assignments: vec![Assignment {
+            task: "t".into(),
+            variant: Some(variant("small", 70.0)),
+            node: "n1".into(),
+            millicores: 1000,
+            max_batch: 1,
+            max_delay_ms: 0,
+            weight: 1.0,
+            replica: 0,
+        }],
+        ..Default::default()
+    };
+    w.load_s = Some(1.0);
+    let quick = adapter("tidal").round(&w.input(&[100.0], Some(&current))).plan;
+    assert_eq!(variants_of(&quick), ["big", "small"], "{:?}", quick.notes);
+    w.load_s = Some(25.0);
+    let slow = adapter("tidal").round(&w.input(&[100.0], Some(&current))).plan;
+    assert_eq!(variants_of(&slow), ["small"], "{:?}", slow.notes);
+    assert!(slow.notes.iter().any(|n| n.contains("kept the running variants")), "{:?}", slow.notes);
+    // InfAdapter does not price transitions: the same plan, however long the load.
+    let inf_slow = adapter("infadapter").round(&w.input(&[100.0], Some(&current))).plan;
+    w.load_s = Some(1.0);
+    let inf_quick = adapter("infadapter").round(&w.input(&[100.0], Some(&current))).plan;
+    assert_eq!(inf_slow.assignments, inf_quick.assignments);
+}
+
+/// Keeping is never chosen when the running variants cannot carry the load.
+#[test]
+fn an_overloaded_keep_loses_to_a_switch_that_carries_the_load() {
+    let mut w = World::new(true);
+    w.nodes = vec![("n1".into(), 4)];
+    (w.small, w.big) = (points_up_to(100.0, 4), points_up_to(20.0, 4));
+    w.load_s = Some(25.0);
+    let current = adapter("tidal").round(&w.input(&[10.0], None)).plan;
+    assert_eq!(variants_of(&current), ["big"]);
+    // "big" on all four cores carries 64 req/s: 150 req/s need "small".
+    let next = adapter("tidal").round(&w.input(&[150.0], Some(&current))).plan;
+    assert!(variants_of(&next).contains(&"small"), "{:?}", next.notes);
 }

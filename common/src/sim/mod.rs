@@ -141,6 +141,7 @@ pub struct SimPlanner {
     adapter: Adapter,
     spec: TaskSpec,
     profiles: Vec<(String, Vec<tidal_proto::v1::ProfilePoint>)>,
+    load_s: Vec<(String, f64)>,
     cores: u32,
     /// The plan in force (epochs count from 1).
     pub plan: Option<Plan>,
@@ -165,7 +166,8 @@ impl SimPlanner {
                 .collect(),
         };
         let profiles = variants.iter().map(|v| (v.name.clone(), v.points.clone())).collect();
-        Self { adapter, spec, profiles, cores: core_budget, plan: None }
+        let load_s = variants.iter().map(|v| (v.name.clone(), v.load_time_s)).collect();
+        Self { adapter, spec, profiles, load_s, cores: core_budget, plan: None }
     }
 
     /// The task as the simulator registers it.
@@ -177,8 +179,9 @@ impl SimPlanner {
     /// plan becomes the plan in force with the next epoch.
     pub fn round(&mut self, arrivals: &[f64], min_budget_ms: Option<f64>) -> Round {
         let profiles = self.profiles.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
+        let load_s = self.load_s.iter().map(|(n, s)| (n.as_str(), *s)).collect();
         let input = RoundInput {
-            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms, profiles }],
+            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms, profiles, load_s }],
             nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores }],
             current: self.plan.as_ref(),
         };

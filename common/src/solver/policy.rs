@@ -79,6 +79,9 @@ pub struct SearchSpace {
     /// Re-plans at once when arrivals exceed the planned rate, between intervals (Tidal's
     /// controller; Sponge adapts every second).
     pub reacts_to_surges: bool,
+    /// Weighs a plan change by the requests it would leave uncarried while new workers load,
+    /// and keeps the running variants when that costs more than the change gains (Tidal).
+    pub prices_transitions: bool,
 }
 
 /// The search limits shared by policies that scale horizontally or batch.
@@ -128,6 +131,7 @@ impl PolicyKind {
             deadline_aware,
             in_place,
             reacts_to_surges: in_place,
+            prices_transitions: false,
         };
         let powers = BatchSet::PowersOfTwo { max: limits.max_batch };
         match self {
@@ -142,6 +146,7 @@ impl PolicyKind {
                 deadline_aware: true,
                 in_place: true,
                 reacts_to_surges: true,
+                prices_transitions: true,
             },
             PolicyKind::InfAdapter => SearchSpace {
                 max_variants_per_stage: usize::MAX,

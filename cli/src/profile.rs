@@ -1,0 +1,259 @@
+//! `tidalctl profile`: measures each variant of a task on an agent, several times, and stores
+//! the profiles in the controller; or stores profiles saved earlier (`--from`), so that a
+//! comparison runs every policy on the very same measurements.
+//!
+//! Repeated runs make profiles stable on a noisy machine: a point's p50 and throughput are the
+//! medians of the runs, its p99 the worst run's, so the planner's latency bound includes the
+//! spread that was measured. The spread is printed per point.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tidal_proto::v1::agent_client::AgentClient;
+use tidal_proto::v1::{ProfilePoint, ProfileRequest, StoreProfileRequest, TaskSpec, VariantProfile};
+
+/// What `tidalctl profile` measures.
+pub struct Measure<'a> {
+    pub agent: &'a str,
+    pub cores: Vec<u32>,
+    pub batches: Vec<u32>,
+    pub duration_ms: u32,
+    pub repeat: u32,
+}
+
+/// Profiles of a task's variants, as saved to and read from a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedProfiles {
+    pub task: String,
+    pub variants: Vec<SavedVariant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedVariant {
+    pub name: String,
+    pub accuracy: f64,
+    pub node: String,
+    pub points: Vec<SavedPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SavedPoint {
+    pub cores: u32,
+    pub batch: u32,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub throughput_rps: f64,
+}
+
+impl From<&ProfilePoint> for SavedPoint {
+    fn from(p: &ProfilePoint) -> Self {
+        Self {
+            cores: p.cores,
+            batch: p.batch,
+            latency_p50_ms: p.latency_p50_ms,
+            latency_p99_ms: p.latency_p99_ms,
+            throughput_rps: p.throughput_rps,
+        }
+    }
+}
+
+impl From<&SavedPoint> for ProfilePoint {
+    fn from(p: &SavedPoint) -> Self {
+        Self {
+            cores: p.cores,
+            batch: p.batch,
+            latency_p50_ms: p.latency_p50_ms,
+            latency_p99_ms: p.latency_p99_ms,
+            throughput_rps: p.throughput_rps,
+        }
+    }
+}
+
+pub fn read(path: &Path) -> anyhow::Result<SavedProfiles> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading profiles from {}", path.display()))?;
+    let saved: SavedProfiles =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a profiles file", path.display()))?;
+    for v in &saved.variants {
+        if v.points.is_empty() {
+            bail!("{}: variant {} has no points", path.display(), v.name);
+        }
+        if let Some(p) = v.points.iter().find(|p| {
+            p.cores == 0
+                || p.batch == 0
+                || ![p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps].iter().all(|x| x.is_finite() && *x > 0.0)
+        }) {
+            bail!("{}: variant {} has an invalid point {p:?}", path.display(), v.name);
+        }
+    }
+    Ok(saved)
+}
+
+fn write(path: &Path, saved: &SavedProfiles) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(saved)?;
+    std::fs::write(path, text).with_context(|| format!("writing profiles to {}", path.display()))
+}
+
+/// Measures every variant of `spec` `repeat` times, stores the combined profiles in the
+/// controller and, with `save`, writes them to a file.
+pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Option<&Path>) -> anyhow::Result<()> {
+    let mut agent = AgentClient::connect(format!("http://{}", m.agent))
+        .await
+        .with_context(|| format!("connecting to the agent at {}", m.agent))?;
+    let mut ctl = crate::controller(controller).await?;
+    let mut saved = SavedProfiles { task: spec.name.clone(), variants: Vec::new() };
+    let repeat = m.repeat.clamp(1, 20);
+    for (i, variant) in spec.variants.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] profiling {} on {}: {} points × {:.1} s, {repeat} times",
+            i + 1,
+            spec.variants.len(),
+            variant.name,
+            m.agent,
+            m.cores.len() * m.batches.len(),
+            m.duration_ms as f64 / 1000.0
+        );
+        let mut runs = Vec::new();
+        let mut node = String::new();
+        for _ in 0..repeat {
+            let req = ProfileRequest {
+                variant: Some(variant.clone()),
+                cores: m.cores.clone(),
+                batches: m.batches.clone(),
+                duration_ms: m.duration_ms,
+            };
+            let resp = agent.profile(req).await.with_context(|| format!("profiling {}", variant.name))?.into_inner();
+            node = resp.node;
+            runs.push(resp.points);
+        }
+        let (points, spreads) = combine(&runs);
+        for (p, s) in points.iter().zip(&spreads) {
+            println!(
+                "{:<10} cores {:>2} batch {:>3}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
+                variant.name, p.cores, p.batch, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
+            );
+        }
+        saved.variants.push(SavedVariant {
+            name: variant.name.clone(),
+            accuracy: variant.accuracy,
+            node: node.clone(),
+            points: points.iter().map(SavedPoint::from).collect(),
+        });
+        let profile = VariantProfile { task: spec.name.clone(), variant: variant.name.clone(), node, points };
+        ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
+    }
+    if let Some(path) = save {
+        write(path, &saved)?;
+        eprintln!("saved the profiles to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Stores profiles saved earlier for `spec`'s variants.
+pub async fn store_saved(controller: &str, spec: &TaskSpec, path: &Path) -> anyhow::Result<()> {
+    let saved = read(path)?;
+    let mut ctl = crate::controller(controller).await?;
+    let mut stored = 0;
+    for variant in &spec.variants {
+        let Some(v) = saved.variants.iter().find(|v| v.name == variant.name) else {
+            eprintln!("{}: no saved profile for {}; left unprofiled", path.display(), variant.name);
+            continue;
+        };
+        let profile = VariantProfile {
+            task: spec.name.clone(),
+            variant: v.name.clone(),
+            node: v.node.clone(),
+            points: v.points.iter().map(ProfilePoint::from).collect(),
+        };
+        ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
+        stored += 1;
+    }
+    if stored == 0 {
+        bail!("{} holds no profile of task {}'s variants", path.display(), spec.name);
+    }
+    println!("stored {stored} saved profiles for task {}", spec.name);
+    Ok(())
+}
+
+/// Per (cores, batch) point: the median p50 and throughput of the runs and the worst p99; and
+/// the relative spread (max − min over the median) of p50 and of throughput.
+fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
+    let Some(first) = runs.first() else { return (vec![], vec![]) };
+    let mut points = Vec::new();
+    let mut spreads = Vec::new();
+    for p in first {
+        let same: Vec<&ProfilePoint> =
+            runs.iter().filter_map(|r| r.iter().find(|q| q.cores == p.cores && q.batch == p.batch)).collect();
+        let p50: Vec<f64> = same.iter().map(|q| q.latency_p50_ms).collect();
+        let tput: Vec<f64> = same.iter().map(|q| q.throughput_rps).collect();
+        let (m50, mt) = (median(&p50), median(&tput));
+        points.push(ProfilePoint {
+            cores: p.cores,
+            batch: p.batch,
+            latency_p50_ms: m50,
+            latency_p99_ms: same.iter().map(|q| q.latency_p99_ms).fold(0.0, f64::max),
+            throughput_rps: mt,
+        });
+        spreads.push((range(&p50) / m50.max(1e-9), range(&tput) / mt.max(1e-9)));
+    }
+    (points, spreads)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+fn range(xs: &[f64]) -> f64 {
+    let max = xs.iter().copied().fold(f64::MIN, f64::max);
+    let min = xs.iter().copied().fold(f64::MAX, f64::min);
+    if xs.is_empty() {
+        0.0
+    } else {
+        max - min
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(p50: f64, p99: f64, tput: f64) -> ProfilePoint {
+        ProfilePoint { cores: 1, batch: 4, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput }
+    }
+
+    #[test]
+    fn repeated_runs_combine_to_medians_and_the_worst_tail() {
+        let runs = vec![vec![point(10.0, 14.0, 400.0)], vec![point(12.0, 30.0, 330.0)], vec![point(11.0, 15.0, 360.0)]];
+        let (points, spreads) = combine(&runs);
+        assert_eq!(points, vec![point(11.0, 30.0, 360.0)]);
+        assert!((spreads[0].0 - 2.0 / 11.0).abs() < 1e-9);
+        assert!((spreads[0].1 - 70.0 / 360.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn saved_profiles_read_back_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let saved = SavedProfiles {
+            task: "t".into(),
+            variants: vec![SavedVariant {
+                name: "a".into(),
+                accuracy: 70.0,
+                node: "n".into(),
+                points: vec![SavedPoint::from(&point(10.0, 14.0, 400.0))],
+            }],
+        };
+        write(&path, &saved).unwrap();
+        assert_eq!(read(&path).unwrap(), saved);
+        std::fs::write(&path, r#"{"task":"t","variants":[{"name":"a","accuracy":70,"node":"n","points":[{"cores":0,"batch":1,"latency_p50_ms":1,"latency_p99_ms":1,"throughput_rps":1}]}]}"#).unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("invalid point"));
+        std::fs::write(&path, "not json").unwrap();
+        assert!(read(&path).is_err());
+    }
+}

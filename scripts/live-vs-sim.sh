@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Live = simulated, measured: replays a slice of the trace live on a local cluster (one
+# controller, one agent, real ONNX ResNets) once per policy, then the same slice in the
+# simulator with the profiles measured live, and prints both side by side: SLO violations,
+# p99, served accuracy, mean cores and plans committed.
+#
+# The variants are profiled once (3 runs per point, saved to $OUT/profiles.json) and every
+# live run and the simulator use those very profiles.
+#
+# Knobs (environment): POLICIES (default tidal,infadapter,vpa-resnet50), and as in
+# scripts/demo.sh: DEMO_TRACE, DEMO_SCALE, DEMO_SPEEDUP, DEMO_START, DEMO_DURATION,
+# DEMO_SLO_MS, DEMO_INTERVAL_S, DEMO_RESOLUTION; SIM_LOAD_TIME_S (model load time the
+# simulator assumes, default 1 s: what these small models take here); SIM_SEEDS (default 1 2 3).
+# Run through `make live-vs-sim`, which builds first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/cluster.sh
+
+POLICIES=${POLICIES:-tidal,infadapter,vpa-resnet50}
+SIM_LOAD_TIME_S=${SIM_LOAD_TIME_S:-1}
+SIM_SEEDS=${SIM_SEEDS:-1 2 3}
+OUT=.tidal/live-vs-sim
+CTL=127.0.0.1:7000
+AGENT=127.0.0.1:7100
+
+check_trace
+check_ports 7000 7100
+rm -rf "$OUT" && mkdir -p "$OUT"
+trap stop_all EXIT INT TERM
+
+step "models: $VARIANTS at ${RESOLUTION}x${RESOLUTION}"
+$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$VARIANTS"
+
+# A fresh controller and agent for one run; the task registered.
+start_pair() {
+  local name=$1 policy=$2
+  start_bg "$OUT/$name-controller.log" $BIN/tidal-controller --listen "$CTL" --data-dir "$OUT/$name-controller" \
+    --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S" --policy "$policy"
+  start_bg "$OUT/$name-agent.log" $BIN/tidal-agent serve --node node-1 --listen "$AGENT" --controller "$CTL" \
+    --model-dir models
+  wait_for_status "$CTL"
+  wait_for_node "$CTL" node-1
+  $BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models \
+    --variants "$VARIANTS" >/dev/null
+}
+
+step "profiling every variant once (3 runs a point; the node serves nothing meanwhile)"
+start_pair profile tidal
+$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task resnet --cores 1,2 --batches 1,4,8 \
+  --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
+stop_all
+
+IFS=, read -r -a policy_list <<< "$POLICIES"
+for policy in "${policy_list[@]}"; do
+  step "live: $policy, trace seconds $START–$((START + DURATION)) × $SCALE, ${SPEEDUP}× faster ($((DURATION / SPEEDUP)) s)"
+  start_pair "$policy" "$policy"
+  $BIN/tidalctl --controller "$CTL" profile --task resnet --from "$OUT/profiles.json" >/dev/null
+  wait_for_plan "$CTL"
+  $BIN/tidalctl --controller "$CTL" load --agent "$AGENT" --task resnet --trace "$TRACE" --scale "$SCALE" \
+    --speedup "$SPEEDUP" --start "$START" --duration "$DURATION" --summary-json "$OUT/live-$policy.json" \
+    > "$OUT/live-$policy.txt"
+  $BIN/tidalctl --controller "$CTL" history --limit 200 > "$OUT/history-$policy.txt" || true
+  stop_all
+done
+
+step "simulated: the same slice, profiles and settings, seeds $SIM_SEEDS, model loads of ${SIM_LOAD_TIME_S} s"
+for seed in $SIM_SEEDS; do
+  $BIN/tidalctl simulate --profiles "$OUT/profiles.json" --trace "$TRACE" --start "$START" --duration "$DURATION" \
+    --scale "$SCALE" --speedup "$SPEEDUP" --cores 2 --interval "$INTERVAL_S" --lookback-s "$WINDOW_S" \
+    --slo-ms "$SLO_MS" --policy "$POLICIES" --load-time-s "$SIM_LOAD_TIME_S" --cold-start --seed "$seed" \
+    --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt"
+done
+
+step "live vs simulated"
+python3 scripts/side_by_side.py "$OUT" "$POLICIES" $SIM_SEEDS | tee "$OUT/table.md"
