@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Worker { model, ort_lib, threads } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
         Command::Serve(args) => {
-            tidal_common::logging::init("info");
+            tidal_daemon::logging::init("info");
             tokio::runtime::Runtime::new()?.block_on(serve(*args))
         }
     }
@@ -135,7 +135,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
     let node = Node::new(cfg, cgroups, metrics);
     if let Some(addr) = args.metrics_listen {
-        tidal_common::metrics_http::spawn(addr, registry);
+        tidal_daemon::metrics_http::spawn(addr, registry);
         // Keep the per-worker gauges fresh between scrapes.
         let node = node.clone();
         tokio::spawn(async move {

@@ -30,11 +30,9 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
             req.batches
         )));
     }
-    if variant.input_shape.is_empty() || variant.input_shape.iter().any(|&d| d <= 0) {
-        return Err(Status::invalid_argument("the variant has no valid input shape"));
-    }
+    tidal_common::variant::validate_variant(variant).map_err(Status::invalid_argument)?;
     let model = node.cfg.model_dir.join(&variant.model_file);
-    if variant.model_file.contains("..") || !model.is_file() {
+    if !model.is_file() {
         return Err(Status::not_found(format!(
             "model file {:?} is not in {}",
             variant.model_file,

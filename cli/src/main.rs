@@ -135,7 +135,7 @@ enum TaskCmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tidal_common::logging::init("warn");
+    tidal_daemon::logging::init("warn");
     let cli = Cli::parse();
     match cli.command {
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {

@@ -2,14 +2,12 @@
 //!
 //! The models (latency, solver, forecasters, placement, the ResNet generator) are pure and
 //! deterministic — no clocks, threads or I/O — so that the live system, the simulator and the
-//! tests call the very same functions. `logging` and `metrics_http` are the daemons' shared
-//! edges.
+//! tests call the very same functions. The daemons' shared edges (logging, the metrics
+//! endpoint) live in `tidal-daemon`.
 
 pub mod adapt;
 pub mod forecast;
 pub mod latency;
-pub mod logging;
-pub mod metrics_http;
 pub mod plan;
 pub mod profile;
 pub mod reconcile;

@@ -47,19 +47,7 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
 }
 
 fn validate_assignment(a: &Assignment) -> Result<(), String> {
-    let v = a.variant.as_ref().ok_or("no variant")?;
-    if v.name.is_empty() {
-        return Err("the variant has no name".into());
-    }
-    if v.model_file.is_empty()
-        || v.model_file.starts_with('/')
-        || v.model_file.split(['/', '\\']).any(|part| part == "..")
-    {
-        return Err(format!("model file {:?} must be a relative path inside the model directory", v.model_file));
-    }
-    if v.input_shape.is_empty() || v.input_shape.iter().any(|&d| d <= 0) {
-        return Err(format!("input shape {:?} must be positive dimensions", v.input_shape));
-    }
+    crate::variant::validate_variant(a.variant.as_ref().ok_or("no variant")?)?;
     if a.millicores == 0 {
         return Err("0 millicores".into());
     }

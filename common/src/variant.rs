@@ -25,6 +25,40 @@ pub struct VariantConfig {
     pub input_shape: Vec<i64>,
 }
 
+/// Most elements one sample's input may have (a 3×2048×2048 image is 12.6 M).
+pub const MAX_INPUT_ELEMENTS: i64 = 1 << 26;
+
+/// The one check of a variant, wherever one arrives (a TOML on disk, a registered task, a
+/// plan, a profile request): a name, an accuracy in percent, an input shape of positive
+/// dimensions whose size is bounded, and a model file that is a plain relative path inside
+/// the model directory.
+pub fn validate_variant(v: &VariantSpec) -> Result<(), String> {
+    if v.name.is_empty() || v.name.len() > 64 || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!("variant name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", v.name));
+    }
+    if !(0.0..=100.0).contains(&v.accuracy) {
+        return Err(format!("variant {}: accuracy {} is not a percentage", v.name, v.accuracy));
+    }
+    let elements = v.input_shape.iter().try_fold(1i64, |n, &d| if d > 0 { n.checked_mul(d) } else { None });
+    if v.input_shape.is_empty() || elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
+        return Err(format!(
+            "variant {}: input shape {:?} must be positive dimensions of at most {MAX_INPUT_ELEMENTS} elements in all",
+            v.name, v.input_shape
+        ));
+    }
+    if v.model_file.is_empty()
+        || v.model_file.starts_with('/')
+        || v.model_file.split(['/', '\\']).any(|part| part == ".." || part.is_empty())
+    {
+        return Err(format!(
+            "variant {}: model file {:?} must be a relative path inside the model directory",
+            v.name, v.model_file
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Error)]
 pub enum VariantError {
     #[error("cannot read {path}: {source}")]
@@ -47,12 +81,7 @@ impl VariantConfig {
         if cfg.name != name {
             return Err(invalid(format!("names variant {:?}, expected {name:?}", cfg.name)));
         }
-        if !(0.0..=100.0).contains(&cfg.accuracy) {
-            return Err(invalid(format!("accuracy {} is not a percentage", cfg.accuracy)));
-        }
-        if cfg.input_shape.is_empty() || cfg.input_shape.iter().any(|&d| d <= 0) {
-            return Err(invalid(format!("input shape {:?} must be positive dimensions", cfg.input_shape)));
-        }
+        validate_variant(&cfg.spec()).map_err(invalid)?;
         if !dir.join(&cfg.model_file).is_file() {
             return Err(invalid(format!("model file {:?} does not exist in {}", cfg.model_file, dir.display())));
         }
@@ -69,6 +98,37 @@ impl VariantConfig {
             model_file: self.model_file.clone(),
             accuracy: self.accuracy,
             input_shape: self.input_shape.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, model_file: &str, accuracy: f64, input_shape: Vec<i64>) -> VariantSpec {
+        VariantSpec { name: name.into(), model_file: model_file.into(), accuracy, input_shape }
+    }
+
+    #[test]
+    fn a_variant_is_checked_the_same_everywhere() {
+        assert_eq!(validate_variant(&spec("resnet18", "resnet18.onnx", 69.76, vec![3, 64, 64])), Ok(()));
+        assert_eq!(validate_variant(&spec("r", "sub/r.onnx", 0.0, vec![1])), Ok(()));
+        for bad in [
+            spec("", "r.onnx", 70.0, vec![3]),
+            spec("bad name!", "r.onnx", 70.0, vec![3]),
+            spec("r", "r.onnx", 101.0, vec![3]),
+            spec("r", "r.onnx", f64::NAN, vec![3]),
+            spec("r", "r.onnx", 70.0, vec![]),
+            spec("r", "r.onnx", 70.0, vec![3, 0]),
+            spec("r", "r.onnx", 70.0, vec![1 << 62, 4]),
+            spec("r", "r.onnx", 70.0, vec![1 << 20, 1 << 20]),
+            spec("r", "/etc/shadow", 70.0, vec![3]),
+            spec("r", "../r.onnx", 70.0, vec![3]),
+            spec("r", "a//r.onnx", 70.0, vec![3]),
+            spec("r", "", 70.0, vec![3]),
+        ] {
+            assert!(validate_variant(&bad).is_err(), "{bad:?}");
         }
     }
 }

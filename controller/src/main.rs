@@ -120,7 +120,7 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tidal_common::logging::init("info,raft=warn");
+    tidal_daemon::logging::init("info,raft=warn");
     let args = Args::parse();
     if args.id == 0 {
         anyhow::bail!("--id must be positive");
@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let raft_service = RaftService::server(raft.clone());
     let ctl = Controller::new(raft, cfg, metrics);
     if let Some(addr) = args.metrics_listen {
-        tidal_common::metrics_http::spawn(addr, registry);
+        tidal_daemon::metrics_http::spawn(addr, registry);
         let ctl = ctl.clone();
         tokio::spawn(async move {
             loop {

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidal_common::variant::validate_variant;
 use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
@@ -100,23 +101,15 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
     }
     let mut names = HashSet::new();
     for v in &t.variants {
-        if v.name.is_empty() || !names.insert(v.name.as_str()) {
-            return Err(format!("variant names must be non-empty and unique ({:?})", v.name));
-        }
-        if !(0.0..=100.0).contains(&v.accuracy) {
-            return Err(format!("variant {}: accuracy {} is not a percentage", v.name, v.accuracy));
-        }
-        if v.input_shape.is_empty() || v.input_shape.iter().any(|&d| d <= 0) {
-            return Err(format!("variant {}: input shape {:?} must be positive dimensions", v.name, v.input_shape));
+        validate_variant(v)?;
+        if !names.insert(v.name.as_str()) {
+            return Err(format!("variant names must be unique ({:?} twice)", v.name));
         }
         if v.input_shape != t.variants[0].input_shape {
             return Err(format!(
                 "variant {} takes {:?} but {} takes {:?}: the variants of a task must take the same input",
                 v.name, v.input_shape, t.variants[0].name, t.variants[0].input_shape
             ));
-        }
-        if v.model_file.is_empty() || v.model_file.starts_with('/') || v.model_file.contains("..") {
-            return Err(format!("variant {}: model file {:?} must be a relative path", v.name, v.model_file));
         }
     }
     Ok(())

@@ -75,7 +75,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     // Profile both variants on the agent with the CLI; the profiles land in the controller.
     let status = Command::new(bin("tidalctl"))
         .args(["--controller", &ctl_addr, "profile", "--agent", &agent.addr, "--task", "classify"])
-        .args(["--cores", "1,2", "--batches", "1,4", "--duration-ms", "600"])
+        .args(["--cores", "1,2", "--batches", "1,4", "--duration-ms", "600", "--repeat", "1"])
         .status()
         .unwrap();
     assert!(status.success(), "tidalctl profile failed");

@@ -1,0 +1,5 @@
+//! The edges Tidal's binaries share, kept out of `tidal-common` so that the models there stay
+//! pure (no I/O, threads or clocks): log set-up and the Prometheus metrics endpoint.
+
+pub mod logging;
+pub mod metrics_http;
