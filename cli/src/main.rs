@@ -87,7 +87,7 @@ enum Command {
     Load(load::LoadOpts),
     /// Replay a rate trace in the discrete-event simulator against one or more policies (the
     /// real forecaster and solver decide each interval) and compare them: table, CSV, SVG plot.
-    Simulate(simulate::SimulateOpts),
+    Simulate(Box<simulate::SimulateOpts>),
 }
 
 #[derive(Subcommand)]
@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { watch } => status::run(&cli.controller, watch).await,
         Command::History { limit } => status::history(&cli.controller, limit).await,
         Command::Forecast(opts) => forecast::run(opts),
-        Command::Simulate(opts) => simulate::run(opts, &cli.controller).await,
+        Command::Simulate(opts) => simulate::run(*opts, &cli.controller).await,
         Command::Load(opts) => {
             let spec = task_spec(&cli.controller, &opts.task).await?;
             let input_shape =
