@@ -99,7 +99,8 @@ pub struct TaskInput<'a> {
     pub min_budget_ms: Option<f64>,
     /// Measured profile per variant name.
     pub profiles: BTreeMap<&'a str, &'a [ProfilePoint]>,
-    /// Seconds a new worker of a variant takes to serve, where known.
+    /// Seconds a new worker of a variant takes to serve, where known (a variant not known
+    /// is assumed to take as long as the slowest known, else `AdaptConfig::load_time_s`).
     pub load_s: BTreeMap<&'a str, f64>,
 }
 
@@ -421,7 +422,9 @@ fn transition_cost(
     };
     let mut interim = 0.0;
     let mut load_s: f64 = 0.0;
-    let load_of = |name: &str| task.load_s.get(name).copied().unwrap_or(cfg.load_time_s);
+    // A variant that never ran here is assumed to load as slowly as the slowest that did.
+    let slowest = task.load_s.values().copied().reduce(f64::max);
+    let load_of = |name: &str| task.load_s.get(name).copied().or(slowest).unwrap_or(cfg.load_time_s);
     let mut names: Vec<&str> = old.iter().filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str())).collect();
     names.sort();
     names.dedup();

@@ -41,14 +41,6 @@ struct Outcome {
     code: Code,
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values[((values.len() - 1) as f64 * p).round() as usize]
-}
-
 async fn call(
     client: &mut tidal_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
     req: InferRequest,

@@ -179,6 +179,15 @@ pub async fn wait_reporting(ctl: &ControllerClient<Channel>, node: &str, what: &
     .await;
 }
 
+/// The `p` quantile (0..=1) of `values` by nearest rank, sorting them; NaN when empty.
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
 /// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

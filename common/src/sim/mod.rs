@@ -493,14 +493,15 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// A batch's latency: p50 plus an exponential tail that passes p99 once in 100 batches.
+    /// A batch's latency: a floor plus an exponential tail, so that the mean is what the
+    /// profile's throughput implies and one batch in a hundred passes its p99.
     fn service_time(&mut self, w: usize, k: u32) -> f64 {
         let (variant, cores) = (self.workers[w].variant, self.workers[w].cores);
         let grid = &self.grids[variant];
-        let (p50, p99) =
+        let (floor, tail) =
             *self.latency_cache.entry((variant, cores, k)).or_insert_with(|| batch_latency(grid, cores, k));
         let e = -self.rng.gen_range(f64::EPSILON..1.0f64).ln();
-        (p50 + (p99 - p50).max(0.0) * e / 100f64.ln()) / 1000.0
+        (floor + tail * e) / 1000.0
     }
 
     fn run_events_until(&mut self, t: f64) {
@@ -597,14 +598,23 @@ fn empty_interval(start_s: usize) -> IntervalStats {
     }
 }
 
-/// (p50, p99) of a batch of `k` on `cores`: the profile's estimate, or for a partial batch
-/// below the smallest measured batch, that batch's latency.
+/// A batch of `k` on `cores` takes `floor + tail·E` ms, E exponential of mean 1: the profile's
+/// estimate (for a partial batch below the smallest measured batch, that batch's) with the
+/// mean of back-to-back batches, batch / throughput, and its p99 (floor + tail·ln 100).
 fn batch_latency(grid: &ProfileGrid, cores: u32, k: u32) -> (f64, f64) {
-    let estimate = grid.estimate(cores, k).or_else(|| {
+    let measured = grid.estimate(cores, k).map(|e| (k, e)).or_else(|| {
         let b = *grid.batches().iter().find(|&&b| b >= k)?;
-        grid.estimate(cores, b)
+        grid.estimate(cores, b).map(|e| (b, e))
     });
-    estimate.map_or((1e6, 1e6), |e| (e.latency_p50_ms, e.latency_p99_ms))
+    let Some((b, e)) = measured else { return (1e6, 0.0) };
+    let mean = 1000.0 * b as f64 / e.throughput_rps.max(f64::MIN_POSITIVE);
+    let tail = ((e.latency_p99_ms - mean) / (100f64.ln() - 1.0)).max(0.0);
+    if tail >= mean {
+        // A p99 beyond 4.6× the mean: all of it exponential (its p99 then falls short).
+        (0.0, mean)
+    } else {
+        (mean - tail, tail)
+    }
 }
 
 #[cfg(test)]

@@ -103,3 +103,16 @@ fn dynamic_slos_tighten_deadlines_and_sponge_plans_for_them() {
     let unaware = run(&rates, "static-big-1-4", &c);
     assert!(unaware.violation_pct > 50.0, "{unaware:?}");
 }
+
+#[test]
+fn simulated_batches_take_the_measured_mean_and_tail() {
+    // 4 requests at 400 req/s: 10 ms a batch on average, p99 30 ms.
+    let points = vec![ProfilePoint { cores: 1, batch: 4, latency_p50_ms: 8.0, latency_p99_ms: 30.0, throughput_rps: 400.0 }];
+    let (floor, tail) = batch_latency(&ProfileGrid::new(&points), 1, 4);
+    assert!((floor + tail - 10.0).abs() < 1e-9, "mean {}", floor + tail);
+    assert!((floor + tail * 100f64.ln() - 30.0).abs() < 1e-9, "p99");
+    // A partial batch below the smallest measured one takes as long as that batch.
+    assert_eq!(batch_latency(&ProfileGrid::new(&points), 1, 2), (floor, tail));
+    // Outside the grid: never served in time.
+    assert!(batch_latency(&ProfileGrid::new(&points), 3, 4).0 >= 1e6);
+}
