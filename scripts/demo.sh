@@ -94,6 +94,6 @@ for seed in 1 2 3; do
   $BIN/tidalctl simulate --profiles "$OUT/profiles.json" --trace "$TRACE" --start "$START" --duration "$DURATION" \
     --scale "$SCALE" --speedup "$SPEEDUP" --cores 2 --interval "$INTERVAL_S" --lookback-s "$WINDOW_S" \
     --slo-ms "$SLO_MS" --policy tidal --load-time-s "$load_s" --cold-start --seed "$seed" \
-    --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt"
+    --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt" 2> "$OUT/sim-$seed.log"
 done
 python3 scripts/side_by_side.py "$OUT" tidal 1 2 3

@@ -68,7 +68,7 @@ for seed in $SIM_SEEDS; do
   $BIN/tidalctl simulate --profiles "$OUT/profiles.json" --trace "$TRACE" --start "$START" --duration "$DURATION" \
     --scale "$SCALE" --speedup "$SPEEDUP" --cores 2 --interval "$INTERVAL_S" --lookback-s "$WINDOW_S" \
     --slo-ms "$SLO_MS" --policy "$POLICIES" --load-time-s "$SIM_LOAD_TIME_S" --cold-start --seed "$seed" \
-    --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt"
+    --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt" 2> "$OUT/sim-$seed.log"
 done
 
 step "live vs simulated"
