@@ -23,6 +23,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use tidal_proto::v1::{Assignment, Plan, ProfilePoint, TaskSpec, Transition};
 
+mod handover;
+
+pub use handover::Serving;
+
 use crate::forecast::{is_surge, Forecaster, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S};
 use crate::latency::LatencyModel;
 use crate::plan::place;
@@ -117,6 +121,8 @@ pub struct RoundInput<'a> {
     pub nodes: Vec<NodeInput<'a>>,
     /// The plan in force.
     pub current: Option<&'a Plan>,
+    /// Ready workers per (node, task, variant), as the agents last reported them.
+    pub serving: &'a Serving,
 }
 
 /// What the round decided for one task.
@@ -210,13 +216,27 @@ impl Adapter {
     /// One round: per task the forecast, the stabilised rate and the solve; then placement
     /// over the nodes and the policy's transition.
     pub fn round(&mut self, input: &RoundInput) -> Round {
+        self.decide(input, true)
+    }
+
+    /// The plan again at the rates already planned, without a forecast (nothing of the
+    /// stabiliser moves): for a change that is not a new round, such as a worker that now
+    /// serves and lets the workers it replaces go.
+    pub fn reconsider(&mut self, input: &RoundInput) -> Round {
+        self.decide(input, false)
+    }
+
+    fn decide(&mut self, input: &RoundInput, forecast: bool) -> Round {
         let names: HashSet<&str> = input.tasks.iter().map(|t| t.spec.name.as_str()).collect();
         self.stabilisers.retain(|t, _| names.contains(t.as_str()));
         self.planned.retain(|t, _| names.contains(t.as_str()));
         let mut outcomes = BTreeMap::new();
         let mut chosen = Vec::new();
         for task in &input.tasks {
-            let outcome = self.forecast(task);
+            let outcome = match self.planned.get(&task.spec.name) {
+                Some(&planned_rps) if !forecast => TaskOutcome { planned_rps, ..Default::default() },
+                _ => self.forecast(task),
+            };
             chosen.push(choose(&self.cfg, task, input.current, outcome.planned_rps, &input.nodes));
             outcomes.insert(task.spec.name.clone(), outcome);
         }
@@ -239,6 +259,11 @@ impl Adapter {
             if !input.nodes.is_empty() {
                 self.place_task(&mut plan, &mut free, task.spec, choice.workers, input);
             }
+        }
+        if let Some(current) = input.current {
+            let millicores = input.nodes.iter().map(|n| (n.name.to_string(), n.cores.saturating_mul(1000))).collect();
+            let held = handover::hold_across_nodes(current, &mut plan, input.serving, &millicores);
+            plan.notes.extend(held);
         }
         let changed = input.current.is_none_or(|c| {
             c.assignments != plan.assignments

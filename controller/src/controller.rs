@@ -40,6 +40,9 @@ pub struct Controller {
     adapter: Mutex<Adapter>,
     /// Wakes the adaptation loop early (a task, profile, SLO or node changed).
     pub replan: Notify,
+    /// Wakes it to reconsider the plan without a new forecast (a worker came up, so the
+    /// workers it replaces on other nodes may go).
+    pub reconsider: Notify,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
 }
@@ -54,6 +57,7 @@ impl Controller {
             metrics,
             adapter: Mutex::new(adapter),
             replan: Notify::new(),
+            reconsider: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
         })
@@ -101,14 +105,16 @@ impl Controller {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.cfg.interval()) => {}
+            let forecast = tokio::select! {
+                _ = tokio::time::sleep(self.cfg.interval()) => true,
                 _ = self.replan.notified() => {
                     // Let a burst of changes (e.g. five profiles) settle into one plan.
                     tokio::time::sleep(Duration::from_millis(300)).await;
+                    true
                 }
-            }
-            if let Err(e) = self.adapt_once(term).instrument(info_span!("adapt", term)).await {
+                _ = self.reconsider.notified() => false,
+            };
+            if let Err(e) = self.adapt_once(term, forecast).instrument(info_span!("adapt", term, forecast)).await {
                 warn!(error = %e, "adaptation round failed");
             }
         }
@@ -129,7 +135,7 @@ impl Controller {
         self.adapter(|a| a.resume(&planned));
         let Some(current) = current else {
             info!(term, "leading; no plan committed yet");
-            self.adapt_once(term).await?;
+            self.adapt_once(term, true).await?;
             return Ok(());
         };
         let id = self.raft.status().id;
@@ -149,12 +155,13 @@ impl Controller {
         Ok(())
     }
 
-    /// One adaptation round; returns the plan in force afterwards.
-    pub async fn adapt_once(&self, term: u64) -> Result<Option<Plan>, ProposeError> {
+    /// One adaptation round (without `forecast`: the plan reconsidered at the planned rates);
+    /// returns the plan in force afterwards.
+    pub async fn adapt_once(&self, term: u64, forecast: bool) -> Result<Option<Plan>, ProposeError> {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
         let round = self.observed(|o| {
-            let round = self.adapter(|a| planner::plan_round(a, &state, o, now));
+            let round = self.adapter(|a| planner::plan_round(a, &state, o, now, forecast));
             o.forecasts = round.tasks.iter().map(|(t, r)| (t.clone(), r.planned_rps)).collect();
             round
         });

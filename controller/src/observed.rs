@@ -43,8 +43,14 @@ impl Observed {
     }
 
     /// Records a report received at `now`: its k per-second arrival counts are the k whole
-    /// seconds before `now`.
-    pub fn record(&mut self, report: TelemetryReport, now: Instant) {
+    /// seconds before `now`. True when a worker serves that did not in the node's last report.
+    pub fn record(&mut self, report: TelemetryReport, now: Instant) -> bool {
+        let before: Vec<&str> = self
+            .reports
+            .get(&report.node)
+            .map(|(_, r)| r.workers.iter().filter(|w| w.ready).map(|w| w.id.as_str()).collect())
+            .unwrap_or_default();
+        let came_up = report.workers.iter().any(|w| w.ready && !before.contains(&w.id.as_str()));
         let current = self.second(now);
         for t in &report.tasks {
             let series = self.arrivals.entry(t.task.clone()).or_default();
@@ -69,6 +75,18 @@ impl Observed {
             totals.1 += t.errors + t.deadline_misses;
         }
         self.reports.insert(report.node.clone(), (now, report));
+        came_up
+    }
+
+    /// Ready workers per (node, task, variant) in the nodes' latest reports.
+    pub fn serving(&self) -> tidal_common::adapt::Serving {
+        let mut out = tidal_common::adapt::Serving::new();
+        for (node, (_, report)) in &self.reports {
+            for w in report.workers.iter().filter(|w| w.ready) {
+                *out.entry((node.clone(), w.task.clone(), w.variant.clone())).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Per-second arrivals of `task` over the last `window_s` complete seconds, oldest first,

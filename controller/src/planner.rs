@@ -12,8 +12,16 @@ use tidal_common::forecast::SURGE_WINDOW_S;
 use crate::observed::Observed;
 use crate::state::ClusterState;
 
-/// The next round from the state and the observations at `now` (epoch and term left 0).
-pub fn plan_round(adapter: &mut Adapter, state: &ClusterState, observed: &Observed, now: Instant) -> Round {
+/// The next round from the state and the observations at `now` (epoch and term left 0);
+/// without `forecast`, the plan is reconsidered at the rates already planned (a worker came
+/// up, see [`Adapter::reconsider`]).
+pub fn plan_round(
+    adapter: &mut Adapter,
+    state: &ClusterState,
+    observed: &Observed,
+    now: Instant,
+    forecast: bool,
+) -> Round {
     let cfg = adapter.config();
     let lookback = cfg.lookback_s as u64;
     let interval = cfg.interval_s.ceil().max(1.0) as u64;
@@ -31,7 +39,13 @@ pub fn plan_round(adapter: &mut Adapter, state: &ClusterState, observed: &Observ
         })
         .collect();
     let nodes = state.nodes.iter().map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores }).collect();
-    adapter.round(&RoundInput { tasks, nodes, current: state.plan.as_ref() })
+    let serving = observed.serving();
+    let input = RoundInput { tasks, nodes, current: state.plan.as_ref(), serving: &serving };
+    if forecast {
+        adapter.round(&input)
+    } else {
+        adapter.reconsider(&input)
+    }
 }
 
 /// Whether the observed arrivals call for a round now (see [`Adapter::surge`]).

@@ -145,7 +145,9 @@ impl ControllerApi for ControllerService {
             return Err(Status::failed_precondition(format!("node {node:?} is not registered")));
         }
         let now = Instant::now();
-        self.ctl.observed(|o| o.record(report, now));
+        if self.ctl.observed(|o| o.record(report, now)) {
+            self.ctl.reconsider.notify_one();
+        }
         self.ctl.check_surge(now);
         self.ctl.push_if_behind(&node, applied);
         Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))

@@ -118,7 +118,7 @@ fn through_the_controller(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<
     for (s, &(arrivals, budget)) in rec.iter().enumerate() {
         let now = at(WARMUP_S + s);
         if s.is_multiple_of(interval) {
-            let round = planner::plan_round(&mut adapter, &state, &observed, now);
+            let round = planner::plan_round(&mut adapter, &state, &observed, now, true);
             commit(&mut state, round);
         }
         let now = at(WARMUP_S + s + 1);
@@ -126,7 +126,7 @@ fn through_the_controller(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<
         let tasks: Vec<String> = state.tasks.keys().cloned().collect();
         let surge = planner::surge(&mut adapter, &tasks, &observed, now);
         if surge.is_some() {
-            let round = planner::plan_round(&mut adapter, &state, &observed, now);
+            let round = planner::plan_round(&mut adapter, &state, &observed, now, true);
             commit(&mut state, round);
         }
     }

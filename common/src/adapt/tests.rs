@@ -22,6 +22,8 @@ fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
         .collect()
 }
 
+static NOTHING_SERVES: Serving = Serving::new();
+
 struct World {
     spec: TaskSpec,
     small: Vec<ProfilePoint>,
@@ -68,6 +70,7 @@ impl World {
             }],
             nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
             current,
+            serving: &NOTHING_SERVES,
         }
     }
 }

@@ -25,7 +25,7 @@ use tidal_proto::v1::ProfilePoint;
 
 use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
 
-use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Surge, TaskInput};
+use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use crate::forecast::Forecaster;
 use crate::profile::ProfileGrid;
 use crate::reconcile::{desired_on, diff, Action, RunningWorker, WorkerKey, WorkerShape};
@@ -184,6 +184,8 @@ impl SimPlanner {
             tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms, profiles, load_s }],
             nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores }],
             current: self.plan.as_ref(),
+            // One node: the agent's own make before break applies, nothing is held.
+            serving: &Serving::new(),
         };
         let mut round = self.adapter.round(&input);
         if round.changed {
