@@ -1,4 +1,5 @@
-//! Goodput under overload, measured: one agent serving resnet18 (64×64) on one core, offered
+//! Goodput under overload, measured: one agent serving resnet18 (64×64) on one core (or what
+//! `--variant` and `--millicores` say), offered
 //! 1×, 2×, 5× and 10× what that worker carries, open loop. For each factor it reports the
 //! requests answered within their deadline per second against the worker's capacity
 //! (goodput), the p99 of those answers, how the rest were refused (early, RESOURCE_EXHAUSTED,
@@ -33,6 +34,12 @@ struct Args {
     /// Largest batch of the worker.
     #[arg(long, default_value_t = 4)]
     batch: u32,
+    /// The worker's variant: resnet18 or resnet50.
+    #[arg(long, default_value = "resnet18")]
+    variant: String,
+    /// The worker's CPU quota, millicores.
+    #[arg(long, default_value_t = 1000)]
+    millicores: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -118,16 +125,23 @@ async fn offer(addr: &str, req: &InferRequest, rate: f64, seconds: f64) -> (Vec<
 async fn main() {
     let args = Args::parse();
     let s = setup(&[]);
-    s.serve(1, args.budget_ms, &[(&s.r18, 1000, args.batch)]).await;
+    let variant = match args.variant.as_str() {
+        "resnet18" => &s.r18,
+        "resnet50" => &s.r50,
+        other => panic!("--variant {other:?}: resnet18 or resnet50"),
+    };
+    s.serve(1, args.budget_ms, &[(variant, args.millicores, args.batch)]).await;
     let req =
-        InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: args.budget_ms };
+        InferRequest { task: "classify".into(), input: Some(sample(&variant.input_shape)), budget_ms: args.budget_ms };
     let budget = Duration::from_millis(args.budget_ms as u64);
 
     // Warm up, then measure what the worker carries.
     capacity(&s.agent.addr, &req, 2 * args.batch as usize, 2.0).await;
     let carried = capacity(&s.agent.addr, &req, 2 * args.batch as usize, args.seconds.min(8.0)).await;
     println!(
-        "resnet18 64×64, 1 core, batch ≤ {}, budget {} ms: capacity {:.1} req/s (closed loop, {} in flight)",
+        "{} 64×64, {} millicores, batch ≤ {}, budget {} ms: capacity {:.1} req/s (closed loop, {} in flight)",
+        args.variant,
+        args.millicores,
         args.batch,
         args.budget_ms,
         carried,
