@@ -297,7 +297,7 @@ impl Adapter {
     ) {
         let current = current_nodes(input, &task.name, &workers);
         let cores: Vec<u32> = workers.iter().map(|w| w.millicores.div_ceil(1000)).collect();
-        let groups: Vec<&str> = workers.iter().map(|w| w.variant.as_ref().map_or("", |v| v.name.as_str())).collect();
+        let groups: Vec<&str> = workers.iter().map(variant_name).collect();
         match place(&cores, &groups, &current, free) {
             Ok(placed) => {
                 for (mut w, node) in workers.into_iter().zip(placed) {
@@ -316,17 +316,23 @@ impl Adapter {
     }
 }
 
+/// The workers of `task` in the plan in force.
+fn workers_in<'a>(current: Option<&'a Plan>, task: &str) -> Vec<&'a Assignment> {
+    current.iter().flat_map(|p| p.assignments.iter()).filter(|a| a.task == task).collect()
+}
+
+fn variant_name(a: &Assignment) -> &str {
+    a.variant.as_ref().map_or("", |v| v.name.as_str())
+}
+
 /// The nodes where each worker's variant runs in the plan in force, to keep it there.
 fn current_nodes(input: &RoundInput, task: &str, workers: &[Assignment]) -> Vec<Vec<usize>> {
+    let old = workers_in(input.current, task);
     workers
         .iter()
         .map(|w| {
-            let Some(plan) = input.current else { return vec![] };
-            plan.assignments
-                .iter()
-                .filter(|a| {
-                    a.task == task && a.variant.as_ref().map(|v| &v.name) == w.variant.as_ref().map(|v| &v.name)
-                })
+            old.iter()
+                .filter(|a| variant_name(a) == variant_name(w))
                 .filter_map(|a| input.nodes.iter().position(|n| n.name == a.node))
                 .collect()
         })
@@ -349,7 +355,8 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
         choice.notes.push(format!("{}: the task has no variants", spec.name));
         return choice;
     }
-    let problem = problem(cfg, task, current, rate, budget);
+    let old = workers_in(current, &spec.name);
+    let problem = problem(cfg, task, &old, rate, budget);
     if problem.stages[0].variants.is_empty() {
         match unprofiled_default(spec, budget) {
             Some((worker, note)) => {
@@ -360,9 +367,10 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
         }
         return choice;
     }
-    match solve(&problem, &cfg.space()) {
+    let space = cfg.space();
+    match solve(&problem, &space) {
         Ok(s) => {
-            let (problem, s, kept) = price_transition(cfg, task, current, rate, problem, s);
+            let (problem, s, kept) = price_transition(cfg, &space, task, &old, rate, problem, s);
             choice.workers = workers_of(spec, &problem, &s);
             choice.notes = notes_of(spec, &problem, &s, rate, budget);
             choice.notes.extend(kept);
@@ -370,13 +378,7 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
         }
         Err(e) => {
             // Keep what serves: a task without a plan would lose every worker.
-            choice.workers = current
-                .iter()
-                .flat_map(|p| p.assignments.iter())
-                .filter(|a| a.task == spec.name)
-                .cloned()
-                .map(|a| Assignment { node: String::new(), replica: 0, ..a })
-                .collect();
+            choice.workers = old.iter().map(|&a| Assignment { node: String::new(), replica: 0, ..a.clone() }).collect();
             choice.notes.push(format!("{}: no plan ({e}); its workers are kept as they are", spec.name));
             choice.failed = true;
         }
@@ -389,24 +391,23 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
 /// [`transition_cost`]). A note says when the running variants are kept for that reason.
 fn price_transition(
     cfg: &AdaptConfig,
+    space: &SearchSpace,
     task: &TaskInput,
-    current: Option<&Plan>,
+    old: &[&Assignment],
     rate: f64,
     problem: Problem,
     best: Solution,
 ) -> (Problem, Solution, Option<String>) {
-    let old: Vec<&Assignment> =
-        current.iter().flat_map(|p| p.assignments.iter()).filter(|a| a.task == task.spec.name).collect();
-    let running: HashSet<&str> = old.iter().filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str())).collect();
+    let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
     let uses_new = best.choices.iter().any(|c| !running.contains(problem.stages[0].variants[c.variant].name.as_str()));
-    if !cfg.space().prices_transitions || running.is_empty() || !uses_new {
+    if !space.prices_transitions || running.is_empty() || !uses_new {
         return (problem, best, None);
     }
     let mut kept = problem.clone();
     kept.stages[0].variants.retain(|v| running.contains(v.name.as_str()));
-    let Ok(keep) = solve(&kept, &cfg.space()) else { return (problem, best, None) };
-    let cost_best = transition_cost(cfg, task, &old, &problem, &best, rate);
-    let cost_keep = transition_cost(cfg, task, &old, &kept, &keep, rate);
+    let Ok(keep) = solve(&kept, space) else { return (problem, best, None) };
+    let cost_best = transition_cost(cfg, space.in_place, task, old, &problem, &best, rate);
+    let cost_keep = transition_cost(cfg, space.in_place, task, old, &kept, &keep, rate);
     if keep.objective - cost_keep.value > best.objective - cost_best.value {
         let note = format!(
             "{}: kept the running variants: the better mix would leave {:.1} req/s uncarried for {:.1} s while its workers load",
@@ -434,13 +435,13 @@ struct TransitionCost {
 
 fn transition_cost(
     cfg: &AdaptConfig,
+    in_place: bool,
     task: &TaskInput,
     old: &[&Assignment],
     problem: &Problem,
     new: &Solution,
     rate: f64,
 ) -> TransitionCost {
-    let in_place = cfg.space().in_place;
     let grid_of = |name: &str| problem.stages[0].variants.iter().find(|v| v.name == name).map(|v| &v.grid);
     let capacity = |name: &str, cores: u32, batch: u32| {
         grid_of(name).and_then(|g| g.estimate(cores, batch)).map_or(0.0, |e| cfg.model.utilisation * e.throughput_rps)
@@ -450,12 +451,11 @@ fn transition_cost(
     // A variant that never ran here is assumed to load as slowly as the slowest that did.
     let slowest = task.load_s.values().copied().reduce(f64::max);
     let load_of = |name: &str| task.load_s.get(name).copied().or(slowest).unwrap_or(cfg.load_time_s);
-    let mut names: Vec<&str> = old.iter().filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str())).collect();
+    let mut names: Vec<&str> = old.iter().map(|a| variant_name(a)).collect();
     names.sort();
     names.dedup();
     for name in &names {
-        let olds: Vec<&&Assignment> =
-            old.iter().filter(|a| a.variant.as_ref().is_some_and(|v| v.name == *name)).collect();
+        let olds: Vec<&&Assignment> = old.iter().filter(|a| variant_name(a) == *name).collect();
         let old_cap: f64 = olds.iter().map(|a| capacity(name, a.millicores.div_ceil(1000), a.max_batch)).sum();
         let mut immediate = 0.0;
         for c in new.choices.iter().filter(|c| problem.stages[0].variants[c.variant].name == *name) {
@@ -490,14 +490,9 @@ fn transition_cost(
 /// The planning problem of one task: its profiled variants, the planned rate, the SLO less the
 /// communication latency its requests' budgets show, and load costs as the policy defines
 /// them (a variant that runs costs nothing to keep).
-fn problem(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64, budget: u32) -> Problem {
+fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32) -> Problem {
     let spec = task.spec;
-    let running: HashSet<&str> = current
-        .iter()
-        .flat_map(|p| p.assignments.iter())
-        .filter(|a| a.task == spec.name)
-        .filter_map(|a| a.variant.as_ref().map(|v| v.name.as_str()))
-        .collect();
+    let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
     let variants = spec
         .variants
         .iter()

@@ -57,12 +57,15 @@ pub fn hold_across_nodes(
             .collect();
         let mut nodes_held = BTreeSet::new();
         for old in held {
-            let mut trial = target.clone();
-            trial.assignments.retain(|t| !same_worker(t, old));
-            trial.assignments.push(old.clone());
-            let used: u32 = trial.assignments.iter().filter(|t| t.node == old.node).map(|t| t.millicores).sum();
-            if node_millicores.get(&old.node).is_some_and(|&m| used <= m) {
-                *target = trial;
+            let others: u32 = target
+                .assignments
+                .iter()
+                .filter(|t| t.node == old.node && !same_worker(t, old))
+                .map(|t| t.millicores)
+                .sum();
+            if node_millicores.get(&old.node).is_some_and(|&m| others + old.millicores <= m) {
+                target.assignments.retain(|t| !same_worker(t, old));
+                target.assignments.push(old.clone());
                 nodes_held.insert(old.node.clone());
             }
         }

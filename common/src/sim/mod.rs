@@ -134,6 +134,12 @@ pub fn simulate(
     sim.report(policy, rates.len())
 }
 
+/// The model file the simulator's task names for a variant; what its running workers report,
+/// so that reconcile sees them unchanged.
+fn model_file(variant: &str) -> String {
+    format!("{variant}.onnx")
+}
+
 /// The simulator's driver of the adaptation core: one task, named [`SimPlanner::TASK`], on one
 /// node, [`SimPlanner::NODE`], of `core_budget` cores. The controller drives the same core
 /// from its replicated state and the agents' telemetry.
@@ -159,7 +165,7 @@ impl SimPlanner {
                 .iter()
                 .map(|v| VariantSpec {
                     name: v.name.clone(),
-                    model_file: format!("{}.onnx", v.name),
+                    model_file: model_file(&v.name),
                     accuracy: v.accuracy,
                     input_shape: vec![1],
                 })
@@ -344,7 +350,7 @@ impl<'a> Sim<'a> {
                     w.pending.map_or((w.cores, w.batch, w.max_delay), |r| (r.cores, r.batch, r.max_delay));
                 RunningWorker {
                     key: w.key.clone(),
-                    model_file: format!("{}.onnx", self.variants[w.variant].name),
+                    model_file: model_file(&self.variants[w.variant].name),
                     shape: WorkerShape {
                         millicores: cores * 1000,
                         max_batch: batch,
