@@ -40,6 +40,13 @@ struct Args {
     /// The worker's CPU quota, millicores.
     #[arg(long, default_value_t = 1000)]
     millicores: u32,
+    /// Instead of overloading: N pairs of (the agent's profiler at this quota and batch, the
+    /// serving worker's closed-loop capacity), interleaved, each pair's ratio printed.
+    #[arg(long)]
+    against_profile: Option<u32>,
+    /// Seconds the profiler measures a point (with --against-profile).
+    #[arg(long, default_value_t = 3.0)]
+    profile_seconds: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -137,6 +144,9 @@ async fn main() {
 
     // Warm up, then measure what the worker carries.
     capacity(&s.agent.addr, &req, 2 * args.batch as usize, 2.0).await;
+    if let Some(pairs) = args.against_profile {
+        return against_profile(&s, variant, &req, &args, pairs).await;
+    }
     let carried = capacity(&s.agent.addr, &req, 2 * args.batch as usize, args.seconds.min(8.0)).await;
     println!(
         "{} 64×64, {} millicores, batch ≤ {}, budget {} ms: capacity {:.1} req/s (closed loop, {} in flight)",
@@ -179,4 +189,39 @@ async fn main() {
         // Let the queue drain before the next factor.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Interleaves the profiler's throughput for the serving worker's quota and batch with that
+/// worker's closed-loop capacity, so the two are compared on the same machine state.
+async fn against_profile(
+    s: &Setup,
+    variant: &tidal_common::variant::VariantConfig,
+    req: &InferRequest,
+    args: &Args,
+    pairs: u32,
+) {
+    let mut agent = agent_client(&s.agent.addr).await;
+    let mut ratios = Vec::new();
+    println!("| pair | profiler req/s | serving req/s | serving / profiler |");
+    println!("|---|---|---|---|");
+    for pair in 1..=pairs {
+        let profiled = agent
+            .profile(tidal_proto::v1::ProfileRequest {
+                variant: Some(variant.spec()),
+                cores: vec![args.millicores / 1000],
+                batches: vec![args.batch],
+                duration_ms: (args.profile_seconds * 1000.0) as u32,
+            })
+            .await
+            .expect("the profiler runs")
+            .into_inner()
+            .points[0]
+            .throughput_rps;
+        let served = capacity(&s.agent.addr, req, 2 * args.batch as usize, args.profile_seconds).await;
+        ratios.push(served / profiled);
+        println!("| {pair} | {profiled:.1} | {served:.1} | {:.3} |", served / profiled);
+    }
+    let median = percentile(&mut ratios.clone(), 0.5);
+    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+    println!("serving / profiler: median {median:.3}, range {lo:.3}–{hi:.3} over {pairs} pairs");
 }
