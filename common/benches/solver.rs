@@ -1,6 +1,8 @@
 //! Solve time of the exact planner against the MILP reference.
 //!
 //! - InfAdapter: 5 variants, 8–64 cores (profiled on 1, 2, 4, 8, 16, 32, 64 cores).
+//! - InfAdapter on its published TF-Serving profiles (every core count 1–20, SLO 750 ms), a
+//!   20-core budget, at loads from idle to several times what 20 cores carry (overload).
 //! - IPA and Tidal's union: 2, 3, 5 and 10 stages × 5 variants, batch ≤ 64, replicas ≤ 32.
 //! - The MILP (good_lp + microlp) on the instances it finishes in reasonable time.
 //!
@@ -12,7 +14,8 @@ mod support;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use tidal_common::solver::{solve, Limits, PolicyKind};
+use tidal_common::profile::ProfileGrid;
+use tidal_common::solver::{solve, Limits, PolicyKind, Stage, Variant};
 
 const CORES: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
 const BATCHES: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
@@ -24,6 +27,29 @@ fn infadapter(c: &mut Criterion) {
         let p = support::problem(vec![support::stage("s", &CORES, &[1])], 6.0 * budget as f64, budget, 750.0);
         let space = PolicyKind::InfAdapter.space(&LIMITS);
         group.bench_with_input(BenchmarkId::new("search", budget), &p, |b, p| b.iter(|| solve(black_box(p), &space)));
+    }
+    group.finish();
+}
+
+/// InfAdapter's own setting: the published profiles, 20 cores, loads up to overload (the
+/// budget carries about 400 req/s of the fastest variant).
+fn infadapter_published(c: &mut Criterion) {
+    let csv = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/infadapter-capacity-tfserving.csv"))
+        .expect("data/infadapter-capacity-tfserving.csv is in the repository");
+    let profiles = tidal_common::profile::load_tfserving_csv(&csv[..], 750).expect("the published profiles parse");
+    let variants = profiles
+        .into_iter()
+        .map(|(name, points)| {
+            let accuracy = tidal_common::resnet::ResNetDepth::from_name(&name).expect("a ResNet").top1_accuracy();
+            Variant { name, accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
+        })
+        .collect();
+    let stage = Stage { name: "s".into(), variants };
+    let mut group = c.benchmark_group("infadapter-published-20-cores");
+    for load in [20.0, 100.0, 200.0, 300.0, 380.0, 500.0, 1000.0] {
+        let p = support::problem(vec![stage.clone()], load, 20, 750.0);
+        let space = PolicyKind::InfAdapter.space(&LIMITS);
+        group.bench_with_input(BenchmarkId::new("search", load), &p, |b, p| b.iter(|| solve(black_box(p), &space)));
     }
     group.finish();
 }
@@ -84,5 +110,5 @@ fn pipeline(stages: usize) -> tidal_common::solver::Problem {
     support::problem(all, 100.0, 64 * stages as u32, 250.0 * stages as f64)
 }
 
-criterion_group!(benches, infadapter, pipelines, milp);
+criterion_group!(benches, infadapter, infadapter_published, pipelines, milp);
 criterion_main!(benches);

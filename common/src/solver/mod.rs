@@ -33,6 +33,7 @@
 //! at the agents.
 
 mod brute;
+mod capacity;
 mod options;
 mod pipeline;
 pub mod policy;
@@ -160,43 +161,66 @@ pub(crate) const EPS: f64 = 1e-9;
 /// Solves `problem` restricted to `space`, exactly.
 pub fn solve(problem: &Problem, space: &SearchSpace) -> Result<Solution, SolveError> {
     let slo = validate(problem, space)?;
-    let opts = options::build(problem, space, slo)?;
-    let cheapest = options::cheapest(&opts);
-    let filtered = pipeline::filter(opts, problem.stages.len());
+    let filtered = options::build_pareto(problem, space, slo)?;
+    let cheapest = options::cheapest(&filtered);
     let load = problem.load_rps.max(MIN_PLANNED_RPS);
-    let solve_at = |l: f64| pipeline::solve_at(problem, &filtered, space.max_variants_per_stage, slo, l);
-    if let Some(s) = solve_at(load) {
-        return Ok(s);
-    }
-    let tiny = 1e-6;
-    if solve_at(tiny).is_none() {
-        return Err(SolveError::Infeasible {
-            cores: cheapest.0,
-            budget: problem.core_budget,
-            latency_ms: cheapest.1,
-            slo_ms: slo,
-        });
-    }
-    let (mut lo, mut hi) = (tiny, load);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if solve_at(mid).is_some() {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-        if hi - lo <= 1e-9 * hi {
-            break;
-        }
-    }
-    let mut s = solve_at(lo).ok_or(SolveError::Infeasible {
+    let max_variants = space.max_variants_per_stage;
+    let solve_at = |l: f64| pipeline::solve_at(problem, &filtered, max_variants, slo, l);
+    let infeasible = || SolveError::Infeasible {
         cores: cheapest.0,
         budget: problem.core_budget,
         latency_ms: cheapest.1,
         slo_ms: slo,
-    })?;
+    };
+    // When a search cannot carry the load, the most any plan carries is found once; for one
+    // stage a quick bound spares the search that is sure to fail.
+    let one_stage = filtered.len() == 1;
+    let surely_too_much =
+        one_stage && load > capacity::loose_stage_bound(&filtered[0], problem.core_budget, max_variants);
+    if !surely_too_much {
+        if let Some(s) = solve_at(load) {
+            return Ok(s);
+        }
+    }
+    let most = if one_stage {
+        capacity::stage_capacity(&filtered[0], problem.core_budget, slo, max_variants)
+    } else {
+        capacity::pipeline_capacity(&filtered, problem.core_budget, slo, max_variants)
+    };
+    let bound = most.min(load);
+    let mut s = most_carried(solve_at, bound, one_stage).ok_or_else(infeasible)?;
     s.overloaded = true;
     Ok(s)
+}
+
+/// The best plan for the most load any plan carries, at most `bound`: for one stage the bound is
+/// that load exactly; for a pipeline it is searched for by bisection below the bound (to a
+/// ten-millionth of it).
+fn most_carried(solve_at: impl Fn(f64) -> Option<Solution>, bound: f64, exact: bool) -> Option<Solution> {
+    const TINY: f64 = 1e-6;
+    if bound < TINY {
+        return None;
+    }
+    // The bound less a rounding margin, so that the plan that reaches it is found.
+    let just_below = bound * (1.0 - 1e-12);
+    if exact {
+        if let Some(s) = solve_at(just_below) {
+            return Some(s);
+        }
+    }
+    let mut best = solve_at(TINY)?;
+    let (mut lo, mut hi) = (TINY, bound);
+    while hi - lo > 1e-7 * hi {
+        let mid = 0.5 * (lo + hi);
+        match solve_at(mid) {
+            Some(s) => {
+                best = s;
+                lo = mid;
+            }
+            None => hi = mid,
+        }
+    }
+    Some(best)
 }
 
 /// Every worker shape `space` allows, per stage and variant, with the latency budget they

@@ -23,11 +23,27 @@ pub type Shapes = Vec<Vec<Vec<Shape>>>;
 
 /// Every shape of every stage (not yet filtered to the Pareto-optimal ones).
 pub(crate) fn build(problem: &Problem, space: &SearchSpace, slo_ms: f64) -> Result<Shapes, SolveError> {
+    build_with(problem, space, slo_ms, |shapes| shapes)
+}
+
+/// Every Pareto-optimal shape of every stage (see [`pareto`]; latency counts in a pipeline),
+/// each variant's filtered as soon as it is built, while its shapes are still in cache.
+pub(crate) fn build_pareto(problem: &Problem, space: &SearchSpace, slo_ms: f64) -> Result<Shapes, SolveError> {
+    let by_latency = problem.stages.len() > 1;
+    build_with(problem, space, slo_ms, |shapes| pareto(shapes, by_latency))
+}
+
+fn build_with(
+    problem: &Problem,
+    space: &SearchSpace,
+    slo_ms: f64,
+    keep: impl Fn(Vec<Shape>) -> Vec<Shape>,
+) -> Result<Shapes, SolveError> {
     let mut all = Vec::with_capacity(problem.stages.len());
     for stage in &problem.stages {
         let allowed = allowed_variants(stage, &space.variants)?;
         let per_variant: Vec<Vec<Shape>> = (0..stage.variants.len())
-            .map(|v| if allowed.contains(&v) { variant_shapes(problem, space, slo_ms, stage, v) } else { vec![] })
+            .map(|v| if allowed.contains(&v) { keep(variant_shapes(problem, space, slo_ms, stage, v)) } else { vec![] })
             .collect();
         if per_variant.iter().all(Vec::is_empty) {
             return Err(SolveError::NoOperatingPoint(stage.name.clone()));
@@ -105,7 +121,7 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
 /// Keeps the shapes no other shape beats: one that costs no more, carries no less and needs no
 /// more cores (and, when `by_latency`, is no slower) makes it useless. Sorted by cost.
 pub(crate) fn pareto(mut shapes: Vec<Shape>, by_latency: bool) -> Vec<Shape> {
-    shapes.sort_by(|a, b| {
+    shapes.sort_unstable_by(|a, b| {
         a.cost
             .total_cmp(&b.cost)
             .then(b.capacity.total_cmp(&a.capacity))
@@ -113,19 +129,49 @@ pub(crate) fn pareto(mut shapes: Vec<Shape>, by_latency: bool) -> Vec<Shape> {
             .then(a.point.latency_bound_ms.total_cmp(&b.point.latency_bound_ms))
     });
     let latency = |s: &Shape| if by_latency { s.point.latency_bound_ms } else { 0.0 };
-    // Per core count, the kept shapes as a staircase: latency up, capacity strictly up.
     let max_cores = shapes.iter().map(|s| s.cores as usize).max().unwrap_or(0);
-    let mut stairs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); max_cores + 1];
+    let mut kept_so_far = Dominance::new(max_cores);
     let mut kept: Vec<Shape> = Vec::new();
     for s in shapes {
         let l = latency(&s);
-        let beaten = stairs[..=s.cores as usize].iter().any(|st| best_within(st, l) >= s.capacity);
-        if !beaten {
-            raise(&mut stairs[s.cores as usize], l, s.capacity);
+        if kept_so_far.most_capacity(s.cores as usize, l) < s.capacity {
+            kept_so_far.insert(s.cores as usize, l, s.capacity);
             kept.push(s);
         }
     }
     kept
+}
+
+/// The kept shapes, to ask: of those with at most `cores` cores and no slower than `latency`,
+/// which carries the most? A Fenwick tree over core counts whose nodes are staircases
+/// (latency up, capacity strictly up), so both the question and an insertion take
+/// O(log cores · log steps).
+struct Dominance {
+    tree: Vec<Vec<(f64, f64)>>,
+}
+
+impl Dominance {
+    fn new(max_cores: usize) -> Self {
+        Self { tree: vec![Vec::new(); max_cores + 2] }
+    }
+
+    fn most_capacity(&self, cores: usize, latency: f64) -> f64 {
+        let mut k = cores + 1;
+        let mut most = f64::NEG_INFINITY;
+        while k > 0 {
+            most = most.max(best_within(&self.tree[k], latency));
+            k -= k & k.wrapping_neg();
+        }
+        most
+    }
+
+    fn insert(&mut self, cores: usize, latency: f64, capacity: f64) {
+        let mut k = cores + 1;
+        while k < self.tree.len() {
+            raise(&mut self.tree[k], latency, capacity);
+            k += k & k.wrapping_neg();
+        }
+    }
 }
 
 /// The most capacity among the steps no slower than `latency`.
@@ -138,8 +184,11 @@ fn best_within(stair: &[(f64, f64)], latency: f64) -> f64 {
     }
 }
 
-/// Adds a step, dropping the slower steps it beats.
+/// Adds a step unless a step no slower carries as much, dropping the slower steps it beats.
 fn raise(stair: &mut Vec<(f64, f64)>, latency: f64, capacity: f64) {
+    if best_within(stair, latency) >= capacity {
+        return;
+    }
     let at = stair.partition_point(|&(l, _)| l < latency);
     let mut end = at;
     while end < stair.len() && stair[end].1 <= capacity {

@@ -12,10 +12,6 @@ use super::{objective, Choice, Problem, Solution, EPS};
 /// Per stage, per variant: Pareto-optimal shapes (see `options::pareto`).
 pub(crate) type Filtered = Shapes;
 
-pub(crate) fn filter(shapes: Shapes, stages: usize) -> Filtered {
-    shapes.into_iter().map(|stage| stage.into_iter().map(|v| super::options::pareto(v, stages > 1)).collect()).collect()
-}
-
 /// The best plan carrying `load`, or `None` when none does.
 pub(crate) fn solve_at(
     problem: &Problem,
@@ -100,11 +96,14 @@ fn latency_frontier(input: &StageInput) -> Vec<Entry> {
     }
 }
 
+/// A partial plan over the first stages: its totals, its pick in the last stage's frontier and
+/// the partial plan over the stages before it (an index into the previous layer).
 struct Partial {
     latency: f64,
     cores: u32,
     value: f64,
-    picks: Vec<u32>,
+    parent: u32,
+    pick: u32,
 }
 
 /// The best combination of one entry per stage within the SLO and, when given, the budget
@@ -118,36 +117,78 @@ fn merge(fronts: &[Vec<Entry>], slo: f64, budget: Option<u32>) -> Option<Vec<Ent
         rest_latency[i] = rest_latency[i + 1] + fronts[i].iter().map(|e| e.latency).fold(f64::INFINITY, f64::min);
         rest_cores[i] = rest_cores[i + 1] + fronts[i].iter().map(|e| e.cores).min()?;
     }
-    let mut partials = vec![Partial { latency: 0.0, cores: 0, value: 0.0, picks: Vec::new() }];
+    let mut rest_value = vec![0.0; n + 1];
+    for i in (0..n).rev() {
+        rest_value[i] = rest_value[i + 1] + fronts[i].iter().map(|e| e.value).fold(f64::NEG_INFINITY, f64::max);
+    }
+    // A partial plan that cannot reach a known complete plan's value even with every later
+    // stage at its best is dropped.
+    let known = greedy_value(fronts, slo, budget, &rest_latency, &rest_cores);
+    let mut layers: Vec<Vec<Partial>> = Vec::with_capacity(n);
+    let start = [Partial { latency: 0.0, cores: 0, value: 0.0, parent: 0, pick: 0 }];
     for (i, front) in fronts.iter().enumerate() {
-        let mut next = Vec::with_capacity(partials.len() * front.len());
-        for p in &partials {
+        let before: &[Partial] = layers.last().map_or(&start, |l| l.as_slice());
+        let mut next = Vec::with_capacity(before.len() * front.len());
+        for (parent, p) in before.iter().enumerate() {
             for (k, e) in front.iter().enumerate() {
                 let latency = p.latency + e.latency;
                 let cores = p.cores + e.cores;
                 let over_budget = budget.is_some_and(|b| cores + rest_cores[i + 1] > b);
-                if latency + rest_latency[i + 1] > slo + EPS || over_budget {
+                let value = p.value + e.value;
+                if latency + rest_latency[i + 1] > slo + EPS || over_budget || value + rest_value[i + 1] < known - EPS {
                     continue;
                 }
-                let mut picks = p.picks.clone();
-                picks.push(k as u32);
-                next.push(Partial { latency, cores, value: p.value + e.value, picks });
+                next.push(Partial { latency, cores, value, parent: parent as u32, pick: k as u32 });
             }
         }
-        partials = non_dominated(next, budget);
-        if partials.is_empty() {
+        let kept = non_dominated(next, budget);
+        if kept.is_empty() {
             return None;
         }
+        layers.push(kept);
     }
-    let best = partials.into_iter().max_by(|a, b| a.value.total_cmp(&b.value))?;
-    Some(best.picks.iter().enumerate().map(|(i, &k)| fronts[i][k as usize].clone()).collect())
+    // Back from the best complete plan, stage by stage.
+    let last = layers.last()?;
+    let mut at = (0..last.len()).max_by(|&a, &b| last[a].value.total_cmp(&last[b].value))?;
+    let mut plan = Vec::with_capacity(n);
+    for (i, layer) in layers.iter().enumerate().rev() {
+        plan.push(fronts[i][layer[at].pick as usize].clone());
+        at = layer[at].parent as usize;
+    }
+    plan.reverse();
+    Some(plan)
+}
+
+/// The value of one complete plan within the SLO and budget (each stage the best entry within
+/// its fastest latency plus an equal share of the slack the fastest plan leaves), or −∞.
+fn greedy_value(fronts: &[Vec<Entry>], slo: f64, budget: Option<u32>, rest_latency: &[f64], rest_cores: &[u32]) -> f64 {
+    let share = (slo - rest_latency[0]) / fronts.len() as f64;
+    let (mut cores, mut value) = (0u32, 0.0);
+    for (i, front) in fronts.iter().enumerate() {
+        let fastest = rest_latency[i] - rest_latency[i + 1];
+        let fits = |e: &&Entry| {
+            e.latency <= fastest + share + EPS && budget.is_none_or(|b| cores + e.cores + rest_cores[i + 1] <= b)
+        };
+        let Some(e) = front.iter().filter(fits).max_by(|a, b| a.value.total_cmp(&b.value)) else {
+            return f64::NEG_INFINITY;
+        };
+        cores += e.cores;
+        value += e.value;
+    }
+    value
 }
 
 /// Drops every partial plan another one beats on latency, cores and value together: in order
 /// of latency, a plan survives only if every faster one with no more cores is worth less (a
 /// prefix maximum over core counts answers that in log time).
 fn non_dominated(mut all: Vec<Partial>, budget: Option<u32>) -> Vec<Partial> {
-    all.sort_by(|a, b| a.latency.total_cmp(&b.latency).then(a.cores.cmp(&b.cores)).then(b.value.total_cmp(&a.value)));
+    all.sort_unstable_by(|a, b| {
+        a.latency
+            .total_cmp(&b.latency)
+            .then(a.cores.cmp(&b.cores))
+            .then(b.value.total_cmp(&a.value))
+            .then((a.parent, a.pick).cmp(&(b.parent, b.pick)))
+    });
     let slot = |p: &Partial| if budget.is_some() { p.cores as usize } else { 0 };
     let mut best = PrefixMax::new(budget.map_or(1, |b| b as usize + 1));
     let mut kept: Vec<Partial> = Vec::new();
@@ -236,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_partial_plan_beaten_on_every_count_is_dropped() {
-        let p = |latency, cores, value| Partial { latency, cores, value, picks: vec![] };
+        let p = |latency, cores, value| Partial { latency, cores, value, parent: 0, pick: 0 };
         let kept = non_dominated(vec![p(10.0, 2, 1.0), p(12.0, 3, 0.5), p(12.0, 1, 0.5), p(20.0, 2, 2.0)], Some(4));
         let left: Vec<(f64, u32)> = kept.iter().map(|k| (k.latency, k.cores)).collect();
         assert_eq!(left, vec![(10.0, 2), (12.0, 1), (20.0, 2)]);
