@@ -17,7 +17,7 @@ use tidal_common::tensor::f32_tensor;
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{AgentStatusRequest, ApplyPlanRequest, Assignment, InferRequest, Plan, TaskSpec};
+use tidal_proto::v1::{AgentStatusRequest, ApplyPlanRequest, Assignment, InferRequest, Plan};
 
 const THREADS: usize = 2;
 
@@ -93,8 +93,9 @@ async fn agent_path(
         let plan = Plan {
             epoch: 1,
             term: 1,
-            tasks: vec![TaskSpec { name: "bench".into(), slo_ms: 10_000, variants: vec![cfg.spec()] }],
+            tasks: vec![tidal_common::task::single_stage("bench", 10_000, vec![cfg.spec()])],
             assignments: vec![Assignment {
+                stage: "bench".into(),
                 task: "bench".into(),
                 variant: Some(cfg.spec()),
                 node: "bench".into(),

@@ -108,7 +108,7 @@ mod tests {
     use tidal_proto::v1::VariantSpec;
 
     fn key(task: &str, variant: &str) -> WorkerKey {
-        WorkerKey { task: task.into(), variant: variant.into(), replica: 0 }
+        WorkerKey { task: task.into(), stage: task.into(), variant: variant.into(), replica: 0 }
     }
 
     fn desired(task: &str, variant: &str, millicores: u32) -> DesiredWorker {

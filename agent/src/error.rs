@@ -21,6 +21,8 @@ pub enum ServeError {
     DeadlineExceeded(Duration),
     #[error("overloaded: {ahead} requests are queued ahead; serving this one would take about {needs:?}, its budget is {budget:?}")]
     WouldMiss { ahead: usize, needs: Duration, budget: Duration },
+    #[error("the budget left ({budget:?}) is shorter than a batch takes here (about {needs:?})")]
+    BudgetTooShort { needs: Duration, budget: Duration },
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("the model failed: {0}")]
@@ -37,7 +39,7 @@ impl From<ServeError> for Status {
             ServeError::QueueFull(_) | ServeError::TooLarge { .. } | ServeError::WouldMiss { .. } => {
                 Status::resource_exhausted(msg)
             }
-            ServeError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. } => Status::deadline_exceeded(msg),
             ServeError::Model(_) => Status::internal(msg),
         }
     }

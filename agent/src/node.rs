@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::apply::{execute, stage, Executor};
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats, WorkerCgroup};
 use crate::metrics::AgentMetrics;
-use crate::router::{Remote, Router};
+use crate::router::{Remote, Router, StageKey};
 use crate::telemetry::Telemetry;
 use crate::worker::{BatchSettings, ProcessConfig, Worker, WorkerSpec};
 
@@ -109,7 +109,8 @@ impl Node {
     /// what runs for it and named in the result; the other tasks move. Plans are ordered by
     /// (epoch, term): one older than the applied plan comes from a deposed leader (or a
     /// delayed push) and is refused.
-    pub async fn apply_plan(self: &Arc<Self>, plan: Plan) -> Result<Applied, ApplyError> {
+    pub async fn apply_plan(self: &Arc<Self>, mut plan: Plan) -> Result<Applied, ApplyError> {
+        tidal_common::plan::normalise(&mut plan);
         let mut workers = self.workers.lock().await;
         let applied = (self.applied_epoch(), self.applied_term());
         if (plan.epoch, plan.term) < applied {
@@ -154,7 +155,7 @@ impl Node {
         tokio::spawn(async move {
             node.wait_ready(&successors).await;
             node.retiring.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| !Arc::ptr_eq(r, &w));
-            node.refresh_routes(&w.spec.task).await;
+            node.refresh_routes(&StageKey::new(&w.spec.task, &w.spec.stage)).await;
             w.shutdown(node.cfg.drain).await;
             info!(worker = %w.spec.id, "worker stopped");
         });
@@ -192,51 +193,63 @@ impl Node {
         }
     }
 
-    async fn refresh_routes(&self, task: &str) {
+    async fn refresh_routes(&self, stage: &StageKey) {
         let workers = self.workers.lock().await;
-        let weights: HashMap<String, f64> = self.router.weights(task).into_iter().collect();
-        let routes = self.routes_for(task, &workers, |w| weights.get(&w.spec.id).copied().unwrap_or(0.0));
-        self.router.set_routes(task, routes);
+        let weights: HashMap<String, f64> = self.router.weights(stage).into_iter().collect();
+        let routes = self.routes_for(stage, &workers, |w| weights.get(&w.spec.id).copied().unwrap_or(0.0));
+        self.router.set_routes(stage, routes);
     }
 
-    /// Routes each task by the plan's weights; a held task keeps the routes it had.
+    /// Routes each stage of each task by the plan's weights; a held task keeps the routes it
+    /// had.
     fn update_routes(&self, plan: &Plan, workers: &HashMap<WorkerKey, Arc<Worker>>, held: &BTreeMap<String, String>) {
-        for task in plan.tasks.iter().filter(|t| !held.contains_key(&t.name)) {
-            let weight_of = |w: &Worker| {
-                plan.assignments
-                    .iter()
-                    .find(|a| {
-                        a.node == self.cfg.node
-                            && a.task == task.name
-                            && a.replica == w.spec.replica
-                            && a.variant.as_ref().is_some_and(|v| v.name == w.spec.variant.name)
-                    })
-                    .map_or(0.0, |a| a.weight)
-            };
-            let routes = self.routes_for(&task.name, workers, weight_of);
-            self.router.set_routes(&task.name, routes);
-            self.router.set_remote_routes(&task.name, self.remote_routes(plan, &task.name));
-        }
-        let planned: Vec<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
-        for task in self.router.tasks() {
-            if !planned.contains(&task.as_str()) {
-                self.router.remove_task(&task);
+        let mut planned = Vec::new();
+        for task in &plan.tasks {
+            for stage in &task.stages {
+                let key = StageKey::new(&task.name, &stage.name);
+                planned.push(key.clone());
+                if held.contains_key(&task.name) {
+                    continue;
+                }
+                let weight_of = |w: &Worker| {
+                    plan.assignments
+                        .iter()
+                        .find(|a| {
+                            a.node == self.cfg.node
+                                && a.task == task.name
+                                && a.stage == stage.name
+                                && a.replica == w.spec.replica
+                                && a.variant.as_ref().is_some_and(|v| v.name == w.spec.variant.name)
+                        })
+                        .map_or(0.0, |a| a.weight)
+                };
+                let routes = self.routes_for(&key, workers, weight_of);
+                self.router.set_routes(&key, routes);
+                self.router.set_remote_routes(&key, self.remote_routes(plan, &key));
             }
         }
+        self.router.retain(&planned);
     }
 
-    /// The task's shares on other agents, one route per node (weights summed over its
+    /// The stage's shares on other agents, one route per node (weights summed over its
     /// workers); nodes whose address the plan does not give are left out.
-    fn remote_routes(&self, plan: &Plan, task: &str) -> Vec<(Arc<Remote>, f64)> {
+    fn remote_routes(&self, plan: &Plan, stage: &StageKey) -> Vec<(Arc<Remote>, f64)> {
+        let (task, stage_name) = (stage.task.as_str(), stage.stage.as_str());
         let mut weights: BTreeMap<&str, f64> = BTreeMap::new();
-        for a in plan.assignments.iter().filter(|a| a.task == task && a.node != self.cfg.node) {
+        for a in plan.assignments.iter().filter(|a| a.task == task && a.stage == stage_name && a.node != self.cfg.node)
+        {
             *weights.entry(a.node.as_str()).or_default() += a.weight;
         }
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
         let mut routes = Vec::new();
         for (node, weight) in weights {
             let Some(address) = plan.node_addresses.get(node) else {
-                warn!(node, task, "the plan gives no address for a node serving this task; not routed there");
+                warn!(
+                    node,
+                    task,
+                    stage = stage_name,
+                    "the plan gives no address for a node serving this stage; not routed there"
+                );
                 continue;
             };
             let key = (node.to_string(), address.clone());
@@ -263,23 +276,24 @@ impl Node {
         routes
     }
 
-    /// A task's local routes: its workers by `weight_of`, and the workers being retired with
+    /// A stage's local routes: its workers by `weight_of`, and the workers being retired with
     /// the weight they had, so that they keep serving their share until their successors
     /// serve (make before break; the simulator does the same).
     fn routes_for(
         &self,
-        task: &str,
+        stage: &StageKey,
         workers: &HashMap<WorkerKey, Arc<Worker>>,
         weight_of: impl Fn(&Worker) -> f64,
     ) -> Vec<(Arc<Worker>, f64)> {
-        let previous: HashMap<String, f64> = self.router.weights(task).into_iter().collect();
+        let previous: HashMap<String, f64> = self.router.weights(stage).into_iter().collect();
+        let serves = |w: &Worker| w.spec.task == stage.task && w.spec.stage == stage.stage;
         let mut routes: Vec<(Arc<Worker>, f64)> =
-            workers.values().filter(|w| w.spec.task == task).map(|w| (w.clone(), weight_of(w))).collect();
+            workers.values().filter(|w| serves(w)).map(|w| (w.clone(), weight_of(w))).collect();
         let retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
         routes.extend(
             retiring
                 .iter()
-                .filter(|w| w.spec.task == task)
+                .filter(|w| serves(w))
                 .map(|w| (w.clone(), previous.get(&w.spec.id).copied().unwrap_or(0.0))),
         );
         routes
@@ -306,6 +320,7 @@ impl Node {
             out.push(WorkerTelemetry {
                 id: w.spec.id.clone(),
                 task: w.spec.task.clone(),
+                stage: w.spec.stage.clone(),
                 variant: w.spec.variant.name.clone(),
                 millicores: w.millicores(),
                 max_batch: w.settings().max_batch,
@@ -326,8 +341,8 @@ impl Node {
 
     /// The first replica of (task, variant), for tests and the profiler's reports.
     pub async fn worker(&self, task: &str, variant: &str) -> Option<Arc<Worker>> {
-        let key = WorkerKey { task: task.into(), variant: variant.into(), replica: 0 };
-        self.workers.lock().await.get(&key).cloned()
+        let workers = self.workers.lock().await;
+        workers.iter().find(|(k, _)| k.task == task && k.variant == variant && k.replica == 0).map(|(_, w)| w.clone())
     }
 
     /// Stops every worker (draining briefly) and removes the cgroups.
@@ -381,6 +396,7 @@ impl Executor for NodeExecutor<'_> {
         let spec = WorkerSpec {
             id: id.clone(),
             task: d.key.task.clone(),
+            stage: d.key.stage.clone(),
             replica: d.key.replica,
             model_path: self.node.cfg.model_dir.join(&d.variant.model_file),
             variant: d.variant.clone(),

@@ -9,7 +9,9 @@
 //! still make their deadline: from the batches just run it estimates how long a batch takes
 //! and what a request costs, and
 //! - refuses a new request (RESOURCE_EXHAUSTED) whose deadline falls before the work queued
-//!   ahead of it (earlier deadlines) and its own batch can be done;
+//!   ahead of it (earlier deadlines) and its own batch can be done — DEADLINE_EXCEEDED when
+//!   nothing is queued ahead and its own budget is too short (as a pipeline's later stage
+//!   finds when the earlier ones took most of it);
 //! - answers a queued request DEADLINE_EXCEEDED, without running it, once its deadline falls
 //!   before the batch it would join could finish.
 //!
@@ -134,7 +136,13 @@ impl DeadlineQueue {
             if finish > deadline {
                 let needs = finish.saturating_duration_since(now);
                 let budget = deadline.saturating_duration_since(now);
-                return Err((ServeError::WouldMiss { ahead, needs, budget }, reply));
+                // Nothing ahead: the request's own budget is too short, not the queue too long.
+                let why = if ahead == 0 {
+                    ServeError::BudgetTooShort { needs, budget }
+                } else {
+                    ServeError::WouldMiss { ahead, needs, budget }
+                };
+                return Err((why, reply));
             }
         }
         inner.seq += 1;

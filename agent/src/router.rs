@@ -1,5 +1,5 @@
-//! The router: splits a task's requests across its workers, here and on other agents, by
-//! the plan's weights.
+//! The router: splits each stage of a task's requests across the stage's workers, here and on
+//! other agents, by the plan's weights.
 //!
 //! Smooth weighted round-robin (as nginx does it) spreads each worker's share evenly in time
 //! rather than in random bursts, which keeps the queues short. A worker that is not ready yet
@@ -68,28 +68,41 @@ impl Entry {
     }
 }
 
+/// A stage of a task: what a route serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageKey {
+    pub task: String,
+    pub stage: String,
+}
+
+impl StageKey {
+    pub fn new(task: &str, stage: &str) -> Self {
+        Self { task: task.into(), stage: stage.into() }
+    }
+}
+
 #[derive(Default)]
 pub struct Router {
-    tasks: Mutex<HashMap<String, Vec<Entry>>>,
+    stages: Mutex<HashMap<StageKey, Vec<Entry>>>,
 }
 
 impl Router {
-    /// Replaces a task's local routes `(worker, weight)`, keeping its remote ones; weight 0
+    /// Replaces a stage's local routes `(worker, weight)`, keeping its remote ones; weight 0
     /// marks a worker being retired.
-    pub fn set_routes(&self, task: &str, routes: Vec<(Arc<Worker>, f64)>) {
+    pub fn set_routes(&self, stage: &StageKey, routes: Vec<(Arc<Worker>, f64)>) {
         let local = routes.into_iter().map(|(w, weight)| (Target::Local(w), weight)).collect();
-        self.replace(task, local, |e| e.local().is_some());
+        self.replace(stage, local, |e| e.local().is_some());
     }
 
-    /// Replaces a task's routes to other agents `(node, weight)`, keeping its local ones.
-    pub fn set_remote_routes(&self, task: &str, routes: Vec<(Arc<Remote>, f64)>) {
+    /// Replaces a stage's routes to other agents `(node, weight)`, keeping its local ones.
+    pub fn set_remote_routes(&self, stage: &StageKey, routes: Vec<(Arc<Remote>, f64)>) {
         let remote = routes.into_iter().map(|(r, weight)| (Target::Remote(r), weight)).collect();
-        self.replace(task, remote, |e| e.local().is_none());
+        self.replace(stage, remote, |e| e.local().is_none());
     }
 
-    fn replace(&self, task: &str, targets: Vec<(Target, f64)>, replaced: impl Fn(&Entry) -> bool) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = tasks.entry(task.to_string()).or_default();
+    fn replace(&self, stage: &StageKey, targets: Vec<(Target, f64)>, replaced: impl Fn(&Entry) -> bool) {
+        let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = stages.entry(stage.clone()).or_default();
         entries.retain(|e| !replaced(e));
         entries.extend(targets.into_iter().map(|(target, weight)| Entry {
             target,
@@ -98,28 +111,25 @@ impl Router {
         }));
     }
 
-    pub fn remove_task(&self, task: &str) {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(task);
+    /// Keeps only the routes of `stages`.
+    pub fn retain(&self, stages: &[StageKey]) {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| stages.contains(k));
     }
 
-    pub fn tasks(&self) -> Vec<String> {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
-    }
-
-    /// The current weight of each of a task's local workers, by worker id.
-    pub fn weights(&self, task: &str) -> Vec<(String, f64)> {
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.get(task).map_or_else(Vec::new, |entries| {
+    /// The current weight of each of a stage's local workers, by worker id.
+    pub fn weights(&self, stage: &StageKey) -> Vec<(String, f64)> {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        stages.get(stage).map_or_else(Vec::new, |entries| {
             entries.iter().filter_map(|e| Some((e.local()?.spec.id.clone(), e.weight))).collect()
         })
     }
 
-    /// Where the next request of `task` goes: by weight among ready workers here and
+    /// Where the next request of `stage` goes: by weight among ready workers here and
     /// reachable agents elsewhere; else any ready local worker; else a weighted local worker
     /// (the request waits for its model to load); else a reachable agent.
-    pub fn pick(&self, task: &str) -> Option<Target> {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = tasks.get_mut(task)?;
+    pub fn pick(&self, stage: &StageKey) -> Option<Target> {
+        let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = stages.get_mut(stage)?;
         if let Some(t) = smooth_weighted(entries, |e| e.ready() && e.weight > 0.0) {
             return Some(t);
         }
@@ -129,9 +139,9 @@ impl Router {
     }
 
     /// Like `pick`, among this agent's own workers only (for forwarded requests).
-    pub fn pick_local(&self, task: &str) -> Option<Arc<Worker>> {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = tasks.get_mut(task)?;
+    pub fn pick_local(&self, stage: &StageKey) -> Option<Arc<Worker>> {
+        let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = stages.get_mut(stage)?;
         match smooth_weighted(entries, |e| e.local().is_some_and(|w| w.is_ready()) && e.weight > 0.0) {
             Some(Target::Local(w)) => Some(w),
             _ => pick_local(entries),

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use tidal_common::tensor::{f32_tensor, sample_values};
+use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
 use tidal_proto::v1::agent_server::Agent;
 use tidal_proto::v1::inference_server::Inference;
 use tidal_proto::v1::{
     AgentStatus, AgentStatusRequest, ApplyPlanRequest, ApplyPlanResponse, InferRequest, InferResponse, ProfileRequest,
-    ProfileResponse,
+    ProfileResponse, StageServed, StageSpec,
 };
-use tidal_proto::FORWARDED_METADATA;
+use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
@@ -21,101 +21,237 @@ use crate::error::ServeError;
 use crate::metrics::{RequestLabels, TaskLabels};
 use crate::node::{ApplyError, Node};
 use crate::profiler;
-use crate::router::{Remote, Target};
+use crate::router::{Remote, StageKey, Target};
 use crate::telemetry::Outcome;
+use crate::worker::Worker;
 
 #[derive(Clone)]
 pub struct AgentService {
     pub node: Arc<Node>,
 }
 
+/// A request another agent forwarded: serve one stage of it here.
+struct Forwarded {
+    /// The stage to run; empty: the task's first.
+    stage: String,
+}
+
+/// One stage's output for one request.
+struct StageOutput {
+    values: Vec<f32>,
+    shape: Vec<i64>,
+    served: StageServed,
+}
+
 impl AgentService {
-    /// Serves a request here or on another agent. `forwarded`: it came from another agent's
-    /// router, which already counted it; serve it here, whatever the weights say.
-    async fn serve(&self, req: InferRequest, arrived: Instant, forwarded: bool) -> Result<InferResponse, ServeError> {
+    /// Serves a request: every stage of its task in order, each here or on another agent as
+    /// the plan's weights pick, within the request's one deadline. A request another agent
+    /// forwarded runs only the stage it names, here.
+    async fn serve(
+        &self,
+        req: InferRequest,
+        arrived: Instant,
+        forwarded: Option<Forwarded>,
+    ) -> Result<InferResponse, ServeError> {
         let size = req.encoded_len();
         if size > self.node.cfg.max_request_bytes {
             return Err(ServeError::TooLarge { size, limit: self.node.cfg.max_request_bytes });
         }
         let task = self.node.task(&req.task).ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
-        if !forwarded {
-            self.node.telemetry.arrival(&task.name, arrived, (req.budget_ms > 0).then_some(req.budget_ms));
-        }
-        let shape = task.variants.first().map(|v| v.input_shape.clone()).unwrap_or_default();
-        let input = sample_values(req.input.as_ref(), &shape).map_err(|e| ServeError::InvalidInput(e.to_string()))?;
         let budget_ms = if req.budget_ms > 0 { req.budget_ms } else { task.slo_ms };
         let deadline = arrived + Duration::from_millis(budget_ms as u64);
+        let stages: Vec<&StageSpec> = match &forwarded {
+            Some(f) if !f.stage.is_empty() => {
+                let stage = task.stages.iter().find(|s| s.name == f.stage);
+                vec![stage.ok_or_else(|| {
+                    ServeError::InvalidInput(format!("task {} has no stage {:?}", task.name, f.stage))
+                })?]
+            }
+            Some(_) => task.stages.first().into_iter().collect(),
+            None => {
+                self.node.telemetry.arrival(&task.name, arrived, (req.budget_ms > 0).then_some(req.budget_ms));
+                task.stages.iter().collect()
+            }
+        };
+        let first = stages.first().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
+        let mut input = sample_values(req.input.as_ref(), stage_input(first))
+            .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+        let mut served = Vec::with_capacity(stages.len());
+        let mut output = None;
+        for (i, stage) in stages.iter().enumerate() {
+            if i > 0 {
+                // The previous stage's output is this one's input, one sample of its shape.
+                let want = stage_input(stage);
+                if input.len() as i64 != want.iter().product::<i64>() {
+                    return Err(ServeError::Model(format!(
+                        "stage {} gives {} values per request, stage {} takes {:?}",
+                        stages[i - 1].name,
+                        input.len(),
+                        stage.name,
+                        want
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
+                }
+            }
+            let key = StageKey::new(&task.name, &stage.name);
+            let out = self.run_stage(&key, stage, input, deadline, arrived, forwarded.is_some()).await?;
+            input = out.values.clone();
+            served.push(out.served.clone());
+            output = Some(out);
+        }
+        let last = output.ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
+        Ok(InferResponse {
+            node: last.served.node.clone(),
+            output: Some(f32_tensor(last.shape, &last.values)),
+            variant: last.served.variant.clone(),
+            accuracy: last.served.accuracy,
+            batch_size: last.served.batch_size,
+            queue_us: last.served.queue_us,
+            total_us: arrived.elapsed().as_micros() as u64,
+            stages: served,
+        })
+    }
+
+    /// Runs one stage of a request where the router sends it: on a local worker, or on
+    /// another agent (falling back to a local worker if that agent fails). `local_only`: the
+    /// request was forwarded here, and is not forwarded again.
+    async fn run_stage(
+        &self,
+        key: &StageKey,
+        stage: &StageSpec,
+        input: Vec<f32>,
+        deadline: Instant,
+        arrived: Instant,
+        local_only: bool,
+    ) -> Result<StageOutput, ServeError> {
         let router = &self.node.router;
-        let target = if forwarded { router.pick_local(&task.name).map(Target::Local) } else { router.pick(&task.name) };
-        let worker = match target.ok_or_else(|| ServeError::NoWorker(task.name.clone()))? {
+        let target = if local_only { router.pick_local(key).map(Target::Local) } else { router.pick(key) };
+        let worker = match target.ok_or_else(|| ServeError::NoWorker(format!("{}/{}", key.task, key.stage)))? {
             Target::Local(w) => w,
-            Target::Remote(remote) => match self.forward(&remote, req, deadline, arrived).await {
-                Ok(response) => return Ok(response),
+            Target::Remote(remote) => match self.forward(&remote, key, stage, &input, deadline, arrived).await {
+                Ok(out) => return Ok(out),
                 Err(e) => {
                     // The other agent is down or overloaded: serve here if this node can.
-                    warn!(node = %remote.node, error = %e, "forwarding failed; serving locally");
-                    router.pick_local(&task.name).ok_or(e)?
+                    warn!(node = %remote.node, stage = %key.stage, error = %e, "forwarding failed; serving locally");
+                    router.pick_local(key).ok_or(e)?
                 }
             },
         };
+        self.run_local(key, &worker, input, deadline, arrived).await
+    }
+
+    /// Queues a stage of a request on a local worker and waits for its answer.
+    async fn run_local(
+        &self,
+        key: &StageKey,
+        worker: &Worker,
+        input: Vec<f32>,
+        deadline: Instant,
+        arrived: Instant,
+    ) -> Result<StageOutput, ServeError> {
+        let telemetry = &self.node.telemetry;
+        let started = Instant::now();
+        telemetry.stage_arrival(&key.task, &key.stage, started);
         let (tx, rx) = oneshot::channel();
-        worker.queue.push(deadline, input, tx).map_err(|(e, _)| e)?;
-        let served = match tokio::time::timeout_at(deadline.into(), rx).await {
-            Err(_) => return Err(ServeError::DeadlineExceeded(arrived.elapsed())),
-            Ok(Err(_)) => return Err(ServeError::Unavailable("the worker dropped the request".into())),
-            Ok(Ok(r)) => r?,
+        let result = match worker.queue.push(deadline, input, tx) {
+            Err((e, _)) => Err(e),
+            Ok(()) => match tokio::time::timeout_at(deadline.into(), rx).await {
+                Err(_) => Err(ServeError::DeadlineExceeded(arrived.elapsed())),
+                Ok(Err(_)) => Err(ServeError::Unavailable("the worker dropped the request".into())),
+                Ok(Ok(r)) => r,
+            },
         };
-        Ok(InferResponse {
-            node: self.node.cfg.node.clone(),
-            output: Some(f32_tensor(served.output_shape, &served.output)),
-            variant: worker.spec.variant.name.clone(),
-            accuracy: worker.spec.variant.accuracy,
-            batch_size: served.batch_size,
-            queue_us: served.queue_us,
-            total_us: arrived.elapsed().as_micros() as u64,
+        let served = match result {
+            Ok(s) => s,
+            Err(e) => {
+                telemetry.stage_outcome(&key.task, &key.stage, None);
+                return Err(e);
+            }
+        };
+        let took = started.elapsed();
+        telemetry.stage_outcome(&key.task, &key.stage, Some((Duration::from_micros(served.queue_us), took)));
+        Ok(StageOutput {
+            served: StageServed {
+                stage: key.stage.clone(),
+                variant: worker.spec.variant.name.clone(),
+                accuracy: worker.spec.variant.accuracy,
+                node: self.node.cfg.node.clone(),
+                batch_size: served.batch_size,
+                queue_us: served.queue_us,
+                total_us: took.as_micros() as u64,
+            },
+            values: served.output,
+            shape: served.output_shape,
         })
     }
-}
 
-impl AgentService {
-    /// Sends a request to another agent's workers, within what is left of its budget.
+    /// Sends one stage of a request to another agent's workers, within what is left of its
+    /// budget.
     async fn forward(
         &self,
         remote: &Remote,
-        mut req: InferRequest,
+        key: &StageKey,
+        stage: &StageSpec,
+        input: &[f32],
         deadline: Instant,
         arrived: Instant,
-    ) -> Result<InferResponse, ServeError> {
-        let left = deadline.saturating_duration_since(Instant::now());
+    ) -> Result<StageOutput, ServeError> {
+        let started = Instant::now();
+        let left = deadline.saturating_duration_since(started);
         if left.is_zero() {
             return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
         }
-        req.budget_ms = (left.as_millis() as u32).max(1);
+        let shape: Vec<i64> = std::iter::once(1).chain(stage_input(stage).iter().copied()).collect();
+        let req = InferRequest {
+            task: key.task.clone(),
+            input: Some(f32_tensor(shape, input)),
+            budget_ms: (left.as_millis() as u32).max(1),
+        };
         let mut request = Request::new(req);
         request.set_timeout(left);
         request.metadata_mut().insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+        if let Ok(name) = tonic::metadata::MetadataValue::try_from(key.stage.as_str()) {
+            request.metadata_mut().insert(STAGE_METADATA, name);
+        }
         let mut client = remote.client.clone();
-        match tokio::time::timeout(left, client.infer(request)).await {
-            Ok(Ok(response)) => {
-                let mut response = response.into_inner();
-                response.total_us = arrived.elapsed().as_micros() as u64;
-                Ok(response)
-            }
+        let response = match tokio::time::timeout(left, client.infer(request)).await {
+            Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                Err(ServeError::DeadlineExceeded(arrived.elapsed()))
+                return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
             }
             Ok(Err(status)) => {
                 remote.mark_down(REMOTE_PAUSE);
-                Err(ServeError::Unavailable(format!(
+                return Err(ServeError::Unavailable(format!(
                     "agent {} ({}): {}",
                     remote.node,
                     remote.address,
                     status.message()
-                )))
+                )));
             }
-            Err(_) => Err(ServeError::DeadlineExceeded(arrived.elapsed())),
-        }
+            Err(_) => return Err(ServeError::DeadlineExceeded(arrived.elapsed())),
+        };
+        let output = response.output.unwrap_or_default();
+        let values = tensor_values(&output)
+            .map_err(|e| ServeError::Unavailable(format!("agent {} answered a malformed output: {e}", remote.node)))?;
+        let mut served = response.stages.into_iter().next().unwrap_or_else(|| StageServed {
+            stage: key.stage.clone(),
+            variant: response.variant,
+            accuracy: response.accuracy,
+            node: response.node,
+            batch_size: response.batch_size,
+            queue_us: response.queue_us,
+            total_us: 0,
+        });
+        served.total_us = started.elapsed().as_micros() as u64;
+        Ok(StageOutput { values, shape: output.shape, served })
     }
+}
+
+/// One sample's input shape for a stage (its variants share it).
+fn stage_input(stage: &StageSpec) -> &[i64] {
+    stage.variants.first().map_or(&[], |v| v.input_shape.as_slice())
 }
 
 /// How long an agent that failed a forwarded request is left out of the rotation.
@@ -129,17 +265,20 @@ impl Inference for AgentService {
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();
         let forwarded = request_forwarded(&metadata);
+        let is_forwarded = forwarded.is_some();
         let result = self.serve(req, arrived, forwarded).instrument(span).await;
         let (outcome, label) = match &result {
             Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
-            Err(ServeError::DeadlineExceeded(_)) => (Outcome::DeadlineMissed, "deadline_exceeded"),
+            Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
+                (Outcome::DeadlineMissed, "deadline_exceeded")
+            }
             Err(ServeError::UnknownTask(_)) => return result.map(Response::new).map_err(Status::from),
             Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
             Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
             Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
             Err(_) => (Outcome::Failed, "failed"),
         };
-        if !forwarded {
+        if !is_forwarded {
             // The agent the client called counts the request, once, end to end.
             self.node.telemetry.outcome(&task, outcome);
         }
@@ -195,6 +334,8 @@ impl Agent for AgentService {
     }
 }
 
-fn request_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
-    metadata.get(FORWARDED_METADATA).is_some()
+fn request_forwarded(metadata: &tonic::metadata::MetadataMap) -> Option<Forwarded> {
+    metadata.get(FORWARDED_METADATA)?;
+    let stage = metadata.get(STAGE_METADATA).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    Some(Forwarded { stage: stage.to_string() })
 }

@@ -1,12 +1,13 @@
 //! The agent's telemetry: per task, arrivals per second, outcomes and a latency histogram,
-//! drained into a report for the controller every reporting interval.
+//! and the same per pipeline stage served here (with its queueing), drained into a report for
+//! the controller every reporting interval.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tidal_proto::v1::TaskTelemetry;
+use tidal_proto::v1::{StageTelemetry, TaskTelemetry};
 
 /// How a request ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,6 +26,16 @@ struct TaskStats {
     /// The smallest budget a request of this report arrived with, ms.
     min_budget_ms: Option<u32>,
     latency_us: Histogram<u64>,
+    stages: BTreeMap<String, StageStats>,
+}
+
+/// 1 µs .. 10 min, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record((d.as_micros() as u64).clamp(1, 600_000_000));
 }
 
 impl TaskStats {
@@ -35,9 +46,33 @@ impl TaskStats {
             errors: 0,
             deadline_misses: 0,
             min_budget_ms: None,
-            // 1 µs .. 10 min, 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            latency_us: histogram(),
+            stages: BTreeMap::new(),
         }
+    }
+}
+
+/// One stage of a task, as this agent's workers served it.
+struct StageStats {
+    arrivals: BTreeMap<u64, u32>,
+    served: u64,
+    errors: u64,
+    queue_us: Histogram<u64>,
+    latency_us: Histogram<u64>,
+}
+
+impl StageStats {
+    fn new() -> Self {
+        Self { arrivals: BTreeMap::new(), served: 0, errors: 0, queue_us: histogram(), latency_us: histogram() }
+    }
+}
+
+/// The arrivals of every whole second before `current` (idle seconds as 0), removed.
+fn drain_seconds(arrivals: &mut BTreeMap<u64, u32>, current: u64) -> Vec<u32> {
+    let complete: Vec<u64> = arrivals.range(..current).map(|(&k, _)| k).collect();
+    match (complete.first(), complete.last()) {
+        (Some(&first), Some(&last)) => (first..=last).map(|sec| arrivals.remove(&sec).unwrap_or(0)).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -77,10 +112,34 @@ impl Telemetry {
         self.with(task, |s| match outcome {
             Outcome::Served(latency) => {
                 s.served += 1;
-                let _ = s.latency_us.record((latency.as_micros() as u64).clamp(1, 600_000_000));
+                record(&mut s.latency_us, latency);
             }
             Outcome::DeadlineMissed => s.deadline_misses += 1,
             Outcome::Failed => s.errors += 1,
+        });
+    }
+
+    /// A request reached this agent's workers of a stage.
+    pub fn stage_arrival(&self, task: &str, stage: &str, at: Instant) {
+        let second = at.saturating_duration_since(self.started).as_secs();
+        self.with(task, |s| {
+            let st = s.stages.entry(stage.to_string()).or_insert_with(StageStats::new);
+            *st.arrivals.entry(second).or_default() += 1;
+        });
+    }
+
+    /// A stage served here: `Some((queueing, latency))`, or `None` when it failed or was shed.
+    pub fn stage_outcome(&self, task: &str, stage: &str, served: Option<(Duration, Duration)>) {
+        self.with(task, |s| {
+            let st = s.stages.entry(stage.to_string()).or_insert_with(StageStats::new);
+            match served {
+                Some((queue, latency)) => {
+                    st.served += 1;
+                    record(&mut st.queue_us, queue);
+                    record(&mut st.latency_us, latency);
+                }
+                None => st.errors += 1,
+            }
         });
     }
 
@@ -91,13 +150,24 @@ impl Telemetry {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for (name, s) in tasks.iter_mut() {
-            let complete: Vec<u64> = s.arrivals.range(..current_second).map(|(&k, _)| k).collect();
-            let mut per_second = Vec::new();
-            if let (Some(&first), Some(&last)) = (complete.first(), complete.last()) {
-                for sec in first..=last {
-                    per_second.push(s.arrivals.remove(&sec).unwrap_or(0));
-                }
-            }
+            let per_second = drain_seconds(&mut s.arrivals, current_second);
+            let stages = s
+                .stages
+                .iter_mut()
+                .map(|(stage, st)| {
+                    let t = StageTelemetry {
+                        stage: stage.clone(),
+                        arrivals_per_second: drain_seconds(&mut st.arrivals, current_second),
+                        served: st.served,
+                        errors: st.errors,
+                        queue_p99_ms: st.queue_us.value_at_quantile(0.99) as f64 / 1000.0,
+                        latency_p50_ms: st.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                        latency_p99_ms: st.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                    };
+                    *st = StageStats { arrivals: std::mem::take(&mut st.arrivals), ..StageStats::new() };
+                    t
+                })
+                .collect();
             let q = |p: f64| s.latency_us.value_at_quantile(p) as f64 / 1000.0;
             out.push(TaskTelemetry {
                 task: name.clone(),
@@ -109,6 +179,7 @@ impl Telemetry {
                 latency_p95_ms: q(0.95),
                 latency_p99_ms: q(0.99),
                 min_budget_ms: s.min_budget_ms.take().map_or(0.0, f64::from),
+                stages,
             });
             s.served = 0;
             s.errors = 0;
@@ -142,6 +213,7 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
                 if t.min_budget_ms > 0.0 && (old.min_budget_ms <= 0.0 || t.min_budget_ms < old.min_budget_ms) {
                     old.min_budget_ms = t.min_budget_ms;
                 }
+                old.stages = carry_stages(std::mem::take(&mut old.stages), t.stages);
             }
             None => {
                 by_task.insert(t.task.clone(), t);
@@ -149,6 +221,29 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
         }
     }
     by_task.into_values().collect()
+}
+
+/// [`carry_over`] for a task's stages.
+fn carry_stages(unsent: Vec<StageTelemetry>, fresh: Vec<StageTelemetry>) -> Vec<StageTelemetry> {
+    let mut by_stage: BTreeMap<String, StageTelemetry> = unsent.into_iter().map(|s| (s.stage.clone(), s)).collect();
+    for s in fresh {
+        match by_stage.get_mut(&s.stage) {
+            Some(old) => {
+                old.arrivals_per_second.extend_from_slice(&s.arrivals_per_second);
+                let excess = old.arrivals_per_second.len().saturating_sub(MAX_UNSENT_SECONDS);
+                old.arrivals_per_second.drain(..excess);
+                old.served += s.served;
+                old.errors += s.errors;
+                old.queue_p99_ms = old.queue_p99_ms.max(s.queue_p99_ms);
+                old.latency_p50_ms = old.latency_p50_ms.max(s.latency_p50_ms);
+                old.latency_p99_ms = old.latency_p99_ms.max(s.latency_p99_ms);
+            }
+            None => {
+                by_stage.insert(s.stage.clone(), s);
+            }
+        }
+    }
+    by_stage.into_values().collect()
 }
 
 #[cfg(test)]
@@ -171,10 +266,33 @@ mod tests {
         assert_eq!(report[0].deadline_misses, 1);
         assert!((report[0].latency_p99_ms - 10.0).abs() < 0.1);
         assert_eq!(report[0].min_budget_ms, 80.0, "the least budget of the report");
+        assert!(report[0].stages.is_empty(), "no stage ran here");
         let next = t.drain(t0 + Duration::from_millis(4500));
         assert_eq!(next[0].arrivals_per_second, vec![1]);
         assert_eq!(next[0].min_budget_ms, 0.0, "no request carried a budget");
         assert_eq!(next[0].served, 0);
+    }
+
+    #[test]
+    fn each_stage_served_here_is_reported_with_its_queueing() {
+        let t0 = Instant::now();
+        let t = Telemetry::new(t0);
+        t.stage_arrival("video", "detect", t0);
+        t.stage_arrival("video", "detect", t0 + Duration::from_millis(1200));
+        t.stage_arrival("video", "classify", t0 + Duration::from_millis(1300));
+        t.stage_outcome("video", "detect", Some((Duration::from_millis(2), Duration::from_millis(20))));
+        t.stage_outcome("video", "classify", None);
+        let report = t.drain(t0 + Duration::from_millis(2500));
+        let stages = &report[0].stages;
+        assert_eq!(stages.len(), 2);
+        let (classify, detect) = (&stages[0], &stages[1]);
+        assert_eq!(detect.arrivals_per_second, vec![1, 1]);
+        assert_eq!(classify.arrivals_per_second, vec![1], "from its first arrival");
+        assert_eq!((detect.served, detect.errors, classify.errors), (1, 0, 1));
+        assert!((detect.queue_p99_ms - 2.0).abs() < 0.1 && (detect.latency_p99_ms - 20.0).abs() < 0.1);
+        assert!(report[0].arrivals_per_second.is_empty(), "the task's own arrivals are the entry agent's");
+        let next = t.drain(t0 + Duration::from_millis(3500));
+        assert_eq!(next[0].stages[1].served, 0, "counts reset");
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub struct BatchSettings {
 pub struct WorkerSpec {
     pub id: String,
     pub task: String,
+    pub stage: String,
     /// Which replica of (task, variant) on this node.
     pub replica: u32,
     pub variant: tidal_proto::v1::VariantSpec,

@@ -111,18 +111,24 @@ enum ModelsCmd {
 
 #[derive(Subcommand)]
 enum TaskCmd {
-    /// Register (or replace) a task from variant configs in a model directory.
+    /// Register (or replace) a task from variant configs in a model directory: a single-model
+    /// task from --name, --slo-ms and --variants, or a pipeline from --file.
     Register {
-        #[arg(long)]
-        name: String,
-        /// The p99 latency SLO in ms.
-        #[arg(long)]
-        slo_ms: u32,
+        /// The task's name (with --variants).
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        name: Option<String>,
+        /// The p99 latency SLO in ms (with --variants).
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        slo_ms: Option<u32>,
         #[arg(long, default_value = "models")]
         model_dir: PathBuf,
-        /// Variants (names of <model-dir>/<name>.toml), comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Variants of a single-model task (names of <model-dir>/<name>.toml), comma-separated.
+        #[arg(long, value_delimiter = ',', required_unless_present = "file", conflicts_with = "file")]
         variants: Vec<String>,
+        /// A task file (TOML): `name`, `slo_ms` and `[[stages]]`, each with a `name` and its
+        /// `variants` (names in --model-dir), run in order; see deploy/video-pipeline.toml.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Change a task's SLO at run time.
     SetSlo {
@@ -141,17 +147,30 @@ async fn main() -> anyhow::Result<()> {
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
             models::generate_models(&out, &variants, resolution, seed, force)
         }
-        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants }) => {
-            if slo_ms == 0 {
-                anyhow::bail!("--slo-ms must be positive");
-            }
-            let variants = variants
-                .iter()
-                .map(|v| VariantConfig::load(&model_dir, v).map(|c| c.spec()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let task = TaskSpec { name: name.clone(), slo_ms, variants };
+        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file }) => {
+            let task = match file {
+                Some(path) => tidal_common::task_file::TaskFile::load(&path)?.to_spec(&model_dir)?,
+                None => {
+                    let variants = variants
+                        .iter()
+                        .map(|v| VariantConfig::load(&model_dir, v).map(|c| c.spec()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let task = tidal_common::task::single_stage(
+                        name.as_deref().unwrap_or_default(),
+                        slo_ms.unwrap_or_default(),
+                        variants,
+                    );
+                    tidal_common::task::validate_task(&task).map_err(|e| anyhow::anyhow!(e))?;
+                    task
+                }
+            };
+            let (name, slo, stages) = (task.name.clone(), task.slo_ms, task.stages.len());
             controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
-            println!("registered task {name} (SLO {slo_ms} ms)");
+            if stages > 1 {
+                println!("registered task {name} (SLO {slo} ms, a pipeline of {stages} stages)");
+            } else {
+                println!("registered task {name} (SLO {slo} ms)");
+            }
             Ok(())
         }
         Command::Task(TaskCmd::SetSlo { task, slo_ms }) => {
@@ -176,8 +195,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Simulate(opts) => simulate::run(*opts, &cli.controller).await,
         Command::Load(opts) => {
             let spec = task_spec(&cli.controller, &opts.task).await?;
-            let input_shape =
-                spec.variants.first().map(|v| v.input_shape.clone()).context("the task has no variants")?;
+            let input_shape = tidal_common::task::input_shape(&spec).to_vec();
+            anyhow::ensure!(!input_shape.is_empty(), "task {} has no variants", spec.name);
             let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
             let watcher = tokio::spawn(load::watch_cluster(cli.controller.clone(), samples.clone()));
             let json = opts.summary_json.clone();

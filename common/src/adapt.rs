@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tidal_proto::v1::{Assignment, Plan, ProfilePoint, TaskSpec, Transition};
+use tidal_proto::v1::{Assignment, Plan, ProfilePoint, StageSpec, TaskSpec, Transition};
 
 mod handover;
 
@@ -306,7 +306,9 @@ impl Adapter {
                     w.replica = plan
                         .assignments
                         .iter()
-                        .filter(|a| a.task == w.task && a.node == w.node && a.variant == w.variant)
+                        .filter(|a| {
+                            a.task == w.task && a.stage == w.stage && a.node == w.node && a.variant == w.variant
+                        })
                         .count() as u32;
                     plan.assignments.push(w);
                 }
@@ -351,19 +353,19 @@ fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64
     let spec = task.spec;
     let budget: u32 = nodes.iter().map(|n| n.cores.saturating_sub(cfg.reserve_cores)).sum();
     let mut choice = Choice { workers: vec![], notes: vec![], overloaded: false, failed: false };
-    if spec.variants.is_empty() {
-        choice.notes.push(format!("{}: the task has no variants", spec.name));
+    if spec.stages.is_empty() {
+        choice.notes.push(format!("{}: the task has no stages", spec.name));
         return choice;
     }
     let old = workers_in(current, &spec.name);
     let problem = problem(cfg, task, &old, rate, budget);
-    if problem.stages[0].variants.is_empty() {
+    if problem.stages.iter().any(|s| s.variants.is_empty()) {
         match unprofiled_default(spec, budget) {
-            Some((worker, note)) => {
-                choice.workers.push(worker);
+            Some((workers, note)) => {
+                choice.workers = workers;
                 choice.notes.push(note);
             }
-            None => choice.notes.push(format!("{}: no free cores", spec.name)),
+            None => choice.notes.push(format!("{}: not enough free cores for one worker per stage", spec.name)),
         }
         return choice;
     }
@@ -399,12 +401,15 @@ fn price_transition(
     best: Solution,
 ) -> (Problem, Solution, Option<String>) {
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
-    let uses_new = best.choices.iter().any(|c| !running.contains(problem.stages[0].variants[c.variant].name.as_str()));
+    let uses_new =
+        best.choices.iter().any(|c| !running.contains(problem.stages[c.stage].variants[c.variant].name.as_str()));
     if !space.prices_transitions || running.is_empty() || !uses_new {
         return (problem, best, None);
     }
     let mut kept = problem.clone();
-    kept.stages[0].variants.retain(|v| running.contains(v.name.as_str()));
+    for stage in &mut kept.stages {
+        stage.variants.retain(|v| running.contains(v.name.as_str()));
+    }
     let Ok(keep) = solve(&kept, space) else { return (problem, best, None) };
     let cost_best = transition_cost(cfg, space.in_place, task, old, &problem, &best, rate);
     let cost_keep = transition_cost(cfg, space.in_place, task, old, &kept, &keep, rate);
@@ -442,7 +447,8 @@ fn transition_cost(
     new: &Solution,
     rate: f64,
 ) -> TransitionCost {
-    let grid_of = |name: &str| problem.stages[0].variants.iter().find(|v| v.name == name).map(|v| &v.grid);
+    let grid_of =
+        |name: &str| problem.stages.iter().flat_map(|s| &s.variants).find(|v| v.name == name).map(|v| &v.grid);
     let capacity = |name: &str, cores: u32, batch: u32| {
         grid_of(name).and_then(|g| g.estimate(cores, batch)).map_or(0.0, |e| cfg.model.utilisation * e.throughput_rps)
     };
@@ -458,7 +464,7 @@ fn transition_cost(
         let olds: Vec<&&Assignment> = old.iter().filter(|a| variant_name(a) == *name).collect();
         let old_cap: f64 = olds.iter().map(|a| capacity(name, a.millicores.div_ceil(1000), a.max_batch)).sum();
         let mut immediate = 0.0;
-        for c in new.choices.iter().filter(|c| problem.stages[0].variants[c.variant].name == *name) {
+        for c in new.choices.iter().filter(|c| problem.stages[c.stage].variants[c.variant].name == *name) {
             let same_shape = olds.iter().all(|a| a.millicores == c.point.cores * 1000 && a.max_batch == c.point.batch);
             let kept = (c.replicas as usize).min(olds.len()) as f64;
             if in_place || same_shape {
@@ -473,7 +479,7 @@ fn transition_cost(
         interim += f64::max(old_cap, immediate);
     }
     for c in &new.choices {
-        let name = problem.stages[0].variants[c.variant].name.as_str();
+        let name = problem.stages[c.stage].variants[c.variant].name.as_str();
         if !names.contains(&name) {
             load_s = load_s.max(load_of(name));
         }
@@ -487,28 +493,31 @@ fn transition_cost(
     TransitionCost { shortfall_rps, load_s, value }
 }
 
-/// The planning problem of one task: its profiled variants, the planned rate, the SLO less the
-/// communication latency its requests' budgets show, and load costs as the policy defines
-/// them (a variant that runs costs nothing to keep).
+/// The planning problem of one task: per stage its profiled variants, the planned rate, the
+/// SLO less the communication latency its requests' budgets show, and load costs as the
+/// policy defines them (a variant that runs costs nothing to keep).
 fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32) -> Problem {
     let spec = task.spec;
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
-    let variants = spec
-        .variants
-        .iter()
-        .filter_map(|v| {
-            let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
-            Some(Variant {
-                name: v.name.clone(),
-                accuracy: v.accuracy,
-                load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
-                grid: ProfileGrid::new(points),
+    let stage = |s: &StageSpec| Stage {
+        name: s.name.clone(),
+        variants: s
+            .variants
+            .iter()
+            .filter_map(|v| {
+                let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
+                Some(Variant {
+                    name: v.name.clone(),
+                    accuracy: v.accuracy,
+                    load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
+                    grid: ProfileGrid::new(points),
+                })
             })
-        })
-        .collect();
+            .collect(),
+    };
     let slo_ms = spec.slo_ms as f64;
     Problem {
-        stages: vec![Stage { name: spec.name.clone(), variants }],
+        stages: spec.stages.iter().map(stage).collect(),
         load_rps: rate,
         slo_ms,
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
@@ -523,10 +532,12 @@ fn workers_of(task: &TaskSpec, problem: &Problem, solution: &Solution) -> Vec<As
     let mut workers = Vec::new();
     for c in &solution.choices {
         let name = &problem.stages[c.stage].variants[c.variant].name;
-        let variant = task.variants.iter().find(|v| &v.name == name).cloned();
+        let stage = &task.stages[c.stage];
+        let variant = stage.variants.iter().find(|v| &v.name == name).cloned();
         for _ in 0..c.replicas {
             workers.push(Assignment {
                 task: task.name.clone(),
+                stage: stage.name.clone(),
                 variant: variant.clone(),
                 node: String::new(),
                 millicores: c.point.cores * 1000,
@@ -546,7 +557,9 @@ fn notes_of(task: &TaskSpec, problem: &Problem, s: &Solution, rate: f64, budget:
         .iter()
         .map(|c| {
             let name = &problem.stages[c.stage].variants[c.variant].name;
-            format!("{}×{name} {}c/b{} {:.0} req/s", c.replicas, c.point.cores, c.point.batch, c.share_rps)
+            let stage =
+                if problem.stages.len() > 1 { format!("{}: ", problem.stages[c.stage].name) } else { String::new() };
+            format!("{stage}{}×{name} {}c/b{} {:.0} req/s", c.replicas, c.point.cores, c.point.batch, c.share_rps)
         })
         .collect();
     let mut notes = vec![format!(
@@ -579,26 +592,37 @@ fn notes_of(task: &TaskSpec, problem: &Problem, s: &Solution, rate: f64, budget:
     notes
 }
 
-/// Before any profile exists: the least accurate (cheapest) variant on one core, batch 1, so
-/// the task is served while it is profiled.
-fn unprofiled_default(task: &TaskSpec, budget: u32) -> Option<(Assignment, String)> {
-    if budget == 0 {
+/// Before every stage has a profile: each stage's least accurate (cheapest) variant on one
+/// core, batch 1, so the task is served while it is profiled.
+fn unprofiled_default(task: &TaskSpec, budget: u32) -> Option<(Vec<Assignment>, String)> {
+    if (budget as usize) < task.stages.len() {
         return None;
     }
-    let cheapest = task.variants.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy)).cloned()?;
-    let note =
-        format!("{}: no profiles yet, serving {} on 1 core until `tidalctl profile` runs", task.name, cheapest.name);
-    let worker = Assignment {
-        task: task.name.clone(),
-        variant: Some(cheapest),
-        node: String::new(),
-        millicores: 1000,
-        max_batch: 1,
-        max_delay_ms: 0,
-        weight: 1.0,
-        replica: 0,
-    };
-    Some((worker, note))
+    let workers: Vec<Assignment> = task
+        .stages
+        .iter()
+        .map(|stage| {
+            let cheapest = stage.variants.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy)).cloned()?;
+            Some(Assignment {
+                task: task.name.clone(),
+                stage: stage.name.clone(),
+                variant: Some(cheapest),
+                node: String::new(),
+                millicores: 1000,
+                max_batch: 1,
+                max_delay_ms: 0,
+                weight: 1.0,
+                replica: 0,
+            })
+        })
+        .collect::<Option<_>>()?;
+    let names: Vec<&str> = workers.iter().map(variant_name).collect();
+    let note = format!(
+        "{}: no profiles yet, serving {} on 1 core each until `tidalctl profile` runs",
+        task.name,
+        names.join(", ")
+    );
+    Some((workers, note))
 }
 
 #[cfg(test)]

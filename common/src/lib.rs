@@ -14,5 +14,7 @@ pub mod reconcile;
 pub mod resnet;
 pub mod sim;
 pub mod solver;
+pub mod task;
+pub mod task_file;
 pub mod tensor;
 pub mod variant;

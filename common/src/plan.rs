@@ -17,24 +17,47 @@ pub enum PlanError {
     BadAssignment { index: usize, reason: String },
     #[error("task {0:?} is assigned workers but is not defined in the plan")]
     UnknownTask(String),
+    #[error("task {task:?} in the plan: {reason}")]
+    BadTask { task: String, reason: String },
+    #[error("assignment {index}: task {task:?} has no variant {variant:?} in a stage {stage:?}")]
+    UnknownVariant { index: usize, task: String, stage: String, variant: String },
     #[error("replica {replica} of variant {variant:?} of task {task:?} is assigned twice to node {node:?}")]
     Duplicate { task: String, variant: String, replica: u32, node: String },
     #[error("node {node:?} is asked for {asked} millicores but has {has}")]
     OverCommitted { node: String, asked: u32, has: u32 },
 }
 
-/// Checks the assignments of `plan` for `node` (which has `node_millicores`), before an agent
-/// acts on any of them: a plan is applied whole or not at all.
+/// A plan as this version reads it: tasks in their pipeline form, and each assignment of a
+/// one-stage task written before stages existed given that stage.
+pub fn normalise(plan: &mut Plan) {
+    for task in &mut plan.tasks {
+        *task = crate::task::normalise(std::mem::take(task));
+    }
+    for a in plan.assignments.iter_mut().filter(|a| a.stage.is_empty()) {
+        if let Some(task) = plan.tasks.iter().find(|t| t.name == a.task).filter(|t| t.stages.len() == 1) {
+            a.stage = task.stages[0].name.clone();
+        }
+    }
+}
+
+/// Checks the (normalised) tasks of `plan` and its assignments for `node` (which has
+/// `node_millicores`), before an agent acts on any of them: a plan is applied whole or not at
+/// all. Each assignment's variant must be one of its stage's.
 pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Result<(), PlanError> {
-    let tasks: HashSet<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
+    for t in &plan.tasks {
+        crate::task::validate_task(t).map_err(|reason| PlanError::BadTask { task: t.name.clone(), reason })?;
+    }
     let mut seen = HashSet::new();
     let mut total = 0u32;
     for (index, a) in plan.assignments.iter().enumerate().filter(|(_, a)| a.node == node) {
         validate_assignment(a).map_err(|reason| PlanError::BadAssignment { index, reason })?;
-        if !tasks.contains(a.task.as_str()) {
-            return Err(PlanError::UnknownTask(a.task.clone()));
-        }
+        let task =
+            plan.tasks.iter().find(|t| t.name == a.task).ok_or_else(|| PlanError::UnknownTask(a.task.clone()))?;
         let variant = a.variant.as_ref().map(|v| v.name.clone()).unwrap_or_default();
+        let in_stage = task.stages.iter().any(|s| s.name == a.stage && s.variants.iter().any(|v| v.name == variant));
+        if !in_stage {
+            return Err(PlanError::UnknownVariant { index, task: a.task.clone(), stage: a.stage.clone(), variant });
+        }
         if !seen.insert((a.task.clone(), variant.clone(), a.replica)) {
             return Err(PlanError::Duplicate { task: a.task.clone(), variant, replica: a.replica, node: node.into() });
         }
@@ -108,15 +131,20 @@ mod tests {
     use super::*;
     use tidal_proto::v1::{TaskSpec, VariantSpec};
 
-    fn assignment(variant: &str, millicores: u32) -> Assignment {
+    fn variant(name: &str) -> VariantSpec {
+        VariantSpec {
+            name: name.into(),
+            model_file: format!("{name}.onnx"),
+            accuracy: 70.0,
+            input_shape: vec![3, 32, 32],
+        }
+    }
+
+    fn assignment(name: &str, millicores: u32) -> Assignment {
         Assignment {
             task: "t".into(),
-            variant: Some(VariantSpec {
-                name: variant.into(),
-                model_file: format!("{variant}.onnx"),
-                accuracy: 70.0,
-                input_shape: vec![3, 32, 32],
-            }),
+            stage: "t".into(),
+            variant: Some(variant(name)),
             node: "n1".into(),
             millicores,
             max_batch: 4,
@@ -130,7 +158,7 @@ mod tests {
         Plan {
             epoch: 1,
             term: 1,
-            tasks: vec![TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![] }],
+            tasks: vec![crate::task::single_stage("t", 100, vec![variant("a"), variant("b")])],
             assignments,
             ..Default::default()
         }
@@ -160,6 +188,23 @@ mod tests {
         let mut p = plan(vec![assignment("a", 1000)]);
         p.tasks.clear();
         assert_eq!(validate_for_node(&p, "n1", 2000), Err(PlanError::UnknownTask("t".into())));
+        let mut elsewhere = assignment("a", 1000);
+        elsewhere.stage = "other".into();
+        assert!(matches!(validate_for_node(&plan(vec![elsewhere]), "n1", 2000), Err(PlanError::UnknownVariant { .. })));
+        let mut p = plan(vec![assignment("a", 1000)]);
+        p.tasks[0].slo_ms = 0;
+        assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::BadTask { .. })));
+    }
+
+    #[test]
+    fn a_plan_from_before_stages_is_read_as_one_stage() {
+        let mut old = plan(vec![assignment("a", 1000)]);
+        old.tasks[0] = TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant("a")], stages: vec![] };
+        old.assignments[0].stage.clear();
+        normalise(&mut old);
+        assert_eq!(old.tasks[0].stages[0].name, "t");
+        assert_eq!(old.assignments[0].stage, "t");
+        assert_eq!(validate_for_node(&old, "n1", 2000), Ok(()));
     }
 
     #[test]

@@ -11,17 +11,23 @@ use std::collections::BTreeMap;
 
 use tidal_proto::v1::{Plan, Transition, VariantSpec};
 
-/// A worker's identity on a node: replica `replica` of (task, variant).
+/// A worker's identity on a node: replica `replica` of (task, stage, variant).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WorkerKey {
     pub task: String,
+    pub stage: String,
     pub variant: String,
     pub replica: u32,
 }
 
 impl std::fmt::Display for WorkerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}#{}", self.task, self.variant, self.replica)
+        // A one-stage task's stage is named after it: not repeated.
+        if self.stage == self.task {
+            write!(f, "{}/{}#{}", self.task, self.variant, self.replica)
+        } else {
+            write!(f, "{}/{}/{}#{}", self.task, self.stage, self.variant, self.replica)
+        }
     }
 }
 
@@ -86,7 +92,12 @@ pub fn desired_on(plan: &Plan, node: &str) -> Vec<DesiredWorker> {
         .map(|a| {
             let variant = a.variant.clone().unwrap_or_default();
             DesiredWorker {
-                key: WorkerKey { task: a.task.clone(), variant: variant.name.clone(), replica: a.replica },
+                key: WorkerKey {
+                    task: a.task.clone(),
+                    stage: a.stage.clone(),
+                    variant: variant.name.clone(),
+                    replica: a.replica,
+                },
                 variant,
                 shape: WorkerShape { millicores: a.millicores, max_batch: a.max_batch, max_delay_ms: a.max_delay_ms },
                 weight: a.weight,
@@ -138,7 +149,7 @@ mod tests {
     use super::*;
 
     fn key(variant: &str) -> WorkerKey {
-        WorkerKey { task: "t".into(), variant: variant.into(), replica: 0 }
+        WorkerKey { task: "t".into(), stage: "t".into(), variant: variant.into(), replica: 0 }
     }
 
     fn desired(variant: &str, millicores: u32, batch: u32) -> DesiredWorker {

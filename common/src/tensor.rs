@@ -40,6 +40,23 @@ pub fn sample_values(t: Option<&Tensor>, sample_shape: &[i64]) -> Result<Vec<f32
     Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
+/// The values of a float32 tensor of any shape (an output), checked against its shape.
+pub fn tensor_values(t: &Tensor) -> Result<Vec<f32>, TensorError> {
+    if DataType::try_from(t.dtype) != Ok(DataType::Float32) {
+        return Err(TensorError::Dtype(format!("code {}", t.dtype)));
+    }
+    let elements = t.shape.iter().try_fold(1usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)));
+    let want = elements.and_then(|n| n.checked_mul(4));
+    if want != Some(t.data.len()) {
+        return Err(TensorError::Length {
+            got: t.data.len(),
+            want: want.unwrap_or(usize::MAX),
+            shape: t.shape.clone(),
+        });
+    }
+    Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
 /// A float32 tensor of `shape` holding `values`.
 pub fn f32_tensor(shape: Vec<i64>, values: &[f32]) -> Tensor {
     let mut data = Vec::with_capacity(values.len() * 4);
@@ -52,6 +69,19 @@ pub fn f32_tensor(shape: Vec<i64>, values: &[f32]) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_of_any_shape_decodes_when_its_data_fits() {
+        let t = f32_tensor(vec![1, 2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(tensor_values(&t).unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let mut short = t.clone();
+        short.data.truncate(8);
+        assert!(matches!(tensor_values(&short), Err(TensorError::Length { .. })));
+        let huge = Tensor { shape: vec![1 << 62, 4], ..t.clone() };
+        assert!(matches!(tensor_values(&huge), Err(TensorError::Length { .. })));
+        let negative = Tensor { shape: vec![-1, 6], ..t };
+        assert!(tensor_values(&negative).is_err());
+    }
 
     #[test]
     fn one_sample_is_accepted_with_or_without_its_batch_dimension() {

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use hdrhistogram::Histogram;
 use tidal_controller::local::{start_local_group, wait_leader};
-use tidal_proto::v1::{
-    command::Change, Assignment, Command, Plan, ProfilePoint, TaskSpec, VariantProfile, VariantSpec,
-};
+use tidal_proto::v1::{command::Change, Assignment, Command, Plan, ProfilePoint, VariantProfile, VariantSpec};
 
 fn plan(epoch: u64, term: u64) -> Command {
     let variant = VariantSpec {
@@ -24,6 +22,7 @@ fn plan(epoch: u64, term: u64) -> Command {
     let assignments = (0..16)
         .map(|i| Assignment {
             task: "classify".into(),
+            stage: "classify".into(),
             variant: Some(variant.clone()),
             node: format!("node-{i}"),
             millicores: 4000,
@@ -33,7 +32,7 @@ fn plan(epoch: u64, term: u64) -> Command {
             replica: 0,
         })
         .collect();
-    let task = TaskSpec { name: "classify".into(), slo_ms: 750, variants: vec![variant] };
+    let task = tidal_common::task::single_stage("classify", 750, vec![variant]);
     let plan = Plan {
         epoch,
         term,

@@ -1,16 +1,15 @@
 //! The controller's gRPC API for agents and for `tidalctl`.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tidal_common::variant::validate_variant;
+use tidal_common::task::find_variant;
 use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
     command::Change, ClusterStatus, ClusterStatusRequest, Command, NodeStatus, PlanHistory, PlanHistoryRequest,
     RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, SetSloRequest,
-    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskSpec, TaskStatus, TelemetryAck, TelemetryReport,
+    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, MembershipResponse, RemoveReplicaRequest, Replica, ReplicaList,
@@ -87,34 +86,6 @@ impl ControllerService {
     }
 }
 
-/// Checks a task before it is replicated: a bad one is refused with the reason.
-pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
-    if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
-    }
-    if t.slo_ms == 0 {
-        return Err("the SLO must be positive".into());
-    }
-    if t.variants.is_empty() {
-        return Err("a task needs at least one variant".into());
-    }
-    let mut names = HashSet::new();
-    for v in &t.variants {
-        validate_variant(v)?;
-        if !names.insert(v.name.as_str()) {
-            return Err(format!("variant names must be unique ({:?} twice)", v.name));
-        }
-        if v.input_shape != t.variants[0].input_shape {
-            return Err(format!(
-                "variant {} takes {:?} but {} takes {:?}: the variants of a task must take the same input",
-                v.name, v.input_shape, t.variants[0].name, t.variants[0].input_shape
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl ControllerApi for ControllerService {
     async fn register_node(
@@ -159,7 +130,8 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<RegisterTaskResponse>, Status> {
         self.require_leader()?;
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
-        validate_task(&task).map_err(Status::invalid_argument)?;
+        let task = tidal_common::task::normalise(task);
+        tidal_common::task::validate_task(&task).map_err(Status::invalid_argument)?;
         self.commit(Change::RegisterTask(task)).await?;
         Ok(Response::new(RegisterTaskResponse {}))
     }
@@ -197,7 +169,7 @@ impl ControllerApi for ControllerService {
         let known = self
             .ctl
             .raft
-            .read(|s| s.tasks.get(&profile.task).is_some_and(|t| t.variants.iter().any(|v| v.name == profile.variant)));
+            .read(|s| s.tasks.get(&profile.task).is_some_and(|t| find_variant(t, &profile.variant).is_some()));
         if !known {
             return Err(Status::not_found(format!("task {:?} has no variant {:?}", profile.task, profile.variant)));
         }

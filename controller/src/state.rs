@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use tidal_common::task::{find_variant, normalise};
 use tidal_proto::v1::{command::Change, Command, Plan, RegisterNodeRequest, StateSnapshot, TaskSpec, VariantProfile};
 
 /// Plans kept in the history (older ones are forgotten).
@@ -63,7 +64,7 @@ impl ClusterState {
     pub fn from_snapshot(s: StateSnapshot) -> Self {
         Self {
             nodes: s.nodes.into_iter().map(|n| (n.node, NodeInfo { address: n.address, cores: n.cores })).collect(),
-            tasks: s.tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            tasks: s.tasks.into_iter().map(normalise).map(|t| (t.name.clone(), t)).collect(),
             profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
             plan: s.plan,
             history: s.history,
@@ -82,16 +83,17 @@ impl ClusterState {
                 self.nodes.insert(n.node.clone(), NodeInfo { address: n.address.clone(), cores: n.cores });
             }
             Change::RegisterTask(t) => {
-                self.tasks.insert(t.name.clone(), t.clone());
-                let names: Vec<&str> = t.variants.iter().map(|v| v.name.as_str()).collect();
-                self.profiles.retain(|(task, variant), _| task != &t.name || names.contains(&variant.as_str()));
+                // Entries written before tasks had stages are read in the one-stage form.
+                let t = normalise(t.clone());
+                self.profiles.retain(|(task, variant), _| task != &t.name || find_variant(&t, variant).is_some());
+                self.tasks.insert(t.name.clone(), t);
             }
             Change::SetSlo(s) => {
                 let task = self.tasks.get_mut(&s.task).ok_or_else(|| format!("unknown task {:?}", s.task))?;
                 task.slo_ms = s.slo_ms;
             }
             Change::StoreProfile(p) => {
-                if !self.tasks.get(&p.task).is_some_and(|t| t.variants.iter().any(|v| v.name == p.variant)) {
+                if !self.tasks.get(&p.task).is_some_and(|t| find_variant(t, &p.variant).is_some()) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
                 self.profiles.insert((p.task.clone(), p.variant.clone()), p.clone());
@@ -139,6 +141,7 @@ mod tests {
             name: "t".into(),
             slo_ms: 100,
             variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
+            stages: vec![],
         };
         s.apply(1, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
         let node = RegisterNodeRequest { node: "n".into(), address: "a:1".into(), cores: 4 };
@@ -151,6 +154,10 @@ mod tests {
         assert_eq!(restored.plan_epoch(), 1);
         assert_eq!(restored.replicas[&7], "127.0.0.7:7000");
         assert_eq!(restored.nodes["n"].cores, 4);
+        assert_eq!(
+            restored.tasks["t"].stages[0].variants[0].name, "v",
+            "a task in the one-stage form reads as a stage"
+        );
     }
 
     #[test]
@@ -162,6 +169,7 @@ mod tests {
             name: "t".into(),
             slo_ms: 100,
             variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
+            stages: vec![],
         };
         s.apply(2, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
         s.apply(3, &set).unwrap();

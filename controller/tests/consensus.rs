@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use tidal_controller::consensus::ProposeError;
 use tidal_controller::local::{start_local_group, wait_leader};
-use tidal_proto::v1::{command::Change, Command, TaskSpec, VariantSpec};
+use tidal_proto::v1::{command::Change, Command, VariantSpec};
 
 fn register(name: &str) -> Command {
     let variant = VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3] };
-    Command { change: Some(Change::RegisterTask(TaskSpec { name: name.into(), slo_ms: 100, variants: vec![variant] })) }
+    Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(name, 100, vec![variant]))) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

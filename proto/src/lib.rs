@@ -40,3 +40,7 @@ pub fn not_leader(leader_address: Option<&str>) -> tonic::Status {
 /// Metadata key an agent sets on a request it forwards to another agent's workers: the
 /// receiver serves it itself and does not count it again.
 pub const FORWARDED_METADATA: &str = "tidal-forwarded";
+
+/// Metadata key naming the one pipeline stage a forwarded request asks the receiver to run
+/// (its input is that stage's input). Without it, the task's first stage.
+pub const STAGE_METADATA: &str = "tidal-stage";

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tidal_proto::v1::{AgentStatusRequest, InferRequest, RegisterTaskRequest, TaskSpec};
+use tidal_proto::v1::{AgentStatusRequest, InferRequest, RegisterTaskRequest};
 use tidal_tests::group::{list, Group};
 use tidal_tests::*;
 
@@ -50,7 +50,7 @@ async fn main() {
     let controllers = group.addrs();
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controllers), extra: &[] });
     let leader = group.leader(Duration::from_secs(20)).await;
-    let task = TaskSpec { name: "t".into(), slo_ms: 500, variants: vec![r18.spec()] };
+    let task = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
     group.client(leader).await.register_task(RegisterTaskRequest { task: Some(task) }).await.expect("task");
     wait_ready(&agent.addr, 1).await;
     eprintln!("cluster up: 3 replicas, agent serving resnet18; load at {} req/s", args.rate);

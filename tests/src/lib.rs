@@ -229,12 +229,14 @@ pub fn plan_for(
     slo_ms: u32,
     workers: &[(&tidal_common::variant::VariantConfig, u32, u32)],
 ) -> tidal_proto::v1::Plan {
-    use tidal_proto::v1::{Assignment, Plan, TaskSpec};
-    let variants = workers.iter().map(|(v, _, _)| v.spec()).collect();
+    use tidal_proto::v1::{Assignment, Plan};
+    let mut variants: Vec<_> = workers.iter().map(|(v, _, _)| v.spec()).collect();
+    variants.dedup();
     let assignments = workers
         .iter()
         .map(|(v, millicores, batch)| Assignment {
             task: task.into(),
+            stage: task.into(),
             variant: Some(v.spec()),
             node: node.into(),
             millicores: *millicores,
@@ -247,7 +249,7 @@ pub fn plan_for(
     Plan {
         epoch,
         term: 1,
-        tasks: vec![TaskSpec { name: task.into(), slo_ms, variants }],
+        tasks: vec![tidal_common::task::single_stage(task, slo_ms, variants)],
         assignments,
         notes: vec![],
         ..Default::default()

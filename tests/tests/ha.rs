@@ -28,6 +28,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             accuracy: 70.0,
             input_shape: vec![3, 8, 8],
         }],
+        stages: vec![],
     }
 }
 
@@ -65,7 +66,7 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controllers), extra: &[] });
 
     let first = group.leader(Duration::from_secs(20)).await;
-    let served = TaskSpec { name: "t".into(), slo_ms: 500, variants: vec![r18.spec()] };
+    let served = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
     group.client(first).await.register_task(RegisterTaskRequest { task: Some(served) }).await.unwrap();
     let before = eventually(Duration::from_secs(20), "the agent applies the first leader's plan", || async {
         agent_status(&agent.addr).await.filter(|s| s.applied_epoch >= 1)

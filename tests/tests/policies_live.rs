@@ -12,7 +12,7 @@ use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{
     AgentStatusRequest, ClusterStatusRequest, InferRequest, Plan, ProfilePoint, RegisterTaskRequest, SetSloRequest,
-    StoreProfileRequest, TaskSpec, VariantProfile, WorkerTelemetry,
+    StoreProfileRequest, VariantProfile, WorkerTelemetry,
 };
 use tidal_tests::*;
 use tonic::transport::Channel;
@@ -35,7 +35,7 @@ async fn cluster(policy: &str) -> Cluster {
     let mut ctl = controller_client(&addr).await;
     wait_reporting(&ctl, &agent.node, "the agent to report").await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
-    let task = TaskSpec { name: "classify".into(), slo_ms: 1000, variants: vec![r18.spec()] };
+    let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec()]);
     ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
     let points = (2..=4)
         .map(|c| ProfilePoint {

@@ -90,6 +90,7 @@ mod tests {
     fn worker(node: &str, variant: &str, millicores: u32, weight: f64) -> Assignment {
         Assignment {
             task: "t".into(),
+            stage: "t".into(),
             variant: Some(VariantSpec { name: variant.into(), ..Default::default() }),
             node: node.into(),
             millicores,

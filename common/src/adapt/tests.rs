@@ -38,11 +38,7 @@ struct World {
 impl World {
     fn new(profiled: bool) -> Self {
         Self {
-            spec: TaskSpec {
-                name: "t".into(),
-                slo_ms: 500,
-                variants: vec![variant("small", 70.0), variant("big", 78.0)],
-            },
+            spec: crate::task::single_stage("t", 500, vec![variant("small", 70.0), variant("big", 78.0)]),
             small: points(100.0),
             big: points(20.0),
             profiled,
@@ -272,6 +268,7 @@ fn tidal_keeps_the_running_variants_when_a_switch_would_cost_more_than_it_gains(
         tasks: vec![w.spec.clone()],
         assignments: vec![Assignment {
             task: "t".into(),
+            stage: "t".into(),
             variant: Some(variant("small", 70.0)),
             node: "n1".into(),
             millicores: 1000,

@@ -158,19 +158,17 @@ impl SimPlanner {
     pub const NODE: &'static str = "sim";
 
     pub fn new(variants: &[SimVariant], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
-        let spec = TaskSpec {
-            name: Self::TASK.into(),
-            slo_ms: slo_ms.round().clamp(1.0, u32::MAX as f64) as u32,
-            variants: variants
-                .iter()
-                .map(|v| VariantSpec {
-                    name: v.name.clone(),
-                    model_file: model_file(&v.name),
-                    accuracy: v.accuracy,
-                    input_shape: vec![1],
-                })
-                .collect(),
-        };
+        let slo = slo_ms.round().clamp(1.0, u32::MAX as f64) as u32;
+        let specs = variants
+            .iter()
+            .map(|v| VariantSpec {
+                name: v.name.clone(),
+                model_file: model_file(&v.name),
+                accuracy: v.accuracy,
+                input_shape: vec![1],
+            })
+            .collect();
+        let spec = crate::task::single_stage(Self::TASK, slo, specs);
         let profiles = variants.iter().map(|v| (v.name.clone(), v.points.clone())).collect();
         let load_s = variants.iter().map(|v| (v.name.clone(), v.load_time_s)).collect();
         Self { adapter, spec, profiles, load_s, cores: core_budget, plan: None }

@@ -59,7 +59,7 @@ pub(crate) enum Next {
 impl SimWorker {
     pub fn new(variant: usize, cores: u32, batch: u32, max_delay: f64, share: f64, ready_at: f64) -> Self {
         Self {
-            key: WorkerKey { task: String::new(), variant: String::new(), replica: 0 },
+            key: WorkerKey { task: String::new(), stage: String::new(), variant: String::new(), replica: 0 },
             variant,
             cores,
             batch: batch.max(1),

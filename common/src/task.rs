@@ -1,0 +1,149 @@
+//! Tasks as pipelines. A task is one or more stages run in order, each served by one of its
+//! variants; a single-model task is a one-stage pipeline. Every crate reads a task through
+//! [`normalise`] (which turns the one-stage wire form into a stage) and checks it with
+//! [`validate_task`].
+
+use std::collections::HashSet;
+
+use tidal_proto::v1::{StageSpec, TaskSpec, VariantSpec};
+
+use crate::variant::validate_variant;
+
+/// Most stages a pipeline may have.
+pub const MAX_STAGES: usize = 16;
+/// Most variants one stage may offer.
+pub const MAX_VARIANTS_PER_STAGE: usize = 32;
+
+/// The task with its stages spelt out: a task written in the one-stage form (`variants`, no
+/// `stages`) becomes one stage named after the task. Idempotent.
+pub fn normalise(mut task: TaskSpec) -> TaskSpec {
+    if task.stages.is_empty() && !task.variants.is_empty() {
+        let variants = std::mem::take(&mut task.variants);
+        task.stages.push(StageSpec { name: task.name.clone(), variants });
+    }
+    task.variants.clear();
+    task
+}
+
+/// A one-stage task of `variants`, named after it.
+pub fn single_stage(name: &str, slo_ms: u32, variants: Vec<VariantSpec>) -> TaskSpec {
+    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![StageSpec { name: name.into(), variants }] }
+}
+
+/// The stage and variant named `variant` (names are unique within a task).
+pub fn find_variant<'a>(task: &'a TaskSpec, variant: &str) -> Option<(&'a StageSpec, &'a VariantSpec)> {
+    task.stages.iter().find_map(|s| s.variants.iter().find(|v| v.name == variant).map(|v| (s, v)))
+}
+
+/// Every variant of every stage, with its stage.
+pub fn variants(task: &TaskSpec) -> impl Iterator<Item = (&StageSpec, &VariantSpec)> {
+    task.stages.iter().flat_map(|s| s.variants.iter().map(move |v| (s, v)))
+}
+
+/// The input a request to the task carries: the first stage's, one sample.
+pub fn input_shape(task: &TaskSpec) -> &[i64] {
+    task.stages.first().and_then(|s| s.variants.first()).map_or(&[], |v| v.input_shape.as_slice())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Checks a (normalised) task wherever one arrives: its name and SLO, 1..=[`MAX_STAGES`]
+/// stages of unique valid names, each with 1..=[`MAX_VARIANTS_PER_STAGE`] valid variants that
+/// take the same input, and variant names unique across the task.
+pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
+    if !valid_name(&t.name) {
+        return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
+    }
+    if t.slo_ms == 0 {
+        return Err("the SLO must be positive".into());
+    }
+    if !t.variants.is_empty() {
+        return Err("a task gives its variants in `variants` (one stage) or in `stages`, not both".into());
+    }
+    if t.stages.is_empty() || t.stages.len() > MAX_STAGES {
+        return Err(format!("a task needs 1–{MAX_STAGES} stages, each with at least one variant"));
+    }
+    let (mut stage_names, mut variant_names) = (HashSet::new(), HashSet::new());
+    for stage in &t.stages {
+        if !valid_name(&stage.name) {
+            return Err(format!("stage name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", stage.name));
+        }
+        if !stage_names.insert(stage.name.as_str()) {
+            return Err(format!("stage names must be unique ({:?} twice)", stage.name));
+        }
+        if stage.variants.is_empty() || stage.variants.len() > MAX_VARIANTS_PER_STAGE {
+            return Err(format!("stage {} needs 1–{MAX_VARIANTS_PER_STAGE} variants", stage.name));
+        }
+        for v in &stage.variants {
+            validate_variant(v)?;
+            if !variant_names.insert(v.name.as_str()) {
+                return Err(format!("variant names must be unique within a task ({:?} twice)", v.name));
+            }
+            let first = &stage.variants[0];
+            if v.input_shape != first.input_shape {
+                return Err(format!(
+                    "stage {}: variant {} takes {:?} but {} takes {:?}: the variants of a stage must take the same input",
+                    stage.name, v.name, v.input_shape, first.name, first.input_shape
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(name: &str, shape: &[i64]) -> VariantSpec {
+        VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy: 70.0, input_shape: shape.into() }
+    }
+
+    #[test]
+    fn the_one_stage_form_becomes_a_stage_named_after_the_task() {
+        let t = TaskSpec { name: "classify".into(), slo_ms: 100, variants: vec![variant("a", &[3])], stages: vec![] };
+        let n = normalise(t);
+        assert!(n.variants.is_empty());
+        assert_eq!(n.stages.len(), 1);
+        assert_eq!(n.stages[0].name, "classify");
+        assert_eq!(n.stages[0].variants[0].name, "a");
+        assert_eq!(normalise(n.clone()), n, "normalising twice changes nothing");
+        assert_eq!(validate_task(&n), Ok(()));
+        assert_eq!(input_shape(&n), &[3]);
+    }
+
+    #[test]
+    fn a_pipeline_is_checked_stage_by_stage() {
+        let stage = |name: &str, variants| StageSpec { name: name.into(), variants };
+        let mut t = TaskSpec {
+            name: "video".into(),
+            slo_ms: 500,
+            variants: vec![],
+            stages: vec![
+                stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
+                stage("classify", vec![variant("r18", &[3, 32, 32])]),
+            ],
+        };
+        assert_eq!(validate_task(&t), Ok(()));
+        assert_eq!(find_variant(&t, "r18").map(|(s, _)| s.name.as_str()), Some("classify"));
+        assert_eq!(variants(&t).count(), 2);
+
+        t.stages[1].variants.push(variant("yolov5n", &[3, 32, 32]));
+        assert!(validate_task(&t).unwrap_err().contains("unique within a task"));
+        t.stages[1].variants[1] = variant("r50", &[3, 64, 64]);
+        assert!(validate_task(&t).unwrap_err().contains("must take the same input"));
+        t.stages[1].variants.pop();
+        t.stages[1].name = "detect".into();
+        assert!(validate_task(&t).unwrap_err().contains("stage names must be unique"));
+        t.stages[1].name = "classify".into();
+        t.stages[1].variants.clear();
+        assert!(validate_task(&t).unwrap_err().contains("needs 1–"));
+        t.stages.clear();
+        assert!(validate_task(&t).is_err());
+        let many = (0..=MAX_STAGES).map(|i| stage(&format!("s{i}"), vec![variant(&format!("v{i}"), &[1])])).collect();
+        t.stages = many;
+        assert!(validate_task(&t).unwrap_err().contains("stages"));
+    }
+}

@@ -1,0 +1,110 @@
+//! A task described in a small TOML file, for `tidalctl task register --file`: its name, SLO
+//! and stages, each a list of variants found in a model directory.
+//!
+//! ```toml
+//! name = "video"
+//! slo_ms = 800
+//!
+//! [[stages]]
+//! name = "detect"
+//! variants = ["yolov5n", "yolov5s"]
+//!
+//! [[stages]]
+//! name = "classify"
+//! variants = ["resnet18", "resnet50"]
+//! ```
+
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+use tidal_proto::v1::{StageSpec, TaskSpec};
+
+use crate::variant::{VariantConfig, VariantError};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFile {
+    pub name: String,
+    pub slo_ms: u32,
+    pub stages: Vec<StageFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageFile {
+    pub name: String,
+    /// Names of `<model dir>/<name>.toml`.
+    pub variants: Vec<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum TaskFileError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("stage {stage}: {source}")]
+    Variant { stage: String, source: VariantError },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TaskFile {
+    pub fn load(path: &Path) -> Result<Self, TaskFileError> {
+        let shown = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TaskFileError::Read { path: shown.clone(), source })?;
+        toml::from_str(&text).map_err(|source| TaskFileError::Parse { path: shown, source })
+    }
+
+    /// The task, its variants read from `model_dir`, checked as the controller will.
+    pub fn to_spec(&self, model_dir: &Path) -> Result<TaskSpec, TaskFileError> {
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| {
+                let variants = s
+                    .variants
+                    .iter()
+                    .map(|v| VariantConfig::load(model_dir, v).map(|c| c.spec()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| TaskFileError::Variant { stage: s.name.clone(), source })?;
+                Ok(StageSpec { name: s.name.clone(), variants })
+            })
+            .collect::<Result<Vec<_>, TaskFileError>>()?;
+        let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, variants: vec![], stages };
+        crate::task::validate_task(&task).map_err(TaskFileError::Invalid)?;
+        Ok(task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_file_reads_its_variants_from_the_model_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, shape) in [("det", "[3, 64, 64]"), ("cls", "[3, 32, 32]")] {
+            let toml =
+                format!("name = \"{name}\"\nmodel_file = \"{name}.onnx\"\naccuracy = 50.0\ninput_shape = {shape}\n");
+            std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.onnx")), b"not read here").unwrap();
+        }
+        let file = dir.path().join("video.toml");
+        let text = "name = \"video\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[[stages]]\nname = \"classify\"\nvariants = [\"cls\"]\n";
+        std::fs::write(&file, text).unwrap();
+        let spec = TaskFile::load(&file).unwrap().to_spec(dir.path()).unwrap();
+        assert_eq!(spec.stages.len(), 2);
+        assert_eq!(spec.stages[1].variants[0].input_shape, vec![3, 32, 32]);
+
+        std::fs::write(&file, text.replace("\"cls\"", "\"missing\"")).unwrap();
+        let err = TaskFile::load(&file).unwrap().to_spec(dir.path()).unwrap_err();
+        assert!(err.to_string().starts_with("stage classify"), "{err}");
+        std::fs::write(&file, text.replace("slo_ms = 500", "slo_ms = 0")).unwrap();
+        assert!(TaskFile::load(&file).unwrap().to_spec(dir.path()).is_err());
+        std::fs::write(&file, format!("{text}colour = 1\n")).unwrap();
+        assert!(matches!(TaskFile::load(&file), Err(TaskFileError::Parse { .. })));
+    }
+}
