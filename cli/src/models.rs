@@ -1,31 +1,31 @@
-//! `tidalctl models generate`: writes ONNX ResNets and their variant configs.
+//! `tidalctl models generate`: writes ONNX models (ResNets, a downsampling stage) and their
+//! variant configs.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use tidal_common::resnet::{generate, ResNetDepth};
 use tidal_common::variant::VariantConfig;
+use tidal_common::zoo::{ModelKind, NAMES};
 
 pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64, force: bool) -> anyhow::Result<()> {
     if !(32..=1024).contains(&resolution) {
         anyhow::bail!("resolution {resolution} is outside 32..=1024 pixels");
     }
-    let depths = names
+    let kinds = names
         .iter()
-        .map(|n| {
-            ResNetDepth::from_name(n).with_context(|| {
-                format!("unknown variant {n:?}; choose from resnet18, resnet34, resnet50, resnet101, resnet152")
-            })
-        })
+        .map(|n| ModelKind::from_name(n).with_context(|| format!("unknown variant {n:?}; choose from {NAMES}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if resolution % 2 == 1 && kinds.contains(&ModelKind::Downsample) {
+        anyhow::bail!("downsample halves the image: give an even --resolution");
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for depth in depths {
+    for kind in kinds {
         let cfg = VariantConfig {
-            name: depth.name().to_string(),
-            model_file: format!("{}.onnx", depth.name()),
-            accuracy: depth.top1_accuracy(),
-            input_shape: vec![3, resolution as i64, resolution as i64],
+            name: kind.name().to_string(),
+            model_file: format!("{}.onnx", kind.name()),
+            accuracy: kind.accuracy(),
+            input_shape: kind.input_shape(resolution),
         };
         let toml_path = out.join(format!("{}.toml", cfg.name));
         let onnx_path = out.join(&cfg.model_file);
@@ -34,7 +34,7 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
             continue;
         }
         let started = Instant::now();
-        let model = generate(depth, resolution, seed);
+        let model = kind.generate(resolution, seed);
         // Write to a temporary name, then rename: a partial file is never taken for a model.
         let tmp = onnx_path.with_extension("onnx.tmp");
         std::fs::write(&tmp, &model.onnx).with_context(|| format!("writing {}", tmp.display()))?;

@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tidal_proto::v1::agent_client::AgentClient;
-use tidal_proto::v1::{ProfilePoint, ProfileRequest, StoreProfileRequest, TaskSpec, VariantProfile};
+use tidal_proto::v1::{ProfilePoint, ProfileRequest, StoreProfileRequest, TaskSpec, VariantProfile, VariantSpec};
 
 /// What `tidalctl profile` measures.
 pub struct Measure<'a> {
@@ -103,11 +103,12 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
     let mut ctl = crate::controller(controller).await?;
     let mut saved = SavedProfiles { task: spec.name.clone(), variants: Vec::new() };
     let repeat = m.repeat.clamp(1, 20);
-    for (i, variant) in spec.variants.iter().enumerate() {
+    let all: Vec<&VariantSpec> = tidal_common::task::variants(spec).map(|(_, v)| v).collect();
+    for (i, variant) in all.iter().enumerate() {
         eprintln!(
             "[{}/{}] profiling {} on {}: {} points × {:.1} s, {repeat} times",
             i + 1,
-            spec.variants.len(),
+            all.len(),
             variant.name,
             m.agent,
             m.cores.len() * m.batches.len(),
@@ -117,7 +118,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         let mut node = String::new();
         for _ in 0..repeat {
             let req = ProfileRequest {
-                variant: Some(variant.clone()),
+                variant: Some((*variant).clone()),
                 cores: m.cores.clone(),
                 batches: m.batches.clone(),
                 duration_ms: m.duration_ms,
@@ -154,7 +155,7 @@ pub async fn store_saved(controller: &str, spec: &TaskSpec, path: &Path) -> anyh
     let saved = read(path)?;
     let mut ctl = crate::controller(controller).await?;
     let mut stored = 0;
-    for variant in &spec.variants {
+    for (_, variant) in tidal_common::task::variants(spec) {
         let Some(v) = saved.variants.iter().find(|v| v.name == variant.name) else {
             eprintln!("{}: no saved profile for {}; left unprofiled", path.display(), variant.name);
             continue;

@@ -434,11 +434,18 @@ async fn controller_variants(controller: &str, task: &str, load_time: Option<f64
         .find(|t| t.spec.as_ref().is_some_and(|s| s.name == task))
         .with_context(|| format!("the controller has no task {task:?}"))?;
     let spec = t.spec.unwrap_or_default();
+    if spec.stages.len() > 1 {
+        bail!(
+            "task {task:?} is a pipeline of {} stages; the simulator replays one-stage tasks only, so far",
+            spec.stages.len()
+        );
+    }
     let by_variant: BTreeMap<String, Vec<ProfilePoint>> =
         t.profiles.into_iter().map(|p| (p.variant, p.points)).collect();
     let variants: Vec<SimVariant> = spec
-        .variants
+        .stages
         .iter()
+        .flat_map(|s| &s.variants)
         .filter_map(|v| {
             let points = by_variant.get(&v.name)?.clone();
             Some(sim_variant(v.name.clone(), v.accuracy, points, load_time))

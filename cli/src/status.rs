@@ -42,6 +42,14 @@ pub fn render(s: &ClusterStatus) -> String {
             t.errors,
             t.profiled_variants.join(",")
         );
+        if spec.stages.len() > 1 {
+            for st in &t.stages {
+                out += &format!(
+                    "  stage {:<12} {:>8.1}/s  served {:>9}  errors {:>7}  queue p99 {:>7.1} ms  p99 {:>7.1} ms\n",
+                    st.stage, st.rate_rps, st.served, st.errors, st.queue_p99_ms, st.latency_p99_ms
+                );
+            }
+        }
     }
     out += "NODE        ADDRESS              CORES  EPOCH  LAST REPORT\n";
     for n in &s.nodes {
@@ -53,7 +61,7 @@ pub fn render(s: &ClusterStatus) -> String {
             out += &format!(
                 "  {:<10} {:<10} {:<10} cores {:>4.1}  batch {:>3}  queue {:>4}  cpu {:>4.2}  throttled {:>6}  restarts {}{}\n",
                 w.id,
-                w.task,
+                task_stage(&w.task, &w.stage),
                 w.variant,
                 w.millicores as f64 / 1000.0,
                 w.max_batch,
@@ -77,7 +85,7 @@ pub fn render_plan(p: &Plan) -> String {
         let v = a.variant.clone().unwrap_or_default();
         out += &format!(
             "  {:<10} {:<10} on {:<8} cores {:>4.1}  batch {:>3}  delay {:>4} ms  share {:>5.1} %\n",
-            a.task,
+            task_stage(&a.task, &a.stage),
             v.name,
             a.node,
             a.millicores as f64 / 1000.0,
@@ -90,4 +98,13 @@ pub fn render_plan(p: &Plan) -> String {
         out += &format!("  note: {n}\n");
     }
     out
+}
+
+/// A task, or a task's stage when it has several (a one-stage task's stage bears its name).
+fn task_stage(task: &str, stage: &str) -> String {
+    if stage.is_empty() || stage == task {
+        task.to_string()
+    } else {
+        format!("{task}/{stage}")
+    }
 }

@@ -8,6 +8,7 @@
 pub mod adapt;
 pub mod forecast;
 pub mod latency;
+pub mod onnx_graph;
 pub mod plan;
 pub mod profile;
 pub mod reconcile;
@@ -18,3 +19,4 @@ pub mod task;
 pub mod task_file;
 pub mod tensor;
 pub mod variant;
+pub mod zoo;

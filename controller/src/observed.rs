@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use tidal_proto::v1::TelemetryReport;
+use tidal_proto::v1::{StageStatus, TelemetryReport};
 
 /// Seconds of arrival history kept per task.
 pub const HISTORY_S: u64 = 3600;
@@ -125,6 +125,24 @@ impl Observed {
             for w in report.workers.iter().filter(|w| w.task == task && w.load_ms > 0) {
                 out.insert(w.variant.as_str(), w.load_ms as f64 / 1000.0);
             }
+        }
+        out
+    }
+
+    /// Each stage of `task` (in `order`) as the nodes' latest reports show it: the rate
+    /// reaching its workers summed over nodes, counts summed, the worst queueing and latency.
+    pub fn stages(&self, task: &str, order: &[String]) -> Vec<StageStatus> {
+        let mut out: Vec<StageStatus> =
+            order.iter().map(|s| StageStatus { stage: s.clone(), ..Default::default() }).collect();
+        let reported = self.reports.values().flat_map(|(_, r)| r.tasks.iter()).filter(|t| t.task == task);
+        for st in reported.flat_map(|t| t.stages.iter()) {
+            let Some(s) = out.iter_mut().find(|s| s.stage == st.stage) else { continue };
+            let seconds = st.arrivals_per_second.len().max(1) as f64;
+            s.rate_rps += st.arrivals_per_second.iter().map(|&n| n as f64).sum::<f64>() / seconds;
+            s.served += st.served;
+            s.errors += st.errors;
+            s.queue_p99_ms = s.queue_p99_ms.max(st.queue_p99_ms);
+            s.latency_p99_ms = s.latency_p99_ms.max(st.latency_p99_ms);
         }
         out
     }

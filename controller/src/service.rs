@@ -225,6 +225,7 @@ impl ControllerApi for ControllerService {
                             .filter(|((task, _), _)| *task == t.name)
                             .map(|(_, p)| p.clone())
                             .collect(),
+                        stages: o.stages(&t.name, &t.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>()),
                     }
                 })
                 .collect();

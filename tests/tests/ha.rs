@@ -123,7 +123,9 @@ async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
     let mut client = agent_client(&agent.addr).await;
     let plan = |epoch, term| {
+        // A task with no worker on this node: only the ordering of plans is at stake.
         let mut p = plan_for(epoch, &agent.node, "t", 100, &[]);
+        p.tasks = vec![tidal_common::task::normalise(task(100))];
         p.term = term;
         ApplyPlanRequest { plan: Some(p) }
     };

@@ -1,0 +1,169 @@
+//! Building ONNX graphs by hand: nodes, seeded weights and the model envelope, shared by the
+//! generators of Tidal's model families (no model hub is reachable from these machines).
+
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tidal_proto::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension,
+    tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+/// A generated model: the serialised ONNX bytes and its parameter count.
+pub struct GeneratedModel {
+    pub onnx: Vec<u8>,
+    pub parameters: u64,
+}
+
+/// The serialised model around `graph` (opset 17), with `doc` saying what it is.
+pub(crate) fn model_bytes(graph: GraphProto, doc: String) -> Vec<u8> {
+    let model = ModelProto {
+        ir_version: 8,
+        producer_name: "tidalctl".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: doc,
+        graph: Some(graph),
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+    };
+    model.encode_to_vec()
+}
+
+/// Accumulates nodes and initialisers with unique names.
+pub(crate) struct GraphBuilder {
+    rng: ChaCha8Rng,
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    pub parameters: u64,
+    counter: usize,
+}
+
+impl GraphBuilder {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            parameters: 0,
+            counter: 0,
+        }
+    }
+
+    pub(crate) fn fresh(&mut self, prefix: &str) -> String {
+        self.counter += 1;
+        format!("{prefix}_{}", self.counter)
+    }
+
+    /// A float initialiser drawn uniformly with He variance (2 / fan_in), times `gain`.
+    pub(crate) fn weight(&mut self, dims: &[i64], fan_in: f32, gain: f32) -> String {
+        let bound = gain * (6.0 / fan_in).sqrt();
+        let len: i64 = dims.iter().product();
+        let mut raw = Vec::with_capacity(len as usize * 4);
+        for _ in 0..len {
+            let v: f32 = self.rng.gen_range(-bound..bound);
+            raw.extend_from_slice(&v.to_le_bytes());
+        }
+        self.initializer(dims, raw)
+    }
+
+    pub(crate) fn zeros(&mut self, dims: &[i64]) -> String {
+        let len: i64 = dims.iter().product();
+        self.initializer(dims, vec![0; len as usize * 4])
+    }
+
+    pub(crate) fn initializer(&mut self, dims: &[i64], raw_data: Vec<u8>) -> String {
+        let name = self.fresh("w");
+        self.parameters += dims.iter().product::<i64>() as u64;
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: DataType::Float as i32,
+            name: name.clone(),
+            raw_data,
+        });
+        name
+    }
+
+    pub(crate) fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.fresh(&op.to_lowercase());
+        self.node_named(op, inputs, &out, attrs);
+        out
+    }
+
+    pub(crate) fn node_named(&mut self, op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) {
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.to_string()],
+            name: format!("{op}_{}", self.nodes.len()),
+            op_type: op.to_string(),
+            attribute: attrs,
+        });
+    }
+
+    /// Convolution with folded batch norm (weight + bias); `gain` scales the weights.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv(
+        &mut self,
+        x: &str,
+        cin: usize,
+        cout: usize,
+        k: i64,
+        stride: i64,
+        pad: i64,
+        gain: f32,
+    ) -> String {
+        let fan_in = (cin as i64 * k * k) as f32;
+        let w = self.weight(&[cout as i64, cin as i64, k, k], fan_in, gain);
+        let b = self.zeros(&[cout as i64]);
+        self.node(
+            "Conv",
+            &[x, &w, &b],
+            vec![
+                ints_attr("kernel_shape", &[k, k]),
+                ints_attr("strides", &[stride, stride]),
+                ints_attr("pads", &[pad, pad, pad, pad]),
+            ],
+        )
+    }
+
+    pub(crate) fn relu(&mut self, x: &str) -> String {
+        self.node("Relu", &[x], vec![])
+    }
+
+    pub(crate) fn max_pool(&mut self, x: &str) -> String {
+        self.node(
+            "MaxPool",
+            &[x],
+            vec![ints_attr("kernel_shape", &[3, 3]), ints_attr("strides", &[2, 2]), ints_attr("pads", &[1, 1, 1, 1])],
+        )
+    }
+}
+
+pub(crate) fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), i, r#type: AttributeType::Int as i32, ..Default::default() }
+}
+
+pub(crate) fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), ints: ints.to_vec(), r#type: AttributeType::Ints as i32, ..Default::default() }
+}
+
+/// A float32 tensor value info; `None` marks the dynamic batch dimension.
+pub(crate) fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Some(v) => dimension::Value::DimValue(*v),
+                None => dimension::Value::DimParam("batch".into()),
+            }),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+        }),
+    }
+}

@@ -1,0 +1,97 @@
+//! The models `tidalctl models generate` can make, by variant name: the ResNet family
+//! (classifiers) and a downsampling stage (a pipeline's preprocessing: 2×2 average pooling,
+//! `[3, r, r]` → `[3, r/2, r/2]`, so that a classifier at half the resolution can follow it).
+
+use tidal_proto::onnx::GraphProto;
+
+use crate::onnx_graph::{ints_attr, model_bytes, tensor_info, GeneratedModel, GraphBuilder};
+use crate::resnet::{self, ResNetDepth};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    ResNet(ResNetDepth),
+    Downsample,
+}
+
+/// Every name `from_name` knows, for help and error messages.
+pub const NAMES: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, downsample";
+
+impl ModelKind {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "downsample" => Some(Self::Downsample),
+            _ => ResNetDepth::from_name(name).map(Self::ResNet),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ResNet(d) => d.name(),
+            Self::Downsample => "downsample",
+        }
+    }
+
+    /// The quality metadata the variant carries, percent: a classifier's published top-1; 100
+    /// for a stage that loses nothing a later stage needs.
+    pub fn accuracy(self) -> f64 {
+        match self {
+            Self::ResNet(d) => d.top1_accuracy(),
+            Self::Downsample => 100.0,
+        }
+    }
+
+    /// One sample's input at `resolution`.
+    pub fn input_shape(self, resolution: u32) -> Vec<i64> {
+        vec![3, resolution as i64, resolution as i64]
+    }
+
+    pub fn generate(self, resolution: u32, seed: u64) -> GeneratedModel {
+        match self {
+            Self::ResNet(d) => resnet::generate(d, resolution, seed),
+            Self::Downsample => downsample(resolution),
+        }
+    }
+}
+
+/// 2×2 average pooling of a `[batch, 3, r, r]` image (r even).
+fn downsample(resolution: u32) -> GeneratedModel {
+    let r = resolution as i64;
+    let mut g = GraphBuilder::new(0);
+    g.node_named(
+        "AveragePool",
+        &[resnet::INPUT_NAME],
+        "output",
+        vec![ints_attr("kernel_shape", &[2, 2]), ints_attr("strides", &[2, 2])],
+    );
+    let graph = GraphProto {
+        node: g.nodes,
+        name: "downsample".into(),
+        input: vec![tensor_info(resnet::INPUT_NAME, &[None, Some(3), Some(r), Some(r)])],
+        output: vec![tensor_info("output", &[None, Some(3), Some(r / 2), Some(r / 2)])],
+        ..Default::default()
+    };
+    GeneratedModel { onnx: model_bytes(graph, format!("2x2 average pooling of {r}x{r} images")), parameters: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn names_round_trip_and_the_downsampler_halves_the_image() {
+        for name in NAMES.split(", ") {
+            assert_eq!(ModelKind::from_name(name).map(|k| k.name()), Some(name));
+        }
+        assert_eq!(ModelKind::from_name("yolov9"), None);
+        let m = ModelKind::Downsample.generate(64, 1);
+        let model = tidal_proto::onnx::ModelProto::decode(&m.onnx[..]).unwrap();
+        let graph = model.graph.unwrap();
+        assert_eq!(graph.node[0].op_type, "AveragePool");
+        let dims = |v: &tidal_proto::onnx::ValueInfoProto| match &v.r#type.as_ref().unwrap().value {
+            Some(tidal_proto::onnx::type_proto::Value::TensorType(t)) => t.shape.as_ref().unwrap().dim.len(),
+            _ => 0,
+        };
+        assert_eq!(dims(&graph.output[0]), 4);
+    }
+}
