@@ -1,0 +1,158 @@
+//! Pipelines served across agents: the agent a request reaches runs it stage after stage, each
+//! stage where the plan's weights send it (here or on another agent), within the request's
+//! one deadline; a stage that cannot finish in what is left of the budget answers at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tidal_common::variant::VariantConfig;
+use tidal_proto::v1::{ApplyPlanRequest, Assignment, InferRequest, InferResponse, Plan, StageSpec, TaskSpec};
+use tidal_tests::*;
+use tonic::Code;
+
+/// A two-stage task "video": `shrink` (2×2 downsampling) then `classify`.
+fn video(slo_ms: u32, shrink: &VariantConfig, classify: &VariantConfig) -> TaskSpec {
+    let stage = |name: &str, v: &VariantConfig| StageSpec { name: name.into(), variants: vec![v.spec()] };
+    TaskSpec {
+        name: "video".into(),
+        slo_ms,
+        variants: vec![],
+        stages: vec![stage("shrink", shrink), stage("classify", classify)],
+    }
+}
+
+fn worker(stage: &str, v: &VariantConfig, node: &str, millicores: u32, weight: f64) -> Assignment {
+    Assignment {
+        task: "video".into(),
+        stage: stage.into(),
+        variant: Some(v.spec()),
+        node: node.into(),
+        millicores,
+        max_batch: 1,
+        max_delay_ms: 0,
+        weight,
+        replica: 0,
+    }
+}
+
+fn plan(epoch: u64, task: TaskSpec, assignments: Vec<Assignment>, agents: &[&Agent]) -> Plan {
+    Plan {
+        epoch,
+        term: 1,
+        tasks: vec![task],
+        assignments,
+        node_addresses: agents.iter().map(|a| (a.node.clone(), a.addr.clone())).collect(),
+        ..Default::default()
+    }
+}
+
+async fn apply(agents: &[&Agent], plan: &Plan) {
+    for a in agents {
+        let req = ApplyPlanRequest { plan: Some(plan.clone()) };
+        agent_client(&a.addr).await.apply_plan(req).await.expect("the plan is applied");
+    }
+}
+
+async fn infer(addr: &str, shape: &[i64], budget_ms: u32) -> Result<InferResponse, tonic::Status> {
+    let req = InferRequest { task: "video".into(), input: Some(sample(shape)), budget_ms };
+    inference_client(addr).await.infer(req).await.map(|r| r.into_inner())
+}
+
+/// Sends `n` requests to `addr`: every answer has the classifier's output, both stages in
+/// order, and the same logits (the same input through the same models, wherever they ran).
+/// Returns how many times each node ran the `classify` stage.
+async fn classify_nodes(addr: &str, shape: &[i64], n: usize, shrink_node: &str) -> BTreeMap<String, usize> {
+    let mut by_node = BTreeMap::new();
+    let mut first: Option<Vec<u8>> = None;
+    for _ in 0..n {
+        let resp = infer(addr, shape, 0).await.expect("the request is served");
+        let output = resp.output.expect("an output");
+        assert_eq!(output.shape, vec![1, 1000], "the last stage's output");
+        let stages: Vec<(&str, &str)> = resp.stages.iter().map(|s| (s.stage.as_str(), s.variant.as_str())).collect();
+        assert_eq!(stages, [("shrink", "downsample"), ("classify", "resnet18")]);
+        assert_eq!(resp.stages[0].node, shrink_node, "the only shrink worker runs stage 1");
+        let expected = first.get_or_insert_with(|| output.data.clone());
+        let close = expected
+            .chunks_exact(4)
+            .zip(output.data.chunks_exact(4))
+            .map(|(a, b)| (f32::from_le_bytes(a.try_into().unwrap()), f32::from_le_bytes(b.try_into().unwrap())))
+            .all(|(a, b)| (a - b).abs() <= 1e-3 * a.abs().max(1.0));
+        assert!(close, "a request got other logits than the first");
+        *by_node.entry(resp.stages[1].node.clone()).or_default() += 1;
+    }
+    by_node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_stage_pipeline_is_served_across_two_agents_and_survives_losing_one() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "downsample", 64);
+    generate_models(&models, "resnet18", 32);
+    let shrink = VariantConfig::load(&models, "downsample").unwrap();
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let a = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
+    let b = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
+
+    // Stage 1 on A only; stage 2 split evenly across A and B.
+    let assignments = vec![
+        worker("shrink", &shrink, &a.node, 500, 1.0),
+        worker("classify", &r18, &a.node, 1000, 0.5),
+        worker("classify", &r18, &b.node, 1000, 0.5),
+    ];
+    let p = plan(1, video(2000, &shrink, &r18), assignments, &[&a, &b]);
+    apply(&[&a, &b], &p).await;
+    wait_ready(&a.addr, 2).await;
+    wait_ready(&b.addr, 1).await;
+
+    // Called on B, which has no stage-1 worker: stage 1 runs on A, stage 2 on both.
+    let counts = classify_nodes(&b.addr, &shrink.input_shape, 20, &a.node).await;
+    assert_eq!(counts.get(&a.node), Some(&10), "{counts:?}");
+    assert_eq!(counts.get(&b.node), Some(&10), "{counts:?}");
+    // Called on A: the same split.
+    let counts = classify_nodes(&a.addr, &shrink.input_shape, 20, &a.node).await;
+    assert_eq!((counts.get(&a.node), counts.get(&b.node)), (Some(&10), Some(&10)), "{counts:?}");
+
+    // B goes away: its share of stage 2 moves to A at once, and every answer is still right.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counts = classify_nodes(&a.addr, &shrink.input_shape, 20, &a.node).await;
+    assert_eq!(counts, BTreeMap::from([(a.node.clone(), 20)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_budget_cannot_cover_the_second_stage_is_answered_without_running_it() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "downsample", 192);
+    generate_models(&models, "resnet101", 96);
+    let shrink = VariantConfig::load(&models, "downsample").unwrap();
+    let r101 = VariantConfig::load(&models, "resnet101").unwrap();
+    let a = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
+    let assignments =
+        vec![worker("shrink", &shrink, &a.node, 1000, 1.0), worker("classify", &r101, &a.node, 1000, 1.0)];
+    let mut task = video(2000, &shrink, &r101);
+    task.stages[1].variants = vec![r101.spec()];
+    apply(&[&a], &plan(1, task, assignments, &[&a])).await;
+    wait_ready(&a.addr, 2).await;
+
+    // With its whole budget a request is served; the workers learn what a batch takes.
+    for _ in 0..5 {
+        let resp = infer(&a.addr, &shrink.input_shape, 0).await.expect("served with the SLO as budget");
+        assert_eq!(resp.stages.len(), 2);
+    }
+    let stage2_ms = {
+        let resp = infer(&a.addr, &shrink.input_shape, 0).await.unwrap();
+        resp.stages[1].total_us as f64 / 1000.0
+    };
+    // A budget that covers the downsampling (under a millisecond) but not resnet101 at 96×96
+    // (about 18 ms here): stage 2 refuses it on arrival instead of running it.
+    let budget_ms = 5;
+    assert!(stage2_ms > 2.0 * budget_ms as f64, "resnet101 took only {stage2_ms:.1} ms: the budget proves nothing");
+    let sent = Instant::now();
+    let err = infer(&a.addr, &shrink.input_shape, budget_ms).await.expect_err("the budget is too short");
+    let took = sent.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("shorter than a batch takes"), "refused at stage 2's queue, not timed out: {err}");
+    assert!(took < Duration::from_millis(budget_ms as u64 + 50), "answered at once, in {took:?}");
+}
