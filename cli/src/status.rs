@@ -59,7 +59,7 @@ pub fn render(s: &ClusterStatus) -> String {
         );
         for w in &n.workers {
             out += &format!(
-                "  {:<10} {:<10} {:<10} cores {:>4.1}  batch {:>3}  queue {:>4}  cpu {:>4.2}  throttled {:>6}  restarts {}{}\n",
+                "  {:<10} {:<18} {:<10} cores {:>4.1}  batch {:>3}  queue {:>4}  cpu {:>4.2}  throttled {:>6}  restarts {}{}\n",
                 w.id,
                 task_stage(&w.task, &w.stage),
                 w.variant,
@@ -84,7 +84,7 @@ pub fn render_plan(p: &Plan) -> String {
     for a in &p.assignments {
         let v = a.variant.clone().unwrap_or_default();
         out += &format!(
-            "  {:<10} {:<10} on {:<8} cores {:>4.1}  batch {:>3}  delay {:>4} ms  share {:>5.1} %\n",
+            "  {:<18} {:<10} on {:<8} cores {:>4.1}  batch {:>3}  delay {:>4} ms  share {:>5.1} %\n",
             task_stage(&a.task, &a.stage),
             v.name,
             a.node,
