@@ -11,7 +11,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tidal_proto::v1::agent_client::AgentClient;
-use tidal_proto::v1::{ProfilePoint, ProfileRequest, StoreProfileRequest, TaskSpec, VariantProfile, VariantSpec};
+use tidal_proto::v1::{
+    ProfilePoint, ProfileRequest, StageSpec, StoreProfileRequest, TaskSpec, VariantProfile, VariantSpec,
+};
 
 /// What `tidalctl profile` measures.
 pub struct Measure<'a> {
@@ -32,6 +34,9 @@ pub struct SavedProfiles {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedVariant {
     pub name: String,
+    /// Its pipeline stage; absent for a one-stage task.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stage: String,
     pub accuracy: f64,
     pub node: String,
     pub points: Vec<SavedPoint>,
@@ -103,8 +108,8 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
     let mut ctl = crate::controller(controller).await?;
     let mut saved = SavedProfiles { task: spec.name.clone(), variants: Vec::new() };
     let repeat = m.repeat.clamp(1, 20);
-    let all: Vec<&VariantSpec> = tidal_common::task::variants(spec).map(|(_, v)| v).collect();
-    for (i, variant) in all.iter().enumerate() {
+    let all: Vec<(&StageSpec, &VariantSpec)> = tidal_common::task::variants(spec).collect();
+    for (i, &(stage, variant)) in all.iter().enumerate() {
         eprintln!(
             "[{}/{}] profiling {} on {}: {} points × {:.1} s, {repeat} times",
             i + 1,
@@ -118,7 +123,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         let mut node = String::new();
         for _ in 0..repeat {
             let req = ProfileRequest {
-                variant: Some((*variant).clone()),
+                variant: Some(variant.clone()),
                 cores: m.cores.clone(),
                 batches: m.batches.clone(),
                 duration_ms: m.duration_ms,
@@ -136,6 +141,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         }
         saved.variants.push(SavedVariant {
             name: variant.name.clone(),
+            stage: if spec.stages.len() > 1 { stage.name.clone() } else { String::new() },
             accuracy: variant.accuracy,
             node: node.clone(),
             points: points.iter().map(SavedPoint::from).collect(),
@@ -245,6 +251,7 @@ mod tests {
             task: "t".into(),
             variants: vec![SavedVariant {
                 name: "a".into(),
+                stage: "detect".into(),
                 accuracy: 70.0,
                 node: "n".into(),
                 points: vec![SavedPoint::from(&point(10.0, 14.0, 400.0))],

@@ -11,7 +11,7 @@ use tidal_common::adapt::AdaptConfig;
 use tidal_common::forecast::{Ewma, Forecaster, Holt, LastValue};
 use tidal_common::latency::LatencyModel;
 use tidal_common::profile::load_tfserving_csv;
-use tidal_common::sim::{simulate, SimConfig, SimReport, SimVariant};
+use tidal_common::sim::{simulate_pipeline, SimConfig, SimPlanner, SimReport, SimStage, SimVariant};
 use tidal_common::solver::{Limits, PolicyKind, Weights};
 use tidal_proto::v1::ProfilePoint;
 
@@ -135,10 +135,10 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
         bail!("no policy given");
     }
     validate(&opts)?;
-    let variants = match (&opts.tfserving_csv, &opts.profiles, &opts.task) {
-        (Some(path), _, _) => tfserving_variants(path, opts.slo_ms, opts.load_time_s)?,
-        (None, Some(path), _) => saved_variants(path, opts.load_time_s)?,
-        (None, None, Some(task)) => controller_variants(controller, task, opts.load_time_s).await?,
+    let stages = match (&opts.tfserving_csv, &opts.profiles, &opts.task) {
+        (Some(path), _, _) => one_stage(tfserving_variants(path, opts.slo_ms, opts.load_time_s)?),
+        (None, Some(path), _) => saved_stages(path, opts.load_time_s)?,
+        (None, None, Some(task)) => controller_stages(controller, task, opts.load_time_s).await?,
         (None, None, None) => bail!(
             "give profiles: --tfserving-csv FILE, --profiles FILE (`tidalctl profile --save`) or --task NAME (profiled with `tidalctl profile`)"
         ),
@@ -157,7 +157,7 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
     };
     let cfg = sim_config(&opts)?;
     println!(
-        "{} s of {} from second {} ×{}{}, {} cores, SLO {} ms, every {} s; {} variants: {}",
+        "{} s of {} from second {} ×{}{}, {} cores, SLO {} ms, every {} s; {}",
         rates.len(),
         opts.trace.display(),
         opts.start,
@@ -166,10 +166,9 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
         opts.cores,
         opts.slo_ms,
         opts.interval,
-        variants.len(),
-        variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+        describe(&stages)
     );
-    let reports = run_all(&policies, &rates, &warmup, &variants, &opts, &cfg)?;
+    let reports = run_all(&policies, &rates, &warmup, &stages, &opts, &cfg)?;
     print_table(&reports);
     if let Some(path) = &opts.csv {
         write_summary_csv(path, &reports)?;
@@ -191,19 +190,40 @@ fn compress(trace: &[f64], speedup: usize, scale: f64) -> Vec<f64> {
     trace.chunks(speedup.max(1)).map(|c| scale * c.iter().sum::<f64>() / c.len() as f64).collect()
 }
 
-fn saved_variants(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+/// "5 variants: a, b, …" for one stage; "2 stages: detect (a, b) → classify (c)" for a pipeline.
+fn describe(stages: &[SimStage]) -> String {
+    let names = |s: &SimStage| s.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ");
+    match stages {
+        [one] => format!("{} variants: {}", one.variants.len(), names(one)),
+        _ => {
+            let each: Vec<String> = stages.iter().map(|s| format!("{} ({})", s.name, names(s))).collect();
+            format!("{} stages: {}", stages.len(), each.join(" → "))
+        }
+    }
+}
+
+fn one_stage(variants: Vec<SimVariant>) -> Vec<SimStage> {
+    vec![SimStage { name: SimPlanner::TASK.into(), variants }]
+}
+
+/// The saved profiles as stages, in the order their variants were saved; variants saved
+/// without a stage (a one-stage task) make one stage.
+fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimStage>> {
     let saved = crate::profile::read(path)?;
     if saved.variants.is_empty() {
         bail!("{} holds no variant", path.display());
     }
-    Ok(saved
-        .variants
-        .into_iter()
-        .map(|v| {
-            let points = v.points.iter().map(ProfilePoint::from).collect();
-            sim_variant(v.name, v.accuracy, points, load_time)
-        })
-        .collect())
+    let mut stages: Vec<SimStage> = Vec::new();
+    for v in saved.variants {
+        let points = v.points.iter().map(ProfilePoint::from).collect();
+        let variant = sim_variant(v.name, v.accuracy, points, load_time);
+        let name = if v.stage.is_empty() { SimPlanner::TASK.to_string() } else { v.stage };
+        match stages.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.variants.push(variant),
+            None => stages.push(SimStage { name, variants: vec![variant] }),
+        }
+    }
+    Ok(stages)
 }
 
 fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
@@ -262,7 +282,7 @@ fn run_all(
     policies: &[PolicyKind],
     rates: &[f64],
     warmup: &[f64],
-    variants: &[SimVariant],
+    stages: &[SimStage],
     opts: &SimulateOpts,
     cfg: &SimConfig,
 ) -> anyhow::Result<Vec<SimReport>> {
@@ -281,7 +301,7 @@ fn run_all(
                     };
                     s.spawn(move || {
                         let f = forecaster(&opts.forecaster, &cfg.adapt).expect("checked above");
-                        (i, simulate(rates, warmup, variants, f, &cfg))
+                        (i, simulate_pipeline(rates, warmup, stages, f, &cfg))
                     })
                 })
                 .collect();
@@ -425,7 +445,7 @@ fn sim_variant(name: String, accuracy: f64, points: Vec<ProfilePoint>, load_time
     SimVariant { name, accuracy, points, load_time_s: load_time.unwrap_or(default_load) }
 }
 
-async fn controller_variants(controller: &str, task: &str, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+async fn controller_stages(controller: &str, task: &str, load_time: Option<f64>) -> anyhow::Result<Vec<SimStage>> {
     let mut client = crate::controller(controller).await?;
     let status = client.status(tidal_proto::v1::ClusterStatusRequest {}).await?.into_inner();
     let t = status
@@ -434,27 +454,30 @@ async fn controller_variants(controller: &str, task: &str, load_time: Option<f64
         .find(|t| t.spec.as_ref().is_some_and(|s| s.name == task))
         .with_context(|| format!("the controller has no task {task:?}"))?;
     let spec = t.spec.unwrap_or_default();
-    if spec.stages.len() > 1 {
-        bail!(
-            "task {task:?} is a pipeline of {} stages; the simulator replays one-stage tasks only, so far",
-            spec.stages.len()
-        );
-    }
     let by_variant: BTreeMap<String, Vec<ProfilePoint>> =
         t.profiles.into_iter().map(|p| (p.variant, p.points)).collect();
-    let variants: Vec<SimVariant> = spec
-        .stages
-        .iter()
-        .flat_map(|s| &s.variants)
-        .filter_map(|v| {
-            let points = by_variant.get(&v.name)?.clone();
-            Some(sim_variant(v.name.clone(), v.accuracy, points, load_time))
-        })
-        .collect();
-    if variants.is_empty() {
-        bail!("task {task:?} has no profiled variants: run `tidalctl profile --task {task}` first");
+    let mut stages = Vec::new();
+    for stage in &spec.stages {
+        let variants: Vec<SimVariant> = stage
+            .variants
+            .iter()
+            .filter_map(|v| {
+                let points = by_variant.get(&v.name)?.clone();
+                Some(sim_variant(v.name.clone(), v.accuracy, points, load_time))
+            })
+            .collect();
+        if variants.is_empty() {
+            bail!(
+                "stage {} of task {task:?} has no profiled variant: run `tidalctl profile --task {task}` first",
+                stage.name
+            );
+        }
+        stages.push(SimStage { name: stage.name.clone(), variants });
     }
-    Ok(variants)
+    if stages.is_empty() {
+        bail!("task {task:?} has no stages");
+    }
+    Ok(stages)
 }
 
 /// Sponge's remaining-SLO fractions: rows of `payload_kb, f1, f2, …`, one value per second.

@@ -23,13 +23,20 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tidal_proto::v1::ProfilePoint;
 
-use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
+use tidal_proto::v1::{Plan, StageSpec, TaskSpec, Transition, VariantSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use crate::forecast::Forecaster;
 use crate::profile::ProfileGrid;
 use crate::reconcile::{desired_on, diff, Action, RunningWorker, WorkerKey, WorkerShape};
 use worker::{Next, Request, Resize, SimWorker};
+
+/// A stage of the simulated task: the variants that may serve it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimStage {
+    pub name: String,
+    pub variants: Vec<SimVariant>,
+}
 
 /// A variant as the simulator knows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +104,8 @@ pub struct SimReport {
 }
 
 /// Replays `rates` (requests per second, one per second) after `warmup` (the seconds before,
-/// which the forecaster sees as history but which are not served).
+/// which the forecaster sees as history but which are not served) against a one-stage task
+/// of `variants`.
 pub fn simulate(
     rates: &[f64],
     warmup: &[f64],
@@ -105,7 +113,21 @@ pub fn simulate(
     forecaster: Box<dyn Forecaster>,
     cfg: &SimConfig,
 ) -> SimReport {
-    let mut sim = Sim::new(variants, cfg, warmup, forecaster);
+    let stage = SimStage { name: SimPlanner::TASK.into(), variants: variants.to_vec() };
+    simulate_pipeline(rates, warmup, &[stage], forecaster, cfg)
+}
+
+/// Replays `rates` against a pipeline of `stages`: a request runs stage after stage, each on a
+/// worker of that stage the plan's weights pick, within one deadline; its accuracy is the mean
+/// of the accuracies of the variants that served its stages (the planner's own measure).
+pub fn simulate_pipeline(
+    rates: &[f64],
+    warmup: &[f64],
+    stages: &[SimStage],
+    forecaster: Box<dyn Forecaster>,
+    cfg: &SimConfig,
+) -> SimReport {
+    let mut sim = Sim::new(stages, cfg, warmup, forecaster);
     let interval = (cfg.adapt.interval_s.round() as usize).max(1);
     for (second, &rate) in rates.iter().enumerate() {
         let t0 = second as f64;
@@ -157,20 +179,39 @@ impl SimPlanner {
     pub const TASK: &'static str = "task";
     pub const NODE: &'static str = "sim";
 
+    /// A one-stage task of `variants`.
     pub fn new(variants: &[SimVariant], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
+        let stage = SimStage { name: Self::TASK.into(), variants: variants.to_vec() };
+        Self::pipeline(&[stage], slo_ms, core_budget, adapter)
+    }
+
+    /// A task of `stages`.
+    pub fn pipeline(stages: &[SimStage], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
         let slo = slo_ms.round().clamp(1.0, u32::MAX as f64) as u32;
-        let specs = variants
-            .iter()
-            .map(|v| VariantSpec {
-                name: v.name.clone(),
-                model_file: model_file(&v.name),
-                accuracy: v.accuracy,
-                input_shape: vec![1],
-            })
-            .collect();
-        let spec = crate::task::single_stage(Self::TASK, slo, specs);
-        let profiles = variants.iter().map(|v| (v.name.clone(), v.points.clone())).collect();
-        let load_s = variants.iter().map(|v| (v.name.clone(), v.load_time_s)).collect();
+        let spec = TaskSpec {
+            name: Self::TASK.into(),
+            slo_ms: slo,
+            variants: vec![],
+            stages: stages
+                .iter()
+                .map(|s| StageSpec {
+                    name: s.name.clone(),
+                    variants: s
+                        .variants
+                        .iter()
+                        .map(|v| VariantSpec {
+                            name: v.name.clone(),
+                            model_file: model_file(&v.name),
+                            accuracy: v.accuracy,
+                            input_shape: vec![1],
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let variants = stages.iter().flat_map(|s| &s.variants);
+        let profiles = variants.clone().map(|v| (v.name.clone(), v.points.clone())).collect();
+        let load_s = variants.map(|v| (v.name.clone(), v.load_time_s)).collect();
         Self { adapter, spec, profiles, load_s, cores: core_budget, plan: None }
     }
 
@@ -242,7 +283,10 @@ impl Ord for Event {
 }
 
 struct Sim<'a> {
-    variants: &'a [SimVariant],
+    /// Every stage's variants, in stage order; `stage_of` gives each one's stage.
+    variants: Vec<SimVariant>,
+    stage_of: Vec<usize>,
+    stages: usize,
     grids: Vec<ProfileGrid>,
     cfg: &'a SimConfig,
     planner: SimPlanner,
@@ -250,7 +294,8 @@ struct Sim<'a> {
     workers: Vec<SimWorker>,
     events: BinaryHeap<Reverse<Event>>,
     latency_cache: HashMap<(usize, u32, u32), (f64, f64)>,
-    routes: Vec<(usize, f64)>,
+    /// Per stage, the serving workers with the running sum of their shares.
+    routes: Vec<Vec<(usize, f64)>>,
     routes_valid_until: f64,
     history: Vec<f64>,
     expired: Vec<Request>,
@@ -272,18 +317,22 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(variants: &'a [SimVariant], cfg: &'a SimConfig, warmup: &[f64], forecaster: Box<dyn Forecaster>) -> Self {
+    fn new(stages: &[SimStage], cfg: &'a SimConfig, warmup: &[f64], forecaster: Box<dyn Forecaster>) -> Self {
         let adapter = Adapter::new(cfg.adapt.clone(), forecaster);
+        let variants: Vec<SimVariant> = stages.iter().flat_map(|s| s.variants.iter().cloned()).collect();
+        let stage_of = stages.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.variants.len())).collect();
         Self {
-            variants,
             grids: variants.iter().map(|v| ProfileGrid::new(&v.points)).collect(),
+            variants,
+            stage_of,
+            stages: stages.len(),
             cfg,
-            planner: SimPlanner::new(variants, cfg.slo_ms, cfg.core_budget, adapter),
+            planner: SimPlanner::pipeline(stages, cfg.slo_ms, cfg.core_budget, adapter),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             workers: Vec::new(),
             events: BinaryHeap::new(),
             latency_cache: HashMap::new(),
-            routes: Vec::new(),
+            routes: vec![Vec::new(); stages.len()],
             routes_valid_until: f64::NEG_INFINITY,
             history: warmup.to_vec(),
             expired: Vec::new(),
@@ -426,40 +475,47 @@ impl<'a> Sim<'a> {
 
     fn arrive(&mut self, a: f64, second: usize) {
         self.requests += 1;
-        let r = Request { arrival: a, deadline: self.deadline(a, second) };
-        let Some(w) = self.route(a) else {
+        let r = Request { arrival: a, enqueued: a, deadline: self.deadline(a, second), stage: 0, accuracy_sum: 0.0 };
+        self.send(r, a);
+    }
+
+    /// Queues a request at a worker of its stage, or drops it when the stage has none.
+    fn send(&mut self, r: Request, t: f64) {
+        let Some(w) = self.route(r.stage, t) else {
             self.dropped += 1;
             self.violations += 1;
             self.current.violations += 1;
             return;
         };
         self.workers[w].enqueue(r);
-        self.start(w, a);
+        self.start(w, t);
     }
 
-    /// A serving worker, drawn in proportion to the traffic the plan gives it.
-    fn route(&mut self, t: f64) -> Option<usize> {
+    /// A serving worker of `stage`, drawn in proportion to the traffic the plan gives it.
+    fn route(&mut self, stage: usize, t: f64) -> Option<usize> {
         if t >= self.routes_valid_until {
             self.rebuild_routes(t);
         }
-        let total = self.routes.last()?.1;
+        let routes = &self.routes[stage];
+        let total = routes.last()?.1;
         if total <= 0.0 {
-            return self.routes.first().map(|r| r.0);
+            return routes.first().map(|r| r.0);
         }
         let x = self.rng.gen_range(0.0..total);
-        let k = self.routes.partition_point(|r| r.1 <= x);
-        self.routes.get(k.min(self.routes.len() - 1)).map(|r| r.0)
+        let k = routes.partition_point(|r| r.1 <= x);
+        routes.get(k.min(routes.len() - 1)).map(|r| r.0)
     }
 
     fn rebuild_routes(&mut self, t: f64) {
-        self.routes.clear();
-        let mut sum = 0.0;
+        self.routes.iter_mut().for_each(Vec::clear);
+        let mut sums = vec![0.0; self.stages];
         let mut next_change = f64::INFINITY;
         self.apply_due_resizes(t);
         for (i, w) in self.workers.iter().enumerate() {
             if w.serving(t) {
-                sum += w.share.max(1e-9);
-                self.routes.push((i, sum));
+                let stage = self.stage_of[w.variant];
+                sums[stage] += w.share.max(1e-9);
+                self.routes[stage].push((i, sums[stage]));
             }
             for at in [w.ready_at, w.retire_at, w.pending.map_or(f64::INFINITY, |r| r.at)] {
                 if at > t {
@@ -525,12 +581,19 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// A batch finished: its requests go on to their next stage, or are answered.
     fn complete(&mut self, w: usize, t: f64) {
         let accuracy = self.variants[self.workers[w].variant].accuracy;
         let batch = std::mem::take(&mut self.workers[w].in_flight);
-        for r in &batch {
+        for r in batch {
+            let accuracy_sum = r.accuracy_sum + accuracy;
+            if r.stage + 1 < self.stages {
+                self.send(Request { stage: r.stage + 1, enqueued: t, accuracy_sum, ..r }, t);
+                continue;
+            }
             let latency_us = ((t - r.arrival) * 1e6).max(1.0) as u64;
             let _ = self.latencies_us.record(latency_us.min(3_600_000_000));
+            let accuracy = accuracy_sum / self.stages as f64;
             self.accuracy_sum += accuracy;
             self.interval_acc += accuracy;
             self.current.served += 1;

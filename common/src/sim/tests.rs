@@ -117,3 +117,41 @@ fn simulated_batches_take_the_measured_mean_and_tail() {
     // Outside the grid: never served in time.
     assert!(batch_latency(&ProfileGrid::new(&points), 3, 4).0 >= 1e6);
 }
+
+fn pipeline() -> Vec<SimStage> {
+    vec![
+        SimStage { name: "detect".into(), variants: vec![variant("det-s", 40.0, 60.0), variant("det-l", 60.0, 15.0)] },
+        SimStage { name: "classify".into(), variants: vec![variant("small", 70.0, 40.0), variant("big", 78.0, 10.0)] },
+    ]
+}
+
+fn run_pipeline(rates: &[f64], policy: &str, cfg: &SimConfig) -> SimReport {
+    let warmup = vec![rates[0]; 30];
+    let cfg = SimConfig { adapt: AdaptConfig { policy: policy.parse().unwrap(), ..cfg.adapt.clone() }, ..cfg.clone() };
+    simulate_pipeline(rates, &warmup, &pipeline(), Box::new(PeakWindow::default()), &cfg)
+}
+
+#[test]
+fn a_pipeline_serves_every_request_through_both_stages() {
+    let rates = vec![40.0; 120];
+    let r = run_pipeline(&rates, "tidal", &cfg());
+    assert_eq!(r.served, r.requests, "{r:?}");
+    assert!(r.violation_pct < 1.0, "{r:?}");
+    // The mean over stages of the variants that served: between the cheapest pair and the best.
+    assert!(r.accuracy >= 55.0 - 1e-9 && r.accuracy <= 69.0 + 1e-9, "{}", r.accuracy);
+    assert_eq!(r, run_pipeline(&rates, "tidal", &cfg()), "deterministic");
+    // fa2-low pins each stage's least accurate variant: exactly their mean.
+    let low = run_pipeline(&rates, "fa2-low", &cfg());
+    assert!((low.accuracy - 55.0).abs() < 1e-9, "{}", low.accuracy);
+    // A one-core budget cannot give each stage a worker: nothing is served.
+    let starved = run_pipeline(&rates, "tidal", &SimConfig { core_budget: 1, ..cfg() });
+    assert_eq!(starved.served, 0);
+}
+
+#[test]
+fn a_pipeline_request_answers_after_both_stages_ran() {
+    // One worker per stage, batch 1: a request's latency is at least both services.
+    let r = run_pipeline(&[5.0; 60], "ipa", &cfg());
+    let single = run(&[5.0; 60], "ipa", &cfg());
+    assert!(r.p50_ms > single.p50_ms, "two stages take longer than one: {} vs {}", r.p50_ms, single.p50_ms);
+}

@@ -9,8 +9,15 @@ use crate::reconcile::WorkerKey;
 /// A request waiting in or served by a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Request {
+    /// When it reached the pipeline.
     pub arrival: f64,
+    /// When it reached this worker's stage (what the batcher's timeout counts from).
+    pub enqueued: f64,
     pub deadline: f64,
+    /// The pipeline stage it is at.
+    pub stage: usize,
+    /// Sum of the accuracies of the variants that served its earlier stages.
+    pub accuracy_sum: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -107,7 +114,7 @@ impl SimWorker {
                 break;
             }
         }
-        let Some(oldest) = self.queue.iter().map(|r| r.arrival).reduce(f64::min) else { return Next::Idle };
+        let Some(oldest) = self.queue.iter().map(|r| r.enqueued).reduce(f64::min) else { return Next::Idle };
         let due = oldest + self.max_delay;
         if self.queue.len() >= self.batch as usize || t + 1e-12 >= due || self.batch == 1 {
             let k = self.queue.len().min(self.batch as usize);
@@ -126,7 +133,7 @@ mod tests {
     use super::*;
 
     fn req(arrival: f64, deadline: f64) -> Request {
-        Request { arrival, deadline }
+        Request { arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0 }
     }
 
     #[test]
