@@ -1,13 +1,14 @@
 //! The controller and the simulator drive one adaptation core. Fed the same recorded
 //! telemetry — arrivals per second and the budgets requests carried — through each driver,
-//! every policy yields the same sequence of plans, surge re-plans included.
+//! every policy yields the same sequence of plans, surge re-plans included, for a one-stage
+//! task and for a two-stage pipeline.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tidal_common::adapt::{AdaptConfig, Adapter};
 use tidal_common::profile::synthetic;
-use tidal_common::sim::{SimPlanner, SimVariant};
+use tidal_common::sim::{SimPlanner, SimStage, SimVariant};
 use tidal_controller::observed::Observed;
 use tidal_controller::planner;
 use tidal_controller::state::{ClusterState, NodeInfo};
@@ -17,14 +18,24 @@ const CORES: u32 = 12;
 const SLO_MS: f64 = 400.0;
 const WARMUP_S: usize = 60;
 
-fn variants() -> Vec<SimVariant> {
-    let v = |name: &str, accuracy, per_core| SimVariant {
+fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
+    SimVariant {
         name: name.into(),
         accuracy,
         points: synthetic(per_core, &[1, 2, 3, 4, 6, 8], &[(1, 1.0), (4, 1.4), (8, 1.6)], 1.3),
         load_time_s: 2.0,
-    };
-    vec![v("small", 70.0, 60.0), v("mid", 74.0, 25.0), v("big", 78.0, 10.0)]
+    }
+}
+
+fn one_stage() -> Vec<SimStage> {
+    let variants = vec![variant("small", 70.0, 60.0), variant("mid", 74.0, 25.0), variant("big", 78.0, 10.0)];
+    vec![SimStage { name: SimPlanner::TASK.into(), variants }]
+}
+
+fn two_stages() -> Vec<SimStage> {
+    let detect = vec![variant("det-n", 28.0, 90.0), variant("det-s", 37.0, 40.0)];
+    let classify = vec![variant("small", 70.0, 60.0), variant("big", 78.0, 10.0)];
+    vec![SimStage { name: "detect".into(), variants: detect }, SimStage { name: "classify".into(), variants: classify }]
 }
 
 /// Recorded telemetry: per second, the arrivals and the least budget a request carried. A
@@ -57,8 +68,8 @@ fn normalised(plans: Vec<Plan>) -> Vec<Plan> {
 
 /// The simulator's driver, as `simulate` runs it: a round every interval before the second's
 /// arrivals, a surge check after each second.
-fn through_the_simulator(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
-    let mut sim = SimPlanner::new(&variants(), SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
+fn through_the_simulator(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
+    let mut sim = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
     let interval = cfg.interval_s as usize;
     let mut history = vec![rec[0].0 as f64; WARMUP_S];
     let mut plans = Vec::new();
@@ -78,14 +89,14 @@ fn through_the_simulator(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<P
 
 /// The controller's driver: the replicated state holds the task, the node and the profiles;
 /// the observations come from one telemetry report a second.
-fn through_the_controller(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
+fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
     let mut adapter = Adapter::with_defaults(cfg.clone());
-    let reference = SimPlanner::new(&variants(), SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
+    let reference = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
     let spec = reference.spec().clone();
     let mut state = ClusterState::default();
     state.nodes.insert(SimPlanner::NODE.into(), NodeInfo { address: String::new(), cores: CORES });
     state.tasks.insert(spec.name.clone(), spec.clone());
-    for v in variants() {
+    for v in stages.iter().flat_map(|s| s.variants.clone()) {
         let profile =
             VariantProfile { task: spec.name.clone(), variant: v.name.clone(), node: "n".into(), points: v.points };
         state.profiles.insert((spec.name.clone(), v.name), profile);
@@ -133,16 +144,15 @@ fn through_the_controller(cfg: &AdaptConfig, rec: &[(u32, Option<u32>)]) -> Vec<
     plans
 }
 
-#[test]
-fn the_controller_and_the_simulator_plan_alike_for_every_policy() {
+/// Each policy's plans through both drivers, checked equal; the number of plans per policy.
+fn plan_alike(stages: &[SimStage], policies: &[&'static str]) -> BTreeMap<&'static str, usize> {
     let rec = recording();
-    let policies = ["tidal", "infadapter", "ipa", "sponge", "vpa-mid", "ms+", "fa2-low", "fa2-high", "static-mid-2-4"];
     let mut changes = BTreeMap::new();
-    for policy in policies {
+    for &policy in policies {
         let cfg = AdaptConfig { policy: policy.parse().unwrap(), interval_s: 10.0, ..AdaptConfig::default() };
         // The observer's clock starts at the warm-up; the simulator's at the replay.
-        let sim = normalised(through_the_simulator(&cfg, &rec));
-        let live = normalised(through_the_controller(&cfg, &rec));
+        let sim = normalised(through_the_simulator(&cfg, stages, &rec));
+        let live = normalised(through_the_controller(&cfg, stages, &rec));
         let fixed = policy.starts_with("static");
         assert!(sim.len() >= if fixed { 1 } else { 2 }, "{policy}: the recording moves every policy: {sim:?}");
         assert!(sim.iter().all(|p| !p.assignments.is_empty()), "{policy}: every plan serves: {sim:?}");
@@ -152,8 +162,30 @@ fn the_controller_and_the_simulator_plan_alike_for_every_policy() {
         }
         changes.insert(policy, sim.len());
     }
+    changes
+}
+
+#[test]
+fn the_controller_and_the_simulator_plan_alike_for_every_policy() {
+    let policies = ["tidal", "infadapter", "ipa", "sponge", "vpa-mid", "ms+", "fa2-low", "fa2-high", "static-mid-2-4"];
+    let changes = plan_alike(&one_stage(), &policies);
     eprintln!("plans per policy: {changes:?}");
     // The surge rule is the policy's: only Tidal and Sponge re-plan between rounds, so they
     // see the burst at once and change plans more often than the interval-bound systems.
     assert!(changes["tidal"] > changes["ipa"].min(changes["infadapter"]), "{changes:?}");
+}
+
+#[test]
+fn the_controller_and_the_simulator_plan_a_pipeline_alike() {
+    let changes = plan_alike(&two_stages(), &["tidal", "ipa", "fa2-low", "fa2-high"]);
+    eprintln!("pipeline plans per policy: {changes:?}");
+    let stages_of = |policy: &str| {
+        let cfg = AdaptConfig { policy: policy.parse().unwrap(), interval_s: 10.0, ..AdaptConfig::default() };
+        let plans = through_the_simulator(&cfg, &two_stages(), &recording());
+        plans
+            .iter()
+            .flat_map(|p| p.assignments.iter().map(|a| a.stage.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(stages_of("ipa").into_iter().collect::<Vec<_>>(), ["classify", "detect"], "every stage is staffed");
 }
