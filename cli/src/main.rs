@@ -92,16 +92,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCmd {
-    /// Generate ONNX models (ResNets of the real architectures, weights from a seed; a 2×2
-    /// downsampling stage for pipelines) and their variant configs.
+    /// Generate ONNX models (ResNets and YOLOv5s of the real architectures, weights from a seed;
+    /// a 2×2 downsampling stage for pipelines) and their variant configs.
     Generate {
         #[arg(long, default_value = "models")]
         out: PathBuf,
         /// Input resolution in pixels (224 is ImageNet's; smaller runs faster on small machines).
         #[arg(long, default_value_t = 64)]
         resolution: u32,
-        /// Variants to make, comma-separated: resnet18, resnet34, resnet50, resnet101, resnet152,
-        /// downsample (input at --resolution, output at half of it).
+        /// Variants to make, comma-separated: resnet18, resnet34, resnet50, resnet101, resnet152
+        /// (classifiers, top-1), yolov5n, yolov5s, yolov5m, yolov5l, yolov5x (detectors, mAP;
+        /// --resolution a multiple of 32), downsample (output at half of --resolution).
         #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50,resnet101,resnet152")]
         variants: Vec<String>,
         #[arg(long, default_value_t = 42)]

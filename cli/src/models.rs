@@ -19,6 +19,9 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
     if resolution % 2 == 1 && kinds.contains(&ModelKind::Downsample) {
         anyhow::bail!("downsample halves the image: give an even --resolution");
     }
+    if resolution % 32 != 0 && kinds.iter().any(|k| matches!(k, ModelKind::Yolo(_))) {
+        anyhow::bail!("YOLOv5 downsamples by 32: give a --resolution that is a multiple of 32");
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for kind in kinds {
         let cfg = VariantConfig {
@@ -41,7 +44,7 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
         std::fs::rename(&tmp, &onnx_path)?;
         std::fs::write(&toml_path, cfg.to_toml()).with_context(|| format!("writing {}", toml_path.display()))?;
         eprintln!(
-            "{:<10} {:>6.1} M parameters, {:>4} MB, {resolution}x{resolution}, top-1 {:.2} %  ({:.1} s)",
+            "{:<10} {:>6.1} M parameters, {:>4} MB, {resolution}x{resolution}, accuracy {:.2} %  ({:.1} s)",
             cfg.name,
             model.parameters as f64 / 1e6,
             model.onnx.len() >> 20,

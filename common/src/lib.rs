@@ -19,4 +19,5 @@ pub mod task;
 pub mod task_file;
 pub mod tensor;
 pub mod variant;
+pub mod yolo;
 pub mod zoo;

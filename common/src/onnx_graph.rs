@@ -83,6 +83,29 @@ impl GraphBuilder {
         name
     }
 
+    /// A float32 constant (not a learned parameter).
+    pub(crate) fn const_f32(&mut self, dims: &[i64], values: &[f32]) -> String {
+        let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(dims, DataType::Float, raw_data)
+    }
+
+    /// An int64 constant, such as a shape or slice bounds.
+    pub(crate) fn const_i64(&mut self, values: &[i64]) -> String {
+        let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(&[values.len() as i64], DataType::Int64, raw_data)
+    }
+
+    fn constant(&mut self, dims: &[i64], data_type: DataType, raw_data: Vec<u8>) -> String {
+        let name = self.fresh("c");
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: data_type as i32,
+            name: name.clone(),
+            raw_data,
+        });
+        name
+    }
+
     pub(crate) fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         let out = self.fresh(&op.to_lowercase());
         self.node_named(op, inputs, &out, attrs);
@@ -140,6 +163,15 @@ impl GraphBuilder {
 
 pub(crate) fn int_attr(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i, r#type: AttributeType::Int as i32, ..Default::default() }
+}
+
+pub(crate) fn str_attr(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        s: value.as_bytes().to_vec(),
+        r#type: AttributeType::String as i32,
+        ..Default::default()
+    }
 }
 
 pub(crate) fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {

@@ -1,41 +1,47 @@
 //! The models `tidalctl models generate` can make, by variant name: the ResNet family
-//! (classifiers) and a downsampling stage (a pipeline's preprocessing: 2×2 average pooling,
-//! `[3, r, r]` → `[3, r/2, r/2]`, so that a classifier at half the resolution can follow it).
+//! (classifiers), the YOLOv5 family (detectors, IPA's video pipeline) and a downsampling stage
+//! (a pipeline's preprocessing: 2×2 average pooling, `[3, r, r]` → `[3, r/2, r/2]`, so that a
+//! classifier at half the resolution can follow it).
 
 use tidal_proto::onnx::GraphProto;
 
 use crate::onnx_graph::{ints_attr, model_bytes, tensor_info, GeneratedModel, GraphBuilder};
 use crate::resnet::{self, ResNetDepth};
+use crate::yolo::{self, YoloSize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
     ResNet(ResNetDepth),
+    Yolo(YoloSize),
     Downsample,
 }
 
 /// Every name `from_name` knows, for help and error messages.
-pub const NAMES: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, downsample";
+pub const NAMES: &str =
+    "resnet18, resnet34, resnet50, resnet101, resnet152, yolov5n, yolov5s, yolov5m, yolov5l, yolov5x, downsample";
 
 impl ModelKind {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "downsample" => Some(Self::Downsample),
-            _ => ResNetDepth::from_name(name).map(Self::ResNet),
+            _ => ResNetDepth::from_name(name).map(Self::ResNet).or_else(|| YoloSize::from_name(name).map(Self::Yolo)),
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::ResNet(d) => d.name(),
+            Self::Yolo(s) => s.name(),
             Self::Downsample => "downsample",
         }
     }
 
-    /// The quality metadata the variant carries, percent: a classifier's published top-1; 100
-    /// for a stage that loses nothing a later stage needs.
+    /// The quality metadata the variant carries, percent: a classifier's published top-1, a
+    /// detector's published mAP; 100 for a stage that loses nothing a later stage needs.
     pub fn accuracy(self) -> f64 {
         match self {
             Self::ResNet(d) => d.top1_accuracy(),
+            Self::Yolo(s) => s.map(),
             Self::Downsample => 100.0,
         }
     }
@@ -48,6 +54,7 @@ impl ModelKind {
     pub fn generate(self, resolution: u32, seed: u64) -> GeneratedModel {
         match self {
             Self::ResNet(d) => resnet::generate(d, resolution, seed),
+            Self::Yolo(s) => yolo::generate(s, resolution, seed),
             Self::Downsample => downsample(resolution),
         }
     }
