@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod cgroup;
+pub mod connector;
 pub mod error;
 pub mod link;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
 
+use crate::connector::crops;
 use crate::error::ServeError;
 use crate::metrics::{RequestLabels, TaskLabels};
 use crate::node::{ApplyError, Node};
@@ -74,41 +75,35 @@ impl AgentService {
             }
         };
         let first = stages.first().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
-        let mut input = sample_values(req.input.as_ref(), stage_input(first))
+        let image = sample_values(req.input.as_ref(), stage_input(first))
             .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
-        let mut served = Vec::with_capacity(stages.len());
-        let mut output = None;
+        let mut served = Vec::new();
+        let mut outputs: Vec<StageOutput> = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
-            if i > 0 {
-                // The previous stage's output is this one's input, one sample of its shape.
-                let want = stage_input(stage);
-                if input.len() as i64 != want.iter().product::<i64>() {
-                    return Err(ServeError::Model(format!(
-                        "stage {} gives {} values per request, stage {} takes {:?}",
-                        stages[i - 1].name,
-                        input.len(),
-                        stage.name,
-                        want
-                    )));
-                }
+            let inputs = if i == 0 {
+                vec![image.clone()]
+            } else {
                 if Instant::now() >= deadline {
                     return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
                 }
-            }
+                connect(stages[i - 1], stage, &outputs, &image, stage_input(first))?
+            };
             let key = StageKey::new(&task.name, &stage.name);
-            let out = self.run_stage(&key, stage, input, deadline, arrived, forwarded.is_some()).await?;
-            input = out.values.clone();
-            served.push(out.served.clone());
-            output = Some(out);
+            let local_only = forwarded.is_some();
+            let runs =
+                inputs.into_iter().map(|input| self.run_stage(&key, stage, input, deadline, arrived, local_only));
+            outputs = futures::future::try_join_all(runs).await?;
+            served.extend(outputs.iter().map(|o| o.served.clone()));
         }
-        let last = output.ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
+        let last = outputs.last().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?.served.clone();
+        let (shape, values) = stack(outputs);
         Ok(InferResponse {
-            node: last.served.node.clone(),
-            output: Some(f32_tensor(last.shape, &last.values)),
-            variant: last.served.variant.clone(),
-            accuracy: last.served.accuracy,
-            batch_size: last.served.batch_size,
-            queue_us: last.served.queue_us,
+            node: last.node.clone(),
+            output: Some(f32_tensor(shape, &values)),
+            variant: last.variant.clone(),
+            accuracy: last.accuracy,
+            batch_size: last.batch_size,
+            queue_us: last.queue_us,
             total_us: arrived.elapsed().as_micros() as u64,
             stages: served,
         })
@@ -252,6 +247,62 @@ impl AgentService {
 /// One sample's input shape for a stage (its variants share it).
 fn stage_input(stage: &StageSpec) -> &[i64] {
     stage.variants.first().map_or(&[], |v| v.input_shape.as_slice())
+}
+
+/// The inputs of `stage` from the outputs of the stage before it (`prev`): each output as is,
+/// or the crops of the request's `image` around each output's most confident detections.
+fn connect(
+    prev: &StageSpec,
+    stage: &StageSpec,
+    outputs: &[StageOutput],
+    image: &[f32],
+    image_shape: &[i64],
+) -> Result<Vec<Vec<f32>>, ServeError> {
+    let want = stage_input(stage);
+    let mismatch = |got: String| {
+        ServeError::Model(format!("stage {} gives {got} per input; stage {} takes {want:?}", prev.name, stage.name))
+    };
+    if tidal_common::task::fan_out(stage) == 1 {
+        return outputs
+            .iter()
+            .map(|o| {
+                let fits = o.values.len() as i64 == want.iter().product::<i64>();
+                fits.then(|| o.values.clone()).ok_or_else(|| mismatch(format!("{} values", o.values.len())))
+            })
+            .collect();
+    }
+    let dims = |s: &[i64]| -> Option<[usize; 3]> {
+        match s {
+            [c, h, w] => Some([usize::try_from(*c).ok()?, usize::try_from(*h).ok()?, usize::try_from(*w).ok()?]),
+            _ => None,
+        }
+    };
+    let (Some(from), Some(to)) = (dims(image_shape), dims(want)) else {
+        return Err(mismatch("crops of an image".into()));
+    };
+    let mut inputs = Vec::new();
+    for o in outputs {
+        let row = o.shape.last().and_then(|&r| usize::try_from(r).ok()).unwrap_or(0);
+        let k = tidal_common::task::fan_out(stage) as usize;
+        inputs.extend(
+            crops(&o.values, row, k, image, from, to).map_err(|e| mismatch(format!("no detections to crop ({e})")))?,
+        );
+    }
+    Ok(inputs)
+}
+
+/// The last stage's outputs as one tensor: one output as it came; several (crops) stacked
+/// along the first dimension.
+fn stack(outputs: Vec<StageOutput>) -> (Vec<i64>, Vec<f32>) {
+    if outputs.len() == 1 {
+        let o = outputs.into_iter().next().expect("one output");
+        return (o.shape, o.values);
+    }
+    let mut shape = outputs.first().map(|o| o.shape.clone()).unwrap_or_default();
+    if let Some(n) = shape.first_mut() {
+        *n = outputs.len() as i64;
+    }
+    (shape, outputs.into_iter().flat_map(|o| o.values).collect())
 }
 
 /// How long an agent that failed a forwarded request is left out of the rotation.

@@ -203,7 +203,7 @@ fn describe(stages: &[SimStage]) -> String {
 }
 
 fn one_stage(variants: Vec<SimVariant>) -> Vec<SimStage> {
-    vec![SimStage { name: SimPlanner::TASK.into(), variants }]
+    vec![SimStage::new(SimPlanner::TASK, variants)]
 }
 
 /// The saved profiles as stages, in the order their variants were saved; variants saved
@@ -220,7 +220,7 @@ fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimSt
         let name = if v.stage.is_empty() { SimPlanner::TASK.to_string() } else { v.stage };
         match stages.iter_mut().find(|s| s.name == name) {
             Some(s) => s.variants.push(variant),
-            None => stages.push(SimStage { name, variants: vec![variant] }),
+            None => stages.push(SimStage::new(&name, vec![variant])),
         }
     }
     Ok(stages)
@@ -472,7 +472,7 @@ async fn controller_stages(controller: &str, task: &str, load_time: Option<f64>)
                 stage.name
             );
         }
-        stages.push(SimStage { name: stage.name.clone(), variants });
+        stages.push(SimStage { crops: tidal_common::task::fan_out(stage), ..SimStage::new(&stage.name, variants) });
     }
     if stages.is_empty() {
         bail!("task {task:?} has no stages");

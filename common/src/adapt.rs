@@ -499,7 +499,9 @@ fn transition_cost(
 fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32) -> Problem {
     let spec = task.spec;
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
-    let stage = |s: &StageSpec| Stage {
+    // A stage that sees several inputs per request (crops) is planned per request.
+    let factors = crate::task::load_factors(spec);
+    let stage = |(s, &factor): (&StageSpec, &f64)| Stage {
         name: s.name.clone(),
         variants: s
             .variants
@@ -510,14 +512,14 @@ fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, 
                     name: v.name.clone(),
                     accuracy: v.accuracy,
                     load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
-                    grid: ProfileGrid::new(points),
+                    grid: ProfileGrid::new(&crate::task::per_request(points, factor)),
                 })
             })
             .collect(),
     };
     let slo_ms = spec.slo_ms as f64;
     Problem {
-        stages: spec.stages.iter().map(stage).collect(),
+        stages: spec.stages.iter().zip(&factors).map(stage).collect(),
         load_rps: rate,
         slo_ms,
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use tidal_proto::v1::{StageSpec, TaskSpec, VariantSpec};
+use tidal_proto::v1::{Connector, ProfilePoint, StageSpec, TaskSpec, VariantSpec};
 
 use crate::variant::validate_variant;
 
@@ -13,13 +13,15 @@ use crate::variant::validate_variant;
 pub const MAX_STAGES: usize = 16;
 /// Most variants one stage may offer.
 pub const MAX_VARIANTS_PER_STAGE: usize = 32;
+/// Most objects of a frame a cropping stage takes.
+pub const MAX_CROPS: u32 = 16;
 
 /// The task with its stages spelt out: a task written in the one-stage form (`variants`, no
 /// `stages`) becomes one stage named after the task. Idempotent.
 pub fn normalise(mut task: TaskSpec) -> TaskSpec {
     if task.stages.is_empty() && !task.variants.is_empty() {
         let variants = std::mem::take(&mut task.variants);
-        task.stages.push(StageSpec { name: task.name.clone(), variants });
+        task.stages.push(stage(&task.name, variants));
     }
     task.variants.clear();
     task
@@ -27,7 +29,55 @@ pub fn normalise(mut task: TaskSpec) -> TaskSpec {
 
 /// A one-stage task of `variants`, named after it.
 pub fn single_stage(name: &str, slo_ms: u32, variants: Vec<VariantSpec>) -> TaskSpec {
-    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![StageSpec { name: name.into(), variants }] }
+    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![stage(name, variants)] }
+}
+
+/// A stage that takes the previous stage's output as is.
+pub fn stage(name: &str, variants: Vec<VariantSpec>) -> StageSpec {
+    StageSpec { name: name.into(), variants, connector: Connector::Direct as i32, crops: 0 }
+}
+
+/// How many inputs of a stage one input of the previous stage becomes.
+pub fn fan_out(stage: &StageSpec) -> u32 {
+    if stage.connector == Connector::Crops as i32 {
+        stage.crops.clamp(1, MAX_CROPS)
+    } else {
+        1
+    }
+}
+
+/// Per stage, how many of its inputs one request of the task makes (the product of the
+/// fan-outs up to it).
+pub fn load_factors(task: &TaskSpec) -> Vec<f64> {
+    let mut factor = 1.0;
+    task.stages
+        .iter()
+        .map(|s| {
+            factor *= fan_out(s) as f64;
+            factor
+        })
+        .collect()
+}
+
+/// A stage's profile in requests of the task: a stage that sees `factor` inputs per request
+/// carries 1/`factor` as many requests, and a request's inputs wait for ⌈factor / batch⌉
+/// batches. Planner and simulator see a fan-out stage through this one view.
+pub fn per_request(points: &[ProfilePoint], factor: f64) -> Vec<ProfilePoint> {
+    if factor <= 1.0 {
+        return points.to_vec();
+    }
+    points
+        .iter()
+        .map(|p| {
+            let batches = (factor / p.batch.max(1) as f64).ceil();
+            ProfilePoint {
+                throughput_rps: p.throughput_rps / factor,
+                latency_p50_ms: p.latency_p50_ms * batches,
+                latency_p99_ms: p.latency_p99_ms * batches,
+                ..*p
+            }
+        })
+        .collect()
 }
 
 /// The stage and variant named `variant` (names are unique within a task).
@@ -66,7 +116,27 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         return Err(format!("a task needs 1–{MAX_STAGES} stages, each with at least one variant"));
     }
     let (mut stage_names, mut variant_names) = (HashSet::new(), HashSet::new());
-    for stage in &t.stages {
+    for (i, stage) in t.stages.iter().enumerate() {
+        match Connector::try_from(stage.connector) {
+            Ok(Connector::Direct) => {}
+            Ok(Connector::Crops) => {
+                if i == 0 {
+                    return Err(format!("stage {}: the first stage has no detections to crop", stage.name));
+                }
+                if !(1..=MAX_CROPS).contains(&stage.crops) {
+                    return Err(format!("stage {}: crops must be 1–{MAX_CROPS}", stage.name));
+                }
+                let image = input_shape(t);
+                let crop = stage.variants.first().map_or(&[][..], |v| v.input_shape.as_slice());
+                if image.len() != 3 || crop.len() != 3 || image[0] != crop[0] {
+                    return Err(format!(
+                        "stage {}: crops are cut from the request's image {image:?} into this stage's input {crop:?}: both [channels, height, width] with the same channels",
+                        stage.name
+                    ));
+                }
+            }
+            Err(_) => return Err(format!("stage {}: unknown connector {}", stage.name, stage.connector)),
+        }
         if !valid_name(&stage.name) {
             return Err(format!("stage name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", stage.name));
         }
@@ -116,7 +186,6 @@ mod tests {
 
     #[test]
     fn a_pipeline_is_checked_stage_by_stage() {
-        let stage = |name: &str, variants| StageSpec { name: name.into(), variants };
         let mut t = TaskSpec {
             name: "video".into(),
             slo_ms: 500,
@@ -145,5 +214,34 @@ mod tests {
         let many = (0..=MAX_STAGES).map(|i| stage(&format!("s{i}"), vec![variant(&format!("v{i}"), &[1])])).collect();
         t.stages = many;
         assert!(validate_task(&t).unwrap_err().contains("stages"));
+    }
+
+    #[test]
+    fn a_cropping_stage_multiplies_the_load_behind_it() {
+        let mut t = TaskSpec {
+            name: "video".into(),
+            slo_ms: 500,
+            variants: vec![],
+            stages: vec![
+                stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
+                stage("classify", vec![variant("r18", &[3, 32, 32])]),
+            ],
+        };
+        t.stages[1].connector = Connector::Crops as i32;
+        t.stages[1].crops = 3;
+        assert_eq!(validate_task(&t), Ok(()));
+        assert_eq!(load_factors(&t), vec![1.0, 3.0]);
+        t.stages[1].crops = 0;
+        assert!(validate_task(&t).unwrap_err().contains("crops must be"));
+        t.stages[1].crops = 3;
+        t.stages[1].variants[0].input_shape = vec![1000];
+        assert!(validate_task(&t).unwrap_err().contains("[channels, height, width]"));
+        t.stages[0].connector = Connector::Crops as i32;
+        assert!(validate_task(&t).unwrap_err().contains("first stage"));
+
+        let p = ProfilePoint { cores: 1, batch: 2, latency_p50_ms: 10.0, latency_p99_ms: 20.0, throughput_rps: 300.0 };
+        let seen = per_request(&[p], 3.0)[0];
+        assert_eq!((seen.throughput_rps, seen.latency_p99_ms), (100.0, 40.0), "3 crops: 2 batches of 2");
+        assert_eq!(per_request(&[p], 1.0), vec![p]);
     }
 }

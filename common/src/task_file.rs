@@ -12,13 +12,14 @@
 //! [[stages]]
 //! name = "classify"
 //! variants = ["resnet18", "resnet50"]
+//! crops = 2        # optional: classify the 2 most confident detections of each frame
 //! ```
 
 use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tidal_proto::v1::{StageSpec, TaskSpec};
+use tidal_proto::v1::{Connector, TaskSpec};
 
 use crate::variant::{VariantConfig, VariantError};
 
@@ -36,6 +37,9 @@ pub struct StageFile {
     pub name: String,
     /// Names of `<model dir>/<name>.toml`.
     pub variants: Vec<String>,
+    /// Take this many objects the previous stage detected, cut out of the request's image
+    /// (see `Connector::Crops`); without it, the previous stage's output as is.
+    pub crops: Option<u32>,
 }
 
 #[derive(Debug, Error)]
@@ -70,7 +74,12 @@ impl TaskFile {
                     .map(|v| VariantConfig::load(model_dir, v).map(|c| c.spec()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|source| TaskFileError::Variant { stage: s.name.clone(), source })?;
-                Ok(StageSpec { name: s.name.clone(), variants })
+                let mut stage = crate::task::stage(&s.name, variants);
+                if let Some(crops) = s.crops {
+                    stage.connector = Connector::Crops as i32;
+                    stage.crops = crops;
+                }
+                Ok(stage)
             })
             .collect::<Result<Vec<_>, TaskFileError>>()?;
         let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, variants: vec![], stages };

@@ -29,13 +29,13 @@ fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
 
 fn one_stage() -> Vec<SimStage> {
     let variants = vec![variant("small", 70.0, 60.0), variant("mid", 74.0, 25.0), variant("big", 78.0, 10.0)];
-    vec![SimStage { name: SimPlanner::TASK.into(), variants }]
+    vec![SimStage::new(SimPlanner::TASK, variants)]
 }
 
 fn two_stages() -> Vec<SimStage> {
     let detect = vec![variant("det-n", 28.0, 90.0), variant("det-s", 37.0, 40.0)];
     let classify = vec![variant("small", 70.0, 60.0), variant("big", 78.0, 10.0)];
-    vec![SimStage { name: "detect".into(), variants: detect }, SimStage { name: "classify".into(), variants: classify }]
+    vec![SimStage::new("detect", detect), SimStage::new("classify", classify)]
 }
 
 /// Recorded telemetry: per second, the arrivals and the least budget a request carried. A

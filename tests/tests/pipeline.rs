@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tidal_common::variant::VariantConfig;
-use tidal_proto::v1::{ApplyPlanRequest, Assignment, InferRequest, InferResponse, Plan, StageSpec, TaskSpec};
+use tidal_proto::v1::{ApplyPlanRequest, Assignment, InferRequest, InferResponse, Plan, TaskSpec};
 use tidal_tests::*;
 use tonic::Code;
 
 /// A two-stage task "video": `shrink` (2×2 downsampling) then `classify`.
 fn video(slo_ms: u32, shrink: &VariantConfig, classify: &VariantConfig) -> TaskSpec {
-    let stage = |name: &str, v: &VariantConfig| StageSpec { name: name.into(), variants: vec![v.spec()] };
+    let stage = |name: &str, v: &VariantConfig| tidal_common::task::stage(name, vec![v.spec()]);
     TaskSpec {
         name: "video".into(),
         slo_ms,
@@ -155,4 +155,32 @@ async fn a_request_whose_budget_cannot_cover_the_second_stage_is_answered_withou
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     assert!(err.message().contains("shorter than a batch takes"), "refused at stage 2's queue, not timed out: {err}");
     assert!(took < Duration::from_millis(budget_ms as u64 + 50), "answered at once, in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detector_fans_out_to_a_classifier_one_crop_per_object() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "yolov5n", 64);
+    generate_models(&models, "resnet18", 32);
+    let yolo = VariantConfig::load(&models, "yolov5n").unwrap();
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let a = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
+    let mut task = video(2000, &yolo, &r18);
+    task.stages[0].name = "detect".into();
+    task.stages[1].connector = tidal_proto::v1::Connector::Crops as i32;
+    task.stages[1].crops = 3;
+    let mut detect = worker("detect", &yolo, &a.node, 1000, 1.0);
+    detect.stage = "detect".into();
+    let assignments = vec![detect, worker("classify", &r18, &a.node, 1000, 1.0)];
+    apply(&[&a], &plan(1, task, assignments, &[&a])).await;
+    wait_ready(&a.addr, 2).await;
+
+    let resp = infer(&a.addr, &yolo.input_shape, 0).await.expect("served");
+    assert_eq!(resp.output.expect("an output").shape, vec![3, 1000], "one classification per crop");
+    let stages: Vec<(&str, &str)> = resp.stages.iter().map(|s| (s.stage.as_str(), s.variant.as_str())).collect();
+    assert_eq!(
+        stages,
+        [("detect", "yolov5n"), ("classify", "resnet18"), ("classify", "resnet18"), ("classify", "resnet18")]
+    );
 }

@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tidal_proto::v1::ProfilePoint;
 
-use tidal_proto::v1::{Plan, StageSpec, TaskSpec, Transition, VariantSpec};
+use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use crate::forecast::Forecaster;
@@ -36,6 +36,16 @@ use worker::{Next, Request, Resize, SimWorker};
 pub struct SimStage {
     pub name: String,
     pub variants: Vec<SimVariant>,
+    /// Objects of each frame it takes from the previous stage's detections (1: its output as
+    /// is). The simulator serves a frame's crops as one request of the stage's profile seen
+    /// per frame ([`crate::task::per_request`]), as the planner sees it.
+    pub crops: u32,
+}
+
+impl SimStage {
+    pub fn new(name: &str, variants: Vec<SimVariant>) -> Self {
+        Self { name: name.into(), variants, crops: 1 }
+    }
 }
 
 /// A variant as the simulator knows it.
@@ -113,7 +123,7 @@ pub fn simulate(
     forecaster: Box<dyn Forecaster>,
     cfg: &SimConfig,
 ) -> SimReport {
-    let stage = SimStage { name: SimPlanner::TASK.into(), variants: variants.to_vec() };
+    let stage = SimStage::new(SimPlanner::TASK, variants.to_vec());
     simulate_pipeline(rates, warmup, &[stage], forecaster, cfg)
 }
 
@@ -181,7 +191,7 @@ impl SimPlanner {
 
     /// A one-stage task of `variants`.
     pub fn new(variants: &[SimVariant], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
-        let stage = SimStage { name: Self::TASK.into(), variants: variants.to_vec() };
+        let stage = SimStage::new(Self::TASK, variants.to_vec());
         Self::pipeline(&[stage], slo_ms, core_budget, adapter)
     }
 
@@ -194,18 +204,23 @@ impl SimPlanner {
             variants: vec![],
             stages: stages
                 .iter()
-                .map(|s| StageSpec {
-                    name: s.name.clone(),
-                    variants: s
+                .map(|s| {
+                    let variants = s
                         .variants
                         .iter()
                         .map(|v| VariantSpec {
                             name: v.name.clone(),
                             model_file: model_file(&v.name),
                             accuracy: v.accuracy,
-                            input_shape: vec![1],
+                            input_shape: vec![3, 1, 1],
                         })
-                        .collect(),
+                        .collect();
+                    let mut stage = crate::task::stage(&s.name, variants);
+                    if s.crops > 1 {
+                        stage.connector = tidal_proto::v1::Connector::Crops as i32;
+                        stage.crops = s.crops;
+                    }
+                    stage
                 })
                 .collect(),
         };
@@ -320,14 +335,22 @@ impl<'a> Sim<'a> {
     fn new(stages: &[SimStage], cfg: &'a SimConfig, warmup: &[f64], forecaster: Box<dyn Forecaster>) -> Self {
         let adapter = Adapter::new(cfg.adapt.clone(), forecaster);
         let variants: Vec<SimVariant> = stages.iter().flat_map(|s| s.variants.iter().cloned()).collect();
-        let stage_of = stages.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.variants.len())).collect();
+        let stage_of: Vec<usize> =
+            stages.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.variants.len())).collect();
+        let planner = SimPlanner::pipeline(stages, cfg.slo_ms, cfg.core_budget, adapter);
+        let factors = crate::task::load_factors(planner.spec());
+        let grids = variants
+            .iter()
+            .zip(&stage_of)
+            .map(|(v, &s)| ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])))
+            .collect();
         Self {
-            grids: variants.iter().map(|v| ProfileGrid::new(&v.points)).collect(),
+            grids,
             variants,
             stage_of,
             stages: stages.len(),
             cfg,
-            planner: SimPlanner::pipeline(stages, cfg.slo_ms, cfg.core_budget, adapter),
+            planner,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             workers: Vec::new(),
             events: BinaryHeap::new(),

@@ -120,8 +120,8 @@ fn simulated_batches_take_the_measured_mean_and_tail() {
 
 fn pipeline() -> Vec<SimStage> {
     vec![
-        SimStage { name: "detect".into(), variants: vec![variant("det-s", 40.0, 60.0), variant("det-l", 60.0, 15.0)] },
-        SimStage { name: "classify".into(), variants: vec![variant("small", 70.0, 40.0), variant("big", 78.0, 10.0)] },
+        SimStage::new("detect", vec![variant("det-s", 40.0, 60.0), variant("det-l", 60.0, 15.0)]),
+        SimStage::new("classify", vec![variant("small", 70.0, 40.0), variant("big", 78.0, 10.0)]),
     ]
 }
 
