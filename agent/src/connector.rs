@@ -82,7 +82,7 @@ mod tests {
         let got = crops(&detections, 5, 2, &image, [1, 4, 4], [1, 2, 2]).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0], vec![0.0, 1.0, 10.0, 11.0], "the most confident box");
-        assert_eq!(got[1], vec![0.0, 2.0, 20.0, 22.0], "then the whole image, resized");
+        assert_eq!(got[1], vec![11.0, 13.0, 31.0, 33.0], "then the whole image, resized (pixel centres)");
         let bottom = crops(&detections[5..10], 5, 3, &image, [1, 4, 4], [1, 2, 2]).unwrap();
         assert_eq!(bottom, vec![vec![22.0, 23.0, 32.0, 33.0]], "fewer rows, fewer crops");
         // A box past the border is clamped to it.
