@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build models demo live-vs-sim test bench clean
+.PHONY: all setup build models demo live-vs-sim live-vs-sim-video test bench clean
 
 all: build
 
@@ -26,6 +26,10 @@ demo: build
 # side by side (about 20 minutes).
 live-vs-sim: build
 	scripts/live-vs-sim.sh
+
+# The same on IPA's video pipeline (detection, then classification of each object's crop).
+live-vs-sim-video: build
+	PIPELINE=video scripts/live-vs-sim.sh
 
 # Unit tests, property tests and the cross-process integration tests (which start real
 # controllers and agents, so the binaries are built first, with the same features as the

@@ -7,6 +7,10 @@
 # The variants are profiled once (3 runs per point, saved to $OUT/profiles.json) and every
 # live run and the simulator use those very profiles.
 #
+# PIPELINE=video replays IPA's video pipeline instead: yolov5n/yolov5s (64×64) detect, and
+# resnet18/resnet34 (32×32) classify the two most confident objects of each frame, cut out of
+# it (see deploy/video-pipeline.toml); policies tidal, ipa, fa2-low and fa2-high.
+#
 # Knobs (environment): POLICIES (default tidal,infadapter,vpa-resnet50), and as in
 # scripts/demo.sh: DEMO_TRACE, DEMO_SCALE, DEMO_SPEEDUP, DEMO_START, DEMO_DURATION,
 # DEMO_SLO_MS, DEMO_INTERVAL_S, DEMO_RESOLUTION; SIM_LOAD_TIME_S (model load time the
@@ -16,10 +20,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cluster.sh
 
-POLICIES=${POLICIES:-tidal,infadapter,vpa-resnet50}
+PIPELINE=${PIPELINE:-}
+if [ "$PIPELINE" = video ]; then
+  POLICIES=${POLICIES:-tidal,ipa,fa2-low,fa2-high}
+  OUT=.tidal/live-vs-sim-video
+  TASK=video
+else
+  POLICIES=${POLICIES:-tidal,infadapter,vpa-resnet50}
+  OUT=.tidal/live-vs-sim
+  TASK=resnet
+fi
 SIM_LOAD_TIME_S=${SIM_LOAD_TIME_S:-1}
 SIM_SEEDS=${SIM_SEEDS:-1 2 3}
-OUT=.tidal/live-vs-sim
 CTL=127.0.0.1:7000
 AGENT=127.0.0.1:7100
 
@@ -28,8 +40,33 @@ check_ports 7000 7100
 rm -rf "$OUT" && mkdir -p "$OUT"
 trap stop_all EXIT INT TERM
 
-step "models: $VARIANTS at ${RESOLUTION}x${RESOLUTION}"
-$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$VARIANTS"
+if [ "$PIPELINE" = video ]; then
+  MODELS=models/video
+  step "models: yolov5n,yolov5s at 64x64, resnet18,resnet34 at 32x32"
+  $BIN/tidalctl models generate --out "$MODELS" --resolution 64 --variants yolov5n,yolov5s
+  $BIN/tidalctl models generate --out "$MODELS" --resolution 32 --variants resnet18,resnet34
+  cat > "$OUT/video.toml" <<'TOML'
+name = "video"
+slo_ms = 250
+[[stages]]
+name = "detect"
+variants = ["yolov5n", "yolov5s"]
+[[stages]]
+name = "classify"
+variants = ["resnet18", "resnet34"]
+crops = 2
+TOML
+  sed -i "s/^slo_ms = .*/slo_ms = $SLO_MS/" "$OUT/video.toml"
+  register() { $BIN/tidalctl --controller "$CTL" task register --file "$OUT/video.toml" --model-dir "$MODELS"; }
+else
+  MODELS=models
+  step "models: $VARIANTS at ${RESOLUTION}x${RESOLUTION}"
+  $BIN/tidalctl models generate --out "$MODELS" --resolution "$RESOLUTION" --variants "$VARIANTS"
+  register() {
+    $BIN/tidalctl --controller "$CTL" task register --name "$TASK" --slo-ms "$SLO_MS" --model-dir "$MODELS" \
+      --variants "$VARIANTS"
+  }
+fi
 
 # A fresh controller and agent for one run; the task registered.
 start_pair() {
@@ -37,16 +74,15 @@ start_pair() {
   start_bg "$OUT/$name-controller.log" $BIN/tidal-controller --listen "$CTL" --data-dir "$OUT/$name-controller" \
     --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S" --policy "$policy"
   start_bg "$OUT/$name-agent.log" $BIN/tidal-agent serve --node node-1 --listen "$AGENT" --controller "$CTL" \
-    --model-dir models
+    --model-dir "$MODELS"
   wait_for_status "$CTL"
   wait_for_node "$CTL" node-1
-  $BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models \
-    --variants "$VARIANTS" >/dev/null
+  register >/dev/null
 }
 
 step "profiling every variant once (3 runs a point; the node serves nothing meanwhile)"
 start_pair profile tidal
-$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task resnet --cores 1,2 --batches 1,4,8 \
+$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task "$TASK" --cores 1,2 --batches 1,4,8 \
   --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
 stop_all
 
@@ -54,9 +90,9 @@ IFS=, read -r -a policy_list <<< "$POLICIES"
 for policy in "${policy_list[@]}"; do
   step "live: $policy, trace seconds $START–$((START + DURATION)) × $SCALE, ${SPEEDUP}× faster ($((DURATION / SPEEDUP)) s)"
   start_pair "$policy" "$policy"
-  $BIN/tidalctl --controller "$CTL" profile --task resnet --from "$OUT/profiles.json" >/dev/null
+  $BIN/tidalctl --controller "$CTL" profile --task "$TASK" --from "$OUT/profiles.json" >/dev/null
   wait_for_plan "$CTL"
-  $BIN/tidalctl --controller "$CTL" load --agent "$AGENT" --task resnet --trace "$TRACE" --scale "$SCALE" \
+  $BIN/tidalctl --controller "$CTL" load --agent "$AGENT" --task "$TASK" --trace "$TRACE" --scale "$SCALE" \
     --speedup "$SPEEDUP" --start "$START" --duration "$DURATION" --summary-json "$OUT/live-$policy.json" \
     > "$OUT/live-$policy.txt"
   $BIN/tidalctl --controller "$CTL" history --limit 200 > "$OUT/history-$policy.txt" || true

@@ -37,6 +37,9 @@ pub struct SavedVariant {
     /// Its pipeline stage; absent for a one-stage task.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stage: String,
+    /// Objects of each frame its stage takes from the stage before (absent: its output as is).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub crops: u32,
     pub accuracy: f64,
     pub node: String,
     pub points: Vec<SavedPoint>,
@@ -73,6 +76,10 @@ impl From<&SavedPoint> for ProfilePoint {
             throughput_rps: p.throughput_rps,
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 pub fn read(path: &Path) -> anyhow::Result<SavedProfiles> {
@@ -142,6 +149,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         saved.variants.push(SavedVariant {
             name: variant.name.clone(),
             stage: if spec.stages.len() > 1 { stage.name.clone() } else { String::new() },
+            crops: if tidal_common::task::fan_out(stage) > 1 { stage.crops } else { 0 },
             accuracy: variant.accuracy,
             node: node.clone(),
             points: points.iter().map(SavedPoint::from).collect(),
@@ -252,6 +260,7 @@ mod tests {
             variants: vec![SavedVariant {
                 name: "a".into(),
                 stage: "detect".into(),
+                crops: 0,
                 accuracy: 70.0,
                 node: "n".into(),
                 points: vec![SavedPoint::from(&point(10.0, 14.0, 400.0))],

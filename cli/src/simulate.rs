@@ -220,7 +220,7 @@ fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimSt
         let name = if v.stage.is_empty() { SimPlanner::TASK.to_string() } else { v.stage };
         match stages.iter_mut().find(|s| s.name == name) {
             Some(s) => s.variants.push(variant),
-            None => stages.push(SimStage::new(&name, vec![variant])),
+            None => stages.push(SimStage { crops: v.crops.max(1), ..SimStage::new(&name, vec![variant]) }),
         }
     }
     Ok(stages)

@@ -184,9 +184,9 @@ mod tests {
         assert_eq!(input_shape(&n), &[3]);
     }
 
-    #[test]
-    fn a_pipeline_is_checked_stage_by_stage() {
-        let mut t = TaskSpec {
+    /// Detection at 64×64, then classification at 32×32.
+    fn video() -> TaskSpec {
+        TaskSpec {
             name: "video".into(),
             slo_ms: 500,
             variants: vec![],
@@ -194,7 +194,12 @@ mod tests {
                 stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
                 stage("classify", vec![variant("r18", &[3, 32, 32])]),
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn a_pipeline_is_checked_stage_by_stage() {
+        let mut t = video();
         assert_eq!(validate_task(&t), Ok(()));
         assert_eq!(find_variant(&t, "r18").map(|(s, _)| s.name.as_str()), Some("classify"));
         assert_eq!(variants(&t).count(), 2);
@@ -218,15 +223,7 @@ mod tests {
 
     #[test]
     fn a_cropping_stage_multiplies_the_load_behind_it() {
-        let mut t = TaskSpec {
-            name: "video".into(),
-            slo_ms: 500,
-            variants: vec![],
-            stages: vec![
-                stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
-                stage("classify", vec![variant("r18", &[3, 32, 32])]),
-            ],
-        };
+        let mut t = video();
         t.stages[1].connector = Connector::Crops as i32;
         t.stages[1].crops = 3;
         assert_eq!(validate_task(&t), Ok(()));

@@ -76,25 +76,9 @@ pub(crate) fn pipeline_capacity(stages: &[Vec<Vec<Shape>>], budget: u32, slo: f6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::latency::OperatingPoint;
 
     fn shape(variant: usize, cores: u32, capacity: f64, latency: f64) -> Shape {
-        Shape {
-            variant,
-            replicas: 1,
-            point: OperatingPoint {
-                cores,
-                batch: 1,
-                max_delay_ms: 0,
-                capacity_rps: capacity,
-                latency_bound_ms: latency,
-                utilisation: 0.8,
-                interpolated: false,
-            },
-            cores,
-            capacity,
-            cost: cores as f64,
-        }
+        crate::solver::options::test_shape(variant, cores as f64, capacity, cores, latency)
     }
 
     #[test]

@@ -208,27 +208,33 @@ pub(crate) fn cheapest(shapes: &Shapes) -> (u32, f64) {
     })
 }
 
+/// One replica of a worker of `cores` cores for `variant`, for the solver's unit tests.
+#[cfg(test)]
+pub(crate) fn test_shape(variant: usize, cost: f64, capacity: f64, cores: u32, latency: f64) -> Shape {
+    Shape {
+        variant,
+        replicas: 1,
+        point: OperatingPoint {
+            cores,
+            batch: 1,
+            max_delay_ms: 0,
+            capacity_rps: capacity,
+            latency_bound_ms: latency,
+            utilisation: 0.8,
+            interpolated: false,
+        },
+        cores,
+        capacity,
+        cost,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn shape(cost: f64, capacity: f64, cores: u32, latency: f64) -> Shape {
-        Shape {
-            variant: 0,
-            replicas: 1,
-            point: OperatingPoint {
-                cores,
-                batch: 1,
-                max_delay_ms: 0,
-                capacity_rps: capacity,
-                latency_bound_ms: latency,
-                utilisation: 0.8,
-                interpolated: false,
-            },
-            cores,
-            capacity,
-            cost,
-        }
+        test_shape(0, cost, capacity, cores, latency)
     }
 
     #[test]
