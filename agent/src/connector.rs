@@ -15,7 +15,7 @@ pub fn crops(
 ) -> Result<Vec<Vec<f32>>, String> {
     let [c, big_h, big_w] = image_shape;
     let [oc, h, w] = out;
-    if row < 5 || detections.len() % row != 0 {
+    if row < 5 || !detections.len().is_multiple_of(row) {
         return Err(format!("detections of {} values do not make rows of {row} ≥ 5", detections.len()));
     }
     if c != oc || image.len() != c * big_h * big_w || big_h == 0 || big_w == 0 || h == 0 || w == 0 {

@@ -64,7 +64,10 @@ pub struct Record {
     pub latency_ms: f64,
     pub status: tonic::Code,
     pub variant: String,
+    /// The mean over stages of the accuracy that served it (see [`end_to_end_accuracy`]).
     pub accuracy: f64,
+    /// The product over stages, percent (IPA's second definition).
+    pub accuracy_product: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -75,6 +78,8 @@ pub struct Summary {
     pub p99_ms: f64,
     pub slo_violation_pct: f64,
     pub mean_accuracy: f64,
+    /// Mean over served requests of the product of their stages' accuracies, percent.
+    pub mean_accuracy_product: f64,
     pub errors: Vec<(String, usize)>,
     pub by_variant: Vec<(String, usize)>,
     /// Cores allocated to workers, sampled every second from the controller; the mean.
@@ -215,6 +220,7 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
                 status: tonic::Code::Cancelled,
                 variant: String::new(),
                 accuracy: 0.0,
+                accuracy_product: 0.0,
             });
             continue;
         };
@@ -228,10 +234,18 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
             let record = match result {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let accuracy = end_to_end_accuracy(&r);
-                    Record { sent_s: t, latency_ms, status: tonic::Code::Ok, variant: r.variant, accuracy }
+                    let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
+                    let status = tonic::Code::Ok;
+                    Record { sent_s: t, latency_ms, status, variant: r.variant, accuracy, accuracy_product }
                 }
-                Err(s) => Record { sent_s: t, latency_ms, status: s.code(), variant: String::new(), accuracy: 0.0 },
+                Err(s) => Record {
+                    sent_s: t,
+                    latency_ms,
+                    status: s.code(),
+                    variant: String::new(),
+                    accuracy: 0.0,
+                    accuracy_product: 0.0,
+                },
             };
             let _ = tx.send(record);
             drop(permit);
@@ -270,11 +284,12 @@ fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A request's accuracy as the planner and the simulator count it: per stage the mean over
-/// the inputs it served (crops), then the mean over stages. One stage: the variant's own.
-pub fn end_to_end_accuracy(r: &InferResponse) -> f64 {
+/// A request's accuracy, percent, both ways IPA defines a pipeline's: per stage the mean over
+/// the inputs it served (crops), then the mean over stages (what the planner maximises, the
+/// sum of stage accuracies up to a factor) and their product. One stage: the variant's own.
+pub fn end_to_end_accuracy(r: &InferResponse) -> (f64, f64) {
     if r.stages.is_empty() {
-        return r.accuracy;
+        return (r.accuracy, r.accuracy);
     }
     let mut per_stage: Vec<(&str, f64, u32)> = Vec::new();
     for s in &r.stages {
@@ -286,7 +301,9 @@ pub fn end_to_end_accuracy(r: &InferResponse) -> f64 {
             None => per_stage.push((&s.stage, s.accuracy, 1)),
         }
     }
-    per_stage.iter().map(|(_, sum, n)| sum / *n as f64).sum::<f64>() / per_stage.len() as f64
+    let means: Vec<f64> = per_stage.iter().map(|(_, sum, n)| sum / *n as f64).collect();
+    let product = 100.0 * means.iter().map(|m| m / 100.0).product::<f64>();
+    (means.iter().sum::<f64>() / means.len() as f64, product)
 }
 
 /// p50/p99 over answered requests (failures count at their latency), SLO violations (late or
@@ -295,7 +312,7 @@ pub fn summarise(records: &[Record], slo_ms: u32) -> Summary {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
     let mut ok = 0;
     let mut violations = 0;
-    let mut acc_sum = 0.0;
+    let (mut acc_sum, mut product_sum) = (0.0, 0.0);
     let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
     let mut by_variant: std::collections::BTreeMap<String, usize> = Default::default();
     for r in records {
@@ -303,6 +320,7 @@ pub fn summarise(records: &[Record], slo_ms: u32) -> Summary {
         if r.status == tonic::Code::Ok {
             ok += 1;
             acc_sum += r.accuracy;
+            product_sum += r.accuracy_product;
             *by_variant.entry(r.variant.clone()).or_default() += 1;
             if r.latency_ms > slo_ms as f64 {
                 violations += 1;
@@ -320,6 +338,7 @@ pub fn summarise(records: &[Record], slo_ms: u32) -> Summary {
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
         slo_violation_pct: violations as f64 * 100.0 / n as f64,
         mean_accuracy: if ok > 0 { acc_sum / ok as f64 } else { 0.0 },
+        mean_accuracy_product: if ok > 0 { product_sum / ok as f64 } else { 0.0 },
         errors: errors.into_iter().collect(),
         by_variant: by_variant.into_iter().collect(),
         mean_cores: None,
@@ -335,6 +354,9 @@ pub fn print_summary(s: &Summary, slo_ms: u32) {
     println!("│ latency p99 (ms)             │ {:>12.1} │", s.p99_ms);
     println!("│ SLO {:>5} ms violations (%)  │ {:>12.2} │", slo_ms, s.slo_violation_pct);
     println!("│ served accuracy (%)          │ {:>12.2} │", s.mean_accuracy);
+    if (s.mean_accuracy_product - s.mean_accuracy).abs() > 1e-9 {
+        println!("│   product over stages (%)    │ {:>12.2} │", s.mean_accuracy_product);
+    }
     for (code, n) in &s.errors {
         println!("│ error {:<22} │ {:>12} │", code, n);
     }
@@ -367,7 +389,14 @@ mod tests {
 
     #[test]
     fn failures_and_late_answers_are_violations() {
-        let rec = |latency_ms, status| Record { sent_s: 0.0, latency_ms, status, variant: "v".into(), accuracy: 70.0 };
+        let rec = |latency_ms, status| Record {
+            sent_s: 0.0,
+            latency_ms,
+            status,
+            variant: "v".into(),
+            accuracy: 70.0,
+            accuracy_product: 70.0,
+        };
         let s = summarise(
             &[
                 rec(10.0, tonic::Code::Ok),
@@ -401,7 +430,7 @@ mod tests {
             stages: vec![served("detect", 50.0), served("classify", 70.0), served("classify", 80.0)],
             ..Default::default()
         };
-        assert_eq!(end_to_end_accuracy(&r), (50.0 + 75.0) / 2.0);
-        assert_eq!(end_to_end_accuracy(&InferResponse { accuracy: 70.0, ..Default::default() }), 70.0);
+        assert_eq!(end_to_end_accuracy(&r), ((50.0 + 75.0) / 2.0, 100.0 * 0.5 * 0.75));
+        assert_eq!(end_to_end_accuracy(&InferResponse { accuracy: 70.0, ..Default::default() }), (70.0, 70.0));
     }
 }

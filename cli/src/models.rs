@@ -19,7 +19,7 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
     if resolution % 2 == 1 && kinds.contains(&ModelKind::Downsample) {
         anyhow::bail!("downsample halves the image: give an even --resolution");
     }
-    if resolution % 32 != 0 && kinds.iter().any(|k| matches!(k, ModelKind::Yolo(_))) {
+    if !resolution.is_multiple_of(32) && kinds.iter().any(|k| matches!(k, ModelKind::Yolo(_))) {
         anyhow::bail!("YOLOv5 downsamples by 32: give a --resolution that is a multiple of 32");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -49,7 +49,7 @@ pub enum TaskFileError {
     #[error("{path}: {source}")]
     Parse { path: String, source: toml::de::Error },
     #[error("stage {stage}: {source}")]
-    Variant { stage: String, source: VariantError },
+    Variant { stage: String, source: Box<VariantError> },
     #[error("{0}")]
     Invalid(String),
 }
@@ -73,7 +73,7 @@ impl TaskFile {
                     .iter()
                     .map(|v| VariantConfig::load(model_dir, v).map(|c| c.spec()))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| TaskFileError::Variant { stage: s.name.clone(), source })?;
+                    .map_err(|source| TaskFileError::Variant { stage: s.name.clone(), source: Box::new(source) })?;
                 let mut stage = crate::task::stage(&s.name, variants);
                 if let Some(crops) = s.crops {
                     stage.connector = Connector::Crops as i32;

@@ -93,7 +93,7 @@ impl ClusterState {
                 task.slo_ms = s.slo_ms;
             }
             Change::StoreProfile(p) => {
-                if !self.tasks.get(&p.task).is_some_and(|t| find_variant(t, &p.variant).is_some()) {
+                if self.tasks.get(&p.task).is_none_or(|t| find_variant(t, &p.variant).is_none()) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
                 self.profiles.insert((p.task.clone(), p.variant.clone()), p.clone());

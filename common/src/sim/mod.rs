@@ -98,8 +98,10 @@ pub struct SimReport {
     /// Over all requests, a dropped one counting as infinitely late.
     pub p99_ms: f64,
     pub p50_ms: f64,
-    /// Mean accuracy of the served requests, percent.
+    /// Mean accuracy of the served requests, percent: the mean over a request's stages.
     pub accuracy: f64,
+    /// The same with the product over a request's stages (IPA's second definition).
+    pub accuracy_product: f64,
     pub core_seconds: f64,
     pub mean_cores: f64,
     /// Intervals whose plan changed a worker.
@@ -319,6 +321,7 @@ struct Sim<'a> {
     dropped: u64,
     violations: u64,
     accuracy_sum: f64,
+    accuracy_product_sum: f64,
     core_seconds: f64,
     reconfigurations: u32,
     overloaded: u32,
@@ -364,6 +367,7 @@ impl<'a> Sim<'a> {
             dropped: 0,
             violations: 0,
             accuracy_sum: 0.0,
+            accuracy_product_sum: 0.0,
             core_seconds: 0.0,
             reconfigurations: 0,
             overloaded: 0,
@@ -498,7 +502,8 @@ impl<'a> Sim<'a> {
 
     fn arrive(&mut self, a: f64, second: usize) {
         self.requests += 1;
-        let r = Request { arrival: a, enqueued: a, deadline: self.deadline(a, second), stage: 0, accuracy_sum: 0.0 };
+        let deadline = self.deadline(a, second);
+        let r = Request { arrival: a, enqueued: a, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 };
         self.send(r, a);
     }
 
@@ -610,10 +615,12 @@ impl<'a> Sim<'a> {
         let batch = std::mem::take(&mut self.workers[w].in_flight);
         for r in batch {
             let accuracy_sum = r.accuracy_sum + accuracy;
+            let accuracy_product = r.accuracy_product * accuracy / 100.0;
             if r.stage + 1 < self.stages {
-                self.send(Request { stage: r.stage + 1, enqueued: t, accuracy_sum, ..r }, t);
+                self.send(Request { stage: r.stage + 1, enqueued: t, accuracy_sum, accuracy_product, ..r }, t);
                 continue;
             }
+            self.accuracy_product_sum += 100.0 * accuracy_product;
             let latency_us = ((t - r.arrival) * 1e6).max(1.0) as u64;
             let _ = self.latencies_us.record(latency_us.min(3_600_000_000));
             let accuracy = accuracy_sum / self.stages as f64;
@@ -666,6 +673,7 @@ impl<'a> Sim<'a> {
             p99_ms: quantile(0.99),
             p50_ms: quantile(0.50),
             accuracy: if served > 0 { self.accuracy_sum / served as f64 } else { 0.0 },
+            accuracy_product: if served > 0 { self.accuracy_product_sum / served as f64 } else { 0.0 },
             core_seconds: self.core_seconds,
             mean_cores: self.core_seconds / seconds.max(1) as f64,
             reconfigurations: self.reconfigurations,

@@ -143,6 +143,7 @@ fn a_pipeline_serves_every_request_through_both_stages() {
     // fa2-low pins each stage's least accurate variant: exactly their mean.
     let low = run_pipeline(&rates, "fa2-low", &cfg());
     assert!((low.accuracy - 55.0).abs() < 1e-9, "{}", low.accuracy);
+    assert!((low.accuracy_product - 28.0).abs() < 1e-9, "40 % × 70 %: {}", low.accuracy_product);
     // A one-core budget cannot give each stage a worker: nothing is served.
     let starved = run_pipeline(&rates, "tidal", &SimConfig { core_budget: 1, ..cfg() });
     assert_eq!(starved.served, 0);

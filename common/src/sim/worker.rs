@@ -18,6 +18,8 @@ pub(crate) struct Request {
     pub stage: usize,
     /// Sum of the accuracies of the variants that served its earlier stages.
     pub accuracy_sum: f64,
+    /// Their product, as fractions.
+    pub accuracy_product: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +135,7 @@ mod tests {
     use super::*;
 
     fn req(arrival: f64, deadline: f64) -> Request {
-        Request { arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0 }
+        Request { arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 }
     }
 
     #[test]
