@@ -23,6 +23,8 @@ pub struct ControllerConfig {
     pub adapt: AdaptConfig,
     /// Address of this replica's API, shown to clients.
     pub advertise: String,
+    /// A node silent for longer is planned around.
+    pub node_timeout: Duration,
 }
 
 impl ControllerConfig {
@@ -49,11 +51,12 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(raft: RaftHandle, cfg: ControllerConfig, metrics: ControllerMetrics) -> Arc<Self> {
+        let node_timeout = cfg.node_timeout;
         let adapter = Adapter::with_defaults(cfg.adapt.clone());
         Arc::new(Self {
             raft,
             cfg,
-            observed: Mutex::new(Observed::new(Instant::now())),
+            observed: Mutex::new(Observed::new(Instant::now()).with_node_timeout(node_timeout)),
             metrics,
             adapter: Mutex::new(adapter),
             replan: Notify::new(),
@@ -129,7 +132,7 @@ impl Controller {
         let planned: BTreeMap<String, f64> =
             current.as_ref().map(|p| p.planned_rps.clone().into_iter().collect()).unwrap_or_default();
         self.observed(|o| {
-            *o = Observed::new(Instant::now());
+            *o = Observed::new(Instant::now()).with_node_timeout(self.cfg.node_timeout);
             o.forecasts = planned.clone();
         });
         self.adapter(|a| a.resume(&planned));
@@ -186,14 +189,21 @@ impl Controller {
         Ok(Some(plan))
     }
 
-    /// Re-plans at once, without waiting for the interval, when the policy reacts to surges
+    /// Re-plans at once, without waiting for the interval, when a node the plan uses stopped
+    /// reporting, or when the policy reacts to surges
     /// and a task's arrivals over the last seconds exceed the rate its plan was sized for: a
     /// burst that the forecast missed should cost seconds of overload, not a whole interval.
     pub fn check_surge(&self, now: Instant) {
         if !self.raft.status().is_leader {
             return;
         }
-        let tasks: Vec<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
+        let (tasks, plan) = self.raft.read(|s| (s.tasks.keys().cloned().collect::<Vec<String>>(), s.plan.clone()));
+        let silent = self.observed(|o| planner::silent_nodes(plan.as_ref(), o, now));
+        if !silent.is_empty() {
+            warn!(nodes = ?silent, "nodes in the plan stopped reporting; re-planning without them");
+            self.replan.notify_one();
+            return;
+        }
         let surge = self.observed(|o| self.adapter(|a| planner::surge(a, &tasks, o, now)));
         if let Some(s) = surge {
             info!(

@@ -74,6 +74,10 @@ struct Args {
     /// Cores per node kept free of workers.
     #[arg(long, default_value_t = 0)]
     reserve_cores: u32,
+    /// Seconds without a telemetry report after which a node is planned around (its share
+    /// moves to the other nodes) until it reports again.
+    #[arg(long, default_value_t = tidal_controller::observed::NODE_TIMEOUT.as_secs_f64())]
+    node_timeout_s: f64,
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -128,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
     if !(args.interval_s > 0.0 && args.headroom >= 1.0 && args.utilisation > 0.0 && args.utilisation <= 1.0) {
         anyhow::bail!("--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]");
     }
+    if !(args.node_timeout_s.is_finite() && (0.5..=86_400.0).contains(&args.node_timeout_s)) {
+        anyhow::bail!("--node-timeout-s must be within 0.5–86400 seconds");
+    }
     if args.heartbeat_ticks == 0 || args.election_ticks <= args.heartbeat_ticks {
         anyhow::bail!("--heartbeat-ticks must be positive and less than --election-ticks");
     }
@@ -159,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             load_time_s: args.load_time_s.clamp(0.0, 600.0),
         },
         advertise,
+        node_timeout: Duration::from_secs_f64(args.node_timeout_s),
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);

@@ -4,7 +4,7 @@
 //! the next reports.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tidal_proto::v1::{StageStatus, TelemetryReport};
 
@@ -19,7 +19,12 @@ pub struct Observed {
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
     pub forecasts: BTreeMap<String, f64>,
+    /// A node whose last report is older than this is taken for gone: not planned on.
+    pub node_timeout: Duration,
 }
+
+/// The default of [`Observed::node_timeout`]: five missed reports at the agents' default rate.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Observed {
     pub fn new(started: Instant) -> Self {
@@ -30,7 +35,18 @@ impl Observed {
             reports: BTreeMap::new(),
             totals: HashMap::new(),
             forecasts: BTreeMap::new(),
+            node_timeout: NODE_TIMEOUT,
         }
+    }
+
+    pub fn with_node_timeout(self, node_timeout: Duration) -> Self {
+        Self { node_timeout, ..self }
+    }
+
+    /// Whether `node` reported once and then fell silent for longer than the node timeout (a
+    /// node that has not reported yet is given the benefit of the doubt: it just registered).
+    pub fn is_silent(&self, node: &str, now: Instant) -> bool {
+        self.reports.get(node).is_some_and(|(at, _)| now.saturating_duration_since(*at) > self.node_timeout)
     }
 
     fn second(&self, at: Instant) -> u64 {

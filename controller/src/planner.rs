@@ -38,7 +38,13 @@ pub fn plan_round(
             load_s: observed.load_times(&spec.name),
         })
         .collect();
-    let nodes = state.nodes.iter().map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores }).collect();
+    // A node that stopped reporting is planned around: its share goes to the others.
+    let nodes = state
+        .nodes
+        .iter()
+        .filter(|(name, _)| !observed.is_silent(name, now))
+        .map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores })
+        .collect();
     let serving = observed.serving();
     let input = RoundInput { tasks, nodes, current: state.plan.as_ref(), serving: &serving };
     if forecast {
@@ -46,6 +52,19 @@ pub fn plan_round(
     } else {
         adapter.reconsider(&input)
     }
+}
+
+/// The nodes the plan in force gives workers to that have stopped reporting.
+pub fn silent_nodes(plan: Option<&tidal_proto::v1::Plan>, observed: &Observed, now: Instant) -> Vec<String> {
+    let mut nodes: Vec<String> = plan
+        .into_iter()
+        .flat_map(|p| p.assignments.iter())
+        .filter(|a| observed.is_silent(&a.node, now))
+        .map(|a| a.node.clone())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
 }
 
 /// Whether the observed arrivals call for a round now (see [`Adapter::surge`]).

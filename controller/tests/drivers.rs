@@ -189,3 +189,59 @@ fn the_controller_and_the_simulator_plan_a_pipeline_alike() {
     };
     assert_eq!(stages_of("ipa").into_iter().collect::<Vec<_>>(), ["classify", "detect"], "every stage is staffed");
 }
+
+/// A node that stops reporting is planned around from the next round, and planned on again
+/// once it reports.
+#[test]
+fn a_silent_node_is_planned_around_until_it_reports_again() {
+    let cfg = AdaptConfig { policy: "tidal".parse().unwrap(), interval_s: 10.0, ..AdaptConfig::default() };
+    let stages = two_stages();
+    let spec = SimPlanner::pipeline(&stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone())).spec().clone();
+    let mut state = ClusterState::default();
+    for node in ["a", "b"] {
+        state.nodes.insert(node.into(), NodeInfo { address: format!("{node}:1"), cores: 1 });
+    }
+    state.tasks.insert(spec.name.clone(), spec.clone());
+    for v in stages.iter().flat_map(|s| s.variants.clone()) {
+        let profile =
+            VariantProfile { task: spec.name.clone(), variant: v.name.clone(), node: "a".into(), points: v.points };
+        state.profiles.insert((spec.name.clone(), v.name), profile);
+    }
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut observed = Observed::new(t0);
+    let report = |node: &str| TelemetryReport {
+        node: node.into(),
+        tasks: vec![TaskTelemetry { task: spec.name.clone(), arrivals_per_second: vec![5], ..Default::default() }],
+        ..Default::default()
+    };
+    let mut adapter = Adapter::with_defaults(cfg);
+    let nodes_of = |plan: &Plan| {
+        let mut n: Vec<String> = plan.assignments.iter().map(|a| a.node.clone()).collect();
+        n.sort();
+        n.dedup();
+        n
+    };
+    for s in 1..=3 {
+        observed.record(report("a"), at(s));
+        observed.record(report("b"), at(s));
+    }
+    let round = planner::plan_round(&mut adapter, &state, &observed, at(3), true);
+    assert_eq!(nodes_of(&round.plan), ["a", "b"], "one core each: a stage on each node");
+    state.plan = Some(round.plan);
+    assert!(planner::silent_nodes(state.plan.as_ref(), &observed, at(4)).is_empty());
+
+    // b falls silent: past the node timeout it is named and planned around (one core left
+    // cannot hold both stages: the task keeps what it had, noted).
+    for s in 4..=10 {
+        observed.record(report("a"), at(s));
+    }
+    assert_eq!(planner::silent_nodes(state.plan.as_ref(), &observed, at(10)), ["b"]);
+    let round = planner::plan_round(&mut adapter, &state, &observed, at(10), true);
+    assert!(!round.plan.node_addresses.contains_key("b"), "b is left out: {:?}", round.plan.notes);
+
+    // b reports again: it is planned on again.
+    observed.record(report("b"), at(11));
+    let round = planner::plan_round(&mut adapter, &state, &observed, at(11), true);
+    assert_eq!(nodes_of(&round.plan), ["a", "b"]);
+}

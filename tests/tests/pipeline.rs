@@ -184,3 +184,90 @@ async fn a_detector_fans_out_to_a_classifier_one_crop_per_object() {
         [("detect", "yolov5n"), ("classify", "resnet18"), ("classify", "resnet18"), ("classify", "resnet18")]
     );
 }
+
+/// Three one-core agents and a controller: each stage of the pipeline gets a node. The agent
+/// serving stage 2 is killed: once it has been silent for the node timeout, the controller
+/// plans stage 2 on the idle node, and every answer after that is right again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
+    use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, StoreProfileRequest, VariantProfile};
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "downsample", 64);
+    generate_models(&models, "resnet18", 32);
+    let shrink = VariantConfig::load(&models, "downsample").unwrap();
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let (_controller, ctl_addr) = start_controller(work.path(), 2.0, &["--node-timeout-s", "2"]);
+    let one_core = &["--cores", "1"];
+    let mut agents: Vec<Option<Agent>> = (0..3)
+        .map(|_| {
+            Some(start_agent(
+                work.path(),
+                AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: one_core },
+            ))
+        })
+        .collect();
+    let mut ctl = controller_client(&ctl_addr).await;
+    ctl.register_task(RegisterTaskRequest { task: Some(video(2000, &shrink, &r18)) }).await.unwrap();
+    for (variant, per_core) in [("downsample", 2000.0), ("resnet18", 600.0)] {
+        let points = tidal_common::profile::synthetic(per_core, &[1], &[(1, 1.0), (4, 1.4)], 1.3);
+        let profile = VariantProfile { task: "video".into(), variant: variant.into(), node: String::new(), points };
+        ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await.unwrap();
+    }
+
+    // The plan in force, once every node it uses has applied it and its two workers serve:
+    // its epoch and the nodes of the two stages.
+    let settled = || {
+        let ctl = ctl.clone();
+        move || {
+            let mut ctl = ctl.clone();
+            async move {
+                let s = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+                let plan = s.plan?;
+                let used = s.nodes.iter().filter(|n| plan.assignments.iter().any(|a| a.node == n.node));
+                if plan.assignments.len() != 2 || used.clone().any(|n| n.applied_epoch != plan.epoch) {
+                    return None;
+                }
+                if used.flat_map(|n| n.workers.iter()).filter(|w| w.ready).count() != 2 {
+                    return None;
+                }
+                let node = |stage: &str| plan.assignments.iter().find(|a| a.stage == stage).map(|a| a.node.clone());
+                Some((plan.epoch, node("shrink")?, node("classify")?))
+            }
+        }
+    };
+    let (epoch, shrink_on, classify_on) =
+        eventually(Duration::from_secs(60), "a plan with a node per stage", settled()).await;
+    let addr_of = |node: &str, agents: &[Option<Agent>]| {
+        agents.iter().flatten().find(|a| a.node == node).map(|a| a.addr.clone()).expect("a live agent")
+    };
+    let entry = addr_of(&shrink_on, &agents);
+    let counts = classify_nodes(&entry, &shrink.input_shape, 5, &shrink_on).await;
+    assert_eq!(counts, BTreeMap::from([(classify_on.clone(), 5)]));
+
+    // kill -9 the classifying agent; within the node timeout and a round, a newer plan gives
+    // stage 2 to the idle node.
+    let killed = agents.iter().position(|a| a.as_ref().is_some_and(|a| a.node == classify_on)).unwrap();
+    let moved_at = Instant::now();
+    let victim = agents[killed].as_mut().expect("a live agent");
+    victim.proc.child.kill().expect("kill -9 the agent");
+    let (new_epoch, _, new_node) = eventually(Duration::from_secs(30), "stage 2 planned on a live node", {
+        let find = settled();
+        let dead = classify_on.clone();
+        move || {
+            let (find, dead) = (find.clone(), dead.clone());
+            async move { find().await.filter(|(e, _, n)| *e > epoch && *n != dead) }
+        }
+    })
+    .await;
+    assert!(new_epoch > epoch);
+    println!(
+        "classify moved from {classify_on} (epoch {epoch}) to {new_node} (epoch {new_epoch}) {:?} after the kill",
+        moved_at.elapsed()
+    );
+    // Node timeout 2 s, a round at once, the new worker's load: well within 10 s.
+    assert!(moved_at.elapsed() < Duration::from_secs(10), "{:?}", moved_at.elapsed());
+    assert_ne!(new_node, shrink_on, "one core each: the idle node");
+    let counts = classify_nodes(&entry, &shrink.input_shape, 5, &shrink_on).await;
+    assert_eq!(counts, BTreeMap::from([(new_node, 5)]), "every answer right, from the new node");
+}
