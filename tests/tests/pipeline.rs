@@ -83,14 +83,20 @@ async fn classify_nodes(addr: &str, shape: &[i64], n: usize, shrink_node: &str) 
     by_node
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_stage_pipeline_is_served_across_two_agents_and_survives_losing_one() {
+/// A work directory with `downsample` (64×64 → 32×32) and `resnet18` (32×32) generated.
+fn shrink_and_classify() -> (tempfile::TempDir, std::path::PathBuf, VariantConfig, VariantConfig) {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "downsample", 64);
     generate_models(&models, "resnet18", 32);
     let shrink = VariantConfig::load(&models, "downsample").unwrap();
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    (work, models, shrink, r18)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_stage_pipeline_is_served_across_two_agents_and_survives_losing_one() {
+    let (work, models, shrink, r18) = shrink_and_classify();
     let a = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
     let b = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
 
@@ -191,12 +197,7 @@ async fn a_detector_fans_out_to_a_classifier_one_crop_per_object() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
     use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, StoreProfileRequest, VariantProfile};
-    let work = tempfile::tempdir().unwrap();
-    let models = work.path().join("models");
-    generate_models(&models, "downsample", 64);
-    generate_models(&models, "resnet18", 32);
-    let shrink = VariantConfig::load(&models, "downsample").unwrap();
-    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let (work, models, shrink, r18) = shrink_and_classify();
     let (_controller, ctl_addr) = start_controller(work.path(), 2.0, &["--node-timeout-s", "2"]);
     let one_core = &["--cores", "1"];
     let mut agents: Vec<Option<Agent>> = (0..3)
