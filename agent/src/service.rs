@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use tidal_common::task::{fan_out, stage_input};
 use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
 use tidal_proto::v1::agent_server::Agent;
 use tidal_proto::v1::inference_server::Inference;
@@ -77,21 +78,23 @@ impl AgentService {
         let first = stages.first().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
         let image = sample_values(req.input.as_ref(), stage_input(first))
             .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+        // The request's image is kept only when a later stage crops it.
+        let crops_later = stages.iter().skip(1).any(|s| fan_out(s) > 1);
+        let (mut inputs, image) = if crops_later { (vec![image.clone()], image) } else { (vec![image], Vec::new()) };
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
-            let inputs = if i == 0 {
-                vec![image.clone()]
-            } else {
+            if i > 0 {
                 if Instant::now() >= deadline {
                     return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
                 }
-                connect(stages[i - 1], stage, &outputs, &image, stage_input(first))?
-            };
+                inputs = connect(stages[i - 1], stage, std::mem::take(&mut outputs), &image, stage_input(first))?;
+            }
             let key = StageKey::new(&task.name, &stage.name);
             let local_only = forwarded.is_some();
-            let runs =
-                inputs.into_iter().map(|input| self.run_stage(&key, stage, input, deadline, arrived, local_only));
+            let runs = std::mem::take(&mut inputs)
+                .into_iter()
+                .map(|input| self.run_stage(&key, stage, input, deadline, arrived, local_only));
             outputs = futures::future::try_join_all(runs).await?;
             served.extend(outputs.iter().map(|o| o.served.clone()));
         }
@@ -244,17 +247,12 @@ impl AgentService {
     }
 }
 
-/// One sample's input shape for a stage (its variants share it).
-fn stage_input(stage: &StageSpec) -> &[i64] {
-    stage.variants.first().map_or(&[], |v| v.input_shape.as_slice())
-}
-
 /// The inputs of `stage` from the outputs of the stage before it (`prev`): each output as is,
 /// or the crops of the request's `image` around each output's most confident detections.
 fn connect(
     prev: &StageSpec,
     stage: &StageSpec,
-    outputs: &[StageOutput],
+    outputs: Vec<StageOutput>,
     image: &[f32],
     image_shape: &[i64],
 ) -> Result<Vec<Vec<f32>>, ServeError> {
@@ -262,12 +260,16 @@ fn connect(
     let mismatch = |got: String| {
         ServeError::Model(format!("stage {} gives {got} per input; stage {} takes {want:?}", prev.name, stage.name))
     };
-    if tidal_common::task::fan_out(stage) == 1 {
+    if fan_out(stage) == 1 {
         return outputs
-            .iter()
+            .into_iter()
             .map(|o| {
                 let fits = o.values.len() as i64 == want.iter().product::<i64>();
-                fits.then(|| o.values.clone()).ok_or_else(|| mismatch(format!("{} values", o.values.len())))
+                if fits {
+                    Ok(o.values)
+                } else {
+                    Err(mismatch(format!("{} values", o.values.len())))
+                }
             })
             .collect();
     }
@@ -281,9 +283,9 @@ fn connect(
         return Err(mismatch("crops of an image".into()));
     };
     let mut inputs = Vec::new();
-    for o in outputs {
+    for o in &outputs {
         let row = o.shape.last().and_then(|&r| usize::try_from(r).ok()).unwrap_or(0);
-        let k = tidal_common::task::fan_out(stage) as usize;
+        let k = fan_out(stage) as usize;
         inputs.extend(
             crops(&o.values, row, k, image, from, to).map_err(|e| mismatch(format!("no detections to crop ({e})")))?,
         );

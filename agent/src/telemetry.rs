@@ -201,9 +201,7 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
     for t in fresh {
         match by_task.get_mut(&t.task) {
             Some(old) => {
-                old.arrivals_per_second.extend_from_slice(&t.arrivals_per_second);
-                let excess = old.arrivals_per_second.len().saturating_sub(MAX_UNSENT_SECONDS);
-                old.arrivals_per_second.drain(..excess);
+                append_seconds(&mut old.arrivals_per_second, &t.arrivals_per_second);
                 old.served += t.served;
                 old.errors += t.errors;
                 old.deadline_misses += t.deadline_misses;
@@ -223,15 +221,20 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
     by_task.into_values().collect()
 }
 
+/// Appends newer seconds of arrivals, keeping at most [`MAX_UNSENT_SECONDS`] (the newest).
+fn append_seconds(older: &mut Vec<u32>, newer: &[u32]) {
+    older.extend_from_slice(newer);
+    let excess = older.len().saturating_sub(MAX_UNSENT_SECONDS);
+    older.drain(..excess);
+}
+
 /// [`carry_over`] for a task's stages.
 fn carry_stages(unsent: Vec<StageTelemetry>, fresh: Vec<StageTelemetry>) -> Vec<StageTelemetry> {
     let mut by_stage: BTreeMap<String, StageTelemetry> = unsent.into_iter().map(|s| (s.stage.clone(), s)).collect();
     for s in fresh {
         match by_stage.get_mut(&s.stage) {
             Some(old) => {
-                old.arrivals_per_second.extend_from_slice(&s.arrivals_per_second);
-                let excess = old.arrivals_per_second.len().saturating_sub(MAX_UNSENT_SECONDS);
-                old.arrivals_per_second.drain(..excess);
+                append_seconds(&mut old.arrivals_per_second, &s.arrivals_per_second);
                 old.served += s.served;
                 old.errors += s.errors;
                 old.queue_p99_ms = old.queue_p99_ms.max(s.queue_p99_ms);

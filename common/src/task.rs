@@ -92,7 +92,12 @@ pub fn variants(task: &TaskSpec) -> impl Iterator<Item = (&StageSpec, &VariantSp
 
 /// The input a request to the task carries: the first stage's, one sample.
 pub fn input_shape(task: &TaskSpec) -> &[i64] {
-    task.stages.first().and_then(|s| s.variants.first()).map_or(&[], |v| v.input_shape.as_slice())
+    task.stages.first().map_or(&[], stage_input)
+}
+
+/// One sample's input shape for a stage (its variants share it).
+pub fn stage_input(stage: &StageSpec) -> &[i64] {
+    stage.variants.first().map_or(&[], |v| v.input_shape.as_slice())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -126,8 +131,7 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
                 if !(1..=MAX_CROPS).contains(&stage.crops) {
                     return Err(format!("stage {}: crops must be 1–{MAX_CROPS}", stage.name));
                 }
-                let image = input_shape(t);
-                let crop = stage.variants.first().map_or(&[][..], |v| v.input_shape.as_slice());
+                let (image, crop) = (input_shape(t), stage_input(stage));
                 if image.len() != 3 || crop.len() != 3 || image[0] != crop[0] {
                     return Err(format!(
                         "stage {}: crops are cut from the request's image {image:?} into this stage's input {crop:?}: both [channels, height, width] with the same channels",

@@ -5,7 +5,7 @@
 //! gets the budget and latency the other stages' cheapest and fastest shapes leave it, which
 //! bounds the pipeline's capacity from above.
 
-use super::options::Shape;
+use super::options::{stage_cheapest, Shape};
 
 /// The largest total capacity of at most `max_variants` of `variants` (one shape each) within
 /// `budget` cores and `latency_limit`.
@@ -52,15 +52,7 @@ pub(crate) fn loose_stage_bound(variants: &[Vec<Shape>], budget: u32, max_varian
 
 /// An upper bound on the load a pipeline of `stages` carries within `budget` cores and `slo`.
 pub(crate) fn pipeline_capacity(stages: &[Vec<Vec<Shape>>], budget: u32, slo: f64, max_variants: usize) -> f64 {
-    let cheapest: Vec<(u32, f64)> = stages
-        .iter()
-        .map(|stage| {
-            let all = stage.iter().flatten();
-            let cores = all.clone().map(|s| s.cores).min().unwrap_or(0);
-            let latency = all.map(|s| s.point.latency_bound_ms).fold(f64::INFINITY, f64::min);
-            (cores, latency)
-        })
-        .collect();
+    let cheapest: Vec<(u32, f64)> = stages.iter().map(|stage| stage_cheapest(stage)).collect();
     let (cores, latency): (u32, f64) = cheapest.iter().fold((0, 0.0), |(c, l), &(sc, sl)| (c + sc, l + sl));
     stages
         .iter()

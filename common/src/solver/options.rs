@@ -200,12 +200,18 @@ fn raise(stair: &mut Vec<(f64, f64)>, latency: f64, capacity: f64) {
 /// The fewest cores, and the least latency, that any plan needs (each stage's cheapest shape),
 /// to say why nothing fits.
 pub(crate) fn cheapest(shapes: &Shapes) -> (u32, f64) {
-    shapes.iter().fold((0u32, 0.0f64), |(cores, lat), stage| {
-        let all = stage.iter().flatten();
-        let c = all.clone().map(|s| s.cores).min().unwrap_or(0);
-        let l = all.map(|s| s.point.latency_bound_ms).fold(f64::INFINITY, f64::min);
-        (cores + c, lat + if l.is_finite() { l } else { 0.0 })
-    })
+    shapes
+        .iter()
+        .map(|stage| stage_cheapest(stage))
+        .fold((0u32, 0.0f64), |(c, l), (sc, sl)| (c + sc, l + if sl.is_finite() { sl } else { 0.0 }))
+}
+
+/// One stage's fewest cores and least latency among its shapes (∞ latency when it has none).
+pub(crate) fn stage_cheapest(stage: &[Vec<Shape>]) -> (u32, f64) {
+    let all = stage.iter().flatten();
+    let cores = all.clone().map(|s| s.cores).min().unwrap_or(0);
+    let latency = all.map(|s| s.point.latency_bound_ms).fold(f64::INFINITY, f64::min);
+    (cores, latency)
 }
 
 /// One replica of a worker of `cores` cores for `variant`, for the solver's unit tests.
