@@ -26,6 +26,25 @@ VARIANTS=resnet18,resnet34,resnet50,resnet101,resnet152
 
 pids=()
 
+# make_certs DIR ROLE…: a fresh CA in DIR/ca and a certificate per role (e.g. controller/1,
+# agent/node-1, admin/demo) in DIR; exports TIDAL_TLS_CA (the caller picks tidalctl's identity).
+make_certs() {
+  local dir=$1
+  shift
+  rm -rf "$dir"
+  $BIN/tidalctl certs init --dir "$dir/ca" --cluster demo >/dev/null
+  for role in "$@"; do
+    $BIN/tidalctl certs issue --ca-dir "$dir/ca" --role "$role" --out "$dir" --days 30 >/dev/null
+  done
+  export TIDAL_TLS_CA=$dir/ca/ca.pem
+}
+
+# tls_flags DIR ROLE: the flags a daemon needs to speak as ROLE.
+tls_flags() {
+  local stem=${2//\//-}
+  echo "--tls-cert $1/$stem.pem --tls-key $1/$stem.key"
+}
+
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 check_trace() {

@@ -16,27 +16,39 @@ cd "$(dirname "$0")/.."
 
 KILL_LEADER=${DEMO_KILL_LEADER:-1}
 REPLICAS=(127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002)
+PEER_PORTS=(127.0.0.1:7010 127.0.0.1:7011 127.0.0.1:7012)
 CTL=$(IFS=,; echo "${REPLICAS[*]}")
-PEERS=$(for i in 0 1 2; do printf '%s%d=%s' "$([ $i -gt 0 ] && echo ,)" $((i + 1)) "${REPLICAS[$i]}"; done)
+PEERS=$(for i in 0 1 2; do printf '%s%d=%s/%s' "$([ $i -gt 0 ] && echo ,)" $((i + 1)) "${REPLICAS[$i]}" "${PEER_PORTS[$i]}"; done)
 AGENT=127.0.0.1:7100
+AGENT_CONTROL=127.0.0.1:7101
 OUT=.tidal/demo
+CERTS=$OUT/certs
 
 check_trace
-check_ports 7000 7001 7002 7100
+check_ports 7000 7001 7002 7010 7011 7012 7100 7101
 rm -rf "$OUT" && mkdir -p "$OUT"
 trap stop_all EXIT INT TERM
+
+# Every connection is mutual TLS: a CA for this demo, a certificate per process, and tidalctl
+# as the admin.
+make_certs "$CERTS" controller/1 controller/2 controller/3 agent/node-1 admin/demo
+export TIDAL_TLS_CERT=$CERTS/admin-demo.pem TIDAL_TLS_KEY=$CERTS/admin-demo.key
 
 step "1/7 models: ResNet18…152 at ${RESOLUTION}x${RESOLUTION} (real architectures, seeded weights)"
 $BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$VARIANTS"
 
-step "2/7 starting three controller replicas ($CTL, adaptation every ${INTERVAL_S} s) and an agent ($AGENT)"
+step "2/7 starting three controller replicas ($CTL, adaptation every ${INTERVAL_S} s) and an agent ($AGENT), mutual TLS (certificates in $CERTS)"
 declare -A replica_pid
 for i in 0 1 2; do
+  # shellcheck disable=SC2046
   start_bg "$OUT/controller-$((i + 1)).log" $BIN/tidal-controller --id $((i + 1)) --listen "${REPLICAS[$i]}" \
-    --peers "$PEERS" --data-dir "$OUT/controller-$((i + 1))" --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S"
+    --peer-listen "${PEER_PORTS[$i]}" --peers "$PEERS" $(tls_flags "$CERTS" controller/$((i + 1))) \
+    --data-dir "$OUT/controller-$((i + 1))" --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S"
   replica_pid[$((i + 1))]=${pids[-1]}
 done
-start_bg "$OUT/agent.log" $BIN/tidal-agent serve --node node-1 --listen "$AGENT" --controller "$CTL" --model-dir models
+# shellcheck disable=SC2046
+start_bg "$OUT/agent.log" $BIN/tidal-agent serve --node node-1 --listen "$AGENT" --control-listen "$AGENT_CONTROL" \
+  $(tls_flags "$CERTS" agent/node-1) --controller "$CTL" --model-dir models
 wait_for_status "$CTL"
 wait_for_node "$CTL" node-1
 $BIN/tidalctl --controller "$CTL" controller list
@@ -46,7 +58,7 @@ step "3/7 registering task 'resnet' (SLO ${SLO_MS} ms p99) with five variants"
 $BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models --variants "$VARIANTS"
 
 step "4/7 profiling every variant on the idle agent under real cgroup quotas (1–2 cores, batch 1/4/8, 3 runs a point)"
-$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task resnet --cores 1,2 --batches 1,4,8 \
+$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT_CONTROL" --task resnet --cores 1,2 --batches 1,4,8 \
   --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
 wait_for_plan "$CTL"
 $BIN/tidalctl --controller "$CTL" status

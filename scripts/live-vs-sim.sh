@@ -34,9 +34,12 @@ SIM_LOAD_TIME_S=${SIM_LOAD_TIME_S:-1}
 SIM_SEEDS=${SIM_SEEDS:-1 2 3}
 CTL=127.0.0.1:7000
 AGENT=127.0.0.1:7100
+AGENT_CONTROL=127.0.0.1:7101
+# A measurement on loopback, one machine: plaintext (the demo shows mutual TLS).
+export TIDAL_INSECURE_PLAINTEXT=true
 
 check_trace
-check_ports 7000 7100
+check_ports 7000 7001 7100 7101
 rm -rf "$OUT" && mkdir -p "$OUT"
 trap stop_all EXIT INT TERM
 
@@ -82,7 +85,7 @@ start_pair() {
 
 step "profiling every variant once (3 runs a point; the node serves nothing meanwhile)"
 start_pair profile tidal
-$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT" --task "$TASK" --cores 1,2 --batches 1,4,8 \
+$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT_CONTROL" --task "$TASK" --cores 1,2 --batches 1,4,8 \
   --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
 stop_all
 

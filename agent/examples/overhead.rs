@@ -72,9 +72,19 @@ async fn agent_path(
 ) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().and_then(|p| p.parent()).context("target dir")?.join("tidal-agent");
-    let listen = "127.0.0.1:7199";
+    let (listen, control_listen) = ("127.0.0.1:7199", "127.0.0.1:7198");
     let mut agent = Command::new(&bin)
-        .args(["serve", "--node", "bench", "--listen", listen, "--cores", "2", "--cgroup-subtree", "tidal-bench/agent"])
+        .args([
+            "serve",
+            "--node",
+            "bench",
+            "--listen",
+            listen,
+            "--control-listen",
+            control_listen,
+            "--insecure-plaintext",
+        ])
+        .args(["--cores", "2", "--cgroup-subtree", "tidal-bench/agent"])
         .arg("--model-dir")
         .arg(model_dir)
         .arg("--ort-lib")
@@ -83,13 +93,16 @@ async fn agent_path(
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let result = async {
-        let channel = loop {
-            match tonic::transport::Channel::from_static("http://127.0.0.1:7199").connect().await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        let connect = |url: &'static str| async move {
+            loop {
+                match tonic::transport::Channel::from_static(url).connect().await {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
         };
-        let mut control = AgentClient::new(channel.clone());
+        let mut control = AgentClient::new(connect("http://127.0.0.1:7198").await);
+        let channel = connect("http://127.0.0.1:7199").await;
         let plan = Plan {
             epoch: 1,
             term: 1,

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tidal_common::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
-use tidal_proto::v1::Transition;
+use tidal_proto::v1::{Transition, VariantSpec};
 
 /// The actions to take, and the tasks held at what runs (with why).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -21,23 +21,21 @@ pub struct Staged {
 }
 
 /// The actions that move `running` to `desired`, without those of tasks that cannot move here
-/// (a model file of theirs is not present): those keep running as they are.
+/// (`check_model` refuses a model of theirs: missing, or taking another input than declared):
+/// those keep running as they are.
 pub fn stage(
     desired: &[DesiredWorker],
     running: &[RunningWorker],
     transition: Transition,
-    model_present: impl Fn(&str) -> bool,
+    check_model: impl Fn(&VariantSpec) -> Result<(), String>,
 ) -> Staged {
     let mut held = BTreeMap::new();
     for d in desired {
-        if !held.contains_key(&d.key.task) && !model_present(&d.variant.model_file) {
-            held.insert(
-                d.key.task.clone(),
-                format!(
-                    "model file {:?} of variant {:?} is not in the model directory",
-                    d.variant.model_file, d.variant.name
-                ),
-            );
+        if held.contains_key(&d.key.task) {
+            continue;
+        }
+        if let Err(why) = check_model(&d.variant) {
+            held.insert(d.key.task.clone(), format!("variant {:?}: {why}", d.variant.name));
         }
     }
     let actions =
@@ -171,7 +169,7 @@ mod tests {
     fn a_plan_whose_preparation_fails_changes_nothing() {
         let have = vec![running(&desired("t", "old", 1000))];
         let want = vec![desired("t", "a", 1000), desired("t", "b", 1000)];
-        let staged = stage(&want, &have, Transition::InPlace, |_| true);
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
         let mut fake = Fake { fail: vec!["b".into()], ..Fake::default() };
         assert_eq!(execute(&mut fake, staged.actions), Err("no cgroup for t/b#0".into()));
         assert_eq!(fake.log, vec!["prepare t/a#0", "abandon t/a#0"], "nothing stopped, started or resized");
@@ -181,7 +179,13 @@ mod tests {
     fn a_task_with_a_missing_model_is_held_and_the_others_move() {
         let have = vec![running(&desired("t", "a", 1000)), running(&desired("u", "c", 1000))];
         let want = vec![desired("t", "missing", 1000), desired("u", "c", 2000)];
-        let staged = stage(&want, &have, Transition::InPlace, |f| f != "missing.onnx");
+        let staged = stage(&want, &have, Transition::InPlace, |v| {
+            if v.model_file == "missing.onnx" {
+                Err(format!("{} is not here", v.model_file))
+            } else {
+                Ok(())
+            }
+        });
         assert_eq!(staged.held.keys().collect::<Vec<_>>(), vec!["t"]);
         assert!(staged.held["t"].contains("missing.onnx"));
         let mut fake = Fake::default();
@@ -193,7 +197,7 @@ mod tests {
     fn starts_come_first_and_shrinks_and_stops_wait_for_them() {
         let have = vec![running(&desired("t", "a", 2000)), running(&desired("t", "old", 1000))];
         let want = vec![desired("t", "a", 1000), desired("t", "new", 1000)];
-        let staged = stage(&want, &have, Transition::InPlace, |_| true);
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
         let mut fake = Fake { quotas: [(key("t", "a"), 2000)].into(), ..Fake::default() };
         execute(&mut fake, staged.actions).unwrap();
         assert_eq!(
@@ -206,11 +210,11 @@ mod tests {
     fn a_shrink_with_nothing_starting_happens_at_once_and_blue_green_replaces() {
         let have = vec![running(&desired("t", "a", 2000))];
         let mut fake = Fake { quotas: [(key("t", "a"), 2000)].into(), ..Fake::default() };
-        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::InPlace, |_| true);
+        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::InPlace, |_| Ok(()));
         execute(&mut fake, staged.actions).unwrap();
         assert_eq!(fake.log, vec!["resize t/a#0 1000"]);
         let mut fake = Fake::default();
-        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::BlueGreen, |_| true);
+        let staged = stage(&[desired("t", "a", 1000)], &have, Transition::BlueGreen, |_| Ok(()));
         execute(&mut fake, staged.actions).unwrap();
         assert_eq!(fake.log, vec!["prepare t/a#0", "start t/a#0 1000"]);
     }

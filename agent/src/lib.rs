@@ -14,6 +14,7 @@ pub mod connector;
 pub mod error;
 pub mod link;
 pub mod metrics;
+pub mod models;
 pub mod node;
 pub mod profiler;
 pub mod queue;

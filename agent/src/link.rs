@@ -24,8 +24,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Link {
     /// The controller replicas' addresses (host:port), tried in turn.
     pub controllers: Vec<String>,
-    /// The address the controller should use to reach this agent.
+    /// The address clients and other agents send inference requests to.
     pub advertise: String,
+    /// The address the controller pushes plans to (the control port).
+    pub advertise_control: String,
     pub interval: Duration,
 }
 
@@ -94,7 +96,9 @@ impl Link {
     ) -> Result<ControllerClient<Channel>, tonic::Status> {
         let unavailable = |e: tonic::transport::Error| tonic::Status::unavailable(e.to_string());
         // A replica that is cut off must not hold the agent up: give up on it after a while.
-        let channel = Channel::from_shared(format!("http://{controller}"))
+        let channel = node
+            .security
+            .endpoint(controller)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
@@ -106,10 +110,12 @@ impl Link {
             .register_node(RegisterNodeRequest {
                 node: node.cfg.node.clone(),
                 address: self.advertise.clone(),
+                control_address: self.advertise_control.clone(),
                 cores: node.cfg.millicores / 1000,
             })
             .await?;
         info!(%controller, plan_epoch = resp.get_ref().plan_epoch, "registered with the controller");
+        node.saw_controller_epoch(resp.get_ref().plan_epoch);
         Ok(client)
     }
 
@@ -133,9 +139,12 @@ impl Link {
                 tasks: tasks.clone(),
                 workers: node.worker_telemetry().await,
             };
-            if let Err(e) = client.report_telemetry(report).await {
-                *unsent = tasks;
-                return Err(e);
+            match client.report_telemetry(report).await {
+                Ok(ack) => node.saw_controller_epoch(ack.get_ref().plan_epoch),
+                Err(e) => {
+                    *unsent = tasks;
+                    return Err(e);
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ use tidal_agent::link::Link;
 use tidal_agent::node::{AgentConfig, Node};
 use tidal_agent::service::AgentService;
 use tidal_agent::worker::ProcessConfig;
+use tidal_auth::tls::ClientAuth;
 use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
@@ -48,12 +49,21 @@ struct ServeArgs {
     /// This node's name, unique in the cluster.
     #[arg(long, default_value = "node-1")]
     node: String,
-    /// Address to serve the Inference and Agent gRPC services on.
-    #[arg(long, default_value = "127.0.0.1:7100")]
+    /// Address of the inference port (the Inference service: clients and other agents).
+    #[arg(long, env = "TIDAL_LISTEN", default_value = "127.0.0.1:7100")]
     listen: SocketAddr,
-    /// Address the controller should use to reach this agent (default: --listen).
+    /// Address of the control port (the Agent service: plans and profiling, for the
+    /// controller; status).
+    #[arg(long, env = "TIDAL_CONTROL_LISTEN", default_value = "127.0.0.1:7101")]
+    control_listen: SocketAddr,
+    #[command(flatten)]
+    tls: tidal_auth::TlsArgs,
+    /// Address clients and other agents reach the inference port at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Address the controller reaches the control port at (default: --control-listen).
+    #[arg(long)]
+    advertise_control: Option<String>,
     /// Controller replicas' addresses (host:port), comma-separated; the agent moves to the next
     /// when one fails. Without any, the agent only serves plans pushed to it.
     #[arg(long, value_delimiter = ',')]
@@ -111,6 +121,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.ort_lib.display()
         );
     }
+    let security = tidal_auth::Security::from_args(&args.tls)?;
+    if let Some(role) = security.role().filter(|r| **r != tidal_auth::Role::Agent(args.node.clone())) {
+        anyhow::bail!("--tls-cert is {role}'s certificate; node {} needs agent/{}'s", args.node, args.node);
+    }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let cores = args.cores.unwrap_or(online).max(1);
     let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
@@ -133,7 +147,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
-    let node = Node::new(cfg, cgroups, metrics);
+    let node = Node::new(cfg, cgroups, metrics, security.clone());
     if let Some(addr) = args.metrics_listen {
         tidal_daemon::metrics_http::spawn(addr, registry);
         // Keep the per-worker gauges fresh between scrapes.
@@ -150,31 +164,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let link = Link {
             controllers: args.controller.clone(),
             advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
+            advertise_control: args.advertise_control.clone().unwrap_or_else(|| args.control_listen.to_string()),
             interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
         };
         tokio::spawn(link.run(node.clone(), stop.clone()));
     }
-    let service = AgentService { node: node.clone() };
-    info!(listen = %args.listen, node = %args.node, "agent serving");
-    let shutdown = {
-        let stop = stop.clone();
-        async move {
-            wait_for_signal().await;
-            stop.cancel();
-        }
-    };
+    let service = AgentService { node: node.clone(), guard: tidal_auth::Guard::new(&security) };
+    info!(listen = %args.listen, control_listen = %args.control_listen, node = %args.node, "agent serving");
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED; tonic's own
     // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
     let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
-    tonic::transport::Server::builder()
+    let inference = server(&security, ClientAuth::Optional)?
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
+        .serve_with_shutdown(args.listen, stop.clone().cancelled_owned());
+    let control = server(&security, ClientAuth::Required)?
         .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
-        .serve_with_shutdown(args.listen, shutdown)
-        .await
-        .with_context(|| format!("serving on {}", args.listen))?;
+        .serve_with_shutdown(args.control_listen, stop.clone().cancelled_owned());
+    let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
+    let served = tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        r = inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {}", args.listen))),
+        r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {}", args.control_listen))),
+    };
+    stop.cancel();
     info!("stopping workers");
     node.shutdown().await;
-    Ok(())
+    served
+}
+
+/// A server builder for one port: TLS with client certificates as `auth` says (or plaintext,
+/// if so configured).
+fn server(security: &tidal_auth::Security, auth: ClientAuth) -> anyhow::Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    Ok(match security.server(auth) {
+        Some(tls) => builder.tls_config(tls).context("the TLS configuration")?,
+        None => builder,
+    })
 }
 
 async fn wait_for_signal() {

@@ -8,16 +8,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use tidal_auth::Security;
 use tidal_common::plan::{validate_for_node, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{Plan, TaskSpec, Transition, WorkerTelemetry};
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::apply::{execute, stage, Executor};
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats, WorkerCgroup};
 use crate::metrics::AgentMetrics;
+use crate::models::ModelDir;
 use crate::router::{Remote, Router, StageKey};
 use crate::telemetry::Telemetry;
 use crate::worker::{BatchSettings, ProcessConfig, Worker, WorkerSpec};
@@ -36,10 +37,17 @@ pub struct AgentConfig {
     pub drain: Duration,
 }
 
+/// How far ahead of what this agent knows (its applied plan, the controller's epoch at the
+/// last registration or report) a plan's epoch may be: a plan beyond it would make every
+/// later plan look stale. About two months of rounds every 5 s.
+pub const MAX_EPOCH_STEP: u64 = 1 << 20;
+
 #[derive(Debug, Error)]
 pub enum ApplyError {
     #[error("plan {got:?} (epoch, term) is older than the applied plan {applied:?}: it comes from a deposed controller leader")]
     Stale { got: (u64, u64), applied: (u64, u64) },
+    #[error("plan epoch {got} is more than {MAX_EPOCH_STEP} ahead of the epoch this agent knows ({known})")]
+    TooFarAhead { got: u64, known: u64 },
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
     #[error("creating a worker's cgroup (nothing of the plan was applied): {0}")]
@@ -59,6 +67,9 @@ pub struct Node {
     pub router: Router,
     pub telemetry: Telemetry,
     pub metrics: AgentMetrics,
+    pub models: Arc<ModelDir>,
+    /// How this agent dials the others (forwarded stages) and the controller.
+    pub security: Security,
     workers: tokio::sync::Mutex<HashMap<WorkerKey, Arc<Worker>>>,
     /// Workers being retired: they serve with weight 0 until a successor is ready.
     retiring: Mutex<Vec<Arc<Worker>>>,
@@ -68,14 +79,18 @@ pub struct Node {
     applied_epoch: AtomicU64,
     /// Raft term of the controller leader that committed the applied plan.
     applied_term: AtomicU64,
+    /// The latest plan epoch the controller reported (registration, telemetry acks).
+    controller_epoch: AtomicU64,
     next_worker: AtomicU64,
     /// Last CPU reading per worker, to turn cumulative usage into a rate.
     cpu_seen: Mutex<HashMap<String, (Instant, CpuStats)>>,
 }
 
 impl Node {
-    pub fn new(cfg: AgentConfig, cgroups: CpuCgroups, metrics: AgentMetrics) -> Arc<Self> {
+    pub fn new(cfg: AgentConfig, cgroups: CpuCgroups, metrics: AgentMetrics, security: Security) -> Arc<Self> {
         Arc::new(Self {
+            security,
+            models: ModelDir::new(cfg.model_dir.clone()),
             cfg,
             cgroups,
             router: Router::default(),
@@ -87,6 +102,7 @@ impl Node {
             remotes: Mutex::new(HashMap::new()),
             applied_epoch: AtomicU64::new(0),
             applied_term: AtomicU64::new(0),
+            controller_epoch: AtomicU64::new(0),
             next_worker: AtomicU64::new(1),
             cpu_seen: Mutex::new(HashMap::new()),
         })
@@ -94,6 +110,11 @@ impl Node {
 
     pub fn applied_epoch(&self) -> u64 {
         self.applied_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Records the plan epoch the controller reported.
+    pub fn saw_controller_epoch(&self, epoch: u64) {
+        self.controller_epoch.fetch_max(epoch, Ordering::Relaxed);
     }
 
     pub fn applied_term(&self) -> u64 {
@@ -111,13 +132,18 @@ impl Node {
     /// delayed push) and is refused.
     pub async fn apply_plan(self: &Arc<Self>, mut plan: Plan) -> Result<Applied, ApplyError> {
         tidal_common::plan::normalise(&mut plan);
+        validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
+        let desired = desired_on(&plan, &self.cfg.node);
+        let models = self.models.check_all(desired.iter().map(|d| d.variant.clone()).collect()).await;
         let mut workers = self.workers.lock().await;
         let applied = (self.applied_epoch(), self.applied_term());
         if (plan.epoch, plan.term) < applied {
             return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
         }
-        validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
-        let desired = desired_on(&plan, &self.cfg.node);
+        let known = applied.0.max(self.controller_epoch.load(Ordering::Relaxed));
+        if plan.epoch > known.saturating_add(MAX_EPOCH_STEP) {
+            return Err(ApplyError::TooFarAhead { got: plan.epoch, known });
+        }
         let running: Vec<RunningWorker> = workers
             .iter()
             .map(|(key, w)| RunningWorker {
@@ -127,7 +153,9 @@ impl Node {
             })
             .collect();
         let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
-        let staged = stage(&desired, &running, transition, |file| self.cfg.model_dir.join(file).is_file());
+        let staged = stage(&desired, &running, transition, |v| {
+            models.get(&v.name).cloned().unwrap_or_else(|| Err("not checked".into()))
+        });
         if !staged.actions.is_empty() {
             info!(epoch = plan.epoch, actions = staged.actions.len(), ?transition, "applying plan");
         }
@@ -255,7 +283,7 @@ impl Node {
             let key = (node.to_string(), address.clone());
             let remote = match remotes.get(&key) {
                 Some(r) => r.clone(),
-                None => match Channel::from_shared(format!("http://{address}")) {
+                None => match self.security.endpoint(address) {
                     Ok(endpoint) => {
                         let channel = endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy();
                         let client = InferenceClient::new(channel)

@@ -4,23 +4,32 @@
 //! Each core count gets a fresh worker process in its own cgroup; batches run back to back
 //! (the worker is never idle, as under saturating load) after two warm-up runs.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tidal_proto::v1::{ProfilePoint, ProfileRequest};
+use tidal_proto::v1::{ProfilePoint, ProfileRequest, VariantSpec};
 use tonic::Status;
 use tracing::info;
 
+use crate::cgroup::WorkerCgroup;
 use crate::node::Node;
 use crate::worker::WorkerProcess;
 
 static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
+/// Most core counts, and most batch sizes, one request measures.
+const MAX_GRID: usize = 16;
 
 pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoint>, Status> {
     let variant = req.variant.as_ref().ok_or_else(|| Status::invalid_argument("no variant to profile"))?;
     let max_cores = node.cfg.millicores / 1000;
+    if req.cores.len() > MAX_GRID || req.batches.len() > MAX_GRID {
+        return Err(Status::invalid_argument(format!(
+            "a profile measures at most {MAX_GRID} core counts and batch sizes"
+        )));
+    }
     if req.cores.is_empty() || req.cores.iter().any(|&c| c == 0 || c > max_cores) {
         return Err(Status::invalid_argument(format!("cores {:?} must be within 1..={max_cores}", req.cores)));
     }
@@ -32,46 +41,76 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     }
     tidal_common::variant::validate_variant(variant).map_err(Status::invalid_argument)?;
     let model = node.cfg.model_dir.join(&variant.model_file);
-    if !model.is_file() {
-        return Err(Status::not_found(format!(
-            "model file {:?} is not in {}",
-            variant.model_file,
-            node.cfg.model_dir.display()
-        )));
+    if let Some(Err(why)) = node.models.check_all(vec![variant.clone()]).await.remove(&variant.name) {
+        return Err(if model.is_file() { Status::invalid_argument(why) } else { Status::not_found(why) });
     }
     let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
-    let sample: usize = variant.input_shape.iter().product::<i64>() as usize;
     let mut points = Vec::new();
     for &cores in &req.cores {
         let id = format!("profile-{}", PROFILES.fetch_add(1, Ordering::Relaxed));
         let cgroup = node.cgroups.create(&id).map_err(|e| Status::internal(e.to_string()))?;
-        let mut proc = WorkerProcess::spawn(&node.cfg.process, &model, &cgroup, cores * 1000)
-            .await
-            .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
-        for &batch in &req.batches {
-            let mut shape = vec![batch as i64];
-            shape.extend_from_slice(&variant.input_shape);
-            let data: Vec<f32> = {
-                let mut rng = rand::thread_rng();
-                (0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect()
-            };
-            let mut latencies = Vec::new();
-            for _ in 0..2 {
-                time_batch(&mut proc, &shape, &data).await?;
-            }
-            let started = Instant::now();
-            while started.elapsed() < duration || latencies.len() < 3 {
-                latencies.push(time_batch(&mut proc, &shape, &data).await?);
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            let point = summarise(cores, batch, &mut latencies, elapsed);
-            info!(variant = %variant.name, cores, batch, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
-            points.push(point);
-        }
-        proc.stop(Duration::from_secs(5)).await;
+        // The cgroup goes whatever happens to the measurement.
+        let measured = profile_at(node, variant, &model, &cgroup, cores, &req.batches, duration).await;
         cgroup.remove();
+        points.extend(measured?);
     }
     Ok(points)
+}
+
+/// Measures every batch size at `cores` with one fresh worker in `cgroup`.
+async fn profile_at(
+    node: &Node,
+    variant: &VariantSpec,
+    model: &Path,
+    cgroup: &WorkerCgroup,
+    cores: u32,
+    batches: &[u32],
+    duration: Duration,
+) -> Result<Vec<ProfilePoint>, Status> {
+    let sample: usize = variant.input_shape.iter().product::<i64>() as usize;
+    let mut proc = WorkerProcess::spawn(&node.cfg.process, model, cgroup, cores * 1000)
+        .await
+        .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
+    let mut points = Vec::new();
+    for &batch in batches {
+        let mut shape = vec![batch as i64];
+        shape.extend_from_slice(&variant.input_shape);
+        let data: Vec<f32> = {
+            let mut rng = rand::thread_rng();
+            (0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect()
+        };
+        let (mut latencies, elapsed) = match measure(&mut proc, &shape, &data, duration).await {
+            Ok(measured) => measured,
+            Err(e) => {
+                proc.stop(Duration::from_secs(1)).await;
+                return Err(e);
+            }
+        };
+        let point = summarise(cores, batch, &mut latencies, elapsed);
+        info!(variant = %variant.name, cores, batch, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
+        points.push(point);
+    }
+    proc.stop(Duration::from_secs(5)).await;
+    Ok(points)
+}
+
+/// Runs batches back to back for `duration` (at least 3) after two warm-up runs: their
+/// latencies and the seconds they took.
+async fn measure(
+    proc: &mut WorkerProcess,
+    shape: &[i64],
+    data: &[f32],
+    duration: Duration,
+) -> Result<(Vec<Duration>, f64), Status> {
+    for _ in 0..2 {
+        time_batch(proc, shape, data).await?;
+    }
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration || latencies.len() < 3 {
+        latencies.push(time_batch(proc, shape, data).await?);
+    }
+    Ok((latencies, started.elapsed().as_secs_f64()))
 }
 
 async fn time_batch(p: &mut WorkerProcess, shape: &[i64], data: &[f32]) -> Result<Duration, Status> {

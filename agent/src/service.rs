@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use tidal_auth::guard::{is_admin, is_controller, may_read};
+use tidal_auth::Guard;
 use tidal_common::task::{fan_out, stage_input};
 use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
 use tidal_proto::v1::agent_server::Agent;
@@ -28,8 +30,12 @@ use crate::telemetry::Outcome;
 use crate::worker::Worker;
 
 #[derive(Clone)]
+/// The agent's two services: Inference (open to anyone on the inference port) and Agent
+/// (the control port: plans only from a controller, profiling from a controller or an admin,
+/// status for readers too).
 pub struct AgentService {
     pub node: Arc<Node>,
+    pub guard: Guard,
 }
 
 /// A request another agent forwarded: serve one stage of it here.
@@ -347,7 +353,7 @@ impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Stale { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            ApplyError::Invalid(_) | ApplyError::TooFarAhead { .. } => Status::invalid_argument(e.to_string()),
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
         }
     }
@@ -356,6 +362,7 @@ impl From<ApplyError> for Status {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
+        self.guard.require(&request, "ApplyPlan", is_controller)?;
         let plan = request
             .into_inner()
             .plan
@@ -371,12 +378,14 @@ impl Agent for AgentService {
     }
 
     async fn profile(&self, request: Request<ProfileRequest>) -> Result<Response<ProfileResponse>, Status> {
+        self.guard.require(&request, "Profile", |r| is_controller(r) || is_admin(r))?;
         let req = request.into_inner();
         let points = profiler::profile(&self.node, &req).instrument(info_span!("profile")).await?;
         Ok(Response::new(ProfileResponse { points, node: self.node.cfg.node.clone() }))
     }
 
-    async fn status(&self, _request: Request<AgentStatusRequest>) -> Result<Response<AgentStatus>, Status> {
+    async fn status(&self, request: Request<AgentStatusRequest>) -> Result<Response<AgentStatus>, Status> {
+        self.guard.require(&request, "Status", may_read)?;
         Ok(Response::new(AgentStatus {
             node: self.node.cfg.node.clone(),
             applied_epoch: self.node.applied_epoch(),

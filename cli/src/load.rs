@@ -18,7 +18,6 @@ use tidal_common::tensor::f32_tensor;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{InferRequest, InferResponse};
 use tokio::sync::{mpsc, Semaphore};
-use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct LoadOpts {
@@ -193,10 +192,7 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
     );
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let channel = Channel::from_shared(format!("http://{}", args.agent))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to the agent at {}", args.agent))?;
+        let channel = crate::connect::channel(&args.agent, "agent").await?;
         clients.push(InferenceClient::new(channel).max_decoding_message_size(64 << 20));
     }
     let input = {

@@ -1,5 +1,6 @@
 //! `tidalctl`: Tidal's admin CLI.
 
+mod connect;
 mod forecast;
 mod load;
 mod models;
@@ -25,6 +26,8 @@ struct Cli {
     /// to the current leader.
     #[arg(long, global = true, env = "TIDAL_CONTROLLER", default_value = "127.0.0.1:7000")]
     controller: String,
+    #[command(flatten)]
+    tls: tidal_auth::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,8 +45,8 @@ enum Command {
     /// controller. Run it while the node serves nothing: serving or load generation on the same
     /// cores would be measured too.
     Profile {
-        /// The agent to measure on (host:port).
-        #[arg(long, default_value = "127.0.0.1:7100")]
+        /// The agent to measure on: its control port (host:port).
+        #[arg(long, default_value = "127.0.0.1:7101")]
         agent: String,
         /// The task whose variants to measure.
         #[arg(long)]
@@ -81,6 +84,12 @@ enum Command {
     /// The controller's replicas: list, add, remove, transfer leadership.
     #[command(subcommand)]
     Controller(replicas::ControllerCmd),
+    /// Nodes: drain one (the next plans give it no workers) and remove it once drained.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The cluster's certificate authority: make it, and issue certificates for identities.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Score the forecasters on a rate trace (MAPE of the next interval's peak, share under-predicted).
     Forecast(forecast::ForecastOpts),
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
@@ -110,6 +119,57 @@ enum ModelsCmd {
         /// Regenerate even if an identical variant is already there.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Plan the node empty: its workers move to the other nodes at the next round.
+    Drain {
+        #[arg(long)]
+        node: String,
+        /// Take the node back into planning instead.
+        #[arg(long)]
+        undrain: bool,
+    },
+    /// Forget a drained node (stop its agent first: a running agent registers again).
+    Remove {
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Make the cluster's CA: <dir>/ca.pem (give it to every process as --tls-ca) and
+    /// <dir>/ca.key (keep it offline: whoever has it can issue any identity).
+    Init {
+        #[arg(long, default_value = "tidal-ca")]
+        dir: PathBuf,
+        /// A name for the cluster, in the CA's subject.
+        #[arg(long, default_value = "tidal")]
+        cluster: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a key and certificate for one identity, signed by the CA: <out>/<kind>-<name>.pem
+    /// and .key, to give as --tls-cert and --tls-key.
+    Issue {
+        /// The CA's directory (from `certs init`).
+        #[arg(long, default_value = "tidal-ca")]
+        ca_dir: PathBuf,
+        /// The identity: controller/ID (a replica), agent/NODE (a node agent), admin/NAME (may
+        /// change anything) or reader/NAME (may read status).
+        #[arg(long)]
+        role: tidal_auth::Role,
+        /// Host names and IP addresses the identity serves at (its certificate must name the
+        /// address others dial), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        host: Vec<String>,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -147,7 +207,34 @@ enum TaskCmd {
 async fn main() -> anyhow::Result<()> {
     tidal_daemon::logging::init("warn");
     let cli = Cli::parse();
+    connect::configure(cli.tls.clone());
     match cli.command {
+        Command::Certs(CertsCmd::Init { dir, cluster, days }) => {
+            let cert = tidal_auth::certs::init(&dir, &cluster, days)?;
+            println!("CA made: {} (and its key, {}; keep that one safe)", cert.display(), dir.join("ca.key").display());
+            Ok(())
+        }
+        Command::Certs(CertsCmd::Issue { ca_dir, role, host, out, days }) => {
+            let (cert, key) = tidal_auth::certs::issue(&ca_dir, &role, &host, &out, days)?;
+            println!("issued {role}: --tls-cert {} --tls-key {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Node(NodeCmd::Drain { node, undrain }) => {
+            let req = tidal_proto::v1::DrainNodeRequest { node: node.clone(), undrain };
+            controller(&cli.controller).await?.drain_node(req).await?;
+            if undrain {
+                println!("node {node} is planned again from the next round");
+            } else {
+                println!("node {node} is draining: the next plans give it no workers");
+            }
+            Ok(())
+        }
+        Command::Node(NodeCmd::Remove { node }) => {
+            let req = tidal_proto::v1::RemoveNodeRequest { node: node.clone() };
+            controller(&cli.controller).await?.remove_node(req).await?;
+            println!("node {node} removed");
+            Ok(())
+        }
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
             models::generate_models(&out, &variants, resolution, seed, force)
         }

@@ -109,9 +109,7 @@ fn write(path: &Path, saved: &SavedProfiles) -> anyhow::Result<()> {
 /// Measures every variant of `spec` `repeat` times, stores the combined profiles in the
 /// controller and, with `save`, writes them to a file.
 pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Option<&Path>) -> anyhow::Result<()> {
-    let mut agent = AgentClient::connect(format!("http://{}", m.agent))
-        .await
-        .with_context(|| format!("connecting to the agent at {}", m.agent))?;
+    let mut agent = AgentClient::new(crate::connect::channel(m.agent, "agent's control port").await?);
     let mut ctl = crate::controller(controller).await?;
     let mut saved = SavedProfiles { task: spec.name.clone(), variants: Vec::new() };
     let repeat = m.repeat.clamp(1, 20);

@@ -24,7 +24,8 @@ pub enum ControllerCmd {
     Add {
         #[arg(long)]
         id: u64,
-        /// The new replica's address (host:port).
+        /// The new replica's addresses: API_HOST:PORT/PEER_HOST:PORT (its --advertise and
+        /// --advertise-peer).
         #[arg(long)]
         address: String,
     },
@@ -55,11 +56,7 @@ pub enum ControllerCmd {
 }
 
 async fn connect(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("{addr:?} is not a host:port address"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(15));
-    let channel = endpoint.connect().await.with_context(|| format!("connecting to the controller at {addr}"))?;
+    let channel = crate::connect::channel_with_timeout(addr, "controller", Duration::from_secs(15)).await?;
     Ok(ControllerClient::new(channel))
 }
 

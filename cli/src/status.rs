@@ -54,8 +54,13 @@ pub fn render(s: &ClusterStatus) -> String {
     out += "NODE        ADDRESS              CORES  EPOCH  LAST REPORT\n";
     for n in &s.nodes {
         out += &format!(
-            "{:<10} {:<20} {:>6} {:>6} {:>9.1} s\n",
-            n.node, n.address, n.cores, n.applied_epoch, n.seconds_since_report
+            "{:<10} {:<20} {:>6} {:>6} {:>9.1} s{}\n",
+            n.node,
+            n.address,
+            n.cores,
+            n.applied_epoch,
+            n.seconds_since_report,
+            if n.draining { "  draining" } else { "" }
         );
         for w in &n.workers {
             out += &format!(

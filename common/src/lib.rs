@@ -9,6 +9,7 @@ pub mod adapt;
 pub mod forecast;
 pub mod latency;
 pub mod onnx_graph;
+pub mod onnx_input;
 pub mod plan;
 pub mod profile;
 pub mod reconcile;

@@ -4,12 +4,19 @@
 use std::collections::HashSet;
 
 use thiserror::Error;
-use tidal_proto::v1::{Assignment, Plan};
+use tidal_proto::v1::{Assignment, Plan, RegisterNodeRequest};
 
 /// Largest batch a worker accepts.
 pub const MAX_BATCH: u32 = 256;
 /// Longest batcher timeout a plan may set.
 pub const MAX_DELAY_MS: u32 = 10_000;
+/// Most workers a plan may ask one node to run.
+pub const MAX_WORKERS_PER_NODE: usize = 256;
+/// Smallest quota a worker may get: the kernel's floor of 1 ms per CFS period (the agent's
+/// period is 10 ms), so that what a plan says is what the kernel enforces.
+pub const MIN_WORKER_MILLICORES: u32 = 100;
+/// Most cores a node may declare.
+pub const MAX_NODE_CORES: u32 = 1024;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PlanError {
@@ -25,6 +32,8 @@ pub enum PlanError {
     Duplicate { task: String, variant: String, replica: u32, node: String },
     #[error("node {node:?} is asked for {asked} millicores but has {has}")]
     OverCommitted { node: String, asked: u32, has: u32 },
+    #[error("node {node:?} is asked to run {workers} workers; at most {MAX_WORKERS_PER_NODE} are allowed")]
+    TooManyWorkers { node: String, workers: usize },
 }
 
 /// A plan as this version reads it: tasks in their pipeline form, and each assignment of a
@@ -46,6 +55,10 @@ pub fn normalise(plan: &mut Plan) {
 pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Result<(), PlanError> {
     for t in &plan.tasks {
         crate::task::validate_task(t).map_err(|reason| PlanError::BadTask { task: t.name.clone(), reason })?;
+    }
+    let workers = plan.assignments.iter().filter(|a| a.node == node).count();
+    if workers > MAX_WORKERS_PER_NODE {
+        return Err(PlanError::TooManyWorkers { node: node.into(), workers });
     }
     let mut seen = HashSet::new();
     let mut total = 0u32;
@@ -69,10 +82,43 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
     Ok(())
 }
 
+/// Checks a whole plan as the replicated state takes it: every node it names is known (with
+/// its cores from `node_millicores`) and its share of the plan passes [`validate_for_node`].
+pub fn validate_plan(plan: &Plan, node_millicores: impl Fn(&str) -> Option<u32>) -> Result<(), String> {
+    let nodes: std::collections::BTreeSet<&str> = plan.assignments.iter().map(|a| a.node.as_str()).collect();
+    for node in nodes {
+        let millicores = node_millicores(node).ok_or_else(|| format!("the plan names an unknown node {node:?}"))?;
+        validate_for_node(plan, node, millicores).map_err(|e| e.to_string())?;
+    }
+    for t in &plan.tasks {
+        crate::task::validate_task(t).map_err(|reason| format!("task {:?} in the plan: {reason}", t.name))?;
+    }
+    Ok(())
+}
+
+/// Checks a node's registration: a valid name, `ip:port` addresses, 1..=[`MAX_NODE_CORES`]
+/// cores.
+pub fn validate_node(n: &RegisterNodeRequest) -> Result<(), String> {
+    if !crate::task::valid_name(&n.node) {
+        return Err(format!("node name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", n.node));
+    }
+    // An empty control address is an older registration's: control and inference shared a port.
+    let control = Some(&n.control_address).filter(|a| !a.is_empty());
+    for address in std::iter::once(&n.address).chain(control) {
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("node {}: {address:?} is not an ip:port address", n.node));
+        }
+    }
+    if !(1..=MAX_NODE_CORES).contains(&n.cores) {
+        return Err(format!("node {}: {} cores is outside 1–{MAX_NODE_CORES}", n.node, n.cores));
+    }
+    Ok(())
+}
+
 fn validate_assignment(a: &Assignment) -> Result<(), String> {
     crate::variant::validate_variant(a.variant.as_ref().ok_or("no variant")?)?;
-    if a.millicores == 0 {
-        return Err("0 millicores".into());
+    if a.millicores < MIN_WORKER_MILLICORES {
+        return Err(format!("{} millicores is below the smallest quota, {MIN_WORKER_MILLICORES}", a.millicores));
     }
     if a.max_batch == 0 || a.max_batch > MAX_BATCH {
         return Err(format!("max batch {} outside 1..={MAX_BATCH}", a.max_batch));

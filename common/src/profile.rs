@@ -8,7 +8,40 @@
 use std::collections::BTreeMap;
 
 use thiserror::Error;
-use tidal_proto::v1::ProfilePoint;
+use tidal_proto::v1::{ProfilePoint, VariantProfile};
+
+/// Most cores a profile point may name (the planner allocates per core up to it).
+pub const MAX_PROFILE_CORES: u32 = 1024;
+/// Most points one variant's profile may hold.
+pub const MAX_PROFILE_POINTS: usize = 4096;
+
+/// The one check of a profile, wherever one arrives (`StoreProfile`, the Raft log, a saved
+/// file): 1..=[`MAX_PROFILE_POINTS`] points of cores in 1..=[`MAX_PROFILE_CORES`], batch in
+/// 1..=[`crate::plan::MAX_BATCH`], and positive finite latencies and throughput.
+pub fn validate_profile(p: &VariantProfile) -> Result<(), String> {
+    if p.points.is_empty() || p.points.len() > MAX_PROFILE_POINTS {
+        return Err(format!("a profile needs 1–{MAX_PROFILE_POINTS} points, not {}", p.points.len()));
+    }
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    for q in &p.points {
+        if !(1..=MAX_PROFILE_CORES).contains(&q.cores) || !(1..=crate::plan::MAX_BATCH).contains(&q.batch) {
+            return Err(format!(
+                "profile point at {} cores, batch {}: cores must be 1–{MAX_PROFILE_CORES} and batch 1–{}",
+                q.cores,
+                q.batch,
+                crate::plan::MAX_BATCH
+            ));
+        }
+        let p50_ok = q.latency_p50_ms.is_finite() && q.latency_p50_ms >= 0.0;
+        if !(positive(q.throughput_rps) && positive(q.latency_p99_ms) && p50_ok) {
+            return Err(format!(
+                "profile point at {} cores, batch {}: latencies and throughput must be positive and finite",
+                q.cores, q.batch
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// What the grid says about one (cores, batch) pair.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -15,6 +15,17 @@ pub const MAX_STAGES: usize = 16;
 pub const MAX_VARIANTS_PER_STAGE: usize = 32;
 /// Most objects of a frame a cropping stage takes.
 pub const MAX_CROPS: u32 = 16;
+/// Longest SLO a task may have (ten minutes).
+pub const MAX_SLO_MS: u32 = 600_000;
+
+/// An SLO in 1..=[`MAX_SLO_MS`] milliseconds.
+pub fn validate_slo(slo_ms: u32) -> Result<(), String> {
+    if (1..=MAX_SLO_MS).contains(&slo_ms) {
+        Ok(())
+    } else {
+        Err(format!("the SLO must be 1–{MAX_SLO_MS} ms, not {slo_ms}"))
+    }
+}
 
 /// The task with its stages spelt out: a task written in the one-stage form (`variants`, no
 /// `stages`) becomes one stage named after the task. Idempotent.
@@ -100,7 +111,8 @@ pub fn stage_input(stage: &StageSpec) -> &[i64] {
     stage.variants.first().map_or(&[], |v| v.input_shape.as_slice())
 }
 
-fn valid_name(name: &str) -> bool {
+/// A name of tasks, stages, variants and nodes: 1–64 characters of `[A-Za-z0-9-_.]`.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
@@ -111,9 +123,7 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
     if !valid_name(&t.name) {
         return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
     }
-    if t.slo_ms == 0 {
-        return Err("the SLO must be positive".into());
-    }
+    validate_slo(t.slo_ms)?;
     if !t.variants.is_empty() {
         return Err("a task gives its variants in `variants` (one stage) or in `stages`, not both".into());
     }

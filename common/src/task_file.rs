@@ -92,6 +92,19 @@ impl TaskFile {
 mod tests {
     use super::*;
 
+    /// An ONNX model (with no nodes) whose input is a batch of samples of `shape` ("[c, h, w]").
+    fn declaring(shape: &str) -> Vec<u8> {
+        let dims: Vec<Option<i64>> = std::iter::once(None)
+            .chain(shape.trim_matches(['[', ']']).split(',').map(|d| d.trim().parse().ok()))
+            .collect();
+        let graph = tidal_proto::onnx::GraphProto {
+            name: "g".into(),
+            input: vec![crate::onnx_graph::tensor_info("x", &dims)],
+            ..Default::default()
+        };
+        crate::onnx_graph::model_bytes(graph, String::new())
+    }
+
     #[test]
     fn a_pipeline_file_reads_its_variants_from_the_model_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -99,7 +112,7 @@ mod tests {
             let toml =
                 format!("name = \"{name}\"\nmodel_file = \"{name}.onnx\"\naccuracy = 50.0\ninput_shape = {shape}\n");
             std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.onnx")), b"not read here").unwrap();
+            std::fs::write(dir.path().join(format!("{name}.onnx")), declaring(shape)).unwrap();
         }
         let file = dir.path().join("video.toml");
         let text = "name = \"video\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[[stages]]\nname = \"classify\"\nvariants = [\"cls\"]\n";
@@ -108,6 +121,9 @@ mod tests {
         assert_eq!(spec.stages.len(), 2);
         assert_eq!(spec.stages[1].variants[0].input_shape, vec![3, 32, 32]);
 
+        std::fs::write(dir.path().join("cls.onnx"), declaring("[3, 64, 64]")).unwrap();
+        let err = TaskFile::load(&file).unwrap().to_spec(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("the model takes [?, 3, 64, 64]"), "{err}");
         std::fs::write(&file, text.replace("\"cls\"", "\"missing\"")).unwrap();
         let err = TaskFile::load(&file).unwrap().to_spec(dir.path()).unwrap_err();
         assert!(err.to_string().starts_with("stage classify"), "{err}");

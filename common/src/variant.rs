@@ -70,7 +70,8 @@ pub enum VariantError {
 }
 
 impl VariantConfig {
-    /// Reads `<dir>/<name>.toml` and checks that it names an existing ONNX file in `dir`.
+    /// Reads `<dir>/<name>.toml` and checks that it names an existing ONNX file in `dir` that
+    /// takes the input it declares.
     pub fn load(dir: &Path, name: &str) -> Result<Self, VariantError> {
         let path = dir.join(format!("{name}.toml"));
         let text =
@@ -82,9 +83,11 @@ impl VariantConfig {
             return Err(invalid(format!("names variant {:?}, expected {name:?}", cfg.name)));
         }
         validate_variant(&cfg.spec()).map_err(invalid)?;
-        if !dir.join(&cfg.model_file).is_file() {
+        let model = dir.join(&cfg.model_file);
+        if !model.is_file() {
             return Err(invalid(format!("model file {:?} does not exist in {}", cfg.model_file, dir.display())));
         }
+        crate::onnx_input::check_file(&model, &cfg.input_shape).map_err(invalid)?;
         Ok(cfg)
     }
 

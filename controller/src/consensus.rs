@@ -133,7 +133,7 @@ impl RaftHandle {
     /// The API address of the current leader, when one is known.
     pub fn leader_address(&self) -> Option<String> {
         let leader = self.status.borrow().leader;
-        (leader != 0).then(|| self.peers.get(leader)).flatten()
+        (leader != 0).then(|| self.peers.api(leader)).flatten()
     }
 
     async fn ask(&self, input: impl FnOnce(Reply) -> Input, timeout: Duration) -> Result<(), ProposeError> {
@@ -186,6 +186,8 @@ pub struct RaftConfig {
     pub voters: Vec<u64>,
     /// Addresses of the replicas known from the configuration (this one's included).
     pub peers: AddressBook,
+    /// How Raft messages go to the peers.
+    pub security: tidal_auth::Security,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -230,7 +232,14 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     let state = Arc::new(RwLock::new(state));
     let (status_tx, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
     let my_address = cfg.peers.get(cfg.id).unwrap_or_default();
-    let outbound = Outbound::new(cfg.id, my_address, cfg.peers.clone(), tokio::runtime::Handle::current(), tx.clone());
+    let outbound = Outbound::new(
+        cfg.id,
+        my_address,
+        cfg.peers.clone(),
+        cfg.security.clone(),
+        tokio::runtime::Handle::current(),
+        tx.clone(),
+    );
     let mut driver = Driver {
         node,
         log,

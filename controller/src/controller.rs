@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tidal_auth::Security;
 use tidal_common::adapt::{AdaptConfig, Adapter};
 use tidal_proto::v1::agent_client::AgentClient;
 use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan};
@@ -47,10 +48,12 @@ pub struct Controller {
     pub reconsider: Notify,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
+    /// How plans reach the agents' control ports.
+    security: Security,
 }
 
 impl Controller {
-    pub fn new(raft: RaftHandle, cfg: ControllerConfig, metrics: ControllerMetrics) -> Arc<Self> {
+    pub fn new(raft: RaftHandle, cfg: ControllerConfig, metrics: ControllerMetrics, security: Security) -> Arc<Self> {
         let node_timeout = cfg.node_timeout;
         let adapter = Adapter::with_defaults(cfg.adapt.clone());
         Arc::new(Self {
@@ -63,6 +66,7 @@ impl Controller {
             reconsider: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
+            security,
         })
     }
 
@@ -239,7 +243,7 @@ impl Controller {
     fn push_all(&self, plan: &Plan) {
         let nodes = self.raft.read(|s| s.nodes.clone());
         for (name, info) in nodes {
-            self.push(&name, &info.address, plan.clone());
+            self.push(&name, &info.control_address, plan.clone());
         }
     }
 
@@ -255,7 +259,7 @@ impl Controller {
         });
         for name in lagging {
             if let Some(info) = nodes.get(&name) {
-                self.push(&name, &info.address, plan.clone());
+                self.push(&name, &info.control_address, plan.clone());
             }
         }
     }
@@ -276,7 +280,7 @@ impl Controller {
             last.insert(node.to_string(), Instant::now());
         }
         if let Some(info) = self.raft.read(|s| s.nodes.get(node).cloned()) {
-            self.push(node, &info.address, plan);
+            self.push(node, &info.control_address, plan);
         }
     }
 
@@ -285,7 +289,7 @@ impl Controller {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             match clients.get(address) {
                 Some(c) => c.clone(),
-                None => match Channel::from_shared(format!("http://{address}")) {
+                None => match self.security.endpoint(address) {
                     Ok(endpoint) => {
                         let c = AgentClient::new(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy());
                         clients.insert(address.to_string(), c.clone());

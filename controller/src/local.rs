@@ -9,8 +9,9 @@ use crate::consensus::{start, RaftConfig, RaftHandle};
 use crate::storage::StorageError;
 use crate::transport::{AddressBook, RaftService};
 
-/// Starts `n` replicas (ids 1..=n) under `dir` with the default timing; call within a tokio
-/// runtime. The servers run until the runtime stops.
+/// Starts `n` replicas (ids 1..=n) under `dir` with the default timing, in plaintext, each
+/// serving Raft on one loopback port; call within a tokio runtime. The servers run until the
+/// runtime stops.
 pub fn start_local_group(dir: &Path, n: u64) -> Result<Vec<RaftHandle>, StorageError> {
     let peers: Vec<(u64, String)> = (1..=n).map(|id| (id, free_loopback_addr())).collect();
     let mut handles = Vec::new();
@@ -19,13 +20,15 @@ pub fn start_local_group(dir: &Path, n: u64) -> Result<Vec<RaftHandle>, StorageE
             id: *id,
             voters: (1..=n).collect(),
             peers: AddressBook::new(peers.clone()),
+            security: tidal_auth::Security::plaintext(),
             tick: Duration::from_millis(50),
             election_ticks: 8,
             heartbeat_ticks: 2,
             snapshot_entries: 1000,
         };
         let raft = start(cfg, &dir.join(format!("replica-{id}")))?;
-        let server = tonic::transport::Server::builder().add_service(RaftService::server(raft.clone()));
+        let server = tonic::transport::Server::builder()
+            .add_service(RaftService::server(raft.clone(), tidal_auth::Guard::open()));
         if let Ok(addr) = addr.parse() {
             tokio::spawn(server.serve(addr));
         }

@@ -28,8 +28,13 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     id: u64,
     /// Address of the gRPC API for agents and tidalctl.
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "TIDAL_LISTEN", default_value = "127.0.0.1:7000")]
     listen: SocketAddr,
+    /// Address of the Raft peer port, for the other replicas only.
+    #[arg(long, env = "TIDAL_PEER_LISTEN", default_value = "127.0.0.1:7001")]
+    peer_listen: SocketAddr,
+    #[command(flatten)]
+    tls: tidal_auth::TlsArgs,
     /// Directory of the sled store (Raft log, hard state); created if missing.
     #[arg(long, default_value = "tidal-controller-data")]
     data_dir: PathBuf,
@@ -81,18 +86,21 @@ struct Args {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// The replicas of the group as ID=HOST:PORT,… (their API addresses, which also carry
-    /// Raft traffic). A fresh store is bootstrapped with these as voters unless --join is
-    /// given; without --peers the replica forms a group of one.
+    /// The replicas of the group as ID=API_HOST:PORT/PEER_HOST:PORT,… (each one's API and
+    /// Raft peer addresses). A fresh store is bootstrapped with these as voters unless --join
+    /// is given; without --peers the replica forms a group of one.
     #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
     peers: Vec<(u64, String)>,
     /// Start empty and wait to be added to an existing group (`tidalctl controller add`);
     /// --peers then names replicas already in it.
     #[arg(long)]
     join: bool,
-    /// Address other replicas, agents and tidalctl reach this replica at (default: --listen).
+    /// Address agents and tidalctl reach this replica's API at (default: --listen).
     #[arg(long)]
     advertise: Option<SocketAddr>,
+    /// Address the other replicas reach this replica's peer port at (default: --peer-listen).
+    #[arg(long)]
+    advertise_peer: Option<SocketAddr>,
     /// Milliseconds per Raft tick.
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
@@ -109,13 +117,12 @@ struct Args {
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
-    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=API_HOST:PORT/PEER_HOST:PORT"))?;
     let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a replica id"))?;
     if id == 0 {
         return Err("replica ids must be positive".into());
     }
-    let addr: SocketAddr = addr.trim().parse().map_err(|_| format!("{addr:?} is not an ip:port address"))?;
-    Ok((id, addr.to_string()))
+    Ok((id, tidal_controller::transport::parse_replica_address(addr.trim())?))
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
@@ -138,13 +145,19 @@ async fn main() -> anyhow::Result<()> {
     if args.heartbeat_ticks == 0 || args.election_ticks <= args.heartbeat_ticks {
         anyhow::bail!("--heartbeat-ticks must be positive and less than --election-ticks");
     }
+    let security = tidal_auth::Security::from_args(&args.tls)?;
+    if let Some(role) = security.role().filter(|r| **r != tidal_auth::Role::Controller(args.id)) {
+        anyhow::bail!("--tls-cert is {role}'s certificate; replica {} needs controller/{}'s", args.id, args.id);
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let advertise = args.advertise.unwrap_or(args.listen).to_string();
-    let (voters, peers) = membership(&args, &advertise)?;
+    let advertise_peer = args.advertise_peer.unwrap_or(args.peer_listen).to_string();
+    let (voters, peers) = membership(&args, &format!("{advertise}/{advertise_peer}"))?;
     let raft_cfg = RaftConfig {
         id: args.id,
         voters,
         peers,
+        security: security.clone(),
         tick: Duration::from_millis(args.tick_ms.max(5)),
         election_ticks: args.election_ticks,
         heartbeat_ticks: args.heartbeat_ticks,
@@ -170,8 +183,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
-    let raft_service = RaftService::server(raft.clone());
-    let ctl = Controller::new(raft, cfg, metrics);
+    let guard = tidal_auth::Guard::new(&security);
+    let raft_service = RaftService::server(raft.clone(), guard);
+    let ctl = Controller::new(raft, cfg, metrics, security.clone());
     if let Some(addr) = args.metrics_listen {
         tidal_daemon::metrics_http::spawn(addr, registry);
         let ctl = ctl.clone();
@@ -184,18 +198,32 @@ async fn main() -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
-    info!(listen = %args.listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
-    let shutdown = async move {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    tonic::transport::Server::builder()
-        .add_service(ControllerServer::new(ControllerService { ctl }))
+    info!(listen = %args.listen, peer_listen = %args.peer_listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
+    let shutdown = stop.clone();
+    let peer_server = server(&security)?
         .add_service(raft_service)
-        .serve_with_shutdown(args.listen, shutdown)
-        .await
-        .with_context(|| format!("serving on {}", args.listen))?;
+        .serve_with_shutdown(args.peer_listen, shutdown.clone().cancelled_owned());
+    let api_server = server(&security)?
+        .add_service(ControllerServer::new(ControllerService { ctl, guard }))
+        .serve_with_shutdown(args.listen, shutdown.clone().cancelled_owned());
+    let peer = tokio::spawn(peer_server);
+    let api = tokio::spawn(api_server);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        r = peer => r?.with_context(|| format!("serving the peer port {}", args.peer_listen))?,
+        r = api => r?.with_context(|| format!("serving the API on {}", args.listen))?,
+    }
     stop.cancel();
     Ok(())
+}
+
+/// A server builder for a control port: mutual TLS required (or plaintext, if so configured).
+fn server(security: &tidal_auth::Security) -> anyhow::Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    Ok(match security.server(tidal_auth::tls::ClientAuth::Required) {
+        Some(tls) => builder.tls_config(tls).context("the TLS configuration")?,
+        None => builder,
+    })
 }
 
 /// The voters a fresh store starts with, and the addresses known from the command line.

@@ -38,11 +38,12 @@ pub fn plan_round(
             load_s: observed.load_times(&spec.name),
         })
         .collect();
-    // A node that stopped reporting is planned around: its share goes to the others.
+    // A node that stopped reporting, or is draining, is planned around: its share goes to the
+    // others.
     let nodes = state
         .nodes
         .iter()
-        .filter(|(name, _)| !observed.is_silent(name, now))
+        .filter(|(name, n)| !n.draining && !observed.is_silent(name, now))
         .map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores })
         .collect();
     let serving = observed.serving();

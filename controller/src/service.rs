@@ -3,13 +3,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidal_auth::guard::{is_admin, may_read};
+use tidal_auth::{Guard, Role};
 use tidal_common::task::find_variant;
 use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
-    command::Change, ClusterStatus, ClusterStatusRequest, Command, NodeStatus, PlanHistory, PlanHistoryRequest,
-    RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, SetSloRequest,
-    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
+    command::Change, ClusterStatus, ClusterStatusRequest, Command, DrainNodeRequest, DrainNodeResponse, NodeStatus,
+    PlanHistory, PlanHistoryRequest, RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest,
+    RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse, SetSloRequest, SetSloResponse, StoreProfileRequest,
+    StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, MembershipResponse, RemoveReplicaRequest, Replica, ReplicaList,
@@ -24,9 +27,12 @@ use crate::controller::Controller;
 /// How long `add_replica` waits for a learner to catch up before promoting it.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The controller's API. Agents register and report as their own node; admins change tasks,
+/// profiles, nodes and membership; admins, readers and other replicas may read.
 #[derive(Clone)]
 pub struct ControllerService {
     pub ctl: Arc<Controller>,
+    pub guard: Guard,
 }
 
 impl ControllerService {
@@ -92,15 +98,16 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let node = request.get_ref().node.clone();
+        self.guard.require(&request, "RegisterNode", |r| *r == Role::Agent(node.clone()))?;
         self.require_leader()?;
         let req = request.into_inner();
-        if req.node.is_empty() || req.address.is_empty() || req.cores == 0 {
-            return Err(Status::invalid_argument("a node needs a name, an address and at least one core"));
-        }
-        let known = self
-            .ctl
-            .raft
-            .read(|s| s.nodes.get(&req.node).is_some_and(|n| n.address == req.address && n.cores == req.cores));
+        tidal_common::plan::validate_node(&req).map_err(Status::invalid_argument)?;
+        let known = self.ctl.raft.read(|s| {
+            s.nodes.get(&req.node).is_some_and(|n| {
+                n.address == req.address && n.control_address == req.control_address && n.cores == req.cores
+            })
+        });
         if !known {
             self.commit(Change::RegisterNode(req.clone())).await?;
         }
@@ -109,6 +116,8 @@ impl ControllerApi for ControllerService {
     }
 
     async fn report_telemetry(&self, request: Request<TelemetryReport>) -> Result<Response<TelemetryAck>, Status> {
+        let node = request.get_ref().node.clone();
+        self.guard.require(&request, "ReportTelemetry", |r| *r == Role::Agent(node.clone()))?;
         self.require_leader()?;
         let report = request.into_inner();
         let (node, applied) = (report.node.clone(), report.applied_epoch);
@@ -128,6 +137,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RegisterTaskRequest>,
     ) -> Result<Response<RegisterTaskResponse>, Status> {
+        self.guard.require(&request, "RegisterTask", is_admin)?;
         self.require_leader()?;
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         let task = tidal_common::task::normalise(task);
@@ -137,11 +147,10 @@ impl ControllerApi for ControllerService {
     }
 
     async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
+        self.guard.require(&request, "SetSlo", is_admin)?;
         self.require_leader()?;
         let req = request.into_inner();
-        if req.slo_ms == 0 {
-            return Err(Status::invalid_argument("the SLO must be positive"));
-        }
+        tidal_common::task::validate_slo(req.slo_ms).map_err(Status::invalid_argument)?;
         if !self.ctl.raft.read(|s| s.tasks.contains_key(&req.task)) {
             return Err(Status::not_found(format!("unknown task {:?}", req.task)));
         }
@@ -153,19 +162,10 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<StoreProfileRequest>,
     ) -> Result<Response<StoreProfileResponse>, Status> {
+        self.guard.require(&request, "StoreProfile", is_admin)?;
         self.require_leader()?;
         let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
-        let bad = profile.points.iter().any(|p| {
-            p.cores == 0
-                || p.batch == 0
-                || !(p.throughput_rps.is_finite() && p.throughput_rps > 0.0)
-                || !(p.latency_p99_ms.is_finite() && p.latency_p99_ms > 0.0)
-        });
-        if profile.points.is_empty() || bad {
-            return Err(Status::invalid_argument(
-                "a profile needs points with positive cores, batch, latency and throughput",
-            ));
-        }
+        tidal_common::profile::validate_profile(&profile).map_err(Status::invalid_argument)?;
         let known = self
             .ctl
             .raft
@@ -177,7 +177,8 @@ impl ControllerApi for ControllerService {
         Ok(Response::new(StoreProfileResponse {}))
     }
 
-    async fn status(&self, _request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
+    async fn status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
+        self.guard.require(&request, "Status", may_read)?;
         self.require_leader()?;
         // Even the leader confirms it still leads before answering (it may be cut off).
         self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
@@ -193,6 +194,8 @@ impl ControllerApi for ControllerService {
                     NodeStatus {
                         node: name.clone(),
                         address: info.address.clone(),
+                        control_address: info.control_address.clone(),
+                        draining: info.draining,
                         cores: info.cores,
                         applied_epoch: report.map_or(0, |(_, r)| r.applied_epoch),
                         seconds_since_report: report
@@ -240,8 +243,43 @@ impl ControllerApi for ControllerService {
         Ok(Response::new(status))
     }
 
+    async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeResponse>, Status> {
+        self.guard.require(&request, "DrainNode", is_admin)?;
+        self.require_leader()?;
+        let req = request.into_inner();
+        if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
+            return Err(Status::not_found(format!("unknown node {:?}", req.node)));
+        }
+        info!(node = %req.node, undrain = req.undrain, "drain requested");
+        self.commit(Change::DrainNode(req)).await?;
+        Ok(Response::new(DrainNodeResponse {}))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.guard.require(&request, "RemoveNode", is_admin)?;
+        self.require_leader()?;
+        let req = request.into_inner();
+        let (known, drained) = self.ctl.raft.read(|s| {
+            let in_plan = s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| a.node == req.node));
+            (s.nodes.contains_key(&req.node), s.nodes.get(&req.node).is_some_and(|n| n.draining) && !in_plan)
+        });
+        if !known {
+            return Err(Status::not_found(format!("unknown node {:?}", req.node)));
+        }
+        if !drained {
+            return Err(Status::failed_precondition(format!(
+                "node {:?} must be drained first (`tidalctl node drain`, then wait for a plan without it)",
+                req.node
+            )));
+        }
+        info!(node = %req.node, "node removed");
+        self.commit(Change::RemoveNode(req)).await?;
+        Ok(Response::new(RemoveNodeResponse {}))
+    }
+
     /// Served by any replica, after a read index: never a stale follower's view.
     async fn history(&self, request: Request<PlanHistoryRequest>) -> Result<Response<PlanHistory>, Status> {
+        self.guard.require(&request, "History", may_read)?;
         let limit = request.into_inner().limit.max(1) as usize;
         self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
         let plans = self.ctl.raft.read(|s| s.history[s.history.len().saturating_sub(limit)..].to_vec());
@@ -250,7 +288,8 @@ impl ControllerApi for ControllerService {
 
     /// This replica's own view of the group (no read index: it is for diagnosing, and must
     /// answer while there is no leader).
-    async fn list_replicas(&self, _request: Request<ListReplicasRequest>) -> Result<Response<ReplicaList>, Status> {
+    async fn list_replicas(&self, request: Request<ListReplicasRequest>) -> Result<Response<ReplicaList>, Status> {
+        self.guard.require(&request, "ListReplicas", may_read)?;
         let raft = self.ctl.raft.status();
         let book = self.ctl.raft.peers.all();
         let matched = |id: u64| raft.matched.iter().find(|(r, _)| *r == id).map_or(0, |(_, m)| *m);
@@ -280,13 +319,12 @@ impl ControllerApi for ControllerService {
     }
 
     async fn add_replica(&self, request: Request<AddReplicaRequest>) -> Result<Response<MembershipResponse>, Status> {
+        self.guard.require(&request, "AddReplica", is_admin)?;
         let req = request.into_inner();
         if req.id == 0 {
             return Err(Status::invalid_argument("a replica id must be positive"));
         }
-        if req.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!("{:?} is not an ip:port address", req.address)));
-        }
+        crate::transport::parse_replica_address(&req.address).map_err(Status::invalid_argument)?;
         self.require_leader()?;
         let raft = self.ctl.raft.status();
         if raft.voters.contains(&req.id) {
@@ -306,6 +344,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RemoveReplicaRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        self.guard.require(&request, "RemoveReplica", is_admin)?;
         let id = request.into_inner().id;
         self.require_leader()?;
         let raft = self.ctl.raft.status();
@@ -327,6 +366,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        self.guard.require(&request, "TransferLeader", is_admin)?;
         let to = request.into_inner().id;
         self.require_leader()?;
         let raft = self.ctl.raft.status();

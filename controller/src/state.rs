@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use tidal_common::task::{find_variant, normalise};
+use tidal_common::plan::{validate_node, validate_plan};
+use tidal_common::profile::validate_profile;
+use tidal_common::task::{find_variant, normalise, validate_slo, validate_task};
 use tidal_proto::v1::{command::Change, Command, Plan, RegisterNodeRequest, StateSnapshot, TaskSpec, VariantProfile};
 
 /// Plans kept in the history (older ones are forgotten).
@@ -11,8 +13,21 @@ pub const HISTORY_LEN: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
+    /// Where inference requests go.
     pub address: String,
+    /// Where plans go.
+    pub control_address: String,
     pub cores: u32,
+    /// Planned empty (`DrainNode`) until undrained.
+    pub draining: bool,
+}
+
+impl NodeInfo {
+    fn registered(n: &RegisterNodeRequest, draining: bool) -> Self {
+        // Registrations from before the control port was separated served both on `address`.
+        let control = if n.control_address.is_empty() { &n.address } else { &n.control_address };
+        Self { address: n.address.clone(), control_address: control.clone(), cores: n.cores, draining }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,8 +66,14 @@ impl ClusterState {
             nodes: self
                 .nodes
                 .iter()
-                .map(|(name, n)| RegisterNodeRequest { node: name.clone(), address: n.address.clone(), cores: n.cores })
+                .map(|(name, n)| RegisterNodeRequest {
+                    node: name.clone(),
+                    address: n.address.clone(),
+                    cores: n.cores,
+                    control_address: n.control_address.clone(),
+                })
                 .collect(),
+            draining_nodes: self.nodes.iter().filter(|(_, n)| n.draining).map(|(name, _)| name.clone()).collect(),
             tasks: self.tasks.values().cloned().collect(),
             profiles: self.profiles.values().cloned().collect(),
             plan: self.plan.clone(),
@@ -63,7 +84,11 @@ impl ClusterState {
 
     pub fn from_snapshot(s: StateSnapshot) -> Self {
         Self {
-            nodes: s.nodes.into_iter().map(|n| (n.node, NodeInfo { address: n.address, cores: n.cores })).collect(),
+            nodes: s
+                .nodes
+                .iter()
+                .map(|n| (n.node.clone(), NodeInfo::registered(n, s.draining_nodes.contains(&n.node))))
+                .collect(),
             tasks: s.tasks.into_iter().map(normalise).map(|t| (t.name.clone(), t)).collect(),
             profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
             plan: s.plan,
@@ -74,25 +99,46 @@ impl ClusterState {
     }
 
     /// Applies one committed command. A command that is not valid against the current state
-    /// (e.g. a plan from a stale leader) changes nothing and says why; every replica reaches
-    /// the same verdict.
+    /// (e.g. a plan from a stale leader) or not valid at all (the checks the API makes, made
+    /// again: the log is an input too) changes nothing and says why; every replica reaches the
+    /// same verdict.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Result<(), String> {
         self.applied_index = index;
         match cmd.change.as_ref().ok_or("empty command")? {
             Change::RegisterNode(n) => {
-                self.nodes.insert(n.node.clone(), NodeInfo { address: n.address.clone(), cores: n.cores });
+                validate_node(n)?;
+                let draining = self.nodes.get(&n.node).is_some_and(|old| old.draining);
+                self.nodes.insert(n.node.clone(), NodeInfo::registered(n, draining));
+            }
+            Change::DrainNode(d) => {
+                let node = self.nodes.get_mut(&d.node).ok_or_else(|| format!("unknown node {:?}", d.node))?;
+                node.draining = !d.undrain;
+            }
+            Change::RemoveNode(r) => {
+                let node = self.nodes.get(&r.node).ok_or_else(|| format!("unknown node {:?}", r.node))?;
+                if !node.draining || self.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| a.node == r.node))
+                {
+                    return Err(format!(
+                        "node {:?} must be drained (DrainNode, then a plan without it) before it is removed",
+                        r.node
+                    ));
+                }
+                self.nodes.remove(&r.node);
             }
             Change::RegisterTask(t) => {
                 // Entries written before tasks had stages are read in the one-stage form.
                 let t = normalise(t.clone());
+                validate_task(&t)?;
                 self.profiles.retain(|(task, variant), _| task != &t.name || find_variant(&t, variant).is_some());
                 self.tasks.insert(t.name.clone(), t);
             }
             Change::SetSlo(s) => {
+                validate_slo(s.slo_ms)?;
                 let task = self.tasks.get_mut(&s.task).ok_or_else(|| format!("unknown task {:?}", s.task))?;
                 task.slo_ms = s.slo_ms;
             }
             Change::StoreProfile(p) => {
+                validate_profile(p)?;
                 if self.tasks.get(&p.task).is_none_or(|t| find_variant(t, &p.variant).is_none()) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
@@ -103,6 +149,9 @@ impl ClusterState {
                 if plan.epoch != expected {
                     return Err(format!("plan epoch {} is not the next epoch {expected}", plan.epoch));
                 }
+                let mut normalised = plan.clone();
+                tidal_common::plan::normalise(&mut normalised);
+                validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
                 self.plan = Some(plan.clone());
                 self.history.push(plan.clone());
                 if self.history.len() > HISTORY_LEN {
@@ -117,10 +166,41 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidal_proto::v1::{SetSloRequest, VariantSpec};
+    use tidal_proto::v1::{Assignment, DrainNodeRequest, ProfilePoint, RemoveNodeRequest, SetSloRequest, VariantSpec};
 
     fn plan(epoch: u64) -> Command {
         Command { change: Some(Change::CommitPlan(Plan { epoch, term: 1, ..Default::default() })) }
+    }
+
+    fn cmd(change: Change) -> Command {
+        Command { change: Some(change) }
+    }
+
+    fn variant() -> VariantSpec {
+        VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3] }
+    }
+
+    fn task() -> TaskSpec {
+        TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant()], stages: vec![] }
+    }
+
+    fn node(name: &str) -> RegisterNodeRequest {
+        RegisterNodeRequest {
+            node: name.into(),
+            address: "127.0.0.1:7001".into(),
+            cores: 4,
+            control_address: "127.0.0.1:7101".into(),
+        }
+    }
+
+    fn profile(variant: &str, cores: u32) -> Command {
+        let point = ProfilePoint { cores, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 6.0, throughput_rps: 100.0 };
+        cmd(Change::StoreProfile(VariantProfile {
+            task: "t".into(),
+            variant: variant.into(),
+            node: "n".into(),
+            points: vec![point],
+        }))
     }
 
     #[test]
@@ -137,23 +217,20 @@ mod tests {
     #[test]
     fn a_snapshot_restores_the_same_state() {
         let mut s = ClusterState::default();
-        let task = TaskSpec {
-            name: "t".into(),
-            slo_ms: 100,
-            variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
-            stages: vec![],
-        };
-        s.apply(1, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
-        let node = RegisterNodeRequest { node: "n".into(), address: "a:1".into(), cores: 4 };
-        s.apply(2, &Command { change: Some(Change::RegisterNode(node)) }).unwrap();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        s.apply(2, &cmd(Change::RegisterNode(node("n")))).unwrap();
         s.apply(3, &plan(1)).unwrap();
         s.apply_membership(4, 7, Some("127.0.0.7:7000".into()));
+        s.apply(5, &cmd(Change::RegisterNode(node("m")))).unwrap();
+        s.apply(6, &cmd(Change::DrainNode(DrainNodeRequest { node: "m".into(), undrain: false }))).unwrap();
         let restored = ClusterState::from_snapshot(s.to_snapshot());
         assert_eq!(restored.to_snapshot(), s.to_snapshot());
-        assert_eq!(restored.applied_index, 4);
+        assert_eq!(restored.applied_index, 6);
         assert_eq!(restored.plan_epoch(), 1);
         assert_eq!(restored.replicas[&7], "127.0.0.7:7000");
         assert_eq!(restored.nodes["n"].cores, 4);
+        assert_eq!(restored.nodes["n"].control_address, "127.0.0.1:7101");
+        assert!(restored.nodes["m"].draining && !restored.nodes["n"].draining);
         assert_eq!(
             restored.tasks["t"].stages[0].variants[0].name, "v",
             "a task in the one-stage form reads as a stage"
@@ -163,25 +240,69 @@ mod tests {
     #[test]
     fn slo_changes_and_profiles_need_a_known_task() {
         let mut s = ClusterState::default();
-        let set = Command { change: Some(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 50 })) };
+        let set = cmd(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 50 }));
         assert!(s.apply(1, &set).is_err());
-        let task = TaskSpec {
-            name: "t".into(),
-            slo_ms: 100,
-            variants: vec![VariantSpec { name: "v".into(), ..Default::default() }],
-            stages: vec![],
-        };
-        s.apply(2, &Command { change: Some(Change::RegisterTask(task)) }).unwrap();
+        s.apply(2, &cmd(Change::RegisterTask(task()))).unwrap();
         s.apply(3, &set).unwrap();
         assert_eq!(s.tasks["t"].slo_ms, 50);
-        let profile = |variant: &str| Command {
-            change: Some(Change::StoreProfile(VariantProfile {
+        assert!(s.apply(4, &profile("v", 1)).is_ok());
+        assert!(s.apply(5, &profile("w", 1)).is_err());
+    }
+
+    /// The log is an input too: an entry that the API would have refused (say, forged by a
+    /// peer) changes nothing when it is applied.
+    #[test]
+    fn entries_the_api_refuses_change_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        s.apply(2, &cmd(Change::RegisterNode(node("n")))).unwrap();
+        let before = s.to_snapshot();
+        let bad_name = TaskSpec { name: "../x".into(), ..task() };
+        let no_slo = TaskSpec { name: "u".into(), slo_ms: 0, ..task() };
+        let huge_node = RegisterNodeRequest { cores: 1 << 30, ..node("big") };
+        let unknown_node = Plan {
+            epoch: 1,
+            term: 1,
+            tasks: vec![normalise(task())],
+            assignments: vec![Assignment {
                 task: "t".into(),
-                variant: variant.into(),
+                stage: "t".into(),
+                variant: Some(variant()),
+                node: "ghost".into(),
+                millicores: 1000,
+                max_batch: 1,
+                weight: 1.0,
                 ..Default::default()
-            })),
+            }],
+            ..Default::default()
         };
-        assert!(s.apply(4, &profile("v")).is_ok());
-        assert!(s.apply(5, &profile("w")).is_err());
+        let refused = [
+            cmd(Change::RegisterTask(bad_name)),
+            cmd(Change::RegisterTask(no_slo)),
+            cmd(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 0 })),
+            profile("v", 1_000_000_000),
+            cmd(Change::RegisterNode(huge_node)),
+            cmd(Change::CommitPlan(unknown_node)),
+            cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into() })),
+        ];
+        for (i, c) in refused.iter().enumerate() {
+            assert!(s.apply(3 + i as u64, c).is_err(), "entry {i} was applied: {c:?}");
+        }
+        let mut after = s.to_snapshot();
+        after.applied_index = before.applied_index;
+        assert_eq!(after, before);
+    }
+
+    #[test]
+    fn a_node_is_removed_only_once_drained_and_out_of_the_plan() {
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterNode(node("n")))).unwrap();
+        let remove = cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into() }));
+        assert!(s.apply(2, &remove).is_err(), "not drained");
+        s.apply(3, &cmd(Change::DrainNode(DrainNodeRequest { node: "n".into(), undrain: false }))).unwrap();
+        s.apply(4, &cmd(Change::RegisterNode(node("n")))).unwrap();
+        assert!(s.nodes["n"].draining, "registering again keeps the drain");
+        s.apply(5, &remove).unwrap();
+        assert!(s.nodes.is_empty());
     }
 }

@@ -19,6 +19,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use tidal_auth::{Guard, Role, Security};
+
 use crate::consensus::{Input, RaftHandle};
 
 /// Largest Raft batch or snapshot accepted over the wire.
@@ -30,7 +32,23 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// otherwise hold its queue for a TCP timeout).
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Raft id → gRPC address of every replica this one knows of.
+/// A replica's addresses as `--peers`, membership changes and the address book write them:
+/// `API/PEER`, its API port (agents, tidalctl) and its Raft peer port. A lone address is a
+/// replica from before the two were separated, serving Raft on its API port.
+pub fn split_address(address: &str) -> (&str, &str) {
+    address.split_once('/').unwrap_or((address, address))
+}
+
+/// Checks `API/PEER` (both `ip:port`) and returns it as written.
+pub fn parse_replica_address(s: &str) -> Result<String, String> {
+    let (api, peer) = s.split_once('/').ok_or_else(|| format!("{s:?} is not API_HOST:PORT/PEER_HOST:PORT"))?;
+    for a in [api, peer] {
+        a.parse::<std::net::SocketAddr>().map_err(|_| format!("{a:?} (in {s:?}) is not an ip:port address"))?;
+    }
+    Ok(s.to_string())
+}
+
+/// Raft id → addresses (`API/PEER`) of every replica this one knows of.
 #[derive(Clone, Default)]
 pub struct AddressBook(Arc<RwLock<BTreeMap<u64, String>>>);
 
@@ -41,6 +59,16 @@ impl AddressBook {
 
     pub fn get(&self, id: u64) -> Option<String> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Where replica `id` serves the API.
+    pub fn api(&self, id: u64) -> Option<String> {
+        self.get(id).map(|a| split_address(&a).0.to_string())
+    }
+
+    /// Where replica `id` takes Raft messages.
+    pub fn peer(&self, id: u64) -> Option<String> {
+        self.get(id).map(|a| split_address(&a).1.to_string())
     }
 
     pub fn set(&self, id: u64, address: &str) {
@@ -66,6 +94,7 @@ pub struct Outbound {
     me: u64,
     my_address: String,
     book: AddressBook,
+    security: Security,
     runtime: tokio::runtime::Handle,
     feedback: mpsc::Sender<Input>,
     peers: HashMap<u64, tmpsc::UnboundedSender<Message>>,
@@ -76,10 +105,11 @@ impl Outbound {
         me: u64,
         my_address: String,
         book: AddressBook,
+        security: Security,
         runtime: tokio::runtime::Handle,
         feedback: mpsc::Sender<Input>,
     ) -> Self {
-        Self { me, my_address, book, runtime, feedback, peers: HashMap::new() }
+        Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new() }
     }
 
     pub fn send(&mut self, messages: Vec<Message>) {
@@ -92,6 +122,7 @@ impl Outbound {
                     me: self.me,
                     my_address: self.my_address.clone(),
                     book: self.book.clone(),
+                    security: self.security.clone(),
                     feedback: self.feedback.clone(),
                 };
                 self.runtime.spawn(peer.run(rx));
@@ -109,6 +140,7 @@ struct Peer {
     me: u64,
     my_address: String,
     book: AddressBook,
+    security: Security,
     feedback: mpsc::Sender<Input>,
 }
 
@@ -152,9 +184,9 @@ impl Peer {
         client: &mut Option<(String, RaftTransportClient<Channel>)>,
         batch: &[Message],
     ) -> Result<(), String> {
-        let address = self.book.get(self.to).ok_or_else(|| format!("no address known for replica {}", self.to))?;
+        let address = self.book.peer(self.to).ok_or_else(|| format!("no address known for replica {}", self.to))?;
         if client.as_ref().is_none_or(|(a, _)| *a != address) {
-            let endpoint = Channel::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
+            let endpoint = self.security.endpoint(&address).map_err(|e| e.to_string())?;
             let channel = endpoint.connect_timeout(SEND_TIMEOUT / 4).timeout(SEND_TIMEOUT).connect_lazy();
             let c = RaftTransportClient::new(channel)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -173,14 +205,17 @@ impl Peer {
     }
 }
 
-/// The inbound side: steps every received message into the local replica.
+/// The inbound side: steps every received message into the local replica. Under mutual TLS
+/// only a replica of the group may speak, as itself: the certificate must be controller
+/// `from`, and `from` a replica this one knows.
 pub struct RaftService {
     pub raft: RaftHandle,
+    pub guard: Guard,
 }
 
 impl RaftService {
-    pub fn server(raft: RaftHandle) -> RaftTransportServer<Self> {
-        RaftTransportServer::new(Self { raft })
+    pub fn server(raft: RaftHandle, guard: Guard) -> RaftTransportServer<Self> {
+        RaftTransportServer::new(Self { raft, guard })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -189,8 +224,14 @@ impl RaftService {
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let from = request.get_ref().from;
+        let caller = self.guard.require(&request, "Raft", |r| *r == Role::Controller(from))?;
+        if caller.is_some() && self.raft.peers.get(from).is_none() {
+            return Err(Status::permission_denied(format!("replica {from} is not a member this replica knows")));
+        }
         let batch = request.into_inner();
-        if batch.from != 0 && !batch.from_address.is_empty() {
+        let valid = |a: &str| parse_replica_address(a).is_ok() || a.parse::<std::net::SocketAddr>().is_ok();
+        if batch.from != 0 && valid(&batch.from_address) {
             self.raft.peers.set(batch.from, &batch.from_address);
         }
         for bytes in &batch.messages {

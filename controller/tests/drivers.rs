@@ -94,7 +94,10 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
     let reference = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
     let spec = reference.spec().clone();
     let mut state = ClusterState::default();
-    state.nodes.insert(SimPlanner::NODE.into(), NodeInfo { address: String::new(), cores: CORES });
+    state.nodes.insert(
+        SimPlanner::NODE.into(),
+        NodeInfo { address: String::new(), control_address: String::new(), cores: CORES, draining: false },
+    );
     state.tasks.insert(spec.name.clone(), spec.clone());
     for v in stages.iter().flat_map(|s| s.variants.clone()) {
         let profile =
@@ -199,7 +202,10 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
     let spec = SimPlanner::pipeline(&stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone())).spec().clone();
     let mut state = ClusterState::default();
     for node in ["a", "b"] {
-        state.nodes.insert(node.into(), NodeInfo { address: format!("{node}:1"), cores: 1 });
+        state.nodes.insert(
+            node.into(),
+            NodeInfo { address: format!("{node}:1"), control_address: format!("{node}:2"), cores: 1, draining: false },
+        );
     }
     state.tasks.insert(spec.name.clone(), spec.clone());
     for v in stages.iter().flat_map(|s| s.variants.clone()) {

@@ -52,7 +52,7 @@ async fn main() {
     let leader = group.leader(Duration::from_secs(20)).await;
     let task = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
     group.client(leader).await.register_task(RegisterTaskRequest { task: Some(task) }).await.expect("task");
-    wait_ready(&agent.addr, 1).await;
+    wait_ready(&agent.control_addr, 1).await;
     eprintln!("cluster up: 3 replicas, agent serving resnet18; load at {} req/s", args.rate);
 
     let samples = Arc::new(Mutex::new(Vec::new()));
@@ -61,7 +61,7 @@ async fn main() {
         tokio::spawn(drive(agent.addr.clone(), r18.input_shape.clone(), args.rate, samples.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let mut agent_client = agent_client(&agent.addr).await;
+    let mut agent_client = agent_client(&agent.control_addr).await;
     let mut to_leader = Vec::new();
     let mut to_plan = Vec::new();
     let mut windows = Vec::new();

@@ -33,10 +33,10 @@ async fn main() {
     let b = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
     let mut plan = plan_for(1, &a.node, "t", 2000, &[(&r18, 1000, 1)]);
     plan.node_addresses = [(a.node.clone(), a.addr.clone()), (b.node.clone(), b.addr.clone())].into_iter().collect();
-    for addr in [&a.addr, &b.addr] {
+    for addr in [&a.control_addr, &b.control_addr] {
         agent_client(addr).await.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.expect("plan");
     }
-    wait_ready(&a.addr, 1).await;
+    wait_ready(&a.control_addr, 1).await;
     latencies(&a.addr, &r18.input_shape, 20).await; // warm up
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!("| resnet18 32×32, 1 core, {n} sequential requests | p50 | p99 |");

@@ -93,16 +93,16 @@ async fn capacity(addr: &str, req: &InferRequest, in_flight: usize, seconds: f64
 
 /// Offers `rate` requests per second, evenly spaced, for `seconds`; also times the agent's
 /// status call every 200 ms.
-async fn offer(addr: &str, req: &InferRequest, rate: f64, seconds: f64) -> (Vec<Outcome>, Vec<f64>) {
+async fn offer(addr: &str, control: &str, req: &InferRequest, rate: f64, seconds: f64) -> (Vec<Outcome>, Vec<f64>) {
     let client = inference_client(addr).await;
     let start = Instant::now();
     let n = (rate * seconds) as usize;
     let outcomes = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut tasks = Vec::with_capacity(n);
     let status_ms = {
-        let addr = addr.to_string();
+        let control = control.to_string();
         tokio::spawn(async move {
-            let mut agent = agent_client(&addr).await;
+            let mut agent = agent_client(&control).await;
             let mut times = Vec::new();
             while start.elapsed().as_secs_f64() < seconds {
                 let t = Instant::now();
@@ -162,7 +162,7 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for &factor in &args.factors {
         let rate = factor * carried;
-        let (outcomes, mut status_ms) = offer(&s.agent.addr, &req, rate, args.seconds).await;
+        let (outcomes, mut status_ms) = offer(&s.agent.addr, &s.agent.control_addr, &req, rate, args.seconds).await;
         let in_time = |o: &Outcome| o.code == Code::Ok && o.latency <= budget;
         let mut ok_ms: Vec<f64> =
             outcomes.iter().filter(|o| in_time(o)).map(|o| o.latency.as_secs_f64() * 1e3).collect();
@@ -200,7 +200,7 @@ async fn against_profile(
     args: &Args,
     pairs: u32,
 ) {
-    let mut agent = agent_client(&s.agent.addr).await;
+    let mut agent = agent_client(&s.agent.control_addr).await;
     let mut ratios = Vec::new();
     println!("| pair | profiler req/s | serving req/s | serving / profiler |");
     println!("|---|---|---|---|");

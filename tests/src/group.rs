@@ -13,7 +13,10 @@ use crate::{bin, free_port, spawn, Proc};
 
 pub struct Replica {
     pub id: u64,
+    /// The API port.
     pub addr: String,
+    /// The Raft peer port.
+    pub peer: String,
     pub data: PathBuf,
     /// None while killed.
     pub proc: Option<Proc>,
@@ -33,20 +36,29 @@ pub struct Group {
 /// How each replica is reached: loopback ports, or given addresses (e.g. in namespaces).
 pub struct Placement {
     pub addr: String,
+    pub peer: String,
     pub wrapper: Vec<String>,
+}
+
+impl Placement {
+    /// Two free loopback ports.
+    pub fn loopback() -> Self {
+        let port = || format!("127.0.0.1:{}", free_port());
+        Self { addr: port(), peer: port(), wrapper: vec![] }
+    }
 }
 
 impl Group {
     /// Starts `n` bootstrap replicas on loopback ports with `args` (adaptation interval,
     /// Raft timing…).
     pub fn start(work: &Path, n: u64, args: &[&str]) -> Self {
-        let placements =
-            (0..n).map(|_| Placement { addr: format!("127.0.0.1:{}", free_port()), wrapper: vec![] }).collect();
+        let placements = (0..n).map(|_| Placement::loopback()).collect();
         Self::start_placed(work, placements, args)
     }
 
     pub fn start_placed(work: &Path, placements: Vec<Placement>, args: &[&str]) -> Self {
-        let peers: Vec<String> = placements.iter().enumerate().map(|(i, p)| format!("{}={}", i + 1, p.addr)).collect();
+        let peers: Vec<String> =
+            placements.iter().enumerate().map(|(i, p)| format!("{}={}/{}", i + 1, p.addr, p.peer)).collect();
         let mut group = Self {
             work: work.to_path_buf(),
             replicas: Vec::new(),
@@ -58,6 +70,7 @@ impl Group {
             group.replicas.push(Replica {
                 id,
                 addr: p.addr,
+                peer: p.peer,
                 data: work.join(format!("controller-{id}")),
                 proc: None,
                 joined: false,
@@ -87,7 +100,9 @@ impl Group {
             }
             None => Command::new(bin("tidal-controller")),
         };
-        cmd.args(["--id", &id.to_string(), "--listen", &r.addr, "--peers", &peers]).arg("--data-dir").arg(&r.data);
+        cmd.args(["--id", &id.to_string(), "--listen", &r.addr, "--peer-listen", &r.peer, "--peers", &peers])
+            .arg("--data-dir")
+            .arg(&r.data);
         if r.joined {
             cmd.arg("--join");
         }
@@ -128,19 +143,21 @@ impl Group {
         self.launch(id);
     }
 
-    /// Starts a new, empty replica that waits to be added (`tidal-controller --join`).
+    /// Starts a new, empty replica that waits to be added (`tidal-controller --join`); its
+    /// addresses as `tidalctl controller add --address` takes them (API/PEER).
     pub fn start_joining(&mut self, id: u64) -> String {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let Placement { addr, peer, .. } = Placement::loopback();
         self.replicas.push(Replica {
             id,
             addr: addr.clone(),
+            peer: peer.clone(),
             data: self.work.join(format!("controller-{id}")),
             proc: None,
             joined: true,
             wrapper: vec![],
         });
         self.launch(id);
-        addr
+        format!("{addr}/{peer}")
     }
 
     /// Stops a replica for good and forgets it.
@@ -206,7 +223,7 @@ pub async fn leader_client(addrs: &str) -> Option<ControllerClient<Channel>> {
 
 /// Runs `tidalctl` with `args` against `controllers`; its stdout, or its stderr as the error.
 pub fn tidalctl(controllers: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(bin("tidalctl"))
+    let out = crate::plaintext_unless_tls(&mut Command::new(bin("tidalctl")))
         .args(["--controller", controllers])
         .args(args)
         .output()

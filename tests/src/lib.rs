@@ -64,7 +64,17 @@ impl Drop for Proc {
     }
 }
 
+/// Every process a test starts talks plaintext unless the test gives it certificates itself
+/// (`--tls-ca`, as tests/tests/security.rs does).
+pub fn plaintext_unless_tls(cmd: &mut Command) -> &mut Command {
+    if !cmd.get_args().any(|a| a == "--tls-ca") {
+        cmd.env("TIDAL_INSECURE_PLAINTEXT", "true");
+    }
+    cmd
+}
+
 fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+    plaintext_unless_tls(&mut cmd);
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let err = file.try_clone().expect("log file");
     cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
@@ -93,7 +103,10 @@ pub struct AgentOpts<'a> {
 
 pub struct Agent {
     pub proc: Proc,
+    /// The inference port.
     pub addr: String,
+    /// The control port (plans, profiling, status).
+    pub control_addr: String,
     pub node: String,
 }
 
@@ -111,10 +124,11 @@ pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
 pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    let control_addr = format!("127.0.0.1:{}", free_port());
     let node = node.to_string();
     let mut cmd = Command::new(bin("tidal-agent"));
     cmd.arg("serve")
-        .args(["--node", &node, "--listen", &addr, "--report-interval-s", "0.5"])
+        .args(["--node", &node, "--listen", &addr, "--control-listen", &control_addr, "--report-interval-s", "0.5"])
         .arg("--model-dir")
         .arg(opts.model_dir)
         .arg("--ort-lib")
@@ -128,14 +142,15 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
         cmd.args(["--controller", c]);
     }
     let proc = spawn("agent", cmd, &work.join(format!("{node}-{port}.log")));
-    Agent { proc, addr, node }
+    Agent { proc, addr, control_addr, node }
 }
 
 /// Starts a controller with a short adaptation interval; returns the process and its address.
 pub fn start_controller(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(bin("tidal-controller"));
-    cmd.args(["--listen", &addr, "--interval-s", &interval_s.to_string()])
+    cmd.args(["--listen", &addr, "--peer-listen", &peer, "--interval-s", &interval_s.to_string()])
         .arg("--data-dir")
         .arg(work.join("controller-data"))
         .args(extra);
@@ -306,9 +321,9 @@ impl Setup {
         slo_ms: u32,
         workers: &[(&tidal_common::variant::VariantConfig, u32, u32)],
     ) -> Vec<tidal_proto::v1::WorkerTelemetry> {
-        let mut agent = agent_client(&self.agent.addr).await;
+        let mut agent = agent_client(&self.agent.control_addr).await;
         let plan = plan_for(epoch, &self.agent.node, "classify", slo_ms, workers);
         agent.apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan) }).await.expect("the plan is applied");
-        wait_ready(&self.agent.addr, workers.len()).await
+        wait_ready(&self.agent.control_addr, workers.len()).await
     }
 }

@@ -73,8 +73,8 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
 
     // Profile both variants on the agent with the CLI; the profiles land in the controller.
-    let status = Command::new(bin("tidalctl"))
-        .args(["--controller", &ctl_addr, "profile", "--agent", &agent.addr, "--task", "classify"])
+    let status = plaintext_unless_tls(&mut Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl_addr, "profile", "--agent", &agent.control_addr, "--task", "classify"])
         .args(["--cores", "1,2", "--batches", "1,4", "--duration-ms", "600", "--repeat", "1"])
         .status()
         .unwrap();
@@ -108,7 +108,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     println!("idle plan: {:?}\nbusy plan: {:?}", idle_plan.notes, busy_plan.notes);
 
     // The agent applies it: its workers and the kernel's quotas match the controller's plan.
-    let agent_ctl = agent_client(&agent.addr).await;
+    let agent_ctl = agent_client(&agent.control_addr).await;
     let applied = eventually(Duration::from_secs(30), "the agent's workers and quotas to match the plan", || {
         let (mut ctl, mut agent_ctl) = (ctl.clone(), agent_ctl.clone());
         async move {
@@ -144,7 +144,9 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     drop(controller);
     let restarted = {
         let mut cmd = Command::new(bin("tidal-controller"));
-        cmd.args(["--listen", &ctl_addr, "--interval-s", "3600"])
+        let peer = format!("127.0.0.1:{}", free_port());
+        plaintext_unless_tls(&mut cmd)
+            .args(["--listen", &ctl_addr, "--peer-listen", &peer, "--interval-s", "3600"])
             .arg("--data-dir")
             .arg(work.path().join("controller-data"));
         cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());

@@ -38,10 +38,10 @@ fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving() {
     let s = setup(&["--max-request-bytes", "1000000"]);
-    let mut agent = agent_client(&s.agent.addr).await;
+    let mut agent = agent_client(&s.agent.control_addr).await;
     let mut plan = plan_for(5, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
     agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.unwrap();
-    wait_ready(&s.agent.addr, 1).await;
+    wait_ready(&s.agent.control_addr, 1).await;
     let mut infer = inference_client(&s.agent.addr).await;
     let shape = s.r18.input_shape.clone();
     let call = |task: &str, input: Option<Tensor>| InferRequest { task: task.into(), input, budget_ms: 0 };
@@ -106,7 +106,7 @@ async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
 async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit() {
     let s = setup(&[]);
     let workers = s.serve(1, 5000, &[(&s.r18, 1000, 1)]).await;
-    let agent = agent_client(&s.agent.addr).await;
+    let agent = agent_client(&s.agent.control_addr).await;
     let cgroup = std::path::PathBuf::from(&workers[0].cgroup);
     let pid = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
     let pid = pid.lines().next().expect("the worker process is in its cgroup").trim().to_string();
@@ -151,7 +151,7 @@ async fn an_agent_restarted_after_a_crash_removes_the_cgroups_it_left_behind() {
 
     let models = work.path().join("models");
     let again = start_agent_named(work.path(), &node, AgentOpts { model_dir: &models, controller: None, extra: &[] });
-    agent_client(&again.addr).await; // listening: start-up is over
+    agent_client(&again.control_addr).await; // listening: start-up is over
     assert!(!leftover.exists(), "{} survived the restart", leftover.display());
     drop(again);
 }

@@ -69,7 +69,7 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     let served = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
     group.client(first).await.register_task(RegisterTaskRequest { task: Some(served) }).await.unwrap();
     let before = eventually(Duration::from_secs(20), "the agent applies the first leader's plan", || async {
-        agent_status(&agent.addr).await.filter(|s| s.applied_epoch >= 1)
+        agent_status(&agent.control_addr).await.filter(|s| s.applied_epoch >= 1)
     })
     .await;
     let term1 = group.view(first).await.unwrap().term;
@@ -81,7 +81,9 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     assert!(term2 > term1);
     // The new leader re-commits the plan under its term and pushes it; the agent takes it.
     eventually(Duration::from_secs(10), "the agent applies the new leader's plan", || async {
-        agent_status(&agent.addr).await.filter(|s| s.applied_term >= term2 && s.applied_epoch > before.applied_epoch)
+        agent_status(&agent.control_addr)
+            .await
+            .filter(|s| s.applied_term >= term2 && s.applied_epoch > before.applied_epoch)
     })
     .await;
     // The agent re-registers with the new leader and its telemetry resumes there. (On a
@@ -121,7 +123,7 @@ async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
     let models = work.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &[] });
-    let mut client = agent_client(&agent.addr).await;
+    let mut client = agent_client(&agent.control_addr).await;
     let plan = |epoch, term| {
         // A task with no worker on this node: only the ordering of plans is at stake.
         let mut p = plan_for(epoch, &agent.node, "t", 100, &[]);
@@ -136,14 +138,19 @@ async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
     }
     client.apply_plan(plan(5, 3)).await.expect("the same plan again is harmless");
     client.apply_plan(plan(6, 3)).await.expect("the next plan is applied");
-    let s = agent_status(&agent.addr).await.unwrap();
+    let s = agent_status(&agent.control_addr).await.unwrap();
     assert_eq!((s.applied_epoch, s.applied_term), (6, 3));
 }
 
 /// `tidalctl controller list` run inside a namespace, parsed: (term, leader, last index, commit).
 fn view_from_inside(net: &Net, k: usize, addr: &str) -> Option<(u64, u64, u64, u64)> {
     let mut cmd = Command::new(&net.wrapper(k)[0]);
-    cmd.args(&net.wrapper(k)[1..]).arg(bin("tidalctl")).args(["--controller", addr, "controller", "list"]);
+    plaintext_unless_tls(&mut cmd).args(&net.wrapper(k)[1..]).arg(bin("tidalctl")).args([
+        "--controller",
+        addr,
+        "controller",
+        "list",
+    ]);
     let out = String::from_utf8(cmd.output().ok()?.stdout).ok()?;
     let line = out.lines().next()?;
     let number_after = |key: &str| -> Option<u64> {
@@ -162,8 +169,13 @@ async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_
     }
     let work = tempfile::tempdir().unwrap();
     let net = Net::create(3).expect("network namespaces");
-    let placements =
-        (1..=3).map(|k| Placement { addr: format!("{}:7000", net.host(k)), wrapper: net.wrapper(k) }).collect();
+    let placements = (1..=3)
+        .map(|k| Placement {
+            addr: format!("{}:7000", net.host(k)),
+            peer: format!("{}:7001", net.host(k)),
+            wrapper: net.wrapper(k),
+        })
+        .collect();
     // A 2–4 s election timeout leaves the cut-off leader time to accept a write alone.
     let group = Group::start_placed(work.path(), placements, &["--interval-s", "2", "--election-ticks", "40"]);
     let old = group.leader(Duration::from_secs(30)).await;
@@ -174,7 +186,7 @@ async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_
     net.cut(old as usize).unwrap();
     // A write reaches the cut-off leader from its own side of the cut: it cannot commit.
     let mut write = Command::new(&net.wrapper(old as usize)[0]);
-    write.args(&net.wrapper(old as usize)[1..]).arg(bin("tidalctl"));
+    plaintext_unless_tls(&mut write).args(&net.wrapper(old as usize)[1..]).arg(bin("tidalctl"));
     write.args(["--controller", &old_addr, "task", "set-slo", "--task", "t", "--slo-ms", "999"]);
     let refused = write.output().unwrap();
     assert!(!refused.status.success(), "a write on a cut-off leader must not succeed");
@@ -264,7 +276,7 @@ async fn replicas_join_and_leave_while_writes_go_on() {
 
     // A replica that never comes up stays a learner (it cannot stall the quorum), with a
     // clear error, and can be removed again.
-    let nobody = format!("127.0.0.1:{}", free_port());
+    let nobody = format!("127.0.0.1:{}/127.0.0.1:{}", free_port(), free_port());
     let err = tidalctl(&group.addrs(), &["controller", "add", "--id", "5", "--address", &nobody])
         .expect_err("a replica that is not running cannot be promoted");
     assert!(err.contains("has not caught up"), "{err}");

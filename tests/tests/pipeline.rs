@@ -49,7 +49,7 @@ fn plan(epoch: u64, task: TaskSpec, assignments: Vec<Assignment>, agents: &[&Age
 async fn apply(agents: &[&Agent], plan: &Plan) {
     for a in agents {
         let req = ApplyPlanRequest { plan: Some(plan.clone()) };
-        agent_client(&a.addr).await.apply_plan(req).await.expect("the plan is applied");
+        agent_client(&a.control_addr).await.apply_plan(req).await.expect("the plan is applied");
     }
 }
 
@@ -108,8 +108,8 @@ async fn a_two_stage_pipeline_is_served_across_two_agents_and_survives_losing_on
     ];
     let p = plan(1, video(2000, &shrink, &r18), assignments, &[&a, &b]);
     apply(&[&a, &b], &p).await;
-    wait_ready(&a.addr, 2).await;
-    wait_ready(&b.addr, 1).await;
+    wait_ready(&a.control_addr, 2).await;
+    wait_ready(&b.control_addr, 1).await;
 
     // Called on B, which has no stage-1 worker: stage 1 runs on A, stage 2 on both.
     let counts = classify_nodes(&b.addr, &shrink.input_shape, 20, &a.node).await;
@@ -140,7 +140,7 @@ async fn a_request_whose_budget_cannot_cover_the_second_stage_is_answered_withou
     let mut task = video(2000, &shrink, &r101);
     task.stages[1].variants = vec![r101.spec()];
     apply(&[&a], &plan(1, task, assignments, &[&a])).await;
-    wait_ready(&a.addr, 2).await;
+    wait_ready(&a.control_addr, 2).await;
 
     // With its whole budget a request is served; the workers learn what a batch takes.
     for _ in 0..5 {
@@ -180,7 +180,7 @@ async fn a_detector_fans_out_to_a_classifier_one_crop_per_object() {
     detect.stage = "detect".into();
     let assignments = vec![detect, worker("classify", &r18, &a.node, 1000, 1.0)];
     apply(&[&a], &plan(1, task, assignments, &[&a])).await;
-    wait_ready(&a.addr, 2).await;
+    wait_ready(&a.control_addr, 2).await;
 
     let resp = infer(&a.addr, &yolo.input_shape, 0).await.expect("served");
     assert_eq!(resp.output.expect("an output").shape, vec![3, 1000], "one classification per crop");

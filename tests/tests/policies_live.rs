@@ -55,7 +55,7 @@ async fn cluster(policy: &str) -> Cluster {
 impl Cluster {
     /// The plan in force once it satisfies `f`, and the agent's workers once they match it.
     async fn plan(&self, what: &str, f: impl Fn(&Plan) -> bool) -> (Plan, Vec<WorkerTelemetry>) {
-        let agent = agent_client(&self.agent.addr).await;
+        let agent = agent_client(&self.agent.control_addr).await;
         eventually(Duration::from_secs(30), what, || {
             let (mut ctl, mut agent) = (self.ctl.clone(), agent.clone());
             let f = &f;

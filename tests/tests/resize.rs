@@ -36,11 +36,11 @@ async fn throughput(addr: &str, shape: &[i64], concurrency: usize, secs: f64) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_under_load_is_resized_in_place_and_its_throughput_follows() {
     let s = setup(&[]);
-    let mut agent = agent_client(&s.agent.addr).await;
+    let mut agent = agent_client(&s.agent.control_addr).await;
     let node = s.agent.node.clone();
     let apply = |epoch: u64, millicores: u32| plan_for(epoch, &node, "classify", 10_000, &[(&s.r50, millicores, 4)]);
     agent.apply_plan(ApplyPlanRequest { plan: Some(apply(1, 1000)) }).await.unwrap();
-    let before = wait_ready(&s.agent.addr, 1).await;
+    let before = wait_ready(&s.agent.control_addr, 1).await;
     let cgroup = std::path::PathBuf::from(&before[0].cgroup);
     assert_eq!(cgroup_millicores(&cgroup), Some(1000));
     throughput(&s.agent.addr, &s.r50.input_shape, 8, 1.0).await; // warm-up
@@ -54,7 +54,7 @@ async fn a_worker_under_load_is_resized_in_place_and_its_throughput_follows() {
     assert_eq!(cgroup_millicores(&cgroup), Some(1000));
     let back = throughput(&s.agent.addr, &s.r50.input_shape, 8, 4.0).await;
 
-    let after = wait_ready(&s.agent.addr, 1).await;
+    let after = wait_ready(&s.agent.control_addr, 1).await;
     assert_eq!(after[0].id, before[0].id, "the same worker, not a new one");
     assert_eq!(after[0].restarts, 0, "resizing never restarts the process");
     println!(

@@ -40,9 +40,9 @@ async fn agents_route_shares_of_a_task_to_each_other() {
     // The only worker is on A: B sends everything there.
     let mut plan = plan_for(1, &a.node, "t", 2000, &[(&r18, 1000, 1)]);
     plan.node_addresses = addresses.clone();
-    apply(&a.addr, &plan).await;
-    apply(&b.addr, &plan).await;
-    wait_ready(&a.addr, 1).await;
+    apply(&a.control_addr, &plan).await;
+    apply(&b.control_addr, &plan).await;
+    wait_ready(&a.control_addr, 1).await;
     let counts = served_by(&b.addr, &r18.input_shape, 10).await;
     assert_eq!(counts, BTreeMap::from([(a.node.clone(), 10)]), "B has no worker: A serves all");
 
@@ -55,10 +55,10 @@ async fn agents_route_shares_of_a_task_to_each_other() {
         assignment.weight = 0.5;
     }
     plan.node_addresses = addresses;
-    apply(&a.addr, &plan).await;
-    apply(&b.addr, &plan).await;
-    wait_ready(&a.addr, 1).await;
-    wait_ready(&b.addr, 1).await;
+    apply(&a.control_addr, &plan).await;
+    apply(&b.control_addr, &plan).await;
+    wait_ready(&a.control_addr, 1).await;
+    wait_ready(&b.control_addr, 1).await;
     let counts = served_by(&a.addr, &r18.input_shape, 20).await;
     assert_eq!(counts.get(&a.node), Some(&10), "{counts:?}");
     assert_eq!(counts.get(&b.node), Some(&10), "{counts:?}");

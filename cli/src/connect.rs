@@ -1,0 +1,47 @@
+//! How tidalctl dials the cluster: one security setting (mutual TLS under an admin or reader
+//! certificate, or explicit plaintext), read from the global flags when a command first
+//! connects — commands that work offline need none.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use tidal_auth::{Security, TlsArgs};
+use tonic::transport::Channel;
+
+static ARGS: OnceLock<TlsArgs> = OnceLock::new();
+static SECURITY: OnceLock<Security> = OnceLock::new();
+
+/// Remembers the global TLS flags (called once, at start).
+pub fn configure(args: TlsArgs) {
+    let _ = ARGS.set(args);
+}
+
+fn security() -> anyhow::Result<&'static Security> {
+    if let Some(s) = SECURITY.get() {
+        return Ok(s);
+    }
+    let s = Security::from_args(ARGS.get().unwrap_or(&TlsArgs::default()))?;
+    Ok(SECURITY.get_or_init(|| s))
+}
+
+/// A channel to `addr` (host:port), connected.
+pub async fn channel(addr: &str, what: &str) -> anyhow::Result<Channel> {
+    security()?
+        .endpoint(addr)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the {what} at {addr}"))
+}
+
+/// Like [`channel`], with a timeout for every call.
+pub async fn channel_with_timeout(addr: &str, what: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    security()?
+        .endpoint(addr)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the {what} at {addr}"))
+}
