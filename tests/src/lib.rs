@@ -147,6 +147,12 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
 
 /// Starts a controller with a short adaptation interval; returns the process and its address.
 pub fn start_controller(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String) {
+    let (proc, addr, _) = start_controller_with_peer_port(work, interval_s, extra);
+    (proc, addr)
+}
+
+/// [`start_controller`], also returning its Raft peer address.
+pub fn start_controller_with_peer_port(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let peer = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(bin("tidal-controller"));
@@ -155,7 +161,7 @@ pub fn start_controller(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, 
         .arg(work.join("controller-data"))
         .args(extra);
     let proc = spawn("controller", cmd, &work.join("controller.log"));
-    (proc, addr)
+    (proc, addr, peer)
 }
 
 /// Connects to a gRPC server, retrying until it listens (up to 20 s).

@@ -1,0 +1,261 @@
+//! The control plane's doors, tried as an adversarial client would against a cluster on mutual
+//! TLS (one controller replica, one agent): every forged or unauthorised call is refused —
+//! by the TLS handshake, or with UNAUTHENTICATED / PERMISSION_DENIED / INVALID_ARGUMENT — and
+//! changes nothing (term, leader, membership, nodes, tasks, the agent's plan), while the
+//! legitimate cluster keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{Message as RaftMessage, MessageType};
+use tidal_auth::{Role, Security, TlsArgs};
+use tidal_common::variant::VariantConfig;
+use tidal_proto::v1::agent_client::AgentClient;
+use tidal_proto::v1::controller_client::ControllerClient;
+use tidal_proto::v1::inference_client::InferenceClient;
+use tidal_proto::v1::raft_transport_client::RaftTransportClient;
+use tidal_proto::v1::{
+    AgentStatusRequest, ApplyPlanRequest, ClusterStatus, ClusterStatusRequest, InferRequest, ListReplicasRequest,
+    Plan, ProfilePoint, ProfileRequest, RaftBatch, RegisterNodeRequest, RegisterTaskRequest, RemoveReplicaRequest,
+    StoreProfileRequest, VariantProfile, VariantSpec,
+};
+use tidal_tests::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+/// A CA and one certificate per role in `dir`.
+fn certificates(dir: &Path, roles: &[Role]) -> PathBuf {
+    let ca = dir.join("ca");
+    tidal_auth::certs::init(&ca, "test", 1).expect("a CA");
+    for role in roles {
+        tidal_auth::certs::issue(&ca, role, &["127.0.0.1".into()], dir, 1).expect("a certificate");
+    }
+    ca.join("ca.pem")
+}
+
+fn tls_args(dir: &Path, role: &Role) -> TlsArgs {
+    let (cert, key) = tidal_auth::certs::paths(dir, role);
+    TlsArgs { tls_ca: Some(dir.join("ca/ca.pem")), tls_cert: Some(cert), tls_key: Some(key), insecure_plaintext: false }
+}
+
+/// The flags a daemon needs to speak as `role`.
+fn tls_flags(dir: &Path, role: &Role) -> Vec<String> {
+    let a = tls_args(dir, role);
+    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    vec![
+        "--tls-ca".into(),
+        path(a.tls_ca),
+        "--tls-cert".into(),
+        path(a.tls_cert),
+        "--tls-key".into(),
+        path(a.tls_key),
+    ]
+}
+
+/// A channel to `addr` as `role`, retrying until it listens.
+async fn channel_as(dir: &Path, role: &Role, addr: &str) -> Channel {
+    let endpoint = Security::from_args(&tls_args(dir, role)).unwrap().endpoint(addr).unwrap();
+    eventually(Duration::from_secs(20), "the server to listen", || {
+        let endpoint = endpoint.clone();
+        async move { endpoint.connect().await.ok() }
+    })
+    .await
+}
+
+/// A TLS channel that trusts the CA but shows no certificate of its own.
+async fn anonymous(ca: &Path, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(tls)?.connect().await
+}
+
+fn plaintext(addr: &str) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}")).unwrap().timeout(Duration::from_secs(2))
+}
+
+/// What must not change: the Raft view, and the state every door could touch.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    term: u64,
+    leader: u64,
+    voters: Vec<u64>,
+    nodes: Vec<(String, String, u32)>,
+    tasks: Vec<(String, u32)>,
+    profiles: usize,
+    agent_epoch: u64,
+}
+
+async fn observe(ctl: &mut ControllerClient<Channel>, agent: &mut AgentClient<Channel>) -> Observed {
+    let replicas = ctl.list_replicas(ListReplicasRequest {}).await.unwrap().into_inner();
+    let status: ClusterStatus = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    Observed {
+        term: replicas.term,
+        leader: replicas.leader,
+        voters: replicas.replicas.iter().filter(|r| r.voter).map(|r| r.id).collect(),
+        nodes: status.nodes.iter().map(|n| (n.node.clone(), n.address.clone(), n.cores)).collect(),
+        tasks: status.tasks.iter().filter_map(|t| t.spec.as_ref()).map(|t| (t.name.clone(), t.slo_ms)).collect(),
+        profiles: status.tasks.iter().map(|t| t.profiles.len()).sum(),
+        agent_epoch: agent.status(AgentStatusRequest {}).await.unwrap().into_inner().applied_epoch,
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("the call must be refused").code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_changes() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let (controller, node) = (Role::Controller(1), Role::Agent("node-a".into()));
+    let (admin, reader, intruder) = (Role::Admin("ops".into()), Role::Reader("ro".into()), Role::Controller(2));
+    let ca = certificates(&certs, &[controller.clone(), node.clone(), admin.clone(), reader.clone(), intruder.clone()]);
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+
+    let ctl_args = tls_flags(&certs, &controller);
+    let ctl_args: Vec<&str> = ctl_args.iter().map(String::as_str).collect();
+    // Plans follow changes (a node, a task, a profile), not the clock, in this test.
+    let (_controller, ctl_addr, peer_addr) = start_controller_with_peer_port(work.path(), 3600.0, &ctl_args);
+    let agent_args = tls_flags(&certs, &node);
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent = start_agent_named(
+        work.path(),
+        "node-a",
+        AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &agent_args },
+    );
+
+    // The legitimate cluster: the admin registers a task, the controller plans it, the agent
+    // serves it to an anonymous client (inference is open).
+    let mut ctl = ControllerClient::new(channel_as(&certs, &admin, &ctl_addr).await);
+    let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec()]);
+    eventually(Duration::from_secs(20), "the task to be registered", || {
+        let mut ctl = ctl.clone();
+        let task = task.clone();
+        async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
+    })
+    .await;
+    let point = ProfilePoint { cores: 1, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 8.0, throughput_rps: 150.0 };
+    let profile = |cores: u32| VariantProfile {
+        task: "classify".into(),
+        variant: "resnet18".into(),
+        node: "node-a".into(),
+        points: vec![ProfilePoint { cores, ..point }, ProfilePoint { cores: 2, throughput_rps: 280.0, ..point }],
+    };
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile(1)) }).await.expect("an admin stores a profile");
+    let mut agent_ctl = AgentClient::new(channel_as(&certs, &reader, &agent.control_addr).await);
+    eventually(Duration::from_secs(60), "the agent to serve the latest plan", || {
+        let (mut agent_ctl, mut ctl) = (agent_ctl.clone(), ctl.clone());
+        async move {
+            let plan = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner().plan?;
+            let s = agent_ctl.status(AgentStatusRequest {}).await.ok()?.into_inner();
+            let serving = !s.workers.is_empty() && s.workers.iter().all(|w| w.ready);
+            (serving && s.applied_epoch == plan.epoch && !plan.assignments.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let mut infer = InferenceClient::new(anonymous(&ca, &agent.addr).await.expect("inference takes anonymous TLS"));
+    let request = InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 };
+    infer.infer(request.clone()).await.expect("an anonymous client is served");
+    let before = observe(&mut ctl, &mut agent_ctl).await;
+    assert_eq!(before.leader, 1);
+
+    // Raft's peer port: only a member, as itself.
+    let heartbeat = |from: u64| {
+        let mut m = RaftMessage::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term) = (from, 1, 101);
+        RaftBatch { from, from_address: String::new(), messages: vec![m.write_to_bytes().unwrap()] }
+    };
+    let plain = RaftTransportClient::new(plaintext(&peer_addr).connect_lazy()).send(heartbeat(1)).await;
+    assert!(plain.is_err(), "plaintext reaches no Raft");
+    if let Ok(channel) = anonymous(&ca, &peer_addr).await {
+        let refused = RaftTransportClient::new(channel).send(heartbeat(1)).await;
+        assert!(refused.is_err(), "Raft needs a client certificate");
+    }
+    let raft_as = |role: &Role| {
+        let (certs, peer) = (certs.clone(), peer_addr.clone());
+        let role = role.clone();
+        async move { RaftTransportClient::new(channel_as(&certs, &role, &peer).await) }
+    };
+    assert_eq!(code(raft_as(&admin).await.send(heartbeat(1)).await), Code::PermissionDenied, "an admin is no replica");
+    assert_eq!(
+        code(raft_as(&intruder).await.send(heartbeat(1)).await),
+        Code::PermissionDenied,
+        "controller/2 may not speak as replica 1"
+    );
+    assert_eq!(
+        code(raft_as(&intruder).await.send(heartbeat(2)).await),
+        Code::PermissionDenied,
+        "controller/2 is not a member"
+    );
+
+    // The controller's API: agents only as themselves, changes only by admins, all bounded.
+    let mut as_node = ControllerClient::new(channel_as(&certs, &node, &ctl_addr).await);
+    let register = |name: &str| RegisterNodeRequest {
+        node: name.into(),
+        address: "127.0.0.9:1".into(),
+        control_address: "127.0.0.9:2".into(),
+        cores: 64,
+    };
+    assert_eq!(code(as_node.register_node(register("evil")).await), Code::PermissionDenied);
+    let hijack = RegisterNodeRequest { cores: 1 << 20, ..register("node-a") };
+    assert_eq!(code(as_node.register_node(hijack).await), Code::InvalidArgument, "cores are bounded");
+    let task_of = |name: &str| tidal_common::task::single_stage(name, 100, vec![r18.spec()]);
+    let new_task = RegisterTaskRequest { task: Some(task_of("other")) };
+    assert_eq!(code(as_node.register_task(new_task.clone()).await), Code::PermissionDenied);
+    let mut as_reader = ControllerClient::new(channel_as(&certs, &reader, &ctl_addr).await);
+    assert_eq!(code(as_reader.register_task(new_task).await), Code::PermissionDenied);
+    assert_eq!(code(as_reader.remove_replica(RemoveReplicaRequest { id: 1 }).await), Code::PermissionDenied);
+    as_reader.status(ClusterStatusRequest {}).await.expect("a reader reads");
+    let huge = StoreProfileRequest { profile: Some(profile(1_000_000_000)) };
+    assert_eq!(code(ctl.store_profile(huge).await), Code::InvalidArgument, "cores are bounded");
+    let bad_name = RegisterTaskRequest { task: Some(task_of("../etc")) };
+    assert_eq!(code(ctl.register_task(bad_name).await), Code::InvalidArgument);
+    let no_cert = anonymous(&ca, &ctl_addr).await;
+    if let Ok(channel) = no_cert {
+        let refused = ControllerClient::new(channel).status(ClusterStatusRequest {}).await;
+        assert!(refused.is_err(), "the API needs a client certificate");
+    }
+    let plain = ControllerClient::new(plaintext(&ctl_addr).connect_lazy()).status(ClusterStatusRequest {}).await;
+    assert!(plain.is_err(), "plaintext reaches no API");
+
+    // The agent's control port: plans only from a controller, and bounded; profiling only
+    // inside the model directory, of bounded inputs.
+    let mut agent_as_admin = AgentClient::new(channel_as(&certs, &admin, &agent.control_addr).await);
+    let wipe = |epoch: u64| ApplyPlanRequest { plan: Some(Plan { epoch, term: u64::MAX, ..Default::default() }) };
+    assert_eq!(code(agent_as_admin.apply_plan(wipe(before.agent_epoch)).await), Code::PermissionDenied);
+    let mut agent_as_controller = AgentClient::new(channel_as(&certs, &intruder, &agent.control_addr).await);
+    assert_eq!(
+        code(agent_as_controller.apply_plan(wipe(u64::MAX)).await),
+        Code::InvalidArgument,
+        "an epoch far ahead would lock out every later plan"
+    );
+    let profile_of = |model_file: &str, input_shape: Vec<i64>| ProfileRequest {
+        variant: Some(VariantSpec { name: "x".into(), model_file: model_file.into(), accuracy: 50.0, input_shape }),
+        cores: vec![1],
+        batches: vec![1],
+        duration_ms: 200,
+    };
+    assert_eq!(code(agent_as_admin.profile(profile_of("/etc/shadow", vec![3])).await), Code::InvalidArgument);
+    assert_eq!(code(agent_as_admin.profile(profile_of("../x.onnx", vec![3])).await), Code::InvalidArgument);
+    assert_eq!(
+        code(agent_as_admin.profile(profile_of("resnet18.onnx", vec![1 << 40])).await),
+        Code::InvalidArgument,
+        "an input of 2^40 elements"
+    );
+    assert_eq!(
+        code(agent_as_admin.profile(profile_of("resnet18.onnx", vec![3, 64, 64])).await),
+        Code::InvalidArgument,
+        "the model takes 3×32×32"
+    );
+    assert_eq!(code(agent_ctl.profile(profile_of("resnet18.onnx", vec![3, 32, 32])).await), Code::PermissionDenied);
+    let plain = AgentClient::new(plaintext(&agent.control_addr).connect_lazy()).status(AgentStatusRequest {}).await;
+    assert!(plain.is_err(), "plaintext reaches no control port");
+
+    // Nothing changed, and the cluster still serves.
+    let after = observe(&mut ctl, &mut agent_ctl).await;
+    assert_eq!(after, before);
+    infer.infer(request).await.expect("still served");
+}
