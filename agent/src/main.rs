@@ -101,6 +101,23 @@ struct ServeArgs {
     /// Seconds a worker may take to load its model.
     #[arg(long, default_value_t = 120)]
     load_timeout_s: u64,
+    /// Run the workers as this unprivileged user (and its primary group) instead of the
+    /// agent's own; the model directory and ONNX Runtime must be readable by it. Needs an
+    /// agent that may switch users (root).
+    #[arg(long, env = "TIDAL_WORKER_USER")]
+    worker_user: Option<String>,
+}
+
+/// The (uid, gid) of `name`, checked to be a user this agent can start processes as.
+fn worker_identity(name: &str) -> anyhow::Result<(u32, u32)> {
+    let user = nix::unistd::User::from_name(name)
+        .with_context(|| format!("looking up the user {name:?}"))?
+        .with_context(|| format!("--worker-user: there is no user {name:?}"))?;
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && me != user.uid {
+        anyhow::bail!("--worker-user {name}: switching users needs an agent running as root");
+    }
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -142,6 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ort_lib: args.ort_lib.canonicalize()?,
             threads: args.worker_threads.unwrap_or(cores as usize),
             load_timeout: Duration::from_secs(args.load_timeout_s),
+            run_as: args.worker_user.as_deref().map(worker_identity).transpose()?,
         },
         drain: Duration::from_secs(5),
     };

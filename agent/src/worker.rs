@@ -35,6 +35,9 @@ pub struct ProcessConfig {
     pub threads: usize,
     /// How long a worker may take to load its model.
     pub load_timeout: Duration,
+    /// The (uid, gid) workers run as: an unprivileged user, so that a model or a request that
+    /// takes over a worker gets nothing of the agent's rights. None: the agent's own.
+    pub run_as: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +75,8 @@ impl WorkerProcess {
         cgroup: &WorkerCgroup,
         millicores: u32,
     ) -> Result<Self, WorkerError> {
-        let mut child = Command::new(&cfg.exe)
+        let mut command = Command::new(&cfg.exe);
+        command
             .arg("worker")
             .arg("--model")
             .arg(model)
@@ -83,9 +87,12 @@ impl WorkerProcess {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(WorkerError::Spawn)?;
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = cfg.run_as {
+            // Supplementary groups are dropped too (std does so when root sets a uid).
+            command.uid(uid).gid(gid);
+        }
+        let mut child = command.spawn().map_err(WorkerError::Spawn)?;
         let pid = child.id().ok_or_else(|| WorkerError::Gone("exited at once".into()))?;
         cgroup.set_millicores(millicores)?;
         cgroup.add_process(pid)?;

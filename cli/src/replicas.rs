@@ -210,7 +210,9 @@ fn print_list(addr: &str, list: &ReplicaList) {
         list.applied,
         list.snapshot_index
     );
-    println!("{:>4}  {:<22} {:<8} {:>8}", "id", "address", "role", "matched");
+    // Addresses are API/PEER pairs: the column fits the longest.
+    let width = list.replicas.iter().map(|r| r.address.len()).max().unwrap_or(0).max(22);
+    println!("{:>4}  {:<width$} {:<8} {:>8}", "id", "address (api/peer)", "role", "matched");
     for r in &list.replicas {
         let role = match (r.id == list.leader, r.voter) {
             (true, _) => "leader",
@@ -218,6 +220,6 @@ fn print_list(addr: &str, list: &ReplicaList) {
             (false, false) => "learner",
         };
         let matched = if list.leader == list.answered_by { r.matched.to_string() } else { "-".into() };
-        println!("{:>4}  {:<22} {:<8} {:>8}", r.id, r.address, role, matched);
+        println!("{:>4}  {:<width$} {:<8} {:>8}", r.id, r.address, role, matched);
     }
 }

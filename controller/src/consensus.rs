@@ -20,7 +20,7 @@ use raft::{Config, RawNode, SnapshotStatus, StateRole, Storage};
 use thiserror::Error;
 use tidal_proto::v1::{Command, StateSnapshot};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::logging::slog_to_tracing;
 use crate::state::ClusterState;
@@ -255,6 +255,10 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
         next_id: seed_id(),
         snapshot_entries: cfg.snapshot_entries.max(1),
         removed: false,
+        raft_cfg,
+        logger,
+        suspended: false,
+        compact_soon: false,
     };
     std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
@@ -267,6 +271,18 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
 /// match a new proposal.
 fn seed_id() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// What a suspended replica answers: no leader here, nothing stepped.
+fn refuse(input: Input) {
+    let reply = match input {
+        Input::Propose { reply, .. }
+        | Input::Membership { reply, .. }
+        | Input::TransferLeader { reply, .. }
+        | Input::ReadIndex { reply } => reply,
+        Input::Step(_) | Input::Transport(_) => return,
+    };
+    let _ = reply.send(Err(ProposeError::NotLeader(None)));
 }
 
 /// Inputs handled before each Ready: proposals that arrive together share one fsync.
@@ -291,7 +307,18 @@ struct Driver {
     next_id: u64,
     snapshot_entries: u64,
     removed: bool,
+    /// How the node was made, to make it again from the store after a storage failure.
+    raft_cfg: Config,
+    logger: slog::Logger,
+    /// The store failed: this replica takes no part until a write goes through again.
+    suspended: bool,
+    /// A learner was added: snapshot at once, so that it starts from a snapshot holding the
+    /// membership (the bootstrap voters are in no log entry) rather than from the first entry.
+    compact_soon: bool,
 }
+
+/// How often a suspended replica tries its store again.
+const STORAGE_PROBE: Duration = Duration::from_secs(1);
 
 impl Driver {
     fn run(&mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
@@ -316,13 +343,57 @@ impl Driver {
             }
             self.release_deferred_reads();
             if let Err(e) = self.on_ready().and_then(|()| self.maybe_compact()) {
-                // Storage failed: nothing can be made durable, so stop rather than diverge.
-                error!(error = %e, "raft storage failed; the replica stops");
-                self.fail_all(ProposeError::Raft(e.to_string()));
-                return;
+                if !self.suspend(&rx, e) {
+                    return;
+                }
             }
             self.publish_status();
         }
+    }
+
+    /// Storage failed (a full disk, an I/O error): nothing more can be made durable, so this
+    /// replica takes no part — it leads no more, votes for no one, acknowledges nothing —
+    /// and the others carry on. Every [`STORAGE_PROBE`] it tries a write; once one goes
+    /// through it reloads what the store holds and rejoins as a follower (true). False when
+    /// the handle is gone.
+    fn suspend(&mut self, rx: &mpsc::Receiver<Input>, e: StorageError) -> bool {
+        error!(error = %e, "raft storage failed: this replica steps down until its store takes writes again");
+        self.suspended = true;
+        self.fail_all(ProposeError::NotLeader(None));
+        self.publish_status();
+        let (started, mut last_probe) = (Instant::now(), Instant::now());
+        loop {
+            match rx.recv_timeout(STORAGE_PROBE) {
+                Ok(input) => refuse(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+            if last_probe.elapsed() < STORAGE_PROBE {
+                continue;
+            }
+            last_probe = Instant::now();
+            match self.resume() {
+                Ok(()) => {
+                    info!(after = ?started.elapsed(), "the store takes writes again; rejoining as a follower");
+                    self.suspended = false;
+                    return true;
+                }
+                Err(e) => debug!(error = %e, "the store still fails"),
+            }
+        }
+    }
+
+    /// Reloads the durable state and makes the node again from it, as a restart would.
+    fn resume(&mut self) -> Result<(), StorageError> {
+        self.log.reopen()?;
+        self.log.probe()?;
+        let hs = self.log.hard_state();
+        let applied = self.state.read().unwrap_or_else(|p| p.into_inner()).applied_index;
+        let mut cfg = self.raft_cfg.clone();
+        cfg.applied = applied.min(hs.commit).max(self.log.snapshot_index());
+        self.node = RawNode::new(&cfg, self.log.view.clone(), &self.logger)?;
+        self.conf_state = self.log.conf_state();
+        Ok(())
     }
 
     fn handle(&mut self, input: Input) {
@@ -488,7 +559,9 @@ impl Driver {
     }
 
     fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
-        for entry in entries {
+        // After a suspension the node may deliver again entries the state already holds.
+        let applied = self.state.read().unwrap_or_else(|p| p.into_inner()).applied_index;
+        for entry in entries.into_iter().filter(|e| e.index > applied) {
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {
                     // A new leader's empty entry.
@@ -550,6 +623,7 @@ impl Driver {
             self.peers.set(cc.node_id, a);
         }
         self.state.write().unwrap_or_else(|p| p.into_inner()).apply_membership(entry.index, cc.node_id, address);
+        self.compact_soon |= cc.get_change_type() == ConfChangeType::AddLearnerNode;
         info!(index = entry.index, change = ?cc.get_change_type(), replica = cc.node_id, voters = ?self.conf_state.voters, "membership changed");
         if cc.get_change_type() == ConfChangeType::RemoveNode && cc.node_id == self.node.raft.id {
             warn!("this replica was removed from the group; it no longer takes part (stop it)");
@@ -574,9 +648,17 @@ impl Driver {
 
     /// Takes a snapshot of the applied state once enough entries have piled up since the last.
     fn maybe_compact(&mut self) -> Result<(), StorageError> {
+        let due = self.applied() >= self.log.snapshot_index() + self.snapshot_entries;
+        if !due && !std::mem::take(&mut self.compact_soon) {
+            return Ok(());
+        }
+        self.compact()
+    }
+
+    /// Snapshots the applied state and drops the log it covers.
+    fn compact(&mut self) -> Result<(), StorageError> {
         let applied = self.applied();
-        let last = self.log.snapshot_index();
-        if applied < last + self.snapshot_entries {
+        if applied <= self.log.snapshot_index() {
             return Ok(());
         }
         let term = self.log.view.term(applied)?;
@@ -605,11 +687,12 @@ impl Driver {
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
-        let is_leader = raft.state == StateRole::Leader && !self.removed;
+        let is_leader = raft.state == StateRole::Leader && !self.removed && !self.suspended;
         let status = RaftStatus {
             id: raft.id,
             term: raft.term,
-            leader: raft.leader_id,
+            // A suspended replica knows no leader: it may have been the one.
+            leader: if self.suspended { 0 } else { raft.leader_id },
             is_leader,
             commit: raft.raft_log.committed,
             last_index: raft.raft_log.last_index(),

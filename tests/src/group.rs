@@ -29,7 +29,6 @@ pub struct Replica {
 pub struct Group {
     work: PathBuf,
     pub replicas: Vec<Replica>,
-    peers: String,
     args: Vec<String>,
 }
 
@@ -57,14 +56,8 @@ impl Group {
     }
 
     pub fn start_placed(work: &Path, placements: Vec<Placement>, args: &[&str]) -> Self {
-        let peers: Vec<String> =
-            placements.iter().enumerate().map(|(i, p)| format!("{}={}/{}", i + 1, p.addr, p.peer)).collect();
-        let mut group = Self {
-            work: work.to_path_buf(),
-            replicas: Vec::new(),
-            peers: peers.join(","),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut group =
+            Self { work: work.to_path_buf(), replicas: Vec::new(), args: args.iter().map(|s| s.to_string()).collect() };
         for (i, p) in placements.into_iter().enumerate() {
             let id = i as u64 + 1;
             group.replicas.push(Replica {
@@ -76,6 +69,8 @@ impl Group {
                 joined: false,
                 wrapper: p.wrapper,
             });
+        }
+        for id in group.ids() {
             group.launch(id);
         }
         group
@@ -90,7 +85,9 @@ impl Group {
     }
 
     fn launch(&mut self, id: u64) {
-        let (work, peers, args) = (self.work.clone(), self.peers.clone(), self.args.clone());
+        // --peers as the group is now: every replica's current addresses.
+        let peers: Vec<String> = self.replicas.iter().map(|r| format!("{}={}/{}", r.id, r.addr, r.peer)).collect();
+        let (work, peers, args) = (self.work.clone(), peers.join(","), self.args.clone());
         let r = self.replica_mut(id);
         let mut cmd = match r.wrapper.split_first() {
             Some((program, rest)) => {
@@ -107,6 +104,8 @@ impl Group {
             cmd.arg("--join");
         }
         cmd.args(&args);
+        let host = r.addr.rsplit_once(':').map_or("", |(h, _)| h).to_string();
+        crate::as_daemon(&mut cmd, &tidal_auth::Role::Controller(id), &host);
         let log = work.join(format!("controller-{id}.log"));
         // Append, so that a restart keeps the earlier run's log.
         r.proc = Some(spawn(&format!("controller-{id}"), cmd, &log));
@@ -203,7 +202,7 @@ impl Group {
 
 /// ListReplicas on one address, with a short deadline.
 pub async fn list(addr: &str) -> Option<ReplicaList> {
-    let endpoint = Channel::from_shared(format!("http://{addr}")).ok()?;
+    let endpoint = crate::tls::endpoint(addr, crate::tls::Client::Admin);
     let channel = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(1));
     let channel = tokio::time::timeout(Duration::from_secs(1), channel.connect()).await.ok()?.ok()?;
     Some(ControllerClient::new(channel).list_replicas(ListReplicasRequest {}).await.ok()?.into_inner())
@@ -213,7 +212,7 @@ pub async fn list(addr: &str) -> Option<ReplicaList> {
 pub async fn leader_client(addrs: &str) -> Option<ControllerClient<Channel>> {
     for addr in addrs.split(',') {
         if let Some(v) = list(addr).await.filter(|v| !v.leader_address.is_empty()) {
-            let endpoint = Channel::from_shared(format!("http://{}", v.leader_address)).ok()?;
+            let endpoint = crate::tls::endpoint(&v.leader_address, crate::tls::Client::Admin);
             let channel = endpoint.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(6));
             return Some(ControllerClient::new(channel.connect().await.ok()?));
         }
@@ -223,7 +222,8 @@ pub async fn leader_client(addrs: &str) -> Option<ControllerClient<Channel>> {
 
 /// Runs `tidalctl` with `args` against `controllers`; its stdout, or its stderr as the error.
 pub fn tidalctl(controllers: &str, args: &[&str]) -> Result<String, String> {
-    let out = crate::plaintext_unless_tls(&mut Command::new(bin("tidalctl")))
+    let out = crate::as_admin(&mut Command::new(bin("tidalctl")))
+        .env("RUST_BACKTRACE", "0")
         .args(["--controller", controllers])
         .args(args)
         .output()

@@ -15,6 +15,9 @@ use tonic::transport::Channel;
 
 pub mod group;
 pub mod netns;
+pub mod tls;
+
+pub use tls::{as_admin, as_daemon};
 
 /// target/<profile>/, where cargo put the binaries next to the test executable's deps/.
 pub fn bin_dir() -> PathBuf {
@@ -64,17 +67,7 @@ impl Drop for Proc {
     }
 }
 
-/// Every process a test starts talks plaintext unless the test gives it certificates itself
-/// (`--tls-ca`, as tests/tests/security.rs does).
-pub fn plaintext_unless_tls(cmd: &mut Command) -> &mut Command {
-    if !cmd.get_args().any(|a| a == "--tls-ca") {
-        cmd.env("TIDAL_INSECURE_PLAINTEXT", "true");
-    }
-    cmd
-}
-
 fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
-    plaintext_unless_tls(&mut cmd);
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let err = file.try_clone().expect("log file");
     cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
@@ -141,6 +134,7 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     if let Some(c) = opts.controller {
         cmd.args(["--controller", c]);
     }
+    as_daemon(&mut cmd, &tidal_auth::Role::Agent(node.clone()), "");
     let proc = spawn("agent", cmd, &work.join(format!("{node}-{port}.log")));
     Agent { proc, addr, control_addr, node }
 }
@@ -160,15 +154,21 @@ pub fn start_controller_with_peer_port(work: &Path, interval_s: f64, extra: &[&s
         .arg("--data-dir")
         .arg(work.join("controller-data"))
         .args(extra);
+    as_daemon(&mut cmd, &tidal_auth::Role::Controller(1), "");
     let proc = spawn("controller", cmd, &work.join("controller.log"));
     (proc, addr, peer)
 }
 
-/// Connects to a gRPC server, retrying until it listens (up to 20 s).
+/// Connects to a gRPC server as the tests' admin, retrying until it listens (up to 20 s).
 pub async fn channel(addr: &str) -> Channel {
+    channel_as(addr, tls::Client::Admin).await
+}
+
+/// Connects to a gRPC server as `client`, retrying until it listens (up to 20 s).
+pub async fn channel_as(addr: &str, client: tls::Client) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await {
+        match tls::endpoint(addr, client).connect().await {
             Ok(c) => return c,
             Err(e) if Instant::now() > deadline => panic!("{addr} did not start listening: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -177,7 +177,7 @@ pub async fn channel(addr: &str) -> Channel {
 }
 
 pub async fn agent_client(addr: &str) -> AgentClient<Channel> {
-    AgentClient::new(channel(addr).await)
+    AgentClient::new(channel_as(addr, tls::Client::Controller).await)
 }
 
 pub async fn inference_client(addr: &str) -> InferenceClient<Channel> {

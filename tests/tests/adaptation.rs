@@ -73,7 +73,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
 
     // Profile both variants on the agent with the CLI; the profiles land in the controller.
-    let status = plaintext_unless_tls(&mut Command::new(bin("tidalctl")))
+    let status = as_admin(&mut Command::new(bin("tidalctl")))
         .args(["--controller", &ctl_addr, "profile", "--agent", &agent.control_addr, "--task", "classify"])
         .args(["--cores", "1,2", "--batches", "1,4", "--duration-ms", "600", "--repeat", "1"])
         .status()
@@ -145,10 +145,10 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     let restarted = {
         let mut cmd = Command::new(bin("tidal-controller"));
         let peer = format!("127.0.0.1:{}", free_port());
-        plaintext_unless_tls(&mut cmd)
-            .args(["--listen", &ctl_addr, "--peer-listen", &peer, "--interval-s", "3600"])
+        cmd.args(["--listen", &ctl_addr, "--peer-listen", &peer, "--interval-s", "3600"])
             .arg("--data-dir")
             .arg(work.path().join("controller-data"));
+        as_daemon(&mut cmd, &tidal_auth::Role::Controller(1), "");
         cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
         Proc { child: cmd.spawn().unwrap(), name: "controller".into() }
     };

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tidal_proto::v1::{AgentStatusRequest, ApplyPlanRequest, DataType, InferRequest, Tensor};
+use tidal_tests::netns;
 use tidal_tests::*;
 use tonic::Code;
 
@@ -154,4 +155,56 @@ async fn an_agent_restarted_after_a_crash_removes_the_cgroups_it_left_behind() {
     agent_client(&again.control_addr).await; // listening: start-up is over
     assert!(!leftover.exists(), "{} survived the restart", leftover.display());
     drop(again);
+}
+
+/// Whether user `nobody` can reach `path`: every directory above it searchable by others,
+/// the file itself readable (and, for a program, executable) by others.
+fn others_can_use(path: &std::path::Path, exec: bool) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode()).unwrap_or(0);
+    let file_ok = mode(path) & if exec { 0o005 } else { 0o004 } != 0;
+    file_ok && path.ancestors().skip(1).all(|dir| dir.as_os_str().is_empty() || mode(dir) & 0o001 != 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_as_the_unprivileged_user_they_are_given() {
+    if !netns::available() {
+        eprintln!("skipped: switching a worker to another user needs an agent running as root");
+        return;
+    }
+    let (agent_bin, ort) = (bin("tidal-agent"), ort_lib());
+    if !others_can_use(&agent_bin, true) || !others_can_use(&ort, false) {
+        eprintln!(
+            "skipped: user nobody cannot reach {} or {} from here (a directory above is private)",
+            agent_bin.display(),
+            ort.display()
+        );
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    use std::os::unix::fs::PermissionsExt;
+    for p in [work.path(), models.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let agent = start_agent(
+        work.path(),
+        AgentOpts { model_dir: &models, controller: None, extra: &["--worker-user", "nobody"] },
+    );
+    let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
+    let plan = plan_for(1, &agent.node, "classify", 2000, &[(&r18, 1000, 1)]);
+    agent_client(&agent.control_addr).await.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    let workers = wait_ready(&agent.control_addr, 1).await;
+    let procs = std::fs::read_to_string(std::path::Path::new(&workers[0].cgroup).join("cgroup.procs")).unwrap();
+    let pid = procs.lines().next().expect("the worker is in its cgroup").trim().to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| status.lines().find(|l| l.starts_with(key)).map(|l| l.split_whitespace().skip(1).collect());
+    let uids: Option<Vec<&str>> = ids("Uid:");
+    assert_eq!(uids, Some(vec!["65534"; 4]), "real, effective, saved and filesystem uid are nobody's");
+    let groups: Option<Vec<&str>> = ids("Groups:");
+    assert_eq!(groups, Some(vec![]), "no supplementary groups are kept");
+    let mut infer = inference_client(&agent.addr).await;
+    let r = infer.infer(InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 });
+    assert!(r.await.is_ok(), "the unprivileged worker serves");
 }

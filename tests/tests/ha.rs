@@ -145,7 +145,7 @@ async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
 /// `tidalctl controller list` run inside a namespace, parsed: (term, leader, last index, commit).
 fn view_from_inside(net: &Net, k: usize, addr: &str) -> Option<(u64, u64, u64, u64)> {
     let mut cmd = Command::new(&net.wrapper(k)[0]);
-    plaintext_unless_tls(&mut cmd).args(&net.wrapper(k)[1..]).arg(bin("tidalctl")).args([
+    as_admin(&mut cmd).args(&net.wrapper(k)[1..]).arg(bin("tidalctl")).args([
         "--controller",
         addr,
         "controller",
@@ -186,7 +186,7 @@ async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_
     net.cut(old as usize).unwrap();
     // A write reaches the cut-off leader from its own side of the cut: it cannot commit.
     let mut write = Command::new(&net.wrapper(old as usize)[0]);
-    plaintext_unless_tls(&mut write).args(&net.wrapper(old as usize)[1..]).arg(bin("tidalctl"));
+    as_admin(&mut write).args(&net.wrapper(old as usize)[1..]).arg(bin("tidalctl"));
     write.args(["--controller", &old_addr, "task", "set-slo", "--task", "t", "--slo-ms", "999"]);
     let refused = write.output().unwrap();
     assert!(!refused.status.success(), "a write on a cut-off leader must not succeed");

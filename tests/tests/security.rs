@@ -16,8 +16,8 @@ use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::raft_transport_client::RaftTransportClient;
 use tidal_proto::v1::{
-    AgentStatusRequest, ApplyPlanRequest, ClusterStatus, ClusterStatusRequest, InferRequest, ListReplicasRequest,
-    Plan, ProfilePoint, ProfileRequest, RaftBatch, RegisterNodeRequest, RegisterTaskRequest, RemoveReplicaRequest,
+    AgentStatusRequest, ApplyPlanRequest, ClusterStatus, ClusterStatusRequest, InferRequest, ListReplicasRequest, Plan,
+    ProfilePoint, ProfileRequest, RaftBatch, RegisterNodeRequest, RegisterTaskRequest, RemoveReplicaRequest,
     StoreProfileRequest, VariantProfile, VariantSpec,
 };
 use tidal_tests::*;
@@ -43,14 +43,7 @@ fn tls_args(dir: &Path, role: &Role) -> TlsArgs {
 fn tls_flags(dir: &Path, role: &Role) -> Vec<String> {
     let a = tls_args(dir, role);
     let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
-    vec![
-        "--tls-ca".into(),
-        path(a.tls_ca),
-        "--tls-cert".into(),
-        path(a.tls_cert),
-        "--tls-key".into(),
-        path(a.tls_key),
-    ]
+    vec!["--tls-ca".into(), path(a.tls_ca), "--tls-cert".into(), path(a.tls_cert), "--tls-key".into(), path(a.tls_key)]
 }
 
 /// A channel to `addr` as `role`, retrying until it listens.
