@@ -16,7 +16,8 @@ pub const HARNESS_CONTROLLER: u64 = 999;
 
 pub struct TestCa {
     dir: tempfile::TempDir,
-    issued: Mutex<HashSet<String>>,
+    /// (role, host) pairs issued so far.
+    issued: Mutex<HashSet<(String, String)>>,
 }
 
 static CA: OnceLock<Option<TestCa>> = OnceLock::new();
@@ -33,16 +34,18 @@ impl TestCa {
         Self { dir, issued: Mutex::new(HashSet::new()) }
     }
 
-    /// The files of `role`, issued on first use for 127.0.0.1, localhost and `host`.
+    /// The files of `role`, issued on first use for 127.0.0.1, localhost and `host` (one
+    /// certificate per role and host).
     pub fn files(&self, role: &Role, host: &str) -> TlsArgs {
+        let out = self.dir.path().join(if host.is_empty() { "loopback" } else { host });
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        if issued.insert(role.to_string()) {
+        if issued.insert((role.to_string(), host.to_string())) {
             let mut hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
             hosts.extend(Some(host.to_string()).filter(|h| !h.is_empty() && !hosts.contains(h)));
-            tidal_auth::certs::issue(&self.dir.path().join("ca"), role, &hosts, self.dir.path(), 1)
+            tidal_auth::certs::issue(&self.dir.path().join("ca"), role, &hosts, &out, 1)
                 .unwrap_or_else(|e| panic!("issuing {role}: {e}"));
         }
-        let (cert, key) = tidal_auth::certs::paths(self.dir.path(), role);
+        let (cert, key) = tidal_auth::certs::paths(&out, role);
         TlsArgs {
             tls_ca: Some(self.dir.path().join("ca/ca.pem")),
             tls_cert: Some(cert),

@@ -209,7 +209,12 @@ async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
         })
         .collect();
     let mut ctl = controller_client(&ctl_addr).await;
-    ctl.register_task(RegisterTaskRequest { task: Some(video(2000, &shrink, &r18)) }).await.unwrap();
+    let task = video(2000, &shrink, &r18);
+    eventually(Duration::from_secs(20), "the controller to lead and take the task", || {
+        let (mut ctl, task) = (ctl.clone(), task.clone());
+        async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
+    })
+    .await;
     for (variant, per_core) in [("downsample", 2000.0), ("resnet18", 600.0)] {
         let points = tidal_common::profile::synthetic(per_core, &[1], &[(1, 1.0), (4, 1.4)], 1.3);
         let profile = VariantProfile { task: "video".into(), variant: variant.into(), node: String::new(), points };
