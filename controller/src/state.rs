@@ -305,4 +305,27 @@ mod tests {
         s.apply(5, &remove).unwrap();
         assert!(s.nodes.is_empty());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever bytes a log entry holds, applying what decodes from them never panics,
+        /// and the state still snapshots and restores to itself.
+        #[test]
+        fn any_decodable_entry_applies_without_panicking(
+            entries in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), 0..12),
+        ) {
+            use prost::Message;
+            let mut s = ClusterState::default();
+            s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+            s.apply(2, &cmd(Change::RegisterNode(node("n")))).unwrap();
+            for (i, bytes) in entries.iter().enumerate() {
+                if let Ok(c) = Command::decode(bytes.as_slice()) {
+                    let _ = s.apply(3 + i as u64, &c);
+                }
+            }
+            let restored = ClusterState::from_snapshot(s.to_snapshot());
+            proptest::prop_assert_eq!(restored.to_snapshot(), s.to_snapshot());
+        }
+    }
 }
