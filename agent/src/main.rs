@@ -106,6 +106,11 @@ struct ServeArgs {
     /// agent that may switch users (root).
     #[arg(long, env = "TIDAL_WORKER_USER")]
     worker_user: Option<String>,
+    /// A file holding a token that every inference request must carry as `authorization:
+    /// Bearer <token>` (other agents, identified by their certificates, need none). Without
+    /// it the inference port is open to anyone who reaches it.
+    #[arg(long, env = "TIDAL_INFERENCE_TOKEN_FILE")]
+    inference_token_file: Option<PathBuf>,
 }
 
 /// The (uid, gid) of `name`, checked to be a user this agent can start processes as.
@@ -165,7 +170,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
-    let node = Node::new(cfg, cgroups, metrics, security.clone());
+    let token = args
+        .inference_token_file
+        .as_deref()
+        .map(tidal_auth::Token::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let node = Node::new(cfg, cgroups, metrics, security.clone(), token);
     if let Some(addr) = args.metrics_listen {
         tidal_daemon::metrics_http::spawn(addr, registry);
         // Keep the per-worker gauges fresh between scrapes.

@@ -70,6 +70,8 @@ pub struct Node {
     pub models: Arc<ModelDir>,
     /// How this agent dials the others (forwarded stages) and the controller.
     pub security: Security,
+    /// The inference port's bearer token, when it takes one (forwarded stages carry it too).
+    pub inference_token: Option<tidal_auth::Token>,
     workers: tokio::sync::Mutex<HashMap<WorkerKey, Arc<Worker>>>,
     /// Workers being retired: they serve with weight 0 until a successor is ready.
     retiring: Mutex<Vec<Arc<Worker>>>,
@@ -87,9 +89,16 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(cfg: AgentConfig, cgroups: CpuCgroups, metrics: AgentMetrics, security: Security) -> Arc<Self> {
+    pub fn new(
+        cfg: AgentConfig,
+        cgroups: CpuCgroups,
+        metrics: AgentMetrics,
+        security: Security,
+        inference_token: Option<tidal_auth::Token>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             security,
+            inference_token,
             models: ModelDir::new(cfg.model_dir.clone()),
             cfg,
             cgroups,

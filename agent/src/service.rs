@@ -215,6 +215,9 @@ impl AgentService {
         };
         let mut request = Request::new(req);
         request.set_timeout(left);
+        if let Some(token) = &self.node.inference_token {
+            token.attach(request.metadata_mut());
+        }
         request.metadata_mut().insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
         if let Ok(name) = tonic::metadata::MetadataValue::try_from(key.stage.as_str()) {
             request.metadata_mut().insert(STAGE_METADATA, name);
@@ -320,6 +323,13 @@ const REMOTE_PAUSE: Duration = Duration::from_secs(1);
 impl Inference for AgentService {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let arrived = Instant::now();
+        if let Some(token) = &self.node.inference_token {
+            // Another agent forwarding a stage shows its certificate instead.
+            let from_agent = matches!(self.guard.caller(&request)?, Some(tidal_auth::Role::Agent(_)));
+            if !from_agent {
+                token.check(request.metadata())?;
+            }
+        }
         let (metadata, _, req) = request.into_parts();
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();

@@ -11,7 +11,9 @@ pub mod certs;
 pub mod guard;
 pub mod role;
 pub mod tls;
+pub mod token;
 
 pub use guard::Guard;
 pub use role::Role;
 pub use tls::{Security, TlsArgs};
+pub use token::Token;

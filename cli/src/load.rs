@@ -21,8 +21,12 @@ use tokio::sync::{mpsc, Semaphore};
 
 #[derive(clap::Args)]
 pub struct LoadOpts {
+    /// The agent's inference port.
     #[arg(long, default_value = "127.0.0.1:7100")]
     pub agent: String,
+    /// A file with the agent's inference token (`tidal-agent --inference-token-file`).
+    #[arg(long, env = "TIDAL_INFERENCE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     #[arg(long)]
     pub task: String,
     /// Rate trace: one integer per line, the requests in that second.
@@ -179,6 +183,7 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
     if !(args.scale > 0.0 && args.scale.is_finite() && args.speedup > 0.0 && args.speedup.is_finite()) {
         anyhow::bail!("--scale and --speedup must be positive numbers");
     }
+    let token = args.token_file.as_deref().map(tidal_auth::Token::from_file).transpose().map_err(anyhow::Error::msg)?;
     let rates = read_trace(&args.trace, args.start, args.duration)?;
     let times = arrivals(&rates, args.scale, args.speedup, args.seed);
     let wall = rates.len() as f64 / args.speedup;
@@ -221,7 +226,11 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
             continue;
         };
         let mut client = clients[i % clients.len()].clone();
-        let req = InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 };
+        let mut req =
+            tonic::Request::new(InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 });
+        if let Some(token) = &token {
+            token.attach(req.metadata_mut());
+        }
         let tx = tx.clone();
         tokio::spawn(async move {
             let sent = Instant::now();

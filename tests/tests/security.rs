@@ -252,3 +252,48 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     assert_eq!(after, before);
     infer.infer(request).await.expect("still served");
 }
+
+/// Agents started with an inference token serve only requests that carry it, and carry it
+/// themselves when they forward a request to another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inference_token_keeps_out_who_does_not_have_it() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-0123456789\n").unwrap();
+    let token_flag = token_file.display().to_string();
+    let extra = ["--inference-token-file", token_flag.as_str()];
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra });
+    let other = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra });
+    // The task's only worker runs on `agent`; `other` forwards to it.
+    let mut plan = plan_for(1, &agent.node, "classify", 2000, &[(&r18, 1000, 1)]);
+    plan.node_addresses =
+        [(agent.node.clone(), agent.addr.clone()), (other.node.clone(), other.addr.clone())].into_iter().collect();
+    for a in [&agent, &other] {
+        let request = ApplyPlanRequest { plan: Some(plan.clone()) };
+        agent_client(&a.control_addr).await.apply_plan(request).await.unwrap();
+    }
+    wait_ready(&agent.control_addr, 1).await;
+
+    let mut infer = inference_client(&agent.addr).await;
+    let request = |token: Option<&str>| {
+        let mut r = tonic::Request::new(InferRequest {
+            task: "classify".into(),
+            input: Some(sample(&r18.input_shape)),
+            budget_ms: 0,
+        });
+        if let Some(t) = token {
+            tidal_auth::Token::new(t).unwrap().attach(r.metadata_mut());
+        }
+        r
+    };
+    assert_eq!(code(infer.infer(request(None)).await), Code::Unauthenticated);
+    assert_eq!(code(infer.infer(request(Some("s3cret-token-0123456780"))).await), Code::Unauthenticated);
+    infer.infer(request(Some("s3cret-token-0123456789"))).await.expect("the token holder is served");
+    let mut via_other = inference_client(&other.addr).await;
+    assert_eq!(code(via_other.infer(request(None)).await), Code::Unauthenticated);
+    let forwarded = via_other.infer(request(Some("s3cret-token-0123456789"))).await.expect("forwarded with the token");
+    assert_eq!(forwarded.into_inner().node, agent.node, "served by the agent that runs the worker");
+}
