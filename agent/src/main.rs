@@ -203,18 +203,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED; tonic's own
     // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
     let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
+    // Bound before readiness is announced: a port in use fails the start, not a later task.
+    let incoming = |l| tokio_stream::wrappers::TcpListenerStream::new(l);
+    let inference_listener = bind(args.listen, "inference").await?;
+    let control_listener = bind(args.control_listen, "control").await?;
     let inference = server(&security, ClientAuth::Optional)?
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
-        .serve_with_shutdown(args.listen, stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(inference_listener), stop.clone().cancelled_owned());
     let control = server(&security, ClientAuth::Required)?
         .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
-        .serve_with_shutdown(args.control_listen, stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(control_listener), stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
+    tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty()));
+    tidal_daemon::systemd::spawn_watchdog(|| true);
     let served = tokio::select! {
-        _ = wait_for_signal() => Ok(()),
+        _ = tidal_daemon::systemd::shutdown_signal() => Ok(()),
         r = inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {}", args.listen))),
         r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {}", args.control_listen))),
     };
+    tidal_daemon::systemd::stopping();
     stop.cancel();
     info!("stopping workers");
     node.shutdown().await;
@@ -231,13 +238,22 @@ fn server(security: &tidal_auth::Security, auth: ClientAuth) -> anyhow::Result<t
     })
 }
 
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for {what} on {addr}"))
+}
+
+/// Tells systemd the agent is ready once it serves: with a controller, once a plan is applied
+/// and every worker it asks of this node is ready (a restarted agent is not ready before it
+/// can serve its share); without one, at once.
+async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool) {
+    loop {
+        let workers = node.worker_telemetry().await;
+        let applied = node.applied_epoch();
+        if !has_controller || (applied > 0 && workers.iter().all(|w| w.ready)) {
+            let status = format!("node {}: plan {applied} applied, {} workers ready", node.cfg.node, workers.len());
+            tidal_daemon::systemd::ready(&status);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -154,6 +154,29 @@ impl RaftHandle {
         self.ask(|reply| Input::Membership { change, reply }, PROPOSE_TIMEOUT).await
     }
 
+    /// Whether the Raft driver still runs.
+    pub fn is_running(&self) -> bool {
+        self.status.has_changed().is_ok()
+    }
+
+    /// If this replica leads, hands leadership to the most caught-up other voter and waits,
+    /// up to `within`, until it no longer leads (a replica about to stop spares the group an
+    /// election timeout). Returns the voter chosen.
+    pub async fn step_down(&self, within: Duration) -> Option<u64> {
+        let status = self.status();
+        if !status.is_leader {
+            return None;
+        }
+        let matched = |id: u64| status.matched.iter().find(|(r, _)| *r == id).map_or(0, |(_, m)| *m);
+        let to = status.voters.iter().copied().filter(|&v| v != status.id).max_by_key(|&v| matched(v))?;
+        self.transfer_leader(to).await.ok()?;
+        let deadline = tokio::time::Instant::now() + within;
+        while self.status().is_leader && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Some(to)
+    }
+
     /// Asks the leader to hand leadership to `to` (answers once the transfer has started).
     pub async fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
         self.ask(|reply| Input::TransferLeader { to, reply }, PROPOSE_TIMEOUT).await

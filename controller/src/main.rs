@@ -185,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
     let guard = tidal_auth::Guard::new(&security);
     let raft_service = RaftService::server(raft.clone(), guard);
+    let raft_handle = raft.clone();
     let ctl = Controller::new(raft, cfg, metrics, security.clone());
     if let Some(addr) = args.metrics_listen {
         tidal_daemon::metrics_http::spawn(addr, registry);
@@ -198,23 +199,45 @@ async fn main() -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
-    info!(listen = %args.listen, peer_listen = %args.peer_listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
-    let shutdown = stop.clone();
-    let peer_server = server(&security)?
-        .add_service(raft_service)
-        .serve_with_shutdown(args.peer_listen, shutdown.clone().cancelled_owned());
+    // Bound before readiness is announced: a port in use fails the start, not a later task.
+    let peer_listener = bind(args.peer_listen, "the peer port").await?;
+    let api_listener = bind(args.listen, "the API").await?;
+    let peer_server = server(&security)?.add_service(raft_service).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
+        stop.clone().cancelled_owned(),
+    );
     let api_server = server(&security)?
         .add_service(ControllerServer::new(ControllerService { ctl, guard }))
-        .serve_with_shutdown(args.listen, shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(api_listener),
+            stop.clone().cancelled_owned(),
+        );
     let peer = tokio::spawn(peer_server);
     let api = tokio::spawn(api_server);
+    info!(listen = %args.listen, peer_listen = %args.peer_listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
+    tidal_daemon::systemd::ready(&format!(
+        "replica {} serving on {} (peers on {})",
+        args.id, args.listen, args.peer_listen
+    ));
+    let watched = raft_handle.clone();
+    tidal_daemon::systemd::spawn_watchdog(move || watched.is_running());
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = tidal_daemon::systemd::shutdown_signal() => {}
         r = peer => r?.with_context(|| format!("serving the peer port {}", args.peer_listen))?,
         r = api => r?.with_context(|| format!("serving the API on {}", args.listen))?,
     }
+    tidal_daemon::systemd::stopping();
+    // A leader that stops hands over first: the group skips an election timeout.
+    if let Some(to) = raft_handle.step_down(Duration::from_secs(3)).await {
+        info!(to, "handed leadership over before stopping");
+    }
     stop.cancel();
+    info!("controller stopped");
     Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for {what} on {addr}"))
 }
 
 /// A server builder for a control port: mutual TLS required (or plaintext, if so configured).

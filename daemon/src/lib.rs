@@ -1,5 +1,6 @@
 //! The edges Tidal's binaries share, kept out of `tidal-common` so that the models there stay
-//! pure (no I/O, threads or clocks): log set-up and the Prometheus metrics endpoint.
+//! pure (no I/O, threads or clocks): log set-up, the Prometheus metrics endpoint and systemd notifications.
 
 pub mod logging;
 pub mod metrics_http;
+pub mod systemd;

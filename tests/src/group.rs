@@ -137,6 +137,26 @@ impl Group {
         }
     }
 
+    /// SIGTERM, as systemd stops a unit; waits up to 10 s for the exit.
+    pub fn terminate(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let mut p = self.replica_mut(id).proc.take()?;
+        let _ = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            match p.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                _ if Instant::now() > deadline => break None,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if status.is_none() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        std::mem::forget(p);
+        status
+    }
+
     pub fn restart(&mut self, id: u64) {
         assert!(!self.is_alive(id), "replica {id} is running");
         self.launch(id);

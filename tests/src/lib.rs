@@ -115,6 +115,11 @@ pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
 
 /// Starts an agent as `node` (its cgroups live under `tidal-test/<node>`).
 pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
+    start_agent_with_env(work, node, opts, &[])
+}
+
+/// [`start_agent_named`] with extra environment variables.
+pub fn start_agent_with_env(work: &Path, node: &str, opts: AgentOpts, env: &[(&str, &str)]) -> Agent {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let control_addr = format!("127.0.0.1:{}", free_port());
@@ -135,6 +140,7 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
         cmd.args(["--controller", c]);
     }
     as_daemon(&mut cmd, &tidal_auth::Role::Agent(node.clone()), "");
+    cmd.envs(env.iter().copied());
     let proc = spawn("agent", cmd, &work.join(format!("{node}-{port}.log")));
     Agent { proc, addr, control_addr, node }
 }
