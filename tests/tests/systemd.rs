@@ -146,6 +146,7 @@ async fn a_leader_stopped_with_sigterm_hands_over_without_an_election() {
     })
     .await;
     let took = stopped.elapsed();
+    eprintln!("SIGTERM to the leader, replica {leader}: replica {next} leads {took:?} later");
     assert_ne!(next, leader);
     assert!(took < Duration::from_millis(1500), "a hand-over, not an election: {took:?}");
 }
