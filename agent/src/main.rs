@@ -204,15 +204,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
     let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
     // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let incoming = |l| tokio_stream::wrappers::TcpListenerStream::new(l);
-    let inference_listener = bind(args.listen, "inference").await?;
-    let control_listener = bind(args.control_listen, "control").await?;
+    let inference_listener = bind(args.listen, "inference")?;
+    let control_listener = bind(args.control_listen, "control")?;
     let inference = server(&security, ClientAuth::Optional)?
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
-        .serve_with_incoming_shutdown(incoming(inference_listener), stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(inference_listener, stop.clone().cancelled_owned());
     let control = server(&security, ClientAuth::Required)?
         .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
-        .serve_with_incoming_shutdown(incoming(control_listener), stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
     tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty()));
     tidal_daemon::systemd::spawn_watchdog(|| true);
@@ -238,8 +237,12 @@ fn server(security: &tidal_auth::Security, auth: ClientAuth) -> anyhow::Result<t
     })
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for {what} on {addr}"))
+/// Listens on `addr`, with TCP_NODELAY on every connection (as tonic's own listener sets it:
+/// without it small responses wait on delayed acknowledgements).
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind(addr).with_context(|| format!("listening for {what} on {addr}"))?;
+    Ok(incoming.with_nodelay(Some(true)))
 }
 
 /// Tells systemd the agent is ready once it serves: with a controller, once a plan is applied

@@ -200,18 +200,14 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
     // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let peer_listener = bind(args.peer_listen, "the peer port").await?;
-    let api_listener = bind(args.listen, "the API").await?;
-    let peer_server = server(&security)?.add_service(raft_service).serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
-        stop.clone().cancelled_owned(),
-    );
+    let peer_listener = bind(args.peer_listen, "the peer port")?;
+    let api_listener = bind(args.listen, "the API")?;
+    let peer_server = server(&security)?
+        .add_service(raft_service)
+        .serve_with_incoming_shutdown(peer_listener, stop.clone().cancelled_owned());
     let api_server = server(&security)?
         .add_service(ControllerServer::new(ControllerService { ctl, guard }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(api_listener),
-            stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(api_listener, stop.clone().cancelled_owned());
     let peer = tokio::spawn(peer_server);
     let api = tokio::spawn(api_server);
     info!(listen = %args.listen, peer_listen = %args.peer_listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
@@ -236,8 +232,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for {what} on {addr}"))
+/// Listens on `addr`, with TCP_NODELAY on every connection (as tonic's own listener sets it:
+/// without it small responses wait on delayed acknowledgements).
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind(addr).with_context(|| format!("listening for {what} on {addr}"))?;
+    Ok(incoming.with_nodelay(Some(true)))
 }
 
 /// A server builder for a control port: mutual TLS required (or plaintext, if so configured).
