@@ -204,12 +204,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
     let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
     // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let inference_listener = bind(args.listen, "inference")?;
-    let control_listener = bind(args.control_listen, "control")?;
-    let inference = server(&security, ClientAuth::Optional)?
+    let inference_listener = listen(args.listen, "inference")?;
+    let control_listener = listen(args.control_listen, "control")?;
+    let inference = security
+        .server_builder(ClientAuth::Optional)?
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
         .serve_with_incoming_shutdown(inference_listener, stop.clone().cancelled_owned());
-    let control = server(&security, ClientAuth::Required)?
+    let control = security
+        .server_builder(ClientAuth::Required)?
         .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
         .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
@@ -227,36 +229,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-/// A server builder for one port: TLS with client certificates as `auth` says (or plaintext,
-/// if so configured).
-fn server(security: &tidal_auth::Security, auth: ClientAuth) -> anyhow::Result<tonic::transport::Server> {
-    let builder = tonic::transport::Server::builder();
-    Ok(match security.server(auth) {
-        Some(tls) => builder.tls_config(tls).context("the TLS configuration")?,
-        None => builder,
-    })
-}
-
-/// Listens on `addr`, with TCP_NODELAY on every connection (as tonic's own listener sets it:
-/// without it small responses wait on delayed acknowledgements).
-fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
-    let incoming =
-        tonic::transport::server::TcpIncoming::bind(addr).with_context(|| format!("listening for {what} on {addr}"))?;
-    Ok(incoming.with_nodelay(Some(true)))
-}
-
 /// Tells systemd the agent is ready once it serves: with a controller, once a plan is applied
 /// and every worker it asks of this node is ready (a restarted agent is not ready before it
 /// can serve its share); without one, at once.
 async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool) {
     loop {
-        let workers = node.worker_telemetry().await;
+        let (workers, serving) = node.workers_serving().await;
         let applied = node.applied_epoch();
-        if !has_controller || (applied > 0 && workers.iter().all(|w| w.ready)) {
-            let status = format!("node {}: plan {applied} applied, {} workers ready", node.cfg.node, workers.len());
+        if !has_controller || (applied > 0 && serving) {
+            let status = format!("node {}: plan {applied} applied, {workers} workers ready", node.cfg.node);
             tidal_daemon::systemd::ready(&status);
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn listen(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
+    tidal_auth::tls::listen(addr).with_context(|| format!("listening for {what} on {addr}"))
 }

@@ -337,6 +337,12 @@ impl Node {
     }
 
     /// One line per worker for telemetry and status: sizes, queue, CPU use and throttling.
+    /// How many workers run here, and whether every one of them serves.
+    pub async fn workers_serving(&self) -> (usize, bool) {
+        let workers = self.workers.lock().await;
+        (workers.len(), workers.values().all(|w| w.is_ready()))
+    }
+
     pub async fn worker_telemetry(&self) -> Vec<WorkerTelemetry> {
         let workers = self.workers.lock().await;
         let now = Instant::now();

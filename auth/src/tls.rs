@@ -111,6 +111,15 @@ impl Security {
         })
     }
 
+    /// A server builder for a port: TLS with client certificates as `auth` says, or plaintext.
+    pub fn server_builder(&self, auth: ClientAuth) -> Result<tonic::transport::Server, TlsError> {
+        let builder = tonic::transport::Server::builder();
+        match self.server(auth) {
+            Some(tls) => builder.tls_config(tls).map_err(|e| TlsError::Certificate(e.to_string())),
+            None => Ok(builder),
+        }
+    }
+
     /// An endpoint for `address` (`host:port`): `https` with this identity and the cluster
     /// CA, or `http` in plaintext. The server's certificate must name the host.
     pub fn endpoint(&self, address: &str) -> Result<Endpoint, TlsError> {
@@ -122,5 +131,37 @@ impl Security {
         let host = endpoint.uri().host().ok_or_else(bad)?.trim_matches(['[', ']']).to_string();
         let tls = ClientTlsConfig::new().ca_certificate(m.ca.clone()).identity(m.identity.clone()).domain_name(host);
         endpoint.tls_config(tls).map_err(|e| TlsError::Certificate(e.to_string()))
+    }
+}
+
+/// Listens on `addr` with TCP_NODELAY on every connection (as tonic's own listener sets it:
+/// without it small responses wait on delayed acknowledgements).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tonic::transport::server::TcpIncoming> {
+    Ok(tonic::transport::server::TcpIncoming::bind(addr)?.with_nodelay(Some(true)))
+}
+
+impl TlsArgs {
+    /// The flags that give a daemon these files.
+    pub fn to_flags(&self) -> Vec<String> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        vec![
+            "--tls-ca".into(),
+            path(&self.tls_ca),
+            "--tls-cert".into(),
+            path(&self.tls_cert),
+            "--tls-key".into(),
+            path(&self.tls_key),
+        ]
+    }
+
+    /// The files `certs::issue` wrote for `role` into `dir`, with the CA in `dir/ca`.
+    pub fn issued(dir: &std::path::Path, role: &Role) -> Self {
+        let (cert, key) = crate::certs::paths(dir, role);
+        Self {
+            tls_ca: Some(dir.join("ca").join(crate::certs::CA_CERT)),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            insecure_plaintext: false,
+        }
     }
 }

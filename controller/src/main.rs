@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use tidal_auth::tls::ClientAuth;
 use tidal_common::adapt::AdaptConfig;
 use tidal_common::latency::LatencyModel;
 use tidal_common::solver::{Limits, PolicyKind, Weights};
@@ -200,12 +201,14 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
     // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let peer_listener = bind(args.peer_listen, "the peer port")?;
-    let api_listener = bind(args.listen, "the API")?;
-    let peer_server = server(&security)?
+    let peer_listener = listen(args.peer_listen, "the peer port")?;
+    let api_listener = listen(args.listen, "the API")?;
+    let peer_server = security
+        .server_builder(ClientAuth::Required)?
         .add_service(raft_service)
         .serve_with_incoming_shutdown(peer_listener, stop.clone().cancelled_owned());
-    let api_server = server(&security)?
+    let api_server = security
+        .server_builder(ClientAuth::Required)?
         .add_service(ControllerServer::new(ControllerService { ctl, guard }))
         .serve_with_incoming_shutdown(api_listener, stop.clone().cancelled_owned());
     let peer = tokio::spawn(peer_server);
@@ -232,23 +235,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Listens on `addr`, with TCP_NODELAY on every connection (as tonic's own listener sets it:
-/// without it small responses wait on delayed acknowledgements).
-fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
-    let incoming =
-        tonic::transport::server::TcpIncoming::bind(addr).with_context(|| format!("listening for {what} on {addr}"))?;
-    Ok(incoming.with_nodelay(Some(true)))
-}
-
-/// A server builder for a control port: mutual TLS required (or plaintext, if so configured).
-fn server(security: &tidal_auth::Security) -> anyhow::Result<tonic::transport::Server> {
-    let builder = tonic::transport::Server::builder();
-    Ok(match security.server(tidal_auth::tls::ClientAuth::Required) {
-        Some(tls) => builder.tls_config(tls).context("the TLS configuration")?,
-        None => builder,
-    })
-}
-
 /// The voters a fresh store starts with, and the addresses known from the command line.
 fn membership(args: &Args, advertise: &str) -> anyhow::Result<(Vec<u64>, AddressBook)> {
     let mut peers = args.peers.clone();
@@ -267,4 +253,8 @@ fn membership(args: &Args, advertise: &str) -> anyhow::Result<(Vec<u64>, Address
     }
     let voters = if args.join { Vec::new() } else { ids };
     Ok((voters, AddressBook::new(peers)))
+}
+
+fn listen(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
+    tidal_auth::tls::listen(addr).with_context(|| format!("listening for {what} on {addr}"))
 }

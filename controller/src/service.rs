@@ -259,21 +259,12 @@ impl ControllerApi for ControllerService {
         self.guard.require(&request, "RemoveNode", is_admin)?;
         self.require_leader()?;
         let req = request.into_inner();
-        let (known, drained) = self.ctl.raft.read(|s| {
-            let in_plan = s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| a.node == req.node));
-            (s.nodes.contains_key(&req.node), s.nodes.get(&req.node).is_some_and(|n| n.draining) && !in_plan)
-        });
-        if !known {
+        if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
             return Err(Status::not_found(format!("unknown node {:?}", req.node)));
         }
-        if !drained {
-            return Err(Status::failed_precondition(format!(
-                "node {:?} must be drained first (`tidalctl node drain`, then wait for a plan without it)",
-                req.node
-            )));
-        }
+        // The state refuses a node not yet drained (FAILED_PRECONDITION, with why).
+        self.commit(Change::RemoveNode(req.clone())).await?;
         info!(node = %req.node, "node removed");
-        self.commit(Change::RemoveNode(req)).await?;
         Ok(Response::new(RemoveNodeResponse {}))
     }
 

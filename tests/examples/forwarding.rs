@@ -3,23 +3,15 @@
 //!
 //! `cargo run --release -p tidal-tests --example forwarding -- 300`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tidal_common::variant::VariantConfig;
-use tidal_proto::v1::{ApplyPlanRequest, InferRequest};
+use tidal_proto::v1::ApplyPlanRequest;
 use tidal_tests::*;
 
 async fn latencies(addr: &str, shape: &[i64], n: usize) -> Histogram<u64> {
-    let mut client = inference_client(addr).await;
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    for _ in 0..n {
-        let req = InferRequest { task: "t".into(), input: Some(sample(shape)), budget_ms: 0 };
-        let started = Instant::now();
-        client.infer(req).await.expect("served");
-        h.record(started.elapsed().as_micros() as u64).unwrap_or_default();
-    }
-    h
+    sequential_latencies(&mut inference_client(addr).await, "t", shape, n).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

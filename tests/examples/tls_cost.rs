@@ -5,24 +5,15 @@
 //!
 //! `cargo run --release -p tidal-tests --example tls_cost -- [blocks] [requests per block]`
 
-use std::time::Instant;
-
-use hdrhistogram::Histogram;
 use tidal_auth::{Role, Security, TlsArgs};
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{ApplyPlanRequest, InferRequest};
+use tidal_proto::v1::ApplyPlanRequest;
 use tidal_tests::*;
 use tonic::transport::Channel;
 
 async fn block(client: &mut InferenceClient<Channel>, shape: &[i64], n: usize) -> (f64, f64) {
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    for _ in 0..n {
-        let req = InferRequest { task: "t".into(), input: Some(sample(shape)), budget_ms: 0 };
-        let started = Instant::now();
-        client.infer(req).await.expect("served");
-        h.record(started.elapsed().as_micros() as u64).unwrap_or_default();
-    }
+    let h = sequential_latencies(client, "t", shape, n).await;
     (h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0)
 }
 

@@ -283,6 +283,23 @@ pub fn plan_for(
     }
 }
 
+/// Latencies (µs) of `n` sequential requests of task `task` through `client`.
+pub async fn sequential_latencies(
+    client: &mut InferenceClient<Channel>,
+    task: &str,
+    shape: &[i64],
+    n: usize,
+) -> hdrhistogram::Histogram<u64> {
+    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    for _ in 0..n {
+        let req = tidal_proto::v1::InferRequest { task: task.into(), input: Some(sample(shape)), budget_ms: 0 };
+        let started = Instant::now();
+        client.infer(req).await.expect("served");
+        h.record(started.elapsed().as_micros() as u64).unwrap_or_default();
+    }
+    h
+}
+
 /// One float32 sample of `shape` (no batch dimension), batch dimension of 1 added.
 pub fn sample(shape: &[i64]) -> tidal_proto::v1::Tensor {
     let n: i64 = shape.iter().product();

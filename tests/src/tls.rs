@@ -45,13 +45,7 @@ impl TestCa {
             tidal_auth::certs::issue(&self.dir.path().join("ca"), role, &hosts, &out, 1)
                 .unwrap_or_else(|e| panic!("issuing {role}: {e}"));
         }
-        let (cert, key) = tidal_auth::certs::paths(&out, role);
-        TlsArgs {
-            tls_ca: Some(self.dir.path().join("ca/ca.pem")),
-            tls_cert: Some(cert),
-            tls_key: Some(key),
-            insecure_plaintext: false,
-        }
+        TlsArgs { tls_ca: Some(self.dir.path().join("ca/ca.pem")), ..TlsArgs::issued(&out, role) }
     }
 
     fn security(&self, role: &Role) -> Security {
@@ -70,13 +64,7 @@ pub fn as_daemon<'a>(cmd: &'a mut Command, role: &Role, host: &str) -> &'a mut C
         return cmd;
     }
     match test_ca() {
-        Some(ca) => {
-            let files = ca.files(role, host);
-            let path = |p: Option<PathBuf>| p.unwrap_or_default();
-            cmd.arg("--tls-ca").arg(path(files.tls_ca));
-            cmd.arg("--tls-cert").arg(path(files.tls_cert));
-            cmd.arg("--tls-key").arg(path(files.tls_key))
-        }
+        Some(ca) => cmd.args(ca.files(role, host).to_flags()),
         None => cmd.env("TIDAL_INSECURE_PLAINTEXT", "true"),
     }
 }

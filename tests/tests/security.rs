@@ -35,15 +35,12 @@ fn certificates(dir: &Path, roles: &[Role]) -> PathBuf {
 }
 
 fn tls_args(dir: &Path, role: &Role) -> TlsArgs {
-    let (cert, key) = tidal_auth::certs::paths(dir, role);
-    TlsArgs { tls_ca: Some(dir.join("ca/ca.pem")), tls_cert: Some(cert), tls_key: Some(key), insecure_plaintext: false }
+    TlsArgs::issued(dir, role)
 }
 
 /// The flags a daemon needs to speak as `role`.
 fn tls_flags(dir: &Path, role: &Role) -> Vec<String> {
-    let a = tls_args(dir, role);
-    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
-    vec!["--tls-ca".into(), path(a.tls_ca), "--tls-cert".into(), path(a.tls_cert), "--tls-key".into(), path(a.tls_key)]
+    tls_args(dir, role).to_flags()
 }
 
 /// A channel to `addr` as `role`, retrying until it listens.
