@@ -1,21 +1,23 @@
 //! CPU cgroups for workers: one cgroup per worker under the agent's subtree, with a CFS quota
 //! that is rewritten in place to resize a running worker.
 //!
-//! Two drivers, chosen at start-up from `/proc/self/mountinfo` (or forced by configuration):
+//! Two drivers, chosen at start-up from `/proc/self/mountinfo` (or forced by configuration),
+//! both through `cgroups-rs` with only the cpu controllers named, so that the agent never
+//! creates groups in the other hierarchies:
 //! - **v2** (production): the unified hierarchy with the `cpu` controller; the agent's own
 //!   cgroup (systemd `Delegate=yes`) gets `workers/worker-N` children, limits in `cpu.max`,
 //!   usage and throttling in `cpu.stat`.
 //! - **v1** (fallback, and the only cpu controller on the development machines): `cpu` and
 //!   `cpuacct` hierarchies, limits in `cpu.cfs_quota_us`/`cpu.cfs_period_us`, usage in
 //!   `cpuacct.usage`, throttling in `cpu.stat`.
-//!
-//! The files are written directly: resizing is two small writes on the hot path of
-//! adaptation, and the agent touches only the cpu controllers, never the other hierarchies a
-//! general-purpose cgroup library would create groups in.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::cpuacct::CpuAcctController;
+use cgroups_rs::hierarchies::{V1, V2};
+use cgroups_rs::{Cgroup, CgroupPid, Controller, Hierarchy};
 use thiserror::Error;
 
 /// The CFS period the agent sets: 10 ms rather than the kernel's 100 ms, so that a worker
@@ -31,12 +33,18 @@ pub enum CgroupError {
     DriverUnavailable(CgroupDriverChoice),
     #[error("{action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("cannot parse {path}: {content:?}")]
-    Parse { path: PathBuf, content: String },
+    #[error("{action} cgroup {path}: {source}")]
+    Cgroup { action: &'static str, path: String, source: cgroups_rs::error::Error },
+    #[error("cgroup {0} has no cpu controller")]
+    NoCpuIn(String),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
     move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
+}
+
+fn lib<'a>(action: &'static str, cg: &'a Cgroup) -> impl FnOnce(cgroups_rs::error::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Cgroup { action, path: cg.path().to_string(), source }
 }
 
 /// Which hierarchy to use, from configuration.
@@ -50,17 +58,46 @@ pub enum CgroupDriverChoice {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Driver {
-    V1 { cpu: PathBuf, cpuacct: Option<PathBuf> },
-    V2 { dir: PathBuf },
-    None,
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    fn hierarchy(self) -> Box<dyn Hierarchy> {
+        match self {
+            Version::V1 => Box::new(V1::new()),
+            Version::V2 => Box::new(V2::new()),
+        }
+    }
+
+    /// The only controllers the agent names: cpu (quota, throttling) and, on v1, cpuacct
+    /// (usage; v2 reports it in cpu.stat).
+    fn controllers(self) -> Vec<String> {
+        match self {
+            Version::V1 => vec!["cpu".into(), "cpuacct".into()],
+            Version::V2 => vec!["cpu".into()],
+        }
+    }
+
+    /// An existing cgroup.
+    fn load(self, path: &str) -> Cgroup {
+        Cgroup::load_with_specified_controllers(self.hierarchy(), path, self.controllers())
+    }
+
+    /// A cgroup, created unless it exists.
+    fn cgroup(self, path: &str) -> Result<Cgroup, CgroupError> {
+        Cgroup::new_with_specified_controllers(self.hierarchy(), path, Some(self.controllers()))
+            .map_err(|source| CgroupError::Cgroup { action: "create", path: path.to_string(), source })
+    }
 }
 
 /// The agent's cgroup subtree, in which it creates one cgroup per worker.
 #[derive(Debug, Clone)]
 pub struct CpuCgroups {
-    driver: Driver,
+    /// The hierarchy and the subtree's path in it; `None`: the `none` driver.
+    subtree: Option<(Version, String)>,
 }
 
 /// Where the cpu controllers are mounted, read from `/proc/self/mountinfo`.
@@ -106,10 +143,17 @@ fn parse_mountinfo(text: &str) -> Mounts {
     m
 }
 
-/// The calling process's cgroup v2 path ("0::/system.slice/tidal-agent.service").
+/// The calling process's cgroup v2 path ("system.slice/tidal-agent.service").
 fn own_v2_cgroup() -> Option<String> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(|p| p.trim_start_matches('/').to_string())
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(|p| p.trim_matches('/').to_string())
+}
+
+fn join(parent: &str, child: &str) -> String {
+    match (parent.trim_matches('/'), child.trim_matches('/')) {
+        ("", c) => c.to_string(),
+        (p, c) => format!("{p}/{c}"),
+    }
 }
 
 impl CpuCgroups {
@@ -119,95 +163,84 @@ impl CpuCgroups {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
         let mounts = parse_mountinfo(&mountinfo);
-        let use_v2 = match choice {
-            CgroupDriverChoice::None => return Ok(Self { driver: Driver::None }),
+        let version = match choice {
+            CgroupDriverChoice::None => return Ok(Self { subtree: None }),
             CgroupDriverChoice::V2 if mounts.v2.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
             CgroupDriverChoice::V1 if mounts.v1_cpu.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
-            CgroupDriverChoice::V2 => true,
-            CgroupDriverChoice::V1 => false,
-            CgroupDriverChoice::Auto => mounts.v2.is_some(),
+            CgroupDriverChoice::V2 => Version::V2,
+            CgroupDriverChoice::V1 => Version::V1,
+            CgroupDriverChoice::Auto if mounts.v2.is_some() => Version::V2,
+            CgroupDriverChoice::Auto if mounts.v1_cpu.is_some() => Version::V1,
+            CgroupDriverChoice::Auto => return Err(CgroupError::NoCpuController),
         };
-        let driver = if use_v2 {
-            let root = mounts.v2.ok_or(CgroupError::NoCpuController)?;
-            Self::setup_v2(&root, subtree)?
-        } else {
-            let cpu = mounts.v1_cpu.ok_or(CgroupError::NoCpuController)?.join(subtree.trim_start_matches('/'));
-            fs::create_dir_all(&cpu).map_err(io("create", &cpu))?;
-            let cpuacct = match mounts.v1_cpuacct {
-                Some(root) => {
-                    let dir = root.join(subtree.trim_start_matches('/'));
-                    fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-                    Some(dir)
-                }
-                None => None,
-            };
-            Driver::V1 { cpu, cpuacct }
+        if version == Version::V2 && mounts.v2.as_deref() != Some(Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT)) {
+            // cgroups-rs addresses the unified hierarchy at its standard mount point only.
+            return Err(CgroupError::DriverUnavailable(choice));
+        }
+        let path = match version {
+            Version::V2 if !subtree.starts_with('/') => Self::leave_own_cgroup(subtree)?,
+            _ => subtree.trim_matches('/').to_string(),
         };
-        Ok(Self { driver })
+        version.cgroup(&path)?;
+        Ok(Self { subtree: Some((version, path)) })
     }
 
-    /// v2 forbids processes in inner nodes: the agent moves itself to `<own>/agent` and puts
-    /// workers under `<own>/<subtree>` with the cpu controller enabled.
-    fn setup_v2(root: &Path, subtree: &str) -> Result<Driver, CgroupError> {
-        let base = if subtree.starts_with('/') {
-            root.join(subtree.trim_start_matches('/'))
-        } else {
-            let own = root.join(own_v2_cgroup().unwrap_or_default());
-            let agent_leaf = own.join("agent");
-            fs::create_dir_all(&agent_leaf).map_err(io("create", &agent_leaf))?;
-            let procs = agent_leaf.join("cgroup.procs");
-            fs::write(&procs, std::process::id().to_string()).map_err(io("move the agent into", &procs))?;
-            enable_cpu(&own)?;
-            own.join(subtree)
-        };
-        fs::create_dir_all(&base).map_err(io("create", &base))?;
-        enable_cpu(&base)?;
-        Ok(Driver::V2 { dir: base })
+    /// v2 forbids processes in inner nodes: the agent moves itself to `<own>/agent`, so that
+    /// its own cgroup (delegated by systemd) can hold `<own>/<subtree>`. Returns that path.
+    fn leave_own_cgroup(subtree: &str) -> Result<String, CgroupError> {
+        let own = own_v2_cgroup().unwrap_or_default();
+        // Created by hand: cgroups-rs would first enable cpu in <own>, and a cgroup with
+        // processes and a threaded controller enabled becomes a thread root whose children
+        // refuse processes (EOPNOTSUPP).
+        let leaf = join(&own, "agent");
+        let dir = Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(&leaf);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let agent_leaf = Version::V2.load(&leaf);
+        agent_leaf.add_task_by_tgid(CgroupPid::from(std::process::id() as u64)).map_err(lib("move the agent into", &agent_leaf))?;
+        Ok(join(&own, subtree))
     }
 
     pub fn driver_name(&self) -> &'static str {
-        match self.driver {
-            Driver::V1 { .. } => "cgroup-v1",
-            Driver::V2 { .. } => "cgroup-v2",
-            Driver::None => "none",
+        match self.subtree {
+            Some((Version::V1, _)) => "cgroup-v1",
+            Some((Version::V2, _)) => "cgroup-v2",
+            None => "none",
         }
     }
 
     /// Creates (or reuses) the cgroup of worker `name`.
     pub fn create(&self, name: &str) -> Result<WorkerCgroup, CgroupError> {
-        let driver = match &self.driver {
-            Driver::V1 { cpu, cpuacct } => {
-                Driver::V1 { cpu: cpu.join(name), cpuacct: cpuacct.as_ref().map(|d| d.join(name)) }
-            }
-            Driver::V2 { dir } => Driver::V2 { dir: dir.join(name) },
-            Driver::None => Driver::None,
+        let cgroup = match &self.subtree {
+            Some((version, base)) => Some(version.cgroup(&join(base, name))?),
+            None => None,
         };
-        let cg = WorkerCgroup { driver };
-        for dir in cg.dirs() {
-            fs::create_dir_all(dir).map_err(io("create", dir))?;
-        }
-        Ok(cg)
+        Ok(WorkerCgroup { cgroup })
     }
 
     /// Kills whatever still runs in the subtree's worker cgroups and removes them: on start,
     /// what a crashed agent left behind; on exit, what an interrupted operation (a profile)
     /// left running. Returns how many cgroups were removed.
     pub fn sweep(&self) -> usize {
-        let roots: Vec<&PathBuf> = match &self.driver {
-            Driver::V1 { cpu, cpuacct } => std::iter::once(cpu).chain(cpuacct.iter()).collect(),
-            Driver::V2 { dir } => vec![dir],
-            Driver::None => vec![],
-        };
-        let mut removed = 0;
-        for root in roots {
-            let Ok(entries) = fs::read_dir(root) else { continue };
-            for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
-                kill_all(&dir);
-                if remove_when_empty(&dir) {
-                    removed += 1;
-                } else {
-                    tracing::warn!(path = %dir.display(), "could not remove a leftover cgroup");
+        let Some((version, base)) = &self.subtree else { return 0 };
+        let mut names: Vec<String> = Vec::new();
+        for dir in controller_dirs(&version.load(base)) {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !names.contains(&name) {
+                    names.push(name);
                 }
+            }
+        }
+        let mut removed = 0;
+        for name in names {
+            let path = join(base, &name);
+            let cg = version.load(&path);
+            kill_all(&cg);
+            if remove_when_empty(&cg) {
+                removed += 1;
+            } else {
+                tracing::warn!(path, "could not remove a leftover cgroup");
             }
         }
         removed
@@ -215,41 +248,38 @@ impl CpuCgroups {
 
     /// Removes the (empty) subtree; called on exit after every worker is gone.
     pub fn remove(&self) {
-        let dirs: Vec<&PathBuf> = match &self.driver {
-            Driver::V1 { cpu, cpuacct } => std::iter::once(cpu).chain(cpuacct.iter()).collect(),
-            Driver::V2 { dir } => vec![dir],
-            Driver::None => vec![],
-        };
-        for dir in dirs {
-            if let Err(e) = fs::remove_dir(dir) {
-                tracing::warn!(path = %dir.display(), error = %e, "could not remove the agent's cgroup");
+        if let Some((version, base)) = &self.subtree {
+            if let Err(e) = version.load(base).delete() {
+                tracing::warn!(path = base, error = %e, "could not remove the agent's cgroup");
             }
         }
     }
 }
 
+/// The directories of a cgroup, one per hierarchy it lives in (v1: cpu and cpuacct).
+fn controller_dirs(cg: &Cgroup) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = cg.subsystems().iter().map(|s| s.to_controller().path().to_path_buf()).collect();
+    dirs.dedup();
+    dirs
+}
+
 /// SIGKILLs every process in a cgroup.
-fn kill_all(dir: &Path) {
-    let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) else { return };
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+fn kill_all(cg: &Cgroup) {
+    for pid in cg.procs() {
+        let Ok(pid) = i32::try_from(pid.pid) else { continue };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
 /// Removes a cgroup once its killed processes are gone (up to a second).
-fn remove_when_empty(dir: &Path) -> bool {
+fn remove_when_empty(cg: &Cgroup) -> bool {
     for _ in 0..100 {
-        if fs::remove_dir(dir).is_ok() {
+        if cg.procs().is_empty() && cg.delete().is_ok() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     false
-}
-
-fn enable_cpu(dir: &Path) -> Result<(), CgroupError> {
-    let control = dir.join("cgroup.subtree_control");
-    fs::write(&control, "+cpu").map_err(io("enable cpu in", &control))
 }
 
 /// CPU time used and throttling, cumulative since the cgroup was created.
@@ -260,149 +290,95 @@ pub struct CpuStats {
     pub throttled_us: u64,
 }
 
-/// One worker's cgroup.
+/// One worker's cgroup (`None`: the `none` driver).
 #[derive(Debug)]
 pub struct WorkerCgroup {
-    driver: Driver,
+    cgroup: Option<Cgroup>,
 }
 
 impl WorkerCgroup {
-    fn dirs(&self) -> Vec<&PathBuf> {
-        match &self.driver {
-            Driver::V1 { cpu, cpuacct } => std::iter::once(cpu).chain(cpuacct.iter()).collect(),
-            Driver::V2 { dir } => vec![dir],
-            Driver::None => vec![],
+    fn cpu(&self) -> Result<Option<&CpuController>, CgroupError> {
+        match &self.cgroup {
+            None => Ok(None),
+            Some(cg) => cg.controller_of::<CpuController>().map(Some).ok_or_else(|| CgroupError::NoCpuIn(cg.path().into())),
         }
     }
 
     /// The directory whose files hold the quota (for operators and tests).
     pub fn cpu_dir(&self) -> Option<&Path> {
-        match &self.driver {
-            Driver::V1 { cpu, .. } => Some(cpu),
-            Driver::V2 { dir } => Some(dir),
-            Driver::None => None,
-        }
+        self.cpu().ok().flatten().map(|c| c.path())
     }
 
     /// Moves a process (all its threads) into the cgroup.
     pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
-        for dir in self.dirs() {
-            let procs = dir.join("cgroup.procs");
-            fs::write(&procs, pid.to_string()).map_err(io("add a process to", &procs))?;
+        match &self.cgroup {
+            Some(cg) => cg.add_task_by_tgid(CgroupPid::from(pid as u64)).map_err(lib("add a process to", cg)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Sets the CPU limit to `millicores` (1000 = one core) — in place, effective at the next
     /// CFS period.
     pub fn set_millicores(&self, millicores: u32) -> Result<(), CgroupError> {
-        let quota_us = (millicores as u64 * PERIOD_US / 1000).max(1000);
-        match &self.driver {
-            Driver::V1 { cpu, .. } => {
-                let period = cpu.join("cpu.cfs_period_us");
-                let current = read_u64(&period)?;
-                if current != PERIOD_US {
-                    // A quota larger than allowed for the old period is rejected: clear it first.
-                    let quota = cpu.join("cpu.cfs_quota_us");
-                    fs::write(&quota, "-1").map_err(io("write", &quota))?;
-                    fs::write(&period, PERIOD_US.to_string()).map_err(io("write", &period))?;
-                }
-                let quota = cpu.join("cpu.cfs_quota_us");
-                fs::write(&quota, quota_us.to_string()).map_err(io("write", &quota))
-            }
-            Driver::V2 { dir } => {
-                let max = dir.join("cpu.max");
-                fs::write(&max, format!("{quota_us} {PERIOD_US}")).map_err(io("write", &max))
-            }
-            Driver::None => Ok(()),
+        let (Some(cg), Some(cpu)) = (&self.cgroup, self.cpu()?) else { return Ok(()) };
+        let quota_us = (millicores as u64 * PERIOD_US / 1000).max(1000) as i64;
+        if cpu.v2() {
+            return cpu.set_cfs_quota_and_period(Some(quota_us), Some(PERIOD_US)).map_err(lib("resize", cg));
         }
+        if cpu.cfs_period().map_err(lib("read the period of", cg))? != PERIOD_US {
+            // v1 rejects a quota larger than allowed for the old period: clear it first.
+            cpu.set_cfs_quota(-1).map_err(lib("clear the quota of", cg))?;
+            cpu.set_cfs_period(PERIOD_US).map_err(lib("set the period of", cg))?;
+        }
+        cpu.set_cfs_quota(quota_us).map_err(lib("resize", cg))
     }
 
     /// The limit in force as the kernel reports it, in millicores (`None`: unlimited).
     pub fn millicores(&self) -> Result<Option<u32>, CgroupError> {
-        let (quota, period) = match &self.driver {
-            Driver::V1 { cpu, .. } => {
-                let q = read_i64(&cpu.join("cpu.cfs_quota_us"))?;
-                let p = read_u64(&cpu.join("cpu.cfs_period_us"))?;
-                if q < 0 {
-                    return Ok(None);
-                }
-                (q as u64, p)
-            }
-            Driver::V2 { dir } => {
-                let path = dir.join("cpu.max");
-                let text = fs::read_to_string(&path).map_err(io("read", &path))?;
-                let mut parts = text.split_whitespace();
-                let q = parts.next().unwrap_or("max");
-                if q == "max" {
-                    return Ok(None);
-                }
-                let parse = |s: Option<&str>| s.and_then(|s| s.parse::<u64>().ok());
-                match (parse(Some(q)), parse(parts.next())) {
-                    (Some(q), Some(p)) => (q, p),
-                    _ => return Err(CgroupError::Parse { path, content: text }),
-                }
-            }
-            Driver::None => return Ok(None),
-        };
-        Ok(Some((quota * 1000 / period.max(1)) as u32))
+        let (Some(cg), Some(cpu)) = (&self.cgroup, self.cpu()?) else { return Ok(None) };
+        let quota = cpu.cfs_quota().map_err(lib("read the quota of", cg))?;
+        if quota < 0 {
+            return Ok(None);
+        }
+        let period = cpu.cfs_period().map_err(lib("read the period of", cg))?;
+        Ok(Some((quota as u64 * 1000 / period.max(1)) as u32))
     }
 
     pub fn stats(&self) -> Result<CpuStats, CgroupError> {
-        match &self.driver {
-            Driver::V1 { cpu, cpuacct } => {
-                let stat = read_keyed(&cpu.join("cpu.stat"))?;
-                let usage_ns = match cpuacct {
-                    Some(dir) => read_u64(&dir.join("cpuacct.usage"))?,
-                    None => 0,
-                };
-                Ok(CpuStats {
-                    usage_us: usage_ns / 1000,
-                    nr_throttled: keyed(&stat, "nr_throttled"),
-                    throttled_us: keyed(&stat, "throttled_time") / 1000,
-                })
-            }
-            Driver::V2 { dir } => {
-                let stat = read_keyed(&dir.join("cpu.stat"))?;
-                Ok(CpuStats {
-                    usage_us: keyed(&stat, "usage_usec"),
-                    nr_throttled: keyed(&stat, "nr_throttled"),
-                    throttled_us: keyed(&stat, "throttled_usec"),
-                })
-            }
-            Driver::None => Ok(CpuStats::default()),
+        let (Some(cg), Some(cpu)) = (&self.cgroup, self.cpu()?) else { return Ok(CpuStats::default()) };
+        let stat = parse_keyed(&cpu.cpu().stat);
+        if cpu.v2() {
+            return Ok(CpuStats {
+                usage_us: keyed(&stat, "usage_usec"),
+                nr_throttled: keyed(&stat, "nr_throttled"),
+                throttled_us: keyed(&stat, "throttled_usec"),
+            });
         }
+        let usage_ns = cg.controller_of::<CpuAcctController>().map_or(0, |acct| acct.cpuacct().usage);
+        Ok(CpuStats {
+            usage_us: usage_ns / 1000,
+            nr_throttled: keyed(&stat, "nr_throttled"),
+            throttled_us: keyed(&stat, "throttled_time") / 1000,
+        })
     }
 
     /// Removes the cgroup; its processes must have exited.
     pub fn remove(&self) {
-        for dir in self.dirs() {
-            if let Err(e) = fs::remove_dir(dir) {
-                tracing::warn!(path = %dir.display(), error = %e, "could not remove a worker cgroup");
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.delete() {
+                tracing::warn!(path = cg.path(), error = %e, "could not remove a worker cgroup");
             }
         }
     }
 }
 
-fn read_u64(path: &Path) -> Result<u64, CgroupError> {
-    let text = fs::read_to_string(path).map_err(io("read", path))?;
-    text.trim().parse().map_err(|_| CgroupError::Parse { path: path.into(), content: text })
-}
-
-fn read_i64(path: &Path) -> Result<i64, CgroupError> {
-    let text = fs::read_to_string(path).map_err(io("read", path))?;
-    text.trim().parse().map_err(|_| CgroupError::Parse { path: path.into(), content: text })
-}
-
-fn read_keyed(path: &Path) -> Result<Vec<(String, u64)>, CgroupError> {
-    let text = fs::read_to_string(path).map_err(io("read", path))?;
-    Ok(text
-        .lines()
+fn parse_keyed(text: &str) -> Vec<(String, u64)> {
+    text.lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(' ')?;
             Some((k.to_string(), v.trim().parse().ok()?))
         })
-        .collect())
+        .collect()
 }
 
 fn keyed(pairs: &[(String, u64)], key: &str) -> u64 {

@@ -47,7 +47,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// This node's name, unique in the cluster.
-    #[arg(long, default_value = "node-1")]
+    #[arg(long, env = "TIDAL_NODE", default_value = "node-1")]
     node: String,
     /// Address of the inference port (the Inference service: clients and other agents).
     #[arg(long, env = "TIDAL_LISTEN", default_value = "127.0.0.1:7100")]
@@ -58,48 +58,50 @@ struct ServeArgs {
     control_listen: SocketAddr,
     #[command(flatten)]
     tls: tidal_auth::TlsArgs,
+    #[command(flatten)]
+    log: tidal_daemon::logging::LogArgs,
     /// Address clients and other agents reach the inference port at (default: --listen).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_ADVERTISE")]
     advertise: Option<String>,
     /// Address the controller reaches the control port at (default: --control-listen).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_ADVERTISE_CONTROL")]
     advertise_control: Option<String>,
     /// Controller replicas' addresses (host:port), comma-separated; the agent moves to the next
     /// when one fails. Without any, the agent only serves plans pushed to it.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "TIDAL_CONTROLLER", value_delimiter = ',')]
     controller: Vec<String>,
     /// Directory holding the variants' ONNX files.
-    #[arg(long, default_value = "models")]
+    #[arg(long, env = "TIDAL_MODEL_DIR", default_value = "models")]
     model_dir: PathBuf,
     /// The ONNX Runtime shared library (libonnxruntime.so) that workers load.
     #[arg(long, env = "TIDAL_ORT_LIB")]
     ort_lib: PathBuf,
     /// Cores this node offers to workers (default: all online cores).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_CORES")]
     cores: Option<u32>,
     /// ONNX Runtime threads per worker (default: --cores, so a worker can grow to the whole node in place).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// cgroup hierarchy for workers' CPU limits.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "TIDAL_CGROUP_DRIVER", value_enum, default_value = "auto")]
     cgroup_driver: CgroupDriverChoice,
     /// The agent's cgroup subtree (v1: under the cpu hierarchy's root; v2: under the agent's own cgroup).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_CGROUP_SUBTREE")]
     cgroup_subtree: Option<String>,
     /// Most requests waiting in one worker's queue before new ones are refused.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "TIDAL_QUEUE_CAPACITY", default_value_t = 1024)]
     queue_capacity: usize,
     /// Largest inference request accepted, in bytes (larger: RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, env = "TIDAL_MAX_REQUEST_BYTES", default_value_t = 16 << 20)]
     max_request_bytes: usize,
     /// Seconds between telemetry reports to the controller.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "TIDAL_REPORT_INTERVAL_S", default_value_t = 1.0)]
     report_interval_s: f64,
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Seconds a worker may take to load its model.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "TIDAL_LOAD_TIMEOUT_S", default_value_t = 120)]
     load_timeout_s: u64,
     /// Run the workers as this unprivileged user (and its primary group) instead of the
     /// agent's own; the model directory and ONNX Runtime must be readable by it. Needs an
@@ -130,8 +132,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Worker { model, ort_lib, threads } => tidal_agent::worker_process::serve(&ort_lib, &model, threads),
         Command::Serve(args) => {
-            tidal_daemon::logging::init("info");
-            tokio::runtime::Runtime::new()?.block_on(serve(*args))
+            let log = tidal_daemon::logging::init(&args.log, "info")?;
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                log.spawn_on_sighup();
+                serve(*args).await
+            })
         }
     }
 }

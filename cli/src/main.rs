@@ -205,7 +205,7 @@ enum TaskCmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tidal_daemon::logging::init("warn");
+    tidal_daemon::logging::init_plain("warn");
     let cli = Cli::parse();
     connect::configure(cli.tls.clone());
     match cli.command {

@@ -26,7 +26,7 @@ use tracing::info;
 )]
 struct Args {
     /// This replica's Raft id (a positive integer, unique in the cluster).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "TIDAL_REPLICA_ID", default_value_t = 1)]
     id: u64,
     /// Address of the gRPC API for agents and tidalctl.
     #[arg(long, env = "TIDAL_LISTEN", default_value = "127.0.0.1:7000")]
@@ -36,84 +36,86 @@ struct Args {
     peer_listen: SocketAddr,
     #[command(flatten)]
     tls: tidal_auth::TlsArgs,
+    #[command(flatten)]
+    log: tidal_daemon::logging::LogArgs,
     /// Directory of the sled store (Raft log, hard state); created if missing.
-    #[arg(long, default_value = "tidal-controller-data")]
+    #[arg(long, env = "TIDAL_DATA_DIR", default_value = "tidal-controller-data")]
     data_dir: PathBuf,
     /// Seconds between adaptation rounds.
-    #[arg(long, default_value_t = AdaptConfig::default().interval_s)]
+    #[arg(long, env = "TIDAL_INTERVAL_S", default_value_t = AdaptConfig::default().interval_s)]
     interval_s: f64,
     /// Seconds of arrival history the forecaster looks at.
-    #[arg(long, default_value_t = AdaptConfig::default().lookback_s)]
+    #[arg(long, env = "TIDAL_FORECAST_WINDOW_S", default_value_t = AdaptConfig::default().lookback_s)]
     forecast_window_s: usize,
     /// Adaptation rounds the forecast must stay lower before a plan is sized down (1: at once).
-    #[arg(long, default_value_t = AdaptConfig::default().scale_down_after)]
+    #[arg(long, env = "TIDAL_SCALE_DOWN_AFTER", default_value_t = AdaptConfig::default().scale_down_after)]
     scale_down_after: u32,
     /// Factor the forecast peak is raised by before solving.
-    #[arg(long, default_value_t = AdaptConfig::default().headroom)]
+    #[arg(long, env = "TIDAL_HEADROOM", default_value_t = AdaptConfig::default().headroom)]
     headroom: f64,
     /// Planning policy: tidal (variant mix, vertical and horizontal scaling, batching) or one
     /// of the research systems and baselines it is compared with.
-    #[arg(long, default_value = "tidal", value_parser = parse_policy)]
+    #[arg(long, env = "TIDAL_POLICY", default_value = "tidal", value_parser = parse_policy)]
     policy: PolicyKind,
     /// Objective weight of the traffic-weighted accuracy (per 100 %).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "TIDAL_ALPHA", default_value_t = 1.0)]
     alpha: f64,
     /// Objective weight of the cores used, per core budget.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, env = "TIDAL_BETA", default_value_t = 0.05)]
     beta: f64,
     /// Objective weight of starting variants that are not running (model loads).
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, env = "TIDAL_GAMMA", default_value_t = 0.001)]
     gamma: f64,
     /// Objective weight per unit of batch size.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, env = "TIDAL_DELTA", default_value_t = 1e-5)]
     delta: f64,
     /// Largest batch size a plan may use.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "TIDAL_MAX_BATCH", default_value_t = 64)]
     max_batch: u32,
     /// Share of a profiled throughput a worker is planned to carry.
-    #[arg(long, default_value_t = AdaptConfig::default().model.utilisation)]
+    #[arg(long, env = "TIDAL_UTILISATION", default_value_t = AdaptConfig::default().model.utilisation)]
     utilisation: f64,
     /// Seconds a new worker takes to serve, assumed where the agents have not measured a
     /// variant's load yet (Tidal weighs a plan change by the requests lost meanwhile).
-    #[arg(long, default_value_t = AdaptConfig::default().load_time_s)]
+    #[arg(long, env = "TIDAL_LOAD_TIME_S", default_value_t = AdaptConfig::default().load_time_s)]
     load_time_s: f64,
     /// Cores per node kept free of workers.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "TIDAL_RESERVE_CORES", default_value_t = 0)]
     reserve_cores: u32,
     /// Seconds without a telemetry report after which a node is planned around (its share
     /// moves to the other nodes) until it reports again.
-    #[arg(long, default_value_t = tidal_controller::observed::NODE_TIMEOUT.as_secs_f64())]
+    #[arg(long, env = "TIDAL_NODE_TIMEOUT_S", default_value_t = tidal_controller::observed::NODE_TIMEOUT.as_secs_f64())]
     node_timeout_s: f64,
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// The replicas of the group as ID=API_HOST:PORT/PEER_HOST:PORT,… (each one's API and
     /// Raft peer addresses). A fresh store is bootstrapped with these as voters unless --join
     /// is given; without --peers the replica forms a group of one.
-    #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+    #[arg(long, env = "TIDAL_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     peers: Vec<(u64, String)>,
     /// Start empty and wait to be added to an existing group (`tidalctl controller add`);
     /// --peers then names replicas already in it.
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_JOIN")]
     join: bool,
     /// Address agents and tidalctl reach this replica's API at (default: --listen).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_ADVERTISE")]
     advertise: Option<SocketAddr>,
     /// Address the other replicas reach this replica's peer port at (default: --peer-listen).
-    #[arg(long)]
+    #[arg(long, env = "TIDAL_ADVERTISE_PEER")]
     advertise_peer: Option<SocketAddr>,
     /// Milliseconds per Raft tick.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "TIDAL_TICK_MS", default_value_t = 50)]
     tick_ms: u64,
     /// Ticks without hearing from a leader before a follower stands for election (raft-rs
     /// randomises the timeout between this and twice this).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "TIDAL_ELECTION_TICKS", default_value_t = 8)]
     election_ticks: usize,
     /// Ticks between the leader's heartbeats (less than --election-ticks).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "TIDAL_HEARTBEAT_TICKS", default_value_t = 2)]
     heartbeat_ticks: usize,
     /// Applied log entries after which the state is snapshotted and the log compacted.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "TIDAL_SNAPSHOT_ENTRIES", default_value_t = 1000)]
     snapshot_entries: u64,
 }
 
@@ -132,8 +134,8 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tidal_daemon::logging::init("info,raft=warn");
     let args = Args::parse();
+    tidal_daemon::logging::init(&args.log, "info,raft=warn")?.spawn_on_sighup();
     if args.id == 0 {
         anyhow::bail!("--id must be positive");
     }

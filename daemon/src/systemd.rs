@@ -19,6 +19,15 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// Tells systemd a reload (SIGHUP) is under way, then that it is done.
+pub fn reloading() {
+    send(&[NotifyState::Reloading]);
+}
+
+pub fn reloaded() {
+    send(&[NotifyState::Ready]);
+}
+
 /// Tells systemd the daemon is shutting down.
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
