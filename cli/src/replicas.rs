@@ -44,8 +44,8 @@ pub enum ControllerCmd {
         #[arg(long)]
         away_from: Option<u64>,
     },
-    /// Wait until the group has a leader and a replica has caught up with it (e.g. after a
-    /// restart, before touching the next machine).
+    /// Wait until a replica answers, is a voter, follows the leader and has applied all the
+    /// leader had committed (e.g. after a restart, before touching the next machine).
     Wait {
         /// The replica to wait for.
         #[arg(long)]
@@ -157,18 +157,40 @@ async fn wait_caught_up(addrs: &str, replica: u64, timeout: Duration) -> anyhow:
     let deadline = Instant::now() + timeout;
     let mut target = None;
     loop {
-        if let Some(view) = leader_view(addrs).await {
-            let target = *target.get_or_insert(view.commit);
-            let matched = view.replicas.iter().find(|r| r.id == replica).map_or(0, |r| r.matched);
-            if matched >= target || view.answered_by == replica {
-                return Ok(());
-            }
-        }
+        let why = match caught_up(addrs, replica, &mut target).await {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        };
         if Instant::now() > deadline {
-            anyhow::bail!("replica {replica} did not catch up with a leader within {timeout:?}");
+            anyhow::bail!("replica {replica} has not caught up within {timeout:?}: {why}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether `replica` answers on its own API, is a voter, follows the current leader and has
+/// applied everything the leader had committed when the wait began (`target`). The replica
+/// itself is asked: the leader's record of how far a replica got outlives the replica.
+async fn caught_up(addrs: &str, replica: u64, target: &mut Option<u64>) -> Result<(), String> {
+    let view = leader_view(addrs).await.ok_or("no leader answers")?;
+    let target = *target.get_or_insert(view.commit);
+    let member = view.replicas.iter().find(|r| r.id == replica).ok_or("it is not a member of the group")?;
+    if !member.voter {
+        return Err("it is still a learner".into());
+    }
+    let api = member.address.split('/').next().unwrap_or_default();
+    let mut client = connect(api).await.map_err(|e| format!("it does not answer at {api}: {e:#}"))?;
+    let own = client.list_replicas(ListReplicasRequest {}).await.map_err(|e| format!("{api}: {}", e.message()))?.into_inner();
+    if own.answered_by != replica {
+        return Err(format!("{api} answers as replica {}", own.answered_by));
+    }
+    if own.leader != view.leader {
+        return Err(format!("it does not follow leader {} yet", view.leader));
+    }
+    if own.applied < target {
+        return Err(format!("it applied {} of {target} entries", own.applied));
+    }
+    Ok(())
 }
 
 /// The group as the leader sees it (with how far each replica has replicated), when a
