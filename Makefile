@@ -35,6 +35,7 @@ live-vs-sim-video: build
 # controllers and agents, so the binaries are built first, with the same features as the
 # tests so that nothing is compiled twice).
 test: setup
+	scripts/test-deps.sh
 	$(CARGO) build --release --workspace --all-targets
 	$(CARGO) test --release --workspace
 

@@ -1,6 +1,7 @@
 //! `tidal-agent`: the node daemon (`serve`), and the worker process it starts (`worker`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -174,7 +175,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drain: Duration::from_secs(5),
     };
     let mut registry = prometheus_client::registry::Registry::default();
+    tidal_daemon::metrics_http::register_standard(&mut registry, "agent");
     let metrics = tidal_agent::metrics::AgentMetrics::new(&mut registry);
+    // What /readyz answers: set with systemd's readiness, cleared when the agent stops.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let token = args
         .inference_token_file
         .as_deref()
@@ -183,7 +187,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let node = Node::new(cfg, cgroups, metrics, security.clone(), token);
     if let Some(addr) = args.metrics_listen {
-        tidal_daemon::metrics_http::spawn(addr, registry);
+        let ready = ready.clone();
+        tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(move || ready.load(Ordering::Relaxed)));
         // Keep the per-worker gauges fresh between scrapes.
         let node = node.clone();
         tokio::spawn(async move {
@@ -220,7 +225,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
         .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
-    tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty()));
+    tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty(), ready.clone()));
     tidal_daemon::systemd::spawn_watchdog(|| true);
     let served = tokio::select! {
         _ = tidal_daemon::systemd::shutdown_signal() => Ok(()),
@@ -228,6 +233,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {}", args.control_listen))),
     };
     tidal_daemon::systemd::stopping();
+    ready.store(false, Ordering::Relaxed);
     stop.cancel();
     info!("stopping workers");
     node.shutdown().await;
@@ -237,13 +243,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Tells systemd the agent is ready once it serves: with a controller, once a plan is applied
 /// and every worker it asks of this node is ready (a restarted agent is not ready before it
 /// can serve its share); without one, at once.
-async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool) {
+async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready: std::sync::Arc<AtomicBool>) {
     loop {
         let (workers, serving) = node.workers_serving().await;
         let applied = node.applied_epoch();
         if !has_controller || (applied > 0 && serving) {
             let status = format!("node {}: plan {applied} applied, {workers} workers ready", node.cfg.node);
             tidal_daemon::systemd::ready(&status);
+            ready.store(true, Ordering::Relaxed);
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -5,7 +5,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
 use tidal_proto::v1::WorkerTelemetry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,60 +29,83 @@ pub struct WorkerLabels {
 
 pub struct AgentMetrics {
     pub requests: Family<RequestLabels, Counter>,
+    pub forwarded_requests: Family<RequestLabels, Counter>,
     pub latency: Family<TaskLabels, Histogram>,
     pub plan_epoch: Gauge,
     pub resizes: Counter,
-    worker_millicores: Family<WorkerLabels, Gauge>,
+    worker_cpu_limit: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     worker_queue: Family<WorkerLabels, Gauge>,
-    worker_cpu_millicores: Family<WorkerLabels, Gauge>,
-    worker_throttled: Family<WorkerLabels, Gauge>,
-    worker_restarts: Family<WorkerLabels, Gauge>,
+    worker_cpu_usage: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
+    worker_throttled_periods: Family<WorkerLabels, Counter>,
+    worker_throttled_seconds: Family<WorkerLabels, Counter<f64, AtomicU64>>,
+    worker_restarts: Family<WorkerLabels, Counter>,
 }
 
 impl AgentMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             requests: Family::default(),
+            forwarded_requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             plan_epoch: Gauge::default(),
             resizes: Counter::default(),
-            worker_millicores: Family::default(),
+            worker_cpu_limit: Family::default(),
             worker_queue: Family::default(),
-            worker_cpu_millicores: Family::default(),
-            worker_throttled: Family::default(),
+            worker_cpu_usage: Family::default(),
+            worker_throttled_periods: Family::default(),
+            worker_throttled_seconds: Family::default(),
             worker_restarts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tidal_agent");
-        r.register("requests", "Inference requests by task and outcome", m.requests.clone());
-        r.register("request_duration_seconds", "Latency of served requests", m.latency.clone());
+        r.register("requests", "Inference requests clients sent to this agent, by task and outcome", m.requests.clone());
+        r.register(
+            "forwarded_requests",
+            "Inference requests other agents forwarded to this one, by task and outcome",
+            m.forwarded_requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "Latency of served client requests",
+            Unit::Seconds,
+            m.latency.clone(),
+        );
         r.register("plan_epoch", "Epoch of the plan applied", m.plan_epoch.clone());
         r.register("resizes", "In-place CPU quota changes", m.resizes.clone());
-        r.register("worker_millicores", "CPU limit of each worker", m.worker_millicores.clone());
+        r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());
         r.register("worker_queue_length", "Requests waiting in each worker's queue", m.worker_queue.clone());
-        r.register("worker_cpu_usage_millicores", "CPU each worker used lately", m.worker_cpu_millicores.clone());
-        r.register("worker_throttled_periods", "CFS periods each worker was throttled in", m.worker_throttled.clone());
+        r.register("worker_cpu_usage_cores", "CPU each worker used lately, in cores", m.worker_cpu_usage.clone());
+        r.register(
+            "worker_cpu_throttled_periods",
+            "CFS periods each worker was throttled in",
+            m.worker_throttled_periods.clone(),
+        );
+        r.register_with_unit(
+            "worker_cpu_throttled",
+            "Time each worker was throttled",
+            Unit::Seconds,
+            m.worker_throttled_seconds.clone(),
+        );
         r.register("worker_restarts", "Times each worker process was restarted", m.worker_restarts.clone());
         m
     }
 
-    /// Replaces the per-worker gauges with the current workers.
+    /// Replaces the per-worker series with the current workers. The cumulative ones are
+    /// counters set to the worker's totals (a series starts afresh with its worker).
     pub fn set_workers(&self, workers: &[WorkerTelemetry]) {
-        for family in [
-            &self.worker_millicores,
-            &self.worker_queue,
-            &self.worker_cpu_millicores,
-            &self.worker_throttled,
-            &self.worker_restarts,
-        ] {
-            family.clear();
-        }
+        self.worker_cpu_limit.clear();
+        self.worker_queue.clear();
+        self.worker_cpu_usage.clear();
+        self.worker_throttled_periods.clear();
+        self.worker_throttled_seconds.clear();
+        self.worker_restarts.clear();
         for w in workers {
             let labels = WorkerLabels { worker: w.id.clone(), task: w.task.clone(), variant: w.variant.clone() };
-            self.worker_millicores.get_or_create(&labels).set(w.millicores as i64);
+            self.worker_cpu_limit.get_or_create(&labels).set(w.millicores as f64 / 1000.0);
             self.worker_queue.get_or_create(&labels).set(w.queue_len as i64);
-            self.worker_cpu_millicores.get_or_create(&labels).set((w.cpu_usage_cores * 1000.0) as i64);
-            self.worker_throttled.get_or_create(&labels).set(w.nr_throttled as i64);
-            self.worker_restarts.get_or_create(&labels).set(w.restarts as i64);
+            self.worker_cpu_usage.get_or_create(&labels).set(w.cpu_usage_cores);
+            self.worker_throttled_periods.get_or_create(&labels).inc_by(w.nr_throttled);
+            self.worker_throttled_seconds.get_or_create(&labels).inc_by(w.throttled_us as f64 / 1e6);
+            self.worker_restarts.get_or_create(&labels).inc_by(w.restarts as u64);
         }
     }
 }

@@ -351,9 +351,16 @@ impl Inference for AgentService {
             // The agent the client called counts the request, once, end to end.
             self.node.telemetry.outcome(&task, outcome);
         }
-        self.node.metrics.requests.get_or_create(&RequestLabels { task: task.clone(), outcome: label }).inc();
-        if let Outcome::Served(latency) = outcome {
-            self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
+        // A request counts once cluster-wide: where the client sent it. The agent it was
+        // forwarded to counts it apart.
+        let labels = RequestLabels { task: task.clone(), outcome: label };
+        if is_forwarded {
+            self.node.metrics.forwarded_requests.get_or_create(&labels).inc();
+        } else {
+            self.node.metrics.requests.get_or_create(&labels).inc();
+            if let Outcome::Served(latency) = outcome {
+                self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }

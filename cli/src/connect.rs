@@ -35,6 +35,12 @@ pub async fn channel(addr: &str, what: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connecting to the {what} at {addr}"))
 }
 
+/// A channel to `addr` that connects on first use and reconnects after a failure (for
+/// clients that must outlive a server's restart).
+pub fn lazy_channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(security()?.endpoint(addr)?.connect_timeout(Duration::from_secs(2)).connect_lazy())
+}
+
 /// Like [`channel`], with a timeout for every call.
 pub async fn channel_with_timeout(addr: &str, what: &str, timeout: Duration) -> anyhow::Result<Channel> {
     security()?

@@ -1,4 +1,4 @@
-//! `tidalctl load`: replays a rate trace open-loop against an agent and records every request.
+//! `tidalctl load`: replays a rate trace open-loop against agents and records every request.
 //!
 //! Open loop: each trace line (requests in one second) becomes Poisson arrivals at that rate,
 //! times `scale`; with `speedup` K a trace second lasts 1/K of a wall second. Requests are sent
@@ -21,9 +21,11 @@ use tokio::sync::{mpsc, Semaphore};
 
 #[derive(clap::Args)]
 pub struct LoadOpts {
-    /// The agent's inference port.
-    #[arg(long, default_value = "127.0.0.1:7100")]
-    pub agent: String,
+    /// The agents' inference ports, comma-separated: requests go round-robin, and one an agent
+    /// refuses as unavailable (stopping, restarting) is sent to the next, as a client-side
+    /// load balancer would.
+    #[arg(long, default_value = "127.0.0.1:7100", value_delimiter = ',')]
+    pub agent: Vec<String>,
     /// A file with the agent's inference token (`tidal-agent --inference-token-file`).
     #[arg(long, env = "TIDAL_INFERENCE_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
@@ -193,13 +195,21 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         times.len(),
         times.len() as f64 / wall,
         rates.iter().copied().fold(0.0, f64::max) * args.scale,
-        args.agent
+        args.agent.join(", ")
     );
-    let mut clients = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        let channel = crate::connect::channel(&args.agent, "agent").await?;
-        clients.push(InferenceClient::new(channel).max_decoding_message_size(64 << 20));
+    anyhow::ensure!(!args.agent.is_empty(), "give at least one --agent");
+    // Connections per agent: the first is dialled now (a wrong address fails at once), the
+    // rest lazily; all reconnect after an agent restarts.
+    let mut pools = Vec::new();
+    for agent in &args.agent {
+        crate::connect::channel(agent, "agent").await?;
+        let mut pool = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            pool.push(InferenceClient::new(crate::connect::lazy_channel(agent)?).max_decoding_message_size(64 << 20));
+        }
+        pools.push(pool);
     }
+    let pools = Arc::new(pools);
     let input = {
         let n: i64 = input_shape.iter().product();
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
@@ -212,8 +222,17 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
     let limit = Arc::new(Semaphore::new(args.max_in_flight));
     let started = Instant::now();
     let progress = tokio::spawn(report_progress(started, wall));
+    // SIGINT or SIGTERM ends the replay early: the requests in flight are awaited and the
+    // summary covers what was sent.
+    let mut interrupted = std::pin::pin!(tidal_daemon::systemd::shutdown_signal());
     for (i, &t) in times.iter().enumerate() {
-        tokio::time::sleep_until((started + Duration::from_secs_f64(t)).into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until((started + Duration::from_secs_f64(t)).into()) => {}
+            _ = &mut interrupted => {
+                eprintln!("interrupted after {i} requests: waiting for the ones in flight");
+                break;
+            }
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             let _ = tx.send(Record {
                 sent_s: t,
@@ -225,16 +244,11 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
             });
             continue;
         };
-        let mut client = clients[i % clients.len()].clone();
-        let mut req =
-            tonic::Request::new(InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 });
-        if let Some(token) = &token {
-            token.attach(req.metadata_mut());
-        }
-        let tx = tx.clone();
+        let request = InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 };
+        let (tx, pools, token) = (tx.clone(), pools.clone(), token.clone());
         tokio::spawn(async move {
             let sent = Instant::now();
-            let result = client.infer(req).await;
+            let result = send_with_failover(&pools, i, request, token.as_ref()).await;
             let latency_ms = sent.elapsed().as_secs_f64() * 1000.0;
             let record = match result {
                 Ok(r) => {
@@ -268,6 +282,30 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         eprintln!("wrote {} request records to {}", records.len(), out.display());
     }
     Ok(summarise(&records, slo_ms))
+}
+
+/// Sends request `i` to agent `i mod n`; when an agent answers UNAVAILABLE (it is stopping,
+/// or not listening), to the next, each at most once.
+async fn send_with_failover(
+    pools: &[Vec<InferenceClient<tonic::transport::Channel>>],
+    i: usize,
+    request: InferRequest,
+    token: Option<&tidal_auth::Token>,
+) -> Result<tonic::Response<InferResponse>, tonic::Status> {
+    let mut last = tonic::Status::unavailable("no agent");
+    for k in 0..pools.len() {
+        let pool = &pools[(i + k) % pools.len()];
+        let mut client = pool[(i / pools.len()) % pool.len()].clone();
+        let mut req = tonic::Request::new(request.clone());
+        if let Some(token) = token {
+            token.attach(req.metadata_mut());
+        }
+        match client.infer(req).await {
+            Err(s) if s.code() == tonic::Code::Unavailable => last = s,
+            other => return other,
+        }
+    }
+    Err(last)
 }
 
 async fn report_progress(started: Instant, wall: f64) {

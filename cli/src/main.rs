@@ -4,6 +4,7 @@ mod connect;
 mod forecast;
 mod load;
 mod models;
+mod nodes;
 mod plot;
 mod profile;
 mod replicas;
@@ -86,7 +87,7 @@ enum Command {
     Controller(replicas::ControllerCmd),
     /// Nodes: drain one (the next plans give it no workers) and remove it once drained.
     #[command(subcommand)]
-    Node(NodeCmd),
+    Node(nodes::NodeCmd),
     /// The cluster's certificate authority: make it, and issue certificates for identities.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -119,23 +120,6 @@ enum ModelsCmd {
         /// Regenerate even if an identical variant is already there.
         #[arg(long)]
         force: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum NodeCmd {
-    /// Plan the node empty: its workers move to the other nodes at the next round.
-    Drain {
-        #[arg(long)]
-        node: String,
-        /// Take the node back into planning instead.
-        #[arg(long)]
-        undrain: bool,
-    },
-    /// Forget a drained node (stop its agent first: a running agent registers again).
-    Remove {
-        #[arg(long)]
-        node: String,
     },
 }
 
@@ -219,22 +203,7 @@ async fn main() -> anyhow::Result<()> {
             println!("issued {role}: --tls-cert {} --tls-key {}", cert.display(), key.display());
             Ok(())
         }
-        Command::Node(NodeCmd::Drain { node, undrain }) => {
-            let req = tidal_proto::v1::DrainNodeRequest { node: node.clone(), undrain };
-            controller(&cli.controller).await?.drain_node(req).await?;
-            if undrain {
-                println!("node {node} is planned again from the next round");
-            } else {
-                println!("node {node} is draining: the next plans give it no workers");
-            }
-            Ok(())
-        }
-        Command::Node(NodeCmd::Remove { node }) => {
-            let req = tidal_proto::v1::RemoveNodeRequest { node: node.clone() };
-            controller(&cli.controller).await?.remove_node(req).await?;
-            println!("node {node} removed");
-            Ok(())
-        }
+        Command::Node(cmd) => nodes::run(&cli.controller, cmd).await,
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
             models::generate_models(&out, &variants, resolution, seed, force)
         }

@@ -185,13 +185,17 @@ async fn main() -> anyhow::Result<()> {
         node_timeout: Duration::from_secs_f64(args.node_timeout_s),
     };
     let mut registry = prometheus_client::registry::Registry::default();
+    tidal_daemon::metrics_http::register_standard(&mut registry, "controller");
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
     let guard = tidal_auth::Guard::new(&security);
     let raft_service = RaftService::server(raft.clone(), guard);
     let raft_handle = raft.clone();
     let ctl = Controller::new(raft, cfg, metrics, security.clone());
     if let Some(addr) = args.metrics_listen {
-        tidal_daemon::metrics_http::spawn(addr, registry);
+        // Ready while the Raft driver runs and the replica knows a leader (it can serve).
+        let raft = raft_handle.clone();
+        let ready = move || raft.is_running() && raft.status().leader != 0;
+        tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(ready));
         let ctl = ctl.clone();
         tokio::spawn(async move {
             loop {

@@ -50,8 +50,8 @@ impl ControllerMetrics {
             "Time to forecast and solve one adaptation round",
             m.adaptation_seconds.clone(),
         );
-        r.register("forecast_rps", "Forecast peak arrival rate per task", m.forecast_rps.clone());
-        r.register("observed_rps", "Arrival rate per task over the last 5 s", m.observed_rps.clone());
+        r.register("forecast_requests_per_second", "Forecast peak arrival rate per task", m.forecast_rps.clone());
+        r.register("observed_requests_per_second", "Arrival rate per task over the last 5 s", m.observed_rps.clone());
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register("is_leader", "1 on the leader", m.is_leader.clone());
         r.register("raft_commit_index", "Highest log index known committed", m.raft_commit_index.clone());

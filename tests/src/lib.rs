@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 pub mod group;
 pub mod netns;
 pub mod tls;
+pub mod vm;
 
 pub use tls::{as_admin, as_daemon};
 
