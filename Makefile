@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build models demo live-vs-sim live-vs-sim-video test bench clean
+.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench clean
 
 all: build
 
@@ -15,6 +15,11 @@ $(ORT_LIB): scripts/setup.sh
 
 build: setup
 	$(CARGO) build --release --workspace --bins
+
+# Stripped binaries to roll out (ansible/ copies them from dist/bin): a fifth of the size.
+dist: build
+	mkdir -p dist/bin
+	for b in tidal-agent tidal-controller tidalctl; do strip --strip-debug -o dist/bin/$$b target/release/$$b; done
 
 models: build
 	./target/release/tidalctl models generate --out models --resolution 64
@@ -39,6 +44,13 @@ test: setup
 	$(CARGO) build --release --workspace --all-targets
 	$(CARGO) test --release --workspace
 
+# Ansible over SSH against three systemd VMs: site.yml, then a rolling upgrade under load, a
+# machine lost and back, a node drained and removed (about 15 minutes; root, qemu, ansible).
+test-ansible: setup
+	scripts/test-deps.sh
+	$(CARGO) build --release --workspace --all-targets
+	$(CARGO) test --release -p tidal-tests --test ansible -- --include-ignored --nocapture
+
 bench: build
 	$(CARGO) run --release -p tidal-agent --example resize_latency
 	test -f models/resnet18.onnx || ./target/release/tidalctl models generate --out models --resolution 64
@@ -51,4 +63,4 @@ bench: build
 
 clean:
 	$(CARGO) clean
-	rm -rf .tidal models
+	rm -rf .tidal models dist

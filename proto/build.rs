@@ -4,7 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; this only tells prost-build where protoc is.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure().compile_protos(&["proto/tidal.proto"], &["proto"])?;
+    // Serialize: `tidalctl -o json|yaml` prints the API's messages as they are.
+    tonic_prost_build::configure()
+        .type_attribute(".tidal.v1", "#[derive(serde::Serialize)]")
+        .compile_protos(&["proto/tidal.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)

@@ -330,6 +330,11 @@ impl Inference for AgentService {
                 token.check(request.metadata())?;
             }
         }
+        if self.node.applied_epoch() == 0 {
+            // Starting (or restarted) and not yet told what to serve: not "unknown task", which
+            // a client would take as final, but unavailable, which it retries elsewhere.
+            return Err(Status::unavailable("this agent has no plan yet (it is starting); try another agent"));
+        }
         let (metadata, _, req) = request.into_parts();
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();

@@ -19,6 +19,7 @@ pub struct ForecastOpts {
     /// First trace line (0-based) and how many seconds to score (default: all).
     #[arg(long, default_value_t = 0)]
     pub start: usize,
+    /// Trace seconds to score (default: to the end).
     #[arg(long)]
     pub duration: Option<usize>,
 }

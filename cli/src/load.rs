@@ -29,6 +29,7 @@ pub struct LoadOpts {
     /// A file with the agent's inference token (`tidal-agent --inference-token-file`).
     #[arg(long, env = "TIDAL_INFERENCE_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// The task to send requests for.
     #[arg(long)]
     pub task: String,
     /// Rate trace: one integer per line, the requests in that second.
@@ -49,6 +50,7 @@ pub struct LoadOpts {
     /// Write one CSV line per request here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Seed of the arrival times and the input tensor.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Requests outstanding at most; beyond it a request is counted as dropped by the client.

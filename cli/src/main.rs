@@ -5,6 +5,7 @@ mod forecast;
 mod load;
 mod models;
 mod nodes;
+mod output;
 mod plot;
 mod profile;
 mod replicas;
@@ -14,7 +15,7 @@ mod status;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, SetSloRequest, TaskSpec};
@@ -29,6 +30,10 @@ struct Cli {
     controller: String,
     #[command(flatten)]
     tls: tidal_auth::TlsArgs,
+    /// How read commands (status, history, controller list) print: aligned columns, or the
+    /// API's messages as JSON or YAML.
+    #[arg(short = 'o', long, global = true, env = "TIDAL_OUTPUT", value_enum, default_value = "table")]
+    output: output::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +50,8 @@ enum Command {
     /// and batch sizes, under the real cgroup quota, repeated) and store the profiles in the
     /// controller. Run it while the node serves nothing: serving or load generation on the same
     /// cores would be measured too.
+    ///
+    /// Example: tidalctl profile --agent 10.0.0.20:7101 --task resnet --cores 1,2 --batches 1,4,8 --save profiles.json
     Profile {
         /// The agent to measure on: its control port (host:port).
         #[arg(long, default_value = "127.0.0.1:7101")]
@@ -72,13 +79,18 @@ enum Command {
         from: Option<PathBuf>,
     },
     /// Show the cluster: nodes, workers, plan, live rates and latencies.
+    ///
+    /// Example: tidalctl status --watch 2   (or: tidalctl -o json status | jq .nodes)
     Status {
         /// Refresh every this many seconds until interrupted.
         #[arg(long)]
         watch: Option<f64>,
     },
     /// Show the plans committed so far, newest last.
+    ///
+    /// Example: tidalctl history --limit 5
     History {
+        /// How many of the latest plans to show.
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -92,19 +104,36 @@ enum Command {
     #[command(subcommand)]
     Certs(CertsCmd),
     /// Score the forecasters on a rate trace (MAPE of the next interval's peak, share under-predicted).
+    ///
+    /// Example: tidalctl forecast --trace data/twitter-trace-rps.txt.gz --interval-s 30
     Forecast(forecast::ForecastOpts),
     /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
+    ///
+    /// Example: tidalctl load --agent 10.0.0.20:7100,10.0.0.21:7100 --task resnet --trace data/twitter-trace-rps.txt.gz --scale 0.5 --speedup 10
     Load(load::LoadOpts),
     /// Replay a rate trace in the discrete-event simulator against one or more policies (the
     /// real forecaster and solver decide each interval) and compare them: table, CSV, SVG plot.
+    ///
+    /// Example: tidalctl simulate --trace data/twitter-trace-rps.txt.gz --profiles profiles.json --cores 2 --slo-ms 250 --policy tidal,infadapter
     Simulate(Box<simulate::SimulateOpts>),
+    /// Print a shell completion script.
+    ///
+    /// Example: tidalctl completion bash > /etc/bash_completion.d/tidalctl
+    Completion {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum ModelsCmd {
     /// Generate ONNX models (ResNets and YOLOv5s of the real architectures, weights from a seed;
     /// a 2×2 downsampling stage for pipelines) and their variant configs.
+    ///
+    /// Example: tidalctl models generate --out models --resolution 64 --variants resnet18,resnet50
     Generate {
+        /// Directory to write the ONNX files and variant TOMLs into.
         #[arg(long, default_value = "models")]
         out: PathBuf,
         /// Input resolution in pixels (224 is ImageNet's; smaller runs faster on small machines).
@@ -115,6 +144,7 @@ enum ModelsCmd {
         /// --resolution a multiple of 32), downsample (output at half of --resolution).
         #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50,resnet101,resnet152")]
         variants: Vec<String>,
+        /// Seed of the generated weights (the same seed gives the same files).
         #[arg(long, default_value_t = 42)]
         seed: u64,
         /// Regenerate even if an identical variant is already there.
@@ -127,17 +157,23 @@ enum ModelsCmd {
 enum CertsCmd {
     /// Make the cluster's CA: <dir>/ca.pem (give it to every process as --tls-ca) and
     /// <dir>/ca.key (keep it offline: whoever has it can issue any identity).
+    ///
+    /// Example: tidalctl certs init --dir .tidal/certs/ca --cluster lab
     Init {
+        /// Directory for ca.pem and ca.key (created; an existing CA is never overwritten).
         #[arg(long, default_value = "tidal-ca")]
         dir: PathBuf,
         /// A name for the cluster, in the CA's subject.
         #[arg(long, default_value = "tidal")]
         cluster: String,
+        /// Days the CA is valid.
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
     /// Issue a key and certificate for one identity, signed by the CA: <out>/<kind>-<name>.pem
     /// and .key, to give as --tls-cert and --tls-key.
+    ///
+    /// Example: tidalctl certs issue --ca-dir .tidal/certs/ca --out .tidal/certs --role agent/node-a --host 10.0.0.20
     Issue {
         /// The CA's directory (from `certs init`).
         #[arg(long, default_value = "tidal-ca")]
@@ -150,8 +186,10 @@ enum CertsCmd {
         /// address others dial), comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
         host: Vec<String>,
+        /// Directory to write <kind>-<name>.pem and .key into.
         #[arg(long, default_value = ".")]
         out: PathBuf,
+        /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
@@ -161,6 +199,8 @@ enum CertsCmd {
 enum TaskCmd {
     /// Register (or replace) a task from variant configs in a model directory: a single-model
     /// task from --name, --slo-ms and --variants, or a pipeline from --file.
+    ///
+    /// Example: tidalctl task register --name resnet --slo-ms 250 --model-dir models --variants resnet18,resnet50,resnet152
     Register {
         /// The task's name (with --variants).
         #[arg(long, required_unless_present = "file", conflicts_with = "file")]
@@ -168,6 +208,7 @@ enum TaskCmd {
         /// The p99 latency SLO in ms (with --variants).
         #[arg(long, required_unless_present = "file", conflicts_with = "file")]
         slo_ms: Option<u32>,
+        /// Directory holding the variants' TOML configs and ONNX files.
         #[arg(long, default_value = "models")]
         model_dir: PathBuf,
         /// Variants of a single-model task (names of <model-dir>/<name>.toml), comma-separated.
@@ -179,20 +220,43 @@ enum TaskCmd {
         file: Option<PathBuf>,
     },
     /// Change a task's SLO at run time.
+    ///
+    /// Example: tidalctl task set-slo --task resnet --slo-ms 400
     SetSlo {
+        /// The task's name.
         #[arg(long)]
         task: String,
+        /// The new p99 latency objective, in milliseconds.
         #[arg(long)]
         slo_ms: u32,
     },
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tidal_daemon::logging::init_plain("warn");
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::from(output::exit_code(&e) as u8)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     connect::configure(cli.tls.clone());
+    let format = cli.output;
     match cli.command {
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tidalctl", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
         Command::Certs(CertsCmd::Init { dir, cluster, days }) => {
             let cert = tidal_auth::certs::init(&dir, &cluster, days)?;
             println!("CA made: {} (and its key, {}; keep that one safe)", cert.display(), dir.join("ca.key").display());
@@ -248,9 +312,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Controller(cmd) => replicas::run(&cli.controller, cmd).await,
-        Command::Status { watch } => status::run(&cli.controller, watch).await,
-        Command::History { limit } => status::history(&cli.controller, limit).await,
+        Command::Controller(cmd) => replicas::run(&cli.controller, cmd, format).await,
+        Command::Status { watch } => status::run(&cli.controller, watch, format).await,
+        Command::History { limit } => status::history(&cli.controller, limit, format).await,
         Command::Forecast(opts) => forecast::run(opts),
         Command::Simulate(opts) => simulate::run(*opts, &cli.controller).await,
         Command::Load(opts) => {
@@ -287,4 +351,35 @@ async fn task_spec(controller_addr: &str, task: &str) -> anyhow::Result<TaskSpec
         .filter_map(|t| t.spec)
         .find(|t| t.name == task)
         .with_context(|| format!("the controller has no task {task:?}; register it first"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument explains itself and every command shows an example (`--help`).
+    #[test]
+    fn every_argument_has_help_and_every_command_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: argument {id} has no help"));
+                }
+            }
+            let subcommands: Vec<_> = cmd.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help").collect();
+            if subcommands.is_empty() {
+                let text = cmd.get_long_about().map(|a| a.to_string()).unwrap_or_default();
+                if !text.contains("Example: tidalctl ") {
+                    missing.push(format!("{path}: no example"));
+                }
+            }
+            for sub in subcommands {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tidalctl", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
 }

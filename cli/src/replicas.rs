@@ -18,10 +18,15 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 pub enum ControllerCmd {
     /// Show the replicas of the controller group as one replica sees them: ids, addresses,
     /// roles, the leader, and (from the leader) how far each has replicated the log.
+    ///
+    /// Example: tidalctl --controller 10.0.0.10:7000 controller list
     List,
     /// Add a replica (started beforehand with `tidal-controller --join`): it joins as a
     /// learner, copies the log, and becomes a voter once it has caught up.
+    ///
+    /// Example: tidalctl controller add --id 4 --address 10.0.0.13:7000/10.0.0.13:7001
     Add {
+        /// The new replica's id (its --id).
         #[arg(long)]
         id: u64,
         /// The new replica's addresses: API_HOST:PORT/PEER_HOST:PORT (its --advertise and
@@ -30,11 +35,16 @@ pub enum ControllerCmd {
         address: String,
     },
     /// Remove a replica from the group. Removing the leader first hands leadership to another.
+    ///
+    /// Example: tidalctl controller remove --id 1
     Remove {
+        /// The replica to remove.
         #[arg(long)]
         id: u64,
     },
     /// Hand leadership to another voter (e.g. before maintenance on the leader's machine).
+    ///
+    /// Example: tidalctl controller transfer-leader --away-from 2
     TransferLeader {
         /// The replica to lead.
         #[arg(long, required_unless_present = "away_from", conflicts_with = "away_from")]
@@ -46,10 +56,13 @@ pub enum ControllerCmd {
     },
     /// Wait until a replica answers, is a voter, follows the leader and has applied all the
     /// leader had committed (e.g. after a restart, before touching the next machine).
+    ///
+    /// Example: tidalctl controller wait --replica 2 --timeout-s 120
     Wait {
         /// The replica to wait for.
         #[arg(long)]
         replica: u64,
+        /// Seconds to wait before giving up (exit code 1).
         #[arg(long, default_value_t = 60.0)]
         timeout_s: f64,
     },
@@ -94,11 +107,11 @@ pub async fn leader(addrs: &str) -> anyhow::Result<ControllerClient<Channel>> {
     }
 }
 
-pub async fn run(addrs: &str, cmd: ControllerCmd) -> anyhow::Result<()> {
+pub async fn run(addrs: &str, cmd: ControllerCmd, format: crate::output::Format) -> anyhow::Result<()> {
     match cmd {
         ControllerCmd::List => {
             let (addr, list) = any_replica(addrs).await?;
-            print_list(&addr, &list);
+            crate::output::print(format, &list, |l| render_list(&addr, l))?;
         }
         ControllerCmd::Add { id, address } => {
             leader(addrs).await?.add_replica(AddReplicaRequest { id, address: address.clone() }).await?;
@@ -221,9 +234,9 @@ async fn transfer(addrs: &str, to: u64) -> anyhow::Result<()> {
     }
 }
 
-fn print_list(addr: &str, list: &ReplicaList) {
-    println!(
-        "as seen by replica {} ({addr}): term {}, leader {}, log to {}, commit {}, applied {}, snapshot at {}",
+fn render_list(addr: &str, list: &ReplicaList) -> String {
+    let mut out = format!(
+        "as seen by replica {} ({addr}): term {}, leader {}, log to {}, commit {}, applied {}, snapshot at {}\n",
         list.answered_by,
         list.term,
         if list.leader == 0 { "none".to_string() } else { format!("{} ({})", list.leader, list.leader_address) },
@@ -232,16 +245,19 @@ fn print_list(addr: &str, list: &ReplicaList) {
         list.applied,
         list.snapshot_index
     );
-    // Addresses are API/PEER pairs: the column fits the longest.
-    let width = list.replicas.iter().map(|r| r.address.len()).max().unwrap_or(0).max(22);
-    println!("{:>4}  {:<width$} {:<8} {:>8}", "id", "address (api/peer)", "role", "matched");
-    for r in &list.replicas {
-        let role = match (r.id == list.leader, r.voter) {
-            (true, _) => "leader",
-            (false, true) => "voter",
-            (false, false) => "learner",
-        };
-        let matched = if list.leader == list.answered_by { r.matched.to_string() } else { "-".into() };
-        println!("{:>4}  {:<width$} {:<8} {:>8}", r.id, r.address, role, matched);
-    }
+    let rows = list
+        .replicas
+        .iter()
+        .map(|r| {
+            let role = match (r.id == list.leader, r.voter) {
+                (true, _) => "leader",
+                (false, true) => "voter",
+                (false, false) => "learner",
+            };
+            let matched = if list.leader == list.answered_by { r.matched.to_string() } else { "-".into() };
+            vec![r.id.to_string(), r.address.clone(), role.to_string(), matched]
+        })
+        .collect();
+    out += &crate::output::table(&["ID#", "ADDRESS (API/PEER)", "ROLE", "MATCHED#"], rows);
+    out
 }

@@ -105,6 +105,7 @@ pub struct SimulateOpts {
     /// The payload size row of --dynamic-slo to use, KB.
     #[arg(long, default_value_t = 200)]
     pub payload_kb: u32,
+    /// Seed of the simulated arrivals (Poisson within each trace second).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Write one row per policy here.

@@ -1,16 +1,27 @@
 //! `tidalctl status` and `tidalctl history`: the cluster as the controller sees it.
 
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
+
+use crate::output::{self, Format};
 
 use tidal_proto::v1::{ClusterStatus, ClusterStatusRequest, Plan, PlanHistoryRequest};
 
-pub async fn run(controller: &str, watch: Option<f64>) -> anyhow::Result<()> {
+pub async fn run(controller: &str, watch: Option<f64>, format: Format) -> anyhow::Result<()> {
+    // On a terminal, --watch redraws in place; into a pipe or file it appends snapshots.
+    let redraw = watch.is_some() && format == Format::Table && std::io::stdout().is_terminal();
     loop {
         let status = super::controller(controller).await?.status(ClusterStatusRequest {}).await?.into_inner();
-        print!("{}", render(&status));
+        if redraw {
+            print!("\x1b[H\x1b[2J");
+        }
+        output::print(format, &status, render)?;
+        std::io::stdout().flush()?;
         match watch {
             Some(s) if s > 0.0 => {
-                println!();
+                if !redraw {
+                    println!();
+                }
                 tokio::time::sleep(Duration::from_secs_f64(s)).await;
             }
             _ => return Ok(()),
@@ -18,65 +29,82 @@ pub async fn run(controller: &str, watch: Option<f64>) -> anyhow::Result<()> {
     }
 }
 
-pub async fn history(controller: &str, limit: u32) -> anyhow::Result<()> {
+pub async fn history(controller: &str, limit: u32, format: Format) -> anyhow::Result<()> {
     let history = super::controller(controller).await?.history(PlanHistoryRequest { limit }).await?.into_inner();
-    for plan in &history.plans {
-        print!("{}", render_plan(plan));
-    }
-    Ok(())
+    output::print(format, &history, |h| h.plans.iter().map(render_plan).collect())
 }
 
 pub fn render(s: &ClusterStatus) -> String {
     let mut out = format!("leader {}  term {}\n", s.leader, s.term);
-    out += "TASK        SLO ms   rate/s  forecast/s   p99 ms    served  errors  profiled\n";
+    let mut tasks = Vec::new();
     for t in &s.tasks {
         let spec = t.spec.clone().unwrap_or_default();
-        out += &format!(
-            "{:<10} {:>7} {:>8.1} {:>11.1} {:>8.1} {:>9} {:>7}  {}\n",
-            spec.name,
-            spec.slo_ms,
-            t.rate_rps,
-            t.forecast_rps,
-            t.latency_p99_ms,
-            t.served,
-            t.errors,
-            t.profiled_variants.join(",")
-        );
+        tasks.push(vec![
+            spec.name.clone(),
+            spec.slo_ms.to_string(),
+            format!("{:.1}", t.rate_rps),
+            format!("{:.1}", t.forecast_rps),
+            format!("{:.1}", t.latency_p99_ms),
+            t.served.to_string(),
+            t.errors.to_string(),
+            t.profiled_variants.join(","),
+        ]);
         if spec.stages.len() > 1 {
             for st in &t.stages {
-                out += &format!(
-                    "  stage {:<12} {:>8.1}/s  served {:>9}  errors {:>7}  queue p99 {:>7.1} ms  p99 {:>7.1} ms\n",
-                    st.stage, st.rate_rps, st.served, st.errors, st.queue_p99_ms, st.latency_p99_ms
-                );
+                tasks.push(vec![
+                    format!("  {}/{}", spec.name, st.stage),
+                    String::new(),
+                    format!("{:.1}", st.rate_rps),
+                    String::new(),
+                    format!("{:.1}", st.latency_p99_ms),
+                    st.served.to_string(),
+                    st.errors.to_string(),
+                    format!("queue p99 {:.1} ms", st.queue_p99_ms),
+                ]);
             }
         }
     }
-    out += "NODE        ADDRESS              CORES  EPOCH  LAST REPORT\n";
-    for n in &s.nodes {
-        out += &format!(
-            "{:<10} {:<20} {:>6} {:>6} {:>9.1} s{}\n",
-            n.node,
-            n.address,
-            n.cores,
-            n.applied_epoch,
-            n.seconds_since_report,
-            if n.draining { "  draining" } else { "" }
-        );
-        for w in &n.workers {
-            out += &format!(
-                "  {:<10} {:<18} {:<10} cores {:>4.1}  batch {:>3}  queue {:>4}  cpu {:>4.2}  throttled {:>6}  restarts {}{}\n",
-                w.id,
+    out += &output::table(&["TASK", "SLO ms", "RATE/s", "FORECAST/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"], tasks);
+    let nodes = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node.clone(),
+                n.address.clone(),
+                n.cores.to_string(),
+                n.applied_epoch.to_string(),
+                format!("{:.1} s", n.seconds_since_report),
+                if n.draining { "draining".into() } else { String::new() },
+            ]
+        })
+        .collect();
+    out += &output::table(&["NODE", "ADDRESS", "CORES#", "EPOCH#", "LAST REPORT", "STATE"], nodes);
+    let workers = s
+        .nodes
+        .iter()
+        .flat_map(|n| n.workers.iter().map(move |w| (n, w)))
+        .map(|(n, w)| {
+            vec![
+                n.node.clone(),
+                w.id.clone(),
                 task_stage(&w.task, &w.stage),
-                w.variant,
-                w.millicores as f64 / 1000.0,
-                w.max_batch,
-                w.queue_len,
-                w.cpu_usage_cores,
-                w.nr_throttled,
-                w.restarts,
-                if w.ready { "" } else { "  (loading)" }
-            );
-        }
+                w.variant.clone(),
+                format!("{:.1}", w.millicores as f64 / 1000.0),
+                w.max_batch.to_string(),
+                w.queue_len.to_string(),
+                format!("{:.2}", w.cpu_usage_cores),
+                w.nr_throttled.to_string(),
+                w.restarts.to_string(),
+                if w.ready { "ready".into() } else { "loading".into() },
+            ]
+        })
+        .collect::<Vec<_>>();
+    if !workers.is_empty() {
+        out += &output::table(
+            &["NODE", "WORKER", "TASK", "VARIANT", "CORES#", "BATCH#", "QUEUE#", "CPU#", "THROTTLED#", "RESTARTS#", "STATE"],
+            workers,
+        );
     }
     if let Some(plan) = &s.plan {
         out += &render_plan(plan);
@@ -86,19 +114,22 @@ pub fn render(s: &ClusterStatus) -> String {
 
 pub fn render_plan(p: &Plan) -> String {
     let mut out = format!("plan epoch {} (term {})\n", p.epoch, p.term);
-    for a in &p.assignments {
-        let v = a.variant.clone().unwrap_or_default();
-        out += &format!(
-            "  {:<18} {:<10} on {:<8} cores {:>4.1}  batch {:>3}  delay {:>4} ms  share {:>5.1} %\n",
-            task_stage(&a.task, &a.stage),
-            v.name,
-            a.node,
-            a.millicores as f64 / 1000.0,
-            a.max_batch,
-            a.max_delay_ms,
-            a.weight * 100.0
-        );
-    }
+    let rows = p
+        .assignments
+        .iter()
+        .map(|a| {
+            vec![
+                format!("  {}", task_stage(&a.task, &a.stage)),
+                a.variant.as_ref().map(|v| v.name.clone()).unwrap_or_default(),
+                a.node.clone(),
+                format!("{:.1}", a.millicores as f64 / 1000.0),
+                a.max_batch.to_string(),
+                a.max_delay_ms.to_string(),
+                format!("{:.1} %", a.weight * 100.0),
+            ]
+        })
+        .collect();
+    out += &output::table(&["  TASK", "VARIANT", "NODE", "CORES#", "BATCH#", "DELAY ms", "SHARE#"], rows);
     for n in &p.notes {
         out += &format!("  note: {n}\n");
     }

@@ -40,6 +40,10 @@ fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
 async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving() {
     let s = setup(&["--max-request-bytes", "1000000"]);
     let mut agent = agent_client(&s.agent.control_addr).await;
+    // Before its first plan an agent is not ready: UNAVAILABLE (clients go elsewhere), not NOT_FOUND.
+    let mut early = inference_client(&s.agent.addr).await;
+    let req = InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 };
+    assert_eq!(code(early.infer(req).await), Some(Code::Unavailable));
     let mut plan = plan_for(5, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
     agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.unwrap();
     wait_ready(&s.agent.control_addr, 1).await;
