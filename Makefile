@@ -45,7 +45,7 @@ test: setup
 	$(CARGO) test --release --workspace
 
 # Ansible over SSH against three systemd VMs: site.yml, then a rolling upgrade under load, a
-# machine lost and back, a node drained and removed (about 15 minutes; root, qemu, ansible).
+# machine lost and back, a node drained and removed (about 20 minutes; root, qemu, ansible).
 test-ansible: setup
 	scripts/test-deps.sh
 	$(CARGO) build --release --workspace --all-targets
