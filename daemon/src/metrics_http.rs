@@ -159,7 +159,7 @@ mod tests {
         encode(&mut om, &registry).unwrap();
         let text = openmetrics_to_text(&om);
         assert!(text.contains("# TYPE tidal_requests_total counter\n"), "{text}");
-        assert!(text.contains("# HELP tidal_requests_total Requests\n"), "{text}");
+        assert!(text.contains("# HELP tidal_requests_total Requests.\n"), "{text}");
         assert!(text.contains("tidal_requests_total 1\n"), "{text}");
         assert!(text.contains("# TYPE tidal_build_info gauge\n"), "{text}");
         assert!(text.contains("tidal_build_info{version="), "{text}");
