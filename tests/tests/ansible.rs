@@ -263,7 +263,7 @@ fn the_playbooks_pass_ansible_lint_production() {
 
 /// About 20 minutes under emulation, so not in `make test`: `make test-ansible` runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "15 minutes of emulated machines: run with `make test-ansible`"]
+#[ignore = "20 minutes of emulated machines: run with `make test-ansible`"]
 async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_request() {
     let image = match vm::image_dir() {
         Ok(dir) => dir,
