@@ -173,7 +173,9 @@ impl CpuCgroups {
             CgroupDriverChoice::Auto if mounts.v1_cpu.is_some() => Version::V1,
             CgroupDriverChoice::Auto => return Err(CgroupError::NoCpuController),
         };
-        if version == Version::V2 && mounts.v2.as_deref() != Some(Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT)) {
+        if version == Version::V2
+            && mounts.v2.as_deref() != Some(Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT))
+        {
             // cgroups-rs addresses the unified hierarchy at its standard mount point only.
             return Err(CgroupError::DriverUnavailable(choice));
         }
@@ -196,7 +198,9 @@ impl CpuCgroups {
         let dir = Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(&leaf);
         fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let agent_leaf = Version::V2.load(&leaf);
-        agent_leaf.add_task_by_tgid(CgroupPid::from(std::process::id() as u64)).map_err(lib("move the agent into", &agent_leaf))?;
+        agent_leaf
+            .add_task_by_tgid(CgroupPid::from(std::process::id() as u64))
+            .map_err(lib("move the agent into", &agent_leaf))?;
         Ok(join(&own, subtree))
     }
 
@@ -300,7 +304,9 @@ impl WorkerCgroup {
     fn cpu(&self) -> Result<Option<&CpuController>, CgroupError> {
         match &self.cgroup {
             None => Ok(None),
-            Some(cg) => cg.controller_of::<CpuController>().map(Some).ok_or_else(|| CgroupError::NoCpuIn(cg.path().into())),
+            Some(cg) => {
+                cg.controller_of::<CpuController>().map(Some).ok_or_else(|| CgroupError::NoCpuIn(cg.path().into()))
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! `tidal-agent`: the node daemon (`serve`), and the worker process it starts (`worker`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;

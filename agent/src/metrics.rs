@@ -57,18 +57,17 @@ impl AgentMetrics {
             worker_restarts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tidal_agent");
-        r.register("requests", "Inference requests clients sent to this agent, by task and outcome", m.requests.clone());
+        r.register(
+            "requests",
+            "Inference requests clients sent to this agent, by task and outcome",
+            m.requests.clone(),
+        );
         r.register(
             "forwarded_requests",
             "Inference requests other agents forwarded to this one, by task and outcome",
             m.forwarded_requests.clone(),
         );
-        r.register_with_unit(
-            "request_duration",
-            "Latency of served client requests",
-            Unit::Seconds,
-            m.latency.clone(),
-        );
+        r.register_with_unit("request_duration", "Latency of served client requests", Unit::Seconds, m.latency.clone());
         r.register("plan_epoch", "Epoch of the plan applied", m.plan_epoch.clone());
         r.register("resizes", "In-place CPU quota changes", m.resizes.clone());
         r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());

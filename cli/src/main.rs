@@ -367,7 +367,8 @@ mod tests {
                     missing.push(format!("{path}: argument {id} has no help"));
                 }
             }
-            let subcommands: Vec<_> = cmd.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help").collect();
+            let subcommands: Vec<_> =
+                cmd.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help").collect();
             if subcommands.is_empty() {
                 let text = cmd.get_long_about().map(|a| a.to_string()).unwrap_or_default();
                 if !text.contains("Example: tidalctl ") {

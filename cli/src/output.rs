@@ -88,7 +88,10 @@ mod tests {
 
     #[test]
     fn columns_fit_the_longest_cell() {
-        let t = table(&["NODE", "CORES#"], vec![vec!["a".into(), "2".into()], vec!["a-much-longer-name".into(), "16".into()]]);
+        let t = table(
+            &["NODE", "CORES#"],
+            vec![vec!["a".into(), "2".into()], vec!["a-much-longer-name".into(), "16".into()]],
+        );
         let lines: Vec<&str> = t.lines().collect();
         let col = |l: &str| l.find(|c: char| c.is_ascii_digit() || c == 'C').unwrap();
         assert_eq!(lines.len(), 3, "{t}");

@@ -193,7 +193,8 @@ async fn caught_up(addrs: &str, replica: u64, target: &mut Option<u64>) -> Resul
     }
     let api = member.address.split('/').next().unwrap_or_default();
     let mut client = connect(api).await.map_err(|e| format!("it does not answer at {api}: {e:#}"))?;
-    let own = client.list_replicas(ListReplicasRequest {}).await.map_err(|e| format!("{api}: {}", e.message()))?.into_inner();
+    let own =
+        client.list_replicas(ListReplicasRequest {}).await.map_err(|e| format!("{api}: {}", e.message()))?.into_inner();
     if own.answered_by != replica {
         return Err(format!("{api} answers as replica {}", own.answered_by));
     }

@@ -64,7 +64,8 @@ pub fn render(s: &ClusterStatus) -> String {
             }
         }
     }
-    out += &output::table(&["TASK", "SLO ms", "RATE/s", "FORECAST/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"], tasks);
+    out +=
+        &output::table(&["TASK", "SLO ms", "RATE/s", "FORECAST/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"], tasks);
     let nodes = s
         .nodes
         .iter()
@@ -102,7 +103,19 @@ pub fn render(s: &ClusterStatus) -> String {
         .collect::<Vec<_>>();
     if !workers.is_empty() {
         out += &output::table(
-            &["NODE", "WORKER", "TASK", "VARIANT", "CORES#", "BATCH#", "QUEUE#", "CPU#", "THROTTLED#", "RESTARTS#", "STATE"],
+            &[
+                "NODE",
+                "WORKER",
+                "TASK",
+                "VARIANT",
+                "CORES#",
+                "BATCH#",
+                "QUEUE#",
+                "CPU#",
+                "THROTTLED#",
+                "RESTARTS#",
+                "STATE",
+            ],
             workers,
         );
     }

@@ -107,7 +107,11 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
             let rest = line.strip_prefix(prefix)?;
             let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
             let (_, new_name, new_type) = renamed.iter().find(|(old, _, _)| old == name)?;
-            Some(if *prefix == "# TYPE " { format!("# TYPE {new_name} {new_type}") } else { format!("# HELP {new_name} {tail}") })
+            Some(if *prefix == "# TYPE " {
+                format!("# TYPE {new_name} {new_type}")
+            } else {
+                format!("# HELP {new_name} {tail}")
+            })
         });
         text.push_str(rewritten.as_deref().unwrap_or(line));
         text.push('\n');
@@ -124,14 +128,24 @@ impl Collector for ProcessCollector {
         let m = metrics_process::collector::collect();
         if let Some(v) = m.cpu_seconds_total {
             let c = ConstCounter::new(v);
-            c.encode(encoder.encode_descriptor("process_cpu", "Total user and system CPU time spent in seconds", Some(&Unit::Seconds), c.metric_type())?)?;
+            c.encode(encoder.encode_descriptor(
+                "process_cpu",
+                "Total user and system CPU time spent in seconds",
+                Some(&Unit::Seconds),
+                c.metric_type(),
+            )?)?;
         }
         let gauges: [(&str, &str, Option<Unit>, Option<u64>); 6] = [
             ("process_open_fds", "Number of open file descriptors", None, m.open_fds),
             ("process_max_fds", "Maximum number of open file descriptors", None, m.max_fds),
             ("process_virtual_memory", "Virtual memory size in bytes", Some(Unit::Bytes), m.virtual_memory_bytes),
             ("process_resident_memory", "Resident memory size in bytes", Some(Unit::Bytes), m.resident_memory_bytes),
-            ("process_start_time", "Start time of the process since the Unix epoch in seconds", Some(Unit::Seconds), m.start_time_seconds),
+            (
+                "process_start_time",
+                "Start time of the process since the Unix epoch in seconds",
+                Some(Unit::Seconds),
+                m.start_time_seconds,
+            ),
             ("process_threads", "Number of OS threads in the process", None, m.threads),
         ];
         for (name, help, unit, value) in gauges {

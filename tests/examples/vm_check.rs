@@ -87,7 +87,8 @@ async fn check() -> anyhow::Result<()> {
     let security = Security::from_args(&TlsArgs::issued(Path::new("/etc/tidal/tls"), &Role::Controller(1)))?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     say("kernel", kernel.trim());
-    let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").context("no cgroup2 at /sys/fs/cgroup")?;
+    let controllers =
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").context("no cgroup2 at /sys/fs/cgroup")?;
     say("cgroup2-controllers", controllers.trim());
 
     // 1. Readiness reached systemd: this unit is ordered after the agent's, which only
@@ -121,8 +122,12 @@ async fn check() -> anyhow::Result<()> {
         "the worker's cgroup is not under the agent's delegated subtree"
     );
     let procs = std::fs::read_to_string(dir.join("cgroup.procs"))?;
-    let worker_pid: u32 = procs.lines().next().and_then(|l| l.trim().parse().ok()).context("no process in the worker's cgroup")?;
-    ensure!(format!("/sys/fs/cgroup{}", cgroup_of(worker_pid)?) == dir.display().to_string(), "the worker process is elsewhere");
+    let worker_pid: u32 =
+        procs.lines().next().and_then(|l| l.trim().parse().ok()).context("no process in the worker's cgroup")?;
+    ensure!(
+        format!("/sys/fs/cgroup{}", cgroup_of(worker_pid)?) == dir.display().to_string(),
+        "the worker process is elsewhere"
+    );
     ensure!(uid_of(worker_pid)? == agent_uid, "the worker does not run as the agent's user");
     ensure!(read_cpu_max(&dir)? == "10000 10000", "cpu.max is {:?}, not one core", read_cpu_max(&dir)?);
 
@@ -148,7 +153,10 @@ async fn check() -> anyhow::Result<()> {
         let millicores = if i % 2 == 0 { 2000 } else { 1000 };
         let expected = format!("{} 10000", millicores * 10);
         let sent = Instant::now();
-        control.apply_plan(ApplyPlanRequest { plan: Some(plan(2 + i as u64, millicores)) }).await.context("resizing")?;
+        control
+            .apply_plan(ApplyPlanRequest { plan: Some(plan(2 + i as u64, millicores)) })
+            .await
+            .context("resizing")?;
         while read_cpu_max(&dir)? != expected {
             ensure!(sent.elapsed() < Duration::from_secs(5), "cpu.max never became {expected}");
         }

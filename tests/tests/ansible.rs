@@ -141,7 +141,12 @@ impl Cluster {
     }
 
     /// Polls the cluster's status until `check` holds; what it returned and how long it took.
-    async fn until<T>(&self, timeout: Duration, what: &str, check: impl Fn(&ClusterStatus) -> Option<T>) -> (T, Duration) {
+    async fn until<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&ClusterStatus) -> Option<T>,
+    ) -> (T, Duration) {
         let started = Instant::now();
         loop {
             if let Some(t) = self.status().await.as_ref().and_then(&check) {
@@ -274,7 +279,8 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
     }
     let work = tempfile::tempdir().unwrap();
     let (disk, key) = stage(&image, work.path());
-    let c = Cluster { net: VmNet::create(MACHINES), work: work.path().to_path_buf(), key, answered: AtomicUsize::new(0) };
+    let c =
+        Cluster { net: VmNet::create(MACHINES), work: work.path().to_path_buf(), key, answered: AtomicUsize::new(0) };
     let _machines: Vec<_> = (1..=MACHINES)
         .map(|k| {
             Boot {
@@ -309,11 +315,36 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
     // A task, profiled on one of the machines, served.
     let models = work.path().join("models");
     let models = models.to_str().unwrap();
-    c.tidalctl(&["task", "register", "--name", "classify", "--slo-ms", "5000", "--model-dir", models, "--variants", "downsample"])
-        .expect("registering the task");
+    c.tidalctl(&[
+        "task",
+        "register",
+        "--name",
+        "classify",
+        "--slo-ms",
+        "5000",
+        "--model-dir",
+        models,
+        "--variants",
+        "downsample",
+    ])
+    .expect("registering the task");
     let control = format!("{}:7101", c.ip(1));
-    c.tidalctl(&["profile", "--agent", &control, "--task", "classify", "--cores", "1", "--batches", "1,2", "--duration-ms", "1500", "--repeat", "1"])
-        .expect("profiling");
+    c.tidalctl(&[
+        "profile",
+        "--agent",
+        &control,
+        "--task",
+        "classify",
+        "--cores",
+        "1",
+        "--batches",
+        "1,2",
+        "--duration-ms",
+        "1500",
+        "--repeat",
+        "1",
+    ])
+    .expect("profiling");
     c.until(Duration::from_secs(300), "a plan with serving workers", |s| {
         let plan = s.plan.as_ref()?;
         let serving = s.nodes.iter().flat_map(|n| &n.workers).filter(|w| w.ready).count();
@@ -337,13 +368,18 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
         .spawn()
         .expect("tidalctl load");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let before: Vec<_> = (1..=MACHINES).map(|k| (c.running(k, "tidal-agent"), c.running(k, "tidal-controller"))).collect();
+    let before: Vec<_> =
+        (1..=MACHINES).map(|k| (c.running(k, "tidal-agent"), c.running(k, "tidal-controller"))).collect();
     let build = new_build(work.path(), &first);
     let upgrade = c.playbook("rolling-upgrade.yml", &build);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let _ = Command::new("kill").args(["-TERM", &load.id().to_string()]).status();
     let load_status = load.wait_with_output().expect("tidalctl load");
-    assert!(load_status.status.success(), "tidalctl load failed: {}", std::fs::read_to_string(work.path().join("load.log")).unwrap_or_default());
+    assert!(
+        load_status.status.success(),
+        "tidalctl load failed: {}",
+        std::fs::read_to_string(work.path().join("load.log")).unwrap_or_default()
+    );
     let s: serde_json_lite::Summary = serde_json_lite::read(&summary);
     println!(
         "rolling upgrade of {MACHINES} machines (3 replicas, 3 agents) under load: {:.0} s; requests {}, ok {}, failed {} ({:?}); p99 {:.0} ms",
@@ -355,7 +391,10 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
         s.p99_ms
     );
     for k in 1..=MACHINES {
-        for (unit, name, old) in [("tidal-agent", "tidal-agent", &before[k - 1].0), ("tidal-controller", "tidal-controller", &before[k - 1].1)] {
+        for (unit, name, old) in [
+            ("tidal-agent", "tidal-agent", &before[k - 1].0),
+            ("tidal-controller", "tidal-controller", &before[k - 1].1),
+        ] {
             let (pid, sum) = c.running(k, unit);
             assert_eq!(sum, sha256(&build.join(name)), "machine {k}: {unit} runs the new build");
             assert_ne!(&pid, &old.0, "machine {k}: {unit} was restarted");
@@ -364,9 +403,11 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
     assert_eq!(s.requests - s.ok, 0, "requests failed during the rolling upgrade: {:?}", s.errors);
 
     // Again with nothing new: nothing restarts.
-    let pids: Vec<_> = (1..=MACHINES).map(|k| (c.running(k, "tidal-agent").0, c.running(k, "tidal-controller").0)).collect();
+    let pids: Vec<_> =
+        (1..=MACHINES).map(|k| (c.running(k, "tidal-agent").0, c.running(k, "tidal-controller").0)).collect();
     c.playbook("rolling-upgrade.yml", &build);
-    let again: Vec<_> = (1..=MACHINES).map(|k| (c.running(k, "tidal-agent").0, c.running(k, "tidal-controller").0)).collect();
+    let again: Vec<_> =
+        (1..=MACHINES).map(|k| (c.running(k, "tidal-agent").0, c.running(k, "tidal-controller").0)).collect();
     assert_eq!(pids, again, "an upgrade with nothing new restarts nothing");
 
     // A machine with workers is lost (its link goes down): re-planned around, then used again.
@@ -387,7 +428,10 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
             (!planned.is_empty() && !planned.contains(&name.as_str()) && applied).then_some(plan.epoch)
         })
         .await;
-    println!("machine {name} lost: plan {epoch} without it applied by the others {:.1} s later", lost.elapsed().as_secs_f64());
+    println!(
+        "machine {name} lost: plan {epoch} without it applied by the others {:.1} s later",
+        lost.elapsed().as_secs_f64()
+    );
     c.net.heal(victim);
     c.until(Duration::from_secs(120), "the lost node reports and follows again", |s| {
         let n = s.nodes.iter().find(|n| n.node == name)?;
@@ -399,7 +443,9 @@ async fn site_installs_a_cluster_and_a_rolling_upgrade_under_load_fails_no_reque
     c.tidalctl(&["node", "drain", "--node", &name, "--wait-s", "120"]).expect("draining");
     c.ssh(victim, "systemctl stop tidal-agent");
     c.tidalctl(&["node", "remove", "--node", &name]).expect("removing");
-    let (_, _) = c.until(Duration::from_secs(30), "the node is gone", |s| (!s.nodes.iter().any(|n| n.node == name)).then_some(())).await;
+    let (_, _) = c
+        .until(Duration::from_secs(30), "the node is gone", |s| (!s.nodes.iter().any(|n| n.node == name)).then_some(()))
+        .await;
 }
 
 /// The few fields of `tidalctl load --summary-json` this test reads.

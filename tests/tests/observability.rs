@@ -112,7 +112,9 @@ async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
     assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
     let (_, _, controller_text) = get(&controller_metrics, "/metrics", None).expect("controller metrics");
     for text in [&agent_text, &controller_text] {
-        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "tidal_build_info"] {
+        for name in
+            ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "tidal_build_info"]
+        {
             assert!(text.contains(&format!("\n{name}")), "{name} is missing:\n{text}");
         }
     }
@@ -162,7 +164,8 @@ async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
     };
     check_with_promtool(&promtool, "agent", &agent_text);
     check_with_promtool(&promtool, "controller", &controller_text);
-    for (what, file) in [("config", "deploy/prometheus/prometheus.yml"), ("rules", "deploy/prometheus/tidal-rules.yml")] {
+    for (what, file) in [("config", "deploy/prometheus/prometheus.yml"), ("rules", "deploy/prometheus/tidal-rules.yml")]
+    {
         let out = Command::new(&promtool).args(["check", what]).arg(repo().join(file)).output().unwrap();
         assert!(out.status.success(), "promtool check {what} {file}:\n{}", String::from_utf8_lossy(&out.stdout));
     }

@@ -116,7 +116,8 @@ fn the_agent_runs_under_systemd_with_a_delegated_cgroup_v2_subtree_and_resizes_i
     let mut machine = boot.start();
     let console = machine.wait_poweroff(BOOT_TIMEOUT);
     println!("VM booted, checked and powered off in {:.0} s", machine.started.elapsed().as_secs_f64());
-    let report: Vec<&str> = console.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("TIDAL-VM ")).collect();
+    let report: Vec<&str> =
+        console.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("TIDAL-VM ")).collect();
     for line in &report {
         println!("  {line}");
     }
