@@ -30,7 +30,8 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> 
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
-    t.set_header(header.iter().map(|h| h.to_string()));
+    // A trailing '#' marks a numeric column (right-aligned); it is not shown.
+    t.set_header(header.iter().map(|h| h.trim_end_matches('#').to_string()));
     for row in rows {
         t.add_row(row);
     }

@@ -12,7 +12,7 @@ pub struct Net {
     prefix: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip: {e}"))?;
     if out.status.success() {
         Ok(())

@@ -170,8 +170,7 @@ pub struct VmNet {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    crate::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 impl VmNet {
