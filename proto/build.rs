@@ -4,10 +4,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; this only tells prost-build where protoc is.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    // Serialize: `tidalctl -o json|yaml` prints the API's messages as they are.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // Serialize: `tidalctl -o json|yaml` prints the API's messages as they are. The descriptor
+    // set is what the daemons' server reflection describes.
     tonic_prost_build::configure()
         .type_attribute(".tidal.v1", "#[derive(serde::Serialize)]")
+        .file_descriptor_set_path(out.join("tidal_descriptor.bin"))
         .compile_protos(&["proto/tidal.proto"], &["proto"])?;
+    // The Open Inference Protocol (KServe V2) that agents speak beside Tidal's own API.
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("kserve_v2_descriptor.bin"))
+        .compile_protos(&["proto/kserve_v2.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)

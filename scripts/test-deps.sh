@@ -16,6 +16,10 @@ if [ ! -x .tidal/tools/bin/promtool ] && command -v apt-get >/dev/null 2>&1; the
     || echo "test-deps: could not unpack promtool; the metrics format test will be reported as not run" >&2
 fi
 
+# tritonclient and perf_analyzer, for the outside-client tests (PyPI and one Debian library,
+# unpacked into .tidal/clients; nothing is installed system-wide).
+scripts/client-tools.sh || echo "test-deps: the tritonclient and perf_analyzer tests will be reported as not run" >&2
+
 declare -A provides=(
   [qemu-system-x86_64]=qemu-system-x86 [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
   [ansible-playbook]=ansible-core [ansible-lint]=ansible-lint [ssh]=openssh-client

@@ -13,6 +13,7 @@ use tidal_agent::node::{AgentConfig, Node};
 use tidal_agent::service::AgentService;
 use tidal_agent::worker::ProcessConfig;
 use tidal_auth::tls::ClientAuth;
+use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
@@ -216,13 +217,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Bound before readiness is announced: a port in use fails the start, not a later task.
     let inference_listener = listen(args.listen, "inference")?;
     let control_listener = listen(args.control_listen, "control")?;
+    let health = tidal_daemon::grpc_std::reporter().await;
+    tokio::spawn(tidal_daemon::grpc_std::follow(
+        health.clone(),
+        HEALTH_EVERY,
+        health_statuses(node.clone(), ready.clone()),
+    ));
+    let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
     let inference = security
         .server_builder(ClientAuth::Optional)?
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
+        .add_service(GrpcInferenceServiceServer::new(service.clone()).max_decoding_message_size(decode_limit));
+    let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &descriptors)?
         .serve_with_incoming_shutdown(inference_listener, stop.clone().cancelled_owned());
     let control = security
         .server_builder(ClientAuth::Required)?
-        .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit))
+        .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit));
+    let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
         .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
     tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty(), ready.clone()));
@@ -254,6 +265,29 @@ async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready:
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How often the health service looks at the node.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+/// What `grpc.health.v1` answers on both ports: the agent ("" and its inference services)
+/// serves once it is ready (as systemd and `/readyz` are told) until it stops; each task of
+/// the applied plan, by its name, serves while a request of it can be served here.
+fn health_statuses(
+    node: std::sync::Arc<Node>,
+    ready: std::sync::Arc<AtomicBool>,
+) -> impl FnMut() -> std::collections::BTreeMap<String, bool> + Send {
+    move || {
+        let ready = ready.load(Ordering::Relaxed);
+        let services = ["", "tidal.v1.Inference", "inference.GRPCInferenceService"];
+        let mut statuses: std::collections::BTreeMap<String, bool> =
+            services.iter().map(|s| (s.to_string(), ready)).collect();
+        statuses.extend(node.task_names().into_iter().map(|t| {
+            let serving = ready && node.task_ready(&t);
+            (t, serving)
+        }));
+        statuses
     }
 }
 

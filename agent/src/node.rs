@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::apply::{execute, stage, Executor};
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats, WorkerCgroup};
 use crate::metrics::AgentMetrics;
+use crate::model_stats::ModelStats;
 use crate::models::ModelDir;
 use crate::router::{Remote, Router, StageKey};
 use crate::telemetry::Telemetry;
@@ -66,6 +67,7 @@ pub struct Node {
     pub cgroups: CpuCgroups,
     pub router: Router,
     pub telemetry: Telemetry,
+    pub model_stats: ModelStats,
     pub metrics: AgentMetrics,
     pub models: Arc<ModelDir>,
     /// How this agent dials the others (forwarded stages) and the controller.
@@ -104,6 +106,7 @@ impl Node {
             cgroups,
             router: Router::default(),
             telemetry: Telemetry::default(),
+            model_stats: ModelStats::default(),
             metrics,
             workers: tokio::sync::Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
@@ -132,6 +135,20 @@ impl Node {
 
     pub fn task(&self, name: &str) -> Option<TaskSpec> {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// The tasks of the applied plan, by name.
+    pub fn task_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tasks.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Whether a request of `task` can be served through this agent now: every stage has a
+    /// ready worker here or a reachable agent elsewhere.
+    pub fn task_ready(&self, task: &str) -> bool {
+        self.task(task)
+            .is_some_and(|t| t.stages.iter().all(|s| self.router.stage_ready(&StageKey::new(&t.name, &s.name))))
     }
 
     /// Applies `plan` to this node: all of it or, if it is malformed, stale or a new worker's

@@ -138,6 +138,12 @@ impl Router {
             .or_else(|| entries.iter().find(|e| e.local().is_none() && e.ready()).map(|e| e.target.clone()))
     }
 
+    /// Whether `pick` would find a ready worker here or a reachable agent for `stage`.
+    pub fn stage_ready(&self, stage: &StageKey) -> bool {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        stages.get(stage).is_some_and(|entries| entries.iter().any(Entry::ready))
+    }
+
     /// Like `pick`, among this agent's own workers only (for forwarded requests).
     pub fn pick_local(&self, stage: &StageKey) -> Option<Arc<Worker>> {
         let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());

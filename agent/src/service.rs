@@ -39,7 +39,7 @@ pub struct AgentService {
 }
 
 /// A request another agent forwarded: serve one stage of it here.
-struct Forwarded {
+pub(crate) struct Forwarded {
     /// The stage to run; empty: the task's first.
     stage: String,
 }
@@ -319,13 +319,12 @@ fn stack(outputs: Vec<StageOutput>) -> (Vec<i64>, Vec<f32>) {
 /// How long an agent that failed a forwarded request is left out of the rotation.
 const REMOTE_PAUSE: Duration = Duration::from_secs(1);
 
-#[tonic::async_trait]
-impl Inference for AgentService {
-    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
-        let arrived = Instant::now();
+impl AgentService {
+    /// Whether the inference port takes this request at all: its token (another agent
+    /// forwarding a stage shows its certificate instead), and a plan applied here.
+    pub(crate) fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
         if let Some(token) = &self.node.inference_token {
-            // Another agent forwarding a stage shows its certificate instead.
-            let from_agent = matches!(self.guard.caller(&request)?, Some(tidal_auth::Role::Agent(_)));
+            let from_agent = matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
             if !from_agent {
                 token.check(request.metadata())?;
             }
@@ -335,10 +334,19 @@ impl Inference for AgentService {
             // a client would take as final, but unavailable, which it retries elsewhere.
             return Err(Status::unavailable("this agent has no plan yet (it is starting); try another agent"));
         }
-        let (metadata, _, req) = request.into_parts();
+        Ok(())
+    }
+
+    /// Serves one admitted request and counts how it ended: the one path behind Tidal's own
+    /// API and the standard protocol.
+    pub(crate) async fn infer_one(
+        &self,
+        req: InferRequest,
+        arrived: Instant,
+        forwarded: Option<Forwarded>,
+    ) -> Result<InferResponse, ServeError> {
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();
-        let forwarded = request_forwarded(&metadata);
         let is_forwarded = forwarded.is_some();
         let result = self.serve(req, arrived, forwarded).instrument(span).await;
         let (outcome, label) = match &result {
@@ -346,12 +354,13 @@ impl Inference for AgentService {
             Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
                 (Outcome::DeadlineMissed, "deadline_exceeded")
             }
-            Err(ServeError::UnknownTask(_)) => return result.map(Response::new).map_err(Status::from),
+            Err(ServeError::UnknownTask(_)) => return result,
             Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
             Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
             Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
             Err(_) => (Outcome::Failed, "failed"),
         };
+        self.node.model_stats.record(&task, arrived, result.as_ref().ok());
         if !is_forwarded {
             // The agent the client called counts the request, once, end to end.
             self.node.telemetry.outcome(&task, outcome);
@@ -367,7 +376,18 @@ impl Inference for AgentService {
                 self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
             }
         }
-        result.map(Response::new).map_err(Status::from)
+        result
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for AgentService {
+    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
+        let arrived = Instant::now();
+        self.admit(&request)?;
+        let (metadata, _, req) = request.into_parts();
+        let forwarded = request_forwarded(&metadata);
+        self.infer_one(req, arrived, forwarded).await.map(Response::new).map_err(Status::from)
     }
 }
 

@@ -10,7 +10,7 @@ use tidal_auth::tls::ClientAuth;
 use tidal_common::adapt::AdaptConfig;
 use tidal_common::latency::LatencyModel;
 use tidal_common::solver::{Limits, PolicyKind, Weights};
-use tidal_controller::consensus::{start, RaftConfig};
+use tidal_controller::consensus::{start, RaftConfig, RaftHandle};
 use tidal_controller::controller::{Controller, ControllerConfig};
 use tidal_controller::service::ControllerService;
 use tidal_controller::transport::{AddressBook, RaftService};
@@ -213,9 +213,12 @@ async fn main() -> anyhow::Result<()> {
         .server_builder(ClientAuth::Required)?
         .add_service(raft_service)
         .serve_with_incoming_shutdown(peer_listener, stop.clone().cancelled_owned());
+    let health = tidal_daemon::grpc_std::reporter().await;
+    tokio::spawn(tidal_daemon::grpc_std::follow(health.clone(), HEALTH_EVERY, health_statuses(raft_handle.clone())));
     let api_server = security
         .server_builder(ClientAuth::Required)?
-        .add_service(ControllerServer::new(ControllerService { ctl, guard }))
+        .add_service(ControllerServer::new(ControllerService { ctl, guard }));
+    let api_server = tidal_daemon::grpc_std::add_standard(api_server, &health, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?
         .serve_with_incoming_shutdown(api_listener, stop.clone().cancelled_owned());
     let peer = tokio::spawn(peer_server);
     let api = tokio::spawn(api_server);
@@ -239,6 +242,25 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     info!("controller stopped");
     Ok(())
+}
+
+/// How often the health service looks at the replica's Raft state.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+/// What the API port's `grpc.health.v1` answers: the replica ("" and the Controller service)
+/// serves while its Raft driver runs and it knows a leader (writes reach the leader through
+/// it); `tidal.v1.Controller.leader` serves on the leader only, for a balancer that wants to
+/// send changes straight there.
+fn health_statuses(raft: RaftHandle) -> impl FnMut() -> std::collections::BTreeMap<String, bool> + Send {
+    move || {
+        let status = raft.status();
+        let serving = raft.is_running() && status.leader != 0;
+        std::collections::BTreeMap::from([
+            (String::new(), serving),
+            ("tidal.v1.Controller".to_string(), serving),
+            ("tidal.v1.Controller.leader".to_string(), serving && status.is_leader),
+        ])
+    }
 }
 
 /// The voters a fresh store starts with, and the addresses known from the command line.

@@ -1,7 +1,8 @@
 //! Generated gRPC services and messages.
 //!
-//! `tidal::v1` is the wire contract between `tidalctl`, controllers and agents; `onnx` is the
-//! small part of the ONNX model format that `tidalctl models generate` needs to write models.
+//! `tidal::v1` is the wire contract between `tidalctl`, controllers and agents; `inference` is
+//! the standard inference protocol agents also speak; `onnx` is the small part of the ONNX model
+//! format that `tidalctl models generate` needs to write models.
 
 pub mod tidal {
     pub mod v1 {
@@ -12,6 +13,15 @@ pub mod tidal {
 pub mod onnx {
     tonic::include_proto!("onnx");
 }
+
+/// The Open Inference Protocol (KServe V2) with Triton's ModelConfig and ModelStatistics.
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded descriptors of Tidal's API and of the V2 protocol, for server reflection.
+pub const TIDAL_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tidal_descriptor");
+pub const KSERVE_V2_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kserve_v2_descriptor");
 
 pub use tidal::v1;
 

@@ -1,0 +1,335 @@
+//! The standard inference protocol (KServe V2 gRPC, with Triton's ModelConfig and
+//! ModelStatistics) on an agent's inference port, and the standard gRPC services (health,
+//! reflection) on every port: called with Tidal's generated client, with Triton's own Python
+//! client (`tritonclient`) and driven by Triton's `perf_analyzer`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tidal_proto::inference::infer_parameter::ParameterChoice;
+use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tidal_proto::inference::{
+    InferParameter, InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, ServerLiveRequest, ServerReadyRequest,
+};
+use tidal_proto::v1::InferRequest;
+use tidal_tests::*;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn v2_client(addr: &str) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(channel(addr).await).max_decoding_message_size(64 << 20)
+}
+
+/// A V2 request of `samples` stacked samples of `shape`, in raw form.
+fn v2_request(task: &str, shape: &[i64], samples: &[Vec<f32>]) -> ModelInferRequest {
+    let mut full = vec![samples.len() as i64];
+    full.extend_from_slice(shape);
+    let raw: Vec<u8> = samples.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    ModelInferRequest {
+        model_name: task.into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: full,
+            ..Default::default()
+        }],
+        outputs: vec![InferRequestedOutputTensor { name: "output".into(), parameters: HashMap::new() }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+}
+
+fn values(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn sample_values(shape: &[i64], scale: f32) -> Vec<f32> {
+    values(&sample(shape).data).into_iter().map(|v| v * scale).collect()
+}
+
+/// Equal up to the float noise of a different batch composition.
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "{what}: differs by {worst}");
+}
+
+/// Tidal's own API's answer for one sample.
+async fn tidal_output(addr: &str, shape: &[i64], values: &[f32]) -> Vec<f32> {
+    let mut full = vec![1];
+    full.extend_from_slice(shape);
+    let input = tidal_common::tensor::f32_tensor(full, values);
+    let request = InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 };
+    let r = inference_client(addr).await.infer(request).await.unwrap().into_inner();
+    self::values(&r.output.unwrap().data)
+}
+
+fn raw_output(r: &ModelInferResponse) -> Vec<f32> {
+    values(&r.raw_output_contents[0])
+}
+
+fn param(r: &ModelInferResponse, name: &str) -> Option<ParameterChoice> {
+    r.parameters.get(name).and_then(|p| p.parameter_choice.clone())
+}
+
+async fn health(addr: &str, service: &str) -> Result<ServingStatus, Code> {
+    let mut client = HealthClient::new(channel(addr).await);
+    match client.check(HealthCheckRequest { service: service.into() }).await {
+        Ok(r) => Ok(r.into_inner().status()),
+        Err(s) => Err(s.code()),
+    }
+}
+
+/// The services a port lists through server reflection (v1).
+async fn reflected_services(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut client = ServerReflectionClient::new(channel(addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("reflection answered {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_clients_get_the_same_answers_as_tidal_s_own_api_with_clear_errors() {
+    let s = setup(&[]);
+    let shape = s.r18.input_shape.clone();
+    let mut v2 = v2_client(&s.agent.addr).await;
+    assert!(v2.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
+    assert!(!v2.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready, "not ready before a plan");
+    s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
+    assert!(v2.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let ready = v2.model_ready(ModelReadyRequest { name: "classify".into(), version: String::new() }).await;
+    assert!(ready.unwrap().into_inner().ready);
+    let unknown = v2.model_ready(ModelReadyRequest { name: "nope".into(), version: String::new() }).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+
+    let meta = v2.model_metadata(ModelMetadataRequest { name: "classify".into(), version: String::new() }).await;
+    let meta = meta.unwrap().into_inner();
+    assert_eq!((meta.inputs[0].name.as_str(), meta.inputs[0].datatype.as_str()), ("input", "FP32"));
+    assert_eq!(meta.inputs[0].shape, [&[-1][..], &shape].concat());
+    let config = v2.model_config(ModelConfigRequest { name: "classify".into(), version: String::new() }).await;
+    let config = config.unwrap().into_inner().config.unwrap();
+    assert_eq!((config.max_batch_size, config.input[0].dims.clone()), (64, shape.clone()));
+
+    // Raw and typed inputs, and a batch of three, answer as Tidal's own API does.
+    let (a, b) = (sample_values(&shape, 1.0), sample_values(&shape, 0.5));
+    let own_a = tidal_output(&s.agent.addr, &shape, &a).await;
+    let own_b = tidal_output(&s.agent.addr, &shape, &b).await;
+    let mut request = v2_request("classify", &shape, std::slice::from_ref(&a));
+    request.id = "req-7".into();
+    let one = v2.model_infer(request.clone()).await.unwrap().into_inner();
+    assert_eq!((one.id.as_str(), one.outputs[0].shape.as_slice()), ("req-7", &[1, 1000][..]));
+    assert_close(&raw_output(&one), &own_a, "raw input");
+    assert_eq!(param(&one, "tidal_variant"), Some(ParameterChoice::StringParam("resnet18".into())));
+    assert_eq!(param(&one, "tidal_accuracy"), Some(ParameterChoice::DoubleParam(s.r18.accuracy)));
+    let mut typed = request.clone();
+    typed.raw_input_contents.clear();
+    typed.inputs[0].contents = Some(InferTensorContents { fp32_contents: a.clone(), ..Default::default() });
+    assert_close(&raw_output(&v2.model_infer(typed).await.unwrap().into_inner()), &own_a, "typed input");
+    let three = v2.model_infer(v2_request("classify", &shape, &[a.clone(), b.clone(), a.clone()])).await;
+    let three = three.unwrap().into_inner();
+    assert_eq!(three.outputs[0].shape, [3, 1000]);
+    let rows = raw_output(&three);
+    for (i, own) in [&own_a, &own_b, &own_a].into_iter().enumerate() {
+        assert_close(&rows[i * 1000..(i + 1) * 1000], own, &format!("sample {i} of a batch"));
+    }
+
+    // A budget as a request parameter: one too short for a batch is a deadline miss.
+    let with_budget = |ms: i64| {
+        let mut r = request.clone();
+        r.parameters
+            .insert("budget_ms".into(), InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(ms)) });
+        r
+    };
+    assert!(v2.model_infer(with_budget(5000)).await.is_ok());
+    assert_eq!(v2.model_infer(with_budget(0)).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Malformed requests: INVALID_ARGUMENT with a reason; unknown task or version: NOT_FOUND.
+    let bad = |f: &dyn Fn(&mut ModelInferRequest)| {
+        let mut r = request.clone();
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(&str, ModelInferRequest, Code)> = vec![
+        ("input name", bad(&|r| r.inputs[0].name = "x".into()), Code::InvalidArgument),
+        ("datatype", bad(&|r| r.inputs[0].datatype = "FP64".into()), Code::InvalidArgument),
+        ("shape", bad(&|r| r.inputs[0].shape = vec![1, 3, 32, 32]), Code::InvalidArgument),
+        ("too many samples", bad(&|r| r.inputs[0].shape[0] = 65), Code::InvalidArgument),
+        ("data length", bad(&|r| r.raw_input_contents[0].truncate(10)), Code::InvalidArgument),
+        ("two inputs", bad(&|r| r.inputs.push(r.inputs[0].clone())), Code::InvalidArgument),
+        ("output name", bad(&|r| r.outputs[0].name = "logits".into()), Code::InvalidArgument),
+        (
+            "raw and typed",
+            bad(&|r| {
+                r.inputs[0].contents = Some(InferTensorContents { fp32_contents: vec![1.0], ..Default::default() })
+            }),
+            Code::InvalidArgument,
+        ),
+        ("version", bad(&|r| r.model_version = "2".into()), Code::NotFound),
+        ("task", bad(&|r| r.model_name = "nope".into()), Code::NotFound),
+    ];
+    for (what, r, want) in cases {
+        let status = v2.model_infer(r).await.expect_err(what);
+        assert_eq!(status.code(), want, "{what}: {}", status.message());
+        assert!(!status.message().is_empty(), "{what}: a reason is given");
+    }
+
+    // Statistics count the samples served: 2 through Tidal's API, 1 + 1 + 3 + 1 through V2. The
+    // malformed requests never reached a worker.
+    let stats = v2.model_statistics(ModelStatisticsRequest { name: "classify".into(), version: String::new() }).await;
+    let stats = stats.unwrap().into_inner().model_stats;
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].inference_count, 8, "{stats:?}");
+    assert!(stats[0].execution_count >= 1 && stats[0].execution_count <= 8);
+    let inference = stats[0].inference_stats.unwrap();
+    assert_eq!(inference.success.unwrap().count, 8);
+    assert_eq!(inference.fail.unwrap().count, 0);
+    assert!(inference.compute_infer.unwrap().ns > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_readiness_per_task_and_reflection_lists_the_services() {
+    let s = setup(&[]);
+    // Without a controller the agent serves at once; a task appears with its plan.
+    eventually(Duration::from_secs(10), "the agent to report SERVING", || async {
+        (health(&s.agent.addr, "").await == Ok(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    assert_eq!(health(&s.agent.addr, "classify").await, Err(Code::NotFound));
+    s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
+    for addr in [&s.agent.addr, &s.agent.control_addr] {
+        eventually(Duration::from_secs(10), "the task to report SERVING", || async {
+            (health(addr, "classify").await == Ok(ServingStatus::Serving)).then_some(())
+        })
+        .await;
+        assert_eq!(health(addr, "inference.GRPCInferenceService").await, Ok(ServingStatus::Serving));
+    }
+    let services = reflected_services(&s.agent.addr).await;
+    for want in ["inference.GRPCInferenceService", "tidal.v1.Inference", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "reflection lists {want}: {services:?}");
+    }
+    assert!(reflected_services(&s.agent.control_addr).await.iter().any(|s| s == "tidal.v1.Agent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_s_health_follows_leadership() {
+    let work = tempfile::tempdir().unwrap();
+    let (_ctl, addr) = start_controller(work.path(), 1.0, &[]);
+    eventually(Duration::from_secs(20), "the single replica to lead", || async {
+        (health(&addr, "tidal.v1.Controller.leader").await == Ok(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    assert_eq!(health(&addr, "").await, Ok(ServingStatus::Serving));
+    assert!(reflected_services(&addr).await.iter().any(|s| s == "tidal.v1.Controller"));
+}
+
+/// `.tidal/clients` (scripts/client-tools.sh), or why the outside-client tests cannot run.
+fn client_tools() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join(".tidal/clients");
+    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done").exists() {
+        let status = Command::new(root.join("scripts/client-tools.sh")).status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("scripts/client-tools.sh could not install tritonclient and perf_analyzer".into());
+        }
+    }
+    Ok(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
+    let tools = match client_tools() {
+        Ok(d) => d,
+        Err(why) => return eprintln!("SKIPPED (not run): {why}"),
+    };
+    if tidal_tests::tls::test_ca().is_some() {
+        return eprintln!("SKIPPED (not run): the outside clients speak plaintext here, and TIDAL_TEST_TLS=1 is set");
+    }
+    let s = setup(&[]);
+    let shape = s.r18.input_shape.clone();
+    s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
+    let a = sample_values(&shape, 1.0);
+    let own_a = tidal_output(&s.agent.addr, &shape, &a).await;
+    let own_half = tidal_output(&s.agent.addr, &shape, &sample_values(&shape, 0.5)).await;
+    let sample_file = s.work.path().join("sample.f32");
+    std::fs::write(&sample_file, a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+
+    // tritonclient, as a Triton user calls a server.
+    let shape_arg = shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/tritonclient_check.py"))
+        .args(["--url", &s.agent.addr, "--model", "classify", "--shape", &shape_arg])
+        .arg("--sample")
+        .arg(&sample_file)
+        .env("PYTHONPATH", tools.join("py"));
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "tritonclient_check.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (got["live"].as_bool(), got["ready"].as_bool(), got["model_ready"].as_bool()),
+        (Some(true), Some(true), Some(true))
+    );
+    assert_eq!(got["server"]["name"], "tidal");
+    assert_eq!(got["config"]["config"]["max_batch_size"], 64);
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let one = &got["one"].as_array().unwrap()[0];
+    assert_close(&floats(one), &own_a, "tritonclient, one sample");
+    assert_eq!(got["three_shape"], serde_json::json!([3, 1000]));
+    let three = got["three"].as_array().unwrap();
+    assert_close(&floats(&three[1]), &own_half, "tritonclient, second sample of three");
+    assert_eq!(got["parameters"]["tidal_variant"]["string_param"], "resnet18");
+    assert_eq!(got["unknown_model"], "StatusCode.NOT_FOUND");
+    let count = got["statistics"]["model_stats"][0]["inference_count"].as_str().unwrap().parse::<u64>().unwrap();
+    assert_eq!(count, 6, "2 through Tidal's API, 1 + 3 through tritonclient");
+
+    // perf_analyzer: a fixed concurrency, then a replayed trace of inter-arrival times.
+    let intervals = s.work.path().join("intervals.txt");
+    std::fs::write(&intervals, (0..40).map(|i| format!("{}\n", 20_000 + (i % 4) * 10_000)).collect::<String>())
+        .unwrap();
+    let csv = s.work.path().join("perf.csv");
+    let runs: [Vec<String>; 2] = [
+        vec!["--concurrency-range".into(), "2".into(), "-f".into(), csv.display().to_string()],
+        vec!["--request-intervals".into(), intervals.display().to_string()],
+    ];
+    for extra in runs {
+        let mut cmd = Command::new(tools.join("bin/perf_analyzer"));
+        cmd.args(["-m", "classify", "-u", &s.agent.addr, "-i", "grpc", "--measurement-mode", "count_windows"])
+            .args(["--measurement-request-count", "60", "--max-trials", "3", "-s", "100"])
+            .args(&extra);
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "perf_analyzer {extra:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("Server:") && stdout.contains("Inference count"), "server-side statistics: {stdout}");
+        eprintln!("perf_analyzer {extra:?}:\n{stdout}");
+    }
+    let table = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let row: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()].parse::<f64>().unwrap();
+    assert!(column("Inferences/Second") > 1.0, "{table}");
+    assert!(column("p99 latency") > 0.0, "{table}");
+}
