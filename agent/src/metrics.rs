@@ -33,6 +33,7 @@ pub struct AgentMetrics {
     pub latency: Family<TaskLabels, Histogram>,
     pub plan_epoch: Gauge,
     pub resizes: Counter,
+    pub plan_apply: Histogram,
     worker_cpu_limit: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     worker_queue: Family<WorkerLabels, Gauge>,
     worker_cpu_usage: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
@@ -49,6 +50,8 @@ impl AgentMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             plan_epoch: Gauge::default(),
             resizes: Counter::default(),
+            // 10 µs .. ~5 s.
+            plan_apply: Histogram::new(exponential_buckets(0.00001, 2.5, 15)),
             worker_cpu_limit: Family::default(),
             worker_queue: Family::default(),
             worker_cpu_usage: Family::default(),
@@ -70,6 +73,12 @@ impl AgentMetrics {
         r.register_with_unit("request_duration", "Latency of served client requests", Unit::Seconds, m.latency.clone());
         r.register("plan_epoch", "Epoch of the plan applied", m.plan_epoch.clone());
         r.register("resizes", "In-place CPU quota changes", m.resizes.clone());
+        r.register_with_unit(
+            "plan_apply_duration",
+            "From a plan's arrival to its changes in place (quotas in the kernel, batching, routes)",
+            Unit::Seconds,
+            m.plan_apply.clone(),
+        );
         r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());
         r.register("worker_queue_length", "Requests waiting in each worker's queue", m.worker_queue.clone());
         r.register("worker_cpu_usage_cores", "CPU each worker used lately, in cores", m.worker_cpu_usage.clone());

@@ -56,9 +56,9 @@ impl ModelStats {
         };
         c.success.add(took);
         let queue_us: u64 = r.stages.iter().map(|s| s.queue_us).sum();
-        let stage_us: u64 = r.stages.iter().map(|s| s.total_us).sum();
+        let run_us: u64 = r.stages.iter().map(|s| s.run_us).sum();
         c.queue.add(queue_us * 1000);
-        c.compute.add(stage_us.saturating_sub(queue_us) * 1000);
+        c.compute.add(run_us * 1000);
         c.executions += 1.0 / f64::from(r.batch_size.max(1));
     }
 
@@ -88,7 +88,8 @@ fn to_proto(name: &str, c: &Counters) -> ModelStatistics {
             success: c.success.to_proto(),
             fail: c.fail.to_proto(),
             queue: c.queue.to_proto(),
-            // The worker copies inputs and outputs inside the batch's run time.
+            // Time inside ONNX Runtime; the copies to and from the worker are the "overhead" that
+            // Triton's tools derive (success minus queue minus compute).
             compute_input: zero.to_proto(),
             compute_infer: c.compute.to_proto(),
             compute_output: zero.to_proto(),
@@ -104,7 +105,8 @@ mod tests {
     use tidal_proto::v1::StageServed;
 
     fn served(batch: u32, queue_us: u64, total_us: u64) -> InferResponse {
-        let stage = StageServed { batch_size: batch, queue_us, total_us, ..Default::default() };
+        let run_us = total_us - queue_us;
+        let stage = StageServed { batch_size: batch, queue_us, total_us, run_us, ..Default::default() };
         InferResponse { batch_size: batch, queue_us, total_us, stages: vec![stage], ..Default::default() }
     }
 

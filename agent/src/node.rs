@@ -160,8 +160,15 @@ impl Node {
         tidal_common::plan::normalise(&mut plan);
         validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
         let desired = desired_on(&plan, &self.cfg.node);
-        let models = self.models.check_all(desired.iter().map(|d| d.variant.clone()).collect()).await;
         let mut workers = self.workers.lock().await;
+        // Only the models of workers to start are checked (a file read, off the runtime); a
+        // plan that resizes or rebatches running workers touches no file.
+        let to_load: Vec<tidal_proto::v1::VariantSpec> = desired
+            .iter()
+            .filter(|d| !workers.get(&d.key).is_some_and(|w| w.spec.variant.model_file == d.variant.model_file))
+            .map(|d| d.variant.clone())
+            .collect();
+        let models = if to_load.is_empty() { HashMap::new() } else { self.models.check_all(to_load).await };
         let applied = (self.applied_epoch(), self.applied_term());
         if (plan.epoch, plan.term) < applied {
             return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
@@ -179,9 +186,7 @@ impl Node {
             })
             .collect();
         let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
-        let staged = stage(&desired, &running, transition, |v| {
-            models.get(&v.name).cloned().unwrap_or_else(|| Err("not checked".into()))
-        });
+        let staged = stage(&desired, &running, transition, |v| models.get(&v.name).cloned().unwrap_or(Ok(())));
         if !staged.actions.is_empty() {
             info!(epoch = plan.epoch, actions = staged.actions.len(), ?transition, "applying plan");
         }

@@ -34,6 +34,8 @@ pub struct Served {
     pub output_shape: Vec<i64>,
     pub batch_size: u32,
     pub queue_us: u64,
+    /// The batch's time inside ONNX Runtime, µs.
+    pub run_us: u64,
 }
 
 pub type Reply = oneshot::Sender<Result<Served, ServeError>>;

@@ -185,6 +185,7 @@ impl AgentService {
                 batch_size: served.batch_size,
                 queue_us: served.queue_us,
                 total_us: took.as_micros() as u64,
+                run_us: served.run_us,
             },
             values: served.output,
             shape: served.output_shape,
@@ -250,6 +251,7 @@ impl AgentService {
             batch_size: response.batch_size,
             queue_us: response.queue_us,
             total_us: 0,
+            run_us: 0,
         });
         served.total_us = started.elapsed().as_micros() as u64;
         Ok(StageOutput { values, shape: output.shape, served })
@@ -404,6 +406,7 @@ impl From<ApplyError> for Status {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
+        let arrived = Instant::now();
         self.guard.require(&request, "ApplyPlan", is_controller)?;
         let plan = request
             .into_inner()
@@ -411,7 +414,11 @@ impl Agent for AgentService {
             .ok_or_else(|| Status::invalid_argument("malformed plan: the request has no plan"))?;
         let epoch = plan.epoch;
         match self.node.apply_plan(plan).instrument(info_span!("apply_plan", epoch)).await {
-            Ok(applied) => Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held })),
+            Ok(applied) => {
+                let apply_us = arrived.elapsed().as_micros() as u64;
+                self.node.metrics.plan_apply.observe(apply_us as f64 / 1e6);
+                Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held, apply_us }))
+            }
             Err(e) => {
                 warn!(epoch, error = %e, "refused a plan");
                 Err(e.into())

@@ -183,6 +183,7 @@ fn served_parameters(answers: &[InferResponse]) -> HashMap<String, InferParamete
         ("tidal_batch_size".into(), int(u64::from(first.batch_size))),
         ("tidal_queue_us".into(), int(first.queue_us)),
         ("tidal_total_us".into(), int(first.total_us)),
+        ("tidal_run_us".into(), int(first.stages.iter().map(|s| s.run_us).sum())),
         ("tidal_stages".into(), string(stages.join(";"))),
     ])
 }

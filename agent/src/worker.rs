@@ -422,6 +422,7 @@ fn reply_batch(batch: Vec<crate::queue::Pending>, result: BatchResult, started: 
             output_shape: row_shape.clone(),
             batch_size: n as u32,
             queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
+            run_us: result.run_us,
         };
         let _ = p.reply.send(Ok(served));
     }
