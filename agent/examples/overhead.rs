@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tidal_agent::worker_process::{open_session, run_batch};
-use tidal_agent::worker_protocol::Batch;
+use tidal_agent::worker_protocol::{to_bytes, Batch};
 use tidal_common::tensor::f32_tensor;
 use tidal_common::variant::VariantConfig;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut session = open_session(&ort_lib, &model_dir.join(&cfg.model_file), THREADS)?;
     let input_name = session.inputs()[0].name().to_string();
-    let batch = Batch { id: 1, shape: shape.clone(), data: values.clone() };
+    let batch = Batch { id: 1, shape: shape.clone(), data: to_bytes(&values) };
     // The client drives its own I/O on this thread: no hand-over from a runtime thread per answer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let agent = support::BenchAgent::start(&model_dir, &ort_lib)?;

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::cgroup::WorkerCgroup;
 use crate::node::Node;
 use crate::worker::WorkerProcess;
+use crate::worker_protocol::to_bytes;
 
 static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
@@ -75,9 +76,9 @@ async fn profile_at(
     for &batch in batches {
         let mut shape = vec![batch as i64];
         shape.extend_from_slice(&variant.input_shape);
-        let data: Vec<f32> = {
+        let data: Vec<u8> = {
             let mut rng = rand::thread_rng();
-            (0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect()
+            to_bytes(&(0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect::<Vec<f32>>())
         };
         let (mut latencies, elapsed) = match measure(&mut proc, &shape, &data, duration).await {
             Ok(measured) => measured,
@@ -99,7 +100,7 @@ async fn profile_at(
 async fn measure(
     proc: &mut WorkerProcess,
     shape: &[i64],
-    data: &[f32],
+    data: &[u8],
     duration: Duration,
 ) -> Result<(Vec<Duration>, f64), Status> {
     for _ in 0..2 {
@@ -113,7 +114,7 @@ async fn measure(
     Ok((latencies, started.elapsed().as_secs_f64()))
 }
 
-async fn time_batch(p: &mut WorkerProcess, shape: &[i64], data: &[f32]) -> Result<Duration, Status> {
+async fn time_batch(p: &mut WorkerProcess, shape: &[i64], data: &[u8]) -> Result<Duration, Status> {
     let t = Instant::now();
     let r = p.run(shape.to_vec(), data.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
     if !r.error.is_empty() {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::Tensor;
 
-use crate::worker_protocol::{read_frame, write_frame, Batch, BatchResult, Ready};
+use crate::worker_protocol::{from_bytes, read_frame, to_bytes, write_frame, Batch, BatchResult, Ready};
 
 /// Loads ONNX Runtime from `ort_lib` and opens a session for `model` with `threads` intra-op
 /// threads (spinning off, so that idle threads do not burn the worker's quota).
@@ -37,12 +37,13 @@ pub fn open_session(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Res
     Ok(session)
 }
 
-/// Runs one batch through the session: returns the first output's shape and values.
-pub fn run_batch(session: &mut Session, input: &str, batch: Batch) -> anyhow::Result<(Vec<i64>, Vec<f32>)> {
-    let tensor = Tensor::from_array((batch.shape, batch.data)).context("building the input tensor")?;
+/// Runs one batch through the session: returns the first output's shape and values (as the
+/// frames carry them).
+pub fn run_batch(session: &mut Session, input: &str, batch: Batch) -> anyhow::Result<(Vec<i64>, Vec<u8>)> {
+    let tensor = Tensor::from_array((batch.shape, from_bytes(&batch.data))).context("building the input tensor")?;
     let outputs = session.run(ort::inputs![input => tensor]).context("running the model")?;
     let (shape, data) = outputs[0].try_extract_tensor::<f32>().context("reading the output tensor")?;
-    Ok((shape.iter().copied().collect(), data.to_vec()))
+    Ok((shape.iter().copied().collect(), to_bytes(data)))
 }
 
 /// The worker's main loop.

@@ -1,6 +1,9 @@
 //! What the agent benchmarks share: an agent started as a child process on loopback ports,
 //! serving one worker of a variant under a plan they push themselves.
 
+// Each example uses some of these.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -14,7 +17,7 @@ use tonic::transport::Channel;
 pub const LISTEN: &str = "127.0.0.1:7199";
 pub const CONTROL_LISTEN: &str = "127.0.0.1:7198";
 /// The task the benchmarks' plans serve.
-pub const TASK: &str = "bench";
+pub const TASK: &str = "classify";
 
 /// The agent binary (`TIDAL_AGENT_BIN`, else the one built next to this example, for A/B runs
 /// of two builds), started with 2 cores, plaintext, on [`LISTEN`] and [`CONTROL_LISTEN`], its
