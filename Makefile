@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench clean
+.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench peers clean
 
 all: build
 
@@ -54,12 +54,18 @@ test-ansible: setup
 bench: build
 	$(CARGO) run --release -p tidal-agent --example resize_latency
 	test -f models/resnet18.onnx || ./target/release/tidalctl models generate --out models --resolution 64
-	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet18 1000
-	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 300
+	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet18 60 10
+	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 20 5
+	$(CARGO) run --release -p tidal-agent --example resize_end_to_end -- models resnet18 200
 	$(CARGO) bench -p tidal-common --bench solver
 	$(CARGO) run --release -p tidal-controller --example commit_throughput
 	$(CARGO) run --release -p tidal-tests --example failover -- --trials 20
 	$(CARGO) run --release -p tidal-tests --example overload -- --seconds 10
+
+# Tidal beside Triton (nvidia-pytriton), Ray Serve and ONNX Runtime alone, all driven by
+# Triton's perf_analyzer over KServe V2 (about 20 minutes; installs the peers into .tidal/peers).
+peers: build
+	scripts/peers.sh
 
 clean:
 	$(CARGO) clean

@@ -108,7 +108,7 @@ EOF
 }
 
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB"
-echo "versions: tidal $(git rev-parse --short HEAD), onnxruntime 1.31.1, nvidia-pytriton 0.7.0 ($("$PY" -c 'import tritonclient, importlib.metadata as m; print("tritonserver", m.version("nvidia-pytriton"))' 2>/dev/null | tail -1)), ray $("$PY" -c 'import ray; print(ray.__version__)'), perf_analyzer $("$PA" --version 2>/dev/null | awk '{print $4}')"
+echo "versions: tidal $(git rev-parse --short HEAD), onnxruntime 1.31.1, nvidia-pytriton 0.7.0, ray $("$PY" -c 'import ray; print(ray.__version__)'), $("$PA" --version 2>&1 | head -1)"
 for variant in ${VARIANTS//,/ }; do
   echo
   echo "== $variant (64x64), $CORES cores"
@@ -118,6 +118,10 @@ for variant in ${VARIANTS//,/ }; do
   rate=$("$PY" -c "print(max(1, round($raw1 * $RATE_SHARE)))")
   for system in ${SYSTEMS//,/ }; do
     start_server "$system" "$variant" 1
+    if [ "$system" = triton ] && [ -z "${TRITON_SHOWN:-}" ]; then
+      TRITON_SHOWN=1
+      "$PY" -c "import sys, tritonclient.grpc as g; m = g.InferenceServerClient(sys.argv[1]).get_server_metadata(); print('triton: tritonserver', m.version)" "$(url_of triton)"
+    fi
     read -r t p50 p99 < <(measure "$system" --concurrency-range 1:4:2)
     echo "$system batch=1 saturation=$t req/s (p50 $p50 ms, p99 $p99 ms)"
     stop_server

@@ -2,8 +2,9 @@
 # Installs the Debian tools some tests drive, when missing: qemu and debootstrap (the systemd
 # VMs), ansible-core, ansible-lint and ssh (the playbooks over SSH); and promtool, unpacked
 # from Debian's prometheus package into .tidal/tools (the package itself would start a
-# Prometheus server). Needs root and apt-get; without them it says which tests will report
-# "SKIPPED (not run)" and succeeds, so that the rest of the suite runs.
+# Prometheus server); and tritonclient and Triton's perf_analyzer, for the outside-client tests
+# (scripts/client-tools.sh, into .tidal/clients). Needs root and apt-get; without them it says
+# which tests will report "SKIPPED (not run)" and succeeds, so that the rest of the suite runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
