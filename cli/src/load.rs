@@ -15,6 +15,9 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tidal_common::tensor::f32_tensor;
+use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tidal_proto::inference::model_infer_request::InferInputTensor;
+use tidal_proto::inference::ModelInferRequest;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{InferRequest, InferResponse};
 use tokio::sync::{mpsc, Semaphore};
@@ -62,6 +65,136 @@ pub struct LoadOpts {
     /// Also write the summary (with the cluster's mean cores and plans) as JSON here.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
+    /// The protocol to speak: Tidal's own API, or the Open Inference Protocol (KServe V2) that
+    /// Tidal's agents and other servers (Triton, Ray Serve with a V2 servicer...) speak.
+    #[arg(long, value_enum, default_value = "tidal")]
+    pub protocol: Protocol,
+    /// gRPC metadata to send with every request, KEY=VALUE, repeatable (e.g.
+    /// `application=classify` for Ray Serve's gRPC proxy).
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// The task's SLO in ms, instead of asking the controller (for a server other than Tidal);
+    /// give --input-shape too.
+    #[arg(long, requires = "input_shape")]
+    pub slo_ms: Option<u32>,
+    /// One sample's input shape, comma-separated (e.g. 3,64,64), instead of asking the
+    /// controller; give --slo-ms too.
+    #[arg(long, value_delimiter = ',', requires = "slo_ms")]
+    pub input_shape: Option<Vec<i64>>,
+    /// The accuracy (%) to count for answers that do not say which variant served them: a
+    /// server other than Tidal serving one variant.
+    #[arg(long)]
+    pub accuracy: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// tidal.v1.Inference/Infer.
+    Tidal,
+    /// inference.GRPCInferenceService/ModelInfer (KServe V2).
+    V2,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes())
+        .map_err(|_| format!("{k:?} is not a gRPC metadata key"))?;
+    tonic::metadata::MetadataValue::<tonic::metadata::Ascii>::try_from(v)
+        .map_err(|_| format!("{v:?} is not a gRPC metadata value"))?;
+    Ok((k.to_ascii_lowercase(), v.to_string()))
+}
+
+/// A client of one connection, in the protocol asked for.
+#[derive(Clone)]
+enum Client {
+    Tidal(InferenceClient<tonic::transport::Channel>),
+    V2(GrpcInferenceServiceClient<tonic::transport::Channel>),
+}
+
+/// What an answer says of how it was served.
+struct Answer {
+    variant: String,
+    accuracy: f64,
+    accuracy_product: f64,
+}
+
+/// One request as it is sent, in either protocol.
+struct Call<'a> {
+    task: &'a str,
+    input: &'a tidal_proto::v1::Tensor,
+    token: Option<&'a tidal_auth::Token>,
+    headers: &'a [(String, String)],
+    accuracy: Option<f64>,
+}
+
+impl Client {
+    fn new(channel: tonic::transport::Channel, protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Tidal => Client::Tidal(InferenceClient::new(channel).max_decoding_message_size(64 << 20)),
+            Protocol::V2 => Client::V2(GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20)),
+        }
+    }
+
+    async fn infer(&mut self, call: &Call<'_>) -> Result<Answer, tonic::Status> {
+        match self {
+            Client::Tidal(c) => {
+                let req = InferRequest { task: call.task.to_string(), input: Some(call.input.clone()), budget_ms: 0 };
+                let r = c.infer(call.request(req)).await?.into_inner();
+                let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
+                Ok(Answer { variant: r.variant, accuracy, accuracy_product })
+            }
+            Client::V2(c) => {
+                let req = ModelInferRequest {
+                    model_name: call.task.to_string(),
+                    inputs: vec![InferInputTensor {
+                        name: "input".into(),
+                        datatype: "FP32".into(),
+                        shape: call.input.shape.clone(),
+                        ..Default::default()
+                    }],
+                    raw_input_contents: vec![call.input.data.clone()],
+                    ..Default::default()
+                };
+                let r = c.model_infer(call.request(req)).await?.into_inner();
+                Ok(v2_answer(&r, call.accuracy))
+            }
+        }
+    }
+}
+
+impl Call<'_> {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        if let Some(token) = self.token {
+            token.attach(req.metadata_mut());
+        }
+        for (k, v) in self.headers {
+            // Checked when the flag was parsed.
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes()),
+                tonic::metadata::MetadataValue::try_from(v.as_str()),
+            ) {
+                req.metadata_mut().insert(k, v);
+            }
+        }
+        req
+    }
+}
+
+/// How a V2 answer was served: Tidal's `tidal_variant` and `tidal_accuracy` parameters, else
+/// `accuracy` for a server that serves one variant (NaN when not given).
+fn v2_answer(r: &tidal_proto::inference::ModelInferResponse, accuracy: Option<f64>) -> Answer {
+    use tidal_proto::inference::infer_parameter::ParameterChoice;
+    let param = |name: &str| r.parameters.get(name).and_then(|p| p.parameter_choice.clone());
+    let variant = match param("tidal_variant") {
+        Some(ParameterChoice::StringParam(v)) => v,
+        _ => String::new(),
+    };
+    let accuracy = match param("tidal_accuracy") {
+        Some(ParameterChoice::DoubleParam(a)) => a,
+        _ => accuracy.unwrap_or(f64::NAN),
+    };
+    Answer { variant, accuracy, accuracy_product: accuracy }
 }
 
 /// One request's record.
@@ -207,7 +340,7 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         crate::connect::channel(agent, "agent").await?;
         let mut pool = Vec::new();
         for _ in 0..args.connections.max(1) {
-            pool.push(InferenceClient::new(crate::connect::lazy_channel(agent)?).max_decoding_message_size(64 << 20));
+            pool.push(Client::new(crate::connect::lazy_channel(agent)?, args.protocol));
         }
         pools.push(pool);
     }
@@ -220,6 +353,8 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         shape.extend_from_slice(&input_shape);
         f32_tensor(shape, &values)
     };
+    // What every request shares: task, input, token, headers, the accuracy to assume.
+    let shared = Arc::new((args.task.clone(), input, token, args.headers.clone(), args.accuracy));
     let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
     let limit = Arc::new(Semaphore::new(args.max_in_flight));
     let started = Instant::now();
@@ -246,19 +381,22 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
             });
             continue;
         };
-        let request = InferRequest { task: args.task.clone(), input: Some(input.clone()), budget_ms: 0 };
-        let (tx, pools, token) = (tx.clone(), pools.clone(), token.clone());
+        let (tx, pools, shared) = (tx.clone(), pools.clone(), shared.clone());
         tokio::spawn(async move {
+            let (task, input, token, headers, accuracy) = &*shared;
+            let call = Call { task, input, token: token.as_ref(), headers, accuracy: *accuracy };
             let sent = Instant::now();
-            let result = send_with_failover(&pools, i, request, token.as_ref()).await;
+            let result = send_with_failover(&pools, i, &call).await;
             let latency_ms = sent.elapsed().as_secs_f64() * 1000.0;
             let record = match result {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
-                    let status = tonic::Code::Ok;
-                    Record { sent_s: t, latency_ms, status, variant: r.variant, accuracy, accuracy_product }
-                }
+                Ok(a) => Record {
+                    sent_s: t,
+                    latency_ms,
+                    status: tonic::Code::Ok,
+                    variant: a.variant,
+                    accuracy: a.accuracy,
+                    accuracy_product: a.accuracy_product,
+                },
                 Err(s) => Record {
                     sent_s: t,
                     latency_ms,
@@ -288,21 +426,12 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
 
 /// Sends request `i` to agent `i mod n`; when an agent answers UNAVAILABLE (it is stopping,
 /// or not listening), to the next, each at most once.
-async fn send_with_failover(
-    pools: &[Vec<InferenceClient<tonic::transport::Channel>>],
-    i: usize,
-    request: InferRequest,
-    token: Option<&tidal_auth::Token>,
-) -> Result<tonic::Response<InferResponse>, tonic::Status> {
+async fn send_with_failover(pools: &[Vec<Client>], i: usize, call: &Call<'_>) -> Result<Answer, tonic::Status> {
     let mut last = tonic::Status::unavailable("no agent");
     for k in 0..pools.len() {
         let pool = &pools[(i + k) % pools.len()];
         let mut client = pool[(i / pools.len()) % pool.len()].clone();
-        let mut req = tonic::Request::new(request.clone());
-        if let Some(token) = token {
-            token.attach(req.metadata_mut());
-        }
-        match client.infer(req).await {
+        match client.infer(call).await {
             Err(s) if s.code() == tonic::Code::Unavailable => last = s,
             other => return other,
         }
@@ -420,6 +549,24 @@ pub fn print_summary(s: &Summary, slo_ms: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_v2_answer_reports_tidal_s_variant_else_the_assumed_accuracy() {
+        use tidal_proto::inference::infer_parameter::ParameterChoice;
+        use tidal_proto::inference::{InferParameter, ModelInferResponse};
+        let param = |p| InferParameter { parameter_choice: Some(p) };
+        let mut r = ModelInferResponse::default();
+        let peer = v2_answer(&r, Some(76.13));
+        assert_eq!((peer.variant.as_str(), peer.accuracy), ("", 76.13));
+        assert!(v2_answer(&r, None).accuracy.is_nan(), "unknown, not zero");
+        r.parameters.insert("tidal_variant".into(), param(ParameterChoice::StringParam("resnet18".into())));
+        r.parameters.insert("tidal_accuracy".into(), param(ParameterChoice::DoubleParam(69.76)));
+        let tidal = v2_answer(&r, Some(76.13));
+        assert_eq!((tidal.variant.as_str(), tidal.accuracy), ("resnet18", 69.76));
+        assert!(parse_header("application=classify").is_ok());
+        assert!(parse_header("no-equals").is_err());
+        assert!(parse_header("bad key=v").is_err());
+    }
 
     #[test]
     fn arrivals_follow_the_scaled_rate_and_are_deterministic() {

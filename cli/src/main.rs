@@ -107,7 +107,8 @@ enum Command {
     ///
     /// Example: tidalctl forecast --trace data/twitter-trace-rps.txt.gz --interval-s 30
     Forecast(forecast::ForecastOpts),
-    /// Replay a rate trace open-loop against an agent and summarise latency, SLO violations and accuracy.
+    /// Replay a rate trace open-loop against agents (Tidal's API, or KServe V2 so that other
+    /// servers can be measured alike) and summarise latency, SLO violations and accuracy.
     ///
     /// Example: tidalctl load --agent 10.0.0.20:7100,10.0.0.21:7100 --task resnet --trace data/twitter-trace-rps.txt.gz --scale 0.5 --speedup 10
     Load(load::LoadOpts),
@@ -318,17 +319,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forecast(opts) => forecast::run(opts),
         Command::Simulate(opts) => simulate::run(*opts, &cli.controller).await,
         Command::Load(opts) => {
-            let spec = task_spec(&cli.controller, &opts.task).await?;
-            let input_shape = tidal_common::task::input_shape(&spec).to_vec();
-            anyhow::ensure!(!input_shape.is_empty(), "task {} has no variants", spec.name);
-            let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let watcher = tokio::spawn(load::watch_cluster(cli.controller.clone(), samples.clone()));
+            // Without --slo-ms and --input-shape, the task is Tidal's: its controller says
+            // what it takes and reports the cores it gives it.
+            let (slo_ms, input_shape, watcher) = match (opts.slo_ms, opts.input_shape.clone()) {
+                (Some(slo_ms), Some(shape)) => (slo_ms, shape, None),
+                _ => {
+                    let spec = task_spec(&cli.controller, &opts.task).await?;
+                    let shape = tidal_common::task::input_shape(&spec).to_vec();
+                    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                    let watch = tokio::spawn(load::watch_cluster(cli.controller.clone(), samples.clone()));
+                    (spec.slo_ms, shape, Some((watch, samples)))
+                }
+            };
+            anyhow::ensure!(!input_shape.is_empty(), "task {} has no input shape", opts.task);
+            tidal_common::task::validate_slo(slo_ms).map_err(anyhow::Error::msg)?;
             let json = opts.summary_json.clone();
-            let mut summary = load::run(opts, spec.slo_ms, input_shape).await?;
-            watcher.abort();
-            (summary.mean_cores, summary.plans) =
-                load::cluster_figures(&samples.lock().unwrap_or_else(|p| p.into_inner()));
-            load::print_summary(&summary, spec.slo_ms);
+            let mut summary = load::run(opts, slo_ms, input_shape).await?;
+            if let Some((watch, samples)) = watcher {
+                watch.abort();
+                (summary.mean_cores, summary.plans) =
+                    load::cluster_figures(&samples.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            load::print_summary(&summary, slo_ms);
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -223,9 +223,26 @@ struct Sled {
     meta: sled::Tree,
 }
 
+/// Opens sled in `dir`. A store just closed (by this process: a reopen, a restart in place)
+/// can still be locked for a moment by sled's background flusher, which holds the database
+/// until it notices; that lock is waited out, up to 5 s.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Sled {
     fn open(dir: &Path) -> Result<Self, StorageError> {
-        let db = sled::open(dir)?;
+        let db = open_sled(dir)?;
         let log = db.open_tree("raft_log")?;
         let meta = db.open_tree("raft_meta")?;
         Ok(Self { db, log, meta })
@@ -589,7 +606,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         committed_log(dir.path(), 5);
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path()).unwrap();
             let tree = db.open_tree("raft_log").unwrap();
             let mut record = tree.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
             *record.last_mut().unwrap() ^= 0x40;
@@ -607,7 +624,7 @@ mod tests {
         committed_log(dir.path(), 5);
         {
             // What sled does with a damaged tail: the last writes are gone, the rest is consistent.
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path()).unwrap();
             let (log, meta) = (db.open_tree("raft_log").unwrap(), db.open_tree("raft_meta").unwrap());
             log.remove(4u64.to_be_bytes()).unwrap();
             log.remove(5u64.to_be_bytes()).unwrap();
@@ -624,7 +641,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // Records as versions before sealing wrote them.
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path()).unwrap();
             let (log, meta) = (db.open_tree("raft_log").unwrap(), db.open_tree("raft_meta").unwrap());
             meta.insert(CONF_STATE, ConfState::from((vec![1], vec![])).write_to_bytes().unwrap()).unwrap();
             for i in [1u64, 2, 4] {
@@ -634,7 +651,7 @@ mod tests {
         }
         let err = DurableLog::open(dir.path(), &[]).err().expect("a gap is damage");
         assert!(err.to_string().contains("skips from index 2 to 4"), "{err}");
-        sled::open(dir.path()).unwrap().open_tree("raft_log").unwrap().remove(4u64.to_be_bytes()).unwrap();
+        open_sled(dir.path()).unwrap().open_tree("raft_log").unwrap().remove(4u64.to_be_bytes()).unwrap();
         let log = DurableLog::open(dir.path(), &[]).unwrap();
         assert_eq!(log.view.last_index().unwrap(), 2, "unsealed records read as they are");
     }

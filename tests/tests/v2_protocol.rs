@@ -333,3 +333,31 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
     assert!(column("Inferences/Second") > 1.0, "{table}");
     assert!(column("p99 latency") > 0.0, "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidalctl_load_replays_a_trace_over_v2_without_a_controller() {
+    let s = setup(&[]);
+    s.serve(1, 2000, &[(&s.r18, 2000, 4)]).await;
+    let trace = s.work.path().join("trace.txt");
+    std::fs::write(&trace, "20\n20\n20\n").unwrap();
+    let summary = s.work.path().join("summary.json");
+    let shape = s.r18.input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let mut cmd = Command::new(bin("tidalctl"));
+    cmd.args(["load", "--protocol", "v2", "--agent", &s.agent.addr, "--task", "classify", "--slo-ms", "2000"])
+        .args(["--input-shape", &shape, "--header", "x-client=tests"])
+        .arg("--trace")
+        .arg(&trace)
+        .arg("--summary-json")
+        .arg(&summary);
+    tidal_tests::tls::as_admin(&mut cmd);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "tidalctl load failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let requests = got["requests"].as_u64().unwrap();
+    assert!(requests >= 30, "about 60 requests in 3 s: {got}");
+    assert_eq!(got["ok"].as_u64(), Some(requests), "{got}");
+    let accuracy = got["mean_accuracy"].as_f64().unwrap();
+    assert!((accuracy - s.r18.accuracy).abs() < 1e-6, "the variant's accuracy, from the answers: {accuracy}");
+    assert_eq!(got["by_variant"][0][0], "resnet18");
+    assert!(got["mean_cores"].is_null(), "no controller was asked");
+}
