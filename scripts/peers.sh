@@ -13,13 +13,20 @@
 # batch), and p50/p99 at a fixed rate (RATE_SHARE of raw ONNX Runtime's batch-1 throughput,
 # batches of up to 8). About 10 minutes per variant.
 #
+# With TRACE_VARIANTS set (e.g. resnet50,resnet101), it then replays the demo's slice of the
+# Twitter trace (make demo: seconds 26700-28500 x0.8, 6x faster, SLO 250 ms p99) against each
+# peer serving each of those variants with batches of up to 8, with `tidalctl load --protocol
+# v2`, the load generator `make demo` uses for Tidal, and prints SLO violations, p99 and
+# accuracy (each peer serves the one variant on all CORES cores). About 5 minutes each.
+#
 # Knobs: VARIANTS (resnet18,resnet50), SYSTEMS (tidal,triton,ray), CORES (2), BATCHES (4,8,16),
-# RATE_SHARE (0.6), REQUESTS (perf_analyzer requests per measurement window, 300);
-# TIDAL_AGENT_BIN runs another build of the agent (an A/B of two builds).
+# RATE_SHARE (0.6), REQUESTS (perf_analyzer requests per measurement window, 300),
+# TRACE_VARIANTS (none); TIDAL_AGENT_BIN runs another build of the agent (an A/B of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VARIANTS=${VARIANTS:-resnet18,resnet50}
+VARIANTS=${VARIANTS-resnet18,resnet50}
+TRACE_VARIANTS=${TRACE_VARIANTS:-}
 SYSTEMS=${SYSTEMS:-tidal,triton,ray}
 CORES=${CORES:-2}
 BATCHES=${BATCHES:-4,8,16}
@@ -29,7 +36,7 @@ export TIDAL_ORT_LIB=${TIDAL_ORT_LIB:-$PWD/.tidal/lib/libonnxruntime.so}
 
 scripts/client-tools.sh >/dev/null
 scripts/peer-tools.sh
-cargo build --release -q -p tidal-agent --bin tidal-agent --example static_plan
+cargo build --release -q -p tidal-agent -p tidalctl --bins --example static_plan
 test -f models/resnet50.onnx || ./target/release/tidalctl models generate --out models --resolution 64
 PA=.tidal/clients/bin/perf_analyzer
 PY=.tidal/peers/venv/bin/python
@@ -137,3 +144,20 @@ for variant in ${VARIANTS//,/ }; do
     done
   done
 done
+
+for variant in ${TRACE_VARIANTS//,/ }; do
+  accuracy=$(awk -F' *= *' '/^accuracy/ {print $2}' "models/$variant.toml")
+  for system in ${SYSTEMS//,/ }; do
+    [ "$system" = tidal ] && continue # Tidal adapts: its replay is `make demo`'s
+    echo
+    echo "== trace replay: $system serving $variant ($accuracy %) on $CORES cores, batches of up to 8"
+    start_server "$system" "$variant" 8
+    header=(); [ "$system" = ray ] && header=(--header application=classify)
+    TIDAL_INSECURE_PLAINTEXT=true ./target/release/tidalctl load --protocol v2 --agent "$(url_of "$system")" \
+      "${header[@]}" --task classify --slo-ms 250 --input-shape 3,64,64 --accuracy "$accuracy" \
+      --trace data/twitter-trace-rps.txt.gz --start 26700 --duration 1800 --scale 0.8 --speedup 6 2>&1 |
+      grep -v '^load: '
+    stop_server
+  done
+done
+
