@@ -40,18 +40,13 @@ const VERSION: &str = "1";
 /// What ServerMetadata lists: the protocol extensions an agent implements.
 const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "parameters"];
 
-/// A request in Tidal's terms: one request per sample, all with one budget.
-#[derive(Debug)]
-pub struct Samples {
-    pub requests: Vec<InferRequest>,
-}
-
 fn invalid(msg: impl Into<String>) -> ServeError {
     ServeError::InvalidInput(msg.into())
 }
 
-/// Checks a V2 request against `task` and splits it into one Tidal request per sample.
-pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Samples, ServeError> {
+/// Checks a V2 request against `task` and splits it into one Tidal request per sample, all
+/// with the request's one budget.
+pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferRequest>, ServeError> {
     check_version(&req.model_name, &req.model_version)?;
     let budget_ms = budget(&req.parameters)?;
     if let Some(o) = req.outputs.iter().find(|o| o.name != OUTPUT_NAME) {
@@ -100,9 +95,7 @@ pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Samples, S
     let tensor = |data: Vec<u8>| Tensor { dtype: DataType::Float32 as i32, shape: sample.to_vec(), data };
     let tensors: Vec<Tensor> =
         if n == 1 { vec![tensor(data)] } else { data.chunks_exact(per_sample).map(|c| tensor(c.to_vec())).collect() };
-    let requests =
-        tensors.into_iter().map(|t| InferRequest { task: task.name.clone(), input: Some(t), budget_ms }).collect();
-    Ok(Samples { requests })
+    Ok(tensors.into_iter().map(|t| InferRequest { task: task.name.clone(), input: Some(t), budget_ms }).collect())
 }
 
 fn check_version(model: &str, version: &str) -> Result<(), ServeError> {
@@ -279,8 +272,7 @@ impl GrpcInferenceService for AgentService {
         let req = request.into_inner();
         let task = self.node.task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
         let id = req.id.clone();
-        let samples = samples(req, &task)?;
-        let answers = samples.requests.into_iter().map(|r| self.infer_one(r, arrived, None));
+        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None));
         let answers = futures::future::try_join_all(answers).await?;
         Ok(Response::new(response(id, &task.name, answers)?))
     }

@@ -72,7 +72,7 @@ pub struct LoadOpts {
     /// gRPC metadata to send with every request, KEY=VALUE, repeatable (e.g.
     /// `application=classify` for Ray Serve's gRPC proxy).
     #[arg(long = "header", value_parser = parse_header)]
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<Header>,
     /// The task's SLO in ms, instead of asking the controller (for a server other than Tidal);
     /// give --input-shape too.
     #[arg(long, requires = "input_shape")]
@@ -95,13 +95,15 @@ pub enum Protocol {
     V2,
 }
 
-fn parse_header(s: &str) -> Result<(String, String), String> {
+/// A `--header`, parsed once into what every request carries.
+pub type Header = (tonic::metadata::AsciiMetadataKey, tonic::metadata::AsciiMetadataValue);
+
+fn parse_header(s: &str) -> Result<Header, String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
-    tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes())
+    let key = tonic::metadata::AsciiMetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
         .map_err(|_| format!("{k:?} is not a gRPC metadata key"))?;
-    tonic::metadata::MetadataValue::<tonic::metadata::Ascii>::try_from(v)
-        .map_err(|_| format!("{v:?} is not a gRPC metadata value"))?;
-    Ok((k.to_ascii_lowercase(), v.to_string()))
+    let value = v.parse().map_err(|_| format!("{v:?} is not a gRPC metadata value"))?;
+    Ok((key, value))
 }
 
 /// A client of one connection, in the protocol asked for.
@@ -118,12 +120,13 @@ struct Answer {
     accuracy_product: f64,
 }
 
-/// One request as it is sent, in either protocol.
-struct Call<'a> {
-    task: &'a str,
-    input: &'a tidal_proto::v1::Tensor,
-    token: Option<&'a tidal_auth::Token>,
-    headers: &'a [(String, String)],
+/// What every request of a replay carries, in either protocol.
+struct Call {
+    task: String,
+    input: tidal_proto::v1::Tensor,
+    token: Option<tidal_auth::Token>,
+    headers: Vec<Header>,
+    /// The accuracy to count for answers that do not report theirs.
     accuracy: Option<f64>,
 }
 
@@ -135,7 +138,7 @@ impl Client {
         }
     }
 
-    async fn infer(&mut self, call: &Call<'_>) -> Result<Answer, tonic::Status> {
+    async fn infer(&mut self, call: &Call) -> Result<Answer, tonic::Status> {
         match self {
             Client::Tidal(c) => {
                 let req = InferRequest { task: call.task.to_string(), input: Some(call.input.clone()), budget_ms: 0 };
@@ -162,20 +165,14 @@ impl Client {
     }
 }
 
-impl Call<'_> {
+impl Call {
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(message);
-        if let Some(token) = self.token {
+        if let Some(token) = &self.token {
             token.attach(req.metadata_mut());
         }
-        for (k, v) in self.headers {
-            // Checked when the flag was parsed.
-            if let (Ok(k), Ok(v)) = (
-                tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes()),
-                tonic::metadata::MetadataValue::try_from(v.as_str()),
-            ) {
-                req.metadata_mut().insert(k, v);
-            }
+        for (k, v) in &self.headers {
+            req.metadata_mut().insert(k.clone(), v.clone());
         }
         req
     }
@@ -353,8 +350,13 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         shape.extend_from_slice(&input_shape);
         f32_tensor(shape, &values)
     };
-    // What every request shares: task, input, token, headers, the accuracy to assume.
-    let shared = Arc::new((args.task.clone(), input, token, args.headers.clone(), args.accuracy));
+    let call = Arc::new(Call {
+        task: args.task.clone(),
+        input,
+        token,
+        headers: args.headers.clone(),
+        accuracy: args.accuracy,
+    });
     let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
     let limit = Arc::new(Semaphore::new(args.max_in_flight));
     let started = Instant::now();
@@ -381,10 +383,8 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
             });
             continue;
         };
-        let (tx, pools, shared) = (tx.clone(), pools.clone(), shared.clone());
+        let (tx, pools, call) = (tx.clone(), pools.clone(), call.clone());
         tokio::spawn(async move {
-            let (task, input, token, headers, accuracy) = &*shared;
-            let call = Call { task, input, token: token.as_ref(), headers, accuracy: *accuracy };
             let sent = Instant::now();
             let result = send_with_failover(&pools, i, &call).await;
             let latency_ms = sent.elapsed().as_secs_f64() * 1000.0;
@@ -426,7 +426,7 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
 
 /// Sends request `i` to agent `i mod n`; when an agent answers UNAVAILABLE (it is stopping,
 /// or not listening), to the next, each at most once.
-async fn send_with_failover(pools: &[Vec<Client>], i: usize, call: &Call<'_>) -> Result<Answer, tonic::Status> {
+async fn send_with_failover(pools: &[Vec<Client>], i: usize, call: &Call) -> Result<Answer, tonic::Status> {
     let mut last = tonic::Status::unavailable("no agent");
     for k in 0..pools.len() {
         let pool = &pools[(i + k) % pools.len()];
