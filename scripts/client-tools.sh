@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, into .tidal/clients, the outside clients that some tests and benchmarks drive an
 # agent with over the standard inference protocol (KServe V2):
-#   - tritonclient 2.41.0 with its gRPC extra and numpy (PyPI), in .tidal/clients/py;
+#   - tritonclient 2.41.0 with its gRPC and HTTP extras and numpy (PyPI), in .tidal/clients/py;
 #   - Triton's perf_analyzer, which ships inside the same wheel, as .tidal/clients/bin/perf_analyzer
 #     (a wrapper that puts its libraries on LD_LIBRARY_PATH): libcudart.so.12 from the
 #     nvidia-cuda-runtime-cu12 wheel and libb64.so.0d from Debian's libb64-0d, unpacked here
@@ -16,12 +16,12 @@ DIR=.tidal/clients
 PY=$(command -v python3 || true)
 [ -n "$PY" ] || { echo "client-tools: python3 is needed" >&2; exit 1; }
 
-if [ ! -e "$DIR/py/.done" ]; then
-  echo "client-tools: installing tritonclient[grpc]==$TRITONCLIENT, numpy and protobuf into $DIR/py"
+if [ ! -e "$DIR/py/.done-grpc-http" ]; then
+  echo "client-tools: installing tritonclient[grpc,http]==$TRITONCLIENT, numpy and protobuf into $DIR/py"
   rm -rf "$DIR/py"
   "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$DIR/py" \
-    "tritonclient[grpc]==$TRITONCLIENT" "numpy<2" "protobuf>=3.20,<5"
-  touch "$DIR/py/.done"
+    "tritonclient[grpc,http]==$TRITONCLIENT" "numpy<2" "protobuf>=3.20,<5"
+  touch "$DIR/py/.done-grpc-http"
 fi
 
 if [ ! -x "$DIR/bin/perf_analyzer" ]; then

@@ -22,7 +22,7 @@ SLO_MS=${DEMO_SLO_MS:-250}
 INTERVAL_S=${DEMO_INTERVAL_S:-5}
 WINDOW_S=${DEMO_WINDOW_S:-20}
 RESOLUTION=${DEMO_RESOLUTION:-64}
-VARIANTS=resnet18,resnet34,resnet50,resnet101,resnet152
+TASK_VARIANTS=resnet18,resnet34,resnet50,resnet101,resnet152
 
 pids=()
 
@@ -94,17 +94,17 @@ wait_for_node() {
 }
 
 # wait_for_plan CONTROLLER: until a plan sized from profiles is applied on every node and its
-# workers are loaded.
+# workers are loaded (read from `status -o json`, the API's message, not the table).
 wait_for_plan() {
-  local out plan_epoch
   for _ in $(seq 150); do
-    out=$($BIN/tidalctl --controller "$1" status 2>/dev/null) || { sleep 0.2; continue; }
-    plan_epoch=$(sed -n 's/^plan epoch \([0-9]*\).*/\1/p' <<< "$out")
-    if [ -n "$plan_epoch" ] && grep -q "planned" <<< "$out" && grep -q "^  worker-" <<< "$out" \
-      && ! grep -q "(loading)" <<< "$out" \
-      && awk -v e="$plan_epoch" '/^NODE/ { n = 1; next } /^plan epoch/ { n = 0 } n && /^[^ ]/ && $4 != e { bad = 1 } END { exit bad }' <<< "$out"; then
-      return 0
-    fi
+    $BIN/tidalctl --controller "$1" status -o json 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+plan, nodes = s.get("plan") or {}, s.get("nodes", [])
+workers = [w for n in nodes for w in n.get("workers", [])]
+sys.exit(0 if any("planned" in note for note in plan.get("notes", []))
+         and all(n.get("applied_epoch") == plan.get("epoch") for n in nodes)
+         and workers and all(w.get("ready") for w in workers) else 1)' && return 0
     sleep 0.2
   done
   echo "no plan was applied within 30 s" >&2

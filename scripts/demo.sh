@@ -35,7 +35,7 @@ make_certs "$CERTS" controller/1 controller/2 controller/3 agent/node-1 admin/de
 export TIDAL_TLS_CERT=$CERTS/admin-demo.pem TIDAL_TLS_KEY=$CERTS/admin-demo.key
 
 step "1/7 models: ResNet18…152 at ${RESOLUTION}x${RESOLUTION} (real architectures, seeded weights)"
-$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$VARIANTS"
+$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$TASK_VARIANTS"
 
 step "2/7 starting three controller replicas ($CTL, adaptation every ${INTERVAL_S} s) and an agent ($AGENT), mutual TLS (certificates in $CERTS)"
 declare -A replica_pid
@@ -55,7 +55,7 @@ $BIN/tidalctl --controller "$CTL" controller list
 echo "logs: $OUT/controller-{1,2,3}.log, $OUT/agent.log"
 
 step "3/7 registering task 'resnet' (SLO ${SLO_MS} ms p99) with five variants"
-$BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models --variants "$VARIANTS"
+$BIN/tidalctl --controller "$CTL" task register --name resnet --slo-ms "$SLO_MS" --model-dir models --variants "$TASK_VARIANTS"
 
 step "4/7 profiling every variant on the idle agent under real cgroup quotas (1–2 cores, batch 1/4/8, 3 runs a point)"
 $BIN/tidalctl --controller "$CTL" profile --agent "$AGENT_CONTROL" --task resnet --cores 1,2 --batches 1,4,8 \

@@ -63,11 +63,11 @@ TOML
   register() { $BIN/tidalctl --controller "$CTL" task register --file "$OUT/video.toml" --model-dir "$MODELS"; }
 else
   MODELS=models
-  step "models: $VARIANTS at ${RESOLUTION}x${RESOLUTION}"
-  $BIN/tidalctl models generate --out "$MODELS" --resolution "$RESOLUTION" --variants "$VARIANTS"
+  step "models: $TASK_VARIANTS at ${RESOLUTION}x${RESOLUTION}"
+  $BIN/tidalctl models generate --out "$MODELS" --resolution "$RESOLUTION" --variants "$TASK_VARIANTS"
   register() {
     $BIN/tidalctl --controller "$CTL" task register --name "$TASK" --slo-ms "$SLO_MS" --model-dir "$MODELS" \
-      --variants "$VARIANTS"
+      --variants "$TASK_VARIANTS"
   }
 fi
 

@@ -14,16 +14,23 @@
 # batches of up to 8). About 10 minutes per variant.
 #
 # With TRACE_VARIANTS set (e.g. resnet50,resnet101), it then replays the demo's slice of the
-# Twitter trace (make demo: seconds 26700-28500 x0.8, 6x faster, SLO 250 ms p99) against each
-# peer serving each of those variants with batches of up to 8, with `tidalctl load --protocol
-# v2`, the load generator `make demo` uses for Tidal, and prints SLO violations, p99 and
-# accuracy (each peer serves the one variant on all CORES cores). About 5 minutes each.
+# Twitter trace (scripts/cluster.sh: seconds 26700-28500 x0.8, 6x faster, SLO 250 ms p99) with
+# `tidalctl load --protocol v2`, the load generator `make demo` uses, TRACE_RUNS times, the
+# systems interleaved in each round, and prints SLO violations, p99, served accuracy and cores:
+#   - each peer serves each of those variants alone on all CORES cores, batches of up to 8;
+#   - Tidal is a controller and an agent offering CORES cores, with the demo's five ResNets as
+#     one task and the cost weight off (--beta 0): the controller spends the cores on accuracy
+#     and mixes the variants as the load moves. The variants are profiled once, on the first
+#     round, and every round reuses those profiles.
+# About 5 minutes per replay.
 #
 # Knobs: VARIANTS (resnet18,resnet50), SYSTEMS (tidal,triton,ray), CORES (2), BATCHES (4,8,16),
 # RATE_SHARE (0.6), REQUESTS (perf_analyzer requests per measurement window, 300),
-# TRACE_VARIANTS (none); TIDAL_AGENT_BIN runs another build of the agent (an A/B of two builds).
+# TRACE_VARIANTS (none), TRACE_RUNS (1 with TRACE_VARIANTS, else 0); TIDAL_AGENT_BIN runs another build of the agent (an
+# A/B of two builds). Results and logs go to .tidal/peers-results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cluster.sh # the demo's trace slice and SLO, and starting local daemons
 
 VARIANTS=${VARIANTS-resnet18,resnet50}
 TRACE_VARIANTS=${TRACE_VARIANTS:-}
@@ -32,17 +39,20 @@ CORES=${CORES:-2}
 BATCHES=${BATCHES:-4,8,16}
 RATE_SHARE=${RATE_SHARE:-0.6}
 REQUESTS=${REQUESTS:-300}
-export TIDAL_ORT_LIB=${TIDAL_ORT_LIB:-$PWD/.tidal/lib/libonnxruntime.so}
+TRACE_RUNS=${TRACE_RUNS:-$([ -n "$TRACE_VARIANTS" ] && echo 1 || echo 0)}
+# A measurement on loopback, one machine: plaintext.
+export TIDAL_INSECURE_PLAINTEXT=true
 
 scripts/client-tools.sh >/dev/null
 scripts/peer-tools.sh
-cargo build --release -q -p tidal-agent -p tidalctl --bins --example static_plan
-test -f models/resnet50.onnx || ./target/release/tidalctl models generate --out models --resolution 64
+cargo build --release -q -p tidal-agent -p tidal-controller -p tidalctl --bins --example static_plan
+$BIN/tidalctl models generate --out models --resolution "$RESOLUTION" --variants "$TASK_VARIANTS" >/dev/null
 PA=.tidal/clients/bin/perf_analyzer
 PY=.tidal/peers/venv/bin/python
-WORK=$(mktemp -d)
+WORK=.tidal/peers-results
+rm -rf "$WORK" && mkdir -p "$WORK"
 SERVER_PID=""
-trap 'stop_server; rm -rf "$WORK"' EXIT
+trap 'stop_server; stop_all' EXIT
 
 # Each start of a peer takes fresh ports: Triton cannot bind a port that still has connections
 # in TIME_WAIT from the run before.
@@ -145,19 +155,56 @@ for variant in ${VARIANTS//,/ }; do
   done
 done
 
-for variant in ${TRACE_VARIANTS//,/ }; do
-  accuracy=$(awk -F' *= *' '/^accuracy/ {print $2}' "models/$variant.toml")
+# Tidal's side of the replay: a fresh controller (cost weight off) and agent on CORES cores.
+TIDAL_CTL=127.0.0.1:17000
+TIDAL_AGENT=127.0.0.1:17100
+start_tidal_cluster() { # run
+  check_ports 17000 17001 17100 17101
+  start_bg "$WORK/tidal-controller-$1.log" $BIN/tidal-controller --listen "$TIDAL_CTL" --peer-listen 127.0.0.1:17001 \
+    --data-dir "$WORK/tidal-controller-$1" --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S" --beta 0
+  start_bg "$WORK/tidal-agent-$1.log" $BIN/tidal-agent serve --node node-1 --listen "$TIDAL_AGENT" \
+    --control-listen 127.0.0.1:17101 --controller "$TIDAL_CTL" --model-dir models --cores "$CORES"
+  wait_for_status "$TIDAL_CTL"
+  wait_for_node "$TIDAL_CTL" node-1
+  $BIN/tidalctl --controller "$TIDAL_CTL" task register --name classify --slo-ms "$SLO_MS" --model-dir models \
+    --variants "$TASK_VARIANTS" >/dev/null
+  if [ ! -f "$WORK/tidal-profiles.json" ]; then
+    echo "(profiling $TASK_VARIANTS on the idle agent: 1 and $CORES cores, batches 1/4/8, 3 runs a point)"
+    $BIN/tidalctl --controller "$TIDAL_CTL" profile --agent 127.0.0.1:17101 --task classify --cores "1,$CORES" \
+      --batches 1,4,8 --duration-ms 1000 --repeat 3 --save "$WORK/tidal-profiles.json" >/dev/null
+  else
+    $BIN/tidalctl --controller "$TIDAL_CTL" profile --task classify --from "$WORK/tidal-profiles.json" >/dev/null
+  fi
+  wait_for_plan "$TIDAL_CTL"
+}
+
+# replay NAME ARGS…: the demo's slice through `tidalctl load --protocol v2 ARGS…`.
+replay() {
+  local name=$1
+  shift
+  $BIN/tidalctl load --protocol v2 --task classify --trace "$TRACE" --start "$START" --duration "$DURATION" \
+    --scale "$SCALE" --speedup "$SPEEDUP" --summary-json "$WORK/replay-$name.json" "$@" 2>&1 | grep -v '^load: '
+}
+
+for run in $(seq 1 "$TRACE_RUNS"); do
   for system in ${SYSTEMS//,/ }; do
-    [ "$system" = tidal ] && continue # Tidal adapts: its replay is `make demo`'s
-    echo
-    echo "== trace replay: $system serving $variant ($accuracy %) on $CORES cores, batches of up to 8"
-    start_server "$system" "$variant" 8
-    header=(); [ "$system" = ray ] && header=(--header application=classify)
-    TIDAL_INSECURE_PLAINTEXT=true ./target/release/tidalctl load --protocol v2 --agent "$(url_of "$system")" \
-      "${header[@]}" --task classify --slo-ms 250 --input-shape 3,64,64 --accuracy "$accuracy" \
-      --trace data/twitter-trace-rps.txt.gz --start 26700 --duration 1800 --scale 0.8 --speedup 6 2>&1 |
-      grep -v '^load: '
-    stop_server
+    if [ "$system" = tidal ]; then
+      echo
+      echo "== trace replay $run: tidal adapting over $TASK_VARIANTS on $CORES cores (--beta 0)"
+      start_tidal_cluster "$run"
+      replay "tidal-$run" --controller "$TIDAL_CTL" --agent "$TIDAL_AGENT"
+      stop_all
+      continue
+    fi
+    for variant in ${TRACE_VARIANTS//,/ }; do
+      accuracy=$(awk -F' *= *' '/^accuracy/ {print $2}' "models/$variant.toml")
+      echo
+      echo "== trace replay $run: $system serving $variant ($accuracy %) on $CORES cores, batches of up to 8"
+      start_server "$system" "$variant" 8
+      header=(); [ "$system" = ray ] && header=(--header application=classify)
+      replay "$system-$variant-$run" --agent "$(url_of "$system")" "${header[@]}" --slo-ms "$SLO_MS" \
+        --input-shape "3,$RESOLUTION,$RESOLUTION" --accuracy "$accuracy"
+      stop_server
+    done
   done
 done
-

@@ -23,6 +23,7 @@ pub mod router;
 pub mod service;
 pub mod telemetry;
 pub mod v2;
+pub mod v2_rest;
 pub mod worker;
 pub mod worker_process;
 pub mod worker_protocol;

@@ -224,8 +224,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_statuses(node.clone(), ready.clone()),
     ));
     let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
+    // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
+    let rest = tidal_agent::v2_rest::router(service.clone(), decode_limit);
     let inference = security
         .server_builder(ClientAuth::Optional)?
+        .accept_http1(true)
+        .add_routes(rest.into())
         .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
         .add_service(GrpcInferenceServiceServer::new(service.clone()).max_decoding_message_size(decode_limit));
     let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &descriptors)?

@@ -18,9 +18,9 @@ use tidal_proto::inference::model_metadata_response::TensorMetadata;
 use tidal_proto::inference::{
     DataType as ConfigType, InferParameter, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelDynamicBatching,
     ModelInferRequest, ModelInferResponse, ModelInput, ModelMetadataRequest, ModelMetadataResponse, ModelOutput,
-    ModelReadyRequest, ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse, ModelTransactionPolicy,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse,
+    ModelTransactionPolicy, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerReadyRequest, ServerReadyResponse,
 };
 use tidal_proto::v1::{DataType, InferRequest, InferResponse, TaskSpec, Tensor};
 use tonic::{Request, Response, Status};
@@ -37,8 +37,9 @@ pub const MAX_CLIENT_BATCH: usize = 64;
 pub const BUDGET_PARAMETER: &str = "budget_ms";
 /// The only version a task has.
 const VERSION: &str = "1";
-/// What ServerMetadata lists: the protocol extensions an agent implements.
-const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "parameters"];
+/// What ServerMetadata lists: the protocol extensions an agent implements (binary tensor data
+/// over HTTP/REST, see [`crate::v2_rest`]).
+pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "parameters", "binary_tensor_data"];
 
 fn invalid(msg: impl Into<String>) -> ServeError {
     ServeError::InvalidInput(msg.into())
@@ -218,14 +219,46 @@ pub fn config(task: &TaskSpec) -> ModelConfig {
 }
 
 impl AgentService {
-    fn v2_task(&self, name: &str, version: &str) -> Result<TaskSpec, Status> {
+    /// The task a V2 request names (NOT_FOUND for another version or an unknown task).
+    pub(crate) fn v2_task(&self, name: &str, version: &str) -> Result<TaskSpec, Status> {
         check_version(name, version)?;
         self.node.task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()).into())
     }
 
     /// Ready: a plan is applied and every task in it can be served.
-    fn server_ready(&self) -> bool {
+    pub(crate) fn v2_server_ready(&self) -> bool {
         self.node.applied_epoch() > 0 && self.node.task_names().iter().all(|t| self.node.task_ready(t))
+    }
+
+    /// Serves an admitted V2 request, over gRPC or REST: each sample as a request of its own.
+    pub(crate) async fn v2_infer(
+        &self,
+        req: ModelInferRequest,
+        arrived: Instant,
+    ) -> Result<ModelInferResponse, Status> {
+        let task = self.node.task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
+        let id = req.id.clone();
+        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None));
+        let answers = futures::future::try_join_all(answers).await?;
+        Ok(response(id, &task.name, answers)?)
+    }
+
+    /// Statistics of one task, or of every task when `name` is empty.
+    pub(crate) fn v2_statistics(&self, name: &str, version: &str) -> Result<Vec<ModelStatistics>, Status> {
+        Ok(if name.is_empty() {
+            self.node.model_stats.snapshot(&self.node.task_names(), true)
+        } else {
+            self.node.model_stats.snapshot(&[self.v2_task(name, version)?.name], false)
+        })
+    }
+
+    /// What ServerMetadata answers.
+    pub(crate) fn v2_server_metadata(&self) -> ServerMetadataResponse {
+        ServerMetadataResponse {
+            name: "tidal".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }
     }
 }
 
@@ -236,7 +269,7 @@ impl GrpcInferenceService for AgentService {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.server_ready() }))
+        Ok(Response::new(ServerReadyResponse { ready: self.v2_server_ready() }))
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
@@ -250,11 +283,7 @@ impl GrpcInferenceService for AgentService {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: "tidal".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
-        }))
+        Ok(Response::new(self.v2_server_metadata()))
     }
 
     async fn model_metadata(
@@ -269,12 +298,7 @@ impl GrpcInferenceService for AgentService {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let arrived = Instant::now();
         self.admit(&request)?;
-        let req = request.into_inner();
-        let task = self.node.task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
-        let id = req.id.clone();
-        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None));
-        let answers = futures::future::try_join_all(answers).await?;
-        Ok(Response::new(response(id, &task.name, answers)?))
+        Ok(Response::new(self.v2_infer(request.into_inner(), arrived).await?))
     }
 
     async fn model_config(
@@ -292,11 +316,6 @@ impl GrpcInferenceService for AgentService {
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         self.admit(&request)?;
         let req = request.into_inner();
-        let model_stats = if req.name.is_empty() {
-            self.node.model_stats.snapshot(&self.node.task_names(), true)
-        } else {
-            self.node.model_stats.snapshot(&[self.v2_task(&req.name, &req.version)?.name], false)
-        };
-        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+        Ok(Response::new(ModelStatisticsResponse { model_stats: self.v2_statistics(&req.name, &req.version)? }))
     }
 }

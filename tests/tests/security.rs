@@ -289,6 +289,23 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
     assert_eq!(code(infer.infer(request(None)).await), Code::Unauthenticated);
     assert_eq!(code(infer.infer(request(Some("s3cret-token-0123456780"))).await), Code::Unauthenticated);
     infer.infer(request(Some("s3cret-token-0123456789"))).await.expect("the token holder is served");
+    // V2's REST form on the same port asks for the same token.
+    if tidal_tests::tls::test_ca().is_none() {
+        let rest = |token: &'static str| {
+            let addr = agent.addr.clone();
+            async move {
+                let auth = [("authorization", token)];
+                http_exchange(&addr, "GET", "/v2/models/classify", if token.is_empty() { &[] } else { &auth }, b"")
+                    .await
+                    .0
+            }
+        };
+        assert_eq!(rest("").await, 401);
+        assert_eq!(rest("Bearer s3cret-token-0123456780").await, 401);
+        assert_eq!(rest("Bearer s3cret-token-0123456789").await, 200);
+    } else {
+        eprintln!("NOT RUN: the REST part (plaintext HTTP here; TIDAL_TEST_TLS=1 is set)");
+    }
     let mut via_other = inference_client(&other.addr).await;
     assert_eq!(code(via_other.infer(request(None)).await), Code::Unauthenticated);
     let forwarded = via_other.infer(request(Some("s3cret-token-0123456789"))).await.expect("forwarded with the token");

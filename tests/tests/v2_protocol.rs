@@ -204,6 +204,123 @@ async fn v2_clients_get_the_same_answers_as_tidal_s_own_api_with_clear_errors() 
     assert!(inference.compute_infer.unwrap().ns > 0);
 }
 
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_rest_on_the_inference_port_answers_as_the_grpc_form_does() {
+    if tidal_tests::tls::test_ca().is_some() {
+        return eprintln!("SKIPPED (not run): this test speaks plaintext HTTP, and TIDAL_TEST_TLS=1 is set");
+    }
+    let s = setup(&[]);
+    let addr = s.agent.addr.clone();
+    let get = |path: &'static str| http_exchange(&addr, "GET", path, &[], b"");
+    assert_eq!(get("/v2/health/live").await.0, 200);
+    assert_eq!(get("/v2/health/ready").await.0, 400, "not ready before a plan");
+    s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
+    assert_eq!(get("/v2/health/ready").await.0, 200);
+    let (code, _, body) = get("/v2").await;
+    assert_eq!((code, json(&body)["name"].as_str()), (200, Some("tidal")));
+    assert!(json(&body)["extensions"].as_array().unwrap().contains(&"binary_tensor_data".into()));
+    assert_eq!(get("/v2/models/classify/versions/1/ready").await.0, 200);
+    for unknown in ["/v2/models/classify/versions/2/ready", "/v2/models/nope/ready", "/v2/nothing"] {
+        let (code, _, body) = get(unknown).await;
+        assert_eq!(code, 404, "{unknown}");
+        assert!(json(&body)["error"].as_str().is_some_and(|e| !e.is_empty()), "{unknown}: a reason");
+    }
+    let shape = s.r18.input_shape.clone();
+    let meta = json(&get("/v2/models/classify").await.2);
+    assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([&[-1][..], &shape].concat()));
+    let config = json(&get("/v2/models/classify/config").await.2);
+    assert_eq!(
+        (config["max_batch_size"].as_i64(), config["input"][0]["data_type"].as_str()),
+        (Some(64), Some("TYPE_FP32"))
+    );
+
+    // JSON in, JSON out; binary in, binary out: both as Tidal's own API answers.
+    let (a, b) = (sample_values(&shape, 1.0), sample_values(&shape, 0.5));
+    let own_a = tidal_output(&addr, &shape, &a).await;
+    let own_b = tidal_output(&addr, &shape, &b).await;
+    let full = |n: i64| [&[n][..], &shape].concat();
+    let request = serde_json::json!({
+        "id": "r1",
+        "parameters": {"budget_ms": 5000},
+        "inputs": [{"name": "input", "shape": full(2), "datatype": "FP32", "data": [a, b]}],
+    });
+    let post = |body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let addr = addr.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http_exchange(&addr, "POST", "/v2/models/classify/infer", &headers, &body).await
+        }
+    };
+    let (code, _, body) = post(request.to_string().into_bytes(), vec![]).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let answer = json(&body);
+    assert_eq!(
+        (answer["id"].as_str(), answer["outputs"][0]["shape"].clone()),
+        (Some("r1"), serde_json::json!([2, 1000]))
+    );
+    assert_eq!(answer["parameters"]["tidal_variant"], "resnet18,resnet18");
+    let rows: Vec<f32> =
+        answer["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    assert_close(&rows[..1000], &own_a, "REST JSON, first sample");
+    assert_close(&rows[1000..], &own_b, "REST JSON, second sample");
+
+    let head = serde_json::json!({
+        "inputs": [{"name": "input", "shape": full(1), "datatype": "FP32", "parameters": {"binary_data_size": a.len() * 4}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend(a.iter().flat_map(|v| v.to_le_bytes()));
+    let (code, headers, body) = post(body, vec![("inference-header-content-length", head.len().to_string())]).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let json_len: usize = headers["inference-header-content-length"].parse().unwrap();
+    let answer = json(&body[..json_len]);
+    assert_eq!(answer["outputs"][0]["parameters"]["binary_data_size"], 4000);
+    assert_close(&values(&body[json_len..]), &own_a, "REST binary");
+
+    // Malformed requests: 400 with a reason; unknown task: 404.
+    let cases: Vec<(&str, serde_json::Value, u16)> = vec![
+        (
+            "wrong shape",
+            serde_json::json!({"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}),
+            400,
+        ),
+        (
+            "wrong datatype",
+            serde_json::json!({"inputs": [{"name": "input", "shape": full(1), "datatype": "INT8", "data": a}]}),
+            400,
+        ),
+        (
+            "too few values",
+            serde_json::json!({"inputs": [{"name": "input", "shape": full(1), "datatype": "FP32", "data": [1.0]}]}),
+            400,
+        ),
+        (
+            "budget of 0",
+            serde_json::json!({"parameters": {"budget_ms": 0}, "inputs": [{"name": "input", "shape": full(1), "datatype": "FP32", "data": a}]}),
+            400,
+        ),
+    ];
+    for (what, body, want) in cases {
+        let (code, _, body) = post(body.to_string().into_bytes(), vec![]).await;
+        assert_eq!(code, want, "{what}: {}", String::from_utf8_lossy(&body));
+        assert!(json(&body)["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: a reason");
+    }
+    let (code, _, _) = post(b"{not json".to_vec(), vec![]).await;
+    assert_eq!(code, 400);
+    let (code, _, _) = http_exchange(&addr, "POST", "/v2/models/nope/infer", &[], request.to_string().as_bytes()).await;
+    assert_eq!(code, 404);
+
+    // Statistics: 2 through Tidal's API, 2 + 1 through REST.
+    let stats = json(&get("/v2/models/classify/stats").await.2);
+    assert_eq!(stats["model_stats"][0]["inference_count"], 5, "{stats}");
+    assert_eq!(json(&get("/v2/models/stats").await.2)["model_stats"][0]["inference_stats"]["success"]["count"], 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_readiness_per_task_and_reflection_lists_the_services() {
     let s = setup(&[]);
@@ -244,7 +361,7 @@ async fn a_controller_s_health_follows_leadership() {
 fn client_tools() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join(".tidal/clients");
-    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done").exists() {
+    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done-grpc-http").exists() {
         let status = Command::new(root.join("scripts/client-tools.sh")).status().map_err(|e| e.to_string())?;
         if !status.success() {
             return Err("scripts/client-tools.sh could not install tritonclient and perf_analyzer".into());
@@ -271,35 +388,47 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
     let sample_file = s.work.path().join("sample.f32");
     std::fs::write(&sample_file, a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
 
-    // tritonclient, as a Triton user calls a server.
+    // tritonclient, as a Triton user calls a server: over gRPC, then over HTTP/REST on the same
+    // port (one sample as binary tensor data, three as JSON).
     let shape_arg = shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    let mut cmd = Command::new("python3");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/tritonclient_check.py"))
-        .args(["--url", &s.agent.addr, "--model", "classify", "--shape", &shape_arg])
-        .arg("--sample")
-        .arg(&sample_file)
-        .env("PYTHONPATH", tools.join("py"));
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
-    assert!(out.status.success(), "tritonclient_check.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (got["live"].as_bool(), got["ready"].as_bool(), got["model_ready"].as_bool()),
-        (Some(true), Some(true), Some(true))
-    );
-    assert_eq!(got["server"]["name"], "tidal");
-    assert_eq!(got["config"]["config"]["max_batch_size"], 64);
-    let floats = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    };
-    let one = &got["one"].as_array().unwrap()[0];
-    assert_close(&floats(one), &own_a, "tritonclient, one sample");
-    assert_eq!(got["three_shape"], serde_json::json!([3, 1000]));
-    let three = got["three"].as_array().unwrap();
-    assert_close(&floats(&three[1]), &own_half, "tritonclient, second sample of three");
-    assert_eq!(got["parameters"]["tidal_variant"]["string_param"], "resnet18");
-    assert_eq!(got["unknown_model"], "StatusCode.NOT_FOUND");
-    let count = got["statistics"]["model_stats"][0]["inference_count"].as_str().unwrap().parse::<u64>().unwrap();
-    assert_eq!(count, 6, "2 through Tidal's API, 1 + 3 through tritonclient");
+    for (protocol, served) in [("grpc", 6), ("http", 10)] {
+        let mut cmd = Command::new("python3");
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/tritonclient_check.py"))
+            .args(["--url", &s.agent.addr, "--model", "classify", "--shape", &shape_arg, "--protocol", protocol])
+            .arg("--sample")
+            .arg(&sample_file)
+            .env("PYTHONPATH", tools.join("py"));
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+        assert!(
+            out.status.success(),
+            "tritonclient_check.py {protocol} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (got["live"].as_bool(), got["ready"].as_bool(), got["model_ready"].as_bool()),
+            (Some(true), Some(true), Some(true)),
+            "{protocol}"
+        );
+        assert_eq!(got["server"]["name"], "tidal");
+        assert_eq!(got["config"]["config"]["max_batch_size"], 64, "{protocol}");
+        let floats = |v: &serde_json::Value| -> Vec<f32> {
+            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        };
+        let one = &got["one"].as_array().unwrap()[0];
+        assert_close(&floats(one), &own_a, &format!("tritonclient {protocol}, one sample"));
+        assert_eq!(got["three_shape"], serde_json::json!([3, 1000]));
+        let three = got["three"].as_array().unwrap();
+        assert_close(&floats(&three[1]), &own_half, &format!("tritonclient {protocol}, second sample of three"));
+        // The gRPC client gives protobuf's JSON (typed parameters, 64-bit integers as strings).
+        let variant = &got["parameters"]["tidal_variant"];
+        assert_eq!(if protocol == "grpc" { &variant["string_param"] } else { variant }, "resnet18");
+        let not_found = if protocol == "grpc" { "StatusCode.NOT_FOUND" } else { "404" };
+        assert_eq!(got["unknown_model"], not_found);
+        let count = &got["statistics"]["model_stats"][0]["inference_count"];
+        let count = count.as_u64().or_else(|| count.as_str().and_then(|c| c.parse().ok()));
+        assert_eq!(count, Some(served), "{protocol}: 2 through Tidal's API, 1 + 3 per tritonclient run");
+    }
 
     // perf_analyzer: a fixed concurrency, then a replayed trace of inter-arrival times.
     let intervals = s.work.path().join("intervals.txt");
@@ -310,20 +439,20 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
         vec!["--concurrency-range".into(), "2".into(), "-f".into(), csv.display().to_string()],
         vec!["--request-intervals".into(), intervals.display().to_string()],
     ];
-    for extra in runs {
+    for (protocol, extra) in [("grpc", runs[0].clone()), ("grpc", runs[1].clone()), ("http", runs[1].clone())] {
         let mut cmd = Command::new(tools.join("bin/perf_analyzer"));
-        cmd.args(["-m", "classify", "-u", &s.agent.addr, "-i", "grpc", "--measurement-mode", "count_windows"])
+        cmd.args(["-m", "classify", "-u", &s.agent.addr, "-i", protocol, "--measurement-mode", "count_windows"])
             .args(["--measurement-request-count", "60", "--max-trials", "3", "-s", "100"])
             .args(&extra);
         let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
-            "perf_analyzer {extra:?} failed:\n{stdout}\n{}",
+            "perf_analyzer {protocol} {extra:?} failed:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.contains("Server:") && stdout.contains("Inference count"), "server-side statistics: {stdout}");
-        eprintln!("perf_analyzer {extra:?}:\n{stdout}");
+        eprintln!("perf_analyzer {protocol} {extra:?}:\n{stdout}");
     }
     let table = std::fs::read_to_string(&csv).unwrap();
     let mut lines = table.lines();

@@ -1,0 +1,527 @@
+//! The Open Inference Protocol (KServe V2) over HTTP/REST, on the inference port beside gRPC
+//! (one port: HTTP/1.1 and HTTP/2). The same tasks, checks, token and request path as
+//! [`crate::v2`], in JSON, with Triton's binary tensor data extension, which `tritonclient.http`
+//! and `perf_analyzer -i http` use by default:
+//!
+//! ```text
+//! GET  /v2                                              server metadata
+//! GET  /v2/health/live, /v2/health/ready
+//! GET  /v2/models/{model}[/versions/{version}]          model metadata
+//! GET  /v2/models/{model}[/versions/{version}]/ready
+//! GET  /v2/models/{model}[/versions/{version}]/config   Triton's model configuration
+//! GET  /v2/models[/{model}[/versions/{version}]]/stats  Triton's statistics
+//! POST /v2/models/{model}[/versions/{version}]/infer
+//! ```
+//!
+//! Health and readiness are answered by the status code alone (200 true, 400 false). Errors are
+//! `{"error": "…"}` with the HTTP status that matches the gRPC one.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tidal_proto::inference::infer_parameter::ParameterChoice;
+use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tidal_proto::inference::model_metadata_response::TensorMetadata;
+use tidal_proto::inference::{
+    DataType as ConfigType, InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
+    ModelStatistics, StatisticDuration,
+};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+
+use crate::service::AgentService;
+use crate::v2::{config, metadata};
+
+/// The header that says how many bytes of a body are JSON; the rest is binary tensor data.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The REST routes, served with the gRPC services on the inference port. Bodies over
+/// `body_limit` bytes are refused (413) before they are read whole.
+pub fn router(service: AgentService, body_limit: usize) -> Router {
+    let mut router = Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/stats", get(all_statistics));
+    for model in ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"] {
+        router = router
+            .route(model, get(model_metadata))
+            .route(&format!("{model}/ready"), get(model_ready))
+            .route(&format!("{model}/config"), get(model_config))
+            .route(&format!("{model}/stats"), get(model_statistics))
+            .route(&format!("{model}/infer"), post(infer));
+    }
+    router.fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(service)
+}
+
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+impl ModelPath {
+    fn version(&self) -> &str {
+        self.version.as_deref().unwrap_or("")
+    }
+}
+
+/// A refusal: the gRPC status's code as HTTP's, its message as `{"error": …}`.
+struct RestError(Status);
+
+impl From<Status> for RestError {
+    fn from(s: Status) -> Self {
+        Self(s)
+    }
+}
+
+impl IntoResponse for RestError {
+    fn into_response(self) -> Response {
+        let code = match self.0.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, json_body(json!({ "error": self.0.message() }))).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, RestError>;
+
+fn json_body(v: Value) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string())
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+/// The inference token, if the port takes one, and a plan applied (as [`AgentService::admit`];
+/// other agents never call over REST, so a certificate does not stand in for the token).
+fn admit(service: &AgentService, headers: &HeaderMap) -> Result<()> {
+    Ok(service.admit_caller(&MetadataMap::from_headers(headers.clone()), false)?)
+}
+
+/// Unknown paths: gRPC's UNIMPLEMENTED for a gRPC call (as tonic answers), 404 otherwise.
+async fn not_found(headers: HeaderMap) -> Response {
+    let grpc = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        Status::unimplemented("").into_http::<axum::body::Body>()
+    } else {
+        RestError(Status::not_found("no such V2 route")).into_response()
+    }
+}
+
+async fn server_metadata(State(service): State<AgentService>) -> impl IntoResponse {
+    let m = service.v2_server_metadata();
+    json_body(json!({ "name": m.name, "version": m.version, "extensions": m.extensions }))
+}
+
+async fn server_ready(State(service): State<AgentService>) -> StatusCode {
+    if service.v2_server_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+async fn model_ready(
+    State(service): State<AgentService>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Result<StatusCode> {
+    admit(&service, &headers)?;
+    let task = service.v2_task(&p.model, p.version())?;
+    Ok(if service.node.task_ready(&task.name) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
+}
+
+async fn model_metadata(
+    State(service): State<AgentService>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    admit(&service, &headers)?;
+    let m = metadata(&service.v2_task(&p.model, p.version())?);
+    let tensors = |t: &[TensorMetadata]| -> Vec<Value> {
+        t.iter().map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })).collect()
+    };
+    Ok(json_body(json!({
+        "name": m.name,
+        "versions": m.versions,
+        "platform": m.platform,
+        "inputs": tensors(&m.inputs),
+        "outputs": tensors(&m.outputs),
+    })))
+}
+
+async fn model_config(
+    State(service): State<AgentService>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    admit(&service, &headers)?;
+    let c = config(&service.v2_task(&p.model, p.version())?);
+    let tensor = |name: &str, data_type: i32, dims: &[i64]| {
+        let data_type = ConfigType::try_from(data_type).unwrap_or(ConfigType::TypeInvalid);
+        json!({ "name": name, "data_type": data_type.as_str_name(), "dims": dims })
+    };
+    Ok(json_body(json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|i| tensor(&i.name, i.data_type, &i.dims)).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|o| tensor(&o.name, o.data_type, &o.dims)).collect::<Vec<_>>(),
+        "dynamic_batching": {},
+        "model_transaction_policy": { "decoupled": false },
+    })))
+}
+
+async fn all_statistics(State(service): State<AgentService>, headers: HeaderMap) -> Result<impl IntoResponse> {
+    admit(&service, &headers)?;
+    Ok(json_body(statistics(&service.v2_statistics("", "")?)))
+}
+
+async fn model_statistics(
+    State(service): State<AgentService>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    admit(&service, &headers)?;
+    Ok(json_body(statistics(&service.v2_statistics(&p.model, p.version())?)))
+}
+
+/// Triton's statistics JSON.
+fn statistics(stats: &[ModelStatistics]) -> Value {
+    let duration = |d: Option<StatisticDuration>| {
+        let d = d.unwrap_or_default();
+        json!({ "count": d.count, "ns": d.ns })
+    };
+    let models: Vec<Value> = stats
+        .iter()
+        .map(|m| {
+            let i = m.inference_stats.unwrap_or_default();
+            json!({
+                "name": m.name,
+                "version": m.version,
+                "last_inference": m.last_inference,
+                "inference_count": m.inference_count,
+                "execution_count": m.execution_count,
+                "inference_stats": {
+                    "success": duration(i.success),
+                    "fail": duration(i.fail),
+                    "queue": duration(i.queue),
+                    "compute_input": duration(i.compute_input),
+                    "compute_infer": duration(i.compute_infer),
+                    "compute_output": duration(i.compute_output),
+                    "cache_hit": duration(i.cache_hit),
+                    "cache_miss": duration(i.cache_miss),
+                },
+                "batch_stats": [],
+            })
+        })
+        .collect();
+    json!({ "model_stats": models })
+}
+
+/// An inference request's JSON (the part before any binary data).
+#[derive(Deserialize)]
+struct InferBody {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputBody>,
+    #[serde(default)]
+    outputs: Vec<OutputBody>,
+}
+
+#[derive(Deserialize)]
+struct InputBody {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct OutputBody {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+async fn infer(
+    State(service): State<AgentService>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let arrived = Instant::now();
+    admit(&service, &headers)?;
+    let (request, binary_output) = infer_request(&headers, &body, p)?;
+    let response = service.v2_infer(request, arrived).await?;
+    Ok(infer_response(response, binary_output))
+}
+
+/// The request in V2's gRPC form, and whether the client wants the output as binary data.
+fn infer_request(
+    headers: &HeaderMap,
+    body: &[u8],
+    path: ModelPath,
+) -> std::result::Result<(ModelInferRequest, bool), Status> {
+    let (head, mut binary) = split_body(headers, body)?;
+    let b: InferBody =
+        serde_json::from_slice(head).map_err(|e| invalid(format!("the request is not V2 inference JSON: {e}")))?;
+    let binary_output =
+        flag(&b.parameters, "binary_data_output") || b.outputs.iter().any(|o| flag(&o.parameters, "binary_data"));
+    let mut raw_input_contents = Vec::new();
+    let mut inputs = Vec::with_capacity(b.inputs.len());
+    for input in b.inputs {
+        let contents = match (input.parameters.get("binary_data_size"), &input.data) {
+            (Some(size), None) => {
+                let size = size
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| invalid(format!("input {:?}: binary_data_size is a number of bytes", input.name)))?;
+                if size > binary.len() {
+                    return Err(invalid(format!(
+                        "input {:?} claims {size} bytes of binary data; the body has {} left",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let (data, rest) = binary.split_at(size);
+                raw_input_contents.push(data.to_vec());
+                binary = rest;
+                None
+            }
+            (None, Some(data)) => Some(InferTensorContents { fp32_contents: fp32_values(data)?, ..Default::default() }),
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!("input {:?} has both data and binary_data_size", input.name)))
+            }
+            (None, None) => return Err(invalid(format!("input {:?} has no data", input.name))),
+        };
+        inputs.push(InferInputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            parameters: HashMap::new(),
+            contents,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(invalid(format!("{} bytes of binary data belong to no input", binary.len())));
+    }
+    let outputs = b
+        .outputs
+        .into_iter()
+        .map(|o| InferRequestedOutputTensor { name: o.name, parameters: HashMap::new() })
+        .collect();
+    let request = ModelInferRequest {
+        model_name: path.model,
+        model_version: path.version.unwrap_or_default(),
+        id: b.id,
+        parameters: parameters(&b.parameters)?,
+        inputs,
+        outputs,
+        raw_input_contents,
+    };
+    Ok((request, binary_output))
+}
+
+/// The JSON part and the binary part of a body.
+fn split_body<'a>(headers: &HeaderMap, body: &'a [u8]) -> std::result::Result<(&'a [u8], &'a [u8]), Status> {
+    let Some(value) = headers.get(HEADER_LENGTH) else { return Ok((body, &[])) };
+    let n = value.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|n| *n <= body.len());
+    let n = n.ok_or_else(|| {
+        invalid(format!("{HEADER_LENGTH} must be the JSON's length in bytes, at most the body's {}", body.len()))
+    })?;
+    Ok(body.split_at(n))
+}
+
+fn flag(parameters: &Map<String, Value>, name: &str) -> bool {
+    parameters.get(name).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// The elements of a JSON tensor, flat or nested, row-major (their count is checked later
+/// against the shape).
+fn fp32_values(data: &Value) -> std::result::Result<Vec<f32>, Status> {
+    fn walk(v: &Value, out: &mut Vec<f32>) -> bool {
+        match v {
+            Value::Number(n) => n.as_f64().map(|x| out.push(x as f32)).is_some(),
+            Value::Array(items) => items.iter().all(|item| walk(item, out)),
+            _ => false,
+        }
+    }
+    let mut out = Vec::new();
+    if walk(data, &mut out) {
+        Ok(out)
+    } else {
+        Err(invalid("an input's data is numbers, in a flat or nested array"))
+    }
+}
+
+fn parameters(json: &Map<String, Value>) -> std::result::Result<HashMap<String, InferParameter>, Status> {
+    json.iter()
+        .map(|(name, v)| {
+            let choice = match v {
+                Value::Bool(b) => Some(ParameterChoice::BoolParam(*b)),
+                Value::String(s) => Some(ParameterChoice::StringParam(s.clone())),
+                Value::Number(n) => n
+                    .as_i64()
+                    .map(ParameterChoice::Int64Param)
+                    .or_else(|| n.as_u64().map(ParameterChoice::Uint64Param))
+                    .or_else(|| n.as_f64().map(ParameterChoice::DoubleParam)),
+                _ => None,
+            };
+            let choice =
+                choice.ok_or_else(|| invalid(format!("parameter {name:?} is a bool, a number or a string")))?;
+            Ok((name.clone(), InferParameter { parameter_choice: Some(choice) }))
+        })
+        .collect()
+}
+
+fn parameter_json(p: &InferParameter) -> Value {
+    match &p.parameter_choice {
+        Some(ParameterChoice::BoolParam(b)) => json!(b),
+        Some(ParameterChoice::Int64Param(v)) => json!(v),
+        Some(ParameterChoice::Uint64Param(v)) => json!(v),
+        Some(ParameterChoice::DoubleParam(v)) => json!(v),
+        Some(ParameterChoice::StringParam(s)) => json!(s),
+        None => Value::Null,
+    }
+}
+
+/// The answer: JSON with the outputs' data inline, or JSON followed by the outputs' bytes.
+fn infer_response(r: ModelInferResponse, binary: bool) -> Response {
+    let mut raw = r.raw_output_contents.into_iter();
+    let mut tail = Vec::new();
+    let outputs: Vec<Value> = r
+        .outputs
+        .iter()
+        .map(|o| {
+            let data = raw.next().unwrap_or_default();
+            let mut out = json!({ "name": o.name, "datatype": o.datatype, "shape": o.shape });
+            if binary {
+                out["parameters"] = json!({ "binary_data_size": data.len() });
+                tail.extend_from_slice(&data);
+            } else {
+                let values: Vec<f32> =
+                    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                out["data"] = json!(values);
+            }
+            out
+        })
+        .collect();
+    let parameters: Map<String, Value> = r.parameters.iter().map(|(k, p)| (k.clone(), parameter_json(p))).collect();
+    let mut head = json!({
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "parameters": parameters,
+        "outputs": outputs,
+    });
+    if !r.id.is_empty() {
+        head["id"] = json!(r.id);
+    }
+    if !binary {
+        return json_body(head).into_response();
+    }
+    let mut body = head.to_string().into_bytes();
+    let json_len = body.len();
+    body.extend_from_slice(&tail);
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::HeaderName::from_static(HEADER_LENGTH), json_len.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(json_len: Option<usize>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(n) = json_len {
+            h.insert(HEADER_LENGTH, n.into());
+        }
+        h
+    }
+
+    fn path() -> ModelPath {
+        ModelPath { model: "classify".into(), version: None }
+    }
+
+    #[test]
+    fn json_inputs_flatten_and_parameters_keep_their_types() {
+        let body = br#"{"id": "7", "parameters": {"budget_ms": 250, "tag": "a", "binary_data_output": true},
+            "inputs": [{"name": "input", "shape": [1, 2, 2], "datatype": "FP32", "data": [[1, 2], [3.5, 4]]}]}"#;
+        let (r, binary) = infer_request(&headers(None), body, path()).unwrap();
+        assert!(binary);
+        assert_eq!((r.model_name.as_str(), r.id.as_str()), ("classify", "7"));
+        assert_eq!(r.inputs[0].contents.as_ref().unwrap().fp32_contents, [1.0, 2.0, 3.5, 4.0]);
+        assert!(r.raw_input_contents.is_empty());
+        assert_eq!(r.parameters["budget_ms"].parameter_choice, Some(ParameterChoice::Int64Param(250)));
+        assert_eq!(r.parameters["tag"].parameter_choice, Some(ParameterChoice::StringParam("a".into())));
+    }
+
+    #[test]
+    fn binary_inputs_are_cut_from_the_body_after_the_json() {
+        let head = br#"{"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": true}}]}"#;
+        let mut body = head.to_vec();
+        body.extend(1.0f32.to_le_bytes().iter().chain(2.0f32.to_le_bytes().iter()));
+        let (r, binary) = infer_request(&headers(Some(head.len())), &body, path()).unwrap();
+        assert!(binary);
+        assert_eq!(r.raw_input_contents, vec![body[head.len()..].to_vec()]);
+        assert!(r.inputs[0].contents.is_none());
+    }
+
+    #[test]
+    fn malformed_bodies_are_invalid_arguments_with_a_reason() {
+        let input =
+            |rest: &str| format!(r#"{{"inputs": [{{"name": "input", "shape": [2], "datatype": "FP32"{rest}}}]}}"#);
+        let claims = input(r#", "parameters": {"binary_data_size": 8}"#);
+        let cases: Vec<(&str, String, Option<usize>)> = vec![
+            ("not json", "{".into(), None),
+            ("no inputs", "{}".into(), None),
+            ("no data", input(""), None),
+            ("strings as data", input(r#", "data": ["a"]"#), None),
+            ("more binary claimed than sent", claims.clone(), Some(claims.len())),
+            ("header longer than the body", input(r#", "data": [1, 2]"#), Some(10_000)),
+            ("data and binary", input(r#", "data": [1, 2], "parameters": {"binary_data_size": 0}"#), None),
+        ];
+        for (what, body, len) in cases {
+            let err = infer_request(&headers(len), body.as_bytes(), path()).map(|_| ()).expect_err(what);
+            assert_eq!(err.code(), Code::InvalidArgument, "{what}");
+            assert!(!err.message().is_empty(), "{what}");
+        }
+        let object_parameter = r#"{"parameters": {"x": {}}, "inputs": []}"#;
+        assert_eq!(
+            infer_request(&headers(None), object_parameter.as_bytes(), path()).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let trailing = br#"{"inputs": []}xyz"#;
+        assert_eq!(infer_request(&headers(Some(14)), trailing, path()).unwrap_err().code(), Code::InvalidArgument);
+    }
+}
