@@ -26,8 +26,9 @@
 #
 # Knobs: VARIANTS (resnet18,resnet50), SYSTEMS (tidal,triton,ray), CORES (2), BATCHES (4,8,16),
 # RATE_SHARE (0.6), REQUESTS (perf_analyzer requests per measurement window, 300),
-# TRACE_VARIANTS (none), TRACE_RUNS (1 with TRACE_VARIANTS, else 0); TIDAL_AGENT_BIN runs another build of the agent (an
-# A/B of two builds). Results and logs go to .tidal/peers-results.
+# TRACE_VARIANTS (none), TRACE_RUNS (1 with TRACE_VARIANTS, else 0); TIDAL_AGENT_BIN runs another
+# build of the agent (an A/B of two builds). Logs, replay summaries and each replay's requests
+# go to .tidal/peers-results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cluster.sh # the demo's trace slice and SLO, and starting local daemons
@@ -183,7 +184,8 @@ replay() {
   local name=$1
   shift
   $BIN/tidalctl load --protocol v2 --task classify --trace "$TRACE" --start "$START" --duration "$DURATION" \
-    --scale "$SCALE" --speedup "$SPEEDUP" --summary-json "$WORK/replay-$name.json" "$@" 2>&1 | grep -v '^load: '
+    --scale "$SCALE" --speedup "$SPEEDUP" --summary-json "$WORK/replay-$name.json" --out "$WORK/requests-$name.csv" \
+    "$@" 2>&1 | grep -v -e '^load: ' -e 'plaintext gRPC with no authentication'
 }
 
 for run in $(seq 1 "$TRACE_RUNS"); do

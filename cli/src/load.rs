@@ -535,7 +535,10 @@ pub fn print_summary(s: &Summary, slo_ms: u32) {
         println!("│ error {:<22} │ {:>12} │", code, n);
     }
     for (variant, n) in &s.by_variant {
-        println!("│ served by {:<18} │ {:>12} │", variant, n);
+        // A server that does not say which variant answered (a peer over V2) gets no row.
+        if !variant.is_empty() {
+            println!("│ served by {:<18} │ {:>12} │", variant, n);
+        }
     }
     if let Some(cores) = s.mean_cores {
         println!("│ mean cores (workers)         │ {:>12.2} │", cores);
