@@ -165,7 +165,7 @@ impl Node {
         // plan that resizes or rebatches running workers touches no file.
         let to_load: Vec<tidal_proto::v1::VariantSpec> = desired
             .iter()
-            .filter(|d| !workers.get(&d.key).is_some_and(|w| w.spec.variant.model_file == d.variant.model_file))
+            .filter(|d| workers.get(&d.key).is_none_or(|w| w.spec.variant.model_file != d.variant.model_file))
             .map(|d| d.variant.clone())
             .collect();
         let models = if to_load.is_empty() { HashMap::new() } else { self.models.check_all(to_load).await };

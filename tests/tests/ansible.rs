@@ -239,12 +239,9 @@ fn sha256(path: &Path) -> String {
 }
 
 fn tools_missing() -> Option<&'static str> {
-    for tool in ["ansible-playbook", "ssh", "ssh-keygen"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Some(tool);
-        }
-    }
-    None
+    ["ansible-playbook", "ssh", "ssh-keygen"]
+        .into_iter()
+        .find(|tool| Command::new(tool).arg("--version").output().is_err())
 }
 
 /// The playbooks as `ansible-lint --profile production` sees them (in `make test`).
