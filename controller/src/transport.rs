@@ -1,8 +1,9 @@
 //! Raft messages between controller replicas over gRPC.
 //!
 //! Outbound: one tokio task per peer drains that peer's queue into batches and sends them; a
-//! failed send is dropped (Raft retransmits), reported to raft-rs as unreachable, and the
-//! task backs off before the next attempt. Inbound: the `RaftTransport` service decodes a
+//! failed send is dropped (Raft retransmits), reported to raft-rs as unreachable (and any
+//! snapshot in it or dropped after it as failed), and the task backs off before the next
+//! attempt. Inbound: the `RaftTransport` service decodes a
 //! batch and steps each message into the local replica.
 
 use std::collections::{BTreeMap, HashMap};
@@ -173,7 +174,15 @@ impl Peer {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     // What queued meanwhile is stale; Raft sends what is still needed again.
-                    while rx.try_recv().is_ok() {}
+                    // A snapshot among it must be reported failed: until raft-rs hears how a
+                    // snapshot went, it sends that follower nothing more.
+                    let mut dropped_snapshot = false;
+                    while let Ok(m) = rx.try_recv() {
+                        dropped_snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
+                    }
+                    if dropped_snapshot {
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: false });
+                    }
                 }
             }
         }
@@ -244,5 +253,51 @@ impl RaftTransport for RaftService {
             self.raft.step(m).map_err(|e| Status::unavailable(e.to_string()))?;
         }
         Ok(Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: MessageType) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.to = 2;
+        m
+    }
+
+    /// The next transport feedback within 5 s.
+    async fn feedback(rx: &mpsc::Receiver<Input>) -> Option<Feedback> {
+        for _ in 0..5000 {
+            if let Ok(Input::Transport(f)) = rx.try_recv() {
+                return Some(f);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        None
+    }
+
+    /// raft-rs stops replicating to a follower it sent a snapshot to until it hears how that
+    /// went: a snapshot that never reaches the peer must be reported failed, also one dropped
+    /// from the queue while the peer's task backs off, or the follower stays behind for good.
+    #[tokio::test]
+    async fn a_snapshot_dropped_while_backing_off_is_reported_failed() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap().to_string();
+        drop(dead); // nothing listens there: every send fails at once
+        let book = AddressBook::new([(2, format!("{addr}/{addr}"))]);
+        let (tx, rx) = mpsc::channel();
+        let handle = tokio::runtime::Handle::current();
+        let mut out = Outbound::new(1, "127.0.0.1:9/127.0.0.1:9".into(), book, Security::plaintext(), handle, tx);
+        out.send(vec![message(MessageType::MsgAppend)]);
+        assert!(matches!(feedback(&rx).await, Some(Feedback::Unreachable(2))));
+        // The task now backs off; what queues meanwhile is dropped as stale.
+        out.send(vec![message(MessageType::MsgSnapshot), message(MessageType::MsgHeartbeat)]);
+        match feedback(&rx).await {
+            Some(Feedback::SnapshotSent { to: 2, ok: false }) => {}
+            Some(Feedback::Unreachable(_)) => panic!("the snapshot was sent again instead of dropped"),
+            Some(Feedback::SnapshotSent { .. }) | None => panic!("the dropped snapshot was not reported"),
+        }
     }
 }
