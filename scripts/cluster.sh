@@ -4,14 +4,15 @@
 # Settings (environment): DEMO_TRACE (default the committed Twitter trace), DEMO_SCALE (rate
 # factor), DEMO_SPEEDUP (trace seconds per wall second), DEMO_START / DEMO_DURATION (trace
 # slice, in trace seconds), DEMO_SLO_MS, DEMO_INTERVAL_S (adaptation interval, wall seconds),
-# DEMO_WINDOW_S (seconds of history the forecaster sees), DEMO_RESOLUTION (model input pixels).
+# DEMO_WINDOW_S (seconds of history the forecaster sees), DEMO_RESOLUTION (model input pixels),
+# TIDAL_BIN_DIR (where the built binaries are; default ./target/release).
 #
 # The defaults replay 30 minutes of day 1 (07:25–07:55) at ×0.8: a baseline of about 65 req/s
 # with a burst to 225 req/s (peaks of 250) that lasts six minutes, within what two cores carry
 # with batching. 6× faster, adapting every 5 s: one interval covers 30 s of trace, as the
 # papers' 30 s intervals on real time do.
 
-BIN=./target/release
+BIN=${TIDAL_BIN_DIR:-./target/release}
 export TIDAL_ORT_LIB=${TIDAL_ORT_LIB:-$PWD/.tidal/lib/libonnxruntime.so}
 TRACE=${DEMO_TRACE:-data/twitter-trace-rps.txt.gz}
 SCALE=${DEMO_SCALE:-0.8}

@@ -91,6 +91,15 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     })
     .await;
     assert_eq!(total_millicores(&idle_plan), 1000, "{:?}", idle_plan.notes);
+    // `make demo` and the other scripts wait for this with scripts/cluster.sh's wait_for_plan.
+    let mut wait = Command::new("bash");
+    as_admin(&mut wait).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).env("TIDAL_BIN_DIR", bin_dir()).args([
+        "-c",
+        ". scripts/cluster.sh && wait_for_plan \"$0\"",
+        &ctl_addr,
+    ]);
+    let waited = tokio::task::spawn_blocking(move || wait.output()).await.unwrap().unwrap();
+    assert!(waited.status.success(), "wait_for_plan: {}", String::from_utf8_lossy(&waited.stderr));
 
     // A load step well beyond resnet50 on one core.
     let (ok, total) = drive(&agent.addr, &r18.input_shape, 150.0, 10.0).await;
