@@ -325,17 +325,17 @@ impl AgentService {
     /// Whether the inference port takes this request at all: its token (another agent
     /// forwarding a stage shows its certificate instead), and a plan applied here.
     pub(crate) fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let from_agent = self.node.inference_token.is_some()
-            && matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
-        self.admit_caller(request.metadata(), from_agent)
+        if let Some(token) = &self.node.inference_token {
+            let from_agent = matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
+            if !from_agent {
+                token.check(request.metadata())?;
+            }
+        }
+        self.admit_planned()
     }
 
-    /// [`Self::admit`] for a caller already identified: another agent, or anyone else, who
-    /// must show the token in `metadata` if the port takes one.
-    pub(crate) fn admit_caller(&self, metadata: &tonic::metadata::MetadataMap, from_agent: bool) -> Result<(), Status> {
-        if let (Some(token), false) = (&self.node.inference_token, from_agent) {
-            token.check(metadata)?;
-        }
+    /// A plan applied here: what [`Self::admit`] asks once the caller is let in.
+    pub(crate) fn admit_planned(&self) -> Result<(), Status> {
         if self.node.applied_epoch() == 0 {
             // Starting (or restarted) and not yet told what to serve: not "unknown task", which
             // a client would take as final, but unavailable, which it retries elsewhere.

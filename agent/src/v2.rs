@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ServeError;
 use crate::service::AgentService;
+use crate::worker_protocol::to_bytes;
 
 /// The name of every task's input and output tensor.
 pub const INPUT_NAME: &str = "input";
@@ -79,7 +80,7 @@ pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferR
         )));
     };
     let data = match (req.raw_input_contents.len(), input.contents) {
-        (0, Some(c)) => c.fp32_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        (0, Some(c)) => to_bytes(&c.fp32_contents),
         (0, None) => return Err(invalid("the input has no data (neither contents nor raw_input_contents)")),
         (1, None) => req.raw_input_contents.pop().unwrap_or_default(),
         (1, Some(_)) => return Err(invalid("the input has both contents and raw_input_contents")),

@@ -34,11 +34,12 @@ use tidal_proto::inference::{
     DataType as ConfigType, InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
     ModelStatistics, StatisticDuration,
 };
-use tonic::metadata::MetadataMap;
+use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
 
 use crate::service::AgentService;
 use crate::v2::{config, metadata};
+use crate::worker_protocol::from_bytes;
 
 /// The header that says how many bytes of a body are JSON; the rest is binary tensor data.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -113,7 +114,16 @@ fn invalid(msg: impl Into<String>) -> Status {
 /// The inference token, if the port takes one, and a plan applied (as [`AgentService::admit`];
 /// other agents never call over REST, so a certificate does not stand in for the token).
 fn admit(service: &AgentService, headers: &HeaderMap) -> Result<()> {
-    Ok(service.admit_caller(&MetadataMap::from_headers(headers.clone()), false)?)
+    if let Some(token) = &service.node.inference_token {
+        token.check_header(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
+    }
+    Ok(service.admit_planned()?)
+}
+
+/// The task a model route names, for an admitted caller.
+fn admitted_task(service: &AgentService, headers: &HeaderMap, p: &ModelPath) -> Result<TaskSpec> {
+    admit(service, headers)?;
+    Ok(service.v2_task(&p.model, p.version())?)
 }
 
 /// Unknown paths: gRPC's UNIMPLEMENTED for a gRPC call (as tonic answers), 404 otherwise.
@@ -144,8 +154,7 @@ async fn model_ready(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<StatusCode> {
-    admit(&service, &headers)?;
-    let task = service.v2_task(&p.model, p.version())?;
+    let task = admitted_task(&service, &headers, &p)?;
     Ok(if service.node.task_ready(&task.name) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
 }
 
@@ -154,8 +163,7 @@ async fn model_metadata(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    admit(&service, &headers)?;
-    let m = metadata(&service.v2_task(&p.model, p.version())?);
+    let m = metadata(&admitted_task(&service, &headers, &p)?);
     let tensors = |t: &[TensorMetadata]| -> Vec<Value> {
         t.iter().map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })).collect()
     };
@@ -173,8 +181,7 @@ async fn model_config(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    admit(&service, &headers)?;
-    let c = config(&service.v2_task(&p.model, p.version())?);
+    let c = config(&admitted_task(&service, &headers, &p)?);
     let tensor = |name: &str, data_type: i32, dims: &[i64]| {
         let data_type = ConfigType::try_from(data_type).unwrap_or(ConfigType::TypeInvalid);
         json!({ "name": name, "data_type": data_type.as_str_name(), "dims": dims })
@@ -423,9 +430,7 @@ fn infer_response(r: ModelInferResponse, binary: bool) -> Response {
                 out["parameters"] = json!({ "binary_data_size": data.len() });
                 tail.extend_from_slice(&data);
             } else {
-                let values: Vec<f32> =
-                    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                out["data"] = json!(values);
+                out["data"] = json!(from_bytes(&data));
             }
             out
         })

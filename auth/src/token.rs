@@ -44,8 +44,12 @@ impl Token {
 
     /// UNAUTHENTICATED unless `metadata` carries this token.
     pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        let given = metadata.get(HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match given {
+        self.check_header(metadata.get(HEADER).and_then(|v| v.to_str().ok()))
+    }
+
+    /// The same for the value of an `authorization` header (an HTTP request's), if any.
+    pub fn check_header(&self, authorization: Option<&str>) -> Result<(), Status> {
+        match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
             Some(t) if bool::from(t.as_bytes().ct_eq(self.0.as_bytes())) => Ok(()),
             Some(_) => Err(Status::unauthenticated("the inference token does not match")),
             None => Err(Status::unauthenticated(

@@ -8,7 +8,7 @@ import argparse
 import time
 
 import numpy as np
-import onnxruntime as ort
+from ort_session import open_session
 
 
 def main():
@@ -19,11 +19,7 @@ def main():
     p.add_argument("--batches", default="1,4,8,16")
     p.add_argument("--seconds", type=float, default=5.0, help="per batch size")
     a = p.parse_args()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = a.threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(a.model, options, providers=["CPUExecutionProvider"])
+    session = open_session(a.model, a.threads)
     name = session.get_inputs()[0].name
     shape = [int(d) for d in a.shape.split(",")]
     for b in [int(x) for x in a.batches.split(",")]:

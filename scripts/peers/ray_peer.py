@@ -39,7 +39,8 @@ def main():
     p.add_argument("--http-port", type=int, default=8800)
     a = p.parse_args()
 
-    root = pathlib.Path(__file__).resolve().parents[2]
+    here = pathlib.Path(__file__).resolve().parent
+    root = here.parents[1]
     stubs = generate_stubs(root / "proto" / "proto" / "kserve_v2.proto")
     sys.path.insert(0, stubs)
     import ray
@@ -50,7 +51,10 @@ def main():
         num_cpus=a.cores,
         include_dashboard=False,
         object_store_memory=512 << 20,
-        runtime_env={"env_vars": {"PYTHONPATH": stubs, "OMP_NUM_THREADS": str(a.threads)}},
+        # Replicas import the V2 stubs and this directory's ort_session.
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join([stubs, str(here)]), "OMP_NUM_THREADS": str(a.threads)}
+        },
     )
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=a.http_port),
@@ -81,15 +85,11 @@ def deployment(cores):
     class Classifier:
         def __init__(self, model, name, shape, threads, max_batch, wait_s):
             import numpy as np
-            import onnxruntime as ort
+            from ort_session import open_session
 
             import kserve_v2_pb2 as pb
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = open_session(model, threads)
             self.input = self.session.get_inputs()[0].name
             self.np, self.pb = np, pb
             self.name, self.shape, self.max_batch = name, shape, max_batch

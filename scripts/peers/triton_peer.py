@@ -7,7 +7,7 @@ model name, tensor names and shapes."""
 import argparse
 
 import numpy as np
-import onnxruntime as ort
+from ort_session import open_session
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
@@ -26,11 +26,7 @@ def main():
     p.add_argument("--metrics-port", type=int, default=8002)
     a = p.parse_args()
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = a.threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(a.model, options, providers=["CPUExecutionProvider"])
+    session = open_session(a.model, a.threads)
     input_name = session.get_inputs()[0].name
 
     @batch
