@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::controller_client::ControllerClient;
-use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, SetSloRequest, TaskSpec};
+use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, SetShareRequest, SetSloRequest, TaskSpec};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -196,6 +196,28 @@ enum CertsCmd {
     },
 }
 
+/// A task's share of a shared cluster (see `TaskShare`).
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ShareArgs {
+    /// Its weight, 0–1000 (default 1): while the cores suffice, the planner maximises the sum
+    /// over tasks of weight × objective; under shortage, cores are shared by weight (see the
+    /// controller's --share). 0 is best effort: only cores no weighted task needs.
+    #[arg(long)]
+    weight: Option<f64>,
+    /// Cores guaranteed to the task while its load asks for them.
+    #[arg(long)]
+    min_cores: Option<u32>,
+    /// The most cores the task may have (0: no cap).
+    #[arg(long)]
+    max_cores: Option<u32>,
+}
+
+impl ShareArgs {
+    fn request(self, task: &str) -> SetShareRequest {
+        SetShareRequest { task: task.into(), weight: self.weight, min_cores: self.min_cores, max_cores: self.max_cores }
+    }
+}
+
 #[derive(Subcommand)]
 enum TaskCmd {
     /// Register (or replace) a task from variant configs in a model directory: a single-model
@@ -219,6 +241,19 @@ enum TaskCmd {
         /// `variants` (names in --model-dir), run in order; see deploy/video-pipeline.toml.
         #[arg(long)]
         file: Option<PathBuf>,
+        #[command(flatten)]
+        share: ShareArgs,
+    },
+    /// Change how a task shares the cluster's cores with the other tasks: its weight, its
+    /// guaranteed minimum and its maximum (what is not given stays as it is).
+    ///
+    /// Example: tidalctl task set --task resnet --weight 2 --min-cores 1 --max-cores 8
+    Set {
+        /// The task's name.
+        #[arg(long)]
+        task: String,
+        #[command(flatten)]
+        share: ShareArgs,
     },
     /// Change a task's SLO at run time.
     ///
@@ -272,8 +307,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
             models::generate_models(&out, &variants, resolution, seed, force)
         }
-        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file }) => {
-            let task = match file {
+        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {
+            let mut task = match file {
                 Some(path) => tidal_common::task_file::TaskFile::load(&path)?.to_spec(&model_dir)?,
                 None => {
                     let variants = variants
@@ -289,6 +324,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     task
                 }
             };
+            let changed = tidal_common::task::changed_share(task.share.as_ref(), &share.request(&task.name))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            task.share = (changed != Default::default()).then_some(changed);
             let (name, slo, stages) = (task.name.clone(), task.slo_ms, task.stages.len());
             controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
             if stages > 1 {
@@ -296,6 +334,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("registered task {name} (SLO {slo} ms)");
             }
+            Ok(())
+        }
+        Command::Task(TaskCmd::Set { task, share }) => {
+            let answer = controller(&cli.controller).await?.set_share(share.request(&task)).await?.into_inner();
+            let share = answer.share.unwrap_or_default();
+            let max = if share.max_cores > 0 { share.max_cores.to_string() } else { "no cap".into() };
+            println!(
+                "task {task}: weight {}, minimum {} cores, maximum {max}",
+                share.weight.unwrap_or(1.0),
+                share.min_cores
+            );
             Ok(())
         }
         Command::Task(TaskCmd::SetSlo { task, slo_ms }) => {

@@ -260,6 +260,7 @@ fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
             scale_down_after: opts.scale_down_after.max(1),
             reserve_cores: 0,
             load_time_s: opts.load_time_s.unwrap_or(AdaptConfig::default().load_time_s),
+            share: Default::default(),
         },
         slo_ms: opts.slo_ms as f64,
         core_budget: opts.cores,

@@ -23,15 +23,17 @@ use std::collections::{BTreeMap, HashSet};
 
 use tidal_proto::v1::{Assignment, Plan, ProfilePoint, StageSpec, TaskSpec, Transition};
 
+mod cluster;
 mod handover;
+pub mod share;
 
 pub use handover::Serving;
+pub use share::ShareRule;
 
 use crate::forecast::{is_surge, Forecaster, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S};
 use crate::latency::LatencyModel;
-use crate::plan::place;
 use crate::profile::ProfileGrid;
-use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, Stage, Variant, Weights};
+use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, SolveError, Stage, Variant, Weights};
 
 /// The least time between two surge re-plans, seconds.
 pub const SURGE_COOLDOWN_S: f64 = 3.0;
@@ -55,6 +57,8 @@ pub struct AdaptConfig {
     pub reserve_cores: u32,
     /// Seconds a new worker takes to serve, where a variant's own is not known.
     pub load_time_s: f64,
+    /// How the cores are divided when they do not carry every task's load.
+    pub share: ShareRule,
 }
 
 impl Default for AdaptConfig {
@@ -70,6 +74,7 @@ impl Default for AdaptConfig {
             scale_down_after: 3,
             reserve_cores: 0,
             load_time_s: 2.0,
+            share: ShareRule::default(),
         }
     }
 }
@@ -231,13 +236,13 @@ impl Adapter {
         self.stabilisers.retain(|t, _| names.contains(t.as_str()));
         self.planned.retain(|t, _| names.contains(t.as_str()));
         let mut outcomes = BTreeMap::new();
-        let mut chosen = Vec::new();
+        let mut rates = Vec::with_capacity(input.tasks.len());
         for task in &input.tasks {
             let outcome = match self.planned.get(&task.spec.name) {
                 Some(&planned_rps) if !forecast => TaskOutcome { planned_rps, ..Default::default() },
                 _ => self.forecast(task),
             };
-            chosen.push(choose(&self.cfg, task, input.current, outcome.planned_rps, &input.nodes));
+            rates.push(outcome.planned_rps);
             outcomes.insert(task.spec.name.clone(), outcome);
         }
         let mut plan = Plan {
@@ -250,15 +255,18 @@ impl Adapter {
         if input.nodes.is_empty() {
             plan.notes.push("no agent has registered: nothing to place".into());
         }
-        let mut free: Vec<u32> = input.nodes.iter().map(|n| n.cores.saturating_sub(self.cfg.reserve_cores)).collect();
-        for (task, choice) in input.tasks.iter().zip(chosen) {
+        let free: Vec<u32> = input.nodes.iter().map(|n| n.cores.saturating_sub(self.cfg.reserve_cores)).collect();
+        let mut tasks: Vec<TaskPlans> = input
+            .tasks
+            .iter()
+            .zip(rates)
+            .map(|(task, rate)| TaskPlans::new(&self.cfg, task, input.current, rate, free.iter().sum()))
+            .collect();
+        let choices = cluster::divide_and_place(&self.cfg, &mut tasks, &free, input, &mut plan);
+        for (task, choice) in input.tasks.iter().zip(choices) {
             let outcome = outcomes.get_mut(&task.spec.name).expect("an outcome per task");
             outcome.overloaded = choice.overloaded;
             outcome.failed = choice.failed;
-            plan.notes.extend(choice.notes);
-            if !input.nodes.is_empty() {
-                self.place_task(&mut plan, &mut free, task.spec, choice.workers, input);
-            }
         }
         if let Some(current) = input.current {
             let millicores = input.nodes.iter().map(|n| (n.name.to_string(), n.cores.saturating_mul(1000))).collect();
@@ -283,38 +291,6 @@ impl Adapter {
         let planned_rps = stabiliser.next(forecast_rps);
         self.planned.insert(task.spec.name.clone(), planned_rps);
         TaskOutcome { forecast_rps, planned_rps, ..Default::default() }
-    }
-
-    /// Places one task's workers, keeping each variant on the nodes where it runs, and numbers
-    /// the replicas of a variant on a node.
-    fn place_task(
-        &self,
-        plan: &mut Plan,
-        free: &mut [u32],
-        task: &TaskSpec,
-        workers: Vec<Assignment>,
-        input: &RoundInput,
-    ) {
-        let current = current_nodes(input, &task.name, &workers);
-        let cores: Vec<u32> = workers.iter().map(|w| w.millicores.div_ceil(1000)).collect();
-        let groups: Vec<&str> = workers.iter().map(variant_name).collect();
-        match place(&cores, &groups, &current, free) {
-            Ok(placed) => {
-                for (mut w, node) in workers.into_iter().zip(placed) {
-                    free[node] -= w.millicores.div_ceil(1000);
-                    w.node = input.nodes[node].name.to_string();
-                    w.replica = plan
-                        .assignments
-                        .iter()
-                        .filter(|a| {
-                            a.task == w.task && a.stage == w.stage && a.node == w.node && a.variant == w.variant
-                        })
-                        .count() as u32;
-                    plan.assignments.push(w);
-                }
-            }
-            Err(e) => plan.notes.push(format!("{}: {e}", task.name)),
-        }
     }
 }
 
@@ -342,6 +318,7 @@ fn current_nodes(input: &RoundInput, task: &str, workers: &[Assignment]) -> Vec<
 }
 
 /// One task's workers (nodes not yet set) and the notes that explain them.
+#[derive(Debug, Clone, Default)]
 struct Choice {
     workers: Vec<Assignment>,
     notes: Vec<String>,
@@ -349,43 +326,129 @@ struct Choice {
     failed: bool,
 }
 
-fn choose(cfg: &AdaptConfig, task: &TaskInput, current: Option<&Plan>, rate: f64, nodes: &[NodeInput]) -> Choice {
-    let spec = task.spec;
-    let budget: u32 = nodes.iter().map(|n| n.cores.saturating_sub(cfg.reserve_cores)).sum();
-    let mut choice = Choice { workers: vec![], notes: vec![], overloaded: false, failed: false };
-    if spec.stages.is_empty() {
-        choice.notes.push(format!("{}: the task has no stages", spec.name));
-        return choice;
+impl Choice {
+    fn cores(&self) -> u32 {
+        self.workers.iter().map(|w| w.millicores.div_ceil(1000)).sum()
     }
-    let old = workers_in(current, &spec.name);
-    let problem = problem(cfg, task, &old, rate, budget);
-    if problem.stages.iter().any(|s| s.variants.is_empty()) {
-        match unprofiled_default(spec, budget) {
-            Some((workers, note)) => {
-                choice.workers = workers;
-                choice.notes.push(note);
-            }
-            None => choice.notes.push(format!("{}: not enough free cores for one worker per stage", spec.name)),
-        }
-        return choice;
+}
+
+/// One task's best plan within a budget, with what the division of the cores weighs.
+#[derive(Debug, Clone)]
+struct Planned {
+    choice: Choice,
+    cores: u32,
+    /// The policy's objective, its core term weighed against the cluster's cores.
+    value: f64,
+    carried_rps: f64,
+}
+
+/// How one task is planned in a round: fixed (no stages, no profiles yet, or no plan at all,
+/// which keeps its workers as they are), or at the budget the division of the cluster's cores
+/// gives it, each budget solved once.
+struct TaskPlans<'r, 'a> {
+    cfg: &'r AdaptConfig,
+    task: &'r TaskInput<'a>,
+    old: Vec<&'r Assignment>,
+    rate: f64,
+    /// The cluster's cores less the reserve: what a plan's cores are weighed against.
+    cluster: u32,
+    /// The most cores the task may have: its maximum, the cluster's at most.
+    cap: u32,
+    fixed: Option<Choice>,
+    /// Its problem at the whole cap, built once; each budget's is a copy.
+    base: Problem,
+    solved: BTreeMap<(u32, Option<u32>), Result<Planned, SolveError>>,
+}
+
+impl<'r, 'a> TaskPlans<'r, 'a> {
+    fn new(cfg: &'r AdaptConfig, task: &'r TaskInput<'a>, current: Option<&'r Plan>, rate: f64, cluster: u32) -> Self {
+        let max = task.spec.share.as_ref().map_or(0, |s| s.max_cores);
+        let cap = if max > 0 { max.min(cluster) } else { cluster };
+        let old = workers_in(current, &task.spec.name);
+        let base = problem(cfg, task, &old, rate, cap, cluster);
+        let mut plans = Self { cfg, task, old, rate, cluster, cap, fixed: None, base, solved: BTreeMap::new() };
+        plans.fixed = plans.fixed_choice();
+        plans
     }
-    let space = cfg.space();
-    match solve(&problem, &space) {
-        Ok(s) => {
-            let (problem, s, kept) = price_transition(cfg, &space, task, &old, rate, problem, s);
-            choice.workers = workers_of(spec, &problem, &s);
-            choice.notes = notes_of(spec, &problem, &s, rate, budget);
-            choice.notes.extend(kept);
-            choice.overloaded = s.overloaded;
-        }
-        Err(e) => {
-            // Keep what serves: a task without a plan would lose every worker.
-            choice.workers = old.iter().map(|&a| Assignment { node: String::new(), replica: 0, ..a.clone() }).collect();
-            choice.notes.push(format!("{}: no plan ({e}); its workers are kept as they are", spec.name));
-            choice.failed = true;
-        }
+
+    fn name(&self) -> &str {
+        &self.task.spec.name
     }
-    choice
+
+    /// Its weight in the cluster's objective and shares (absent: 1).
+    fn weight(&self) -> f64 {
+        self.task.spec.share.as_ref().and_then(|s| s.weight).unwrap_or(1.0).max(0.0)
+    }
+
+    fn min_cores(&self) -> u32 {
+        self.task.spec.share.as_ref().map_or(0, |s| s.min_cores)
+    }
+
+    fn fixed_choice(&mut self) -> Option<Choice> {
+        let spec = self.task.spec;
+        if spec.stages.is_empty() {
+            return Some(Choice { notes: vec![format!("{}: the task has no stages", spec.name)], ..Choice::default() });
+        }
+        if self.base.stages.iter().any(|s| s.variants.is_empty()) {
+            let choice = match unprofiled_default(spec, self.cap) {
+                Some((workers, note)) => Choice { workers, notes: vec![note], ..Choice::default() },
+                None => Choice {
+                    notes: vec![format!("{}: not enough free cores for one worker per stage", spec.name)],
+                    ..Choice::default()
+                },
+            };
+            return Some(choice);
+        }
+        let cap = self.cap;
+        let error = match self.within(cap, None) {
+            Ok(_) => return None,
+            Err(e) => e.to_string(),
+        };
+        // Keep what serves: a task without a plan would lose every worker.
+        let workers = self.old.iter().map(|&a| Assignment { node: String::new(), replica: 0, ..a.clone() }).collect();
+        let note = format!("{}: no plan ({error}); its workers are kept as they are", spec.name);
+        Some(Choice { workers, notes: vec![note], overloaded: false, failed: true })
+    }
+
+    /// The best plan within `budget` cores, each worker within `max_worker` cores.
+    fn within(&mut self, budget: u32, max_worker: Option<u32>) -> Result<&Planned, &SolveError> {
+        let key = (budget, max_worker);
+        if !self.solved.contains_key(&key) {
+            let planned = self.solve(budget, max_worker);
+            self.solved.insert(key, planned);
+        }
+        self.solved[&key].as_ref()
+    }
+
+    fn solve(&self, budget: u32, max_worker: Option<u32>) -> Result<Planned, SolveError> {
+        let (cfg, task) = (self.cfg, self.task);
+        let mut problem = self.base.clone();
+        problem.core_budget = budget;
+        problem.max_worker_cores = max_worker;
+        problem.weights.beta = cfg.weights.beta * budget as f64 / self.cluster.max(1) as f64;
+        let space = cfg.space();
+        let s = solve(&problem, &space)?;
+        let (problem, s, kept) = price_transition(cfg, &space, task, &self.old, self.rate, problem, s);
+        let mut notes = notes_of(task.spec, &problem, &s, self.rate, budget);
+        notes.extend(kept);
+        Ok(Planned {
+            choice: Choice {
+                workers: workers_of(task.spec, &problem, &s),
+                notes,
+                overloaded: s.overloaded,
+                failed: false,
+            },
+            cores: s.cores,
+            value: s.objective,
+            carried_rps: s.carried_rps,
+        })
+    }
+
+    /// The fraction of its planned rate the best plan within `budget` carries.
+    fn carried_fraction(&mut self, budget: u32) -> f64 {
+        let rate = self.rate.max(crate::solver::MIN_PLANNED_RPS);
+        self.within(budget, None).map_or(0.0, |p| (p.carried_rps / rate).min(1.0))
+    }
 }
 
 /// For a policy that prices transitions: the best plan also restricted to the variants that
@@ -495,8 +558,11 @@ fn transition_cost(
 
 /// The planning problem of one task: per stage its profiled variants, the planned rate, the
 /// SLO less the communication latency its requests' budgets show, and load costs as the
-/// policy defines them (a variant that runs costs nothing to keep).
-fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32) -> Problem {
+/// policy defines them (a variant that runs costs nothing to keep). Its cores are weighed
+/// against the cluster's (β·RC/cluster rather than β·RC/budget), so that plans of different
+/// budgets, and of different tasks, are worth the same for the same cores; for a task alone
+/// on the cluster the two are one.
+fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32, cluster: u32) -> Problem {
     let spec = task.spec;
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
     // A stage that sees several inputs per request (crops) is planned per request.
@@ -524,7 +590,8 @@ fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, 
         slo_ms,
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
         core_budget: budget,
-        weights: cfg.weights,
+        max_worker_cores: None,
+        weights: Weights { beta: cfg.weights.beta * budget as f64 / cluster.max(1) as f64, ..cfg.weights },
         model: cfg.model,
     }
 }

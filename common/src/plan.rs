@@ -137,6 +137,8 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
     "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)"
 )]
 pub struct PlacementError {
+    /// The index of the worker that found no room.
+    pub worker: usize,
     pub cores: u32,
     pub free: Vec<u32>,
 }
@@ -164,7 +166,7 @@ pub fn place<G: PartialEq>(
             .filter(|&n| free[n] >= cores)
             .max_by_key(|&n| (!taken(n), runs_there(n), free[n], std::cmp::Reverse(n)));
         let Some(node) = node else {
-            return Err(PlacementError { cores, free });
+            return Err(PlacementError { worker: i, cores, free });
         };
         free[node] -= cores;
         placed[i] = Some(node);
@@ -245,7 +247,8 @@ mod tests {
     #[test]
     fn a_plan_from_before_stages_is_read_as_one_stage() {
         let mut old = plan(vec![assignment("a", 1000)]);
-        old.tasks[0] = TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant("a")], stages: vec![] };
+        old.tasks[0] =
+            TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant("a")], stages: vec![], share: None };
         old.assignments[0].stage.clear();
         normalise(&mut old);
         assert_eq!(old.tasks[0].stages[0].name, "t");

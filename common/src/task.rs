@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use tidal_proto::v1::{Connector, ProfilePoint, StageSpec, TaskSpec, VariantSpec};
+use tidal_proto::v1::{Connector, ProfilePoint, SetShareRequest, StageSpec, TaskShare, TaskSpec, VariantSpec};
 
 use crate::variant::validate_variant;
 
@@ -27,6 +27,49 @@ pub fn validate_slo(slo_ms: u32) -> Result<(), String> {
     }
 }
 
+/// Largest weight a task may have.
+pub const MAX_WEIGHT: f64 = 1000.0;
+/// Most cores a task's minimum or maximum may name.
+pub const MAX_SHARE_CORES: u32 = 1_000_000;
+
+/// A task's share of the cluster: a weight in 0..=[`MAX_WEIGHT`], a minimum and a maximum of
+/// at most [`MAX_SHARE_CORES`] cores, the minimum no more than a set maximum.
+pub fn validate_share(share: &TaskShare) -> Result<(), String> {
+    if let Some(w) = share.weight {
+        if !(0.0..=MAX_WEIGHT).contains(&w) {
+            return Err(format!("a task's weight must be 0–{MAX_WEIGHT}, not {w}"));
+        }
+    }
+    for (what, cores) in [("minimum", share.min_cores), ("maximum", share.max_cores)] {
+        if cores > MAX_SHARE_CORES {
+            return Err(format!("a task's {what} of {cores} cores is over {MAX_SHARE_CORES}"));
+        }
+    }
+    if share.max_cores > 0 && share.min_cores > share.max_cores {
+        return Err(format!(
+            "a task's minimum of {} cores is above its maximum of {}",
+            share.min_cores, share.max_cores
+        ));
+    }
+    Ok(())
+}
+
+/// `share` with the parts `change` sets changed, checked.
+pub fn changed_share(share: Option<&TaskShare>, change: &SetShareRequest) -> Result<TaskShare, String> {
+    let mut share = share.cloned().unwrap_or_default();
+    if change.weight.is_some() {
+        share.weight = change.weight;
+    }
+    if let Some(min) = change.min_cores {
+        share.min_cores = min;
+    }
+    if let Some(max) = change.max_cores {
+        share.max_cores = max;
+    }
+    validate_share(&share)?;
+    Ok(share)
+}
+
 /// The task with its stages spelt out: a task written in the one-stage form (`variants`, no
 /// `stages`) becomes one stage named after the task. Idempotent.
 pub fn normalise(mut task: TaskSpec) -> TaskSpec {
@@ -40,7 +83,7 @@ pub fn normalise(mut task: TaskSpec) -> TaskSpec {
 
 /// A one-stage task of `variants`, named after it.
 pub fn single_stage(name: &str, slo_ms: u32, variants: Vec<VariantSpec>) -> TaskSpec {
-    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![stage(name, variants)] }
+    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![stage(name, variants)], share: None }
 }
 
 /// A stage that takes the previous stage's output as is.
@@ -124,6 +167,9 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
     }
     validate_slo(t.slo_ms)?;
+    if let Some(share) = &t.share {
+        validate_share(share)?;
+    }
     if !t.variants.is_empty() {
         return Err("a task gives its variants in `variants` (one stage) or in `stages`, not both".into());
     }
@@ -187,7 +233,13 @@ mod tests {
 
     #[test]
     fn the_one_stage_form_becomes_a_stage_named_after_the_task() {
-        let t = TaskSpec { name: "classify".into(), slo_ms: 100, variants: vec![variant("a", &[3])], stages: vec![] };
+        let t = TaskSpec {
+            name: "classify".into(),
+            slo_ms: 100,
+            variants: vec![variant("a", &[3])],
+            stages: vec![],
+            share: None,
+        };
         let n = normalise(t);
         assert!(n.variants.is_empty());
         assert_eq!(n.stages.len(), 1);
@@ -208,6 +260,7 @@ mod tests {
                 stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
                 stage("classify", vec![variant("r18", &[3, 32, 32])]),
             ],
+            share: None,
         }
     }
 

@@ -14,12 +14,15 @@
 //! variants = ["resnet18", "resnet50"]
 //! crops = 2        # optional: classify the 2 most confident detections of each frame
 //! ```
+//!
+//! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
+//! (see `TaskShare`).
 
 use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tidal_proto::v1::{Connector, TaskSpec};
+use tidal_proto::v1::{Connector, TaskShare, TaskSpec};
 
 use crate::variant::{VariantConfig, VariantError};
 
@@ -29,6 +32,11 @@ pub struct TaskFile {
     pub name: String,
     pub slo_ms: u32,
     pub stages: Vec<StageFile>,
+    pub weight: Option<f64>,
+    #[serde(default)]
+    pub min_cores: u32,
+    #[serde(default)]
+    pub max_cores: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,7 +90,12 @@ impl TaskFile {
                 Ok(stage)
             })
             .collect::<Result<Vec<_>, TaskFileError>>()?;
-        let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, variants: vec![], stages };
+        let share = (self.weight.is_some() || self.min_cores > 0 || self.max_cores > 0).then_some(TaskShare {
+            weight: self.weight,
+            min_cores: self.min_cores,
+            max_cores: self.max_cores,
+        });
+        let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, variants: vec![], stages, share };
         crate::task::validate_task(&task).map_err(TaskFileError::Invalid)?;
         Ok(task)
     }

@@ -61,7 +61,7 @@ fn task() -> impl Strategy<Value = TaskSpec> {
     )
         .prop_map(|(name, variants, connector, crops)| StageSpec { name, variants, connector, crops });
     (name(), small_or_any(1..1000), prop::collection::vec(variant(), 0..3), prop::collection::vec(stage, 0..4))
-        .prop_map(|(name, slo_ms, variants, stages)| TaskSpec { name, slo_ms, variants, stages })
+        .prop_map(|(name, slo_ms, variants, stages)| TaskSpec { name, slo_ms, variants, stages, share: None })
 }
 
 /// A valid two-stage task, for plans whose numbers are what varies.
@@ -78,6 +78,7 @@ fn two_stages() -> TaskSpec {
         slo_ms: 100,
         variants: vec![],
         stages: vec![stage("a", vec![v("x")]), stage("b", vec![v("y"), v("z")])],
+        share: None,
     }
 }
 

@@ -57,6 +57,12 @@ struct Args {
     /// of the research systems and baselines it is compared with.
     #[arg(long, env = "TIDAL_POLICY", default_value = "tidal", value_parser = parse_policy)]
     policy: PolicyKind,
+    /// How the cores are divided among tasks when they do not carry every task's load:
+    /// weighted (in proportion to the tasks' weights) or max-min (the largest least fraction
+    /// of each task's demand carried). While the cores suffice, the tasks' weighted objectives
+    /// decide.
+    #[arg(long, env = "TIDAL_SHARE", default_value = "weighted")]
+    share: tidal_common::adapt::ShareRule,
     /// Objective weight of the traffic-weighted accuracy (per 100 %).
     #[arg(long, env = "TIDAL_ALPHA", default_value_t = 1.0)]
     alpha: f64,
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             scale_down_after: args.scale_down_after.max(1),
             reserve_cores: args.reserve_cores,
             load_time_s: args.load_time_s.clamp(0.0, 600.0),
+            share: args.share,
         },
         advertise,
         node_timeout: Duration::from_secs_f64(args.node_timeout_s),

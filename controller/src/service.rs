@@ -11,8 +11,8 @@ use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
     command::Change, ClusterStatus, ClusterStatusRequest, Command, DrainNodeRequest, DrainNodeResponse, NodeStatus,
     PlanHistory, PlanHistoryRequest, RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest,
-    RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse, SetSloRequest, SetSloResponse, StoreProfileRequest,
-    StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
+    RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse, SetShareRequest, SetShareResponse, SetSloRequest,
+    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, MembershipResponse, RemoveReplicaRequest, Replica, ReplicaList,
@@ -156,6 +156,19 @@ impl ControllerApi for ControllerService {
         }
         self.commit(Change::SetSlo(req)).await?;
         Ok(Response::new(SetSloResponse {}))
+    }
+
+    async fn set_share(&self, request: Request<SetShareRequest>) -> Result<Response<SetShareResponse>, Status> {
+        self.guard.require(&request, "SetShare", is_admin)?;
+        self.require_leader()?;
+        let req = request.into_inner();
+        let current = self.ctl.raft.read(|s| s.tasks.get(&req.task).map(|t| t.share));
+        let Some(current) = current else {
+            return Err(Status::not_found(format!("unknown task {:?}", req.task)));
+        };
+        let share = tidal_common::task::changed_share(current.as_ref(), &req).map_err(Status::invalid_argument)?;
+        self.commit(Change::SetShare(req)).await?;
+        Ok(Response::new(SetShareResponse { share: Some(share) }))
     }
 
     async fn store_profile(

@@ -137,6 +137,10 @@ impl ClusterState {
                 let task = self.tasks.get_mut(&s.task).ok_or_else(|| format!("unknown task {:?}", s.task))?;
                 task.slo_ms = s.slo_ms;
             }
+            Change::SetShare(s) => {
+                let task = self.tasks.get_mut(&s.task).ok_or_else(|| format!("unknown task {:?}", s.task))?;
+                task.share = Some(tidal_common::task::changed_share(task.share.as_ref(), s)?);
+            }
             Change::StoreProfile(p) => {
                 validate_profile(p)?;
                 if self.tasks.get(&p.task).is_none_or(|t| find_variant(t, &p.variant).is_none()) {
@@ -166,7 +170,10 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidal_proto::v1::{Assignment, DrainNodeRequest, ProfilePoint, RemoveNodeRequest, SetSloRequest, VariantSpec};
+    use tidal_proto::v1::{
+        Assignment, DrainNodeRequest, ProfilePoint, RemoveNodeRequest, SetShareRequest, SetSloRequest, TaskShare,
+        VariantSpec,
+    };
 
     fn plan(epoch: u64) -> Command {
         Command { change: Some(Change::CommitPlan(Plan { epoch, term: 1, ..Default::default() })) }
@@ -181,7 +188,7 @@ mod tests {
     }
 
     fn task() -> TaskSpec {
-        TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant()], stages: vec![] }
+        TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant()], stages: vec![], share: None }
     }
 
     fn node(name: &str) -> RegisterNodeRequest {
@@ -247,6 +254,25 @@ mod tests {
         assert_eq!(s.tasks["t"].slo_ms, 50);
         assert!(s.apply(4, &profile("v", 1)).is_ok());
         assert!(s.apply(5, &profile("w", 1)).is_err());
+    }
+
+    #[test]
+    fn a_share_change_sets_only_what_it_names() {
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        let set = |weight, min_cores, max_cores| {
+            cmd(Change::SetShare(SetShareRequest { task: "t".into(), weight, min_cores, max_cores }))
+        };
+        s.apply(2, &set(Some(2.5), None, Some(8))).unwrap();
+        s.apply(3, &set(None, Some(1), None)).unwrap();
+        assert_eq!(s.tasks["t"].share, Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8 }));
+        // A minimum above the maximum, or a weight out of range, changes nothing.
+        assert!(s.apply(4, &set(None, Some(9), None)).is_err());
+        assert!(s.apply(5, &set(Some(f64::NAN), None, None)).is_err());
+        assert!(s.apply(6, &set(Some(-1.0), None, None)).is_err());
+        assert_eq!(s.tasks["t"].share, Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8 }));
+        // The share survives a snapshot.
+        assert_eq!(ClusterState::from_snapshot(s.to_snapshot()).tasks["t"].share, s.tasks["t"].share);
     }
 
     /// The log is an input too: an entry that the API would have refused (say, forged by a

@@ -29,6 +29,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             input_shape: vec![3, 8, 8],
         }],
         stages: vec![],
+        share: None,
     }
 }
 

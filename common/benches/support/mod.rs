@@ -50,6 +50,7 @@ pub fn problem(stages: Vec<Stage>, load_rps: f64, budget: u32, slo_ms: f64) -> P
         slo_ms,
         comm_latency_ms: 0.0,
         core_budget: budget,
+        max_worker_cores: None,
         weights: Weights::default(),
         model: LatencyModel::default(),
     }

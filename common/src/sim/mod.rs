@@ -225,6 +225,7 @@ impl SimPlanner {
                     stage
                 })
                 .collect(),
+            share: None,
         };
         let variants = stages.iter().flat_map(|s| &s.variants);
         let profiles = variants.clone().map(|v| (v.name.clone(), v.points.clone())).collect();

@@ -98,6 +98,9 @@ pub struct Problem {
     /// that plan for per-request deadlines.
     pub comm_latency_ms: f64,
     pub core_budget: u32,
+    /// The most cores one worker may have (the largest free node, when a plan must fit the
+    /// cores that fragmentation leaves); `None`: as many as the profile measured.
+    pub max_worker_cores: Option<u32>,
     pub weights: Weights,
     pub model: LatencyModel,
 }

@@ -89,6 +89,7 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
             (lo..=hi).find(|&c| !problem.model.points(grid, c, 1, slo_ms, false).is_empty()).into_iter().collect()
         }
     };
+    let cores: Vec<u32> = cores.into_iter().filter(|&c| problem.max_worker_cores.is_none_or(|m| c <= m)).collect();
     let batches = space.batches.sizes();
     let (budget, w) = (problem.core_budget, &problem.weights);
     let load = problem.load_rps.max(super::MIN_PLANNED_RPS);

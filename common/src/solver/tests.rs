@@ -28,6 +28,7 @@ fn problem(stages: Vec<Vec<Variant>>, load: f64, budget: u32, slo: f64) -> Probl
         slo_ms: slo,
         comm_latency_ms: 0.0,
         core_budget: budget,
+        max_worker_cores: None,
         weights: Weights::default(),
         model: LatencyModel::default(),
     }
@@ -241,6 +242,7 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
             slo_ms: slo,
             comm_latency_ms: 0.0,
             core_budget: budget,
+            max_worker_cores: None,
             weights,
             model: LatencyModel::default(),
         }

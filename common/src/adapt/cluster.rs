@@ -1,0 +1,196 @@
+//! One round's tasks on one cluster: the cores divided among them (see [`super::share`]), then
+//! every task's workers packed onto the nodes together.
+//!
+//! Each task is first planned within everything it may have (its maximum, the cluster's cores
+//! at most). When those best plans fit the cluster together, they are the round's: with a
+//! separable objective and the cores the only thing the tasks share, nothing beats them, and
+//! one task alone is planned exactly as it always was. Otherwise each task's claim is worked out
+//! by solving its own problem at other budgets: the fewest cores that carry its load (a
+//! bisection over budgets: carrying is monotone in them) and the staircase of its best plans
+//! above that (one solve per step, from the best plan down), and the division decides.
+//!
+//! The workers of all tasks are then placed at once, largest first (see [`place`]). Cores that
+//! are free in total may still be split over nodes; a task whose worker finds no node with room
+//! is planned again with workers no larger than the largest free node, and a note says so.
+
+use tidal_proto::v1::{Assignment, Plan};
+
+use super::share::{self, Claim};
+use super::{current_nodes, variant_name, AdaptConfig, Choice, RoundInput, TaskPlans};
+use crate::plan::place;
+
+/// Divides the cores of `free` (per node) among `tasks`, places their workers into `plan`
+/// (with every note that explains them) and returns each task's choice.
+pub(super) fn divide_and_place(
+    cfg: &AdaptConfig,
+    tasks: &mut [TaskPlans],
+    free: &[u32],
+    input: &RoundInput,
+    plan: &mut Plan,
+) -> Vec<Choice> {
+    // Per task, what the division and the placement say of it, before its plan's own notes.
+    let mut said: Vec<Vec<String>> = vec![Vec::new(); tasks.len()];
+    let mut choices = divide(cfg, tasks, free.iter().sum(), &mut said);
+    if !input.nodes.is_empty() {
+        place_all(tasks, &mut choices, free, input, plan, &mut said);
+    }
+    for (said, choice) in said.iter().zip(&choices) {
+        plan.notes.extend(said.iter().chain(&choice.notes).cloned());
+    }
+    choices
+}
+
+/// Each task's choice within the cores it is given.
+fn divide(cfg: &AdaptConfig, tasks: &mut [TaskPlans], total: u32, said: &mut [Vec<String>]) -> Vec<Choice> {
+    let fixed: u32 = tasks.iter().filter_map(|t| t.fixed.as_ref()).map(Choice::cores).sum();
+    let divisible = total.saturating_sub(fixed);
+    let best: u32 = tasks
+        .iter_mut()
+        .filter(|t| t.fixed.is_none())
+        .map(|t| {
+            let cap = t.cap;
+            t.within(cap, None).map_or(0, |p| p.cores)
+        })
+        .sum();
+    let budgets: Vec<u32> = if best <= divisible {
+        tasks.iter().map(|t| t.cap).collect()
+    } else {
+        let claims: Vec<Claim> = tasks.iter_mut().map(claim).collect();
+        let division = share::divide(divisible, &claims, cfg.share, |i, cores| tasks[i].carried_fraction(cores));
+        for ((t, claim), (&cores, said)) in tasks.iter().zip(&claims).zip(division.cores.iter().zip(said.iter_mut())) {
+            if t.fixed.is_none() && cores < claim.enough {
+                said.push(format!(
+                    "{}: SHORTAGE: {cores} of the {} cores its {:.1} req/s need ({} shares of {divisible} cores, weight {})",
+                    t.name(),
+                    claim.enough,
+                    t.rate,
+                    cfg.share,
+                    t.weight()
+                ));
+            }
+        }
+        division.cores
+    };
+    tasks
+        .iter_mut()
+        .zip(budgets)
+        .map(|(t, budget)| match &t.fixed {
+            Some(fixed) => fixed.clone(),
+            None => within_or_nothing(t, budget, None),
+        })
+        .collect()
+}
+
+/// The task's plan within `budget` (workers within `max_worker` cores), or no workers and a
+/// note that says why.
+fn within_or_nothing(t: &mut TaskPlans, budget: u32, max_worker: Option<u32>) -> Choice {
+    let name = t.name().to_string();
+    if budget == 0 {
+        return Choice { notes: vec![format!("{name}: no cores are left for it")], ..Choice::default() };
+    }
+    match t.within(budget, max_worker) {
+        Ok(p) => p.choice.clone(),
+        Err(e) => Choice { notes: vec![format!("{name}: no plan within {budget} cores ({e})")], ..Choice::default() },
+    }
+}
+
+/// The fewest cores that carry the task's load, or the cores of its plan that carries the most
+/// when no budget up to its cap does (0 for a task that cannot be planned).
+fn claim_enough(t: &mut TaskPlans) -> u32 {
+    let cap = t.cap;
+    let Ok(best) = t.within(cap, None) else { return 0 };
+    if best.choice.overloaded {
+        return best.cores;
+    }
+    let (mut lo, mut hi) = (0, best.cores);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match t.within(mid, None) {
+            Ok(p) if !p.choice.overloaded => hi = mid,
+            _ => lo = mid,
+        }
+    }
+    hi
+}
+
+/// What the task asks of the division: its weight, minimum, enough cores and the staircase of
+/// its plans from there up to its best.
+fn claim(t: &mut TaskPlans) -> Claim {
+    let (weight, min_cores) = (t.weight(), t.min_cores());
+    if t.fixed.is_some() {
+        return Claim { weight, min_cores, enough: 0, options: vec![] };
+    }
+    let enough = claim_enough(t);
+    let mut options = Vec::new();
+    let mut budget = t.cap;
+    while let Ok(p) = t.within(budget, None) {
+        if p.choice.overloaded && !options.is_empty() {
+            break;
+        }
+        let (cores, value) = (p.cores, p.value);
+        options.push((cores, value));
+        if cores <= enough || cores == 0 {
+            break;
+        }
+        budget = cores - 1;
+    }
+    options.reverse();
+    if let Some(first) = options.first_mut() {
+        first.0 = first.0.max(enough);
+    }
+    Claim { weight, min_cores, enough, options }
+}
+
+/// Places every task's workers at once; a task whose worker finds no node with room is planned
+/// again with smaller workers (or, failing that, goes without and the notes say why).
+fn place_all(
+    tasks: &mut [TaskPlans],
+    choices: &mut [Choice],
+    free: &[u32],
+    input: &RoundInput,
+    plan: &mut Plan,
+    said: &mut [Vec<String>],
+) {
+    let mut caps: Vec<Option<u32>> = vec![None; tasks.len()];
+    loop {
+        let workers: Vec<(usize, &Assignment)> =
+            choices.iter().enumerate().flat_map(|(i, c)| c.workers.iter().map(move |w| (i, w))).collect();
+        let cores: Vec<u32> = workers.iter().map(|(_, w)| w.millicores.div_ceil(1000)).collect();
+        let groups: Vec<(&str, &str, &str)> =
+            workers.iter().map(|(_, w)| (w.task.as_str(), w.stage.as_str(), variant_name(w))).collect();
+        let current: Vec<Vec<usize>> =
+            workers.iter().flat_map(|(_, w)| current_nodes(input, &w.task, std::slice::from_ref(*w))).collect();
+        let e = match place(&cores, &groups, &current, free) {
+            Ok(nodes) => {
+                for ((_, w), n) in workers.into_iter().zip(nodes) {
+                    let mut w = Assignment { node: input.nodes[n].name.to_string(), ..w.clone() };
+                    w.replica = plan
+                        .assignments
+                        .iter()
+                        .filter(|a| {
+                            a.task == w.task && a.stage == w.stage && a.node == w.node && a.variant == w.variant
+                        })
+                        .count() as u32;
+                    plan.assignments.push(w);
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let i = workers[e.worker].0;
+        let largest = e.free.iter().copied().max().unwrap_or(0);
+        let name = tasks[i].name().to_string();
+        if tasks[i].fixed.is_none() && largest > 0 && caps[i].is_none_or(|c| largest < c) {
+            caps[i] = Some(largest);
+            let budget = choices[i].cores();
+            said[i].push(format!("{name}: planned again with workers of at most {largest} cores: {e}"));
+            choices[i] = within_or_nothing(&mut tasks[i], budget, Some(largest));
+        } else {
+            said[i].push(format!("{name}: {e}"));
+            choices[i].workers.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
