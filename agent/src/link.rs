@@ -132,9 +132,11 @@ impl Link {
                 _ = ticker.tick() => {}
                 _ = stop.cancelled() => return Ok(()),
             }
-            let tasks = carry_over(std::mem::take(unsent), node.telemetry.drain(Instant::now()));
+            let now = Instant::now();
+            let tasks = carry_over(std::mem::take(unsent), node.telemetry.drain(now));
             let report = TelemetryReport {
                 node: node.cfg.node.clone(),
+                second: Some(node.telemetry.second(now)),
                 applied_epoch: node.applied_epoch(),
                 tasks: tasks.clone(),
                 workers: node.worker_telemetry().await,

@@ -17,9 +17,32 @@ pub enum Outcome {
     Failed,
 }
 
+/// Arrivals per whole second since the agent started, reported once each: from the first
+/// arrival on, every second, idle ones as 0.
+#[derive(Default)]
+struct Seconds {
+    counts: BTreeMap<u64, u32>,
+    /// The first second not reported yet (none before the first arrival).
+    next: Option<u64>,
+}
+
+impl Seconds {
+    fn add(&mut self, second: u64) {
+        *self.counts.entry(second).or_default() += 1;
+        self.next.get_or_insert(second);
+    }
+
+    /// The seconds before `current` not reported yet, and the first one's index, removed.
+    fn drain(&mut self, current: u64) -> (Option<u64>, Vec<u32>) {
+        let Some(from) = self.next.filter(|&f| f < current) else { return (None, Vec::new()) };
+        let counts = (from..current).map(|sec| self.counts.remove(&sec).unwrap_or(0)).collect();
+        self.next = Some(current);
+        (Some(from), counts)
+    }
+}
+
 struct TaskStats {
-    /// Arrivals per whole second since the agent started.
-    arrivals: BTreeMap<u64, u32>,
+    arrivals: Seconds,
     served: u64,
     errors: u64,
     deadline_misses: u64,
@@ -41,7 +64,7 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
 impl TaskStats {
     fn new() -> Self {
         Self {
-            arrivals: BTreeMap::new(),
+            arrivals: Seconds::default(),
             served: 0,
             errors: 0,
             deadline_misses: 0,
@@ -54,7 +77,7 @@ impl TaskStats {
 
 /// One stage of a task, as this agent's workers served it.
 struct StageStats {
-    arrivals: BTreeMap<u64, u32>,
+    arrivals: Seconds,
     served: u64,
     errors: u64,
     queue_us: Histogram<u64>,
@@ -63,16 +86,7 @@ struct StageStats {
 
 impl StageStats {
     fn new() -> Self {
-        Self { arrivals: BTreeMap::new(), served: 0, errors: 0, queue_us: histogram(), latency_us: histogram() }
-    }
-}
-
-/// The arrivals of every whole second before `current` (idle seconds as 0), removed.
-fn drain_seconds(arrivals: &mut BTreeMap<u64, u32>, current: u64) -> Vec<u32> {
-    let complete: Vec<u64> = arrivals.range(..current).map(|(&k, _)| k).collect();
-    match (complete.first(), complete.last()) {
-        (Some(&first), Some(&last)) => (first..=last).map(|sec| arrivals.remove(&sec).unwrap_or(0)).collect(),
-        _ => Vec::new(),
+        Self { arrivals: Seconds::default(), served: 0, errors: 0, queue_us: histogram(), latency_us: histogram() }
     }
 }
 
@@ -101,7 +115,7 @@ impl Telemetry {
     pub fn arrival(&self, task: &str, at: Instant, budget_ms: Option<u32>) {
         let second = at.saturating_duration_since(self.started).as_secs();
         self.with(task, |s| {
-            *s.arrivals.entry(second).or_default() += 1;
+            s.arrivals.add(second);
             if let Some(b) = budget_ms {
                 s.min_budget_ms = Some(s.min_budget_ms.map_or(b, |m| m.min(b)));
             }
@@ -124,7 +138,7 @@ impl Telemetry {
         let second = at.saturating_duration_since(self.started).as_secs();
         self.with(task, |s| {
             let st = s.stages.entry(stage.to_string()).or_insert_with(StageStats::new);
-            *st.arrivals.entry(second).or_default() += 1;
+            st.arrivals.add(second);
         });
     }
 
@@ -143,21 +157,27 @@ impl Telemetry {
         });
     }
 
-    /// The report since the last one: arrivals of every whole second before `now` (seconds
-    /// with no arrival included as 0), outcome counts and latency percentiles; resets them.
+    /// The agent's clock at `now`: whole seconds since it started.
+    pub fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// The report since the last one: arrivals of every whole second before `now` not reported
+    /// yet (idle ones as 0) with the first one's index, outcome counts and latency
+    /// percentiles; resets them.
     pub fn drain(&self, now: Instant) -> Vec<TaskTelemetry> {
-        let current_second = now.saturating_duration_since(self.started).as_secs();
+        let current_second = self.second(now);
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for (name, s) in tasks.iter_mut() {
-            let per_second = drain_seconds(&mut s.arrivals, current_second);
+            let (first_second, per_second) = s.arrivals.drain(current_second);
             let stages = s
                 .stages
                 .iter_mut()
                 .map(|(stage, st)| {
                     let t = StageTelemetry {
                         stage: stage.clone(),
-                        arrivals_per_second: drain_seconds(&mut st.arrivals, current_second),
+                        arrivals_per_second: st.arrivals.drain(current_second).1,
                         served: st.served,
                         errors: st.errors,
                         queue_p99_ms: st.queue_us.value_at_quantile(0.99) as f64 / 1000.0,
@@ -172,6 +192,7 @@ impl Telemetry {
             out.push(TaskTelemetry {
                 task: name.clone(),
                 arrivals_per_second: per_second,
+                first_second,
                 served: s.served,
                 errors: s.errors,
                 deadline_misses: s.deadline_misses,
@@ -201,7 +222,11 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
     for t in fresh {
         match by_task.get_mut(&t.task) {
             Some(old) => {
-                append_seconds(&mut old.arrivals_per_second, &t.arrivals_per_second);
+                if old.first_second.is_none() {
+                    old.first_second = t.first_second;
+                }
+                let dropped = append_seconds(&mut old.arrivals_per_second, &t.arrivals_per_second);
+                old.first_second = old.first_second.map(|f| f + dropped as u64);
                 old.served += t.served;
                 old.errors += t.errors;
                 old.deadline_misses += t.deadline_misses;
@@ -221,11 +246,13 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
     by_task.into_values().collect()
 }
 
-/// Appends newer seconds of arrivals, keeping at most [`MAX_UNSENT_SECONDS`] (the newest).
-fn append_seconds(older: &mut Vec<u32>, newer: &[u32]) {
+/// Appends newer seconds of arrivals, keeping at most [`MAX_UNSENT_SECONDS`] (the newest);
+/// returns how many of the oldest it dropped.
+fn append_seconds(older: &mut Vec<u32>, newer: &[u32]) -> usize {
     older.extend_from_slice(newer);
     let excess = older.len().saturating_sub(MAX_UNSENT_SECONDS);
     older.drain(..excess);
+    excess
 }
 
 /// [`carry_over`] for a task's stages.
@@ -265,15 +292,36 @@ mod tests {
         t.outcome("r", Outcome::DeadlineMissed);
         let report = t.drain(t0 + Duration::from_millis(3500));
         assert_eq!(report[0].arrivals_per_second, vec![2, 0, 1]);
+        assert_eq!(report[0].first_second, Some(0));
         assert_eq!(report[0].served, 1);
         assert_eq!(report[0].deadline_misses, 1);
         assert!((report[0].latency_p99_ms - 10.0).abs() < 0.1);
         assert_eq!(report[0].min_budget_ms, 80.0, "the least budget of the report");
         assert!(report[0].stages.is_empty(), "no stage ran here");
         let next = t.drain(t0 + Duration::from_millis(4500));
-        assert_eq!(next[0].arrivals_per_second, vec![1]);
+        assert_eq!((next[0].first_second, next[0].arrivals_per_second.clone()), (Some(3), vec![1]));
         assert_eq!(next[0].min_budget_ms, 0.0, "no request carried a budget");
         assert_eq!(next[0].served, 0);
+        // Idle seconds go on being reported, each once, and a report within a second has none.
+        let idle = t.drain(t0 + Duration::from_millis(6500));
+        assert_eq!((idle[0].first_second, idle[0].arrivals_per_second.clone()), (Some(4), vec![0, 0]));
+        let none = t.drain(t0 + Duration::from_millis(6900));
+        assert_eq!((none[0].first_second, none[0].arrivals_per_second.clone()), (None, vec![]));
+    }
+
+    #[test]
+    fn seconds_carried_over_keep_their_index() {
+        let t = |first: u64, arrivals: Vec<u32>| TaskTelemetry {
+            task: "r".into(),
+            first_second: Some(first),
+            arrivals_per_second: arrivals,
+            ..Default::default()
+        };
+        let merged = carry_over(vec![t(10, vec![1, 2])], vec![t(12, vec![3])]);
+        assert_eq!((merged[0].first_second, merged[0].arrivals_per_second.clone()), (Some(10), vec![1, 2, 3]));
+        let long = carry_over(vec![t(0, vec![1; MAX_UNSENT_SECONDS])], vec![t(MAX_UNSENT_SECONDS as u64, vec![2; 5])]);
+        assert_eq!(long[0].first_second, Some(5), "the oldest seconds dropped");
+        assert_eq!(long[0].arrivals_per_second.len(), MAX_UNSENT_SECONDS);
     }
 
     #[test]

@@ -32,15 +32,15 @@ pub fn candidates(interval_s: usize) -> Vec<(String, Box<dyn Forecaster>)> {
         ("holt α=0.5 β=0.3".into(), Box::new(Holt { alpha: 0.5, beta: 0.3 })),
         (
             format!("peak-window {}s ×1.0", 2 * interval_s),
-            Box::new(PeakWindow { window_s: 2 * interval_s, headroom: 1.0 }),
+            Box::new(PeakWindow { window_s: 2 * interval_s, headroom: 1.0, ..PeakWindow::default() }),
         ),
         (
             format!("peak-window {}s ×1.1", 2 * interval_s),
-            Box::new(PeakWindow { window_s: 2 * interval_s, headroom: 1.1 }),
+            Box::new(PeakWindow { window_s: 2 * interval_s, headroom: 1.1, ..PeakWindow::default() }),
         ),
         (
             format!("peak-window {}s ×1.1", 4 * interval_s),
-            Box::new(PeakWindow { window_s: 4 * interval_s, headroom: 1.1 }),
+            Box::new(PeakWindow { window_s: 4 * interval_s, headroom: 1.1, ..PeakWindow::default() }),
         ),
     ]
 }

@@ -82,7 +82,7 @@ impl Default for AdaptConfig {
 impl AdaptConfig {
     /// The default forecaster for this configuration: the peak of the lookback window.
     pub fn forecaster(&self) -> PeakWindow {
-        PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom }
+        PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom, ..PeakWindow::default() }
     }
 
     pub fn space(&self) -> SearchSpace {

@@ -2,6 +2,13 @@
 //! (summed over nodes), the smallest latency budget requests arrived with, the latest report
 //! of each node, and cumulative outcome counts. Not replicated: a new leader rebuilds it from
 //! the next reports.
+//!
+//! Each second is filed by the agent's own index of it, mapped onto the controller's clock by
+//! the node's offset (the least difference between the two clocks any report showed: a delayed
+//! report shows a larger one). A report delayed past a second boundary thus lands on the
+//! seconds it covers, not on the next ones, where it would add two agent seconds into one.
+//! A task's history starts at its first reported second (no idle padding before it, which
+//! would read as a ramp) and ends at the last second every reporting node has covered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -19,8 +26,25 @@ pub struct Observed {
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
     pub forecasts: BTreeMap<String, f64>,
+    /// Per node, how its seconds map onto the controller's.
+    clocks: HashMap<String, NodeClock>,
     /// A node whose last report is older than this is taken for gone: not planned on.
     pub node_timeout: Duration,
+}
+
+/// How one agent's seconds map onto the controller's.
+#[derive(Debug, Clone, Copy)]
+struct NodeClock {
+    /// Controller second − agent second: the least any report showed.
+    offset: i64,
+    /// The agent's clock at its last report: every second before it has been reported.
+    reported_until: u64,
+}
+
+impl NodeClock {
+    fn at(&self, agent_second: u64) -> u64 {
+        (agent_second as i64 + self.offset).max(0) as u64
+    }
 }
 
 /// The default of [`Observed::node_timeout`]: five missed reports at the agents' default rate.
@@ -35,6 +59,7 @@ impl Observed {
             reports: BTreeMap::new(),
             totals: HashMap::new(),
             forecasts: BTreeMap::new(),
+            clocks: HashMap::new(),
             node_timeout: NODE_TIMEOUT,
         }
     }
@@ -58,8 +83,10 @@ impl Observed {
         at.saturating_duration_since(self.started).as_secs_f64()
     }
 
-    /// Records a report received at `now`: its k per-second arrival counts are the k whole
-    /// seconds before `now`. True when a worker serves that did not in the node's last report.
+    /// Records a report received at `now`, each second at the controller's second for the
+    /// agent's index of it (see the module docs); a report without indices (an older agent)
+    /// has its k per-second counts taken for the k whole seconds before `now`. True when a
+    /// worker serves that did not in the node's last report.
     pub fn record(&mut self, report: TelemetryReport, now: Instant) -> bool {
         let before: Vec<&str> = self
             .reports
@@ -68,12 +95,26 @@ impl Observed {
             .unwrap_or_default();
         let came_up = report.workers.iter().any(|w| w.ready && !before.contains(&w.id.as_str()));
         let current = self.second(now);
+        let clock = report.second.map(|agent| {
+            let offset = current as i64 - agent as i64;
+            let clock = self.clocks.entry(report.node.clone()).or_insert(NodeClock { offset, reported_until: agent });
+            // A clock that went back is an agent that restarted: its seconds start again.
+            if agent < clock.reported_until {
+                clock.offset = offset;
+            }
+            clock.offset = clock.offset.min(offset);
+            clock.reported_until = agent;
+            *clock
+        });
         for t in &report.tasks {
             let series = self.arrivals.entry(t.task.clone()).or_default();
             let k = t.arrivals_per_second.len() as u64;
+            let first = match (clock, t.first_second) {
+                (Some(clock), Some(first)) => clock.at(first),
+                _ => current.saturating_sub(k),
+            };
             for (i, &n) in t.arrivals_per_second.iter().enumerate() {
-                let sec = (current + i as u64).saturating_sub(k);
-                *series.entry(sec).or_default() += n as f64;
+                *series.entry(first + i as u64).or_default() += n as f64;
             }
             while series.first_key_value().is_some_and(|(&s, _)| s + HISTORY_S < current) {
                 series.pop_first();
@@ -105,13 +146,28 @@ impl Observed {
         out
     }
 
-    /// Per-second arrivals of `task` over the last `window_s` complete seconds, oldest first,
-    /// zero where nothing arrived.
+    /// The controller's second up to which (exclusive) every node that reports has reported:
+    /// a later second may still be missing a node's arrivals.
+    pub fn reported_until(&self, now: Instant) -> u64 {
+        let current = self.second(now);
+        self.clocks
+            .iter()
+            .filter(|(node, _)| !self.is_silent(node, now))
+            .map(|(_, c)| c.at(c.reported_until))
+            .min()
+            .unwrap_or(current)
+            .min(current)
+    }
+
+    /// Per-second arrivals of `task` over the last `window_s` seconds every node has reported
+    /// (see [`Self::reported_until`]), oldest first, zero where nothing arrived; from the
+    /// task's first reported second on (empty before it).
     pub fn history(&self, task: &str, now: Instant, window_s: u64) -> Vec<f64> {
-        let end = self.second(now);
-        let begin = end.saturating_sub(window_s);
-        let series = self.arrivals.get(task);
-        (begin..end).map(|s| series.and_then(|m| m.get(&s)).copied().unwrap_or(0.0)).collect()
+        let Some(series) = self.arrivals.get(task) else { return Vec::new() };
+        let Some((&first, _)) = series.first_key_value() else { return Vec::new() };
+        let end = self.reported_until(now);
+        let begin = end.saturating_sub(window_s).max(first);
+        (begin..end).map(|s| series.get(&s).copied().unwrap_or(0.0)).collect()
     }
 
     /// Mean arrival rate of `task` over the last `last_s` seconds.
@@ -195,9 +251,64 @@ mod tests {
         let now = t0 + Duration::from_secs(10);
         o.record(report("a", vec![5, 7]), now);
         o.record(report("b", vec![1, 1]), now);
-        assert_eq!(o.history("t", now, 4), vec![0.0, 0.0, 6.0, 8.0]);
+        assert_eq!(o.history("t", now, 4), vec![6.0, 8.0], "from the task's first second on");
         assert_eq!(o.rate("t", now, 2), 7.0);
-        assert_eq!(o.history("unknown", now, 2), vec![0.0, 0.0]);
+        assert!(o.history("unknown", now, 2).is_empty());
+    }
+
+    /// A report as an agent makes it: its clock and the index of its first second.
+    fn indexed(node: &str, second: u64, first: u64, arrivals: Vec<u32>) -> TelemetryReport {
+        let mut r = report(node, arrivals);
+        r.second = Some(second);
+        r.tasks[0].first_second = Some(first);
+        r
+    }
+
+    /// The cause: a report delayed past a second boundary, followed at once by the next,
+    /// was filed one second late and summed with it; the 60 s peak kept the doubled second.
+    #[test]
+    fn a_delayed_report_is_filed_at_the_seconds_it_covers() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut o = Observed::new(t0);
+        // The agent's clock runs 100 s behind the controller's; it reports every second.
+        o.record(indexed("a", 10, 8, vec![150, 150]), at(110_050));
+        o.record(indexed("a", 11, 10, vec![150]), at(111_050));
+        // Its next report waits 900 ms (a lock, a solve) and the one after comes on time.
+        o.record(indexed("a", 12, 11, vec![150]), at(112_950));
+        o.record(indexed("a", 13, 12, vec![150]), at(113_050));
+        assert_eq!(o.history("t", at(113_500), 60), vec![150.0; 5]);
+        assert_eq!(o.rate("t", at(113_500), 5), 150.0);
+    }
+
+    #[test]
+    fn the_last_second_counts_once_every_node_has_reported_it() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut o = Observed::new(t0);
+        o.record(indexed("a", 5, 3, vec![10, 10]), at(5_010));
+        o.record(indexed("b", 5, 3, vec![10, 10]), at(5_020));
+        o.record(indexed("a", 6, 5, vec![10]), at(6_010));
+        // b has not reported second 5 yet: the rate is not averaged over a partial second.
+        assert_eq!(o.history("t", at(6_500), 60), vec![20.0, 20.0]);
+        o.record(indexed("b", 6, 5, vec![10]), at(6_030));
+        assert_eq!(o.history("t", at(6_500), 60), vec![20.0, 20.0, 20.0]);
+        // A node that falls silent no longer holds the others back.
+        o.record(indexed("a", 20, 6, vec![10; 14]), at(20_010));
+        assert_eq!(o.history("t", at(20_500), 60).len(), 17);
+    }
+
+    #[test]
+    fn an_agent_that_restarts_is_filed_by_its_new_clock() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut o = Observed::new(t0);
+        o.record(indexed("a", 50, 48, vec![1, 1]), at(50));
+        // Restarted at controller second 60: its clock starts again at 0.
+        o.record(indexed("a", 2, 0, vec![7, 7]), at(62));
+        let h = o.history("t", at(62), 14);
+        assert_eq!(h[h.len() - 2..], [7.0, 7.0]);
+        assert_eq!(h[..2], [1.0, 1.0]);
     }
 
     #[test]
