@@ -75,6 +75,10 @@ pub struct SimulateOpts {
     /// Headroom of the peak-window forecaster (the controller's --headroom).
     #[arg(long, default_value_t = AdaptConfig::default().headroom)]
     pub headroom: f64,
+    /// Seconds the forecaster averages the rate over before taking its peak (the controller's
+    /// --smooth-s).
+    #[arg(long, default_value_t = AdaptConfig::default().smooth_s)]
+    pub smooth_s: usize,
     /// Rounds a lower forecast must hold before a plan is sized down (InfAdapter: 4).
     #[arg(long, default_value_t = AdaptConfig::default().scale_down_after)]
     pub scale_down_after: u32,
@@ -257,6 +261,7 @@ fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
             interval_s: opts.interval.max(1) as f64,
             lookback_s: opts.lookback_s.max(1),
             headroom: opts.headroom,
+            smooth_s: opts.smooth_s.max(1),
             scale_down_after: opts.scale_down_after.max(1),
             reserve_cores: 0,
             load_time_s: opts.load_time_s.unwrap_or(AdaptConfig::default().load_time_s),

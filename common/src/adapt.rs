@@ -51,6 +51,8 @@ pub struct AdaptConfig {
     pub lookback_s: usize,
     /// Headroom of the default peak-window forecaster.
     pub headroom: f64,
+    /// Seconds the default forecaster averages a rate over before taking the peak.
+    pub smooth_s: usize,
     /// Rounds a lower forecast must hold before a plan is sized down.
     pub scale_down_after: u32,
     /// Cores per node kept free of workers (for the agent itself and the OS).
@@ -71,6 +73,7 @@ impl Default for AdaptConfig {
             interval_s: 30.0,
             lookback_s: 60,
             headroom: 1.1,
+            smooth_s: crate::forecast::SMOOTH_S,
             scale_down_after: 3,
             reserve_cores: 0,
             load_time_s: 2.0,
@@ -82,7 +85,7 @@ impl Default for AdaptConfig {
 impl AdaptConfig {
     /// The default forecaster for this configuration: the peak of the lookback window.
     pub fn forecaster(&self) -> PeakWindow {
-        PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom, ..PeakWindow::default() }
+        PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom, smooth_s: self.smooth_s.max(1) }
     }
 
     pub fn space(&self) -> SearchSpace {

@@ -53,6 +53,10 @@ struct Args {
     /// Factor the forecast peak is raised by before solving.
     #[arg(long, env = "TIDAL_HEADROOM", default_value_t = AdaptConfig::default().headroom)]
     headroom: f64,
+    /// Seconds the forecaster averages the arrival rate over before it takes the window's peak
+    /// (1: the peak of single seconds, which a Poisson load's scatter raises by a fifth).
+    #[arg(long, env = "TIDAL_SMOOTH_S", default_value_t = AdaptConfig::default().smooth_s)]
+    smooth_s: usize,
     /// Planning policy: tidal (variant mix, vertical and horizontal scaling, batching) or one
     /// of the research systems and baselines it is compared with.
     #[arg(long, env = "TIDAL_POLICY", default_value = "tidal", value_parser = parse_policy)]
@@ -183,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
             interval_s: args.interval_s,
             lookback_s: args.forecast_window_s.max(1),
             headroom: args.headroom,
+            smooth_s: args.smooth_s.max(1),
             scale_down_after: args.scale_down_after.max(1),
             reserve_cores: args.reserve_cores,
             load_time_s: args.load_time_s.clamp(0.0, 600.0),

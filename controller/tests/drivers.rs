@@ -80,7 +80,9 @@ fn through_the_simulator(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Op
             plans.push(sim.plan.clone().expect("a plan"));
         }
         history.push(arrivals as f64);
-        if sim.surge((s + 1) as f64, &history).is_some() && sim.round(&history, least_budget(s + 1)).changed {
+        if sim.surge((s + 1) as f64, std::slice::from_ref(&history)).is_some()
+            && sim.round(&history, least_budget(s + 1)).changed
+        {
             plans.push(sim.plan.clone().expect("a plan"));
         }
     }

@@ -84,6 +84,21 @@ pub struct IntervalStats {
     pub accuracy: f64,
 }
 
+/// One task's part of a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskReport {
+    pub task: String,
+    pub requests: u64,
+    pub served: u64,
+    pub dropped: u64,
+    pub violations: u64,
+    pub violation_pct: f64,
+    pub p99_ms: f64,
+    pub accuracy: f64,
+    pub core_seconds: f64,
+    pub mean_cores: f64,
+}
+
 /// One policy's run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SimReport {
@@ -113,6 +128,24 @@ pub struct SimReport {
     /// Re-plans between intervals because arrivals exceeded the planned rate.
     pub surge_replans: u32,
     pub intervals: Vec<IntervalStats>,
+    /// Per task, in the order given.
+    pub tasks: Vec<TaskReport>,
+    /// Jain's fairness index of the tasks' SLO attainment (the share of each task's requests
+    /// answered within its SLO): 1 when all attain alike, 1/n when one task has it all.
+    pub jain_attainment: f64,
+}
+
+/// A task of a multi-task run: its pipeline, SLO, share and the arrivals it replays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimTask {
+    pub name: String,
+    pub stages: Vec<SimStage>,
+    pub slo_ms: f64,
+    /// Requests per second, one per simulated second (the run lasts as long as the longest).
+    pub rates: Vec<f64>,
+    /// The seconds before, which the forecaster sees as history but which are not served.
+    pub warmup: Vec<f64>,
+    pub share: Option<tidal_proto::v1::TaskShare>,
 }
 
 /// Replays `rates` (requests per second, one per second) after `warmup` (the seconds before,
@@ -139,21 +172,46 @@ pub fn simulate_pipeline(
     forecaster: Box<dyn Forecaster>,
     cfg: &SimConfig,
 ) -> SimReport {
-    let mut sim = Sim::new(stages, cfg, warmup, forecaster);
+    let task = SimTask {
+        name: SimPlanner::TASK.into(),
+        stages: stages.to_vec(),
+        slo_ms: cfg.slo_ms,
+        rates: rates.to_vec(),
+        warmup: warmup.to_vec(),
+        share: None,
+    };
+    simulate_tasks(&[task], forecaster, cfg)
+}
+
+/// Replays several tasks at once on one node of `cfg.core_budget` cores, each its own arrivals,
+/// planned together by the adaptation core as the controller plans them (`cfg.slo_ms` is not
+/// used: each task has its own).
+pub fn simulate_tasks(tasks: &[SimTask], forecaster: Box<dyn Forecaster>, cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(tasks, cfg, forecaster);
     let interval = (cfg.adapt.interval_s.round() as usize).max(1);
-    for (second, &rate) in rates.iter().enumerate() {
+    let seconds = tasks.iter().map(|t| t.rates.len()).max().unwrap_or(0);
+    let mut arrivals: Vec<(f64, usize)> = Vec::new();
+    for second in 0..seconds {
         let t0 = second as f64;
         if second % interval == 0 {
             sim.close_interval(second);
             sim.replan(t0);
         }
-        let arrivals = poisson_arrivals(&mut sim.rng, t0, rate.max(0.0));
-        for &a in &arrivals {
+        arrivals.clear();
+        for (task, t) in tasks.iter().enumerate() {
+            let rate = t.rates.get(second).copied().unwrap_or(0.0).max(0.0);
+            let drawn = poisson_arrivals(&mut sim.rng, t0, rate);
+            sim.history[task].push(drawn.len() as f64);
+            arrivals.extend(drawn.into_iter().map(|a| (a, task)));
+        }
+        if tasks.len() > 1 {
+            arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        for &(a, task) in &arrivals {
             sim.run_events_until(a);
-            sim.arrive(a, second);
+            sim.arrive(task, a, second);
         }
         sim.run_events_until(t0 + 1.0);
-        sim.history.push(arrivals.len() as f64);
         sim.current.arrivals += arrivals.len() as u64;
         sim.account_cores(t0 + 1.0);
         if sim.planner.surge(t0 + 1.0, &sim.history).is_some() {
@@ -163,9 +221,9 @@ pub fn simulate_pipeline(
     }
     // Let queued work finish (it is still counted), with no new arrivals.
     sim.run_events_until(f64::INFINITY);
-    sim.close_interval(rates.len());
+    sim.close_interval(seconds);
     let policy = cfg.adapt.policy.to_string();
-    sim.report(policy, rates.len())
+    sim.report(policy, seconds)
 }
 
 /// The model file the simulator's task names for a variant; what its running workers report,
@@ -174,14 +232,15 @@ fn model_file(variant: &str) -> String {
     format!("{variant}.onnx")
 }
 
-/// The simulator's driver of the adaptation core: one task, named [`SimPlanner::TASK`], on one
-/// node, [`SimPlanner::NODE`], of `core_budget` cores. The controller drives the same core
-/// from its replicated state and the agents' telemetry.
+/// The simulator's driver of the adaptation core: its tasks (one, named [`SimPlanner::TASK`],
+/// unless given) on one node, [`SimPlanner::NODE`], of `core_budget` cores. The controller
+/// drives the same core from its replicated state and the agents' telemetry.
 pub struct SimPlanner {
     adapter: Adapter,
-    spec: TaskSpec,
-    profiles: Vec<(String, Vec<tidal_proto::v1::ProfilePoint>)>,
-    load_s: Vec<(String, f64)>,
+    specs: Vec<TaskSpec>,
+    /// Per task, per variant.
+    profiles: Vec<Vec<(String, Vec<tidal_proto::v1::ProfilePoint>)>>,
+    load_s: Vec<Vec<(String, f64)>>,
     cores: u32,
     /// The plan in force (epochs count from 1).
     pub plan: Option<Plan>,
@@ -199,52 +258,56 @@ impl SimPlanner {
 
     /// A task of `stages`.
     pub fn pipeline(stages: &[SimStage], slo_ms: f64, core_budget: u32, adapter: Adapter) -> Self {
-        let slo = slo_ms.round().clamp(1.0, u32::MAX as f64) as u32;
-        let spec = TaskSpec {
-            name: Self::TASK.into(),
-            slo_ms: slo,
-            variants: vec![],
-            stages: stages
-                .iter()
-                .map(|s| {
-                    let variants = s
-                        .variants
-                        .iter()
-                        .map(|v| VariantSpec {
-                            name: v.name.clone(),
-                            model_file: model_file(&v.name),
-                            accuracy: v.accuracy,
-                            input_shape: vec![3, 1, 1],
-                        })
-                        .collect();
-                    let mut stage = crate::task::stage(&s.name, variants);
-                    if s.crops > 1 {
-                        stage.connector = tidal_proto::v1::Connector::Crops as i32;
-                        stage.crops = s.crops;
-                    }
-                    stage
-                })
-                .collect(),
-            share: None,
-        };
-        let variants = stages.iter().flat_map(|s| &s.variants);
-        let profiles = variants.clone().map(|v| (v.name.clone(), v.points.clone())).collect();
-        let load_s = variants.map(|v| (v.name.clone(), v.load_time_s)).collect();
-        Self { adapter, spec, profiles, load_s, cores: core_budget, plan: None }
+        Self::tasks(&[(Self::TASK, stages, slo_ms, None)], core_budget, adapter)
     }
 
-    /// The task as the simulator registers it.
+    /// Several tasks: (name, stages, SLO in ms, share) each.
+    pub fn tasks(
+        tasks: &[(&str, &[SimStage], f64, Option<tidal_proto::v1::TaskShare>)],
+        core_budget: u32,
+        adapter: Adapter,
+    ) -> Self {
+        let specs: Vec<TaskSpec> =
+            tasks.iter().map(|(name, stages, slo_ms, share)| task_spec(name, stages, *slo_ms, *share)).collect();
+        let variants = |stages: &[SimStage]| stages.iter().flat_map(|s| s.variants.clone()).collect::<Vec<_>>();
+        let profiles = tasks
+            .iter()
+            .map(|(_, stages, ..)| variants(stages).into_iter().map(|v| (v.name, v.points)).collect())
+            .collect();
+        let load_s = tasks
+            .iter()
+            .map(|(_, stages, ..)| variants(stages).into_iter().map(|v| (v.name, v.load_time_s)).collect())
+            .collect();
+        Self { adapter, specs, profiles, load_s, cores: core_budget, plan: None }
+    }
+
+    /// The (first) task as the simulator registers it.
     pub fn spec(&self) -> &TaskSpec {
-        &self.spec
+        &self.specs[0]
     }
 
-    /// One round on the arrivals so far and the smallest budget requests carried; a changed
-    /// plan becomes the plan in force with the next epoch.
+    /// One round of a single task on its arrivals so far (see [`Self::round_all`]).
     pub fn round(&mut self, arrivals: &[f64], min_budget_ms: Option<f64>) -> Round {
-        let profiles = self.profiles.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
-        let load_s = self.load_s.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        self.round_all(&[arrivals], &[min_budget_ms])
+    }
+
+    /// One round on each task's arrivals so far and the smallest budget its requests carried;
+    /// a changed plan becomes the plan in force with the next epoch.
+    pub fn round_all(&mut self, arrivals: &[&[f64]], min_budget_ms: &[Option<f64>]) -> Round {
+        let tasks = self
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| TaskInput {
+                spec,
+                arrivals: arrivals.get(i).copied().unwrap_or_default(),
+                min_budget_ms: min_budget_ms.get(i).copied().flatten(),
+                profiles: self.profiles[i].iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect(),
+                load_s: self.load_s[i].iter().map(|(n, s)| (n.as_str(), *s)).collect(),
+            })
+            .collect();
         let input = RoundInput {
-            tasks: vec![TaskInput { spec: &self.spec, arrivals, min_budget_ms, profiles, load_s }],
+            tasks,
             nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores }],
             current: self.plan.as_ref(),
             // One node: the agent's own make before break applies, nothing is held.
@@ -258,9 +321,42 @@ impl SimPlanner {
         round
     }
 
-    /// Whether arrivals call for a round now (see [`Adapter::surge`]).
-    pub fn surge(&mut self, now_s: f64, arrivals: &[f64]) -> Option<Surge> {
-        self.adapter.surge(now_s, [(Self::TASK, arrivals)])
+    /// Whether arrivals call for a round now (see [`Adapter::surge`]); one history per task.
+    pub fn surge(&mut self, now_s: f64, arrivals: &[Vec<f64>]) -> Option<Surge> {
+        let tasks = self.specs.iter().zip(arrivals).map(|(s, a)| (s.name.as_str(), a.as_slice()));
+        self.adapter.surge(now_s, tasks)
+    }
+}
+
+/// The task the simulator registers for `stages`.
+fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_proto::v1::TaskShare>) -> TaskSpec {
+    let slo = slo_ms.round().clamp(1.0, u32::MAX as f64) as u32;
+    TaskSpec {
+        name: name.into(),
+        slo_ms: slo,
+        variants: vec![],
+        stages: stages
+            .iter()
+            .map(|s| {
+                let variants = s
+                    .variants
+                    .iter()
+                    .map(|v| VariantSpec {
+                        name: v.name.clone(),
+                        model_file: model_file(&v.name),
+                        accuracy: v.accuracy,
+                        input_shape: vec![3, 1, 1],
+                    })
+                    .collect();
+                let mut stage = crate::task::stage(&s.name, variants);
+                if s.crops > 1 {
+                    stage.connector = tidal_proto::v1::Connector::Crops as i32;
+                    stage.crops = s.crops;
+                }
+                stage
+            })
+            .collect(),
+        share,
     }
 }
 
@@ -300,11 +396,49 @@ impl Ord for Event {
     }
 }
 
+/// What one task's requests met.
+struct TaskCounters {
+    requests: u64,
+    dropped: u64,
+    violations: u64,
+    accuracy_sum: f64,
+    accuracy_product_sum: f64,
+    core_seconds: f64,
+    latencies_us: Histogram<u64>,
+}
+
+impl TaskCounters {
+    fn new() -> Self {
+        Self {
+            requests: 0,
+            dropped: 0,
+            violations: 0,
+            accuracy_sum: 0.0,
+            accuracy_product_sum: 0.0,
+            core_seconds: 0.0,
+            latencies_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+        }
+    }
+
+    /// The latency at quantile `q` of all requests, a dropped one counting as infinitely late.
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let served = self.latencies_us.len();
+        let rank = (q * self.requests as f64).ceil() as u64;
+        if served == 0 || rank > served {
+            f64::INFINITY
+        } else {
+            self.latencies_us.value_at_quantile(rank as f64 / served as f64) as f64 / 1000.0
+        }
+    }
+}
+
 struct Sim<'a> {
-    /// Every stage's variants, in stage order; `stage_of` gives each one's stage.
+    /// Every task's every stage's variants, in order; `task_of` and `stage_of` give each
+    /// one's task and stage (within the task).
     variants: Vec<SimVariant>,
+    task_of: Vec<usize>,
     stage_of: Vec<usize>,
-    stages: usize,
+    tasks: &'a [SimTask],
     grids: Vec<ProfileGrid>,
     cfg: &'a SimConfig,
     planner: SimPlanner,
@@ -312,18 +446,13 @@ struct Sim<'a> {
     workers: Vec<SimWorker>,
     events: BinaryHeap<Reverse<Event>>,
     latency_cache: HashMap<(usize, u32, u32), (f64, f64)>,
-    /// Per stage, the serving workers with the running sum of their shares.
-    routes: Vec<Vec<(usize, f64)>>,
+    /// Per task, per stage, the serving workers with the running sum of their shares.
+    routes: Vec<Vec<Vec<(usize, f64)>>>,
     routes_valid_until: f64,
-    history: Vec<f64>,
+    /// Per task, the arrivals of every second so far (its warm-up first).
+    history: Vec<Vec<f64>>,
     expired: Vec<Request>,
-    latencies_us: Histogram<u64>,
-    requests: u64,
-    dropped: u64,
-    violations: u64,
-    accuracy_sum: f64,
-    accuracy_product_sum: f64,
-    core_seconds: f64,
+    counters: Vec<TaskCounters>,
     reconfigurations: u32,
     overloaded: u32,
     failed: u32,
@@ -336,40 +465,40 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(stages: &[SimStage], cfg: &'a SimConfig, warmup: &[f64], forecaster: Box<dyn Forecaster>) -> Self {
+    fn new(tasks: &'a [SimTask], cfg: &'a SimConfig, forecaster: Box<dyn Forecaster>) -> Self {
         let adapter = Adapter::new(cfg.adapt.clone(), forecaster);
-        let variants: Vec<SimVariant> = stages.iter().flat_map(|s| s.variants.iter().cloned()).collect();
-        let stage_of: Vec<usize> =
-            stages.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.variants.len())).collect();
-        let planner = SimPlanner::pipeline(stages, cfg.slo_ms, cfg.core_budget, adapter);
-        let factors = crate::task::load_factors(planner.spec());
-        let grids = variants
-            .iter()
-            .zip(&stage_of)
-            .map(|(v, &s)| ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])))
-            .collect();
+        let described: Vec<(&str, &[SimStage], f64, Option<tidal_proto::v1::TaskShare>)> =
+            tasks.iter().map(|t| (t.name.as_str(), t.stages.as_slice(), t.slo_ms, t.share)).collect();
+        let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
+        let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (task, spec)) in tasks.iter().zip(&planner.specs).enumerate() {
+            let factors = crate::task::load_factors(spec);
+            for (s, stage) in task.stages.iter().enumerate() {
+                for v in &stage.variants {
+                    grids.push(ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])));
+                    variants.push(v.clone());
+                    task_of.push(i);
+                    stage_of.push(s);
+                }
+            }
+        }
         Self {
             grids,
             variants,
+            task_of,
             stage_of,
-            stages: stages.len(),
+            tasks,
             cfg,
             planner,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             workers: Vec::new(),
             events: BinaryHeap::new(),
             latency_cache: HashMap::new(),
-            routes: vec![Vec::new(); stages.len()],
+            routes: tasks.iter().map(|t| vec![Vec::new(); t.stages.len()]).collect(),
             routes_valid_until: f64::NEG_INFINITY,
-            history: warmup.to_vec(),
+            history: tasks.iter().map(|t| t.warmup.clone()).collect(),
             expired: Vec::new(),
-            latencies_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
-            requests: 0,
-            dropped: 0,
-            violations: 0,
-            accuracy_sum: 0.0,
-            accuracy_product_sum: 0.0,
-            core_seconds: 0.0,
+            counters: tasks.iter().map(|_| TaskCounters::new()).collect(),
             reconfigurations: 0,
             overloaded: 0,
             failed: 0,
@@ -387,26 +516,28 @@ impl<'a> Sim<'a> {
         f.map_or(1.0, |f| f[second % f.len()].clamp(0.0, 1.0))
     }
 
-    fn deadline(&self, arrival: f64, second: usize) -> f64 {
-        arrival + self.cfg.slo_ms * self.slo_fraction(second) / 1000.0
+    fn deadline(&self, task: usize, arrival: f64, second: usize) -> f64 {
+        arrival + self.tasks[task].slo_ms * self.slo_fraction(second) / 1000.0
     }
 
-    /// The smallest budget requests arrived with over the last interval, ms, as an agent
-    /// reports it (none without dynamic SLOs).
-    fn min_budget_ms(&self, second: usize) -> Option<f64> {
+    /// The smallest budget a task's requests arrived with over the last interval, ms, as an
+    /// agent reports it (none without dynamic SLOs).
+    fn min_budget_ms(&self, task: usize, second: usize) -> Option<f64> {
         self.cfg.slo_fractions.as_ref().filter(|f| !f.is_empty())?;
         let from = second.saturating_sub((self.cfg.adapt.interval_s.round() as usize).max(1));
         let least = (from..second.max(from + 1)).map(|s| self.slo_fraction(s)).fold(1.0, f64::min);
-        Some(self.cfg.slo_ms * least)
+        Some(self.tasks[task].slo_ms * least)
     }
 
     fn replan(&mut self, t: f64) {
-        let round = self.planner.round(&self.history, self.min_budget_ms(t as usize));
-        let outcome = round.tasks.get(SimPlanner::TASK).copied().unwrap_or_default();
-        self.current.forecast_rps = outcome.forecast_rps;
-        self.current.planned_rps = outcome.planned_rps;
-        self.overloaded += outcome.overloaded as u32;
-        self.failed += outcome.failed as u32;
+        let budgets: Vec<Option<f64>> = (0..self.tasks.len()).map(|i| self.min_budget_ms(i, t as usize)).collect();
+        let histories: Vec<&[f64]> = self.history.iter().map(Vec::as_slice).collect();
+        let round = self.planner.round_all(&histories, &budgets);
+        let outcomes = round.tasks.values();
+        self.current.forecast_rps = outcomes.clone().map(|o| o.forecast_rps).sum();
+        self.current.planned_rps = outcomes.clone().map(|o| o.planned_rps).sum();
+        self.overloaded += outcomes.clone().any(|o| o.overloaded) as u32;
+        self.failed += outcomes.clone().any(|o| o.failed) as u32;
         if round.changed {
             self.apply(&round.plan, t);
             self.reconfigurations += (t > 0.0) as u32;
@@ -452,7 +583,11 @@ impl<'a> Sim<'a> {
         for action in &actions {
             match action {
                 Action::Start(d) | Action::Replace(d) => {
-                    let Some(variant) = self.variants.iter().position(|v| v.name == d.key.variant) else { continue };
+                    let Some(variant) = (0..self.variants.len()).position(|i| {
+                        self.variants[i].name == d.key.variant && self.tasks[self.task_of[i]].name == d.key.task
+                    }) else {
+                        continue;
+                    };
                     let ready_at = if first { t } else { t + self.variants[variant].load_time_s };
                     if let Some(old) = live(&self.workers, &d.key) {
                         self.workers[old].retire_at = ready_at;
@@ -501,31 +636,37 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn arrive(&mut self, a: f64, second: usize) {
-        self.requests += 1;
-        let deadline = self.deadline(a, second);
-        let r = Request { arrival: a, enqueued: a, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 };
+    fn arrive(&mut self, task: usize, a: f64, second: usize) {
+        self.counters[task].requests += 1;
+        let deadline = self.deadline(task, a, second);
+        let r = Request { task, arrival: a, enqueued: a, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 };
         self.send(r, a);
+    }
+
+    /// A request that no worker answers in time.
+    fn drop_request(&mut self, task: usize) {
+        self.counters[task].dropped += 1;
+        self.counters[task].violations += 1;
+        self.current.violations += 1;
     }
 
     /// Queues a request at a worker of its stage, or drops it when the stage has none.
     fn send(&mut self, r: Request, t: f64) {
-        let Some(w) = self.route(r.stage, t) else {
-            self.dropped += 1;
-            self.violations += 1;
-            self.current.violations += 1;
+        let Some(w) = self.route(r.task, r.stage, t) else {
+            self.drop_request(r.task);
             return;
         };
         self.workers[w].enqueue(r);
         self.start(w, t);
     }
 
-    /// A serving worker of `stage`, drawn in proportion to the traffic the plan gives it.
-    fn route(&mut self, stage: usize, t: f64) -> Option<usize> {
+    /// A serving worker of `stage` of `task`, drawn in proportion to the traffic the plan
+    /// gives it.
+    fn route(&mut self, task: usize, stage: usize, t: f64) -> Option<usize> {
         if t >= self.routes_valid_until {
             self.rebuild_routes(t);
         }
-        let routes = &self.routes[stage];
+        let routes = &self.routes[task][stage];
         let total = routes.last()?.1;
         if total <= 0.0 {
             return routes.first().map(|r| r.0);
@@ -536,15 +677,15 @@ impl<'a> Sim<'a> {
     }
 
     fn rebuild_routes(&mut self, t: f64) {
-        self.routes.iter_mut().for_each(Vec::clear);
-        let mut sums = vec![0.0; self.stages];
+        self.routes.iter_mut().flatten().for_each(Vec::clear);
+        let mut sums: Vec<Vec<f64>> = self.routes.iter().map(|stages| vec![0.0; stages.len()]).collect();
         let mut next_change = f64::INFINITY;
         self.apply_due_resizes(t);
         for (i, w) in self.workers.iter().enumerate() {
             if w.serving(t) {
-                let stage = self.stage_of[w.variant];
-                sums[stage] += w.share.max(1e-9);
-                self.routes[stage].push((i, sums[stage]));
+                let (task, stage) = (self.task_of[w.variant], self.stage_of[w.variant]);
+                sums[task][stage] += w.share.max(1e-9);
+                self.routes[task][stage].push((i, sums[task][stage]));
             }
             for at in [w.ready_at, w.retire_at, w.pending.map_or(f64::INFINITY, |r| r.at)] {
                 if at > t {
@@ -568,10 +709,8 @@ impl<'a> Sim<'a> {
     fn start(&mut self, w: usize, t: f64) {
         let mut expired = std::mem::take(&mut self.expired);
         let next = self.workers[w].try_start(t, &mut expired);
-        for _ in expired.drain(..) {
-            self.dropped += 1;
-            self.violations += 1;
-            self.current.violations += 1;
+        for r in expired.drain(..) {
+            self.drop_request(r.task);
         }
         self.expired = expired;
         match next {
@@ -617,28 +756,31 @@ impl<'a> Sim<'a> {
         for r in batch {
             let accuracy_sum = r.accuracy_sum + accuracy;
             let accuracy_product = r.accuracy_product * accuracy / 100.0;
-            if r.stage + 1 < self.stages {
+            let stages = self.tasks[r.task].stages.len();
+            if r.stage + 1 < stages {
                 self.send(Request { stage: r.stage + 1, enqueued: t, accuracy_sum, accuracy_product, ..r }, t);
                 continue;
             }
-            self.accuracy_product_sum += 100.0 * accuracy_product;
+            let c = &mut self.counters[r.task];
+            c.accuracy_product_sum += 100.0 * accuracy_product;
             let latency_us = ((t - r.arrival) * 1e6).max(1.0) as u64;
-            let _ = self.latencies_us.record(latency_us.min(3_600_000_000));
-            let accuracy = accuracy_sum / self.stages as f64;
-            self.accuracy_sum += accuracy;
+            let _ = c.latencies_us.record(latency_us.min(3_600_000_000));
+            let accuracy = accuracy_sum / stages as f64;
+            c.accuracy_sum += accuracy;
             self.interval_acc += accuracy;
             self.current.served += 1;
             if t > r.deadline + 1e-9 {
-                self.violations += 1;
+                c.violations += 1;
                 self.current.violations += 1;
             }
         }
     }
 
     fn account_cores(&mut self, t: f64) {
-        let cores: u32 = self.workers.iter().filter(|w| !w.gone(t)).map(|w| w.cores).sum();
-        self.core_seconds += cores as f64;
-        self.interval_cores += cores as f64;
+        for w in self.workers.iter().filter(|w| !w.gone(t)) {
+            self.counters[self.task_of[w.variant]].core_seconds += w.cores as f64;
+            self.interval_cores += w.cores as f64;
+        }
         self.interval_seconds += 1;
     }
 
@@ -655,34 +797,67 @@ impl<'a> Sim<'a> {
     }
 
     fn report(self, policy: String, seconds: usize) -> SimReport {
-        let served = self.latencies_us.len();
-        let quantile = |q: f64| -> f64 {
-            let rank = (q * self.requests as f64).ceil() as u64;
-            if served == 0 || rank > served {
-                f64::INFINITY
-            } else {
-                self.latencies_us.value_at_quantile(rank as f64 / served as f64) as f64 / 1000.0
-            }
-        };
+        let mut all = TaskCounters::new();
+        let tasks: Vec<TaskReport> = self
+            .counters
+            .iter()
+            .zip(self.tasks)
+            .map(|(c, t)| {
+                all.requests += c.requests;
+                all.dropped += c.dropped;
+                all.violations += c.violations;
+                all.accuracy_sum += c.accuracy_sum;
+                all.accuracy_product_sum += c.accuracy_product_sum;
+                all.core_seconds += c.core_seconds;
+                let _ = all.latencies_us.add(&c.latencies_us);
+                let served = c.latencies_us.len();
+                TaskReport {
+                    task: t.name.clone(),
+                    requests: c.requests,
+                    served,
+                    dropped: c.dropped,
+                    violations: c.violations,
+                    violation_pct: 100.0 * c.violations as f64 / c.requests.max(1) as f64,
+                    p99_ms: c.quantile_ms(0.99),
+                    accuracy: if served > 0 { c.accuracy_sum / served as f64 } else { 0.0 },
+                    core_seconds: c.core_seconds,
+                    mean_cores: c.core_seconds / seconds.max(1) as f64,
+                }
+            })
+            .collect();
+        let attainment: Vec<f64> = tasks.iter().map(|t| 1.0 - t.violation_pct / 100.0).collect();
+        let served = all.latencies_us.len();
         SimReport {
             policy,
-            requests: self.requests,
+            requests: all.requests,
             served,
-            dropped: self.dropped,
-            violations: self.violations,
-            violation_pct: 100.0 * self.violations as f64 / self.requests.max(1) as f64,
-            p99_ms: quantile(0.99),
-            p50_ms: quantile(0.50),
-            accuracy: if served > 0 { self.accuracy_sum / served as f64 } else { 0.0 },
-            accuracy_product: if served > 0 { self.accuracy_product_sum / served as f64 } else { 0.0 },
-            core_seconds: self.core_seconds,
-            mean_cores: self.core_seconds / seconds.max(1) as f64,
+            dropped: all.dropped,
+            violations: all.violations,
+            violation_pct: 100.0 * all.violations as f64 / all.requests.max(1) as f64,
+            p99_ms: all.quantile_ms(0.99),
+            p50_ms: all.quantile_ms(0.50),
+            accuracy: if served > 0 { all.accuracy_sum / served as f64 } else { 0.0 },
+            accuracy_product: if served > 0 { all.accuracy_product_sum / served as f64 } else { 0.0 },
+            core_seconds: all.core_seconds,
+            mean_cores: all.core_seconds / seconds.max(1) as f64,
             reconfigurations: self.reconfigurations,
             overloaded_intervals: self.overloaded,
             failed_plans: self.failed,
             surge_replans: self.surges,
             intervals: self.intervals,
+            tasks,
+            jain_attainment: jain(&attainment),
         }
+    }
+}
+
+/// Jain's fairness index of `xs`: (Σx)² / (n·Σx²), 1 for equal values (and for none).
+pub fn jain(xs: &[f64]) -> f64 {
+    let (sum, squares) = xs.iter().fold((0.0, 0.0), |(s, q), x| (s + x, q + x * x));
+    if squares <= 0.0 {
+        1.0
+    } else {
+        sum * sum / (xs.len() as f64 * squares)
     }
 }
 

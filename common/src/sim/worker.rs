@@ -9,6 +9,8 @@ use crate::reconcile::WorkerKey;
 /// A request waiting in or served by a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Request {
+    /// The task it is of (an index into the simulated tasks).
+    pub task: usize,
     /// When it reached the pipeline.
     pub arrival: f64,
     /// When it reached this worker's stage (what the batcher's timeout counts from).
@@ -135,7 +137,7 @@ mod tests {
     use super::*;
 
     fn req(arrival: f64, deadline: f64) -> Request {
-        Request { arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 }
+        Request { task: 0, arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 }
     }
 
     #[test]
