@@ -10,6 +10,7 @@ mod plot;
 mod profile;
 mod replicas;
 mod simulate;
+mod simulate_tasks;
 mod status;
 
 use std::path::PathBuf;

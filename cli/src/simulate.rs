@@ -18,8 +18,14 @@ use tidal_proto::v1::ProfilePoint;
 #[derive(clap::Args, Clone)]
 pub struct SimulateOpts {
     /// Rate trace: one integer per line, the requests in that second.
-    #[arg(long)]
-    pub trace: PathBuf,
+    #[arg(long, required_unless_present = "tasks")]
+    pub trace: Option<PathBuf>,
+    /// Several tasks sharing the --cores, each its own trace slice, SLO, share and profiles
+    /// (TOML, as results/tasks-48-cores.toml). Policies then are
+    /// tidal (planned together), independent (each planned alone on an equal static split of
+    /// the cores), fair-share (a static split by weight), or any other policy planned together.
+    #[arg(long, conflicts_with_all = ["trace", "tfserving_csv", "profiles", "task"])]
+    pub tasks: Option<PathBuf>,
     /// Policies to compare (repeat or comma-separate): tidal, infadapter, ipa, sponge,
     /// vpa-VARIANT (e.g. vpa-18), ms+, fa2-low, fa2-high, static-VARIANT-CORES-BATCH.
     #[arg(long = "policy", value_delimiter = ',', default_value = "tidal,infadapter,vpa-18,vpa-50,vpa-152,ms+")]
@@ -131,6 +137,10 @@ const RESNET_LOAD_S: [(&str, f64); 5] =
     [("resnet18", 6.4), ("resnet34", 6.9), ("resnet50", 7.4), ("resnet101", 8.0), ("resnet152", 8.5)];
 
 pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
+    if let Some(path) = &opts.tasks {
+        return crate::simulate_tasks::run(path, &opts);
+    }
+    let trace = opts.trace.clone().context("give --trace (or --tasks)")?;
     let policies: Vec<PolicyKind> = opts
         .policies
         .iter()
@@ -148,14 +158,14 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
             "give profiles: --tfserving-csv FILE, --profiles FILE (`tidalctl profile --save`) or --task NAME (profiled with `tidalctl profile`)"
         ),
     };
-    let all = crate::load::read_trace(&opts.trace, 0, Some(opts.start + opts.duration))?;
+    let all = crate::load::read_trace(&trace, 0, Some(opts.start + opts.duration))?;
     if all.len() <= opts.start {
         bail!("the trace has {} seconds; --start {} is past its end", all.len(), opts.start);
     }
     let rates = compress(&all[opts.start..], opts.speedup, opts.scale);
-    // A fresh controller sees zeros before its first report.
+    // A fresh controller sees no history before a task's first report.
     let warmup = if opts.cold_start {
-        vec![0.0; opts.lookback_s]
+        Vec::new()
     } else {
         let from = opts.start.saturating_sub(opts.lookback_s * opts.speedup);
         compress(&all[from..opts.start], opts.speedup, opts.scale)
@@ -164,7 +174,7 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
     println!(
         "{} s of {} from second {} ×{}{}, {} cores, SLO {} ms, every {} s; {}",
         rates.len(),
-        opts.trace.display(),
+        trace.display(),
         opts.start,
         opts.scale,
         if opts.speedup > 1 { format!(", {}× faster", opts.speedup) } else { String::new() },
@@ -191,7 +201,7 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
 }
 
 /// Trace seconds to simulated seconds: each `speedup` of them averaged into one, × `scale`.
-fn compress(trace: &[f64], speedup: usize, scale: f64) -> Vec<f64> {
+pub(crate) fn compress(trace: &[f64], speedup: usize, scale: f64) -> Vec<f64> {
     trace.chunks(speedup.max(1)).map(|c| scale * c.iter().sum::<f64>() / c.len() as f64).collect()
 }
 
@@ -207,13 +217,13 @@ fn describe(stages: &[SimStage]) -> String {
     }
 }
 
-fn one_stage(variants: Vec<SimVariant>) -> Vec<SimStage> {
+pub(crate) fn one_stage(variants: Vec<SimVariant>) -> Vec<SimStage> {
     vec![SimStage::new(SimPlanner::TASK, variants)]
 }
 
 /// The saved profiles as stages, in the order their variants were saved; variants saved
 /// without a stage (a one-stage task) make one stage.
-fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimStage>> {
+pub(crate) fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimStage>> {
     let saved = crate::profile::read(path)?;
     if saved.variants.is_empty() {
         bail!("{} holds no variant", path.display());
@@ -231,7 +241,7 @@ fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Result<Vec<SimSt
     Ok(stages)
 }
 
-fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
+pub(crate) fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
     if opts.cores == 0 || opts.interval == 0 || opts.duration == 0 || opts.slo_ms == 0 || opts.speedup == 0 {
         bail!("--cores, --interval, --duration, --slo-ms and --speedup must be positive");
     }
@@ -247,7 +257,7 @@ fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
+pub(crate) fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
     let slo_fractions = match &opts.dynamic_slo {
         Some(path) => Some(read_slo_fractions(path, opts.payload_kb)?),
         None => None,
@@ -274,7 +284,7 @@ fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
     })
 }
 
-fn forecaster(name: &str, cfg: &AdaptConfig) -> anyhow::Result<Box<dyn Forecaster>> {
+pub(crate) fn forecaster(name: &str, cfg: &AdaptConfig) -> anyhow::Result<Box<dyn Forecaster>> {
     Ok(match name {
         "peak-window" => Box::new(cfg.forecaster()),
         "last" => Box::new(LastValue),
@@ -323,7 +333,7 @@ fn run_all(
     reports.into_iter().map(|r| r.context("a simulation thread panicked")).collect()
 }
 
-fn print_table(reports: &[SimReport]) {
+pub(crate) fn print_table(reports: &[SimReport]) {
     println!(
         "{:<20} {:>10} {:>9} {:>9} {:>8} {:>9} {:>12} {:>10} {:>8} {:>7} {:>10}",
         "policy",
@@ -438,7 +448,7 @@ fn write_intervals_csv(path: &Path, reports: &[SimReport], interval: usize) -> a
     Ok(())
 }
 
-fn tfserving_variants(path: &Path, slo_ms: u32, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
+pub(crate) fn tfserving_variants(path: &Path, slo_ms: u32, load_time: Option<f64>) -> anyhow::Result<Vec<SimVariant>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let profiles = load_tfserving_csv(file, slo_ms).with_context(|| format!("reading {}", path.display()))?;
     profiles

@@ -1,0 +1,271 @@
+//! `tidalctl simulate --tasks FILE`: several tasks sharing one cluster's cores, each replaying
+//! its own slice of a trace, planned by the same adaptation core as the controller's, and
+//! compared under three ways of sharing: `tidal` (one problem for all tasks), `independent`
+//! (each task planned alone on an equal static split of the cores) and `fair-share` (a static
+//! split by weight). Any other policy name plans the tasks together with that policy.
+//!
+//! ```toml
+//! cores = 4                  # optional; else --cores
+//!
+//! [[tasks]]
+//! name = "a"
+//! trace = "data/twitter-trace-rps.txt.gz"
+//! offset = 0                 # trace seconds after --start where its slice begins
+//! scale = 0.5                # factor on its rates (default 1)
+//! slo_ms = 250
+//! weight = 1                 # optional: weight, min_cores, max_cores as `tidalctl task set`
+//! profiles = "results/demo-profiles.json"   # or tfserving_csv = "data/…csv" (rows at slo_ms)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use tidal_common::adapt::AdaptConfig;
+use tidal_common::sim::{simulate_tasks, SimConfig, SimReport, SimTask};
+use tidal_common::solver::PolicyKind;
+use tidal_proto::v1::TaskShare;
+
+use crate::simulate::{compress, forecaster, one_stage, saved_stages, sim_config, tfserving_variants, SimulateOpts};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TasksFile {
+    cores: Option<u32>,
+    tasks: Vec<TaskEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskEntry {
+    name: String,
+    trace: PathBuf,
+    #[serde(default)]
+    offset: usize,
+    #[serde(default = "one")]
+    scale: f64,
+    slo_ms: u32,
+    weight: Option<f64>,
+    #[serde(default)]
+    min_cores: u32,
+    #[serde(default)]
+    max_cores: u32,
+    profiles: Option<PathBuf>,
+    tfserving_csv: Option<PathBuf>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How the cluster's cores are shared in one row of the comparison.
+#[derive(Debug, Clone, PartialEq)]
+enum Sharing {
+    /// Planned together, each task with its own weight, minimum and maximum.
+    Joint(PolicyKind),
+    /// Each task capped at an equal split of the cores.
+    Independent,
+    /// Each task capped at a split of the cores by weight.
+    FairShare,
+}
+
+impl Sharing {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "independent" => Self::Independent,
+            "fair-share" => Self::FairShare,
+            other => Self::Joint(other.parse::<PolicyKind>().map_err(anyhow::Error::msg)?),
+        })
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Self::Joint(p) => p.to_string(),
+            Self::Independent => "independent".into(),
+            Self::FairShare => "fair-share".into(),
+        }
+    }
+
+    /// The tasks with the shares this way of sharing gives them on `cores`: a static split is a
+    /// maximum per task, the cores divided by largest remainder (each task one at least).
+    fn apply(&self, tasks: &[SimTask], cores: u32) -> Vec<SimTask> {
+        let parts: Vec<f64> = match self {
+            Self::Joint(_) => return tasks.to_vec(),
+            Self::Independent => vec![1.0; tasks.len()],
+            Self::FairShare => tasks.iter().map(|t| t.share.and_then(|s| s.weight).unwrap_or(1.0).max(0.0)).collect(),
+        };
+        let total: f64 = parts.iter().sum();
+        let exact: Vec<f64> = parts
+            .iter()
+            .map(|p| cores as f64 * if total > 0.0 { p / total } else { 1.0 / tasks.len() as f64 })
+            .collect();
+        let mut split: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
+        let mut by_remainder: Vec<usize> = (0..tasks.len()).collect();
+        by_remainder.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+        let left = cores.saturating_sub(split.iter().sum());
+        for &i in by_remainder.iter().take(left as usize) {
+            split[i] += 1;
+        }
+        tasks
+            .iter()
+            .zip(split)
+            .map(|(t, cap)| SimTask {
+                share: Some(TaskShare { weight: Some(1.0), min_cores: 0, max_cores: cap.max(1) }),
+                ..t.clone()
+            })
+            .collect()
+    }
+}
+
+pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: TasksFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if file.tasks.is_empty() {
+        bail!("{}: no [[tasks]]", path.display());
+    }
+    let cores = file.cores.unwrap_or(opts.cores);
+    let opts = SimulateOpts { cores, ..opts.clone() };
+    crate::simulate::validate(&opts)?;
+    let sharings: Vec<Sharing> = opts.policies.iter().map(|p| Sharing::parse(p)).collect::<anyhow::Result<_>>()?;
+    let tasks: Vec<SimTask> = file.tasks.iter().map(|t| task(t, &opts)).collect::<anyhow::Result<_>>()?;
+    let cfg = sim_config(&opts)?;
+    forecaster(&opts.forecaster, &cfg.adapt)?;
+    println!(
+        "{} tasks on {cores} cores, {} s each from second {}{}, every {} s: {}",
+        tasks.len(),
+        tasks.iter().map(|t| t.rates.len()).max().unwrap_or(0),
+        opts.start,
+        if opts.speedup > 1 { format!(", {}× faster", opts.speedup) } else { String::new() },
+        opts.interval,
+        file.tasks
+            .iter()
+            .map(|t| format!("{} (+{} s ×{}, SLO {} ms)", t.name, t.offset, t.scale, t.slo_ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = Instant::now();
+    let reports: Vec<SimReport> = std::thread::scope(|s| -> anyhow::Result<Vec<SimReport>> {
+        let handles: Vec<_> = sharings
+            .iter()
+            .map(|sharing| {
+                let (tasks, opts, cfg) = (sharing.apply(&tasks, cores), &opts, &cfg);
+                s.spawn(move || {
+                    let policy = match sharing {
+                        Sharing::Joint(p) => p.clone(),
+                        _ => PolicyKind::Tidal,
+                    };
+                    let cfg = SimConfig { adapt: AdaptConfig { policy, ..cfg.adapt.clone() }, ..cfg.clone() };
+                    let f = forecaster(&opts.forecaster, &cfg.adapt).expect("checked above");
+                    let mut r = simulate_tasks(&tasks, f, &cfg);
+                    r.policy = sharing.label();
+                    eprintln!("  {:<20} done after {:.1} s", r.policy, started.elapsed().as_secs_f64());
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a simulation thread panicked"))).collect()
+    })?;
+    crate::simulate::print_table(&reports);
+    println!();
+    print_tasks(&reports);
+    if let Some(path) = &opts.csv {
+        write_csv(path, &reports)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn task(t: &TaskEntry, opts: &SimulateOpts) -> anyhow::Result<SimTask> {
+    if !tidal_common::task::valid_name(&t.name) {
+        bail!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name);
+    }
+    tidal_common::task::validate_slo(t.slo_ms).map_err(anyhow::Error::msg)?;
+    if !(t.scale.is_finite() && t.scale > 0.0) {
+        bail!("task {}: scale must be a positive factor", t.name);
+    }
+    let share = TaskShare { weight: t.weight, min_cores: t.min_cores, max_cores: t.max_cores };
+    tidal_common::task::validate_share(&share).map_err(|e| anyhow::anyhow!("task {}: {e}", t.name))?;
+    let stages = match (&t.profiles, &t.tfserving_csv) {
+        (Some(p), None) => saved_stages(p, opts.load_time_s)?,
+        (None, Some(p)) => one_stage(tfserving_variants(p, t.slo_ms, opts.load_time_s)?),
+        _ => bail!("task {}: give profiles = FILE or tfserving_csv = FILE (one of them)", t.name),
+    };
+    let start = opts.start + t.offset;
+    let all = crate::load::read_trace(&t.trace, 0, Some(start + opts.duration))
+        .with_context(|| format!("task {}", t.name))?;
+    if all.len() <= start {
+        bail!("task {}: the trace has {} seconds; its slice starts at {start}", t.name, all.len());
+    }
+    let rates = compress(&all[start..], opts.speedup, t.scale);
+    let warmup = if opts.cold_start {
+        Vec::new()
+    } else {
+        let from = start.saturating_sub(opts.lookback_s * opts.speedup);
+        compress(&all[from..start], opts.speedup, t.scale)
+    };
+    Ok(SimTask { name: t.name.clone(), stages, slo_ms: t.slo_ms as f64, rates, warmup, share: Some(share) })
+}
+
+fn print_tasks(reports: &[SimReport]) {
+    println!(
+        "{:<20} {:<12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>12}",
+        "policy", "task", "requests", "p99 ms", "SLO viol", "accuracy", "mean cores", "Jain (SLO)"
+    );
+    for r in reports {
+        for (i, t) in r.tasks.iter().enumerate() {
+            let p99 = if t.p99_ms.is_finite() { format!("{:.0}", t.p99_ms) } else { "dropped".into() };
+            let jain = if i == 0 { format!("{:.4}", r.jain_attainment) } else { String::new() };
+            println!(
+                "{:<20} {:<12} {:>10} {:>9} {:>8.2}% {:>8.2}% {:>10.2} {:>12}",
+                r.policy, t.task, t.requests, p99, t.violation_pct, t.accuracy, t.mean_cores, jain
+            );
+        }
+    }
+}
+
+fn write_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+    w.write_record([
+        "policy",
+        "task",
+        "requests",
+        "violations",
+        "violation_pct",
+        "p99_ms",
+        "accuracy",
+        "mean_cores",
+        "jain_attainment",
+    ])?;
+    for r in reports {
+        let rows = r
+            .tasks
+            .iter()
+            .map(|t| (t.task.clone(), t.requests, t.violations, t.violation_pct, t.p99_ms, t.accuracy, t.mean_cores));
+        let all = std::iter::once((
+            "(all)".to_string(),
+            r.requests,
+            r.violations,
+            r.violation_pct,
+            r.p99_ms,
+            r.accuracy,
+            r.mean_cores,
+        ));
+        for (task, requests, violations, pct, p99, accuracy, cores) in rows.chain(all) {
+            w.write_record([
+                r.policy.clone(),
+                task,
+                requests.to_string(),
+                violations.to_string(),
+                format!("{pct:.4}"),
+                format!("{p99:.2}"),
+                format!("{accuracy:.4}"),
+                format!("{cores:.4}"),
+                format!("{:.4}", r.jain_attainment),
+            ])?;
+        }
+    }
+    w.flush()?;
+    Ok(())
+}
