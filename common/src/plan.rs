@@ -1,7 +1,8 @@
 //! Plans: validation of what an agent is asked to run, and the placement of a solution's
 //! workers onto nodes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 
 use thiserror::Error;
 use tidal_proto::v1::{Assignment, Plan, RegisterNodeRequest};
@@ -148,7 +149,7 @@ pub struct PlacementError {
 /// survives the loss of a node, but share one when nothing else has room. A worker stays on a
 /// node where its group already runs (`current[i]`) if it can — a move costs a model load —
 /// and otherwise goes to the node with the most free cores. Returns a node index per worker.
-pub fn place<G: PartialEq>(
+pub fn place<G: Hash + Eq>(
     workers: &[u32],
     groups: &[G],
     current: &[Vec<usize>],
@@ -158,9 +159,12 @@ pub fn place<G: PartialEq>(
     let mut order: Vec<usize> = (0..workers.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(workers[i]));
     let mut placed: Vec<Option<usize>> = vec![None; workers.len()];
+    // The nodes each group has a worker on already.
+    let mut group_nodes: HashMap<&G, HashSet<usize>> = HashMap::new();
     for i in order {
         let cores = workers[i];
-        let taken = |n: usize| (0..workers.len()).any(|j| placed[j] == Some(n) && groups.get(j) == groups.get(i));
+        let taken = group_nodes.get(&groups[i]);
+        let taken = |n: usize| taken.is_some_and(|t| t.contains(&n));
         let runs_there = |n: usize| current.get(i).is_some_and(|nodes| nodes.contains(&n));
         let node = (0..free.len())
             .filter(|&n| free[n] >= cores)
@@ -170,6 +174,7 @@ pub fn place<G: PartialEq>(
         };
         free[node] -= cores;
         placed[i] = Some(node);
+        group_nodes.entry(&groups[i]).or_default().insert(node);
     }
     Ok(placed.into_iter().map(|n| n.unwrap_or_default()).collect())
 }

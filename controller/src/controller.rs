@@ -167,11 +167,13 @@ impl Controller {
     pub async fn adapt_once(&self, term: u64, forecast: bool) -> Result<Option<Plan>, ProposeError> {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
-        let round = self.observed(|o| {
-            let round = self.adapter(|a| planner::plan_round(a, &state, o, now, forecast));
-            o.forecasts = round.tasks.iter().map(|(t, r)| (t.clone(), r.planned_rps)).collect();
-            round
-        });
+        // The observations are copied out first: the solve (milliseconds to a second for
+        // hundreds of tasks) holds no lock a telemetry handler takes, and runs where it does
+        // not stall the runtime's other tasks.
+        let observations = self.observed(|o| planner::Observations::gather(&self.cfg.adapt, &state, o, now));
+        let round =
+            tokio::task::block_in_place(|| self.adapter(|a| planner::plan_from(a, &state, &observations, forecast)));
+        self.observed(|o| o.forecasts = round.tasks.iter().map(|(t, r)| (t.clone(), r.planned_rps)).collect());
         for (task, r) in &round.tasks {
             self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(r.forecast_rps);
         }
@@ -208,7 +210,15 @@ impl Controller {
             self.replan.notify_one();
             return;
         }
-        let surge = self.observed(|o| self.adapter(|a| planner::surge(a, &tasks, o, now)));
+        // While a round is being solved, it answers any surge: the check is skipped rather than
+        // made to wait for it.
+        let mut adapter = match self.adapter.try_lock() {
+            Ok(adapter) => adapter,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let surge = self.observed(|o| planner::surge(&mut adapter, &tasks, o, now));
+        drop(adapter);
         if let Some(s) = surge {
             info!(
                 task = s.task,

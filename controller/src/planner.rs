@@ -3,14 +3,43 @@
 //! what the leader observed of the agents (arrivals per second, request budgets). Nothing is
 //! decided here; the simulator drives the same core.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
-use tidal_common::adapt::{Adapter, NodeInput, Round, RoundInput, Surge, TaskInput};
+use tidal_common::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use tidal_common::forecast::SURGE_WINDOW_S;
 
 use crate::observed::Observed;
 use crate::state::ClusterState;
+
+/// What a round takes from the leader's observations, copied out so that the solve holds no
+/// lock the telemetry handlers need.
+pub struct Observations {
+    /// Per task of the state, in its order.
+    histories: Vec<Vec<f64>>,
+    min_budgets: Vec<Option<f64>>,
+    load_times: Vec<BTreeMap<String, f64>>,
+    /// Nodes that stopped reporting.
+    silent: HashSet<String>,
+    serving: Serving,
+}
+
+impl Observations {
+    pub fn gather(adapter: &AdaptConfig, state: &ClusterState, observed: &Observed, now: Instant) -> Self {
+        let lookback = adapter.lookback_s as u64;
+        let interval = adapter.interval_s.ceil().max(1.0) as u64;
+        let tasks = state.tasks.keys();
+        Self {
+            histories: tasks.clone().map(|t| observed.history(t, now, lookback)).collect(),
+            min_budgets: tasks.clone().map(|t| observed.min_budget(t, now, interval)).collect(),
+            load_times: tasks
+                .map(|t| observed.load_times(t).into_iter().map(|(v, s)| (v.to_string(), s)).collect())
+                .collect(),
+            silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
+            serving: observed.serving(),
+        }
+    }
+}
 
 /// The next round from the state and the observations at `now` (epoch and term left 0);
 /// without `forecast`, the plan is reconsidered at the rates already planned (a worker came
@@ -22,20 +51,22 @@ pub fn plan_round(
     now: Instant,
     forecast: bool,
 ) -> Round {
-    let cfg = adapter.config();
-    let lookback = cfg.lookback_s as u64;
-    let interval = cfg.interval_s.ceil().max(1.0) as u64;
-    let histories: Vec<Vec<f64>> = state.tasks.keys().map(|t| observed.history(t, now, lookback)).collect();
+    let observations = Observations::gather(adapter.config(), state, observed, now);
+    plan_from(adapter, state, &observations, forecast)
+}
+
+/// [`plan_round`] from observations gathered before.
+pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observations, forecast: bool) -> Round {
     let tasks = state
         .tasks
         .values()
-        .zip(&histories)
-        .map(|(spec, arrivals)| TaskInput {
+        .enumerate()
+        .map(|(i, spec)| TaskInput {
             spec,
-            arrivals,
-            min_budget_ms: observed.min_budget(&spec.name, now, interval),
+            arrivals: &observed.histories[i],
+            min_budget_ms: observed.min_budgets[i],
             profiles: profiles_of(state, &spec.name),
-            load_s: observed.load_times(&spec.name),
+            load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
         })
         .collect();
     // A node that stopped reporting, or is draining, is planned around: its share goes to the
@@ -43,11 +74,10 @@ pub fn plan_round(
     let nodes = state
         .nodes
         .iter()
-        .filter(|(name, n)| !n.draining && !observed.is_silent(name, now))
+        .filter(|(name, n)| !n.draining && !observed.silent.contains(*name))
         .map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores })
         .collect();
-    let serving = observed.serving();
-    let input = RoundInput { tasks, nodes, current: state.plan.as_ref(), serving: &serving };
+    let input = RoundInput { tasks, nodes, current: state.plan.as_ref(), serving: &observed.serving };
     if forecast {
         adapter.round(&input)
     } else {

@@ -13,6 +13,8 @@
 //! are free in total may still be split over nodes; a task whose worker finds no node with room
 //! is planned again with workers no larger than the largest free node, and a note says so.
 
+use std::collections::HashMap;
+
 use tidal_proto::v1::{Assignment, Plan};
 
 use super::share::{self, Claim};
@@ -113,6 +115,9 @@ fn claim_enough(t: &mut TaskPlans) -> u32 {
     hi
 }
 
+/// The most plans a task's claim offers the division between its enough and its best.
+const MAX_OPTIONS: u32 = 16;
+
 /// What the task asks of the division: its weight, minimum, enough cores and the staircase of
 /// its plans from there up to its best.
 fn claim(t: &mut TaskPlans) -> Claim {
@@ -123,6 +128,10 @@ fn claim(t: &mut TaskPlans) -> Claim {
     let enough = claim_enough(t);
     let mut options = Vec::new();
     let mut budget = t.cap;
+    // Every plan from the best down when they are few; else one every `step` cores, so that a
+    // task costs at most about MAX_OPTIONS solves (the division is then exact over these).
+    let span = t.within(budget, None).map_or(0, |p| p.cores).saturating_sub(enough);
+    let step = span.div_ceil(MAX_OPTIONS).max(1);
     while let Ok(p) = t.within(budget, None) {
         if p.choice.overloaded && !options.is_empty() {
             break;
@@ -132,7 +141,7 @@ fn claim(t: &mut TaskPlans) -> Claim {
         if cores <= enough || cores == 0 {
             break;
         }
-        budget = cores - 1;
+        budget = cores.saturating_sub(step).max(enough);
     }
     options.reverse();
     if let Some(first) = options.first_mut() {
@@ -162,16 +171,13 @@ fn place_all(
             workers.iter().flat_map(|(_, w)| current_nodes(input, &w.task, std::slice::from_ref(*w))).collect();
         let e = match place(&cores, &groups, &current, free) {
             Ok(nodes) => {
-                for ((_, w), n) in workers.into_iter().zip(nodes) {
-                    let mut w = Assignment { node: input.nodes[n].name.to_string(), ..w.clone() };
-                    w.replica = plan
-                        .assignments
-                        .iter()
-                        .filter(|a| {
-                            a.task == w.task && a.stage == w.stage && a.node == w.node && a.variant == w.variant
-                        })
-                        .count() as u32;
-                    plan.assignments.push(w);
+                // Replicas of a variant on a node are numbered apart.
+                let mut replicas: HashMap<(&str, &str, &str, usize), u32> = HashMap::new();
+                for ((_, w), n) in workers.iter().zip(nodes) {
+                    let replica = replicas.entry((w.task.as_str(), w.stage.as_str(), variant_name(w), n)).or_default();
+                    let node = input.nodes[n].name.to_string();
+                    plan.assignments.push(Assignment { node, replica: *replica, ..(*w).clone() });
+                    *replica += 1;
                 }
                 return;
             }

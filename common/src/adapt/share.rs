@@ -85,8 +85,9 @@ pub struct Division {
 const EPS: f64 = 1e-9;
 
 /// Divides `total` cores among `claims` (see the module docs). `carried(task, cores)` is the
-/// fraction (0..=1) of that task's demand its best plan within `cores` carries; it is asked
-/// only under shortage and only for budgets below the task's `enough`.
+/// fraction (0..=1) of that task's demand its best plan within `cores` carries, never falling
+/// as `cores` grows; it is asked only under shortage and only for budgets below the task's
+/// `enough`.
 pub fn divide(total: u32, claims: &[Claim], rule: ShareRule, carried: impl FnMut(usize, u32) -> f64) -> Division {
     let planned = |c: &Claim| if c.options.is_empty() { 0 } else { c.enough };
     let needed: u64 = claims.iter().map(|c| planned(c) as u64).sum();
@@ -167,10 +168,23 @@ fn shares(total: u32, claims: &[Claim], rule: ShareRule, mut carried: impl FnMut
             carried(i, c)
         }
     };
-    // The smallest budget above `from` that carries more, within the task's cap.
+    // The smallest budget above `from` that carries more, within the task's cap: a bisection,
+    // as what a budget carries never falls when the budget grows.
     let next_step = |i: usize, from: u32, fraction: &mut dyn FnMut(usize, u32) -> f64| {
         let now = fraction(i, from);
-        (from + 1..=cap[i]).find(|&c| fraction(i, c) > now + EPS)
+        if from >= cap[i] || fraction(i, cap[i]) <= now + EPS {
+            return None;
+        }
+        let (mut lo, mut hi) = (from, cap[i]);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fraction(i, mid) > now + EPS {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
     };
     for &i in by_weight.iter().filter(|&&i| claims[i].weight > 0.0) {
         if fraction(i, cores[i]) <= EPS {
