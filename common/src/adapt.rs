@@ -287,7 +287,11 @@ impl Adapter {
 
     fn forecast(&mut self, task: &TaskInput) -> TaskOutcome {
         let window = &task.arrivals[task.arrivals.len().saturating_sub(self.cfg.lookback_s.max(1))..];
-        let forecast_rps = self.forecaster.forecast(window, self.cfg.interval_s.round().max(1.0) as usize);
+        // The plan must carry the load until the next round's workers serve: an interval and a
+        // model load (the slowest known of the task's, else the configured one).
+        let load_s = task.load_s.values().copied().fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        let horizon = self.cfg.interval_s + load_s.unwrap_or(self.cfg.load_time_s);
+        let forecast_rps = self.forecaster.forecast(window, horizon.round().max(1.0) as usize);
         let rounds = self.cfg.scale_down_after.max(1);
         let stabiliser =
             self.stabilisers.entry(task.spec.name.clone()).or_insert_with(|| ScaleDownStabiliser::new(rounds));
