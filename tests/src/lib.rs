@@ -41,9 +41,30 @@ pub fn ort_lib() -> PathBuf {
     path
 }
 
-/// A free loopback port (bound then released; good enough for tests on one machine).
+/// A free loopback port for a daemon to listen on, below the kernel's ephemeral range.
+///
+/// A port the kernel hands out (binding port 0) and the test releases can be taken, before the
+/// daemon binds it, by any process's outbound connection: the kernel picks their source ports
+/// from the same ephemeral range (a fresh-clone run failed so, "did not start listening").
+/// Ports below `ip_local_port_range` are never picked for outbound connections. Each test
+/// process walks them from its own offset, one port per call, and keeps only a port it can
+/// bind now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    const FIRST: u32 = 10_000;
+    let span = low.saturating_sub(FIRST).max(1000);
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + span)
 }
 
 /// A child process killed on drop.
