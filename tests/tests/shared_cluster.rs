@@ -133,7 +133,7 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
 
     // No plan since the first on both agents left a task without a worker.
     let history = ctl.history(PlanHistoryRequest { limit: 1000 }).await.unwrap().into_inner().plans;
-    let first = history.iter().position(|p| both(p)).expect("a plan on both agents");
+    let first = history.iter().position(both).expect("a plan on both agents");
     for plan in &history[first..] {
         for task in ["surging", "steady", "quiet"] {
             assert!(cores_of(plan, task) >= 1, "plan {} left {task} without a worker: {:?}", plan.epoch, plan.notes);
