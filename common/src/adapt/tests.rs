@@ -1,7 +1,7 @@
 use super::*;
 use tidal_proto::v1::VariantSpec;
 
-fn variant(name: &str, accuracy: f64) -> VariantSpec {
+pub(super) fn variant(name: &str, accuracy: f64) -> VariantSpec {
     VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy, input_shape: vec![3, 8, 8] }
 }
 
@@ -10,7 +10,8 @@ fn points(rps_per_core: f64) -> Vec<ProfilePoint> {
     points_up_to(rps_per_core, 2)
 }
 
-fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
+/// Batch 1 on 1..=`cores` cores, `rps_per_core` per core.
+pub(super) fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
     (1..=cores)
         .map(|c| ProfilePoint {
             cores: c,

@@ -3,28 +3,13 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tidal_proto::v1::{Plan, ProfilePoint, TaskShare, TaskSpec, VariantSpec};
+use tidal_proto::v1::{Plan, ProfilePoint, TaskShare, TaskSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, RoundInput, Serving, ShareRule, TaskInput, TaskPlans};
 
 static NOTHING_SERVES: Serving = Serving::new();
 
-fn variant(name: &str, accuracy: f64) -> VariantSpec {
-    VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy, input_shape: vec![3, 8, 8] }
-}
-
-/// Batch 1 on 1..=`cores` cores, `rps_per_core` per core.
-fn points(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
-    (1..=cores)
-        .map(|c| ProfilePoint {
-            cores: c,
-            batch: 1,
-            latency_p50_ms: 1000.0 / (rps_per_core * c as f64),
-            latency_p99_ms: 1000.0 / (rps_per_core * c as f64),
-            throughput_rps: rps_per_core * c as f64,
-        })
-        .collect()
-}
+use crate::adapt::tests::{points_up_to as points, variant};
 
 /// Tasks as the issue tried them: each with a 70 % variant at 100 req/s per core and a 78 %
 /// variant at 20 req/s per core (80 and 16 planned, at the default utilisation of 0.8).
