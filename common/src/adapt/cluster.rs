@@ -144,9 +144,9 @@ fn claim(t: &mut TaskPlans) -> Claim {
         budget = cores.saturating_sub(step).max(enough);
     }
     options.reverse();
-    if let Some(first) = options.first_mut() {
-        first.0 = first.0.max(enough);
-    }
+    // The fewest cores offered is what the task needs: a plan that keeps running variants (see
+    // `price_transition`) may stop the staircase above the bisection's figure.
+    let enough = options.first().map_or(enough, |o| o.0);
     Claim { weight, min_cores, enough, options }
 }
 

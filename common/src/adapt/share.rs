@@ -89,7 +89,7 @@ const EPS: f64 = 1e-9;
 /// as `cores` grows; it is asked only under shortage and only for budgets below the task's
 /// `enough`.
 pub fn divide(total: u32, claims: &[Claim], rule: ShareRule, carried: impl FnMut(usize, u32) -> f64) -> Division {
-    let planned = |c: &Claim| if c.options.is_empty() { 0 } else { c.enough };
+    let planned = |c: &Claim| c.options.first().map_or(0, |o| o.0);
     let needed: u64 = claims.iter().map(|c| planned(c) as u64).sum();
     if needed <= total as u64 {
         return Division { cores: best_combination(total, claims), shortage: false };
@@ -98,7 +98,7 @@ pub fn divide(total: u32, claims: &[Claim], rule: ShareRule, carried: impl FnMut
 }
 
 /// The options, one per task, of the highest Σ weight × value within `total` cores; every
-/// task's first option fits (the caller checked).
+/// task's first option fits (the caller checked; a task whose options do not gets none).
 fn best_combination(total: u32, claims: &[Claim]) -> Vec<u32> {
     #[derive(Clone, Copy)]
     struct State {
@@ -122,6 +122,11 @@ fn best_combination(total: u32, claims: &[Claim]) -> Vec<u32> {
                 }
                 next.push(State { cores, value: s.value + claim.weight * value, parent: p, pick: k });
             }
+        }
+        if next.is_empty() {
+            // Only if the claims' first options did not fit after all: the task gets nothing
+            // rather than the division failing.
+            next = last.iter().enumerate().map(|(p, s)| State { parent: p, pick: usize::MAX, ..*s }).collect();
         }
         // Fewest cores first, the best value first among equal cores; keep a state only if
         // it beats every state with fewer cores.
@@ -329,6 +334,17 @@ mod tests {
         // While the cores suffice it carries its load, at the fewest cores (its value counts 0).
         let claims = [claim(0.0, 1, 4, 0.5), claim(1.0, 1, 1, 0.0)];
         assert_eq!(divide(6, &claims, ShareRule::Weighted, proportional(&claims)).cores, vec![1, 1]);
+    }
+
+    #[test]
+    fn options_that_do_not_fit_leave_the_task_without_cores_not_a_panic() {
+        // A claim whose first option is above its `enough` (inconsistent, as a caller may err).
+        let claims = [
+            Claim { weight: 1.0, min_cores: 0, enough: 1, options: vec![(3, 0.5)] },
+            Claim { weight: 1.0, min_cores: 0, enough: 1, options: vec![(2, 0.1)] },
+        ];
+        let d = divide(4, &claims, ShareRule::Weighted, |_, c| c as f64 / 3.0);
+        assert!(d.cores.iter().sum::<u32>() <= 4, "{d:?}");
     }
 
     #[test]
