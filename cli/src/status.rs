@@ -34,6 +34,18 @@ pub async fn history(controller: &str, limit: u32, format: Format) -> anyhow::Re
     output::print(format, &history, |h| h.plans.iter().map(render_plan).collect())
 }
 
+/// A task's share of the cluster: its weight, and its minimum and maximum cores when set
+/// ("w1", "w2 1–8c", "w0 ≥1c").
+fn share(share: Option<&tidal_proto::v1::TaskShare>) -> String {
+    let s = share.cloned().unwrap_or_default();
+    let w = s.weight.unwrap_or(1.0);
+    match (s.min_cores, s.max_cores) {
+        (0, 0) => format!("w{w}"),
+        (min, 0) => format!("w{w} ≥{min}c"),
+        (min, max) => format!("w{w} {min}–{max}c"),
+    }
+}
+
 pub fn render(s: &ClusterStatus) -> String {
     let mut out = format!("leader {}  term {}\n", s.leader, s.term);
     let mut tasks = Vec::new();
@@ -42,6 +54,7 @@ pub fn render(s: &ClusterStatus) -> String {
         tasks.push(vec![
             spec.name.clone(),
             spec.slo_ms.to_string(),
+            share(spec.share.as_ref()),
             format!("{:.1}", t.rate_rps),
             format!("{:.1}", t.forecast_rps),
             format!("{:.1}", t.latency_p99_ms),
@@ -54,6 +67,7 @@ pub fn render(s: &ClusterStatus) -> String {
                 tasks.push(vec![
                     format!("  {}/{}", spec.name, st.stage),
                     String::new(),
+                    String::new(),
                     format!("{:.1}", st.rate_rps),
                     String::new(),
                     format!("{:.1}", st.latency_p99_ms),
@@ -64,8 +78,10 @@ pub fn render(s: &ClusterStatus) -> String {
             }
         }
     }
-    out +=
-        &output::table(&["TASK", "SLO ms", "RATE/s", "FORECAST/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"], tasks);
+    out += &output::table(
+        &["TASK", "SLO ms", "SHARE", "RATE/s", "PLANNED/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"],
+        tasks,
+    );
     let nodes = s
         .nodes
         .iter()

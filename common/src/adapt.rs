@@ -152,6 +152,9 @@ pub struct Round {
     pub tasks: BTreeMap<String, TaskOutcome>,
     /// Whether it asks for other workers than the plan in force (or routes differently).
     pub changed: bool,
+    /// Workers of a variant planned on a node where it did not run while it ran on another:
+    /// moves, each a model load the objective did not ask for.
+    pub moved: u32,
 }
 
 /// Arrivals above a task's planned rate.
@@ -276,13 +279,17 @@ impl Adapter {
             let held = handover::hold_across_nodes(current, &mut plan, input.serving, &millicores);
             plan.notes.extend(held);
         }
+        let moved = input.current.map_or(0, |c| moved_workers(c, &plan));
+        if moved > 0 {
+            plan.notes.push(format!("{moved} workers moved to another node"));
+        }
         let changed = input.current.is_none_or(|c| {
             c.assignments != plan.assignments
                 || c.tasks != plan.tasks
                 || c.node_addresses != plan.node_addresses
                 || c.transition != plan.transition
         });
-        Round { plan, tasks: outcomes, changed }
+        Round { plan, tasks: outcomes, changed, moved }
     }
 
     fn forecast(&mut self, task: &TaskInput) -> TaskOutcome {
@@ -299,6 +306,19 @@ impl Adapter {
         self.planned.insert(task.spec.name.clone(), planned_rps);
         TaskOutcome { forecast_rps, planned_rps, ..Default::default() }
     }
+}
+
+/// Workers of `next` whose variant ran in `current` on other nodes but not on theirs.
+fn moved_workers(current: &Plan, next: &Plan) -> u32 {
+    let ran = |a: &Assignment, same_node: bool| {
+        current.assignments.iter().any(|c| {
+            c.task == a.task
+                && c.stage == a.stage
+                && variant_name(c) == variant_name(a)
+                && (c.node == a.node) == same_node
+        })
+    };
+    next.assignments.iter().filter(|a| !ran(a, true) && ran(a, false)).count() as u32
 }
 
 /// The workers of `task` in the plan in force.

@@ -189,8 +189,9 @@ impl Controller {
             info!(epoch = plan.epoch, "{note}");
         }
         self.raft.propose(Command { change: Some(Change::CommitPlan(plan.clone())) }).await?;
-        info!(epoch = plan.epoch, workers = plan.assignments.len(), "committed a new plan");
+        info!(epoch = plan.epoch, workers = plan.assignments.len(), moved = round.moved, "committed a new plan");
         self.metrics.plans_committed.inc();
+        self.metrics.workers_moved.inc_by(round.moved as u64);
         self.push_all(&plan);
         Ok(Some(plan))
     }

@@ -16,6 +16,7 @@ pub struct TaskLabels {
 pub struct ControllerMetrics {
     pub plan_epoch: Gauge,
     pub plans_committed: Counter,
+    pub workers_moved: Counter,
     pub adaptation_seconds: Histogram,
     pub forecast_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
     pub observed_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
@@ -32,6 +33,7 @@ impl ControllerMetrics {
         let m = Self {
             plan_epoch: Gauge::default(),
             plans_committed: Counter::default(),
+            workers_moved: Counter::default(),
             adaptation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             forecast_rps: Family::default(),
             observed_rps: Family::default(),
@@ -45,6 +47,11 @@ impl ControllerMetrics {
         let r = registry.sub_registry_with_prefix("tidal_controller");
         r.register("plan_epoch", "Epoch of the committed plan", m.plan_epoch.clone());
         r.register("plans_committed", "Plans this replica committed as leader", m.plans_committed.clone());
+        r.register(
+            "workers_moved",
+            "Workers the plans this replica committed moved to another node (a model load each)",
+            m.workers_moved.clone(),
+        );
         r.register(
             "adaptation_seconds",
             "Time to forecast and solve one adaptation round",

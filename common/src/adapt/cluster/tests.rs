@@ -182,6 +182,29 @@ fn workers_too_large_for_any_node_are_planned_again_smaller() {
     assert!(plan.notes.iter().any(|n| n.contains("planned again with workers of at most 1 cores")), "{:?}", plan.notes);
 }
 
+#[test]
+fn workers_moved_to_another_node_are_counted() {
+    let c = Cluster::new(&[60.0, 10.0], &[2, 2]);
+    let mut adapter = Adapter::with_defaults(config(ShareRule::Weighted));
+    let first = adapter.round(&c.input()).plan;
+    let again = {
+        let mut input = c.input();
+        input.current = Some(&first);
+        adapter.round(&input)
+    };
+    assert_eq!(again.moved, 0, "{:?}", again.plan.notes);
+    // One node gone: what ran there moves to the other.
+    let on_n2 = first.assignments.iter().filter(|a| a.node == "n2").count() as u32;
+    assert!(on_n2 > 0, "{:?}", first.assignments);
+    let mut smaller = Cluster::new(&[60.0, 10.0], &[2, 2]);
+    smaller.nodes.truncate(1);
+    let mut input = smaller.input();
+    input.current = Some(&first);
+    let round = adapter.round(&input);
+    assert_eq!(round.moved, on_n2, "{:?}", round.plan.notes);
+    assert!(round.plan.notes.iter().any(|n| n.ends_with("workers moved to another node")), "{:?}", round.plan.notes);
+}
+
 /// One task alone is planned as the task is planned by itself within the cluster's cores.
 #[test]
 fn one_task_alone_is_planned_as_before() {
