@@ -340,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task(TaskCmd::Set { task, share }) => {
             let answer = controller(&cli.controller).await?.set_share(share.request(&task)).await?.into_inner();
             let share = answer.share.unwrap_or_default();
-            let max = if share.max_cores > 0 { share.max_cores.to_string() } else { "no cap".into() };
+            let max = if share.max_cores > 0 { format!("{} cores", share.max_cores) } else { "no cap".into() };
             println!(
                 "task {task}: weight {}, minimum {} cores, maximum {max}",
                 share.weight.unwrap_or(1.0),
