@@ -296,7 +296,7 @@ impl Adapter {
         let window = &task.arrivals[task.arrivals.len().saturating_sub(self.cfg.lookback_s.max(1))..];
         // The plan must carry the load until the next round's workers serve: an interval and a
         // model load (the slowest known of the task's, else the configured one).
-        let load_s = task.load_s.values().copied().fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        let load_s = task.load_s.values().copied().reduce(f64::max);
         let horizon = self.cfg.interval_s + load_s.unwrap_or(self.cfg.load_time_s);
         let forecast_rps = self.forecaster.forecast(window, horizon.round().max(1.0) as usize);
         let rounds = self.cfg.scale_down_after.max(1);
@@ -452,7 +452,7 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
         let mut problem = self.base.clone();
         problem.core_budget = budget;
         problem.max_worker_cores = max_worker;
-        problem.weights.beta = cfg.weights.beta * budget as f64 / self.cluster.max(1) as f64;
+        problem.weights = weights_within(cfg, budget, self.cluster);
         let space = cfg.space();
         let s = solve(&problem, &space)?;
         let (problem, s, kept) = price_transition(cfg, &space, task, &self.old, self.rate, problem, s);
@@ -618,9 +618,15 @@ fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, 
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
         core_budget: budget,
         max_worker_cores: None,
-        weights: Weights { beta: cfg.weights.beta * budget as f64 / cluster.max(1) as f64, ..cfg.weights },
+        weights: weights_within(cfg, budget, cluster),
         model: cfg.model,
     }
+}
+
+/// The objective's weights for a plan within `budget` cores whose cores are weighed against the
+/// cluster's: β·RC/budget rescaled to β·RC/cluster.
+fn weights_within(cfg: &AdaptConfig, budget: u32, cluster: u32) -> Weights {
+    Weights { beta: cfg.weights.beta * budget as f64 / cluster.max(1) as f64, ..cfg.weights }
 }
 
 /// One assignment per replica; each carries its replica's share of the traffic.
