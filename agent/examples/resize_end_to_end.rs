@@ -111,7 +111,8 @@ async fn toggle(
         let millicores = if i % 2 == 0 { 2000 } else { 1000 };
         let plan = support::plan(cfg, *epoch, millicores, 4);
         let sent = Instant::now();
-        let answer = control.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await?.into_inner();
+        let answer =
+            control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await?.into_inner();
         let client_us = sent.elapsed().as_secs_f64() * 1e6;
         let in_force = quota_millicores(cgroup)?;
         anyhow::ensure!(in_force == millicores, "toggle {i}: the cgroup holds {in_force} millicores, not {millicores}");

@@ -12,7 +12,7 @@ use tidal_auth::Security;
 use tidal_common::plan::{validate_for_node, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{Plan, TaskSpec, Transition, WorkerTelemetry};
+use tidal_proto::v1::{Plan, PlanDelta, TaskSpec, Transition, WorkerTelemetry};
 use tracing::{info, warn};
 
 use crate::apply::{execute, stage, Executor};
@@ -51,8 +51,19 @@ pub enum ApplyError {
     TooFarAhead { got: u64, known: u64 },
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
+    #[error("malformed plan delta: {0}")]
+    InvalidDelta(String),
+    #[error("the plan delta is from plan {base:?} (epoch, term); this agent applied {applied:?}: send the plan")]
+    NotTheBase { base: (u64, u64), applied: (u64, u64) },
     #[error("creating a worker's cgroup (nothing of the plan was applied): {0}")]
     Cgroup(#[from] CgroupError),
+}
+
+/// A plan as the controller sends it: whole (cut for this node, or to be cut here), or as its
+/// change from the plan (epoch, term) this node applied before.
+pub enum Incoming {
+    Plan(Plan),
+    Delta { delta: PlanDelta, base: (u64, u64) },
 }
 
 /// A plan applied: its epoch, and the tasks held at what ran before (with why).
@@ -78,6 +89,9 @@ pub struct Node {
     /// Workers being retired: they serve with weight 0 until a successor is ready.
     retiring: Mutex<Vec<Arc<Worker>>>,
     tasks: RwLock<HashMap<String, TaskSpec>>,
+    /// The plan applied (cut for this node), the base of the next delta; changed only while
+    /// `workers` is locked.
+    applied_plan: Mutex<Option<Plan>>,
     /// Clients of the other agents this one routes to, by (node, address).
     remotes: Mutex<HashMap<(String, String), Arc<Remote>>>,
     applied_epoch: AtomicU64,
@@ -111,6 +125,7 @@ impl Node {
             workers: tokio::sync::Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
             tasks: RwLock::new(HashMap::new()),
+            applied_plan: Mutex::new(None),
             remotes: Mutex::new(HashMap::new()),
             applied_epoch: AtomicU64::new(0),
             applied_term: AtomicU64::new(0),
@@ -156,11 +171,27 @@ impl Node {
     /// what runs for it and named in the result; the other tasks move. Plans are ordered by
     /// (epoch, term): one older than the applied plan comes from a deposed leader (or a
     /// delayed push) and is refused.
-    pub async fn apply_plan(self: &Arc<Self>, mut plan: Plan) -> Result<Applied, ApplyError> {
+    pub async fn apply_plan(self: &Arc<Self>, incoming: Incoming) -> Result<Applied, ApplyError> {
+        let mut workers = self.workers.lock().await;
+        let mut plan = match incoming {
+            Incoming::Plan(plan) => plan,
+            Incoming::Delta { delta, base } => {
+                let applied_plan = self.applied_plan.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let applied = applied_plan.as_ref().map_or((0, 0), |p| (p.epoch, p.term));
+                if applied_plan.is_none() || applied != base {
+                    return Err(ApplyError::NotTheBase { base, applied });
+                }
+                tidal_common::plan::delta::apply(applied_plan.as_ref(), &delta).map_err(ApplyError::InvalidDelta)?
+            }
+        };
         tidal_common::plan::normalise(&mut plan);
+        // A whole plan (from a controller before plans were cut, or a test) is cut here: the
+        // routes below are read from the cut form only.
+        if plan.for_node.is_empty() {
+            plan = tidal_common::plan::cut(&plan, &self.cfg.node);
+        }
         validate_for_node(&plan, &self.cfg.node, self.cfg.millicores)?;
         let desired = desired_on(&plan, &self.cfg.node);
-        let mut workers = self.workers.lock().await;
         // Only the models of workers to start are checked (a file read, off the runtime); a
         // plan that resizes or rebatches running workers touches no file.
         let to_load: Vec<tidal_proto::v1::VariantSpec> = desired
@@ -202,7 +233,9 @@ impl Node {
         self.applied_epoch.store(plan.epoch, Ordering::Relaxed);
         self.applied_term.store(plan.term, Ordering::Relaxed);
         self.metrics.plan_epoch.set(plan.epoch as i64);
-        Ok(Applied { epoch: plan.epoch, held })
+        let epoch = plan.epoch;
+        *self.applied_plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+        Ok(Applied { epoch, held })
     }
 
     /// Keeps `w` serving with weight 0 until its `successors` serve (or the load timeout
@@ -290,15 +323,12 @@ impl Node {
         self.router.retain(&planned);
     }
 
-    /// The stage's shares on other agents, one route per node (weights summed over its
-    /// workers); nodes whose address the plan does not give are left out.
+    /// The stage's shares on other agents (the cut plan's routes, one per node); nodes whose
+    /// address the plan does not give are left out.
     fn remote_routes(&self, plan: &Plan, stage: &StageKey) -> Vec<(Arc<Remote>, f64)> {
         let (task, stage_name) = (stage.task.as_str(), stage.stage.as_str());
-        let mut weights: BTreeMap<&str, f64> = BTreeMap::new();
-        for a in plan.assignments.iter().filter(|a| a.task == task && a.stage == stage_name && a.node != self.cfg.node)
-        {
-            *weights.entry(a.node.as_str()).or_default() += a.weight;
-        }
+        let weights =
+            plan.routes.iter().filter(|r| r.task == task && r.stage == stage_name).map(|r| (r.node.as_str(), r.weight));
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
         let mut routes = Vec::new();
         for (node, weight) in weights {

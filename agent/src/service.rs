@@ -23,7 +23,7 @@ use tracing::{info_span, warn, Instrument};
 use crate::connector::crops;
 use crate::error::ServeError;
 use crate::metrics::{RequestLabels, TaskLabels};
-use crate::node::{ApplyError, Node};
+use crate::node::{ApplyError, Incoming, Node};
 use crate::profiler;
 use crate::router::{Remote, StageKey, Target};
 use crate::telemetry::Outcome;
@@ -401,8 +401,10 @@ impl Inference for AgentService {
 impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         match e {
-            ApplyError::Stale { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_) | ApplyError::TooFarAhead { .. } => Status::invalid_argument(e.to_string()),
+            ApplyError::Stale { .. } | ApplyError::NotTheBase { .. } => Status::failed_precondition(e.to_string()),
+            ApplyError::Invalid(_) | ApplyError::InvalidDelta(_) | ApplyError::TooFarAhead { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
         }
     }
@@ -413,12 +415,17 @@ impl Agent for AgentService {
     async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
         let arrived = Instant::now();
         self.guard.require(&request, "ApplyPlan", is_controller)?;
-        let plan = request
-            .into_inner()
-            .plan
-            .ok_or_else(|| Status::invalid_argument("malformed plan: the request has no plan"))?;
-        let epoch = plan.epoch;
-        match self.node.apply_plan(plan).instrument(info_span!("apply_plan", epoch)).await {
+        let request = request.into_inner();
+        let incoming = match (request.plan, request.delta) {
+            (Some(plan), None) => Incoming::Plan(plan),
+            (None, Some(delta)) => Incoming::Delta { delta, base: (request.base_epoch, request.base_term) },
+            _ => return Err(Status::invalid_argument("malformed plan: the request needs a plan or a delta, not both")),
+        };
+        let epoch = match &incoming {
+            Incoming::Plan(p) => p.epoch,
+            Incoming::Delta { delta, .. } => delta.epoch,
+        };
+        match self.node.apply_plan(incoming).instrument(info_span!("apply_plan", epoch)).await {
             Ok(applied) => {
                 let apply_us = arrived.elapsed().as_micros() as u64;
                 self.node.metrics.plan_apply.observe(apply_us as f64 / 1e6);

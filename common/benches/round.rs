@@ -103,11 +103,51 @@ fn rounds(c: &mut Criterion) {
             "{name}: {workers} workers, {served} of {} tasks with workers, {planned:.0} req/s planned",
             cluster.specs.len()
         );
+        eprintln!("{name}: {}", plan_sizes(&cluster, &round.plan, &cfg));
         group.bench_with_input(BenchmarkId::from_parameter(name), &input, |b, input| {
             b.iter(|| Adapter::with_defaults(cfg.clone()).round(black_box(input)))
         });
     }
     group.finish();
+}
+
+/// What a plan weighs: whole (as committed), as the Raft log carries the next round's (a tenth
+/// of the tasks' loads 30 % higher) and as an agent receives it (median and largest cut).
+fn plan_sizes(cluster: &Cluster, first: &tidal_proto::v1::Plan, cfg: &AdaptConfig) -> String {
+    use prost::Message;
+    let mut busier = Cluster { arrivals: cluster.arrivals.clone(), ..Cluster::new(0, 0, cluster.cores, 0.0..1.0) };
+    busier.specs = cluster.specs.clone();
+    busier.profiles = cluster.profiles.clone();
+    busier.nodes = cluster.nodes.clone();
+    for arrivals in busier.arrivals.iter_mut().step_by(10) {
+        arrivals.iter_mut().for_each(|r| *r *= 1.3);
+    }
+    let mut adapter = Adapter::with_defaults(cfg.clone());
+    adapter.round(&cluster.input());
+    let input = RoundInput { current: Some(first), ..busier.input() };
+    let next = adapter.round(&input).plan;
+    let entry = tidal_common::plan::delta::delta(Some(first), &next);
+    let changed = entry.tasks.len();
+    let median = |mut sizes: Vec<usize>| {
+        sizes.sort_unstable();
+        sizes[sizes.len() / 2]
+    };
+    let cuts = cluster.nodes.iter().map(|n| tidal_common::plan::cut(&next, n).encoded_len()).collect();
+    let first = tidal_common::plan::delta::canonical(first.clone());
+    let started = std::time::Instant::now();
+    let next = tidal_common::plan::delta::canonical(next);
+    let deltas = tidal_common::plan::delta::CutDeltas::new(&first, &next);
+    let agent_deltas = cluster.nodes.iter().map(|n| deltas.for_node(n).encoded_len()).collect();
+    let prepared = started.elapsed();
+    format!(
+        "plan {} B whole; the next round's Raft entry {} B ({changed} tasks changed); \
+         per agent (median) {} B cut, {} B as its change; every agent's change made in {:.0} ms",
+        next.encoded_len(),
+        entry.encoded_len(),
+        median(cuts),
+        median(agent_deltas),
+        prepared.as_secs_f64() * 1e3,
+    )
 }
 
 criterion_group!(benches, rounds);

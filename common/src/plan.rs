@@ -1,6 +1,11 @@
 //! Plans: validation of what an agent is asked to run, and the placement of a solution's
 //! workers onto nodes.
 
+mod cut;
+pub mod delta;
+
+pub use cut::cut;
+
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
@@ -35,6 +40,10 @@ pub enum PlanError {
     OverCommitted { node: String, asked: u32, has: u32 },
     #[error("node {node:?} is asked to run {workers} workers; at most {MAX_WORKERS_PER_NODE} are allowed")]
     TooManyWorkers { node: String, workers: usize },
+    #[error("the plan was cut for node {for_node:?}, not for {node:?}")]
+    NotForThisNode { for_node: String, node: String },
+    #[error("route {index}: {reason}")]
+    BadRoute { index: usize, reason: String },
 }
 
 /// A plan as this version reads it: tasks in their pipeline form, and each assignment of a
@@ -54,8 +63,25 @@ pub fn normalise(plan: &mut Plan) {
 /// `node_millicores`), before an agent acts on any of them: a plan is applied whole or not at
 /// all. Each assignment's variant must be one of its stage's.
 pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Result<(), PlanError> {
+    if !plan.for_node.is_empty() && plan.for_node != node {
+        return Err(PlanError::NotForThisNode { for_node: plan.for_node.clone(), node: node.into() });
+    }
     for t in &plan.tasks {
         crate::task::validate_task(t).map_err(|reason| PlanError::BadTask { task: t.name.clone(), reason })?;
+    }
+    for (index, r) in plan.routes.iter().enumerate() {
+        let bad = |reason: String| PlanError::BadRoute { index, reason };
+        let task =
+            plan.tasks.iter().find(|t| t.name == r.task).ok_or_else(|| bad(format!("unknown task {:?}", r.task)))?;
+        if !task.stages.iter().any(|s| s.name == r.stage) {
+            return Err(bad(format!("task {:?} has no stage {:?}", r.task, r.stage)));
+        }
+        if r.node == node || !crate::task::valid_name(&r.node) {
+            return Err(bad(format!("{:?} is not another node", r.node)));
+        }
+        if !r.weight.is_finite() || r.weight < 0.0 {
+            return Err(bad(format!("weight {} is not a finite share", r.weight)));
+        }
     }
     let workers = plan.assignments.iter().filter(|a| a.node == node).count();
     if workers > MAX_WORKERS_PER_NODE {
@@ -86,6 +112,9 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
 /// Checks a whole plan as the replicated state takes it: every node it names is known (with
 /// its cores from `node_millicores`) and its share of the plan passes [`validate_for_node`].
 pub fn validate_plan(plan: &Plan, node_millicores: impl Fn(&str) -> Option<u32>) -> Result<(), String> {
+    if !plan.for_node.is_empty() || !plan.routes.is_empty() {
+        return Err(format!("a plan cut for node {:?} is not a whole plan", plan.for_node));
+    }
     let nodes: std::collections::BTreeSet<&str> = plan.assignments.iter().map(|a| a.node.as_str()).collect();
     for node in nodes {
         let millicores = node_millicores(node).ok_or_else(|| format!("the plan names an unknown node {node:?}"))?;
@@ -135,7 +164,8 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
 
 #[derive(Debug, Error, PartialEq)]
 #[error(
-    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free ({free:?} free)"
+    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free (at most {} free on a node, {} in all)",
+    free.iter().max().unwrap_or(&0), free.iter().map(|&f| f as u64).sum::<u64>()
 )]
 pub struct PlacementError {
     /// The index of the worker that found no room.
@@ -247,6 +277,27 @@ mod tests {
         let mut p = plan(vec![assignment("a", 1000)]);
         p.tasks[0].slo_ms = 0;
         assert!(matches!(validate_for_node(&p, "n1", 2000), Err(PlanError::BadTask { .. })));
+    }
+
+    #[test]
+    fn a_cut_plan_is_taken_only_by_its_node_and_its_routes_are_checked() {
+        let mut whole = plan(vec![assignment("a", 1000)]);
+        whole.assignments.push(Assignment { node: "n2".into(), ..assignment("b", 1000) });
+        let c = cut(&whole, "n1");
+        assert_eq!(validate_for_node(&c, "n1", 2000), Ok(()));
+        assert!(matches!(validate_for_node(&c, "n2", 2000), Err(PlanError::NotForThisNode { .. })));
+        assert!(validate_plan(&c, |_| Some(2000)).is_err(), "the state commits whole plans only");
+        for bad in [
+            |r: &mut tidal_proto::v1::Route| r.task = "unknown".into(),
+            |r: &mut tidal_proto::v1::Route| r.stage = "unknown".into(),
+            |r: &mut tidal_proto::v1::Route| r.node = "n1".into(),
+            |r: &mut tidal_proto::v1::Route| r.node = "../x".into(),
+            |r: &mut tidal_proto::v1::Route| r.weight = f64::INFINITY,
+        ] {
+            let mut c = c.clone();
+            bad(&mut c.routes[0]);
+            assert!(matches!(validate_for_node(&c, "n1", 2000), Err(PlanError::BadRoute { index: 0, .. })));
+        }
     }
 
     #[test]

@@ -7,17 +7,19 @@ use std::time::{Duration, Instant};
 
 use tidal_auth::Security;
 use tidal_common::adapt::{AdaptConfig, Adapter};
+use tidal_common::plan::delta::CutDeltas;
 use tidal_proto::v1::agent_client::AgentClient;
-use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan};
+use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan, PlanDelta};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::consensus::{ProposeError, RaftHandle};
-use crate::metrics::{ControllerMetrics, TaskLabels};
+use crate::metrics::{ControllerMetrics, PlanForm, PushOutcome, TaskLabels};
 use crate::observed::Observed;
 use crate::planner;
+use prost::Message;
 
 pub struct ControllerConfig {
     /// The adaptation round's settings (policy, interval, forecaster, stabiliser, weights).
@@ -48,6 +50,9 @@ pub struct Controller {
     pub reconsider: Notify,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
+    /// The plan (epoch, term) each node last acknowledged applying: the base of its next
+    /// push's delta.
+    acked: Arc<Mutex<HashMap<String, (u64, u64)>>>,
     /// How plans reach the agents' control ports.
     security: Security,
 }
@@ -66,6 +71,7 @@ impl Controller {
             reconsider: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
+            acked: Arc::new(Mutex::new(HashMap::new())),
             security,
         })
     }
@@ -153,12 +159,13 @@ impl Controller {
                 "replica {id} took over as leader in term {term}; plan {} carried over",
                 current.epoch
             )],
-            ..current
+            ..current.clone()
         };
-        self.raft.propose(Command { change: Some(Change::CommitPlan(plan.clone())) }).await?;
+        let proposed = Instant::now();
+        let plan = self.commit(Some(&current), &plan).await?;
         info!(term, epoch = plan.epoch, "leading; the current plan is re-committed under this term");
         self.metrics.plans_committed.inc();
-        self.push_all(&plan);
+        self.push_all(&plan, proposed);
         Ok(())
     }
 
@@ -188,12 +195,24 @@ impl Controller {
         for note in &plan.notes {
             info!(epoch = plan.epoch, "{note}");
         }
-        self.raft.propose(Command { change: Some(Change::CommitPlan(plan.clone())) }).await?;
+        let proposed = Instant::now();
+        let plan = self.commit(state.plan.as_ref(), &plan).await?;
         info!(epoch = plan.epoch, workers = plan.assignments.len(), moved = round.moved, "committed a new plan");
         self.metrics.plans_committed.inc();
         self.metrics.workers_moved.inc_by(round.moved as u64);
-        self.push_all(&plan);
+        self.push_all(&plan, proposed);
         Ok(Some(plan))
+    }
+
+    /// Commits `plan` through Raft as its change from `base` (the plan in force) and returns
+    /// the plan committed: the whole plan every replica rebuilds from the entry (`plan` in
+    /// canonical order), which is what is pushed.
+    async fn commit(&self, base: Option<&Plan>, plan: &Plan) -> Result<Plan, ProposeError> {
+        let delta = tidal_common::plan::delta::delta(base, plan);
+        self.metrics.plan_bytes.get_or_create(&PlanForm { form: "whole" }).observe(plan.encoded_len() as f64);
+        self.metrics.plan_bytes.get_or_create(&PlanForm { form: "log_entry" }).observe(delta.encoded_len() as f64);
+        self.raft.propose(Command { change: Some(Change::CommitPlanDelta(delta)) }).await?;
+        Ok(tidal_common::plan::delta::canonical(plan.clone()))
     }
 
     /// Re-plans at once, without waiting for the interval, when a node the plan uses stopped
@@ -251,27 +270,29 @@ impl Controller {
         });
     }
 
-    fn push_all(&self, plan: &Plan) {
+    /// Pushes a plan just committed (proposed at `proposed`) to every node.
+    fn push_all(&self, plan: &Plan, proposed: Instant) {
         let nodes = self.raft.read(|s| s.nodes.clone());
-        for (name, info) in nodes {
-            self.push(&name, &info.control_address, plan.clone());
+        let targets = nodes.into_iter().map(|(name, info)| (name, info.control_address)).collect();
+        // Cutting and diffing a plan for each of hundreds of nodes is CPU work.
+        let pushes = tokio::task::block_in_place(|| self.prepare(targets, plan));
+        for push in pushes {
+            self.send(push, Some(proposed));
         }
     }
 
     /// Pushes the current plan to nodes whose last report shows an older epoch.
     fn push_to_lagging(&self, plan: &Plan) {
         let nodes = self.raft.read(|s| s.nodes.clone());
-        let lagging: Vec<String> = self.observed(|o| {
+        let lagging: Vec<(String, String)> = self.observed(|o| {
             nodes
-                .keys()
-                .filter(|n| o.reports.get(*n).is_none_or(|(_, r)| r.applied_epoch < plan.epoch))
-                .cloned()
+                .iter()
+                .filter(|(n, _)| o.reports.get(*n).is_none_or(|(_, r)| r.applied_epoch < plan.epoch))
+                .map(|(n, info)| (n.clone(), info.control_address.clone()))
                 .collect()
         });
-        for name in lagging {
-            if let Some(info) = nodes.get(&name) {
-                self.push(&name, &info.control_address, plan.clone());
-            }
+        for push in tokio::task::block_in_place(|| self.prepare(lagging, plan)) {
+            self.send(push, None);
         }
     }
 
@@ -291,19 +312,49 @@ impl Controller {
             last.insert(node.to_string(), Instant::now());
         }
         if let Some(info) = self.raft.read(|s| s.nodes.get(node).cloned()) {
-            self.push(node, &info.control_address, plan);
+            for push in self.prepare(vec![(node.to_string(), info.control_address)], &plan) {
+                self.send(push, None);
+            }
         }
     }
 
-    fn push(&self, node: &str, address: &str, plan: Plan) {
+    /// What each of `targets` (node, control address) is sent of `plan`: its cut as a change
+    /// from the cut of the plan the node last acknowledged, when the history still has that
+    /// plan; else the cut, made when it is sent.
+    fn prepare(&self, targets: Vec<(String, String)>, plan: &Plan) -> Vec<Push> {
+        let acked: HashMap<String, (u64, u64)> = {
+            let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            targets.iter().filter_map(|(n, _)| acked.get(n).map(|&a| (n.clone(), a))).collect()
+        };
+        let wanted: std::collections::BTreeSet<(u64, u64)> =
+            acked.values().copied().filter(|&a| a < (plan.epoch, plan.term)).collect();
+        // The few plans the nodes hold (most hold the previous one), read once.
+        let bases: Vec<Plan> =
+            self.raft.read(|s| s.history.iter().filter(|p| wanted.contains(&(p.epoch, p.term))).cloned().collect());
+        let deltas: HashMap<(u64, u64), CutDeltas<'_>> =
+            bases.iter().map(|base| ((base.epoch, base.term), CutDeltas::new(base, plan))).collect();
+        let whole = Arc::new(plan.clone());
+        targets
+            .into_iter()
+            .map(|(node, address)| {
+                let delta = acked.get(&node).and_then(|a| Some((deltas.get(a)?.for_node(&node), *a)));
+                Push { node, address, plan: whole.clone(), delta }
+            })
+            .collect()
+    }
+
+    /// Sends one push: the delta if there is one, else (or if the agent no longer holds its
+    /// base) the cut plan; with the time the plan was `proposed`, its delivery is measured.
+    fn send(&self, push: Push, proposed: Option<Instant>) {
+        let Push { node, address, plan, delta } = push;
         let client = {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            match clients.get(address) {
+            match clients.get(&address) {
                 Some(c) => c.clone(),
-                None => match self.security.endpoint(address) {
+                None => match self.security.endpoint(&address) {
                     Ok(endpoint) => {
                         let c = AgentClient::new(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy());
-                        clients.insert(address.to_string(), c.clone());
+                        clients.insert(address.clone(), c.clone());
                         c
                     }
                     Err(e) => {
@@ -313,12 +364,51 @@ impl Controller {
                 },
             }
         };
-        let node = node.to_string();
-        let epoch = plan.epoch;
+        let bytes = self.metrics.plan_bytes.clone();
+        let delivery = self.metrics.plan_delivery_seconds.clone();
+        let pushes = self.metrics.plan_pushes.clone();
+        let acked = self.acked.clone();
+        let (epoch, term) = (plan.epoch, plan.term);
         tokio::spawn(async move {
             let mut client = client;
-            let req = tonic::Request::new(ApplyPlanRequest { plan: Some(plan) });
-            match tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await {
+            let outcome = |form, answer: &Result<Result<_, tonic::Status>, _>| {
+                let outcome = match answer {
+                    Ok(Ok(_)) => "applied",
+                    Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition && form == "delta" => "not_the_base",
+                    Ok(Err(_)) => "refused",
+                    Err(_) => "no_answer",
+                };
+                pushes.get_or_create(&PushOutcome { form, outcome }).inc();
+                outcome
+            };
+            let mut answer = None;
+            if let Some((delta, (base_epoch, base_term))) = delta {
+                bytes.get_or_create(&PlanForm { form: "agent_delta" }).observe(delta.encoded_len() as f64);
+                let req = ApplyPlanRequest { delta: Some(delta), base_epoch, base_term, ..Default::default() };
+                let a = tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await;
+                // An agent that holds another plan (restarted, or a push lost) is sent the plan.
+                if outcome("delta", &a) != "not_the_base" {
+                    answer = Some(a);
+                }
+            }
+            let answer = match answer {
+                Some(a) => a,
+                None => {
+                    let cut = tidal_common::plan::cut(&plan, &node);
+                    bytes.get_or_create(&PlanForm { form: "agent" }).observe(cut.encoded_len() as f64);
+                    let req = ApplyPlanRequest { plan: Some(cut), ..Default::default() };
+                    let a = tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await;
+                    outcome("plan", &a);
+                    a
+                }
+            };
+            if let Ok(Ok(_)) = &answer {
+                acked.lock().unwrap_or_else(|p| p.into_inner()).insert(node.clone(), (epoch, term));
+                if let Some(proposed) = proposed {
+                    delivery.observe(proposed.elapsed().as_secs_f64());
+                }
+            }
+            match answer {
                 Ok(Ok(r)) if r.get_ref().held.is_empty() => info!(node, epoch, "agent applied the plan"),
                 Ok(Ok(r)) => warn!(node, epoch, held = ?r.get_ref().held, "agent applied the plan but held tasks"),
                 Ok(Err(status)) => warn!(node, epoch, %status, "agent refused the plan"),
@@ -326,4 +416,14 @@ impl Controller {
             }
         });
     }
+}
+
+/// One node's share of a push: the plan (cut for the node when it is sent whole) and, when
+/// the node's last acknowledged plan is known, its cut as a change from that plan's (with its
+/// (epoch, term)).
+struct Push {
+    node: String,
+    address: String,
+    plan: Arc<Plan>,
+    delta: Option<(PlanDelta, (u64, u64))>,
 }

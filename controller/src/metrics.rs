@@ -13,7 +13,26 @@ pub struct TaskLabels {
     pub task: String,
 }
 
+/// Which form of a plan a size is of: `whole` (as committed), `log_entry` (the Raft entry:
+/// its change from the plan in force), `agent` (cut for one agent, as pushed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlanForm {
+    pub form: &'static str,
+}
+
+/// A push of a plan to an agent: sent as a change (`delta`) or whole (`plan`), and what came
+/// of it (`applied`, `not_the_base`: the agent held another plan and was sent it whole,
+/// `refused`, `no_answer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushOutcome {
+    pub form: &'static str,
+    pub outcome: &'static str,
+}
+
 pub struct ControllerMetrics {
+    pub plan_pushes: Family<PushOutcome, Counter>,
+    pub plan_bytes: Family<PlanForm, Histogram>,
+    pub plan_delivery_seconds: Histogram,
     pub plan_epoch: Gauge,
     pub plans_committed: Counter,
     pub workers_moved: Counter,
@@ -31,6 +50,9 @@ pub struct ControllerMetrics {
 impl ControllerMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
+            plan_pushes: Family::default(),
+            plan_bytes: Family::new_with_constructor(|| Histogram::new(exponential_buckets(256.0, 4.0, 10))),
+            plan_delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             plan_epoch: Gauge::default(),
             plans_committed: Counter::default(),
             workers_moved: Counter::default(),
@@ -56,6 +78,13 @@ impl ControllerMetrics {
             "adaptation_seconds",
             "Time to forecast and solve one adaptation round",
             m.adaptation_seconds.clone(),
+        );
+        r.register("plan_pushes", "Plans pushed to agents, by form and outcome", m.plan_pushes.clone());
+        r.register("plan_bytes", "Encoded size of each plan, by form", m.plan_bytes.clone());
+        r.register(
+            "plan_delivery_seconds",
+            "From a new plan's proposal to an agent's answer that it applied it, per agent",
+            m.plan_delivery_seconds.clone(),
         );
         r.register("forecast_requests_per_second", "Forecast peak arrival rate per task", m.forecast_rps.clone());
         r.register("observed_requests_per_second", "Arrival rate per task over the last 5 s", m.observed_rps.clone());

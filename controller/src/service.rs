@@ -286,7 +286,8 @@ impl ControllerApi for ControllerService {
         self.guard.require(&request, "History", may_read)?;
         let limit = request.into_inner().limit.max(1) as usize;
         self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
-        let plans = self.ctl.raft.read(|s| s.history[s.history.len().saturating_sub(limit)..].to_vec());
+        let plans =
+            self.ctl.raft.read(|s| s.history.iter().skip(s.history.len().saturating_sub(limit)).cloned().collect());
         Ok(Response::new(PlanHistory { plans }))
     }
 

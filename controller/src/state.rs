@@ -1,15 +1,20 @@
 //! The controller's replicated state machine: what every replica agrees on, changed only by
 //! applying committed Raft log entries (`Command`s), in log order, deterministically.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+use prost::Message;
 
 use tidal_common::plan::{validate_node, validate_plan};
 use tidal_common::profile::validate_profile;
 use tidal_common::task::{find_variant, normalise, validate_slo, validate_task};
 use tidal_proto::v1::{command::Change, Command, Plan, RegisterNodeRequest, StateSnapshot, TaskSpec, VariantProfile};
 
-/// Plans kept in the history (older ones are forgotten).
+/// Plans kept in the history (older ones are forgotten)...
 pub const HISTORY_LEN: usize = 1000;
+/// ...and their most bytes, encoded: the history is in every snapshot, and a cluster of
+/// hundreds of tasks makes plans of a megabyte. The plan in force is always kept.
+pub const HISTORY_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
@@ -37,7 +42,9 @@ pub struct ClusterState {
     /// (task, variant) → the latest measured profile.
     pub profiles: BTreeMap<(String, String), VariantProfile>,
     pub plan: Option<Plan>,
-    pub history: Vec<Plan>,
+    pub history: VecDeque<Plan>,
+    /// The encoded size of `history`.
+    history_bytes: usize,
     /// Raft id → address of the replicas that joined through a membership change (the
     /// bootstrap replicas' addresses come from each replica's configuration).
     pub replicas: BTreeMap<u64, String>,
@@ -77,7 +84,7 @@ impl ClusterState {
             tasks: self.tasks.values().cloned().collect(),
             profiles: self.profiles.values().cloned().collect(),
             plan: self.plan.clone(),
-            history: self.history.clone(),
+            history: self.history.iter().cloned().collect(),
             replicas: self.replicas.clone().into_iter().collect(),
         }
     }
@@ -92,7 +99,8 @@ impl ClusterState {
             tasks: s.tasks.into_iter().map(normalise).map(|t| (t.name.clone(), t)).collect(),
             profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
             plan: s.plan,
-            history: s.history,
+            history_bytes: s.history.iter().map(|p| p.encoded_len()).sum(),
+            history: s.history.into(),
             replicas: s.replicas.into_iter().collect(),
             applied_index: s.applied_index,
         }
@@ -148,20 +156,37 @@ impl ClusterState {
                 }
                 self.profiles.insert((p.task.clone(), p.variant.clone()), p.clone());
             }
-            Change::CommitPlan(plan) => {
-                let expected = self.plan_epoch() + 1;
-                if plan.epoch != expected {
-                    return Err(format!("plan epoch {} is not the next epoch {expected}", plan.epoch));
-                }
-                let mut normalised = plan.clone();
-                tidal_common::plan::normalise(&mut normalised);
-                validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
-                self.plan = Some(plan.clone());
-                self.history.push(plan.clone());
-                if self.history.len() > HISTORY_LEN {
-                    self.history.remove(0);
-                }
+            Change::CommitPlan(plan) => self.commit_plan(plan.clone())?,
+            Change::CommitPlanDelta(delta) => {
+                // The epoch is checked before the delta is applied to the plan in force: a
+                // delta from a stale leader was written against another plan.
+                self.next_epoch(delta.epoch)?;
+                let plan = tidal_common::plan::delta::apply(self.plan.as_ref(), delta)?;
+                self.commit_plan(plan)?;
             }
+        }
+        Ok(())
+    }
+
+    fn next_epoch(&self, epoch: u64) -> Result<(), String> {
+        let expected = self.plan_epoch() + 1;
+        if epoch != expected {
+            return Err(format!("plan epoch {epoch} is not the next epoch {expected}"));
+        }
+        Ok(())
+    }
+
+    fn commit_plan(&mut self, plan: Plan) -> Result<(), String> {
+        self.next_epoch(plan.epoch)?;
+        let mut normalised = plan.clone();
+        tidal_common::plan::normalise(&mut normalised);
+        validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
+        self.history_bytes += plan.encoded_len();
+        self.history.push_back(plan.clone());
+        self.plan = Some(plan);
+        while self.history.len() > HISTORY_LEN || (self.history_bytes > HISTORY_BYTES && self.history.len() > 1) {
+            let forgotten = self.history.pop_front().map_or(0, |p| p.encoded_len());
+            self.history_bytes -= forgotten;
         }
         Ok(())
     }
@@ -219,6 +244,54 @@ mod tests {
         assert!(s.apply(4, &plan(2)).is_ok());
         assert_eq!(s.plan_epoch(), 2);
         assert_eq!(s.history.len(), 2);
+    }
+
+    #[test]
+    fn a_plan_delta_rebuilds_the_plan_against_the_plan_in_force() {
+        use tidal_common::plan::delta::{canonical, delta};
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        s.apply(2, &cmd(Change::RegisterNode(node("n")))).unwrap();
+        let worker = |millicores| Assignment {
+            task: "t".into(),
+            stage: "t".into(),
+            variant: Some(variant()),
+            node: "n".into(),
+            millicores,
+            max_batch: 1,
+            max_delay_ms: 0,
+            weight: 1.0,
+            replica: 0,
+        };
+        let first =
+            Plan { epoch: 1, term: 1, tasks: vec![task()], assignments: vec![worker(1000)], ..Default::default() };
+        s.apply(3, &cmd(Change::CommitPlanDelta(delta(None, &first)))).unwrap();
+        assert_eq!(s.plan, Some(canonical(first.clone())));
+        let second = Plan { epoch: 2, assignments: vec![worker(3000)], ..first.clone() };
+        let d = delta(s.plan.as_ref(), &second);
+        s.apply(4, &cmd(Change::CommitPlanDelta(d.clone()))).unwrap();
+        assert_eq!(s.plan, Some(canonical(second)));
+        assert_eq!(s.history.len(), 2);
+        // Replayed (a stale leader's entry), or over the node's cores, it changes nothing.
+        assert!(s.apply(5, &cmd(Change::CommitPlanDelta(d))).unwrap_err().contains("epoch"));
+        let over = Plan { epoch: 3, assignments: vec![worker(5000)], ..first };
+        assert!(s.apply(6, &cmd(Change::CommitPlanDelta(delta(s.plan.as_ref(), &over)))).is_err());
+        assert_eq!(s.plan_epoch(), 2);
+    }
+
+    #[test]
+    fn the_history_is_bounded_in_bytes_and_keeps_the_plan_in_force() {
+        let mut s = ClusterState::default();
+        let big = |epoch| Plan { epoch, term: 1, notes: vec!["x".repeat(HISTORY_BYTES / 4)], ..Default::default() };
+        for epoch in 1..=10 {
+            s.apply(epoch, &cmd(Change::CommitPlan(big(epoch)))).unwrap();
+        }
+        assert!(s.history.len() <= 4, "{} plans of a quarter of the bound each", s.history.len());
+        assert_eq!(s.history.back().map(|p| p.epoch), Some(10));
+        assert_eq!(ClusterState::from_snapshot(s.to_snapshot()).history_bytes, s.history_bytes);
+        let huge = Plan { epoch: 11, term: 1, notes: vec!["x".repeat(HISTORY_BYTES + 1)], ..Default::default() };
+        s.apply(11, &cmd(Change::CommitPlan(huge))).unwrap();
+        assert_eq!(s.history.iter().map(|p| p.epoch).collect::<Vec<_>>(), vec![11], "the plan in force stays");
     }
 
     #[test]

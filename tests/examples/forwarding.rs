@@ -26,7 +26,11 @@ async fn main() {
     let mut plan = plan_for(1, &a.node, "t", 2000, &[(&r18, 1000, 1)]);
     plan.node_addresses = [(a.node.clone(), a.addr.clone()), (b.node.clone(), b.addr.clone())].into_iter().collect();
     for addr in [&a.control_addr, &b.control_addr] {
-        agent_client(addr).await.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.expect("plan");
+        agent_client(addr)
+            .await
+            .apply_plan(ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() })
+            .await
+            .expect("plan");
     }
     wait_ready(&a.control_addr, 1).await;
     latencies(&a.addr, &r18.input_shape, 20).await; // warm up

@@ -82,13 +82,13 @@ async fn main() {
     let plain_plan = plan_for(1, &plain.node, "t", 5000, &[(&r18, 1000, 1)]);
     agent_client(&plain.control_addr)
         .await
-        .apply_plan(ApplyPlanRequest { plan: Some(plain_plan) })
+        .apply_plan(ApplyPlanRequest { plan: Some(plain_plan), ..Default::default() })
         .await
         .expect("plan");
     let tls_plan = plan_for(1, &tls.node, "t", 5000, &[(&r18, 1000, 1)]);
     let mut tls_control =
         tidal_proto::v1::agent_client::AgentClient::new(connect(&controller, &tls.control_addr).await);
-    tls_control.apply_plan(ApplyPlanRequest { plan: Some(tls_plan) }).await.expect("plan");
+    tls_control.apply_plan(ApplyPlanRequest { plan: Some(tls_plan), ..Default::default() }).await.expect("plan");
     wait_ready(&plain.control_addr, 1).await;
     loop {
         let s = tls_control.status(tidal_proto::v1::AgentStatusRequest {}).await.expect("status").into_inner();

@@ -112,7 +112,10 @@ async fn check() -> anyhow::Result<()> {
     let mut control = AgentClient::new(connect(&security, CONTROL).await?);
     let r18 = VariantConfig::load(Path::new(MODELS), "resnet18")?;
     let plan = |epoch: u64, millicores: u32| plan_for(epoch, "vm", "classify", 60_000, &[(&r18, millicores, 1)]);
-    control.apply_plan(ApplyPlanRequest { plan: Some(plan(1, 1000)) }).await.context("applying the first plan")?;
+    control
+        .apply_plan(ApplyPlanRequest { plan: Some(plan(1, 1000)), ..Default::default() })
+        .await
+        .context("applying the first plan")?;
     let worker = wait_worker(&mut control).await?;
     let dir = PathBuf::from(&worker.cgroup);
     say("worker.cgroup", dir.display());
@@ -154,7 +157,7 @@ async fn check() -> anyhow::Result<()> {
         let expected = format!("{} 10000", millicores * 10);
         let sent = Instant::now();
         control
-            .apply_plan(ApplyPlanRequest { plan: Some(plan(2 + i as u64, millicores)) })
+            .apply_plan(ApplyPlanRequest { plan: Some(plan(2 + i as u64, millicores)), ..Default::default() })
             .await
             .context("resizing")?;
         while read_cpu_max(&dir)? != expected {

@@ -20,6 +20,8 @@ pub struct Replica {
     pub data: PathBuf,
     /// None while killed.
     pub proc: Option<Proc>,
+    /// Where it serves its Prometheus metrics, if asked to.
+    pub metrics: Option<String>,
     /// Started with --join (not a bootstrap member).
     joined: bool,
     /// Prefix to run it with, e.g. `ip netns exec <ns>`.
@@ -66,6 +68,7 @@ impl Group {
                 peer: p.peer,
                 data: work.join(format!("controller-{id}")),
                 proc: None,
+                metrics: None,
                 joined: false,
                 wrapper: p.wrapper,
             });
@@ -74,6 +77,34 @@ impl Group {
             group.launch(id);
         }
         group
+    }
+
+    /// Starts `n` bootstrap replicas on loopback ports, each serving its metrics too.
+    pub fn start_with_metrics(work: &Path, n: u64, args: &[&str]) -> Self {
+        let mut group =
+            Self { work: work.to_path_buf(), replicas: Vec::new(), args: args.iter().map(|s| s.to_string()).collect() };
+        for id in 1..=n {
+            let p = Placement::loopback();
+            group.replicas.push(Replica {
+                id,
+                addr: p.addr,
+                peer: p.peer,
+                data: work.join(format!("controller-{id}")),
+                proc: None,
+                metrics: Some(format!("127.0.0.1:{}", free_port())),
+                joined: false,
+                wrapper: p.wrapper,
+            });
+        }
+        for id in group.ids() {
+            group.launch(id);
+        }
+        group
+    }
+
+    /// The process id of replica `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.replica(id).proc.as_ref().map(|p| p.child.id())
     }
 
     fn replica(&self, id: u64) -> &Replica {
@@ -102,6 +133,9 @@ impl Group {
             .arg(&r.data);
         if r.joined {
             cmd.arg("--join");
+        }
+        if let Some(metrics) = &r.metrics {
+            cmd.args(["--metrics-listen", metrics]);
         }
         cmd.args(&args);
         let host = r.addr.rsplit_once(':').map_or("", |(h, _)| h).to_string();
@@ -172,6 +206,7 @@ impl Group {
             peer: peer.clone(),
             data: self.work.join(format!("controller-{id}")),
             proc: None,
+            metrics: None,
             joined: true,
             wrapper: vec![],
         });

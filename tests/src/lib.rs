@@ -374,7 +374,10 @@ impl Setup {
     ) -> Vec<tidal_proto::v1::WorkerTelemetry> {
         let mut agent = agent_client(&self.agent.control_addr).await;
         let plan = plan_for(epoch, &self.agent.node, "classify", slo_ms, workers);
-        agent.apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan) }).await.expect("the plan is applied");
+        agent
+            .apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan), ..Default::default() })
+            .await
+            .expect("the plan is applied");
         wait_ready(&self.agent.control_addr, workers.len()).await
     }
 }

@@ -48,7 +48,7 @@ impl TestCa {
         TlsArgs { tls_ca: Some(self.dir.path().join("ca/ca.pem")), ..TlsArgs::issued(&out, role) }
     }
 
-    fn security(&self, role: &Role) -> Security {
+    pub fn security(&self, role: &Role) -> Security {
         Security::from_args(&self.files(role, "")).expect("a test identity")
     }
 }

@@ -45,7 +45,7 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     let req = InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 };
     assert_eq!(code(early.infer(req).await), Some(Code::Unavailable));
     let mut plan = plan_for(5, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.unwrap();
+    agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() }).await.unwrap();
     wait_ready(&s.agent.control_addr, 1).await;
     let mut infer = inference_client(&s.agent.addr).await;
     let shape = s.r18.input_shape.clone();
@@ -69,21 +69,34 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     plan.epoch = 6;
     let mut bad = plan.clone();
     bad.assignments[0].max_batch = 0;
-    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
+    assert_eq!(
+        code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad), ..Default::default() }).await),
+        Some(Code::InvalidArgument)
+    );
     let mut bad = plan.clone();
     bad.assignments[0].millicores = 64_000;
-    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad) }).await), Some(Code::InvalidArgument));
-    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: None }).await), Some(Code::InvalidArgument));
+    assert_eq!(
+        code(agent.apply_plan(ApplyPlanRequest { plan: Some(bad), ..Default::default() }).await),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(agent.apply_plan(ApplyPlanRequest { plan: None, ..Default::default() }).await),
+        Some(Code::InvalidArgument)
+    );
     let mut stale = plan.clone();
     stale.epoch = 4;
-    assert_eq!(code(agent.apply_plan(ApplyPlanRequest { plan: Some(stale) }).await), Some(Code::FailedPrecondition));
+    assert_eq!(
+        code(agent.apply_plan(ApplyPlanRequest { plan: Some(stale), ..Default::default() }).await),
+        Some(Code::FailedPrecondition)
+    );
     let status = agent.status(AgentStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.applied_epoch, 5);
 
     // A model file missing here holds the task at what runs, and says so.
     let mut missing = plan.clone();
     missing.assignments[0].variant.as_mut().unwrap().model_file = "missing.onnx".into();
-    let applied = agent.apply_plan(ApplyPlanRequest { plan: Some(missing) }).await.unwrap().into_inner();
+    let applied =
+        agent.apply_plan(ApplyPlanRequest { plan: Some(missing), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(applied.applied_epoch, 6);
     assert!(applied.held.iter().any(|h| h.starts_with("classify:") && h.contains("missing.onnx")), "{applied:?}");
 
@@ -198,7 +211,11 @@ async fn workers_run_as_the_unprivileged_user_they_are_given() {
     );
     let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
     let plan = plan_for(1, &agent.node, "classify", 2000, &[(&r18, 1000, 1)]);
-    agent_client(&agent.control_addr).await.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    agent_client(&agent.control_addr)
+        .await
+        .apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() })
+        .await
+        .unwrap();
     let workers = wait_ready(&agent.control_addr, 1).await;
     let procs = std::fs::read_to_string(std::path::Path::new(&workers[0].cgroup).join("cgroup.procs")).unwrap();
     let pid = procs.lines().next().expect("the worker is in its cgroup").trim().to_string();

@@ -130,7 +130,7 @@ async fn an_agent_refuses_a_plan_from_a_deposed_leader() {
         let mut p = plan_for(epoch, &agent.node, "t", 100, &[]);
         p.tasks = vec![tidal_common::task::normalise(task(100))];
         p.term = term;
-        ApplyPlanRequest { plan: Some(p) }
+        ApplyPlanRequest { plan: Some(p), ..Default::default() }
     };
     client.apply_plan(plan(5, 3)).await.expect("a first plan is applied");
     for (epoch, term) in [(4, 9), (5, 2)] {

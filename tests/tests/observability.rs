@@ -98,7 +98,7 @@ async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
     // A worker serving a few requests, so that every agent series has a sample.
     let mut control = agent_client(&agent.control_addr).await;
     let plan = plan_for(1, &agent.node, "classify", 10_000, &[(&s.r18, 1000, 1)]);
-    control.apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan) }).await.unwrap();
+    control.apply_plan(tidal_proto::v1::ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.unwrap();
     wait_ready(&agent.control_addr, 1).await;
     let mut client = inference_client(&agent.addr).await;
     for _ in 0..5 {

@@ -49,7 +49,7 @@ fn plan(epoch: u64, task: TaskSpec, assignments: Vec<Assignment>, agents: &[&Age
 
 async fn apply(agents: &[&Agent], plan: &Plan) {
     for a in agents {
-        let req = ApplyPlanRequest { plan: Some(plan.clone()) };
+        let req = ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() };
         agent_client(&a.control_addr).await.apply_plan(req).await.expect("the plan is applied");
     }
 }

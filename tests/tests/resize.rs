@@ -39,18 +39,18 @@ async fn a_worker_under_load_is_resized_in_place_and_its_throughput_follows() {
     let mut agent = agent_client(&s.agent.control_addr).await;
     let node = s.agent.node.clone();
     let apply = |epoch: u64, millicores: u32| plan_for(epoch, &node, "classify", 10_000, &[(&s.r50, millicores, 4)]);
-    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(1, 1000)) }).await.unwrap();
+    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(1, 1000)), ..Default::default() }).await.unwrap();
     let before = wait_ready(&s.agent.control_addr, 1).await;
     let cgroup = std::path::PathBuf::from(&before[0].cgroup);
     assert_eq!(cgroup_millicores(&cgroup), Some(1000));
     throughput(&s.agent.addr, &s.r50.input_shape, 8, 1.0).await; // warm-up
     let one_core = throughput(&s.agent.addr, &s.r50.input_shape, 8, 4.0).await;
 
-    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(2, 2000)) }).await.unwrap();
+    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(2, 2000)), ..Default::default() }).await.unwrap();
     assert_eq!(cgroup_millicores(&cgroup), Some(2000), "the new quota is in the kernel's files");
     let two_cores = throughput(&s.agent.addr, &s.r50.input_shape, 8, 4.0).await;
 
-    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(3, 1000)) }).await.unwrap();
+    agent.apply_plan(ApplyPlanRequest { plan: Some(apply(3, 1000)), ..Default::default() }).await.unwrap();
     assert_eq!(cgroup_millicores(&cgroup), Some(1000));
     let back = throughput(&s.agent.addr, &s.r50.input_shape, 8, 4.0).await;
 

@@ -23,7 +23,11 @@ async fn served_by(addr: &str, shape: &[i64], n: usize) -> BTreeMap<String, usiz
 }
 
 async fn apply(addr: &str, plan: &Plan) {
-    agent_client(addr).await.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()) }).await.expect("plan applied");
+    agent_client(addr)
+        .await
+        .apply_plan(ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() })
+        .await
+        .expect("plan applied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,7 +214,10 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     // The agent's control port: plans only from a controller, and bounded; profiling only
     // inside the model directory, of bounded inputs.
     let mut agent_as_admin = AgentClient::new(channel_as(&certs, &admin, &agent.control_addr).await);
-    let wipe = |epoch: u64| ApplyPlanRequest { plan: Some(Plan { epoch, term: u64::MAX, ..Default::default() }) };
+    let wipe = |epoch: u64| ApplyPlanRequest {
+        plan: Some(Plan { epoch, term: u64::MAX, ..Default::default() }),
+        ..Default::default()
+    };
     assert_eq!(code(agent_as_admin.apply_plan(wipe(before.agent_epoch)).await), Code::PermissionDenied);
     let mut agent_as_controller = AgentClient::new(channel_as(&certs, &intruder, &agent.control_addr).await);
     assert_eq!(
@@ -269,7 +272,7 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
     plan.node_addresses =
         [(agent.node.clone(), agent.addr.clone()), (other.node.clone(), other.addr.clone())].into_iter().collect();
     for a in [&agent, &other] {
-        let request = ApplyPlanRequest { plan: Some(plan.clone()) };
+        let request = ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() };
         agent_client(&a.control_addr).await.apply_plan(request).await.unwrap();
     }
     wait_ready(&agent.control_addr, 1).await;

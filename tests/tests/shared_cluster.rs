@@ -64,7 +64,9 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18,resnet50", 32);
-    let (_controller, ctl_addr) = start_controller(work.path(), 2.0, &["--forecast-window-s", "6"]);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (_controller, ctl_addr) =
+        start_controller(work.path(), 2.0, &["--forecast-window-s", "6", "--metrics-listen", &metrics]);
     let a1 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let _a2 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let mut ctl = controller_client(&ctl_addr).await;
@@ -140,6 +142,19 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
         }
         assert!(plan.assignments.iter().map(|a| a.millicores).sum::<u32>() <= 4000, "{:?}", plan.notes);
     }
+
+    // After its first plan, each agent was sent the plans as the change of the one it held,
+    // and refused none. (A change can miss its base when a report of the older epoch sent the
+    // same plan again meanwhile; that agent is sent the plan whole.)
+    let (_, _, text) = http_exchange(&metrics, "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8_lossy(&text);
+    let pushes = |form: &str, outcome: &str| {
+        let series = format!("tidal_controller_plan_pushes_total{{form=\"{form}\",outcome=\"{outcome}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.parse::<u64>().unwrap())
+    };
+    println!("pushes: {} changes applied, {} plans applied", pushes("delta", "applied"), pushes("plan", "applied"));
+    assert!(pushes("delta", "applied") >= 4, "{text}");
+    assert_eq!(pushes("delta", "refused") + pushes("plan", "refused"), 0, "{text}");
 }
 
 /// The case: a flat 150 req/s from idle was planned at 196 → 304 → 341 → 322 → 259

@@ -92,7 +92,7 @@ pub async fn apply(
     control: &mut AgentClient<Channel>,
     plan: Plan,
 ) -> anyhow::Result<(ApplyPlanResponse, Vec<WorkerTelemetry>)> {
-    let answer = control.apply_plan(ApplyPlanRequest { plan: Some(plan) }).await?.into_inner();
+    let answer = control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await?.into_inner();
     loop {
         let workers = control.status(AgentStatusRequest {}).await?.into_inner().workers;
         if workers.iter().all(|w| w.ready) {
