@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench peers clean
+.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench control-plane-scale peers clean
 
 all: build
 
@@ -58,6 +58,13 @@ bench: build
 	$(CARGO) run --release -p tidal-agent --example overhead -- models resnet50 20 5
 	$(CARGO) run --release -p tidal-agent --example resize_end_to_end -- models resnet18 200
 	$(CARGO) bench -p tidal-common --bench solver
+	$(CARGO) bench -p tidal-common --bench round
+
+# Three controller replicas and 200 simulated agents over mutual TLS, 50 tasks, one round a
+# second for 10 minutes (about 12 minutes; results/scale.md).
+control-plane-scale: build
+	$(CARGO) build --release -p tidal-tests --example control_plane_scale
+	TIDAL_TEST_TLS=1 ./target/release/examples/control_plane_scale 200 50 10 1
 	$(CARGO) run --release -p tidal-controller --example commit_throughput
 	$(CARGO) run --release -p tidal-tests --example failover -- --trials 20
 	$(CARGO) run --release -p tidal-tests --example overload -- --seconds 10

@@ -54,12 +54,15 @@ struct StageOutput {
 impl AgentService {
     /// Serves a request: every stage of its task in order, each here or on another agent as
     /// the plan's weights pick, within the request's one deadline. A request another agent
-    /// forwarded runs only the stage it names, here.
+    /// forwarded runs only the stage it names, here. A request is counted as an arrival of
+    /// its task (the demand the controller plans for) where `count_arrival` says: where a
+    /// client sent it first, not where it was forwarded or retried after being counted.
     async fn serve(
         &self,
         req: InferRequest,
         arrived: Instant,
         forwarded: Option<Forwarded>,
+        count_arrival: bool,
     ) -> Result<InferResponse, ServeError> {
         let size = req.encoded_len();
         if size > self.node.cfg.max_request_bytes {
@@ -77,7 +80,9 @@ impl AgentService {
             }
             Some(_) => task.stages.first().into_iter().collect(),
             None => {
-                self.node.telemetry.arrival(&task.name, arrived, (req.budget_ms > 0).then_some(req.budget_ms));
+                if count_arrival {
+                    self.node.telemetry.arrival(&task.name, arrived, (req.budget_ms > 0).then_some(req.budget_ms));
+                }
                 task.stages.iter().collect()
             }
         };
@@ -351,11 +356,12 @@ impl AgentService {
         req: InferRequest,
         arrived: Instant,
         forwarded: Option<Forwarded>,
+        count_arrival: bool,
     ) -> Result<InferResponse, ServeError> {
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();
         let is_forwarded = forwarded.is_some();
-        let result = self.serve(req, arrived, forwarded).instrument(span).await;
+        let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span).await;
         let (outcome, label) = match &result {
             Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
             Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
@@ -394,7 +400,16 @@ impl Inference for AgentService {
         self.admit(&request)?;
         let (metadata, _, req) = request.into_parts();
         let forwarded = request_forwarded(&metadata);
-        self.infer_one(req, arrived, forwarded).await.map(Response::new).map_err(Status::from)
+        let count = forwarded.is_none() && !metadata.contains_key(tidal_proto::COUNTED_METADATA);
+        self.infer_one(req, arrived, forwarded, count).await.map(Response::new).map_err(|e| {
+            let mut status = Status::from(e);
+            if count && status.code() == tonic::Code::Unavailable {
+                status
+                    .metadata_mut()
+                    .insert(tidal_proto::COUNTED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+            }
+            status
+        })
     }
 }
 

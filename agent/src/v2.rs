@@ -239,7 +239,7 @@ impl AgentService {
     ) -> Result<ModelInferResponse, Status> {
         let task = self.node.task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
         let id = req.id.clone();
-        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None));
+        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None, true));
         let answers = futures::future::try_join_all(answers).await?;
         Ok(response(id, &task.name, answers)?)
     }

@@ -138,11 +138,11 @@ impl Client {
         }
     }
 
-    async fn infer(&mut self, call: &Call) -> Result<Answer, tonic::Status> {
+    async fn infer(&mut self, call: &Call, counted: bool) -> Result<Answer, tonic::Status> {
         match self {
             Client::Tidal(c) => {
                 let req = InferRequest { task: call.task.to_string(), input: Some(call.input.clone()), budget_ms: 0 };
-                let r = c.infer(call.request(req)).await?.into_inner();
+                let r = c.infer(call.request(req, counted)).await?.into_inner();
                 let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
                 Ok(Answer { variant: r.variant, accuracy, accuracy_product })
             }
@@ -158,7 +158,7 @@ impl Client {
                     raw_input_contents: vec![call.input.data.clone()],
                     ..Default::default()
                 };
-                let r = c.model_infer(call.request(req)).await?.into_inner();
+                let r = c.model_infer(call.request(req, counted)).await?.into_inner();
                 Ok(v2_answer(&r, call.accuracy))
             }
         }
@@ -166,8 +166,12 @@ impl Client {
 }
 
 impl Call {
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    /// The request, marked as counted elsewhere when an agent that counted it refused it.
+    fn request<T>(&self, message: T, counted: bool) -> tonic::Request<T> {
         let mut req = tonic::Request::new(message);
+        if counted {
+            req.metadata_mut().insert(tidal_proto::COUNTED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+        }
         if let Some(token) = &self.token {
             token.attach(req.metadata_mut());
         }
@@ -425,14 +429,20 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
 }
 
 /// Sends request `i` to agent `i mod n`; when an agent answers UNAVAILABLE (it is stopping,
-/// or not listening), to the next, each at most once.
+/// not listening, or has no worker for the task), to the next, each at most once. A request is
+/// one unit of demand however many agents it tries: once an agent says it counted it, the
+/// retries say so and are not counted again.
 async fn send_with_failover(pools: &[Vec<Client>], i: usize, call: &Call) -> Result<Answer, tonic::Status> {
     let mut last = tonic::Status::unavailable("no agent");
+    let mut counted = false;
     for k in 0..pools.len() {
         let pool = &pools[(i + k) % pools.len()];
         let mut client = pool[(i / pools.len()) % pool.len()].clone();
-        match client.infer(call).await {
-            Err(s) if s.code() == tonic::Code::Unavailable => last = s,
+        match client.infer(call, counted).await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                counted |= s.metadata().contains_key(tidal_proto::COUNTED_METADATA);
+                last = s;
+            }
             other => return other,
         }
     }

@@ -288,6 +288,7 @@ impl Controller {
             nodes
                 .iter()
                 .filter(|(n, _)| o.reports.get(*n).is_none_or(|(_, r)| r.applied_epoch < plan.epoch))
+                .filter(|(n, _)| !self.acknowledged(n, plan))
                 .map(|(n, info)| (n.clone(), info.control_address.clone()))
                 .collect()
         });
@@ -304,6 +305,9 @@ impl Controller {
         if applied_epoch >= plan.epoch || !self.raft.status().is_leader {
             return;
         }
+        if self.acknowledged(node, &plan) {
+            return;
+        }
         {
             let mut last = self.last_push.lock().unwrap_or_else(|p| p.into_inner());
             if last.get(node).is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
@@ -316,6 +320,17 @@ impl Controller {
                 self.send(push, None);
             }
         }
+    }
+
+    /// Forgets the plan `node` acknowledged (it restarted and holds none).
+    pub fn forget_acknowledgement(&self, node: &str) {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
+    }
+
+    /// Whether `node` answered that it applied `plan` (or a later one): a report that shows an
+    /// older epoch was made before.
+    fn acknowledged(&self, node: &str, plan: &Plan) -> bool {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).get(node) >= Some(&(plan.epoch, plan.term))
     }
 
     /// What each of `targets` (node, control address) is sent of `plan`: its cut as a change

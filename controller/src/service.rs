@@ -111,6 +111,8 @@ impl ControllerApi for ControllerService {
         if !known {
             self.commit(Change::RegisterNode(req.clone())).await?;
         }
+        // A registering agent has (re)started: whatever plan it acknowledged before is gone.
+        self.ctl.forget_acknowledgement(&req.node);
         self.ctl.push_if_behind(&req.node, 0);
         Ok(Response::new(RegisterNodeResponse { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
     }

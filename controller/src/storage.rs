@@ -223,13 +223,17 @@ struct Sled {
     meta: sled::Tree,
 }
 
+/// sled's page cache (its default is 1 GiB): the log is read back only by followers catching
+/// up and after a restart, so a small cache costs little and bounds the replica's memory.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+
 /// Opens sled in `dir`. A store just closed (by this process: a reopen, a restart in place)
 /// can still be locked for a moment by sled's background flusher, which holds the database
 /// until it notices; that lock is waited out, up to 5 s.
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match sled::open(dir) {
+        match sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
             {

@@ -51,6 +51,12 @@ pub fn not_leader(leader_address: Option<&str>) -> tonic::Status {
 /// receiver serves it itself and does not count it again.
 pub const FORWARDED_METADATA: &str = "tidal-forwarded";
 
+/// Metadata key an agent sets on an UNAVAILABLE answer to a request it counted as an arrival
+/// (it had the task but no worker or route for it), and a client sets on its retry of that
+/// request at another agent: that agent serves it without counting it again, so that a request
+/// is one arrival however many agents it tries.
+pub const COUNTED_METADATA: &str = "tidal-counted";
+
 /// Metadata key naming the one pipeline stage a forwarded request asks the receiver to run
 /// (its input is that stage's input). Without it, the task's first stage.
 pub const STAGE_METADATA: &str = "tidal-stage";

@@ -161,8 +161,9 @@ async fn main() -> anyhow::Result<()> {
     let interval = args.next().flatten().unwrap_or(1.0);
     let ca = tidal_tests::tls::test_ca().expect("run with TIDAL_TEST_TLS=1: the point is mutual TLS");
     let work = tempfile::tempdir()?;
+    eprintln!("work directory (logs): {}", work.path().display());
     let interval_arg = interval.to_string();
-    let group = Group::start_with_metrics(work.path(), 3, &["--interval", &interval_arg]);
+    let group = Group::start_with_metrics(work.path(), 3, &["--interval-s", &interval_arg]);
     let leader = group.leader(Duration::from_secs(30)).await;
     let leader_addr = group.addr(leader);
     eprintln!("replica {leader} leads; registering {tasks} tasks of 5 variants");
@@ -307,8 +308,8 @@ async fn main() -> anyhow::Result<()> {
         "first to last agent per plan: {} plans, {} reached all {agents}; p50 {:.3} s, p99 {:.3} s",
         spreads.len(),
         everyone,
-        percentile(&mut spreads, 50.0),
-        percentile(&mut spreads, 99.0)
+        percentile(&mut spreads, 0.5),
+        percentile(&mut spreads, 0.99)
     );
     println!(
         "an agent received per plan (median): {} B as a change ({} pushes), {} B whole ({} pushes)",
@@ -317,6 +318,9 @@ async fn main() -> anyhow::Result<()> {
         median(bytes.entry(false).or_default()),
         bytes[&false].len()
     );
+    for line in after.lines().filter(|l| l.starts_with("tidal_controller_plan_pushes_total")) {
+        println!("{line}");
+    }
     println!(
         "leader: {:.3} cores of CPU on average, {rss:.0} MiB resident ({peak:.0} MiB peak)",
         (cpu1 - cpu0) / seconds

@@ -95,8 +95,11 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     // A model file missing here holds the task at what runs, and says so.
     let mut missing = plan.clone();
     missing.assignments[0].variant.as_mut().unwrap().model_file = "missing.onnx".into();
-    let applied =
-        agent.apply_plan(ApplyPlanRequest { plan: Some(missing), ..Default::default() }).await.unwrap().into_inner();
+    let applied = agent
+        .apply_plan(ApplyPlanRequest { plan: Some(missing.clone()), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(applied.applied_epoch, 6);
     assert!(applied.held.iter().any(|h| h.starts_with("classify:") && h.contains("missing.onnx")), "{applied:?}");
 
@@ -106,6 +109,41 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     let status = agent.status(AgentStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.workers.len(), 1);
     assert!(status.workers[0].ready);
+
+    // A plan as the change of the one applied (6, term 1): taken from that base only, and
+    // refused whole when malformed.
+    let with_idle = |epoch: u64| {
+        let mut next = plan_for(epoch, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
+        next.tasks.push(tidal_common::task::single_stage("idle", 2000, vec![s.r18.spec()]));
+        next
+    };
+    let held = tidal_common::plan::cut(&missing, &s.agent.node);
+    let delta = tidal_common::plan::delta::delta(Some(&held), &tidal_common::plan::cut(&with_idle(7), &s.agent.node));
+    let send = |delta: tidal_proto::v1::PlanDelta, base_epoch| ApplyPlanRequest {
+        delta: Some(delta),
+        base_epoch,
+        base_term: 1,
+        ..Default::default()
+    };
+    assert_eq!(code(agent.apply_plan(send(delta.clone(), 5)).await), Some(Code::FailedPrecondition));
+    let mut stray = delta.clone();
+    stray.tasks.clear();
+    assert_eq!(code(agent.apply_plan(send(stray, 6)).await), Some(Code::InvalidArgument));
+    let both = ApplyPlanRequest { plan: Some(with_idle(7)), ..send(delta.clone(), 6) };
+    assert_eq!(code(agent.apply_plan(both).await), Some(Code::InvalidArgument));
+    assert_eq!(agent.apply_plan(send(delta, 6)).await.unwrap().into_inner().applied_epoch, 7);
+    let r = infer.infer(call("classify", Some(sample(&shape)))).await.unwrap().into_inner();
+    assert_eq!(r.variant, "resnet18", "the task the change did not touch serves on");
+
+    // `idle` has no worker anywhere: UNAVAILABLE, so that a client tries another agent, and
+    // marked as counted here, so that its retry there is not counted again.
+    let refused = infer.infer(call("idle", Some(sample(&shape)))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().contains_key(tidal_proto::COUNTED_METADATA), "{refused:?}");
+    let mut retry = tonic::Request::new(call("idle", Some(sample(&shape))));
+    retry.metadata_mut().insert(tidal_proto::COUNTED_METADATA, "1".parse().unwrap());
+    let again = infer.infer(retry).await.unwrap_err();
+    assert!(!again.metadata().contains_key(tidal_proto::COUNTED_METADATA), "a retry is not counted: {again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
