@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video test test-ansible bench control-plane-scale peers clean
+.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video live-vs-sim-tasks test test-ansible bench control-plane-scale peers clean
 
 all: build
 
@@ -35,6 +35,10 @@ live-vs-sim: build
 # The same on IPA's video pipeline (detection, then classification of each object's crop).
 live-vs-sim-video: build
 	PIPELINE=video scripts/live-vs-sim.sh
+
+# Several tasks at once on one agent, live and simulated, per task.
+live-vs-sim-tasks: build
+	scripts/live-vs-sim-tasks.sh
 
 # Unit tests, property tests and the cross-process integration tests (which start real
 # controllers and agents, so the binaries are built first, with the same features as the

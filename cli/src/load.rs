@@ -223,22 +223,23 @@ pub struct Summary {
     pub mean_accuracy_product: f64,
     pub errors: Vec<(String, usize)>,
     pub by_variant: Vec<(String, usize)>,
-    /// Cores allocated to workers, sampled every second from the controller; the mean.
+    /// Cores allocated to the task's workers, sampled every second from the controller; the mean.
     pub mean_cores: Option<f64>,
     /// Plans the controller committed during the replay.
     pub plans: Option<u64>,
 }
 
-/// What the cluster ran while the load was replayed: (millicores of all workers, plan epoch),
+/// What the task ran while the load was replayed: (millicores of its workers, plan epoch),
 /// sampled every second from the controller's status.
-pub async fn watch_cluster(controller: String, samples: Arc<std::sync::Mutex<Vec<(u32, u64)>>>) {
+pub async fn watch_cluster(controller: String, task: String, samples: Arc<std::sync::Mutex<Vec<(u32, u64)>>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let Ok(mut client) = crate::controller(&controller).await else { continue };
         let Ok(status) = client.status(tidal_proto::v1::ClusterStatusRequest {}).await else { continue };
         let status = status.into_inner();
-        let millicores = status.nodes.iter().flat_map(|n| &n.workers).map(|w| w.millicores).sum();
+        let millicores =
+            status.nodes.iter().flat_map(|n| &n.workers).filter(|w| w.task == task).map(|w| w.millicores).sum();
         let epoch = status.plan.map_or(0, |p| p.epoch);
         samples.lock().unwrap_or_else(|p| p.into_inner()).push((millicores, epoch));
     }

@@ -377,7 +377,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let spec = task_spec(&cli.controller, &opts.task).await?;
                     let shape = tidal_common::task::input_shape(&spec).to_vec();
                     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-                    let watch = tokio::spawn(load::watch_cluster(cli.controller.clone(), samples.clone()));
+                    let watch =
+                        tokio::spawn(load::watch_cluster(cli.controller.clone(), opts.task.clone(), samples.clone()));
                     (spec.slo_ms, shape, Some((watch, samples)))
                 }
             };
