@@ -115,7 +115,8 @@ impl Link {
             })
             .await?;
         info!(%controller, plan_epoch = resp.get_ref().plan_epoch, "registered with the controller");
-        node.saw_controller_epoch(resp.get_ref().plan_epoch);
+        let resp = resp.into_inner();
+        node.saw_group(resp.plan_epoch, resp.term, resp.members);
         Ok(client)
     }
 
@@ -142,7 +143,10 @@ impl Link {
                 workers: node.worker_telemetry().await,
             };
             match client.report_telemetry(report).await {
-                Ok(ack) => node.saw_controller_epoch(ack.get_ref().plan_epoch),
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    node.saw_group(ack.plan_epoch, ack.term, ack.members);
+                }
                 Err(e) => {
                     *unsent = tasks;
                     return Err(e);

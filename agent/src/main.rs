@@ -102,6 +102,11 @@ struct ServeArgs {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
     #[arg(long, env = "TIDAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Once every port is bound, write the addresses bound here, as JSON (`inference`,
+    /// `control`, `metrics`): with port 0 in a listen address, how whoever started the agent
+    /// learns the port the system picked.
+    #[arg(long, env = "TIDAL_READY_FILE")]
+    ready_file: Option<PathBuf>,
     /// Seconds a worker may take to load its model.
     #[arg(long, env = "TIDAL_LOAD_TIMEOUT_S", default_value_t = 120)]
     load_timeout_s: u64,
@@ -154,6 +159,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(role) = security.role().filter(|r| **r != tidal_auth::Role::Agent(args.node.clone())) {
         anyhow::bail!("--tls-cert is {role}'s certificate; node {} needs agent/{}'s", args.node, args.node);
     }
+    if let Some(path) = &args.ready_file {
+        tidal_daemon::ready_file::clear(path).with_context(|| format!("removing the old {}", path.display()))?;
+    }
+    // Bound first: a port in use fails the start, and port 0's pick is known before the
+    // agent advertises its addresses.
+    let inference_listener = listen(args.listen, "inference")?;
+    let control_listener = listen(args.control_listen, "control")?;
+    let listen_addr = inference_listener.local_addr()?;
+    let control_addr = control_listener.local_addr()?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let cores = args.cores.unwrap_or(online).max(1);
     let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
@@ -187,9 +201,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let node = Node::new(cfg, cgroups, metrics, security.clone(), token);
+    let mut bound = vec![("inference", listen_addr), ("control", control_addr)];
     if let Some(addr) = args.metrics_listen {
         let ready = ready.clone();
-        tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(move || ready.load(Ordering::Relaxed)));
+        let metrics_addr = tidal_daemon::metrics_http::spawn(
+            addr,
+            registry,
+            std::sync::Arc::new(move || ready.load(Ordering::Relaxed)),
+        )
+        .await
+        .with_context(|| format!("listening for metrics on {addr}"))?;
+        bound.push(("metrics", metrics_addr));
         // Keep the per-worker gauges fresh between scrapes.
         let node = node.clone();
         tokio::spawn(async move {
@@ -203,20 +225,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !args.controller.is_empty() {
         let link = Link {
             controllers: args.controller.clone(),
-            advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
-            advertise_control: args.advertise_control.clone().unwrap_or_else(|| args.control_listen.to_string()),
+            advertise: args.advertise.clone().unwrap_or_else(|| listen_addr.to_string()),
+            advertise_control: args.advertise_control.clone().unwrap_or_else(|| control_addr.to_string()),
             interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
         };
         tokio::spawn(link.run(node.clone(), stop.clone()));
     }
     let service = AgentService { node: node.clone(), guard: tidal_auth::Guard::new(&security) };
-    info!(listen = %args.listen, control_listen = %args.control_listen, node = %args.node, "agent serving");
+    info!(listen = %listen_addr, control_listen = %control_addr, node = %args.node, "agent serving");
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED; tonic's own
     // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
     let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
-    // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let inference_listener = listen(args.listen, "inference")?;
-    let control_listener = listen(args.control_listen, "control")?;
     let health = tidal_daemon::grpc_std::reporter().await;
     tokio::spawn(tidal_daemon::grpc_std::follow(
         health.clone(),
@@ -240,12 +259,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
         .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
+    if let Some(path) = &args.ready_file {
+        tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
+    }
     tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty(), ready.clone()));
     tidal_daemon::systemd::spawn_watchdog(|| true);
     let served = tokio::select! {
         _ = tidal_daemon::systemd::shutdown_signal() => Ok(()),
-        r = inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {}", args.listen))),
-        r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {}", args.control_listen))),
+        r = inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {listen_addr}"))),
+        r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {control_addr}"))),
     };
     tidal_daemon::systemd::stopping();
     ready.store(false, Ordering::Relaxed);

@@ -42,6 +42,11 @@ pub struct AgentConfig {
 /// last registration or report) a plan's epoch may be: a plan beyond it would make every
 /// later plan look stale. About two months of rounds every 5 s.
 pub const MAX_EPOCH_STEP: u64 = 1 << 20;
+/// The most a plan's Raft term may pass the highest term this agent knows of (from the plans
+/// it applied and its controllers' answers): an election raises it by one, a partitioned
+/// replica's failed elections by a few more, and a far higher term would make every later
+/// plan of the real leader look deposed.
+pub const MAX_TERM_STEP: u64 = 64;
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -49,6 +54,10 @@ pub enum ApplyError {
     Stale { got: (u64, u64), applied: (u64, u64) },
     #[error("plan epoch {got} is more than {MAX_EPOCH_STEP} ahead of the epoch this agent knows ({known})")]
     TooFarAhead { got: u64, known: u64 },
+    #[error("plan term {got} is more than {MAX_TERM_STEP} ahead of the term this agent knows ({known})")]
+    TermTooFarAhead { got: u64, known: u64 },
+    #[error("controller/{id} is not a replica of the group this agent follows (members {members:?})")]
+    NotAMember { id: u64, members: Vec<u64> },
     #[error("malformed plan: {0}")]
     Invalid(#[from] PlanError),
     #[error("malformed plan delta: {0}")]
@@ -99,6 +108,11 @@ pub struct Node {
     applied_term: AtomicU64,
     /// The latest plan epoch the controller reported (registration, telemetry acks).
     controller_epoch: AtomicU64,
+    /// The highest Raft term the controller reported.
+    controller_term: AtomicU64,
+    /// The replicas of the group the agent's controllers reported (empty before the first
+    /// answer, or with no --controller): the only ones whose plans it applies.
+    members: RwLock<Vec<u64>>,
     next_worker: AtomicU64,
     /// Last CPU reading per worker, to turn cumulative usage into a rate.
     cpu_seen: Mutex<HashMap<String, (Instant, CpuStats)>>,
@@ -130,6 +144,8 @@ impl Node {
             applied_epoch: AtomicU64::new(0),
             applied_term: AtomicU64::new(0),
             controller_epoch: AtomicU64::new(0),
+            controller_term: AtomicU64::new(0),
+            members: RwLock::new(Vec::new()),
             next_worker: AtomicU64::new(1),
             cpu_seen: Mutex::new(HashMap::new()),
         })
@@ -139,9 +155,29 @@ impl Node {
         self.applied_epoch.load(Ordering::Relaxed)
     }
 
-    /// Records the plan epoch the controller reported.
-    pub fn saw_controller_epoch(&self, epoch: u64) {
+    /// Records what a controller of the group answered: its plan epoch, Raft term and members.
+    pub fn saw_group(&self, epoch: u64, term: u64, members: Vec<u64>) {
         self.controller_epoch.fetch_max(epoch, Ordering::Relaxed);
+        self.controller_term.fetch_max(term, Ordering::Relaxed);
+        if !members.is_empty() {
+            let mut known = self.members.write().unwrap_or_else(|p| p.into_inner());
+            if *known != members {
+                info!(?members, "the controller group's members");
+                *known = members;
+            }
+        }
+    }
+
+    /// Whether controller `id` may push plans here: a member of the group this agent's
+    /// controllers reported, or any controller while none has answered (an agent with no
+    /// --controller takes plans from any controller certificate of the cluster).
+    pub fn admit_pusher(&self, id: u64) -> Result<(), ApplyError> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        if members.is_empty() || members.contains(&id) {
+            Ok(())
+        } else {
+            Err(ApplyError::NotAMember { id, members: members.clone() })
+        }
     }
 
     pub fn applied_term(&self) -> u64 {
@@ -207,6 +243,18 @@ impl Node {
         let known = applied.0.max(self.controller_epoch.load(Ordering::Relaxed));
         if plan.epoch > known.saturating_add(MAX_EPOCH_STEP) {
             return Err(ApplyError::TooFarAhead { got: plan.epoch, known });
+        }
+        let known_term = applied.1.max(self.controller_term.load(Ordering::Relaxed));
+        if plan.term > known_term.saturating_add(MAX_TERM_STEP) {
+            return Err(ApplyError::TermTooFarAhead { got: plan.term, known: known_term });
+        }
+        if desired.is_empty() && !workers.is_empty() {
+            warn!(
+                epoch = plan.epoch,
+                term = plan.term,
+                workers = workers.len(),
+                "this plan stops every worker of this node"
+            );
         }
         let running: Vec<RunningWorker> = workers
             .iter()

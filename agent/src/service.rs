@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use tidal_auth::guard::{is_admin, is_controller, may_read};
-use tidal_auth::Guard;
+use tidal_auth::{Guard, Role};
 use tidal_common::task::{fan_out, stage_input};
 use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
 use tidal_proto::v1::agent_server::Agent;
@@ -221,7 +221,9 @@ impl AgentService {
         };
         let mut request = Request::new(req);
         request.set_timeout(left);
-        if let Some(token) = &self.node.inference_token {
+        // With a certificate the agent shows it, which the peer admits in place of the token;
+        // the token travels only where there is nothing else to show (plaintext).
+        if let Some(token) = self.node.inference_token.as_ref().filter(|_| self.node.security.role().is_none()) {
             token.attach(request.metadata_mut());
         }
         request.metadata_mut().insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
@@ -417,9 +419,11 @@ impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Stale { .. } | ApplyError::NotTheBase { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_) | ApplyError::InvalidDelta(_) | ApplyError::TooFarAhead { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
+            ApplyError::Invalid(_)
+            | ApplyError::InvalidDelta(_)
+            | ApplyError::TooFarAhead { .. }
+            | ApplyError::TermTooFarAhead { .. } => Status::invalid_argument(e.to_string()),
+            ApplyError::NotAMember { .. } => Status::permission_denied(e.to_string()),
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
         }
     }
@@ -429,7 +433,16 @@ impl From<ApplyError> for Status {
 impl Agent for AgentService {
     async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
         let arrived = Instant::now();
-        self.guard.require(&request, "ApplyPlan", is_controller)?;
+        let pusher = match self.guard.require(&request, "ApplyPlan", is_controller)? {
+            Some(Role::Controller(id)) => Some(id),
+            _ => None,
+        };
+        if let Some(id) = pusher {
+            if let Err(e) = self.node.admit_pusher(id) {
+                warn!(from = %format!("controller/{id}"), error = %e, "refused a plan");
+                return Err(e.into());
+            }
+        }
         let request = request.into_inner();
         let incoming = match (request.plan, request.delta) {
             (Some(plan), None) => Incoming::Plan(plan),
@@ -440,14 +453,15 @@ impl Agent for AgentService {
             Incoming::Plan(p) => p.epoch,
             Incoming::Delta { delta, .. } => delta.epoch,
         };
-        match self.node.apply_plan(incoming).instrument(info_span!("apply_plan", epoch)).await {
+        let from = pusher.map_or_else(|| "a controller (plaintext)".to_string(), |id| format!("controller/{id}"));
+        match self.node.apply_plan(incoming).instrument(info_span!("apply_plan", epoch, %from)).await {
             Ok(applied) => {
                 let apply_us = arrived.elapsed().as_micros() as u64;
                 self.node.metrics.plan_apply.observe(apply_us as f64 / 1e6);
                 Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held, apply_us }))
             }
             Err(e) => {
-                warn!(epoch, error = %e, "refused a plan");
+                warn!(epoch, %from, error = %e, "refused a plan");
                 Err(e.into())
             }
         }

@@ -114,6 +114,8 @@ pub struct RaftHandle {
     pub state: Arc<RwLock<ClusterState>>,
     status: watch::Receiver<RaftStatus>,
     pub peers: AddressBook,
+    /// The longest an election takes to start after the leader is lost (or at start).
+    election_timeout: Duration,
 }
 
 impl RaftHandle {
@@ -128,6 +130,15 @@ impl RaftHandle {
 
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
         f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The status once a leader is known, waiting for an election under way up to one election
+    /// timeout (a replica just started, or one that lost its leader, knows none for that long);
+    /// the status as it is then if none is known by that time.
+    pub async fn known_leader(&self) -> RaftStatus {
+        let mut status = self.status.clone();
+        let _ = tokio::time::timeout(self.election_timeout, status.wait_for(|s| s.leader != 0)).await;
+        self.status()
     }
 
     /// The API address of the current leader, when one is known.
@@ -285,9 +296,19 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     };
     std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
-        .spawn(move || driver.run(rx, cfg.tick))
+        .spawn(move || {
+            let tick = cfg.tick;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(rx, tick))).is_err() {
+                // raft-rs panics on a log it cannot trust (a damaged store); a replica without
+                // its driver only looks alive, so it exits and its service manager sees it.
+                error!("the Raft driver panicked: exiting (status 70) rather than serve without consensus");
+                std::process::exit(70);
+            }
+        })
         .map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
-    Ok(RaftHandle { tx, state, status: status_rx, peers: cfg.peers })
+    // raft-rs draws each election timeout from [election, 2 × election) ticks.
+    let election_timeout = cfg.tick.saturating_mul(2 * cfg.election_ticks as u32);
+    Ok(RaftHandle { tx, state, status: status_rx, peers: cfg.peers, election_timeout })
 }
 
 /// Proposal ids start from the clock so that entries replayed from an earlier run never

@@ -99,6 +99,12 @@ struct Args {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none when not given.
     #[arg(long, env = "TIDAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Once every port is bound, write the addresses bound here, as JSON (`api`, `peer`,
+    /// `metrics`): with port 0 in a listen address, how whoever started the replica learns the
+    /// port the system picked. (A replica of a group needs its peer address known to the others
+    /// beforehand: give it a port, or --advertise-peer.)
+    #[arg(long, env = "TIDAL_READY_FILE")]
+    ready_file: Option<PathBuf>,
     /// The replicas of the group as ID=API_HOST:PORT/PEER_HOST:PORT,… (each one's API and
     /// Raft peer addresses). A fresh store is bootstrapped with these as voters unless --join
     /// is given; without --peers the replica forms a group of one.
@@ -163,8 +169,17 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--tls-cert is {role}'s certificate; replica {} needs controller/{}'s", args.id, args.id);
     }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let advertise = args.advertise.unwrap_or(args.listen).to_string();
-    let advertise_peer = args.advertise_peer.unwrap_or(args.peer_listen).to_string();
+    if let Some(path) = &args.ready_file {
+        tidal_daemon::ready_file::clear(path).with_context(|| format!("removing the old {}", path.display()))?;
+    }
+    // Bound first: a port in use fails the start, and port 0's pick is known before the
+    // replica advertises its addresses.
+    let peer_listener = listen(args.peer_listen, "the peer port")?;
+    let api_listener = listen(args.listen, "the API")?;
+    let (peer_addr, api_addr) = (peer_listener.local_addr()?, api_listener.local_addr()?);
+    let mut bound = vec![("api", api_addr), ("peer", peer_addr)];
+    let advertise = args.advertise.unwrap_or(api_addr).to_string();
+    let advertise_peer = args.advertise_peer.unwrap_or(peer_addr).to_string();
     let (voters, peers) = membership(&args, &format!("{advertise}/{advertise_peer}"))?;
     let raft_cfg = RaftConfig {
         id: args.id,
@@ -207,7 +222,10 @@ async fn main() -> anyhow::Result<()> {
         // Ready while the Raft driver runs and the replica knows a leader (it can serve).
         let raft = raft_handle.clone();
         let ready = move || raft.is_running() && raft.status().leader != 0;
-        tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(ready));
+        let metrics_addr = tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(ready))
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        bound.push(("metrics", metrics_addr));
         let ctl = ctl.clone();
         tokio::spawn(async move {
             loop {
@@ -218,9 +236,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
-    // Bound before readiness is announced: a port in use fails the start, not a later task.
-    let peer_listener = listen(args.peer_listen, "the peer port")?;
-    let api_listener = listen(args.listen, "the API")?;
     let peer_server = security
         .server_builder(ClientAuth::Required)?
         .add_service(raft_service)
@@ -234,17 +249,17 @@ async fn main() -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(api_listener, stop.clone().cancelled_owned());
     let peer = tokio::spawn(peer_server);
     let api = tokio::spawn(api_server);
-    info!(listen = %args.listen, peer_listen = %args.peer_listen, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
-    tidal_daemon::systemd::ready(&format!(
-        "replica {} serving on {} (peers on {})",
-        args.id, args.listen, args.peer_listen
-    ));
+    if let Some(path) = &args.ready_file {
+        tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
+    }
+    info!(listen = %api_addr, peer_listen = %peer_addr, id = args.id, data_dir = %args.data_dir.display(), "controller serving");
+    tidal_daemon::systemd::ready(&format!("replica {} serving on {} (peers on {})", args.id, api_addr, peer_addr));
     let watched = raft_handle.clone();
     tidal_daemon::systemd::spawn_watchdog(move || watched.is_running());
     tokio::select! {
         _ = tidal_daemon::systemd::shutdown_signal() => {}
-        r = peer => r?.with_context(|| format!("serving the peer port {}", args.peer_listen))?,
-        r = api => r?.with_context(|| format!("serving the API on {}", args.listen))?,
+        r = peer => r?.with_context(|| format!("serving the peer port {peer_addr}"))?,
+        r = api => r?.with_context(|| format!("serving the API on {api_addr}"))?,
     }
     tidal_daemon::systemd::stopping();
     // A leader that stops hands over first: the group skips an election timeout.

@@ -47,16 +47,29 @@ impl ControllerService {
     }
 
     /// Calls that act on the cluster (writes, telemetry, live status) are served by the
-    /// leader; a follower answers with the leader's address.
-    fn require_leader(&self) -> Result<(), Status> {
-        if self.ctl.raft.status().is_leader {
+    /// leader; a follower answers with the leader's address. While an election is under way
+    /// (no leader known), the call waits for its outcome rather than fail at once.
+    async fn require_leader(&self) -> Result<(), Status> {
+        if self.ctl.raft.known_leader().await.is_leader {
             Ok(())
         } else {
             Err(not_leader(self.ctl.raft.leader_address().as_deref()))
         }
     }
 
+    /// The group's replicas (voters and learners) and the current term, told to agents: only
+    /// these replicas may push plans to them, at no term far beyond this one.
+    fn members(&self) -> (Vec<u64>, u64) {
+        let raft = self.ctl.raft.status();
+        let mut members: Vec<u64> = raft.voters.iter().chain(&raft.learners).copied().collect();
+        members.sort_unstable();
+        members.dedup();
+        (members, raft.term)
+    }
+
     async fn commit(&self, change: Change) -> Result<(), Status> {
+        // Not proposed again on a refusal: a proposal that lost its leader may still commit.
+        self.require_leader().await?;
         self.ctl.raft.propose(Command { change: Some(change) }).await.map_err(|e| self.refusal(e))?;
         self.ctl.replan.notify_one();
         Ok(())
@@ -85,7 +98,7 @@ impl ControllerService {
     }
 
     async fn change_membership(&self, change: MembershipChange) -> Result<Response<MembershipResponse>, Status> {
-        self.require_leader()?;
+        self.require_leader().await?;
         info!(?change, "membership change requested");
         self.ctl.raft.change_membership(change).await.map_err(|e| self.refusal(e))?;
         Ok(Response::new(MembershipResponse {}))
@@ -100,7 +113,7 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let node = request.get_ref().node.clone();
         self.guard.require(&request, "RegisterNode", |r| *r == Role::Agent(node.clone()))?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let req = request.into_inner();
         tidal_common::plan::validate_node(&req).map_err(Status::invalid_argument)?;
         let known = self.ctl.raft.read(|s| {
@@ -114,13 +127,14 @@ impl ControllerApi for ControllerService {
         // A registering agent has (re)started: whatever plan it acknowledged before is gone.
         self.ctl.forget_acknowledgement(&req.node);
         self.ctl.push_if_behind(&req.node, 0);
-        Ok(Response::new(RegisterNodeResponse { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
+        let (members, term) = self.members();
+        Ok(Response::new(RegisterNodeResponse { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()), members, term }))
     }
 
     async fn report_telemetry(&self, request: Request<TelemetryReport>) -> Result<Response<TelemetryAck>, Status> {
         let node = request.get_ref().node.clone();
         self.guard.require(&request, "ReportTelemetry", |r| *r == Role::Agent(node.clone()))?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let report = request.into_inner();
         let (node, applied) = (report.node.clone(), report.applied_epoch);
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&node)) {
@@ -132,7 +146,8 @@ impl ControllerApi for ControllerService {
         }
         self.ctl.check_surge(now);
         self.ctl.push_if_behind(&node, applied);
-        Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()) }))
+        let (members, term) = self.members();
+        Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()), members, term }))
     }
 
     async fn register_task(
@@ -140,7 +155,7 @@ impl ControllerApi for ControllerService {
         request: Request<RegisterTaskRequest>,
     ) -> Result<Response<RegisterTaskResponse>, Status> {
         self.guard.require(&request, "RegisterTask", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         let task = tidal_common::task::normalise(task);
         tidal_common::task::validate_task(&task).map_err(Status::invalid_argument)?;
@@ -150,7 +165,7 @@ impl ControllerApi for ControllerService {
 
     async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
         self.guard.require(&request, "SetSlo", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let req = request.into_inner();
         tidal_common::task::validate_slo(req.slo_ms).map_err(Status::invalid_argument)?;
         if !self.ctl.raft.read(|s| s.tasks.contains_key(&req.task)) {
@@ -162,7 +177,7 @@ impl ControllerApi for ControllerService {
 
     async fn set_share(&self, request: Request<SetShareRequest>) -> Result<Response<SetShareResponse>, Status> {
         self.guard.require(&request, "SetShare", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let req = request.into_inner();
         let current = self.ctl.raft.read(|s| s.tasks.get(&req.task).map(|t| t.share));
         let Some(current) = current else {
@@ -178,7 +193,7 @@ impl ControllerApi for ControllerService {
         request: Request<StoreProfileRequest>,
     ) -> Result<Response<StoreProfileResponse>, Status> {
         self.guard.require(&request, "StoreProfile", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
         tidal_common::profile::validate_profile(&profile).map_err(Status::invalid_argument)?;
         let known = self
@@ -194,7 +209,7 @@ impl ControllerApi for ControllerService {
 
     async fn status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
         self.guard.require(&request, "Status", may_read)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         // Even the leader confirms it still leads before answering (it may be cut off).
         self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
         let raft = self.ctl.raft.status();
@@ -260,7 +275,7 @@ impl ControllerApi for ControllerService {
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeResponse>, Status> {
         self.guard.require(&request, "DrainNode", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let req = request.into_inner();
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
             return Err(Status::not_found(format!("unknown node {:?}", req.node)));
@@ -272,7 +287,7 @@ impl ControllerApi for ControllerService {
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         self.guard.require(&request, "RemoveNode", is_admin)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let req = request.into_inner();
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
             return Err(Status::not_found(format!("unknown node {:?}", req.node)));
@@ -332,7 +347,7 @@ impl ControllerApi for ControllerService {
             return Err(Status::invalid_argument("a replica id must be positive"));
         }
         crate::transport::parse_replica_address(&req.address).map_err(Status::invalid_argument)?;
-        self.require_leader()?;
+        self.require_leader().await?;
         let raft = self.ctl.raft.status();
         if raft.voters.contains(&req.id) {
             return Err(Status::already_exists(format!("replica {} is already a voter", req.id)));
@@ -353,7 +368,7 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<MembershipResponse>, Status> {
         self.guard.require(&request, "RemoveReplica", is_admin)?;
         let id = request.into_inner().id;
-        self.require_leader()?;
+        self.require_leader().await?;
         let raft = self.ctl.raft.status();
         if !raft.voters.contains(&id) && !raft.learners.contains(&id) {
             return Err(Status::not_found(format!("replica {id} is not a member")));
@@ -375,7 +390,7 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<MembershipResponse>, Status> {
         self.guard.require(&request, "TransferLeader", is_admin)?;
         let to = request.into_inner().id;
-        self.require_leader()?;
+        self.require_leader().await?;
         let raft = self.ctl.raft.status();
         if !raft.voters.contains(&to) {
             return Err(Status::not_found(format!("replica {to} is not a voting member")));

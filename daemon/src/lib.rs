@@ -5,4 +5,5 @@
 pub mod grpc_std;
 pub mod logging;
 pub mod metrics_http;
+pub mod ready_file;
 pub mod systemd;

@@ -39,25 +39,26 @@ pub fn register_standard(registry: &mut Registry, component: &'static str) {
     registry.register_collector(Box::new(ProcessCollector));
 }
 
-/// Binds `addr` and serves until the process ends.
-pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, ready: Readiness) -> std::io::Result<()> {
-    let app = Router::new()
+fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Endpoint { registry, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+        .with_state(Endpoint { registry, ready })
 }
 
-/// Serves `registry` on `addr` in the background; a failure to bind is logged, not fatal.
-pub fn spawn(addr: SocketAddr, registry: Registry, ready: Readiness) {
-    let registry = Arc::new(registry);
+/// Binds `addr` (port 0 picks a free port) and serves `registry` there in the background;
+/// returns the address bound, so that a port in use fails the start and port 0 can be reported.
+pub async fn spawn(addr: SocketAddr, registry: Registry, ready: Readiness) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(Arc::new(registry), ready);
     tokio::spawn(async move {
-        if let Err(e) = serve(addr, registry, ready).await {
-            tracing::error!(%addr, error = %e, "metrics endpoint failed");
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(addr = %bound, error = %e, "metrics endpoint failed");
         }
     });
+    Ok(bound)
 }
 
 async fn readyz(State(endpoint): State<Endpoint>) -> Response {

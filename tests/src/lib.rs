@@ -41,7 +41,10 @@ pub fn ort_lib() -> PathBuf {
     path
 }
 
-/// A free loopback port for a daemon to listen on, below the kernel's ephemeral range.
+/// A loopback port nothing listens on, for tests of an address that refuses connections and
+/// for the Raft peer addresses a group's replicas must know of each other before they start.
+/// Daemons a test starts alone listen on port 0 and report the port they bound (see
+/// [`read_ready_file`]); these are the cases that cannot.
 ///
 /// A port the kernel hands out (binding port 0) and the test releases can be taken, before the
 /// daemon binds it, by any process's outbound connection: the kernel picks their source ports
@@ -65,6 +68,29 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in {FIRST}..{}", FIRST + span)
+}
+
+/// Waits (up to 60 s) for the ready file a daemon writes once it has bound its ports
+/// (`--ready-file`) and returns the addresses it names; fails at once, with the daemon's log,
+/// if the daemon exits first.
+pub fn read_ready_file(path: &Path, proc: &mut Proc, log: &Path) -> std::collections::HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text:?}", path.display()));
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{} exited ({status}) before it listened; its log:\n{tail}", proc.name);
+        }
+        assert!(Instant::now() < deadline, "{} wrote no {} within 60 s", proc.name, path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What `extra` gives for `flag`, if it names it.
+fn flag_value<'a>(extra: &[&'a str], flag: &str) -> Option<&'a str> {
+    extra.iter().position(|a| *a == flag).and_then(|i| extra.get(i + 1).copied())
 }
 
 /// A child process killed on drop.
@@ -122,6 +148,8 @@ pub struct Agent {
     pub addr: String,
     /// The control port (plans, profiling, status).
     pub control_addr: String,
+    /// The metrics port, when `--metrics-listen` was given (port 0 is reported here).
+    pub metrics_addr: Option<String>,
     pub node: String,
 }
 
@@ -140,15 +168,20 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     start_agent_with_env(work, node, opts, &[])
 }
 
-/// [`start_agent_named`] with extra environment variables.
+/// [`start_agent_named`] with extra environment variables. The agent listens on port 0 and
+/// reports the ports it bound in a ready file.
 pub fn start_agent_with_env(work: &Path, node: &str, opts: AgentOpts, env: &[(&str, &str)]) -> Agent {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let control_addr = format!("127.0.0.1:{}", free_port());
+    let n = STARTS.fetch_add(1, Ordering::Relaxed);
+    let ready = work.join(format!("{node}-{n}.ready.json"));
+    let log = work.join(format!("{node}-{n}.log"));
+    let _ = std::fs::remove_file(&ready);
     let node = node.to_string();
     let mut cmd = Command::new(bin("tidal-agent"));
     cmd.arg("serve")
-        .args(["--node", &node, "--listen", &addr, "--control-listen", &control_addr, "--report-interval-s", "0.5"])
+        .args(["--node", &node, "--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args(["--report-interval-s", "0.5"])
+        .arg("--ready-file")
+        .arg(&ready)
         .arg("--model-dir")
         .arg(opts.model_dir)
         .arg("--ort-lib")
@@ -163,28 +196,67 @@ pub fn start_agent_with_env(work: &Path, node: &str, opts: AgentOpts, env: &[(&s
     }
     as_daemon(&mut cmd, &tidal_auth::Role::Agent(node.clone()), "");
     cmd.envs(env.iter().copied());
-    let proc = spawn("agent", cmd, &work.join(format!("{node}-{port}.log")));
-    Agent { proc, addr, control_addr, node }
+    let mut proc = spawn("agent", cmd, &log);
+    let mut ports = read_ready_file(&ready, &mut proc, &log);
+    let addr = ports.remove("inference").expect("the agent's inference port");
+    let control_addr = ports.remove("control").expect("the agent's control port");
+    let metrics_addr = ports.remove("metrics");
+    Agent { proc, addr, control_addr, metrics_addr, node }
+}
+
+/// Daemons started by this test process, numbering their ready files and logs apart.
+static STARTS: AtomicU32 = AtomicU32::new(0);
+
+/// A controller replica started alone.
+pub struct Controller {
+    pub proc: Proc,
+    /// The API port.
+    pub addr: String,
+    /// The Raft peer port.
+    pub peer: String,
+    /// The metrics port, when `--metrics-listen` was given (port 0 is reported here).
+    pub metrics: Option<String>,
 }
 
 /// Starts a controller with a short adaptation interval; returns the process and its address.
 pub fn start_controller(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String) {
-    let (proc, addr, _) = start_controller_with_peer_port(work, interval_s, extra);
-    (proc, addr)
+    let c = start_controller_ready(work, interval_s, extra);
+    (c.proc, c.addr)
 }
 
 /// [`start_controller`], also returning its Raft peer address.
 pub fn start_controller_with_peer_port(work: &Path, interval_s: f64, extra: &[&str]) -> (Proc, String, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let peer = format!("127.0.0.1:{}", free_port());
+    let c = start_controller_ready(work, interval_s, extra);
+    (c.proc, c.addr, c.peer)
+}
+
+/// Starts a controller (data in `work/controller-data`, so a second start on the same `work`
+/// is a restart) on port 0 unless `extra` gives `--listen`/`--peer-listen`, and reads the ports
+/// it bound from its ready file.
+pub fn start_controller_ready(work: &Path, interval_s: f64, extra: &[&str]) -> Controller {
+    let n = STARTS.fetch_add(1, Ordering::Relaxed);
+    let ready = work.join(format!("controller-{n}.ready.json"));
+    let log = work.join("controller.log");
+    let _ = std::fs::remove_file(&ready);
     let mut cmd = Command::new(bin("tidal-controller"));
-    cmd.args(["--listen", &addr, "--peer-listen", &peer, "--interval-s", &interval_s.to_string()])
+    if flag_value(extra, "--listen").is_none() {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    if flag_value(extra, "--peer-listen").is_none() {
+        cmd.args(["--peer-listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--interval-s", &interval_s.to_string()])
         .arg("--data-dir")
         .arg(work.join("controller-data"))
+        .arg("--ready-file")
+        .arg(&ready)
         .args(extra);
     as_daemon(&mut cmd, &tidal_auth::Role::Controller(1), "");
-    let proc = spawn("controller", cmd, &work.join("controller.log"));
-    (proc, addr, peer)
+    let mut proc = spawn("controller", cmd, &log);
+    let mut ports = read_ready_file(&ready, &mut proc, &log);
+    let addr = ports.remove("api").expect("the controller's API port");
+    let peer = ports.remove("peer").expect("the controller's peer port");
+    Controller { proc, addr, peer, metrics: ports.remove("metrics") }
 }
 
 /// Connects to a gRPC server as the tests' admin, retrying until it listens (up to 20 s).

@@ -151,17 +151,9 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     // Restart the controller on the same store: the committed plan and the task are back.
     let last_epoch = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner().plan.unwrap().epoch;
     drop(controller);
-    let restarted = {
-        let mut cmd = Command::new(bin("tidal-controller"));
-        let peer = format!("127.0.0.1:{}", free_port());
-        cmd.args(["--listen", &ctl_addr, "--peer-listen", &peer, "--interval-s", "3600"])
-            .arg("--data-dir")
-            .arg(work.path().join("controller-data"));
-        as_daemon(&mut cmd, &tidal_auth::Role::Controller(1), "");
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        Proc { child: cmd.spawn().unwrap(), name: "controller".into() }
-    };
-    let ctl = controller_client(&ctl_addr).await;
+    // On port 0 again: the port it had may be another process's by now.
+    let restarted = start_controller_ready(work.path(), 3600.0, &[]);
+    let ctl = controller_client(&restarted.addr).await;
     let status = eventually(Duration::from_secs(20), "the restarted controller to replay its log", || {
         let mut ctl = ctl.clone();
         async move {

@@ -75,18 +75,18 @@ fn families(text: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
     let s = setup(&[]);
-    let agent_metrics = format!("127.0.0.1:{}", free_port());
     let work = s.work.path();
     let agent = start_agent(
         work,
         AgentOpts {
             model_dir: &work.join("models"),
             controller: None,
-            extra: &["--metrics-listen", &agent_metrics, "--log-format", "json"],
+            extra: &["--metrics-listen", "127.0.0.1:0", "--log-format", "json"],
         },
     );
-    let controller_metrics = format!("127.0.0.1:{}", free_port());
-    let (_controller, _) = start_controller(work, 1.0, &["--metrics-listen", &controller_metrics]);
+    let agent_metrics = agent.metrics_addr.clone().expect("the agent's metrics port");
+    let controller = start_controller_ready(work, 1.0, &["--metrics-listen", "127.0.0.1:0"]);
+    let controller_metrics = controller.metrics.clone().expect("the controller's metrics port");
 
     // Health and readiness: the agent without a controller is ready once it listens; the
     // controller once it knows a leader (itself, alone).

@@ -219,11 +219,30 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         ..Default::default()
     };
     assert_eq!(code(agent_as_admin.apply_plan(wipe(before.agent_epoch)).await), Code::PermissionDenied);
-    let mut agent_as_controller = AgentClient::new(channel_as(&certs, &intruder, &agent.control_addr).await);
+    // Plans only from a replica of the group the agent follows: controller/2 holds a
+    // certificate of the cluster's CA but is no member, and its empty plan one epoch ahead
+    // would stop the agent's workers and, at term 2^64−1, lock out the real leader's plans.
+    let mut agent_as_intruder = AgentClient::new(channel_as(&certs, &intruder, &agent.control_addr).await);
     assert_eq!(
-        code(agent_as_controller.apply_plan(wipe(u64::MAX)).await),
+        code(agent_as_intruder.apply_plan(wipe(before.agent_epoch + 1)).await),
+        Code::PermissionDenied,
+        "controller/2 is not a member"
+    );
+    // A member too is held to a bounded step ahead of what the agent knows.
+    let mut agent_as_member = AgentClient::new(channel_as(&certs, &controller, &agent.control_addr).await);
+    assert_eq!(
+        code(agent_as_member.apply_plan(wipe(u64::MAX)).await),
         Code::InvalidArgument,
         "an epoch far ahead would lock out every later plan"
+    );
+    let far_term = ApplyPlanRequest {
+        plan: Some(Plan { epoch: before.agent_epoch + 1, term: before.term + 1000, ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(agent_as_member.apply_plan(far_term).await),
+        Code::InvalidArgument,
+        "a term far ahead would make the leader's plans look deposed"
     );
     let profile_of = |model_file: &str, input_shape: Vec<i64>| ProfileRequest {
         variant: Some(VariantSpec { name: "x".into(), model_file: model_file.into(), accuracy: 50.0, input_shape }),

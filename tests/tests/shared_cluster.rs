@@ -64,9 +64,9 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18,resnet50", 32);
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (_controller, ctl_addr) =
-        start_controller(work.path(), 2.0, &["--forecast-window-s", "6", "--metrics-listen", &metrics]);
+    let controller =
+        start_controller_ready(work.path(), 2.0, &["--forecast-window-s", "6", "--metrics-listen", "127.0.0.1:0"]);
+    let (ctl_addr, metrics) = (controller.addr.clone(), controller.metrics.clone().expect("the metrics port"));
     let a1 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let _a2 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let mut ctl = controller_client(&ctl_addr).await;

@@ -47,15 +47,21 @@ fn a_controller_announces_readiness_pings_its_watchdog_and_stops_on_sigterm() {
     let work = tempfile::tempdir().unwrap();
     let socket = work.path().join("notify");
     let systemd = Notifications::bind(&socket);
-    let (addr, peer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let ready = work.path().join("ready.json");
     let mut cmd = Command::new(bin("tidal-controller"));
-    cmd.args(["--listen", &addr, "--peer-listen", &peer]).arg("--data-dir").arg(work.path().join("data"));
+    cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(work.path().join("data"));
+    cmd.arg("--ready-file").arg(&ready);
     cmd.env("NOTIFY_SOCKET", &socket).env("WATCHDOG_USEC", "300000");
     as_daemon(&mut cmd, &tidal_auth::Role::Controller(1), "");
     let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
 
     systemd.wait_for("READY=1", Duration::from_secs(20));
-    assert!(std::net::TcpStream::connect(&addr).is_ok(), "ready means the API listens");
+    // The ready file is written before systemd is told: READY=1 means both are true.
+    let ports: std::collections::HashMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(&ready).expect("the ready file before READY=1")).unwrap();
+    assert!(std::net::TcpStream::connect(&ports["api"]).is_ok(), "ready means the API listens");
     systemd.wait_for("WATCHDOG=1", Duration::from_secs(2));
     systemd.wait_for("WATCHDOG=1", Duration::from_secs(2));
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
