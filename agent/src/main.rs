@@ -17,6 +17,7 @@ use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceS
 use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 #[derive(Parser)]
@@ -62,6 +63,11 @@ struct ServeArgs {
     tls: tidal_auth::TlsArgs,
     #[command(flatten)]
     log: tidal_daemon::logging::LogArgs,
+    #[command(flatten)]
+    edge: tidal_daemon::edge::EdgeLimits,
+    /// Most requests one HTTP/2 connection may have open at once.
+    #[arg(long, env = "TIDAL_MAX_STREAMS", default_value_t = 256)]
+    max_streams: u32,
     /// Address clients and other agents reach the inference port at (default: --listen).
     #[arg(long, env = "TIDAL_ADVERTISE")]
     advertise: Option<String>,
@@ -164,8 +170,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Bound first: a port in use fails the start, and port 0's pick is known before the
     // agent advertises its addresses.
-    let inference_listener = listen(args.listen, "inference")?;
-    let control_listener = listen(args.control_listen, "control")?;
+    args.edge.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.max_streams > 0, "--max-streams must be positive");
+    let inference_listener = listen(args.listen, args.edge, "inference")?;
+    let control_listener = listen(args.control_listen, args.edge, "control")?;
     let listen_addr = inference_listener.local_addr()?;
     let control_addr = control_listener.local_addr()?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -206,6 +214,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let ready = ready.clone();
         let metrics_addr = tidal_daemon::metrics_http::spawn(
             addr,
+            args.edge,
             registry,
             std::sync::Arc::new(move || ready.load(Ordering::Relaxed)),
         )
@@ -233,9 +242,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let service = AgentService { node: node.clone(), guard: tidal_auth::Guard::new(&security) };
     info!(listen = %listen_addr, control_listen = %control_addr, node = %args.node, "agent serving");
-    // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED; tonic's own
-    // limit (OUT_OF_RANGE) only guards memory against requests far beyond it.
-    let decode_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
+    // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED. gRPC's own
+    // limit (tonic reads a message's length first and refuses it, OUT_OF_RANGE, before reading
+    // it) is that plus room for the envelope: what an unauthenticated caller can make the agent
+    // buffer per request. V2 REST carries tensors as JSON text, several times their bytes.
+    let grpc_limit = args.max_request_bytes.saturating_add(1 << 20);
+    let rest_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
     let health = tidal_daemon::grpc_std::reporter().await;
     tokio::spawn(tidal_daemon::grpc_std::follow(
         health.clone(),
@@ -244,20 +256,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
-    let rest = tidal_agent::v2_rest::router(service.clone(), decode_limit);
-    let inference = security
-        .server_builder(ClientAuth::Optional)?
+    let rest = tidal_agent::v2_rest::router(service.clone(), rest_limit);
+    // The token is checked from the headers, before the message is read.
+    let token_first = |s: &AgentService| {
+        let s = s.clone();
+        move |request: tonic::Request<()>| s.admit_token(&request).map(|()| request)
+    };
+    let inference = bounded(security.server_builder(ClientAuth::Optional)?, args.max_streams)
         .accept_http1(true)
         .add_routes(rest.into())
-        .add_service(InferenceServer::new(service.clone()).max_decoding_message_size(decode_limit))
-        .add_service(GrpcInferenceServiceServer::new(service.clone()).max_decoding_message_size(decode_limit));
+        .add_service(InterceptedService::new(
+            InferenceServer::new(service.clone()).max_decoding_message_size(grpc_limit),
+            token_first(&service),
+        ))
+        .add_service(InterceptedService::new(
+            GrpcInferenceServiceServer::new(service.clone()).max_decoding_message_size(grpc_limit),
+            token_first(&service),
+        ));
     let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &descriptors)?
-        .serve_with_incoming_shutdown(inference_listener, stop.clone().cancelled_owned());
-    let control = security
-        .server_builder(ClientAuth::Required)?
-        .add_service(AgentServer::new(service).max_decoding_message_size(decode_limit));
+        .serve_with_incoming_shutdown(inference_listener.incoming(), stop.clone().cancelled_owned());
+    let control = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
+        .add_service(AgentServer::new(service).max_decoding_message_size(grpc_limit));
     let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
-        .serve_with_incoming_shutdown(control_listener, stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(control_listener.incoming(), stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
     if let Some(path) = &args.ready_file {
         tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
@@ -317,6 +338,20 @@ fn health_statuses(
     }
 }
 
-fn listen(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
-    tidal_auth::tls::listen(addr).with_context(|| format!("listening for {what} on {addr}"))
+fn listen(
+    addr: SocketAddr,
+    limits: tidal_daemon::edge::EdgeLimits,
+    what: &'static str,
+) -> anyhow::Result<tidal_daemon::edge::EdgeListener> {
+    tidal_daemon::edge::EdgeListener::bind(addr, limits, what)
+        .with_context(|| format!("listening for {what} on {addr}"))
+}
+
+/// A server's HTTP/2 bounds: streams per connection, and pings that keep a live client's
+/// connection from looking silent (see `tidal_daemon::edge`).
+fn bounded(server: tonic::transport::Server, max_streams: u32) -> tonic::transport::Server {
+    server
+        .max_concurrent_streams(max_streams)
+        .http2_keepalive_interval(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
 }

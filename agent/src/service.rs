@@ -332,13 +332,20 @@ impl AgentService {
     /// Whether the inference port takes this request at all: its token (another agent
     /// forwarding a stage shows its certificate instead), and a plan applied here.
     pub(crate) fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.admit_token(request)?;
+        self.admit_planned()
+    }
+
+    /// The token part of [`Self::admit`]: headers only, so the gRPC fronts check it before
+    /// reading the message.
+    pub fn admit_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
         if let Some(token) = &self.node.inference_token {
             let from_agent = matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
             if !from_agent {
                 token.check(request.metadata())?;
             }
         }
-        self.admit_planned()
+        Ok(())
     }
 
     /// A plan applied here: what [`Self::admit`] asks once the caller is let in.

@@ -10,6 +10,10 @@ use tracing::warn;
 
 use crate::Role;
 
+/// How long a server lets a client take over the TLS handshake before it closes the
+/// connection (a half-sent ClientHello otherwise holds a descriptor indefinitely).
+pub const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The flags every daemon and `tidalctl` take (also from the environment).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TlsArgs {
@@ -105,6 +109,7 @@ impl Security {
     pub fn server(&self, auth: ClientAuth) -> Option<ServerTlsConfig> {
         self.0.as_ref().map(|m| {
             ServerTlsConfig::new()
+                .timeout(TLS_HANDSHAKE)
                 .identity(m.identity.clone())
                 .client_ca_root(m.ca.clone())
                 .client_auth_optional(auth == ClientAuth::Optional)

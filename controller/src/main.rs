@@ -38,6 +38,11 @@ struct Args {
     tls: tidal_auth::TlsArgs,
     #[command(flatten)]
     log: tidal_daemon::logging::LogArgs,
+    #[command(flatten)]
+    edge: tidal_daemon::edge::EdgeLimits,
+    /// Most requests one HTTP/2 connection may have open at once.
+    #[arg(long, env = "TIDAL_MAX_STREAMS", default_value_t = 256)]
+    max_streams: u32,
     /// Directory of the sled store (Raft log, hard state); created if missing.
     #[arg(long, env = "TIDAL_DATA_DIR", default_value = "tidal-controller-data")]
     data_dir: PathBuf,
@@ -174,8 +179,10 @@ async fn main() -> anyhow::Result<()> {
     }
     // Bound first: a port in use fails the start, and port 0's pick is known before the
     // replica advertises its addresses.
-    let peer_listener = listen(args.peer_listen, "the peer port")?;
-    let api_listener = listen(args.listen, "the API")?;
+    args.edge.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.max_streams > 0, "--max-streams must be positive");
+    let peer_listener = listen(args.peer_listen, args.edge, "peer")?;
+    let api_listener = listen(args.listen, args.edge, "api")?;
     let (peer_addr, api_addr) = (peer_listener.local_addr()?, api_listener.local_addr()?);
     let mut bound = vec![("api", api_addr), ("peer", peer_addr)];
     let advertise = args.advertise.unwrap_or(api_addr).to_string();
@@ -222,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
         // Ready while the Raft driver runs and the replica knows a leader (it can serve).
         let raft = raft_handle.clone();
         let ready = move || raft.is_running() && raft.status().leader != 0;
-        let metrics_addr = tidal_daemon::metrics_http::spawn(addr, registry, std::sync::Arc::new(ready))
+        let metrics_addr = tidal_daemon::metrics_http::spawn(addr, args.edge, registry, std::sync::Arc::new(ready))
             .await
             .with_context(|| format!("listening for metrics on {addr}"))?;
         bound.push(("metrics", metrics_addr));
@@ -236,17 +243,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
-    let peer_server = security
-        .server_builder(ClientAuth::Required)?
+    let peer_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(raft_service)
-        .serve_with_incoming_shutdown(peer_listener, stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(peer_listener.incoming(), stop.clone().cancelled_owned());
     let health = tidal_daemon::grpc_std::reporter().await;
     tokio::spawn(tidal_daemon::grpc_std::follow(health.clone(), HEALTH_EVERY, health_statuses(raft_handle.clone())));
-    let api_server = security
-        .server_builder(ClientAuth::Required)?
+    let api_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(ControllerServer::new(ControllerService { ctl, guard }));
     let api_server = tidal_daemon::grpc_std::add_standard(api_server, &health, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?
-        .serve_with_incoming_shutdown(api_listener, stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(api_listener.incoming(), stop.clone().cancelled_owned());
     let peer = tokio::spawn(peer_server);
     let api = tokio::spawn(api_server);
     if let Some(path) = &args.ready_file {
@@ -310,6 +315,20 @@ fn membership(args: &Args, advertise: &str) -> anyhow::Result<(Vec<u64>, Address
     Ok((voters, AddressBook::new(peers)))
 }
 
-fn listen(addr: SocketAddr, what: &str) -> anyhow::Result<tonic::transport::server::TcpIncoming> {
-    tidal_auth::tls::listen(addr).with_context(|| format!("listening for {what} on {addr}"))
+fn listen(
+    addr: SocketAddr,
+    limits: tidal_daemon::edge::EdgeLimits,
+    what: &'static str,
+) -> anyhow::Result<tidal_daemon::edge::EdgeListener> {
+    tidal_daemon::edge::EdgeListener::bind(addr, limits, what)
+        .with_context(|| format!("listening for {what} on {addr}"))
+}
+
+/// A server's HTTP/2 bounds: streams per connection, and pings that keep a live client's
+/// connection from looking silent (see `tidal_daemon::edge`).
+fn bounded(server: tonic::transport::Server, max_streams: u32) -> tonic::transport::Server {
+    server
+        .max_concurrent_streams(max_streams)
+        .http2_keepalive_interval(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
 }

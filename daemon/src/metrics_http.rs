@@ -47,10 +47,16 @@ fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
         .with_state(Endpoint { registry, ready })
 }
 
-/// Binds `addr` (port 0 picks a free port) and serves `registry` there in the background;
-/// returns the address bound, so that a port in use fails the start and port 0 can be reported.
-pub async fn spawn(addr: SocketAddr, registry: Registry, ready: Readiness) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Binds `addr` (port 0 picks a free port) under `limits` and serves `registry` there in the
+/// background; returns the address bound, so that a port in use fails the start and port 0
+/// can be reported.
+pub async fn spawn(
+    addr: SocketAddr,
+    limits: crate::edge::EdgeLimits,
+    registry: Registry,
+    ready: Readiness,
+) -> std::io::Result<SocketAddr> {
+    let listener = crate::edge::EdgeListener::bind(addr, limits, "metrics")?;
     let bound = listener.local_addr()?;
     let app = router(Arc::new(registry), ready);
     tokio::spawn(async move {
