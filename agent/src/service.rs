@@ -342,7 +342,11 @@ impl AgentService {
         if let Some(token) = &self.node.inference_token {
             let from_agent = matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
             if !from_agent {
-                token.check(request.metadata())?;
+                if let Err(refused) = token.check(request.metadata()) {
+                    let peer = request.remote_addr();
+                    warn!(target: "audit", call = "inference", peer = ?peer, reason = refused.message(), "call refused");
+                    return Err(refused);
+                }
             }
         }
         Ok(())
@@ -465,6 +469,7 @@ impl Agent for AgentService {
             Ok(applied) => {
                 let apply_us = arrived.elapsed().as_micros() as u64;
                 self.node.metrics.plan_apply.observe(apply_us as f64 / 1e6);
+                info!(target: "audit", %from, epoch = applied.epoch, held = applied.held.len(), "plan applied");
                 Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held, apply_us }))
             }
             Err(e) => {

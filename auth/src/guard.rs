@@ -44,11 +44,16 @@ impl Guard {
         if self.plaintext {
             return Ok(None);
         }
-        match self.caller(request)? {
-            None => Err(Status::unauthenticated(format!("{what} needs a client certificate of the cluster"))),
-            Some(role) if allowed(&role) => Ok(Some(role)),
-            Some(role) => Err(Status::permission_denied(format!("{role} may not call {what}"))),
-        }
+        let peer = request.remote_addr();
+        let refused = match self.caller(request) {
+            Err(status) => status,
+            Ok(None) => Status::unauthenticated(format!("{what} needs a client certificate of the cluster")),
+            Ok(Some(role)) if allowed(&role) => return Ok(Some(role)),
+            Ok(Some(role)) => Status::permission_denied(format!("{role} may not call {what}")),
+        };
+        // The audit trail of the doors: every refusal, with who knocked (`target: audit`).
+        tracing::warn!(target: "audit", call = what, peer = ?peer, code = ?refused.code(), reason = refused.message(), "call refused");
+        Err(refused)
     }
 }
 

@@ -114,7 +114,7 @@ pub struct RaftHandle {
     pub state: Arc<RwLock<ClusterState>>,
     status: watch::Receiver<RaftStatus>,
     pub peers: AddressBook,
-    /// The longest an election takes to start after the leader is lost (or at start).
+    /// How long a call waits for a leader to be known: three of the longest election timeouts.
     election_timeout: Duration,
 }
 
@@ -132,8 +132,8 @@ impl RaftHandle {
         f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The status once a leader is known, waiting for an election under way up to one election
-    /// timeout (a replica just started, or one that lost its leader, knows none for that long);
+    /// The status once a leader is known, waiting for an election under way (a replica just
+    /// started, or one that lost its leader, knows none for a while) up to three election timeouts;
     /// the status as it is then if none is known by that time.
     pub async fn known_leader(&self) -> RaftStatus {
         let mut status = self.status.clone();
@@ -306,8 +306,9 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
             }
         })
         .map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
-    // raft-rs draws each election timeout from [election, 2 × election) ticks.
-    let election_timeout = cfg.tick.saturating_mul(2 * cfg.election_ticks as u32);
+    // raft-rs draws each election timeout from [election, 2 × election) ticks; a caller waits
+    // out an election and up to two more should votes split.
+    let election_timeout = cfg.tick.saturating_mul(3 * 2 * cfg.election_ticks as u32);
     Ok(RaftHandle { tx, state, status: status_rx, peers: cfg.peers, election_timeout })
 }
 
