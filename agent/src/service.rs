@@ -18,7 +18,7 @@ use tidal_proto::v1::{
 use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
-use tracing::{info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::connector::crops;
 use crate::error::ServeError;
