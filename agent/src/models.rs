@@ -32,6 +32,17 @@ impl ModelDir {
     pub fn check(&self, v: &VariantSpec) -> Result<(), String> {
         let path = self.dir.join(&v.model_file);
         let missing = || format!("model file {:?} is not in the model directory {}", v.model_file, self.dir.display());
+        // A symbolic link may point anywhere: the file it leads to must be in the directory too.
+        let real = std::fs::canonicalize(&path).map_err(|_| missing())?;
+        let dir = std::fs::canonicalize(&self.dir).map_err(|_| missing())?;
+        if !real.starts_with(&dir) {
+            return Err(format!(
+                "model file {:?} leads out of the model directory {} (to {})",
+                v.model_file,
+                self.dir.display(),
+                real.display()
+            ));
+        }
         let meta = std::fs::metadata(&path).map_err(|_| missing())?;
         if !meta.is_file() {
             return Err(missing());
@@ -81,5 +92,19 @@ mod tests {
         assert!(models.check(&variant("gone.onnx", &[3, 32, 32])).unwrap_err().contains("not in the model directory"));
         std::fs::write(dir.path().join("r.onnx"), b"not a model").unwrap();
         assert!(models.check(&variant("r.onnx", &[3, 32, 32])).is_err(), "a changed file is read again");
+    }
+
+    #[test]
+    fn a_link_out_of_the_directory_is_refused_and_one_inside_it_is_not() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.onnx"), generate(ResNetDepth::R18, 32, 1).onnx).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.onnx"), generate(ResNetDepth::R18, 32, 1).onnx).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.onnx"), dir.path().join("out.onnx")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("r.onnx"), dir.path().join("in.onnx")).unwrap();
+        let models = ModelDir::new(dir.path().into());
+        let refused = models.check(&variant("out.onnx", &[3, 32, 32])).unwrap_err();
+        assert!(refused.contains("leads out of the model directory"), "{refused}");
+        assert_eq!(models.check(&variant("in.onnx", &[3, 32, 32])), Ok(()));
     }
 }

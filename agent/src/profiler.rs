@@ -22,6 +22,9 @@ static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
 /// Most core counts, and most batch sizes, one request measures.
 const MAX_GRID: usize = 16;
+/// One measurement at a time: two would share the cores and spoil each other's figures (and
+/// each starts worker processes).
+static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoint>, Status> {
     let variant = req.variant.as_ref().ok_or_else(|| Status::invalid_argument("no variant to profile"))?;
@@ -45,6 +48,9 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     if let Some(Err(why)) = node.models.check_all(vec![variant.clone()]).await.remove(&variant.name) {
         return Err(if model.is_file() { Status::invalid_argument(why) } else { Status::not_found(why) });
     }
+    let _slot = ONE_AT_A_TIME.try_acquire().map_err(|_| {
+        Status::resource_exhausted("a profile is being measured on this node; one at a time (retry when it ends)")
+    })?;
     let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
     let mut points = Vec::new();
     for &cores in &req.cores {

@@ -14,6 +14,22 @@ pub mod tls;
 pub mod token;
 
 pub use guard::Guard;
+
+/// Warns, loudly, when a secret file (a private key, a token) can be read by its group or by
+/// other users (mode beyond 0600): they could then act as this process.
+pub fn warn_if_exposed(path: &std::path::Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "{what} is readable by other users; make it 0600 (chmod 600)"
+            );
+        }
+    }
+}
 pub use role::Role;
 pub use tls::{Security, TlsArgs};
 pub use token::Token;

@@ -83,6 +83,7 @@ impl Security {
             });
         };
         let read = |p: &PathBuf| std::fs::read(p).map_err(|source| TlsError::Read { path: p.clone(), source });
+        crate::warn_if_exposed(key, "the TLS private key");
         let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
         let role = Role::of_pem(&cert_pem).map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
         Ok(Self(Some(Arc::new(Mtls {

@@ -23,6 +23,7 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// The token in `path` (surrounding whitespace trimmed): 16–4096 printable ASCII characters.
     pub fn from_file(path: &Path) -> Result<Self, String> {
+        crate::warn_if_exposed(path, "the inference token file");
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("reading the token file {}: {e}", path.display()))?;
         Self::new(text.trim())

@@ -156,7 +156,11 @@ pub fn stage_input(stage: &StageSpec) -> &[i64] {
 
 /// A name of tasks, stages, variants and nodes: 1–64 characters of `[A-Za-z0-9-_.]`.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        // `.` and `..` name directories in paths and URLs (V2's /v2/models/{name}).
+        && name.chars().any(|c| c != '.')
 }
 
 /// Checks a (normalised) task wherever one arrives: its name and SLO, 1..=[`MAX_STAGES`]
@@ -261,6 +265,16 @@ mod tests {
                 stage("classify", vec![variant("r18", &[3, 32, 32])]),
             ],
             share: None,
+        }
+    }
+
+    #[test]
+    fn names_are_bounded_and_never_a_path_step() {
+        for ok in ["a", "resnet-18_v1.2", ".hidden", "a..b", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "...", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
         }
     }
 

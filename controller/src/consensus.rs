@@ -227,12 +227,15 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries beyond the last snapshot that trigger a new one (log compaction).
     pub snapshot_entries: u64,
+    /// Start a store with Raft state but no watermark to check it against (warning).
+    pub accept_unverified_store: bool,
 }
 
 /// Opens the durable log in `dir` and starts the driver thread. Must be called within a
 /// tokio runtime (the transport's tasks run on it).
 pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
-    let log = DurableLog::open(dir, &cfg.voters)?;
+    let log = DurableLog::open_with(dir, &cfg.voters, cfg.accept_unverified_store)?;
+    log.claim(cfg.id)?;
     let snapshot = log.snapshot();
     let mut state = ClusterState::default();
     if !snapshot.data.is_empty() {

@@ -13,9 +13,21 @@ use crate::transport::{AddressBook, RaftService};
 /// serving Raft on one loopback port; call within a tokio runtime. The servers run until the
 /// runtime stops.
 pub fn start_local_group(dir: &Path, n: u64) -> Result<Vec<RaftHandle>, StorageError> {
-    let peers: Vec<(u64, String)> = (1..=n).map(|id| (id, free_loopback_addr())).collect();
+    // Every port bound first and kept: each replica must know the others' addresses, and a
+    // port found free and released could be taken before its replica binds it again.
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
+        l.set_nonblocking(true).map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
+        listeners.push(l);
+    }
+    let peers: Vec<(u64, String)> = listeners
+        .iter()
+        .zip(1..=n)
+        .map(|(l, id)| (id, l.local_addr().map_or_else(|_| "127.0.0.1:0".into(), |a| a.to_string())))
+        .collect();
     let mut handles = Vec::new();
-    for (id, addr) in &peers {
+    for (listener, (id, _)) in listeners.into_iter().zip(&peers) {
         let cfg = RaftConfig {
             id: *id,
             voters: (1..=n).collect(),
@@ -25,22 +37,17 @@ pub fn start_local_group(dir: &Path, n: u64) -> Result<Vec<RaftHandle>, StorageE
             election_ticks: 8,
             heartbeat_ticks: 2,
             snapshot_entries: 1000,
+            accept_unverified_store: false,
         };
         let raft = start(cfg, &dir.join(format!("replica-{id}")))?;
         let server = tonic::transport::Server::builder()
             .add_service(RaftService::server(raft.clone(), tidal_auth::Guard::open()));
-        if let Ok(addr) = addr.parse() {
-            tokio::spawn(server.serve(addr));
-        }
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
+        tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
         handles.push(raft);
     }
     Ok(handles)
-}
-
-fn free_loopback_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or_else(|_| "127.0.0.1:0".to_string(), |a| a.to_string())
 }
 
 /// Waits until one of `group` leads; None after `timeout`.

@@ -135,6 +135,11 @@ struct Args {
     /// Ticks between the leader's heartbeats (less than --election-ticks).
     #[arg(long, env = "TIDAL_HEARTBEAT_TICKS", default_value_t = 2)]
     heartbeat_ticks: usize,
+    /// Start on a store that holds Raft state but neither copy of its watermark, which cannot
+    /// tell whether it lost acknowledged writes (refused otherwise). For a group of one with
+    /// no other copy of its state; a replica of a group is rebuilt from its peers instead.
+    #[arg(long, env = "TIDAL_ACCEPT_UNVERIFIED_STORE")]
+    accept_unverified_store: bool,
     /// Applied log entries after which the state is snapshotted and the log compacted.
     #[arg(long, env = "TIDAL_SNAPSHOT_ENTRIES", default_value_t = 1000)]
     snapshot_entries: u64,
@@ -197,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         election_ticks: args.election_ticks,
         heartbeat_ticks: args.heartbeat_ticks,
         snapshot_entries: args.snapshot_entries.max(1),
+        accept_unverified_store: args.accept_unverified_store,
     };
     let raft = start(raft_cfg, &args.data_dir)
         .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;

@@ -45,10 +45,22 @@ pub enum StorageError {
          (`tidalctl controller add`); it copies the state from its peers"
     )]
     Damaged { dir: PathBuf, what: String },
+    #[error(
+        "the store in {dir} belongs to replica {found}, not {id}: each replica needs a data directory of its own \
+         (start it with its own --data-dir, or --id {found})"
+    )]
+    OtherReplica { dir: PathBuf, found: u64, id: u64 },
     #[error("the store in {0} is closed (it failed to reopen)")]
     Closed(PathBuf),
     #[error("the watermark file {path}: {source}")]
     Watermark { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the store in {0} holds Raft state but neither copy of its watermark (tidal-watermark, \
+         tidal-watermark.copy), so whether it lost acknowledged writes cannot be told. Rebuild it from its \
+         peers (`tidalctl controller remove`, empty the directory, --join, `tidalctl controller add`), or, \
+         for a group of one with no other copy, start it with --accept-unverified-store"
+    )]
+    Unverified(PathBuf),
 }
 
 /// Marks a sealed record: no protobuf message starts with these bytes (field 10 with the
@@ -83,7 +95,9 @@ struct Watermark {
     commit: u64,
 }
 
-const WATERMARK_FILE: &str = "tidal-watermark";
+/// Two copies, written alike: losing one is noticed (and repaired from the other); a store
+/// with Raft state and neither is not trusted (see [`StorageError::Unverified`]).
+const WATERMARK_FILES: [&str; 2] = ["tidal-watermark", "tidal-watermark.copy"];
 
 impl Watermark {
     fn read(path: &Path) -> Result<Option<Self>, StorageError> {
@@ -257,7 +271,8 @@ pub struct DurableLog {
     dir: PathBuf,
     /// None only between closing and reopening (see [`DurableLog::reopen`]).
     sled: Option<Sled>,
-    watermark_file: File,
+    /// Each copy of the watermark, open for writing.
+    watermark_files: Vec<(PathBuf, File)>,
     watermark: std::sync::Mutex<Watermark>,
     pub view: LogView,
 }
@@ -265,25 +280,42 @@ pub struct DurableLog {
 const HARD_STATE: &[u8] = b"hard_state";
 const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT: &[u8] = b"snapshot";
+const REPLICA_ID: &[u8] = b"replica_id";
 
 impl DurableLog {
     /// Opens (or creates) the store at `dir`. A new store is bootstrapped with `voters`; with
     /// none, the replica waits to be added to an existing group (its first snapshot or
     /// append from the leader tells it the membership).
     pub fn open(dir: &Path, voters: &[u64]) -> Result<Self, StorageError> {
+        Self::open_with(dir, voters, false)
+    }
+
+    /// [`Self::open`]; `accept_unverified` starts a store with Raft state and no watermark at
+    /// all (warning), which is otherwise refused.
+    pub fn open_with(dir: &Path, voters: &[u64], accept_unverified: bool) -> Result<Self, StorageError> {
         let sled = Sled::open(dir)?;
-        let watermark_path = dir.join(WATERMARK_FILE);
-        let mark = Watermark::read(&watermark_path)?;
-        let watermark_file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&watermark_path)
-            .map_err(|source| StorageError::Watermark { path: watermark_path.clone(), source })?;
+        let mut marks = Vec::new();
+        let mut watermark_files = Vec::new();
+        for name in WATERMARK_FILES {
+            let path = dir.join(name);
+            marks.push(Watermark::read(&path)?);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|source| StorageError::Watermark { path: path.clone(), source })?;
+            watermark_files.push((path, file));
+        }
+        let mark = marks
+            .iter()
+            .flatten()
+            .copied()
+            .reduce(|a, b| Watermark { term: a.term.max(b.term), commit: a.commit.max(b.commit) });
         let this = Self {
             dir: dir.to_path_buf(),
             sled: Some(sled),
-            watermark_file,
+            watermark_files,
             watermark: std::sync::Mutex::new(mark.unwrap_or_default()),
             view: LogView::default(),
         };
@@ -295,8 +327,56 @@ impl DurableLog {
                 this.set_conf_state(&cs)?;
             }
         }
+        if mark.is_none() && this.holds_state() {
+            if !accept_unverified {
+                return Err(StorageError::Unverified(this.dir.clone()));
+            }
+            tracing::warn!(dir = %this.dir.display(), "no watermark: starting an unverified store (--accept-unverified-store)");
+        }
         this.check_watermark(mark)?;
+        if marks.iter().any(Option::is_none) {
+            if mark.is_some() {
+                tracing::warn!(dir = %this.dir.display(), "a copy of the watermark was missing or unreadable; written again from the other");
+            }
+            // Both copies exist from the first open on, so that only their loss leaves none.
+            this.write_watermark(&this.watermark.lock().unwrap_or_else(|p| p.into_inner()))?;
+        }
         Ok(this)
+    }
+
+    /// Whether the store holds any Raft state beyond its membership (a term, a commit, entries).
+    fn holds_state(&self) -> bool {
+        let core = self.view.rl();
+        core.hard_state.term > 0 || core.hard_state.commit > 0 || core.last_index() > 0
+    }
+
+    fn write_watermark(&self, mark: &Watermark) -> Result<(), StorageError> {
+        for (path, file) in &self.watermark_files {
+            mark.write(file, path)?;
+        }
+        Ok(())
+    }
+
+    /// Records that this store is replica `id`'s, or checks that it is: a replica started on
+    /// another's data directory would speak with that replica's log and votes as its own. (A
+    /// store made before the id was recorded is claimed by the first replica that opens it.)
+    pub fn claim(&self, id: u64) -> Result<(), StorageError> {
+        let sled = self.s()?;
+        match sled.meta.get(REPLICA_ID)? {
+            Some(bytes) => {
+                let found = <[u8; 8]>::try_from(bytes.as_ref()).map(u64::from_le_bytes).map_err(|_| {
+                    StorageError::Damaged { dir: self.dir.clone(), what: "the replica id record is malformed".into() }
+                })?;
+                if found != id {
+                    return Err(StorageError::OtherReplica { dir: self.dir.clone(), found, id });
+                }
+            }
+            None => {
+                sled.meta.insert(REPLICA_ID, &id.to_le_bytes())?;
+                sled.db.flush()?;
+            }
+        }
+        Ok(())
     }
 
     fn s(&self) -> Result<&Sled, StorageError> {
@@ -338,7 +418,7 @@ impl DurableLog {
             return Ok(());
         }
         *mark = Watermark { term: mark.term.max(hs.term), commit: mark.commit.max(hs.commit) };
-        mark.write(&self.watermark_file, &self.dir.join(WATERMARK_FILE))
+        self.write_watermark(&mark)
     }
 
     /// A record's payload, or the damage its checksum shows.
@@ -540,6 +620,21 @@ mod tests {
     }
 
     #[test]
+    fn a_store_is_one_replicas_own() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = DurableLog::open(dir.path(), &[1, 2, 3]).unwrap();
+            log.claim(2).unwrap();
+            log.claim(2).unwrap();
+        }
+        let log = DurableLog::open(dir.path(), &[1, 2, 3]).unwrap();
+        log.claim(2).expect("its own replica, again after a restart");
+        let err = log.claim(3).err().expect("another replica is refused");
+        assert!(matches!(err, StorageError::OtherReplica { found: 2, id: 3, .. }), "{err}");
+        assert!(err.to_string().contains("belongs to replica 2"), "{err}");
+    }
+
+    #[test]
     fn the_log_and_hard_state_survive_a_reopen_and_conflicts_are_replaced() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -623,6 +718,47 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_watermark_copy_is_written_again_and_losing_both_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        committed_log(dir.path(), 5);
+        let [first, copy] = WATERMARK_FILES.map(|f| dir.path().join(f));
+        std::fs::remove_file(&first).unwrap();
+        drop(DurableLog::open(dir.path(), &[]).expect("one copy left: checked against it"));
+        assert_eq!(Watermark::read(&first).unwrap(), Watermark::read(&copy).unwrap(), "the lost copy is back");
+        assert_eq!(Watermark::read(&copy).unwrap(), Some(Watermark { term: 1, commit: 5 }));
+
+        // With one copy left, a store that lost writes is still caught.
+        std::fs::remove_file(&copy).unwrap();
+        {
+            let db = open_sled(dir.path()).unwrap();
+            let (log, meta) = (db.open_tree("raft_log").unwrap(), db.open_tree("raft_meta").unwrap());
+            log.remove(5u64.to_be_bytes()).unwrap();
+            let hs = HardState { term: 1, vote: 1, commit: 4, ..Default::default() };
+            meta.insert(HARD_STATE, seal(&hs.write_to_bytes().unwrap())).unwrap();
+            db.flush().unwrap();
+        }
+        let err = DurableLog::open(dir.path(), &[]).err().expect("the loss is refused with one copy");
+        assert!(err.to_string().contains("commit 5 were made durable"), "{err}");
+
+        // Neither copy: whether writes were lost cannot be told.
+        std::fs::remove_file(&first).unwrap();
+        let _ = std::fs::remove_file(&copy);
+        let err = DurableLog::open(dir.path(), &[]).err().expect("an unverifiable store is refused");
+        assert!(matches!(err, StorageError::Unverified(_)), "{err}");
+        assert!(err.to_string().contains("--accept-unverified-store"), "{err}");
+        DurableLog::open_with(dir.path(), &[], true).expect("started when the operator accepts it");
+    }
+
+    #[test]
+    fn a_fresh_store_writes_both_copies_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DurableLog::open(dir.path(), &[1]).unwrap());
+        for f in WATERMARK_FILES {
+            assert_eq!(Watermark::read(&dir.path().join(f)).unwrap(), Some(Watermark::default()), "{f}");
+        }
+    }
+
+    #[test]
     fn a_store_that_lost_acknowledged_writes_is_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();
         committed_log(dir.path(), 5);
@@ -656,7 +792,10 @@ mod tests {
         let err = DurableLog::open(dir.path(), &[]).err().expect("a gap is damage");
         assert!(err.to_string().contains("skips from index 2 to 4"), "{err}");
         open_sled(dir.path()).unwrap().open_tree("raft_log").unwrap().remove(4u64.to_be_bytes()).unwrap();
-        let log = DurableLog::open(dir.path(), &[]).unwrap();
+        // Those versions wrote no watermark either: such a store starts only when accepted.
+        let err = DurableLog::open(dir.path(), &[]).err().expect("no watermark, no start");
+        assert!(matches!(err, StorageError::Unverified(_)), "{err}");
+        let log = DurableLog::open_with(dir.path(), &[], true).unwrap();
         assert_eq!(log.view.last_index().unwrap(), 2, "unsealed records read as they are");
     }
 

@@ -235,6 +235,13 @@ impl RaftTransport for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let from = request.get_ref().from;
         let caller = self.guard.require(&request, "Raft", |r| *r == Role::Controller(from))?;
+        if from == self.raft.status().id {
+            // Only a copy of this replica's own key could send this: never step it.
+            warn!(target: "audit", from, "a Raft batch claiming to come from this replica itself; refused");
+            return Err(Status::permission_denied(format!(
+                "replica {from} is this replica: it sends nothing to itself"
+            )));
+        }
         if caller.is_some() && self.raft.peers.get(from).is_none() {
             return Err(Status::permission_denied(format!("replica {from} is not a member this replica knows")));
         }

@@ -149,7 +149,10 @@ async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{}-", agent.node)))
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with(&format!("{}-", agent.node)) && name.ends_with(".log")
+        })
         .expect("the agent's log");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.lines().count() > 2, "{text}");

@@ -171,6 +171,11 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     };
     assert_eq!(code(raft_as(&admin).await.send(heartbeat(1)).await), Code::PermissionDenied, "an admin is no replica");
     assert_eq!(
+        code(raft_as(&controller).await.send(heartbeat(1)).await),
+        Code::PermissionDenied,
+        "a copy of replica 1's own key may not speak to replica 1 as itself (term 101 would force an election)"
+    );
+    assert_eq!(
         code(raft_as(&intruder).await.send(heartbeat(1)).await),
         Code::PermissionDenied,
         "controller/2 may not speak as replica 1"
@@ -265,6 +270,16 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     assert_eq!(code(agent_ctl.profile(profile_of("resnet18.onnx", vec![3, 32, 32])).await), Code::PermissionDenied);
     let plain = AgentClient::new(plaintext(&agent.control_addr).connect_lazy()).status(AgentStatusRequest {}).await;
     assert!(plain.is_err(), "plaintext reaches no control port");
+
+    // One profile at a time: a second, while the first measures, is refused.
+    let long = ProfileRequest { duration_ms: 1500, ..profile_of("resnet18.onnx", vec![3, 32, 32]) };
+    let (mut first, mut second) = (agent_as_admin.clone(), agent_as_admin.clone());
+    let (measured, refused) = tokio::join!(first.profile(long.clone()), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        second.profile(long.clone()).await
+    });
+    measured.expect("the first profile is measured");
+    assert_eq!(code(refused), Code::ResourceExhausted, "two profiles at once would share the cores");
 
     // Nothing changed, and the cluster still serves.
     let after = observe(&mut ctl, &mut agent_ctl).await;
