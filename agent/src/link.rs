@@ -112,11 +112,14 @@ impl Link {
                 address: self.advertise.clone(),
                 control_address: self.advertise_control.clone(),
                 cores: node.cfg.millicores / 1000,
+                // Set by the controller from this agent's certificate.
+                cert_serial: String::new(),
             })
             .await?;
         info!(%controller, plan_epoch = resp.get_ref().plan_epoch, "registered with the controller");
         let resp = resp.into_inner();
         node.saw_group(resp.plan_epoch, resp.term, resp.members);
+        node.saw_revocations(resp.revocations);
         Ok(client)
     }
 
@@ -141,11 +144,13 @@ impl Link {
                 applied_epoch: node.applied_epoch(),
                 tasks: tasks.clone(),
                 workers: node.worker_telemetry().await,
+                revocations_seen: node.revocations_version(),
             };
             match client.report_telemetry(report).await {
                 Ok(ack) => {
                     let ack = ack.into_inner();
                     node.saw_group(ack.plan_epoch, ack.term, ack.members);
+                    node.saw_revocations(ack.revocations);
                 }
                 Err(e) => {
                     *unsent = tasks;

@@ -240,7 +240,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(link.run(node.clone(), stop.clone()));
     }
-    let service = AgentService { node: node.clone(), guard: tidal_auth::Guard::new(&security) };
+    let guard = tidal_auth::Guard::new(&security).with_revocations(node.revoked.clone());
+    let service = AgentService { node: node.clone(), guard };
     info!(listen = %listen_addr, control_listen = %control_addr, node = %args.node, "agent serving");
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED. gRPC's own
     // limit (tonic reads a message's length first and refuses it, OUT_OF_RANGE, before reading

@@ -47,6 +47,8 @@ pub const MAX_EPOCH_STEP: u64 = 1 << 20;
 /// replica's failed elections by a few more, and a far higher term would make every later
 /// plan of the real leader look deposed.
 pub const MAX_TERM_STEP: u64 = 64;
+/// Most revoked serials an agent holds (twice what the group keeps: a bound, not a policy).
+pub const MAX_REVOKED: usize = 8192;
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -113,6 +115,10 @@ pub struct Node {
     /// The replicas of the group the agent's controllers reported (empty before the first
     /// answer, or with no --controller): the only ones whose plans it applies.
     members: RwLock<Vec<u64>>,
+    /// The certificates the group has revoked (every call's guard refuses them), and the
+    /// version of the list held.
+    pub revoked: Arc<tidal_auth::RevocationList>,
+    revocations_version: AtomicU64,
     next_worker: AtomicU64,
     /// Last CPU reading per worker, to turn cumulative usage into a rate.
     cpu_seen: Mutex<HashMap<String, (Instant, CpuStats)>>,
@@ -146,6 +152,8 @@ impl Node {
             controller_epoch: AtomicU64::new(0),
             controller_term: AtomicU64::new(0),
             members: RwLock::new(Vec::new()),
+            revoked: Arc::default(),
+            revocations_version: AtomicU64::new(0),
             next_worker: AtomicU64::new(1),
             cpu_seen: Mutex::new(HashMap::new()),
         })
@@ -166,6 +174,25 @@ impl Node {
                 *known = members;
             }
         }
+    }
+
+    /// Takes the group's revocation list when a controller sends one (it sends it only when
+    /// the version this agent holds is not current).
+    pub fn saw_revocations(&self, revocations: Option<tidal_proto::v1::Revocations>) {
+        let Some(r) = revocations else { return };
+        if r.serials.len() > MAX_REVOKED {
+            warn!(serials = r.serials.len(), "a revocation list beyond {MAX_REVOKED} serials; ignored");
+            return;
+        }
+        let count = r.serials.len();
+        if self.revoked.replace(r.serials) {
+            info!(target: "audit", version = r.version, revoked = count, "the group's revoked certificates");
+        }
+        self.revocations_version.store(r.version, Ordering::Relaxed);
+    }
+
+    pub fn revocations_version(&self) -> u64 {
+        self.revocations_version.load(Ordering::Relaxed)
     }
 
     /// Whether controller `id` may push plans here: a member of the group this agent's
@@ -392,7 +419,13 @@ impl Node {
             let key = (node.to_string(), address.clone());
             let remote = match remotes.get(&key) {
                 Some(r) => r.clone(),
-                None => match self.security.endpoint(address) {
+                // Only to the agent the plan names there: a holder of any other certificate of
+                // the cluster at that address gets nothing forwarded.
+                None => match self.security.endpoint_of(
+                    address,
+                    tidal_auth::Role::Agent(node.to_string()),
+                    Some(self.revoked.clone()),
+                ) {
                     Ok(endpoint) => {
                         let channel = endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy();
                         let client = InferenceClient::new(channel)

@@ -13,7 +13,7 @@ pub mod role;
 pub mod tls;
 pub mod token;
 
-pub use guard::Guard;
+pub use guard::{Guard, RevocationList, Revocations};
 
 /// Warns, loudly, when a secret file (a private key, a token) can be read by its group or by
 /// other users (mode beyond 0600): they could then act as this process.
@@ -30,6 +30,6 @@ pub fn warn_if_exposed(path: &std::path::Path, what: &str) {
         }
     }
 }
-pub use role::Role;
+pub use role::{normalise_serial, Holder, Role};
 pub use tls::{Security, TlsArgs};
 pub use token::Token;

@@ -31,7 +31,10 @@ impl Role {
     /// The role in a DER certificate: its one `tidal://` URI name (none, or more than one, is
     /// an error: a certificate is one identity).
     pub fn of_certificate(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        Ok(Holder::of_certificate(der)?.role)
+    }
+
+    fn of_parsed(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Self, String> {
         let names = cert
             .subject_alternative_name()
             .map_err(|e| format!("unreadable subject alternative names: {e}"))?
@@ -50,6 +53,32 @@ impl Role {
 
     /// The role in a PEM file's first certificate (a chain starts with its own).
     pub fn of_pem(pem: &[u8]) -> Result<Self, String> {
+        Ok(Holder::of_pem(pem)?.role)
+    }
+
+    /// A short file stem for this identity's certificate and key.
+    pub fn file_stem(&self) -> String {
+        self.to_string().replace('/', "-")
+    }
+}
+
+/// One certificate: whose it is and its serial number (what revocation names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub role: Role,
+    /// The serial in the form [`normalise_serial`] gives.
+    pub serial: String,
+}
+
+impl Holder {
+    pub fn of_certificate(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        let serial = hex_serial(cert.raw_serial());
+        Ok(Self { role: Role::of_parsed(&cert)?, serial })
+    }
+
+    /// The holder of a PEM file's first certificate (a chain starts with its own).
+    pub fn of_pem(pem: &[u8]) -> Result<Self, String> {
         let first =
             x509_parser::pem::Pem::iter_from_buffer(pem).find(|p| p.as_ref().is_ok_and(|p| p.label == "CERTIFICATE"));
         match first {
@@ -57,11 +86,28 @@ impl Role {
             _ => Err("no certificate in the file".into()),
         }
     }
+}
 
-    /// A short file stem for this identity's certificate and key.
-    pub fn file_stem(&self) -> String {
-        self.to_string().replace('/', "-")
+/// A certificate serial (at most 20 bytes, RFC 5280) as lowercase hex without leading zeros.
+fn hex_serial(raw: &[u8]) -> String {
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
     }
+}
+
+/// A serial as a user writes it (`0A:1B:…`, `0a1b…`, any case) in the one form revocation
+/// compares: lowercase hex without separators or leading zeros.
+pub fn normalise_serial(serial: &str) -> Result<String, String> {
+    let digits: String = serial.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    if digits.is_empty() || digits.len() > 40 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{serial:?} is not a certificate serial (1–40 hex digits, colons allowed)"));
+    }
+    let trimmed = digits.trim_start_matches('0');
+    Ok(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
 }
 
 impl fmt::Display for Role {
@@ -122,5 +168,16 @@ mod tests {
             assert!(bad.parse::<Role>().is_err(), "{bad}");
         }
         assert_eq!(Role::from_uri("https://agent/x"), None);
+    }
+
+    #[test]
+    fn serials_compare_in_one_form() {
+        assert_eq!(normalise_serial("00:0A:1b").unwrap(), "a1b");
+        assert_eq!(normalise_serial("0a1B").unwrap(), "a1b");
+        assert_eq!(hex_serial(&[0, 0x0a, 0x1b]), "a1b");
+        assert_eq!(normalise_serial("00").unwrap(), "0");
+        for bad in ["", ":", "xyz", &"f".repeat(41)] {
+            assert!(normalise_serial(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -51,6 +51,8 @@ pub enum TlsError {
 
 struct Mtls {
     ca: Certificate,
+    /// The CA as rustls takes it, for [`Security::endpoint_of`]'s verifier.
+    roots: Arc<rustls::RootCertStore>,
     identity: Identity,
     role: Role,
 }
@@ -86,7 +88,14 @@ impl Security {
         crate::warn_if_exposed(key, "the TLS private key");
         let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
         let role = Role::of_pem(&cert_pem).map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for der in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+            let der = der.map_err(|e| TlsError::Certificate(format!("{}: {e}", ca.display())))?;
+            roots.add(der).map_err(|e| TlsError::Certificate(format!("{}: {e}", ca.display())))?;
+        }
         Ok(Self(Some(Arc::new(Mtls {
+            roots: Arc::new(roots),
             ca: Certificate::from_pem(ca_pem),
             identity: Identity::from_pem(cert_pem, key_pem),
             role,
@@ -139,6 +148,109 @@ impl Security {
         endpoint.tls_config(tls).map_err(|e| TlsError::Certificate(e.to_string()))
     }
 }
+
+impl Security {
+    /// As [`Self::endpoint`], for a peer that must be `expected`: besides the CA's signature
+    /// and the host, the server's certificate must name that identity and not be revoked. An
+    /// agent forwards a stage only to the agent the plan names at that address, never to
+    /// whichever holder of a cluster certificate answers there.
+    pub fn endpoint_of(
+        &self,
+        address: &str,
+        expected: Role,
+        revoked: Option<Arc<dyn crate::Revocations>>,
+    ) -> Result<Endpoint, TlsError> {
+        let bad = || TlsError::Address(address.to_string());
+        let Some(m) = &self.0 else { return self.endpoint(address) };
+        let endpoint = Endpoint::from_shared(format!("https://{address}")).map_err(|_| bad())?;
+        let host = endpoint.uri().host().ok_or_else(bad)?.trim_matches(['[', ']']).to_string();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(m.roots.clone(), provider)
+            .build()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        let verifier = Arc::new(PeerVerifier { webpki, expected, revoked });
+        let tls = ClientTlsConfig::new().identity(m.identity.clone()).domain_name(host);
+        endpoint.tls_config_with_verifier(tls, verifier).map_err(|e| TlsError::Certificate(e.to_string()))
+    }
+}
+
+/// The CA's verification (chain, validity, host), then: the certificate is the expected
+/// identity's and not revoked.
+struct PeerVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: Role,
+    revoked: Option<Arc<dyn crate::Revocations>>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier").field("expected", &self.expected).finish_non_exhaustive()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let holder = crate::Holder::of_certificate(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(PeerError(
+                e,
+            )))))
+        })?;
+        let refused = |why: String| {
+            warn!(target: "audit", expected = %self.expected, shown = %holder.role, serial = %holder.serial, "{why}");
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(PeerError(
+                why,
+            )))))
+        };
+        if holder.role != self.expected {
+            return Err(refused(format!("the peer is {}, not the {} expected there", holder.role, self.expected)));
+        }
+        if self.revoked.as_ref().is_some_and(|r| r.is_revoked(&holder.serial)) {
+            return Err(refused(format!("the peer's certificate {} is revoked", holder.serial)));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct PeerError(String);
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerError {}
 
 /// Listens on `addr` with TCP_NODELAY on every connection (as tonic's own listener sets it:
 /// without it small responses wait on delayed acknowledgements).

@@ -195,6 +195,34 @@ enum CertsCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Revoke a certificate across the cluster (admin): from the next call, every controller
+    /// refuses it, and every agent once its next telemetry answer brings the list (a second).
+    /// Removing a node or a replica revokes the certificate it was seen with already.
+    ///
+    /// Example: tidalctl certs revoke --cert stolen/agent-n2.pem --reason "laptop lost"
+    Revoke {
+        /// The certificate file (PEM) to revoke.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        cert: Option<PathBuf>,
+        /// Or its serial number, in hex (`openssl x509 -noout -serial`; colons allowed).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Whose it is, for the record (taken from --cert when given).
+        #[arg(long, default_value = "")]
+        identity: String,
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the revoked certificates.
+    ///
+    /// Example: tidalctl certs revoked
+    Revoked,
+}
+
+fn render_revoked(list: &tidal_proto::v1::RevokedCertificates) -> String {
+    let rows = list.certificates.iter().map(|c| vec![c.serial.clone(), c.identity.clone(), c.reason.clone()]).collect();
+    output::table(&["SERIAL", "IDENTITY", "REASON"], rows)
 }
 
 /// A task's share of a shared cluster (see `TaskShare`).
@@ -303,6 +331,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (cert, key) = tidal_auth::certs::issue(&ca_dir, &role, &host, &out, days)?;
             println!("issued {role}: --tls-cert {} --tls-key {}", cert.display(), key.display());
             Ok(())
+        }
+        Command::Certs(CertsCmd::Revoke { cert, serial, identity, reason }) => {
+            let (serial, identity) = match (cert, serial) {
+                (Some(path), _) => {
+                    let pem = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let holder =
+                        tidal_auth::Holder::of_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    (holder.serial, holder.role.to_string())
+                }
+                (None, Some(serial)) => (tidal_auth::normalise_serial(&serial).map_err(anyhow::Error::msg)?, identity),
+                (None, None) => anyhow::bail!("give --cert or --serial"),
+            };
+            let certificate = tidal_proto::v1::RevokedCertificate { serial: serial.clone(), identity, reason };
+            let req = tidal_proto::v1::RevokeCertificateRequest { certificate: Some(certificate) };
+            let list = controller(&cli.controller).await?.revoke_certificate(req).await?.into_inner();
+            eprintln!("revoked certificate {serial}; {} revoked in all", list.certificates.len());
+            output::print(format, &list, render_revoked)
+        }
+        Command::Certs(CertsCmd::Revoked) => {
+            let req = tidal_proto::v1::ListRevokedRequest {};
+            let list = controller(&cli.controller).await?.list_revoked(req).await?.into_inner();
+            output::print(format, &list, render_revoked)
         }
         Command::Node(cmd) => nodes::run(&cli.controller, cmd).await,
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {

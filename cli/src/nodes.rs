@@ -22,13 +22,17 @@ pub enum NodeCmd {
         #[arg(long, default_value_t = 0.0)]
         wait_s: f64,
     },
-    /// Forget a drained node (stop its agent first: a running agent registers again).
+    /// Forget a drained node and revoke the certificate it registered with (stop its agent
+    /// first; to bring it back, issue it a new certificate, or give --keep-certificate).
     ///
     /// Example: tidalctl node remove --node node-a
     Remove {
         /// The node's name.
         #[arg(long)]
         node: String,
+        /// Leave its certificate valid (a node taken out for repair that comes back as it was).
+        #[arg(long)]
+        keep_certificate: bool,
     },
 }
 
@@ -48,9 +52,16 @@ pub async fn run(addrs: &str, cmd: NodeCmd) -> anyhow::Result<()> {
                 println!("the plan in force follows ({:.1} s)", started.elapsed().as_secs_f64());
             }
         }
-        NodeCmd::Remove { node } => {
-            crate::controller(addrs).await?.remove_node(RemoveNodeRequest { node: node.clone() }).await?;
-            println!("node {node} removed");
+        NodeCmd::Remove { node, keep_certificate } => {
+            let request = RemoveNodeRequest { node: node.clone(), keep_certificate };
+            let removed = crate::controller(addrs).await?.remove_node(request).await?;
+            match removed.into_inner().revoked {
+                Some(c) => {
+                    println!("node {node} removed; the certificate it registered with ({}) is revoked", c.serial)
+                }
+                None if keep_certificate => println!("node {node} removed; its certificate stays valid"),
+                None => println!("node {node} removed (it registered with no certificate)"),
+            }
         }
     }
     Ok(())

@@ -35,12 +35,17 @@ pub enum ControllerCmd {
         address: String,
     },
     /// Remove a replica from the group. Removing the leader first hands leadership to another.
+    /// Its certificate (as the leader saw it) is revoked: to add it back, issue it a new one, or
+    /// give --keep-certificate (a replica rebuilt from an empty store on the same machine).
     ///
     /// Example: tidalctl controller remove --id 1
     Remove {
         /// The replica to remove.
         #[arg(long)]
         id: u64,
+        /// Leave its certificate valid.
+        #[arg(long)]
+        keep_certificate: bool,
     },
     /// Hand leadership to another voter (e.g. before maintenance on the leader's machine).
     ///
@@ -117,7 +122,7 @@ pub async fn run(addrs: &str, cmd: ControllerCmd, format: crate::output::Format)
             leader(addrs).await?.add_replica(AddReplicaRequest { id, address: address.clone() }).await?;
             println!("replica {id} ({address}) joined as a learner, caught up and became a voter");
         }
-        ControllerCmd::Remove { id } => remove(addrs, id).await?,
+        ControllerCmd::Remove { id, keep_certificate } => remove(addrs, id, keep_certificate).await?,
         ControllerCmd::TransferLeader { to: Some(to), .. } => {
             transfer(addrs, to).await?;
             println!("replica {to} leads");
@@ -141,15 +146,23 @@ pub async fn run(addrs: &str, cmd: ControllerCmd, format: crate::output::Format)
     Ok(())
 }
 
-async fn remove(addrs: &str, id: u64) -> anyhow::Result<()> {
+async fn remove(addrs: &str, id: u64, keep_certificate: bool) -> anyhow::Result<()> {
     let (_, list) = any_replica(addrs).await?;
     if list.leader == id {
         let successor = successor(&list, id)?;
         println!("replica {id} leads: handing leadership to replica {successor} first");
         transfer(addrs, successor).await?;
     }
-    leader(addrs).await?.remove_replica(RemoveReplicaRequest { id }).await?;
+    let request = RemoveReplicaRequest { id, keep_certificate };
+    let removed = leader(addrs).await?.remove_replica(request).await?.into_inner();
     println!("replica {id} removed; stop its process");
+    match removed.revoked {
+        Some(c) => println!("its certificate ({}) is revoked: issue a new one to add it back", c.serial),
+        None if keep_certificate => println!("its certificate stays valid (--keep-certificate)"),
+        None => println!(
+            "its certificate was never seen by the leader and is not revoked: tidalctl certs revoke --cert FILE"
+        ),
+    }
     Ok(())
 }
 

@@ -214,7 +214,7 @@ proptest! {
         control_address in prop_oneof![Just(String::new()), Just("127.0.0.1:7101".to_string()), "[0-9.:]{0,20}"],
         cores in small_or_any(0..4),
     ) {
-        let n = RegisterNodeRequest { node, address, cores, control_address };
+        let n = RegisterNodeRequest { node, address, cores, control_address, ..Default::default() };
         if validate_node(&n).is_ok() {
             prop_assert!((1..=1024).contains(&n.cores));
         }

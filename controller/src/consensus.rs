@@ -114,6 +114,8 @@ pub struct RaftHandle {
     pub state: Arc<RwLock<ClusterState>>,
     status: watch::Receiver<RaftStatus>,
     pub peers: AddressBook,
+    /// The certificate each peer last spoke Raft with (what removing it revokes).
+    pub certificates: crate::transport::SeenCertificates,
     /// How long a call waits for a leader to be known: three of the longest election timeouts.
     election_timeout: Duration,
 }
@@ -312,7 +314,14 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     // raft-rs draws each election timeout from [election, 2 × election) ticks; a caller waits
     // out an election and up to two more should votes split.
     let election_timeout = cfg.tick.saturating_mul(3 * 2 * cfg.election_ticks as u32);
-    Ok(RaftHandle { tx, state, status: status_rx, peers: cfg.peers, election_timeout })
+    Ok(RaftHandle {
+        tx,
+        state,
+        status: status_rx,
+        peers: cfg.peers,
+        certificates: Default::default(),
+        election_timeout,
+    })
 }
 
 /// Proposal ids start from the clock so that entries replayed from an earlier run never

@@ -227,8 +227,10 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     tidal_daemon::metrics_http::register_standard(&mut registry, "controller");
     let metrics = tidal_controller::metrics::ControllerMetrics::new(&mut registry);
-    let guard = tidal_auth::Guard::new(&security);
-    let raft_service = RaftService::server(raft.clone(), guard);
+    // Every call on both ports also refuses the certificates the group has revoked.
+    let revoked = std::sync::Arc::new(tidal_controller::state::StateRevocations(raft.state.clone()));
+    let guard = tidal_auth::Guard::new(&security).with_revocations(revoked);
+    let raft_service = RaftService::server(raft.clone(), guard.clone());
     let raft_handle = raft.clone();
     let ctl = Controller::new(raft, cfg, metrics, security.clone());
     if let Some(addr) = args.metrics_listen {

@@ -15,8 +15,8 @@ use tidal_proto::v1::{
     SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
-    AddReplicaRequest, ListReplicasRequest, MembershipResponse, RemoveReplicaRequest, Replica, ReplicaList,
-    TransferLeaderRequest,
+    AddReplicaRequest, ListReplicasRequest, ListRevokedRequest, MembershipResponse, RemoveReplicaRequest, Replica,
+    ReplicaList, Revocations, RevokeCertificateRequest, RevokedCertificate, RevokedCertificates, TransferLeaderRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -67,6 +67,19 @@ impl ControllerService {
         (members, raft.term)
     }
 
+    /// The revocation list for an agent that holds version `seen` (`None`: send it whatever
+    /// it holds); nothing when it is current.
+    fn revocations(&self, seen: Option<u64>) -> Option<Revocations> {
+        self.ctl.raft.read(|s| {
+            (seen != Some(s.revocations_version))
+                .then(|| Revocations { version: s.revocations_version, serials: s.revoked.keys().cloned().collect() })
+        })
+    }
+
+    fn revoked(&self) -> RevokedCertificates {
+        RevokedCertificates { certificates: self.ctl.raft.read(|s| s.revoked.values().cloned().collect()) }
+    }
+
     async fn commit(&self, change: Change) -> Result<(), Status> {
         // Not proposed again on a refusal: a proposal that lost its leader may still commit.
         self.require_leader().await?;
@@ -101,7 +114,7 @@ impl ControllerService {
         self.require_leader().await?;
         info!(?change, "membership change requested");
         self.ctl.raft.change_membership(change).await.map_err(|e| self.refusal(e))?;
-        Ok(Response::new(MembershipResponse {}))
+        Ok(Response::new(MembershipResponse::default()))
     }
 }
 
@@ -112,13 +125,18 @@ impl ControllerApi for ControllerService {
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let node = request.get_ref().node.clone();
-        self.guard.require(&request, "RegisterNode", |r| *r == Role::Agent(node.clone()))?;
+        let holder = self.guard.require_holder(&request, "RegisterNode", |r| *r == Role::Agent(node.clone()))?;
         self.require_leader().await?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        // The serial is the one the caller showed, never what it wrote.
+        req.cert_serial = holder.map(|h| h.serial).unwrap_or_default();
         tidal_common::plan::validate_node(&req).map_err(Status::invalid_argument)?;
         let known = self.ctl.raft.read(|s| {
             s.nodes.get(&req.node).is_some_and(|n| {
-                n.address == req.address && n.control_address == req.control_address && n.cores == req.cores
+                n.address == req.address
+                    && n.control_address == req.control_address
+                    && n.cores == req.cores
+                    && n.cert_serial == req.cert_serial
             })
         });
         if !known {
@@ -128,7 +146,12 @@ impl ControllerApi for ControllerService {
         self.ctl.forget_acknowledgement(&req.node);
         self.ctl.push_if_behind(&req.node, 0);
         let (members, term) = self.members();
-        Ok(Response::new(RegisterNodeResponse { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()), members, term }))
+        Ok(Response::new(RegisterNodeResponse {
+            plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()),
+            members,
+            term,
+            revocations: self.revocations(None),
+        }))
     }
 
     async fn report_telemetry(&self, request: Request<TelemetryReport>) -> Result<Response<TelemetryAck>, Status> {
@@ -136,7 +159,7 @@ impl ControllerApi for ControllerService {
         self.guard.require(&request, "ReportTelemetry", |r| *r == Role::Agent(node.clone()))?;
         self.require_leader().await?;
         let report = request.into_inner();
-        let (node, applied) = (report.node.clone(), report.applied_epoch);
+        let (node, applied, seen) = (report.node.clone(), report.applied_epoch, report.revocations_seen);
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&node)) {
             return Err(Status::failed_precondition(format!("node {node:?} is not registered")));
         }
@@ -147,7 +170,12 @@ impl ControllerApi for ControllerService {
         self.ctl.check_surge(now);
         self.ctl.push_if_behind(&node, applied);
         let (members, term) = self.members();
-        Ok(Response::new(TelemetryAck { plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()), members, term }))
+        Ok(Response::new(TelemetryAck {
+            plan_epoch: self.ctl.raft.read(|s| s.plan_epoch()),
+            members,
+            term,
+            revocations: self.revocations(Some(seen)),
+        }))
     }
 
     async fn register_task(
@@ -289,13 +317,15 @@ impl ControllerApi for ControllerService {
         self.guard.require(&request, "RemoveNode", is_admin)?;
         self.require_leader().await?;
         let req = request.into_inner();
-        if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
+        let Some(serial) = self.ctl.raft.read(|s| s.nodes.get(&req.node).map(|n| n.cert_serial.clone())) else {
             return Err(Status::not_found(format!("unknown node {:?}", req.node)));
-        }
-        // The state refuses a node not yet drained (FAILED_PRECONDITION, with why).
+        };
+        // The state refuses a node not yet drained (FAILED_PRECONDITION, with why), and revokes
+        // the certificate it registered with.
         self.commit(Change::RemoveNode(req.clone())).await?;
-        info!(node = %req.node, "node removed");
-        Ok(Response::new(RemoveNodeResponse {}))
+        let revoked = self.ctl.raft.read(|s| s.revoked.get(&serial).cloned());
+        info!(target: "audit", node = %req.node, revoked = ?revoked.as_ref().map(|r| &r.serial), "node removed");
+        Ok(Response::new(RemoveNodeResponse { revoked }))
     }
 
     /// Served by any replica, after a read index: never a stale follower's view.
@@ -367,7 +397,7 @@ impl ControllerApi for ControllerService {
         request: Request<RemoveReplicaRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         self.guard.require(&request, "RemoveReplica", is_admin)?;
-        let id = request.into_inner().id;
+        let RemoveReplicaRequest { id, keep_certificate } = request.into_inner();
         self.require_leader().await?;
         let raft = self.ctl.raft.status();
         if !raft.voters.contains(&id) && !raft.learners.contains(&id) {
@@ -381,7 +411,46 @@ impl ControllerApi for ControllerService {
                 "replica {id} is the leader: transfer leadership first (tidalctl controller remove does this)"
             )));
         }
-        self.change_membership(MembershipChange::Remove { id }).await
+        self.change_membership(MembershipChange::Remove { id }).await?;
+        if keep_certificate {
+            info!(target: "audit", id, "replica removed; its certificate is kept valid, as asked");
+            return Ok(Response::new(MembershipResponse { revoked: None }));
+        }
+        // A removed replica's certificate lets nobody in any more: revoked as this leader saw it
+        // speak Raft (a replica it never heard from is revoked by file, `tidalctl certs revoke`).
+        let Some(serial) = self.ctl.raft.certificates.get(id) else {
+            info!(target: "audit", id, "replica removed; its certificate was never seen here and is not revoked");
+            return Ok(Response::new(MembershipResponse { revoked: None }));
+        };
+        let revoked =
+            RevokedCertificate { serial, identity: format!("controller/{id}"), reason: "replica removed".into() };
+        self.commit(Change::RevokeCertificate(revoked.clone())).await?;
+        info!(target: "audit", id, serial = %revoked.serial, "replica removed; its certificate revoked");
+        Ok(Response::new(MembershipResponse { revoked: Some(revoked) }))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokedCertificates>, Status> {
+        let admin = self.guard.require(&request, "RevokeCertificate", is_admin)?;
+        let mut c = request.into_inner().certificate.ok_or_else(|| Status::invalid_argument("no certificate"))?;
+        c.serial = tidal_auth::normalise_serial(&c.serial).map_err(Status::invalid_argument)?;
+        crate::state::validate_revocation(&c).map_err(Status::invalid_argument)?;
+        self.require_leader().await?;
+        self.commit(Change::RevokeCertificate(c.clone())).await?;
+        info!(target: "audit", serial = %c.serial, identity = %c.identity, by = ?admin, "certificate revoked");
+        Ok(Response::new(self.revoked()))
+    }
+
+    /// Served by any replica, after a read index.
+    async fn list_revoked(
+        &self,
+        request: Request<ListRevokedRequest>,
+    ) -> Result<Response<RevokedCertificates>, Status> {
+        self.guard.require(&request, "ListRevoked", may_read)?;
+        self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
+        Ok(Response::new(self.revoked()))
     }
 
     async fn transfer_leader(
@@ -396,10 +465,10 @@ impl ControllerApi for ControllerService {
             return Err(Status::not_found(format!("replica {to} is not a voting member")));
         }
         if to == raft.id {
-            return Ok(Response::new(MembershipResponse {}));
+            return Ok(Response::new(MembershipResponse::default()));
         }
         info!(to, "leadership transfer requested");
         self.ctl.raft.transfer_leader(to).await.map_err(|e| self.refusal(e))?;
-        Ok(Response::new(MembershipResponse {}))
+        Ok(Response::new(MembershipResponse::default()))
     }
 }

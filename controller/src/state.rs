@@ -8,13 +8,18 @@ use prost::Message;
 use tidal_common::plan::{validate_node, validate_plan};
 use tidal_common::profile::validate_profile;
 use tidal_common::task::{find_variant, normalise, validate_slo, validate_task};
-use tidal_proto::v1::{command::Change, Command, Plan, RegisterNodeRequest, StateSnapshot, TaskSpec, VariantProfile};
+use tidal_proto::v1::{
+    command::Change, Command, Plan, RegisterNodeRequest, RevokedCertificate, StateSnapshot, TaskSpec, VariantProfile,
+};
 
 /// Plans kept in the history (older ones are forgotten)...
 pub const HISTORY_LEN: usize = 1000;
 /// ...and their most bytes, encoded: the history is in every snapshot, and a cluster of
 /// hundreds of tasks makes plans of a megabyte. The plan in force is always kept.
 pub const HISTORY_BYTES: usize = 16 << 20;
+/// Most certificates revoked at once: every call checks the list, and every agent holds it.
+/// Beyond that, a cluster should issue a new CA.
+pub const MAX_REVOKED: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
@@ -25,13 +30,21 @@ pub struct NodeInfo {
     pub cores: u32,
     /// Planned empty (`DrainNode`) until undrained.
     pub draining: bool,
+    /// The serial of the certificate it last registered with (empty in plaintext).
+    pub cert_serial: String,
 }
 
 impl NodeInfo {
     fn registered(n: &RegisterNodeRequest, draining: bool) -> Self {
         // Registrations from before the control port was separated served both on `address`.
         let control = if n.control_address.is_empty() { &n.address } else { &n.control_address };
-        Self { address: n.address.clone(), control_address: control.clone(), cores: n.cores, draining }
+        Self {
+            address: n.address.clone(),
+            control_address: control.clone(),
+            cores: n.cores,
+            draining,
+            cert_serial: n.cert_serial.clone(),
+        }
     }
 }
 
@@ -48,6 +61,9 @@ pub struct ClusterState {
     /// Raft id → address of the replicas that joined through a membership change (the
     /// bootstrap replicas' addresses come from each replica's configuration).
     pub replicas: BTreeMap<u64, String>,
+    /// Revoked certificates by serial, and the log index that last changed them.
+    pub revoked: BTreeMap<String, RevokedCertificate>,
+    pub revocations_version: u64,
     pub applied_index: u64,
 }
 
@@ -78,6 +94,7 @@ impl ClusterState {
                     address: n.address.clone(),
                     cores: n.cores,
                     control_address: n.control_address.clone(),
+                    cert_serial: n.cert_serial.clone(),
                 })
                 .collect(),
             draining_nodes: self.nodes.iter().filter(|(_, n)| n.draining).map(|(name, _)| name.clone()).collect(),
@@ -86,6 +103,8 @@ impl ClusterState {
             plan: self.plan.clone(),
             history: self.history.iter().cloned().collect(),
             replicas: self.replicas.clone().into_iter().collect(),
+            revoked: self.revoked.values().cloned().collect(),
+            revocations_version: self.revocations_version,
         }
     }
 
@@ -102,6 +121,8 @@ impl ClusterState {
             history_bytes: s.history.iter().map(|p| p.encoded_len()).sum(),
             history: s.history.into(),
             replicas: s.replicas.into_iter().collect(),
+            revoked: s.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+            revocations_version: s.revocations_version,
             applied_index: s.applied_index,
         }
     }
@@ -115,6 +136,9 @@ impl ClusterState {
         match cmd.change.as_ref().ok_or("empty command")? {
             Change::RegisterNode(n) => {
                 validate_node(n)?;
+                if !n.cert_serial.is_empty() && tidal_auth::normalise_serial(&n.cert_serial)? != n.cert_serial {
+                    return Err(format!("certificate serial {:?} is not in its one form", n.cert_serial));
+                }
                 let draining = self.nodes.get(&n.node).is_some_and(|old| old.draining);
                 self.nodes.insert(n.node.clone(), NodeInfo::registered(n, draining));
             }
@@ -131,8 +155,19 @@ impl ClusterState {
                         r.node
                     ));
                 }
+                // A removed node's certificate lets nobody in any more (it may have been taken
+                // with the machine); a node that comes back needs a new one.
+                if !node.cert_serial.is_empty() && !r.keep_certificate {
+                    let revoked = RevokedCertificate {
+                        serial: node.cert_serial.clone(),
+                        identity: format!("agent/{}", r.node),
+                        reason: "node removed".into(),
+                    };
+                    self.revoke(index, &revoked)?;
+                }
                 self.nodes.remove(&r.node);
             }
+            Change::RevokeCertificate(c) => self.revoke(index, c)?,
             Change::RegisterTask(t) => {
                 // Entries written before tasks had stages are read in the one-stage form.
                 let t = normalise(t.clone());
@@ -168,6 +203,20 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Adds a certificate to the revoked (a serial already there keeps its first record).
+    fn revoke(&mut self, index: u64, c: &RevokedCertificate) -> Result<(), String> {
+        validate_revocation(c)?;
+        if self.revoked.contains_key(&c.serial) {
+            return Ok(());
+        }
+        if self.revoked.len() >= MAX_REVOKED {
+            return Err(format!("{MAX_REVOKED} certificates are revoked already: issue a new cluster CA"));
+        }
+        self.revoked.insert(c.serial.clone(), c.clone());
+        self.revocations_version = index;
+        Ok(())
+    }
+
     fn next_epoch(&self, epoch: u64) -> Result<(), String> {
         let expected = self.plan_epoch() + 1;
         if epoch != expected {
@@ -189,6 +238,26 @@ impl ClusterState {
             self.history_bytes -= forgotten;
         }
         Ok(())
+    }
+}
+
+/// A revocation as the API and the log must carry it: a serial in its one form, bounded text.
+pub fn validate_revocation(c: &RevokedCertificate) -> Result<(), String> {
+    if tidal_auth::normalise_serial(&c.serial)? != c.serial {
+        return Err(format!("serial {:?} is not in lowercase hex without separators or leading zeros", c.serial));
+    }
+    if c.identity.len() > 128 || c.reason.len() > 256 {
+        return Err("a revocation's identity is at most 128 bytes and its reason 256".into());
+    }
+    Ok(())
+}
+
+/// The replicated revocations, read by every call's [`tidal_auth::Guard`] on this replica.
+pub struct StateRevocations(pub std::sync::Arc<std::sync::RwLock<ClusterState>>);
+
+impl tidal_auth::Revocations for StateRevocations {
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).revoked.contains_key(serial)
     }
 }
 
@@ -222,6 +291,7 @@ mod tests {
             address: "127.0.0.1:7001".into(),
             cores: 4,
             control_address: "127.0.0.1:7101".into(),
+            cert_serial: String::new(),
         }
     }
 
@@ -382,7 +452,7 @@ mod tests {
             profile("v", 1_000_000_000),
             cmd(Change::RegisterNode(huge_node)),
             cmd(Change::CommitPlan(unknown_node)),
-            cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into() })),
+            cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into(), keep_certificate: false })),
         ];
         for (i, c) in refused.iter().enumerate() {
             assert!(s.apply(3 + i as u64, c).is_err(), "entry {i} was applied: {c:?}");
@@ -396,13 +466,49 @@ mod tests {
     fn a_node_is_removed_only_once_drained_and_out_of_the_plan() {
         let mut s = ClusterState::default();
         s.apply(1, &cmd(Change::RegisterNode(node("n")))).unwrap();
-        let remove = cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into() }));
+        let remove = cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into(), keep_certificate: false }));
         assert!(s.apply(2, &remove).is_err(), "not drained");
         s.apply(3, &cmd(Change::DrainNode(DrainNodeRequest { node: "n".into(), undrain: false }))).unwrap();
         s.apply(4, &cmd(Change::RegisterNode(node("n")))).unwrap();
         assert!(s.nodes["n"].draining, "registering again keeps the drain");
         s.apply(5, &remove).unwrap();
         assert!(s.nodes.is_empty());
+        assert!(s.revoked.is_empty(), "a node registered without a certificate revokes nothing");
+    }
+
+    #[test]
+    fn a_removed_nodes_certificate_is_revoked_and_the_list_is_bounded() {
+        let mut s = ClusterState::default();
+        let with_cert = RegisterNodeRequest { cert_serial: "1a2b".into(), ..node("n") };
+        s.apply(1, &cmd(Change::RegisterNode(with_cert))).unwrap();
+        s.apply(2, &cmd(Change::DrainNode(DrainNodeRequest { node: "n".into(), undrain: false }))).unwrap();
+        s.apply(3, &cmd(Change::RemoveNode(RemoveNodeRequest { node: "n".into(), keep_certificate: false }))).unwrap();
+        assert_eq!(s.revoked["1a2b"].identity, "agent/n");
+        assert_eq!(s.revocations_version, 3);
+        let revoke = |serial: &str| {
+            cmd(Change::RevokeCertificate(RevokedCertificate {
+                serial: serial.into(),
+                identity: "admin/x".into(),
+                reason: String::new(),
+            }))
+        };
+        for bad in ["0A", "0a", "", "zz", "a:b"] {
+            assert!(s.apply(4, &revoke(bad)).is_err(), "{bad:?} is not in the one form");
+        }
+        s.apply(5, &revoke("1a2b")).unwrap();
+        assert_eq!(s.revocations_version, 3, "revoking again changes nothing");
+        assert_eq!(s.revoked["1a2b"].identity, "agent/n", "the first record stays");
+        for i in 1..MAX_REVOKED {
+            s.apply(10 + i as u64, &revoke(&format!("{:x}", 0x10000 + i))).unwrap();
+        }
+        assert_eq!(s.revoked.len(), MAX_REVOKED);
+        assert!(s.apply(100_000, &revoke("ffffffff")).is_err(), "bounded");
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.to_snapshot(), s.to_snapshot());
+        assert!(tidal_auth::Revocations::is_revoked(
+            &StateRevocations(std::sync::Arc::new(std::sync::RwLock::new(restored))),
+            "1a2b"
+        ));
     }
 
     proptest::proptest! {

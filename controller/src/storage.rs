@@ -41,7 +41,7 @@ pub enum StorageError {
     StaleSnapshot { snapshot: u64, first: u64 },
     #[error(
         "the store in {dir} is damaged: {what}. Do not start this replica on it: remove it from the group \
-         (`tidalctl controller remove --id ID`), empty the directory, start it with --join and add it back \
+         (`tidalctl controller remove --id ID --keep-certificate`), empty the directory, start it with --join and add it back \
          (`tidalctl controller add`); it copies the state from its peers"
     )]
     Damaged { dir: PathBuf, what: String },

@@ -84,6 +84,23 @@ impl AddressBook {
     }
 }
 
+/// Raft id → the serial of the certificate that replica last sent a Raft batch with.
+#[derive(Clone, Default)]
+pub struct SeenCertificates(Arc<RwLock<BTreeMap<u64, String>>>);
+
+impl SeenCertificates {
+    pub fn saw(&self, id: u64, serial: &str) {
+        let mut seen = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if seen.get(&id).is_none_or(|s| s != serial) {
+            seen.insert(id, serial.to_string());
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+}
+
 /// What a peer task tells the Raft driver about its sends.
 pub enum Feedback {
     Unreachable(u64),
@@ -234,7 +251,7 @@ impl RaftService {
 impl RaftTransport for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let from = request.get_ref().from;
-        let caller = self.guard.require(&request, "Raft", |r| *r == Role::Controller(from))?;
+        let caller = self.guard.require_holder(&request, "Raft", |r| *r == Role::Controller(from))?;
         if from == self.raft.status().id {
             // Only a copy of this replica's own key could send this: never step it.
             warn!(target: "audit", from, "a Raft batch claiming to come from this replica itself; refused");
@@ -244,6 +261,9 @@ impl RaftTransport for RaftService {
         }
         if caller.is_some() && self.raft.peers.get(from).is_none() {
             return Err(Status::permission_denied(format!("replica {from} is not a member this replica knows")));
+        }
+        if let Some(holder) = &caller {
+            self.raft.certificates.saw(from, &holder.serial);
         }
         let batch = request.into_inner();
         let valid = |a: &str| parse_replica_address(a).is_ok() || a.parse::<std::net::SocketAddr>().is_ok();

@@ -98,7 +98,13 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
     let mut state = ClusterState::default();
     state.nodes.insert(
         SimPlanner::NODE.into(),
-        NodeInfo { address: String::new(), control_address: String::new(), cores: CORES, draining: false },
+        NodeInfo {
+            address: String::new(),
+            control_address: String::new(),
+            cores: CORES,
+            draining: false,
+            cert_serial: String::new(),
+        },
     );
     state.tasks.insert(spec.name.clone(), spec.clone());
     for v in stages.iter().flat_map(|s| s.variants.clone()) {
@@ -206,7 +212,13 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
     for node in ["a", "b"] {
         state.nodes.insert(
             node.into(),
-            NodeInfo { address: format!("{node}:1"), control_address: format!("{node}:2"), cores: 1, draining: false },
+            NodeInfo {
+                address: format!("{node}:1"),
+                control_address: format!("{node}:2"),
+                cores: 1,
+                draining: false,
+                cert_serial: String::new(),
+            },
         );
     }
     state.tasks.insert(spec.name.clone(), spec.clone());

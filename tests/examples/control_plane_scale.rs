@@ -201,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
             address: address.clone(),
             cores: CORES,
             control_address: address,
+            ..Default::default()
         };
         ctl.register_node(register).await?;
         let reporter = fake.clone();

@@ -16,8 +16,9 @@ use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::raft_transport_client::RaftTransportClient;
 use tidal_proto::v1::{
-    AgentStatusRequest, ApplyPlanRequest, ClusterStatus, ClusterStatusRequest, InferRequest, ListReplicasRequest, Plan,
-    ProfilePoint, ProfileRequest, RaftBatch, RegisterNodeRequest, RegisterTaskRequest, RemoveReplicaRequest,
+    AgentStatusRequest, ApplyPlanRequest, ClusterStatus, ClusterStatusRequest, DrainNodeRequest, InferRequest,
+    ListReplicasRequest, ListRevokedRequest, Plan, ProfilePoint, ProfileRequest, RaftBatch, RegisterNodeRequest,
+    RegisterTaskRequest, RemoveNodeRequest, RemoveReplicaRequest, RevokeCertificateRequest, RevokedCertificate,
     StoreProfileRequest, VariantProfile, VariantSpec,
 };
 use tidal_tests::*;
@@ -193,6 +194,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         address: "127.0.0.9:1".into(),
         control_address: "127.0.0.9:2".into(),
         cores: 64,
+        ..Default::default()
     };
     assert_eq!(code(as_node.register_node(register("evil")).await), Code::PermissionDenied);
     let hijack = RegisterNodeRequest { cores: 1 << 20, ..register("node-a") };
@@ -202,7 +204,10 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     assert_eq!(code(as_node.register_task(new_task.clone()).await), Code::PermissionDenied);
     let mut as_reader = ControllerClient::new(channel_as(&certs, &reader, &ctl_addr).await);
     assert_eq!(code(as_reader.register_task(new_task).await), Code::PermissionDenied);
-    assert_eq!(code(as_reader.remove_replica(RemoveReplicaRequest { id: 1 }).await), Code::PermissionDenied);
+    assert_eq!(
+        code(as_reader.remove_replica(RemoveReplicaRequest { id: 1, keep_certificate: false }).await),
+        Code::PermissionDenied
+    );
     as_reader.status(ClusterStatusRequest {}).await.expect("a reader reads");
     let huge = StoreProfileRequest { profile: Some(profile(1_000_000_000)) };
     assert_eq!(code(ctl.store_profile(huge).await), Code::InvalidArgument, "cores are bounded");
@@ -285,6 +290,62 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     let after = observe(&mut ctl, &mut agent_ctl).await;
     assert_eq!(after, before);
     infer.infer(request).await.expect("still served");
+
+    // Revocation: a reader's certificate, revoked by an admin, opens no door any more — at the
+    // controller at once, at the agent once its next telemetry answer brings the list — while
+    // another reader's still does.
+    let spare = Role::Reader("spare".into());
+    tidal_auth::certs::issue(&certs.join("ca"), &spare, &["127.0.0.1".into()], &certs, 1).unwrap();
+    let holder = |role: &Role| {
+        let (cert, _) = tidal_auth::certs::paths(&certs, role);
+        tidal_auth::Holder::of_pem(&std::fs::read(cert).unwrap()).unwrap()
+    };
+    let revoke = |serial: &str| RevokeCertificateRequest {
+        certificate: Some(RevokedCertificate {
+            serial: serial.into(),
+            identity: "reader/ro".into(),
+            reason: "test".into(),
+        }),
+    };
+    assert_eq!(code(as_reader.revoke_certificate(revoke(&holder(&reader).serial)).await), Code::PermissionDenied);
+    assert_eq!(code(ctl.revoke_certificate(revoke("not hex")).await), Code::InvalidArgument);
+    let list = ctl.revoke_certificate(revoke(&holder(&reader).serial)).await.expect("an admin revokes").into_inner();
+    assert_eq!(list.certificates.len(), 1);
+    assert_eq!(
+        code(as_reader.status(ClusterStatusRequest {}).await),
+        Code::Unauthenticated,
+        "revoked at the controller"
+    );
+    let mut as_spare = ControllerClient::new(channel_as(&certs, &spare, &ctl_addr).await);
+    as_spare.status(ClusterStatusRequest {}).await.expect("another reader still reads");
+    let listed = as_spare.list_revoked(ListRevokedRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.certificates[0].serial, holder(&reader).serial);
+    eventually(Duration::from_secs(20), "the agent to refuse the revoked certificate", || {
+        let mut agent_ctl = agent_ctl.clone();
+        async move {
+            let refused = agent_ctl.status(AgentStatusRequest {}).await.err()?;
+            (refused.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+    let mut agent_as_spare = AgentClient::new(channel_as(&certs, &spare, &agent.control_addr).await);
+    agent_as_spare.status(AgentStatusRequest {}).await.expect("another reader still reads the agent");
+
+    // A removed node's certificate is revoked with it: drained, planned out, removed, its
+    // agent can no longer speak to the controller as that node.
+    ctl.drain_node(DrainNodeRequest { node: "node-a".into(), undrain: false }).await.expect("drained");
+    let removed = eventually(Duration::from_secs(30), "the drained node to be removed", || {
+        let mut ctl = ctl.clone();
+        async move { ctl.remove_node(RemoveNodeRequest { node: "node-a".into(), keep_certificate: false }).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(removed.revoked.expect("its certificate is revoked").serial, holder(&node).serial);
+    assert_eq!(
+        code(as_node.register_node(register("node-a")).await),
+        Code::Unauthenticated,
+        "the node's certificate is revoked"
+    );
 }
 
 /// Agents started with an inference token serve only requests that carry it, and carry it
@@ -347,4 +408,66 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
     assert_eq!(code(via_other.infer(request(None)).await), Code::Unauthenticated);
     let forwarded = via_other.infer(request(Some("s3cret-token-0123456789"))).await.expect("forwarded with the token");
     assert_eq!(forwarded.into_inner().node, agent.node, "served by the agent that runs the worker");
+}
+
+/// A stage is forwarded only to the agent the plan names at that address: a server there with
+/// another identity of the cluster (here a real agent, but not the one the plan names — as a
+/// stolen agent certificate, or a reader's, would be) is refused by the handshake and gets
+/// neither the request nor its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_is_forwarded_only_to_the_agent_the_plan_names() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let (a, b, pusher) = (Role::Agent("node-a".into()), Role::Agent("node-b".into()), Role::Controller(1));
+    certificates(&certs, &[a.clone(), b.clone(), pusher.clone(), Role::Reader("client".into())]);
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let start = |role: &Role, name: &str| {
+        let flags = tls_flags(&certs, role);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        start_agent_named(work.path(), name, AgentOpts { model_dir: &models, controller: None, extra: &flags })
+    };
+    let (agent_a, agent_b) = (start(&a, "node-a"), start(&b, "node-b"));
+    let push = |agent: &Agent, plan: Plan| {
+        let (certs, addr, role) = (certs.clone(), agent.control_addr.clone(), pusher.clone());
+        async move {
+            let request = ApplyPlanRequest { plan: Some(plan), ..Default::default() };
+            AgentClient::new(channel_as(&certs, &role, &addr).await).apply_plan(request).await.unwrap();
+        }
+    };
+    // The worker runs on node-b; node-a forwards to it.
+    let mut plan = plan_for(1, "node-b", "classify", 2000, &[(&r18, 1000, 1)]);
+    plan.node_addresses =
+        [("node-a".into(), agent_a.addr.clone()), ("node-b".into(), agent_b.addr.clone())].into_iter().collect();
+    push(&agent_b, plan.clone()).await;
+    push(&agent_a, plan.clone()).await;
+    let client = Role::Reader("client".into());
+    let status_b = AgentClient::new(channel_as(&certs, &client, &agent_b.control_addr).await);
+    eventually(Duration::from_secs(60), "node-b's worker to be ready", || {
+        let mut status_b = status_b.clone();
+        async move {
+            let s = status_b.status(AgentStatusRequest {}).await.ok()?.into_inner();
+            (s.workers.len() == 1 && s.workers[0].ready).then_some(())
+        }
+    })
+    .await;
+    let mut infer = InferenceClient::new(channel_as(&certs, &client, &agent_a.addr).await);
+    let request = || InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 };
+    let served = infer.infer(request()).await.expect("forwarded to node-b");
+    assert_eq!(served.into_inner().node, "node-b");
+
+    // A plan that says node-c serves at node-b's address: node-b's certificate is not node-c's.
+    let mut lying = plan_for(2, "node-c", "classify", 2000, &[(&r18, 1000, 1)]);
+    lying.node_addresses =
+        [("node-a".into(), agent_a.addr.clone()), ("node-c".into(), agent_b.addr.clone())].into_iter().collect();
+    push(&agent_a, lying).await;
+    let refused = infer.infer(request()).await;
+    assert_eq!(code(refused), Code::Unavailable, "not forwarded to a server that is not node-c");
+    // The truth again (node-b at its address) and node-a forwards again.
+    let mut truth = plan_for(3, "node-b", "classify", 2000, &[(&r18, 1000, 1)]);
+    truth.node_addresses = plan.node_addresses.clone();
+    push(&agent_a, truth).await;
+    let served = infer.infer(request()).await.expect("forwarded to node-b again");
+    assert_eq!(served.into_inner().node, "node-b");
 }

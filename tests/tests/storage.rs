@@ -81,7 +81,8 @@ async fn a_damaged_replica_refuses_to_start_and_is_rebuilt_from_its_peers() {
     group.kill(victim);
 
     // Rebuild: out of the group, an empty directory, back in as a new learner.
-    tidalctl(&group.addrs(), &["controller", "remove", "--id", &victim.to_string()]).expect("removing it");
+    tidalctl(&group.addrs(), &["controller", "remove", "--id", &victim.to_string(), "--keep-certificate"])
+        .expect("removing it");
     group.stop(victim);
     std::fs::remove_dir_all(&data).unwrap();
     let address = group.start_joining(victim);
