@@ -171,12 +171,17 @@ pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
 /// [`start_agent_named`] with extra environment variables. The agent listens on port 0 and
 /// reports the ports it bound in a ready file.
 pub fn start_agent_with_env(work: &Path, node: &str, opts: AgentOpts, env: &[(&str, &str)]) -> Agent {
+    start_agent_binary(&bin("tidal-agent"), work, node, opts, env)
+}
+
+/// [`start_agent_with_env`] from another build of the agent (an A/B of two versions).
+pub fn start_agent_binary(binary: &Path, work: &Path, node: &str, opts: AgentOpts, env: &[(&str, &str)]) -> Agent {
     let n = STARTS.fetch_add(1, Ordering::Relaxed);
     let ready = work.join(format!("{node}-{n}.ready.json"));
     let log = work.join(format!("{node}-{n}.log"));
     let _ = std::fs::remove_file(&ready);
     let node = node.to_string();
-    let mut cmd = Command::new(bin("tidal-agent"));
+    let mut cmd = Command::new(binary);
     cmd.arg("serve")
         .args(["--node", &node, "--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
         .args(["--report-interval-s", "0.5"])

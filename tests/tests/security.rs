@@ -387,6 +387,21 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
     assert_eq!(code(infer.infer(request(None)).await), Code::Unauthenticated);
     assert_eq!(code(infer.infer(request(Some("s3cret-token-0123456780"))).await), Code::Unauthenticated);
     infer.infer(request(Some("s3cret-token-0123456789"))).await.expect("the token holder is served");
+    // V2 over gRPC: every call asks for it; the standard health service does not (probes).
+    {
+        use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+        use tidal_proto::inference::{ModelMetadataRequest, ServerLiveRequest};
+        let mut v2 = GrpcInferenceServiceClient::new(tidal_tests::channel(&agent.addr).await);
+        let meta = ModelMetadataRequest { name: "classify".into(), version: String::new() };
+        assert_eq!(code(v2.model_metadata(meta.clone()).await), Code::Unauthenticated, "a model's metadata");
+        let mut with_token = tonic::Request::new(meta);
+        tidal_auth::Token::new("s3cret-token-0123456789").unwrap().attach(with_token.metadata_mut());
+        v2.model_metadata(with_token).await.expect("the token holder reads a model's metadata");
+        assert_eq!(code(v2.server_live(ServerLiveRequest {}).await), Code::Unauthenticated, "the whole service");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(tidal_tests::channel(&agent.addr).await);
+        let probe = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        health.check(probe).await.expect("grpc.health.v1 needs no token");
+    }
     // V2's REST form on the same port asks for the same token.
     if tidal_tests::tls::test_ca().is_none() {
         let rest = |token: &'static str| {
