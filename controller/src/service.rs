@@ -80,6 +80,14 @@ impl ControllerService {
         RevokedCertificates { certificates: self.ctl.raft.read(|s| s.revoked.values().cloned().collect()) }
     }
 
+    /// [`Self::commit`], then an audit line: who changed what.
+    async fn commit_as(&self, by: &Option<Role>, change: Change) -> Result<(), Status> {
+        let what = describe(&change);
+        self.commit(change).await?;
+        info!(target: "audit", by = %who(by), change = %what, "change committed");
+        Ok(())
+    }
+
     async fn commit(&self, change: Change) -> Result<(), Status> {
         // Not proposed again on a refusal: a proposal that lost its leader may still commit.
         self.require_leader().await?;
@@ -129,7 +137,7 @@ impl ControllerApi for ControllerService {
         self.require_leader().await?;
         let mut req = request.into_inner();
         // The serial is the one the caller showed, never what it wrote.
-        req.cert_serial = holder.map(|h| h.serial).unwrap_or_default();
+        req.cert_serial = holder.as_ref().map(|h| h.serial.clone()).unwrap_or_default();
         tidal_common::plan::validate_node(&req).map_err(Status::invalid_argument)?;
         let known = self.ctl.raft.read(|s| {
             s.nodes.get(&req.node).is_some_and(|n| {
@@ -140,7 +148,7 @@ impl ControllerApi for ControllerService {
             })
         });
         if !known {
-            self.commit(Change::RegisterNode(req.clone())).await?;
+            self.commit_as(&holder.as_ref().map(|h| h.role.clone()), Change::RegisterNode(req.clone())).await?;
         }
         // A registering agent has (re)started: whatever plan it acknowledged before is gone.
         self.ctl.forget_acknowledgement(&req.node);
@@ -182,29 +190,29 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RegisterTaskRequest>,
     ) -> Result<Response<RegisterTaskResponse>, Status> {
-        self.guard.require(&request, "RegisterTask", is_admin)?;
+        let by = self.guard.require(&request, "RegisterTask", is_admin)?;
         self.require_leader().await?;
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         let task = tidal_common::task::normalise(task);
         tidal_common::task::validate_task(&task).map_err(Status::invalid_argument)?;
-        self.commit(Change::RegisterTask(task)).await?;
+        self.commit_as(&by, Change::RegisterTask(task)).await?;
         Ok(Response::new(RegisterTaskResponse {}))
     }
 
     async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
-        self.guard.require(&request, "SetSlo", is_admin)?;
+        let by = self.guard.require(&request, "SetSlo", is_admin)?;
         self.require_leader().await?;
         let req = request.into_inner();
         tidal_common::task::validate_slo(req.slo_ms).map_err(Status::invalid_argument)?;
         if !self.ctl.raft.read(|s| s.tasks.contains_key(&req.task)) {
             return Err(Status::not_found(format!("unknown task {:?}", req.task)));
         }
-        self.commit(Change::SetSlo(req)).await?;
+        self.commit_as(&by, Change::SetSlo(req)).await?;
         Ok(Response::new(SetSloResponse {}))
     }
 
     async fn set_share(&self, request: Request<SetShareRequest>) -> Result<Response<SetShareResponse>, Status> {
-        self.guard.require(&request, "SetShare", is_admin)?;
+        let by = self.guard.require(&request, "SetShare", is_admin)?;
         self.require_leader().await?;
         let req = request.into_inner();
         let current = self.ctl.raft.read(|s| s.tasks.get(&req.task).map(|t| t.share));
@@ -212,7 +220,7 @@ impl ControllerApi for ControllerService {
             return Err(Status::not_found(format!("unknown task {:?}", req.task)));
         };
         let share = tidal_common::task::changed_share(current.as_ref(), &req).map_err(Status::invalid_argument)?;
-        self.commit(Change::SetShare(req)).await?;
+        self.commit_as(&by, Change::SetShare(req)).await?;
         Ok(Response::new(SetShareResponse { share: Some(share) }))
     }
 
@@ -220,7 +228,7 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<StoreProfileRequest>,
     ) -> Result<Response<StoreProfileResponse>, Status> {
-        self.guard.require(&request, "StoreProfile", is_admin)?;
+        let by = self.guard.require(&request, "StoreProfile", is_admin)?;
         self.require_leader().await?;
         let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
         tidal_common::profile::validate_profile(&profile).map_err(Status::invalid_argument)?;
@@ -231,7 +239,7 @@ impl ControllerApi for ControllerService {
         if !known {
             return Err(Status::not_found(format!("task {:?} has no variant {:?}", profile.task, profile.variant)));
         }
-        self.commit(Change::StoreProfile(profile)).await?;
+        self.commit_as(&by, Change::StoreProfile(profile)).await?;
         Ok(Response::new(StoreProfileResponse {}))
     }
 
@@ -302,19 +310,19 @@ impl ControllerApi for ControllerService {
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeResponse>, Status> {
-        self.guard.require(&request, "DrainNode", is_admin)?;
+        let by = self.guard.require(&request, "DrainNode", is_admin)?;
         self.require_leader().await?;
         let req = request.into_inner();
         if !self.ctl.raft.read(|s| s.nodes.contains_key(&req.node)) {
             return Err(Status::not_found(format!("unknown node {:?}", req.node)));
         }
         info!(node = %req.node, undrain = req.undrain, "drain requested");
-        self.commit(Change::DrainNode(req)).await?;
+        self.commit_as(&by, Change::DrainNode(req)).await?;
         Ok(Response::new(DrainNodeResponse {}))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
-        self.guard.require(&request, "RemoveNode", is_admin)?;
+        let by = self.guard.require(&request, "RemoveNode", is_admin)?;
         self.require_leader().await?;
         let req = request.into_inner();
         let Some(serial) = self.ctl.raft.read(|s| s.nodes.get(&req.node).map(|n| n.cert_serial.clone())) else {
@@ -322,7 +330,7 @@ impl ControllerApi for ControllerService {
         };
         // The state refuses a node not yet drained (FAILED_PRECONDITION, with why), and revokes
         // the certificate it registered with.
-        self.commit(Change::RemoveNode(req.clone())).await?;
+        self.commit_as(&by, Change::RemoveNode(req.clone())).await?;
         let revoked = self.ctl.raft.read(|s| s.revoked.get(&serial).cloned());
         info!(target: "audit", node = %req.node, revoked = ?revoked.as_ref().map(|r| &r.serial), "node removed");
         Ok(Response::new(RemoveNodeResponse { revoked }))
@@ -371,7 +379,8 @@ impl ControllerApi for ControllerService {
     }
 
     async fn add_replica(&self, request: Request<AddReplicaRequest>) -> Result<Response<MembershipResponse>, Status> {
-        self.guard.require(&request, "AddReplica", is_admin)?;
+        let by = self.guard.require(&request, "AddReplica", is_admin)?;
+        info!(target: "audit", by = %who(&by), call = "AddReplica", request = ?request.get_ref(), "membership change asked");
         let req = request.into_inner();
         if req.id == 0 {
             return Err(Status::invalid_argument("a replica id must be positive"));
@@ -396,7 +405,8 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<RemoveReplicaRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        self.guard.require(&request, "RemoveReplica", is_admin)?;
+        let by = self.guard.require(&request, "RemoveReplica", is_admin)?;
+        info!(target: "audit", by = %who(&by), call = "RemoveReplica", request = ?request.get_ref(), "membership change asked");
         let RemoveReplicaRequest { id, keep_certificate } = request.into_inner();
         self.require_leader().await?;
         let raft = self.ctl.raft.status();
@@ -457,7 +467,8 @@ impl ControllerApi for ControllerService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        self.guard.require(&request, "TransferLeader", is_admin)?;
+        let by = self.guard.require(&request, "TransferLeader", is_admin)?;
+        info!(target: "audit", by = %who(&by), call = "TransferLeader", request = ?request.get_ref(), "membership change asked");
         let to = request.into_inner().id;
         self.require_leader().await?;
         let raft = self.ctl.raft.status();
@@ -470,5 +481,29 @@ impl ControllerApi for ControllerService {
         info!(to, "leadership transfer requested");
         self.ctl.raft.transfer_leader(to).await.map_err(|e| self.refusal(e))?;
         Ok(Response::new(MembershipResponse::default()))
+    }
+}
+
+/// Who made a change, for the audit line.
+fn who(by: &Option<Role>) -> String {
+    by.as_ref().map_or_else(|| "anyone (plaintext)".to_string(), Role::to_string)
+}
+
+/// A change in a few words, for the audit line (not the whole message: a task or profile can be
+/// large).
+fn describe(change: &Change) -> String {
+    match change {
+        Change::RegisterNode(n) => format!("register node {} ({} cores at {})", n.node, n.cores, n.address),
+        Change::RegisterTask(t) => {
+            format!("register task {} ({} variants, SLO {} ms)", t.name, t.variants.len(), t.slo_ms)
+        }
+        Change::SetSlo(s) => format!("task {} SLO {} ms", s.task, s.slo_ms),
+        Change::SetShare(s) => format!("task {} share {s:?}", s.task),
+        Change::StoreProfile(p) => format!("profile of {}/{} ({} points)", p.task, p.variant, p.points.len()),
+        Change::CommitPlan(p) => format!("plan {}", p.epoch),
+        Change::CommitPlanDelta(d) => format!("plan {} (delta)", d.epoch),
+        Change::DrainNode(d) => format!("{} node {}", if d.undrain { "undrain" } else { "drain" }, d.node),
+        Change::RemoveNode(r) => format!("remove node {} (keep certificate: {})", r.node, r.keep_certificate),
+        Change::RevokeCertificate(c) => format!("revoke {} ({})", c.serial, c.identity),
     }
 }

@@ -346,6 +346,15 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         Code::Unauthenticated,
         "the node's certificate is revoked"
     );
+
+    // The audit trail: who changed what, and every refusal.
+    let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit")).collect();
+    let has = |words: &[&str]| audit.iter().any(|l| words.iter().all(|w| l.contains(w)));
+    assert!(has(&["change committed", "admin/ops", "register task classify"]), "{audit:#?}");
+    assert!(has(&["change committed", "admin/ops", "remove node node-a"]), "{audit:#?}");
+    assert!(has(&["certificate revoked", "reader/ro"]), "{audit:#?}");
+    assert!(has(&["call refused", "PermissionDenied"]), "{audit:#?}");
 }
 
 /// Agents started with an inference token serve only requests that carry it, and carry it
