@@ -15,6 +15,11 @@ pub enum ServeError {
     InvalidInput(String),
     #[error("the request is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    #[error(
+        "the agent holds {held_mib} MiB of requests in flight, its limit is {limit_mib} MiB (--max-inflight-bytes); \
+         retry later or elsewhere"
+    )]
+    MemoryFull { held_mib: usize, limit_mib: usize },
     #[error("the worker's queue is full ({0} requests waiting)")]
     QueueFull(usize),
     #[error("the deadline passed after {0:?} in the queue")]
@@ -36,9 +41,10 @@ impl From<ServeError> for Status {
             ServeError::UnknownTask(_) => Status::not_found(msg),
             ServeError::NoWorker(_) | ServeError::Unavailable(_) => Status::unavailable(msg),
             ServeError::InvalidInput(_) => Status::invalid_argument(msg),
-            ServeError::QueueFull(_) | ServeError::TooLarge { .. } | ServeError::WouldMiss { .. } => {
-                Status::resource_exhausted(msg)
-            }
+            ServeError::QueueFull(_)
+            | ServeError::TooLarge { .. }
+            | ServeError::WouldMiss { .. }
+            | ServeError::MemoryFull { .. } => Status::resource_exhausted(msg),
             ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. } => Status::deadline_exceeded(msg),
             ServeError::Model(_) => Status::internal(msg),
         }

@@ -8,6 +8,7 @@
 //! place, or blue-green as the plan says) and retires workers, make before break; [`link`] reports
 //! [`telemetry`] to the controller; [`profiler`] measures variants on demand.
 
+pub mod admission;
 pub mod apply;
 pub mod cgroup;
 pub mod connector;

@@ -102,6 +102,11 @@ struct ServeArgs {
     /// Largest inference request accepted, in bytes (larger: RESOURCE_EXHAUSTED).
     #[arg(long, env = "TIDAL_MAX_REQUEST_BYTES", default_value_t = 16 << 20)]
     max_request_bytes: usize,
+    /// Most bytes of requests held at once, queued or being served (each request counts its
+    /// size until it is answered); beyond it a request gets RESOURCE_EXHAUSTED at once. At
+    /// least --max-request-bytes.
+    #[arg(long, env = "TIDAL_MAX_INFLIGHT_BYTES", default_value_t = 1 << 30)]
+    max_inflight_bytes: usize,
     /// Seconds between telemetry reports to the controller.
     #[arg(long, env = "TIDAL_REPORT_INTERVAL_S", default_value_t = 1.0)]
     report_interval_s: f64,
@@ -182,12 +187,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree).context("setting up the workers' cgroups")?;
     let swept = cgroups.sweep();
     info!(driver = cgroups.driver_name(), subtree = %subtree, cores, swept, "cgroups ready");
+    anyhow::ensure!(
+        args.max_inflight_bytes >= args.max_request_bytes,
+        "--max-inflight-bytes ({}) must be at least --max-request-bytes ({}): a request of the largest size could \
+         never be admitted",
+        args.max_inflight_bytes,
+        args.max_request_bytes
+    );
     let cfg = AgentConfig {
         node: args.node.clone(),
         model_dir: args.model_dir.clone(),
         millicores: cores * 1000,
         queue_capacity: args.queue_capacity,
         max_request_bytes: args.max_request_bytes,
+        max_inflight_bytes: args.max_inflight_bytes,
         process: ProcessConfig {
             exe: std::env::current_exe().context("locating the agent binary")?,
             ort_lib: args.ort_lib.canonicalize()?,

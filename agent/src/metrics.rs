@@ -34,6 +34,7 @@ pub struct AgentMetrics {
     pub plan_epoch: Gauge,
     pub resizes: Counter,
     pub plan_apply: Histogram,
+    pub inflight_bytes: Gauge,
     worker_cpu_limit: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     worker_queue: Family<WorkerLabels, Gauge>,
     worker_cpu_usage: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
@@ -52,6 +53,7 @@ impl AgentMetrics {
             resizes: Counter::default(),
             // 10 µs .. ~5 s.
             plan_apply: Histogram::new(exponential_buckets(0.00001, 2.5, 15)),
+            inflight_bytes: Gauge::default(),
             worker_cpu_limit: Family::default(),
             worker_queue: Family::default(),
             worker_cpu_usage: Family::default(),
@@ -78,6 +80,12 @@ impl AgentMetrics {
             "From a plan's arrival to its changes in place (quotas in the kernel, batching, routes)",
             Unit::Seconds,
             m.plan_apply.clone(),
+        );
+        r.register_with_unit(
+            "inflight_request",
+            "Bytes of requests admitted and not yet answered (--max-inflight-bytes bounds them)",
+            Unit::Bytes,
+            m.inflight_bytes.clone(),
         );
         r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());
         r.register("worker_queue_length", "Requests waiting in each worker's queue", m.worker_queue.clone());

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub queue_capacity: usize,
     /// Largest inference request served; larger ones get RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
+    /// Most bytes of requests held at once (see [`crate::admission`]).
+    pub max_inflight_bytes: usize,
     pub process: ProcessConfig,
     /// How long a stopped worker may take to serve what it has queued.
     pub drain: Duration,
@@ -91,6 +93,8 @@ pub struct Node {
     pub telemetry: Telemetry,
     pub model_stats: ModelStats,
     pub metrics: AgentMetrics,
+    /// The bytes of requests in flight (see [`crate::admission`]).
+    pub inflight: crate::admission::InflightBytes,
     pub models: Arc<ModelDir>,
     /// How this agent dials the others (forwarded stages) and the controller.
     pub security: Security,
@@ -132,7 +136,9 @@ impl Node {
         security: Security,
         inference_token: Option<tidal_auth::Token>,
     ) -> Arc<Self> {
+        let inflight = crate::admission::InflightBytes::new(cfg.max_inflight_bytes, metrics.inflight_bytes.clone());
         Arc::new(Self {
+            inflight,
             security,
             inference_token,
             models: ModelDir::new(cfg.model_dir.clone()),

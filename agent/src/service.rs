@@ -68,6 +68,8 @@ impl AgentService {
         if size > self.node.cfg.max_request_bytes {
             return Err(ServeError::TooLarge { size, limit: self.node.cfg.max_request_bytes });
         }
+        // Held until this request is answered, forwarded stages included.
+        let _admitted = self.node.inflight.admit(size)?;
         let task = self.node.task(&req.task).ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
         let budget_ms = if req.budget_ms > 0 { req.budget_ms } else { task.slo_ms };
         let deadline = arrived + Duration::from_millis(budget_ms as u64);

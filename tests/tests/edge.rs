@@ -177,3 +177,48 @@ async fn silent_connections_floods_and_unauthenticated_uploads_leave_legitimate_
     );
     infer.infer(token_request(sample(&r18.input_shape))).await.expect("still served");
 }
+
+/// Memory admitted per request: with room for two requests in flight, a burst of 32 at once
+/// has the ones beyond it refused at once (RESOURCE_EXHAUSTED, naming the limit) instead of
+/// held, the rest served; once answered, the bytes are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_hold_at_most_the_memory_admitted_to_them() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 64);
+    let r18 = tidal_common::variant::VariantConfig::load(&models, "resnet18").unwrap();
+    // A 3×64×64 float request is 48 KiB and a little: two fit in 100 KiB, three do not.
+    let extra = ["--max-request-bytes", "51200", "--max-inflight-bytes", "102400", "--metrics-listen", "127.0.0.1:0"];
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra });
+    let plan = plan_for(1, &agent.node, "classify", 5000, &[(&r18, 1000, 1)]);
+    let request = tidal_proto::v1::ApplyPlanRequest { plan: Some(plan), ..Default::default() };
+    agent_client(&agent.control_addr).await.apply_plan(request).await.unwrap();
+    wait_ready(&agent.control_addr, 1).await;
+    let infer = inference_client(&agent.addr).await;
+    let one = || {
+        let mut infer = infer.clone();
+        let input = sample(&r18.input_shape);
+        async move { infer.infer(InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 }).await }
+    };
+    one().await.expect("one request alone is served");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        tasks.spawn(one());
+    }
+    let burst = tasks.join_all().await;
+    let served = burst.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<&tonic::Status> = burst.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(served >= 2, "{served} served");
+    assert!(!refused.is_empty(), "32 requests of 48 KiB at once in 100 KiB: some must be refused");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("--max-inflight-bytes"), "{status:?}");
+    }
+    let metrics = agent.metrics_addr.clone().unwrap();
+    let text = http_exchange(&metrics, "GET", "/metrics", &[], b"").await.2;
+    let text = String::from_utf8_lossy(&text);
+    let held = text.lines().find(|l| l.starts_with("tidal_agent_inflight_request_bytes ")).expect("the gauge");
+    assert_eq!(held, "tidal_agent_inflight_request_bytes 0", "every admitted byte given back");
+    one().await.expect("served again once the burst is answered");
+    eprintln!("a burst of 32: {served} served, {} refused for memory", refused.len());
+}
