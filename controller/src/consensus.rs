@@ -84,7 +84,7 @@ type Reply = oneshot::Sender<Result<(), ProposeError>>;
 /// What the driver thread is asked to do.
 pub enum Input {
     Propose {
-        cmd: Command,
+        cmd: Box<Command>,
         reply: Reply,
     },
     Membership {
@@ -160,7 +160,7 @@ impl RaftHandle {
 
     /// Proposes a command and waits until it is applied.
     pub async fn propose(&self, cmd: Command) -> Result<(), ProposeError> {
-        self.ask(|reply| Input::Propose { cmd, reply }, PROPOSE_TIMEOUT).await
+        self.ask(|reply| Input::Propose { cmd: Box::new(cmd), reply }, PROPOSE_TIMEOUT).await
     }
 
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
@@ -455,7 +455,7 @@ impl Driver {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Propose { cmd, reply } => self.propose(cmd, reply),
+            Input::Propose { cmd, reply } => self.propose(*cmd, reply),
             Input::Membership { change, reply } => self.change_membership(change, reply),
             Input::TransferLeader { to, reply } => {
                 if let Some(reply) = self.leader_only(reply) {

@@ -8,17 +8,16 @@ use std::time::{Duration, Instant};
 use tidal_auth::Security;
 use tidal_common::adapt::{AdaptConfig, Adapter};
 use tidal_common::plan::delta::CutDeltas;
-use tidal_proto::v1::agent_client::AgentClient;
-use tidal_proto::v1::{command::Change, ApplyPlanRequest, Command, Plan, PlanDelta};
+use tidal_proto::v1::{command::Change, Command, Plan};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::consensus::{ProposeError, RaftHandle};
-use crate::metrics::{ControllerMetrics, PlanForm, PushOutcome, TaskLabels};
+use crate::metrics::{ControllerMetrics, PlanForm, TaskLabels};
 use crate::observed::Observed;
 use crate::planner;
+use crate::pusher::{Push, Pushers};
 use prost::Message;
 
 pub struct ControllerConfig {
@@ -48,13 +47,9 @@ pub struct Controller {
     /// Wakes it to reconsider the plan without a new forecast (a worker came up, so the
     /// workers it replaces on other nodes may go).
     pub reconsider: Notify,
-    clients: Mutex<HashMap<String, AgentClient<Channel>>>,
     last_push: Mutex<HashMap<String, Instant>>,
-    /// The plan (epoch, term) each node last acknowledged applying: the base of its next
-    /// push's delta.
-    acked: Arc<Mutex<HashMap<String, (u64, u64)>>>,
-    /// How plans reach the agents' control ports.
-    security: Security,
+    /// How plans reach the agents' control ports: one pusher per agent.
+    pushers: Pushers,
 }
 
 impl Controller {
@@ -65,14 +60,12 @@ impl Controller {
             raft,
             cfg,
             observed: Mutex::new(Observed::new(Instant::now()).with_node_timeout(node_timeout)),
-            metrics,
             adapter: Mutex::new(adapter),
             replan: Notify::new(),
             reconsider: Notify::new(),
-            clients: Mutex::new(HashMap::new()),
             last_push: Mutex::new(HashMap::new()),
-            acked: Arc::new(Mutex::new(HashMap::new())),
-            security,
+            pushers: Pushers::new(security, &metrics),
+            metrics,
         })
     }
 
@@ -273,11 +266,12 @@ impl Controller {
     /// Pushes a plan just committed (proposed at `proposed`) to every node.
     fn push_all(&self, plan: &Plan, proposed: Instant) {
         let nodes = self.raft.read(|s| s.nodes.clone());
+        self.pushers.keep_only(&nodes.keys().collect());
         let targets = nodes.into_iter().map(|(name, info)| (name, info.control_address)).collect();
         // Cutting and diffing a plan for each of hundreds of nodes is CPU work.
         let pushes = tokio::task::block_in_place(|| self.prepare(targets, plan));
         for push in pushes {
-            self.send(push, Some(proposed));
+            self.pushers.offer(push, Some(proposed));
         }
     }
 
@@ -293,7 +287,7 @@ impl Controller {
                 .collect()
         });
         for push in tokio::task::block_in_place(|| self.prepare(lagging, plan)) {
-            self.send(push, None);
+            self.pushers.offer(push, None);
         }
     }
 
@@ -317,20 +311,25 @@ impl Controller {
         }
         if let Some(info) = self.raft.read(|s| s.nodes.get(node).cloned()) {
             for push in self.prepare(vec![(node.to_string(), info.control_address)], &plan) {
-                self.send(push, None);
+                self.pushers.offer(push, None);
             }
         }
     }
 
+    /// Stops the pushers and waits for them.
+    pub async fn shutdown(&self) {
+        self.pushers.shutdown(Duration::from_secs(5)).await;
+    }
+
     /// Forgets the plan `node` acknowledged (it restarted and holds none).
     pub fn forget_acknowledgement(&self, node: &str) {
-        self.acked.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
+        self.pushers.acked.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
     }
 
     /// Whether `node` answered that it applied `plan` (or a later one): a report that shows an
     /// older epoch was made before.
     fn acknowledged(&self, node: &str, plan: &Plan) -> bool {
-        self.acked.lock().unwrap_or_else(|p| p.into_inner()).get(node) >= Some(&(plan.epoch, plan.term))
+        self.pushers.acked.lock().unwrap_or_else(|p| p.into_inner()).get(node) >= Some(&(plan.epoch, plan.term))
     }
 
     /// What each of `targets` (node, control address) is sent of `plan`: its cut as a change
@@ -338,7 +337,7 @@ impl Controller {
     /// plan; else the cut, made when it is sent.
     fn prepare(&self, targets: Vec<(String, String)>, plan: &Plan) -> Vec<Push> {
         let acked: HashMap<String, (u64, u64)> = {
-            let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            let acked = self.pushers.acked.lock().unwrap_or_else(|p| p.into_inner());
             targets.iter().filter_map(|(n, _)| acked.get(n).map(|&a| (n.clone(), a))).collect()
         };
         let wanted: std::collections::BTreeSet<(u64, u64)> =
@@ -357,88 +356,4 @@ impl Controller {
             })
             .collect()
     }
-
-    /// Sends one push: the delta if there is one, else (or if the agent no longer holds its
-    /// base) the cut plan; with the time the plan was `proposed`, its delivery is measured.
-    fn send(&self, push: Push, proposed: Option<Instant>) {
-        let Push { node, address, plan, delta } = push;
-        let client = {
-            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            match clients.get(&address) {
-                Some(c) => c.clone(),
-                None => match self.security.endpoint(&address) {
-                    Ok(endpoint) => {
-                        let c = AgentClient::new(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy());
-                        clients.insert(address.clone(), c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        warn!(node, address, error = %e, "bad agent address");
-                        return;
-                    }
-                },
-            }
-        };
-        let bytes = self.metrics.plan_bytes.clone();
-        let delivery = self.metrics.plan_delivery_seconds.clone();
-        let pushes = self.metrics.plan_pushes.clone();
-        let acked = self.acked.clone();
-        let (epoch, term) = (plan.epoch, plan.term);
-        tokio::spawn(async move {
-            let mut client = client;
-            let outcome = |form, answer: &Result<Result<_, tonic::Status>, _>| {
-                let outcome = match answer {
-                    Ok(Ok(_)) => "applied",
-                    Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition && form == "delta" => "not_the_base",
-                    Ok(Err(_)) => "refused",
-                    Err(_) => "no_answer",
-                };
-                pushes.get_or_create(&PushOutcome { form, outcome }).inc();
-                outcome
-            };
-            let mut answer = None;
-            if let Some((delta, (base_epoch, base_term))) = delta {
-                bytes.get_or_create(&PlanForm { form: "agent_delta" }).observe(delta.encoded_len() as f64);
-                let req = ApplyPlanRequest { delta: Some(delta), base_epoch, base_term, ..Default::default() };
-                let a = tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await;
-                // An agent that holds another plan (restarted, or a push lost) is sent the plan.
-                if outcome("delta", &a) != "not_the_base" {
-                    answer = Some(a);
-                }
-            }
-            let answer = match answer {
-                Some(a) => a,
-                None => {
-                    let cut = tidal_common::plan::cut(&plan, &node);
-                    bytes.get_or_create(&PlanForm { form: "agent" }).observe(cut.encoded_len() as f64);
-                    let req = ApplyPlanRequest { plan: Some(cut), ..Default::default() };
-                    let a = tokio::time::timeout(Duration::from_secs(10), client.apply_plan(req)).await;
-                    outcome("plan", &a);
-                    a
-                }
-            };
-            if let Ok(Ok(_)) = &answer {
-                acked.lock().unwrap_or_else(|p| p.into_inner()).insert(node.clone(), (epoch, term));
-                if let Some(proposed) = proposed {
-                    delivery.observe(proposed.elapsed().as_secs_f64());
-                }
-            }
-            match answer {
-                Ok(Ok(r)) if r.get_ref().held.is_empty() => info!(node, epoch, "agent applied the plan"),
-                Ok(Ok(r)) => warn!(node, epoch, held = ?r.get_ref().held, "agent applied the plan but held tasks"),
-                Ok(Err(status)) => warn!(node, epoch, %status, "agent refused the plan"),
-                Err(_) => warn!(node, epoch, "agent did not answer the plan within 10 s"),
-            }
-        });
-    }
-}
-
-/// One node's share of a push: the plan (cut for the node when it is sent whole) and, when
-/// the node's last acknowledged plan is known, its cut as a change from that plan's (with its
-/// (epoch, term)).
-struct Push {
-    node: String,
-    address: String,
-    plan: Arc<Plan>,
-    delta: Option<(PlanDelta, (u64, u64))>,
 }

@@ -2,7 +2,7 @@
 //!
 //! [`consensus`] drives raft-rs over [`storage`] (sled) and applies committed commands to the
 //! [`state`] machine, talking to its peers through the [`transport`]; [`controller`] runs the adaptation loop on the leader — forecast from
-//! what is [`observed`], solve with the [`planner`], commit, push to agents; [`service`] is the
+//! what is [`observed`], solve with the [`planner`], commit, push to agents (one [`pusher`] per agent); [`service`] is the
 //! gRPC API.
 
 pub mod consensus;
@@ -12,6 +12,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observed;
 pub mod planner;
+pub mod pusher;
 pub mod service;
 pub mod state;
 pub mod storage;

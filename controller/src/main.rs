@@ -233,6 +233,7 @@ async fn main() -> anyhow::Result<()> {
     let raft_service = RaftService::server(raft.clone(), guard.clone());
     let raft_handle = raft.clone();
     let ctl = Controller::new(raft, cfg, metrics, security.clone());
+    let pushing = ctl.clone();
     if let Some(addr) = args.metrics_listen {
         // Ready while the Raft driver runs and the replica knows a leader (it can serve).
         let raft = raft_handle.clone();
@@ -280,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
         info!(to, "handed leadership over before stopping");
     }
     stop.cancel();
+    pushing.shutdown().await;
     info!("controller stopped");
     Ok(())
 }

@@ -629,7 +629,7 @@ mod tests {
         }
         let log = DurableLog::open(dir.path(), &[1, 2, 3]).unwrap();
         log.claim(2).expect("its own replica, again after a restart");
-        let err = log.claim(3).err().expect("another replica is refused");
+        let err = log.claim(3).expect_err("another replica is refused");
         assert!(matches!(err, StorageError::OtherReplica { found: 2, id: 3, .. }), "{err}");
         assert!(err.to_string().contains("belongs to replica 2"), "{err}");
     }

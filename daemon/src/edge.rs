@@ -243,12 +243,10 @@ impl axum::serve::Listener for EdgeListener {
     type Io = Conn;
     type Addr = SocketAddr;
 
-    fn accept(&mut self) -> impl Future<Output = (Conn, SocketAddr)> + Send {
-        async move {
-            let conn = EdgeListener::accept(self).await;
-            let peer = conn.io.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-            (conn, peer)
-        }
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        let conn = EdgeListener::accept(self).await;
+        let peer = conn.io.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        (conn, peer)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

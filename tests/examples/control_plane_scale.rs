@@ -277,8 +277,7 @@ async fn main() -> anyhow::Result<()> {
     let log = std::fs::read_to_string(work.path().join(format!("controller-{leader}.log"))).unwrap_or_default();
     let snapshot = log
         .lines()
-        .filter(|l| l.contains("compacted the log into a snapshot"))
-        .last()
+        .rfind(|l| l.contains("compacted the log into a snapshot"))
         .and_then(|l| l.split("bytes=").nth(1))
         .and_then(|b| b.split_whitespace().next())
         .unwrap_or("none yet")
