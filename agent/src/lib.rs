@@ -3,13 +3,13 @@
 //! Request path: [`service`] (gRPC) → [`router`] (weights of the plan) → a [`worker`]'s
 //! [`queue`] (earliest deadline first) → its batcher → the worker process
 //! ([`worker_process`], over [`worker_protocol`]) in its own [`cgroup`].
-//! Control path: a plan arrives → [`node`] validates it, [`apply`] stages the reconcile diff
-//! (shared with the simulator) and executes it all or nothing: the node starts, resizes (in
-//! place, or blue-green as the plan says) and retires workers, make before break; [`link`] reports
+//! Control path: a plan arrives → [`node`] validates it, stages the reconcile diff and executes
+//! it all or nothing through the executor contract it shares with the simulator
+//! (`tidal_common::executor`): the node starts, resizes (in place, or blue-green as the plan
+//! says) and retires workers, make before break; [`link`] reports
 //! [`telemetry`] to the controller; [`profiler`] measures variants on demand.
 
 pub mod admission;
-pub mod apply;
 pub mod cgroup;
 pub mod connector;
 pub mod error;

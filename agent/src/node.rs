@@ -1,5 +1,5 @@
 //! The node: the agent's state — its workers, routes, tasks and the plan it applied — and the
-//! application of a new plan (validate, stage, execute; see [`crate::apply`]).
+//! application of a new plan (validate, stage, execute; see `tidal_common::executor`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tidal_auth::Security;
+use tidal_common::executor::{execute, stage, Executor};
 use tidal_common::plan::{validate_for_node, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{Plan, PlanDelta, TaskSpec, Transition, WorkerTelemetry};
 use tracing::{info, warn};
 
-use crate::apply::{execute, stage, Executor};
 use crate::cgroup::{CgroupError, CpuCgroups, CpuStats, WorkerCgroup};
 use crate::metrics::AgentMetrics;
 use crate::model_stats::ModelStats;
@@ -306,7 +306,7 @@ impl Node {
         for why in &held {
             warn!(epoch = plan.epoch, "task held at what runs: {why}");
         }
-        let mut exec = NodeExecutor { node: self, workers: &mut workers, started: HashMap::new(), epoch: plan.epoch };
+        let mut exec = NodeExecutor { node: self, workers: &mut workers, epoch: plan.epoch };
         execute(&mut exec, staged.actions)?;
         *self.tasks.write().unwrap_or_else(|p| p.into_inner()) =
             plan.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect();
@@ -555,9 +555,14 @@ fn shape_of(w: &Worker) -> WorkerShape {
 struct NodeExecutor<'a> {
     node: &'a Arc<Node>,
     workers: &'a mut HashMap<WorkerKey, Arc<Worker>>,
-    /// Workers this plan started, per task: what its retirements and shrinks wait for.
-    started: HashMap<String, Vec<Arc<Worker>>>,
     epoch: u64,
+}
+
+impl NodeExecutor<'_> {
+    /// The workers running under `keys` (what a shrink or a retirement waits for).
+    fn workers_of(&self, keys: &[WorkerKey]) -> Vec<Arc<Worker>> {
+        keys.iter().filter_map(|k| self.workers.get(k).cloned()).collect()
+    }
 }
 
 impl Executor for NodeExecutor<'_> {
@@ -590,10 +595,9 @@ impl Executor for NodeExecutor<'_> {
         };
         let cfg = &self.node.cfg;
         let w = Worker::start(spec, cgroup, d.shape.millicores, settings, cfg.queue_capacity, cfg.process.clone());
-        if let Some(old) = self.workers.insert(d.key.clone(), w.clone()) {
-            self.node.retire(old, vec![w.clone()]);
+        if let Some(old) = self.workers.insert(d.key, w.clone()) {
+            self.node.retire(old, vec![w]);
         }
-        self.started.entry(d.key.task).or_default().push(w);
     }
 
     fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32) {
@@ -602,24 +606,27 @@ impl Executor for NodeExecutor<'_> {
         }
     }
 
-    fn resize(&mut self, key: &WorkerKey, millicores: u32, after_successors: bool) {
-        let Some(w) = self.workers.get(key) else { return };
-        if after_successors {
-            let successors = self.started.get(&key.task).cloned().unwrap_or_default();
-            self.node.resize_after(w.clone(), millicores, successors, self.epoch);
+    fn resize(&mut self, key: &WorkerKey, millicores: u32, after: &[WorkerKey]) {
+        let Some(w) = self.workers.get(key).cloned() else { return };
+        if after.is_empty() {
+            self.node.resize_now(&w, millicores);
         } else {
-            self.node.resize_now(w, millicores);
+            self.node.resize_after(w, millicores, self.workers_of(after), self.epoch);
         }
     }
 
-    fn stop(&mut self, key: &WorkerKey) {
+    fn stop(&mut self, key: &WorkerKey, after: &[WorkerKey]) {
+        let successors = self.workers_of(after);
         if let Some(w) = self.workers.remove(key) {
-            let successors = self.started.get(&key.task).cloned().unwrap_or_default();
             self.node.retire(w, successors);
         }
     }
 
     fn millicores(&self, key: &WorkerKey) -> Option<u32> {
         self.workers.get(key).map(|w| w.millicores())
+    }
+
+    fn starting(&self, task: &str) -> Vec<WorkerKey> {
+        self.workers.iter().filter(|(k, w)| k.task == task && !w.is_ready()).map(|(k, _)| k.clone()).collect()
     }
 }

@@ -92,11 +92,25 @@ pub fn render(s: &ClusterStatus) -> String {
                 n.cores.to_string(),
                 n.applied_epoch.to_string(),
                 format!("{:.1} s", n.seconds_since_report),
+                n.last_push.as_ref().map_or_else(String::new, |p| match p.held.len() {
+                    0 => format!("{} {}", p.outcome, p.epoch),
+                    held => format!("{} {}, {held} held", p.outcome, p.epoch),
+                }),
                 if n.draining { "draining".into() } else { String::new() },
             ]
         })
         .collect();
-    out += &output::table(&["NODE", "ADDRESS", "CORES#", "EPOCH#", "LAST REPORT", "STATE"], nodes);
+    out += &output::table(&["NODE", "ADDRESS", "CORES#", "EPOCH#", "LAST REPORT", "LAST PUSH", "STATE"], nodes);
+    // What the last push left undone, and why, under the table.
+    for n in &s.nodes {
+        let Some(p) = &n.last_push else { continue };
+        if !p.detail.is_empty() {
+            out += &format!("  {}: plan {} {} {:.0} s ago: {}\n", n.node, p.epoch, p.outcome, p.seconds_ago, p.detail);
+        }
+        for held in &p.held {
+            out += &format!("  {} holds {held}\n", n.node);
+        }
+    }
     let workers = s
         .nodes
         .iter()
@@ -171,5 +185,46 @@ fn task_stage(task: &str, stage: &str) -> String {
         task.to_string()
     } else {
         format!("{task}/{stage}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidal_proto::v1::{NodeStatus, PushAnswer};
+
+    #[test]
+    fn the_status_says_how_each_node_answered_its_last_push() {
+        let node = |name: &str, last_push: Option<PushAnswer>| NodeStatus {
+            node: name.into(),
+            address: format!("{name}:7100"),
+            cores: 2,
+            applied_epoch: 4,
+            last_push,
+            ..Default::default()
+        };
+        let held = PushAnswer {
+            epoch: 5,
+            outcome: "applied".into(),
+            held: vec!["t: variant \"x\": x.onnx is missing".into()],
+            seconds_ago: 1.0,
+            ..Default::default()
+        };
+        let refused = PushAnswer {
+            epoch: 5,
+            outcome: "refused".into(),
+            detail: "NotAMember".into(),
+            seconds_ago: 2.0,
+            ..Default::default()
+        };
+        let s = ClusterStatus {
+            nodes: vec![node("n1", Some(held)), node("n2", Some(refused)), node("n3", None)],
+            ..Default::default()
+        };
+        let out = render(&s);
+        assert!(out.contains("applied 5, 1 held"), "{out}");
+        assert!(out.contains("  n1 holds t: variant \"x\": x.onnx is missing"), "{out}");
+        assert!(out.contains("  n2: plan 5 refused 2 s ago: NotAMember"), "{out}");
+        assert!(!out.contains("n3 holds") && !out.contains("n3: plan"), "{out}");
     }
 }

@@ -6,6 +6,7 @@
 //! endpoint) live in `tidal-daemon`.
 
 pub mod adapt;
+pub mod executor;
 pub mod forecast;
 pub mod latency;
 pub mod onnx_graph;

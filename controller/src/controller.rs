@@ -49,7 +49,7 @@ pub struct Controller {
     pub reconsider: Notify,
     last_push: Mutex<HashMap<String, Instant>>,
     /// How plans reach the agents' control ports: one pusher per agent.
-    pushers: Pushers,
+    pub pushers: Pushers,
 }
 
 impl Controller {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tidal_auth::Security;
 use tidal_proto::v1::agent_client::AgentClient;
-use tidal_proto::v1::{ApplyPlanRequest, ApplyPlanResponse, Plan, PlanDelta};
+use tidal_proto::v1::{ApplyPlanRequest, ApplyPlanResponse, Plan, PlanDelta, PushAnswer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,10 +68,14 @@ pub struct Pushers {
     /// The plan (epoch, term) each node last acknowledged applying: the base of its next
     /// push's delta. Written by the node's pusher only.
     pub acked: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// How each node's latest push ended (for `tidalctl status`). Written by its pusher only.
+    answers: Answers,
     pushers: Mutex<HashMap<String, Pusher>>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
+
+type Answers = Arc<Mutex<HashMap<String, (Instant, PushAnswer)>>>;
 
 #[derive(Clone)]
 struct PushMetrics {
@@ -90,6 +94,7 @@ impl Pushers {
                 delivery: metrics.plan_delivery_seconds.clone(),
             },
             acked: Arc::default(),
+            answers: Arc::default(),
             pushers: Mutex::default(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -117,13 +122,22 @@ impl Pushers {
         offers.send_replace(Some(job));
         // A pusher replaced here (the node moved) ends when its sender is dropped.
         pushers.insert(node.clone(), Pusher { address, offers });
-        let run = run(node, client, rx, self.acked.clone(), self.metrics.clone(), self.stop.clone());
+        let records =
+            Records { acked: self.acked.clone(), answers: self.answers.clone(), metrics: self.metrics.clone() };
+        let run = run(node, client, rx, records, self.stop.clone());
         self.tasks.spawn(run);
     }
 
     /// Stops the pushers of nodes not in `nodes` (removed from the cluster).
     pub fn keep_only(&self, nodes: &std::collections::BTreeSet<&String>) {
         self.pushers.lock().unwrap_or_else(|p| p.into_inner()).retain(|n, _| nodes.contains(n));
+        self.answers.lock().unwrap_or_else(|p| p.into_inner()).retain(|n, _| nodes.contains(n));
+    }
+
+    /// How the latest push to `node` ended, if one was made.
+    pub fn last_answer(&self, node: &str) -> Option<PushAnswer> {
+        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.get(node).map(|(at, a)| PushAnswer { seconds_ago: at.elapsed().as_secs_f64(), ..a.clone() })
     }
 
     /// Stops every pusher and waits for them (at most `within`).
@@ -137,14 +151,27 @@ impl Pushers {
     }
 }
 
+/// What a pusher writes down of each push.
+struct Records {
+    acked: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    answers: Answers,
+    metrics: PushMetrics,
+}
+
+impl Records {
+    fn answer(&self, node: &str, epoch: u64, outcome: &str, detail: String, held: Vec<String>) {
+        let answer = PushAnswer { epoch, outcome: outcome.into(), detail, held, seconds_ago: 0.0 };
+        self.answers.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), (Instant::now(), answer));
+    }
+}
+
 /// One node's pusher: sends the latest job offered, retrying with back-off until it is
 /// applied, refused for good, or replaced by a newer offer.
 async fn run(
     node: String,
     mut client: AgentClient<Channel>,
     mut offers: watch::Receiver<Option<Arc<Job>>>,
-    acked: Arc<Mutex<HashMap<String, (u64, u64)>>>,
-    metrics: PushMetrics,
+    records: Records,
     stop: CancellationToken,
 ) {
     loop {
@@ -156,7 +183,7 @@ async fn run(
         let mut backoff = FIRST_RETRY;
         loop {
             let delivery = tokio::select! {
-                d = deliver(&node, &mut client, &job, &acked, &metrics) => d,
+                d = deliver(&node, &mut client, &job, &records) => d,
                 _ = stop.cancelled() => return,
             };
             if !matches!(delivery, Delivery::Retry) {
@@ -188,13 +215,8 @@ async fn run(
 
 /// One attempt: the delta if there is one (the whole plan when the agent no longer holds its
 /// base), else the node's cut of the plan.
-async fn deliver(
-    node: &str,
-    client: &mut AgentClient<Channel>,
-    job: &Job,
-    acked: &Mutex<HashMap<String, (u64, u64)>>,
-    metrics: &PushMetrics,
-) -> Delivery {
+async fn deliver(node: &str, client: &mut AgentClient<Channel>, job: &Job, records: &Records) -> Delivery {
+    let metrics = &records.metrics;
     let count = |form, answer: &Result<Result<_, tonic::Status>, _>| {
         let outcome = match answer {
             Ok(Ok(_)) => "applied",
@@ -234,28 +256,32 @@ async fn deliver(
     };
     match answer {
         Ok(Ok(r)) => {
-            acked.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), (epoch, term));
+            records.acked.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), (epoch, term));
             if let Some(proposed) = job.proposed {
                 metrics.delivery.observe(proposed.elapsed().as_secs_f64());
             }
-            let held = &r.get_ref().held;
+            let held = r.into_inner().held;
             if held.is_empty() {
                 info!(node, epoch, "agent applied the plan");
             } else {
                 warn!(node, epoch, ?held, "agent applied the plan but held tasks");
             }
+            records.answer(node, epoch, "applied", String::new(), held);
             Delivery::Applied
         }
         Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
             warn!(node, epoch, %status, "agent unavailable; the plan is sent again");
+            records.answer(node, epoch, "unavailable", status.message().to_string(), Vec::new());
             Delivery::Retry
         }
         Ok(Err(status)) => {
             warn!(node, epoch, %status, "agent refused the plan");
+            records.answer(node, epoch, "refused", format!("{:?}: {}", status.code(), status.message()), Vec::new());
             Delivery::Refused
         }
         Err(_) => {
             warn!(node, epoch, "agent did not answer the plan within {ANSWER_WITHIN:?}; it is sent again");
+            records.answer(node, epoch, "no answer", format!("none within {ANSWER_WITHIN:?}"), Vec::new());
             Delivery::Retry
         }
     }
@@ -278,6 +304,9 @@ mod tests {
         epochs: Arc<Mutex<Vec<u64>>>,
         in_flight: Arc<AtomicUsize>,
         most_in_flight: Arc<AtomicUsize>,
+        /// What it answers it holds; with `refuse`, it refuses the plan for good instead.
+        held: Arc<Mutex<Vec<String>>>,
+        refuse: Arc<Mutex<Option<Status>>>,
     }
 
     #[tonic::async_trait]
@@ -295,7 +324,11 @@ mod tests {
             if refuse {
                 return Err(Status::unavailable("starting"));
             }
-            Ok(Response::new(ApplyPlanResponse { applied_epoch: epoch, ..Default::default() }))
+            if let Some(status) = self.refuse.lock().unwrap().clone() {
+                return Err(status);
+            }
+            let held = self.held.lock().unwrap().clone();
+            Ok(Response::new(ApplyPlanResponse { applied_epoch: epoch, held, ..Default::default() }))
         }
         async fn profile(&self, _: Request<ProfileRequest>) -> Result<Response<ProfileResponse>, Status> {
             Err(Status::unimplemented("fake"))
@@ -353,6 +386,30 @@ mod tests {
         acked(&pushers, 5).await;
         assert_eq!(*fake.epochs.lock().unwrap(), vec![1, 1, 1, 2, 5], "plans 3 and 4 were superseded");
         assert_eq!(fake.most_in_flight.load(Ordering::SeqCst), 1);
+
+        // Each answer is recorded for the status: applied, applied with a task held, refused.
+        let answer = pushers.last_answer("n").expect("an answer recorded");
+        assert_eq!((answer.epoch, answer.outcome.as_str(), answer.held.len()), (5, "applied", 0));
+        *fake.delay.lock().unwrap() = Duration::ZERO;
+        let why = "t: variant \"x\": x.onnx is not in the model directory".to_string();
+        *fake.held.lock().unwrap() = vec![why.clone()];
+        pushers.offer(push(&address, 6), None);
+        acked(&pushers, 6).await;
+        assert_eq!(pushers.last_answer("n").unwrap().held, vec![why]);
+        *fake.refuse.lock().unwrap() = Some(Status::failed_precondition("plan 7 is older than plan 9"));
+        pushers.offer(push(&address, 7), None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            match pushers.last_answer("n") {
+                Some(a) if a.epoch == 7 => break a,
+                _ => assert!(Instant::now() < deadline, "no answer to plan 7 recorded"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(refused.outcome, "refused");
+        assert!(refused.detail.contains("older than plan 9"), "{}", refused.detail);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(fake.epochs.lock().unwrap().iter().filter(|&&e| e == 7).count(), 1, "a refusal is not retried");
 
         pushers.shutdown(Duration::from_secs(2)).await;
         assert!(pushers.tasks.is_closed() && pushers.tasks.is_empty(), "every pusher stopped");

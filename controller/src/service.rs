@@ -267,6 +267,7 @@ impl ControllerApi for ControllerService {
                         seconds_since_report: report
                             .map_or(f64::INFINITY, |(t, _)| now.duration_since(*t).as_secs_f64()),
                         workers: report.map_or_else(Vec::new, |(_, r)| r.workers.clone()),
+                        last_push: self.ctl.pushers.last_answer(name),
                     }
                 })
                 .collect();

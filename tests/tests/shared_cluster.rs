@@ -89,6 +89,20 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
         async move { ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner().plan.filter(|p| both(p)) }
     })
     .await;
+    // The status says how each agent answered the leader's latest push.
+    eventually(Duration::from_secs(10), "both agents' answers in the status", || {
+        let mut ctl = ctl.clone();
+        async move {
+            let nodes = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner().nodes;
+            let answered = |n: &tidal_proto::v1::NodeStatus| {
+                n.last_push
+                    .as_ref()
+                    .is_some_and(|p| p.outcome == "applied" && p.epoch == n.applied_epoch && p.held.is_empty())
+            };
+            (nodes.len() == 2 && nodes.iter().all(answered)).then_some(())
+        }
+    })
+    .await;
 
     // `steady` at 50 req/s (55 with the headroom): resnet50 on two cores (64 req/s planned) is
     // worth the cores while the others idle.
@@ -119,7 +133,15 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     .await;
     let took = surge_started.elapsed();
     println!("{took:?} after the surge began: {:?}", during.notes);
-    assert!(took < Duration::from_secs(8), "the surging task waited {took:?} for its cores (interval 2 s)");
+    if took >= Duration::from_secs(8) {
+        // Say what the rounds planned meanwhile, so that a slow answer can be told apart.
+        let history = ctl.history(PlanHistoryRequest { limit: 20 }).await.unwrap().into_inner().plans;
+        let rounds: Vec<String> = history.iter().map(|p| format!("epoch {}: {:?}", p.epoch, p.notes)).collect();
+        panic!(
+            "the surging task waited {took:?} for its cores (interval 2 s); the latest plans:\n{}",
+            rounds.join("\n")
+        );
+    }
     assert_eq!(cores_of(&during, "steady"), 1, "{:?}", during.notes);
     assert!(cores_of(&during, "quiet") >= 1, "{:?}", during.notes);
     let steady_variants: Vec<&str> = during

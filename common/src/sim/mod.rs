@@ -2,16 +2,18 @@
 //!
 //! Arrivals are a Poisson process within each second of the trace. The plans come from the
 //! adaptation core ([`crate::adapt`]) that the controller drives too: the simulator is one of
-//! its two drivers ([`SimPlanner`]), on a single node of `core_budget` cores. The plan's
-//! workers follow the agent's own reconcile ([`crate::reconcile::diff`]) and have
+//! its two drivers ([`SimPlanner`]), on a single node of `core_budget` cores. Plans are applied
+//! as on an agent: the same reconcile ([`crate::reconcile::diff`]) carried out through the same
+//! executor contract ([`crate::executor`]), and the workers have
 //! deadline-ordered queues, the agent's dynamic batcher, and batch latencies drawn from the
 //! profile (between its p50 and a tail that reaches its p99 once in a hundred batches). Plan
 //! changes cost what they cost on the real system: a new worker serves only after its model
 //! load; an in-place policy grows a worker's cores at once and shrinks them once the task's new
 //! workers serve; a blue-green one starts a worker of the new shape and retires the old one
 //! when it is ready, paying for both meanwhile; a worker leaving the plan keeps serving until
-//! its successors are ready, then drains its queue. Deterministic for a seed.
+//! its task's starting workers are ready, then drains its queue. Deterministic for a seed.
 
+mod executor;
 mod worker;
 
 use std::cmp::{Ordering, Reverse};
@@ -26,10 +28,12 @@ use tidal_proto::v1::ProfilePoint;
 use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
+use crate::executor::execute;
 use crate::forecast::Forecaster;
 use crate::profile::ProfileGrid;
-use crate::reconcile::{desired_on, diff, Action, RunningWorker, WorkerKey, WorkerShape};
-use worker::{Next, Request, Resize, SimWorker};
+use crate::reconcile::{desired_on, diff, RunningWorker, WorkerShape};
+use executor::SimExecutor;
+use worker::{Next, Request, SimWorker};
 
 /// A stage of the simulated task: the variants that may serve it.
 #[derive(Debug, Clone, PartialEq)]
@@ -545,93 +549,47 @@ impl<'a> Sim<'a> {
         self.routes_valid_until = f64::NEG_INFINITY;
     }
 
-    /// What runs, as the agent's reconcile sees it: workers in the plan, with the shape they
-    /// are being moved to.
+    /// What runs, as the agent's reconcile sees it: the workers in the plan, at the quota and
+    /// batcher they have now.
     fn running(&self) -> Vec<RunningWorker> {
         self.workers
             .iter()
             .filter(|w| w.retire_at.is_infinite())
-            .map(|w| {
-                let (cores, batch, delay) =
-                    w.pending.map_or((w.cores, w.batch, w.max_delay), |r| (r.cores, r.batch, r.max_delay));
-                RunningWorker {
-                    key: w.key.clone(),
-                    model_file: model_file(&self.variants[w.variant].name),
-                    shape: WorkerShape {
-                        millicores: cores * 1000,
-                        max_batch: batch,
-                        max_delay_ms: (delay * 1000.0).round() as u32,
-                    },
-                }
+            .map(|w| RunningWorker {
+                key: w.key.clone(),
+                model_file: model_file(&self.variants[w.variant].name),
+                shape: WorkerShape {
+                    millicores: w.cores * 1000,
+                    max_batch: w.batch,
+                    max_delay_ms: (w.max_delay * 1000.0).round() as u32,
+                },
             })
             .collect()
     }
 
-    /// Applies a plan through the agent's reconcile, make before break: a worker that shrinks
-    /// or leaves the plan keeps its shape and traffic until the workers that start serve, and
-    /// a replaced worker serves until its successor does.
+    /// Applies a plan as the agent does, through the executor contract
+    /// ([`crate::executor::execute`]): the same actions, in the same order, with the same
+    /// waits; a newer plan cancels a shrink still waiting. The plan's shares route at once.
     fn apply(&mut self, plan: &Plan, t: f64) {
         let desired = desired_on(plan, SimPlanner::NODE);
         let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
+        for w in &mut self.workers {
+            w.pending = None;
+        }
         let actions = diff(&desired, &self.running(), transition);
-        let first = self.workers.is_empty();
-        let live = |workers: &[SimWorker], key: &WorkerKey| {
-            workers.iter().position(|w| &w.key == key && w.retire_at.is_infinite())
-        };
-        let mut latest_ready = t;
-        let mut deferred = Vec::new();
-        for action in &actions {
-            match action {
-                Action::Start(d) | Action::Replace(d) => {
-                    let Some(variant) = (0..self.variants.len()).position(|i| {
-                        self.variants[i].name == d.key.variant && self.tasks[self.task_of[i]].name == d.key.task
-                    }) else {
-                        continue;
-                    };
-                    let ready_at = if first { t } else { t + self.variants[variant].load_time_s };
-                    if let Some(old) = live(&self.workers, &d.key) {
-                        self.workers[old].retire_at = ready_at;
-                    }
-                    let shape = &d.shape;
-                    let cores = shape.millicores.div_ceil(1000);
-                    let delay = shape.max_delay_ms as f64 / 1000.0;
-                    let mut w = SimWorker::new(variant, cores, shape.max_batch, delay, d.weight, ready_at);
-                    w.key = d.key.clone();
-                    self.workers.push(w);
-                    latest_ready = latest_ready.max(ready_at);
-                }
-                Action::Resize { key, millicores } => {
-                    let Some(i) = live(&self.workers, key) else { continue };
-                    let cores = millicores.div_ceil(1000);
-                    if cores < self.workers[i].cores {
-                        deferred.push(i);
-                    }
-                }
-                Action::Stop(_) | Action::Rebatch { .. } => {}
-            }
+        let index = (0..self.variants.len())
+            .map(|i| ((self.tasks[self.task_of[i]].name.as_str(), self.variants[i].name.as_str()), i))
+            .collect();
+        let warm = self.workers.is_empty();
+        let mut exec = SimExecutor { workers: &mut self.workers, variants: &self.variants, index, t, warm };
+        if let Err(e) = execute(&mut exec, actions) {
+            // The planner plans only the variants it was given: a bug, and the plan is not applied.
+            debug_assert!(false, "{e}");
+            return;
         }
         for d in &desired {
-            let Some(i) = live(&self.workers, &d.key) else { continue };
-            let w = &mut self.workers[i];
-            let resize = Resize {
-                at: t,
-                cores: d.shape.millicores.div_ceil(1000),
-                batch: d.shape.max_batch,
-                max_delay: d.shape.max_delay_ms as f64 / 1000.0,
-                share: d.weight,
-            };
-            if deferred.contains(&i) && latest_ready > t {
-                w.pending = Some(Resize { at: latest_ready, ..resize });
-            } else {
-                w.pending = None;
-                w.resize(&resize);
-            }
-        }
-        for action in &actions {
-            if let Action::Stop(key) = action {
-                if let Some(i) = live(&self.workers, key) {
-                    self.workers[i].retire_at = latest_ready;
-                }
+            if let Some(w) = self.workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
+                w.share = d.weight;
             }
         }
     }
@@ -700,7 +658,7 @@ impl<'a> Sim<'a> {
     fn apply_due_resizes(&mut self, t: f64) {
         for w in &mut self.workers {
             if let Some(r) = w.pending.filter(|r| r.at <= t) {
-                w.resize(&r);
+                w.cores = r.cores;
                 w.pending = None;
             }
         }

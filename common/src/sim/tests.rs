@@ -156,3 +156,73 @@ fn a_pipeline_request_answers_after_both_stages_ran() {
     let single = run(&[5.0; 60], "ipa", &cfg());
     assert!(r.p50_ms > single.p50_ms, "two stages take longer than one: {} vs {}", r.p50_ms, single.p50_ms);
 }
+
+/// A plan for the simulator's one node: (task, variant, cores) per worker, weights equal.
+fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
+    let assignments = workers
+        .iter()
+        .map(|&(task, variant, cores)| tidal_proto::v1::Assignment {
+            task: task.into(),
+            stage: task.into(),
+            node: SimPlanner::NODE.into(),
+            variant: Some(VariantSpec {
+                name: variant.into(),
+                model_file: model_file(variant),
+                accuracy: 70.0,
+                input_shape: vec![3],
+            }),
+            millicores: cores * 1000,
+            max_batch: 1,
+            max_delay_ms: 0,
+            weight: 1.0,
+            replica: 0,
+        })
+        .collect();
+    Plan { assignments, ..Plan::default() }
+}
+
+/// The executor contract as the simulator keeps it (`crate::executor`, the agent's node
+/// executor keeps the same): shrinks and stops wait for the starting workers of their own
+/// task, of this plan or an earlier one, and for no other task's.
+#[test]
+fn the_simulator_carries_plans_out_by_the_agents_executor_contract() {
+    let task = |name: &str| SimTask {
+        name: name.into(),
+        stages: vec![SimStage::new(name, variants())],
+        slo_ms: 500.0,
+        rates: vec![10.0; 60],
+        warmup: vec![],
+        share: None,
+    };
+    let tasks = vec![task("t"), task("u")];
+    let cfg = cfg();
+    let mut sim = Sim::new(&tasks, &cfg, Box::new(PeakWindow::default()));
+    let find = |sim: &Sim, task: &str, variant: &str| {
+        let i = sim.workers.iter().rposition(|w| w.key.task == task && w.key.variant == variant);
+        sim.workers[i.unwrap_or_else(|| panic!("no worker {task}/{variant}"))].clone()
+    };
+
+    // The first plan starts warm.
+    sim.apply(&sim_plan(&[("t", "small", 2), ("u", "small", 2)]), 0.0);
+    assert!(find(&sim, "t", "small").serving(0.0) && find(&sim, "u", "small").serving(0.0));
+
+    // t starts big (5 s to load) and shrinks small, after big; u's shrink waits for nothing.
+    sim.apply(&sim_plan(&[("t", "small", 1), ("t", "big", 1), ("u", "small", 1)]), 10.0);
+    assert_eq!(find(&sim, "u", "small").cores, 1, "u shrinks at once: nothing of u starts");
+    assert_eq!(find(&sim, "t", "small").cores, 2);
+    assert_eq!(find(&sim, "t", "small").pending.map(|p| (p.at, p.cores)), Some((15.0, 1)));
+    assert!(!find(&sim, "t", "big").serving(14.9) && find(&sim, "t", "big").serving(15.0));
+
+    // The same plan again while big loads: the shrink still waits for it.
+    sim.apply(&sim_plan(&[("t", "small", 1), ("t", "big", 1), ("u", "small", 1)]), 12.0);
+    assert_eq!(find(&sim, "t", "small").cores, 2, "a plan that comes while t's worker loads does not shrink t early");
+    sim.apply_due_resizes(15.0);
+    assert_eq!(find(&sim, "t", "small").cores, 1);
+
+    // t drops small (nothing of t starts: it retires now); u moves to big, and its small
+    // serves until big does.
+    sim.apply(&sim_plan(&[("t", "big", 1), ("u", "big", 1)]), 20.0);
+    assert_eq!(find(&sim, "t", "small").retire_at, 20.0);
+    assert_eq!(find(&sim, "u", "small").retire_at, 25.0);
+    assert_eq!(find(&sim, "u", "big").ready_at, 25.0);
+}

@@ -44,17 +44,14 @@ pub(crate) struct SimWorker {
     /// The batcher timeout currently armed, if any.
     pub wake_at: Option<f64>,
     /// An in-place resize down that waits until the workers that take over are ready.
-    pub pending: Option<Resize>,
+    pub pending: Option<PendingResize>,
 }
 
-/// A new shape for a worker, taking effect at `at`.
+/// A new quota for a worker, taking effect at `at`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Resize {
+pub(crate) struct PendingResize {
     pub at: f64,
     pub cores: u32,
-    pub batch: u32,
-    pub max_delay: f64,
-    pub share: f64,
 }
 
 /// What a worker does next.
@@ -83,10 +80,6 @@ impl SimWorker {
             wake_at: None,
             pending: None,
         }
-    }
-
-    pub fn resize(&mut self, r: &Resize) {
-        (self.cores, self.batch, self.max_delay, self.share) = (r.cores, r.batch.max(1), r.max_delay, r.share);
     }
 
     pub fn serving(&self, t: f64) -> bool {

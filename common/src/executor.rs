@@ -1,17 +1,23 @@
-//! Applying a plan on this node, all or nothing: first everything is checked that can be
-//! checked without touching a worker ([`stage`]: model files, per task), then everything that
-//! can fail is prepared (cgroups for new workers), and only then is any worker started,
-//! resized or retired ([`execute`]). A plan whose preparation fails leaves the running set as
-//! it was. A task whose model file is missing here is held at what runs, with the reason,
-//! and does not block the other tasks' changes.
+//! The executor contract: how a plan's actions are carried out, once for every executor.
+//! The agent's executor works on processes and cgroups, the simulator's on simulated workers;
+//! both go through [`execute`], so make before break is written once.
 //!
-//! The effects sit behind [`Executor`], so this logic is tested with a fake; the node's
-//! executor works on processes and cgroups.
+//! Applying a plan is all or nothing: first everything is checked that can be checked without
+//! touching a worker ([`stage`]: model files, per task), then everything that can fail is
+//! prepared (cgroups for new workers), and only then is any worker started, resized or
+//! retired. A plan whose preparation fails leaves the running set as it was. A task whose
+//! model is missing is held at what runs, with the reason, and does not block the others.
+//!
+//! Make before break: a worker that leaves the plan, and a worker whose quota shrinks, wait
+//! until every worker of their task that is starting serves, this plan's or an earlier one's
+//! (a plan that comes while a task's new workers load does not shrink it early); a replaced
+//! worker serves until its successor does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tidal_common::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
 use tidal_proto::v1::{Transition, VariantSpec};
+
+use crate::reconcile::{diff, Action, DesiredWorker, RunningWorker, WorkerKey};
 
 /// The actions to take, and the tasks held at what runs (with why).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -44,7 +50,9 @@ pub fn stage(
 }
 
 /// What applying a plan does to workers. `prepare` is the only step that may fail; it must
-/// have no effect that `abandon` does not undo.
+/// have no effect that `abandon` does not undo. A wait (`after`) is for every worker named to
+/// serve; a newer plan cancels a resize still waiting (it decides the size itself) but not a
+/// stop.
 pub trait Executor {
     type Prepared;
     type Error;
@@ -53,18 +61,22 @@ pub trait Executor {
     /// Starts a worker; if one runs under its key, it is replaced: it serves until this one
     /// does, then retires.
     fn start(&mut self, worker: DesiredWorker, prepared: Self::Prepared);
+    /// New batcher settings, at once.
     fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32);
-    /// A new quota; `after_successors`: only once the workers this plan started for the task
-    /// serve (a shrink, make before break).
-    fn resize(&mut self, key: &WorkerKey, millicores: u32, after_successors: bool);
-    /// Retires a worker once the workers this plan started for its task serve.
-    fn stop(&mut self, key: &WorkerKey);
+    /// A new quota once every worker of `after` serves (at once when it is empty).
+    fn resize(&mut self, key: &WorkerKey, millicores: u32, after: &[WorkerKey]);
+    /// Retires a worker once every worker of `after` serves: it takes no new requests, drains
+    /// its queue and stops.
+    fn stop(&mut self, key: &WorkerKey, after: &[WorkerKey]);
     /// The quota a running worker has now.
     fn millicores(&self, key: &WorkerKey) -> Option<u32>;
+    /// The workers of `task` started (by this plan or an earlier one) that do not serve yet.
+    fn starting(&self, task: &str) -> Vec<WorkerKey>;
 }
 
 /// Carries out `actions`: prepares every new worker first and, if one preparation fails,
-/// abandons the others and changes nothing. Then starts, rebatches, resizes and stops.
+/// abandons the others and changes nothing. Then starts, rebatches, and resizes and stops,
+/// make before break.
 pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E::Error> {
     let mut prepared = Vec::new();
     for action in &actions {
@@ -80,18 +92,21 @@ pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E:
             }
         }
     }
-    let starting: BTreeSet<String> = prepared.iter().map(|(d, _)| d.key.task.clone()).collect();
     for (d, p) in prepared {
         exec.start(d, p);
     }
-    for action in actions {
+    // What each task's shrinks and stops wait for, read once all starts are under way.
+    let tasks: BTreeSet<&str> = actions.iter().map(|a| a.key().task.as_str()).collect();
+    let starting: BTreeMap<&str, Vec<WorkerKey>> = tasks.into_iter().map(|t| (t, exec.starting(t))).collect();
+    for action in &actions {
+        let after = starting.get(action.key().task.as_str()).map_or(&[][..], Vec::as_slice);
         match action {
-            Action::Rebatch { key, max_batch, max_delay_ms } => exec.rebatch(&key, max_batch, max_delay_ms),
+            Action::Rebatch { key, max_batch, max_delay_ms } => exec.rebatch(key, *max_batch, *max_delay_ms),
             Action::Resize { key, millicores } => {
-                let shrink = exec.millicores(&key).is_some_and(|m| millicores < m);
-                exec.resize(&key, millicores, shrink && starting.contains(&key.task));
+                let shrink = exec.millicores(key).is_some_and(|m| *millicores < m);
+                exec.resize(key, *millicores, if shrink { after } else { &[] });
             }
-            Action::Stop(key) => exec.stop(&key),
+            Action::Stop(key) => exec.stop(key, after),
             Action::Start(_) | Action::Replace(_) => {}
         }
     }
@@ -101,9 +116,8 @@ pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::WorkerShape;
     use std::collections::HashMap;
-    use tidal_common::reconcile::WorkerShape;
-    use tidal_proto::v1::VariantSpec;
 
     fn key(task: &str, variant: &str) -> WorkerKey {
         WorkerKey { task: task.into(), stage: task.into(), variant: variant.into(), replica: 0 }
@@ -127,12 +141,22 @@ mod tests {
         RunningWorker { key: d.key.clone(), model_file: d.variant.model_file.clone(), shape: d.shape }
     }
 
-    /// Records what it is asked to do; refuses to prepare the variants in `fail`.
+    /// Records what it is asked to do; refuses to prepare the variants in `fail`. Workers it
+    /// starts do not serve until `loaded`.
     #[derive(Default)]
     struct Fake {
         fail: Vec<String>,
         quotas: HashMap<WorkerKey, u32>,
+        loading: Vec<WorkerKey>,
         log: Vec<String>,
+    }
+
+    fn keys(after: &[WorkerKey]) -> String {
+        if after.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = after.iter().map(ToString::to_string).collect();
+        format!(" after {}", names.join(","))
     }
 
     impl Executor for Fake {
@@ -150,18 +174,22 @@ mod tests {
         }
         fn start(&mut self, w: DesiredWorker, _: String) {
             self.log.push(format!("start {} {}", w.key, w.shape.millicores));
+            self.loading.push(w.key);
         }
         fn rebatch(&mut self, key: &WorkerKey, b: u32, _: u32) {
             self.log.push(format!("rebatch {key} {b}"));
         }
-        fn resize(&mut self, key: &WorkerKey, m: u32, after: bool) {
-            self.log.push(format!("resize {key} {m}{}", if after { " after successors" } else { "" }));
+        fn resize(&mut self, key: &WorkerKey, m: u32, after: &[WorkerKey]) {
+            self.log.push(format!("resize {key} {m}{}", keys(after)));
         }
-        fn stop(&mut self, key: &WorkerKey) {
-            self.log.push(format!("stop {key}"));
+        fn stop(&mut self, key: &WorkerKey, after: &[WorkerKey]) {
+            self.log.push(format!("stop {key}{}", keys(after)));
         }
         fn millicores(&self, key: &WorkerKey) -> Option<u32> {
             self.quotas.get(key).copied()
+        }
+        fn starting(&self, task: &str) -> Vec<WorkerKey> {
+            self.loading.iter().filter(|k| k.task == task).cloned().collect()
         }
     }
 
@@ -202,7 +230,35 @@ mod tests {
         execute(&mut fake, staged.actions).unwrap();
         assert_eq!(
             fake.log,
-            vec!["prepare t/new#0", "start t/new#0 1000", "stop t/old#0", "resize t/a#0 1000 after successors"]
+            vec![
+                "prepare t/new#0",
+                "start t/new#0 1000",
+                "stop t/old#0 after t/new#0",
+                "resize t/a#0 1000 after t/new#0"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shrink_waits_for_its_own_tasks_starts_of_any_plan_and_no_others() {
+        // t/new started by an earlier plan is still loading; u starts a worker in this one.
+        let have = vec![running(&desired("t", "a", 2000)), running(&desired("u", "c", 2000))];
+        let want = vec![desired("t", "a", 1000), desired("u", "c", 1000), desired("u", "d", 1000)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
+        let mut fake = Fake {
+            quotas: [(key("t", "a"), 2000), (key("u", "c"), 2000)].into(),
+            loading: vec![key("t", "new")],
+            ..Fake::default()
+        };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(
+            fake.log,
+            vec![
+                "prepare u/d#0",
+                "start u/d#0 1000",
+                "resize t/a#0 1000 after t/new#0",
+                "resize u/c#0 1000 after u/d#0"
+            ]
         );
     }
 
