@@ -8,11 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use tidal_common::adapt::AdaptConfig;
-use tidal_common::forecast::{Ewma, Forecaster, Holt, LastValue};
-use tidal_common::latency::LatencyModel;
 use tidal_common::profile::load_tfserving_csv;
 use tidal_common::sim::{simulate_pipeline, SimConfig, SimPlanner, SimReport, SimStage, SimVariant};
-use tidal_common::solver::{Limits, PolicyKind, Weights};
+use tidal_common::solver::PolicyKind;
 use tidal_proto::v1::ProfilePoint;
 
 #[derive(clap::Args, Clone)]
@@ -41,12 +39,12 @@ pub struct SimulateOpts {
     pub scale: f64,
     /// Trace seconds per simulated second, as `tidalctl load --speedup` replays it: each run
     /// of this many trace seconds becomes one second at their mean rate. --start and
-    /// --duration stay in trace seconds; --interval, --lookback-s and load times are simulated
+    /// --duration stay in trace seconds; --interval, --forecast-window-s and load times are simulated
     /// (wall-clock) seconds.
     #[arg(long, default_value_t = 1)]
     pub speedup: usize,
     /// Start as a fresh cluster does: no arrival history before --start (by default the
-    /// forecaster sees the --lookback-s before it).
+    /// forecaster sees the --forecast-window-s before it).
     #[arg(long)]
     pub cold_start: bool,
     /// Core budget of the task.
@@ -72,43 +70,9 @@ pub struct SimulateOpts {
     /// ResNet depth, 5 s for other models).
     #[arg(long)]
     pub load_time_s: Option<f64>,
-    /// Forecaster: peak-window (default), last, ewma, holt.
-    #[arg(long, default_value = "peak-window")]
-    pub forecaster: String,
-    /// Seconds of history the forecaster sees (the controller's --forecast-window-s).
-    #[arg(long, default_value_t = AdaptConfig::default().lookback_s)]
-    pub lookback_s: usize,
-    /// Headroom of the peak-window forecaster (the controller's --headroom).
-    #[arg(long, default_value_t = AdaptConfig::default().headroom)]
-    pub headroom: f64,
-    /// Seconds the forecaster averages the rate over before taking its peak (the controller's
-    /// --smooth-s).
-    #[arg(long, default_value_t = AdaptConfig::default().smooth_s)]
-    pub smooth_s: usize,
-    /// Rounds a lower forecast must hold before a plan is sized down (InfAdapter: 4).
-    #[arg(long, default_value_t = AdaptConfig::default().scale_down_after)]
-    pub scale_down_after: u32,
-    /// Share of a profiled throughput a worker is planned to carry.
-    #[arg(long, default_value_t = AdaptConfig::default().model.utilisation)]
-    pub utilisation: f64,
-    /// Objective weight of the traffic-weighted accuracy (per 100 %).
-    #[arg(long, default_value_t = 1.0)]
-    pub alpha: f64,
-    /// Objective weight of the cores used, per core budget (higher: cheaper plans).
-    #[arg(long, default_value_t = 0.05)]
-    pub beta: f64,
-    /// Objective weight of starting variants that are not running (model loads).
-    #[arg(long, default_value_t = 0.001)]
-    pub gamma: f64,
-    /// Objective weight per unit of batch size.
-    #[arg(long, default_value_t = 1e-5)]
-    pub delta: f64,
-    /// Largest batch size a policy that batches may use.
-    #[arg(long, default_value_t = 64)]
-    pub max_batch: u32,
-    /// Most replicas of one variant a policy that scales out may use.
-    #[arg(long, default_value_t = 32)]
-    pub max_replicas: u32,
+    /// The round's settings, as the controller takes them (its flags and environment).
+    #[command(flatten)]
+    pub adapt: tidal_daemon::adapt_args::AdaptArgs,
     /// Dynamic SLOs: Sponge's remaining-SLO fractions per second (sponge-dynamic-slo-fractions.csv).
     #[arg(long)]
     pub dynamic_slo: Option<PathBuf>,
@@ -167,7 +131,7 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
     let warmup = if opts.cold_start {
         Vec::new()
     } else {
-        let from = opts.start.saturating_sub(opts.lookback_s * opts.speedup);
+        let from = opts.start.saturating_sub(opts.adapt.forecast_window_s * opts.speedup);
         compress(&all[from..opts.start], opts.speedup, opts.scale)
     };
     let cfg = sim_config(&opts)?;
@@ -183,7 +147,7 @@ pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
         opts.interval,
         describe(&stages)
     );
-    let reports = run_all(&policies, &rates, &warmup, &stages, &opts, &cfg)?;
+    let reports = run_all(&policies, &rates, &warmup, &stages, &cfg)?;
     print_table(&reports);
     if let Some(path) = &opts.csv {
         write_summary_csv(path, &reports)?;
@@ -248,12 +212,6 @@ pub(crate) fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
     if !(opts.scale.is_finite() && opts.scale > 0.0) {
         bail!("--scale must be a positive factor");
     }
-    if !(opts.utilisation > 0.0 && opts.utilisation <= 1.0) {
-        bail!("--utilisation must be in (0, 1]");
-    }
-    if !(opts.headroom.is_finite() && opts.headroom >= 1.0) {
-        bail!("--headroom must be a number ≥ 1");
-    }
     Ok(())
 }
 
@@ -263,34 +221,18 @@ pub(crate) fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
         None => None,
     };
     Ok(SimConfig {
-        adapt: AdaptConfig {
-            policy: PolicyKind::Tidal,
-            model: LatencyModel { utilisation: opts.utilisation },
-            weights: Weights { alpha: opts.alpha, beta: opts.beta, gamma: opts.gamma, delta: opts.delta },
-            limits: Limits { max_batch: opts.max_batch.max(1), max_replicas: opts.max_replicas.max(1) },
-            interval_s: opts.interval.max(1) as f64,
-            lookback_s: opts.lookback_s.max(1),
-            headroom: opts.headroom,
-            smooth_s: opts.smooth_s.max(1),
-            scale_down_after: opts.scale_down_after.max(1),
-            reserve_cores: 0,
-            load_time_s: opts.load_time_s.unwrap_or(AdaptConfig::default().load_time_s),
-            share: Default::default(),
-        },
+        adapt: opts
+            .adapt
+            .config(
+                PolicyKind::Tidal,
+                opts.interval as f64,
+                opts.load_time_s.unwrap_or(AdaptConfig::default().load_time_s),
+            )
+            .map_err(anyhow::Error::msg)?,
         slo_ms: opts.slo_ms as f64,
         core_budget: opts.cores,
         seed: opts.seed,
         slo_fractions,
-    })
-}
-
-pub(crate) fn forecaster(name: &str, cfg: &AdaptConfig) -> anyhow::Result<Box<dyn Forecaster>> {
-    Ok(match name {
-        "peak-window" => Box::new(cfg.forecaster()),
-        "last" => Box::new(LastValue),
-        "ewma" => Box::new(Ewma { alpha: 0.5 }),
-        "holt" => Box::new(Holt { alpha: 0.5, beta: 0.3 }),
-        other => bail!("unknown forecaster {other:?}: peak-window, last, ewma or holt"),
     })
 }
 
@@ -300,10 +242,8 @@ fn run_all(
     rates: &[f64],
     warmup: &[f64],
     stages: &[SimStage],
-    opts: &SimulateOpts,
     cfg: &SimConfig,
 ) -> anyhow::Result<Vec<SimReport>> {
-    forecaster(&opts.forecaster, &cfg.adapt)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut reports: Vec<Option<SimReport>> = vec![None; policies.len()];
     let started = Instant::now();
@@ -316,10 +256,7 @@ fn run_all(
                         adapt: AdaptConfig { policy: policies[i].clone(), ..cfg.adapt.clone() },
                         ..cfg.clone()
                     };
-                    s.spawn(move || {
-                        let f = forecaster(&opts.forecaster, &cfg.adapt).expect("checked above");
-                        (i, simulate_pipeline(rates, warmup, stages, f, &cfg))
-                    })
+                    s.spawn(move || (i, simulate_pipeline(rates, warmup, stages, &cfg)))
                 })
                 .collect();
             for h in handles {

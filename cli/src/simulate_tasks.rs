@@ -28,7 +28,7 @@ use tidal_common::sim::{simulate_tasks, SimConfig, SimReport, SimTask};
 use tidal_common::solver::PolicyKind;
 use tidal_proto::v1::TaskShare;
 
-use crate::simulate::{compress, forecaster, one_stage, saved_stages, sim_config, tfserving_variants, SimulateOpts};
+use crate::simulate::{compress, one_stage, saved_stages, sim_config, tfserving_variants, SimulateOpts};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,7 +131,6 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
     let sharings: Vec<Sharing> = opts.policies.iter().map(|p| Sharing::parse(p)).collect::<anyhow::Result<_>>()?;
     let tasks: Vec<SimTask> = file.tasks.iter().map(|t| task(t, &opts)).collect::<anyhow::Result<_>>()?;
     let cfg = sim_config(&opts)?;
-    forecaster(&opts.forecaster, &cfg.adapt)?;
     println!(
         "{} tasks on {cores} cores, {} s each from second {}{}, every {} s: {}",
         tasks.len(),
@@ -150,15 +149,14 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
         let handles: Vec<_> = sharings
             .iter()
             .map(|sharing| {
-                let (tasks, opts, cfg) = (sharing.apply(&tasks, cores), &opts, &cfg);
+                let (tasks, cfg) = (sharing.apply(&tasks, cores), &cfg);
                 s.spawn(move || {
                     let policy = match sharing {
                         Sharing::Joint(p) => p.clone(),
                         _ => PolicyKind::Tidal,
                     };
                     let cfg = SimConfig { adapt: AdaptConfig { policy, ..cfg.adapt.clone() }, ..cfg.clone() };
-                    let f = forecaster(&opts.forecaster, &cfg.adapt).expect("checked above");
-                    let mut r = simulate_tasks(&tasks, f, &cfg);
+                    let mut r = simulate_tasks(&tasks, &cfg);
                     r.policy = sharing.label();
                     eprintln!("  {:<20} done after {:.1} s", r.policy, started.elapsed().as_secs_f64());
                     r
@@ -202,7 +200,7 @@ fn task(t: &TaskEntry, opts: &SimulateOpts) -> anyhow::Result<SimTask> {
     let warmup = if opts.cold_start {
         Vec::new()
     } else {
-        let from = start.saturating_sub(opts.lookback_s * opts.speedup);
+        let from = start.saturating_sub(opts.adapt.forecast_window_s * opts.speedup);
         compress(&all[from..start], opts.speedup, t.scale)
     };
     Ok(SimTask { name: t.name.clone(), stages, slo_ms: t.slo_ms as f64, rates, warmup, share: Some(share) })

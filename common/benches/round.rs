@@ -95,7 +95,7 @@ fn rounds(c: &mut Criterion) {
     ] {
         let input = cluster.input();
         let cfg = AdaptConfig::default();
-        let round = Adapter::with_defaults(cfg.clone()).round(&input);
+        let round = Adapter::new(cfg.clone()).round(&input);
         let workers = round.plan.assignments.len();
         let planned: f64 = round.tasks.values().map(|o| o.planned_rps).sum();
         let served = round.tasks.keys().filter(|t| round.plan.assignments.iter().any(|a| &a.task == *t)).count();
@@ -105,7 +105,7 @@ fn rounds(c: &mut Criterion) {
         );
         eprintln!("{name}: {}", plan_sizes(&cluster, &round.plan, &cfg));
         group.bench_with_input(BenchmarkId::from_parameter(name), &input, |b, input| {
-            b.iter(|| Adapter::with_defaults(cfg.clone()).round(black_box(input)))
+            b.iter(|| Adapter::new(cfg.clone()).round(black_box(input)))
         });
     }
     group.finish();
@@ -122,7 +122,7 @@ fn plan_sizes(cluster: &Cluster, first: &tidal_proto::v1::Plan, cfg: &AdaptConfi
     for arrivals in busier.arrivals.iter_mut().step_by(10) {
         arrivals.iter_mut().for_each(|r| *r *= 1.3);
     }
-    let mut adapter = Adapter::with_defaults(cfg.clone());
+    let mut adapter = Adapter::new(cfg.clone());
     adapter.round(&cluster.input());
     let input = RoundInput { current: Some(first), ..busier.input() };
     let next = adapter.round(&input).plan;

@@ -30,7 +30,9 @@ pub mod share;
 pub use handover::Serving;
 pub use share::ShareRule;
 
-use crate::forecast::{is_surge, Forecaster, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S};
+use crate::forecast::{
+    is_surge, Ewma, Forecaster, ForecasterKind, Holt, LastValue, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S,
+};
 use crate::latency::LatencyModel;
 use crate::profile::ProfileGrid;
 use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, SolveError, Stage, Variant, Weights};
@@ -47,6 +49,8 @@ pub struct AdaptConfig {
     pub limits: Limits,
     /// Seconds between rounds; the forecast looks this far ahead.
     pub interval_s: f64,
+    /// The forecaster of every task's arrivals.
+    pub forecaster: ForecasterKind,
     /// Seconds of arrival history the forecaster sees.
     pub lookback_s: usize,
     /// Headroom of the default peak-window forecaster.
@@ -71,6 +75,7 @@ impl Default for AdaptConfig {
             weights: Weights::default(),
             limits: Limits::default(),
             interval_s: 30.0,
+            forecaster: ForecasterKind::PeakWindow,
             lookback_s: 60,
             headroom: 1.1,
             smooth_s: crate::forecast::SMOOTH_S,
@@ -83,9 +88,19 @@ impl Default for AdaptConfig {
 }
 
 impl AdaptConfig {
-    /// The default forecaster for this configuration: the peak of the lookback window.
-    pub fn forecaster(&self) -> PeakWindow {
+    /// The peak-window forecaster of this configuration's window, headroom and smoothing.
+    pub fn peak_window(&self) -> PeakWindow {
         PeakWindow { window_s: self.lookback_s.max(1), headroom: self.headroom, smooth_s: self.smooth_s.max(1) }
+    }
+
+    /// This configuration's forecaster.
+    pub fn forecaster(&self) -> Box<dyn Forecaster> {
+        match self.forecaster {
+            ForecasterKind::PeakWindow => Box::new(self.peak_window()),
+            ForecasterKind::Last => Box::new(LastValue),
+            ForecasterKind::Ewma => Box::new(Ewma { alpha: 0.5 }),
+            ForecasterKind::Holt => Box::new(Holt { alpha: 0.5, beta: 0.3 }),
+        }
     }
 
     pub fn space(&self) -> SearchSpace {
@@ -174,14 +189,10 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    pub fn new(cfg: AdaptConfig, forecaster: Box<dyn Forecaster>) -> Self {
+    /// A driver of rounds with `cfg`, its forecaster included.
+    pub fn new(cfg: AdaptConfig) -> Self {
+        let forecaster = cfg.forecaster();
         Self { cfg, forecaster, stabilisers: BTreeMap::new(), planned: BTreeMap::new(), last_surge_s: None }
-    }
-
-    /// With the configuration's default forecaster.
-    pub fn with_defaults(cfg: AdaptConfig) -> Self {
-        let forecaster = Box::new(cfg.forecaster());
-        Self::new(cfg, forecaster)
     }
 
     pub fn config(&self) -> &AdaptConfig {

@@ -12,6 +12,50 @@ pub trait Forecaster: Send + Sync {
     fn forecast(&self, history: &[f64], horizon_s: usize) -> f64;
 }
 
+/// Which forecaster a round uses: part of the round's configuration ([`crate::adapt::AdaptConfig`]),
+/// so that the controller and the simulator run the same one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForecasterKind {
+    /// The peak of the lookback window with its sure trend, times the headroom.
+    #[default]
+    PeakWindow,
+    Last,
+    Ewma,
+    Holt,
+}
+
+impl ForecasterKind {
+    pub const NAMES: &'static str = "peak-window, last, ewma or holt";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PeakWindow => "peak-window",
+            Self::Last => "last",
+            Self::Ewma => "ewma",
+            Self::Holt => "holt",
+        }
+    }
+}
+
+impl std::fmt::Display for ForecasterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ForecasterKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "peak-window" => Self::PeakWindow,
+            "last" => Self::Last,
+            "ewma" => Self::Ewma,
+            "holt" => Self::Holt,
+            other => return Err(format!("unknown forecaster {other:?}: {}", Self::NAMES)),
+        })
+    }
+}
+
 /// Peaks of consecutive `horizon_s`-second chunks of `history`, aligned to its end (the
 /// oldest, partial chunk is dropped unless it is the only one).
 pub fn interval_peaks(history: &[f64], horizon_s: usize) -> Vec<f64> {

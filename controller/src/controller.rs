@@ -55,7 +55,7 @@ pub struct Controller {
 impl Controller {
     pub fn new(raft: RaftHandle, cfg: ControllerConfig, metrics: ControllerMetrics, security: Security) -> Arc<Self> {
         let node_timeout = cfg.node_timeout;
-        let adapter = Adapter::with_defaults(cfg.adapt.clone());
+        let adapter = Adapter::new(cfg.adapt.clone());
         Arc::new(Self {
             raft,
             cfg,

@@ -8,8 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tidal_auth::tls::ClientAuth;
 use tidal_common::adapt::AdaptConfig;
-use tidal_common::latency::LatencyModel;
-use tidal_common::solver::{Limits, PolicyKind, Weights};
+use tidal_common::solver::PolicyKind;
 use tidal_controller::consensus::{start, RaftConfig, RaftHandle};
 use tidal_controller::controller::{Controller, ControllerConfig};
 use tidal_controller::service::ControllerService;
@@ -49,47 +48,12 @@ struct Args {
     /// Seconds between adaptation rounds.
     #[arg(long, env = "TIDAL_INTERVAL_S", default_value_t = AdaptConfig::default().interval_s)]
     interval_s: f64,
-    /// Seconds of arrival history the forecaster looks at.
-    #[arg(long, env = "TIDAL_FORECAST_WINDOW_S", default_value_t = AdaptConfig::default().lookback_s)]
-    forecast_window_s: usize,
-    /// Adaptation rounds the forecast must stay lower before a plan is sized down (1: at once).
-    #[arg(long, env = "TIDAL_SCALE_DOWN_AFTER", default_value_t = AdaptConfig::default().scale_down_after)]
-    scale_down_after: u32,
-    /// Factor the forecast peak is raised by before solving.
-    #[arg(long, env = "TIDAL_HEADROOM", default_value_t = AdaptConfig::default().headroom)]
-    headroom: f64,
-    /// Seconds the forecaster averages the arrival rate over before it takes the window's peak
-    /// (1: the peak of single seconds, which a Poisson load's scatter raises by a fifth).
-    #[arg(long, env = "TIDAL_SMOOTH_S", default_value_t = AdaptConfig::default().smooth_s)]
-    smooth_s: usize,
     /// Planning policy: tidal (variant mix, vertical and horizontal scaling, batching) or one
     /// of the research systems and baselines it is compared with.
     #[arg(long, env = "TIDAL_POLICY", default_value = "tidal", value_parser = parse_policy)]
     policy: PolicyKind,
-    /// How the cores are divided among tasks when they do not carry every task's load:
-    /// weighted (in proportion to the tasks' weights) or max-min (the largest least fraction
-    /// of each task's demand carried). While the cores suffice, the tasks' weighted objectives
-    /// decide.
-    #[arg(long, env = "TIDAL_SHARE", default_value = "weighted")]
-    share: tidal_common::adapt::ShareRule,
-    /// Objective weight of the traffic-weighted accuracy (per 100 %).
-    #[arg(long, env = "TIDAL_ALPHA", default_value_t = 1.0)]
-    alpha: f64,
-    /// Objective weight of the cores used, per core budget.
-    #[arg(long, env = "TIDAL_BETA", default_value_t = 0.05)]
-    beta: f64,
-    /// Objective weight of starting variants that are not running (model loads).
-    #[arg(long, env = "TIDAL_GAMMA", default_value_t = 0.001)]
-    gamma: f64,
-    /// Objective weight per unit of batch size.
-    #[arg(long, env = "TIDAL_DELTA", default_value_t = 1e-5)]
-    delta: f64,
-    /// Largest batch size a plan may use.
-    #[arg(long, env = "TIDAL_MAX_BATCH", default_value_t = 64)]
-    max_batch: u32,
-    /// Share of a profiled throughput a worker is planned to carry.
-    #[arg(long, env = "TIDAL_UTILISATION", default_value_t = AdaptConfig::default().model.utilisation)]
-    utilisation: f64,
+    #[command(flatten)]
+    adapt: tidal_daemon::adapt_args::AdaptArgs,
     /// Seconds a new worker takes to serve, assumed where the agents have not measured a
     /// variant's load yet (Tidal weighs a plan change by the requests lost meanwhile).
     #[arg(long, env = "TIDAL_LOAD_TIME_S", default_value_t = AdaptConfig::default().load_time_s)]
@@ -165,9 +129,9 @@ async fn main() -> anyhow::Result<()> {
     if args.id == 0 {
         anyhow::bail!("--id must be positive");
     }
-    if !(args.interval_s > 0.0 && args.headroom >= 1.0 && args.utilisation > 0.0 && args.utilisation <= 1.0) {
-        anyhow::bail!("--interval-s must be positive, --headroom at least 1, --utilisation in (0, 1]");
-    }
+    // Checked before anything is opened or bound.
+    let adapt =
+        args.adapt.config(args.policy.clone(), args.interval_s, args.load_time_s).map_err(anyhow::Error::msg)?;
     if !(args.node_timeout_s.is_finite() && (0.5..=86_400.0).contains(&args.node_timeout_s)) {
         anyhow::bail!("--node-timeout-s must be within 0.5–86400 seconds");
     }
@@ -207,20 +171,7 @@ async fn main() -> anyhow::Result<()> {
     let raft = start(raft_cfg, &args.data_dir)
         .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;
     let cfg = ControllerConfig {
-        adapt: AdaptConfig {
-            policy: args.policy,
-            model: LatencyModel { utilisation: args.utilisation },
-            weights: Weights { alpha: args.alpha, beta: args.beta, gamma: args.gamma, delta: args.delta },
-            limits: Limits { max_batch: args.max_batch.clamp(1, tidal_common::plan::MAX_BATCH), ..Limits::default() },
-            interval_s: args.interval_s,
-            lookback_s: args.forecast_window_s.max(1),
-            headroom: args.headroom,
-            smooth_s: args.smooth_s.max(1),
-            scale_down_after: args.scale_down_after.max(1),
-            reserve_cores: args.reserve_cores,
-            load_time_s: args.load_time_s.clamp(0.0, 600.0),
-            share: args.share,
-        },
+        adapt: AdaptConfig { reserve_cores: args.reserve_cores, ..adapt },
         advertise,
         node_timeout: Duration::from_secs_f64(args.node_timeout_s),
     };

@@ -69,7 +69,7 @@ fn normalised(plans: Vec<Plan>) -> Vec<Plan> {
 /// The simulator's driver, as `simulate` runs it: a round every interval before the second's
 /// arrivals, a surge check after each second.
 fn through_the_simulator(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
-    let mut sim = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
+    let mut sim = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::new(cfg.clone()));
     let interval = cfg.interval_s as usize;
     let mut history = vec![rec[0].0 as f64; WARMUP_S];
     let mut plans = Vec::new();
@@ -92,8 +92,8 @@ fn through_the_simulator(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Op
 /// The controller's driver: the replicated state holds the task, the node and the profiles;
 /// the observations come from one telemetry report a second.
 fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, Option<u32>)]) -> Vec<Plan> {
-    let mut adapter = Adapter::with_defaults(cfg.clone());
-    let reference = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone()));
+    let mut adapter = Adapter::new(cfg.clone());
+    let reference = SimPlanner::pipeline(stages, SLO_MS, CORES, Adapter::new(cfg.clone()));
     let spec = reference.spec().clone();
     let mut state = ClusterState::default();
     state.nodes.insert(
@@ -207,7 +207,7 @@ fn the_controller_and_the_simulator_plan_a_pipeline_alike() {
 fn a_silent_node_is_planned_around_until_it_reports_again() {
     let cfg = AdaptConfig { policy: "tidal".parse().unwrap(), interval_s: 10.0, ..AdaptConfig::default() };
     let stages = two_stages();
-    let spec = SimPlanner::pipeline(&stages, SLO_MS, CORES, Adapter::with_defaults(cfg.clone())).spec().clone();
+    let spec = SimPlanner::pipeline(&stages, SLO_MS, CORES, Adapter::new(cfg.clone())).spec().clone();
     let mut state = ClusterState::default();
     for node in ["a", "b"] {
         state.nodes.insert(
@@ -235,7 +235,7 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
         tasks: vec![TaskTelemetry { task: spec.name.clone(), arrivals_per_second: vec![5], ..Default::default() }],
         ..Default::default()
     };
-    let mut adapter = Adapter::with_defaults(cfg);
+    let mut adapter = Adapter::new(cfg);
     let nodes_of = |plan: &Plan| {
         let mut n: Vec<String> = plan.assignments.iter().map(|a| a.node.clone()).collect();
         n.sort();

@@ -1,7 +1,9 @@
 //! The edges Tidal's binaries share, kept out of `tidal-common` so that the models there stay
 //! pure (no I/O, threads or clocks): log set-up, the Prometheus metrics endpoint, the standard
-//! gRPC services (health, reflection) and systemd notifications.
+//! gRPC services (health, reflection), systemd notifications, and the flags of an adaptation
+//! round the controller and the simulator share.
 
+pub mod adapt_args;
 pub mod edge;
 pub mod grpc_std;
 pub mod logging;

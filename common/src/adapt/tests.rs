@@ -75,7 +75,7 @@ impl World {
 /// An adapter whose forecast is the last second's rate (no headroom), so tests can set it.
 fn adapter(policy: &str) -> Adapter {
     let cfg = AdaptConfig { policy: policy.parse().unwrap(), lookback_s: 1, headroom: 1.0, ..AdaptConfig::default() };
-    Adapter::with_defaults(cfg)
+    Adapter::new(cfg)
 }
 
 fn capacity(p: &Plan) -> f64 {

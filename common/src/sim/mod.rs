@@ -29,7 +29,6 @@ use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use crate::executor::execute;
-use crate::forecast::Forecaster;
 use crate::profile::ProfileGrid;
 use crate::reconcile::{desired_on, diff, RunningWorker, WorkerShape};
 use executor::SimExecutor;
@@ -155,27 +154,15 @@ pub struct SimTask {
 /// Replays `rates` (requests per second, one per second) after `warmup` (the seconds before,
 /// which the forecaster sees as history but which are not served) against a one-stage task
 /// of `variants`.
-pub fn simulate(
-    rates: &[f64],
-    warmup: &[f64],
-    variants: &[SimVariant],
-    forecaster: Box<dyn Forecaster>,
-    cfg: &SimConfig,
-) -> SimReport {
+pub fn simulate(rates: &[f64], warmup: &[f64], variants: &[SimVariant], cfg: &SimConfig) -> SimReport {
     let stage = SimStage::new(SimPlanner::TASK, variants.to_vec());
-    simulate_pipeline(rates, warmup, &[stage], forecaster, cfg)
+    simulate_pipeline(rates, warmup, &[stage], cfg)
 }
 
 /// Replays `rates` against a pipeline of `stages`: a request runs stage after stage, each on a
 /// worker of that stage the plan's weights pick, within one deadline; its accuracy is the mean
 /// of the accuracies of the variants that served its stages (the planner's own measure).
-pub fn simulate_pipeline(
-    rates: &[f64],
-    warmup: &[f64],
-    stages: &[SimStage],
-    forecaster: Box<dyn Forecaster>,
-    cfg: &SimConfig,
-) -> SimReport {
+pub fn simulate_pipeline(rates: &[f64], warmup: &[f64], stages: &[SimStage], cfg: &SimConfig) -> SimReport {
     let task = SimTask {
         name: SimPlanner::TASK.into(),
         stages: stages.to_vec(),
@@ -184,14 +171,14 @@ pub fn simulate_pipeline(
         warmup: warmup.to_vec(),
         share: None,
     };
-    simulate_tasks(&[task], forecaster, cfg)
+    simulate_tasks(&[task], cfg)
 }
 
 /// Replays several tasks at once on one node of `cfg.core_budget` cores, each its own arrivals,
 /// planned together by the adaptation core as the controller plans them (`cfg.slo_ms` is not
-/// used: each task has its own).
-pub fn simulate_tasks(tasks: &[SimTask], forecaster: Box<dyn Forecaster>, cfg: &SimConfig) -> SimReport {
-    let mut sim = Sim::new(tasks, cfg, forecaster);
+/// used: each task has its own). The forecaster is the configuration's, as on the controller.
+pub fn simulate_tasks(tasks: &[SimTask], cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(tasks, cfg);
     let interval = (cfg.adapt.interval_s.round() as usize).max(1);
     let seconds = tasks.iter().map(|t| t.rates.len()).max().unwrap_or(0);
     let mut arrivals: Vec<(f64, usize)> = Vec::new();
@@ -469,8 +456,8 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(tasks: &'a [SimTask], cfg: &'a SimConfig, forecaster: Box<dyn Forecaster>) -> Self {
-        let adapter = Adapter::new(cfg.adapt.clone(), forecaster);
+    fn new(tasks: &'a [SimTask], cfg: &'a SimConfig) -> Self {
+        let adapter = Adapter::new(cfg.adapt.clone());
         let described: Vec<(&str, &[SimStage], f64, Option<tidal_proto::v1::TaskShare>)> =
             tasks.iter().map(|t| (t.name.as_str(), t.stages.as_slice(), t.slo_ms, t.share)).collect();
         let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);

@@ -1,5 +1,4 @@
 use super::*;
-use crate::forecast::PeakWindow;
 
 fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
     // Batch 1 and 4 on 1..=8 cores: a batch of 4 is 1.5× as efficient per request.
@@ -24,7 +23,7 @@ fn cfg() -> SimConfig {
 fn run(rates: &[f64], policy: &str, cfg: &SimConfig) -> SimReport {
     let warmup = vec![rates[0]; 30];
     let cfg = SimConfig { adapt: AdaptConfig { policy: policy.parse().unwrap(), ..cfg.adapt.clone() }, ..cfg.clone() };
-    simulate(rates, &warmup, &variants(), Box::new(PeakWindow::default()), &cfg)
+    simulate(rates, &warmup, &variants(), &cfg)
 }
 
 #[test]
@@ -128,7 +127,7 @@ fn pipeline() -> Vec<SimStage> {
 fn run_pipeline(rates: &[f64], policy: &str, cfg: &SimConfig) -> SimReport {
     let warmup = vec![rates[0]; 30];
     let cfg = SimConfig { adapt: AdaptConfig { policy: policy.parse().unwrap(), ..cfg.adapt.clone() }, ..cfg.clone() };
-    simulate_pipeline(rates, &warmup, &pipeline(), Box::new(PeakWindow::default()), &cfg)
+    simulate_pipeline(rates, &warmup, &pipeline(), &cfg)
 }
 
 #[test]
@@ -196,7 +195,7 @@ fn the_simulator_carries_plans_out_by_the_agents_executor_contract() {
     };
     let tasks = vec![task("t"), task("u")];
     let cfg = cfg();
-    let mut sim = Sim::new(&tasks, &cfg, Box::new(PeakWindow::default()));
+    let mut sim = Sim::new(&tasks, &cfg);
     let find = |sim: &Sim, task: &str, variant: &str| {
         let i = sim.workers.iter().rposition(|w| w.key.task == task && w.key.variant == variant);
         sim.workers[i.unwrap_or_else(|| panic!("no worker {task}/{variant}"))].clone()

@@ -74,7 +74,7 @@ fn config(share: ShareRule) -> AdaptConfig {
 }
 
 fn round(c: &Cluster, share: ShareRule) -> Plan {
-    Adapter::with_defaults(config(share)).round(&c.input()).plan
+    Adapter::new(config(share)).round(&c.input()).plan
 }
 
 /// What a task's workers carry (planned capacity) and the cores they hold.
@@ -185,7 +185,7 @@ fn workers_too_large_for_any_node_are_planned_again_smaller() {
 #[test]
 fn workers_moved_to_another_node_are_counted() {
     let c = Cluster::new(&[60.0, 10.0], &[2, 2]);
-    let mut adapter = Adapter::with_defaults(config(ShareRule::Weighted));
+    let mut adapter = Adapter::new(config(ShareRule::Weighted));
     let first = adapter.round(&c.input()).plan;
     let again = {
         let mut input = c.input();
@@ -263,7 +263,7 @@ proptest! {
         }
         // Up to 75 req/s each, one core of "small" carries any of them: a division exists.
         let best = best.expect("a division that carries every load");
-        let plan = Adapter::with_defaults(cfg.clone()).round(&input).plan;
+        let plan = Adapter::new(cfg.clone()).round(&input).plan;
         let mut got = 0.0;
         let mut used = 0;
         for (i, p) in plans.iter_mut().enumerate() {
@@ -297,7 +297,7 @@ proptest! {
         for (i, &(w, min, max)) in shares.iter().enumerate().take(n) {
             c = c.share(i, w, min, if max > 0 { max.max(min) } else { 0 });
         }
-        let mut adapter = Adapter::with_defaults(config(rule));
+        let mut adapter = Adapter::new(config(rule));
         let mut plan: Option<Plan> = None;
         for round in 0..3 {
             for (t, r) in c.tasks.iter_mut().zip(&rates) {
