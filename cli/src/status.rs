@@ -57,6 +57,7 @@ pub fn render(s: &ClusterStatus) -> String {
             share(spec.share.as_ref()),
             format!("{:.1}", t.rate_rps),
             format!("{:.1}", t.forecast_rps),
+            format!("{:.1}", t.planned_rps),
             format!("{:.1}", t.latency_p99_ms),
             t.served.to_string(),
             t.errors.to_string(),
@@ -70,6 +71,7 @@ pub fn render(s: &ClusterStatus) -> String {
                     String::new(),
                     format!("{:.1}", st.rate_rps),
                     String::new(),
+                    String::new(),
                     format!("{:.1}", st.latency_p99_ms),
                     st.served.to_string(),
                     st.errors.to_string(),
@@ -79,7 +81,7 @@ pub fn render(s: &ClusterStatus) -> String {
         }
     }
     out += &output::table(
-        &["TASK", "SLO ms", "SHARE", "RATE/s", "PLANNED/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"],
+        &["TASK", "SLO ms", "SHARE", "RATE/s", "FORECAST/s", "PLANNED/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"],
         tasks,
     );
     let nodes = s

@@ -15,7 +15,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::consensus::{ProposeError, RaftHandle};
 use crate::metrics::{ControllerMetrics, PlanForm, TaskLabels};
-use crate::observed::Observed;
+use crate::observed::{Observed, RoundRates};
 use crate::planner;
 use crate::pusher::{Push, Pushers};
 use prost::Message;
@@ -136,7 +136,9 @@ impl Controller {
             current.as_ref().map(|p| p.planned_rps.clone().into_iter().collect()).unwrap_or_default();
         self.observed(|o| {
             *o = Observed::new(Instant::now()).with_node_timeout(self.cfg.node_timeout);
-            o.forecasts = planned.clone();
+            // Until its first round, a new leader knows the rates the plan was sized for.
+            o.round_rates =
+                planned.iter().map(|(t, &p)| (t.clone(), RoundRates { forecast_rps: 0.0, planned_rps: p })).collect();
         });
         self.adapter(|a| a.resume(&planned));
         let Some(current) = current else {
@@ -173,9 +175,15 @@ impl Controller {
         let observations = self.observed(|o| planner::Observations::gather(&self.cfg.adapt, &state, o, now));
         let round =
             tokio::task::block_in_place(|| self.adapter(|a| planner::plan_from(a, &state, &observations, forecast)));
-        self.observed(|o| o.forecasts = round.tasks.iter().map(|(t, r)| (t.clone(), r.planned_rps)).collect());
+        let rates = round
+            .tasks
+            .iter()
+            .map(|(t, r)| (t.clone(), RoundRates { forecast_rps: r.forecast_rps, planned_rps: r.planned_rps }));
+        self.observed(|o| o.round_rates = rates.collect());
         for (task, r) in &round.tasks {
-            self.metrics.forecast_rps.get_or_create(&TaskLabels { task: task.clone() }).set(r.forecast_rps);
+            let labels = TaskLabels { task: task.clone() };
+            self.metrics.forecast_rps.get_or_create(&labels).set(r.forecast_rps);
+            self.metrics.planned_rps.get_or_create(&labels).set(r.planned_rps);
         }
         self.metrics.adaptation_seconds.observe(now.elapsed().as_secs_f64());
         if !round.changed {

@@ -38,6 +38,7 @@ pub struct ControllerMetrics {
     pub workers_moved: Counter,
     pub adaptation_seconds: Histogram,
     pub forecast_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
+    pub planned_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
     pub observed_rps: Family<TaskLabels, Gauge<f64, AtomicU64>>,
     pub raft_term: Gauge,
     pub is_leader: Gauge,
@@ -58,6 +59,7 @@ impl ControllerMetrics {
             workers_moved: Counter::default(),
             adaptation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             forecast_rps: Family::default(),
+            planned_rps: Family::default(),
             observed_rps: Family::default(),
             raft_term: Gauge::default(),
             is_leader: Gauge::default(),
@@ -87,6 +89,11 @@ impl ControllerMetrics {
             m.plan_delivery_seconds.clone(),
         );
         r.register("forecast_requests_per_second", "Forecast peak arrival rate per task", m.forecast_rps.clone());
+        r.register(
+            "planned_requests_per_second",
+            "Arrival rate the plan is sized for per task (the forecast as the scale-down stabiliser holds it)",
+            m.planned_rps.clone(),
+        );
         r.register("observed_requests_per_second", "Arrival rate per task over the last 5 s", m.observed_rps.clone());
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register("is_leader", "1 on the leader", m.is_leader.clone());

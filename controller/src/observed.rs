@@ -18,6 +18,13 @@ use tidal_proto::v1::{StageStatus, TelemetryReport};
 /// Seconds of arrival history kept per task.
 pub const HISTORY_S: u64 = 3600;
 
+/// What a round made of a task's arrivals.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RoundRates {
+    pub forecast_rps: f64,
+    pub planned_rps: f64,
+}
+
 pub struct Observed {
     started: Instant,
     arrivals: HashMap<String, BTreeMap<u64, f64>>,
@@ -25,7 +32,8 @@ pub struct Observed {
     budgets: HashMap<String, BTreeMap<u64, f64>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
-    pub forecasts: BTreeMap<String, f64>,
+    /// Per task, the last round's forecast and the rate it planned for.
+    pub round_rates: BTreeMap<String, RoundRates>,
     /// Per node, how its seconds map onto the controller's.
     clocks: HashMap<String, NodeClock>,
     /// A node whose last report is older than this is taken for gone: not planned on.
@@ -58,7 +66,7 @@ impl Observed {
             budgets: HashMap::new(),
             reports: BTreeMap::new(),
             totals: HashMap::new(),
-            forecasts: BTreeMap::new(),
+            round_rates: BTreeMap::new(),
             clocks: HashMap::new(),
             node_timeout: NODE_TIMEOUT,
         }

@@ -279,7 +279,8 @@ impl ControllerApi for ControllerService {
                     TaskStatus {
                         spec: Some(t.clone()),
                         rate_rps: o.rate(&t.name, now, 5),
-                        forecast_rps: o.forecasts.get(&t.name).copied().unwrap_or(0.0),
+                        forecast_rps: o.round_rates.get(&t.name).map_or(0.0, |r| r.forecast_rps),
+                        planned_rps: o.round_rates.get(&t.name).map_or(0.0, |r| r.planned_rps),
                         latency_p99_ms: o.p99(&t.name),
                         served,
                         errors,

@@ -201,6 +201,7 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
     // its headroom and nothing else.
     let load = tokio::spawn(drive(agent.addr.clone(), "flat", r18.input_shape.clone(), 150.0, 24.0));
     let mut planned = Vec::new();
+    let mut forecast = Vec::new();
     let mut rates = Vec::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(22) {
@@ -211,16 +212,22 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
         };
         if started.elapsed() > Duration::from_secs(8) {
             rates.push(task.rate_rps);
-            planned.push(task.forecast_rps);
+            planned.push(task.planned_rps);
+            forecast.push(task.forecast_rps);
         }
     }
     load.await.unwrap();
-    println!("planned {planned:?}\nrates {rates:?}");
+    println!("planned {planned:?}\nforecast {forecast:?}\nrates {rates:?}");
     assert!(!planned.is_empty());
     for &p in &planned {
         assert!((150.0 * 0.9..=150.0 * 1.1 * 1.1).contains(&p), "planned {p:.0} req/s for a flat 150: {planned:?}");
     }
     for &r in &rates {
         assert!((150.0 * 0.9..=150.0 * 1.1).contains(&r), "status rate {r:.0} for a flat 150: {rates:?}");
+    }
+    // The forecast is reported under its own name; the plan is sized for no less.
+    for (&f, &p) in forecast.iter().zip(&planned) {
+        assert!((150.0 * 0.9..=150.0 * 1.1 * 1.1).contains(&f), "forecast {f:.0} req/s for a flat 150: {forecast:?}");
+        assert!(p >= f - 1e-6, "planned {p:.1} below the forecast {f:.1}");
     }
 }
