@@ -39,6 +39,8 @@ pub enum ProposeError {
     Timeout(Duration),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("the Raft driver has {INPUT_QUEUE} inputs queued; try again")]
+    Busy,
 }
 
 /// What the rest of the controller may read about consensus.
@@ -110,7 +112,7 @@ const READ_ATTEMPT: Duration = Duration::from_millis(300);
 
 #[derive(Clone)]
 pub struct RaftHandle {
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::SyncSender<Input>,
     pub state: Arc<RwLock<ClusterState>>,
     status: watch::Receiver<RaftStatus>,
     pub peers: AddressBook,
@@ -151,7 +153,7 @@ impl RaftHandle {
 
     async fn ask(&self, input: impl FnOnce(Reply) -> Input, timeout: Duration) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(input(reply)).map_err(|_| ProposeError::Stopped)?;
+        self.tx.try_send(input(reply)).map_err(refused)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(answer) => answer.map_err(|_| ProposeError::Stopped)?,
             Err(_) => Err(ProposeError::Timeout(timeout)),
@@ -212,7 +214,7 @@ impl RaftHandle {
 
     /// Hands a message from a peer to the driver.
     pub fn step(&self, m: Message) -> Result<(), ProposeError> {
-        self.tx.send(Input::Step(Box::new(m))).map_err(|_| ProposeError::Stopped)
+        self.tx.try_send(Input::Step(Box::new(m))).map_err(refused)
     }
 }
 
@@ -267,7 +269,7 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
         // A single voter need not wait an election timeout to lead.
         node.campaign()?;
     }
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(INPUT_QUEUE);
     let state = Arc::new(RwLock::new(state));
     let (status_tx, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
     let my_address = cfg.peers.get(cfg.id).unwrap_or_default();
@@ -344,6 +346,20 @@ fn refuse(input: Input) {
 
 /// Inputs handled before each Ready: proposals that arrive together share one fsync.
 const MAX_INPUTS_PER_READY: usize = 256;
+
+/// Inputs that may wait for the Raft driver (calls, peers' messages, transport feedback):
+/// about sixteen of its loops' worth. Beyond it a call is refused as busy (UNAVAILABLE) and a
+/// peer's message is refused (the peer backs off and Raft sends again), rather than memory
+/// growing while the driver falls behind.
+pub const INPUT_QUEUE: usize = 16 * MAX_INPUTS_PER_READY;
+
+/// Why an input could not be queued.
+fn refused<T>(e: mpsc::TrySendError<T>) -> ProposeError {
+    match e {
+        mpsc::TrySendError::Full(_) => ProposeError::Busy,
+        mpsc::TrySendError::Disconnected(_) => ProposeError::Stopped,
+    }
+}
 
 struct Driver {
     node: RawNode<LogView>,
@@ -488,6 +504,18 @@ impl Driver {
         }
     }
 
+    /// Queues messages to their peers. A peer whose queue is full is behind or down: it is
+    /// reported unreachable, and a snapshot that did not fit reported failed (raft-rs sends a
+    /// follower in snapshot state nothing more until it hears).
+    fn send(&mut self, messages: Vec<Message>) {
+        for dropped in self.outbound.send(messages) {
+            self.node.report_unreachable(dropped.to);
+            if dropped.snapshot {
+                self.node.report_snapshot(dropped.to, SnapshotStatus::Failure);
+            }
+        }
+    }
+
     /// A new leader that has not yet committed an entry of its own term cannot serve a read
     /// index (raft-rs drops the request): such reads wait for that commit.
     fn leads_without_commit_in_term(&self) -> bool {
@@ -575,13 +603,13 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.node.ready();
-        self.outbound.send(ready.take_messages());
+        self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone())?;
         }
         self.apply_committed(ready.take_committed_entries())?;
         self.log.persist(ready.entries(), ready.hs())?;
-        self.outbound.send(ready.take_persisted_messages());
+        self.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
             if let Some(reply) = self.reads.remove(rs.request_ctx.as_slice()) {
                 self.waiting_reads.push((rs.index, reply));
@@ -591,7 +619,7 @@ impl Driver {
         if let Some(commit) = light.commit_index() {
             self.log.set_commit(commit)?;
         }
-        self.outbound.send(light.take_messages());
+        self.send(light.take_messages());
         self.apply_committed(light.take_committed_entries())?;
         self.node.advance_apply();
         self.release_reads();

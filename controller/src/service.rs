@@ -40,7 +40,7 @@ impl ControllerService {
     fn refusal(&self, e: ProposeError) -> Status {
         match e {
             ProposeError::NotLeader(leader) => not_leader(leader.and_then(|id| self.ctl.raft.peers.get(id)).as_deref()),
-            ProposeError::Stopped | ProposeError::Timeout(_) => Status::unavailable(e.to_string()),
+            ProposeError::Stopped | ProposeError::Timeout(_) | ProposeError::Busy => Status::unavailable(e.to_string()),
             ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
             ProposeError::Raft(_) => Status::internal(e.to_string()),
         }

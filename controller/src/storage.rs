@@ -243,7 +243,8 @@ const SLED_CACHE_BYTES: u64 = 64 << 20;
 
 /// Opens sled in `dir`. A store just closed (by this process: a reopen, a restart in place)
 /// can still be locked for a moment by sled's background flusher, which holds the database
-/// until it notices; that lock is waited out, up to 5 s.
+/// until it notices; that lock is waited out, up to 5 s. sled 0.34 says a lock is held only in
+/// its error's text (an `ErrorKind::Other` made in `Config::open`), so the text is matched.
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {

@@ -27,6 +27,10 @@ use crate::consensus::{Input, RaftHandle};
 /// Largest Raft batch or snapshot accepted over the wire.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 const MAX_BATCH: usize = 256;
+/// Messages that may wait for one peer: four batches. A peer that falls this far behind is
+/// down or slow; what does not fit is dropped and the peer reported unreachable (Raft sends
+/// again what is still needed), so a dead peer holds a bounded amount of memory.
+const PEER_QUEUE: usize = 4 * MAX_BATCH;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A peer that does not answer within this is treated as unreachable (a cut link would
@@ -114,8 +118,40 @@ pub struct Outbound {
     book: AddressBook,
     security: Security,
     runtime: tokio::runtime::Handle,
-    feedback: mpsc::Sender<Input>,
-    peers: HashMap<u64, tmpsc::UnboundedSender<Message>>,
+    feedback: mpsc::SyncSender<Input>,
+    peers: HashMap<u64, tmpsc::Sender<Message>>,
+}
+
+/// Why a batch did not reach its peer.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("no address known for replica {0}")]
+    NoAddress(u64),
+    #[error("bad peer address: {0}")]
+    Address(String),
+    #[error("encoding a message: {0}")]
+    Encode(#[from] protobuf::ProtobufError),
+    /// The peer answered and refused who this replica is (its certificate, role or
+    /// membership): not a peer that is down, and worth an operator's eye.
+    #[error("the peer refused this replica: {0}")]
+    Refused(Status),
+    #[error("{0}")]
+    Failed(Status),
+}
+
+impl From<Status> for SendError {
+    fn from(s: Status) -> Self {
+        match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Self::Refused(s),
+            _ => Self::Failed(s),
+        }
+    }
+}
+
+/// A message that found its peer's queue full.
+pub struct Dropped {
+    pub to: u64,
+    pub snapshot: bool,
 }
 
 impl Outbound {
@@ -125,16 +161,18 @@ impl Outbound {
         book: AddressBook,
         security: Security,
         runtime: tokio::runtime::Handle,
-        feedback: mpsc::Sender<Input>,
+        feedback: mpsc::SyncSender<Input>,
     ) -> Self {
         Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new() }
     }
 
-    pub fn send(&mut self, messages: Vec<Message>) {
+    /// Queues each message for its peer; returns those that found the queue full.
+    pub fn send(&mut self, messages: Vec<Message>) -> Vec<Dropped> {
+        let mut dropped = Vec::new();
         for m in messages {
             let to = m.to;
             let queue = self.peers.entry(to).or_insert_with(|| {
-                let (tx, rx) = tmpsc::unbounded_channel();
+                let (tx, rx) = tmpsc::channel(PEER_QUEUE);
                 let peer = Peer {
                     to,
                     me: self.me,
@@ -146,10 +184,17 @@ impl Outbound {
                 self.runtime.spawn(peer.run(rx));
                 tx
             });
-            if queue.send(m).is_err() {
-                self.peers.remove(&to);
+            match queue.try_send(m) {
+                Ok(()) => {}
+                Err(tmpsc::error::TrySendError::Full(m)) => {
+                    dropped.push(Dropped { to, snapshot: m.get_msg_type() == MessageType::MsgSnapshot });
+                }
+                Err(tmpsc::error::TrySendError::Closed(_)) => {
+                    self.peers.remove(&to);
+                }
             }
         }
+        dropped
     }
 }
 
@@ -159,11 +204,11 @@ struct Peer {
     my_address: String,
     book: AddressBook,
     security: Security,
-    feedback: mpsc::Sender<Input>,
+    feedback: mpsc::SyncSender<Input>,
 }
 
 impl Peer {
-    async fn run(self, mut rx: tmpsc::UnboundedReceiver<Message>) {
+    async fn run(self, mut rx: tmpsc::Receiver<Message>) {
         let mut client: Option<(String, RaftTransportClient<Channel>)> = None;
         let mut backoff = MIN_BACKOFF;
         while let Some(first) = rx.recv().await {
@@ -179,14 +224,18 @@ impl Peer {
                 Ok(()) => {
                     backoff = MIN_BACKOFF;
                     if snapshots {
-                        self.report(Feedback::SnapshotSent { to: self.to, ok: true });
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: true }).await;
                     }
                 }
                 Err(reason) => {
-                    debug!(to = self.to, %reason, "raft send failed");
-                    self.report(Feedback::Unreachable(self.to));
+                    if matches!(reason, SendError::Refused(_)) {
+                        warn!(to = self.to, %reason, "raft send refused: check this replica's certificate and membership");
+                    } else {
+                        debug!(to = self.to, %reason, "raft send failed");
+                    }
+                    self.report(Feedback::Unreachable(self.to)).await;
                     if snapshots {
-                        self.report(Feedback::SnapshotSent { to: self.to, ok: false });
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: false }).await;
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -198,7 +247,7 @@ impl Peer {
                         dropped_snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
                     }
                     if dropped_snapshot {
-                        self.report(Feedback::SnapshotSent { to: self.to, ok: false });
+                        self.report(Feedback::SnapshotSent { to: self.to, ok: false }).await;
                     }
                 }
             }
@@ -209,25 +258,40 @@ impl Peer {
         &self,
         client: &mut Option<(String, RaftTransportClient<Channel>)>,
         batch: &[Message],
-    ) -> Result<(), String> {
-        let address = self.book.peer(self.to).ok_or_else(|| format!("no address known for replica {}", self.to))?;
+    ) -> Result<(), SendError> {
+        let address = self.book.peer(self.to).ok_or(SendError::NoAddress(self.to))?;
         if client.as_ref().is_none_or(|(a, _)| *a != address) {
-            let endpoint = self.security.endpoint(&address).map_err(|e| e.to_string())?;
+            let endpoint = self.security.endpoint(&address).map_err(|e| SendError::Address(e.to_string()))?;
             let channel = endpoint.connect_timeout(SEND_TIMEOUT / 4).timeout(SEND_TIMEOUT).connect_lazy();
             let c = RaftTransportClient::new(channel)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             *client = Some((address, c));
         }
-        let Some((_, c)) = client.as_mut() else { return Err("no client".into()) };
-        let messages =
-            batch.iter().map(|m| m.write_to_bytes().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+        let Some((_, c)) = client.as_mut() else { return Err(SendError::NoAddress(self.to)) };
+        let messages = batch.iter().map(|m| m.write_to_bytes()).collect::<Result<Vec<_>, _>>()?;
         let req = RaftBatch { from: self.me, from_address: self.my_address.clone(), messages };
-        c.send(req).await.map(|_| ()).map_err(|s| s.to_string())
+        c.send(req).await?;
+        Ok(())
     }
 
-    fn report(&self, f: Feedback) {
-        let _ = self.feedback.send(Input::Transport(f));
+    /// Tells the driver how a send went. Unreachability is advice, dropped when the driver's
+    /// queue is full (the next failure says it again); how a snapshot went is waited to be
+    /// heard, as raft-rs sends that follower nothing more until it hears.
+    async fn report(&self, f: Feedback) {
+        let mut input = Input::Transport(f);
+        loop {
+            match self.feedback.try_send(input) {
+                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
+                Err(mpsc::TrySendError::Full(back)) => {
+                    if matches!(back, Input::Transport(Feedback::Unreachable(_))) {
+                        return;
+                    }
+                    input = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
     }
 }
 
@@ -305,6 +369,23 @@ mod tests {
         None
     }
 
+    /// A peer's queue holds PEER_QUEUE messages; the rest are handed back to the driver,
+    /// which reports the peer unreachable and a snapshot among them failed.
+    #[tokio::test]
+    async fn a_full_peer_queue_hands_back_what_does_not_fit() {
+        let book = AddressBook::new([(2, "127.0.0.1:9/127.0.0.1:9".to_string())]);
+        let (tx, _rx) = mpsc::sync_channel(16);
+        let handle = tokio::runtime::Handle::current();
+        let mut out = Outbound::new(1, "127.0.0.1:8/127.0.0.1:8".into(), book, Security::plaintext(), handle, tx);
+        // One call, on this test's single thread: the peer's task has not run yet.
+        let mut messages: Vec<Message> = (0..PEER_QUEUE + 2).map(|_| message(MessageType::MsgAppend)).collect();
+        messages.push(message(MessageType::MsgSnapshot));
+        let dropped = out.send(messages);
+        assert_eq!(dropped.len(), 3);
+        assert!(dropped.iter().all(|d| d.to == 2));
+        assert_eq!(dropped.iter().filter(|d| d.snapshot).count(), 1, "the snapshot is named");
+    }
+
     /// raft-rs stops replicating to a follower it sent a snapshot to until it hears how that
     /// went: a snapshot that never reaches the peer must be reported failed, also one dropped
     /// from the queue while the peer's task backs off, or the follower stays behind for good.
@@ -314,7 +395,7 @@ mod tests {
         let addr = dead.local_addr().unwrap().to_string();
         drop(dead); // nothing listens there: every send fails at once
         let book = AddressBook::new([(2, format!("{addr}/{addr}"))]);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(16);
         let handle = tokio::runtime::Handle::current();
         let mut out = Outbound::new(1, "127.0.0.1:9/127.0.0.1:9".into(), book, Security::plaintext(), handle, tx);
         out.send(vec![message(MessageType::MsgAppend)]);
