@@ -41,7 +41,8 @@ pub struct Controller {
     pub observed: Mutex<Observed>,
     pub metrics: ControllerMetrics,
     /// The adaptation core this leader drives; reset when it takes over.
-    adapter: Mutex<Adapter>,
+    /// The round's driver: taken by one round at a time, on a blocking thread.
+    adapter: Arc<Mutex<Adapter>>,
     /// Wakes the adaptation loop early (a task, profile, SLO or node changed).
     pub replan: Notify,
     /// Wakes it to reconsider the plan without a new forecast (a worker came up, so the
@@ -60,7 +61,7 @@ impl Controller {
             raft,
             cfg,
             observed: Mutex::new(Observed::new(Instant::now()).with_node_timeout(node_timeout)),
-            adapter: Mutex::new(adapter),
+            adapter: Arc::new(Mutex::new(adapter)),
             replan: Notify::new(),
             reconsider: Notify::new(),
             last_push: Mutex::new(HashMap::new()),
@@ -170,11 +171,17 @@ impl Controller {
         let now = Instant::now();
         let state = self.raft.read(|s| s.clone());
         // The observations are copied out first: the solve (milliseconds to a second for
-        // hundreds of tasks) holds no lock a telemetry handler takes, and runs where it does
-        // not stall the runtime's other tasks.
+        // hundreds of tasks) holds no lock a telemetry handler takes, and runs on a blocking
+        // thread, off the runtime's workers, on that snapshot of its inputs.
         let observations = self.observed(|o| planner::Observations::gather(&self.cfg.adapt, &state, o, now));
-        let round =
-            tokio::task::block_in_place(|| self.adapter(|a| planner::plan_from(a, &state, &observations, forecast)));
+        let adapter = self.adapter.clone();
+        let (round, state) = tokio::task::spawn_blocking(move || {
+            let mut adapter = adapter.lock().unwrap_or_else(|p| p.into_inner());
+            let round = planner::plan_from(&mut adapter, &state, &observations, forecast);
+            (round, state)
+        })
+        .await
+        .map_err(|e| ProposeError::Raft(format!("the round's solve did not finish: {e}")))?;
         let rates = round
             .tasks
             .iter()
