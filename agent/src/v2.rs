@@ -39,7 +39,7 @@ pub const BUDGET_PARAMETER: &str = "budget_ms";
 /// The only version a task has.
 const VERSION: &str = "1";
 /// What ServerMetadata lists: the protocol extensions an agent implements (binary tensor data
-/// over HTTP/REST, see [`crate::v2_rest`]).
+/// over HTTP/REST, see the `v2_rest` module).
 pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "parameters", "binary_tensor_data"];
 
 fn invalid(msg: impl Into<String>) -> ServeError {

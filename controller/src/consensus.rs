@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::logging::slog_to_tracing;
 use crate::state::ClusterState;
 use crate::storage::{DurableLog, LogView, StorageError};
-use crate::transport::{AddressBook, Feedback, Outbound};
+use crate::transport::{AddressBook, Feedback, FeedbackSink, Outbound, Refused};
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ProposeError {
@@ -273,13 +273,19 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     let state = Arc::new(RwLock::new(state));
     let (status_tx, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
     let my_address = cfg.peers.get(cfg.id).unwrap_or_default();
+    let feedback_tx = tx.clone();
+    let feedback: FeedbackSink = Arc::new(move |f| match feedback_tx.try_send(Input::Transport(f)) {
+        Ok(()) => Ok(()),
+        Err(mpsc::TrySendError::Full(Input::Transport(f))) => Err(Refused::Full(f)),
+        Err(_) => Err(Refused::Closed),
+    });
     let outbound = Outbound::new(
         cfg.id,
         my_address,
         cfg.peers.clone(),
         cfg.security.clone(),
         tokio::runtime::Handle::current(),
-        tx.clone(),
+        feedback,
     );
     let mut driver = Driver {
         node,

@@ -1,7 +1,9 @@
 //! Tidal's controller.
 //!
 //! [`consensus`] drives raft-rs over [`storage`] (sled) and applies committed commands to the
-//! [`state`] machine, talking to its peers through the [`transport`]; [`controller`] runs the adaptation loop on the leader — forecast from
+//! [`state`] machine, sending to its peers through the [`transport`] and hearing them through
+//! the [`peer_service`] (the transport knows nothing of the driver: no import circle);
+//! [`controller`] runs the adaptation loop on the leader — forecast from
 //! what is [`observed`], solve with the [`planner`], commit, push to agents (one [`pusher`] per agent); [`service`] is the
 //! gRPC API.
 
@@ -11,6 +13,7 @@ pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod observed;
+pub mod peer_service;
 pub mod planner;
 pub mod pusher;
 pub mod service;

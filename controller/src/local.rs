@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::consensus::{start, RaftConfig, RaftHandle};
+use crate::peer_service::RaftService;
 use crate::storage::StorageError;
-use crate::transport::{AddressBook, RaftService};
+use crate::transport::AddressBook;
 
 /// Starts `n` replicas (ids 1..=n) under `dir` with the default timing, in plaintext, each
 /// serving Raft on one loopback port; call within a tokio runtime. The servers run until the

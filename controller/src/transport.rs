@@ -3,26 +3,23 @@
 //! Outbound: one tokio task per peer drains that peer's queue into batches and sends them; a
 //! failed send is dropped (Raft retransmits), reported to raft-rs as unreachable (and any
 //! snapshot in it or dropped after it as failed), and the task backs off before the next
-//! attempt. Inbound: the `RaftTransport` service decodes a
-//! batch and steps each message into the local replica.
+//! attempt. How a send went reaches the Raft driver through the [`FeedbackSink`] it gives.
+//! Inbound: the `peer_service` module.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tidal_proto::v1::raft_transport_client::RaftTransportClient;
-use tidal_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
-use tidal_proto::v1::{RaftAck, RaftBatch};
+use tidal_proto::v1::RaftBatch;
 use tokio::sync::mpsc as tmpsc;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use tracing::{debug, warn};
 
-use tidal_auth::{Guard, Role, Security};
-
-use crate::consensus::{Input, RaftHandle};
+use tidal_auth::Security;
 
 /// Largest Raft batch or snapshot accepted over the wire.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -111,6 +108,17 @@ pub enum Feedback {
     SnapshotSent { to: u64, ok: bool },
 }
 
+/// Why a [`FeedbackSink`] did not take a feedback.
+pub enum Refused {
+    /// The driver's queue is full: the feedback is handed back.
+    Full(Feedback),
+    /// The driver is gone.
+    Closed,
+}
+
+/// Where the peers' tasks tell the Raft driver how their sends went (its input queue).
+pub type FeedbackSink = Arc<dyn Fn(Feedback) -> Result<(), Refused> + Send + Sync>;
+
 /// The outbound side, owned by the Raft driver.
 pub struct Outbound {
     me: u64,
@@ -118,7 +126,7 @@ pub struct Outbound {
     book: AddressBook,
     security: Security,
     runtime: tokio::runtime::Handle,
-    feedback: mpsc::SyncSender<Input>,
+    feedback: FeedbackSink,
     peers: HashMap<u64, tmpsc::Sender<Message>>,
 }
 
@@ -161,7 +169,7 @@ impl Outbound {
         book: AddressBook,
         security: Security,
         runtime: tokio::runtime::Handle,
-        feedback: mpsc::SyncSender<Input>,
+        feedback: FeedbackSink,
     ) -> Self {
         Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new() }
     }
@@ -204,7 +212,7 @@ struct Peer {
     my_address: String,
     book: AddressBook,
     security: Security,
-    feedback: mpsc::SyncSender<Input>,
+    feedback: FeedbackSink,
 }
 
 impl Peer {
@@ -278,16 +286,13 @@ impl Peer {
     /// Tells the driver how a send went. Unreachability is advice, dropped when the driver's
     /// queue is full (the next failure says it again); how a snapshot went is waited to be
     /// heard, as raft-rs sends that follower nothing more until it hears.
-    async fn report(&self, f: Feedback) {
-        let mut input = Input::Transport(f);
+    async fn report(&self, mut f: Feedback) {
         loop {
-            match self.feedback.try_send(input) {
-                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
-                Err(mpsc::TrySendError::Full(back)) => {
-                    if matches!(back, Input::Transport(Feedback::Unreachable(_))) {
-                        return;
-                    }
-                    input = back;
+            match (self.feedback)(f) {
+                Ok(()) | Err(Refused::Closed) => return,
+                Err(Refused::Full(Feedback::Unreachable(_))) => return,
+                Err(Refused::Full(back)) => {
+                    f = back;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -295,61 +300,21 @@ impl Peer {
     }
 }
 
-/// The inbound side: steps every received message into the local replica. Under mutual TLS
-/// only a replica of the group may speak, as itself: the certificate must be controller
-/// `from`, and `from` a replica this one knows.
-pub struct RaftService {
-    pub raft: RaftHandle,
-    pub guard: Guard,
-}
-
-impl RaftService {
-    pub fn server(raft: RaftHandle, guard: Guard) -> RaftTransportServer<Self> {
-        RaftTransportServer::new(Self { raft, guard })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
-    }
-}
-
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let from = request.get_ref().from;
-        let caller = self.guard.require_holder(&request, "Raft", |r| *r == Role::Controller(from))?;
-        if from == self.raft.status().id {
-            // Only a copy of this replica's own key could send this: never step it.
-            warn!(target: "audit", from, "a Raft batch claiming to come from this replica itself; refused");
-            return Err(Status::permission_denied(format!(
-                "replica {from} is this replica: it sends nothing to itself"
-            )));
-        }
-        if caller.is_some() && self.raft.peers.get(from).is_none() {
-            return Err(Status::permission_denied(format!("replica {from} is not a member this replica knows")));
-        }
-        if let Some(holder) = &caller {
-            self.raft.certificates.saw(from, &holder.serial);
-        }
-        let batch = request.into_inner();
-        let valid = |a: &str| parse_replica_address(a).is_ok() || a.parse::<std::net::SocketAddr>().is_ok();
-        if batch.from != 0 && valid(&batch.from_address) {
-            self.raft.peers.set(batch.from, &batch.from_address);
-        }
-        for bytes in &batch.messages {
-            let m = Message::parse_from_bytes(bytes)
-                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-            if m.from != batch.from {
-                warn!(from = batch.from, claimed = m.from, "raft message from another sender in a batch; dropped");
-                continue;
-            }
-            self.raft.step(m).map_err(|e| Status::unavailable(e.to_string()))?;
-        }
-        Ok(Response::new(RaftAck {}))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+
+    /// A sink into a queue of 16, as the driver's (of 4,096) is.
+    fn sink() -> (FeedbackSink, mpsc::Receiver<Feedback>) {
+        let (tx, rx) = mpsc::sync_channel(16);
+        let sink: FeedbackSink = Arc::new(move |f| match tx.try_send(f) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(f)) => Err(Refused::Full(f)),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(Refused::Closed),
+        });
+        (sink, rx)
+    }
 
     fn message(kind: MessageType) -> Message {
         let mut m = Message::default();
@@ -359,9 +324,9 @@ mod tests {
     }
 
     /// The next transport feedback within 5 s.
-    async fn feedback(rx: &mpsc::Receiver<Input>) -> Option<Feedback> {
+    async fn feedback(rx: &mpsc::Receiver<Feedback>) -> Option<Feedback> {
         for _ in 0..5000 {
-            if let Ok(Input::Transport(f)) = rx.try_recv() {
+            if let Ok(f) = rx.try_recv() {
                 return Some(f);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -374,7 +339,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_peer_queue_hands_back_what_does_not_fit() {
         let book = AddressBook::new([(2, "127.0.0.1:9/127.0.0.1:9".to_string())]);
-        let (tx, _rx) = mpsc::sync_channel(16);
+        let (tx, _rx) = sink();
         let handle = tokio::runtime::Handle::current();
         let mut out = Outbound::new(1, "127.0.0.1:8/127.0.0.1:8".into(), book, Security::plaintext(), handle, tx);
         // One call, on this test's single thread: the peer's task has not run yet.
@@ -395,7 +360,7 @@ mod tests {
         let addr = dead.local_addr().unwrap().to_string();
         drop(dead); // nothing listens there: every send fails at once
         let book = AddressBook::new([(2, format!("{addr}/{addr}"))]);
-        let (tx, rx) = mpsc::sync_channel(16);
+        let (tx, rx) = sink();
         let handle = tokio::runtime::Handle::current();
         let mut out = Outbound::new(1, "127.0.0.1:9/127.0.0.1:9".into(), book, Security::plaintext(), handle, tx);
         out.send(vec![message(MessageType::MsgAppend)]);
