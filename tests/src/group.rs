@@ -232,9 +232,35 @@ impl Group {
             if let Some(id) = self.agreed_leader().await {
                 return id;
             }
-            assert!(Instant::now() < deadline, "no leader agreed on within {timeout:?}");
+            if Instant::now() >= deadline {
+                panic!("no leader agreed on within {timeout:?}\n{}", self.describe().await);
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Each replica's view of the group and the end of its log, for a failure's message.
+    pub async fn describe(&self) -> String {
+        let mut out = String::new();
+        for r in &self.replicas {
+            let view = match (&r.proc, list(&r.addr).await) {
+                (None, _) => "killed".to_string(),
+                (Some(_), None) => "no answer within a second".to_string(),
+                (Some(_), Some(v)) => format!(
+                    "leader {} term {} commit {} applied {} voters {:?}",
+                    v.leader,
+                    v.term,
+                    v.commit,
+                    v.applied,
+                    v.replicas.iter().filter(|x| x.voter).map(|x| x.id).collect::<Vec<_>>()
+                ),
+            };
+            let log = std::fs::read_to_string(self.work.join(format!("controller-{}.log", r.id))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n    ");
+            out.push_str(&format!("replica {}: {view}\n  log tail:\n    {tail}\n", r.id));
+        }
+        out
     }
 
     /// The leader, if a live replica leads and the live replicas that answer agree.

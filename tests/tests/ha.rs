@@ -76,7 +76,9 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
     let term1 = group.view(first).await.unwrap().term;
 
     group.kill(first);
+    let killed = std::time::Instant::now();
     let second = group.leader(Duration::from_secs(10)).await;
+    eprintln!("a new leader agreed on {:?} after the kill", killed.elapsed());
     assert_ne!(second, first);
     let term2 = group.view(second).await.unwrap().term;
     assert!(term2 > term1);
