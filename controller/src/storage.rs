@@ -276,6 +276,9 @@ pub struct DurableLog {
     watermark_files: Vec<(PathBuf, File)>,
     watermark: std::sync::Mutex<Watermark>,
     pub view: LogView,
+    /// A test's switch: while set, every flush fails as a full disk would.
+    #[cfg(test)]
+    pub(crate) failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 const HARD_STATE: &[u8] = b"hard_state";
@@ -319,6 +322,8 @@ impl DurableLog {
             watermark_files,
             watermark: std::sync::Mutex::new(mark.unwrap_or_default()),
             view: LogView::default(),
+            #[cfg(test)]
+            failing: Default::default(),
         };
         match this.s()?.meta.get(CONF_STATE)? {
             Some(bytes) => this.restore(&bytes)?,
@@ -380,6 +385,18 @@ impl DurableLog {
         Ok(())
     }
 
+    /// Makes what was written durable.
+    fn flush(&self) -> Result<(), StorageError> {
+        #[cfg(test)]
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StorageError::Sled(sled::Error::Io(std::io::Error::other(
+                "injected: no space left on device",
+            ))));
+        }
+        self.s()?.db.flush()?;
+        Ok(())
+    }
+
     fn s(&self) -> Result<&Sled, StorageError> {
         self.sled.as_ref().ok_or_else(|| StorageError::Closed(self.dir.clone()))
     }
@@ -430,7 +447,7 @@ impl DurableLog {
     /// Writes a small record and flushes: whether the disk takes writes again.
     pub fn probe(&self) -> Result<(), StorageError> {
         self.s()?.meta.insert(b"probe", seal(b"probe"))?;
-        self.s()?.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -516,7 +533,7 @@ impl DurableLog {
         if let Some(hs) = hard_state {
             self.s()?.meta.insert(HARD_STATE, seal(&hs.write_to_bytes().map_err(|e| decode("hard state", e))?))?;
         }
-        self.s()?.db.flush()?;
+        self.flush()?;
         if let Some(hs) = hard_state {
             self.raise_watermark(hs)?;
         }
@@ -536,7 +553,7 @@ impl DurableLog {
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
         self.s()?.meta.insert(CONF_STATE, seal(&cs.write_to_bytes().map_err(|e| decode("conf state", e))?))?;
-        self.s()?.db.flush()?;
+        self.flush()?;
         self.view.wl().conf_state = cs.clone();
         Ok(())
     }
@@ -583,7 +600,7 @@ impl DurableLog {
             let cs = meta.get_conf_state();
             self.s()?.meta.insert(CONF_STATE, seal(&cs.write_to_bytes().map_err(|e| decode("conf state", e))?))?;
         }
-        self.s()?.db.flush()?;
+        self.flush()?;
         self.raise_watermark(hs)?;
         let mut batch = sled::Batch::default();
         let keys = match upto {
@@ -594,7 +611,7 @@ impl DurableLog {
             batch.remove(kv?.0);
         }
         self.s()?.log.apply_batch(batch)?;
-        self.s()?.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 }

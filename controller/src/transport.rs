@@ -156,6 +156,13 @@ impl From<Status> for SendError {
     }
 }
 
+/// Where the Raft driver's messages go: each peer's queue of the gRPC transport
+/// ([`Outbound`]), or a test's simulated network.
+pub trait Network: Send {
+    /// Queues each message for its peer; returns those that found no room.
+    fn send(&mut self, messages: Vec<Message>) -> Vec<Dropped>;
+}
+
 /// A message that found its peer's queue full.
 pub struct Dropped {
     pub to: u64,
@@ -173,9 +180,10 @@ impl Outbound {
     ) -> Self {
         Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new() }
     }
+}
 
-    /// Queues each message for its peer; returns those that found the queue full.
-    pub fn send(&mut self, messages: Vec<Message>) -> Vec<Dropped> {
+impl Network for Outbound {
+    fn send(&mut self, messages: Vec<Message>) -> Vec<Dropped> {
         let mut dropped = Vec::new();
         for m in messages {
             let to = m.to;

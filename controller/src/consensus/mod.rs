@@ -22,10 +22,13 @@ use tidal_proto::v1::{Command, StateSnapshot};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+#[cfg(test)]
+mod schedules;
+
 use crate::logging::slog_to_tracing;
 use crate::state::ClusterState;
 use crate::storage::{DurableLog, LogView, StorageError};
-use crate::transport::{AddressBook, Feedback, FeedbackSink, Outbound, Refused};
+use crate::transport::{AddressBook, Feedback, FeedbackSink, Network, Outbound, Refused};
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ProposeError {
@@ -238,41 +241,8 @@ pub struct RaftConfig {
 /// Opens the durable log in `dir` and starts the driver thread. Must be called within a
 /// tokio runtime (the transport's tasks run on it).
 pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
-    let log = DurableLog::open_with(dir, &cfg.voters, cfg.accept_unverified_store)?;
-    log.claim(cfg.id)?;
-    let snapshot = log.snapshot();
-    let mut state = ClusterState::default();
-    if !snapshot.data.is_empty() {
-        let data =
-            StateSnapshot::decode(snapshot.data.as_ref()).map_err(|e| StorageError::CorruptSnapshot(e.to_string()))?;
-        state = ClusterState::from_snapshot(data);
-    }
-    for (id, address) in &state.replicas {
-        cfg.peers.set(*id, address);
-    }
-    let raft_cfg = Config {
-        id: cfg.id,
-        election_tick: cfg.election_ticks,
-        heartbeat_tick: cfg.heartbeat_ticks,
-        applied: snapshot.get_metadata().index,
-        check_quorum: true,
-        pre_vote: true,
-        max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
-        ..Default::default()
-    };
-    raft_cfg.validate()?;
-    let logger = slog_to_tracing();
-    let conf_state = log.conf_state();
-    let mut node = RawNode::new(&raft_cfg, log.view.clone(), &logger)?;
-    if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
-        // A single voter need not wait an election timeout to lead.
-        node.campaign()?;
-    }
+    let (log, state) = open_store(&cfg, dir)?;
     let (tx, rx) = mpsc::sync_channel(INPUT_QUEUE);
-    let state = Arc::new(RwLock::new(state));
-    let (status_tx, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
-    let my_address = cfg.peers.get(cfg.id).unwrap_or_default();
     let feedback_tx = tx.clone();
     let feedback: FeedbackSink = Arc::new(move |f| match feedback_tx.try_send(Input::Transport(f)) {
         Ok(()) => Ok(()),
@@ -281,32 +251,13 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     });
     let outbound = Outbound::new(
         cfg.id,
-        my_address,
+        cfg.peers.get(cfg.id).unwrap_or_default(),
         cfg.peers.clone(),
         cfg.security.clone(),
         tokio::runtime::Handle::current(),
         feedback,
     );
-    let mut driver = Driver {
-        node,
-        log,
-        state: state.clone(),
-        status: status_tx,
-        peers: cfg.peers.clone(),
-        outbound,
-        conf_state,
-        pending: HashMap::new(),
-        reads: HashMap::new(),
-        waiting_reads: Vec::new(),
-        deferred_reads: Vec::new(),
-        next_id: seed_id(),
-        snapshot_entries: cfg.snapshot_entries.max(1),
-        removed: false,
-        raft_cfg,
-        logger,
-        suspended: false,
-        compact_soon: false,
-    };
+    let (mut driver, state, status) = Driver::new(&cfg, log, state, Box::new(outbound))?;
     std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || {
@@ -322,14 +273,30 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     // raft-rs draws each election timeout from [election, 2 × election) ticks; a caller waits
     // out an election and up to two more should votes split.
     let election_timeout = cfg.tick.saturating_mul(3 * 2 * cfg.election_ticks as u32);
-    Ok(RaftHandle {
-        tx,
-        state,
-        status: status_rx,
-        peers: cfg.peers,
-        certificates: Default::default(),
-        election_timeout,
-    })
+    Ok(RaftHandle { tx, state, status, peers: cfg.peers, certificates: Default::default(), election_timeout })
+}
+
+/// Opens the durable log and rebuilds the state machine from its snapshot (the entries after
+/// it are applied again as raft-rs hands them over); the replicas' addresses the snapshot
+/// holds join the address book.
+fn open_store(cfg: &RaftConfig, dir: &Path) -> Result<(DurableLog, ClusterState), StorageError> {
+    let log = DurableLog::open_with(dir, &cfg.voters, cfg.accept_unverified_store)?;
+    log.claim(cfg.id)?;
+    let state = state_from(&log.snapshot())?;
+    for (id, address) in &state.replicas {
+        cfg.peers.set(*id, address);
+    }
+    Ok((log, state))
+}
+
+/// The state machine as a stored snapshot holds it (empty for a store that has none).
+fn state_from(snapshot: &Snapshot) -> Result<ClusterState, StorageError> {
+    if snapshot.data.is_empty() {
+        return Ok(ClusterState::default());
+    }
+    let data =
+        StateSnapshot::decode(snapshot.data.as_ref()).map_err(|e| StorageError::CorruptSnapshot(e.to_string()))?;
+    Ok(ClusterState::from_snapshot(data))
 }
 
 /// Proposal ids start from the clock so that entries replayed from an earlier run never
@@ -367,13 +334,16 @@ fn refused<T>(e: mpsc::TrySendError<T>) -> ProposeError {
     }
 }
 
+/// The state machine, written by the driver alone and read by everyone.
+type SharedState = Arc<RwLock<ClusterState>>;
+
 struct Driver {
     node: RawNode<LogView>,
     log: DurableLog,
     state: Arc<RwLock<ClusterState>>,
     status: watch::Sender<RaftStatus>,
     peers: AddressBook,
-    outbound: Outbound,
+    network: Box<dyn Network>,
     conf_state: ConfState,
     /// Proposal id → whoever waits for it to be applied.
     pending: HashMap<u64, Reply>,
@@ -389,8 +359,11 @@ struct Driver {
     /// How the node was made, to make it again from the store after a storage failure.
     raft_cfg: Config,
     logger: slog::Logger,
-    /// The store failed: this replica takes no part until a write goes through again.
-    suspended: bool,
+    /// The store failed: this replica takes no part until a write goes through again (the
+    /// ticks since).
+    suspended: Option<u64>,
+    /// Ticks between probes of a failed store.
+    probe_ticks: u64,
     /// A learner was added: snapshot at once, so that it starts from a snapshot holding the
     /// membership (the bootstrap voters are in no log entry) rather than from the first entry.
     compact_soon: bool,
@@ -400,66 +373,134 @@ struct Driver {
 const STORAGE_PROBE: Duration = Duration::from_secs(1);
 
 impl Driver {
+    /// A driver over an opened store; nothing runs until it is driven ([`Driver::run`] on
+    /// its thread, or a test's schedule). Returns the state and status it publishes.
+    fn new(
+        cfg: &RaftConfig,
+        log: DurableLog,
+        state: ClusterState,
+        network: Box<dyn Network>,
+    ) -> Result<(Self, SharedState, watch::Receiver<RaftStatus>), StorageError> {
+        let raft_cfg = Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: log.snapshot_index(),
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let logger = slog_to_tracing();
+        let conf_state = log.conf_state();
+        let mut node = RawNode::new(&raft_cfg, log.view.clone(), &logger)?;
+        if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
+            // A single voter need not wait an election timeout to lead.
+            node.campaign()?;
+        }
+        let state = Arc::new(RwLock::new(state));
+        let (status, status_rx) = watch::channel(RaftStatus { id: cfg.id, ..Default::default() });
+        let tick = cfg.tick.max(Duration::from_millis(1));
+        let driver = Driver {
+            node,
+            log,
+            state: state.clone(),
+            status,
+            peers: cfg.peers.clone(),
+            network,
+            conf_state,
+            pending: HashMap::new(),
+            reads: HashMap::new(),
+            waiting_reads: Vec::new(),
+            deferred_reads: Vec::new(),
+            next_id: seed_id(),
+            snapshot_entries: cfg.snapshot_entries.max(1),
+            removed: false,
+            raft_cfg,
+            logger,
+            suspended: None,
+            probe_ticks: (STORAGE_PROBE.as_millis() / tick.as_millis()).max(1) as u64,
+            compact_soon: false,
+        };
+        Ok((driver, state, status_rx))
+    }
+
+    /// The driver thread: inputs as they come, a tick every `tick`, a [`Driver::turn`] after
+    /// each wake-up.
     fn run(&mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
         let mut last_tick = Instant::now();
         loop {
             let wait = tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
                 Ok(input) => {
-                    self.handle(input);
+                    self.input(input);
                     for input in rx.try_iter().take(MAX_INPUTS_PER_READY) {
-                        self.handle(input);
+                        self.input(input);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if last_tick.elapsed() >= tick {
-                if !self.removed {
-                    self.node.tick();
-                }
+            let ticked = last_tick.elapsed() >= tick;
+            if ticked {
                 last_tick = Instant::now();
             }
-            self.release_deferred_reads();
-            if let Err(e) = self.on_ready().and_then(|()| self.maybe_compact()) {
-                if !self.suspend(&rx, e) {
-                    return;
-                }
-            }
-            self.publish_status();
+            self.turn(ticked);
         }
+    }
+
+    /// One input: handled, or refused while the store fails.
+    fn input(&mut self, input: Input) {
+        if self.suspended.is_some() {
+            refuse(input);
+        } else {
+            self.handle(input);
+        }
+    }
+
+    /// What follows the inputs: the node ticked (if `ticked`), its Ready handled and the log
+    /// compacted if due, the status published. While the store fails, only a probe of it
+    /// every [`STORAGE_PROBE`].
+    fn turn(&mut self, ticked: bool) {
+        if let Some(ticks) = self.suspended.as_mut() {
+            if !ticked {
+                return;
+            }
+            *ticks += 1;
+            if *ticks % self.probe_ticks != 0 {
+                return;
+            }
+            let after = *ticks;
+            match self.resume() {
+                Ok(()) => {
+                    info!(after_ticks = after, "the store takes writes again; rejoining as a follower");
+                    self.suspended = None;
+                    self.publish_status();
+                }
+                Err(e) => debug!(error = %e, "the store still fails"),
+            }
+            return;
+        }
+        if ticked && !self.removed {
+            self.node.tick();
+        }
+        self.release_deferred_reads();
+        if let Err(e) = self.on_ready().and_then(|()| self.maybe_compact()) {
+            self.suspend(e);
+        }
+        self.publish_status();
     }
 
     /// Storage failed (a full disk, an I/O error): nothing more can be made durable, so this
     /// replica takes no part — it leads no more, votes for no one, acknowledges nothing —
     /// and the others carry on. Every [`STORAGE_PROBE`] it tries a write; once one goes
-    /// through it reloads what the store holds and rejoins as a follower (true). False when
-    /// the handle is gone.
-    fn suspend(&mut self, rx: &mpsc::Receiver<Input>, e: StorageError) -> bool {
+    /// through it reloads what the store holds and rejoins as a follower.
+    fn suspend(&mut self, e: StorageError) {
         error!(error = %e, "raft storage failed: this replica steps down until its store takes writes again");
-        self.suspended = true;
+        self.suspended = Some(0);
         self.fail_all(ProposeError::NotLeader(None));
-        self.publish_status();
-        let (started, mut last_probe) = (Instant::now(), Instant::now());
-        loop {
-            match rx.recv_timeout(STORAGE_PROBE) {
-                Ok(input) => refuse(input),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return false,
-            }
-            if last_probe.elapsed() < STORAGE_PROBE {
-                continue;
-            }
-            last_probe = Instant::now();
-            match self.resume() {
-                Ok(()) => {
-                    info!(after = ?started.elapsed(), "the store takes writes again; rejoining as a follower");
-                    self.suspended = false;
-                    return true;
-                }
-                Err(e) => debug!(error = %e, "the store still fails"),
-            }
-        }
     }
 
     /// Reloads the durable state and makes the node again from it, as a restart would.
@@ -467,7 +508,20 @@ impl Driver {
         self.log.reopen()?;
         self.log.probe()?;
         let hs = self.log.hard_state();
-        let applied = self.state.read().unwrap_or_else(|p| p.into_inner()).applied_index;
+        let mut applied = self.state.read().unwrap_or_else(|p| p.into_inner()).applied_index;
+        let snapshot = self.log.snapshot();
+        if snapshot.get_metadata().index > applied {
+            // The store took a snapshot that the state machine never did (the failure came
+            // between the two, installing a leader's snapshot): the state starts from it, as
+            // after a restart. Raft counts it applied; without this, the entries it covers
+            // would be missing from this replica's state for good.
+            let restored = state_from(&snapshot)?;
+            for (id, address) in &restored.replicas {
+                self.peers.set(*id, address);
+            }
+            applied = restored.applied_index;
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = restored;
+        }
         let mut cfg = self.raft_cfg.clone();
         cfg.applied = applied.min(hs.commit).max(self.log.snapshot_index());
         self.node = RawNode::new(&cfg, self.log.view.clone(), &self.logger)?;
@@ -514,7 +568,7 @@ impl Driver {
     /// reported unreachable, and a snapshot that did not fit reported failed (raft-rs sends a
     /// follower in snapshot state nothing more until it hears).
     fn send(&mut self, messages: Vec<Message>) {
-        for dropped in self.outbound.send(messages) {
+        for dropped in self.network.send(messages) {
             self.node.report_unreachable(dropped.to);
             if dropped.snapshot {
                 self.node.report_snapshot(dropped.to, SnapshotStatus::Failure);
@@ -778,12 +832,13 @@ impl Driver {
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
-        let is_leader = raft.state == StateRole::Leader && !self.removed && !self.suspended;
+        let suspended = self.suspended.is_some();
+        let is_leader = raft.state == StateRole::Leader && !self.removed && !suspended;
         let status = RaftStatus {
             id: raft.id,
             term: raft.term,
             // A suspended replica knows no leader: it may have been the one.
-            leader: if self.suspended { 0 } else { raft.leader_id },
+            leader: if suspended { 0 } else { raft.leader_id },
             is_leader,
             commit: raft.raft_log.committed,
             last_index: raft.raft_log.last_index(),
