@@ -1,8 +1,11 @@
 //! Code shared by Tidal's agent, controller and CLI.
 //!
-//! The models (latency, solver, forecasters, placement, the ResNet generator) are pure and
-//! deterministic — no clocks, threads or I/O — so that the live system, the simulator and the
-//! tests call the very same functions. The daemons' shared edges (logging, the metrics
+//! The models (latency, solver, forecasters, placement, the executor contract, the simulator,
+//! the model generators, which build bytes and write nothing) are pure and deterministic — no
+//! clocks, threads or I/O — so that the live system, the simulator and the tests call the very
+//! same functions. Three modules read files, and only at their edges: the task file
+//! ([`task_file`]), a model directory's variants and profiles ([`variant`]) and the example
+//! inputs of a model ([`onnx_input`]). The daemons' shared edges (logging, the metrics
 //! endpoint) live in `tidal-daemon`.
 
 pub mod adapt;

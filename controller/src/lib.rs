@@ -2,7 +2,8 @@
 //!
 //! [`consensus`] drives raft-rs over [`storage`] (sled) and applies committed commands to the
 //! [`state`] machine, sending to its peers through the [`transport`] and hearing them through
-//! the [`peer_service`] (the transport knows nothing of the driver: no import circle);
+//! the [`peer_service`] (the transport knows nothing of the driver: no import circle); the
+//! driver is tested on its own under seeded schedules of faults (`consensus/schedules.rs`);
 //! [`controller`] runs the adaptation loop on the leader — forecast from
 //! what is [`observed`], solve with the [`planner`], commit, push to agents (one [`pusher`] per agent); [`service`] is the
 //! gRPC API.
