@@ -417,7 +417,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { watch } => status::run(&cli.controller, watch, format).await,
         Command::History { limit } => status::history(&cli.controller, limit, format).await,
         Command::Forecast(opts) => forecast::run(opts),
-        Command::Simulate(opts) => simulate::run(*opts, &cli.controller).await,
+        // Several tasks sharing the cores, or one task's replay.
+        Command::Simulate(opts) => match opts.tasks.clone() {
+            Some(path) => simulate_tasks::run(&path, &opts),
+            None => simulate::run(*opts, &cli.controller).await,
+        },
         Command::Load(opts) => {
             // Without --slo-ms and --input-shape, the task is Tidal's: its controller says
             // what it takes and reports the cores it gives it.

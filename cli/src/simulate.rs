@@ -100,10 +100,8 @@ const RESNET_ACCURACY: [(&str, f64); 5] =
 const RESNET_LOAD_S: [(&str, f64); 5] =
     [("resnet18", 6.4), ("resnet34", 6.9), ("resnet50", 7.4), ("resnet101", 8.0), ("resnet152", 8.5)];
 
+/// One task's replay (`--tasks` is `simulate_tasks::run`'s).
 pub async fn run(opts: SimulateOpts, controller: &str) -> anyhow::Result<()> {
-    if let Some(path) = &opts.tasks {
-        return crate::simulate_tasks::run(path, &opts);
-    }
     let trace = opts.trace.clone().context("give --trace (or --tasks)")?;
     let policies: Vec<PolicyKind> = opts
         .policies
