@@ -115,7 +115,9 @@ const READ_ATTEMPT: Duration = Duration::from_millis(300);
 
 #[derive(Clone)]
 pub struct RaftHandle {
-    tx: mpsc::SyncSender<Input>,
+    /// The driver's input queue. Only handles own it: the transport's feedback holds it
+    /// weakly, so that when the last handle goes the queue closes and the driver thread ends.
+    tx: Arc<mpsc::SyncSender<Input>>,
     pub state: Arc<RwLock<ClusterState>>,
     status: watch::Receiver<RaftStatus>,
     pub peers: AddressBook,
@@ -243,11 +245,15 @@ pub struct RaftConfig {
 pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
     let (log, state) = open_store(&cfg, dir)?;
     let (tx, rx) = mpsc::sync_channel(INPUT_QUEUE);
-    let feedback_tx = tx.clone();
-    let feedback: FeedbackSink = Arc::new(move |f| match feedback_tx.try_send(Input::Transport(f)) {
-        Ok(()) => Ok(()),
-        Err(mpsc::TrySendError::Full(Input::Transport(f))) => Err(Refused::Full(f)),
-        Err(_) => Err(Refused::Closed),
+    let tx = Arc::new(tx);
+    let feedback_tx = Arc::downgrade(&tx);
+    let feedback: FeedbackSink = Arc::new(move |f| {
+        let Some(tx) = feedback_tx.upgrade() else { return Err(Refused::Closed) };
+        match tx.try_send(Input::Transport(f)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(Input::Transport(f))) => Err(Refused::Full(f)),
+            Err(_) => Err(Refused::Closed),
+        }
     });
     let outbound = Outbound::new(
         cfg.id,
@@ -871,5 +877,41 @@ impl Driver {
             *current = status;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver thread belongs to its handles: with the last one gone, it ends (its status
+    /// sender is dropped). The transport's feedback used to hold the input queue open, and the
+    /// thread ran on for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_ends_when_its_last_handle_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RaftConfig {
+            id: 1,
+            voters: vec![1],
+            peers: AddressBook::new([(1, "127.0.0.1:1/127.0.0.1:2".to_string())]),
+            security: tidal_auth::Security::plaintext(),
+            tick: Duration::from_millis(10),
+            election_ticks: 8,
+            heartbeat_ticks: 2,
+            snapshot_entries: 100,
+            accept_unverified_store: false,
+        };
+        let raft = start(cfg, dir.path()).unwrap();
+        let mut status = raft.watch();
+        let leads =
+            tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.is_leader)).await.map(|r| r.is_ok());
+        assert_eq!(leads, Ok(true), "a group of one leads at once");
+        let clone = raft.clone();
+        drop(raft);
+        assert!(clone.is_running(), "a handle left keeps the driver");
+        drop(clone);
+        let ended =
+            tokio::time::timeout(Duration::from_secs(5), async { while status.changed().await.is_ok() {} }).await;
+        assert!(ended.is_ok(), "the driver thread still runs with no handle left");
     }
 }
