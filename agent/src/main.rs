@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tidal_agent::cgroup::{CgroupDriverChoice, CpuCgroups};
+use tidal_agent::control::ControlService;
+use tidal_agent::fronts::{tidal::TidalApi, v2_grpc::V2Grpc, InferencePort};
 use tidal_agent::link::Link;
 use tidal_agent::node::{AgentConfig, Node};
-use tidal_agent::service::AgentService;
 use tidal_agent::worker::ProcessConfig;
 use tidal_auth::tls::ClientAuth;
 use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -221,7 +222,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map(tidal_auth::Token::from_file)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let node = Node::new(cfg, cgroups, metrics, security.clone(), token);
+    let spawner =
+        std::sync::Arc::new(tidal_agent::worker::Processes { cgroups: cgroups.clone(), config: cfg.process.clone() });
+    let node = Node::new(cfg, cgroups, spawner, metrics, security.clone(), token);
     let mut bound = vec![("inference", listen_addr), ("control", control_addr)];
     if let Some(addr) = args.metrics_listen {
         let ready = ready.clone();
@@ -239,7 +242,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                node.worker_telemetry().await;
+                node.worker_telemetry();
             }
         });
     }
@@ -254,7 +257,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(link.run(node.clone(), stop.clone()));
     }
     let guard = tidal_auth::Guard::new(&security).with_revocations(node.revoked.clone());
-    let service = AgentService { node: node.clone(), guard };
+    let port = InferencePort::new(node.clone(), guard.clone());
+    let control_service = ControlService { node: node.clone(), guard };
     info!(listen = %listen_addr, control_listen = %control_addr, node = %args.node, "agent serving");
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED. gRPC's own
     // limit (tonic reads a message's length first and refuses it, OUT_OF_RANGE, before reading
@@ -270,9 +274,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
-    let rest = tidal_agent::v2_rest::router(service.clone(), rest_limit);
+    let rest = tidal_agent::fronts::v2_rest::router(port.clone(), rest_limit);
     // The token is checked from the headers, before the message is read.
-    let token_first = |s: &AgentService| {
+    let token_first = |s: &InferencePort| {
         let s = s.clone();
         move |request: tonic::Request<()>| s.admit_token(&request).map(|()| request)
     };
@@ -280,17 +284,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .accept_http1(true)
         .add_routes(rest.into())
         .add_service(InterceptedService::new(
-            InferenceServer::new(service.clone()).max_decoding_message_size(grpc_limit),
-            token_first(&service),
+            InferenceServer::new(TidalApi(port.clone())).max_decoding_message_size(grpc_limit),
+            token_first(&port),
         ))
         .add_service(InterceptedService::new(
-            GrpcInferenceServiceServer::new(service.clone()).max_decoding_message_size(grpc_limit),
-            token_first(&service),
+            GrpcInferenceServiceServer::new(V2Grpc(port.clone())).max_decoding_message_size(grpc_limit),
+            token_first(&port),
         ));
     let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &descriptors)?
         .serve_with_incoming_shutdown(inference_listener.incoming(), stop.clone().cancelled_owned());
     let control = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
-        .add_service(AgentServer::new(service).max_decoding_message_size(grpc_limit));
+        .add_service(AgentServer::new(control_service).max_decoding_message_size(grpc_limit));
     let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
         .serve_with_incoming_shutdown(control_listener.incoming(), stop.clone().cancelled_owned());
     let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
@@ -317,7 +321,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// can serve its share); without one, at once.
 async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready: std::sync::Arc<AtomicBool>) {
     loop {
-        let (workers, serving) = node.workers_serving().await;
+        let (workers, serving) = node.workers_serving();
         let applied = node.applied_epoch();
         if !has_controller || (applied > 0 && serving) {
             let status = format!("node {}: plan {applied} applied, {workers} workers ready", node.cfg.node);

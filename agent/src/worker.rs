@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::cgroup::{CgroupError, WorkerCgroup};
+use crate::cgroup::{CgroupError, CpuCgroups, WorkerCgroup};
 use crate::error::ServeError;
 use crate::queue::{DeadlineQueue, Served};
 use crate::worker_protocol::{extend_bytes, from_bytes, Batch, BatchResult, Ready, MAX_FRAME};
@@ -52,6 +53,121 @@ pub enum WorkerError {
     Load(String),
     #[error("the worker process went away: {0}")]
     Gone(String),
+}
+
+/// What a worker needs of its machine: a cgroup, and a process that runs its model in it. The
+/// agent's is [`Processes`]; tests give a fake, so that the node's control path runs with no
+/// root, no ONNX Runtime and faults on demand.
+pub trait Spawner: Send + Sync + 'static {
+    /// The worker's cgroup, made before anything of a plan is started (a plan whose cgroups
+    /// cannot all be made changes nothing).
+    fn cgroup(&self, id: &str) -> Result<WorkerCgroup, CgroupError>;
+    /// Starts the process for `model` in `cgroup` at `millicores`, and waits until it serves.
+    fn spawn<'a>(
+        &'a self,
+        model: &'a Path,
+        cgroup: &'a WorkerCgroup,
+        millicores: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn ModelProcess>, WorkerError>>;
+    /// How long a worker may take to load its model: how long a retirement waits for its
+    /// successors at most.
+    fn load_timeout(&self) -> Duration;
+}
+
+/// A running model process, as the batcher drives it.
+pub trait ModelProcess: Send {
+    /// Runs one batch of `shape[0]` samples, `data` their float32 values as bytes.
+    fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> BoxFuture<'_, Result<BatchResult, WorkerError>>;
+    /// Resolves when the process ends by itself, with how.
+    fn exited(&mut self) -> BoxFuture<'_, String>;
+    /// Stops the process, killing it if it has not ended within `grace`.
+    fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+    fn pid(&self) -> Option<u32>;
+}
+
+/// The agent's spawner: worker processes of its own binary, in cgroups of its subtree.
+pub struct Processes {
+    pub cgroups: CpuCgroups,
+    pub config: ProcessConfig,
+}
+
+impl Spawner for Processes {
+    fn cgroup(&self, id: &str) -> Result<WorkerCgroup, CgroupError> {
+        self.cgroups.create(id)
+    }
+
+    fn spawn<'a>(
+        &'a self,
+        model: &'a Path,
+        cgroup: &'a WorkerCgroup,
+        millicores: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn ModelProcess>, WorkerError>> {
+        async move {
+            let p = WorkerProcess::spawn(&self.config, model, cgroup, millicores).await?;
+            Ok(Box::new(p) as Box<dyn ModelProcess>)
+        }
+        .boxed()
+    }
+
+    fn load_timeout(&self) -> Duration {
+        self.config.load_timeout
+    }
+}
+
+impl ModelProcess for WorkerProcess {
+    fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
+        WorkerProcess::run(self, shape, data).boxed()
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move { format!("exited: {:?}", self.child.wait().await) }.boxed()
+    }
+
+    fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        WorkerProcess::stop(*self, grace).boxed()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        WorkerProcess::pid(self)
+    }
+}
+
+/// What a worker tells its owner: that it serves (its process loaded the model) or that its
+/// process died (the batcher restarts it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    Ready { id: String },
+    Died { id: String, error: String },
+}
+
+/// Where a worker's events go: its owner's input queue, held weakly, so that the queue closes
+/// when its owner's handles are gone, whatever workers still run.
+#[derive(Clone)]
+pub struct EventSink(Arc<dyn Fn(WorkerEvent) -> BoxFuture<'static, ()> + Send + Sync>);
+
+impl EventSink {
+    pub fn to<T: From<WorkerEvent> + Send + 'static>(queue: &tokio::sync::mpsc::Sender<T>) -> Self {
+        let weak = queue.downgrade();
+        Self(Arc::new(move |event| {
+            let weak = weak.clone();
+            async move {
+                if let Some(queue) = weak.upgrade() {
+                    // Fails only once the owner stopped reading: then nobody waits for it.
+                    let _ = queue.send(event.into()).await;
+                }
+            }
+            .boxed()
+        }))
+    }
+
+    /// Events nobody waits for.
+    pub fn none() -> Self {
+        Self(Arc::new(|_| async {}.boxed()))
+    }
+
+    async fn send(&self, event: WorkerEvent) {
+        (self.0)(event).await
+    }
 }
 
 /// A running worker process and the pipes to it.
@@ -132,7 +248,6 @@ impl WorkerProcess {
         }
     }
 
-    /// Runs one batch of `shape[0]` samples.
     /// Runs one batch of `shape[0]` samples, `data` their float32 values as bytes.
     pub async fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
@@ -203,7 +318,8 @@ impl Worker {
         millicores: u32,
         settings: BatchSettings,
         queue_capacity: usize,
-        process: ProcessConfig,
+        spawner: Arc<dyn Spawner>,
+        events: EventSink,
     ) -> Arc<Self> {
         let (settings_tx, settings_rx) = watch::channel(settings);
         let worker = Arc::new(Self {
@@ -228,7 +344,8 @@ impl Worker {
             load_ms: worker.load_ms.clone(),
             restarts: worker.restarts.clone(),
             stop: worker.stop.clone(),
-            process,
+            spawner,
+            events,
         };
         let span = info_span!("worker", id = %worker.spec.id, variant = %worker.spec.variant.name);
         let handle = tokio::spawn(ctx.run().instrument(span));
@@ -303,7 +420,8 @@ struct BatcherCtx {
     load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
     stop: CancellationToken,
-    process: ProcessConfig,
+    spawner: Arc<dyn Spawner>,
+    events: EventSink,
 }
 
 enum Exit {
@@ -316,8 +434,11 @@ impl BatcherCtx {
         let mut backoff = Duration::from_millis(200);
         while !self.stop.is_cancelled() {
             let spawning = Instant::now();
-            let spawned =
-                WorkerProcess::spawn(&self.process, &self.spec.model_path, &self.cgroup, (self.millicores)()).await;
+            // A worker stopped while it loads stops at once (the process is killed).
+            let spawned = tokio::select! {
+                spawned = self.spawner.spawn(&self.spec.model_path, &self.cgroup, (self.millicores)()) => spawned,
+                _ = self.stop.cancelled() => break,
+            };
             let mut proc = match spawned {
                 Ok(p) => p,
                 Err(e) => {
@@ -334,8 +455,9 @@ impl BatcherCtx {
             self.load_ms.store(load_ms, Ordering::Relaxed);
             info!(pid = ?proc.pid(), millicores = (self.millicores)(), load_ms, "worker ready");
             self.ready.store(true, Ordering::Relaxed);
+            self.events.send(WorkerEvent::Ready { id: self.spec.id.clone() }).await;
             backoff = Duration::from_millis(200);
-            let exit = self.serve(&mut proc).await;
+            let exit = self.serve(proc.as_mut()).await;
             self.ready.store(false, Ordering::Relaxed);
             match exit {
                 Exit::Stopped => {
@@ -346,21 +468,20 @@ impl BatcherCtx {
                     self.restarts.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, "worker died; restarting it");
                     proc.stop(Duration::from_millis(100)).await;
+                    self.events.send(WorkerEvent::Died { id: self.spec.id.clone(), error: e.to_string() }).await;
                 }
             }
         }
     }
 
     /// Waits for requests, forms batches, runs them, until stopped or the process dies.
-    async fn serve(&self, proc: &mut WorkerProcess) -> Exit {
+    async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
                     _ = self.queue.notify.notified() => {}
                     _ = self.stop.cancelled() => return Exit::Stopped,
-                    status = proc.child.wait() => {
-                        return Exit::Died(WorkerError::Gone(format!("exited: {status:?}")));
-                    }
+                    how = proc.exited() => return Exit::Died(WorkerError::Gone(how)),
                 }
             }
             let settings = *self.settings.borrow();

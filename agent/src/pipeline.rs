@@ -1,47 +1,38 @@
-//! The agent's gRPC services: `Inference` (the request path) and `Agent` (plans, profiling,
-//! status), mapped onto the node.
+//! The request path, one for every protocol front (Tidal's API, V2 over gRPC, V2 over REST):
+//! a request's stages in order, each on a worker here or on another agent as the router picks,
+//! within the request's one deadline; the outcome counted once, where the client sent it.
+//! The fronts translate their protocol to an [`InferRequest`] and back; nothing else.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use tidal_auth::guard::{is_admin, is_controller, may_read};
-use tidal_auth::{Guard, Role};
 use tidal_common::task::{fan_out, stage_input};
 use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
-use tidal_proto::v1::agent_server::Agent;
-use tidal_proto::v1::inference_server::Inference;
-use tidal_proto::v1::{
-    AgentStatus, AgentStatusRequest, ApplyPlanRequest, ApplyPlanResponse, InferRequest, InferResponse, ProfileRequest,
-    ProfileResponse, StageServed, StageSpec,
-};
+use tidal_proto::v1::{InferRequest, InferResponse, StageServed, StageSpec};
 use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
-use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tonic::Request;
+use tracing::{info_span, warn, Instrument};
 
 use crate::connector::crops;
 use crate::error::ServeError;
 use crate::metrics::{RequestLabels, TaskLabels};
-use crate::node::{ApplyError, Incoming, Node};
-use crate::profiler;
+use crate::node::Node;
 use crate::router::{Remote, StageKey, Target};
 use crate::telemetry::Outcome;
 use crate::worker::Worker;
 
+/// The request path of a node.
 #[derive(Clone)]
-/// The agent's two services: Inference (open to anyone on the inference port) and Agent
-/// (the control port: plans only from a controller, profiling from a controller or an admin,
-/// status for readers too).
-pub struct AgentService {
-    pub node: Arc<Node>,
-    pub guard: Guard,
+pub struct Pipeline {
+    node: Arc<Node>,
 }
 
 /// A request another agent forwarded: serve one stage of it here.
-pub(crate) struct Forwarded {
+pub struct Forwarded {
     /// The stage to run; empty: the task's first.
-    stage: String,
+    pub stage: String,
 }
 
 /// One stage's output for one request.
@@ -51,7 +42,58 @@ struct StageOutput {
     served: StageServed,
 }
 
-impl AgentService {
+impl Pipeline {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    /// The node it serves on.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves one admitted request and counts how it ended: the one path behind every front.
+    pub async fn infer(
+        &self,
+        req: InferRequest,
+        arrived: Instant,
+        forwarded: Option<Forwarded>,
+        count_arrival: bool,
+    ) -> Result<InferResponse, ServeError> {
+        let span = info_span!("infer", task = %req.task);
+        let task = req.task.clone();
+        let is_forwarded = forwarded.is_some();
+        let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span).await;
+        let (outcome, label) = match &result {
+            Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
+            Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
+                (Outcome::DeadlineMissed, "deadline_exceeded")
+            }
+            Err(ServeError::UnknownTask(_)) => return result,
+            Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
+            Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
+            Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
+            Err(_) => (Outcome::Failed, "failed"),
+        };
+        self.node.model_stats.record(&task, arrived, result.as_ref().ok());
+        if !is_forwarded {
+            // The agent the client called counts the request, once, end to end.
+            self.node.telemetry.outcome(&task, outcome);
+        }
+        // A request counts once cluster-wide: where the client sent it. The agent it was
+        // forwarded to counts it apart.
+        let labels = RequestLabels { task: task.clone(), outcome: label };
+        if is_forwarded {
+            self.node.metrics.forwarded_requests.get_or_create(&labels).inc();
+        } else {
+            self.node.metrics.requests.get_or_create(&labels).inc();
+            if let Outcome::Served(latency) = outcome {
+                self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
+            }
+        }
+        result
+    }
+
     /// Serves a request: every stage of its task in order, each here or on another agent as
     /// the plan's weights pick, within the request's one deadline. A request another agent
     /// forwarded runs only the stage it names, here. A request is counted as an arrival of
@@ -329,179 +371,3 @@ fn stack(outputs: Vec<StageOutput>) -> (Vec<i64>, Vec<f32>) {
 
 /// How long an agent that failed a forwarded request is left out of the rotation.
 const REMOTE_PAUSE: Duration = Duration::from_secs(1);
-
-impl AgentService {
-    /// Whether the inference port takes this request at all: its token (another agent
-    /// forwarding a stage shows its certificate instead), and a plan applied here.
-    pub(crate) fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.admit_token(request)?;
-        self.admit_planned()
-    }
-
-    /// The token part of [`Self::admit`]: headers only, so the gRPC fronts check it before
-    /// reading the message.
-    pub fn admit_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if let Some(token) = &self.node.inference_token {
-            let from_agent = matches!(self.guard.caller(request)?, Some(tidal_auth::Role::Agent(_)));
-            if !from_agent {
-                if let Err(refused) = token.check(request.metadata()) {
-                    let peer = request.remote_addr();
-                    warn!(target: "audit", call = "inference", peer = ?peer, reason = refused.message(), "call refused");
-                    return Err(refused);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A plan applied here: what [`Self::admit`] asks once the caller is let in.
-    pub(crate) fn admit_planned(&self) -> Result<(), Status> {
-        if self.node.applied_epoch() == 0 {
-            // Starting (or restarted) and not yet told what to serve: not "unknown task", which
-            // a client would take as final, but unavailable, which it retries elsewhere.
-            return Err(Status::unavailable("this agent has no plan yet (it is starting); try another agent"));
-        }
-        Ok(())
-    }
-
-    /// Serves one admitted request and counts how it ended: the one path behind Tidal's own
-    /// API and the standard protocol.
-    pub(crate) async fn infer_one(
-        &self,
-        req: InferRequest,
-        arrived: Instant,
-        forwarded: Option<Forwarded>,
-        count_arrival: bool,
-    ) -> Result<InferResponse, ServeError> {
-        let span = info_span!("infer", task = %req.task);
-        let task = req.task.clone();
-        let is_forwarded = forwarded.is_some();
-        let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span).await;
-        let (outcome, label) = match &result {
-            Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
-            Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
-                (Outcome::DeadlineMissed, "deadline_exceeded")
-            }
-            Err(ServeError::UnknownTask(_)) => return result,
-            Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
-            Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
-            Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
-            Err(_) => (Outcome::Failed, "failed"),
-        };
-        self.node.model_stats.record(&task, arrived, result.as_ref().ok());
-        if !is_forwarded {
-            // The agent the client called counts the request, once, end to end.
-            self.node.telemetry.outcome(&task, outcome);
-        }
-        // A request counts once cluster-wide: where the client sent it. The agent it was
-        // forwarded to counts it apart.
-        let labels = RequestLabels { task: task.clone(), outcome: label };
-        if is_forwarded {
-            self.node.metrics.forwarded_requests.get_or_create(&labels).inc();
-        } else {
-            self.node.metrics.requests.get_or_create(&labels).inc();
-            if let Outcome::Served(latency) = outcome {
-                self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
-            }
-        }
-        result
-    }
-}
-
-#[tonic::async_trait]
-impl Inference for AgentService {
-    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
-        let arrived = Instant::now();
-        self.admit(&request)?;
-        let (metadata, _, req) = request.into_parts();
-        let forwarded = request_forwarded(&metadata);
-        let count = forwarded.is_none() && !metadata.contains_key(tidal_proto::COUNTED_METADATA);
-        self.infer_one(req, arrived, forwarded, count).await.map(Response::new).map_err(|e| {
-            let mut status = Status::from(e);
-            if count && status.code() == tonic::Code::Unavailable {
-                status
-                    .metadata_mut()
-                    .insert(tidal_proto::COUNTED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
-            }
-            status
-        })
-    }
-}
-
-impl From<ApplyError> for Status {
-    fn from(e: ApplyError) -> Self {
-        match e {
-            ApplyError::Stale { .. } | ApplyError::NotTheBase { .. } => Status::failed_precondition(e.to_string()),
-            ApplyError::Invalid(_)
-            | ApplyError::InvalidDelta(_)
-            | ApplyError::TooFarAhead { .. }
-            | ApplyError::TermTooFarAhead { .. } => Status::invalid_argument(e.to_string()),
-            ApplyError::NotAMember { .. } => Status::permission_denied(e.to_string()),
-            ApplyError::Cgroup(_) => Status::internal(e.to_string()),
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Agent for AgentService {
-    async fn apply_plan(&self, request: Request<ApplyPlanRequest>) -> Result<Response<ApplyPlanResponse>, Status> {
-        let arrived = Instant::now();
-        let pusher = match self.guard.require(&request, "ApplyPlan", is_controller)? {
-            Some(Role::Controller(id)) => Some(id),
-            _ => None,
-        };
-        if let Some(id) = pusher {
-            if let Err(e) = self.node.admit_pusher(id) {
-                warn!(from = %format!("controller/{id}"), error = %e, "refused a plan");
-                return Err(e.into());
-            }
-        }
-        let request = request.into_inner();
-        let incoming = match (request.plan, request.delta) {
-            (Some(plan), None) => Incoming::Plan(plan),
-            (None, Some(delta)) => Incoming::Delta { delta, base: (request.base_epoch, request.base_term) },
-            _ => return Err(Status::invalid_argument("malformed plan: the request needs a plan or a delta, not both")),
-        };
-        let epoch = match &incoming {
-            Incoming::Plan(p) => p.epoch,
-            Incoming::Delta { delta, .. } => delta.epoch,
-        };
-        let from = pusher.map_or_else(|| "a controller (plaintext)".to_string(), |id| format!("controller/{id}"));
-        match self.node.apply_plan(incoming).instrument(info_span!("apply_plan", epoch, %from)).await {
-            Ok(applied) => {
-                let apply_us = arrived.elapsed().as_micros() as u64;
-                self.node.metrics.plan_apply.observe(apply_us as f64 / 1e6);
-                info!(target: "audit", %from, epoch = applied.epoch, held = applied.held.len(), "plan applied");
-                Ok(Response::new(ApplyPlanResponse { applied_epoch: applied.epoch, held: applied.held, apply_us }))
-            }
-            Err(e) => {
-                warn!(epoch, %from, error = %e, "refused a plan");
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn profile(&self, request: Request<ProfileRequest>) -> Result<Response<ProfileResponse>, Status> {
-        self.guard.require(&request, "Profile", |r| is_controller(r) || is_admin(r))?;
-        let req = request.into_inner();
-        let points = profiler::profile(&self.node, &req).instrument(info_span!("profile")).await?;
-        Ok(Response::new(ProfileResponse { points, node: self.node.cfg.node.clone() }))
-    }
-
-    async fn status(&self, request: Request<AgentStatusRequest>) -> Result<Response<AgentStatus>, Status> {
-        self.guard.require(&request, "Status", may_read)?;
-        Ok(Response::new(AgentStatus {
-            node: self.node.cfg.node.clone(),
-            applied_epoch: self.node.applied_epoch(),
-            applied_term: self.node.applied_term(),
-            workers: self.node.worker_telemetry().await,
-            cgroup_driver: self.node.cgroups.driver_name().to_string(),
-        }))
-    }
-}
-
-fn request_forwarded(metadata: &tonic::metadata::MetadataMap) -> Option<Forwarded> {
-    metadata.get(FORWARDED_METADATA)?;
-    let stage = metadata.get(STAGE_METADATA).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    Some(Forwarded { stage: stage.to_string() })
-}

@@ -1,6 +1,6 @@
 //! The Open Inference Protocol (KServe V2) over HTTP/REST, on the inference port beside gRPC
 //! (one port: HTTP/1.1 and HTTP/2). The same tasks, checks, token and request path as
-//! [`crate::v2`], in JSON, with Triton's binary tensor data extension, which `tritonclient.http`
+//! [`super::v2_grpc`], in JSON, with Triton's binary tensor data extension, which `tritonclient.http`
 //! and `perf_analyzer -i http` use by default:
 //!
 //! ```text
@@ -37,8 +37,8 @@ use tidal_proto::inference::{
 use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
 
-use crate::service::AgentService;
-use crate::v2::{config, metadata};
+use crate::fronts::v2::{self, config, metadata};
+use crate::fronts::InferencePort;
 use crate::worker_protocol::from_bytes;
 
 /// The header that says how many bytes of a body are JSON; the rest is binary tensor data.
@@ -46,7 +46,7 @@ const HEADER_LENGTH: &str = "inference-header-content-length";
 
 /// The REST routes, served with the gRPC services on the inference port. Bodies over
 /// `body_limit` bytes are refused (413) before they are read whole.
-pub fn router(service: AgentService, body_limit: usize) -> Router {
+pub fn router(port: InferencePort, body_limit: usize) -> Router {
     let mut router = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
@@ -60,7 +60,7 @@ pub fn router(service: AgentService, body_limit: usize) -> Router {
             .route(&format!("{model}/stats"), get(model_statistics))
             .route(&format!("{model}/infer"), post(infer));
     }
-    router.fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(service)
+    router.fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(port)
 }
 
 #[derive(Deserialize)]
@@ -111,19 +111,19 @@ fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
 
-/// The inference token, if the port takes one, and a plan applied (as [`AgentService::admit`];
+/// The inference token, if the port takes one, and a plan applied (as [`InferencePort::admit`];
 /// other agents never call over REST, so a certificate does not stand in for the token).
-fn admit(service: &AgentService, headers: &HeaderMap) -> Result<()> {
-    if let Some(token) = &service.node.inference_token {
+fn admit(port: &InferencePort, headers: &HeaderMap) -> Result<()> {
+    if let Some(token) = &port.node().inference_token {
         token.check_header(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
     }
-    Ok(service.admit_planned()?)
+    Ok(port.admit_planned()?)
 }
 
 /// The task a model route names, for an admitted caller.
-fn admitted_task(service: &AgentService, headers: &HeaderMap, p: &ModelPath) -> Result<TaskSpec> {
-    admit(service, headers)?;
-    Ok(service.v2_task(&p.model, p.version())?)
+fn admitted_task(port: &InferencePort, headers: &HeaderMap, p: &ModelPath) -> Result<TaskSpec> {
+    admit(port, headers)?;
+    Ok(v2::task(port, &p.model, p.version())?)
 }
 
 /// Unknown paths: gRPC's UNIMPLEMENTED for a gRPC call (as tonic answers), 404 otherwise.
@@ -136,13 +136,13 @@ async fn not_found(headers: HeaderMap) -> Response {
     }
 }
 
-async fn server_metadata(State(service): State<AgentService>) -> impl IntoResponse {
-    let m = service.v2_server_metadata();
+async fn server_metadata() -> impl IntoResponse {
+    let m = v2::server_metadata();
     json_body(json!({ "name": m.name, "version": m.version, "extensions": m.extensions }))
 }
 
-async fn server_ready(State(service): State<AgentService>) -> StatusCode {
-    if service.v2_server_ready() {
+async fn server_ready(State(port): State<InferencePort>) -> StatusCode {
+    if v2::server_ready(&port) {
         StatusCode::OK
     } else {
         StatusCode::BAD_REQUEST
@@ -150,20 +150,20 @@ async fn server_ready(State(service): State<AgentService>) -> StatusCode {
 }
 
 async fn model_ready(
-    State(service): State<AgentService>,
+    State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<StatusCode> {
-    let task = admitted_task(&service, &headers, &p)?;
-    Ok(if service.node.task_ready(&task.name) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
+    let task = admitted_task(&port, &headers, &p)?;
+    Ok(if port.node().task_ready(&task.name) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
 }
 
 async fn model_metadata(
-    State(service): State<AgentService>,
+    State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    let m = metadata(&admitted_task(&service, &headers, &p)?);
+    let m = metadata(&admitted_task(&port, &headers, &p)?);
     let tensors = |t: &[TensorMetadata]| -> Vec<Value> {
         t.iter().map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })).collect()
     };
@@ -177,11 +177,11 @@ async fn model_metadata(
 }
 
 async fn model_config(
-    State(service): State<AgentService>,
+    State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    let c = config(&admitted_task(&service, &headers, &p)?);
+    let c = config(&admitted_task(&port, &headers, &p)?);
     let tensor = |name: &str, data_type: i32, dims: &[i64]| {
         let data_type = ConfigType::try_from(data_type).unwrap_or(ConfigType::TypeInvalid);
         json!({ "name": name, "data_type": data_type.as_str_name(), "dims": dims })
@@ -198,18 +198,18 @@ async fn model_config(
     })))
 }
 
-async fn all_statistics(State(service): State<AgentService>, headers: HeaderMap) -> Result<impl IntoResponse> {
-    admit(&service, &headers)?;
-    Ok(json_body(statistics(&service.v2_statistics("", "")?)))
+async fn all_statistics(State(port): State<InferencePort>, headers: HeaderMap) -> Result<impl IntoResponse> {
+    admit(&port, &headers)?;
+    Ok(json_body(statistics(&v2::statistics(&port, "", "")?)))
 }
 
 async fn model_statistics(
-    State(service): State<AgentService>,
+    State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    admit(&service, &headers)?;
-    Ok(json_body(statistics(&service.v2_statistics(&p.model, p.version())?)))
+    admit(&port, &headers)?;
+    Ok(json_body(statistics(&v2::statistics(&port, &p.model, p.version())?)))
 }
 
 /// Triton's statistics JSON.
@@ -275,15 +275,15 @@ struct OutputBody {
 }
 
 async fn infer(
-    State(service): State<AgentService>,
+    State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
     let arrived = Instant::now();
-    admit(&service, &headers)?;
+    admit(&port, &headers)?;
     let (request, binary_output) = infer_request(&headers, &body, p)?;
-    let response = service.v2_infer(request, arrived).await?;
+    let response = v2::infer(&port, request, arrived).await?;
     Ok(infer_response(response, binary_output))
 }
 

@@ -1,5 +1,6 @@
-//! The Open Inference Protocol (KServe V2) on the inference port, with Triton's ModelConfig and
-//! ModelStatistics, so that Triton's and KServe's clients and tools call an agent as they are.
+//! The Open Inference Protocol (KServe V2) as both of its fronts serve it ([`super::v2_grpc`],
+//! [`super::v2_rest`]), with Triton's ModelConfig and ModelStatistics, so that Triton's and
+//! KServe's clients and tools call an agent as they are.
 //!
 //! A Tidal task is a model (a pipeline included), version "1", with one float32 input named
 //! `input` and one output named `output`. Which variant serves stays Tidal's choice; it is
@@ -11,22 +12,18 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use tidal_common::task::{input_shape, MAX_SLO_MS};
-use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use tidal_proto::inference::infer_parameter::ParameterChoice;
 use tidal_proto::inference::model_infer_response::InferOutputTensor;
 use tidal_proto::inference::model_metadata_response::TensorMetadata;
 use tidal_proto::inference::{
-    DataType as ConfigType, InferParameter, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelDynamicBatching,
-    ModelInferRequest, ModelInferResponse, ModelInput, ModelMetadataRequest, ModelMetadataResponse, ModelOutput,
-    ModelReadyRequest, ModelReadyResponse, ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse,
-    ModelTransactionPolicy, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
-    ServerReadyRequest, ServerReadyResponse,
+    DataType as ConfigType, InferParameter, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse,
+    ModelInput, ModelMetadataResponse, ModelOutput, ModelStatistics, ModelTransactionPolicy, ServerMetadataResponse,
 };
 use tidal_proto::v1::{DataType, InferRequest, InferResponse, TaskSpec, Tensor};
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::error::ServeError;
-use crate::service::AgentService;
+use crate::fronts::InferencePort;
 use crate::worker_protocol::to_bytes;
 
 /// The name of every task's input and output tensor.
@@ -219,104 +216,44 @@ pub fn config(task: &TaskSpec) -> ModelConfig {
     }
 }
 
-impl AgentService {
-    /// The task a V2 request names (NOT_FOUND for another version or an unknown task).
-    pub(crate) fn v2_task(&self, name: &str, version: &str) -> Result<TaskSpec, Status> {
-        check_version(name, version)?;
-        self.node.task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()).into())
-    }
-
-    /// Ready: a plan is applied and every task in it can be served.
-    pub(crate) fn v2_server_ready(&self) -> bool {
-        self.node.applied_epoch() > 0 && self.node.task_names().iter().all(|t| self.node.task_ready(t))
-    }
-
-    /// Serves an admitted V2 request, over gRPC or REST: each sample as a request of its own.
-    pub(crate) async fn v2_infer(
-        &self,
-        req: ModelInferRequest,
-        arrived: Instant,
-    ) -> Result<ModelInferResponse, Status> {
-        let task = self.node.task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
-        let id = req.id.clone();
-        let answers = samples(req, &task)?.into_iter().map(|r| self.infer_one(r, arrived, None, true));
-        let answers = futures::future::try_join_all(answers).await?;
-        Ok(response(id, &task.name, answers)?)
-    }
-
-    /// Statistics of one task, or of every task when `name` is empty.
-    pub(crate) fn v2_statistics(&self, name: &str, version: &str) -> Result<Vec<ModelStatistics>, Status> {
-        Ok(if name.is_empty() {
-            self.node.model_stats.snapshot(&self.node.task_names(), true)
-        } else {
-            self.node.model_stats.snapshot(&[self.v2_task(name, version)?.name], false)
-        })
-    }
-
-    /// What ServerMetadata answers.
-    pub(crate) fn v2_server_metadata(&self) -> ServerMetadataResponse {
-        ServerMetadataResponse {
-            name: "tidal".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
-        }
-    }
+/// The task a V2 request names (NOT_FOUND for another version or an unknown task).
+pub fn task(port: &InferencePort, name: &str, version: &str) -> Result<TaskSpec, Status> {
+    check_version(name, version)?;
+    port.node().task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()).into())
 }
 
-#[tonic::async_trait]
-impl GrpcInferenceService for AgentService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
-    }
+/// Ready: a plan is applied and every task in it can be served.
+pub fn server_ready(port: &InferencePort) -> bool {
+    port.node().applied_epoch() > 0 && port.node().task_names().iter().all(|t| port.node().task_ready(t))
+}
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.v2_server_ready() }))
-    }
+/// Serves an admitted V2 request, over gRPC or REST: each sample as a request of its own.
+pub async fn infer(
+    port: &InferencePort,
+    req: ModelInferRequest,
+    arrived: Instant,
+) -> Result<ModelInferResponse, Status> {
+    let task = port.node().task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
+    let id = req.id.clone();
+    let answers = samples(req, &task)?.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
+    let answers = futures::future::try_join_all(answers).await?;
+    Ok(response(id, &task.name, answers)?)
+}
 
-    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        self.admit(&request)?;
-        let req = request.into_inner();
-        let task = self.v2_task(&req.name, &req.version)?;
-        Ok(Response::new(ModelReadyResponse { ready: self.node.task_ready(&task.name) }))
-    }
+/// Statistics of one task, or of every task when `name` is empty.
+pub fn statistics(port: &InferencePort, name: &str, version: &str) -> Result<Vec<ModelStatistics>, Status> {
+    Ok(if name.is_empty() {
+        port.node().model_stats.snapshot(&port.node().task_names(), true)
+    } else {
+        port.node().model_stats.snapshot(&[task(port, name, version)?.name], false)
+    })
+}
 
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(self.v2_server_metadata()))
-    }
-
-    async fn model_metadata(
-        &self,
-        request: Request<ModelMetadataRequest>,
-    ) -> Result<Response<ModelMetadataResponse>, Status> {
-        self.admit(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(metadata(&self.v2_task(&req.name, &req.version)?)))
-    }
-
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let arrived = Instant::now();
-        self.admit(&request)?;
-        Ok(Response::new(self.v2_infer(request.into_inner(), arrived).await?))
-    }
-
-    async fn model_config(
-        &self,
-        request: Request<ModelConfigRequest>,
-    ) -> Result<Response<ModelConfigResponse>, Status> {
-        self.admit(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(ModelConfigResponse { config: Some(config(&self.v2_task(&req.name, &req.version)?)) }))
-    }
-
-    async fn model_statistics(
-        &self,
-        request: Request<ModelStatisticsRequest>,
-    ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        self.admit(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(ModelStatisticsResponse { model_stats: self.v2_statistics(&req.name, &req.version)? }))
+/// What ServerMetadata answers.
+pub fn server_metadata() -> ServerMetadataResponse {
+    ServerMetadataResponse {
+        name: "tidal".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
     }
 }

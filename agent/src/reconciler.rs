@@ -1,0 +1,663 @@
+//! The node reconciler: the one task that owns this node's workers.
+//!
+//! Everything that changes which workers run goes through its input queue: a plan to apply
+//! (with a reply), a worker that became ready or died, shutdown. It alone holds the workers,
+//! the workers being retired, the applied plan and the weights it routed with; it checks a
+//! plan (stale, too far ahead, malformed) before it reads any model file, stages the diff and
+//! executes it through the executor contract it shares with the simulator
+//! (`tidal_common::executor`). What it decided, it publishes: the routing table (to the
+//! [`Router`], whose only state of its own is where each stage's round-robin stands) and an
+//! immutable [`View`] of the applied plan's tasks and workers, which the request path,
+//! telemetry and health read. Nothing reads state back from them.
+//!
+//! Make before break without polls: a shrink or a retirement waiting for new workers is a
+//! pending action, released when a worker's ready event makes its successors all serve, or
+//! when the load timeout passes. Retired workers drain in tasks the reconciler owns and
+//! awaits at shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use thiserror::Error;
+use tidal_auth::Security;
+use tidal_common::executor::{execute, stage, Executor};
+use tidal_common::plan::{validate_for_node, PlanError};
+use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
+use tidal_proto::v1::inference_client::InferenceClient;
+use tidal_proto::v1::{Plan, PlanDelta, TaskSpec, Transition};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::cgroup::{CgroupError, WorkerCgroup};
+use crate::models::ModelDir;
+use crate::router::{Remote, Router, StageKey};
+use crate::worker::{BatchSettings, EventSink, Spawner, Worker, WorkerEvent, WorkerSpec};
+
+/// How far ahead of what this agent knows (its applied plan, the controller's epoch at the
+/// last registration or report) a plan's epoch may be: a plan beyond it would make every
+/// later plan look stale. About two months of rounds every 5 s.
+pub const MAX_EPOCH_STEP: u64 = 1 << 20;
+/// The most a plan's Raft term may pass the highest term this agent knows of (from the plans
+/// it applied and its controllers' answers): an election raises it by one, a partitioned
+/// replica's failed elections by a few more, and a far higher term would make every later
+/// plan of the real leader look deposed.
+pub const MAX_TERM_STEP: u64 = 64;
+/// The reconciler's input queue. Plans come one at a time from each controller's pusher and
+/// wait for their answer; a worker sends at most two events per process start. A full queue
+/// makes its senders wait, never drops an input.
+pub const INPUT_QUEUE: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("plan {got:?} (epoch, term) is older than the applied plan {applied:?}: it comes from a deposed controller leader")]
+    Stale { got: (u64, u64), applied: (u64, u64) },
+    #[error("plan epoch {got} is more than {MAX_EPOCH_STEP} ahead of the epoch this agent knows ({known})")]
+    TooFarAhead { got: u64, known: u64 },
+    #[error("plan term {got} is more than {MAX_TERM_STEP} ahead of the term this agent knows ({known})")]
+    TermTooFarAhead { got: u64, known: u64 },
+    #[error("controller/{id} is not a replica of the group this agent follows (members {members:?})")]
+    NotAMember { id: u64, members: Vec<u64> },
+    #[error("malformed plan: {0}")]
+    Invalid(#[from] PlanError),
+    #[error("malformed plan delta: {0}")]
+    InvalidDelta(String),
+    #[error("the plan delta is from plan {base:?} (epoch, term); this agent applied {applied:?}: send the plan")]
+    NotTheBase { base: (u64, u64), applied: (u64, u64) },
+    #[error("creating a worker's cgroup (nothing of the plan was applied): {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("the agent is stopping; the plan was not applied")]
+    Stopping,
+}
+
+/// A plan as the controller sends it: whole (cut for this node, or to be cut here), or as its
+/// change from the plan (epoch, term) this node applied before.
+pub enum Incoming {
+    Plan(Plan),
+    Delta { delta: PlanDelta, base: (u64, u64) },
+}
+
+/// A plan applied: its epoch, and the tasks held at what ran before (with why).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub epoch: u64,
+    pub held: Vec<String>,
+}
+
+/// What the controllers of the group last said of themselves (registration, telemetry acks):
+/// their plan epoch and Raft term, the bounds of how far ahead a plan may be.
+#[derive(Debug, Default)]
+pub struct KnownGroup {
+    epoch: AtomicU64,
+    term: AtomicU64,
+}
+
+impl KnownGroup {
+    pub fn saw(&self, epoch: u64, term: u64) {
+        self.epoch.fetch_max(epoch, Ordering::Relaxed);
+        self.term.fetch_max(term, Ordering::Relaxed);
+    }
+}
+
+/// What the reconciler publishes after every change; readers hold an `Arc` of one version.
+#[derive(Default)]
+pub struct View {
+    /// The applied plan's (epoch, term); (0, 0) before the first.
+    pub epoch: u64,
+    pub term: u64,
+    /// The applied plan's tasks, by name.
+    pub tasks: HashMap<String, TaskSpec>,
+    /// The workers of the applied plan (not those being retired), by id.
+    pub workers: Vec<Arc<Worker>>,
+    /// Workers still serving while their successors load.
+    pub retiring: usize,
+}
+
+/// What the reconciler works with, given once.
+pub struct Parts {
+    pub node: String,
+    /// CPU this node offers to workers, in millicores.
+    pub millicores: u32,
+    pub models: Arc<ModelDir>,
+    pub queue_capacity: usize,
+    /// How long a retired worker may take to serve what it has queued.
+    pub drain: Duration,
+    /// Sizes the clients of other agents (forwarded stages): a few requests' worth.
+    pub max_request_bytes: usize,
+    pub spawner: Arc<dyn Spawner>,
+    pub router: Arc<Router>,
+    pub known: Arc<KnownGroup>,
+    pub security: Security,
+    pub revoked: Arc<tidal_auth::RevocationList>,
+    pub plan_epoch: Gauge,
+    pub resizes: Counter,
+}
+
+pub enum Input {
+    /// Boxed: a plan is large, the other inputs small.
+    Apply {
+        incoming: Box<Incoming>,
+        reply: oneshot::Sender<Result<Applied, ApplyError>>,
+    },
+    Worker(WorkerEvent),
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl From<WorkerEvent> for Input {
+    fn from(e: WorkerEvent) -> Self {
+        Input::Worker(e)
+    }
+}
+
+/// The handle the rest of the agent holds: sends inputs, reads the published view.
+pub struct Reconciler {
+    inputs: mpsc::Sender<Input>,
+    view: watch::Receiver<Arc<View>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Reconciler {
+    /// Starts the reconciler's task (on the current runtime).
+    pub fn start(parts: Parts) -> Self {
+        let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
+        let (view_tx, view) = watch::channel(Arc::new(View::default()));
+        let owner = Owner {
+            events: EventSink::to(&inputs),
+            p: parts,
+            workers: HashMap::new(),
+            retiring: Vec::new(),
+            pending: Vec::new(),
+            weights: HashMap::new(),
+            applied: None,
+            remotes: HashMap::new(),
+            next_worker: 1,
+            draining: JoinSet::new(),
+            view: view_tx,
+        };
+        let task = tokio::spawn(owner.run(rx));
+        Self { inputs, view, task: Mutex::new(Some(task)) }
+    }
+
+    /// Applies `incoming`: all of it, or (malformed, stale, a cgroup that cannot be made) none.
+    pub async fn apply(&self, incoming: Incoming) -> Result<Applied, ApplyError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs
+            .send(Input::Apply { incoming: Box::new(incoming), reply })
+            .await
+            .map_err(|_| ApplyError::Stopping)?;
+        answer.await.unwrap_or(Err(ApplyError::Stopping))
+    }
+
+    /// The latest published view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// Follows the published views (each change wakes the receiver).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    /// Stops every worker (draining briefly) and waits for the reconciler's task to end.
+    pub async fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.inputs.send(Input::Shutdown { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                warn!(error = %e, "the reconciler's task ended abnormally");
+            }
+        }
+    }
+}
+
+/// A shrink or a retirement waiting for new workers to serve.
+struct Pending {
+    after: Vec<Arc<Worker>>,
+    /// When it goes ahead even if they do not serve (the load timeout).
+    deadline: Instant,
+    action: Deferred,
+}
+
+enum Deferred {
+    Retire(Arc<Worker>),
+    /// A resize of the plan `epoch`; a newer plan decides the size itself.
+    Resize {
+        worker: Arc<Worker>,
+        millicores: u32,
+        epoch: u64,
+    },
+}
+
+/// The reconciler's task and everything it owns.
+struct Owner {
+    p: Parts,
+    events: EventSink,
+    workers: HashMap<WorkerKey, Arc<Worker>>,
+    /// Workers that left the plan: they serve with the weight they had until released.
+    retiring: Vec<Arc<Worker>>,
+    pending: Vec<Pending>,
+    /// The weight each local worker was last routed with, by stage and worker id.
+    weights: HashMap<StageKey, HashMap<String, f64>>,
+    /// The plan applied (cut for this node), the base of the next delta.
+    applied: Option<Plan>,
+    /// Clients of the other agents this one routes to, by (node, address).
+    remotes: HashMap<(String, String), Arc<Remote>>,
+    next_worker: u64,
+    /// Retired workers draining their queues.
+    draining: JoinSet<()>,
+    view: watch::Sender<Arc<View>>,
+}
+
+impl Owner {
+    async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
+        loop {
+            let due = self.pending.iter().map(|p| p.deadline).min();
+            // A far deadline when nothing waits (the branch is then disabled anyway).
+            let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Apply { incoming, reply }) => {
+                        let result = self.apply(*incoming).await;
+                        let _ = reply.send(result);
+                    }
+                    Some(Input::Worker(event)) => self.on_worker(event),
+                    Some(Input::Shutdown { reply }) => {
+                        inputs.close();
+                        self.stop_all().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake), if due.is_some() => self.release(),
+                Some(_) = self.draining.join_next(), if !self.draining.is_empty() => {}
+            }
+        }
+        // Every handle is gone: stop what runs.
+        inputs.close();
+        self.stop_all().await;
+    }
+
+    fn on_worker(&mut self, event: WorkerEvent) {
+        match &event {
+            WorkerEvent::Ready { id } => debug!(worker = %id, "worker serves"),
+            WorkerEvent::Died { id, error } => debug!(worker = %id, %error, "worker died"),
+        }
+        self.release();
+        self.publish();
+    }
+
+    fn applied_at(&self) -> (u64, u64) {
+        self.applied.as_ref().map_or((0, 0), |p| (p.epoch, p.term))
+    }
+
+    /// Applies a plan: checks it whole before touching anything (nothing else changes the
+    /// applied plan meanwhile: this task owns it), then reads the model files it starts, then
+    /// executes the staged diff.
+    async fn apply(&mut self, incoming: Incoming) -> Result<Applied, ApplyError> {
+        let applied = self.applied_at();
+        let mut plan = match incoming {
+            Incoming::Plan(plan) => plan,
+            Incoming::Delta { delta, base } => {
+                if self.applied.is_none() || applied != base {
+                    return Err(ApplyError::NotTheBase { base, applied });
+                }
+                tidal_common::plan::delta::apply(self.applied.as_ref(), &delta).map_err(ApplyError::InvalidDelta)?
+            }
+        };
+        tidal_common::plan::normalise(&mut plan);
+        // A whole plan (from a controller before plans were cut, or a test) is cut here: the
+        // routes below are read from the cut form only.
+        if plan.for_node.is_empty() {
+            plan = tidal_common::plan::cut(&plan, &self.p.node);
+        }
+        validate_for_node(&plan, &self.p.node, self.p.millicores)?;
+        if (plan.epoch, plan.term) < applied {
+            return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
+        }
+        let known = applied.0.max(self.p.known.epoch.load(Ordering::Relaxed));
+        if plan.epoch > known.saturating_add(MAX_EPOCH_STEP) {
+            return Err(ApplyError::TooFarAhead { got: plan.epoch, known });
+        }
+        let known_term = applied.1.max(self.p.known.term.load(Ordering::Relaxed));
+        if plan.term > known_term.saturating_add(MAX_TERM_STEP) {
+            return Err(ApplyError::TermTooFarAhead { got: plan.term, known: known_term });
+        }
+        let desired = desired_on(&plan, &self.p.node);
+        // Only the models of workers to start are checked (a file read, off the runtime); a
+        // plan that resizes or rebatches running workers touches no file.
+        let to_load: Vec<tidal_proto::v1::VariantSpec> = desired
+            .iter()
+            .filter(|d| self.workers.get(&d.key).is_none_or(|w| w.spec.variant.model_file != d.variant.model_file))
+            .map(|d| d.variant.clone())
+            .collect();
+        let models = if to_load.is_empty() { HashMap::new() } else { self.p.models.check_all(to_load).await };
+        if desired.is_empty() && !self.workers.is_empty() {
+            warn!(
+                epoch = plan.epoch,
+                term = plan.term,
+                workers = self.workers.len(),
+                "this plan stops every worker of this node"
+            );
+        }
+        let running: Vec<RunningWorker> = self
+            .workers
+            .iter()
+            .map(|(key, w)| RunningWorker {
+                key: key.clone(),
+                model_file: w.spec.variant.model_file.clone(),
+                shape: shape_of(w),
+            })
+            .collect();
+        let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
+        let staged = stage(&desired, &running, transition, |v| models.get(&v.name).cloned().unwrap_or(Ok(())));
+        if !staged.actions.is_empty() {
+            info!(epoch = plan.epoch, actions = staged.actions.len(), ?transition, "applying plan");
+        }
+        let held: Vec<String> = staged.held.iter().map(|(task, why)| format!("{task}: {why}")).collect();
+        for why in &held {
+            warn!(epoch = plan.epoch, "task held at what runs: {why}");
+        }
+        execute(&mut NodeExecutor { owner: self, epoch: plan.epoch }, staged.actions)?;
+        self.update_routes(&plan, &staged.held);
+        self.p.plan_epoch.set(plan.epoch as i64);
+        let epoch = plan.epoch;
+        self.applied = Some(plan);
+        self.release();
+        self.publish();
+        Ok(Applied { epoch, held })
+    }
+
+    /// Publishes the view of what is applied and runs.
+    fn publish(&self) {
+        let (epoch, term) = self.applied_at();
+        let mut workers: Vec<Arc<Worker>> = self.workers.values().cloned().collect();
+        workers.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        let tasks = self
+            .applied
+            .as_ref()
+            .map_or_else(HashMap::new, |p| p.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect());
+        self.view.send_replace(Arc::new(View { epoch, term, tasks, workers, retiring: self.retiring.len() }));
+    }
+
+    /// Carries out the pending actions whose workers all serve, or whose time is up.
+    fn release(&mut self) {
+        let now = Instant::now();
+        let (due, waiting): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.deadline <= now || p.after.iter().all(|w| w.is_ready()));
+        self.pending = waiting;
+        let mut retired = false;
+        for p in due {
+            match p.action {
+                Deferred::Retire(w) => {
+                    retired = true;
+                    self.retiring.retain(|r| !Arc::ptr_eq(r, &w));
+                    let stage = StageKey::new(&w.spec.task, &w.spec.stage);
+                    if let Some(weights) = self.weights.get_mut(&stage) {
+                        weights.remove(&w.spec.id);
+                    }
+                    self.route_stage(&stage);
+                    let drain = self.p.drain;
+                    self.draining.spawn(async move {
+                        w.shutdown(drain).await;
+                        info!(worker = %w.spec.id, "worker stopped");
+                    });
+                }
+                Deferred::Resize { worker, millicores, epoch } => {
+                    if self.applied_at().0 == epoch {
+                        self.resize_now(&worker, millicores);
+                    }
+                }
+            }
+        }
+        if retired {
+            self.publish();
+        }
+    }
+
+    fn resize_now(&self, w: &Worker, millicores: u32) {
+        let from = w.millicores();
+        match w.resize(millicores) {
+            Ok(()) => {
+                self.p.resizes.inc();
+                info!(worker = %w.spec.id, from, to = millicores, "resized worker in place");
+            }
+            Err(e) => warn!(worker = %w.spec.id, error = %e, "resizing the worker failed; the next plan retries"),
+        }
+    }
+
+    /// Keeps `w` serving with the weight it had until every one of `successors` serves (or
+    /// the load timeout passes), then drains and stops it.
+    fn retire(&mut self, w: Arc<Worker>, successors: Vec<Arc<Worker>>) {
+        info!(worker = %w.spec.id, variant = %w.spec.variant.name, successors = successors.len(), "retiring worker");
+        self.retiring.push(w.clone());
+        let deadline = Instant::now() + self.p.spawner.load_timeout();
+        self.pending.push(Pending { after: successors, deadline, action: Deferred::Retire(w) });
+    }
+
+    /// Routes each stage of each task by the plan's weights; a held task keeps the routes it
+    /// had, a retiring worker the weight it had.
+    fn update_routes(&mut self, plan: &Plan, held: &BTreeMap<String, String>) {
+        let mut planned = Vec::new();
+        for task in &plan.tasks {
+            for stage in &task.stages {
+                let key = StageKey::new(&task.name, &stage.name);
+                planned.push(key.clone());
+                if held.contains_key(&task.name) {
+                    continue;
+                }
+                let previous = self.weights.remove(&key).unwrap_or_default();
+                let mut weights: HashMap<String, f64> = self
+                    .workers
+                    .values()
+                    .filter(|w| w.spec.task == task.name && w.spec.stage == stage.name)
+                    .map(|w| {
+                        let weight = plan
+                            .assignments
+                            .iter()
+                            .find(|a| {
+                                a.node == self.p.node
+                                    && a.task == task.name
+                                    && a.stage == stage.name
+                                    && a.replica == w.spec.replica
+                                    && a.variant.as_ref().is_some_and(|v| v.name == w.spec.variant.name)
+                            })
+                            .map_or(0.0, |a| a.weight);
+                        (w.spec.id.clone(), weight)
+                    })
+                    .collect();
+                for w in self.retiring.iter().filter(|w| w.spec.task == task.name && w.spec.stage == stage.name) {
+                    weights.insert(w.spec.id.clone(), previous.get(&w.spec.id).copied().unwrap_or(0.0));
+                }
+                self.weights.insert(key.clone(), weights);
+                self.route_stage(&key);
+                let remote = self.remote_routes(plan, &key);
+                self.p.router.set_remote_routes(&key, remote);
+            }
+        }
+        self.weights.retain(|k, _| planned.contains(k));
+        self.p.router.retain(&planned);
+    }
+
+    /// Publishes a stage's local routes: its workers and its retiring workers, each with its
+    /// weight.
+    fn route_stage(&self, stage: &StageKey) {
+        let weights = self.weights.get(stage);
+        let weight = |w: &Arc<Worker>| weights.and_then(|ws| ws.get(&w.spec.id)).copied().unwrap_or(0.0);
+        let serves = |w: &&Arc<Worker>| w.spec.task == stage.task && w.spec.stage == stage.stage;
+        let routes =
+            self.workers.values().chain(self.retiring.iter()).filter(serves).map(|w| (w.clone(), weight(w))).collect();
+        self.p.router.set_routes(stage, routes);
+    }
+
+    /// The stage's shares on other agents (the cut plan's routes, one per node); nodes whose
+    /// address the plan does not give are left out.
+    fn remote_routes(&mut self, plan: &Plan, stage: &StageKey) -> Vec<(Arc<Remote>, f64)> {
+        let (task, stage_name) = (stage.task.as_str(), stage.stage.as_str());
+        let weights =
+            plan.routes.iter().filter(|r| r.task == task && r.stage == stage_name).map(|r| (r.node.as_str(), r.weight));
+        let mut routes = Vec::new();
+        for (node, weight) in weights {
+            let Some(address) = plan.node_addresses.get(node) else {
+                warn!(
+                    node,
+                    task,
+                    stage = stage_name,
+                    "the plan gives no address for a node serving this stage; not routed there"
+                );
+                continue;
+            };
+            let key = (node.to_string(), address.clone());
+            let remote = match self.remotes.get(&key) {
+                Some(r) => r.clone(),
+                // Only to the agent the plan names there: a holder of any other certificate of
+                // the cluster at that address gets nothing forwarded.
+                None => match self.p.security.endpoint_of(
+                    address,
+                    tidal_auth::Role::Agent(node.to_string()),
+                    Some(self.p.revoked.clone()),
+                ) {
+                    Ok(endpoint) => {
+                        let channel = endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy();
+                        let limit = 4 * self.p.max_request_bytes.max(1 << 20);
+                        let client = InferenceClient::new(channel)
+                            .max_decoding_message_size(limit)
+                            .max_encoding_message_size(limit);
+                        let r = Arc::new(Remote::new(node.to_string(), address.clone(), client));
+                        self.remotes.insert(key, r.clone());
+                        r
+                    }
+                    Err(e) => {
+                        warn!(node, address, error = %e, "bad agent address in the plan");
+                        continue;
+                    }
+                },
+            };
+            routes.push((remote, weight));
+        }
+        routes
+    }
+
+    /// Stops every worker, planned or retiring (draining briefly), and waits for the drains
+    /// under way.
+    async fn stop_all(&mut self) {
+        self.pending.clear();
+        let all: Vec<Arc<Worker>> = self.workers.drain().map(|(_, w)| w).chain(self.retiring.drain(..)).collect();
+        futures::future::join_all(all.iter().map(|w| w.shutdown(Duration::from_secs(2)))).await;
+        while self.draining.join_next().await.is_some() {}
+        self.publish();
+    }
+}
+
+fn shape_of(w: &Worker) -> WorkerShape {
+    let settings = w.settings();
+    WorkerShape {
+        millicores: w.millicores(),
+        max_batch: settings.max_batch,
+        max_delay_ms: settings.max_delay.as_millis().min(u32::MAX as u128) as u32,
+    }
+}
+
+/// The node's executor of a plan: processes in cgroups, make before break.
+struct NodeExecutor<'a> {
+    owner: &'a mut Owner,
+    epoch: u64,
+}
+
+impl NodeExecutor<'_> {
+    /// The workers running under `keys` (what a shrink or a retirement waits for).
+    fn workers_of(&self, keys: &[WorkerKey]) -> Vec<Arc<Worker>> {
+        keys.iter().filter_map(|k| self.owner.workers.get(k).cloned()).collect()
+    }
+}
+
+impl Executor for NodeExecutor<'_> {
+    type Prepared = (String, WorkerCgroup);
+    type Error = ApplyError;
+
+    fn prepare(&mut self, _: &DesiredWorker) -> Result<Self::Prepared, ApplyError> {
+        let id = format!("worker-{}", self.owner.next_worker);
+        self.owner.next_worker += 1;
+        let cgroup = self.owner.p.spawner.cgroup(&id)?;
+        Ok((id, cgroup))
+    }
+
+    fn abandon(&mut self, (_, cgroup): Self::Prepared) {
+        cgroup.remove();
+    }
+
+    fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared) {
+        let spec = WorkerSpec {
+            id: id.clone(),
+            task: d.key.task.clone(),
+            stage: d.key.stage.clone(),
+            replica: d.key.replica,
+            model_path: self.owner.p.models.path().join(&d.variant.model_file),
+            variant: d.variant.clone(),
+        };
+        info!(worker = %id, key = %d.key, millicores = d.shape.millicores, "starting worker");
+        let settings = BatchSettings {
+            max_batch: d.shape.max_batch,
+            max_delay: Duration::from_millis(d.shape.max_delay_ms as u64),
+        };
+        let p = &self.owner.p;
+        let w = Worker::start(
+            spec,
+            cgroup,
+            d.shape.millicores,
+            settings,
+            p.queue_capacity,
+            p.spawner.clone(),
+            self.owner.events.clone(),
+        );
+        if let Some(old) = self.owner.workers.insert(d.key, w.clone()) {
+            self.owner.retire(old, vec![w]);
+        }
+    }
+
+    fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32) {
+        if let Some(w) = self.owner.workers.get(key) {
+            w.set_batching(BatchSettings { max_batch, max_delay: Duration::from_millis(max_delay_ms as u64) });
+        }
+    }
+
+    fn resize(&mut self, key: &WorkerKey, millicores: u32, after: &[WorkerKey]) {
+        let Some(w) = self.owner.workers.get(key).cloned() else { return };
+        if after.is_empty() {
+            self.owner.resize_now(&w, millicores);
+        } else {
+            let after = self.workers_of(after);
+            let deadline = Instant::now() + self.owner.p.spawner.load_timeout();
+            let action = Deferred::Resize { worker: w, millicores, epoch: self.epoch };
+            self.owner.pending.push(Pending { after, deadline, action });
+        }
+    }
+
+    fn stop(&mut self, key: &WorkerKey, after: &[WorkerKey]) {
+        let successors = self.workers_of(after);
+        if let Some(w) = self.owner.workers.remove(key) {
+            self.owner.retire(w, successors);
+        }
+    }
+
+    fn millicores(&self, key: &WorkerKey) -> Option<u32> {
+        self.owner.workers.get(key).map(|w| w.millicores())
+    }
+
+    fn starting(&self, task: &str) -> Vec<WorkerKey> {
+        self.owner.workers.iter().filter(|(k, w)| k.task == task && !w.is_ready()).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
