@@ -113,8 +113,8 @@ pub struct View {
     pub tasks: HashMap<String, TaskSpec>,
     /// The workers of the applied plan (not those being retired), by id.
     pub workers: Vec<Arc<Worker>>,
-    /// Workers still serving while their successors load.
-    pub retiring: usize,
+    /// Workers that left the plan, still serving while their successors load.
+    pub retiring: Vec<Arc<Worker>>,
 }
 
 /// What the reconciler works with, given once.
@@ -386,7 +386,8 @@ impl Owner {
             .applied
             .as_ref()
             .map_or_else(HashMap::new, |p| p.tasks.iter().map(|t| (t.name.clone(), t.clone())).collect());
-        self.view.send_replace(Arc::new(View { epoch, term, tasks, workers, retiring: self.retiring.len() }));
+        let retiring = self.retiring.clone();
+        self.view.send_replace(Arc::new(View { epoch, term, tasks, workers, retiring }));
     }
 
     /// Carries out the pending actions whose workers all serve, or whose time is up.

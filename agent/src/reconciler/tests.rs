@@ -31,6 +31,8 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 struct Machine {
     /// Loads of a model wait for a permit (no entry: they load at once).
     gates: HashMap<String, Arc<Semaphore>>,
+    /// How long a model's loads take (tokio time; none: no time).
+    load_times: HashMap<String, Duration>,
     /// How many of a model's next loads fail (at once, before any gate).
     failures: HashMap<String, usize>,
     /// The cgroup (counted from 0) whose creation fails.
@@ -104,11 +106,14 @@ impl Spawner for FakeSpawner {
     ) -> BoxFuture<'a, Result<Box<dyn ModelProcess>, WorkerError>> {
         async move {
             let name = model.file_name().unwrap().to_string_lossy().to_string();
-            let (gate, fail) = self.with(|m| {
+            let (gate, fail, load_time) = self.with(|m| {
                 m.loads.push(name.clone());
                 let fail = m.failures.get_mut(&name).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
-                (m.gates.get(&name).cloned(), fail)
+                (m.gates.get(&name).cloned(), fail, m.load_times.get(&name).copied())
             });
+            if let Some(load_time) = load_time {
+                tokio::time::sleep(load_time).await;
+            }
             if fail {
                 return Err(WorkerError::Load("injected load failure".into()));
             }
@@ -180,6 +185,10 @@ fn variant(name: &str) -> VariantSpec {
 
 /// A plan of task `t` running `workers` (variant, millicores) on this node.
 fn plan(epoch: u64, workers: &[(&str, u32)]) -> Plan {
+    plan_of(epoch, workers, Transition::InPlace)
+}
+
+fn plan_of(epoch: u64, workers: &[(&str, u32)], transition: Transition) -> Plan {
     let variants = ["a", "b", "c"].map(variant).to_vec();
     Plan {
         epoch,
@@ -198,6 +207,7 @@ fn plan(epoch: u64, workers: &[(&str, u32)]) -> Plan {
                 ..Default::default()
             })
             .collect(),
+        transition: transition as i32,
         ..Default::default()
     }
 }
@@ -279,13 +289,13 @@ async fn a_replaced_worker_serves_until_its_successor_does() {
     let applied = h.apply(plan(2, &[("b", 1000)])).await.unwrap();
     assert_eq!(applied, Applied { epoch: 2, held: vec![] });
     assert_eq!(h.variants(), ["b"], "the plan's workers are the new ones");
-    assert_eq!(h.reconciler.view().retiring, 1, "a is retiring, not stopped");
+    assert_eq!(h.reconciler.view().retiring.len(), 1, "a is retiring, not stopped");
     for _ in 0..5 {
         assert_eq!(h.serve().await, "a", "b does not serve yet: a keeps its share");
     }
 
     h.spawner.open("b.onnx");
-    h.until("a is retired", |v| v.retiring == 0).await;
+    h.until("a is retired", |v| v.retiring.is_empty()).await;
     assert_eq!(h.serve().await, "b");
     h.reconciler.shutdown().await;
     assert_eq!(h.spawner.stopped.load(Ordering::Relaxed), 2, "a and b stopped, each once");
@@ -308,7 +318,7 @@ async fn workers_that_die_during_make_before_break_keep_the_task_served() {
         }
     };
     tokio::time::timeout(Duration::from_secs(10), b_died_once).await.expect("b was never loaded again");
-    assert_eq!(h.reconciler.view().retiring, 1, "a failed load of b does not retire a");
+    assert_eq!(h.reconciler.view().retiring.len(), 1, "a failed load of b does not retire a");
     assert_eq!(h.serve().await, "a");
 
     // Now a dies too: its batcher restarts it, and it still holds the share.
@@ -318,10 +328,10 @@ async fn workers_that_die_during_make_before_break_keep_the_task_served() {
     let weights = h.router.weights(&StageKey::new(TASK, TASK));
     assert!(weights.iter().any(|(id, w)| *id == a.spec.id && *w > 0.0), "a keeps its weight: {weights:?}");
     assert_eq!(h.spawner.loads_of("a.onnx"), 2, "a was restarted once");
-    assert_eq!(h.reconciler.view().retiring, 1);
+    assert_eq!(h.reconciler.view().retiring.len(), 1);
 
     h.spawner.open("b.onnx");
-    h.until("a is retired", |v| v.retiring == 0).await;
+    h.until("a is retired", |v| v.retiring.is_empty()).await;
     assert_eq!(h.serve().await, "b");
     h.reconciler.shutdown().await;
 }
@@ -337,14 +347,14 @@ async fn a_plan_that_fails_halfway_changes_nothing() {
     let failed = h.apply(plan(2, &[("b", 1000), ("c", 1000)])).await;
     assert!(matches!(failed, Err(ApplyError::Cgroup(_))), "{failed:?}");
     let view = h.reconciler.view();
-    assert_eq!((view.epoch, view.retiring), (1, 0), "the plan was not applied");
+    assert_eq!((view.epoch, view.retiring.len()), (1, 0), "the plan was not applied");
     assert_eq!(h.variants(), ["a"]);
     assert_eq!(h.spawner.loads_of("b.onnx"), 0, "nothing of the plan was started");
     assert_eq!(h.serve().await, "a");
 
     // The same change, planned again, goes through.
     h.apply(plan(3, &[("b", 1000), ("c", 1000)])).await.unwrap();
-    h.until("a is retired", |v| v.retiring == 0 && v.workers.iter().all(|w| w.is_ready())).await;
+    h.until("a is retired", |v| v.retiring.is_empty() && v.workers.iter().all(|w| w.is_ready())).await;
     let mut variants = h.variants();
     variants.sort();
     assert_eq!(variants, ["b", "c"]);
@@ -388,12 +398,125 @@ async fn shutdown_stops_every_worker_and_refuses_later_plans() {
     h.apply(plan(1, &[("a", 1000)])).await.unwrap();
     h.all_serve().await;
     h.apply(plan(2, &[("b", 1000)])).await.unwrap();
-    assert_eq!(h.reconciler.view().retiring, 1);
+    assert_eq!(h.reconciler.view().retiring.len(), 1);
 
     h.reconciler.shutdown().await;
     let view = h.reconciler.view();
-    assert!(view.workers.is_empty() && view.retiring == 0, "every worker stopped");
+    assert!(view.workers.is_empty() && view.retiring.is_empty(), "every worker stopped");
     assert_eq!(h.spawner.stopped.load(Ordering::Relaxed), 1, "a's process stopped; b never loaded");
     let refused = h.apply(plan(3, &[("a", 1000)])).await;
     assert!(matches!(refused, Err(ApplyError::Stopping)), "{refused:?}");
+}
+
+/// The agent's and the simulator's make before break, side by side: the same plans at the
+/// same times, models loading in the same times (the agent's on tokio's paused clock), and
+/// what serves, with how many cores, compared every 250 ms.
+mod parity {
+    use tidal_common::sim::{NodeTimeline, ServingWorker};
+
+    use super::*;
+
+    /// Seconds each variant's model takes to load.
+    const LOAD_S: [(&str, f64); 3] = [("a", 2.0), ("b", 3.0), ("c", 4.0)];
+
+    /// What serves on the agent now.
+    fn serving(view: &View) -> Vec<ServingWorker> {
+        let mut serving: Vec<ServingWorker> = view
+            .workers
+            .iter()
+            .chain(&view.retiring)
+            .filter(|w| w.is_ready())
+            .map(|w| ServingWorker {
+                task: w.spec.task.clone(),
+                variant: w.spec.variant.name.clone(),
+                replica: w.spec.replica,
+                cores: w.millicores().div_ceil(1000),
+            })
+            .collect();
+        serving.sort();
+        serving
+    }
+
+    /// Runs `plans` ((second, plan)) on both until `end` and compares what serves.
+    async fn compare(plans: Vec<(f64, Plan)>, end: f64) {
+        let variants: Vec<(&str, VariantSpec, f64)> = LOAD_S.iter().map(|(v, s)| (TASK, variant(v), *s)).collect();
+        let mut sim = NodeTimeline::new(NODE, &variants);
+
+        let h = Harness::new();
+        h.spawner.with(|m| {
+            for (v, s) in LOAD_S {
+                m.load_times.insert(format!("{v}.onnx"), Duration::from_secs_f64(s));
+            }
+        });
+        let start = Instant::now();
+        let at = |s: f64| start + Duration::from_secs_f64(s);
+        // Plans at their times, and a look every 250 ms between them (off the whole seconds
+        // at which plans come and loads end).
+        enum Step {
+            Apply(Box<Plan>),
+            Look,
+        }
+        let looks = (0..).map(|i| 0.125 + 0.25 * i as f64).take_while(|t| *t < end).map(|t| (t, Step::Look));
+        let mut steps: Vec<(f64, Step)> =
+            plans.into_iter().map(|(t, p)| (t, Step::Apply(Box::new(p)))).chain(looks).collect();
+        steps.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let mut mismatches = Vec::new();
+        for (t, step) in steps {
+            tokio::time::sleep_until(at(t)).await;
+            match step {
+                Step::Apply(p) => {
+                    sim.apply(&p, t).unwrap();
+                    h.apply(*p).await.unwrap();
+                }
+                Step::Look => {
+                    let (agent, simulated) = (serving(&h.reconciler.view()), sim.serving(t));
+                    if agent != simulated {
+                        mismatches.push(format!("at {t:.3} s the agent serves {agent:?}, the simulator {simulated:?}"));
+                    }
+                }
+            }
+        }
+        h.reconciler.shutdown().await;
+        assert!(mismatches.is_empty(), "{} differences:\n{}", mismatches.len(), mismatches.join("\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shrinks_wait_for_new_variants_and_stops_for_their_successors() {
+        let plans = vec![
+            (0.0, plan(1, &[("a", 2000)])),
+            (10.0, plan(2, &[("a", 1000), ("b", 1000)])),
+            (20.0, plan(3, &[("b", 2000)])),
+            (30.0, plan(4, &[("b", 1000), ("c", 1000)])),
+        ];
+        compare(plans, 40.0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blue_green_replaces_a_worker_once_its_successor_serves() {
+        let plans = vec![
+            (0.0, plan_of(1, &[("a", 1000)], Transition::BlueGreen)),
+            (10.0, plan_of(2, &[("a", 2000)], Transition::BlueGreen)),
+            (20.0, plan_of(3, &[("a", 1000), ("b", 1000)], Transition::BlueGreen)),
+        ];
+        compare(plans, 30.0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plans_that_come_while_workers_load() {
+        let plans = vec![
+            (0.0, plan(1, &[("a", 2000)])),
+            // b loads until 13; a shrinks then.
+            (10.0, plan(2, &[("a", 1000), ("b", 1000)])),
+            // A newer plan cancels the waiting shrink: a keeps 2 cores past 13...
+            (11.0, plan(3, &[("a", 2000), ("b", 1000)])),
+            // ...until this one, which shrinks it at once (b serves).
+            (15.0, plan(4, &[("a", 1000), ("b", 1000)])),
+            // Replacements while the replacement loads: b until c serves; c stops unseen
+            // once a, planned while c loads, serves too.
+            (20.0, plan(5, &[("b", 1000)])),
+            (20.5, plan(6, &[("c", 1000)])),
+            (21.0, plan(7, &[("a", 1000)])),
+        ];
+        compare(plans, 32.0).await;
+    }
 }

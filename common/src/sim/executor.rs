@@ -3,11 +3,127 @@
 
 use std::collections::HashMap;
 
-use crate::executor::Executor;
-use crate::reconcile::{DesiredWorker, WorkerKey};
+use tidal_proto::v1::{Plan, Transition, VariantSpec};
+
+use crate::executor::{execute, Executor};
+use crate::reconcile::{desired_on, diff, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 
 use super::worker::{PendingResize, SimWorker};
 use super::SimVariant;
+
+/// Applies a plan to `node`'s simulated workers as the agent does, through the executor
+/// contract ([`crate::executor::execute`]): the same actions, in the same order, with the same
+/// waits; a newer plan cancels a shrink still waiting. The plan's shares route at once.
+/// `index` maps (task, variant) names to `variants`; `model_file` names a variant's file (a
+/// changed file is a replacement); with `warm`, started workers serve at once.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn apply_plan<'s>(
+    workers: &'s mut Vec<SimWorker>,
+    variants: &'s [SimVariant],
+    index: HashMap<(&'s str, &'s str), usize>,
+    model_file: impl Fn(usize) -> String,
+    plan: &Plan,
+    node: &str,
+    t: f64,
+    warm: bool,
+) -> Result<(), String> {
+    let desired = desired_on(plan, node);
+    let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
+    for w in workers.iter_mut() {
+        w.pending = None;
+    }
+    // What runs, as the agent's reconcile sees it: the workers in the plan, at the quota and
+    // batcher they have now.
+    let running: Vec<RunningWorker> = workers
+        .iter()
+        .filter(|w| w.retire_at.is_infinite())
+        .map(|w| RunningWorker {
+            key: w.key.clone(),
+            model_file: model_file(w.variant),
+            shape: WorkerShape {
+                millicores: w.cores * 1000,
+                max_batch: w.batch,
+                max_delay_ms: (w.max_delay * 1000.0).round() as u32,
+            },
+        })
+        .collect();
+    let actions = diff(&desired, &running, transition);
+    execute(&mut SimExecutor { workers, variants, index, t, warm }, actions)?;
+    for d in &desired {
+        if let Some(w) = workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
+            w.share = d.weight;
+        }
+    }
+    Ok(())
+}
+
+/// One node's make before break as the simulator carries it out, on its own: plans applied at
+/// their times, each variant loading in its time; what serves when. The agent's reconciler is
+/// held to the same timeline (its parity test).
+pub struct NodeTimeline {
+    node: String,
+    /// Each variant's task and model file, by index into `variants`.
+    of: Vec<(String, String)>,
+    variants: Vec<SimVariant>,
+    workers: Vec<SimWorker>,
+}
+
+/// A worker that serves, and its cores.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServingWorker {
+    pub task: String,
+    pub variant: String,
+    pub replica: u32,
+    pub cores: u32,
+}
+
+impl NodeTimeline {
+    /// A node whose plans may run `variants`: (task, variant, seconds its model takes to load).
+    pub fn new(node: &str, variants: &[(&str, VariantSpec, f64)]) -> Self {
+        Self {
+            node: node.into(),
+            of: variants.iter().map(|(task, v, _)| (task.to_string(), v.model_file.clone())).collect(),
+            variants: variants
+                .iter()
+                .map(|(_, v, load_time_s)| SimVariant {
+                    name: v.name.clone(),
+                    accuracy: v.accuracy,
+                    points: Vec::new(),
+                    load_time_s: *load_time_s,
+                })
+                .collect(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Applies `plan` at time `t` (seconds); workers it starts load in their time, the first
+    /// plan's too.
+    pub fn apply(&mut self, plan: &Plan, t: f64) -> Result<(), String> {
+        let index = self.of.iter().zip(&self.variants).enumerate();
+        let index = index.map(|(i, ((task, _), v))| ((task.as_str(), v.name.as_str()), i)).collect();
+        let of = &self.of;
+        let model_file = |v: usize| of[v].1.clone();
+        apply_plan(&mut self.workers, &self.variants, index, model_file, plan, &self.node, t, false)
+    }
+
+    /// The workers that serve at `t`, with the cores they have then, in order; `t` not before
+    /// the last plan applied (a plan changes what runs from its time on).
+    pub fn serving(&self, t: f64) -> Vec<ServingWorker> {
+        let mut serving: Vec<ServingWorker> = self
+            .workers
+            .iter()
+            .filter(|w| w.serving(t))
+            .map(|w| ServingWorker {
+                task: w.key.task.clone(),
+                variant: w.key.variant.clone(),
+                replica: w.key.replica,
+                cores: w.pending.filter(|r| r.at <= t).map_or(w.cores, |r| r.cores),
+            })
+            .collect();
+        serving.sort();
+        serving
+    }
+}
 
 pub(super) struct SimExecutor<'s> {
     pub workers: &'s mut Vec<SimWorker>,

@@ -25,13 +25,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tidal_proto::v1::ProfilePoint;
 
-use tidal_proto::v1::{Plan, TaskSpec, Transition, VariantSpec};
+use tidal_proto::v1::{Plan, TaskSpec, VariantSpec};
 
 use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
-use crate::executor::execute;
 use crate::profile::ProfileGrid;
-use crate::reconcile::{desired_on, diff, RunningWorker, WorkerShape};
-use executor::SimExecutor;
+pub use executor::{NodeTimeline, ServingWorker};
 use worker::{Next, Request, SimWorker};
 
 /// A stage of the simulated task: the variants that may serve it.
@@ -536,48 +534,20 @@ impl<'a> Sim<'a> {
         self.routes_valid_until = f64::NEG_INFINITY;
     }
 
-    /// What runs, as the agent's reconcile sees it: the workers in the plan, at the quota and
-    /// batcher they have now.
-    fn running(&self) -> Vec<RunningWorker> {
-        self.workers
-            .iter()
-            .filter(|w| w.retire_at.is_infinite())
-            .map(|w| RunningWorker {
-                key: w.key.clone(),
-                model_file: model_file(&self.variants[w.variant].name),
-                shape: WorkerShape {
-                    millicores: w.cores * 1000,
-                    max_batch: w.batch,
-                    max_delay_ms: (w.max_delay * 1000.0).round() as u32,
-                },
-            })
-            .collect()
-    }
-
-    /// Applies a plan as the agent does, through the executor contract
-    /// ([`crate::executor::execute`]): the same actions, in the same order, with the same
-    /// waits; a newer plan cancels a shrink still waiting. The plan's shares route at once.
+    /// Applies a plan as the agent does (see [`executor::apply_plan`]); the first plan's
+    /// workers serve at once (the replay starts warm).
     fn apply(&mut self, plan: &Plan, t: f64) {
-        let desired = desired_on(plan, SimPlanner::NODE);
-        let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
-        for w in &mut self.workers {
-            w.pending = None;
-        }
-        let actions = diff(&desired, &self.running(), transition);
         let index = (0..self.variants.len())
             .map(|i| ((self.tasks[self.task_of[i]].name.as_str(), self.variants[i].name.as_str()), i))
             .collect();
         let warm = self.workers.is_empty();
-        let mut exec = SimExecutor { workers: &mut self.workers, variants: &self.variants, index, t, warm };
-        if let Err(e) = execute(&mut exec, actions) {
+        let variants = &self.variants;
+        let model_file = |v: usize| model_file(&variants[v].name);
+        let applied =
+            executor::apply_plan(&mut self.workers, variants, index, model_file, plan, SimPlanner::NODE, t, warm);
+        if let Err(e) = applied {
             // The planner plans only the variants it was given: a bug, and the plan is not applied.
             debug_assert!(false, "{e}");
-            return;
-        }
-        for d in &desired {
-            if let Some(w) = self.workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
-                w.share = d.weight;
-            }
         }
     }
 
