@@ -19,7 +19,7 @@ use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -225,6 +225,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let spawner =
         std::sync::Arc::new(tidal_agent::worker::Processes { cgroups: cgroups.clone(), config: cfg.process.clone() });
     let node = Node::new(cfg, cgroups, spawner, metrics, security.clone(), token);
+    // Every task the agent starts, stopped by `stop` and awaited before the workers stop.
+    let stop = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
     let mut bound = vec![("inference", listen_addr), ("control", control_addr)];
     if let Some(addr) = args.metrics_listen {
         let ready = ready.clone();
@@ -239,14 +242,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bound.push(("metrics", metrics_addr));
         // Keep the per-worker gauges fresh between scrapes.
         let node = node.clone();
-        tokio::spawn(async move {
+        tasks.spawn(stop.clone().run_until_cancelled_owned(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 node.worker_telemetry();
             }
-        });
+        }));
     }
-    let stop = CancellationToken::new();
     if !args.controller.is_empty() {
         let link = Link {
             controllers: args.controller.clone(),
@@ -254,7 +256,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             advertise_control: args.advertise_control.clone().unwrap_or_else(|| control_addr.to_string()),
             interval: Duration::from_secs_f64(args.report_interval_s.max(0.1)),
         };
-        tokio::spawn(link.run(node.clone(), stop.clone()));
+        tasks.spawn(link.run(node.clone(), stop.clone()));
     }
     let guard = tidal_auth::Guard::new(&security).with_revocations(node.revoked.clone());
     let port = InferencePort::new(node.clone(), guard.clone());
@@ -267,11 +269,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_limit = args.max_request_bytes.saturating_add(1 << 20);
     let rest_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
     let health = tidal_daemon::grpc_std::reporter().await;
-    tokio::spawn(tidal_daemon::grpc_std::follow(
+    tasks.spawn(stop.clone().run_until_cancelled_owned(tidal_daemon::grpc_std::follow(
         health.clone(),
         HEALTH_EVERY,
         health_statuses(node.clone(), ready.clone()),
-    ));
+    )));
     let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
     let rest = tidal_agent::fronts::v2_rest::router(port.clone(), rest_limit);
@@ -297,20 +299,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(AgentServer::new(control_service).max_decoding_message_size(grpc_limit));
     let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
         .serve_with_incoming_shutdown(control_listener.incoming(), stop.clone().cancelled_owned());
-    let (inference, control) = (tokio::spawn(inference), tokio::spawn(control));
+    let (mut inference, mut control) = (tokio::spawn(inference), tokio::spawn(control));
     if let Some(path) = &args.ready_file {
         tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
     }
-    tokio::spawn(announce_ready(node.clone(), !args.controller.is_empty(), ready.clone()));
+    tasks.spawn(stop.clone().run_until_cancelled_owned(announce_ready(
+        node.clone(),
+        !args.controller.is_empty(),
+        ready.clone(),
+    )));
     tidal_daemon::systemd::spawn_watchdog(|| true);
     let served = tokio::select! {
         _ = tidal_daemon::systemd::shutdown_signal() => Ok(()),
-        r = inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {listen_addr}"))),
-        r = control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {control_addr}"))),
+        r = &mut inference => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving inference on {listen_addr}"))),
+        r = &mut control => r.map_err(anyhow::Error::from).and_then(|r| r.with_context(|| format!("serving control on {control_addr}"))),
     };
     tidal_daemon::systemd::stopping();
     ready.store(false, Ordering::Relaxed);
     stop.cancel();
+    // The servers finish their calls and the agent's tasks end before the workers stop.
+    tasks.close();
+    let ended = async {
+        let _ = tokio::join!(inference, control);
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(STOP_WITHIN, ended).await.is_err() {
+        warn!("the servers and tasks did not stop within {STOP_WITHIN:?}");
+    }
     info!("stopping workers");
     node.shutdown().await;
     served
@@ -335,6 +350,9 @@ async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready:
 
 /// How often the health service looks at the node.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
+/// How long a stopping agent waits for its servers' calls and its tasks, before it drains its
+/// workers (systemd's stop timeout, 30 s, covers both).
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// What `grpc.health.v1` answers on both ports: the agent ("" and its inference services)
 /// serves once it is ready (as systemd and `/readyz` are told) until it stops; each task of

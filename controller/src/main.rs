@@ -16,7 +16,7 @@ use tidal_controller::service::ControllerService;
 use tidal_controller::transport::AddressBook;
 use tidal_proto::v1::controller_server::ControllerServer;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -186,6 +186,9 @@ async fn main() -> anyhow::Result<()> {
     let raft_handle = raft.clone();
     let ctl = Controller::new(raft, cfg, metrics, security.clone());
     let pushing = ctl.clone();
+    // Every task the daemon starts, stopped by `stop` and awaited before it exits.
+    let stop = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
     if let Some(addr) = args.metrics_listen {
         // Ready while the Raft driver runs and the replica knows a leader (it can serve).
         let raft = raft_handle.clone();
@@ -195,26 +198,30 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("listening for metrics on {addr}"))?;
         bound.push(("metrics", metrics_addr));
         let ctl = ctl.clone();
-        tokio::spawn(async move {
+        tasks.spawn(stop.clone().run_until_cancelled_owned(async move {
             loop {
                 ctl.refresh_gauges();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        });
+        }));
     }
-    let stop = CancellationToken::new();
-    tokio::spawn(ctl.clone().run_adaptation(stop.clone()));
+    tasks.spawn(ctl.clone().run_adaptation(stop.clone()));
     let peer_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(raft_service)
         .serve_with_incoming_shutdown(peer_listener.incoming(), stop.clone().cancelled_owned());
     let health = tidal_daemon::grpc_std::reporter().await;
-    tokio::spawn(tidal_daemon::grpc_std::follow(health.clone(), HEALTH_EVERY, health_statuses(raft_handle.clone())));
+    let statuses = health_statuses(raft_handle.clone());
+    tasks.spawn(stop.clone().run_until_cancelled_owned(tidal_daemon::grpc_std::follow(
+        health.clone(),
+        HEALTH_EVERY,
+        statuses,
+    )));
     let api_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(ControllerServer::new(ControllerService { ctl, guard }));
     let api_server = tidal_daemon::grpc_std::add_standard(api_server, &health, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?
         .serve_with_incoming_shutdown(api_listener.incoming(), stop.clone().cancelled_owned());
-    let peer = tokio::spawn(peer_server);
-    let api = tokio::spawn(api_server);
+    let mut peer = tokio::spawn(peer_server);
+    let mut api = tokio::spawn(api_server);
     if let Some(path) = &args.ready_file {
         tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -224,8 +231,8 @@ async fn main() -> anyhow::Result<()> {
     tidal_daemon::systemd::spawn_watchdog(move || watched.is_running());
     tokio::select! {
         _ = tidal_daemon::systemd::shutdown_signal() => {}
-        r = peer => r?.with_context(|| format!("serving the peer port {peer_addr}"))?,
-        r = api => r?.with_context(|| format!("serving the API on {api_addr}"))?,
+        r = &mut peer => r?.with_context(|| format!("serving the peer port {peer_addr}"))?,
+        r = &mut api => r?.with_context(|| format!("serving the API on {api_addr}"))?,
     }
     tidal_daemon::systemd::stopping();
     // A leader that stops hands over first: the group skips an election timeout.
@@ -234,12 +241,25 @@ async fn main() -> anyhow::Result<()> {
     }
     stop.cancel();
     pushing.shutdown().await;
+    // The servers finish their calls, the daemon's tasks end, then the Raft driver.
+    tasks.close();
+    let ended = async {
+        let _ = tokio::join!(peer, api);
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(STOP_WITHIN, ended).await.is_err() {
+        warn!("the servers and tasks did not stop within {STOP_WITHIN:?}");
+    }
+    raft_handle.stop().await;
     info!("controller stopped");
     Ok(())
 }
 
 /// How often the health service looks at the replica's Raft state.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
+/// How long a stopping replica waits for its servers' calls and its tasks (systemd's stop
+/// timeout is longer).
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// What the API port's `grpc.health.v1` answers: the replica ("" and the Controller service)
 /// serves while its Raft driver runs and it knows a leader (writes reach the leader through

@@ -15,6 +15,7 @@ use raft::prelude::{Message, MessageType};
 use tidal_proto::v1::raft_transport_client::RaftTransportClient;
 use tidal_proto::v1::RaftBatch;
 use tokio::sync::mpsc as tmpsc;
+use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{debug, warn};
@@ -128,6 +129,9 @@ pub struct Outbound {
     runtime: tokio::runtime::Handle,
     feedback: FeedbackSink,
     peers: HashMap<u64, tmpsc::Sender<Message>>,
+    /// Each peer's sending task: owned here, so that they end with the driver that owns this
+    /// (a task still sending is aborted; Raft sends again).
+    tasks: JoinSet<()>,
 }
 
 /// Why a batch did not reach its peer.
@@ -178,12 +182,14 @@ impl Outbound {
         runtime: tokio::runtime::Handle,
         feedback: FeedbackSink,
     ) -> Self {
-        Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new() }
+        Self { me, my_address, book, security, runtime, feedback, peers: HashMap::new(), tasks: JoinSet::new() }
     }
 }
 
 impl Network for Outbound {
     fn send(&mut self, messages: Vec<Message>) -> Vec<Dropped> {
+        // Reaps the peer tasks that ended (their queue closed).
+        while self.tasks.try_join_next().is_some() {}
         let mut dropped = Vec::new();
         for m in messages {
             let to = m.to;
@@ -197,7 +203,7 @@ impl Network for Outbound {
                     security: self.security.clone(),
                     feedback: self.feedback.clone(),
                 };
-                self.runtime.spawn(peer.run(rx));
+                self.tasks.spawn_on(peer.run(rx), &self.runtime);
                 tx
             });
             match queue.try_send(m) {

@@ -106,6 +106,8 @@ pub enum Input {
     },
     Step(Box<Message>),
     Transport(Feedback),
+    /// Ends the driver thread (the daemon stops): what is queued behind it is dropped.
+    Stop,
 }
 
 /// How long a caller waits for a command to be applied or a read to be confirmed.
@@ -125,9 +127,26 @@ pub struct RaftHandle {
     pub certificates: crate::transport::SeenCertificates,
     /// How long a call waits for a leader to be known: three of the longest election timeouts.
     election_timeout: Duration,
+    /// The driver thread, joined by [`RaftHandle::stop`].
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl RaftHandle {
+    /// Stops the driver and waits for its thread to end (every handle then finds it gone).
+    pub async fn stop(&self) {
+        let tx = self.tx.clone();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let joined = tokio::task::spawn_blocking(move || {
+            // Waits for room: the driver drains its queue on every turn.
+            let _ = tx.send(Input::Stop);
+            thread.map(|t| t.join().is_ok())
+        })
+        .await;
+        if matches!(joined, Ok(Some(false))) {
+            error!("the Raft driver thread panicked");
+        }
+    }
+
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
     }
@@ -264,7 +283,7 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
         feedback,
     );
     let (mut driver, state, status) = Driver::new(&cfg, log, state, Box::new(outbound))?;
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || {
             let tick = cfg.tick;
@@ -276,10 +295,11 @@ pub fn start(cfg: RaftConfig, dir: &Path) -> Result<RaftHandle, StorageError> {
             }
         })
         .map_err(|e| StorageError::Raft(raft::Error::Io(e)))?;
+    let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
     // raft-rs draws each election timeout from [election, 2 × election) ticks; a caller waits
     // out an election and up to two more should votes split.
     let election_timeout = cfg.tick.saturating_mul(3 * 2 * cfg.election_ticks as u32);
-    Ok(RaftHandle { tx, state, status, peers: cfg.peers, certificates: Default::default(), election_timeout })
+    Ok(RaftHandle { tx, state, status, peers: cfg.peers, certificates: Default::default(), election_timeout, thread })
 }
 
 /// Opens the durable log and rebuilds the state machine from its snapshot (the entries after
@@ -318,7 +338,7 @@ fn refuse(input: Input) {
         | Input::Membership { reply, .. }
         | Input::TransferLeader { reply, .. }
         | Input::ReadIndex { reply } => reply,
-        Input::Step(_) | Input::Transport(_) => return,
+        Input::Step(_) | Input::Transport(_) | Input::Stop => return,
     };
     let _ = reply.send(Err(ProposeError::NotLeader(None)));
 }
@@ -440,9 +460,13 @@ impl Driver {
         loop {
             let wait = tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
+                Ok(Input::Stop) => return,
                 Ok(input) => {
                     self.input(input);
                     for input in rx.try_iter().take(MAX_INPUTS_PER_READY) {
+                        if let Input::Stop = input {
+                            return;
+                        }
                         self.input(input);
                     }
                 }
@@ -562,6 +586,8 @@ impl Driver {
                 }
             }
             Input::Step(_) => {}
+            // `run` ends at it before handing it here.
+            Input::Stop => {}
             Input::Transport(Feedback::Unreachable(id)) => self.node.report_unreachable(id),
             Input::Transport(Feedback::SnapshotSent { to, ok }) => {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
@@ -913,5 +939,31 @@ mod tests {
         let ended =
             tokio::time::timeout(Duration::from_secs(5), async { while status.changed().await.is_ok() {} }).await;
         assert!(ended.is_ok(), "the driver thread still runs with no handle left");
+    }
+
+    /// A daemon that stops ends its driver and joins the thread, whatever handles remain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_driver_is_joined_while_handles_remain() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RaftConfig {
+            id: 1,
+            voters: vec![1],
+            peers: AddressBook::new([(1, "127.0.0.1:1/127.0.0.1:2".to_string())]),
+            security: tidal_auth::Security::plaintext(),
+            tick: Duration::from_millis(10),
+            election_ticks: 8,
+            heartbeat_ticks: 2,
+            snapshot_entries: 100,
+            accept_unverified_store: false,
+        };
+        let raft = start(cfg, dir.path()).unwrap();
+        let clone = raft.clone();
+        let thread = raft.thread.lock().unwrap().as_ref().map(|t| t.thread().id());
+        assert!(thread.is_some() && clone.is_running());
+        tokio::time::timeout(Duration::from_secs(5), raft.stop()).await.expect("the driver did not stop");
+        assert!(raft.thread.lock().unwrap().is_none(), "the thread was joined");
+        assert!(!clone.is_running(), "every handle sees the driver gone");
+        let refused = clone.propose(Command::default()).await;
+        assert!(refused.is_err(), "{refused:?}");
     }
 }
