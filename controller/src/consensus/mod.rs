@@ -910,13 +910,9 @@ impl Driver {
 mod tests {
     use super::*;
 
-    /// A driver thread belongs to its handles: with the last one gone, it ends (its status
-    /// sender is dropped). The transport's feedback used to hold the input queue open, and the
-    /// thread ran on for good.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_driver_ends_when_its_last_handle_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = RaftConfig {
+    /// A group of one, on a fast tick.
+    fn one_replica() -> RaftConfig {
+        RaftConfig {
             id: 1,
             voters: vec![1],
             peers: AddressBook::new([(1, "127.0.0.1:1/127.0.0.1:2".to_string())]),
@@ -926,8 +922,16 @@ mod tests {
             heartbeat_ticks: 2,
             snapshot_entries: 100,
             accept_unverified_store: false,
-        };
-        let raft = start(cfg, dir.path()).unwrap();
+        }
+    }
+
+    /// A driver thread belongs to its handles: with the last one gone, it ends (its status
+    /// sender is dropped). The transport's feedback used to hold the input queue open, and the
+    /// thread ran on for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_ends_when_its_last_handle_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = start(one_replica(), dir.path()).unwrap();
         let mut status = raft.watch();
         let leads =
             tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.is_leader)).await.map(|r| r.is_ok());
@@ -945,18 +949,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_driver_is_joined_while_handles_remain() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = RaftConfig {
-            id: 1,
-            voters: vec![1],
-            peers: AddressBook::new([(1, "127.0.0.1:1/127.0.0.1:2".to_string())]),
-            security: tidal_auth::Security::plaintext(),
-            tick: Duration::from_millis(10),
-            election_ticks: 8,
-            heartbeat_ticks: 2,
-            snapshot_entries: 100,
-            accept_unverified_store: false,
-        };
-        let raft = start(cfg, dir.path()).unwrap();
+        let raft = start(one_replica(), dir.path()).unwrap();
         let clone = raft.clone();
         let thread = raft.thread.lock().unwrap().as_ref().map(|t| t.thread().id());
         assert!(thread.is_some() && clone.is_running());
