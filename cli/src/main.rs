@@ -153,6 +153,16 @@ enum ModelsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print what ONNX files take and give: every input and output with its name, element type
+    /// (V2's names: FP32, INT64, …) and shape, `?` marking a dynamic dimension (with its name
+    /// when the file gives one), and whether the model takes batches.
+    ///
+    /// Example: tidalctl models signature models/resnet18.onnx
+    Signature {
+        /// ONNX files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -358,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
             models::generate_models(&out, &variants, resolution, seed, force)
         }
+        Command::Models(ModelsCmd::Signature { files }) => models::print_signatures(&files),
         Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {
             let mut task = match file {
                 Some(path) => tidal_common::task_file::TaskFile::load(&path)?.to_spec(&model_dir)?,
@@ -375,6 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     task
                 }
             };
+            models::check_signatures(&task, &model_dir)?;
             let changed = tidal_common::task::changed_share(task.share.as_ref(), &share.request(&task.name))
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);

@@ -1,12 +1,15 @@
 //! `tidalctl models generate`: writes ONNX models (ResNets, a downsampling stage) and their
-//! variant configs.
+//! variant configs. `tidalctl models signature`: what an ONNX file takes and gives. And the
+//! check at registration that a stage's variants take and give the same.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use tidal_common::onnx_signature::{check_stage, Signature};
 use tidal_common::variant::VariantConfig;
 use tidal_common::zoo::{ModelKind, NAMES};
+use tidal_proto::v1::TaskSpec;
 
 pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64, force: bool) -> anyhow::Result<()> {
     if !(32..=1024).contains(&resolution) {
@@ -51,6 +54,45 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
             cfg.accuracy,
             started.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// The signature an ONNX file declares.
+fn signature_of(path: &Path) -> anyhow::Result<Signature> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Signature::read(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Prints each file's inputs and outputs, and whether it takes batches.
+pub fn print_signatures(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    for path in files {
+        let s = signature_of(path)?;
+        println!("{}", path.display());
+        for (what, tensors) in [("input ", &s.inputs), ("output", &s.outputs)] {
+            for t in tensors.iter() {
+                println!("  {what}  {t}");
+            }
+        }
+        if s.batched() {
+            println!("  batched: the leading dynamic dimension of every input and output");
+        } else {
+            println!("  not batched: a tensor without a leading dynamic dimension (served one sample at a time)");
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a task whose stage has variants that do not take and give the same tensors, read
+/// from their files in `model_dir`.
+pub fn check_signatures(task: &TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
+    for stage in &task.stages {
+        let signatures = stage
+            .variants
+            .iter()
+            .map(|v| Ok((v.name.clone(), signature_of(&model_dir.join(&v.model_file))?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        check_stage(&stage.name, &signatures).map_err(|e| anyhow::anyhow!("task {}: {e}", task.name))?;
     }
     Ok(())
 }

@@ -1,0 +1,403 @@
+//! A model's signature as its ONNX file declares it: every graph input (initialisers, which
+//! older exporters also list as inputs, left out) and every output, each with its name,
+//! element type and shape, dynamic dimensions included. Read from the file's bytes without
+//! decoding the weights.
+//!
+//! A leading dynamic dimension on every input and output is the batch dimension: such a model
+//! takes batches. A model without one is served a sample at a time.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use prost::Message;
+use tidal_proto::onnx::{tensor_shape_proto::dimension, type_proto, ValueInfoProto};
+
+/// `ModelProto` with only its graph (field 7).
+#[derive(Clone, PartialEq, Message)]
+struct ModelSignature {
+    #[prost(message, optional, tag = "7")]
+    graph: Option<GraphSignature>,
+}
+
+/// `GraphProto` with only the names of its initialisers (5), its inputs (11) and outputs (12):
+/// prost skips every other field, the weights included, without copying it.
+#[derive(Clone, PartialEq, Message)]
+struct GraphSignature {
+    #[prost(message, repeated, tag = "5")]
+    initializer: Vec<TensorName>,
+    #[prost(message, repeated, tag = "11")]
+    input: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "12")]
+    output: Vec<ValueInfoProto>,
+}
+
+/// `TensorProto` with only its name (field 8).
+#[derive(Clone, PartialEq, Message)]
+struct TensorName {
+    #[prost(string, tag = "8")]
+    name: String,
+}
+
+/// The element types a tensor may have, by the names the Open Inference Protocol gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElementType {
+    Fp32,
+    Fp16,
+    Bf16,
+    Fp64,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Bool,
+    /// ONNX `STRING`: V2's BYTES.
+    Bytes,
+}
+
+impl ElementType {
+    /// From ONNX's `TensorProto.DataType` code; `None` for a type Tidal does not serve
+    /// (complex numbers, 8-bit and 4-bit floats).
+    pub fn from_onnx(code: i32) -> Option<Self> {
+        Some(match code {
+            1 => Self::Fp32,
+            2 => Self::Uint8,
+            3 => Self::Int8,
+            4 => Self::Uint16,
+            5 => Self::Int16,
+            6 => Self::Int32,
+            7 => Self::Int64,
+            8 => Self::Bytes,
+            9 => Self::Bool,
+            10 => Self::Fp16,
+            11 => Self::Fp64,
+            12 => Self::Uint32,
+            13 => Self::Uint64,
+            16 => Self::Bf16,
+            _ => return None,
+        })
+    }
+
+    /// The Open Inference Protocol's name for it ("FP32", "INT64", …).
+    pub fn v2_name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "FP32",
+            Self::Fp16 => "FP16",
+            Self::Bf16 => "BF16",
+            Self::Fp64 => "FP64",
+            Self::Int8 => "INT8",
+            Self::Int16 => "INT16",
+            Self::Int32 => "INT32",
+            Self::Int64 => "INT64",
+            Self::Uint8 => "UINT8",
+            Self::Uint16 => "UINT16",
+            Self::Uint32 => "UINT32",
+            Self::Uint64 => "UINT64",
+            Self::Bool => "BOOL",
+            Self::Bytes => "BYTES",
+        }
+    }
+
+    /// Bytes per element; `None` for BYTES, whose elements have their own lengths.
+    pub fn size(self) -> Option<usize> {
+        Some(match self {
+            Self::Int8 | Self::Uint8 | Self::Bool => 1,
+            Self::Fp16 | Self::Bf16 | Self::Int16 | Self::Uint16 => 2,
+            Self::Fp32 | Self::Int32 | Self::Uint32 => 4,
+            Self::Fp64 | Self::Int64 | Self::Uint64 => 8,
+            Self::Bytes => return None,
+        })
+    }
+}
+
+/// One dimension of a declared shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    /// Any size: named (`"batch"`, `"height"`) or not.
+    Dynamic(Option<String>),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Dynamic(Some(name)) => write!(f, "{name}?"),
+            Dim::Dynamic(None) => write!(f, "?"),
+        }
+    }
+}
+
+/// A named tensor as a model declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub element: ElementType,
+    pub shape: Vec<Dim>,
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(ToString::to_string).collect();
+        write!(f, "{} {} [{}]", self.name, self.element.v2_name(), dims.join(", "))
+    }
+}
+
+/// Every input and output of a model, in the file's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |ts: &[TensorSpec]| ts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        write!(f, "inputs: {}; outputs: {}", list(&self.inputs), list(&self.outputs))
+    }
+}
+
+/// Reads one input or output's declaration.
+fn tensor(v: &ValueInfoProto, what: &str) -> Result<TensorSpec, String> {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Err(format!("{what} {:?} is not a tensor (sequences and maps are not served)", v.name));
+    };
+    let element = ElementType::from_onnx(t.elem_type).ok_or_else(|| {
+        format!("{what} {:?} has element type {} (ONNX code), which is not served", v.name, t.elem_type)
+    })?;
+    // No shape at all: a tensor of any rank, which cannot be batched or checked.
+    let shape = t.shape.as_ref().ok_or_else(|| format!("{what} {:?} declares no shape", v.name))?;
+    let shape = shape
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(dimension::Value::DimValue(n)) if *n > 0 => Dim::Fixed(*n),
+            Some(dimension::Value::DimParam(p)) if !p.is_empty() => Dim::Dynamic(Some(p.clone())),
+            _ => Dim::Dynamic(None),
+        })
+        .collect();
+    Ok(TensorSpec { name: v.name.clone(), element, shape })
+}
+
+impl Signature {
+    /// The signature an ONNX file's bytes declare.
+    pub fn read(model: &[u8]) -> Result<Self, String> {
+        let m = ModelSignature::decode(model).map_err(|e| format!("not an ONNX model: {e}"))?;
+        let g = m.graph.ok_or("the model has no graph")?;
+        let weights: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs = g
+            .input
+            .iter()
+            .filter(|i| !weights.contains(i.name.as_str()))
+            .map(|i| tensor(i, "input"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = g.output.iter().map(|o| tensor(o, "output")).collect::<Result<Vec<_>, _>>()?;
+        if inputs.is_empty() {
+            return Err("the model declares no input".into());
+        }
+        if outputs.is_empty() {
+            return Err("the model declares no output".into());
+        }
+        for (what, tensors) in [("input", &inputs), ("output", &outputs)] {
+            let mut seen = HashSet::new();
+            if let Some(t) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
+                return Err(format!("two {what}s are named {:?}", t.name));
+            }
+        }
+        Ok(Self { inputs, outputs })
+    }
+
+    /// Whether the model takes batches: every input and output leads with a dynamic dimension.
+    pub fn batched(&self) -> bool {
+        self.inputs.iter().chain(&self.outputs).all(|t| matches!(t.shape.first(), Some(Dim::Dynamic(_))))
+    }
+
+    /// Why a model of signature `other` cannot serve in place of this one (another variant of
+    /// the same stage): the same inputs and outputs by name, each of the same element type and
+    /// rank, and each dimension fixed to the same size or dynamic in both.
+    pub fn agrees_with(&self, other: &Signature) -> Result<(), String> {
+        for (what, mine, theirs) in [("input", &self.inputs, &other.inputs), ("output", &self.outputs, &other.outputs)]
+        {
+            let names = |ts: &[TensorSpec]| ts.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+            if mine.len() != theirs.len() {
+                return Err(format!("{what}s {:?} against {:?}", names(mine), names(theirs)));
+            }
+            for t in mine {
+                let Some(o) = theirs.iter().find(|o| o.name == t.name) else {
+                    return Err(format!("{what} {:?} is missing (it has {:?})", t.name, names(theirs)));
+                };
+                let dims_agree = t.shape.len() == o.shape.len()
+                    && t.shape.iter().zip(&o.shape).all(|(a, b)| match (a, b) {
+                        (Dim::Fixed(x), Dim::Fixed(y)) => x == y,
+                        (Dim::Dynamic(_), Dim::Dynamic(_)) => true,
+                        _ => false,
+                    });
+                if t.element != o.element || !dims_agree {
+                    return Err(format!("{what} {t} against {o}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the variants of one stage, (name, signature) each, can stand in for each other:
+/// every one agrees with the first.
+pub fn check_stage(stage: &str, variants: &[(String, Signature)]) -> Result<(), String> {
+    let Some((first, signature)) = variants.first() else { return Ok(()) };
+    for (name, other) in &variants[1..] {
+        signature.agrees_with(other).map_err(|why| {
+            format!("stage {stage:?}: variant {name:?} does not take and give what {first:?} does: {why}")
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tidal_proto::onnx::{
+        tensor_shape_proto::Dimension, GraphProto, ModelProto, TensorProto, TensorShapeProto, TypeProto,
+    };
+
+    use super::*;
+    use crate::resnet::{generate, ResNetDepth};
+
+    fn dim(d: &str) -> Dimension {
+        let value = match d.parse::<i64>() {
+            Ok(n) => dimension::Value::DimValue(n),
+            Err(_) if d.is_empty() => return Dimension { value: None },
+            Err(_) => dimension::Value::DimParam(d.into()),
+        };
+        Dimension { value: Some(value) }
+    }
+
+    /// A tensor declaration: dims as numbers, names (dynamic) or "" (unknown).
+    fn info(name: &str, elem_type: i32, dims: &[&str]) -> ValueInfoProto {
+        let tensor = type_proto::Tensor {
+            elem_type,
+            shape: Some(TensorShapeProto { dim: dims.iter().map(|d| dim(d)).collect() }),
+        };
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)) }),
+        }
+    }
+
+    fn model(inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, weights: &[&str]) -> Vec<u8> {
+        let initializer = weights
+            .iter()
+            .map(|w| TensorProto { name: w.to_string(), data_type: 1, dims: vec![4], raw_data: vec![0; 16] })
+            .collect();
+        let graph = GraphProto { input: inputs, output: outputs, initializer, ..Default::default() };
+        ModelProto { graph: Some(graph), ..Default::default() }.encode_to_vec()
+    }
+
+    #[test]
+    fn every_input_and_output_is_read_with_its_type_and_dynamic_dimensions() {
+        // A recurrent model: a token batch of any length, an INT64 scalar, a state in and out,
+        // FP16 logits; its weights listed among the inputs, as older exporters do.
+        let bytes = model(
+            vec![
+                info("input_ids", 7, &["batch", "sequence"]),
+                info("step", 7, &[]),
+                info("state_in", 10, &["batch", "256"]),
+                info("w", 1, &["4"]),
+            ],
+            vec![info("logits", 10, &["batch", "sequence", "1000"]), info("state_out", 10, &["batch", "256"])],
+            &["w"],
+        );
+        let s = Signature::read(&bytes).unwrap();
+        let names: Vec<&str> = s.inputs.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["input_ids", "step", "state_in"], "the weight w is no input");
+        assert_eq!(s.inputs[1], TensorSpec { name: "step".into(), element: ElementType::Int64, shape: vec![] });
+        assert_eq!(s.inputs[2].shape, [Dim::Dynamic(Some("batch".into())), Dim::Fixed(256)]);
+        assert_eq!(s.outputs[0].element, ElementType::Fp16);
+        assert!(!s.batched(), "the scalar step has no batch dimension");
+        assert_eq!(
+            s.to_string(),
+            "inputs: input_ids INT64 [batch?, sequence?]; step INT64 []; state_in FP16 [batch?, 256]; \
+             outputs: logits FP16 [batch?, sequence?, 1000]; state_out FP16 [batch?, 256]"
+        );
+    }
+
+    #[test]
+    fn a_detector_with_dynamic_height_and_width_takes_batches() {
+        let bytes = model(
+            vec![info("images", 1, &["", "3", "height", "width"])],
+            vec![info("boxes", 1, &["", "", "4"]), info("scores", 1, &["", ""]), info("classes", 7, &["", ""])],
+            &[],
+        );
+        let s = Signature::read(&bytes).unwrap();
+        assert!(s.batched());
+        assert_eq!(s.outputs.len(), 3);
+        assert_eq!(s.inputs[0].to_string(), "images FP32 [?, 3, height?, width?]");
+    }
+
+    #[test]
+    fn the_generated_models_declare_one_batched_float_input_and_output() {
+        let s = Signature::read(&generate(ResNetDepth::R18, 32, 1).onnx).unwrap();
+        assert_eq!(s.inputs.len(), 1);
+        assert_eq!(s.outputs.len(), 1);
+        assert_eq!(s.inputs[0].element, ElementType::Fp32);
+        assert_eq!(s.inputs[0].shape[1..], [Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)]);
+        assert!(s.batched());
+        let bigger = Signature::read(&generate(ResNetDepth::R34, 32, 1).onnx).unwrap();
+        assert_eq!(s.agrees_with(&bigger), Ok(()), "two variants of one stage");
+    }
+
+    #[test]
+    fn variants_of_a_stage_must_agree_and_say_why_not() {
+        let base = || vec![info("input_ids", 7, &["b", "s"]), info("attention_mask", 7, &["b", "s"])];
+        let out = || vec![info("logits", 1, &["b", "2"])];
+        let s = Signature::read(&model(base(), out(), &[])).unwrap();
+        let renamed = Signature::read(&model(vec![base()[0].clone(), info("mask", 7, &["b", "s"])], out(), &[]));
+        let why = s.agrees_with(&renamed.unwrap()).unwrap_err();
+        assert!(why.contains("\"attention_mask\" is missing"), "{why}");
+        let int32 =
+            Signature::read(&model(vec![base()[0].clone(), info("attention_mask", 6, &["b", "s"])], out(), &[]));
+        let why = s.agrees_with(&int32.unwrap()).unwrap_err();
+        assert!(why.contains("INT64") && why.contains("INT32"), "{why}");
+        let three = Signature::read(&model(base(), vec![info("logits", 1, &["b", "3"])], &[])).unwrap();
+        assert!(s.agrees_with(&three).unwrap_err().contains("output logits FP32 [b?, 2]"));
+        let renamed_dims = Signature::read(&model(
+            vec![info("input_ids", 7, &["n", "t"]), info("attention_mask", 7, &["n", "t"])],
+            out(),
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(s.agrees_with(&renamed_dims), Ok(()), "dynamic dimensions agree whatever their names");
+        let stage = [("bert".to_string(), s.clone()), ("tiny".to_string(), renamed_dims), ("big".to_string(), three)];
+        let why = check_stage("classify", &stage).unwrap_err();
+        assert!(
+            why.starts_with("stage \"classify\": variant \"big\" does not take and give what \"bert\" does"),
+            "{why}"
+        );
+        assert_eq!(check_stage("classify", &stage[..2]), Ok(()));
+    }
+
+    #[test]
+    fn what_cannot_be_served_is_refused_with_the_reason() {
+        let no_shape = ValueInfoProto {
+            name: "x".into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: 1, shape: None })),
+            }),
+        };
+        let out = || vec![info("y", 1, &["1"])];
+        let cases = [
+            (model(vec![no_shape], out(), &[]), "declares no shape"),
+            (model(vec![info("x", 14, &["1"])], out(), &[]), "not served"),
+            (model(vec![], out(), &[]), "no input"),
+            (model(vec![info("x", 1, &["1"])], vec![], &[]), "no output"),
+            (model(vec![info("x", 1, &["1"]), info("x", 1, &["2"])], out(), &[]), "two inputs are named \"x\""),
+            (b"not a model".to_vec(), "not an ONNX model"),
+        ];
+        for (bytes, why) in cases {
+            let refused = Signature::read(&bytes).unwrap_err();
+            assert!(refused.contains(why), "{refused} (wanted: {why})");
+        }
+    }
+}
