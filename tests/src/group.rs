@@ -257,7 +257,22 @@ impl Group {
             };
             let log = std::fs::read_to_string(self.work.join(format!("controller-{}.log", r.id))).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n    ");
+            // Where it failed, if it did: the error or panic before its backtrace.
+            let failed = lines.iter().position(|l| l.contains("panicked at") || l.starts_with("Error:"));
+            if let Some(at) = failed {
+                let why = lines[at..].iter().take_while(|l| !l.contains("backtrace")).take(8);
+                out.push_str(&format!(
+                    "replica {} failed:\n    {}\n",
+                    r.id,
+                    why.copied().collect::<Vec<_>>().join("\n    ")
+                ));
+            }
+            let tail: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(" INFO ") || l.contains(" WARN ") || l.contains("ERROR"))
+                .collect();
+            let tail = tail[tail.len().saturating_sub(20)..].join("\n    ");
             out.push_str(&format!("replica {}: {view}\n  log tail:\n    {tail}\n", r.id));
         }
         out
