@@ -386,7 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     task
                 }
             };
-            models::check_signatures(&task, &model_dir)?;
+            models::read_signatures(&mut task, &model_dir)?;
             let changed = tidal_common::task::changed_share(task.share.as_ref(), &share.request(&task.name))
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);

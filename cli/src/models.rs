@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use tidal_common::onnx_signature::{check_stage, Signature};
+use tidal_common::onnx_signature::{check_stage, Signature, TensorSpec};
 use tidal_common::variant::VariantConfig;
 use tidal_common::zoo::{ModelKind, NAMES};
 use tidal_proto::v1::TaskSpec;
@@ -83,16 +83,38 @@ pub fn print_signatures(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses a task whose stage has variants that do not take and give the same tensors, read
-/// from their files in `model_dir`.
-pub fn check_signatures(task: &TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
-    for stage in &task.stages {
+/// Gives each stage of `task` the signature its variants' files in `model_dir` declare, or
+/// refuses the task if a stage's variants do not take and give the same tensors.
+pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
+    for stage in &mut task.stages {
         let signatures = stage
             .variants
             .iter()
             .map(|v| Ok((v.name.clone(), signature_of(&model_dir.join(&v.model_file))?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         check_stage(&stage.name, &signatures).map_err(|e| anyhow::anyhow!("task {}: {e}", task.name))?;
+        if let Some((_, s)) = signatures.first() {
+            stage.inputs = s.inputs.iter().map(TensorSpec::to_proto).collect();
+            stage.outputs = s.outputs.iter().map(TensorSpec::to_proto).collect();
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_gives_each_stage_its_variants_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_models(dir.path(), &["resnet18".into(), "resnet34".into()], 32, 1, false).unwrap();
+        let variants = ["resnet18", "resnet34"].map(|v| VariantConfig::load(dir.path(), v).unwrap().spec()).to_vec();
+        let mut task = tidal_common::task::single_stage("t", 100, variants);
+        read_signatures(&mut task, dir.path()).unwrap();
+        let stage = &task.stages[0];
+        assert_eq!((stage.inputs[0].name.as_str(), stage.inputs[0].shape.as_slice()), ("input", &[-1, 3, 32, 32][..]));
+        assert_eq!((stage.outputs[0].name.as_str(), stage.outputs[0].datatype.as_str()), ("logits", "FP32"));
+        assert_eq!(tidal_common::task::validate_task(&task), Ok(()));
+    }
 }

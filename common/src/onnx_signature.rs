@@ -11,6 +11,7 @@ use std::fmt;
 
 use prost::Message;
 use tidal_proto::onnx::{tensor_shape_proto::dimension, type_proto, ValueInfoProto};
+use tidal_proto::v1::TensorSignature;
 
 /// `ModelProto` with only its graph (field 7).
 #[derive(Clone, PartialEq, Message)]
@@ -101,6 +102,11 @@ impl ElementType {
         }
     }
 
+    /// From the Open Inference Protocol's name.
+    pub fn from_v2_name(name: &str) -> Option<Self> {
+        ALL.iter().copied().find(|t| t.v2_name() == name)
+    }
+
     /// Bytes per element; `None` for BYTES, whose elements have their own lengths.
     pub fn size(self) -> Option<usize> {
         Some(match self {
@@ -112,6 +118,23 @@ impl ElementType {
         })
     }
 }
+
+const ALL: [ElementType; 14] = [
+    ElementType::Fp32,
+    ElementType::Fp16,
+    ElementType::Bf16,
+    ElementType::Fp64,
+    ElementType::Int8,
+    ElementType::Int16,
+    ElementType::Int32,
+    ElementType::Int64,
+    ElementType::Uint8,
+    ElementType::Uint16,
+    ElementType::Uint32,
+    ElementType::Uint64,
+    ElementType::Bool,
+    ElementType::Bytes,
+];
 
 /// One dimension of a declared shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +160,56 @@ pub struct TensorSpec {
     pub name: String,
     pub element: ElementType,
     pub shape: Vec<Dim>,
+}
+
+impl TensorSpec {
+    /// As the replicated task keeps it: -1 for a dynamic dimension.
+    pub fn to_proto(&self) -> TensorSignature {
+        let shape = self.shape.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { -1 }).collect();
+        TensorSignature { name: self.name.clone(), datatype: self.element.v2_name().into(), shape }
+    }
+}
+
+/// The most inputs, and the most outputs, a stage's signature may have.
+pub const MAX_TENSORS: usize = 64;
+/// The highest rank a tensor of a signature may have.
+pub const MAX_RANK: usize = 16;
+/// The longest tensor name.
+pub const MAX_NAME: usize = 256;
+
+/// Checks a stage's signature wherever it arrives: inputs and outputs both given or both
+/// absent, 1..=[`MAX_TENSORS`] of each with unique names of 1..=[`MAX_NAME`] printable
+/// characters, known element types, ranks up to [`MAX_RANK`], dimensions -1 (dynamic) or
+/// positive.
+pub fn validate_signature(inputs: &[TensorSignature], outputs: &[TensorSignature]) -> Result<(), String> {
+    if inputs.is_empty() != outputs.is_empty() {
+        return Err("a signature gives both inputs and outputs, or neither".into());
+    }
+    for (what, tensors) in [("input", inputs), ("output", outputs)] {
+        if tensors.len() > MAX_TENSORS {
+            return Err(format!("{} {what}s: at most {MAX_TENSORS}", tensors.len()));
+        }
+        let mut seen = HashSet::new();
+        for t in tensors {
+            let printable = !t.name.is_empty() && t.name.len() <= MAX_NAME && !t.name.chars().any(char::is_control);
+            if !printable {
+                return Err(format!("{what} name {:?} must be 1–{MAX_NAME} printable characters", t.name));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(format!("two {what}s are named {:?}", t.name));
+            }
+            if ElementType::from_v2_name(&t.datatype).is_none() {
+                return Err(format!("{what} {:?}: unknown element type {:?}", t.name, t.datatype));
+            }
+            if t.shape.len() > MAX_RANK || t.shape.iter().any(|&d| d < -1 || d == 0) {
+                return Err(format!(
+                    "{what} {:?}: shape {:?} must have at most {MAX_RANK} dimensions, each -1 (dynamic) or positive",
+                    t.name, t.shape
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for TensorSpec {
@@ -376,6 +449,34 @@ mod tests {
             "{why}"
         );
         assert_eq!(check_stage("classify", &stage[..2]), Ok(()));
+    }
+
+    #[test]
+    fn a_signature_is_kept_as_the_task_holds_it_and_checked_where_it_arrives() {
+        let bytes = model(vec![info("images", 1, &["", "3", "h", "w"])], vec![info("out", 7, &["", "4"])], &[]);
+        let s = Signature::read(&bytes).unwrap();
+        let (inputs, outputs): (Vec<_>, Vec<_>) =
+            (s.inputs.iter().map(TensorSpec::to_proto).collect(), s.outputs.iter().map(TensorSpec::to_proto).collect());
+        assert_eq!(
+            inputs[0],
+            TensorSignature { name: "images".into(), datatype: "FP32".into(), shape: vec![-1, 3, -1, -1] }
+        );
+        assert_eq!(outputs[0].datatype, "INT64");
+        assert_eq!(validate_signature(&inputs, &outputs), Ok(()));
+        assert_eq!(validate_signature(&[], &[]), Ok(()), "a task registered before signatures");
+        let bad = |f: &dyn Fn(&mut TensorSignature)| {
+            let mut t = inputs[0].clone();
+            f(&mut t);
+            validate_signature(&[t], &outputs).unwrap_err()
+        };
+        assert!(bad(&|t| t.datatype = "FLOAT".into()).contains("unknown element type"));
+        assert!(bad(&|t| t.shape = vec![-2]).contains("-1 (dynamic) or positive"));
+        assert!(bad(&|t| t.shape = vec![1; MAX_RANK + 1]).contains("at most 16 dimensions"));
+        assert!(bad(&|t| t.name = "a\nb".into()).contains("printable"));
+        assert!(validate_signature(&inputs, &[]).unwrap_err().contains("both"));
+        assert!(validate_signature(&vec![inputs[0].clone(); MAX_TENSORS + 1], &outputs)
+            .unwrap_err()
+            .contains("at most 64"));
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub fn single_stage(name: &str, slo_ms: u32, variants: Vec<VariantSpec>) -> Task
 
 /// A stage that takes the previous stage's output as is.
 pub fn stage(name: &str, variants: Vec<VariantSpec>) -> StageSpec {
-    StageSpec { name: name.into(), variants, connector: Connector::Direct as i32, crops: 0 }
+    StageSpec { name: name.into(), variants, connector: Connector::Direct as i32, crops: 0, ..Default::default() }
 }
 
 /// How many inputs of a stage one input of the previous stage becomes.
@@ -165,7 +165,8 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Checks a (normalised) task wherever one arrives: its name and SLO, 1..=[`MAX_STAGES`]
 /// stages of unique valid names, each with 1..=[`MAX_VARIANTS_PER_STAGE`] valid variants that
-/// take the same input, and variant names unique across the task.
+/// take the same input and a valid signature (or none), and variant names unique across the
+/// task.
 pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
     if !valid_name(&t.name) {
         return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
@@ -210,6 +211,8 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         if stage.variants.is_empty() || stage.variants.len() > MAX_VARIANTS_PER_STAGE {
             return Err(format!("stage {} needs 1–{MAX_VARIANTS_PER_STAGE} variants", stage.name));
         }
+        crate::onnx_signature::validate_signature(&stage.inputs, &stage.outputs)
+            .map_err(|e| format!("stage {}: {e}", stage.name))?;
         for v in &stage.variants {
             validate_variant(v)?;
             if !variant_names.insert(v.name.as_str()) {

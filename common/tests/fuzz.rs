@@ -59,7 +59,13 @@ fn task() -> impl Strategy<Value = TaskSpec> {
         prop_oneof![4 => Just(0i32), 1 => 0i32..3],
         small_or_any(0..20),
     )
-        .prop_map(|(name, variants, connector, crops)| StageSpec { name, variants, connector, crops });
+        .prop_map(|(name, variants, connector, crops)| StageSpec {
+            name,
+            variants,
+            connector,
+            crops,
+            ..Default::default()
+        });
     (name(), small_or_any(1..1000), prop::collection::vec(variant(), 0..3), prop::collection::vec(stage, 0..4))
         .prop_map(|(name, slo_ms, variants, stages)| TaskSpec { name, slo_ms, variants, stages, share: None })
 }
@@ -72,7 +78,8 @@ fn two_stages() -> TaskSpec {
         accuracy: 70.0,
         input_shape: vec![3],
     };
-    let stage = |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0 };
+    let stage =
+        |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0, ..Default::default() };
     TaskSpec {
         name: "t".into(),
         slo_ms: 100,
