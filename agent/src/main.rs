@@ -19,7 +19,7 @@ use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tracing::{info, warn};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -318,14 +318,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ready.store(false, Ordering::Relaxed);
     stop.cancel();
     // The servers finish their calls and the agent's tasks end before the workers stop.
-    tasks.close();
-    let ended = async {
-        let _ = tokio::join!(inference, control);
-        tasks.wait().await;
-    };
-    if tokio::time::timeout(STOP_WITHIN, ended).await.is_err() {
-        warn!("the servers and tasks did not stop within {STOP_WITHIN:?}");
-    }
+    tidal_daemon::stopping::wait_for([inference, control], &tasks).await;
     info!("stopping workers");
     node.shutdown().await;
     served
@@ -350,9 +343,6 @@ async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready:
 
 /// How often the health service looks at the node.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
-/// How long a stopping agent waits for its servers' calls and its tasks, before it drains its
-/// workers (systemd's stop timeout, 30 s, covers both).
-const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// What `grpc.health.v1` answers on both ports: the agent ("" and its inference services)
 /// serves once it is ready (as systemd and `/readyz` are told) until it stops; each task of

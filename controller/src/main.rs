@@ -16,7 +16,7 @@ use tidal_controller::service::ControllerService;
 use tidal_controller::transport::AddressBook;
 use tidal_proto::v1::controller_server::ControllerServer;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -242,14 +242,7 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     pushing.shutdown().await;
     // The servers finish their calls, the daemon's tasks end, then the Raft driver.
-    tasks.close();
-    let ended = async {
-        let _ = tokio::join!(peer, api);
-        tasks.wait().await;
-    };
-    if tokio::time::timeout(STOP_WITHIN, ended).await.is_err() {
-        warn!("the servers and tasks did not stop within {STOP_WITHIN:?}");
-    }
+    tidal_daemon::stopping::wait_for([peer, api], &tasks).await;
     raft_handle.stop().await;
     info!("controller stopped");
     Ok(())
@@ -257,9 +250,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// How often the health service looks at the replica's Raft state.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
-/// How long a stopping replica waits for its servers' calls and its tasks (systemd's stop
-/// timeout is longer).
-const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// What the API port's `grpc.health.v1` answers: the replica ("" and the Controller service)
 /// serves while its Raft driver runs and it knows a leader (writes reach the leader through

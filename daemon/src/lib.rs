@@ -9,4 +9,5 @@ pub mod grpc_std;
 pub mod logging;
 pub mod metrics_http;
 pub mod ready_file;
+pub mod stopping;
 pub mod systemd;
