@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tidal_agent::worker_process::{open_session, run_batch};
-use tidal_agent::worker_protocol::{to_bytes, Batch};
+use tidal_agent::worker_protocol::{Batch, FrameTensor};
 use tidal_common::tensor::f32_tensor;
 use tidal_common::variant::VariantConfig;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -62,8 +62,13 @@ fn main() -> anyhow::Result<()> {
     shape.extend_from_slice(&cfg.input_shape);
 
     let mut session = open_session(&ort_lib, &model_dir.join(&cfg.model_file), THREADS)?;
-    let input_name = session.inputs()[0].name().to_string();
-    let batch = Batch { id: 1, shape: shape.clone(), data: to_bytes(&values) };
+    let input = FrameTensor {
+        name: session.inputs()[0].name().to_string(),
+        datatype: "FP32".into(),
+        shape: shape.clone(),
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    let batch = Batch { id: 1, inputs: vec![input], outputs: Vec::new() };
     // The client drives its own I/O on this thread: no hand-over from a runtime thread per answer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let agent = support::BenchAgent::start(&model_dir, &ort_lib)?;
@@ -73,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             for _ in 0..n {
                 match path {
-                    Route::Direct => drop(run_batch(&mut session, &input_name, batch.clone())?),
+                    Route::Direct => drop(run_batch(&mut session, &batch)?),
                     Route::Tidal => drop(rt.block_on(clients.tidal.infer(clients.tidal_request.clone()))?),
                     Route::V2 => drop(rt.block_on(clients.v2.model_infer(clients.v2_request.clone()))?),
                 }
@@ -183,7 +188,7 @@ async fn connect(cfg: &VariantConfig, shape: &[i64], values: &[f32]) -> anyhow::
     Ok(Clients {
         tidal: InferenceClient::new(inference.clone()),
         v2: GrpcInferenceServiceClient::new(inference),
-        tidal_request: InferRequest { task: TASK.into(), input: Some(input), budget_ms: 0 },
+        tidal_request: InferRequest { task: TASK.into(), input: Some(input), budget_ms: 0, ..Default::default() },
         v2_request,
     })
 }

@@ -144,7 +144,8 @@ async fn call_until(channel: Channel, shape: Vec<i64>, stop: Arc<AtomicBool>, se
     full.extend_from_slice(&shape);
     let input = f32_tensor(full, &vec![0.5; n as usize]);
     while !stop.load(Ordering::Relaxed) {
-        let request = InferRequest { task: TASK.into(), input: Some(input.clone()), budget_ms: 0 };
+        let request =
+            InferRequest { task: TASK.into(), input: Some(input.clone()), budget_ms: 0, ..Default::default() };
         if client.infer(request).await.is_ok() {
             served.fetch_add(1, Ordering::Relaxed);
         }

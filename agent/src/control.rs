@@ -30,7 +30,8 @@ impl From<ApplyError> for Status {
             ApplyError::Invalid(_)
             | ApplyError::InvalidDelta(_)
             | ApplyError::TooFarAhead { .. }
-            | ApplyError::TermTooFarAhead { .. } => Status::invalid_argument(e.to_string()),
+            | ApplyError::TermTooFarAhead { .. }
+            | ApplyError::Signature { .. } => Status::invalid_argument(e.to_string()),
             ApplyError::NotAMember { .. } => Status::permission_denied(e.to_string()),
             ApplyError::Cgroup(_) => Status::internal(e.to_string()),
             ApplyError::Stopping => Status::unavailable(e.to_string()),

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use tidal_common::task::{fan_out, stage_input};
-use tidal_common::tensor::{f32_tensor, sample_values, tensor_values};
+use tidal_common::task::fan_out;
+use tidal_common::tensor::{NamedTensor, StageIo, TensorError};
 use tidal_proto::v1::{InferRequest, InferResponse, StageServed, StageSpec};
 use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
@@ -35,10 +35,9 @@ pub struct Forwarded {
     pub stage: String,
 }
 
-/// One stage's output for one request.
+/// One stage's outputs for one request.
 struct StageOutput {
-    values: Vec<f32>,
-    shape: Vec<i64>,
+    outputs: Vec<NamedTensor>,
     served: StageServed,
 }
 
@@ -131,11 +130,29 @@ impl Pipeline {
             }
         };
         let first = stages.first().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
-        let image = sample_values(req.input.as_ref(), stage_input(first))
-            .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+        let last = stages.last().unwrap_or(first);
+        let io_of = |stage: &StageSpec| {
+            StageIo::of(stage).map_err(|why| ServeError::Model(format!("stage {}: {why}", stage.name)))
+        };
+        let invalid = |e: TensorError| ServeError::InvalidInput(e.to_string());
+        // The unnamed `input` of a model of one input is answered with the unnamed `output`.
+        let unnamed = req.inputs.is_empty();
+        if !unnamed && req.input.is_some() {
+            return Err(ServeError::InvalidInput("a request gives `input` or `inputs`, not both".into()));
+        }
+        let tensors: Vec<NamedTensor> = req
+            .input
+            .into_iter()
+            .chain(req.inputs)
+            .map(NamedTensor::from_proto)
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        let sample = io_of(first)?.sample(tensors).map_err(invalid)?;
+        io_of(last)?.check_outputs(&req.outputs).map_err(invalid)?;
         // The request's image is kept only when a later stage crops it.
         let crops_later = stages.iter().skip(1).any(|s| fan_out(s) > 1);
-        let (mut inputs, image) = if crops_later { (vec![image.clone()], image) } else { (vec![image], Vec::new()) };
+        let image = if crops_later { sample.first().cloned() } else { None };
+        let mut inputs = vec![sample];
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
@@ -143,21 +160,31 @@ impl Pipeline {
                 if Instant::now() >= deadline {
                     return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
                 }
-                inputs = connect(stages[i - 1], stage, std::mem::take(&mut outputs), &image, stage_input(first))?;
+                let io = io_of(stage)?;
+                inputs = connect(stages[i - 1], stage, &io, std::mem::take(&mut outputs), image.as_ref())?;
             }
             let key = StageKey::new(&task.name, &stage.name);
             let local_only = forwarded.is_some();
             let runs = std::mem::take(&mut inputs)
                 .into_iter()
-                .map(|input| self.run_stage(&key, stage, input, deadline, arrived, local_only));
+                .map(|input| self.run_stage(&key, input, deadline, arrived, local_only));
             outputs = futures::future::try_join_all(runs).await?;
             served.extend(outputs.iter().map(|o| o.served.clone()));
         }
         let last = outputs.last().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?.served.clone();
-        let (shape, values) = stack(outputs);
+        let mut answer = stack(outputs);
+        if !req.outputs.is_empty() {
+            answer.retain(|o| req.outputs.contains(&o.name));
+        }
+        let (output, outputs) = if unnamed {
+            (answer.into_iter().next().map(NamedTensor::into_proto), Vec::new())
+        } else {
+            (None, answer.into_iter().map(NamedTensor::into_proto).collect())
+        };
         Ok(InferResponse {
             node: last.node.clone(),
-            output: Some(f32_tensor(shape, &values)),
+            output,
+            outputs,
             variant: last.variant.clone(),
             accuracy: last.accuracy,
             batch_size: last.batch_size,
@@ -173,8 +200,7 @@ impl Pipeline {
     async fn run_stage(
         &self,
         key: &StageKey,
-        stage: &StageSpec,
-        input: Vec<f32>,
+        input: Vec<NamedTensor>,
         deadline: Instant,
         arrived: Instant,
         local_only: bool,
@@ -183,7 +209,7 @@ impl Pipeline {
         let target = if local_only { router.pick_local(key).map(Target::Local) } else { router.pick(key) };
         let worker = match target.ok_or_else(|| ServeError::NoWorker(format!("{}/{}", key.task, key.stage)))? {
             Target::Local(w) => w,
-            Target::Remote(remote) => match self.forward(&remote, key, stage, &input, deadline, arrived).await {
+            Target::Remote(remote) => match self.forward(&remote, key, &input, deadline, arrived).await {
                 Ok(out) => return Ok(out),
                 Err(e) => {
                     // The other agent is down or overloaded: serve here if this node can.
@@ -200,7 +226,7 @@ impl Pipeline {
         &self,
         key: &StageKey,
         worker: &Worker,
-        input: Vec<f32>,
+        input: Vec<NamedTensor>,
         deadline: Instant,
         arrived: Instant,
     ) -> Result<StageOutput, ServeError> {
@@ -236,8 +262,7 @@ impl Pipeline {
                 total_us: took.as_micros() as u64,
                 run_us: served.run_us,
             },
-            values: served.output,
-            shape: served.output_shape,
+            outputs: served.outputs,
         })
     }
 
@@ -247,8 +272,7 @@ impl Pipeline {
         &self,
         remote: &Remote,
         key: &StageKey,
-        stage: &StageSpec,
-        input: &[f32],
+        input: &[NamedTensor],
         deadline: Instant,
         arrived: Instant,
     ) -> Result<StageOutput, ServeError> {
@@ -257,11 +281,11 @@ impl Pipeline {
         if left.is_zero() {
             return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
         }
-        let shape: Vec<i64> = std::iter::once(1).chain(stage_input(stage).iter().copied()).collect();
         let req = InferRequest {
             task: key.task.clone(),
-            input: Some(f32_tensor(shape, input)),
+            inputs: input.iter().cloned().map(NamedTensor::into_proto).collect(),
             budget_ms: (left.as_millis() as u32).max(1),
+            ..Default::default()
         };
         let mut request = Request::new(req);
         request.set_timeout(left);
@@ -275,7 +299,7 @@ impl Pipeline {
             request.metadata_mut().insert(STAGE_METADATA, name);
         }
         let mut client = remote.client.clone();
-        let response = match tokio::time::timeout(left, client.infer(request)).await {
+        let mut response = match tokio::time::timeout(left, client.infer(request)).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
                 return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
@@ -291,8 +315,10 @@ impl Pipeline {
             }
             Err(_) => return Err(ServeError::DeadlineExceeded(arrived.elapsed())),
         };
-        let output = response.output.unwrap_or_default();
-        let values = tensor_values(&output)
+        let outputs = std::mem::take(&mut response.outputs)
+            .into_iter()
+            .map(NamedTensor::from_proto)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ServeError::Unavailable(format!("agent {} answered a malformed output: {e}", remote.node)))?;
         let mut served = response.stages.into_iter().next().unwrap_or_else(|| StageServed {
             stage: key.stage.clone(),
@@ -305,33 +331,47 @@ impl Pipeline {
             run_us: 0,
         });
         served.total_us = started.elapsed().as_micros() as u64;
-        Ok(StageOutput { values, shape: output.shape, served })
+        Ok(StageOutput { outputs, served })
     }
 }
 
-/// The inputs of `stage` from the outputs of the stage before it (`prev`): each output as is,
-/// or the crops of the request's `image` around each output's most confident detections.
+/// The inputs of `stage` from the outputs of the stage before it (`prev`), one request's
+/// worth each: the outputs by name (the output the stage's `connect` names for an input, else
+/// the output of the input's name, else, for a stage of one input, the first output), or the
+/// crops of the request's `image` around each
+/// output's most confident detections. Each checked as the stage takes it.
 fn connect(
     prev: &StageSpec,
     stage: &StageSpec,
+    io: &StageIo,
     outputs: Vec<StageOutput>,
-    image: &[f32],
-    image_shape: &[i64],
-) -> Result<Vec<Vec<f32>>, ServeError> {
-    let want = stage_input(stage);
-    let mismatch = |got: String| {
-        ServeError::Model(format!("stage {} gives {got} per input; stage {} takes {want:?}", prev.name, stage.name))
-    };
+    image: Option<&NamedTensor>,
+) -> Result<Vec<Vec<NamedTensor>>, ServeError> {
+    let mismatch =
+        |why: String| ServeError::Model(format!("stage {} cannot feed stage {}: {why}", prev.name, stage.name));
     if fan_out(stage) == 1 {
         return outputs
             .into_iter()
             .map(|o| {
-                let fits = o.values.len() as i64 == want.iter().product::<i64>();
-                if fits {
-                    Ok(o.values)
-                } else {
-                    Err(mismatch(format!("{} values", o.values.len())))
+                let given = o.outputs;
+                let mut tensors = Vec::with_capacity(io.inputs.len());
+                for input in &io.inputs {
+                    let named = stage.connect.iter().find(|c| c.input == input.name).map(|c| c.output.as_str());
+                    let from = named.unwrap_or(&input.name);
+                    let at = match given.iter().position(|t| t.name == from) {
+                        Some(at) => at,
+                        // A stage of one input takes the one output it is given.
+                        None if named.is_none() && io.inputs.len() == 1 && !given.is_empty() => 0,
+                        None => {
+                            let names: Vec<&str> = given.iter().map(|t| t.name.as_str()).collect();
+                            return Err(mismatch(format!("no output {from:?} for input {:?} (it gives {names:?})", input.name)));
+                        }
+                    };
+                    let mut t = given[at].clone();
+                    t.name = input.name.clone();
+                    tensors.push(t);
                 }
+                io.sample(tensors).map_err(|e| mismatch(e.to_string()))
             })
             .collect();
     }
@@ -341,32 +381,48 @@ fn connect(
             _ => None,
         }
     };
-    let (Some(from), Some(to)) = (dims(image_shape), dims(want)) else {
-        return Err(mismatch("crops of an image".into()));
+    let input = io.inputs.first().ok_or_else(|| mismatch("it takes no input".into()))?;
+    let to = dims(io.sample_shape(input)).ok_or_else(|| mismatch(format!("crops cannot make {input:?}")))?;
+    let image = image.ok_or_else(|| mismatch("the request has no image to crop".into()))?;
+    let (Some(from), Some(pixels)) = (dims(&image.shape), image.f32_values()) else {
+        return Err(mismatch(format!("the request's input {:?} is not an FP32 [c, h, w] image", image.name)));
     };
+    let shape: Vec<i64> = to.iter().map(|&d| d as i64).collect();
     let mut inputs = Vec::new();
     for o in &outputs {
-        let row = o.shape.last().and_then(|&r| usize::try_from(r).ok()).unwrap_or(0);
+        let detections = o.outputs.first().and_then(NamedTensor::f32_values).unwrap_or_default();
+        let row = o.outputs.first().and_then(|t| t.shape.last()).and_then(|&r| usize::try_from(r).ok()).unwrap_or(0);
         let k = fan_out(stage) as usize;
-        inputs.extend(
-            crops(&o.values, row, k, image, from, to).map_err(|e| mismatch(format!("no detections to crop ({e})")))?,
-        );
+        let cut = crops(&detections, row, k, &pixels, from, to)
+            .map_err(|e| mismatch(format!("no detections to crop ({e})")))?;
+        for values in cut {
+            let crop = NamedTensor::f32(input.name.clone(), shape.clone(), &values);
+            inputs.push(io.sample(vec![crop]).map_err(|e| mismatch(e.to_string()))?);
+        }
     }
     Ok(inputs)
 }
 
-/// The last stage's outputs as one tensor: one output as it came; several (crops) stacked
-/// along the first dimension.
-fn stack(outputs: Vec<StageOutput>) -> (Vec<i64>, Vec<f32>) {
-    if outputs.len() == 1 {
-        let o = outputs.into_iter().next().expect("one output");
-        return (o.shape, o.values);
+/// The last stage's outputs as one request's: one output each as it came; several (crops)
+/// stacked along the first dimension.
+fn stack(outputs: Vec<StageOutput>) -> Vec<NamedTensor> {
+    let n = outputs.len();
+    let mut all = outputs.into_iter().map(|o| o.outputs);
+    let Some(mut stacked) = all.next() else { return Vec::new() };
+    if n == 1 {
+        return stacked;
     }
-    let mut shape = outputs.first().map(|o| o.shape.clone()).unwrap_or_default();
-    if let Some(n) = shape.first_mut() {
-        *n = outputs.len() as i64;
+    for t in &mut stacked {
+        if let Some(d) = t.shape.first_mut() {
+            *d = n as i64;
+        }
     }
-    (shape, outputs.into_iter().flat_map(|o| o.values).collect())
+    for more in all {
+        for (t, m) in stacked.iter_mut().zip(more) {
+            t.data.extend_from_slice(&m.data);
+        }
+    }
+    stacked
 }
 
 /// How long an agent that failed a forwarded request is left out of the rotation.

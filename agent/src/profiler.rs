@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tidal_common::onnx_signature::{Dim, ElementType, Signature};
 use tidal_proto::v1::{ProfilePoint, ProfileRequest, VariantSpec};
 use tonic::Status;
 use tracing::info;
@@ -16,7 +17,7 @@ use tracing::info;
 use crate::cgroup::WorkerCgroup;
 use crate::node::Node;
 use crate::worker::WorkerProcess;
-use crate::worker_protocol::to_bytes;
+use crate::worker_protocol::FrameTensor;
 
 static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
@@ -74,19 +75,22 @@ async fn profile_at(
     batches: &[u32],
     duration: Duration,
 ) -> Result<Vec<ProfilePoint>, Status> {
-    let sample: usize = variant.input_shape.iter().product::<i64>() as usize;
+    let bytes = tokio::fs::read(model).await.map_err(|e| Status::not_found(format!("{}: {e}", model.display())))?;
+    let signature =
+        Signature::read(&bytes).map_err(|e| Status::invalid_argument(format!("{}: {e}", variant.model_file)))?;
     let mut proc = WorkerProcess::spawn(&node.cfg.process, model, cgroup, cores * 1000)
         .await
         .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
     let mut points = Vec::new();
     for &batch in batches {
-        let mut shape = vec![batch as i64];
-        shape.extend_from_slice(&variant.input_shape);
-        let data: Vec<u8> = {
-            let mut rng = rand::thread_rng();
-            to_bytes(&(0..sample * batch as usize).map(|_| rng.gen::<f32>()).collect::<Vec<f32>>())
+        let inputs = match profile_inputs(&signature, variant, batch) {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                proc.stop(Duration::from_secs(1)).await;
+                return Err(e);
+            }
         };
-        let (mut latencies, elapsed) = match measure(&mut proc, &shape, &data, duration).await {
+        let (mut latencies, elapsed) = match measure(&mut proc, &inputs, duration).await {
             Ok(measured) => measured,
             Err(e) => {
                 proc.stop(Duration::from_secs(1)).await;
@@ -105,24 +109,75 @@ async fn profile_at(
 /// latencies and the seconds they took.
 async fn measure(
     proc: &mut WorkerProcess,
-    shape: &[i64],
-    data: &[u8],
+    inputs: &[FrameTensor],
     duration: Duration,
 ) -> Result<(Vec<Duration>, f64), Status> {
     for _ in 0..2 {
-        time_batch(proc, shape, data).await?;
+        time_batch(proc, inputs).await?;
     }
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration || latencies.len() < 3 {
-        latencies.push(time_batch(proc, shape, data).await?);
+        latencies.push(time_batch(proc, inputs).await?);
     }
     Ok((latencies, started.elapsed().as_secs_f64()))
 }
 
-async fn time_batch(p: &mut WorkerProcess, shape: &[i64], data: &[u8]) -> Result<Duration, Status> {
+/// A batch of `batch` samples of every input the model takes. The first input's sample has
+/// the variant's `input_shape`; the others their declared dimensions, a dynamic one at 1 (until
+/// profiles take the user's sample inputs). Floating-point inputs hold uniform noise in [0, 1);
+/// integer and boolean inputs zeros, which are valid indices and token ids for any model.
+fn profile_inputs(signature: &Signature, variant: &VariantSpec, batch: u32) -> Result<Vec<FrameTensor>, Status> {
+    let batched = signature.batched();
+    let mut rng = rand::thread_rng();
+    signature
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let declared = if batched { &input.shape[1..] } else { &input.shape[..] };
+            let sample: Vec<i64> = if i == 0 && variant.input_shape.len() == declared.len() {
+                variant.input_shape.clone()
+            } else {
+                declared.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).collect()
+            };
+            let mut shape = if batched { vec![i64::from(batch)] } else { Vec::new() };
+            shape.extend(sample);
+            let count = tidal_common::tensor::element_count(&shape).filter(|&n| n <= MAX_PROFILE_ELEMENTS).ok_or_else(
+                || Status::invalid_argument(format!("input {} of shape {shape:?} is too large to profile", input.name)),
+            )?;
+            let data: Vec<u8> = match input.element {
+                ElementType::Fp32 => {
+                    bytemuck::cast_slice(&(0..count).map(|_| rng.gen::<f32>()).collect::<Vec<_>>()).to_vec()
+                }
+                ElementType::Fp64 => {
+                    bytemuck::cast_slice(&(0..count).map(|_| rng.gen::<f64>()).collect::<Vec<_>>()).to_vec()
+                }
+                ElementType::Fp16 => {
+                    (0..count).flat_map(|_| half::f16::from_f32(rng.gen::<f32>()).to_le_bytes()).collect()
+                }
+                ElementType::Bf16 => {
+                    (0..count).flat_map(|_| half::bf16::from_f32(rng.gen::<f32>()).to_le_bytes()).collect()
+                }
+                ElementType::Bytes => {
+                    return Err(Status::invalid_argument(format!(
+                        "input {}: BYTES tensors are not served yet",
+                        input.name
+                    )))
+                }
+                other => vec![0; count * other.size().unwrap_or(1)],
+            };
+            Ok(FrameTensor { name: input.name.clone(), datatype: input.element.v2_name().into(), shape, data })
+        })
+        .collect()
+}
+
+/// Most elements of one input of a profiled batch (1 GiB of float32).
+const MAX_PROFILE_ELEMENTS: usize = 1 << 28;
+
+async fn time_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<Duration, Status> {
     let t = Instant::now();
-    let r = p.run(shape.to_vec(), data.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
+    let r = p.run(inputs.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
     if !r.error.is_empty() {
         return Err(Status::internal(r.error));
     }

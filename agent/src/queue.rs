@@ -25,13 +25,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use tidal_common::tensor::{shape_key, NamedTensor};
+
 use crate::error::ServeError;
 
 /// What a request gets back from a worker.
 #[derive(Debug)]
 pub struct Served {
-    pub output: Vec<f32>,
-    pub output_shape: Vec<i64>,
+    /// Every output of the model for this request, in the model's order (a batched model's
+    /// with a leading dimension of 1).
+    pub outputs: Vec<NamedTensor>,
     pub batch_size: u32,
     pub queue_us: u64,
     /// The batch's time inside ONNX Runtime, µs.
@@ -45,7 +48,10 @@ pub type Reply = oneshot::Sender<Result<Served, ServeError>>;
 pub struct Pending {
     pub deadline: Instant,
     pub enqueued: Instant,
-    pub input: Vec<f32>,
+    /// One sample of each of the model's inputs, in its order.
+    pub inputs: Vec<NamedTensor>,
+    /// The shapes of its inputs: only requests of one key are batched together.
+    pub key: Vec<i64>,
     pub reply: Reply,
     seq: u64,
 }
@@ -123,7 +129,7 @@ impl DeadlineQueue {
     }
 
     /// Enqueues a request; a full or closed queue gives it back with the reason.
-    pub fn push(&self, deadline: Instant, input: Vec<f32>, reply: Reply) -> Result<(), (ServeError, Reply)> {
+    pub fn push(&self, deadline: Instant, inputs: Vec<NamedTensor>, reply: Reply) -> Result<(), (ServeError, Reply)> {
         let mut inner = self.lock();
         if inner.closed || inner.sealed {
             return Err((ServeError::Unavailable("the worker is stopping".into()), reply));
@@ -149,7 +155,8 @@ impl DeadlineQueue {
         }
         inner.seq += 1;
         let seq = inner.seq;
-        inner.heap.push(Pending { deadline, enqueued: now, input, reply, seq });
+        let key = shape_key(&inputs);
+        inner.heap.push(Pending { deadline, enqueued: now, inputs, key, reply, seq });
         drop(inner);
         self.notify.notify_one();
         Ok(())
@@ -192,13 +199,15 @@ impl DeadlineQueue {
         self.lock().estimate
     }
 
-    /// Takes up to `max` requests, earliest deadline first. Requests whose deadline passed,
-    /// or would pass before a batch could finish (by a fresh estimate), or whose caller is
-    /// gone, are answered and skipped, never run.
+    /// Takes up to `max` requests whose inputs have the shapes of the most urgent one, earliest
+    /// deadline first (requests of other shapes stay queued: a batch is one tensor per input).
+    /// Requests whose deadline passed, or would pass before a batch could finish (by a fresh
+    /// estimate), or whose caller is gone, are answered and skipped, never run.
     pub fn pop_batch(&self, max: usize, now: Instant) -> Vec<Pending> {
         let mut inner = self.lock();
         let cutoff = inner.estimate.filter(|e| e.fresh(now)).map_or(now, |e| e.finish(now, 0));
-        let mut batch = Vec::with_capacity(max);
+        let mut batch: Vec<Pending> = Vec::with_capacity(max);
+        let mut other_shapes = Vec::new();
         while batch.len() < max {
             let Some(p) = inner.heap.pop() else { break };
             if p.reply.is_closed() {
@@ -209,8 +218,13 @@ impl DeadlineQueue {
                 let _ = p.reply.send(Err(ServeError::DeadlineExceeded(waited)));
                 continue;
             }
+            if batch.first().is_some_and(|first| first.key != p.key) {
+                other_shapes.push(p);
+                continue;
+            }
             batch.push(p);
         }
+        inner.heap.extend(other_shapes);
         batch
     }
 
@@ -237,9 +251,25 @@ mod tests {
     use std::time::Duration;
 
     fn push(q: &DeadlineQueue, deadline: Instant, tag: f32) -> oneshot::Receiver<Result<Served, ServeError>> {
+        push_shaped(q, deadline, tag, 1)
+    }
+
+    /// A request whose one input is `len` values, the first `tag`.
+    fn push_shaped(
+        q: &DeadlineQueue,
+        deadline: Instant,
+        tag: f32,
+        len: usize,
+    ) -> oneshot::Receiver<Result<Served, ServeError>> {
         let (tx, rx) = oneshot::channel();
-        q.push(deadline, vec![tag], tx).map_err(|(e, _)| e).unwrap();
+        let mut values = vec![0.0; len];
+        values[0] = tag;
+        q.push(deadline, vec![NamedTensor::f32("x", vec![len as i64], &values)], tx).map_err(|(e, _)| e).unwrap();
         rx
+    }
+
+    fn tags(batch: &[Pending]) -> Vec<f32> {
+        batch.iter().map(|p| p.inputs[0].f32_values().unwrap()[0]).collect()
     }
 
     #[test]
@@ -250,7 +280,7 @@ mod tests {
         let _b = push(&q, now + Duration::from_secs(1), 1.0);
         let _c = push(&q, now + Duration::from_secs(2), 2.0);
         let batch = q.pop_batch(2, now);
-        assert_eq!(batch.iter().map(|p| p.input[0]).collect::<Vec<_>>(), vec![1.0, 2.0]);
+        assert_eq!(tags(&batch), vec![1.0, 2.0]);
         assert_eq!(q.len(), 1);
     }
 
@@ -276,17 +306,17 @@ mod tests {
         let _queued: Vec<_> = (0..14).map(|i| push(&q, deadline, i as f32)).collect();
         // With 14 ahead: 157.5 + 45 ms do not.
         let (tx, _rx) = oneshot::channel();
-        match q.push(deadline, vec![], tx) {
+        match q.push(deadline, Vec::new(), tx) {
             Err((ServeError::WouldMiss { ahead: 14, .. }, _)) => {}
             other => panic!("expected a refusal, got {:?}", other.map_err(|(e, _)| e)),
         }
         // An urgent request jumps the queue: nothing is ahead of it.
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(Instant::now() + Duration::from_millis(60), vec![], tx).is_ok());
+        assert!(q.push(Instant::now() + Duration::from_millis(60), Vec::new(), tx).is_ok());
         // Without a fresh estimate nothing is refused for its deadline.
         q.forget_estimate();
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(Instant::now() + Duration::from_millis(1), vec![], tx).is_ok());
+        assert!(q.push(Instant::now() + Duration::from_millis(1), Vec::new(), tx).is_ok());
     }
 
     #[test]
@@ -297,7 +327,7 @@ mod tests {
         let _ok = push(&q, now + Duration::from_secs(5), 2.0);
         q.record_batch(1, Duration::from_millis(50), now);
         let batch = q.pop_batch(8, now);
-        assert_eq!(batch.iter().map(|p| p.input[0]).collect::<Vec<_>>(), vec![2.0]);
+        assert_eq!(tags(&batch), vec![2.0]);
         assert!(matches!(doomed.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
     }
 
@@ -307,10 +337,26 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(5);
         let mut first = push(&q, far, 1.0);
         let (tx, _rx) = oneshot::channel();
-        assert!(matches!(q.push(far, vec![], tx), Err((ServeError::QueueFull(1), _))));
+        assert!(matches!(q.push(far, Vec::new(), tx), Err((ServeError::QueueFull(1), _))));
         q.close("test");
         assert!(matches!(first.try_recv(), Ok(Err(ServeError::Unavailable(_)))));
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(far, vec![], tx).is_err());
+        assert!(q.push(far, Vec::new(), tx).is_err());
+    }
+
+    #[test]
+    fn a_batch_holds_one_shape_and_the_others_wait_their_turn() {
+        let q = DeadlineQueue::new(10);
+        let now = Instant::now();
+        let at = |ms| now + Duration::from_millis(ms);
+        let _a = push_shaped(&q, at(1000), 1.0, 4);
+        let _b = push_shaped(&q, at(2000), 2.0, 8);
+        let _c = push_shaped(&q, at(3000), 3.0, 4);
+        let _d = push_shaped(&q, at(4000), 4.0, 8);
+        let first = q.pop_batch(8, now);
+        assert_eq!(tags(&first), vec![1.0, 3.0], "the most urgent request's shape, in deadline order");
+        assert_eq!(q.len(), 2, "the others stay queued");
+        assert_eq!(tags(&q.pop_batch(8, now)), vec![2.0, 4.0]);
+        assert!(q.is_empty());
     }
 }

@@ -26,6 +26,7 @@ use tidal_auth::Security;
 use tidal_common::executor::{execute, stage, Executor};
 use tidal_common::plan::{validate_for_node, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
+use tidal_common::tensor::StageIo;
 use tidal_proto::v1::inference_client::InferenceClient;
 use tidal_proto::v1::{Plan, PlanDelta, TaskSpec, Transition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -72,6 +73,8 @@ pub enum ApplyError {
     Cgroup(#[from] CgroupError),
     #[error("the agent is stopping; the plan was not applied")]
     Stopping,
+    #[error("task {task}, stage {stage}: {why}")]
+    Signature { task: String, stage: String, why: String },
 }
 
 /// A plan as the controller sends it: whole (cut for this node, or to be cut here), or as its
@@ -367,7 +370,18 @@ impl Owner {
         for why in &held {
             warn!(epoch = plan.epoch, "task held at what runs: {why}");
         }
-        execute(&mut NodeExecutor { owner: self, epoch: plan.epoch }, staged.actions)?;
+        let mut ios = HashMap::new();
+        for task in &plan.tasks {
+            for stage in &task.stages {
+                let io = StageIo::of(stage).map_err(|why| ApplyError::Signature {
+                    task: task.name.clone(),
+                    stage: stage.name.clone(),
+                    why,
+                })?;
+                ios.insert(StageKey::new(&task.name, &stage.name), Arc::new(io));
+            }
+        }
+        execute(&mut NodeExecutor { owner: self, epoch: plan.epoch, ios }, staged.actions)?;
         self.update_routes(&plan, &staged.held);
         self.p.plan_epoch.set(plan.epoch as i64);
         let epoch = plan.epoch;
@@ -573,6 +587,8 @@ fn shape_of(w: &Worker) -> WorkerShape {
 struct NodeExecutor<'a> {
     owner: &'a mut Owner,
     epoch: u64,
+    /// What each stage of the plan takes and gives.
+    ios: HashMap<StageKey, Arc<StageIo>>,
 }
 
 impl NodeExecutor<'_> {
@@ -604,6 +620,12 @@ impl Executor for NodeExecutor<'_> {
             stage: d.key.stage.clone(),
             replica: d.key.replica,
             model_path: self.owner.p.models.path().join(&d.variant.model_file),
+            io: self.ios.get(&StageKey::new(&d.key.task, &d.key.stage)).cloned().unwrap_or_else(|| {
+                // Not in the plan's tasks (a validated plan has them all): a stage of this
+                // variant's sample shape.
+                let stage = tidal_proto::v1::StageSpec { variants: vec![d.variant.clone()], ..Default::default() };
+                Arc::new(StageIo::of(&stage).expect("a stage without a signature"))
+            }),
             variant: d.variant.clone(),
         };
         info!(worker = %id, key = %d.key, millicores = d.shape.millicores, "starting worker");

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message;
+use tidal_common::onnx_signature::ElementType;
+use tidal_common::tensor::{NamedTensor, StageIo, POSITIONAL_OUTPUT};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -22,8 +24,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::cgroup::{CgroupError, CpuCgroups, WorkerCgroup};
 use crate::error::ServeError;
-use crate::queue::{DeadlineQueue, Served};
-use crate::worker_protocol::{extend_bytes, from_bytes, Batch, BatchResult, Ready, MAX_FRAME};
+use crate::queue::{DeadlineQueue, Pending, Served};
+use crate::worker_protocol::{Batch, BatchResult, FrameTensor, Ready, MAX_FRAME};
 
 /// How the agent starts worker processes.
 #[derive(Debug, Clone)]
@@ -76,8 +78,8 @@ pub trait Spawner: Send + Sync + 'static {
 
 /// A running model process, as the batcher drives it.
 pub trait ModelProcess: Send {
-    /// Runs one batch of `shape[0]` samples, `data` their float32 values as bytes.
-    fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> BoxFuture<'_, Result<BatchResult, WorkerError>>;
+    /// Runs one batch: each input's samples stacked (see [`crate::worker_protocol::Batch`]).
+    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>>;
     /// Resolves when the process ends by itself, with how.
     fn exited(&mut self) -> BoxFuture<'_, String>;
     /// Stops the process, killing it if it has not ended within `grace`.
@@ -115,8 +117,8 @@ impl Spawner for Processes {
 }
 
 impl ModelProcess for WorkerProcess {
-    fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
-        WorkerProcess::run(self, shape, data).boxed()
+    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
+        WorkerProcess::run(self, inputs).boxed()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
@@ -248,10 +250,10 @@ impl WorkerProcess {
         }
     }
 
-    /// Runs one batch of `shape[0]` samples, `data` their float32 values as bytes.
-    pub async fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> Result<BatchResult, WorkerError> {
+    /// Runs one batch: each input's samples stacked; every output comes back.
+    pub async fn run(&mut self, inputs: Vec<FrameTensor>) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
-        let batch = Batch { id: self.next_id, shape, data };
+        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new() };
         let frame = bytes::Bytes::from(batch.encode_to_vec());
         SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
             .await
@@ -293,6 +295,8 @@ pub struct WorkerSpec {
     pub replica: u32,
     pub variant: tidal_proto::v1::VariantSpec,
     pub model_path: PathBuf,
+    /// What the stage's model takes and gives.
+    pub io: Arc<StageIo>,
 }
 
 /// The agent's handle on one worker.
@@ -484,26 +488,24 @@ impl BatcherCtx {
                     how = proc.exited() => return Exit::Died(WorkerError::Gone(how)),
                 }
             }
-            let settings = *self.settings.borrow();
+            let mut settings = *self.settings.borrow();
+            if !self.spec.io.batched {
+                // A model without a batch dimension runs one request at a time.
+                settings.max_batch = 1;
+            }
             self.wait_for_batch(settings).await;
             let batch = self.queue.pop_batch(settings.max_batch as usize, Instant::now());
             if batch.is_empty() {
                 continue;
             }
             let size = batch.len();
-            let mut shape = Vec::with_capacity(self.spec.variant.input_shape.len() + 1);
-            shape.push(size as i64);
-            shape.extend_from_slice(&self.spec.variant.input_shape);
-            let mut data = Vec::with_capacity(batch.iter().map(|p| p.input.len() * 4).sum());
-            for p in &batch {
-                extend_bytes(&mut data, &p.input);
-            }
+            let inputs = stack(&self.spec.io, &batch);
             let started = Instant::now();
-            match proc.run(shape, data).await {
+            match proc.run(inputs).await {
                 Ok(result) if result.error.is_empty() => {
                     let done = Instant::now();
                     self.queue.record_batch(size, done.saturating_duration_since(started), done);
-                    reply_batch(batch, result, started)
+                    reply_batch(&self.spec.io, batch, result, started)
                 }
                 Ok(result) => {
                     for p in batch {
@@ -541,25 +543,104 @@ impl BatcherCtx {
     }
 }
 
-/// Splits a batch's output rows among its requests.
-fn reply_batch(batch: Vec<crate::queue::Pending>, result: BatchResult, started: Instant) {
+/// The batch's inputs: each input's samples stacked along a leading batch dimension (one
+/// sample as it is, for a model without one). A stage without a signature feeds the model's
+/// first input, whatever its name.
+fn stack(io: &StageIo, batch: &[Pending]) -> Vec<FrameTensor> {
+    io.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, declared)| {
+            let first = &batch[0].inputs[i];
+            let mut shape = Vec::with_capacity(first.shape.len() + 1);
+            if io.batched {
+                shape.push(batch.len() as i64);
+            }
+            shape.extend_from_slice(&first.shape);
+            let mut data = Vec::with_capacity(first.data.len() * batch.len());
+            for p in batch {
+                data.extend_from_slice(&p.inputs[i].data);
+            }
+            let name = if io.positional { String::new() } else { declared.name.clone() };
+            FrameTensor { name, datatype: declared.element.v2_name().into(), shape, data }
+        })
+        .collect()
+}
+
+/// Splits a batch's outputs among its requests: row `i` of every output to request `i` (a
+/// model without a batch dimension answers its one request whole). A stage without a
+/// signature answers with the model's first output.
+fn reply_batch(io: &StageIo, batch: Vec<Pending>, result: BatchResult, started: Instant) {
     let n = batch.len();
-    let row_bytes: usize = result.shape.iter().skip(1).product::<i64>().max(0) as usize * 4;
-    let row_shape: Vec<i64> = std::iter::once(1).chain(result.shape.iter().skip(1).copied()).collect();
-    if result.shape.first() != Some(&(n as i64)) || result.data.len() != row_bytes * n {
-        for p in batch {
-            let _ = p.reply.send(Err(ServeError::Model(format!("output shape {:?} for a batch of {n}", result.shape))));
+    let mut outputs = result.outputs;
+    if io.positional {
+        outputs.truncate(1);
+        if let Some(o) = outputs.first_mut() {
+            o.name = POSITIONAL_OUTPUT.into();
         }
-        return;
     }
-    for (i, p) in batch.into_iter().enumerate() {
+    let rows = match split_rows(io.batched, n, outputs) {
+        Ok(rows) => rows,
+        Err(why) => {
+            for p in batch {
+                let _ = p.reply.send(Err(ServeError::Model(why.clone())));
+            }
+            return;
+        }
+    };
+    for (p, outputs) in batch.into_iter().zip(rows) {
         let served = Served {
-            output: from_bytes(&result.data[i * row_bytes..(i + 1) * row_bytes]),
-            output_shape: row_shape.clone(),
+            outputs,
             batch_size: n as u32,
             queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
             run_us: result.run_us,
         };
         let _ = p.reply.send(Ok(served));
+    }
+}
+
+/// Each of `n` requests' outputs: row `i` of each output (with a leading dimension of 1) when
+/// `batched`, else the outputs whole (then `n` is 1).
+fn split_rows(batched: bool, n: usize, outputs: Vec<FrameTensor>) -> Result<Vec<Vec<NamedTensor>>, String> {
+    let mut rows: Vec<Vec<NamedTensor>> = (0..n).map(|_| Vec::with_capacity(outputs.len())).collect();
+    for o in outputs {
+        let element = ElementType::from_v2_name(&o.datatype)
+            .ok_or_else(|| format!("output {:?} has the unknown type {:?}", o.name, o.datatype))?;
+        if !batched {
+            rows[0].push(NamedTensor { name: o.name, element, shape: o.shape, data: o.data });
+            continue;
+        }
+        if o.shape.first() != Some(&(n as i64)) || o.data.len() % n != 0 {
+            return Err(format!("output {:?} has shape {:?} for a batch of {n}", o.name, o.shape));
+        }
+        let row_bytes = o.data.len() / n;
+        let shape: Vec<i64> = std::iter::once(1).chain(o.shape[1..].iter().copied()).collect();
+        for (i, row) in rows.iter_mut().enumerate() {
+            let data = o.data[i * row_bytes..(i + 1) * row_bytes].to_vec();
+            row.push(NamedTensor { name: o.name.clone(), element, shape: shape.clone(), data });
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(name: &str, shape: &[i64], values: &[f32]) -> FrameTensor {
+        let data = bytemuck::cast_slice(values).to_vec();
+        FrameTensor { name: name.into(), datatype: "FP32".into(), shape: shape.to_vec(), data }
+    }
+
+    #[test]
+    fn each_request_gets_its_row_of_every_output() {
+        let outputs = vec![frame("a", &[2, 2], &[1.0, 2.0, 3.0, 4.0]), frame("b", &[2], &[5.0, 6.0])];
+        let rows = split_rows(true, 2, outputs).unwrap();
+        assert_eq!(rows[1][0].shape, vec![1, 2]);
+        assert_eq!(rows[1][0].f32_values().unwrap(), vec![3.0, 4.0]);
+        assert_eq!((rows[1][1].name.as_str(), rows[1][1].f32_values().unwrap()), ("b", vec![6.0]));
+        assert!(split_rows(true, 3, vec![frame("a", &[2, 2], &[1.0, 2.0, 3.0, 4.0])]).is_err());
+        let whole = split_rows(false, 1, vec![frame("s", &[2, 2], &[1.0, 2.0, 3.0, 4.0])]).unwrap();
+        assert_eq!(whole[0][0].shape, vec![2, 2]);
     }
 }

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use ort::memory::Allocator;
 use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::Tensor;
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
 
-use crate::worker_protocol::{from_bytes, read_frame, to_bytes, write_frame, Batch, BatchResult, Ready};
+use crate::worker_protocol::{read_frame, write_frame, Batch, BatchResult, FrameTensor, Ready};
 
 /// Loads ONNX Runtime from `ort_lib` and opens a session for `model` with `threads` intra-op
 /// threads (spinning off, so that idle threads do not burn the worker's quota).
@@ -37,13 +38,109 @@ pub fn open_session(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Res
     Ok(session)
 }
 
-/// Runs one batch through the session: returns the first output's shape and values (as the
-/// frames carry them).
-pub fn run_batch(session: &mut Session, input: &str, batch: Batch) -> anyhow::Result<(Vec<i64>, Vec<u8>)> {
-    let tensor = Tensor::from_array((batch.shape, from_bytes(&batch.data))).context("building the input tensor")?;
-    let outputs = session.run(ort::inputs![input => tensor]).context("running the model")?;
-    let (shape, data) = outputs[0].try_extract_tensor::<f32>().context("reading the output tensor")?;
-    Ok((shape.iter().copied().collect(), to_bytes(data)))
+/// ONNX Runtime's element type for a frame's datatype (BYTES is not served).
+fn ort_type(datatype: &str) -> anyhow::Result<TensorElementType> {
+    use tidal_common::onnx_signature::ElementType as E;
+    let element = E::from_v2_name(datatype).ok_or_else(|| anyhow::anyhow!("unknown datatype {datatype:?}"))?;
+    Ok(match element {
+        E::Fp32 => TensorElementType::Float32,
+        E::Fp16 => TensorElementType::Float16,
+        E::Bf16 => TensorElementType::Bfloat16,
+        E::Fp64 => TensorElementType::Float64,
+        E::Int8 => TensorElementType::Int8,
+        E::Int16 => TensorElementType::Int16,
+        E::Int32 => TensorElementType::Int32,
+        E::Int64 => TensorElementType::Int64,
+        E::Uint8 => TensorElementType::Uint8,
+        E::Uint16 => TensorElementType::Uint16,
+        E::Uint32 => TensorElementType::Uint32,
+        E::Uint64 => TensorElementType::Uint64,
+        E::Bool => TensorElementType::Bool,
+        E::Bytes => anyhow::bail!("BYTES tensors are not served yet"),
+    })
+}
+
+/// The frame's datatype for ONNX Runtime's element type.
+fn frame_type(t: TensorElementType) -> anyhow::Result<&'static str> {
+    Ok(match t {
+        TensorElementType::Float32 => "FP32",
+        TensorElementType::Float16 => "FP16",
+        TensorElementType::Bfloat16 => "BF16",
+        TensorElementType::Float64 => "FP64",
+        TensorElementType::Int8 => "INT8",
+        TensorElementType::Int16 => "INT16",
+        TensorElementType::Int32 => "INT32",
+        TensorElementType::Int64 => "INT64",
+        TensorElementType::Uint8 => "UINT8",
+        TensorElementType::Uint16 => "UINT16",
+        TensorElementType::Uint32 => "UINT32",
+        TensorElementType::Uint64 => "UINT64",
+        TensorElementType::Bool => "BOOL",
+        other => anyhow::bail!("the model gives a {other:?} tensor, which is not served"),
+    })
+}
+
+/// A frame's tensor as an ONNX Runtime value: one copy of its bytes.
+fn to_value(t: &FrameTensor) -> anyhow::Result<DynValue> {
+    let ty = ort_type(&t.datatype)?;
+    let count = tidal_common::tensor::element_count(&t.shape)
+        .ok_or_else(|| anyhow::anyhow!("input {:?}: bad shape {:?}", t.name, t.shape))?;
+    let bytes = ty.byte_size(count).ok_or_else(|| anyhow::anyhow!("input {:?}: no fixed size", t.name))?;
+    if bytes != t.data.len() {
+        anyhow::bail!("input {:?}: {} bytes for shape {:?} of {}", t.name, t.data.len(), t.shape, t.datatype);
+    }
+    let mut tensor = DynTensor::new(&Allocator::default(), ty, t.shape.clone()).context("allocating an input")?;
+    if bytes > 0 {
+        // SAFETY: the tensor was just allocated on the CPU for `count` elements of `ty`, which
+        // is `bytes` bytes, and `data` holds exactly `bytes` bytes; the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(t.data.as_ptr(), tensor.data_ptr_mut().cast::<u8>(), bytes) };
+    }
+    Ok(tensor.into_dyn())
+}
+
+/// An ONNX Runtime output as a frame's tensor: one copy of its bytes.
+fn to_frame(name: &str, value: &DynValue) -> anyhow::Result<FrameTensor> {
+    let tensor = value
+        .view()
+        .downcast::<DynTensorValueType>()
+        .map_err(|_| anyhow::anyhow!("output {name:?} is not a tensor"))?;
+    let ty = *tensor.data_type();
+    let shape: Vec<i64> = tensor.shape().iter().copied().collect();
+    let count = tidal_common::tensor::element_count(&shape)
+        .ok_or_else(|| anyhow::anyhow!("output {name:?}: bad shape {shape:?}"))?;
+    let bytes = ty.byte_size(count).ok_or_else(|| anyhow::anyhow!("output {name:?}: no fixed size"))?;
+    let datatype = frame_type(ty)?;
+    if !tensor.memory_info().is_cpu_accessible() {
+        anyhow::bail!("output {name:?} is not in CPU memory");
+    }
+    let mut data = vec![0u8; bytes];
+    if bytes > 0 {
+        // SAFETY: a CPU tensor of `count` elements of `ty` holds `bytes` bytes at its data
+        // pointer, alive while `value` is borrowed.
+        unsafe { std::ptr::copy_nonoverlapping(tensor.data_ptr().cast::<u8>(), data.as_mut_ptr(), bytes) };
+    }
+    Ok(FrameTensor { name: name.to_string(), datatype: datatype.into(), shape, data })
+}
+
+/// Runs one batch through the session: the outputs it asks for (all by default), in the
+/// model's order. An input without a name is the model's first.
+pub fn run_batch(session: &mut Session, batch: &Batch) -> anyhow::Result<Vec<FrameTensor>> {
+    let first = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
+    let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(batch.inputs.len());
+    for t in &batch.inputs {
+        let name = if t.name.is_empty() { first.clone() } else { t.name.clone() };
+        inputs.push((name, to_value(t)?));
+    }
+    let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
+    if let Some(missing) = batch.outputs.iter().find(|w| !names.contains(w)) {
+        anyhow::bail!("the model has no output {missing:?} (it gives {names:?})");
+    }
+    let outputs = session.run(inputs).context("running the model")?;
+    names
+        .iter()
+        .filter(|n| batch.outputs.is_empty() || batch.outputs.contains(n))
+        .map(|n| to_frame(n, outputs.get(n).ok_or_else(|| anyhow::anyhow!("no output {n:?}"))?))
+        .collect()
 }
 
 /// The worker's main loop.
@@ -53,18 +150,16 @@ pub fn serve(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<()>
     let mut session = match open_session(ort_lib, model, threads) {
         Ok(s) => s,
         Err(e) => {
-            write_frame(&mut out, &Ready { error: format!("{e:#}"), ..Default::default() })?;
+            write_frame(&mut out, &Ready { error: format!("{e:#}") })?;
             return Err(e);
         }
     };
-    let input_name = session.inputs()[0].name().to_string();
-    let output_name = session.outputs()[0].name().to_string();
-    write_frame(&mut out, &Ready { input_name: input_name.clone(), output_name, error: String::new() })?;
+    write_frame(&mut out, &Ready { error: String::new() })?;
     while let Some(batch) = read_frame::<Batch>(&mut input)? {
         let started = Instant::now();
         let id = batch.id;
-        let result = match run_batch(&mut session, &input_name, batch) {
-            Ok((shape, data)) => BatchResult { id, shape, data, ..Default::default() },
+        let result = match run_batch(&mut session, &batch) {
+            Ok(outputs) => BatchResult { id, outputs, ..Default::default() },
             Err(e) => BatchResult { id, error: format!("{e:#}"), ..Default::default() },
         };
         let result = BatchResult { run_us: started.elapsed().as_micros() as u64, ..result };

@@ -141,7 +141,12 @@ impl Client {
     async fn infer(&mut self, call: &Call, counted: bool) -> Result<Answer, tonic::Status> {
         match self {
             Client::Tidal(c) => {
-                let req = InferRequest { task: call.task.to_string(), input: Some(call.input.clone()), budget_ms: 0 };
+                let req = InferRequest {
+                    task: call.task.to_string(),
+                    input: Some(call.input.clone()),
+                    budget_ms: 0,
+                    ..Default::default()
+                };
                 let r = c.infer(call.request(req, counted)).await?.into_inner();
                 let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
                 Ok(Answer { variant: r.variant, accuracy, accuracy_product })

@@ -40,17 +40,19 @@ pub fn declared_input(model: &[u8]) -> Result<Vec<Option<i64>>, String> {
         .collect())
 }
 
-/// Checks that a model declaring `declared` takes batches of samples of `sample` shape: one
-/// more dimension (the batch), and every fixed one equal.
+/// Checks that a model declaring `declared` takes samples of `sample` shape: in batches (one
+/// more dimension, dynamic, the batch), or whole (a model without a batch dimension); every
+/// fixed dimension equal.
 pub fn check_input(declared: &[Option<i64>], sample: &[i64]) -> Result<(), String> {
-    let fits =
-        declared.len() == sample.len() + 1 && declared[1..].iter().zip(sample).all(|(d, s)| d.is_none_or(|d| d == *s));
-    if fits {
+    let agree = |declared: &[Option<i64>]| declared.iter().zip(sample).all(|(d, s)| d.is_none_or(|d| d == *s));
+    let batched = declared.len() == sample.len() + 1 && declared[0].is_none() && agree(&declared[1..]);
+    let whole = declared.len() == sample.len() && agree(declared);
+    if batched || whole {
         return Ok(());
     }
     let shown: Vec<String> = declared.iter().map(|d| d.map_or("?".to_string(), |d| d.to_string())).collect();
     Err(format!(
-        "the model takes [{}] but the variant declares samples of {sample:?} (after a batch dimension)",
+        "the model takes [{}] but the variant declares samples of {sample:?} (after a batch dimension, or whole)",
         shown.join(", ")
     ))
 }
@@ -76,6 +78,8 @@ mod tests {
         assert!(wrong.contains("[?, 3, 32, 32]"), "{wrong}");
         assert!(check_input(&declared, &[3, 32]).is_err(), "rank");
         assert!(check_input(&[None, None], &[7]).is_ok(), "dynamic dimensions take anything");
+        assert!(check_input(&[Some(2), Some(8)], &[2, 8]).is_ok(), "a model without a batch dimension");
+        assert!(check_input(&[Some(2), Some(8)], &[8]).is_err(), "a fixed first dimension is no batch");
     }
 
     #[test]

@@ -163,6 +163,43 @@ pub fn valid_name(name: &str) -> bool {
         && name.chars().any(|c| c != '.')
 }
 
+/// Checks a stage's connections from the stage before it (`prev`): only after a first stage
+/// and with the direct connector, at most [`crate::onnx_signature::MAX_TENSORS`], each input
+/// fed once, and (where both stages declare signatures) outputs and inputs that exist.
+fn validate_connect(prev: Option<&StageSpec>, stage: &StageSpec) -> Result<(), String> {
+    use crate::onnx_signature::{MAX_NAME, MAX_TENSORS};
+    if stage.connect.is_empty() {
+        return Ok(());
+    }
+    let Some(prev) = prev else {
+        return Err(format!("stage {}: the first stage takes the request's inputs; it connects to nothing", stage.name));
+    };
+    if stage.connector != Connector::Direct as i32 {
+        return Err(format!("stage {}: connections are for the direct connector, not crops", stage.name));
+    }
+    if stage.connect.len() > MAX_TENSORS {
+        return Err(format!("stage {}: at most {MAX_TENSORS} connections", stage.name));
+    }
+    let mut fed = HashSet::new();
+    for c in &stage.connect {
+        for name in [&c.output, &c.input] {
+            if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+                return Err(format!("stage {}: connection name {name:?} must be 1–{MAX_NAME} printable characters", stage.name));
+            }
+        }
+        if !fed.insert(c.input.as_str()) {
+            return Err(format!("stage {}: input {:?} is connected twice", stage.name, c.input));
+        }
+        if !prev.outputs.is_empty() && !prev.outputs.iter().any(|o| o.name == c.output) {
+            return Err(format!("stage {}: stage {} has no output {:?}", stage.name, prev.name, c.output));
+        }
+        if !stage.inputs.is_empty() && !stage.inputs.iter().any(|i| i.name == c.input) {
+            return Err(format!("stage {}: it has no input {:?}", stage.name, c.input));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a (normalised) task wherever one arrives: its name and SLO, 1..=[`MAX_STAGES`]
 /// stages of unique valid names, each with 1..=[`MAX_VARIANTS_PER_STAGE`] valid variants that
 /// take the same input and a valid signature (or none), and variant names unique across the
@@ -213,6 +250,7 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         }
         crate::onnx_signature::validate_signature(&stage.inputs, &stage.outputs)
             .map_err(|e| format!("stage {}: {e}", stage.name))?;
+        validate_connect(i.checked_sub(1).map(|p| &t.stages[p]), stage)?;
         for v in &stage.variants {
             validate_variant(v)?;
             if !variant_names.insert(v.name.as_str()) {

@@ -15,6 +15,17 @@
 //! crops = 2        # optional: classify the 2 most confident detections of each frame
 //! ```
 //!
+//! A stage may say which output of the stage before it feeds which of its inputs, by name
+//! (otherwise outputs feed the inputs of their own name):
+//!
+//! ```toml
+//! [[stages]]
+//! name = "recognise"
+//! variants = ["crnn"]
+//! [stages.connect]
+//! output0 = "images"
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -22,7 +33,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tidal_proto::v1::{Connector, TaskShare, TaskSpec};
+use tidal_proto::v1::{Connection, Connector, TaskShare, TaskSpec};
 
 use crate::variant::{VariantConfig, VariantError};
 
@@ -48,6 +59,10 @@ pub struct StageFile {
     /// Take this many objects the previous stage detected, cut out of the request's image
     /// (see `Connector::Crops`); without it, the previous stage's output as is.
     pub crops: Option<u32>,
+    /// Which output of the previous stage feeds which input of this one, by name
+    /// (`[stages.connect] output0 = "images"`); without it, outputs feed inputs of their name.
+    #[serde(default)]
+    pub connect: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Error)]
@@ -87,6 +102,11 @@ impl TaskFile {
                     stage.connector = Connector::Crops as i32;
                     stage.crops = crops;
                 }
+                stage.connect = s
+                    .connect
+                    .iter()
+                    .map(|(output, input)| Connection { output: output.clone(), input: input.clone() })
+                    .collect();
                 Ok(stage)
             })
             .collect::<Result<Vec<_>, TaskFileError>>()?;

@@ -8,7 +8,7 @@ use prost::Message;
 use tidal_common::plan::{validate_for_node, validate_node, MAX_WORKERS_PER_NODE, MIN_WORKER_MILLICORES};
 use tidal_common::profile::{validate_profile, ProfileGrid, MAX_PROFILE_CORES};
 use tidal_common::task::{input_shape, normalise, validate_task};
-use tidal_common::tensor::sample_values;
+use tidal_common::tensor::{NamedTensor, StageIo};
 use tidal_common::variant::{validate_variant, VariantConfig, MAX_INPUT_ELEMENTS};
 use tidal_proto::v1::{
     Assignment, Command, Connector, DataType, Plan, ProfilePoint, RegisterNodeRequest, StageSpec, TaskSpec, Tensor,
@@ -117,10 +117,15 @@ proptest! {
             0 | 1 => noise.iter().copied().cycle().take(if noise.is_empty() { 0 } else { want }).collect(),
             _ => noise,
         };
-        let t = Tensor { dtype, shape, data };
-        if let Ok(values) = sample_values(Some(&t), &sample) {
+        let t = Tensor { dtype, shape, data, name: String::new() };
+        let stage = StageSpec {
+            variants: vec![VariantSpec { input_shape: sample.clone(), ..Default::default() }],
+            ..Default::default()
+        };
+        let io = StageIo::of(&stage).unwrap();
+        if let Ok(got) = NamedTensor::from_proto(t).map_err(|e| e.to_string()).and_then(|t| io.sample(vec![t]).map_err(|e| e.to_string())) {
             prop_assert_eq!(dtype, DataType::Float32 as i32);
-            prop_assert_eq!(values.len() as i64, elements(&sample).unwrap());
+            prop_assert_eq!(got[0].f32_values().unwrap().len() as i64, elements(&sample).unwrap());
         }
     }
 

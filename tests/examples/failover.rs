@@ -138,7 +138,7 @@ async fn drive(
         let (mut client, samples, input) = (client.clone(), samples.clone(), sample(&shape));
         inflight.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let req = InferRequest { task: "t".into(), input: Some(input), budget_ms: 0 };
+            let req = InferRequest { task: "t".into(), input: Some(input), budget_ms: 0, ..Default::default() };
             let ok = client.infer(req).await.is_ok();
             samples.lock().unwrap_or_else(|p| p.into_inner()).push(Sample { sent, latency: sent.elapsed(), ok });
         }));

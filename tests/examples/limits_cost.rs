@@ -36,8 +36,12 @@ async fn block(client: &mut InferenceClient<Channel>, shape: &[i64], n: usize) -
     let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
     let token = Token::new(TOKEN).expect("token");
     for _ in 0..n {
-        let mut request =
-            tonic::Request::new(InferRequest { task: "t".into(), input: Some(sample(shape)), budget_ms: 0 });
+        let mut request = tonic::Request::new(InferRequest {
+            task: "t".into(),
+            input: Some(sample(shape)),
+            budget_ms: 0,
+            ..Default::default()
+        });
         token.attach(request.metadata_mut());
         let started = Instant::now();
         client.infer(request).await.expect("served");

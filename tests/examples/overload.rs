@@ -138,8 +138,12 @@ async fn main() {
         other => panic!("--variant {other:?}: resnet18 or resnet50"),
     };
     s.serve(1, args.budget_ms, &[(variant, args.millicores, args.batch)]).await;
-    let req =
-        InferRequest { task: "classify".into(), input: Some(sample(&variant.input_shape)), budget_ms: args.budget_ms };
+    let req = InferRequest {
+        task: "classify".into(),
+        input: Some(sample(&variant.input_shape)),
+        budget_ms: args.budget_ms,
+        ..Default::default()
+    };
     let budget = Duration::from_millis(args.budget_ms as u64);
 
     // Warm up, then measure what the worker carries.

@@ -143,7 +143,12 @@ async fn check() -> anyhow::Result<()> {
         let (stop, served, input) = (stop.clone(), served.clone(), sample(&r18.input_shape));
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let req = InferRequest { task: "classify".into(), input: Some(input.clone()), budget_ms: 60_000 };
+                let req = InferRequest {
+                    task: "classify".into(),
+                    input: Some(input.clone()),
+                    budget_ms: 60_000,
+                    ..Default::default()
+                };
                 if client.infer(req).await.is_ok() {
                     served.fetch_add(1, Ordering::Relaxed);
                 }

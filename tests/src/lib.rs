@@ -391,7 +391,12 @@ pub async fn sequential_latencies(
 ) -> hdrhistogram::Histogram<u64> {
     let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
     for _ in 0..n {
-        let req = tidal_proto::v1::InferRequest { task: task.into(), input: Some(sample(shape)), budget_ms: 0 };
+        let req = tidal_proto::v1::InferRequest {
+            task: task.into(),
+            input: Some(sample(shape)),
+            budget_ms: 0,
+            ..Default::default()
+        };
         let started = Instant::now();
         client.infer(req).await.expect("served");
         h.record(started.elapsed().as_micros() as u64).unwrap_or_default();

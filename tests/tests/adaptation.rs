@@ -37,7 +37,7 @@ async fn drive(addr: &str, shape: &[i64], rate: f64, secs: f64) -> (u64, u64) {
         let ok = ok.clone();
         let input = sample(shape);
         tasks.push(tokio::spawn(async move {
-            let req = InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 };
+            let req = InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0, ..Default::default() };
             if let Ok(r) = client.infer(req).await {
                 if r.into_inner().output.is_some_and(|o| o.shape == [1, 1000]) {
                     ok.fetch_add(1, Ordering::Relaxed);

@@ -17,7 +17,12 @@ async fn inference_answers_with_the_model_output_shape_from_the_planned_variants
     let mut variants = std::collections::BTreeSet::new();
     for _ in 0..8 {
         let r = infer
-            .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 })
+            .infer(InferRequest {
+                task: "classify".into(),
+                input: Some(sample(&s.r18.input_shape)),
+                budget_ms: 0,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -42,14 +47,24 @@ async fn bad_requests_and_plans_get_clear_statuses_and_the_agent_keeps_serving()
     let mut agent = agent_client(&s.agent.control_addr).await;
     // Before its first plan an agent is not ready: UNAVAILABLE (clients go elsewhere), not NOT_FOUND.
     let mut early = inference_client(&s.agent.addr).await;
-    let req = InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 };
+    let req = InferRequest {
+        task: "classify".into(),
+        input: Some(sample(&s.r18.input_shape)),
+        budget_ms: 0,
+        ..Default::default()
+    };
     assert_eq!(code(early.infer(req).await), Some(Code::Unavailable));
     let mut plan = plan_for(5, &s.agent.node, "classify", 2000, &[(&s.r18, 1000, 1)]);
     agent.apply_plan(ApplyPlanRequest { plan: Some(plan.clone()), ..Default::default() }).await.unwrap();
     wait_ready(&s.agent.control_addr, 1).await;
     let mut infer = inference_client(&s.agent.addr).await;
     let shape = s.r18.input_shape.clone();
-    let call = |task: &str, input: Option<Tensor>| InferRequest { task: task.into(), input, budget_ms: 0 };
+    let call = |task: &str, input: Option<Tensor>| InferRequest {
+        task: task.into(),
+        input,
+        budget_ms: 0,
+        ..Default::default()
+    };
 
     assert_eq!(code(infer.infer(call("nope", Some(sample(&shape)))).await), Some(Code::NotFound));
     assert_eq!(code(infer.infer(call("classify", Some(sample(&[3, 32, 32])))).await), Some(Code::InvalidArgument));
@@ -153,7 +168,12 @@ async fn a_request_whose_budget_cannot_be_met_gets_deadline_exceeded() {
     let mut infer = inference_client(&s.agent.addr).await;
     // 1 ms cannot cover a resnet50 batch on one core.
     let r = infer
-        .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r50.input_shape)), budget_ms: 1 })
+        .infer(InferRequest {
+            task: "classify".into(),
+            input: Some(sample(&s.r50.input_shape)),
+            budget_ms: 1,
+            ..Default::default()
+        })
         .await;
     assert_eq!(r.err().map(|s| s.code()), Some(Code::DeadlineExceeded));
 }
@@ -181,7 +201,12 @@ async fn a_killed_worker_is_restarted_and_the_agent_removes_its_cgroups_on_exit(
     assert!(!new_pid.contains(&pid), "a new process in the same cgroup");
     let mut infer = inference_client(&s.agent.addr).await;
     let r = infer
-        .infer(InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 0 })
+        .infer(InferRequest {
+            task: "classify".into(),
+            input: Some(sample(&s.r18.input_shape)),
+            budget_ms: 0,
+            ..Default::default()
+        })
         .await;
     assert!(r.is_ok(), "serving again after the restart: {r:?}");
 
@@ -264,6 +289,11 @@ async fn workers_run_as_the_unprivileged_user_they_are_given() {
     let groups: Option<Vec<&str>> = ids("Groups:");
     assert_eq!(groups, Some(vec![]), "no supplementary groups are kept");
     let mut infer = inference_client(&agent.addr).await;
-    let r = infer.infer(InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 });
+    let r = infer.infer(InferRequest {
+        task: "classify".into(),
+        input: Some(sample(&r18.input_shape)),
+        budget_ms: 0,
+        ..Default::default()
+    });
     assert!(r.await.is_ok(), "the unprivileged worker serves");
 }

@@ -51,7 +51,12 @@ async fn closed(conns: &mut [TcpStream], within: Duration) -> usize {
 }
 
 fn token_request(input: tidal_proto::v1::Tensor) -> tonic::Request<InferRequest> {
-    let mut r = tonic::Request::new(InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 });
+    let mut r = tonic::Request::new(InferRequest {
+        task: "classify".into(),
+        input: Some(input),
+        budget_ms: 0,
+        ..Default::default()
+    });
     tidal_auth::Token::new(TOKEN).unwrap().attach(r.metadata_mut());
     r
 }
@@ -160,7 +165,12 @@ async fn silent_connections_floods_and_unauthenticated_uploads_leave_legitimate_
         let mut client = inference_client(&agent.addr).await;
         let input = big.clone();
         uploads.push(tokio::spawn(async move {
-            let r = tonic::Request::new(InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 });
+            let r = tonic::Request::new(InferRequest {
+                task: "classify".into(),
+                input: Some(input),
+                budget_ms: 0,
+                ..Default::default()
+            });
             client.infer(r).await.map(|_| ()).map_err(|s| s.code())
         }));
     }
@@ -198,7 +208,11 @@ async fn requests_in_flight_hold_at_most_the_memory_admitted_to_them() {
     let one = || {
         let mut infer = infer.clone();
         let input = sample(&r18.input_shape);
-        async move { infer.infer(InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 }).await }
+        async move {
+            infer
+                .infer(InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0, ..Default::default() })
+                .await
+        }
     };
     one().await.expect("one request alone is served");
     let mut tasks = tokio::task::JoinSet::new();

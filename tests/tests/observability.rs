@@ -102,7 +102,12 @@ async fn metrics_health_and_logs_follow_the_conventions_operators_expect() {
     wait_ready(&agent.control_addr, 1).await;
     let mut client = inference_client(&agent.addr).await;
     for _ in 0..5 {
-        let req = InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), budget_ms: 10_000 };
+        let req = InferRequest {
+            task: "classify".into(),
+            input: Some(sample(&s.r18.input_shape)),
+            budget_ms: 10_000,
+            ..Default::default()
+        };
         client.infer(req).await.expect("served");
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;

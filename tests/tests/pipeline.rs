@@ -55,7 +55,7 @@ async fn apply(agents: &[&Agent], plan: &Plan) {
 }
 
 async fn infer(addr: &str, shape: &[i64], budget_ms: u32) -> Result<InferResponse, tonic::Status> {
-    let req = InferRequest { task: "video".into(), input: Some(sample(shape)), budget_ms };
+    let req = InferRequest { task: "video".into(), input: Some(sample(shape)), budget_ms, ..Default::default() };
     inference_client(addr).await.infer(req).await.map(|r| r.into_inner())
 }
 

@@ -78,7 +78,12 @@ impl Cluster {
         for i in 0..n {
             tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
             let mut client = client.clone();
-            let req = InferRequest { task: "classify".into(), input: Some(sample(&self.r18.input_shape)), budget_ms };
+            let req = InferRequest {
+                task: "classify".into(),
+                input: Some(sample(&self.r18.input_shape)),
+                budget_ms,
+                ..Default::default()
+            };
             tasks.push(tokio::spawn(async move { client.infer(req).await.is_ok() }));
         }
         let mut ok = 0;

@@ -20,7 +20,12 @@ async fn throughput(addr: &str, shape: &[i64], concurrency: usize, secs: f64) ->
         let input = sample(shape);
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
-                let req = InferRequest { task: "classify".into(), input: Some(input.clone()), budget_ms: 10_000 };
+                let req = InferRequest {
+                    task: "classify".into(),
+                    input: Some(input.clone()),
+                    budget_ms: 10_000,
+                    ..Default::default()
+                };
                 if client.infer(req).await.is_ok() {
                     done.fetch_add(1, Ordering::Relaxed);
                 }

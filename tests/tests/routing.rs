@@ -14,7 +14,7 @@ async fn served_by(addr: &str, shape: &[i64], n: usize) -> BTreeMap<String, usiz
     let mut client = inference_client(addr).await;
     let mut by_node = BTreeMap::new();
     for _ in 0..n {
-        let req = InferRequest { task: "t".into(), input: Some(sample(shape)), budget_ms: 0 };
+        let req = InferRequest { task: "t".into(), input: Some(sample(shape)), budget_ms: 0, ..Default::default() };
         let resp = client.infer(req).await.expect("the request is served").into_inner();
         assert_eq!(resp.output.expect("an output").shape, vec![1, 1000]);
         *by_node.entry(resp.node).or_default() += 1;

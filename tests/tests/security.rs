@@ -147,7 +147,12 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     })
     .await;
     let mut infer = InferenceClient::new(anonymous(&ca, &agent.addr).await.expect("inference takes anonymous TLS"));
-    let request = InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 };
+    let request = InferRequest {
+        task: "classify".into(),
+        input: Some(sample(&r18.input_shape)),
+        budget_ms: 0,
+        ..Default::default()
+    };
     infer.infer(request.clone()).await.expect("an anonymous client is served");
     let before = observe(&mut ctl, &mut agent_ctl).await;
     assert_eq!(before.leader, 1);
@@ -387,6 +392,7 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
             task: "classify".into(),
             input: Some(sample(&r18.input_shape)),
             budget_ms: 0,
+            ..Default::default()
         });
         if let Some(t) = token {
             tidal_auth::Token::new(t).unwrap().attach(r.metadata_mut());
@@ -477,7 +483,12 @@ async fn a_stage_is_forwarded_only_to_the_agent_the_plan_names() {
     })
     .await;
     let mut infer = InferenceClient::new(channel_as(&certs, &client, &agent_a.addr).await);
-    let request = || InferRequest { task: "classify".into(), input: Some(sample(&r18.input_shape)), budget_ms: 0 };
+    let request = || InferRequest {
+        task: "classify".into(),
+        input: Some(sample(&r18.input_shape)),
+        budget_ms: 0,
+        ..Default::default()
+    };
     let served = infer.infer(request()).await.expect("forwarded to node-b");
     assert_eq!(served.into_inner().node, "node-b");
 

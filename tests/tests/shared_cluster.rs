@@ -47,7 +47,7 @@ async fn drive(addr: String, task: &'static str, shape: Vec<i64>, rate: f64, sec
         tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
         let (mut client, ok, input) = (client.clone(), ok.clone(), sample(&shape));
         sent.push(tokio::spawn(async move {
-            let req = InferRequest { task: task.into(), input: Some(input), budget_ms: 0 };
+            let req = InferRequest { task: task.into(), input: Some(input), budget_ms: 0, ..Default::default() };
             if client.infer(req).await.is_ok() {
                 ok.fetch_add(1, Ordering::Relaxed);
             }

@@ -66,7 +66,7 @@ async fn tidal_output(addr: &str, shape: &[i64], values: &[f32]) -> Vec<f32> {
     let mut full = vec![1];
     full.extend_from_slice(shape);
     let input = tidal_common::tensor::f32_tensor(full, values);
-    let request = InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0 };
+    let request = InferRequest { task: "classify".into(), input: Some(input), budget_ms: 0, ..Default::default() };
     let r = inference_client(addr).await.infer(request).await.unwrap().into_inner();
     self::values(&r.output.unwrap().data)
 }

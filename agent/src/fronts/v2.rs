@@ -2,16 +2,20 @@
 //! [`super::v2_rest`]), with Triton's ModelConfig and ModelStatistics, so that Triton's and
 //! KServe's clients and tools call an agent as they are.
 //!
-//! A Tidal task is a model (a pipeline included), version "1", with one float32 input named
-//! `input` and one output named `output`. Which variant serves stays Tidal's choice; it is
-//! reported in the response's parameters (`tidal_*`). A request may carry its latency budget
-//! as the parameter `budget_ms`. A request may hold up to [`MAX_CLIENT_BATCH`] samples; each
-//! is queued, batched and deadline-ordered like a request of its own.
+//! A Tidal task is a model (a pipeline included), version "1", whose inputs are its first
+//! stage's and whose outputs its last stage's, by the names, types and shapes the model files
+//! declare (a task registered without a signature: one FP32 input `input`, one output
+//! `output`). Which variant serves stays Tidal's choice; it is reported in the response's
+//! parameters (`tidal_*`). A request may carry its latency budget as the parameter
+//! `budget_ms`. A request to a model that takes batches may hold up to [`MAX_CLIENT_BATCH`]
+//! samples; each is queued, batched and deadline-ordered like a request of its own.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use tidal_common::task::{input_shape, MAX_SLO_MS};
+use tidal_common::onnx_signature::ElementType;
+use tidal_common::task::MAX_SLO_MS;
+use tidal_common::tensor::{Declared, NamedTensor, StageIo};
 use tidal_proto::inference::infer_parameter::ParameterChoice;
 use tidal_proto::inference::model_infer_response::InferOutputTensor;
 use tidal_proto::inference::model_metadata_response::TensorMetadata;
@@ -19,16 +23,12 @@ use tidal_proto::inference::{
     DataType as ConfigType, InferParameter, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse,
     ModelInput, ModelMetadataResponse, ModelOutput, ModelStatistics, ModelTransactionPolicy, ServerMetadataResponse,
 };
-use tidal_proto::v1::{DataType, InferRequest, InferResponse, TaskSpec, Tensor};
+use tidal_proto::v1::{InferRequest, InferResponse, TaskSpec};
 use tonic::Status;
 
 use crate::error::ServeError;
-use crate::fronts::InferencePort;
-use crate::worker_protocol::to_bytes;
+use crate::fronts::{v2_tensor, InferencePort};
 
-/// The name of every task's input and output tensor.
-pub const INPUT_NAME: &str = "input";
-pub const OUTPUT_NAME: &str = "output";
 /// Most samples one request may carry (Triton's `max_batch_size`).
 pub const MAX_CLIENT_BATCH: usize = 64;
 /// The request parameter that carries a request's latency budget, in ms.
@@ -43,58 +43,96 @@ fn invalid(msg: impl Into<String>) -> ServeError {
     ServeError::InvalidInput(msg.into())
 }
 
+/// What a task takes (its first stage) and gives (its last).
+pub fn io(task: &TaskSpec) -> Result<(StageIo, StageIo), ServeError> {
+    let of = |s: Option<&tidal_proto::v1::StageSpec>| {
+        let s = s.ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
+        StageIo::of(s).map_err(|why| ServeError::Model(format!("stage {}: {why}", s.name)))
+    };
+    Ok((of(task.stages.first())?, of(task.stages.last())?))
+}
+
 /// Checks a V2 request against `task` and splits it into one Tidal request per sample, all
-/// with the request's one budget.
+/// with the request's one budget and the outputs it asks for.
 pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferRequest>, ServeError> {
     check_version(&req.model_name, &req.model_version)?;
     let budget_ms = budget(&req.parameters)?;
-    if let Some(o) = req.outputs.iter().find(|o| o.name != OUTPUT_NAME) {
-        return Err(invalid(format!("task {} has one output, {OUTPUT_NAME:?}; {:?} was asked for", task.name, o.name)));
+    let (first, last) = io(task)?;
+    let outputs: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
+    last.check_outputs(&outputs).map_err(|e| invalid(e.to_string()))?;
+    if req.inputs.is_empty() {
+        return Err(invalid(format!("task {} takes inputs; the request has none", task.name)));
     }
-    let [input] = <[_; 1]>::try_from(std::mem::take(&mut req.inputs)).map_err(|inputs: Vec<_>| {
-        invalid(format!("task {} takes one input, {INPUT_NAME:?}; the request has {}", task.name, inputs.len()))
-    })?;
-    if input.name != INPUT_NAME {
-        return Err(invalid(format!("task {} takes one input, {INPUT_NAME:?}, not {:?}", task.name, input.name)));
-    }
-    if input.datatype != "FP32" {
-        return Err(invalid(format!("input {INPUT_NAME:?} is FP32, not {:?}", input.datatype)));
-    }
-    let sample = input_shape(task);
-    let n = if input.shape == sample {
-        1
-    } else if input.shape.len() == sample.len() + 1 && input.shape[1..] == *sample {
-        usize::try_from(input.shape[0])
-            .ok()
-            .filter(|n| (1..=MAX_CLIENT_BATCH).contains(n))
-            .ok_or_else(|| invalid(format!("a request holds 1–{MAX_CLIENT_BATCH} samples, not {}", input.shape[0])))?
-    } else {
+    let raw = std::mem::take(&mut req.raw_input_contents);
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(invalid(format!(
-            "input shape {:?} is not [batch, {}] (task {} takes {sample:?})",
-            input.shape,
-            sample.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
-            task.name
-        )));
-    };
-    let data = match (req.raw_input_contents.len(), input.contents) {
-        (0, Some(c)) => to_bytes(&c.fp32_contents),
-        (0, None) => return Err(invalid("the input has no data (neither contents nor raw_input_contents)")),
-        (1, None) => req.raw_input_contents.pop().unwrap_or_default(),
-        (1, Some(_)) => return Err(invalid("the input has both contents and raw_input_contents")),
-        (k, _) => return Err(invalid(format!("{k} raw_input_contents for one input"))),
-    };
-    let per_sample = sample.iter().product::<i64>() as usize * 4;
-    if data.len() != n * per_sample {
-        return Err(invalid(format!(
-            "{} bytes of input data do not make {n} FP32 samples of {sample:?} ({} bytes)",
-            data.len(),
-            n * per_sample
+            "{} raw_input_contents for {} inputs (raw contents are given for every input or none)",
+            raw.len(),
+            req.inputs.len()
         )));
     }
-    let tensor = |data: Vec<u8>| Tensor { dtype: DataType::Float32 as i32, shape: sample.to_vec(), data };
-    let tensors: Vec<Tensor> =
-        if n == 1 { vec![tensor(data)] } else { data.chunks_exact(per_sample).map(|c| tensor(c.to_vec())).collect() };
-    Ok(tensors.into_iter().map(|t| InferRequest { task: task.name.clone(), input: Some(t), budget_ms }).collect())
+    let mut raw = raw.into_iter();
+    // Each input whole, then cut into samples along the batch dimension.
+    let mut whole = Vec::with_capacity(req.inputs.len());
+    let mut n: Option<usize> = None;
+    for input in req.inputs {
+        let element = v2_tensor::element(&input.name, &input.datatype).map_err(invalid)?;
+        let data = match (raw.next(), &input.contents) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!("input {:?} has both contents and raw_input_contents", input.name)))
+            }
+            (Some(data), None) => data,
+            (None, Some(c)) => {
+                v2_tensor::contents_bytes(element, c).map_err(|e| invalid(format!("input {:?}: {e}", input.name)))?
+            }
+            (None, None) => {
+                return Err(invalid(format!(
+                    "input {:?} has no data (neither contents nor raw_input_contents)",
+                    input.name
+                )))
+            }
+        };
+        let t = NamedTensor { name: input.name, element, shape: input.shape, data };
+        t.check_length().map_err(|e| invalid(format!("input {:?}: {e}", t.name)))?;
+        // A batched model's input leads with the request's batch (one sample may leave it out).
+        let declared = first.inputs.iter().find(|d| d.name == t.name);
+        let samples = match declared {
+            Some(d) if first.batched && t.shape.len() == d.shape.len() => usize::try_from(t.shape[0]).unwrap_or(0),
+            _ => 1,
+        };
+        if !(1..=MAX_CLIENT_BATCH).contains(&samples) {
+            return Err(invalid(format!("a request holds 1–{MAX_CLIENT_BATCH} samples, not {}", t.shape[0])));
+        }
+        if n.is_some_and(|n| n != samples) {
+            return Err(invalid(format!("input {:?} holds {samples} samples; the others {}", t.name, n.unwrap_or(0))));
+        }
+        n = Some(samples);
+        whole.push(t);
+    }
+    let n = n.unwrap_or(1);
+    let mut per_sample: Vec<Vec<NamedTensor>> = (0..n).map(|_| Vec::with_capacity(whole.len())).collect();
+    for t in whole {
+        if n == 1 {
+            per_sample[0].push(t);
+            continue;
+        }
+        let shape = t.shape[1..].to_vec();
+        let part = t.data.len() / n;
+        for (i, sample) in per_sample.iter_mut().enumerate() {
+            let data = t.data[i * part..(i + 1) * part].to_vec();
+            sample.push(NamedTensor { name: t.name.clone(), element: t.element, shape: shape.clone(), data });
+        }
+    }
+    Ok(per_sample
+        .into_iter()
+        .map(|tensors| InferRequest {
+            task: task.name.clone(),
+            inputs: tensors.into_iter().map(NamedTensor::into_proto).collect(),
+            outputs: outputs.clone(),
+            budget_ms,
+            ..Default::default()
+        })
+        .collect())
 }
 
 fn check_version(model: &str, version: &str) -> Result<(), ServeError> {
@@ -120,41 +158,67 @@ fn budget(parameters: &HashMap<String, InferParameter>) -> Result<u32, ServeErro
     Ok(ms.round() as u32)
 }
 
-/// The V2 response for the samples' answers, in order: one output tensor, samples stacked
-/// along a first dimension of `n`, and how they were served in `tidal_*` parameters.
+/// The V2 response for the samples' answers, in order: each output with the samples stacked
+/// along its first dimension (a model's batch dimension), and how they were served in
+/// `tidal_*` parameters.
 pub fn response(req_id: String, task: &str, answers: Vec<InferResponse>) -> Result<ModelInferResponse, ServeError> {
-    let first = answers.first().ok_or_else(|| ServeError::Model("no answer".into()))?;
-    let out = first.output.clone().unwrap_or_default();
-    let shape = if answers.len() == 1 {
-        out.shape.clone()
-    } else {
-        if answers.iter().any(|a| a.output.as_ref().map(|o| &o.shape) != Some(&out.shape)) {
-            return Err(ServeError::Model(
-                "the samples' outputs differ in shape (a pipeline with crops); send one sample per request".into(),
-            ));
-        }
-        let per = if out.shape.first() == Some(&1) && out.shape.len() > 1 { &out.shape[1..] } else { &out.shape[..] };
-        std::iter::once(answers.len() as i64).chain(per.iter().copied()).collect()
-    };
     let parameters = served_parameters(&answers);
-    let raw: Vec<u8> = if answers.len() == 1 {
-        out.data
-    } else {
-        answers.into_iter().flat_map(|a| a.output.map(|o| o.data).unwrap_or_default()).collect()
-    };
+    let n = answers.len();
+    let mut per_sample = answers.into_iter().map(|a| a.outputs.into_iter().map(NamedTensor::from_proto));
+    let first: Vec<NamedTensor> = per_sample
+        .next()
+        .ok_or_else(|| ServeError::Model("no answer".into()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServeError::Model(e.to_string()))?;
+    let mut outputs = Vec::with_capacity(first.len());
+    let mut raw: Vec<Vec<u8>> = Vec::with_capacity(first.len());
+    for t in &first {
+        let mut shape = t.shape.clone();
+        if n > 1 {
+            // Each sample's output leads with its batch dimension of 1.
+            match shape.first_mut() {
+                Some(d) if *d == 1 => *d = n as i64,
+                _ => {
+                    return Err(ServeError::Model(format!(
+                        "output {:?} of shape {shape:?} has no batch dimension",
+                        t.name
+                    )))
+                }
+            }
+        }
+        outputs.push(InferOutputTensor {
+            name: t.name.clone(),
+            datatype: t.element.v2_name().into(),
+            shape,
+            parameters: HashMap::new(),
+            contents: None,
+        });
+        raw.push(Vec::with_capacity(t.data.len() * n));
+    }
+    for (i, t) in first.into_iter().enumerate() {
+        raw[i].extend_from_slice(&t.data);
+    }
+    for sample in per_sample {
+        let sample: Vec<NamedTensor> =
+            sample.collect::<Result<_, _>>().map_err(|e| ServeError::Model(e.to_string()))?;
+        for (i, t) in sample.into_iter().enumerate() {
+            let same = outputs.get(i).is_some_and(|o| o.name == t.name && o.shape[1..] == t.shape[1..]);
+            if !same {
+                return Err(ServeError::Model(format!(
+                    "the samples' outputs {:?} differ in shape (a dynamic output); send one sample per request",
+                    t.name
+                )));
+            }
+            raw[i].extend_from_slice(&t.data);
+        }
+    }
     Ok(ModelInferResponse {
         model_name: task.to_string(),
         model_version: VERSION.into(),
         id: req_id,
         parameters,
-        outputs: vec![InferOutputTensor {
-            name: OUTPUT_NAME.into(),
-            datatype: "FP32".into(),
-            shape,
-            parameters: HashMap::new(),
-            contents: None,
-        }],
-        raw_output_contents: vec![raw],
+        outputs,
+        raw_output_contents: raw,
     })
 }
 
@@ -180,40 +244,81 @@ fn served_parameters(answers: &[InferResponse]) -> HashMap<String, InferParamete
     ])
 }
 
-/// The task's description for ModelMetadata.
-pub fn metadata(task: &TaskSpec) -> ModelMetadataResponse {
-    let sample = input_shape(task);
-    ModelMetadataResponse {
+/// The task's description for ModelMetadata: its inputs and outputs as declared, -1 for a
+/// dynamic dimension (the batch dimension included).
+pub fn metadata(task: &TaskSpec) -> Result<ModelMetadataResponse, ServeError> {
+    let (first, last) = io(task)?;
+    let tensors = |ts: &[Declared]| -> Vec<TensorMetadata> {
+        ts.iter()
+            .map(|t| TensorMetadata {
+                name: t.name.clone(),
+                datatype: t.element.v2_name().into(),
+                shape: t.shape.clone(),
+            })
+            .collect()
+    };
+    Ok(ModelMetadataResponse {
         name: task.name.clone(),
         versions: vec![VERSION.into()],
         platform: "tidal".into(),
-        inputs: vec![TensorMetadata {
-            name: INPUT_NAME.into(),
-            datatype: "FP32".into(),
-            shape: std::iter::once(-1).chain(sample.iter().copied()).collect(),
-        }],
-        // The output's size depends on the variant (and on crops in a pipeline).
-        outputs: vec![TensorMetadata { name: OUTPUT_NAME.into(), datatype: "FP32".into(), shape: vec![-1, -1] }],
+        inputs: tensors(&first.inputs),
+        outputs: tensors(&last.outputs),
+    })
+}
+
+/// Triton's name of an element type in a model configuration.
+pub fn config_type(element: ElementType) -> ConfigType {
+    match element {
+        ElementType::Bool => ConfigType::TypeBool,
+        ElementType::Uint8 => ConfigType::TypeUint8,
+        ElementType::Uint16 => ConfigType::TypeUint16,
+        ElementType::Uint32 => ConfigType::TypeUint32,
+        ElementType::Uint64 => ConfigType::TypeUint64,
+        ElementType::Int8 => ConfigType::TypeInt8,
+        ElementType::Int16 => ConfigType::TypeInt16,
+        ElementType::Int32 => ConfigType::TypeInt32,
+        ElementType::Int64 => ConfigType::TypeInt64,
+        ElementType::Fp16 => ConfigType::TypeFp16,
+        ElementType::Fp32 => ConfigType::TypeFp32,
+        ElementType::Fp64 => ConfigType::TypeFp64,
+        ElementType::Bytes => ConfigType::TypeString,
+        ElementType::Bf16 => ConfigType::TypeBf16,
     }
 }
 
-/// The task as a Triton model configuration: batches of up to [`MAX_CLIENT_BATCH`] from a
-/// client, dynamic batching on the server.
-pub fn config(task: &TaskSpec) -> ModelConfig {
-    ModelConfig {
+/// The task as a Triton model configuration: a model that takes batches takes up to
+/// [`MAX_CLIENT_BATCH`] samples from a client (its dims then leave the batch dimension out,
+/// as Triton's do), one that does not takes one (`max_batch_size` 0); dynamic batching on the
+/// server.
+pub fn config(task: &TaskSpec) -> Result<ModelConfig, ServeError> {
+    let (first, last) = io(task)?;
+    let dims = |io: &StageIo, t: &Declared| io.sample_shape(t).to_vec();
+    Ok(ModelConfig {
         name: task.name.clone(),
         platform: "tidal".into(),
         backend: "tidal".into(),
-        max_batch_size: MAX_CLIENT_BATCH as i32,
-        input: vec![ModelInput {
-            name: INPUT_NAME.into(),
-            data_type: ConfigType::TypeFp32 as i32,
-            dims: input_shape(task).to_vec(),
-        }],
-        output: vec![ModelOutput { name: OUTPUT_NAME.into(), data_type: ConfigType::TypeFp32 as i32, dims: vec![-1] }],
+        max_batch_size: if first.batched { MAX_CLIENT_BATCH as i32 } else { 0 },
+        input: first
+            .inputs
+            .iter()
+            .map(|t| ModelInput {
+                name: t.name.clone(),
+                data_type: config_type(t.element) as i32,
+                dims: dims(&first, t),
+            })
+            .collect(),
+        output: last
+            .outputs
+            .iter()
+            .map(|t| ModelOutput {
+                name: t.name.clone(),
+                data_type: config_type(t.element) as i32,
+                dims: dims(&last, t),
+            })
+            .collect(),
         dynamic_batching: Some(ModelDynamicBatching::default()),
         model_transaction_policy: Some(ModelTransactionPolicy { decoupled: false }),
-    }
+    })
 }
 
 /// The task a V2 request names (NOT_FOUND for another version or an unknown task).

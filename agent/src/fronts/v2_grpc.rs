@@ -47,7 +47,7 @@ impl GrpcInferenceService for V2Grpc {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         self.0.admit(&request)?;
         let req = request.into_inner();
-        Ok(Response::new(v2::metadata(&v2::task(&self.0, &req.name, &req.version)?)))
+        Ok(Response::new(v2::metadata(&v2::task(&self.0, &req.name, &req.version)?)?))
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
@@ -63,7 +63,7 @@ impl GrpcInferenceService for V2Grpc {
         self.0.admit(&request)?;
         let req = request.into_inner();
         Ok(Response::new(ModelConfigResponse {
-            config: Some(v2::config(&v2::task(&self.0, &req.name, &req.version)?)),
+            config: Some(v2::config(&v2::task(&self.0, &req.name, &req.version)?)?),
         }))
     }
 

@@ -27,19 +27,19 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tidal_common::onnx_signature::ElementType;
 use tidal_proto::inference::infer_parameter::ParameterChoice;
 use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use tidal_proto::inference::model_metadata_response::TensorMetadata;
 use tidal_proto::inference::{
-    DataType as ConfigType, InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
-    ModelStatistics, StatisticDuration,
+    DataType as ConfigType, InferParameter, ModelInferRequest, ModelInferResponse, ModelStatistics, StatisticDuration,
 };
 use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
 
 use crate::fronts::v2::{self, config, metadata};
+use crate::fronts::v2_tensor;
 use crate::fronts::InferencePort;
-use crate::worker_protocol::from_bytes;
 
 /// The header that says how many bytes of a body are JSON; the rest is binary tensor data.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -163,7 +163,7 @@ async fn model_metadata(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    let m = metadata(&admitted_task(&port, &headers, &p)?);
+    let m = metadata(&admitted_task(&port, &headers, &p)?).map_err(Status::from)?;
     let tensors = |t: &[TensorMetadata]| -> Vec<Value> {
         t.iter().map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })).collect()
     };
@@ -181,7 +181,7 @@ async fn model_config(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    let c = config(&admitted_task(&port, &headers, &p)?);
+    let c = config(&admitted_task(&port, &headers, &p)?).map_err(Status::from)?;
     let tensor = |name: &str, data_type: i32, dims: &[i64]| {
         let data_type = ConfigType::try_from(data_type).unwrap_or(ConfigType::TypeInvalid);
         json!({ "name": name, "data_type": data_type.as_str_name(), "dims": dims })
@@ -298,10 +298,12 @@ fn infer_request(
         serde_json::from_slice(head).map_err(|e| invalid(format!("the request is not V2 inference JSON: {e}")))?;
     let binary_output =
         flag(&b.parameters, "binary_data_output") || b.outputs.iter().any(|o| flag(&o.parameters, "binary_data"));
-    let mut raw_input_contents = Vec::new();
+    // Every input's data as raw bytes (JSON values converted by the input's datatype), so that
+    // inputs in JSON and in binary may be mixed, as Triton's clients do.
+    let mut raw_input_contents = Vec::with_capacity(b.inputs.len());
     let mut inputs = Vec::with_capacity(b.inputs.len());
     for input in b.inputs {
-        let contents = match (input.parameters.get("binary_data_size"), &input.data) {
+        let data = match (input.parameters.get("binary_data_size"), &input.data) {
             (Some(size), None) => {
                 let size = size
                     .as_u64()
@@ -315,22 +317,25 @@ fn infer_request(
                     )));
                 }
                 let (data, rest) = binary.split_at(size);
-                raw_input_contents.push(data.to_vec());
                 binary = rest;
-                None
+                data.to_vec()
             }
-            (None, Some(data)) => Some(InferTensorContents { fp32_contents: fp32_values(data)?, ..Default::default() }),
+            (None, Some(data)) => {
+                let element = v2_tensor::element(&input.name, &input.datatype).map_err(invalid)?;
+                v2_tensor::json_bytes(element, data).map_err(|e| invalid(format!("input {:?}: {e}", input.name)))?
+            }
             (Some(_), Some(_)) => {
                 return Err(invalid(format!("input {:?} has both data and binary_data_size", input.name)))
             }
             (None, None) => return Err(invalid(format!("input {:?} has no data", input.name))),
         };
+        raw_input_contents.push(data);
         inputs.push(InferInputTensor {
             name: input.name,
             datatype: input.datatype,
             shape: input.shape,
             parameters: HashMap::new(),
-            contents,
+            contents: None,
         });
     }
     if !binary.is_empty() {
@@ -365,24 +370,6 @@ fn split_body<'a>(headers: &HeaderMap, body: &'a [u8]) -> std::result::Result<(&
 
 fn flag(parameters: &Map<String, Value>, name: &str) -> bool {
     parameters.get(name).and_then(Value::as_bool).unwrap_or(false)
-}
-
-/// The elements of a JSON tensor, flat or nested, row-major (their count is checked later
-/// against the shape).
-fn fp32_values(data: &Value) -> std::result::Result<Vec<f32>, Status> {
-    fn walk(v: &Value, out: &mut Vec<f32>) -> bool {
-        match v {
-            Value::Number(n) => n.as_f64().map(|x| out.push(x as f32)).is_some(),
-            Value::Array(items) => items.iter().all(|item| walk(item, out)),
-            _ => false,
-        }
-    }
-    let mut out = Vec::new();
-    if walk(data, &mut out) {
-        Ok(out)
-    } else {
-        Err(invalid("an input's data is numbers, in a flat or nested array"))
-    }
 }
 
 fn parameters(json: &Map<String, Value>) -> std::result::Result<HashMap<String, InferParameter>, Status> {
@@ -430,7 +417,10 @@ fn infer_response(r: ModelInferResponse, binary: bool) -> Response {
                 out["parameters"] = json!({ "binary_data_size": data.len() });
                 tail.extend_from_slice(&data);
             } else {
-                out["data"] = json!(from_bytes(&data));
+                out["data"] = match ElementType::from_v2_name(&o.datatype) {
+                    Some(element) => v2_tensor::bytes_json(element, &data),
+                    None => Value::Null,
+                };
             }
             out
         })
@@ -484,8 +474,9 @@ mod tests {
         let (r, binary) = infer_request(&headers(None), body, path()).unwrap();
         assert!(binary);
         assert_eq!((r.model_name.as_str(), r.id.as_str()), ("classify", "7"));
-        assert_eq!(r.inputs[0].contents.as_ref().unwrap().fp32_contents, [1.0, 2.0, 3.5, 4.0]);
-        assert!(r.raw_input_contents.is_empty());
+        let want: Vec<u8> = [1.0f32, 2.0, 3.5, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(r.raw_input_contents, vec![want]);
+        assert!(r.inputs[0].contents.is_none());
         assert_eq!(r.parameters["budget_ms"].parameter_choice, Some(ParameterChoice::Int64Param(250)));
         assert_eq!(r.parameters["tag"].parameter_choice, Some(ParameterChoice::StringParam("a".into())));
     }

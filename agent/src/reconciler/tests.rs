@@ -19,7 +19,8 @@ use crate::cgroup::{CgroupDriverChoice, CpuCgroups};
 use crate::error::ServeError;
 use crate::router::Target;
 use crate::worker::{ModelProcess, WorkerError};
-use crate::worker_protocol::BatchResult;
+use crate::worker_protocol::{BatchResult, FrameTensor};
+use tidal_common::tensor::NamedTensor;
 
 const NODE: &str = "n1";
 const TASK: &str = "t";
@@ -139,8 +140,9 @@ struct FakeProcess {
 }
 
 impl ModelProcess for FakeProcess {
-    fn run(&mut self, shape: Vec<i64>, data: Vec<u8>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
-        async move { Ok(BatchResult { id: 0, shape, data, error: String::new(), run_us: 1 }) }.boxed()
+    /// Answers a batch with its inputs.
+    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
+        async move { Ok(BatchResult { id: 0, outputs: inputs, error: String::new(), run_us: 1 }) }.boxed()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
@@ -267,9 +269,11 @@ impl Harness {
         };
         let (reply, served) = oneshot::channel();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        w.queue.push(deadline, vec![1.0, 2.0, 3.0], reply).map_err(|(e, _)| e).unwrap();
+        let input = NamedTensor::f32("input", vec![3], &[1.0, 2.0, 3.0]);
+        w.queue.push(deadline, vec![input], reply).map_err(|(e, _)| e).unwrap();
         let served: Result<_, ServeError> = served.await.unwrap();
-        assert_eq!(served.unwrap().output, vec![1.0, 2.0, 3.0]);
+        let outputs = served.unwrap().outputs;
+        assert_eq!((outputs[0].name.as_str(), outputs[0].f32_values().unwrap()), ("output", vec![1.0, 2.0, 3.0]));
         w.spec.variant.name.clone()
     }
 
