@@ -364,7 +364,10 @@ fn connect(
                         None if named.is_none() && io.inputs.len() == 1 && !given.is_empty() => 0,
                         None => {
                             let names: Vec<&str> = given.iter().map(|t| t.name.as_str()).collect();
-                            return Err(mismatch(format!("no output {from:?} for input {:?} (it gives {names:?})", input.name)));
+                            return Err(mismatch(format!(
+                                "no output {from:?} for input {:?} (it gives {names:?})",
+                                input.name
+                            )));
                         }
                     };
                     let mut t = given[at].clone();

@@ -172,7 +172,10 @@ fn validate_connect(prev: Option<&StageSpec>, stage: &StageSpec) -> Result<(), S
         return Ok(());
     }
     let Some(prev) = prev else {
-        return Err(format!("stage {}: the first stage takes the request's inputs; it connects to nothing", stage.name));
+        return Err(format!(
+            "stage {}: the first stage takes the request's inputs; it connects to nothing",
+            stage.name
+        ));
     };
     if stage.connector != Connector::Direct as i32 {
         return Err(format!("stage {}: connections are for the direct connector, not crops", stage.name));
@@ -184,7 +187,10 @@ fn validate_connect(prev: Option<&StageSpec>, stage: &StageSpec) -> Result<(), S
     for c in &stage.connect {
         for name in [&c.output, &c.input] {
             if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-                return Err(format!("stage {}: connection name {name:?} must be 1–{MAX_NAME} printable characters", stage.name));
+                return Err(format!(
+                    "stage {}: connection name {name:?} must be 1–{MAX_NAME} printable characters",
+                    stage.name
+                ));
             }
         }
         if !fed.insert(c.input.as_str()) {

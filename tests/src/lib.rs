@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 pub mod group;
 pub mod netns;
+pub mod onnx_models;
 pub mod tls;
 pub mod vm;
 

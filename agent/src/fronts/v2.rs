@@ -123,16 +123,20 @@ pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferR
             sample.push(NamedTensor { name: t.name.clone(), element: t.element, shape: shape.clone(), data });
         }
     }
-    Ok(per_sample
+    // Each sample checked here, so that a malformed request never reaches the request path.
+    per_sample
         .into_iter()
-        .map(|tensors| InferRequest {
-            task: task.name.clone(),
-            inputs: tensors.into_iter().map(NamedTensor::into_proto).collect(),
-            outputs: outputs.clone(),
-            budget_ms,
-            ..Default::default()
+        .map(|tensors| {
+            let tensors = first.sample(tensors).map_err(|e| invalid(e.to_string()))?;
+            Ok(InferRequest {
+                task: task.name.clone(),
+                inputs: tensors.into_iter().map(NamedTensor::into_proto).collect(),
+                outputs: outputs.clone(),
+                budget_ms,
+                ..Default::default()
+            })
         })
-        .collect())
+        .collect()
 }
 
 fn check_version(model: &str, version: &str) -> Result<(), ServeError> {

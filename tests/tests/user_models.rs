@@ -1,0 +1,524 @@
+//! Models a user brings, unlike the generator's — several named inputs and outputs, an INT64
+//! scalar per sample, FP16, dynamic height and width, a model without a batch dimension, a
+//! two-stage pipeline joined by a named connection — served through an agent on Tidal's API,
+//! V2 over gRPC (raw and typed contents) and V2 over REST (JSON and binary), each answer
+//! compared with ONNX Runtime's own in-process answer for the same input (same library, one
+//! intra-op thread, as the agent's workers run here); bad input refused with the reason while
+//! the requests beside it are answered.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::{DynValue, Tensor as OrtTensor};
+use tidal_common::onnx_signature::{ElementType, Signature};
+use tidal_common::tensor::NamedTensor;
+use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tidal_proto::inference::{InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelMetadataRequest};
+use tidal_proto::v1::{
+    ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, StageSpec, TaskSpec, Tensor, VariantSpec,
+};
+use tidal_tests::onnx_models;
+use tidal_tests::*;
+use tonic::Code;
+
+/// The model files, their signatures and the agent.
+struct Served {
+    agent: Agent,
+    models: std::path::PathBuf,
+    _work: tempfile::TempDir,
+}
+
+fn variant(name: &str, input_shape: &[i64]) -> VariantSpec {
+    VariantSpec {
+        name: name.into(),
+        model_file: format!("{name}.onnx"),
+        accuracy: 50.0,
+        input_shape: input_shape.to_vec(),
+    }
+}
+
+fn stage(name: &str, models: &Path, v: VariantSpec) -> StageSpec {
+    let sig = Signature::read(&std::fs::read(models.join(&v.model_file)).unwrap()).unwrap();
+    StageSpec {
+        name: name.into(),
+        variants: vec![v],
+        inputs: sig.inputs.iter().map(|t| t.to_proto()).collect(),
+        outputs: sig.outputs.iter().map(|t| t.to_proto()).collect(),
+        ..Default::default()
+    }
+}
+
+fn assignment(task: &str, stage: &str, v: &VariantSpec, node: &str, batch: u32) -> Assignment {
+    Assignment {
+        task: task.into(),
+        stage: stage.into(),
+        variant: Some(v.clone()),
+        node: node.into(),
+        millicores: 400,
+        max_batch: batch,
+        max_delay_ms: if batch > 1 { 20 } else { 0 },
+        weight: 1.0,
+        replica: 0,
+    }
+}
+
+/// An agent serving three tasks: `detect` (the detector alone), `step` (the recurrent model)
+/// and `chain` (detector, then the head fed `pooled` as its `features`).
+async fn serve() -> Served {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for (name, bytes) in
+        [("detector", onnx_models::detector()), ("head", onnx_models::head()), ("recurrent", onnx_models::recurrent())]
+    {
+        std::fs::write(models.join(format!("{name}.onnx")), bytes).unwrap();
+    }
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &["--worker-threads", "1"] });
+    let (det, head, rec) = (variant("detector", &[3, 8, 8]), variant("head", &[3]), variant("recurrent", &[2, 8]));
+    let mut head_stage = stage("head", &models, head.clone());
+    head_stage.connect = vec![Connection { output: "pooled".into(), input: "features".into() }];
+    let tasks = vec![
+        TaskSpec {
+            name: "detect".into(),
+            slo_ms: 5000,
+            stages: vec![stage("detect", &models, det.clone())],
+            ..Default::default()
+        },
+        TaskSpec {
+            name: "step".into(),
+            slo_ms: 5000,
+            stages: vec![stage("step", &models, rec.clone())],
+            ..Default::default()
+        },
+        TaskSpec {
+            name: "chain".into(),
+            slo_ms: 5000,
+            stages: vec![stage("detect", &models, det.clone()), head_stage],
+            ..Default::default()
+        },
+    ];
+    let node = agent.node.clone();
+    let plan = Plan {
+        epoch: 1,
+        term: 1,
+        tasks,
+        assignments: vec![
+            assignment("detect", "detect", &det, &node, 4),
+            assignment("step", "step", &rec, &node, 4),
+            assignment("chain", "detect", &det, &node, 4),
+            assignment("chain", "head", &head, &node, 4),
+        ],
+        ..Default::default()
+    };
+    let mut control = agent_client(&agent.control_addr).await;
+    control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.expect("the plan is applied");
+    wait_ready(&agent.control_addr, 4).await;
+    Served { agent, models, _work: work }
+}
+
+/// ONNX Runtime in this process, as a user would run the model themselves.
+struct Reference {
+    sessions: HashMap<String, Session>,
+}
+
+impl Reference {
+    fn new(models: &Path) -> Self {
+        let env = ort::init_from(ort_lib()).unwrap().with_name("reference").build().unwrap();
+        let sessions = ["detector", "head", "recurrent"]
+            .into_iter()
+            .map(|name| {
+                let session = Session::builder(&env)
+                    .unwrap()
+                    .with_optimization_level(GraphOptimizationLevel::Level3)
+                    .unwrap()
+                    .with_intra_threads(1)
+                    .unwrap()
+                    .with_inter_threads(1)
+                    .unwrap()
+                    .commit_from_file(models.join(format!("{name}.onnx")))
+                    .unwrap();
+                (name.to_string(), session)
+            })
+            .collect();
+        Self { sessions }
+    }
+
+    /// The model's outputs for `inputs`, in its order.
+    fn run(&mut self, model: &str, inputs: &[NamedTensor]) -> Vec<NamedTensor> {
+        let session = self.sessions.get_mut(model).unwrap();
+        let values: Vec<(String, DynValue)> = inputs
+            .iter()
+            .map(|t| {
+                let shape = t.shape.clone();
+                let v: DynValue = match t.element {
+                    ElementType::Fp32 => OrtTensor::from_array((shape, floats(&t.data))).unwrap().into_dyn(),
+                    ElementType::Int64 => OrtTensor::from_array((shape, int64s(&t.data))).unwrap().into_dyn(),
+                    ElementType::Fp16 => OrtTensor::from_array((shape, halves(&t.data))).unwrap().into_dyn(),
+                    other => panic!("no reference input of {other:?}"),
+                };
+                (t.name.clone(), v)
+            })
+            .collect();
+        let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = session.run(values).unwrap();
+        names
+            .iter()
+            .map(|name| {
+                let v = &outputs[name.as_str()];
+                if let Ok((shape, data)) = v.try_extract_tensor::<f32>() {
+                    NamedTensor::f32(name.clone(), shape.to_vec(), data)
+                } else if let Ok((shape, data)) = v.try_extract_tensor::<i64>() {
+                    let data = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    NamedTensor { name: name.clone(), element: ElementType::Int64, shape: shape.to_vec(), data }
+                } else {
+                    let (shape, data) = v.try_extract_tensor::<half::f16>().unwrap();
+                    let data = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    NamedTensor { name: name.clone(), element: ElementType::Fp16, shape: shape.to_vec(), data }
+                }
+            })
+            .collect()
+    }
+}
+
+fn floats(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn int64s(data: &[u8]) -> Vec<i64> {
+    data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn halves(data: &[u8]) -> Vec<half::f16> {
+    data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()
+}
+
+/// Deterministic values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// One detector request: an image of `h`×`w`, a scale and a bias, with batch dimensions of 1.
+fn detector_inputs(h: i64, w: i64, seed: u64) -> Vec<NamedTensor> {
+    let bias: Vec<u8> = noise(4, seed + 1).iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    vec![
+        NamedTensor::f32("images", vec![1, 3, h, w], &noise((3 * h * w) as usize, seed)),
+        NamedTensor {
+            name: "scale".into(),
+            element: ElementType::Int64,
+            shape: vec![1],
+            data: (seed as i64 % 7 + 1).to_le_bytes().to_vec(),
+        },
+        NamedTensor { name: "bias".into(), element: ElementType::Fp16, shape: vec![1, 4], data: bias },
+    ]
+}
+
+/// Samples stacked along their batch dimension of 1.
+fn stacked(samples: &[Vec<NamedTensor>]) -> Vec<NamedTensor> {
+    (0..samples[0].len())
+        .map(|i| {
+            let mut t = samples[0][i].clone();
+            t.shape[0] = samples.len() as i64;
+            t.data = samples.iter().flat_map(|s| s[i].data.clone()).collect();
+            t
+        })
+        .collect()
+}
+
+/// Equal to the reference: the same names, types and shapes; FP32 within 1e-5 relative (the
+/// batch a request joins may change the last bits), every other type exactly.
+fn assert_same(got: &[NamedTensor], want: &[NamedTensor], what: &str) {
+    let names =
+        |ts: &[NamedTensor]| ts.iter().map(|t| (t.name.clone(), t.element, t.shape.clone())).collect::<Vec<_>>();
+    assert_eq!(names(got), names(want), "{what}: outputs");
+    for (g, w) in got.iter().zip(want) {
+        if g.element == ElementType::Fp32 {
+            let worst = floats(&g.data)
+                .iter()
+                .zip(floats(&w.data))
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-6))
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5, "{what}: {} differs by {worst} (relative)", g.name);
+        } else {
+            assert_eq!(g.data, w.data, "{what}: {}", g.name);
+        }
+    }
+}
+
+fn from_proto(ts: Vec<Tensor>) -> Vec<NamedTensor> {
+    ts.into_iter().map(|t| NamedTensor::from_proto(t).unwrap()).collect()
+}
+
+fn tidal_request(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> InferRequest {
+    InferRequest {
+        task: task.into(),
+        inputs: inputs.iter().cloned().map(NamedTensor::into_proto).collect(),
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn v2_raw(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: task.into(),
+        inputs: inputs
+            .iter()
+            .map(|t| InferInputTensor {
+                name: t.name.clone(),
+                datatype: t.element.v2_name().into(),
+                shape: t.shape.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| InferRequestedOutputTensor { name: o.to_string(), ..Default::default() })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|t| t.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+fn v2_outputs(r: tidal_proto::inference::ModelInferResponse) -> Vec<NamedTensor> {
+    r.outputs
+        .iter()
+        .zip(r.raw_output_contents)
+        .map(|(o, data)| NamedTensor {
+            name: o.name.clone(),
+            element: ElementType::from_v2_name(&o.datatype).unwrap(),
+            shape: o.shape.clone(),
+            data,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_front() {
+    let s = serve().await;
+    let mut reference = Reference::new(&s.models);
+    let mut infer = inference_client(&s.agent.addr).await;
+    let mut v2 = GrpcInferenceServiceClient::new(channel(&s.agent.addr).await);
+
+    // Tidal's API: requests of two image sizes at once, on one worker that batches up to 4:
+    // requests batch only with requests of their own shapes, and each gets its own answer.
+    let requests: Vec<Vec<NamedTensor>> =
+        (0..8).map(|i| if i % 2 == 0 { detector_inputs(4, 6, i) } else { detector_inputs(5, 5, i) }).collect();
+    let calls = requests.iter().map(|inputs| {
+        let mut client = infer.clone();
+        let req = tidal_request("detect", inputs, &[]);
+        async move { client.infer(req).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (i, (inputs, answer)) in requests.iter().zip(answers).enumerate() {
+        let answer = answer.unwrap_or_else(|e| panic!("request {i}: {e}")).into_inner();
+        assert!(answer.output.is_none(), "named inputs are answered with named outputs");
+        assert_same(
+            &from_proto(answer.outputs),
+            &reference.run("detector", inputs),
+            &format!("Tidal API, request {i}"),
+        );
+    }
+    // Only the outputs asked for.
+    let one = infer.infer(tidal_request("detect", &requests[0], &["next"])).await.unwrap().into_inner();
+    let want: Vec<NamedTensor> =
+        reference.run("detector", &requests[0]).into_iter().filter(|t| t.name == "next").collect();
+    assert_same(&from_proto(one.outputs), &want, "Tidal API, the output asked for");
+
+    // A model without a batch dimension: its tensors whole, a scalar among them.
+    let state = NamedTensor::f32("state", vec![2, 8], &noise(16, 99));
+    let step = NamedTensor {
+        name: "step".into(),
+        element: ElementType::Int64,
+        shape: vec![],
+        data: 3i64.to_le_bytes().to_vec(),
+    };
+    let step_inputs = vec![state.clone(), step.clone()];
+    let got = infer.infer(tidal_request("step", &step_inputs, &[])).await.unwrap().into_inner();
+    assert_same(&from_proto(got.outputs), &reference.run("recurrent", &step_inputs), "Tidal API, recurrent step");
+
+    // The pipeline: the head takes the detector's `pooled` as its `features` (the task's
+    // connection) and its `next` by name.
+    let chain = infer.infer(tidal_request("chain", &requests[1], &[])).await.unwrap().into_inner();
+    let first = reference.run("detector", &requests[1]);
+    let mut head_in: Vec<NamedTensor> = first.into_iter().filter(|t| t.name == "pooled" || t.name == "next").collect();
+    head_in[0].name = "features".into();
+    assert_same(&from_proto(chain.outputs), &reference.run("head", &head_in), "the pipeline");
+    assert_eq!(chain.stages.len(), 2);
+
+    // V2 over gRPC: two samples in one request (raw contents), stacked as the model's batch.
+    let pair = stacked(&[detector_inputs(4, 6, 20), detector_inputs(4, 6, 21)]);
+    let got = v2.model_infer(v2_raw("detect", &pair, &[])).await.unwrap().into_inner();
+    assert_same(&v2_outputs(got), &reference.run("detector", &pair), "V2 gRPC, two samples");
+    let got = v2.model_infer(v2_raw("detect", &pair, &["bias2"])).await.unwrap().into_inner();
+    assert_eq!(got.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["bias2"]);
+    // Typed contents: FP32 and INT64 values in their own fields.
+    let typed = ModelInferRequest {
+        model_name: "step".into(),
+        inputs: vec![
+            InferInputTensor {
+                name: "state".into(),
+                datatype: "FP32".into(),
+                shape: vec![2, 8],
+                contents: Some(InferTensorContents { fp32_contents: floats(&state.data), ..Default::default() }),
+                ..Default::default()
+            },
+            InferInputTensor {
+                name: "step".into(),
+                datatype: "INT64".into(),
+                shape: vec![],
+                contents: Some(InferTensorContents { int64_contents: vec![3], ..Default::default() }),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let got = v2.model_infer(typed).await.unwrap().into_inner();
+    assert_same(&v2_outputs(got), &reference.run("recurrent", &step_inputs), "V2 gRPC, typed contents");
+
+    // V2's description of the models, as the files declare them.
+    let meta = v2.model_metadata(ModelMetadataRequest { name: "detect".into(), version: String::new() }).await;
+    let meta = meta.unwrap().into_inner();
+    let described: Vec<(String, String, Vec<i64>)> =
+        meta.inputs.iter().map(|t| (t.name.clone(), t.datatype.clone(), t.shape.clone())).collect();
+    assert_eq!(
+        described,
+        [
+            ("images".to_string(), "FP32".to_string(), vec![-1, 3, -1, -1]),
+            ("scale".into(), "INT64".into(), vec![-1]),
+            ("bias".into(), "FP16".into(), vec![-1, 4]),
+        ]
+    );
+    assert_eq!(meta.outputs.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["pooled", "bias2", "next"]);
+    let config = v2.model_config(ModelConfigRequest { name: "detect".into(), version: String::new() }).await;
+    let config = config.unwrap().into_inner().config.unwrap();
+    assert_eq!((config.max_batch_size, config.input[0].dims.clone()), (64, vec![3, -1, -1]));
+    let config = v2.model_config(ModelConfigRequest { name: "step".into(), version: String::new() }).await;
+    let config = config.unwrap().into_inner().config.unwrap();
+    assert_eq!((config.max_batch_size, config.input[1].dims.clone()), (0, vec![]), "no batch dimension");
+
+    // V2 over REST: JSON for every type (FP16 as numbers), then binary for one input beside
+    // JSON for the others.
+    let json_of = |t: &NamedTensor| -> serde_json::Value {
+        match t.element {
+            ElementType::Fp32 => serde_json::json!(floats(&t.data)),
+            ElementType::Int64 => serde_json::json!(int64s(&t.data)),
+            ElementType::Fp16 => serde_json::json!(halves(&t.data).iter().map(|h| h.to_f32()).collect::<Vec<_>>()),
+            _ => unreachable!(),
+        }
+    };
+    let inputs = &requests[2];
+    let body = serde_json::json!({
+        "inputs": inputs.iter().map(|t| serde_json::json!({
+            "name": t.name, "datatype": t.element.v2_name(), "shape": t.shape, "data": json_of(t)
+        })).collect::<Vec<_>>(),
+    });
+    let (code, _, body) =
+        http_exchange(&s.agent.addr, "POST", "/v2/models/detect/infer", &[], body.to_string().as_bytes()).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let want = reference.run("detector", inputs);
+    for (o, w) in got["outputs"].as_array().unwrap().iter().zip(&want) {
+        assert_eq!((o["name"].as_str(), o["datatype"].as_str()), (Some(w.name.as_str()), Some(w.element.v2_name())));
+        assert_eq!(o["shape"], serde_json::json!(w.shape));
+        let values: Vec<f64> = o["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let expected: Vec<f64> = json_of(w).as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (g, e) in values.iter().zip(&expected) {
+            assert!((g - e).abs() <= 1e-5 * e.abs().max(1e-6), "REST JSON {}: {g} against {e}", w.name);
+        }
+    }
+    let head = serde_json::json!({
+        "inputs": [
+            {"name": "images", "datatype": "FP32", "shape": inputs[0].shape, "data": json_of(&inputs[0])},
+            {"name": "scale", "datatype": "INT64", "shape": inputs[1].shape, "data": json_of(&inputs[1])},
+            {"name": "bias", "datatype": "FP16", "shape": inputs[2].shape, "parameters": {"binary_data_size": inputs[2].data.len()}},
+        ],
+        "outputs": [{"name": "bias2", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&inputs[2].data);
+    let header = head.len().to_string();
+    let (code, headers, body) = http_exchange(
+        &s.agent.addr,
+        "POST",
+        "/v2/models/detect/infer",
+        &[("inference-header-content-length", header.as_str())],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let json_len: usize = headers["inference-header-content-length"].parse().unwrap();
+    let bias2 = want.iter().find(|t| t.name == "bias2").unwrap();
+    assert_eq!(&body[json_len..], &bias2.data[..], "REST binary: bias2 bit for bit");
+
+    // Bad input, refused with the reason, while good requests beside it are answered.
+    let good = requests[0].clone();
+    let mut bad: Vec<(&str, InferRequest)> = Vec::new();
+    let with = |f: &dyn Fn(&mut Vec<NamedTensor>)| {
+        let mut inputs = good.clone();
+        f(&mut inputs);
+        tidal_request("detect", &inputs, &[])
+    };
+    bad.push(("an unknown input", with(&|t| t[0].name = "image".into())));
+    bad.push(("a missing input", with(&|t| drop(t.remove(1)))));
+    bad.push(("a wrong type", with(&|t| t[1].element = ElementType::Fp64)));
+    bad.push(("a wrong rank", with(&|t| t[0].shape = vec![1, 3, 24])));
+    bad.push(("a wrong fixed dimension", with(&|t| t[0].shape = vec![1, 2, 6, 6])));
+    bad.push(("a batch of two", with(&|t| t[2].shape = vec![2, 2])));
+    bad.push(("data of the wrong length", with(&|t| t[0].data.truncate(10))));
+    bad.push(("an unknown output", tidal_request("detect", &good, &["boxes"])));
+    bad.push(("an unnamed input to a model of three", {
+        let mut r = tidal_request("detect", &[], &[]);
+        r.input = Some(good[0].clone().into_proto());
+        r
+    }));
+    let goods = (0..6).map(|_| {
+        let mut client = infer.clone();
+        let req = tidal_request("detect", &good, &[]);
+        async move { client.infer(req).await.map(|r| r.into_inner()) }
+    });
+    let bads = bad.into_iter().map(|(what, req)| {
+        let mut client = infer.clone();
+        async move { (what, client.infer(req).await) }
+    });
+    let (goods, bads) = futures::future::join(futures::future::join_all(goods), futures::future::join_all(bads)).await;
+    for (what, r) in bads {
+        let status = r.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what}");
+    }
+    let want = reference.run("detector", &good);
+    for g in goods {
+        assert_same(&from_proto(g.expect("a good request beside bad ones").outputs), &want, "beside bad requests");
+    }
+    // V2's own ways to go wrong.
+    let mut fewer = v2_raw("detect", &pair, &[]);
+    fewer.raw_input_contents.pop();
+    let mut fp16_typed = v2_raw("detect", &requests[0], &[]);
+    fp16_typed.raw_input_contents.clear();
+    for input in &mut fp16_typed.inputs {
+        input.contents = Some(InferTensorContents { fp32_contents: vec![0.0], ..Default::default() });
+    }
+    let mut ragged = v2_raw("detect", &pair, &[]);
+    ragged.inputs[1].shape = vec![1];
+    ragged.raw_input_contents[1].truncate(8);
+    for (what, req) in [
+        ("raw contents for two of three inputs", fewer),
+        ("typed contents of the wrong type", fp16_typed),
+        ("inputs of different batches", ragged),
+    ] {
+        let status = v2.model_infer(req).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+    }
+    // The agent still serves.
+    let again = infer.infer(tidal_request("detect", &good, &[])).await.unwrap().into_inner();
+    assert_same(&from_proto(again.outputs), &want, "after the bad requests");
+}
