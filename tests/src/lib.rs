@@ -494,3 +494,16 @@ pub async fn http_exchange(
         lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_lowercase(), v.trim().to_string())).collect();
     (status, headers, response[end + 4..].to_vec())
 }
+
+/// `.tidal/clients` (scripts/client-tools.sh), or why the outside-client tests cannot run.
+pub fn client_tools() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join(".tidal/clients");
+    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done-grpc-http").exists() {
+        let status = Command::new(root.join("scripts/client-tools.sh")).status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("scripts/client-tools.sh could not install tritonclient and perf_analyzer".into());
+        }
+    }
+    Ok(dir)
+}

@@ -522,3 +522,35 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
     let again = infer.infer(tidal_request("detect", &good, &[])).await.unwrap().into_inner();
     assert_same(&from_proto(again.outputs), &want, "after the bad requests");
 }
+
+/// Triton's own Python client, over gRPC and HTTP (binary and JSON), with NumPy arrays of
+/// several types, checked in the script against ONNX Runtime's Python API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_sends_typed_numpy_inputs_and_gets_onnx_runtime_s_answers() {
+    let tools = match client_tools() {
+        Ok(d) => d,
+        Err(why) => return eprintln!("SKIPPED (not run): {why}"),
+    };
+    if tidal_tests::tls::test_ca().is_some() {
+        return eprintln!("SKIPPED (not run): the outside clients speak plaintext here, and TIDAL_TEST_TLS=1 is set");
+    }
+    let ort_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/ort-py");
+    if !ort_py.join("onnxruntime").exists() {
+        return eprintln!("SKIPPED (not run): ONNX Runtime's Python package is not in .tidal/ort-py (make setup)");
+    }
+    let s = serve().await;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/user_models_check.py"))
+        .args(["--url", &s.agent.addr])
+        .arg("--models")
+        .arg(&s.models)
+        .env("PYTHONPATH", format!("{}:{}", tools.join("py").display(), ort_py.display()));
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "user_models_check.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cases = report.as_object().unwrap();
+    assert_eq!(cases.len(), 9, "{report}");
+    eprintln!("tritonclient: {report}");
+    let failed: Vec<_> = cases.iter().filter(|(_, v)| v.as_str() != Some("ok")).collect();
+    assert!(failed.is_empty(), "tritonclient cases that failed: {failed:?}");
+}

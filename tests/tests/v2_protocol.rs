@@ -4,7 +4,7 @@
 //! client (`tritonclient`) and driven by Triton's `perf_analyzer`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -355,19 +355,6 @@ async fn a_controller_s_health_follows_leadership() {
     .await;
     assert_eq!(health(&addr, "").await, Ok(ServingStatus::Serving));
     assert!(reflected_services(&addr).await.iter().any(|s| s == "tidal.v1.Controller"));
-}
-
-/// `.tidal/clients` (scripts/client-tools.sh), or why the outside-client tests cannot run.
-fn client_tools() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = root.join(".tidal/clients");
-    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done-grpc-http").exists() {
-        let status = Command::new(root.join("scripts/client-tools.sh")).status().map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err("scripts/client-tools.sh could not install tritonclient and perf_analyzer".into());
-        }
-    }
-    Ok(dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
