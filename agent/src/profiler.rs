@@ -81,8 +81,10 @@ async fn profile_at(
     let mut proc = WorkerProcess::spawn(&node.cfg.process, model, cgroup, cores * 1000)
         .await
         .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
+    // A model without a batch dimension runs one request at a time: batch 1 is all there is.
+    let batches = if signature.batched() { batches.to_vec() } else { vec![1] };
     let mut points = Vec::new();
-    for &batch in batches {
+    for &batch in &batches {
         let inputs = match profile_inputs(&signature, variant, batch) {
             Ok(inputs) => inputs,
             Err(e) => {

@@ -124,6 +124,8 @@ struct Answer {
 struct Call {
     task: String,
     input: tidal_proto::v1::Tensor,
+    /// The name V2 gives the model's input (its metadata's first input).
+    input_name: String,
     token: Option<tidal_auth::Token>,
     headers: Vec<Header>,
     /// The accuracy to count for answers that do not report theirs.
@@ -155,7 +157,7 @@ impl Client {
                 let req = ModelInferRequest {
                     model_name: call.task.to_string(),
                     inputs: vec![InferInputTensor {
-                        name: "input".into(),
+                        name: call.input_name.clone(),
                         datatype: "FP32".into(),
                         shape: call.input.shape.clone(),
                         ..Default::default()
@@ -184,6 +186,22 @@ impl Call {
             req.metadata_mut().insert(k.clone(), v.clone());
         }
         req
+    }
+}
+
+/// The name of the model's first input, as V2's ModelMetadata gives it (perf_analyzer asks
+/// likewise); `input` where the server does not say.
+async fn v2_input_name(mut client: GrpcInferenceServiceClient<tonic::transport::Channel>, call: &Call) -> String {
+    let req = tidal_proto::inference::ModelMetadataRequest { name: call.task.clone(), version: String::new() };
+    match client.model_metadata(call.request(req, false)).await {
+        Ok(m) => match m.into_inner().inputs.into_iter().next() {
+            Some(input) => input.name,
+            None => "input".into(),
+        },
+        Err(status) => {
+            eprintln!("model metadata of {}: {} (sending the input as \"input\")", call.task, status.message());
+            "input".into()
+        }
     }
 }
 
@@ -360,13 +378,18 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         shape.extend_from_slice(&input_shape);
         f32_tensor(shape, &values)
     };
-    let call = Arc::new(Call {
+    let mut call = Call {
         task: args.task.clone(),
         input,
+        input_name: "input".into(),
         token,
         headers: args.headers.clone(),
         accuracy: args.accuracy,
-    });
+    };
+    if let Some(Client::V2(client)) = pools.first().and_then(|p| p.first()) {
+        call.input_name = v2_input_name(client.clone(), &call).await;
+    }
+    let call = Arc::new(call);
     let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
     let limit = Arc::new(Semaphore::new(args.max_in_flight));
     let started = Instant::now();

@@ -17,7 +17,8 @@ use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceC
 use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use tidal_proto::inference::{InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelMetadataRequest};
 use tidal_proto::v1::{
-    ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, StageSpec, TaskSpec, Tensor, VariantSpec,
+    ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, ProfileRequest, StageSpec, TaskSpec, Tensor,
+    VariantSpec,
 };
 use tidal_tests::onnx_models;
 use tidal_tests::*;
@@ -521,6 +522,18 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
     // The agent still serves.
     let again = infer.infer(tidal_request("detect", &good, &[])).await.unwrap().into_inner();
     assert_same(&from_proto(again.outputs), &want, "after the bad requests");
+
+    // The profiler feeds every input the model takes: the first at the variant's sample
+    // shape, the others as declared; with a batch dimension and without.
+    let mut control = agent_client(&s.agent.control_addr).await;
+    for (v, measured) in [(variant("detector", &[3, 8, 8]), 2), (variant("recurrent", &[2, 8]), 1)] {
+        let request =
+            ProfileRequest { variant: Some(v.clone()), cores: vec![1], batches: vec![1, 2], duration_ms: 200 };
+        let points = control.profile(request).await.unwrap_or_else(|e| panic!("profiling {}: {e}", v.name));
+        let points = points.into_inner().points;
+        assert_eq!(points.len(), measured, "{}: a model without a batch dimension is measured at batch 1", v.name);
+        assert!(points.iter().all(|p| p.throughput_rps > 0.0 && p.latency_p50_ms > 0.0), "{}: {points:?}", v.name);
+    }
 }
 
 /// Triton's own Python client, over gRPC and HTTP (binary and JSON), with NumPy arrays of
