@@ -370,8 +370,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(ModelsCmd::Signature { files }) => models::print_signatures(&files),
         Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {
-            let mut task = match file {
-                Some(path) => tidal_common::task_file::TaskFile::load(&path)?.to_spec(&model_dir)?,
+            let file = file.map(|path| tidal_common::task_file::TaskFile::load(&path)).transpose()?;
+            let mut task = match &file {
+                Some(file) => file.to_spec(&model_dir)?,
                 None => {
                     let variants = variants
                         .iter()
@@ -387,6 +388,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             models::read_signatures(&mut task, &model_dir)?;
+            match &file {
+                Some(file) => file.apply_bounds(&mut task)?,
+                // Connections and signatures checked together, before the controller is asked.
+                None => tidal_common::task::validate_task(&task).map_err(|e| anyhow::anyhow!(e))?,
+            }
             let changed = tidal_common::task::changed_share(task.share.as_ref(), &share.request(&task.name))
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);

@@ -166,7 +166,7 @@ impl TensorSpec {
     /// As the replicated task keeps it: -1 for a dynamic dimension.
     pub fn to_proto(&self) -> TensorSignature {
         let shape = self.shape.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { -1 }).collect();
-        TensorSignature { name: self.name.clone(), datatype: self.element.v2_name().into(), shape }
+        TensorSignature { name: self.name.clone(), datatype: self.element.v2_name().into(), shape, max_shape: vec![] }
     }
 }
 
@@ -205,6 +205,16 @@ pub fn validate_signature(inputs: &[TensorSignature], outputs: &[TensorSignature
                 return Err(format!(
                     "{what} {:?}: shape {:?} must have at most {MAX_RANK} dimensions, each -1 (dynamic) or positive",
                     t.name, t.shape
+                ));
+            }
+            let bounds_fit = t.max_shape.is_empty()
+                || (what == "input"
+                    && t.max_shape.len() == t.shape.len()
+                    && t.max_shape.iter().zip(&t.shape).all(|(&m, &d)| m == 0 || (d == -1 && m > 0) || m == d));
+            if !bounds_fit {
+                return Err(format!(
+                    "{what} {:?}: bounds {:?} must give, for an input, one number per dimension of {:?}: the most a dynamic one may be (0: unbounded), 0 or the size for a fixed one",
+                    t.name, t.max_shape, t.shape
                 ));
             }
         }
@@ -459,7 +469,12 @@ mod tests {
             (s.inputs.iter().map(TensorSpec::to_proto).collect(), s.outputs.iter().map(TensorSpec::to_proto).collect());
         assert_eq!(
             inputs[0],
-            TensorSignature { name: "images".into(), datatype: "FP32".into(), shape: vec![-1, 3, -1, -1] }
+            TensorSignature {
+                name: "images".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, 3, -1, -1],
+                max_shape: vec![]
+            }
         );
         assert_eq!(outputs[0].datatype, "INT64");
         assert_eq!(validate_signature(&inputs, &outputs), Ok(()));
@@ -473,6 +488,19 @@ mod tests {
         assert!(bad(&|t| t.shape = vec![-2]).contains("-1 (dynamic) or positive"));
         assert!(bad(&|t| t.shape = vec![1; MAX_RANK + 1]).contains("at most 16 dimensions"));
         assert!(bad(&|t| t.name = "a\nb".into()).contains("printable"));
+        let bounded = |max: &[i64]| {
+            let mut t = inputs[0].clone();
+            t.max_shape = max.to_vec();
+            validate_signature(&[t], &outputs)
+        };
+        assert_eq!(bounded(&[0, 3, 1280, 1280]), Ok(()));
+        assert_eq!(bounded(&[0, 0, 640, 0]), Ok(()), "0: unbounded");
+        assert!(bounded(&[0, 4, 1280, 1280]).unwrap_err().contains("bounds"), "a fixed dimension is its size");
+        assert!(bounded(&[0, 3, 1280]).unwrap_err().contains("bounds"), "one per dimension");
+        assert!(bounded(&[0, 3, -5, 0]).unwrap_err().contains("bounds"));
+        let mut out = outputs[0].clone();
+        out.max_shape = vec![0, 4];
+        assert!(validate_signature(&inputs, &[out]).unwrap_err().contains("for an input"));
         assert!(validate_signature(&inputs, &[]).unwrap_err().contains("both"));
         assert!(validate_signature(&vec![inputs[0].clone(); MAX_TENSORS + 1], &outputs)
             .unwrap_err()

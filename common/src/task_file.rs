@@ -26,6 +26,13 @@
 //! output0 = "images"
 //! ```
 //!
+//! and bound the dynamic dimensions of its inputs (one number per dimension, 0: unbounded):
+//!
+//! ```toml
+//! [stages.bounds]
+//! images = [0, 3, 1280, 1280]
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -63,6 +70,11 @@ pub struct StageFile {
     /// (`[stages.connect] output0 = "images"`); without it, outputs feed inputs of their name.
     #[serde(default)]
     pub connect: std::collections::BTreeMap<String, String>,
+    /// The most each dimension of an input may be, one number per dimension (0: unbounded;
+    /// `[stages.bounds] images = [0, 3, 1280, 1280]`); set once the models' signatures are read
+    /// ([`TaskFile::apply_bounds`]).
+    #[serde(default)]
+    pub bounds: std::collections::BTreeMap<String, Vec<i64>>,
 }
 
 #[derive(Debug, Error)]
@@ -78,6 +90,25 @@ pub enum TaskFileError {
 }
 
 impl TaskFile {
+    /// Sets the bounds the file gives on the inputs of `task`'s stages, whose signatures have
+    /// been read; an input the stage does not take is refused.
+    pub fn apply_bounds(&self, task: &mut TaskSpec) -> Result<(), TaskFileError> {
+        for file in &self.stages {
+            let Some(stage) = task.stages.iter_mut().find(|s| s.name == file.name) else { continue };
+            for (input, max) in &file.bounds {
+                let Some(t) = stage.inputs.iter_mut().find(|t| &t.name == input) else {
+                    let names: Vec<&str> = stage.inputs.iter().map(|t| t.name.as_str()).collect();
+                    return Err(TaskFileError::Invalid(format!(
+                        "stage {}: bounds for {input:?}, which its models do not take (they take {names:?})",
+                        stage.name
+                    )));
+                };
+                t.max_shape = max.clone();
+            }
+        }
+        crate::task::validate_task(task).map_err(TaskFileError::Invalid)
+    }
+
     pub fn load(path: &Path) -> Result<Self, TaskFileError> {
         let shown = path.display().to_string();
         let text =
@@ -164,5 +195,48 @@ mod tests {
         assert!(TaskFile::load(&file).unwrap().to_spec(dir.path()).is_err());
         std::fs::write(&file, format!("{text}colour = 1\n")).unwrap();
         assert!(matches!(TaskFile::load(&file), Err(TaskFileError::Parse { .. })));
+    }
+
+    #[test]
+    fn connections_and_bounds_are_read_and_checked_against_the_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, shape) in [("det", "[3, 64, 64]"), ("cls", "[3, 32, 32]")] {
+            let toml =
+                format!("name = \"{name}\"\nmodel_file = \"{name}.onnx\"\naccuracy = 50.0\ninput_shape = {shape}\n");
+            std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.onnx")), declaring(shape)).unwrap();
+        }
+        let text = "name = \"video\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[stages.bounds]\nx = [0, 3, 64, 64]\n[[stages]]\nname = \"classify\"\nvariants = [\"cls\"]\n[stages.connect]\nboxes = \"x\"\n";
+        let file: TaskFile = toml::from_str(text).unwrap();
+        let mut task = file.to_spec(dir.path()).unwrap();
+        assert_eq!(
+            (task.stages[1].connect[0].output.as_str(), task.stages[1].connect[0].input.as_str()),
+            ("boxes", "x")
+        );
+        // As `tidalctl task register` reads them from the files.
+        let sig = |name: &str, shape: &[i64]| tidal_proto::v1::TensorSignature {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+        };
+        task.stages[0].inputs = vec![sig("x", &[-1, 3, -1, -1])];
+        task.stages[0].outputs = vec![sig("boxes", &[-1, 4])];
+        task.stages[1].inputs = vec![sig("x", &[-1, 3, 32, 32])];
+        task.stages[1].outputs = vec![sig("logits", &[-1, 10])];
+        file.apply_bounds(&mut task).unwrap();
+        assert_eq!(task.stages[0].inputs[0].max_shape, vec![0, 3, 64, 64]);
+        // A connection from an output the stage before does not give.
+        let mut wrong = task.clone();
+        wrong.stages[1].connect[0].output = "scores".into();
+        assert!(crate::task::validate_task(&wrong).unwrap_err().contains("no output \"scores\""));
+        // Bounds on an input the models do not take.
+        let other: TaskFile = toml::from_str(&text.replace("x = [0, 3, 64, 64]", "y = [0, 3]")).unwrap();
+        assert!(other.apply_bounds(&mut task.clone()).unwrap_err().to_string().contains("do not take"));
+        // The first stage connects to nothing.
+        let first: TaskFile =
+            toml::from_str(&text.replace("[stages.bounds]\nx = [0, 3, 64, 64]", "[stages.connect]\na = \"x\""))
+                .unwrap();
+        assert!(first.to_spec(dir.path()).unwrap_err().to_string().contains("connects to nothing"));
     }
 }

@@ -27,6 +27,8 @@ pub enum TensorError {
     Unsupported(String),
     #[error("input {name:?} has shape {got:?}; the model takes {want}")]
     Shape { name: String, got: Vec<i64>, want: String },
+    #[error("input {name:?}: dimension {dim} is {got}, above the task's bound of {max}")]
+    Bound { name: String, dim: usize, got: i64, max: i64 },
     #[error("{got} bytes of data do not make a {dtype} tensor of shape {shape:?} ({want} bytes)")]
     Length { got: usize, want: usize, dtype: String, shape: Vec<i64> },
 }
@@ -136,6 +138,8 @@ pub struct Declared {
     pub name: String,
     pub element: ElementType,
     pub shape: Vec<i64>,
+    /// The most each dimension may be (0: unbounded), as many as `shape`, or none.
+    pub max_shape: Vec<i64>,
 }
 
 impl Declared {
@@ -171,11 +175,13 @@ impl StageIo {
                     name: POSITIONAL_INPUT.into(),
                     element: ElementType::Fp32,
                     shape: std::iter::once(-1).chain(sample.iter().copied()).collect(),
+                    max_shape: vec![],
                 }],
                 outputs: vec![Declared {
                     name: POSITIONAL_OUTPUT.into(),
                     element: ElementType::Fp32,
                     shape: vec![-1, -1],
+                    max_shape: vec![],
                 }],
                 batched: true,
                 positional: true,
@@ -186,7 +192,12 @@ impl StageIo {
                 .map(|t| {
                     let element = ElementType::from_v2_name(&t.datatype)
                         .ok_or_else(|| format!("{:?} has the unknown type {:?}", t.name, t.datatype))?;
-                    Ok(Declared { name: t.name.clone(), element, shape: t.shape.clone() })
+                    Ok(Declared {
+                        name: t.name.clone(),
+                        element,
+                        shape: t.shape.clone(),
+                        max_shape: t.max_shape.clone(),
+                    })
                 })
                 .collect()
         };
@@ -268,6 +279,13 @@ impl StageIo {
             };
             return Err(TensorError::Shape { name: t.name, got: t.shape, want });
         }
+        let offset = declared.shape.len() - sample.len();
+        for (j, &got) in t.shape.iter().enumerate() {
+            let max = declared.max_shape.get(j + offset).copied().unwrap_or(0);
+            if max > 0 && got > max {
+                return Err(TensorError::Bound { name: t.name, dim: j + offset, got, max });
+            }
+        }
         t.check_length()?;
         Ok(t)
     }
@@ -312,7 +330,7 @@ mod tests {
     use tidal_proto::v1::{TensorSignature, VariantSpec};
 
     fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature { name: name.into(), datatype: datatype.into(), shape: shape.to_vec() }
+        TensorSignature { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), max_shape: vec![] }
     }
 
     fn tensor(name: &str, element: ElementType, shape: &[i64]) -> NamedTensor {
@@ -383,6 +401,24 @@ mod tests {
         assert!(matches!(io.sample(vec![short, thr()]), Err(TensorError::Length { .. })));
         let huge = NamedTensor { shape: vec![1, 3, 1 << 40, 1 << 40], ..img() };
         assert!(io.sample(vec![huge, thr()]).is_err());
+    }
+
+    #[test]
+    fn a_dynamic_dimension_above_its_bound_is_refused() {
+        let mut stage = StageSpec {
+            inputs: vec![sig("images", "FP32", &[-1, 3, -1, -1])],
+            outputs: vec![sig("out", "FP32", &[-1, 2])],
+            ..Default::default()
+        };
+        stage.inputs[0].max_shape = vec![0, 3, 64, 0];
+        let io = StageIo::of(&stage).unwrap();
+        assert!(
+            io.sample(vec![tensor("images", ElementType::Fp32, &[1, 3, 64, 500])]).is_ok(),
+            "at the bound; W unbounded"
+        );
+        let e = io.sample(vec![tensor("images", ElementType::Fp32, &[3, 65, 8])]).unwrap_err();
+        assert_eq!(e, TensorError::Bound { name: "images".into(), dim: 2, got: 65, max: 64 });
+        assert!(e.to_string().contains("above the task's bound of 64"), "{e}");
     }
 
     #[test]

@@ -81,13 +81,11 @@ async fn serve() -> Served {
     let (det, head, rec) = (variant("detector", &[3, 8, 8]), variant("head", &[3]), variant("recurrent", &[2, 8]));
     let mut head_stage = stage("head", &models, head.clone());
     head_stage.connect = vec![Connection { output: "pooled".into(), input: "features".into() }];
+    // The task bounds the image's height and width (the pipeline's first stage does not).
+    let mut detect_stage = stage("detect", &models, det.clone());
+    detect_stage.inputs[0].max_shape = vec![0, 3, 16, 16];
     let tasks = vec![
-        TaskSpec {
-            name: "detect".into(),
-            slo_ms: 5000,
-            stages: vec![stage("detect", &models, det.clone())],
-            ..Default::default()
-        },
+        TaskSpec { name: "detect".into(), slo_ms: 5000, stages: vec![detect_stage], ..Default::default() },
         TaskSpec {
             name: "step".into(),
             slo_ms: 5000,
@@ -474,6 +472,7 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
     bad.push(("a wrong rank", with(&|t| t[0].shape = vec![1, 3, 24])));
     bad.push(("a wrong fixed dimension", with(&|t| t[0].shape = vec![1, 2, 6, 6])));
     bad.push(("a batch of two", with(&|t| t[2].shape = vec![2, 2])));
+    bad.push(("a height above the task's bound", tidal_request("detect", &detector_inputs(17, 6, 3), &[])));
     bad.push(("data of the wrong length", with(&|t| t[0].data.truncate(10))));
     bad.push(("an unknown output", tidal_request("detect", &good, &["boxes"])));
     bad.push(("an unnamed input to a model of three", {
