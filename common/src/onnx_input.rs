@@ -80,6 +80,7 @@ mod tests {
         assert!(check_input(&[None, None], &[7]).is_ok(), "dynamic dimensions take anything");
         assert!(check_input(&[Some(2), Some(8)], &[2, 8]).is_ok(), "a model without a batch dimension");
         assert!(check_input(&[Some(2), Some(8)], &[8]).is_err(), "a fixed first dimension is no batch");
+        assert!(check_input(&[None], &[]).is_ok(), "a batch of scalars");
     }
 
     #[test]

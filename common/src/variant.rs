@@ -41,7 +41,8 @@ pub fn validate_variant(v: &VariantSpec) -> Result<(), String> {
         return Err(format!("variant {}: accuracy {} is not a percentage", v.name, v.accuracy));
     }
     let elements = v.input_shape.iter().try_fold(1i64, |n, &d| if d > 0 { n.checked_mul(d) } else { None });
-    if v.input_shape.is_empty() || elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
+    // Empty: a sample of the first input is a scalar (a model taking a batch of numbers).
+    if elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
         return Err(format!(
             "variant {}: input shape {:?} must be positive dimensions of at most {MAX_INPUT_ELEMENTS} elements in all",
             v.name, v.input_shape
@@ -117,12 +118,12 @@ mod tests {
     fn a_variant_is_checked_the_same_everywhere() {
         assert_eq!(validate_variant(&spec("resnet18", "resnet18.onnx", 69.76, vec![3, 64, 64])), Ok(()));
         assert_eq!(validate_variant(&spec("r", "sub/r.onnx", 0.0, vec![1])), Ok(()));
+        assert_eq!(validate_variant(&spec("r", "r.onnx", 70.0, vec![])), Ok(()), "a scalar sample");
         for bad in [
             spec("", "r.onnx", 70.0, vec![3]),
             spec("bad name!", "r.onnx", 70.0, vec![3]),
             spec("r", "r.onnx", 101.0, vec![3]),
             spec("r", "r.onnx", f64::NAN, vec![3]),
-            spec("r", "r.onnx", 70.0, vec![]),
             spec("r", "r.onnx", 70.0, vec![3, 0]),
             spec("r", "r.onnx", 70.0, vec![1 << 62, 4]),
             spec("r", "r.onnx", 70.0, vec![1 << 20, 1 << 20]),

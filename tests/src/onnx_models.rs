@@ -116,7 +116,7 @@ pub fn detector() -> Vec<u8> {
     model("detector", nodes, init, inputs, outputs)
 }
 
-/// A second stage for [`detector`]: `features` FP32 [N, 3] and `next` INT64 [N] give `logit`
+/// A second stage for [`detector`]: `next` INT64 [N] and `features` FP32 [N, 3] give `logit`
 /// FP32 [N, 1] = features · w + next.
 pub fn head() -> Vec<u8> {
     let nodes = vec![
@@ -126,8 +126,9 @@ pub fn head() -> Vec<u8> {
         node("Add", &["dot", "next_col"], "logit", vec![]),
     ];
     let init = vec![floats("w", &[3, 1], &[0.5, -2.0, 0.25]), int64s("axis1", &[1], &[1])];
+    // The scalar first: a model whose first input is one number per sample.
     let inputs =
-        vec![info("features", DataType::Float, &[D::P("N"), D::N(3)]), info("next", DataType::Int64, &[D::P("N")])];
+        vec![info("next", DataType::Int64, &[D::P("N")]), info("features", DataType::Float, &[D::P("N"), D::N(3)])];
     let outputs = vec![info("logit", DataType::Float, &[D::P("N"), D::N(1)])];
     model("head", nodes, init, inputs, outputs)
 }

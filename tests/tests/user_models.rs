@@ -78,7 +78,7 @@ async fn serve() -> Served {
     }
     let agent =
         start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &["--worker-threads", "1"] });
-    let (det, head, rec) = (variant("detector", &[3, 8, 8]), variant("head", &[3]), variant("recurrent", &[2, 8]));
+    let (det, head, rec) = (variant("detector", &[3, 8, 8]), variant("head", &[]), variant("recurrent", &[2, 8]));
     let mut head_stage = stage("head", &models, head.clone());
     head_stage.connect = vec![Connection { output: "pooled".into(), input: "features".into() }];
     // The task bounds the image's height and width (the pipeline's first stage does not).
@@ -525,7 +525,9 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
     // The profiler feeds every input the model takes: the first at the variant's sample
     // shape, the others as declared; with a batch dimension and without.
     let mut control = agent_client(&s.agent.control_addr).await;
-    for (v, measured) in [(variant("detector", &[3, 8, 8]), 2), (variant("recurrent", &[2, 8]), 1)] {
+    let profiled =
+        [(variant("detector", &[3, 8, 8]), 2), (variant("recurrent", &[2, 8]), 1), (variant("head", &[]), 2)];
+    for (v, measured) in profiled {
         let request =
             ProfileRequest { variant: Some(v.clone()), cores: vec![1], batches: vec![1, 2], duration_ms: 200 };
         let points = control.profile(request).await.unwrap_or_else(|e| panic!("profiling {}: {e}", v.name));
