@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message;
 use tidal_common::onnx_signature::ElementType;
-use tidal_common::tensor::{NamedTensor, StageIo, POSITIONAL_OUTPUT};
+use tidal_common::tensor::{Declared, NamedTensor, StageIo, POSITIONAL_OUTPUT};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -499,7 +499,15 @@ impl BatcherCtx {
                 continue;
             }
             let size = batch.len();
-            let inputs = stack(&self.spec.io, &batch);
+            let inputs = match stack(&self.spec.io, &batch) {
+                Ok(inputs) => inputs,
+                Err(why) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(ServeError::Model(why.clone())));
+                    }
+                    continue;
+                }
+            };
             let started = Instant::now();
             match proc.run(inputs).await {
                 Ok(result) if result.error.is_empty() => {
@@ -545,26 +553,38 @@ impl BatcherCtx {
 
 /// The batch's inputs: each input's samples stacked along a leading batch dimension (one
 /// sample as it is, for a model without one). A stage without a signature feeds the model's
-/// first input, whatever its name.
-fn stack(io: &StageIo, batch: &[Pending]) -> Vec<FrameTensor> {
-    io.inputs
-        .iter()
-        .enumerate()
-        .map(|(i, declared)| {
-            let first = &batch[0].inputs[i];
-            let mut shape = Vec::with_capacity(first.shape.len() + 1);
-            if io.batched {
-                shape.push(batch.len() as i64);
-            }
-            shape.extend_from_slice(&first.shape);
-            let mut data = Vec::with_capacity(first.data.len() * batch.len());
-            for p in batch {
-                data.extend_from_slice(&p.inputs[i].data);
-            }
-            let name = if io.positional { String::new() } else { declared.name.clone() };
-            FrameTensor { name, datatype: declared.element.v2_name().into(), shape, data }
-        })
-        .collect()
+/// first input, whatever its name. A request whose tensors are not the ones this worker's model
+/// takes (checked against a task registered anew since the worker started) fails the batch
+/// with the reason, never the batcher.
+fn stack(io: &StageIo, batch: &[Pending]) -> Result<Vec<FrameTensor>, String> {
+    let mut inputs = Vec::with_capacity(io.inputs.len());
+    for (i, declared) in io.inputs.iter().enumerate() {
+        fn tensor<'a>(p: &'a Pending, i: usize, declared: &Declared) -> Result<&'a NamedTensor, String> {
+            p.inputs.get(i).filter(|t| t.name == declared.name && t.element == declared.element).ok_or_else(|| {
+                format!("the request does not carry input {:?} as this worker's model takes it", declared.name)
+            })
+        }
+        let first = tensor(&batch[0], i, declared)?;
+        let mut shape = Vec::with_capacity(first.shape.len() + 1);
+        if io.batched {
+            shape.push(batch.len() as i64);
+        }
+        shape.extend_from_slice(&first.shape);
+        let mut data = Vec::with_capacity(first.data.len() * batch.len());
+        for p in batch {
+            data.extend_from_slice(&tensor(p, i, declared)?.data);
+        }
+        let name = if io.positional { String::new() } else { declared.name.clone() };
+        inputs.push(FrameTensor { name, datatype: declared.element.v2_name().into(), shape, data });
+    }
+    if let Some(p) = batch.iter().find(|p| p.inputs.len() != io.inputs.len()) {
+        return Err(format!(
+            "the request carries {} inputs; this worker's model takes {}",
+            p.inputs.len(),
+            io.inputs.len()
+        ));
+    }
+    Ok(inputs)
 }
 
 /// Splits a batch's outputs among its requests: row `i` of every output to request `i` (a
@@ -642,5 +662,47 @@ mod tests {
         assert!(split_rows(true, 3, vec![frame("a", &[2, 2], &[1.0, 2.0, 3.0, 4.0])]).is_err());
         let whole = split_rows(false, 1, vec![frame("s", &[2, 2], &[1.0, 2.0, 3.0, 4.0])]).unwrap();
         assert_eq!(whole[0][0].shape, vec![2, 2]);
+    }
+
+    #[test]
+    fn requests_that_do_not_fit_the_worker_s_model_fail_their_batch_not_the_batcher() {
+        let sig = |name: &str, datatype: &str, shape: &[i64]| tidal_proto::v1::TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+        };
+        let io = StageIo::of(&tidal_proto::v1::StageSpec {
+            inputs: vec![sig("a", "FP32", &[-1, 2]), sig("b", "INT64", &[-1])],
+            outputs: vec![sig("y", "FP32", &[-1, 2])],
+            ..Default::default()
+        })
+        .unwrap();
+        let a = NamedTensor::f32("a", vec![2], &[1.0, 2.0]);
+        let b = NamedTensor {
+            name: "b".into(),
+            element: ElementType::Int64,
+            shape: vec![],
+            data: 7i64.to_le_bytes().to_vec(),
+        };
+        // The callers stay (a request whose caller is gone is never batched).
+        let mut callers = Vec::new();
+        let mut batch_of = |inputs: Vec<Vec<NamedTensor>>| {
+            let q = crate::queue::DeadlineQueue::new(8);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for tensors in inputs {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                callers.push(rx);
+                q.push(deadline, tensors, tx).map_err(|(e, _)| e).unwrap();
+            }
+            q.pop_batch(8, Instant::now())
+        };
+        let good = stack(&io, &batch_of(vec![vec![a.clone(), b.clone()], vec![a.clone(), b.clone()]])).unwrap();
+        assert_eq!((good[0].shape.clone(), good[1].shape.clone()), (vec![2, 2], vec![2]));
+        assert_eq!(good[1].data.len(), 16);
+        // As a task registered anew with other inputs would send them: an error, not a panic.
+        assert!(stack(&io, &batch_of(vec![vec![a.clone()]])).is_err());
+        assert!(stack(&io, &batch_of(vec![vec![b.clone(), a.clone()]])).is_err());
+        assert!(stack(&io, &batch_of(vec![vec![a.clone(), b.clone(), b]])).is_err());
     }
 }
