@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tidal_common::onnx_input::{check_input, declared_input};
+use tidal_common::onnx_signature::Signature;
 use tidal_proto::v1::VariantSpec;
 
 type Version = (u64, Option<SystemTime>);
-/// The input dimensions a file declares, or why it cannot be read.
-type Declared = Result<Vec<Option<i64>>, String>;
+/// What a file declares, or why it cannot be read.
+type Declared = Result<Arc<Signature>, String>;
 
 pub struct ModelDir {
     dir: PathBuf,
@@ -54,12 +54,12 @@ impl ModelDir {
             _ => {
                 let declared = std::fs::read(&path)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                    .and_then(|bytes| declared_input(&bytes));
+                    .and_then(|bytes| Signature::read(&bytes).map(Arc::new));
                 self.declared.lock().unwrap_or_else(|p| p.into_inner()).insert(path, (version, declared.clone()));
                 declared
             }
         };
-        check_input(&declared?, &v.input_shape).map_err(|e| format!("model file {:?}: {e}", v.model_file))
+        declared?.takes_sample(&v.input_shape).map_err(|e| format!("model file {:?}: {e}", v.model_file))
     }
 
     /// [`Self::check`] for each of `variants` (by name), off the runtime.

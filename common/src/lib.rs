@@ -4,8 +4,8 @@
 //! the model generators, which build bytes and write nothing) are pure and deterministic — no
 //! clocks, threads or I/O — so that the live system, the simulator and the tests call the very
 //! same functions. Three modules read files, and only at their edges: the task file
-//! ([`task_file`]), a model directory's variants and profiles ([`variant`]) and the example
-//! inputs of a model ([`onnx_input`]). The daemons' shared edges (logging, the metrics
+//! ([`task_file`]), a model directory's variants and profiles ([`variant`]) and the
+//! signature of a model file ([`onnx_signature::check_file`]). The daemons' shared edges (logging, the metrics
 //! endpoint) live in `tidal-daemon`.
 
 pub mod adapt;
@@ -13,7 +13,6 @@ pub mod executor;
 pub mod forecast;
 pub mod latency;
 pub mod onnx_graph;
-pub mod onnx_input;
 pub mod onnx_signature;
 pub mod plan;
 pub mod profile;

@@ -327,6 +327,35 @@ impl Signature {
     }
 }
 
+impl Signature {
+    /// Checks that samples of `sample` shape fit the model's first input: in batches (one
+    /// more dimension, dynamic, leading: the batch) or whole (a model without a batch
+    /// dimension), every fixed dimension equal. A variant declares this shape as the size its
+    /// profiles measure.
+    pub fn takes_sample(&self, sample: &[i64]) -> Result<(), String> {
+        let Some(first) = self.inputs.first() else { return Err("the model declares no input".into()) };
+        let agree = |dims: &[Dim]| {
+            dims.len() == sample.len() && dims.iter().zip(sample).all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s))
+        };
+        let batched = matches!(first.shape.first(), Some(Dim::Dynamic(_))) && agree(&first.shape[1..]);
+        if batched || agree(&first.shape) {
+            return Ok(());
+        }
+        let shown: Vec<String> =
+            first.shape.iter().map(|d| if let Dim::Fixed(n) = d { n.to_string() } else { "?".into() }).collect();
+        Err(format!(
+            "the model takes [{}] but the variant declares samples of {sample:?} (after a batch dimension, or whole)",
+            shown.join(", ")
+        ))
+    }
+}
+
+/// [`Signature::read`] and [`Signature::takes_sample`] for a file.
+pub fn check_file(path: &std::path::Path, sample: &[i64]) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Signature::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?.takes_sample(sample)
+}
+
 /// Checks that the variants of one stage, (name, signature) each, can stand in for each other:
 /// every one agrees with the first.
 pub fn check_stage(stage: &str, variants: &[(String, Signature)]) -> Result<(), String> {
@@ -528,5 +557,25 @@ mod tests {
             let refused = Signature::read(&bytes).unwrap_err();
             assert!(refused.contains(why), "{refused} (wanted: {why})");
         }
+    }
+
+    #[test]
+    fn a_variant_s_sample_must_fit_the_model_s_first_input() {
+        let m = crate::resnet::generate(crate::resnet::ResNetDepth::R18, 32, 1);
+        let s = Signature::read(&m.onnx).unwrap();
+        assert_eq!(s.takes_sample(&[3, 32, 32]), Ok(()));
+        let wrong = s.takes_sample(&[3, 64, 64]).unwrap_err();
+        assert!(wrong.contains("[?, 3, 32, 32]"), "{wrong}");
+        assert!(s.takes_sample(&[3, 32]).is_err(), "rank");
+        let of = |dims: &[&str]| {
+            Signature::read(&model(vec![info("x", 1, dims)], vec![info("y", 1, &["", "1"])], &[])).unwrap()
+        };
+        assert!(of(&["", ""]).takes_sample(&[7]).is_ok(), "dynamic dimensions take anything");
+        assert!(of(&["2", "8"]).takes_sample(&[2, 8]).is_ok(), "a model without a batch dimension");
+        assert!(of(&["2", "8"]).takes_sample(&[8]).is_err(), "a fixed first dimension is no batch");
+        assert!(of(&[""]).takes_sample(&[]).is_ok(), "a batch of scalars");
+        // The first input that is not a weight (older exporters list weights as inputs).
+        let listed = model(vec![info("w", 1, &["4"]), info("x", 1, &["", "3"])], vec![info("y", 1, &[""])], &["w"]);
+        assert!(Signature::read(&listed).unwrap().takes_sample(&[3]).is_ok());
     }
 }

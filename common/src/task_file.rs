@@ -156,7 +156,8 @@ impl TaskFile {
 mod tests {
     use super::*;
 
-    /// An ONNX model (with no nodes) whose input is a batch of samples of `shape` ("[c, h, w]").
+    /// An ONNX model (with no nodes) whose input is a batch of samples of `shape` ("[c, h, w]"),
+    /// with one output.
     fn declaring(shape: &str) -> Vec<u8> {
         let dims: Vec<Option<i64>> = std::iter::once(None)
             .chain(shape.trim_matches(['[', ']']).split(',').map(|d| d.trim().parse().ok()))
@@ -164,6 +165,7 @@ mod tests {
         let graph = tidal_proto::onnx::GraphProto {
             name: "g".into(),
             input: vec![crate::onnx_graph::tensor_info("x", &dims)],
+            output: vec![crate::onnx_graph::tensor_info("y", &[None, Some(1)])],
             ..Default::default()
         };
         crate::onnx_graph::model_bytes(graph, String::new())

@@ -88,7 +88,7 @@ impl VariantConfig {
         if !model.is_file() {
             return Err(invalid(format!("model file {:?} does not exist in {}", cfg.model_file, dir.display())));
         }
-        crate::onnx_input::check_file(&model, &cfg.input_shape).map_err(invalid)?;
+        crate::onnx_signature::check_file(&model, &cfg.input_shape).map_err(invalid)?;
         Ok(cfg)
     }
 

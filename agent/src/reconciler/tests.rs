@@ -163,11 +163,11 @@ impl ModelProcess for FakeProcess {
     }
 }
 
-/// A model that takes `[batch, 3]`.
+/// A model that takes `[batch, 3]` and gives as much.
 fn model_file() -> Vec<u8> {
     let dim = |value| Dimension { value: Some(value) };
-    let input = ValueInfoProto {
-        name: "input".into(),
+    let tensor = |name: &str| ValueInfoProto {
+        name: name.into(),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: 1,
@@ -177,7 +177,7 @@ fn model_file() -> Vec<u8> {
             })),
         }),
     };
-    let graph = GraphProto { input: vec![input], ..Default::default() };
+    let graph = GraphProto { input: vec![tensor("input")], output: vec![tensor("output")], ..Default::default() };
     ModelProto { graph: Some(graph), ..Default::default() }.encode_to_vec()
 }
 
