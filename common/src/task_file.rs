@@ -171,8 +171,8 @@ mod tests {
         crate::onnx_graph::model_bytes(graph, String::new())
     }
 
-    #[test]
-    fn a_pipeline_file_reads_its_variants_from_the_model_directory() {
+    /// A model directory of two variants: `det` ([3, 64, 64]) and `cls` ([3, 32, 32]).
+    fn detector_and_classifier() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (name, shape) in [("det", "[3, 64, 64]"), ("cls", "[3, 32, 32]")] {
             let toml =
@@ -180,6 +180,12 @@ mod tests {
             std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
             std::fs::write(dir.path().join(format!("{name}.onnx")), declaring(shape)).unwrap();
         }
+        dir
+    }
+
+    #[test]
+    fn a_pipeline_file_reads_its_variants_from_the_model_directory() {
+        let dir = detector_and_classifier();
         let file = dir.path().join("video.toml");
         let text = "name = \"video\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[[stages]]\nname = \"classify\"\nvariants = [\"cls\"]\n";
         std::fs::write(&file, text).unwrap();
@@ -201,13 +207,7 @@ mod tests {
 
     #[test]
     fn connections_and_bounds_are_read_and_checked_against_the_signatures() {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, shape) in [("det", "[3, 64, 64]"), ("cls", "[3, 32, 32]")] {
-            let toml =
-                format!("name = \"{name}\"\nmodel_file = \"{name}.onnx\"\naccuracy = 50.0\ninput_shape = {shape}\n");
-            std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.onnx")), declaring(shape)).unwrap();
-        }
+        let dir = detector_and_classifier();
         let text = "name = \"video\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[stages.bounds]\nx = [0, 3, 64, 64]\n[[stages]]\nname = \"classify\"\nvariants = [\"cls\"]\n[stages.connect]\nboxes = \"x\"\n";
         let file: TaskFile = toml::from_str(text).unwrap();
         let mut task = file.to_spec(dir.path()).unwrap();

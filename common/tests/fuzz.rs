@@ -139,7 +139,8 @@ proptest! {
                 prop_assert!(validate_variant(v).is_ok());
                 prop_assert!(elements(&v.input_shape).is_some_and(|n| n <= MAX_INPUT_ELEMENTS));
             }
-            prop_assert!(!input_shape(&t).is_empty());
+            // The task's input is its first stage's (empty: a scalar per sample).
+            prop_assert_eq!(input_shape(&t), t.stages[0].variants[0].input_shape.as_slice());
             for s in &t.stages[1..] {
                 if s.connector == Connector::Crops as i32 {
                     prop_assert!((1..=16).contains(&s.crops));
