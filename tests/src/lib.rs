@@ -507,3 +507,12 @@ pub fn client_tools() -> Result<PathBuf, String> {
     }
     Ok(dir)
 }
+
+/// [`client_tools`] for a test that runs them against an agent, or why it cannot run here: they
+/// cannot be installed, or `TIDAL_TEST_TLS=1` is set (they speak plaintext in the tests).
+pub fn outside_clients() -> Result<PathBuf, String> {
+    if tls::test_ca().is_some() {
+        return Err("the outside clients speak plaintext here, and TIDAL_TEST_TLS=1 is set".into());
+    }
+    client_tools()
+}

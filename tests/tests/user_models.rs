@@ -541,13 +541,10 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
 /// several types, checked in the script against ONNX Runtime's Python API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_sends_typed_numpy_inputs_and_gets_onnx_runtime_s_answers() {
-    let tools = match client_tools() {
+    let tools = match outside_clients() {
         Ok(d) => d,
         Err(why) => return eprintln!("SKIPPED (not run): {why}"),
     };
-    if tidal_tests::tls::test_ca().is_some() {
-        return eprintln!("SKIPPED (not run): the outside clients speak plaintext here, and TIDAL_TEST_TLS=1 is set");
-    }
     let ort_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/ort-py");
     if !ort_py.join("onnxruntime").exists() {
         return eprintln!("SKIPPED (not run): ONNX Runtime's Python package is not in .tidal/ort-py (make setup)");

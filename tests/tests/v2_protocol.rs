@@ -359,13 +359,10 @@ async fn a_controller_s_health_follows_leadership() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
-    let tools = match client_tools() {
+    let tools = match outside_clients() {
         Ok(d) => d,
         Err(why) => return eprintln!("SKIPPED (not run): {why}"),
     };
-    if tidal_tests::tls::test_ca().is_some() {
-        return eprintln!("SKIPPED (not run): the outside clients speak plaintext here, and TIDAL_TEST_TLS=1 is set");
-    }
     let s = setup(&[]);
     let shape = s.r18.input_shape.clone();
     s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
