@@ -49,57 +49,91 @@ impl Placement {
     }
 }
 
+/// How many times a group's first start is tried on fresh ports. A port [`free_port`] found
+/// free can still be bound by another process before the replica binds it (a test process
+/// beside this one probes the same range); the replicas must know each other's ports before
+/// they start, so they cannot listen on port 0 and report it.
+const FIRST_START_TRIES: usize = 5;
+
 impl Group {
     /// Starts `n` bootstrap replicas on loopback ports with `args` (adaptation interval,
     /// Raft timing…).
     pub fn start(work: &Path, n: u64, args: &[&str]) -> Self {
-        let placements = (0..n).map(|_| Placement::loopback()).collect();
-        Self::start_placed(work, placements, args)
+        Self::start_fresh(work, args, || (0..n).map(|_| (Placement::loopback(), None)).collect(), true)
     }
 
+    /// Starts replicas at given addresses (e.g. in namespaces): no second try on other ports.
     pub fn start_placed(work: &Path, placements: Vec<Placement>, args: &[&str]) -> Self {
-        let mut group =
-            Self { work: work.to_path_buf(), replicas: Vec::new(), args: args.iter().map(|s| s.to_string()).collect() };
-        for (i, p) in placements.into_iter().enumerate() {
-            let id = i as u64 + 1;
-            group.replicas.push(Replica {
-                id,
-                addr: p.addr,
-                peer: p.peer,
-                data: work.join(format!("controller-{id}")),
-                proc: None,
-                metrics: None,
-                joined: false,
-                wrapper: p.wrapper,
-            });
-        }
-        for id in group.ids() {
-            group.launch(id);
-        }
-        group
+        let mut placements = Some(placements);
+        let take = || placements.take().expect("placed once").into_iter().map(|p| (p, None)).collect();
+        Self::start_fresh(work, args, take, false)
     }
 
     /// Starts `n` bootstrap replicas on loopback ports, each serving its metrics too.
     pub fn start_with_metrics(work: &Path, n: u64, args: &[&str]) -> Self {
-        let mut group =
-            Self { work: work.to_path_buf(), replicas: Vec::new(), args: args.iter().map(|s| s.to_string()).collect() };
-        for id in 1..=n {
-            let p = Placement::loopback();
-            group.replicas.push(Replica {
-                id,
-                addr: p.addr,
-                peer: p.peer,
-                data: work.join(format!("controller-{id}")),
-                proc: None,
-                metrics: Some(format!("127.0.0.1:{}", free_port())),
-                joined: false,
-                wrapper: p.wrapper,
-            });
+        let place = || {
+            (0..n).map(|_| (Placement::loopback(), Some(format!("127.0.0.1:{}", free_port())))).collect()
+        };
+        Self::start_fresh(work, args, place, true)
+    }
+
+    /// Launches every replica and waits until each has bound its ports. When one finds a
+    /// port taken, and `retry` allows, the whole group starts again on new ports with empty
+    /// stores (the others' `--peers` named the taken port).
+    fn start_fresh(
+        work: &Path,
+        args: &[&str],
+        mut place: impl FnMut() -> Vec<(Placement, Option<String>)>,
+        retry: bool,
+    ) -> Self {
+        for attempt in 1..=FIRST_START_TRIES {
+            let mut group = Self {
+                work: work.to_path_buf(),
+                replicas: Vec::new(),
+                args: args.iter().map(|s| s.to_string()).collect(),
+            };
+            for (i, (p, metrics)) in place().into_iter().enumerate() {
+                let id = i as u64 + 1;
+                group.replicas.push(Replica {
+                    id,
+                    addr: p.addr,
+                    peer: p.peer,
+                    data: work.join(format!("controller-{id}")),
+                    proc: None,
+                    metrics,
+                    joined: false,
+                    wrapper: p.wrapper,
+                });
+            }
+            for id in group.ids() {
+                group.launch(id);
+            }
+            match group.bound() {
+                Ok(()) => return group,
+                Err(e) if retry && attempt < FIRST_START_TRIES && e.contains("Address already in use") => {
+                    eprintln!("a replica's port was taken before it bound it; starting the group again on other ports:\n{e}");
+                    let dirs: Vec<PathBuf> = group.replicas.iter().map(|r| r.data.clone()).collect();
+                    drop(group);
+                    for dir in dirs {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
-        for id in group.ids() {
-            group.launch(id);
+        unreachable!("the last try returns or panics")
+    }
+
+    /// Waits until every live replica has written its ready file (bound its ports).
+    fn bound(&mut self) -> Result<(), String> {
+        let work = self.work.clone();
+        for r in &mut self.replicas {
+            if let Some(proc) = r.proc.as_mut() {
+                let log = work.join(format!("controller-{}.log", r.id));
+                crate::try_read_ready_file(&ready_file(&work, r.id), proc, &log)?;
+            }
         }
-        group
+        Ok(())
     }
 
     /// The process id of replica `id`, while it runs.
@@ -130,7 +164,9 @@ impl Group {
         };
         cmd.args(["--id", &id.to_string(), "--listen", &r.addr, "--peer-listen", &r.peer, "--peers", &peers])
             .arg("--data-dir")
-            .arg(&r.data);
+            .arg(&r.data)
+            .arg("--ready-file")
+            .arg(ready_file(&work, id));
         if r.joined {
             cmd.arg("--join");
         }
@@ -330,4 +366,9 @@ pub fn tidalctl(controllers: &str, args: &[&str]) -> Result<String, String> {
     } else {
         Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
     }
+}
+
+/// Where replica `id` says it has bound its ports.
+fn ready_file(work: &Path, id: u64) -> PathBuf {
+    work.join(format!("controller-{id}.ready"))
 }

@@ -75,16 +75,28 @@ pub fn free_port() -> u16 {
 /// (`--ready-file`) and returns the addresses it names; fails at once, with the daemon's log,
 /// if the daemon exits first.
 pub fn read_ready_file(path: &Path, proc: &mut Proc, log: &Path) -> std::collections::HashMap<String, String> {
+    try_read_ready_file(path, proc, log).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`read_ready_file`], with the daemon's early exit (and its log) as an error rather than a
+/// panic, for a caller that can start it again.
+pub fn try_read_ready_file(
+    path: &Path,
+    proc: &mut Proc,
+    log: &Path,
+) -> Result<std::collections::HashMap<String, String>, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(text) = std::fs::read_to_string(path) {
-            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text:?}", path.display()));
+            return serde_json::from_str(&text).map_err(|e| format!("{}: {e}: {text:?}", path.display()));
         }
         if let Ok(Some(status)) = proc.child.try_wait() {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("{} exited ({status}) before it listened; its log:\n{tail}", proc.name);
+            return Err(format!("{} exited ({status}) before it listened; its log:\n{tail}", proc.name));
         }
-        assert!(Instant::now() < deadline, "{} wrote no {} within 60 s", proc.name, path.display());
+        if Instant::now() >= deadline {
+            return Err(format!("{} wrote no {} within 60 s", proc.name, path.display()));
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
