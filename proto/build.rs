@@ -19,6 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .build_server(false)
         .compile_protos(&["proto/onnx.proto"], &["proto"])?;
+    // Triton's model configuration (config.pbtxt), read as text by `tidalctl task import`.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .file_descriptor_set_path(out.join("triton_model_config_descriptor.bin"))
+        .compile_protos(&["proto/triton_model_config.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

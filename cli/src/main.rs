@@ -2,6 +2,7 @@
 
 mod connect;
 mod forecast;
+mod import;
 mod load;
 mod models;
 mod nodes;
@@ -283,6 +284,33 @@ enum TaskCmd {
         #[command(flatten)]
         share: ShareArgs,
     },
+    /// Register the ONNX models of a Triton model repository as tasks, one per model, served
+    /// from the repository as it lies: start the agents with --model-dir <repository>.
+    ///
+    /// Each model's config.pbtxt (inputs, outputs, max_batch_size, version policy) is checked
+    /// against its ONNX file; what Tidal does otherwise than Triton is printed as a note, and
+    /// a model Tidal cannot serve is refused with the reason (the others are still registered).
+    ///
+    /// Example: tidalctl task import --triton-repository /srv/models --slo-ms 200 --sample-shape yolo=3,640,640
+    Import {
+        /// The repository: a directory per model, each with its config.pbtxt and numbered
+        /// version directories holding model.onnx.
+        #[arg(long)]
+        triton_repository: PathBuf,
+        /// The p99 latency SLO of every imported task, in ms.
+        #[arg(long)]
+        slo_ms: u32,
+        /// Only these models (directory names), comma-separated; default: all of them.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// For a model whose first input has dynamic dimensions, the size to profile it at:
+        /// MODEL=DIMS, one sample without the batch dimension (e.g. yolo=3,640,640). Repeatable.
+        #[arg(long = "sample-shape", value_parser = import::parse_sample_shape)]
+        sample_shapes: Vec<(String, Vec<i64>)>,
+        /// Check and print what would be registered, and register nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Change how a task shares the cluster's cores with the other tasks: its weight, its
     /// guaranteed minimum and its maximum (what is not given stays as it is).
     ///
@@ -404,6 +432,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("registered task {name} (SLO {slo} ms)");
             }
             Ok(())
+        }
+        Command::Task(TaskCmd::Import { triton_repository, slo_ms, models, sample_shapes, dry_run }) => {
+            let opts = import::Import {
+                repository: &triton_repository,
+                slo_ms,
+                models: &models,
+                sample_shapes: &sample_shapes,
+                dry_run,
+            };
+            import::run(&cli.controller, opts).await
         }
         Command::Task(TaskCmd::Set { task, share }) => {
             let answer = controller(&cli.controller).await?.set_share(share.request(&task)).await?.into_inner();

@@ -59,7 +59,7 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
 }
 
 /// The signature an ONNX file declares.
-fn signature_of(path: &Path) -> anyhow::Result<Signature> {
+pub(crate) fn signature_of(path: &Path) -> anyhow::Result<Signature> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Signature::read(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

@@ -23,6 +23,7 @@ pub mod solver;
 pub mod task;
 pub mod task_file;
 pub mod tensor;
+pub mod triton_repo;
 pub mod variant;
 pub mod yolo;
 pub mod zoo;

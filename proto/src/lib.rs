@@ -19,9 +19,17 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// Triton's model configuration (`config.pbtxt`), as `tidalctl task import` reads it.
+pub mod triton {
+    tonic::include_proto!("tidal.triton");
+}
+
 /// Encoded descriptors of Tidal's API and of the V2 protocol, for server reflection.
 pub const TIDAL_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tidal_descriptor");
 pub const KSERVE_V2_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kserve_v2_descriptor");
+/// The descriptor of [`triton::ModelConfig`], for parsing its text format.
+pub const TRITON_MODEL_CONFIG_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("triton_model_config_descriptor");
 
 pub use tidal::v1;
 

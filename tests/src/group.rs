@@ -71,9 +71,7 @@ impl Group {
 
     /// Starts `n` bootstrap replicas on loopback ports, each serving its metrics too.
     pub fn start_with_metrics(work: &Path, n: u64, args: &[&str]) -> Self {
-        let place = || {
-            (0..n).map(|_| (Placement::loopback(), Some(format!("127.0.0.1:{}", free_port())))).collect()
-        };
+        let place = || (0..n).map(|_| (Placement::loopback(), Some(format!("127.0.0.1:{}", free_port())))).collect();
         Self::start_fresh(work, args, place, true)
     }
 
@@ -111,7 +109,9 @@ impl Group {
             match group.bound() {
                 Ok(()) => return group,
                 Err(e) if retry && attempt < FIRST_START_TRIES && e.contains("Address already in use") => {
-                    eprintln!("a replica's port was taken before it bound it; starting the group again on other ports:\n{e}");
+                    eprintln!(
+                        "a replica's port was taken before it bound it; starting the group again on other ports:\n{e}"
+                    );
                     let dirs: Vec<PathBuf> = group.replicas.iter().map(|r| r.data.clone()).collect();
                     drop(group);
                     for dir in dirs {

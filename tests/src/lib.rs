@@ -528,3 +528,46 @@ pub fn outside_clients() -> Result<PathBuf, String> {
     }
     client_tools()
 }
+
+/// A V2 request of `inputs` as raw contents, asking for `outputs` (none: all).
+pub fn v2_raw_request(
+    task: &str,
+    inputs: &[tidal_common::tensor::NamedTensor],
+    outputs: &[&str],
+) -> tidal_proto::inference::ModelInferRequest {
+    tidal_proto::inference::ModelInferRequest {
+        model_name: task.into(),
+        inputs: inputs
+            .iter()
+            .map(|t| tidal_proto::inference::model_infer_request::InferInputTensor {
+                name: t.name.clone(),
+                datatype: t.element.v2_name().into(),
+                shape: t.shape.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| tidal_proto::inference::model_infer_request::InferRequestedOutputTensor {
+                name: o.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|t| t.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A V2 response's outputs, read from its raw contents.
+pub fn v2_raw_outputs(r: tidal_proto::inference::ModelInferResponse) -> Vec<tidal_common::tensor::NamedTensor> {
+    r.outputs
+        .iter()
+        .zip(r.raw_output_contents)
+        .map(|(o, data)| tidal_common::tensor::NamedTensor {
+            name: o.name.clone(),
+            element: tidal_common::onnx_signature::ElementType::from_v2_name(&o.datatype).unwrap(),
+            shape: o.shape.clone(),
+            data,
+        })
+        .collect()
+}

@@ -14,7 +14,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 use tidal_common::onnx_signature::{ElementType, Signature};
 use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tidal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tidal_proto::inference::model_infer_request::InferInputTensor;
 use tidal_proto::inference::{InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelMetadataRequest};
 use tidal_proto::v1::{
     ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, ProfileRequest, StageSpec, TaskSpec, Tensor,
@@ -265,40 +265,6 @@ fn tidal_request(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> InferR
     }
 }
 
-fn v2_raw(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: task.into(),
-        inputs: inputs
-            .iter()
-            .map(|t| InferInputTensor {
-                name: t.name.clone(),
-                datatype: t.element.v2_name().into(),
-                shape: t.shape.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        outputs: outputs
-            .iter()
-            .map(|o| InferRequestedOutputTensor { name: o.to_string(), ..Default::default() })
-            .collect(),
-        raw_input_contents: inputs.iter().map(|t| t.data.clone()).collect(),
-        ..Default::default()
-    }
-}
-
-fn v2_outputs(r: tidal_proto::inference::ModelInferResponse) -> Vec<NamedTensor> {
-    r.outputs
-        .iter()
-        .zip(r.raw_output_contents)
-        .map(|(o, data)| NamedTensor {
-            name: o.name.clone(),
-            element: ElementType::from_v2_name(&o.datatype).unwrap(),
-            shape: o.shape.clone(),
-            data,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_front() {
     let s = serve().await;
@@ -354,9 +320,9 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
 
     // V2 over gRPC: two samples in one request (raw contents), stacked as the model's batch.
     let pair = stacked(&[detector_inputs(4, 6, 20), detector_inputs(4, 6, 21)]);
-    let got = v2.model_infer(v2_raw("detect", &pair, &[])).await.unwrap().into_inner();
-    assert_same(&v2_outputs(got), &reference.run("detector", &pair), "V2 gRPC, two samples");
-    let got = v2.model_infer(v2_raw("detect", &pair, &["bias2"])).await.unwrap().into_inner();
+    let got = v2.model_infer(v2_raw_request("detect", &pair, &[])).await.unwrap().into_inner();
+    assert_same(&v2_raw_outputs(got), &reference.run("detector", &pair), "V2 gRPC, two samples");
+    let got = v2.model_infer(v2_raw_request("detect", &pair, &["bias2"])).await.unwrap().into_inner();
     assert_eq!(got.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["bias2"]);
     // Typed contents: FP32 and INT64 values in their own fields.
     let typed = ModelInferRequest {
@@ -380,7 +346,7 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
         ..Default::default()
     };
     let got = v2.model_infer(typed).await.unwrap().into_inner();
-    assert_same(&v2_outputs(got), &reference.run("recurrent", &step_inputs), "V2 gRPC, typed contents");
+    assert_same(&v2_raw_outputs(got), &reference.run("recurrent", &step_inputs), "V2 gRPC, typed contents");
 
     // V2's description of the models, as the files declare them.
     let meta = v2.model_metadata(ModelMetadataRequest { name: "detect".into(), version: String::new() }).await;
@@ -500,14 +466,14 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
         assert_same(&from_proto(g.expect("a good request beside bad ones").outputs), &want, "beside bad requests");
     }
     // V2's own ways to go wrong.
-    let mut fewer = v2_raw("detect", &pair, &[]);
+    let mut fewer = v2_raw_request("detect", &pair, &[]);
     fewer.raw_input_contents.pop();
-    let mut fp16_typed = v2_raw("detect", &requests[0], &[]);
+    let mut fp16_typed = v2_raw_request("detect", &requests[0], &[]);
     fp16_typed.raw_input_contents.clear();
     for input in &mut fp16_typed.inputs {
         input.contents = Some(InferTensorContents { fp32_contents: vec![0.0], ..Default::default() });
     }
-    let mut ragged = v2_raw("detect", &pair, &[]);
+    let mut ragged = v2_raw_request("detect", &pair, &[]);
     ragged.inputs[1].shape = vec![1];
     ragged.raw_input_contents[1].truncate(8);
     for (what, req) in [
