@@ -234,7 +234,7 @@ impl Pipeline {
         let started = Instant::now();
         telemetry.stage_arrival(&key.task, &key.stage, started);
         let (tx, rx) = oneshot::channel();
-        let result = match worker.queue.push(deadline, input, tx) {
+        let result = match worker.submit(deadline, input, tx) {
             Err((e, _)) => Err(e),
             Ok(()) => match tokio::time::timeout_at(deadline.into(), rx).await {
                 Err(_) => Err(ServeError::DeadlineExceeded(arrived.elapsed())),

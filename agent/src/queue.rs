@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use tidal_common::tensor::{shape_key, NamedTensor};
+use tidal_common::tensor::NamedTensor;
 
 use crate::error::ServeError;
 
@@ -50,7 +50,8 @@ pub struct Pending {
     pub enqueued: Instant,
     /// One sample of each of the model's inputs, in its order.
     pub inputs: Vec<NamedTensor>,
-    /// The shapes of its inputs: only requests of one key are batched together.
+    /// The shapes of its inputs but for padded dimensions: only requests of one key are
+    /// batched together.
     pub key: Vec<i64>,
     pub reply: Reply,
     seq: u64,
@@ -128,8 +129,15 @@ impl DeadlineQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Enqueues a request; a full or closed queue gives it back with the reason.
-    pub fn push(&self, deadline: Instant, inputs: Vec<NamedTensor>, reply: Reply) -> Result<(), (ServeError, Reply)> {
+    /// Enqueues a request, to be batched with requests of the same `key` (see
+    /// `StageIo::batch_key`); a full or closed queue gives it back with the reason.
+    pub fn push(
+        &self,
+        deadline: Instant,
+        key: Vec<i64>,
+        inputs: Vec<NamedTensor>,
+        reply: Reply,
+    ) -> Result<(), (ServeError, Reply)> {
         let mut inner = self.lock();
         if inner.closed || inner.sealed {
             return Err((ServeError::Unavailable("the worker is stopping".into()), reply));
@@ -155,7 +163,6 @@ impl DeadlineQueue {
         }
         inner.seq += 1;
         let seq = inner.seq;
-        let key = shape_key(&inputs);
         inner.heap.push(Pending { deadline, enqueued: now, inputs, key, reply, seq });
         drop(inner);
         self.notify.notify_one();
@@ -249,6 +256,7 @@ impl DeadlineQueue {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tidal_common::tensor::shape_key;
 
     fn push(q: &DeadlineQueue, deadline: Instant, tag: f32) -> oneshot::Receiver<Result<Served, ServeError>> {
         push_shaped(q, deadline, tag, 1)
@@ -264,7 +272,8 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let mut values = vec![0.0; len];
         values[0] = tag;
-        q.push(deadline, vec![NamedTensor::f32("x", vec![len as i64], &values)], tx).map_err(|(e, _)| e).unwrap();
+        let inputs = vec![NamedTensor::f32("x", vec![len as i64], &values)];
+        q.push(deadline, shape_key(&inputs), inputs, tx).map_err(|(e, _)| e).unwrap();
         rx
     }
 
@@ -306,17 +315,17 @@ mod tests {
         let _queued: Vec<_> = (0..14).map(|i| push(&q, deadline, i as f32)).collect();
         // With 14 ahead: 157.5 + 45 ms do not.
         let (tx, _rx) = oneshot::channel();
-        match q.push(deadline, Vec::new(), tx) {
+        match q.push(deadline, Vec::new(), Vec::new(), tx) {
             Err((ServeError::WouldMiss { ahead: 14, .. }, _)) => {}
             other => panic!("expected a refusal, got {:?}", other.map_err(|(e, _)| e)),
         }
         // An urgent request jumps the queue: nothing is ahead of it.
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(Instant::now() + Duration::from_millis(60), Vec::new(), tx).is_ok());
+        assert!(q.push(Instant::now() + Duration::from_millis(60), Vec::new(), Vec::new(), tx).is_ok());
         // Without a fresh estimate nothing is refused for its deadline.
         q.forget_estimate();
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(Instant::now() + Duration::from_millis(1), Vec::new(), tx).is_ok());
+        assert!(q.push(Instant::now() + Duration::from_millis(1), Vec::new(), Vec::new(), tx).is_ok());
     }
 
     #[test]
@@ -337,11 +346,11 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(5);
         let mut first = push(&q, far, 1.0);
         let (tx, _rx) = oneshot::channel();
-        assert!(matches!(q.push(far, Vec::new(), tx), Err((ServeError::QueueFull(1), _))));
+        assert!(matches!(q.push(far, Vec::new(), Vec::new(), tx), Err((ServeError::QueueFull(1), _))));
         q.close("test");
         assert!(matches!(first.try_recv(), Ok(Err(ServeError::Unavailable(_)))));
         let (tx, _rx) = oneshot::channel();
-        assert!(q.push(far, Vec::new(), tx).is_err());
+        assert!(q.push(far, Vec::new(), Vec::new(), tx).is_err());
     }
 
     #[test]

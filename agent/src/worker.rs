@@ -315,6 +315,18 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Queues one request (its inputs checked against the stage, one sample each) for a
+    /// batch of requests it can share one with.
+    pub fn submit(
+        &self,
+        deadline: Instant,
+        inputs: Vec<NamedTensor>,
+        reply: crate::queue::Reply,
+    ) -> Result<(), (ServeError, crate::queue::Reply)> {
+        let key = self.spec.io.batch_key(&inputs);
+        self.queue.push(deadline, key, inputs, reply)
+    }
+
     /// Creates the worker and starts its batcher, which starts the process.
     pub fn start(
         spec: WorkerSpec,
@@ -565,14 +577,34 @@ fn stack(io: &StageIo, batch: &[Pending]) -> Result<Vec<FrameTensor>, String> {
             })
         }
         let first = tensor(&batch[0], i, declared)?;
-        let mut shape = Vec::with_capacity(first.shape.len() + 1);
+        // One sample's shape in the batch: every request's, or along a padded dimension the
+        // longest request's (the batch key let only such requests in).
+        let mut sample = first.shape.clone();
+        let padded = io.pad.iter().find(|p| p.input == i);
+        if let Some(p) = padded {
+            for r in batch {
+                let t = tensor(r, i, declared)?;
+                if t.shape.len() != sample.len() || p.axis >= sample.len() {
+                    return Err(format!("input {:?} has shape {:?} beside {:?}", declared.name, t.shape, sample));
+                }
+                sample[p.axis] = sample[p.axis].max(t.shape[p.axis]);
+            }
+        }
+        let mut shape = Vec::with_capacity(sample.len() + 1);
         if io.batched {
             shape.push(batch.len() as i64);
         }
-        shape.extend_from_slice(&first.shape);
+        shape.extend_from_slice(&sample);
         let mut data = Vec::with_capacity(first.data.len() * batch.len());
-        for p in batch {
-            data.extend_from_slice(&tensor(p, i, declared)?.data);
+        for r in batch {
+            let t = tensor(r, i, declared)?;
+            match padded {
+                Some(p) if t.shape[p.axis] < sample[p.axis] => {
+                    let size = declared.element.size().unwrap_or(1);
+                    data.extend(tidal_common::padding::pad(&t.data, &t.shape, size, p.axis, sample[p.axis], &p.fill));
+                }
+                _ => data.extend_from_slice(&t.data),
+            }
         }
         let name = if io.positional { String::new() } else { declared.name.clone() };
         inputs.push(FrameTensor { name, datatype: declared.element.v2_name().into(), shape, data });
@@ -608,7 +640,8 @@ fn reply_batch(io: &StageIo, batch: Vec<Pending>, result: BatchResult, started: 
             return;
         }
     };
-    for (p, outputs) in batch.into_iter().zip(rows) {
+    for (p, mut outputs) in batch.into_iter().zip(rows) {
+        trim(io, &p, &mut outputs);
         let served = Served {
             outputs,
             batch_size: n as u32,
@@ -616,6 +649,21 @@ fn reply_batch(io: &StageIo, batch: Vec<Pending>, result: BatchResult, started: 
             run_us: result.run_us,
         };
         let _ = p.reply.send(Ok(served));
+    }
+}
+
+/// Cuts the outputs that follow the padded length back to the request's own length.
+fn trim(io: &StageIo, request: &Pending, outputs: &mut [NamedTensor]) {
+    let Some(len) = io.padded_length(&request.inputs) else { return };
+    for t in &io.trim {
+        let Some(o) = outputs.get_mut(t.output) else { continue };
+        // A row: [1, sample…].
+        let axis = t.axis + 1;
+        let (Some(&have), Some(size)) = (o.shape.get(axis), o.element.size()) else { continue };
+        if len < have {
+            o.data = tidal_common::padding::cut(&o.data, &o.shape[1..], size, t.axis, len);
+            o.shape[axis] = len;
+        }
     }
 }
 
@@ -693,7 +741,7 @@ mod tests {
             for tensors in inputs {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 callers.push(rx);
-                q.push(deadline, tensors, tx).map_err(|(e, _)| e).unwrap();
+                q.push(deadline, io.batch_key(&tensors), tensors, tx).map_err(|(e, _)| e).unwrap();
             }
             q.pop_batch(8, Instant::now())
         };
@@ -704,5 +752,81 @@ mod tests {
         assert!(stack(&io, &batch_of(vec![vec![a.clone()]])).is_err());
         assert!(stack(&io, &batch_of(vec![vec![b.clone(), a.clone()]])).is_err());
         assert!(stack(&io, &batch_of(vec![vec![a.clone(), b.clone(), b]])).is_err());
+    }
+
+    #[test]
+    fn requests_of_different_lengths_share_a_padded_batch_and_get_their_own_lengths_back() {
+        use tidal_proto::v1::{Padding, TensorSignature, Trim};
+        let sig = |name: &str, datatype: &str, shape: &[i64]| TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+        };
+        let io = StageIo::of(&tidal_proto::v1::StageSpec {
+            name: "encode".into(),
+            inputs: vec![sig("ids", "INT64", &[-1, -1]), sig("scale", "FP32", &[-1, 2])],
+            outputs: vec![sig("hidden", "FP32", &[-1, -1, 2]), sig("pooled", "FP32", &[-1, 2])],
+            pad: vec![Padding { input: "ids".into(), axis: 1, value: -7.0 }],
+            trim: vec![Trim { output: "hidden".into(), axis: 1 }],
+            ..Default::default()
+        })
+        .unwrap();
+        let ids = |values: &[i64]| NamedTensor {
+            name: "ids".into(),
+            element: ElementType::Int64,
+            shape: vec![values.len() as i64],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let scale = NamedTensor::f32("scale", vec![2], &[1.0, 2.0]);
+        let q = crate::queue::DeadlineQueue::new(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut callers = Vec::new();
+        for request in [vec![ids(&[1, 2]), scale.clone()], vec![ids(&[3, 4, 5]), scale.clone()]] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            callers.push(rx);
+            q.push(deadline, io.batch_key(&request), request, tx).map_err(|(e, _)| e).unwrap();
+        }
+        // Different lengths, one key: one batch, padded to the longest.
+        let batch = q.pop_batch(8, Instant::now());
+        assert_eq!(batch.len(), 2);
+        let stacked = stack(&io, &batch).unwrap();
+        assert_eq!(stacked[0].shape, vec![2, 3]);
+        let values: Vec<i64> =
+            stacked[0].data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+        // In deadline order, then arrival: the request of length 2 first, padded with -7.
+        assert_eq!(values, vec![1, 2, -7, 3, 4, 5]);
+        assert_eq!(stacked[1].shape, vec![2, 2]);
+        // The model answers [2, 3, 2] and [2, 2]; each request gets its own length of hidden.
+        let hidden: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let result = BatchResult {
+            id: 1,
+            error: String::new(),
+            run_us: 5,
+            outputs: vec![frame("hidden", &[2, 3, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
+        };
+        reply_batch(&io, batch, result, Instant::now());
+        let answers: Vec<Served> = callers.into_iter().map(|mut rx| rx.try_recv().unwrap().unwrap()).collect();
+        assert_eq!(answers[0].outputs[0].shape, vec![1, 2, 2]);
+        assert_eq!(answers[0].outputs[0].f32_values().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(answers[1].outputs[0].shape, vec![1, 3, 2]);
+        assert_eq!(answers[1].outputs[0].f32_values().unwrap(), vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(answers[1].outputs[1].f32_values().unwrap(), vec![7.0, 6.0]);
+        // Padded inputs of one request must agree on their length.
+        let two = StageIo::of(&tidal_proto::v1::StageSpec {
+            name: "encode".into(),
+            inputs: vec![sig("ids", "INT64", &[-1, -1]), sig("mask", "INT64", &[-1, -1])],
+            outputs: vec![sig("pooled", "FP32", &[-1, 2])],
+            pad: vec![
+                Padding { input: "ids".into(), axis: 1, value: 0.0 },
+                Padding { input: "mask".into(), axis: 1, value: 0.0 },
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut mask = ids(&[1, 1, 1]);
+        mask.name = "mask".into();
+        let err = two.sample(vec![ids(&[1, 2]), mask]).unwrap_err();
+        assert!(err.to_string().contains("ids 2, mask 3"), "{err}");
     }
 }

@@ -417,7 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             models::read_signatures(&mut task, &model_dir)?;
             match &file {
-                Some(file) => file.apply_bounds(&mut task)?,
+                Some(file) => file.apply_io(&mut task)?,
                 // Connections and signatures checked together, before the controller is asked.
                 None => tidal_common::task::validate_task(&task).map_err(|e| anyhow::anyhow!(e))?,
             }

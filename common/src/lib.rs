@@ -14,6 +14,7 @@ pub mod forecast;
 pub mod latency;
 pub mod onnx_graph;
 pub mod onnx_signature;
+pub mod padding;
 pub mod plan;
 pub mod profile;
 pub mod reconcile;

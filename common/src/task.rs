@@ -257,6 +257,7 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         crate::onnx_signature::validate_signature(&stage.inputs, &stage.outputs)
             .map_err(|e| format!("stage {}: {e}", stage.name))?;
         validate_connect(i.checked_sub(1).map(|p| &t.stages[p]), stage)?;
+        crate::padding::of_stage(stage)?;
         for v in &stage.variants {
             validate_variant(v)?;
             if !variant_names.insert(v.name.as_str()) {

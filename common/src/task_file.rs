@@ -33,6 +33,19 @@
 //! images = [0, 3, 1280, 1280]
 //! ```
 //!
+//! Requests whose inputs differ only in a sequence's length may share a batch, each padded to
+//! the longest (a model with a mask input tells padding from tokens), and outputs that follow
+//! that length be cut back to each request's (axes count the batch dimension; `value` is 0
+//! unless given):
+//!
+//! ```toml
+//! [stages.pad]
+//! input_ids = { axis = 1 }
+//! attention_mask = { axis = 1, value = 0 }
+//! [stages.trim]
+//! last_hidden_state = 1
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -40,7 +53,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tidal_proto::v1::{Connection, Connector, TaskShare, TaskSpec};
+use tidal_proto::v1::{Connection, Connector, Padding, TaskShare, TaskSpec, Trim};
 
 use crate::variant::{VariantConfig, VariantError};
 
@@ -72,9 +85,26 @@ pub struct StageFile {
     pub connect: std::collections::BTreeMap<String, String>,
     /// The most each dimension of an input may be, one number per dimension (0: unbounded;
     /// `[stages.bounds] images = [0, 3, 1280, 1280]`); set once the models' signatures are read
-    /// ([`TaskFile::apply_bounds`]).
+    /// ([`TaskFile::apply_io`]).
     #[serde(default)]
     pub bounds: std::collections::BTreeMap<String, Vec<i64>>,
+    /// Inputs padded so that requests of different lengths share a batch
+    /// (`[stages.pad] input_ids = { axis = 1 }`); set with the bounds.
+    #[serde(default)]
+    pub pad: std::collections::BTreeMap<String, PadFile>,
+    /// Outputs cut back to each request's length, by axis (`[stages.trim] hidden = 1`).
+    #[serde(default)]
+    pub trim: std::collections::BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PadFile {
+    /// The dimension padded, counting the batch dimension.
+    pub axis: u32,
+    /// What padding is made of (0 by default).
+    #[serde(default)]
+    pub value: f64,
 }
 
 #[derive(Debug, Error)]
@@ -90,9 +120,10 @@ pub enum TaskFileError {
 }
 
 impl TaskFile {
-    /// Sets the bounds the file gives on the inputs of `task`'s stages, whose signatures have
-    /// been read; an input the stage does not take is refused.
-    pub fn apply_bounds(&self, task: &mut TaskSpec) -> Result<(), TaskFileError> {
+    /// Sets the bounds, padding and trims the file gives on the inputs and outputs of
+    /// `task`'s stages, whose signatures have been read; an input the stage does not take is
+    /// refused.
+    pub fn apply_io(&self, task: &mut TaskSpec) -> Result<(), TaskFileError> {
         for file in &self.stages {
             let Some(stage) = task.stages.iter_mut().find(|s| s.name == file.name) else { continue };
             for (input, max) in &file.bounds {
@@ -105,6 +136,12 @@ impl TaskFile {
                 };
                 t.max_shape = max.clone();
             }
+            stage.pad = file
+                .pad
+                .iter()
+                .map(|(input, p)| Padding { input: input.clone(), axis: p.axis, value: p.value })
+                .collect();
+            stage.trim = file.trim.iter().map(|(output, &axis)| Trim { output: output.clone(), axis }).collect();
         }
         crate::task::validate_task(task).map_err(TaskFileError::Invalid)
     }
@@ -226,7 +263,7 @@ mod tests {
         task.stages[0].outputs = vec![sig("boxes", &[-1, 4])];
         task.stages[1].inputs = vec![sig("x", &[-1, 3, 32, 32])];
         task.stages[1].outputs = vec![sig("logits", &[-1, 10])];
-        file.apply_bounds(&mut task).unwrap();
+        file.apply_io(&mut task).unwrap();
         assert_eq!(task.stages[0].inputs[0].max_shape, vec![0, 3, 64, 64]);
         // A connection from an output the stage before does not give.
         let mut wrong = task.clone();
@@ -234,11 +271,34 @@ mod tests {
         assert!(crate::task::validate_task(&wrong).unwrap_err().contains("no output \"scores\""));
         // Bounds on an input the models do not take.
         let other: TaskFile = toml::from_str(&text.replace("x = [0, 3, 64, 64]", "y = [0, 3]")).unwrap();
-        assert!(other.apply_bounds(&mut task.clone()).unwrap_err().to_string().contains("do not take"));
+        assert!(other.apply_io(&mut task.clone()).unwrap_err().to_string().contains("do not take"));
         // The first stage connects to nothing.
         let first: TaskFile =
             toml::from_str(&text.replace("[stages.bounds]\nx = [0, 3, 64, 64]", "[stages.connect]\na = \"x\""))
                 .unwrap();
         assert!(first.to_spec(dir.path()).unwrap_err().to_string().contains("connects to nothing"));
+    }
+
+    #[test]
+    fn padding_and_trims_are_read_and_checked_against_the_signatures() {
+        let dir = detector_and_classifier();
+        let text = "name = \"d\"\nslo_ms = 500\n[[stages]]\nname = \"detect\"\nvariants = [\"det\"]\n[stages.pad]\nx = { axis = 3, value = -1.5 }\n[stages.trim]\nboxes = 1\n";
+        let file: TaskFile = toml::from_str(text).unwrap();
+        let mut task = file.to_spec(dir.path()).unwrap();
+        let sig = |name: &str, shape: &[i64]| tidal_proto::v1::TensorSignature {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+        };
+        task.stages[0].inputs = vec![sig("x", &[-1, 3, -1, -1])];
+        task.stages[0].outputs = vec![sig("boxes", &[-1, -1, 4])];
+        file.apply_io(&mut task).unwrap();
+        assert_eq!((task.stages[0].pad[0].axis, task.stages[0].pad[0].value), (3, -1.5));
+        assert_eq!((task.stages[0].trim[0].output.as_str(), task.stages[0].trim[0].axis), ("boxes", 1));
+        // Along a fixed dimension: refused.
+        let fixed: TaskFile = toml::from_str(&text.replace("axis = 3", "axis = 1")).unwrap();
+        assert!(fixed.apply_io(&mut task.clone()).unwrap_err().to_string().contains("axis 1"));
+        assert!(toml::from_str::<TaskFile>(&text.replace("value = -1.5", "fill = 0")).is_err());
     }
 }

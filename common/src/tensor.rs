@@ -6,6 +6,7 @@ use thiserror::Error;
 use tidal_proto::v1::{DataType, StageSpec, Tensor};
 
 use crate::onnx_signature::ElementType;
+use crate::padding::{Padded, Trimmed};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum TensorError {
@@ -31,6 +32,8 @@ pub enum TensorError {
     Bound { name: String, dim: usize, got: i64, max: i64 },
     #[error("{got} bytes of data do not make a {dtype} tensor of shape {shape:?} ({want} bytes)")]
     Length { got: usize, want: usize, dtype: String, shape: Vec<i64> },
+    #[error("the padded inputs differ in length: {0}; they must have one length")]
+    PadLengths(String),
 }
 
 /// A tensor's element type as Tidal's API names it.
@@ -159,6 +162,10 @@ pub struct StageIo {
     /// A stage registered before signatures were read: one float32 input of its variants'
     /// sample shape, fed to the model's first input; its first output is the answer.
     pub positional: bool,
+    /// Inputs padded to the longest of their batch, and outputs cut back to each request's
+    /// length (see [`crate::padding`]).
+    pub pad: Vec<Padded>,
+    pub trim: Vec<Trimmed>,
 }
 
 /// The names of the input and output of a stage registered without a signature.
@@ -185,6 +192,8 @@ impl StageIo {
                 }],
                 batched: true,
                 positional: true,
+                pad: vec![],
+                trim: vec![],
             });
         }
         let declared = |ts: &[tidal_proto::v1::TensorSignature]| -> Result<Vec<Declared>, String> {
@@ -204,7 +213,34 @@ impl StageIo {
         let inputs = declared(&stage.inputs)?;
         let outputs = declared(&stage.outputs)?;
         let batched = inputs.iter().chain(&outputs).all(|t| t.shape.first() == Some(&-1));
-        Ok(Self { inputs, outputs, batched, positional: false })
+        let (pad, trim) = crate::padding::of_stage(stage)?;
+        Ok(Self { inputs, outputs, batched, positional: false, pad, trim })
+    }
+
+    /// What requests must share to be batched together: the shapes of all their inputs, but
+    /// for the padded dimensions.
+    pub fn batch_key(&self, sample: &[NamedTensor]) -> Vec<i64> {
+        let mut key = shape_key(sample);
+        if self.pad.is_empty() {
+            return key;
+        }
+        // Each tensor's entries in the key: its rank, then its dimensions.
+        let mut start = 0;
+        for (i, t) in sample.iter().enumerate() {
+            for p in self.pad.iter().filter(|p| p.input == i) {
+                if let Some(d) = key.get_mut(start + 1 + p.axis) {
+                    *d = -1;
+                }
+            }
+            start += 1 + t.shape.len();
+        }
+        key
+    }
+
+    /// A request's length along the padded dimension (None for a stage without padding).
+    pub fn padded_length(&self, sample: &[NamedTensor]) -> Option<i64> {
+        let p = self.pad.first()?;
+        sample.get(p.input)?.shape.get(p.axis).copied()
     }
 
     fn input_list(&self) -> String {
@@ -249,11 +285,18 @@ impl StageIo {
             }
             slots[i] = Some(self.check(&self.inputs[i], t)?);
         }
-        slots
+        let sample: Vec<NamedTensor> = slots
             .into_iter()
             .zip(&self.inputs)
             .map(|(t, d)| t.ok_or_else(|| TensorError::MissingInput(d.name.clone(), self.input_list())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let lengths: Vec<(usize, i64)> =
+            self.pad.iter().filter_map(|p| Some((p.input, *sample[p.input].shape.get(p.axis)?))).collect();
+        if lengths.windows(2).any(|w| w[0].1 != w[1].1) {
+            let shown: Vec<String> = lengths.iter().map(|(i, n)| format!("{} {n}", self.inputs[*i].name)).collect();
+            return Err(TensorError::PadLengths(shown.join(", ")));
+        }
+        Ok(sample)
     }
 
     /// One input checked against its declaration, as one sample.

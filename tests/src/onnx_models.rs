@@ -148,3 +148,21 @@ pub fn recurrent() -> Vec<u8> {
         vec![info("next_state", DataType::Float, &[D::N(2), D::N(8)]), info("next_step", DataType::Int64, &[])];
     model("recurrent", nodes, init, inputs, outputs)
 }
+
+/// A text model taking batches of token sequences of any length: `input_ids` INT64 [N, L] and
+/// `attention_mask` INT64 [N, L] give `kept` INT64 [N, L] (the ids the mask keeps, 0
+/// elsewhere) and `total` INT64 [N] (their sum): padding with a mask of 0 changes neither.
+pub fn tokens() -> Vec<u8> {
+    let nodes = vec![
+        node("Mul", &["input_ids", "attention_mask"], "kept", vec![]),
+        node("ReduceSum", &["kept", "axis1"], "total", vec![int("keepdims", 0)]),
+    ];
+    let init = vec![int64s("axis1", &[1], &[1])];
+    let inputs = vec![
+        info("input_ids", DataType::Int64, &[D::P("N"), D::P("L")]),
+        info("attention_mask", DataType::Int64, &[D::P("N"), D::P("L")]),
+    ];
+    let outputs =
+        vec![info("kept", DataType::Int64, &[D::P("N"), D::P("L")]), info("total", DataType::Int64, &[D::P("N")])];
+    model("tokens", nodes, init, inputs, outputs)
+}

@@ -531,3 +531,66 @@ async fn tritonclient_sends_typed_numpy_inputs_and_gets_onnx_runtime_s_answers()
     let failed: Vec<_> = cases.iter().filter(|(_, v)| v.as_str() != Some("ok")).collect();
     assert!(failed.is_empty(), "tritonclient cases that failed: {failed:?}");
 }
+
+/// A text model's requests of different lengths share a batch: the task pads `input_ids` and
+/// `attention_mask` to the longest of the batch (the mask padded with 0) and cuts `kept` back
+/// to each request's length; every answer is the model's answer for the request alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_different_lengths_are_padded_into_one_batch_and_answered_as_alone() {
+    use tidal_proto::v1::{Padding, Trim};
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(models.join("tokens.onnx"), onnx_models::tokens()).unwrap();
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &["--worker-threads", "1"] });
+    let v = variant("tokens", &[16]);
+    let mut encode = stage("encode", &models, v.clone());
+    encode.pad =
+        ["input_ids", "attention_mask"].map(|input| Padding { input: input.into(), axis: 1, value: 0.0 }).to_vec();
+    encode.trim = vec![Trim { output: "kept".into(), axis: 1 }];
+    let task = TaskSpec { name: "text".into(), slo_ms: 5000, stages: vec![encode], ..Default::default() };
+    tidal_common::task::validate_task(&task).unwrap();
+    // Batches of up to 4, gathered for up to 300 ms: the three requests below meet.
+    let mut batching = assignment("text", "encode", &v, &agent.node, 4);
+    batching.max_delay_ms = 300;
+    let plan = Plan { epoch: 1, term: 1, tasks: vec![task], assignments: vec![batching], ..Default::default() };
+    let mut control = agent_client(&agent.control_addr).await;
+    control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.expect("the plan is applied");
+    wait_ready(&agent.control_addr, 1).await;
+
+    let int64 = |name: &str, values: &[i64]| NamedTensor {
+        name: name.into(),
+        element: ElementType::Int64,
+        shape: vec![1, values.len() as i64],
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    // Ids 1..=len, the last one masked out.
+    let request = |len: i64| {
+        let ids: Vec<i64> = (1..=len).collect();
+        let mask: Vec<i64> = (1..=len).map(|i| i64::from(i < len)).collect();
+        vec![int64("input_ids", &ids), int64("attention_mask", &mask)]
+    };
+    let infer = inference_client(&agent.addr).await;
+    let calls = [2, 5, 3].map(|len| {
+        let mut client = infer.clone();
+        let req = tidal_request("text", &request(len), &[]);
+        async move { client.infer(req).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (len, answer) in [2i64, 5, 3].into_iter().zip(answers) {
+        let answer = answer.unwrap().into_inner();
+        assert_eq!(answer.batch_size, 3, "the three lengths shared one batch");
+        let outputs = from_proto(answer.outputs);
+        let kept: Vec<i64> = (1..=len).map(|i| if i < len { i } else { 0 }).collect();
+        assert_eq!((outputs[0].name.as_str(), outputs[0].shape.clone()), ("kept", vec![1, len]));
+        assert_eq!(int64s(&outputs[0].data), kept, "length {len}");
+        assert_eq!(int64s(&outputs[1].data), vec![kept.iter().sum::<i64>()], "length {len}");
+    }
+    // Ids and mask of different lengths: refused with the reason.
+    let mut infer = infer;
+    let uneven = vec![int64("input_ids", &[1, 2, 3]), int64("attention_mask", &[1, 1])];
+    let err = infer.infer(tidal_request("text", &uneven, &[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("input_ids 3, attention_mask 2"), "{}", err.message());
+}

@@ -270,7 +270,7 @@ impl Harness {
         let (reply, served) = oneshot::channel();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let input = NamedTensor::f32("input", vec![3], &[1.0, 2.0, 3.0]);
-        w.queue.push(deadline, vec![input], reply).map_err(|(e, _)| e).unwrap();
+        w.submit(deadline, vec![input], reply).map_err(|(e, _)| e).unwrap();
         let served: Result<_, ServeError> = served.await.unwrap();
         let outputs = served.unwrap().outputs;
         assert_eq!((outputs[0].name.as_str(), outputs[0].f32_values().unwrap()), ("output", vec![1.0, 2.0, 3.0]));
