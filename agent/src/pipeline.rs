@@ -232,7 +232,8 @@ impl Pipeline {
     ) -> Result<StageOutput, ServeError> {
         let telemetry = &self.node.telemetry;
         let started = Instant::now();
-        telemetry.stage_arrival(&key.task, &key.stage, started);
+        let size = input.first().and_then(|t| tidal_common::tensor::element_count(&t.shape)).unwrap_or(0) as u64;
+        telemetry.stage_arrival(&key.task, &key.stage, started, size);
         let (tx, rx) = oneshot::channel();
         let result = match worker.submit(deadline, input, tx) {
             Err((e, _)) => Err(e),

@@ -3,14 +3,19 @@
 //!
 //! Each core count gets a fresh worker process in its own cgroup; batches run back to back
 //! (the worker is never idle, as under saturating load) after two warm-up runs.
+//!
+//! Inputs are the user's sample requests when the request carries them: every input size among
+//! them (elements of one sample of the first input) is measured, and each point says its size.
+//! Without samples, one generated sample of the variant's `input_shape`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tidal_common::onnx_signature::{Dim, ElementType, Signature};
-use tidal_proto::v1::{ProfilePoint, ProfileRequest, VariantSpec};
+use tidal_common::onnx_signature::{Dim, ElementType, Signature, TensorSpec};
+use tidal_common::tensor::{shape_key, NamedTensor, StageIo};
+use tidal_proto::v1::{ProfilePoint, ProfileRequest, ProfileSample, StageSpec, VariantSpec};
 use tonic::Status;
 use tracing::info;
 
@@ -21,8 +26,10 @@ use crate::worker_protocol::FrameTensor;
 
 static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
-/// Most core counts, and most batch sizes, one request measures.
+/// Most core counts, batch sizes and input sizes one request measures.
 const MAX_GRID: usize = 16;
+/// Most sample requests one profile request carries.
+const MAX_SAMPLES: usize = 256;
 /// One measurement at a time: two would share the cores and spoil each other's figures (and
 /// each starts worker processes).
 static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
@@ -52,56 +59,151 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     let _slot = ONE_AT_A_TIME.try_acquire().map_err(|_| {
         Status::resource_exhausted("a profile is being measured on this node; one at a time (retry when it ends)")
     })?;
+    if req.samples.len() > MAX_SAMPLES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_SAMPLES} sample requests, not {}",
+            req.samples.len()
+        )));
+    }
+    let bytes = tokio::fs::read(&model).await.map_err(|e| Status::not_found(format!("{}: {e}", model.display())))?;
+    let signature =
+        Signature::read(&bytes).map_err(|e| Status::invalid_argument(format!("{}: {e}", variant.model_file)))?;
+    let sets = sample_sets(&signature, variant, &req.samples)?;
     let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
     let mut points = Vec::new();
     for &cores in &req.cores {
         let id = format!("profile-{}", PROFILES.fetch_add(1, Ordering::Relaxed));
         let cgroup = node.cgroups.create(&id).map_err(|e| Status::internal(e.to_string()))?;
         // The cgroup goes whatever happens to the measurement.
-        let measured = profile_at(node, variant, &model, &cgroup, cores, &req.batches, duration).await;
+        let grid = Grid { cores, batches: &req.batches, sets: &sets, duration };
+        let measured = profile_at(node, variant, &model, &signature, &cgroup, grid).await;
         cgroup.remove();
         points.extend(measured?);
     }
     Ok(points)
 }
 
-/// Measures every batch size at `cores` with one fresh worker in `cgroup`.
+/// The inputs of one input size a profile measures with.
+struct SampleSet {
+    /// Elements of one sample of the first input.
+    size: u64,
+    /// Checked samples of one shape, batched by repeating them; none: generated ones.
+    samples: Vec<Vec<NamedTensor>>,
+}
+
+/// What one worker measures: each batch size at each input size, on `cores`.
+struct Grid<'a> {
+    cores: u32,
+    batches: &'a [u32],
+    sets: &'a [SampleSet],
+    duration: Duration,
+}
+
+/// The user's samples checked against the model and grouped by size (of each size, the shape
+/// most samples have), smallest first; without samples, the variant's own size.
+fn sample_sets(
+    signature: &Signature,
+    variant: &VariantSpec,
+    samples: &[ProfileSample],
+) -> Result<Vec<SampleSet>, Status> {
+    if samples.is_empty() {
+        let size = tidal_common::tensor::element_count(&variant.input_shape).unwrap_or(0) as u64;
+        return Ok(vec![SampleSet { size, samples: Vec::new() }]);
+    }
+    let stage = StageSpec {
+        inputs: signature.inputs.iter().map(TensorSpec::to_proto).collect(),
+        outputs: signature.outputs.iter().map(TensorSpec::to_proto).collect(),
+        ..Default::default()
+    };
+    let io = StageIo::of(&stage).map_err(Status::invalid_argument)?;
+    let mut by_shape: std::collections::BTreeMap<Vec<i64>, Vec<Vec<NamedTensor>>> = Default::default();
+    for (i, s) in samples.iter().enumerate() {
+        let tensors = s
+            .inputs
+            .iter()
+            .cloned()
+            .map(NamedTensor::from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|t| io.sample(t))
+            .map_err(|e| Status::invalid_argument(format!("sample {}: {e}", i + 1)))?;
+        by_shape.entry(shape_key(&tensors)).or_default().push(tensors);
+    }
+    let mut by_size: std::collections::BTreeMap<u64, Vec<Vec<NamedTensor>>> = Default::default();
+    for group in by_shape.into_values() {
+        let size = tidal_common::tensor::element_count(&group[0][0].shape).unwrap_or(0) as u64;
+        let kept = by_size.entry(size).or_default();
+        if group.len() > kept.len() {
+            *kept = group;
+        }
+    }
+    if by_size.len() > MAX_GRID {
+        return Err(Status::invalid_argument(format!(
+            "the samples come in {} input sizes; a profile measures at most {MAX_GRID}",
+            by_size.len()
+        )));
+    }
+    Ok(by_size.into_iter().map(|(size, samples)| SampleSet { size, samples }).collect())
+}
+
+/// A batch of `batch` of the set's samples (repeated as needed), one tensor per input.
+fn stacked(set: &SampleSet, batched: bool, batch: u32) -> Vec<FrameTensor> {
+    let n = batch as usize;
+    (0..set.samples[0].len())
+        .map(|i| {
+            let first = &set.samples[0][i];
+            let mut shape = if batched { vec![i64::from(batch)] } else { Vec::new() };
+            shape.extend_from_slice(&first.shape);
+            let data = set
+                .samples
+                .iter()
+                .cycle()
+                .take(if batched { n } else { 1 })
+                .flat_map(|s| s[i].data.iter().copied())
+                .collect();
+            FrameTensor { name: first.name.clone(), datatype: first.element.v2_name().into(), shape, data }
+        })
+        .collect()
+}
+
+/// Measures every batch size at every input size on `grid.cores` with one fresh worker in
+/// `cgroup`.
 async fn profile_at(
     node: &Node,
     variant: &VariantSpec,
     model: &Path,
+    signature: &Signature,
     cgroup: &WorkerCgroup,
-    cores: u32,
-    batches: &[u32],
-    duration: Duration,
+    grid: Grid<'_>,
 ) -> Result<Vec<ProfilePoint>, Status> {
-    let bytes = tokio::fs::read(model).await.map_err(|e| Status::not_found(format!("{}: {e}", model.display())))?;
-    let signature =
-        Signature::read(&bytes).map_err(|e| Status::invalid_argument(format!("{}: {e}", variant.model_file)))?;
+    let cores = grid.cores;
     let mut proc = WorkerProcess::spawn(&node.cfg.process, model, cgroup, cores * 1000)
         .await
         .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
     // A model without a batch dimension runs one request at a time: batch 1 is all there is.
-    let batches = if signature.batched() { batches.to_vec() } else { vec![1] };
+    let batches = if signature.batched() { grid.batches.to_vec() } else { vec![1] };
     let mut points = Vec::new();
-    for &batch in &batches {
-        let inputs = match profile_inputs(&signature, variant, batch) {
-            Ok(inputs) => inputs,
-            Err(e) => {
-                proc.stop(Duration::from_secs(1)).await;
-                return Err(e);
-            }
-        };
-        let (mut latencies, elapsed) = match measure(&mut proc, &inputs, duration).await {
-            Ok(measured) => measured,
-            Err(e) => {
-                proc.stop(Duration::from_secs(1)).await;
-                return Err(e);
-            }
-        };
-        let point = summarise(cores, batch, &mut latencies, elapsed);
-        info!(variant = %variant.name, cores, batch, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
-        points.push(point);
+    for set in grid.sets {
+        for &batch in &batches {
+            let inputs = if set.samples.is_empty() {
+                profile_inputs(signature, variant, batch)
+            } else {
+                Ok(stacked(set, signature.batched(), batch))
+            };
+            let measured = match inputs {
+                Ok(inputs) => measure(&mut proc, &inputs, grid.duration).await,
+                Err(e) => Err(e),
+            };
+            let (mut latencies, elapsed) = match measured {
+                Ok(measured) => measured,
+                Err(e) => {
+                    proc.stop(Duration::from_secs(1)).await;
+                    return Err(e);
+                }
+            };
+            let point = ProfilePoint { size: set.size, ..summarise(cores, batch, &mut latencies, elapsed) };
+            info!(variant = %variant.name, cores, batch, size = set.size, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
+            points.push(point);
+        }
     }
     proc.stop(Duration::from_secs(5)).await;
     Ok(points)
@@ -199,6 +301,7 @@ fn summarise(cores: u32, batch: u32, latencies: &mut [Duration], elapsed_s: f64)
         latency_p50_ms: pick(0.5),
         latency_p99_ms: pick(0.99),
         throughput_rps: batch as f64 * latencies.len() as f64 / elapsed_s.max(1e-9),
+        size: 0,
     }
 }
 

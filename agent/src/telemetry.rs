@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tidal_proto::v1::{StageTelemetry, TaskTelemetry};
+use tidal_proto::v1::{SizeCount, StageTelemetry, TaskTelemetry};
 
 /// How a request ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,6 +78,8 @@ impl TaskStats {
 /// One stage of a task, as this agent's workers served it.
 struct StageStats {
     arrivals: Seconds,
+    /// Requests per input size bucket (`tidal_common::profile::size_bucket`), this window.
+    sizes: BTreeMap<u64, u64>,
     served: u64,
     errors: u64,
     queue_us: Histogram<u64>,
@@ -86,7 +88,14 @@ struct StageStats {
 
 impl StageStats {
     fn new() -> Self {
-        Self { arrivals: Seconds::default(), served: 0, errors: 0, queue_us: histogram(), latency_us: histogram() }
+        Self {
+            arrivals: Seconds::default(),
+            sizes: BTreeMap::new(),
+            served: 0,
+            errors: 0,
+            queue_us: histogram(),
+            latency_us: histogram(),
+        }
     }
 }
 
@@ -134,11 +143,24 @@ impl Telemetry {
     }
 
     /// A request reached this agent's workers of a stage.
-    pub fn stage_arrival(&self, task: &str, stage: &str, at: Instant) {
+    /// A request of a stage arrived here at `at`, its input `size` elements (one sample of
+    /// the stage's first input).
+    pub fn stage_arrival(&self, task: &str, stage: &str, at: Instant, size: u64) {
         let second = at.saturating_duration_since(self.started).as_secs();
         self.with(task, |s| {
             let st = s.stages.entry(stage.to_string()).or_insert_with(StageStats::new);
             st.arrivals.add(second);
+            let bucket = tidal_common::profile::size_bucket(size);
+            if st.sizes.len() >= MAX_SIZE_BUCKETS && !st.sizes.contains_key(&bucket) {
+                // Full: the smallest bucket's requests join the next one up, so that sizes are
+                // only ever counted larger, never smaller.
+                if let Some((_, n)) = st.sizes.pop_first() {
+                    if let Some(mut next) = st.sizes.first_entry() {
+                        *next.get_mut() += n;
+                    }
+                }
+            }
+            *st.sizes.entry(bucket).or_default() += 1;
         });
     }
 
@@ -183,6 +205,7 @@ impl Telemetry {
                         queue_p99_ms: st.queue_us.value_at_quantile(0.99) as f64 / 1000.0,
                         latency_p50_ms: st.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
                         latency_p99_ms: st.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                        sizes: st.sizes.iter().map(|(&size, &count)| SizeCount { size, count }).collect(),
                     };
                     *st = StageStats { arrivals: std::mem::take(&mut st.arrivals), ..StageStats::new() };
                     t
@@ -213,6 +236,9 @@ impl Telemetry {
 
 /// Seconds of arrivals an unsent report may carry forward (older ones are dropped).
 pub const MAX_UNSENT_SECONDS: usize = 3600;
+
+/// Most input size buckets a stage reports per window (8 per doubling: sizes 256× apart).
+const MAX_SIZE_BUCKETS: usize = 64;
 
 /// Folds a report that could not be sent into the next one, so that a controller failover
 /// does not lose the seconds it covered: arrivals are concatenated (older first), counts
@@ -267,6 +293,7 @@ fn carry_stages(unsent: Vec<StageTelemetry>, fresh: Vec<StageTelemetry>) -> Vec<
                 old.queue_p99_ms = old.queue_p99_ms.max(s.queue_p99_ms);
                 old.latency_p50_ms = old.latency_p50_ms.max(s.latency_p50_ms);
                 old.latency_p99_ms = old.latency_p99_ms.max(s.latency_p99_ms);
+                old.sizes = merge_sizes(&old.sizes, &s.sizes);
             }
             None => {
                 by_stage.insert(s.stage.clone(), s);
@@ -274,6 +301,22 @@ fn carry_stages(unsent: Vec<StageTelemetry>, fresh: Vec<StageTelemetry>) -> Vec<
         }
     }
     by_stage.into_values().collect()
+}
+
+/// Counts per input size of two windows added up, at most [`MAX_SIZE_BUCKETS`] kept (the
+/// smallest merged into the next one up).
+fn merge_sizes(a: &[SizeCount], b: &[SizeCount]) -> Vec<SizeCount> {
+    let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
+    for c in a.iter().chain(b) {
+        *counts.entry(c.size).or_default() += c.count;
+    }
+    while counts.len() > MAX_SIZE_BUCKETS {
+        let Some((_, n)) = counts.pop_first() else { break };
+        if let Some(mut next) = counts.first_entry() {
+            *next.get_mut() += n;
+        }
+    }
+    counts.into_iter().map(|(size, count)| SizeCount { size, count }).collect()
 }
 
 #[cfg(test)]
@@ -328,9 +371,9 @@ mod tests {
     fn each_stage_served_here_is_reported_with_its_queueing() {
         let t0 = Instant::now();
         let t = Telemetry::new(t0);
-        t.stage_arrival("video", "detect", t0);
-        t.stage_arrival("video", "detect", t0 + Duration::from_millis(1200));
-        t.stage_arrival("video", "classify", t0 + Duration::from_millis(1300));
+        t.stage_arrival("video", "detect", t0, 3 * 640 * 480);
+        t.stage_arrival("video", "detect", t0 + Duration::from_millis(1200), 3 * 640 * 480);
+        t.stage_arrival("video", "classify", t0 + Duration::from_millis(1300), 3 * 224 * 224);
         t.stage_outcome("video", "detect", Some((Duration::from_millis(2), Duration::from_millis(20))));
         t.stage_outcome("video", "classify", None);
         let report = t.drain(t0 + Duration::from_millis(2500));
@@ -339,11 +382,30 @@ mod tests {
         let (classify, detect) = (&stages[0], &stages[1]);
         assert_eq!(detect.arrivals_per_second, vec![1, 1]);
         assert_eq!(classify.arrivals_per_second, vec![1], "from its first arrival");
+        // Sizes in buckets at most 9 % above them.
+        assert_eq!(detect.sizes.len(), 1);
+        let bucket = detect.sizes[0].size as f64 / (3.0 * 640.0 * 480.0);
+        assert!((1.0..1.091).contains(&bucket) && detect.sizes[0].count == 2, "{:?}", detect.sizes);
         assert_eq!((detect.served, detect.errors, classify.errors), (1, 0, 1));
         assert!((detect.queue_p99_ms - 2.0).abs() < 0.1 && (detect.latency_p99_ms - 20.0).abs() < 0.1);
         assert!(report[0].arrivals_per_second.is_empty(), "the task's own arrivals are the entry agent's");
         let next = t.drain(t0 + Duration::from_millis(3500));
         assert_eq!(next[0].stages[1].served, 0, "counts reset");
+        assert!(next[0].stages[1].sizes.is_empty(), "sizes reset");
+        // Many sizes: the smallest are counted as the next larger, never the largest dropped.
+        for size in 1..=1000u64 {
+            t.stage_arrival("text", "encode", t0, size * 100);
+        }
+        let report = t.drain(t0 + Duration::from_millis(4500));
+        let sizes = &report.iter().find(|r| r.task == "text").unwrap().stages[0].sizes;
+        assert!(sizes.len() <= MAX_SIZE_BUCKETS);
+        assert_eq!(sizes.iter().map(|c| c.count).sum::<u64>(), 1000);
+        assert!(sizes.last().unwrap().size >= 100_000);
+        let merged = merge_sizes(
+            &[SizeCount { size: 8, count: 2 }],
+            &[SizeCount { size: 8, count: 1 }, SizeCount { size: 9, count: 1 }],
+        );
+        assert_eq!(merged, vec![SizeCount { size: 8, count: 3 }, SizeCount { size: 9, count: 1 }]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod output;
 mod plot;
 mod profile;
 mod replicas;
+mod samples;
 mod simulate;
 mod simulate_tasks;
 mod status;
@@ -77,8 +78,14 @@ enum Command {
         #[arg(long)]
         save: Option<PathBuf>,
         /// Store the profiles saved in this file instead of measuring.
-        #[arg(long, conflicts_with_all = ["save"])]
+        #[arg(long, conflicts_with_all = ["save", "samples"])]
         from: Option<PathBuf>,
+        /// Measure with real requests of the task's first stage, at every input size among
+        /// them (pixels, tokens, audio samples): a directory of V2 request bodies (NAME.json),
+        /// NumPy arrays of a one-input model (NAME.npy) or directories of INPUT.npy files, one
+        /// sample each. The planner then plans for the sizes requests come in.
+        #[arg(long)]
+        samples: Option<PathBuf>,
     },
     /// Show the cluster: nodes, workers, plan, live rates and latencies.
     ///
@@ -459,12 +466,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("task {task}: SLO set to {slo_ms} ms");
             Ok(())
         }
-        Command::Profile { agent, task, cores, batches, duration_ms, repeat, save, from } => {
+        Command::Profile { agent, task, cores, batches, duration_ms, repeat, save, from, samples } => {
             let spec = task_spec(&cli.controller, &task).await?;
             match from {
                 Some(path) => profile::store_saved(&cli.controller, &spec, &path).await,
                 None => {
-                    let m = profile::Measure { agent: &agent, cores, batches, duration_ms, repeat };
+                    let samples = samples.as_deref().map(samples::read_dir).transpose()?.unwrap_or_default();
+                    let m = profile::Measure { agent: &agent, cores, batches, duration_ms, repeat, samples };
                     profile::measure(&cli.controller, &spec, m, save.as_deref()).await
                 }
             }

@@ -22,6 +22,9 @@ pub struct Measure<'a> {
     pub batches: Vec<u32>,
     pub duration_ms: u32,
     pub repeat: u32,
+    /// Sample requests of the task's first stage (`--samples`): its variants are measured at
+    /// every input size among them.
+    pub samples: Vec<tidal_proto::v1::ProfileSample>,
 }
 
 /// Profiles of a task's variants, as saved to and read from a file.
@@ -52,6 +55,13 @@ pub struct SavedPoint {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub throughput_rps: f64,
+    /// The input size it was measured at (absent: the variant's own).
+    #[serde(default, skip_serializing_if = "is_zero_size")]
+    pub size: u64,
+}
+
+fn is_zero_size(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<&ProfilePoint> for SavedPoint {
@@ -62,6 +72,7 @@ impl From<&ProfilePoint> for SavedPoint {
             latency_p50_ms: p.latency_p50_ms,
             latency_p99_ms: p.latency_p99_ms,
             throughput_rps: p.throughput_rps,
+            size: p.size,
         }
     }
 }
@@ -74,6 +85,7 @@ impl From<&SavedPoint> for ProfilePoint {
             latency_p50_ms: p.latency_p50_ms,
             latency_p99_ms: p.latency_p99_ms,
             throughput_rps: p.throughput_rps,
+            size: p.size,
         }
     }
 }
@@ -115,14 +127,21 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
     let repeat = m.repeat.clamp(1, 20);
     let all: Vec<(&StageSpec, &VariantSpec)> = tidal_common::task::variants(spec).collect();
     for (i, &(stage, variant)) in all.iter().enumerate() {
+        // The samples are requests of the first stage; later stages take what it gives.
+        let samples = if std::ptr::eq(stage, &spec.stages[0]) { m.samples.clone() } else { Vec::new() };
         eprintln!(
-            "[{}/{}] profiling {} on {}: {} points × {:.1} s, {repeat} times",
+            "[{}/{}] profiling {} on {}: {} points × {:.1} s{}, {repeat} times",
             i + 1,
             all.len(),
             variant.name,
             m.agent,
             m.cores.len() * m.batches.len(),
-            m.duration_ms as f64 / 1000.0
+            m.duration_ms as f64 / 1000.0,
+            if samples.is_empty() {
+                String::new()
+            } else {
+                format!(" at each input size of {} samples", samples.len())
+            }
         );
         let mut runs = Vec::new();
         let mut node = String::new();
@@ -132,6 +151,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
                 cores: m.cores.clone(),
                 batches: m.batches.clone(),
                 duration_ms: m.duration_ms,
+                samples: samples.clone(),
             };
             let resp = agent.profile(req).await.with_context(|| format!("profiling {}", variant.name))?.into_inner();
             node = resp.node;
@@ -140,8 +160,8 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         let (points, spreads) = combine(&runs);
         for (p, s) in points.iter().zip(&spreads) {
             println!(
-                "{:<10} cores {:>2} batch {:>3}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
-                variant.name, p.cores, p.batch, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
+                "{:<10} cores {:>2} batch {:>3} size {:>9}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
+                variant.name, p.cores, p.batch, p.size, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
             );
         }
         saved.variants.push(SavedVariant {
@@ -188,15 +208,17 @@ pub async fn store_saved(controller: &str, spec: &TaskSpec, path: &Path) -> anyh
     Ok(())
 }
 
-/// Per (cores, batch) point: the median p50 and throughput of the runs and the worst p99; and
+/// Per (cores, batch, size) point: the median p50 and throughput of the runs and the worst p99; and
 /// the relative spread (max − min over the median) of p50 and of throughput.
 fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
     let Some(first) = runs.first() else { return (vec![], vec![]) };
     let mut points = Vec::new();
     let mut spreads = Vec::new();
     for p in first {
-        let same: Vec<&ProfilePoint> =
-            runs.iter().filter_map(|r| r.iter().find(|q| q.cores == p.cores && q.batch == p.batch)).collect();
+        let same: Vec<&ProfilePoint> = runs
+            .iter()
+            .filter_map(|r| r.iter().find(|q| (q.cores, q.batch, q.size) == (p.cores, p.batch, p.size)))
+            .collect();
         let p50: Vec<f64> = same.iter().map(|q| q.latency_p50_ms).collect();
         let tput: Vec<f64> = same.iter().map(|q| q.throughput_rps).collect();
         let (m50, mt) = (median(&p50), median(&tput));
@@ -206,6 +228,7 @@ fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
             latency_p50_ms: m50,
             latency_p99_ms: same.iter().map(|q| q.latency_p99_ms).fold(0.0, f64::max),
             throughput_rps: mt,
+            size: p.size,
         });
         spreads.push((range(&p50) / m50.max(1e-9), range(&tput) / mt.max(1e-9)));
     }
@@ -237,7 +260,7 @@ mod tests {
     use super::*;
 
     fn point(p50: f64, p99: f64, tput: f64) -> ProfilePoint {
-        ProfilePoint { cores: 1, batch: 4, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput }
+        ProfilePoint { cores: 1, batch: 4, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput, size: 0 }
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Cluster {
                         .map(|i| (["v0", "v1", "v2", "v3", "v4"][i], self.profiles[i].as_slice()))
                         .collect(),
                     load_s: BTreeMap::new(),
+                    sizes: BTreeMap::new(),
                 })
                 .collect(),
             nodes: self

@@ -35,6 +35,7 @@ use crate::forecast::{
 };
 use crate::latency::LatencyModel;
 use crate::profile::ProfileGrid;
+use crate::profile::SizeMix;
 use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, SolveError, Stage, Variant, Weights};
 
 /// The least time between two surge re-plans, seconds.
@@ -129,6 +130,9 @@ pub struct TaskInput<'a> {
     /// Seconds a new worker of a variant takes to serve, where known (a variant not known
     /// is assumed to take as long as the slowest known, else `AdaptConfig::load_time_s`).
     pub load_s: BTreeMap<&'a str, f64>,
+    /// Per stage, the input sizes its requests came in (none observed: each variant is planned
+    /// at its profile's own size; see [`crate::profile::points_at_mix`]).
+    pub sizes: BTreeMap<&'a str, SizeMix>,
 }
 
 #[derive(Debug, Clone)]
@@ -395,6 +399,8 @@ struct TaskPlans<'r, 'a> {
     fixed: Option<Choice>,
     /// Its problem at the whole cap, built once; each budget's is a copy.
     base: Problem,
+    /// What the problem's profiles estimate beyond what was measured (input sizes).
+    profile_notes: Vec<String>,
     solved: BTreeMap<(u32, Option<u32>), Result<Planned, SolveError>>,
 }
 
@@ -403,8 +409,9 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
         let max = task.spec.share.as_ref().map_or(0, |s| s.max_cores);
         let cap = if max > 0 { max.min(cluster) } else { cluster };
         let old = workers_in(current, &task.spec.name);
-        let base = problem(cfg, task, &old, rate, cap, cluster);
-        let mut plans = Self { cfg, task, old, rate, cluster, cap, fixed: None, base, solved: BTreeMap::new() };
+        let (base, profile_notes) = problem(cfg, task, &old, rate, cap, cluster);
+        let mut plans =
+            Self { cfg, task, old, rate, cluster, cap, fixed: None, base, profile_notes, solved: BTreeMap::new() };
         plans.fixed = plans.fixed_choice();
         plans
     }
@@ -469,6 +476,7 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
         let (problem, s, kept) = price_transition(cfg, &space, task, &self.old, self.rate, problem, s);
         let mut notes = notes_of(task.spec, &problem, &s, self.rate, budget);
         notes.extend(kept);
+        notes.extend(self.profile_notes.iter().cloned());
         Ok(Planned {
             choice: Choice {
                 workers: workers_of(task.spec, &problem, &s),
@@ -600,30 +608,51 @@ fn transition_cost(
 /// against the cluster's (β·RC/cluster rather than β·RC/budget), so that plans of different
 /// budgets, and of different tasks, are worth the same for the same cores; for a task alone
 /// on the cluster the two are one.
-fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, budget: u32, cluster: u32) -> Problem {
+fn problem(
+    cfg: &AdaptConfig,
+    task: &TaskInput,
+    old: &[&Assignment],
+    rate: f64,
+    budget: u32,
+    cluster: u32,
+) -> (Problem, Vec<String>) {
     let spec = task.spec;
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
     // A stage that sees several inputs per request (crops) is planned per request.
     let factors = crate::task::load_factors(spec);
-    let stage = |(s, &factor): (&StageSpec, &f64)| Stage {
+    let mut notes = Vec::new();
+    let mut stage = |(s, &factor): (&StageSpec, &f64)| {
+        Stage {
         name: s.name.clone(),
         variants: s
             .variants
             .iter()
             .filter_map(|v| {
                 let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
+                // At the sizes the stage's requests come in.
+                let own_size = crate::tensor::element_count(&v.input_shape).unwrap_or(0) as u64;
+                let mix = task.sizes.get(s.name.as_str()).map_or(&[][..], |m| m.as_slice());
+                let at = crate::profile::points_at_mix(points, own_size, mix);
+                if let Some((seen, measured)) = at.beyond {
+                    notes.push(format!(
+                        "{}: {} is profiled up to input size {measured}, requests come up to {seen}: estimated beyond what was measured (tidalctl profile --samples)",
+                        spec.name, v.name
+                    ));
+                }
                 Some(Variant {
                     name: v.name.clone(),
                     accuracy: v.accuracy,
                     load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
-                    grid: ProfileGrid::new(&crate::task::per_request(points, factor)),
+                    grid: ProfileGrid::new(&crate::task::per_request(&at.points, factor)),
                 })
             })
             .collect(),
+    }
     };
+    let stages = spec.stages.iter().zip(&factors).map(&mut stage).collect();
     let slo_ms = spec.slo_ms as f64;
-    Problem {
-        stages: spec.stages.iter().zip(&factors).map(stage).collect(),
+    let problem = Problem {
+        stages,
         load_rps: rate,
         slo_ms,
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
@@ -631,7 +660,8 @@ fn problem(cfg: &AdaptConfig, task: &TaskInput, old: &[&Assignment], rate: f64, 
         max_worker_cores: None,
         weights: weights_within(cfg, budget, cluster),
         model: cfg.model,
-    }
+    };
+    (problem, notes)
 }
 
 /// The objective's weights for a plan within `budget` cores whose cores are weighed against the

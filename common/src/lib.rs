@@ -25,6 +25,7 @@ pub mod task;
 pub mod task_file;
 pub mod tensor;
 pub mod triton_repo;
+pub mod v2_tensor;
 pub mod variant;
 pub mod yolo;
 pub mod zoo;

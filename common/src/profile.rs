@@ -12,6 +12,8 @@ use tidal_proto::v1::{ProfilePoint, VariantProfile};
 
 /// Most cores a profile point may name (the planner allocates per core up to it).
 pub const MAX_PROFILE_CORES: u32 = 1024;
+/// The largest input size a profile point may name (elements of one sample).
+pub const MAX_PROFILE_SIZE: u64 = 1 << 40;
 /// Most points one variant's profile may hold.
 pub const MAX_PROFILE_POINTS: usize = 4096;
 
@@ -31,6 +33,9 @@ pub fn validate_profile(p: &VariantProfile) -> Result<(), String> {
                 q.batch,
                 crate::plan::MAX_BATCH
             ));
+        }
+        if q.size > MAX_PROFILE_SIZE {
+            return Err(format!("profile point at input size {}: at most {MAX_PROFILE_SIZE} elements", q.size));
         }
         let p50_ok = q.latency_p50_ms.is_finite() && q.latency_p50_ms >= 0.0;
         if !(positive(q.throughput_rps) && positive(q.latency_p99_ms) && p50_ok) {
@@ -162,6 +167,163 @@ fn lerp_cell(a: &Cell, b: &Cell, t_latency: f64, t_tput: f64) -> Cell {
     Cell { p50: lerp(a.p50, b.p50, t_latency), p99: lerp(a.p99, b.p99, t_latency), tput: lerp(a.tput, b.tput, t_tput) }
 }
 
+/// How a stage's requests are spread over input sizes: (size, share) with the shares summing
+/// to 1, sizes ascending. A size is the element count of one sample of the stage's first input.
+pub type SizeMix = Vec<(u64, f64)>;
+
+/// The fastest growth with the input size assumed beyond the largest size measured: time ∝
+/// size³.
+const MAX_SIZE_GROWTH: f64 = 3.0;
+
+/// Steps per doubling of the size buckets requests are counted in.
+const SIZE_STEPS_PER_DOUBLING: f64 = 8.0;
+
+/// The bucket a request of `size` elements is counted in: `size` rounded up to the next
+/// power of 2^(1/8) (at most about 9 % above it), so that a stage's sizes make a short list.
+pub fn size_bucket(size: u64) -> u64 {
+    if size <= 1 {
+        return size;
+    }
+    // The smallest edge ⌈2^(k/8)⌉ at or above `size`, from just below its step.
+    let edge = |k: f64| 2f64.powf(k / SIZE_STEPS_PER_DOUBLING).ceil() as u64;
+    let mut k = ((size as f64).log2() * SIZE_STEPS_PER_DOUBLING).floor() - 1.0;
+    while edge(k) < size {
+        k += 1.0;
+    }
+    edge(k)
+}
+
+/// Counts per size made a mix (sizes ascending, shares of the total); empty without counts.
+pub fn size_mix(counts: &BTreeMap<u64, f64>) -> SizeMix {
+    let total: f64 = counts.values().filter(|c| c.is_finite() && **c > 0.0).sum();
+    if total <= 0.0 {
+        return Vec::new();
+    }
+    counts.iter().filter(|(_, c)| c.is_finite() && **c > 0.0).map(|(&s, &c)| (s, c / total)).collect()
+}
+
+/// A profile as the planner uses it for one size mix: one point per (cores, batch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtMix {
+    pub points: Vec<ProfilePoint>,
+    /// The largest size observed beyond the largest size measured, with that size: its
+    /// figures are extrapolated (see [`points_at_mix`]).
+    pub beyond: Option<(u64, u64)>,
+}
+
+/// What a profile measured at several input sizes says for requests of `mix`: per (cores,
+/// batch) measured at every size it needs, the throughput of a worker serving the mix (its
+/// time per request the mix's mean of the sizes'), the p50 at the mix's median size and the
+/// p99 at its 99th-percentile size (so a small share of large inputs sets the tail).
+///
+/// Between measured sizes the time per request is interpolated linearly in the size; below
+/// the smallest measured size, the smallest's figures hold; above the largest, the figures
+/// grow with the size at the rate the two largest measured sizes show (at least in
+/// proportion, with one size measured), and [`AtMix::beyond`] says so. Points measured at
+/// no particular size (0: at the variant's `input_shape`) count as `default_size`. Without a
+/// mix, or a profile of one size, the profile holds as it is.
+pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f64)]) -> AtMix {
+    if points.is_empty() {
+        return AtMix { points: Vec::new(), beyond: None };
+    }
+    let size_of = |p: &ProfilePoint| if p.size == 0 { default_size } else { p.size };
+    let mut sizes: Vec<u64> = points.iter().map(size_of).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mix: Vec<(u64, f64)> = mix.iter().copied().filter(|(s, w)| *s > 0 && *w > 0.0 && w.is_finite()).collect();
+    if mix.is_empty() {
+        // Without a mix: the profile at the variant's own size, or else at the largest measured.
+        let at = if points.iter().any(|p| size_of(p) == default_size) {
+            default_size
+        } else {
+            sizes.last().copied().unwrap_or(default_size)
+        };
+        let points = points.iter().filter(|p| size_of(p) == at).map(|p| ProfilePoint { size: 0, ..*p }).collect();
+        return AtMix { points, beyond: None };
+    }
+    let cells: BTreeMap<(u32, u32, u64), ProfilePoint> =
+        points.iter().map(|p| ((p.cores, p.batch, size_of(p)), *p)).collect();
+    let largest = *sizes.last().expect("a profile has points");
+    let observed_max = mix.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    let quantile = |q: f64| -> u64 {
+        let mut acc = 0.0;
+        for &(s, w) in &mix {
+            acc += w;
+            if acc >= q - 1e-9 {
+                return s;
+            }
+        }
+        mix.last().map_or(0, |(s, _)| *s)
+    };
+    let (median, tail) = (quantile(0.5), quantile(0.99));
+    let total_weight: f64 = mix.iter().map(|(_, w)| w).sum();
+    let mut pairs: Vec<(u32, u32)> = points.iter().map(|p| (p.cores, p.batch)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut out = Vec::new();
+    for (cores, batch) in pairs {
+        // The figures at `size` from the sizes measured at this (cores, batch): time per
+        // request (1 / throughput) and latencies, each linear in the size between them.
+        let at = |size: u64| -> Option<(f64, f64, f64)> {
+            let measured: Vec<(u64, &ProfilePoint)> =
+                sizes.iter().filter_map(|&s| cells.get(&(cores, batch, s)).map(|p| (s, p))).collect();
+            let figures = |p: &ProfilePoint| (1.0 / p.throughput_rps, p.latency_p50_ms, p.latency_p99_ms);
+            let first = measured.first()?;
+            if size <= first.0 {
+                return Some(figures(first.1));
+            }
+            if let Some(w) = measured.windows(2).find(|w| w[0].0 <= size && size <= w[1].0) {
+                let t = (size - w[0].0) as f64 / (w[1].0 - w[0].0) as f64;
+                let (a, b) = (figures(w[0].1), figures(w[1].1));
+                let lerp = |x: f64, y: f64| x + (y - x) * t;
+                return Some((lerp(a.0, b.0), lerp(a.1, b.1), lerp(a.2, b.2)));
+            }
+            // Beyond the largest: grow as the two largest grow, at least in proportion.
+            let (top_size, top) = *measured.last()?;
+            let exponent = match measured.len() {
+                n if n >= 2 => {
+                    let (below_size, below) = measured[n - 2];
+                    let growth =
+                        (top.latency_p99_ms / below.latency_p99_ms).ln() / (top_size as f64 / below_size as f64).ln();
+                    // At least in proportion, at most cubic: two sizes close together can
+                    // show any growth.
+                    if growth.is_finite() {
+                        growth.clamp(1.0, MAX_SIZE_GROWTH)
+                    } else {
+                        MAX_SIZE_GROWTH
+                    }
+                }
+                _ => 1.0,
+            };
+            let scale = (size as f64 / top_size as f64).powf(exponent);
+            let f = figures(top);
+            Some((f.0 * scale, f.1 * scale, f.2 * scale))
+        };
+        let mut per_request_s = 0.0;
+        let mut complete = true;
+        for &(s, w) in &mix {
+            match at(s) {
+                Some(f) => per_request_s += f.0 * w / total_weight,
+                None => complete = false,
+            }
+        }
+        let (Some(mid), Some(high)) = (at(median), at(tail)) else { continue };
+        let finite = [per_request_s, mid.1, high.2].iter().all(|x| x.is_finite() && *x > 0.0);
+        if !complete || !finite {
+            continue;
+        }
+        out.push(ProfilePoint {
+            cores,
+            batch,
+            latency_p50_ms: mid.1,
+            latency_p99_ms: high.2,
+            throughput_rps: 1.0 / per_request_s,
+            size: 0,
+        });
+    }
+    AtMix { points: out, beyond: (observed_max > largest).then_some((observed_max, largest)) }
+}
+
 /// A synthetic profile for tests and examples: on each of `cores`, batch-1 throughput
 /// `per_core` per core, a batch `b` (with its efficiency per request relative to batch 1)
 /// taking `b / throughput`, and p99 at `tail` × p50.
@@ -177,6 +339,7 @@ pub fn synthetic(per_core: f64, cores: &[u32], batches: &[(u32, f64)], tail: f64
                 latency_p50_ms: p50,
                 latency_p99_ms: p50 * tail,
                 throughput_rps: tput,
+                size: 0,
             });
         }
     }
@@ -227,6 +390,7 @@ pub fn load_tfserving_csv(
             latency_p50_ms: service_ms,
             latency_p99_ms: service_ms,
             throughput_rps: tput,
+            size: 0,
         });
     }
     if out.is_empty() {
@@ -240,7 +404,7 @@ mod tests {
     use super::*;
 
     fn point(cores: u32, batch: u32, p99: f64, tput: f64) -> ProfilePoint {
-        ProfilePoint { cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput }
+        ProfilePoint { cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput, size: 0 }
     }
 
     fn grid() -> ProfileGrid {
@@ -301,5 +465,55 @@ mod tests {
         assert_eq!(r18.len(), 2);
         assert_eq!(r18[1].throughput_rps, 49.0);
         assert!(matches!(load_tfserving_csv(csv.as_bytes(), 123), Err(ProfileCsvError::Empty { .. })));
+    }
+
+    fn sized(cores: u32, size: u64, p99: f64, tput: f64) -> ProfilePoint {
+        ProfilePoint { size, ..point(cores, 1, p99, tput) }
+    }
+
+    #[test]
+    fn sizes_are_counted_in_buckets_a_step_of_2_to_the_1_8_apart() {
+        for size in [2u64, 3, 9, 100, 150_528, 1 << 20, 999_999_937] {
+            let b = size_bucket(size);
+            assert!(b >= size && (b as f64) <= size as f64 * 1.0906 + 1.0, "{size} → {b}");
+            assert_eq!(size_bucket(b), b, "a bucket is its own bucket");
+        }
+        assert_eq!((size_bucket(0), size_bucket(1), size_bucket(8)), (0, 1, 8));
+        let mix = size_mix(&BTreeMap::from([(100, 3.0), (400, 1.0), (7, 0.0)]));
+        assert_eq!(mix, vec![(100, 0.75), (400, 0.25)]);
+        assert!(size_mix(&BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_profile_of_several_sizes_answers_for_the_mix_of_sizes_requests_come_in() {
+        // 100 elements: 10 ms, 100/s; 400 elements: 40 ms, 25/s (on 1 core); the variant's
+        // own size is 100.
+        let points = vec![sized(1, 100, 10.0, 100.0), sized(1, 400, 40.0, 25.0)];
+        let at = |mix: &[(u64, f64)]| points_at_mix(&points, 100, mix);
+        let only =
+            |a: AtMix| (a.points[0].latency_p50_ms, a.points[0].latency_p99_ms, a.points[0].throughput_rps, a.beyond);
+        assert_eq!(only(at(&[])), (10.0, 10.0, 100.0, None), "no mix: the variant's own size");
+        assert_eq!(only(at(&[(100, 1.0)])), (10.0, 10.0, 100.0, None));
+        assert_eq!(only(at(&[(50, 1.0)])), (10.0, 10.0, 100.0, None), "smaller: no faster than measured");
+        let (p50, p99, tput, _) = only(at(&[(250, 1.0)]));
+        assert!((p99 - 25.0).abs() < 1e-9 && (tput - 40.0).abs() < 1e-9 && (p50 - 25.0).abs() < 1e-9);
+        // Half small, half large: the large set the tail, the mean time per request the rate.
+        let (p50, p99, tput, _) = only(at(&[(100, 0.5), (400, 0.5)]));
+        assert_eq!((p50, p99), (10.0, 40.0));
+        assert!((tput - 40.0).abs() < 1e-9, "{tput}");
+        // 2 % large: still the tail.
+        assert_eq!(only(at(&[(100, 0.98), (400, 0.02)])).1, 40.0);
+        // Beyond the largest measured: grown as the two largest grow (here in proportion), noted.
+        let (_, p99, tput, beyond) = only(at(&[(800, 1.0)]));
+        assert!((p99 - 80.0).abs() < 1e-9 && (tput - 12.5).abs() < 1e-9);
+        assert_eq!(beyond, Some((800, 400)));
+        // Grown faster where the profile grows faster (attention: 4× the size, 16× the time).
+        let quadratic = vec![sized(1, 100, 10.0, 100.0), sized(1, 400, 160.0, 6.25)];
+        assert!((points_at_mix(&quadratic, 100, &[(800, 1.0)]).points[0].latency_p99_ms - 640.0).abs() < 1e-6);
+        // A (cores, batch) measured at one size only cannot answer for the other.
+        let partial = vec![sized(1, 100, 10.0, 100.0), sized(1, 400, 40.0, 25.0), sized(2, 100, 5.0, 200.0)];
+        let mixed = points_at_mix(&partial, 100, &[(100, 0.5), (400, 0.5)]);
+        assert_eq!(mixed.points.len(), 2, "2 cores is measured at 100 only: its figure at 400 is the extrapolation");
+        assert!(points_at_mix(&[], 100, &[(100, 1.0)]).points.is_empty());
     }
 }

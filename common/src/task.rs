@@ -365,7 +365,14 @@ mod tests {
         t.stages[0].connector = Connector::Crops as i32;
         assert!(validate_task(&t).unwrap_err().contains("first stage"));
 
-        let p = ProfilePoint { cores: 1, batch: 2, latency_p50_ms: 10.0, latency_p99_ms: 20.0, throughput_rps: 300.0 };
+        let p = ProfilePoint {
+            cores: 1,
+            batch: 2,
+            latency_p50_ms: 10.0,
+            latency_p99_ms: 20.0,
+            throughput_rps: 300.0,
+            size: 0,
+        };
         let seen = per_request(&[p], 3.0)[0];
         assert_eq!((seen.throughput_rps, seen.latency_p99_ms), (100.0, 40.0), "3 crops: 2 batches of 2");
         assert_eq!(per_request(&[p], 1.0), vec![p]);

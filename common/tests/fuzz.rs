@@ -208,7 +208,7 @@ proptest! {
         let points: Vec<ProfilePoint> = points
             .into_iter()
             .map(|(cores, batch, p50, p99, tput)| ProfilePoint {
-                cores, batch, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput,
+                cores, batch, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput, size: 0,
             })
             .collect();
         let p = VariantProfile { task: "t".into(), variant: "v".into(), node: String::new(), points };
@@ -216,6 +216,31 @@ proptest! {
             prop_assert!(p.points.iter().all(|q| q.cores <= MAX_PROFILE_CORES));
             let grid = ProfileGrid::new(&p.points);
             prop_assert!(grid.cores().iter().all(|&c| c <= MAX_PROFILE_CORES));
+        }
+    }
+
+    /// A profile measured at sizes, asked for any mix: finite, positive figures or none.
+    #[test]
+    fn a_profile_at_any_size_mix_gives_finite_figures(
+        points in proptest::collection::vec(
+            (1u32..4, 1u32..4, 0.1f64..1e4, 0.1f64..1e4, 0u64..1_000_000),
+            1..24,
+        ),
+        mix in proptest::collection::vec((0u64..10_000_000, 0.0f64..10.0), 0..6),
+    ) {
+        let points: Vec<ProfilePoint> = points
+            .into_iter()
+            .map(|(cores, batch, p99, tput, size)| ProfilePoint {
+                cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput, size,
+            })
+            .collect();
+        let counts: std::collections::BTreeMap<u64, f64> =
+            mix.into_iter().map(|(s, c)| (tidal_common::profile::size_bucket(s), c)).collect();
+        let mix = tidal_common::profile::size_mix(&counts);
+        let at = tidal_common::profile::points_at_mix(&points, 1000, &mix);
+        for p in &at.points {
+            prop_assert!(p.throughput_rps.is_finite() && p.throughput_rps > 0.0, "{p:?}");
+            prop_assert!(p.latency_p99_ms.is_finite() && p.latency_p99_ms > 0.0, "{p:?}");
         }
     }
 

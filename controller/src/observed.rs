@@ -13,10 +13,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use tidal_common::profile::SizeMix;
 use tidal_proto::v1::{StageStatus, TelemetryReport};
 
 /// Seconds of arrival history kept per task.
 pub const HISTORY_S: u64 = 3600;
+
+/// Most input sizes one stage's report is read for (agents send at most 64).
+const MAX_SIZES_PER_REPORT: usize = 64;
 
 /// What a round made of a task's arrivals.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -30,6 +34,8 @@ pub struct Observed {
     arrivals: HashMap<String, BTreeMap<u64, f64>>,
     /// Per task and second of a report, the smallest budget a request carried, ms.
     budgets: HashMap<String, BTreeMap<u64, f64>>,
+    /// Per (task, stage) and second of a report, requests per input size.
+    sizes: HashMap<(String, String), BTreeMap<u64, BTreeMap<u64, f64>>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
     /// Per task, the last round's forecast and the rate it planned for.
@@ -64,6 +70,7 @@ impl Observed {
             started,
             arrivals: HashMap::new(),
             budgets: HashMap::new(),
+            sizes: HashMap::new(),
             reports: BTreeMap::new(),
             totals: HashMap::new(),
             round_rates: BTreeMap::new(),
@@ -135,6 +142,17 @@ impl Observed {
                     budgets.pop_first();
                 }
             }
+            for st in t.stages.iter().filter(|st| !st.sizes.is_empty()) {
+                let seconds = self.sizes.entry((t.task.clone(), st.stage.clone())).or_default();
+                let counts = seconds.entry(current).or_default();
+                // Bounded as the agent bounds it: a report names at most its buckets.
+                for c in st.sizes.iter().take(MAX_SIZES_PER_REPORT) {
+                    *counts.entry(c.size).or_default() += c.count as f64;
+                }
+                while seconds.first_key_value().is_some_and(|(&s, _)| s + HISTORY_S < current) {
+                    seconds.pop_first();
+                }
+            }
             let totals = self.totals.entry(t.task.clone()).or_default();
             totals.0 += t.served;
             totals.1 += t.errors + t.deadline_misses;
@@ -195,6 +213,29 @@ impl Observed {
         let from = self.second(now).saturating_sub(window_s.saturating_sub(1));
         let least = self.budgets.get(task)?.range(from..).map(|(_, &b)| b).fold(f64::INFINITY, f64::min);
         least.is_finite().then_some(least)
+    }
+
+    /// The input sizes the requests of each stage of `task` came in over the last `window_s`
+    /// seconds (stages that reported none are left out).
+    pub fn size_mixes(&self, task: &str, now: Instant, window_s: u64) -> BTreeMap<String, SizeMix> {
+        let from = self.second(now).saturating_sub(window_s.saturating_sub(1));
+        let mut out = BTreeMap::new();
+        for ((t, stage), seconds) in &self.sizes {
+            if t != task {
+                continue;
+            }
+            let mut counts: BTreeMap<u64, f64> = BTreeMap::new();
+            for per_size in seconds.range(from..).map(|(_, c)| c) {
+                for (&size, &n) in per_size {
+                    *counts.entry(size).or_default() += n;
+                }
+            }
+            let mix = tidal_common::profile::size_mix(&counts);
+            if !mix.is_empty() {
+                out.insert(stage.clone(), mix);
+            }
+        }
+        out
     }
 
     /// Seconds the latest worker of each variant of `task` took from its start to serving,
@@ -335,4 +376,28 @@ mod tests {
         assert_eq!(o.min_budget("t", t0 + Duration::from_secs(60), 10), None);
         assert_eq!(o.min_budget("other", t0, 10), None);
     }
+
+    #[test]
+    fn the_sizes_of_the_window_make_each_stage_s_mix() {
+        use tidal_proto::v1::{SizeCount, StageTelemetry};
+        let t0 = Instant::now();
+        let mut o = Observed::new(t0);
+        let sized = |node: &str, counts: &[(u64, u64)]| {
+            let mut r = report(node, vec![1]);
+            r.tasks[0].stages = vec![StageTelemetry {
+                stage: "encode".into(),
+                sizes: counts.iter().map(|&(size, count)| SizeCount { size, count }).collect(),
+                ..Default::default()
+            }];
+            r
+        };
+        o.record(sized("a", &[(100, 6)]), t0 + Duration::from_secs(5));
+        o.record(sized("b", &[(100, 2), (400, 2)]), t0 + Duration::from_secs(20));
+        // Both nodes' counts over 30 s; the last 10 s only b's.
+        assert_eq!(o.size_mixes("t", t0 + Duration::from_secs(21), 30)["encode"], vec![(100, 0.8), (400, 0.2)]);
+        assert_eq!(o.size_mixes("t", t0 + Duration::from_secs(21), 10)["encode"], vec![(100, 0.5), (400, 0.5)]);
+        assert!(o.size_mixes("t", t0 + Duration::from_secs(90), 10).is_empty(), "nothing in the window");
+        assert!(o.size_mixes("other", t0, 10).is_empty());
+    }
+
 }

@@ -19,6 +19,8 @@ pub struct Observations {
     histories: Vec<Vec<f64>>,
     min_budgets: Vec<Option<f64>>,
     load_times: Vec<BTreeMap<String, f64>>,
+    /// Per stage, the input sizes its requests came in over the lookback.
+    sizes: Vec<BTreeMap<String, tidal_common::profile::SizeMix>>,
     /// Nodes that stopped reporting.
     silent: HashSet<String>,
     serving: Serving,
@@ -33,8 +35,10 @@ impl Observations {
             histories: tasks.clone().map(|t| observed.history(t, now, lookback)).collect(),
             min_budgets: tasks.clone().map(|t| observed.min_budget(t, now, interval)).collect(),
             load_times: tasks
+                .clone()
                 .map(|t| observed.load_times(t).into_iter().map(|(v, s)| (v.to_string(), s)).collect())
                 .collect(),
+            sizes: tasks.map(|t| observed.size_mixes(t, now, lookback)).collect(),
             silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
             serving: observed.serving(),
         }
@@ -67,6 +71,7 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
             min_budget_ms: observed.min_budgets[i],
             profiles: profiles_of(state, &spec.name),
             load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
+            sizes: observed.sizes[i].iter().map(|(stage, mix)| (stage.as_str(), mix.clone())).collect(),
         })
         .collect();
     // A node that stopped reporting, or is draining, is planned around: its share goes to the

@@ -215,6 +215,7 @@ async fn against_profile(
                 cores: vec![args.millicores / 1000],
                 batches: vec![args.batch],
                 duration_ms: (args.profile_seconds * 1000.0) as u32,
+                samples: vec![],
             })
             .await
             .expect("the profiler runs")

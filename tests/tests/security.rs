@@ -127,7 +127,8 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
     })
     .await;
-    let point = ProfilePoint { cores: 1, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 8.0, throughput_rps: 150.0 };
+    let point =
+        ProfilePoint { cores: 1, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 8.0, throughput_rps: 150.0, size: 0 };
     let profile = |cores: u32| VariantProfile {
         task: "classify".into(),
         variant: "resnet18".into(),
@@ -264,6 +265,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         cores: vec![1],
         batches: vec![1],
         duration_ms: 200,
+        samples: vec![],
     };
     assert_eq!(code(agent_as_admin.profile(profile_of("/etc/shadow", vec![3])).await), Code::InvalidArgument);
     assert_eq!(code(agent_as_admin.profile(profile_of("../x.onnx", vec![3])).await), Code::InvalidArgument);

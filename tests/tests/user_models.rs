@@ -494,13 +494,52 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
     let profiled =
         [(variant("detector", &[3, 8, 8]), 2), (variant("recurrent", &[2, 8]), 1), (variant("head", &[]), 2)];
     for (v, measured) in profiled {
-        let request =
-            ProfileRequest { variant: Some(v.clone()), cores: vec![1], batches: vec![1, 2], duration_ms: 200 };
+        let request = ProfileRequest {
+            variant: Some(v.clone()),
+            cores: vec![1],
+            batches: vec![1, 2],
+            duration_ms: 200,
+            samples: vec![],
+        };
         let points = control.profile(request).await.unwrap_or_else(|e| panic!("profiling {}: {e}", v.name));
         let points = points.into_inner().points;
         assert_eq!(points.len(), measured, "{}: a model without a batch dimension is measured at batch 1", v.name);
         assert!(points.iter().all(|p| p.throughput_rps > 0.0 && p.latency_p50_ms > 0.0), "{}: {points:?}", v.name);
+        let own: i64 = v.input_shape.iter().product();
+        assert!(points.iter().all(|p| p.size == own as u64), "{}: measured at its own size: {points:?}", v.name);
     }
+
+    // With the user's own requests: each input size among them is measured (three samples of
+    // 8×8 and 32×32 images: sizes 192 and 3072), and each point says its size.
+    let sample = |h: i64, seed: u64| tidal_proto::v1::ProfileSample {
+        inputs: detector_inputs(h, h, seed).into_iter().map(NamedTensor::into_proto).collect(),
+    };
+    let mut request = ProfileRequest {
+        variant: Some(variant("detector", &[3, 8, 8])),
+        cores: vec![1],
+        batches: vec![1, 2],
+        duration_ms: 300,
+        samples: vec![sample(8, 1), sample(32, 2), sample(8, 3)],
+    };
+    let points = control.profile(request.clone()).await.expect("profiled with samples").into_inner().points;
+    let grid: Vec<(u32, u64)> = points.iter().map(|p| (p.batch, p.size)).collect();
+    assert_eq!(grid, vec![(1, 192), (2, 192), (1, 3072), (2, 3072)]);
+    let time =
+        |batch: u32, size: u64| points.iter().find(|p| (p.batch, p.size) == (batch, size)).unwrap().latency_p50_ms;
+    eprintln!(
+        "detector p50 by size: batch 1 {:.3} → {:.3} ms, batch 2 {:.3} → {:.3} ms",
+        time(1, 192),
+        time(1, 3072),
+        time(2, 192),
+        time(2, 3072)
+    );
+    // A sample the model does not take is refused with which one and why.
+    let mut bad = sample(8, 4);
+    bad.inputs.truncate(2);
+    request.samples = vec![sample(8, 1), bad];
+    let err = control.profile(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("sample 2") && err.message().contains("\"bias\" is missing"), "{}", err.message());
 }
 
 /// Triton's own Python client, over gRPC and HTTP (binary and JSON), with NumPy arrays of

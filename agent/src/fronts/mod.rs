@@ -13,7 +13,6 @@ pub mod tidal;
 pub mod v2;
 pub mod v2_grpc;
 pub mod v2_rest;
-pub mod v2_tensor;
 
 use std::sync::Arc;
 

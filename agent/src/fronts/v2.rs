@@ -27,7 +27,8 @@ use tidal_proto::v1::{InferRequest, InferResponse, TaskSpec};
 use tonic::Status;
 
 use crate::error::ServeError;
-use crate::fronts::{v2_tensor, InferencePort};
+use crate::fronts::InferencePort;
+use tidal_common::v2_tensor;
 
 /// Most samples one request may carry (Triton's `max_batch_size`).
 pub const MAX_CLIENT_BATCH: usize = 64;

@@ -38,8 +38,8 @@ use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
 
 use crate::fronts::v2::{self, config, metadata};
-use crate::fronts::v2_tensor;
 use crate::fronts::InferencePort;
+use tidal_common::v2_tensor;
 
 /// The header that says how many bytes of a body are JSON; the rest is binary tensor data.
 const HEADER_LENGTH: &str = "inference-header-content-length";

@@ -19,6 +19,7 @@ pub(super) fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
             latency_p50_ms: 1000.0 / (rps_per_core * c as f64),
             latency_p99_ms: 1000.0 / (rps_per_core * c as f64),
             throughput_rps: rps_per_core * c as f64,
+            size: 0,
         })
         .collect()
 }
@@ -64,6 +65,7 @@ impl World {
                 min_budget_ms: self.budget_ms,
                 profiles,
                 load_s: self.load_s.map(|s| [("small", s), ("big", s)].into()).unwrap_or_default(),
+                sizes: BTreeMap::new(),
             }],
             nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
             current,
@@ -306,4 +308,42 @@ fn an_overloaded_keep_loses_to_a_switch_that_carries_the_load() {
     // "big" on all four cores carries 64 req/s: 150 req/s need "small".
     let next = adapter("tidal").round(&w.input(&[150.0], Some(&current))).plan;
     assert!(variants_of(&next).contains(&"small"), "{:?}", next.notes);
+}
+
+/// The same task, load and profile; only the input sizes its requests come in move: the plan
+/// follows them, and sizes beyond the profile are planned for (conservatively) and said.
+#[test]
+fn a_plan_follows_the_size_mix_requests_come_in() {
+    // The variant's own size is 3×8×8 = 192; it is also measured at 768 (four times slower).
+    let spec = crate::task::single_stage("t", 500, vec![variant("v", 70.0)]);
+    let at = |size: u64, rps_per_core: f64| -> Vec<ProfilePoint> {
+        points_up_to(rps_per_core, 8).into_iter().map(|p| ProfilePoint { size, ..p }).collect()
+    };
+    let points: Vec<ProfilePoint> = [at(192, 100.0), at(768, 25.0)].concat();
+    let cores_for = |mix: SizeMix| -> (u32, Vec<String>) {
+        let input = RoundInput {
+            tasks: vec![TaskInput {
+                spec: &spec,
+                arrivals: &[60.0],
+                min_budget_ms: None,
+                profiles: BTreeMap::from([("v", points.as_slice())]),
+                load_s: BTreeMap::new(),
+                sizes: BTreeMap::from([("t", mix)]),
+            }],
+            nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
+            current: None,
+            serving: &NOTHING_SERVES,
+        };
+        let plan = adapter("tidal").round(&input).plan;
+        (plan.assignments.iter().map(|a| a.millicores).sum::<u32>().div_ceil(1000), plan.notes)
+    };
+    let (small, _) = cores_for(vec![(192, 1.0)]);
+    let (half, _) = cores_for(vec![(192, 0.5), (768, 0.5)]);
+    let (large, notes) = cores_for(vec![(768, 1.0)]);
+    assert_eq!((small, half, large), (1, 2, 3), "60 req/s at 100, 40 and 25 req/s per core");
+    assert!(!notes.iter().any(|n| n.contains("beyond")), "{notes:?}");
+    // Twice the largest size measured: planned as growing in proportion, and noted.
+    let (beyond, notes) = cores_for(vec![(1536, 1.0)]);
+    assert!(beyond >= 5, "12.5 req/s per core: at least 4.8 cores, not {beyond}");
+    assert!(notes.iter().any(|n| n.contains("profiled up to input size 768, requests come up to 1536")), "{notes:?}");
 }

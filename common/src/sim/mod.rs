@@ -17,7 +17,7 @@ mod executor;
 mod worker;
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
@@ -293,6 +293,8 @@ impl SimPlanner {
                 min_budget_ms: min_budget_ms.get(i).copied().flatten(),
                 profiles: self.profiles[i].iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect(),
                 load_s: self.load_s[i].iter().map(|(n, s)| (n.as_str(), *s)).collect(),
+                // The simulated requests carry no sizes: each variant at its profile's own.
+                sizes: BTreeMap::new(),
             })
             .collect();
         let input = RoundInput {

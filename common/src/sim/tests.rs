@@ -106,8 +106,14 @@ fn dynamic_slos_tighten_deadlines_and_sponge_plans_for_them() {
 #[test]
 fn simulated_batches_take_the_measured_mean_and_tail() {
     // 4 requests at 400 req/s: 10 ms a batch on average, p99 30 ms.
-    let points =
-        vec![ProfilePoint { cores: 1, batch: 4, latency_p50_ms: 8.0, latency_p99_ms: 30.0, throughput_rps: 400.0 }];
+    let points = vec![ProfilePoint {
+        cores: 1,
+        batch: 4,
+        latency_p50_ms: 8.0,
+        latency_p99_ms: 30.0,
+        throughput_rps: 400.0,
+        size: 0,
+    }];
     let (floor, tail) = batch_latency(&ProfileGrid::new(&points), 1, 4);
     assert!((floor + tail - 10.0).abs() < 1e-9, "mean {}", floor + tail);
     assert!((floor + tail * 100f64.ln() - 30.0).abs() < 1e-9, "p99");

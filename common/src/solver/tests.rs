@@ -210,6 +210,7 @@ fn arb_grid() -> impl Strategy<Value = ProfileGrid> {
                 latency_p50_ms: latency,
                 latency_p99_ms: latency,
                 throughput_rps: tput,
+                size: 0,
             })
             .collect();
         ProfileGrid::new(&points)

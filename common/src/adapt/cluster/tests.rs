@@ -59,7 +59,14 @@ impl Cluster {
                         let points = if v.name.ends_with("small") { &self.small } else { &self.big };
                         profiles.insert(v.name.as_str(), points.as_slice());
                     }
-                    TaskInput { spec, arrivals, min_budget_ms: None, profiles, load_s: BTreeMap::new() }
+                    TaskInput {
+                        spec,
+                        arrivals,
+                        min_budget_ms: None,
+                        profiles,
+                        load_s: BTreeMap::new(),
+                        sizes: BTreeMap::new(),
+                    }
                 })
                 .collect(),
             nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),

@@ -3,8 +3,8 @@
 //! from the raw bytes Tidal's request path carries. Every value is checked against its
 //! element type's range; nothing is converted silently.
 
+use crate::onnx_signature::ElementType;
 use serde_json::Value;
-use tidal_common::onnx_signature::ElementType;
 use tidal_proto::inference::InferTensorContents;
 
 /// An element type by its V2 name, BYTES refused (not served yet).
