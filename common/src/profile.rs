@@ -241,6 +241,12 @@ pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f6
         let points = points.iter().filter(|p| size_of(p) == at).map(|p| ProfilePoint { size: 0, ..*p }).collect();
         return AtMix { points, beyond: None };
     }
+    // Requests are counted in buckets up to 9 % above their size: a bucket that holds a
+    // measured size is taken at that size.
+    let mix: Vec<(u64, f64)> = mix
+        .into_iter()
+        .map(|(s, w)| (sizes.iter().copied().find(|&m| size_bucket(m) == s).unwrap_or(s), w))
+        .collect();
     let cells: BTreeMap<(u32, u32, u64), ProfilePoint> =
         points.iter().map(|p| ((p.cores, p.batch, size_of(p)), *p)).collect();
     let largest = *sizes.last().expect("a profile has points");
@@ -494,6 +500,8 @@ mod tests {
             |a: AtMix| (a.points[0].latency_p50_ms, a.points[0].latency_p99_ms, a.points[0].throughput_rps, a.beyond);
         assert_eq!(only(at(&[])), (10.0, 10.0, 100.0, None), "no mix: the variant's own size");
         assert_eq!(only(at(&[(100, 1.0)])), (10.0, 10.0, 100.0, None));
+        // Counted in its bucket (up to 9 % above), a measured size is still that size.
+        assert_eq!(only(at(&[(size_bucket(400), 1.0)])), (40.0, 40.0, 25.0, None));
         assert_eq!(only(at(&[(50, 1.0)])), (10.0, 10.0, 100.0, None), "smaller: no faster than measured");
         let (p50, p99, tput, _) = only(at(&[(250, 1.0)]));
         assert!((p99 - 25.0).abs() < 1e-9 && (tput - 40.0).abs() < 1e-9 && (p50 - 25.0).abs() < 1e-9);
