@@ -78,7 +78,13 @@ mod tests {
     use tidal_common::resnet::{generate, ResNetDepth};
 
     fn variant(file: &str, shape: &[i64]) -> VariantSpec {
-        VariantSpec { name: "r".into(), model_file: file.into(), accuracy: 70.0, input_shape: shape.into() }
+        VariantSpec {
+            name: "r".into(),
+            model_file: file.into(),
+            accuracy: 70.0,
+            input_shape: shape.into(),
+            tensor_names: Default::default(),
+        }
     }
 
     #[test]

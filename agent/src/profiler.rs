@@ -118,11 +118,17 @@ fn sample_sets(
     let io = StageIo::of(&stage).map_err(Status::invalid_argument)?;
     let mut by_shape: std::collections::BTreeMap<Vec<i64>, Vec<Vec<NamedTensor>>> = Default::default();
     for (i, s) in samples.iter().enumerate() {
+        // Samples carry the stage's names; the model is fed by its own.
         let tensors = s
             .inputs
             .iter()
             .cloned()
-            .map(NamedTensor::from_proto)
+            .map(|mut t| {
+                if let Some(model) = variant.tensor_names.get(&t.name) {
+                    t.name = model.clone();
+                }
+                NamedTensor::from_proto(t)
+            })
             .collect::<Result<Vec<_>, _>>()
             .and_then(|t| io.sample(t))
             .map_err(|e| Status::invalid_argument(format!("sample {}: {e}", i + 1)))?;

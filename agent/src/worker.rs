@@ -511,8 +511,9 @@ impl BatcherCtx {
                 continue;
             }
             let size = batch.len();
+            let names = &self.spec.variant.tensor_names;
             let inputs = match stack(&self.spec.io, &batch) {
-                Ok(inputs) => inputs,
+                Ok(inputs) => renamed(inputs, |stage| names.get(stage)),
                 Err(why) => {
                     for p in batch {
                         let _ = p.reply.send(Err(ServeError::Model(why.clone())));
@@ -522,9 +523,12 @@ impl BatcherCtx {
             };
             let started = Instant::now();
             match proc.run(inputs).await {
-                Ok(result) if result.error.is_empty() => {
+                Ok(mut result) if result.error.is_empty() => {
                     let done = Instant::now();
                     self.queue.record_batch(size, done.saturating_duration_since(started), done);
+                    // Answered under the stage's names.
+                    let outputs = std::mem::take(&mut result.outputs);
+                    result.outputs = renamed(outputs, |model| names.iter().find(|(_, m)| *m == model).map(|(s, _)| s));
                     reply_batch(&self.spec.io, batch, result, started)
                 }
                 Ok(result) => {
@@ -652,11 +656,23 @@ fn reply_batch(io: &StageIo, batch: Vec<Pending>, result: BatchResult, started: 
     }
 }
 
+/// Tensors given the names `map` gives their names (the variant's model's names for the
+/// stage's, or back); the others as they are.
+fn renamed<'a>(mut tensors: Vec<FrameTensor>, map: impl Fn(&str) -> Option<&'a String>) -> Vec<FrameTensor> {
+    for t in &mut tensors {
+        if let Some(name) = map(&t.name) {
+            t.name = name.clone();
+        }
+    }
+    tensors
+}
+
 /// Cuts the outputs that follow the padded length back to the request's own length.
 fn trim(io: &StageIo, request: &Pending, outputs: &mut [NamedTensor]) {
     let Some(len) = io.padded_length(&request.inputs) else { return };
     for t in &io.trim {
-        let Some(o) = outputs.get_mut(t.output) else { continue };
+        // By name: another variant of the stage may give its outputs in another order.
+        let Some(o) = outputs.iter_mut().find(|o| o.name == io.outputs[t.output].name) else { continue };
         // A row: [1, sample…].
         let axis = t.axis + 1;
         let (Some(&have), Some(size)) = (o.shape.get(axis), o.element.size()) else { continue };

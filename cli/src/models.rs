@@ -32,6 +32,7 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
             model_file: format!("{}.onnx", kind.name()),
             accuracy: kind.accuracy(),
             input_shape: kind.input_shape(resolution),
+            names: Default::default(),
         };
         let toml_path = out.join(format!("{}.toml", cfg.name));
         let onnx_path = out.join(&cfg.model_file);
@@ -90,7 +91,12 @@ pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<
         let signatures = stage
             .variants
             .iter()
-            .map(|v| Ok((v.name.clone(), signature_of(&model_dir.join(&v.model_file))?)))
+            .map(|v| {
+                let signature = signature_of(&model_dir.join(&v.model_file))?
+                    .renamed(&v.tensor_names)
+                    .map_err(|e| anyhow::anyhow!("variant {}: {e}", v.name))?;
+                Ok((v.name.clone(), signature))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         check_stage(&stage.name, &signatures).map_err(|e| anyhow::anyhow!("task {}: {e}", task.name))?;
         if let Some((_, s)) = signatures.first() {

@@ -49,6 +49,7 @@ impl Cluster {
                         model_file: format!("v{i}.onnx"),
                         accuracy,
                         input_shape: vec![3, 224, 224],
+                        tensor_names: Default::default(),
                     })
                     .collect();
                 tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -328,6 +328,27 @@ impl Signature {
 }
 
 impl Signature {
+    /// The signature under its stage's names: each model tensor that `names` (the stage's
+    /// name → the model's) maps is given the stage's name; a name the model does not have is
+    /// refused.
+    pub fn renamed(&self, names: &std::collections::HashMap<String, String>) -> Result<Signature, String> {
+        let mut out = self.clone();
+        for (stage, model) in names {
+            let t =
+                out.inputs.iter_mut().chain(out.outputs.iter_mut()).find(|t| &t.name == model).ok_or_else(|| {
+                    format!("names {model:?} as the stage's {stage:?}, but the model has no {model:?}")
+                })?;
+            t.name = stage.clone();
+        }
+        for (what, tensors) in [("input", &out.inputs), ("output", &out.outputs)] {
+            let mut seen = HashSet::new();
+            if let Some(t) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
+                return Err(format!("renamed, two {what}s are named {:?}", t.name));
+            }
+        }
+        Ok(out)
+    }
+
     /// Checks that samples of `sample` shape fit the model's first input: in batches (one
     /// more dimension, dynamic, leading: the batch) or whole (a model without a batch
     /// dimension), every fixed dimension equal. A variant declares this shape as the size its
@@ -466,8 +487,18 @@ mod tests {
         let out = || vec![info("logits", 1, &["b", "2"])];
         let s = Signature::read(&model(base(), out(), &[])).unwrap();
         let renamed = Signature::read(&model(vec![base()[0].clone(), info("mask", 7, &["b", "s"])], out(), &[]));
-        let why = s.agrees_with(&renamed.unwrap()).unwrap_err();
+        let renamed = renamed.unwrap();
+        let why = s.agrees_with(&renamed).unwrap_err();
         assert!(why.contains("\"attention_mask\" is missing"), "{why}");
+        // Under the stage's names (the variant's map: the stage's name → its model's), it agrees.
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        assert_eq!(s.agrees_with(&renamed.renamed(&map(&[("attention_mask", "mask")])).unwrap()), Ok(()));
+        let why = renamed.renamed(&map(&[("attention_mask", "masks")])).unwrap_err();
+        assert!(why.contains("the model has no \"masks\""), "{why}");
+        assert!(renamed
+            .renamed(&map(&[("input_ids", "mask")]))
+            .unwrap_err()
+            .contains("two inputs are named \"input_ids\""));
         let int32 =
             Signature::read(&model(vec![base()[0].clone(), info("attention_mask", 6, &["b", "s"])], out(), &[]));
         let why = s.agrees_with(&int32.unwrap()).unwrap_err();

@@ -220,6 +220,7 @@ mod tests {
             model_file: format!("{name}.onnx"),
             accuracy: 70.0,
             input_shape: vec![3, 32, 32],
+            tensor_names: Default::default(),
         }
     }
 

@@ -243,10 +243,8 @@ pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f6
     }
     // Requests are counted in buckets up to 9 % above their size: a bucket that holds a
     // measured size is taken at that size.
-    let mix: Vec<(u64, f64)> = mix
-        .into_iter()
-        .map(|(s, w)| (sizes.iter().copied().find(|&m| size_bucket(m) == s).unwrap_or(s), w))
-        .collect();
+    let mix: Vec<(u64, f64)> =
+        mix.into_iter().map(|(s, w)| (sizes.iter().copied().find(|&m| size_bucket(m) == s).unwrap_or(s), w)).collect();
     let cells: BTreeMap<(u32, u32, u64), ProfilePoint> =
         points.iter().map(|p| ((p.cores, p.batch, size_of(p)), *p)).collect();
     let largest = *sizes.last().expect("a profile has points");

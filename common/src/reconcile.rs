@@ -160,6 +160,7 @@ mod tests {
                 model_file: format!("{variant}.onnx"),
                 accuracy: 70.0,
                 input_shape: vec![3],
+                tensor_names: Default::default(),
             },
             shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5 },
             weight: 1.0,

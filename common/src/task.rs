@@ -280,7 +280,13 @@ mod tests {
     use super::*;
 
     fn variant(name: &str, shape: &[i64]) -> VariantSpec {
-        VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy: 70.0, input_shape: shape.into() }
+        VariantSpec {
+            name: name.into(),
+            model_file: format!("{name}.onnx"),
+            accuracy: 70.0,
+            input_shape: shape.into(),
+            tensor_names: Default::default(),
+        }
     }
 
     #[test]

@@ -400,7 +400,13 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
                 0.0
             }
         };
-    let variant = VariantSpec { name: model.name.clone(), model_file: model.model_file.clone(), accuracy, input_shape };
+    let variant = VariantSpec {
+        name: model.name.clone(),
+        model_file: model.model_file.clone(),
+        accuracy,
+        input_shape,
+        tensor_names: Default::default(),
+    };
     crate::variant::validate_variant(&variant)?;
     let mut task = crate::task::single_stage(&model.name, opts.slo_ms, vec![variant]);
     let narrowed = Signature { inputs, outputs };

@@ -23,6 +23,10 @@ pub struct VariantConfig {
     pub accuracy: f64,
     /// One sample's input shape, without the batch dimension.
     pub input_shape: Vec<i64>,
+    /// Where the model names a tensor otherwise than the stage it serves:
+    /// `[names] images = "input.1"` (the stage's name = the model's).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub names: std::collections::BTreeMap<String, String>,
 }
 
 /// Most elements one sample's input may have (a 3×2048×2048 image is 12.6 M).
@@ -47,6 +51,23 @@ pub fn validate_variant(v: &VariantSpec) -> Result<(), String> {
             "variant {}: input shape {:?} must be positive dimensions of at most {MAX_INPUT_ELEMENTS} elements in all",
             v.name, v.input_shape
         ));
+    }
+    if v.tensor_names.len() > 2 * crate::onnx_signature::MAX_TENSORS {
+        return Err(format!(
+            "variant {}: at most {} tensor names are mapped",
+            v.name,
+            2 * crate::onnx_signature::MAX_TENSORS
+        ));
+    }
+    let printable =
+        |n: &str| !n.is_empty() && n.len() <= crate::onnx_signature::MAX_NAME && !n.chars().any(char::is_control);
+    if let Some((stage, model)) = v.tensor_names.iter().find(|(s, m)| !printable(s) || !printable(m)) {
+        return Err(format!("variant {}: tensor names {stage:?} → {model:?} must be printable", v.name));
+    }
+    let mut models: Vec<&String> = v.tensor_names.values().collect();
+    models.sort();
+    if let Some(w) = models.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("variant {}: two of the stage's tensors are mapped to the model's {:?}", v.name, w[0]));
     }
     if v.model_file.is_empty()
         || v.model_file.starts_with('/')
@@ -102,6 +123,7 @@ impl VariantConfig {
             model_file: self.model_file.clone(),
             accuracy: self.accuracy,
             input_shape: self.input_shape.clone(),
+            tensor_names: self.names.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 }
@@ -111,7 +133,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, model_file: &str, accuracy: f64, input_shape: Vec<i64>) -> VariantSpec {
-        VariantSpec { name: name.into(), model_file: model_file.into(), accuracy, input_shape }
+        VariantSpec { name: name.into(), model_file: model_file.into(), accuracy, input_shape, ..Default::default() }
     }
 
     #[test]
@@ -134,5 +156,14 @@ mod tests {
         ] {
             assert!(validate_variant(&bad).is_err(), "{bad:?}");
         }
+        let named = |pairs: &[(&str, &str)]| VariantSpec {
+            tensor_names: pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            ..spec("r", "r.onnx", 70.0, vec![3])
+        };
+        assert_eq!(validate_variant(&named(&[("images", "input.1")])), Ok(()));
+        assert!(validate_variant(&named(&[("a", "x"), ("b", "x")]))
+            .unwrap_err()
+            .contains("two of the stage's tensors"));
+        assert!(validate_variant(&named(&[("a", "")])).is_err());
     }
 }

@@ -49,6 +49,7 @@ fn variant() -> impl Strategy<Value = VariantSpec> {
         model_file,
         accuracy,
         input_shape,
+        tensor_names: Default::default(),
     })
 }
 
@@ -77,6 +78,7 @@ fn two_stages() -> TaskSpec {
         model_file: "m.onnx".into(),
         accuracy: 70.0,
         input_shape: vec![3],
+        tensor_names: Default::default(),
     };
     let stage =
         |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0, ..Default::default() };

@@ -18,6 +18,7 @@ fn plan(epoch: u64, term: u64) -> Command {
         model_file: "resnet50.onnx".into(),
         accuracy: 76.1,
         input_shape: vec![3, 224, 224],
+        tensor_names: Default::default(),
     };
     let assignments = (0..16)
         .map(|i| Assignment {

@@ -399,5 +399,4 @@ mod tests {
         assert!(o.size_mixes("t", t0 + Duration::from_secs(90), 10).is_empty(), "nothing in the window");
         assert!(o.size_mixes("other", t0, 10).is_empty());
     }
-
 }

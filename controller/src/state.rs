@@ -278,7 +278,13 @@ mod tests {
     }
 
     fn variant() -> VariantSpec {
-        VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3] }
+        VariantSpec {
+            name: "v".into(),
+            model_file: "v.onnx".into(),
+            accuracy: 70.0,
+            input_shape: vec![3],
+            tensor_names: Default::default(),
+        }
     }
 
     fn task() -> TaskSpec {

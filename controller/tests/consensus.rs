@@ -7,7 +7,13 @@ use tidal_controller::local::{start_local_group, wait_leader};
 use tidal_proto::v1::{command::Change, Command, VariantSpec};
 
 fn register(name: &str) -> Command {
-    let variant = VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3] };
+    let variant = VariantSpec {
+        name: "v".into(),
+        model_file: "v.onnx".into(),
+        accuracy: 70.0,
+        input_shape: vec![3],
+        tensor_names: Default::default(),
+    };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(name, 100, vec![variant]))) }
 }
 

@@ -166,3 +166,22 @@ pub fn tokens() -> Vec<u8> {
         vec![info("kept", DataType::Int64, &[D::P("N"), D::P("L")]), info("total", DataType::Int64, &[D::P("N")])];
     model("tokens", nodes, init, inputs, outputs)
 }
+
+/// `model` with its tensors renamed (`from`, `to`): the graph's inputs and outputs and every
+/// node's use of them, as an exporter that named them otherwise would have written it.
+pub fn renamed(model: &[u8], names: &[(&str, &str)]) -> Vec<u8> {
+    let mut m = ModelProto::decode(model).expect("an ONNX model");
+    let graph = m.graph.as_mut().expect("a graph");
+    let rename = |n: &mut String| {
+        if let Some((_, to)) = names.iter().find(|(from, _)| n == from) {
+            *n = to.to_string();
+        }
+    };
+    for v in graph.input.iter_mut().chain(graph.output.iter_mut()) {
+        rename(&mut v.name);
+    }
+    for node in &mut graph.node {
+        node.input.iter_mut().chain(node.output.iter_mut()).for_each(rename);
+    }
+    m.encode_to_vec()
+}

@@ -27,6 +27,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             model_file: "v.onnx".into(),
             accuracy: 70.0,
             input_shape: vec![3, 8, 8],
+            tensor_names: Default::default(),
         }],
         stages: vec![],
         share: None,

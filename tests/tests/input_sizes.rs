@@ -43,7 +43,12 @@ fn request(h: i64) -> InferRequest {
     let bias: Vec<u8> = [0f32; 4].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
     let inputs = vec![
         NamedTensor::f32("images", vec![1, 3, h, h], &vec![0.5; (3 * h * h) as usize]),
-        NamedTensor { name: "scale".into(), element: ElementType::Int64, shape: vec![1], data: 1i64.to_le_bytes().to_vec() },
+        NamedTensor {
+            name: "scale".into(),
+            element: ElementType::Int64,
+            shape: vec![1],
+            data: 1i64.to_le_bytes().to_vec(),
+        },
         NamedTensor { name: "bias".into(), element: ElementType::Fp16, shape: vec![1, 4], data: bias },
     ];
     InferRequest {
@@ -68,8 +73,13 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
     wait_reporting(&ctl, &agent.node, "the agent reports").await;
 
     let signature = Signature::read(&onnx_models::detector()).unwrap();
-    let variant =
-        VariantSpec { name: "detector".into(), model_file: "detector.onnx".into(), accuracy: 50.0, input_shape: vec![3, 8, 8] };
+    let variant = VariantSpec {
+        name: "detector".into(),
+        model_file: "detector.onnx".into(),
+        accuracy: 50.0,
+        input_shape: vec![3, 8, 8],
+        tensor_names: Default::default(),
+    };
     let stage = StageSpec {
         name: "detect".into(),
         variants: vec![variant],

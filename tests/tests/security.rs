@@ -261,7 +261,13 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         "a term far ahead would make the leader's plans look deposed"
     );
     let profile_of = |model_file: &str, input_shape: Vec<i64>| ProfileRequest {
-        variant: Some(VariantSpec { name: "x".into(), model_file: model_file.into(), accuracy: 50.0, input_shape }),
+        variant: Some(VariantSpec {
+            name: "x".into(),
+            model_file: model_file.into(),
+            accuracy: 50.0,
+            input_shape,
+            tensor_names: Default::default(),
+        }),
         cores: vec![1],
         batches: vec![1],
         duration_ms: 200,

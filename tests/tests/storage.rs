@@ -13,8 +13,13 @@ use tidal_tests::netns;
 use tidal_tests::*;
 
 fn task(name: &str) -> TaskSpec {
-    let variant =
-        VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3, 8, 8] };
+    let variant = VariantSpec {
+        name: "v".into(),
+        model_file: "v.onnx".into(),
+        accuracy: 70.0,
+        input_shape: vec![3, 8, 8],
+        tensor_names: Default::default(),
+    };
     tidal_common::task::single_stage(name, 500, vec![variant])
 }
 

@@ -37,6 +37,7 @@ fn variant(name: &str, input_shape: &[i64]) -> VariantSpec {
         model_file: format!("{name}.onnx"),
         accuracy: 50.0,
         input_shape: input_shape.to_vec(),
+        tensor_names: Default::default(),
     }
 }
 
@@ -124,12 +125,14 @@ struct Reference {
 }
 
 impl Reference {
-    fn new(models: &Path) -> Self {
-        let env = ort::init_from(ort_lib()).unwrap().with_name("reference").build().unwrap();
-        let sessions = ["detector", "head", "recurrent"]
-            .into_iter()
+    fn new(models: &Path, names: &[&str]) -> Self {
+        // ONNX Runtime allows one environment per process: the tests share it.
+        static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
+        let env = ENV.get_or_init(|| ort::init_from(ort_lib()).unwrap().with_name("reference").build().unwrap());
+        let sessions = names
+            .iter()
             .map(|name| {
-                let session = Session::builder(&env)
+                let session = Session::builder(env)
                     .unwrap()
                     .with_optimization_level(GraphOptimizationLevel::Level3)
                     .unwrap()
@@ -268,7 +271,7 @@ fn tidal_request(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> InferR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_front() {
     let s = serve().await;
-    let mut reference = Reference::new(&s.models);
+    let mut reference = Reference::new(&s.models, &["detector", "head", "recurrent"]);
     let mut infer = inference_client(&s.agent.addr).await;
     let mut v2 = GrpcInferenceServiceClient::new(channel(&s.agent.addr).await);
 
@@ -632,4 +635,79 @@ async fn requests_of_different_lengths_are_padded_into_one_batch_and_answered_as
     let err = infer.infer(tidal_request("text", &uneven, &[])).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("input_ids 3, attention_mask 2"), "{}", err.message());
+}
+
+/// Two variants of one stage whose models name their tensors otherwise: the second variant's
+/// config maps the stage's names to its model's (`[names]`), `tidalctl task register` checks
+/// them under the stage's names (and refuses the stage without the map), and the agent feeds
+/// and reads the second model by its own names while requests and answers carry the stage's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variant_whose_model_names_its_tensors_otherwise_serves_under_the_stage_s_names() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let theirs = [
+        ("images", "pixels"),
+        ("scale", "k"),
+        ("bias", "offset"),
+        ("pooled", "means"),
+        ("bias2", "offset2"),
+        ("next", "k1"),
+    ];
+    std::fs::write(models.join("detector.onnx"), onnx_models::detector()).unwrap();
+    std::fs::write(models.join("other.onnx"), onnx_models::renamed(&onnx_models::detector(), &theirs)).unwrap();
+    let config = |name: &str, names: &str| {
+        format!("name = \"{name}\"\nmodel_file = \"{name}.onnx\"\naccuracy = 50.0\ninput_shape = [3, 8, 8]\n{names}")
+    };
+    std::fs::write(models.join("detector.toml"), config("detector", "")).unwrap();
+    let map: String = theirs.iter().map(|(stage, model)| format!("{stage} = \"{model}\"\n")).collect();
+    std::fs::write(models.join("other.toml"), config("other", "")).unwrap();
+    let (_controller, ctl_addr) = start_controller(work.path(), 60.0, &[]);
+    let register = || {
+        let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
+            .args(["--controller", &ctl_addr, "task", "register", "--name", "detect", "--slo-ms", "2000"])
+            .arg("--model-dir")
+            .arg(&models)
+            .args(["--variants", "detector,other"])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = register();
+    assert!(!ok && err.contains("variant \"other\" does not take and give what \"detector\" does"), "{err}");
+    std::fs::write(models.join("other.toml"), config("other", &format!("[names]\n{map}"))).unwrap();
+    let (ok, err) = register();
+    assert!(ok, "{err}");
+    // A map naming a tensor the model does not have is refused.
+    std::fs::write(models.join("other.toml"), config("other", "[names]\nimages = \"picture\"\n")).unwrap();
+    let (ok, err) = register();
+    assert!(!ok && err.contains("the model has no \"picture\""), "{err}");
+
+    // Served by the renamed model alone, under the stage's names.
+    let status = controller_client(&ctl_addr).await.status(tidal_proto::v1::ClusterStatusRequest {}).await;
+    let task = status.unwrap().into_inner().tasks[0].spec.clone().unwrap();
+    assert_eq!(task.stages[0].inputs[0].name, "images");
+    let other = task.stages[0].variants.iter().find(|v| v.name == "other").unwrap().clone();
+    assert_eq!(other.tensor_names.get("images").map(String::as_str), Some("pixels"));
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &["--worker-threads", "1"] });
+    let plan = Plan {
+        epoch: 1,
+        term: 1,
+        tasks: vec![task],
+        assignments: vec![assignment("detect", "detect", &other, &agent.node, 2)],
+        ..Default::default()
+    };
+    let mut control = agent_client(&agent.control_addr).await;
+    control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.expect("the plan is applied");
+    wait_ready(&agent.control_addr, 1).await;
+    let inputs = detector_inputs(8, 8, 5);
+    let mut reference = Reference::new(&models, &["detector"]);
+    let want = reference.run("detector", &inputs);
+    let mut infer = inference_client(&agent.addr).await;
+    let got = infer.infer(tidal_request("detect", &inputs, &[])).await.unwrap().into_inner();
+    assert_same(&from_proto(got.outputs), &want, "the renamed model");
+    let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
+    let got = v2.model_infer(v2_raw_request("detect", &inputs, &["pooled"])).await.unwrap().into_inner();
+    assert_same(&v2_raw_outputs(got), &want[..1], "V2, one output by the stage's name");
 }

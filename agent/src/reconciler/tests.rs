@@ -182,7 +182,13 @@ fn model_file() -> Vec<u8> {
 }
 
 fn variant(name: &str) -> VariantSpec {
-    VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy: 70.0, input_shape: vec![3] }
+    VariantSpec {
+        name: name.into(),
+        model_file: format!("{name}.onnx"),
+        accuracy: 70.0,
+        input_shape: vec![3],
+        tensor_names: Default::default(),
+    }
 }
 
 /// A plan of task `t` running `workers` (variant, millicores) on this node.

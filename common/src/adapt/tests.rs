@@ -2,7 +2,13 @@ use super::*;
 use tidal_proto::v1::VariantSpec;
 
 pub(super) fn variant(name: &str, accuracy: f64) -> VariantSpec {
-    VariantSpec { name: name.into(), model_file: format!("{name}.onnx"), accuracy, input_shape: vec![3, 8, 8] }
+    VariantSpec {
+        name: name.into(),
+        model_file: format!("{name}.onnx"),
+        accuracy,
+        input_shape: vec![3, 8, 8],
+        tensor_names: Default::default(),
+    }
 }
 
 /// Batch 1 on 1..=2 cores, `rps_per_core` per core.

@@ -63,6 +63,7 @@ mod tests {
                 model_file: format!("{variant}.onnx"),
                 accuracy: 70.0,
                 input_shape: vec![3, 224, 224],
+                tensor_names: Default::default(),
             }),
             node: node.into(),
             millicores: 1000,

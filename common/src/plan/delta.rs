@@ -303,6 +303,7 @@ mod tests {
                 model_file: "v.onnx".into(),
                 accuracy: 70.0,
                 input_shape: vec![3],
+                tensor_names: Default::default(),
             }),
             node: format!("n{node}"),
             millicores,

@@ -337,6 +337,7 @@ fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_p
                         model_file: model_file(&v.name),
                         accuracy: v.accuracy,
                         input_shape: vec![3, 1, 1],
+                        tensor_names: Default::default(),
                     })
                     .collect();
                 let mut stage = crate::task::stage(&s.name, variants);

@@ -175,6 +175,7 @@ fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
                 model_file: model_file(variant),
                 accuracy: 70.0,
                 input_shape: vec![3],
+                tensor_names: Default::default(),
             }),
             millicores: cores * 1000,
             max_batch: 1,

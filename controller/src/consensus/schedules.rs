@@ -162,7 +162,13 @@ fn config(id: u64) -> RaftConfig {
 }
 
 fn write(key: &str) -> Command {
-    let variant = VariantSpec { name: "v".into(), model_file: "v.onnx".into(), accuracy: 70.0, input_shape: vec![3] };
+    let variant = VariantSpec {
+        name: "v".into(),
+        model_file: "v.onnx".into(),
+        accuracy: 70.0,
+        input_shape: vec![3],
+        tensor_names: Default::default(),
+    };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(key, 100, vec![variant]))) }
 }
 
