@@ -151,22 +151,24 @@ fn sample_sets(
     Ok(by_size.into_iter().map(|(size, samples)| SampleSet { size, samples }).collect())
 }
 
-/// A batch of `batch` of the set's samples (repeated as needed), one tensor per input.
-fn stacked(set: &SampleSet, batched: bool, batch: u32) -> Vec<FrameTensor> {
-    let n = batch as usize;
+/// A batch of `batch` of the set's samples (repeated as needed), one tensor per input, of at
+/// most [`MAX_PROFILE_BYTES`] each.
+fn stacked(set: &SampleSet, batched: bool, batch: u32) -> Result<Vec<FrameTensor>, Status> {
+    let n = if batched { batch as usize } else { 1 };
     (0..set.samples[0].len())
         .map(|i| {
             let first = &set.samples[0][i];
+            if first.data.len().saturating_mul(n) > MAX_PROFILE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "a batch of {n} samples of input {} ({} bytes each) is too large to profile",
+                    first.name,
+                    first.data.len()
+                )));
+            }
             let mut shape = if batched { vec![i64::from(batch)] } else { Vec::new() };
             shape.extend_from_slice(&first.shape);
-            let data = set
-                .samples
-                .iter()
-                .cycle()
-                .take(if batched { n } else { 1 })
-                .flat_map(|s| s[i].data.iter().copied())
-                .collect();
-            FrameTensor { name: first.name.clone(), datatype: first.element.v2_name().into(), shape, data }
+            let data = set.samples.iter().cycle().take(n).flat_map(|s| s[i].data.iter().copied()).collect();
+            Ok(FrameTensor { name: first.name.clone(), datatype: first.element.v2_name().into(), shape, data })
         })
         .collect()
 }
@@ -193,7 +195,7 @@ async fn profile_at(
             let inputs = if set.samples.is_empty() {
                 profile_inputs(signature, variant, batch)
             } else {
-                Ok(stacked(set, signature.batched(), batch))
+                stacked(set, signature.batched(), batch)
             };
             let measured = match inputs {
                 Ok(inputs) => measure(&mut proc, &inputs, grid.duration).await,
@@ -284,6 +286,8 @@ fn profile_inputs(signature: &Signature, variant: &VariantSpec, batch: u32) -> R
 
 /// Most elements of one input of a profiled batch (1 GiB of float32).
 const MAX_PROFILE_ELEMENTS: usize = 1 << 28;
+/// Most bytes of one input of a profiled batch of the user's samples.
+const MAX_PROFILE_BYTES: usize = 1 << 30;
 
 async fn time_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<Duration, Status> {
     let t = Instant::now();

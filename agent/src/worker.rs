@@ -676,6 +676,10 @@ fn trim(io: &StageIo, request: &Pending, outputs: &mut [NamedTensor]) {
         // A row: [1, sample…].
         let axis = t.axis + 1;
         let (Some(&have), Some(size)) = (o.shape.get(axis), o.element.size()) else { continue };
+        // Only an output whose data is as long as its shape says (the model's, not checked).
+        if tidal_common::tensor::element_count(&o.shape).and_then(|n| n.checked_mul(size)) != Some(o.data.len()) {
+            continue;
+        }
         if len < have {
             o.data = tidal_common::padding::cut(&o.data, &o.shape[1..], size, t.axis, len);
             o.shape[axis] = len;
@@ -798,7 +802,12 @@ mod tests {
         let q = crate::queue::DeadlineQueue::new(8);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut callers = Vec::new();
-        for request in [vec![ids(&[1, 2]), scale.clone()], vec![ids(&[3, 4, 5]), scale.clone()]] {
+        // Lengths 3 and 4 (both round up to 4) share a batch; 5 would not.
+        for request in [
+            vec![ids(&[1, 2, 3]), scale.clone()],
+            vec![ids(&[4, 5, 6, 7]), scale.clone()],
+            vec![ids(&[1, 2, 3, 4, 5]), scale.clone()],
+        ] {
             let (tx, rx) = tokio::sync::oneshot::channel();
             callers.push(rx);
             q.push(deadline, io.batch_key(&request), request, tx).map_err(|(e, _)| e).unwrap();
@@ -806,27 +815,29 @@ mod tests {
         // Different lengths, one key: one batch, padded to the longest.
         let batch = q.pop_batch(8, Instant::now());
         assert_eq!(batch.len(), 2);
+        assert_eq!(q.len(), 1, "the request of length 5 waits for a batch of its own bucket");
+        callers.pop();
         let stacked = stack(&io, &batch).unwrap();
-        assert_eq!(stacked[0].shape, vec![2, 3]);
+        assert_eq!(stacked[0].shape, vec![2, 4]);
         let values: Vec<i64> =
             stacked[0].data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
-        // In deadline order, then arrival: the request of length 2 first, padded with -7.
-        assert_eq!(values, vec![1, 2, -7, 3, 4, 5]);
+        // In deadline order, then arrival: the request of length 3 first, padded with -7.
+        assert_eq!(values, vec![1, 2, 3, -7, 4, 5, 6, 7]);
         assert_eq!(stacked[1].shape, vec![2, 2]);
-        // The model answers [2, 3, 2] and [2, 2]; each request gets its own length of hidden.
-        let hidden: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        // The model answers [2, 4, 2] and [2, 2]; each request gets its own length of hidden.
+        let hidden: Vec<f32> = (0..16).map(|v| v as f32).collect();
         let result = BatchResult {
             id: 1,
             error: String::new(),
             run_us: 5,
-            outputs: vec![frame("hidden", &[2, 3, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
+            outputs: vec![frame("hidden", &[2, 4, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
         };
         reply_batch(&io, batch, result, Instant::now());
         let answers: Vec<Served> = callers.into_iter().map(|mut rx| rx.try_recv().unwrap().unwrap()).collect();
-        assert_eq!(answers[0].outputs[0].shape, vec![1, 2, 2]);
-        assert_eq!(answers[0].outputs[0].f32_values().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(answers[1].outputs[0].shape, vec![1, 3, 2]);
-        assert_eq!(answers[1].outputs[0].f32_values().unwrap(), vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(answers[0].outputs[0].shape, vec![1, 3, 2]);
+        assert_eq!(answers[0].outputs[0].f32_values().unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(answers[1].outputs[0].shape, vec![1, 4, 2]);
+        assert_eq!(answers[1].outputs[0].f32_values().unwrap(), (8..16).map(|v| v as f32).collect::<Vec<_>>());
         assert_eq!(answers[1].outputs[1].f32_values().unwrap(), vec![7.0, 6.0]);
         // Padded inputs of one request must agree on their length.
         let two = StageIo::of(&tidal_proto::v1::StageSpec {

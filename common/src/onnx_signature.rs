@@ -332,13 +332,19 @@ impl Signature {
     /// name → the model's) maps is given the stage's name; a name the model does not have is
     /// refused.
     pub fn renamed(&self, names: &std::collections::HashMap<String, String>) -> Result<Signature, String> {
-        let mut out = self.clone();
+        // Each tensor renamed once, from its own name (a map may swap two names).
+        let stage_of: std::collections::HashMap<&str, &str> =
+            names.iter().map(|(stage, model)| (model.as_str(), stage.as_str())).collect();
         for (stage, model) in names {
-            let t =
-                out.inputs.iter_mut().chain(out.outputs.iter_mut()).find(|t| &t.name == model).ok_or_else(|| {
-                    format!("names {model:?} as the stage's {stage:?}, but the model has no {model:?}")
-                })?;
-            t.name = stage.clone();
+            if !self.inputs.iter().chain(&self.outputs).any(|t| &t.name == model) {
+                return Err(format!("names {model:?} as the stage's {stage:?}, but the model has no {model:?}"));
+            }
+        }
+        let mut out = self.clone();
+        for t in out.inputs.iter_mut().chain(out.outputs.iter_mut()) {
+            if let Some(stage) = stage_of.get(t.name.as_str()) {
+                t.name = stage.to_string();
+            }
         }
         for (what, tensors) in [("input", &out.inputs), ("output", &out.outputs)] {
             let mut seen = HashSet::new();

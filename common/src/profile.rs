@@ -312,7 +312,9 @@ pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f6
             }
         }
         let (Some(mid), Some(high)) = (at(median), at(tail)) else { continue };
-        let finite = [per_request_s, mid.1, high.2].iter().all(|x| x.is_finite() && *x > 0.0);
+        // A p50 of 0 stands for "not measured" (the grid takes the p99 for it).
+        let finite =
+            [per_request_s, high.2].iter().all(|x| x.is_finite() && *x > 0.0) && mid.1.is_finite() && mid.1 >= 0.0;
         if !complete || !finite {
             continue;
         }

@@ -218,7 +218,8 @@ impl StageIo {
     }
 
     /// What requests must share to be batched together: the shapes of all their inputs, but
-    /// for the padded dimensions.
+    /// for the padded dimensions, where their lengths need only round up to the same power of
+    /// two (so that padding at most doubles a request).
     pub fn batch_key(&self, sample: &[NamedTensor]) -> Vec<i64> {
         let mut key = shape_key(sample);
         if self.pad.is_empty() {
@@ -229,7 +230,8 @@ impl StageIo {
         for (i, t) in sample.iter().enumerate() {
             for p in self.pad.iter().filter(|p| p.input == i) {
                 if let Some(d) = key.get_mut(start + 1 + p.axis) {
-                    *d = -1;
+                    // Negative: never equal to a dimension of an unpadded input.
+                    *d = -((((*d).max(1) as u64).next_power_of_two().min(1 << 62)) as i64);
                 }
             }
             start += 1 + t.shape.len();

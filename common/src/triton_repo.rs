@@ -320,12 +320,7 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
             c.max_batch_size
         ));
     }
-    if !batched && signature.batched() {
-        notes.push(
-            "max_batch_size 0 on a model with a batch dimension: Tidal batches it; requests still give the full shape"
-                .into(),
-        );
-    } else if batched {
+    if batched {
         notes.push(format!(
             "max_batch_size {}: Tidal's plan sets the batch size (V2 model config reports 64)",
             c.max_batch_size
@@ -372,9 +367,11 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
                 .into(),
         );
     }
-    // The size the first input is profiled at: its fixed dimensions, or the one given.
-    let first = &inputs[0];
-    let sample_dims = if signature.batched() { &first.shape[1..] } else { &first.shape[..] };
+    // The size the first input is profiled at: its fixed dimensions, or the one given (as
+    // served: a configuration may fix the model's leading dimension, which is then no batch).
+    let narrowed = Signature { inputs, outputs };
+    let first = &narrowed.inputs[0];
+    let sample_dims = if narrowed.batched() { &first.shape[1..] } else { &first.shape[..] };
     let fixed: Option<Vec<i64>> =
         sample_dims.iter().map(|d| if let Dim::Fixed(n) = d { Some(*n) } else { None }).collect();
     let input_shape = match (opts.sample_shape, fixed) {
@@ -390,6 +387,12 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
             ));
         }
     };
+    if !batched && narrowed.batched() {
+        notes.push(
+            "max_batch_size 0 on a model with a batch dimension: Tidal batches it; requests still give the full shape"
+                .into(),
+        );
+    }
     let accuracy =
         match c.parameters.get(ACCURACY_PARAMETER) {
             Some(p) => p.string_value.trim().parse::<f64>().map_err(|_| {
@@ -409,7 +412,6 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
     };
     crate::variant::validate_variant(&variant)?;
     let mut task = crate::task::single_stage(&model.name, opts.slo_ms, vec![variant]);
-    let narrowed = Signature { inputs, outputs };
     narrowed.takes_sample(&task.stages[0].variants[0].input_shape)?;
     task.stages[0].inputs = narrowed.inputs.iter().map(TensorSpec::to_proto).collect();
     task.stages[0].outputs = narrowed.outputs.iter().map(TensorSpec::to_proto).collect();
@@ -556,6 +558,18 @@ model_warmup [ { name: "zeros", batch_size: 1, inputs { key: "scale" value: { da
         let imported = import(repo.path(), None).unwrap();
         assert_eq!(imported.task.stages[0].inputs[0].shape, vec![-1, 3, 64, 48]);
         assert_eq!(imported.task.stages[0].variants[0].input_shape, vec![3, 64, 48]);
+
+        // max_batch_size 0 with the leading dimension fixed at 1: served whole, not batched.
+        let whole = DETECTOR_CONFIG
+            .replace("max_batch_size: 8", "max_batch_size: 0")
+            .replace("dims: [ 3, -1, -1 ]", "dims: [ 1, 3, 16, 16 ]")
+            .replace("TYPE_INT64\n    dims: [ ]", "TYPE_INT64\n    dims: [ 1 ]")
+            .replace("TYPE_FP32, dims: [ 4 ]", "TYPE_FP32, dims: [ 1, 4 ]")
+            .replace("TYPE_INT64, dims: [ ] }", "TYPE_INT64, dims: [ 1 ] }");
+        let imported = import(repository(Some(&whole)).path(), None).unwrap();
+        assert_eq!(imported.task.stages[0].inputs[0].shape, vec![1, 3, 16, 16]);
+        assert_eq!(imported.task.stages[0].variants[0].input_shape, vec![1, 3, 16, 16]);
+        assert!(!imported.notes.iter().any(|n| n.contains("Tidal batches it")), "{:?}", imported.notes);
 
         // No configuration: the file's signature, Triton's defaults.
         let repo = repository(None);

@@ -157,6 +157,8 @@ impl Observed {
             totals.0 += t.served;
             totals.1 += t.errors + t.deadline_misses;
         }
+        // Stages that stopped reporting (a task removed) age out with everything else.
+        self.sizes.retain(|_, seconds| seconds.last_key_value().is_some_and(|(&s, _)| s + HISTORY_S >= current));
         self.reports.insert(report.node.clone(), (now, report));
         came_up
     }
