@@ -236,22 +236,48 @@ async fn measure(
 }
 
 /// A batch of `batch` samples of every input the model takes. The first input's sample has
-/// the variant's `input_shape`; the others their declared dimensions, a dynamic one at 1 (until
-/// profiles take the user's sample inputs). Floating-point inputs hold uniform noise in [0, 1);
-/// integer and boolean inputs zeros, which are valid indices and token ids for any model.
+/// the variant's `input_shape`; the others their declared dimensions, a dynamic one at the
+/// first input's size where the model names both dimensions alike (a text model's
+/// `attention_mask` follows its `input_ids`' sequence), else 1. Floating-point inputs hold
+/// uniform noise in [0, 1); integer and boolean inputs zeros, which are valid indices and token
+/// ids for any model.
 fn profile_inputs(signature: &Signature, variant: &VariantSpec, batch: u32) -> Result<Vec<FrameTensor>, Status> {
     let batched = signature.batched();
     let mut rng = rand::thread_rng();
+    let skip = usize::from(batched);
+    // The first input's named dynamic dimensions, at the variant's sizes.
+    let named: std::collections::HashMap<&str, i64> = signature
+        .inputs
+        .first()
+        .filter(|first| first.shape.len() == skip + variant.input_shape.len())
+        .map(|first| {
+            first.shape[skip..]
+                .iter()
+                .zip(&variant.input_shape)
+                .filter_map(|(d, &n)| match d {
+                    Dim::Dynamic(Some(name)) => Some((name.as_str(), n)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     signature
         .inputs
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            let declared = if batched { &input.shape[1..] } else { &input.shape[..] };
+            let declared = &input.shape[skip..];
             let sample: Vec<i64> = if i == 0 && variant.input_shape.len() == declared.len() {
                 variant.input_shape.clone()
             } else {
-                declared.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).collect()
+                declared
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => *n,
+                        Dim::Dynamic(Some(name)) => named.get(name.as_str()).copied().unwrap_or(1),
+                        Dim::Dynamic(None) => 1,
+                    })
+                    .collect()
             };
             let mut shape = if batched { vec![i64::from(batch)] } else { Vec::new() };
             shape.extend(sample);

@@ -138,10 +138,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCmd {
-    /// Generate ONNX models (ResNets and YOLOv5s of the real architectures, weights from a seed;
-    /// a 2×2 downsampling stage for pipelines) and their variant configs.
+    /// Generate ONNX models of the real architectures with weights from a seed (ResNets and
+    /// YOLOv5s; the Transformer encoders and wav2vec2s of IPA's text and speech stages; a 2×2
+    /// downsampling stage for pipelines) and their variant configs.
     ///
     /// Example: tidalctl models generate --out models --resolution 64 --variants resnet18,resnet50
+    ///
+    /// Example: tidalctl models generate --out models --variants distilbert-sst2,wav2vec2-base --tokens 32
     Generate {
         /// Directory to write the ONNX files and variant TOMLs into.
         #[arg(long, default_value = "models")]
@@ -149,9 +152,20 @@ enum ModelsCmd {
         /// Input resolution in pixels (224 is ImageNet's; smaller runs faster on small machines).
         #[arg(long, default_value_t = 64)]
         resolution: u32,
+        /// Text models' length to profile at, tokens (they take any length up to 512).
+        #[arg(long, default_value_t = 64)]
+        tokens: u32,
+        /// Speech models' recording length to profile at, milliseconds of 16 kHz audio (they
+        /// take any length).
+        #[arg(long, default_value_t = 2000)]
+        audio_ms: u32,
         /// Variants to make, comma-separated: resnet18, resnet34, resnet50, resnet101, resnet152
         /// (classifiers, top-1), yolov5n, yolov5s, yolov5m, yolov5l, yolov5x (detectors, mAP;
-        /// --resolution a multiple of 32), downsample (output at half of --resolution).
+        /// --resolution a multiple of 32), downsample (output at half of --resolution);
+        /// distilbert-sst2, distilbert-sentiment, bert-sentiment, roberta-sentiment (sentiment,
+        /// accuracy), roberta-squad2, xlm-roberta-squad2 (question answering, F1),
+        /// xlm-roberta-langid (language identification, accuracy); wav2vec2-base,
+        /// wav2vec2-large (speech to text, 100 − WER).
         #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50,resnet101,resnet152")]
         variants: Vec<String>,
         /// Seed of the generated weights (the same seed gives the same files).
@@ -400,8 +414,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::print(format, &list, render_revoked)
         }
         Command::Node(cmd) => nodes::run(&cli.controller, cmd).await,
-        Command::Models(ModelsCmd::Generate { out, resolution, variants, seed, force }) => {
-            models::generate_models(&out, &variants, resolution, seed, force)
+        Command::Models(ModelsCmd::Generate { out, resolution, tokens, audio_ms, variants, seed, force }) => {
+            let size = tidal_common::zoo::SampleSize { resolution, tokens, audio_ms };
+            models::generate_models(&out, &variants, size, seed, force)
         }
         Command::Models(ModelsCmd::Signature { files }) => models::print_signatures(&files),
         Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {

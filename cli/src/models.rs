@@ -8,22 +8,30 @@ use std::time::Instant;
 use anyhow::Context;
 use tidal_common::onnx_signature::{check_stage, Signature, TensorSpec};
 use tidal_common::variant::VariantConfig;
-use tidal_common::zoo::{ModelKind, NAMES};
+use tidal_common::zoo::{ModelKind, SampleSize, NAMES};
 use tidal_proto::v1::TaskSpec;
 
-pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64, force: bool) -> anyhow::Result<()> {
-    if !(32..=1024).contains(&resolution) {
-        anyhow::bail!("resolution {resolution} is outside 32..=1024 pixels");
-    }
+pub fn generate_models(out: &Path, names: &[String], size: SampleSize, seed: u64, force: bool) -> anyhow::Result<()> {
+    let resolution = size.resolution;
     let kinds = names
         .iter()
         .map(|n| ModelKind::from_name(n).with_context(|| format!("unknown variant {n:?}; choose from {NAMES}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if kinds.iter().any(|k| k.takes_images()) && !(32..=1024).contains(&resolution) {
+        anyhow::bail!("resolution {resolution} is outside 32..=1024 pixels");
+    }
     if resolution % 2 == 1 && kinds.contains(&ModelKind::Downsample) {
         anyhow::bail!("downsample halves the image: give an even --resolution");
     }
     if !resolution.is_multiple_of(32) && kinds.iter().any(|k| matches!(k, ModelKind::Yolo(_))) {
         anyhow::bail!("YOLOv5 downsamples by 32: give a --resolution that is a multiple of 32");
+    }
+    if !(1..=512).contains(&size.tokens) {
+        anyhow::bail!("--tokens {} is outside 1..=512", size.tokens);
+    }
+    // wav2vec2's feature encoder needs 25 ms for one frame.
+    if !(25..=600_000).contains(&size.audio_ms) {
+        anyhow::bail!("--audio-ms {} is outside 25..=600000 (25 ms to 10 minutes)", size.audio_ms);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for kind in kinds {
@@ -31,13 +39,21 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
             name: kind.name().to_string(),
             model_file: format!("{}.onnx", kind.name()),
             accuracy: kind.accuracy(),
-            input_shape: kind.input_shape(resolution),
+            input_shape: kind.input_shape(size),
             names: Default::default(),
         };
         let toml_path = out.join(format!("{}.toml", cfg.name));
         let onnx_path = out.join(&cfg.model_file);
-        if !force && onnx_path.is_file() && VariantConfig::load(out, &cfg.name).is_ok_and(|c| c == cfg) {
-            eprintln!("{:<10} up to date in {}", cfg.name, out.display());
+        // The text and speech models do not depend on the size: only their config changes.
+        let same_model = |c: &VariantConfig| !kind.takes_images() || c.input_shape == cfg.input_shape;
+        if !force && onnx_path.is_file() && VariantConfig::load(out, &cfg.name).is_ok_and(|c| same_model(&c)) {
+            if VariantConfig::load(out, &cfg.name).is_ok_and(|c| c == cfg) {
+                eprintln!("{:<20} up to date in {}", cfg.name, out.display());
+            } else {
+                std::fs::write(&toml_path, cfg.to_toml())
+                    .with_context(|| format!("writing {}", toml_path.display()))?;
+                eprintln!("{:<20} up to date in {}; profiled at {:?} now", cfg.name, out.display(), cfg.input_shape);
+            }
             continue;
         }
         let started = Instant::now();
@@ -47,8 +63,13 @@ pub fn generate_models(out: &Path, names: &[String], resolution: u32, seed: u64,
         std::fs::write(&tmp, &model.onnx).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &onnx_path)?;
         std::fs::write(&toml_path, cfg.to_toml()).with_context(|| format!("writing {}", toml_path.display()))?;
+        let at = match kind {
+            ModelKind::Text(_) => format!("{} tokens", cfg.input_shape[0]),
+            ModelKind::Speech(_) => format!("{:.2} s of audio", cfg.input_shape[0] as f64 / 16_000.0),
+            _ => format!("{resolution}x{resolution}"),
+        };
         eprintln!(
-            "{:<10} {:>6.1} M parameters, {:>4} MB, {resolution}x{resolution}, accuracy {:.2} %  ({:.1} s)",
+            "{:<20} {:>6.1} M parameters, {:>5} MB, {at}, accuracy {:.2} %  ({:.1} s)",
             cfg.name,
             model.parameters as f64 / 1e6,
             model.onnx.len() >> 20,
@@ -111,10 +132,12 @@ pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<
 mod tests {
     use super::*;
 
+    const SIZE_32: SampleSize = SampleSize { resolution: 32, tokens: 16, audio_ms: 1000 };
+
     #[test]
     fn registration_gives_each_stage_its_variants_signature() {
         let dir = tempfile::tempdir().unwrap();
-        generate_models(dir.path(), &["resnet18".into(), "resnet34".into()], 32, 1, false).unwrap();
+        generate_models(dir.path(), &["resnet18".into(), "resnet34".into()], SIZE_32, 1, false).unwrap();
         let variants = ["resnet18", "resnet34"].map(|v| VariantConfig::load(dir.path(), v).unwrap().spec()).to_vec();
         let mut task = tidal_common::task::single_stage("t", 100, variants);
         read_signatures(&mut task, dir.path()).unwrap();

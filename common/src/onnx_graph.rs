@@ -71,6 +71,39 @@ impl GraphBuilder {
         self.initializer(dims, vec![0; len as usize * 4])
     }
 
+    /// A learned float vector or tensor initialised to ones (a normalisation's scale).
+    pub(crate) fn ones(&mut self, dims: &[i64]) -> String {
+        let len: i64 = dims.iter().product();
+        self.initializer(dims, 1.0f32.to_le_bytes().repeat(len as usize))
+    }
+
+    /// A learned affine map of the last dimension, `x · W + b` (`W` is `[cin, cout]`).
+    pub(crate) fn linear(&mut self, x: &str, cin: usize, cout: usize, gain: f32) -> String {
+        let w = self.weight(&[cin as i64, cout as i64], cin as f32, gain);
+        let b = self.zeros(&[cout as i64]);
+        let y = self.node("MatMul", &[x, &w], vec![]);
+        self.node("Add", &[&y, &b], vec![])
+    }
+
+    /// Layer normalisation over the last dimension, with a learned scale and shift.
+    pub(crate) fn layer_norm(&mut self, x: &str, dim: usize) -> String {
+        let scale = self.ones(&[dim as i64]);
+        let shift = self.zeros(&[dim as i64]);
+        self.node("LayerNormalization", &[x, &scale, &shift], vec![int_attr("axis", -1), float_attr("epsilon", 1e-5)])
+    }
+
+    /// GELU in its exact form, `x/2 · (1 + erf(x/√2))` (ONNX has no Gelu before opset 20).
+    pub(crate) fn gelu(&mut self, x: &str) -> String {
+        let inv_sqrt2 = self.const_f32(&[], &[std::f32::consts::FRAC_1_SQRT_2]);
+        let half = self.const_f32(&[], &[0.5]);
+        let one = self.const_f32(&[], &[1.0]);
+        let scaled = self.node("Mul", &[x, &inv_sqrt2], vec![]);
+        let erf = self.node("Erf", &[&scaled], vec![]);
+        let shifted = self.node("Add", &[&erf, &one], vec![]);
+        let gate = self.node("Mul", &[&shifted, &half], vec![]);
+        self.node("Mul", &[x, &gate], vec![])
+    }
+
     pub(crate) fn initializer(&mut self, dims: &[i64], raw_data: Vec<u8>) -> String {
         let name = self.fresh("w");
         self.parameters += dims.iter().product::<i64>() as u64;
@@ -93,6 +126,11 @@ impl GraphBuilder {
     pub(crate) fn const_i64(&mut self, values: &[i64]) -> String {
         let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.constant(&[values.len() as i64], DataType::Int64, raw_data)
+    }
+
+    /// An int64 scalar constant, such as an axis index or a range bound.
+    pub(crate) fn scalar_i64(&mut self, value: i64) -> String {
+        self.constant(&[], DataType::Int64, value.to_le_bytes().to_vec())
     }
 
     fn constant(&mut self, dims: &[i64], data_type: DataType, raw_data: Vec<u8>) -> String {
@@ -165,6 +203,10 @@ pub(crate) fn int_attr(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i, r#type: AttributeType::Int as i32, ..Default::default() }
 }
 
+pub(crate) fn float_attr(name: &str, f: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), f, r#type: AttributeType::Float as i32, ..Default::default() }
+}
+
 pub(crate) fn str_attr(name: &str, value: &str) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -180,12 +222,25 @@ pub(crate) fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
 
 /// A float32 tensor value info; `None` marks the dynamic batch dimension.
 pub(crate) fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dims: Vec<Dim> = dims.iter().map(|d| d.map_or(Dim::Named("batch"), Dim::Fixed)).collect();
+    value_info(name, DataType::Float, &dims)
+}
+
+/// One dimension of a declared tensor: a size, or dynamic under a name.
+#[derive(Clone, Copy)]
+pub(crate) enum Dim {
+    Fixed(i64),
+    Named(&'static str),
+}
+
+/// A tensor value info of any element type.
+pub(crate) fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| Dimension {
             value: Some(match d {
-                Some(v) => dimension::Value::DimValue(*v),
-                None => dimension::Value::DimParam("batch".into()),
+                Dim::Fixed(v) => dimension::Value::DimValue(*v),
+                Dim::Named(p) => dimension::Value::DimParam(p.to_string()),
             }),
         })
         .collect();
@@ -193,7 +248,7 @@ pub(crate) fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
+                elem_type: elem as i32,
                 shape: Some(TensorShapeProto { dim }),
             })),
         }),
