@@ -3,7 +3,8 @@
 # VMs), ansible-core, ansible-lint and ssh (the playbooks over SSH); and promtool, unpacked
 # from Debian's prometheus package into .tidal/tools (the package itself would start a
 # Prometheus server); and tritonclient and Triton's perf_analyzer, for the outside-client tests
-# (scripts/client-tools.sh, into .tidal/clients). Needs root and apt-get; without them it says
+# (scripts/client-tools.sh, into .tidal/clients); and a word list (wamerican) for the generated
+# text models' tokenizers. Needs root and apt-get; without them it says
 # which tests will report "SKIPPED (not run)" and succeeds, so that the rest of the suite runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ missing=()
 for tool in "${!provides[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${provides[$tool]}")
 done
+# The word list the generated text models' tokenizers take their vocabulary from.
+[ -f /usr/share/dict/words ] || missing+=(wamerican)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

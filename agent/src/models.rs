@@ -84,6 +84,7 @@ mod tests {
             accuracy: 70.0,
             input_shape: shape.into(),
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         }
     }
 

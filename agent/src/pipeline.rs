@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use tidal_common::task::fan_out;
 use tidal_common::tensor::{NamedTensor, StageIo, TensorError};
+use tidal_common::text::{wire_io, TextError};
 use tidal_proto::v1::{InferRequest, InferResponse, StageServed, StageSpec};
 use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
@@ -131,9 +132,9 @@ impl Pipeline {
         };
         let first = stages.first().ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
         let last = stages.last().unwrap_or(first);
-        let io_of = |stage: &StageSpec| {
-            StageIo::of(stage).map_err(|why| ServeError::Model(format!("stage {}: {why}", stage.name)))
-        };
+        // What each stage takes and gives on the wire (text, where a stage tokenizes).
+        let io_of =
+            |stage: &StageSpec| wire_io(stage).map_err(|why| ServeError::Model(format!("stage {}: {why}", stage.name)));
         let invalid = |e: TensorError| ServeError::InvalidInput(e.to_string());
         // The unnamed `input` of a model of one input is answered with the unnamed `output`.
         let unnamed = req.inputs.is_empty();
@@ -147,11 +148,16 @@ impl Pipeline {
             .map(NamedTensor::from_proto)
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
-        let sample = io_of(first)?.sample(tensors).map_err(invalid)?;
+        let first_io = io_of(first)?;
+        let sample = first_io.sample(tensors).map_err(invalid)?;
         io_of(last)?.check_outputs(&req.outputs).map_err(invalid)?;
-        // The request's image is kept only when a later stage crops it.
+        // The request's image is kept only when a later stage crops it, and its inputs only
+        // when a later stage takes one of them (a question asked of the text a stage wrote).
         let crops_later = stages.iter().skip(1).any(|s| fan_out(s) > 1);
         let image = if crops_later { sample.first().cloned() } else { None };
+        let later_inputs: Vec<StageIo> = stages.iter().skip(1).map(|s| io_of(s)).collect::<Result<_, _>>()?;
+        let taken_later = |t: &NamedTensor| later_inputs.iter().any(|io| io.inputs.iter().any(|d| d.name == t.name));
+        let request_inputs: Vec<NamedTensor> = sample.iter().filter(|t| taken_later(t)).cloned().collect();
         let mut inputs = vec![sample];
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
@@ -160,8 +166,9 @@ impl Pipeline {
                 if Instant::now() >= deadline {
                     return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
                 }
-                let io = io_of(stage)?;
-                inputs = connect(stages[i - 1], stage, &io, std::mem::take(&mut outputs), image.as_ref())?;
+                let io = &later_inputs[i - 1];
+                let given = std::mem::take(&mut outputs);
+                inputs = connect(stages[i - 1], stage, io, given, image.as_ref(), &request_inputs)?;
             }
             let key = StageKey::new(&task.name, &stage.name);
             let local_only = forwarded.is_some();
@@ -232,6 +239,17 @@ impl Pipeline {
     ) -> Result<StageOutput, ServeError> {
         let telemetry = &self.node.telemetry;
         let started = Instant::now();
+        // Text becomes the model's tokens by this variant's tokenizer, and is checked as the
+        // model takes it.
+        let batched = worker.spec.io.batched;
+        let (input, encoded) = match &worker.spec.text {
+            None => (input, None),
+            Some(text) => {
+                let (tensors, encoded) = text.encode(batched, input).map_err(text_error)?;
+                let tensors = worker.spec.io.sample(tensors).map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+                (tensors, encoded)
+            }
+        };
         let size = input.first().and_then(|t| tidal_common::tensor::element_count(&t.shape)).unwrap_or(0) as u64;
         telemetry.stage_arrival(&key.task, &key.stage, started, size);
         let (tx, rx) = oneshot::channel();
@@ -250,6 +268,10 @@ impl Pipeline {
                 return Err(e);
             }
         };
+        let mut served = served;
+        if let Some(text) = &worker.spec.text {
+            text.decode(batched, encoded.as_ref(), &mut served.outputs).map_err(text_error)?;
+        }
         let took = started.elapsed();
         telemetry.stage_outcome(&key.task, &key.stage, Some((Duration::from_micros(served.queue_us), took)));
         Ok(StageOutput {
@@ -336,10 +358,18 @@ impl Pipeline {
     }
 }
 
+/// A text stage's error: the request's (INVALID_ARGUMENT) or the model's.
+fn text_error(e: TextError) -> ServeError {
+    match e {
+        TextError::Input(why) => ServeError::InvalidInput(why),
+        TextError::Model(why) => ServeError::Model(why),
+    }
+}
+
 /// The inputs of `stage` from the outputs of the stage before it (`prev`), one request's
 /// worth each: the outputs by name (the output the stage's `connect` names for an input, else
-/// the output of the input's name, else, for a stage of one input, the first output), or the
-/// crops of the request's `image` around each
+/// the output of the input's name, else, for a stage of one input, the first output, else the
+/// request's own input of that name), or the crops of the request's `image` around each
 /// output's most confident detections. Each checked as the stage takes it.
 fn connect(
     prev: &StageSpec,
@@ -347,6 +377,7 @@ fn connect(
     io: &StageIo,
     outputs: Vec<StageOutput>,
     image: Option<&NamedTensor>,
+    request: &[NamedTensor],
 ) -> Result<Vec<Vec<NamedTensor>>, ServeError> {
     let mismatch =
         |why: String| ServeError::Model(format!("stage {} cannot feed stage {}: {why}", prev.name, stage.name));
@@ -363,6 +394,10 @@ fn connect(
                         Some(at) => at,
                         // A stage of one input takes the one output it is given.
                         None if named.is_none() && io.inputs.len() == 1 && !given.is_empty() => 0,
+                        None if named.is_none() && request.iter().any(|t| t.name == input.name) => {
+                            tensors.extend(request.iter().find(|t| t.name == input.name).cloned());
+                            continue;
+                        }
                         None => {
                             let names: Vec<&str> = given.iter().map(|t| t.name.as_str()).collect();
                             return Err(mismatch(format!(

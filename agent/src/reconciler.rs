@@ -378,7 +378,7 @@ impl Owner {
                     stage: stage.name.clone(),
                     why,
                 })?;
-                ios.insert(StageKey::new(&task.name, &stage.name), Arc::new(io));
+                ios.insert(StageKey::new(&task.name, &stage.name), (Arc::new(io), stage.text.clone()));
             }
         }
         execute(&mut NodeExecutor { owner: self, epoch: plan.epoch, ios }, staged.actions)?;
@@ -588,7 +588,8 @@ struct NodeExecutor<'a> {
     owner: &'a mut Owner,
     epoch: u64,
     /// What each stage of the plan takes and gives.
-    ios: HashMap<StageKey, Arc<StageIo>>,
+    /// Each stage's model tensors, and the text around its model.
+    ios: HashMap<StageKey, (Arc<StageIo>, Option<tidal_proto::v1::TextIo>)>,
 }
 
 impl NodeExecutor<'_> {
@@ -614,13 +615,26 @@ impl Executor for NodeExecutor<'_> {
     }
 
     fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared) {
+        let (io, stage_text) = match self.ios.get(&StageKey::new(&d.key.task, &d.key.stage)) {
+            Some((io, text)) => (Some(io.clone()), text.clone()),
+            None => (None, None),
+        };
+        let models = self.owner.p.models.path().to_path_buf();
         let spec = WorkerSpec {
             id: id.clone(),
             task: d.key.task.clone(),
             stage: d.key.stage.clone(),
             replica: d.key.replica,
             model_path: self.owner.p.models.path().join(&d.variant.model_file),
-            io: self.ios.get(&StageKey::new(&d.key.task, &d.key.stage)).cloned().unwrap_or_else(|| {
+            text: stage_text.map(|spec| {
+                let tokenizer = (!d.variant.tokenizer_file.is_empty()).then(|| models.join(&d.variant.tokenizer_file));
+                let text = tidal_common::text::StageText::load(&spec, tokenizer.as_deref());
+                if let Some(why) = text.load_error() {
+                    warn!(worker = %id, "{why}; its requests are refused until the file is fixed");
+                }
+                Arc::new(text)
+            }),
+            io: io.unwrap_or_else(|| {
                 // Not in the plan's tasks (a validated plan has them all): a stage of this
                 // variant's sample shape.
                 let stage = tidal_proto::v1::StageSpec { variants: vec![d.variant.clone()], ..Default::default() };

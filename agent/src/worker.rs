@@ -297,6 +297,8 @@ pub struct WorkerSpec {
     pub model_path: PathBuf,
     /// What the stage's model takes and gives.
     pub io: Arc<StageIo>,
+    /// Text around the model (a tokenizer, decoded outputs), when its stage has any.
+    pub text: Option<Arc<tidal_common::text::StageText>>,
 }
 
 /// The agent's handle on one worker.
@@ -739,6 +741,7 @@ mod tests {
             datatype: datatype.into(),
             shape: shape.to_vec(),
             max_shape: vec![],
+            min_shape: vec![],
         };
         let io = StageIo::of(&tidal_proto::v1::StageSpec {
             inputs: vec![sig("a", "FP32", &[-1, 2]), sig("b", "INT64", &[-1])],
@@ -782,6 +785,7 @@ mod tests {
             datatype: datatype.into(),
             shape: shape.to_vec(),
             max_shape: vec![],
+            min_shape: vec![],
         };
         let io = StageIo::of(&tidal_proto::v1::StageSpec {
             name: "encode".into(),

@@ -168,6 +168,11 @@ enum ModelsCmd {
         /// wav2vec2-large (speech to text, 100 − WER).
         #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50,resnet101,resnet152")]
         variants: Vec<String>,
+        /// A word list (one word per line) the text models' WordPiece tokenizers take their
+        /// vocabulary from, shortest words first (Debian's wamerican installs one); without
+        /// it they spell every word in characters.
+        #[arg(long, default_value = "/usr/share/dict/words")]
+        words: PathBuf,
         /// Seed of the generated weights (the same seed gives the same files).
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -414,9 +419,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::print(format, &list, render_revoked)
         }
         Command::Node(cmd) => nodes::run(&cli.controller, cmd).await,
-        Command::Models(ModelsCmd::Generate { out, resolution, tokens, audio_ms, variants, seed, force }) => {
+        Command::Models(ModelsCmd::Generate { out, resolution, tokens, audio_ms, variants, words, seed, force }) => {
             let size = tidal_common::zoo::SampleSize { resolution, tokens, audio_ms };
-            models::generate_models(&out, &variants, size, seed, force)
+            models::generate_models(&out, &variants, size, &words, seed, force)
         }
         Command::Models(ModelsCmd::Signature { files }) => models::print_signatures(&files),
         Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {
@@ -443,6 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 // Connections and signatures checked together, before the controller is asked.
                 None => tidal_common::task::validate_task(&task).map_err(|e| anyhow::anyhow!(e))?,
             }
+            models::check_tokenizers(&task, &model_dir)?;
             let changed = tidal_common::task::changed_share(task.share.as_ref(), &share.request(&task.name))
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);

@@ -11,7 +11,38 @@ use tidal_common::variant::VariantConfig;
 use tidal_common::zoo::{ModelKind, SampleSize, NAMES};
 use tidal_proto::v1::TaskSpec;
 
-pub fn generate_models(out: &Path, names: &[String], size: SampleSize, seed: u64, force: bool) -> anyhow::Result<()> {
+/// Writes a WordPiece tokenizer of at most `vocab` entries over the words of `words` (a word
+/// list, one per line, as Debian's wamerican installs at /usr/share/dict/words), shortest
+/// first; without the list, of characters only (every word spelled in pieces).
+fn write_tokenizer(path: &Path, vocab: usize, words: &Path) -> anyhow::Result<()> {
+    let mut list: Vec<String> = match std::fs::read_to_string(words) {
+        Ok(text) => text.lines().map(str::to_string).collect(),
+        Err(e) => {
+            eprintln!(
+                "no word list at {} ({e}): {} spells every word in characters (install Debian's wamerican, \
+                 or give --words)",
+                words.display(),
+                path.display()
+            );
+            Vec::new()
+        }
+    };
+    list.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+    let json = tidal_common::text::wordpiece_json(&list, vocab);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn generate_models(
+    out: &Path,
+    names: &[String],
+    size: SampleSize,
+    words: &Path,
+    seed: u64,
+    force: bool,
+) -> anyhow::Result<()> {
     let resolution = size.resolution;
     let kinds = names
         .iter()
@@ -41,7 +72,14 @@ pub fn generate_models(out: &Path, names: &[String], size: SampleSize, seed: u64
             accuracy: kind.accuracy(),
             input_shape: kind.input_shape(size),
             names: Default::default(),
+            tokenizer_file: match kind {
+                ModelKind::Text(_) => format!("{}.tokenizer.json", kind.name()),
+                _ => String::new(),
+            },
         };
+        if let ModelKind::Text(m) = kind {
+            write_tokenizer(&out.join(&cfg.tokenizer_file), m.vocab(), words)?;
+        }
         let toml_path = out.join(format!("{}.toml", cfg.name));
         let onnx_path = out.join(&cfg.model_file);
         // The text and speech models do not depend on the size: only their config changes.
@@ -128,6 +166,19 @@ pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<
     Ok(())
 }
 
+/// Reads the tokenizer of each variant of a stage that tokenizes text, as its agents will, so
+/// that a missing or malformed file is refused before the task is registered.
+pub fn check_tokenizers(task: &TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
+    for stage in &task.stages {
+        let Some(tokenize) = stage.text.as_ref().and_then(|t| t.tokenize.as_ref()) else { continue };
+        for v in &stage.variants {
+            tidal_common::text::TextEncoder::load(&model_dir.join(&v.tokenizer_file), tokenize)
+                .map_err(|e| anyhow::anyhow!("stage {}, variant {}: {e}", stage.name, v.name))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +188,8 @@ mod tests {
     #[test]
     fn registration_gives_each_stage_its_variants_signature() {
         let dir = tempfile::tempdir().unwrap();
-        generate_models(dir.path(), &["resnet18".into(), "resnet34".into()], SIZE_32, 1, false).unwrap();
+        generate_models(dir.path(), &["resnet18".into(), "resnet34".into()], SIZE_32, Path::new("/none"), 1, false)
+            .unwrap();
         let variants = ["resnet18", "resnet34"].map(|v| VariantConfig::load(dir.path(), v).unwrap().spec()).to_vec();
         let mut task = tidal_common::task::single_stage("t", 100, variants);
         read_signatures(&mut task, dir.path()).unwrap();

@@ -50,6 +50,7 @@ impl Cluster {
                         accuracy,
                         input_shape: vec![3, 224, 224],
                         tensor_names: Default::default(),
+                        tokenizer_file: String::new(),
                     })
                     .collect();
                 tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -25,6 +25,7 @@ pub mod speech;
 pub mod task;
 pub mod task_file;
 pub mod tensor;
+pub mod text;
 pub mod transformer;
 pub mod triton_repo;
 pub mod v2_tensor;

@@ -166,7 +166,13 @@ impl TensorSpec {
     /// As the replicated task keeps it: -1 for a dynamic dimension.
     pub fn to_proto(&self) -> TensorSignature {
         let shape = self.shape.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { -1 }).collect();
-        TensorSignature { name: self.name.clone(), datatype: self.element.v2_name().into(), shape, max_shape: vec![] }
+        TensorSignature {
+            name: self.name.clone(),
+            datatype: self.element.v2_name().into(),
+            shape,
+            max_shape: vec![],
+            min_shape: vec![],
+        }
     }
 }
 
@@ -215,6 +221,17 @@ pub fn validate_signature(inputs: &[TensorSignature], outputs: &[TensorSignature
                 return Err(format!(
                     "{what} {:?}: bounds {:?} must give, for an input, one number per dimension of {:?}: the most a dynamic one may be (0: unbounded), 0 or the size for a fixed one",
                     t.name, t.max_shape, t.shape
+                ));
+            }
+            let least_fit = t.min_shape.is_empty()
+                || (what == "input"
+                    && t.min_shape.len() == t.shape.len()
+                    && t.min_shape.iter().zip(&t.shape).all(|(&m, &d)| m == 0 || (d == -1 && m > 0) || m == d)
+                    && t.min_shape.iter().zip(&t.max_shape).all(|(&lo, &hi)| hi == 0 || lo <= hi));
+            if !least_fit {
+                return Err(format!(
+                    "{what} {:?}: least sizes {:?} must give, for an input, one number per dimension of {:?}: the least a dynamic one may be (0: 1), 0 or the size for a fixed one, no more than its bound",
+                    t.name, t.min_shape, t.shape
                 ));
             }
         }
@@ -539,7 +556,8 @@ mod tests {
                 name: "images".into(),
                 datatype: "FP32".into(),
                 shape: vec![-1, 3, -1, -1],
-                max_shape: vec![]
+                max_shape: vec![],
+                min_shape: vec![],
             }
         );
         assert_eq!(outputs[0].datatype, "INT64");

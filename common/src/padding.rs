@@ -160,7 +160,13 @@ mod tests {
     use tidal_proto::v1::{Padding, TensorSignature, Trim};
 
     fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), max_shape: vec![] }
+        TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+            min_shape: vec![],
+        }
     }
 
     fn text_stage() -> StageSpec {

@@ -221,6 +221,7 @@ mod tests {
             accuracy: 70.0,
             input_shape: vec![3, 32, 32],
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         }
     }
 

@@ -161,6 +161,7 @@ mod tests {
                 accuracy: 70.0,
                 input_shape: vec![3],
                 tensor_names: Default::default(),
+                tokenizer_file: String::new(),
             },
             shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5 },
             weight: 1.0,

@@ -196,10 +196,13 @@ fn validate_connect(prev: Option<&StageSpec>, stage: &StageSpec) -> Result<(), S
         if !fed.insert(c.input.as_str()) {
             return Err(format!("stage {}: input {:?} is connected twice", stage.name, c.input));
         }
-        if !prev.outputs.is_empty() && !prev.outputs.iter().any(|o| o.name == c.output) {
+        // By the names requests and answers carry (a stage's text in place of its tokens).
+        let gives = |s: &StageSpec| crate::text::wire_io(s).map(|io| io.outputs).unwrap_or_default();
+        let takes = |s: &StageSpec| crate::text::wire_io(s).map(|io| io.inputs).unwrap_or_default();
+        if !prev.outputs.is_empty() && !gives(prev).iter().any(|o| o.name == c.output) {
             return Err(format!("stage {}: stage {} has no output {:?}", stage.name, prev.name, c.output));
         }
-        if !stage.inputs.is_empty() && !stage.inputs.iter().any(|i| i.name == c.input) {
+        if !stage.inputs.is_empty() && !takes(stage).iter().any(|i| i.name == c.input) {
             return Err(format!("stage {}: it has no input {:?}", stage.name, c.input));
         }
     }
@@ -258,6 +261,9 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
             .map_err(|e| format!("stage {}: {e}", stage.name))?;
         validate_connect(i.checked_sub(1).map(|p| &t.stages[p]), stage)?;
         crate::padding::of_stage(stage)?;
+        if stage.text.is_some() {
+            crate::text::wire_io(stage).map_err(|e| format!("stage {}: {e}", stage.name))?;
+        }
         for v in &stage.variants {
             validate_variant(v)?;
             if !variant_names.insert(v.name.as_str()) {
@@ -286,6 +292,7 @@ mod tests {
             accuracy: 70.0,
             input_shape: shape.into(),
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         }
     }
 

@@ -33,6 +33,8 @@
 //! images = [0, 3, 1280, 1280]
 //! ```
 //!
+//! and the least they may be (`[stages.least] input_values = [0, 400]`, as the bounds).
+//!
 //! Requests whose inputs differ only in a sequence's length may share a batch, each padded to
 //! the longest (a model with a mask input tells padding from tokens), and outputs that follow
 //! that length be cut back to each request's (axes count the batch dimension; `value` is 0
@@ -46,6 +48,23 @@
 //! last_hidden_state = 1
 //! ```
 //!
+//! A stage may take text in place of its model's token inputs, tokenized by each variant's
+//! tokenizer (its `tokenizer_file`), and give text decoded from its model's outputs (see
+//! `common/src/text.rs`):
+//!
+//! ```toml
+//! [stages.tokenize]
+//! text = "text"              # the stage's BYTES input; `pair = "context"` for a second text
+//! ids = "input_ids"
+//! mask = "attention_mask"
+//! max_tokens = 512           # longer is refused, or cut with `truncate = true`
+//! [[stages.decode]]
+//! name = "label"
+//! labels = { output = "logits", labels = ["negative", "positive"] }
+//! # or: ctc = { output = "logits", vocabulary = ["<pad>", "|", "E", …], blank = 0, word_delimiter = "|" }
+//! # or: span = { start = "start_logits", end = "end_logits", max_tokens = 30 }
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -53,7 +72,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use tidal_proto::v1::{Connection, Connector, Padding, TaskShare, TaskSpec, Trim};
+use tidal_proto::v1::{
+    decode, Connection, Connector, Ctc, Decode, Labels, Padding, Span, TaskShare, TaskSpec, TextIo, Tokenize, Trim,
+};
 
 use crate::variant::{VariantConfig, VariantError};
 
@@ -88,6 +109,10 @@ pub struct StageFile {
     /// ([`TaskFile::apply_io`]).
     #[serde(default)]
     pub bounds: std::collections::BTreeMap<String, Vec<i64>>,
+    /// The least each dimension of an input may be, as `bounds` (`[stages.least]
+    /// input_values = [0, 400]`: a recording of at least 400 samples).
+    #[serde(default)]
+    pub least: std::collections::BTreeMap<String, Vec<i64>>,
     /// Inputs padded so that requests of different lengths share a batch
     /// (`[stages.pad] input_ids = { axis = 1 }`); set with the bounds.
     #[serde(default)]
@@ -95,6 +120,110 @@ pub struct StageFile {
     /// Outputs cut back to each request's length, by axis (`[stages.trim] hidden = 1`).
     #[serde(default)]
     pub trim: std::collections::BTreeMap<String, u32>,
+    /// Text tokenized into the model's token inputs; set with the bounds.
+    pub tokenize: Option<TokenizeFile>,
+    /// Text outputs decoded from the model's; set with the bounds.
+    #[serde(default)]
+    pub decode: Vec<DecodeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeFile {
+    pub text: String,
+    #[serde(default)]
+    pub pair: String,
+    pub ids: String,
+    #[serde(default)]
+    pub mask: String,
+    #[serde(default)]
+    pub type_ids: String,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub truncate: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeFile {
+    pub name: String,
+    pub labels: Option<LabelsFile>,
+    pub ctc: Option<CtcFile>,
+    pub span: Option<SpanFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsFile {
+    pub output: String,
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtcFile {
+    pub output: String,
+    pub vocabulary: Vec<String>,
+    #[serde(default)]
+    pub blank: u32,
+    #[serde(default)]
+    pub word_delimiter: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpanFile {
+    pub start: String,
+    pub end: String,
+    pub max_tokens: u32,
+}
+
+impl StageFile {
+    /// The stage's text, as the API carries it.
+    fn text(&self) -> Result<Option<TextIo>, TaskFileError> {
+        if self.tokenize.is_none() && self.decode.is_empty() {
+            return Ok(None);
+        }
+        let tokenize = self.tokenize.as_ref().map(|t| Tokenize {
+            text: t.text.clone(),
+            pair: t.pair.clone(),
+            ids: t.ids.clone(),
+            mask: t.mask.clone(),
+            type_ids: t.type_ids.clone(),
+            max_tokens: t.max_tokens,
+            truncate: t.truncate,
+        });
+        let decode = self
+            .decode
+            .iter()
+            .map(|d| {
+                let how = match (&d.labels, &d.ctc, &d.span) {
+                    (Some(l), None, None) => {
+                        decode::How::Labels(Labels { output: l.output.clone(), labels: l.labels.clone() })
+                    }
+                    (None, Some(c), None) => decode::How::Ctc(Ctc {
+                        output: c.output.clone(),
+                        vocabulary: c.vocabulary.clone(),
+                        blank: c.blank,
+                        word_delimiter: c.word_delimiter.clone(),
+                    }),
+                    (None, None, Some(sp)) => decode::How::Span(Span {
+                        start: sp.start.clone(),
+                        end: sp.end.clone(),
+                        max_tokens: sp.max_tokens,
+                    }),
+                    _ => {
+                        return Err(TaskFileError::Invalid(format!(
+                            "stage {}: decode {} takes one of labels, ctc or span",
+                            self.name, d.name
+                        )))
+                    }
+                };
+                Ok(Decode { name: d.name.clone(), how: Some(how) })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(TextIo { tokenize, decode }))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,12 +265,22 @@ impl TaskFile {
                 };
                 t.max_shape = max.clone();
             }
+            for (input, min) in &file.least {
+                let Some(t) = stage.inputs.iter_mut().find(|t| &t.name == input) else {
+                    return Err(TaskFileError::Invalid(format!(
+                        "stage {}: least sizes for {input:?}, which its models do not take",
+                        stage.name
+                    )));
+                };
+                t.min_shape = min.clone();
+            }
             stage.pad = file
                 .pad
                 .iter()
                 .map(|(input, p)| Padding { input: input.clone(), axis: p.axis, value: p.value })
                 .collect();
             stage.trim = file.trim.iter().map(|(output, &axis)| Trim { output: output.clone(), axis }).collect();
+            stage.text = file.text()?;
         }
         crate::task::validate_task(task).map_err(TaskFileError::Invalid)
     }
@@ -258,6 +397,7 @@ mod tests {
             datatype: "FP32".into(),
             shape: shape.to_vec(),
             max_shape: vec![],
+            min_shape: vec![],
         };
         task.stages[0].inputs = vec![sig("x", &[-1, 3, -1, -1])];
         task.stages[0].outputs = vec![sig("boxes", &[-1, 4])];
@@ -290,6 +430,7 @@ mod tests {
             datatype: "FP32".into(),
             shape: shape.to_vec(),
             max_shape: vec![],
+            min_shape: vec![],
         };
         task.stages[0].inputs = vec![sig("x", &[-1, 3, -1, -1])];
         task.stages[0].outputs = vec![sig("boxes", &[-1, -1, 4])];

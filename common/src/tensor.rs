@@ -30,10 +30,44 @@ pub enum TensorError {
     Shape { name: String, got: Vec<i64>, want: String },
     #[error("input {name:?}: dimension {dim} is {got}, above the task's bound of {max}")]
     Bound { name: String, dim: usize, got: i64, max: i64 },
+    #[error("input {name:?}: dimension {dim} is {got}, below the task's least of {min}")]
+    Least { name: String, dim: usize, got: i64, min: i64 },
     #[error("{got} bytes of data do not make a {dtype} tensor of shape {shape:?} ({want} bytes)")]
     Length { got: usize, want: usize, dtype: String, shape: Vec<i64> },
     #[error("the padded inputs differ in length: {0}; they must have one length")]
     PadLengths(String),
+    #[error("malformed BYTES data: {0}")]
+    Strings(String),
+    #[error("{got} BYTES elements do not make a tensor of shape {shape:?}")]
+    StringCount { got: usize, shape: Vec<i64> },
+}
+
+/// BYTES elements in their raw form: each a 4-byte little-endian length and its bytes.
+pub fn encode_strings<S: AsRef<[u8]>>(values: &[S]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.iter().map(|v| 4 + v.as_ref().len()).sum());
+    for v in values {
+        let v = v.as_ref();
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// The elements of raw BYTES data, refused when a length runs past the end.
+pub fn decode_strings(mut data: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let Some((len, rest)) = data.split_first_chunk::<4>() else {
+            return Err(format!("{} bytes left where a 4-byte length was expected", data.len()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(format!("an element of {len} bytes where {} are left", rest.len()));
+        }
+        out.push(&rest[..len]);
+        data = &rest[len..];
+    }
+    Ok(out)
 }
 
 /// A tensor's element type as Tidal's API names it.
@@ -52,7 +86,7 @@ pub fn data_type(element: ElementType) -> Option<DataType> {
         ElementType::Uint32 => DataType::Uint32,
         ElementType::Uint64 => DataType::Uint64,
         ElementType::Bool => DataType::Bool,
-        ElementType::Bytes => return None,
+        ElementType::Bytes => DataType::Bytes,
     })
 }
 
@@ -73,6 +107,7 @@ pub fn element_type(dtype: i32) -> Option<ElementType> {
         DataType::Uint32 => ElementType::Uint32,
         DataType::Uint64 => ElementType::Uint64,
         DataType::Bool => ElementType::Bool,
+        DataType::Bytes => ElementType::Bytes,
     })
 }
 
@@ -94,6 +129,46 @@ impl NamedTensor {
     /// A float32 tensor.
     pub fn f32(name: impl Into<String>, shape: Vec<i64>, values: &[f32]) -> Self {
         Self { name: name.into(), element: ElementType::Fp32, shape, data: bytemuck::cast_slice(values).to_vec() }
+    }
+
+    /// A BYTES tensor of these strings.
+    pub fn strings<S: AsRef<[u8]>>(name: impl Into<String>, shape: Vec<i64>, values: &[S]) -> Self {
+        Self { name: name.into(), element: ElementType::Bytes, shape, data: encode_strings(values) }
+    }
+
+    /// Its elements, if it is a well-formed BYTES tensor.
+    pub fn string_values(&self) -> Option<Vec<&[u8]>> {
+        if self.element != ElementType::Bytes {
+            return None;
+        }
+        decode_strings(&self.data).ok()
+    }
+
+    /// Cut along its first dimension into `n` tensors of one sample each (that dimension
+    /// dropped); BYTES by elements, the rest by bytes. Its length is checked first.
+    pub fn split_samples(self, n: usize) -> Result<Vec<NamedTensor>, TensorError> {
+        self.check_length()?;
+        let shape = self.shape.get(1..).unwrap_or_default().to_vec();
+        if n == 0 || self.shape.first().and_then(|&d| usize::try_from(d).ok()) != Some(n) {
+            return Err(TensorError::Shape {
+                name: self.name,
+                got: self.shape,
+                want: format!("{n} samples along the first dimension"),
+            });
+        }
+        // Its length is checked: the elements (or bytes) divide evenly into its samples.
+        let pieces: Vec<Vec<u8>> = if self.element == ElementType::Bytes {
+            let items = decode_strings(&self.data).map_err(TensorError::Strings)?;
+            let per = items.len() / n;
+            (0..n).map(|i| encode_strings(&items[i * per..(i + 1) * per])).collect()
+        } else {
+            let size = self.data.len() / n;
+            (0..n).map(|i| self.data[i * size..(i + 1) * size].to_vec()).collect()
+        };
+        Ok(pieces
+            .into_iter()
+            .map(|data| NamedTensor { name: self.name.clone(), element: self.element, shape: shape.clone(), data })
+            .collect())
     }
 
     /// Its values, if it is a float32 tensor.
@@ -119,8 +194,16 @@ impl NamedTensor {
         Tensor { dtype, shape: self.shape, data: self.data, name: self.name }
     }
 
-    /// Checks that its data is as long as its shape and type say.
+    /// Checks that its data is as long as its shape and type say (BYTES: that it holds as
+    /// many well-formed elements as its shape).
     pub fn check_length(&self) -> Result<(), TensorError> {
+        if self.element == ElementType::Bytes {
+            let count = decode_strings(&self.data).map_err(TensorError::Strings)?.len();
+            if element_count(&self.shape) != Some(count) {
+                return Err(TensorError::StringCount { got: count, shape: self.shape.clone() });
+            }
+            return Ok(());
+        }
         let size = self.element.size().ok_or_else(|| TensorError::Unsupported(self.element.v2_name().into()))?;
         let want = element_count(&self.shape).and_then(|n| n.checked_mul(size));
         if want != Some(self.data.len()) {
@@ -143,6 +226,8 @@ pub struct Declared {
     pub shape: Vec<i64>,
     /// The most each dimension may be (0: unbounded), as many as `shape`, or none.
     pub max_shape: Vec<i64>,
+    /// The least each dimension may be (0: 1), as many as `shape`, or none.
+    pub min_shape: Vec<i64>,
 }
 
 impl Declared {
@@ -183,12 +268,14 @@ impl StageIo {
                     element: ElementType::Fp32,
                     shape: std::iter::once(-1).chain(sample.iter().copied()).collect(),
                     max_shape: vec![],
+                    min_shape: vec![],
                 }],
                 outputs: vec![Declared {
                     name: POSITIONAL_OUTPUT.into(),
                     element: ElementType::Fp32,
                     shape: vec![-1, -1],
                     max_shape: vec![],
+                    min_shape: vec![],
                 }],
                 batched: true,
                 positional: true,
@@ -206,6 +293,7 @@ impl StageIo {
                         element,
                         shape: t.shape.clone(),
                         max_shape: t.max_shape.clone(),
+                        min_shape: t.min_shape.clone(),
                     })
                 })
                 .collect()
@@ -330,6 +418,10 @@ impl StageIo {
             if max > 0 && got > max {
                 return Err(TensorError::Bound { name: t.name, dim: j + offset, got, max });
             }
+            let min = declared.min_shape.get(j + offset).copied().unwrap_or(0);
+            if got < min {
+                return Err(TensorError::Least { name: t.name, dim: j + offset, got, min });
+            }
         }
         t.check_length()?;
         Ok(t)
@@ -372,10 +464,40 @@ pub fn tensor_values(t: &Tensor) -> Result<Vec<f32>, TensorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_tensors_hold_as_many_elements_as_their_shape_and_no_torn_one() {
+        let t = NamedTensor::strings("text", vec![1, 2], &["ab", ""]);
+        assert_eq!(t.data, [2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]);
+        t.check_length().unwrap();
+        assert_eq!(t.string_values().unwrap(), vec![&b"ab"[..], b""]);
+        let wrong_count = NamedTensor { shape: vec![3], ..t.clone() };
+        assert!(matches!(wrong_count.check_length(), Err(TensorError::StringCount { got: 2, .. })));
+        let torn = NamedTensor { data: t.data[..5].to_vec(), shape: vec![1], ..t.clone() };
+        assert!(matches!(torn.check_length(), Err(TensorError::Strings(_))));
+        let short_length = NamedTensor { data: vec![1, 0], shape: vec![1], ..t };
+        assert!(matches!(short_length.check_length(), Err(TensorError::Strings(_))));
+
+        // Split into samples by elements, whatever each element's length.
+        let two = NamedTensor::strings("text", vec![2, 2], &["a", "bcd", "", "ef"]);
+        let parts = two.split_samples(2).unwrap();
+        assert_eq!(parts[0].string_values().unwrap(), vec![&b"a"[..], b"bcd"]);
+        assert_eq!(parts[1].string_values().unwrap(), vec![&b""[..], b"ef"]);
+        assert_eq!(parts[1].shape, vec![2]);
+        let floats = NamedTensor::f32("x", vec![3, 1], &[1.0, 2.0, 3.0]).split_samples(3).unwrap();
+        assert_eq!(floats[2].f32_values().unwrap(), vec![3.0]);
+        assert!(NamedTensor::f32("x", vec![3], &[1.0, 2.0, 3.0]).split_samples(2).is_err());
+    }
     use tidal_proto::v1::{TensorSignature, VariantSpec};
 
     fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), max_shape: vec![] }
+        TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+            min_shape: vec![],
+        }
     }
 
     fn tensor(name: &str, element: ElementType, shape: &[i64]) -> NamedTensor {

@@ -128,6 +128,28 @@ impl TextModel {
         self.arch().head == Head::Span
     }
 
+    /// Its vocabulary's size: token ids run 0..vocab.
+    pub fn vocab(self) -> usize {
+        self.arch().vocab
+    }
+
+    /// Its class names, by logit (none for a span model). The sentiment models' are their
+    /// cards'; the language identifier's the twenty languages of papluca's dataset.
+    pub fn labels(self) -> Vec<String> {
+        let names: &[&str] = match self {
+            Self::DistilbertSst2 => &["NEGATIVE", "POSITIVE"],
+            Self::DistilbertSentiment | Self::BertSentiment | Self::RobertaSentiment => {
+                &["negative", "neutral", "positive"]
+            }
+            Self::XlmRobertaLangid => &[
+                "ar", "bg", "de", "el", "en", "es", "fr", "hi", "it", "ja", "nl", "pl", "pt", "ru", "sw", "th", "tr",
+                "ur", "vi", "zh",
+            ],
+            Self::RobertaSquad2 | Self::XlmRobertaSquad2 => &[],
+        };
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
     /// The longest sequence it takes, in tokens.
     pub fn max_tokens(self) -> usize {
         let a = self.arch();

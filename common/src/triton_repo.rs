@@ -409,6 +409,7 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
         accuracy,
         input_shape,
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     crate::variant::validate_variant(&variant)?;
     let mut task = crate::task::single_stage(&model.name, opts.slo_ms, vec![variant]);

@@ -7,13 +7,9 @@ use crate::onnx_signature::ElementType;
 use serde_json::Value;
 use tidal_proto::inference::InferTensorContents;
 
-/// An element type by its V2 name, BYTES refused (not served yet).
+/// An element type by its V2 name.
 pub fn element(name: &str, datatype: &str) -> Result<ElementType, String> {
-    match ElementType::from_v2_name(datatype) {
-        Some(ElementType::Bytes) => Err(format!("input {name:?}: BYTES tensors are not served yet")),
-        Some(e) => Ok(e),
-        None => Err(format!("input {name:?}: unknown datatype {datatype:?}")),
-    }
+    ElementType::from_v2_name(datatype).ok_or_else(|| format!("input {name:?}: unknown datatype {datatype:?}"))
 }
 
 fn narrow<T: TryFrom<i64> + bytemuck::Pod>(values: impl Iterator<Item = i64>, what: &str) -> Result<Vec<u8>, String> {
@@ -45,7 +41,8 @@ pub fn contents_bytes(element: ElementType, c: &InferTensorContents) -> Result<V
         ElementType::Uint64 => 4,
         ElementType::Fp32 => 5,
         ElementType::Fp64 => 6,
-        ElementType::Fp16 | ElementType::Bf16 | ElementType::Bytes => {
+        ElementType::Bytes => 7,
+        ElementType::Fp16 | ElementType::Bf16 => {
             return Err(format!("{} has no typed contents in V2; send raw_input_contents", element.v2_name()))
         }
     };
@@ -67,7 +64,8 @@ pub fn contents_bytes(element: ElementType, c: &InferTensorContents) -> Result<V
         ElementType::Uint64 => bytemuck::cast_slice(&c.uint64_contents).to_vec(),
         ElementType::Fp32 => bytemuck::cast_slice(&c.fp32_contents).to_vec(),
         ElementType::Fp64 => bytemuck::cast_slice(&c.fp64_contents).to_vec(),
-        ElementType::Fp16 | ElementType::Bf16 | ElementType::Bytes => unreachable!("refused above"),
+        ElementType::Bytes => crate::tensor::encode_strings(&c.bytes_contents),
+        ElementType::Fp16 | ElementType::Bf16 => unreachable!("refused above"),
     })
 }
 
@@ -77,7 +75,7 @@ pub fn json_bytes(element: ElementType, data: &Value) -> Result<Vec<u8>, String>
     fn walk(v: &Value, out: &mut Vec<Value>) -> bool {
         match v {
             Value::Array(items) => items.iter().all(|item| walk(item, out)),
-            Value::Number(_) | Value::Bool(_) => {
+            Value::Number(_) | Value::Bool(_) | Value::String(_) => {
                 out.push(v.clone());
                 true
             }
@@ -86,7 +84,18 @@ pub fn json_bytes(element: ElementType, data: &Value) -> Result<Vec<u8>, String>
     }
     let mut flat = Vec::new();
     if !walk(data, &mut flat) {
-        return Err("an input's data is numbers or booleans, in a flat or nested array".into());
+        return Err("an input's data is numbers, booleans or strings, in a flat or nested array".into());
+    }
+    if element == ElementType::Bytes {
+        // V2's JSON carries BYTES elements as strings.
+        let strings: Vec<&str> = flat
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| format!("{v} is not a BYTES value (a string)")))
+            .collect::<Result<_, _>>()?;
+        return Ok(crate::tensor::encode_strings(&strings));
+    }
+    if let Some(v) = flat.iter().find(|v| v.is_string()) {
+        return Err(format!("{v} is not a {} value", element.v2_name()));
     }
     let what = element.v2_name();
     let int = |v: &Value| v.as_i64().ok_or_else(|| format!("{v} is not a {what} value"));
@@ -119,7 +128,7 @@ pub fn json_bytes(element: ElementType, data: &Value) -> Result<Vec<u8>, String>
         ElementType::Fp64 => floats()?.into_iter().flat_map(f64::to_le_bytes).collect(),
         ElementType::Fp16 => floats()?.into_iter().flat_map(|x| half::f16::from_f64(x).to_le_bytes()).collect(),
         ElementType::Bf16 => floats()?.into_iter().flat_map(|x| half::bf16::from_f64(x).to_le_bytes()).collect(),
-        ElementType::Bytes => return Err("BYTES tensors are not served yet".into()),
+        ElementType::Bytes => unreachable!("taken above"),
     })
 }
 
@@ -144,7 +153,14 @@ pub fn bytes_json(element: ElementType, data: &[u8]) -> Value {
         ElementType::Fp64 => each(data, float),
         ElementType::Fp16 => each(data, |x: u16| float(half::f16::from_bits(x).to_f64())),
         ElementType::Bf16 => each(data, |x: u16| float(half::bf16::from_bits(x).to_f64())),
-        ElementType::Bytes => Value::Null,
+        // Text as a JSON string; bytes that are not UTF-8 with U+FFFD in their place (V2's
+        // JSON has no other form for them; its binary extension carries them exactly).
+        ElementType::Bytes => match crate::tensor::decode_strings(data) {
+            Ok(items) => Value::Array(
+                items.into_iter().map(|b| Value::String(String::from_utf8_lossy(b).into_owned())).collect(),
+            ),
+            Err(_) => Value::Null,
+        },
     }
 }
 
@@ -193,6 +209,24 @@ mod tests {
     }
 
     #[test]
+    fn text_crosses_json_and_grpc_contents_as_bytes_elements() {
+        let raw = json_bytes(ElementType::Bytes, &json!([["héllo", ""], ["a b", "ünï"]])).unwrap();
+        let t =
+            crate::tensor::NamedTensor { name: "t".into(), element: ElementType::Bytes, shape: vec![2, 2], data: raw };
+        t.check_length().unwrap();
+        assert_eq!(t.string_values().unwrap(), vec![&b"h\xc3\xa9llo"[..], b"", b"a b", "ünï".as_bytes()]);
+        assert_eq!(bytes_json(ElementType::Bytes, &t.data), json!(["héllo", "", "a b", "ünï"]));
+        let contents = InferTensorContents { bytes_contents: vec![b"x".to_vec(), vec![0xff]], ..Default::default() };
+        assert_eq!(contents_bytes(ElementType::Bytes, &contents).unwrap(), [1, 0, 0, 0, b'x', 1, 0, 0, 0, 0xff]);
+        // Not UTF-8: JSON shows the replacement character, nothing is dropped.
+        assert_eq!(bytes_json(ElementType::Bytes, &[1, 0, 0, 0, 0xff]), json!(["\u{fffd}"]));
+        assert!(json_bytes(ElementType::Bytes, &json!([1])).is_err());
+        assert!(json_bytes(ElementType::Fp32, &json!(["1.0"])).is_err());
+        let strings_for_ints = InferTensorContents { bytes_contents: vec![b"1".to_vec()], ..Default::default() };
+        assert!(contents_bytes(ElementType::Int64, &strings_for_ints).is_err());
+    }
+
+    #[test]
     fn values_out_of_range_or_of_the_wrong_kind_are_refused() {
         assert!(json_bytes(ElementType::Int8, &json!([128])).is_err());
         assert!(json_bytes(ElementType::Uint8, &json!([-1])).is_err());
@@ -206,6 +240,6 @@ mod tests {
         let wrong_field = InferTensorContents { fp32_contents: vec![1.0], ..Default::default() };
         assert!(contents_bytes(ElementType::Int64, &wrong_field).is_err());
         assert!(contents_bytes(ElementType::Fp16, &InferTensorContents::default()).is_err());
-        assert!(element("x", "BYTES").is_err() && element("x", "FLOAT").is_err());
+        assert!(element("x", "BYTES").is_ok() && element("x", "FLOAT").is_err());
     }
 }

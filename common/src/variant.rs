@@ -27,6 +27,10 @@ pub struct VariantConfig {
     /// `[names] images = "input.1"` (the stage's name = the model's).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub names: std::collections::BTreeMap<String, String>,
+    /// A text model's tokenizer (a Hugging Face tokenizer.json beside it), for a stage that
+    /// tokenizes text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tokenizer_file: String,
 }
 
 /// Most elements one sample's input may have (a 3×2048×2048 image is 12.6 M).
@@ -69,13 +73,21 @@ pub fn validate_variant(v: &VariantSpec) -> Result<(), String> {
     if let Some(w) = models.windows(2).find(|w| w[0] == w[1]) {
         return Err(format!("variant {}: two of the stage's tensors are mapped to the model's {:?}", v.name, w[0]));
     }
-    if v.model_file.is_empty()
-        || v.model_file.starts_with('/')
-        || v.model_file.split(['/', '\\']).any(|part| part == ".." || part.is_empty())
-    {
+    let inside = |file: &str| {
+        !file.is_empty()
+            && !file.starts_with('/')
+            && !file.split(['/', '\\']).any(|part| part == ".." || part.is_empty())
+    };
+    if !inside(&v.model_file) {
         return Err(format!(
             "variant {}: model file {:?} must be a relative path inside the model directory",
             v.name, v.model_file
+        ));
+    }
+    if !v.tokenizer_file.is_empty() && !inside(&v.tokenizer_file) {
+        return Err(format!(
+            "variant {}: tokenizer file {:?} must be a relative path inside the model directory",
+            v.name, v.tokenizer_file
         ));
     }
     Ok(())
@@ -110,6 +122,13 @@ impl VariantConfig {
             return Err(invalid(format!("model file {:?} does not exist in {}", cfg.model_file, dir.display())));
         }
         crate::onnx_signature::check_file(&model, &cfg.input_shape).map_err(invalid)?;
+        if !cfg.tokenizer_file.is_empty() && !dir.join(&cfg.tokenizer_file).is_file() {
+            return Err(invalid(format!(
+                "tokenizer file {:?} does not exist in {}",
+                cfg.tokenizer_file,
+                dir.display()
+            )));
+        }
         Ok(cfg)
     }
 
@@ -124,6 +143,7 @@ impl VariantConfig {
             accuracy: self.accuracy,
             input_shape: self.input_shape.clone(),
             tensor_names: self.names.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            tokenizer_file: self.tokenizer_file.clone(),
         }
     }
 }

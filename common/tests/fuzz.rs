@@ -50,6 +50,7 @@ fn variant() -> impl Strategy<Value = VariantSpec> {
         accuracy,
         input_shape,
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     })
 }
 
@@ -79,6 +80,7 @@ fn two_stages() -> TaskSpec {
         accuracy: 70.0,
         input_shape: vec![3],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     let stage =
         |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0, ..Default::default() };

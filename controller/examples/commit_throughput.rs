@@ -19,6 +19,7 @@ fn plan(epoch: u64, term: u64) -> Command {
         accuracy: 76.1,
         input_shape: vec![3, 224, 224],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     let assignments = (0..16)
         .map(|i| Assignment {

@@ -13,6 +13,7 @@ fn register(name: &str) -> Command {
         accuracy: 70.0,
         input_shape: vec![3],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(name, 100, vec![variant]))) }
 }

@@ -93,6 +93,7 @@ fn task_spec(t: usize) -> tidal_proto::v1::TaskSpec {
             accuracy: 70.0 + 2.0 * v as f64,
             input_shape: vec![3, 224, 224],
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         })
         .collect();
     tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 pub mod group;
 pub mod netns;
 pub mod onnx_models;
+pub mod reference;
 pub mod tls;
 pub mod vm;
 

@@ -28,6 +28,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             accuracy: 70.0,
             input_shape: vec![3, 8, 8],
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         }],
         stages: vec![],
         share: None,

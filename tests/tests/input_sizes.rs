@@ -79,6 +79,7 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
         accuracy: 50.0,
         input_shape: vec![3, 8, 8],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     let stage = StageSpec {
         name: "detect".into(),

@@ -267,6 +267,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
             accuracy: 50.0,
             input_shape,
             tensor_names: Default::default(),
+            tokenizer_file: String::new(),
         }),
         cores: vec![1],
         batches: vec![1],

@@ -19,6 +19,7 @@ fn task(name: &str) -> TaskSpec {
         accuracy: 70.0,
         input_shape: vec![3, 8, 8],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     tidal_common::task::single_stage(name, 500, vec![variant])
 }

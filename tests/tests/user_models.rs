@@ -6,21 +6,18 @@
 //! intra-op thread, as the agent's workers run here); bad input refused with the reason while
 //! the requests beside it are answered.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::{DynValue, Tensor as OrtTensor};
 use tidal_common::onnx_signature::{ElementType, Signature};
 use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tidal_proto::inference::model_infer_request::InferInputTensor;
 use tidal_proto::inference::{InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelMetadataRequest};
 use tidal_proto::v1::{
-    ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, ProfileRequest, StageSpec, TaskSpec, Tensor,
-    VariantSpec,
+    ApplyPlanRequest, Assignment, Connection, InferRequest, Plan, ProfileRequest, StageSpec, TaskSpec, VariantSpec,
 };
 use tidal_tests::onnx_models;
+use tidal_tests::reference::{floats, from_proto, halves, int64s, tidal_request, Reference};
 use tidal_tests::*;
 use tonic::Code;
 
@@ -38,6 +35,7 @@ fn variant(name: &str, input_shape: &[i64]) -> VariantSpec {
         accuracy: 50.0,
         input_shape: input_shape.to_vec(),
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     }
 }
 
@@ -119,84 +117,6 @@ async fn serve() -> Served {
     Served { agent, models, _work: work }
 }
 
-/// ONNX Runtime in this process, as a user would run the model themselves.
-struct Reference {
-    sessions: HashMap<String, Session>,
-}
-
-impl Reference {
-    fn new(models: &Path, names: &[&str]) -> Self {
-        // ONNX Runtime allows one environment per process: the tests share it.
-        static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
-        let env = ENV.get_or_init(|| ort::init_from(ort_lib()).unwrap().with_name("reference").build().unwrap());
-        let sessions = names
-            .iter()
-            .map(|name| {
-                let session = Session::builder(env)
-                    .unwrap()
-                    .with_optimization_level(GraphOptimizationLevel::Level3)
-                    .unwrap()
-                    .with_intra_threads(1)
-                    .unwrap()
-                    .with_inter_threads(1)
-                    .unwrap()
-                    .commit_from_file(models.join(format!("{name}.onnx")))
-                    .unwrap();
-                (name.to_string(), session)
-            })
-            .collect();
-        Self { sessions }
-    }
-
-    /// The model's outputs for `inputs`, in its order.
-    fn run(&mut self, model: &str, inputs: &[NamedTensor]) -> Vec<NamedTensor> {
-        let session = self.sessions.get_mut(model).unwrap();
-        let values: Vec<(String, DynValue)> = inputs
-            .iter()
-            .map(|t| {
-                let shape = t.shape.clone();
-                let v: DynValue = match t.element {
-                    ElementType::Fp32 => OrtTensor::from_array((shape, floats(&t.data))).unwrap().into_dyn(),
-                    ElementType::Int64 => OrtTensor::from_array((shape, int64s(&t.data))).unwrap().into_dyn(),
-                    ElementType::Fp16 => OrtTensor::from_array((shape, halves(&t.data))).unwrap().into_dyn(),
-                    other => panic!("no reference input of {other:?}"),
-                };
-                (t.name.clone(), v)
-            })
-            .collect();
-        let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs = session.run(values).unwrap();
-        names
-            .iter()
-            .map(|name| {
-                let v = &outputs[name.as_str()];
-                if let Ok((shape, data)) = v.try_extract_tensor::<f32>() {
-                    NamedTensor::f32(name.clone(), shape.to_vec(), data)
-                } else if let Ok((shape, data)) = v.try_extract_tensor::<i64>() {
-                    let data = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    NamedTensor { name: name.clone(), element: ElementType::Int64, shape: shape.to_vec(), data }
-                } else {
-                    let (shape, data) = v.try_extract_tensor::<half::f16>().unwrap();
-                    let data = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    NamedTensor { name: name.clone(), element: ElementType::Fp16, shape: shape.to_vec(), data }
-                }
-            })
-            .collect()
-    }
-}
-
-fn floats(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-}
-
-fn int64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
-}
-
-fn halves(data: &[u8]) -> Vec<half::f16> {
-    data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()
-}
-
 /// Deterministic values in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -252,19 +172,6 @@ fn assert_same(got: &[NamedTensor], want: &[NamedTensor], what: &str) {
         } else {
             assert_eq!(g.data, w.data, "{what}: {}", g.name);
         }
-    }
-}
-
-fn from_proto(ts: Vec<Tensor>) -> Vec<NamedTensor> {
-    ts.into_iter().map(|t| NamedTensor::from_proto(t).unwrap()).collect()
-}
-
-fn tidal_request(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> InferRequest {
-    InferRequest {
-        task: task.into(),
-        inputs: inputs.iter().cloned().map(NamedTensor::into_proto).collect(),
-        outputs: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
     }
 }
 

@@ -48,7 +48,7 @@ fn invalid(msg: impl Into<String>) -> ServeError {
 pub fn io(task: &TaskSpec) -> Result<(StageIo, StageIo), ServeError> {
     let of = |s: Option<&tidal_proto::v1::StageSpec>| {
         let s = s.ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
-        StageIo::of(s).map_err(|why| ServeError::Model(format!("stage {}: {why}", s.name)))
+        tidal_common::text::wire_io(s).map_err(|why| ServeError::Model(format!("stage {}: {why}", s.name)))
     };
     Ok((of(task.stages.first())?, of(task.stages.last())?))
 }
@@ -117,11 +117,10 @@ pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferR
             per_sample[0].push(t);
             continue;
         }
-        let shape = t.shape[1..].to_vec();
-        let part = t.data.len() / n;
-        for (i, sample) in per_sample.iter_mut().enumerate() {
-            let data = t.data[i * part..(i + 1) * part].to_vec();
-            sample.push(NamedTensor { name: t.name.clone(), element: t.element, shape: shape.clone(), data });
+        let name = t.name.clone();
+        let parts = t.split_samples(n).map_err(|e| invalid(format!("input {name:?}: {e}")))?;
+        for (sample, part) in per_sample.iter_mut().zip(parts) {
+            sample.push(part);
         }
     }
     // Each sample checked here, so that a malformed request never reaches the request path.

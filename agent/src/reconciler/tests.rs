@@ -188,6 +188,7 @@ fn variant(name: &str) -> VariantSpec {
         accuracy: 70.0,
         input_shape: vec![3],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     }
 }
 

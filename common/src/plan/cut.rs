@@ -64,6 +64,7 @@ mod tests {
                 accuracy: 70.0,
                 input_shape: vec![3, 224, 224],
                 tensor_names: Default::default(),
+                tokenizer_file: String::new(),
             }),
             node: node.into(),
             millicores: 1000,

@@ -304,6 +304,7 @@ mod tests {
                 accuracy: 70.0,
                 input_shape: vec![3],
                 tensor_names: Default::default(),
+                tokenizer_file: String::new(),
             }),
             node: format!("n{node}"),
             millicores,

@@ -338,6 +338,7 @@ fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_p
                         accuracy: v.accuracy,
                         input_shape: vec![3, 1, 1],
                         tensor_names: Default::default(),
+                        tokenizer_file: String::new(),
                     })
                     .collect();
                 let mut stage = crate::task::stage(&s.name, variants);

@@ -176,6 +176,7 @@ fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
                 accuracy: 70.0,
                 input_shape: vec![3],
                 tensor_names: Default::default(),
+                tokenizer_file: String::new(),
             }),
             millicores: cores * 1000,
             max_batch: 1,

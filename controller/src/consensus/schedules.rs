@@ -168,6 +168,7 @@ fn write(key: &str) -> Command {
         accuracy: 70.0,
         input_shape: vec![3],
         tensor_names: Default::default(),
+        tokenizer_file: String::new(),
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(key, 100, vec![variant]))) }
 }

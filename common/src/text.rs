@@ -1,0 +1,673 @@
+//! Text around a stage's model (`StageSpec.text`): what a stage takes and gives on the wire when
+//! requests carry text, how a variant's tokenizer turns a request's text into the model's token
+//! inputs, and how the model's outputs of one request become text (a label, a CTC
+//! transcription, an answer span). One request at a time, in the agent, before its tensors
+//! are queued and after its batch is answered; the batching, padding and profiles see tokens.
+//!
+//! Tokenizers are Hugging Face `tokenizer.json` files, so a model's own tokenizer serves as
+//! it is; [`wordpiece_json`] writes one for the generated models (no hub is reachable here).
+
+use std::path::Path;
+
+use thiserror::Error;
+use tidal_proto::v1::{decode, StageSpec, TextIo, Tokenize};
+use tokenizers::{Encoding, Tokenizer, TruncationParams, TruncationStrategy};
+
+use crate::onnx_signature::ElementType;
+use crate::tensor::{Declared, NamedTensor, StageIo};
+
+/// Most bytes of one text a request may carry (tokenizing it is the agent's work).
+pub const MAX_TEXT_BYTES: usize = 256 << 10;
+/// Most tokens a stage may declare.
+pub const MAX_TOKENS: u32 = 1 << 16;
+/// Most labels, CTC vocabulary entries, or answer-span tokens a stage may declare.
+const MAX_LABELS: usize = 1 << 20;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum TextError {
+    /// The request's fault: INVALID_ARGUMENT.
+    #[error("{0}")]
+    Input(String),
+    /// The model's or the tokenizer's: INTERNAL.
+    #[error("{0}")]
+    Model(String),
+}
+
+fn names(t: &Tokenize) -> [&str; 3] {
+    [t.ids.as_str(), t.mask.as_str(), t.type_ids.as_str()]
+}
+
+/// What `stage` takes and gives on the wire: its model's tensors, with its text inputs (BYTES,
+/// one text per sample) in place of the token inputs they are tokenized into, and its decoded
+/// text outputs after the model's own. A stage without `text` takes and gives its model's.
+pub fn wire_io(stage: &StageSpec) -> Result<StageIo, String> {
+    let model = StageIo::of(stage)?;
+    let Some(text) = &stage.text else { return Ok(model) };
+    check(stage, text, &model)?;
+    let one_text = |name: &str| Declared {
+        name: name.to_string(),
+        element: ElementType::Bytes,
+        shape: if model.batched { vec![-1, 1] } else { vec![1] },
+        max_shape: vec![],
+        min_shape: vec![],
+    };
+    let mut inputs = Vec::new();
+    if let Some(t) = &text.tokenize {
+        inputs.push(one_text(&t.text));
+        if !t.pair.is_empty() {
+            inputs.push(one_text(&t.pair));
+        }
+        inputs.extend(model.inputs.iter().filter(|d| !names(t).contains(&d.name.as_str())).cloned());
+    } else {
+        inputs = model.inputs.clone();
+    }
+    let mut outputs = model.outputs.clone();
+    outputs.extend(text.decode.iter().map(|d| one_text(&d.name)));
+    Ok(StageIo { inputs, outputs, batched: model.batched, positional: false, pad: Vec::new(), trim: Vec::new() })
+}
+
+/// Checks a stage's `text` against its model's tensors, each failure named.
+fn check(stage: &StageSpec, text: &TextIo, model: &StageIo) -> Result<(), String> {
+    if model.positional {
+        return Err("a stage with text needs its model's signature (register it with tidalctl)".into());
+    }
+    let input = |name: &str| model.inputs.iter().find(|d| d.name == name);
+    let output = |name: &str| model.outputs.iter().find(|d| d.name == name);
+    let mut wire_inputs: Vec<&str> = model.inputs.iter().map(|d| d.name.as_str()).collect();
+    if let Some(t) = &text.tokenize {
+        if t.ids.is_empty() || t.text.is_empty() {
+            return Err("text.tokenize names the text input and the model's token ids input".into());
+        }
+        for name in names(t).into_iter().filter(|n| !n.is_empty()) {
+            let d = input(name).ok_or_else(|| format!("text.tokenize: the model has no input {name:?}"))?;
+            if d.element != ElementType::Int64 || model.sample_shape(d) != [-1] {
+                return Err(format!(
+                    "text.tokenize: input {name:?} is {} {:?}; token inputs are INT64 with one dynamic dimension \
+                     per sample",
+                    d.element.v2_name(),
+                    d.shape
+                ));
+            }
+        }
+        wire_inputs.retain(|n| !names(t).contains(n));
+        for name in [&t.text, &t.pair].into_iter().filter(|n| !n.is_empty()) {
+            if wire_inputs.contains(&name.as_str()) {
+                return Err(format!("text.tokenize: text input {name:?} is also another input's name"));
+            }
+            wire_inputs.push(name);
+        }
+        if !(1..=MAX_TOKENS).contains(&t.max_tokens) {
+            return Err(format!("text.tokenize.max_tokens is {}; give 1..={MAX_TOKENS}", t.max_tokens));
+        }
+        if let Some(v) = stage.variants.iter().find(|v| v.tokenizer_file.is_empty()) {
+            return Err(format!("variant {} has no tokenizer_file, which a stage that tokenizes needs", v.name));
+        }
+    }
+    let mut wire_outputs: Vec<&str> = model.outputs.iter().map(|d| d.name.as_str()).collect();
+    for d in &text.decode {
+        if d.name.is_empty() || wire_outputs.contains(&d.name.as_str()) {
+            return Err(format!("text.decode: output name {:?} is empty or taken", d.name));
+        }
+        wire_outputs.push(&d.name);
+        let fp32 = |name: &str, dims: usize| -> Result<Vec<i64>, String> {
+            let o = output(name).ok_or_else(|| format!("text.decode {}: the model has no output {name:?}", d.name))?;
+            let sample = model.sample_shape(o);
+            if o.element != ElementType::Fp32 || sample.len() != dims {
+                return Err(format!(
+                    "text.decode {}: output {name:?} is {} {:?}; it takes FP32 of {dims} dimension(s) per sample",
+                    d.name,
+                    o.element.v2_name(),
+                    o.shape
+                ));
+            }
+            Ok(sample.to_vec())
+        };
+        match &d.how {
+            Some(decode::How::Labels(l)) => {
+                let shape = fp32(&l.output, 1)?;
+                if l.labels.is_empty()
+                    || l.labels.len() > MAX_LABELS
+                    || (shape[0] >= 0 && shape[0] as usize != l.labels.len())
+                {
+                    return Err(format!(
+                        "text.decode {}: {} labels for output {:?} of {:?} scores",
+                        d.name,
+                        l.labels.len(),
+                        l.output,
+                        shape
+                    ));
+                }
+            }
+            Some(decode::How::Ctc(c)) => {
+                let shape = fp32(&c.output, 2)?;
+                let v = c.vocabulary.len();
+                if v == 0 || v > MAX_LABELS || (shape[1] >= 0 && shape[1] as usize != v) || c.blank as usize >= v {
+                    return Err(format!(
+                        "text.decode {}: a vocabulary of {v} (blank {}) for output {:?} of {:?}",
+                        d.name, c.blank, c.output, shape
+                    ));
+                }
+            }
+            Some(decode::How::Span(s)) => {
+                fp32(&s.start, 1)?;
+                fp32(&s.end, 1)?;
+                if text.tokenize.is_none() || s.max_tokens == 0 || s.max_tokens > MAX_TOKENS {
+                    return Err(format!(
+                        "text.decode {}: a span needs the stage to tokenize its text, and max_tokens 1..={MAX_TOKENS}",
+                        d.name
+                    ));
+                }
+            }
+            None => return Err(format!("text.decode {}: say how (labels, ctc or span)", d.name)),
+        }
+    }
+    Ok(())
+}
+
+/// A variant's tokenizer, ready for a stage's requests.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    spec: Tokenize,
+}
+
+/// One request's tokenized text, kept for decoding its answer.
+pub struct Encoded {
+    encoding: Encoding,
+    /// The texts, as the encoding's offsets index them: the text, and the pair's if any.
+    texts: Vec<String>,
+}
+
+impl TextEncoder {
+    /// Reads `file`, a Hugging Face tokenizer.json, for a stage that tokenizes as `spec` says.
+    pub fn load(file: &Path, spec: &Tokenize) -> Result<Self, String> {
+        let mut tokenizer = Tokenizer::from_file(file).map_err(|e| format!("tokenizer {}: {e}", file.display()))?;
+        Self::ready(&mut tokenizer, spec)?;
+        Ok(Self { tokenizer, spec: spec.clone() })
+    }
+
+    fn ready(tokenizer: &mut Tokenizer, spec: &Tokenize) -> Result<(), String> {
+        // Tokenizer files may carry padding and truncation of their own; the stage's hold.
+        tokenizer.with_padding(None);
+        let truncation = spec.truncate.then(|| TruncationParams {
+            max_length: spec.max_tokens as usize,
+            // A pair's second text (a passage) gives way first; the question stays whole.
+            strategy: if spec.pair.is_empty() {
+                TruncationStrategy::LongestFirst
+            } else {
+                TruncationStrategy::OnlySecond
+            },
+            ..Default::default()
+        });
+        tokenizer.with_truncation(truncation).map_err(|e| format!("truncation: {e}"))?;
+        Ok(())
+    }
+
+    /// The model's inputs for one request's wire inputs (one sample each): the text inputs
+    /// tokenized, the others as they are.
+    pub fn encode(&self, _batched: bool, inputs: Vec<NamedTensor>) -> Result<(Vec<NamedTensor>, Encoded), TextError> {
+        let spec = &self.spec;
+        let mut texts = Vec::new();
+        let mut rest = Vec::with_capacity(inputs.len());
+        let mut taken: Vec<(usize, NamedTensor)> = Vec::new();
+        for t in inputs {
+            if t.name == spec.text {
+                taken.push((0, t));
+            } else if !spec.pair.is_empty() && t.name == spec.pair {
+                taken.push((1, t));
+            } else {
+                rest.push(t);
+            }
+        }
+        taken.sort_by_key(|(i, _)| *i);
+        for (_, t) in &taken {
+            texts.push(one_text(t)?);
+        }
+        let want = if spec.pair.is_empty() { 1 } else { 2 };
+        if texts.len() != want {
+            let named =
+                if spec.pair.is_empty() { spec.text.clone() } else { format!("{} and {}", spec.text, spec.pair) };
+            return Err(TextError::Input(format!("the request lacks its text input ({named})")));
+        }
+        let encoding = if let [text, pair] = &texts[..] {
+            self.tokenizer.encode((text.as_str(), pair.as_str()), true)
+        } else {
+            self.tokenizer.encode(texts[0].as_str(), true)
+        }
+        .map_err(|e| TextError::Model(format!("tokenizing: {e}")))?;
+        let n = encoding.len();
+        if n > spec.max_tokens as usize {
+            return Err(TextError::Input(format!(
+                "the text makes {n} tokens; the model takes at most {} (or register the stage with truncate)",
+                spec.max_tokens
+            )));
+        }
+        // One sample: the batch dimension is the worker's to add.
+        let shape = vec![n as i64];
+        let tensor = |name: &str, values: &[u32]| NamedTensor {
+            name: name.to_string(),
+            element: ElementType::Int64,
+            shape: shape.clone(),
+            data: values.iter().flat_map(|&v| i64::from(v).to_le_bytes()).collect(),
+        };
+        rest.push(tensor(&spec.ids, encoding.get_ids()));
+        if !spec.mask.is_empty() {
+            rest.push(tensor(&spec.mask, encoding.get_attention_mask()));
+        }
+        if !spec.type_ids.is_empty() {
+            rest.push(tensor(&spec.type_ids, encoding.get_type_ids()));
+        }
+        Ok((rest, Encoded { encoding, texts }))
+    }
+}
+
+/// A worker's text around its model: its stage's `text`, and its variant's tokenizer when the
+/// stage tokenizes (or why it could not be read, said to every request it would have served).
+pub struct StageText {
+    pub spec: TextIo,
+    encoder: Option<Result<TextEncoder, String>>,
+}
+
+impl std::fmt::Debug for StageText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageText")
+            .field("spec", &self.spec)
+            .field("tokenizer", &self.encoder.as_ref().map(|e| e.as_ref().map(|_| "loaded")))
+            .finish()
+    }
+}
+
+impl StageText {
+    /// For a worker of a variant whose tokenizer (when the stage tokenizes) is at `tokenizer`.
+    pub fn load(spec: &TextIo, tokenizer: Option<&Path>) -> Self {
+        let encoder = spec.tokenize.as_ref().map(|t| match tokenizer {
+            Some(file) => TextEncoder::load(file, t),
+            None => Err("the variant names no tokenizer_file".to_string()),
+        });
+        Self { spec: spec.clone(), encoder }
+    }
+
+    /// Whether its tokenizer failed to load, and why.
+    pub fn load_error(&self) -> Option<&str> {
+        self.encoder.as_ref().and_then(|e| e.as_ref().err()).map(String::as_str)
+    }
+
+    /// The model's inputs for one request's wire inputs (unchanged where nothing is tokenized).
+    pub fn encode(
+        &self,
+        batched: bool,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<(Vec<NamedTensor>, Option<Encoded>), TextError> {
+        match &self.encoder {
+            None => Ok((inputs, None)),
+            Some(Err(why)) => Err(TextError::Model(why.clone())),
+            Some(Ok(e)) => e.encode(batched, inputs).map(|(t, enc)| (t, Some(enc))),
+        }
+    }
+
+    /// Adds the stage's text outputs to one request's model outputs.
+    pub fn decode(
+        &self,
+        batched: bool,
+        encoded: Option<&Encoded>,
+        outputs: &mut Vec<NamedTensor>,
+    ) -> Result<(), TextError> {
+        decode_outputs(&self.spec, batched, encoded, outputs)
+    }
+}
+
+/// A BYTES input of one UTF-8 text, bounded.
+fn one_text(t: &NamedTensor) -> Result<String, TextError> {
+    let items = t.string_values().ok_or_else(|| TextError::Input(format!("input {:?} is not BYTES", t.name)))?;
+    let [item] = items[..] else {
+        return Err(TextError::Input(format!("input {:?} holds {} texts; give one per sample", t.name, items.len())));
+    };
+    if item.len() > MAX_TEXT_BYTES {
+        return Err(TextError::Input(format!(
+            "input {:?} is {} bytes of text; at most {MAX_TEXT_BYTES} are taken",
+            t.name,
+            item.len()
+        )));
+    }
+    let text = std::str::from_utf8(item)
+        .map_err(|e| TextError::Input(format!("input {:?} is not UTF-8 text: {e}", t.name)))?;
+    // An empty text is a text (a silent recording's transcript): the model sees its special
+    // tokens alone.
+    Ok(text.to_string())
+}
+
+/// Adds the stage's text outputs to one request's model outputs.
+pub fn decode_outputs(
+    text: &TextIo,
+    batched: bool,
+    encoded: Option<&Encoded>,
+    outputs: &mut Vec<NamedTensor>,
+) -> Result<(), TextError> {
+    let mut made = Vec::with_capacity(text.decode.len());
+    for d in &text.decode {
+        let values = |name: &str| -> Result<(Vec<f32>, Vec<i64>), TextError> {
+            let t = outputs
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| TextError::Model(format!("the model gave no output {name:?}")))?;
+            let values = t.f32_values().ok_or_else(|| TextError::Model(format!("output {name:?} is not FP32")))?;
+            // One sample's output, with its batch dimension of 1 when the model takes batches.
+            let shape = if batched && t.shape.first() == Some(&1) { t.shape[1..].to_vec() } else { t.shape.clone() };
+            Ok((values, shape))
+        };
+        let decoded = match &d.how {
+            Some(decode::How::Labels(l)) => {
+                let (scores, _) = values(&l.output)?;
+                let best =
+                    argmax(&scores).ok_or_else(|| TextError::Model(format!("output {:?} is empty", l.output)))?;
+                l.labels
+                    .get(best)
+                    .cloned()
+                    .ok_or_else(|| TextError::Model(format!("score {best} of {:?} has no label", l.output)))?
+            }
+            Some(decode::How::Ctc(c)) => {
+                let (scores, shape) = values(&c.output)?;
+                let v = c.vocabulary.len();
+                if shape.len() != 2 || shape[1] as usize != v {
+                    return Err(TextError::Model(format!(
+                        "output {:?} of shape {shape:?} is not [frames, {v}]",
+                        c.output
+                    )));
+                }
+                ctc_best_path(&scores, &c.vocabulary, c.blank as usize, &c.word_delimiter)
+            }
+            Some(decode::How::Span(s)) => {
+                let encoded = encoded.ok_or_else(|| TextError::Model("a span of a text not tokenized here".into()))?;
+                let (start, _) = values(&s.start)?;
+                let (end, _) = values(&s.end)?;
+                answer_span(encoded, &start, &end, s.max_tokens as usize)?
+            }
+            None => return Err(TextError::Model(format!("text.decode {} says no how", d.name))),
+        };
+        let shape = if batched { vec![1, 1] } else { vec![1] };
+        made.push(NamedTensor::strings(d.name.clone(), shape, &[decoded]));
+    }
+    outputs.extend(made);
+    Ok(())
+}
+
+/// The index of the highest score (a NaN never wins; the first of equals).
+fn argmax(scores: &[f32]) -> Option<usize> {
+    scores
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_nan())
+        .fold(None, |best: Option<(usize, f32)>, (i, &s)| match best {
+            Some((_, b)) if b >= s => best,
+            _ => Some((i, s)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// CTC's best path of `[frames, vocabulary]` scores: the top token per frame, repeats merged,
+/// blanks dropped; the word delimiter written as a space, `<special>` tokens as nothing.
+pub fn ctc_best_path(scores: &[f32], vocabulary: &[String], blank: usize, word_delimiter: &str) -> String {
+    let v = vocabulary.len();
+    let mut out = String::new();
+    let mut previous = None;
+    for frame in scores.chunks_exact(v) {
+        let best = argmax(frame);
+        if best != previous {
+            if let Some(i) = best.filter(|&i| i != blank) {
+                let token = &vocabulary[i];
+                if token == word_delimiter {
+                    out.push(' ');
+                } else if !(token.starts_with('<') && token.ends_with('>')) {
+                    out.push_str(token);
+                }
+            }
+        }
+        previous = best;
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The text between the best start and end tokens: within the pair's second text when there
+/// is one (the passage), else within the text, special tokens excluded.
+fn answer_span(encoded: &Encoded, start: &[f32], end: &[f32], max_tokens: usize) -> Result<String, TextError> {
+    let e = &encoded.encoding;
+    let n = e.len();
+    if start.len() != n || end.len() != n {
+        return Err(TextError::Model(format!(
+            "span scores of {} and {} tokens for a text of {n}",
+            start.len(),
+            end.len()
+        )));
+    }
+    let within = encoded.texts.len() - 1;
+    let sequence = e.get_sequence_ids();
+    let candidates: Vec<usize> = (0..n).filter(|&i| sequence[i] == Some(within)).collect();
+    let mut best: Option<(f32, usize, usize)> = None;
+    for (a, &i) in candidates.iter().enumerate() {
+        for &j in candidates[a..].iter().take(max_tokens) {
+            let score = start[i] + end[j];
+            if !score.is_nan() && best.is_none_or(|(b, _, _)| score > b) {
+                best = Some((score, i, j));
+            }
+        }
+    }
+    let Some((_, i, j)) = best else { return Ok(String::new()) };
+    let (from, to) = (e.get_offsets()[i].0, e.get_offsets()[j].1);
+    Ok(encoded.texts[within].get(from..to).unwrap_or_default().to_string())
+}
+
+/// A WordPiece tokenizer as BERT's (lower-cased, `[CLS] text [SEP] pair [SEP]`) over a
+/// vocabulary of at most `size` entries: the special tokens, every printable ASCII character
+/// alone and as a word's continuation (`##c`), then `words` in the order given (a word list,
+/// shortest words first). Any text tokenizes: an unknown word falls back to its pieces.
+pub fn wordpiece_json(words: &[String], size: usize) -> String {
+    const SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    let mut vocab: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
+    let chars: Vec<char> = (b'!'..=b'~').map(char::from).filter(|c| !c.is_ascii_uppercase()).collect();
+    vocab.extend(chars.iter().map(|c| c.to_string()));
+    vocab.extend(chars.iter().map(|c| format!("##{c}")));
+    let mut seen: std::collections::HashSet<String> = vocab.iter().cloned().collect();
+    for w in words {
+        if vocab.len() >= size {
+            break;
+        }
+        let w = w.trim().to_lowercase();
+        if !w.is_empty() && w.chars().all(|c| c.is_alphanumeric() || c == '\'') && seen.insert(w.clone()) {
+            vocab.push(w);
+        }
+    }
+    vocab.truncate(size);
+    let ids: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, w)| (w.clone(), serde_json::Value::from(i))).collect();
+    let added: Vec<serde_json::Value> = SPECIAL
+        .iter()
+        .enumerate()
+        .map(|(id, content)| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+            "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100, "vocab": ids}
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidal_proto::v1::{Ctc, Decode, Labels, Span, TensorSignature, VariantSpec};
+
+    fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
+        TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            max_shape: vec![],
+            min_shape: vec![],
+        }
+    }
+
+    fn encoder(pair: bool, max_tokens: u32, truncate: bool) -> TextEncoder {
+        let words: Vec<String> = ["the", "cat", "sat", "on", "mat", "who"].map(String::from).to_vec();
+        let mut tokenizer: Tokenizer = wordpiece_json(&words, 1000).parse().unwrap();
+        let spec = Tokenize {
+            text: "question".into(),
+            pair: if pair { "context".into() } else { String::new() },
+            ids: "input_ids".into(),
+            mask: "attention_mask".into(),
+            max_tokens,
+            truncate,
+            ..Default::default()
+        };
+        TextEncoder::ready(&mut tokenizer, &spec).unwrap();
+        TextEncoder { tokenizer, spec }
+    }
+
+    fn ints(t: &NamedTensor) -> Vec<i64> {
+        t.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn text_becomes_token_ids_and_a_mask_and_unknown_words_fall_back_to_pieces() {
+        let e = encoder(false, 32, false);
+        let (tensors, _) = e.encode(true, vec![NamedTensor::strings("question", vec![1], &["The cat sat"])]).unwrap();
+        let ids = ints(&tensors[0]);
+        // [CLS] the cat sat [SEP]
+        assert_eq!(ids.len(), 5);
+        assert_eq!((ids[0], ids[4]), (2, 3));
+        assert_eq!(ints(&tensors[1]), vec![1; 5]);
+        assert_eq!(tensors[0].shape, vec![5]);
+        // "zebra" is not a word of the vocabulary: it is spelled in pieces, not lost.
+        let (tensors, _) = e.encode(true, vec![NamedTensor::strings("question", vec![1], &["zebra"])]).unwrap();
+        assert_eq!(ints(&tensors[0]).len(), 2 + 5);
+        assert!(!ints(&tensors[0]).contains(&1), "no [UNK]");
+    }
+
+    #[test]
+    fn bad_text_is_refused_with_its_reason() {
+        let e = encoder(false, 4, false);
+        let cases: [(NamedTensor, &str); 4] = [
+            (NamedTensor::strings("question", vec![1], &[&b"\xff\xfe"[..]]), "not UTF-8"),
+            (NamedTensor::strings("question", vec![2], &["a", "b"]), "2 texts"),
+            (NamedTensor::strings("question", vec![1], &["the cat sat on the mat"]), "at most 4"),
+            (NamedTensor::strings("question", vec![1], &["x".repeat(MAX_TEXT_BYTES + 1)]), "bytes of text"),
+        ];
+        for (t, why) in cases {
+            match e.encode(true, vec![t]) {
+                Err(TextError::Input(m)) => assert!(m.contains(why), "{m:?} lacks {why:?}"),
+                other => panic!("{why}: {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(matches!(e.encode(true, vec![]), Err(TextError::Input(_))));
+        // An empty text is its special tokens alone.
+        let (t, _) = e.encode(true, vec![NamedTensor::strings("question", vec![1], &[""])]).unwrap();
+        assert_eq!(ints(&t[0]), vec![2, 3]);
+        // With truncate, a long text is cut to fit instead.
+        let cut = encoder(false, 4, true);
+        let (t, _) =
+            cut.encode(true, vec![NamedTensor::strings("question", vec![1], &["the cat sat on the mat"])]).unwrap();
+        assert_eq!(t[0].shape, vec![4]);
+    }
+
+    #[test]
+    fn an_answer_span_is_cut_from_the_passage_by_the_best_scores() {
+        let e = encoder(true, 64, false);
+        let inputs = vec![
+            NamedTensor::strings("context", vec![1], &["The cat sat on the mat"]),
+            NamedTensor::strings("question", vec![1], &["who sat"]),
+        ];
+        let (tensors, encoded) = e.encode(true, inputs).unwrap();
+        let n = ints(&tensors[0]).len();
+        // [CLS] who sat [SEP] the cat sat on the mat [SEP]
+        assert_eq!(n, 11);
+        let mut start = vec![0.0; n];
+        let mut end = vec![0.0; n];
+        start[2] = 9.0; // "sat" of the question: outside the passage, never chosen
+        start[5] = 5.0; // "cat"
+        end[6] = 4.0; // "sat"
+        end[4] = 8.0; // "the", before the start: not a span
+        let answer = answer_span(&encoded, &start, &end, 16).unwrap();
+        assert_eq!(answer, "cat sat");
+        // One token at most: "The" alone (0 + 8) beats "cat" alone (5 + 0); the passage's own
+        // spelling comes back, not the lower-cased tokens.
+        assert_eq!(answer_span(&encoded, &start, &end, 1).unwrap(), "The");
+    }
+
+    #[test]
+    fn ctc_merges_repeats_drops_blanks_and_spells_words() {
+        let vocabulary: Vec<String> = ["<pad>", "|", "C", "A", "T"].map(String::from).to_vec();
+        let frames = [2, 2, 0, 3, 3, 4, 1, 0, 4, 0, 4]; // C C _ A A T | _ T _ T
+        let mut scores = vec![0.0f32; frames.len() * 5];
+        for (f, &k) in frames.iter().enumerate() {
+            scores[f * 5 + k] = 1.0;
+        }
+        assert_eq!(ctc_best_path(&scores, &vocabulary, 0, "|"), "CAT TT");
+        assert_eq!(ctc_best_path(&[], &vocabulary, 0, "|"), "");
+    }
+
+    #[test]
+    fn a_stage_with_text_takes_text_and_gives_its_decoded_outputs_on_the_wire() {
+        let mut stage = StageSpec {
+            name: "sentiment".into(),
+            variants: vec![VariantSpec { name: "v".into(), tokenizer_file: "v.json".into(), ..Default::default() }],
+            inputs: vec![sig("input_ids", "INT64", &[-1, -1]), sig("attention_mask", "INT64", &[-1, -1])],
+            outputs: vec![sig("logits", "FP32", &[-1, 2])],
+            text: Some(TextIo {
+                tokenize: Some(Tokenize {
+                    text: "text".into(),
+                    ids: "input_ids".into(),
+                    mask: "attention_mask".into(),
+                    max_tokens: 128,
+                    ..Default::default()
+                }),
+                decode: vec![Decode {
+                    name: "label".into(),
+                    how: Some(decode::How::Labels(Labels {
+                        output: "logits".into(),
+                        labels: vec!["negative".into(), "positive".into()],
+                    })),
+                }],
+            }),
+            ..Default::default()
+        };
+        let io = wire_io(&stage).unwrap();
+        let inputs: Vec<_> = io.inputs.iter().map(|d| (d.name.as_str(), d.element, d.shape.clone())).collect();
+        assert_eq!(inputs, vec![("text", ElementType::Bytes, vec![-1, 1])]);
+        let outputs: Vec<_> = io.outputs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(outputs, vec!["logits", "label"]);
+
+        let mut outs = vec![NamedTensor::f32("logits", vec![1, 2], &[0.1, 0.7])];
+        decode_outputs(stage.text.as_ref().unwrap(), true, None, &mut outs).unwrap();
+        assert_eq!(outs[1].string_values().unwrap(), vec![&b"positive"[..]]);
+        assert_eq!(outs[1].shape, vec![1, 1]);
+
+        // Each mistake is refused by name.
+        let text = stage.text.as_mut().unwrap();
+        text.decode[0].how = Some(decode::How::Labels(Labels { output: "logits".into(), labels: vec!["one".into()] }));
+        assert!(wire_io(&stage).unwrap_err().contains("1 labels"));
+        let text = stage.text.as_mut().unwrap();
+        text.decode[0].how = Some(decode::How::Ctc(Ctc { output: "logits".into(), ..Default::default() }));
+        assert!(wire_io(&stage).unwrap_err().contains("FP32 of 2"));
+        let text = stage.text.as_mut().unwrap();
+        text.decode[0].how = Some(decode::How::Span(Span { start: "nope".into(), ..Default::default() }));
+        assert!(wire_io(&stage).unwrap_err().contains("no output \"nope\""));
+        let text = stage.text.as_mut().unwrap();
+        text.decode.clear();
+        text.tokenize.as_mut().unwrap().ids = "missing".into();
+        assert!(wire_io(&stage).unwrap_err().contains("no input \"missing\""));
+        let text = stage.text.as_mut().unwrap();
+        text.tokenize.as_mut().unwrap().ids = "input_ids".into();
+        stage.variants[0].tokenizer_file.clear();
+        assert!(wire_io(&stage).unwrap_err().contains("no tokenizer_file"));
+    }
+}
