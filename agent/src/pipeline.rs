@@ -218,6 +218,9 @@ impl Pipeline {
             Target::Local(w) => w,
             Target::Remote(remote) => match self.forward(&remote, key, &input, deadline, arrived).await {
                 Ok(out) => return Ok(out),
+                // The request's own fault (bad text the other agent tokenized) is the client's
+                // answer, wherever it was found: nothing to retry, nobody to blame.
+                Err(e @ ServeError::InvalidInput(_)) => return Err(e),
                 Err(e) => {
                     // The other agent is down or overloaded: serve here if this node can.
                     warn!(node = %remote.node, stage = %key.stage, error = %e, "forwarding failed; serving locally");
@@ -245,7 +248,11 @@ impl Pipeline {
         let (input, encoded) = match &worker.spec.text {
             None => (input, None),
             Some(text) => {
-                let (tensors, encoded) = text.encode(batched, input).map_err(text_error)?;
+                // Tokenizing is CPU work, bounded by the text's size: off the runtime's threads.
+                let text = text.clone();
+                let encoding = tokio::task::spawn_blocking(move || text.encode(batched, input));
+                let (tensors, encoded) =
+                    encoding.await.map_err(|e| ServeError::Model(format!("tokenizing: {e}")))?.map_err(text_error)?;
                 let tensors = worker.spec.io.sample(tensors).map_err(|e| ServeError::InvalidInput(e.to_string()))?;
                 (tensors, encoded)
             }
@@ -270,7 +277,10 @@ impl Pipeline {
         };
         let mut served = served;
         if let Some(text) = &worker.spec.text {
-            text.decode(batched, encoded.as_ref(), &mut served.outputs).map_err(text_error)?;
+            if let Err(e) = text.decode(batched, encoded.as_ref(), &mut served.outputs) {
+                telemetry.stage_outcome(&key.task, &key.stage, None);
+                return Err(text_error(e));
+            }
         }
         let took = started.elapsed();
         telemetry.stage_outcome(&key.task, &key.stage, Some((Duration::from_micros(served.queue_us), took)));
@@ -327,6 +337,9 @@ impl Pipeline {
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
                 return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
             }
+            Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                return Err(ServeError::InvalidInput(status.message().to_string()));
+            }
             Ok(Err(status)) => {
                 remote.mark_down(REMOTE_PAUSE);
                 return Err(ServeError::Unavailable(format!(
@@ -368,8 +381,8 @@ fn text_error(e: TextError) -> ServeError {
 
 /// The inputs of `stage` from the outputs of the stage before it (`prev`), one request's
 /// worth each: the outputs by name (the output the stage's `connect` names for an input, else
-/// the output of the input's name, else, for a stage of one input, the first output, else the
-/// request's own input of that name), or the crops of the request's `image` around each
+/// the output of the input's name, else the request's own input of that name, else, for a
+/// stage of one input, the first output), or the crops of the request's `image` around each
 /// output's most confident detections. Each checked as the stage takes it.
 fn connect(
     prev: &StageSpec,
@@ -392,12 +405,14 @@ fn connect(
                     let from = named.unwrap_or(&input.name);
                     let at = match given.iter().position(|t| t.name == from) {
                         Some(at) => at,
-                        // A stage of one input takes the one output it is given.
-                        None if named.is_none() && io.inputs.len() == 1 && !given.is_empty() => 0,
-                        None if named.is_none() && request.iter().any(|t| t.name == input.name) => {
+                        // An input of the request's (a question asked of a transcript); not
+                        // the positional `input` every stage of a task without signatures has.
+                        None if named.is_none() && !io.positional && request.iter().any(|t| t.name == input.name) => {
                             tensors.extend(request.iter().find(|t| t.name == input.name).cloned());
                             continue;
                         }
+                        // A stage of one input takes the one output it is given.
+                        None if named.is_none() && io.inputs.len() == 1 && !given.is_empty() => 0,
                         None => {
                             let names: Vec<&str> = given.iter().map(|t| t.name.as_str()).collect();
                             return Err(mismatch(format!(

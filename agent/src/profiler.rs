@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tidal_common::onnx_signature::{Dim, ElementType, Signature, TensorSpec};
 use tidal_common::tensor::{shape_key, NamedTensor, StageIo};
+use tidal_common::text::TextEncoder;
 use tidal_proto::v1::{ProfilePoint, ProfileRequest, ProfileSample, StageSpec, VariantSpec};
 use tonic::Status;
 use tracing::info;
@@ -68,7 +69,19 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
     let bytes = tokio::fs::read(&model).await.map_err(|e| Status::not_found(format!("{}: {e}", model.display())))?;
     let signature =
         Signature::read(&bytes).map_err(|e| Status::invalid_argument(format!("{}: {e}", variant.model_file)))?;
-    let sets = sample_sets(&signature, variant, &req.samples)?;
+    // A text stage's samples are tokenized by the variant's tokenizer.
+    let encoder = match req.text.as_ref().and_then(|t| t.tokenize.as_ref()) {
+        Some(t) if !req.samples.is_empty() => {
+            let file = node.cfg.model_dir.join(&variant.tokenizer_file);
+            let t = t.clone();
+            let loaded = tokio::task::spawn_blocking(move || TextEncoder::load(&file, &t))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Some(loaded.map_err(Status::invalid_argument)?)
+        }
+        _ => None,
+    };
+    let sets = sample_sets(&signature, variant, &req.samples, encoder.as_ref())?;
     let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
     let mut points = Vec::new();
     for &cores in &req.cores {
@@ -105,6 +118,7 @@ fn sample_sets(
     signature: &Signature,
     variant: &VariantSpec,
     samples: &[ProfileSample],
+    text: Option<&TextEncoder>,
 ) -> Result<Vec<SampleSet>, Status> {
     if samples.is_empty() {
         let size = tidal_common::tensor::element_count(&variant.input_shape).unwrap_or(0) as u64;
@@ -118,20 +132,30 @@ fn sample_sets(
     let io = StageIo::of(&stage).map_err(Status::invalid_argument)?;
     let mut by_shape: std::collections::BTreeMap<Vec<i64>, Vec<Vec<NamedTensor>>> = Default::default();
     for (i, s) in samples.iter().enumerate() {
-        // Samples carry the stage's names; the model is fed by its own.
+        let invalid = |e: String| Status::invalid_argument(format!("sample {}: {e}", i + 1));
         let tensors = s
             .inputs
             .iter()
             .cloned()
+            .map(NamedTensor::from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(e.to_string()))?;
+        // A text stage's samples are text, tokenized as its requests are.
+        let tensors = match text {
+            Some(encoder) => encoder.encode(io.batched, tensors).map_err(|e| invalid(e.to_string()))?.0,
+            None => tensors,
+        };
+        // Samples carry the stage's names; the model is fed by its own.
+        let renamed = tensors
+            .into_iter()
             .map(|mut t| {
                 if let Some(model) = variant.tensor_names.get(&t.name) {
                     t.name = model.clone();
                 }
-                NamedTensor::from_proto(t)
+                t
             })
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|t| io.sample(t))
-            .map_err(|e| Status::invalid_argument(format!("sample {}: {e}", i + 1)))?;
+            .collect();
+        let tensors = io.sample(renamed).map_err(|e| invalid(e.to_string()))?;
         by_shape.entry(shape_key(&tensors)).or_default().push(tensors);
     }
     let mut by_size: std::collections::BTreeMap<u64, Vec<Vec<NamedTensor>>> = Default::default();
@@ -142,13 +166,22 @@ fn sample_sets(
             *kept = group;
         }
     }
-    if by_size.len() > MAX_GRID {
-        return Err(Status::invalid_argument(format!(
-            "the samples come in {} input sizes; a profile measures at most {MAX_GRID}",
-            by_size.len()
-        )));
-    }
-    Ok(by_size.into_iter().map(|(size, samples)| SampleSet { size, samples }).collect())
+    // Texts and recordings come in many lengths: measure at most MAX_GRID of them, spread
+    // evenly over the sizes the samples have, smallest and largest among them (the planner
+    // interpolates between measured sizes).
+    let sizes = by_size.len();
+    let kept: Vec<usize> = if sizes <= MAX_GRID {
+        (0..sizes).collect()
+    } else {
+        info!(sizes, kept = MAX_GRID, "the samples come in more input sizes than a profile measures");
+        (0..MAX_GRID).map(|k| k * (sizes - 1) / (MAX_GRID - 1)).collect()
+    };
+    Ok(by_size
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| kept.contains(i))
+        .map(|(_, (size, samples))| SampleSet { size, samples })
+        .collect())
 }
 
 /// A batch of `batch` of the set's samples (repeated as needed), one tensor per input, of at

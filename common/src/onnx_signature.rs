@@ -204,8 +204,17 @@ pub fn validate_signature(inputs: &[TensorSignature], outputs: &[TensorSignature
             if !seen.insert(t.name.as_str()) {
                 return Err(format!("two {what}s are named {:?}", t.name));
             }
-            if ElementType::from_v2_name(&t.datatype).is_none() {
-                return Err(format!("{what} {:?}: unknown element type {:?}", t.name, t.datatype));
+            match ElementType::from_v2_name(&t.datatype) {
+                None => return Err(format!("{what} {:?}: unknown element type {:?}", t.name, t.datatype)),
+                // ONNX Runtime's string tensors are not fed to workers; text reaches a model as
+                // token ids (a stage's [stages.tokenize]).
+                Some(ElementType::Bytes) => {
+                    return Err(format!(
+                        "{what} {:?}: the model's STRING tensors are not served (a stage may tokenize text into token ids instead)",
+                        t.name
+                    ))
+                }
+                Some(_) => {}
             }
             if t.shape.len() > MAX_RANK || t.shape.iter().any(|&d| d < -1 || d == 0) {
                 return Err(format!(

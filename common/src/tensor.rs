@@ -53,6 +53,24 @@ pub fn encode_strings<S: AsRef<[u8]>>(values: &[S]) -> Vec<u8> {
     out
 }
 
+/// How many elements raw BYTES data holds, refused when a length runs past the end (without
+/// a slice per element: requests may hold many small ones).
+pub fn count_strings(mut data: &[u8]) -> Result<usize, String> {
+    let mut n = 0;
+    while !data.is_empty() {
+        let Some((len, rest)) = data.split_first_chunk::<4>() else {
+            return Err(format!("{} bytes left where a 4-byte length was expected", data.len()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(format!("an element of {len} bytes where {} are left", rest.len()));
+        }
+        data = &rest[len..];
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The elements of raw BYTES data, refused when a length runs past the end.
 pub fn decode_strings(mut data: &[u8]) -> Result<Vec<&[u8]>, String> {
     let mut out = Vec::new();
@@ -198,7 +216,7 @@ impl NamedTensor {
     /// many well-formed elements as its shape).
     pub fn check_length(&self) -> Result<(), TensorError> {
         if self.element == ElementType::Bytes {
-            let count = decode_strings(&self.data).map_err(TensorError::Strings)?.len();
+            let count = count_strings(&self.data).map_err(TensorError::Strings)?;
             if element_count(&self.shape) != Some(count) {
                 return Err(TensorError::StringCount { got: count, shape: self.shape.clone() });
             }

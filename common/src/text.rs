@@ -11,7 +11,7 @@ use std::path::Path;
 
 use thiserror::Error;
 use tidal_proto::v1::{decode, StageSpec, TextIo, Tokenize};
-use tokenizers::{Encoding, Tokenizer, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams, TruncationStrategy};
 
 use crate::onnx_signature::ElementType;
 use crate::tensor::{Declared, NamedTensor, StageIo};
@@ -20,8 +20,13 @@ use crate::tensor::{Declared, NamedTensor, StageIo};
 pub const MAX_TEXT_BYTES: usize = 256 << 10;
 /// Most tokens a stage may declare.
 pub const MAX_TOKENS: u32 = 1 << 16;
-/// Most labels, CTC vocabulary entries, or answer-span tokens a stage may declare.
+/// Most labels or CTC vocabulary entries a stage may declare.
 const MAX_LABELS: usize = 1 << 20;
+/// Most tokens of an answer span (its search is tokens × this).
+pub const MAX_SPAN_TOKENS: u32 = 512;
+/// Without truncation, a text of more bytes than this many per allowed token is refused before
+/// it is tokenized (no tokenizer makes a token of fewer than a byte; 64 leaves room for any).
+const BYTES_PER_TOKEN: usize = 64;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum TextError {
@@ -151,10 +156,20 @@ fn check(stage: &StageSpec, text: &TextIo, model: &StageIo) -> Result<(), String
             Some(decode::How::Span(s)) => {
                 fp32(&s.start, 1)?;
                 fp32(&s.end, 1)?;
-                if text.tokenize.is_none() || s.max_tokens == 0 || s.max_tokens > MAX_TOKENS {
+                if text.tokenize.is_none() || s.max_tokens == 0 || s.max_tokens > MAX_SPAN_TOKENS {
                     return Err(format!(
-                        "text.decode {}: a span needs the stage to tokenize its text, and max_tokens 1..={MAX_TOKENS}",
+                        "text.decode {}: a span needs the stage to tokenize its text, and max_tokens 1..={MAX_SPAN_TOKENS}",
                         d.name
+                    ));
+                }
+                // Scores of a padded batch are as long as its longest text: each request's
+                // must be cut back to its own tokens.
+                let trimmed = |o: &str| stage.trim.iter().any(|t| t.output == o && t.axis == 1);
+                let both_trimmed = trimmed(&s.start) && trimmed(&s.end);
+                if !stage.pad.is_empty() && !both_trimmed {
+                    return Err(format!(
+                        "text.decode {}: the stage pads its tokens, so {:?} and {:?} need [stages.trim] on axis 1",
+                        d.name, s.start, s.end
                     ));
                 }
             }
@@ -186,6 +201,13 @@ impl TextEncoder {
     }
 
     fn ready(tokenizer: &mut Tokenizer, spec: &Tokenize) -> Result<(), String> {
+        let special = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(!spec.pair.is_empty()));
+        if spec.max_tokens as usize <= special {
+            return Err(format!(
+                "max_tokens {} leaves no room for text beside the tokenizer's {special} special tokens",
+                spec.max_tokens
+            ));
+        }
         // Tokenizer files may carry padding and truncation of their own; the stage's hold.
         tokenizer.with_padding(None);
         let truncation = spec.truncate.then(|| TruncationParams {
@@ -220,7 +242,17 @@ impl TextEncoder {
         }
         taken.sort_by_key(|(i, _)| *i);
         for (_, t) in &taken {
-            texts.push(one_text(t)?);
+            let text = one_text(t)?;
+            // Too long to fit whatever it tokenizes into: refused before the work.
+            if !spec.truncate && text.len() > spec.max_tokens as usize * BYTES_PER_TOKEN {
+                return Err(TextError::Input(format!(
+                    "input {:?} is {} bytes of text, more than {} tokens can be",
+                    t.name,
+                    text.len(),
+                    spec.max_tokens
+                )));
+            }
+            texts.push(text);
         }
         let want = if spec.pair.is_empty() { 1 } else { 2 };
         if texts.len() != want {
@@ -233,7 +265,15 @@ impl TextEncoder {
         } else {
             self.tokenizer.encode(texts[0].as_str(), true)
         }
-        .map_err(|e| TextError::Model(format!("tokenizing: {e}")))?;
+        // With truncation, a tokenizer fails only when the text that must stay whole (a
+        // question) does not fit: the request's fault.
+        .map_err(|e| {
+            if spec.truncate {
+                TextError::Input(format!("the text does not fit in {} tokens: {e}", spec.max_tokens))
+            } else {
+                TextError::Model(format!("tokenizing: {e}"))
+            }
+        })?;
         let n = encoding.len();
         if n > spec.max_tokens as usize {
             return Err(TextError::Input(format!(
@@ -451,8 +491,18 @@ fn answer_span(encoded: &Encoded, start: &[f32], end: &[f32], max_tokens: usize)
         }
     }
     let Some((_, i, j)) = best else { return Ok(String::new()) };
-    let (from, to) = (e.get_offsets()[i].0, e.get_offsets()[j].1);
-    Ok(encoded.texts[within].get(from..to).unwrap_or_default().to_string())
+    let (mut from, mut to) = (e.get_offsets()[i].0, e.get_offsets()[j].1);
+    let text = &encoded.texts[within];
+    // A byte-level tokenizer may cut inside a character: widen the cut to whole characters.
+    to = to.min(text.len());
+    from = from.min(to);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    while !text.is_char_boundary(to) {
+        to += 1;
+    }
+    Ok(text[from..to].to_string())
 }
 
 /// A WordPiece tokenizer as BERT's (lower-cased, `[CLS] text [SEP] pair [SEP]`) over a
@@ -471,7 +521,9 @@ pub fn wordpiece_json(words: &[String], size: usize) -> String {
             break;
         }
         let w = w.trim().to_lowercase();
-        if !w.is_empty() && w.chars().all(|c| c.is_alphanumeric() || c == '\'') && seen.insert(w.clone()) {
+        // Only words the normaliser and pre-tokenizer can give (apostrophes split words, accents
+        // are stripped): others would waste entries.
+        if !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) && seen.insert(w.clone()) {
             vocab.push(w);
         }
     }
@@ -569,6 +621,20 @@ mod tests {
             }
         }
         assert!(matches!(e.encode(true, vec![]), Err(TextError::Input(_))));
+        // Too many bytes for the tokens allowed: refused before it is tokenized.
+        let err = e.encode(true, vec![NamedTensor::strings("question", vec![1], &["a".repeat(300)])]).err();
+        assert!(matches!(err, Some(TextError::Input(m)) if m.contains("more than 4 tokens can be")));
+        // A question that alone overflows a truncated pair is the request's fault, not the model's.
+        let pair = encoder(true, 5, true);
+        let inputs = vec![
+            NamedTensor::strings("question", vec![1], &["the cat sat on the mat"]),
+            NamedTensor::strings("context", vec![1], &["the mat"]),
+        ];
+        assert!(matches!(pair.encode(true, inputs), Err(TextError::Input(_))));
+        // No room for text beside the special tokens: refused when the tokenizer is readied.
+        let mut tokenizer: Tokenizer = wordpiece_json(&[], 100).parse().unwrap();
+        let spec = Tokenize { text: "t".into(), ids: "i".into(), max_tokens: 2, ..Default::default() };
+        assert!(TextEncoder::ready(&mut tokenizer, &spec).unwrap_err().contains("no room"));
         // An empty text is its special tokens alone.
         let (t, _) = e.encode(true, vec![NamedTensor::strings("question", vec![1], &[""])]).unwrap();
         assert_eq!(ints(&t[0]), vec![2, 3]);
@@ -661,6 +727,15 @@ mod tests {
         let text = stage.text.as_mut().unwrap();
         text.decode[0].how = Some(decode::How::Span(Span { start: "nope".into(), ..Default::default() }));
         assert!(wire_io(&stage).unwrap_err().contains("no output \"nope\""));
+        // A padded stage's span scores must be trimmed back to each request's tokens.
+        let text = stage.text.as_mut().unwrap();
+        text.decode[0].how =
+            Some(decode::How::Span(Span { start: "logits".into(), end: "logits".into(), max_tokens: 8 }));
+        stage.outputs = vec![sig("logits", "FP32", &[-1, -1])];
+        stage.pad = vec![tidal_proto::v1::Padding { input: "input_ids".into(), axis: 1, value: 0.0 }];
+        assert!(wire_io(&stage).unwrap_err().contains("need [stages.trim] on axis 1"));
+        stage.trim = vec![tidal_proto::v1::Trim { output: "logits".into(), axis: 1 }];
+        wire_io(&stage).unwrap();
         let text = stage.text.as_mut().unwrap();
         text.decode.clear();
         text.tokenize.as_mut().unwrap().ids = "missing".into();

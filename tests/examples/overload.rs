@@ -216,6 +216,7 @@ async fn against_profile(
                 batches: vec![args.batch],
                 duration_ms: (args.profile_seconds * 1000.0) as u32,
                 samples: vec![],
+                text: None,
             })
             .await
             .expect("the profiler runs")

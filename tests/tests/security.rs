@@ -273,6 +273,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         batches: vec![1],
         duration_ms: 200,
         samples: vec![],
+        text: None,
     };
     assert_eq!(code(agent_as_admin.profile(profile_of("/etc/shadow", vec![3])).await), Code::InvalidArgument);
     assert_eq!(code(agent_as_admin.profile(profile_of("../x.onnx", vec![3])).await), Code::InvalidArgument);

@@ -151,6 +151,8 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
     let frames = scores[0].shape[1] as usize;
     assert_eq!(frames, 49);
     let transcript = tidal_common::text::ctc_best_path(&scores[0].f32_values().unwrap(), &vocabulary(), 0, "|");
+    // Random weights still write something: the test would not tell an empty decode otherwise.
+    assert!(!transcript.is_empty(), "the reference transcript is empty");
     let ids = tokens(&saved, &transcript);
     let want = reference
         .run("distilbert-sentiment", &[int64("input_ids", &ids), int64("attention_mask", &vec![1; ids.len()])]);
@@ -274,4 +276,54 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
     let again = v2_raw_request("sentiment", &[NamedTensor::strings("text", vec![1, 1], &[texts[0]])], &["label"]);
     let answer = v2_raw_outputs(v2.model_infer(again).await.unwrap().into_inner());
     assert_eq!(answer[0].string_values().unwrap(), vec![want[0]]);
+
+    // Profiled at the user's texts: each sample tokenized as requests are, each length
+    // measured and reported by its tokens.
+    let samples = work.path().join("samples");
+    std::fs::create_dir_all(&samples).unwrap();
+    let long = "the cat sat on the mat and the cat sat on the mat";
+    for (name, text) in [("a", texts[1]), ("b", long)] {
+        let body =
+            serde_json::json!({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]});
+        std::fs::write(samples.join(format!("{name}.json")), body.to_string()).unwrap();
+    }
+    let out = tidal_tests::tls::as_admin(&mut std::process::Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl, "profile", "--agent", &agent.control_addr, "--task", "sentiment"])
+        .args(["--cores", "1", "--batches", "1,2", "--duration-ms", "300", "--samples"])
+        .arg(&samples)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    let mut sizes: Vec<u64> = printed
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "size").nth(1)?.parse().ok())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let want_sizes = vec![tokens(&saved, texts[1]).len() as u64, tokens(&saved, long).len() as u64];
+    assert_eq!(sizes, want_sizes, "{printed}");
+
+    // Triton's own Python client sends text as a NumPy array of strings (or bytes), over
+    // gRPC and HTTP, binary and JSON, and reads the label back.
+    match outside_clients() {
+        Err(why) => eprintln!("SKIPPED (not run): tritonclient's text calls: {why}"),
+        Ok(tools) => {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/text_check.py"))
+                .args(["--url", &agent.addr, "--task", "sentiment"])
+                .env("PYTHONPATH", tools.join("py"));
+            for (text, label) in texts.iter().zip(&want) {
+                cmd.args(["--text", text, "--label", std::str::from_utf8(label).unwrap()]);
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+            assert!(out.status.success(), "text_check.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            eprintln!("tritonclient: {report}");
+            let cases = report.as_object().unwrap();
+            assert_eq!(cases.len(), 7, "{report}");
+            let failed: Vec<_> = cases.iter().filter(|(_, v)| v.as_str() != Some("ok")).collect();
+            assert!(failed.is_empty(), "tritonclient's text calls that failed: {failed:?}");
+        }
+    }
 }

@@ -410,6 +410,7 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
             batches: vec![1, 2],
             duration_ms: 200,
             samples: vec![],
+            text: None,
         };
         let points = control.profile(request).await.unwrap_or_else(|e| panic!("profiling {}: {e}", v.name));
         let points = points.into_inner().points;
@@ -430,6 +431,7 @@ async fn models_unlike_the_generator_s_answer_as_onnx_runtime_does_on_every_fron
         batches: vec![1, 2],
         duration_ms: 300,
         samples: vec![sample(8, 1), sample(32, 2), sample(8, 3)],
+        text: None,
     };
     let points = control.profile(request.clone()).await.expect("profiled with samples").into_inner().points;
     let grid: Vec<(u32, u64)> = points.iter().map(|p| (p.batch, p.size)).collect();

@@ -206,7 +206,7 @@ pub fn response(req_id: String, task: &str, answers: Vec<InferResponse>) -> Resu
         let sample: Vec<NamedTensor> =
             sample.collect::<Result<_, _>>().map_err(|e| ServeError::Model(e.to_string()))?;
         for (i, t) in sample.into_iter().enumerate() {
-            let same = outputs.get(i).is_some_and(|o| o.name == t.name && o.shape[1..] == t.shape[1..]);
+            let same = outputs.get(i).is_some_and(|o| o.name == t.name && o.shape.get(1..) == t.shape.get(1..));
             if !same {
                 return Err(ServeError::Model(format!(
                     "the samples' outputs {:?} differ in shape (a dynamic output); send one sample per request",
