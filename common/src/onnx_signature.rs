@@ -421,6 +421,18 @@ pub fn check_stage(stage: &str, variants: &[(String, Signature)]) -> Result<(), 
     Ok(())
 }
 
+/// A declared tensor without bounds, for the tests of the modules that check requests.
+#[cfg(test)]
+pub(crate) fn test_signature(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
+    TensorSignature {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: shape.to_vec(),
+        max_shape: vec![],
+        min_shape: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tidal_proto::onnx::{

@@ -157,17 +157,9 @@ fn split_at_axis(shape: &[i64], axis: usize, size: usize) -> (usize, usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidal_proto::v1::{Padding, TensorSignature, Trim};
+    use tidal_proto::v1::{Padding, Trim};
 
-    fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature {
-            name: name.into(),
-            datatype: datatype.into(),
-            shape: shape.to_vec(),
-            max_shape: vec![],
-            min_shape: vec![],
-        }
-    }
+    use crate::onnx_signature::test_signature as sig;
 
     fn text_stage() -> StageSpec {
         StageSpec {

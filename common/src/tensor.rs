@@ -53,39 +53,39 @@ pub fn encode_strings<S: AsRef<[u8]>>(values: &[S]) -> Vec<u8> {
     out
 }
 
-/// How many elements raw BYTES data holds, refused when a length runs past the end (without
-/// a slice per element: requests may hold many small ones).
-pub fn count_strings(mut data: &[u8]) -> Result<usize, String> {
-    let mut n = 0;
-    while !data.is_empty() {
+/// The elements of raw BYTES data, one at a time; an error (and the end) where a length runs
+/// past the data.
+fn strings(mut data: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+    std::iter::from_fn(move || {
+        if data.is_empty() {
+            return None;
+        }
         let Some((len, rest)) = data.split_first_chunk::<4>() else {
-            return Err(format!("{} bytes left where a 4-byte length was expected", data.len()));
+            let torn = format!("{} bytes left where a 4-byte length was expected", data.len());
+            data = &[];
+            return Some(Err(torn));
         };
         let len = u32::from_le_bytes(*len) as usize;
         if len > rest.len() {
-            return Err(format!("an element of {len} bytes where {} are left", rest.len()));
+            let torn = format!("an element of {len} bytes where {} are left", rest.len());
+            data = &[];
+            return Some(Err(torn));
         }
-        data = &rest[len..];
-        n += 1;
-    }
-    Ok(n)
+        let (item, tail) = rest.split_at(len);
+        data = tail;
+        Some(Ok(item))
+    })
+}
+
+/// How many elements raw BYTES data holds (without a slice per element: requests may hold
+/// many small ones).
+pub fn count_strings(data: &[u8]) -> Result<usize, String> {
+    strings(data).try_fold(0, |n, item| item.map(|_| n + 1))
 }
 
 /// The elements of raw BYTES data, refused when a length runs past the end.
-pub fn decode_strings(mut data: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    while !data.is_empty() {
-        let Some((len, rest)) = data.split_first_chunk::<4>() else {
-            return Err(format!("{} bytes left where a 4-byte length was expected", data.len()));
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > rest.len() {
-            return Err(format!("an element of {len} bytes where {} are left", rest.len()));
-        }
-        out.push(&rest[..len]);
-        data = &rest[len..];
-    }
-    Ok(out)
+pub fn decode_strings(data: &[u8]) -> Result<Vec<&[u8]>, String> {
+    strings(data).collect()
 }
 
 /// A tensor's element type as Tidal's API names it.
@@ -506,17 +506,9 @@ mod tests {
         assert_eq!(floats[2].f32_values().unwrap(), vec![3.0]);
         assert!(NamedTensor::f32("x", vec![3], &[1.0, 2.0, 3.0]).split_samples(2).is_err());
     }
-    use tidal_proto::v1::{TensorSignature, VariantSpec};
+    use tidal_proto::v1::VariantSpec;
 
-    fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature {
-            name: name.into(),
-            datatype: datatype.into(),
-            shape: shape.to_vec(),
-            max_shape: vec![],
-            min_shape: vec![],
-        }
-    }
+    use crate::onnx_signature::test_signature as sig;
 
     fn tensor(name: &str, element: ElementType, shape: &[i64]) -> NamedTensor {
         let n = element_count(shape).unwrap() * element.size().unwrap();

@@ -557,17 +557,9 @@ pub fn wordpiece_json(words: &[String], size: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidal_proto::v1::{Ctc, Decode, Labels, Span, TensorSignature, VariantSpec};
+    use tidal_proto::v1::{Ctc, Decode, Labels, Span, VariantSpec};
 
-    fn sig(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
-        TensorSignature {
-            name: name.into(),
-            datatype: datatype.into(),
-            shape: shape.to_vec(),
-            max_shape: vec![],
-            min_shape: vec![],
-        }
-    }
+    use crate::onnx_signature::test_signature as sig;
 
     fn encoder(pair: bool, max_tokens: u32, truncate: bool) -> TextEncoder {
         let words: Vec<String> = ["the", "cat", "sat", "on", "mat", "who"].map(String::from).to_vec();
