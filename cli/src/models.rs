@@ -72,13 +72,13 @@ pub fn generate_models(
             accuracy: kind.accuracy(),
             input_shape: kind.input_shape(size),
             names: Default::default(),
-            tokenizer_file: match kind {
-                ModelKind::Text(_) => format!("{}.tokenizer.json", kind.name()),
-                _ => String::new(),
+            tokenizer_file: match kind.vocab() {
+                Some(_) => format!("{}.tokenizer.json", kind.name()),
+                None => String::new(),
             },
         };
-        if let ModelKind::Text(m) = kind {
-            write_tokenizer(&out.join(&cfg.tokenizer_file), m.vocab(), words)?;
+        if let Some(vocab) = kind.vocab() {
+            write_tokenizer(&out.join(&cfg.tokenizer_file), vocab, words)?;
         }
         let toml_path = out.join(format!("{}.toml", cfg.name));
         let onnx_path = out.join(&cfg.model_file);
@@ -102,8 +102,9 @@ pub fn generate_models(
         std::fs::rename(&tmp, &onnx_path)?;
         std::fs::write(&toml_path, cfg.to_toml()).with_context(|| format!("writing {}", toml_path.display()))?;
         let at = match kind {
+            ModelKind::Seq2Seq(m) if !m.takes_audio() => format!("{} tokens", cfg.input_shape[0]),
             ModelKind::Text(_) => format!("{} tokens", cfg.input_shape[0]),
-            ModelKind::Speech(_) => format!("{:.2} s of audio", cfg.input_shape[0] as f64 / 16_000.0),
+            ModelKind::Speech(_) | ModelKind::Seq2Seq(_) => format!("{:.2} s of audio", cfg.input_shape[0] as f64 / 16_000.0),
             _ => format!("{resolution}x{resolution}"),
         };
         eprintln!(

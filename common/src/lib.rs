@@ -19,6 +19,7 @@ pub mod plan;
 pub mod profile;
 pub mod reconcile;
 pub mod resnet;
+pub mod seq2seq;
 pub mod sim;
 pub mod solver;
 pub mod speech;

@@ -133,6 +133,11 @@ impl GraphBuilder {
         self.constant(&[], DataType::Int64, value.to_le_bytes().to_vec())
     }
 
+    /// A boolean scalar constant (a loop's condition).
+    pub(crate) fn const_bool(&mut self, value: bool) -> String {
+        self.constant(&[], DataType::Bool, vec![u8::from(value)])
+    }
+
     fn constant(&mut self, dims: &[i64], data_type: DataType, raw_data: Vec<u8>) -> String {
         let name = self.fresh("c");
         self.initializers.push(TensorProto {
@@ -148,6 +153,25 @@ impl GraphBuilder {
         let out = self.fresh(&op.to_lowercase());
         self.node_named(op, inputs, &out, attrs);
         out
+    }
+
+    /// A node of several outputs, fresh names for each.
+    pub(crate) fn node_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: usize,
+        attrs: Vec<AttributeProto>,
+    ) -> Vec<String> {
+        let names: Vec<String> = (0..outputs).map(|_| self.fresh(&op.to_lowercase())).collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: names.clone(),
+            name: format!("{op}_{}", self.nodes.len()),
+            op_type: op.to_string(),
+            attribute: attrs,
+        });
+        names
     }
 
     pub(crate) fn node_named(&mut self, op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) {
@@ -214,6 +238,10 @@ pub(crate) fn str_attr(name: &str, value: &str) -> AttributeProto {
         r#type: AttributeType::String as i32,
         ..Default::default()
     }
+}
+
+pub(crate) fn graph_attr(name: &str, graph: GraphProto) -> AttributeProto {
+    AttributeProto { name: name.into(), g: Some(graph), r#type: AttributeType::Graph as i32, ..Default::default() }
 }
 
 pub(crate) fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {

@@ -258,7 +258,7 @@ pub fn generate(model: TextModel, seed: u64) -> GeneratedModel {
 /// Residual branches' last projections are scaled down (as in the ResNets) so that, with
 /// random weights, each token keeps its own representation through the layers instead of all
 /// collapsing into one: answers then depend on the input, as a trained model's do.
-const RESIDUAL_GAIN: f32 = 0.2;
+pub(crate) const RESIDUAL_GAIN: f32 = 0.2;
 
 /// The Transformer blocks, on the shared graph builder (the speech models use them too).
 impl GraphBuilder {
@@ -288,7 +288,7 @@ impl GraphBuilder {
     }
 
     /// Multi-head scaled dot-product self-attention over `[batch, sequence, hidden]`.
-    fn self_attention(&mut self, x: &str, mask_bias: Option<&str>, e: Encoder) -> String {
+    pub(crate) fn self_attention(&mut self, x: &str, mask_bias: Option<&str>, e: Encoder) -> String {
         let d = (e.hidden / e.heads) as i64;
         let split = self.const_i64(&[0, 0, e.heads as i64, d]);
         let heads = |g: &mut Self, perm: &[i64]| {

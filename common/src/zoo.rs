@@ -8,6 +8,7 @@ use tidal_proto::onnx::GraphProto;
 
 use crate::onnx_graph::{ints_attr, model_bytes, tensor_info, GeneratedModel, GraphBuilder};
 use crate::resnet::{self, ResNetDepth};
+use crate::seq2seq::{self, Seq2SeqModel};
 use crate::speech::{self, SpeechModel};
 use crate::transformer::{self, TextModel};
 use crate::yolo::{self, YoloSize};
@@ -19,12 +20,15 @@ pub enum ModelKind {
     Downsample,
     Text(TextModel),
     Speech(SpeechModel),
+    Seq2Seq(Seq2SeqModel),
 }
 
 /// Every name `from_name` knows, for help and error messages.
 pub const NAMES: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, yolov5n, yolov5s, yolov5m, yolov5l, \
 yolov5x, downsample, distilbert-sst2, distilbert-sentiment, bert-sentiment, roberta-sentiment, roberta-squad2, \
-xlm-roberta-squad2, xlm-roberta-langid, wav2vec2-base, wav2vec2-large";
+xlm-roberta-squad2, xlm-roberta-langid, wav2vec2-base, wav2vec2-large, distilbart-xsum-1-1, distilbart-xsum-12-1, \
+distilbart-xsum-6-6, distilbart-xsum-12-3, distilbart-xsum-9-6, distilbart-xsum-12-6, opus-mt-fr-en, \
+opus-mt-tc-big-fr-en, s2t-small, s2t-medium, s2t-large";
 
 /// The size of one sample each kind of model is profiled at, by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +49,8 @@ impl ModelKind {
                 .map(Self::ResNet)
                 .or_else(|| YoloSize::from_name(name).map(Self::Yolo))
                 .or_else(|| TextModel::from_name(name).map(Self::Text))
-                .or_else(|| SpeechModel::from_name(name).map(Self::Speech)),
+                .or_else(|| SpeechModel::from_name(name).map(Self::Speech))
+                .or_else(|| Seq2SeqModel::from_name(name).map(Self::Seq2Seq)),
         }
     }
 
@@ -56,6 +61,7 @@ impl ModelKind {
             Self::Downsample => "downsample",
             Self::Text(m) => m.name(),
             Self::Speech(m) => m.name(),
+            Self::Seq2Seq(m) => m.name(),
         }
     }
 
@@ -69,6 +75,16 @@ impl ModelKind {
             Self::Downsample => 100.0,
             Self::Text(m) => m.accuracy(),
             Self::Speech(m) => m.accuracy(),
+            Self::Seq2Seq(m) => m.accuracy(),
+        }
+    }
+
+    /// The size of the vocabulary its tokenizer needs: a model that reads or writes text.
+    pub fn vocab(self) -> Option<usize> {
+        match self {
+            Self::Text(m) => Some(m.vocab()),
+            Self::Seq2Seq(m) => Some(m.vocab()),
+            _ => None,
         }
     }
 
@@ -83,6 +99,10 @@ impl ModelKind {
         match self {
             Self::Text(m) => vec![i64::from(size.tokens).min(m.max_tokens() as i64)],
             Self::Speech(_) => vec![i64::from(size.audio_ms) * i64::from(speech::SAMPLE_RATE) / 1000],
+            Self::Seq2Seq(m) if m.takes_audio() => {
+                vec![i64::from(size.audio_ms) * i64::from(speech::SAMPLE_RATE) / 1000]
+            }
+            Self::Seq2Seq(m) => vec![i64::from(size.tokens).min(m.max_tokens() as i64)],
             _ => vec![3, i64::from(size.resolution), i64::from(size.resolution)],
         }
     }
@@ -95,6 +115,7 @@ impl ModelKind {
             Self::Downsample => downsample(resolution),
             Self::Text(m) => transformer::generate(m, seed),
             Self::Speech(m) => speech::generate(m, seed),
+            Self::Seq2Seq(m) => seq2seq::generate(m, seed),
         }
     }
 }
