@@ -30,6 +30,8 @@ pub enum ServeError {
     BudgetTooShort { needs: Duration, budget: Duration },
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Unfinished(String),
     #[error("the model failed: {0}")]
     Model(String),
 }
@@ -45,7 +47,9 @@ impl From<ServeError> for Status {
             | ServeError::TooLarge { .. }
             | ServeError::WouldMiss { .. }
             | ServeError::MemoryFull { .. } => Status::resource_exhausted(msg),
-            ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. } => Status::deadline_exceeded(msg),
+            ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. } | ServeError::Unfinished(_) => {
+                Status::deadline_exceeded(msg)
+            }
             ServeError::Model(_) => Status::internal(msg),
         }
     }

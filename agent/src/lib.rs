@@ -2,7 +2,8 @@
 //!
 //! Request path: one of three sibling [`fronts`] (Tidal's API, V2 over gRPC, V2 over REST) →
 //! the [`pipeline`] (stages in order, one deadline) → [`router`] (weights of the plan) → a [`worker`]'s
-//! [`queue`] (earliest deadline first) → its batcher → the worker process
+//! [`queue`] (earliest deadline first) → its batcher (which gives a generating stage's
+//! requests their [`generation`] budgets) → the worker process
 //! ([`worker_process`], over [`worker_protocol`]) in its own [`cgroup`].
 //! Control path: a plan arrives → the [`reconciler`], the one task that owns the workers,
 //! checks it, stages the reconcile diff and executes it all or nothing through the executor
@@ -18,6 +19,7 @@ pub mod connector;
 pub mod control;
 pub mod error;
 pub mod fronts;
+pub mod generation;
 pub mod link;
 pub mod metrics;
 pub mod model_stats;

@@ -149,6 +149,22 @@ impl Pipeline {
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
         let first_io = io_of(first)?;
+        // Inputs of later stages that no stage feeds come with the request (whole tasks only).
+        let extra: Vec<String> = if forwarded.is_none() {
+            let task_io = tidal_common::text::task_io(&task.stages)
+                .map_err(|why| ServeError::Model(format!("task {}: {why}", task.name)))?;
+            task_io.inputs[first_io.inputs.len()..].iter().map(|d| d.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let (extra_given, tensors): (Vec<NamedTensor>, Vec<NamedTensor>) =
+            tensors.into_iter().partition(|t| extra.contains(&t.name));
+        if let Some(missing) = extra.iter().find(|n| !extra_given.iter().any(|t| &t.name == *n)) {
+            return Err(ServeError::InvalidInput(format!(
+                "the request lacks input {missing:?}, which a later stage of task {} takes",
+                task.name
+            )));
+        }
         let sample = first_io.sample(tensors).map_err(invalid)?;
         io_of(last)?.check_outputs(&req.outputs).map_err(invalid)?;
         // The request's image is kept only when a later stage crops it, and its inputs only
@@ -157,7 +173,8 @@ impl Pipeline {
         let image = if crops_later { sample.first().cloned() } else { None };
         let later_inputs: Vec<StageIo> = stages.iter().skip(1).map(|s| io_of(s)).collect::<Result<_, _>>()?;
         let taken_later = |t: &NamedTensor| later_inputs.iter().any(|io| io.inputs.iter().any(|d| d.name == t.name));
-        let request_inputs: Vec<NamedTensor> = sample.iter().filter(|t| taken_later(t)).cloned().collect();
+        let request_inputs: Vec<NamedTensor> =
+            sample.iter().filter(|t| taken_later(t)).cloned().chain(extra_given).collect();
         let mut inputs = vec![sample];
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
@@ -376,6 +393,7 @@ fn text_error(e: TextError) -> ServeError {
     match e {
         TextError::Input(why) => ServeError::InvalidInput(why),
         TextError::Model(why) => ServeError::Model(why),
+        TextError::Unfinished(why) => ServeError::Unfinished(why),
     }
 }
 

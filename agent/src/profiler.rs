@@ -371,6 +371,7 @@ fn summarise(cores: u32, batch: u32, latencies: &mut [Duration], elapsed_s: f64)
         latency_p99_ms: pick(0.99),
         throughput_rps: batch as f64 * latencies.len() as f64 / elapsed_s.max(1e-9),
         size: 0,
+        output_tokens: 0,
     }
 }
 

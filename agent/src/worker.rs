@@ -494,6 +494,8 @@ impl BatcherCtx {
 
     /// Waits for requests, forms batches, runs them, until stopped or the process dies.
     async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
+        let generate = self.spec.text.as_ref().and_then(|t| t.spec.generate.as_ref());
+        let mut token_cost = crate::generation::TokenCost::default();
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
@@ -508,9 +510,12 @@ impl BatcherCtx {
                 settings.max_batch = 1;
             }
             self.wait_for_batch(settings).await;
-            let batch = self.queue.pop_batch(settings.max_batch as usize, Instant::now());
+            let mut batch = self.queue.pop_batch(settings.max_batch as usize, Instant::now());
             if batch.is_empty() {
                 continue;
+            }
+            if let Some(g) = generate {
+                crate::generation::fill_budgets(&self.spec.io, g, &mut batch, Instant::now(), &token_cost);
             }
             let size = batch.len();
             let names = &self.spec.variant.tensor_names;
@@ -527,7 +532,18 @@ impl BatcherCtx {
             match proc.run(inputs).await {
                 Ok(mut result) if result.error.is_empty() => {
                     let done = Instant::now();
-                    self.queue.record_batch(size, done.saturating_duration_since(started), done);
+                    let mut took = done.saturating_duration_since(started);
+                    if let Some(g) = generate {
+                        let model_name = names.get(&g.output).map_or(g.output.as_str(), String::as_str);
+                        let steps = crate::generation::steps_taken(&result.outputs, [&g.output, model_name]);
+                        token_cost.observe(steps, Duration::from_micros(result.run_us));
+                        // A request that may be answered with part of its text needs only
+                        // time for its first token: the queue admits and keeps it for that.
+                        if let (false, Some((first_ms, _))) = (g.refuse_unfinished, token_cost.line()) {
+                            took = took.min(Duration::from_secs_f64(first_ms / 1e3));
+                        }
+                    }
+                    self.queue.record_batch(size, took, done);
                     // Answered under the stage's names.
                     let outputs = std::mem::take(&mut result.outputs);
                     result.outputs = renamed(outputs, |model| names.iter().find(|(_, m)| *m == model).map(|(s, _)| s));

@@ -104,7 +104,9 @@ pub fn generate_models(
         let at = match kind {
             ModelKind::Seq2Seq(m) if !m.takes_audio() => format!("{} tokens", cfg.input_shape[0]),
             ModelKind::Text(_) => format!("{} tokens", cfg.input_shape[0]),
-            ModelKind::Speech(_) | ModelKind::Seq2Seq(_) => format!("{:.2} s of audio", cfg.input_shape[0] as f64 / 16_000.0),
+            ModelKind::Speech(_) | ModelKind::Seq2Seq(_) => {
+                format!("{:.2} s of audio", cfg.input_shape[0] as f64 / 16_000.0)
+            }
             _ => format!("{resolution}x{resolution}"),
         };
         eprintln!(

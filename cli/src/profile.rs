@@ -58,6 +58,9 @@ pub struct SavedPoint {
     /// The input size it was measured at (absent: the variant's own).
     #[serde(default, skip_serializing_if = "is_zero_size")]
     pub size: u64,
+    /// Of a stage that writes tokens, how many each sample wrote (absent: not such a stage).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub output_tokens: u32,
 }
 
 fn is_zero_size(n: &u64) -> bool {
@@ -73,6 +76,7 @@ impl From<&ProfilePoint> for SavedPoint {
             latency_p99_ms: p.latency_p99_ms,
             throughput_rps: p.throughput_rps,
             size: p.size,
+            output_tokens: p.output_tokens,
         }
     }
 }
@@ -86,6 +90,7 @@ impl From<&SavedPoint> for ProfilePoint {
             latency_p99_ms: p.latency_p99_ms,
             throughput_rps: p.throughput_rps,
             size: p.size,
+            output_tokens: p.output_tokens,
         }
     }
 }
@@ -209,7 +214,7 @@ pub async fn store_saved(controller: &str, spec: &TaskSpec, path: &Path) -> anyh
     Ok(())
 }
 
-/// Per (cores, batch, size) point: the median p50 and throughput of the runs and the worst p99; and
+/// Per (cores, batch, size, tokens written) point: the median p50 and throughput of the runs and the worst p99; and
 /// the relative spread (max − min over the median) of p50 and of throughput.
 fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
     let Some(first) = runs.first() else { return (vec![], vec![]) };
@@ -218,7 +223,11 @@ fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
     for p in first {
         let same: Vec<&ProfilePoint> = runs
             .iter()
-            .filter_map(|r| r.iter().find(|q| (q.cores, q.batch, q.size) == (p.cores, p.batch, p.size)))
+            .filter_map(|r| {
+                r.iter().find(|q| {
+                    (q.cores, q.batch, q.size, q.output_tokens) == (p.cores, p.batch, p.size, p.output_tokens)
+                })
+            })
             .collect();
         let p50: Vec<f64> = same.iter().map(|q| q.latency_p50_ms).collect();
         let tput: Vec<f64> = same.iter().map(|q| q.throughput_rps).collect();
@@ -230,6 +239,7 @@ fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
             latency_p99_ms: same.iter().map(|q| q.latency_p99_ms).fold(0.0, f64::max),
             throughput_rps: mt,
             size: p.size,
+            output_tokens: p.output_tokens,
         });
         spreads.push((range(&p50) / m50.max(1e-9), range(&tput) / mt.max(1e-9)));
     }
@@ -261,7 +271,15 @@ mod tests {
     use super::*;
 
     fn point(p50: f64, p99: f64, tput: f64) -> ProfilePoint {
-        ProfilePoint { cores: 1, batch: 4, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput, size: 0 }
+        ProfilePoint {
+            cores: 1,
+            batch: 4,
+            latency_p50_ms: p50,
+            latency_p99_ms: p99,
+            throughput_rps: tput,
+            size: 0,
+            output_tokens: 0,
+        }
     }
 
     #[test]

@@ -132,6 +132,7 @@ mod tests {
             latency_p99_ms: p99,
             throughput_rps: tput,
             size: 0,
+            output_tokens: 0,
         };
         ProfileGrid::new(&[p(1, 1, 40.0, 25.0), p(1, 4, 100.0, 40.0), p(2, 1, 20.0, 50.0), p(2, 4, 50.0, 80.0)])
     }

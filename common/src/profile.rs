@@ -325,6 +325,7 @@ pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f6
             latency_p99_ms: high.2,
             throughput_rps: 1.0 / per_request_s,
             size: 0,
+            output_tokens: 0,
         });
     }
     AtMix { points: out, beyond: (observed_max > largest).then_some((observed_max, largest)) }
@@ -346,6 +347,7 @@ pub fn synthetic(per_core: f64, cores: &[u32], batches: &[(u32, f64)], tail: f64
                 latency_p99_ms: p50 * tail,
                 throughput_rps: tput,
                 size: 0,
+                output_tokens: 0,
             });
         }
     }
@@ -397,6 +399,7 @@ pub fn load_tfserving_csv(
             latency_p99_ms: service_ms,
             throughput_rps: tput,
             size: 0,
+            output_tokens: 0,
         });
     }
     if out.is_empty() {
@@ -410,7 +413,15 @@ mod tests {
     use super::*;
 
     fn point(cores: u32, batch: u32, p99: f64, tput: f64) -> ProfilePoint {
-        ProfilePoint { cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput, size: 0 }
+        ProfilePoint {
+            cores,
+            batch,
+            latency_p50_ms: p99,
+            latency_p99_ms: p99,
+            throughput_rps: tput,
+            size: 0,
+            output_tokens: 0,
+        }
     }
 
     fn grid() -> ProfileGrid {

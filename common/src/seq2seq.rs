@@ -18,9 +18,7 @@
 
 use tidal_proto::onnx::{tensor_proto::DataType, GraphProto, ValueInfoProto};
 
-use crate::onnx_graph::{
-    graph_attr, int_attr, ints_attr, model_bytes, value_info, Dim, GeneratedModel, GraphBuilder,
-};
+use crate::onnx_graph::{graph_attr, int_attr, ints_attr, model_bytes, value_info, Dim, GeneratedModel, GraphBuilder};
 use crate::transformer::{Encoder, IDS, MASK, RESIDUAL_GAIN};
 
 /// How many tokens each sample may write, INT64 `[batch]` (0: none).
@@ -44,7 +42,10 @@ pub const MAX_STEPS: i64 = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seq2SeqModel {
     /// sshleifer/distilbart-xsum-E-D: E encoder and D decoder layers of BART large.
-    DistilbartXsum { encoder: u8, decoder: u8 },
+    DistilbartXsum {
+        encoder: u8,
+        decoder: u8,
+    },
     /// Helsinki-NLP/opus-mt-fr-en (Marian, transformer base).
     OpusMtFrEn,
     /// Helsinki-NLP/opus-mt-tc-big-fr-en (Marian, transformer big).
@@ -227,6 +228,19 @@ struct CrossKeys {
     values: String,
 }
 
+/// What every decoder step reads from outside the loop.
+struct Decoder<'a> {
+    embedding: &'a str,
+    scale: &'a str,
+    /// The learned position table (BART), or none (sinusoids).
+    positions: Option<&'a str>,
+    cross: &'a [CrossKeys],
+    /// The source's padding mask as attention bias (text), or none (audio).
+    source_bias: Option<&'a str>,
+    /// Scores added to tokens never written (the special ones but the end).
+    never: &'a str,
+}
+
 /// Builds `model`'s graph with weights drawn from `seed`.
 pub fn generate(model: Seq2SeqModel, seed: u64) -> GeneratedModel {
     let a = model.arch();
@@ -310,15 +324,15 @@ pub fn generate(model: Seq2SeqModel, seed: u64) -> GeneratedModel {
     let vocab_rest = g.const_i64(&[a.vocab as i64]);
     let written_shape = g.concat(&[&batch, &vocab_rest]);
     let none_written = g.node("ConstantOfShape", &[&written_shape], vec![]);
-    let body = g.decoder_step(
-        &a,
-        &embedding,
-        &scale,
-        decoder_positions.as_deref(),
-        &cross,
-        source_bias.as_deref(),
-        &never,
-    );
+    let decoder = Decoder {
+        embedding: &embedding,
+        scale: &scale,
+        positions: decoder_positions.as_deref(),
+        cross: &cross,
+        source_bias: source_bias.as_deref(),
+        never: &never,
+    };
+    let body = g.decoder_step(&a, &decoder);
     let carried = 3 + 2 * a.decoder_layers;
     let mut loop_inputs: Vec<String> = vec![trips, go, first, done, none_written];
     for _ in 0..a.decoder_layers {
@@ -453,9 +467,8 @@ impl GraphBuilder {
         let axes = self.const_i64(&[2]);
         let signal = self.node("Unsqueeze", &[AUDIO, &axes], vec![]);
         let step = self.scalar_i64(HOP);
-        let hann: Vec<f32> = (0..WINDOW)
-            .map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / WINDOW as f32).cos())
-            .collect();
+        let hann: Vec<f32> =
+            (0..WINDOW).map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / WINDOW as f32).cos()).collect();
         let window = self.const_f32(&[WINDOW], &hann);
         let length = self.scalar_i64(WINDOW);
         // [b, frames, 201, 2]: real and imaginary parts.
@@ -509,12 +522,7 @@ impl GraphBuilder {
     fn decoder_step(
         &mut self,
         a: &Arch,
-        embedding: &str,
-        scale: &str,
-        positions: Option<&str>,
-        cross: &[CrossKeys],
-        source_bias: Option<&str>,
-        never: &str,
+        &Decoder { embedding, scale, positions, cross, source_bias, never }: &Decoder,
     ) -> GraphProto {
         let outer = std::mem::take(&mut self.nodes);
         let d = a.shape.hidden;

@@ -73,7 +73,8 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 use tidal_proto::v1::{
-    decode, Connection, Connector, Ctc, Decode, Labels, Padding, Span, TaskShare, TaskSpec, TextIo, Tokenize, Trim,
+    decode, Connection, Connector, Ctc, Decode, Generate, Labels, Padding, Span, TaskShare, TaskSpec, TextIo, Tokenize,
+    Tokens, Trim,
 };
 
 use crate::variant::{VariantConfig, VariantError};
@@ -125,6 +126,33 @@ pub struct StageFile {
     /// Text outputs decoded from the model's; set with the bounds.
     #[serde(default)]
     pub decode: Vec<DecodeFile>,
+    /// The model writes tokens within a budget per request (`[stages.generate] max_tokens =
+    /// 32, end_token = 3`).
+    pub generate: Option<GenerateFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateFile {
+    #[serde(default = "default_budget")]
+    pub budget: String,
+    #[serde(default = "default_tokens")]
+    pub output: String,
+    pub max_tokens: u32,
+    pub end_token: u32,
+    #[serde(default)]
+    pub refuse_unfinished: bool,
+    #[serde(default)]
+    pub pad_token: u32,
+}
+
+/// By default, the generated encoder–decoders' names (`seq2seq`).
+fn default_budget() -> String {
+    crate::seq2seq::MAX_NEW_TOKENS.to_string()
+}
+
+fn default_tokens() -> String {
+    crate::seq2seq::TOKENS.to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +178,13 @@ pub struct DecodeFile {
     pub labels: Option<LabelsFile>,
     pub ctc: Option<CtcFile>,
     pub span: Option<SpanFile>,
+    pub tokens: Option<TokensFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    pub output: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,7 +216,7 @@ pub struct SpanFile {
 impl StageFile {
     /// The stage's text, as the API carries it.
     fn text(&self) -> Result<Option<TextIo>, TaskFileError> {
-        if self.tokenize.is_none() && self.decode.is_empty() {
+        if self.tokenize.is_none() && self.decode.is_empty() && self.generate.is_none() {
             return Ok(None);
         }
         let tokenize = self.tokenize.as_ref().map(|t| Tokenize {
@@ -198,6 +233,15 @@ impl StageFile {
             .iter()
             .map(|d| {
                 let how = match (&d.labels, &d.ctc, &d.span) {
+                    (None, None, None) if d.tokens.is_some() => decode::How::Tokens(Tokens {
+                        output: d.tokens.as_ref().map(|t| t.output.clone()).unwrap_or_default(),
+                    }),
+                    _ if d.tokens.is_some() => {
+                        return Err(TaskFileError::Invalid(format!(
+                            "stage {}: decode {} takes one of labels, ctc, span or tokens",
+                            self.name, d.name
+                        )))
+                    }
                     (Some(l), None, None) => {
                         decode::How::Labels(Labels { output: l.output.clone(), labels: l.labels.clone() })
                     }
@@ -214,7 +258,7 @@ impl StageFile {
                     }),
                     _ => {
                         return Err(TaskFileError::Invalid(format!(
-                            "stage {}: decode {} takes one of labels, ctc or span",
+                            "stage {}: decode {} takes one of labels, ctc, span or tokens",
                             self.name, d.name
                         )))
                     }
@@ -222,7 +266,15 @@ impl StageFile {
                 Ok(Decode { name: d.name.clone(), how: Some(how) })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Some(TextIo { tokenize, decode }))
+        let generate = self.generate.as_ref().map(|g| Generate {
+            budget: g.budget.clone(),
+            output: g.output.clone(),
+            max_tokens: g.max_tokens,
+            end_token: g.end_token,
+            refuse_unfinished: g.refuse_unfinished,
+            pad_token: g.pad_token,
+        });
+        Ok(Some(TextIo { tokenize, decode, generate }))
     }
 }
 

@@ -194,6 +194,12 @@ impl NamedTensor {
         (self.element == ElementType::Fp32).then(|| bytemuck::pod_collect_to_vec(&self.data[..self.data.len() / 4 * 4]))
     }
 
+    /// Its values, if it is an int64 tensor.
+    pub fn i64_values(&self) -> Option<Vec<i64>> {
+        (self.element == ElementType::Int64)
+            .then(|| bytemuck::pod_collect_to_vec(&self.data[..self.data.len() / 8 * 8]))
+    }
+
     /// A tensor of Tidal's API, its type known and its data as long as its shape says.
     pub fn from_proto(t: Tensor) -> Result<Self, TensorError> {
         let element = element_type(t.dtype).ok_or_else(|| TensorError::Dtype {

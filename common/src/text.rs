@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use thiserror::Error;
-use tidal_proto::v1::{decode, StageSpec, TextIo, Tokenize};
+use tidal_proto::v1::{decode, Generate, StageSpec, TextIo, Tokenize};
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams, TruncationStrategy};
 
 use crate::onnx_signature::ElementType;
@@ -27,6 +27,8 @@ pub const MAX_SPAN_TOKENS: u32 = 512;
 /// Without truncation, a text of more bytes than this many per allowed token is refused before
 /// it is tokenized (no tokenizer makes a token of fewer than a byte; 64 leaves room for any).
 const BYTES_PER_TOKEN: usize = 64;
+/// The most tokens a generating stage may write per request.
+pub const MAX_GENERATED: u32 = 4096;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum TextError {
@@ -36,6 +38,10 @@ pub enum TextError {
     /// The model's or the tokenizer's: INTERNAL.
     #[error("{0}")]
     Model(String),
+    /// The request's time ran out before its text ended, and the task refuses unfinished
+    /// texts: DEADLINE_EXCEEDED.
+    #[error("{0}")]
+    Unfinished(String),
 }
 
 fn names(t: &Tokenize) -> [&str; 3] {
@@ -57,18 +63,46 @@ pub fn wire_io(stage: &StageSpec) -> Result<StageIo, String> {
         min_shape: vec![],
     };
     let mut inputs = Vec::new();
+    // The budget of tokens to write is the worker's to give, not the request's.
+    let budget = text.generate.as_ref().map(|g| g.budget.as_str());
+    let on_wire = |d: &&Declared| Some(d.name.as_str()) != budget;
     if let Some(t) = &text.tokenize {
         inputs.push(one_text(&t.text));
         if !t.pair.is_empty() {
             inputs.push(one_text(&t.pair));
         }
-        inputs.extend(model.inputs.iter().filter(|d| !names(t).contains(&d.name.as_str())).cloned());
+        inputs.extend(model.inputs.iter().filter(|d| !names(t).contains(&d.name.as_str())).filter(on_wire).cloned());
     } else {
-        inputs = model.inputs.clone();
+        inputs = model.inputs.iter().filter(on_wire).cloned().collect();
     }
     let mut outputs = model.outputs.clone();
     outputs.extend(text.decode.iter().map(|d| one_text(&d.name)));
     Ok(StageIo { inputs, outputs, batched: model.batched, positional: false, pad: Vec::new(), trim: Vec::new() })
+}
+
+/// What a task takes on the wire: its first stage's inputs, then the inputs of later stages
+/// that no earlier stage feeds (a question asked of the text the first stage wrote). A later
+/// stage's input is fed when a connection names it, when the stage before gives an output of
+/// its name, or when it is the stage's only input (which takes the one output it is given).
+pub fn task_io(stages: &[StageSpec]) -> Result<StageIo, String> {
+    let first = stages.first().ok_or("a task has at least one stage")?;
+    let mut io = wire_io(first)?;
+    let mut prev_outputs = io.outputs.clone();
+    for stage in &stages[1..] {
+        let stage_io = wire_io(stage)?;
+        for d in &stage_io.inputs {
+            let fed = stage.connect.iter().any(|c| c.input == d.name)
+                || prev_outputs.iter().any(|o| o.name == d.name)
+                || stage_io.inputs.len() == 1
+                || stage_io.positional;
+            if !fed && !io.inputs.iter().any(|i| i.name == d.name) {
+                io.inputs.push(d.clone());
+            }
+        }
+        prev_outputs = stage_io.outputs;
+    }
+    io.outputs = prev_outputs;
+    Ok(io)
 }
 
 /// Checks a stage's `text` against its model's tensors, each failure named.
@@ -106,6 +140,33 @@ fn check(stage: &StageSpec, text: &TextIo, model: &StageIo) -> Result<(), String
         }
         if let Some(v) = stage.variants.iter().find(|v| v.tokenizer_file.is_empty()) {
             return Err(format!("variant {} has no tokenizer_file, which a stage that tokenizes needs", v.name));
+        }
+    }
+    if let Some(g) = &text.generate {
+        let budget = input(&g.budget).ok_or_else(|| format!("text.generate: the model has no input {:?}", g.budget))?;
+        if budget.element != ElementType::Int64 || !model.batched || !model.sample_shape(budget).is_empty() {
+            return Err(format!(
+                "text.generate: budget input {:?} is {} {:?}; it takes INT64 [batch], one number per sample",
+                g.budget,
+                budget.element.v2_name(),
+                budget.shape
+            ));
+        }
+        if wire_inputs.iter().filter(|n| **n != g.budget).count() == 0 {
+            return Err("text.generate: the model takes nothing but its budget".into());
+        }
+        let tokens =
+            output(&g.output).ok_or_else(|| format!("text.generate: the model has no output {:?}", g.output))?;
+        if tokens.element != ElementType::Int64 || model.sample_shape(tokens).len() != 1 {
+            return Err(format!(
+                "text.generate: output {:?} is {} {:?}; tokens written are INT64 [batch, steps]",
+                g.output,
+                tokens.element.v2_name(),
+                tokens.shape
+            ));
+        }
+        if !(1..=MAX_GENERATED).contains(&g.max_tokens) {
+            return Err(format!("text.generate.max_tokens is {}; give 1..={MAX_GENERATED}", g.max_tokens));
         }
     }
     let mut wire_outputs: Vec<&str> = model.outputs.iter().map(|d| d.name.as_str()).collect();
@@ -173,7 +234,23 @@ fn check(stage: &StageSpec, text: &TextIo, model: &StageIo) -> Result<(), String
                     ));
                 }
             }
-            None => return Err(format!("text.decode {}: say how (labels, ctc or span)", d.name)),
+            Some(decode::How::Tokens(t)) => {
+                let o = output(&t.output)
+                    .ok_or_else(|| format!("text.decode {}: the model has no output {:?}", d.name, t.output))?;
+                if o.element != ElementType::Int64 || model.sample_shape(o).len() != 1 {
+                    return Err(format!(
+                        "text.decode {}: output {:?} is {} {:?}; tokens are INT64 of one dimension per sample",
+                        d.name,
+                        t.output,
+                        o.element.v2_name(),
+                        o.shape
+                    ));
+                }
+                if let Some(v) = stage.variants.iter().find(|v| v.tokenizer_file.is_empty()) {
+                    return Err(format!("variant {} has no tokenizer_file, which decoding {} needs", v.name, d.name));
+                }
+            }
+            None => return Err(format!("text.decode {}: say how (labels, ctc, span or tokens)", d.name)),
         }
     }
     Ok(())
@@ -305,6 +382,8 @@ impl TextEncoder {
 pub struct StageText {
     pub spec: TextIo,
     encoder: Option<Result<TextEncoder, String>>,
+    /// For decoding written tokens when the stage does not tokenize (speech in, text out).
+    decoder: Option<Result<Tokenizer, String>>,
 }
 
 impl std::fmt::Debug for StageText {
@@ -323,12 +402,29 @@ impl StageText {
             Some(file) => TextEncoder::load(file, t),
             None => Err("the variant names no tokenizer_file".to_string()),
         });
-        Self { spec: spec.clone(), encoder }
+        let decodes_tokens = spec.decode.iter().any(|d| matches!(d.how, Some(decode::How::Tokens(_))));
+        let decoder = (decodes_tokens && encoder.is_none()).then(|| match tokenizer {
+            Some(file) => Tokenizer::from_file(file).map_err(|e| format!("tokenizer {}: {e}", file.display())),
+            None => Err("the variant names no tokenizer_file".to_string()),
+        });
+        Self { spec: spec.clone(), encoder, decoder }
     }
 
     /// Whether its tokenizer failed to load, and why.
     pub fn load_error(&self) -> Option<&str> {
-        self.encoder.as_ref().and_then(|e| e.as_ref().err()).map(String::as_str)
+        let encoder = self.encoder.as_ref().and_then(|e| e.as_ref().err());
+        let decoder = self.decoder.as_ref().and_then(|d| d.as_ref().err());
+        encoder.or(decoder).map(String::as_str)
+    }
+
+    /// The tokenizer that decodes written tokens, or why there is none.
+    fn tokenizer(&self) -> Result<&Tokenizer, TextError> {
+        match (&self.encoder, &self.decoder) {
+            (Some(Ok(e)), _) => Ok(&e.tokenizer),
+            (_, Some(Ok(t))) => Ok(t),
+            (Some(Err(why)), _) | (_, Some(Err(why))) => Err(TextError::Model(why.clone())),
+            (None, None) => Err(TextError::Model("the stage has no tokenizer to decode tokens with".into())),
+        }
     }
 
     /// The model's inputs for one request's wire inputs (unchanged where nothing is tokenized).
@@ -337,11 +433,22 @@ impl StageText {
         batched: bool,
         inputs: Vec<NamedTensor>,
     ) -> Result<(Vec<NamedTensor>, Option<Encoded>), TextError> {
-        match &self.encoder {
-            None => Ok((inputs, None)),
-            Some(Err(why)) => Err(TextError::Model(why.clone())),
-            Some(Ok(e)) => e.encode(batched, inputs).map(|(t, enc)| (t, Some(enc))),
+        let (mut tensors, encoded) = match &self.encoder {
+            None => (inputs, None),
+            Some(Err(why)) => return Err(TextError::Model(why.clone())),
+            Some(Ok(e)) => e.encode(batched, inputs).map(|(t, enc)| (t, Some(enc)))?,
+        };
+        // The most it may write; the worker lowers it to what the request's time affords.
+        if let Some(g) = &self.spec.generate {
+            tensors.retain(|t| t.name != g.budget);
+            tensors.push(NamedTensor {
+                name: g.budget.clone(),
+                element: ElementType::Int64,
+                shape: vec![],
+                data: i64::from(g.max_tokens).to_le_bytes().to_vec(),
+            });
         }
+        Ok((tensors, encoded))
     }
 
     /// Adds the stage's text outputs to one request's model outputs.
@@ -351,7 +458,11 @@ impl StageText {
         encoded: Option<&Encoded>,
         outputs: &mut Vec<NamedTensor>,
     ) -> Result<(), TextError> {
-        decode_outputs(&self.spec, batched, encoded, outputs)
+        let tokenizer = self.tokenizer().ok();
+        if let Some(g) = &self.spec.generate {
+            check_finished(g, outputs)?;
+        }
+        decode_outputs(&self.spec, batched, encoded, tokenizer, outputs)
     }
 }
 
@@ -380,6 +491,7 @@ pub fn decode_outputs(
     text: &TextIo,
     batched: bool,
     encoded: Option<&Encoded>,
+    tokenizer: Option<&Tokenizer>,
     outputs: &mut Vec<NamedTensor>,
 ) -> Result<(), TextError> {
     let mut made = Vec::with_capacity(text.decode.len());
@@ -421,12 +533,50 @@ pub fn decode_outputs(
                 let (end, _) = values(&s.end)?;
                 answer_span(encoded, &start, &end, s.max_tokens as usize)?
             }
+            Some(decode::How::Tokens(t)) => {
+                let tokenizer =
+                    tokenizer.ok_or_else(|| TextError::Model("no tokenizer to decode tokens with".into()))?;
+                let ids = written_ids(outputs, &t.output)?;
+                tokenizer.decode(&ids, true).map_err(|e| TextError::Model(format!("decoding {:?}: {e}", t.output)))?
+            }
             None => return Err(TextError::Model(format!("text.decode {} says no how", d.name))),
         };
         let shape = if batched { vec![1, 1] } else { vec![1] };
         made.push(NamedTensor::strings(d.name.clone(), shape, &[decoded]));
     }
     outputs.extend(made);
+    Ok(())
+}
+
+/// The token ids of one sample's `output` (INT64), as the tokenizer takes them.
+fn written_ids(outputs: &[NamedTensor], output: &str) -> Result<Vec<u32>, TextError> {
+    let t = outputs
+        .iter()
+        .find(|t| t.name == output)
+        .ok_or_else(|| TextError::Model(format!("the model gave no output {output:?}")))?;
+    let values = t.i64_values().ok_or_else(|| TextError::Model(format!("output {output:?} is not INT64")))?;
+    values
+        .into_iter()
+        .map(|v| u32::try_from(v).map_err(|_| TextError::Model(format!("output {output:?} holds token id {v}"))))
+        .collect()
+}
+
+/// Refuses a text the request's time cut short, when the task says so: fewer tokens than its
+/// most and no end token.
+fn check_finished(g: &Generate, outputs: &[NamedTensor]) -> Result<(), TextError> {
+    if !g.refuse_unfinished {
+        return Ok(());
+    }
+    let ids = written_ids(outputs, &g.output)?;
+    let end = ids.iter().position(|&id| id == g.end_token);
+    let written = end.unwrap_or_else(|| ids.iter().rposition(|&id| id != g.pad_token).map_or(0, |i| i + 1));
+    if end.is_none() && written < g.max_tokens as usize {
+        return Err(TextError::Unfinished(format!(
+            "the request's time ran out after {written} of at most {} tokens, before its text ended (the task \
+             refuses unfinished texts)",
+            g.max_tokens
+        )));
+    }
     Ok(())
 }
 
@@ -695,6 +845,7 @@ mod tests {
                         labels: vec!["negative".into(), "positive".into()],
                     })),
                 }],
+                generate: None,
             }),
             ..Default::default()
         };
@@ -705,7 +856,7 @@ mod tests {
         assert_eq!(outputs, vec!["logits", "label"]);
 
         let mut outs = vec![NamedTensor::f32("logits", vec![1, 2], &[0.1, 0.7])];
-        decode_outputs(stage.text.as_ref().unwrap(), true, None, &mut outs).unwrap();
+        decode_outputs(stage.text.as_ref().unwrap(), true, None, None, &mut outs).unwrap();
         assert_eq!(outs[1].string_values().unwrap(), vec![&b"positive"[..]]);
         assert_eq!(outs[1].shape, vec![1, 1]);
 

@@ -213,6 +213,7 @@ proptest! {
             .into_iter()
             .map(|(cores, batch, p50, p99, tput)| ProfilePoint {
                 cores, batch, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput, size: 0,
+                output_tokens: 0,
             })
             .collect();
         let p = VariantProfile { task: "t".into(), variant: "v".into(), node: String::new(), points };
@@ -236,6 +237,7 @@ proptest! {
             .into_iter()
             .map(|(cores, batch, p99, tput, size)| ProfilePoint {
                 cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput, size,
+                output_tokens: 0,
             })
             .collect();
         let counts: std::collections::BTreeMap<u64, f64> =

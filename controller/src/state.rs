@@ -303,8 +303,15 @@ mod tests {
     }
 
     fn profile(variant: &str, cores: u32) -> Command {
-        let point =
-            ProfilePoint { cores, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 6.0, throughput_rps: 100.0, size: 0 };
+        let point = ProfilePoint {
+            cores,
+            batch: 1,
+            latency_p50_ms: 5.0,
+            latency_p99_ms: 6.0,
+            throughput_rps: 100.0,
+            size: 0,
+            output_tokens: 0,
+        };
         cmd(Change::StoreProfile(VariantProfile {
             task: "t".into(),
             variant: variant.into(),

@@ -344,6 +344,35 @@ where
     }
 }
 
+/// Registers the task file `file` with `tidalctl task register` as an admin: whether it
+/// succeeded, and what it printed.
+pub fn register_task_file(controller: &str, file: &Path, models: &Path) -> (bool, String) {
+    let out = as_admin(&mut Command::new(bin("tidalctl")))
+        .args(["--controller", controller, "task", "register", "--file"])
+        .arg(file)
+        .arg("--model-dir")
+        .arg(models)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Waits until V2 ModelReady says `name` is ready (a worker serves every stage), or panics.
+pub async fn wait_model_ready(
+    v2: &tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<Channel>,
+    name: &str,
+    timeout: Duration,
+) {
+    eventually(timeout, &format!("{name} to be ready"), || {
+        let mut v2 = v2.clone();
+        async move {
+            let request = tidal_proto::inference::ModelReadyRequest { name: name.into(), version: String::new() };
+            v2.model_ready(request).await.ok()?.into_inner().ready.then_some(())
+        }
+    })
+    .await;
+}
+
 /// The CPU limit in force for a cgroup directory, in millicores, read from the kernel's
 /// files (v2 `cpu.max` or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited.
 pub fn cgroup_millicores(dir: &Path) -> Option<u32> {

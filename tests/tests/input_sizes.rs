@@ -32,6 +32,7 @@ fn profile(node: &str) -> VariantProfile {
                     latency_p99_ms: 1.2 * ms,
                     throughput_rps: tput,
                     size,
+                    output_tokens: 0,
                 });
             }
         }

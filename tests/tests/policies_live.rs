@@ -45,6 +45,7 @@ async fn cluster(policy: &str) -> Cluster {
             latency_p99_ms: 50.0 / c as f64,
             throughput_rps: 20.0 * c as f64,
             size: 0,
+            output_tokens: 0,
         })
         .collect();
     let profile =

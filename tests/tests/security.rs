@@ -127,8 +127,15 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
     })
     .await;
-    let point =
-        ProfilePoint { cores: 1, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 8.0, throughput_rps: 150.0, size: 0 };
+    let point = ProfilePoint {
+        cores: 1,
+        batch: 1,
+        latency_p50_ms: 5.0,
+        latency_p99_ms: 8.0,
+        throughput_rps: 150.0,
+        size: 0,
+        output_tokens: 0,
+    };
     let profile = |cores: u32| VariantProfile {
         task: "classify".into(),
         variant: "resnet18".into(),

@@ -27,6 +27,7 @@ fn profile(task: &str, variant: &str, per_core: f64) -> VariantProfile {
             latency_p99_ms: 1200.0 / (per_core * c as f64),
             throughput_rps: per_core * c as f64,
             size: 0,
+            output_tokens: 0,
         })
         .collect();
     VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points }

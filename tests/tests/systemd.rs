@@ -91,8 +91,15 @@ async fn a_restarted_agent_is_ready_only_once_the_workers_of_its_plan_serve() {
         async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
     })
     .await;
-    let point =
-        ProfilePoint { cores: 1, batch: 1, latency_p50_ms: 5.0, latency_p99_ms: 8.0, throughput_rps: 150.0, size: 0 };
+    let point = ProfilePoint {
+        cores: 1,
+        batch: 1,
+        latency_p50_ms: 5.0,
+        latency_p99_ms: 8.0,
+        throughput_rps: 150.0,
+        size: 0,
+        output_tokens: 0,
+    };
     let profile = VariantProfile {
         task: "classify".into(),
         variant: "resnet18".into(),

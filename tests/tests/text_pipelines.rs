@@ -13,7 +13,7 @@ use tidal_common::onnx_signature::ElementType;
 use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tidal_proto::inference::model_infer_request::InferInputTensor;
-use tidal_proto::inference::{InferTensorContents, ModelInferRequest, ModelMetadataRequest, ModelReadyRequest};
+use tidal_proto::inference::{InferTensorContents, ModelInferRequest, ModelMetadataRequest};
 use tidal_tests::reference::{from_proto, tidal_request, Reference};
 use tidal_tests::*;
 use tonic::Code;
@@ -37,28 +37,6 @@ fn audio(samples: usize) -> Vec<f32> {
                 + 0.05 * noise
         })
         .collect()
-}
-
-fn register(controller: &str, file: &Path, models: &Path) -> (bool, String) {
-    let out = tidal_tests::tls::as_admin(&mut std::process::Command::new(bin("tidalctl")))
-        .args(["--controller", controller, "task", "register", "--file"])
-        .arg(file)
-        .arg("--model-dir")
-        .arg(models)
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-async fn wait_model_ready(v2: &GrpcInferenceServiceClient<tonic::transport::Channel>, name: &str) {
-    eventually(Duration::from_secs(180), &format!("{name} to be ready"), || {
-        let mut v2 = v2.clone();
-        async move {
-            let ready = v2.model_ready(ModelReadyRequest { name: name.into(), version: String::new() }).await;
-            ready.ok()?.into_inner().ready.then_some(())
-        }
-    })
-    .await;
 }
 
 fn tokens(tokenizer: &Path, text: &str) -> Vec<i64> {
@@ -114,9 +92,9 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
         work.path(),
         AgentOpts { model_dir: &models, controller: Some(&ctl), extra: &["--worker-threads", "1", "--cores", "4"] },
     );
-    let (ok, text) = register(&ctl, &file, &models);
+    let (ok, text) = register_task_file(&ctl, &file, &models);
     assert!(ok, "{text}");
-    let (ok, text) = register(&ctl, &text_task, &models);
+    let (ok, text) = register_task_file(&ctl, &text_task, &models);
     assert!(ok, "{text}");
     // A tokenizer that is not there is refused at registration, by name.
     std::fs::write(
@@ -126,13 +104,13 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
     .unwrap();
     let saved = models.join("distilbert-sentiment.tokenizer.json");
     std::fs::rename(&saved, models.join("moved.json")).unwrap();
-    let (ok, text) = register(&ctl, &text_task, &models);
+    let (ok, text) = register_task_file(&ctl, &text_task, &models);
     assert!(!ok && text.contains("tokenizer file \"distilbert-sentiment.tokenizer.json\" does not exist"), "{text}");
     std::fs::rename(models.join("moved.json"), &saved).unwrap();
 
     let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
-    wait_model_ready(&v2, "audio-sent").await;
-    wait_model_ready(&v2, "sentiment").await;
+    wait_model_ready(&v2, "audio-sent", Duration::from_secs(180)).await;
+    wait_model_ready(&v2, "sentiment", Duration::from_secs(180)).await;
 
     // What the pipeline takes and gives on the wire.
     let meta = v2.model_metadata(ModelMetadataRequest { name: "audio-sent".into(), version: String::new() }).await;

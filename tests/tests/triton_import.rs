@@ -10,7 +10,7 @@ use std::time::Duration;
 use tidal_common::onnx_signature::ElementType;
 use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tidal_proto::inference::{ModelMetadataRequest, ModelReadyRequest};
+use tidal_proto::inference::ModelMetadataRequest;
 use tidal_proto::v1::ClusterStatusRequest;
 use tidal_tests::onnx_models;
 use tidal_tests::*;
@@ -115,15 +115,7 @@ async fn a_triton_repository_is_imported_and_served_where_it_lies() {
     // The controller places both (unprofiled: a core each); V2 serves them by their names.
     let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
     for name in ["detector", "recurrent"] {
-        let v2 = v2.clone();
-        eventually(Duration::from_secs(90), &format!("{name} to be ready"), || {
-            let mut v2 = v2.clone();
-            async move {
-                let ready = v2.model_ready(ModelReadyRequest { name: name.into(), version: String::new() }).await;
-                ready.ok()?.into_inner().ready.then_some(())
-            }
-        })
-        .await;
+        wait_model_ready(&v2, name, Duration::from_secs(90)).await;
     }
     let meta = v2.model_metadata(ModelMetadataRequest { name: "detector".into(), version: String::new() }).await;
     let described: Vec<(String, String, Vec<i64>)> = meta

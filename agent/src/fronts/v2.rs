@@ -44,13 +44,16 @@ fn invalid(msg: impl Into<String>) -> ServeError {
     ServeError::InvalidInput(msg.into())
 }
 
-/// What a task takes (its first stage) and gives (its last).
+/// What a task takes (its first stage's inputs and later stages' that no stage feeds) and
+/// gives (its last stage's outputs).
 pub fn io(task: &TaskSpec) -> Result<(StageIo, StageIo), ServeError> {
-    let of = |s: Option<&tidal_proto::v1::StageSpec>| {
-        let s = s.ok_or_else(|| ServeError::NoWorker(task.name.clone()))?;
-        tidal_common::text::wire_io(s).map_err(|why| ServeError::Model(format!("stage {}: {why}", s.name)))
-    };
-    Ok((of(task.stages.first())?, of(task.stages.last())?))
+    if task.stages.is_empty() {
+        return Err(ServeError::NoWorker(task.name.clone()));
+    }
+    let io = tidal_common::text::task_io(&task.stages)
+        .map_err(|why| ServeError::Model(format!("task {}: {why}", task.name)))?;
+    let gives = StageIo { inputs: Vec::new(), ..io.clone() };
+    Ok((io, gives))
 }
 
 /// Checks a V2 request against `task` and splits it into one Tidal request per sample, all

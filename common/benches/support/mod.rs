@@ -25,6 +25,7 @@ pub fn variant(name: &str, accuracy: f64, per_core: f64, cores: &[u32], batches:
                 latency_p99_ms: 1.2 * p50,
                 throughput_rps: tput,
                 size: 0,
+                output_tokens: 0,
             });
         }
     }

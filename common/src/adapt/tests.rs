@@ -27,6 +27,7 @@ pub(super) fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
             latency_p99_ms: 1000.0 / (rps_per_core * c as f64),
             throughput_rps: rps_per_core * c as f64,
             size: 0,
+            output_tokens: 0,
         })
         .collect()
 }

@@ -113,6 +113,7 @@ fn simulated_batches_take_the_measured_mean_and_tail() {
         latency_p99_ms: 30.0,
         throughput_rps: 400.0,
         size: 0,
+        output_tokens: 0,
     }];
     let (floor, tail) = batch_latency(&ProfileGrid::new(&points), 1, 4);
     assert!((floor + tail - 10.0).abs() < 1e-9, "mean {}", floor + tail);

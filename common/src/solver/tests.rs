@@ -211,6 +211,7 @@ fn arb_grid() -> impl Strategy<Value = ProfileGrid> {
                 latency_p99_ms: latency,
                 throughput_rps: tput,
                 size: 0,
+                output_tokens: 0,
             })
             .collect();
         ProfileGrid::new(&points)
