@@ -7,6 +7,10 @@
 //! Inputs are the user's sample requests when the request carries them: every input size among
 //! them (elements of one sample of the first input) is measured, and each point says its size.
 //! Without samples, one generated sample of the variant's `input_shape`.
+//!
+//! A stage that writes text (`TextIo.generate`) is measured writing one token and its most, each
+//! point saying how many tokens each sample wrote: the planner draws its cost per written
+//! token through them (`tidal_common::profile::points_at_output`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,14 +20,14 @@ use rand::Rng;
 use tidal_common::onnx_signature::{Dim, ElementType, Signature, TensorSpec};
 use tidal_common::tensor::{shape_key, NamedTensor, StageIo};
 use tidal_common::text::TextEncoder;
-use tidal_proto::v1::{ProfilePoint, ProfileRequest, ProfileSample, StageSpec, VariantSpec};
+use tidal_proto::v1::{Generate, ProfilePoint, ProfileRequest, ProfileSample, StageSpec, VariantSpec};
 use tonic::Status;
 use tracing::info;
 
 use crate::cgroup::WorkerCgroup;
 use crate::node::Node;
 use crate::worker::WorkerProcess;
-use crate::worker_protocol::FrameTensor;
+use crate::worker_protocol::{BatchResult, FrameTensor};
 
 static PROFILES: AtomicU64 = AtomicU64::new(1);
 const MAX_PROFILE_BATCH: u32 = 64;
@@ -81,14 +85,26 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
         }
         _ => None,
     };
-    let sets = sample_sets(&signature, variant, &req.samples, encoder.as_ref())?;
+    // A stage that writes text is measured writing one token and its most: the line through
+    // them is its cost per written token.
+    let generate = req.text.as_ref().and_then(|t| t.generate.as_ref());
+    if let Some(g) = generate {
+        if !(1..=tidal_common::text::MAX_GENERATED).contains(&g.max_tokens) {
+            return Err(Status::invalid_argument(format!(
+                "text.generate.max_tokens is {}; give 1..={}",
+                g.max_tokens,
+                tidal_common::text::MAX_GENERATED
+            )));
+        }
+    }
+    let sets = sample_sets(&signature, variant, &req.samples, encoder.as_ref(), generate)?;
     let duration = Duration::from_millis(req.duration_ms.clamp(200, 60_000) as u64);
     let mut points = Vec::new();
     for &cores in &req.cores {
         let id = format!("profile-{}", PROFILES.fetch_add(1, Ordering::Relaxed));
         let cgroup = node.cgroups.create(&id).map_err(|e| Status::internal(e.to_string()))?;
         // The cgroup goes whatever happens to the measurement.
-        let grid = Grid { cores, batches: &req.batches, sets: &sets, duration };
+        let grid = Grid { cores, batches: &req.batches, sets: &sets, duration, generate };
         let measured = profile_at(node, variant, &model, &signature, &cgroup, grid).await;
         cgroup.remove();
         points.extend(measured?);
@@ -110,6 +126,7 @@ struct Grid<'a> {
     batches: &'a [u32],
     sets: &'a [SampleSet],
     duration: Duration,
+    generate: Option<&'a Generate>,
 }
 
 /// The user's samples checked against the model and grouped by size (of each size, the shape
@@ -119,6 +136,7 @@ fn sample_sets(
     variant: &VariantSpec,
     samples: &[ProfileSample],
     text: Option<&TextEncoder>,
+    generate: Option<&Generate>,
 ) -> Result<Vec<SampleSet>, Status> {
     if samples.is_empty() {
         let size = tidal_common::tensor::element_count(&variant.input_shape).unwrap_or(0) as u64;
@@ -141,10 +159,20 @@ fn sample_sets(
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.to_string()))?;
         // A text stage's samples are text, tokenized as its requests are.
-        let tensors = match text {
+        let mut tensors = match text {
             Some(encoder) => encoder.encode(io.batched, tensors).map_err(|e| invalid(e.to_string()))?.0,
             None => tensors,
         };
+        // The budget of a stage that writes text is the worker's to give (set per length).
+        if let Some(g) = generate {
+            tensors.retain(|t| t.name != g.budget);
+            tensors.push(NamedTensor {
+                name: g.budget.clone(),
+                element: ElementType::Int64,
+                shape: vec![],
+                data: 1i64.to_le_bytes().to_vec(),
+            });
+        }
         // Samples carry the stage's names; the model is fed by its own.
         let renamed = tensors
             .into_iter()
@@ -222,28 +250,48 @@ async fn profile_at(
         .map_err(|e| Status::internal(format!("starting a worker for {}: {e}", variant.name)))?;
     // A model without a batch dimension runs one request at a time: batch 1 is all there is.
     let batches = if signature.batched() { grid.batches.to_vec() } else { vec![1] };
+    // The model's names of a generating stage's budget input and tokens output.
+    let model_name = |stage: &str| variant.tensor_names.get(stage).cloned().unwrap_or_else(|| stage.to_string());
+    let lengths: Vec<u32> = match grid.generate {
+        Some(g) if g.max_tokens > 1 => vec![1, g.max_tokens],
+        Some(_) => vec![1],
+        None => vec![0],
+    };
     let mut points = Vec::new();
     for set in grid.sets {
         for &batch in &batches {
-            let inputs = if set.samples.is_empty() {
-                profile_inputs(signature, variant, batch)
-            } else {
-                stacked(set, signature.batched(), batch)
-            };
-            let measured = match inputs {
-                Ok(inputs) => measure(&mut proc, &inputs, grid.duration).await,
-                Err(e) => Err(e),
-            };
-            let (mut latencies, elapsed) = match measured {
-                Ok(measured) => measured,
-                Err(e) => {
-                    proc.stop(Duration::from_secs(1)).await;
-                    return Err(e);
-                }
-            };
-            let point = ProfilePoint { size: set.size, ..summarise(cores, batch, &mut latencies, elapsed) };
-            info!(variant = %variant.name, cores, batch, size = set.size, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
-            points.push(point);
+            for &length in &lengths {
+                let measured = async {
+                    let mut inputs = if set.samples.is_empty() {
+                        profile_inputs(signature, variant, batch)?
+                    } else {
+                        stacked(set, signature.batched(), batch)?
+                    };
+                    let Some(g) = grid.generate else {
+                        return Ok((measure(&mut proc, &inputs, grid.duration).await?, 0));
+                    };
+                    let budget = model_name(&g.budget);
+                    for t in inputs.iter_mut().filter(|t| t.name == budget) {
+                        let n = t.shape.first().copied().unwrap_or(1).max(1) as usize;
+                        t.data = i64::from(length).to_le_bytes().repeat(n);
+                    }
+                    // What it wrote (fewer than asked when every sample ended early).
+                    let written = run_batch(&mut proc, &inputs).await?;
+                    let steps = crate::generation::steps_taken(&written.outputs, [&g.output, &model_name(&g.output)]);
+                    Ok((measure(&mut proc, &inputs, grid.duration).await?, steps as u32))
+                };
+                let ((mut latencies, elapsed), output_tokens) = match measured.await {
+                    Ok(measured) => measured,
+                    Err(e) => {
+                        proc.stop(Duration::from_secs(1)).await;
+                        return Err(e);
+                    }
+                };
+                let point =
+                    ProfilePoint { size: set.size, output_tokens, ..summarise(cores, batch, &mut latencies, elapsed) };
+                info!(variant = %variant.name, cores, batch, size = set.size, output_tokens, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
+                points.push(point);
+            }
         }
     }
     proc.stop(Duration::from_secs(5)).await;
@@ -350,11 +398,16 @@ const MAX_PROFILE_BYTES: usize = 1 << 30;
 
 async fn time_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<Duration, Status> {
     let t = Instant::now();
+    run_batch(p, inputs).await?;
+    Ok(t.elapsed())
+}
+
+async fn run_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<BatchResult, Status> {
     let r = p.run(inputs.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
     if !r.error.is_empty() {
         return Err(Status::internal(r.error));
     }
-    Ok(t.elapsed())
+    Ok(r)
 }
 
 /// p50/p99 of the batch latencies and throughput in samples per second.

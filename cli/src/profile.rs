@@ -95,6 +95,15 @@ impl From<&SavedPoint> for ProfilePoint {
     }
 }
 
+/// How many tokens each sample wrote, for a stage that writes text.
+fn writes(tokens: u32) -> String {
+    if tokens == 0 {
+        String::new()
+    } else {
+        format!(" writes {tokens:>4} tokens")
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -157,7 +166,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
                 batches: m.batches.clone(),
                 duration_ms: m.duration_ms,
                 samples: samples.clone(),
-                text: if samples.is_empty() { None } else { stage.text.clone() },
+                text: stage.text.clone(),
             };
             let resp = agent.profile(req).await.with_context(|| format!("profiling {}", variant.name))?.into_inner();
             node = resp.node;
@@ -166,8 +175,8 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         let (points, spreads) = combine(&runs);
         for (p, s) in points.iter().zip(&spreads) {
             println!(
-                "{:<10} cores {:>2} batch {:>3} size {:>9}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
-                variant.name, p.cores, p.batch, p.size, p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
+                "{:<10} cores {:>2} batch {:>3} size {:>9}{}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
+                variant.name, p.cores, p.batch, p.size, writes(p.output_tokens), p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
             );
         }
         saved.variants.push(SavedVariant {

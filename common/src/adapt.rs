@@ -629,6 +629,16 @@ fn problem(
             .iter()
             .filter_map(|v| {
                 let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
+                // A stage that writes text: at the most tokens a request may write.
+                let written = s.text.as_ref().and_then(|t| t.generate.as_ref()).map(|g| g.max_tokens);
+                let at_length;
+                let points = match written {
+                    Some(tokens) => {
+                        at_length = crate::profile::points_at_output(points, tokens);
+                        at_length.as_slice()
+                    }
+                    None => points,
+                };
                 // At the sizes the stage's requests come in.
                 let own_size = crate::tensor::element_count(&v.input_shape).unwrap_or(0) as u64;
                 let mix = task.sizes.get(s.name.as_str()).map_or(&[][..], |m| m.as_slice());

@@ -34,6 +34,13 @@ pub fn validate_profile(p: &VariantProfile) -> Result<(), String> {
                 crate::plan::MAX_BATCH
             ));
         }
+        if q.output_tokens > crate::text::MAX_GENERATED {
+            return Err(format!(
+                "profile point writing {} tokens: at most {}",
+                q.output_tokens,
+                crate::text::MAX_GENERATED
+            ));
+        }
         if q.size > MAX_PROFILE_SIZE {
             return Err(format!("profile point at input size {}: at most {MAX_PROFILE_SIZE} elements", q.size));
         }
@@ -209,6 +216,47 @@ pub struct AtMix {
     /// The largest size observed beyond the largest size measured, with that size: its
     /// figures are extrapolated (see [`points_at_mix`]).
     pub beyond: Option<(u64, u64)>,
+}
+
+/// A generating stage's profile for requests that write `tokens` each: per (cores, batch,
+/// size), its points measured at several output lengths (`output_tokens`) give the time per
+/// request and the latencies at `tokens` along the line through the two nearest lengths (the
+/// cost per written token, extended beyond the lengths measured). A group measured at one
+/// length is taken as it is; points of no output length (other stages) pass through.
+pub fn points_at_output(points: &[ProfilePoint], tokens: u32) -> Vec<ProfilePoint> {
+    let mut groups: BTreeMap<(u32, u32, u64), Vec<&ProfilePoint>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for p in points {
+        if p.output_tokens == 0 {
+            out.push(*p);
+        } else {
+            groups.entry((p.cores, p.batch, p.size)).or_default().push(p);
+        }
+    }
+    for mut group in groups.into_values() {
+        group.sort_by_key(|p| p.output_tokens);
+        group.dedup_by_key(|p| p.output_tokens);
+        let at = match group.len() {
+            1 => *group[0],
+            n => {
+                // The segment holding `tokens`, or the nearest one at either end.
+                let j = group.iter().position(|p| p.output_tokens >= tokens).unwrap_or(n - 1).clamp(1, n - 1);
+                let (a, b) = (group[j - 1], group[j]);
+                let f = (f64::from(tokens) - f64::from(a.output_tokens))
+                    / (f64::from(b.output_tokens) - f64::from(a.output_tokens));
+                let line = |x: f64, y: f64| (x + (y - x) * f).max(1e-6);
+                let per_request = line(1.0 / a.throughput_rps.max(1e-9), 1.0 / b.throughput_rps.max(1e-9));
+                ProfilePoint {
+                    latency_p50_ms: line(a.latency_p50_ms, b.latency_p50_ms),
+                    latency_p99_ms: line(a.latency_p99_ms, b.latency_p99_ms),
+                    throughput_rps: 1.0 / per_request,
+                    ..*a
+                }
+            }
+        };
+        out.push(ProfilePoint { output_tokens: 0, ..at });
+    }
+    out
 }
 
 /// What a profile measured at several input sizes says for requests of `mix`: per (cores,
@@ -410,6 +458,32 @@ pub fn load_tfserving_csv(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_generating_stage_costs_what_its_output_length_does() {
+        // 20 ms to the first token, 10 ms per further token, batch 1, one core.
+        let at = |tokens: u32| ProfilePoint {
+            cores: 1,
+            batch: 1,
+            latency_p50_ms: 10.0 + 10.0 * f64::from(tokens),
+            latency_p99_ms: 12.0 + 12.0 * f64::from(tokens),
+            throughput_rps: 1000.0 / (10.0 + 10.0 * f64::from(tokens)),
+            size: 0,
+            output_tokens: tokens,
+        };
+        let points = [at(1), at(32)];
+        for (tokens, p50) in [(1, 20.0), (8, 90.0), (32, 330.0), (64, 650.0)] {
+            let p = points_at_output(&points, tokens);
+            assert_eq!(p.len(), 1);
+            assert!((p[0].latency_p50_ms - p50).abs() < 1e-9, "{tokens} tokens: {:?}", p[0]);
+            assert!((p[0].throughput_rps - 1000.0 / p50).abs() < 1e-9, "{tokens} tokens: {:?}", p[0]);
+            assert_eq!(p[0].output_tokens, 0);
+        }
+        // Other stages' points pass through; one length measured is taken as it is.
+        let other = ProfilePoint { output_tokens: 0, ..at(1) };
+        assert_eq!(points_at_output(&[other], 8), vec![other]);
+        assert_eq!(points_at_output(&[at(32)], 8), vec![ProfilePoint { output_tokens: 0, ..at(32) }]);
+    }
+
     use super::*;
 
     fn point(cores: u32, batch: u32, p99: f64, tput: f64) -> ProfilePoint {

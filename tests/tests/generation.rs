@@ -212,4 +212,24 @@ async fn a_summary_is_written_token_by_token_and_a_question_answered_from_it() {
         why.contains("shorter than a batch takes here") || why.contains("of at most 32 tokens, before its text ended"),
         "{why}"
     );
+
+    // Profiled, the stage is measured writing one token and its most: a summary of 32
+    // tokens costs many times one of one (the planner draws its cost per token through them).
+    let out = tidal_tests::tls::as_admin(&mut std::process::Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl, "profile", "--agent", &agent.control_addr, "--task", "summarise"])
+        .args(["--cores", "1", "--batches", "1", "--duration-ms", "300"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    let p50_writing = |tokens: &str| -> f64 {
+        let line = printed
+            .lines()
+            .find(|l| l.contains(&format!("writes {tokens:>4} tokens")))
+            .unwrap_or_else(|| panic!("no point writing {tokens} tokens in\n{printed}"));
+        line.split_whitespace().skip_while(|w| *w != "p50").nth(1).unwrap().parse().unwrap()
+    };
+    let (one, most) = (p50_writing("1"), p50_writing("32"));
+    eprintln!("profile: {one:.1} ms writing one token, {most:.1} ms writing 32");
+    assert!(most > 5.0 * one, "writing 32 tokens ({most} ms) should cost many times writing one ({one} ms)");
 }

@@ -355,3 +355,38 @@ fn a_plan_follows_the_size_mix_requests_come_in() {
     assert!(beyond >= 5, "12.5 req/s per core: at least 4.8 cores, not {beyond}");
     assert!(notes.iter().any(|n| n.contains("profiled up to input size 768, requests come up to 1536")), "{notes:?}");
 }
+
+/// A stage that writes text is planned for the most tokens a request may write: the same
+/// load needs more cores when requests may write four times as many.
+#[test]
+fn a_generating_stage_is_planned_for_the_tokens_its_requests_write() {
+    // One core serves 100 req/s writing one token, 25 writing 32 (about 0.3 ms a token).
+    let at = |tokens: u32, rps_per_core: f64| -> Vec<ProfilePoint> {
+        points_up_to(rps_per_core, 8).into_iter().map(|p| ProfilePoint { output_tokens: tokens, ..p }).collect()
+    };
+    let points: Vec<ProfilePoint> = [at(1, 100.0), at(32, 25.0)].concat();
+    let cores_for = |max_tokens: u32| -> u32 {
+        let mut spec = crate::task::single_stage("t", 500, vec![variant("v", 70.0)]);
+        spec.stages[0].text = Some(tidal_proto::v1::TextIo {
+            generate: Some(tidal_proto::v1::Generate { max_tokens, ..Default::default() }),
+            ..Default::default()
+        });
+        let input = RoundInput {
+            tasks: vec![TaskInput {
+                spec: &spec,
+                arrivals: &[60.0],
+                min_budget_ms: None,
+                profiles: BTreeMap::from([("v", points.as_slice())]),
+                load_s: BTreeMap::new(),
+                sizes: BTreeMap::new(),
+            }],
+            nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
+            current: None,
+            serving: &NOTHING_SERVES,
+        };
+        let plan = adapter("tidal").round(&input).plan;
+        plan.assignments.iter().map(|a| a.millicores).sum::<u32>().div_ceil(1000)
+    };
+    // 60 req/s: at 1 token 0.6 cores, at 8 tokens about 40 req/s per core, at 32 tokens 25.
+    assert_eq!((cores_for(1), cores_for(8), cores_for(32)), (1, 2, 3));
+}
