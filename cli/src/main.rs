@@ -139,12 +139,15 @@ enum Command {
 #[derive(Subcommand)]
 enum ModelsCmd {
     /// Generate ONNX models of the real architectures with weights from a seed (ResNets and
-    /// YOLOv5s; the Transformer encoders and wav2vec2s of IPA's text and speech stages; a 2×2
+    /// YOLOv5s; the Transformer encoders, wav2vec2s and encoder–decoders (DistilBART, Marian,
+    /// Speech2Text, decoding greedily in their graphs) of IPA's text and speech stages; a 2×2
     /// downsampling stage for pipelines) and their variant configs.
     ///
     /// Example: tidalctl models generate --out models --resolution 64 --variants resnet18,resnet50
     ///
     /// Example: tidalctl models generate --out models --variants distilbert-sst2,wav2vec2-base --tokens 32
+    ///
+    /// Example: tidalctl models generate --out models --variants distilbart-xsum-1-1,s2t-small --audio-ms 2000
     Generate {
         /// Directory to write the ONNX files and variant TOMLs into.
         #[arg(long, default_value = "models")]

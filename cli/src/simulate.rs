@@ -401,6 +401,10 @@ pub(crate) fn tfserving_variants(path: &Path, slo_ms: u32, load_time: Option<f64
 
 fn sim_variant(name: String, accuracy: f64, points: Vec<ProfilePoint>, load_time: Option<f64>) -> SimVariant {
     let default_load = RESNET_LOAD_S.iter().find(|(n, _)| *n == name).map_or(5.0, |(_, s)| *s);
+    // A stage that writes text is simulated (served and planned) writing the most tokens its
+    // profile measured, as the live planner plans it for its task's most.
+    let most = points.iter().map(|p| p.output_tokens).max().unwrap_or(0);
+    let points = if most > 0 { tidal_common::profile::points_at_output(&points, most) } else { points };
     SimVariant { name, accuracy, points, load_time_s: load_time.unwrap_or(default_load) }
 }
 
