@@ -103,3 +103,20 @@ pub fn tidal_request(task: &str, inputs: &[NamedTensor], outputs: &[&str]) -> ti
         ..Default::default()
     }
 }
+
+/// `samples` of a deterministic "voice" at 16 kHz: two harmonics that glide, and a little
+/// noise (the speech tests' recordings).
+pub fn voice(samples: usize) -> Vec<f32> {
+    let mut state = 7u32;
+    (0..samples)
+        .map(|i| {
+            let t = i as f32 / 16_000.0;
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            let f = 140.0 + 60.0 * t;
+            0.3 * (2.0 * std::f32::consts::PI * f * t).sin()
+                + 0.2 * (2.0 * std::f32::consts::PI * 2.0 * f * t).sin()
+                + 0.05 * noise
+        })
+        .collect()
+}

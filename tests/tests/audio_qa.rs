@@ -11,25 +11,9 @@ use tidal_common::onnx_signature::ElementType;
 use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tidal_proto::inference::ModelMetadataRequest;
-use tidal_tests::reference::{from_proto, tidal_request, Reference};
+use tidal_tests::reference::{from_proto, tidal_request, voice, Reference};
 use tidal_tests::*;
 use tonic::Code;
-
-/// A deterministic "voice" of `samples` at 16 kHz: gliding harmonics and a little noise.
-fn audio(samples: usize) -> Vec<f32> {
-    let mut state = 11u32;
-    (0..samples)
-        .map(|i| {
-            let t = i as f32 / 16_000.0;
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-            let f = 180.0 + 40.0 * t;
-            0.3 * (2.0 * std::f32::consts::PI * f * t).sin()
-                + 0.1 * (2.0 * std::f32::consts::PI * 3.0 * f * t).sin()
-                + 0.05 * noise
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_it() {
@@ -77,7 +61,7 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
     assert_eq!(inputs, ["input_values FP32 [-1, -1]", "question BYTES [-1, 1]"]);
 
     // The reference transcript: Speech2Text run here on the same second of audio.
-    let waveform = audio(16_000);
+    let waveform = voice(16_000);
     let mut reference = Reference::new(&models, &["s2t-small"]);
     let budget = NamedTensor {
         name: "max_new_tokens".into(),
@@ -125,7 +109,7 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
     {
         let req = v2_raw_request(
             "audio-qa",
-            &[NamedTensor::f32("input_values", vec![1, samples], &audio(samples as usize)), question.clone()],
+            &[NamedTensor::f32("input_values", vec![1, samples], &voice(samples as usize)), question.clone()],
             &[],
         );
         let err = v2.model_infer(req).await.unwrap_err();

@@ -133,8 +133,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         latency_p50_ms: 5.0,
         latency_p99_ms: 8.0,
         throughput_rps: 150.0,
-        size: 0,
-        output_tokens: 0,
+        ..Default::default()
     };
     let profile = |cores: u32| VariantProfile {
         task: "classify".into(),

@@ -97,8 +97,7 @@ async fn a_restarted_agent_is_ready_only_once_the_workers_of_its_plan_serve() {
         latency_p50_ms: 5.0,
         latency_p99_ms: 8.0,
         throughput_rps: 150.0,
-        size: 0,
-        output_tokens: 0,
+        ..Default::default()
     };
     let profile = VariantProfile {
         task: "classify".into(),

@@ -14,29 +14,13 @@ use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tidal_proto::inference::model_infer_request::InferInputTensor;
 use tidal_proto::inference::{InferTensorContents, ModelInferRequest, ModelMetadataRequest};
-use tidal_tests::reference::{from_proto, tidal_request, Reference};
+use tidal_tests::reference::{from_proto, tidal_request, voice, Reference};
 use tidal_tests::*;
 use tonic::Code;
 
 /// The CTC vocabulary of the deploy file (wav2vec2-base-960h's).
 fn vocabulary() -> Vec<String> {
     tidal_common::speech::CTC_VOCABULARY.iter().map(|s| s.to_string()).collect()
-}
-
-/// One second of a deterministic "voice": a few harmonics that glide, and a little noise.
-fn audio(samples: usize) -> Vec<f32> {
-    let mut state = 7u32;
-    (0..samples)
-        .map(|i| {
-            let t = i as f32 / 16_000.0;
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-            let f = 140.0 + 60.0 * t;
-            0.3 * (2.0 * std::f32::consts::PI * f * t).sin()
-                + 0.2 * (2.0 * std::f32::consts::PI * 2.0 * f * t).sin()
-                + 0.05 * noise
-        })
-        .collect()
 }
 
 fn tokens(tokenizer: &Path, text: &str) -> Vec<i64> {
@@ -123,7 +107,7 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
 
     // The reference: the same models in this process, the transcript decoded and tokenized
     // between them as the deploy file says.
-    let waveform = audio(16_000);
+    let waveform = voice(16_000);
     let mut reference = Reference::new(&models, &["wav2vec2-base", "distilbert-sentiment"]);
     let scores = reference.run("wav2vec2-base", &[NamedTensor::f32("input_values", vec![1, 16_000], &waveform)]);
     let frames = scores[0].shape[1] as usize;
@@ -171,7 +155,7 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
     {
         let req = v2_raw_request(
             "audio-sent",
-            &[NamedTensor::f32("input_values", vec![1, samples], &audio(samples as usize))],
+            &[NamedTensor::f32("input_values", vec![1, samples], &voice(samples as usize))],
             &[],
         );
         let err = v2.model_infer(req).await.unwrap_err();

@@ -318,6 +318,26 @@ fn an_overloaded_keep_loses_to_a_switch_that_carries_the_load() {
     assert!(variants_of(&next).contains(&"small"), "{:?}", next.notes);
 }
 
+/// The cores `tidal` plans for task `t` of one variant `v` at 60 req/s on an 8-core node,
+/// its requests of the size `mix`; and the plan's notes.
+fn planned_cores(spec: &TaskSpec, points: &[ProfilePoint], mix: SizeMix) -> (u32, Vec<String>) {
+    let input = RoundInput {
+        tasks: vec![TaskInput {
+            spec,
+            arrivals: &[60.0],
+            min_budget_ms: None,
+            profiles: BTreeMap::from([("v", points)]),
+            load_s: BTreeMap::new(),
+            sizes: BTreeMap::from([("t", mix)]),
+        }],
+        nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
+        current: None,
+        serving: &NOTHING_SERVES,
+    };
+    let plan = adapter("tidal").round(&input).plan;
+    (plan.assignments.iter().map(|a| a.millicores).sum::<u32>().div_ceil(1000), plan.notes)
+}
+
 /// The same task, load and profile; only the input sizes its requests come in move: the plan
 /// follows them, and sizes beyond the profile are planned for (conservatively) and said.
 #[test]
@@ -328,23 +348,7 @@ fn a_plan_follows_the_size_mix_requests_come_in() {
         points_up_to(rps_per_core, 8).into_iter().map(|p| ProfilePoint { size, ..p }).collect()
     };
     let points: Vec<ProfilePoint> = [at(192, 100.0), at(768, 25.0)].concat();
-    let cores_for = |mix: SizeMix| -> (u32, Vec<String>) {
-        let input = RoundInput {
-            tasks: vec![TaskInput {
-                spec: &spec,
-                arrivals: &[60.0],
-                min_budget_ms: None,
-                profiles: BTreeMap::from([("v", points.as_slice())]),
-                load_s: BTreeMap::new(),
-                sizes: BTreeMap::from([("t", mix)]),
-            }],
-            nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
-            current: None,
-            serving: &NOTHING_SERVES,
-        };
-        let plan = adapter("tidal").round(&input).plan;
-        (plan.assignments.iter().map(|a| a.millicores).sum::<u32>().div_ceil(1000), plan.notes)
-    };
+    let cores_for = |mix: SizeMix| planned_cores(&spec, &points, mix);
     let (small, _) = cores_for(vec![(192, 1.0)]);
     let (half, _) = cores_for(vec![(192, 0.5), (768, 0.5)]);
     let (large, notes) = cores_for(vec![(768, 1.0)]);
@@ -371,21 +375,7 @@ fn a_generating_stage_is_planned_for_the_tokens_its_requests_write() {
             generate: Some(tidal_proto::v1::Generate { max_tokens, ..Default::default() }),
             ..Default::default()
         });
-        let input = RoundInput {
-            tasks: vec![TaskInput {
-                spec: &spec,
-                arrivals: &[60.0],
-                min_budget_ms: None,
-                profiles: BTreeMap::from([("v", points.as_slice())]),
-                load_s: BTreeMap::new(),
-                sizes: BTreeMap::new(),
-            }],
-            nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
-            current: None,
-            serving: &NOTHING_SERVES,
-        };
-        let plan = adapter("tidal").round(&input).plan;
-        plan.assignments.iter().map(|a| a.millicores).sum::<u32>().div_ceil(1000)
+        planned_cores(&spec, &points, Vec::new()).0
     };
     // 60 req/s: at 1 token 0.6 cores, at 8 tokens about 40 req/s per core, at 32 tokens 25.
     assert_eq!((cores_for(1), cores_for(8), cores_for(32)), (1, 2, 3));
