@@ -21,6 +21,12 @@ pub struct TaskLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub task: String,
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
     pub task: String,
@@ -31,6 +37,7 @@ pub struct AgentMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub forwarded_requests: Family<RequestLabels, Counter>,
     pub latency: Family<TaskLabels, Histogram>,
+    pub stage_skips: Family<StageLabels, Counter>,
     pub plan_epoch: Gauge,
     pub resizes: Counter,
     pub plan_apply: Histogram,
@@ -49,6 +56,7 @@ impl AgentMetrics {
             requests: Family::default(),
             forwarded_requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            stage_skips: Family::default(),
             plan_epoch: Gauge::default(),
             resizes: Counter::default(),
             // 10 µs .. ~5 s.
@@ -73,6 +81,11 @@ impl AgentMetrics {
             m.forwarded_requests.clone(),
         );
         r.register_with_unit("request_duration", "Latency of served client requests", Unit::Seconds, m.latency.clone());
+        r.register(
+            "stage_skips",
+            "Requests that skipped a stage by the label the stage before gave them (a task's `skip`)",
+            m.stage_skips.clone(),
+        );
         r.register("plan_epoch", "Epoch of the plan applied", m.plan_epoch.clone());
         r.register("resizes", "In-place CPU quota changes", m.resizes.clone());
         r.register_with_unit(

@@ -18,7 +18,7 @@ use tracing::{info_span, warn, Instrument};
 
 use crate::connector::crops;
 use crate::error::ServeError;
-use crate::metrics::{RequestLabels, TaskLabels};
+use crate::metrics::{RequestLabels, StageLabels, TaskLabels};
 use crate::node::Node;
 use crate::router::{Remote, StageKey, Target};
 use crate::telemetry::Outcome;
@@ -179,19 +179,37 @@ impl Pipeline {
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
+            // Per input of the stage: whether it skips the stage (by its label).
+            let mut skipped = Vec::new();
             if i > 0 {
                 if Instant::now() >= deadline {
                     return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
                 }
                 let io = &later_inputs[i - 1];
                 let given = std::mem::take(&mut outputs);
+                skipped = given.iter().map(|o| skips(stages[i - 1], stage, o)).collect::<Result<_, _>>()?;
                 inputs = connect(stages[i - 1], stage, io, given, image.as_ref(), &request_inputs)?;
             }
             let key = StageKey::new(&task.name, &stage.name);
             let local_only = forwarded.is_some();
-            let runs = std::mem::take(&mut inputs)
-                .into_iter()
-                .map(|input| self.run_stage(&key, input, deadline, arrived, local_only));
+            let runs = std::mem::take(&mut inputs).into_iter().enumerate().map(|(j, input)| {
+                // A stage that crops is never skipped, so its inputs outnumbering the labels
+                // means none skips.
+                let skip = skipped.get(j).copied().unwrap_or(false);
+                let key = &key;
+                async move {
+                    if skip {
+                        self.node
+                            .metrics
+                            .stage_skips
+                            .get_or_create(&StageLabels { task: key.task.clone(), stage: key.stage.clone() })
+                            .inc();
+                        pass(stage, input)
+                    } else {
+                        self.run_stage(key, input, deadline, arrived, local_only).await
+                    }
+                }
+            });
             outputs = futures::future::try_join_all(runs).await?;
             served.extend(outputs.iter().map(|o| o.served.clone()));
         }
@@ -311,6 +329,7 @@ impl Pipeline {
                 queue_us: served.queue_us,
                 total_us: took.as_micros() as u64,
                 run_us: served.run_us,
+                skipped: false,
             },
             outputs: served.outputs,
         })
@@ -382,6 +401,7 @@ impl Pipeline {
             queue_us: response.queue_us,
             total_us: 0,
             run_us: 0,
+            skipped: false,
         });
         served.total_us = started.elapsed().as_micros() as u64;
         Ok(StageOutput { outputs, served })
@@ -473,6 +493,38 @@ fn connect(
         }
     }
     Ok(inputs)
+}
+
+/// Whether a request skips `stage` (see `StageSpec.skip`): the label the stage before it
+/// (`prev`) gave it, `given`, is one that skips it.
+fn skips(prev: &StageSpec, stage: &StageSpec, given: &StageOutput) -> Result<bool, ServeError> {
+    let Some(skip) = &stage.skip else { return Ok(false) };
+    let label = given.outputs.iter().find(|t| t.name == skip.when).and_then(NamedTensor::string_values);
+    match label {
+        Some(values) if !values.is_empty() => Ok(values.iter().all(|v| skip.labels.iter().any(|l| l.as_bytes() == *v))),
+        _ => Err(ServeError::Model(format!(
+            "stage {} gave no label {:?} to tell whether stage {} runs",
+            prev.name, skip.when, stage.name
+        ))),
+    }
+}
+
+/// What a skipped stage gives a request: its inputs as the outputs `skip.pass` names, served
+/// by no variant.
+fn pass(stage: &StageSpec, input: Vec<NamedTensor>) -> Result<StageOutput, ServeError> {
+    let passes = stage.skip.as_ref().map_or(&[][..], |s| s.pass.as_slice());
+    let outputs = passes
+        .iter()
+        .map(|c| match input.iter().find(|t| t.name == c.input) {
+            Some(t) => Ok(NamedTensor { name: c.output.clone(), ..t.clone() }),
+            None => Err(ServeError::Model(format!(
+                "stage {} is skipped but has no input {:?} to pass",
+                stage.name, c.input
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let served = StageServed { stage: stage.name.clone(), skipped: true, ..Default::default() };
+    Ok(StageOutput { outputs, served })
 }
 
 /// The last stage's outputs as one request's: one output each as it came; several (crops)

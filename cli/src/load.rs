@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tidal_common::tensor::f32_tensor;
+use tidal_common::tensor::NamedTensor;
 use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tidal_proto::inference::model_infer_request::InferInputTensor;
 use tidal_proto::inference::ModelInferRequest;
@@ -85,6 +86,12 @@ pub struct LoadOpts {
     /// server other than Tidal serving one variant.
     #[arg(long)]
     pub accuracy: Option<f64>,
+    /// Send these requests in turn, for a task that takes text, audio or several inputs: a
+    /// directory as `tidalctl profile --samples` reads it (V2 request bodies NAME.json, NumPy
+    /// arrays NAME.npy, or directories of INPUT.npy). Without it, every request is one random
+    /// FP32 sample of the task's input shape.
+    #[arg(long, conflicts_with = "input_shape")]
+    pub samples: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +131,8 @@ struct Answer {
 struct Call {
     task: String,
     input: tidal_proto::v1::Tensor,
+    /// Requests as the user gave them (`--samples`), sent in turn; empty: `input`.
+    samples: Vec<Vec<NamedTensor>>,
     /// The name V2 gives the model's input (its metadata's first input).
     input_name: String,
     token: Option<tidal_auth::Token>,
@@ -140,30 +149,53 @@ impl Client {
         }
     }
 
-    async fn infer(&mut self, call: &Call, counted: bool) -> Result<Answer, tonic::Status> {
+    async fn infer(&mut self, call: &Call, i: usize, counted: bool) -> Result<Answer, tonic::Status> {
+        let sample = (!call.samples.is_empty()).then(|| &call.samples[i % call.samples.len()]);
         match self {
             Client::Tidal(c) => {
-                let req = InferRequest {
-                    task: call.task.to_string(),
-                    input: Some(call.input.clone()),
-                    budget_ms: 0,
-                    ..Default::default()
+                let req = match sample {
+                    None => InferRequest {
+                        task: call.task.to_string(),
+                        input: Some(call.input.clone()),
+                        ..Default::default()
+                    },
+                    Some(inputs) => InferRequest {
+                        task: call.task.to_string(),
+                        inputs: inputs.iter().cloned().map(NamedTensor::into_proto).collect(),
+                        ..Default::default()
+                    },
                 };
                 let r = c.infer(call.request(req, counted)).await?.into_inner();
                 let (accuracy, accuracy_product) = end_to_end_accuracy(&r);
                 Ok(Answer { variant: r.variant, accuracy, accuracy_product })
             }
             Client::V2(c) => {
-                let req = ModelInferRequest {
-                    model_name: call.task.to_string(),
-                    inputs: vec![InferInputTensor {
-                        name: call.input_name.clone(),
-                        datatype: "FP32".into(),
-                        shape: call.input.shape.clone(),
+                let req = match sample {
+                    None => ModelInferRequest {
+                        model_name: call.task.to_string(),
+                        inputs: vec![InferInputTensor {
+                            name: call.input_name.clone(),
+                            datatype: "FP32".into(),
+                            shape: call.input.shape.clone(),
+                            ..Default::default()
+                        }],
+                        raw_input_contents: vec![call.input.data.clone()],
                         ..Default::default()
-                    }],
-                    raw_input_contents: vec![call.input.data.clone()],
-                    ..Default::default()
+                    },
+                    Some(inputs) => ModelInferRequest {
+                        model_name: call.task.to_string(),
+                        inputs: inputs
+                            .iter()
+                            .map(|t| InferInputTensor {
+                                name: t.name.clone(),
+                                datatype: t.element.v2_name().into(),
+                                shape: t.shape.clone(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        raw_input_contents: inputs.iter().map(|t| t.data.clone()).collect(),
+                        ..Default::default()
+                    },
                 };
                 let r = c.model_infer(call.request(req, counted)).await?.into_inner();
                 Ok(v2_answer(&r, call.accuracy))
@@ -370,17 +402,27 @@ pub async fn run(args: LoadOpts, slo_ms: u32, input_shape: Vec<i64>) -> anyhow::
         pools.push(pool);
     }
     let pools = Arc::new(pools);
+    // Without samples, one random sample of the task's shape (none needed with them).
     let input = {
-        let n: i64 = input_shape.iter().product();
+        let n: i64 = if args.samples.is_some() { 0 } else { input_shape.iter().product() };
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
         let values: Vec<f32> = (0..n).map(|_| rng.gen::<f32>()).collect();
         let mut shape = vec![1];
         shape.extend_from_slice(&input_shape);
         f32_tensor(shape, &values)
     };
+    let samples = match &args.samples {
+        None => Vec::new(),
+        Some(dir) => crate::samples::read_dir(dir)?
+            .into_iter()
+            .map(|s| s.inputs.into_iter().map(NamedTensor::from_proto).collect::<Result<Vec<_>, _>>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("the samples in {}: {e}", dir.display()))?,
+    };
     let mut call = Call {
         task: args.task.clone(),
         input,
+        samples,
         input_name: "input".into(),
         token,
         headers: args.headers.clone(),
@@ -467,7 +509,7 @@ async fn send_with_failover(pools: &[Vec<Client>], i: usize, call: &Call) -> Res
     for k in 0..pools.len() {
         let pool = &pools[(i + k) % pools.len()];
         let mut client = pool[(i / pools.len()) % pool.len()].clone();
-        match client.infer(call, counted).await {
+        match client.infer(call, i, counted).await {
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 counted |= s.metadata().contains_key(tidal_proto::COUNTED_METADATA);
                 last = s;
@@ -505,7 +547,8 @@ pub fn end_to_end_accuracy(r: &InferResponse) -> (f64, f64) {
         return (r.accuracy, r.accuracy);
     }
     let mut per_stage: Vec<(&str, f64, u32)> = Vec::new();
-    for s in &r.stages {
+    // A stage the request skipped served it with no model: it counts for nothing.
+    for s in r.stages.iter().filter(|s| !s.skipped) {
         match per_stage.iter_mut().find(|(name, _, _)| *name == s.stage) {
             Some((_, sum, n)) => {
                 *sum += s.accuracy;
@@ -666,5 +709,11 @@ mod tests {
         };
         assert_eq!(end_to_end_accuracy(&r), ((50.0 + 75.0) / 2.0, 100.0 * 0.5 * 0.75));
         assert_eq!(end_to_end_accuracy(&InferResponse { accuracy: 70.0, ..Default::default() }), (70.0, 70.0));
+        let skipped = StageServed { stage: "translate".into(), skipped: true, ..Default::default() };
+        let r = InferResponse {
+            stages: vec![served("langid", 99.0), skipped, served("summarise", 33.0)],
+            ..Default::default()
+        };
+        assert_eq!(end_to_end_accuracy(&r), ((99.0 + 33.0) / 2.0, 100.0 * 0.99 * 0.33));
     }
 }

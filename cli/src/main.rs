@@ -518,13 +518,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => {
                     let spec = task_spec(&cli.controller, &opts.task).await?;
                     let shape = tidal_common::task::input_shape(&spec).to_vec();
+                    // A random sample fits a task of one FP32 input; any other needs the user's.
+                    if opts.samples.is_none() {
+                        let io = tidal_common::text::task_io(&spec.stages).map_err(anyhow::Error::msg)?;
+                        let takes: Vec<String> =
+                            io.inputs.iter().map(|d| format!("{} {}", d.name, d.element.v2_name())).collect();
+                        anyhow::ensure!(
+                            io.inputs.len() == 1
+                                && io.inputs[0].element == tidal_common::onnx_signature::ElementType::Fp32,
+                            "task {} takes {}: give it requests with --samples DIR",
+                            opts.task,
+                            takes.join(", ")
+                        );
+                    }
                     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
                     let watch =
                         tokio::spawn(load::watch_cluster(cli.controller.clone(), opts.task.clone(), samples.clone()));
                     (spec.slo_ms, shape, Some((watch, samples)))
                 }
             };
-            anyhow::ensure!(!input_shape.is_empty(), "task {} has no input shape", opts.task);
+            anyhow::ensure!(
+                opts.samples.is_some() || !input_shape.is_empty(),
+                "task {} has no input shape: give it requests with --samples",
+                opts.task
+            );
             tidal_common::task::validate_slo(slo_ms).map_err(anyhow::Error::msg)?;
             let json = opts.summary_json.clone();
             let mut summary = load::run(opts, slo_ms, input_shape).await?;

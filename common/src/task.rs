@@ -209,6 +209,84 @@ fn validate_connect(prev: Option<&StageSpec>, stage: &StageSpec) -> Result<(), S
     Ok(())
 }
 
+/// Most labels that skip a stage.
+pub const MAX_SKIP_LABELS: usize = 64;
+/// Longest label that skips a stage, bytes.
+pub const MAX_SKIP_LABEL: usize = 128;
+
+/// Checks a stage that requests may skip (`skip`): after a first stage, with the direct
+/// connector, 1..=[`MAX_SKIP_LABELS`] labels of 1..=[`MAX_SKIP_LABEL`] bytes; and, where the
+/// stages declare signatures, a BYTES label output of the stage before (`prev`), each pass
+/// from an input of this stage to its output of the same type, and every output of this stage
+/// the stage after it (`next`) is connected to among them, so that a skipped request still
+/// feeds it.
+fn validate_skip(prev: Option<&StageSpec>, stage: &StageSpec, next: Option<&StageSpec>) -> Result<(), String> {
+    use crate::onnx_signature::{ElementType, MAX_NAME, MAX_TENSORS};
+    let Some(skip) = &stage.skip else { return Ok(()) };
+    let bad = |why: String| Err(format!("stage {}: skip: {why}", stage.name));
+    let Some(prev) = prev else {
+        return bad("the first stage has no stage before it to label the request".into());
+    };
+    if stage.connector != Connector::Direct as i32 {
+        return bad("a stage that crops is not skipped".into());
+    }
+    if skip.labels.is_empty() || skip.labels.len() > MAX_SKIP_LABELS {
+        return bad(format!("1–{MAX_SKIP_LABELS} labels"));
+    }
+    if let Some(l) = skip.labels.iter().find(|l| l.is_empty() || l.len() > MAX_SKIP_LABEL) {
+        return bad(format!("label {l:?} must be 1–{MAX_SKIP_LABEL} bytes"));
+    }
+    if skip.pass.len() > MAX_TENSORS {
+        return bad(format!("at most {MAX_TENSORS} passes"));
+    }
+    let names = std::iter::once(&skip.when).chain(skip.pass.iter().flat_map(|c| [&c.input, &c.output]));
+    if let Some(name) =
+        names.into_iter().find(|n| n.is_empty() || n.len() > MAX_NAME || n.chars().any(char::is_control))
+    {
+        return bad(format!("name {name:?} must be 1–{MAX_NAME} printable characters"));
+    }
+    let mut given = HashSet::new();
+    if let Some(c) = skip.pass.iter().find(|c| !given.insert(c.output.as_str())) {
+        return bad(format!("output {:?} is passed twice", c.output));
+    }
+    // By the names requests and answers carry (a stage's text in place of its tokens).
+    let io = |s: &StageSpec| crate::text::wire_io(s).ok().filter(|_| !s.inputs.is_empty() && !s.outputs.is_empty());
+    if let Some(prev_io) = io(prev) {
+        match prev_io.outputs.iter().find(|o| o.name == skip.when) {
+            None => return bad(format!("stage {} has no output {:?}", prev.name, skip.when)),
+            Some(o) if o.element != ElementType::Bytes => {
+                return bad(format!("stage {}'s output {:?} is not a label (BYTES)", prev.name, skip.when));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(own) = io(stage) {
+        for c in &skip.pass {
+            let Some(input) = own.inputs.iter().find(|d| d.name == c.input) else {
+                return bad(format!("it has no input {:?}", c.input));
+            };
+            let Some(output) = own.outputs.iter().find(|d| d.name == c.output) else {
+                return bad(format!("it has no output {:?}", c.output));
+            };
+            if input.element != output.element {
+                return bad(format!(
+                    "input {:?} ({:?}) cannot stand for output {:?} ({:?})",
+                    c.input, input.element, c.output, output.element
+                ));
+            }
+        }
+    }
+    if let Some(next) = next {
+        if let Some(c) = next.connect.iter().find(|c| !given.contains(c.output.as_str())) {
+            return bad(format!(
+                "stage {} takes output {:?} of it, which a skipped request would not have: pass it",
+                next.name, c.output
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a (normalised) task wherever one arrives: its name and SLO, 1..=[`MAX_STAGES`]
 /// stages of unique valid names, each with 1..=[`MAX_VARIANTS_PER_STAGE`] valid variants that
 /// take the same input and a valid signature (or none), and variant names unique across the
@@ -260,6 +338,7 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         crate::onnx_signature::validate_signature(&stage.inputs, &stage.outputs)
             .map_err(|e| format!("stage {}: {e}", stage.name))?;
         validate_connect(i.checked_sub(1).map(|p| &t.stages[p]), stage)?;
+        validate_skip(i.checked_sub(1).map(|p| &t.stages[p]), stage, t.stages.get(i + 1))?;
         crate::padding::of_stage(stage)?;
         if stage.text.is_some() {
             crate::text::wire_io(stage).map_err(|e| format!("stage {}: {e}", stage.name))?;
@@ -361,6 +440,48 @@ mod tests {
         let many = (0..=MAX_STAGES).map(|i| stage(&format!("s{i}"), vec![variant(&format!("v{i}"), &[1])])).collect();
         t.stages = many;
         assert!(validate_task(&t).unwrap_err().contains("stages"));
+    }
+
+    #[test]
+    fn a_skipped_stage_needs_a_stage_before_it_labels_and_passes_for_the_stage_after_it() {
+        use tidal_proto::v1::{Connection, Skip};
+        let link = |output: &str, input: &str| Connection { output: output.into(), input: input.into() };
+        let three = |skip: Skip| {
+            let mut t = TaskSpec {
+                name: "nlp".into(),
+                slo_ms: 1000,
+                variants: vec![],
+                stages: vec![
+                    stage("langid", vec![variant("x", &[8])]),
+                    stage("translate", vec![variant("m", &[8])]),
+                    stage("summarise", vec![variant("b", &[8])]),
+                ],
+                share: None,
+            };
+            t.stages[1].skip = Some(skip);
+            t.stages[2].connect = vec![link("translation", "text")];
+            t
+        };
+        let skip = Skip { when: "language".into(), labels: vec!["en".into()], pass: vec![link("translation", "text")] };
+        assert_eq!(validate_task(&three(skip.clone())), Ok(()));
+
+        let unpassed = three(Skip { pass: vec![], ..skip.clone() });
+        let why = validate_task(&unpassed).unwrap_err();
+        assert!(why.contains("stage summarise takes output \"translation\" of it"), "{why}");
+        for (labels, why) in [(vec![], "1–64 labels"), (vec![String::new()], "must be 1–128 bytes")] {
+            let e = validate_task(&three(Skip { labels, ..skip.clone() })).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let twice = Skip { pass: vec![link("translation", "text"), link("translation", "other")], ..skip.clone() };
+        assert!(validate_task(&three(twice)).unwrap_err().contains("passed twice"));
+        let mut first = three(skip.clone());
+        first.stages[0].skip = Some(skip.clone());
+        assert!(validate_task(&first).unwrap_err().contains("first stage has no stage before it"));
+        let mut crops = video();
+        crops.stages[1].connector = Connector::Crops as i32;
+        crops.stages[1].crops = 2;
+        crops.stages[1].skip = Some(Skip { pass: vec![], ..skip });
+        assert!(validate_task(&crops).unwrap_err().contains("a stage that crops is not skipped"));
     }
 
     #[test]

@@ -65,6 +65,17 @@
 //! # or: span = { start = "start_logits", end = "end_logits", max_tokens = 30 }
 //! ```
 //!
+//! A stage may be skipped by requests the stage before labelled so (a translation only for
+//! text not already in English); a skipped stage gives its inputs as the outputs `pass` names
+//! (input = output):
+//!
+//! ```toml
+//! [stages.skip]
+//! when = "language"          # the stage before's label output
+//! labels = ["en"]
+//! pass = { text = "translation" }
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -73,8 +84,8 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 use tidal_proto::v1::{
-    decode, Connection, Connector, Ctc, Decode, Generate, Labels, Padding, Span, TaskShare, TaskSpec, TextIo, Tokenize,
-    Tokens, Trim,
+    decode, Connection, Connector, Ctc, Decode, Generate, Labels, Padding, Skip, Span, TaskShare, TaskSpec, TextIo,
+    Tokenize, Tokens, Trim,
 };
 
 use crate::variant::{VariantConfig, VariantError};
@@ -129,6 +140,21 @@ pub struct StageFile {
     /// The model writes tokens within a budget per request (`[stages.generate] max_tokens =
     /// 32, end_token = 3`).
     pub generate: Option<GenerateFile>,
+    /// Requests the stage before labelled so skip this one (`[stages.skip] when = "language",
+    /// labels = ["en"], pass = { text = "translation" }`).
+    pub skip: Option<SkipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipFile {
+    /// The stage before's label output that decides.
+    pub when: String,
+    /// The labels that skip this stage.
+    pub labels: Vec<String>,
+    /// What a skipped stage gives: input = the output it stands for.
+    #[serde(default)]
+    pub pass: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +392,15 @@ impl TaskFile {
                     .iter()
                     .map(|(output, input)| Connection { output: output.clone(), input: input.clone() })
                     .collect();
+                stage.skip = s.skip.as_ref().map(|k| Skip {
+                    when: k.when.clone(),
+                    labels: k.labels.clone(),
+                    pass: k
+                        .pass
+                        .iter()
+                        .map(|(input, output)| Connection { output: output.clone(), input: input.clone() })
+                        .collect(),
+                });
                 Ok(stage)
             })
             .collect::<Result<Vec<_>, TaskFileError>>()?;

@@ -237,8 +237,14 @@ fn served_parameters(answers: &[InferResponse]) -> HashMap<String, InferParamete
     let first = &answers[0];
     let accuracy = answers.iter().map(|a| a.accuracy).sum::<f64>() / answers.len() as f64;
     let variants: Vec<&str> = answers.iter().map(|a| a.variant.as_str()).collect();
-    let stages: Vec<String> =
-        first.stages.iter().map(|s| format!("{}={}@{}/b{}", s.stage, s.variant, s.node, s.batch_size)).collect();
+    let stages: Vec<String> = first
+        .stages
+        .iter()
+        .map(|s| match s.skipped {
+            true => format!("{}=skipped", s.stage),
+            false => format!("{}={}@{}/b{}", s.stage, s.variant, s.node, s.batch_size),
+        })
+        .collect();
     HashMap::from([
         ("tidal_variant".into(), string(variants.join(","))),
         ("tidal_accuracy".into(), InferParameter { parameter_choice: Some(ParameterChoice::DoubleParam(accuracy)) }),
