@@ -4,7 +4,7 @@ ORT_LIB := $(CURDIR)/.tidal/lib/libonnxruntime.so
 export TIDAL_ORT_LIB := $(ORT_LIB)
 CARGO ?= cargo
 
-.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video live-vs-sim-tasks test test-ansible bench control-plane-scale peers clean
+.PHONY: all setup build dist models demo live-vs-sim live-vs-sim-video live-vs-sim-tasks ipa-pipelines test test-ansible bench control-plane-scale peers clean
 
 all: build
 
@@ -39,6 +39,11 @@ live-vs-sim-video: build
 # Several tasks at once on one agent, live and simulated, per task.
 live-vs-sim-tasks: build
 	scripts/live-vs-sim-tasks.sh
+
+# IPA's text and speech pipelines: profiled here, then ipa/fa2-low/fa2-high/tidal over a day
+# simulated (results/ipa-pipelines.md).
+ipa-pipelines: build
+	scripts/ipa-pipelines.sh
 
 # Unit tests, property tests and the cross-process integration tests (which start real
 # controllers and agents, so the binaries are built first, with the same features as the

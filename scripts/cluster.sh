@@ -94,10 +94,12 @@ wait_for_node() {
   return 1
 }
 
-# wait_for_plan CONTROLLER: until a plan sized from profiles is applied on every node and its
-# workers are loaded (read from `status -o json`, the API's message, not the table).
+# wait_for_plan CONTROLLER [SECONDS]: until a plan sized from profiles is applied on every node
+# and its workers are loaded (read from `status -o json`, the API's message, not the table);
+# within SECONDS (default 30).
 wait_for_plan() {
-  for _ in $(seq 150); do
+  local within=${2:-30}
+  for _ in $(seq $((within * 5))); do
     $BIN/tidalctl --controller "$1" status -o json 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
@@ -108,6 +110,6 @@ sys.exit(0 if any("planned" in note for note in plan.get("notes", []))
          and workers and all(w.get("ready") for w in workers) else 1)' && return 0
     sleep 0.2
   done
-  echo "no plan was applied within 30 s" >&2
+  echo "no plan was applied within $within s" >&2
   return 1
 }

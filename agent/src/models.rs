@@ -85,6 +85,7 @@ mod tests {
             input_shape: shape.into(),
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }
     }
 

@@ -372,13 +372,15 @@ impl Owner {
         }
         let mut ios = HashMap::new();
         for task in &plan.tasks {
-            for stage in &task.stages {
-                let io = StageIo::of(stage).map_err(|why| ApplyError::Signature {
+            for (stage, v) in tidal_common::task::variants(task) {
+                let served = tidal_common::task::as_served(stage, v);
+                let io = StageIo::of(&served).map_err(|why| ApplyError::Signature {
                     task: task.name.clone(),
                     stage: stage.name.clone(),
                     why,
                 })?;
-                ios.insert(StageKey::new(&task.name, &stage.name), (Arc::new(io), stage.text.clone()));
+                let key = (StageKey::new(&task.name, &stage.name), v.name.clone());
+                ios.insert(key, (Arc::new(io), served.text.clone()));
             }
         }
         execute(&mut NodeExecutor { owner: self, epoch: plan.epoch, ios }, staged.actions)?;
@@ -587,9 +589,9 @@ fn shape_of(w: &Worker) -> WorkerShape {
 struct NodeExecutor<'a> {
     owner: &'a mut Owner,
     epoch: u64,
-    /// What each stage of the plan takes and gives.
-    /// Each stage's model tensors, and the text around its model.
-    ios: HashMap<StageKey, (Arc<StageIo>, Option<tidal_proto::v1::TextIo>)>,
+    /// Each variant's model tensors and the text around its model, by stage and variant (a
+    /// stage's variants may differ in them).
+    ios: HashMap<(StageKey, String), (Arc<StageIo>, Option<tidal_proto::v1::TextIo>)>,
 }
 
 impl NodeExecutor<'_> {
@@ -615,7 +617,7 @@ impl Executor for NodeExecutor<'_> {
     }
 
     fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared) {
-        let (io, stage_text) = match self.ios.get(&StageKey::new(&d.key.task, &d.key.stage)) {
+        let (io, stage_text) = match self.ios.get(&(StageKey::new(&d.key.task, &d.key.stage), d.variant.name.clone())) {
             Some((io, text)) => (Some(io.clone()), text.clone()),
             None => (None, None),
         };

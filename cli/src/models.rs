@@ -147,19 +147,23 @@ pub fn print_signatures(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
 }
 
 /// Gives each stage of `task` the signature its variants' files in `model_dir` declare, or
-/// refuses the task if a stage's variants do not take and give the same tensors.
+/// refuses the task if a stage's variants do not take and give the same tensors. A variant
+/// with tensors of its own (`VariantSpec.io`, a task file's group) gets its own.
 pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
     for stage in &mut task.stages {
-        let signatures = stage
-            .variants
-            .iter()
-            .map(|v| {
-                let signature = signature_of(&model_dir.join(&v.model_file))?
-                    .renamed(&v.tensor_names)
-                    .map_err(|e| anyhow::anyhow!("variant {}: {e}", v.name))?;
-                Ok((v.name.clone(), signature))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut signatures = Vec::new();
+        for v in &mut stage.variants {
+            let signature = signature_of(&model_dir.join(&v.model_file))?
+                .renamed(&v.tensor_names)
+                .map_err(|e| anyhow::anyhow!("variant {}: {e}", v.name))?;
+            match &mut v.io {
+                Some(io) => {
+                    io.inputs = signature.inputs.iter().map(TensorSpec::to_proto).collect();
+                    io.outputs = signature.outputs.iter().map(TensorSpec::to_proto).collect();
+                }
+                None => signatures.push((v.name.clone(), signature)),
+            }
+        }
         check_stage(&stage.name, &signatures).map_err(|e| anyhow::anyhow!("task {}: {e}", task.name))?;
         if let Some((_, s)) = signatures.first() {
             stage.inputs = s.inputs.iter().map(TensorSpec::to_proto).collect();
@@ -172,12 +176,11 @@ pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<
 /// Reads the tokenizer of each variant of a stage that tokenizes text, as its agents will, so
 /// that a missing or malformed file is refused before the task is registered.
 pub fn check_tokenizers(task: &TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
-    for stage in &task.stages {
-        let Some(tokenize) = stage.text.as_ref().and_then(|t| t.tokenize.as_ref()) else { continue };
-        for v in &stage.variants {
-            tidal_common::text::TextEncoder::load(&model_dir.join(&v.tokenizer_file), tokenize)
-                .map_err(|e| anyhow::anyhow!("stage {}, variant {}: {e}", stage.name, v.name))?;
-        }
+    for (stage, v) in tidal_common::task::variants(task) {
+        let served = tidal_common::task::as_served(stage, v);
+        let Some(tokenize) = served.text.as_ref().and_then(|t| t.tokenize.as_ref()) else { continue };
+        tidal_common::text::TextEncoder::load(&model_dir.join(&v.tokenizer_file), tokenize)
+            .map_err(|e| anyhow::anyhow!("stage {}, variant {}: {e}", stage.name, v.name))?;
     }
     Ok(())
 }

@@ -166,7 +166,7 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
                 batches: m.batches.clone(),
                 duration_ms: m.duration_ms,
                 samples: samples.clone(),
-                text: stage.text.clone(),
+                text: tidal_common::task::as_served(stage, variant).text.clone(),
             };
             let resp = agent.profile(req).await.with_context(|| format!("profiling {}", variant.name))?.into_inner();
             node = resp.node;

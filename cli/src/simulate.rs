@@ -300,10 +300,13 @@ pub(crate) fn print_table(reports: &[SimReport]) {
             r.overloaded_intervals,
         );
     }
-    // A pipeline: IPA's other definition of its accuracy, the product over stages.
+    // A pipeline: IPA's other definitions of its accuracy, the product over stages and the
+    // sum of each stage's accuracy normalised between its variants'.
     if reports.iter().any(|r| (r.accuracy_product - r.accuracy).abs() > 1e-9) {
         let each: Vec<String> = reports.iter().map(|r| format!("{} {:.2} %", r.policy, r.accuracy_product)).collect();
         println!("accuracy as the product over stages: {}", each.join(", "));
+        let each: Vec<String> = reports.iter().map(|r| format!("{} {:.3}", r.policy, r.accuracy_normalised)).collect();
+        println!("IPA's normalised accuracy (sum over stages, 0–1 each): {}", each.join(", "));
     }
 }
 
@@ -326,6 +329,7 @@ fn write_summary_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
         "overloaded_intervals",
         "failed_plans",
         "accuracy_product",
+        "accuracy_normalised",
     ])?;
     for r in reports {
         w.write_record([
@@ -345,6 +349,7 @@ fn write_summary_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
             r.overloaded_intervals.to_string(),
             r.failed_plans.to_string(),
             format!("{:.4}", r.accuracy_product),
+            format!("{:.4}", r.accuracy_normalised),
         ])?;
     }
     w.flush()?;

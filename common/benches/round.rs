@@ -51,6 +51,7 @@ impl Cluster {
                         input_shape: vec![3, 224, 224],
                         tensor_names: Default::default(),
                         tokenizer_file: String::new(),
+                        io: None,
                     })
                     .collect();
                 tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -630,7 +630,8 @@ fn problem(
             .filter_map(|v| {
                 let points = task.profiles.get(v.name.as_str()).filter(|p| !p.is_empty())?;
                 // A stage that writes text: at the most tokens a request may write.
-                let written = s.text.as_ref().and_then(|t| t.generate.as_ref()).map(|g| g.max_tokens);
+                let served = crate::task::as_served(s, v);
+                let written = served.text.as_ref().and_then(|t| t.generate.as_ref()).map(|g| g.max_tokens);
                 let at_length;
                 let points = match written {
                     Some(tokens) => {

@@ -133,6 +133,7 @@ mod tests {
                 input_shape: vec![3],
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
+                io: None,
             },
             shape: WorkerShape { millicores, max_batch: 1, max_delay_ms: 0 },
             weight: 1.0,

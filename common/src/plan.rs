@@ -222,6 +222,7 @@ mod tests {
             input_shape: vec![3, 32, 32],
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }
     }
 

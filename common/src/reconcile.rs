@@ -162,6 +162,7 @@ mod tests {
                 input_shape: vec![3],
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
+                io: None,
             },
             shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5 },
             weight: 1.0,

@@ -139,6 +139,25 @@ pub fn find_variant<'a>(task: &'a TaskSpec, variant: &str) -> Option<(&'a StageS
     task.stages.iter().find_map(|s| s.variants.iter().find(|v| v.name == variant).map(|v| (s, v)))
 }
 
+/// `stage` as `variant` serves it: with the variant's own model tensors, padding, trims and
+/// text (`VariantSpec.io`) in place of the stage's where it has them, and it the only variant.
+pub fn as_served<'a>(stage: &'a StageSpec, variant: &VariantSpec) -> std::borrow::Cow<'a, StageSpec> {
+    let Some(io) = &variant.io else { return std::borrow::Cow::Borrowed(stage) };
+    std::borrow::Cow::Owned(StageSpec {
+        name: stage.name.clone(),
+        variants: vec![variant.clone()],
+        connector: stage.connector,
+        crops: stage.crops,
+        inputs: io.inputs.clone(),
+        outputs: io.outputs.clone(),
+        connect: stage.connect.clone(),
+        pad: io.pad.clone(),
+        trim: io.trim.clone(),
+        text: io.text.clone(),
+        skip: stage.skip.clone(),
+    })
+}
+
 /// Every variant of every stage, with its stage.
 pub fn variants(task: &TaskSpec) -> impl Iterator<Item = (&StageSpec, &VariantSpec)> {
     task.stages.iter().flat_map(|s| s.variants.iter().map(move |v| (s, v)))
@@ -340,7 +359,22 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
         validate_connect(i.checked_sub(1).map(|p| &t.stages[p]), stage)?;
         validate_skip(i.checked_sub(1).map(|p| &t.stages[p]), stage, t.stages.get(i + 1))?;
         crate::padding::of_stage(stage)?;
-        if stage.text.is_some() {
+        // Variants with tensors of their own: each checked as its stage is, and the stage's
+        // own settings left to serve at least one of them.
+        let own: Vec<&VariantSpec> = stage.variants.iter().filter(|v| v.io.is_some()).collect();
+        if !own.is_empty() && own.len() == stage.variants.len() {
+            return Err(format!(
+                "stage {}: every variant has its own tensors; the stage's own settings must serve at least one",
+                stage.name
+            ));
+        }
+        for v in &own {
+            let served = as_served(stage, v);
+            crate::onnx_signature::validate_signature(&served.inputs, &served.outputs)
+                .map_err(|e| format!("stage {}, variant {}: {e}", stage.name, v.name))?;
+            crate::padding::of_stage(&served).map_err(|e| format!("variant {}: {e}", v.name))?;
+        }
+        if stage.text.is_some() || !own.is_empty() {
             crate::text::wire_io(stage).map_err(|e| format!("stage {}: {e}", stage.name))?;
         }
         for v in &stage.variants {
@@ -372,6 +406,7 @@ mod tests {
             input_shape: shape.into(),
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }
     }
 

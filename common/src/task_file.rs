@@ -76,6 +76,18 @@
 //! pass = { text = "translation" }
 //! ```
 //!
+//! Some of a stage's variants may have models that take and give other tensors (Speech2Text
+//! writes the text wav2vec2 decodes from its scores): a group of them gives its own `bounds`,
+//! `least`, `pad`, `trim`, `tokenize`, `decode` and `generate` in place of the stage's. On the
+//! wire they take what the stage's other variants take; the stage gives what all give.
+//!
+//! ```toml
+//! [[stages.group]]
+//! variants = ["s2t-small", "s2t-medium"]
+//! generate = { max_tokens = 48, end_token = 3 }
+//! decode = [{ name = "text", tokens = { output = "tokens" } }]
+//! ```
+//!
 //! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
 //! (see `TaskShare`).
 
@@ -84,8 +96,8 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 use tidal_proto::v1::{
-    decode, Connection, Connector, Ctc, Decode, Generate, Labels, Padding, Skip, Span, TaskShare, TaskSpec, TextIo,
-    Tokenize, Tokens, Trim,
+    decode, Connection, Connector, Ctc, Decode, Generate, Labels, Padding, Skip, Span, TaskShare, TaskSpec,
+    TensorSignature, TextIo, Tokenize, Tokens, Trim, VariantIo,
 };
 
 use crate::variant::{VariantConfig, VariantError};
@@ -140,9 +152,32 @@ pub struct StageFile {
     /// The model writes tokens within a budget per request (`[stages.generate] max_tokens =
     /// 32, end_token = 3`).
     pub generate: Option<GenerateFile>,
+    /// Variants whose models take and give other tensors than the stage's others, with their
+    /// own bounds, padding, trims and text (`[[stages.group]] variants = ["s2t-small"]`).
+    #[serde(default)]
+    pub group: Vec<GroupFile>,
     /// Requests the stage before labelled so skip this one (`[stages.skip] when = "language",
     /// labels = ["en"], pass = { text = "translation" }`).
     pub skip: Option<SkipFile>,
+}
+
+/// Some of a stage's variants, with their own settings of what the stage's carry for the rest.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFile {
+    pub variants: Vec<String>,
+    #[serde(default)]
+    pub bounds: std::collections::BTreeMap<String, Vec<i64>>,
+    #[serde(default)]
+    pub least: std::collections::BTreeMap<String, Vec<i64>>,
+    #[serde(default)]
+    pub pad: std::collections::BTreeMap<String, PadFile>,
+    #[serde(default)]
+    pub trim: std::collections::BTreeMap<String, u32>,
+    pub tokenize: Option<TokenizeFile>,
+    #[serde(default)]
+    pub decode: Vec<DecodeFile>,
+    pub generate: Option<GenerateFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,8 +274,86 @@ pub struct SpanFile {
     pub max_tokens: u32,
 }
 
+/// The padding, trims and text a file gives a model, as the API carries them.
+type AroundModel = (Vec<Padding>, Vec<Trim>, Option<TextIo>);
+
+/// What a file says of a model's tensors and the text around them: a stage's, or a group's of
+/// its variants (`[[stages.group]]`).
+struct IoSettings<'a> {
+    /// The stage's name, for errors.
+    name: &'a str,
+    bounds: &'a std::collections::BTreeMap<String, Vec<i64>>,
+    least: &'a std::collections::BTreeMap<String, Vec<i64>>,
+    pad: &'a std::collections::BTreeMap<String, PadFile>,
+    trim: &'a std::collections::BTreeMap<String, u32>,
+    tokenize: &'a Option<TokenizeFile>,
+    decode: &'a [DecodeFile],
+    generate: &'a Option<GenerateFile>,
+}
+
 impl StageFile {
-    /// The stage's text, as the API carries it.
+    fn settings(&self) -> IoSettings<'_> {
+        IoSettings {
+            name: &self.name,
+            bounds: &self.bounds,
+            least: &self.least,
+            pad: &self.pad,
+            trim: &self.trim,
+            tokenize: &self.tokenize,
+            decode: &self.decode,
+            generate: &self.generate,
+        }
+    }
+}
+
+impl GroupFile {
+    fn settings<'a>(&'a self, stage: &'a str) -> IoSettings<'a> {
+        IoSettings {
+            name: stage,
+            bounds: &self.bounds,
+            least: &self.least,
+            pad: &self.pad,
+            trim: &self.trim,
+            tokenize: &self.tokenize,
+            decode: &self.decode,
+            generate: &self.generate,
+        }
+    }
+}
+
+impl IoSettings<'_> {
+    /// Sets the bounds on a model's `inputs` (as its files declare them); the padding, trims
+    /// and text, as the API carries them. An input the model does not take is refused.
+    fn apply(
+        &self,
+        inputs: &mut [TensorSignature],
+    ) -> Result<AroundModel, TaskFileError> {
+        for (input, max) in self.bounds {
+            let Some(t) = inputs.iter_mut().find(|t| &t.name == input) else {
+                let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+                return Err(TaskFileError::Invalid(format!(
+                    "stage {}: bounds for {input:?}, which its models do not take (they take {names:?})",
+                    self.name
+                )));
+            };
+            t.max_shape = max.clone();
+        }
+        for (input, min) in self.least {
+            let Some(t) = inputs.iter_mut().find(|t| &t.name == input) else {
+                return Err(TaskFileError::Invalid(format!(
+                    "stage {}: least sizes for {input:?}, which its models do not take",
+                    self.name
+                )));
+            };
+            t.min_shape = min.clone();
+        }
+        let pad =
+            self.pad.iter().map(|(input, p)| Padding { input: input.clone(), axis: p.axis, value: p.value }).collect();
+        let trim = self.trim.iter().map(|(output, &axis)| Trim { output: output.clone(), axis }).collect();
+        Ok((pad, trim, self.text()?))
+    }
+
+    /// The text, as the API carries it.
     fn text(&self) -> Result<Option<TextIo>, TaskFileError> {
         if self.tokenize.is_none() && self.decode.is_empty() && self.generate.is_none() {
             return Ok(None);
@@ -333,32 +446,13 @@ impl TaskFile {
     pub fn apply_io(&self, task: &mut TaskSpec) -> Result<(), TaskFileError> {
         for file in &self.stages {
             let Some(stage) = task.stages.iter_mut().find(|s| s.name == file.name) else { continue };
-            for (input, max) in &file.bounds {
-                let Some(t) = stage.inputs.iter_mut().find(|t| &t.name == input) else {
-                    let names: Vec<&str> = stage.inputs.iter().map(|t| t.name.as_str()).collect();
-                    return Err(TaskFileError::Invalid(format!(
-                        "stage {}: bounds for {input:?}, which its models do not take (they take {names:?})",
-                        stage.name
-                    )));
-                };
-                t.max_shape = max.clone();
+            (stage.pad, stage.trim, stage.text) = file.settings().apply(&mut stage.inputs)?;
+            for group in &file.group {
+                for v in stage.variants.iter_mut().filter(|v| group.variants.contains(&v.name)) {
+                    let io = v.io.get_or_insert_with(Default::default);
+                    (io.pad, io.trim, io.text) = group.settings(&file.name).apply(&mut io.inputs)?;
+                }
             }
-            for (input, min) in &file.least {
-                let Some(t) = stage.inputs.iter_mut().find(|t| &t.name == input) else {
-                    return Err(TaskFileError::Invalid(format!(
-                        "stage {}: least sizes for {input:?}, which its models do not take",
-                        stage.name
-                    )));
-                };
-                t.min_shape = min.clone();
-            }
-            stage.pad = file
-                .pad
-                .iter()
-                .map(|(input, p)| Padding { input: input.clone(), axis: p.axis, value: p.value })
-                .collect();
-            stage.trim = file.trim.iter().map(|(output, &axis)| Trim { output: output.clone(), axis }).collect();
-            stage.text = file.text()?;
         }
         crate::task::validate_task(task).map_err(TaskFileError::Invalid)
     }
@@ -382,6 +476,28 @@ impl TaskFile {
                     .map(|v| VariantConfig::load(model_dir, v).map(|c| c.spec()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|source| TaskFileError::Variant { stage: s.name.clone(), source: Box::new(source) })?;
+                let mut variants = variants;
+                let mut grouped = std::collections::HashSet::new();
+                for group in &s.group {
+                    for name in &group.variants {
+                        if !s.variants.contains(name) {
+                            return Err(TaskFileError::Invalid(format!(
+                                "stage {}: its group names {name:?}, which is not one of its variants",
+                                s.name
+                            )));
+                        }
+                        if !grouped.insert(name.as_str()) {
+                            return Err(TaskFileError::Invalid(format!(
+                                "stage {}: variant {name:?} is in two groups",
+                                s.name
+                            )));
+                        }
+                    }
+                }
+                // A grouped variant's model has tensors of its own, read with the stage's.
+                for v in variants.iter_mut().filter(|v| grouped.contains(v.name.as_str())) {
+                    v.io = Some(VariantIo::default());
+                }
                 let mut stage = crate::task::stage(&s.name, variants);
                 if let Some(crops) = s.crops {
                     stage.connector = Connector::Crops as i32;
@@ -444,6 +560,26 @@ mod tests {
             std::fs::write(dir.path().join(format!("{name}.onnx")), declaring(shape)).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn a_group_names_some_of_its_stage_s_variants_once_each() {
+        let dir = detector_and_classifier();
+        let file = dir.path().join("t.toml");
+        let with_group = |variants: &str, group: &str| {
+            format!("name = \"t\"\nslo_ms = 500\n[[stages]]\nname = \"s\"\nvariants = {variants}\n[[stages.group]]\nvariants = {group}\n")
+        };
+        let spec = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            TaskFile::load(&file).unwrap().to_spec(dir.path())
+        };
+        let err = spec(with_group("[\"det\"]", "[\"nope\"]")).unwrap_err().to_string();
+        assert!(err.contains("its group names \"nope\", which is not one of its variants"), "{err}");
+        let err = spec(with_group("[\"det\"]", "[\"det\"]")).unwrap_err().to_string();
+        assert!(err.contains("the stage's own settings must serve at least one"), "{err}");
+        let text = with_group("[\"det\", \"cls\"]", "[\"cls\"]") + "[[stages.group]]\nvariants = [\"cls\"]\n";
+        let err = spec(text).unwrap_err().to_string();
+        assert!(err.contains("variant \"cls\" is in two groups"), "{err}");
     }
 
     #[test]

@@ -51,7 +51,36 @@ fn names(t: &Tokenize) -> [&str; 3] {
 /// What `stage` takes and gives on the wire: its model's tensors, with its text inputs (BYTES,
 /// one text per sample) in place of the token inputs they are tokenized into, and its decoded
 /// text outputs after the model's own. A stage without `text` takes and gives its model's.
+/// Where some variants have tensors of their own (`VariantSpec.io`), every variant must take
+/// the same inputs on the wire, and the stage gives the outputs all of them give.
 pub fn wire_io(stage: &StageSpec) -> Result<StageIo, String> {
+    let mut io = served_wire_io(stage)?;
+    let takes = |io: &StageIo| -> Vec<String> {
+        io.inputs
+            .iter()
+            .map(|d| format!("{} {} of {} dimensions", d.name, d.element.v2_name(), d.shape.len()))
+            .collect()
+    };
+    for v in stage.variants.iter().filter(|v| v.io.is_some()) {
+        let other =
+            served_wire_io(&crate::task::as_served(stage, v)).map_err(|e| format!("variant {}: {e}", v.name))?;
+        if takes(&other) != takes(&io) || other.batched != io.batched {
+            return Err(format!(
+                "variant {} takes {:?}{} on the wire where the stage's other variants take {:?}{}",
+                v.name,
+                takes(&other),
+                if other.batched { " in batches" } else { "" },
+                takes(&io),
+                if io.batched { " in batches" } else { "" },
+            ));
+        }
+        io.outputs.retain(|o| other.outputs.iter().any(|p| p.name == o.name && p.element == o.element));
+    }
+    Ok(io)
+}
+
+/// What `stage` takes and gives on the wire as its own settings serve it (see [`wire_io`]).
+fn served_wire_io(stage: &StageSpec) -> Result<StageIo, String> {
     let model = StageIo::of(stage)?;
     let Some(text) = &stage.text else { return Ok(model) };
     check(stage, text, &model)?;
@@ -887,5 +916,68 @@ mod tests {
         text.tokenize.as_mut().unwrap().ids = "input_ids".into();
         stage.variants[0].tokenizer_file.clear();
         assert!(wire_io(&stage).unwrap_err().contains("no tokenizer_file"));
+    }
+
+    #[test]
+    fn variants_with_tensors_of_their_own_take_what_the_stage_takes_and_it_gives_what_all_give() {
+        use tidal_proto::v1::{Tokens, VariantIo};
+        // wav2vec2: per-frame scores decoded by CTC; Speech2Text: a budget in, tokens out.
+        let ctc = Decode {
+            name: "text".into(),
+            how: Some(decode::How::Ctc(Ctc {
+                output: "logits".into(),
+                vocabulary: vec!["<pad>".into(), "|".into(), "A".into()],
+                blank: 0,
+                word_delimiter: "|".into(),
+            })),
+        };
+        let writes = VariantIo {
+            inputs: vec![sig("input_values", "FP32", &[-1, -1]), sig("max_new_tokens", "INT64", &[-1])],
+            outputs: vec![sig("tokens", "INT64", &[-1, -1])],
+            text: Some(TextIo {
+                tokenize: None,
+                decode: vec![Decode {
+                    name: "text".into(),
+                    how: Some(decode::How::Tokens(Tokens { output: "tokens".into() })),
+                }],
+                generate: Some(Generate {
+                    budget: "max_new_tokens".into(),
+                    output: "tokens".into(),
+                    max_tokens: 8,
+                    end_token: 3,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let mut stage = StageSpec {
+            name: "asr".into(),
+            variants: vec![
+                VariantSpec { name: "wav2vec2".into(), ..Default::default() },
+                VariantSpec {
+                    name: "s2t".into(),
+                    tokenizer_file: "s2t.json".into(),
+                    io: Some(writes),
+                    ..Default::default()
+                },
+            ],
+            inputs: vec![sig("input_values", "FP32", &[-1, -1])],
+            outputs: vec![sig("logits", "FP32", &[-1, -1, 3])],
+            text: Some(TextIo { tokenize: None, decode: vec![ctc], generate: None }),
+            ..Default::default()
+        };
+        let io = wire_io(&stage).unwrap();
+        let names = |ds: &[Declared]| ds.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&io.inputs), ["input_values"], "the budget is the worker's, not the request's");
+        assert_eq!(names(&io.outputs), ["text"], "wav2vec2's logits and Speech2Text's tokens are not both given");
+        // Each variant as it serves: its own model's tensors.
+        let served = crate::task::as_served(&stage, &stage.variants[1]);
+        assert_eq!(names(&StageIo::of(&served).unwrap().outputs), ["tokens"]);
+        assert!(served.text.as_ref().unwrap().generate.is_some());
+        assert!(crate::task::as_served(&stage, &stage.variants[0]).text.as_ref().unwrap().generate.is_none());
+        // A variant that takes other inputs on the wire is refused by name.
+        stage.variants[1].io.as_mut().unwrap().inputs[0].name = "audio".into();
+        let why = wire_io(&stage).unwrap_err();
+        assert!(why.contains("variant s2t takes [\"audio FP32 of 2 dimensions\"]"), "{why}");
     }
 }

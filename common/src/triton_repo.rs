@@ -410,6 +410,7 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
         input_shape,
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     crate::variant::validate_variant(&variant)?;
     let mut task = crate::task::single_stage(&model.name, opts.slo_ms, vec![variant]);

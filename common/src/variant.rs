@@ -144,6 +144,7 @@ impl VariantConfig {
             input_shape: self.input_shape.clone(),
             tensor_names: self.names.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             tokenizer_file: self.tokenizer_file.clone(),
+            io: None,
         }
     }
 }

@@ -51,6 +51,7 @@ fn variant() -> impl Strategy<Value = VariantSpec> {
         input_shape,
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     })
 }
 
@@ -81,6 +82,7 @@ fn two_stages() -> TaskSpec {
         input_shape: vec![3],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     let stage =
         |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0, ..Default::default() };

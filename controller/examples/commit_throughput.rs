@@ -20,6 +20,7 @@ fn plan(epoch: u64, term: u64) -> Command {
         input_shape: vec![3, 224, 224],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     let assignments = (0..16)
         .map(|i| Assignment {

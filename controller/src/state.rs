@@ -285,6 +285,7 @@ mod tests {
             input_shape: vec![3],
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }
     }
 

@@ -14,6 +14,7 @@ fn register(name: &str) -> Command {
         input_shape: vec![3],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(name, 100, vec![variant]))) }
 }

@@ -94,6 +94,7 @@ fn task_spec(t: usize) -> tidal_proto::v1::TaskSpec {
             input_shape: vec![3, 224, 224],
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         })
         .collect();
     tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -1,8 +1,10 @@
-//! IPA's audio + question-answering pipeline, `deploy/audio-qa.toml` as shipped (one variant
-//! per stage): a recording and a question in; the transcript Speech2Text wrote (its filterbank
-//! front end, encoder and greedy decoder all in its graph) and the answer found in it out,
-//! every stage's variant and node in the answer. The transcript is checked against ONNX
-//! Runtime run here on the same audio; bad audio is refused with the reason.
+//! IPA's audio + question-answering pipeline, `deploy/audio-qa.toml` as shipped (two speech
+//! variants, one answering): a recording and a question in; the transcript Speech2Text wrote
+//! (its filterbank front end, encoder and greedy decoder all in its graph) and the answer found
+//! in it out, every stage's variant and node in the answer. The speech stage's variants differ
+//! in their models' tensors (wav2vec2 gives scores per frame, Speech2Text writes tokens within
+//! a budget); both are profiled as they serve. The transcript is checked against ONNX Runtime
+//! run here on the same audio; bad audio is refused with the reason.
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +22,8 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     let out = std::process::Command::new(bin("tidalctl"))
-        .args(["models", "generate", "--variants", "s2t-small,roberta-squad2", "--audio-ms", "1000", "--out"])
+        .args(["models", "generate", "--variants", "s2t-small,wav2vec2-base,roberta-squad2", "--audio-ms", "1000"])
+        .arg("--out")
         .arg(&models)
         .output()
         .unwrap();
@@ -28,10 +31,16 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
     let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/audio-qa.toml"))
         .expect("deploy/audio-qa.toml");
     let cut = shipped
+        .replace(
+            "variants = [\"wav2vec2-base\", \"wav2vec2-large\", \"s2t-small\", \"s2t-medium\", \"s2t-large\"]",
+            "variants = [\"wav2vec2-base\", \"s2t-small\"]",
+        )
         .replace("variants = [\"s2t-small\", \"s2t-medium\", \"s2t-large\"]", "variants = [\"s2t-small\"]")
         .replace("variants = [\"roberta-squad2\", \"xlm-roberta-squad2\"]", "variants = [\"roberta-squad2\"]");
     assert!(
-        !cut.contains("\"s2t-medium\"") && !cut.contains("\"xlm-roberta-squad2\""),
+        !cut.contains("\"s2t-medium\"")
+            && !cut.contains("\"xlm-roberta-squad2\"")
+            && !cut.contains("\"wav2vec2-large\""),
         "the deploy file's variants moved"
     );
     let file = work.path().join("audio-qa.toml");
@@ -115,5 +124,22 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
         let err = v2.model_infer(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{samples} samples: {}", err.message());
         assert!(err.message().contains(why), "{samples} samples: {}", err.message());
+    }
+
+    // Profiled, each speech variant runs as it serves: wav2vec2 once per recording, Speech2Text
+    // writing one token and its most.
+    let out = tidal_tests::tls::as_admin(&mut std::process::Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl, "profile", "--agent", &agent.control_addr, "--task", "asr"])
+        .args(["--cores", "1", "--batches", "1", "--duration-ms", "200", "--repeat", "1"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    let lines = |variant: &str| printed.lines().filter(|l| l.starts_with(variant)).collect::<Vec<_>>();
+    let (wav2vec2, s2t) = (lines("wav2vec2-base"), lines("s2t-small"));
+    assert!(wav2vec2.len() == 1 && !wav2vec2[0].contains("writes"), "{printed}");
+    assert_eq!(s2t.len(), 2, "{printed}");
+    for tokens in ["writes    1 tokens", "writes   48 tokens"] {
+        assert!(s2t.iter().any(|l| l.contains(tokens)), "{tokens}: {printed}");
     }
 }

@@ -29,6 +29,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             input_shape: vec![3, 8, 8],
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }],
         stages: vec![],
         share: None,

@@ -81,6 +81,7 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
         input_shape: vec![3, 8, 8],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     let stage = StageSpec {
         name: "detect".into(),

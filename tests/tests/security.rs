@@ -274,6 +274,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
             input_shape,
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
+            io: None,
         }),
         cores: vec![1],
         batches: vec![1],

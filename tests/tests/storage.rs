@@ -20,6 +20,7 @@ fn task(name: &str) -> TaskSpec {
         input_shape: vec![3, 8, 8],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     tidal_common::task::single_stage(name, 500, vec![variant])
 }

@@ -36,6 +36,7 @@ fn variant(name: &str, input_shape: &[i64]) -> VariantSpec {
         input_shape: input_shape.to_vec(),
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     }
 }
 

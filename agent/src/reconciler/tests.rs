@@ -189,6 +189,7 @@ fn variant(name: &str) -> VariantSpec {
         input_shape: vec![3],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub(super) fn variant(name: &str, accuracy: f64) -> VariantSpec {
         input_shape: vec![3, 8, 8],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     }
 }
 

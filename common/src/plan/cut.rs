@@ -65,6 +65,7 @@ mod tests {
                 input_shape: vec![3, 224, 224],
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
+                io: None,
             }),
             node: node.into(),
             millicores: 1000,

@@ -305,6 +305,7 @@ mod tests {
                 input_shape: vec![3],
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
+                io: None,
             }),
             node: format!("n{node}"),
             millicores,

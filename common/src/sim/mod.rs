@@ -118,6 +118,10 @@ pub struct SimReport {
     pub accuracy: f64,
     /// The same with the product over a request's stages (IPA's second definition).
     pub accuracy_product: f64,
+    /// IPA's normalised accuracy: the sum over a request's stages of where its variant's
+    /// accuracy lies between its stage's least and most accurate variants (0 to 1 each; 1 for
+    /// a stage of one variant), the mean over served requests.
+    pub accuracy_normalised: f64,
     pub core_seconds: f64,
     pub mean_cores: f64,
     /// Intervals whose plan changed a worker.
@@ -339,6 +343,7 @@ fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_p
                         input_shape: vec![3, 1, 1],
                         tensor_names: Default::default(),
                         tokenizer_file: String::new(),
+                        io: None,
                     })
                     .collect();
                 let mut stage = crate::task::stage(&s.name, variants);
@@ -396,6 +401,7 @@ struct TaskCounters {
     violations: u64,
     accuracy_sum: f64,
     accuracy_product_sum: f64,
+    accuracy_normalised_sum: f64,
     core_seconds: f64,
     latencies_us: Histogram<u64>,
 }
@@ -408,6 +414,7 @@ impl TaskCounters {
             violations: 0,
             accuracy_sum: 0.0,
             accuracy_product_sum: 0.0,
+            accuracy_normalised_sum: 0.0,
             core_seconds: 0.0,
             latencies_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
         }
@@ -431,6 +438,8 @@ struct Sim<'a> {
     variants: Vec<SimVariant>,
     task_of: Vec<usize>,
     stage_of: Vec<usize>,
+    /// Each variant's accuracy scaled to its stage's range (IPA's normalisation).
+    normalised: Vec<f64>,
     tasks: &'a [SimTask],
     grids: Vec<ProfileGrid>,
     cfg: &'a SimConfig,
@@ -464,11 +473,15 @@ impl<'a> Sim<'a> {
             tasks.iter().map(|t| (t.name.as_str(), t.stages.as_slice(), t.slo_ms, t.share)).collect();
         let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
         let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut normalised = Vec::new();
         for (i, (task, spec)) in tasks.iter().zip(&planner.specs).enumerate() {
             let factors = crate::task::load_factors(spec);
             for (s, stage) in task.stages.iter().enumerate() {
+                let least = stage.variants.iter().map(|v| v.accuracy).fold(f64::INFINITY, f64::min);
+                let most = stage.variants.iter().map(|v| v.accuracy).fold(f64::NEG_INFINITY, f64::max);
                 for v in &stage.variants {
                     grids.push(ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])));
+                    normalised.push(if most > least { (v.accuracy - least) / (most - least) } else { 1.0 });
                     variants.push(v.clone());
                     task_of.push(i);
                     stage_of.push(s);
@@ -480,6 +493,7 @@ impl<'a> Sim<'a> {
             variants,
             task_of,
             stage_of,
+            normalised,
             tasks,
             cfg,
             planner,
@@ -558,7 +572,16 @@ impl<'a> Sim<'a> {
     fn arrive(&mut self, task: usize, a: f64, second: usize) {
         self.counters[task].requests += 1;
         let deadline = self.deadline(task, a, second);
-        let r = Request { task, arrival: a, enqueued: a, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 };
+        let r = Request {
+            task,
+            arrival: a,
+            enqueued: a,
+            deadline,
+            stage: 0,
+            accuracy_sum: 0.0,
+            accuracy_product: 1.0,
+            accuracy_normalised: 0.0,
+        };
         self.send(r, a);
     }
 
@@ -670,18 +693,29 @@ impl<'a> Sim<'a> {
 
     /// A batch finished: its requests go on to their next stage, or are answered.
     fn complete(&mut self, w: usize, t: f64) {
-        let accuracy = self.variants[self.workers[w].variant].accuracy;
+        let variant = self.workers[w].variant;
+        let (accuracy, normalised) = (self.variants[variant].accuracy, self.normalised[variant]);
         let batch = std::mem::take(&mut self.workers[w].in_flight);
         for r in batch {
             let accuracy_sum = r.accuracy_sum + accuracy;
             let accuracy_product = r.accuracy_product * accuracy / 100.0;
+            let accuracy_normalised = r.accuracy_normalised + normalised;
             let stages = self.tasks[r.task].stages.len();
             if r.stage + 1 < stages {
-                self.send(Request { stage: r.stage + 1, enqueued: t, accuracy_sum, accuracy_product, ..r }, t);
+                let next = Request {
+                    stage: r.stage + 1,
+                    enqueued: t,
+                    accuracy_sum,
+                    accuracy_product,
+                    accuracy_normalised,
+                    ..r
+                };
+                self.send(next, t);
                 continue;
             }
             let c = &mut self.counters[r.task];
             c.accuracy_product_sum += 100.0 * accuracy_product;
+            c.accuracy_normalised_sum += accuracy_normalised;
             let latency_us = ((t - r.arrival) * 1e6).max(1.0) as u64;
             let _ = c.latencies_us.record(latency_us.min(3_600_000_000));
             let accuracy = accuracy_sum / stages as f64;
@@ -727,6 +761,7 @@ impl<'a> Sim<'a> {
                 all.violations += c.violations;
                 all.accuracy_sum += c.accuracy_sum;
                 all.accuracy_product_sum += c.accuracy_product_sum;
+                all.accuracy_normalised_sum += c.accuracy_normalised_sum;
                 all.core_seconds += c.core_seconds;
                 let _ = all.latencies_us.add(&c.latencies_us);
                 let served = c.latencies_us.len();
@@ -757,6 +792,7 @@ impl<'a> Sim<'a> {
             p50_ms: all.quantile_ms(0.50),
             accuracy: if served > 0 { all.accuracy_sum / served as f64 } else { 0.0 },
             accuracy_product: if served > 0 { all.accuracy_product_sum / served as f64 } else { 0.0 },
+            accuracy_normalised: if served > 0 { all.accuracy_normalised_sum / served as f64 } else { 0.0 },
             core_seconds: all.core_seconds,
             mean_cores: all.core_seconds / seconds.max(1) as f64,
             reconfigurations: self.reconfigurations,

@@ -150,6 +150,11 @@ fn a_pipeline_serves_every_request_through_both_stages() {
     let low = run_pipeline(&rates, "fa2-low", &cfg());
     assert!((low.accuracy - 55.0).abs() < 1e-9, "{}", low.accuracy);
     assert!((low.accuracy_product - 28.0).abs() < 1e-9, "40 % × 70 %: {}", low.accuracy_product);
+    // IPA's normalisation: each stage's least accurate variant counts 0, its most 1.
+    assert!(low.accuracy_normalised.abs() < 1e-9, "{}", low.accuracy_normalised);
+    let high = run_pipeline(&rates, "fa2-high", &cfg());
+    assert!((high.accuracy_normalised - 2.0).abs() < 1e-9, "{}", high.accuracy_normalised);
+    assert!((0.0..=2.0).contains(&r.accuracy_normalised), "{}", r.accuracy_normalised);
     // A one-core budget cannot give each stage a worker: nothing is served.
     let starved = run_pipeline(&rates, "tidal", &SimConfig { core_budget: 1, ..cfg() });
     assert_eq!(starved.served, 0);
@@ -178,6 +183,7 @@ fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
                 input_shape: vec![3],
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
+                io: None,
             }),
             millicores: cores * 1000,
             max_batch: 1,

@@ -22,6 +22,8 @@ pub(crate) struct Request {
     pub accuracy_sum: f64,
     /// Their product, as fractions.
     pub accuracy_product: f64,
+    /// The sum of their accuracies normalised within their stages (see `SimReport`).
+    pub accuracy_normalised: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -130,7 +132,16 @@ mod tests {
     use super::*;
 
     fn req(arrival: f64, deadline: f64) -> Request {
-        Request { task: 0, arrival, enqueued: arrival, deadline, stage: 0, accuracy_sum: 0.0, accuracy_product: 1.0 }
+        Request {
+            task: 0,
+            arrival,
+            enqueued: arrival,
+            deadline,
+            stage: 0,
+            accuracy_sum: 0.0,
+            accuracy_product: 1.0,
+            accuracy_normalised: 0.0,
+        }
     }
 
     #[test]

@@ -169,6 +169,7 @@ fn write(key: &str) -> Command {
         input_shape: vec![3],
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
+        io: None,
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(key, 100, vec![variant]))) }
 }
