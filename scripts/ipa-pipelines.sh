@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # IPA's comparison on its five pipelines, measured here (results/ipa-pipelines.md): video (from
 # the profiles of its live run), and each text and speech pipeline of deploy/ (audio-sentiment,
-# audio-qa, sum-qa, nlp) generated as its file says, registered with a local controller and agent, and every variant of every stage
-# profiled on this machine (1 and 2 cores, batches 1, 2 and 4; a stage that writes text at
-# one token and at its most). Then ipa, fa2-low, fa2-high and tidal are simulated over a day of
-# the Twitter trace on SIM_CORES cores, the trace scaled so that its peak is SIM_LOAD of what
-# the cores carry with every stage at its lightest variant: the heavier variants cannot carry
-# the peak, and the policies differ in how they trade accuracy for it.
+# audio-qa, sum-qa, nlp) generated as its file says, registered with a local controller and
+# agent, and every variant of every stage profiled on this machine (1 and 2 cores, batches 1,
+# 2 and 4; a stage that writes text at one token and at its most; a variant profiled for one
+# pipeline is reused for the next). Then ipa, fa2-low, fa2-high and tidal are simulated over a
+# day of the Twitter trace on SIM_CORES cores, the trace scaled so that its peak is SIM_LOAD of
+# what the cores carry with every stage at its lightest variant unbatched: the heavier variants
+# cannot carry the peak, and the policies differ in how they trade accuracy for it.
 #
 # With LIVE=1, a compressed slice is also replayed live on this machine (one agent of 2 cores)
 # once per policy, with the user's kind of requests (texts of dictionary words, two seconds of
@@ -89,7 +90,12 @@ for pipeline in ${PIPELINES//video/}; do
   mkdir -p "$dir"
 
   step "$pipeline: models"
-  generate "$file"
+  # Profiled once per variant: a variant another pipeline measured is not measured again.
+  reused=false
+  if [ -s "$dir/profiles.json" ] || python3 scripts/ipa_pipelines.py reuse "$file" "$OUT" "$dir/profiles.json"; then
+    reused=true
+  fi
+  $reused || generate "$file"
   # Every request runs every stage: the planner and the simulator plan a stage requests may
   # skip as if none did, and the generated language identifier (random weights) names most
   # texts English, which would skip the translation the comparison is about (IPA's texts are
@@ -97,8 +103,7 @@ for pipeline in ${PIPELINES//video/}; do
   sed '/^\[stages.skip\]/,/^pass = /d' "$file" > "$dir/task.toml"
   file=$dir/task.toml
 
-  # Profiled once per variant: a variant another pipeline measured is not measured again.
-  if [ ! -s "$dir/profiles.json" ] && ! python3 scripts/ipa_pipelines.py reuse "$file" "$OUT" "$dir/profiles.json"; then
+  if ! $reused; then
     step "$pipeline: profiling every variant (the node serves nothing meanwhile)"
     start_bg "$dir/controller.log" $BIN/tidal-controller --listen "$CTL" --data-dir "$dir/controller" \
       --interval-s 5 --policy tidal
@@ -125,6 +130,7 @@ for pipeline in ${PIPELINES//video/}; do
     "$SIM_START" "$SIM_DURATION" "$scale" "$slo_ms" "$SIM_CORES" > "$dir/meta.json"
 
   if [ -n "$LIVE" ]; then
+    $reused && generate "$file"
     live=$dir/live
     rm -rf "$live" && mkdir -p "$live"
     python3 scripts/ipa_pipelines.py samples "$pipeline" "$live/samples"

@@ -2,8 +2,9 @@
 
   ipa_pipelines.py scale PROFILES TRACE START DURATION CORES LOAD
       The trace factor that makes the slice's peak LOAD (a fraction) of what CORES cores carry
-      with every stage at its lightest variant (its most requests per second per core, a stage
-      that writes text at the most tokens it was profiled writing).
+      with every stage at its lightest variant unbatched (its most requests per second on one
+      core at batch 1, a stage that writes text at the most tokens it was profiled writing):
+      a load every policy can carry within the SLO without batching.
   ipa_pipelines.py samples PIPELINE DIR [N]
       N sample requests (V2 bodies) of deploy/PIPELINE.toml's inputs: texts of words from
       /usr/share/dict/words, two seconds of synthetic 16 kHz audio; seeded.
@@ -12,7 +13,8 @@
       model generated alike, in OUT/*/profiles.json), writes its profiles to DEST under this
       file's stages and exits 0; else exits 1.
   ipa_pipelines.py table OUT PIPELINE…
-      The markdown table of each pipeline's simulated day (OUT/PIPELINE/sim.csv) and, where it
+      The markdown table of each pipeline's simulated day (OUT/PIPELINE/sim*.csv; a policy's
+      OUT/PIPELINE/unfinished-POLICY.txt says why it has no row) and, where it
       was run, its live slice against the slice simulated (OUT/PIPELINE/live-POLICY.json,
       OUT/PIPELINE/slice-sim.csv).
 """
@@ -37,7 +39,7 @@ def scale(profiles, trace, start, duration, cores, load):
     best = {}
     order = []
     for v in saved["variants"]:
-        points = [p for p in v["points"] if p.get("cores") == 1]
+        points = [p for p in v["points"] if p.get("cores") == 1 and p.get("batch") == 1]
         most = max((p.get("output_tokens", 0) for p in points), default=0)
         points = [p for p in points if p.get("output_tokens", 0) == most]
         # A stage that classifies several crops of each request carries that many fewer requests.
@@ -125,13 +127,18 @@ def table(out, pipelines):
         )
         print("| policy | SLO violations | p99 | accuracy (mean of stages) | IPA's normalised sum | product | mean cores |")
         print("|---|---|---|---|---|---|---|")
-        for policy, r in rows(d / "sim.csv").items():
+        found = {}
+        for path in sorted(d.glob("sim*.csv")):
+            found.update(rows(path))
+        for policy, r in found.items():
             p99 = float(r["p99_ms"])
             p99 = "dropped" if math.isinf(p99) else f"{p99:.0f} ms"
             print(
                 f"| {policy} | {float(r['violation_pct']):.2f} % | {p99} | {float(r['accuracy']):.2f} % | "
                 f"{float(r['accuracy_normalised']):.3f} | {float(r['accuracy_product']):.2f} % | {float(r['mean_cores']):.2f} |"
             )
+        for note in sorted(d.glob("unfinished-*.txt")):
+            print(f"| {note.stem.removeprefix('unfinished-')} | {note.read_text().strip()} ||||||")
         print()
         live = d / "live" / "table.md"
         if live.exists():
