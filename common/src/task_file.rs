@@ -324,10 +324,7 @@ impl GroupFile {
 impl IoSettings<'_> {
     /// Sets the bounds on a model's `inputs` (as its files declare them); the padding, trims
     /// and text, as the API carries them. An input the model does not take is refused.
-    fn apply(
-        &self,
-        inputs: &mut [TensorSignature],
-    ) -> Result<AroundModel, TaskFileError> {
+    fn apply(&self, inputs: &mut [TensorSignature]) -> Result<AroundModel, TaskFileError> {
         for (input, max) in self.bounds {
             let Some(t) = inputs.iter_mut().find(|t| &t.name == input) else {
                 let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
