@@ -6,7 +6,7 @@
 //! objective is a sum over stages, latency and cores add up, so nothing optimal is lost.
 
 use super::options::{Shape, Shapes};
-use super::stage::{Entry, Mode, StageInput, StageSearch};
+use super::stage::{dominates, Entry, StageInput, StageSearch};
 use super::{objective, Choice, Problem, Solution, EPS};
 
 /// Per stage, per variant: Pareto-optimal shapes (see `options::pareto`).
@@ -36,7 +36,7 @@ pub(crate) fn solve_at(
         })
         .collect();
     let stage_plans: Vec<Entry> = if s == 1 {
-        StageSearch::run(&inputs[0], Mode::Best)
+        StageSearch::run(&inputs[0]).into_iter().collect()
     } else {
         // First without the shared budget (each stage still within it): per stage only the
         // plans no faster one beats on value. If the best pipeline fits the budget, it is the
@@ -46,7 +46,7 @@ pub(crate) fn solve_at(
         if relaxed.iter().map(|e| e.cores).sum::<u32>() <= problem.core_budget {
             relaxed
         } else {
-            let fronts: Vec<Vec<Entry>> = inputs.iter().map(|i| StageSearch::run(i, Mode::Frontier)).collect();
+            let fronts: Vec<Vec<Entry>> = inputs.iter().map(frontier).collect();
             merge(&fronts, slo, Some(problem.core_budget))?
         }
     };
@@ -90,9 +90,34 @@ fn latency_frontier(input: &StageInput) -> Vec<Entry> {
             })
             .collect();
         let capped = StageInput { shapes: &shapes, latency_limit: cap, ..input.clone() };
-        let Some(e) = StageSearch::run(&capped, Mode::Best).pop() else { return out };
+        let Some(e) = StageSearch::run(&capped) else { return out };
         cap = e.latency - 1e-6;
         out.push(e);
+    }
+}
+
+/// A stage's plans that no other beats on latency, cores and value together: the best plan for
+/// every latency cap (`latency_frontier`) under every core cap. Under a core cap the best plans
+/// are those under any smaller cap down to the most cores they use, so the next cap to try is
+/// one below that. Each step is a search for one best plan, which prunes far better than a
+/// search for the whole frontier at once.
+fn frontier(input: &StageInput) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut cap = input.budget;
+    loop {
+        let capped = StageInput { budget: cap, ..input.clone() };
+        let chain = latency_frontier(&capped);
+        let Some(most) = chain.iter().map(|e| e.cores).max() else { return out };
+        for e in chain {
+            if !out.iter().any(|f| dominates(f, &e)) {
+                out.retain(|f| !dominates(&e, f));
+                out.push(e);
+            }
+        }
+        if most == 0 {
+            return out;
+        }
+        cap = most - 1;
     }
 }
 

@@ -2,20 +2,14 @@
 //!
 //! Variants are visited from the most accurate down, so a branch knows exactly what each
 //! chosen variant carries (the most accurate takes all it can). Each variant's shapes are its
-//! Pareto-optimal ones sorted by cost. A branch is cut when even sending everything left to
-//! the current (most accurate remaining) variant at no extra cost could not beat what was
-//! found: the best plan in `Best` mode, or a plan that is also no slower and uses no more
-//! cores in `Frontier` mode (which collects, for a pipeline, every stage plan not beaten on
-//! latency, cores and value together).
+//! Pareto-optimal ones sorted by cost. A branch is cut when the cores left cannot carry the
+//! rest of the load, or when even the rest carried at the best gain per unit of load any
+//! remaining variant offers (its accuracy's worth less its least cost per unit) could not beat
+//! what was found. (A pipeline's frontier of stage plans is a series of such searches under
+//! latency and core caps, `pipeline::frontier`.)
 
 use super::options::Shape;
 use super::EPS;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    Best,
-    Frontier,
-}
 
 /// A complete stage plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,17 +57,31 @@ struct State {
 pub(crate) struct StageSearch<'a> {
     input: &'a StageInput<'a>,
     order: Vec<usize>,
-    mode: Mode,
+    /// Over the variants from each depth of `order` on: the most a unit of load can add to
+    /// the value (its accuracy's worth less the least any shape costs per unit it carries).
+    gain_from: Vec<f64>,
+    /// Likewise: the most load one core carries.
+    per_core_from: Vec<f64>,
     best: Option<Entry>,
-    frontier: Vec<Entry>,
     stack: Vec<(Shape, f64)>,
 }
 
 impl<'a> StageSearch<'a> {
-    pub fn run(input: &'a StageInput<'a>, mode: Mode) -> Vec<Entry> {
+    /// The best plan carrying the stage's load within its budget and latency limit.
+    pub fn run(input: &'a StageInput<'a>) -> Option<Entry> {
         let mut order: Vec<usize> = (0..input.shapes.len()).filter(|&v| !input.shapes[v].is_empty()).collect();
         order.sort_by(|&a, &b| input.accuracy[b].total_cmp(&input.accuracy[a]));
-        let mut search = StageSearch { input, order, mode, best: None, frontier: Vec::new(), stack: Vec::new() };
+        let usable = |s: &&Shape| s.cores <= input.budget && s.point.latency_bound_ms <= input.latency_limit;
+        let mut gain_from = vec![f64::NEG_INFINITY; order.len() + 1];
+        let mut per_core_from = vec![0.0_f64; order.len() + 1];
+        for (d, &v) in order.iter().enumerate().rev() {
+            let shapes = || input.shapes[v].iter().filter(usable);
+            let least_cost = shapes().map(|s| s.cost / s.capacity).fold(f64::INFINITY, f64::min);
+            let most_per_core = shapes().map(|s| s.capacity / s.cores as f64).fold(0.0, f64::max);
+            gain_from[d] = gain_from[d + 1].max(input.acc_scale * input.accuracy[v] - least_cost);
+            per_core_from[d] = per_core_from[d + 1].max(most_per_core);
+        }
+        let mut search = StageSearch { input, order, gain_from, per_core_from, best: None, stack: Vec::new() };
         let start = State {
             remaining: input.load,
             cores: 0,
@@ -85,10 +93,7 @@ impl<'a> StageSearch<'a> {
             chosen: 0,
         };
         search.visit(0, start);
-        match mode {
-            Mode::Best => search.best.into_iter().collect(),
-            Mode::Frontier => search.frontier,
-        }
+        search.best
     }
 
     fn value(&self, acc_load: f64, cost: f64, lc: f64) -> f64 {
@@ -103,11 +108,17 @@ impl<'a> StageSearch<'a> {
         if depth == self.order.len() || st.chosen >= self.input.max_variants {
             return; // this branch does not carry the load
         }
-        let v = self.order[depth];
-        let bound = self.value(st.acc_load + st.remaining * self.input.accuracy[v], st.cost, st.lc);
-        if self.beaten(&st, bound) {
+        // Whatever carries the rest takes its cores from what is left of the budget and adds
+        // at most the best gain per unit of load (the load cost term only grows).
+        let free = (self.input.budget - st.cores) as f64;
+        if st.remaining > free * self.per_core_from[depth] * (1.0 + 1e-9) + EPS {
             return;
         }
+        let bound = self.value(st.acc_load, st.cost, st.lc) + st.remaining * self.gain_from[depth];
+        if self.best.as_ref().is_some_and(|b| bound <= b.value + EPS) {
+            return;
+        }
+        let v = self.order[depth];
         let shapes = &self.input.shapes[v];
         for shape in shapes {
             if st.cores + shape.cores > self.input.budget || shape.point.latency_bound_ms > self.input.latency_limit {
@@ -128,22 +139,12 @@ impl<'a> StageSearch<'a> {
             self.visit(depth + 1, next);
             self.stack.pop();
             // Later shapes cost more; once one carries all that is left, they can only be
-            // better on cores or latency, which only the frontier cares about.
-            if self.mode == Mode::Best && shape.capacity >= st.remaining {
+            // better on cores or latency, which the caps already bound.
+            if shape.capacity >= st.remaining {
                 break;
             }
         }
         self.visit(depth + 1, st);
-    }
-
-    fn beaten(&self, st: &State, bound: f64) -> bool {
-        match self.mode {
-            Mode::Best => self.best.as_ref().is_some_and(|b| bound <= b.value + EPS),
-            Mode::Frontier => self
-                .frontier
-                .iter()
-                .any(|f| f.latency <= st.latency + EPS && f.cores <= st.cores && f.value >= bound - EPS),
-        }
     }
 
     fn record(&mut self, st: &State) {
@@ -156,19 +157,8 @@ impl<'a> StageSearch<'a> {
             batch: st.batch,
             picks: self.stack.clone(),
         };
-        match self.mode {
-            Mode::Best => {
-                if self.best.as_ref().is_none_or(|b| entry.value > b.value + EPS) {
-                    self.best = Some(entry);
-                }
-            }
-            Mode::Frontier => {
-                if self.frontier.iter().any(|f| dominates(f, &entry)) {
-                    return;
-                }
-                self.frontier.retain(|f| !dominates(&entry, f));
-                self.frontier.push(entry);
-            }
+        if self.best.as_ref().is_none_or(|b| entry.value > b.value + EPS) {
+            self.best = Some(entry);
         }
     }
 }

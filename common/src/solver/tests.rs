@@ -117,6 +117,31 @@ fn tidal_scales_out_past_the_largest_measured_worker() {
 }
 
 #[test]
+fn a_wide_pipeline_short_of_cores_is_solved_in_seconds() {
+    // Shaped like IPA's sum-qa: six summarisers and two readers, each measured on 1 to 8 cores
+    // at five batch sizes, with a loose SLO (many operating points each) and 32 cores, at loads
+    // from light to past what the budget carries. Searching each stage's whole frontier at once
+    // took minutes on such a day.
+    let cores: Vec<u32> = (1..=8).collect();
+    let batches = [1, 2, 4, 8, 16];
+    let summarise: Vec<Variant> = (0..6)
+        .map(|i| variant(&format!("sum-{i}"), 32.0 + i as f64, 6.0 / (1.0 + i as f64), &cores, &batches))
+        .collect();
+    let qa = vec![variant("qa-large", 82.9, 5.0, &cores, &batches), variant("qa-base", 77.1, 9.0, &cores, &batches)];
+    let started = std::time::Instant::now();
+    for load in [2.0, 10.0, 25.0, 50.0, 75.0, 100.0, 140.0] {
+        let p = problem(vec![summarise.clone(), qa.clone()], load, 32, 8000.0);
+        let s = solve(&p, &space(PolicyKind::Tidal)).unwrap();
+        assert!(s.cores <= 32 && s.latency_bound_ms <= 8000.0, "{s:?}");
+        // At most 6 and 9 req/s a core (×1.3 batched, ×0.8 utilised) from the lightest
+        // summariser and reader: about 0.27 cores per req/s, so 32 cores carry about 120.
+        assert_eq!(s.overloaded, load > 120.0, "at {load} req/s: {s:?}");
+    }
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
 fn a_plan_on_an_unmeasured_core_count_says_so() {
     // Measured at 1 and 4 cores only; 10 req/s fits 1 core exactly (no headroom: 0.8 × 12.5).
     let p = problem(vec![vec![variant("r", 70.0, 12.5, &[1, 4], &[1])]], 11.0, 4, 1000.0);
