@@ -129,7 +129,12 @@ for pipeline in ${PIPELINES//video/}; do
   printf '{"start": %s, "duration": %s, "scale": %s, "slo_ms": %s, "cores": %s}\n' \
     "$SIM_START" "$SIM_DURATION" "$scale" "$slo_ms" "$SIM_CORES" > "$dir/meta.json"
 
-  if [ -n "$LIVE" ]; then
+  stages=$(grep -c '^\[\[stages\]\]' "$file" || true)
+  if [ -n "$LIVE" ] && [ "$stages" -gt 2 ]; then
+    # Every stage runs at least one worker of at least one core.
+    mkdir -p "$dir/live"
+    echo "not run: its $stages stages need at least $stages cores, and the live node has 2" | tee "$dir/live/skipped.txt"
+  elif [ -n "$LIVE" ]; then
     $reused && generate "$file"
     live=$dir/live
     rm -rf "$live" && mkdir -p "$live"

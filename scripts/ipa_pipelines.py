@@ -141,7 +141,10 @@ def table(out, pipelines):
             print(f"| {note.stem.removeprefix('unfinished-')} | {note.read_text().strip()} ||||||")
         print()
         live = d / "live" / "table.md"
-        if live.exists():
+        skipped = d / "live" / "skipped.txt"
+        if skipped.exists():
+            print(f"Live: {skipped.read_text().strip()}.\n")
+        elif live.exists():
             print(f"Live on this machine (2 cores), a compressed slice, against the slice simulated (seeds 1-3):\n")
             print(live.read_text())
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tidal_agent::cgroup::{CgroupDriverChoice, CpuCgroups};
 use tidal_agent::control::ControlService;
+use tidal_agent::fronts::token::{TokenFirst, V2_READS};
 use tidal_agent::fronts::{tidal::TidalApi, v2_grpc::V2Grpc, InferencePort};
 use tidal_agent::link::Link;
 use tidal_agent::node::{AgentConfig, Node};
@@ -18,7 +19,6 @@ use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceS
 use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 #[derive(Parser)]
@@ -132,6 +132,12 @@ struct ServeArgs {
     /// it the inference port is open to anyone who reaches it.
     #[arg(long, env = "TIDAL_INFERENCE_TOKEN_FILE")]
     inference_token_file: Option<PathBuf>,
+    /// With --inference-token-file: answer the V2 calls that only read (server and model
+    /// health, metadata, configuration, statistics) without the token; only inference needs
+    /// it. Triton's perf_analyzer and clients read a model's metadata without the headers
+    /// they send with inference requests.
+    #[arg(long, env = "TIDAL_PUBLIC_METADATA", value_parser = clap::builder::BoolishValueParser::new())]
+    public_metadata: bool,
 }
 
 /// The (uid, gid) of `name`, checked to be a user this agent can start processes as.
@@ -259,7 +265,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tasks.spawn(link.run(node.clone(), stop.clone()));
     }
     let guard = tidal_auth::Guard::new(&security).with_revocations(node.revoked.clone());
-    let port = InferencePort::new(node.clone(), guard.clone());
+    let port = InferencePort::new(node.clone(), guard.clone(), args.public_metadata);
     let control_service = ControlService { node: node.clone(), guard };
     info!(listen = %listen_addr, control_listen = %control_addr, node = %args.node, "agent serving");
     // The service checks --max-request-bytes itself, to answer RESOURCE_EXHAUSTED. gRPC's own
@@ -268,9 +274,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // buffer per request. V2 REST carries tensors as JSON text, several times their bytes.
     let grpc_limit = args.max_request_bytes.saturating_add(1 << 20);
     let rest_limit = args.max_request_bytes.saturating_mul(4).max(64 << 20);
-    let health = tidal_daemon::grpc_std::reporter().await;
+    let (statuses, health) = tidal_daemon::grpc_std::health();
     tasks.spawn(stop.clone().run_until_cancelled_owned(tidal_daemon::grpc_std::follow(
-        health.clone(),
+        statuses,
         HEALTH_EVERY,
         health_statuses(node.clone(), ready.clone()),
     )));
@@ -278,26 +284,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
     let rest = tidal_agent::fronts::v2_rest::router(port.clone(), rest_limit);
     // The token is checked from the headers, before the message is read.
-    let token_first = |s: &InferencePort| {
-        let s = s.clone();
-        move |request: tonic::Request<()>| s.admit_token(&request).map(|()| request)
-    };
     let inference = bounded(security.server_builder(ClientAuth::Optional)?, args.max_streams)
         .accept_http1(true)
         .add_routes(rest.into())
-        .add_service(InterceptedService::new(
+        .add_service(TokenFirst::new(
             InferenceServer::new(TidalApi(port.clone())).max_decoding_message_size(grpc_limit),
-            token_first(&port),
+            port.clone(),
+            &[],
         ))
-        .add_service(InterceptedService::new(
+        .add_service(TokenFirst::new(
             GrpcInferenceServiceServer::new(V2Grpc(port.clone())).max_decoding_message_size(grpc_limit),
-            token_first(&port),
+            port.clone(),
+            V2_READS,
         ));
-    let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &descriptors)?
+    let inference_services = [
+        <InferenceServer<TidalApi> as tonic::server::NamedService>::NAME,
+        <GrpcInferenceServiceServer<V2Grpc> as tonic::server::NamedService>::NAME,
+    ];
+    let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &inference_services, &descriptors)?
         .serve_with_incoming_shutdown(inference_listener.incoming(), stop.clone().cancelled_owned());
     let control = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(AgentServer::new(control_service).max_decoding_message_size(grpc_limit));
-    let control = tidal_daemon::grpc_std::add_standard(control, &health, &descriptors)?
+    let control_services = [<AgentServer<ControlService> as tonic::server::NamedService>::NAME];
+    let control = tidal_daemon::grpc_std::add_standard(control, &health, &control_services, &descriptors)?
         .serve_with_incoming_shutdown(control_listener.incoming(), stop.clone().cancelled_owned());
     let (mut inference, mut control) = (tokio::spawn(inference), tokio::spawn(control));
     if let Some(path) = &args.ready_file {

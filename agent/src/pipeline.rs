@@ -64,18 +64,33 @@ impl Pipeline {
         let task = req.task.clone();
         let is_forwarded = forwarded.is_some();
         let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span).await;
-        let (outcome, label) = match &result {
+        self.count(task, arrived, is_forwarded, result.as_ref());
+        result
+    }
+
+    /// Counts a client's request to `task` that a front refused before it reached the request
+    /// path (a V2 body that does not decode into requests), as [`Self::infer`] counts one it
+    /// refuses, so that bad clients show in the metrics and statistics. Requests to tasks
+    /// this agent does not know are not counted: their names are the caller's to choose.
+    pub fn count_refused(&self, task: &str, arrived: Instant, error: &ServeError) {
+        if self.node.task(task).is_some() {
+            self.count(task.to_string(), arrived, false, Err(error));
+        }
+    }
+
+    fn count(&self, task: String, arrived: Instant, is_forwarded: bool, result: Result<&InferResponse, &ServeError>) {
+        let (outcome, label) = match result {
             Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
             Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
                 (Outcome::DeadlineMissed, "deadline_exceeded")
             }
-            Err(ServeError::UnknownTask(_)) => return result,
+            Err(ServeError::UnknownTask(_)) => return,
             Err(ServeError::InvalidInput(_) | ServeError::TooLarge { .. }) => (Outcome::Failed, "invalid"),
             Err(ServeError::QueueFull(_)) => (Outcome::Failed, "queue_full"),
             Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
             Err(_) => (Outcome::Failed, "failed"),
         };
-        self.node.model_stats.record(&task, arrived, result.as_ref().ok());
+        self.node.model_stats.record(&task, arrived, result.ok());
         if !is_forwarded {
             // The agent the client called counts the request, once, end to end.
             self.node.telemetry.outcome(&task, outcome);
@@ -91,7 +106,6 @@ impl Pipeline {
                 self.node.metrics.latency.get_or_create(&TaskLabels { task }).observe(latency.as_secs_f64());
             }
         }
-        result
     }
 
     /// Serves a request: every stage of its task in order, each here or on another agent as

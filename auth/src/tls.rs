@@ -27,8 +27,13 @@ pub struct TlsArgs {
     #[arg(long, env = "TIDAL_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Use plaintext gRPC with no authentication at all: anyone who reaches a port may call
-    /// anything. Only for a local demo on loopback.
-    #[arg(long, env = "TIDAL_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    /// anything. Only for a local demo on loopback. From the environment: 1, true, yes or on
+    /// (0, false, no, off or unset: not).
+    #[arg(
+        long,
+        env = "TIDAL_INSECURE_PLAINTEXT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub insecure_plaintext: bool,
 }
 
@@ -41,6 +46,11 @@ pub enum TlsError {
     Missing,
     #[error("--tls-ca, --tls-cert and --tls-key go together")]
     Partial,
+    #[error(
+        "both TLS (--tls-ca, --tls-cert, --tls-key or TIDAL_TLS_*) and plaintext (--insecure-plaintext or \
+         TIDAL_INSECURE_PLAINTEXT) were asked for: give one"
+    )]
+    Both,
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -73,16 +83,16 @@ pub enum ClientAuth {
 
 impl Security {
     pub fn from_args(args: &TlsArgs) -> Result<Self, TlsError> {
+        let any_tls = args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_key.is_some();
+        if args.insecure_plaintext && any_tls {
+            return Err(TlsError::Both);
+        }
         if args.insecure_plaintext {
             warn!("plaintext gRPC with no authentication (--insecure-plaintext): for a local demo only");
             return Ok(Self::plaintext());
         }
         let (Some(ca), Some(cert), Some(key)) = (&args.tls_ca, &args.tls_cert, &args.tls_key) else {
-            return Err(if args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_key.is_some() {
-                TlsError::Partial
-            } else {
-                TlsError::Missing
-            });
+            return Err(if any_tls { TlsError::Partial } else { TlsError::Missing });
         };
         let read = |p: &PathBuf| std::fs::read(p).map_err(|source| TlsError::Read { path: p.clone(), source });
         crate::warn_if_exposed(key, "the TLS private key");

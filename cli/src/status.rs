@@ -8,24 +8,51 @@ use crate::output::{self, Format};
 use tidal_proto::v1::{ClusterStatus, ClusterStatusRequest, Plan, PlanHistoryRequest};
 
 pub async fn run(controller: &str, watch: Option<f64>, format: Format) -> anyhow::Result<()> {
-    // On a terminal, --watch redraws in place; into a pipe or file it appends snapshots.
-    let redraw = watch.is_some() && format == Format::Table && std::io::stdout().is_terminal();
+    if let Some(s) = watch {
+        anyhow::ensure!(
+            s > 0.0 && s <= 86_400.0,
+            "--watch takes a number of seconds above 0 and at most 86400, not {s}"
+        );
+    }
+    let Some(every) = watch else {
+        let status = super::controller(controller).await?.status(ClusterStatusRequest {}).await?.into_inner();
+        output::print(format, &status, render)?;
+        return Ok(());
+    };
+    // On a terminal, --watch redraws in place on the alternate screen (the scrollback keeps
+    // what was there before) until Ctrl-C; into a pipe or file it appends timestamped frames.
+    let redraw = format == Format::Table && std::io::stdout().is_terminal();
+    if redraw {
+        print!("\x1b[?1049h");
+    }
+    let watched = tokio::select! {
+        r = frames(controller, every, format, redraw) => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    };
+    if redraw {
+        print!("\x1b[?1049l");
+        std::io::stdout().flush()?;
+    }
+    watched
+}
+
+/// Every `every` seconds, the cluster's status under the time it was read.
+async fn frames(controller: &str, every: f64, format: Format, redraw: bool) -> anyhow::Result<()> {
     loop {
         let status = super::controller(controller).await?.status(ClusterStatusRequest {}).await?.into_inner();
+        let now = jiff::Zoned::now().strftime("%Y-%m-%d %H:%M:%S %Z");
         if redraw {
             print!("\x1b[H\x1b[2J");
         }
-        output::print(format, &status, render)?;
-        std::io::stdout().flush()?;
-        match watch {
-            Some(s) if s > 0.0 => {
-                if !redraw {
-                    println!();
-                }
-                tokio::time::sleep(Duration::from_secs_f64(s)).await;
-            }
-            _ => return Ok(()),
+        if format == Format::Table {
+            println!("{now}, every {every} s (Ctrl-C to stop)");
         }
+        output::print(format, &status, render)?;
+        if !redraw {
+            println!();
+        }
+        std::io::stdout().flush()?;
+        tokio::time::sleep(Duration::from_secs_f64(every)).await;
     }
 }
 

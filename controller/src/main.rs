@@ -209,17 +209,18 @@ async fn main() -> anyhow::Result<()> {
     let peer_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(raft_service)
         .serve_with_incoming_shutdown(peer_listener.incoming(), stop.clone().cancelled_owned());
-    let health = tidal_daemon::grpc_std::reporter().await;
-    let statuses = health_statuses(raft_handle.clone());
+    let (statuses, health) = tidal_daemon::grpc_std::health();
     tasks.spawn(stop.clone().run_until_cancelled_owned(tidal_daemon::grpc_std::follow(
-        health.clone(),
-        HEALTH_EVERY,
         statuses,
+        HEALTH_EVERY,
+        health_statuses(raft_handle.clone()),
     )));
     let api_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(ControllerServer::new(ControllerService { ctl, guard }));
-    let api_server = tidal_daemon::grpc_std::add_standard(api_server, &health, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?
-        .serve_with_incoming_shutdown(api_listener.incoming(), stop.clone().cancelled_owned());
+    let api_services = [<ControllerServer<ControllerService> as tonic::server::NamedService>::NAME];
+    let api_server =
+        tidal_daemon::grpc_std::add_standard(api_server, &health, &api_services, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?
+            .serve_with_incoming_shutdown(api_listener.incoming(), stop.clone().cancelled_owned());
     let mut peer = tokio::spawn(peer_server);
     let mut api = tokio::spawn(api_server);
     if let Some(path) = &args.ready_file {

@@ -94,6 +94,50 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     r.expect_err("the call must be refused").code()
 }
 
+#[test]
+fn plaintext_is_asked_for_as_operators_write_it() {
+    // Nothing listens at the address: past the flags, the call fails to connect.
+    let status = |value: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("tidalctl"));
+        cmd.args(["--controller", "127.0.0.1:9", "status"]).env_remove("TIDAL_TLS_CA");
+        cmd.env_remove("TIDAL_TLS_CERT").env_remove("TIDAL_TLS_KEY").env_remove("TIDAL_INSECURE_PLAINTEXT");
+        if let Some(v) = value {
+            cmd.env("TIDAL_INSECURE_PLAINTEXT", v);
+        }
+        let out = cmd.output().expect("tidalctl runs");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for yes in ["1", "true", "TRUE", "yes", "on"] {
+        let err = status(Some(yes));
+        assert!(!err.contains("no TLS configured") && !err.contains("invalid value"), "{yes}: {err}");
+    }
+    for no in [None, Some("0"), Some("false"), Some("off")] {
+        assert!(status(no).contains("no TLS configured"), "{no:?}");
+    }
+    assert!(status(Some("maybe")).contains("invalid value"), "a value that is neither is refused, not taken as yes");
+    // Plaintext switched off in the environment does not stand in the way of TLS flags; on,
+    // it does, with a reason.
+    let with_tls = |value: &str| {
+        let out = std::process::Command::new(bin("tidalctl"))
+            .args([
+                "--controller",
+                "127.0.0.1:9",
+                "--tls-ca",
+                "/nonexistent/ca.pem",
+                "--tls-cert",
+                "/nonexistent/c.pem",
+            ])
+            .args(["--tls-key", "/nonexistent/k.pem", "status"])
+            .env("TIDAL_INSECURE_PLAINTEXT", value)
+            .output()
+            .expect("tidalctl runs");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(with_tls("0").contains("/nonexistent/ca.pem"), "the TLS files are read: {}", with_tls("0"));
+    assert!(with_tls("1").contains("give one"), "{}", with_tls("1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_changes() {
     let work = tempfile::tempdir().unwrap();
@@ -392,7 +436,9 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
     let token_flag = token_file.display().to_string();
     let extra = ["--inference-token-file", token_flag.as_str()];
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra });
-    let other = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra });
+    // `other` lets anyone read metadata (--public-metadata); inference still needs the token.
+    let extra_public = [extra[0], extra[1], "--public-metadata"];
+    let other = start_agent(work.path(), AgentOpts { model_dir: &models, controller: None, extra: &extra_public });
     // The task's only worker runs on `agent`; `other` forwards to it.
     let mut plan = plan_for(1, &agent.node, "classify", 2000, &[(&r18, 1000, 1)]);
     plan.node_addresses =
@@ -450,6 +496,24 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
         assert_eq!(rest("Bearer s3cret-token-0123456789").await, 200);
     } else {
         eprintln!("NOT RUN: the REST part (plaintext HTTP here; TIDAL_TEST_TLS=1 is set)");
+    }
+    {
+        use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+        use tidal_proto::inference::{ModelConfigRequest, ModelInferRequest, ModelMetadataRequest, ServerLiveRequest};
+        let mut v2 = GrpcInferenceServiceClient::new(tidal_tests::channel(&other.addr).await);
+        let meta = ModelMetadataRequest { name: "classify".into(), version: String::new() };
+        v2.model_metadata(meta).await.expect("--public-metadata: a model's metadata without the token");
+        v2.model_config(ModelConfigRequest { name: "classify".into(), version: String::new() })
+            .await
+            .expect("--public-metadata: its configuration");
+        v2.server_live(ServerLiveRequest {}).await.expect("--public-metadata: liveness");
+        let infer = ModelInferRequest { model_name: "classify".into(), ..Default::default() };
+        assert_eq!(code(v2.model_infer(infer).await), Code::Unauthenticated, "inference still needs the token");
+        if tidal_tests::tls::test_ca().is_none() {
+            let (read, _, _) = http_exchange(&other.addr, "GET", "/v2/models/classify", &[], b"").await;
+            let (infer, _, _) = http_exchange(&other.addr, "POST", "/v2/models/classify/infer", &[], b"{}").await;
+            assert_eq!((read, infer), (200, 401), "REST alike");
+        }
     }
     let mut via_other = inference_client(&other.addr).await;
     assert_eq!(code(via_other.infer(request(None)).await), Code::Unauthenticated);

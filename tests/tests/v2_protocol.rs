@@ -192,7 +192,8 @@ async fn v2_clients_get_the_same_answers_as_tidal_s_own_api_with_clear_errors() 
     }
 
     // Statistics count the samples served: 2 through Tidal's API, 1 + 1 + 3 + 1 through V2. The
-    // malformed requests never reached a worker.
+    // malformed requests never reached a worker; they count as failures (the budget of 0 and
+    // the eight INVALID_ARGUMENT cases), the unknown version and task do not.
     let stats = v2.model_statistics(ModelStatisticsRequest { name: "classify".into(), version: String::new() }).await;
     let stats = stats.unwrap().into_inner().model_stats;
     assert_eq!(stats.len(), 1);
@@ -200,7 +201,7 @@ async fn v2_clients_get_the_same_answers_as_tidal_s_own_api_with_clear_errors() 
     assert!(stats[0].execution_count >= 1 && stats[0].execution_count <= 8);
     let inference = stats[0].inference_stats.unwrap();
     assert_eq!(inference.success.unwrap().count, 8);
-    assert_eq!(inference.fail.unwrap().count, 0);
+    assert_eq!(inference.fail.unwrap().count, 9);
     assert!(inference.compute_infer.unwrap().ns > 0);
 }
 
@@ -213,13 +214,19 @@ async fn v2_rest_on_the_inference_port_answers_as_the_grpc_form_does() {
     if tidal_tests::tls::test_ca().is_some() {
         return eprintln!("SKIPPED (not run): this test speaks plaintext HTTP, and TIDAL_TEST_TLS=1 is set");
     }
-    let s = setup(&[]);
+    let s = setup(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = s.agent.addr.clone();
     let get = |path: &'static str| http_exchange(&addr, "GET", path, &[], b"");
-    assert_eq!(get("/v2/health/live").await.0, 200);
-    assert_eq!(get("/v2/health/ready").await.0, 400, "not ready before a plan");
+    // The status code answers (Triton's clients read it) and so does the body (KServe's SDK
+    // reads `live` and `ready`).
+    let answer = |(code, _, body): (u16, _, Vec<u8>)| (code, json(&body));
+    assert_eq!(answer(get("/v2/health/live").await), (200, serde_json::json!({ "live": true })));
+    let not_yet = answer(get("/v2/health/ready").await);
+    assert_eq!(not_yet, (400, serde_json::json!({ "ready": false })), "not ready before a plan");
     s.serve(1, 2000, &[(&s.r18, 1000, 1)]).await;
-    assert_eq!(get("/v2/health/ready").await.0, 200);
+    assert_eq!(answer(get("/v2/health/ready").await), (200, serde_json::json!({ "ready": true })));
+    let model = answer(get("/v2/models/classify/ready").await);
+    assert_eq!(model, (200, serde_json::json!({ "name": "classify", "ready": true })));
     let (code, _, body) = get("/v2").await;
     assert_eq!((code, json(&body)["name"].as_str()), (200, Some("tidal")));
     assert!(json(&body)["extensions"].as_array().unwrap().contains(&"binary_tensor_data".into()));
@@ -315,10 +322,18 @@ async fn v2_rest_on_the_inference_port_answers_as_the_grpc_form_does() {
     let (code, _, _) = http_exchange(&addr, "POST", "/v2/models/nope/infer", &[], request.to_string().as_bytes()).await;
     assert_eq!(code, 404);
 
-    // Statistics: 2 through Tidal's API, 2 + 1 through REST.
+    // Statistics: 2 through Tidal's API, 2 + 1 through REST; the 5 malformed requests failed
+    // (refused decoding the body or on the request path, each counted once).
     let stats = json(&get("/v2/models/classify/stats").await.2);
     assert_eq!(stats["model_stats"][0]["inference_count"], 5, "{stats}");
-    assert_eq!(json(&get("/v2/models/stats").await.2)["model_stats"][0]["inference_stats"]["success"]["count"], 5);
+    let all = json(&get("/v2/models/stats").await.2);
+    assert_eq!(all["model_stats"][0]["inference_stats"]["success"]["count"], 5, "{all}");
+    assert_eq!(all["model_stats"][0]["inference_stats"]["fail"]["count"], 5, "{all}");
+    let metrics = s.agent.metrics_addr.clone().expect("the agent's metrics port");
+    let (_, _, text) = http_exchange(&metrics, "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("tidal_agent_requests_total{task=\"classify\",outcome=\"invalid\"} 5"), "{text}");
+    assert!(!text.contains("task=\"nope\""), "a name no task has is not a label: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,11 +353,19 @@ async fn health_follows_readiness_per_task_and_reflection_lists_the_services() {
         .await;
         assert_eq!(health(addr, "inference.GRPCInferenceService").await, Ok(ServingStatus::Serving));
     }
-    let services = reflected_services(&s.agent.addr).await;
-    for want in ["inference.GRPCInferenceService", "tidal.v1.Inference", "grpc.health.v1.Health"] {
-        assert!(services.iter().any(|s| s == want), "reflection lists {want}: {services:?}");
-    }
-    assert!(reflected_services(&s.agent.control_addr).await.iter().any(|s| s == "tidal.v1.Agent"));
+    // Each port lists what it serves, and nothing another port (or daemon) serves.
+    const STANDARD: [&str; 3] =
+        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let listed = |own: &[&str]| sorted(own.iter().chain(STANDARD.iter()).map(|s| s.to_string()).collect());
+    assert_eq!(
+        sorted(reflected_services(&s.agent.addr).await),
+        listed(&["inference.GRPCInferenceService", "tidal.v1.Inference"])
+    );
+    assert_eq!(sorted(reflected_services(&s.agent.control_addr).await), listed(&["tidal.v1.Agent"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +377,17 @@ async fn a_controller_s_health_follows_leadership() {
     })
     .await;
     assert_eq!(health(&addr, "").await, Ok(ServingStatus::Serving));
-    assert!(reflected_services(&addr).await.iter().any(|s| s == "tidal.v1.Controller"));
+    let mut services = reflected_services(&addr).await;
+    services.sort();
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "tidal.v1.Controller"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

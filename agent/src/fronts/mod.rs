@@ -10,6 +10,7 @@
 //! applied), translates it to the pipeline's requests and its answers back, and nothing else.
 
 pub mod tidal;
+pub mod token;
 pub mod v2;
 pub mod v2_grpc;
 pub mod v2_rest;
@@ -28,11 +29,17 @@ use crate::pipeline::Pipeline;
 pub struct InferencePort {
     pub pipeline: Pipeline,
     guard: Guard,
+    /// `--public-metadata`: reads (health, metadata, configuration, statistics) need no token.
+    public_reads: bool,
 }
 
 impl InferencePort {
-    pub fn new(node: Arc<Node>, guard: Guard) -> Self {
-        Self { pipeline: Pipeline::new(node), guard }
+    pub fn new(node: Arc<Node>, guard: Guard, public_reads: bool) -> Self {
+        Self { pipeline: Pipeline::new(node), guard, public_reads }
+    }
+
+    pub fn public_reads(&self) -> bool {
+        self.public_reads
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -44,6 +51,16 @@ impl InferencePort {
     pub fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
         self.admit_token(request)?;
         self.admit_planned()
+    }
+
+    /// [`Self::admit`] for a call that only reads (metadata, configuration, readiness,
+    /// statistics): without the token under `--public-metadata`.
+    pub fn admit_read<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.public_reads {
+            self.admit_planned()
+        } else {
+            self.admit(request)
+        }
     }
 
     /// The token part of [`Self::admit`]: headers only, so the gRPC fronts check it before

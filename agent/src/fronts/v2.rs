@@ -353,7 +353,8 @@ pub async fn infer(
 ) -> Result<ModelInferResponse, Status> {
     let task = port.node().task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
     let id = req.id.clone();
-    let answers = samples(req, &task)?.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
+    let requests = samples(req, &task).inspect_err(|e| port.pipeline.count_refused(&task.name, arrived, e))?;
+    let answers = requests.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
     let answers = futures::future::try_join_all(answers).await?;
     Ok(response(id, &task.name, answers)?)
 }

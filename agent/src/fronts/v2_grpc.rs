@@ -28,7 +28,7 @@ impl GrpcInferenceService for V2Grpc {
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        self.0.admit(&request)?;
+        self.0.admit_read(&request)?;
         let req = request.into_inner();
         let task = v2::task(&self.0, &req.name, &req.version)?;
         Ok(Response::new(ModelReadyResponse { ready: self.0.node().task_ready(&task.name) }))
@@ -45,7 +45,7 @@ impl GrpcInferenceService for V2Grpc {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        self.0.admit(&request)?;
+        self.0.admit_read(&request)?;
         let req = request.into_inner();
         Ok(Response::new(v2::metadata(&v2::task(&self.0, &req.name, &req.version)?)?))
     }
@@ -60,7 +60,7 @@ impl GrpcInferenceService for V2Grpc {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        self.0.admit(&request)?;
+        self.0.admit_read(&request)?;
         let req = request.into_inner();
         Ok(Response::new(ModelConfigResponse {
             config: Some(v2::config(&v2::task(&self.0, &req.name, &req.version)?)?),
@@ -71,7 +71,7 @@ impl GrpcInferenceService for V2Grpc {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        self.0.admit(&request)?;
+        self.0.admit_read(&request)?;
         let req = request.into_inner();
         Ok(Response::new(ModelStatisticsResponse { model_stats: v2::statistics(&self.0, &req.name, &req.version)? }))
     }

@@ -13,8 +13,10 @@
 //! POST /v2/models/{model}[/versions/{version}]/infer
 //! ```
 //!
-//! Health and readiness are answered by the status code alone (200 true, 400 false). Errors are
-//! `{"error": "…"}` with the HTTP status that matches the gRPC one.
+//! Health and readiness are answered by the status code (200 true, 400 false, as Triton does) and
+//! by the protocol's bodies, `{"live": true}`, `{"ready": …}` and `{"name": …, "ready": …}`,
+//! which the KServe SDK reads. Errors are `{"error": "…"}` with the HTTP status that matches the
+//! gRPC one.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -37,6 +39,7 @@ use tidal_proto::inference::{
 use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
 
+use crate::error::ServeError;
 use crate::fronts::v2::{self, config, metadata};
 use crate::fronts::InferencePort;
 use tidal_common::v2_tensor;
@@ -49,7 +52,7 @@ const HEADER_LENGTH: &str = "inference-header-content-length";
 pub fn router(port: InferencePort, body_limit: usize) -> Router {
     let mut router = Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/live", get(|| async { (StatusCode::OK, json_body(json!({ "live": true }))) }))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/stats", get(all_statistics));
     for model in ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"] {
@@ -120,9 +123,18 @@ fn admit(port: &InferencePort, headers: &HeaderMap) -> Result<()> {
     Ok(port.admit_planned()?)
 }
 
-/// The task a model route names, for an admitted caller.
+/// [`admit`] for a route that only reads: without the token under `--public-metadata`.
+fn admit_read(port: &InferencePort, headers: &HeaderMap) -> Result<()> {
+    if port.public_reads() {
+        Ok(port.admit_planned()?)
+    } else {
+        admit(port, headers)
+    }
+}
+
+/// The task a model route names, for a caller admitted to read it.
 fn admitted_task(port: &InferencePort, headers: &HeaderMap, p: &ModelPath) -> Result<TaskSpec> {
-    admit(port, headers)?;
+    admit_read(port, headers)?;
     Ok(v2::task(port, &p.model, p.version())?)
 }
 
@@ -141,21 +153,24 @@ async fn server_metadata() -> impl IntoResponse {
     json_body(json!({ "name": m.name, "version": m.version, "extensions": m.extensions }))
 }
 
-async fn server_ready(State(port): State<InferencePort>) -> StatusCode {
-    if v2::server_ready(&port) {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_REQUEST
-    }
+/// 200 when `ready`, else 400 (the protocol's "4xx is false"), with the body saying so.
+fn readiness(ready: bool, body: Value) -> impl IntoResponse {
+    (if ready { StatusCode::OK } else { StatusCode::BAD_REQUEST }, json_body(body))
+}
+
+async fn server_ready(State(port): State<InferencePort>) -> impl IntoResponse {
+    let ready = v2::server_ready(&port);
+    readiness(ready, json!({ "ready": ready }))
 }
 
 async fn model_ready(
     State(port): State<InferencePort>,
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
-) -> Result<StatusCode> {
+) -> Result<impl IntoResponse> {
     let task = admitted_task(&port, &headers, &p)?;
-    Ok(if port.node().task_ready(&task.name) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
+    let ready = port.node().task_ready(&task.name);
+    Ok(readiness(ready, json!({ "name": p.model, "ready": ready })))
 }
 
 async fn model_metadata(
@@ -199,7 +214,7 @@ async fn model_config(
 }
 
 async fn all_statistics(State(port): State<InferencePort>, headers: HeaderMap) -> Result<impl IntoResponse> {
-    admit(&port, &headers)?;
+    admit_read(&port, &headers)?;
     Ok(json_body(statistics(&v2::statistics(&port, "", "")?)))
 }
 
@@ -208,7 +223,7 @@ async fn model_statistics(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    admit(&port, &headers)?;
+    admit_read(&port, &headers)?;
     Ok(json_body(statistics(&v2::statistics(&port, &p.model, p.version())?)))
 }
 
@@ -282,7 +297,10 @@ async fn infer(
 ) -> Result<Response> {
     let arrived = Instant::now();
     admit(&port, &headers)?;
-    let (request, binary_output) = infer_request(&headers, &body, p)?;
+    let model = p.model.clone();
+    let (request, binary_output) = infer_request(&headers, &body, p).inspect_err(|refused| {
+        port.pipeline.count_refused(&model, arrived, &ServeError::InvalidInput(refused.message().to_string()))
+    })?;
     let response = v2::infer(&port, request, arrived).await?;
     Ok(infer_response(response, binary_output))
 }
