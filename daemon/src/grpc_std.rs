@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus as Answer;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-pub use tonic_health::ServingStatus;
 
 /// Each named service's status (serving or not), written by one task ([`follow`]).
 pub struct Statuses(watch::Sender<BTreeMap<String, bool>>);
