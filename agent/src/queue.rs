@@ -6,17 +6,11 @@
 //! at once (RESOURCE_EXHAUSTED) instead of letting every queued request miss its deadline.
 //!
 //! Under overload the queue sheds early, so that the worker's cores go to requests that can
-//! still make their deadline: from the batches just run it estimates how long a batch takes
-//! and what a request costs, and
-//! - refuses a new request (RESOURCE_EXHAUSTED) whose deadline falls before the work queued
-//!   ahead of it (earlier deadlines) and its own batch can be done — DEADLINE_EXCEEDED when
-//!   nothing is queued ahead and its own budget is too short (as a pipeline's later stage
-//!   finds when the earlier ones took most of it);
-//! - answers a queued request DEADLINE_EXCEEDED, without running it, once its deadline falls
-//!   before the batch it would join could finish.
-//!
-//! The estimate is only trusted while it is fresh (a batch ran within the last second); after
-//! an idle spell or a resize the queue sheds only what has expired until batches run again.
+//! still make their deadline, by the rule the simulated worker follows too
+//! ([`tidal_common::shed`]): a new request that the work queued ahead of it would make late is
+//! refused at once (RESOURCE_EXHAUSTED; DEADLINE_EXCEEDED when its own budget is shorter than
+//! a batch), and a queued request that could no longer finish is answered DEADLINE_EXCEEDED
+//! without running.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -25,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use tidal_common::shed::{Admission, Shedder};
 use tidal_common::tensor::NamedTensor;
 
 use crate::error::ServeError;
@@ -75,37 +70,10 @@ impl Ord for Pending {
     }
 }
 
-/// What the last batches took: an exponentially weighted mean.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ServiceEstimate {
-    /// When a batch last finished.
-    pub at: Instant,
-    /// Time of one batch, µs.
-    pub batch_us: f64,
-    /// Time per request (a batch's time over its size), µs.
-    pub per_request_us: f64,
-}
-
-/// How long an estimate is trusted without a new batch.
-const FRESH_FOR: Duration = Duration::from_secs(1);
-/// Weight of the newest batch in the estimate.
-const EWMA_WEIGHT: f64 = 0.3;
-
-impl ServiceEstimate {
-    fn fresh(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.at) < FRESH_FOR
-    }
-
-    /// When a request with `ahead` requests before it would be done.
-    fn finish(&self, now: Instant, ahead: usize) -> Instant {
-        now + Duration::from_micros((ahead as f64 * self.per_request_us + self.batch_us) as u64)
-    }
-}
-
 #[derive(Default)]
 struct Inner {
     heap: BinaryHeap<Pending>,
-    estimate: Option<ServiceEstimate>,
+    shedder: Shedder,
     seq: u64,
     /// No new requests; those queued are still served.
     sealed: bool,
@@ -116,12 +84,19 @@ struct Inner {
 pub struct DeadlineQueue {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// The origin of the shedder's clock.
+    epoch: Instant,
     pub notify: Notify,
 }
 
 impl DeadlineQueue {
     pub fn new(capacity: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), capacity, notify: Notify::new() }
+        Self { inner: Mutex::new(Inner::default()), capacity, epoch: Instant::now(), notify: Notify::new() }
+    }
+
+    /// `at` on the shedder's clock (instants before the queue existed are its origin).
+    fn secs(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.epoch).as_secs_f64()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -146,20 +121,21 @@ impl DeadlineQueue {
             return Err((ServeError::QueueFull(self.capacity), reply));
         }
         let now = Instant::now();
-        if let Some(e) = inner.estimate.filter(|e| e.fresh(now)) {
-            let ahead = inner.heap.iter().filter(|p| p.deadline <= deadline).count();
-            let finish = e.finish(now, ahead);
-            if finish > deadline {
-                let needs = finish.saturating_duration_since(now);
-                let budget = deadline.saturating_duration_since(now);
-                // Nothing ahead: the request's own budget is too short, not the queue too long.
-                let why = if ahead == 0 {
-                    ServeError::BudgetTooShort { needs, budget }
-                } else {
-                    ServeError::WouldMiss { ahead, needs, budget }
-                };
-                return Err((why, reply));
-            }
+        let ahead = inner.heap.iter().filter(|p| p.deadline <= deadline).count();
+        let refused = match inner.shedder.admit(self.secs(now), ahead, self.secs(deadline)) {
+            Admission::Admit => None,
+            Admission::BudgetTooShort { needs_s, budget_s } => Some(ServeError::BudgetTooShort {
+                needs: Duration::from_secs_f64(needs_s),
+                budget: Duration::from_secs_f64(budget_s),
+            }),
+            Admission::WouldMiss { ahead, needs_s, budget_s } => Some(ServeError::WouldMiss {
+                ahead,
+                needs: Duration::from_secs_f64(needs_s),
+                budget: Duration::from_secs_f64(budget_s),
+            }),
+        };
+        if let Some(why) = refused {
+            return Err((why, reply));
         }
         inner.seq += 1;
         let seq = inner.seq;
@@ -184,26 +160,13 @@ impl DeadlineQueue {
 
     /// A batch of `size` requests took `took`, finishing at `now`.
     pub fn record_batch(&self, size: usize, took: Duration, now: Instant) {
-        let batch_us = took.as_secs_f64() * 1e6;
-        let per_request_us = batch_us / size.max(1) as f64;
-        let mut inner = self.lock();
-        inner.estimate = Some(match inner.estimate.filter(|e| e.fresh(now)) {
-            Some(e) => ServiceEstimate {
-                at: now,
-                batch_us: e.batch_us + EWMA_WEIGHT * (batch_us - e.batch_us),
-                per_request_us: e.per_request_us + EWMA_WEIGHT * (per_request_us - e.per_request_us),
-            },
-            None => ServiceEstimate { at: now, batch_us, per_request_us },
-        });
+        let now_s = self.secs(now);
+        self.lock().shedder.record(size, took.as_secs_f64(), now_s);
     }
 
     /// Drops the estimate (the worker was resized: its batches take another time now).
     pub fn forget_estimate(&self) {
-        self.lock().estimate = None;
-    }
-
-    pub fn estimate(&self) -> Option<ServiceEstimate> {
-        self.lock().estimate
+        self.lock().shedder.forget();
     }
 
     /// Takes up to `max` requests whose inputs have the shapes of the most urgent one, earliest
@@ -211,8 +174,9 @@ impl DeadlineQueue {
     /// Requests whose deadline passed, or would pass before a batch could finish (by a fresh
     /// estimate), or whose caller is gone, are answered and skipped, never run.
     pub fn pop_batch(&self, max: usize, now: Instant) -> Vec<Pending> {
+        let now_s = self.secs(now);
         let mut inner = self.lock();
-        let cutoff = inner.estimate.filter(|e| e.fresh(now)).map_or(now, |e| e.finish(now, 0));
+        let cutoff = inner.shedder.cutoff(now_s);
         let mut batch: Vec<Pending> = Vec::with_capacity(max);
         let mut other_shapes = Vec::new();
         while batch.len() < max {
@@ -220,7 +184,7 @@ impl DeadlineQueue {
             if p.reply.is_closed() {
                 continue;
             }
-            if p.deadline <= cutoff {
+            if self.secs(p.deadline) <= cutoff {
                 let waited = now.saturating_duration_since(p.enqueued);
                 let _ = p.reply.send(Err(ServeError::DeadlineExceeded(waited)));
                 continue;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, RemoveReplicaRequest, ReplicaList, TransferLeaderRequest,
@@ -73,40 +74,90 @@ pub enum ControllerCmd {
     },
 }
 
+/// How long one replica may take to connect and answer a membership read: the others are
+/// asked at the same time, so a paused or unreachable replica costs no more than this.
+const ADDRESS_DEADLINE: Duration = Duration::from_secs(4);
+
 async fn connect(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
     let channel = crate::connect::channel_with_timeout(addr, "controller", Duration::from_secs(15)).await?;
     Ok(ControllerClient::new(channel))
 }
 
-/// The group as seen by the first of `addrs` (comma-separated) that answers.
+/// The group as `addr` sees it, within [`ADDRESS_DEADLINE`].
+async fn ask(addr: String) -> anyhow::Result<(String, ReplicaList)> {
+    let read = async {
+        let mut client = connect(&addr).await?;
+        let list = client.list_replicas(ListReplicasRequest {}).await.with_context(|| format!("asking {addr}"))?;
+        anyhow::Ok(list.into_inner())
+    };
+    match tokio::time::timeout(ADDRESS_DEADLINE, read).await {
+        Ok(list) => Ok((addr, list?)),
+        Err(_) => anyhow::bail!("the controller at {addr} did not answer within {ADDRESS_DEADLINE:?}"),
+    }
+}
+
+/// A client of the replica at `at` once it answers, within [`ADDRESS_DEADLINE`], that it
+/// leads (a leader that was paused or deposed since another replica named it does not).
+async fn leading(at: &str) -> anyhow::Result<ControllerClient<Channel>> {
+    let check = async {
+        let mut client = connect(at).await?;
+        let view = client.list_replicas(ListReplicasRequest {}).await.with_context(|| format!("asking {at}"))?;
+        let view = view.into_inner();
+        anyhow::ensure!(view.leader == view.answered_by, "{at} (replica {}) does not lead", view.answered_by);
+        Ok(client)
+    };
+    match tokio::time::timeout(ADDRESS_DEADLINE, check).await {
+        Ok(client) => client,
+        Err(_) => anyhow::bail!("the controller at {at} did not answer within {ADDRESS_DEADLINE:?}"),
+    }
+}
+
+/// The group as seen by one of `addrs` (comma-separated), all asked at once: the first answer
+/// that knows a leader, else the first answer, else why none answered.
 async fn any_replica(addrs: &str) -> anyhow::Result<(String, ReplicaList)> {
-    let mut last_error = None;
-    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match connect(addr).await {
-            Ok(mut c) => match c.list_replicas(ListReplicasRequest {}).await {
-                Ok(list) => return Ok((addr.to_string(), list.into_inner())),
-                Err(e) => last_error = Some(anyhow::Error::new(e).context(format!("asking {addr}"))),
-            },
-            Err(e) => last_error = Some(e),
+    let mut asks: FuturesUnordered<_> =
+        addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).map(|a| ask(a.to_string())).collect();
+    anyhow::ensure!(!asks.is_empty(), "no controller address given (--controller HOST:PORT[,HOST:PORT…])");
+    let (mut leaderless, mut errors) = (None, Vec::new());
+    while let Some(answer) = asks.next().await {
+        match answer {
+            Ok((addr, list)) if list.leader != 0 => return Ok((addr, list)),
+            Ok(answer) => {
+                leaderless.get_or_insert(answer);
+            }
+            Err(e) => errors.push(e),
         }
     }
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no controller address given")))
+    if let Some(answer) = leaderless {
+        return Ok(answer);
+    }
+    if errors.len() == 1 {
+        return Err(errors.remove(0));
+    }
+    let causes: Vec<String> = errors.iter().map(|e| format!("  {e:#}")).collect();
+    anyhow::bail!("no controller replica answered:\n{}", causes.join("\n"))
 }
 
 /// A client of the controller leader, found through any of `addrs` (comma-separated),
-/// waiting out an election.
+/// waiting out an election (and a leader that stopped answering until another is elected).
 pub async fn leader(addrs: &str) -> anyhow::Result<ControllerClient<Channel>> {
     let deadline = Instant::now() + LEADER_WAIT;
     loop {
         let (addr, list) = any_replica(addrs).await?;
-        if list.leader != 0 && !list.leader_address.is_empty() {
-            return connect(&list.leader_address).await;
-        }
-        if list.leader != 0 && list.leader == list.answered_by {
-            return connect(&addr).await;
-        }
+        let at = if !list.leader_address.is_empty() {
+            Some(list.leader_address.clone())
+        } else {
+            (list.leader != 0 && list.leader == list.answered_by).then_some(addr.clone())
+        };
+        let why = match at {
+            Some(at) => match leading(&at).await {
+                Ok(client) => return Ok(client),
+                Err(e) => e.context(format!("replica {} leads as {addr} sees it", list.leader)),
+            },
+            None => anyhow::anyhow!("no controller leader is elected (asked {addr}, term {})", list.term),
+        };
         if Instant::now() > deadline {
-            anyhow::bail!("no controller leader was elected within {LEADER_WAIT:?} (asked {addr}, term {})", list.term);
+            return Err(why.context(format!("no controller leader answered within {LEADER_WAIT:?}")));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

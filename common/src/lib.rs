@@ -20,6 +20,7 @@ pub mod profile;
 pub mod reconcile;
 pub mod resnet;
 pub mod seq2seq;
+pub mod shed;
 pub mod sim;
 pub mod solver;
 pub mod speech;

@@ -428,3 +428,52 @@ async fn acknowledged_writes_survive_random_kills_and_restarts() {
     same_history(&group, 1, 2).await;
     same_history(&group, 2, 3).await;
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to replica `id`.
+fn signal(group: &Group, id: u64, signal: &str) {
+    let pid = group.pid(id).expect("the replica runs").to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success(), "kill {signal} {pid}");
+}
+
+/// Runs tidalctl and asserts it succeeds within `within`.
+fn timely(addrs: &str, args: &[&str], within: Duration) -> String {
+    let started = std::time::Instant::now();
+    let out = tidalctl(addrs, args).unwrap_or_else(|e| panic!("tidalctl {args:?}: {e}"));
+    let took = started.elapsed();
+    assert!(took < within, "tidalctl {args:?} took {took:?}, more than {within:?}");
+    out
+}
+
+/// tidalctl asks every address at once and gives each a deadline that covers its TLS and
+/// HTTP/2 handshakes and its answer: an address that accepts connections but never answers,
+/// and a paused replica (SIGSTOP), follower or leader, cost no more than that deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_finish_in_time_beside_a_paused_replica_and_a_silent_address() {
+    let work = tempfile::tempdir().unwrap();
+    let group = Group::start(work.path(), 3, &["--interval-s", "2"]);
+    let leader = group.leader(Duration::from_secs(20)).await;
+    group.client(leader).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+    // The kernel completes connections to a listener nobody accepts from: it never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let follower = group.ids().into_iter().find(|&id| id != leader).unwrap();
+    // The silent address and the paused replica first, where asking one by one would stall.
+    let mut addrs = vec![silent.local_addr().unwrap().to_string(), group.addr(follower)];
+    addrs.extend(group.ids().into_iter().filter(|&id| id != follower).map(|id| group.addr(id)));
+    let addrs = addrs.join(",");
+
+    signal(&group, follower, "-STOP");
+    let within = Duration::from_secs(12);
+    let list = timely(&addrs, &["controller", "list"], within);
+    assert!(list.contains(&format!("leader {leader}")), "{list}");
+    timely(&addrs, &["status"], within);
+    timely(&addrs, &["task", "set-slo", "--task", "t", "--slo-ms", "400"], within);
+    timely(&addrs, &["history", "--limit", "5"], within);
+    signal(&group, follower, "-CONT");
+
+    // The leader paused: the others elect another, and writes go on within the leader wait.
+    signal(&group, leader, "-STOP");
+    // (It commits only under another leader: the paused one cannot reach a quorum.)
+    timely(&addrs, &["task", "set-slo", "--task", "t", "--slo-ms", "450"], Duration::from_secs(25));
+    signal(&group, leader, "-CONT");
+    drop(silent);
+}

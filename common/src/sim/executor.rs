@@ -41,7 +41,7 @@ pub(super) fn apply_plan<'s>(
             key: w.key.clone(),
             model_file: model_file(w.variant),
             shape: WorkerShape {
-                millicores: w.cores * 1000,
+                millicores: w.cores() * 1000,
                 max_batch: w.batch,
                 max_delay_ms: (w.max_delay * 1000.0).round() as u32,
             },
@@ -117,7 +117,7 @@ impl NodeTimeline {
                 task: w.key.task.clone(),
                 variant: w.key.variant.clone(),
                 replica: w.key.replica,
-                cores: w.pending.filter(|r| r.at <= t).map_or(w.cores, |r| r.cores),
+                cores: w.pending.filter(|r| r.at <= t).map_or(w.cores(), |r| r.cores),
             })
             .collect();
         serving.sort();
@@ -187,7 +187,7 @@ impl Executor for SimExecutor<'_> {
         if at > self.t {
             w.pending = Some(PendingResize { at, cores });
         } else {
-            w.cores = cores;
+            w.resize(cores);
         }
     }
 
@@ -199,7 +199,7 @@ impl Executor for SimExecutor<'_> {
     }
 
     fn millicores(&self, key: &WorkerKey) -> Option<u32> {
-        self.live(key).map(|i| self.workers[i].cores * 1000)
+        self.live(key).map(|i| self.workers[i].cores() * 1000)
     }
 
     fn starting(&self, task: &str) -> Vec<WorkerKey> {

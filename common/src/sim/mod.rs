@@ -598,7 +598,10 @@ impl<'a> Sim<'a> {
             self.drop_request(r.task);
             return;
         };
-        self.workers[w].enqueue(r);
+        if self.workers[w].enqueue(r, t).is_err() {
+            self.drop_request(r.task);
+            return;
+        }
         self.start(w, t);
     }
 
@@ -642,7 +645,7 @@ impl<'a> Sim<'a> {
     fn apply_due_resizes(&mut self, t: f64) {
         for w in &mut self.workers {
             if let Some(r) = w.pending.filter(|r| r.at <= t) {
-                w.cores = r.cores;
+                w.resize(r.cores);
                 w.pending = None;
             }
         }
@@ -668,7 +671,7 @@ impl<'a> Sim<'a> {
     /// A batch's latency: a floor plus an exponential tail, so that the mean is what the
     /// profile's throughput implies and one batch in a hundred passes its p99.
     fn service_time(&mut self, w: usize, k: u32) -> f64 {
-        let (variant, cores) = (self.workers[w].variant, self.workers[w].cores);
+        let (variant, cores) = (self.workers[w].variant, self.workers[w].cores());
         let grid = &self.grids[variant];
         let (floor, tail) =
             *self.latency_cache.entry((variant, cores, k)).or_insert_with(|| batch_latency(grid, cores, k));
@@ -695,7 +698,7 @@ impl<'a> Sim<'a> {
     fn complete(&mut self, w: usize, t: f64) {
         let variant = self.workers[w].variant;
         let (accuracy, normalised) = (self.variants[variant].accuracy, self.normalised[variant]);
-        let batch = std::mem::take(&mut self.workers[w].in_flight);
+        let batch = self.workers[w].finish(t);
         for r in batch {
             let accuracy_sum = r.accuracy_sum + accuracy;
             let accuracy_product = r.accuracy_product * accuracy / 100.0;
@@ -731,8 +734,8 @@ impl<'a> Sim<'a> {
 
     fn account_cores(&mut self, t: f64) {
         for w in self.workers.iter().filter(|w| !w.gone(t)) {
-            self.counters[self.task_of[w.variant]].core_seconds += w.cores as f64;
-            self.interval_cores += w.cores as f64;
+            self.counters[self.task_of[w.variant]].core_seconds += w.cores() as f64;
+            self.interval_cores += w.cores() as f64;
         }
         self.interval_seconds += 1;
     }

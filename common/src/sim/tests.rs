@@ -222,16 +222,16 @@ fn the_simulator_carries_plans_out_by_the_agents_executor_contract() {
 
     // t starts big (5 s to load) and shrinks small, after big; u's shrink waits for nothing.
     sim.apply(&sim_plan(&[("t", "small", 1), ("t", "big", 1), ("u", "small", 1)]), 10.0);
-    assert_eq!(find(&sim, "u", "small").cores, 1, "u shrinks at once: nothing of u starts");
-    assert_eq!(find(&sim, "t", "small").cores, 2);
+    assert_eq!(find(&sim, "u", "small").cores(), 1, "u shrinks at once: nothing of u starts");
+    assert_eq!(find(&sim, "t", "small").cores(), 2);
     assert_eq!(find(&sim, "t", "small").pending.map(|p| (p.at, p.cores)), Some((15.0, 1)));
     assert!(!find(&sim, "t", "big").serving(14.9) && find(&sim, "t", "big").serving(15.0));
 
     // The same plan again while big loads: the shrink still waits for it.
     sim.apply(&sim_plan(&[("t", "small", 1), ("t", "big", 1), ("u", "small", 1)]), 12.0);
-    assert_eq!(find(&sim, "t", "small").cores, 2, "a plan that comes while t's worker loads does not shrink t early");
+    assert_eq!(find(&sim, "t", "small").cores(), 2, "a plan that comes while t's worker loads does not shrink t early");
     sim.apply_due_resizes(15.0);
-    assert_eq!(find(&sim, "t", "small").cores, 1);
+    assert_eq!(find(&sim, "t", "small").cores(), 1);
 
     // t drops small (nothing of t starts: it retires now); u moves to big, and its small
     // serves until big does.

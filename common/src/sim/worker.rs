@@ -1,10 +1,11 @@
-//! One simulated worker: a deadline-ordered queue, the dynamic batcher of the agent (start a
-//! batch when it is full or its oldest request has waited the batcher timeout), and batch
-//! latencies drawn from the profile.
+//! One simulated worker: a deadline-ordered queue that sheds by the agent's rule
+//! ([`crate::shed`]), the dynamic batcher of the agent (start a batch when it is full or its
+//! oldest request has waited the batcher timeout), and batch latencies drawn from the profile.
 
 use std::collections::VecDeque;
 
 use crate::reconcile::WorkerKey;
+use crate::shed::{Admission, Shedder};
 
 /// A request waiting in or served by a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,7 +32,6 @@ pub(crate) struct SimWorker {
     /// Its identity in the plan, as on an agent.
     pub key: WorkerKey,
     pub variant: usize,
-    pub cores: u32,
     pub batch: u32,
     /// Batcher timeout, seconds.
     pub max_delay: f64,
@@ -41,8 +41,13 @@ pub(crate) struct SimWorker {
     pub ready_at: f64,
     /// When it stops taking requests (infinite while it is part of the plan).
     pub retire_at: f64,
+    /// The quota, in whole cores (see [`SimWorker::resize`]).
+    cores_now: u32,
     queue: VecDeque<Request>,
     pub in_flight: Vec<Request>,
+    /// When the batch in flight started.
+    started_at: f64,
+    shedder: Shedder,
     /// The batcher timeout currently armed, if any.
     pub wake_at: Option<f64>,
     /// An in-place resize down that waits until the workers that take over are ready.
@@ -71,7 +76,7 @@ impl SimWorker {
         Self {
             key: WorkerKey { task: String::new(), stage: String::new(), variant: String::new(), replica: 0 },
             variant,
-            cores,
+            cores_now: cores,
             batch: batch.max(1),
             max_delay,
             share,
@@ -79,6 +84,8 @@ impl SimWorker {
             retire_at: f64::INFINITY,
             queue: VecDeque::new(),
             in_flight: Vec::new(),
+            started_at: 0.0,
+            shedder: Shedder::default(),
             wake_at: None,
             pending: None,
         }
@@ -93,20 +100,37 @@ impl SimWorker {
         t >= self.retire_at && self.queue.is_empty() && self.in_flight.is_empty()
     }
 
-    /// Earliest deadline first (arrivals usually come in deadline order: a push at the back).
-    pub fn enqueue(&mut self, r: Request) {
-        let at = self.queue.iter().rposition(|q| q.deadline <= r.deadline).map_or(0, |i| i + 1);
-        self.queue.insert(at, r);
+    pub fn cores(&self) -> u32 {
+        self.cores_now
     }
 
-    /// Drops requests whose deadline has passed (returned), then starts a batch if the worker
-    /// is free and the batch is full or has waited long enough.
+    /// Resizes in place: batches take another time now, so the estimate is dropped (as the
+    /// agent's queue does).
+    pub fn resize(&mut self, cores: u32) {
+        self.cores_now = cores;
+        self.shedder.forget();
+    }
+
+    /// Queues a request in deadline order (arrivals usually come in deadline order: a push at
+    /// the back), unless the agent's rule refuses it at `t`: then it is given back.
+    pub fn enqueue(&mut self, r: Request, t: f64) -> Result<(), Request> {
+        let ahead = self.queue.iter().rposition(|q| q.deadline <= r.deadline).map_or(0, |i| i + 1);
+        if self.shedder.admit(t, ahead, r.deadline) != Admission::Admit {
+            return Err(r);
+        }
+        self.queue.insert(ahead, r);
+        Ok(())
+    }
+
+    /// Sheds the requests that could not finish with a batch started now (returned), then
+    /// starts a batch if the worker is free and the batch is full or has waited long enough.
     pub fn try_start(&mut self, t: f64, expired: &mut Vec<Request>) -> Next {
         if !self.in_flight.is_empty() {
             return Next::Idle;
         }
+        let cutoff = self.shedder.cutoff(t);
         while let Some(&r) = self.queue.front() {
-            if r.deadline < t {
+            if r.deadline <= cutoff {
                 expired.push(r);
                 self.queue.pop_front();
             } else {
@@ -118,12 +142,20 @@ impl SimWorker {
         if self.queue.len() >= self.batch as usize || t + 1e-12 >= due || self.batch == 1 {
             let k = self.queue.len().min(self.batch as usize);
             self.in_flight.extend(self.queue.drain(..k));
+            self.started_at = t;
             self.wake_at = None;
             Next::Started(k)
         } else {
             self.wake_at = Some(due);
             Next::WakeAt(due)
         }
+    }
+
+    /// The batch in flight finished at `t`: its requests, and the estimate updated.
+    pub fn finish(&mut self, t: f64) -> Vec<Request> {
+        let batch = std::mem::take(&mut self.in_flight);
+        self.shedder.record(batch.len(), t - self.started_at, t);
+        batch
     }
 }
 
@@ -148,13 +180,13 @@ mod tests {
     fn a_batch_starts_when_full_or_when_the_oldest_has_waited_long_enough() {
         let mut w = SimWorker::new(0, 1, 3, 0.05, 1.0, 0.0);
         let mut expired = Vec::new();
-        w.enqueue(req(0.0, 1.0));
+        w.enqueue(req(0.0, 1.0), 0.0).unwrap();
         assert_eq!(w.try_start(0.0, &mut expired), Next::WakeAt(0.05));
-        w.enqueue(req(0.01, 1.0));
-        w.enqueue(req(0.02, 1.0));
+        w.enqueue(req(0.01, 1.0), 0.01).unwrap();
+        w.enqueue(req(0.02, 1.0), 0.02).unwrap();
         assert_eq!(w.try_start(0.02, &mut expired), Next::Started(3));
-        w.in_flight.clear();
-        w.enqueue(req(0.1, 1.0));
+        w.finish(0.03);
+        w.enqueue(req(0.1, 1.0), 0.1).unwrap();
         assert_eq!(w.try_start(0.15, &mut expired), Next::Started(1), "timeout: a partial batch goes");
     }
 
@@ -162,11 +194,29 @@ mod tests {
     fn expired_requests_are_dropped_and_the_most_urgent_goes_first() {
         let mut w = SimWorker::new(0, 1, 1, 0.0, 1.0, 0.0);
         let mut expired = Vec::new();
-        w.enqueue(req(0.0, 0.1));
-        w.enqueue(req(0.0, 0.5));
-        w.enqueue(req(0.0, 0.3));
+        w.enqueue(req(0.0, 0.1), 0.0).unwrap();
+        w.enqueue(req(0.0, 0.5), 0.0).unwrap();
+        w.enqueue(req(0.0, 0.3), 0.0).unwrap();
         assert_eq!(w.try_start(0.2, &mut expired), Next::Started(1));
         assert_eq!(expired, vec![req(0.0, 0.1)]);
         assert_eq!(w.in_flight, vec![req(0.0, 0.3)]);
+    }
+
+    #[test]
+    fn after_a_batch_it_refuses_and_sheds_by_the_agents_rule() {
+        let mut w = SimWorker::new(0, 1, 1, 0.0, 1.0, 0.0);
+        let mut expired = Vec::new();
+        w.enqueue(req(0.0, 10.0), 0.0).unwrap();
+        assert_eq!(w.try_start(0.0, &mut expired), Next::Started(1));
+        assert_eq!(w.finish(0.2).len(), 1, "a batch takes 0.2 s");
+        assert_eq!(w.enqueue(req(0.2, 0.3), 0.2), Err(req(0.2, 0.3)), "its budget is shorter than a batch");
+        w.enqueue(req(0.2, 0.52), 0.2).unwrap();
+        assert!(w.enqueue(req(0.2, 0.55), 0.2).is_err(), "one ahead: 0.4 s of work in 0.35 s");
+        w.enqueue(req(0.2, 0.45), 0.2).unwrap();
+        // At 0.3 the one due at 0.45 could not finish (0.5) and is shed; the one due at 0.52 runs.
+        assert_eq!(w.try_start(0.3, &mut expired), Next::Started(1));
+        assert_eq!(expired, vec![req(0.2, 0.45)]);
+        w.resize(2);
+        assert!(w.enqueue(req(0.3, 0.31), 0.3).is_ok(), "resized: the estimate is forgotten");
     }
 }
