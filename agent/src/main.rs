@@ -19,6 +19,7 @@ use tidal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceS
 use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tracing::info;
 
 #[derive(Parser)]
@@ -281,6 +282,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_statuses(node.clone(), ready.clone()),
     )));
     let descriptors = [tidal_proto::TIDAL_DESCRIPTOR_SET, tidal_proto::KSERVE_V2_DESCRIPTOR_SET];
+    // Messages may come gzip- or deflate-compressed (tritonclient's `compression_algorithm`),
+    // and answers are compressed when the client accepts it (`grpc-accept-encoding`); the
+    // message limit holds for the message as decompressed.
+    macro_rules! compressed {
+        ($server:expr) => {
+            $server
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Deflate)
+                .send_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Deflate)
+        };
+    }
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
     let rest = tidal_agent::fronts::v2_rest::router(port.clone(), rest_limit);
     // The token is checked from the headers, before the message is read.
@@ -288,12 +301,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .accept_http1(true)
         .add_routes(rest.into())
         .add_service(TokenFirst::new(
-            InferenceServer::new(TidalApi(port.clone())).max_decoding_message_size(grpc_limit),
+            compressed!(InferenceServer::new(TidalApi(port.clone())).max_decoding_message_size(grpc_limit)),
             port.clone(),
             &[],
         ))
         .add_service(TokenFirst::new(
-            GrpcInferenceServiceServer::new(V2Grpc(port.clone())).max_decoding_message_size(grpc_limit),
+            compressed!(GrpcInferenceServiceServer::new(V2Grpc(port.clone())).max_decoding_message_size(grpc_limit)),
             port.clone(),
             V2_READS,
         ));

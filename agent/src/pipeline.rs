@@ -75,6 +75,7 @@ impl Pipeline {
     pub fn count_refused(&self, task: &str, arrived: Instant, error: &ServeError) {
         if self.node.task(task).is_some() {
             self.count(task.to_string(), arrived, false, Err(error));
+            self.node.model_stats.record_request(task, arrived, false);
         }
     }
 
@@ -90,7 +91,9 @@ impl Pipeline {
             Err(ServeError::WouldMiss { .. }) => (Outcome::DeadlineMissed, "shed"),
             Err(_) => (Outcome::Failed, "failed"),
         };
-        self.node.model_stats.record(&task, arrived, result.ok());
+        if let Ok(served) = result {
+            self.node.model_stats.record_inference(&task, served);
+        }
         if !is_forwarded {
             // The agent the client called counts the request, once, end to end.
             self.node.telemetry.outcome(&task, outcome);

@@ -138,4 +138,27 @@ mod tests {
         assert!(matches!(issue(&ca, &role, &[], dir.path(), 30), Err(CertError::Exists(_))));
         assert!(issue(&ca, &Role::Admin("a".into()), &[], dir.path(), 0).is_err(), "validity bounded");
     }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_own_is_refused_when_read() {
+        use crate::tls::TlsError;
+        use crate::{Security, TlsArgs};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init(&ca, "test", 30).unwrap();
+        let (admin_cert, admin_key) = issue(&ca, &Role::Admin("a".into()), &[], &dir.path().join("a"), 30).unwrap();
+        let (_, other_key) = issue(&ca, &Role::Admin("b".into()), &[], &dir.path().join("b"), 30).unwrap();
+        let args = |key: &Path| TlsArgs {
+            tls_ca: Some(ca.join(CA_CERT)),
+            tls_cert: Some(admin_cert.clone()),
+            tls_key: Some(key.to_path_buf()),
+            ..TlsArgs::default()
+        };
+        assert!(Security::from_args(&args(&admin_key)).is_ok());
+        match Security::from_args(&args(&other_key)) {
+            Err(e @ TlsError::KeyMismatch { .. }) => assert!(e.to_string().contains("does not belong"), "{e}"),
+            Err(e) => panic!("expected a key mismatch, got {e}"),
+            Ok(_) => panic!("a key of another certificate was taken"),
+        }
+    }
 }

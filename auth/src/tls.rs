@@ -1,7 +1,7 @@
 //! Mutual TLS for every gRPC connection (rustls through tonic), or plaintext when explicitly
 //! asked for. One [`Security`] per process serves its ports and dials its peers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -57,6 +57,31 @@ pub enum TlsError {
     Certificate(String),
     #[error("{0} is not a host:port address")]
     Address(String),
+    #[error(
+        "the key {key} does not belong to the certificate {cert}: give the key that was issued with it (`tidalctl \
+         certs issue` writes the two side by side)"
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+}
+
+/// Refuses a private key that is not the certificate's own: otherwise the mismatch shows only
+/// at the first handshake, as a bare "transport error" on the far side.
+fn check_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<(), TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
+    let private = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| TlsError::Certificate(format!("{}: not a private key in PEM: {e}", key.display())))?;
+    let provider = rustls::crypto::ring::default_provider();
+    match rustls::sign::CertifiedKey::from_der(chain, private, &provider) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            Err(TlsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
+        }
+        Err(e) => Err(TlsError::Certificate(format!("{} with {}: {e}", cert.display(), key.display()))),
+    }
 }
 
 struct Mtls {
@@ -98,6 +123,7 @@ impl Security {
         crate::warn_if_exposed(key, "the TLS private key");
         let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
         let role = Role::of_pem(&cert_pem).map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
+        check_key(cert, &cert_pem, key, &key_pem)?;
         let mut roots = rustls::RootCertStore::empty();
         use rustls::pki_types::pem::PemObject;
         for der in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {

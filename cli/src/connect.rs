@@ -31,14 +31,67 @@ fn security() -> anyhow::Result<&'static Security> {
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 const TCP_DEADLINE: Duration = Duration::from_secs(2);
 
+/// No answer from a server within its deadline, or from none of several addresses.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
 /// Connects `endpoint` within [`HANDSHAKE_DEADLINE`].
 async fn connect(endpoint: Endpoint, addr: &str, what: &str) -> anyhow::Result<Channel> {
     match tokio::time::timeout(HANDSHAKE_DEADLINE, endpoint.connect_timeout(TCP_DEADLINE).connect()).await {
-        Ok(connected) => connected.with_context(|| format!("connecting to the {what} at {addr}")),
-        Err(_) => anyhow::bail!(
+        Ok(connected) => connected
+            .map_err(|e| explain(e.into(), addr))
+            .with_context(|| format!("connecting to the {what} at {addr}")),
+        Err(_) => Err(Unreachable(format!(
             "connecting to the {what} at {addr}: no answer within {HANDSHAKE_DEADLINE:?} (it accepted the \
              connection but not the TLS and HTTP/2 handshakes: a paused or overloaded process, or not a Tidal port)"
-        ),
+        ))
+        .into()),
+    }
+}
+
+/// One side speaks TLS and the other plaintext: a setting to change, not a server to wait for.
+#[derive(Debug)]
+pub struct TlsMismatch(pub String);
+
+impl std::fmt::Display for TlsMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `error` from a call to `addr`, with what to do when its cause is that one side speaks TLS
+/// and the other plaintext (which shows only as a garbled record or a dropped connection).
+pub fn explain(error: anyhow::Error, addr: &str) -> anyhow::Error {
+    let text = format!("{error:#}");
+    let plaintext = SECURITY.get().is_some_and(Security::is_plaintext);
+    let hint = if !plaintext && (text.contains("InvalidContentType") || text.contains("corrupt message")) {
+        Some(format!(
+            "{addr} answers in plaintext and tidalctl speaks TLS: start the server with TLS, or give tidalctl \
+             --insecure-plaintext (TIDAL_INSECURE_PLAINTEXT=1) for a local demo"
+        ))
+    } else if plaintext
+        && ["broken pipe", "connection reset", "frame with invalid size", "connection closed", "h2 protocol error"]
+            .iter()
+            .any(|cue| text.to_lowercase().contains(cue))
+    {
+        Some(format!(
+            "{addr} closed a plaintext connection: it probably takes TLS only; give tidalctl --tls-ca, --tls-cert \
+             and --tls-key (TIDAL_TLS_*) instead of --insecure-plaintext"
+        ))
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => error.context(TlsMismatch(hint)),
+        None => error,
     }
 }
 

@@ -371,7 +371,7 @@ async fn main() -> std::process::ExitCode {
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", output::describe(&e));
             std::process::ExitCode::from(output::exit_code(&e) as u8)
         }
     }

@@ -58,22 +58,31 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 3;
     /// The cluster refused: not authenticated, not allowed, or not in a state to do it.
     pub const REFUSED: i32 = 4;
+    /// A change was sent and then not answered: it may or may not have taken effect (read
+    /// the state before sending it again).
+    pub const OUTCOME_UNKNOWN: i32 = 5;
 }
 
 /// The exit code for an error: the gRPC status or transport error anywhere in its chain
 /// decides; anything else is 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     use tonic::Code;
+    if error.downcast_ref::<crate::connect::TlsMismatch>().is_some() {
+        return exit::INVALID;
+    }
     for cause in error.chain() {
         if let Some(status) = cause.downcast_ref::<tonic::Status>() {
             return match status.code() {
                 Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::OutOfRange => exit::INVALID,
                 Code::Unavailable | Code::DeadlineExceeded => exit::UNREACHABLE,
                 Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => exit::REFUSED,
+                Code::Unknown => exit::OUTCOME_UNKNOWN,
                 _ => 1,
             };
         }
-        if cause.downcast_ref::<tonic::transport::Error>().is_some() {
+        if cause.downcast_ref::<tonic::transport::Error>().is_some()
+            || cause.downcast_ref::<crate::connect::Unreachable>().is_some()
+        {
             return exit::UNREACHABLE;
         }
         if cause.downcast_ref::<tidal_auth::tls::TlsError>().is_some() {
@@ -81,6 +90,26 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         }
     }
     1
+}
+
+/// An error as one line, each cause once: a gRPC status by its message and code (its own
+/// source, which tonic prints inside the status too, is left out), and a cause that repeats
+/// the one before it skipped.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        if let Some(status) = cause.downcast_ref::<tonic::Status>() {
+            let message = status.message().trim();
+            let message = if message.is_empty() { status.code().description() } else { message };
+            parts.push(format!("{message} [{:?}]", status.code()));
+            break;
+        }
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -109,5 +138,20 @@ mod tests {
         assert_eq!(exit_code(&err(tonic::Code::Unavailable)), exit::UNREACHABLE);
         assert_eq!(exit_code(&err(tonic::Code::PermissionDenied)), exit::REFUSED);
         assert_eq!(exit_code(&anyhow::anyhow!("something else")), 1);
+    }
+
+    #[test]
+    fn an_error_reads_as_one_line_with_each_cause_once() {
+        let status = tonic::Status::permission_denied("agent node-1 may not call SetSlo");
+        let e = anyhow::Error::new(status).context("setting the SLO");
+        assert_eq!(describe(&e), "setting the SLO: agent node-1 may not call SetSlo [PermissionDenied]");
+        assert_eq!(exit_code(&e), exit::REFUSED);
+        let unknown = anyhow::Error::new(tonic::Status::unknown("proposed, no answer"));
+        assert_eq!(exit_code(&unknown), exit::OUTCOME_UNKNOWN);
+        let io = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(io).context("connection refused").context("connecting to 10.0.0.1:7000");
+        assert_eq!(describe(&e), "connecting to 10.0.0.1:7000: connection refused");
+        let silent = anyhow::Error::new(crate::connect::Unreachable("no answer".into()));
+        assert_eq!(exit_code(&silent), exit::UNREACHABLE);
     }
 }

@@ -12,6 +12,8 @@ use tidal_proto::v1::{
 };
 use tonic::transport::Channel;
 
+use crate::connect::Unreachable;
+
 /// How long to wait for a leader to be elected before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
@@ -87,13 +89,41 @@ async fn connect(addr: &str) -> anyhow::Result<ControllerClient<Channel>> {
 async fn ask(addr: String) -> anyhow::Result<(String, ReplicaList)> {
     let read = async {
         let mut client = connect(&addr).await?;
-        let list = client.list_replicas(ListReplicasRequest {}).await.with_context(|| format!("asking {addr}"))?;
+        let list = client.list_replicas(ListReplicasRequest {}).await.map_err(|status| refused(status, &addr))?;
         anyhow::Ok(list.into_inner())
     };
     match tokio::time::timeout(ADDRESS_DEADLINE, read).await {
         Ok(list) => Ok((addr, list?)),
-        Err(_) => anyhow::bail!("the controller at {addr} did not answer within {ADDRESS_DEADLINE:?}"),
+        Err(_) => Err(no_answer(&addr)),
     }
+}
+
+fn no_answer(addr: &str) -> anyhow::Error {
+    Unreachable(format!("the controller at {addr} did not answer within {ADDRESS_DEADLINE:?}")).into()
+}
+
+/// A refused membership read, with what it means: every tidalctl call starts with one (to
+/// find the leader), so a certificate that may not read is refused whatever it asked for.
+fn refused(status: tonic::Status, addr: &str) -> anyhow::Error {
+    let denied = matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated);
+    let e = crate::connect::explain(anyhow::Error::new(status), addr);
+    if denied {
+        e.context(format!(
+            "the controller at {addr} refused tidalctl's certificate: tidalctl finds the leader by reading the \
+             group's membership (ListReplicas) before every call, which takes an admin's certificate (a \
+             reader's for reads); issue one with `tidalctl certs issue --role admin`"
+        ))
+    } else {
+        e.context(format!("asking {addr}"))
+    }
+}
+
+/// Whether an error is a refusal of this certificate (every replica would refuse it too).
+fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tonic::Status>()
+            .is_some_and(|s| matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    })
 }
 
 /// A client of the replica at `at` once it answers, within [`ADDRESS_DEADLINE`], that it
@@ -101,14 +131,14 @@ async fn ask(addr: String) -> anyhow::Result<(String, ReplicaList)> {
 async fn leading(at: &str) -> anyhow::Result<ControllerClient<Channel>> {
     let check = async {
         let mut client = connect(at).await?;
-        let view = client.list_replicas(ListReplicasRequest {}).await.with_context(|| format!("asking {at}"))?;
+        let view = client.list_replicas(ListReplicasRequest {}).await.map_err(|status| refused(status, at))?;
         let view = view.into_inner();
         anyhow::ensure!(view.leader == view.answered_by, "{at} (replica {}) does not lead", view.answered_by);
         Ok(client)
     };
     match tokio::time::timeout(ADDRESS_DEADLINE, check).await {
         Ok(client) => client,
-        Err(_) => anyhow::bail!("the controller at {at} did not answer within {ADDRESS_DEADLINE:?}"),
+        Err(_) => Err(no_answer(at)),
     }
 }
 
@@ -125,6 +155,7 @@ async fn any_replica(addrs: &str) -> anyhow::Result<(String, ReplicaList)> {
             Ok(answer) => {
                 leaderless.get_or_insert(answer);
             }
+            Err(e) if is_refusal(&e) => return Err(e),
             Err(e) => errors.push(e),
         }
     }
@@ -134,8 +165,8 @@ async fn any_replica(addrs: &str) -> anyhow::Result<(String, ReplicaList)> {
     if errors.len() == 1 {
         return Err(errors.remove(0));
     }
-    let causes: Vec<String> = errors.iter().map(|e| format!("  {e:#}")).collect();
-    anyhow::bail!("no controller replica answered:\n{}", causes.join("\n"))
+    let causes: Vec<String> = errors.iter().map(crate::output::describe).collect();
+    Err(Unreachable(format!("no controller replica answered ({})", causes.join("; "))).into())
 }
 
 /// A client of the controller leader, found through any of `addrs` (comma-separated),
@@ -152,9 +183,10 @@ pub async fn leader(addrs: &str) -> anyhow::Result<ControllerClient<Channel>> {
         let why = match at {
             Some(at) => match leading(&at).await {
                 Ok(client) => return Ok(client),
+                Err(e) if is_refusal(&e) => return Err(e),
                 Err(e) => e.context(format!("replica {} leads as {addr} sees it", list.leader)),
             },
-            None => anyhow::anyhow!("no controller leader is elected (asked {addr}, term {})", list.term),
+            None => Unreachable(format!("no controller leader is elected (asked {addr}, term {})", list.term)).into(),
         };
         if Instant::now() > deadline {
             return Err(why.context(format!("no controller leader answered within {LEADER_WAIT:?}")));

@@ -164,6 +164,47 @@ pub fn bytes_json(element: ElementType, data: &[u8]) -> Value {
     }
 }
 
+/// Raw bytes of a numeric `element` as f64 values (`None` for BYTES).
+pub fn numbers(element: ElementType, data: &[u8]) -> Option<Vec<f64>> {
+    fn each<T: bytemuck::Pod>(data: &[u8], f: impl Fn(T) -> f64) -> Vec<f64> {
+        data.chunks_exact(std::mem::size_of::<T>()).map(|c| f(bytemuck::pod_read_unaligned(c))).collect()
+    }
+    Some(match element {
+        ElementType::Bool => data.iter().map(|&b| f64::from(u8::from(b != 0))).collect(),
+        ElementType::Int8 => each(data, |x: i8| x.into()),
+        ElementType::Int16 => each(data, |x: i16| x.into()),
+        ElementType::Int32 => each(data, |x: i32| x.into()),
+        ElementType::Int64 => each(data, |x: i64| x as f64),
+        ElementType::Uint8 => each(data, |x: u8| x.into()),
+        ElementType::Uint16 => each(data, |x: u16| x.into()),
+        ElementType::Uint32 => each(data, |x: u32| x.into()),
+        ElementType::Uint64 => each(data, |x: u64| x as f64),
+        ElementType::Fp32 => each(data, |x: f32| x.into()),
+        ElementType::Fp64 => each(data, |x: f64| x),
+        ElementType::Fp16 => each(data, |x: u16| half::f16::from_bits(x).to_f64()),
+        ElementType::Bf16 => each(data, |x: u16| half::bf16::from_bits(x).to_f64()),
+        ElementType::Bytes => return None,
+    })
+}
+
+/// Triton's classification extension: of each of the `rows` equal rows of `values`, the `k`
+/// highest (at most the row's length), highest first and the lower index first among
+/// equals, as `"value:index"` (the value as Triton prints it: six decimals for a float, an
+/// integer as is). A NaN ranks below every number.
+pub fn top_classes(values: &[f64], rows: usize, k: usize, integer: bool) -> Vec<String> {
+    let cols = values.len().checked_div(rows).unwrap_or(0);
+    let rank = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
+    let mut out = Vec::with_capacity(rows * k.min(cols));
+    for row in values.chunks_exact(cols.max(1)).take(rows) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| rank(row[b]).total_cmp(&rank(row[a])).then(a.cmp(&b)));
+        for &i in order.iter().take(k) {
+            out.push(if integer { format!("{}:{i}", row[i] as i64) } else { format!("{:.6}:{i}", row[i]) });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +282,18 @@ mod tests {
         assert!(contents_bytes(ElementType::Int64, &wrong_field).is_err());
         assert!(contents_bytes(ElementType::Fp16, &InferTensorContents::default()).is_err());
         assert!(element("x", "BYTES").is_ok() && element("x", "FLOAT").is_err());
+    }
+
+    #[test]
+    fn classes_are_the_highest_values_of_each_row_highest_first() {
+        let values = [0.1, 2.5, -1.0, 2.5, f64::NAN, 7.0, 3.0, 1.0];
+        assert_eq!(
+            top_classes(&values, 2, 3, false),
+            ["2.500000:1", "2.500000:3", "0.100000:0", "7.000000:1", "3.000000:2", "1.000000:3"]
+        );
+        assert_eq!(top_classes(&[5.0, 9.0], 1, 10, true), ["9:1", "5:0"], "at most the row's length");
+        let ints = numbers(ElementType::Int32, &[3i32, -4].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+        assert_eq!(ints, Some(vec![3.0, -4.0]));
+        assert_eq!(numbers(ElementType::Bytes, &[]), None);
     }
 }

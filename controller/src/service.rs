@@ -43,6 +43,9 @@ impl ControllerService {
             ProposeError::Stopped | ProposeError::Timeout(_) | ProposeError::Busy => Status::unavailable(e.to_string()),
             ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
             ProposeError::Raft(_) => Status::internal(e.to_string()),
+            // Not UNAVAILABLE, which says "nothing was done, send it again": a client that
+            // retried this could apply the command twice.
+            ProposeError::OutcomeUnknown(_) => Status::unknown(format!("{e}; read the state before sending it again")),
         }
     }
 
@@ -246,9 +249,15 @@ impl ControllerApi for ControllerService {
     async fn status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
         self.guard.require(&request, "Status", may_read)?;
         self.require_leader().await?;
+        let asked = self.ctl.raft.status();
         // Even the leader confirms it still leads before answering (it may be cut off).
         self.ctl.raft.read_index().await.map_err(|e| self.refusal(e))?;
         let raft = self.ctl.raft.status();
+        if !raft.is_leader || raft.term != asked.term {
+            // It lost leadership during the read: the answer would name a leader it was not
+            // read under.
+            return Err(not_leader(self.ctl.raft.leader_address().as_deref()));
+        }
         let state = self.ctl.raft.read(|s| s.clone());
         let now = Instant::now();
         let status = self.ctl.observed(|o| {

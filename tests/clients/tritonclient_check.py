@@ -2,10 +2,14 @@
 """Calls a Tidal agent with Triton's own Python client (tritonclient.grpc, or tritonclient.http
 for V2's REST form), as a Triton user would, and prints what it got as one JSON object on
 stdout. The Rust test that runs it (tests/tests/v2_protocol.rs) checks the answers against
-Tidal's own API. Over HTTP, one sample travels as binary tensor data and three as JSON."""
+Tidal's own API. Over HTTP, one sample travels as binary tensor data and three as JSON. Then
+the paths users take beyond a plain call: compressed requests and answers (gzip, deflate), the
+classification extension (`class_count`), the asynchronous call, and over gRPC the
+bidirectional stream (`start_stream`, `async_stream_infer`), an error in it included."""
 
 import argparse
 import json
+import queue
 import sys
 
 import numpy as np
@@ -32,15 +36,25 @@ def main():
     shape = [int(d) for d in a.shape.split(",")]
     x = np.fromfile(a.sample, dtype="<f4").reshape([1] + shape)
 
-    def infer(model, batch, parameters=None, binary=True):
+    def request(batch, binary=True, class_count=0):
         tensor = lib.InferInput("input", list(batch.shape), "FP32")
         if http:
             tensor.set_data_from_numpy(batch, binary_data=binary)
-            wanted = [lib.InferRequestedOutput("output", binary_data=binary)]
+            wanted = [lib.InferRequestedOutput("output", binary_data=binary, class_count=class_count)]
         else:
             tensor.set_data_from_numpy(batch)
-            wanted = [lib.InferRequestedOutput("output")]
-        return client.infer(model, [tensor], outputs=wanted, headers=headers, parameters=parameters)
+            wanted = [lib.InferRequestedOutput("output", class_count=class_count)]
+        return [tensor], wanted
+
+    def infer(model, batch, parameters=None, binary=True, class_count=0, compression=None):
+        inputs, wanted = request(batch, binary, class_count)
+        if compression is None:
+            compressed = {}
+        elif http:
+            compressed = {"request_compression_algorithm": compression, "response_compression_algorithm": compression}
+        else:
+            compressed = {"compression_algorithm": compression}
+        return client.infer(model, inputs, outputs=wanted, headers=headers, parameters=parameters, **compressed)
 
     config = client.get_model_config(a.model, headers=headers, **as_json)
     out = {
@@ -62,6 +76,43 @@ def main():
         out["unknown_model"] = "answered"
     except InferenceServerException as e:
         out["unknown_model"] = e.status()
+    for compression in ["gzip", "deflate"]:
+        out[compression] = infer(a.model, x, compression=compression).as_numpy("output").tolist()
+    classes = infer(a.model, x, class_count=3).as_numpy("output")
+    out["classes"] = [[c.decode() for c in row] for row in classes]
+    try:
+        infer(a.model, x, class_count=-1)
+        out["bad_class_count"] = "answered"
+    except InferenceServerException as e:
+        out["bad_class_count"] = f"{e.status()} {e.message()}"
+    inputs, wanted = request(x)
+    if http:
+        pending = client.async_infer(a.model, inputs, outputs=wanted, headers=headers)
+        out["async"] = pending.get_result().as_numpy("output").tolist()
+    else:
+        done = queue.Queue()
+        client.async_infer(
+            a.model, inputs, callback=lambda result, error: done.put((result, error)), outputs=wanted, headers=headers
+        )
+        result, error = done.get(timeout=60)
+        out["async"] = result.as_numpy("output").tolist() if error is None else str(error)
+        # One stream: two requests answered in order, and one for a model that does not exist
+        # answered with its error in the stream, which goes on.
+        answers = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
+        for model, request_id in [(a.model, "first"), ("no-such-task", "bad"), (a.model, "last")]:
+            inputs, wanted = request(x)
+            client.async_stream_infer(model, inputs, outputs=wanted, request_id=request_id)
+        stream = []
+        for _ in range(3):
+            result, error = answers.get(timeout=60)
+            if error is None:
+                response = result.get_response()
+                stream.append({"id": response.id, "output": result.as_numpy("output").tolist()})
+            else:
+                stream.append({"error": error.message()})
+        client.stop_stream()
+        out["stream"] = stream
     out["statistics"] = client.get_inference_statistics(a.model, headers=headers, **as_json)
     json.dump(out, sys.stdout)
 

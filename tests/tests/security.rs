@@ -171,6 +171,35 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
         async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
     })
     .await;
+
+    // tidalctl says what went wrong and what to do, one line, one exit code per kind: an
+    // agent's certificate used for an admin call, a key that is not the certificate's own,
+    // plaintext against a TLS port.
+    let tidalctl = |flags: Vec<String>, args: &[&str]| {
+        let out = std::process::Command::new(bin("tidalctl"))
+            .env_remove("TIDAL_INSECURE_PLAINTEXT")
+            .args(["--controller", &ctl_addr])
+            .args(&flags)
+            .args(args)
+            .output()
+            .expect("tidalctl runs");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let set_slo = ["task", "set-slo", "--task", "classify", "--slo-ms", "900"];
+    let (exit, err) = tidalctl(tls_flags(&certs, &node), &set_slo);
+    assert_eq!(exit, Some(4), "{err}");
+    assert!(err.contains("refused tidalctl's certificate") && err.contains("--role admin"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let mut mismatched = tls_flags(&certs, &admin);
+    let node_key = tls_flags(&certs, &node);
+    let key_at = mismatched.iter().position(|f| f == "--tls-key").unwrap() + 1;
+    mismatched[key_at] = node_key[node_key.iter().position(|f| f == "--tls-key").unwrap() + 1].clone();
+    let (exit, err) = tidalctl(mismatched, &set_slo);
+    assert_eq!(exit, Some(2), "{err}");
+    assert!(err.contains("does not belong to the certificate"), "{err}");
+    let (exit, err) = tidalctl(vec!["--insecure-plaintext".into()], &["status"]);
+    assert_eq!(exit, Some(2), "a setting to change: {err}");
+    assert!(err.contains("TLS"), "plaintext against a TLS port says so: {err}");
     let point = ProfilePoint {
         cores: 1,
         batch: 1,

@@ -408,7 +408,10 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
     // tritonclient, as a Triton user calls a server: over gRPC, then over HTTP/REST on the same
     // port (one sample as binary tensor data, three as JSON).
     let shape_arg = shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    for (protocol, served) in [("grpc", 6), ("http", 10)] {
+    // Samples served and requests answered since the start, after each run: 2 of each through
+    // Tidal's API; per run 1 + 3 samples plain, 2 compressed, 1 classified, 1 asynchronous,
+    // and over gRPC 2 in a stream.
+    for (protocol, served, requests) in [("grpc", 12, 10), ("http", 20, 16)] {
         let mut cmd = Command::new("python3");
         cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/tritonclient_check.py"))
             .args(["--url", &s.agent.addr, "--model", "classify", "--shape", &shape_arg, "--protocol", protocol])
@@ -442,9 +445,46 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
         assert_eq!(if protocol == "grpc" { &variant["string_param"] } else { variant }, "resnet18");
         let not_found = if protocol == "grpc" { "StatusCode.NOT_FOUND" } else { "404" };
         assert_eq!(got["unknown_model"], not_found);
-        let count = &got["statistics"]["model_stats"][0]["inference_count"];
-        let count = count.as_u64().or_else(|| count.as_str().and_then(|c| c.parse().ok()));
-        assert_eq!(count, Some(served), "{protocol}: 2 through Tidal's API, 1 + 3 per tritonclient run");
+        // Compressed both ways, and asynchronous: the same answer.
+        for path in ["gzip", "deflate", "async"] {
+            assert_close(&floats(&got[path][0]), &own_a, &format!("tritonclient {protocol}, {path}"));
+        }
+        // Classification: the three highest logits, as Triton gives them.
+        let mut ranked: Vec<(usize, f32)> = own_a.iter().copied().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let classes: Vec<(f32, usize)> = got["classes"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let (value, index) = c.as_str().unwrap().split_once(':').unwrap();
+                (value.parse().unwrap(), index.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(classes.iter().map(|c| c.1).collect::<Vec<_>>(), [ranked[0].0, ranked[1].0, ranked[2].0]);
+        assert!((classes[0].0 - ranked[0].1).abs() < 1e-3, "{classes:?} against {:?}", &ranked[..3]);
+        let bad = got["bad_class_count"].as_str().unwrap();
+        let invalid = if protocol == "grpc" { "StatusCode.INVALID_ARGUMENT" } else { "400" };
+        assert!(bad.starts_with(invalid) && bad.contains("classification"), "{protocol}: {bad}");
+        if protocol == "grpc" {
+            let stream = got["stream"].as_array().unwrap();
+            assert_eq!(stream[0]["id"], "first", "answers in order: {stream:?}");
+            assert_close(&floats(&stream[0]["output"][0]), &own_a, "the stream's first answer");
+            assert!(stream[1]["error"].as_str().unwrap().contains("no-such-task"), "{stream:?}");
+            assert_eq!(stream[2]["id"], "last", "the stream goes on after an error: {stream:?}");
+        }
+        let number = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|c| c.parse().ok()));
+        let stats = &got["statistics"]["model_stats"][0];
+        assert_eq!(number(&stats["inference_count"]), Some(served), "{protocol}: samples served");
+        let success = number(&stats["inference_stats"]["success"]["count"]);
+        assert_eq!(success, Some(requests), "{protocol}: requests answered, whatever their samples");
+        let batches = stats["batch_stats"].as_array().unwrap();
+        assert!(!batches.is_empty(), "{protocol}: batch statistics: {stats}");
+        let executed: u64 = batches.iter().map(|b| number(&b["compute_infer"]["count"]).unwrap_or(0)).sum();
+        let executions = number(&stats["execution_count"]).unwrap();
+        // Each size's count and the total are rounded apart (a sample adds 1/size of a batch).
+        assert!(executed >= 1 && executed.abs_diff(executions) <= batches.len() as u64, "{protocol}: {stats}");
+        assert!(batches.iter().all(|b| number(&b["batch_size"]).is_some_and(|n| n >= 1)), "{protocol}: {stats}");
     }
 
     // perf_analyzer: a fixed concurrency, then a replayed trace of inter-arrival times.
@@ -452,12 +492,16 @@ async fn triton_s_python_client_and_perf_analyzer_drive_an_agent() {
     std::fs::write(&intervals, (0..40).map(|i| format!("{}\n", 20_000 + (i % 4) * 10_000)).collect::<String>())
         .unwrap();
     let csv = s.work.path().join("perf.csv");
-    let runs: [Vec<String>; 2] = [
+    let runs: [Vec<String>; 3] = [
         vec!["--concurrency-range".into(), "2".into(), "-f".into(), csv.display().to_string()],
         vec!["--request-intervals".into(), intervals.display().to_string()],
+        vec!["--streaming".into(), "--concurrency-range".into(), "2".into()],
     ];
-    for (protocol, extra) in [("grpc", runs[0].clone()), ("grpc", runs[1].clone()), ("http", runs[1].clone())] {
-        let mut cmd = Command::new(tools.join("bin/perf_analyzer"));
+    let plans = [("grpc", &runs[0]), ("grpc", &runs[1]), ("http", &runs[1]), ("grpc", &runs[2])];
+    for (protocol, extra) in plans.map(|(p, e)| (p, e.clone())) {
+        // A run that hangs (as perf_analyzer --streaming once did) fails here, not the whole suite.
+        let mut cmd = Command::new("timeout");
+        cmd.arg("180").arg(tools.join("bin/perf_analyzer"));
         cmd.args(["-m", "classify", "-u", &s.agent.addr, "-i", protocol, "--measurement-mode", "count_windows"])
             .args(["--measurement-request-count", "60", "--max-trials", "3", "-s", "100"])
             .args(&extra);

@@ -23,7 +23,14 @@ impl Inference for TidalApi {
         let (metadata, _, req) = request.into_parts();
         let forwarded = request_forwarded(&metadata);
         let count = forwarded.is_none() && !metadata.contains_key(tidal_proto::COUNTED_METADATA);
-        self.0.pipeline.infer(req, arrived, forwarded, count).await.map(Response::new).map_err(|e| {
+        let task = req.task.clone();
+        let is_forwarded = forwarded.is_some();
+        let served = self.0.pipeline.infer(req, arrived, forwarded, count).await;
+        if !is_forwarded && self.0.node().task(&task).is_some() {
+            // A client's request; one forwarded from another agent is counted where it arrived.
+            self.0.node().model_stats.record_request(&task, arrived, served.is_ok());
+        }
+        served.map(Response::new).map_err(|e| {
             let mut status = Status::from(e);
             if count && status.code() == tonic::Code::Unavailable {
                 status

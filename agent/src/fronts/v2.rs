@@ -38,7 +38,12 @@ pub const BUDGET_PARAMETER: &str = "budget_ms";
 const VERSION: &str = "1";
 /// What ServerMetadata lists: the protocol extensions an agent implements (binary tensor data
 /// over HTTP/REST, see the `v2_rest` module).
-pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "parameters", "binary_tensor_data"];
+pub const EXTENSIONS: &[&str] =
+    &["model_configuration", "statistics", "parameters", "binary_tensor_data", "classification"];
+/// The output parameter of Triton's classification extension: how many classes to answer.
+pub const CLASSIFICATION_PARAMETER: &str = "classification";
+/// The most classes a request may ask of one output.
+const MAX_CLASSES: i64 = 1 << 20;
 
 fn invalid(msg: impl Into<String>) -> ServeError {
     ServeError::InvalidInput(msg.into())
@@ -353,10 +358,74 @@ pub async fn infer(
 ) -> Result<ModelInferResponse, Status> {
     let task = port.node().task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
     let id = req.id.clone();
-    let requests = samples(req, &task).inspect_err(|e| port.pipeline.count_refused(&task.name, arrived, e))?;
+    let checked = requested_classes(&req, &task).and_then(|classes| Ok((classes, samples(req, &task)?)));
+    let (classes, requests) = checked.inspect_err(|e| port.pipeline.count_refused(&task.name, arrived, e))?;
     let answers = requests.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
-    let answers = futures::future::try_join_all(answers).await?;
-    Ok(response(id, &task.name, answers)?)
+    let answered = futures::future::try_join_all(answers)
+        .await
+        .and_then(|answers| response(id, &task.name, answers))
+        .and_then(|answer| classified(answer, &classes, &task));
+    port.node().model_stats.record_request(&task.name, arrived, answered.is_ok());
+    Ok(answered?)
+}
+
+/// The outputs a request asks to be classified (Triton's classification extension: the
+/// output parameter `classification`, tritonclient's `class_count`), with how many classes.
+fn requested_classes(req: &ModelInferRequest, task: &TaskSpec) -> Result<Vec<(String, usize)>, ServeError> {
+    let (_, last) = io(task)?;
+    let mut classes = Vec::new();
+    for o in &req.outputs {
+        let Some(p) = o.parameters.get(CLASSIFICATION_PARAMETER) else { continue };
+        let k = match p.parameter_choice {
+            Some(ParameterChoice::Int64Param(k)) => k,
+            Some(ParameterChoice::Uint64Param(k)) => i64::try_from(k).unwrap_or(i64::MAX),
+            _ => return Err(invalid(format!("output {:?}: {CLASSIFICATION_PARAMETER} is a count of classes", o.name))),
+        };
+        if !(1..=MAX_CLASSES).contains(&k) {
+            return Err(invalid(format!(
+                "output {:?}: {CLASSIFICATION_PARAMETER} is 1–{MAX_CLASSES} classes, not {k}",
+                o.name
+            )));
+        }
+        if last.outputs.iter().any(|d| d.name == o.name && d.element == ElementType::Bytes) {
+            return Err(invalid(format!("output {:?} is text (BYTES): it has no classes to rank", o.name)));
+        }
+        classes.push((o.name.clone(), k as usize));
+    }
+    Ok(classes)
+}
+
+/// The answer with each output in `classes` replaced by its highest classes per sample, as
+/// Triton answers: BYTES `"value:index"`, shape [samples, k] (a batched task) or [k].
+fn classified(
+    mut answer: ModelInferResponse,
+    classes: &[(String, usize)],
+    task: &TaskSpec,
+) -> Result<ModelInferResponse, ServeError> {
+    let batched = io(task)?.1.batched;
+    for (name, k) in classes {
+        let i = answer
+            .outputs
+            .iter()
+            .position(|o| &o.name == name)
+            .ok_or_else(|| ServeError::Model(format!("the model gave no output {name:?}")))?;
+        let output = &mut answer.outputs[i];
+        let element = v2_tensor::element(&output.name, &output.datatype).map_err(ServeError::Model)?;
+        let data = answer.raw_output_contents.get_mut(i).ok_or_else(|| ServeError::Model("no output data".into()))?;
+        let values = v2_tensor::numbers(element, data)
+            .ok_or_else(|| invalid(format!("output {name:?} is text (BYTES): it has no classes to rank")))?;
+        let rows = match output.shape.first() {
+            Some(&n) if batched => usize::try_from(n).unwrap_or(0).max(1),
+            _ => 1,
+        };
+        let k = (*k).min(values.len() / rows);
+        let integer = !matches!(element, ElementType::Fp16 | ElementType::Bf16 | ElementType::Fp32 | ElementType::Fp64);
+        let top = v2_tensor::top_classes(&values, rows, k, integer);
+        output.datatype = ElementType::Bytes.v2_name().into();
+        output.shape = if batched { vec![rows as i64, k as i64] } else { vec![k as i64] };
+        *data = tidal_common::tensor::encode_strings(&top);
+    }
+    Ok(answer)
 }
 
 /// Statistics of one task, or of every task when `name` is empty.

@@ -13,6 +13,9 @@
 //! POST /v2/models/{model}[/versions/{version}]/infer
 //! ```
 //!
+//! Request and response bodies may be gzip- or deflate-compressed (`Content-Encoding`,
+//! `Accept-Encoding`).
+//!
 //! Health and readiness are answered by the status code (200 true, 400 false, as Triton does) and
 //! by the protocol's bodies, `{"live": true}`, `{"ready": …}` and `{"name": …, "ready": …}`,
 //! which the KServe SDK reads. Errors are `{"error": "…"}` with the HTTP status that matches the
@@ -38,6 +41,8 @@ use tidal_proto::inference::{
 };
 use tidal_proto::v1::TaskSpec;
 use tonic::{Code, Status};
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::error::ServeError;
 use crate::fronts::v2::{self, config, metadata};
@@ -63,7 +68,15 @@ pub fn router(port: InferencePort, body_limit: usize) -> Router {
             .route(&format!("{model}/stats"), get(model_statistics))
             .route(&format!("{model}/infer"), post(infer));
     }
-    router.fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(port)
+    // Bodies may come gzip- or deflate-compressed (`Content-Encoding`; 415 for another coding),
+    // and the limit holds for the body as decompressed; answers are compressed when the client
+    // accepts it (`Accept-Encoding`), as Triton's HTTP clients ask.
+    router
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestDecompressionLayer::new().gzip(true).deflate(true).no_br().no_zstd())
+        .layer(CompressionLayer::new().gzip(true).deflate(true).no_br().no_zstd())
+        .with_state(port)
 }
 
 #[derive(Deserialize)]
@@ -253,7 +266,12 @@ fn statistics(stats: &[ModelStatistics]) -> Value {
                     "cache_hit": duration(i.cache_hit),
                     "cache_miss": duration(i.cache_miss),
                 },
-                "batch_stats": [],
+                "batch_stats": m.batch_stats.iter().map(|b| json!({
+                    "batch_size": b.batch_size,
+                    "compute_input": duration(b.compute_input),
+                    "compute_infer": duration(b.compute_infer),
+                    "compute_output": duration(b.compute_output),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -362,8 +380,8 @@ fn infer_request(
     let outputs = b
         .outputs
         .into_iter()
-        .map(|o| InferRequestedOutputTensor { name: o.name, parameters: HashMap::new() })
-        .collect();
+        .map(|o| Ok(InferRequestedOutputTensor { parameters: parameters(&o.parameters)?, name: o.name }))
+        .collect::<std::result::Result<_, Status>>()?;
     let request = ModelInferRequest {
         model_name: path.model,
         model_version: path.version.unwrap_or_default(),

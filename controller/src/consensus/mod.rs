@@ -32,8 +32,12 @@ use crate::transport::{AddressBook, Feedback, FeedbackSink, Network, Outbound, R
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ProposeError {
-    #[error("this replica is not the leader (leader: {0:?})")]
+    /// Refused before it was proposed: nothing was done, and it is safe to send again.
+    #[error("this replica is not the leader (leader: {0:?}); nothing was proposed")]
     NotLeader(Option<u64>),
+    /// Proposed, and then no answer: it may still commit, or never.
+    #[error("the command was proposed but {0}: it may or may not take effect")]
+    OutcomeUnknown(String),
     #[error("the command was refused: {0}")]
     Rejected(String),
     #[error("the replica is shutting down")]
@@ -175,22 +179,32 @@ impl RaftHandle {
         (leader != 0).then(|| self.peers.api(leader)).flatten()
     }
 
-    async fn ask(&self, input: impl FnOnce(Reply) -> Input, timeout: Duration) -> Result<(), ProposeError> {
+    /// Hands `input` to the driver and waits for its answer. Refused at the hand-over, nothing
+    /// was done; a write handed over and then not answered (a timeout, a driver that stopped)
+    /// may have been proposed: its outcome is unknown.
+    async fn ask(
+        &self,
+        input: impl FnOnce(Reply) -> Input,
+        timeout: Duration,
+        write: bool,
+    ) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx.try_send(input(reply)).map_err(refused)?;
+        let unanswered = |e: ProposeError, why: String| if write { ProposeError::OutcomeUnknown(why) } else { e };
         match tokio::time::timeout(timeout, rx).await {
-            Ok(answer) => answer.map_err(|_| ProposeError::Stopped)?,
-            Err(_) => Err(ProposeError::Timeout(timeout)),
+            Ok(answer) => answer
+                .map_err(|_| unanswered(ProposeError::Stopped, "the replica stopped before it answered".into()))?,
+            Err(_) => Err(unanswered(ProposeError::Timeout(timeout), format!("no answer came within {timeout:?}"))),
         }
     }
 
     /// Proposes a command and waits until it is applied.
     pub async fn propose(&self, cmd: Command) -> Result<(), ProposeError> {
-        self.ask(|reply| Input::Propose { cmd: Box::new(cmd), reply }, PROPOSE_TIMEOUT).await
+        self.ask(|reply| Input::Propose { cmd: Box::new(cmd), reply }, PROPOSE_TIMEOUT, true).await
     }
 
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
-        self.ask(|reply| Input::Membership { change, reply }, PROPOSE_TIMEOUT).await
+        self.ask(|reply| Input::Membership { change, reply }, PROPOSE_TIMEOUT, true).await
     }
 
     /// Whether the Raft driver still runs.
@@ -218,7 +232,7 @@ impl RaftHandle {
 
     /// Asks the leader to hand leadership to `to` (answers once the transfer has started).
     pub async fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
-        self.ask(|reply| Input::TransferLeader { to, reply }, PROPOSE_TIMEOUT).await
+        self.ask(|reply| Input::TransferLeader { to, reply }, PROPOSE_TIMEOUT, false).await
     }
 
     /// Waits until this replica's state reflects every command committed before the call
@@ -228,7 +242,7 @@ impl RaftHandle {
     pub async fn read_index(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
         loop {
-            match self.ask(|reply| Input::ReadIndex { reply }, READ_ATTEMPT).await {
+            match self.ask(|reply| Input::ReadIndex { reply }, READ_ATTEMPT, false).await {
                 Err(ProposeError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
                 Err(ProposeError::Timeout(_)) => return Err(ProposeError::Timeout(READ_TIMEOUT)),
                 other => return other,
@@ -530,7 +544,10 @@ impl Driver {
     fn suspend(&mut self, e: StorageError) {
         error!(error = %e, "raft storage failed: this replica steps down until its store takes writes again");
         self.suspended = Some(0);
-        self.fail_all(ProposeError::NotLeader(None));
+        self.fail_all(
+            ProposeError::OutcomeUnknown("this replica's storage failed before it committed".into()),
+            ProposeError::NotLeader(None),
+        );
     }
 
     /// Reloads the durable state and makes the node again from it, as a restart would.
@@ -850,9 +867,10 @@ impl Driver {
         Ok(())
     }
 
-    fn fail_all(&mut self, e: ProposeError) {
+    /// Answers every proposal under way with `proposed`, and every read with `e`.
+    fn fail_all(&mut self, proposed: ProposeError, e: ProposeError) {
         for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err(e.clone()));
+            let _ = reply.send(Err(proposed.clone()));
         }
         for (_, reply) in self.reads.drain() {
             let _ = reply.send(Err(e.clone()));
@@ -889,10 +907,10 @@ impl Driver {
         };
         let was_leader = self.status.borrow().is_leader;
         if was_leader && !status.is_leader {
-            // Lost leadership: what was proposed here may never commit.
-            let leader = Some(status.leader).filter(|&l| l != 0);
+            // Lost leadership: what was proposed here may commit under the next leader, or never.
+            let lost = format!("this replica lost leadership (to {}) before it committed", status.leader);
             for (_, reply) in self.pending.drain() {
-                let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+                let _ = reply.send(Err(ProposeError::OutcomeUnknown(lost.clone())));
             }
         }
         self.status.send_if_modified(|current| {
