@@ -297,7 +297,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // One port for gRPC (HTTP/2) and V2's REST form (HTTP/1.1 or HTTP/2).
     let rest = tidal_agent::fronts::v2_rest::router(port.clone(), rest_limit);
     // The token is checked from the headers, before the message is read.
-    let inference = bounded(security.server_builder(ClientAuth::Optional)?, args.max_streams)
+    // TLS is this port's own (below): tonic's offers HTTP/2 only by ALPN, which HTTP/1.1
+    // clients of the REST form refuse at the handshake.
+    let inference = bounded(tonic::transport::Server::builder(), args.max_streams)
         .accept_http1(true)
         .add_routes(rest.into())
         .add_service(TokenFirst::new(
@@ -314,14 +316,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         <InferenceServer<TidalApi> as tonic::server::NamedService>::NAME,
         <GrpcInferenceServiceServer<V2Grpc> as tonic::server::NamedService>::NAME,
     ];
-    let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &inference_services, &descriptors)?
-        .serve_with_incoming_shutdown(inference_listener.incoming(), stop.clone().cancelled_owned());
+    let inference = tidal_daemon::grpc_std::add_standard(inference, &health, &inference_services, &descriptors)?;
+    let until = stop.clone().cancelled_owned();
+    let inference =
+        match security.tls_acceptor(ClientAuth::Optional)? {
+            Some(tls) => tokio::spawn(inference.serve_with_incoming_shutdown(
+                inference_listener.incoming_tls(tls, tidal_auth::tls::TLS_HANDSHAKE),
+                until,
+            )),
+            None => tokio::spawn(inference.serve_with_incoming_shutdown(inference_listener.incoming(), until)),
+        };
     let control = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
         .add_service(AgentServer::new(control_service).max_decoding_message_size(grpc_limit));
     let control_services = [<AgentServer<ControlService> as tonic::server::NamedService>::NAME];
     let control = tidal_daemon::grpc_std::add_standard(control, &health, &control_services, &descriptors)?
         .serve_with_incoming_shutdown(control_listener.incoming(), stop.clone().cancelled_owned());
-    let (mut inference, mut control) = (tokio::spawn(inference), tokio::spawn(control));
+    let (mut inference, mut control) = (inference, tokio::spawn(control));
     if let Some(path) = &args.ready_file {
         tidal_daemon::ready_file::write(path, &bound).with_context(|| format!("writing {}", path.display()))?;
     }

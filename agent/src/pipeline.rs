@@ -75,7 +75,10 @@ impl Pipeline {
     pub fn count_refused(&self, task: &str, arrived: Instant, error: &ServeError) {
         if self.node.task(task).is_some() {
             self.count(task.to_string(), arrived, false, Err(error));
-            self.node.model_stats.record_request(task, arrived, false);
+            // As in `count`: a version the task does not have is not the task's request.
+            if !matches!(error, ServeError::UnknownTask(_)) {
+                self.node.model_stats.record_request(task, arrived, false);
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tracing::warn;
@@ -66,17 +67,22 @@ pub enum TlsError {
 
 /// Refuses a private key that is not the certificate's own: otherwise the mismatch shows only
 /// at the first handshake, as a bare "transport error" on the far side.
-fn check_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result<(), TlsError> {
+/// Returns the two as rustls takes them.
+fn check_key(
+    cert: &Path,
+    cert_pem: &[u8],
+    key: &Path,
+    key_pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
     let private = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| TlsError::Certificate(format!("{}: not a private key in PEM: {e}", key.display())))?;
     let provider = rustls::crypto::ring::default_provider();
-    match rustls::sign::CertifiedKey::from_der(chain, private, &provider) {
-        Ok(_) => Ok(()),
+    match rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider) {
+        Ok(_) => Ok((chain, private)),
         Err(rustls::Error::InconsistentKeys(_)) => {
             Err(TlsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
         }
@@ -86,6 +92,9 @@ fn check_key(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> Result
 
 struct Mtls {
     ca: Certificate,
+    /// The identity as rustls takes it, for [`Security::tls_acceptor`].
+    chain: Vec<CertificateDer<'static>>,
+    private_key: PrivateKeyDer<'static>,
     /// The CA as rustls takes it, for [`Security::endpoint_of`]'s verifier.
     roots: Arc<rustls::RootCertStore>,
     identity: Identity,
@@ -123,7 +132,7 @@ impl Security {
         crate::warn_if_exposed(key, "the TLS private key");
         let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
         let role = Role::of_pem(&cert_pem).map_err(|e| TlsError::Certificate(format!("{}: {e}", cert.display())))?;
-        check_key(cert, &cert_pem, key, &key_pem)?;
+        let (chain, private_key) = check_key(cert, &cert_pem, key, &key_pem)?;
         let mut roots = rustls::RootCertStore::empty();
         use rustls::pki_types::pem::PemObject;
         for der in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
@@ -134,6 +143,8 @@ impl Security {
             roots: Arc::new(roots),
             ca: Certificate::from_pem(ca_pem),
             identity: Identity::from_pem(cert_pem, key_pem),
+            chain,
+            private_key,
             role,
         }))))
     }
@@ -160,6 +171,31 @@ impl Security {
                 .client_ca_root(m.ca.clone())
                 .client_auth_optional(auth == ClientAuth::Optional)
         })
+    }
+
+    /// The TLS of [`Self::server`] as an acceptor of this process's own, offering HTTP/2 and
+    /// HTTP/1.1 by ALPN: for a port that serves REST beside gRPC (tonic's TLS offers `h2`
+    /// only, which an HTTP/1.1 client refuses at the handshake). The server built for it has
+    /// no TLS of its own and takes the accepted streams (`EdgeListener::incoming_tls`); a
+    /// caller's certificate reaches requests as with tonic's TLS. `None` in plaintext.
+    pub fn tls_acceptor(&self, auth: ClientAuth) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
+        let Some(m) = &self.0 else { return Ok(None) };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider.clone());
+        let verifier = match auth {
+            ClientAuth::Optional => verifier.allow_unauthenticated(),
+            ClientAuth::Required => verifier,
+        }
+        .build()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(m.chain.clone(), m.private_key.clone_key())
+            .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 
     /// A server builder for a port: TLS with client certificates as `auth` says, or plaintext.

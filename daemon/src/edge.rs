@@ -19,10 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// How often the servers ping an HTTP/2 connection: well inside the default silence limit, so
@@ -156,6 +159,48 @@ impl EdgeListener {
         futures::stream::unfold(self, |mut listener| async move {
             let conn = listener.accept().await;
             Some((Ok(conn), listener))
+        })
+    }
+
+    /// [`Self::incoming`] behind TLS of this process's own (see
+    /// `tidal_auth::Security::tls_acceptor`): handshakes run side by side, each within
+    /// `handshake` (and the silence limit), so that a slow or stalled one holds up no other
+    /// connection; one that fails is logged once per interval and dropped. No task is
+    /// spawned: the handshakes are futures of this stream, which the server polls.
+    pub fn incoming_tls(
+        self,
+        acceptor: TlsAcceptor,
+        handshake: Duration,
+    ) -> impl futures::Stream<Item = io::Result<TlsStream<Conn>>> + Send + 'static {
+        type Handshake = Pin<Box<dyn Future<Output = io::Result<TlsStream<Conn>>> + Send>>;
+        let handshakes: FuturesUnordered<Handshake> = FuturesUnordered::new();
+        futures::stream::unfold((self, handshakes), move |(mut listener, mut handshakes)| {
+            let acceptor = acceptor.clone();
+            async move {
+                loop {
+                    // At most as many handshakes as connections the port holds: the limits
+                    // bound this set too.
+                    tokio::select! {
+                        conn = listener.accept() => {
+                            let accept = acceptor.accept(conn);
+                            handshakes.push(Box::pin(async move {
+                                tokio::time::timeout(handshake, accept)
+                                    .await
+                                    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
+                            }));
+                        }
+                        Some(done) = handshakes.next(), if !handshakes.is_empty() => match done {
+                            Ok(tls) => return Some((Ok(tls), (listener, handshakes))),
+                            Err(e) => {
+                                let port = listener.port;
+                                listener.log_once("handshake", || {
+                                    tracing::info!(port, error = %e, "a TLS handshake failed (logged once per interval)")
+                                });
+                            }
+                        },
+                    }
+                }
+            }
         })
     }
 

@@ -200,6 +200,27 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     let (exit, err) = tidalctl(vec!["--insecure-plaintext".into()], &["status"]);
     assert_eq!(exit, Some(2), "a setting to change: {err}");
     assert!(err.contains("TLS"), "plaintext against a TLS port says so: {err}");
+
+    // An HTTP/1.1 client over TLS (Python's own ssl and http.client, which requests and httpx
+    // build on) on the inference port: it offers http/1.1 beside h2, and REST answers.
+    let script = r#"
+import http.client, json, ssl, sys
+context = ssl.create_default_context(cafile=sys.argv[2])
+context.set_alpn_protocols(["http/1.1"])
+host, port = sys.argv[1].rsplit(":", 1)
+c = http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
+c.request("GET", "/v2/health/live")
+r = c.getresponse()
+print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.sock.selected_alpn_protocol()}))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &agent.addr])
+        .arg(&ca)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "HTTP/1.1 over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got, serde_json::json!({"status": 200, "body": {"live": true}, "alpn": "http/1.1"}));
     let point = ProfilePoint {
         cores: 1,
         batch: 1,
