@@ -1,79 +1,18 @@
 //! Budgets of a stage whose model writes tokens (`TextIo.generate`): each request of a batch
 //! may write the task's most, or fewer when its remaining time affords fewer at the cost per
-//! token the worker has measured on its own batches. The model stops each sample at its
-//! budget (common/src/seq2seq.rs), so a request whose time runs out mid-text is answered with
-//! what it wrote, or refused when the task says so (common/src/text.rs).
+//! token the worker has measured on its own batches (`tidal_common::generation`, the
+//! simulator's rule too). The model stops each sample at its budget (common/src/seq2seq.rs),
+//! so a request whose time runs out mid-text is answered with what it wrote, or refused when
+//! the task says so (common/src/text.rs).
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use tidal_common::generation::TokenCost;
 use tidal_common::tensor::StageIo;
 use tidal_proto::v1::Generate;
 
 use crate::queue::Pending;
 use crate::worker_protocol::FrameTensor;
-
-/// Batches the cost line is fitted to: enough to span a few lengths, few enough to follow a
-/// resize within seconds.
-const WINDOW: usize = 32;
-/// The share of a request's remaining time its tokens may take: the rest is for decoding,
-/// the answer's way back, and the line's error (a fit to batches of one length puts the
-/// encoder's cost in every token).
-const SPEND: f64 = 0.8;
-
-/// A generating worker's time per batch as a line in the steps it took: the time to the
-/// first token and per further token, fitted by least squares to its latest batches.
-#[derive(Debug, Default)]
-pub struct TokenCost {
-    batches: VecDeque<(f64, f64)>,
-}
-
-impl TokenCost {
-    /// One batch: `steps` decoder steps (its longest text) in `run`.
-    pub fn observe(&mut self, steps: usize, run: Duration) {
-        if steps == 0 {
-            return;
-        }
-        if self.batches.len() == WINDOW {
-            self.batches.pop_front();
-        }
-        self.batches.push_back((steps as f64, run.as_secs_f64() * 1e3));
-    }
-
-    /// (milliseconds to the first token, milliseconds per further token), once measured.
-    /// Batches of one length give no slope: then every token is taken to cost the mean
-    /// (which overstates the per-token cost, so budgets err short).
-    pub fn line(&self) -> Option<(f64, f64)> {
-        let n = self.batches.len() as f64;
-        if n == 0.0 {
-            return None;
-        }
-        let mean_x = self.batches.iter().map(|b| b.0).sum::<f64>() / n;
-        let mean_y = self.batches.iter().map(|b| b.1).sum::<f64>() / n;
-        let var: f64 = self.batches.iter().map(|b| (b.0 - mean_x).powi(2)).sum();
-        let cov: f64 = self.batches.iter().map(|b| (b.0 - mean_x) * (b.1 - mean_y)).sum();
-        let per_token = mean_y / mean_x;
-        if var < 1e-9 || cov <= 0.0 {
-            return Some((per_token, per_token));
-        }
-        let slope = cov / var;
-        let intercept = mean_y - slope * mean_x;
-        // The first token costs at least a token: an intercept below that is noise.
-        Some(((intercept + slope).max(slope), slope))
-    }
-
-    /// Tokens a request with `left` of its time can write, within 1..=`most` (one at least:
-    /// a request the queue kept is worth its first token).
-    pub fn affordable(&self, left: Duration, most: u32) -> u32 {
-        let Some((first, per_token)) = self.line() else { return most };
-        let left = left.as_secs_f64() * 1e3 * SPEND;
-        if left <= first || per_token <= 0.0 {
-            return 1;
-        }
-        let more = ((left - first) / per_token).floor();
-        (1.0 + more).min(f64::from(most)) as u32
-    }
-}
 
 /// Sets each request's budget input to what its remaining time affords (the task's most
 /// before anything is measured).
@@ -94,39 +33,4 @@ pub fn steps_taken(outputs: &[FrameTensor], names: [&str; 2]) -> usize {
         .find(|o| names.contains(&o.name.as_str()))
         .and_then(|o| o.shape.get(1))
         .map_or(0, |&s| s.max(0) as usize)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cost_line_is_fitted_to_batches_of_several_lengths() {
-        let mut cost = TokenCost::default();
-        assert_eq!(cost.affordable(Duration::from_millis(5), 32), 32, "nothing measured: the most");
-        for steps in [1usize, 4, 16, 32] {
-            // 30 ms to the first token, 10 ms per further token.
-            cost.observe(steps, Duration::from_millis(20 + 10 * steps as u64));
-        }
-        let (first, per_token) = cost.line().unwrap();
-        assert!((first - 30.0).abs() < 1e-6 && (per_token - 10.0).abs() < 1e-6, "{first} {per_token}");
-        // 80 % of 125 ms: 30 ms for the first token, 7 more at 10 ms.
-        assert_eq!(cost.affordable(Duration::from_millis(125), 32), 8);
-        assert_eq!(cost.affordable(Duration::from_millis(10), 32), 1);
-        assert_eq!(cost.affordable(Duration::from_secs(10), 32), 32);
-    }
-
-    #[test]
-    fn batches_of_one_length_charge_every_token_the_mean() {
-        let mut cost = TokenCost::default();
-        for _ in 0..3 {
-            cost.observe(10, Duration::from_millis(100));
-        }
-        assert_eq!(cost.line(), Some((10.0, 10.0)));
-        assert_eq!(cost.affordable(Duration::from_millis(70), 32), 5);
-        for _ in 0..WINDOW {
-            cost.observe(10, Duration::from_millis(200));
-        }
-        assert_eq!(cost.line(), Some((20.0, 20.0)), "only the latest batches count");
-    }
 }

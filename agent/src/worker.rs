@@ -495,7 +495,7 @@ impl BatcherCtx {
     /// Waits for requests, forms batches, runs them, until stopped or the process dies.
     async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
         let generate = self.spec.text.as_ref().and_then(|t| t.spec.generate.as_ref());
-        let mut token_cost = crate::generation::TokenCost::default();
+        let mut token_cost = tidal_common::generation::TokenCost::default();
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
@@ -537,11 +537,7 @@ impl BatcherCtx {
                         let model_name = names.get(&g.output).map_or(g.output.as_str(), String::as_str);
                         let steps = crate::generation::steps_taken(&result.outputs, [&g.output, model_name]);
                         token_cost.observe(steps, Duration::from_micros(result.run_us));
-                        // A request that may be answered with part of its text needs only
-                        // time for its first token: the queue admits and keeps it for that.
-                        if let (false, Some((first_ms, _))) = (g.refuse_unfinished, token_cost.line()) {
-                            took = took.min(Duration::from_secs_f64(first_ms / 1e3));
-                        }
+                        took = token_cost.shedding_time(took, g.refuse_unfinished);
                     }
                     self.queue.record_batch(size, took, done);
                     // Answered under the stage's names.

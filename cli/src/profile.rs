@@ -46,6 +46,24 @@ pub struct SavedVariant {
     pub accuracy: f64,
     pub node: String,
     pub points: Vec<SavedPoint>,
+    /// Of a stage that writes tokens, how it writes them (absent: not such a stage), so that
+    /// the simulator serves it as the agent does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<SavedGenerate>,
+}
+
+/// A generating stage's settings the simulator needs (the task's `[stages.generate]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SavedGenerate {
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub refuse_unfinished: bool,
+}
+
+impl From<&tidal_proto::v1::Generate> for SavedGenerate {
+    fn from(g: &tidal_proto::v1::Generate) -> Self {
+        Self { max_tokens: g.max_tokens, refuse_unfinished: g.refuse_unfinished }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -116,6 +134,15 @@ pub fn read(path: &Path) -> anyhow::Result<SavedProfiles> {
         if v.points.is_empty() {
             bail!("{}: variant {} has no points", path.display(), v.name);
         }
+        if let Some(g) = v.generate.filter(|g| !(1..=tidal_common::text::MAX_GENERATED).contains(&g.max_tokens)) {
+            bail!(
+                "{}: variant {} writes at most {} tokens: give 1..={}",
+                path.display(),
+                v.name,
+                g.max_tokens,
+                tidal_common::text::MAX_GENERATED
+            );
+        }
         if let Some(p) = v.points.iter().find(|p| {
             p.cores == 0
                 || p.batch == 0
@@ -179,7 +206,9 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
                 variant.name, p.cores, p.batch, p.size, writes(p.output_tokens), p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
             );
         }
+        let served = tidal_common::task::as_served(stage, variant);
         saved.variants.push(SavedVariant {
+            generate: served.text.as_ref().and_then(|t| t.generate.as_ref()).map(SavedGenerate::from),
             name: variant.name.clone(),
             stage: if spec.stages.len() > 1 { stage.name.clone() } else { String::new() },
             crops: if tidal_common::task::fan_out(stage) > 1 { stage.crops } else { 0 },
@@ -313,6 +342,7 @@ mod tests {
                 accuracy: 70.0,
                 node: "n".into(),
                 points: vec![SavedPoint::from(&point(10.0, 14.0, 400.0))],
+                generate: Some(SavedGenerate { max_tokens: 32, refuse_unfinished: false }),
             }],
         };
         write(&path, &saved).unwrap();

@@ -9,9 +9,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use tidal_common::adapt::AdaptConfig;
 use tidal_common::profile::load_tfserving_csv;
-use tidal_common::sim::{simulate_pipeline, SimConfig, SimPlanner, SimReport, SimStage, SimVariant};
+use tidal_common::sim::{simulate_pipeline, SimConfig, SimGenerate, SimPlanner, SimReport, SimStage, SimVariant};
 use tidal_common::solver::PolicyKind;
 use tidal_proto::v1::ProfilePoint;
+
+use crate::profile::SavedGenerate;
 
 #[derive(clap::Args, Clone)]
 pub struct SimulateOpts {
@@ -193,7 +195,7 @@ pub(crate) fn saved_stages(path: &Path, load_time: Option<f64>) -> anyhow::Resul
     let mut stages: Vec<SimStage> = Vec::new();
     for v in saved.variants {
         let points = v.points.iter().map(ProfilePoint::from).collect();
-        let variant = sim_variant(v.name, v.accuracy, points, load_time);
+        let variant = sim_variant(v.name, v.accuracy, points, load_time, v.generate);
         let name = if v.stage.is_empty() { SimPlanner::TASK.to_string() } else { v.stage };
         match stages.iter_mut().find(|s| s.name == name) {
             Some(s) => s.variants.push(variant),
@@ -399,18 +401,39 @@ pub(crate) fn tfserving_variants(path: &Path, slo_ms: u32, load_time: Option<f64
                 .find(|(n, _)| *n == name)
                 .map(|(_, a)| *a)
                 .with_context(|| format!("no published accuracy for {name}"))?;
-            Ok(sim_variant(name, accuracy, points, load_time))
+            Ok(sim_variant(name, accuracy, points, load_time, None))
         })
         .collect()
 }
 
-fn sim_variant(name: String, accuracy: f64, points: Vec<ProfilePoint>, load_time: Option<f64>) -> SimVariant {
-    let default_load = RESNET_LOAD_S.iter().find(|(n, _)| *n == name).map_or(5.0, |(_, s)| *s);
-    // A stage that writes text is simulated (served and planned) writing the most tokens its
-    // profile measured, as the live planner plans it for its task's most.
-    let most = points.iter().map(|p| p.output_tokens).max().unwrap_or(0);
-    let points = if most > 0 { tidal_common::profile::points_at_output(&points, most) } else { points };
-    SimVariant { name, accuracy, points, load_time_s: load_time.unwrap_or(default_load) }
+fn sim_variant(
+    name: String,
+    accuracy: f64,
+    points: Vec<ProfilePoint>,
+    load_time: Option<f64>,
+    generate: Option<SavedGenerate>,
+) -> SimVariant {
+    let load_time_s = load_time.unwrap_or(RESNET_LOAD_S.iter().find(|(n, _)| *n == name).map_or(5.0, |(_, s)| *s));
+    let measured_most = points.iter().map(|p| p.output_tokens).max().unwrap_or(0);
+    if measured_most == 0 {
+        return SimVariant::new(&name, accuracy, points, load_time_s);
+    }
+    // A stage that writes text is planned for its task's most tokens, as the controller plans
+    // it, and served writing what each batch's time affords (the agent's rule); profiles saved
+    // without the task's settings are served writing the most tokens measured.
+    let Some(g) = generate else {
+        let points = tidal_common::profile::points_at_output(&points, measured_most);
+        return SimVariant::new(&name, accuracy, points, load_time_s);
+    };
+    SimVariant {
+        points: tidal_common::profile::points_at_output(&points, g.max_tokens),
+        generate: Some(SimGenerate {
+            max_tokens: g.max_tokens,
+            refuse_unfinished: g.refuse_unfinished,
+            by_output: points,
+        }),
+        ..SimVariant::new(&name, accuracy, Vec::new(), load_time_s)
+    }
 }
 
 async fn controller_stages(controller: &str, task: &str, load_time: Option<f64>) -> anyhow::Result<Vec<SimStage>> {
@@ -431,7 +454,9 @@ async fn controller_stages(controller: &str, task: &str, load_time: Option<f64>)
             .iter()
             .filter_map(|v| {
                 let points = by_variant.get(&v.name)?.clone();
-                Some(sim_variant(v.name.clone(), v.accuracy, points, load_time))
+                let served = tidal_common::task::as_served(stage, v);
+                let generate = served.text.as_ref().and_then(|t| t.generate.as_ref()).map(SavedGenerate::from);
+                Some(sim_variant(v.name.clone(), v.accuracy, points, load_time, generate))
             })
             .collect();
         if variants.is_empty() {

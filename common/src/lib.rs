@@ -11,6 +11,7 @@
 pub mod adapt;
 pub mod executor;
 pub mod forecast;
+pub mod generation;
 pub mod latency;
 pub mod onnx_graph;
 pub mod onnx_signature;

@@ -19,12 +19,7 @@ const SLO_MS: f64 = 400.0;
 const WARMUP_S: usize = 60;
 
 fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
-    SimVariant {
-        name: name.into(),
-        accuracy,
-        points: synthetic(per_core, &[1, 2, 3, 4, 6, 8], &[(1, 1.0), (4, 1.4), (8, 1.6)], 1.3),
-        load_time_s: 2.0,
-    }
+    SimVariant::new(name, accuracy, synthetic(per_core, &[1, 2, 3, 4, 6, 8], &[(1, 1.0), (4, 1.4), (8, 1.6)], 1.3), 2.0)
 }
 
 fn one_stage() -> Vec<SimStage> {

@@ -335,6 +335,26 @@ async fn v2_rest_on_the_inference_port_answers_as_the_grpc_form_does() {
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("tidal_agent_requests_total{task=\"classify\",outcome=\"invalid\"} 5"), "{text}");
     assert!(!text.contains("task=\"nope\""), "a name no task has is not a label: {text}");
+
+    // Refusals answered before a handler runs are in the protocol's form too, `{"error": …}`.
+    let plain = request.to_string().into_bytes();
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a [u8], u16);
+    let cases: [Case; 4] = [
+        ("a coding it does not take", "POST", &[("content-encoding", "br")], &plain, 415),
+        ("a body that is not the gzip it says", "POST", &[("content-encoding", "gzip")], b"not gzip at all", 400),
+        ("a method the route does not serve", "GET", &[], b"", 405),
+        ("malformed JSON", "POST", &[], b"{not json", 400),
+    ];
+    for (what, method, headers, body, want) in cases {
+        let (code, head, body) = http_exchange(&addr, method, "/v2/models/classify/infer", headers, body).await;
+        assert_eq!(code, want, "{what}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(head.get("content-type").map(String::as_str), Some("application/json"), "{what}");
+        assert!(
+            json(&body)["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

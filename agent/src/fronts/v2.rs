@@ -61,12 +61,16 @@ pub fn io(task: &TaskSpec) -> Result<(StageIo, StageIo), ServeError> {
     Ok((io, gives))
 }
 
-/// Checks a V2 request against `task` and splits it into one Tidal request per sample, all
-/// with the request's one budget and the outputs it asks for.
-pub fn samples(mut req: ModelInferRequest, task: &TaskSpec) -> Result<Vec<InferRequest>, ServeError> {
+/// Checks a V2 request against `task`, which takes `first` and gives `last` ([`io`]), and
+/// splits it into one Tidal request per sample, all with the request's one budget and the
+/// outputs it asks for.
+fn samples(
+    mut req: ModelInferRequest,
+    task: &TaskSpec,
+    (first, last): &(StageIo, StageIo),
+) -> Result<Vec<InferRequest>, ServeError> {
     check_version(&req.model_name, &req.model_version)?;
     let budget_ms = budget(&req.parameters)?;
-    let (first, last) = io(task)?;
     let outputs: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
     last.check_outputs(&outputs).map_err(|e| invalid(e.to_string()))?;
     if req.inputs.is_empty() {
@@ -358,21 +362,23 @@ pub async fn infer(
 ) -> Result<ModelInferResponse, Status> {
     let task = port.node().task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
     let id = req.id.clone();
-    let checked = requested_classes(&req, &task).and_then(|classes| Ok((classes, samples(req, &task)?)));
-    let (classes, requests) = checked.inspect_err(|e| port.pipeline.count_refused(&task.name, arrived, e))?;
+    let checked = io(&task).and_then(|io| {
+        let classes = requested_classes(&req, &io.1)?;
+        Ok((classes, samples(req, &task, &io)?, io.1.batched))
+    });
+    let (classes, requests, batched) = checked.inspect_err(|e| port.pipeline.count_refused(&task.name, arrived, e))?;
     let answers = requests.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
     let answered = futures::future::try_join_all(answers)
         .await
         .and_then(|answers| response(id, &task.name, answers))
-        .and_then(|answer| classified(answer, &classes, &task));
+        .and_then(|answer| classified(answer, &classes, batched));
     port.node().model_stats.record_request(&task.name, arrived, answered.is_ok());
     Ok(answered?)
 }
 
 /// The outputs a request asks to be classified (Triton's classification extension: the
 /// output parameter `classification`, tritonclient's `class_count`), with how many classes.
-fn requested_classes(req: &ModelInferRequest, task: &TaskSpec) -> Result<Vec<(String, usize)>, ServeError> {
-    let (_, last) = io(task)?;
+fn requested_classes(req: &ModelInferRequest, last: &StageIo) -> Result<Vec<(String, usize)>, ServeError> {
     let mut classes = Vec::new();
     for o in &req.outputs {
         let Some(p) = o.parameters.get(CLASSIFICATION_PARAMETER) else { continue };
@@ -396,13 +402,12 @@ fn requested_classes(req: &ModelInferRequest, task: &TaskSpec) -> Result<Vec<(St
 }
 
 /// The answer with each output in `classes` replaced by its highest classes per sample, as
-/// Triton answers: BYTES `"value:index"`, shape [samples, k] (a batched task) or [k].
+/// Triton answers: BYTES `"value:index"`, shape [samples, k] (a `batched` task) or [k].
 fn classified(
     mut answer: ModelInferResponse,
     classes: &[(String, usize)],
-    task: &TaskSpec,
+    batched: bool,
 ) -> Result<ModelInferResponse, ServeError> {
-    let batched = io(task)?.1.batched;
     for (name, k) in classes {
         let i = answer
             .outputs

@@ -75,6 +75,7 @@ pub fn router(port: InferencePort, body_limit: usize) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestDecompressionLayer::new().gzip(true).deflate(true).no_br().no_zstd())
+        .layer(axum::middleware::map_response(errors_as_json))
         .layer(CompressionLayer::new().gzip(true).deflate(true).no_br().no_zstd())
         .with_state(port)
 }
@@ -149,6 +150,30 @@ fn admit_read(port: &InferencePort, headers: &HeaderMap) -> Result<()> {
 fn admitted_task(port: &InferencePort, headers: &HeaderMap, p: &ModelPath) -> Result<TaskSpec> {
     admit_read(port, headers)?;
     Ok(v2::task(port, &p.model, p.version())?)
+}
+
+/// Every refusal in the protocol's form, `{"error": …}`: the ones answered before a handler
+/// runs (a path that is not UTF-8, a body over the limit or not valid gzip, a
+/// `Content-Encoding` not taken, a method a route does not serve) come as plain text or
+/// empty from axum and tower-http.
+async fn errors_as_json(response: Response) -> Response {
+    let status = response.status();
+    let json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Such bodies are a line of text; more is not a message.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("refused").to_string(),
+        t => t.to_string(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(json!({ "error": message }).to_string()))
 }
 
 /// Unknown paths: gRPC's UNIMPLEMENTED for a gRPC call (as tonic answers), 404 otherwise.

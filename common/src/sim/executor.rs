@@ -85,12 +85,7 @@ impl NodeTimeline {
             of: variants.iter().map(|(task, v, _)| (task.to_string(), v.model_file.clone())).collect(),
             variants: variants
                 .iter()
-                .map(|(_, v, load_time_s)| SimVariant {
-                    name: v.name.clone(),
-                    accuracy: v.accuracy,
-                    points: Vec::new(),
-                    load_time_s: *load_time_s,
-                })
+                .map(|(_, v, load_time_s)| SimVariant::new(&v.name, v.accuracy, Vec::new(), *load_time_s))
                 .collect(),
             workers: Vec::new(),
         }
@@ -168,7 +163,8 @@ impl Executor for SimExecutor<'_> {
         }
         let delay = d.shape.max_delay_ms as f64 / 1000.0;
         let mut w =
-            SimWorker::new(variant, d.shape.millicores.div_ceil(1000), d.shape.max_batch, delay, d.weight, ready_at);
+            SimWorker::new(variant, d.shape.millicores.div_ceil(1000), d.shape.max_batch, delay, d.weight, ready_at)
+                .generating(self.variants[variant].generate.as_ref());
         w.key = d.key;
         self.workers.push(w);
     }

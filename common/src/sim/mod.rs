@@ -57,6 +57,28 @@ pub struct SimVariant {
     pub points: Vec<ProfilePoint>,
     /// Seconds from starting a worker to its first request.
     pub load_time_s: f64,
+    /// Of a stage that writes tokens: how many at most, and its profile by output length.
+    pub generate: Option<SimGenerate>,
+}
+
+/// A variant that writes tokens, as the simulator serves it: `points` (planned at the most
+/// tokens, as the controller plans) is its profile at `max_tokens`; each batch writes what its
+/// requests' time affords by the agent's rule ([`crate::generation`]) and takes the time
+/// `by_output` gives for that many tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimGenerate {
+    pub max_tokens: u32,
+    /// A request cut short is refused (a violation), not answered with part of its text.
+    pub refuse_unfinished: bool,
+    /// Its profile points measured at several output lengths (`output_tokens`).
+    pub by_output: Vec<ProfilePoint>,
+}
+
+impl SimVariant {
+    /// A variant that writes no tokens.
+    pub fn new(name: &str, accuracy: f64, points: Vec<ProfilePoint>, load_time_s: f64) -> Self {
+        Self { name: name.into(), accuracy, points, load_time_s, generate: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -442,12 +464,16 @@ struct Sim<'a> {
     normalised: Vec<f64>,
     tasks: &'a [SimTask],
     grids: Vec<ProfileGrid>,
+    /// Of a variant that writes tokens, its points by output length (per request, as `grids`);
+    /// empty for the others.
+    by_output: Vec<Vec<ProfilePoint>>,
     cfg: &'a SimConfig,
     planner: SimPlanner,
     rng: ChaCha8Rng,
     workers: Vec<SimWorker>,
     events: BinaryHeap<Reverse<Event>>,
-    latency_cache: HashMap<(usize, u32, u32), (f64, f64)>,
+    /// (variant, cores, batch, tokens written (0: not a generating variant)) → its latency.
+    latency_cache: HashMap<(usize, u32, u32, u32), (f64, f64)>,
     /// Per task, per stage, the serving workers with the running sum of their shares.
     routes: Vec<Vec<Vec<(usize, f64)>>>,
     routes_valid_until: f64,
@@ -473,6 +499,7 @@ impl<'a> Sim<'a> {
             tasks.iter().map(|t| (t.name.as_str(), t.stages.as_slice(), t.slo_ms, t.share)).collect();
         let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
         let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut by_output = Vec::new();
         let mut normalised = Vec::new();
         for (i, (task, spec)) in tasks.iter().zip(&planner.specs).enumerate() {
             let factors = crate::task::load_factors(spec);
@@ -481,6 +508,11 @@ impl<'a> Sim<'a> {
                 let most = stage.variants.iter().map(|v| v.accuracy).fold(f64::NEG_INFINITY, f64::max);
                 for v in &stage.variants {
                     grids.push(ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])));
+                    by_output.push(
+                        v.generate
+                            .as_ref()
+                            .map_or_else(Vec::new, |g| crate::task::per_request(&g.by_output, factors[s])),
+                    );
                     normalised.push(if most > least { (v.accuracy - least) / (most - least) } else { 1.0 });
                     variants.push(v.clone());
                     task_of.push(i);
@@ -490,6 +522,7 @@ impl<'a> Sim<'a> {
         }
         Self {
             grids,
+            by_output,
             variants,
             task_of,
             stage_of,
@@ -669,12 +702,18 @@ impl<'a> Sim<'a> {
     }
 
     /// A batch's latency: a floor plus an exponential tail, so that the mean is what the
-    /// profile's throughput implies and one batch in a hundred passes its p99.
+    /// profile's throughput implies and one batch in a hundred passes its p99; of a batch
+    /// that writes tokens, the profile's at its longest text.
     fn service_time(&mut self, w: usize, k: u32) -> f64 {
-        let (variant, cores) = (self.workers[w].variant, self.workers[w].cores());
-        let grid = &self.grids[variant];
-        let (floor, tail) =
-            *self.latency_cache.entry((variant, cores, k)).or_insert_with(|| batch_latency(grid, cores, k));
+        let (variant, cores, steps) = (self.workers[w].variant, self.workers[w].cores(), self.workers[w].steps());
+        let (grid, by_output) = (&self.grids[variant], &self.by_output[variant]);
+        let (floor, tail) = *self.latency_cache.entry((variant, cores, k, steps)).or_insert_with(|| {
+            if steps == 0 || by_output.is_empty() {
+                return batch_latency(grid, cores, k);
+            }
+            let grid = ProfileGrid::new(&crate::profile::points_at_output(by_output, steps));
+            batch_latency(&grid, cores, k)
+        });
         let e = -self.rng.gen_range(f64::EPSILON..1.0f64).ln();
         (floor + tail * e) / 1000.0
     }
@@ -698,7 +737,12 @@ impl<'a> Sim<'a> {
     fn complete(&mut self, w: usize, t: f64) {
         let variant = self.workers[w].variant;
         let (accuracy, normalised) = (self.variants[variant].accuracy, self.normalised[variant]);
-        let batch = self.workers[w].finish(t);
+        let mut refused = std::mem::take(&mut self.expired);
+        let batch = self.workers[w].finish(t, &mut refused);
+        for r in refused.drain(..) {
+            self.drop_request(r.task);
+        }
+        self.expired = refused;
         for r in batch {
             let accuracy_sum = r.accuracy_sum + accuracy;
             let accuracy_product = r.accuracy_product * accuracy / 100.0;

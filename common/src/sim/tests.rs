@@ -3,7 +3,7 @@ use super::*;
 fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
     // Batch 1 and 4 on 1..=8 cores: a batch of 4 is 1.5× as efficient per request.
     let points = crate::profile::synthetic(per_core, &[1, 2, 3, 4, 5, 6, 7, 8], &[(1, 1.0), (4, 1.5)], 1.3);
-    SimVariant { name: name.into(), accuracy, points, load_time_s: 5.0 }
+    SimVariant::new(name, accuracy, points, 5.0)
 }
 
 fn variants() -> Vec<SimVariant> {
@@ -239,4 +239,53 @@ fn the_simulator_carries_plans_out_by_the_agents_executor_contract() {
     assert_eq!(find(&sim, "t", "small").retire_at, 20.0);
     assert_eq!(find(&sim, "u", "small").retire_at, 25.0);
     assert_eq!(find(&sim, "u", "big").ready_at, 25.0);
+}
+
+/// A model that writes tokens: 10 ms to start and 10 ms a token on one core (batches of one):
+/// a whole text of 32 tokens takes 330 ms, 3 texts a second.
+fn writer(refuse_unfinished: Option<bool>) -> SimVariant {
+    let at = |tokens: u32| {
+        let ms = 10.0 + 10.0 * f64::from(tokens);
+        ProfilePoint {
+            cores: 1,
+            batch: 1,
+            latency_p50_ms: ms,
+            latency_p99_ms: 1.1 * ms,
+            throughput_rps: 1000.0 / ms,
+            size: 0,
+            output_tokens: tokens,
+        }
+    };
+    let by_output = vec![at(1), at(32)];
+    let whole = crate::profile::points_at_output(&by_output, 32);
+    let generate =
+        refuse_unfinished.map(|refuse_unfinished| SimGenerate { max_tokens: 32, refuse_unfinished, by_output });
+    SimVariant { generate, ..SimVariant::new("writer", 80.0, whole, 5.0) }
+}
+
+#[test]
+fn a_text_cut_short_by_its_time_is_answered_in_time_or_refused_as_its_task_says() {
+    // 5 requests a second for one core that writes 3 whole texts a second, within 800 ms each
+    // (the planner keeps half of it for the queue).
+    let rates = vec![5.0; 120];
+    let cfg = SimConfig {
+        slo_ms: 800.0,
+        adapt: AdaptConfig { policy: "static-writer-1-1".parse().unwrap(), ..cfg().adapt },
+        ..cfg()
+    };
+    let run = |refuse| simulate(&rates, &[5.0; 30], &[writer(refuse)], &cfg);
+    // Served whole (as a stage that writes no tokens, at the whole text's cost): the queue
+    // sheds what it cannot carry, 2 requests in 5.
+    let whole = run(None);
+    assert_eq!(whole.failed_plans, 0, "{whole:?}");
+    assert!(whole.violation_pct > 30.0, "{whole:?}");
+    // Answered with what its time affords: once the first batch has taught the worker the cost
+    // per token, texts shorten as the queue grows and fit their deadlines.
+    let partial = run(Some(false));
+    assert!(partial.requests > 500, "{partial:?}");
+    assert!(partial.violation_pct < 5.0, "{partial:?}");
+    // Refused when unfinished: a text cut short is a violation, and the queue keeps requests
+    // only for whole texts.
+    let refused = run(Some(true));
+    assert!(refused.violation_pct > 30.0, "{refused:?}");
 }

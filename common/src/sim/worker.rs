@@ -1,11 +1,17 @@
 //! One simulated worker: a deadline-ordered queue that sheds by the agent's rule
 //! ([`crate::shed`]), the dynamic batcher of the agent (start a batch when it is full or its
-//! oldest request has waited the batcher timeout), and batch latencies drawn from the profile.
+//! oldest request has waited the batcher timeout), and batch latencies drawn from the profile;
+//! a worker that writes tokens gives each request of a batch the tokens its time affords, by
+//! the agent's rule ([`crate::generation`]).
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
+use crate::generation::TokenCost;
 use crate::reconcile::WorkerKey;
 use crate::shed::{Admission, Shedder};
+
+use super::SimGenerate;
 
 /// A request waiting in or served by a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +58,19 @@ pub(crate) struct SimWorker {
     pub wake_at: Option<f64>,
     /// An in-place resize down that waits until the workers that take over are ready.
     pub pending: Option<PendingResize>,
+    /// Of a variant that writes tokens.
+    generation: Option<Generation>,
+}
+
+/// A worker that writes tokens: the cost it has learned from its batches, as an agent's
+/// worker learns it, and what each request of the batch in flight may write.
+#[derive(Debug, Clone)]
+struct Generation {
+    max_tokens: u32,
+    refuse_unfinished: bool,
+    cost: TokenCost,
+    /// In `in_flight`'s order.
+    budgets: Vec<u32>,
 }
 
 /// A new quota for a worker, taking effect at `at`.
@@ -88,7 +107,25 @@ impl SimWorker {
             shedder: Shedder::default(),
             wake_at: None,
             pending: None,
+            generation: None,
         }
+    }
+
+    /// A worker of a variant that writes tokens as `generate` says.
+    pub fn generating(mut self, generate: Option<&SimGenerate>) -> Self {
+        self.generation = generate.map(|g| Generation {
+            max_tokens: g.max_tokens.max(1),
+            refuse_unfinished: g.refuse_unfinished,
+            cost: TokenCost::default(),
+            budgets: Vec::new(),
+        });
+        self
+    }
+
+    /// The decoder steps of the batch in flight (its longest budget); 0 for a worker that
+    /// writes no tokens.
+    pub fn steps(&self) -> u32 {
+        self.generation.as_ref().and_then(|g| g.budgets.iter().copied().max()).unwrap_or(0)
     }
 
     pub fn serving(&self, t: f64) -> bool {
@@ -143,6 +180,10 @@ impl SimWorker {
             let k = self.queue.len().min(self.batch as usize);
             self.in_flight.extend(self.queue.drain(..k));
             self.started_at = t;
+            if let Some(g) = &mut self.generation {
+                let left = |r: &Request| Duration::from_secs_f64((r.deadline - t).max(0.0));
+                g.budgets = self.in_flight.iter().map(|r| g.cost.affordable(left(r), g.max_tokens)).collect();
+            }
             self.wake_at = None;
             Next::Started(k)
         } else {
@@ -151,10 +192,28 @@ impl SimWorker {
         }
     }
 
-    /// The batch in flight finished at `t`: its requests, and the estimate updated.
-    pub fn finish(&mut self, t: f64) -> Vec<Request> {
-        let batch = std::mem::take(&mut self.in_flight);
-        self.shedder.record(batch.len(), t - self.started_at, t);
+    /// The batch in flight finished at `t`: its requests answered, and the estimate updated.
+    /// A request whose text was cut short is moved to `refused` when its task refuses
+    /// unfinished texts (the model's own end token is not simulated: a text runs to its
+    /// budget).
+    pub fn finish(&mut self, t: f64, refused: &mut Vec<Request>) -> Vec<Request> {
+        let mut batch = std::mem::take(&mut self.in_flight);
+        let size = batch.len();
+        let mut took = Duration::from_secs_f64((t - self.started_at).max(0.0));
+        if let Some(g) = &mut self.generation {
+            let steps = g.budgets.iter().copied().max().unwrap_or(0);
+            g.cost.observe(steps as usize, took);
+            took = g.cost.shedding_time(took, g.refuse_unfinished);
+            if g.refuse_unfinished {
+                let budgets = std::mem::take(&mut g.budgets);
+                let (kept, cut): (Vec<_>, Vec<_>) =
+                    batch.into_iter().zip(budgets).partition(|(_, b)| *b >= g.max_tokens);
+                refused.extend(cut.into_iter().map(|(r, _)| r));
+                batch = kept.into_iter().map(|(r, _)| r).collect();
+            }
+            g.budgets.clear();
+        }
+        self.shedder.record(size, took.as_secs_f64(), t);
         batch
     }
 }
@@ -185,7 +244,7 @@ mod tests {
         w.enqueue(req(0.01, 1.0), 0.01).unwrap();
         w.enqueue(req(0.02, 1.0), 0.02).unwrap();
         assert_eq!(w.try_start(0.02, &mut expired), Next::Started(3));
-        w.finish(0.03);
+        w.finish(0.03, &mut expired);
         w.enqueue(req(0.1, 1.0), 0.1).unwrap();
         assert_eq!(w.try_start(0.15, &mut expired), Next::Started(1), "timeout: a partial batch goes");
     }
@@ -208,7 +267,7 @@ mod tests {
         let mut expired = Vec::new();
         w.enqueue(req(0.0, 10.0), 0.0).unwrap();
         assert_eq!(w.try_start(0.0, &mut expired), Next::Started(1));
-        assert_eq!(w.finish(0.2).len(), 1, "a batch takes 0.2 s");
+        assert_eq!(w.finish(0.2, &mut expired).len(), 1, "a batch takes 0.2 s");
         assert_eq!(w.enqueue(req(0.2, 0.3), 0.2), Err(req(0.2, 0.3)), "its budget is shorter than a batch");
         w.enqueue(req(0.2, 0.52), 0.2).unwrap();
         assert!(w.enqueue(req(0.2, 0.55), 0.2).is_err(), "one ahead: 0.4 s of work in 0.35 s");
