@@ -103,7 +103,7 @@ step "simulated: the same slices, profiles and settings, seeds $SIM_SEEDS, model
   for t in "${task_list[@]}"; do
     IFS=: read -r name offset scale <<< "$t"
     printf '\n[[tasks]]\nname = "%s"\ntrace = "%s"\noffset = %s\nscale = %s\nslo_ms = %s\nprofiles = "%s"\n' \
-      "$name" "$TRACE" "$offset" "$scale" "$SLO_MS" "$OUT/profiles.json"
+      "$name" "$(realpath "$TRACE")" "$offset" "$scale" "$SLO_MS" "$(realpath "$OUT/profiles.json")"
   done
 } > "$OUT/tasks.toml"
 for seed in $SIM_SEEDS; do

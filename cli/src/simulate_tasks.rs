@@ -4,17 +4,19 @@
 //! (each task planned alone on an equal static split of the cores) and `fair-share` (a static
 //! split by weight). Any other policy name plans the tasks together with that policy.
 //!
+//! Paths are relative to the file's directory (as in `results/tasks-48-cores.toml`).
+//!
 //! ```toml
 //! cores = 4                  # optional; else --cores
 //!
 //! [[tasks]]
 //! name = "a"
-//! trace = "data/twitter-trace-rps.txt.gz"
+//! trace = "../data/twitter-trace-rps.txt.gz"
 //! offset = 0                 # trace seconds after --start where its slice begins
 //! scale = 0.5                # factor on its rates (default 1)
 //! slo_ms = 250
 //! weight = 1                 # optional: weight, min_cores, max_cores as `tidalctl task set`
-//! profiles = "results/demo-profiles.json"   # or tfserving_csv = "data/…csv" (rows at slo_ms)
+//! profiles = "demo-profiles.json"   # or tfserving_csv = "../data/…csv" (rows at slo_ms)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -121,7 +123,14 @@ impl Sharing {
 
 pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: TasksFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut file: TasksFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    // A relative path in the file is the file's own neighbour, wherever tidalctl runs.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for t in &mut file.tasks {
+        for p in [Some(&mut t.trace), t.profiles.as_mut(), t.tfserving_csv.as_mut()].into_iter().flatten() {
+            *p = dir.join(&*p);
+        }
+    }
     if file.tasks.is_empty() {
         bail!("{}: no [[tasks]]", path.display());
     }
