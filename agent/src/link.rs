@@ -151,6 +151,7 @@ impl Link {
                     let ack = ack.into_inner();
                     node.saw_group(ack.plan_epoch, ack.term, ack.members);
                     node.saw_revocations(ack.revocations);
+                    node.saw_draining(ack.draining);
                 }
                 Err(e) => {
                     *unsent = tasks;

@@ -242,7 +242,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             addr,
             args.edge,
             registry,
-            std::sync::Arc::new(move || ready.load(Ordering::Relaxed)),
+            // A draining node is not ready: load balancers stop sending it requests.
+            std::sync::Arc::new({
+                let node = node.clone();
+                move || ready.load(Ordering::Relaxed) && !node.draining()
+            }),
         )
         .await
         .with_context(|| format!("listening for metrics on {addr}"))?;
@@ -377,14 +381,15 @@ async fn announce_ready(node: std::sync::Arc<Node>, has_controller: bool, ready:
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
 
 /// What `grpc.health.v1` answers on both ports: the agent ("" and its inference services)
-/// serves once it is ready (as systemd and `/readyz` are told) until it stops; each task of
-/// the applied plan, by its name, serves while a request of it can be served here.
+/// serves once it is ready (as systemd and `/readyz` are told) until it stops, and not while
+/// its node drains; each task of the applied plan, by its name, serves while a request of it
+/// can be served here.
 fn health_statuses(
     node: std::sync::Arc<Node>,
     ready: std::sync::Arc<AtomicBool>,
 ) -> impl FnMut() -> std::collections::BTreeMap<String, bool> + Send {
     move || {
-        let ready = ready.load(Ordering::Relaxed);
+        let ready = ready.load(Ordering::Relaxed) && !node.draining();
         let services = ["", "tidal.v1.Inference", "inference.GRPCInferenceService"];
         let mut statuses: std::collections::BTreeMap<String, bool> =
             services.iter().map(|s| (s.to_string(), ready)).collect();

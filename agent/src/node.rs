@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,8 @@ pub struct Node {
     /// version of the list held.
     pub revoked: Arc<tidal_auth::RevocationList>,
     revocations_version: AtomicU64,
+    /// Whether the controllers say this node drains (it then reports itself not ready).
+    draining: AtomicBool,
     /// Last CPU reading per worker, to turn cumulative usage into a rate.
     cpu_seen: Mutex<HashMap<String, (Instant, CpuStats)>>,
 }
@@ -117,6 +119,7 @@ impl Node {
             members: RwLock::new(Vec::new()),
             revoked,
             revocations_version: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             cpu_seen: Mutex::new(HashMap::new()),
         })
     }
@@ -145,6 +148,23 @@ impl Node {
                 *known = members;
             }
         }
+    }
+
+    /// Takes what the controllers say of this node's draining; logged when it changes.
+    pub fn saw_draining(&self, draining: bool) {
+        if self.draining.swap(draining, Ordering::Relaxed) == draining {
+            return;
+        }
+        if draining {
+            info!(node = %self.cfg.node, "the controllers drain this node: it reports itself not ready");
+        } else {
+            info!(node = %self.cfg.node, "this node no longer drains: it reports itself ready when it serves");
+        }
+    }
+
+    /// Whether the node drains: not ready for new traffic (health "", `/readyz`, V2 ServerReady).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Takes the group's revocation list when a controller sends one (it sends it only when

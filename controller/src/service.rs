@@ -186,6 +186,7 @@ impl ControllerApi for ControllerService {
             members,
             term,
             revocations: self.revocations(Some(seen)),
+            draining: self.ctl.raft.read(|s| s.nodes.get(&node).is_some_and(|n| n.draining)),
         }))
     }
 

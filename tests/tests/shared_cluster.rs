@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::{
-    ClusterStatusRequest, InferRequest, Plan, PlanHistoryRequest, ProfilePoint, RegisterTaskRequest,
+    ClusterStatusRequest, DrainNodeRequest, InferRequest, Plan, PlanHistoryRequest, ProfilePoint, RegisterTaskRequest,
     StoreProfileRequest, VariantProfile,
 };
 use tidal_tests::*;
@@ -232,4 +232,45 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
         assert!((150.0 * 0.9..=150.0 * 1.1 * 1.1).contains(&f), "forecast {f:.0} req/s for a flat 150: {forecast:?}");
         assert!(p >= f - 1e-6, "planned {p:.1} below the forecast {f:.1}");
     }
+}
+
+/// The agent's readiness as each kind of prober reads it: gRPC health of "" (SERVING),
+/// `/readyz` (200) and V2 REST's server readiness (200).
+async fn readiness(agent: &Agent) -> (bool, bool, bool) {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let mut health = HealthClient::new(channel(&agent.addr).await);
+    let serving = health
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving);
+    let metrics = agent.metrics_addr.as_deref().expect("the agent's metrics port");
+    let readyz = http_exchange(metrics, "GET", "/readyz", &[], b"").await.0 == 200;
+    let v2 = http_exchange(&agent.addr, "GET", "/v2/health/ready", &[], b"").await.0 == 200;
+    (serving, readyz, v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_reports_itself_not_ready_to_every_prober() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let controller = start_controller_ready(work.path(), 1.0, &[]);
+    let extra = ["--metrics-listen", "127.0.0.1:0"];
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &extra });
+    let mut ctl = controller_client(&controller.addr).await;
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let spec = tidal_common::task::single_stage("t", 1000, vec![r18.spec()]);
+    ctl.register_task(RegisterTaskRequest { task: Some(spec) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    let ready = |want: (bool, bool, bool), what: &'static str| {
+        let agent = &agent;
+        eventually(Duration::from_secs(30), what, move || async move { (readiness(agent).await == want).then_some(()) })
+    };
+    ready((true, true, true), "the agent to serve its worker and say so").await;
+
+    ctl.drain_node(DrainNodeRequest { node: agent.node.clone(), undrain: false }).await.unwrap();
+    ready((false, false, false), "the draining agent to say it is not ready, everywhere").await;
+    ctl.drain_node(DrainNodeRequest { node: agent.node.clone(), undrain: true }).await.unwrap();
+    ready((true, true, true), "the agent, no longer drained, to serve again").await;
 }

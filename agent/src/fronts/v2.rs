@@ -349,9 +349,10 @@ pub fn task(port: &InferencePort, name: &str, version: &str) -> Result<TaskSpec,
     port.node().task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()).into())
 }
 
-/// Ready: a plan is applied and every task in it can be served.
+/// Ready: a plan is applied, every task in it can be served, and the node is not draining.
 pub fn server_ready(port: &InferencePort) -> bool {
-    port.node().applied_epoch() > 0 && port.node().task_names().iter().all(|t| port.node().task_ready(t))
+    let node = port.node();
+    node.applied_epoch() > 0 && !node.draining() && node.task_names().iter().all(|t| node.task_ready(t))
 }
 
 /// Serves an admitted V2 request, over gRPC or REST: each sample as a request of its own.
