@@ -565,6 +565,37 @@ async fn an_inference_token_keeps_out_who_does_not_have_it() {
             assert_eq!((read, infer), (200, 401), "REST alike");
         }
     }
+    // Triton's perf_analyzer against the --public-metadata agent: it reads the model's metadata
+    // without its headers and sends the token (`-H`) with every inference, over gRPC and REST;
+    // without the token it is refused.
+    match tidal_tests::outside_clients() {
+        Err(why) => eprintln!("NOT RUN: perf_analyzer with an inference token: {why}"),
+        Ok(tools) => {
+            for (protocol, header) in [
+                ("grpc", Some("authorization:Bearer s3cret-token-0123456789")),
+                ("http", Some("authorization:Bearer s3cret-token-0123456789")),
+                ("grpc", None),
+            ] {
+                let mut cmd = std::process::Command::new("timeout");
+                cmd.arg("120").arg(tools.join("bin/perf_analyzer"));
+                cmd.args(["-m", "classify", "-u", &other.addr, "-i", protocol, "--measurement-mode", "count_windows"])
+                    .args(["--measurement-request-count", "30", "--max-trials", "3", "-s", "100"]);
+                if let Some(h) = header {
+                    cmd.args(["-H", h]);
+                }
+                let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+                let printed =
+                    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                if header.is_some() {
+                    assert!(out.status.success(), "perf_analyzer {protocol} with the token:\n{printed}");
+                    assert!(printed.contains("Inference count"), "{printed}");
+                } else {
+                    assert!(!out.status.success(), "perf_analyzer {protocol} without the token is refused:\n{printed}");
+                    assert!(printed.contains("authorization: Bearer <token>"), "refused for the token:\n{printed}");
+                }
+            }
+        }
+    }
     let mut via_other = inference_client(&other.addr).await;
     assert_eq!(code(via_other.infer(request(None)).await), Code::Unauthenticated);
     let forwarded = via_other.infer(request(Some("s3cret-token-0123456789"))).await.expect("forwarded with the token");
