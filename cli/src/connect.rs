@@ -32,16 +32,9 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 const TCP_DEADLINE: Duration = Duration::from_secs(2);
 
 /// No answer from a server within its deadline, or from none of several addresses.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Unreachable(pub String);
-
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Unreachable {}
 
 /// Connects `endpoint` within [`HANDSHAKE_DEADLINE`].
 async fn connect(endpoint: Endpoint, addr: &str, what: &str) -> anyhow::Result<Channel> {
@@ -58,14 +51,9 @@ async fn connect(endpoint: Endpoint, addr: &str, what: &str) -> anyhow::Result<C
 }
 
 /// One side speaks TLS and the other plaintext: a setting to change, not a server to wait for.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct TlsMismatch(pub String);
-
-impl std::fmt::Display for TlsMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// `error` from a call to `addr`, with what to do when its cause is that one side speaks TLS
 /// and the other plaintext (which shows only as a garbled record or a dropped connection).
