@@ -2,6 +2,9 @@
 # Installs, into .tidal/clients, the outside clients that some tests and benchmarks drive an
 # agent with over the standard inference protocol (KServe V2):
 #   - tritonclient 2.41.0 with its gRPC and HTTP extras and numpy (PyPI), in .tidal/clients/py;
+#   - the KServe Python SDK 0.21.0 (its REST and gRPC inference clients; httpx, requests and
+#     grpcio come with it), h2, and gRPC's health and reflection clients, in .tidal/clients/kserve
+#     (apart: it needs a newer protobuf than tritonclient takes; about 450 MB, 35 s);
 #   - Triton's perf_analyzer, which ships inside the same wheel, as .tidal/clients/bin/perf_analyzer
 #     (a wrapper that puts its libraries on LD_LIBRARY_PATH): libcudart.so.12 from the
 #     nvidia-cuda-runtime-cu12 wheel and libb64.so.0d from Debian's libb64-0d, unpacked here
@@ -12,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TRITONCLIENT=2.41.0
+KSERVE=0.21.0
 DIR=.tidal/clients
 PY=$(command -v python3 || true)
 [ -n "$PY" ] || { echo "client-tools: python3 is needed" >&2; exit 1; }
@@ -22,6 +26,14 @@ if [ ! -e "$DIR/py/.done-grpc-http" ]; then
   "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$DIR/py" \
     "tritonclient[grpc,http]==$TRITONCLIENT" "numpy<2" "protobuf>=3.20,<5"
   touch "$DIR/py/.done-grpc-http"
+fi
+
+if [ ! -e "$DIR/kserve/.done-kserve" ]; then
+  echo "client-tools: installing kserve==$KSERVE, h2, grpcio-health-checking and grpcio-reflection into $DIR/kserve"
+  rm -rf "$DIR/kserve"
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$DIR/kserve" \
+    "kserve==$KSERVE" "numpy<2" "h2==4.4.1" "grpcio-health-checking==1.81.1" "grpcio-reflection==1.81.1"
+  touch "$DIR/kserve/.done-kserve"
 fi
 
 if [ ! -x "$DIR/bin/perf_analyzer" ]; then
@@ -55,4 +67,4 @@ EOF
   rm -rf "$DIR/wheels" "$DIR/deb"
 fi
 "$DIR/bin/perf_analyzer" --version >/dev/null 2>&1 || { echo "client-tools: perf_analyzer does not start" >&2; exit 1; }
-echo "client-tools: tritonclient in $DIR/py, perf_analyzer at $DIR/bin/perf_analyzer"
+echo "client-tools: tritonclient in $DIR/py, kserve in $DIR/kserve, perf_analyzer at $DIR/bin/perf_analyzer"

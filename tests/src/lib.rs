@@ -541,10 +541,11 @@ pub async fn http_exchange(
 pub fn client_tools() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join(".tidal/clients");
-    if !dir.join("bin/perf_analyzer").exists() || !dir.join("py/.done-grpc-http").exists() {
+    let installed = ["bin/perf_analyzer", "py/.done-grpc-http", "kserve/.done-kserve"];
+    if !installed.iter().all(|f| dir.join(f).exists()) {
         let status = Command::new(root.join("scripts/client-tools.sh")).status().map_err(|e| e.to_string())?;
         if !status.success() {
-            return Err("scripts/client-tools.sh could not install tritonclient and perf_analyzer".into());
+            return Err("scripts/client-tools.sh could not install tritonclient, kserve and perf_analyzer".into());
         }
     }
     Ok(dir)

@@ -668,3 +668,78 @@ async fn a_stage_is_forwarded_only_to_the_agent_the_plan_names() {
     let served = infer.infer(request()).await.expect("forwarded to node-b again");
     assert_eq!(served.into_inner().node, "node-b");
 }
+
+/// The clients users already run, against an agent over TLS, each as its documentation shows
+/// (tests/clients/kserve_check.py): the KServe SDK's REST client over HTTP/1.1 and HTTP/2 and
+/// its gRPC client (health, one and two samples, an unknown model), httpx and requests over
+/// HTTP/1.1, and gRPC's own health and reflection clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kserve_sdk_httpx_requests_and_grpc_s_own_clients_call_a_tls_agent() {
+    let tools = match tidal_tests::client_tools() {
+        Ok(d) => d,
+        Err(why) => return eprintln!("SKIPPED (not run): {why}"),
+    };
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let (node, pusher) = (Role::Agent("node-a".into()), Role::Controller(1));
+    let ca = certificates(&certs, &[node.clone(), pusher.clone()]);
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let flags = tls_flags(&certs, &node);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent =
+        start_agent_named(work.path(), "node-a", AgentOpts { model_dir: &models, controller: None, extra: &flags });
+    let mut control = AgentClient::new(channel_as(&certs, &pusher, &agent.control_addr).await);
+    let plan = plan_for(1, "node-a", "classify", 5000, &[(&r18, 1000, 1)]);
+    control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.unwrap();
+    eventually(Duration::from_secs(60), "the worker to be ready", || {
+        let mut control = control.clone();
+        async move {
+            let s = control.status(AgentStatusRequest {}).await.ok()?.into_inner();
+            (s.workers.len() == 1 && s.workers[0].ready).then_some(())
+        }
+    })
+    .await;
+
+    let shape = r18.input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg("180")
+        .arg("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/kserve_check.py"))
+        .args(["--url", &agent.addr, "--model", "classify", "--shape", &shape])
+        .arg("--ca")
+        .arg(&ca)
+        .env("PYTHONPATH", tools.join("kserve"));
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kserve_check.py failed:\n{stderr}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = got.as_object().unwrap();
+    let failed: Vec<String> =
+        checks.iter().filter(|(_, v)| v["ok"] != true).map(|(k, v)| format!("{k}: {}", v["error"])).collect();
+    assert!(failed.is_empty(), "clients that failed:\n{}\n{stderr}", failed.join("\n"));
+    for sdk in ["kserve_rest", "kserve_rest_h2", "kserve_grpc"] {
+        for check in ["health", "infer_one", "infer_two", "unknown_model"] {
+            assert!(checks.contains_key(&format!("{sdk}_{check}")), "{sdk}_{check} not run: {got}");
+        }
+        assert_eq!(got[format!("{sdk}_infer_two")]["shape"], serde_json::json!([2, 1000]), "{sdk}");
+    }
+    assert_eq!(got["kserve_rest_unknown_model"]["status"], 404);
+    assert!(got["kserve_rest_unknown_model"]["body"]["error"].as_str().is_some_and(|e| e.contains("no-such-model")));
+    assert_eq!(got["kserve_grpc_unknown_model"]["code"], "NOT_FOUND");
+    assert_eq!(got["httpx"]["http_version"], "HTTP/1.1", "HTTP/1.1 over TLS (ALPN http/1.1)");
+    for client in ["httpx", "requests"] {
+        assert_eq!(got[client]["ready"], serde_json::json!({ "ready": true }), "{client}");
+        assert_eq!(got[client]["shape"], serde_json::json!([1, 1000]), "{client}");
+    }
+    assert_eq!(
+        got["grpc_health"]["statuses"],
+        serde_json::json!({ "(server)": "SERVING", "classify": "SERVING", "no-such-service": "NOT_FOUND" })
+    );
+    let services = got["grpc_reflection"]["services"].as_array().unwrap();
+    for service in ["inference.GRPCInferenceService", "grpc.health.v1.Health", "tidal.v1.Inference"] {
+        assert!(services.iter().any(|s| s == service), "{service} listed: {services:?}");
+    }
+    assert!(!services.iter().any(|s| s == "tidal.v1.Controller"), "the inference port does not serve the controller's");
+}
