@@ -22,8 +22,10 @@ pub enum ServeError {
     MemoryFull { held_mib: usize, limit_mib: usize },
     #[error("the worker's queue is full ({0} requests waiting)")]
     QueueFull(usize),
-    #[error("the deadline passed after {0:?} in the queue")]
-    DeadlineExceeded(Duration),
+    /// `waiting`: where the request was when its time ran out ("in the queue", "before the
+    /// worker answered", …).
+    #[error("the deadline passed after {after:?} {waiting}")]
+    DeadlineExceeded { after: Duration, waiting: String },
     #[error("overloaded: {ahead} requests are queued ahead; serving this one would take about {needs:?}, its budget is {budget:?}")]
     WouldMiss { ahead: usize, needs: Duration, budget: Duration },
     #[error("the budget left ({budget:?}) is shorter than a batch takes here (about {needs:?})")]
@@ -47,7 +49,7 @@ impl From<ServeError> for Status {
             | ServeError::TooLarge { .. }
             | ServeError::WouldMiss { .. }
             | ServeError::MemoryFull { .. } => Status::resource_exhausted(msg),
-            ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. } | ServeError::Unfinished(_) => {
+            ServeError::DeadlineExceeded { .. } | ServeError::BudgetTooShort { .. } | ServeError::Unfinished(_) => {
                 Status::deadline_exceeded(msg)
             }
             ServeError::Model(_) => Status::internal(msg),

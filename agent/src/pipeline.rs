@@ -85,7 +85,7 @@ impl Pipeline {
     fn count(&self, task: String, arrived: Instant, is_forwarded: bool, result: Result<&InferResponse, &ServeError>) {
         let (outcome, label) = match result {
             Ok(_) => (Outcome::Served(arrived.elapsed()), "ok"),
-            Err(ServeError::DeadlineExceeded(_) | ServeError::BudgetTooShort { .. }) => {
+            Err(ServeError::DeadlineExceeded { .. } | ServeError::BudgetTooShort { .. }) => {
                 (Outcome::DeadlineMissed, "deadline_exceeded")
             }
             Err(ServeError::UnknownTask(_)) => return,
@@ -203,7 +203,7 @@ impl Pipeline {
             let mut skipped = Vec::new();
             if i > 0 {
                 if Instant::now() >= deadline {
-                    return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
+                    return Err(late(arrived, format!("before stage {:?} began", stage.name)));
                 }
                 let io = &later_inputs[i - 1];
                 let given = std::mem::take(&mut outputs);
@@ -318,7 +318,7 @@ impl Pipeline {
         let result = match worker.submit(deadline, input, tx) {
             Err((e, _)) => Err(e),
             Ok(()) => match tokio::time::timeout_at(deadline.into(), rx).await {
-                Err(_) => Err(ServeError::DeadlineExceeded(arrived.elapsed())),
+                Err(_) => Err(late(arrived, "before the worker answered".into())),
                 Ok(Err(_)) => Err(ServeError::Unavailable("the worker dropped the request".into())),
                 Ok(Ok(r)) => r,
             },
@@ -368,7 +368,7 @@ impl Pipeline {
         let started = Instant::now();
         let left = deadline.saturating_duration_since(started);
         if left.is_zero() {
-            return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
+            return Err(late(arrived, format!("before it was sent to agent {}", remote.node)));
         }
         let req = InferRequest {
             task: key.task.clone(),
@@ -391,7 +391,7 @@ impl Pipeline {
         let mut response = match tokio::time::timeout(left, client.infer(request)).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                return Err(ServeError::DeadlineExceeded(arrived.elapsed()));
+                return Err(late(arrived, format!("at agent {}: {}", remote.node, status.message())));
             }
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                 return Err(ServeError::InvalidInput(status.message().to_string()));
@@ -405,7 +405,7 @@ impl Pipeline {
                     status.message()
                 )));
             }
-            Err(_) => return Err(ServeError::DeadlineExceeded(arrived.elapsed())),
+            Err(_) => return Err(late(arrived, format!("waiting for agent {}", remote.node))),
         };
         let outputs = std::mem::take(&mut response.outputs)
             .into_iter()
@@ -426,6 +426,11 @@ impl Pipeline {
         served.total_us = started.elapsed().as_micros() as u64;
         Ok(StageOutput { outputs, served })
     }
+}
+
+/// A request whose time ran out `waiting` (where it was), `arrived` then.
+fn late(arrived: Instant, waiting: String) -> ServeError {
+    ServeError::DeadlineExceeded { after: arrived.elapsed(), waiting }
 }
 
 /// A text stage's error: the request's (INVALID_ARGUMENT) or the model's.

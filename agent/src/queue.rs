@@ -186,7 +186,8 @@ impl DeadlineQueue {
             }
             if self.secs(p.deadline) <= cutoff {
                 let waited = now.saturating_duration_since(p.enqueued);
-                let _ = p.reply.send(Err(ServeError::DeadlineExceeded(waited)));
+                let _ =
+                    p.reply.send(Err(ServeError::DeadlineExceeded { after: waited, waiting: "in the queue".into() }));
                 continue;
             }
             if batch.first().is_some_and(|first| first.key != p.key) {
@@ -265,7 +266,7 @@ mod tests {
         let _ok = push(&q, now + Duration::from_secs(5), 2.0);
         let batch = q.pop_batch(8, now + Duration::from_millis(10));
         assert_eq!(batch.len(), 1);
-        assert!(matches!(late.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
+        assert!(matches!(late.try_recv(), Ok(Err(ServeError::DeadlineExceeded { .. }))));
     }
 
     #[test]
@@ -301,7 +302,7 @@ mod tests {
         q.record_batch(1, Duration::from_millis(50), now);
         let batch = q.pop_batch(8, now);
         assert_eq!(tags(&batch), vec![2.0]);
-        assert!(matches!(doomed.try_recv(), Ok(Err(ServeError::DeadlineExceeded(_)))));
+        assert!(matches!(doomed.try_recv(), Ok(Err(ServeError::DeadlineExceeded { .. }))));
     }
 
     #[test]

@@ -34,10 +34,9 @@ impl TokenCost {
         self.batches.push_back((steps as f64, run.as_secs_f64() * 1e3));
     }
 
-    /// (milliseconds to the first token, milliseconds per further token), once measured.
-    /// Batches of one length give no slope: then every token is taken to cost the mean
-    /// (which overstates the per-token cost, so budgets err short).
-    pub fn line(&self) -> Option<(f64, f64)> {
+    /// The mean batch: (steps, milliseconds), and whether the batches give a slope (several
+    /// lengths, the longer costlier).
+    fn fit(&self) -> Option<Fit> {
         let n = self.batches.len() as f64;
         if n == 0.0 {
             return None;
@@ -46,27 +45,59 @@ impl TokenCost {
         let mean_y = self.batches.iter().map(|b| b.1).sum::<f64>() / n;
         let var: f64 = self.batches.iter().map(|b| (b.0 - mean_x).powi(2)).sum();
         let cov: f64 = self.batches.iter().map(|b| (b.0 - mean_x) * (b.1 - mean_y)).sum();
-        let per_token = mean_y / mean_x;
-        if var < 1e-9 || cov <= 0.0 {
-            return Some((per_token, per_token));
+        let slope = (var >= 1e-9 && cov > 0.0).then(|| cov / var);
+        Some(Fit { mean_x, mean_y, slope })
+    }
+
+    /// (milliseconds to the first token, milliseconds per further token), once measured.
+    /// Batches of one length give no slope: then every token is taken to cost the mean, which
+    /// spreads the fixed cost (the encoder) over the tokens and so understates a short text:
+    /// [`Self::affordable`] does not budget by it below the length measured.
+    pub fn line(&self) -> Option<(f64, f64)> {
+        let fit = self.fit()?;
+        match fit.slope {
+            None => {
+                let per_token = fit.mean_y / fit.mean_x;
+                Some((per_token, per_token))
+            }
+            Some(slope) => {
+                let intercept = fit.mean_y - slope * fit.mean_x;
+                // The first token costs at least a token: an intercept below that is noise.
+                Some(((intercept + slope).max(slope), slope))
+            }
         }
-        let slope = cov / var;
-        let intercept = mean_y - slope * mean_x;
-        // The first token costs at least a token: an intercept below that is noise.
-        Some(((intercept + slope).max(slope), slope))
     }
 
     /// Tokens a request with `left` of its time can write, within 1..=`most` (one at least:
-    /// a request the queue kept is worth its first token).
+    /// a request the queue kept is worth its first token). Without a slope, only what the
+    /// measured batches bound is budgeted: a text of their length or longer costs at most
+    /// their mean per token (the fixed part only shrinks per token), a shorter one may cost
+    /// as much as they did; so a request with less time than they took writes one token,
+    /// whose batch then gives the line its slope.
     pub fn affordable(&self, left: Duration, most: u32) -> u32 {
-        let Some((first, per_token)) = self.line() else { return most };
+        let Some(fit) = self.fit() else { return most };
         let left = left.as_secs_f64() * 1e3 * SPEND;
-        if left <= first || per_token <= 0.0 {
-            return 1;
-        }
-        let more = ((left - first) / per_token).floor();
-        (1.0 + more).min(f64::from(most)) as u32
+        let tokens = match fit.slope {
+            None if left < fit.mean_y => 1.0,
+            None => (left * fit.mean_x / fit.mean_y).floor(),
+            Some(_) => {
+                let (first, per_token) = self.line().unwrap_or((fit.mean_y, fit.mean_y));
+                if left <= first {
+                    1.0
+                } else {
+                    1.0 + ((left - first) / per_token).floor()
+                }
+            }
+        };
+        tokens.clamp(1.0, f64::from(most.max(1))) as u32
     }
+}
+
+/// The batches' centre and, when they give one, the slope of time in steps.
+struct Fit {
+    mean_x: f64,
+    mean_y: f64,
+    slope: Option<f64>,
 }
 
 impl TokenCost {
@@ -103,17 +134,43 @@ mod tests {
     }
 
     #[test]
-    fn batches_of_one_length_charge_every_token_the_mean() {
+    fn batches_of_one_length_budget_only_what_they_bound() {
         let mut cost = TokenCost::default();
         for _ in 0..3 {
             cost.observe(10, Duration::from_millis(100));
         }
         assert_eq!(cost.line(), Some((10.0, 10.0)));
-        assert_eq!(cost.affordable(Duration::from_millis(70), 32), 5);
+        // 10 tokens took 100 ms: 80 % of 150 ms affords 12 tokens at 10 ms each (a longer
+        // text costs no more per token); with 80 % of 110 ms, less than those 10 tokens took,
+        // a shorter text might cost as much (its encoder alone), so it writes one.
+        assert_eq!(cost.affordable(Duration::from_millis(150), 32), 12);
+        assert_eq!(cost.affordable(Duration::from_millis(110), 32), 1);
+        assert_eq!(cost.affordable(Duration::from_millis(70), 32), 1);
+        assert_eq!(cost.affordable(Duration::from_secs(10), 32), 32);
         for _ in 0..WINDOW {
             cost.observe(10, Duration::from_millis(200));
         }
         assert_eq!(cost.line(), Some((20.0, 20.0)), "only the latest batches count");
+    }
+
+    #[test]
+    fn a_short_budget_after_whole_texts_is_kept_in_time_and_teaches_the_slope() {
+        // An encoder of 100 ms and 12 ms a token: whole texts of 32 tokens take 484 ms.
+        let took = |steps: u32| Duration::from_millis(100 + 12 * u64::from(steps));
+        let mut cost = TokenCost::default();
+        for _ in 0..6 {
+            cost.observe(32, took(32));
+        }
+        // A third of a whole text's time: charging the mean (15 ms a token) would budget 8
+        // tokens, which take 196 ms, past the request's 161; one token takes 112.
+        let left = Duration::from_millis(161);
+        let tokens = cost.affordable(left, 32);
+        assert_eq!(tokens, 1);
+        assert!(took(tokens) < left);
+        // That batch gives the line its slope: the next such request writes what fits.
+        cost.observe(tokens as usize, took(tokens));
+        let tokens = cost.affordable(left, 32);
+        assert!(tokens > 1 && took(tokens) < left, "{tokens} tokens take {:?}", took(tokens));
     }
 
     #[test]

@@ -423,6 +423,8 @@ impl StageIo {
             });
         }
         let sample = self.sample_shape(declared);
+        // The shape as sent, for the error: the leading 1 is dropped below.
+        let sent = t.shape.clone();
         if self.batched && t.shape.len() == declared.shape.len() && t.shape.first() == Some(&1) {
             t.shape.remove(0);
         }
@@ -434,7 +436,7 @@ impl StageIo {
             } else {
                 declared.describe()
             };
-            return Err(TensorError::Shape { name: t.name, got: t.shape, want });
+            return Err(TensorError::Shape { name: t.name, got: sent, want });
         }
         let offset = declared.shape.len() - sample.len();
         for (j, &got) in t.shape.iter().enumerate() {
@@ -579,6 +581,9 @@ mod tests {
             let e = io.sample(tensors).expect_err(what);
             assert!(!e.to_string().is_empty(), "{what}");
         }
+        // The shape is reported as it was sent, leading 1 and all.
+        let wrong = io.sample(vec![tensor("images", ElementType::Fp16, &[1, 1, 4, 4]), thr()]).unwrap_err();
+        assert!(wrong.to_string().contains("[1, 1, 4, 4]"), "{wrong}");
         let mut short = img();
         short.data.pop();
         assert!(matches!(io.sample(vec![short, thr()]), Err(TensorError::Length { .. })));

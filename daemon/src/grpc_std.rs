@@ -1,6 +1,6 @@
 //! The standard gRPC services every Tidal port serves beside its own: `grpc.health.v1.Health`
 //! (for load balancers, `grpc_health_probe` and Kubernetes-style probes) and server reflection
-//! (for `grpcurl` and other generic clients), v1 and v1alpha.
+//! (for `grpcurl` and other generic clients), v1 and v1alpha (`crate::reflection`).
 //!
 //! Health answers as the protocol's document says (grpc/grpc `doc/health-checking.md`): `Check`
 //! on a service the daemon does not name is NOT_FOUND; `Watch` on one sends SERVICE_UNKNOWN
@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -17,6 +18,9 @@ use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus as Answer;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_reflection::pb::{v1, v1alpha};
+
+use crate::reflection::{Index, ReflectionV1, ReflectionV1alpha};
 
 /// Each named service's status (serving or not), written by one task ([`follow`]).
 pub struct Statuses(watch::Sender<BTreeMap<String, bool>>);
@@ -85,18 +89,15 @@ pub fn add_standard(
     health: &Health,
     services: &[&str],
     descriptor_sets: &[&'static [u8]],
-) -> Result<Router, tonic_reflection::server::Error> {
+) -> Result<Router, crate::reflection::IndexError> {
     const STANDARD: [&str; 3] =
         ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
-    let builder = || {
-        let b = descriptor_sets
-            .iter()
-            .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set))
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        services.iter().chain(STANDARD.iter()).fold(b, |b, name| b.with_service_name(*name))
-    };
-    let health_server = HealthServer::new(health.clone());
-    Ok(router.add_service(health_server).add_service(builder().build_v1()?).add_service(builder().build_v1alpha()?))
+    let listed = services.iter().chain(STANDARD.iter()).map(|s| s.to_string()).collect();
+    let index = Arc::new(Index::new(listed, descriptor_sets)?);
+    Ok(router
+        .add_service(HealthServer::new(health.clone()))
+        .add_service(v1::server_reflection_server::ServerReflectionServer::new(ReflectionV1(index.clone())))
+        .add_service(v1alpha::server_reflection_server::ServerReflectionServer::new(ReflectionV1alpha(index))))
 }
 
 /// Keeps `health` in step with `statuses` (service name → serving?), looked at every `every`:

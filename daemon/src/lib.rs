@@ -9,5 +9,6 @@ pub mod grpc_std;
 pub mod logging;
 pub mod metrics_http;
 pub mod ready_file;
+pub mod reflection;
 pub mod stopping;
 pub mod systemd;

@@ -17,7 +17,9 @@ import httpx
 import numpy as np
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 
@@ -148,10 +150,26 @@ def grpc_standard(results, url, model, ca):
             return {"statuses": statuses}
 
         def reflection():
+            # grpcio-reflection's own client (v1alpha): every listed service described, with
+            # the files it imports, into a protobuf descriptor pool.
+            database = ProtoReflectionDescriptorDatabase(channel)
+            pool = descriptor_pool.DescriptorPool(database)
+            services = database.get_services()
+            methods = {s: sorted(m.name for m in pool.FindServiceByName(s).methods) for s in services}
+            # An unknown symbol is an error response on the stream, which stays open.
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-            services = [s.name for a in answers for s in a.list_services_response.service]
-            return {"services": sorted(services)}
+            asked = [
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.such.Service"),
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+            ]
+            answers = list(stub.ServerReflectionInfo(iter(asked), timeout=10))
+            unknown = answers[0].error_response
+            return {
+                "services": sorted(services),
+                "methods": methods,
+                "unknown_symbol": grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == unknown.error_code)).name,
+                "answers": len(answers),
+            }
 
         record(results, "grpc_health", health)
         record(results, "grpc_reflection", reflection)

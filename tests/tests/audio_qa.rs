@@ -114,7 +114,7 @@ async fn a_recording_is_transcribed_token_by_token_and_a_question_answered_from_
 
     // Bad audio: empty, shorter than one window, longer than 30 s; each refused by reason.
     for (samples, why) in
-        [(0, "has shape [0]"), (100, "below the task's least of 400"), (480_001, "above the task's bound")]
+        [(0, "has shape [1, 0]"), (100, "below the task's least of 400"), (480_001, "above the task's bound")]
     {
         let req = v2_raw_request(
             "audio-qa",

@@ -742,4 +742,11 @@ async fn the_kserve_sdk_httpx_requests_and_grpc_s_own_clients_call_a_tls_agent()
         assert!(services.iter().any(|s| s == service), "{service} listed: {services:?}");
     }
     assert!(!services.iter().any(|s| s == "tidal.v1.Controller"), "the inference port does not serve the controller's");
+    for service in services {
+        let methods = &got["grpc_reflection"]["methods"][service.as_str().unwrap()];
+        assert!(methods.as_array().is_some_and(|m| !m.is_empty()), "{service} described by v1alpha: {methods}");
+    }
+    assert_eq!(got["grpc_reflection"]["methods"]["grpc.health.v1.Health"], serde_json::json!(["Check", "Watch"]));
+    assert_eq!(got["grpc_reflection"]["unknown_symbol"], "NOT_FOUND");
+    assert_eq!(got["grpc_reflection"]["answers"], 2, "the stream stays open after an unknown symbol");
 }

@@ -158,7 +158,7 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
 
     // Bad audio: empty, too short for one frame, longer than 30 s, or text.
     for (samples, why) in
-        [(0, "has shape [0]"), (100, "below the task's least of 400"), (480_001, "above the task's bound")]
+        [(0, "has shape [1, 0]"), (100, "below the task's least of 400"), (480_001, "above the task's bound")]
     {
         let req = v2_raw_request(
             "audio-sent",

@@ -87,23 +87,49 @@ async fn health(addr: &str, service: &str) -> Result<ServingStatus, Code> {
     }
 }
 
-/// The services a port lists through server reflection (v1).
+/// The services a port lists through server reflection (v1), each described on the same
+/// stream (the file that declares it), as grpcurl's `describe` asks; an unknown symbol asked
+/// first is answered NOT_FOUND on the stream, which stays open for the rest.
 async fn reflected_services(addr: &str) -> Vec<String> {
+    use prost::Message;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
     let mut client = ServerReflectionClient::new(channel(addr).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+    let (ask, requests) = tokio::sync::mpsc::channel(1);
+    let answers = client.server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests));
+    let ask = |request: MessageRequest| {
+        let ask = ask.clone();
+        async move {
+            ask.send(ServerReflectionRequest { host: String::new(), message_request: Some(request) }).await.unwrap();
+        }
     };
-    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let answer = answers.message().await.unwrap().unwrap();
-    match answer.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("reflection answered {other:?}"),
+    // The request stream is open before the call answers: send the first request, then call.
+    ask(MessageRequest::FileContainingSymbol("no.such.Service".into())).await;
+    let mut answers = answers.await.unwrap().into_inner();
+    async fn next_of(answers: &mut tonic::Streaming<ServerReflectionResponse>) -> MessageResponse {
+        answers.message().await.unwrap().expect("the stream open").message_response.unwrap()
     }
+    match next_of(&mut answers).await {
+        MessageResponse::ErrorResponse(e) => assert_eq!(e.error_code, Code::NotFound as i32, "{}", e.error_message),
+        other => panic!("an unknown symbol answered {other:?}"),
+    }
+    ask(MessageRequest::ListServices(String::new())).await;
+    let services: Vec<String> = match next_of(&mut answers).await {
+        MessageResponse::ListServicesResponse(list) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("reflection answered {other:?}"),
+    };
+    for service in &services {
+        ask(MessageRequest::FileContainingSymbol(service.clone())).await;
+        let MessageResponse::FileDescriptorResponse(files) = next_of(&mut answers).await else {
+            panic!("{service} not described")
+        };
+        let file = prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).unwrap();
+        let declared = file.service.iter().find(|s| format!("{}.{}", file.package(), s.name()) == *service);
+        assert!(declared.is_some_and(|s| !s.method.is_empty()), "{service} is not declared in {}", file.name());
+    }
+    services
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
