@@ -48,9 +48,15 @@ ipa-pipelines: build
 # Unit tests, property tests and the cross-process integration tests (which start real
 # controllers and agents, so the binaries are built first, with the same features as the
 # tests so that nothing is compiled twice).
-test: setup
-	scripts/test-deps.sh
-	$(CARGO) build --release --workspace --all-targets
+# The installs (ONNX Runtime, the clients and tools the tests drive: downloads, mostly) run
+# beside the build, which needs none of them; their output is printed once both are done.
+test:
+	@mkdir -p .tidal
+	@echo "setup and test-deps run beside the build (output: .tidal/test-deps.log, printed after it)"
+	@{ $(MAKE) --no-print-directory setup && scripts/test-deps.sh; } > .tidal/test-deps.log 2>&1 & deps=$$!; \
+	$(CARGO) build --release --workspace --all-targets; built=$$?; \
+	wait $$deps; installed=$$?; cat .tidal/test-deps.log; \
+	[ $$built -eq 0 ] && [ $$installed -eq 0 ]
 	$(CARGO) test --release --workspace
 
 # Ansible over SSH against three systemd VMs: site.yml, then a rolling upgrade under load, a
