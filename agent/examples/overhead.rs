@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use tidal_agent::worker_process::{open_session, run_batch};
+use tidal_agent::worker_process::{open_env, open_session, run_batch};
 use tidal_agent::worker_protocol::{Batch, FrameTensor};
 use tidal_common::tensor::f32_tensor;
 use tidal_common::variant::VariantConfig;
@@ -61,14 +61,14 @@ fn main() -> anyhow::Result<()> {
     let mut shape = vec![1];
     shape.extend_from_slice(&cfg.input_shape);
 
-    let mut session = open_session(&ort_lib, &model_dir.join(&cfg.model_file), THREADS)?;
+    let mut session = open_session(&open_env(&ort_lib)?, &model_dir.join(&cfg.model_file), THREADS)?;
     let input = FrameTensor {
         name: session.inputs()[0].name().to_string(),
         datatype: "FP32".into(),
         shape: shape.clone(),
         data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };
-    let batch = Batch { id: 1, inputs: vec![input], outputs: Vec::new() };
+    let batch = Batch { id: 1, inputs: vec![input], outputs: Vec::new(), threads: 0 };
     // The client drives its own I/O on this thread: no hand-over from a runtime thread per answer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let agent = support::BenchAgent::start(&model_dir, &ort_lib)?;

@@ -89,7 +89,8 @@ struct ServeArgs {
     /// Cores this node offers to workers (default: all online cores).
     #[arg(long, env = "TIDAL_CORES")]
     cores: Option<u32>,
-    /// ONNX Runtime threads per worker (default: --cores, so a worker can grow to the whole node in place).
+    /// ONNX Runtime intra-op threads per worker, fixed whatever its CPU limit (default: its
+    /// limit's cores, rounded up; they follow it when the worker is resized in place).
     #[arg(long, env = "TIDAL_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// cgroup hierarchy for workers' CPU limits.
@@ -212,7 +213,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         process: ProcessConfig {
             exe: std::env::current_exe().context("locating the agent binary")?,
             ort_lib: args.ort_lib.canonicalize()?,
-            threads: args.worker_threads.unwrap_or(cores as usize),
+            fixed_threads: args.worker_threads,
             load_timeout: Duration::from_secs(args.load_timeout_s),
             run_as: args.worker_user.as_deref().map(worker_identity).transpose()?,
         },

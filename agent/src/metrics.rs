@@ -44,6 +44,7 @@ pub struct AgentMetrics {
     pub inflight_bytes: Gauge,
     worker_cpu_limit: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     worker_queue: Family<WorkerLabels, Gauge>,
+    worker_threads: Family<WorkerLabels, Gauge>,
     worker_cpu_usage: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     worker_throttled_periods: Family<WorkerLabels, Counter>,
     worker_throttled_seconds: Family<WorkerLabels, Counter<f64, AtomicU64>>,
@@ -64,6 +65,7 @@ impl AgentMetrics {
             inflight_bytes: Gauge::default(),
             worker_cpu_limit: Family::default(),
             worker_queue: Family::default(),
+            worker_threads: Family::default(),
             worker_cpu_usage: Family::default(),
             worker_throttled_periods: Family::default(),
             worker_throttled_seconds: Family::default(),
@@ -102,6 +104,11 @@ impl AgentMetrics {
         );
         r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());
         r.register("worker_queue_length", "Requests waiting in each worker's queue", m.worker_queue.clone());
+        r.register(
+            "worker_threads",
+            "ONNX Runtime intra-op threads each worker's last batch ran with (they follow its CPU limit)",
+            m.worker_threads.clone(),
+        );
         r.register("worker_cpu_usage_cores", "CPU each worker used lately, in cores", m.worker_cpu_usage.clone());
         r.register(
             "worker_cpu_throttled_periods",
@@ -123,6 +130,7 @@ impl AgentMetrics {
     pub fn set_workers(&self, workers: &[WorkerTelemetry]) {
         self.worker_cpu_limit.clear();
         self.worker_queue.clear();
+        self.worker_threads.clear();
         self.worker_cpu_usage.clear();
         self.worker_throttled_periods.clear();
         self.worker_throttled_seconds.clear();
@@ -131,6 +139,7 @@ impl AgentMetrics {
             let labels = WorkerLabels { worker: w.id.clone(), task: w.task.clone(), variant: w.variant.clone() };
             self.worker_cpu_limit.get_or_create(&labels).set(w.millicores as f64 / 1000.0);
             self.worker_queue.get_or_create(&labels).set(w.queue_len as i64);
+            self.worker_threads.get_or_create(&labels).set(i64::from(w.threads));
             self.worker_cpu_usage.get_or_create(&labels).set(w.cpu_usage_cores);
             self.worker_throttled_periods.get_or_create(&labels).inc_by(w.nr_throttled);
             self.worker_throttled_seconds.get_or_create(&labels).inc_by(w.throttled_us as f64 / 1e6);

@@ -267,6 +267,7 @@ impl Node {
                 restarts: w.restarts(),
                 ready: w.is_ready(),
                 load_ms: w.load_ms(),
+                threads: w.threads(),
                 cgroup: w.cgroup.cpu_dir().map(|d| d.display().to_string()).unwrap_or_default(),
             });
         }

@@ -268,7 +268,7 @@ async fn profile_at(
                         stacked(set, signature.batched(), batch)?
                     };
                     let Some(g) = grid.generate else {
-                        return Ok((measure(&mut proc, &inputs, grid.duration).await?, 0));
+                        return Ok((measure(&mut proc, &inputs, grid.duration, cores * 1000).await?, 0));
                     };
                     let budget = model_name(&g.budget);
                     for t in inputs.iter_mut().filter(|t| t.name == budget) {
@@ -276,9 +276,9 @@ async fn profile_at(
                         t.data = i64::from(length).to_le_bytes().repeat(n);
                     }
                     // What it wrote (fewer than asked when every sample ended early).
-                    let written = run_batch(&mut proc, &inputs).await?;
+                    let written = run_batch(&mut proc, &inputs, cores * 1000).await?;
                     let steps = crate::generation::steps_taken(&written.outputs, [&g.output, &model_name(&g.output)]);
-                    Ok((measure(&mut proc, &inputs, grid.duration).await?, steps as u32))
+                    Ok((measure(&mut proc, &inputs, grid.duration, cores * 1000).await?, steps as u32))
                 };
                 let ((mut latencies, elapsed), output_tokens) = match measured.await {
                     Ok(measured) => measured,
@@ -304,14 +304,15 @@ async fn measure(
     proc: &mut WorkerProcess,
     inputs: &[FrameTensor],
     duration: Duration,
+    millicores: u32,
 ) -> Result<(Vec<Duration>, f64), Status> {
     for _ in 0..2 {
-        time_batch(proc, inputs).await?;
+        time_batch(proc, inputs, millicores).await?;
     }
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration || latencies.len() < 3 {
-        latencies.push(time_batch(proc, inputs).await?);
+        latencies.push(time_batch(proc, inputs, millicores).await?);
     }
     Ok((latencies, started.elapsed().as_secs_f64()))
 }
@@ -396,14 +397,15 @@ const MAX_PROFILE_ELEMENTS: usize = 1 << 28;
 /// Most bytes of one input of a profiled batch of the user's samples.
 const MAX_PROFILE_BYTES: usize = 1 << 30;
 
-async fn time_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<Duration, Status> {
+async fn time_batch(p: &mut WorkerProcess, inputs: &[FrameTensor], millicores: u32) -> Result<Duration, Status> {
     let t = Instant::now();
-    run_batch(p, inputs).await?;
+    run_batch(p, inputs, millicores).await?;
     Ok(t.elapsed())
 }
 
-async fn run_batch(p: &mut WorkerProcess, inputs: &[FrameTensor]) -> Result<BatchResult, Status> {
-    let r = p.run(inputs.to_vec()).await.map_err(|e| Status::internal(e.to_string()))?;
+/// Runs one batch on a worker held to `millicores` (its threads are that quota's).
+async fn run_batch(p: &mut WorkerProcess, inputs: &[FrameTensor], millicores: u32) -> Result<BatchResult, Status> {
+    let r = p.run(inputs.to_vec(), millicores).await.map_err(|e| Status::internal(e.to_string()))?;
     if !r.error.is_empty() {
         return Err(Status::internal(r.error));
     }

@@ -33,9 +33,9 @@ pub struct ProcessConfig {
     /// The agent's own binary, which runs a worker when started as `<exe> worker`.
     pub exe: PathBuf,
     pub ort_lib: PathBuf,
-    /// ONNX Runtime intra-op threads per worker: the most cores a worker may ever be given, so
-    /// that growing the quota lets it use them without a restart.
-    pub threads: usize,
+    /// ONNX Runtime intra-op threads per worker, fixed whatever its quota; None: its quota's
+    /// cores, followed as it is resized ([`threads_for`]).
+    pub fixed_threads: Option<usize>,
     /// How long a worker may take to load its model.
     pub load_timeout: Duration,
     /// The (uid, gid) workers run as: an unprivileged user, so that a model or a request that
@@ -76,10 +76,19 @@ pub trait Spawner: Send + Sync + 'static {
     fn load_timeout(&self) -> Duration;
 }
 
+/// The intra-op threads for a quota of `millicores`: its cores, a part counting whole (1.5
+/// cores run 2 threads, each held to its share by the quota), one at least. More threads than
+/// cores only take turns on them (measured: agent/examples/threads_under_quota.rs).
+pub fn threads_for(millicores: u32) -> usize {
+    millicores.div_ceil(1000).max(1) as usize
+}
+
 /// A running model process, as the batcher drives it.
 pub trait ModelProcess: Send {
-    /// Runs one batch: each input's samples stacked (see [`crate::worker_protocol::Batch`]).
-    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>>;
+    /// Runs one batch: each input's samples stacked (see [`crate::worker_protocol::Batch`]),
+    /// under a quota of `millicores`, which the process's threads follow. No inputs: only
+    /// tells the process its quota, so that it prepares its threads before the next batch.
+    fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> BoxFuture<'_, Result<BatchResult, WorkerError>>;
     /// Resolves when the process ends by itself, with how.
     fn exited(&mut self) -> BoxFuture<'_, String>;
     /// Stops the process, killing it if it has not ended within `grace`.
@@ -117,8 +126,8 @@ impl Spawner for Processes {
 }
 
 impl ModelProcess for WorkerProcess {
-    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
-        WorkerProcess::run(self, inputs).boxed()
+    fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
+        WorkerProcess::run(self, inputs, millicores).boxed()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
@@ -178,6 +187,8 @@ pub struct WorkerProcess {
     tx: FramedWrite<ChildStdin, LengthDelimitedCodec>,
     rx: FramedRead<ChildStdout, LengthDelimitedCodec>,
     next_id: u64,
+    /// `ProcessConfig::fixed_threads`.
+    fixed_threads: Option<usize>,
 }
 
 /// Pipe buffer to and from a worker: the default most processes may ask for. With the default
@@ -213,7 +224,7 @@ impl WorkerProcess {
             .arg("--ort-lib")
             .arg(&cfg.ort_lib)
             .arg("--threads")
-            .arg(cfg.threads.to_string())
+            .arg(cfg.fixed_threads.unwrap_or_else(|| threads_for(millicores)).to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -230,8 +241,13 @@ impl WorkerProcess {
         let stdout = child.stdout.take().ok_or_else(|| WorkerError::Gone("no stdout".into()))?;
         grow_pipe(&stdin);
         grow_pipe(&stdout);
-        let mut p =
-            Self { child, tx: FramedWrite::new(stdin, codec()), rx: FramedRead::new(stdout, codec()), next_id: 0 };
+        let mut p = Self {
+            child,
+            tx: FramedWrite::new(stdin, codec()),
+            rx: FramedRead::new(stdout, codec()),
+            next_id: 0,
+            fixed_threads: cfg.fixed_threads,
+        };
         let ready: Ready = match tokio::time::timeout(cfg.load_timeout, p.recv()).await {
             Err(_) => return Err(WorkerError::LoadTimeout(cfg.load_timeout)),
             Ok(r) => r?,
@@ -250,10 +266,12 @@ impl WorkerProcess {
         }
     }
 
-    /// Runs one batch: each input's samples stacked; every output comes back.
-    pub async fn run(&mut self, inputs: Vec<FrameTensor>) -> Result<BatchResult, WorkerError> {
+    /// Runs one batch: each input's samples stacked; every output comes back. The process
+    /// runs with the threads of `millicores` (see [`ModelProcess::run`]).
+    pub async fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
-        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new() };
+        let threads = self.fixed_threads.unwrap_or_else(|| threads_for(millicores)) as u32;
+        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new(), threads };
         let frame = bytes::Bytes::from(batch.encode_to_vec());
         SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
             .await
@@ -307,7 +325,11 @@ pub struct Worker {
     pub queue: Arc<DeadlineQueue>,
     pub cgroup: Arc<WorkerCgroup>,
     settings: watch::Sender<BatchSettings>,
-    millicores: AtomicU32,
+    /// The quota, which the batcher follows (a restart starts at it; the process's threads
+    /// follow it).
+    millicores: watch::Sender<u32>,
+    /// The intra-op threads its process last ran a batch with (0: none yet).
+    threads: Arc<AtomicU32>,
     ready: Arc<AtomicBool>,
     /// Milliseconds its process took from spawn to serving, the last time it started.
     load_ms: Arc<AtomicU32>,
@@ -340,12 +362,14 @@ impl Worker {
         events: EventSink,
     ) -> Arc<Self> {
         let (settings_tx, settings_rx) = watch::channel(settings);
+        let (millicores_tx, millicores_rx) = watch::channel(millicores);
         let worker = Arc::new(Self {
             spec,
             queue: Arc::new(DeadlineQueue::new(queue_capacity)),
             cgroup: Arc::new(cgroup),
             settings: settings_tx,
-            millicores: AtomicU32::new(millicores),
+            millicores: millicores_tx,
+            threads: Arc::new(AtomicU32::new(0)),
             ready: Arc::new(AtomicBool::new(false)),
             load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
@@ -357,7 +381,8 @@ impl Worker {
             queue: worker.queue.clone(),
             cgroup: worker.cgroup.clone(),
             settings: settings_rx,
-            millicores: millicores_reader(&worker),
+            millicores: millicores_rx,
+            threads: worker.threads.clone(),
             ready: worker.ready.clone(),
             load_ms: worker.load_ms.clone(),
             restarts: worker.restarts.clone(),
@@ -374,7 +399,12 @@ impl Worker {
     }
 
     pub fn millicores(&self) -> u32 {
-        self.millicores.load(Ordering::Relaxed)
+        *self.millicores.borrow()
+    }
+
+    /// The intra-op threads its process last ran a batch with (0: none yet).
+    pub fn threads(&self) -> u32 {
+        self.threads.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> BatchSettings {
@@ -396,7 +426,7 @@ impl Worker {
     /// Resizes the worker in place: one write to its cgroup, no restart.
     pub fn resize(&self, millicores: u32) -> Result<(), CgroupError> {
         self.cgroup.set_millicores(millicores)?;
-        self.millicores.store(millicores, Ordering::Relaxed);
+        self.millicores.send_replace(millicores);
         self.queue.forget_estimate();
         Ok(())
     }
@@ -422,18 +452,13 @@ impl Worker {
     }
 }
 
-/// The batcher reads the current quota to restore it after a restart.
-fn millicores_reader(worker: &Arc<Worker>) -> Arc<dyn Fn() -> u32 + Send + Sync> {
-    let weak = Arc::downgrade(worker);
-    Arc::new(move || weak.upgrade().map_or(1000, |w| w.millicores()))
-}
-
 struct BatcherCtx {
     spec: WorkerSpec,
     queue: Arc<DeadlineQueue>,
     cgroup: Arc<WorkerCgroup>,
     settings: watch::Receiver<BatchSettings>,
-    millicores: Arc<dyn Fn() -> u32 + Send + Sync>,
+    millicores: watch::Receiver<u32>,
+    threads: Arc<AtomicU32>,
     ready: Arc<AtomicBool>,
     load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
@@ -454,7 +479,7 @@ impl BatcherCtx {
             let spawning = Instant::now();
             // A worker stopped while it loads stops at once (the process is killed).
             let spawned = tokio::select! {
-                spawned = self.spawner.spawn(&self.spec.model_path, &self.cgroup, (self.millicores)()) => spawned,
+                spawned = self.spawner.spawn(&self.spec.model_path, &self.cgroup, *self.millicores.borrow()) => spawned,
                 _ = self.stop.cancelled() => break,
             };
             let mut proc = match spawned {
@@ -471,7 +496,7 @@ impl BatcherCtx {
             };
             let load_ms = spawning.elapsed().as_millis().min(u32::MAX as u128) as u32;
             self.load_ms.store(load_ms, Ordering::Relaxed);
-            info!(pid = ?proc.pid(), millicores = (self.millicores)(), load_ms, "worker ready");
+            info!(pid = ?proc.pid(), millicores = *self.millicores.borrow(), load_ms, "worker ready");
             self.ready.store(true, Ordering::Relaxed);
             self.events.send(WorkerEvent::Ready { id: self.spec.id.clone() }).await;
             backoff = Duration::from_millis(200);
@@ -496,10 +521,20 @@ impl BatcherCtx {
     async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
         let generate = self.spec.text.as_ref().and_then(|t| t.spec.generate.as_ref());
         let mut token_cost = tidal_common::generation::TokenCost::default();
+        // A resize while idle is passed on at once, so the process has its threads for the
+        // quota before the next batch (a batch passes it on too).
+        let mut quota = self.millicores.clone();
+        quota.mark_unchanged();
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
                     _ = self.queue.notify.notified() => {}
+                    Ok(()) = quota.changed() => {
+                        let millicores = *quota.borrow_and_update();
+                        if let Err(e) = proc.run(Vec::new(), millicores).await {
+                            return Exit::Died(e);
+                        }
+                    }
                     _ = self.stop.cancelled() => return Exit::Stopped,
                     how = proc.exited() => return Exit::Died(WorkerError::Gone(how)),
                 }
@@ -529,8 +564,10 @@ impl BatcherCtx {
                 }
             };
             let started = Instant::now();
-            match proc.run(inputs).await {
+            let millicores = *quota.borrow_and_update();
+            match proc.run(inputs, millicores).await {
                 Ok(mut result) if result.error.is_empty() => {
+                    self.threads.store(result.threads, Ordering::Relaxed);
                     let done = Instant::now();
                     let mut took = done.saturating_duration_since(started);
                     if let Some(g) = generate {
@@ -847,6 +884,7 @@ mod tests {
             error: String::new(),
             run_us: 5,
             outputs: vec![frame("hidden", &[2, 4, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
+            threads: 1,
         };
         reply_batch(&io, batch, result, Instant::now());
         let answers: Vec<Served> = callers.into_iter().map(|mut rx| rx.try_recv().unwrap().unwrap()).collect();

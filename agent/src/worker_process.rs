@@ -6,25 +6,31 @@
 //! agent closes its stdin (or dies).
 
 use std::io::{BufReader, BufWriter};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
 
 use crate::worker_protocol::{read_frame, write_frame, Batch, BatchResult, FrameTensor, Ready};
 
-/// Loads ONNX Runtime from `ort_lib` and opens a session for `model` with `threads` intra-op
-/// threads (spinning off, so that idle threads do not burn the worker's quota).
-pub fn open_session(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<Session> {
-    let env = ort::init_from(ort_lib)
+/// Loads ONNX Runtime from `ort_lib`: the process's one environment, which every session of
+/// the worker shares.
+pub fn open_env(ort_lib: &Path) -> anyhow::Result<Environment> {
+    ort::init_from(ort_lib)
         .with_context(|| format!("loading ONNX Runtime from {}", ort_lib.display()))?
         .with_name("tidal-worker")
         .build()
-        .context("creating the ONNX Runtime environment")?;
-    let session = Session::builder(&env)?
+        .context("creating the ONNX Runtime environment")
+}
+
+/// Opens a session for `model` with `threads` intra-op threads (spinning off, so that idle
+/// threads do not burn the worker's quota).
+pub fn open_session(env: &Environment, model: &Path, threads: usize) -> anyhow::Result<Session> {
+    let session = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_intra_threads(threads.max(1))
@@ -36,6 +42,73 @@ pub fn open_session(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Res
         .commit_from_file(model)
         .with_context(|| format!("loading the model {}", model.display()))?;
     Ok(session)
+}
+
+/// The session a worker runs, and another being built beside it for a new thread count.
+///
+/// ONNX Runtime fixes a session's intra-op threads when it is built, so following the quota
+/// means a new session: it is built on a thread of its own while the running one serves (in
+/// the same cgroup, so its CPU comes out of the worker's quota), and swapped in between two
+/// batches, when it is ready and still the count wanted. Memory holds two sessions meanwhile.
+struct Sessions {
+    env: Environment,
+    model: PathBuf,
+    running: Session,
+    threads: usize,
+    wanted: usize,
+    building: Option<(usize, std::thread::JoinHandle<anyhow::Result<Session>>)>,
+    /// A count whose build failed: not tried again (the running session serves on).
+    failed: Option<usize>,
+}
+
+impl Sessions {
+    fn open(env: Environment, model: &Path, threads: usize) -> anyhow::Result<Self> {
+        let running = open_session(&env, model, threads)?;
+        Ok(Self { env, model: model.to_path_buf(), running, threads, wanted: threads, building: None, failed: None })
+    }
+
+    /// Takes `threads` (0: no change) as the count wanted: swaps in a finished build of it,
+    /// and starts one when none is under way.
+    fn want(&mut self, threads: usize) {
+        if threads > 0 {
+            self.wanted = threads;
+        }
+        if self.building.as_ref().is_some_and(|(_, b)| b.is_finished()) {
+            let (built, handle) = self.building.take().expect("checked above");
+            match handle.join() {
+                Ok(Ok(session)) if built == self.wanted => {
+                    self.running = session;
+                    self.threads = built;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    eprintln!(
+                        "tidal worker: a session of {built} threads failed to build ({e:#}); serving on with {}",
+                        self.threads
+                    );
+                    self.failed = Some(built);
+                }
+                Err(_) => self.failed = Some(built),
+            }
+        }
+        if self.building.is_none() && self.wanted != self.threads && self.failed != Some(self.wanted) {
+            let (env, model, threads) = (self.env.clone(), self.model.clone(), self.wanted);
+            let build = std::thread::Builder::new()
+                .name(format!("session-{threads}"))
+                .spawn(move || open_session(&env, &model, threads));
+            match build {
+                Ok(handle) => self.building = Some((threads, handle)),
+                Err(e) => eprintln!("tidal worker: cannot start a thread to build a session: {e}"),
+            }
+        }
+    }
+
+    /// Waits for a build under way (the process is ending).
+    fn finish(self) {
+        if let Some((_, handle)) = self.building {
+            let _ = handle.join();
+        }
+    }
 }
 
 /// ONNX Runtime's element type for a frame's datatype (BYTES is not served).
@@ -147,7 +220,7 @@ pub fn run_batch(session: &mut Session, batch: &Batch) -> anyhow::Result<Vec<Fra
 pub fn serve(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut input = BufReader::new(std::io::stdin().lock());
-    let mut session = match open_session(ort_lib, model, threads) {
+    let mut sessions = match open_env(ort_lib).and_then(|env| Sessions::open(env, model, threads)) {
         Ok(s) => s,
         Err(e) => {
             write_frame(&mut out, &Ready { error: format!("{e:#}") })?;
@@ -156,14 +229,21 @@ pub fn serve(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<()>
     };
     write_frame(&mut out, &Ready { error: String::new() })?;
     while let Some(batch) = read_frame::<Batch>(&mut input)? {
+        sessions.want(batch.threads as usize);
         let started = Instant::now();
         let id = batch.id;
-        let result = match run_batch(&mut session, &batch) {
-            Ok(outputs) => BatchResult { id, outputs, ..Default::default() },
-            Err(e) => BatchResult { id, error: format!("{e:#}"), ..Default::default() },
+        let result = if batch.inputs.is_empty() {
+            BatchResult { id, ..Default::default() }
+        } else {
+            match run_batch(&mut sessions.running, &batch) {
+                Ok(outputs) => BatchResult { id, outputs, ..Default::default() },
+                Err(e) => BatchResult { id, error: format!("{e:#}"), ..Default::default() },
+            }
         };
-        let result = BatchResult { run_us: started.elapsed().as_micros() as u64, ..result };
+        let result =
+            BatchResult { run_us: started.elapsed().as_micros() as u64, threads: sessions.threads as u32, ..result };
         write_frame(&mut out, &result)?;
     }
+    sessions.finish();
     Ok(())
 }

@@ -40,6 +40,11 @@ pub struct Batch {
     /// The outputs to return, by name; empty: all, in the model's order.
     #[prost(string, repeated, tag = "5")]
     pub outputs: Vec<String>,
+    /// The intra-op threads the worker is to run with (its quota's cores; 0: as it runs). A
+    /// new count is built beside the running session and swapped in once ready. A batch with
+    /// no inputs says only this, and is answered at once.
+    #[prost(uint32, tag = "6")]
+    pub threads: u32,
 }
 
 /// The outputs of one batch, or why it failed.
@@ -54,6 +59,9 @@ pub struct BatchResult {
     pub run_us: u64,
     #[prost(message, repeated, tag = "6")]
     pub outputs: Vec<FrameTensor>,
+    /// The intra-op threads of the session that ran the batch.
+    #[prost(uint32, tag = "7")]
+    pub threads: u32,
 }
 
 // Frames carry values as the machine holds them, which is little-endian, as the protocol

@@ -177,7 +177,19 @@ pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
     start_agent_named(work, &unique_node(), opts)
 }
 
-/// Starts an agent as `node` (its cgroups live under `tidal-test/<node>`).
+/// The cgroup subtree of an agent `node` started in `work`: the same for an agent started again
+/// there (a restart finds what it left), apart from every other test's. An agent sweeps its
+/// subtree when it starts and stops (killing what runs there), so two tests' agents of one
+/// name, run side by side, must not share one: they did, and one's exit killed the other's
+/// workers ("the worker died while running the batch").
+fn cgroup_subtree(work: &Path, node: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    work.hash(&mut hasher);
+    format!("tidal-test/{:016x}-{node}", hasher.finish())
+}
+
+/// Starts an agent as `node` (its cgroups live under `tidal-test/<work dir's hash>-<node>`).
 pub fn start_agent_named(work: &Path, node: &str, opts: AgentOpts) -> Agent {
     start_agent_with_env(work, node, opts, &[])
 }
@@ -205,7 +217,7 @@ pub fn start_agent_binary(binary: &Path, work: &Path, node: &str, opts: AgentOpt
         .arg(opts.model_dir)
         .arg("--ort-lib")
         .arg(ort_lib())
-        .args(["--cgroup-subtree", &format!("tidal-test/{node}")])
+        .args(["--cgroup-subtree", &cgroup_subtree(work, &node)])
         .args(opts.extra);
     if !opts.extra.contains(&"--cores") {
         cmd.args(["--cores", "2"]);
@@ -477,7 +489,14 @@ pub fn setup(extra: &[&str]) -> Setup {
 
 /// Waits until the agent runs `workers` ready workers; their telemetry.
 pub async fn wait_ready(addr: &str, workers: usize) -> Vec<tidal_proto::v1::WorkerTelemetry> {
-    let mut client = agent_client(addr).await;
+    wait_ready_through(agent_client(addr).await, workers).await
+}
+
+/// [`wait_ready`] through a given client (e.g. one holding another role's certificate).
+pub async fn wait_ready_through(
+    mut client: AgentClient<Channel>,
+    workers: usize,
+) -> Vec<tidal_proto::v1::WorkerTelemetry> {
     eventually(Duration::from_secs(60), "workers to be ready", || {
         let mut client = client.clone();
         async move {

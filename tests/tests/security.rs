@@ -636,14 +636,7 @@ async fn a_stage_is_forwarded_only_to_the_agent_the_plan_names() {
     push(&agent_a, plan.clone()).await;
     let client = Role::Reader("client".into());
     let status_b = AgentClient::new(channel_as(&certs, &client, &agent_b.control_addr).await);
-    eventually(Duration::from_secs(60), "node-b's worker to be ready", || {
-        let mut status_b = status_b.clone();
-        async move {
-            let s = status_b.status(AgentStatusRequest {}).await.ok()?.into_inner();
-            (s.workers.len() == 1 && s.workers[0].ready).then_some(())
-        }
-    })
-    .await;
+    wait_ready_through(status_b, 1).await;
     let mut infer = InferenceClient::new(channel_as(&certs, &client, &agent_a.addr).await);
     let request = || InferRequest {
         task: "classify".into(),
@@ -693,14 +686,7 @@ async fn the_kserve_sdk_httpx_requests_and_grpc_s_own_clients_call_a_tls_agent()
     let mut control = AgentClient::new(channel_as(&certs, &pusher, &agent.control_addr).await);
     let plan = plan_for(1, "node-a", "classify", 5000, &[(&r18, 1000, 1)]);
     control.apply_plan(ApplyPlanRequest { plan: Some(plan), ..Default::default() }).await.unwrap();
-    eventually(Duration::from_secs(60), "the worker to be ready", || {
-        let mut control = control.clone();
-        async move {
-            let s = control.status(AgentStatusRequest {}).await.ok()?.into_inner();
-            (s.workers.len() == 1 && s.workers[0].ready).then_some(())
-        }
-    })
-    .await;
+    wait_ready_through(control, 1).await;
 
     let shape = r18.input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let mut cmd = std::process::Command::new("timeout");

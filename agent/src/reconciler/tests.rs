@@ -50,12 +50,14 @@ struct FakeSpawner {
     none: CpuCgroups,
     /// How many processes were stopped.
     stopped: Arc<AtomicUsize>,
+    /// What every process was sent, in order: (whether the frame had inputs, its quota).
+    told: Arc<Mutex<Vec<(bool, u32)>>>,
 }
 
 impl FakeSpawner {
     fn new() -> Arc<Self> {
         let none = CpuCgroups::setup(CgroupDriverChoice::None, "fake").unwrap();
-        Arc::new(Self { machine: Mutex::default(), none, stopped: Arc::default() })
+        Arc::new(Self { machine: Mutex::default(), none, stopped: Arc::default(), told: Arc::default() })
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Machine) -> R) -> R {
@@ -123,7 +125,8 @@ impl Spawner for FakeSpawner {
             }
             let kill = Arc::new(Notify::new());
             self.with(|m| m.live.entry(name).or_default().push(kill.clone()));
-            Ok(Box::new(FakeProcess { kill, stopped: self.stopped.clone() }) as Box<dyn ModelProcess>)
+            let process = FakeProcess { kill, stopped: self.stopped.clone(), told: self.told.clone() };
+            Ok(Box::new(process) as Box<dyn ModelProcess>)
         }
         .boxed()
     }
@@ -133,16 +136,19 @@ impl Spawner for FakeSpawner {
     }
 }
 
-/// Echoes each batch back.
+/// Echoes each batch back, with the threads its quota gives.
 struct FakeProcess {
     kill: Arc<Notify>,
     stopped: Arc<AtomicUsize>,
+    told: Arc<Mutex<Vec<(bool, u32)>>>,
 }
 
 impl ModelProcess for FakeProcess {
     /// Answers a batch with its inputs.
-    fn run(&mut self, inputs: Vec<FrameTensor>) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
-        async move { Ok(BatchResult { id: 0, outputs: inputs, error: String::new(), run_us: 1 }) }.boxed()
+    fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
+        self.told.lock().unwrap().push((!inputs.is_empty(), millicores));
+        let threads = crate::worker::threads_for(millicores) as u32;
+        async move { Ok(BatchResult { id: 0, outputs: inputs, error: String::new(), run_us: 1, threads }) }.boxed()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
@@ -388,6 +394,31 @@ async fn a_shrink_waits_for_the_tasks_new_workers() {
     // b's ready event releases the shrink; the view published after it shows it done.
     h.until("a shrank once b served", |_| a.millicores() == 1000).await;
     assert!(h.reconciler.view().workers.iter().all(|w| w.is_ready()));
+    h.reconciler.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_resized_while_idle_tells_its_process_at_once_and_runs_the_quota_s_threads() {
+    let h = Harness::new();
+    h.apply(plan(1, &[("a", 1000)])).await.unwrap();
+    h.all_serve().await;
+    assert_eq!(h.serve().await, "a");
+    let a = h.reconciler.view().workers[0].clone();
+    assert_eq!(a.threads(), 1);
+    assert_eq!(*h.spawner.told.lock().unwrap(), [(true, 1000)]);
+
+    h.apply(plan(2, &[("a", 2500)])).await.unwrap();
+    assert_eq!(a.millicores(), 2500, "resized in place");
+    // Nothing publishes this: looked at until it happens.
+    let told = async {
+        while h.spawner.told.lock().unwrap().last() != Some(&(false, 2500)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), told).await.expect("the idle process was told its new quota");
+    assert_eq!(h.serve().await, "a");
+    assert_eq!(a.threads(), 3, "2.5 cores run 3 threads");
+    assert_eq!(h.spawner.told.lock().unwrap().last(), Some(&(true, 2500)));
     h.reconciler.shutdown().await;
 }
 
