@@ -1,12 +1,13 @@
-//! Measurement: a worker held to one core's quota, run with 1, 2, 8, 16 and 48 ONNX Runtime
+//! Measurement: a worker held to one core's quota (or another), run with 1, 2, 8, 16 and 48 ONNX Runtime
 //! intra-op threads: batches per second, samples per second and the p99 of a batch's time, for
 //! each thread count and batch size. The workers are the agent's own (`tidal-agent worker`, each
 //! in its own cgroup at 1000 millicores); they run in interleaved rounds (each round gives
 //! every thread count one window, in a rotating order), so the machine's drift falls on all
 //! alike, and each figure is reported as its ratio to one thread's in the same round.
 //!
-//! `cargo run --release -p tidal-agent --example threads_under_quota -- MODEL [ROUNDS] [SECONDS]`
-//! as root (cgroups), with TIDAL_ORT_LIB set and the agent binary built.
+//! `cargo run --release -p tidal-agent --example threads_under_quota -- MODEL [ROUNDS] [SECONDS]
+//! [MILLICORES]` as root (cgroups), with TIDAL_ORT_LIB set and the agent binary built; another
+//! quota than one core (e.g. 1500) is held by every worker alike.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,7 +20,6 @@ use tidal_common::variant::VariantConfig;
 
 const THREADS: [usize; 5] = [1, 2, 8, 16, 48];
 const BATCHES: [usize; 2] = [1, 8];
-const MILLICORES: u32 = 1000;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let model = PathBuf::from(args.next().context("usage: threads_under_quota MODEL [ROUNDS] [SECONDS]")?);
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
     let window = Duration::from_secs_f64(args.next().map(|s| s.parse()).transpose()?.unwrap_or(3.0));
+    let millicores: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
     let ort_lib = PathBuf::from(std::env::var("TIDAL_ORT_LIB").context("TIDAL_ORT_LIB")?);
     let exe = std::env::current_exe()?.parent().and_then(|d| d.parent()).context("target dir")?.join("tidal-agent");
     let cfg = VariantConfig::load(model.parent().context("model dir")?, model.file_stem().unwrap().to_str().unwrap())
@@ -42,11 +43,11 @@ async fn main() -> anyhow::Result<()> {
             run_as: None,
         };
         let cgroup = cgroups.create(&format!("threads-{threads}"))?;
-        let process = WorkerProcess::spawn(&config, &model, &cgroup, MILLICORES).await?;
+        let process = WorkerProcess::spawn(&config, &model, &cgroup, millicores).await?;
         workers.push((threads, cgroup, process));
     }
     println!(
-        "{} ({}), one core's quota ({}), {rounds} rounds of {window:?} per thread count and batch",
+        "{} ({}), a quota of {millicores} millicores ({}), {rounds} rounds of {window:?} per thread count and batch",
         cfg.name,
         model.display(),
         cgroups.driver_name()
@@ -65,12 +66,12 @@ async fn main() -> anyhow::Result<()> {
                 let i = (k + round) % THREADS.len();
                 let process = &mut workers[i].2;
                 // A warm-up batch: the threads wake and the allocator settles.
-                process.run(input.clone(), MILLICORES).await?;
+                process.run(input.clone(), millicores).await?;
                 let mut times = Vec::new();
                 let started = Instant::now();
                 while started.elapsed() < window {
                     let t = Instant::now();
-                    let result = process.run(input.clone(), MILLICORES).await?;
+                    let result = process.run(input.clone(), millicores).await?;
                     anyhow::ensure!(result.error.is_empty(), "{}", result.error);
                     times.push(t.elapsed().as_secs_f64() * 1e3);
                 }
