@@ -13,6 +13,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cgroups_rs::cpu::CpuController;
 use cgroups_rs::cpuacct::CpuAcctController;
@@ -37,6 +38,11 @@ pub enum CgroupError {
     Cgroup { action: &'static str, path: String, source: cgroups_rs::error::Error },
     #[error("cgroup {0} has no cpu controller")]
     NoCpuIn(String),
+    #[error(
+        "another agent runs in cgroup subtree {0}; give each agent on a machine its own --node or \
+         --cgroup-subtree (this one would have killed that one's workers when it swept the subtree)"
+    )]
+    InUse(String),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
@@ -98,6 +104,10 @@ impl Version {
 pub struct CpuCgroups {
     /// The hierarchy and the subtree's path in it; `None`: the `none` driver.
     subtree: Option<(Version, String)>,
+    /// An exclusive lock on the subtree's directory, held while the agent lives (the kernel
+    /// drops it when the process ends, however it ends): a second agent on the subtree is
+    /// refused before it sweeps it.
+    _claim: Option<Arc<nix::fcntl::Flock<fs::File>>>,
 }
 
 /// Where the cpu controllers are mounted, read from `/proc/self/mountinfo`.
@@ -164,7 +174,7 @@ impl CpuCgroups {
             fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
         let mounts = parse_mountinfo(&mountinfo);
         let version = match choice {
-            CgroupDriverChoice::None => return Ok(Self { subtree: None }),
+            CgroupDriverChoice::None => return Ok(Self { subtree: None, _claim: None }),
             CgroupDriverChoice::V2 if mounts.v2.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
             CgroupDriverChoice::V1 if mounts.v1_cpu.is_none() => return Err(CgroupError::DriverUnavailable(choice)),
             CgroupDriverChoice::V2 => Version::V2,
@@ -183,8 +193,16 @@ impl CpuCgroups {
             Version::V2 if !subtree.starts_with('/') => Self::leave_own_cgroup(subtree)?,
             _ => subtree.trim_matches('/').to_string(),
         };
-        version.cgroup(&path)?;
-        Ok(Self { subtree: Some((version, path)) })
+        let cgroup = version.cgroup(&path)?;
+        let dir = controller_dirs(&cgroup).into_iter().next().ok_or_else(|| CgroupError::NoCpuIn(path.clone()))?;
+        let file = fs::File::open(&dir).map_err(io("open", &dir))?;
+        let claim = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+            |(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => CgroupError::InUse(dir.display().to_string()),
+                other => CgroupError::Io { action: "lock", path: dir.clone(), source: other.into() },
+            },
+        )?;
+        Ok(Self { subtree: Some((version, path)), _claim: Some(Arc::new(claim)) })
     }
 
     /// v2 forbids processes in inner nodes: the agent moves itself to `<own>/agent`, so that

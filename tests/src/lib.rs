@@ -182,7 +182,7 @@ pub fn start_agent(work: &Path, opts: AgentOpts) -> Agent {
 /// subtree when it starts and stops (killing what runs there), so two tests' agents of one
 /// name, run side by side, must not share one: they did, and one's exit killed the other's
 /// workers ("the worker died while running the batch").
-fn cgroup_subtree(work: &Path, node: &str) -> String {
+pub fn cgroup_subtree(work: &Path, node: &str) -> String {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     work.hash(&mut hasher);

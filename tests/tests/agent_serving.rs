@@ -237,6 +237,39 @@ async fn an_agent_restarted_after_a_crash_removes_the_cgroups_it_left_behind() {
     drop(again);
 }
 
+/// A second agent on a running agent's cgroup subtree (the same --node on one machine) is
+/// refused at start, before its sweep of the subtree would kill the first one's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_cgroup_subtree_is_refused_and_kills_nothing() {
+    let s = setup(&[]);
+    let workers = s.serve(1, 5000, &[(&s.r18, 1000, 1)]).await;
+    let ready = s.work.path().join("second.ready.json");
+    let mut cmd = std::process::Command::new(bin("tidal-agent"));
+    cmd.arg("serve")
+        .args(["--node", &s.agent.node, "--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("--model-dir")
+        .arg(s.work.path().join("models"))
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .args(["--cgroup-subtree", &cgroup_subtree(s.work.path(), &s.agent.node)])
+        .args(["--cores", "2"]);
+    tidal_tests::tls::as_daemon(&mut cmd, &tidal_auth::Role::Agent(s.agent.node.clone()), "");
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent started:\n{stderr}");
+    assert!(stderr.contains("another agent runs in cgroup subtree"), "{stderr}");
+    assert!(!ready.exists(), "it never said it was ready");
+    // The first agent's worker was not touched.
+    let after = wait_ready(&s.agent.control_addr, 1).await;
+    assert_eq!((after[0].id.as_str(), after[0].restarts), (workers[0].id.as_str(), 0));
+    let mut infer = inference_client(&s.agent.addr).await;
+    let request =
+        InferRequest { task: "classify".into(), input: Some(sample(&s.r18.input_shape)), ..Default::default() };
+    infer.infer(request).await.expect("the first agent still serves");
+}
+
 /// Whether user `nobody` can reach `path`: every directory above it searchable by others,
 /// the file itself readable (and, for a program, executable) by others.
 fn others_can_use(path: &std::path::Path, exec: bool) -> bool {
