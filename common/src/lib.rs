@@ -18,6 +18,7 @@ pub mod onnx_signature;
 pub mod padding;
 pub mod plan;
 pub mod profile;
+pub mod profile_correction;
 pub mod reconcile;
 pub mod resnet;
 pub mod seq2seq;

@@ -120,6 +120,20 @@ impl ProfileGrid {
         &self.batches
     }
 
+    /// The grid as the machine runs now: every latency × `factor`, every throughput ÷ it
+    /// (`crate::profile_correction`; 1 leaves it as profiled).
+    pub fn corrected(&self, factor: f64) -> Self {
+        if factor == 1.0 || !(factor.is_finite() && factor > 0.0) {
+            return self.clone();
+        }
+        let cells = self
+            .cells
+            .iter()
+            .map(|(k, c)| (*k, Cell { p50: c.p50 * factor, p99: c.p99 * factor, tput: c.tput / factor }))
+            .collect();
+        Self { cells, cores: self.cores.clone(), batches: self.batches.clone() }
+    }
+
     /// The estimate at (cores, batch): measured, interpolated from the measured neighbours
     /// around it, or `None` when it lies outside what was measured.
     pub fn estimate(&self, cores: u32, batch: u32) -> Option<Estimate> {
@@ -528,6 +542,18 @@ mod tests {
         let e = grid().estimate(2, 2).unwrap();
         assert!(e.interpolated);
         assert!(e.latency_p99_ms > 20.0 && e.latency_p99_ms < 60.0, "{e:?}");
+    }
+
+    #[test]
+    fn a_corrected_grid_is_slower_by_its_factor_everywhere() {
+        let slow = grid().corrected(1.2);
+        for (cores, batch) in [(1, 1), (4, 4), (2, 2)] {
+            let (was, now) = (grid().estimate(cores, batch).unwrap(), slow.estimate(cores, batch).unwrap());
+            assert!((now.latency_p99_ms / was.latency_p99_ms - 1.2).abs() < 1e-9, "{cores} {batch}");
+            assert!((now.throughput_rps * 1.2 / was.throughput_rps - 1.0).abs() < 1e-9, "{cores} {batch}");
+        }
+        assert_eq!(grid().corrected(1.0), grid());
+        assert_eq!(grid().corrected(f64::NAN), grid(), "nonsense leaves it as profiled");
     }
 
     #[test]
