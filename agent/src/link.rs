@@ -143,7 +143,7 @@ impl Link {
                 second: Some(node.telemetry.second(now)),
                 applied_epoch: node.applied_epoch(),
                 tasks: tasks.clone(),
-                workers: node.worker_telemetry(),
+                workers: node.worker_report(),
                 revocations_seen: node.revocations_version(),
             };
             match client.report_telemetry(report).await {

@@ -236,6 +236,18 @@ impl Node {
         (view.workers.len(), view.workers.iter().all(|w| w.is_ready()))
     }
 
+    /// [`Self::worker_telemetry`] with the batches each worker served since the last report
+    /// (taken: a report carries each batch once).
+    pub fn worker_report(&self) -> Vec<WorkerTelemetry> {
+        let mut out = self.worker_telemetry();
+        for w in &self.view().workers {
+            if let Some(t) = out.iter_mut().find(|t| t.id == w.spec.id) {
+                t.served = w.take_served();
+            }
+        }
+        out
+    }
+
     pub fn worker_telemetry(&self) -> Vec<WorkerTelemetry> {
         let view = self.view();
         let now = Instant::now();
@@ -269,6 +281,7 @@ impl Node {
                 load_ms: w.load_ms(),
                 threads: w.threads(),
                 cgroup: w.cgroup.cpu_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+                served: Vec::new(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

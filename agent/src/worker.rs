@@ -303,6 +303,29 @@ pub struct BatchSettings {
     pub max_delay: Duration,
 }
 
+/// Served batches kept between two telemetry reports: a report a second carries at most this
+/// many per worker (enough for a median; a fast worker's older batches say nothing newer).
+pub const MAX_SERVED_KEPT: usize = 64;
+
+/// The batches a worker served since its last report, written by its batcher and taken by the
+/// telemetry report (a lock held for a push or a swap, never across anything else).
+#[derive(Default)]
+struct ServedBatches(std::sync::Mutex<std::collections::VecDeque<tidal_proto::v1::ServedBatch>>);
+
+impl ServedBatches {
+    fn push(&self, b: tidal_proto::v1::ServedBatch) {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == MAX_SERVED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(b);
+    }
+
+    fn take(&self) -> Vec<tidal_proto::v1::ServedBatch> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
+    }
+}
+
 /// What identifies a worker's model.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -330,6 +353,7 @@ pub struct Worker {
     millicores: watch::Sender<u32>,
     /// The intra-op threads its process last ran a batch with (0: none yet).
     threads: Arc<AtomicU32>,
+    served: Arc<ServedBatches>,
     ready: Arc<AtomicBool>,
     /// Milliseconds its process took from spawn to serving, the last time it started.
     load_ms: Arc<AtomicU32>,
@@ -370,6 +394,7 @@ impl Worker {
             settings: settings_tx,
             millicores: millicores_tx,
             threads: Arc::new(AtomicU32::new(0)),
+            served: Arc::new(ServedBatches::default()),
             ready: Arc::new(AtomicBool::new(false)),
             load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
@@ -383,6 +408,7 @@ impl Worker {
             settings: settings_rx,
             millicores: millicores_rx,
             threads: worker.threads.clone(),
+            served: worker.served.clone(),
             ready: worker.ready.clone(),
             load_ms: worker.load_ms.clone(),
             restarts: worker.restarts.clone(),
@@ -405,6 +431,11 @@ impl Worker {
     /// The intra-op threads its process last ran a batch with (0: none yet).
     pub fn threads(&self) -> u32 {
         self.threads.load(Ordering::Relaxed)
+    }
+
+    /// The batches it served since the last call (the latest [`MAX_SERVED_KEPT`]).
+    pub fn take_served(&self) -> Vec<tidal_proto::v1::ServedBatch> {
+        self.served.take()
     }
 
     pub fn settings(&self) -> BatchSettings {
@@ -459,6 +490,7 @@ struct BatcherCtx {
     settings: watch::Receiver<BatchSettings>,
     millicores: watch::Receiver<u32>,
     threads: Arc<AtomicU32>,
+    served: Arc<ServedBatches>,
     ready: Arc<AtomicBool>,
     load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
@@ -553,6 +585,11 @@ impl BatcherCtx {
                 crate::generation::fill_budgets(&self.spec.io, g, &mut batch, Instant::now(), &token_cost);
             }
             let size = batch.len();
+            let sample_size = batch
+                .iter()
+                .filter_map(|p| p.inputs.first().and_then(|t| tidal_common::tensor::element_count(&t.shape)))
+                .max()
+                .unwrap_or(0) as u64;
             let names = &self.spec.variant.tensor_names;
             let inputs = match stack(&self.spec.io, &batch) {
                 Ok(inputs) => renamed(inputs, |stage| names.get(stage)),
@@ -570,6 +607,12 @@ impl BatcherCtx {
                     self.threads.store(result.threads, Ordering::Relaxed);
                     let done = Instant::now();
                     let mut took = done.saturating_duration_since(started);
+                    self.served.push(tidal_proto::v1::ServedBatch {
+                        batch: size as u32,
+                        millicores,
+                        run_ms: took.as_secs_f64() * 1e3,
+                        size: sample_size,
+                    });
                     if let Some(g) = generate {
                         let model_name = names.get(&g.output).map_or(g.output.as_str(), String::as_str);
                         let steps = crate::generation::steps_taken(&result.outputs, [&g.output, model_name]);

@@ -86,6 +86,11 @@ enum Command {
         /// sample each. The planner then plans for the sizes requests come in.
         #[arg(long)]
         samples: Option<PathBuf>,
+        /// Show the task's stored profiles instead of measuring: each measured point, and
+        /// beside it the point as the planner now uses it when the batches the variant served
+        /// ran off its profile (the controller's correction, from the agents' measurements).
+        #[arg(long, conflicts_with_all = ["save", "from", "samples"])]
+        show: bool,
     },
     /// Show the cluster: nodes, workers, plan, live rates and latencies.
     ///
@@ -490,7 +495,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("task {task}: SLO set to {slo_ms} ms");
             Ok(())
         }
-        Command::Profile { agent, task, cores, batches, duration_ms, repeat, save, from, samples } => {
+        Command::Profile { task, show: true, .. } => profile::show(&cli.controller, &task, format).await,
+        Command::Profile { agent, task, cores, batches, duration_ms, repeat, save, from, samples, show: false } => {
             let spec = task_spec(&cli.controller, &task).await?;
             match from {
                 Some(path) => profile::store_saved(&cli.controller, &spec, &path).await,

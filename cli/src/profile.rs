@@ -15,6 +15,79 @@ use tidal_proto::v1::{
     ProfilePoint, ProfileRequest, StageSpec, StoreProfileRequest, TaskSpec, VariantProfile, VariantSpec,
 };
 
+/// `tidalctl profile --show`: the task's stored profiles as measured and, where the variant's
+/// served batches ran off them, as the planner now uses them.
+pub async fn show(controller: &str, task: &str, format: crate::output::Format) -> anyhow::Result<()> {
+    use tidal_proto::v1::ClusterStatusRequest;
+    let status = super::controller(controller).await?.status(ClusterStatusRequest {}).await?.into_inner();
+    let Some(t) = status.tasks.into_iter().find(|t| t.spec.as_ref().is_some_and(|s| s.name == task)) else {
+        bail!("no task {task:?} is registered (tidalctl task list shows those that are)");
+    };
+    let shown = Shown { task: task.to_string(), profiles: t.profiles, corrections: t.corrections };
+    crate::output::print(format, &shown, render_profiles)
+}
+
+/// What `--show` prints (and writes as JSON or YAML).
+#[derive(Serialize)]
+struct Shown {
+    task: String,
+    profiles: Vec<VariantProfile>,
+    corrections: Vec<tidal_proto::v1::ProfileCorrection>,
+}
+
+fn render_profiles(s: &Shown) -> String {
+    let mut out = String::new();
+    if s.profiles.is_empty() {
+        out += &format!("task {}: no profiles stored yet (tidalctl profile --task {} measures them)\n", s.task, s.task);
+        return out;
+    }
+    let mut rows = Vec::new();
+    for p in &s.profiles {
+        let correction = s.corrections.iter().find(|c| c.variant == p.variant);
+        let factor = correction.map_or(1.0, |c| c.factor);
+        let corrected = (factor - 1.0).abs() >= 0.005;
+        out += &match correction {
+            Some(c) if corrected => format!(
+                "{}: served batches run at {:.2}× its profile ({} batches): planned at the corrected points\n",
+                p.variant, c.factor, c.batches
+            ),
+            Some(c) => format!("{}: served batches run as profiled ({} batches)\n", p.variant, c.batches),
+            None => format!("{}: no served batches compared yet: planned as profiled\n", p.variant),
+        };
+        for pt in &p.points {
+            let served = |ms: f64| if corrected { format!("{:.1}", ms * factor) } else { "-".into() };
+            rows.push(vec![
+                p.variant.clone(),
+                pt.cores.to_string(),
+                pt.batch.to_string(),
+                pt.size.to_string(),
+                format!("{:.1}", pt.latency_p50_ms),
+                format!("{:.1}", pt.latency_p99_ms),
+                format!("{:.1}", pt.throughput_rps),
+                served(pt.latency_p50_ms),
+                served(pt.latency_p99_ms),
+                if corrected { format!("{:.1}", pt.throughput_rps / factor) } else { "-".into() },
+            ]);
+        }
+    }
+    out += &crate::output::table(
+        &[
+            "VARIANT",
+            "CORES#",
+            "BATCH#",
+            "SIZE#",
+            "P50 ms",
+            "P99 ms",
+            "RPS/s",
+            "CORRECTED P50 ms",
+            "CORRECTED P99 ms",
+            "CORRECTED RPS/s",
+        ],
+        rows,
+    );
+    out
+}
+
 /// What `tidalctl profile` measures.
 pub struct Measure<'a> {
     pub agent: &'a str,

@@ -73,6 +73,16 @@ fn share(share: Option<&tidal_proto::v1::TaskShare>) -> String {
     }
 }
 
+/// The profiled variants, each with the factor its served batches correct it by, when they
+/// do ("small×1.21,big").
+fn profiled(t: &tidal_proto::v1::TaskStatus) -> String {
+    let with_factor = |v: &String| match t.corrections.iter().find(|c| &c.variant == v) {
+        Some(c) if (c.factor - 1.0).abs() >= 0.005 => format!("{v}×{:.2}", c.factor),
+        _ => v.clone(),
+    };
+    t.profiled_variants.iter().map(with_factor).collect::<Vec<_>>().join(",")
+}
+
 pub fn render(s: &ClusterStatus) -> String {
     let mut out = format!("leader {}  term {}\n", s.leader, s.term);
     let mut tasks = Vec::new();
@@ -88,7 +98,7 @@ pub fn render(s: &ClusterStatus) -> String {
             format!("{:.1}", t.latency_p99_ms),
             t.served.to_string(),
             t.errors.to_string(),
-            t.profiled_variants.join(","),
+            profiled(t),
         ]);
         if spec.stages.len() > 1 {
             for st in &t.stages {

@@ -76,6 +76,7 @@ impl Cluster {
                         .collect(),
                     load_s: BTreeMap::new(),
                     sizes: BTreeMap::new(),
+                    served: BTreeMap::new(),
                 })
                 .collect(),
             nodes: self

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tidal_proto::v1::{Assignment, Plan, ProfilePoint, StageSpec, TaskSpec, Transition};
+use tidal_proto::v1::{Assignment, Plan, ProfilePoint, ServedBatch, StageSpec, TaskSpec, Transition};
 
 mod cluster;
 mod handover;
@@ -36,6 +36,7 @@ use crate::forecast::{
 use crate::latency::LatencyModel;
 use crate::profile::ProfileGrid;
 use crate::profile::SizeMix;
+use crate::profile_correction::Corrections;
 use crate::solver::{solve, Limits, PolicyKind, Problem, SearchSpace, Solution, SolveError, Stage, Variant, Weights};
 
 /// The least time between two surge re-plans, seconds.
@@ -133,6 +134,9 @@ pub struct TaskInput<'a> {
     /// Per stage, the input sizes its requests came in (none observed: each variant is planned
     /// at its profile's own size; see [`crate::profile::points_at_mix`]).
     pub sizes: BTreeMap<&'a str, SizeMix>,
+    /// Per variant, the batches its workers served since the last round, as the agents
+    /// measured them: what corrects its profile (see [`crate::profile_correction`]).
+    pub served: BTreeMap<&'a str, &'a [ServedBatch]>,
 }
 
 #[derive(Debug, Clone)]
@@ -190,13 +194,23 @@ pub struct Adapter {
     stabilisers: BTreeMap<String, ScaleDownStabiliser>,
     planned: BTreeMap<String, f64>,
     last_surge_s: Option<f64>,
+    /// How much slower than profiled each variant's batches run: learned from served batches,
+    /// applied to the profiles the planner uses.
+    corrections: Corrections,
 }
 
 impl Adapter {
     /// A driver of rounds with `cfg`, its forecaster included.
     pub fn new(cfg: AdaptConfig) -> Self {
         let forecaster = cfg.forecaster();
-        Self { cfg, forecaster, stabilisers: BTreeMap::new(), planned: BTreeMap::new(), last_surge_s: None }
+        Self {
+            cfg,
+            forecaster,
+            stabilisers: BTreeMap::new(),
+            planned: BTreeMap::new(),
+            last_surge_s: None,
+            corrections: Corrections::default(),
+        }
     }
 
     pub fn config(&self) -> &AdaptConfig {
@@ -208,10 +222,16 @@ impl Adapter {
         &self.planned
     }
 
+    /// The profiles' corrections as the last round left them.
+    pub fn corrections(&self) -> &Corrections {
+        &self.corrections
+    }
+
     /// Forgets everything and starts from these planned rates (a new leader takes over).
     pub fn resume(&mut self, planned: &BTreeMap<String, f64>) {
         self.stabilisers.clear();
         self.last_surge_s = None;
+        self.corrections = Corrections::default();
         self.planned = planned.clone();
         for (task, &rate) in planned {
             let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after.max(1));
@@ -256,6 +276,18 @@ impl Adapter {
         let names: HashSet<&str> = input.tasks.iter().map(|t| t.spec.name.as_str()).collect();
         self.stabilisers.retain(|t, _| names.contains(t.as_str()));
         self.planned.retain(|t, _| names.contains(t.as_str()));
+        // Every profiled variant, served or not: a variant profiled anew starts from its new
+        // profile at once.
+        for task in &input.tasks {
+            for (&variant, &points) in &task.profiles {
+                let batches = task.served.get(variant).copied().unwrap_or_default();
+                self.corrections.observe(task.spec, variant, points, batches);
+            }
+        }
+        // A round moves each correction one bounded step; a reconsidered plan leaves them.
+        if forecast {
+            self.corrections.round(&names);
+        }
         let mut outcomes = BTreeMap::new();
         let mut rates = Vec::with_capacity(input.tasks.len());
         for task in &input.tasks {
@@ -281,7 +313,9 @@ impl Adapter {
             .tasks
             .iter()
             .zip(rates)
-            .map(|(task, rate)| TaskPlans::new(&self.cfg, task, input.current, rate, free.iter().sum()))
+            .map(|(task, rate)| {
+                TaskPlans::new(&self.cfg, task, input.current, rate, free.iter().sum(), &self.corrections)
+            })
             .collect();
         let choices = cluster::divide_and_place(&self.cfg, &mut tasks, &free, input, &mut plan);
         for (task, choice) in input.tasks.iter().zip(choices) {
@@ -405,11 +439,18 @@ struct TaskPlans<'r, 'a> {
 }
 
 impl<'r, 'a> TaskPlans<'r, 'a> {
-    fn new(cfg: &'r AdaptConfig, task: &'r TaskInput<'a>, current: Option<&'r Plan>, rate: f64, cluster: u32) -> Self {
+    fn new(
+        cfg: &'r AdaptConfig,
+        task: &'r TaskInput<'a>,
+        current: Option<&'r Plan>,
+        rate: f64,
+        cluster: u32,
+        corrections: &Corrections,
+    ) -> Self {
         let max = task.spec.share.as_ref().map_or(0, |s| s.max_cores);
         let cap = if max > 0 { max.min(cluster) } else { cluster };
         let old = workers_in(current, &task.spec.name);
-        let (base, profile_notes) = problem(cfg, task, &old, rate, cap, cluster);
+        let (base, profile_notes) = problem(cfg, task, &old, rate, cap, cluster, corrections);
         let mut plans =
             Self { cfg, task, old, rate, cluster, cap, fixed: None, base, profile_notes, solved: BTreeMap::new() };
         plans.fixed = plans.fixed_choice();
@@ -615,6 +656,7 @@ fn problem(
     rate: f64,
     budget: u32,
     cluster: u32,
+    corrections: &Corrections,
 ) -> (Problem, Vec<String>) {
     let spec = task.spec;
     let running: HashSet<&str> = old.iter().map(|a| variant_name(a)).collect();
@@ -650,11 +692,19 @@ fn problem(
                         spec.name, v.name
                     ));
                 }
+                // As the machine runs now, by the batches it served.
+                let corrected = corrections.factor(&spec.name, &v.name);
+                if (corrected - 1.0).abs() >= 0.005 {
+                    notes.push(format!(
+                        "{}: {} runs at {corrected:.2}× its profile's latency in the batches it served: planned so",
+                        spec.name, v.name
+                    ));
+                }
                 Some(Variant {
                     name: v.name.clone(),
                     accuracy: v.accuracy,
                     load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
-                    grid: ProfileGrid::new(&crate::task::per_request(&at.points, factor)),
+                    grid: ProfileGrid::new(&crate::task::per_request(&at.points, factor)).corrected(corrected),
                 })
             })
             .collect(),

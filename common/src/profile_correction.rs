@@ -8,7 +8,11 @@
 //! the factor leaves it (the machine's own noise is not chased), and one round moves the factor
 //! by at most a fixed step, so one odd window cannot swing a plan.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use tidal_proto::v1::{ProfilePoint, ServedBatch, TaskSpec};
+
+use crate::profile::ProfileGrid;
 
 /// Batch ratios kept per variant: enough for a median that a burst of stragglers cannot move,
 /// few enough that a slow-down takes the majority within seconds of serving.
@@ -76,6 +80,96 @@ impl Correction {
     }
 }
 
+/// The corrections of every profiled variant, keyed by (task, variant): what the adaptation
+/// core keeps between rounds ([`crate::adapt::Adapter`]).
+#[derive(Debug, Default)]
+pub struct Corrections {
+    by_variant: BTreeMap<(String, String), Learned>,
+}
+
+#[derive(Debug)]
+struct Learned {
+    correction: Correction,
+    /// The profile it corrects: a new profile starts again from 1.
+    profile: u64,
+}
+
+impl Corrections {
+    /// Served batches of `variant` of `task` against its profile `points`. Batches the profile
+    /// cannot be compared with are left out: at a fraction of a core, outside the measured
+    /// cores, batch sizes and input sizes (estimates there are extrapolated), or of a stage that
+    /// writes text (its time follows the tokens written, which the generation budget learns).
+    pub fn observe(&mut self, task: &TaskSpec, variant: &str, points: &[ProfilePoint], batches: &[ServedBatch]) {
+        let Some((stage, spec)) =
+            task.stages.iter().find_map(|s| s.variants.iter().find(|v| v.name == variant).map(|v| (s, v)))
+        else {
+            return;
+        };
+        let writes_text = crate::task::as_served(stage, spec).text.as_ref().is_some_and(|t| t.generate.is_some());
+        if points.is_empty() || writes_text {
+            return;
+        }
+        let key = (task.name.clone(), variant.to_string());
+        let profile = fingerprint(points);
+        let learned =
+            self.by_variant.entry(key).or_insert_with(|| Learned { correction: Correction::default(), profile });
+        if learned.profile != profile {
+            *learned = Learned { correction: Correction::default(), profile };
+        }
+        let own_size = crate::tensor::element_count(&spec.input_shape).unwrap_or(0) as u64;
+        // One grid per input size the batches came in.
+        let mut grids: BTreeMap<u64, Option<ProfileGrid>> = BTreeMap::new();
+        for b in batches {
+            if b.millicores == 0 || b.millicores % 1000 != 0 {
+                continue;
+            }
+            let size = if b.size == 0 { own_size } else { b.size };
+            let grid = grids.entry(size).or_insert_with(|| {
+                let at = crate::profile::points_at_mix(points, own_size, &[(size, 1.0)]);
+                at.beyond.is_none().then(|| ProfileGrid::new(&at.points))
+            });
+            let profiled = grid.as_ref().and_then(|g| g.estimate(b.millicores / 1000, b.batch));
+            if let Some(e) = profiled {
+                learned.correction.observe(b.run_ms, e.latency_p50_ms);
+            }
+        }
+    }
+
+    /// A planning round: forgets the tasks no longer registered and moves every factor
+    /// ([`Correction::round`]).
+    pub fn round(&mut self, tasks: &HashSet<&str>) {
+        self.by_variant.retain(|(t, _), _| tasks.contains(t.as_str()));
+        for learned in self.by_variant.values_mut() {
+            learned.correction.round();
+        }
+    }
+
+    /// The factor the planner uses for `variant` of `task` (1: as profiled).
+    pub fn factor(&self, task: &str, variant: &str) -> f64 {
+        self.by_variant.get(&(task.to_string(), variant.to_string())).map_or(1.0, |l| l.correction.factor())
+    }
+
+    /// Every variant that has served batches since its profile: (task, variant), its factor and
+    /// the batches its window holds.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, f64, usize)> {
+        self.by_variant
+            .iter()
+            .filter(|(_, l)| l.correction.batches() > 0)
+            .map(|((t, v), l)| (t.as_str(), v.as_str(), l.correction.factor(), l.correction.batches()))
+    }
+}
+
+/// What tells one profile from another (a variant profiled again).
+fn fingerprint(points: &[ProfilePoint]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in points {
+        (p.cores, p.batch, p.size, p.output_tokens, p.latency_p50_ms.to_bits(), p.throughput_rps.to_bits())
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +223,44 @@ mod tests {
             c.round();
         }
         assert_eq!(c.factor(), LIMITS.1);
+    }
+
+    fn task() -> TaskSpec {
+        let mut v = tidal_proto::v1::VariantSpec { name: "small".into(), accuracy: 70.0, ..Default::default() };
+        v.input_shape = vec![1, 3, 8, 8];
+        crate::task::single_stage("t", 500, vec![v])
+    }
+
+    fn batch(millicores: u32, batch: u32, run_ms: f64) -> ServedBatch {
+        ServedBatch { batch, millicores, run_ms, size: 0 }
+    }
+
+    #[test]
+    fn served_batches_are_compared_with_the_profile_at_their_cores_and_batch_size() {
+        // 100 ms per sample per core, batches of 1 and 4, on 1 and 2 cores.
+        let points = crate::profile::synthetic(10.0, &[1, 2], &[(1, 1.0), (4, 1.0)], 1.2);
+        let grid = ProfileGrid::new(&points);
+        let at = |cores, b| grid.estimate(cores, b).unwrap().latency_p50_ms;
+        let mut c = Corrections::default();
+        let slow: Vec<ServedBatch> = [(1000, 1), (2000, 4), (1000, 4), (2000, 1)]
+            .iter()
+            .cycle()
+            .take(16)
+            .map(|&(m, b)| batch(m, b, at(m / 1000, b) * 1.2))
+            .collect();
+        // Batches the profile says nothing of: a fraction of a core, 3 cores, batch 16.
+        let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6)];
+        c.observe(&task(), "small", &points, &unknown);
+        c.observe(&task(), "small", &points, &slow);
+        c.observe(&task(), "other", &points, &slow);
+        c.round(&HashSet::from(["t"]));
+        assert!((c.factor("t", "small") - 1.2).abs() < 1e-6, "{:?}", c.iter().collect::<Vec<_>>());
+        assert_eq!(c.iter().map(|(_, _, _, n)| n).collect::<Vec<_>>(), vec![16], "only comparable batches");
+        // Profiled again: the correction starts over.
+        let again = crate::profile::synthetic(8.0, &[1, 2], &[(1, 1.0), (4, 1.0)], 1.2);
+        c.observe(&task(), "small", &again, &[]);
+        assert_eq!(c.factor("t", "small"), 1.0);
+        c.round(&HashSet::new());
+        assert_eq!(c.iter().count(), 0, "a task unregistered is forgotten");
     }
 }

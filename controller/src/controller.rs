@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tidal_auth::Security;
 use tidal_common::adapt::{AdaptConfig, Adapter};
 use tidal_common::plan::delta::CutDeltas;
-use tidal_proto::v1::{command::Change, Command, Plan};
+use tidal_proto::v1::{command::Change, Command, Plan, ProfileCorrection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
@@ -175,10 +175,18 @@ impl Controller {
         // thread, off the runtime's workers, on that snapshot of its inputs.
         let observations = self.observed(|o| planner::Observations::gather(&self.cfg.adapt, &state, o, now));
         let adapter = self.adapter.clone();
-        let (round, state) = tokio::task::spawn_blocking(move || {
+        let (round, state, corrections) = tokio::task::spawn_blocking(move || {
             let mut adapter = adapter.lock().unwrap_or_else(|p| p.into_inner());
             let round = planner::plan_from(&mut adapter, &state, &observations, forecast);
-            (round, state)
+            let mut corrections: BTreeMap<String, Vec<ProfileCorrection>> = BTreeMap::new();
+            for (task, variant, factor, batches) in adapter.corrections().iter() {
+                corrections.entry(task.to_string()).or_default().push(ProfileCorrection {
+                    variant: variant.to_string(),
+                    factor,
+                    batches: batches as u32,
+                });
+            }
+            (round, state, corrections)
         })
         .await
         .map_err(|e| ProposeError::Raft(format!("the round's solve did not finish: {e}")))?;
@@ -186,7 +194,10 @@ impl Controller {
             .tasks
             .iter()
             .map(|(t, r)| (t.clone(), RoundRates { forecast_rps: r.forecast_rps, planned_rps: r.planned_rps }));
-        self.observed(|o| o.round_rates = rates.collect());
+        self.observed(|o| {
+            o.round_rates = rates.collect();
+            o.corrections = corrections;
+        });
         for (task, r) in &round.tasks {
             let labels = TaskLabels { task: task.clone() };
             self.metrics.forecast_rps.get_or_create(&labels).set(r.forecast_rps);

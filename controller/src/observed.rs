@@ -14,13 +14,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use tidal_common::profile::SizeMix;
-use tidal_proto::v1::{StageStatus, TelemetryReport};
+use tidal_proto::v1::{ServedBatch, StageStatus, TelemetryReport};
 
 /// Seconds of arrival history kept per task.
 pub const HISTORY_S: u64 = 3600;
 
 /// Most input sizes one stage's report is read for (agents send at most 64).
 const MAX_SIZES_PER_REPORT: usize = 64;
+
+/// Served batches of one variant kept for the next round: a correction's window
+/// ([`tidal_common::profile_correction::WINDOW`]); older ones would leave it at once.
+const MAX_SERVED_PER_ROUND: usize = tidal_common::profile_correction::WINDOW;
 
 /// What a round made of a task's arrivals.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -38,6 +42,11 @@ pub struct Observed {
     sizes: HashMap<(String, String), BTreeMap<u64, BTreeMap<u64, f64>>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
+    /// Per (task, variant), batches served since the last round took them (the latest
+    /// [`MAX_SERVED_PER_ROUND`]).
+    served: HashMap<(String, String), Vec<ServedBatch>>,
+    /// Per task, the profile corrections the last round planned with.
+    pub corrections: BTreeMap<String, Vec<tidal_proto::v1::ProfileCorrection>>,
     /// Per task, the last round's forecast and the rate it planned for.
     pub round_rates: BTreeMap<String, RoundRates>,
     /// Per node, how its seconds map onto the controller's.
@@ -71,6 +80,8 @@ impl Observed {
             arrivals: HashMap::new(),
             budgets: HashMap::new(),
             sizes: HashMap::new(),
+            served: HashMap::new(),
+            corrections: BTreeMap::new(),
             reports: BTreeMap::new(),
             totals: HashMap::new(),
             round_rates: BTreeMap::new(),
@@ -157,6 +168,12 @@ impl Observed {
             totals.0 += t.served;
             totals.1 += t.errors + t.deadline_misses;
         }
+        for w in report.workers.iter().filter(|w| !w.served.is_empty()) {
+            let kept = self.served.entry((w.task.clone(), w.variant.clone())).or_default();
+            kept.extend(w.served.iter().copied());
+            let over = kept.len().saturating_sub(MAX_SERVED_PER_ROUND);
+            kept.drain(..over);
+        }
         // Stages that stopped reporting (a task removed) age out with everything else.
         self.sizes.retain(|_, seconds| seconds.last_key_value().is_some_and(|(&s, _)| s + HISTORY_S >= current));
         self.reports.insert(report.node.clone(), (now, report));
@@ -238,6 +255,12 @@ impl Observed {
             }
         }
         out
+    }
+
+    /// The batches each variant of `task` served since the last call, taken for a round.
+    pub fn take_served(&mut self, task: &str) -> BTreeMap<String, Vec<ServedBatch>> {
+        let keys: Vec<(String, String)> = self.served.keys().filter(|(t, _)| t == task).cloned().collect();
+        keys.into_iter().filter_map(|k| self.served.remove(&k).map(|b| (k.1, b))).collect()
     }
 
     /// Seconds the latest worker of each variant of `task` took from its start to serving,

@@ -21,13 +21,16 @@ pub struct Observations {
     load_times: Vec<BTreeMap<String, f64>>,
     /// Per stage, the input sizes its requests came in over the lookback.
     sizes: Vec<BTreeMap<String, tidal_common::profile::SizeMix>>,
+    /// Per variant, the batches it served since the last round.
+    served: Vec<BTreeMap<String, Vec<tidal_proto::v1::ServedBatch>>>,
     /// Nodes that stopped reporting.
     silent: HashSet<String>,
     serving: Serving,
 }
 
 impl Observations {
-    pub fn gather(adapter: &AdaptConfig, state: &ClusterState, observed: &Observed, now: Instant) -> Self {
+    /// Takes the batches served since the last gathering: each is observed once.
+    pub fn gather(adapter: &AdaptConfig, state: &ClusterState, observed: &mut Observed, now: Instant) -> Self {
         let lookback = adapter.lookback_s as u64;
         let interval = adapter.interval_s.ceil().max(1.0) as u64;
         let tasks = state.tasks.keys();
@@ -38,7 +41,8 @@ impl Observations {
                 .clone()
                 .map(|t| observed.load_times(t).into_iter().map(|(v, s)| (v.to_string(), s)).collect())
                 .collect(),
-            sizes: tasks.map(|t| observed.size_mixes(t, now, lookback)).collect(),
+            sizes: tasks.clone().map(|t| observed.size_mixes(t, now, lookback)).collect(),
+            served: tasks.map(|t| observed.take_served(t)).collect(),
             silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
             serving: observed.serving(),
         }
@@ -51,7 +55,7 @@ impl Observations {
 pub fn plan_round(
     adapter: &mut Adapter,
     state: &ClusterState,
-    observed: &Observed,
+    observed: &mut Observed,
     now: Instant,
     forecast: bool,
 ) -> Round {
@@ -72,6 +76,7 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
             profiles: profiles_of(state, &spec.name),
             load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
             sizes: observed.sizes[i].iter().map(|(stage, mix)| (stage.as_str(), mix.clone())).collect(),
+            served: observed.served[i].iter().map(|(v, b)| (v.as_str(), b.as_slice())).collect(),
         })
         .collect();
     // A node that stopped reporting, or is draining, is planned around: its share goes to the

@@ -307,6 +307,7 @@ impl ControllerApi for ControllerService {
                             .map(|(_, p)| p.clone())
                             .collect(),
                         stages: o.stages(&t.name, &t.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>()),
+                        corrections: o.corrections.get(&t.name).cloned().unwrap_or_default(),
                     }
                 })
                 .collect();

@@ -135,7 +135,7 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
     for (s, &(arrivals, budget)) in rec.iter().enumerate() {
         let now = at(WARMUP_S + s);
         if s.is_multiple_of(interval) {
-            let round = planner::plan_round(&mut adapter, &state, &observed, now, true);
+            let round = planner::plan_round(&mut adapter, &state, &mut observed, now, true);
             commit(&mut state, round);
         }
         let now = at(WARMUP_S + s + 1);
@@ -143,7 +143,7 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
         let tasks: Vec<String> = state.tasks.keys().cloned().collect();
         let surge = planner::surge(&mut adapter, &tasks, &observed, now);
         if surge.is_some() {
-            let round = planner::plan_round(&mut adapter, &state, &observed, now, true);
+            let round = planner::plan_round(&mut adapter, &state, &mut observed, now, true);
             commit(&mut state, round);
         }
     }
@@ -241,7 +241,7 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
         observed.record(report("a"), at(s));
         observed.record(report("b"), at(s));
     }
-    let round = planner::plan_round(&mut adapter, &state, &observed, at(3), true);
+    let round = planner::plan_round(&mut adapter, &state, &mut observed, at(3), true);
     assert_eq!(nodes_of(&round.plan), ["a", "b"], "one core each: a stage on each node");
     state.plan = Some(round.plan);
     assert!(planner::silent_nodes(state.plan.as_ref(), &observed, at(4)).is_empty());
@@ -252,11 +252,11 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
         observed.record(report("a"), at(s));
     }
     assert_eq!(planner::silent_nodes(state.plan.as_ref(), &observed, at(10)), ["b"]);
-    let round = planner::plan_round(&mut adapter, &state, &observed, at(10), true);
+    let round = planner::plan_round(&mut adapter, &state, &mut observed, at(10), true);
     assert!(!round.plan.node_addresses.contains_key("b"), "b is left out: {:?}", round.plan.notes);
 
     // b reports again: it is planned on again.
     observed.record(report("b"), at(11));
-    let round = planner::plan_round(&mut adapter, &state, &observed, at(11), true);
+    let round = planner::plan_round(&mut adapter, &state, &mut observed, at(11), true);
     assert_eq!(nodes_of(&round.plan), ["a", "b"]);
 }

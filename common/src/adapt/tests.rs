@@ -75,6 +75,7 @@ impl World {
                 profiles,
                 load_s: self.load_s.map(|s| [("small", s), ("big", s)].into()).unwrap_or_default(),
                 sizes: BTreeMap::new(),
+                served: BTreeMap::new(),
             }],
             nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
             current,
@@ -330,6 +331,7 @@ fn planned_cores(spec: &TaskSpec, points: &[ProfilePoint], mix: SizeMix) -> (u32
             profiles: BTreeMap::from([("v", points)]),
             load_s: BTreeMap::new(),
             sizes: BTreeMap::from([("t", mix)]),
+            served: BTreeMap::new(),
         }],
         nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
         current: None,
@@ -380,4 +382,45 @@ fn a_generating_stage_is_planned_for_the_tokens_its_requests_write() {
     };
     // 60 req/s: at 1 token 0.6 cores, at 8 tokens about 40 req/s per core, at 32 tokens 25.
     assert_eq!((cores_for(1), cores_for(8), cores_for(32)), (1, 2, 3));
+}
+
+/// Issue 27: batches served 40 % slower than profiled are planned for within two rounds, in
+/// bounded steps, and only rounds move the correction.
+#[test]
+fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds() {
+    let mut w = World::new(true);
+    w.nodes = vec![("n1".into(), 4)];
+    w.small = points_up_to(100.0, 4);
+    let w = w;
+    let small_cores = |p: &Plan| -> u32 {
+        p.assignments.iter().filter(|a| a.variant.as_ref().unwrap().name == "small").map(|a| a.millicores / 1000).sum()
+    };
+    let mut a = adapter("tidal");
+    let arrivals = [180.0];
+    let first = a.round(&w.input(&arrivals, None)).plan;
+    assert_eq!(small_cores(&first), 2, "{:?}", first.notes);
+    // Every batch of the last interval ran at 1.4× the profile's 10 ms.
+    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 14.0, size: 0 }; 32];
+    let input = with_served(w.input(&arrivals, Some(&first)), &slow);
+    let reconsidered = a.reconsider(&input);
+    assert_eq!(a.corrections().factor("t", "small"), 1.0, "a reconsidered plan moves no correction");
+    assert!(!reconsidered.changed);
+    let input = with_served(w.input(&arrivals, Some(&first)), &slow);
+    let once = a.round(&input).plan;
+    assert!((a.corrections().factor("t", "small") - 1.25).abs() < 1e-9, "one bounded step");
+    let input = with_served(w.input(&arrivals, Some(&once)), &slow);
+    let twice = a.round(&input).plan;
+    assert!(
+        (a.corrections().factor("t", "small") - 1.4).abs() < 1e-9,
+        "{:?}",
+        a.corrections().iter().collect::<Vec<_>>()
+    );
+    assert!(small_cores(&twice) >= 3, "{} cores: {:?}", small_cores(&twice), twice.notes);
+    assert!(twice.notes.iter().any(|n| n.contains("small runs at 1.40× its profile")), "{:?}", twice.notes);
+    assert_eq!(a.corrections().factor("t", "big"), 1.0, "a variant that served nothing keeps its profile");
+}
+
+fn with_served<'a>(mut input: RoundInput<'a>, batches: &'a [ServedBatch]) -> RoundInput<'a> {
+    input.tasks[0].served = BTreeMap::from([("small", batches)]);
+    input
 }

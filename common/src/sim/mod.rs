@@ -321,6 +321,8 @@ impl SimPlanner {
                 load_s: self.load_s[i].iter().map(|(n, s)| (n.as_str(), *s)).collect(),
                 // The simulated requests carry no sizes: each variant at its profile's own.
                 sizes: BTreeMap::new(),
+                // The simulated workers run as profiled: nothing to correct.
+                served: BTreeMap::new(),
             })
             .collect();
         let input = RoundInput {

@@ -66,6 +66,7 @@ impl Cluster {
                         profiles,
                         load_s: BTreeMap::new(),
                         sizes: BTreeMap::new(),
+                        served: BTreeMap::new(),
                     }
                 })
                 .collect(),
@@ -219,7 +220,7 @@ fn one_task_alone_is_planned_as_before() {
         let c = Cluster::new(&[rate], &[4]);
         let cfg = config(ShareRule::Weighted);
         let input = c.input();
-        let mut alone = TaskPlans::new(&cfg, &input.tasks[0], None, rate, 4);
+        let mut alone = TaskPlans::new(&cfg, &input.tasks[0], None, rate, 4, &Default::default());
         let expected = alone.within(4, None).unwrap().choice.workers.clone();
         let plan = round(&c, ShareRule::Weighted);
         let got: Vec<_> = plan.assignments.iter().map(|a| (a.variant.clone(), a.millicores, a.max_batch)).collect();
@@ -246,7 +247,7 @@ proptest! {
         let cfg = config(ShareRule::Weighted);
         let input = c.input();
         let mut plans: Vec<TaskPlans> =
-            input.tasks.iter().zip(&rates).map(|(t, &r)| TaskPlans::new(&cfg, t, None, r, cores)).collect();
+            input.tasks.iter().zip(&rates).map(|(t, &r)| TaskPlans::new(&cfg, t, None, r, cores, &Default::default())).collect();
         // value[i][b]: task i's value within b cores, if that carries its load.
         let value: Vec<Vec<Option<f64>>> = plans
             .iter_mut()
