@@ -67,6 +67,9 @@ pub struct AdaptConfig {
     pub load_time_s: f64,
     /// How the cores are divided when they do not carry every task's load.
     pub share: ShareRule,
+    /// Whether profiles are corrected by the batches the variants served
+    /// ([`crate::profile_correction`]); off, the planner plans on the profiles as stored.
+    pub correct_profiles: bool,
 }
 
 impl Default for AdaptConfig {
@@ -85,6 +88,7 @@ impl Default for AdaptConfig {
             reserve_cores: 0,
             load_time_s: 2.0,
             share: ShareRule::default(),
+            correct_profiles: true,
         }
     }
 }
@@ -278,10 +282,12 @@ impl Adapter {
         self.planned.retain(|t, _| names.contains(t.as_str()));
         // Every profiled variant, served or not: a variant profiled anew starts from its new
         // profile at once.
-        for task in &input.tasks {
-            for (&variant, &points) in &task.profiles {
-                let batches = task.served.get(variant).copied().unwrap_or_default();
-                self.corrections.observe(task.spec, variant, points, batches);
+        if self.cfg.correct_profiles {
+            for task in &input.tasks {
+                for (&variant, &points) in &task.profiles {
+                    let batches = task.served.get(variant).copied().unwrap_or_default();
+                    self.corrections.observe(task.spec, variant, points, batches);
+                }
             }
         }
         // A round moves each correction one bounded step; a reconsidered plan leaves them.

@@ -93,6 +93,7 @@ impl AdaptArgs {
             reserve_cores: 0,
             load_time_s,
             share: self.share,
+            correct_profiles: true,
         })
     }
 }

@@ -65,7 +65,9 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
     let models = work.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
     std::fs::write(models.join("detector.onnx"), onnx_models::detector()).unwrap();
-    let (_controller, ctl_addr) = start_controller(work.path(), 1.0, &["--forecast-window-s", "4"]);
+    // Its synthetic profiles stand for the truth: not corrected by the batches served.
+    let (_controller, ctl_addr) =
+        start_controller(work.path(), 1.0, &["--forecast-window-s", "4", "--no-profile-correction"]);
     let agent = start_agent(
         work.path(),
         AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &["--worker-threads", "1"] },

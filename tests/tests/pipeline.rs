@@ -199,7 +199,9 @@ async fn a_detector_fans_out_to_a_classifier_one_crop_per_object() {
 async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
     use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, StoreProfileRequest, VariantProfile};
     let (work, models, shrink, r18) = shrink_and_classify();
-    let (_controller, ctl_addr) = start_controller(work.path(), 2.0, &["--node-timeout-s", "2"]);
+    // Its synthetic profiles stand for the truth: not corrected by the batches served.
+    let (_controller, ctl_addr) =
+        start_controller(work.path(), 2.0, &["--node-timeout-s", "2", "--no-profile-correction"]);
     let one_core = &["--cores", "1"];
     let mut agents: Vec<Option<Agent>> = (0..3)
         .map(|_| {

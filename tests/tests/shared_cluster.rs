@@ -3,6 +3,8 @@
 //! variant; when another task's load surges, that task gets the cores it needs within an
 //! interval or two, taken from the first (which moves to its faster variant), and no task is
 //! ever planned without a worker. A flat load from idle is planned within the headroom.
+//! The synthetic profiles stand for the truth: the controllers do not correct them by the
+//! batches served (`--no-profile-correction`), so that the plans are known in advance.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,8 +68,11 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18,resnet50", 32);
-    let controller =
-        start_controller_ready(work.path(), 2.0, &["--forecast-window-s", "6", "--metrics-listen", "127.0.0.1:0"]);
+    let controller = start_controller_ready(
+        work.path(),
+        2.0,
+        &["--forecast-window-s", "6", "--metrics-listen", "127.0.0.1:0", "--no-profile-correction"],
+    );
     let (ctl_addr, metrics) = (controller.addr.clone(), controller.metrics.clone().expect("the metrics port"));
     let a1 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let _a2 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
@@ -190,7 +195,8 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
-    let (_controller, ctl_addr) = start_controller(work.path(), 2.0, &["--forecast-window-s", "60"]);
+    let (_controller, ctl_addr) =
+        start_controller(work.path(), 2.0, &["--forecast-window-s", "60", "--no-profile-correction"]);
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let mut ctl = controller_client(&ctl_addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
@@ -254,7 +260,7 @@ async fn a_draining_node_reports_itself_not_ready_to_every_prober() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
-    let controller = start_controller_ready(work.path(), 1.0, &[]);
+    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction"]);
     let extra = ["--metrics-listen", "127.0.0.1:0"];
     let agent =
         start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &extra });

@@ -420,6 +420,19 @@ fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds()
     assert_eq!(a.corrections().factor("t", "big"), 1.0, "a variant that served nothing keeps its profile");
 }
 
+#[test]
+fn profiles_are_planned_as_stored_when_correction_is_off() {
+    let w = World::new(true);
+    let cfg = AdaptConfig { correct_profiles: false, ..adapter("tidal").config().clone() };
+    let mut a = Adapter::new(cfg);
+    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 30.0, size: 0 }; 32];
+    for _ in 0..3 {
+        a.round(&with_served(w.input(&[50.0], None), &slow));
+    }
+    assert_eq!(a.corrections().iter().count(), 0);
+    assert_eq!(a.corrections().factor("t", "small"), 1.0);
+}
+
 fn with_served<'a>(mut input: RoundInput<'a>, batches: &'a [ServedBatch]) -> RoundInput<'a> {
     input.tasks[0].served = BTreeMap::from([("small", batches)]);
     input
