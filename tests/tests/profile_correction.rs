@@ -111,10 +111,8 @@ async fn a_profile_twice_too_fast_is_corrected_from_served_batches_within_rounds
         assert!(started.elapsed() < Duration::from_secs(90), "not corrected: {seen:?}");
     };
     println!("served and shown (s, answered, (factor, batches)): {seen:?}");
-    // Bounded steps: a round moves it by 1.25 at most, so it is a power of 1.25 until it lands
-    // within 5 % of the batches' median, about 2 here (rounds come every 2 s and on surges).
-    let steps = corrected.ln() / 1.25f64.ln();
-    assert!((steps - steps.round()).abs() < 1e-6, "{seen:?}");
+    // Each round moves it by 1.25 at most (unit-tested in profile_correction): the first
+    // factor at 1.5 or above is 1.5625 or a little beyond when the batches say about 2.
     assert!((1.5..=4.0).contains(&corrected), "{corrected}");
     let table = tidalctl(&ctl, &["profile", "--show", "--task", "classify"]);
     assert!(table.contains("planned at the corrected points") && table.contains("CORRECTED P99"), "{table}");
@@ -128,9 +126,10 @@ async fn a_profile_twice_too_fast_is_corrected_from_served_batches_within_rounds
         // `shown` runs tidalctl: a process, waited for on this worker thread (the test's own).
         async move {
             serve_for(&addr, &shape, 2.0).await;
-            shown(&ctl).filter(|&(f, n)| f < corrected / 1.25 && n > 0)
+            // Below 1.5 it has started over (the factor never went down with the fast profile).
+            shown(&ctl).filter(|&(f, n)| f < 1.5 && n > 0)
         }
     })
     .await;
-    assert!(again.0 < 1.4, "the true profile needs little correction: {again:?}");
+    assert!(again.0 < 1.5 && again.0 < corrected, "the true profile needs little correction: {again:?}");
 }
