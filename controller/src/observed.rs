@@ -42,9 +42,9 @@ pub struct Observed {
     sizes: HashMap<(String, String), BTreeMap<u64, BTreeMap<u64, f64>>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
-    /// Per (task, variant), batches served since the last round took them (the latest
+    /// Per task and variant, batches served since the last round took them (the latest
     /// [`MAX_SERVED_PER_ROUND`]).
-    served: HashMap<(String, String), Vec<ServedBatch>>,
+    served: HashMap<String, BTreeMap<String, Vec<ServedBatch>>>,
     /// Per task, the profile corrections the last round planned with.
     pub corrections: BTreeMap<String, Vec<tidal_proto::v1::ProfileCorrection>>,
     /// Per task, the last round's forecast and the rate it planned for.
@@ -169,7 +169,7 @@ impl Observed {
             totals.1 += t.errors + t.deadline_misses;
         }
         for w in report.workers.iter().filter(|w| !w.served.is_empty()) {
-            let kept = self.served.entry((w.task.clone(), w.variant.clone())).or_default();
+            let kept = self.served.entry(w.task.clone()).or_default().entry(w.variant.clone()).or_default();
             kept.extend(w.served.iter().copied());
             let over = kept.len().saturating_sub(MAX_SERVED_PER_ROUND);
             kept.drain(..over);
@@ -259,8 +259,7 @@ impl Observed {
 
     /// The batches each variant of `task` served since the last call, taken for a round.
     pub fn take_served(&mut self, task: &str) -> BTreeMap<String, Vec<ServedBatch>> {
-        let keys: Vec<(String, String)> = self.served.keys().filter(|(t, _)| t == task).cloned().collect();
-        keys.into_iter().filter_map(|k| self.served.remove(&k).map(|b| (k.1, b))).collect()
+        self.served.remove(task).unwrap_or_default()
     }
 
     /// Seconds the latest worker of each variant of `task` took from its start to serving,
