@@ -26,6 +26,15 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// A request the plan's pick would have refused, sent to another variant of its stage.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RerouteLabels {
+    pub task: String,
+    pub stage: String,
+    pub from: String,
+    pub to: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
@@ -38,6 +47,7 @@ pub struct AgentMetrics {
     pub forwarded_requests: Family<RequestLabels, Counter>,
     pub latency: Family<TaskLabels, Histogram>,
     pub stage_skips: Family<StageLabels, Counter>,
+    pub slack_reroutes: Family<RerouteLabels, Counter>,
     pub plan_epoch: Gauge,
     pub resizes: Counter,
     pub plan_apply: Histogram,
@@ -58,6 +68,7 @@ impl AgentMetrics {
             forwarded_requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             stage_skips: Family::default(),
+            slack_reroutes: Family::default(),
             plan_epoch: Gauge::default(),
             resizes: Counter::default(),
             // 10 µs .. ~5 s.
@@ -87,6 +98,11 @@ impl AgentMetrics {
             "stage_skips",
             "Requests that skipped a stage by the label the stage before gave them (a task's `skip`)",
             m.stage_skips.clone(),
+        );
+        r.register(
+            "slack_reroutes",
+            "Requests the plan's pick would have refused (too late by its queue) that another variant of the stage took",
+            m.slack_reroutes.clone(),
         );
         r.register("plan_epoch", "Epoch of the plan applied", m.plan_epoch.clone());
         r.register("resizes", "In-place CPU quota changes", m.resizes.clone());

@@ -18,7 +18,7 @@ use tracing::{info_span, warn, Instrument};
 
 use crate::connector::crops;
 use crate::error::ServeError;
-use crate::metrics::{RequestLabels, StageLabels, TaskLabels};
+use crate::metrics::{RequestLabels, RerouteLabels, StageLabels, TaskLabels};
 use crate::node::Node;
 use crate::router::{Remote, StageKey, Target};
 use crate::telemetry::Outcome;
@@ -283,7 +283,43 @@ impl Pipeline {
                 }
             },
         };
+        let worker = self.bend_by_slack(key, worker, deadline);
         self.run_local(key, &worker, input, deadline, arrived).await
+    }
+
+    /// The worker a request picked by the plan's weights goes to: the pick, unless the plan
+    /// routes by slack and the pick would refuse it; then the most accurate other ready
+    /// worker of the stage here that would finish it in time (`tidal_common::slack`, the
+    /// simulator's rule too). When none would, the pick refuses it with its reason.
+    fn bend_by_slack(&self, key: &StageKey, picked: Arc<Worker>, deadline: Instant) -> Arc<Worker> {
+        let router = &self.node.router;
+        if !router.by_slack() {
+            return picked;
+        }
+        let first = picked.queue.offer(deadline, picked.spec.variant.accuracy);
+        if first.admits {
+            return picked;
+        }
+        let others = router.other_ready_local(key, &picked);
+        if others.is_empty() {
+            return picked;
+        }
+        let mut offers = vec![first];
+        offers.extend(others.iter().map(|w| w.queue.offer(deadline, w.spec.variant.accuracy)));
+        match tidal_common::slack::choose(0, &offers) {
+            Some(i) if i > 0 => {
+                let chosen = others[i - 1].clone();
+                let labels = RerouteLabels {
+                    task: key.task.clone(),
+                    stage: key.stage.clone(),
+                    from: picked.spec.variant.name.clone(),
+                    to: chosen.spec.variant.name.clone(),
+                };
+                self.node.metrics.slack_reroutes.get_or_create(&labels).inc();
+                chosen
+            }
+            _ => picked,
+        }
     }
 
     /// Queues a stage of a request on a local worker and waits for its answer.

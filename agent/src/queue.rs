@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use tidal_common::shed::{Admission, Shedder};
+use tidal_common::slack::Offer;
 use tidal_common::tensor::NamedTensor;
 
 use crate::error::ServeError;
@@ -143,6 +144,17 @@ impl DeadlineQueue {
         drop(inner);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// What this queue would say to a request due at `deadline` from a worker of `accuracy`,
+    /// without queueing it: whether `push` would take it now, and when it would be done.
+    pub fn offer(&self, deadline: Instant, accuracy: f64) -> Offer {
+        let inner = self.lock();
+        let now = self.secs(Instant::now());
+        let ahead = inner.heap.iter().filter(|p| p.deadline <= deadline).count();
+        let open = !inner.closed && !inner.sealed && inner.heap.len() < self.capacity;
+        let admits = open && inner.shedder.admit(now, ahead, self.secs(deadline)) == Admission::Admit;
+        Offer { accuracy, admits, finish_s: inner.shedder.finish(now, ahead) }
     }
 
     pub fn len(&self) -> usize {

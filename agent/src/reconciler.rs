@@ -28,7 +28,7 @@ use tidal_common::plan::{validate_for_node, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_common::tensor::StageIo;
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{Plan, PlanDelta, TaskSpec, Transition};
+use tidal_proto::v1::{Plan, PlanDelta, Routing, TaskSpec, Transition};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -465,6 +465,7 @@ impl Owner {
     /// Routes each stage of each task by the plan's weights; a held task keeps the routes it
     /// had, a retiring worker the weight it had.
     fn update_routes(&mut self, plan: &Plan, held: &BTreeMap<String, String>) {
+        self.p.router.set_routing(Routing::try_from(plan.routing).unwrap_or(Routing::ByWeight));
         let mut planned = Vec::new();
         for task in &plan.tasks {
             for stage in &task.stages {

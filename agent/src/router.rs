@@ -7,10 +7,12 @@
 //! share they had until their successors are ready, so a plan change loses no capacity.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidal_proto::v1::inference_client::InferenceClient;
+use tidal_proto::v1::Routing;
 use tonic::transport::Channel;
 
 use crate::worker::Worker;
@@ -84,9 +86,35 @@ impl StageKey {
 #[derive(Default)]
 pub struct Router {
     stages: Mutex<HashMap<StageKey, Vec<Entry>>>,
+    /// The plan's routing is by slack (`tidal_common::slack`): a request the picked worker
+    /// would refuse may go to another of the stage's workers here.
+    by_slack: AtomicBool,
 }
 
 impl Router {
+    /// Follows the plan's routing.
+    pub fn set_routing(&self, routing: Routing) {
+        self.by_slack.store(routing == Routing::BySlack, Ordering::Relaxed);
+    }
+
+    pub fn by_slack(&self) -> bool {
+        self.by_slack.load(Ordering::Relaxed)
+    }
+
+    /// The stage's ready workers here other than `except`: where a request its pick would
+    /// refuse may go instead, when routing by slack.
+    pub fn other_ready_local(&self, stage: &StageKey, except: &Arc<Worker>) -> Vec<Arc<Worker>> {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        stages.get(stage).map_or_else(Vec::new, |entries| {
+            entries
+                .iter()
+                .filter_map(Entry::local)
+                .filter(|w| w.is_ready() && !Arc::ptr_eq(w, except))
+                .cloned()
+                .collect()
+        })
+    }
+
     /// Replaces a stage's local routes `(worker, weight)`, keeping its remote ones; weight 0
     /// marks a worker being retired.
     pub fn set_routes(&self, stage: &StageKey, routes: Vec<(Arc<Worker>, f64)>) {

@@ -21,11 +21,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tidal_proto::v1::{Assignment, Plan, ProfilePoint, ServedBatch, StageSpec, TaskSpec, Transition};
+use tidal_proto::v1::{Assignment, Plan, ProfilePoint, Routing, ServedBatch, StageSpec, TaskSpec, Transition};
 
 mod cluster;
 mod handover;
 pub mod share;
+mod standby;
 
 pub use handover::Serving;
 pub use share::ShareRule;
@@ -70,6 +71,9 @@ pub struct AdaptConfig {
     /// Whether profiles are corrected by the batches the variants served
     /// ([`crate::profile_correction`]); off, the planner plans on the profiles as stored.
     pub correct_profiles: bool,
+    /// Whether the agents of a Tidal plan bend its mix by each request's slack
+    /// ([`crate::slack`]); off, or for any other policy, requests go by the plan's weights.
+    pub route_by_slack: bool,
 }
 
 impl Default for AdaptConfig {
@@ -89,6 +93,7 @@ impl Default for AdaptConfig {
             load_time_s: 2.0,
             share: ShareRule::default(),
             correct_profiles: true,
+            route_by_slack: true,
         }
     }
 }
@@ -111,6 +116,16 @@ impl AdaptConfig {
 
     pub fn space(&self) -> SearchSpace {
         self.policy.space(&self.limits)
+    }
+
+    /// How the agents route a plan's requests: by slack for Tidal (its data plane), by the
+    /// weights for the peers' policies, which have no such rule.
+    pub fn routing(&self) -> Routing {
+        if self.route_by_slack && self.policy == PolicyKind::Tidal {
+            Routing::BySlack
+        } else {
+            Routing::ByWeight
+        }
     }
 
     pub fn transition(&self) -> Transition {
@@ -309,6 +324,7 @@ impl Adapter {
             node_addresses: input.nodes.iter().map(|n| (n.name.to_string(), n.address.to_string())).collect(),
             planned_rps: self.planned.clone().into_iter().collect(),
             transition: self.cfg.transition() as i32,
+            routing: self.cfg.routing() as i32,
             ..Default::default()
         };
         if input.nodes.is_empty() {
@@ -333,6 +349,9 @@ impl Adapter {
             let millicores = input.nodes.iter().map(|n| (n.name.to_string(), n.cores.saturating_mul(1000))).collect();
             let held = handover::hold_across_nodes(current, &mut plan, input.serving, &millicores);
             plan.notes.extend(held);
+        }
+        if self.cfg.routing() == Routing::BySlack {
+            standby::keep(&mut plan, input, self.cfg.reserve_cores);
         }
         let moved = input.current.map_or(0, |c| moved_workers(c, &plan));
         if moved > 0 {

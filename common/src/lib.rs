@@ -24,6 +24,7 @@ pub mod resnet;
 pub mod seq2seq;
 pub mod shed;
 pub mod sim;
+pub mod slack;
 pub mod solver;
 pub mod speech;
 pub mod task;

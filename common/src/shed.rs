@@ -101,6 +101,12 @@ impl Shedder {
         }
     }
 
+    /// When a request with `ahead` requests before it would be done, starting at `now_s`, by
+    /// the fresh estimate; `None` without one.
+    pub fn finish(&self, now_s: f64, ahead: usize) -> Option<f64> {
+        self.fresh(now_s).map(|e| e.finish(now_s, ahead))
+    }
+
     /// Queued requests due at or before this time are shed when a batch is formed at `now_s`:
     /// they could not finish with it.
     pub fn cutoff(&self, now_s: f64) -> f64 {

@@ -55,6 +55,12 @@ pub struct AdaptArgs {
     /// Most replicas of one variant a policy that scales out may use.
     #[arg(long, env = "TIDAL_MAX_REPLICAS", default_value_t = Limits::default().max_replicas)]
     pub max_replicas: u32,
+    /// Route every request of a Tidal plan by the plan's weights alone: a request its picked
+    /// worker would refuse (too late by its queue) is refused, not sent to the most accurate
+    /// other variant of its stage that would finish it in time (the default; the peers'
+    /// policies always route by the weights).
+    #[arg(long, env = "TIDAL_NO_SLACK_ROUTING")]
+    pub no_slack_routing: bool,
 }
 
 impl AdaptArgs {
@@ -94,6 +100,7 @@ impl AdaptArgs {
             load_time_s,
             share: self.share,
             correct_profiles: true,
+            route_by_slack: !self.no_slack_routing,
         })
     }
 }

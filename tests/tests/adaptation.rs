@@ -56,7 +56,8 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18,resnet50", 64);
-    let (controller, ctl_addr) = start_controller(work.path(), 2.0, &["--forecast-window-s", "8"]);
+    let (controller, ctl_addr) =
+        start_controller(work.path(), 2.0, &["--forecast-window-s", "8", "--no-slack-routing"]);
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let mut ctl = controller_client(&ctl_addr).await;
 
@@ -152,7 +153,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     let last_epoch = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner().plan.unwrap().epoch;
     drop(controller);
     // On port 0 again: the port it had may be another process's by now.
-    let restarted = start_controller_ready(work.path(), 3600.0, &[]);
+    let restarted = start_controller_ready(work.path(), 3600.0, &["--no-slack-routing"]);
     let ctl = controller_client(&restarted.addr).await;
     let status = eventually(Duration::from_secs(20), "the restarted controller to replay its log", || {
         let mut ctl = ctl.clone();

@@ -66,8 +66,11 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
     std::fs::create_dir_all(&models).unwrap();
     std::fs::write(models.join("detector.onnx"), onnx_models::detector()).unwrap();
     // Its synthetic profiles stand for the truth: not corrected by the batches served.
-    let (_controller, ctl_addr) =
-        start_controller(work.path(), 1.0, &["--forecast-window-s", "4", "--no-profile-correction"]);
+    let (_controller, ctl_addr) = start_controller(
+        work.path(),
+        1.0,
+        &["--forecast-window-s", "4", "--no-profile-correction", "--no-slack-routing"],
+    );
     let agent = start_agent(
         work.path(),
         AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &["--worker-threads", "1"] },

@@ -201,7 +201,7 @@ async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
     let (work, models, shrink, r18) = shrink_and_classify();
     // Its synthetic profiles stand for the truth: not corrected by the batches served.
     let (_controller, ctl_addr) =
-        start_controller(work.path(), 2.0, &["--node-timeout-s", "2", "--no-profile-correction"]);
+        start_controller(work.path(), 2.0, &["--node-timeout-s", "2", "--no-profile-correction", "--no-slack-routing"]);
     let one_core = &["--cores", "1"];
     let mut agents: Vec<Option<Agent>> = (0..3)
         .map(|_| {

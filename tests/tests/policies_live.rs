@@ -30,7 +30,8 @@ async fn cluster(policy: &str) -> Cluster {
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
     // Its synthetic profiles stand for the truth: not corrected by the batches served.
-    let (controller, addr) = start_controller(work.path(), 3600.0, &["--policy", policy, "--no-profile-correction"]);
+    let (controller, addr) =
+        start_controller(work.path(), 3600.0, &["--policy", policy, "--no-profile-correction", "--no-slack-routing"]);
     let agent =
         start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&addr), extra: &["--cores", "4"] });
     let mut ctl = controller_client(&addr).await;

@@ -71,7 +71,14 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     let controller = start_controller_ready(
         work.path(),
         2.0,
-        &["--forecast-window-s", "6", "--metrics-listen", "127.0.0.1:0", "--no-profile-correction"],
+        &[
+            "--forecast-window-s",
+            "6",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--no-profile-correction",
+            "--no-slack-routing",
+        ],
     );
     let (ctl_addr, metrics) = (controller.addr.clone(), controller.metrics.clone().expect("the metrics port"));
     let a1 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
@@ -195,8 +202,11 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
-    let (_controller, ctl_addr) =
-        start_controller(work.path(), 2.0, &["--forecast-window-s", "60", "--no-profile-correction"]);
+    let (_controller, ctl_addr) = start_controller(
+        work.path(),
+        2.0,
+        &["--forecast-window-s", "60", "--no-profile-correction", "--no-slack-routing"],
+    );
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &[] });
     let mut ctl = controller_client(&ctl_addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
@@ -260,7 +270,7 @@ async fn a_draining_node_reports_itself_not_ready_to_every_prober() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     generate_models(&models, "resnet18", 32);
-    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction"]);
+    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction", "--no-slack-routing"]);
     let extra = ["--metrics-listen", "127.0.0.1:0"];
     let agent =
         start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &extra });

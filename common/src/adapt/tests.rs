@@ -262,8 +262,10 @@ fn a_task_whose_solve_fails_keeps_its_workers() {
     assert_eq!(round.plan.assignments, plan.assignments);
 }
 
+/// The variants the plan sends traffic to (standbys, of weight 0, left out).
 fn variants_of(plan: &Plan) -> Vec<&str> {
-    let mut v: Vec<&str> = plan.assignments.iter().map(|a| a.variant.as_ref().unwrap().name.as_str()).collect();
+    let mut v: Vec<&str> =
+        plan.assignments.iter().filter(|a| a.weight > 0.0).map(|a| a.variant.as_ref().unwrap().name.as_str()).collect();
     v.sort();
     v.dedup();
     v
@@ -436,4 +438,44 @@ fn profiles_are_planned_as_stored_when_correction_is_off() {
 fn with_served<'a>(mut input: RoundInput<'a>, batches: &'a [ServedBatch]) -> RoundInput<'a> {
     input.tasks[0].served = BTreeMap::from([("small", batches)]);
     input
+}
+
+fn standbys(plan: &Plan) -> Vec<(&str, &str, u32)> {
+    plan.assignments
+        .iter()
+        .filter(|a| a.weight == 0.0)
+        .map(|a| (a.variant.as_ref().unwrap().name.as_str(), a.node.as_str(), a.millicores))
+        .collect()
+}
+
+/// A Tidal plan of "big" alone keeps "small", the cheapest, warm on a free core of the node with
+/// no share of the traffic (the insurance routing by slack spills to); not when the cores are
+/// all planned, nor when "small" serves already, nor for a policy that routes by the weights.
+#[test]
+fn a_free_core_holds_a_standby_of_the_cheapest_variant_when_routing_by_slack() {
+    let mut w = World::new(true);
+    w.nodes = vec![("n1".into(), 4)];
+    let plan = adapter("tidal").round(&w.input(&[10.0], None)).plan;
+    assert_eq!(variants_of(&plan), ["big"]);
+    assert_eq!(plan.routing, Routing::BySlack as i32);
+    assert_eq!(standbys(&plan), [("small", "n1", 1000)], "{:?}", plan.notes);
+    assert!(plan.notes.iter().any(|n| n.contains("standby small on n1")), "{:?}", plan.notes);
+    assert!(tidal_common_validate(&plan, "n1", 4000).is_ok());
+    // Every core planned: no standby.
+    w.nodes = vec![("n1".into(), 2)];
+    let full = adapter("tidal").round(&w.input(&[36.0], None)).plan;
+    assert!(standbys(&full).is_empty(), "{:?}", full.assignments);
+    // "small" already serves: nothing to add.
+    w.nodes = vec![("n1".into(), 4)];
+    let mixed = adapter("tidal").round(&w.input(&[120.0], None)).plan;
+    assert!(variants_of(&mixed).contains(&"small"));
+    assert!(standbys(&mixed).is_empty(), "{:?}", mixed.assignments);
+    // By the weights: the peers' policies, and Tidal told so.
+    let inf = adapter("infadapter").round(&w.input(&[10.0], None)).plan;
+    assert_eq!(inf.routing, Routing::ByWeight as i32);
+    assert!(standbys(&inf).is_empty());
+    let cfg = AdaptConfig { route_by_slack: false, ..adapter("tidal").config().clone() };
+    let plain = Adapter::new(cfg).round(&w.input(&[10.0], None)).plan;
+    assert_eq!(plain.routing, Routing::ByWeight as i32);
+    assert!(standbys(&plain).is_empty());
 }

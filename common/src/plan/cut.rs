@@ -35,6 +35,7 @@ pub fn cut(plan: &Plan, node: &str) -> Plan {
             .map(|(n, a)| (n.clone(), a.clone()))
             .collect(),
         transition: plan.transition,
+        routing: plan.routing,
         for_node: node.to_string(),
         routes: routes
             .into_iter()

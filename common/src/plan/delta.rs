@@ -90,6 +90,7 @@ pub fn delta(base: Option<&Plan>, next: &Plan) -> PlanDelta {
         node_addresses,
         removed_node_addresses,
         transition: next.transition,
+        routing: next.routing,
         for_node: next.for_node.clone(),
         ..Default::default()
     };
@@ -172,6 +173,7 @@ pub fn apply(base: Option<&Plan>, delta: &PlanDelta) -> Result<Plan, String> {
         planned_rps: map_apply(&base.planned_rps, &delta.planned_rps, &delta.removed_planned_rps),
         node_addresses: map_apply(&base.node_addresses, &delta.node_addresses, &delta.removed_node_addresses),
         transition: delta.transition,
+        routing: delta.routing,
         for_node: delta.for_node.clone(),
         ..Default::default()
     };
@@ -196,6 +198,7 @@ pub struct CutDeltas<'a> {
     epoch: u64,
     term: u64,
     transition: i32,
+    routing: i32,
 }
 
 /// One node's view of a task: its spec, the node's workers and the routes to the others'.
@@ -233,6 +236,7 @@ impl<'a> CutDeltas<'a> {
             epoch: next.epoch,
             term: next.term,
             transition: next.transition,
+            routing: next.routing,
         }
     }
 
@@ -263,6 +267,7 @@ impl<'a> CutDeltas<'a> {
             node_addresses: set.iter().filter(|(n, _)| *n != node).map(|(n, a)| (n.clone(), a.clone())).collect(),
             removed_node_addresses: removed.iter().filter(|n| *n != node).cloned().collect(),
             transition: self.transition,
+            routing: self.routing,
             for_node: node.to_string(),
             ..Default::default()
         };

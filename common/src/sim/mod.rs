@@ -154,6 +154,9 @@ pub struct SimReport {
     pub failed_plans: u32,
     /// Re-plans between intervals because arrivals exceeded the planned rate.
     pub surge_replans: u32,
+    /// Requests the plan's pick would have refused that another variant of their stage took
+    /// (routing by slack, [`crate::slack`]).
+    pub slack_reroutes: u64,
     pub intervals: Vec<IntervalStats>,
     /// Per task, in the order given.
     pub tasks: Vec<TaskReport>,
@@ -479,6 +482,10 @@ struct Sim<'a> {
     /// Per task, per stage, the serving workers with the running sum of their shares.
     routes: Vec<Vec<Vec<(usize, f64)>>>,
     routes_valid_until: f64,
+    /// The plan's routing is by slack ([`crate::slack`]).
+    by_slack: bool,
+    /// Requests the pick would have refused that another worker took.
+    rerouted: u64,
     /// Per task, the arrivals of every second so far (its warm-up first).
     history: Vec<Vec<f64>>,
     expired: Vec<Request>,
@@ -538,6 +545,8 @@ impl<'a> Sim<'a> {
             latency_cache: HashMap::new(),
             routes: tasks.iter().map(|t| vec![Vec::new(); t.stages.len()]).collect(),
             routes_valid_until: f64::NEG_INFINITY,
+            by_slack: false,
+            rerouted: 0,
             history: tasks.iter().map(|t| t.warmup.clone()).collect(),
             expired: Vec::new(),
             counters: tasks.iter().map(|_| TaskCounters::new()).collect(),
@@ -594,6 +603,7 @@ impl<'a> Sim<'a> {
             .map(|i| ((self.tasks[self.task_of[i]].name.as_str(), self.variants[i].name.as_str()), i))
             .collect();
         let warm = self.workers.is_empty();
+        self.by_slack = plan.routing == tidal_proto::v1::Routing::BySlack as i32;
         let variants = &self.variants;
         let model_file = |v: usize| model_file(&variants[v].name);
         let applied =
@@ -629,15 +639,38 @@ impl<'a> Sim<'a> {
 
     /// Queues a request at a worker of its stage, or drops it when the stage has none.
     fn send(&mut self, r: Request, t: f64) {
-        let Some(w) = self.route(r.task, r.stage, t) else {
+        let Some(picked) = self.route(r.task, r.stage, t) else {
             self.drop_request(r.task);
             return;
         };
+        let w = if self.by_slack { self.bend_by_slack(&r, picked, t) } else { picked };
         if self.workers[w].enqueue(r, t).is_err() {
             self.drop_request(r.task);
             return;
         }
         self.start(w, t);
+    }
+
+    /// The worker `r` goes to when the plan routes by slack: the pick, or when the pick would
+    /// refuse it the most accurate other serving worker of its stage that would finish it in
+    /// time, by the agent's rule ([`crate::slack`]); the pick (which refuses it) when none would.
+    fn bend_by_slack(&mut self, r: &Request, picked: usize, t: f64) -> usize {
+        let accuracy = |w: &SimWorker| self.variants[w.variant].accuracy;
+        let first = self.workers[picked].offer(r, t, accuracy(&self.workers[picked]));
+        if first.admits {
+            return picked;
+        }
+        let others: Vec<usize> =
+            self.routes[r.task][r.stage].iter().map(|&(i, _)| i).filter(|&i| i != picked).collect();
+        let mut offers = vec![first];
+        offers.extend(others.iter().map(|&i| self.workers[i].offer(r, t, accuracy(&self.workers[i]))));
+        match crate::slack::choose(0, &offers) {
+            Some(i) if i > 0 => {
+                self.rerouted += 1;
+                others[i - 1]
+            }
+            _ => picked,
+        }
     }
 
     /// A serving worker of `stage` of `task`, drawn in proportion to the traffic the plan
@@ -848,6 +881,7 @@ impl<'a> Sim<'a> {
             overloaded_intervals: self.overloaded,
             failed_plans: self.failed,
             surge_replans: self.surges,
+            slack_reroutes: self.rerouted,
             intervals: self.intervals,
             tasks,
             jain_attainment: jain(&attainment),

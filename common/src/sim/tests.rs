@@ -289,3 +289,26 @@ fn a_text_cut_short_by_its_time_is_answered_in_time_or_refused_as_its_task_says(
     let refused = run(Some(true));
     assert!(refused.violation_pct > 30.0, "{refused:?}");
 }
+
+/// A step from 15 to 60 req/s between plans: routing by the weights alone sheds what the
+/// accurate variant's workers cannot finish until the next plan; by slack, the standby of the
+/// cheap variant on a free core takes it (the same rule as the agent's, `crate::slack`).
+#[test]
+fn routing_by_slack_takes_a_burst_s_onset_on_the_standby() {
+    let mut rates = vec![15.0; 60];
+    rates.extend([60.0; 40]);
+    let (mut slack, mut weight) = ((0u64, 0u64, 0.0), (0u64, 0u64, 0.0));
+    for seed in 1..=3 {
+        let cfg = SimConfig { core_budget: 6, slo_ms: 200.0, seed, ..cfg() };
+        let by_slack = run(&rates, "tidal", &cfg);
+        let plain = SimConfig { adapt: AdaptConfig { route_by_slack: false, ..cfg.adapt.clone() }, ..cfg.clone() };
+        let by_weight = run(&rates, "tidal", &plain);
+        assert_eq!(by_weight.slack_reroutes, 0);
+        slack = (slack.0 + by_slack.violations, slack.1 + by_slack.slack_reroutes, slack.2 + by_slack.accuracy / 3.0);
+        weight = (weight.0 + by_weight.violations, weight.1 + by_weight.requests, weight.2 + by_weight.accuracy / 3.0);
+    }
+    assert!(weight.0 * 100 > weight.1, "the onset costs plan-only routing over 1 %: {weight:?}");
+    assert!(slack.1 > 0, "the standby took requests: {slack:?}");
+    assert!(2 * slack.0 <= weight.0, "violations by slack {slack:?}, by the weights {weight:?}");
+    assert!(slack.2 > weight.2 - 1.0, "accuracy by slack {slack:?}, by the weights {weight:?}");
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::generation::TokenCost;
 use crate::reconcile::WorkerKey;
 use crate::shed::{Admission, Shedder};
+use crate::slack::Offer;
 
 use super::SimGenerate;
 
@@ -148,10 +149,23 @@ impl SimWorker {
         self.shedder.forget();
     }
 
+    /// Requests queued due no later than `deadline`: those a request due then waits behind.
+    fn ahead(&self, deadline: f64) -> usize {
+        self.queue.iter().rposition(|q| q.deadline <= deadline).map_or(0, |i| i + 1)
+    }
+
+    /// What the worker would say to `r` at `t`, as an agent's queue says it
+    /// (`DeadlineQueue::offer`): whether it would queue it, and when it would be done.
+    pub fn offer(&self, r: &Request, t: f64, accuracy: f64) -> Offer {
+        let ahead = self.ahead(r.deadline);
+        let admits = self.shedder.admit(t, ahead, r.deadline) == Admission::Admit;
+        Offer { accuracy, admits, finish_s: self.shedder.finish(t, ahead) }
+    }
+
     /// Queues a request in deadline order (arrivals usually come in deadline order: a push at
     /// the back), unless the agent's rule refuses it at `t`: then it is given back.
     pub fn enqueue(&mut self, r: Request, t: f64) -> Result<(), Request> {
-        let ahead = self.queue.iter().rposition(|q| q.deadline <= r.deadline).map_or(0, |i| i + 1);
+        let ahead = self.ahead(r.deadline);
         if self.shedder.admit(t, ahead, r.deadline) != Admission::Admit {
             return Err(r);
         }
