@@ -117,6 +117,9 @@ impl Corrections {
             *learned = Learned { correction: Correction::default(), profile };
         }
         let own_size = crate::tensor::element_count(&spec.input_shape).unwrap_or(0) as u64;
+        // `points_at_mix` holds a size below the smallest profiled at that one's latency: a
+        // smaller input would read as a slower machine.
+        let smallest = points.iter().map(|p| if p.size == 0 { own_size } else { p.size }).min().unwrap_or(own_size);
         // One grid per input size the batches came in.
         let mut grids: BTreeMap<u64, Option<ProfileGrid>> = BTreeMap::new();
         for b in batches {
@@ -124,6 +127,9 @@ impl Corrections {
                 continue;
             }
             let size = if b.size == 0 { own_size } else { b.size };
+            if size < smallest {
+                continue;
+            }
             let grid = grids.entry(size).or_insert_with(|| {
                 let at = crate::profile::points_at_mix(points, own_size, &[(size, 1.0)]);
                 at.beyond.is_none().then(|| ProfileGrid::new(&at.points))
@@ -248,8 +254,10 @@ mod tests {
             .take(16)
             .map(|&(m, b)| batch(m, b, at(m / 1000, b) * 1.2))
             .collect();
-        // Batches the profile says nothing of: a fraction of a core, 3 cores, batch 16.
-        let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6)];
+        // Batches the profile says nothing of: a fraction of a core, 3 cores, batch 16, and
+        // inputs smaller than the profiled 3×8×8 (held at its latency, they would read as fast).
+        let small = ServedBatch { size: 48, ..batch(1000, 1, 1e-3) };
+        let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6), small];
         c.observe(&task(), "small", &points, &unknown);
         c.observe(&task(), "small", &points, &slow);
         c.observe(&task(), "other", &points, &slow);

@@ -42,9 +42,9 @@ pub struct Observed {
     sizes: HashMap<(String, String), BTreeMap<u64, BTreeMap<u64, f64>>>,
     pub reports: BTreeMap<String, (Instant, TelemetryReport)>,
     pub totals: HashMap<String, (u64, u64)>,
-    /// Per task and variant, batches served since the last round took them (the latest
-    /// [`MAX_SERVED_PER_ROUND`]).
-    served: HashMap<String, BTreeMap<String, Vec<ServedBatch>>>,
+    /// Per task, variant and worker (node, worker id), batches served since the last round
+    /// took them (each worker's latest [`MAX_SERVED_PER_ROUND`]).
+    served: HashMap<String, BTreeMap<String, BTreeMap<(String, String), Vec<ServedBatch>>>>,
     /// Per task, the profile corrections the last round planned with.
     pub corrections: BTreeMap<String, Vec<tidal_proto::v1::ProfileCorrection>>,
     /// Per task, the last round's forecast and the rate it planned for.
@@ -169,7 +169,8 @@ impl Observed {
             totals.1 += t.errors + t.deadline_misses;
         }
         for w in report.workers.iter().filter(|w| !w.served.is_empty()) {
-            let kept = self.served.entry(w.task.clone()).or_default().entry(w.variant.clone()).or_default();
+            let of_variant = self.served.entry(w.task.clone()).or_default().entry(w.variant.clone()).or_default();
+            let kept = of_variant.entry((report.node.clone(), w.id.clone())).or_default();
             kept.extend(w.served.iter().copied());
             let over = kept.len().saturating_sub(MAX_SERVED_PER_ROUND);
             kept.drain(..over);
@@ -257,9 +258,32 @@ impl Observed {
         out
     }
 
-    /// The batches each variant of `task` served since the last call, taken for a round.
+    /// The batches each variant of `task` served since the last call, taken for a round: at
+    /// most [`MAX_SERVED_PER_ROUND`] a variant, an equal share of them from each of its
+    /// workers (the latest of each), so that one busy worker does not stand for them all.
     pub fn take_served(&mut self, task: &str) -> BTreeMap<String, Vec<ServedBatch>> {
-        self.served.remove(task).unwrap_or_default()
+        let by_variant = self.served.remove(task).unwrap_or_default();
+        by_variant
+            .into_iter()
+            .map(|(variant, workers)| {
+                let share = MAX_SERVED_PER_ROUND.div_ceil(workers.len().max(1));
+                let batches = workers
+                    .into_values()
+                    .flat_map(|kept| {
+                        let skip = kept.len().saturating_sub(share);
+                        kept.into_iter().skip(skip)
+                    })
+                    .collect();
+                (variant, batches)
+            })
+            .collect()
+    }
+
+    /// Forgets the batches served by tasks other than `tasks` (removed ones: no round takes
+    /// them).
+    pub fn keep_served_of<'a>(&mut self, tasks: impl IntoIterator<Item = &'a String>) {
+        let tasks: std::collections::HashSet<&String> = tasks.into_iter().collect();
+        self.served.retain(|t, _| tasks.contains(t));
     }
 
     /// Seconds the latest worker of each variant of `task` took from its start to serving,
@@ -315,6 +339,40 @@ mod tests {
             tasks: vec![TaskTelemetry { task: "t".into(), arrivals_per_second: arrivals, ..Default::default() }],
             ..Default::default()
         }
+    }
+
+    /// A report of worker `id` of variant "v" of task `task` that served `n` batches of `run_ms`.
+    fn served(node: &str, task: &str, id: &str, n: usize, run_ms: f64) -> TelemetryReport {
+        let batch = ServedBatch { batch: 1, millicores: 1000, run_ms, size: 0 };
+        TelemetryReport {
+            node: node.into(),
+            workers: vec![tidal_proto::v1::WorkerTelemetry {
+                id: id.into(),
+                task: task.into(),
+                variant: "v".into(),
+                served: vec![batch; n],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A round takes a share of the batches from every worker of a variant, the latest of each,
+    /// not the last reporter's alone; and batches of a task no longer registered are dropped.
+    #[test]
+    fn served_batches_are_taken_in_shares_per_worker_and_dropped_with_their_task() {
+        let t0 = Instant::now();
+        let mut o = Observed::new(t0);
+        o.record(served("a", "t", "w1", 10, 5.0), t0);
+        o.record(served("b", "t", "w1", 100, 9.0), t0);
+        o.record(served("a", "gone", "w2", 10, 5.0), t0);
+        let taken = o.take_served("t");
+        let runs: Vec<f64> = taken["v"].iter().map(|b| b.run_ms).collect();
+        assert_eq!(runs.iter().filter(|&&r| r == 5.0).count(), 10, "all of the quiet worker's");
+        assert_eq!(runs.iter().filter(|&&r| r == 9.0).count(), MAX_SERVED_PER_ROUND / 2, "a share of the busy one's");
+        assert!(o.take_served("t").is_empty(), "each batch is taken once");
+        o.keep_served_of([&"t".to_string()]);
+        assert!(o.take_served("gone").is_empty());
     }
 
     #[test]

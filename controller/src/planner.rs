@@ -34,6 +34,7 @@ impl Observations {
         let lookback = adapter.lookback_s as u64;
         let interval = adapter.interval_s.ceil().max(1.0) as u64;
         let tasks = state.tasks.keys();
+        observed.keep_served_of(tasks.clone());
         Self {
             histories: tasks.clone().map(|t| observed.history(t, now, lookback)).collect(),
             min_budgets: tasks.clone().map(|t| observed.min_budget(t, now, interval)).collect(),
