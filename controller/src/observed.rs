@@ -33,6 +33,9 @@ pub struct RoundRates {
     pub planned_rps: f64,
 }
 
+/// Batches served, per worker (node, worker id).
+type ByWorker = BTreeMap<(String, String), Vec<ServedBatch>>;
+
 pub struct Observed {
     started: Instant,
     arrivals: HashMap<String, BTreeMap<u64, f64>>,
@@ -44,7 +47,7 @@ pub struct Observed {
     pub totals: HashMap<String, (u64, u64)>,
     /// Per task, variant and worker (node, worker id), batches served since the last round
     /// took them (each worker's latest [`MAX_SERVED_PER_ROUND`]).
-    served: HashMap<String, BTreeMap<String, BTreeMap<(String, String), Vec<ServedBatch>>>>,
+    served: HashMap<String, BTreeMap<String, ByWorker>>,
     /// Per task, the profile corrections the last round planned with.
     pub corrections: BTreeMap<String, Vec<tidal_proto::v1::ProfileCorrection>>,
     /// Per task, the last round's forecast and the rate it planned for.
