@@ -154,7 +154,7 @@ impl DeadlineQueue {
         let ahead = inner.heap.iter().filter(|p| p.deadline <= deadline).count();
         let open = !inner.closed && !inner.sealed && inner.heap.len() < self.capacity;
         let admits = open && inner.shedder.admit(now, ahead, self.secs(deadline)) == Admission::Admit;
-        Offer { accuracy, admits, finish_s: inner.shedder.finish(now, ahead) }
+        Offer { accuracy, admits, finish_s: inner.shedder.finish(now, ahead).map(|at| at - now) }
     }
 
     pub fn len(&self) -> usize {

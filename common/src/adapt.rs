@@ -362,6 +362,7 @@ impl Adapter {
                 || c.tasks != plan.tasks
                 || c.node_addresses != plan.node_addresses
                 || c.transition != plan.transition
+                || c.routing != plan.routing
         });
         Round { plan, tasks: outcomes, changed, moved }
     }

@@ -118,7 +118,7 @@ impl Corrections {
         }
         let own_size = crate::tensor::element_count(&spec.input_shape).unwrap_or(0) as u64;
         // `points_at_mix` holds a size below the smallest profiled at that one's latency: a
-        // smaller input would read as a slower machine.
+        // smaller input, served faster, would read as a faster machine.
         let smallest = points.iter().map(|p| if p.size == 0 { own_size } else { p.size }).min().unwrap_or(own_size);
         // One grid per input size the batches came in.
         let mut grids: BTreeMap<u64, Option<ProfileGrid>> = BTreeMap::new();

@@ -21,8 +21,9 @@ pub struct Offer {
     pub accuracy: f64,
     /// Whether it would queue the request (its queue not full, the shedding rule admits it).
     pub admits: bool,
-    /// When it would finish the request, on the caller's clock; `None`: it has no fresh
-    /// estimate (no batch for a while: most likely idle).
+    /// Seconds from now until it would finish the request (from now, not on a clock: each of
+    /// an agent's queues keeps its own); `None`: it has no fresh estimate (no batch for a
+    /// while: most likely idle).
     pub finish_s: Option<f64>,
 }
 

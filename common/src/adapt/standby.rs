@@ -29,6 +29,9 @@ pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
     }
     let mut standbys = Vec::new();
     for task in &input.tasks {
+        // A task's cap on its cores holds for its standbys too.
+        let cap = task.spec.share.as_ref().map_or(0, |s| s.max_cores).saturating_mul(1000);
+        let mut used: u32 = plan.assignments.iter().filter(|a| a.task == task.spec.name).map(|a| a.millicores).sum();
         for stage in &task.spec.stages {
             let Some((cheapest, point)) = cheapest_variant(stage, &task.profiles, task.spec.slo_ms as f64) else {
                 continue;
@@ -42,8 +45,12 @@ pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
                 if plan.assignments.iter().filter(here).any(|a| variant(a) == cheapest.name) {
                     continue;
                 }
+                if cap > 0 && used + STANDBY_MILLICORES > cap {
+                    continue;
+                }
                 let Some(f) = free.get_mut(node).filter(|f| **f >= STANDBY_MILLICORES) else { continue };
                 *f -= STANDBY_MILLICORES;
+                used += STANDBY_MILLICORES;
                 standbys.push(Assignment {
                     task: task.spec.name.clone(),
                     stage: stage.name.clone(),

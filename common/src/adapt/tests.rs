@@ -478,4 +478,17 @@ fn a_free_core_holds_a_standby_of_the_cheapest_variant_when_routing_by_slack() {
     let plain = Adapter::new(cfg).round(&w.input(&[10.0], None)).plan;
     assert_eq!(plain.routing, Routing::ByWeight as i32);
     assert!(standbys(&plain).is_empty());
+    // Routing alone changed (every core planned, so no standby either way): a new plan.
+    w.nodes = vec![("n1".into(), 2)];
+    let cfg = AdaptConfig { route_by_slack: false, ..adapter("tidal").config().clone() };
+    let before = Adapter::new(cfg).round(&w.input(&[36.0], None)).plan;
+    let after = adapter("tidal").round(&w.input(&[36.0], Some(&before)));
+    assert_eq!(after.plan.assignments, before.assignments);
+    assert!(after.changed, "the routing changed");
+    // A task capped at the cores it is planned on gets no standby.
+    w.nodes = vec![("n1".into(), 4)];
+    w.spec.share = Some(tidal_proto::v1::TaskShare { max_cores: 1, ..Default::default() });
+    let capped = adapter("tidal").round(&w.input(&[10.0], None)).plan;
+    assert_eq!(variants_of(&capped), ["big"]);
+    assert!(standbys(&capped).is_empty(), "{:?}", capped.assignments);
 }

@@ -159,7 +159,7 @@ impl SimWorker {
     pub fn offer(&self, r: &Request, t: f64, accuracy: f64) -> Offer {
         let ahead = self.ahead(r.deadline);
         let admits = self.shedder.admit(t, ahead, r.deadline) == Admission::Admit;
-        Offer { accuracy, admits, finish_s: self.shedder.finish(t, ahead) }
+        Offer { accuracy, admits, finish_s: self.shedder.finish(t, ahead).map(|at| at - t) }
     }
 
     /// Queues a request in deadline order (arrivals usually come in deadline order: a push at
