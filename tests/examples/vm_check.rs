@@ -26,6 +26,7 @@ const INFERENCE: &str = "127.0.0.1:7100";
 const UNIT: &str = "tidal-agent.service";
 const MODELS: &str = "/var/lib/tidal/models";
 const TOGGLES: usize = 40;
+const CHECK_DEADLINE: Duration = Duration::from_secs(840);
 
 fn say(key: &str, value: impl std::fmt::Display) {
     println!("TIDAL-VM {key} {value}");
@@ -33,7 +34,14 @@ fn say(key: &str, value: impl std::fmt::Display) {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let outcome = runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(check()));
+    // A deadline of its own, well inside the unit's TimeoutStartSec (1100 s) and the host's wait
+    // (1200 s from boot): a check that hangs ends as FAIL with the agent's journal.
+    let bounded = async {
+        tokio::time::timeout(CHECK_DEADLINE, check())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checks did not finish within {CHECK_DEADLINE:?}")))
+    };
+    let outcome = runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(bounded));
     match outcome {
         Ok(()) => say("PASS", "all checks held"),
         Err(e) => {
@@ -109,13 +117,15 @@ async fn check() -> anyhow::Result<()> {
     ensure!(agent_cgroup == format!("{unit_cgroup}/agent"), "the agent did not move to its leaf cgroup");
 
     // 2. A plan: one resnet18 worker at one core; its cgroup is under the agent's subtree.
-    let mut control = AgentClient::new(connect(&security, CONTROL).await?);
+    let mut control = AgentClient::new(connect(&security, CONTROL).await.context("connecting to the agent")?);
+    say("agent.connected", CONTROL);
     let r18 = VariantConfig::load(Path::new(MODELS), "resnet18")?;
     let plan = |epoch: u64, millicores: u32| plan_for(epoch, "vm", "classify", 60_000, &[(&r18, millicores, 1)]);
     control
         .apply_plan(ApplyPlanRequest { plan: Some(plan(1, 1000)), ..Default::default() })
         .await
         .context("applying the first plan")?;
+    say("plan.applied", "one resnet18 worker at one core");
     let worker = wait_worker(&mut control).await?;
     let dir = PathBuf::from(&worker.cgroup);
     say("worker.cgroup", dir.display());
@@ -237,7 +247,9 @@ async fn check() -> anyhow::Result<()> {
 }
 
 async fn connect(security: &Security, addr: &str) -> anyhow::Result<Channel> {
-    Ok(security.endpoint(addr)?.timeout(Duration::from_secs(60)).connect().await?)
+    // Both bounded: a TLS handshake that never completes is a failure with a reason, not a hang.
+    let endpoint = security.endpoint(addr)?.connect_timeout(Duration::from_secs(60)).timeout(Duration::from_secs(60));
+    Ok(endpoint.connect().await?)
 }
 
 async fn status(control: &mut AgentClient<Channel>) -> anyhow::Result<Vec<WorkerTelemetry>> {
