@@ -289,7 +289,13 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
             node: node.clone(),
             points: points.iter().map(SavedPoint::from).collect(),
         });
-        let profile = VariantProfile { task: spec.name.clone(), variant: variant.name.clone(), node, points };
+        let profile = VariantProfile {
+            task: spec.name.clone(),
+            variant: variant.name.clone(),
+            node,
+            points,
+            ..Default::default()
+        };
         ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
     }
     if let Some(path) = save {
@@ -314,6 +320,7 @@ pub async fn store_saved(controller: &str, spec: &TaskSpec, path: &Path) -> anyh
             variant: v.name.clone(),
             node: v.node.clone(),
             points: v.points.iter().map(ProfilePoint::from).collect(),
+            ..Default::default()
         };
         ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
         stored += 1;

@@ -74,6 +74,7 @@ impl Cluster {
                     profiles: (0..FAMILY.len())
                         .map(|i| (["v0", "v1", "v2", "v3", "v4"][i], self.profiles[i].as_slice()))
                         .collect(),
+                    profile_indices: BTreeMap::new(),
                     load_s: BTreeMap::new(),
                     sizes: BTreeMap::new(),
                     served: BTreeMap::new(),

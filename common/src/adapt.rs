@@ -21,7 +21,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tidal_proto::v1::{Assignment, Plan, ProfilePoint, Routing, ServedBatch, StageSpec, TaskSpec, Transition};
+use tidal_proto::v1::{
+    Assignment, Plan, PlanCorrection, ProfilePoint, Routing, ServedBatch, StageSpec, TaskSpec, Transition,
+};
 
 mod cluster;
 mod handover;
@@ -147,6 +149,9 @@ pub struct TaskInput<'a> {
     pub min_budget_ms: Option<f64>,
     /// Measured profile per variant name.
     pub profiles: BTreeMap<&'a str, &'a [ProfilePoint]>,
+    /// The log index that stored each variant's profile (`VariantProfile.stored_index`;
+    /// absent outside the replicated state): what tells a profile stored again from the old.
+    pub profile_indices: BTreeMap<&'a str, u64>,
     /// Seconds a new worker of a variant takes to serve, where known (a variant not known
     /// is assumed to take as long as the slowest known, else `AdaptConfig::load_time_s`).
     pub load_s: BTreeMap<&'a str, f64>,
@@ -246,11 +251,12 @@ impl Adapter {
         &self.corrections
     }
 
-    /// Forgets everything and starts from these planned rates (a new leader takes over).
-    pub fn resume(&mut self, planned: &BTreeMap<String, f64>) {
+    /// Forgets everything and starts from these planned rates and profile corrections (a new
+    /// leader takes over, from the plan in force).
+    pub fn resume(&mut self, planned: &BTreeMap<String, f64>, corrections: &[PlanCorrection]) {
         self.stabilisers.clear();
         self.last_surge_s = None;
-        self.corrections = Corrections::default();
+        self.corrections = Corrections::resume(corrections);
         self.planned = planned.clone();
         for (task, &rate) in planned {
             let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after.max(1));
@@ -301,7 +307,9 @@ impl Adapter {
             for task in &input.tasks {
                 for (&variant, &points) in &task.profiles {
                     let batches = task.served.get(variant).copied().unwrap_or_default();
-                    self.corrections.observe(task.spec, variant, points, batches);
+                    let stored = task.profile_indices.get(variant).copied().unwrap_or(0);
+                    let profile = crate::profile_correction::profile_id(stored, points);
+                    self.corrections.observe(task.spec, variant, points, profile, batches);
                 }
             }
         }
@@ -325,6 +333,7 @@ impl Adapter {
             planned_rps: self.planned.clone().into_iter().collect(),
             transition: self.cfg.transition() as i32,
             routing: self.cfg.routing() as i32,
+            corrections: if self.cfg.correct_profiles { self.corrections.carried() } else { Vec::new() },
             ..Default::default()
         };
         if input.nodes.is_empty() {

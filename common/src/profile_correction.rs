@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use tidal_proto::v1::{ProfilePoint, ServedBatch, TaskSpec};
+use tidal_proto::v1::{PlanCorrection, ProfilePoint, ServedBatch, TaskSpec};
 
 use crate::profile::ProfileGrid;
 
@@ -40,6 +40,13 @@ impl Default for Correction {
 }
 
 impl Correction {
+    /// A correction that starts at `factor` (within the limits), its window empty: one a
+    /// plan carried over.
+    pub fn starting_at(factor: f64) -> Self {
+        let factor = if factor.is_finite() { factor.clamp(LIMITS.0, LIMITS.1) } else { 1.0 };
+        Self { factor, ..Self::default() }
+    }
+
     /// One served batch: it took `measured_ms` where the profile says `profiled_ms` (p50 at
     /// its cores and batch size). Nonsense (non-finite or non-positive) is ignored.
     pub fn observe(&mut self, measured_ms: f64, profiled_ms: f64) {
@@ -90,8 +97,19 @@ pub struct Corrections {
 #[derive(Debug)]
 struct Learned {
     correction: Correction,
-    /// The profile it corrects: a new profile starts again from 1.
+    /// The profile it corrects ([`profile_id`]): a new profile starts again from 1.
     profile: u64,
+}
+
+/// What tells one stored profile from another: the log index that stored it (a profile stored
+/// again is new, even with the same points), else, outside the replicated state, a digest of
+/// its points (with the top bit set, apart from any index).
+pub fn profile_id(stored_index: u64, points: &[ProfilePoint]) -> u64 {
+    if stored_index > 0 {
+        stored_index
+    } else {
+        fingerprint(points) | 1 << 63
+    }
 }
 
 impl Corrections {
@@ -99,7 +117,15 @@ impl Corrections {
     /// cannot be compared with are left out: at a fraction of a core, outside the measured
     /// cores, batch sizes and input sizes (estimates there are extrapolated), or of a stage that
     /// writes text (its time follows the tokens written, which the generation budget learns).
-    pub fn observe(&mut self, task: &TaskSpec, variant: &str, points: &[ProfilePoint], batches: &[ServedBatch]) {
+    /// `profile` is the profile's [`profile_id`].
+    pub fn observe(
+        &mut self,
+        task: &TaskSpec,
+        variant: &str,
+        points: &[ProfilePoint],
+        profile: u64,
+        batches: &[ServedBatch],
+    ) {
         let Some((stage, spec)) =
             task.stages.iter().find_map(|s| s.variants.iter().find(|v| v.name == variant).map(|v| (s, v)))
         else {
@@ -110,7 +136,6 @@ impl Corrections {
             return;
         }
         let key = (task.name.clone(), variant.to_string());
-        let profile = fingerprint(points);
         let learned =
             self.by_variant.entry(key).or_insert_with(|| Learned { correction: Correction::default(), profile });
         if learned.profile != profile {
@@ -153,6 +178,33 @@ impl Corrections {
     /// The factor the planner uses for `variant` of `task` (1: as profiled).
     pub fn factor(&self, task: &str, variant: &str) -> f64 {
         self.by_variant.get(&(task.to_string(), variant.to_string())).map_or(1.0, |l| l.correction.factor())
+    }
+
+    /// The factors that differ from 1, as a plan carries them (by task, then variant).
+    pub fn carried(&self) -> Vec<PlanCorrection> {
+        self.by_variant
+            .iter()
+            .filter(|(_, l)| l.correction.factor() != 1.0)
+            .map(|((task, variant), l)| PlanCorrection {
+                task: task.clone(),
+                variant: variant.clone(),
+                factor: l.correction.factor(),
+                profile: l.profile,
+            })
+            .collect()
+    }
+
+    /// Starts from the corrections a plan carried (a new leader): each holds while its
+    /// profile is the one stored, and moves again as batches are served.
+    pub fn resume(carried: &[PlanCorrection]) -> Self {
+        let by_variant = carried
+            .iter()
+            .map(|c| {
+                let learned = Learned { correction: Correction::starting_at(c.factor), profile: c.profile };
+                ((c.task.clone(), c.variant.clone()), learned)
+            })
+            .collect();
+        Self { by_variant }
     }
 
     /// Every variant that has served batches since its profile: (task, variant), its factor and
@@ -258,17 +310,56 @@ mod tests {
         // inputs smaller than the profiled 3×8×8 (held at its latency, they would read as fast).
         let small = ServedBatch { size: 48, ..batch(1000, 1, 1e-3) };
         let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6), small];
-        c.observe(&task(), "small", &points, &unknown);
-        c.observe(&task(), "small", &points, &slow);
-        c.observe(&task(), "other", &points, &slow);
+        let id = profile_id(0, &points);
+        c.observe(&task(), "small", &points, id, &unknown);
+        c.observe(&task(), "small", &points, id, &slow);
+        c.observe(&task(), "other", &points, id, &slow);
         c.round(&HashSet::from(["t"]));
         assert!((c.factor("t", "small") - 1.2).abs() < 1e-6, "{:?}", c.iter().collect::<Vec<_>>());
         assert_eq!(c.iter().map(|(_, _, _, n)| n).collect::<Vec<_>>(), vec![16], "only comparable batches");
         // Profiled again: the correction starts over.
         let again = crate::profile::synthetic(8.0, &[1, 2], &[(1, 1.0), (4, 1.0)], 1.2);
-        c.observe(&task(), "small", &again, &[]);
+        c.observe(&task(), "small", &again, profile_id(0, &again), &[]);
         assert_eq!(c.factor("t", "small"), 1.0);
         c.round(&HashSet::new());
         assert_eq!(c.iter().count(), 0, "a task unregistered is forgotten");
+    }
+
+    /// Within the replicated state a profile is known by the log index that stored it: the
+    /// same points stored again start over. A plan carries the factors, and a new leader that
+    /// resumes from them keeps each while its profile is the one stored.
+    #[test]
+    fn a_profile_stored_again_starts_over_and_a_carried_correction_holds_for_its_own_profile() {
+        let points = crate::profile::synthetic(10.0, &[1], &[(1, 1.0)], 1.2);
+        let at = ProfileGrid::new(&points).estimate(1, 1).unwrap().latency_p50_ms;
+        let slow: Vec<ServedBatch> = (0..WINDOW).map(|_| batch(1000, 1, at * 1.2)).collect();
+        let tasks = HashSet::from(["t"]);
+        let mut c = Corrections::default();
+        c.observe(&task(), "small", &points, 7, &slow);
+        c.round(&tasks);
+        assert!((c.factor("t", "small") - 1.2).abs() < 1e-6);
+        assert_ne!(profile_id(7, &points), profile_id(0, &points), "an index is not a digest");
+        let carried = c.carried();
+        assert_eq!(carried.len(), 1);
+        assert_eq!((carried[0].task.as_str(), carried[0].variant.as_str(), carried[0].profile), ("t", "small", 7));
+
+        // A new leader: the factor holds without a batch while profile 7 is the one stored.
+        let mut resumed = Corrections::resume(&carried);
+        resumed.observe(&task(), "small", &points, 7, &[]);
+        resumed.round(&tasks);
+        assert!((resumed.factor("t", "small") - 1.2).abs() < 1e-6);
+        // The same points stored again (index 9): a new profile, from 1.
+        resumed.observe(&task(), "small", &points, 9, &[]);
+        assert_eq!(resumed.factor("t", "small"), 1.0);
+        assert!(resumed.carried().is_empty(), "nothing to carry at 1");
+        // A carried correction of a profile since replaced is not taken up.
+        let mut stale = Corrections::resume(&carried);
+        stale.observe(&task(), "small", &points, 9, &[]);
+        assert_eq!(stale.factor("t", "small"), 1.0);
+        // Nonsense in a plan is bounded.
+        let wild = [PlanCorrection { factor: f64::INFINITY, ..carried[0].clone() }];
+        assert_eq!(Corrections::resume(&wild).factor("t", "small"), 1.0);
+        let huge = [PlanCorrection { factor: 1e9, ..carried[0].clone() }];
+        assert_eq!(Corrections::resume(&huge).factor("t", "small"), LIMITS.1);
     }
 }

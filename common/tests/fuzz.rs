@@ -218,7 +218,7 @@ proptest! {
                 output_tokens: 0,
             })
             .collect();
-        let p = VariantProfile { task: "t".into(), variant: "v".into(), node: String::new(), points };
+        let p = VariantProfile { task: "t".into(), variant: "v".into(), node: String::new(), points, ..Default::default() };
         if validate_profile(&p).is_ok() {
             prop_assert!(p.points.iter().all(|q| q.cores <= MAX_PROFILE_CORES));
             let grid = ProfileGrid::new(&p.points);

@@ -135,13 +135,14 @@ impl Controller {
         let current = self.raft.read(|s| s.plan.clone());
         let planned: BTreeMap<String, f64> =
             current.as_ref().map(|p| p.planned_rps.clone().into_iter().collect()).unwrap_or_default();
+        let corrections = current.as_ref().map(|p| p.corrections.clone()).unwrap_or_default();
         self.observed(|o| {
             *o = Observed::new(Instant::now()).with_node_timeout(self.cfg.node_timeout);
             // Until its first round, a new leader knows the rates the plan was sized for.
             o.round_rates =
                 planned.iter().map(|(t, &p)| (t.clone(), RoundRates { forecast_rps: 0.0, planned_rps: p })).collect();
         });
-        self.adapter(|a| a.resume(&planned));
+        self.adapter(|a| a.resume(&planned, &corrections));
         let Some(current) = current else {
             info!(term, "leading; no plan committed yet");
             self.adapt_once(term, true).await?;

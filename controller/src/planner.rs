@@ -75,6 +75,12 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
             arrivals: &observed.histories[i],
             min_budget_ms: observed.min_budgets[i],
             profiles: profiles_of(state, &spec.name),
+            profile_indices: state
+                .profiles
+                .iter()
+                .filter(|((t, _), _)| t == &spec.name)
+                .map(|((_, variant), p)| (variant.as_str(), p.stored_index))
+                .collect(),
             load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
             sizes: observed.sizes[i].iter().map(|(stage, mix)| (stage.as_str(), mix.clone())).collect(),
             served: observed.served[i].iter().map(|(v, b)| (v.as_str(), b.as_slice())).collect(),

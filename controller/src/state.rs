@@ -189,7 +189,8 @@ impl ClusterState {
                 if self.tasks.get(&p.task).is_none_or(|t| find_variant(t, &p.variant).is_none()) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
-                self.profiles.insert((p.task.clone(), p.variant.clone()), p.clone());
+                self.profiles
+                    .insert((p.task.clone(), p.variant.clone()), VariantProfile { stored_index: index, ..p.clone() });
             }
             Change::CommitPlan(plan) => self.commit_plan(plan.clone())?,
             Change::CommitPlanDelta(delta) => {
@@ -318,6 +319,7 @@ mod tests {
             variant: variant.into(),
             node: "n".into(),
             points: vec![point],
+            ..Default::default()
         }))
     }
 

@@ -103,8 +103,13 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
     );
     state.tasks.insert(spec.name.clone(), spec.clone());
     for v in stages.iter().flat_map(|s| s.variants.clone()) {
-        let profile =
-            VariantProfile { task: spec.name.clone(), variant: v.name.clone(), node: "n".into(), points: v.points };
+        let profile = VariantProfile {
+            task: spec.name.clone(),
+            variant: v.name.clone(),
+            node: "n".into(),
+            points: v.points,
+            ..Default::default()
+        };
         state.profiles.insert((spec.name.clone(), v.name), profile);
     }
     let t0 = Instant::now();
@@ -218,8 +223,13 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
     }
     state.tasks.insert(spec.name.clone(), spec.clone());
     for v in stages.iter().flat_map(|s| s.variants.clone()) {
-        let profile =
-            VariantProfile { task: spec.name.clone(), variant: v.name.clone(), node: "a".into(), points: v.points };
+        let profile = VariantProfile {
+            task: spec.name.clone(),
+            variant: v.name.clone(),
+            node: "a".into(),
+            points: v.points,
+            ..Default::default()
+        };
         state.profiles.insert((spec.name.clone(), v.name), profile);
     }
     let t0 = Instant::now();

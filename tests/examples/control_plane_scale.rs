@@ -177,8 +177,13 @@ async fn main() -> anyhow::Result<()> {
         for (v, per_core) in [60.0, 35.0, 28.0, 16.0, 11.0].into_iter().enumerate() {
             let points =
                 tidal_common::profile::synthetic(per_core, &[1, 2, 4, 8, 16], &[(1, 1.0), (4, 1.4), (16, 1.7)], 1.2);
-            let profile =
-                VariantProfile { task: spec.name.clone(), variant: format!("v{v}"), node: "agent-0".into(), points };
+            let profile = VariantProfile {
+                task: spec.name.clone(),
+                variant: format!("v{v}"),
+                node: "agent-0".into(),
+                points,
+                ..Default::default()
+            };
             admin.store_profile(StoreProfileRequest { profile: Some(profile) }).await?;
         }
     }

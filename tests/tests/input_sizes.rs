@@ -37,7 +37,13 @@ fn profile(node: &str) -> VariantProfile {
             }
         }
     }
-    VariantProfile { task: "detect".into(), variant: "detector".into(), node: node.into(), points }
+    VariantProfile {
+        task: "detect".into(),
+        variant: "detector".into(),
+        node: node.into(),
+        points,
+        ..Default::default()
+    }
 }
 
 fn request(h: i64) -> InferRequest {

@@ -220,7 +220,13 @@ async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
     .await;
     for (variant, per_core) in [("downsample", 2000.0), ("resnet18", 600.0)] {
         let points = tidal_common::profile::synthetic(per_core, &[1], &[(1, 1.0), (4, 1.4)], 1.3);
-        let profile = VariantProfile { task: "video".into(), variant: variant.into(), node: String::new(), points };
+        let profile = VariantProfile {
+            task: "video".into(),
+            variant: variant.into(),
+            node: String::new(),
+            points,
+            ..Default::default()
+        };
         ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await.unwrap();
     }
 

@@ -50,8 +50,13 @@ async fn cluster(policy: &str) -> Cluster {
             output_tokens: 0,
         })
         .collect();
-    let profile =
-        VariantProfile { task: "classify".into(), variant: "resnet18".into(), node: agent.node.clone(), points };
+    let profile = VariantProfile {
+        task: "classify".into(),
+        variant: "resnet18".into(),
+        node: agent.node.clone(),
+        points,
+        ..Default::default()
+    };
     ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await.unwrap();
     Cluster { agent, _controller: controller, ctl, r18, _work: work }
 }

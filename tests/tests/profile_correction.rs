@@ -2,7 +2,7 @@
 //! says it runs twice as fast as it does. The agent reports the batches it serves, the
 //! controller corrects the profile in bounded steps within a few rounds, `tidalctl profile
 //! --show` and `tidalctl status` say so (a plan that changes for it notes it: the adaptation
-//! core's tests), and a profile stored anew starts from itself.
+//! core's tests), and a profile stored anew, even with the same points, starts from itself.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -118,6 +118,15 @@ async fn a_profile_twice_too_fast_is_corrected_from_served_batches_within_rounds
     assert!(table.contains("planned at the corrected points") && table.contains("CORRECTED P99"), "{table}");
     let status = tidalctl(&ctl, &["status"]);
     assert!(status.contains("resnet18×"), "{status}");
+
+    // The same points stored again are a new profile (the log index that stored it tells):
+    // the correction starts over from 1, with nothing served since.
+    tidalctl(&ctl, &["profile", "--task", "classify", "--from", fast.to_str().unwrap()]);
+    eventually(Duration::from_secs(30), "the correction of the profile stored again to start over", || {
+        let ctl = ctl.clone();
+        async move { shown(&ctl).is_none_or(|(f, _)| f < 1.5).then_some(()) }
+    })
+    .await;
 
     // The measured profile stored again: the correction starts from it, and stays near 1.
     tidalctl(&ctl, &["profile", "--task", "classify", "--from", saved_arg]);

@@ -234,6 +234,7 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
         variant: "resnet18".into(),
         node: "node-a".into(),
         points: vec![ProfilePoint { cores, ..point }, ProfilePoint { cores: 2, throughput_rps: 280.0, ..point }],
+        ..Default::default()
     };
     ctl.store_profile(StoreProfileRequest { profile: Some(profile(1)) }).await.expect("an admin stores a profile");
     let mut agent_ctl = AgentClient::new(channel_as(&certs, &reader, &agent.control_addr).await);

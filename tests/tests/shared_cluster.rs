@@ -32,7 +32,7 @@ fn profile(task: &str, variant: &str, per_core: f64) -> VariantProfile {
             output_tokens: 0,
         })
         .collect();
-    VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points }
+    VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points, ..Default::default() }
 }
 
 /// The cores the plan gives `task`.

@@ -104,6 +104,7 @@ async fn a_restarted_agent_is_ready_only_once_the_workers_of_its_plan_serve() {
         variant: "resnet18".into(),
         node: String::new(),
         points: vec![point],
+        ..Default::default()
     };
     ctl.store_profile(StoreProfileRequest { profile: Some(profile) }).await.unwrap();
 

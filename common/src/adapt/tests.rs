@@ -73,6 +73,7 @@ impl World {
                 arrivals,
                 min_budget_ms: self.budget_ms,
                 profiles,
+                profile_indices: BTreeMap::new(),
                 load_s: self.load_s.map(|s| [("small", s), ("big", s)].into()).unwrap_or_default(),
                 sizes: BTreeMap::new(),
                 served: BTreeMap::new(),
@@ -245,7 +246,7 @@ fn a_lower_forecast_shrinks_the_plan_only_after_three_rounds() {
 fn a_new_leader_resumes_from_the_planned_rates() {
     let w = World::new(true);
     let mut a = adapter("tidal");
-    a.resume(&[("t".to_string(), 100.0)].into());
+    a.resume(&[("t".to_string(), 100.0)].into(), &[]);
     // Empty observations do not shrink the plan on the first round.
     let plan = a.round(&w.input(&[0.0], None)).plan;
     assert_eq!(plan.planned_rps["t"], 100.0);
@@ -331,6 +332,7 @@ fn planned_cores(spec: &TaskSpec, points: &[ProfilePoint], mix: SizeMix) -> (u32
             arrivals: &[60.0],
             min_budget_ms: None,
             profiles: BTreeMap::from([("v", points)]),
+            profile_indices: BTreeMap::new(),
             load_s: BTreeMap::new(),
             sizes: BTreeMap::from([("t", mix)]),
             served: BTreeMap::new(),
@@ -420,6 +422,20 @@ fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds()
     assert!(small_cores(&twice) >= 3, "{} cores: {:?}", small_cores(&twice), twice.notes);
     assert!(twice.notes.iter().any(|n| n.contains("small runs at 1.40× its profile")), "{:?}", twice.notes);
     assert_eq!(a.corrections().factor("t", "big"), 1.0, "a variant that served nothing keeps its profile");
+
+    // The plan carries the factor; a new leader resumed from the plan plans on it at once.
+    assert_eq!(twice.corrections.len(), 1);
+    assert_eq!((twice.corrections[0].variant.as_str(), twice.corrections[0].factor), ("small", 1.4));
+    let planned = a.planned_rps().clone();
+    let mut leader = adapter("tidal");
+    leader.resume(&planned, &twice.corrections);
+    let carried_over = leader.reconsider(&w.input(&arrivals, Some(&twice)));
+    assert!(!carried_over.changed, "{:?}", carried_over.plan.notes);
+    assert_eq!(carried_over.plan.corrections, twice.corrections);
+    let mut forgetful = adapter("tidal");
+    forgetful.resume(&planned, &[]);
+    let uncorrected = forgetful.reconsider(&w.input(&arrivals, Some(&twice))).plan;
+    assert!(small_cores(&uncorrected) < small_cores(&twice), "without them it plans on the stored profile");
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub fn cut(plan: &Plan, node: &str) -> Plan {
             .collect(),
         transition: plan.transition,
         routing: plan.routing,
+        // The planner's, not the agent's.
+        corrections: Vec::new(),
         for_node: node.to_string(),
         routes: routes
             .into_iter()

@@ -92,6 +92,7 @@ pub fn delta(base: Option<&Plan>, next: &Plan) -> PlanDelta {
         transition: next.transition,
         routing: next.routing,
         for_node: next.for_node.clone(),
+        corrections: next.corrections.clone(),
         ..Default::default()
     };
     for (name, part) in &after {
@@ -175,6 +176,7 @@ pub fn apply(base: Option<&Plan>, delta: &PlanDelta) -> Result<Plan, String> {
         transition: delta.transition,
         routing: delta.routing,
         for_node: delta.for_node.clone(),
+        corrections: delta.corrections.clone(),
         ..Default::default()
     };
     for (_, (spec, assignments, routes)) in tasks {

@@ -321,6 +321,8 @@ impl SimPlanner {
                 arrivals: arrivals.get(i).copied().unwrap_or_default(),
                 min_budget_ms: min_budget_ms.get(i).copied().flatten(),
                 profiles: self.profiles[i].iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect(),
+                // Outside the replicated state: each profile is known by its points.
+                profile_indices: BTreeMap::new(),
                 load_s: self.load_s[i].iter().map(|(n, s)| (n.as_str(), *s)).collect(),
                 // The simulated requests carry no sizes: each variant at its profile's own.
                 sizes: BTreeMap::new(),

@@ -64,6 +64,7 @@ impl Cluster {
                         arrivals,
                         min_budget_ms: None,
                         profiles,
+                        profile_indices: BTreeMap::new(),
                         load_s: BTreeMap::new(),
                         sizes: BTreeMap::new(),
                         served: BTreeMap::new(),
