@@ -557,6 +557,10 @@ impl BatcherCtx {
         // quota before the next batch (a batch passes it on too).
         let mut quota = self.millicores.clone();
         quota.mark_unchanged();
+        // Whether a request was waiting when the last batch ended: the next batch then runs
+        // back to back, as profiles are measured; one that starts from idle (threads parked,
+        // caches cold) is reported as such and not compared with the profile.
+        let mut back_to_back = false;
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
@@ -612,7 +616,9 @@ impl BatcherCtx {
                         millicores,
                         run_ms: took.as_secs_f64() * 1e3,
                         size: sample_size,
+                        after_idle: !back_to_back,
                     });
+                    back_to_back = !self.queue.is_empty();
                     if let Some(g) = generate {
                         let model_name = names.get(&g.output).map_or(g.output.as_str(), String::as_str);
                         let steps = crate::generation::steps_taken(&result.outputs, [&g.output, model_name]);
@@ -626,6 +632,7 @@ impl BatcherCtx {
                     reply_batch(&self.spec.io, batch, result, started)
                 }
                 Ok(result) => {
+                    back_to_back = false;
                     for p in batch {
                         let _ = p.reply.send(Err(ServeError::Model(result.error.clone())));
                     }

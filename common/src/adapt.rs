@@ -256,7 +256,9 @@ impl Adapter {
     pub fn resume(&mut self, planned: &BTreeMap<String, f64>, corrections: &[PlanCorrection]) {
         self.stabilisers.clear();
         self.last_surge_s = None;
-        self.corrections = Corrections::resume(corrections);
+        // Off, nothing is corrected: not even what a leader that corrected carried.
+        self.corrections =
+            if self.cfg.correct_profiles { Corrections::resume(corrections) } else { Corrections::default() };
         self.planned = planned.clone();
         for (task, &rate) in planned {
             let mut s = ScaleDownStabiliser::new(self.cfg.scale_down_after.max(1));
@@ -304,6 +306,9 @@ impl Adapter {
         // Every profiled variant, served or not: a variant profiled anew starts from its new
         // profile at once.
         if self.cfg.correct_profiles {
+            let profiled: HashSet<(&str, &str)> =
+                input.tasks.iter().flat_map(|t| t.profiles.keys().map(|&v| (t.spec.name.as_str(), v))).collect();
+            self.corrections.retain_profiled(&profiled);
             for task in &input.tasks {
                 for (&variant, &points) in &task.profiles {
                     let batches = task.served.get(variant).copied().unwrap_or_default();

@@ -132,10 +132,12 @@ impl Corrections {
             return;
         };
         let writes_text = crate::task::as_served(stage, spec).text.as_ref().is_some_and(|t| t.generate.is_some());
+        let key = (task.name.clone(), variant.to_string());
         if points.is_empty() || writes_text {
+            // Nothing to correct (a factor carried from before would otherwise stay for ever).
+            self.by_variant.remove(&key);
             return;
         }
-        let key = (task.name.clone(), variant.to_string());
         let learned =
             self.by_variant.entry(key).or_insert_with(|| Learned { correction: Correction::default(), profile });
         if learned.profile != profile {
@@ -148,7 +150,9 @@ impl Corrections {
         // One grid per input size the batches came in.
         let mut grids: BTreeMap<u64, Option<ProfileGrid>> = BTreeMap::new();
         for b in batches {
-            if b.millicores == 0 || b.millicores % 1000 != 0 {
+            // Profiles run batches back to back: a batch from idle runs slower than any of
+            // them (its threads woken, its caches cold), and says nothing of the machine.
+            if b.after_idle || b.millicores == 0 || b.millicores % 1000 != 0 {
                 continue;
             }
             let size = if b.size == 0 { own_size } else { b.size };
@@ -173,6 +177,12 @@ impl Corrections {
         for learned in self.by_variant.values_mut() {
             learned.correction.round();
         }
+    }
+
+    /// Forgets the variants that have no stored profile any more (a task registered again
+    /// without them): what a plan carries is only what the planner uses.
+    pub fn retain_profiled(&mut self, profiled: &HashSet<(&str, &str)>) {
+        self.by_variant.retain(|(t, v), _| profiled.contains(&(t.as_str(), v.as_str())));
     }
 
     /// The factor the planner uses for `variant` of `task` (1: as profiled).
@@ -207,12 +217,13 @@ impl Corrections {
         Self { by_variant }
     }
 
-    /// Every variant that has served batches since its profile: (task, variant), its factor and
-    /// the batches its window holds.
+    /// Every variant that has served batches since its profile, or is planned off it (a factor
+    /// carried over by a new leader): (task, variant), its factor and the batches its window
+    /// holds.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str, f64, usize)> {
         self.by_variant
             .iter()
-            .filter(|(_, l)| l.correction.batches() > 0)
+            .filter(|(_, l)| l.correction.batches() > 0 || l.correction.factor() != 1.0)
             .map(|((t, v), l)| (t.as_str(), v.as_str(), l.correction.factor(), l.correction.batches()))
     }
 }
@@ -290,7 +301,7 @@ mod tests {
     }
 
     fn batch(millicores: u32, batch: u32, run_ms: f64) -> ServedBatch {
-        ServedBatch { batch, millicores, run_ms, size: 0 }
+        ServedBatch { batch, millicores, run_ms, size: 0, after_idle: false }
     }
 
     #[test]
@@ -306,10 +317,12 @@ mod tests {
             .take(16)
             .map(|&(m, b)| batch(m, b, at(m / 1000, b) * 1.2))
             .collect();
-        // Batches the profile says nothing of: a fraction of a core, 3 cores, batch 16, and
-        // inputs smaller than the profiled 3×8×8 (held at its latency, they would read as fast).
+        // Batches the profile says nothing of: a fraction of a core, 3 cores, batch 16, inputs
+        // smaller than the profiled 3×8×8 (held at its latency, they would read as fast), and
+        // one run from idle.
         let small = ServedBatch { size: 48, ..batch(1000, 1, 1e-3) };
-        let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6), small];
+        let from_idle = ServedBatch { after_idle: true, ..batch(1000, 1, 1e6) };
+        let unknown = [batch(1500, 1, 1e6), batch(3000, 1, 1e6), batch(1000, 16, 1e6), small, from_idle];
         let id = profile_id(0, &points);
         c.observe(&task(), "small", &points, id, &unknown);
         c.observe(&task(), "small", &points, id, &slow);
@@ -352,10 +365,14 @@ mod tests {
         resumed.observe(&task(), "small", &points, 9, &[]);
         assert_eq!(resumed.factor("t", "small"), 1.0);
         assert!(resumed.carried().is_empty(), "nothing to carry at 1");
-        // A carried correction of a profile since replaced is not taken up.
-        let mut stale = Corrections::resume(&carried);
-        stale.observe(&task(), "small", &points, 9, &[]);
-        assert_eq!(stale.factor("t", "small"), 1.0);
+        assert_eq!(resumed.iter().count(), 0, "nothing served since, nothing shown");
+        // Shown while planned on, before any batch: what a new leader carried over.
+        let shown = Corrections::resume(&carried);
+        assert_eq!(shown.iter().map(|(_, v, f, n)| (v, f, n)).collect::<Vec<_>>(), [("small", carried[0].factor, 0)]);
+        // A variant without a stored profile any more is forgotten.
+        let mut gone = Corrections::resume(&carried);
+        gone.retain_profiled(&HashSet::from([("t", "other")]));
+        assert!(gone.carried().is_empty());
         // Nonsense in a plan is bounded.
         let wild = [PlanCorrection { factor: f64::INFINITY, ..carried[0].clone() }];
         assert_eq!(Corrections::resume(&wild).factor("t", "small"), 1.0);

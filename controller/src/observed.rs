@@ -346,7 +346,7 @@ mod tests {
 
     /// A report of worker `id` of variant "v" of task `task` that served `n` batches of `run_ms`.
     fn served(node: &str, task: &str, id: &str, n: usize, run_ms: f64) -> TelemetryReport {
-        let batch = ServedBatch { batch: 1, millicores: 1000, run_ms, size: 0 };
+        let batch = ServedBatch { batch: 1, millicores: 1000, run_ms, size: 0, after_idle: false };
         TelemetryReport {
             node: node.into(),
             workers: vec![tidal_proto::v1::WorkerTelemetry {

@@ -415,6 +415,17 @@ mod tests {
         assert_eq!(s.tasks["t"].slo_ms, 50);
         assert!(s.apply(4, &profile("v", 1)).is_ok());
         assert!(s.apply(5, &profile("w", 1)).is_err());
+        // Each store is stamped with its log index (whatever the client sent): the same
+        // points stored again are another profile, on every replica and after a snapshot.
+        assert_eq!(s.profiles[&("t".to_string(), "v".to_string())].stored_index, 4);
+        let mut sent = profile("v", 1);
+        if let Some(Change::StoreProfile(p)) = sent.change.as_mut() {
+            p.stored_index = 99;
+        }
+        s.apply(6, &sent).unwrap();
+        assert_eq!(s.profiles[&("t".to_string(), "v".to_string())].stored_index, 6);
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.profiles[&("t".to_string(), "v".to_string())].stored_index, 6);
     }
 
     #[test]

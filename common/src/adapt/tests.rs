@@ -404,7 +404,7 @@ fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds()
     let first = a.round(&w.input(&arrivals, None)).plan;
     assert_eq!(small_cores(&first), 2, "{:?}", first.notes);
     // Every batch of the last interval ran at 1.4× the profile's 10 ms.
-    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 14.0, size: 0 }; 32];
+    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 14.0, size: 0, after_idle: false }; 32];
     let input = with_served(w.input(&arrivals, Some(&first)), &slow);
     let reconsidered = a.reconsider(&input);
     assert_eq!(a.corrections().factor("t", "small"), 1.0, "a reconsidered plan moves no correction");
@@ -425,7 +425,8 @@ fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds()
 
     // The plan carries the factor; a new leader resumed from the plan plans on it at once.
     assert_eq!(twice.corrections.len(), 1);
-    assert_eq!((twice.corrections[0].variant.as_str(), twice.corrections[0].factor), ("small", 1.4));
+    assert_eq!(twice.corrections[0].variant, "small");
+    assert!((twice.corrections[0].factor - 1.4).abs() < 1e-9, "{:?}", twice.corrections);
     let planned = a.planned_rps().clone();
     let mut leader = adapter("tidal");
     leader.resume(&planned, &twice.corrections);
@@ -436,6 +437,13 @@ fn a_variant_that_serves_slower_than_profiled_is_planned_for_within_two_rounds()
     forgetful.resume(&planned, &[]);
     let uncorrected = forgetful.reconsider(&w.input(&arrivals, Some(&twice))).plan;
     assert!(small_cores(&uncorrected) < small_cores(&twice), "without them it plans on the stored profile");
+    // A leader told not to correct plans on the profiles as stored, whatever the plan carried.
+    let cfg = AdaptConfig { correct_profiles: false, ..adapter("tidal").config().clone() };
+    let mut off = Adapter::new(cfg);
+    off.resume(&planned, &twice.corrections);
+    let as_stored = off.reconsider(&w.input(&arrivals, Some(&twice))).plan;
+    assert_eq!(small_cores(&as_stored), small_cores(&uncorrected));
+    assert!(as_stored.corrections.is_empty() && off.corrections().iter().count() == 0);
 }
 
 #[test]
@@ -443,7 +451,7 @@ fn profiles_are_planned_as_stored_when_correction_is_off() {
     let w = World::new(true);
     let cfg = AdaptConfig { correct_profiles: false, ..adapter("tidal").config().clone() };
     let mut a = Adapter::new(cfg);
-    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 30.0, size: 0 }; 32];
+    let slow = vec![ServedBatch { batch: 1, millicores: 1000, run_ms: 30.0, size: 0, after_idle: false }; 32];
     for _ in 0..3 {
         a.round(&with_served(w.input(&[50.0], None), &slow));
     }

@@ -92,7 +92,8 @@ pub fn delta(base: Option<&Plan>, next: &Plan) -> PlanDelta {
         transition: next.transition,
         routing: next.routing,
         for_node: next.for_node.clone(),
-        corrections: next.corrections.clone(),
+        corrections: if base.corrections != next.corrections { next.corrections.clone() } else { Vec::new() },
+        corrections_set: base.corrections != next.corrections,
         ..Default::default()
     };
     for (name, part) in &after {
@@ -176,7 +177,7 @@ pub fn apply(base: Option<&Plan>, delta: &PlanDelta) -> Result<Plan, String> {
         transition: delta.transition,
         routing: delta.routing,
         for_node: delta.for_node.clone(),
-        corrections: delta.corrections.clone(),
+        corrections: if delta.corrections_set { delta.corrections.clone() } else { base.corrections.clone() },
         ..Default::default()
     };
     for (_, (spec, assignments, routes)) in tasks {
@@ -324,7 +325,7 @@ mod tests {
     }
 
     /// A plan of some of 6 tasks, each with workers on some of 4 nodes, some notes (repeated
-    /// ones too), planned rates and addresses.
+    /// ones too), planned rates, profile corrections and addresses.
     fn plans() -> impl Strategy<Value = Plan> {
         let tasks = proptest::collection::btree_map(
             0..6usize,
@@ -339,6 +340,14 @@ mod tests {
                 plan.tasks.push(crate::task::single_stage(&format!("t{t}"), slo, vec![]));
                 plan.assignments.extend(workers.into_iter().map(|(n, c)| worker(t, n, c * 1000)));
                 plan.planned_rps.insert(format!("t{t}"), rate as f64);
+                if rate > 0 {
+                    plan.corrections.push(tidal_proto::v1::PlanCorrection {
+                        task: format!("t{t}"),
+                        variant: "v".into(),
+                        factor: 1.0 + rate as f64 / 10.0,
+                        profile: rate as u64,
+                    });
+                }
             }
             plan.notes = notes.into_iter().map(|n| format!("note {n}")).collect();
             plan.node_addresses = (0..nodes).map(|n| (format!("n{n}"), format!("10.0.0.{n}:7000"))).collect();
@@ -350,6 +359,10 @@ mod tests {
         #[test]
         fn a_delta_applied_to_its_base_is_the_next_plan(base in plans(), next in plans(), node in 0..4usize) {
             let base = canonical(base);
+            // Nothing changed: nothing written, the base's corrections kept.
+            let same = delta(Some(&base), &base);
+            prop_assert!(!same.corrections_set && same.corrections.is_empty());
+            prop_assert_eq!(apply(Some(&base), &same).unwrap(), base.clone());
             let d = delta(Some(&base), &next);
             prop_assert_eq!(apply(Some(&base), &d).unwrap(), canonical(next.clone()));
             prop_assert_eq!(apply(None, &delta(None, &next)).unwrap(), canonical(next.clone()));
