@@ -549,6 +549,11 @@ impl BatcherCtx {
         }
     }
 
+    /// A worker idle this long before a batch runs it "from idle" (see `ServedBatch.after_idle`):
+    /// longer than the batcher's own waits for a batch to fill (a few to tens of ms in plans)
+    /// under a steady load, short enough that a worker picking up sporadic requests is one.
+    const IDLE_GAP: Duration = Duration::from_millis(50);
+
     /// Waits for requests, forms batches, runs them, until stopped or the process dies.
     async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
         let generate = self.spec.text.as_ref().and_then(|t| t.spec.generate.as_ref());
@@ -557,10 +562,10 @@ impl BatcherCtx {
         // quota before the next batch (a batch passes it on too).
         let mut quota = self.millicores.clone();
         quota.mark_unchanged();
-        // Whether a request was waiting when the last batch ended: the next batch then runs
-        // back to back, as profiles are measured; one that starts from idle (threads parked,
-        // caches cold) is reported as such and not compared with the profile.
-        let mut back_to_back = false;
+        // When the last batch ended: a batch that starts more than IDLE_GAP later runs from
+        // idle (threads parked, caches taken by others), which profiles (batches back to back)
+        // never measure; it is reported as such and not compared with the profile.
+        let mut last_done: Option<Instant> = None;
         loop {
             while self.queue.is_empty() {
                 tokio::select! {
@@ -616,9 +621,9 @@ impl BatcherCtx {
                         millicores,
                         run_ms: took.as_secs_f64() * 1e3,
                         size: sample_size,
-                        after_idle: !back_to_back,
+                        after_idle: last_done.is_none_or(|d| started.saturating_duration_since(d) > Self::IDLE_GAP),
                     });
-                    back_to_back = !self.queue.is_empty();
+                    last_done = Some(done);
                     if let Some(g) = generate {
                         let model_name = names.get(&g.output).map_or(g.output.as_str(), String::as_str);
                         let steps = crate::generation::steps_taken(&result.outputs, [&g.output, model_name]);
@@ -632,7 +637,6 @@ impl BatcherCtx {
                     reply_batch(&self.spec.io, batch, result, started)
                 }
                 Ok(result) => {
-                    back_to_back = false;
                     for p in batch {
                         let _ = p.reply.send(Err(ServeError::Model(result.error.clone())));
                     }

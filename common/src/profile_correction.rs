@@ -126,13 +126,14 @@ impl Corrections {
         profile: u64,
         batches: &[ServedBatch],
     ) {
+        let key = (task.name.clone(), variant.to_string());
         let Some((stage, spec)) =
             task.stages.iter().find_map(|s| s.variants.iter().find(|v| v.name == variant).map(|v| (s, v)))
         else {
+            self.by_variant.remove(&key);
             return;
         };
         let writes_text = crate::task::as_served(stage, spec).text.as_ref().is_some_and(|t| t.generate.is_some());
-        let key = (task.name.clone(), variant.to_string());
         if points.is_empty() || writes_text {
             // Nothing to correct (a factor carried from before would otherwise stay for ever).
             self.by_variant.remove(&key);

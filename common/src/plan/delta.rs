@@ -92,8 +92,8 @@ pub fn delta(base: Option<&Plan>, next: &Plan) -> PlanDelta {
         transition: next.transition,
         routing: next.routing,
         for_node: next.for_node.clone(),
-        corrections: if base.corrections != next.corrections { next.corrections.clone() } else { Vec::new() },
-        corrections_set: base.corrections != next.corrections,
+        corrections: if base.corrections == next.corrections { Vec::new() } else { next.corrections.clone() },
+        corrections_kept: base.corrections == next.corrections,
         ..Default::default()
     };
     for (name, part) in &after {
@@ -177,7 +177,7 @@ pub fn apply(base: Option<&Plan>, delta: &PlanDelta) -> Result<Plan, String> {
         transition: delta.transition,
         routing: delta.routing,
         for_node: delta.for_node.clone(),
-        corrections: if delta.corrections_set { delta.corrections.clone() } else { base.corrections.clone() },
+        corrections: if delta.corrections_kept { base.corrections.clone() } else { delta.corrections.clone() },
         ..Default::default()
     };
     for (_, (spec, assignments, routes)) in tasks {
@@ -361,7 +361,7 @@ mod tests {
             let base = canonical(base);
             // Nothing changed: nothing written, the base's corrections kept.
             let same = delta(Some(&base), &base);
-            prop_assert!(!same.corrections_set && same.corrections.is_empty());
+            prop_assert!(same.corrections_kept && same.corrections.is_empty());
             prop_assert_eq!(apply(Some(&base), &same).unwrap(), base.clone());
             let d = delta(Some(&base), &next);
             prop_assert_eq!(apply(Some(&base), &d).unwrap(), canonical(next.clone()));
