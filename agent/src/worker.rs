@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message;
 use tidal_common::onnx_signature::ElementType;
+use tidal_common::profile_correction::IDLE_GAP;
 use tidal_common::tensor::{Declared, NamedTensor, StageIo, POSITIONAL_OUTPUT};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
@@ -549,11 +550,6 @@ impl BatcherCtx {
         }
     }
 
-    /// A worker idle this long before a batch runs it "from idle" (see `ServedBatch.after_idle`):
-    /// longer than the batcher's own waits for a batch to fill (a few to tens of ms in plans)
-    /// under a steady load, short enough that a worker picking up sporadic requests is one.
-    const IDLE_GAP: Duration = Duration::from_millis(50);
-
     /// Waits for requests, forms batches, runs them, until stopped or the process dies.
     async fn serve(&self, proc: &mut dyn ModelProcess) -> Exit {
         let generate = self.spec.text.as_ref().and_then(|t| t.spec.generate.as_ref());
@@ -562,7 +558,7 @@ impl BatcherCtx {
         // quota before the next batch (a batch passes it on too).
         let mut quota = self.millicores.clone();
         quota.mark_unchanged();
-        // When the last batch ended: a batch that starts more than IDLE_GAP later runs from
+        // When the last batch ended: a batch that starts more than `IDLE_GAP` later runs from
         // idle (threads parked, caches taken by others), which profiles (batches back to back)
         // never measure; it is reported as such and not compared with the profile.
         let mut last_done: Option<Instant> = None;
@@ -621,7 +617,7 @@ impl BatcherCtx {
                         millicores,
                         run_ms: took.as_secs_f64() * 1e3,
                         size: sample_size,
-                        after_idle: last_done.is_none_or(|d| started.saturating_duration_since(d) > Self::IDLE_GAP),
+                        after_idle: last_done.is_none_or(|d| started.saturating_duration_since(d) > IDLE_GAP),
                     });
                     last_done = Some(done);
                     if let Some(g) = generate {

@@ -84,6 +84,11 @@ pub struct SimulateOpts {
     /// Seed of the simulated arrivals (Poisson within each trace second).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How much slower than their profiles the simulated workers run (1.2: a node that slowed
+    /// by a fifth after profiling). The planner is not told; it learns it from the batches
+    /// served, unless --no-profile-correction.
+    #[arg(long, default_value_t = 1.0)]
+    pub slowdown: f64,
     /// Write one row per policy here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -212,6 +217,9 @@ pub(crate) fn validate(opts: &SimulateOpts) -> anyhow::Result<()> {
     if !(opts.scale.is_finite() && opts.scale > 0.0) {
         bail!("--scale must be a positive factor");
     }
+    if !(opts.slowdown.is_finite() && (0.1..=10.0).contains(&opts.slowdown)) {
+        bail!("--slowdown must be a factor between 0.1 and 10");
+    }
     Ok(())
 }
 
@@ -233,6 +241,7 @@ pub(crate) fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
         core_budget: opts.cores,
         seed: opts.seed,
         slo_fractions,
+        slowdown: opts.slowdown,
     })
 }
 
@@ -303,6 +312,11 @@ pub(crate) fn print_table(reports: &[SimReport]) {
             r.overloaded_intervals,
             r.slack_reroutes,
         );
+    }
+    // What the planner learned of the workers' speed (--slowdown, or a profile's error).
+    for r in reports.iter().filter(|r| !r.profile_factors.is_empty()) {
+        let each: Vec<String> = r.profile_factors.iter().map(|(_, v, f)| format!("{v} ×{f:.2}")).collect();
+        println!("{}: profiles corrected at the end: {}", r.policy, each.join(", "));
     }
     // A pipeline: IPA's other definitions of its accuracy, the product over stages and the
     // sum of each stage's accuracy normalised between its variants'.

@@ -14,6 +14,12 @@ use tidal_proto::v1::{PlanCorrection, ProfilePoint, ServedBatch, TaskSpec};
 
 use crate::profile::ProfileGrid;
 
+/// A worker idle this long before a batch runs it "from idle" (`ServedBatch.after_idle`), as
+/// the agent and the simulator mark it: longer than the batcher's own waits for a batch to fill
+/// (a few to tens of ms in plans) under a steady load, short enough that a worker picking up
+/// sporadic requests is one.
+pub const IDLE_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Batch ratios kept per variant: enough for a median that a burst of stragglers cannot move,
 /// few enough that a slow-down takes the majority within seconds of serving.
 pub const WINDOW: usize = 64;

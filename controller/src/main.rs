@@ -62,11 +62,6 @@ struct Args {
     /// Cores per node kept free of workers.
     #[arg(long, env = "TIDAL_RESERVE_CORES", default_value_t = 0)]
     reserve_cores: u32,
-    /// Plan on the profiles exactly as stored: do not correct them by the batches the
-    /// variants serve (by default a variant whose batches run slower or faster than its
-    /// profile is planned as it runs; see `tidalctl profile --show`).
-    #[arg(long)]
-    no_profile_correction: bool,
     /// Seconds without a telemetry report after which a node is planned around (its share
     /// moves to the other nodes) until it reports again.
     #[arg(long, env = "TIDAL_NODE_TIMEOUT_S", default_value_t = tidal_controller::observed::NODE_TIMEOUT.as_secs_f64())]
@@ -177,11 +172,7 @@ async fn main() -> anyhow::Result<()> {
     let raft = start(raft_cfg, &args.data_dir)
         .with_context(|| format!("opening the Raft store in {}", args.data_dir.display()))?;
     let cfg = ControllerConfig {
-        adapt: AdaptConfig {
-            reserve_cores: args.reserve_cores,
-            correct_profiles: !args.no_profile_correction,
-            ..adapt
-        },
+        adapt: AdaptConfig { reserve_cores: args.reserve_cores, ..adapt },
         advertise,
         node_timeout: Duration::from_secs_f64(args.node_timeout_s),
     };

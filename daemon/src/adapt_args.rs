@@ -61,6 +61,11 @@ pub struct AdaptArgs {
     /// policies always route by the weights).
     #[arg(long, env = "TIDAL_NO_SLACK_ROUTING")]
     pub no_slack_routing: bool,
+    /// Plan on the profiles exactly as stored: do not correct them by the batches the
+    /// variants serve (by default a variant whose batches run slower or faster than its
+    /// profile is planned as it runs; see `tidalctl profile --show`).
+    #[arg(long, env = "TIDAL_NO_PROFILE_CORRECTION")]
+    pub no_profile_correction: bool,
 }
 
 impl AdaptArgs {
@@ -99,7 +104,7 @@ impl AdaptArgs {
             reserve_cores: 0,
             load_time_s,
             share: self.share,
-            correct_profiles: true,
+            correct_profiles: !self.no_profile_correction,
             route_by_slack: !self.no_slack_routing,
         })
     }

@@ -6,7 +6,9 @@
 //! as on an agent: the same reconcile ([`crate::reconcile::diff`]) carried out through the same
 //! executor contract ([`crate::executor`]), and the workers have
 //! deadline-ordered queues, the agent's dynamic batcher, and batch latencies drawn from the
-//! profile (between its p50 and a tail that reaches its p99 once in a hundred batches). Plan
+//! profile (between its p50 and a tail that reaches its p99 once in a hundred batches; times
+//! `SimConfig::slowdown`, a machine slower than profiled), which they report to the planner as
+//! agents do, so that it corrects its profiles by the same rule ([`crate::profile_correction`]). Plan
 //! changes cost what they cost on the real system: a new worker serves only after its model
 //! load; an in-place policy grows a worker's cores at once and shrinks them once the task's new
 //! workers serve; a blue-green one starts a worker of the new shape and retires the old one
@@ -23,7 +25,7 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tidal_proto::v1::ProfilePoint;
+use tidal_proto::v1::{ProfilePoint, ServedBatch};
 
 use tidal_proto::v1::{Plan, TaskSpec, VariantSpec};
 
@@ -91,6 +93,10 @@ pub struct SimConfig {
     /// Per second of the trace (cycled), the share of the SLO left for inference once the
     /// request has crossed the network (dynamic SLOs); `None`: all of it.
     pub slo_fractions: Option<Vec<f64>>,
+    /// How much slower than their profiles the workers run (1: as profiled; 1.2: a node
+    /// that slowed by a fifth after profiling). The planner is not told: it learns it from
+    /// the batches served, as the controller does, when it corrects profiles.
+    pub slowdown: f64,
 }
 
 /// What happened in one adaptation interval.
@@ -163,6 +169,8 @@ pub struct SimReport {
     /// Jain's fairness index of the tasks' SLO attainment (the share of each task's requests
     /// answered within its SLO): 1 when all attain alike, 1/n when one task has it all.
     pub jain_attainment: f64,
+    /// The profile corrections the planner ended with (task, variant, factor), those not 1.
+    pub profile_factors: Vec<(String, String, f64)>,
 }
 
 /// A task of a multi-task run: its pipeline, SLO, share and the arrivals it replays.
@@ -306,12 +314,18 @@ impl SimPlanner {
 
     /// One round of a single task on its arrivals so far (see [`Self::round_all`]).
     pub fn round(&mut self, arrivals: &[f64], min_budget_ms: Option<f64>) -> Round {
-        self.round_all(&[arrivals], &[min_budget_ms])
+        self.round_all(&[arrivals], &[min_budget_ms], &[])
     }
 
-    /// One round on each task's arrivals so far and the smallest budget its requests carried;
-    /// a changed plan becomes the plan in force with the next epoch.
-    pub fn round_all(&mut self, arrivals: &[&[f64]], min_budget_ms: &[Option<f64>]) -> Round {
+    /// One round on each task's arrivals so far, the smallest budget its requests carried and
+    /// the batches its variants served since the last round; a changed plan becomes the plan
+    /// in force with the next epoch.
+    pub fn round_all(
+        &mut self,
+        arrivals: &[&[f64]],
+        min_budget_ms: &[Option<f64>],
+        served: &[BTreeMap<String, Vec<ServedBatch>>],
+    ) -> Round {
         let tasks = self
             .specs
             .iter()
@@ -326,8 +340,10 @@ impl SimPlanner {
                 load_s: self.load_s[i].iter().map(|(n, s)| (n.as_str(), *s)).collect(),
                 // The simulated requests carry no sizes: each variant at its profile's own.
                 sizes: BTreeMap::new(),
-                // The simulated workers run as profiled: nothing to correct.
-                served: BTreeMap::new(),
+                served: served
+                    .get(i)
+                    .map(|by_variant| by_variant.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect())
+                    .unwrap_or_default(),
             })
             .collect();
         let input = RoundInput {
@@ -469,6 +485,8 @@ struct Sim<'a> {
     stage_of: Vec<usize>,
     /// Each variant's accuracy scaled to its stage's range (IPA's normalisation).
     normalised: Vec<f64>,
+    /// Whether each variant's stage sees several inputs per request (crops).
+    fans_out: Vec<bool>,
     tasks: &'a [SimTask],
     grids: Vec<ProfileGrid>,
     /// Of a variant that writes tokens, its points by output length (per request, as `grids`);
@@ -511,7 +529,7 @@ impl<'a> Sim<'a> {
         let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
         let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut by_output = Vec::new();
-        let mut normalised = Vec::new();
+        let (mut normalised, mut fans_out) = (Vec::new(), Vec::new());
         for (i, (task, spec)) in tasks.iter().zip(&planner.specs).enumerate() {
             let factors = crate::task::load_factors(spec);
             for (s, stage) in task.stages.iter().enumerate() {
@@ -525,6 +543,7 @@ impl<'a> Sim<'a> {
                             .map_or_else(Vec::new, |g| crate::task::per_request(&g.by_output, factors[s])),
                     );
                     normalised.push(if most > least { (v.accuracy - least) / (most - least) } else { 1.0 });
+                    fans_out.push(factors[s] > 1.0);
                     variants.push(v.clone());
                     task_of.push(i);
                     stage_of.push(s);
@@ -534,6 +553,7 @@ impl<'a> Sim<'a> {
         Self {
             grids,
             by_output,
+            fans_out,
             variants,
             task_of,
             stage_of,
@@ -585,7 +605,23 @@ impl<'a> Sim<'a> {
     fn replan(&mut self, t: f64) {
         let budgets: Vec<Option<f64>> = (0..self.tasks.len()).map(|i| self.min_budget_ms(i, t as usize)).collect();
         let histories: Vec<&[f64]> = self.history.iter().map(Vec::as_slice).collect();
-        let round = self.planner.round_all(&histories, &budgets);
+        // What the workers served since the last round, per task and variant, as the
+        // agents' telemetry tells the controller.
+        let mut served: Vec<BTreeMap<String, Vec<ServedBatch>>> = vec![BTreeMap::new(); self.tasks.len()];
+        for w in &mut self.workers {
+            let batches = w.take_served();
+            // A fan-out stage's simulated batch is of requests, each several model inputs
+            // ([`crate::task::per_request`]): not a batch its profile measured.
+            if !batches.is_empty() && !self.fans_out[w.variant] {
+                let (task, variant) = (self.task_of[w.variant], &self.variants[w.variant]);
+                // The simulated requests are of the profile's own input size (its smallest
+                // where it measured several), as the planner sees them.
+                let size = variant.points.iter().map(|p| p.size).filter(|&s| s > 0).min().unwrap_or(0);
+                let batches = batches.into_iter().map(|b| ServedBatch { size, ..b });
+                served[task].entry(variant.name.clone()).or_default().extend(batches);
+            }
+        }
+        let round = self.planner.round_all(&histories, &budgets, &served);
         let outcomes = round.tasks.values();
         self.current.forecast_rps = outcomes.clone().map(|o| o.forecast_rps).sum();
         self.current.planned_rps = outcomes.clone().map(|o| o.planned_rps).sum();
@@ -752,7 +788,8 @@ impl<'a> Sim<'a> {
             batch_latency(&grid, cores, k)
         });
         let e = -self.rng.gen_range(f64::EPSILON..1.0f64).ln();
-        (floor + tail * e) / 1000.0
+        let slowdown = if self.cfg.slowdown.is_finite() && self.cfg.slowdown > 0.0 { self.cfg.slowdown } else { 1.0 };
+        (floor + tail * e) * slowdown / 1000.0
     }
 
     fn run_events_until(&mut self, t: f64) {
@@ -887,6 +924,9 @@ impl<'a> Sim<'a> {
             intervals: self.intervals,
             tasks,
             jain_attainment: jain(&attainment),
+            profile_factors: (self.planner.adapter.corrections().carried().into_iter())
+                .map(|c| (c.task, c.variant, c.factor))
+                .collect(),
         }
     }
 }
@@ -916,14 +956,21 @@ fn empty_interval(start_s: usize) -> IntervalStats {
 
 /// A batch of `k` on `cores` takes `floor + tail·E` ms, E exponential of mean 1: the profile's
 /// estimate (for a partial batch below the smallest measured batch, that batch's) with the
-/// mean of back-to-back batches, batch / throughput, and its p99 (floor + tail·ln 100).
+/// mean of back-to-back batches, batch / throughput where measured, and its p99 (floor +
+/// tail·ln 100).
 fn batch_latency(grid: &ProfileGrid, cores: u32, k: u32) -> (f64, f64) {
     let measured = grid.estimate(cores, k).map(|e| (k, e)).or_else(|| {
         let b = *grid.batches().iter().find(|&&b| b >= k)?;
         grid.estimate(cores, b).map(|e| (b, e))
     });
     let Some((b, e)) = measured else { return (1e6, 0.0) };
-    let mean = 1000.0 * b as f64 / e.throughput_rps.max(f64::MIN_POSITIVE);
+    // Between measured points a profile's p50 and its throughput interpolate apart (a batch of
+    // 2 between 1 and 4 is 7-10 % slower by 2 / throughput): there a batch takes the p50 the
+    // profile interpolates (latency is near affine in the batch size), as the planner and the
+    // profile correction read it; else a batch on a simulated machine as fast as its profile
+    // would be corrected.
+    let mean =
+        if e.interpolated { e.latency_p50_ms } else { 1000.0 * b as f64 / e.throughput_rps.max(f64::MIN_POSITIVE) };
     let tail = ((e.latency_p99_ms - mean) / (100f64.ln() - 1.0)).max(0.0);
     if tail >= mean {
         // A p99 beyond 4.6× the mean: all of it exponential (its p99 then falls short).

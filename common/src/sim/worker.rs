@@ -7,7 +7,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use tidal_proto::v1::ServedBatch;
+
 use crate::generation::TokenCost;
+use crate::profile_correction;
 use crate::reconcile::WorkerKey;
 use crate::shed::{Admission, Shedder};
 use crate::slack::Offer;
@@ -61,6 +64,13 @@ pub(crate) struct SimWorker {
     pub pending: Option<PendingResize>,
     /// Of a variant that writes tokens.
     generation: Option<Generation>,
+    /// The batches it served since the planner last took them (the latest
+    /// [`profile_correction::WINDOW`]), as an agent reports them.
+    served: VecDeque<ServedBatch>,
+    /// When its last batch ended; the batch in flight's cores and whether it started from idle.
+    last_done: Option<f64>,
+    started_cores: u32,
+    after_idle: bool,
 }
 
 /// A worker that writes tokens: the cost it has learned from its batches, as an agent's
@@ -109,7 +119,16 @@ impl SimWorker {
             wake_at: None,
             pending: None,
             generation: None,
+            served: VecDeque::new(),
+            last_done: None,
+            started_cores: cores,
+            after_idle: false,
         }
+    }
+
+    /// The batches served since the last call, as an agent's telemetry carries them.
+    pub fn take_served(&mut self) -> Vec<ServedBatch> {
+        std::mem::take(&mut self.served).into()
     }
 
     /// A worker of a variant that writes tokens as `generate` says.
@@ -194,6 +213,8 @@ impl SimWorker {
             let k = self.queue.len().min(self.batch as usize);
             self.in_flight.extend(self.queue.drain(..k));
             self.started_at = t;
+            self.started_cores = self.cores_now;
+            self.after_idle = self.last_done.is_none_or(|d| t - d > profile_correction::IDLE_GAP.as_secs_f64());
             if let Some(g) = &mut self.generation {
                 let left = |r: &Request| Duration::from_secs_f64((r.deadline - t).max(0.0));
                 g.budgets = self.in_flight.iter().map(|r| g.cost.affordable(left(r), g.max_tokens)).collect();
@@ -227,6 +248,19 @@ impl SimWorker {
             }
             g.budgets.clear();
         }
+        if self.served.len() == profile_correction::WINDOW {
+            self.served.pop_front();
+        }
+        // Its own time, not the shedder's (which counts a text cut short as the whole).
+        let ran = (t - self.started_at).max(0.0);
+        self.served.push_back(ServedBatch {
+            batch: size as u32,
+            millicores: self.started_cores.saturating_mul(1000),
+            run_ms: ran * 1e3,
+            size: 0,
+            after_idle: self.after_idle,
+        });
+        self.last_done = Some(t);
         self.shedder.record(size, took.as_secs_f64(), t);
         batch
     }
