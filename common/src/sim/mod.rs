@@ -485,8 +485,10 @@ struct Sim<'a> {
     stage_of: Vec<usize>,
     /// Each variant's accuracy scaled to its stage's range (IPA's normalisation).
     normalised: Vec<f64>,
-    /// Whether each variant's stage sees several inputs per request (crops).
-    fans_out: Vec<bool>,
+    /// Whether each variant's served batches are reported to the planner, and at what input
+    /// size (its grid's).
+    reports: Vec<bool>,
+    served_size: Vec<u64>,
     tasks: &'a [SimTask],
     grids: Vec<ProfileGrid>,
     /// Of a variant that writes tokens, its points by output length (per request, as `grids`);
@@ -529,21 +531,42 @@ impl<'a> Sim<'a> {
         let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
         let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut by_output = Vec::new();
-        let (mut normalised, mut fans_out) = (Vec::new(), Vec::new());
+        let (mut normalised, mut reports, mut served_size) = (Vec::new(), Vec::new(), Vec::new());
         for (i, (task, spec)) in tasks.iter().zip(&planner.specs).enumerate() {
             let factors = crate::task::load_factors(spec);
             for (s, stage) in task.stages.iter().enumerate() {
                 let least = stage.variants.iter().map(|v| v.accuracy).fold(f64::INFINITY, f64::min);
                 let most = stage.variants.iter().map(|v| v.accuracy).fold(f64::NEG_INFINITY, f64::max);
                 for v in &stage.variants {
-                    grids.push(ProfileGrid::new(&crate::task::per_request(&v.points, factors[s])));
+                    // The profile at one input size, the one the planner takes for requests of
+                    // no particular size (`points_at_mix` without a mix): the variant's own,
+                    // else the largest measured.
+                    let own = spec.stages[s]
+                        .variants
+                        .iter()
+                        .find(|sv| sv.name == v.name)
+                        .and_then(|sv| crate::tensor::element_count(&sv.input_shape))
+                        .unwrap_or(0) as u64;
+                    let at = crate::profile::points_at_mix(&v.points, own, &[]);
+                    grids.push(ProfileGrid::new(&crate::task::per_request(&at.points, factors[s])));
+                    let size_of = |p: &ProfilePoint| if p.size == 0 { own } else { p.size };
+                    let size = if v.points.iter().any(|p| size_of(p) == own) {
+                        own
+                    } else {
+                        v.points.iter().map(size_of).max().unwrap_or(own)
+                    };
+                    served_size.push(size);
                     by_output.push(
                         v.generate
                             .as_ref()
                             .map_or_else(Vec::new, |g| crate::task::per_request(&g.by_output, factors[s])),
                     );
                     normalised.push(if most > least { (v.accuracy - least) / (most - least) } else { 1.0 });
-                    fans_out.push(factors[s] > 1.0);
+                    // A fan-out stage's simulated batch is of requests, each several model
+                    // inputs ([`crate::task::per_request`]), not a batch its profile measured;
+                    // a stage that writes text is timed by the tokens it wrote, not by its
+                    // profile (the controller does not correct either).
+                    reports.push(factors[s] <= 1.0 && v.generate.is_none());
                     variants.push(v.clone());
                     task_of.push(i);
                     stage_of.push(s);
@@ -553,7 +576,8 @@ impl<'a> Sim<'a> {
         Self {
             grids,
             by_output,
-            fans_out,
+            reports,
+            served_size,
             variants,
             task_of,
             stage_of,
@@ -610,13 +634,9 @@ impl<'a> Sim<'a> {
         let mut served: Vec<BTreeMap<String, Vec<ServedBatch>>> = vec![BTreeMap::new(); self.tasks.len()];
         for w in &mut self.workers {
             let batches = w.take_served();
-            // A fan-out stage's simulated batch is of requests, each several model inputs
-            // ([`crate::task::per_request`]): not a batch its profile measured.
-            if !batches.is_empty() && !self.fans_out[w.variant] {
+            if !batches.is_empty() && self.reports[w.variant] {
                 let (task, variant) = (self.task_of[w.variant], &self.variants[w.variant]);
-                // The simulated requests are of the profile's own input size (its smallest
-                // where it measured several), as the planner sees them.
-                let size = variant.points.iter().map(|p| p.size).filter(|&s| s > 0).min().unwrap_or(0);
+                let size = self.served_size[w.variant];
                 let batches = batches.into_iter().map(|b| ServedBatch { size, ..b });
                 served[task].entry(variant.name.clone()).or_default().extend(batches);
             }
@@ -964,13 +984,17 @@ fn batch_latency(grid: &ProfileGrid, cores: u32, k: u32) -> (f64, f64) {
         grid.estimate(cores, b).map(|e| (b, e))
     });
     let Some((b, e)) = measured else { return (1e6, 0.0) };
-    // Between measured points a profile's p50 and its throughput interpolate apart (a batch of
-    // 2 between 1 and 4 is 7-10 % slower by 2 / throughput): there a batch takes the p50 the
-    // profile interpolates (latency is near affine in the batch size), as the planner and the
-    // profile correction read it; else a batch on a simulated machine as fast as its profile
-    // would be corrected.
-    let mean =
-        if e.interpolated { e.latency_p50_ms } else { 1000.0 * b as f64 / e.throughput_rps.max(f64::MIN_POSITIVE) };
+    // Between measured batch sizes a profile's p50 and its throughput interpolate apart (a
+    // batch of 2 between 1 and 4 is 7-10 % slower by 2 / throughput): there a batch takes the
+    // p50 the profile interpolates (latency is near affine in the batch size), which the
+    // profile correction compares with; else a simulated machine as fast as its profile would
+    // read as a slower one. At a measured batch size (whatever the cores) batch / throughput,
+    // the planner's capacity.
+    let mean = if grid.batches().contains(&b) {
+        1000.0 * b as f64 / e.throughput_rps.max(f64::MIN_POSITIVE)
+    } else {
+        e.latency_p50_ms
+    };
     let tail = ((e.latency_p99_ms - mean) / (100f64.ln() - 1.0)).max(0.0);
     if tail >= mean {
         // A p99 beyond 4.6× the mean: all of it exponential (its p99 then falls short).
