@@ -21,7 +21,10 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::controller_client::ControllerClient;
-use tidal_proto::v1::{ClusterStatusRequest, RegisterTaskRequest, SetShareRequest, SetSloRequest, TaskSpec};
+use tidal_proto::v1::{
+    ClusterStatusRequest, DeleteTaskRequest, RegisterTaskRequest, RegisterTaskResponse, RollbackTaskRequest,
+    SetShareRequest, SetSloRequest, TaskSpec,
+};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -294,8 +297,11 @@ impl ShareArgs {
 
 #[derive(Subcommand)]
 enum TaskCmd {
-    /// Register (or replace) a task from variant configs in a model directory: a single-model
-    /// task from --name, --slo-ms and --variants, or a pipeline from --file.
+    /// Register a task from variant configs in a model directory: a single-model task from
+    /// --name, --slo-ms and --variants, or a pipeline from --file. Registering a task again
+    /// with other models makes its next version (the previous one serves until the new one's
+    /// workers are ready; `task rollback` goes back); with the same models it changes the SLO
+    /// and share in place.
     ///
     /// Example: tidalctl task register --name resnet --slo-ms 250 --model-dir models --variants resnet18,resnet50,resnet152
     Register {
@@ -355,6 +361,29 @@ enum TaskCmd {
         task: String,
         #[command(flatten)]
         share: ShareArgs,
+    },
+    /// Serve an earlier version of a task again: the one before the version it serves, or
+    /// --version N (the controller keeps the last 8). Its SLO and share stay as they are; the
+    /// profiles of its variants are kept with it, so it is planned at once.
+    ///
+    /// Example: tidalctl task rollback --task resnet
+    Rollback {
+        /// The task's name.
+        #[arg(long)]
+        task: String,
+        /// The version to serve (default: the highest below the one served).
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Delete a task: its profiles at once, its workers from the next plan (the agents drain
+    /// them: requests already queued are answered). Afterwards the task is unknown (NOT_FOUND)
+    /// and its name may be registered again, as a new task.
+    ///
+    /// Example: tidalctl task delete --task resnet
+    Delete {
+        /// The task's name.
+        #[arg(long)]
+        task: String,
     },
     /// Change a task's SLO at run time.
     ///
@@ -461,11 +490,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);
             let (name, slo, stages) = (task.name.clone(), task.slo_ms, task.stages.len());
-            controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
+            let registered =
+                controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
+            let RegisterTaskResponse { version, new_version } = registered.into_inner();
+            let what = match (version, new_version) {
+                (1, true) => "registered task".to_string(),
+                (v, true) => format!("version {v} of task"),
+                (v, false) => format!("the same models as version {v} of task"),
+            };
             if stages > 1 {
-                println!("registered task {name} (SLO {slo} ms, a pipeline of {stages} stages)");
+                println!("{what} {name} (SLO {slo} ms, a pipeline of {stages} stages)");
             } else {
-                println!("registered task {name} (SLO {slo} ms)");
+                println!("{what} {name} (SLO {slo} ms)");
+            }
+            if version > 1 && new_version {
+                println!("its workers start beside the previous version's, which serve until they are ready");
             }
             Ok(())
         }
@@ -488,6 +527,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 share.weight.unwrap_or(1.0),
                 share.min_cores
             );
+            Ok(())
+        }
+        Command::Task(TaskCmd::Rollback { task, version }) => {
+            let request = RollbackTaskRequest { task: task.clone(), version: version.unwrap_or(0) };
+            let back = controller(&cli.controller).await?.rollback_task(request).await?.into_inner();
+            println!(
+                "task {task} serves version {} again (was version {}); its workers start beside the ones they replace",
+                back.version, back.from_version
+            );
+            Ok(())
+        }
+        Command::Task(TaskCmd::Delete { task }) => {
+            let request = DeleteTaskRequest { task: task.clone() };
+            let deleted = controller(&cli.controller).await?.delete_task(request).await?.into_inner();
+            match (deleted.workers, deleted.plan_epoch) {
+                (0, _) => println!("task {task} deleted (it had no workers)"),
+                (n, 0) => println!("task {task} deleted; the next plan frees its {n} workers"),
+                (n, epoch) => println!(
+                    "task {task} deleted; plan {epoch} frees its {n} workers (the agents drain them as they apply it)"
+                ),
+            }
             Ok(())
         }
         Command::Task(TaskCmd::SetSlo { task, slo_ms }) => {

@@ -88,8 +88,17 @@ pub fn render(s: &ClusterStatus) -> String {
     let mut tasks = Vec::new();
     for t in &s.tasks {
         let spec = t.spec.clone().unwrap_or_default();
+        let version = match t.earlier_versions.as_slice() {
+            [] => spec.version.max(1).to_string(),
+            kept => format!(
+                "{} (kept {})",
+                spec.version.max(1),
+                kept.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            ),
+        };
         tasks.push(vec![
             spec.name.clone(),
+            version,
             spec.slo_ms.to_string(),
             share(spec.share.as_ref()),
             format!("{:.1}", t.rate_rps),
@@ -106,6 +115,7 @@ pub fn render(s: &ClusterStatus) -> String {
                     format!("  {}/{}", spec.name, st.stage),
                     String::new(),
                     String::new(),
+                    String::new(),
                     format!("{:.1}", st.rate_rps),
                     String::new(),
                     String::new(),
@@ -118,7 +128,19 @@ pub fn render(s: &ClusterStatus) -> String {
         }
     }
     out += &output::table(
-        &["TASK", "SLO ms", "SHARE", "RATE/s", "FORECAST/s", "PLANNED/s", "P99 ms", "SERVED#", "ERRORS#", "PROFILED"],
+        &[
+            "TASK",
+            "VERSION",
+            "SLO ms",
+            "SHARE",
+            "RATE/s",
+            "FORECAST/s",
+            "PLANNED/s",
+            "P99 ms",
+            "SERVED#",
+            "ERRORS#",
+            "PROFILED",
+        ],
         tasks,
     );
     let nodes = s

@@ -306,8 +306,7 @@ mod tests {
     #[test]
     fn a_plan_from_before_stages_is_read_as_one_stage() {
         let mut old = plan(vec![assignment("a", 1000)]);
-        old.tasks[0] =
-            TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant("a")], stages: vec![], share: None };
+        old.tasks[0] = TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant("a")], ..Default::default() };
         old.assignments[0].stage.clear();
         normalise(&mut old);
         assert_eq!(old.tasks[0].stages[0].name, "t");

@@ -78,12 +78,14 @@ pub fn normalise(mut task: TaskSpec) -> TaskSpec {
         task.stages.push(stage(&task.name, variants));
     }
     task.variants.clear();
+    // Entries written before versions are the task's first.
+    task.version = task.version.max(1);
     task
 }
 
 /// A one-stage task of `variants`, named after it.
 pub fn single_stage(name: &str, slo_ms: u32, variants: Vec<VariantSpec>) -> TaskSpec {
-    TaskSpec { name: name.into(), slo_ms, variants: vec![], stages: vec![stage(name, variants)], share: None }
+    TaskSpec { name: name.into(), slo_ms, stages: vec![stage(name, variants)], ..Default::default() }
 }
 
 /// A stage that takes the previous stage's output as is.
@@ -417,7 +419,7 @@ mod tests {
             slo_ms: 100,
             variants: vec![variant("a", &[3])],
             stages: vec![],
-            share: None,
+            ..Default::default()
         };
         let n = normalise(t);
         assert!(n.variants.is_empty());
@@ -439,7 +441,7 @@ mod tests {
                 stage("detect", vec![variant("yolov5n", &[3, 64, 64])]),
                 stage("classify", vec![variant("r18", &[3, 32, 32])]),
             ],
-            share: None,
+            ..Default::default()
         }
     }
 
@@ -491,7 +493,7 @@ mod tests {
                     stage("translate", vec![variant("m", &[8])]),
                     stage("summarise", vec![variant("b", &[8])]),
                 ],
-                share: None,
+                ..Default::default()
             };
             t.stages[1].skip = Some(skip);
             t.stages[2].connect = vec![link("translation", "text")];

@@ -522,7 +522,7 @@ impl TaskFile {
             min_cores: self.min_cores,
             max_cores: self.max_cores,
         });
-        let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, variants: vec![], stages, share };
+        let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, stages, share, ..Default::default() };
         crate::task::validate_task(&task).map_err(TaskFileError::Invalid)?;
         Ok(task)
     }

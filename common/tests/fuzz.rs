@@ -70,7 +70,7 @@ fn task() -> impl Strategy<Value = TaskSpec> {
             ..Default::default()
         });
     (name(), small_or_any(1..1000), prop::collection::vec(variant(), 0..3), prop::collection::vec(stage, 0..4))
-        .prop_map(|(name, slo_ms, variants, stages)| TaskSpec { name, slo_ms, variants, stages, share: None })
+        .prop_map(|(name, slo_ms, variants, stages)| TaskSpec { name, slo_ms, variants, stages, ..Default::default() })
 }
 
 /// A valid two-stage task, for plans whose numbers are what varies.
@@ -91,7 +91,7 @@ fn two_stages() -> TaskSpec {
         slo_ms: 100,
         variants: vec![],
         stages: vec![stage("a", vec![v("x")]), stage("b", vec![v("y"), v("z")])],
-        share: None,
+        ..Default::default()
     }
 }
 

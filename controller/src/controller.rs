@@ -149,6 +149,11 @@ impl Controller {
             return Ok(());
         };
         let id = self.raft.status().id;
+        let mut carried = current.clone();
+        // A task deleted since the plan was made is not carried over (the state refuses it).
+        let known: std::collections::HashSet<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
+        carried.tasks.retain(|t| known.contains(&t.name));
+        carried.assignments.retain(|a| known.contains(&a.task));
         let plan = Plan {
             epoch: current.epoch + 1,
             term,
@@ -156,7 +161,7 @@ impl Controller {
                 "replica {id} took over as leader in term {term}; plan {} carried over",
                 current.epoch
             )],
-            ..current.clone()
+            ..carried
         };
         let proposed = Instant::now();
         let plan = self.commit(Some(&current), &plan).await?;

@@ -282,6 +282,18 @@ impl Observed {
             .collect()
     }
 
+    /// Forgets all that was observed of a deleted task: a task registered later under its name
+    /// starts from nothing (what its draining workers still report comes back, for a round).
+    pub fn forget_task(&mut self, task: &str) {
+        self.arrivals.remove(task);
+        self.budgets.remove(task);
+        self.sizes.retain(|(t, _), _| t != task);
+        self.totals.remove(task);
+        self.served.remove(task);
+        self.corrections.remove(task);
+        self.round_rates.remove(task);
+    }
+
     /// Forgets the batches served by tasks other than `tasks` (removed ones: no round takes
     /// them).
     pub fn keep_served_of<'a>(&mut self, tasks: impl IntoIterator<Item = &'a String>) {

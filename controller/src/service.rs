@@ -9,10 +9,11 @@ use tidal_common::task::find_variant;
 use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
-    command::Change, ClusterStatus, ClusterStatusRequest, Command, DrainNodeRequest, DrainNodeResponse, NodeStatus,
-    PlanHistory, PlanHistoryRequest, RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest,
-    RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse, SetShareRequest, SetShareResponse, SetSloRequest,
-    SetSloResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
+    command::Change, ClusterStatus, ClusterStatusRequest, Command, DeleteTaskRequest, DeleteTaskResponse,
+    DrainNodeRequest, DrainNodeResponse, NodeStatus, PlanHistory, PlanHistoryRequest, RegisterNodeRequest,
+    RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse,
+    RollbackTaskRequest, RollbackTaskResponse, SetShareRequest, SetShareResponse, SetSloRequest, SetSloResponse,
+    StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, ListRevokedRequest, MembershipResponse, RemoveReplicaRequest, Replica,
@@ -26,6 +27,9 @@ use crate::controller::Controller;
 
 /// How long `add_replica` waits for a learner to catch up before promoting it.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `delete_task` waits for a plan without the task's workers: the round a change
+/// starts commits within a second or two; past this, the next round's plan frees them.
+const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The controller's API. Agents register and report as their own node; admins change tasks,
 /// profiles, nodes and membership; admins, readers and other replicas may read.
@@ -121,6 +125,27 @@ impl ControllerService {
         }
     }
 
+    /// The epoch of the first plan in force without workers of `task`, waiting (on applied
+    /// entries, not polls) up to `within`; `None` if none came in that time.
+    async fn plan_without(&self, task: &str, within: std::time::Duration) -> Option<u64> {
+        let mut status = self.ctl.raft.watch();
+        let without = || {
+            self.ctl.raft.read(|s| {
+                let has = s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| a.task == task));
+                (!has).then(|| s.plan_epoch())
+            })
+        };
+        let waited = tokio::time::timeout(within, async {
+            loop {
+                if let Some(epoch) = without() {
+                    return Some(epoch);
+                }
+                status.changed().await.ok()?;
+            }
+        });
+        waited.await.ok().flatten()
+    }
+
     async fn change_membership(&self, change: MembershipChange) -> Result<Response<MembershipResponse>, Status> {
         self.require_leader().await?;
         info!(?change, "membership change requested");
@@ -199,8 +224,29 @@ impl ControllerApi for ControllerService {
         let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
         let task = tidal_common::task::normalise(task);
         tidal_common::task::validate_task(&task).map_err(Status::invalid_argument)?;
+        let name = task.name.clone();
+        let version_of = |s: &crate::state::ClusterState| s.tasks.get(&name).map(|t| t.version);
+        let before = self.ctl.raft.read(version_of);
         self.commit_as(&by, Change::RegisterTask(task)).await?;
-        Ok(Response::new(RegisterTaskResponse {}))
+        let version = self.ctl.raft.read(version_of).unwrap_or_default();
+        Ok(Response::new(RegisterTaskResponse { version, new_version: before != Some(version) }))
+    }
+
+    async fn rollback_task(
+        &self,
+        request: Request<RollbackTaskRequest>,
+    ) -> Result<Response<RollbackTaskResponse>, Status> {
+        let by = self.guard.require(&request, "RollbackTask", is_admin)?;
+        self.require_leader().await?;
+        let req = request.into_inner();
+        let Some(from_version) = self.ctl.raft.read(|s| s.tasks.get(&req.task).map(|t| t.version)) else {
+            return Err(Status::not_found(format!("unknown task {:?}", req.task)));
+        };
+        let task = req.task.clone();
+        // The state refuses a version it does not keep (FAILED_PRECONDITION, with those kept).
+        self.commit_as(&by, Change::RollbackTask(req)).await?;
+        let version = self.ctl.raft.read(|s| s.tasks.get(&task).map_or(0, |t| t.version));
+        Ok(Response::new(RollbackTaskResponse { from_version, version }))
     }
 
     async fn set_slo(&self, request: Request<SetSloRequest>) -> Result<Response<SetSloResponse>, Status> {
@@ -226,6 +272,27 @@ impl ControllerApi for ControllerService {
         let share = tidal_common::task::changed_share(current.as_ref(), &req).map_err(Status::invalid_argument)?;
         self.commit_as(&by, Change::SetShare(req)).await?;
         Ok(Response::new(SetShareResponse { share: Some(share) }))
+    }
+
+    async fn delete_task(&self, request: Request<DeleteTaskRequest>) -> Result<Response<DeleteTaskResponse>, Status> {
+        let by = self.guard.require(&request, "DeleteTask", is_admin)?;
+        self.require_leader().await?;
+        let req = request.into_inner();
+        let workers = self.ctl.raft.read(|s| {
+            let planned = s.plan.as_ref().map_or(0, |p| p.assignments.iter().filter(|a| a.task == req.task).count());
+            s.tasks.contains_key(&req.task).then_some(planned as u32)
+        });
+        let Some(workers) = workers else {
+            return Err(Status::not_found(format!("unknown task {:?}", req.task)));
+        };
+        let task = req.task.clone();
+        // The commit starts a round, whose plan leaves the task out; the agents drain its
+        // workers (queued requests are served) as they apply that plan.
+        self.commit_as(&by, Change::DeleteTask(req)).await?;
+        self.ctl.observed(|o| o.forget_task(&task));
+        let plan_epoch = self.plan_without(&task, DELETE_WAIT).await;
+        info!(target: "audit", task = %task, workers, plan_epoch = ?plan_epoch, "task deleted");
+        Ok(Response::new(DeleteTaskResponse { plan_epoch: plan_epoch.unwrap_or(0), workers }))
     }
 
     async fn store_profile(
@@ -308,6 +375,10 @@ impl ControllerApi for ControllerService {
                             .collect(),
                         stages: o.stages(&t.name, &t.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>()),
                         corrections: o.corrections.get(&t.name).cloned().unwrap_or_default(),
+                        earlier_versions: state
+                            .earlier
+                            .get(&t.name)
+                            .map_or_else(Vec::new, |e| e.keys().copied().collect()),
                     }
                 })
                 .collect();
@@ -511,6 +582,11 @@ fn describe(change: &Change) -> String {
             format!("register task {} ({} variants, SLO {} ms)", t.name, t.variants.len(), t.slo_ms)
         }
         Change::SetSlo(s) => format!("task {} SLO {} ms", s.task, s.slo_ms),
+        Change::DeleteTask(d) => format!("delete task {}", d.task),
+        Change::RollbackTask(r) => match r.version {
+            0 => format!("roll task {} back to the version before", r.task),
+            v => format!("roll task {} back to version {v}", r.task),
+        },
         Change::SetShare(s) => format!("task {} share {s:?}", s.task),
         Change::StoreProfile(p) => format!("profile of {}/{} ({} points)", p.task, p.variant, p.points.len()),
         Change::CommitPlan(p) => format!("plan {}", p.epoch),

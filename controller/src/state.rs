@@ -20,6 +20,8 @@ pub const HISTORY_BYTES: usize = 16 << 20;
 /// Most certificates revoked at once: every call checks the list, and every agent holds it.
 /// Beyond that, a cluster should issue a new CA.
 pub const MAX_REVOKED: usize = 4096;
+/// Earlier versions of a task kept for a rollback (the oldest are forgotten).
+pub const KEPT_VERSIONS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
@@ -51,7 +53,10 @@ impl NodeInfo {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// The version of each task that serves.
     pub tasks: BTreeMap<String, TaskSpec>,
+    /// Per task, its earlier versions by number (at most [`KEPT_VERSIONS`]), for a rollback.
+    pub earlier: BTreeMap<String, BTreeMap<u32, TaskSpec>>,
     /// (task, variant) → the latest measured profile.
     pub profiles: BTreeMap<(String, String), VariantProfile>,
     pub plan: Option<Plan>,
@@ -105,10 +110,15 @@ impl ClusterState {
             replicas: self.replicas.clone().into_iter().collect(),
             revoked: self.revoked.values().cloned().collect(),
             revocations_version: self.revocations_version,
+            earlier_versions: self.earlier.values().flat_map(|v| v.values().cloned()).collect(),
         }
     }
 
     pub fn from_snapshot(s: StateSnapshot) -> Self {
+        let mut earlier: BTreeMap<String, BTreeMap<u32, TaskSpec>> = BTreeMap::new();
+        for t in s.earlier_versions.into_iter().map(normalise) {
+            earlier.entry(t.name.clone()).or_default().insert(t.version, t);
+        }
         Self {
             nodes: s
                 .nodes
@@ -116,6 +126,7 @@ impl ClusterState {
                 .map(|n| (n.node.clone(), NodeInfo::registered(n, s.draining_nodes.contains(&n.node))))
                 .collect(),
             tasks: s.tasks.into_iter().map(normalise).map(|t| (t.name.clone(), t)).collect(),
+            earlier,
             profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
             plan: s.plan,
             history_bytes: s.history.iter().map(|p| p.encoded_len()).sum(),
@@ -170,10 +181,57 @@ impl ClusterState {
             Change::RevokeCertificate(c) => self.revoke(index, c)?,
             Change::RegisterTask(t) => {
                 // Entries written before tasks had stages are read in the one-stage form.
-                let t = normalise(t.clone());
+                let mut t = normalise(t.clone());
                 validate_task(&t)?;
-                self.profiles.retain(|(task, variant), _| task != &t.name || find_variant(&t, variant).is_some());
-                self.tasks.insert(t.name.clone(), t);
+                t.version = match self.tasks.get(&t.name) {
+                    None => 1,
+                    // The same models: the SLO and share change in place.
+                    Some(served) if served.stages == t.stages => served.version,
+                    Some(served) => {
+                        let earlier = self.earlier.entry(t.name.clone()).or_default();
+                        let last = earlier.keys().copied().chain([served.version]).max().unwrap_or(0);
+                        earlier.insert(served.version, served.clone());
+                        while earlier.len() > KEPT_VERSIONS {
+                            earlier.pop_first();
+                        }
+                        last + 1
+                    }
+                };
+                let name = t.name.clone();
+                self.tasks.insert(name.clone(), t);
+                self.keep_profiles_of_kept_versions(&name);
+            }
+            Change::RollbackTask(r) => {
+                let served = self.tasks.get(&r.task).ok_or_else(|| format!("unknown task {:?}", r.task))?;
+                let earlier = self.earlier.entry(r.task.clone()).or_default();
+                let to = match r.version {
+                    0 => earlier.range(..served.version).next_back().map(|(&v, _)| v),
+                    v => Some(v),
+                };
+                let Some(mut spec) = to.and_then(|v| earlier.remove(&v)) else {
+                    let kept: Vec<String> = earlier.keys().map(u32::to_string).collect();
+                    return Err(format!(
+                        "task {:?} serves version {} and keeps no version {} to roll back to (kept: {})",
+                        r.task,
+                        served.version,
+                        to.map_or_else(|| "below it".to_string(), |v| v.to_string()),
+                        if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
+                    ));
+                };
+                // The SLO and the share are the task's, not a version's.
+                spec.slo_ms = served.slo_ms;
+                spec.share = served.share;
+                earlier.insert(served.version, served.clone());
+                self.tasks.insert(r.task.clone(), spec);
+            }
+            Change::DeleteTask(d) => {
+                if self.tasks.remove(&d.task).is_none() {
+                    return Err(format!("unknown task {:?}", d.task));
+                }
+                self.earlier.remove(&d.task);
+                // A task registered later under the name starts from nothing: no profile of
+                // the deleted one is planned with.
+                self.profiles.retain(|(task, _), _| task != &d.task);
             }
             Change::SetSlo(s) => {
                 validate_slo(s.slo_ms)?;
@@ -204,6 +262,24 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Forgets the profiles of `task`'s variants that no kept version has (a rollback plans
+    /// with the profiles its variants had).
+    fn keep_profiles_of_kept_versions(&mut self, task: &str) {
+        let versions: Vec<&TaskSpec> = self
+            .tasks
+            .get(task)
+            .into_iter()
+            .chain(self.earlier.get(task).into_iter().flat_map(|e| e.values()))
+            .collect();
+        let kept: std::collections::HashSet<String> = self
+            .profiles
+            .keys()
+            .filter(|(t, v)| t == task && versions.iter().any(|spec| find_variant(spec, v).is_some()))
+            .map(|(_, v)| v.clone())
+            .collect();
+        self.profiles.retain(|(t, v), _| t != task || kept.contains(v));
+    }
+
     /// Adds a certificate to the revoked (a serial already there keeps its first record).
     fn revoke(&mut self, index: u64, c: &RevokedCertificate) -> Result<(), String> {
         validate_revocation(c)?;
@@ -231,6 +307,11 @@ impl ClusterState {
         let mut normalised = plan.clone();
         tidal_common::plan::normalise(&mut normalised);
         validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
+        // A round solved before a task was deleted plans for it still: refused, and the round
+        // the deletion started plans without it.
+        if let Some(t) = normalised.tasks.iter().find(|t| !self.tasks.contains_key(&t.name)) {
+            return Err(format!("plan {} has task {:?}, which is not registered (deleted?)", plan.epoch, t.name));
+        }
         self.history_bytes += plan.encoded_len();
         self.history.push_back(plan.clone());
         self.plan = Some(plan);
@@ -291,7 +372,7 @@ mod tests {
     }
 
     fn task() -> TaskSpec {
-        TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant()], stages: vec![], share: None }
+        TaskSpec { name: "t".into(), slo_ms: 100, variants: vec![variant()], ..Default::default() }
     }
 
     fn node(name: &str) -> RegisterNodeRequest {
@@ -503,6 +584,104 @@ mod tests {
         s.apply(5, &remove).unwrap();
         assert!(s.nodes.is_empty());
         assert!(s.revoked.is_empty(), "a node registered without a certificate revokes nothing");
+    }
+
+    #[test]
+    fn a_deleted_task_leaves_nothing_behind_and_its_name_is_free() {
+        use tidal_proto::v1::DeleteTaskRequest;
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        s.apply(2, &cmd(Change::RegisterNode(node("n")))).unwrap();
+        s.apply(3, &profile("v", 1)).unwrap();
+        let worker = Assignment {
+            task: "t".into(),
+            stage: "t".into(),
+            variant: Some(variant()),
+            node: "n".into(),
+            millicores: 1000,
+            max_batch: 1,
+            weight: 1.0,
+            ..Default::default()
+        };
+        let with_task = |epoch| Plan {
+            epoch,
+            term: 1,
+            tasks: vec![normalise(task())],
+            assignments: vec![worker.clone()],
+            ..Default::default()
+        };
+        s.apply(4, &cmd(Change::CommitPlan(with_task(1)))).unwrap();
+        let delete = cmd(Change::DeleteTask(DeleteTaskRequest { task: "t".into() }));
+        s.apply(5, &delete).unwrap();
+        assert!(s.tasks.is_empty() && s.profiles.is_empty(), "the task and its profiles are gone");
+        assert!(s.apply(6, &delete).unwrap_err().contains("unknown task"), "deleted once");
+        // A round solved before the deletion still plans for the task: refused.
+        assert!(s.apply(7, &cmd(Change::CommitPlan(with_task(2)))).unwrap_err().contains("not registered"));
+        s.apply(8, &plan(2)).unwrap();
+        assert!(s.apply(9, &cmd(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 50 }))).is_err());
+        // The name is free: a new task under it starts without the old one's profiles.
+        s.apply(10, &cmd(Change::RegisterTask(task()))).unwrap();
+        assert!(s.profiles.is_empty());
+        s.apply(11, &cmd(Change::CommitPlan(with_task(3)))).unwrap();
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.to_snapshot(), s.to_snapshot());
+    }
+
+    #[test]
+    fn other_models_make_a_new_version_and_a_rollback_serves_an_earlier_one() {
+        use tidal_proto::v1::RollbackTaskRequest;
+        let mut s = ClusterState::default();
+        let with = |variant: &str, slo_ms| TaskSpec {
+            name: "t".into(),
+            slo_ms,
+            variants: vec![VariantSpec { name: variant.into(), ..self::variant() }],
+            version: 77, // a client's is ignored
+            ..Default::default()
+        };
+        s.apply(1, &cmd(Change::RegisterTask(with("v", 100)))).unwrap();
+        assert_eq!(s.tasks["t"].version, 1);
+        s.apply(2, &profile("v", 1)).unwrap();
+        // The same models with another SLO: the same version, changed in place.
+        s.apply(3, &cmd(Change::RegisterTask(with("v", 200)))).unwrap();
+        assert_eq!((s.tasks["t"].version, s.tasks["t"].slo_ms), (1, 200));
+        assert!(s.earlier.get("t").is_none_or(|e| e.is_empty()));
+        // Other models: version 2; version 1 is kept, with its variant's profile.
+        s.apply(4, &cmd(Change::RegisterTask(with("w", 200)))).unwrap();
+        assert_eq!(s.tasks["t"].version, 2);
+        assert_eq!(s.earlier["t"].keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert!(s.profiles.contains_key(&("t".to_string(), "v".to_string())), "kept for a rollback");
+        s.apply(5, &cmd(Change::SetSlo(SetSloRequest { task: "t".into(), slo_ms: 300 }))).unwrap();
+        // Back to the one before: version 1's models, the task's SLO as it is now.
+        let back = |version| cmd(Change::RollbackTask(RollbackTaskRequest { task: "t".into(), version }));
+        s.apply(6, &back(0)).unwrap();
+        assert_eq!(s.tasks["t"].version, 1);
+        assert_eq!(s.tasks["t"].stages[0].variants[0].name, "v");
+        assert_eq!(s.tasks["t"].slo_ms, 300);
+        assert!(s.apply(7, &back(0)).unwrap_err().contains("keeps no version below"), "nothing below 1");
+        assert!(s.apply(8, &back(5)).unwrap_err().contains("kept: 2"));
+        // Forward again by number, and a later registration numbers on from the highest.
+        s.apply(9, &back(2)).unwrap();
+        assert_eq!(s.tasks["t"].version, 2);
+        s.apply(10, &cmd(Change::RegisterTask(with("x", 300)))).unwrap();
+        assert_eq!(s.tasks["t"].version, 3);
+        assert!(
+            !s.profiles.is_empty() && s.profiles.keys().all(|(_, v)| v == "v"),
+            "the profile of v is kept while a kept version has v"
+        );
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.to_snapshot(), s.to_snapshot());
+        assert_eq!(restored.earlier["t"].keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        // Bounded: the oldest are forgotten, and their variants' profiles with them.
+        for (i, v) in (0..KEPT_VERSIONS + 2).map(|i| format!("m{i}")).enumerate() {
+            s.apply(20 + i as u64, &cmd(Change::RegisterTask(with(&v, 300)))).unwrap();
+        }
+        assert_eq!(s.earlier["t"].len(), KEPT_VERSIONS);
+        assert!(s.profiles.is_empty(), "no kept version has v any more");
+        // Deleted, the name starts again at version 1.
+        s.apply(40, &cmd(Change::DeleteTask(tidal_proto::v1::DeleteTaskRequest { task: "t".into() }))).unwrap();
+        s.apply(41, &cmd(Change::RegisterTask(with("v", 100)))).unwrap();
+        assert_eq!(s.tasks["t"].version, 1);
+        assert!(!s.earlier.contains_key("t"));
     }
 
     #[test]

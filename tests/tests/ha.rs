@@ -32,7 +32,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             io: None,
         }],
         stages: vec![],
-        share: None,
+        ..Default::default()
     }
 }
 

@@ -18,7 +18,7 @@ fn video(slo_ms: u32, shrink: &VariantConfig, classify: &VariantConfig) -> TaskS
         slo_ms,
         variants: vec![],
         stages: vec![stage("shrink", shrink), stage("classify", classify)],
-        share: None,
+        ..Default::default()
     }
 }
 

@@ -101,6 +101,9 @@ fn the_readme_s_cluster_and_client_examples_run_as_written() {
         "served OK",
         "Throughput:",
         "policy               task",
+        "version 2 of task scratch",
+        "task scratch serves version 1 again (was version 2)",
+        "task scratch deleted",
     ] {
         assert!(out.contains(expected), "{expected:?} missing\n{report}");
     }

@@ -311,6 +311,9 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
     assert_eq!(code(as_node.register_task(new_task.clone()).await), Code::PermissionDenied);
     let mut as_reader = ControllerClient::new(channel_as(&certs, &reader, &ctl_addr).await);
     assert_eq!(code(as_reader.register_task(new_task).await), Code::PermissionDenied);
+    let delete = tidal_proto::v1::DeleteTaskRequest { task: "classify".into() };
+    assert_eq!(code(as_reader.delete_task(delete.clone()).await), Code::PermissionDenied, "only admins delete");
+    assert_eq!(code(as_node.delete_task(delete).await), Code::PermissionDenied);
     assert_eq!(
         code(as_reader.remove_replica(RemoveReplicaRequest { id: 1, keep_certificate: false }).await),
         Code::PermissionDenied

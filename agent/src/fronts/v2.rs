@@ -2,7 +2,8 @@
 //! [`super::v2_rest`]), with Triton's ModelConfig and ModelStatistics, so that Triton's and
 //! KServe's clients and tools call an agent as they are.
 //!
-//! A Tidal task is a model (a pipeline included), version "1", whose inputs are its first
+//! A Tidal task is a model (a pipeline included), of the version the plan serves (its
+//! `TaskSpec.version`; a request naming another gets NOT_FOUND), whose inputs are its first
 //! stage's and whose outputs its last stage's, by the names, types and shapes the model files
 //! declare (a task registered without a signature: one FP32 input `input`, one output
 //! `output`). Which variant serves stays Tidal's choice; it is reported in the response's
@@ -34,8 +35,10 @@ use tidal_common::v2_tensor;
 pub const MAX_CLIENT_BATCH: usize = 64;
 /// The request parameter that carries a request's latency budget, in ms.
 pub const BUDGET_PARAMETER: &str = "budget_ms";
-/// The only version a task has.
-const VERSION: &str = "1";
+/// The version of `task` this node serves, as the V2 protocol names versions.
+fn served_version(task: &TaskSpec) -> String {
+    task.version.max(1).to_string()
+}
 /// What ServerMetadata lists: the protocol extensions an agent implements (binary tensor data
 /// over HTTP/REST, see the `v2_rest` module).
 pub const EXTENSIONS: &[&str] =
@@ -69,7 +72,7 @@ fn samples(
     task: &TaskSpec,
     (first, last): &(StageIo, StageIo),
 ) -> Result<Vec<InferRequest>, ServeError> {
-    check_version(&req.model_name, &req.model_version)?;
+    check_version(task, &req.model_version)?;
     let budget_ms = budget(&req.parameters)?;
     let outputs: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
     last.check_outputs(&outputs).map_err(|e| invalid(e.to_string()))?;
@@ -151,11 +154,14 @@ fn samples(
         .collect()
 }
 
-fn check_version(model: &str, version: &str) -> Result<(), ServeError> {
-    if version.is_empty() || version == VERSION {
+/// A request may name the version served, or none (then it gets the one served); an earlier
+/// or later version is not served here (NOT_FOUND).
+fn check_version(task: &TaskSpec, version: &str) -> Result<(), ServeError> {
+    let served = served_version(task);
+    if version.is_empty() || version == served {
         Ok(())
     } else {
-        Err(ServeError::UnknownTask(format!("{model} version {version} (a task has only version {VERSION})")))
+        Err(ServeError::UnknownTask(format!("{} version {version} (version {served} is served)", task.name)))
     }
 }
 
@@ -177,7 +183,11 @@ fn budget(parameters: &HashMap<String, InferParameter>) -> Result<u32, ServeErro
 /// The V2 response for the samples' answers, in order: each output with the samples stacked
 /// along its first dimension (a model's batch dimension), and how they were served in
 /// `tidal_*` parameters.
-pub fn response(req_id: String, task: &str, answers: Vec<InferResponse>) -> Result<ModelInferResponse, ServeError> {
+pub fn response(
+    req_id: String,
+    task: &TaskSpec,
+    answers: Vec<InferResponse>,
+) -> Result<ModelInferResponse, ServeError> {
     let parameters = served_parameters(&answers);
     let n = answers.len();
     let mut per_sample = answers.into_iter().map(|a| a.outputs.into_iter().map(NamedTensor::from_proto));
@@ -229,8 +239,8 @@ pub fn response(req_id: String, task: &str, answers: Vec<InferResponse>) -> Resu
         }
     }
     Ok(ModelInferResponse {
-        model_name: task.to_string(),
-        model_version: VERSION.into(),
+        model_name: task.name.clone(),
+        model_version: served_version(task),
         id: req_id,
         parameters,
         outputs,
@@ -281,7 +291,7 @@ pub fn metadata(task: &TaskSpec) -> Result<ModelMetadataResponse, ServeError> {
     };
     Ok(ModelMetadataResponse {
         name: task.name.clone(),
-        versions: vec![VERSION.into()],
+        versions: vec![served_version(task)],
         platform: "tidal".into(),
         inputs: tensors(&first.inputs),
         outputs: tensors(&last.outputs),
@@ -345,8 +355,9 @@ pub fn config(task: &TaskSpec) -> Result<ModelConfig, ServeError> {
 
 /// The task a V2 request names (NOT_FOUND for another version or an unknown task).
 pub fn task(port: &InferencePort, name: &str, version: &str) -> Result<TaskSpec, Status> {
-    check_version(name, version)?;
-    port.node().task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()).into())
+    let task = port.node().task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()))?;
+    check_version(&task, version)?;
+    Ok(task)
 }
 
 /// Ready: a plan is applied, every task in it can be served, and the node is not draining.
@@ -371,7 +382,7 @@ pub async fn infer(
     let answers = requests.into_iter().map(|r| port.pipeline.infer(r, arrived, None, true));
     let answered = futures::future::try_join_all(answers)
         .await
-        .and_then(|answers| response(id, &task.name, answers))
+        .and_then(|answers| response(id, &task, answers))
         .and_then(|answer| classified(answer, &classes, batched));
     port.node().model_stats.record_request(&task.name, arrived, answered.is_ok());
     Ok(answered?)

@@ -1,0 +1,279 @@
+//! Tasks come and go on a running cluster, as processes (a controller, an agent, real
+//! inference): a task deleted under load drains (no request lost), frees its workers and is
+//! unknown afterwards, its name free for a new task; a task registered again with other
+//! models is its next version, served once its worker is ready, and a rollback brings the
+//! earlier version back. Synthetic profiles stand for the truth (`--no-profile-correction`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidal_common::variant::VariantConfig;
+use tidal_proto::v1::{
+    ClusterStatusRequest, InferRequest, ProfilePoint, RegisterTaskRequest, StoreProfileRequest, VariantProfile,
+};
+use tidal_tests::*;
+
+/// Batch 1 on 1 and 2 cores at `per_core` req/s a core (stored, not measured).
+fn profile(task: &str, variant: &str, per_core: f64) -> VariantProfile {
+    let points = [1u32, 2]
+        .iter()
+        .map(|&c| ProfilePoint {
+            cores: c,
+            batch: 1,
+            latency_p50_ms: 1000.0 / (per_core * c as f64),
+            latency_p99_ms: 1200.0 / (per_core * c as f64),
+            throughput_rps: per_core * c as f64,
+            size: 0,
+            output_tokens: 0,
+        })
+        .collect();
+    VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points, ..Default::default() }
+}
+
+/// Closed-loop requests of `task` until `stop`: (answered, refused as unknown, any other
+/// outcome: a request lost).
+async fn until_stopped(
+    addr: String,
+    task: &'static str,
+    shape: Vec<i64>,
+    stop: Arc<AtomicU64>,
+) -> (u64, u64, Vec<String>) {
+    let mut client = inference_client(&addr).await;
+    let (mut ok, mut unknown, mut lost) = (0, 0, Vec::new());
+    while stop.load(Ordering::Relaxed) == 0 {
+        let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
+        match client.infer(req).await {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                unknown += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
+        }
+    }
+    (ok, unknown, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
+    use tidal_proto::v1::{AgentStatusRequest, DeleteTaskRequest, SetSloRequest};
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18", 32);
+    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction", "--no-slack-routing"]);
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &[] });
+    let mut ctl = controller_client(&controller.addr).await;
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let register =
+        |name: &str| RegisterTaskRequest { task: Some(tidal_common::task::single_stage(name, 1000, vec![r18.spec()])) };
+    for task in ["keep", "gone"] {
+        ctl.register_task(register(task)).await.unwrap();
+        ctl.store_profile(StoreProfileRequest { profile: Some(profile(task, "resnet18", 100.0)) }).await.unwrap();
+    }
+    let served = |task: &'static str| {
+        let (addr, shape) = (agent.addr.clone(), r18.input_shape.clone());
+        async move {
+            eventually(Duration::from_secs(30), &format!("{task} to be served"), move || {
+                let (addr, shape) = (addr.clone(), shape.clone());
+                async move {
+                    let req = InferRequest { task: task.into(), input: Some(sample(&shape)), ..Default::default() };
+                    inference_client(&addr).await.infer(req).await.ok().map(|_| ())
+                }
+            })
+            .await
+        }
+    };
+    served("keep").await;
+    served("gone").await;
+    let mut agent_ctl = agent_client(&agent.control_addr).await;
+    let workers_of = |status: &tidal_proto::v1::AgentStatus, task: &str| -> Vec<String> {
+        status.workers.iter().filter(|w| w.task == task).map(|w| w.cgroup.clone()).collect()
+    };
+    let before = agent_ctl.status(AgentStatusRequest {}).await.unwrap().into_inner();
+    let cgroups = workers_of(&before, "gone");
+    assert!(!cgroups.is_empty(), "the task to delete runs a worker");
+
+    // Deleted under load: every request is answered, or refused as unknown once the task is
+    // gone; none is lost.
+    let stop = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(until_stopped(agent.addr.clone(), "gone", r18.input_shape.clone(), stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
+        .args(["--controller", &controller.addr, "task", "delete", "--task", "gone"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tidalctl task delete: {printed}");
+    assert!(printed.contains("task gone deleted; plan "), "{printed}");
+    // Stopped once drained: out of the agent's workers, their cgroups removed.
+    eventually(Duration::from_secs(20), "the agent to stop the deleted task's workers", || {
+        let (mut agent_ctl, cgroups) = (agent_ctl.clone(), cgroups.clone());
+        async move {
+            let status = agent_ctl.status(AgentStatusRequest {}).await.ok()?.into_inner();
+            let freed = cgroups.iter().all(|c| c.is_empty() || !std::path::Path::new(c).exists());
+            (workers_of(&status, "gone").is_empty() && freed).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(1, Ordering::Relaxed);
+    let mut answered = 0;
+    for c in callers {
+        let (ok, unknown, lost) = c.await.unwrap();
+        assert!(lost.is_empty(), "requests lost while the task was deleted: {lost:?}");
+        assert!(unknown > 0, "the callers saw the task go");
+        answered += ok;
+    }
+    assert!(answered > 0, "requests were answered until the task went");
+
+    // Gone everywhere: not in the plan or the status, unknown to every call; the other task
+    // is still served.
+    let status = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.tasks.iter().all(|t| t.spec.as_ref().unwrap().name != "gone"));
+    assert!(status.plan.unwrap().assignments.iter().all(|a| a.task != "gone"));
+    let again = ctl.delete_task(DeleteTaskRequest { task: "gone".into() }).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+    let slo = ctl.set_slo(SetSloRequest { task: "gone".into(), slo_ms: 500 }).await.unwrap_err();
+    assert_eq!(slo.code(), tonic::Code::NotFound);
+    served("keep").await;
+
+    // The name is free: registered again, it is a new task (no profile until one is stored),
+    // and served once it has one.
+    ctl.register_task(register("gone")).await.unwrap();
+    let status = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let task = status.tasks.iter().find(|t| t.spec.as_ref().unwrap().name == "gone").expect("registered again");
+    assert!(task.profiles.is_empty(), "the deleted task's profile went with it");
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("gone", "resnet18", 100.0)) }).await.unwrap();
+    served("gone").await;
+
+    let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
+    assert!(log.lines().any(|l| l.contains("audit") && l.contains("delete task gone")), "the deletion is audited");
+}
+
+/// Closed-loop requests of `task` until `stop`: how many each variant answered, and every
+/// request that was not answered.
+async fn variants_until_stopped(
+    addr: String,
+    task: &'static str,
+    shape: Vec<i64>,
+    stop: Arc<AtomicU64>,
+) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+    let mut client = inference_client(&addr).await;
+    let (mut by_variant, mut lost) = (std::collections::BTreeMap::new(), Vec::new());
+    while stop.load(Ordering::Relaxed) == 0 {
+        let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
+        match client.infer(req).await {
+            Ok(answer) => *by_variant.entry(answer.into_inner().variant).or_default() += 1,
+            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
+        }
+    }
+    (by_variant, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_back() {
+    use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use tidal_proto::inference::{ModelMetadataRequest, ModelReadyRequest};
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18,resnet50", 32);
+    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction", "--no-slack-routing"]);
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &[] });
+    let mut ctl = controller_client(&controller.addr).await;
+    let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    let first = ctl
+        .register_task(RegisterTaskRequest {
+            task: Some(tidal_common::task::single_stage("t", 1000, vec![r18.spec()])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.version, first.new_version), (1, true));
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    let answered_by = |variant: &'static str| {
+        let (addr, shape) = (agent.addr.clone(), r18.input_shape.clone());
+        async move {
+            eventually(Duration::from_secs(40), &format!("t to be answered by {variant}"), move || {
+                let (addr, shape) = (addr.clone(), shape.clone());
+                async move {
+                    let req = InferRequest { task: "t".into(), input: Some(sample(&shape)), ..Default::default() };
+                    let answer = inference_client(&addr).await.infer(req).await.ok()?.into_inner();
+                    (answer.variant == variant).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    answered_by("resnet18").await;
+    let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
+    let versions = |v2: &mut GrpcInferenceServiceClient<_>| {
+        let mut v2 = v2.clone();
+        async move {
+            let request = ModelMetadataRequest { name: "t".into(), version: String::new() };
+            v2.model_metadata(request).await.unwrap().into_inner().versions
+        }
+    };
+    assert_eq!(versions(&mut v2).await, vec!["1"]);
+
+    // Under load, a new version with other models: the old one answers until the new one's
+    // worker is ready, and no request is lost either way.
+    let stop = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(variants_until_stopped(agent.addr.clone(), "t", r18.input_shape.clone(), stop.clone())))
+        .collect();
+    let tidalctl = |args: &[&str]| {
+        let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
+            .args(["--controller", &controller.addr])
+            .args(args)
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "tidalctl {args:?}: {printed}");
+        printed
+    };
+    let model_dir = models.display().to_string();
+    let register = ["task", "register", "--name", "t", "--slo-ms", "1000", "--model-dir", &model_dir];
+    let printed = tidalctl(&[&register[..], &["--variants", "resnet50"]].concat());
+    assert!(printed.contains("version 2 of task t"), "{printed}");
+    answered_by("resnet50").await;
+    assert_eq!(versions(&mut v2).await, vec!["2"]);
+    let ready = |version: &str| ModelReadyRequest { name: "t".into(), version: version.into() };
+    assert!(v2.model_ready(ready("2")).await.unwrap().into_inner().ready);
+    let old = v2.model_ready(ready("1")).await.unwrap_err();
+    assert_eq!(old.code(), tonic::Code::NotFound, "version 1 is not served any more: {old:?}");
+    let status = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let t = &status.tasks[0];
+    assert_eq!((t.spec.as_ref().unwrap().version, t.earlier_versions.clone()), (2, vec![1]));
+    // Registering the same models again makes no version.
+    let printed = tidalctl(&[&register[..], &["--variants", "resnet50"]].concat());
+    assert!(printed.contains("the same models as version 2"), "{printed}");
+
+    // Rolled back: version 1's model answers again, planned with the profile it kept.
+    let printed = tidalctl(&["task", "rollback", "--task", "t"]);
+    assert!(printed.contains("serves version 1 again (was version 2)"), "{printed}");
+    answered_by("resnet18").await;
+    assert_eq!(versions(&mut v2).await, vec!["1"]);
+    stop.store(1, Ordering::Relaxed);
+    let mut answered = std::collections::BTreeMap::new();
+    for c in callers {
+        let (by_variant, lost) = c.await.unwrap();
+        assert!(lost.is_empty(), "requests lost while versions changed: {lost:?}");
+        for (v, n) in by_variant {
+            *answered.entry(v).or_insert(0) += n;
+        }
+    }
+    println!("answered while versions changed: {answered:?}");
+    assert!(answered.len() == 2, "both versions answered the callers: {answered:?}");
+    let status = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let t = &status.tasks[0];
+    assert_eq!((t.spec.as_ref().unwrap().version, t.earlier_versions.clone()), (1, vec![2]));
+    let none = tidal_proto::v1::RollbackTaskRequest { task: "t".into(), version: 0 };
+    let refused = ctl.rollback_task(none).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "nothing below version 1: {refused:?}");
+    assert!(refused.message().contains("kept: 2"), "{}", refused.message());
+}
