@@ -38,6 +38,22 @@ pub enum ServeError {
     Model(String),
 }
 
+impl ServeError {
+    /// Whether the serving side failed (its model, its workers, its queues), where another
+    /// version of the task could still answer; not the request's own fault or its time.
+    pub fn is_the_server_s(&self) -> bool {
+        matches!(
+            self,
+            ServeError::NoWorker(_)
+                | ServeError::QueueFull(_)
+                | ServeError::WouldMiss { .. }
+                | ServeError::Unavailable(_)
+                | ServeError::Unfinished(_)
+                | ServeError::Model(_)
+        )
+    }
+}
+
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
         let msg = e.to_string();

@@ -60,12 +60,61 @@ impl Pipeline {
         forwarded: Option<Forwarded>,
         count_arrival: bool,
     ) -> Result<InferResponse, ServeError> {
+        let mut req = req;
+        // Another agent forwards a request to the version it chose (a canary by its name).
+        let drawn = match forwarded {
+            None => self.choose_version(&mut req)?,
+            Some(_) => None,
+        };
         let span = info_span!("infer", task = %req.task);
         let task = req.task.clone();
         let is_forwarded = forwarded.is_some();
-        let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span).await;
+        let retry = drawn.is_some().then(|| req.clone());
+        let result = self.serve(req, arrived, forwarded, count_arrival).instrument(span.clone()).await;
         self.count(task, arrived, is_forwarded, result.as_ref());
-        result
+        match (result, retry, drawn) {
+            // A canary that failed where the version served would not have (its model, its
+            // workers): counted against the canary, and the request served by the version
+            // served, so that a broken canary loses no request.
+            (Err(e), Some(mut again), Some(served)) if e.is_the_server_s() => {
+                warn!(task = %served, canary = %again.task, error = %e, "the canary failed a request; the version served answers it");
+                again.task = served.clone();
+                let result = self.serve(again, arrived, None, false).instrument(span).await;
+                self.count(served, arrived, false, result.as_ref());
+                result
+            }
+            (result, _, _) => result,
+        }
+    }
+
+    /// Points `req` at the version of its task that serves it: the one it names (the version
+    /// served, or the canary's), or, naming none during a rollout, the canary for its share
+    /// of such requests. Returns the task's own name when the canary was drawn by its share
+    /// (a request it fails goes to the version served).
+    fn choose_version(&self, req: &mut InferRequest) -> Result<Option<String>, ServeError> {
+        let Some(task) = self.node.task(&req.task) else { return Ok(None) };
+        // A canary the agent does not hold (a plan cut before it), or whose workers are not
+        // ready yet, takes no share here: the version served answers until it is.
+        let canary = task.canary.as_ref().filter(|c| self.node.task(&c.task).is_some());
+        let ready = canary.filter(|c| self.node.task_ready(&c.task));
+        let served = task.version.max(1).to_string();
+        match req.version.trim() {
+            "" | "0" => match ready {
+                Some(c) if rand::random::<f64>() * 100.0 < c.percent as f64 => {
+                    req.task = c.task.clone();
+                    Ok(Some(task.name))
+                }
+                _ => Ok(None),
+            },
+            v if v == served => Ok(None),
+            v => match canary.filter(|c| c.version.to_string() == v) {
+                Some(c) => {
+                    req.task = c.task.clone();
+                    Ok(None)
+                }
+                None => Err(ServeError::UnknownTask(format!("{} version {v} (version {served} is served)", task.name))),
+            },
+        }
     }
 
     /// Counts a client's request to `task` that a front refused before it reached the request
@@ -253,6 +302,7 @@ impl Pipeline {
             queue_us: last.queue_us,
             total_us: arrived.elapsed().as_micros() as u64,
             stages: served,
+            version: task.version.max(1),
         })
     }
 

@@ -49,7 +49,7 @@ pub async fn run(controller: &str, opts: Import<'_>) -> anyhow::Result<()> {
         let mut client = crate::controller(controller).await?;
         for model in imported.iter() {
             let name = model.task.name.clone();
-            client.register_task(RegisterTaskRequest { task: Some(model.task.clone()) }).await?;
+            client.register_task(RegisterTaskRequest { task: Some(model.task.clone()), ..Default::default() }).await?;
             println!("registered task {name} (SLO {} ms)", model.task.slo_ms);
         }
         println!(

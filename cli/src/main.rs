@@ -22,8 +22,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{
-    ClusterStatusRequest, DeleteTaskRequest, RegisterTaskRequest, RegisterTaskResponse, RollbackTaskRequest,
-    SetShareRequest, SetSloRequest, TaskSpec,
+    ClusterStatusRequest, DeleteTaskRequest, RegisterTaskRequest, RegisterTaskResponse, RollbackTaskRequest, Rollout,
+    SetShareRequest, SetSloRequest, StartRolloutRequest, TaskSpec,
 };
 use tonic::transport::Channel;
 
@@ -323,6 +323,9 @@ enum TaskCmd {
         file: Option<PathBuf>,
         #[command(flatten)]
         share: ShareArgs,
+        /// Keep it as the task's next version without serving it, for `task rollout`.
+        #[arg(long)]
+        staged: bool,
     },
     /// Register the ONNX models of a Triton model repository as tasks, one per model, served
     /// from the repository as it lies: start the agents with --model-dir <repository>.
@@ -361,6 +364,35 @@ enum TaskCmd {
         task: String,
         #[command(flatten)]
         share: ShareArgs,
+    },
+    /// Roll a kept version of a task out as a canary: it serves --canary percent of the
+    /// requests that name no version (and all that name it) for --window-s seconds, then is
+    /// promoted (served) if its error rate (failed or late requests) stayed within
+    /// --max-error-increase of the version served and its p99 within --max-slowdown times;
+    /// rolled back at once when it leaves either margin. A request the canary fails is
+    /// answered by the version served. `task rollback` ends a rollout early.
+    ///
+    /// Example: tidalctl task register --staged --name resnet --slo-ms 250 --variants resnet50 &&
+    /// tidalctl task rollout --task resnet --version 2 --canary 10 --window-s 300
+    Rollout {
+        /// The task's name.
+        #[arg(long)]
+        task: String,
+        /// The kept version to roll out (`task register --staged` keeps one).
+        #[arg(long)]
+        version: u32,
+        /// Its share of the requests that name no version, in percent (1–50).
+        #[arg(long, default_value_t = 10)]
+        canary: u32,
+        /// How long it is compared before it is promoted, in seconds.
+        #[arg(long, default_value_t = 300)]
+        window_s: u32,
+        /// How much higher its error rate may be, as a fraction (0.01: one point).
+        #[arg(long, default_value_t = 0.01)]
+        max_error_increase: f64,
+        /// How many times the served version's p99 its p99 may be.
+        #[arg(long, default_value_t = 1.5)]
+        max_slowdown: f64,
     },
     /// Serve an earlier version of a task again: the one before the version it serves, or
     /// --version N (the controller keeps the last 8). Its SLO and share stay as they are; the
@@ -461,7 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             models::generate_models(&out, &variants, size, &words, seed, force)
         }
         Command::Models(ModelsCmd::Signature { files }) => models::print_signatures(&files),
-        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share }) => {
+        Command::Task(TaskCmd::Register { name, slo_ms, model_dir, variants, file, share, staged }) => {
             let file = file.map(|path| tidal_common::task_file::TaskFile::load(&path)).transpose()?;
             let mut task = match &file {
                 Some(file) => file.to_spec(&model_dir)?,
@@ -490,10 +522,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             task.share = (changed != Default::default()).then_some(changed);
             let (name, slo, stages) = (task.name.clone(), task.slo_ms, task.stages.len());
-            let registered =
-                controller(&cli.controller).await?.register_task(RegisterTaskRequest { task: Some(task) }).await?;
+            let registered = controller(&cli.controller)
+                .await?
+                .register_task(RegisterTaskRequest { task: Some(task), staged })
+                .await?;
             let RegisterTaskResponse { version, new_version } = registered.into_inner();
             let what = match (version, new_version) {
+                (v, true) if staged => format!("version {v} (staged, not served) of task"),
                 (1, true) => "registered task".to_string(),
                 (v, true) => format!("version {v} of task"),
                 (v, false) => format!("the same models as version {v} of task"),
@@ -503,7 +538,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{what} {name} (SLO {slo} ms)");
             }
-            if version > 1 && new_version {
+            if staged && new_version {
+                println!("serve it with: tidalctl task rollout --task {name} --version {version} --canary 10");
+            } else if version > 1 && new_version {
                 println!("its workers start beside the previous version's, which serve until they are ready");
             }
             Ok(())
@@ -526,6 +563,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "task {task}: weight {}, minimum {} cores, maximum {max}",
                 share.weight.unwrap_or(1.0),
                 share.min_cores
+            );
+            Ok(())
+        }
+        Command::Task(TaskCmd::Rollout { task, version, canary, window_s, max_error_increase, max_slowdown }) => {
+            let rollout = Rollout {
+                task: task.clone(),
+                version,
+                canary_percent: canary,
+                window_s,
+                max_error_increase,
+                max_slowdown,
+            };
+            controller(&cli.controller).await?.start_rollout(StartRolloutRequest { rollout: Some(rollout) }).await?;
+            println!(
+                "task {task}: version {version} serves {canary} % of the requests; promoted after {window_s} s within \
+                 the margins, rolled back as soon as it leaves them (tidalctl status shows how it compares)"
             );
             Ok(())
         }

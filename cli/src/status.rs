@@ -85,7 +85,7 @@ fn profiled(t: &tidal_proto::v1::TaskStatus) -> String {
 
 pub fn render(s: &ClusterStatus) -> String {
     let mut out = format!("leader {}  term {}\n", s.leader, s.term);
-    let mut tasks = Vec::new();
+    let (mut tasks, mut rollouts) = (Vec::new(), Vec::new());
     for t in &s.tasks {
         let spec = t.spec.clone().unwrap_or_default();
         let version = match t.earlier_versions.as_slice() {
@@ -109,6 +109,15 @@ pub fn render(s: &ClusterStatus) -> String {
             t.errors.to_string(),
             profiled(t),
         ]);
+        if let Some(r) = &t.rollout {
+            let progress =
+                if t.rollout_progress.is_empty() { "starting".to_string() } else { t.rollout_progress.clone() };
+            tasks.push(vec![format!("  rollout of version {}: {progress}", r.version)]);
+        }
+        if t.rollout.is_some() {
+            let progress = if t.rollout_progress.is_empty() { "starting" } else { t.rollout_progress.as_str() };
+            rollouts.push(format!("rollout of {}: {progress}\n", spec.name));
+        }
         if spec.stages.len() > 1 {
             for st in &t.stages {
                 tasks.push(vec![
@@ -143,6 +152,7 @@ pub fn render(s: &ClusterStatus) -> String {
         ],
         tasks,
     );
+    out.extend(rollouts);
     let nodes = s
         .nodes
         .iter()

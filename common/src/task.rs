@@ -312,8 +312,22 @@ fn validate_skip(prev: Option<&StageSpec>, stage: &StageSpec, next: Option<&Stag
 /// stages of unique valid names, each with 1..=[`MAX_VARIANTS_PER_STAGE`] valid variants that
 /// take the same input and a valid signature (or none), and variant names unique across the
 /// task.
+/// The name a canary of `version` of `task` is planned under: `task@version` (`@` is in no
+/// registered name).
+pub fn canary_name(task: &str, version: u32) -> String {
+    format!("{task}@{version}")
+}
+
+/// The task and version a canary's name stands for ([`canary_name`]); `None` for any other
+/// name.
+pub fn parse_canary(name: &str) -> Option<(&str, u32)> {
+    let (task, version) = name.split_once('@')?;
+    let version: u32 = version.parse().ok().filter(|&v| v > 0)?;
+    (valid_name(task) && canary_name(task, version) == name).then_some((task, version))
+}
+
 pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
-    if !valid_name(&t.name) {
+    if !valid_name(&t.name) && parse_canary(&t.name).is_none() {
         return Err(format!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name));
     }
     validate_slo(t.slo_ms)?;

@@ -124,6 +124,31 @@ impl Controller {
             if let Err(e) = self.adapt_once(term, forecast).instrument(info_span!("adapt", term, forecast)).await {
                 warn!(error = %e, "adaptation round failed");
             }
+            self.judge_rollouts().await;
+        }
+    }
+
+    /// Ends each rollout whose canary the observations have decided on (see
+    /// [`Observed::judge`]): promoted or rolled back through the log, audited.
+    async fn judge_rollouts(&self) {
+        let rollouts: Vec<tidal_proto::v1::Rollout> = self.raft.read(|s| s.rollouts.values().cloned().collect());
+        let now = Instant::now();
+        let verdicts: Vec<tidal_proto::v1::EndRollout> = self.observed(|o| {
+            o.rollouts.retain(|task, _| rollouts.iter().any(|r| &r.task == task));
+            rollouts.iter().filter_map(|r| o.judge(r, now)).collect()
+        });
+        for end in verdicts {
+            let task = end.task.clone();
+            let change = Change::EndRollout(end);
+            let what = crate::service::describe(&change);
+            match self.raft.propose(Command { change: Some(change) }).await {
+                Ok(()) => {
+                    info!(target: "audit", by = "the leader", change = %what, "change committed");
+                    self.observed(|o| o.rollouts.remove(&task));
+                    self.replan.notify_one();
+                }
+                Err(e) => warn!(task = %task, error = %e, "ending the rollout failed; judged again next round"),
+            }
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Observed {
     pub round_rates: BTreeMap<String, RoundRates>,
     /// Per node, how its seconds map onto the controller's.
     clocks: HashMap<String, NodeClock>,
+    /// Per task in a rollout, how its canary compares with its version served so far.
+    pub rollouts: BTreeMap<String, RolloutWatch>,
     /// A node whose last report is older than this is taken for gone: not planned on.
     pub node_timeout: Duration,
 }
@@ -73,6 +75,36 @@ impl NodeClock {
     }
 }
 
+/// A rollout as the leader watches it: the totals of both versions when it began watching,
+/// and their p99 latencies as the agents reported them since.
+#[derive(Debug, Clone)]
+pub struct RolloutWatch {
+    version: u32,
+    started: Instant,
+    /// (answered, failed or late) of the version served and of the canary at the start.
+    served_at_start: (u64, u64),
+    canary_at_start: (u64, u64),
+    served_p99: Vec<f64>,
+    canary_p99: Vec<f64>,
+    /// How the canary compares so far, for `tidalctl status`.
+    pub progress: String,
+}
+
+/// Requests a canary must have served before its error rate is judged.
+pub const MIN_CANARY_REQUESTS: u64 = 20;
+/// Rounds with both versions' p99 before the canary's latency is judged (the median of a
+/// few reports, not one).
+pub const MIN_P99_SAMPLES: usize = 3;
+/// Latency samples (one per round) kept per version of a rollout.
+const MAX_P99_SAMPLES: usize = 4096;
+
+/// The median of `values` (0 when empty).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// The default of [`Observed::node_timeout`]: five missed reports at the agents' default rate.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,6 +121,7 @@ impl Observed {
             totals: HashMap::new(),
             round_rates: BTreeMap::new(),
             clocks: HashMap::new(),
+            rollouts: BTreeMap::new(),
             node_timeout: NODE_TIMEOUT,
         }
     }
@@ -280,6 +313,89 @@ impl Observed {
                 (variant, batches)
             })
             .collect()
+    }
+
+    /// Compares rollout `r`'s canary with the task's version served, from the totals and
+    /// latencies observed since this leader began watching it: rolled back as soon as the
+    /// canary (after [`MIN_CANARY_REQUESTS`]) fails or misses its deadline more often than
+    /// the version served by more than the margin, or its median p99 exceeds the served
+    /// version's by more than the slow-down margin; promoted once the window has passed within
+    /// both. `None` while undecided.
+    pub fn judge(&mut self, r: &tidal_proto::v1::Rollout, now: Instant) -> Option<tidal_proto::v1::EndRollout> {
+        let canary = tidal_common::task::canary_name(&r.task, r.version);
+        let totals = |t: &str| self.totals.get(t).copied().unwrap_or_default();
+        let (served, canaried) = (totals(&r.task), totals(&canary));
+        let (served_p99, canary_p99) = (self.p99(&r.task), self.p99(&canary));
+        let watch = self.rollouts.entry(r.task.clone()).or_insert_with(|| RolloutWatch {
+            version: r.version,
+            started: now,
+            served_at_start: served,
+            canary_at_start: canaried,
+            served_p99: Vec::new(),
+            canary_p99: Vec::new(),
+            progress: String::new(),
+        });
+        if watch.version != r.version {
+            self.rollouts.remove(&r.task);
+            return self.judge(r, now);
+        }
+        if served_p99 > 0.0 && canary_p99 > 0.0 && watch.canary_p99.len() < MAX_P99_SAMPLES {
+            watch.served_p99.push(served_p99);
+            watch.canary_p99.push(canary_p99);
+        }
+        let since = |now: (u64, u64), start: (u64, u64)| (now.0.saturating_sub(start.0), now.1.saturating_sub(start.1));
+        let rate = |(ok, bad): (u64, u64)| if ok + bad == 0 { 0.0 } else { bad as f64 / (ok + bad) as f64 };
+        let (s, c) = (since(served, watch.served_at_start), since(canaried, watch.canary_at_start));
+        let (s_rate, c_rate) = (rate(s), rate(c));
+        let (s_p99, c_p99) = (median(&watch.served_p99), median(&watch.canary_p99));
+        let elapsed = now.duration_since(watch.started).as_secs_f64();
+        watch.progress = format!(
+            "version {} on {} %: {:.0} of {} s; failed or late {:.1} % of {} (served version {:.1} % of {}); p99 {:.0} ms (served version {:.0} ms)",
+            r.version,
+            r.canary_percent,
+            elapsed.min(r.window_s as f64),
+            r.window_s,
+            100.0 * c_rate,
+            c.0 + c.1,
+            100.0 * s_rate,
+            s.0 + s.1,
+            c_p99,
+            s_p99
+        );
+        let end =
+            |promote: bool, reason: String| Some(tidal_proto::v1::EndRollout { task: r.task.clone(), promote, reason });
+        let judged = c.0 + c.1 >= MIN_CANARY_REQUESTS;
+        if judged && c_rate > s_rate + r.max_error_increase {
+            let why = format!(
+                "the canary failed or was late on {:.1} % of {} requests against {:.1} %, beyond the {:.1}-point margin",
+                100.0 * c_rate,
+                c.0 + c.1,
+                100.0 * s_rate,
+                100.0 * r.max_error_increase
+            );
+            return end(false, why);
+        }
+        let latencies = watch.canary_p99.len() >= MIN_P99_SAMPLES;
+        if judged && latencies && s_p99 > 0.0 && c_p99 > r.max_slowdown * s_p99 {
+            let why = format!(
+                "the canary's p99 {c_p99:.0} ms is {:.1}× the served version's {s_p99:.0} ms, beyond {:.1}×",
+                c_p99 / s_p99,
+                r.max_slowdown
+            );
+            return end(false, why);
+        }
+        if elapsed < r.window_s as f64 {
+            return None;
+        }
+        if !judged {
+            let why = format!(
+                "the canary served {} requests in {} s, fewer than the {MIN_CANARY_REQUESTS} it is judged on",
+                c.0 + c.1,
+                r.window_s
+            );
+            return end(false, why);
+        }
+        end(true, format!("within the margins for {} s: {}", r.window_s, watch.progress))
     }
 
     /// Forgets all that was observed of a deleted task: a task registered later under its name
@@ -495,5 +611,66 @@ mod tests {
         assert_eq!(o.size_mixes("t", t0 + Duration::from_secs(21), 10)["encode"], vec![(100, 0.5), (400, 0.5)]);
         assert!(o.size_mixes("t", t0 + Duration::from_secs(90), 10).is_empty(), "nothing in the window");
         assert!(o.size_mixes("other", t0, 10).is_empty());
+    }
+
+    /// A rollout judged from the agents' reports: rolled back at once on errors beyond the
+    /// margin (not before enough requests), or on a p99 beyond the slow-down margin over a few
+    /// reports; promoted once the window has passed within both; rolled back for want of
+    /// requests at its end.
+    #[test]
+    fn a_rollout_is_judged_on_errors_latency_and_its_window() {
+        let rollout = tidal_proto::v1::Rollout {
+            task: "t".into(),
+            version: 2,
+            canary_percent: 10,
+            window_s: 60,
+            max_error_increase: 0.01,
+            max_slowdown: 2.0,
+        };
+        // Per report: (served, errors, p99 ms) of the version served and of the canary.
+        let report = |s: (u64, u64, f64), c: (u64, u64, f64)| TelemetryReport {
+            node: "n".into(),
+            tasks: [("t", s), ("t@2", c)]
+                .into_iter()
+                .map(|(task, (served, errors, p99))| TaskTelemetry {
+                    task: task.into(),
+                    served,
+                    errors,
+                    latency_p99_ms: p99,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let run = |reports: &[(TelemetryReport, u64)]| {
+            let mut o = Observed::new(t0);
+            // The leader starts watching at its first round after the rollout began.
+            let mut verdict = o.judge(&rollout, t0);
+            for (r, second) in reports {
+                o.record(r.clone(), at(*second));
+                verdict = verdict.or_else(|| o.judge(&rollout, at(*second)));
+            }
+            verdict
+        };
+        // Errors: 3 of 20 failed against none, rolled back at once; not before 20 requests.
+        let erring = [(report((100, 0, 10.0), (5, 3, 10.0)), 1), (report((100, 0, 10.0), (12, 0, 10.0)), 2)];
+        assert_eq!(run(&erring[..1]), None, "8 canary requests are not enough to judge");
+        let v = run(&erring).expect("rolled back");
+        assert!(!v.promote && v.reason.contains("failed or was late"), "{v:?}");
+        // Latency: 3× the p99 over three reports.
+        let slow: Vec<_> = (1..=3).map(|s| (report((100, 0, 10.0), (10, 0, 30.0)), s)).collect();
+        let v = run(&slow).expect("rolled back");
+        assert!(!v.promote && v.reason.contains("p99"), "{v:?}");
+        assert_eq!(run(&slow[..2]), None, "two reports are not a median");
+        // Within the margins: promoted at the end of the window, not before.
+        let healthy: Vec<_> = (1..=61).map(|s| (report((100, 1, 10.0), (10, 0, 12.0)), s)).collect();
+        assert_eq!(run(&healthy[..59]), None);
+        assert!(run(&healthy).expect("promoted").promote);
+        // No canary traffic by the end: rolled back, for want of evidence.
+        let idle: Vec<_> = (1..=61).map(|s| (report((100, 0, 10.0), (0, 0, 0.0)), s)).collect();
+        let v = run(&idle).expect("ended");
+        assert!(!v.promote && v.reason.contains("fewer than"), "{v:?}");
     }
 }

@@ -9,13 +9,17 @@ use std::time::Instant;
 use tidal_common::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
 use tidal_common::forecast::SURGE_WINDOW_S;
 
+use tidal_common::task::{canary_name, parse_canary};
+use tidal_proto::v1::{Canary, TaskSpec};
+
 use crate::observed::Observed;
 use crate::state::ClusterState;
 
 /// What a round takes from the leader's observations, copied out so that the solve holds no
 /// lock the telemetry handlers need.
 pub struct Observations {
-    /// Per task of the state, in its order.
+    /// The tasks planned ([`planned_tasks`]); what follows is per task, in this order.
+    tasks: Vec<tidal_proto::v1::TaskSpec>,
     histories: Vec<Vec<f64>>,
     min_budgets: Vec<Option<f64>>,
     load_times: Vec<BTreeMap<String, f64>>,
@@ -33,7 +37,8 @@ impl Observations {
     pub fn gather(adapter: &AdaptConfig, state: &ClusterState, observed: &mut Observed, now: Instant) -> Self {
         let lookback = adapter.lookback_s as u64;
         let interval = adapter.interval_s.ceil().max(1.0) as u64;
-        let tasks = state.tasks.keys();
+        let specs = planned_tasks(state);
+        let tasks = specs.iter().map(|t| &t.name);
         observed.keep_served_of(tasks.clone());
         Self {
             histories: tasks.clone().map(|t| observed.history(t, now, lookback)).collect(),
@@ -44,6 +49,7 @@ impl Observations {
                 .collect(),
             sizes: tasks.clone().map(|t| observed.size_mixes(t, now, lookback)).collect(),
             served: tasks.map(|t| observed.take_served(t)).collect(),
+            tasks: specs.clone(),
             silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
             serving: observed.serving(),
         }
@@ -66,19 +72,19 @@ pub fn plan_round(
 
 /// [`plan_round`] from observations gathered before.
 pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observations, forecast: bool) -> Round {
-    let tasks = state
+    let tasks = observed
         .tasks
-        .values()
+        .iter()
         .enumerate()
         .map(|(i, spec)| TaskInput {
             spec,
             arrivals: &observed.histories[i],
             min_budget_ms: observed.min_budgets[i],
-            profiles: profiles_of(state, &spec.name),
+            profiles: profiles_of(state, profiled_as(&spec.name)),
             profile_indices: state
                 .profiles
                 .iter()
-                .filter(|((t, _), _)| t == &spec.name)
+                .filter(|((t, _), _)| t == profiled_as(&spec.name))
                 .map(|((_, variant), p)| (variant.as_str(), p.stored_index))
                 .collect(),
             load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
@@ -100,6 +106,29 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
     } else {
         adapter.reconsider(&input)
     }
+}
+
+/// The tasks a round plans: each task's version served (with its canary during a rollout)
+/// and each rollout's canary, planned as a task of its own (`task@version`, see
+/// [`tidal_common::task::canary_name`]) at the task's SLO.
+pub fn planned_tasks(state: &ClusterState) -> Vec<TaskSpec> {
+    let mut tasks = Vec::new();
+    for (name, spec) in &state.tasks {
+        let mut spec = spec.clone();
+        let rollout = state.rollouts.get(name);
+        if let Some((r, kept)) = rollout.and_then(|r| Some((r, state.earlier.get(name)?.get(&r.version)?))) {
+            let canary = canary_name(name, r.version);
+            spec.canary = Some(Canary { task: canary.clone(), version: r.version, percent: r.canary_percent });
+            tasks.push(TaskSpec { name: canary, slo_ms: spec.slo_ms, share: None, canary: None, ..kept.clone() });
+        }
+        tasks.push(spec);
+    }
+    tasks
+}
+
+/// The task whose profiles a planned task uses: a canary's are its task's.
+fn profiled_as(task: &str) -> &str {
+    parse_canary(task).map_or(task, |(task, _)| task)
 }
 
 /// The nodes the plan in force gives workers to that have stopped reporting.

@@ -13,7 +13,8 @@ use tidal_proto::v1::{
     DrainNodeRequest, DrainNodeResponse, NodeStatus, PlanHistory, PlanHistoryRequest, RegisterNodeRequest,
     RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse,
     RollbackTaskRequest, RollbackTaskResponse, SetShareRequest, SetShareResponse, SetSloRequest, SetSloResponse,
-    StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck, TelemetryReport,
+    StartRolloutRequest, StartRolloutResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck,
+    TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, ListRevokedRequest, MembershipResponse, RemoveReplicaRequest, Replica,
@@ -221,15 +222,46 @@ impl ControllerApi for ControllerService {
     ) -> Result<Response<RegisterTaskResponse>, Status> {
         let by = self.guard.require(&request, "RegisterTask", is_admin)?;
         self.require_leader().await?;
-        let task = request.into_inner().task.ok_or_else(|| Status::invalid_argument("no task"))?;
-        let task = tidal_common::task::normalise(task);
+        let RegisterTaskRequest { task, staged } = request.into_inner();
+        let task = tidal_common::task::normalise(task.ok_or_else(|| Status::invalid_argument("no task"))?);
         tidal_common::task::validate_task(&task).map_err(Status::invalid_argument)?;
+        if !tidal_common::task::valid_name(&task.name) {
+            return Err(Status::invalid_argument(format!("task name {:?}: `@` names canaries", task.name)));
+        }
         let name = task.name.clone();
-        let version_of = |s: &crate::state::ClusterState| s.tasks.get(&name).map(|t| t.version);
+        // The version served, or with `staged` the highest kept.
+        let version_of = |s: &crate::state::ClusterState| {
+            let served = s.tasks.get(&name).map(|t| t.version);
+            let kept = s.earlier.get(&name).and_then(|e| e.keys().next_back().copied());
+            if staged {
+                kept.max(served)
+            } else {
+                served
+            }
+        };
         let before = self.ctl.raft.read(version_of);
-        self.commit_as(&by, Change::RegisterTask(task)).await?;
+        // The state refuses a staged first version and a new version during a rollout
+        // (FAILED_PRECONDITION, with why).
+        let change = if staged { Change::StageTask(task) } else { Change::RegisterTask(task) };
+        self.commit_as(&by, change).await?;
         let version = self.ctl.raft.read(version_of).unwrap_or_default();
         Ok(Response::new(RegisterTaskResponse { version, new_version: before != Some(version) }))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<StartRolloutRequest>,
+    ) -> Result<Response<StartRolloutResponse>, Status> {
+        let by = self.guard.require(&request, "StartRollout", is_admin)?;
+        self.require_leader().await?;
+        let rollout = request.into_inner().rollout.ok_or_else(|| Status::invalid_argument("no rollout"))?;
+        crate::state::validate_rollout(&rollout).map_err(Status::invalid_argument)?;
+        if !self.ctl.raft.read(|s| s.tasks.contains_key(&rollout.task)) {
+            return Err(Status::not_found(format!("unknown task {:?}", rollout.task)));
+        }
+        // The state refuses a version it does not keep, or a second rollout.
+        self.commit_as(&by, Change::StartRollout(rollout)).await?;
+        Ok(Response::new(StartRolloutResponse {}))
     }
 
     async fn rollback_task(
@@ -303,10 +335,11 @@ impl ControllerApi for ControllerService {
         self.require_leader().await?;
         let profile = request.into_inner().profile.ok_or_else(|| Status::invalid_argument("no profile"))?;
         tidal_common::profile::validate_profile(&profile).map_err(Status::invalid_argument)?;
-        let known = self
-            .ctl
-            .raft
-            .read(|s| s.tasks.get(&profile.task).is_some_and(|t| find_variant(t, &profile.variant).is_some()));
+        let known = self.ctl.raft.read(|s| {
+            // The version served's variants, or a kept (staged or earlier) version's.
+            let kept = s.earlier.get(&profile.task).into_iter().flat_map(|e| e.values());
+            s.tasks.get(&profile.task).into_iter().chain(kept).any(|t| find_variant(t, &profile.variant).is_some())
+        });
         if !known {
             return Err(Status::not_found(format!("task {:?} has no variant {:?}", profile.task, profile.variant)));
         }
@@ -379,6 +412,8 @@ impl ControllerApi for ControllerService {
                             .earlier
                             .get(&t.name)
                             .map_or_else(Vec::new, |e| e.keys().copied().collect()),
+                        rollout: state.rollouts.get(&t.name).cloned(),
+                        rollout_progress: o.rollouts.get(&t.name).map(|w| w.progress.clone()).unwrap_or_default(),
                     }
                 })
                 .collect();
@@ -575,7 +610,7 @@ fn who(by: &Option<Role>) -> String {
 
 /// A change in a few words, for the audit line (not the whole message: a task or profile can be
 /// large).
-fn describe(change: &Change) -> String {
+pub(crate) fn describe(change: &Change) -> String {
     match change {
         Change::RegisterNode(n) => format!("register node {} ({} cores at {})", n.node, n.cores, n.address),
         Change::RegisterTask(t) => {
@@ -583,6 +618,19 @@ fn describe(change: &Change) -> String {
         }
         Change::SetSlo(s) => format!("task {} SLO {} ms", s.task, s.slo_ms),
         Change::DeleteTask(d) => format!("delete task {}", d.task),
+        Change::StageTask(t) => format!("stage a version of task {} ({} stages)", t.name, t.stages.len()),
+        Change::StartRollout(r) => format!(
+            "roll out version {} of task {} on {} % for {} s (margins: {:.1} error points, {:.1}× p99)",
+            r.version,
+            r.task,
+            r.canary_percent,
+            r.window_s,
+            100.0 * r.max_error_increase,
+            r.max_slowdown
+        ),
+        Change::EndRollout(e) => {
+            format!("{} the rollout of task {}: {}", if e.promote { "promote" } else { "roll back" }, e.task, e.reason)
+        }
         Change::RollbackTask(r) => match r.version {
             0 => format!("roll task {} back to the version before", r.task),
             v => format!("roll task {} back to version {v}", r.task),

@@ -7,9 +7,10 @@ use prost::Message;
 
 use tidal_common::plan::{validate_node, validate_plan};
 use tidal_common::profile::validate_profile;
-use tidal_common::task::{find_variant, normalise, validate_slo, validate_task};
+use tidal_common::task::{find_variant, normalise, parse_canary, validate_slo, validate_task};
 use tidal_proto::v1::{
-    command::Change, Command, Plan, RegisterNodeRequest, RevokedCertificate, StateSnapshot, TaskSpec, VariantProfile,
+    command::Change, Command, Plan, RegisterNodeRequest, RevokedCertificate, Rollout, StateSnapshot, TaskSpec,
+    VariantProfile,
 };
 
 /// Plans kept in the history (older ones are forgotten)...
@@ -55,8 +56,11 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeInfo>,
     /// The version of each task that serves.
     pub tasks: BTreeMap<String, TaskSpec>,
-    /// Per task, its earlier versions by number (at most [`KEPT_VERSIONS`]), for a rollback.
+    /// Per task, its earlier versions by number (at most [`KEPT_VERSIONS`]), for a rollback,
+    /// and versions staged for a rollout.
     pub earlier: BTreeMap<String, BTreeMap<u32, TaskSpec>>,
+    /// Rollouts under way, by task.
+    pub rollouts: BTreeMap<String, Rollout>,
     /// (task, variant) → the latest measured profile.
     pub profiles: BTreeMap<(String, String), VariantProfile>,
     pub plan: Option<Plan>,
@@ -111,6 +115,7 @@ impl ClusterState {
             revoked: self.revoked.values().cloned().collect(),
             revocations_version: self.revocations_version,
             earlier_versions: self.earlier.values().flat_map(|v| v.values().cloned()).collect(),
+            rollouts: self.rollouts.values().cloned().collect(),
         }
     }
 
@@ -127,6 +132,7 @@ impl ClusterState {
                 .collect(),
             tasks: s.tasks.into_iter().map(normalise).map(|t| (t.name.clone(), t)).collect(),
             earlier,
+            rollouts: s.rollouts.into_iter().map(|r| (r.task.clone(), r)).collect(),
             profiles: s.profiles.into_iter().map(|p| ((p.task.clone(), p.variant.clone()), p)).collect(),
             plan: s.plan,
             history_bytes: s.history.iter().map(|p| p.encoded_len()).sum(),
@@ -179,27 +185,11 @@ impl ClusterState {
                 self.nodes.remove(&r.node);
             }
             Change::RevokeCertificate(c) => self.revoke(index, c)?,
-            Change::RegisterTask(t) => {
-                // Entries written before tasks had stages are read in the one-stage form.
-                let mut t = normalise(t.clone());
-                validate_task(&t)?;
-                t.version = match self.tasks.get(&t.name) {
-                    None => 1,
-                    // The same models: the SLO and share change in place.
-                    Some(served) if served.stages == t.stages => served.version,
-                    Some(served) => {
-                        let earlier = self.earlier.entry(t.name.clone()).or_default();
-                        let last = earlier.keys().copied().chain([served.version]).max().unwrap_or(0);
-                        earlier.insert(served.version, served.clone());
-                        while earlier.len() > KEPT_VERSIONS {
-                            earlier.pop_first();
-                        }
-                        last + 1
-                    }
-                };
-                let name = t.name.clone();
-                self.tasks.insert(name.clone(), t);
-                self.keep_profiles_of_kept_versions(&name);
+            Change::RegisterTask(t) => self.register_task(t, false)?,
+            Change::StageTask(t) => self.register_task(t, true)?,
+            Change::RollbackTask(r) if self.rollouts.contains_key(&r.task) => {
+                // During a rollout, a rollback ends it: the version served stays.
+                self.rollouts.remove(&r.task);
             }
             Change::RollbackTask(r) => {
                 let served = self.tasks.get(&r.task).ok_or_else(|| format!("unknown task {:?}", r.task))?;
@@ -229,9 +219,34 @@ impl ClusterState {
                     return Err(format!("unknown task {:?}", d.task));
                 }
                 self.earlier.remove(&d.task);
+                self.rollouts.remove(&d.task);
                 // A task registered later under the name starts from nothing: no profile of
                 // the deleted one is planned with.
                 self.profiles.retain(|(task, _), _| task != &d.task);
+            }
+            Change::StartRollout(r) => {
+                validate_rollout(r)?;
+                let served = self.tasks.get(&r.task).ok_or_else(|| format!("unknown task {:?}", r.task))?;
+                if self.rollouts.contains_key(&r.task) {
+                    return Err(format!("a rollout of task {:?} is under way", r.task));
+                }
+                if served.version == r.version {
+                    return Err(format!("task {:?} serves version {} already", r.task, r.version));
+                }
+                if !self.earlier.get(&r.task).is_some_and(|e| e.contains_key(&r.version)) {
+                    return Err(format!(
+                        "task {:?} keeps no version {} (register it with --staged)",
+                        r.task, r.version
+                    ));
+                }
+                self.rollouts.insert(r.task.clone(), r.clone());
+            }
+            Change::EndRollout(end) => {
+                let rollout =
+                    self.rollouts.remove(&end.task).ok_or_else(|| format!("no rollout of task {:?}", end.task))?;
+                if end.promote {
+                    self.serve_kept(&end.task, rollout.version)?;
+                }
             }
             Change::SetSlo(s) => {
                 validate_slo(s.slo_ms)?;
@@ -244,7 +259,8 @@ impl ClusterState {
             }
             Change::StoreProfile(p) => {
                 validate_profile(p)?;
-                if self.tasks.get(&p.task).is_none_or(|t| find_variant(t, &p.variant).is_none()) {
+                let kept = self.earlier.get(&p.task).into_iter().flat_map(|e| e.values());
+                if !self.tasks.get(&p.task).into_iter().chain(kept).any(|t| find_variant(t, &p.variant).is_some()) {
                     return Err(format!("task {:?} has no variant {:?}", p.task, p.variant));
                 }
                 self.profiles
@@ -259,6 +275,68 @@ impl ClusterState {
                 self.commit_plan(plan)?;
             }
         }
+        Ok(())
+    }
+
+    /// Registers a task: its first version, its next one (other models), or the same one with
+    /// another SLO and share; `staged`: the next version is kept, not served (for a rollout).
+    fn register_task(&mut self, t: &TaskSpec, staged: bool) -> Result<(), String> {
+        // Entries written before tasks had stages are read in the one-stage form.
+        let mut t = normalise(t.clone());
+        validate_task(&t)?;
+        if parse_canary(&t.name).is_some() {
+            return Err(format!("task name {:?}: `@` names canaries", t.name));
+        }
+        let name = t.name.clone();
+        let served = self.tasks.get(&name).cloned();
+        if staged && served.is_none() {
+            return Err(format!("task {name:?} is not registered: its first version is served, not staged"));
+        }
+        if self.rollouts.contains_key(&name) && served.as_ref().is_none_or(|s| s.stages != t.stages) {
+            return Err(format!("a rollout of task {name:?} is under way: wait for its end, or end it (rollback)"));
+        }
+        let earlier = self.earlier.entry(name.clone()).or_default();
+        match served {
+            None => {
+                t.version = 1;
+                self.tasks.insert(name.clone(), t);
+            }
+            // The same models: the SLO and share change in place.
+            Some(served) if served.stages == t.stages => {
+                t.version = served.version;
+                self.tasks.insert(name.clone(), t);
+            }
+            Some(served) => {
+                t.version = earlier.keys().copied().chain([served.version]).max().unwrap_or(0) + 1;
+                if staged {
+                    earlier.insert(t.version, t);
+                } else {
+                    earlier.insert(served.version, served);
+                    self.tasks.insert(name.clone(), t);
+                }
+                while earlier.len() > KEPT_VERSIONS {
+                    earlier.pop_first();
+                }
+            }
+        }
+        if self.earlier.get(&name).is_some_and(|e| e.is_empty()) {
+            self.earlier.remove(&name);
+        }
+        self.keep_profiles_of_kept_versions(&name);
+        Ok(())
+    }
+
+    /// Serves kept version `version` of `task` (its SLO and share as the task's are now); the
+    /// version served is kept.
+    fn serve_kept(&mut self, task: &str, version: u32) -> Result<(), String> {
+        let served = self.tasks.get(task).cloned().ok_or_else(|| format!("unknown task {task:?}"))?;
+        let earlier = self.earlier.entry(task.to_string()).or_default();
+        let mut spec = earlier.remove(&version).ok_or_else(|| format!("task {task:?} keeps no version {version}"))?;
+        // The SLO and the share are the task's, not a version's.
+        spec.slo_ms = served.slo_ms;
+        spec.share = served.share;
+        earlier.insert(served.version, served);
+        self.tasks.insert(task.to_string(), spec);
         Ok(())
     }
 
@@ -309,7 +387,11 @@ impl ClusterState {
         validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
         // A round solved before a task was deleted plans for it still: refused, and the round
         // the deletion started plans without it.
-        if let Some(t) = normalised.tasks.iter().find(|t| !self.tasks.contains_key(&t.name)) {
+        let known = |name: &str| match parse_canary(name) {
+            Some((task, version)) => self.rollouts.get(task).is_some_and(|r| r.version == version),
+            None => self.tasks.contains_key(name),
+        };
+        if let Some(t) = normalised.tasks.iter().find(|t| !known(&t.name)) {
             return Err(format!("plan {} has task {:?}, which is not registered (deleted?)", plan.epoch, t.name));
         }
         self.history_bytes += plan.encoded_len();
@@ -321,6 +403,29 @@ impl ClusterState {
         }
         Ok(())
     }
+}
+
+/// Most of a task's requests a canary may take, in percent.
+pub const MAX_CANARY_PERCENT: u32 = 50;
+/// The longest a rollout may compare, in seconds.
+pub const MAX_ROLLOUT_WINDOW_S: u32 = 24 * 3600;
+
+/// A rollout as the API and the log must carry it: a canary share of 1–50 %, a window of
+/// 1 s – a day, margins that are numbers in range.
+pub fn validate_rollout(r: &Rollout) -> Result<(), String> {
+    if !(1..=MAX_CANARY_PERCENT).contains(&r.canary_percent) {
+        return Err(format!("a canary takes 1–{MAX_CANARY_PERCENT} % of the requests, not {}", r.canary_percent));
+    }
+    if !(1..=MAX_ROLLOUT_WINDOW_S).contains(&r.window_s) {
+        return Err(format!("a rollout's window is 1–{MAX_ROLLOUT_WINDOW_S} s, not {}", r.window_s));
+    }
+    if !(0.0..=1.0).contains(&r.max_error_increase) {
+        return Err(format!("the error margin is a fraction 0–1, not {}", r.max_error_increase));
+    }
+    if !(1.0..=100.0).contains(&r.max_slowdown) {
+        return Err(format!("the slow-down margin is 1–100 times, not {}", r.max_slowdown));
+    }
+    Ok(())
 }
 
 /// A revocation as the API and the log must carry it: a serial in its one form, bounded text.
@@ -682,6 +787,63 @@ mod tests {
         s.apply(41, &cmd(Change::RegisterTask(with("v", 100)))).unwrap();
         assert_eq!(s.tasks["t"].version, 1);
         assert!(!s.earlier.contains_key("t"));
+    }
+
+    #[test]
+    fn a_staged_version_is_rolled_out_then_promoted_or_rolled_back() {
+        use tidal_proto::v1::{EndRollout, RollbackTaskRequest};
+        let mut s = ClusterState::default();
+        let with = |variant: &str| TaskSpec {
+            name: "t".into(),
+            slo_ms: 100,
+            variants: vec![VariantSpec { name: variant.into(), ..self::variant() }],
+            ..Default::default()
+        };
+        let rollout = |version, canary_percent| Rollout {
+            task: "t".into(),
+            version,
+            canary_percent,
+            window_s: 60,
+            max_error_increase: 0.01,
+            max_slowdown: 1.5,
+        };
+        let start = |r: Rollout| cmd(Change::StartRollout(r));
+        let end = |promote| cmd(Change::EndRollout(EndRollout { task: "t".into(), promote, reason: "test".into() }));
+        assert!(s.apply(1, &cmd(Change::StageTask(with("v")))).unwrap_err().contains("first version"));
+        s.apply(2, &cmd(Change::RegisterTask(with("v")))).unwrap();
+        s.apply(3, &cmd(Change::StageTask(with("w")))).unwrap();
+        assert_eq!(s.tasks["t"].version, 1, "staged, not served");
+        assert!(s.earlier["t"].contains_key(&2));
+        s.apply(4, &profile("w", 1)).unwrap(); // a staged version's variant may be profiled
+        for (i, bad) in [rollout(2, 0), rollout(2, 51), rollout(1, 10), rollout(3, 10)].into_iter().enumerate() {
+            assert!(s.apply(10 + i as u64, &start(bad)).is_err(), "rollout {i}");
+        }
+        s.apply(20, &start(rollout(2, 10))).unwrap();
+        assert!(s.apply(21, &start(rollout(2, 10))).is_err(), "one rollout at a time");
+        assert!(s.apply(22, &cmd(Change::RegisterTask(with("x")))).unwrap_err().contains("under way"));
+        // A plan may name the canary of the rollout under way, and no other.
+        let canary = |version| TaskSpec { name: format!("t@{version}"), ..normalise(with("w")) };
+        let with_canary = |epoch, version| Plan { epoch, term: 1, tasks: vec![canary(version)], ..Default::default() };
+        s.apply(23, &cmd(Change::CommitPlan(with_canary(1, 2)))).unwrap();
+        assert!(s.apply(24, &cmd(Change::CommitPlan(with_canary(2, 3)))).is_err());
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!(restored.rollouts["t"], rollout(2, 10));
+        // Promoted: version 2 serves, version 1 is kept.
+        s.apply(25, &end(true)).unwrap();
+        assert!(s.rollouts.is_empty());
+        assert_eq!(s.tasks["t"].version, 2);
+        assert!(s.earlier["t"].contains_key(&1));
+        assert!(s.apply(26, &end(true)).is_err(), "no rollout to end");
+        // Rolled back: the version served stays; a rollback during a rollout only ends it.
+        s.apply(27, &start(rollout(1, 20))).unwrap();
+        s.apply(28, &end(false)).unwrap();
+        assert_eq!(s.tasks["t"].version, 2);
+        s.apply(29, &start(rollout(1, 20))).unwrap();
+        s.apply(30, &cmd(Change::RollbackTask(RollbackTaskRequest { task: "t".into(), version: 0 }))).unwrap();
+        assert!(s.rollouts.is_empty());
+        assert_eq!(s.tasks["t"].version, 2);
+        // A registered name may not look like a canary's.
+        assert!(s.apply(31, &cmd(Change::RegisterTask(TaskSpec { name: "t@3".into(), ..with("v") }))).is_err());
     }
 
     #[test]

@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
     let mut admin = controller_client(&leader_addr).await;
     for t in 0..tasks {
         let spec = task_spec(t);
-        admin.register_task(RegisterTaskRequest { task: Some(spec.clone()) }).await?;
+        admin.register_task(RegisterTaskRequest { task: Some(spec.clone()), ..Default::default() }).await?;
         for (v, per_core) in [60.0, 35.0, 28.0, 16.0, 11.0].into_iter().enumerate() {
             let points =
                 tidal_common::profile::synthetic(per_core, &[1, 2, 4, 8, 16], &[(1, 1.0), (4, 1.4), (16, 1.7)], 1.2);

@@ -51,7 +51,12 @@ async fn main() {
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controllers), extra: &[] });
     let leader = group.leader(Duration::from_secs(20)).await;
     let task = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
-    group.client(leader).await.register_task(RegisterTaskRequest { task: Some(task) }).await.expect("task");
+    group
+        .client(leader)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(task), ..Default::default() })
+        .await
+        .expect("task");
     wait_ready(&agent.control_addr, 1).await;
     eprintln!("cluster up: 3 replicas, agent serving resnet18; load at {} req/s", args.rate);
 

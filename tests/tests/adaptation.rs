@@ -63,7 +63,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
 
     // Bad input to the controller is refused with the reason.
     let bad = TaskSpec { name: "bad task!".into(), slo_ms: 0, ..Default::default() };
-    let err = ctl.register_task(RegisterTaskRequest { task: Some(bad) }).await.unwrap_err();
+    let err = ctl.register_task(RegisterTaskRequest { task: Some(bad), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = ctl.set_slo(SetSloRequest { task: "nope".into(), slo_ms: 100 }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -71,7 +71,7 @@ async fn a_load_step_makes_the_controller_plan_more_capacity_and_the_agent_appli
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let r50 = VariantConfig::load(&models, "resnet50").unwrap();
     let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec(), r50.spec()]);
-    ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
+    ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.unwrap();
 
     // Profile both variants on the agent with the CLI; the profiles land in the controller.
     let status = as_admin(&mut Command::new(bin("tidalctl")))

@@ -71,7 +71,12 @@ async fn a_killed_leader_is_replaced_agents_follow_and_a_full_restart_loses_noth
 
     let first = group.leader(Duration::from_secs(20)).await;
     let served = tidal_common::task::single_stage("t", 500, vec![r18.spec()]);
-    group.client(first).await.register_task(RegisterTaskRequest { task: Some(served) }).await.unwrap();
+    group
+        .client(first)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(served), ..Default::default() })
+        .await
+        .unwrap();
     let before = eventually(Duration::from_secs(20), "the agent applies the first leader's plan", || async {
         agent_status(&agent.control_addr).await.filter(|s| s.applied_epoch >= 1)
     })
@@ -190,7 +195,12 @@ async fn a_partitioned_leader_steps_down_its_writes_never_commit_and_it_catches_
     let group = Group::start_placed(work.path(), placements, &["--interval-s", "2", "--election-ticks", "40"]);
     let old = group.leader(Duration::from_secs(30)).await;
     let old_addr = group.addr(old);
-    group.client(old).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+    group
+        .client(old)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(task(500)), ..Default::default() })
+        .await
+        .unwrap();
     let old_term = group.view(old).await.unwrap().term;
 
     net.cut(old as usize).unwrap();
@@ -247,7 +257,12 @@ async fn replicas_join_and_leave_while_writes_go_on() {
     // Snapshot every 20 entries, so the joining replica must be sent a snapshot.
     let mut group = Group::start(work.path(), 3, &["--interval-s", "2", "--snapshot-entries", "20"]);
     let first = group.leader(Duration::from_secs(20)).await;
-    group.client(first).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+    group
+        .client(first)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(task(500)), ..Default::default() })
+        .await
+        .unwrap();
 
     // Writes all along, to whoever leads.
     let stop = Arc::new(AtomicBool::new(false));
@@ -362,7 +377,7 @@ async fn acknowledged_writes_survive_random_kills_and_restarts() {
                     let mut c = tidal_tests::group::leader_client(&addrs).await?;
                     let mut t = task(500);
                     t.name = name.clone();
-                    c.register_task(RegisterTaskRequest { task: Some(t) }).await.ok()
+                    c.register_task(RegisterTaskRequest { task: Some(t), ..Default::default() }).await.ok()
                 }
                 .await
                 .is_some();
@@ -452,7 +467,12 @@ async fn admin_calls_finish_in_time_beside_a_paused_replica_and_a_silent_address
     let work = tempfile::tempdir().unwrap();
     let group = Group::start(work.path(), 3, &["--interval-s", "2"]);
     let leader = group.leader(Duration::from_secs(20)).await;
-    group.client(leader).await.register_task(RegisterTaskRequest { task: Some(task(500)) }).await.unwrap();
+    group
+        .client(leader)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(task(500)), ..Default::default() })
+        .await
+        .unwrap();
     // The kernel completes connections to a listener nobody accepts from: it never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let follower = group.ids().into_iter().find(|&id| id != leader).unwrap();

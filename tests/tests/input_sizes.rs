@@ -102,7 +102,7 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
         ..Default::default()
     };
     let task = TaskSpec { name: "detect".into(), slo_ms: 2000, stages: vec![stage], ..Default::default() };
-    ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
+    ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.unwrap();
     ctl.store_profile(StoreProfileRequest { profile: Some(profile(&agent.node)) }).await.unwrap();
 
     // About 8 requests a second throughout, of the size `side` says.

@@ -215,7 +215,7 @@ async fn a_stage_whose_agent_dies_is_planned_on_another_node() {
     let task = video(2000, &shrink, &r18);
     eventually(Duration::from_secs(20), "the controller to lead and take the task", || {
         let (mut ctl, task) = (ctl.clone(), task.clone());
-        async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
+        async move { ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.ok() }
     })
     .await;
     for (variant, per_core) in [("downsample", 2000.0), ("resnet18", 600.0)] {

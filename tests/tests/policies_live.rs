@@ -38,7 +38,7 @@ async fn cluster(policy: &str) -> Cluster {
     wait_reporting(&ctl, &agent.node, "the agent to report").await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec()]);
-    ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
+    ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.unwrap();
     let points = (2..=4)
         .map(|c| ProfilePoint {
             cores: c,

@@ -77,7 +77,11 @@ async fn a_profile_twice_too_fast_is_corrected_from_served_batches_within_rounds
     let agent = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl), extra: &[] });
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec()]);
-    controller_client(&ctl).await.register_task(RegisterTaskRequest { task: Some(task) }).await.unwrap();
+    controller_client(&ctl)
+        .await
+        .register_task(RegisterTaskRequest { task: Some(task), ..Default::default() })
+        .await
+        .unwrap();
 
     // Measured on this agent, then stored as if the variant ran twice as fast.
     let saved = work.path().join("measured.json");

@@ -103,6 +103,8 @@ fn the_readme_s_cluster_and_client_examples_run_as_written() {
         "policy               task",
         "version 2 of task scratch",
         "task scratch serves version 1 again (was version 2)",
+        "version 3 (staged, not served) of task scratch",
+        "task scratch: version 3 serves 10 % of the requests",
         "task scratch deleted",
     ] {
         assert!(out.contains(expected), "{expected:?} missing\n{report}");

@@ -168,7 +168,7 @@ async fn every_door_of_the_control_plane_refuses_the_uninvited_and_nothing_chang
     eventually(Duration::from_secs(20), "the task to be registered", || {
         let mut ctl = ctl.clone();
         let task = task.clone();
-        async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
+        async move { ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.ok() }
     })
     .await;
 
@@ -307,7 +307,7 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
     let hijack = RegisterNodeRequest { cores: 1 << 20, ..register("node-a") };
     assert_eq!(code(as_node.register_node(hijack).await), Code::InvalidArgument, "cores are bounded");
     let task_of = |name: &str| tidal_common::task::single_stage(name, 100, vec![r18.spec()]);
-    let new_task = RegisterTaskRequest { task: Some(task_of("other")) };
+    let new_task = RegisterTaskRequest { task: Some(task_of("other")), ..Default::default() };
     assert_eq!(code(as_node.register_task(new_task.clone()).await), Code::PermissionDenied);
     let mut as_reader = ControllerClient::new(channel_as(&certs, &reader, &ctl_addr).await);
     assert_eq!(code(as_reader.register_task(new_task).await), Code::PermissionDenied);
@@ -321,7 +321,7 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
     as_reader.status(ClusterStatusRequest {}).await.expect("a reader reads");
     let huge = StoreProfileRequest { profile: Some(profile(1_000_000_000)) };
     assert_eq!(code(ctl.store_profile(huge).await), Code::InvalidArgument, "cores are bounded");
-    let bad_name = RegisterTaskRequest { task: Some(task_of("../etc")) };
+    let bad_name = RegisterTaskRequest { task: Some(task_of("../etc")), ..Default::default() };
     assert_eq!(code(ctl.register_task(bad_name).await), Code::InvalidArgument);
     let no_cert = anonymous(&ca, &ctl_addr).await;
     if let Ok(channel) = no_cert {

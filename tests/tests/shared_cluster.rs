@@ -88,7 +88,7 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
     let r50 = VariantConfig::load(&models, "resnet50").unwrap();
     for task in ["surging", "steady", "quiet"] {
         let spec = tidal_common::task::single_stage(task, 1000, vec![r18.spec(), r50.spec()]);
-        ctl.register_task(RegisterTaskRequest { task: Some(spec) }).await.unwrap();
+        ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
         for (variant, per_core) in [("resnet18", 100.0), ("resnet50", 40.0)] {
             let profile = Some(profile(task, variant, per_core));
             ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
@@ -211,7 +211,7 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
     let mut ctl = controller_client(&ctl_addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let spec = tidal_common::task::single_stage("flat", 1000, vec![r18.spec()]);
-    ctl.register_task(RegisterTaskRequest { task: Some(spec) }).await.unwrap();
+    ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
     let profile = Some(profile("flat", "resnet18", 300.0));
     ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
 
@@ -277,7 +277,7 @@ async fn a_draining_node_reports_itself_not_ready_to_every_prober() {
     let mut ctl = controller_client(&controller.addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let spec = tidal_common::task::single_stage("t", 1000, vec![r18.spec()]);
-    ctl.register_task(RegisterTaskRequest { task: Some(spec) }).await.unwrap();
+    ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
     ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
     let ready = |want: (bool, bool, bool), what: &'static str| {
         let agent = &agent;

@@ -30,7 +30,7 @@ fn task(name: &str) -> TaskSpec {
 async fn write(group: &Group, name: &str) {
     eventually(Duration::from_secs(30), &format!("task {name} to be acknowledged"), || async {
         let mut c = leader_client(&group.addrs()).await?;
-        c.register_task(RegisterTaskRequest { task: Some(task(name)) }).await.ok()
+        c.register_task(RegisterTaskRequest { task: Some(task(name)), ..Default::default() }).await.ok()
     })
     .await;
 }

@@ -88,7 +88,7 @@ async fn a_restarted_agent_is_ready_only_once_the_workers_of_its_plan_serve() {
     let task = tidal_common::task::single_stage("classify", 1000, vec![r18.spec()]);
     eventually(Duration::from_secs(20), "the task to be registered", || {
         let (mut ctl, task) = (ctl.clone(), task.clone());
-        async move { ctl.register_task(RegisterTaskRequest { task: Some(task) }).await.ok() }
+        async move { ctl.register_task(RegisterTaskRequest { task: Some(task), ..Default::default() }).await.ok() }
     })
     .await;
     let point = ProfilePoint {

@@ -66,8 +66,10 @@ async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
         start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &[] });
     let mut ctl = controller_client(&controller.addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
-    let register =
-        |name: &str| RegisterTaskRequest { task: Some(tidal_common::task::single_stage(name, 1000, vec![r18.spec()])) };
+    let register = |name: &str| RegisterTaskRequest {
+        task: Some(tidal_common::task::single_stage(name, 1000, vec![r18.spec()])),
+        ..Default::default()
+    };
     for task in ["keep", "gone"] {
         ctl.register_task(register(task)).await.unwrap();
         ctl.store_profile(StoreProfileRequest { profile: Some(profile(task, "resnet18", 100.0)) }).await.unwrap();
@@ -189,6 +191,7 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
     let first = ctl
         .register_task(RegisterTaskRequest {
             task: Some(tidal_common::task::single_stage("t", 1000, vec![r18.spec()])),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -276,4 +279,200 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
     let refused = ctl.rollback_task(none).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "nothing below version 1: {refused:?}");
     assert!(refused.message().contains("kept: 2"), "{}", refused.message());
+}
+
+/// Closed-loop requests of `task` until `stop`: how many each version answered, and every
+/// request that was not answered.
+async fn versions_until_stopped(
+    addr: String,
+    task: &'static str,
+    shape: Vec<i64>,
+    stop: Arc<AtomicU64>,
+) -> (std::collections::BTreeMap<u32, u64>, Vec<String>) {
+    let mut client = inference_client(&addr).await;
+    let (mut by_version, mut lost) = (std::collections::BTreeMap::new(), Vec::new());
+    while stop.load(Ordering::Relaxed) == 0 {
+        let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
+        match client.infer(req).await {
+            Ok(answer) => *by_version.entry(answer.into_inner().version).or_default() += 1,
+            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
+        }
+    }
+    (by_version, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted_without_losing_a_request() {
+    use tidal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use tidal_proto::inference::ModelMetadataRequest;
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    generate_models(&models, "resnet18,resnet152", 32);
+    // The same model under another name: a new version that is as good as the old.
+    let same = std::fs::read_to_string(models.join("resnet18.toml")).unwrap();
+    for copy in ["resnet18b", "resnet18c"] {
+        std::fs::write(
+            models.join(format!("{copy}.toml")),
+            same.replace("name = \"resnet18\"", &format!("name = \"{copy}\"")),
+        )
+        .unwrap();
+    }
+    let controller = start_controller_ready(work.path(), 1.0, &["--no-profile-correction", "--no-slack-routing"]);
+    let agent =
+        start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&controller.addr), extra: &[] });
+    let mut ctl = controller_client(&controller.addr).await;
+    let tidalctl = |args: &[&str]| {
+        let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
+            .args(["--controller", &controller.addr])
+            .args(args)
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "tidalctl {args:?}: {printed}");
+        printed
+    };
+    let model_dir = models.display().to_string();
+    let register = |variant: &str, staged: bool| {
+        let mut args = vec!["task", "register", "--name", "t", "--slo-ms", "5000", "--model-dir", &model_dir];
+        args.extend(["--variants", variant]);
+        if staged {
+            args.push("--staged");
+        }
+        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| tidalctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    run(register("resnet18", false));
+    // Every variant profiled alike: the planner takes resnet152 for as fast as resnet18, and
+    // only its canary shows otherwise.
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    let shape = VariantConfig::load(&models, "resnet18").unwrap().input_shape;
+    eventually(Duration::from_secs(30), "t to be served", || {
+        let (addr, shape) = (agent.addr.clone(), shape.clone());
+        async move {
+            let req = InferRequest { task: "t".into(), input: Some(sample(&shape)), ..Default::default() };
+            inference_client(&addr).await.infer(req).await.ok().map(|_| ())
+        }
+    })
+    .await;
+    let stop = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(versions_until_stopped(agent.addr.clone(), "t", shape.clone(), stop.clone())))
+        .collect();
+    let reader = ctl.clone();
+    let rollout_ended = |version: &'static str| {
+        let ctl = reader.clone();
+        async move {
+            eventually(Duration::from_secs(60), &format!("the rollout of version {version} to end"), move || {
+                let mut ctl = ctl.clone();
+                async move {
+                    let status = ctl.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+                    let t = status.tasks.into_iter().find(|t| t.spec.as_ref().is_some_and(|s| s.name == "t"))?;
+                    t.rollout.is_none().then(|| t.spec.unwrap().version)
+                }
+            })
+            .await
+        }
+    };
+
+    // Version 2, resnet152 (several times slower), staged and rolled out to 30 %: rolled back
+    // on its p99.
+    let printed = run(register("resnet152", true));
+    assert!(printed.contains("version 2 (staged, not served) of task t"), "{printed}");
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet152", 100.0)) }).await.unwrap();
+    let rollout = |version: &str| {
+        run(["task", "rollout", "--task", "t", "--version", version, "--canary", "30", "--window-s", "8"]
+            .iter()
+            .chain(&["--max-slowdown", "2"])
+            .map(|a| a.to_string())
+            .collect())
+    };
+    rollout("2");
+    let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
+    eventually(Duration::from_secs(30), "V2 metadata to list the canary's version", || {
+        let mut v2 = v2.clone();
+        async move {
+            let meta =
+                v2.model_metadata(ModelMetadataRequest { name: "t".into(), version: String::new() }).await.ok()?;
+            (meta.into_inner().versions == ["1", "2"]).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(rollout_ended("2").await, 1, "the slow canary is rolled back: version 1 serves");
+    let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
+    let ended = log.lines().find(|l| l.contains("roll back the rollout of task t")).expect("audited");
+    assert!(ended.contains("p99"), "rolled back on its latency: {ended}");
+
+    // Version 3, a model whose worker crashes (killed again and again, as a model that
+    // brings its process down would): rolled back on its errors, and every request it
+    // failed answered by version 1.
+    run(register("resnet18c", true));
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18c", 100.0)) }).await.unwrap();
+    rollout("3");
+    let crashing = tokio::spawn({
+        let agent_ctl = agent_client(&agent.control_addr).await;
+        async move {
+            let mut kills = 0;
+            for _ in 0..600 {
+                let status =
+                    agent_ctl.clone().status(tidal_proto::v1::AgentStatusRequest {}).await.unwrap().into_inner();
+                let Some(canary) = status.workers.iter().find(|w| w.task == "t@3") else {
+                    if kills > 0 {
+                        break; // rolled back: its worker is gone
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Killed once it serves (and has taken its share of requests), each time.
+                if !canary.ready {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let procs = std::fs::read_to_string(std::path::Path::new(&canary.cgroup).join("cgroup.procs"));
+                for pid in procs.unwrap_or_default().lines().filter(|p| !p.trim().is_empty()) {
+                    let killed = std::process::Command::new("kill").args(["-9", pid.trim()]).status();
+                    kills += killed.is_ok_and(|s| s.success()) as u32;
+                }
+            }
+            kills
+        }
+    });
+    assert_eq!(rollout_ended("3").await, 1, "the crashing canary is rolled back: version 1 serves");
+    assert!(crashing.await.unwrap() > 0, "the canary's worker was killed");
+    let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
+    let ended = log.lines().filter(|l| l.contains("roll back the rollout of task t")).nth(1).expect("audited");
+    assert!(ended.contains("failed or was late"), "rolled back on its errors: {ended}");
+
+    // Version 4, the same model under another name: promoted after its window.
+    let printed = run(register("resnet18b", true));
+    assert!(printed.contains("version 4 (staged, not served)"), "{printed}");
+    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18b", 100.0)) }).await.unwrap();
+    rollout("4");
+    let meta = v2.model_metadata(ModelMetadataRequest { name: "t".into(), version: String::new() });
+    assert!(meta.await.is_ok());
+    let served = rollout_ended("4").await;
+    let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("rollout")).collect();
+    assert_eq!(served, 4, "the healthy canary is promoted: {audit:#?}");
+    assert!(log.lines().any(|l| l.contains("promote the rollout of task t")), "audited");
+    eventually(Duration::from_secs(30), "version 4 to answer every request", || {
+        let (addr, shape) = (agent.addr.clone(), shape.clone());
+        async move {
+            let req = InferRequest { task: "t".into(), input: Some(sample(&shape)), ..Default::default() };
+            let answer = inference_client(&addr).await.infer(req).await.ok()?.into_inner();
+            (answer.version == 4 && answer.variant == "resnet18b").then_some(())
+        }
+    })
+    .await;
+    stop.store(1, Ordering::Relaxed);
+    let mut answered = std::collections::BTreeMap::new();
+    for c in callers {
+        let (by_version, lost) = c.await.unwrap();
+        assert!(lost.is_empty(), "requests lost during the rollouts: {lost:?}");
+        for (v, n) in by_version {
+            *answered.entry(v).or_insert(0) += n;
+        }
+    }
+    println!("answered by version: {answered:?}; {audit:#?}");
+    assert!([1, 2, 4].iter().all(|v| answered.get(v).is_some_and(|&n| n > 0)), "the versions answered: {answered:?}");
 }

@@ -148,21 +148,36 @@ fn samples(
                 inputs: tensors.into_iter().map(NamedTensor::into_proto).collect(),
                 outputs: outputs.clone(),
                 budget_ms,
+                version: req.model_version.clone(),
                 ..Default::default()
             })
         })
         .collect()
 }
 
-/// A request may name the version served, or none (then it gets the one served); an earlier
-/// or later version is not served here (NOT_FOUND).
+/// A request may name the version served (or, during a rollout, its canary's) or none (then
+/// it gets the one served, or the canary for its share); another version is not served here
+/// (NOT_FOUND).
 fn check_version(task: &TaskSpec, version: &str) -> Result<(), ServeError> {
     let served = served_version(task);
-    if version.is_empty() || version == served {
+    let canary = task.canary.as_ref().is_some_and(|c| c.version.to_string() == version);
+    if version.is_empty() || version == served || canary {
         Ok(())
     } else {
         Err(ServeError::UnknownTask(format!("{} version {version} (version {served} is served)", task.name)))
     }
+}
+
+/// The spec of the version of `task` a request names: the canary's during its rollout,
+/// else the task's own.
+fn version_spec(port: &InferencePort, task: TaskSpec, version: &str) -> TaskSpec {
+    let canary = task.canary.as_ref().filter(|c| !version.is_empty() && c.version.to_string() == version);
+    canary.and_then(|c| port.node().task(&c.task)).unwrap_or(task)
+}
+
+/// The model name a client knows a task by (a canary's is its task's).
+fn model_name(task: &TaskSpec) -> &str {
+    tidal_common::task::parse_canary(&task.name).map_or(task.name.as_str(), |(name, _)| name)
 }
 
 /// The `budget_ms` parameter, if any (0: the task's SLO).
@@ -189,6 +204,11 @@ pub fn response(
     answers: Vec<InferResponse>,
 ) -> Result<ModelInferResponse, ServeError> {
     let parameters = served_parameters(&answers);
+    // Each sample is served by a version of its own (a canary takes its share of them).
+    let mut served: Vec<String> = answers.iter().map(|a| a.version.max(1).to_string()).collect();
+    served.sort();
+    served.dedup();
+    let versions = if served.is_empty() { served_version(task) } else { served.join(",") };
     let n = answers.len();
     let mut per_sample = answers.into_iter().map(|a| a.outputs.into_iter().map(NamedTensor::from_proto));
     let first: Vec<NamedTensor> = per_sample
@@ -239,8 +259,8 @@ pub fn response(
         }
     }
     Ok(ModelInferResponse {
-        model_name: task.name.clone(),
-        model_version: served_version(task),
+        model_name: model_name(task).to_string(),
+        model_version: versions,
         id: req_id,
         parameters,
         outputs,
@@ -290,8 +310,11 @@ pub fn metadata(task: &TaskSpec) -> Result<ModelMetadataResponse, ServeError> {
             .collect()
     };
     Ok(ModelMetadataResponse {
-        name: task.name.clone(),
-        versions: vec![served_version(task)],
+        name: model_name(task).to_string(),
+        // During a rollout, the canary's version too.
+        versions: std::iter::once(served_version(task))
+            .chain(task.canary.as_ref().map(|c| c.version.to_string()))
+            .collect(),
         platform: "tidal".into(),
         inputs: tensors(&first.inputs),
         outputs: tensors(&last.outputs),
@@ -357,13 +380,15 @@ pub fn config(task: &TaskSpec) -> Result<ModelConfig, ServeError> {
 pub fn task(port: &InferencePort, name: &str, version: &str) -> Result<TaskSpec, Status> {
     let task = port.node().task(name).ok_or_else(|| ServeError::UnknownTask(name.to_string()))?;
     check_version(&task, version)?;
-    Ok(task)
+    Ok(version_spec(port, task, version))
 }
 
 /// Ready: a plan is applied, every task in it can be served, and the node is not draining.
 pub fn server_ready(port: &InferencePort) -> bool {
     let node = port.node();
-    node.applied_epoch() > 0 && !node.draining() && node.task_names().iter().all(|t| node.task_ready(t))
+    // A canary still loading does not hold the node back: its task's version served answers.
+    let serves = |t: &String| tidal_common::task::parse_canary(t).is_some() || node.task_ready(t);
+    node.applied_epoch() > 0 && !node.draining() && node.task_names().iter().all(serves)
 }
 
 /// Serves an admitted V2 request, over gRPC or REST: each sample as a request of its own.
@@ -373,6 +398,7 @@ pub async fn infer(
     arrived: Instant,
 ) -> Result<ModelInferResponse, Status> {
     let task = port.node().task(&req.model_name).ok_or_else(|| ServeError::UnknownTask(req.model_name.clone()))?;
+    let task = version_spec(port, task, &req.model_version);
     let id = req.id.clone();
     let checked = io(&task).and_then(|io| {
         let classes = requested_classes(&req, &io.1)?;

@@ -401,6 +401,7 @@ fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_p
             .collect(),
         share,
         version: 1,
+        canary: None,
     }
 }
 
