@@ -633,7 +633,9 @@ impl Executor for NodeExecutor<'_> {
                 let tokenizer = (!d.variant.tokenizer_file.is_empty()).then(|| models.join(&d.variant.tokenizer_file));
                 let text = tidal_common::text::StageText::load(&spec, tokenizer.as_deref());
                 if let Some(why) = text.load_error() {
-                    warn!(worker = %id, "{why}; its requests are refused until the file is fixed");
+                    // Loaded once per worker: a file fixed later serves from the next worker
+                    // (a new plan or an agent restart).
+                    warn!(worker = %id, "{why}; its requests are refused while this worker runs");
                 }
                 Arc::new(text)
             }),

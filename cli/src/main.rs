@@ -585,10 +585,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task(TaskCmd::Rollback { task, version }) => {
             let request = RollbackTaskRequest { task: task.clone(), version: version.unwrap_or(0) };
             let back = controller(&cli.controller).await?.rollback_task(request).await?.into_inner();
-            println!(
-                "task {task} serves version {} again (was version {}); its workers start beside the ones they replace",
-                back.version, back.from_version
-            );
+            if back.version == back.from_version {
+                println!("task {task}: its rollout is ended; version {} serves as before", back.version);
+            } else {
+                println!(
+                    "task {task} serves version {} again (was version {}); its workers start beside the ones they \
+                     replace",
+                    back.version, back.from_version
+                );
+            }
             Ok(())
         }
         Command::Task(TaskCmd::Delete { task }) => {

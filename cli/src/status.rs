@@ -109,11 +109,6 @@ pub fn render(s: &ClusterStatus) -> String {
             t.errors.to_string(),
             profiled(t),
         ]);
-        if let Some(r) = &t.rollout {
-            let progress =
-                if t.rollout_progress.is_empty() { "starting".to_string() } else { t.rollout_progress.clone() };
-            tasks.push(vec![format!("  rollout of version {}: {progress}", r.version)]);
-        }
         if t.rollout.is_some() {
             let progress = if t.rollout_progress.is_empty() { "starting" } else { t.rollout_progress.as_str() };
             rollouts.push(format!("rollout of {}: {progress}\n", spec.name));

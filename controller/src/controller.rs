@@ -175,10 +175,20 @@ impl Controller {
         };
         let id = self.raft.status().id;
         let mut carried = current.clone();
-        // A task deleted since the plan was made is not carried over (the state refuses it).
-        let known: std::collections::HashSet<String> = self.raft.read(|s| s.tasks.keys().cloned().collect());
-        carried.tasks.retain(|t| known.contains(&t.name));
-        carried.assignments.retain(|a| known.contains(&a.task));
+        // A task deleted (or a canary ended) since the plan was made is not carried over:
+        // the state would refuse it.
+        let (tasks, assignments) = self.raft.read(|s| {
+            let tasks: Vec<_> = carried.tasks.iter().filter(|t| s.may_plan(&t.name)).cloned().collect();
+            let assignments = carried.assignments.iter().filter(|a| s.may_plan(&a.task)).cloned().collect();
+            (tasks, assignments)
+        });
+        (carried.tasks, carried.assignments) = (tasks, assignments);
+        let names: std::collections::HashSet<String> = carried.tasks.iter().map(|t| t.name.clone()).collect();
+        for t in &mut carried.tasks {
+            if t.canary.as_ref().is_some_and(|c| !names.contains(&c.task)) {
+                t.canary = None;
+            }
+        }
         let plan = Plan {
             epoch: current.epoch + 1,
             term,

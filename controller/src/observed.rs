@@ -81,6 +81,9 @@ impl NodeClock {
 pub struct RolloutWatch {
     version: u32,
     started: Instant,
+    /// When the canary was first seen serving: its window counts from then (not from its
+    /// workers' load).
+    first_served: Option<Instant>,
     /// (answered, failed or late) of the version served and of the canary at the start.
     served_at_start: (u64, u64),
     canary_at_start: (u64, u64),
@@ -329,6 +332,7 @@ impl Observed {
         let watch = self.rollouts.entry(r.task.clone()).or_insert_with(|| RolloutWatch {
             version: r.version,
             started: now,
+            first_served: None,
             served_at_start: served,
             canary_at_start: canaried,
             served_p99: Vec::new(),
@@ -348,7 +352,10 @@ impl Observed {
         let (s, c) = (since(served, watch.served_at_start), since(canaried, watch.canary_at_start));
         let (s_rate, c_rate) = (rate(s), rate(c));
         let (s_p99, c_p99) = (median(&watch.served_p99), median(&watch.canary_p99));
-        let elapsed = now.duration_since(watch.started).as_secs_f64();
+        if c.0 + c.1 > 0 && watch.first_served.is_none() {
+            watch.first_served = Some(now);
+        }
+        let elapsed = watch.first_served.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
         watch.progress = format!(
             "version {} on {} %: {:.0} of {} s; failed or late {:.1} % of {} (served version {:.1} % of {}); p99 {:.0} ms (served version {:.0} ms)",
             r.version,
@@ -362,8 +369,9 @@ impl Observed {
             c_p99,
             s_p99
         );
-        let end =
-            |promote: bool, reason: String| Some(tidal_proto::v1::EndRollout { task: r.task.clone(), promote, reason });
+        let end = |promote: bool, reason: String| {
+            Some(tidal_proto::v1::EndRollout { task: r.task.clone(), promote, reason, version: r.version })
+        };
         let judged = c.0 + c.1 >= MIN_CANARY_REQUESTS;
         if judged && c_rate > s_rate + r.max_error_increase {
             let why = format!(
@@ -384,30 +392,36 @@ impl Observed {
             );
             return end(false, why);
         }
-        if elapsed < r.window_s as f64 {
-            return None;
+        // Promoted only on the evidence of a whole window: enough requests and latencies.
+        if elapsed >= r.window_s as f64 && judged && latencies {
+            return end(true, format!("within the margins for {} s: {}", r.window_s, watch.progress));
         }
-        if !judged {
+        let waited = now.duration_since(watch.started).as_secs_f64();
+        if waited >= 2.0 * r.window_s as f64 {
             let why = format!(
-                "the canary served {} requests in {} s, fewer than the {MIN_CANARY_REQUESTS} it is judged on",
+                "in {waited:.0} s the canary served {} requests over {} reports, fewer than the {MIN_CANARY_REQUESTS} \
+                 requests and {MIN_P99_SAMPLES} reports it is judged on",
                 c.0 + c.1,
-                r.window_s
+                watch.canary_p99.len()
             );
             return end(false, why);
         }
-        end(true, format!("within the margins for {} s: {}", r.window_s, watch.progress))
+        None
     }
 
-    /// Forgets all that was observed of a deleted task: a task registered later under its name
-    /// starts from nothing (what its draining workers still report comes back, for a round).
+    /// Forgets all that was observed of a deleted task and its canaries: a task registered
+    /// later under its name starts from nothing (what its draining workers still report comes
+    /// back, for a round).
     pub fn forget_task(&mut self, task: &str) {
-        self.arrivals.remove(task);
-        self.budgets.remove(task);
-        self.sizes.retain(|(t, _), _| t != task);
-        self.totals.remove(task);
-        self.served.remove(task);
-        self.corrections.remove(task);
-        self.round_rates.remove(task);
+        let of = |t: &str| t == task || tidal_common::task::parse_canary(t).is_some_and(|(base, _)| base == task);
+        self.arrivals.retain(|t, _| !of(t));
+        self.budgets.retain(|t, _| !of(t));
+        self.sizes.retain(|(t, _), _| !of(t));
+        self.totals.retain(|t, _| !of(t));
+        self.served.retain(|t, _| !of(t));
+        self.corrections.retain(|t, _| !of(t));
+        self.round_rates.retain(|t, _| !of(t));
+        self.rollouts.remove(task);
     }
 
     /// Forgets the batches served by tasks other than `tasks` (removed ones: no round takes
@@ -668,8 +682,9 @@ mod tests {
         let healthy: Vec<_> = (1..=61).map(|s| (report((100, 1, 10.0), (10, 0, 12.0)), s)).collect();
         assert_eq!(run(&healthy[..59]), None);
         assert!(run(&healthy).expect("promoted").promote);
-        // No canary traffic by the end: rolled back, for want of evidence.
-        let idle: Vec<_> = (1..=61).map(|s| (report((100, 0, 10.0), (0, 0, 0.0)), s)).collect();
+        // No canary traffic by twice the window: rolled back, for want of evidence.
+        let idle: Vec<_> = (1..=121).map(|s| (report((100, 0, 10.0), (0, 0, 0.0)), s)).collect();
+        assert_eq!(run(&idle[..118]), None, "its window counts from its first request");
         let v = run(&idle).expect("ended");
         assert!(!v.promote && v.reason.contains("fewer than"), "{v:?}");
     }

@@ -40,8 +40,22 @@ impl Observations {
         let specs = planned_tasks(state);
         let tasks = specs.iter().map(|t| &t.name);
         observed.keep_served_of(tasks.clone());
+        let mut histories: Vec<Vec<f64>> = tasks.clone().map(|t| observed.history(t, now, lookback)).collect();
+        // A canary is planned for its share of the task's arrivals (both versions'), not for
+        // its own: it has none before its workers serve, then takes its share at once.
+        for (i, spec) in specs.iter().enumerate() {
+            let Some(canary) = &spec.canary else { continue };
+            let Some(c) = specs.iter().position(|t| t.name == canary.task) else { continue };
+            let (served, own) = (&histories[i], &histories[c]);
+            let len = served.len().max(own.len());
+            let at =
+                |h: &Vec<f64>, k: usize| (k + h.len()).checked_sub(len).and_then(|j| h.get(j)).copied().unwrap_or(0.0);
+            let share = canary.percent as f64 / 100.0;
+            let estimate: Vec<f64> = (0..len).map(|k| share * (at(served, k) + at(own, k))).collect();
+            histories[c] = estimate;
+        }
         Self {
-            histories: tasks.clone().map(|t| observed.history(t, now, lookback)).collect(),
+            histories,
             min_budgets: tasks.clone().map(|t| observed.min_budget(t, now, interval)).collect(),
             load_times: tasks
                 .clone()

@@ -132,7 +132,7 @@ impl ControllerService {
         let mut status = self.ctl.raft.watch();
         let without = || {
             self.ctl.raft.read(|s| {
-                let has = s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| a.task == task));
+                let has = s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| of_task(&a.task, task)));
                 (!has).then(|| s.plan_epoch())
             })
         };
@@ -311,7 +311,8 @@ impl ControllerApi for ControllerService {
         self.require_leader().await?;
         let req = request.into_inner();
         let workers = self.ctl.raft.read(|s| {
-            let planned = s.plan.as_ref().map_or(0, |p| p.assignments.iter().filter(|a| a.task == req.task).count());
+            let planned =
+                s.plan.as_ref().map_or(0, |p| p.assignments.iter().filter(|a| of_task(&a.task, &req.task)).count());
             s.tasks.contains_key(&req.task).then_some(planned as u32)
         });
         let Some(workers) = workers else {
@@ -601,6 +602,11 @@ impl ControllerApi for ControllerService {
         self.ctl.raft.transfer_leader(to).await.map_err(|e| self.refusal(e))?;
         Ok(Response::new(MembershipResponse::default()))
     }
+}
+
+/// Whether a plan's task `name` is `task` or one of its canaries.
+fn of_task(name: &str, task: &str) -> bool {
+    name == task || tidal_common::task::parse_canary(name).is_some_and(|(base, _)| base == task)
 }
 
 /// Who made a change, for the audit line.

@@ -189,6 +189,12 @@ impl ClusterState {
             Change::StageTask(t) => self.register_task(t, true)?,
             Change::RollbackTask(r) if self.rollouts.contains_key(&r.task) => {
                 // During a rollout, a rollback ends it: the version served stays.
+                if r.version != 0 {
+                    return Err(format!(
+                        "a rollout of task {:?} is under way: a rollback without a version ends it",
+                        r.task
+                    ));
+                }
                 self.rollouts.remove(&r.task);
             }
             Change::RollbackTask(r) => {
@@ -243,7 +249,14 @@ impl ClusterState {
             }
             Change::EndRollout(end) => {
                 let rollout =
-                    self.rollouts.remove(&end.task).ok_or_else(|| format!("no rollout of task {:?}", end.task))?;
+                    self.rollouts.get(&end.task).ok_or_else(|| format!("no rollout of task {:?}", end.task))?;
+                if rollout.version != end.version {
+                    return Err(format!(
+                        "the rollout of task {:?} is of version {}, not the version {} judged",
+                        end.task, rollout.version, end.version
+                    ));
+                }
+                let rollout = self.rollouts.remove(&end.task).unwrap_or_default();
                 if end.promote {
                     self.serve_kept(&end.task, rollout.version)?;
                 }
@@ -291,6 +304,9 @@ impl ClusterState {
         let served = self.tasks.get(&name).cloned();
         if staged && served.is_none() {
             return Err(format!("task {name:?} is not registered: its first version is served, not staged"));
+        }
+        if staged && served.as_ref().is_some_and(|s| s.stages == t.stages) {
+            return Err(format!("task {name:?} serves these models already: nothing to stage"));
         }
         if self.rollouts.contains_key(&name) && served.as_ref().is_none_or(|s| s.stages != t.stages) {
             return Err(format!("a rollout of task {name:?} is under way: wait for its end, or end it (rollback)"));
@@ -372,6 +388,15 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Whether a plan may name task `name`: a registered task, or the canary of a rollout
+    /// under way.
+    pub fn may_plan(&self, name: &str) -> bool {
+        match parse_canary(name) {
+            Some((task, version)) => self.rollouts.get(task).is_some_and(|r| r.version == version),
+            None => self.tasks.contains_key(name),
+        }
+    }
+
     fn next_epoch(&self, epoch: u64) -> Result<(), String> {
         let expected = self.plan_epoch() + 1;
         if epoch != expected {
@@ -387,11 +412,7 @@ impl ClusterState {
         validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
         // A round solved before a task was deleted plans for it still: refused, and the round
         // the deletion started plans without it.
-        let known = |name: &str| match parse_canary(name) {
-            Some((task, version)) => self.rollouts.get(task).is_some_and(|r| r.version == version),
-            None => self.tasks.contains_key(name),
-        };
-        if let Some(t) = normalised.tasks.iter().find(|t| !known(&t.name)) {
+        if let Some(t) = normalised.tasks.iter().find(|t| !self.may_plan(&t.name)) {
             return Err(format!("plan {} has task {:?}, which is not registered (deleted?)", plan.epoch, t.name));
         }
         self.history_bytes += plan.encoded_len();
@@ -808,9 +829,12 @@ mod tests {
             max_slowdown: 1.5,
         };
         let start = |r: Rollout| cmd(Change::StartRollout(r));
-        let end = |promote| cmd(Change::EndRollout(EndRollout { task: "t".into(), promote, reason: "test".into() }));
+        let end = |promote, version| {
+            cmd(Change::EndRollout(EndRollout { task: "t".into(), promote, reason: "test".into(), version }))
+        };
         assert!(s.apply(1, &cmd(Change::StageTask(with("v")))).unwrap_err().contains("first version"));
         s.apply(2, &cmd(Change::RegisterTask(with("v")))).unwrap();
+        assert!(s.apply(3, &cmd(Change::StageTask(with("v")))).unwrap_err().contains("nothing to stage"));
         s.apply(3, &cmd(Change::StageTask(with("w")))).unwrap();
         assert_eq!(s.tasks["t"].version, 1, "staged, not served");
         assert!(s.earlier["t"].contains_key(&2));
@@ -828,17 +852,20 @@ mod tests {
         assert!(s.apply(24, &cmd(Change::CommitPlan(with_canary(2, 3)))).is_err());
         let restored = ClusterState::from_snapshot(s.to_snapshot());
         assert_eq!(restored.rollouts["t"], rollout(2, 10));
-        // Promoted: version 2 serves, version 1 is kept.
-        s.apply(25, &end(true)).unwrap();
+        // Promoted: version 2 serves, version 1 is kept. A verdict on another version is refused.
+        assert!(s.apply(24, &end(true, 1)).unwrap_err().contains("not the version 1 judged"));
+        s.apply(25, &end(true, 2)).unwrap();
         assert!(s.rollouts.is_empty());
         assert_eq!(s.tasks["t"].version, 2);
         assert!(s.earlier["t"].contains_key(&1));
-        assert!(s.apply(26, &end(true)).is_err(), "no rollout to end");
+        assert!(s.apply(26, &end(true, 2)).is_err(), "no rollout to end");
         // Rolled back: the version served stays; a rollback during a rollout only ends it.
         s.apply(27, &start(rollout(1, 20))).unwrap();
-        s.apply(28, &end(false)).unwrap();
+        s.apply(28, &end(false, 1)).unwrap();
         assert_eq!(s.tasks["t"].version, 2);
         s.apply(29, &start(rollout(1, 20))).unwrap();
+        let named = cmd(Change::RollbackTask(RollbackTaskRequest { task: "t".into(), version: 1 }));
+        assert!(s.apply(30, &named).unwrap_err().contains("under way"));
         s.apply(30, &cmd(Change::RollbackTask(RollbackTaskRequest { task: "t".into(), version: 0 }))).unwrap();
         assert!(s.rollouts.is_empty());
         assert_eq!(s.tasks["t"].version, 2);

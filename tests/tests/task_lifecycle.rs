@@ -382,7 +382,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     let rollout = |version: &str| {
         run(["task", "rollout", "--task", "t", "--version", version, "--canary", "30", "--window-s", "8"]
             .iter()
-            .chain(&["--max-slowdown", "2"])
+            .chain(&["--max-slowdown", "2", "--max-error-increase", "0.005"])
             .map(|a| a.to_string())
             .collect())
     };

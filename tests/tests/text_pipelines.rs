@@ -83,21 +83,22 @@ async fn speech_then_sentiment_answers_the_transcript_s_label_with_every_stage_n
         work.path(),
         AgentOpts { model_dir: &models, controller: Some(&ctl), extra: &["--worker-threads", "1", "--cores", "4"] },
     );
+    // A tokenizer that is not there is refused at registration, by name. Checked before any
+    // task uses the file: a worker starting while it is moved away would load no tokenizer
+    // (the CI failure of 2026-12-06: "tokenizer …: No such file or directory" at the first
+    // request, long after the file was back).
+    let broken = work.path().join("broken.toml");
+    std::fs::write(&broken, std::fs::read_to_string(&text_task).unwrap().replace("sentiment\"\nslo", "broken\"\nslo"))
+        .unwrap();
+    let saved = models.join("distilbert-sentiment.tokenizer.json");
+    std::fs::rename(&saved, models.join("moved.json")).unwrap();
+    let (ok, text) = register_task_file(&ctl, &broken, &models);
+    assert!(!ok && text.contains("tokenizer file \"distilbert-sentiment.tokenizer.json\" does not exist"), "{text}");
+    std::fs::rename(models.join("moved.json"), &saved).unwrap();
     let (ok, text) = register_task_file(&ctl, &file, &models);
     assert!(ok, "{text}");
     let (ok, text) = register_task_file(&ctl, &text_task, &models);
     assert!(ok, "{text}");
-    // A tokenizer that is not there is refused at registration, by name.
-    std::fs::write(
-        &text_task,
-        std::fs::read_to_string(&text_task).unwrap().replace("sentiment\"\nslo", "broken\"\nslo"),
-    )
-    .unwrap();
-    let saved = models.join("distilbert-sentiment.tokenizer.json");
-    std::fs::rename(&saved, models.join("moved.json")).unwrap();
-    let (ok, text) = register_task_file(&ctl, &text_task, &models);
-    assert!(!ok && text.contains("tokenizer file \"distilbert-sentiment.tokenizer.json\" does not exist"), "{text}");
-    std::fs::rename(models.join("moved.json"), &saved).unwrap();
 
     let mut v2 = GrpcInferenceServiceClient::new(channel(&agent.addr).await);
     wait_model_ready(&v2, "audio-sent", Duration::from_secs(180)).await;

@@ -46,10 +46,18 @@ pub fn hold_across_nodes(
         if waiting.is_empty() {
             continue;
         }
+        // Only a worker the task's spec in `target` still has can be kept: one of a variant
+        // a new version dropped is not a worker of the plan (and the plan would be refused).
+        let spec = target.tasks.iter().find(|t| t.name == task);
+        let in_spec = |a: &Assignment| {
+            spec.is_some_and(|t| {
+                t.stages.iter().any(|s| s.name == a.stage && s.variants.iter().any(|v| v.name == variant(a)))
+            })
+        };
         let held: Vec<&Assignment> = current
             .assignments
             .iter()
-            .filter(|a| a.task == task && !waiting.contains(&a.node))
+            .filter(|a| a.task == task && !waiting.contains(&a.node) && in_spec(a))
             .filter(|a| {
                 let next = target.assignments.iter().find(|t| same_worker(t, a));
                 next.is_none_or(|t| t.millicores < a.millicores)
@@ -101,8 +109,14 @@ mod tests {
         }
     }
 
+    /// Task t of one stage of variants big and small.
+    fn spec(name: &str, variants: &[&str]) -> TaskSpec {
+        let variants = variants.iter().map(|v| VariantSpec { name: v.to_string(), ..Default::default() }).collect();
+        crate::task::single_stage(name, 100, variants)
+    }
+
     fn plan(assignments: Vec<Assignment>) -> Plan {
-        Plan { tasks: vec![TaskSpec { name: "t".into(), ..Default::default() }], assignments, ..Default::default() }
+        Plan { tasks: vec![spec("t", &["big", "small"])], assignments, ..Default::default() }
     }
 
     fn capacity() -> BTreeMap<String, u32> {
@@ -139,10 +153,22 @@ mod tests {
         let mut other = worker("a", "x", 3000, 1.0);
         other.task = "u".into();
         crowded.assignments.push(other);
-        crowded.tasks.push(TaskSpec { name: "u".into(), ..Default::default() });
+        crowded.tasks.push(spec("u", &["x"]));
         let before = crowded.clone();
         hold_across_nodes(&current, &mut crowded, &Serving::new(), &capacity());
         assert_eq!(crowded, before);
+    }
+
+    /// A new version without the variant: its old workers are not held (the plan could not
+    /// name them), whatever waits elsewhere.
+    #[test]
+    fn a_variant_the_new_version_dropped_is_not_held() {
+        let current = plan(vec![worker("a", "big", 4000, 1.0)]);
+        let mut target = plan(vec![worker("b", "small", 2000, 1.0)]);
+        target.tasks = vec![spec("t", &["small"])];
+        let mut next = target.clone();
+        assert!(hold_across_nodes(&current, &mut next, &Serving::new(), &capacity()).is_empty());
+        assert_eq!(next, target);
     }
 
     #[test]
