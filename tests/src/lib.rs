@@ -385,6 +385,24 @@ pub async fn wait_model_ready(
     .await;
 }
 
+/// A stored (not measured) profile of `variant` of `task`: batch 1 on 1 and 2 cores at
+/// `per_core` req/s a core, for tests whose plans the stored figures decide.
+pub fn stored_profile(task: &str, variant: &str, per_core: f64) -> tidal_proto::v1::VariantProfile {
+    let points = [1u32, 2]
+        .iter()
+        .map(|&c| tidal_proto::v1::ProfilePoint {
+            cores: c,
+            batch: 1,
+            latency_p50_ms: 1000.0 / (per_core * c as f64),
+            latency_p99_ms: 1200.0 / (per_core * c as f64),
+            throughput_rps: per_core * c as f64,
+            size: 0,
+            output_tokens: 0,
+        })
+        .collect();
+    tidal_proto::v1::VariantProfile { task: task.into(), variant: variant.into(), points, ..Default::default() }
+}
+
 /// The CPU limit in force for a cgroup directory, in millicores, read from the kernel's
 /// files (v2 `cpu.max` or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited.
 pub fn cgroup_millicores(dir: &Path) -> Option<u32> {

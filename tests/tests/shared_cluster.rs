@@ -12,28 +12,10 @@ use std::time::{Duration, Instant};
 
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::{
-    ClusterStatusRequest, DrainNodeRequest, InferRequest, Plan, PlanHistoryRequest, ProfilePoint, RegisterTaskRequest,
-    StoreProfileRequest, VariantProfile,
+    ClusterStatusRequest, DrainNodeRequest, InferRequest, Plan, PlanHistoryRequest, RegisterTaskRequest,
+    StoreProfileRequest,
 };
 use tidal_tests::*;
-
-/// Batch 1 on 1 and 2 cores at `per_core` req/s a core (stored, not measured: the test is
-/// about the division of the cores, which the stored figures decide).
-fn profile(task: &str, variant: &str, per_core: f64) -> VariantProfile {
-    let points = [1u32, 2]
-        .iter()
-        .map(|&c| ProfilePoint {
-            cores: c,
-            batch: 1,
-            latency_p50_ms: 1000.0 / (per_core * c as f64),
-            latency_p99_ms: 1200.0 / (per_core * c as f64),
-            throughput_rps: per_core * c as f64,
-            size: 0,
-            output_tokens: 0,
-        })
-        .collect();
-    VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points, ..Default::default() }
-}
 
 /// The cores the plan gives `task`.
 fn cores_of(plan: &Plan, task: &str) -> u32 {
@@ -90,7 +72,7 @@ async fn a_surging_task_takes_cores_from_the_others_and_none_goes_without() {
         let spec = tidal_common::task::single_stage(task, 1000, vec![r18.spec(), r50.spec()]);
         ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
         for (variant, per_core) in [("resnet18", 100.0), ("resnet50", 40.0)] {
-            let profile = Some(profile(task, variant, per_core));
+            let profile = Some(stored_profile(task, variant, per_core));
             ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
         }
     }
@@ -212,7 +194,7 @@ async fn a_flat_load_from_idle_is_planned_near_its_rate() {
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let spec = tidal_common::task::single_stage("flat", 1000, vec![r18.spec()]);
     ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
-    let profile = Some(profile("flat", "resnet18", 300.0));
+    let profile = Some(stored_profile("flat", "resnet18", 300.0));
     ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
 
     // Evenly spaced requests: the load is flat to the second, so what the forecaster adds is
@@ -278,7 +260,7 @@ async fn a_draining_node_reports_itself_not_ready_to_every_prober() {
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
     let spec = tidal_common::task::single_stage("t", 1000, vec![r18.spec()]);
     ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet18", 100.0)) }).await.unwrap();
     let ready = |want: (bool, bool, bool), what: &'static str| {
         let agent = &agent;
         eventually(Duration::from_secs(30), what, move || async move { (readiness(agent).await == want).then_some(()) })

@@ -4,55 +4,43 @@
 //! models is its next version, served once its worker is ready, and a rollback brings the
 //! earlier version back. Synthetic profiles stand for the truth (`--no-profile-correction`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tidal_common::variant::VariantConfig;
-use tidal_proto::v1::{
-    ClusterStatusRequest, InferRequest, ProfilePoint, RegisterTaskRequest, StoreProfileRequest, VariantProfile,
-};
+use tidal_proto::v1::{ClusterStatusRequest, InferRequest, RegisterTaskRequest, StoreProfileRequest};
 use tidal_tests::*;
 
-/// Batch 1 on 1 and 2 cores at `per_core` req/s a core (stored, not measured).
-fn profile(task: &str, variant: &str, per_core: f64) -> VariantProfile {
-    let points = [1u32, 2]
-        .iter()
-        .map(|&c| ProfilePoint {
-            cores: c,
-            batch: 1,
-            latency_p50_ms: 1000.0 / (per_core * c as f64),
-            latency_p99_ms: 1200.0 / (per_core * c as f64),
-            throughput_rps: per_core * c as f64,
-            size: 0,
-            output_tokens: 0,
-        })
-        .collect();
-    VariantProfile { task: task.into(), variant: variant.into(), node: String::new(), points, ..Default::default() }
+/// What a closed-loop caller saw: answers by (variant, version), refusals of an unknown task,
+/// and every other outcome (a request lost).
+#[derive(Default)]
+struct Seen {
+    answers: BTreeMap<(String, u32), u64>,
+    unknown: u64,
+    lost: Vec<String>,
 }
 
-/// Closed-loop requests of `task` until `stop`: (answered, refused as unknown, any other
-/// outcome: a request lost).
-async fn until_stopped(
-    addr: String,
-    task: &'static str,
-    shape: Vec<i64>,
-    stop: Arc<AtomicU64>,
-) -> (u64, u64, Vec<String>) {
+/// Closed-loop requests of `task` until `stop`.
+async fn call_until_stopped(addr: String, task: &'static str, shape: Vec<i64>, stop: Arc<AtomicU64>) -> Seen {
     let mut client = inference_client(&addr).await;
-    let (mut ok, mut unknown, mut lost) = (0, 0, Vec::new());
+    let mut seen = Seen::default();
     while stop.load(Ordering::Relaxed) == 0 {
         let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
         match client.infer(req).await {
-            Ok(_) => ok += 1,
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                *seen.answers.entry((answer.variant, answer.version)).or_default() += 1;
+            }
             Err(e) if e.code() == tonic::Code::NotFound => {
-                unknown += 1;
+                seen.unknown += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
+            Err(e) => seen.lost.push(format!("{:?}: {}", e.code(), e.message())),
         }
     }
-    (ok, unknown, lost)
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +60,9 @@ async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
     };
     for task in ["keep", "gone"] {
         ctl.register_task(register(task)).await.unwrap();
-        ctl.store_profile(StoreProfileRequest { profile: Some(profile(task, "resnet18", 100.0)) }).await.unwrap();
+        ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile(task, "resnet18", 100.0)) })
+            .await
+            .unwrap();
     }
     let served = |task: &'static str| {
         let (addr, shape) = (agent.addr.clone(), r18.input_shape.clone());
@@ -101,7 +91,7 @@ async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
     // gone; none is lost.
     let stop = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(until_stopped(agent.addr.clone(), "gone", r18.input_shape.clone(), stop.clone())))
+        .map(|_| tokio::spawn(call_until_stopped(agent.addr.clone(), "gone", r18.input_shape.clone(), stop.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
@@ -125,10 +115,10 @@ async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
     stop.store(1, Ordering::Relaxed);
     let mut answered = 0;
     for c in callers {
-        let (ok, unknown, lost) = c.await.unwrap();
-        assert!(lost.is_empty(), "requests lost while the task was deleted: {lost:?}");
-        assert!(unknown > 0, "the callers saw the task go");
-        answered += ok;
+        let seen = c.await.unwrap();
+        assert!(seen.lost.is_empty(), "requests lost while the task was deleted: {:?}", seen.lost);
+        assert!(seen.unknown > 0, "the callers saw the task go");
+        answered += seen.answers.values().sum::<u64>();
     }
     assert!(answered > 0, "requests were answered until the task went");
 
@@ -149,31 +139,11 @@ async fn a_deleted_task_drains_frees_its_workers_and_its_name_is_free_again() {
     let status = ctl.status(ClusterStatusRequest {}).await.unwrap().into_inner();
     let task = status.tasks.iter().find(|t| t.spec.as_ref().unwrap().name == "gone").expect("registered again");
     assert!(task.profiles.is_empty(), "the deleted task's profile went with it");
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("gone", "resnet18", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("gone", "resnet18", 100.0)) }).await.unwrap();
     served("gone").await;
 
     let log = std::fs::read_to_string(work.path().join("controller.log")).unwrap();
     assert!(log.lines().any(|l| l.contains("audit") && l.contains("delete task gone")), "the deletion is audited");
-}
-
-/// Closed-loop requests of `task` until `stop`: how many each variant answered, and every
-/// request that was not answered.
-async fn variants_until_stopped(
-    addr: String,
-    task: &'static str,
-    shape: Vec<i64>,
-    stop: Arc<AtomicU64>,
-) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
-    let mut client = inference_client(&addr).await;
-    let (mut by_variant, mut lost) = (std::collections::BTreeMap::new(), Vec::new());
-    while stop.load(Ordering::Relaxed) == 0 {
-        let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
-        match client.infer(req).await {
-            Ok(answer) => *by_variant.entry(answer.into_inner().variant).or_default() += 1,
-            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
-        }
-    }
-    (by_variant, lost)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +167,7 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
         .unwrap()
         .into_inner();
     assert_eq!((first.version, first.new_version), (1, true));
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet18", 100.0)) }).await.unwrap();
     let answered_by = |variant: &'static str| {
         let (addr, shape) = (agent.addr.clone(), r18.input_shape.clone());
         async move {
@@ -227,7 +197,7 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
     // worker is ready, and no request is lost either way.
     let stop = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(variants_until_stopped(agent.addr.clone(), "t", r18.input_shape.clone(), stop.clone())))
+        .map(|_| tokio::spawn(call_until_stopped(agent.addr.clone(), "t", r18.input_shape.clone(), stop.clone())))
         .collect();
     let tidalctl = |args: &[&str]| {
         let out = as_admin(&mut std::process::Command::new(bin("tidalctl")))
@@ -262,12 +232,12 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
     answered_by("resnet18").await;
     assert_eq!(versions(&mut v2).await, vec!["1"]);
     stop.store(1, Ordering::Relaxed);
-    let mut answered = std::collections::BTreeMap::new();
+    let mut answered = BTreeMap::new();
     for c in callers {
-        let (by_variant, lost) = c.await.unwrap();
-        assert!(lost.is_empty(), "requests lost while versions changed: {lost:?}");
-        for (v, n) in by_variant {
-            *answered.entry(v).or_insert(0) += n;
+        let seen = c.await.unwrap();
+        assert!(seen.lost.is_empty(), "requests lost while versions changed: {:?}", seen.lost);
+        for ((variant, _), n) in seen.answers {
+            *answered.entry(variant).or_insert(0) += n;
         }
     }
     println!("answered while versions changed: {answered:?}");
@@ -279,26 +249,6 @@ async fn a_new_version_takes_over_once_ready_and_a_rollback_brings_the_old_one_b
     let refused = ctl.rollback_task(none).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "nothing below version 1: {refused:?}");
     assert!(refused.message().contains("kept: 2"), "{}", refused.message());
-}
-
-/// Closed-loop requests of `task` until `stop`: how many each version answered, and every
-/// request that was not answered.
-async fn versions_until_stopped(
-    addr: String,
-    task: &'static str,
-    shape: Vec<i64>,
-    stop: Arc<AtomicU64>,
-) -> (std::collections::BTreeMap<u32, u64>, Vec<String>) {
-    let mut client = inference_client(&addr).await;
-    let (mut by_version, mut lost) = (std::collections::BTreeMap::new(), Vec::new());
-    while stop.load(Ordering::Relaxed) == 0 {
-        let req = InferRequest { task: task.into(), input: Some(sample(&shape)), budget_ms: 0, ..Default::default() };
-        match client.infer(req).await {
-            Ok(answer) => *by_version.entry(answer.into_inner().version).or_default() += 1,
-            Err(e) => lost.push(format!("{:?}: {}", e.code(), e.message())),
-        }
-    }
-    (by_version, lost)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,7 +294,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     run(register("resnet18", false));
     // Every variant profiled alike: the planner takes resnet152 for as fast as resnet18, and
     // only its canary shows otherwise.
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet18", 100.0)) }).await.unwrap();
     let shape = VariantConfig::load(&models, "resnet18").unwrap().input_shape;
     eventually(Duration::from_secs(30), "t to be served", || {
         let (addr, shape) = (agent.addr.clone(), shape.clone());
@@ -356,7 +306,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     .await;
     let stop = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(versions_until_stopped(agent.addr.clone(), "t", shape.clone(), stop.clone())))
+        .map(|_| tokio::spawn(call_until_stopped(agent.addr.clone(), "t", shape.clone(), stop.clone())))
         .collect();
     let reader = ctl.clone();
     let rollout_ended = |version: &'static str| {
@@ -378,7 +328,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     // on its p99.
     let printed = run(register("resnet152", true));
     assert!(printed.contains("version 2 (staged, not served) of task t"), "{printed}");
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet152", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet152", 100.0)) }).await.unwrap();
     let rollout = |version: &str| {
         run(["task", "rollout", "--task", "t", "--version", version, "--canary", "30", "--window-s", "8"]
             .iter()
@@ -406,7 +356,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     // brings its process down would): rolled back on its errors, and every request it
     // failed answered by version 1.
     run(register("resnet18c", true));
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18c", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet18c", 100.0)) }).await.unwrap();
     rollout("3");
     let crashing = tokio::spawn({
         let agent_ctl = agent_client(&agent.control_addr).await;
@@ -446,7 +396,7 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     // Version 4, the same model under another name: promoted after its window.
     let printed = run(register("resnet18b", true));
     assert!(printed.contains("version 4 (staged, not served)"), "{printed}");
-    ctl.store_profile(StoreProfileRequest { profile: Some(profile("t", "resnet18b", 100.0)) }).await.unwrap();
+    ctl.store_profile(StoreProfileRequest { profile: Some(stored_profile("t", "resnet18b", 100.0)) }).await.unwrap();
     rollout("4");
     let meta = v2.model_metadata(ModelMetadataRequest { name: "t".into(), version: String::new() });
     assert!(meta.await.is_ok());
@@ -465,12 +415,12 @@ async fn a_canary_that_lags_or_crashes_is_rolled_back_and_a_healthy_one_promoted
     })
     .await;
     stop.store(1, Ordering::Relaxed);
-    let mut answered = std::collections::BTreeMap::new();
+    let mut answered = BTreeMap::new();
     for c in callers {
-        let (by_version, lost) = c.await.unwrap();
-        assert!(lost.is_empty(), "requests lost during the rollouts: {lost:?}");
-        for (v, n) in by_version {
-            *answered.entry(v).or_insert(0) += n;
+        let seen = c.await.unwrap();
+        assert!(seen.lost.is_empty(), "requests lost during the rollouts: {:?}", seen.lost);
+        for ((_, version), n) in seen.answers {
+            *answered.entry(version).or_insert(0) += n;
         }
     }
     println!("answered by version: {answered:?}; {audit:#?}");
