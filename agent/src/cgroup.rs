@@ -1,5 +1,6 @@
-//! CPU cgroups for workers: one cgroup per worker under the agent's subtree, with a CFS quota
-//! that is rewritten in place to resize a running worker.
+//! CPU (and memory) cgroups for workers: one cgroup per worker under the agent's subtree, with
+//! a CFS quota that is rewritten in place to resize a running worker, and a memory limit from
+//! the plan whose OOM kills are counted.
 //!
 //! Two drivers, chosen at start-up from `/proc/self/mountinfo` (or forced by configuration),
 //! both through `cgroups-rs` with only the cpu controllers named, so that the agent never
@@ -10,6 +11,11 @@
 //! - **v1** (fallback, and the only cpu controller on the development machines): `cpu` and
 //!   `cpuacct` hierarchies, limits in `cpu.cfs_quota_us`/`cpu.cfs_period_us`, usage in
 //!   `cpuacct.usage`, throttling in `cpu.stat`.
+//!
+//! Memory, where the hierarchy offers it (v2: `memory` among the agent's cgroup's controllers;
+//! v1: a `memory` mount), is named too: `memory.max` (v1 `memory.limit_in_bytes`) and the OOM
+//! kill count of `memory.events` (v1 `memory.oom_control`). Without it, workers' memory is
+//! planned but not limited, and the agent says so at start.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,6 +24,7 @@ use std::sync::Arc;
 use cgroups_rs::cpu::CpuController;
 use cgroups_rs::cpuacct::CpuAcctController;
 use cgroups_rs::hierarchies::{V1, V2};
+use cgroups_rs::memory::MemController;
 use cgroups_rs::{Cgroup, CgroupPid, Controller, Hierarchy};
 use thiserror::Error;
 
@@ -77,24 +84,38 @@ impl Version {
             Version::V2 => Box::new(V2::new()),
         }
     }
+}
 
-    /// The only controllers the agent names: cpu (quota, throttling) and, on v1, cpuacct
-    /// (usage; v2 reports it in cpu.stat).
+/// A hierarchy and the controllers the agent names in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hier {
+    version: Version,
+    /// Whether workers' memory is limited (the memory controller is there).
+    memory: bool,
+}
+
+impl Hier {
+    /// The only controllers the agent names: cpu (quota, throttling), on v1 cpuacct (usage;
+    /// v2 reports it in cpu.stat), and memory where it limits workers.
     fn controllers(self) -> Vec<String> {
-        match self {
+        let mut names: Vec<String> = match self.version {
             Version::V1 => vec!["cpu".into(), "cpuacct".into()],
             Version::V2 => vec!["cpu".into()],
+        };
+        if self.memory {
+            names.push("memory".into());
         }
+        names
     }
 
     /// An existing cgroup.
     fn load(self, path: &str) -> Cgroup {
-        Cgroup::load_with_specified_controllers(self.hierarchy(), path, self.controllers())
+        Cgroup::load_with_specified_controllers(self.version.hierarchy(), path, self.controllers())
     }
 
     /// A cgroup, created unless it exists.
     fn cgroup(self, path: &str) -> Result<Cgroup, CgroupError> {
-        Cgroup::new_with_specified_controllers(self.hierarchy(), path, Some(self.controllers()))
+        Cgroup::new_with_specified_controllers(self.version.hierarchy(), path, Some(self.controllers()))
             .map_err(|source| CgroupError::Cgroup { action: "create", path: path.to_string(), source })
     }
 }
@@ -103,7 +124,7 @@ impl Version {
 #[derive(Debug, Clone)]
 pub struct CpuCgroups {
     /// The hierarchy and the subtree's path in it; `None`: the `none` driver.
-    subtree: Option<(Version, String)>,
+    subtree: Option<(Hier, String)>,
     /// An exclusive lock on the subtree's directory, held while the agent lives (the kernel
     /// drops it when the process ends, however it ends): a second agent on the subtree is
     /// refused before it sweeps it.
@@ -116,6 +137,7 @@ struct Mounts {
     v2: Option<PathBuf>,
     v1_cpu: Option<PathBuf>,
     v1_cpuacct: Option<PathBuf>,
+    v1_memory: Option<PathBuf>,
 }
 
 fn parse_mountinfo(text: &str) -> Mounts {
@@ -144,7 +166,10 @@ fn parse_mountinfo(text: &str) -> Mounts {
                     m.v1_cpu = mount_point.clone();
                 }
                 if super_opts.contains(&"cpuacct") {
-                    m.v1_cpuacct = mount_point;
+                    m.v1_cpuacct = mount_point.clone();
+                }
+                if super_opts.contains(&"memory") {
+                    m.v1_memory = mount_point;
                 }
             }
             _ => {}
@@ -189,11 +214,31 @@ impl CpuCgroups {
             // cgroups-rs addresses the unified hierarchy at its standard mount point only.
             return Err(CgroupError::DriverUnavailable(choice));
         }
+        // Memory where the hierarchy has it: v2 delegates controllers to the agent's cgroup
+        // (systemd `Delegate=yes`), v1 mounts memory on its own.
+        let memory = match version {
+            Version::V1 => mounts.v1_memory.is_some(),
+            Version::V2 => {
+                let own =
+                    Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(own_v2_cgroup().unwrap_or_default());
+                fs::read_to_string(own.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+            }
+        };
         let path = match version {
             Version::V2 if !subtree.starts_with('/') => Self::leave_own_cgroup(subtree)?,
             _ => subtree.trim_matches('/').to_string(),
         };
-        let cgroup = version.cgroup(&path)?;
+        let hier = Hier { version, memory };
+        let (hier, cgroup) = match hier.cgroup(&path) {
+            Ok(cgroup) => (hier, cgroup),
+            Err(e) if memory => {
+                tracing::warn!(error = %e, "the memory controller cannot be used: workers' memory is planned, not limited");
+                let cpu_only = Hier { memory: false, ..hier };
+                (cpu_only, cpu_only.cgroup(&path)?)
+            }
+            Err(e) => return Err(e),
+        };
         let dir = controller_dirs(&cgroup).into_iter().next().ok_or_else(|| CgroupError::NoCpuIn(path.clone()))?;
         let file = fs::File::open(&dir).map_err(io("open", &dir))?;
         let claim = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
@@ -202,7 +247,7 @@ impl CpuCgroups {
                 other => CgroupError::Io { action: "lock", path: dir.clone(), source: other.into() },
             },
         )?;
-        Ok(Self { subtree: Some((version, path)), _claim: Some(Arc::new(claim)) })
+        Ok(Self { subtree: Some((hier, path)), _claim: Some(Arc::new(claim)) })
     }
 
     /// v2 forbids processes in inner nodes: the agent moves itself to `<own>/agent`, so that
@@ -215,7 +260,7 @@ impl CpuCgroups {
         let leaf = join(&own, "agent");
         let dir = Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(&leaf);
         fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let agent_leaf = Version::V2.load(&leaf);
+        let agent_leaf = Hier { version: Version::V2, memory: false }.load(&leaf);
         agent_leaf
             .add_task_by_tgid(CgroupPid::from(std::process::id() as u64))
             .map_err(lib("move the agent into", &agent_leaf))?;
@@ -224,16 +269,21 @@ impl CpuCgroups {
 
     pub fn driver_name(&self) -> &'static str {
         match self.subtree {
-            Some((Version::V1, _)) => "cgroup-v1",
-            Some((Version::V2, _)) => "cgroup-v2",
+            Some((Hier { version: Version::V1, .. }, _)) => "cgroup-v1",
+            Some((Hier { version: Version::V2, .. }, _)) => "cgroup-v2",
             None => "none",
         }
+    }
+
+    /// Whether workers' memory is limited (the hierarchy has the memory controller).
+    pub fn limits_memory(&self) -> bool {
+        self.subtree.as_ref().is_some_and(|(h, _)| h.memory)
     }
 
     /// Creates (or reuses) the cgroup of worker `name`.
     pub fn create(&self, name: &str) -> Result<WorkerCgroup, CgroupError> {
         let cgroup = match &self.subtree {
-            Some((version, base)) => Some(version.cgroup(&join(base, name))?),
+            Some((hier, base)) => Some(hier.cgroup(&join(base, name))?),
             None => None,
         };
         Ok(WorkerCgroup { cgroup })
@@ -243,9 +293,9 @@ impl CpuCgroups {
     /// what a crashed agent left behind; on exit, what an interrupted operation (a profile)
     /// left running. Returns how many cgroups were removed.
     pub fn sweep(&self) -> usize {
-        let Some((version, base)) = &self.subtree else { return 0 };
+        let Some((hier, base)) = &self.subtree else { return 0 };
         let mut names: Vec<String> = Vec::new();
-        for dir in controller_dirs(&version.load(base)) {
+        for dir in controller_dirs(&hier.load(base)) {
             let Ok(entries) = fs::read_dir(&dir) else { continue };
             for entry in entries.flatten().filter(|e| e.path().is_dir()) {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -257,7 +307,7 @@ impl CpuCgroups {
         let mut removed = 0;
         for name in names {
             let path = join(base, &name);
-            let cg = version.load(&path);
+            let cg = hier.load(&path);
             kill_all(&cg);
             if remove_when_empty(&cg) {
                 removed += 1;
@@ -270,8 +320,8 @@ impl CpuCgroups {
 
     /// Removes the (empty) subtree; called on exit after every worker is gone.
     pub fn remove(&self) {
-        if let Some((version, base)) = &self.subtree {
-            if let Err(e) = version.load(base).delete() {
+        if let Some((hier, base)) = &self.subtree {
+            if let Err(e) = hier.load(base).delete() {
                 tracing::warn!(path = base, error = %e, "could not remove the agent's cgroup");
             }
         }
@@ -384,6 +434,36 @@ impl WorkerCgroup {
             nr_throttled: keyed(&stat, "nr_throttled"),
             throttled_us: keyed(&stat, "throttled_time") / 1000,
         })
+    }
+
+    /// Limits the memory of the worker's processes to `bytes` (0: unlimited); a process that
+    /// goes over it is killed by the kernel's OOM killer, which [`WorkerCgroup::oom_kills`]
+    /// counts. Nothing without the memory controller.
+    pub fn set_memory_limit(&self, bytes: u64) -> Result<(), CgroupError> {
+        let Some(cg) = &self.cgroup else { return Ok(()) };
+        let Some(memory) = cg.controller_of::<MemController>() else { return Ok(()) };
+        let limit = if bytes == 0 { -1 } else { i64::try_from(bytes).unwrap_or(i64::MAX) };
+        // A worker over its memory is killed, not swapped: swapped, it would miss every
+        // deadline. v2 keeps swap apart (memory.swap.max); v1 counts memory and swap together
+        // and needs memsw ≥ memory at every step, so memsw is written on both sides of the
+        // limit. Where swap is not accounted the files are missing: nothing to do.
+        if memory.v2() {
+            let _ = memory.set_memswap_limit(if bytes == 0 { -1 } else { 0 });
+            return memory.set_limit(limit).map_err(lib("limit the memory of", cg));
+        }
+        let _ = memory.set_memswap_limit(limit);
+        memory.set_limit(limit).map_err(lib("limit the memory of", cg))?;
+        let _ = memory.set_memswap_limit(limit);
+        Ok(())
+    }
+
+    /// How many of the cgroup's processes the kernel's OOM killer has killed (v2
+    /// `memory.events`, v1 `memory.oom_control`; 0 without the memory controller).
+    pub fn oom_kills(&self) -> u64 {
+        let Some(memory) = self.cgroup.as_ref().and_then(|cg| cg.controller_of::<MemController>()) else { return 0 };
+        let file = if memory.v2() { "memory.events" } else { "memory.oom_control" };
+        let text = fs::read_to_string(memory.path().join(file)).unwrap_or_default();
+        keyed(&parse_keyed(&text), "oom_kill")
     }
 
     /// Removes the cgroup; its processes must have exited.

@@ -112,6 +112,8 @@ impl Link {
                 address: self.advertise.clone(),
                 control_address: self.advertise_control.clone(),
                 cores: node.cfg.millicores / 1000,
+                memory_bytes: node.cfg.memory_bytes,
+                memory_total_bytes: node.cfg.memory_total_bytes,
                 // Set by the controller from this agent's certificate.
                 cert_serial: String::new(),
             })

@@ -89,6 +89,11 @@ struct ServeArgs {
     /// Cores this node offers to workers (default: all online cores).
     #[arg(long, env = "TIDAL_CORES")]
     cores: Option<u32>,
+    /// Memory this node offers to workers: a size (512M, 24G) or a share of the machine's
+    /// memory (90%). The controller plans workers' memory within it, by their profiles; 0
+    /// declares none (only cores are planned here).
+    #[arg(long, env = "TIDAL_MEMORY", default_value = "90%")]
+    memory: String,
     /// ONNX Runtime intra-op threads per worker, fixed whatever its CPU limit (default: its
     /// limit's cores, rounded up; they follow it when the worker is resized in place).
     #[arg(long, env = "TIDAL_WORKER_THREADS")]
@@ -192,6 +197,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let control_addr = control_listener.local_addr()?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let cores = args.cores.unwrap_or(online).max(1);
+    let memory_total_bytes = machine_memory().context("reading the machine's memory from /proc/meminfo")?;
+    let memory_bytes = node_memory(&args.memory, memory_total_bytes).map_err(anyhow::Error::msg)?;
     let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
     let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree).context("setting up the workers' cgroups")?;
     let swept = cgroups.sweep();
@@ -207,6 +214,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node: args.node.clone(),
         model_dir: args.model_dir.clone(),
         millicores: cores * 1000,
+        memory_bytes,
+        memory_total_bytes,
         queue_capacity: args.queue_capacity,
         max_request_bytes: args.max_request_bytes,
         max_inflight_bytes: args.max_inflight_bytes,
@@ -418,4 +427,33 @@ fn bounded(server: tonic::transport::Server, max_streams: u32) -> tonic::transpo
         .max_concurrent_streams(max_streams)
         .http2_keepalive_interval(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(tidal_daemon::edge::HTTP2_KEEPALIVE))
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), bytes.
+fn machine_memory() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no MemTotal line")?;
+    Ok(kib.saturating_mul(1024))
+}
+
+/// `--memory` as bytes: a size, or a percentage of `total`.
+fn node_memory(text: &str, total: u64) -> Result<u64, String> {
+    let bytes = match text.trim().strip_suffix('%') {
+        Some(percent) => {
+            let p: f64 = percent.trim().parse().map_err(|_| format!("--memory {text:?}: not a percentage"))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(format!("--memory {text:?}: a share of the machine's memory is 0–100 %"));
+            }
+            (total as f64 * p / 100.0) as u64
+        }
+        None => tidal_common::memory::parse_size(text).map_err(|e| format!("--memory: {e}"))?,
+    };
+    if total > 0 && bytes > total {
+        return Err(format!("--memory {text}: more than the machine's {}", tidal_common::memory::human(total)));
+    }
+    Ok(bytes)
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tidal_auth::Security;
+use tidal_common::plan::Capacity;
 use tidal_proto::v1::{TaskSpec, WorkerTelemetry};
 use tracing::{info, warn};
 
@@ -28,6 +29,9 @@ pub struct AgentConfig {
     pub model_dir: PathBuf,
     /// CPU this node offers to workers, in millicores.
     pub millicores: u32,
+    /// Memory this node offers to workers, bytes (0: not declared), and the machine's.
+    pub memory_bytes: u64,
+    pub memory_total_bytes: u64,
     pub queue_capacity: usize,
     /// Largest inference request served; larger ones get RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
@@ -90,7 +94,7 @@ impl Node {
         let revoked: Arc<tidal_auth::RevocationList> = Arc::default();
         let reconciler = Reconciler::start(Parts {
             node: cfg.node.clone(),
-            millicores: cfg.millicores,
+            capacity: Capacity { millicores: cfg.millicores, memory_bytes: cfg.memory_bytes },
             models: models.clone(),
             queue_capacity: cfg.queue_capacity,
             drain: cfg.drain,
@@ -282,6 +286,8 @@ impl Node {
                 threads: w.threads(),
                 cgroup: w.cgroup.cpu_dir().map(|d| d.display().to_string()).unwrap_or_default(),
                 served: Vec::new(),
+                memory_bytes: w.memory_bytes(),
+                oom_kills: w.cgroup.oom_kills(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

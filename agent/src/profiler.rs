@@ -258,9 +258,15 @@ async fn profile_at(
         None => vec![0],
     };
     let mut points = Vec::new();
+    // Each point's memory is the peak while it ran; the first's also the model's load, which a
+    // worker must have room for before it serves anything.
+    let mut first = true;
     for set in grid.sets {
         for &batch in &batches {
             for &length in &lengths {
+                if !std::mem::take(&mut first) {
+                    proc.reset_peak_memory();
+                }
                 let measured = async {
                     let mut inputs = if set.samples.is_empty() {
                         profile_inputs(signature, variant, batch)?
@@ -287,9 +293,14 @@ async fn profile_at(
                         return Err(e);
                     }
                 };
-                let point =
-                    ProfilePoint { size: set.size, output_tokens, ..summarise(cores, batch, &mut latencies, elapsed) };
-                info!(variant = %variant.name, cores, batch, size = set.size, output_tokens, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, "profiled");
+                let resident_bytes = proc.peak_memory().unwrap_or(0);
+                let point = ProfilePoint {
+                    size: set.size,
+                    output_tokens,
+                    resident_bytes,
+                    ..summarise(cores, batch, &mut latencies, elapsed)
+                };
+                info!(variant = %variant.name, cores, batch, size = set.size, output_tokens, p99_ms = point.latency_p99_ms, rps = point.throughput_rps, resident_mib = resident_bytes >> 20, "profiled");
                 points.push(point);
             }
         }
@@ -427,6 +438,7 @@ fn summarise(cores: u32, batch: u32, latencies: &mut [Duration], elapsed_s: f64)
         throughput_rps: batch as f64 * latencies.len() as f64 / elapsed_s.max(1e-9),
         size: 0,
         output_tokens: 0,
+        resident_bytes: 0,
     }
 }
 

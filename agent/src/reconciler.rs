@@ -24,7 +24,7 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use thiserror::Error;
 use tidal_auth::Security;
 use tidal_common::executor::{execute, stage, Executor};
-use tidal_common::plan::{validate_for_node, PlanError};
+use tidal_common::plan::{validate_for_node, Capacity, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_common::tensor::StageIo;
 use tidal_proto::v1::inference_client::InferenceClient;
@@ -123,8 +123,8 @@ pub struct View {
 /// What the reconciler works with, given once.
 pub struct Parts {
     pub node: String,
-    /// CPU this node offers to workers, in millicores.
-    pub millicores: u32,
+    /// CPU and memory this node offers to workers.
+    pub capacity: Capacity,
     pub models: Arc<ModelDir>,
     pub queue_capacity: usize,
     /// How long a retired worker may take to serve what it has queued.
@@ -323,7 +323,7 @@ impl Owner {
         if plan.for_node.is_empty() {
             plan = tidal_common::plan::cut(&plan, &self.p.node);
         }
-        validate_for_node(&plan, &self.p.node, self.p.millicores)?;
+        validate_for_node(&plan, &self.p.node, self.p.capacity)?;
         if (plan.epoch, plan.term) < applied {
             return Err(ApplyError::Stale { got: (plan.epoch, plan.term), applied });
         }
@@ -583,6 +583,7 @@ fn shape_of(w: &Worker) -> WorkerShape {
         millicores: w.millicores(),
         max_batch: settings.max_batch,
         max_delay_ms: settings.max_delay.as_millis().min(u32::MAX as u128) as u32,
+        memory_bytes: w.memory_bytes(),
     }
 }
 
@@ -652,11 +653,17 @@ impl Executor for NodeExecutor<'_> {
             max_batch: d.shape.max_batch,
             max_delay: Duration::from_millis(d.shape.max_delay_ms as u64),
         };
+        // Limited before its process starts: a model's load is its first allocation.
+        let limit = tidal_common::memory::cgroup_limit(d.shape.memory_bytes);
+        if let Err(e) = cgroup.set_memory_limit(limit) {
+            warn!(worker = %id, error = %e, "the worker's memory cannot be limited; it runs without a limit");
+        }
         let p = &self.owner.p;
         let w = Worker::start(
             spec,
             cgroup,
             d.shape.millicores,
+            d.shape.memory_bytes,
             settings,
             p.queue_capacity,
             p.spawner.clone(),
@@ -670,6 +677,18 @@ impl Executor for NodeExecutor<'_> {
     fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32) {
         if let Some(w) = self.owner.workers.get(key) {
             w.set_batching(BatchSettings { max_batch, max_delay: Duration::from_millis(max_delay_ms as u64) });
+        }
+    }
+
+    fn limit_memory(&mut self, key: &WorkerKey, memory_bytes: u64) {
+        let Some(w) = self.owner.workers.get(key) else { return };
+        match w.limit_memory(memory_bytes) {
+            Ok(()) => {
+                info!(worker = %w.spec.id, memory_mib = memory_bytes >> 20, "raised the worker's memory in place")
+            }
+            Err(e) => {
+                warn!(worker = %w.spec.id, error = %e, "raising the worker's memory failed; the next plan retries")
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -288,6 +288,25 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// The process's peak resident memory (`VmHWM`), bytes: since it started, or since the last
+    /// [`WorkerProcess::reset_peak_memory`]. `None` when it cannot be read.
+    pub fn peak_memory(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k.saturating_mul(1024))
+    }
+
+    /// Starts the peak over from the memory resident now (`/proc/PID/clear_refs`, "5"), so that
+    /// the next [`WorkerProcess::peak_memory`] is what ran since. Where that is refused the
+    /// peak stays the process's since its start: larger, never smaller.
+    pub fn reset_peak_memory(&self) {
+        if let Some(pid) = self.pid() {
+            if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+                tracing::debug!(error = %e, pid, "the worker's peak memory is not reset");
+            }
+        }
+    }
+
     /// Closes the worker's input so it exits, and kills it if it has not within `grace`.
     pub async fn stop(mut self, grace: Duration) {
         let _ = SinkExt::<bytes::Bytes>::close(&mut self.tx).await;
@@ -359,6 +378,9 @@ pub struct Worker {
     /// Milliseconds its process took from spawn to serving, the last time it started.
     load_ms: Arc<AtomicU32>,
     restarts: Arc<AtomicU32>,
+    /// The memory the plan gives it, bytes (0: not planned); its cgroup's limit follows
+    /// ([`tidal_common::memory::cgroup_limit`]).
+    memory_bytes: AtomicU64,
     stop: CancellationToken,
     batcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -376,11 +398,14 @@ impl Worker {
         self.queue.push(deadline, key, inputs, reply)
     }
 
-    /// Creates the worker and starts its batcher, which starts the process.
+    /// Creates the worker and starts its batcher, which starts the process (`cgroup` already
+    /// limited to what `memory_bytes` allows).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         spec: WorkerSpec,
         cgroup: WorkerCgroup,
         millicores: u32,
+        memory_bytes: u64,
         settings: BatchSettings,
         queue_capacity: usize,
         spawner: Arc<dyn Spawner>,
@@ -399,6 +424,7 @@ impl Worker {
             ready: Arc::new(AtomicBool::new(false)),
             load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
+            memory_bytes: AtomicU64::new(memory_bytes),
             stop: CancellationToken::new(),
             batcher: tokio::sync::Mutex::new(None),
         });
@@ -455,6 +481,18 @@ impl Worker {
         self.load_ms.load(Ordering::Relaxed)
     }
 
+    /// The memory the plan gives it (0: not planned).
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Limits its cgroup to what `memory_bytes` planned allows, in place.
+    pub fn limit_memory(&self, memory_bytes: u64) -> Result<(), CgroupError> {
+        self.cgroup.set_memory_limit(tidal_common::memory::cgroup_limit(memory_bytes))?;
+        self.memory_bytes.store(memory_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Resizes the worker in place: one write to its cgroup, no restart.
     pub fn resize(&self, millicores: u32) -> Result<(), CgroupError> {
         self.cgroup.set_millicores(millicores)?;
@@ -508,6 +546,7 @@ enum Exit {
 impl BatcherCtx {
     async fn run(self) {
         let mut backoff = Duration::from_millis(200);
+        let mut oom_kills = self.cgroup.oom_kills();
         while !self.stop.is_cancelled() {
             let spawning = Instant::now();
             // A worker stopped while it loads stops at once (the process is killed).
@@ -518,6 +557,7 @@ impl BatcherCtx {
             let mut proc = match spawned {
                 Ok(p) => p,
                 Err(e) => {
+                    self.say_if_oom_killed(&mut oom_kills);
                     warn!(error = %e, retry_in = ?backoff, "worker failed to start");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -542,11 +582,26 @@ impl BatcherCtx {
                 }
                 Exit::Died(e) => {
                     self.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.say_if_oom_killed(&mut oom_kills);
                     warn!(error = %e, "worker died; restarting it");
                     proc.stop(Duration::from_millis(100)).await;
                     self.events.send(WorkerEvent::Died { id: self.spec.id.clone(), error: e.to_string() }).await;
                 }
             }
+        }
+    }
+
+    /// Says so when the kernel's OOM killer killed a process of the worker since `seen` (its
+    /// cgroup's count), which it then updates.
+    fn say_if_oom_killed(&self, seen: &mut u64) {
+        let now = self.cgroup.oom_kills();
+        if now > *seen {
+            warn!(
+                oom_kills = now,
+                "the worker was killed by the kernel's OOM killer: it went over its memory limit (its variant's memory \
+                 profile is raised by the controller)"
+            );
+            *seen = now;
         }
     }
 

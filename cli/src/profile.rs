@@ -67,6 +67,7 @@ fn render_profiles(s: &Shown) -> String {
                 served(pt.latency_p50_ms),
                 served(pt.latency_p99_ms),
                 if corrected { format!("{:.1}", pt.throughput_rps / factor) } else { "-".into() },
+                resident(pt.resident_bytes),
             ]);
         }
     }
@@ -82,6 +83,7 @@ fn render_profiles(s: &Shown) -> String {
             "CORRECTED P50 ms",
             "CORRECTED P99 ms",
             "CORRECTED RPS/s",
+            "PEAK MEMORY",
         ],
         rows,
     );
@@ -152,6 +154,9 @@ pub struct SavedPoint {
     /// Of a stage that writes tokens, how many each sample wrote (absent: not such a stage).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub output_tokens: u32,
+    /// The worker's peak resident memory once it ran this batch, bytes (absent: not measured).
+    #[serde(default, skip_serializing_if = "is_zero_size")]
+    pub resident_bytes: u64,
 }
 
 fn is_zero_size(n: &u64) -> bool {
@@ -168,6 +173,7 @@ impl From<&ProfilePoint> for SavedPoint {
             throughput_rps: p.throughput_rps,
             size: p.size,
             output_tokens: p.output_tokens,
+            resident_bytes: p.resident_bytes,
         }
     }
 }
@@ -182,7 +188,17 @@ impl From<&SavedPoint> for ProfilePoint {
             throughput_rps: p.throughput_rps,
             size: p.size,
             output_tokens: p.output_tokens,
+            resident_bytes: p.resident_bytes,
         }
+    }
+}
+
+/// A point's peak resident memory ("-": not measured).
+fn resident(bytes: u64) -> String {
+    if bytes == 0 {
+        "-".into()
+    } else {
+        tidal_common::memory::human(bytes)
     }
 }
 
@@ -275,8 +291,8 @@ pub async fn measure(controller: &str, spec: &TaskSpec, m: Measure<'_>, save: Op
         let (points, spreads) = combine(&runs);
         for (p, s) in points.iter().zip(&spreads) {
             println!(
-                "{:<10} cores {:>2} batch {:>3} size {:>9}{}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
-                variant.name, p.cores, p.batch, p.size, writes(p.output_tokens), p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, 50.0 * s.0, 50.0 * s.1
+                "{:<10} cores {:>2} batch {:>3} size {:>9}{}  p50 {:>8.1} ms  p99 {:>8.1} ms  {:>8.1} req/s  memory {:>8}  (spread over {repeat}: p50 ±{:.0} %, throughput ±{:.0} %)",
+                variant.name, p.cores, p.batch, p.size, writes(p.output_tokens), p.latency_p50_ms, p.latency_p99_ms, p.throughput_rps, resident(p.resident_bytes), 50.0 * s.0, 50.0 * s.1
             );
         }
         let served = tidal_common::task::as_served(stage, variant);
@@ -358,6 +374,8 @@ fn combine(runs: &[Vec<ProfilePoint>]) -> (Vec<ProfilePoint>, Vec<(f64, f64)>) {
             throughput_rps: mt,
             size: p.size,
             output_tokens: p.output_tokens,
+            // The worst run's: memory is planned at its peak.
+            resident_bytes: same.iter().map(|q| q.resident_bytes).max().unwrap_or(0),
         });
         spreads.push((range(&p50) / m50.max(1e-9), range(&tput) / mt.max(1e-9)));
     }
@@ -397,6 +415,7 @@ mod tests {
             throughput_rps: tput,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         }
     }
 

@@ -61,6 +61,15 @@ pub async fn history(controller: &str, limit: u32, format: Format) -> anyhow::Re
     output::print(format, &history, |h| h.plans.iter().map(render_plan).collect())
 }
 
+/// A node's memory: what the plan gives its workers of what it declared ("-": none declared).
+fn node_memory(n: &tidal_proto::v1::NodeStatus) -> String {
+    use tidal_common::memory::human;
+    match n.memory_bytes {
+        0 => "-".into(),
+        declared => format!("{} of {}", human(n.memory_planned_bytes), human(declared)),
+    }
+}
+
 /// A task's share of the cluster: its weight, and its minimum and maximum cores when set
 /// ("w1", "w2 1–8c", "w0 ≥1c").
 fn share(share: Option<&tidal_proto::v1::TaskShare>) -> String {
@@ -156,6 +165,7 @@ pub fn render(s: &ClusterStatus) -> String {
                 n.node.clone(),
                 n.address.clone(),
                 n.cores.to_string(),
+                node_memory(n),
                 n.applied_epoch.to_string(),
                 format!("{:.1} s", n.seconds_since_report),
                 n.last_push.as_ref().map_or_else(String::new, |p| match p.held.len() {
@@ -166,7 +176,8 @@ pub fn render(s: &ClusterStatus) -> String {
             ]
         })
         .collect();
-    out += &output::table(&["NODE", "ADDRESS", "CORES#", "EPOCH#", "LAST REPORT", "LAST PUSH", "STATE"], nodes);
+    out +=
+        &output::table(&["NODE", "ADDRESS", "CORES#", "MEMORY", "EPOCH#", "LAST REPORT", "LAST PUSH", "STATE"], nodes);
     // What the last push left undone, and why, under the table.
     for n in &s.nodes {
         let Some(p) = &n.last_push else { continue };
@@ -193,7 +204,17 @@ pub fn render(s: &ClusterStatus) -> String {
                 format!("{:.2}", w.cpu_usage_cores),
                 w.nr_throttled.to_string(),
                 w.restarts.to_string(),
-                if w.ready { "ready".into() } else { "loading".into() },
+                match w.memory_bytes {
+                    0 => "-".into(),
+                    m => tidal_common::memory::human(m),
+                },
+                match (w.ready, w.oom_kills) {
+                    (true, 0) => "ready".into(),
+                    (false, 0) => "loading".into(),
+                    (ready, kills) => {
+                        format!("{}, {kills} OOM-killed", if ready { "ready" } else { "loading" })
+                    }
+                },
             ]
         })
         .collect::<Vec<_>>();
@@ -210,6 +231,7 @@ pub fn render(s: &ClusterStatus) -> String {
                 "CPU#",
                 "THROTTLED#",
                 "RESTARTS#",
+                "MEMORY",
                 "STATE",
             ],
             workers,

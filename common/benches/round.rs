@@ -83,7 +83,7 @@ impl Cluster {
             nodes: self
                 .nodes
                 .iter()
-                .map(|n| NodeInput { name: n, address: "10.0.0.1:7100", cores: self.cores })
+                .map(|n| NodeInput { name: n, address: "10.0.0.1:7100", cores: self.cores, memory_bytes: 0 })
                 .collect(),
             current: None,
             serving: &NOTHING_SERVES,

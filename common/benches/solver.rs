@@ -41,7 +41,7 @@ fn infadapter_published(c: &mut Criterion) {
         .into_iter()
         .map(|(name, points)| {
             let accuracy = tidal_common::resnet::ResNetDepth::from_name(&name).expect("a ResNet").top1_accuracy();
-            Variant { name, accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
+            Variant { name, accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points), memory: Default::default() }
         })
         .collect();
     let stage = Stage { name: "s".into(), variants };

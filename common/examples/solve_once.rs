@@ -24,7 +24,13 @@ fn main() {
                 .into_iter()
                 .map(|(name, points)| {
                     let accuracy = tidal_common::resnet::ResNetDepth::from_name(&name).unwrap().top1_accuracy();
-                    Variant { name, accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
+                    Variant {
+                        name,
+                        accuracy,
+                        load_cost: 0.0,
+                        grid: ProfileGrid::new(&points),
+                        memory: Default::default(),
+                    }
                 })
                 .collect();
             let stage = Stage { name: "s".into(), variants };

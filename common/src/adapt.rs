@@ -37,6 +37,7 @@ use crate::forecast::{
     is_surge, Ewma, Forecaster, ForecasterKind, Holt, LastValue, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S,
 };
 use crate::latency::LatencyModel;
+use crate::plan::Capacity;
 use crate::profile::ProfileGrid;
 use crate::profile::SizeMix;
 use crate::profile_correction::Corrections;
@@ -168,6 +169,20 @@ pub struct NodeInput<'a> {
     pub name: &'a str,
     pub address: &'a str,
     pub cores: u32,
+    /// The memory Tidal's workers may take on it, bytes; 0: not declared (only its cores are
+    /// planned).
+    pub memory_bytes: u64,
+}
+
+impl NodeInput<'_> {
+    /// The memory free for workers: all it declared, or without bound when it declared none.
+    fn memory_free(&self) -> u64 {
+        if self.memory_bytes == 0 {
+            u64::MAX
+        } else {
+            self.memory_bytes.min(crate::memory::MAX_NODE_BYTES)
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -360,8 +375,15 @@ impl Adapter {
             outcome.failed = choice.failed;
         }
         if let Some(current) = input.current {
-            let millicores = input.nodes.iter().map(|n| (n.name.to_string(), n.cores.saturating_mul(1000))).collect();
-            let held = handover::hold_across_nodes(current, &mut plan, input.serving, &millicores);
+            let capacity = input
+                .nodes
+                .iter()
+                .map(|n| {
+                    let capacity = Capacity { millicores: n.cores.saturating_mul(1000), memory_bytes: n.memory_bytes };
+                    (n.name.to_string(), capacity)
+                })
+                .collect();
+            let held = handover::hold_across_nodes(current, &mut plan, input.serving, &capacity);
             plan.notes.extend(held);
         }
         if self.cfg.routing() == Routing::BySlack {
@@ -475,7 +497,19 @@ struct TaskPlans<'r, 'a> {
     base: Problem,
     /// What the problem's profiles estimate beyond what was measured (input sizes).
     profile_notes: Vec<String>,
-    solved: BTreeMap<(u32, Option<u32>), Result<Planned, SolveError>>,
+    solved: BTreeMap<(u32, WorkerLimit), Result<Planned, SolveError>>,
+}
+
+/// The largest worker a plan may have: when a task's worker finds no node with room, the task
+/// is planned again with workers no larger than the room that is left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct WorkerLimit {
+    cores: Option<u32>,
+    memory: Option<u64>,
+}
+
+impl WorkerLimit {
+    const ANY: Self = Self { cores: None, memory: None };
 }
 
 impl<'r, 'a> TaskPlans<'r, 'a> {
@@ -526,7 +560,7 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
             return Some(choice);
         }
         let cap = self.cap;
-        let error = match self.within(cap, None) {
+        let error = match self.within(cap, WorkerLimit::ANY) {
             Ok(_) => return None,
             Err(e) => e.to_string(),
         };
@@ -536,21 +570,22 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
         Some(Choice { workers, notes: vec![note], overloaded: false, failed: true })
     }
 
-    /// The best plan within `budget` cores, each worker within `max_worker` cores.
-    fn within(&mut self, budget: u32, max_worker: Option<u32>) -> Result<&Planned, &SolveError> {
-        let key = (budget, max_worker);
+    /// The best plan within `budget` cores, each worker within `limit`.
+    fn within(&mut self, budget: u32, limit: WorkerLimit) -> Result<&Planned, &SolveError> {
+        let key = (budget, limit);
         if !self.solved.contains_key(&key) {
-            let planned = self.solve(budget, max_worker);
+            let planned = self.solve(budget, limit);
             self.solved.insert(key, planned);
         }
         self.solved[&key].as_ref()
     }
 
-    fn solve(&self, budget: u32, max_worker: Option<u32>) -> Result<Planned, SolveError> {
+    fn solve(&self, budget: u32, limit: WorkerLimit) -> Result<Planned, SolveError> {
         let (cfg, task) = (self.cfg, self.task);
         let mut problem = self.base.clone();
         problem.core_budget = budget;
-        problem.max_worker_cores = max_worker;
+        problem.max_worker_cores = limit.cores;
+        problem.max_worker_memory = limit.memory;
         problem.weights = weights_within(cfg, budget, self.cluster);
         let space = cfg.space();
         let s = solve(&problem, &space)?;
@@ -574,7 +609,7 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
     /// The fraction of its planned rate the best plan within `budget` carries.
     fn carried_fraction(&mut self, budget: u32) -> f64 {
         let rate = self.rate.max(crate::solver::MIN_PLANNED_RPS);
-        self.within(budget, None).map_or(0.0, |p| (p.carried_rps / rate).min(1.0))
+        self.within(budget, WorkerLimit::ANY).map_or(0.0, |p| (p.carried_rps / rate).min(1.0))
     }
 }
 
@@ -745,6 +780,7 @@ fn problem(
                     accuracy: v.accuracy,
                     load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
                     grid: ProfileGrid::new(&crate::task::per_request(&at.points, factor)).corrected(corrected),
+                    memory: crate::memory::MemoryCurve::new(points),
                 })
             })
             .collect(),
@@ -759,6 +795,7 @@ fn problem(
         comm_latency_ms: task.min_budget_ms.map_or(0.0, |b| (slo_ms - b).clamp(0.0, slo_ms)),
         core_budget: budget,
         max_worker_cores: None,
+        max_worker_memory: None,
         weights: weights_within(cfg, budget, cluster),
         model: cfg.model,
     };
@@ -775,7 +812,8 @@ fn weights_within(cfg: &AdaptConfig, budget: u32, cluster: u32) -> Weights {
 fn workers_of(task: &TaskSpec, problem: &Problem, solution: &Solution) -> Vec<Assignment> {
     let mut workers = Vec::new();
     for c in &solution.choices {
-        let name = &problem.stages[c.stage].variants[c.variant].name;
+        let planned = &problem.stages[c.stage].variants[c.variant];
+        let name = &planned.name;
         let stage = &task.stages[c.stage];
         let variant = stage.variants.iter().find(|v| &v.name == name).cloned();
         for _ in 0..c.replicas {
@@ -789,6 +827,7 @@ fn workers_of(task: &TaskSpec, problem: &Problem, solution: &Solution) -> Vec<As
                 max_delay_ms: c.point.max_delay_ms,
                 weight: c.share_rps / c.replicas as f64 / solution.carried_rps.max(f64::MIN_POSITIVE),
                 replica: 0,
+                memory_bytes: planned.memory.worker_bytes(c.point.batch),
             });
         }
     }
@@ -857,6 +896,8 @@ fn unprofiled_default(task: &TaskSpec, budget: u32) -> Option<(Vec<Assignment>, 
                 max_delay_ms: 0,
                 weight: 1.0,
                 replica: 0,
+                // Not profiled: its memory is not known (nor limited).
+                memory_bytes: 0,
             })
         })
         .collect::<Option<_>>()?;

@@ -63,6 +63,8 @@ pub trait Executor {
     fn start(&mut self, worker: DesiredWorker, prepared: Self::Prepared);
     /// New batcher settings, at once.
     fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32);
+    /// A higher memory limit (0: none), at once.
+    fn limit_memory(&mut self, key: &WorkerKey, memory_bytes: u64);
     /// A new quota once every worker of `after` serves (at once when it is empty).
     fn resize(&mut self, key: &WorkerKey, millicores: u32, after: &[WorkerKey]);
     /// Retires a worker once every worker of `after` serves: it takes no new requests, drains
@@ -102,6 +104,7 @@ pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E:
         let after = starting.get(action.key().task.as_str()).map_or(&[][..], Vec::as_slice);
         match action {
             Action::Rebatch { key, max_batch, max_delay_ms } => exec.rebatch(key, *max_batch, *max_delay_ms),
+            Action::Limit { key, memory_bytes } => exec.limit_memory(key, *memory_bytes),
             Action::Resize { key, millicores } => {
                 let shrink = exec.millicores(key).is_some_and(|m| *millicores < m);
                 exec.resize(key, *millicores, if shrink { after } else { &[] });
@@ -135,7 +138,7 @@ mod tests {
                 tokenizer_file: String::new(),
                 io: None,
             },
-            shape: WorkerShape { millicores, max_batch: 1, max_delay_ms: 0 },
+            shape: WorkerShape { millicores, max_batch: 1, max_delay_ms: 0, memory_bytes: 0 },
             weight: 1.0,
         }
     }
@@ -181,6 +184,9 @@ mod tests {
         }
         fn rebatch(&mut self, key: &WorkerKey, b: u32, _: u32) {
             self.log.push(format!("rebatch {key} {b}"));
+        }
+        fn limit_memory(&mut self, key: &WorkerKey, bytes: u64) {
+            self.log.push(format!("limit {key} {bytes}"));
         }
         fn resize(&mut self, key: &WorkerKey, m: u32, after: &[WorkerKey]) {
             self.log.push(format!("resize {key} {m}{}", keys(after)));

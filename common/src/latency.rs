@@ -133,6 +133,7 @@ mod tests {
             throughput_rps: tput,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         };
         ProfileGrid::new(&[p(1, 1, 40.0, 25.0), p(1, 4, 100.0, 40.0), p(2, 1, 20.0, 50.0), p(2, 4, 50.0, 80.0)])
     }

@@ -13,6 +13,7 @@ pub mod executor;
 pub mod forecast;
 pub mod generation;
 pub mod latency;
+pub mod memory;
 pub mod onnx_graph;
 pub mod onnx_signature;
 pub mod padding;

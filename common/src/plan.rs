@@ -38,6 +38,8 @@ pub enum PlanError {
     Duplicate { task: String, variant: String, replica: u32, node: String },
     #[error("node {node:?} is asked for {asked} millicores but has {has}")]
     OverCommitted { node: String, asked: u32, has: u32 },
+    #[error("node {node:?} is asked for {} of memory but declared {}", crate::memory::human(*asked), crate::memory::human(*has))]
+    OverCommittedMemory { node: String, asked: u64, has: u64 },
     #[error("node {node:?} is asked to run {workers} workers; at most {MAX_WORKERS_PER_NODE} are allowed")]
     TooManyWorkers { node: String, workers: usize },
     #[error("the plan was cut for node {for_node:?}, not for {node:?}")]
@@ -59,10 +61,26 @@ pub fn normalise(plan: &mut Plan) {
     }
 }
 
+/// What a node offers its workers: millicores, and memory (0: not declared, not checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity {
+    pub millicores: u32,
+    pub memory_bytes: u64,
+}
+
+impl From<u32> for Capacity {
+    /// Millicores only: a node that declared no memory.
+    fn from(millicores: u32) -> Self {
+        Self { millicores, memory_bytes: 0 }
+    }
+}
+
 /// Checks the (normalised) tasks of `plan` and its assignments for `node` (which has
-/// `node_millicores`), before an agent acts on any of them: a plan is applied whole or not at
-/// all. Each assignment's variant must be one of its stage's.
-pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Result<(), PlanError> {
+/// `capacity`), before an agent acts on any of them: a plan is applied whole or not at all.
+/// Each assignment's variant must be one of its stage's; together they fit the node's cores
+/// and, when it declared its memory, its memory.
+pub fn validate_for_node(plan: &Plan, node: &str, capacity: impl Into<Capacity>) -> Result<(), PlanError> {
+    let Capacity { millicores: node_millicores, memory_bytes: node_memory } = capacity.into();
     if !plan.for_node.is_empty() && plan.for_node != node {
         return Err(PlanError::NotForThisNode { for_node: plan.for_node.clone(), node: node.into() });
     }
@@ -89,6 +107,7 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
     }
     let mut seen = HashSet::new();
     let mut total = 0u32;
+    let mut memory = 0u64;
     for (index, a) in plan.assignments.iter().enumerate().filter(|(_, a)| a.node == node) {
         validate_assignment(a).map_err(|reason| PlanError::BadAssignment { index, reason })?;
         let task =
@@ -102,23 +121,27 @@ pub fn validate_for_node(plan: &Plan, node: &str, node_millicores: u32) -> Resul
             return Err(PlanError::Duplicate { task: a.task.clone(), variant, replica: a.replica, node: node.into() });
         }
         total = total.saturating_add(a.millicores);
+        memory = memory.saturating_add(a.memory_bytes);
     }
     if total > node_millicores {
         return Err(PlanError::OverCommitted { node: node.into(), asked: total, has: node_millicores });
+    }
+    if node_memory > 0 && memory > node_memory {
+        return Err(PlanError::OverCommittedMemory { node: node.into(), asked: memory, has: node_memory });
     }
     Ok(())
 }
 
 /// Checks a whole plan as the replicated state takes it: every node it names is known (with
-/// its cores from `node_millicores`) and its share of the plan passes [`validate_for_node`].
-pub fn validate_plan(plan: &Plan, node_millicores: impl Fn(&str) -> Option<u32>) -> Result<(), String> {
+/// its capacity from `node_capacity`) and its share of the plan passes [`validate_for_node`].
+pub fn validate_plan(plan: &Plan, node_capacity: impl Fn(&str) -> Option<Capacity>) -> Result<(), String> {
     if !plan.for_node.is_empty() || !plan.routes.is_empty() {
         return Err(format!("a plan cut for node {:?} is not a whole plan", plan.for_node));
     }
     let nodes: std::collections::BTreeSet<&str> = plan.assignments.iter().map(|a| a.node.as_str()).collect();
     for node in nodes {
-        let millicores = node_millicores(node).ok_or_else(|| format!("the plan names an unknown node {node:?}"))?;
-        validate_for_node(plan, node, millicores).map_err(|e| e.to_string())?;
+        let capacity = node_capacity(node).ok_or_else(|| format!("the plan names an unknown node {node:?}"))?;
+        validate_for_node(plan, node, capacity).map_err(|e| e.to_string())?;
     }
     for t in &plan.tasks {
         crate::task::validate_task(t).map_err(|reason| format!("task {:?} in the plan: {reason}", t.name))?;
@@ -142,6 +165,10 @@ pub fn validate_node(n: &RegisterNodeRequest) -> Result<(), String> {
     if !(1..=MAX_NODE_CORES).contains(&n.cores) {
         return Err(format!("node {}: {} cores is outside 1–{MAX_NODE_CORES}", n.node, n.cores));
     }
+    let most = crate::memory::MAX_NODE_BYTES;
+    if n.memory_bytes > most || n.memory_total_bytes > most {
+        return Err(format!("node {}: memory over {} declared", n.node, crate::memory::human(most)));
+    }
     Ok(())
 }
 
@@ -159,31 +186,63 @@ fn validate_assignment(a: &Assignment) -> Result<(), String> {
     if !a.weight.is_finite() || a.weight < 0.0 {
         return Err(format!("weight {} is not a finite share", a.weight));
     }
+    if a.memory_bytes > crate::memory::MAX_NODE_BYTES {
+        return Err(format!("{} bytes of memory is more than a node may have", a.memory_bytes));
+    }
     Ok(())
 }
 
+/// What a worker needs, or a node has free: whole cores and memory (a node that declared no
+/// memory has `u64::MAX`; a worker whose memory was not measured needs 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Room {
+    pub cores: u32,
+    pub memory_bytes: u64,
+}
+
+impl Room {
+    pub fn holds(&self, worker: &Room) -> bool {
+        self.cores >= worker.cores && self.memory_bytes >= worker.memory_bytes
+    }
+}
+
 #[derive(Debug, Error, PartialEq)]
-#[error(
-    "the plan does not fit the cluster: a worker of {cores} cores finds no node with that many free (at most {} free on a node, {} in all)",
-    free.iter().max().unwrap_or(&0), free.iter().map(|&f| f as u64).sum::<u64>()
-)]
+#[error("the plan does not fit the cluster: a worker of {} finds no node with that much free ({})", needs.show(), free.iter().map(Room::show).collect::<Vec<_>>().join(", "))]
 pub struct PlacementError {
     /// The index of the worker that found no room.
     pub worker: usize,
-    pub cores: u32,
-    pub free: Vec<u32>,
+    pub needs: Room,
+    pub free: Vec<Room>,
 }
 
-/// Places workers (their core counts, in order) onto nodes (their free cores), largest worker
+impl PlacementError {
+    /// Whether a node has the worker's cores free, so that memory is what it lacks.
+    pub fn short_of_memory(&self) -> bool {
+        self.free.iter().any(|f| f.cores >= self.needs.cores)
+    }
+}
+
+impl Room {
+    fn show(&self) -> String {
+        match self.memory_bytes {
+            0 => format!("{} cores", self.cores),
+            u64::MAX => format!("{} cores", self.cores),
+            m => format!("{} cores and {}", self.cores, crate::memory::human(m)),
+        }
+    }
+}
+
+/// Places workers (what each needs, in order) onto nodes (what each has free), largest worker
 /// first. Replicas of a variant (one group) are spread over nodes where they can be, which
 /// survives the loss of a node, but share one when nothing else has room. A worker stays on a
 /// node where its group already runs (`current[i]`) if it can — a move costs a model load —
-/// and otherwise goes to the node with the most free cores. Returns a node index per worker.
+/// and otherwise goes to the node with the most free cores (then memory). Returns a node index
+/// per worker.
 pub fn place<G: Hash + Eq>(
-    workers: &[u32],
+    workers: &[Room],
     groups: &[G],
     current: &[Vec<usize>],
-    free: &[u32],
+    free: &[Room],
 ) -> Result<Vec<usize>, PlacementError> {
     let mut free = free.to_vec();
     let mut order: Vec<usize> = (0..workers.len()).collect();
@@ -192,17 +251,18 @@ pub fn place<G: Hash + Eq>(
     // The nodes each group has a worker on already.
     let mut group_nodes: HashMap<&G, HashSet<usize>> = HashMap::new();
     for i in order {
-        let cores = workers[i];
+        let needs = workers[i];
         let taken = group_nodes.get(&groups[i]);
         let taken = |n: usize| taken.is_some_and(|t| t.contains(&n));
         let runs_there = |n: usize| current.get(i).is_some_and(|nodes| nodes.contains(&n));
         let node = (0..free.len())
-            .filter(|&n| free[n] >= cores)
+            .filter(|&n| free[n].holds(&needs))
             .max_by_key(|&n| (!taken(n), runs_there(n), free[n], std::cmp::Reverse(n)));
         let Some(node) = node else {
-            return Err(PlacementError { worker: i, cores, free });
+            return Err(PlacementError { worker: i, needs, free });
         };
-        free[node] -= cores;
+        free[node].cores -= needs.cores;
+        free[node].memory_bytes -= needs.memory_bytes;
         placed[i] = Some(node);
         group_nodes.entry(&groups[i]).or_default().insert(node);
     }
@@ -237,6 +297,7 @@ mod tests {
             max_delay_ms: 5,
             weight: 0.5,
             replica: 0,
+            memory_bytes: 0,
         }
     }
 
@@ -289,7 +350,7 @@ mod tests {
         let c = cut(&whole, "n1");
         assert_eq!(validate_for_node(&c, "n1", 2000), Ok(()));
         assert!(matches!(validate_for_node(&c, "n2", 2000), Err(PlanError::NotForThisNode { .. })));
-        assert!(validate_plan(&c, |_| Some(2000)).is_err(), "the state commits whole plans only");
+        assert!(validate_plan(&c, |_| Some(2000.into())).is_err(), "the state commits whole plans only");
         for bad in [
             |r: &mut tidal_proto::v1::Route| r.task = "unknown".into(),
             |r: &mut tidal_proto::v1::Route| r.stage = "unknown".into(),
@@ -312,6 +373,49 @@ mod tests {
         assert_eq!(old.tasks[0].stages[0].name, "t");
         assert_eq!(old.assignments[0].stage, "t");
         assert_eq!(validate_for_node(&old, "n1", 2000), Ok(()));
+    }
+
+    fn cores(cores: &[u32]) -> Vec<Room> {
+        cores.iter().map(|&cores| Room { cores, memory_bytes: 0 }).collect()
+    }
+
+    fn place<G: Hash + Eq>(
+        workers: &[u32],
+        groups: &[G],
+        current: &[Vec<usize>],
+        free: &[u32],
+    ) -> Result<Vec<usize>, PlacementError> {
+        let free: Vec<Room> = free.iter().map(|&cores| Room { cores, memory_bytes: u64::MAX }).collect();
+        super::place(&cores(workers), groups, current, &free)
+    }
+
+    #[test]
+    fn memory_binds_placement_and_a_node_over_its_memory_is_refused() {
+        const GIB: u64 = 1 << 30;
+        let worker = |cores, gib| Room { cores, memory_bytes: gib * GIB };
+        // Two 1-core workers of 3 GiB: node 0 has the cores for both but memory for one.
+        let free = [worker(8, 4), worker(8, 4)];
+        let groups = ["a", "b"];
+        assert_eq!(super::place(&[worker(1, 3), worker(1, 3)], &groups, &[vec![0], vec![0]], &free), Ok(vec![0, 1]));
+        let e = super::place(
+            &[worker(1, 3), worker(1, 3), worker(1, 3)],
+            &["a", "b", "c"],
+            &[vec![], vec![], vec![]],
+            &free,
+        )
+        .unwrap_err();
+        assert!(e.short_of_memory(), "{e}");
+        assert!(e.to_string().contains("1 cores and 3.0 GiB"), "{e}");
+        // The node's check counts memory when it declared some, and only then.
+        let mut a = assignment("a", 1000);
+        a.memory_bytes = 3 * GIB;
+        let mut b = assignment("b", 1000);
+        b.memory_bytes = 3 * GIB;
+        let p = plan(vec![a, b]);
+        let declared = Capacity { millicores: 4000, memory_bytes: 4 * GIB };
+        assert!(matches!(validate_for_node(&p, "n1", declared), Err(PlanError::OverCommittedMemory { .. })));
+        assert_eq!(validate_for_node(&p, "n1", Capacity { memory_bytes: 6 * GIB, ..declared }), Ok(()));
+        assert_eq!(validate_for_node(&p, "n1", 4000), Ok(()), "no memory declared: cores only");
     }
 
     #[test]

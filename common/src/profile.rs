@@ -41,6 +41,9 @@ pub fn validate_profile(p: &VariantProfile) -> Result<(), String> {
                 crate::text::MAX_GENERATED
             ));
         }
+        if q.resident_bytes > crate::memory::MAX_NODE_BYTES {
+            return Err(format!("profile point with {} bytes resident: more than a node may have", q.resident_bytes));
+        }
         if q.size > MAX_PROFILE_SIZE {
             return Err(format!("profile point at input size {}: at most {MAX_PROFILE_SIZE} elements", q.size));
         }
@@ -388,6 +391,7 @@ pub fn points_at_mix(points: &[ProfilePoint], default_size: u64, mix: &[(u64, f6
             throughput_rps: 1.0 / per_request_s,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         });
     }
     AtMix { points: out, beyond: (observed_max > largest).then_some((observed_max, largest)) }
@@ -410,6 +414,7 @@ pub fn synthetic(per_core: f64, cores: &[u32], batches: &[(u32, f64)], tail: f64
                 throughput_rps: tput,
                 size: 0,
                 output_tokens: 0,
+                resident_bytes: 0,
             });
         }
     }
@@ -462,6 +467,7 @@ pub fn load_tfserving_csv(
             throughput_rps: tput,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         });
     }
     if out.is_empty() {
@@ -483,6 +489,7 @@ mod tests {
             throughput_rps: 1000.0 / (10.0 + 10.0 * f64::from(tokens)),
             size: 0,
             output_tokens: tokens,
+            resident_bytes: 0,
         };
         let points = [at(1), at(32)];
         for (tokens, p50) in [(1, 20.0), (8, 90.0), (32, 330.0), (64, 650.0)] {
@@ -509,6 +516,7 @@ mod tests {
             throughput_rps: tput,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         }
     }
 

@@ -31,12 +31,29 @@ impl std::fmt::Display for WorkerKey {
     }
 }
 
-/// What a worker is sized to: its CPU quota and its batcher.
+/// What a worker is sized to: its CPU quota, its batcher and its memory (0: not planned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerShape {
     pub millicores: u32,
     pub max_batch: u32,
     pub max_delay_ms: u32,
+    pub memory_bytes: u64,
+}
+
+impl WorkerShape {
+    /// Whether the quota or the batcher differ (memory aside: it is only ever raised in place).
+    fn reshaped(&self, other: &WorkerShape) -> bool {
+        (self.millicores, self.max_batch, self.max_delay_ms) != (other.millicores, other.max_batch, other.max_delay_ms)
+    }
+}
+
+/// A memory figure as a limit: 0 (not planned) is no limit.
+fn as_limit(memory_bytes: u64) -> u64 {
+    if memory_bytes == 0 {
+        u64::MAX
+    } else {
+        memory_bytes
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +81,11 @@ pub enum Action {
         key: WorkerKey,
         millicores: u32,
     },
+    /// A higher memory limit (0: none), in place.
+    Limit {
+        key: WorkerKey,
+        memory_bytes: u64,
+    },
     /// New batcher settings, in place.
     Rebatch {
         key: WorkerKey,
@@ -78,7 +100,10 @@ pub enum Action {
 impl Action {
     pub fn key(&self) -> &WorkerKey {
         match self {
-            Action::Stop(key) | Action::Resize { key, .. } | Action::Rebatch { key, .. } => key,
+            Action::Stop(key)
+            | Action::Resize { key, .. }
+            | Action::Rebatch { key, .. }
+            | Action::Limit { key, .. } => key,
             Action::Replace(d) | Action::Start(d) => &d.key,
         }
     }
@@ -99,7 +124,12 @@ pub fn desired_on(plan: &Plan, node: &str) -> Vec<DesiredWorker> {
                     replica: a.replica,
                 },
                 variant,
-                shape: WorkerShape { millicores: a.millicores, max_batch: a.max_batch, max_delay_ms: a.max_delay_ms },
+                shape: WorkerShape {
+                    millicores: a.millicores,
+                    max_batch: a.max_batch,
+                    max_delay_ms: a.max_delay_ms,
+                    memory_bytes: a.memory_bytes,
+                },
                 weight: a.weight,
             }
         })
@@ -120,7 +150,7 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
             stops.push(Action::Stop(key.clone()));
             continue;
         };
-        let reshaped = d.shape != r.shape;
+        let reshaped = d.shape.reshaped(&r.shape);
         if d.variant.model_file != r.model_file || (reshaped && transition == Transition::BlueGreen) {
             starts.push(Action::Replace(d.clone()));
             continue;
@@ -134,6 +164,12 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
                 max_batch: d.shape.max_batch,
                 max_delay_ms: d.shape.max_delay_ms,
             });
+        }
+        // Raised at once (a worker killed for want of memory restarts within the new limit);
+        // never lowered under a running process, whose arenas may already hold more: it
+        // starts within a lower figure when it is next started.
+        if as_limit(d.shape.memory_bytes) > as_limit(r.shape.memory_bytes) {
+            changes.push(Action::Limit { key: key.clone(), memory_bytes: d.shape.memory_bytes });
         }
     }
     for (key, d) in &want {
@@ -164,7 +200,7 @@ mod tests {
                 tokenizer_file: String::new(),
                 io: None,
             },
-            shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5 },
+            shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5, memory_bytes: 0 },
             weight: 1.0,
         }
     }

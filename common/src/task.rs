@@ -558,6 +558,7 @@ mod tests {
             throughput_rps: 300.0,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         };
         let seen = per_request(&[p], 3.0)[0];
         assert_eq!((seen.throughput_rps, seen.latency_p99_ms), (100.0, 40.0), "3 crops: 2 batches of 2");

@@ -184,7 +184,7 @@ proptest! {
                 let (stage, v) = variants.get(i as usize)?.clone();
                 Some(Assignment {
                     task: t.name.clone(), stage, variant: Some(v), node: "n".into(),
-                    millicores, max_batch, max_delay_ms, weight, replica,
+                    millicores, max_batch, max_delay_ms, weight, replica, memory_bytes: 0,
                 })
             })
             .collect();
@@ -215,7 +215,7 @@ proptest! {
             .into_iter()
             .map(|(cores, batch, p50, p99, tput)| ProfilePoint {
                 cores, batch, latency_p50_ms: p50, latency_p99_ms: p99, throughput_rps: tput, size: 0,
-                output_tokens: 0,
+                output_tokens: 0, resident_bytes: 0,
             })
             .collect();
         let p = VariantProfile { task: "t".into(), variant: "v".into(), node: String::new(), points, ..Default::default() };
@@ -239,7 +239,7 @@ proptest! {
             .into_iter()
             .map(|(cores, batch, p99, tput, size)| ProfilePoint {
                 cores, batch, latency_p50_ms: p99, latency_p99_ms: p99, throughput_rps: tput, size,
-                output_tokens: 0,
+                output_tokens: 0, resident_bytes: 0,
             })
             .collect();
         let counts: std::collections::BTreeMap<u64, f64> =

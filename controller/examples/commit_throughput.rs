@@ -33,6 +33,7 @@ fn plan(epoch: u64, term: u64) -> Command {
             max_delay_ms: 12,
             weight: 1.0 / 16.0,
             replica: 0,
+            memory_bytes: 0,
         })
         .collect();
     let task = tidal_common::task::single_stage("classify", 750, vec![variant]);

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::consensus::{ProposeError, RaftHandle};
-use crate::metrics::{ControllerMetrics, PlanForm, TaskLabels};
+use crate::metrics::{ControllerMetrics, PlanForm, TaskLabels, VariantLabels};
 use crate::observed::{Observed, RoundRates};
 use crate::planner;
 use crate::pusher::{Push, Pushers};
@@ -121,10 +121,45 @@ impl Controller {
                 }
                 _ = self.reconsider.notified() => false,
             };
+            self.raise_memory().await;
             if let Err(e) = self.adapt_once(term, forecast).instrument(info_span!("adapt", term, forecast)).await {
                 warn!(error = %e, "adaptation round failed");
             }
             self.judge_rollouts().await;
+        }
+    }
+
+    /// Raises, before the next plan, the memory profile of each variant whose workers the OOM
+    /// killer killed over the limit their plan gave them (see
+    /// [`tidal_common::memory::raised`]): stored through the log, audited. Every kill is
+    /// counted and logged.
+    async fn raise_memory(&self) {
+        let kills = self.observed(|o| o.take_oom_kills());
+        let mut raised = std::collections::BTreeSet::new();
+        for k in kills {
+            let labels = VariantLabels { task: k.task.clone(), variant: k.variant.clone() };
+            self.metrics.worker_oom_kills.get_or_create(&labels).inc_by(k.kills);
+            warn!(
+                task = %k.task, variant = %k.variant, node = %k.node, worker = %k.worker, kills = k.kills,
+                planned_mib = k.memory_bytes >> 20,
+                "a worker was killed by the kernel's OOM killer over its memory limit"
+            );
+            if k.memory_bytes == 0 || !raised.insert((k.task.clone(), k.variant.clone())) {
+                continue;
+            }
+            let key = (k.task.clone(), k.variant.clone());
+            let Some(stored) = self.raft.read(|s| s.profiles.get(&key).cloned()) else { continue };
+            let Some(points) = tidal_common::memory::raised(&stored.points, k.memory_bytes) else { continue };
+            let change = Change::StoreProfile(tidal_proto::v1::VariantProfile { points, ..stored });
+            let what = crate::service::describe(&change);
+            match self.raft.propose(Command { change: Some(change) }).await {
+                Ok(()) => info!(
+                    target: "audit", by = "the leader", change = %what,
+                    reason = "its worker was killed by the OOM killer: memory profile doubled",
+                    "change committed"
+                ),
+                Err(e) => warn!(task = %k.task, variant = %k.variant, error = %e, "raising the memory profile failed"),
+            }
         }
     }
 

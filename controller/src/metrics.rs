@@ -13,6 +13,12 @@ pub struct TaskLabels {
     pub task: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VariantLabels {
+    pub task: String,
+    pub variant: String,
+}
+
 /// Which form of a plan a size is of: `whole` (as committed), `log_entry` (the Raft entry:
 /// its change from the plan in force), `agent` (cut for one agent, as pushed).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +52,7 @@ pub struct ControllerMetrics {
     pub raft_applied_index: Gauge,
     pub raft_snapshot_index: Gauge,
     pub raft_voters: Gauge,
+    pub worker_oom_kills: Family<VariantLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -67,6 +74,7 @@ impl ControllerMetrics {
             raft_applied_index: Gauge::default(),
             raft_snapshot_index: Gauge::default(),
             raft_voters: Gauge::default(),
+            worker_oom_kills: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tidal_controller");
         r.register("plan_epoch", "Epoch of the committed plan", m.plan_epoch.clone());
@@ -101,6 +109,12 @@ impl ControllerMetrics {
         r.register("raft_applied_index", "Highest log index applied to the state", m.raft_applied_index.clone());
         r.register("raft_snapshot_index", "Log index of the latest snapshot", m.raft_snapshot_index.clone());
         r.register("raft_voters", "Voting replicas in the group, as this replica sees it", m.raft_voters.clone());
+        r.register(
+            "worker_oom_kills",
+            "Workers the kernel's OOM killer killed over their memory limit, as the agents reported them to this \
+             replica while it led",
+            m.worker_oom_kills.clone(),
+        );
         m
     }
 }

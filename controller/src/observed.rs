@@ -58,7 +58,25 @@ pub struct Observed {
     pub rollouts: BTreeMap<String, RolloutWatch>,
     /// A node whose last report is older than this is taken for gone: not planned on.
     pub node_timeout: Duration,
+    /// Workers the OOM killer killed since the leader last took them (see [`Self::take_oom_kills`]).
+    oom_kills: Vec<OomKill>,
 }
+
+/// A worker killed by the kernel's OOM killer, as its agent's report counted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OomKill {
+    pub task: String,
+    pub variant: String,
+    pub node: String,
+    pub worker: String,
+    /// What the plan gave it, bytes.
+    pub memory_bytes: u64,
+    /// Kills since the previous report.
+    pub kills: u64,
+}
+
+/// Most OOM kills held between rounds (each names a variant; more are the same news).
+const MAX_OOM_KILLS: usize = 64;
 
 /// How one agent's seconds map onto the controller's.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +144,7 @@ impl Observed {
             clocks: HashMap::new(),
             rollouts: BTreeMap::new(),
             node_timeout: NODE_TIMEOUT,
+            oom_kills: Vec::new(),
         }
     }
 
@@ -214,10 +233,29 @@ impl Observed {
             let over = kept.len().saturating_sub(MAX_SERVED_PER_ROUND);
             kept.drain(..over);
         }
+        for w in &report.workers {
+            let before = self.reports.get(&report.node).and_then(|(_, r)| r.workers.iter().find(|o| o.id == w.id));
+            let kills = w.oom_kills.saturating_sub(before.map_or(0, |o| o.oom_kills));
+            if kills > 0 && self.oom_kills.len() < MAX_OOM_KILLS {
+                self.oom_kills.push(OomKill {
+                    task: w.task.clone(),
+                    variant: w.variant.clone(),
+                    node: report.node.clone(),
+                    worker: w.id.clone(),
+                    memory_bytes: w.memory_bytes,
+                    kills,
+                });
+            }
+        }
         // Stages that stopped reporting (a task removed) age out with everything else.
         self.sizes.retain(|_, seconds| seconds.last_key_value().is_some_and(|(&s, _)| s + HISTORY_S >= current));
         self.reports.insert(report.node.clone(), (now, report));
         came_up
+    }
+
+    /// The OOM kills reported since the last call.
+    pub fn take_oom_kills(&mut self) -> Vec<OomKill> {
+        std::mem::take(&mut self.oom_kills)
     }
 
     /// Ready workers per (node, task, variant) in the nodes' latest reports.

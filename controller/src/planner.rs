@@ -112,7 +112,7 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
         .nodes
         .iter()
         .filter(|(name, n)| !n.draining && !observed.silent.contains(*name))
-        .map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores })
+        .map(|(name, n)| NodeInput { name, address: &n.address, cores: n.cores, memory_bytes: n.memory_bytes })
         .collect();
     let input = RoundInput { tasks, nodes, current: state.plan.as_ref(), serving: &observed.serving };
     if forecast {

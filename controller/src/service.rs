@@ -374,6 +374,15 @@ impl ControllerApi for ControllerService {
                         control_address: info.control_address.clone(),
                         draining: info.draining,
                         cores: info.cores,
+                        memory_bytes: info.memory_bytes,
+                        memory_total_bytes: info.memory_total_bytes,
+                        memory_planned_bytes: state
+                            .plan
+                            .iter()
+                            .flat_map(|p| &p.assignments)
+                            .filter(|a| &a.node == name)
+                            .map(|a| a.memory_bytes)
+                            .sum(),
                         applied_epoch: report.map_or(0, |(_, r)| r.applied_epoch),
                         seconds_since_report: report
                             .map_or(f64::INFINITY, |(t, _)| now.duration_since(*t).as_secs_f64()),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use prost::Message;
 
-use tidal_common::plan::{validate_node, validate_plan};
+use tidal_common::plan::{validate_node, validate_plan, Capacity};
 use tidal_common::profile::validate_profile;
 use tidal_common::task::{find_variant, normalise, parse_canary, validate_slo, validate_task};
 use tidal_proto::v1::{
@@ -31,6 +31,9 @@ pub struct NodeInfo {
     /// Where plans go.
     pub control_address: String,
     pub cores: u32,
+    /// The memory Tidal's workers may take on it (0: not declared), and the machine's.
+    pub memory_bytes: u64,
+    pub memory_total_bytes: u64,
     /// Planned empty (`DrainNode`) until undrained.
     pub draining: bool,
     /// The serial of the certificate it last registered with (empty in plaintext).
@@ -45,6 +48,8 @@ impl NodeInfo {
             address: n.address.clone(),
             control_address: control.clone(),
             cores: n.cores,
+            memory_bytes: n.memory_bytes,
+            memory_total_bytes: n.memory_total_bytes,
             draining,
             cert_serial: n.cert_serial.clone(),
         }
@@ -104,6 +109,8 @@ impl ClusterState {
                     cores: n.cores,
                     control_address: n.control_address.clone(),
                     cert_serial: n.cert_serial.clone(),
+                    memory_bytes: n.memory_bytes,
+                    memory_total_bytes: n.memory_total_bytes,
                 })
                 .collect(),
             draining_nodes: self.nodes.iter().filter(|(_, n)| n.draining).map(|(name, _)| name.clone()).collect(),
@@ -409,7 +416,11 @@ impl ClusterState {
         self.next_epoch(plan.epoch)?;
         let mut normalised = plan.clone();
         tidal_common::plan::normalise(&mut normalised);
-        validate_plan(&normalised, |n| self.nodes.get(n).map(|i| i.cores.saturating_mul(1000)))?;
+        validate_plan(&normalised, |n| {
+            self.nodes
+                .get(n)
+                .map(|i| Capacity { millicores: i.cores.saturating_mul(1000), memory_bytes: i.memory_bytes })
+        })?;
         // A round solved before a task was deleted plans for it still: refused, and the round
         // the deletion started plans without it.
         if let Some(t) = normalised.tasks.iter().find(|t| !self.may_plan(&t.name)) {
@@ -508,6 +519,8 @@ mod tests {
             cores: 4,
             control_address: "127.0.0.1:7101".into(),
             cert_serial: String::new(),
+            memory_total_bytes: 0,
+            memory_bytes: 0,
         }
     }
 
@@ -520,6 +533,7 @@ mod tests {
             throughput_rps: 100.0,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         };
         cmd(Change::StoreProfile(VariantProfile {
             task: "t".into(),
@@ -557,6 +571,7 @@ mod tests {
             max_delay_ms: 0,
             weight: 1.0,
             replica: 0,
+            memory_bytes: 0,
         };
         let first =
             Plan { epoch: 1, term: 1, tasks: vec![task()], assignments: vec![worker(1000)], ..Default::default() };
@@ -572,6 +587,39 @@ mod tests {
         let over = Plan { epoch: 3, assignments: vec![worker(5000)], ..first };
         assert!(s.apply(6, &cmd(Change::CommitPlanDelta(delta(s.plan.as_ref(), &over)))).is_err());
         assert_eq!(s.plan_epoch(), 2);
+    }
+
+    #[test]
+    fn a_plan_over_a_node_s_declared_memory_is_refused_and_the_memory_survives_a_snapshot() {
+        const GIB: u64 = 1 << 30;
+        let mut s = ClusterState::default();
+        s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
+        let declared = RegisterNodeRequest { memory_bytes: 2 * GIB, memory_total_bytes: 4 * GIB, ..node("n") };
+        s.apply(2, &cmd(Change::RegisterNode(declared))).unwrap();
+        let worker = |replica, memory_bytes| Assignment {
+            task: "t".into(),
+            stage: "t".into(),
+            variant: Some(variant()),
+            node: "n".into(),
+            millicores: 1000,
+            max_batch: 1,
+            max_delay_ms: 0,
+            weight: 0.5,
+            replica,
+            memory_bytes,
+        };
+        let plan = |epoch, assignments| {
+            cmd(Change::CommitPlan(Plan { epoch, term: 1, tasks: vec![task()], assignments, ..Default::default() }))
+        };
+        let e = s.apply(3, &plan(1, vec![worker(0, GIB + 1), worker(1, GIB)])).unwrap_err();
+        assert!(e.contains("memory"), "{e}");
+        assert_eq!(s.plan_epoch(), 0, "nothing committed");
+        s.apply(4, &plan(1, vec![worker(0, GIB), worker(1, GIB)])).unwrap();
+        assert_eq!(s.plan_epoch(), 1);
+        let restored = ClusterState::from_snapshot(s.to_snapshot());
+        assert_eq!((restored.nodes["n"].memory_bytes, restored.nodes["n"].memory_total_bytes), (2 * GIB, 4 * GIB));
+        let too_much = RegisterNodeRequest { memory_bytes: 1 << 51, ..node("m") };
+        assert!(s.apply(5, &cmd(Change::RegisterNode(too_much))).is_err(), "a bound on what a node declares");
     }
 
     #[test]

@@ -99,6 +99,8 @@ fn through_the_controller(cfg: &AdaptConfig, stages: &[SimStage], rec: &[(u32, O
             cores: CORES,
             draining: false,
             cert_serial: String::new(),
+            memory_total_bytes: 0,
+            memory_bytes: 0,
         },
     );
     state.tasks.insert(spec.name.clone(), spec.clone());
@@ -218,6 +220,8 @@ fn a_silent_node_is_planned_around_until_it_reports_again() {
                 cores: 1,
                 draining: false,
                 cert_serial: String::new(),
+                memory_total_bytes: 0,
+                memory_bytes: 0,
             },
         );
     }

@@ -398,6 +398,7 @@ pub fn stored_profile(task: &str, variant: &str, per_core: f64) -> tidal_proto::
             throughput_rps: per_core * c as f64,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         })
         .collect();
     tidal_proto::v1::VariantProfile { task: task.into(), variant: variant.into(), points, ..Default::default() }
@@ -443,6 +444,7 @@ pub fn plan_for(
             max_delay_ms: if *batch > 1 { 5 } else { 0 },
             weight: 1.0 / workers.len() as f64,
             replica: 0,
+            memory_bytes: 0,
         })
         .collect();
     Plan {

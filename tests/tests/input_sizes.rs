@@ -33,6 +33,7 @@ fn profile(node: &str) -> VariantProfile {
                     throughput_rps: tput,
                     size,
                     output_tokens: 0,
+                    resident_bytes: 0,
                 });
             }
         }

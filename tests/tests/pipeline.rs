@@ -33,6 +33,7 @@ fn worker(stage: &str, v: &VariantConfig, node: &str, millicores: u32, weight: f
         max_delay_ms: 0,
         weight,
         replica: 0,
+        memory_bytes: 0,
     }
 }
 

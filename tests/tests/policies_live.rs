@@ -48,6 +48,7 @@ async fn cluster(policy: &str) -> Cluster {
             throughput_rps: 20.0 * c as f64,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         })
         .collect();
     let profile = VariantProfile {

@@ -62,6 +62,7 @@ fn assignment(task: &str, stage: &str, v: &VariantSpec, node: &str, batch: u32) 
         max_delay_ms: if batch > 1 { 20 } else { 0 },
         weight: 1.0,
         replica: 0,
+        memory_bytes: 0,
     }
 }
 

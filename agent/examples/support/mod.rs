@@ -82,6 +82,7 @@ pub fn plan(cfg: &VariantConfig, epoch: u64, millicores: u32, max_batch: u32) ->
             max_delay_ms: if max_batch > 1 { 2 } else { 0 },
             weight: 1.0,
             replica: 0,
+            memory_bytes: 0,
         }],
         ..Default::default()
     }

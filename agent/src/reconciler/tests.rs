@@ -245,7 +245,7 @@ impl Harness {
         let router = Arc::new(Router::default());
         let reconciler = Reconciler::start(Parts {
             node: NODE.into(),
-            millicores: 8000,
+            capacity: 8000.into(),
             models: ModelDir::new(models.path().into()),
             queue_capacity: 16,
             drain: Duration::from_millis(200),

@@ -26,10 +26,11 @@ pub fn variant(name: &str, accuracy: f64, per_core: f64, cores: &[u32], batches:
                 throughput_rps: tput,
                 size: 0,
                 output_tokens: 0,
+                resident_bytes: 0,
             });
         }
     }
-    Variant { name: name.into(), accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
+    Variant { name: name.into(), accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points), memory: Default::default() }
 }
 
 /// A stage of five variants from fast and inaccurate to slow and accurate (ResNet-like).
@@ -55,6 +56,7 @@ pub fn problem(stages: Vec<Stage>, load_rps: f64, budget: u32, slo_ms: f64) -> P
         max_worker_cores: None,
         weights: Weights::default(),
         model: LatencyModel::default(),
+        max_worker_memory: None,
     }
 }
 

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use tidal_proto::v1::{Assignment, Plan};
 
 use super::share::{self, Claim};
-use super::{current_nodes, variant_name, AdaptConfig, Choice, RoundInput, TaskPlans};
-use crate::plan::place;
+use super::{current_nodes, variant_name, AdaptConfig, Choice, RoundInput, TaskPlans, WorkerLimit};
+use crate::plan::{place, Room};
 
 /// Divides the cores of `free` (per node) among `tasks`, places their workers into `plan`
 /// (with every note that explains them) and returns each task's choice.
@@ -51,7 +51,7 @@ fn divide(cfg: &AdaptConfig, tasks: &mut [TaskPlans], total: u32, said: &mut [Ve
         .filter(|t| t.fixed.is_none())
         .map(|t| {
             let cap = t.cap;
-            t.within(cap, None).map_or(0, |p| p.cores)
+            t.within(cap, WorkerLimit::ANY).map_or(0, |p| p.cores)
         })
         .sum();
     let budgets: Vec<u32> = if best <= divisible {
@@ -78,19 +78,19 @@ fn divide(cfg: &AdaptConfig, tasks: &mut [TaskPlans], total: u32, said: &mut [Ve
         .zip(budgets)
         .map(|(t, budget)| match &t.fixed {
             Some(fixed) => fixed.clone(),
-            None => within_or_nothing(t, budget, None),
+            None => within_or_nothing(t, budget, WorkerLimit::ANY),
         })
         .collect()
 }
 
-/// The task's plan within `budget` (workers within `max_worker` cores), or no workers and a
-/// note that says why.
-fn within_or_nothing(t: &mut TaskPlans, budget: u32, max_worker: Option<u32>) -> Choice {
+/// The task's plan within `budget` (workers within `limit`), or no workers and a note that says
+/// why.
+fn within_or_nothing(t: &mut TaskPlans, budget: u32, limit: WorkerLimit) -> Choice {
     let name = t.name().to_string();
     if budget == 0 {
         return Choice { notes: vec![format!("{name}: no cores are left for it")], ..Choice::default() };
     }
-    match t.within(budget, max_worker) {
+    match t.within(budget, limit) {
         Ok(p) => p.choice.clone(),
         Err(e) => Choice { notes: vec![format!("{name}: no plan within {budget} cores ({e})")], ..Choice::default() },
     }
@@ -100,14 +100,14 @@ fn within_or_nothing(t: &mut TaskPlans, budget: u32, max_worker: Option<u32>) ->
 /// when no budget up to its cap does (0 for a task that cannot be planned).
 fn claim_enough(t: &mut TaskPlans) -> u32 {
     let cap = t.cap;
-    let Ok(best) = t.within(cap, None) else { return 0 };
+    let Ok(best) = t.within(cap, WorkerLimit::ANY) else { return 0 };
     if best.choice.overloaded {
         return best.cores;
     }
     let (mut lo, mut hi) = (0, best.cores);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        match t.within(mid, None) {
+        match t.within(mid, WorkerLimit::ANY) {
             Ok(p) if !p.choice.overloaded => hi = mid,
             _ => lo = mid,
         }
@@ -130,9 +130,9 @@ fn claim(t: &mut TaskPlans) -> Claim {
     let mut budget = t.cap;
     // Every plan from the best down when they are few; else one every `step` cores, so that a
     // task costs at most about MAX_OPTIONS solves (the division is then exact over these).
-    let span = t.within(budget, None).map_or(0, |p| p.cores).saturating_sub(enough);
+    let span = t.within(budget, WorkerLimit::ANY).map_or(0, |p| p.cores).saturating_sub(enough);
     let step = span.div_ceil(MAX_OPTIONS).max(1);
-    while let Ok(p) = t.within(budget, None) {
+    while let Ok(p) = t.within(budget, WorkerLimit::ANY) {
         if p.choice.overloaded && !options.is_empty() {
             break;
         }
@@ -151,7 +151,9 @@ fn claim(t: &mut TaskPlans) -> Claim {
 }
 
 /// Places every task's workers at once; a task whose worker finds no node with room is planned
-/// again with smaller workers (or, failing that, goes without and the notes say why).
+/// again with smaller workers: within the most cores a node has free, or, when a node has the
+/// cores but none the memory, within the most memory a node has free (a smaller batch or
+/// another variant). Failing that it goes without, and the notes say why.
 fn place_all(
     tasks: &mut [TaskPlans],
     choices: &mut [Choice],
@@ -160,16 +162,21 @@ fn place_all(
     plan: &mut Plan,
     said: &mut [Vec<String>],
 ) {
-    let mut caps: Vec<Option<u32>> = vec![None; tasks.len()];
+    let free: Vec<Room> =
+        free.iter().zip(&input.nodes).map(|(&cores, n)| Room { cores, memory_bytes: n.memory_free() }).collect();
+    let mut limits: Vec<WorkerLimit> = vec![WorkerLimit::ANY; tasks.len()];
     loop {
         let workers: Vec<(usize, &Assignment)> =
             choices.iter().enumerate().flat_map(|(i, c)| c.workers.iter().map(move |w| (i, w))).collect();
-        let cores: Vec<u32> = workers.iter().map(|(_, w)| w.millicores.div_ceil(1000)).collect();
+        let needs: Vec<Room> = workers
+            .iter()
+            .map(|(_, w)| Room { cores: w.millicores.div_ceil(1000), memory_bytes: w.memory_bytes })
+            .collect();
         let groups: Vec<(&str, &str, &str)> =
             workers.iter().map(|(_, w)| (w.task.as_str(), w.stage.as_str(), variant_name(w))).collect();
         let current: Vec<Vec<usize>> =
             workers.iter().flat_map(|(_, w)| current_nodes(input, &w.task, std::slice::from_ref(*w))).collect();
-        let e = match place(&cores, &groups, &current, free) {
+        let e = match place(&needs, &groups, &current, &free) {
             Ok(nodes) => {
                 // Replicas of a variant on a node are numbered apart.
                 let mut replicas: HashMap<(&str, &str, &str, usize), u32> = HashMap::new();
@@ -184,18 +191,41 @@ fn place_all(
             Err(e) => e,
         };
         let i = workers[e.worker].0;
-        let largest = e.free.iter().copied().max().unwrap_or(0);
         let name = tasks[i].name().to_string();
-        if tasks[i].fixed.is_none() && largest > 0 && caps[i].is_none_or(|c| largest < c) {
-            caps[i] = Some(largest);
-            let budget = choices[i].cores();
-            said[i].push(format!("{name}: planned again with workers of at most {largest} cores: {e}"));
-            choices[i] = within_or_nothing(&mut tasks[i], budget, Some(largest));
-        } else {
-            said[i].push(format!("{name}: {e}"));
-            choices[i].workers.clear();
+        let budget = choices[i].cores();
+        let fewer = budget.saturating_sub(e.needs.cores);
+        match smaller_workers(&e, limits[i]).filter(|_| tasks[i].fixed.is_none()) {
+            Some((limit, what)) => {
+                limits[i] = limit;
+                said[i].push(format!("{name}: planned again with workers of at most {what}: {e}"));
+                choices[i] = within_or_nothing(&mut tasks[i], budget, limit);
+            }
+            // Workers no smaller fit, but fewer of them may (replicas that fill the memory).
+            None if tasks[i].fixed.is_none() && fewer > 0 => {
+                said[i].push(format!("{name}: planned again within {fewer} cores: {e}"));
+                choices[i] = within_or_nothing(&mut tasks[i], fewer, limits[i]);
+            }
+            None => {
+                said[i].push(format!("{name}: {e}"));
+                choices[i].workers.clear();
+            }
         }
     }
+}
+
+/// A tighter limit on a task's workers after `e` (and what it says), or `None` when the free
+/// room cannot be fitted by smaller workers than `limit` already asks for.
+fn smaller_workers(e: &crate::plan::PlacementError, limit: WorkerLimit) -> Option<(WorkerLimit, String)> {
+    if e.short_of_memory() {
+        // The most memory free on a node with the worker's cores.
+        let with_cores = e.free.iter().filter(|f| f.cores >= e.needs.cores);
+        let memory = with_cores.map(|f| f.memory_bytes).max().unwrap_or(0);
+        let tighter = memory > 0 && limit.memory.is_none_or(|m| memory < m);
+        return tighter.then(|| (WorkerLimit { memory: Some(memory), ..limit }, crate::memory::human(memory)));
+    }
+    let cores = e.free.iter().map(|f| f.cores).max().unwrap_or(0);
+    let tighter = cores > 0 && limit.cores.is_none_or(|c| cores < c);
+    tighter.then(|| (WorkerLimit { cores: Some(cores), ..limit }, format!("{cores} cores")))
 }
 
 #[cfg(test)]

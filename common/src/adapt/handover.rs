@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tidal_proto::v1::{Assignment, Plan};
 
+use crate::plan::Capacity;
+
 /// Ready workers per (node, task, variant), as the agents report them.
 pub type Serving = BTreeMap<(String, String, String), u32>;
 
@@ -32,7 +34,7 @@ pub fn hold_across_nodes(
     current: &Plan,
     target: &mut Plan,
     serving: &Serving,
-    node_millicores: &BTreeMap<String, u32>,
+    node_capacity: &BTreeMap<String, Capacity>,
 ) -> Vec<String> {
     let mut notes = Vec::new();
     let tasks: Vec<String> = target.tasks.iter().map(|t| t.name.clone()).collect();
@@ -65,13 +67,12 @@ pub fn hold_across_nodes(
             .collect();
         let mut nodes_held = BTreeSet::new();
         for old in held {
-            let others: u32 = target
-                .assignments
-                .iter()
-                .filter(|t| t.node == old.node && !same_worker(t, old))
-                .map(|t| t.millicores)
-                .sum();
-            if node_millicores.get(&old.node).is_some_and(|&m| others + old.millicores <= m) {
+            let others = target.assignments.iter().filter(|t| t.node == old.node && !same_worker(t, old));
+            let (cores, memory) = others.fold((old.millicores, old.memory_bytes), |(c, m), t| {
+                (c.saturating_add(t.millicores), m.saturating_add(t.memory_bytes))
+            });
+            let fits = |n: &Capacity| cores <= n.millicores && (n.memory_bytes == 0 || memory <= n.memory_bytes);
+            if node_capacity.get(&old.node).is_some_and(fits) {
                 target.assignments.retain(|t| !same_worker(t, old));
                 target.assignments.push(old.clone());
                 nodes_held.insert(old.node.clone());
@@ -106,6 +107,7 @@ mod tests {
             max_delay_ms: 0,
             weight,
             replica: 0,
+            memory_bytes: 0,
         }
     }
 
@@ -119,8 +121,8 @@ mod tests {
         Plan { tasks: vec![spec("t", &["big", "small"])], assignments, ..Default::default() }
     }
 
-    fn capacity() -> BTreeMap<String, u32> {
-        [("a".to_string(), 4000), ("b".to_string(), 4000)].into()
+    fn capacity() -> BTreeMap<String, Capacity> {
+        [("a".to_string(), 4000.into()), ("b".to_string(), 4000.into())].into()
     }
 
     #[test]

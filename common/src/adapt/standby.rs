@@ -20,11 +20,16 @@ const STANDBY_MILLICORES: u32 = 1000;
 
 /// Adds the standbys that fit on the cores `plan` leaves free (after `reserve_cores` a node).
 pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
-    let mut free: BTreeMap<&str, u32> =
-        input.nodes.iter().map(|n| (n.name, n.cores.saturating_sub(reserve_cores).saturating_mul(1000))).collect();
+    // Free millicores and memory per node.
+    let mut free: BTreeMap<&str, (u32, u64)> = input
+        .nodes
+        .iter()
+        .map(|n| (n.name, (n.cores.saturating_sub(reserve_cores).saturating_mul(1000), n.memory_free())))
+        .collect();
     for a in &plan.assignments {
-        if let Some(f) = free.get_mut(a.node.as_str()) {
-            *f = f.saturating_sub(a.millicores);
+        if let Some((cores, memory)) = free.get_mut(a.node.as_str()) {
+            *cores = cores.saturating_sub(a.millicores);
+            *memory = memory.saturating_sub(a.memory_bytes);
         }
     }
     let mut standbys = Vec::new();
@@ -48,8 +53,12 @@ pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
                 if cap > 0 && used + STANDBY_MILLICORES > cap {
                     continue;
                 }
-                let Some(f) = free.get_mut(node).filter(|f| **f >= STANDBY_MILLICORES) else { continue };
-                *f -= STANDBY_MILLICORES;
+                let points = task.profiles.get(cheapest.name.as_str()).copied().unwrap_or_default();
+                let memory_bytes = crate::memory::MemoryCurve::new(points).worker_bytes(point.batch);
+                let room = |f: &&mut (u32, u64)| f.0 >= STANDBY_MILLICORES && f.1 >= memory_bytes;
+                let Some(f) = free.get_mut(node).filter(room) else { continue };
+                f.0 -= STANDBY_MILLICORES;
+                f.1 -= memory_bytes;
                 used += STANDBY_MILLICORES;
                 standbys.push(Assignment {
                     task: task.spec.name.clone(),
@@ -62,6 +71,7 @@ pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
                     max_delay_ms: 0,
                     weight: 0.0,
                     replica: 0,
+                    memory_bytes,
                 });
                 plan.notes.push(format!(
                     "{}: standby {} on {node} (1 core, batch {}, no share of the traffic): takes what the \

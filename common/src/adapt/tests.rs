@@ -29,6 +29,7 @@ pub(super) fn points_up_to(rps_per_core: f64, cores: u32) -> Vec<ProfilePoint> {
             throughput_rps: rps_per_core * c as f64,
             size: 0,
             output_tokens: 0,
+            resident_bytes: 0,
         })
         .collect()
 }
@@ -78,7 +79,11 @@ impl World {
                 sizes: BTreeMap::new(),
                 served: BTreeMap::new(),
             }],
-            nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c, memory_bytes: 0 })
+                .collect(),
             current,
             serving: &NOTHING_SERVES,
         }
@@ -292,6 +297,7 @@ fn tidal_keeps_the_running_variants_when_a_switch_would_cost_more_than_it_gains(
             max_delay_ms: 0,
             weight: 1.0,
             replica: 0,
+            memory_bytes: 0,
         }],
         ..Default::default()
     };
@@ -337,7 +343,7 @@ fn planned_cores(spec: &TaskSpec, points: &[ProfilePoint], mix: SizeMix) -> (u32
             sizes: BTreeMap::from([("t", mix)]),
             served: BTreeMap::new(),
         }],
-        nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8 }],
+        nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8, memory_bytes: 0 }],
         current: None,
         serving: &NOTHING_SERVES,
     };

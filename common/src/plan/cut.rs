@@ -76,6 +76,7 @@ mod tests {
             max_delay_ms: 5,
             weight,
             replica: 0,
+            memory_bytes: 0,
         }
     }
 

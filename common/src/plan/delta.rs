@@ -321,6 +321,7 @@ mod tests {
             max_delay_ms: 5,
             weight: 1.0,
             replica: node as u32,
+            memory_bytes: 0,
         }
     }
 

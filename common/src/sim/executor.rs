@@ -44,6 +44,8 @@ pub(super) fn apply_plan<'s>(
                 millicores: w.cores() * 1000,
                 max_batch: w.batch,
                 max_delay_ms: (w.max_delay * 1000.0).round() as u32,
+                // Simulated workers are not limited (no limit is ever raised).
+                memory_bytes: 0,
             },
         })
         .collect();
@@ -175,6 +177,10 @@ impl Executor for SimExecutor<'_> {
             self.workers[i].max_delay = max_delay_ms as f64 / 1000.0;
         }
     }
+
+    /// Simulated workers run within what the plan gives them: memory is the planner's to
+    /// respect, not the simulator's to enforce.
+    fn limit_memory(&mut self, _: &WorkerKey, _: u64) {}
 
     fn resize(&mut self, key: &WorkerKey, millicores: u32, after: &[WorkerKey]) {
         let Some(i) = self.live(key) else { return };

@@ -348,7 +348,7 @@ impl SimPlanner {
             .collect();
         let input = RoundInput {
             tasks,
-            nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores }],
+            nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores, memory_bytes: 0 }],
             current: self.plan.as_ref(),
             // One node: the agent's own make before break applies, nothing is held.
             serving: &Serving::new(),

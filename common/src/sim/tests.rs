@@ -115,6 +115,7 @@ fn simulated_batches_take_the_measured_mean_and_tail() {
         throughput_rps: 400.0,
         size: 0,
         output_tokens: 0,
+        resident_bytes: 0,
     }];
     let (floor, tail) = batch_latency(&ProfileGrid::new(&points), 1, 4);
     assert!((floor + tail - 10.0).abs() < 1e-9, "mean {}", floor + tail);
@@ -191,6 +192,7 @@ fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
             max_delay_ms: 0,
             weight: 1.0,
             replica: 0,
+            memory_bytes: 0,
         })
         .collect();
     Plan { assignments, ..Plan::default() }
@@ -255,6 +257,7 @@ fn writer(refuse_unfinished: Option<bool>) -> SimVariant {
             throughput_rps: 1000.0 / ms,
             size: 0,
             output_tokens: tokens,
+            resident_bytes: 0,
         }
     };
     let by_output = vec![at(1), at(32)];

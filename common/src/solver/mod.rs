@@ -79,6 +79,8 @@ pub struct Variant {
     /// Cost of starting it: 0 when already running, up to 1 for the slowest load.
     pub load_cost: f64,
     pub grid: ProfileGrid,
+    /// Its workers' resident memory by batch (empty: not measured, not planned).
+    pub memory: crate::memory::MemoryCurve,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +103,9 @@ pub struct Problem {
     /// The most cores one worker may have (the largest free node, when a plan must fit the
     /// cores that fragmentation leaves); `None`: as many as the profile measured.
     pub max_worker_cores: Option<u32>,
+    /// The most memory one worker may take, bytes (the most a node has free, when a plan must
+    /// fit the memory left); `None`: any.
+    pub max_worker_memory: Option<u64>,
     pub weights: Weights,
     pub model: LatencyModel,
 }

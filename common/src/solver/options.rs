@@ -94,6 +94,11 @@ fn variant_shapes(problem: &Problem, space: &SearchSpace, slo_ms: f64, stage: &s
     let (budget, w) = (problem.core_budget, &problem.weights);
     let load = problem.load_rps.max(super::MIN_PLANNED_RPS);
     let mut shapes = Vec::new();
+    let memory = &stage.variants[v].memory;
+    let batches: Vec<u32> = batches
+        .into_iter()
+        .filter(|&b| problem.max_worker_memory.is_none_or(|m| memory.worker_bytes(b) <= m))
+        .collect();
     for &c in &cores {
         for &b in &batches {
             for point in problem.model.points(grid, c, b, slo_ms, ladder) {

@@ -9,7 +9,7 @@ use crate::profile::ProfileGrid;
 fn variant(name: &str, accuracy: f64, per_core: f64, cores: &[u32], batches: &[u32]) -> Variant {
     let batches: Vec<(u32, f64)> = batches.iter().map(|&b| (b, if b == 1 { 1.0 } else { 1.3 })).collect();
     let points = crate::profile::synthetic(per_core, cores, &batches, 1.0);
-    Variant { name: name.into(), accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points) }
+    Variant { name: name.into(), accuracy, load_cost: 0.0, grid: ProfileGrid::new(&points), memory: Default::default() }
 }
 
 fn resnets() -> Vec<Variant> {
@@ -29,6 +29,7 @@ fn problem(stages: Vec<Vec<Variant>>, load: f64, budget: u32, slo: f64) -> Probl
         comm_latency_ms: 0.0,
         core_budget: budget,
         max_worker_cores: None,
+        max_worker_memory: None,
         weights: Weights::default(),
         model: LatencyModel::default(),
     }
@@ -237,6 +238,7 @@ fn arb_grid() -> impl Strategy<Value = ProfileGrid> {
                 throughput_rps: tput,
                 size: 0,
                 output_tokens: 0,
+                resident_bytes: 0,
             })
             .collect();
         ProfileGrid::new(&points)
@@ -244,8 +246,9 @@ fn arb_grid() -> impl Strategy<Value = ProfileGrid> {
 }
 
 fn arb_variant(name: &'static str) -> impl Strategy<Value = Variant> {
-    (40.0f64..80.0, prop_oneof![Just(0.0), 0.0f64..1.0], arb_grid())
-        .prop_map(move |(accuracy, load_cost, grid)| Variant { name: name.into(), accuracy, load_cost, grid })
+    (40.0f64..80.0, prop_oneof![Just(0.0), 0.0f64..1.0], arb_grid()).prop_map(move |(accuracy, load_cost, grid)| {
+        Variant { name: name.into(), accuracy, load_cost, grid, memory: Default::default() }
+    })
 }
 
 fn arb_stage(variants: usize) -> impl Strategy<Value = Vec<Variant>> {
@@ -270,6 +273,7 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
             comm_latency_ms: 0.0,
             core_budget: budget,
             max_worker_cores: None,
+            max_worker_memory: None,
             weights,
             model: LatencyModel::default(),
         }

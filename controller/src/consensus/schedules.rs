@@ -669,8 +669,29 @@ fn seeded_schedules_of_faults_keep_raft_safe_linearizable_and_live() {
     let started = Instant::now();
     let mut total = Stats::default();
     let mut heal_max = 0;
-    for &seed in &seeds {
-        let stats = Schedule::new(seed).run().unwrap_or_else(|v| panic!("{v} (replay: TIDAL_RAFT_SEED={seed})"));
+    // Schedules are independent and single-threaded: they run on every core, each thread
+    // taking every n-th seed (the test was the longest of the unit tests, alone on one core).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len().max(1));
+    let runs: Vec<Result<Stats, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let seeds = &seeds;
+                scope.spawn(move || {
+                    seeds
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&seed| {
+                            Schedule::new(seed).run().map_err(|v| format!("{v} (replay: TIDAL_RAFT_SEED={seed})"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a schedule thread panicked")).collect()
+    });
+    for run in runs {
+        let stats = run.unwrap_or_else(|v| panic!("{v}"));
         total.steps += stats.steps;
         total.writes_acked += stats.writes_acked;
         total.reads += stats.reads;

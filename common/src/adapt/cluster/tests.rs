@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use tidal_proto::v1::{Plan, ProfilePoint, TaskShare, TaskSpec};
 
-use crate::adapt::{AdaptConfig, Adapter, NodeInput, RoundInput, Serving, ShareRule, TaskInput, TaskPlans};
+use crate::adapt::{
+    AdaptConfig, Adapter, NodeInput, RoundInput, Serving, ShareRule, TaskInput, TaskPlans, WorkerLimit,
+};
 
 static NOTHING_SERVES: Serving = Serving::new();
 
@@ -16,6 +18,8 @@ use crate::adapt::tests::{points_up_to as points, variant};
 struct Cluster {
     tasks: Vec<(TaskSpec, Vec<f64>)>,
     nodes: Vec<(String, u32)>,
+    /// Per node, the memory it declares (0: none).
+    memory: Vec<u64>,
     small: Vec<ProfilePoint>,
     big: Vec<ProfilePoint>,
 }
@@ -38,9 +42,18 @@ impl Cluster {
                 })
                 .collect(),
             nodes: nodes.iter().enumerate().map(|(i, &c)| (format!("n{}", i + 1), c)).collect(),
+            memory: vec![0; nodes.len()],
             small: points(100.0, max),
             big: points(20.0, max),
         }
+    }
+
+    /// Every node declares `node` bytes; the variants' workers measured `small` and `big`.
+    fn memory(mut self, node: u64, small: u64, big: u64) -> Self {
+        self.memory = vec![node; self.nodes.len()];
+        self.small.iter_mut().for_each(|p| p.resident_bytes = small);
+        self.big.iter_mut().for_each(|p| p.resident_bytes = big);
+        self
     }
 
     fn share(mut self, task: usize, weight: f64, min_cores: u32, max_cores: u32) -> Self {
@@ -71,7 +84,12 @@ impl Cluster {
                     }
                 })
                 .collect(),
-            nodes: self.nodes.iter().map(|(n, c)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c }).collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .zip(&self.memory)
+                .map(|((n, c), &memory_bytes)| NodeInput { name: n, address: "127.0.0.1:1", cores: *c, memory_bytes })
+                .collect(),
             current: None,
             serving: &NOTHING_SERVES,
         }
@@ -95,11 +113,44 @@ fn carried(plan: &Plan, task: &str) -> (f64, u32) {
     })
 }
 
-/// Every node's workers within its cores.
+/// Every node's workers within its cores and the memory it declared.
 fn fits(plan: &Plan, c: &Cluster) {
-    for (node, cores) in &c.nodes {
-        assert_eq!(crate::plan::validate_for_node(plan, node, cores * 1000), Ok(()), "{:?}", plan.notes);
+    for ((node, cores), &memory_bytes) in c.nodes.iter().zip(&c.memory) {
+        let capacity = crate::plan::Capacity { millicores: cores * 1000, memory_bytes };
+        assert_eq!(crate::plan::validate_for_node(plan, node, capacity), Ok(()), "{:?}", plan.notes);
     }
+}
+
+#[test]
+fn memory_binds_before_cores_and_the_plan_keeps_within_every_node_s() {
+    const GIB: u64 = 1 << 30;
+    // Three tasks of 20 req/s on two nodes of 8 cores: the cores hold each task's accurate
+    // variant (2 cores each), but its workers measured 3 GiB (3.75 planned) and a node offers 5.
+    let c = Cluster::new(&[20.0, 20.0, 20.0], &[8, 8]).memory(5 * GIB, GIB, 3 * GIB);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    let memory_on =
+        |node: &str| plan.assignments.iter().filter(|a| a.node == node).map(|a| a.memory_bytes).sum::<u64>();
+    assert!(memory_on("n1") <= 5 * GIB && memory_on("n2") <= 5 * GIB, "{:?}", plan.assignments);
+    for task in ["a", "b", "c"] {
+        let (rps, _) = carried(&plan, task);
+        assert!(rps >= 20.0, "task {task} carries {rps} req/s: {:?}", plan.notes);
+    }
+    let big: Vec<_> = plan.assignments.iter().filter(|a| a.variant.as_ref().unwrap().name.ends_with("big")).collect();
+    assert!(
+        big.iter().all(|a| a.memory_bytes == 3 * GIB + 3 * GIB / 4),
+        "planned at the measured peak × 1.25: {big:?}"
+    );
+    let nodes: std::collections::BTreeSet<&str> = big.iter().map(|a| a.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "the accurate workers are spread over both nodes: {:?}", plan.assignments);
+    assert!(plan.notes.iter().any(|n| n.contains("GiB")), "a note says memory was short: {:?}", plan.notes);
+    // Undeclared memory: the same cluster plans every task on its accurate variant.
+    let unbounded = Cluster::new(&[20.0, 20.0, 20.0], &[8, 8]).memory(0, GIB, 3 * GIB);
+    let plan = round(&unbounded, ShareRule::Weighted);
+    // (Standbys of the cheapest variant, weight 0, aside.)
+    let serving = |t: &'static str| plan.assignments.iter().filter(move |a| a.task == t && a.weight > 0.0);
+    let accurate = |t: &'static str| serving(t).all(|a| a.variant.as_ref().unwrap().name.ends_with("big"));
+    assert!(["a", "b", "c"].into_iter().all(accurate), "{:?}", plan.assignments);
 }
 
 #[test]
@@ -222,7 +273,7 @@ fn one_task_alone_is_planned_as_before() {
         let cfg = config(ShareRule::Weighted);
         let input = c.input();
         let mut alone = TaskPlans::new(&cfg, &input.tasks[0], None, rate, 4, &Default::default());
-        let expected = alone.within(4, None).unwrap().choice.workers.clone();
+        let expected = alone.within(4, WorkerLimit::ANY).unwrap().choice.workers.clone();
         let plan = round(&c, ShareRule::Weighted);
         // Standbys (weight 0, on cores no task was planned on) aside.
         let planned = plan.assignments.iter().filter(|a| a.weight > 0.0);
@@ -254,7 +305,7 @@ proptest! {
         // value[i][b]: task i's value within b cores, if that carries its load.
         let value: Vec<Vec<Option<f64>>> = plans
             .iter_mut()
-            .map(|p| (0..=cores).map(|b| p.within(b, None).ok().filter(|s| !s.choice.overloaded).map(|s| s.value)).collect())
+            .map(|p| (0..=cores).map(|b| p.within(b, WorkerLimit::ANY).ok().filter(|s| !s.choice.overloaded).map(|s| s.value)).collect())
             .collect();
         let mut best: Option<f64> = None;
         let n = rates.len();
@@ -280,7 +331,7 @@ proptest! {
         for (i, p) in plans.iter_mut().enumerate() {
             let held = carried(&plan, p.name()).1;
             used += held;
-            let v = p.within(held, None).ok().filter(|s| !s.choice.overloaded).map(|s| s.value);
+            let v = p.within(held, WorkerLimit::ANY).ok().filter(|s| !s.choice.overloaded).map(|s| s.value);
             prop_assert!(v.is_some(), "{} does not carry its load on {held} cores: {:?}", p.name(), plan.notes);
             got += weights[i] * v.unwrap();
         }
