@@ -230,14 +230,16 @@ impl CpuCgroups {
             _ => subtree.trim_matches('/').to_string(),
         };
         let hier = Hier { version, memory };
+        let cpu_only = Hier { memory: false, ..hier };
+        // cgroups-rs passes over a hierarchy it cannot write (it warns): memory is used only
+        // where the subtree's limit file is there afterwards.
         let (hier, cgroup) = match hier.cgroup(&path) {
-            Ok(cgroup) => (hier, cgroup),
-            Err(e) if memory => {
-                tracing::warn!(error = %e, "the memory controller cannot be used: workers' memory is planned, not limited");
-                let cpu_only = Hier { memory: false, ..hier };
+            Ok(cgroup) if !memory || has_memory_files(&cgroup) => (hier, cgroup),
+            outcome => {
+                let why = outcome.err().map_or_else(|| "its files are missing".to_string(), |e| e.to_string());
+                tracing::warn!(error = %why, "the memory controller cannot be used: workers' memory is planned, not limited");
                 (cpu_only, cpu_only.cgroup(&path)?)
             }
-            Err(e) => return Err(e),
         };
         let dir = controller_dirs(&cgroup).into_iter().next().ok_or_else(|| CgroupError::NoCpuIn(path.clone()))?;
         let file = fs::File::open(&dir).map_err(io("open", &dir))?;
@@ -328,7 +330,15 @@ impl CpuCgroups {
     }
 }
 
-/// The directories of a cgroup, one per hierarchy it lives in (v1: cpu and cpuacct).
+/// Whether a cgroup's memory limit file is there (v2 `memory.max`, v1 `memory.limit_in_bytes`).
+fn has_memory_files(cg: &Cgroup) -> bool {
+    cg.controller_of::<MemController>().is_some_and(|m| {
+        let dir = m.path();
+        dir.join("memory.max").exists() || dir.join("memory.limit_in_bytes").exists()
+    })
+}
+
+/// The directories of a cgroup, one per hierarchy it lives in (v1: cpu, cpuacct, memory).
 fn controller_dirs(cg: &Cgroup) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = cg.subsystems().iter().map(|s| s.to_controller().path().to_path_buf()).collect();
     dirs.dedup();

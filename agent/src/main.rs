@@ -20,7 +20,7 @@ use tidal_proto::v1::agent_server::AgentServer;
 use tidal_proto::v1::inference_server::InferenceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -202,7 +202,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let subtree = args.cgroup_subtree.clone().unwrap_or_else(|| format!("tidal/{}", args.node));
     let cgroups = CpuCgroups::setup(args.cgroup_driver, &subtree).context("setting up the workers' cgroups")?;
     let swept = cgroups.sweep();
-    info!(driver = cgroups.driver_name(), subtree = %subtree, cores, swept, "cgroups ready");
+    info!(driver = cgroups.driver_name(), subtree = %subtree, cores, memory_mib = memory_bytes >> 20, limits_memory = cgroups.limits_memory(), swept, "cgroups ready");
+    if memory_bytes > 0 && !cgroups.limits_memory() {
+        warn!(
+            driver = cgroups.driver_name(),
+            "no memory controller for the workers' cgroups: their memory is planned but not limited, and an \
+             over-large worker is not caught until the machine runs short"
+        );
+    }
+
     anyhow::ensure!(
         args.max_inflight_bytes >= args.max_request_bytes,
         "--max-inflight-bytes ({}) must be at least --max-request-bytes ({}): a request of the largest size could \

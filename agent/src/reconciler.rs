@@ -655,15 +655,20 @@ impl Executor for NodeExecutor<'_> {
         };
         // Limited before its process starts: a model's load is its first allocation.
         let limit = tidal_common::memory::cgroup_limit(d.shape.memory_bytes);
-        if let Err(e) = cgroup.set_memory_limit(limit) {
-            warn!(worker = %id, error = %e, "the worker's memory cannot be limited; it runs without a limit");
-        }
+        let memory_bytes = match cgroup.set_memory_limit(limit) {
+            Ok(()) => d.shape.memory_bytes,
+            Err(e) => {
+                // Reported as what it is: not limited (0).
+                warn!(worker = %id, error = %e, "the worker's memory cannot be limited; it runs without a limit");
+                0
+            }
+        };
         let p = &self.owner.p;
         let w = Worker::start(
             spec,
             cgroup,
             d.shape.millicores,
-            d.shape.memory_bytes,
+            memory_bytes,
             settings,
             p.queue_capacity,
             p.spawner.clone(),

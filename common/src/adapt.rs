@@ -780,7 +780,9 @@ fn problem(
                     accuracy: v.accuracy,
                     load_cost: if running.contains(v.name.as_str()) { 0.0 } else { 1.0 },
                     grid: ProfileGrid::new(&crate::task::per_request(&at.points, factor)).corrected(corrected),
-                    memory: crate::memory::MemoryCurve::new(points),
+                    // From every point measured (a stage that writes takes its memory at the
+                    // most tokens, which the latency's points at one length do not show).
+                    memory: crate::memory::MemoryCurve::new(task.profiles.get(v.name.as_str()).copied().unwrap_or_default()),
                 })
             })
             .collect(),

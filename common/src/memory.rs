@@ -65,13 +65,13 @@ pub fn cgroup_limit(planned: u64) -> u64 {
     planned.saturating_mul(2)
 }
 
-/// The profile of a variant whose worker the OOM killer killed with `killed_at` bytes planned:
-/// every point's resident memory doubled, so that its workers are planned (and limited) twice
-/// as large; `None` when the profile has already been raised past what that worker was given
-/// (a kill under an older plan) or measured no memory.
-pub fn raised(points: &[ProfilePoint], killed_at: u64) -> Option<Vec<ProfilePoint>> {
+/// The profile of a variant whose worker the OOM killer killed with `killed_at` bytes planned
+/// at batch `batch`: every point's resident memory doubled, so that its workers are planned
+/// (and limited) twice as large; `None` when the profile already plans such a worker above
+/// what that one was given (a kill under an older plan) or measured no memory.
+pub fn raised(points: &[ProfilePoint], killed_at: u64, batch: u32) -> Option<Vec<ProfilePoint>> {
     let curve = MemoryCurve::new(points);
-    if !curve.is_measured() || curve.worker_bytes(1) > killed_at {
+    if !curve.is_measured() || curve.worker_bytes(batch.max(1)) > killed_at {
         return None;
     }
     let raised = points
@@ -87,7 +87,8 @@ pub fn planned_bytes(resident: u64) -> u64 {
         return 0;
     }
     let with_headroom = (resident.min(MAX_NODE_BYTES) as f64 * HEADROOM).ceil() as u64;
-    with_headroom.div_ceil(GRANULE) * GRANULE
+    // Bounded as a node's memory is, so that no profile plans a worker a plan may not hold.
+    (with_headroom.div_ceil(GRANULE) * GRANULE).min(MAX_NODE_BYTES)
 }
 
 /// Bytes as a person reads them: "512 MiB", "1.5 GiB".
@@ -158,12 +159,12 @@ mod tests {
         const MIB: u64 = 1 << 20;
         let profile = [point(1, 1, 40 * MIB), point(1, 8, 60 * MIB)];
         let planned = MemoryCurve::new(&profile).worker_bytes(8);
-        let raised = raised(&profile, planned).expect("raised");
+        let raised = raised(&profile, planned, 8).expect("raised");
         assert_eq!(raised.iter().map(|p| p.resident_bytes).collect::<Vec<_>>(), [80 * MIB, 120 * MIB]);
         assert!(MemoryCurve::new(&raised).worker_bytes(8) >= 2 * planned - MIB);
         // Another worker killed under the old plan: not raised again.
-        assert_eq!(super::raised(&raised, planned), None);
-        assert_eq!(super::raised(&[point(1, 1, 0)], planned), None, "no memory measured: nothing to raise");
+        assert_eq!(super::raised(&raised, planned, 8), None);
+        assert_eq!(super::raised(&[point(1, 1, 0)], planned, 8), None, "no memory measured: nothing to raise");
     }
 
     #[test]

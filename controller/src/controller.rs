@@ -147,9 +147,12 @@ impl Controller {
             if k.memory_bytes == 0 || !raised.insert((k.task.clone(), k.variant.clone())) {
                 continue;
             }
-            let key = (k.task.clone(), k.variant.clone());
+            // A canary's workers (task `T@N`) run T's variants, profiled as T's.
+            let task = tidal_common::task::parse_canary(&k.task).map_or(k.task.as_str(), |(task, _)| task);
+            let key = (task.to_string(), k.variant.clone());
             let Some(stored) = self.raft.read(|s| s.profiles.get(&key).cloned()) else { continue };
-            let Some(points) = tidal_common::memory::raised(&stored.points, k.memory_bytes) else { continue };
+            let raised = tidal_common::memory::raised(&stored.points, k.memory_bytes, k.max_batch);
+            let Some(points) = raised else { continue };
             let change = Change::StoreProfile(tidal_proto::v1::VariantProfile { points, ..stored });
             let what = crate::service::describe(&change);
             match self.raft.propose(Command { change: Some(change) }).await {

@@ -69,8 +69,9 @@ pub struct OomKill {
     pub variant: String,
     pub node: String,
     pub worker: String,
-    /// What the plan gave it, bytes.
+    /// What the plan gave it, bytes, at what batch.
     pub memory_bytes: u64,
+    pub max_batch: u32,
     /// Kills since the previous report.
     pub kills: u64,
 }
@@ -233,9 +234,13 @@ impl Observed {
             let over = kept.len().saturating_sub(MAX_SERVED_PER_ROUND);
             kept.drain(..over);
         }
-        for w in &report.workers {
-            let before = self.reports.get(&report.node).and_then(|(_, r)| r.workers.iter().find(|o| o.id == w.id));
-            let kills = w.oom_kills.saturating_sub(before.map_or(0, |o| o.oom_kills));
+        // A worker's count is its cgroup's since it started. A node this leader has no report
+        // of yet (it just took over) gives the baseline: its kills were seen before.
+        let previous = self.reports.get(&report.node).map(|(_, r)| r);
+        for w in report.workers.iter().filter(|_| previous.is_some()) {
+            let before = previous.and_then(|r| r.workers.iter().find(|o| o.id == w.id)).map_or(0, |o| o.oom_kills);
+            // Fewer than before: the agent restarted and the id is a new worker's.
+            let kills = if w.oom_kills >= before { w.oom_kills - before } else { w.oom_kills };
             if kills > 0 && self.oom_kills.len() < MAX_OOM_KILLS {
                 self.oom_kills.push(OomKill {
                     task: w.task.clone(),
@@ -243,6 +248,7 @@ impl Observed {
                     node: report.node.clone(),
                     worker: w.id.clone(),
                     memory_bytes: w.memory_bytes,
+                    max_batch: w.max_batch,
                     kills,
                 });
             }
@@ -538,6 +544,40 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// OOM kills count from the second report of a node on (the first is what a new leader
+    /// finds: kills seen before), per worker, and a count that went back is a new worker's.
+    #[test]
+    fn oom_kills_are_counted_once_from_each_worker_s_growing_count() {
+        let t0 = Instant::now();
+        let mut o = Observed::new(t0);
+        let report = |workers: &[(&str, u64)]| TelemetryReport {
+            node: "a".into(),
+            workers: workers
+                .iter()
+                .map(|&(id, oom_kills)| tidal_proto::v1::WorkerTelemetry {
+                    id: id.into(),
+                    task: "t".into(),
+                    variant: "v".into(),
+                    memory_bytes: 64 << 20,
+                    max_batch: 4,
+                    oom_kills,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        o.record(report(&[("w1", 3)]), t0);
+        assert!(o.take_oom_kills().is_empty(), "a node's first report is the baseline");
+        o.record(report(&[("w1", 5), ("w2", 1)]), t0);
+        let kills: Vec<(String, u64)> = o.take_oom_kills().into_iter().map(|k| (k.worker, k.kills)).collect();
+        assert_eq!(kills, [("w1".to_string(), 2), ("w2".to_string(), 1)]);
+        o.record(report(&[("w1", 5), ("w2", 1)]), t0);
+        assert!(o.take_oom_kills().is_empty(), "nothing new");
+        // The agent restarted: w1 is a new worker whose cgroup counts from 0.
+        o.record(report(&[("w1", 1)]), t0);
+        assert_eq!(o.take_oom_kills().iter().map(|k| k.kills).collect::<Vec<_>>(), [1]);
     }
 
     /// A round takes a share of the batches from every worker of a variant, the latest of each,

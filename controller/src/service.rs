@@ -173,6 +173,8 @@ impl ControllerApi for ControllerService {
                 n.address == req.address
                     && n.control_address == req.control_address
                     && n.cores == req.cores
+                    && n.memory_bytes == req.memory_bytes
+                    && n.memory_total_bytes == req.memory_total_bytes
                     && n.cert_serial == req.cert_serial
             })
         });
