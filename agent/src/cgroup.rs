@@ -43,6 +43,13 @@ pub enum CgroupError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{action} cgroup {path}: {source}")]
     Cgroup { action: &'static str, path: String, source: cgroups_rs::error::Error },
+    #[error(
+        "the worker already holds {} MiB, over the limit of {} MiB it would be given: it keeps \
+         its limit until it is next started",
+        .holds >> 20,
+        .limit >> 20
+    )]
+    UnderUsage { holds: u64, limit: u64 },
     #[error("cgroup {0} has no cpu controller")]
     NoCpuIn(String),
     #[error(
@@ -465,6 +472,14 @@ impl WorkerCgroup {
         memory.set_limit(limit).map_err(lib("limit the memory of", cg))?;
         let _ = memory.set_memswap_limit(limit);
         Ok(())
+    }
+
+    /// The memory the cgroup's processes hold now, bytes (v2 `memory.current`, v1
+    /// `memory.usage_in_bytes`); `None` without the memory controller.
+    pub fn memory_usage(&self) -> Option<u64> {
+        let memory = self.cgroup.as_ref()?.controller_of::<MemController>()?;
+        let file = if memory.v2() { "memory.current" } else { "memory.usage_in_bytes" };
+        fs::read_to_string(memory.path().join(file)).ok()?.trim().parse().ok()
     }
 
     /// How many of the cgroup's processes the kernel's OOM killer has killed (v2

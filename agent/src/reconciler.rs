@@ -689,10 +689,10 @@ impl Executor for NodeExecutor<'_> {
         let Some(w) = self.owner.workers.get(key) else { return };
         match w.limit_memory(memory_bytes) {
             Ok(()) => {
-                info!(worker = %w.spec.id, memory_mib = memory_bytes >> 20, "raised the worker's memory in place")
+                info!(worker = %w.spec.id, memory_mib = memory_bytes >> 20, "limited the worker's memory in place")
             }
             Err(e) => {
-                warn!(worker = %w.spec.id, error = %e, "raising the worker's memory failed; the next plan retries")
+                warn!(worker = %w.spec.id, error = %e, "limiting the worker's memory failed; the next plan retries")
             }
         }
     }

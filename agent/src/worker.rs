@@ -488,7 +488,14 @@ impl Worker {
 
     /// Limits its cgroup to what `memory_bytes` planned allows, in place.
     pub fn limit_memory(&self, memory_bytes: u64) -> Result<(), CgroupError> {
-        self.cgroup.set_memory_limit(tidal_common::memory::cgroup_limit(memory_bytes))?;
+        let limit = tidal_common::memory::cgroup_limit(memory_bytes);
+        // A limit under what the process holds would have the kernel reclaim, then kill it
+        // with its queue (v2), or refuse (v1 EBUSY): refused here, alike on both.
+        match self.cgroup.memory_usage() {
+            Some(holds) if limit > 0 && holds > limit => return Err(CgroupError::UnderUsage { holds, limit }),
+            _ => {}
+        }
+        self.cgroup.set_memory_limit(limit)?;
         self.memory_bytes.store(memory_bytes, Ordering::Relaxed);
         Ok(())
     }

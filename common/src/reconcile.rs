@@ -81,7 +81,7 @@ pub enum Action {
         key: WorkerKey,
         millicores: u32,
     },
-    /// A higher memory limit (0: none), in place.
+    /// A higher memory limit (0: none), or a first one, in place.
     Limit {
         key: WorkerKey,
         memory_bytes: u64,
@@ -167,8 +167,12 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
         }
         // Raised at once (a worker killed for want of memory restarts within the new limit);
         // never lowered under a running process, whose arenas may already hold more: it
-        // starts within a lower figure when it is next started.
-        if as_limit(d.shape.memory_bytes) > as_limit(r.shape.memory_bytes) {
+        // starts within a lower figure when it is next started. A worker started before its
+        // memory was planned (a task served before it was profiled) is limited at once: else
+        // it would run unlimited for as long as it lives (the executor refuses a limit below
+        // what the process already holds).
+        let first = r.shape.memory_bytes == 0 && d.shape.memory_bytes > 0;
+        if first || as_limit(d.shape.memory_bytes) > as_limit(r.shape.memory_bytes) {
             changes.push(Action::Limit { key: key.clone(), memory_bytes: d.shape.memory_bytes });
         }
     }
@@ -241,6 +245,25 @@ mod tests {
         r.model_file = "a-v1.onnx".into();
         let actions = diff(&[desired("a", 1000, 4)], &[r], Transition::InPlace);
         assert_eq!(actions, vec![Action::Replace(desired("a", 1000, 4))]);
+    }
+
+    #[test]
+    fn memory_is_raised_or_first_limited_in_place_and_never_lowered() {
+        let with_memory = |bytes: u64| {
+            let mut d = desired("a", 1000, 4);
+            d.shape.memory_bytes = bytes;
+            d
+        };
+        let limit = |bytes: u64| vec![Action::Limit { key: key("a"), memory_bytes: bytes }];
+        for transition in [Transition::InPlace, Transition::BlueGreen] {
+            let diff_of = |want: u64, runs: u64| diff(&[with_memory(want)], &[running(&with_memory(runs))], transition);
+            assert_eq!(diff_of(200, 100), limit(200), "raised");
+            // Started before its task was profiled (no limit): limited once the plan says.
+            assert_eq!(diff_of(300, 0), limit(300), "a first limit");
+            assert_eq!(diff_of(100, 200), vec![], "never lowered under a running process");
+            assert_eq!(diff_of(0, 200), limit(0), "no longer planned: no limit, which is higher");
+            assert_eq!(diff_of(0, 0), vec![]);
+        }
     }
 
     #[test]

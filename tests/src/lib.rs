@@ -111,10 +111,22 @@ fn flag_value<'a>(extra: &[&'a str], flag: &str) -> Option<&'a str> {
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// Where its output goes; its tail is printed when a failing test drops it.
+    pub log: PathBuf,
 }
+
+/// How much of a daemon's log a failing test prints (its last lines say why it failed).
+const LOG_TAIL_LINES: usize = 60;
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test's daemons say why in their logs, which go with its directory.
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+            eprintln!("--- the last lines of {} ({}) ---\n{tail}\n---", self.name, self.log.display());
+        }
         // SIGTERM first so the agent removes its cgroups, then make sure.
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -134,7 +146,7 @@ fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
     let err = file.try_clone().expect("log file");
     cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
     let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    Proc { child, name: name.to_string() }
+    Proc { child, name: name.to_string(), log: log.to_path_buf() }
 }
 
 /// Generates ResNet variants at a resolution into `dir` with tidalctl.

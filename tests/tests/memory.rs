@@ -74,9 +74,20 @@ async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node
     let _a2 = start_agent(work.path(), AgentOpts { model_dir: &models, controller: Some(&ctl_addr), extra: &extra });
     let mut ctl = controller_client(&ctl_addr).await;
     let r18 = VariantConfig::load(&models, "resnet18").unwrap();
+    // Served before they are profiled: workers without a memory figure, so without a limit.
     for task in ["left", "right"] {
         let spec = tidal_common::task::single_stage(task, 1000, vec![r18.spec()]);
         ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
+    }
+    let unprofiled = eventually(Duration::from_secs(30), "both tasks served unprofiled", || async {
+        let st = status(&ctl_addr).await?;
+        let workers: Vec<_> =
+            st.nodes.iter().flat_map(|n| n.workers.iter().map(|w| (n.node.clone(), w.clone()))).collect();
+        (workers.iter().filter(|(_, w)| w.ready).count() == 2).then_some(workers)
+    })
+    .await;
+    assert!(unprofiled.iter().all(|(_, w)| w.memory_bytes == 0), "{unprofiled:?}");
+    for task in ["left", "right"] {
         // 300 MiB measured: 375 MiB planned (× 1.25), two of them over one node's 600.
         let profile = Some(profile_with_memory(task, "resnet18", 200.0, 300 * MIB));
         ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
@@ -102,6 +113,12 @@ async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node
         (ready == 2).then_some(st)
     })
     .await;
+    // A worker that stays where it ran is limited in place (it ran without a limit, and would
+    // have for as long as it lived): the same worker, not restarted.
+    let kept = st.nodes.iter().flat_map(|n| n.workers.iter().map(move |w| (&n.node, w))).filter(|(node, w)| {
+        unprofiled.iter().any(|(n, u)| &n == node && u.id == w.id && u.task == w.task && w.restarts == 0)
+    });
+    assert!(kept.count() >= 1, "no worker was kept in place: {unprofiled:?} then {st:?}");
     for n in &st.nodes {
         assert_eq!(n.memory_bytes, 600 * MIB, "{n:?}");
         assert!(n.memory_total_bytes >= n.memory_bytes, "{n:?}");
