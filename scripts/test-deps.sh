@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian tools some tests drive, when missing: qemu and debootstrap (the systemd
-# VMs), ansible-core, ansible-lint and ssh (the playbooks over SSH); and promtool, unpacked
+# Installs the Debian tools some tests drive, when missing: qemu and debootstrap, and the VM image
+# (scripts/vm-image.sh: the systemd VMs), ansible-core, ansible-lint and ssh (the playbooks over SSH); and promtool, unpacked
 # from Debian's prometheus package into .tidal/tools (the package itself would start a
 # Prometheus server); and tritonclient and Triton's perf_analyzer, for the outside-client tests
 # (scripts/client-tools.sh, into .tidal/clients); and a word list (wamerican) for the generated
@@ -21,6 +21,10 @@ fi
 # tritonclient and perf_analyzer, for the outside-client tests (PyPI and one Debian library,
 # unpacked into .tidal/clients; nothing is installed system-wide).
 scripts/client-tools.sh || echo "test-deps: the tritonclient and perf_analyzer tests will be reported as not run" >&2
+
+# The image the systemd / cgroup v2 VM tests boot (debootstrap, about 80 s), built here beside
+# the build rather than by the first VM test; it installs qemu and debootstrap itself.
+scripts/vm-image.sh || echo "test-deps: the VM image was not built; the VM tests will say why" >&2
 
 declare -A provides=(
   [qemu-system-x86_64]=qemu-system-x86 [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
