@@ -22,6 +22,8 @@ pub enum ServeError {
     MemoryFull { held_mib: usize, limit_mib: usize },
     #[error("the worker's queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    #[error("{0} requests already wait for tasks without a worker to load; retry later")]
+    WaitingFull(u32),
     /// `waiting`: where the request was when its time ran out ("in the queue", "before the
     /// worker answered", …).
     #[error("the deadline passed after {after:?} {waiting}")]
@@ -46,6 +48,7 @@ impl ServeError {
             self,
             ServeError::NoWorker(_)
                 | ServeError::QueueFull(_)
+                | ServeError::WaitingFull(_)
                 | ServeError::WouldMiss { .. }
                 | ServeError::Unavailable(_)
                 | ServeError::Unfinished(_)
@@ -62,6 +65,7 @@ impl From<ServeError> for Status {
             ServeError::NoWorker(_) | ServeError::Unavailable(_) => Status::unavailable(msg),
             ServeError::InvalidInput(_) => Status::invalid_argument(msg),
             ServeError::QueueFull(_)
+            | ServeError::WaitingFull(_)
             | ServeError::TooLarge { .. }
             | ServeError::WouldMiss { .. }
             | ServeError::MemoryFull { .. } => Status::resource_exhausted(msg),

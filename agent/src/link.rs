@@ -136,6 +136,8 @@ impl Link {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                // A request waits for a task without a worker: the controller hears of it now.
+                _ = node.telemetry.demand() => {}
                 _ = stop.cancelled() => return Ok(()),
             }
             let now = Instant::now();

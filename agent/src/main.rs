@@ -115,6 +115,11 @@ struct ServeArgs {
     /// least --max-request-bytes.
     #[arg(long, env = "TIDAL_MAX_INFLIGHT_BYTES", default_value_t = 1 << 30)]
     max_inflight_bytes: usize,
+    /// Seconds a request for a task that has no worker (`--min-workers 0`, unloaded while
+    /// idle) waits while the controller plans it one and it loads; then UNAVAILABLE. Its
+    /// latency budget counts from when a worker is ready. 1–600.
+    #[arg(long, env = "TIDAL_COLD_START_WAIT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    cold_start_wait_s: u64,
     /// Seconds between telemetry reports to the controller.
     #[arg(long, env = "TIDAL_REPORT_INTERVAL_S", default_value_t = 1.0)]
     report_interval_s: f64,
@@ -235,6 +240,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             run_as: args.worker_user.as_deref().map(worker_identity).transpose()?,
         },
         drain: Duration::from_secs(5),
+        cold_start_wait: Duration::from_secs(args.cold_start_wait_s),
     };
     let mut registry = prometheus_client::registry::Registry::default();
     tidal_daemon::metrics_http::register_standard(&mut registry, "agent");

@@ -46,6 +46,8 @@ pub struct AgentMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub forwarded_requests: Family<RequestLabels, Counter>,
     pub latency: Family<TaskLabels, Histogram>,
+    /// How long requests for a task without a worker waited for one (a cold start).
+    pub cold_start: Family<TaskLabels, Histogram>,
     pub stage_skips: Family<StageLabels, Counter>,
     pub slack_reroutes: Family<RerouteLabels, Counter>,
     pub plan_epoch: Gauge,
@@ -67,6 +69,8 @@ impl AgentMetrics {
             requests: Family::default(),
             forwarded_requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            // 50 ms .. ~100 s.
+            cold_start: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 12))),
             stage_skips: Family::default(),
             slack_reroutes: Family::default(),
             plan_epoch: Gauge::default(),
@@ -94,6 +98,12 @@ impl AgentMetrics {
             m.forwarded_requests.clone(),
         );
         r.register_with_unit("request_duration", "Latency of served client requests", Unit::Seconds, m.latency.clone());
+        r.register_with_unit(
+            "cold_start_wait",
+            "How long requests for a task without a worker (unloaded while idle) waited for a ready one",
+            Unit::Seconds,
+            m.cold_start.clone(),
+        );
         r.register(
             "stage_skips",
             "Requests that skipped a stage by the label the stage before gave them (a task's `skip`)",

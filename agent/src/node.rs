@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub process: ProcessConfig,
     /// How long a stopped worker may take to serve what it has queued.
     pub drain: Duration,
+    /// How long a request for a task without a worker (unloaded while idle) waits for one.
+    pub cold_start_wait: Duration,
 }
 
 /// Most revoked serials an agent holds (twice what the group keeps: a bound, not a policy).

@@ -10,11 +10,11 @@ use prost::Message as _;
 use tidal_common::task::fan_out;
 use tidal_common::tensor::{NamedTensor, StageIo, TensorError};
 use tidal_common::text::{wire_io, TextError};
-use tidal_proto::v1::{InferRequest, InferResponse, StageServed, StageSpec};
+use tidal_proto::v1::{InferRequest, InferResponse, StageServed, StageSpec, TaskSpec};
 use tidal_proto::{FORWARDED_METADATA, STAGE_METADATA};
 use tokio::sync::oneshot;
 use tonic::Request;
-use tracing::{info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::connector::crops;
 use crate::error::ServeError;
@@ -183,7 +183,6 @@ impl Pipeline {
         let _admitted = self.node.inflight.admit(size)?;
         let task = self.node.task(&req.task).ok_or_else(|| ServeError::UnknownTask(req.task.clone()))?;
         let budget_ms = if req.budget_ms > 0 { req.budget_ms } else { task.slo_ms };
-        let deadline = arrived + Duration::from_millis(budget_ms as u64);
         let stages: Vec<&StageSpec> = match &forwarded {
             Some(f) if !f.stage.is_empty() => {
                 let stage = task.stages.iter().find(|s| s.name == f.stage);
@@ -244,6 +243,13 @@ impl Pipeline {
         let taken_later = |t: &NamedTensor| later_inputs.iter().any(|io| io.inputs.iter().any(|d| d.name == t.name));
         let request_inputs: Vec<NamedTensor> =
             sample.iter().filter(|t| taken_later(t)).cloned().chain(extra_given).collect();
+        // Checked, a request for a task unloaded while idle waits for a worker, then has its
+        // whole budget.
+        let waited = match &forwarded {
+            None => self.wait_for_worker(&task).await?,
+            Some(_) => Duration::ZERO,
+        };
+        let deadline = arrived + waited + Duration::from_millis(budget_ms as u64);
         let mut inputs = vec![sample];
         let mut served = Vec::new();
         let mut outputs: Vec<StageOutput> = Vec::new();
@@ -304,6 +310,59 @@ impl Pipeline {
             stages: served,
             version: task.version.max(1),
         })
+    }
+
+    /// Waits while `task` has no worker for some stage (the plan gives it none: it was
+    /// unloaded while idle), at most the node's cold-start wait, counted in the reports so
+    /// that the controller plans it at once; returns how long it waited. A worker here must be
+    /// ready (not loading) so that the wait, not the request's budget, pays for the load.
+    async fn wait_for_worker(&self, task: &TaskSpec) -> Result<Duration, ServeError> {
+        let router = &self.node.router;
+        let keys: Vec<StageKey> = task.stages.iter().map(|s| StageKey::new(&task.name, &s.name)).collect();
+        // Only a task that may go without a worker waits: another without one (short of cores
+        // or memory) is refused at once. It waits while its worker loads too, so that the
+        // load is paid by the wait and not by its budget.
+        if tidal_common::task::unloads_after_s(task).is_none() || keys.iter().all(|k| router.stage_ready(k)) {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let wait = self.node.cfg.cold_start_wait;
+        let waiting =
+            self.node.telemetry.wait(&task.name).ok_or(ServeError::WaitingFull(crate::telemetry::MAX_WAITING))?;
+        if waiting.first {
+            info!(task = %task.name, "the task has no ready worker (unloaded while idle): requests wait while one loads");
+        }
+        // The router is updated before each view is published (a plan applied, a worker
+        // ready); another agent paused after a failure comes back without one, hence the tick.
+        let mut views = self.node.subscribe();
+        let ready = tokio::time::timeout(wait, async {
+            while !keys.iter().all(|k| router.stage_ready(k)) {
+                tokio::select! {
+                    changed = views.changed() => changed.map_err(|_| ())?,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            Ok::<(), ()>(())
+        })
+        .await
+        .is_ok_and(|r| r.is_ok());
+        match ready {
+            true => {
+                let waited = started.elapsed();
+                self.node
+                    .metrics
+                    .cold_start
+                    .get_or_create(&TaskLabels { task: task.name.clone() })
+                    .observe(waited.as_secs_f64());
+                Ok(waited)
+            }
+            false => Err(ServeError::Unavailable(format!(
+                "task {} has no worker (unloaded while idle) and got none ready within the {} s a request waits \
+                 for one (--cold-start-wait-s)",
+                task.name,
+                wait.as_secs()
+            ))),
+        }
     }
 
     /// Runs one stage of a request where the router sends it: on a local worker, or on

@@ -102,6 +102,34 @@ impl StageStats {
 pub struct Telemetry {
     started: Instant,
     tasks: Mutex<HashMap<String, TaskStats>>,
+    /// Requests waiting for a worker of a task that has none, per task (see [`Self::wait`]).
+    waiting: Mutex<HashMap<String, u32>>,
+    /// Told when a task's first request starts waiting: the report goes out at once.
+    demand: tokio::sync::Notify,
+}
+
+/// Most requests an agent holds waiting for tasks without a worker (each also holds its bytes
+/// in [`crate::admission`]): beyond it they are refused at once.
+pub const MAX_WAITING: u32 = 1024;
+
+/// One request waiting for a worker of its task; counted in the reports until dropped.
+pub struct Waiting<'a> {
+    telemetry: &'a Telemetry,
+    task: String,
+    /// The task's first to wait (none of its requests waited before).
+    pub first: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.telemetry.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = waiting.get_mut(&self.task) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.task);
+            }
+        }
+    }
 }
 
 impl Default for Telemetry {
@@ -112,7 +140,33 @@ impl Default for Telemetry {
 
 impl Telemetry {
     pub fn new(started: Instant) -> Self {
-        Self { started, tasks: Mutex::new(HashMap::new()) }
+        Self {
+            started,
+            tasks: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            demand: Default::default(),
+        }
+    }
+
+    /// Counts a request of `task` as waiting for a worker until the guard is dropped; the
+    /// first one of a task wakes the report loop. `None`: [`MAX_WAITING`] already wait.
+    pub fn wait(&self, task: &str) -> Option<Waiting<'_>> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.values().sum::<u32>() >= MAX_WAITING {
+            return None;
+        }
+        let n = waiting.entry(task.to_string()).or_default();
+        *n += 1;
+        let first = *n == 1;
+        if first {
+            self.demand.notify_one();
+        }
+        Some(Waiting { telemetry: self, task: task.to_string(), first })
+    }
+
+    /// Resolves when a task's first request starts waiting for a worker.
+    pub async fn demand(&self) {
+        self.demand.notified().await
     }
 
     fn with<R>(&self, task: &str, f: impl FnOnce(&mut TaskStats) -> R) -> R {
@@ -189,7 +243,12 @@ impl Telemetry {
     /// percentiles; resets them.
     pub fn drain(&self, now: Instant) -> Vec<TaskTelemetry> {
         let current_second = self.second(now);
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // A task whose only requests wait for a worker is reported too.
+        for task in waiting.keys() {
+            tasks.entry(task.clone()).or_insert_with(TaskStats::new);
+        }
         let mut out = Vec::new();
         for (name, s) in tasks.iter_mut() {
             let (first_second, per_second) = s.arrivals.drain(current_second);
@@ -224,6 +283,7 @@ impl Telemetry {
                 latency_p99_ms: q(0.99),
                 min_budget_ms: s.min_budget_ms.take().map_or(0.0, f64::from),
                 stages,
+                waiting: waiting.get(name).copied().unwrap_or(0),
             });
             s.served = 0;
             s.errors = 0;
@@ -263,6 +323,8 @@ pub fn carry_over(unsent: Vec<TaskTelemetry>, fresh: Vec<TaskTelemetry>) -> Vec<
                     old.min_budget_ms = t.min_budget_ms;
                 }
                 old.stages = carry_stages(std::mem::take(&mut old.stages), t.stages);
+                // A count of now, not of the window.
+                old.waiting = t.waiting;
             }
             None => {
                 by_task.insert(t.task.clone(), t);
@@ -322,6 +384,37 @@ fn merge_sizes(a: &[SizeCount], b: &[SizeCount]) -> Vec<SizeCount> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_waiting_for_a_worker_are_reported_as_they_are_now_and_bounded() {
+        let t0 = Instant::now();
+        let t = Telemetry::new(t0);
+        let first = t.wait("cold").expect("room to wait");
+        let second = t.wait("cold").expect("room to wait");
+        // Reported though no whole second of arrivals is complete, and at once: the first
+        // request to wait for a task leaves a wake-up for the report loop.
+        let report = t.drain(t0);
+        assert_eq!(report.iter().find(|r| r.task == "cold").map(|r| r.waiting), Some(2));
+        assert!(tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(async { tokio::time::timeout(Duration::from_millis(100), t.demand()).await.is_ok() }));
+        drop(first);
+        assert_eq!(t.drain(t0).iter().find(|r| r.task == "cold").map(|r| r.waiting), Some(1));
+        drop(second);
+        assert_eq!(t.drain(t0).iter().find(|r| r.task == "cold").map(|r| r.waiting), Some(0));
+        // A count of now: an unsent report's is replaced by the fresh one's.
+        let carried = carry_over(
+            vec![TaskTelemetry { task: "c".into(), waiting: 5, ..Default::default() }],
+            vec![TaskTelemetry { task: "c".into(), waiting: 1, ..Default::default() }],
+        );
+        assert_eq!(carried[0].waiting, 1);
+        let held: Vec<_> = (0..MAX_WAITING).map(|_| t.wait("many").unwrap()).collect();
+        assert!(t.wait("other").is_none(), "no more than {MAX_WAITING} wait");
+        drop(held);
+        assert!(t.wait("other").is_some());
+    }
 
     #[test]
     fn a_report_counts_whole_seconds_including_idle_ones_and_resets() {

@@ -287,11 +287,27 @@ struct ShareArgs {
     /// The most cores the task may have (0: no cap).
     #[arg(long)]
     max_cores: Option<u32>,
+    /// The fewest workers it keeps: 1 (the default) keeps one ready however idle it is; 0
+    /// unloads it once no request came for --idle-s (its memory and cores go to the others),
+    /// and its next request waits while a worker loads (the agent's --cold-start-wait-s).
+    /// Under memory pressure such tasks are unloaded first, least recently used first.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1))]
+    min_workers: Option<u32>,
+    /// With --min-workers 0: seconds without a request before it is unloaded (default 300).
+    #[arg(long)]
+    idle_s: Option<u32>,
 }
 
 impl ShareArgs {
     fn request(self, task: &str) -> SetShareRequest {
-        SetShareRequest { task: task.into(), weight: self.weight, min_cores: self.min_cores, max_cores: self.max_cores }
+        SetShareRequest {
+            task: task.into(),
+            weight: self.weight,
+            min_cores: self.min_cores,
+            max_cores: self.max_cores,
+            min_workers: self.min_workers,
+            idle_s: self.idle_s,
+        }
     }
 }
 
@@ -559,8 +575,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = controller(&cli.controller).await?.set_share(share.request(&task)).await?.into_inner();
             let share = answer.share.unwrap_or_default();
             let max = if share.max_cores > 0 { format!("{} cores", share.max_cores) } else { "no cap".into() };
+            let unloads =
+                match tidal_common::task::unloads_after_s(&TaskSpec { share: Some(share), ..Default::default() }) {
+                    Some(after_s) => format!("unloaded after {after_s:.0} s without a request"),
+                    None => "keeps one worker".into(),
+                };
             println!(
-                "task {task}: weight {}, minimum {} cores, maximum {max}",
+                "task {task}: weight {}, minimum {} cores, maximum {max}, {unloads}",
                 share.weight.unwrap_or(1.0),
                 share.min_cores
             );

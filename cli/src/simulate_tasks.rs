@@ -15,7 +15,8 @@
 //! offset = 0                 # trace seconds after --start where its slice begins
 //! scale = 0.5                # factor on its rates (default 1)
 //! slo_ms = 250
-//! weight = 1                 # optional: weight, min_cores, max_cores as `tidalctl task set`
+//! weight = 1                 # optional: weight, min_cores, max_cores, min_workers, idle_s
+//!                            # as `tidalctl task set`
 //! profiles = "demo-profiles.json"   # or tfserving_csv = "../data/…csv" (rows at slo_ms)
 //! ```
 
@@ -54,6 +55,9 @@ struct TaskEntry {
     min_cores: u32,
     #[serde(default)]
     max_cores: u32,
+    min_workers: Option<u32>,
+    #[serde(default)]
+    idle_s: u32,
     profiles: Option<PathBuf>,
     tfserving_csv: Option<PathBuf>,
 }
@@ -114,7 +118,7 @@ impl Sharing {
             .iter()
             .zip(split)
             .map(|(t, cap)| SimTask {
-                share: Some(TaskShare { weight: Some(1.0), min_cores: 0, max_cores: cap.max(1) }),
+                share: Some(TaskShare { weight: Some(1.0), max_cores: cap.max(1), ..Default::default() }),
                 ..t.clone()
             })
             .collect()
@@ -192,7 +196,13 @@ fn task(t: &TaskEntry, opts: &SimulateOpts) -> anyhow::Result<SimTask> {
     if !(t.scale.is_finite() && t.scale > 0.0) {
         bail!("task {}: scale must be a positive factor", t.name);
     }
-    let share = TaskShare { weight: t.weight, min_cores: t.min_cores, max_cores: t.max_cores };
+    let share = TaskShare {
+        weight: t.weight,
+        min_cores: t.min_cores,
+        max_cores: t.max_cores,
+        min_workers: t.min_workers,
+        idle_s: t.idle_s,
+    };
     tidal_common::task::validate_share(&share).map_err(|e| anyhow::anyhow!("task {}: {e}", t.name))?;
     let stages = match (&t.profiles, &t.tfserving_csv) {
         (Some(p), None) => saved_stages(p, opts.load_time_s)?,

@@ -70,15 +70,20 @@ fn node_memory(n: &tidal_proto::v1::NodeStatus) -> String {
     }
 }
 
-/// A task's share of the cluster: its weight, and its minimum and maximum cores when set
-/// ("w1", "w2 1–8c", "w0 ≥1c").
+/// A task's share of the cluster: its weight, its minimum and maximum cores when set, and
+/// its idle time when it is unloaded when idle ("w1", "w2 1–8c", "w0 ≥1c", "w1 idle→0 300s").
 fn share(share: Option<&tidal_proto::v1::TaskShare>) -> String {
     let s = share.cloned().unwrap_or_default();
     let w = s.weight.unwrap_or(1.0);
-    match (s.min_cores, s.max_cores) {
+    let cores = match (s.min_cores, s.max_cores) {
         (0, 0) => format!("w{w}"),
         (min, 0) => format!("w{w} ≥{min}c"),
         (min, max) => format!("w{w} {min}–{max}c"),
+    };
+    let spec = tidal_proto::v1::TaskSpec { share: Some(s), ..Default::default() };
+    match tidal_common::task::unloads_after_s(&spec) {
+        Some(after_s) => format!("{cores} idle→0 {after_s:.0}s"),
+        None => cores,
     }
 }
 

@@ -78,6 +78,7 @@ impl Cluster {
                     load_s: BTreeMap::new(),
                     sizes: BTreeMap::new(),
                     served: BTreeMap::new(),
+                    idle_s: 0.0,
                 })
                 .collect(),
             nodes: self

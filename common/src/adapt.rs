@@ -162,6 +162,12 @@ pub struct TaskInput<'a> {
     /// Per variant, the batches its workers served since the last round, as the agents
     /// measured them: what corrects its profile (see [`crate::profile_correction`]).
     pub served: BTreeMap<&'a str, &'a [ServedBatch]>,
+    /// Seconds since its last request (or since the driver began to observe, when none came
+    /// since): a task that may be unloaded (`TaskShare.min_workers` 0) is, once this reaches
+    /// its idle time, and is the first unloaded when memory runs short (least recently used
+    /// first). 0: it is being asked for now (a request waits for a worker); infinite: none
+    /// came since the driver began to observe and it has no worker (it stays unloaded).
+    pub idle_s: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -470,6 +476,16 @@ impl Choice {
     }
 }
 
+/// How long a task went without a request, said: "no request for 61 s", or "no request yet"
+/// (none since the driver began to observe, and no worker).
+fn idle_for(idle_s: f64) -> String {
+    if idle_s.is_finite() {
+        format!("no request for {idle_s:.0} s")
+    } else {
+        "no request yet".into()
+    }
+}
+
 /// One task's best plan within a budget, with what the division of the cores weighs.
 #[derive(Debug, Clone)]
 struct Planned {
@@ -544,8 +560,22 @@ impl<'r, 'a> TaskPlans<'r, 'a> {
         self.task.spec.share.as_ref().map_or(0, |s| s.min_cores)
     }
 
+    /// Whether it may be unloaded to free memory for others: it may go without a worker and
+    /// had no request for a whole round.
+    fn evictable(&self) -> bool {
+        crate::task::unloads_after_s(self.task.spec).is_some() && self.task.idle_s >= self.cfg.interval_s.max(1.0)
+    }
+
     fn fixed_choice(&mut self) -> Option<Choice> {
         let spec = self.task.spec;
+        if let Some(after_s) = crate::task::unloads_after_s(spec).filter(|&after| self.task.idle_s >= after) {
+            let note = format!(
+                "{}: unloaded: {} (min-workers 0, idle time {after_s:.0} s); its next request loads it",
+                spec.name,
+                idle_for(self.task.idle_s)
+            );
+            return Some(Choice { notes: vec![note], ..Choice::default() });
+        }
         if spec.stages.is_empty() {
             return Some(Choice { notes: vec![format!("{}: the task has no stages", spec.name)], ..Choice::default() });
         }

@@ -32,8 +32,21 @@ pub const MAX_WEIGHT: f64 = 1000.0;
 /// Most cores a task's minimum or maximum may name.
 pub const MAX_SHARE_CORES: u32 = 1_000_000;
 
+/// The longest idle time a task may declare before it is unloaded, seconds (a week).
+pub const MAX_IDLE_S: u32 = 7 * 24 * 3600;
+/// The idle time of a task that may be unloaded and declares none, seconds.
+pub const DEFAULT_IDLE_S: u32 = 300;
+
+/// Whether the task may go without a worker, and after how many seconds without a request
+/// (see `TaskShare.min_workers`).
+pub fn unloads_after_s(spec: &TaskSpec) -> Option<f64> {
+    let share = spec.share.as_ref()?;
+    (share.min_workers == Some(0)).then_some(if share.idle_s == 0 { DEFAULT_IDLE_S } else { share.idle_s } as f64)
+}
+
 /// A task's share of the cluster: a weight in 0..=[`MAX_WEIGHT`], a minimum and a maximum of
-/// at most [`MAX_SHARE_CORES`] cores, the minimum no more than a set maximum.
+/// at most [`MAX_SHARE_CORES`] cores, the minimum no more than a set maximum, a minimum of 0
+/// or 1 workers and an idle time of at most [`MAX_IDLE_S`].
 pub fn validate_share(share: &TaskShare) -> Result<(), String> {
     if let Some(w) = share.weight {
         if !(0.0..=MAX_WEIGHT).contains(&w) {
@@ -44,6 +57,15 @@ pub fn validate_share(share: &TaskShare) -> Result<(), String> {
         if cores > MAX_SHARE_CORES {
             return Err(format!("a task's {what} of {cores} cores is over {MAX_SHARE_CORES}"));
         }
+    }
+    if let Some(n) = share.min_workers.filter(|&n| n > 1) {
+        return Err(format!(
+            "a task's minimum of workers is 0 (unloaded when idle) or 1 (the default), not {n}: \
+             keep more ready with its minimum of cores"
+        ));
+    }
+    if share.idle_s > MAX_IDLE_S {
+        return Err(format!("a task's idle time of {} s is over {MAX_IDLE_S} s (a week)", share.idle_s));
     }
     if share.max_cores > 0 && share.min_cores > share.max_cores {
         return Err(format!(
@@ -65,6 +87,12 @@ pub fn changed_share(share: Option<&TaskShare>, change: &SetShareRequest) -> Res
     }
     if let Some(max) = change.max_cores {
         share.max_cores = max;
+    }
+    if change.min_workers.is_some() {
+        share.min_workers = change.min_workers;
+    }
+    if let Some(idle_s) = change.idle_s {
+        share.idle_s = idle_s;
     }
     validate_share(&share)?;
     Ok(share)
@@ -413,6 +441,24 @@ pub fn validate_task(t: &TaskSpec) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_may_go_without_a_worker_only_when_it_says_so_within_bounded_idle_times() {
+        let spec = |share: Option<TaskShare>| TaskSpec { share, ..Default::default() };
+        assert_eq!(unloads_after_s(&spec(None)), None, "keeps one worker by default");
+        let set = |min_workers, idle_s| TaskShare { min_workers, idle_s, ..Default::default() };
+        assert_eq!(unloads_after_s(&spec(Some(set(Some(1), 60)))), None);
+        assert_eq!(unloads_after_s(&spec(Some(set(Some(0), 0)))), Some(DEFAULT_IDLE_S as f64));
+        assert_eq!(unloads_after_s(&spec(Some(set(Some(0), 60)))), Some(60.0));
+        assert!(validate_share(&set(Some(2), 0)).unwrap_err().contains("0 (unloaded when idle) or 1"));
+        assert!(validate_share(&set(Some(0), MAX_IDLE_S + 1)).is_err());
+        // Set in parts: the idle time alone keeps the minimum.
+        let change =
+            |min_workers, idle_s| SetShareRequest { task: "t".into(), min_workers, idle_s, ..Default::default() };
+        let share = changed_share(None, &change(Some(0), None)).unwrap();
+        let share = changed_share(Some(&share), &change(None, Some(30))).unwrap();
+        assert_eq!(unloads_after_s(&spec(Some(share))), Some(30.0));
+    }
 
     fn variant(name: &str, shape: &[i64]) -> VariantSpec {
         VariantSpec {

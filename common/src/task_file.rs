@@ -88,7 +88,8 @@
 //! decode = [{ name = "text", tokens = { output = "tokens" } }]
 //! ```
 //!
-//! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`
+//! Optional, its share of a shared cluster: `weight = 2.0`, `min_cores = 1`, `max_cores = 8`,
+//! and whether it is unloaded when idle: `min_workers = 0`, `idle_s = 300`
 //! (see `TaskShare`).
 
 use std::path::Path;
@@ -113,6 +114,10 @@ pub struct TaskFile {
     pub min_cores: u32,
     #[serde(default)]
     pub max_cores: u32,
+    /// 0: unloaded when idle for `idle_s` (see `TaskShare.min_workers`); absent: 1.
+    pub min_workers: Option<u32>,
+    #[serde(default)]
+    pub idle_s: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,11 +522,14 @@ impl TaskFile {
                 Ok(stage)
             })
             .collect::<Result<Vec<_>, TaskFileError>>()?;
-        let share = (self.weight.is_some() || self.min_cores > 0 || self.max_cores > 0).then_some(TaskShare {
+        let share = TaskShare {
             weight: self.weight,
             min_cores: self.min_cores,
             max_cores: self.max_cores,
-        });
+            min_workers: self.min_workers,
+            idle_s: self.idle_s,
+        };
+        let share = (share != TaskShare::default()).then_some(share);
         let task = TaskSpec { name: self.name.clone(), slo_ms: self.slo_ms, stages, share, ..Default::default() };
         crate::task::validate_task(&task).map_err(TaskFileError::Invalid)?;
         Ok(task)

@@ -313,6 +313,22 @@ impl Controller {
         Ok(tidal_common::plan::delta::canonical(plan.clone()))
     }
 
+    /// Plans at once the tasks among `waiting` (requests wait for a worker of theirs at an
+    /// agent) that the plan in force gives no worker: unloaded while idle, they are asked for.
+    pub fn wake(&self, waiting: &[String]) {
+        if waiting.is_empty() || !self.raft.status().is_leader {
+            return;
+        }
+        let unplanned: Vec<&String> = self.raft.read(|s| {
+            let planned = |t: &String| s.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| &a.task == t));
+            waiting.iter().filter(|t| s.tasks.contains_key(*t) && !planned(t)).collect()
+        });
+        if !unplanned.is_empty() {
+            info!(tasks = ?unplanned, "requests wait for tasks without a worker; planning them now");
+            self.replan.notify_one();
+        }
+    }
+
     /// Re-plans at once, without waiting for the interval, when a node the plan uses stopped
     /// reporting, or when the policy reacts to surges
     /// and a task's arrivals over the last seconds exceed the rate its plan was sized for: a

@@ -60,6 +60,8 @@ pub struct Observed {
     pub node_timeout: Duration,
     /// Workers the OOM killer killed since the leader last took them (see [`Self::take_oom_kills`]).
     oom_kills: Vec<OomKill>,
+    /// Per task, when a report last said a request came for it (see [`Self::idle_s`]).
+    last_request: HashMap<String, Instant>,
 }
 
 /// A worker killed by the kernel's OOM killer, as its agent's report counted it.
@@ -146,6 +148,7 @@ impl Observed {
             rollouts: BTreeMap::new(),
             node_timeout: NODE_TIMEOUT,
             oom_kills: Vec::new(),
+            last_request: HashMap::new(),
         }
     }
 
@@ -192,6 +195,12 @@ impl Observed {
             *clock
         });
         for t in &report.tasks {
+            // Requests that came, wait, or were served (a long one still running counts);
+            // a canary's are its task's.
+            if t.waiting > 0 || t.served > 0 || t.arrivals_per_second.iter().any(|&n| n > 0) {
+                let task = tidal_common::task::parse_canary(&t.task).map_or(t.task.as_str(), |(base, _)| base);
+                self.last_request.insert(task.to_string(), now);
+            }
             let series = self.arrivals.entry(t.task.clone()).or_default();
             let k = t.arrivals_per_second.len() as u64;
             let first = match (clock, t.first_second) {
@@ -453,6 +462,19 @@ impl Observed {
         None
     }
 
+    /// Seconds since a report last said a request came for `task` (arrived, waits for a
+    /// worker, or was served), or since observation started when none did; `planned`: the
+    /// plan in force gives it a worker. A new leader gives a task that has one a whole idle
+    /// time again before it unloads it, and leaves one that has none (unloaded, or never
+    /// asked for since it was registered) unloaded until a request comes.
+    pub fn idle_s(&self, task: &str, now: Instant, planned: bool) -> f64 {
+        match self.last_request.get(task) {
+            Some(&last) => now.saturating_duration_since(last).as_secs_f64(),
+            None if planned => now.saturating_duration_since(self.started).as_secs_f64(),
+            None => f64::INFINITY,
+        }
+    }
+
     /// Forgets all that was observed of a deleted task and its canaries: a task registered
     /// later under its name starts from nothing (what its draining workers still report comes
     /// back, for a round).
@@ -465,6 +487,7 @@ impl Observed {
         self.served.retain(|t, _| !of(t));
         self.corrections.retain(|t, _| !of(t));
         self.round_rates.retain(|t, _| !of(t));
+        self.last_request.retain(|t, _| !of(t));
         self.rollouts.remove(task);
     }
 
@@ -548,6 +571,31 @@ mod tests {
 
     /// OOM kills count from the second report of a node on (the first is what a new leader
     /// finds: kills seen before), per worker, and a count that went back is a new worker's.
+    #[test]
+    fn a_task_is_idle_from_its_last_request_or_from_when_observation_began() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut o = Observed::new(t0);
+        assert_eq!(o.idle_s("t", at(7), true), 7.0, "a new leader counts from its start");
+        assert_eq!(o.idle_s("t", at(7), false), f64::INFINITY, "and leaves an unloaded task unloaded");
+        o.record(report("n", vec![0, 3]), at(10));
+        assert_eq!(o.idle_s("t", at(15), false), 5.0);
+        o.record(report("n", vec![0, 0]), at(20));
+        assert_eq!(o.idle_s("t", at(25), true), 15.0, "seconds without a request are not one");
+        // A request waiting for a worker is one, though no whole second has counted it yet.
+        let mut waiting = report("n", vec![]);
+        waiting.tasks[0].waiting = 1;
+        o.record(waiting, at(30));
+        assert_eq!(o.idle_s("t", at(30), false), 0.0);
+        // A canary's requests are its task's.
+        let mut canary = report("n", vec![1]);
+        canary.tasks[0].task = "t@2".into();
+        o.record(canary, at(40));
+        assert_eq!(o.idle_s("t", at(41), true), 1.0);
+        o.forget_task("t");
+        assert_eq!(o.idle_s("t", at(42), true), 42.0);
+    }
+
     #[test]
     fn oom_kills_are_counted_once_from_each_worker_s_growing_count() {
         let t0 = Instant::now();

@@ -27,6 +27,8 @@ pub struct Observations {
     sizes: Vec<BTreeMap<String, tidal_common::profile::SizeMix>>,
     /// Per variant, the batches it served since the last round.
     served: Vec<BTreeMap<String, Vec<tidal_proto::v1::ServedBatch>>>,
+    /// Seconds since each task's last request (see [`Observed::idle_s`]).
+    idle_s: Vec<f64>,
     /// Nodes that stopped reporting.
     silent: HashSet<String>,
     serving: Serving,
@@ -62,6 +64,13 @@ impl Observations {
                 .map(|t| observed.load_times(t).into_iter().map(|(v, s)| (v.to_string(), s)).collect())
                 .collect(),
             sizes: tasks.clone().map(|t| observed.size_mixes(t, now, lookback)).collect(),
+            idle_s: tasks
+                .clone()
+                .map(|t| {
+                    let planned = state.plan.as_ref().is_some_and(|p| p.assignments.iter().any(|a| &a.task == t));
+                    observed.idle_s(profiled_as(t), now, planned)
+                })
+                .collect(),
             served: tasks.map(|t| observed.take_served(t)).collect(),
             tasks: specs.clone(),
             silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
@@ -104,6 +113,7 @@ pub fn plan_from(adapter: &mut Adapter, state: &ClusterState, observed: &Observa
             load_s: observed.load_times[i].iter().map(|(v, s)| (v.as_str(), *s)).collect(),
             sizes: observed.sizes[i].iter().map(|(stage, mix)| (stage.as_str(), mix.clone())).collect(),
             served: observed.served[i].iter().map(|(v, b)| (v.as_str(), b.as_slice())).collect(),
+            idle_s: observed.idle_s[i],
         })
         .collect();
     // A node that stopped reporting, or is draining, is planned around: its share goes to the

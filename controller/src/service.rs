@@ -203,9 +203,11 @@ impl ControllerApi for ControllerService {
             return Err(Status::failed_precondition(format!("node {node:?} is not registered")));
         }
         let now = Instant::now();
+        let waiting: Vec<String> = report.tasks.iter().filter(|t| t.waiting > 0).map(|t| t.task.clone()).collect();
         if self.ctl.observed(|o| o.record(report, now)) {
             self.ctl.reconsider.notify_one();
         }
+        self.ctl.wake(&waiting);
         self.ctl.check_surge(now);
         self.ctl.push_if_behind(&node, applied);
         let (members, term) = self.members();

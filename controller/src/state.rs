@@ -688,16 +688,28 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply(1, &cmd(Change::RegisterTask(task()))).unwrap();
         let set = |weight, min_cores, max_cores| {
-            cmd(Change::SetShare(SetShareRequest { task: "t".into(), weight, min_cores, max_cores }))
+            cmd(Change::SetShare(SetShareRequest {
+                task: "t".into(),
+                weight,
+                min_cores,
+                max_cores,
+                ..Default::default()
+            }))
         };
         s.apply(2, &set(Some(2.5), None, Some(8))).unwrap();
         s.apply(3, &set(None, Some(1), None)).unwrap();
-        assert_eq!(s.tasks["t"].share, Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8 }));
+        assert_eq!(
+            s.tasks["t"].share,
+            Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8, ..Default::default() })
+        );
         // A minimum above the maximum, or a weight out of range, changes nothing.
         assert!(s.apply(4, &set(None, Some(9), None)).is_err());
         assert!(s.apply(5, &set(Some(f64::NAN), None, None)).is_err());
         assert!(s.apply(6, &set(Some(-1.0), None, None)).is_err());
-        assert_eq!(s.tasks["t"].share, Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8 }));
+        assert_eq!(
+            s.tasks["t"].share,
+            Some(TaskShare { weight: Some(2.5), min_cores: 1, max_cores: 8, ..Default::default() })
+        );
         // The share survives a snapshot.
         assert_eq!(ClusterState::from_snapshot(s.to_snapshot()).tasks["t"].share, s.tasks["t"].share);
     }

@@ -12,6 +12,8 @@
 //! The workers of all tasks are then placed at once, largest first (see [`place`]). Cores that
 //! are free in total may still be split over nodes; a task whose worker finds no node with room
 //! is planned again with workers no larger than the largest free node, and a note says so.
+//! A task that would get no worker for want of memory takes it from the least recently used
+//! task that may be unloaded (`min_workers` 0, no request for a round).
 
 use std::collections::HashMap;
 
@@ -194,11 +196,38 @@ fn place_all(
         let name = tasks[i].name().to_string();
         let budget = choices[i].cores();
         let fewer = budget.saturating_sub(e.needs.cores);
-        match smaller_workers(&e, limits[i]).filter(|_| tasks[i].fixed.is_none()) {
-            Some((limit, what)) => {
+        let shrunk = smaller_workers(&e, limits[i])
+            .filter(|_| tasks[i].fixed.is_none())
+            .map(|(limit, what)| (limit, what, within_or_nothing(&mut tasks[i], budget, limit)));
+        // A task that would go without a worker for want of memory takes it from the least
+        // recently used task that may be unloaded (itself, when that is the one).
+        let goes_without = match &shrunk {
+            Some((_, _, choice)) => choice.workers.is_empty(),
+            None => tasks[i].fixed.is_some() || fewer == 0,
+        };
+        // Only one whose unloading can make the room: its largest worker freed beside the
+        // most memory a node has free.
+        let most_free = e.free.iter().map(|f| f.memory_bytes).max().unwrap_or(0);
+        let frees = |j: usize| choices[j].workers.iter().map(|w| w.memory_bytes).max().unwrap_or(0);
+        let lru = (0..tasks.len())
+            .filter(|&j| !choices[j].workers.is_empty() && tasks[j].evictable())
+            .filter(|&j| j == i || frees(j).saturating_add(most_free) >= e.needs.memory_bytes)
+            .max_by(|&a, &b| tasks[a].task.idle_s.total_cmp(&tasks[b].task.idle_s));
+        if let Some(j) = lru.filter(|_| goes_without && e.short_of_memory()) {
+            said[j].push(format!(
+                "{}: unloaded to free memory for {} (the least recently used: {})",
+                tasks[j].name(),
+                if i == j { "the others".to_string() } else { name },
+                super::idle_for(tasks[j].task.idle_s)
+            ));
+            choices[j].workers.clear();
+            continue;
+        }
+        match shrunk {
+            Some((limit, what, choice)) => {
                 limits[i] = limit;
                 said[i].push(format!("{name}: planned again with workers of at most {what}: {e}"));
-                choices[i] = within_or_nothing(&mut tasks[i], budget, limit);
+                choices[i] = choice;
             }
             // Workers no smaller fit, but fewer of them may (replicas that fill the memory).
             None if tasks[i].fixed.is_none() && fewer > 0 => {

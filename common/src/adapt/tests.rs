@@ -78,6 +78,7 @@ impl World {
                 load_s: self.load_s.map(|s| [("small", s), ("big", s)].into()).unwrap_or_default(),
                 sizes: BTreeMap::new(),
                 served: BTreeMap::new(),
+                idle_s: 0.0,
             }],
             nodes: self
                 .nodes
@@ -342,6 +343,7 @@ fn planned_cores(spec: &TaskSpec, points: &[ProfilePoint], mix: SizeMix) -> (u32
             load_s: BTreeMap::new(),
             sizes: BTreeMap::from([("t", mix)]),
             served: BTreeMap::new(),
+            idle_s: 0.0,
         }],
         nodes: vec![NodeInput { name: "n1", address: "127.0.0.1:1", cores: 8, memory_bytes: 0 }],
         current: None,

@@ -234,22 +234,39 @@ pub fn simulate_tasks(tasks: &[SimTask], cfg: &SimConfig) -> SimReport {
             arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
         for &(a, task) in &arrivals {
+            sim.release_cold(a);
             sim.run_events_until(a);
             sim.arrive(task, a, second);
         }
+        sim.release_cold(t0 + 1.0);
         sim.run_events_until(t0 + 1.0);
         sim.current.arrivals += arrivals.len() as u64;
         sim.account_cores(t0 + 1.0);
-        if sim.planner.surge(t0 + 1.0, &sim.history).is_some() {
+        // Requests wait for a task without a worker: its agent reports at once, and the
+        // controller plans it (at the second's end here: the report and the round's wait).
+        if std::mem::take(&mut sim.woken) {
+            sim.replan(t0 + 1.0);
+        } else if sim.planner.surge(t0 + 1.0, &sim.history).is_some() {
             sim.surges += 1;
             sim.replan(t0 + 1.0);
         }
     }
-    // Let queued work finish (it is still counted), with no new arrivals.
+    // Let queued work finish (it is still counted), with no new arrivals; requests still
+    // waiting for a worker go unanswered.
+    sim.release_cold(f64::INFINITY);
     sim.run_events_until(f64::INFINITY);
     sim.close_interval(seconds);
     let policy = cfg.adapt.policy.to_string();
     sim.report(policy, seconds)
+}
+
+/// How long a request for a task without a worker waits for one: the agent's default
+/// (`--cold-start-wait-s`).
+pub const COLD_START_WAIT_S: f64 = 30.0;
+
+/// Seconds since the last second with an arrival (all of them when none had one).
+fn idle_seconds(arrivals: &[f64]) -> f64 {
+    arrivals.iter().rev().take_while(|&&a| a <= 0.0).count() as f64
 }
 
 /// The model file the simulator's task names for a variant; what its running workers report,
@@ -344,6 +361,7 @@ impl SimPlanner {
                     .get(i)
                     .map(|by_variant| by_variant.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect())
                     .unwrap_or_default(),
+                idle_s: idle_seconds(arrivals.get(i).copied().unwrap_or_default()),
             })
             .collect();
         let input = RoundInput {
@@ -518,6 +536,12 @@ struct Sim<'a> {
     overloaded: u32,
     failed: u32,
     surges: u32,
+    /// Per task, requests waiting for a worker of a task the plan gave none (unloaded while
+    /// idle), as they wait at an agent; `woken`: one started waiting this second.
+    cold: Vec<Vec<Request>>,
+    woken: bool,
+    /// Per task, whether it may go without a worker (`TaskShare.min_workers` 0).
+    unloads: Vec<bool>,
     current: IntervalStats,
     interval_acc: f64,
     interval_cores: f64,
@@ -575,6 +599,7 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+        let unloads = planner.specs.iter().map(|spec| crate::task::unloads_after_s(spec).is_some()).collect();
         Self {
             grids,
             by_output,
@@ -602,6 +627,9 @@ impl<'a> Sim<'a> {
             overloaded: 0,
             failed: 0,
             surges: 0,
+            cold: tasks.iter().map(|_| Vec::new()).collect(),
+            woken: false,
+            unloads,
             current: empty_interval(0),
             interval_acc: 0.0,
             interval_cores: 0.0,
@@ -697,10 +725,18 @@ impl<'a> Sim<'a> {
         self.current.violations += 1;
     }
 
-    /// Queues a request at a worker of its stage, or drops it when the stage has none.
+    /// Queues a request at a worker of its stage, or drops it when the stage has none; a
+    /// request of a task the plan gives no worker waits for one, as at an agent.
     fn send(&mut self, r: Request, t: f64) {
         let Some(picked) = self.route(r.task, r.stage, t) else {
-            self.drop_request(r.task);
+            // Of a task that may go without a worker, it waits for one to serve (one loading
+            // included); the controller is told when the task has none at all.
+            if r.stage == 0 && self.unloads[r.task] {
+                self.woken |= !self.has_worker(r.task, t);
+                self.cold[r.task].push(r);
+            } else {
+                self.drop_request(r.task);
+            }
             return;
         };
         let w = if self.by_slack { self.bend_by_slack(&r, picked, t) } else { picked };
@@ -709,6 +745,44 @@ impl<'a> Sim<'a> {
             return;
         }
         self.start(w, t);
+    }
+
+    /// Whether the plan gives `task` a worker (serving or loading, not retiring) for its first
+    /// stage.
+    fn has_worker(&self, task: usize, t: f64) -> bool {
+        self.workers.iter().any(|w| self.task_of[w.variant] == task && self.stage_of[w.variant] == 0 && t < w.retire_at)
+    }
+
+    /// Sends on the requests that waited for a worker of their task once one serves, at the
+    /// time it does (up to `t`), their budget counted from then, as the agent does; drops
+    /// those that waited longer than an agent lets them ([`COLD_START_WAIT_S`]).
+    fn release_cold(&mut self, t: f64) {
+        // In time order across tasks: events are run up to each release.
+        let mut due: Vec<(f64, Request)> = Vec::new();
+        for task in 0..self.cold.len() {
+            if self.cold[task].is_empty() {
+                continue;
+            }
+            let serving =
+                |w: &&SimWorker| self.task_of[w.variant] == task && self.stage_of[w.variant] == 0 && w.serving(t);
+            let ready = self.workers.iter().filter(serving).map(|w| w.ready_at).fold(f64::INFINITY, f64::min);
+            for r in std::mem::take(&mut self.cold[task]) {
+                let at = ready.max(r.arrival);
+                if at.min(t) - r.arrival > COLD_START_WAIT_S {
+                    self.drop_request(task);
+                } else if at <= t {
+                    due.push((at, r));
+                } else {
+                    self.cold[task].push(r);
+                }
+            }
+        }
+        due.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (at, r) in due {
+            self.run_events_until(at);
+            let waited = at - r.arrival;
+            self.send(Request { enqueued: at, deadline: r.deadline + waited, ..r }, at);
+        }
     }
 
     /// The worker `r` goes to when the plan routes by slack: the pick, or when the pick would

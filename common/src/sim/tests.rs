@@ -1,4 +1,5 @@
 use super::*;
+use tidal_proto::v1::TaskShare;
 
 fn variant(name: &str, accuracy: f64, per_core: f64) -> SimVariant {
     // Batch 1 and 4 on 1..=8 cores: a batch of 4 is 1.5× as efficient per request.
@@ -339,4 +340,36 @@ fn a_slower_machine_is_learned_from_the_batches_served_and_planned_for() {
 
     let as_profiled = run(&rates, "tidal", &SimConfig { slowdown: 1.0, ..cfg.clone() });
     assert!(as_profiled.profile_factors.is_empty(), "{:?}", as_profiled.profile_factors);
+}
+
+/// Load on demand, simulated as the agent and the controller do it: a task that may go
+/// without a worker is unloaded once idle for its idle time, and the requests that come
+/// afterwards wait while it is planned again and loads (5 s here), then are served.
+#[test]
+fn an_idle_task_is_unloaded_and_served_again_after_a_cold_start() {
+    let mut rates = vec![5.0; 30];
+    rates.extend(vec![0.0; 60]);
+    rates.extend(vec![5.0; 30]);
+    let task = |name: &str, share: Option<TaskShare>| SimTask {
+        name: name.into(),
+        stages: vec![SimStage::new(name, variants())],
+        slo_ms: 500.0,
+        rates: rates.clone(),
+        warmup: vec![5.0; 30],
+        share,
+    };
+    let unloads = TaskShare { min_workers: Some(0), idle_s: 20, ..Default::default() };
+    let cfg = SimConfig { adapt: AdaptConfig { interval_s: 5.0, ..cfg().adapt }, ..cfg() };
+    let kept = simulate_tasks(&[task("kept", None)], &cfg);
+    let unloaded = simulate_tasks(&[task("sleepy", Some(unloads))], &cfg);
+    let (k, u) = (&kept.tasks[0], &unloaded.tasks[0]);
+    // Unloaded for about 40 of the 60 idle seconds: fewer core-seconds.
+    assert!(u.core_seconds < k.core_seconds - 20.0, "{u:?} against {k:?}");
+    // Those that waited for the load (about 6 s: the round at the second's end, 5 s to load)
+    // have their budget from when the worker serves, as at an agent; they reach it together,
+    // and what one new worker cannot serve within the budget is dropped: no more than came
+    // while it loaded.
+    assert!(u.dropped <= 6 * 5 + 10, "{u:?}");
+    assert!(u.served >= u.requests * 9 / 10, "{u:?}");
+    assert_eq!(k.dropped, 0, "{k:?}");
 }

@@ -20,6 +20,8 @@ struct Cluster {
     nodes: Vec<(String, u32)>,
     /// Per node, the memory it declares (0: none).
     memory: Vec<u64>,
+    /// Per task, seconds since its last request.
+    idle: Vec<f64>,
     small: Vec<ProfilePoint>,
     big: Vec<ProfilePoint>,
 }
@@ -43,6 +45,7 @@ impl Cluster {
                 .collect(),
             nodes: nodes.iter().enumerate().map(|(i, &c)| (format!("n{}", i + 1), c)).collect(),
             memory: vec![0; nodes.len()],
+            idle: vec![0.0; rates.len()],
             small: points(100.0, max),
             big: points(20.0, max),
         }
@@ -57,7 +60,15 @@ impl Cluster {
     }
 
     fn share(mut self, task: usize, weight: f64, min_cores: u32, max_cores: u32) -> Self {
-        self.tasks[task].0.share = Some(TaskShare { weight: Some(weight), min_cores, max_cores });
+        self.tasks[task].0.share = Some(TaskShare { weight: Some(weight), min_cores, max_cores, ..Default::default() });
+        self
+    }
+
+    /// Task `task` may be unloaded after `idle_s` without a request (`min_workers` 0), and had
+    /// none for `since_s`.
+    fn unloads(mut self, task: usize, idle_s: u32, since_s: f64) -> Self {
+        self.tasks[task].0.share = Some(TaskShare { min_workers: Some(0), idle_s, ..Default::default() });
+        self.idle[task] = since_s;
         self
     }
 
@@ -66,7 +77,8 @@ impl Cluster {
             tasks: self
                 .tasks
                 .iter()
-                .map(|(spec, arrivals)| {
+                .zip(&self.idle)
+                .map(|((spec, arrivals), &idle_s)| {
                     let mut profiles = BTreeMap::new();
                     for v in &spec.stages[0].variants {
                         let points = if v.name.ends_with("small") { &self.small } else { &self.big };
@@ -81,6 +93,7 @@ impl Cluster {
                         load_s: BTreeMap::new(),
                         sizes: BTreeMap::new(),
                         served: BTreeMap::new(),
+                        idle_s,
                     }
                 })
                 .collect(),
@@ -151,6 +164,66 @@ fn memory_binds_before_cores_and_the_plan_keeps_within_every_node_s() {
     let serving = |t: &'static str| plan.assignments.iter().filter(move |a| a.task == t && a.weight > 0.0);
     let accurate = |t: &'static str| serving(t).all(|a| a.variant.as_ref().unwrap().name.ends_with("big"));
     assert!(["a", "b", "c"].into_iter().all(accurate), "{:?}", plan.assignments);
+}
+
+#[test]
+fn a_task_that_may_go_without_a_worker_is_unloaded_once_idle_for_its_idle_time() {
+    let workers = |plan: &Plan, task: &str| plan.assignments.iter().filter(|a| a.task == task).count();
+    // No request for 61 s, of an idle time of 60: unloaded; the others keep theirs.
+    let c = Cluster::new(&[0.0, 0.0, 5.0], &[8]).unloads(0, 60, 61.0);
+    let plan = round(&c, ShareRule::Weighted);
+    assert_eq!(workers(&plan, "a"), 0, "{:?}", plan.assignments);
+    assert!(plan.notes.iter().any(|n| n.starts_with("a: unloaded: no request for 61 s")), "{:?}", plan.notes);
+    assert!(workers(&plan, "b") >= 1 && workers(&plan, "c") >= 1, "{:?}", plan.assignments);
+    // Within its idle time it keeps a worker, as a task that keeps one (the default) always does.
+    let plan = round(&Cluster::new(&[0.0, 0.0, 5.0], &[8]).unloads(0, 60, 59.0), ShareRule::Weighted);
+    assert!(workers(&plan, "a") >= 1, "{:?}", plan.notes);
+    let mut c = Cluster::new(&[0.0, 0.0, 5.0], &[8]);
+    c.idle[1] = 1e6;
+    assert!(workers(&round(&c, ShareRule::Weighted), "b") >= 1);
+    // Asked for again (a request waits: idle 0): planned at once, without a forecast of load.
+    let plan = round(&Cluster::new(&[0.0, 0.0, 5.0], &[8]).unloads(0, 60, 0.0), ShareRule::Weighted);
+    assert!(workers(&plan, "a") >= 1, "{:?}", plan.notes);
+}
+
+#[test]
+fn short_of_memory_the_least_recently_used_idle_task_is_unloaded_first() {
+    const GIB: u64 = 1 << 30;
+    // Four quiet tasks on one node of 8 cores and 3 GiB: a worker takes 1.25 GiB planned (1
+    // GiB measured; the accurate variant's 3 GiB, 3.75 planned, fits nowhere), so two fit.
+    // `a` and `b` keep a worker whatever; `c` and `d` may be unloaded and are idle, `d` for
+    // longest. Unloaded only for a task that would otherwise go without.
+    let c = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8])
+        .memory(3 * GIB, GIB, 3 * GIB)
+        .unloads(2, 600, 100.0)
+        .unloads(3, 600, 500.0);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    let workers = |task: &str| plan.assignments.iter().filter(|a| a.task == task && a.weight > 0.0).count();
+    assert_eq!([workers("a"), workers("b"), workers("c"), workers("d")], [1, 1, 0, 0], "{:?}", plan.notes);
+    assert!(
+        plan.notes.iter().any(|n| n.starts_with("d: unloaded to free memory") && n.contains("no request for 500 s")),
+        "{:?}",
+        plan.notes
+    );
+    // Room for three (4 GiB; the accurate variant's 5 fits nowhere): only the least recently
+    // used goes.
+    let c = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8])
+        .memory(4 * GIB, GIB, 5 * GIB)
+        .unloads(2, 600, 100.0)
+        .unloads(3, 600, 500.0);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    let workers = |task: &str| plan.assignments.iter().filter(|a| a.task == task && a.weight > 0.0).count();
+    assert_eq!([workers("a"), workers("b"), workers("c"), workers("d")], [1, 1, 1, 0], "{:?}", plan.notes);
+    // A task asked for within the last round is not idle: it is never unloaded for memory.
+    let c = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8])
+        .memory(3 * GIB, GIB, 3 * GIB)
+        .unloads(2, 600, 1.0)
+        .unloads(3, 600, 2.0);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    assert!(!plan.notes.iter().any(|n| n.contains("unloaded")), "{:?}", plan.notes);
 }
 
 #[test]
