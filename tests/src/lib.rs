@@ -343,6 +343,13 @@ pub async fn wait_reporting(ctl: &ControllerClient<Channel>, node: &str, what: &
     .await;
 }
 
+/// The cluster's status from the controller at `addr`, as the tests' admin (`None` while it
+/// does not answer).
+pub async fn cluster_status(addr: &str) -> Option<tidal_proto::v1::ClusterStatus> {
+    let request = tidal_proto::v1::ClusterStatusRequest {};
+    Some(controller_client(addr).await.status(request).await.ok()?.into_inner())
+}
+
 /// The `p` quantile (0..=1) of `values` by nearest rank, sorting them; NaN when empty.
 pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));

@@ -9,14 +9,8 @@
 use std::time::{Duration, Instant};
 
 use tidal_common::variant::VariantConfig;
-use tidal_proto::v1::{
-    ClusterStatus, ClusterStatusRequest, InferRequest, RegisterTaskRequest, StoreProfileRequest, TaskShare,
-};
+use tidal_proto::v1::{ClusterStatus, InferRequest, RegisterTaskRequest, StoreProfileRequest, TaskShare};
 use tidal_tests::*;
-
-async fn status(addr: &str) -> Option<ClusterStatus> {
-    Some(controller_client(addr).await.status(ClusterStatusRequest {}).await.ok()?.into_inner())
-}
 
 /// How many workers of `task` the agents report, and how many of them are ready.
 fn workers_of(st: &ClusterStatus, task: &str) -> (usize, usize) {
@@ -50,7 +44,7 @@ async fn an_idle_task_is_unloaded_and_its_next_request_waits_while_it_loads() {
     }
     // Never asked for, it is not loaded; its first request loads it.
     let st = eventually(Duration::from_secs(30), "the other task served", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         (workers_of(&st, "awake").1 == 1).then_some(st)
     })
     .await;
@@ -63,14 +57,14 @@ async fn an_idle_task_is_unloaded_and_its_next_request_waits_while_it_loads() {
     println!("its first request answered in {:.2} s", asked.elapsed().as_secs_f64());
     let last_request = Instant::now();
     eventually(Duration::from_secs(5), "its worker in the status", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         (workers_of(&st, "sleepy") == (1, 1)).then_some(())
     })
     .await;
 
     // Unloaded once idle for its idle time; the other keeps its worker.
     let st = eventually(Duration::from_secs(30), "the idle task unloaded", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         (workers_of(&st, "sleepy").0 == 0).then_some(st)
     })
     .await;
@@ -95,7 +89,7 @@ async fn an_idle_task_is_unloaded_and_its_next_request_waits_while_it_loads() {
     println!("the next answered in {:.3} s", warm.as_secs_f64());
     assert!(warm < cold_start, "{warm:?} warm against {cold_start:?} cold");
     eventually(Duration::from_secs(5), "its worker in the status", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         (workers_of(&st, "sleepy") == (1, 1)).then_some(())
     })
     .await;

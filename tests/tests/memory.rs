@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use tidal_common::variant::VariantConfig;
 use tidal_proto::v1::{
-    ClusterStatus, ClusterStatusRequest, InferRequest, Plan, PlanHistoryRequest, RegisterTaskRequest,
-    StoreProfileRequest, VariantProfile,
+    InferRequest, Plan, PlanHistoryRequest, RegisterTaskRequest, StoreProfileRequest, VariantProfile,
 };
 use tidal_tests::*;
 
@@ -57,10 +56,6 @@ fn memory_limit(cpu_dir: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
-async fn status(addr: &str) -> Option<ClusterStatus> {
-    Some(controller_client(addr).await.status(ClusterStatusRequest {}).await.ok()?.into_inner())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node_s_memory() {
     let work = tempfile::tempdir().unwrap();
@@ -80,7 +75,7 @@ async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node
         ctl.register_task(RegisterTaskRequest { task: Some(spec), ..Default::default() }).await.unwrap();
     }
     let unprofiled = eventually(Duration::from_secs(30), "both tasks served unprofiled", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         let workers: Vec<_> =
             st.nodes.iter().flat_map(|n| n.workers.iter().map(|w| (n.node.clone(), w.clone()))).collect();
         (workers.iter().filter(|(_, w)| w.ready).count() == 2).then_some(workers)
@@ -93,7 +88,7 @@ async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node
         ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
     }
     let planned = eventually(Duration::from_secs(30), "both tasks planned with their memory", || async {
-        let plan = status(&ctl_addr).await?.plan?;
+        let plan = cluster_status(&ctl_addr).await?.plan?;
         let has = |t: &str| plan.assignments.iter().any(|a| a.task == t && a.memory_bytes > 0);
         (has("left") && has("right")).then_some(plan)
     })
@@ -108,7 +103,7 @@ async fn tasks_whose_memory_exceeds_a_node_are_spread_and_no_plan_exceeds_a_node
     // Each worker's cgroup is limited from its plan (twice it: room for a second session while
     // a resize rebuilds its threads), and the status says what each node gives.
     let st = eventually(Duration::from_secs(60), "both workers ready", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         let ready = st.nodes.iter().flat_map(|n| &n.workers).filter(|w| w.ready && w.memory_bytes > 0).count();
         (ready == 2).then_some(st)
     })
@@ -174,7 +169,7 @@ async fn a_worker_over_its_memory_limit_is_reported_oom_killed_and_planned_large
     ctl.store_profile(StoreProfileRequest { profile }).await.unwrap();
 
     let first = eventually(Duration::from_secs(30), "the worker planned and started", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         st.nodes.into_iter().flat_map(|n| n.workers).find(|w| w.task == "tight")
     })
     .await;
@@ -183,7 +178,7 @@ async fn a_worker_over_its_memory_limit_is_reported_oom_killed_and_planned_large
         return;
     }
     let killed = eventually(Duration::from_secs(60), "an OOM kill in the status", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         st.nodes.into_iter().flat_map(|n| n.workers).find(|w| w.task == "tight" && w.oom_kills > 0)
     })
     .await;
@@ -197,11 +192,11 @@ async fn a_worker_over_its_memory_limit_is_reported_oom_killed_and_planned_large
     // The controller doubles the variant's memory profile (through the log) until its worker
     // fits and serves.
     let ready = eventually(Duration::from_secs(120), "the worker ready within a raised profile", || async {
-        let st = status(&ctl_addr).await?;
+        let st = cluster_status(&ctl_addr).await?;
         st.nodes.into_iter().flat_map(|n| n.workers).find(|w| w.task == "tight" && w.ready)
     })
     .await;
-    let st = status(&ctl_addr).await.unwrap();
+    let st = cluster_status(&ctl_addr).await.unwrap();
     let stored = st.tasks.iter().find(|t| t.spec.as_ref().unwrap().name == "tight").unwrap();
     let resident = stored.profiles.iter().flat_map(|p| &p.points).map(|p| p.resident_bytes).max().unwrap();
     println!("ready at {} MiB planned; stored profile now {} MiB resident", ready.memory_bytes >> 20, resident >> 20);
