@@ -64,7 +64,7 @@ test:
 test-ansible: setup
 	scripts/test-deps.sh
 	$(CARGO) build --release --workspace --all-targets
-	$(CARGO) test --release -p tidal-tests --test ansible -- --include-ignored --nocapture
+	$(CARGO) test --release -p tidal-tests --test process -- ansible:: --include-ignored --nocapture
 
 bench: build
 	$(CARGO) run --release -p tidal-agent --example resize_latency

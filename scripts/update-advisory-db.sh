@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refreshes data/advisory-db.tar.gz from the RustSec advisory database (needs GitHub), so that
-# tests/tests/advisories.rs checks Cargo.lock against today's advisories. Commit the result.
+# tests/tests/process/advisories.rs checks Cargo.lock against today's advisories. Commit the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the virtual machine that tests/tests/vm.rs boots to run Tidal under a real systemd
+# Builds the virtual machine that tests/tests/process/vm.rs boots to run Tidal under a real systemd
 # with cgroup v2 (these development machines keep the cpu controller on cgroup v1):
 #   .tidal/vm/rootfs      Debian bookworm (debootstrap, minbase) with systemd as PID 1
 #   .tidal/vm/vmlinuz     Debian's linux-image-amd64 kernel, and its initramfs (virtio, ext4)

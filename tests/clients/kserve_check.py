@@ -4,7 +4,7 @@ documentation shows, and prints what each call got as one JSON object on stdout:
 Python SDK's REST client (HTTP/1.1, then HTTP/2) and gRPC client, httpx and requests over
 HTTP/1.1, and gRPC's own health and reflection clients. Every check is recorded as
 {"ok": true, ...} or {"ok": false, "error": "..."}; the Rust test that runs it
-(tests/tests/security.rs) asserts on them, so a client that fails shows its own error."""
+(tests/tests/process/security.rs) asserts on them, so a client that fails shows its own error."""
 
 import argparse
 import asyncio

@@ -3,7 +3,7 @@
 Python client, over gRPC and over HTTP (binary tensor data and JSON), as a Triton user sends
 text: a numpy array of Python strings or bytes, dtype object, datatype "BYTES". Checks each
 answer's label against the one the Rust test computed with ONNX Runtime and the same tokenizer
-(tests/tests/text_pipelines.rs). Prints one JSON object: for each protocol and case, "ok" or
+(tests/tests/process/text_pipelines.rs). Prints one JSON object: for each protocol and case, "ok" or
 what differed."""
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Calls a Tidal agent with Triton's own Python client (tritonclient.grpc, or tritonclient.http
 for V2's REST form), as a Triton user would, and prints what it got as one JSON object on
-stdout. The Rust test that runs it (tests/tests/v2_protocol.rs) checks the answers against
+stdout. The Rust test that runs it (tests/tests/process/v2_protocol.rs) checks the answers against
 Tidal's own API. Over HTTP, one sample travels as binary tensor data and three as JSON. Then
 the paths users take beyond a plain call: compressed requests and answers (gzip, deflate), the
 classification extension (`class_count`), the asynchronous call, and over gRPC the

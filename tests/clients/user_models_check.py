@@ -4,7 +4,7 @@ with Triton's own Python client, over gRPC and over HTTP (binary tensor data and
 Triton user would, and checks every answer against ONNX Runtime's Python API run in this process
 on the same input (one intra-op thread): FP32 within 1e-5 relative, every other type exactly.
 Prints one JSON object: for each protocol and case, "ok" or what differed. The Rust test that
-runs it (tests/tests/user_models.rs) asserts that every case is "ok"."""
+runs it (tests/tests/process/user_models.rs) asserts that every case is "ok"."""
 
 import argparse
 import json

@@ -1,4 +1,4 @@
-//! Runs inside the systemd VM that `tests/tests/vm.rs` boots (not on the host): checks the
+//! Runs inside the systemd VM that `tests/tests/process/vm.rs` boots (not on the host): checks the
 //! agent under its shipped unit on a real kernel with cgroup v2 and systemd as PID 1.
 //!
 //! Started by `tidal-vm-check.service` after `tidal-agent.service` is up; prints

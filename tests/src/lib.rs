@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tidal_proto::v1::agent_client::AgentClient;
@@ -41,6 +42,40 @@ pub fn ort_lib() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/lib/libonnxruntime.so"));
     assert!(path.is_file(), "ONNX Runtime library {} is missing: run `make setup`", path.display());
     path
+}
+
+/// The file whose tests run now, and how many of them.
+static TURN: Mutex<(Option<&'static str>, usize)> = Mutex::new((None, 0));
+static TURN_ENDED: Condvar = Condvar::new();
+
+/// A test's turn on the machine, held for its whole run: tests of one file (`module`, given as
+/// `module_path!()`) run beside each other, as many as cargo's test threads, but never beside
+/// another file's. Their timing assertions allow for a sibling from their own file, which is
+/// how they were written, not for any test at all (a VM booting beside a cold-start
+/// measurement on two cores). Tests start in name order, so a file's tests come together and
+/// the wait is for the file before to finish.
+pub fn file_turn(module: &'static str) -> FileTurn {
+    let mut turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    while turn.0.is_some_and(|now| now != module) {
+        turn = TURN_ENDED.wait(turn).unwrap_or_else(PoisonError::into_inner);
+    }
+    *turn = (Some(module), turn.1 + 1);
+    FileTurn
+}
+
+/// Ends its test's turn when dropped (also when the test panics).
+#[must_use = "the turn ends when this is dropped"]
+pub struct FileTurn;
+
+impl Drop for FileTurn {
+    fn drop(&mut self) {
+        let mut turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+        turn.1 -= 1;
+        if turn.1 == 0 {
+            turn.0 = None;
+            TURN_ENDED.notify_all();
+        }
+    }
 }
 
 /// A loopback port nothing listens on, for tests of an address that refuses connections and
@@ -659,4 +694,29 @@ pub fn v2_raw_outputs(r: tidal_proto::inference::ModelInferResponse) -> Vec<tida
             data,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::file_turn;
+
+    #[test]
+    fn a_files_tests_share_their_turn_and_another_file_waits_for_all_of_them() {
+        let first = file_turn("a");
+        let second = file_turn("a"); // same file: does not wait
+        let (started, other_file) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _turn = file_turn("b");
+            started.send(()).unwrap();
+        });
+        assert!(other_file.recv_timeout(Duration::from_millis(200)).is_err(), "b ran beside a");
+        drop(first);
+        assert!(other_file.recv_timeout(Duration::from_millis(200)).is_err(), "b ran beside a's second test");
+        drop(second);
+        other_file.recv_timeout(Duration::from_secs(5)).expect("b's turn after a's tests ended");
+        waiter.join().unwrap();
+    }
 }
