@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod connector;
 pub mod control;
 pub mod error;
+pub mod fetch;
 pub mod fronts;
 pub mod generation;
 pub mod link;

@@ -80,9 +80,19 @@ struct ServeArgs {
     /// when one fails. Without any, the agent only serves plans pushed to it.
     #[arg(long, env = "TIDAL_CONTROLLER", value_delimiter = ',')]
     controller: Vec<String>,
-    /// Directory holding the variants' ONNX files.
+    /// Directory holding the variants' ONNX files. A file it lacks is fetched from the
+    /// controllers (those started with --model-dir) into --model-cache, when its task was
+    /// registered with the file's SHA-256 (tidalctl records it).
     #[arg(long, env = "TIDAL_MODEL_DIR", default_value = "models")]
     model_dir: PathBuf,
+    /// Where model files fetched from the controllers are kept, each checked against the
+    /// SHA-256 recorded at registration (default: .fetched in --model-dir).
+    #[arg(long, env = "TIDAL_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+    /// Most bytes of fetched model files kept (20G, 512M…): beyond it the least recently used
+    /// go, never one the plan needs; a file that cannot fit is not fetched.
+    #[arg(long, env = "TIDAL_MODEL_CACHE_BYTES", default_value = "20G", value_parser = tidal_common::memory::parse_size)]
+    model_cache_bytes: u64,
     /// The ONNX Runtime shared library (libonnxruntime.so) that workers load.
     #[arg(long, env = "TIDAL_ORT_LIB")]
     ort_lib: PathBuf,
@@ -223,9 +233,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.max_inflight_bytes,
         args.max_request_bytes
     );
+    // The cache is made now, so that a directory given but unusable stops the agent here;
+    // the default one, inside the model directory, may be read-only (then nothing is fetched).
+    let model_cache = match &args.model_cache {
+        // Fetched from the controllers: none to fetch from.
+        _ if args.controller.is_empty() => None,
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating --model-cache {}", dir.display()))?;
+            Some((dir.clone(), args.model_cache_bytes))
+        }
+        None => {
+            let dir = args.model_dir.join(".fetched");
+            match std::fs::create_dir_all(&dir) {
+                Ok(()) => Some((dir, args.model_cache_bytes)),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "no model cache (give --model-cache): files missing from --model-dir are not fetched");
+                    None
+                }
+            }
+        }
+    };
     let cfg = AgentConfig {
         node: args.node.clone(),
         model_dir: args.model_dir.clone(),
+        model_cache,
+        controllers: args.controller.clone(),
         millicores: cores * 1000,
         memory_bytes,
         memory_total_bytes,

@@ -14,6 +14,7 @@ use tidal_proto::v1::{TaskSpec, WorkerTelemetry};
 use tracing::{info, warn};
 
 use crate::cgroup::{CpuCgroups, CpuStats};
+use crate::fetch::{Fetcher, ModelCache};
 use crate::metrics::AgentMetrics;
 use crate::model_stats::ModelStats;
 use crate::models::ModelDir;
@@ -27,6 +28,11 @@ use crate::worker::{ProcessConfig, Spawner, Worker};
 pub struct AgentConfig {
     pub node: String,
     pub model_dir: PathBuf,
+    /// Where files fetched from the controllers are kept, and the most bytes kept (none:
+    /// nothing is fetched).
+    pub model_cache: Option<(PathBuf, u64)>,
+    /// The controller replicas, which send the model files the node lacks.
+    pub controllers: Vec<String>,
     /// CPU this node offers to workers, in millicores.
     pub millicores: u32,
     /// Memory this node offers to workers, bytes (0: not declared), and the machine's.
@@ -90,7 +96,21 @@ impl Node {
         inference_token: Option<tidal_auth::Token>,
     ) -> Arc<Self> {
         let inflight = crate::admission::InflightBytes::new(cfg.max_inflight_bytes, metrics.inflight_bytes.clone());
-        let models = ModelDir::new(cfg.model_dir.clone());
+        // Files are fetched only with controllers to fetch them from.
+        let cache = match &cfg.model_cache {
+            Some((dir, max_bytes)) if !cfg.controllers.is_empty() => match ModelCache::open(dir.clone(), *max_bytes) {
+                Ok(cache) => Some(Arc::new(cache)),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "the model cache cannot be used: model files are not fetched");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let fetcher = cache
+            .clone()
+            .map(|cache| Arc::new(Fetcher { controllers: cfg.controllers.clone(), security: security.clone(), cache }));
+        let models = ModelDir::new(cfg.model_dir.clone(), cache);
         let router = Arc::new(Router::default());
         let known = Arc::new(KnownGroup::default());
         let revoked: Arc<tidal_auth::RevocationList> = Arc::default();
@@ -98,6 +118,7 @@ impl Node {
             node: cfg.node.clone(),
             capacity: Capacity { millicores: cfg.millicores, memory_bytes: cfg.memory_bytes },
             models: models.clone(),
+            fetcher,
             queue_capacity: cfg.queue_capacity,
             drain: cfg.drain,
             max_request_bytes: cfg.max_request_bytes,

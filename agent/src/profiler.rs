@@ -57,10 +57,22 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
         )));
     }
     tidal_common::variant::validate_variant(variant).map_err(Status::invalid_argument)?;
-    let model = node.cfg.model_dir.join(&variant.model_file);
-    if let Some(Err(why)) = node.models.check_all(vec![variant.clone()]).await.remove(&variant.name) {
-        return Err(if model.is_file() { Status::invalid_argument(why) } else { Status::not_found(why) });
-    }
+    // The model directory's file, or the one fetched from the controllers for a plan (the
+    // profiler fetches nothing itself).
+    let model = match node.models.locate_all(vec![variant.clone()]).await.remove(&variant.name) {
+        Some(Ok(path)) => path,
+        Some(Err(crate::models::Unusable::Fetch(why))) => {
+            return Err(Status::not_found(format!("{why}: profile it once a plan has fetched it, or copy it here")))
+        }
+        Some(Err(crate::models::Unusable::Refused(why))) => {
+            return Err(if node.cfg.model_dir.join(&variant.model_file).is_file() {
+                Status::invalid_argument(why)
+            } else {
+                Status::not_found(why)
+            })
+        }
+        None => return Err(Status::internal("the model file could not be checked")),
+    };
     let _slot = ONE_AT_A_TIME.try_acquire().map_err(|_| {
         Status::resource_exhausted("a profile is being measured on this node; one at a time (retry when it ends)")
     })?;

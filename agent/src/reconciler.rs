@@ -15,7 +15,8 @@
 //! when the load timeout passes. Retired workers drain in tasks the reconciler owns and
 //! awaits at shutdown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +36,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::cgroup::{CgroupError, WorkerCgroup};
-use crate::models::ModelDir;
+use crate::fetch::Fetcher;
+use crate::models::{ModelDir, Unusable};
 use crate::router::{Remote, Router, StageKey};
 use crate::worker::{BatchSettings, EventSink, Spawner, Worker, WorkerEvent, WorkerSpec};
 
@@ -52,6 +54,10 @@ pub const MAX_TERM_STEP: u64 = 64;
 /// wait for their answer; a worker sends at most two events per process start. A full queue
 /// makes its senders wait, never drops an input.
 pub const INPUT_QUEUE: usize = 64;
+/// How long after a failed model fetch the plan's missing files are fetched again, doubling
+/// after each failure in a row up to the most.
+const REFETCH_AFTER: Duration = Duration::from_secs(2);
+const REFETCH_AFTER_MOST: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -126,6 +132,9 @@ pub struct Parts {
     /// CPU and memory this node offers to workers.
     pub capacity: Capacity,
     pub models: Arc<ModelDir>,
+    /// Fetches model files the node lacks from the controllers (none: every file must be in
+    /// the model directory).
+    pub fetcher: Option<Arc<Fetcher>>,
     pub queue_capacity: usize,
     /// How long a retired worker may take to serve what it has queued.
     pub drain: Duration,
@@ -181,6 +190,10 @@ impl Reconciler {
             remotes: HashMap::new(),
             next_worker: 1,
             draining: JoinSet::new(),
+            fetching: JoinSet::new(),
+            fetches: HashMap::new(),
+            refetch_at: None,
+            refetch_after: REFETCH_AFTER,
             view: view_tx,
         };
         let task = tokio::spawn(owner.run(rx));
@@ -257,6 +270,13 @@ struct Owner {
     next_worker: u64,
     /// Retired workers draining their queues.
     draining: JoinSet<()>,
+    /// Model files being fetched (each file's digest by its task), at most one per digest.
+    fetching: JoinSet<Result<PathBuf, String>>,
+    fetches: HashMap<tokio::task::Id, String>,
+    /// When the plan's missing model files are fetched again after a failure, and the wait
+    /// after the next failure.
+    refetch_at: Option<Instant>,
+    refetch_after: Duration,
     view: watch::Sender<Arc<View>>,
 }
 
@@ -283,6 +303,11 @@ impl Owner {
                 },
                 _ = tokio::time::sleep_until(wake), if due.is_some() => self.release(),
                 Some(_) = self.draining.join_next(), if !self.draining.is_empty() => {}
+                Some(done) = self.fetching.join_next_with_id(), if !self.fetching.is_empty() => self.on_fetched(done).await,
+                _ = tokio::time::sleep_until(self.refetch_at.unwrap_or(wake)), if self.refetch_at.is_some() => {
+                    self.refetch_at = None;
+                    self.apply_again().await;
+                }
             }
         }
         // Every handle is gone: stop what runs.
@@ -297,6 +322,76 @@ impl Owner {
         }
         self.release();
         self.publish();
+    }
+
+    /// A model fetch ended: the applied plan is applied again (it starts the workers it
+    /// held for the file), or, after a failure, the plan's missing files are fetched again
+    /// a while later.
+    async fn on_fetched(&mut self, done: Result<(tokio::task::Id, Result<PathBuf, String>), tokio::task::JoinError>) {
+        let (id, outcome) = match done {
+            Ok((id, outcome)) => (id, outcome),
+            Err(e) => (e.id(), Err(format!("the fetch ended abnormally: {e}"))),
+        };
+        let digest = self.fetches.remove(&id).unwrap_or_default();
+        match outcome {
+            Ok(path) => {
+                debug!(%digest, path = %path.display(), "model file fetched");
+                self.refetch_after = REFETCH_AFTER;
+                self.apply_again().await;
+            }
+            Err(why) => {
+                warn!(%digest, after = ?self.refetch_after, "no controller sent the model file whole and right ({why}); fetching it again later");
+                let at = Instant::now() + self.refetch_after;
+                self.refetch_at = Some(self.refetch_at.map_or(at, |t| t.min(at)));
+                self.refetch_after = (self.refetch_after * 2).min(REFETCH_AFTER_MOST);
+            }
+        }
+    }
+
+    /// Applies the applied plan again (after a model file arrived, or to fetch again).
+    async fn apply_again(&mut self) {
+        let Some(plan) = self.applied.clone() else { return };
+        match self.apply(Incoming::Plan(plan)).await {
+            Ok(applied) if applied.held.is_empty() => {
+                info!(epoch = applied.epoch, "plan applied whole, its model files fetched")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "applying the plan again after a model fetch failed"),
+        }
+    }
+
+    /// Starts a fetch of each model file the plan's new workers need and the node lacks,
+    /// unless one is under way.
+    fn fetch_missing(&mut self, desired: &[DesiredWorker], located: &HashMap<String, Result<PathBuf, Unusable>>) {
+        let Some(fetcher) = self.p.fetcher.clone() else { return };
+        // What the plan and the running workers use stays in the cache.
+        let keep: HashSet<String> = desired
+            .iter()
+            .map(|d| &d.variant)
+            .chain(self.workers.values().map(|w| &w.spec.variant))
+            .map(|v| v.model_sha256.clone())
+            .filter(|d| !d.is_empty())
+            .collect();
+        // The files are kept by digest: variants of one digest (the same model under other
+        // names) are one fetch, which may take it under any of their names.
+        let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for d in desired {
+            if let Some(Err(Unusable::Fetch(_))) = located.get(&d.variant.name) {
+                let names = wanted.entry(d.variant.model_sha256.clone()).or_default();
+                if !names.contains(&d.variant.model_file) {
+                    names.push(d.variant.model_file.clone());
+                }
+            }
+        }
+        for (digest, files) in wanted {
+            if self.fetches.values().any(|f| *f == digest) {
+                continue;
+            }
+            let (fetcher, keep, sha) = (fetcher.clone(), keep.clone(), digest.clone());
+            info!(model_files = ?files, %digest, "fetching a model file from the controllers");
+            let task = self.fetching.spawn(async move { fetcher.fetch(&files, &sha, &keep).await });
+            self.fetches.insert(task.id(), digest);
+        }
     }
 
     fn applied_at(&self) -> (u64, u64) {
@@ -340,10 +435,16 @@ impl Owner {
         // plan that resizes or rebatches running workers touches no file.
         let to_load: Vec<tidal_proto::v1::VariantSpec> = desired
             .iter()
-            .filter(|d| self.workers.get(&d.key).is_none_or(|w| w.spec.variant.model_file != d.variant.model_file))
+            .filter(|d| {
+                self.workers.get(&d.key).is_none_or(|w| {
+                    (&w.spec.variant.model_file, &w.spec.variant.model_sha256)
+                        != (&d.variant.model_file, &d.variant.model_sha256)
+                })
+            })
             .map(|d| d.variant.clone())
             .collect();
-        let models = if to_load.is_empty() { HashMap::new() } else { self.p.models.check_all(to_load).await };
+        let models = if to_load.is_empty() { HashMap::new() } else { self.p.models.locate_all(to_load).await };
+        self.fetch_missing(&desired, &models);
         if desired.is_empty() && !self.workers.is_empty() {
             warn!(
                 epoch = plan.epoch,
@@ -358,11 +459,15 @@ impl Owner {
             .map(|(key, w)| RunningWorker {
                 key: key.clone(),
                 model_file: w.spec.variant.model_file.clone(),
+                model_sha256: w.spec.variant.model_sha256.clone(),
                 shape: shape_of(w),
             })
             .collect();
         let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
-        let staged = stage(&desired, &running, transition, |v| models.get(&v.name).cloned().unwrap_or(Ok(())));
+        let staged = stage(&desired, &running, transition, |v| match models.get(&v.name) {
+            Some(Err(why)) => Err(why.to_string()),
+            _ => Ok(()),
+        });
         if !staged.actions.is_empty() {
             info!(epoch = plan.epoch, actions = staged.actions.len(), ?transition, "applying plan");
         }
@@ -383,7 +488,8 @@ impl Owner {
                 ios.insert(key, (Arc::new(io), served.text.clone()));
             }
         }
-        execute(&mut NodeExecutor { owner: self, epoch: plan.epoch, ios }, staged.actions)?;
+        let paths = models.into_iter().filter_map(|(name, at)| Some((name, at.ok()?))).collect();
+        execute(&mut NodeExecutor { owner: self, epoch: plan.epoch, ios, paths }, staged.actions)?;
         self.update_routes(&plan, &staged.held);
         self.p.plan_epoch.set(plan.epoch as i64);
         let epoch = plan.epoch;
@@ -573,6 +679,7 @@ impl Owner {
         let all: Vec<Arc<Worker>> = self.workers.drain().map(|(_, w)| w).chain(self.retiring.drain(..)).collect();
         futures::future::join_all(all.iter().map(|w| w.shutdown(Duration::from_secs(2)))).await;
         while self.draining.join_next().await.is_some() {}
+        self.fetching.shutdown().await;
         self.publish();
     }
 }
@@ -594,6 +701,8 @@ struct NodeExecutor<'a> {
     /// Each variant's model tensors and the text around its model, by stage and variant (a
     /// stage's variants may differ in them).
     ios: HashMap<(StageKey, String), (Arc<StageIo>, Option<tidal_proto::v1::TextIo>)>,
+    /// Where each variant to start has its model file (the model directory or the cache).
+    paths: HashMap<String, PathBuf>,
 }
 
 impl NodeExecutor<'_> {
@@ -629,7 +738,13 @@ impl Executor for NodeExecutor<'_> {
             task: d.key.task.clone(),
             stage: d.key.stage.clone(),
             replica: d.key.replica,
-            model_path: self.owner.p.models.path().join(&d.variant.model_file),
+            model_path: self.paths.get(&d.variant.name).cloned().unwrap_or_else(|| {
+                // Restarted with the file it runs (its shape changed, not its model).
+                self.owner.workers.get(&d.key).map_or_else(
+                    || self.owner.p.models.path().join(&d.variant.model_file),
+                    |w| w.spec.model_path.clone(),
+                )
+            }),
             text: stage_text.map(|spec| {
                 let tokenizer = (!d.variant.tokenizer_file.is_empty()).then(|| models.join(&d.variant.tokenizer_file));
                 let text = tidal_common::text::StageText::load(&spec, tokenizer.as_deref());

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use tidal_common::onnx_signature::Signature;
 use tidal_common::triton_repo::{model_dirs, read_model, to_task, ImportOptions, Imported};
 use tidal_proto::v1::{RegisterTaskRequest, TensorSignature};
 
@@ -70,9 +71,17 @@ pub async fn run(controller: &str, opts: Import<'_>) -> anyhow::Result<()> {
 
 fn import_one(repository: &Path, dir: &Path, name: &str, opts: &Import) -> Result<Imported, String> {
     let model = read_model(dir)?;
-    let signature = crate::models::signature_of(&repository.join(&model.model_file)).map_err(|e| format!("{e:#}"))?;
+    let path = repository.join(&model.model_file);
+    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let signature = Signature::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let sample_shape = opts.sample_shapes.iter().find(|(m, _)| m == name).map(|(_, s)| s.as_slice());
-    to_task(&model, &signature, &ImportOptions { slo_ms: opts.slo_ms, sample_shape })
+    let mut imported = to_task(&model, &signature, &ImportOptions { slo_ms: opts.slo_ms, sample_shape })?;
+    // Recorded so that an agent without the repository can fetch the file and check it.
+    let digest = tidal_common::digest::sha256_hex(&bytes);
+    for v in imported.task.stages.iter_mut().flat_map(|s| s.variants.iter_mut()) {
+        v.model_sha256 = digest.clone();
+    }
+    Ok(imported)
 }
 
 fn print_model(model: &Imported) {

@@ -146,14 +146,19 @@ pub fn print_signatures(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives each stage of `task` the signature its variants' files in `model_dir` declare, or
-/// refuses the task if a stage's variants do not take and give the same tensors. A variant
+/// Gives each stage of `task` the signature its variants' files in `model_dir` declare (and
+/// each variant its file's SHA-256), or refuses the task if a stage's variants do not take and give the same tensors. A variant
 /// with tensors of its own (`VariantSpec.io`, a task file's group) gets its own.
 pub fn read_signatures(task: &mut TaskSpec, model_dir: &Path) -> anyhow::Result<()> {
     for stage in &mut task.stages {
         let mut signatures = Vec::new();
         for v in &mut stage.variants {
-            let signature = signature_of(&model_dir.join(&v.model_file))?
+            let path = model_dir.join(&v.model_file);
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            // Recorded so that an agent without the file can fetch it and check what it got.
+            v.model_sha256 = tidal_common::digest::sha256_hex(&bytes);
+            let signature = Signature::read(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
                 .renamed(&v.tensor_names)
                 .map_err(|e| anyhow::anyhow!("variant {}: {e}", v.name))?;
             match &mut v.io {

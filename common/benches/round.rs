@@ -52,6 +52,7 @@ impl Cluster {
                         tensor_names: Default::default(),
                         tokenizer_file: String::new(),
                         io: None,
+                        model_sha256: String::new(),
                     })
                     .collect();
                 tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

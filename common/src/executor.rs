@@ -137,6 +137,7 @@ mod tests {
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
                 io: None,
+                model_sha256: String::new(),
             },
             shape: WorkerShape { millicores, max_batch: 1, max_delay_ms: 0, memory_bytes: 0 },
             weight: 1.0,
@@ -144,7 +145,12 @@ mod tests {
     }
 
     fn running(d: &DesiredWorker) -> RunningWorker {
-        RunningWorker { key: d.key.clone(), model_file: d.variant.model_file.clone(), shape: d.shape }
+        RunningWorker {
+            key: d.key.clone(),
+            model_file: d.variant.model_file.clone(),
+            model_sha256: d.variant.model_sha256.clone(),
+            shape: d.shape,
+        }
     }
 
     /// Records what it is asked to do; refuses to prepare the variants in `fail`. Workers it

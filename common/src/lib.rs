@@ -3,12 +3,14 @@
 //! The models (latency, solver, forecasters, placement, the executor contract, the simulator,
 //! the model generators, which build bytes and write nothing) are pure and deterministic — no
 //! clocks, threads or I/O — so that the live system, the simulator and the tests call the very
-//! same functions. Three modules read files, and only at their edges: the task file
-//! ([`task_file`]), a model directory's variants and profiles ([`variant`]) and the
-//! signature of a model file ([`onnx_signature::check_file`]). The daemons' shared edges (logging, the metrics
+//! same functions. Four modules read files, and only at their edges: the task file
+//! ([`task_file`]), a model directory's variants and profiles ([`variant`]), the
+//! signature of a model file ([`onnx_signature::check_file`]) and its digest
+//! ([`digest::sha256_file`]). The daemons' shared edges (logging, the metrics
 //! endpoint) live in `tidal-daemon`.
 
 pub mod adapt;
+pub mod digest;
 pub mod executor;
 pub mod forecast;
 pub mod generation;

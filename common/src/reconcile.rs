@@ -70,6 +70,9 @@ pub struct DesiredWorker {
 pub struct RunningWorker {
     pub key: WorkerKey,
     pub model_file: String,
+    /// Its file's digest as registered (empty: not recorded): the same name with another
+    /// digest is another model.
+    pub model_sha256: String,
     pub shape: WorkerShape,
 }
 
@@ -151,7 +154,8 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
             continue;
         };
         let reshaped = d.shape.reshaped(&r.shape);
-        if d.variant.model_file != r.model_file || (reshaped && transition == Transition::BlueGreen) {
+        let other_model = d.variant.model_file != r.model_file || d.variant.model_sha256 != r.model_sha256;
+        if other_model || (reshaped && transition == Transition::BlueGreen) {
             starts.push(Action::Replace(d.clone()));
             continue;
         }
@@ -203,6 +207,7 @@ mod tests {
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
                 io: None,
+                model_sha256: String::new(),
             },
             shape: WorkerShape { millicores, max_batch: batch, max_delay_ms: 5, memory_bytes: 0 },
             weight: 1.0,
@@ -210,7 +215,12 @@ mod tests {
     }
 
     fn running(d: &DesiredWorker) -> RunningWorker {
-        RunningWorker { key: d.key.clone(), model_file: d.variant.model_file.clone(), shape: d.shape }
+        RunningWorker {
+            key: d.key.clone(),
+            model_file: d.variant.model_file.clone(),
+            model_sha256: d.variant.model_sha256.clone(),
+            shape: d.shape,
+        }
     }
 
     #[test]
@@ -243,6 +253,11 @@ mod tests {
     fn a_new_model_file_replaces_the_worker() {
         let mut r = running(&desired("a", 1000, 4));
         r.model_file = "a-v1.onnx".into();
+        let actions = diff(&[desired("a", 1000, 4)], &[r], Transition::InPlace);
+        assert_eq!(actions, vec![Action::Replace(desired("a", 1000, 4))]);
+        // The same name, another file (its digest as registered).
+        let mut r = running(&desired("a", 1000, 4));
+        r.model_sha256 = "0".repeat(64);
         let actions = diff(&[desired("a", 1000, 4)], &[r], Transition::InPlace);
         assert_eq!(actions, vec![Action::Replace(desired("a", 1000, 4))]);
     }

@@ -411,6 +411,7 @@ pub fn to_task(model: &RepositoryModel, signature: &Signature, opts: &ImportOpti
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     crate::variant::validate_variant(&variant)?;
     let mut task = crate::task::single_stage(&model.name, opts.slo_ms, vec![variant]);

@@ -84,6 +84,12 @@ pub fn validate_variant(v: &VariantSpec) -> Result<(), String> {
             v.name, v.model_file
         ));
     }
+    if !v.model_sha256.is_empty() && !crate::digest::is_sha256_hex(&v.model_sha256) {
+        return Err(format!(
+            "variant {}: model_sha256 {:?} is not a SHA-256 (64 lowercase hex digits)",
+            v.name, v.model_sha256
+        ));
+    }
     if !v.tokenizer_file.is_empty() && !inside(&v.tokenizer_file) {
         return Err(format!(
             "variant {}: tokenizer file {:?} must be a relative path inside the model directory",
@@ -145,6 +151,7 @@ impl VariantConfig {
             tensor_names: self.names.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             tokenizer_file: self.tokenizer_file.clone(),
             io: None,
+            model_sha256: String::new(),
         }
     }
 }

@@ -52,6 +52,7 @@ fn variant() -> impl Strategy<Value = VariantSpec> {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     })
 }
 
@@ -83,6 +84,7 @@ fn two_stages() -> TaskSpec {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     let stage =
         |name: &str, variants| StageSpec { name: name.into(), variants, connector: 0, crops: 0, ..Default::default() };

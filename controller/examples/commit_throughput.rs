@@ -21,6 +21,7 @@ fn plan(epoch: u64, term: u64) -> Command {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     let assignments = (0..16)
         .map(|i| Assignment {

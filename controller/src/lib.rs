@@ -13,6 +13,7 @@ pub mod controller;
 pub mod local;
 pub mod logging;
 pub mod metrics;
+pub mod model_store;
 pub mod observed;
 pub mod peer_service;
 pub mod planner;

@@ -46,6 +46,12 @@ struct Args {
     /// Directory of the sled store (Raft log, hard state); created if missing.
     #[arg(long, env = "TIDAL_DATA_DIR", default_value = "tidal-controller-data")]
     data_dir: PathBuf,
+    /// Directory of model files this replica sends to agents whose own model directory lacks
+    /// a variant's file (laid out as theirs: the variant's `model_file` relative to it). The
+    /// agent checks each file against the SHA-256 recorded at registration. Without it,
+    /// agents must hold every file they are planned.
+    #[arg(long, env = "TIDAL_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
     /// Seconds between adaptation rounds.
     #[arg(long, env = "TIDAL_INTERVAL_S", default_value_t = AdaptConfig::default().interval_s)]
     interval_s: f64,
@@ -215,8 +221,10 @@ async fn main() -> anyhow::Result<()> {
         HEALTH_EVERY,
         health_statuses(raft_handle.clone()),
     )));
+    let models =
+        args.model_dir.clone().map(|dir| std::sync::Arc::new(tidal_controller::model_store::ModelStore::new(dir)));
     let api_server = bounded(security.server_builder(ClientAuth::Required)?, args.max_streams)
-        .add_service(ControllerServer::new(ControllerService { ctl, guard }));
+        .add_service(ControllerServer::new(ControllerService { ctl, guard, models }));
     let api_services = [<ControllerServer<ControllerService> as tonic::server::NamedService>::NAME];
     let api_server =
         tidal_daemon::grpc_std::add_standard(api_server, &health, &api_services, &[tidal_proto::TIDAL_DESCRIPTOR_SET])?

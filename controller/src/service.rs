@@ -10,11 +10,11 @@ use tidal_proto::not_leader;
 use tidal_proto::v1::controller_server::Controller as ControllerApi;
 use tidal_proto::v1::{
     command::Change, ClusterStatus, ClusterStatusRequest, Command, DeleteTaskRequest, DeleteTaskResponse,
-    DrainNodeRequest, DrainNodeResponse, NodeStatus, PlanHistory, PlanHistoryRequest, RegisterNodeRequest,
-    RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, RemoveNodeRequest, RemoveNodeResponse,
-    RollbackTaskRequest, RollbackTaskResponse, SetShareRequest, SetShareResponse, SetSloRequest, SetSloResponse,
-    StartRolloutRequest, StartRolloutResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus, TelemetryAck,
-    TelemetryReport,
+    DrainNodeRequest, DrainNodeResponse, FetchModelRequest, NodeStatus, PlanHistory, PlanHistoryRequest,
+    RegisterNodeRequest, RegisterNodeResponse, RegisterTaskRequest, RegisterTaskResponse, RemoveNodeRequest,
+    RemoveNodeResponse, RollbackTaskRequest, RollbackTaskResponse, SetShareRequest, SetShareResponse, SetSloRequest,
+    SetSloResponse, StartRolloutRequest, StartRolloutResponse, StoreProfileRequest, StoreProfileResponse, TaskStatus,
+    TelemetryAck, TelemetryReport,
 };
 use tidal_proto::v1::{
     AddReplicaRequest, ListReplicasRequest, ListRevokedRequest, MembershipResponse, RemoveReplicaRequest, Replica,
@@ -25,6 +25,7 @@ use tracing::info;
 
 use crate::consensus::{MembershipChange, ProposeError};
 use crate::controller::Controller;
+use crate::model_store::{ChunkStream, ModelStore};
 
 /// How long `add_replica` waits for a learner to catch up before promoting it.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
@@ -38,6 +39,8 @@ const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct ControllerService {
     pub ctl: Arc<Controller>,
     pub guard: Guard,
+    /// The model files this replica sends to agents (`--model-dir`), if it has any.
+    pub models: Option<Arc<ModelStore>>,
 }
 
 impl ControllerService {
@@ -584,6 +587,35 @@ impl ControllerApi for ControllerService {
         self.commit(Change::RevokeCertificate(c.clone())).await?;
         info!(target: "audit", serial = %c.serial, identity = %c.identity, by = ?admin, "certificate revoked");
         Ok(Response::new(self.revoked()))
+    }
+
+    type FetchModelStream = ChunkStream;
+
+    /// Served by any replica, from its own copy, to agents: only a file that a kept version
+    /// of a task names with that digest (this replica's state may lag a registration by a
+    /// moment: the agent then asks another).
+    async fn fetch_model(
+        &self,
+        request: Request<FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let by = self.guard.require(&request, "FetchModel", |r| matches!(r, Role::Agent(_)))?;
+        let FetchModelRequest { model_file, sha256 } = request.into_inner();
+        let Some(store) = &self.models else {
+            return Err(Status::not_found("this replica keeps no model files (it runs without --model-dir)"));
+        };
+        let registered = self.ctl.raft.read(|s| {
+            s.tasks.values().chain(s.earlier.values().flat_map(|kept| kept.values())).any(|task| {
+                tidal_common::task::variants(task).any(|(_, v)| v.model_file == model_file && v.model_sha256 == sha256)
+            })
+        });
+        if !registered {
+            return Err(Status::not_found(format!(
+                "no task kept here has a variant of model file {model_file:?} with SHA-256 {sha256:?}"
+            )));
+        }
+        let stream = store.send(&model_file).await?;
+        info!(by = %who(&by), %model_file, "sending a model file");
+        Ok(Response::new(stream))
     }
 
     /// Served by any replica, after a read index.

@@ -15,6 +15,7 @@ fn register(name: &str) -> Command {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(name, 100, vec![variant]))) }
 }

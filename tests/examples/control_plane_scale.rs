@@ -95,6 +95,7 @@ fn task_spec(t: usize) -> tidal_proto::v1::TaskSpec {
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
             io: None,
+            model_sha256: String::new(),
         })
         .collect();
     tidal_common::task::single_stage(&format!("task-{t}"), 500, variants)

@@ -196,6 +196,7 @@ fn variant(name: &str) -> VariantSpec {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     }
 }
 
@@ -246,7 +247,8 @@ impl Harness {
         let reconciler = Reconciler::start(Parts {
             node: NODE.into(),
             capacity: 8000.into(),
-            models: ModelDir::new(models.path().into()),
+            models: ModelDir::new(models.path().into(), None),
+            fetcher: None,
             queue_capacity: 16,
             drain: Duration::from_millis(200),
             max_request_bytes: 1 << 20,

@@ -10,6 +10,7 @@ pub(super) fn variant(name: &str, accuracy: f64) -> VariantSpec {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     }
 }
 

@@ -69,6 +69,7 @@ mod tests {
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
                 io: None,
+                model_sha256: String::new(),
             }),
             node: node.into(),
             millicores: 1000,

@@ -314,6 +314,7 @@ mod tests {
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
                 io: None,
+                model_sha256: String::new(),
             }),
             node: format!("n{node}"),
             millicores,

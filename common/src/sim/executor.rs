@@ -40,6 +40,7 @@ pub(super) fn apply_plan<'s>(
         .map(|w| RunningWorker {
             key: w.key.clone(),
             model_file: model_file(w.variant),
+            model_sha256: String::new(),
             shape: WorkerShape {
                 millicores: w.cores() * 1000,
                 max_batch: w.batch,

@@ -407,6 +407,7 @@ fn task_spec(name: &str, stages: &[SimStage], slo_ms: f64, share: Option<tidal_p
                         tensor_names: Default::default(),
                         tokenizer_file: String::new(),
                         io: None,
+                        model_sha256: String::new(),
                     })
                     .collect();
                 let mut stage = crate::task::stage(&s.name, variants);

@@ -187,6 +187,7 @@ fn sim_plan(workers: &[(&str, &str, u32)]) -> Plan {
                 tensor_names: Default::default(),
                 tokenizer_file: String::new(),
                 io: None,
+                model_sha256: String::new(),
             }),
             millicores: cores * 1000,
             max_batch: 1,

@@ -170,6 +170,7 @@ fn write(key: &str) -> Command {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     Command { change: Some(Change::RegisterTask(tidal_common::task::single_stage(key, 100, vec![variant]))) }
 }

@@ -30,6 +30,7 @@ fn task(slo_ms: u32) -> TaskSpec {
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
             io: None,
+            model_sha256: String::new(),
         }],
         stages: vec![],
         ..Default::default()

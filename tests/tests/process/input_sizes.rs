@@ -95,6 +95,7 @@ async fn the_plan_follows_the_input_sizes_requests_come_in() {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     let stage = StageSpec {
         name: "detect".into(),

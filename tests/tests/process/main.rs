@@ -18,6 +18,7 @@ mod ha;
 mod idle;
 mod input_sizes;
 mod memory;
+mod model_fetch;
 mod nlp_pipeline;
 mod observability;
 mod pipeline;

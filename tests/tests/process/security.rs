@@ -321,6 +321,10 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
         Code::PermissionDenied
     );
     as_reader.status(ClusterStatusRequest {}).await.expect("a reader reads");
+    // Model files go to agents only.
+    let fetch = tidal_proto::v1::FetchModelRequest { model_file: r18.model_file.clone(), sha256: String::new() };
+    assert_eq!(code(as_reader.fetch_model(fetch.clone()).await), Code::PermissionDenied, "a reader takes no model");
+    assert_eq!(code(ctl.fetch_model(fetch).await), Code::PermissionDenied, "nor does an admin");
     let huge = StoreProfileRequest { profile: Some(profile(1_000_000_000)) };
     assert_eq!(code(ctl.store_profile(huge).await), Code::InvalidArgument, "cores are bounded");
     let bad_name = RegisterTaskRequest { task: Some(task_of("../etc")), ..Default::default() };
@@ -375,6 +379,7 @@ print(json.dumps({"status": r.status, "body": json.loads(r.read()), "alpn": c.so
             tensor_names: Default::default(),
             tokenizer_file: String::new(),
             io: None,
+            model_sha256: String::new(),
         }),
         cores: vec![1],
         batches: vec![1],

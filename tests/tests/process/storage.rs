@@ -21,6 +21,7 @@ fn task(name: &str) -> TaskSpec {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     };
     tidal_common::task::single_stage(name, 500, vec![variant])
 }

@@ -37,6 +37,7 @@ fn variant(name: &str, input_shape: &[i64]) -> VariantSpec {
         tensor_names: Default::default(),
         tokenizer_file: String::new(),
         io: None,
+        model_sha256: String::new(),
     }
 }
 
