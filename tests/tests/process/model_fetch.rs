@@ -73,13 +73,19 @@ async fn an_agent_without_the_files_serves_from_fetched_ones_and_refuses_a_corru
     assert_eq!(answer.variant, "resnet18");
 
     // The corrupt copy is refused: no worker, nothing kept; the agent says why and retries.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.proc.log.clone();
+    eventually(Duration::from_secs(30), "the corrupt download refused", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("corrupt: the bytes received have SHA-256").then_some(())
+        }
+    })
+    .await;
     let st = cluster_status(&ctl_addr).await.unwrap();
     assert_eq!(ready_workers(&st, "corrupt"), 0, "served from a file that is not the registered one");
     let refused = client.infer(request("corrupt")).await.expect_err("no worker");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let log = std::fs::read_to_string(&agent.proc.log).unwrap();
-    assert!(log.contains("corrupt: the bytes received have SHA-256"), "the agent says why");
     let kept: Vec<_> = std::fs::read_dir(empty.join(".fetched")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(kept.len(), 1, "only the good file is kept: {kept:?}");
     let other_digest = tidal_common::digest::sha256_hex(&other);
