@@ -42,10 +42,6 @@ impl ModelCache {
         Ok(Self { dir, max_bytes })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Where the file of digest `sha256` is kept.
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.onnx"))

@@ -4,7 +4,7 @@
 //! The replica does not check the digest itself: the agent checks what it received, and
 //! refuses a copy that differs (and then asks another replica).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -30,10 +30,6 @@ pub struct ModelStore {
 impl ModelStore {
     pub fn new(dir: PathBuf) -> Self {
         Self { dir, sending: Arc::new(Semaphore::new(MAX_SENDING)) }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// `model_file` (relative, as a variant names it) as a stream of chunks, the first with
