@@ -26,6 +26,7 @@ use tracing::info;
 use crate::consensus::{MembershipChange, ProposeError};
 use crate::controller::Controller;
 use crate::model_store::{ChunkStream, ModelStore};
+use crate::transport::AddressBook;
 
 /// How long `add_replica` waits for a learner to catch up before promoting it.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
@@ -44,17 +45,8 @@ pub struct ControllerService {
 }
 
 impl ControllerService {
-    /// The status a consensus error maps to; a refusal for not leading names the leader.
     fn refusal(&self, e: ProposeError) -> Status {
-        match e {
-            ProposeError::NotLeader(leader) => not_leader(leader.and_then(|id| self.ctl.raft.peers.get(id)).as_deref()),
-            ProposeError::Stopped | ProposeError::Timeout(_) | ProposeError::Busy => Status::unavailable(e.to_string()),
-            ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
-            ProposeError::Raft(_) => Status::internal(e.to_string()),
-            // Not UNAVAILABLE, which says "nothing was done, send it again": a client that
-            // retried this could apply the command twice.
-            ProposeError::OutcomeUnknown(_) => Status::unknown(format!("{e}; read the state before sending it again")),
-        }
+        refusal(&self.ctl.raft.peers, e)
     }
 
     /// Calls that act on the cluster (writes, telemetry, live status) are served by the
@@ -693,5 +685,35 @@ pub(crate) fn describe(change: &Change) -> String {
         Change::DrainNode(d) => format!("{} node {}", if d.undrain { "undrain" } else { "drain" }, d.node),
         Change::RemoveNode(r) => format!("remove node {} (keep certificate: {})", r.node, r.keep_certificate),
         Change::RevokeCertificate(c) => format!("revoke {} ({})", c.serial, c.identity),
+    }
+}
+
+/// The status a consensus error maps to; a refusal for not leading names the leader's API
+/// address (the address book holds `API/PEER`, and clients follow the API address only).
+fn refusal(peers: &AddressBook, e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader(leader) => not_leader(leader.and_then(|id| peers.api(id)).as_deref()),
+        ProposeError::Stopped | ProposeError::Timeout(_) | ProposeError::Busy => Status::unavailable(e.to_string()),
+        ProposeError::Rejected(_) => Status::failed_precondition(e.to_string()),
+        ProposeError::Raft(_) => Status::internal(e.to_string()),
+        // Not UNAVAILABLE, which says "nothing was done, send it again": a client that
+        // retried this could apply the command twice.
+        ProposeError::OutcomeUnknown(_) => Status::unknown(format!("{e}; read the state before sending it again")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_not_leading_names_the_leaders_api_address() {
+        let peers = AddressBook::new([(2, "127.0.0.1:7001/127.0.0.1:7101".to_string())]);
+        let named = refusal(&peers, ProposeError::NotLeader(Some(2)));
+        assert_eq!(named.code(), tonic::Code::Unavailable);
+        assert_eq!(tidal_proto::leader_hint(&named).as_deref(), Some("127.0.0.1:7001"));
+        let unknown = refusal(&peers, ProposeError::NotLeader(Some(3)));
+        assert_eq!(tidal_proto::leader_hint(&unknown), None);
+        assert_eq!(tidal_proto::leader_hint(&refusal(&peers, ProposeError::NotLeader(None))), None);
     }
 }

@@ -37,7 +37,17 @@ async fn followers_refuse_writes_naming_the_leader_and_read_what_it_committed() 
         refusal = follower.propose(register("x")).await;
     }
     assert_eq!(refusal, Err(ProposeError::NotLeader(Some(leader_id))));
-    assert!(follower.leader_address().is_some(), "the follower knows where the leader is");
+    // The status (and so the leader's address) is published at the end of the driver's step
+    // that answered the refusal: it may lag the answer by that step.
+    let mut address = follower.leader_address();
+    for _ in 0..50 {
+        if address.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        address = follower.leader_address();
+    }
+    assert_eq!(address, leader.peers.api(leader_id), "the follower knows where the leader serves");
 
     for i in 0..20 {
         leader.propose(register(&format!("t{i}"))).await.expect("the leader commits");
