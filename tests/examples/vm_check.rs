@@ -208,7 +208,38 @@ async fn check() -> anyhow::Result<()> {
     say("load.served", served.load(Ordering::Relaxed));
     ensure!(served.load(Ordering::Relaxed) > 0, "no request was served");
 
-    // 5. The quota write itself, through cgroups-rs, in this kernel.
+    // 5. Memory: a worker planned 8 MiB is limited to twice that (memory.max, in its own
+    //    cgroup) and killed by the kernel's OOM killer as it loads its model; the agent counts
+    //    the kill in what it reports (the controller raises the profile from that).
+    const PLANNED: u64 = 8 << 20;
+    let mut tight = plan_for(2 + TOGGLES as u64, "vm", "tight", 60_000, &[(&r18, 1000, 1)]);
+    tight.assignments[0].memory_bytes = PLANNED;
+    control
+        .apply_plan(ApplyPlanRequest { plan: Some(tight), ..Default::default() })
+        .await
+        .context("applying the plan of 8 MiB")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let killed = loop {
+        let workers = status(&mut control).await?;
+        if let Some(w) = workers.iter().find(|w| w.task == "tight" && w.oom_kills > 0) {
+            break w.clone();
+        }
+        ensure!(Instant::now() < deadline, "no OOM kill of the worker planned 8 MiB within 300 s: {workers:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    say("oom.kills", format!("{} (restarts {})", killed.oom_kills, killed.restarts));
+    ensure!(killed.memory_bytes == PLANNED, "the worker reports {} bytes planned", killed.memory_bytes);
+    let limit = Path::new(&killed.cgroup).join("memory.max");
+    match std::fs::read_to_string(&limit) {
+        Ok(max) => {
+            say("oom.memory.max", max.trim());
+            ensure!(max.trim() == (2 * PLANNED).to_string(), "memory.max is {max:?}, not twice the plan");
+        }
+        // Between a kill and the restart, the worker's cgroup may be gone.
+        Err(e) => say("oom.memory.max", format!("not read ({e})")),
+    }
+
+    // 6. The quota write itself, through cgroups-rs, in this kernel.
     // In a unit of its own with a delegated cgroup, as the agent has; bounded in time.
     let out = Command::new("timeout")
         .args(["120", "systemd-run", "--wait", "--pipe", "--quiet", "-p", "Delegate=yes"])
@@ -220,7 +251,7 @@ async fn check() -> anyhow::Result<()> {
     }
     ensure!(out.status.success(), "resize_latency failed: {}", String::from_utf8_lossy(&out.stderr));
 
-    // 6. Reload keeps the process; stop is clean and leaves no cgroup behind.
+    // 7. Reload keeps the process; stop is clean and leaves no cgroup behind.
     systemctl(&["reload", UNIT])?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = unit_properties(&["ActiveState", "MainPID"])?;
@@ -235,7 +266,7 @@ async fn check() -> anyhow::Result<()> {
     ensure!(property(&stopped, "Result") == "success", "the agent did not stop cleanly");
     ensure!(!dir.exists(), "the worker's cgroup outlived the agent");
 
-    // 7. How exposed the shipped units are, by systemd's own measure.
+    // 8. How exposed the shipped units are, by systemd's own measure.
     for unit in ["tidal-agent.service", "tidal-controller.service"] {
         let out = Command::new("systemd-analyze").args(["security", unit]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);

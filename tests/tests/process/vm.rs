@@ -3,7 +3,8 @@
 //! emulation) boots Debian's kernel with systemd as PID 1 from an image built here, holding
 //! this build's binaries, the shipped `deploy/tidal-agent.service` and a model. Inside,
 //! `tidal-vm-check` (tests/examples/vm_check.rs) checks readiness, delegation, in-place
-//! resizing under load, throttling reports, reload and stop, and prints what it measured.
+//! resizing under load, throttling reports, a worker's memory limit and its OOM kill, reload
+//! and stop, and prints what it measured.
 //!
 //! Needs root, qemu and debootstrap: `scripts/vm-image.sh` installs them and builds the image
 //! (once, about 80 s). Where that cannot be done, the test says so and does not pass silently.
