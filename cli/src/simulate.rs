@@ -89,6 +89,12 @@ pub struct SimulateOpts {
     /// served, unless --no-profile-correction.
     #[arg(long, default_value_t = 1.0)]
     pub slowdown: f64,
+    /// The memory the simulated node's workers may take (24G, 512M; 0: none declared, the
+    /// node planned by its cores only, the default). A worker takes its profile's resident
+    /// peak with the planner's headroom; profiles without one take none. With --tasks, it
+    /// overrides the file's `memory`.
+    #[arg(long, value_parser = tidal_common::memory::parse_size)]
+    pub memory: Option<u64>,
     /// Write one row per policy here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -242,6 +248,7 @@ pub(crate) fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
         seed: opts.seed,
         slo_fractions,
         slowdown: opts.slowdown,
+        memory_bytes: opts.memory.unwrap_or(0),
     })
 }
 
@@ -311,6 +318,25 @@ pub(crate) fn print_table(reports: &[SimReport]) {
             r.surge_replans,
             r.overloaded_intervals,
             r.slack_reroutes,
+        );
+    }
+    // Memory and cold starts, when the node declared memory or tasks went without workers.
+    for r in reports.iter().filter(|r| r.peak_memory_bytes > 0 || r.cold_starts > 0 || r.unloads > 0) {
+        let human = tidal_common::memory::human;
+        let over = match r.seconds_over_memory {
+            0 => String::new(),
+            s => format!(", over the node's for {s} s"),
+        };
+        println!(
+            "{}: memory planned at most {}, held at most {} (mean {}){over}; {} unloads, {} cold starts \
+             ({} requests waited for a worker)",
+            r.policy,
+            human(r.peak_planned_memory_bytes),
+            human(r.peak_memory_bytes),
+            human(r.mean_memory_bytes as u64),
+            r.unloads,
+            r.cold_starts,
+            r.cold_requests,
         );
     }
     // What the planner learned of the workers' speed (--slowdown, or a profile's error).

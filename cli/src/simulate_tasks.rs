@@ -8,9 +8,12 @@
 //!
 //! ```toml
 //! cores = 4                  # optional; else --cores
+//! memory = "64G"             # optional: the node's memory for workers; else --memory (none)
 //!
 //! [[tasks]]
 //! name = "a"
+//! copies = 1                 # optional: this many tasks "a-0", "a-1", …, each its own slice
+//! offset_step = 0            # seconds between the copies' slices
 //! trace = "../data/twitter-trace-rps.txt.gz"
 //! offset = 0                 # trace seconds after --start where its slice begins
 //! scale = 0.5                # factor on its rates (default 1)
@@ -20,6 +23,7 @@
 //! profiles = "demo-profiles.json"   # or tfserving_csv = "../data/…csv" (rows at slo_ms)
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use std::time::Instant;
@@ -37,13 +41,18 @@ use crate::simulate::{compress, one_stage, saved_stages, sim_config, tfserving_v
 #[serde(deny_unknown_fields)]
 struct TasksFile {
     cores: Option<u32>,
+    memory: Option<String>,
     tasks: Vec<TaskEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TaskEntry {
     name: String,
+    #[serde(default = "one_copy")]
+    copies: u32,
+    #[serde(default)]
+    offset_step: usize,
     trace: PathBuf,
     #[serde(default)]
     offset: usize,
@@ -65,6 +74,14 @@ struct TaskEntry {
 fn one() -> f64 {
     1.0
 }
+
+fn one_copy() -> u32 {
+    1
+}
+
+/// The most tasks a file may describe (copies included): each is a slice of the trace in
+/// memory and a task of every round's problem.
+const MAX_TASKS: usize = 1000;
 
 /// How the cluster's cores are shared in one row of the comparison.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,23 +156,50 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
         bail!("{}: no [[tasks]]", path.display());
     }
     let cores = file.cores.unwrap_or(opts.cores);
-    let opts = SimulateOpts { cores, ..opts.clone() };
+    let memory = match (opts.memory, &file.memory) {
+        (Some(m), _) => Some(m),
+        (None, Some(m)) => Some(tidal_common::memory::parse_size(m).map_err(|e| anyhow::anyhow!("memory: {e}"))?),
+        (None, None) => None,
+    };
+    let opts = SimulateOpts { cores, memory, ..opts.clone() };
     crate::simulate::validate(&opts)?;
     let sharings: Vec<Sharing> = opts.policies.iter().map(|p| Sharing::parse(p)).collect::<anyhow::Result<_>>()?;
-    let tasks: Vec<SimTask> = file.tasks.iter().map(|t| task(t, &opts)).collect::<anyhow::Result<_>>()?;
+    let entries = copies(&file.tasks)?;
+    // Each trace read once, as far as its last task's slice reaches.
+    let mut traces: BTreeMap<&Path, Vec<f64>> = BTreeMap::new();
+    for t in &entries {
+        let end = opts.start.saturating_add(t.offset).saturating_add(opts.duration);
+        let read = traces.get(t.trace.as_path()).is_some_and(|r| r.len() >= end);
+        if !read {
+            let rates = crate::load::read_trace(&t.trace, 0, Some(end)).with_context(|| format!("task {}", t.name))?;
+            if rates.len() < end && traces.get(t.trace.as_path()).is_some_and(|r| r.len() == rates.len()) {
+                continue;
+            }
+            traces.insert(t.trace.as_path(), rates);
+        }
+    }
+    let tasks: Vec<SimTask> =
+        entries.iter().map(|t| task(t, &traces[t.trace.as_path()], &opts)).collect::<anyhow::Result<_>>()?;
     let cfg = sim_config(&opts)?;
+    let described: Vec<String> = file
+        .tasks
+        .iter()
+        .map(|t| {
+            let copies =
+                if t.copies > 1 { format!(" ×{} every {} s", t.copies, t.offset_step) } else { String::new() };
+            format!("{}{copies} (+{} s ×{}, SLO {} ms)", t.name, t.offset, t.scale, t.slo_ms)
+        })
+        .collect();
+    let memory =
+        memory.filter(|&m| m > 0).map_or(String::new(), |m| format!(" and {}", tidal_common::memory::human(m)));
     println!(
-        "{} tasks on {cores} cores, {} s each from second {}{}, every {} s: {}",
+        "{} tasks on {cores} cores{memory}, {} s each from second {}{}, every {} s: {}",
         tasks.len(),
         tasks.iter().map(|t| t.rates.len()).max().unwrap_or(0),
         opts.start,
         if opts.speedup > 1 { format!(", {}× faster", opts.speedup) } else { String::new() },
         opts.interval,
-        file.tasks
-            .iter()
-            .map(|t| format!("{} (+{} s ×{}, SLO {} ms)", t.name, t.offset, t.scale, t.slo_ms))
-            .collect::<Vec<_>>()
-            .join(", ")
+        described.join(", ")
     );
     let started = Instant::now();
     let reports: Vec<SimReport> = std::thread::scope(|s| -> anyhow::Result<Vec<SimReport>> {
@@ -179,8 +223,10 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
         handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a simulation thread panicked"))).collect()
     })?;
     crate::simulate::print_table(&reports);
-    println!();
-    print_tasks(&reports);
+    if tasks.len() <= 20 {
+        println!();
+        print_tasks(&reports);
+    }
     if let Some(path) = &opts.csv {
         write_csv(path, &reports)?;
         println!("wrote {}", path.display());
@@ -188,7 +234,32 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn task(t: &TaskEntry, opts: &SimulateOpts) -> anyhow::Result<SimTask> {
+/// Each entry as the tasks it stands for: its copies, named `NAME-i`, each its slice
+/// `offset_step` seconds after the last.
+fn copies(entries: &[TaskEntry]) -> anyhow::Result<Vec<TaskEntry>> {
+    let total: usize = entries.iter().map(|t| t.copies as usize).sum();
+    if total > MAX_TASKS {
+        bail!("the file describes {total} tasks; at most {MAX_TASKS}");
+    }
+    let mut out = Vec::with_capacity(total);
+    for t in entries {
+        if t.copies == 0 {
+            bail!("task {}: copies must be at least 1", t.name);
+        }
+        if t.copies == 1 {
+            out.push(t.clone());
+            continue;
+        }
+        for i in 0..t.copies as usize {
+            let offset = t.offset_step.checked_mul(i).and_then(|d| d.checked_add(t.offset));
+            let offset = offset.with_context(|| format!("task {}: offset_step × copies overflows", t.name))?;
+            out.push(TaskEntry { name: format!("{}-{i}", t.name), copies: 1, offset, ..t.clone() });
+        }
+    }
+    Ok(out)
+}
+
+fn task(t: &TaskEntry, all: &[f64], opts: &SimulateOpts) -> anyhow::Result<SimTask> {
     if !tidal_common::task::valid_name(&t.name) {
         bail!("task name {:?} must be 1–64 characters of [A-Za-z0-9-_.]", t.name);
     }
@@ -210,12 +281,10 @@ fn task(t: &TaskEntry, opts: &SimulateOpts) -> anyhow::Result<SimTask> {
         _ => bail!("task {}: give profiles = FILE or tfserving_csv = FILE (one of them)", t.name),
     };
     let start = opts.start + t.offset;
-    let all = crate::load::read_trace(&t.trace, 0, Some(start + opts.duration))
-        .with_context(|| format!("task {}", t.name))?;
     if all.len() <= start {
         bail!("task {}: the trace has {} seconds; its slice starts at {start}", t.name, all.len());
     }
-    let rates = compress(&all[start..], opts.speedup, t.scale);
+    let rates = compress(&all[start..all.len().min(start.saturating_add(opts.duration))], opts.speedup, t.scale);
     let warmup = if opts.cold_start {
         Vec::new()
     } else {
@@ -254,6 +323,11 @@ fn write_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
         "accuracy",
         "mean_cores",
         "jain_attainment",
+        "peak_planned_memory_bytes",
+        "peak_memory_bytes",
+        "seconds_over_memory",
+        "unloads",
+        "cold_starts",
     ])?;
     for r in reports {
         let rows = r
@@ -280,9 +354,55 @@ fn write_csv(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
                 format!("{accuracy:.4}"),
                 format!("{cores:.4}"),
                 format!("{:.4}", r.jain_attainment),
+                r.peak_planned_memory_bytes.to_string(),
+                r.peak_memory_bytes.to_string(),
+                r.seconds_over_memory.to_string(),
+                r.unloads.to_string(),
+                r.cold_starts.to_string(),
             ])?;
         }
     }
     w.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(text: &str) -> anyhow::Result<Vec<TaskEntry>> {
+        let file: TasksFile = toml::from_str(text)?;
+        copies(&file.tasks)
+    }
+
+    #[test]
+    fn an_entry_with_copies_stands_for_that_many_tasks_each_its_own_slice() {
+        let tasks = entries(
+            r#"
+            memory = "64G"
+            [[tasks]]
+            name = "one"
+            trace = "t"
+            slo_ms = 100
+            tfserving_csv = "c"
+            [[tasks]]
+            name = "rare"
+            copies = 3
+            offset = 10
+            offset_step = 100
+            trace = "t"
+            slo_ms = 100
+            min_workers = 0
+            tfserving_csv = "c"
+            "#,
+        )
+        .unwrap();
+        let named: Vec<(&str, usize)> = tasks.iter().map(|t| (t.name.as_str(), t.offset)).collect();
+        assert_eq!(named, [("one", 0), ("rare-0", 10), ("rare-1", 110), ("rare-2", 210)]);
+        assert!(tasks[1..].iter().all(|t| t.copies == 1 && t.min_workers == Some(0)));
+        let none = entries("[[tasks]]\nname = \"x\"\ncopies = 0\ntrace = \"t\"\nslo_ms = 100\n");
+        assert!(none.unwrap_err().to_string().contains("at least 1"));
+        let many = entries("[[tasks]]\nname = \"x\"\ncopies = 1001\ntrace = \"t\"\nslo_ms = 100\n");
+        assert!(many.unwrap_err().to_string().contains("at most 1000"));
+    }
 }

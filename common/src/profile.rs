@@ -440,13 +440,18 @@ struct TfServingRow {
     #[serde(rename = "SLA")]
     sla: u32,
     saturation_tp: Option<f64>,
+    /// The memory its replica's container was given ("1.25G").
+    #[serde(rename = "MEM", default)]
+    mem: Option<String>,
 }
 
 /// InfAdapter's published TF-Serving profiles (`infadapter-capacity-tfserving.csv`) as grids,
 /// one per architecture (`resnet18`, …), from the runs at `slo_ms`. TF-Serving serves one
 /// request at a time per worker at batch 1, so a worker is modelled as a server of rate
 /// `saturation_tp`: its service time is 1/`saturation_tp` (the CSV's p99 includes queueing at
-/// the tested rate, which the simulator adds itself).
+/// the tested rate, which the simulator adds itself). A point's resident memory is the memory
+/// the replica's container was given (`MEM`, the same for every core count of an
+/// architecture): the paper publishes no measured peak.
 pub fn load_tfserving_csv(
     reader: impl std::io::Read,
     slo_ms: u32,
@@ -467,7 +472,7 @@ pub fn load_tfserving_csv(
             throughput_rps: tput,
             size: 0,
             output_tokens: 0,
-            resident_bytes: 0,
+            resident_bytes: row.mem.as_deref().and_then(|m| crate::memory::parse_size(m).ok()).unwrap_or(0),
         });
     }
     if out.is_empty() {
@@ -589,6 +594,7 @@ mod tests {
         let r18 = &profiles["resnet18"];
         assert_eq!(r18.len(), 2);
         assert_eq!(r18[1].throughput_rps, 49.0);
+        assert_eq!(r18[1].resident_bytes, 1 << 30, "the memory its replica was given");
         assert!(matches!(load_tfserving_csv(csv.as_bytes(), 123), Err(ProfileCsvError::Empty { .. })));
     }
 

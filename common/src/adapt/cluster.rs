@@ -13,7 +13,9 @@
 //! are free in total may still be split over nodes; a task whose worker finds no node with room
 //! is planned again with workers no larger than the largest free node, and a note says so.
 //! A task that would get no worker for want of memory takes it from the least recently used
-//! task that may be unloaded (`min_workers` 0, no request for a round).
+//! task that may be unloaded (`min_workers` 0, no request for a round). Short of memory, the
+//! task whose largest worker takes the most memory for its weight is planned again with
+//! smaller workers first, so that tasks give up accuracy before any goes without a worker.
 
 use std::collections::HashMap;
 
@@ -223,6 +225,27 @@ fn place_all(
             choices[j].workers.clear();
             continue;
         }
+        // Short of memory, the task whose largest worker takes the most memory for its weight
+        // is planned again with smaller ones first: another's before this worker's when it is
+        // larger for its weight, and any other's before this task goes without a worker (when
+        // no idle task can be unloaded). Tasks give up accuracy before any loses its worker.
+        if e.short_of_memory() {
+            let own = Largest {
+                per_weight: e.needs.memory_bytes as f64 / tasks[i].weight().max(1e-9),
+                runs: runs_now(input, workers[e.worker].1),
+            };
+            let above = if goes_without { Largest { per_weight: 0.0, runs: true } } else { own };
+            if let Some((j, limit, choice)) = shrink_largest(tasks, choices, &limits, i, above, input) {
+                said[j].push(format!(
+                    "{}: planned again with workers of at most {} to leave memory for {name}",
+                    tasks[j].name(),
+                    crate::memory::human(limit.memory.unwrap_or(0))
+                ));
+                limits[j] = limit;
+                choices[j] = choice;
+                continue;
+            }
+        }
         match shrunk {
             Some((limit, what, choice)) => {
                 limits[i] = limit;
@@ -240,6 +263,63 @@ fn place_all(
             }
         }
     }
+}
+
+/// A task's largest worker, as the order in which tasks give up memory sees it: the most
+/// memory for its weight first and, of two alike, one not running now (its load is to come
+/// either way) before one that runs, so that a round does not swap running workers for
+/// others of the same size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Largest {
+    per_weight: f64,
+    runs: bool,
+}
+
+impl Largest {
+    /// `Less` when it gives up memory before `other`.
+    fn order(&self, other: &Self) -> std::cmp::Ordering {
+        other.per_weight.total_cmp(&self.per_weight).then(self.runs.cmp(&other.runs))
+    }
+}
+
+/// Whether the plan in force runs a worker of `w`'s task and variant.
+fn runs_now(input: &RoundInput, w: &Assignment) -> bool {
+    input.current.is_some_and(|p| p.assignments.iter().any(|a| a.task == w.task && variant_name(a) == variant_name(w)))
+}
+
+/// The task (not `i`) whose largest worker gives up memory first (see [`Largest`]), before
+/// `above`, and that can be planned within its cores with smaller workers: that task, its
+/// tighter limit and its new choice. `None` when no other such task's workers can be smaller.
+fn shrink_largest(
+    tasks: &mut [TaskPlans],
+    choices: &[Choice],
+    limits: &[WorkerLimit],
+    i: usize,
+    above: Largest,
+    input: &RoundInput,
+) -> Option<(usize, WorkerLimit, Choice)> {
+    let largest = |j: usize| choices[j].workers.iter().max_by_key(|w| w.memory_bytes).filter(|w| w.memory_bytes > 0);
+    let mut candidates: Vec<(usize, Largest)> = (0..tasks.len())
+        .filter(|&j| j != i && tasks[j].fixed.is_none())
+        .filter_map(|j| {
+            let w = largest(j)?;
+            Some((
+                j,
+                Largest { per_weight: w.memory_bytes as f64 / tasks[j].weight().max(1e-9), runs: runs_now(input, w) },
+            ))
+        })
+        .filter(|(_, l)| l.order(&above).is_lt())
+        .collect();
+    candidates.sort_by(|a, b| a.1.order(&b.1).then(a.0.cmp(&b.0)));
+    let largest = |j: usize| largest(j).map_or(0, |w| w.memory_bytes);
+    for (j, _) in candidates {
+        let limit = WorkerLimit { memory: Some(largest(j) - 1), ..limits[j] };
+        let choice = within_or_nothing(&mut tasks[j], choices[j].cores(), limit);
+        if !choice.workers.is_empty() {
+            return Some((j, limit, choice));
+        }
+    }
+    None
 }
 
 /// A tighter limit on a task's workers after `e` (and what it says), or `None` when the free

@@ -55,6 +55,7 @@ pub(super) fn apply_plan<'s>(
     for d in &desired {
         if let Some(w) = workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
             w.share = d.weight;
+            w.memory_bytes = d.shape.memory_bytes;
         }
     }
     Ok(())

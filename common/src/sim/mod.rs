@@ -97,6 +97,11 @@ pub struct SimConfig {
     /// that slowed by a fifth after profiling). The planner is not told: it learns it from
     /// the batches served, as the controller does, when it corrects profiles.
     pub slowdown: f64,
+    /// The memory the node's workers may take, bytes (0: not declared; planned by cores
+    /// only, as an agent started with `--memory 0`). A worker takes what the plan gives it:
+    /// its variant's profiled peak (`ProfilePoint::resident_bytes`) with the planner's
+    /// headroom.
+    pub memory_bytes: u64,
 }
 
 /// What happened in one adaptation interval.
@@ -171,6 +176,22 @@ pub struct SimReport {
     pub jain_attainment: f64,
     /// The profile corrections the planner ended with (task, variant, factor), those not 1.
     pub profile_factors: Vec<(String, String, f64)>,
+    /// The most memory a plan gave the node's workers, bytes.
+    pub peak_planned_memory_bytes: u64,
+    /// The most memory the node's workers held at once (bytes, sampled each second; a worker
+    /// counted from its start until it has retired and drained, so a worker replaced keeps
+    /// its memory while its successor loads, as on an agent), and the mean.
+    pub peak_memory_bytes: u64,
+    pub mean_memory_bytes: f64,
+    /// Seconds in which the memory held exceeded the node's declared memory (0 when none was
+    /// declared): plans keep within it, their transitions need not.
+    pub seconds_over_memory: u64,
+    /// Times a task without a worker was given one again because a request came for it
+    /// (cold starts), and the requests that waited for such a worker.
+    pub cold_starts: u32,
+    pub cold_requests: u64,
+    /// Times a plan took a task's last worker away (idle, or unloaded for others' memory).
+    pub unloads: u32,
 }
 
 /// A task of a multi-task run: its pipeline, SLO, share and the arrivals it replays.
@@ -209,7 +230,8 @@ pub fn simulate_pipeline(rates: &[f64], warmup: &[f64], stages: &[SimStage], cfg
     simulate_tasks(&[task], cfg)
 }
 
-/// Replays several tasks at once on one node of `cfg.core_budget` cores, each its own arrivals,
+/// Replays several tasks at once on one node of `cfg.core_budget` cores (and `cfg.memory_bytes`
+/// of memory), each its own arrivals,
 /// planned together by the adaptation core as the controller plans them (`cfg.slo_ms` is not
 /// used: each task has its own). The forecaster is the configuration's, as on the controller.
 pub fn simulate_tasks(tasks: &[SimTask], cfg: &SimConfig) -> SimReport {
@@ -285,6 +307,8 @@ pub struct SimPlanner {
     profiles: Vec<Vec<(String, Vec<tidal_proto::v1::ProfilePoint>)>>,
     load_s: Vec<Vec<(String, f64)>>,
     cores: u32,
+    /// The node's declared memory, bytes (0: none).
+    memory_bytes: u64,
     /// The plan in force (epochs count from 1).
     pub plan: Option<Plan>,
 }
@@ -321,7 +345,12 @@ impl SimPlanner {
             .iter()
             .map(|(_, stages, ..)| variants(stages).into_iter().map(|v| (v.name, v.load_time_s)).collect())
             .collect();
-        Self { adapter, specs, profiles, load_s, cores: core_budget, plan: None }
+        Self { adapter, specs, profiles, load_s, cores: core_budget, memory_bytes: 0, plan: None }
+    }
+
+    /// The node declares `bytes` of memory for its workers (0: none, the default).
+    pub fn with_memory(self, bytes: u64) -> Self {
+        Self { memory_bytes: bytes, ..self }
     }
 
     /// The (first) task as the simulator registers it.
@@ -366,7 +395,12 @@ impl SimPlanner {
             .collect();
         let input = RoundInput {
             tasks,
-            nodes: vec![NodeInput { name: Self::NODE, address: "", cores: self.cores, memory_bytes: 0 }],
+            nodes: vec![NodeInput {
+                name: Self::NODE,
+                address: "",
+                cores: self.cores,
+                memory_bytes: self.memory_bytes,
+            }],
             current: self.plan.as_ref(),
             // One node: the agent's own make before break applies, nothing is held.
             serving: &Serving::new(),
@@ -543,6 +577,15 @@ struct Sim<'a> {
     woken: bool,
     /// Per task, whether it may go without a worker (`TaskShare.min_workers` 0).
     unloads: Vec<bool>,
+    cold_starts: u32,
+    cold_requests: u64,
+    unloaded: u32,
+    /// Memory the workers hold: the most at once, the sum over seconds, and the seconds over
+    /// the node's declared memory.
+    peak_memory: u64,
+    peak_planned_memory: u64,
+    memory_seconds: f64,
+    seconds_over_memory: u64,
     current: IntervalStats,
     interval_acc: f64,
     interval_cores: f64,
@@ -555,7 +598,7 @@ impl<'a> Sim<'a> {
         let adapter = Adapter::new(cfg.adapt.clone());
         let described: Vec<(&str, &[SimStage], f64, Option<tidal_proto::v1::TaskShare>)> =
             tasks.iter().map(|t| (t.name.as_str(), t.stages.as_slice(), t.slo_ms, t.share)).collect();
-        let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter);
+        let planner = SimPlanner::tasks(&described, cfg.core_budget, adapter).with_memory(cfg.memory_bytes);
         let (mut variants, mut task_of, mut stage_of, mut grids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut by_output = Vec::new();
         let (mut normalised, mut reports, mut served_size) = (Vec::new(), Vec::new(), Vec::new());
@@ -631,6 +674,13 @@ impl<'a> Sim<'a> {
             cold: tasks.iter().map(|_| Vec::new()).collect(),
             woken: false,
             unloads,
+            cold_starts: 0,
+            cold_requests: 0,
+            unloaded: 0,
+            peak_memory: 0,
+            peak_planned_memory: 0,
+            memory_seconds: 0.0,
+            seconds_over_memory: 0,
             current: empty_interval(0),
             interval_acc: 0.0,
             interval_cores: 0.0,
@@ -659,7 +709,6 @@ impl<'a> Sim<'a> {
 
     fn replan(&mut self, t: f64) {
         let budgets: Vec<Option<f64>> = (0..self.tasks.len()).map(|i| self.min_budget_ms(i, t as usize)).collect();
-        let histories: Vec<&[f64]> = self.history.iter().map(Vec::as_slice).collect();
         // What the workers served since the last round, per task and variant, as the
         // agents' telemetry tells the controller.
         let mut served: Vec<BTreeMap<String, Vec<ServedBatch>>> = vec![BTreeMap::new(); self.tasks.len()];
@@ -672,6 +721,8 @@ impl<'a> Sim<'a> {
                 served[task].entry(variant.name.clone()).or_default().extend(batches);
             }
         }
+        self.compact(t);
+        let histories: Vec<&[f64]> = self.history.iter().map(Vec::as_slice).collect();
         let round = self.planner.round_all(&histories, &budgets, &served);
         let outcomes = round.tasks.values();
         self.current.forecast_rps = outcomes.clone().map(|o| o.forecast_rps).sum();
@@ -685,13 +736,40 @@ impl<'a> Sim<'a> {
         self.routes_valid_until = f64::NEG_INFINITY;
     }
 
+    /// Drops the workers that have retired and drained (their batches taken), so that every
+    /// scan stays as long as what runs: a day of unloads and cold starts leaves thousands.
+    /// Their events are stale; the others keep their order, and so the run is the same.
+    fn compact(&mut self, t: f64) {
+        if !self.workers.iter().any(|w| w.gone(t)) {
+            return;
+        }
+        let mut index = vec![None; self.workers.len()];
+        let mut kept = Vec::with_capacity(self.workers.len());
+        for (i, w) in std::mem::take(&mut self.workers).into_iter().enumerate() {
+            if !w.gone(t) {
+                index[i] = Some(kept.len());
+                kept.push(w);
+            }
+        }
+        self.workers = kept;
+        let events = std::mem::take(&mut self.events).into_vec();
+        self.events = events
+            .into_iter()
+            .filter_map(|Reverse(e)| index[e.worker].map(|worker| Reverse(Event { worker, ..e })))
+            .collect();
+        self.routes_valid_until = f64::NEG_INFINITY;
+    }
+
     /// Applies a plan as the agent does (see [`executor::apply_plan`]); the first plan's
     /// workers serve at once (the replay starts warm).
     fn apply(&mut self, plan: &Plan, t: f64) {
         let index = (0..self.variants.len())
             .map(|i| ((self.tasks[self.task_of[i]].name.as_str(), self.variants[i].name.as_str()), i))
             .collect();
+        let planned = plan.assignments.iter().filter(|a| a.node == SimPlanner::NODE).map(|a| a.memory_bytes);
+        self.peak_planned_memory = self.peak_planned_memory.max(planned.fold(0, u64::saturating_add));
         let warm = self.workers.is_empty();
+        let had: Vec<bool> = (0..self.tasks.len()).map(|task| self.has_worker(task, t)).collect();
         self.by_slack = plan.routing == tidal_proto::v1::Routing::BySlack as i32;
         let variants = &self.variants;
         let model_file = |v: usize| model_file(&variants[v].name);
@@ -701,6 +779,8 @@ impl<'a> Sim<'a> {
             // The planner plans only the variants it was given: a bug, and the plan is not applied.
             debug_assert!(false, "{e}");
         }
+        let lost = had.iter().enumerate().filter(|&(task, &had)| had && !self.has_worker(task, t));
+        self.unloaded += lost.count() as u32;
     }
 
     fn arrive(&mut self, task: usize, a: f64, second: usize) {
@@ -733,7 +813,11 @@ impl<'a> Sim<'a> {
             // Of a task that may go without a worker, it waits for one to serve (one loading
             // included); the controller is told when the task has none at all.
             if r.stage == 0 && self.unloads[r.task] {
-                self.woken |= !self.has_worker(r.task, t);
+                let none = !self.has_worker(r.task, t);
+                // The first request to find no worker at all calls for a cold start.
+                self.cold_starts += (none && self.cold[r.task].is_empty()) as u32;
+                self.cold_requests += 1;
+                self.woken |= none;
                 self.cold[r.task].push(r);
             } else {
                 self.drop_request(r.task);
@@ -948,11 +1032,16 @@ impl<'a> Sim<'a> {
     }
 
     fn account_cores(&mut self, t: f64) {
+        let mut memory = 0u64;
         for w in self.workers.iter().filter(|w| !w.gone(t)) {
             self.counters[self.task_of[w.variant]].core_seconds += w.cores() as f64;
             self.interval_cores += w.cores() as f64;
+            memory = memory.saturating_add(w.memory_bytes);
         }
         self.interval_seconds += 1;
+        self.peak_memory = self.peak_memory.max(memory);
+        self.memory_seconds += memory as f64;
+        self.seconds_over_memory += (self.cfg.memory_bytes > 0 && memory > self.cfg.memory_bytes) as u64;
     }
 
     fn close_interval(&mut self, second: usize) {
@@ -1024,6 +1113,13 @@ impl<'a> Sim<'a> {
             profile_factors: (self.planner.adapter.corrections().carried().into_iter())
                 .map(|c| (c.task, c.variant, c.factor))
                 .collect(),
+            peak_planned_memory_bytes: self.peak_planned_memory,
+            peak_memory_bytes: self.peak_memory,
+            mean_memory_bytes: self.memory_seconds / seconds.max(1) as f64,
+            seconds_over_memory: self.seconds_over_memory,
+            cold_starts: self.cold_starts,
+            cold_requests: self.cold_requests,
+            unloads: self.unloaded,
         }
     }
 }

@@ -19,6 +19,7 @@ fn cfg() -> SimConfig {
         seed: 7,
         slo_fractions: None,
         slowdown: 1.0,
+        memory_bytes: 0,
     }
 }
 
@@ -373,4 +374,40 @@ fn an_idle_task_is_unloaded_and_served_again_after_a_cold_start() {
     assert!(u.dropped <= 6 * 5 + 10, "{u:?}");
     assert!(u.served >= u.requests * 9 / 10, "{u:?}");
     assert_eq!(k.dropped, 0, "{k:?}");
+}
+
+/// Memory as the simulator plans it (through the same core): six tasks whose accurate
+/// variant (2 GiB measured, 2.5 planned) all fit the cores but not the node's 9 GiB (one of
+/// them and five small ones, 1.25 GiB planned, do). Every plan keeps within the memory, every
+/// task is served, and the accuracy given up is what the memory costs; undeclared, the same
+/// tasks are planned 15 GiB.
+#[test]
+fn plans_keep_within_the_node_s_memory_and_every_task_is_served() {
+    const GIB: u64 = 1 << 30;
+    let with_memory = |v: SimVariant, bytes: u64| SimVariant {
+        points: v.points.into_iter().map(|p| ProfilePoint { resident_bytes: bytes, ..p }).collect(),
+        ..v
+    };
+    let variants =
+        vec![with_memory(variant("small", 70.0, 40.0), GIB), with_memory(variant("big", 78.0, 10.0), 2 * GIB)];
+    let tasks: Vec<SimTask> = (0..6)
+        .map(|i| SimTask {
+            name: format!("t{i}"),
+            stages: vec![SimStage::new("s", variants.clone())],
+            slo_ms: 500.0,
+            rates: vec![5.0; 120],
+            warmup: vec![5.0; 30],
+            share: None,
+        })
+        .collect();
+    let bounded = simulate_tasks(&tasks, &SimConfig { memory_bytes: 9 * GIB, ..cfg() });
+    let unbounded = simulate_tasks(&tasks, &cfg());
+    assert!(bounded.peak_planned_memory_bytes <= 9 * GIB, "{}", bounded.peak_planned_memory_bytes);
+    assert!(unbounded.peak_planned_memory_bytes >= 15 * GIB, "{}", unbounded.peak_planned_memory_bytes);
+    assert_eq!(unbounded.seconds_over_memory, 0, "no memory declared: nothing to be over");
+    for t in &bounded.tasks {
+        assert!(t.served >= t.requests * 99 / 100 && t.violation_pct < 1.0, "{t:?}");
+    }
+    assert!(unbounded.accuracy > 77.0, "{}", unbounded.accuracy);
+    assert!(bounded.accuracy < unbounded.accuracy && bounded.accuracy > 71.0, "{}", bounded.accuracy);
 }

@@ -49,6 +49,8 @@ pub(crate) struct SimWorker {
     pub share: f64,
     /// When its model is loaded and it can serve.
     pub ready_at: f64,
+    /// The memory the plan gives it, bytes (held from its start until it has retired).
+    pub memory_bytes: u64,
     /// When it stops taking requests (infinite while it is part of the plan).
     pub retire_at: f64,
     /// The quota, in whole cores (see [`SimWorker::resize`]).
@@ -111,6 +113,7 @@ impl SimWorker {
             max_delay,
             share,
             ready_at,
+            memory_bytes: 0,
             retire_at: f64::INFINITY,
             queue: VecDeque::new(),
             in_flight: Vec::new(),

@@ -227,6 +227,38 @@ fn short_of_memory_the_least_recently_used_idle_task_is_unloaded_first() {
 }
 
 #[test]
+fn short_of_memory_the_largest_workers_shrink_before_any_task_goes_without() {
+    const GIB: u64 = 1 << 30;
+    // Four tasks of 5 req/s on one node of 8 cores and 6 GiB: each would take its accurate
+    // variant (2 GiB measured, 2.5 planned), but four of those need 10 GiB. Before a task goes
+    // without (none may be unloaded), the others give up their accurate workers: all four run
+    // the small variant (1.25 GiB planned each).
+    let c = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8]).memory(6 * GIB, GIB, 2 * GIB);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    for task in ["a", "b", "c", "d"] {
+        let (rps, _) = carried(&plan, task);
+        assert!(rps >= 5.0, "task {task} carries {rps} req/s: {:?}", plan.notes);
+    }
+    assert!(plan.notes.iter().any(|n| n.contains("to leave memory for")), "{:?}", plan.notes);
+    // A task of weight 4 keeps its accurate worker longest: with room for one (7 GiB: 2.5 +
+    // 3 × 1.25 = 6.25), it is that one.
+    let c = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8]).memory(7 * GIB, GIB, 2 * GIB).share(2, 4.0, 0, 0);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    let accurate: Vec<&str> = plan
+        .assignments
+        .iter()
+        .filter(|a| a.weight > 0.0 && a.variant.as_ref().unwrap().name.ends_with("big"))
+        .map(|a| a.task.as_str())
+        .collect();
+    assert_eq!(accurate, ["c"], "{:?}", plan.notes);
+    for task in ["a", "b", "c", "d"] {
+        assert!(carried(&plan, task).0 >= 5.0, "task {task}: {:?}", plan.notes);
+    }
+}
+
+#[test]
 fn a_busy_task_leaves_a_quiet_one_the_core_it_needs() {
     // The first two cases on two nodes of 2 cores: 300 and 60 req/s need 3.75 and 0.75
     // cores, more than 4 in all; the quiet task's whole load is carried on one core.
