@@ -11,12 +11,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tidal_auth::Security;
 use tidal_common::digest::Sha256;
 use tidal_proto::v1::controller_client::ControllerClient;
 use tidal_proto::v1::{FetchModelRequest, ModelChunk};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
+
+use crate::metrics::FetchLabels;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the next chunk: a replica that stops sending is left for the next.
@@ -99,6 +103,9 @@ pub struct Fetcher {
     pub controllers: Vec<String>,
     pub security: Security,
     pub cache: Arc<ModelCache>,
+    /// Attempts by outcome, and the bytes kept (`tidal_agent_model_fetches`, `…_fetched_bytes`).
+    pub attempts: Family<FetchLabels, Counter>,
+    pub fetched_bytes: Counter,
 }
 
 impl Fetcher {
@@ -111,10 +118,13 @@ impl Fetcher {
             for model_file in model_files {
                 match self.fetch_from(controller, model_file, sha256, keep).await {
                     Ok((path, bytes)) => {
+                        self.attempts.get_or_create(&FetchLabels { outcome: "fetched" }).inc();
+                        self.fetched_bytes.inc_by(bytes);
                         info!(%controller, %model_file, bytes, "model file fetched and its SHA-256 checked");
                         return Ok(path);
                     }
                     Err(why) => {
+                        self.attempts.get_or_create(&FetchLabels { outcome: "failed" }).inc();
                         warn!(%controller, %model_file, "fetching the model file failed: {why}");
                         failures.push(format!("{controller} {model_file:?}: {why}"));
                     }

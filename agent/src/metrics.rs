@@ -35,6 +35,14 @@ pub struct RerouteLabels {
     pub to: String,
 }
 
+/// One attempt to fetch a model file from one controller replica.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `fetched` (whole, with its recorded digest, kept) or `failed` (unreachable, refused,
+    /// truncated, corrupt, or no room in the cache).
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
@@ -61,6 +69,8 @@ pub struct AgentMetrics {
     worker_throttled_periods: Family<WorkerLabels, Counter>,
     worker_throttled_seconds: Family<WorkerLabels, Counter<f64, AtomicU64>>,
     worker_restarts: Family<WorkerLabels, Counter>,
+    pub model_fetches: Family<FetchLabels, Counter>,
+    pub model_fetched_bytes: Counter,
 }
 
 impl AgentMetrics {
@@ -85,6 +95,8 @@ impl AgentMetrics {
             worker_throttled_periods: Family::default(),
             worker_throttled_seconds: Family::default(),
             worker_restarts: Family::default(),
+            model_fetches: Family::default(),
+            model_fetched_bytes: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tidal_agent");
         r.register(
@@ -127,6 +139,17 @@ impl AgentMetrics {
             "Bytes of requests admitted and not yet answered (--max-inflight-bytes bounds them)",
             Unit::Bytes,
             m.inflight_bytes.clone(),
+        );
+        r.register(
+            "model_fetches",
+            "Attempts to fetch a model file from a controller replica, by outcome",
+            m.model_fetches.clone(),
+        );
+        r.register_with_unit(
+            "model_fetched",
+            "Bytes of model files fetched whole, checked and kept in the cache",
+            Unit::Bytes,
+            m.model_fetched_bytes.clone(),
         );
         r.register("worker_cpu_limit_cores", "CPU limit of each worker, in cores", m.worker_cpu_limit.clone());
         r.register("worker_queue_length", "Requests waiting in each worker's queue", m.worker_queue.clone());

@@ -107,9 +107,15 @@ impl Node {
             },
             _ => None,
         };
-        let fetcher = cache
-            .clone()
-            .map(|cache| Arc::new(Fetcher { controllers: cfg.controllers.clone(), security: security.clone(), cache }));
+        let fetcher = cache.clone().map(|cache| {
+            Arc::new(Fetcher {
+                controllers: cfg.controllers.clone(),
+                security: security.clone(),
+                cache,
+                attempts: metrics.model_fetches.clone(),
+                fetched_bytes: metrics.model_fetched_bytes.clone(),
+            })
+        });
         let models = ModelDir::new(cfg.model_dir.clone(), cache);
         let router = Arc::new(Router::default());
         let known = Arc::new(KnownGroup::default());

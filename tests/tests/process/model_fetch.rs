@@ -42,7 +42,19 @@ async fn an_agent_without_the_files_serves_from_fetched_ones_and_refuses_a_corru
         &["--model-dir", &store_arg, "--no-profile-correction", "--no-slack-routing"],
     );
     let ctl_addr = controller.addr.clone();
-    let agent = start_agent(work.path(), AgentOpts { model_dir: &empty, controller: Some(&ctl_addr), extra: &[] });
+    let extra = ["--metrics-listen", "127.0.0.1:0"];
+    let agent = start_agent(work.path(), AgentOpts { model_dir: &empty, controller: Some(&ctl_addr), extra: &extra });
+    let metrics = agent.metrics_addr.clone().expect("the agent's metrics port");
+    // A counter of the agent's metrics page (0 while it has no sample).
+    let counter = |name: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let (status, _, page) = http_exchange(&metrics, "GET", "/metrics", &[], b"").await;
+            assert_eq!(status, 200);
+            let page = String::from_utf8_lossy(&page).into_owned();
+            page.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
+        }
+    };
     let mut ctl = controller_client(&ctl_addr).await;
     for (task, variant) in [("fetched", "resnet18"), ("corrupt", "resnet50")] {
         let out = as_admin(&mut Command::new(bin("tidalctl")))
@@ -88,6 +100,10 @@ async fn an_agent_without_the_files_serves_from_fetched_ones_and_refuses_a_corru
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     let kept: Vec<_> = std::fs::read_dir(empty.join(".fetched")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(kept.len(), 1, "only the good file is kept: {kept:?}");
+    // Counted: one attempt fetched (the good file's bytes), the corrupt ones failed.
+    assert_eq!(counter("tidal_agent_model_fetches_total{outcome=\"fetched\"}").await, 1);
+    assert!(counter("tidal_agent_model_fetches_total{outcome=\"failed\"}").await >= 1);
+    assert_eq!(counter("tidal_agent_model_fetched_bytes_total").await, onnx.len() as u64);
     let other_digest = tidal_common::digest::sha256_hex(&other);
 
     // Mended on the controller: fetched again on the agent's next try, and served.
