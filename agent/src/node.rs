@@ -262,6 +262,12 @@ impl Node {
         self.reconciler.apply(incoming).await
     }
 
+    /// The variant's model file, fetched from the controllers (by the reconciler, which owns
+    /// the cache) when the node lacks it.
+    pub async fn model_file(&self, variant: &tidal_proto::v1::VariantSpec) -> Result<std::path::PathBuf, String> {
+        self.reconciler.fetch(variant.clone()).await
+    }
+
     /// One line per worker for telemetry and status: sizes, queue, CPU use and throttling.
     /// How many workers run here, and whether every one of them serves.
     pub fn workers_serving(&self) -> (usize, bool) {

@@ -37,6 +37,9 @@ const MAX_GRID: usize = 16;
 const MAX_SAMPLES: usize = 256;
 /// One measurement at a time: two would share the cores and spoil each other's figures (and
 /// each starts worker processes).
+/// How long a profile waits for its model file to come from the controllers.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoint>, Status> {
@@ -57,12 +60,21 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
         )));
     }
     tidal_common::variant::validate_variant(variant).map_err(Status::invalid_argument)?;
-    // The model directory's file, or the one fetched from the controllers for a plan (the
-    // profiler fetches nothing itself).
+    let _slot = ONE_AT_A_TIME.try_acquire().map_err(|_| {
+        Status::resource_exhausted("a profile is being measured on this node; one at a time (retry when it ends)")
+    })?;
+    // The model directory's file, or the cache's, fetched from the controllers if need be.
     let model = match node.models.locate_all(vec![variant.clone()]).await.remove(&variant.name) {
         Some(Ok(path)) => path,
         Some(Err(crate::models::Unusable::Fetch(why))) => {
-            return Err(Status::not_found(format!("{why}: profile it once a plan has fetched it, or copy it here")))
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT, node.model_file(variant)).await;
+            match fetched {
+                Ok(Ok(path)) => path,
+                Ok(Err(e)) => return Err(Status::unavailable(format!("{why}; fetching it failed: {e}"))),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!("{why}; not fetched within {FETCH_TIMEOUT:?}")))
+                }
+            }
         }
         Some(Err(crate::models::Unusable::Refused(why))) => {
             return Err(if node.cfg.model_dir.join(&variant.model_file).is_file() {
@@ -73,9 +85,6 @@ pub async fn profile(node: &Node, req: &ProfileRequest) -> Result<Vec<ProfilePoi
         }
         None => return Err(Status::internal("the model file could not be checked")),
     };
-    let _slot = ONE_AT_A_TIME.try_acquire().map_err(|_| {
-        Status::resource_exhausted("a profile is being measured on this node; one at a time (retry when it ends)")
-    })?;
     if req.samples.len() > MAX_SAMPLES {
         return Err(Status::invalid_argument(format!(
             "at most {MAX_SAMPLES} sample requests, not {}",

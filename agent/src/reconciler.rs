@@ -29,7 +29,7 @@ use tidal_common::plan::{validate_for_node, Capacity, PlanError};
 use tidal_common::reconcile::{desired_on, DesiredWorker, RunningWorker, WorkerKey, WorkerShape};
 use tidal_common::tensor::StageIo;
 use tidal_proto::v1::inference_client::InferenceClient;
-use tidal_proto::v1::{Plan, PlanDelta, Routing, TaskSpec, Transition};
+use tidal_proto::v1::{Plan, PlanDelta, Routing, TaskSpec, Transition, VariantSpec};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -156,6 +156,12 @@ pub enum Input {
         reply: oneshot::Sender<Result<Applied, ApplyError>>,
     },
     Worker(WorkerEvent),
+    /// Fetch a variant's model file from the controllers for another part of the agent (the
+    /// profiler), unless it is here: its path, or why not. One fetch per file, whoever asks.
+    Fetch {
+        variant: Box<VariantSpec>,
+        reply: oneshot::Sender<Result<PathBuf, String>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -192,6 +198,7 @@ impl Reconciler {
             draining: JoinSet::new(),
             fetching: JoinSet::new(),
             fetches: HashMap::new(),
+            fetch_waiters: HashMap::new(),
             refetch_at: None,
             refetch_after: REFETCH_AFTER,
             view: view_tx,
@@ -208,6 +215,15 @@ impl Reconciler {
             .await
             .map_err(|_| ApplyError::Stopping)?;
         answer.await.unwrap_or(Err(ApplyError::Stopping))
+    }
+
+    /// The variant's model file, fetched from the controllers if the node lacks it (see
+    /// [`Input::Fetch`]).
+    pub async fn fetch(&self, variant: VariantSpec) -> Result<PathBuf, String> {
+        let (reply, answer) = oneshot::channel();
+        let stopping = || "the agent is stopping".to_string();
+        self.inputs.send(Input::Fetch { variant: Box::new(variant), reply }).await.map_err(|_| stopping())?;
+        answer.await.unwrap_or_else(|_| Err(stopping()))
     }
 
     /// The latest published view.
@@ -273,6 +289,8 @@ struct Owner {
     /// Model files being fetched (each file's digest by its task), at most one per digest.
     fetching: JoinSet<Result<PathBuf, String>>,
     fetches: HashMap<tokio::task::Id, String>,
+    /// Who else waits for a fetch, by digest (the profiler: one at a time).
+    fetch_waiters: HashMap<String, Vec<oneshot::Sender<Result<PathBuf, String>>>>,
     /// When the plan's missing model files are fetched again after a failure, and the wait
     /// after the next failure.
     refetch_at: Option<Instant>,
@@ -293,6 +311,7 @@ impl Owner {
                         let _ = reply.send(result);
                     }
                     Some(Input::Worker(event)) => self.on_worker(event),
+                    Some(Input::Fetch { variant, reply }) => self.fetch_for(*variant, reply).await,
                     Some(Input::Shutdown { reply }) => {
                         inputs.close();
                         self.stop_all().await;
@@ -333,6 +352,9 @@ impl Owner {
             Err(e) => (e.id(), Err(format!("the fetch ended abnormally: {e}"))),
         };
         let digest = self.fetches.remove(&id).unwrap_or_default();
+        for waiter in self.fetch_waiters.remove(&digest).unwrap_or_default() {
+            let _ = waiter.send(outcome.clone());
+        }
         match outcome {
             Ok(path) => {
                 debug!(%digest, path = %path.display(), "model file fetched");
@@ -360,18 +382,49 @@ impl Owner {
         }
     }
 
+    /// Answers with the variant's model file: at once when the node has it (or cannot use it),
+    /// else once a fetch (this one, or the plan's under way) ends.
+    async fn fetch_for(&mut self, variant: VariantSpec, reply: oneshot::Sender<Result<PathBuf, String>>) {
+        let name = variant.name.clone();
+        let located = self.p.models.locate_all(vec![variant.clone()]).await.remove(&name);
+        let why = match located {
+            Some(Ok(path)) => return drop(reply.send(Ok(path))),
+            Some(Err(Unusable::Fetch(why))) => why,
+            Some(Err(Unusable::Refused(why))) => return drop(reply.send(Err(why))),
+            None => return drop(reply.send(Err("the model file could not be checked".into()))),
+        };
+        let Some(fetcher) = self.p.fetcher.clone() else { return drop(reply.send(Err(why))) };
+        let digest = variant.model_sha256.clone();
+        self.fetch_waiters.entry(digest.clone()).or_default().push(reply);
+        if self.fetches.values().any(|f| *f == digest) {
+            return;
+        }
+        let (keep, files) = (self.kept_digests(&[]), vec![variant.model_file.clone()]);
+        info!(model_files = ?files, %digest, "fetching a model file from the controllers (asked by the profiler)");
+        let task = self.fetching.spawn(async move { fetcher.fetch(&files, &digest, &keep).await });
+        self.fetches.insert(task.id(), variant.model_sha256);
+    }
+
+    /// The digests that stay in the cache while files are fetched: those of `desired`, of the
+    /// applied plan and of the running workers.
+    fn kept_digests(&self, desired: &[DesiredWorker]) -> HashSet<String> {
+        let planned = self.applied.iter().flat_map(|p| p.assignments.iter()).filter_map(|a| a.variant.as_ref());
+        desired
+            .iter()
+            .map(|d| &d.variant)
+            .chain(planned)
+            .chain(self.workers.values().map(|w| &w.spec.variant))
+            .map(|v| v.model_sha256.clone())
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+
     /// Starts a fetch of each model file the plan's new workers need and the node lacks,
     /// unless one is under way.
     fn fetch_missing(&mut self, desired: &[DesiredWorker], located: &HashMap<String, Result<PathBuf, Unusable>>) {
         let Some(fetcher) = self.p.fetcher.clone() else { return };
         // What the plan and the running workers use stays in the cache.
-        let keep: HashSet<String> = desired
-            .iter()
-            .map(|d| &d.variant)
-            .chain(self.workers.values().map(|w| &w.spec.variant))
-            .map(|v| v.model_sha256.clone())
-            .filter(|d| !d.is_empty())
-            .collect();
+        let keep = self.kept_digests(desired);
         // The files are kept by digest: variants of one digest (the same model under other
         // names) are one fetch, which may take it under any of their names.
         let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();

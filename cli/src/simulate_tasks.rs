@@ -166,17 +166,16 @@ pub fn run(path: &Path, opts: &SimulateOpts) -> anyhow::Result<()> {
     let sharings: Vec<Sharing> = opts.policies.iter().map(|p| Sharing::parse(p)).collect::<anyhow::Result<_>>()?;
     let entries = copies(&file.tasks)?;
     // Each trace read once, as far as its last task's slice reaches.
-    let mut traces: BTreeMap<&Path, Vec<f64>> = BTreeMap::new();
+    let mut ends: BTreeMap<&Path, usize> = BTreeMap::new();
     for t in &entries {
         let end = opts.start.saturating_add(t.offset).saturating_add(opts.duration);
-        let read = traces.get(t.trace.as_path()).is_some_and(|r| r.len() >= end);
-        if !read {
-            let rates = crate::load::read_trace(&t.trace, 0, Some(end)).with_context(|| format!("task {}", t.name))?;
-            if rates.len() < end && traces.get(t.trace.as_path()).is_some_and(|r| r.len() == rates.len()) {
-                continue;
-            }
-            traces.insert(t.trace.as_path(), rates);
-        }
+        let most = ends.entry(t.trace.as_path()).or_default();
+        *most = (*most).max(end);
+    }
+    let mut traces: BTreeMap<&Path, Vec<f64>> = BTreeMap::new();
+    for (path, end) in ends {
+        let rates = crate::load::read_trace(path, 0, Some(end)).with_context(|| format!("{}", path.display()))?;
+        traces.insert(path, rates);
     }
     let tasks: Vec<SimTask> =
         entries.iter().map(|t| task(t, &traces[t.trace.as_path()], &opts)).collect::<anyhow::Result<_>>()?;
@@ -256,6 +255,10 @@ fn copies(entries: &[TaskEntry]) -> anyhow::Result<Vec<TaskEntry>> {
             out.push(TaskEntry { name: format!("{}-{i}", t.name), copies: 1, offset, ..t.clone() });
         }
     }
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(twice) = out.iter().find(|t| !names.insert(t.name.as_str())) {
+        bail!("two tasks are named {:?} (a copy is named NAME-i)", twice.name);
+    }
     Ok(out)
 }
 
@@ -281,8 +284,13 @@ fn task(t: &TaskEntry, all: &[f64], opts: &SimulateOpts) -> anyhow::Result<SimTa
         _ => bail!("task {}: give profiles = FILE or tfserving_csv = FILE (one of them)", t.name),
     };
     let start = opts.start + t.offset;
-    if all.len() <= start {
-        bail!("task {}: the trace has {} seconds; its slice starts at {start}", t.name, all.len());
+    if all.len() < start.saturating_add(opts.duration) {
+        bail!(
+            "task {}: the trace has {} seconds; its slice is seconds {start} to {}",
+            t.name,
+            all.len(),
+            start.saturating_add(opts.duration)
+        );
     }
     let rates = compress(&all[start..all.len().min(start.saturating_add(opts.duration))], opts.speedup, t.scale);
     let warmup = if opts.cold_start {
@@ -404,5 +412,10 @@ mod tests {
         assert!(none.unwrap_err().to_string().contains("at least 1"));
         let many = entries("[[tasks]]\nname = \"x\"\ncopies = 1001\ntrace = \"t\"\nslo_ms = 100\n");
         assert!(many.unwrap_err().to_string().contains("at most 1000"));
+        let entry = |name: &str, copies: u32| {
+            format!("[[tasks]]\nname = \"{name}\"\ncopies = {copies}\ntrace = \"t\"\nslo_ms = 100\n")
+        };
+        let twice = entries(&(entry("a", 2) + &entry("a-1", 1)));
+        assert!(twice.unwrap_err().to_string().contains("two tasks are named \"a-1\""));
     }
 }

@@ -169,6 +169,11 @@ fn place_all(
     let free: Vec<Room> =
         free.iter().zip(&input.nodes).map(|(&cores, n)| Room { cores, memory_bytes: n.memory_free() }).collect();
     let mut limits: Vec<WorkerLimit> = vec![WorkerLimit::ANY; tasks.len()];
+    // Shrinks made so that tasks would not go without a worker, undone if one of those goes
+    // without all the same: the choices, limits and note counts before the first of them, and
+    // the tasks they were made for.
+    let mut undo: Option<(Vec<Choice>, Vec<WorkerLimit>, Vec<usize>)> = None;
+    let mut rescued = vec![false; tasks.len()];
     loop {
         let workers: Vec<(usize, &Assignment)> =
             choices.iter().enumerate().flat_map(|(i, c)| c.workers.iter().map(move |w| (i, w))).collect();
@@ -236,6 +241,12 @@ fn place_all(
             };
             let above = if goes_without { Largest { per_weight: 0.0, runs: true } } else { own };
             if let Some((j, limit, choice)) = shrink_largest(tasks, choices, &limits, i, above, input) {
+                if goes_without {
+                    rescued[i] = true;
+                    if undo.is_none() {
+                        undo = Some((choices.to_vec(), limits.clone(), said.iter().map(Vec::len).collect()));
+                    }
+                }
                 said[j].push(format!(
                     "{}: planned again with workers of at most {} to leave memory for {name}",
                     tasks[j].name(),
@@ -261,6 +272,19 @@ fn place_all(
                 said[i].push(format!("{name}: {e}"));
                 choices[i].workers.clear();
             }
+        }
+        // It goes without all the same: the others that still have workers get back what they
+        // had before the shrinks (one task fewer to place, for good: this ends).
+        if choices[i].workers.is_empty() && rescued[i] {
+            if let Some((before, was, notes)) = undo.take() {
+                let kept: Vec<usize> = (0..tasks.len()).filter(|&j| j != i && !choices[j].workers.is_empty()).collect();
+                for j in kept {
+                    choices[j] = before[j].clone();
+                    limits[j] = was[j];
+                    said[j].truncate(notes[j]);
+                }
+            }
+            rescued.iter_mut().for_each(|r| *r = false);
         }
     }
 }
@@ -289,7 +313,7 @@ fn runs_now(input: &RoundInput, w: &Assignment) -> bool {
 
 /// The task (not `i`) whose largest worker gives up memory first (see [`Largest`]), before
 /// `above`, and that can be planned within its cores with smaller workers: that task, its
-/// tighter limit and its new choice. `None` when no other such task's workers can be smaller.
+/// tighter limit and its new choice. `None` when no other task can.
 fn shrink_largest(
     tasks: &mut [TaskPlans],
     choices: &[Choice],
@@ -311,11 +335,12 @@ fn shrink_largest(
         .filter(|(_, l)| l.order(&above).is_lt())
         .collect();
     candidates.sort_by(|a, b| a.1.order(&b.1).then(a.0.cmp(&b.0)));
-    let largest = |j: usize| largest(j).map_or(0, |w| w.memory_bytes);
+    let largest_of = |c: &Choice| c.workers.iter().map(|w| w.memory_bytes).max().unwrap_or(0);
     for (j, _) in candidates {
-        let limit = WorkerLimit { memory: Some(largest(j) - 1), ..limits[j] };
+        // Smaller workers, within the cores it has, carrying its load if it did.
+        let limit = WorkerLimit { memory: Some(largest_of(&choices[j]) - 1), ..limits[j] };
         let choice = within_or_nothing(&mut tasks[j], choices[j].cores(), limit);
-        if !choice.workers.is_empty() {
+        if !choice.workers.is_empty() && (choices[j].overloaded || !choice.overloaded) {
             return Some((j, limit, choice));
         }
     }

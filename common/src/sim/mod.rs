@@ -580,6 +580,8 @@ struct Sim<'a> {
     cold_starts: u32,
     cold_requests: u64,
     unloaded: u32,
+    /// Whether a plan was applied (the first one's workers serve at once).
+    planned: bool,
     /// Memory the workers hold: the most at once, the sum over seconds, and the seconds over
     /// the node's declared memory.
     peak_memory: u64,
@@ -677,6 +679,7 @@ impl<'a> Sim<'a> {
             cold_starts: 0,
             cold_requests: 0,
             unloaded: 0,
+            planned: false,
             peak_memory: 0,
             peak_planned_memory: 0,
             memory_seconds: 0.0,
@@ -768,7 +771,7 @@ impl<'a> Sim<'a> {
             .collect();
         let planned = plan.assignments.iter().filter(|a| a.node == SimPlanner::NODE).map(|a| a.memory_bytes);
         self.peak_planned_memory = self.peak_planned_memory.max(planned.fold(0, u64::saturating_add));
-        let warm = self.workers.is_empty();
+        let warm = !std::mem::replace(&mut self.planned, true);
         let had: Vec<bool> = (0..self.tasks.len()).map(|task| self.has_worker(task, t)).collect();
         self.by_slack = plan.routing == tidal_proto::v1::Routing::BySlack as i32;
         let variants = &self.variants;

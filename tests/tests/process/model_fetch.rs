@@ -23,13 +23,15 @@ async fn an_agent_without_the_files_serves_from_fetched_ones_and_refuses_a_corru
     let work = tempfile::tempdir().unwrap();
     // What the admin registers from, and the controller's copy.
     let (admin, store, empty) = (work.path().join("admin"), work.path().join("store"), work.path().join("empty"));
-    generate_models(&admin, "resnet18,resnet50", 32);
+    generate_models(&admin, "resnet18,resnet50,resnet34", 32);
     std::fs::create_dir_all(&empty).unwrap();
     let onnx = std::fs::read(admin.join("resnet18.onnx")).unwrap();
     let other = std::fs::read(admin.join("resnet50.onnx")).unwrap();
     // The controller's copy of resnet50 differs from the registered file by one byte.
     std::fs::create_dir_all(&store).unwrap();
     std::fs::write(store.join("resnet18.onnx"), &onnx).unwrap();
+    let lazy = std::fs::read(admin.join("resnet34.onnx")).unwrap();
+    std::fs::write(store.join("resnet34.onnx"), &lazy).unwrap();
     let mut flipped = other.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
@@ -117,6 +119,26 @@ async fn an_agent_without_the_files_serves_from_fetched_ones_and_refuses_a_corru
     client.infer(request("corrupt")).await.expect("served once the right file came");
     let cached = empty.join(".fetched").join(format!("{other_digest}.onnx"));
     assert_eq!(std::fs::read(&cached).expect("the mended file in the cache"), other);
+
+    // A profile of a variant whose file no plan has fetched (its task is loaded on demand and
+    // was never asked for) fetches it first.
+    let out = as_admin(&mut Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl_addr, "task", "register", "--name", "lazy", "--slo-ms", "1000"])
+        .args(["--min-workers", "0", "--variants", "resnet34", "--model-dir"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lazy_cached = empty.join(".fetched").join(format!("{}.onnx", tidal_common::digest::sha256_hex(&lazy)));
+    assert!(!lazy_cached.exists(), "fetched before anything asked for it");
+    let out = as_admin(&mut Command::new(bin("tidalctl")))
+        .args(["--controller", &ctl_addr, "profile", "--agent", &agent.control_addr, "--task", "lazy"])
+        .args(["--cores", "1", "--batches", "1", "--duration-ms", "200", "--repeat", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "profile failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&lazy_cached).expect("the profiled file in the cache"), lazy);
+    assert_eq!(counter("tidal_agent_model_fetches_total{outcome=\"fetched\"}").await, 3);
 
     // The controller sends only a file a task registers with that digest.
     for (file, sha) in [("resnet18.onnx", "0".repeat(64)), ("resnet18.toml", digest.clone())] {

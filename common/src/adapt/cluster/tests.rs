@@ -259,6 +259,32 @@ fn short_of_memory_the_largest_workers_shrink_before_any_task_goes_without() {
 }
 
 #[test]
+fn shrinking_that_cannot_make_the_room_is_undone() {
+    const GIB: u64 = 1 << 30;
+    // One node of 3 GiB: two accurate workers (1.2 GiB measured, 1.5 planned) fill it. A third
+    // task's smallest worker (1.25 GiB planned) would not fit even if both shrank (0.5 GiB
+    // freed): it goes without, and the others keep their accurate workers.
+    let c = Cluster::new(&[5.0, 5.0, 5.0], &[8]).memory(3 * GIB, GIB, GIB * 6 / 5);
+    let plan = round(&c, ShareRule::Weighted);
+    fits(&plan, &c);
+    let serving = |task: &str| {
+        plan.assignments
+            .iter()
+            .filter(|a| a.task == task && a.weight > 0.0)
+            .map(|a| a.variant.as_ref().unwrap().name.clone())
+            .collect::<Vec<_>>()
+    };
+    let without: Vec<&str> = ["a", "b", "c"].into_iter().filter(|t| serving(t).is_empty()).collect();
+    assert_eq!(without.len(), 1, "{:?}", plan.notes);
+    for task in ["a", "b", "c"].into_iter().filter(|t| !without.contains(t)) {
+        assert_eq!(serving(task), [format!("{task}-big")], "{:?}", plan.notes);
+    }
+    // Their notes say nothing of shrinks that were undone.
+    let kept_notes = |t: &&str| !plan.notes.iter().any(|n| n.starts_with(&format!("{t}: planned again")));
+    assert!(["a", "b", "c"].iter().filter(|t| !without.contains(t)).all(kept_notes), "{:?}", plan.notes);
+}
+
+#[test]
 fn a_busy_task_leaves_a_quiet_one_the_core_it_needs() {
     // The first two cases on two nodes of 2 cores: 300 and 60 req/s need 3.75 and 0.75
     // cores, more than 4 in all; the quiet task's whole load is carried on one core.
