@@ -104,6 +104,13 @@ struct ServeArgs {
     /// declares none (only cores are planned here).
     #[arg(long, env = "TIDAL_MEMORY", default_value = "90%")]
     memory: String,
+    /// Let make before break hold a leaving worker and its successor both while the successor
+    /// loads, even past --memory. By default transitions keep within --memory too: a worker
+    /// starts only when the memory holds it beside the workers that run (those leaving
+    /// included), and a switch that cannot be made before it breaks breaks first (its task goes
+    /// without a worker while the successor loads).
+    #[arg(long, env = "TIDAL_OVERLAP_TRANSITIONS")]
+    overlap_transitions: bool,
     /// ONNX Runtime intra-op threads per worker, fixed whatever its CPU limit (default: its
     /// limit's cores, rounded up; they follow it when the worker is resized in place).
     #[arg(long, env = "TIDAL_WORKER_THREADS")]
@@ -261,6 +268,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         millicores: cores * 1000,
         memory_bytes,
         memory_total_bytes,
+        overlap_transitions: args.overlap_transitions,
         queue_capacity: args.queue_capacity,
         max_request_bytes: args.max_request_bytes,
         max_inflight_bytes: args.max_inflight_bytes,

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     /// Memory this node offers to workers, bytes (0: not declared), and the machine's.
     pub memory_bytes: u64,
     pub memory_total_bytes: u64,
+    /// Transitions may pass `memory_bytes` (see [`crate::reconciler::Parts::overlap_transitions`]).
+    pub overlap_transitions: bool,
     pub queue_capacity: usize,
     /// Largest inference request served; larger ones get RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
@@ -123,6 +125,7 @@ impl Node {
         let reconciler = Reconciler::start(Parts {
             node: cfg.node.clone(),
             capacity: Capacity { millicores: cfg.millicores, memory_bytes: cfg.memory_bytes },
+            overlap_transitions: cfg.overlap_transitions,
             models: models.clone(),
             fetcher,
             queue_capacity: cfg.queue_capacity,

@@ -131,6 +131,11 @@ pub struct Parts {
     pub node: String,
     /// CPU and memory this node offers to workers.
     pub capacity: Capacity,
+    /// Let make before break hold a leaving worker and its successor both for the load, past the
+    /// node's memory. Off (the default): a worker starts only when the memory holds it beside
+    /// the workers that run, and a switch that cannot be made before it breaks breaks first
+    /// (`tidal_common::executor`).
+    pub overlap_transitions: bool,
     pub models: Arc<ModelDir>,
     /// Fetches model files the node lacks from the controllers (none: every file must be in
     /// the model directory).
@@ -196,6 +201,7 @@ impl Reconciler {
             remotes: HashMap::new(),
             next_worker: 1,
             draining: JoinSet::new(),
+            stopping: Vec::new(),
             fetching: JoinSet::new(),
             fetches: HashMap::new(),
             fetch_waiters: HashMap::new(),
@@ -286,6 +292,8 @@ struct Owner {
     next_worker: u64,
     /// Retired workers draining their queues.
     draining: JoinSet<()>,
+    /// The workers draining, until they have stopped: they hold their memory until then.
+    stopping: Vec<Arc<Worker>>,
     /// Model files being fetched (each file's digest by its task), at most one per digest.
     fetching: JoinSet<Result<PathBuf, String>>,
     fetches: HashMap<tokio::task::Id, String>,
@@ -321,7 +329,7 @@ impl Owner {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake), if due.is_some() => self.release(),
-                Some(_) = self.draining.join_next(), if !self.draining.is_empty() => {}
+                Some(_) = self.draining.join_next(), if !self.draining.is_empty() => self.stopping.retain(|w| !w.is_gone()),
                 Some(done) = self.fetching.join_next_with_id(), if !self.fetching.is_empty() => self.on_fetched(done).await,
                 _ = tokio::time::sleep_until(self.refetch_at.unwrap_or(wake)), if self.refetch_at.is_some() => {
                     self.refetch_at = None;
@@ -584,6 +592,8 @@ impl Owner {
                     }
                     self.route_stage(&stage);
                     let drain = self.p.drain;
+                    self.stopping.retain(|w| !w.is_gone());
+                    self.stopping.push(w.clone());
                     self.draining.spawn(async move {
                         w.shutdown(drain).await;
                         info!(worker = %w.spec.id, "worker stopped");
@@ -732,6 +742,7 @@ impl Owner {
         let all: Vec<Arc<Worker>> = self.workers.drain().map(|(_, w)| w).chain(self.retiring.drain(..)).collect();
         futures::future::join_all(all.iter().map(|w| w.shutdown(Duration::from_secs(2)))).await;
         while self.draining.join_next().await.is_some() {}
+        self.stopping.clear();
         self.fetching.shutdown().await;
         self.publish();
     }
@@ -780,7 +791,7 @@ impl Executor for NodeExecutor<'_> {
         cgroup.remove();
     }
 
-    fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared) {
+    fn start(&mut self, d: DesiredWorker, (id, cgroup): Self::Prepared, after_gone: &[WorkerKey]) {
         let (io, stage_text) = match self.ios.get(&(StageKey::new(&d.key.task, &d.key.stage), d.variant.name.clone())) {
             Some((io, text)) => (Some(io.clone()), text.clone()),
             None => (None, None),
@@ -831,12 +842,35 @@ impl Executor for NodeExecutor<'_> {
                 0
             }
         };
+        // The workers it waits for were stopped by this plan: retiring, or already draining.
+        let gone: Vec<_> = after_gone
+            .iter()
+            .filter_map(|k| {
+                let is = |w: &&Arc<Worker>| {
+                    (&w.spec.task, &w.spec.stage, &w.spec.variant.name, w.spec.replica)
+                        == (&k.task, &k.stage, &k.variant, k.replica)
+                };
+                self.owner.retiring.iter().rev().find(is).or_else(|| self.owner.stopping.iter().rev().find(is))
+            })
+            .map(|w| w.gone())
+            .collect();
+        let gate = (!gone.is_empty()).then(|| {
+            info!(worker = %id, waits_for = gone.len(), "the worker starts once workers leaving make its memory's room");
+            // Bounded: a drain is, and a worker that never stopped must not hold its successor for ever.
+            let bound = self.owner.p.drain + self.owner.p.spawner.load_timeout();
+            let all = futures::future::join_all(gone);
+            Box::pin(async move {
+                let _ = tokio::time::timeout(bound, all).await;
+            }) as futures::future::BoxFuture<'static, ()>
+        });
         let p = &self.owner.p;
         let w = Worker::start(
             spec,
             cgroup,
             d.shape.millicores,
             memory_bytes,
+            d.shape.memory_bytes,
+            gate,
             settings,
             p.queue_capacity,
             p.spawner.clone(),
@@ -890,6 +924,21 @@ impl Executor for NodeExecutor<'_> {
 
     fn starting(&self, task: &str) -> Vec<WorkerKey> {
         self.owner.workers.iter().filter(|(k, w)| k.task == task && !w.is_ready()).map(|(k, _)| k.clone()).collect()
+    }
+
+    fn memory_budget(&self) -> Option<u64> {
+        let bytes = self.owner.p.capacity.memory_bytes;
+        (!self.owner.p.overlap_transitions && bytes > 0).then_some(bytes)
+    }
+
+    fn memory_held(&self) -> u64 {
+        let o = &self.owner;
+        let draining = o.stopping.iter().filter(|w| !w.is_gone());
+        o.workers.values().chain(&o.retiring).chain(draining).map(|w| w.planned_memory_bytes()).sum()
+    }
+
+    fn memory_of(&self, key: &WorkerKey) -> u64 {
+        self.owner.workers.get(key).map_or(0, |w| w.planned_memory_bytes())
     }
 }
 

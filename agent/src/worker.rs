@@ -381,7 +381,11 @@ pub struct Worker {
     /// The memory the plan gives it, bytes (0: not planned); its cgroup's limit follows
     /// ([`tidal_common::memory::cgroup_limit`]).
     memory_bytes: AtomicU64,
+    /// The memory its plan gives it, limited or not: what it holds for the node's count.
+    planned_memory_bytes: u64,
     stop: CancellationToken,
+    /// Cancelled once it has stopped: its process ended, its cgroup removed.
+    gone: CancellationToken,
     batcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -398,14 +402,18 @@ impl Worker {
         self.queue.push(deadline, key, inputs, reply)
     }
 
-    /// Creates the worker and starts its batcher, which starts the process (`cgroup` already
-    /// limited to what `memory_bytes` allows).
+    /// Creates the worker and starts its batcher, which starts the process once `gate` is
+    /// done (the room it needs made: other workers stopped), at once without one; `cgroup`
+    /// already limited to what `memory_bytes` allows, `planned_memory_bytes` what the plan
+    /// gives it.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         spec: WorkerSpec,
         cgroup: WorkerCgroup,
         millicores: u32,
         memory_bytes: u64,
+        planned_memory_bytes: u64,
+        gate: Option<futures::future::BoxFuture<'static, ()>>,
         settings: BatchSettings,
         queue_capacity: usize,
         spawner: Arc<dyn Spawner>,
@@ -425,7 +433,9 @@ impl Worker {
             load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
             memory_bytes: AtomicU64::new(memory_bytes),
+            planned_memory_bytes,
             stop: CancellationToken::new(),
+            gone: CancellationToken::new(),
             batcher: tokio::sync::Mutex::new(None),
         });
         let ctx = BatcherCtx {
@@ -444,7 +454,7 @@ impl Worker {
             events,
         };
         let span = info_span!("worker", id = %worker.spec.id, variant = %worker.spec.variant.name);
-        let handle = tokio::spawn(ctx.run().instrument(span));
+        let handle = tokio::spawn(ctx.run(gate).instrument(span));
         if let Ok(mut slot) = worker.batcher.try_lock() {
             *slot = Some(handle);
         }
@@ -481,9 +491,24 @@ impl Worker {
         self.load_ms.load(Ordering::Relaxed)
     }
 
-    /// The memory the plan gives it (0: not planned).
+    /// The memory its cgroup is limited for (0: not planned, or not limited).
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The memory its plan gives it (0: not planned), limited or not.
+    pub fn planned_memory_bytes(&self) -> u64 {
+        self.planned_memory_bytes
+    }
+
+    /// Whether it has stopped (its process ended, its cgroup removed).
+    pub fn is_gone(&self) -> bool {
+        self.gone.is_cancelled()
+    }
+
+    /// Done once it has stopped.
+    pub fn gone(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.gone.clone().cancelled_owned()
     }
 
     /// Limits its cgroup to what `memory_bytes` planned allows, in place.
@@ -526,6 +551,7 @@ impl Worker {
             let _ = handle.await;
         }
         self.cgroup.remove();
+        self.gone.cancel();
     }
 }
 
@@ -551,7 +577,14 @@ enum Exit {
 }
 
 impl BatcherCtx {
-    async fn run(self) {
+    async fn run(self, gate: Option<futures::future::BoxFuture<'static, ()>>) {
+        if let Some(gate) = gate {
+            info!("the worker waits for the memory of workers that stop to make room");
+            tokio::select! {
+                _ = gate => {}
+                _ = self.stop.cancelled() => return,
+            }
+        }
         let mut backoff = Duration::from_millis(200);
         let mut oom_kills = self.cgroup.oom_kills();
         while !self.stop.is_cancelled() {

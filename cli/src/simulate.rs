@@ -95,6 +95,13 @@ pub struct SimulateOpts {
     /// overrides the file's `memory`.
     #[arg(long, value_parser = tidal_common::memory::parse_size)]
     pub memory: Option<u64>,
+    /// Let make before break hold a leaving worker and its successor both while it loads, past
+    /// --memory, as agents started with --overlap-transitions do. By default transitions keep
+    /// within --memory too: a worker starts only when the memory holds it beside what runs,
+    /// and a switch that cannot be made before it breaks breaks first (its task goes without a
+    /// worker while the successor loads).
+    #[arg(long)]
+    pub overlap_transitions: bool,
     /// Write one row per policy here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -249,6 +256,7 @@ pub(crate) fn sim_config(opts: &SimulateOpts) -> anyhow::Result<SimConfig> {
         slo_fractions,
         slowdown: opts.slowdown,
         memory_bytes: opts.memory.unwrap_or(0),
+        overlap_transitions: opts.overlap_transitions,
     })
 }
 

@@ -242,6 +242,8 @@ pub struct Adapter {
     /// How much slower than profiled each variant's batches run: learned from served batches,
     /// applied to the profiles the planner uses.
     corrections: Corrections,
+    /// What each task's workers are held to while the nodes are short of memory.
+    memory_holds: cluster::MemoryHolds,
 }
 
 impl Adapter {
@@ -255,6 +257,7 @@ impl Adapter {
             planned: BTreeMap::new(),
             last_surge_s: None,
             corrections: Corrections::default(),
+            memory_holds: cluster::MemoryHolds::default(),
         }
     }
 
@@ -374,7 +377,9 @@ impl Adapter {
                 TaskPlans::new(&self.cfg, task, input.current, rate, free.iter().sum(), &self.corrections)
             })
             .collect();
-        let choices = cluster::divide_and_place(&self.cfg, &mut tasks, &free, input, &mut plan);
+        let (choices, short_of_memory) =
+            cluster::divide_and_place(&self.cfg, &mut tasks, &free, input, &mut plan, &self.memory_holds);
+        self.memory_holds.after(short_of_memory, &plan, forecast, self.cfg.scale_down_after);
         for (task, choice) in input.tasks.iter().zip(choices) {
             let outcome = outcomes.get_mut(&task.spec.name).expect("an outcome per task");
             outcome.overloaded = choice.overloaded;

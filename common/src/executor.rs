@@ -12,6 +12,12 @@
 //! until every worker of their task that is starting serves, this plan's or an earlier one's
 //! (a plan that comes while a task's new workers load does not shrink it early); a replaced
 //! worker serves until its successor does.
+//!
+//! Unless memory forbids it. A plan keeps within the node's memory, but make before break
+//! holds a leaving worker beside its successor: on a node that declares its memory, a start
+//! that does not fit beside what its workers hold waits until leaving workers have stopped
+//! ([`order_for_memory`]), and the workers of its own task that leave stop at once (break
+//! before make: they could not wait for a successor that waits for them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,9 +64,10 @@ pub trait Executor {
     type Error;
     fn prepare(&mut self, worker: &DesiredWorker) -> Result<Self::Prepared, Self::Error>;
     fn abandon(&mut self, prepared: Self::Prepared);
-    /// Starts a worker; if one runs under its key, it is replaced: it serves until this one
-    /// does, then retires.
-    fn start(&mut self, worker: DesiredWorker, prepared: Self::Prepared);
+    /// Starts a worker once every worker of `after_gone` (stopped by this plan) has drained
+    /// and stopped, at once when it is empty; if one runs under its key, it is replaced: it
+    /// serves until this one does, then retires.
+    fn start(&mut self, worker: DesiredWorker, prepared: Self::Prepared, after_gone: &[WorkerKey]);
     /// New batcher settings, at once.
     fn rebatch(&mut self, key: &WorkerKey, max_batch: u32, max_delay_ms: u32);
     /// A higher memory limit (0: none), at once.
@@ -74,12 +81,85 @@ pub trait Executor {
     fn millicores(&self, key: &WorkerKey) -> Option<u32>;
     /// The workers of `task` started (by this plan or an earlier one) that do not serve yet.
     fn starting(&self, task: &str) -> Vec<WorkerKey>;
+    /// The memory the node's workers may hold together, bytes (`None`: not declared).
+    fn memory_budget(&self) -> Option<u64>;
+    /// The memory the node's workers hold, each at what its plan gives it: those in the
+    /// plan, loading or waiting to load, retiring and draining.
+    fn memory_held(&self) -> u64;
+    /// The memory the plan gives a running worker (0: not planned).
+    fn memory_of(&self, key: &WorkerKey) -> u64;
+}
+
+/// Which starts wait for memory, and for which stops; which stops break before make.
+#[derive(Debug, Default, PartialEq)]
+struct MemoryOrder {
+    /// The starts (by key) that wait, each for the workers of `gate` to stop.
+    waiting: BTreeSet<WorkerKey>,
+    gate: Vec<WorkerKey>,
+    /// Stops that go at once, not after their task's starts.
+    at_once: BTreeSet<WorkerKey>,
+}
+
+/// On a node that declares its memory: the starts that fit beside what its workers hold start
+/// at once (those of tasks that also stop a worker first, so that a switch is made before it
+/// breaks); the others wait until enough of this plan's leaving workers have stopped to make
+/// their room. They wait first for the largest workers of other tasks (which leave make
+/// before break, or at once), and only when those are not enough for the workers of their
+/// own tasks, which then stop at once (break before make: they could not wait for a successor
+/// that waits for them). A replacement (same key) is never held: its predecessor could not
+/// stop before it.
+fn order_for_memory<E: Executor>(exec: &E, actions: &[Action]) -> MemoryOrder {
+    let Some(budget) = exec.memory_budget() else { return MemoryOrder::default() };
+    let stops: Vec<&WorkerKey> =
+        actions.iter().filter_map(|a| if let Action::Stop(k) = a { Some(k) } else { None }).collect();
+    let stopping_task = |task: &str| stops.iter().any(|k| k.task == task);
+    let mut starts: Vec<(&DesiredWorker, bool)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start(d) => Some((d, false)),
+            Action::Replace(d) => Some((d, true)),
+            _ => None,
+        })
+        .collect();
+    starts.sort_by_key(|(d, _)| !stopping_task(&d.key.task));
+    let mut free = budget.saturating_sub(exec.memory_held());
+    let mut order = MemoryOrder::default();
+    let mut wanted = 0u64;
+    for (d, replace) in starts {
+        let bytes = d.shape.memory_bytes;
+        if replace || bytes <= free {
+            free = free.saturating_sub(bytes);
+        } else {
+            wanted = wanted.saturating_add(bytes);
+            order.waiting.insert(d.key.clone());
+        }
+    }
+    if order.waiting.is_empty() {
+        return order;
+    }
+    let waits = |task: &str| order.waiting.iter().any(|k| k.task == task);
+    let (own, mut others): (Vec<&WorkerKey>, Vec<&WorkerKey>) = stops.into_iter().partition(|k| waits(&k.task));
+    others.sort_by_key(|k| (std::cmp::Reverse(exec.memory_of(k)), (*k).clone()));
+    let mut freed = 0u64;
+    for k in others {
+        if free.saturating_add(freed) >= wanted {
+            return order;
+        }
+        freed = freed.saturating_add(exec.memory_of(k));
+        order.gate.push(k.clone());
+    }
+    if free.saturating_add(freed) < wanted {
+        order.at_once = own.into_iter().cloned().collect();
+        order.gate.extend(order.at_once.iter().cloned());
+    }
+    order
 }
 
 /// Carries out `actions`: prepares every new worker first and, if one preparation fails,
 /// abandons the others and changes nothing. Then starts, rebatches, and resizes and stops,
-/// make before break.
+/// make before break, unless the node's memory forbids it ([`order_for_memory`]).
 pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E::Error> {
+    let memory = order_for_memory(exec, &actions);
     let mut prepared = Vec::new();
     for action in &actions {
         if let Action::Start(d) | Action::Replace(d) = action {
@@ -94,10 +174,32 @@ pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E:
             }
         }
     }
-    for (d, p) in prepared {
-        exec.start(d, p);
+    let (waiting, now): (Vec<_>, Vec<_>) = prepared.into_iter().partition(|(d, _)| memory.waiting.contains(&d.key));
+    for (d, p) in now {
+        exec.start(d, p, &[]);
     }
-    // What each task's shrinks and stops wait for, read once all starts are under way.
+    // The stops that make room come before the starts that wait for them; each other stop
+    // waits for its task's starts, those that wait for room included.
+    for key in &memory.at_once {
+        exec.stop(key, &[]);
+    }
+    let (own, others): (Vec<&WorkerKey>, Vec<&WorkerKey>) = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop(k) if !memory.at_once.contains(k) => Some(k),
+            _ => None,
+        })
+        .partition(|k| memory.waiting.iter().any(|w| w.task == k.task));
+    for key in others {
+        exec.stop(key, &exec.starting(&key.task));
+    }
+    for (d, p) in waiting {
+        exec.start(d, p, &memory.gate);
+    }
+    for key in own {
+        exec.stop(key, &exec.starting(&key.task));
+    }
+    // What each task's shrinks wait for, read once all starts are under way.
     let tasks: BTreeSet<&str> = actions.iter().map(|a| a.key().task.as_str()).collect();
     let starting: BTreeMap<&str, Vec<WorkerKey>> = tasks.into_iter().map(|t| (t, exec.starting(t))).collect();
     for action in &actions {
@@ -109,8 +211,7 @@ pub fn execute<E: Executor>(exec: &mut E, actions: Vec<Action>) -> Result<(), E:
                 let shrink = exec.millicores(key).is_some_and(|m| *millicores < m);
                 exec.resize(key, *millicores, if shrink { after } else { &[] });
             }
-            Action::Stop(key) => exec.stop(key, after),
-            Action::Start(_) | Action::Replace(_) => {}
+            Action::Stop(_) | Action::Start(_) | Action::Replace(_) => {}
         }
     }
     Ok(())
@@ -161,6 +262,10 @@ mod tests {
         quotas: HashMap<WorkerKey, u32>,
         loading: Vec<WorkerKey>,
         log: Vec<String>,
+        /// The node's memory, what its workers hold and what each running one was given.
+        budget: Option<u64>,
+        held: u64,
+        memory: HashMap<WorkerKey, u64>,
     }
 
     fn keys(after: &[WorkerKey]) -> String {
@@ -184,8 +289,9 @@ mod tests {
         fn abandon(&mut self, p: String) {
             self.log.push(format!("abandon {p}"));
         }
-        fn start(&mut self, w: DesiredWorker, _: String) {
-            self.log.push(format!("start {} {}", w.key, w.shape.millicores));
+        fn start(&mut self, w: DesiredWorker, _: String, after_gone: &[WorkerKey]) {
+            let gate = if after_gone.is_empty() { String::new() } else { format!(" once gone{}", keys(after_gone)) };
+            self.log.push(format!("start {} {}{gate}", w.key, w.shape.millicores));
             self.loading.push(w.key);
         }
         fn rebatch(&mut self, key: &WorkerKey, b: u32, _: u32) {
@@ -206,6 +312,122 @@ mod tests {
         fn starting(&self, task: &str) -> Vec<WorkerKey> {
             self.loading.iter().filter(|k| k.task == task).cloned().collect()
         }
+        fn memory_budget(&self) -> Option<u64> {
+            self.budget
+        }
+        fn memory_held(&self) -> u64 {
+            self.held
+        }
+        fn memory_of(&self, key: &WorkerKey) -> u64 {
+            self.memory.get(key).copied().unwrap_or(0)
+        }
+    }
+
+    fn with_memory(mut d: DesiredWorker, bytes: u64) -> DesiredWorker {
+        d.shape.memory_bytes = bytes;
+        d
+    }
+
+    #[test]
+    fn a_switch_that_fits_beside_what_runs_is_made_before_it_breaks() {
+        let have = vec![running(&with_memory(desired("t", "big", 1000), 4))];
+        let want = vec![with_memory(desired("t", "small", 1000), 2)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
+        // 4 held, 6 declared: the successor fits beside its predecessor.
+        let memory = [(key("t", "big"), 4)].into();
+        let mut fake = Fake { budget: Some(6), held: 4, memory, ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(fake.log, vec!["prepare t/small#0", "start t/small#0 1000", "stop t/big#0 after t/small#0"]);
+    }
+
+    #[test]
+    fn short_of_memory_a_switch_breaks_before_it_makes_and_a_woken_task_waits_for_the_room() {
+        // t switches big (4) -> small (2); u wakes with 3; w keeps 1 and loses a replica of 1.
+        let have = vec![
+            running(&with_memory(desired("t", "big", 1000), 4)),
+            running(&with_memory(desired("w", "a", 1000), 1)),
+            running(&with_memory(desired("w", "b", 1000), 1)),
+        ];
+        let want = vec![
+            with_memory(desired("t", "small", 1000), 2),
+            with_memory(desired("u", "c", 1000), 3),
+            with_memory(desired("w", "a", 1000), 1),
+        ];
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
+        let memory: HashMap<WorkerKey, u64> = [(key("t", "big"), 4), (key("w", "a"), 1), (key("w", "b"), 1)].into();
+        // 6 declared, all held: the plan (6) fits, the transition (t's switch beside u's start) not.
+        let mut fake = Fake { budget: Some(6), held: 6, memory: memory.clone(), ..Fake::default() };
+        execute(&mut fake, staged.actions.clone()).unwrap();
+        assert_eq!(
+            fake.log,
+            vec![
+                "prepare t/small#0",
+                "prepare u/c#0",
+                "stop t/big#0",
+                "stop w/b#0",
+                "start t/small#0 1000 once gone after w/b#0,t/big#0",
+                "start u/c#0 1000 once gone after w/b#0,t/big#0",
+            ],
+            "w's leaving worker is not room enough: t's own stops at once"
+        );
+        // With 2 free, t's successor is made before its predecessor breaks, and u waits for
+        // the room the predecessor leaves.
+        let mut fake = Fake { budget: Some(8), held: 6, memory, ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(
+            fake.log,
+            vec![
+                "prepare t/small#0",
+                "prepare u/c#0",
+                "start t/small#0 1000",
+                "stop t/big#0 after t/small#0",
+                "stop w/b#0",
+                "start u/c#0 1000 once gone after t/big#0",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_switch_waits_for_other_tasks_leaving_workers_before_it_breaks() {
+        // t switches big (4) -> small (2); w drops b (3); 7 declared, 7 held.
+        let have = vec![
+            running(&with_memory(desired("t", "big", 1000), 4)),
+            running(&with_memory(desired("w", "b", 1000), 3)),
+        ];
+        let want = vec![with_memory(desired("t", "small", 1000), 2)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
+        let memory = [(key("t", "big"), 4), (key("w", "b"), 3)].into();
+        let mut fake = Fake { budget: Some(7), held: 7, memory, ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(
+            fake.log,
+            vec![
+                "prepare t/small#0",
+                "stop w/b#0",
+                "start t/small#0 1000 once gone after w/b#0",
+                "stop t/big#0 after t/small#0"
+            ],
+            "t keeps serving on big until small, which loads in the room b leaves"
+        );
+    }
+
+    #[test]
+    fn with_no_memory_declared_nothing_waits_for_it() {
+        let have = vec![running(&with_memory(desired("t", "big", 1000), 4))];
+        let want = vec![with_memory(desired("t", "small", 1000), 2), with_memory(desired("u", "c", 1000), 3)];
+        let staged = stage(&want, &have, Transition::InPlace, |_| Ok(()));
+        let mut fake = Fake { held: 4, memory: [(key("t", "big"), 4)].into(), ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(
+            fake.log,
+            vec![
+                "prepare t/small#0",
+                "prepare u/c#0",
+                "start t/small#0 1000",
+                "start u/c#0 1000",
+                "stop t/big#0 after t/small#0",
+            ]
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ struct Machine {
     cgroups_made: usize,
     /// Every load attempt, by model file, in order.
     loads: Vec<String>,
+    /// Each load attempt's model file and how many processes had stopped when it began.
+    stopped_at_load: Vec<(String, usize)>,
     /// What kills each live process of a model.
     live: HashMap<String, Vec<Arc<Notify>>>,
 }
@@ -111,6 +113,7 @@ impl Spawner for FakeSpawner {
             let name = model.file_name().unwrap().to_string_lossy().to_string();
             let (gate, fail, load_time) = self.with(|m| {
                 m.loads.push(name.clone());
+                m.stopped_at_load.push((name.clone(), self.stopped.load(Ordering::Relaxed)));
                 let fail = m.failures.get_mut(&name).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
                 (m.gates.get(&name).cloned(), fail, m.load_times.get(&name).copied())
             });
@@ -238,6 +241,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_capacity(8000.into())
+    }
+
+    fn with_capacity(capacity: Capacity) -> Self {
         let models = tempfile::tempdir().unwrap();
         for v in ["a", "b", "c"] {
             std::fs::write(models.path().join(format!("{v}.onnx")), model_file()).unwrap();
@@ -246,7 +253,8 @@ impl Harness {
         let router = Arc::new(Router::default());
         let reconciler = Reconciler::start(Parts {
             node: NODE.into(),
-            capacity: 8000.into(),
+            capacity,
+            overlap_transitions: false,
             models: ModelDir::new(models.path().into(), None),
             fetcher: None,
             queue_capacity: 16,
@@ -378,6 +386,40 @@ async fn a_plan_that_fails_halfway_changes_nothing() {
     let mut variants = h.variants();
     variants.sort();
     assert_eq!(variants, ["b", "c"]);
+    h.reconciler.shutdown().await;
+}
+
+/// `plan`, each worker given `memory_bytes`.
+fn with_memory(mut plan: Plan, memory_bytes: u64) -> Plan {
+    plan.assignments.iter_mut().for_each(|a| a.memory_bytes = memory_bytes);
+    plan
+}
+
+#[tokio::test]
+async fn a_switch_the_node_s_memory_cannot_hold_twice_breaks_before_it_makes() {
+    const MIB: u64 = 1 << 20;
+    // Room for one worker of 60 MiB, not two: b loads only once a has stopped.
+    let h = Harness::with_capacity(Capacity { millicores: 8000, memory_bytes: 100 * MIB });
+    h.apply(with_memory(plan(1, &[("a", 1000)]), 60 * MIB)).await.unwrap();
+    h.all_serve().await;
+    h.apply(with_memory(plan(2, &[("b", 1000)]), 60 * MIB)).await.unwrap();
+    h.all_serve().await;
+    assert_eq!(h.serve().await, "b");
+    let loads = h.spawner.with(|m| m.stopped_at_load.clone());
+    assert_eq!(loads, [("a.onnx".to_string(), 0), ("b.onnx".to_string(), 1)], "b loaded once a had stopped");
+    h.reconciler.shutdown().await;
+
+    // Room for both: a serves until b does (make before break), as without memory declared.
+    let h = Harness::with_capacity(Capacity { millicores: 8000, memory_bytes: 200 * MIB });
+    h.apply(with_memory(plan(1, &[("a", 1000)]), 60 * MIB)).await.unwrap();
+    h.all_serve().await;
+    h.spawner.gate("b.onnx");
+    h.apply(with_memory(plan(2, &[("b", 1000)]), 60 * MIB)).await.unwrap();
+    assert_eq!(h.reconciler.view().retiring.len(), 1, "a serves while b loads");
+    assert_eq!(h.serve().await, "a");
+    h.spawner.open("b.onnx");
+    h.until("a is retired", |v| v.retiring.is_empty()).await;
+    assert_eq!(h.spawner.with(|m| m.stopped_at_load.clone())[1], ("b.onnx".to_string(), 0));
     h.reconciler.shutdown().await;
 }
 

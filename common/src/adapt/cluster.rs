@@ -16,8 +16,11 @@
 //! task that may be unloaded (`min_workers` 0, no request for a round). Short of memory, the
 //! task whose largest worker takes the most memory for its weight is planned again with
 //! smaller workers first, so that tasks give up accuracy before any goes without a worker.
+//! While the nodes are short of memory, the tasks keep to the memory they were given (see
+//! [`MemoryHolds`]): growing back into memory that a woken task takes again a round later is
+//! two transitions for nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tidal_proto::v1::{Assignment, Plan};
 
@@ -25,29 +28,76 @@ use super::share::{self, Claim};
 use super::{current_nodes, variant_name, AdaptConfig, Choice, RoundInput, TaskPlans, WorkerLimit};
 use crate::plan::{place, Room};
 
+/// The memory each task's workers are held to while the nodes are short of it: the largest
+/// worker each had after the last round that was short (or, for a task unloaded since, when it
+/// last had workers), until `scale_down_after` rounds pass without a shortage (the scale-down
+/// stabiliser's rounds: the plan grows back into memory as late as it shrinks from cores).
+/// Tasks never held (new) are planned as ever.
+#[derive(Debug, Clone, Default)]
+pub(super) struct MemoryHolds {
+    pub by_task: BTreeMap<String, u64>,
+    /// Rounds in a row without a shortage of memory.
+    pub calm_rounds: u32,
+}
+
+impl MemoryHolds {
+    /// After a round: `short` whether a worker found no node with its memory; `plan` the
+    /// round's plan. `counts` whether it was a round (a reconsidered plan sets holds but does
+    /// not count towards releasing them).
+    pub fn after(&mut self, short: bool, plan: &Plan, counts: bool, release_after: u32) {
+        if short {
+            self.calm_rounds = 0;
+            // A task without workers (unloaded) keeps its hold: woken, it comes back within it.
+            let mut planned: BTreeMap<String, u64> = BTreeMap::new();
+            for a in plan.assignments.iter().filter(|a| a.memory_bytes > 0) {
+                let held = planned.entry(a.task.clone()).or_default();
+                *held = (*held).max(a.memory_bytes);
+            }
+            self.by_task.extend(planned);
+        } else if counts {
+            self.calm_rounds += 1;
+            if self.calm_rounds >= release_after.max(1) {
+                self.by_task.clear();
+            }
+        }
+    }
+
+    fn limit(&self, task: &str) -> WorkerLimit {
+        WorkerLimit { memory: self.by_task.get(task).copied(), ..WorkerLimit::ANY }
+    }
+}
+
 /// Divides the cores of `free` (per node) among `tasks`, places their workers into `plan`
-/// (with every note that explains them) and returns each task's choice.
+/// (with every note that explains them) and returns each task's choice, and whether the nodes
+/// were short of memory.
 pub(super) fn divide_and_place(
     cfg: &AdaptConfig,
     tasks: &mut [TaskPlans],
     free: &[u32],
     input: &RoundInput,
     plan: &mut Plan,
-) -> Vec<Choice> {
+    holds: &MemoryHolds,
+) -> (Vec<Choice>, bool) {
     // Per task, what the division and the placement say of it, before its plan's own notes.
     let mut said: Vec<Vec<String>> = vec![Vec::new(); tasks.len()];
-    let mut choices = divide(cfg, tasks, free.iter().sum(), &mut said);
-    if !input.nodes.is_empty() {
-        place_all(tasks, &mut choices, free, input, plan, &mut said);
-    }
+    let held: Vec<WorkerLimit> = tasks.iter().map(|t| holds.limit(t.name())).collect();
+    let mut choices = divide(cfg, tasks, free.iter().sum(), &held, &mut said);
+    let short = !input.nodes.is_empty() && place_all(tasks, &mut choices, free, input, plan, &held, &mut said);
     for (said, choice) in said.iter().zip(&choices) {
         plan.notes.extend(said.iter().chain(&choice.notes).cloned());
     }
-    choices
+    (choices, short)
 }
 
-/// Each task's choice within the cores it is given.
-fn divide(cfg: &AdaptConfig, tasks: &mut [TaskPlans], total: u32, said: &mut [Vec<String>]) -> Vec<Choice> {
+/// Each task's choice within the cores it is given (and the memory it is held to, unless that
+/// leaves it without a worker or overloaded where it need not be).
+fn divide(
+    cfg: &AdaptConfig,
+    tasks: &mut [TaskPlans],
+    total: u32,
+    held: &[WorkerLimit],
+    said: &mut [Vec<String>],
+) -> Vec<Choice> {
     let fixed: u32 = tasks.iter().filter_map(|t| t.fixed.as_ref()).map(Choice::cores).sum();
     let divisible = total.saturating_sub(fixed);
     let best: u32 = tasks
@@ -80,9 +130,18 @@ fn divide(cfg: &AdaptConfig, tasks: &mut [TaskPlans], total: u32, said: &mut [Ve
     tasks
         .iter_mut()
         .zip(budgets)
-        .map(|(t, budget)| match &t.fixed {
+        .zip(held)
+        .map(|((t, budget), &limit)| match &t.fixed {
             Some(fixed) => fixed.clone(),
-            None => within_or_nothing(t, budget, WorkerLimit::ANY),
+            None if limit == WorkerLimit::ANY => within_or_nothing(t, budget, limit),
+            None => {
+                let kept = within_or_nothing(t, budget, limit);
+                if kept.workers.is_empty() || kept.overloaded {
+                    within_or_nothing(t, budget, WorkerLimit::ANY)
+                } else {
+                    kept
+                }
+            }
         })
         .collect()
 }
@@ -157,18 +216,34 @@ fn claim(t: &mut TaskPlans) -> Claim {
 /// Places every task's workers at once; a task whose worker finds no node with room is planned
 /// again with smaller workers: within the most cores a node has free, or, when a node has the
 /// cores but none the memory, within the most memory a node has free (a smaller batch or
-/// another variant). Failing that it goes without, and the notes say why.
+/// another variant). Failing that it goes without, and the notes say why. Whether a worker
+/// found no node with its memory.
+#[allow(clippy::too_many_arguments)]
 fn place_all(
     tasks: &mut [TaskPlans],
     choices: &mut [Choice],
     free: &[u32],
     input: &RoundInput,
     plan: &mut Plan,
+    held: &[WorkerLimit],
     said: &mut [Vec<String>],
-) {
+) -> bool {
     let free: Vec<Room> =
         free.iter().zip(&input.nodes).map(|(&cores, n)| Room { cores, memory_bytes: n.memory_free() }).collect();
-    let mut limits: Vec<WorkerLimit> = vec![WorkerLimit::ANY; tasks.len()];
+    // A held task whose choice keeps to its hold starts from it (a tighter limit only shrinks).
+    let mut limits: Vec<WorkerLimit> = held
+        .iter()
+        .zip(choices.iter())
+        .map(|(&limit, c)| {
+            let within = c.workers.iter().all(|w| limit.memory.is_none_or(|m| w.memory_bytes <= m));
+            if within {
+                limit
+            } else {
+                WorkerLimit::ANY
+            }
+        })
+        .collect();
+    let mut short = false;
     // Shrinks made so that tasks would not go without a worker, undone if one of those goes
     // without all the same: the choices, limits and note counts before the first of them, and
     // the tasks they were made for.
@@ -195,10 +270,11 @@ fn place_all(
                     plan.assignments.push(Assignment { node, replica: *replica, ..(*w).clone() });
                     *replica += 1;
                 }
-                return;
+                return short;
             }
             Err(e) => e,
         };
+        short |= e.short_of_memory();
         let i = workers[e.worker].0;
         let name = tasks[i].name().to_string();
         let budget = choices[i].cores();
@@ -289,10 +365,10 @@ fn place_all(
     }
 }
 
-/// A task's largest worker, as the order in which tasks give up memory sees it: the most
-/// memory for its weight first and, of two alike, one not running now (its load is to come
-/// either way) before one that runs, so that a round does not swap running workers for
-/// others of the same size.
+/// A task's largest worker, as the order in which tasks give up memory sees it: one not
+/// running now (its load is to come either way) before any that runs, so that a round does
+/// not swap running workers for others of the same size (each swap a transition, and with
+/// memory full one that breaks before it makes); then the most memory for its weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Largest {
     per_weight: f64,
@@ -302,7 +378,7 @@ struct Largest {
 impl Largest {
     /// `Less` when it gives up memory before `other`.
     fn order(&self, other: &Self) -> std::cmp::Ordering {
-        other.per_weight.total_cmp(&self.per_weight).then(self.runs.cmp(&other.runs))
+        self.runs.cmp(&other.runs).then(other.per_weight.total_cmp(&self.per_weight))
     }
 }
 

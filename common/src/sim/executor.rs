@@ -26,6 +26,7 @@ pub(super) fn apply_plan<'s>(
     node: &str,
     t: f64,
     warm: bool,
+    memory_budget: Option<u64>,
 ) -> Result<(), String> {
     let desired = desired_on(plan, node);
     let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
@@ -51,7 +52,7 @@ pub(super) fn apply_plan<'s>(
         })
         .collect();
     let actions = diff(&desired, &running, transition);
-    execute(&mut SimExecutor { workers, variants, index, t, warm }, actions)?;
+    execute(&mut SimExecutor { workers, variants, index, t, warm, memory_budget }, actions)?;
     for d in &desired {
         if let Some(w) = workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
             w.share = d.weight;
@@ -102,7 +103,7 @@ impl NodeTimeline {
         let index = index.map(|(i, ((task, _), v))| ((task.as_str(), v.name.as_str()), i)).collect();
         let of = &self.of;
         let model_file = |v: usize| of[v].1.clone();
-        apply_plan(&mut self.workers, &self.variants, index, model_file, plan, &self.node, t, false)
+        apply_plan(&mut self.workers, &self.variants, index, model_file, plan, &self.node, t, false, None)
     }
 
     /// The workers that serve at `t`, with the cores they have then, in order; `t` not before
@@ -133,6 +134,8 @@ pub(super) struct SimExecutor<'s> {
     pub t: f64,
     /// The first plan's workers serve at once (the replay starts warm).
     pub warm: bool,
+    /// The node's declared memory (`None`: not declared).
+    pub memory_budget: Option<u64>,
 }
 
 impl SimExecutor<'_> {
@@ -160,8 +163,13 @@ impl Executor for SimExecutor<'_> {
 
     fn abandon(&mut self, _: usize) {}
 
-    fn start(&mut self, d: DesiredWorker, variant: usize) {
-        let ready_at = if self.warm { self.t } else { self.t + self.variants[variant].load_time_s };
+    /// A start that waits for workers to stop begins to load when they are estimated to have
+    /// drained (when the last request they hold is due: they serve or shed it by then).
+    fn start(&mut self, d: DesiredWorker, variant: usize, after_gone: &[WorkerKey]) {
+        let stopped = |k: &WorkerKey| self.workers.iter().rposition(|w| &w.key == k && w.retire_at.is_finite());
+        let loads_from =
+            after_gone.iter().filter_map(stopped).map(|i| self.workers[i].drained_by()).fold(self.t, f64::max);
+        let ready_at = if self.warm { self.t } else { loads_from + self.variants[variant].load_time_s };
         if let Some(old) = self.live(&d.key) {
             self.workers[old].retire_at = ready_at;
         }
@@ -170,6 +178,8 @@ impl Executor for SimExecutor<'_> {
             SimWorker::new(variant, d.shape.millicores.div_ceil(1000), d.shape.max_batch, delay, d.weight, ready_at)
                 .generating(self.variants[variant].generate.as_ref());
         w.key = d.key;
+        w.loads_from = if self.warm { self.t } else { loads_from };
+        w.memory_bytes = d.shape.memory_bytes;
         self.workers.push(w);
     }
 
@@ -212,5 +222,17 @@ impl Executor for SimExecutor<'_> {
             .filter(|w| w.key.task == task && w.retire_at.is_infinite() && w.ready_at > self.t)
             .map(|w| w.key.clone())
             .collect()
+    }
+
+    fn memory_budget(&self) -> Option<u64> {
+        self.memory_budget
+    }
+
+    fn memory_held(&self) -> u64 {
+        self.workers.iter().filter(|w| !w.gone(self.t)).map(|w| w.memory_bytes).fold(0, u64::saturating_add)
+    }
+
+    fn memory_of(&self, key: &WorkerKey) -> u64 {
+        self.live(key).map_or(0, |i| self.workers[i].memory_bytes)
     }
 }

@@ -102,6 +102,11 @@ pub struct SimConfig {
     /// its variant's profiled peak (`ProfilePoint::resident_bytes`) with the planner's
     /// headroom.
     pub memory_bytes: u64,
+    /// Let make before break hold a leaving worker and its successor both while it loads, past
+    /// the declared memory (the agent's `--overlap-transitions`). By default transitions keep
+    /// within it too: a worker starts only when the node's memory holds it beside what runs, and
+    /// a switch that cannot be made before it breaks breaks first (see [`crate::executor`]).
+    pub overlap_transitions: bool,
 }
 
 /// What happened in one adaptation interval.
@@ -776,8 +781,18 @@ impl<'a> Sim<'a> {
         self.by_slack = plan.routing == tidal_proto::v1::Routing::BySlack as i32;
         let variants = &self.variants;
         let model_file = |v: usize| model_file(&variants[v].name);
-        let applied =
-            executor::apply_plan(&mut self.workers, variants, index, model_file, plan, SimPlanner::NODE, t, warm);
+        let budget = (!self.cfg.overlap_transitions && self.cfg.memory_bytes > 0).then_some(self.cfg.memory_bytes);
+        let applied = executor::apply_plan(
+            &mut self.workers,
+            variants,
+            index,
+            model_file,
+            plan,
+            SimPlanner::NODE,
+            t,
+            warm,
+            budget,
+        );
         if let Err(e) = applied {
             // The planner plans only the variants it was given: a bug, and the plan is not applied.
             debug_assert!(false, "{e}");
@@ -1039,7 +1054,9 @@ impl<'a> Sim<'a> {
         for w in self.workers.iter().filter(|w| !w.gone(t)) {
             self.counters[self.task_of[w.variant]].core_seconds += w.cores() as f64;
             self.interval_cores += w.cores() as f64;
-            memory = memory.saturating_add(w.memory_bytes);
+            if t >= w.loads_from {
+                memory = memory.saturating_add(w.memory_bytes);
+            }
         }
         self.interval_seconds += 1;
         self.peak_memory = self.peak_memory.max(memory);

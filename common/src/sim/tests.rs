@@ -20,6 +20,7 @@ fn cfg() -> SimConfig {
         slo_fractions: None,
         slowdown: 1.0,
         memory_bytes: 0,
+        overlap_transitions: false,
     }
 }
 
@@ -410,4 +411,39 @@ fn plans_keep_within_the_node_s_memory_and_every_task_is_served() {
     }
     assert!(unbounded.accuracy > 77.0, "{}", unbounded.accuracy);
     assert!(bounded.accuracy < unbounded.accuracy && bounded.accuracy > 71.0, "{}", bounded.accuracy);
+}
+
+#[test]
+fn transitions_keep_within_the_node_s_memory_unless_they_may_overlap() {
+    const GIB: u64 = 1 << 30;
+    let with_memory = |v: SimVariant, bytes: u64| SimVariant {
+        points: v.points.into_iter().map(|p| ProfilePoint { resident_bytes: bytes, ..p }).collect(),
+        load_time_s: 5.0,
+        ..v
+    };
+    let variants =
+        vec![with_memory(variant("small", 70.0, 40.0), GIB), with_memory(variant("big", 78.0, 10.0), 2 * GIB)];
+    // A load that two cores of big cannot carry, between two that one core of it can: the task
+    // switches big -> small -> big.
+    let tasks = vec![SimTask {
+        name: "t".into(),
+        stages: vec![SimStage::new("s", variants)],
+        slo_ms: 500.0,
+        rates: (0..240).map(|s| if (80..160).contains(&s) { 30.0 } else { 4.0 }).collect(),
+        warmup: vec![4.0; 30],
+        share: None,
+    }];
+    // Room for either worker (2.5 and 1.25 GiB with the planner's headroom), not both.
+    let memory = 3 * GIB;
+    let run = |overlap_transitions| {
+        simulate_tasks(&tasks, &SimConfig { core_budget: 2, memory_bytes: memory, overlap_transitions, ..cfg() })
+    };
+    let (overlapping, strict) = (run(true), run(false));
+    let brief = |r: &SimReport| {
+        (r.reconfigurations, r.peak_planned_memory_bytes, r.peak_memory_bytes, r.seconds_over_memory, r.accuracy)
+    };
+    assert!(overlapping.peak_planned_memory_bytes <= memory && strict.peak_planned_memory_bytes <= memory);
+    assert!(overlapping.seconds_over_memory > 0, "make before break holds both: {:?}", brief(&overlapping));
+    assert_eq!(strict.seconds_over_memory, 0, "{:?}", brief(&strict));
+    assert!(strict.accuracy > 71.0 && strict.accuracy < 77.0, "big, small, then big again: {:?}", brief(&strict));
 }

@@ -49,8 +49,12 @@ pub(crate) struct SimWorker {
     pub share: f64,
     /// When its model is loaded and it can serve.
     pub ready_at: f64,
-    /// The memory the plan gives it, bytes (held from its start until it has retired).
+    /// The memory the plan gives it, bytes (held from `loads_from` until it has retired and
+    /// drained).
     pub memory_bytes: u64,
+    /// When its model begins to load: its start, or once the workers it waits for to make
+    /// room have stopped.
+    pub loads_from: f64,
     /// When it stops taking requests (infinite while it is part of the plan).
     pub retire_at: f64,
     /// The quota, in whole cores (see [`SimWorker::resize`]).
@@ -114,6 +118,7 @@ impl SimWorker {
             share,
             ready_at,
             memory_bytes: 0,
+            loads_from: f64::NEG_INFINITY,
             retire_at: f64::INFINITY,
             queue: VecDeque::new(),
             in_flight: Vec::new(),
@@ -158,6 +163,12 @@ impl SimWorker {
     /// Retired and nothing left to do: its cores are free.
     pub fn gone(&self, t: f64) -> bool {
         t >= self.retire_at && self.queue.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// By when a retired worker has served or shed what it holds: the latest deadline among
+    /// its requests, or its retirement.
+    pub fn drained_by(&self) -> f64 {
+        self.queue.iter().chain(&self.in_flight).map(|r| r.deadline).fold(self.retire_at, f64::max)
     }
 
     pub fn cores(&self) -> u32 {

@@ -517,3 +517,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn tasks_shrunk_for_memory_grow_back_only_after_rounds_without_a_shortage() {
+    const GIB: u64 = 1 << 30;
+    let big = |plan: &Plan| {
+        let accurate = plan.assignments.iter().filter(|a| a.variant.as_ref().unwrap().name.ends_with("big"));
+        accurate.count()
+    };
+    // Four tasks on 6 GiB: all run the small variant (see the test above).
+    let four = Cluster::new(&[5.0, 5.0, 5.0, 5.0], &[8]).memory(6 * GIB, GIB, 2 * GIB);
+    let mut adapter = Adapter::new(config(ShareRule::Weighted));
+    assert_eq!(big(&adapter.round(&four.input()).plan), 0);
+    // One task leaves: there is room for one accurate worker (2.5 + 2 × 1.25 GiB), which a
+    // fresh planner takes at once ...
+    let mut three = Cluster::new(&[5.0, 5.0, 5.0], &[8]).memory(6 * GIB, GIB, 2 * GIB);
+    three.tasks.truncate(3);
+    assert_eq!(big(&round(&three, ShareRule::Weighted)), 1);
+    // ... and one that was short of memory takes after `scale_down_after` rounds without a
+    // shortage, not before: a woken task would take the room again.
+    let rounds = AdaptConfig::default().scale_down_after;
+    for r in 0..rounds {
+        assert_eq!(big(&adapter.round(&three.input()).plan), 0, "round {r} after the shortage");
+    }
+    assert_eq!(big(&adapter.round(&three.input()).plan), 1);
+}
