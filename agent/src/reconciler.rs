@@ -856,8 +856,10 @@ impl Executor for NodeExecutor<'_> {
             .collect();
         let gate = (!gone.is_empty()).then(|| {
             info!(worker = %id, waits_for = gone.len(), "the worker starts once workers leaving make its memory's room");
-            // Bounded: a drain is, and a worker that never stopped must not hold its successor for ever.
-            let bound = self.owner.p.drain + self.owner.p.spawner.load_timeout();
+            // Bounded: a worker that never stopped must not hold its successor for ever. One
+            // leaving make before break may wait a load timeout for its own successor, then
+            // drain, then have its process stopped (a grace of 5 s).
+            let bound = self.owner.p.spawner.load_timeout() + self.owner.p.drain + Duration::from_secs(10);
             let all = futures::future::join_all(gone);
             Box::pin(async move {
                 let _ = tokio::time::timeout(bound, all).await;
@@ -939,6 +941,23 @@ impl Executor for NodeExecutor<'_> {
 
     fn memory_of(&self, key: &WorkerKey) -> u64 {
         self.owner.workers.get(key).map_or(0, |w| w.planned_memory_bytes())
+    }
+
+    fn leaving(&self) -> Vec<(WorkerKey, u64)> {
+        let o = &self.owner;
+        let leaving = o.retiring.iter().chain(o.stopping.iter().filter(|w| !w.is_gone()));
+        leaving
+            .map(|w| {
+                let s = &w.spec;
+                let key = WorkerKey {
+                    task: s.task.clone(),
+                    stage: s.stage.clone(),
+                    variant: s.variant.name.clone(),
+                    replica: s.replica,
+                };
+                (key, w.planned_memory_bytes())
+            })
+            .collect()
     }
 }
 

@@ -381,8 +381,9 @@ pub struct Worker {
     /// The memory the plan gives it, bytes (0: not planned); its cgroup's limit follows
     /// ([`tidal_common::memory::cgroup_limit`]).
     memory_bytes: AtomicU64,
-    /// The memory its plan gives it, limited or not: what it holds for the node's count.
-    planned_memory_bytes: u64,
+    /// The memory its plan gives it, limited or not: what it holds for the node's count
+    /// (raised with its limit).
+    planned_memory_bytes: AtomicU64,
     stop: CancellationToken,
     /// Cancelled once it has stopped: its process ended, its cgroup removed.
     gone: CancellationToken,
@@ -433,7 +434,7 @@ impl Worker {
             load_ms: Arc::new(AtomicU32::new(0)),
             restarts: Arc::new(AtomicU32::new(0)),
             memory_bytes: AtomicU64::new(memory_bytes),
-            planned_memory_bytes,
+            planned_memory_bytes: AtomicU64::new(planned_memory_bytes),
             stop: CancellationToken::new(),
             gone: CancellationToken::new(),
             batcher: tokio::sync::Mutex::new(None),
@@ -498,7 +499,7 @@ impl Worker {
 
     /// The memory its plan gives it (0: not planned), limited or not.
     pub fn planned_memory_bytes(&self) -> u64 {
-        self.planned_memory_bytes
+        self.planned_memory_bytes.load(Ordering::Relaxed)
     }
 
     /// Whether it has stopped (its process ended, its cgroup removed).
@@ -511,8 +512,10 @@ impl Worker {
         self.gone.clone().cancelled_owned()
     }
 
-    /// Limits its cgroup to what `memory_bytes` planned allows, in place.
+    /// Limits its cgroup to what `memory_bytes` planned allows, in place. The plan's figure
+    /// is what it counts for from now on, whether or not the limit could be set.
     pub fn limit_memory(&self, memory_bytes: u64) -> Result<(), CgroupError> {
+        self.planned_memory_bytes.store(memory_bytes, Ordering::Relaxed);
         let limit = tidal_common::memory::cgroup_limit(memory_bytes);
         // A limit under what the process holds would have the kernel reclaim, then kill it
         // with its queue (v2), or refuse (v1 EBUSY): refused here, alike on both.

@@ -88,6 +88,9 @@ pub trait Executor {
     fn memory_held(&self) -> u64;
     /// The memory the plan gives a running worker (0: not planned).
     fn memory_of(&self, key: &WorkerKey) -> u64;
+    /// The workers earlier plans stopped that still hold memory (retiring or draining), with
+    /// what they hold: a start may wait for them too.
+    fn leaving(&self) -> Vec<(WorkerKey, u64)>;
 }
 
 /// Which starts wait for memory, and for which stops; which stops break before make.
@@ -138,15 +141,18 @@ fn order_for_memory<E: Executor>(exec: &E, actions: &[Action]) -> MemoryOrder {
         return order;
     }
     let waits = |task: &str| order.waiting.iter().any(|k| k.task == task);
-    let (own, mut others): (Vec<&WorkerKey>, Vec<&WorkerKey>) = stops.into_iter().partition(|k| waits(&k.task));
-    others.sort_by_key(|k| (std::cmp::Reverse(exec.memory_of(k)), (*k).clone()));
+    let (own, others): (Vec<&WorkerKey>, Vec<&WorkerKey>) = stops.into_iter().partition(|k| waits(&k.task));
+    // Other tasks' workers leaving, this plan's and earlier plans' alike.
+    let mut others: Vec<(u64, WorkerKey)> = others.into_iter().map(|k| (exec.memory_of(k), k.clone())).collect();
+    others.extend(exec.leaving().into_iter().map(|(k, bytes)| (bytes, k)));
+    others.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     let mut freed = 0u64;
-    for k in others {
+    for (bytes, k) in others {
         if free.saturating_add(freed) >= wanted {
             return order;
         }
-        freed = freed.saturating_add(exec.memory_of(k));
-        order.gate.push(k.clone());
+        freed = freed.saturating_add(bytes);
+        order.gate.push(k);
     }
     if free.saturating_add(freed) < wanted {
         order.at_once = own.into_iter().cloned().collect();
@@ -266,6 +272,8 @@ mod tests {
         budget: Option<u64>,
         held: u64,
         memory: HashMap<WorkerKey, u64>,
+        /// Workers earlier plans stopped, still holding memory.
+        leaving: Vec<(WorkerKey, u64)>,
     }
 
     fn keys(after: &[WorkerKey]) -> String {
@@ -320,6 +328,9 @@ mod tests {
         }
         fn memory_of(&self, key: &WorkerKey) -> u64 {
             self.memory.get(key).copied().unwrap_or(0)
+        }
+        fn leaving(&self) -> Vec<(WorkerKey, u64)> {
+            self.leaving.clone()
         }
     }
 
@@ -409,6 +420,17 @@ mod tests {
             ],
             "t keeps serving on big until small, which loads in the room b leaves"
         );
+    }
+
+    #[test]
+    fn a_start_waits_for_workers_an_earlier_plan_stopped() {
+        // u wakes with 3 on a full node of 6, where t's old worker (4) still drains from the
+        // last plan: u waits for it, and nothing of this plan breaks.
+        let want = vec![with_memory(desired("u", "c", 1000), 3)];
+        let staged = stage(&want, &[], Transition::InPlace, |_| Ok(()));
+        let mut fake = Fake { budget: Some(6), held: 6, leaving: vec![(key("t", "old"), 4)], ..Fake::default() };
+        execute(&mut fake, staged.actions).unwrap();
+        assert_eq!(fake.log, vec!["prepare u/c#0", "start u/c#0 1000 once gone after t/old#0"]);
     }
 
     #[test]

@@ -421,6 +421,17 @@ async fn a_switch_the_node_s_memory_cannot_hold_twice_breaks_before_it_makes() {
     h.until("a is retired", |v| v.retiring.is_empty()).await;
     assert_eq!(h.spawner.with(|m| m.stopped_at_load.clone())[1], ("b.onnx".to_string(), 0));
     h.reconciler.shutdown().await;
+
+    // A worker started before its memory was planned counts for what a later plan gives it.
+    let h = Harness::with_capacity(Capacity { millicores: 8000, memory_bytes: 100 * MIB });
+    h.apply(plan(1, &[("a", 1000)])).await.unwrap();
+    h.all_serve().await;
+    h.apply(with_memory(plan(2, &[("a", 1000)]), 60 * MIB)).await.unwrap();
+    h.apply(with_memory(plan(3, &[("b", 1000)]), 60 * MIB)).await.unwrap();
+    h.all_serve().await;
+    let loads = h.spawner.with(|m| m.stopped_at_load.clone());
+    assert_eq!(loads, [("a.onnx".to_string(), 0), ("b.onnx".to_string(), 1)], "b loaded once a had stopped");
+    h.reconciler.shutdown().await;
 }
 
 #[tokio::test]

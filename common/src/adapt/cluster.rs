@@ -45,6 +45,8 @@ impl MemoryHolds {
     /// round's plan. `counts` whether it was a round (a reconsidered plan sets holds but does
     /// not count towards releasing them).
     pub fn after(&mut self, short: bool, plan: &Plan, counts: bool, release_after: u32) {
+        // A deleted task's hold goes with it (a task of its name registered again starts free).
+        self.by_task.retain(|task, _| plan.tasks.iter().any(|t| &t.name == task));
         if short {
             self.calm_rounds = 0;
             // A task without workers (unloaded) keeps its hold: woken, it comes back within it.
@@ -216,8 +218,8 @@ fn claim(t: &mut TaskPlans) -> Claim {
 /// Places every task's workers at once; a task whose worker finds no node with room is planned
 /// again with smaller workers: within the most cores a node has free, or, when a node has the
 /// cores but none the memory, within the most memory a node has free (a smaller batch or
-/// another variant). Failing that it goes without, and the notes say why. Whether a worker
-/// found no node with its memory.
+/// another variant). Failing that it goes without, and the notes say why. Whether memory
+/// moved between tasks (see the end).
 #[allow(clippy::too_many_arguments)]
 fn place_all(
     tasks: &mut [TaskPlans],
@@ -243,7 +245,7 @@ fn place_all(
             }
         })
         .collect();
-    let mut short = false;
+    let mut unloaded_for_memory = false;
     // Shrinks made so that tasks would not go without a worker, undone if one of those goes
     // without all the same: the choices, limits and note counts before the first of them, and
     // the tasks they were made for.
@@ -270,11 +272,17 @@ fn place_all(
                     plan.assignments.push(Assignment { node, replica: *replica, ..(*w).clone() });
                     *replica += 1;
                 }
-                return short;
+                // Short of memory when memory moved between tasks and stayed moved: a task
+                // unloaded for it, or workers kept smaller than this round began with. A worker
+                // that fits nowhere, whatever the others give up, is not (holding the others
+                // would not help it, and would hold them for as long as it is asked for).
+                let smaller = (0..tasks.len()).any(|j| {
+                    !choices[j].workers.is_empty() && limits[j].memory.is_some() && limits[j].memory != held[j].memory
+                });
+                return unloaded_for_memory || smaller;
             }
             Err(e) => e,
         };
-        short |= e.short_of_memory();
         let i = workers[e.worker].0;
         let name = tasks[i].name().to_string();
         let budget = choices[i].cores();
@@ -304,6 +312,7 @@ fn place_all(
                 super::idle_for(tasks[j].task.idle_s)
             ));
             choices[j].workers.clear();
+            unloaded_for_memory = true;
             continue;
         }
         // Short of memory, the task whose largest worker takes the most memory for its weight

@@ -26,7 +26,7 @@ pub(super) fn apply_plan<'s>(
     node: &str,
     t: f64,
     warm: bool,
-    memory_budget: Option<u64>,
+    memory: Option<MemoryBudget>,
 ) -> Result<(), String> {
     let desired = desired_on(plan, node);
     let transition = Transition::try_from(plan.transition).unwrap_or(Transition::InPlace);
@@ -52,7 +52,7 @@ pub(super) fn apply_plan<'s>(
         })
         .collect();
     let actions = diff(&desired, &running, transition);
-    execute(&mut SimExecutor { workers, variants, index, t, warm, memory_budget }, actions)?;
+    execute(&mut SimExecutor { workers, variants, index, t, warm, memory }, actions)?;
     for d in &desired {
         if let Some(w) = workers.iter_mut().find(|w| w.key == d.key && w.retire_at.is_infinite()) {
             w.share = d.weight;
@@ -60,6 +60,14 @@ pub(super) fn apply_plan<'s>(
         }
     }
     Ok(())
+}
+
+/// A node's declared memory, as the executor keeps transitions within it.
+pub(super) struct MemoryBudget {
+    pub bytes: u64,
+    /// Per variant, the longest a request it takes may wait (its task's SLO, seconds): how
+    /// long a worker that stops later may drain after it stops taking requests.
+    pub drain_s: Vec<f64>,
 }
 
 /// One node's make before break as the simulator carries it out, on its own: plans applied at
@@ -134,8 +142,8 @@ pub(super) struct SimExecutor<'s> {
     pub t: f64,
     /// The first plan's workers serve at once (the replay starts warm).
     pub warm: bool,
-    /// The node's declared memory (`None`: not declared).
-    pub memory_budget: Option<u64>,
+    /// The node's declared memory (`None`: not declared, or transitions may pass it).
+    pub memory: Option<MemoryBudget>,
 }
 
 impl SimExecutor<'_> {
@@ -164,11 +172,17 @@ impl Executor for SimExecutor<'_> {
     fn abandon(&mut self, _: usize) {}
 
     /// A start that waits for workers to stop begins to load when they are estimated to have
-    /// drained (when the last request they hold is due: they serve or shed it by then).
+    /// drained: when the last request they hold is due (they serve or shed it by then), or,
+    /// for one that stops taking requests later, an SLO after that.
     fn start(&mut self, d: DesiredWorker, variant: usize, after_gone: &[WorkerKey]) {
         let stopped = |k: &WorkerKey| self.workers.iter().rposition(|w| &w.key == k && w.retire_at.is_finite());
-        let loads_from =
-            after_gone.iter().filter_map(stopped).map(|i| self.workers[i].drained_by()).fold(self.t, f64::max);
+        let drained = |i: usize| {
+            let w = &self.workers[i];
+            let drain_s = self.memory.as_ref().and_then(|m| m.drain_s.get(w.variant)).copied().unwrap_or(0.0);
+            let later = if w.retire_at > self.t { w.retire_at + drain_s } else { w.retire_at };
+            w.drained_by().max(later)
+        };
+        let loads_from = after_gone.iter().filter_map(stopped).map(drained).fold(self.t, f64::max);
         let ready_at = if self.warm { self.t } else { loads_from + self.variants[variant].load_time_s };
         if let Some(old) = self.live(&d.key) {
             self.workers[old].retire_at = ready_at;
@@ -225,7 +239,7 @@ impl Executor for SimExecutor<'_> {
     }
 
     fn memory_budget(&self) -> Option<u64> {
-        self.memory_budget
+        self.memory.as_ref().map(|m| m.bytes)
     }
 
     fn memory_held(&self) -> u64 {
@@ -234,5 +248,10 @@ impl Executor for SimExecutor<'_> {
 
     fn memory_of(&self, key: &WorkerKey) -> u64 {
         self.live(key).map_or(0, |i| self.workers[i].memory_bytes)
+    }
+
+    fn leaving(&self) -> Vec<(WorkerKey, u64)> {
+        let leaving = self.workers.iter().filter(|w| w.retire_at.is_finite() && !w.gone(self.t));
+        leaving.map(|w| (w.key.clone(), w.memory_bytes)).collect()
     }
 }

@@ -781,7 +781,10 @@ impl<'a> Sim<'a> {
         self.by_slack = plan.routing == tidal_proto::v1::Routing::BySlack as i32;
         let variants = &self.variants;
         let model_file = |v: usize| model_file(&variants[v].name);
-        let budget = (!self.cfg.overlap_transitions && self.cfg.memory_bytes > 0).then_some(self.cfg.memory_bytes);
+        let memory = (!self.cfg.overlap_transitions && self.cfg.memory_bytes > 0).then(|| executor::MemoryBudget {
+            bytes: self.cfg.memory_bytes,
+            drain_s: self.task_of.iter().map(|&task| self.tasks[task].slo_ms / 1000.0).collect(),
+        });
         let applied = executor::apply_plan(
             &mut self.workers,
             variants,
@@ -791,7 +794,7 @@ impl<'a> Sim<'a> {
             SimPlanner::NODE,
             t,
             warm,
-            budget,
+            memory,
         );
         if let Err(e) = applied {
             // The planner plans only the variants it was given: a bug, and the plan is not applied.
