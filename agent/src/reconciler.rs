@@ -842,14 +842,12 @@ impl Executor for NodeExecutor<'_> {
                 0
             }
         };
-        // The workers it waits for were stopped by this plan: retiring, or already draining.
+        // The workers it waits for were stopped, by this plan or an earlier one: retiring, or
+        // already draining.
         let gone: Vec<_> = after_gone
             .iter()
             .filter_map(|k| {
-                let is = |w: &&Arc<Worker>| {
-                    (&w.spec.task, &w.spec.stage, &w.spec.variant.name, w.spec.replica)
-                        == (&k.task, &k.stage, &k.variant, k.replica)
-                };
+                let is = |w: &&Arc<Worker>| &w.spec.key() == k;
                 self.owner.retiring.iter().rev().find(is).or_else(|| self.owner.stopping.iter().rev().find(is))
             })
             .map(|w| w.gone())
@@ -946,18 +944,7 @@ impl Executor for NodeExecutor<'_> {
     fn leaving(&self) -> Vec<(WorkerKey, u64)> {
         let o = &self.owner;
         let leaving = o.retiring.iter().chain(o.stopping.iter().filter(|w| !w.is_gone()));
-        leaving
-            .map(|w| {
-                let s = &w.spec;
-                let key = WorkerKey {
-                    task: s.task.clone(),
-                    stage: s.stage.clone(),
-                    variant: s.variant.name.clone(),
-                    replica: s.replica,
-                };
-                (key, w.planned_memory_bytes())
-            })
-            .collect()
+        leaving.map(|w| (w.spec.key(), w.planned_memory_bytes())).collect()
     }
 }
 

@@ -362,6 +362,18 @@ pub struct WorkerSpec {
     pub text: Option<Arc<tidal_common::text::StageText>>,
 }
 
+impl WorkerSpec {
+    /// Its identity in the plan.
+    pub fn key(&self) -> tidal_common::reconcile::WorkerKey {
+        tidal_common::reconcile::WorkerKey {
+            task: self.task.clone(),
+            stage: self.stage.clone(),
+            variant: self.variant.name.clone(),
+            replica: self.replica,
+        }
+    }
+}
+
 /// The agent's handle on one worker.
 pub struct Worker {
     pub spec: WorkerSpec,
