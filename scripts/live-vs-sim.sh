@@ -14,7 +14,11 @@
 # Knobs (environment): POLICIES (default tidal,infadapter,vpa-resnet50), and as in
 # scripts/demo.sh: DEMO_TRACE, DEMO_SCALE, DEMO_SPEEDUP, DEMO_START, DEMO_DURATION,
 # DEMO_SLO_MS, DEMO_INTERVAL_S, DEMO_RESOLUTION; SIM_LOAD_TIME_S (model load time the
-# simulator assumes, default 1 s: what these small models take here); SIM_SEEDS (default 1 2 3).
+# simulator assumes, default 1 s: what these small models take here); SIM_SEEDS (default 1 2 3);
+# OUT (where results go, default .tidal/live-vs-sim); PROFILES (a profiles file saved by an
+# earlier run: plan on it rather than profile anew, so two runs compare on the same figures);
+# CONTROLLER_FLAGS (more flags for the controller, e.g. --no-slack-routing) and SIM_FLAGS (for
+# the simulator, e.g. the same).
 # Run through `make live-vs-sim`, which builds first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,15 +27,22 @@ cd "$(dirname "$0")/.."
 PIPELINE=${PIPELINE:-}
 if [ "$PIPELINE" = video ]; then
   POLICIES=${POLICIES:-tidal,ipa,fa2-low,fa2-high}
-  OUT=.tidal/live-vs-sim-video
+  OUT=${OUT:-.tidal/live-vs-sim-video}
   TASK=video
 else
   POLICIES=${POLICIES:-tidal,infadapter,vpa-resnet50}
-  OUT=.tidal/live-vs-sim
+  OUT=${OUT:-.tidal/live-vs-sim}
   TASK=resnet
 fi
 SIM_LOAD_TIME_S=${SIM_LOAD_TIME_S:-1}
 SIM_SEEDS=${SIM_SEEDS:-1 2 3}
+PROFILES=${PROFILES:-}
+CONTROLLER_FLAGS=${CONTROLLER_FLAGS:-}
+SIM_FLAGS=${SIM_FLAGS:-}
+if [ -n "$PROFILES" ] && [ ! -f "$PROFILES" ]; then
+  echo "PROFILES=$PROFILES: no such file" >&2
+  exit 2
+fi
 CTL=127.0.0.1:7000
 AGENT=127.0.0.1:7100
 AGENT_CONTROL=127.0.0.1:7101
@@ -75,7 +86,7 @@ fi
 start_pair() {
   local name=$1 policy=$2
   start_bg "$OUT/$name-controller.log" $BIN/tidal-controller --listen "$CTL" --data-dir "$OUT/$name-controller" \
-    --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S" --policy "$policy"
+    --interval-s "$INTERVAL_S" --forecast-window-s "$WINDOW_S" --policy "$policy" $CONTROLLER_FLAGS
   start_bg "$OUT/$name-agent.log" $BIN/tidal-agent serve --node node-1 --listen "$AGENT" --controller "$CTL" \
     --model-dir "$MODELS"
   wait_for_status "$CTL"
@@ -83,11 +94,16 @@ start_pair() {
   register >/dev/null
 }
 
-step "profiling every variant once (3 runs a point; the node serves nothing meanwhile)"
-start_pair profile tidal
-$BIN/tidalctl --controller "$CTL" profile --agent "$AGENT_CONTROL" --task "$TASK" --cores 1,2 --batches 1,4,8 \
-  --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
-stop_all
+if [ -n "$PROFILES" ]; then
+  step "profiles from $PROFILES (not measured anew)"
+  cp "$PROFILES" "$OUT/profiles.json"
+else
+  step "profiling every variant once (3 runs a point; the node serves nothing meanwhile)"
+  start_pair profile tidal
+  $BIN/tidalctl --controller "$CTL" profile --agent "$AGENT_CONTROL" --task "$TASK" --cores 1,2 --batches 1,4,8 \
+    --duration-ms 1000 --repeat 3 --save "$OUT/profiles.json"
+  stop_all
+fi
 
 IFS=, read -r -a policy_list <<< "$POLICIES"
 for policy in "${policy_list[@]}"; do
@@ -97,7 +113,7 @@ for policy in "${policy_list[@]}"; do
   wait_for_plan "$CTL"
   $BIN/tidalctl --controller "$CTL" load --agent "$AGENT" --task "$TASK" --trace "$TRACE" --scale "$SCALE" \
     --speedup "$SPEEDUP" --start "$START" --duration "$DURATION" --summary-json "$OUT/live-$policy.json" \
-    > "$OUT/live-$policy.txt"
+    --out "$OUT/requests-$policy.csv" > "$OUT/live-$policy.txt"
   $BIN/tidalctl --controller "$CTL" history --limit 200 > "$OUT/history-$policy.txt" || true
   stop_all
 done
@@ -106,7 +122,7 @@ step "simulated: the same slice, profiles and settings, seeds $SIM_SEEDS, model 
 for seed in $SIM_SEEDS; do
   $BIN/tidalctl simulate --profiles "$OUT/profiles.json" --trace "$TRACE" --start "$START" --duration "$DURATION" \
     --scale "$SCALE" --speedup "$SPEEDUP" --cores 2 --interval "$INTERVAL_S" --lookback-s "$WINDOW_S" \
-    --slo-ms "$SLO_MS" --policy "$POLICIES" --load-time-s "$SIM_LOAD_TIME_S" --cold-start --seed "$seed" \
+    --slo-ms "$SLO_MS" --policy "$POLICIES" --load-time-s "$SIM_LOAD_TIME_S" --cold-start --seed "$seed" $SIM_FLAGS \
     --csv "$OUT/sim-$seed.csv" > "$OUT/sim-$seed.txt" 2> "$OUT/sim-$seed.log"
 done
 

@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         shape: shape.clone(),
         data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };
-    let batch = Batch { id: 1, inputs: vec![input], outputs: Vec::new(), threads: 0 };
+    let batch = Batch { id: 1, inputs: vec![input], outputs: Vec::new(), threads: 0, memory_limit: 0 };
     // The client drives its own I/O on this thread: no hand-over from a runtime thread per answer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let agent = support::BenchAgent::start(&model_dir, &ort_lib)?;

@@ -482,6 +482,14 @@ impl WorkerCgroup {
         fs::read_to_string(memory.path().join(file)).ok()?.trim().parse().ok()
     }
 
+    /// The file that holds the cgroup's memory limit (v2 `memory.max`, v1
+    /// `memory.limit_in_bytes`), which [`memory_limit_in`] reads; `None` without the memory
+    /// controller.
+    pub fn memory_limit_file(&self) -> Option<PathBuf> {
+        let memory = self.cgroup.as_ref()?.controller_of::<MemController>()?;
+        Some(memory.path().join(if memory.v2() { "memory.max" } else { "memory.limit_in_bytes" }))
+    }
+
     /// How many of the cgroup's processes the kernel's OOM killer has killed (v2
     /// `memory.events`, v1 `memory.oom_control`; 0 without the memory controller).
     pub fn oom_kills(&self) -> u64 {
@@ -512,6 +520,17 @@ fn parse_keyed(text: &str) -> Vec<(String, u64)> {
 
 fn keyed(pairs: &[(String, u64)], key: &str) -> u64 {
     pairs.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+}
+
+/// The memory limit in a cgroup's limit file ([`WorkerCgroup::memory_limit_file`]), bytes; 0
+/// when there is none (v2 "max", v1's page-rounded "unlimited") or the file cannot be read.
+pub fn memory_limit_in(file: &Path) -> u64 {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    match text.trim().parse::<u64>() {
+        // v1 writes "no limit" as the largest page-aligned i64.
+        Ok(bytes) if bytes < 1 << 62 => bytes,
+        _ => 0,
+    }
 }
 
 #[cfg(test)]

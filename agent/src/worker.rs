@@ -190,6 +190,11 @@ pub struct WorkerProcess {
     next_id: u64,
     /// `ProcessConfig::fixed_threads`.
     fixed_threads: Option<usize>,
+    /// Its cgroup's memory limit file (None: no memory controller).
+    memory_limit_file: Option<PathBuf>,
+    /// The threads of the last batch sent and the memory limit read then: the limit is read
+    /// again only when the threads change, which is when the process may build a session.
+    last_sent: (u32, u64),
 }
 
 /// Pipe buffer to and from a worker: the default most processes may ask for. With the default
@@ -248,6 +253,8 @@ impl WorkerProcess {
             rx: FramedRead::new(stdout, codec()),
             next_id: 0,
             fixed_threads: cfg.fixed_threads,
+            memory_limit_file: cgroup.memory_limit_file(),
+            last_sent: (0, 0),
         };
         let ready: Ready = match tokio::time::timeout(cfg.load_timeout, p.recv()).await {
             Err(_) => return Err(WorkerError::LoadTimeout(cfg.load_timeout)),
@@ -272,7 +279,12 @@ impl WorkerProcess {
     pub async fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
         let threads = self.fixed_threads.unwrap_or_else(|| threads_for(millicores)) as u32;
-        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new(), threads };
+        if threads != self.last_sent.0 {
+            let limit = self.memory_limit_file.as_deref().map_or(0, crate::cgroup::memory_limit_in);
+            self.last_sent = (threads, limit);
+        }
+        let memory_limit = self.last_sent.1;
+        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new(), threads, memory_limit };
         let frame = bytes::Bytes::from(batch.encode_to_vec());
         SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
             .await
@@ -291,9 +303,7 @@ impl WorkerProcess {
     /// The process's peak resident memory (`VmHWM`), bytes: since it started, or since the last
     /// [`WorkerProcess::reset_peak_memory`]. `None` when it cannot be read.
     pub fn peak_memory(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k.saturating_mul(1024))
+        crate::worker_process::process_memory(&self.pid()?.to_string()).map(|m| m.peak)
     }
 
     /// Starts the peak over from the memory resident now (`/proc/PID/clear_refs`, "5"), so that
@@ -721,7 +731,11 @@ impl BatcherCtx {
                 Ok(mut result) if result.error.is_empty() => {
                     self.threads.store(result.threads, Ordering::Relaxed);
                     let done = Instant::now();
-                    let mut took = done.saturating_duration_since(started);
+                    // A session rebuilt in place before the batch held its requests, but is
+                    // not what the model takes: neither the queue's estimate nor the profile's.
+                    let mut took = done
+                        .saturating_duration_since(started)
+                        .saturating_sub(Duration::from_micros(result.rebuild_us));
                     self.served.push(tidal_proto::v1::ServedBatch {
                         batch: size as u32,
                         millicores,
@@ -1045,6 +1059,7 @@ mod tests {
             run_us: 5,
             outputs: vec![frame("hidden", &[2, 4, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
             threads: 1,
+            rebuild_us: 0,
         };
         reply_batch(&io, batch, result, Instant::now());
         let answers: Vec<Served> = callers.into_iter().map(|mut rx| rx.try_recv().unwrap().unwrap()).collect();

@@ -49,27 +49,58 @@ pub fn open_session(env: &Environment, model: &Path, threads: usize) -> anyhow::
 /// ONNX Runtime fixes a session's intra-op threads when it is built, so following the quota
 /// means a new session: it is built on a thread of its own while the running one serves (in
 /// the same cgroup, so its CPU comes out of the worker's quota), and swapped in between two
-/// batches, when it is ready and still the count wanted. Memory holds two sessions meanwhile.
+/// batches, when it is ready and still the count wanted. Memory holds two sessions meanwhile,
+/// and a build holds more than the session it makes (the model's file parsed, the graph before
+/// and after optimisation): when what the process holds and what its first build took would
+/// pass the worker's memory limit, the running session is dropped first and the new one built
+/// in its place, the batches waiting meanwhile, rather than have the kernel kill the worker
+/// with its queue (seen live: a ResNet101 worker resized from one core to two).
 struct Sessions {
     env: Environment,
     model: PathBuf,
-    running: Session,
+    /// Always a session, but while one is built in its place.
+    running: Option<Session>,
     threads: usize,
     wanted: usize,
     building: Option<(usize, std::thread::JoinHandle<anyhow::Result<Session>>)>,
     /// A count whose build failed: not tried again (the running session serves on).
     failed: Option<usize>,
+    /// What building the first session added to the process's resident peak, bytes: what a
+    /// build beside the running session needs under the limit.
+    build_bytes: u64,
+    /// The worker's memory limit as the agent last said, bytes (0: none).
+    memory_limit: u64,
 }
 
 impl Sessions {
     fn open(env: Environment, model: &Path, threads: usize) -> anyhow::Result<Self> {
+        let before = own_memory().map_or(0, |m| m.resident);
         let running = open_session(&env, model, threads)?;
-        Ok(Self { env, model: model.to_path_buf(), running, threads, wanted: threads, building: None, failed: None })
+        let build_bytes = own_memory().map_or(0, |m| m.peak.saturating_sub(before));
+        Ok(Self {
+            env,
+            model: model.to_path_buf(),
+            running: Some(running),
+            threads,
+            wanted: threads,
+            building: None,
+            failed: None,
+            build_bytes,
+            memory_limit: 0,
+        })
     }
 
-    /// Takes `threads` (0: no change) as the count wanted: swaps in a finished build of it,
-    /// and starts one when none is under way.
-    fn want(&mut self, threads: usize) {
+    fn running(&mut self) -> anyhow::Result<&mut Session> {
+        self.running.as_mut().context("no session: its rebuild failed")
+    }
+
+    /// Takes `threads` (0: no change) as the count wanted, under a limit of `memory_limit`
+    /// bytes (0: none): swaps in a finished build of it, and starts one when none is under way,
+    /// beside the running session or, when the limit has no room for that, in its place.
+    /// Whether it rebuilt in place (the caller waited for it); fails only when a session built
+    /// in place could not be built at either count.
+    fn want(&mut self, threads: usize, memory_limit: u64) -> anyhow::Result<bool> {
+        self.memory_limit = memory_limit;
         if threads > 0 {
             self.wanted = threads;
         }
@@ -77,10 +108,11 @@ impl Sessions {
             let (built, handle) = self.building.take().expect("checked above");
             match handle.join() {
                 Ok(Ok(session)) if built == self.wanted => {
-                    self.running = session;
+                    self.running = Some(session);
                     self.threads = built;
+                    give_back_freed_memory();
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => give_back_freed_memory(),
                 Ok(Err(e)) => {
                     eprintln!(
                         "tidal worker: a session of {built} threads failed to build ({e:#}); serving on with {}",
@@ -91,14 +123,46 @@ impl Sessions {
                 Err(_) => self.failed = Some(built),
             }
         }
-        if self.building.is_none() && self.wanted != self.threads && self.failed != Some(self.wanted) {
-            let (env, model, threads) = (self.env.clone(), self.model.clone(), self.wanted);
-            let build = std::thread::Builder::new()
-                .name(format!("session-{threads}"))
-                .spawn(move || open_session(&env, &model, threads));
-            match build {
-                Ok(handle) => self.building = Some((threads, handle)),
-                Err(e) => eprintln!("tidal worker: cannot start a thread to build a session: {e}"),
+        if self.building.is_some() || self.wanted == self.threads || self.failed == Some(self.wanted) {
+            return Ok(false);
+        }
+        let held = own_memory().map(|m| m.resident);
+        if !fits_beside(held, self.build_bytes, self.memory_limit) {
+            self.build_in_place()?;
+            return Ok(true);
+        }
+        let (env, model, threads) = (self.env.clone(), self.model.clone(), self.wanted);
+        let build = std::thread::Builder::new()
+            .name(format!("session-{threads}"))
+            .spawn(move || open_session(&env, &model, threads));
+        match build {
+            Ok(handle) => self.building = Some((threads, handle)),
+            Err(e) => eprintln!("tidal worker: cannot start a thread to build a session: {e}"),
+        }
+        Ok(false)
+    }
+
+    /// Drops the running session and builds one of the wanted count in its place; when that
+    /// fails, one of the count it ran.
+    fn build_in_place(&mut self) -> anyhow::Result<()> {
+        let (from, to) = (self.threads, self.wanted);
+        eprintln!(
+            "tidal worker: no room under the memory limit ({} MiB) for a session of {to} threads beside the one              running: rebuilding in place, batches wait",
+            self.memory_limit >> 20
+        );
+        self.running = None;
+        give_back_freed_memory();
+        match open_session(&self.env, &self.model, to) {
+            Ok(session) => {
+                self.running = Some(session);
+                self.threads = to;
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("tidal worker: a session of {to} threads failed to build ({e:#}); back to {from}");
+                self.failed = Some(to);
+                self.running = Some(open_session(&self.env, &self.model, from)?);
+                Ok(())
             }
         }
     }
@@ -108,6 +172,47 @@ impl Sessions {
         if let Some((_, handle)) = self.building {
             let _ = handle.join();
         }
+    }
+}
+
+/// Whether a build that takes `build_bytes` fits beside what the process holds (`held`, bytes;
+/// `None`: unknown) under `limit` (0: none). Unknown holdings build beside, as before limits.
+fn fits_beside(held: Option<u64>, build_bytes: u64, limit: u64) -> bool {
+    limit == 0 || held.is_none_or(|held| held.saturating_add(build_bytes) <= limit)
+}
+
+/// A process's memory as its `/proc/PID/status` says (bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessMemory {
+    /// Resident now (`VmRSS`).
+    pub resident: u64,
+    /// Resident at its peak (`VmHWM`).
+    pub peak: u64,
+}
+
+/// The memory of process `pid` ("self": this one); `None` when it cannot be read.
+pub fn process_memory(pid: &str) -> Option<ProcessMemory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        let kib = status.lines().find_map(|l| l.strip_prefix(name))?;
+        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k.saturating_mul(1024))
+    };
+    Some(ProcessMemory { resident: field("VmRSS:")?, peak: field("VmHWM:")? })
+}
+
+fn own_memory() -> Option<ProcessMemory> {
+    process_memory("self")
+}
+
+/// Returns the heap's free memory to the system after a session is dropped. glibc keeps freed
+/// chunks for reuse, and once a large block was freed it serves blocks of that size from the
+/// heap rather than by mapping them, so the memory of a dropped session would stay resident
+/// (and count against the limit) until the heap happened to reuse it.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas, under their locks; it takes no pointer.
+    unsafe {
+        nix::libc::malloc_trim(0);
     }
 }
 
@@ -229,19 +334,25 @@ pub fn serve(ort_lib: &Path, model: &Path, threads: usize) -> anyhow::Result<()>
     };
     write_frame(&mut out, &Ready { error: String::new() })?;
     while let Some(batch) = read_frame::<Batch>(&mut input)? {
-        sessions.want(batch.threads as usize);
+        let rebuilding = Instant::now();
+        let rebuilt_in_place = sessions.want(batch.threads as usize, batch.memory_limit)?;
+        let rebuild_us = if rebuilt_in_place { rebuilding.elapsed().as_micros() as u64 } else { 0 };
         let started = Instant::now();
         let id = batch.id;
         let result = if batch.inputs.is_empty() {
             BatchResult { id, ..Default::default() }
         } else {
-            match run_batch(&mut sessions.running, &batch) {
+            match run_batch(sessions.running()?, &batch) {
                 Ok(outputs) => BatchResult { id, outputs, ..Default::default() },
                 Err(e) => BatchResult { id, error: format!("{e:#}"), ..Default::default() },
             }
         };
-        let result =
-            BatchResult { run_us: started.elapsed().as_micros() as u64, threads: sessions.threads as u32, ..result };
+        let result = BatchResult {
+            run_us: started.elapsed().as_micros() as u64,
+            threads: sessions.threads as u32,
+            rebuild_us,
+            ..result
+        };
         write_frame(&mut out, &result)?;
     }
     sessions.finish();
@@ -254,6 +365,67 @@ mod tests {
 
     use super::*;
 
+    /// The test process's ONNX Runtime environment: the library loads once a process.
+    fn env() -> Environment {
+        static ENV: std::sync::OnceLock<Environment> = std::sync::OnceLock::new();
+        ENV.get_or_init(|| {
+            let lib = std::env::var_os("TIDAL_ORT_LIB")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/lib/libonnxruntime.so"));
+            assert!(lib.is_file(), "ONNX Runtime library {} is missing: run `make setup`", lib.display());
+            open_env(&lib).unwrap()
+        })
+        .clone()
+    }
+
+    #[test]
+    fn a_build_fits_beside_only_when_the_limit_holds_both() {
+        let mib = 1 << 20;
+        assert!(fits_beside(Some(300 * mib), 200 * mib, 0), "no limit");
+        assert!(fits_beside(Some(300 * mib), 200 * mib, 500 * mib));
+        assert!(!fits_beside(Some(300 * mib), 200 * mib, 499 * mib));
+        assert!(fits_beside(None, 200 * mib, 100 * mib), "holdings unknown: beside, as without limits");
+    }
+
+    /// A new thread count is built beside the running session when the memory limit has room
+    /// for both, and in the running one's place when it has not: then the call returns with
+    /// the new session serving, and no second session was ever held.
+    #[test]
+    fn a_session_is_rebuilt_in_place_when_the_limit_has_no_room_for_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("resnet18.onnx");
+        let generated = tidal_common::resnet::generate(tidal_common::resnet::ResNetDepth::R18, 64, 1);
+        std::fs::write(&model, generated.onnx).unwrap();
+        let mut sessions = Sessions::open(env(), &model, 1).unwrap();
+        assert!(sessions.build_bytes > 40 << 20, "building ResNet18 takes its weights at least");
+        let held = own_memory().unwrap().resident;
+
+        // Room for both: built beside, the running session serves meanwhile.
+        assert!(!sessions.want(2, held + 4 * sessions.build_bytes).unwrap());
+        assert!(sessions.building.is_some(), "built beside");
+        assert_eq!(sessions.threads, 1, "the running session serves until the build is ready");
+        while !sessions.building.as_ref().unwrap().1.is_finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sessions.want(0, held + 4 * sessions.build_bytes).unwrap();
+        assert_eq!((sessions.threads, sessions.building.is_none()), (2, true), "swapped in");
+
+        // No room for a second build: in place, done when the call returns.
+        let held = own_memory().unwrap().resident;
+        assert!(sessions.want(1, held + sessions.build_bytes / 2).unwrap(), "rebuilt in place");
+        assert!(sessions.building.is_none(), "nothing built beside");
+        assert_eq!(sessions.threads, 1);
+        let image = FrameTensor {
+            name: String::new(),
+            datatype: "FP32".into(),
+            shape: vec![1, 3, 64, 64],
+            data: 0.5f32.to_le_bytes().repeat(3 * 64 * 64),
+        };
+        let batch = Batch { inputs: vec![image], ..Default::default() };
+        let outputs = run_batch(sessions.running().unwrap(), &batch).unwrap();
+        assert_eq!(outputs[0].shape, vec![1, 1000], "the session built in place serves");
+    }
+
     /// A worker that says it is ready answers its first request as fast as the ones after it:
     /// with ONNX Runtime 1.31.1 a session's first run is not a slow one (its kernels are
     /// prepared when the session is built), so a worker needs no warm-up run before it serves,
@@ -263,15 +435,11 @@ mod tests {
     /// that ran its first batch slowly would call for a warm-up at load.
     #[test]
     fn a_session_s_first_run_is_as_fast_as_the_ones_after_it() {
-        let lib = std::env::var_os("TIDAL_ORT_LIB")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tidal/lib/libonnxruntime.so"));
-        assert!(lib.is_file(), "ONNX Runtime library {} is missing: run `make setup`", lib.display());
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("resnet50.onnx");
         let generated = tidal_common::resnet::generate(tidal_common::resnet::ResNetDepth::R50, 64, 1);
         std::fs::write(&model, generated.onnx).unwrap();
-        let mut session = open_session(&open_env(&lib).unwrap(), &model, 1).unwrap();
+        let mut session = open_session(&env(), &model, 1).unwrap();
         let image = FrameTensor {
             name: String::new(),
             datatype: "FP32".into(),

@@ -41,10 +41,15 @@ pub struct Batch {
     #[prost(string, repeated, tag = "5")]
     pub outputs: Vec<String>,
     /// The intra-op threads the worker is to run with (its quota's cores; 0: as it runs). A
-    /// new count is built beside the running session and swapped in once ready. A batch with
+    /// new count is built beside the running session and swapped in once ready (see
+    /// `memory_limit`). A batch with
     /// no inputs says only this, and is answered at once.
     #[prost(uint32, tag = "6")]
     pub threads: u32,
+    /// The worker's memory limit, bytes (0: none): a new session is built beside the running
+    /// one only when the limit has room for both, else in its place.
+    #[prost(uint64, tag = "7")]
+    pub memory_limit: u64,
 }
 
 /// The outputs of one batch, or why it failed.
@@ -62,6 +67,10 @@ pub struct BatchResult {
     /// The intra-op threads of the session that ran the batch.
     #[prost(uint32, tag = "7")]
     pub threads: u32,
+    /// Time the batch waited, before it ran, for a session rebuilt in place (see
+    /// `Batch::memory_limit`), µs: not the model's service time.
+    #[prost(uint64, tag = "8")]
+    pub rebuild_us: u64,
 }
 
 // Frames carry values as the machine holds them, which is little-endian, as the protocol
