@@ -192,9 +192,10 @@ pub struct WorkerProcess {
     fixed_threads: Option<usize>,
     /// Its cgroup's memory limit file (None: no memory controller).
     memory_limit_file: Option<PathBuf>,
-    /// The threads of the last batch sent and the memory limit read then: the limit is read
-    /// again only when the threads change, which is when the process may build a session.
-    last_sent: (u32, u64),
+    /// The threads the process last ran a batch with, and the memory limit last read: the
+    /// limit is read again for every batch while the process has not reached the threads
+    /// wanted, which is when it may build a session.
+    ran: (u32, u64),
 }
 
 /// Pipe buffer to and from a worker: the default most processes may ask for. With the default
@@ -254,7 +255,7 @@ impl WorkerProcess {
             next_id: 0,
             fixed_threads: cfg.fixed_threads,
             memory_limit_file: cgroup.memory_limit_file(),
-            last_sent: (0, 0),
+            ran: (0, 0),
         };
         let ready: Ready = match tokio::time::timeout(cfg.load_timeout, p.recv()).await {
             Err(_) => return Err(WorkerError::LoadTimeout(cfg.load_timeout)),
@@ -279,12 +280,10 @@ impl WorkerProcess {
     pub async fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> Result<BatchResult, WorkerError> {
         self.next_id += 1;
         let threads = self.fixed_threads.unwrap_or_else(|| threads_for(millicores)) as u32;
-        if threads != self.last_sent.0 {
-            let limit = self.memory_limit_file.as_deref().map_or(0, crate::cgroup::memory_limit_in);
-            self.last_sent = (threads, limit);
+        if threads != self.ran.0 {
+            self.ran.1 = self.memory_limit_file.as_deref().map_or(0, crate::cgroup::memory_limit_in);
         }
-        let memory_limit = self.last_sent.1;
-        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new(), threads, memory_limit };
+        let batch = Batch { id: self.next_id, inputs, outputs: Vec::new(), threads, memory_limit: self.ran.1 };
         let frame = bytes::Bytes::from(batch.encode_to_vec());
         SinkExt::<bytes::Bytes>::send(&mut self.tx, frame)
             .await
@@ -293,6 +292,7 @@ impl WorkerProcess {
         if result.id != batch.id {
             return Err(WorkerError::Gone(format!("answered batch {} for {}", result.id, batch.id)));
         }
+        self.ran.0 = result.threads;
         Ok(result)
     }
 
@@ -731,11 +731,11 @@ impl BatcherCtx {
                 Ok(mut result) if result.error.is_empty() => {
                     self.threads.store(result.threads, Ordering::Relaxed);
                     let done = Instant::now();
-                    // A session rebuilt in place before the batch held its requests, but is
-                    // not what the model takes: neither the queue's estimate nor the profile's.
-                    let mut took = done
-                        .saturating_duration_since(started)
-                        .saturating_sub(Duration::from_micros(result.rebuild_us));
+                    // A session swapped or rebuilt in place before the batch held its
+                    // requests, but is not what the model takes: neither the queue's estimate
+                    // nor the profile's.
+                    let mut took =
+                        done.saturating_duration_since(started).saturating_sub(Duration::from_micros(result.setup_us));
                     self.served.push(tidal_proto::v1::ServedBatch {
                         batch: size as u32,
                         millicores,
@@ -874,7 +874,9 @@ fn reply_batch(io: &StageIo, batch: Vec<Pending>, result: BatchResult, started: 
         let served = Served {
             outputs,
             batch_size: n as u32,
-            queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
+            // Waiting for a session swapped or rebuilt in place is waiting too.
+            queue_us: (started.saturating_duration_since(p.enqueued).as_micros() as u64)
+                .saturating_add(result.setup_us),
             run_us: result.run_us,
         };
         let _ = p.reply.send(Ok(served));
@@ -1059,7 +1061,7 @@ mod tests {
             run_us: 5,
             outputs: vec![frame("hidden", &[2, 4, 2], &hidden), frame("pooled", &[2, 2], &[9.0, 8.0, 7.0, 6.0])],
             threads: 1,
-            rebuild_us: 0,
+            setup_us: 0,
         };
         reply_batch(&io, batch, result, Instant::now());
         let answers: Vec<Served> = callers.into_iter().map(|mut rx| rx.try_recv().unwrap().unwrap()).collect();

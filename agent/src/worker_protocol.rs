@@ -67,10 +67,11 @@ pub struct BatchResult {
     /// The intra-op threads of the session that ran the batch.
     #[prost(uint32, tag = "7")]
     pub threads: u32,
-    /// Time the batch waited, before it ran, for a session rebuilt in place (see
-    /// `Batch::memory_limit`), µs: not the model's service time.
+    /// Time the batch waited before it ran for the process's sessions: a build swapped in
+    /// (the old session dropped, its memory given back) or a session rebuilt in place (see
+    /// `Batch::memory_limit`), µs; not the model's service time.
     #[prost(uint64, tag = "8")]
-    pub rebuild_us: u64,
+    pub setup_us: u64,
 }
 
 // Frames carry values as the machine holds them, which is little-endian, as the protocol

@@ -159,16 +159,8 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
             starts.push(Action::Replace(d.clone()));
             continue;
         }
-        if d.shape.millicores != r.shape.millicores {
-            changes.push(Action::Resize { key: key.clone(), millicores: d.shape.millicores });
-        }
-        if (d.shape.max_batch, d.shape.max_delay_ms) != (r.shape.max_batch, r.shape.max_delay_ms) {
-            changes.push(Action::Rebatch {
-                key: key.clone(),
-                max_batch: d.shape.max_batch,
-                max_delay_ms: d.shape.max_delay_ms,
-            });
-        }
+        // Before the resize: a worker resized builds a session for its new thread count, and
+        // reads its limit to know whether it may build it beside the running one.
         // Raised at once (a worker killed for want of memory restarts within the new limit);
         // never lowered under a running process, whose arenas may already hold more: it
         // starts within a lower figure when it is next started. A worker started before its
@@ -178,6 +170,16 @@ pub fn diff(desired: &[DesiredWorker], running: &[RunningWorker], transition: Tr
         let first = r.shape.memory_bytes == 0 && d.shape.memory_bytes > 0;
         if first || as_limit(d.shape.memory_bytes) > as_limit(r.shape.memory_bytes) {
             changes.push(Action::Limit { key: key.clone(), memory_bytes: d.shape.memory_bytes });
+        }
+        if d.shape.millicores != r.shape.millicores {
+            changes.push(Action::Resize { key: key.clone(), millicores: d.shape.millicores });
+        }
+        if (d.shape.max_batch, d.shape.max_delay_ms) != (r.shape.max_batch, r.shape.max_delay_ms) {
+            changes.push(Action::Rebatch {
+                key: key.clone(),
+                max_batch: d.shape.max_batch,
+                max_delay_ms: d.shape.max_delay_ms,
+            });
         }
     }
     for (key, d) in &want {

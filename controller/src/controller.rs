@@ -48,6 +48,9 @@ pub struct Controller {
     /// Wakes it to reconsider the plan without a new forecast (a worker came up, so the
     /// workers it replaces on other nodes may go).
     pub reconsider: Notify,
+    /// Wakes it for a surge: planned at once, without `replan`'s wait for changes to settle
+    /// (every 100 ms of it is a burst's requests refused).
+    surge: Notify,
     last_push: Mutex<HashMap<String, Instant>>,
     /// How plans reach the agents' control ports: one pusher per agent.
     pub pushers: Pushers,
@@ -64,6 +67,7 @@ impl Controller {
             adapter: Arc::new(Mutex::new(adapter)),
             replan: Notify::new(),
             reconsider: Notify::new(),
+            surge: Notify::new(),
             last_push: Mutex::new(HashMap::new()),
             pushers: Pushers::new(security, &metrics),
             metrics,
@@ -119,6 +123,7 @@ impl Controller {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     true
                 }
+                _ = self.surge.notified() => true,
                 _ = self.reconsider.notified() => false,
             };
             self.raise_memory().await;
@@ -360,7 +365,7 @@ impl Controller {
                 planned = s.planned_rps,
                 "arrivals exceed the planned rate; re-planning now"
             );
-            self.replan.notify_one();
+            self.surge.notify_one();
         }
     }
 

@@ -151,7 +151,8 @@ impl ModelProcess for FakeProcess {
     fn run(&mut self, inputs: Vec<FrameTensor>, millicores: u32) -> BoxFuture<'_, Result<BatchResult, WorkerError>> {
         self.told.lock().unwrap().push((!inputs.is_empty(), millicores));
         let threads = crate::worker::threads_for(millicores) as u32;
-        async move { Ok(BatchResult { id: 0, outputs: inputs, error: String::new(), run_us: 1, threads, rebuild_us: 0 }) }.boxed()
+        async move { Ok(BatchResult { id: 0, outputs: inputs, error: String::new(), run_us: 1, threads, setup_us: 0 }) }
+            .boxed()
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
