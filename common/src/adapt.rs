@@ -32,6 +32,7 @@ mod standby;
 
 pub use handover::Serving;
 pub use share::ShareRule;
+pub use standby::serves_only_as_standby;
 
 use crate::forecast::{
     is_surge, Ewma, Forecaster, ForecasterKind, Holt, LastValue, PeakWindow, ScaleDownStabiliser, SURGE_WINDOW_S,

@@ -353,11 +353,17 @@ impl Observed {
     /// The batches each variant of `task` served since the last call, taken for a round: at
     /// most [`MAX_SERVED_PER_ROUND`] a variant, an equal share of them from each of its
     /// workers (the latest of each), so that one busy worker does not stand for them all.
-    pub fn take_served(&mut self, task: &str) -> BTreeMap<String, Vec<ServedBatch>> {
+    /// Those of a worker for which `measures(node, variant)` is false are dropped.
+    pub fn take_served(
+        &mut self,
+        task: &str,
+        measures: impl Fn(&str, &str) -> bool,
+    ) -> BTreeMap<String, Vec<ServedBatch>> {
         let by_variant = self.served.remove(task).unwrap_or_default();
         by_variant
             .into_iter()
-            .map(|(variant, workers)| {
+            .map(|(variant, mut workers)| {
+                workers.retain(|(node, _), _| measures(node, &variant));
                 let share = MAX_SERVED_PER_ROUND.div_ceil(workers.len().max(1));
                 let batches = workers
                     .into_values()
@@ -637,13 +643,18 @@ mod tests {
         o.record(served("a", "t", "w1", 10, 5.0), t0);
         o.record(served("b", "t", "w1", 100, 9.0), t0);
         o.record(served("a", "gone", "w2", 10, 5.0), t0);
-        let taken = o.take_served("t");
+        let taken = o.take_served("t", |_, _| true);
         let runs: Vec<f64> = taken["v"].iter().map(|b| b.run_ms).collect();
         assert_eq!(runs.iter().filter(|&&r| r == 5.0).count(), 10, "all of the quiet worker's");
         assert_eq!(runs.iter().filter(|&&r| r == 9.0).count(), MAX_SERVED_PER_ROUND / 2, "a share of the busy one's");
-        assert!(o.take_served("t").is_empty(), "each batch is taken once");
+        assert!(o.take_served("t", |_, _| true).is_empty(), "each batch is taken once");
+        // A worker the round does not measure by (a standby on node b) gives nothing.
+        o.record(served("a", "t", "w1", 10, 5.0), t0);
+        o.record(served("b", "t", "w1", 10, 9.0), t0);
+        let taken = o.take_served("t", |node, variant| !(node == "b" && variant == "v"));
+        assert!(taken["v"].iter().all(|b| b.run_ms == 5.0) && taken["v"].len() == 10, "node a's only");
         o.keep_served_of([&"t".to_string()]);
-        assert!(o.take_served("gone").is_empty());
+        assert!(o.take_served("gone", |_, _| true).is_empty());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
-use tidal_common::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
+use tidal_common::adapt::{
+    serves_only_as_standby, AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput,
+};
 use tidal_common::forecast::SURGE_WINDOW_S;
 
 use tidal_common::task::{canary_name, parse_canary};
@@ -71,7 +73,14 @@ impl Observations {
                     observed.idle_s(profiled_as(t), now, planned)
                 })
                 .collect(),
-            served: tasks.map(|t| observed.take_served(t)).collect(),
+            served: tasks
+                .map(|t| {
+                    let standby = |node: &str, variant: &str| {
+                        state.plan.as_ref().is_some_and(|p| serves_only_as_standby(p, t, Some(node), variant))
+                    };
+                    observed.take_served(t, |node, variant| !standby(node, variant))
+                })
+                .collect(),
             tasks: specs.clone(),
             silent: state.nodes.keys().filter(|n| observed.is_silent(n, now)).cloned().collect(),
             serving: observed.serving(),

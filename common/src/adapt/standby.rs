@@ -84,6 +84,20 @@ pub(super) fn keep(plan: &mut Plan, input: &RoundInput, reserve_cores: u32) {
     plan.assignments.extend(standbys);
 }
 
+/// Whether `plan` gives `task`'s workers of `variant` on `node` (any node: `None`) no share of
+/// the traffic: standbys only. What they serve is not a measure of the variant's speed: they
+/// take the requests others refuse, at the moments the node is busiest, after idling (seen
+/// live: a standby's batches ran 2.2× the profile, and the planner, corrected by them, called
+/// the cheapest variant too slow to carry the burst). The profile correction leaves them out.
+pub fn serves_only_as_standby(plan: &Plan, task: &str, node: Option<&str>, variant: &str) -> bool {
+    let mut of = plan
+        .assignments
+        .iter()
+        .filter(|a| a.task == task && node.is_none_or(|n| a.node == n) && self::variant(a) == variant)
+        .peekable();
+    of.peek().is_some() && of.all(|a| a.weight <= 0.0)
+}
+
 fn variant(a: &Assignment) -> &str {
     a.variant.as_ref().map_or("", |v| v.name.as_str())
 }
@@ -109,4 +123,40 @@ fn cheapest_variant<'a>(
             Some((v, *best))
         })
         .max_by(|(_, a), (_, b)| a.throughput_rps.total_cmp(&b.throughput_rps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(variant: &str, node: &str, weight: f64) -> Assignment {
+        Assignment {
+            task: "t".into(),
+            stage: "t".into(),
+            variant: Some(VariantSpec { name: variant.into(), ..Default::default() }),
+            node: node.into(),
+            millicores: 1000,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_workers_with_no_share_on_their_node_are_standbys() {
+        let plan = Plan {
+            assignments: vec![
+                assignment("r50", "a", 1.0),
+                assignment("r18", "a", 0.0),
+                assignment("r18", "b", 0.5),
+                assignment("r50", "b", 0.5),
+            ],
+            ..Default::default()
+        };
+        assert!(serves_only_as_standby(&plan, "t", Some("a"), "r18"));
+        assert!(!serves_only_as_standby(&plan, "t", Some("b"), "r18"), "a share on b");
+        assert!(!serves_only_as_standby(&plan, "t", None, "r18"), "a share somewhere");
+        assert!(!serves_only_as_standby(&plan, "t", Some("a"), "r50"));
+        assert!(!serves_only_as_standby(&plan, "t", Some("a"), "r34"), "not planned: not a standby");
+        assert!(!serves_only_as_standby(&plan, "other", Some("a"), "r18"));
+    }
 }

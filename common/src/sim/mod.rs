@@ -29,7 +29,9 @@ use tidal_proto::v1::{ProfilePoint, ServedBatch};
 
 use tidal_proto::v1::{Plan, TaskSpec, VariantSpec};
 
-use crate::adapt::{AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput};
+use crate::adapt::{
+    serves_only_as_standby, AdaptConfig, Adapter, NodeInput, Round, RoundInput, Serving, Surge, TaskInput,
+};
 use crate::profile::ProfileGrid;
 pub use executor::{NodeTimeline, ServingWorker};
 use worker::{Next, Request, SimWorker};
@@ -724,6 +726,12 @@ impl<'a> Sim<'a> {
             let batches = w.take_served();
             if !batches.is_empty() && self.reports[w.variant] {
                 let (task, variant) = (self.task_of[w.variant], &self.variants[w.variant]);
+                // As the controller: a standby's batches are no measure of its variant.
+                let plan = self.planner.plan.as_ref();
+                if plan.is_some_and(|p| serves_only_as_standby(p, &self.planner.specs[task].name, None, &variant.name))
+                {
+                    continue;
+                }
                 let size = self.served_size[w.variant];
                 let batches = batches.into_iter().map(|b| ServedBatch { size, ..b });
                 served[task].entry(variant.name.clone()).or_default().extend(batches);
