@@ -379,6 +379,17 @@ mod tests {
         .clone()
     }
 
+    /// A batch of one 64×64 image, as a ResNet at that resolution takes it.
+    fn one_image() -> Batch {
+        let image = FrameTensor {
+            name: String::new(),
+            datatype: "FP32".into(),
+            shape: vec![1, 3, 64, 64],
+            data: 0.5f32.to_le_bytes().repeat(3 * 64 * 64),
+        };
+        Batch { inputs: vec![image], ..Default::default() }
+    }
+
     #[test]
     fn a_build_fits_beside_only_when_the_limit_holds_both() {
         let mib = 1 << 20;
@@ -416,13 +427,7 @@ mod tests {
         assert!(sessions.want(1, no_room).unwrap(), "rebuilt in place");
         assert!(sessions.building.is_none(), "nothing built beside");
         assert_eq!(sessions.threads, 1);
-        let image = FrameTensor {
-            name: String::new(),
-            datatype: "FP32".into(),
-            shape: vec![1, 3, 64, 64],
-            data: 0.5f32.to_le_bytes().repeat(3 * 64 * 64),
-        };
-        let batch = Batch { inputs: vec![image], ..Default::default() };
+        let batch = one_image();
         let outputs = run_batch(sessions.running().unwrap(), &batch).unwrap();
         assert_eq!(outputs[0].shape, vec![1, 1000], "the session built in place serves");
     }
@@ -441,13 +446,7 @@ mod tests {
         let generated = tidal_common::resnet::generate(tidal_common::resnet::ResNetDepth::R50, 64, 1);
         std::fs::write(&model, generated.onnx).unwrap();
         let mut session = open_session(&env(), &model, 1).unwrap();
-        let image = FrameTensor {
-            name: String::new(),
-            datatype: "FP32".into(),
-            shape: vec![1, 3, 64, 64],
-            data: 0.5f32.to_le_bytes().repeat(3 * 64 * 64),
-        };
-        let batch = Batch { inputs: vec![image], ..Default::default() };
+        let batch = one_image();
         let mut runs: Vec<Duration> = (0..6)
             .map(|_| {
                 let started = Instant::now();
