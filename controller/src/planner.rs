@@ -75,10 +75,10 @@ impl Observations {
                 .collect(),
             served: tasks
                 .map(|t| {
-                    let standby = |node: &str, variant: &str| {
-                        state.plan.as_ref().is_some_and(|p| serves_only_as_standby(p, t, Some(node), variant))
-                    };
-                    observed.take_served(t, |node, variant| !standby(node, variant))
+                    let plan = state.plan.as_ref();
+                    observed.take_served(t, |node, variant| {
+                        !plan.is_some_and(|p| serves_only_as_standby(p, t, Some(node), variant))
+                    })
                 })
                 .collect(),
             tasks: specs.clone(),

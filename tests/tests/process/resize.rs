@@ -42,16 +42,18 @@ async fn throughput(addr: &str, shape: &[i64], concurrency: usize, secs: f64) ->
 
 /// The threads of the process in a worker's cgroup, as the kernel counts them.
 fn os_threads(cgroup: &std::path::Path) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", worker_pid(cgroup))).unwrap().count()
+}
+
+/// The worker's process, the one in its cgroup.
+fn worker_pid(cgroup: &std::path::Path) -> String {
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
-    let pid = procs.lines().next().expect("the worker's process in its cgroup").trim().to_string();
-    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+    procs.lines().next().expect("the worker's process in its cgroup").trim().to_string()
 }
 
 /// The resident memory of the process in a worker's cgroup (`VmRSS`), bytes.
 fn resident_bytes(cgroup: &std::path::Path) -> u64 {
-    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
-    let pid = procs.lines().next().expect("the worker's process in its cgroup").trim().to_string();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker_pid(cgroup))).unwrap();
     let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
     kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
 }
